@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages dmcache needs to build, test, benchmark and run the demo.
+# Idempotent and quiet when everything is present. Needs root (or sudo) only to install.
+set -euo pipefail
+
+pkgs=(
+	# build
+	meson ninja-build pkg-config gcc g++ clang llvm libclang-rt-14-dev
+	# libraries (DESIGN.md section 1)
+	libuv1-dev libcurl4-openssl-dev libsqlite3-dev libzstd-dev libturbojpeg0-dev
+	libgdcm-dev libgdcm-tools libspng-dev libsystemd-dev libjansson-dev libinih-dev
+	libyaml-dev libseccomp-dev libssl-dev libdeflate-dev zlib1g-dev
+	# tools the tests use
+	sqlite3 curl systemd strace util-linux e2fsprogs zstd
+	# Python: the package, the emulator, tests and reference decoders
+	python3 python3-numpy python3-pytest python3-pydicom python3-pil python3-nibabel
+	python3-gdcm python3-torch python3-yaml python3-trustme
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+	if ! dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
+		missing+=("$p")
+	fi
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "install-deps: installing ${#missing[@]} package(s): ${missing[*]}" >&2
+sudo=
+[ "$(id -u)" -eq 0 ] || sudo=sudo
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
