@@ -1,0 +1,288 @@
+/*
+ * dmcache wire protocol, version 1: the specification.
+ *
+ * This header is the document to read to write another client. proto.c is a pure codec for
+ * it: no I/O, no logging, no globals, no allocation. The daemon (dmcached) and libdmcache
+ * share it.
+ *
+ * Transport
+ *   A SOCK_STREAM Unix socket. The daemon takes the peer's identity from SO_PEERCRED at
+ *   accept, never from a payload. File descriptors travel as SCM_RIGHTS ancillary data
+ *   attached to the first byte of the frame that announces them (header field nfds).
+ *
+ * Frame
+ *   Every message is one frame: a fixed 16-byte header, then `length` payload bytes.
+ *   All integers are little-endian, whatever the host.
+ *
+ *     offset size field
+ *          0    4 length      payload bytes after the header, 0 .. DMC_FRAME_MAX
+ *          4    2 opcode      enum dmc_opcode
+ *          6    2 flags       DMC_FLAG_*; undefined bits must be zero
+ *          8    4 request_id  chosen by the client; replies and events echo it
+ *         12    1 nfds        file descriptors passed with this frame, 0 .. DMC_FDS_MAX
+ *         13    3 reserved    must be zero
+ *
+ *   A receiver that sees length > DMC_FRAME_MAX, nfds > DMC_FDS_MAX, an undefined flag bit
+ *   or nonzero reserved bytes has a protocol error: the connection is closed, nothing else.
+ *
+ * Conversation
+ *   The first frame a client sends is HELLO; anything else first closes the connection.
+ *   Requests carry ids so they can be pipelined. Each request gets exactly one final frame
+ *   with the same request id: a reply (same opcode, DMC_FLAG_REPLY) or an ERROR frame.
+ *   Requests that stream (PREFETCH progress) send events first: frames with DMC_FLAG_REPLY
+ *   and DMC_FLAG_MORE set, then the final frame without DMC_FLAG_MORE.
+ *   An unknown opcode gets ERROR DMC_E_UNSUPPORTED and the connection stays open.
+ *
+ * Payload encoding
+ *   Fields follow each other in the order given for each message, with no padding:
+ *     u8, u16, u32, u64, i32, i64   little-endian integers
+ *     str                           u32 byte length, then that many bytes; no NUL byte
+ *                                   inside, not NUL-terminated; at most DMC_STR_MAX bytes
+ *   A payload must be consumed exactly: missing bytes or bytes left over are a protocol
+ *   error. Messages grow only by a new protocol version.
+ *
+ * Errors
+ *   Every error that reaches a client is a stable code (enum dmc_error) plus a message.
+ *   The numbers start at 1000 so that libdmcache can return them negated alongside
+ *   negative errno values in one int (see dmcache.h). Numbers are never reused.
+ */
+#ifndef DMC_PROTO_H
+#define DMC_PROTO_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DMC_PROTO_VERSION 1u     /* the newest version this codec speaks */
+#define DMC_PROTO_VERSION_MIN 1u /* the oldest */
+
+#define DMC_HEADER_SIZE 16u
+#define DMC_FRAME_MAX (1u << 20) /* payload bytes; bulk data travels through shared memory */
+#define DMC_FDS_MAX 4u
+#define DMC_STR_MAX (64u << 10)  /* one string field */
+
+enum dmc_opcode {
+	/* connection */
+	DMC_OP_HELLO = 1,
+	DMC_OP_PING = 2,
+	DMC_OP_STATUS = 3,
+	DMC_OP_ERROR = 4, /* daemon to client only, as the final frame of a failed request */
+
+	/* numbers reserved for the cache and serving messages of later work; never reuse */
+	DMC_OP_PREFETCH = 16,
+	DMC_OP_CANCEL = 17,
+	DMC_OP_LIST = 18,
+	DMC_OP_EVICT = 19,
+	DMC_OP_VERIFY = 20,
+	DMC_OP_OPEN = 32,
+	DMC_OP_GET = 33,
+	DMC_OP_RELEASE = 34,
+	DMC_OP_STREAM = 35,
+	DMC_OP_CLOSE = 36,
+};
+
+enum dmc_flag {
+	DMC_FLAG_REPLY = 1u << 0, /* daemon to client: a reply or event for request_id */
+	DMC_FLAG_MORE = 1u << 1,  /* with REPLY: an event; more frames follow for request_id */
+};
+#define DMC_FLAGS_DEFINED (DMC_FLAG_REPLY | DMC_FLAG_MORE)
+
+enum dmc_error {
+	DMC_E_PROTOCOL = 1001,              /* malformed request */
+	DMC_E_UNSUPPORTED = 1002,           /* unknown opcode, no common protocol version */
+	DMC_E_NOT_FOUND_OR_DENIED = 1003,   /* absent, or the caller's key is not entitled */
+	DMC_E_UPSTREAM_TRANSIENT = 1004,    /* retries exhausted; retry_after_ms says when */
+	DMC_E_UPSTREAM_PERMANENT = 1005,    /* upstream refused; http_status says how */
+	DMC_E_INTEGRITY = 1006,             /* bytes did not match their recorded digest */
+	DMC_E_CACHE_FULL = 1007,            /* max_size or min_free reached, nothing evictable */
+	DMC_E_LIMIT_EXCEEDED = 1008,        /* a configured size or time limit */
+	DMC_E_DECODE_FAILED = 1009,         /* the decoder rejected or crashed on the input */
+	DMC_E_IO = 1010,                    /* local I/O; sys_errno says which */
+	DMC_E_OVERLOADED = 1011,            /* too many connections or queued requests */
+	DMC_E_INTERNAL = 1012,              /* a bug: please report */
+	DMC_E_INVALID_ARGUMENT = 1013,      /* a well-formed request with a bad value */
+	DMC_E_CANCELLED = 1014,             /* the job was cancelled or the daemon is stopping */
+};
+#define DMC_E_FIRST_ 1001
+#define DMC_E_LAST_ 1014
+
+/* The frame header, decoded. */
+struct dmc_header {
+	uint32_t length;
+	uint16_t opcode;
+	uint16_t flags;
+	uint32_t request_id;
+	uint8_t nfds;
+};
+
+/* A string borrowed from the buffer it was decoded from: not NUL-terminated. */
+struct dmc_str {
+	const char *ptr;
+	uint32_t len;
+};
+
+/*
+ * Messages. Each names its fields in wire order; "request" is client to daemon,
+ * "reply" is the final frame with DMC_FLAG_REPLY.
+ */
+
+/* HELLO request: the range of versions the client speaks, and who it is. */
+struct dmc_hello {
+	uint32_t version_min;  /* u32 */
+	uint32_t version_max;  /* u32 */
+	struct dmc_str client; /* str: free text, e.g. "libdmcache 0.1.0" */
+};
+
+/* HELLO reply: the version both will speak (the highest common one), and the daemon. */
+struct dmc_hello_reply {
+	uint32_t version;      /* u32 */
+	uint32_t daemon_uid;   /* u32: informational; clients check SO_PEERCRED themselves */
+	uint32_t frame_max;    /* u32: the largest payload the daemon accepts */
+	struct dmc_str daemon; /* str: e.g. "dmcached 0.1.0" */
+};
+
+/* PING request and reply: an opaque token echoed back. */
+struct dmc_ping {
+	uint64_t token; /* u64 */
+};
+
+/* STATUS request: no fields (length 0). */
+
+/*
+ * STATUS reply: the daemon's version and uptime, then named counters. Names are stable
+ * snake_case identifiers; later versions of the daemon add names, never change their
+ * meaning. A client prints what it receives.
+ *
+ *   str version, u64 uptime_ms, u32 pid, u32 n, then n times (str name, i64 value)
+ */
+struct dmc_status_entry {
+	struct dmc_str name;
+	int64_t value;
+};
+#define DMC_STATUS_ENTRIES_MAX 256u
+
+/* ERROR: the final frame of a failed request. */
+struct dmc_error_msg {
+	uint32_t code;            /* u32: enum dmc_error */
+	uint32_t http_status;     /* u32: upstream HTTP status, or 0 */
+	uint32_t retry_after_ms;  /* u32: for DMC_E_UPSTREAM_TRANSIENT and OVERLOADED, or 0 */
+	int32_t sys_errno;        /* i32: for DMC_E_IO, a positive errno; or 0 */
+	struct dmc_str resource;  /* str: the resource concerned, or empty */
+	struct dmc_str message;   /* str: human-readable, no secrets, no foreign paths */
+};
+
+/* ---- codec ---- */
+
+/* Codec results. DMC_PROTO_AGAIN: need more bytes. */
+enum {
+	DMC_PROTO_OK = 0,
+	DMC_PROTO_AGAIN = -11,  /* -EAGAIN */
+	DMC_PROTO_ERROR = -71,  /* -EPROTO */
+	DMC_PROTO_NOSPACE = -105, /* -ENOBUFS: the output buffer is too small */
+};
+
+/*
+ * Reads a frame header from `buf`. Returns DMC_PROTO_AGAIN when fewer than
+ * DMC_HEADER_SIZE bytes are there, DMC_PROTO_ERROR for an invalid header, else
+ * DMC_PROTO_OK with *ret_hdr filled. The payload is complete when
+ * len >= DMC_HEADER_SIZE + ret_hdr->length.
+ */
+int dmc_header_decode(const uint8_t *buf, size_t len, struct dmc_header *ret_hdr);
+
+/* Writes the 16 header bytes for `hdr` into `out`. `hdr` must be valid. */
+void dmc_header_encode(const struct dmc_header *hdr, uint8_t out[DMC_HEADER_SIZE]);
+
+/* Bounds-checked reader over a payload, with a sticky error. */
+struct dmc_reader {
+	const uint8_t *buf;
+	size_t len;
+	size_t pos;
+	int err; /* DMC_PROTO_OK until the first failure, then DMC_PROTO_ERROR */
+};
+
+/* Bounds-checked writer into a caller-owned buffer, with a sticky error. */
+struct dmc_writer {
+	uint8_t *buf;
+	size_t cap;
+	size_t len;
+	int err; /* DMC_PROTO_OK until the first failure, then DMC_PROTO_NOSPACE */
+};
+
+void dmc_reader_init(struct dmc_reader *r, const void *buf, size_t len);
+uint8_t dmc_read_u8(struct dmc_reader *r);
+uint16_t dmc_read_u16(struct dmc_reader *r);
+uint32_t dmc_read_u32(struct dmc_reader *r);
+uint64_t dmc_read_u64(struct dmc_reader *r);
+int32_t dmc_read_i32(struct dmc_reader *r);
+int64_t dmc_read_i64(struct dmc_reader *r);
+struct dmc_str dmc_read_str(struct dmc_reader *r);
+/* DMC_PROTO_OK when no read failed and every byte was consumed, else DMC_PROTO_ERROR. */
+int dmc_reader_finish(struct dmc_reader *r);
+
+void dmc_writer_init(struct dmc_writer *w, void *buf, size_t cap);
+void dmc_write_u8(struct dmc_writer *w, uint8_t v);
+void dmc_write_u16(struct dmc_writer *w, uint16_t v);
+void dmc_write_u32(struct dmc_writer *w, uint32_t v);
+void dmc_write_u64(struct dmc_writer *w, uint64_t v);
+void dmc_write_i32(struct dmc_writer *w, int32_t v);
+void dmc_write_i64(struct dmc_writer *w, int64_t v);
+/* Writes a str field; a string longer than DMC_STR_MAX or with a NUL is a NOSPACE error. */
+void dmc_write_str(struct dmc_writer *w, const char *s, size_t len);
+void dmc_write_cstr(struct dmc_writer *w, const char *s);
+
+/*
+ * Whole frames. Each encoder writes header + payload into `out` (capacity `cap`) and
+ * returns the frame's size, or DMC_PROTO_NOSPACE. Each decoder takes the payload only
+ * (after the header) and returns DMC_PROTO_OK or DMC_PROTO_ERROR; decoded strings borrow
+ * from `payload`.
+ *
+ * `frame_begin`/`frame_end` let other messages be built field by field: frame_begin
+ * reserves the header, frame_end fills it in and returns the frame's size.
+ */
+void dmc_frame_begin(struct dmc_writer *w, void *out, size_t cap);
+int dmc_frame_end(struct dmc_writer *w, uint16_t opcode, uint16_t flags, uint32_t request_id,
+		  uint8_t nfds);
+
+int dmc_hello_encode(const struct dmc_hello *m, uint32_t request_id, void *out, size_t cap);
+int dmc_hello_decode(const void *payload, size_t len, struct dmc_hello *ret);
+int dmc_hello_reply_encode(const struct dmc_hello_reply *m, uint32_t request_id, void *out,
+			   size_t cap);
+int dmc_hello_reply_decode(const void *payload, size_t len, struct dmc_hello_reply *ret);
+
+int dmc_ping_encode(const struct dmc_ping *m, uint16_t flags, uint32_t request_id, void *out,
+		    size_t cap);
+int dmc_ping_decode(const void *payload, size_t len, struct dmc_ping *ret);
+
+int dmc_status_encode(uint32_t request_id, void *out, size_t cap);
+int dmc_status_decode(const void *payload, size_t len);
+
+/*
+ * STATUS reply. Encode: `entries` borrowed for the call. Decode: fills at most `max`
+ * entries (more is a protocol error) and sets *ret_n; strings borrow from `payload`.
+ */
+int dmc_status_reply_encode(const char *version, uint64_t uptime_ms, uint32_t pid,
+			    const struct dmc_status_entry *entries, uint32_t n,
+			    uint32_t request_id, void *out, size_t cap);
+int dmc_status_reply_decode(const void *payload, size_t len, struct dmc_str *ret_version,
+			    uint64_t *ret_uptime_ms, uint32_t *ret_pid,
+			    struct dmc_status_entry *entries, uint32_t max, uint32_t *ret_n);
+
+int dmc_error_encode(const struct dmc_error_msg *m, uint32_t request_id, void *out, size_t cap);
+int dmc_error_decode(const void *payload, size_t len, struct dmc_error_msg *ret);
+
+/* The stable name of an error code ("not_found_or_denied"), or NULL when unknown. */
+const char *dmc_error_name(uint32_t code);
+/* A short English description of an error code, or NULL when unknown. */
+const char *dmc_error_text(uint32_t code);
+/* The name of an opcode ("HELLO"), or NULL when unknown. */
+const char *dmc_opcode_name(uint16_t opcode);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DMC_PROTO_H */
