@@ -1,1 +1,502 @@
-/* placeholder */
+/*
+ * The dmcache wire protocol codec: see proto.h for the specification.
+ *
+ * Pure functions over caller-owned buffers. Integers are assembled byte by byte, so the
+ * host's byte order and alignment never matter; every read is bounds-checked and a failed
+ * read poisons the reader (sticky error) so that callers check once at the end.
+ */
+#include <string.h>
+
+#include "proto.h"
+
+#define DMC_EXPORT __attribute__((visibility("default")))
+
+/* ---- header ---- */
+
+static uint16_t get16(const uint8_t *p)
+{
+	return (uint16_t)(p[0] | (p[1] << 8));
+}
+
+static uint32_t get32(const uint8_t *p)
+{
+	return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
+	       ((uint32_t)p[3] << 24);
+}
+
+static void put16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)v;
+	p[1] = (uint8_t)(v >> 8);
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)v;
+	p[1] = (uint8_t)(v >> 8);
+	p[2] = (uint8_t)(v >> 16);
+	p[3] = (uint8_t)(v >> 24);
+}
+
+DMC_EXPORT int dmc_header_decode(const uint8_t *buf, size_t len, struct dmc_header *ret_hdr)
+{
+	struct dmc_header h;
+
+	if (len < DMC_HEADER_SIZE)
+		return DMC_PROTO_AGAIN;
+	h.length = get32(buf);
+	h.opcode = get16(buf + 4);
+	h.flags = get16(buf + 6);
+	h.request_id = get32(buf + 8);
+	h.nfds = buf[12];
+	if (h.length > DMC_FRAME_MAX || h.nfds > DMC_FDS_MAX || (h.flags & ~DMC_FLAGS_DEFINED) ||
+	    buf[13] || buf[14] || buf[15])
+		return DMC_PROTO_ERROR;
+	*ret_hdr = h;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT void dmc_header_encode(const struct dmc_header *hdr, uint8_t out[DMC_HEADER_SIZE])
+{
+	put32(out, hdr->length);
+	put16(out + 4, hdr->opcode);
+	put16(out + 6, hdr->flags);
+	put32(out + 8, hdr->request_id);
+	out[12] = hdr->nfds;
+	out[13] = out[14] = out[15] = 0;
+}
+
+/* ---- reader ---- */
+
+DMC_EXPORT void dmc_reader_init(struct dmc_reader *r, const void *buf, size_t len)
+{
+	r->buf = buf;
+	r->len = len;
+	r->pos = 0;
+	r->err = DMC_PROTO_OK;
+}
+
+/* Returns a pointer to the next n bytes and advances, or NULL (and poisons the reader). */
+static const uint8_t *take(struct dmc_reader *r, size_t n)
+{
+	const uint8_t *p;
+
+	if (r->err || r->len - r->pos < n) {
+		r->err = DMC_PROTO_ERROR;
+		return NULL;
+	}
+	p = r->buf + r->pos;
+	r->pos += n;
+	return p;
+}
+
+DMC_EXPORT uint8_t dmc_read_u8(struct dmc_reader *r)
+{
+	const uint8_t *p = take(r, 1);
+	return p ? p[0] : 0;
+}
+
+DMC_EXPORT uint16_t dmc_read_u16(struct dmc_reader *r)
+{
+	const uint8_t *p = take(r, 2);
+	return p ? get16(p) : 0;
+}
+
+DMC_EXPORT uint32_t dmc_read_u32(struct dmc_reader *r)
+{
+	const uint8_t *p = take(r, 4);
+	return p ? get32(p) : 0;
+}
+
+DMC_EXPORT uint64_t dmc_read_u64(struct dmc_reader *r)
+{
+	const uint8_t *p = take(r, 8);
+	return p ? (uint64_t)get32(p) | ((uint64_t)get32(p + 4) << 32) : 0;
+}
+
+DMC_EXPORT int32_t dmc_read_i32(struct dmc_reader *r)
+{
+	return (int32_t)dmc_read_u32(r);
+}
+
+DMC_EXPORT int64_t dmc_read_i64(struct dmc_reader *r)
+{
+	return (int64_t)dmc_read_u64(r);
+}
+
+DMC_EXPORT struct dmc_str dmc_read_str(struct dmc_reader *r)
+{
+	struct dmc_str s = { "", 0 };
+	uint32_t n = dmc_read_u32(r);
+	const uint8_t *p;
+
+	if (r->err)
+		return s;
+	if (n > DMC_STR_MAX) {
+		r->err = DMC_PROTO_ERROR;
+		return s;
+	}
+	p = take(r, n);
+	if (!p)
+		return s;
+	if (memchr(p, '\0', n)) {
+		r->err = DMC_PROTO_ERROR;
+		return s;
+	}
+	s.ptr = (const char *)p;
+	s.len = n;
+	return s;
+}
+
+DMC_EXPORT int dmc_reader_finish(struct dmc_reader *r)
+{
+	if (r->err || r->pos != r->len)
+		return DMC_PROTO_ERROR;
+	return DMC_PROTO_OK;
+}
+
+/* ---- writer ---- */
+
+DMC_EXPORT void dmc_writer_init(struct dmc_writer *w, void *buf, size_t cap)
+{
+	w->buf = buf;
+	w->cap = cap;
+	w->len = 0;
+	w->err = DMC_PROTO_OK;
+}
+
+static uint8_t *room(struct dmc_writer *w, size_t n)
+{
+	uint8_t *p;
+
+	if (w->err || w->cap - w->len < n) {
+		w->err = DMC_PROTO_NOSPACE;
+		return NULL;
+	}
+	p = w->buf + w->len;
+	w->len += n;
+	return p;
+}
+
+DMC_EXPORT void dmc_write_u8(struct dmc_writer *w, uint8_t v)
+{
+	uint8_t *p = room(w, 1);
+	if (p)
+		p[0] = v;
+}
+
+DMC_EXPORT void dmc_write_u16(struct dmc_writer *w, uint16_t v)
+{
+	uint8_t *p = room(w, 2);
+	if (p)
+		put16(p, v);
+}
+
+DMC_EXPORT void dmc_write_u32(struct dmc_writer *w, uint32_t v)
+{
+	uint8_t *p = room(w, 4);
+	if (p)
+		put32(p, v);
+}
+
+DMC_EXPORT void dmc_write_u64(struct dmc_writer *w, uint64_t v)
+{
+	uint8_t *p = room(w, 8);
+	if (p) {
+		put32(p, (uint32_t)v);
+		put32(p + 4, (uint32_t)(v >> 32));
+	}
+}
+
+DMC_EXPORT void dmc_write_i32(struct dmc_writer *w, int32_t v)
+{
+	dmc_write_u32(w, (uint32_t)v);
+}
+
+DMC_EXPORT void dmc_write_i64(struct dmc_writer *w, int64_t v)
+{
+	dmc_write_u64(w, (uint64_t)v);
+}
+
+DMC_EXPORT void dmc_write_str(struct dmc_writer *w, const char *s, size_t len)
+{
+	uint8_t *p;
+
+	if (len > DMC_STR_MAX || (len && memchr(s, '\0', len))) {
+		w->err = DMC_PROTO_NOSPACE;
+		return;
+	}
+	dmc_write_u32(w, (uint32_t)len);
+	p = room(w, len);
+	if (p && len)
+		memcpy(p, s, len);
+}
+
+DMC_EXPORT void dmc_write_cstr(struct dmc_writer *w, const char *s)
+{
+	dmc_write_str(w, s ? s : "", s ? strlen(s) : 0);
+}
+
+/* ---- frames ---- */
+
+DMC_EXPORT void dmc_frame_begin(struct dmc_writer *w, void *out, size_t cap)
+{
+	dmc_writer_init(w, out, cap);
+	room(w, DMC_HEADER_SIZE);
+}
+
+DMC_EXPORT int dmc_frame_end(struct dmc_writer *w, uint16_t opcode, uint16_t flags,
+			     uint32_t request_id, uint8_t nfds)
+{
+	struct dmc_header h;
+
+	if (w->err)
+		return DMC_PROTO_NOSPACE;
+	if (w->len - DMC_HEADER_SIZE > DMC_FRAME_MAX || nfds > DMC_FDS_MAX ||
+	    (flags & ~DMC_FLAGS_DEFINED))
+		return DMC_PROTO_NOSPACE;
+	h.length = (uint32_t)(w->len - DMC_HEADER_SIZE);
+	h.opcode = opcode;
+	h.flags = flags;
+	h.request_id = request_id;
+	h.nfds = nfds;
+	dmc_header_encode(&h, w->buf);
+	return (int)w->len;
+}
+
+DMC_EXPORT int dmc_hello_encode(const struct dmc_hello *m, uint32_t request_id, void *out,
+				size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, m->version_min);
+	dmc_write_u32(&w, m->version_max);
+	dmc_write_str(&w, m->client.ptr, m->client.len);
+	return dmc_frame_end(&w, DMC_OP_HELLO, 0, request_id, 0);
+}
+
+DMC_EXPORT int dmc_hello_decode(const void *payload, size_t len, struct dmc_hello *ret)
+{
+	struct dmc_reader r;
+	struct dmc_hello m;
+
+	dmc_reader_init(&r, payload, len);
+	m.version_min = dmc_read_u32(&r);
+	m.version_max = dmc_read_u32(&r);
+	m.client = dmc_read_str(&r);
+	if (dmc_reader_finish(&r) || m.version_min > m.version_max)
+		return DMC_PROTO_ERROR;
+	*ret = m;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_hello_reply_encode(const struct dmc_hello_reply *m, uint32_t request_id,
+				      void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, m->version);
+	dmc_write_u32(&w, m->daemon_uid);
+	dmc_write_u32(&w, m->frame_max);
+	dmc_write_str(&w, m->daemon.ptr, m->daemon.len);
+	return dmc_frame_end(&w, DMC_OP_HELLO, DMC_FLAG_REPLY, request_id, 0);
+}
+
+DMC_EXPORT int dmc_hello_reply_decode(const void *payload, size_t len,
+				      struct dmc_hello_reply *ret)
+{
+	struct dmc_reader r;
+	struct dmc_hello_reply m;
+
+	dmc_reader_init(&r, payload, len);
+	m.version = dmc_read_u32(&r);
+	m.daemon_uid = dmc_read_u32(&r);
+	m.frame_max = dmc_read_u32(&r);
+	m.daemon = dmc_read_str(&r);
+	if (dmc_reader_finish(&r))
+		return DMC_PROTO_ERROR;
+	*ret = m;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_ping_encode(const struct dmc_ping *m, uint16_t flags, uint32_t request_id,
+			       void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u64(&w, m->token);
+	return dmc_frame_end(&w, DMC_OP_PING, flags, request_id, 0);
+}
+
+DMC_EXPORT int dmc_ping_decode(const void *payload, size_t len, struct dmc_ping *ret)
+{
+	struct dmc_reader r;
+	uint64_t token;
+
+	dmc_reader_init(&r, payload, len);
+	token = dmc_read_u64(&r);
+	if (dmc_reader_finish(&r))
+		return DMC_PROTO_ERROR;
+	ret->token = token;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_status_encode(uint32_t request_id, void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	return dmc_frame_end(&w, DMC_OP_STATUS, 0, request_id, 0);
+}
+
+DMC_EXPORT int dmc_status_decode(const void *payload, size_t len)
+{
+	(void)payload;
+	return len == 0 ? DMC_PROTO_OK : DMC_PROTO_ERROR;
+}
+
+DMC_EXPORT int dmc_status_reply_encode(const char *version, uint64_t uptime_ms, uint32_t pid,
+				       const struct dmc_status_entry *entries, uint32_t n,
+				       uint32_t request_id, void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	if (n > DMC_STATUS_ENTRIES_MAX)
+		return DMC_PROTO_NOSPACE;
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_cstr(&w, version);
+	dmc_write_u64(&w, uptime_ms);
+	dmc_write_u32(&w, pid);
+	dmc_write_u32(&w, n);
+	for (uint32_t i = 0; i < n; i++) {
+		dmc_write_str(&w, entries[i].name.ptr, entries[i].name.len);
+		dmc_write_i64(&w, entries[i].value);
+	}
+	return dmc_frame_end(&w, DMC_OP_STATUS, DMC_FLAG_REPLY, request_id, 0);
+}
+
+DMC_EXPORT int dmc_status_reply_decode(const void *payload, size_t len,
+				       struct dmc_str *ret_version, uint64_t *ret_uptime_ms,
+				       uint32_t *ret_pid, struct dmc_status_entry *entries,
+				       uint32_t max, uint32_t *ret_n)
+{
+	struct dmc_reader r;
+	struct dmc_str version;
+	uint64_t uptime;
+	uint32_t pid, n;
+
+	dmc_reader_init(&r, payload, len);
+	version = dmc_read_str(&r);
+	uptime = dmc_read_u64(&r);
+	pid = dmc_read_u32(&r);
+	n = dmc_read_u32(&r);
+	if (r.err || n > max || n > DMC_STATUS_ENTRIES_MAX)
+		return DMC_PROTO_ERROR;
+	for (uint32_t i = 0; i < n; i++) {
+		entries[i].name = dmc_read_str(&r);
+		entries[i].value = dmc_read_i64(&r);
+	}
+	if (dmc_reader_finish(&r))
+		return DMC_PROTO_ERROR;
+	*ret_version = version;
+	*ret_uptime_ms = uptime;
+	*ret_pid = pid;
+	*ret_n = n;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_error_encode(const struct dmc_error_msg *m, uint32_t request_id, void *out,
+				size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, m->code);
+	dmc_write_u32(&w, m->http_status);
+	dmc_write_u32(&w, m->retry_after_ms);
+	dmc_write_i32(&w, m->sys_errno);
+	dmc_write_str(&w, m->resource.ptr, m->resource.len);
+	dmc_write_str(&w, m->message.ptr, m->message.len);
+	return dmc_frame_end(&w, DMC_OP_ERROR, DMC_FLAG_REPLY, request_id, 0);
+}
+
+DMC_EXPORT int dmc_error_decode(const void *payload, size_t len, struct dmc_error_msg *ret)
+{
+	struct dmc_reader r;
+	struct dmc_error_msg m;
+
+	dmc_reader_init(&r, payload, len);
+	m.code = dmc_read_u32(&r);
+	m.http_status = dmc_read_u32(&r);
+	m.retry_after_ms = dmc_read_u32(&r);
+	m.sys_errno = dmc_read_i32(&r);
+	m.resource = dmc_read_str(&r);
+	m.message = dmc_read_str(&r);
+	if (dmc_reader_finish(&r))
+		return DMC_PROTO_ERROR;
+	*ret = m;
+	return DMC_PROTO_OK;
+}
+
+/* ---- names ---- */
+
+static const struct {
+	const char *name;
+	const char *text;
+} error_names[DMC_E_LAST_ - DMC_E_FIRST_ + 1] = {
+	[DMC_E_PROTOCOL - DMC_E_FIRST_] = { "protocol", "protocol error" },
+	[DMC_E_UNSUPPORTED - DMC_E_FIRST_] = { "unsupported", "unsupported request" },
+	[DMC_E_NOT_FOUND_OR_DENIED - DMC_E_FIRST_] = { "not_found_or_denied",
+						       "not found or not entitled" },
+	[DMC_E_UPSTREAM_TRANSIENT - DMC_E_FIRST_] = { "upstream_transient",
+						      "upstream temporarily unavailable" },
+	[DMC_E_UPSTREAM_PERMANENT - DMC_E_FIRST_] = { "upstream_permanent",
+						      "upstream refused the request" },
+	[DMC_E_INTEGRITY - DMC_E_FIRST_] = { "integrity", "data failed its integrity check" },
+	[DMC_E_CACHE_FULL - DMC_E_FIRST_] = { "cache_full", "cache full" },
+	[DMC_E_LIMIT_EXCEEDED - DMC_E_FIRST_] = { "limit_exceeded", "limit exceeded" },
+	[DMC_E_DECODE_FAILED - DMC_E_FIRST_] = { "decode_failed", "decoding failed" },
+	[DMC_E_IO - DMC_E_FIRST_] = { "io", "local I/O error" },
+	[DMC_E_OVERLOADED - DMC_E_FIRST_] = { "overloaded", "daemon overloaded" },
+	[DMC_E_INTERNAL - DMC_E_FIRST_] = { "internal", "internal error" },
+	[DMC_E_INVALID_ARGUMENT - DMC_E_FIRST_] = { "invalid_argument", "invalid argument" },
+	[DMC_E_CANCELLED - DMC_E_FIRST_] = { "cancelled", "cancelled" },
+};
+
+DMC_EXPORT const char *dmc_error_name(uint32_t code)
+{
+	if (code < DMC_E_FIRST_ || code > DMC_E_LAST_)
+		return NULL;
+	return error_names[code - DMC_E_FIRST_].name;
+}
+
+DMC_EXPORT const char *dmc_error_text(uint32_t code)
+{
+	if (code < DMC_E_FIRST_ || code > DMC_E_LAST_)
+		return NULL;
+	return error_names[code - DMC_E_FIRST_].text;
+}
+
+DMC_EXPORT const char *dmc_opcode_name(uint16_t opcode)
+{
+	switch (opcode) {
+	case DMC_OP_HELLO: return "HELLO";
+	case DMC_OP_PING: return "PING";
+	case DMC_OP_STATUS: return "STATUS";
+	case DMC_OP_ERROR: return "ERROR";
+	case DMC_OP_PREFETCH: return "PREFETCH";
+	case DMC_OP_CANCEL: return "CANCEL";
+	case DMC_OP_LIST: return "LIST";
+	case DMC_OP_EVICT: return "EVICT";
+	case DMC_OP_VERIFY: return "VERIFY";
+	case DMC_OP_OPEN: return "OPEN";
+	case DMC_OP_GET: return "GET";
+	case DMC_OP_RELEASE: return "RELEASE";
+	case DMC_OP_STREAM: return "STREAM";
+	case DMC_OP_CLOSE: return "CLOSE";
+	}
+	return NULL;
+}

@@ -1,0 +1,63 @@
+/*
+ * Fuzz target for the protocol decoder: the input is a byte stream as a daemon would read
+ * it from a socket. Frames are cut from it with dmc_header_decode and each payload is fed
+ * to every message decoder; decoded strings are touched so ASan sees any bad bound.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "proto.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static volatile unsigned sink;
+
+static void touch(struct dmc_str s)
+{
+	for (uint32_t i = 0; i < s.len; i++)
+		sink += (unsigned char)s.ptr[i];
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	size_t off = 0;
+
+	while (off < size) {
+		struct dmc_header h;
+		const uint8_t *p;
+		struct dmc_hello hello;
+		struct dmc_hello_reply hr;
+		struct dmc_ping ping;
+		struct dmc_error_msg em;
+		struct dmc_status_entry entries[8];
+		struct dmc_str v;
+		uint64_t up;
+		uint32_t pid, n;
+
+		if (dmc_header_decode(data + off, size - off, &h) != DMC_PROTO_OK)
+			break;
+		if (size - off - DMC_HEADER_SIZE < h.length)
+			break; /* need more bytes */
+		p = data + off + DMC_HEADER_SIZE;
+		if (dmc_hello_decode(p, h.length, &hello) == DMC_PROTO_OK)
+			touch(hello.client);
+		if (dmc_hello_reply_decode(p, h.length, &hr) == DMC_PROTO_OK)
+			touch(hr.daemon);
+		if (dmc_ping_decode(p, h.length, &ping) == DMC_PROTO_OK)
+			sink += (unsigned)ping.token;
+		(void)dmc_status_decode(p, h.length);
+		if (dmc_status_reply_decode(p, h.length, &v, &up, &pid, entries, 8, &n) ==
+		    DMC_PROTO_OK) {
+			touch(v);
+			for (uint32_t i = 0; i < n; i++)
+				touch(entries[i].name);
+		}
+		if (dmc_error_decode(p, h.length, &em) == DMC_PROTO_OK) {
+			touch(em.resource);
+			touch(em.message);
+			(void)dmc_error_name(em.code);
+		}
+		off += DMC_HEADER_SIZE + h.length;
+	}
+	return 0;
+}
