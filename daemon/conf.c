@@ -1,0 +1,401 @@
+/* dmcached configuration: see config.h. */
+#include <errno.h>
+#include <ini.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "conf.h"
+
+enum key_type {
+	KT_STRING,
+	KT_UINT32,
+	KT_SIZE,
+	KT_DURATION,
+	KT_MODE,
+	KT_BOOL,
+	KT_LEVEL,
+};
+
+struct key {
+	const char *name;
+	enum key_type type;
+	size_t offset;
+	uint64_t min, max; /* for numbers, sizes and durations (ms) */
+	const char *help;
+};
+
+#define K(name, type, field, min, max, help)                                                       \
+	{ name, type, offsetof(struct config, field), min, max, help }
+
+static const struct key keys[] = {
+	K("socket", KT_STRING, socket_path, 0, 0,
+	  "path of the listening socket (default: DESIGN.md section 1)"),
+	K("socket_mode", KT_MODE, socket_mode, 0, 0777, "permission bits of the socket, octal"),
+	K("cache_dir", KT_STRING, cache_dir, 0, 0, "cache directory"),
+	K("log_level", KT_LEVEL, log_level, 0, 0, "err, warning, notice, info or debug"),
+	K("log_debug", KT_STRING, log_debug, 0, 0,
+	  "groups with debug output: all, or a list of sys,net,proto,fetch,store,decode,serve"),
+	K("max_connections", KT_UINT32, max_connections, 1, 1000000,
+	  "connections in total"),
+	K("max_connections_per_uid", KT_UINT32, max_connections_per_uid, 1, 1000000,
+	  "connections per peer uid (the smaller of this and max_connections applies)"),
+	K("idle_timeout", KT_DURATION, idle_timeout_ms, 0, 7 * 24 * 3600 * 1000ull,
+	  "close a connection idle this long (0: never)"),
+	K("hello_timeout", KT_DURATION, hello_timeout_ms, 100, 3600 * 1000ull,
+	  "close a connection that has not said HELLO within this time"),
+	K("write_queue_max", KT_SIZE, write_queue_max, 64 << 10, 1ull << 30,
+	  "unsent reply bytes per connection before its requests are no longer read"),
+	K("listen_backlog", KT_UINT32, listen_backlog, 1, 65535, "listen(2) backlog"),
+	K("allow_user_namespace", KT_BOOL, allow_user_namespace, 0, 0,
+	  "run inside a user namespace although peers may then appear as the overflow uid"),
+};
+
+void config_init(struct config *cfg)
+{
+	memset(cfg, 0, sizeof(*cfg));
+	cfg->socket_mode = 0666; /* everyone may connect; access is per uid and per key */
+	cfg->log_level = LOG_LVL_NOTICE;
+	cfg->max_connections = 4096;
+	cfg->max_connections_per_uid = 1024;
+	cfg->idle_timeout_ms = 0;
+	cfg->hello_timeout_ms = 10000;
+	cfg->write_queue_max = 4u << 20;
+	cfg->listen_backlog = 512;
+}
+
+void config_done(struct config *cfg)
+{
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		if (keys[i].type == KT_STRING) {
+			char **p = (char **)((char *)cfg + keys[i].offset);
+			free(*p);
+			*p = NULL;
+		}
+	}
+}
+
+static int parse_u64_suffix(const char *s, uint64_t *ret_num, const char **ret_end)
+{
+	char *end;
+	unsigned long long v;
+
+	if (*s < '0' || *s > '9')
+		return -EINVAL;
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno)
+		return -EINVAL;
+	*ret_num = v;
+	*ret_end = end;
+	return 0;
+}
+
+int config_parse_size(const char *s, uint64_t *ret)
+{
+	uint64_t v, mul = 1;
+	const char *end;
+
+	if (parse_u64_suffix(s, &v, &end))
+		return -EINVAL;
+	if (*end) {
+		switch (*end) {
+		case 'K': case 'k': mul = 1ull << 10; break;
+		case 'M': case 'm': mul = 1ull << 20; break;
+		case 'G': case 'g': mul = 1ull << 30; break;
+		case 'T': case 't': mul = 1ull << 40; break;
+		default: return -EINVAL;
+		}
+		end++;
+		if (*end == 'i')
+			end++;
+		if (*end == 'B' || *end == 'b')
+			end++;
+		if (*end)
+			return -EINVAL;
+	}
+	if (v > UINT64_MAX / mul)
+		return -EINVAL;
+	*ret = v * mul;
+	return 0;
+}
+
+int config_parse_duration_ms(const char *s, uint64_t *ret)
+{
+	uint64_t v, mul = 1000;
+	const char *end;
+
+	if (parse_u64_suffix(s, &v, &end))
+		return -EINVAL;
+	if (strcmp(end, "ms") == 0)
+		mul = 1;
+	else if (strcmp(end, "") == 0 || strcmp(end, "s") == 0)
+		mul = 1000;
+	else if (strcmp(end, "m") == 0 || strcmp(end, "min") == 0)
+		mul = 60000;
+	else if (strcmp(end, "h") == 0)
+		mul = 3600000;
+	else
+		return -EINVAL;
+	if (v > UINT64_MAX / mul)
+		return -EINVAL;
+	*ret = v * mul;
+	return 0;
+}
+
+static int parse_bool(const char *s, bool *ret)
+{
+	static const char *const yes[] = { "1", "yes", "true", "on" };
+	static const char *const no[] = { "0", "no", "false", "off" };
+
+	for (size_t i = 0; i < 4; i++) {
+		if (strcasecmp(s, yes[i]) == 0) {
+			*ret = true;
+			return 0;
+		}
+		if (strcasecmp(s, no[i]) == 0) {
+			*ret = false;
+			return 0;
+		}
+	}
+	return -EINVAL;
+}
+
+int config_set(struct config *cfg, const char *key, const char *value, const char *where,
+	       char *err, size_t errlen)
+{
+	const struct key *k = NULL;
+	char *field;
+	uint64_t v = 0;
+	const char *want = "";
+
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		if (strcmp(keys[i].name, key) == 0) {
+			k = &keys[i];
+			break;
+		}
+	}
+	if (!k) {
+		snprintf(err, errlen, "%s: unknown key '%s' (dmcached --help-config lists them)",
+			 where, key);
+		return -EINVAL;
+	}
+	field = (char *)cfg + k->offset;
+	switch (k->type) {
+	case KT_STRING: {
+		char *copy;
+		if (!*value) {
+			want = "a non-empty value";
+			goto bad;
+		}
+		copy = strdup(value);
+		if (!copy) {
+			snprintf(err, errlen, "%s: out of memory", where);
+			return -ENOMEM;
+		}
+		free(*(char **)field);
+		*(char **)field = copy;
+		return 0;
+	}
+	case KT_BOOL:
+		if (parse_bool(value, (bool *)field)) {
+			want = "yes or no";
+			goto bad;
+		}
+		return 0;
+	case KT_LEVEL:
+		if (log_parse_level(value, (enum log_level *)field)) {
+			want = "err, warning, notice, info or debug";
+			goto bad;
+		}
+		return 0;
+	case KT_MODE: {
+		char *end;
+		unsigned long m;
+		errno = 0;
+		m = strtoul(value, &end, 8);
+		if (errno || end == value || *end || m > k->max) {
+			want = "octal permission bits such as 0660";
+			goto bad;
+		}
+		*(uint32_t *)field = (uint32_t)m;
+		return 0;
+	}
+	case KT_UINT32:
+	case KT_SIZE: {
+		const char *end;
+		if (k->type == KT_SIZE ? config_parse_size(value, &v)
+				       : (parse_u64_suffix(value, &v, &end) || *end)) {
+			want = k->type == KT_SIZE ? "a size such as 512K, 64M or 10G"
+						  : "a whole number";
+			goto bad;
+		}
+		break;
+	}
+	case KT_DURATION:
+		if (config_parse_duration_ms(value, &v)) {
+			want = "a duration such as 500ms, 30s, 5m or 1h";
+			goto bad;
+		}
+		break;
+	}
+	if (v < k->min || v > k->max) {
+		snprintf(err, errlen, "%s: %s = '%s' is out of range [%llu, %llu]%s", where, key,
+			 value, (unsigned long long)k->min, (unsigned long long)k->max,
+			 k->type == KT_DURATION ? " milliseconds" : "");
+		return -EINVAL;
+	}
+	if (k->type == KT_UINT32)
+		*(uint32_t *)field = (uint32_t)v;
+	else
+		*(uint64_t *)field = v;
+	return 0;
+bad:
+	snprintf(err, errlen, "%s: %s = '%s' is not valid: expected %s", where, key, value, want);
+	return -EINVAL;
+}
+
+struct load_ctx {
+	struct config *cfg;
+	const char *path;
+	char *err;
+	size_t errlen;
+	int rc;
+};
+
+static int on_ini_line(void *user, const char *section, const char *name, const char *value)
+{
+	struct load_ctx *ctx = user;
+	char where[512];
+
+	/* inih gives the handler no line number; ini_parse returns the first failing line,
+	 * and the first message is kept. */
+	if (ctx->rc)
+		return 1;
+	snprintf(where, sizeof(where), "%s", ctx->path);
+	if (section && *section) {
+		snprintf(ctx->err, ctx->errlen, "%s: sections are not used ('[%s]')", where,
+			 section);
+		ctx->rc = -EINVAL;
+		return 0;
+	}
+	if (!value) {
+		snprintf(ctx->err, ctx->errlen, "%s: '%s' needs '= value'", where, name);
+		ctx->rc = -EINVAL;
+		return 0;
+	}
+	ctx->rc = config_set(ctx->cfg, name, value, where, ctx->err, ctx->errlen);
+	return ctx->rc == 0;
+}
+
+int config_load_file(struct config *cfg, const char *path, char *err, size_t errlen)
+{
+	struct load_ctx ctx = { cfg, path, err, errlen, 0 };
+	FILE *f = fopen(path, "r");
+	int line;
+
+	if (!f) {
+		int e = errno;
+		snprintf(err, errlen, "cannot open config file '%s': %s", path, strerror(e));
+		return -e;
+	}
+	line = ini_parse_file(f, on_ini_line, &ctx);
+	fclose(f);
+	if (line == 0)
+		return 0;
+	if (line < 0) {
+		snprintf(err, errlen, "cannot read config file '%s'", path);
+		return -EIO;
+	}
+	/* Prefix the message with the line: "FILE:LINE: ..." */
+	if (ctx.rc == 0) {
+		snprintf(err, errlen, "%s:%d: syntax error (expected 'key = value')", path, line);
+	} else {
+		char msg[1024];
+		size_t plen = strlen(path);
+		const char *rest = strncmp(err, path, plen) == 0 ? err + plen : err;
+		snprintf(msg, sizeof(msg), "%s:%d%s", path, line, rest);
+		snprintf(err, errlen, "%s", msg);
+	}
+	return ctx.rc ? ctx.rc : -EINVAL;
+}
+
+static char *path_join(const char *a, const char *b)
+{
+	size_t n = strlen(a) + 1 + strlen(b) + 1;
+	char *p = malloc(n);
+
+	if (p)
+		snprintf(p, n, "%s/%s", a, b);
+	return p;
+}
+
+int config_finish(struct config *cfg, char *err, size_t errlen)
+{
+	const char *env;
+
+	if (log_set_debug(cfg->log_debug ? cfg->log_debug : "")) {
+		snprintf(err, errlen, "log_debug = '%s': unknown group", cfg->log_debug);
+		return -EINVAL;
+	}
+	if (!cfg->socket_path) {
+		if ((env = getenv("DMCACHE_SOCKET")) && *env)
+			cfg->socket_path = strdup(env);
+		else if (geteuid() == 0)
+			cfg->socket_path = strdup("/run/dmcache/dmcached.sock");
+		else if ((env = getenv("XDG_RUNTIME_DIR")) && *env)
+			cfg->socket_path = path_join(env, "dmcache/dmcached.sock");
+		else {
+			snprintf(err, errlen, "no socket path: pass --socket, or set DMCACHE_SOCKET "
+					      "or XDG_RUNTIME_DIR");
+			return -EINVAL;
+		}
+		if (!cfg->socket_path)
+			return -ENOMEM;
+	}
+	if (cfg->socket_path[0] != '/') {
+		snprintf(err, errlen, "socket = '%s': must be an absolute path", cfg->socket_path);
+		return -EINVAL;
+	}
+	if (strlen(cfg->socket_path) >= 108) {
+		snprintf(err, errlen, "socket = '%s': longer than a Unix socket path may be (107)",
+			 cfg->socket_path);
+		return -EINVAL;
+	}
+	if (!cfg->cache_dir) {
+		/* systemd's CacheDirectory= sets CACHE_DIRECTORY */
+		if ((env = getenv("CACHE_DIRECTORY")) && *env && !strchr(env, ':'))
+			cfg->cache_dir = strdup(env);
+		else if (geteuid() == 0)
+			cfg->cache_dir = strdup("/var/cache/dmcache");
+		else if ((env = getenv("XDG_CACHE_HOME")) && *env)
+			cfg->cache_dir = path_join(env, "dmcache");
+		else if ((env = getenv("HOME")) && *env)
+			cfg->cache_dir = path_join(env, ".cache/dmcache");
+		else {
+			snprintf(err, errlen, "no cache directory: pass --cache-dir");
+			return -EINVAL;
+		}
+		if (!cfg->cache_dir)
+			return -ENOMEM;
+	}
+	if (cfg->cache_dir[0] != '/') {
+		snprintf(err, errlen, "cache_dir = '%s': must be an absolute path", cfg->cache_dir);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+void config_print_keys(FILE *out)
+{
+	static const char *const type_names[] = {
+		[KT_STRING] = "text",	  [KT_UINT32] = "number", [KT_SIZE] = "size",
+		[KT_DURATION] = "duration", [KT_MODE] = "octal",  [KT_BOOL] = "yes/no",
+		[KT_LEVEL] = "level",
+	};
+
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
+		fprintf(out, "  %-26s %-9s %s\n", keys[i].name, type_names[keys[i].type],
+			keys[i].help);
+}

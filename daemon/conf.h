@@ -1,0 +1,62 @@
+/*
+ * dmcached configuration: defaults, then a `key = value` file (--config), then
+ * command-line flags. (The generated build configuration is "config.h".) Every value is validated when it is read; an unknown key or a bad
+ * value is an error naming the file and line. Owned by main(); read-only once the loop runs.
+ *
+ * Keys are listed in one table in config.c (name, type, bounds, help); `dmcached
+ * --help-config` prints it. Sizes take K/M/G/T suffixes (powers of 1024), durations take
+ * ms/s/m/h (a bare number is seconds).
+ */
+#ifndef DMC_CONF_H
+#define DMC_CONF_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include "log.h"
+
+struct config {
+	char *socket_path;         /* resolved by config_finish() */
+	uint32_t socket_mode;      /* permission bits of the socket file */
+	char *cache_dir;           /* resolved by config_finish() */
+	enum log_level log_level;
+	char *log_debug;           /* groups with debug output */
+	uint32_t max_connections;
+	uint32_t max_connections_per_uid;
+	uint64_t idle_timeout_ms;  /* 0: never */
+	uint64_t hello_timeout_ms; /* from accept to a complete HELLO */
+	uint64_t write_queue_max;  /* bytes of unsent replies before a connection's reads pause */
+	uint32_t listen_backlog;
+	bool allow_user_namespace; /* run although peers may appear as the overflow uid */
+};
+
+/* Fills in the defaults. */
+void config_init(struct config *cfg);
+void config_done(struct config *cfg);
+
+/*
+ * Sets one key from text. `where` names the origin for messages ("FILE:LINE" or
+ * "command line"). On error returns -EINVAL and writes a message to `err`.
+ */
+int config_set(struct config *cfg, const char *key, const char *value, const char *where,
+	       char *err, size_t errlen);
+
+/* Reads a config file. On error returns negative errno and writes a message to `err`. */
+int config_load_file(struct config *cfg, const char *path, char *err, size_t errlen);
+
+/*
+ * Resolves the defaults that depend on the environment (socket and cache paths, as in
+ * DESIGN.md section 1) and checks the values against each other.
+ */
+int config_finish(struct config *cfg, char *err, size_t errlen);
+
+/* Prints every key with its type and help text. */
+void config_print_keys(FILE *out);
+
+/* Parsers shared with the command line; -EINVAL on malformed or out-of-range text. */
+int config_parse_size(const char *s, uint64_t *ret);
+int config_parse_duration_ms(const char *s, uint64_t *ret);
+
+#endif

@@ -1,0 +1,494 @@
+/* Client connections: see conn.h. */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "conf.h"
+#include "conn.h"
+#include "log.h"
+#include "server.h"
+
+#define RBUF_INITIAL (64u << 10)
+#define RBUF_MAX (DMC_HEADER_SIZE + DMC_FRAME_MAX)
+#define OVERFLOW_UID 65534 /* what a peer in another user namespace appears as */
+
+struct wreq {
+	uv_write_t req;
+	struct conn *c;
+	size_t len;
+	uint8_t data[];
+};
+
+static void dispatch(struct conn *c, const struct dmc_header *h, const uint8_t *payload);
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
+static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf);
+static void process(struct conn *c);
+
+/* ---- lifetime ---- */
+
+static void on_handle_closed(uv_handle_t *handle)
+{
+	struct conn *c = handle->data;
+
+	if (--c->open_handles)
+		return;
+	free(c->rbuf);
+	free(c);
+}
+
+void conn_close(struct conn *c)
+{
+	struct server *srv = c->srv;
+
+	if (c->closing)
+		return;
+	c->closing = true;
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		srv->conns = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	c->prev = c->next = NULL;
+	srv->n_conns--;
+	if (c->counted)
+		server_uid_remove(srv, c->uid);
+	uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+	uv_close((uv_handle_t *)&c->pipe, on_handle_closed);
+}
+
+/* ---- timers ---- */
+
+static void on_timeout(uv_timer_t *t)
+{
+	struct conn *c = t->data;
+
+	if (c->closing)
+		return;
+	log_debug(NET, "closing connection of uid %u: %s timeout", (unsigned)c->uid,
+		  c->version ? "idle" : "hello");
+	c->srv->stats.idle_closed++;
+	conn_close(c);
+}
+
+static void arm_timer(struct conn *c)
+{
+	uint64_t ms = c->version ? c->srv->cfg->idle_timeout_ms : c->srv->cfg->hello_timeout_ms;
+
+	if (ms)
+		uv_timer_start(&c->timer, on_timeout, ms, 0);
+	else
+		uv_timer_stop(&c->timer);
+}
+
+/* ---- writing ---- */
+
+static void resume_reading(struct conn *c)
+{
+	if (!c->paused || c->closing || c->close_after_write)
+		return;
+	if (uv_read_start((uv_stream_t *)&c->pipe, on_alloc, on_read) == 0) {
+		c->paused = false;
+		process(c); /* frames that arrived while paused */
+	}
+}
+
+static void on_written(uv_write_t *req, int status)
+{
+	struct wreq *w = (struct wreq *)req;
+	struct conn *c = w->c;
+
+	c->wq_bytes -= w->len;
+	free(w);
+	if (c->closing)
+		return;
+	if (status < 0) {
+		log_debug(NET, "write to uid %u failed: %s", (unsigned)c->uid, uv_strerror(status));
+		conn_close(c);
+		return;
+	}
+	if (c->close_after_write && c->wq_bytes == 0) {
+		conn_close(c);
+		return;
+	}
+	if (c->paused && c->wq_bytes <= c->srv->cfg->write_queue_max / 2)
+		resume_reading(c);
+}
+
+int conn_send(struct conn *c, const void *frame, size_t len)
+{
+	struct wreq *w;
+	uv_buf_t buf;
+	int rc;
+
+	if (c->closing)
+		return -EPIPE;
+	w = malloc(sizeof(*w) + len);
+	if (!w) {
+		conn_close(c);
+		return -ENOMEM;
+	}
+	w->c = c;
+	w->len = len;
+	memcpy(w->data, frame, len);
+	buf = uv_buf_init((char *)w->data, (unsigned)len);
+	rc = uv_write(&w->req, (uv_stream_t *)&c->pipe, &buf, 1, on_written);
+	if (rc < 0) {
+		free(w);
+		conn_close(c);
+		return rc;
+	}
+	c->wq_bytes += len;
+	return 0;
+}
+
+int conn_send_error(struct conn *c, uint32_t request_id, uint32_t code, const char *resource,
+		    const char *fmt, ...)
+{
+	char msg[1024];
+	uint8_t frame[DMC_HEADER_SIZE + 64 + sizeof(msg) + 512];
+	struct dmc_error_msg m = { .code = code };
+	va_list ap;
+	int n;
+
+	va_start(ap, fmt);
+	n = vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if ((size_t)n >= sizeof(msg))
+		n = sizeof(msg) - 1;
+	m.message.ptr = msg;
+	m.message.len = (uint32_t)n;
+	m.resource.ptr = resource ? resource : "";
+	m.resource.len = resource ? (uint32_t)strnlen(resource, 511) : 0;
+	n = dmc_error_encode(&m, request_id, frame, sizeof(frame));
+	if (n < 0)
+		return -EINVAL;
+	return conn_send(c, frame, (size_t)n);
+}
+
+/* ---- reading ---- */
+
+static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf)
+{
+	struct conn *c = handle->data;
+
+	(void)suggested;
+	buf->base = (char *)c->rbuf + c->rlen;
+	buf->len = c->rcap - c->rlen;
+}
+
+static void protocol_error(struct conn *c, const char *why)
+{
+	log_debug(PROTO, "closing connection of uid %u pid %d: %s", (unsigned)c->uid,
+		  (int)c->pid, why);
+	c->srv->stats.protocol_errors++;
+	conn_close(c);
+}
+
+/* Handles every complete frame in the buffer, then keeps the incomplete rest. */
+static void process(struct conn *c)
+{
+	size_t off = 0;
+
+	while (!c->closing && !c->paused) {
+		struct dmc_header h;
+		int rc = dmc_header_decode(c->rbuf + off, c->rlen - off, &h);
+
+		if (rc == DMC_PROTO_AGAIN)
+			break;
+		if (rc != DMC_PROTO_OK) {
+			protocol_error(c, "malformed frame header");
+			return;
+		}
+		if (h.nfds) {
+			/* clients pass no descriptors in protocol version 1 */
+			protocol_error(c, "unexpected file descriptors");
+			return;
+		}
+		if (c->rlen - off < DMC_HEADER_SIZE + (size_t)h.length) {
+			if (DMC_HEADER_SIZE + (size_t)h.length > c->rcap) {
+				/* grow once, to the largest frame there can be */
+				uint8_t *nb = malloc(RBUF_MAX);
+				if (!nb) {
+					conn_close(c);
+					return;
+				}
+				memcpy(nb, c->rbuf + off, c->rlen - off);
+				free(c->rbuf);
+				c->rbuf = nb;
+				c->rcap = RBUF_MAX;
+				c->rlen -= off;
+				off = 0;
+			}
+			break;
+		}
+		dispatch(c, &h, c->rbuf + off + DMC_HEADER_SIZE);
+		off += DMC_HEADER_SIZE + h.length;
+		if (!c->closing && c->wq_bytes > c->srv->cfg->write_queue_max) {
+			/* the peer is not reading its replies: stop reading its requests */
+			if (uv_read_stop((uv_stream_t *)&c->pipe) == 0) {
+				c->paused = true;
+				c->srv->stats.backpressure++;
+			}
+		}
+	}
+	if (c->closing)
+		return;
+	if (off) {
+		memmove(c->rbuf, c->rbuf + off, c->rlen - off);
+		c->rlen -= off;
+	}
+}
+
+static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
+{
+	struct conn *c = stream->data;
+
+	(void)buf;
+	if (c->closing)
+		return;
+	if (nread < 0) {
+		if (nread != UV_EOF)
+			log_debug(NET, "read from uid %u: %s", (unsigned)c->uid,
+				  uv_strerror((int)nread));
+		else if (c->rlen)
+			log_debug(PROTO, "uid %u closed the connection mid-frame (%zu bytes)",
+				  (unsigned)c->uid, c->rlen);
+		conn_close(c);
+		return;
+	}
+	if (nread == 0)
+		return;
+	c->rlen += (size_t)nread;
+	arm_timer(c);
+	process(c);
+}
+
+/* ---- accept ---- */
+
+static void refuse(struct conn *c, uint32_t code, const char *why)
+{
+	uint8_t frame[512];
+	struct dmc_error_msg m = { .code = code };
+	uv_buf_t buf;
+	int n;
+
+	m.message.ptr = why;
+	m.message.len = (uint32_t)strlen(why);
+	m.resource.ptr = "";
+	n = dmc_error_encode(&m, 0, frame, sizeof(frame));
+	if (n > 0) {
+		/* a fresh socket's buffer takes this small frame at once; if not, never mind */
+		buf = uv_buf_init((char *)frame, (unsigned)n);
+		(void)uv_try_write((uv_stream_t *)&c->pipe, &buf, 1);
+	}
+	c->srv->stats.refused++;
+	log_info(NET, "refused connection of uid %u pid %d: %s", (unsigned)c->uid, (int)c->pid,
+		 why);
+	conn_close(c);
+}
+
+void conn_accept(struct server *srv)
+{
+	struct conn *c = calloc(1, sizeof(*c));
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+	uv_os_fd_t fd;
+
+	if (!c) {
+		log_err(NET, "out of memory accepting a connection");
+		return;
+	}
+	c->srv = srv;
+	c->rcap = RBUF_INITIAL;
+	c->rbuf = malloc(c->rcap);
+	if (!c->rbuf || uv_pipe_init(srv->loop, &c->pipe, 0) != 0) {
+		free(c->rbuf);
+		free(c);
+		log_err(NET, "out of memory accepting a connection");
+		return;
+	}
+	c->pipe.data = c;
+	c->open_handles = 1;
+	uv_timer_init(srv->loop, &c->timer);
+	c->timer.data = c;
+	c->open_handles++;
+
+	/* linked first, so that conn_close() has one path whatever happens next */
+	c->next = srv->conns;
+	if (srv->conns)
+		srv->conns->prev = c;
+	srv->conns = c;
+	srv->n_conns++;
+
+	if (uv_accept((uv_stream_t *)&srv->listener, (uv_stream_t *)&c->pipe) != 0) {
+		conn_close(c);
+		return;
+	}
+	srv->stats.accepted++;
+	if (uv_fileno((uv_handle_t *)&c->pipe, &fd) != 0 ||
+	    getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+		log_warn(NET, "no peer credentials for a connection: closing it");
+		conn_close(c);
+		return;
+	}
+	c->uid = cred.uid;
+	c->gid = cred.gid;
+	c->pid = cred.pid;
+
+	/* Fail closed: a peer in another user namespace shows as the overflow uid, and
+	 * several real users would then share one identity (reliability.md S2). */
+	if (c->uid == OVERFLOW_UID) {
+		refuse(c, DMC_E_NOT_FOUND_OR_DENIED,
+		       "peers from another user namespace are not served");
+		return;
+	}
+	if (srv->stopping) {
+		refuse(c, DMC_E_CANCELLED, "daemon is stopping");
+		return;
+	}
+	if (srv->n_conns > srv->cfg->max_connections) {
+		refuse(c, DMC_E_OVERLOADED, "too many connections");
+		return;
+	}
+	if (server_uid_connections(srv, c->uid) >= srv->cfg->max_connections_per_uid) {
+		refuse(c, DMC_E_OVERLOADED, "too many connections for this user");
+		return;
+	}
+	if (server_uid_add(srv, c->uid) != 0) {
+		conn_close(c);
+		return;
+	}
+	c->counted = true;
+	if (uv_read_start((uv_stream_t *)&c->pipe, on_alloc, on_read) != 0) {
+		conn_close(c);
+		return;
+	}
+	arm_timer(c);
+	log_debug(NET, "connection from uid %u gid %u pid %d (%u open)", (unsigned)c->uid,
+		  (unsigned)c->gid, (int)c->pid, srv->n_conns);
+}
+
+/* ---- requests ---- */
+
+static void on_hello(struct conn *c, const struct dmc_header *h, const uint8_t *payload)
+{
+	struct dmc_hello m;
+	struct dmc_hello_reply r;
+	uint8_t frame[256];
+	char daemon[64];
+	int n;
+
+	if (c->version) {
+		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "HELLO was already said");
+		return;
+	}
+	if (dmc_hello_decode(payload, h->length, &m) != DMC_PROTO_OK) {
+		protocol_error(c, "malformed HELLO");
+		return;
+	}
+	if (m.version_max < DMC_PROTO_VERSION_MIN || m.version_min > DMC_PROTO_VERSION) {
+		conn_send_error(c, h->request_id, DMC_E_UNSUPPORTED, NULL,
+				"no common protocol version: client speaks %u..%u, daemon %u..%u",
+				m.version_min, m.version_max, DMC_PROTO_VERSION_MIN,
+				DMC_PROTO_VERSION);
+		return;
+	}
+	c->version = m.version_max < DMC_PROTO_VERSION ? m.version_max : DMC_PROTO_VERSION;
+	snprintf(daemon, sizeof(daemon), "dmcached %s", DMC_VERSION);
+	r.version = c->version;
+	r.daemon_uid = (uint32_t)geteuid();
+	r.frame_max = DMC_FRAME_MAX;
+	r.daemon.ptr = daemon;
+	r.daemon.len = (uint32_t)strlen(daemon);
+	n = dmc_hello_reply_encode(&r, h->request_id, frame, sizeof(frame));
+	if (n > 0)
+		conn_send(c, frame, (size_t)n);
+	arm_timer(c);
+	log_debug(PROTO, "HELLO from uid %u: '%.*s', version %u", (unsigned)c->uid,
+		  (int)(m.client.len > 128 ? 128 : m.client.len), m.client.ptr, c->version);
+}
+
+static void on_ping(struct conn *c, const struct dmc_header *h, const uint8_t *payload)
+{
+	struct dmc_ping m;
+	uint8_t frame[64];
+	int n;
+
+	if (dmc_ping_decode(payload, h->length, &m) != DMC_PROTO_OK) {
+		protocol_error(c, "malformed PING");
+		return;
+	}
+	n = dmc_ping_encode(&m, DMC_FLAG_REPLY, h->request_id, frame, sizeof(frame));
+	if (n > 0)
+		conn_send(c, frame, (size_t)n);
+}
+
+static void on_status(struct conn *c, const struct dmc_header *h, const uint8_t *payload)
+{
+	struct dmc_status_entry entries[64];
+	uint8_t frame[8192];
+	uint32_t count;
+	int n;
+
+	if (dmc_status_decode(payload, h->length) != DMC_PROTO_OK) {
+		protocol_error(c, "malformed STATUS");
+		return;
+	}
+	count = server_status(c->srv, c, entries, sizeof(entries) / sizeof(entries[0]));
+	n = dmc_status_reply_encode(DMC_VERSION, uv_now(c->srv->loop) - c->srv->start_ms,
+				    (uint32_t)getpid(), entries, count, h->request_id, frame,
+				    sizeof(frame));
+	if (n < 0) {
+		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "status reply too large");
+		return;
+	}
+	conn_send(c, frame, (size_t)n);
+}
+
+typedef void (*request_fn)(struct conn *c, const struct dmc_header *h, const uint8_t *payload);
+
+static const struct {
+	uint16_t opcode;
+	request_fn fn;
+} handlers[] = {
+	{ DMC_OP_HELLO, on_hello },
+	{ DMC_OP_PING, on_ping },
+	{ DMC_OP_STATUS, on_status },
+};
+
+static void dispatch(struct conn *c, const struct dmc_header *h, const uint8_t *payload)
+{
+	c->srv->stats.requests++;
+	if (h->flags) {
+		protocol_error(c, "a request with reply flags");
+		return;
+	}
+	if (!c->version && h->opcode != DMC_OP_HELLO) {
+		protocol_error(c, "first frame is not HELLO");
+		return;
+	}
+	for (size_t i = 0; i < sizeof(handlers) / sizeof(handlers[0]); i++) {
+		if (handlers[i].opcode == h->opcode) {
+			handlers[i].fn(c, h, payload);
+			if (!c->closing && !c->version) {
+				/* HELLO failed: close once its error is written, read nothing more */
+				uv_read_stop((uv_stream_t *)&c->pipe);
+				c->paused = true;
+				c->close_after_write = true;
+				c->srv->stats.protocol_errors++;
+			}
+			return;
+		}
+	}
+	c->srv->stats.unknown_opcodes++;
+	conn_send_error(c, h->request_id, DMC_E_UNSUPPORTED, NULL, "unknown opcode %u",
+			h->opcode);
+}

@@ -1,0 +1,66 @@
+/*
+ * One client connection: framing, backpressure, timeouts and request dispatch.
+ *
+ * A connection is created by the server at accept and freed only from the close callback
+ * of its last libuv handle (libuv design.rst). conn_close() marks it closing and closes
+ * the handles; every callback starts with `if (c->closing)`. Loop thread only.
+ *
+ * Receive buffer: fixed per connection (64 KiB, grown once to hold a maximum-size frame
+ * when a header announces one); a frame is processed in place. No allocation per read.
+ * Backpressure: while more than cfg->write_queue_max bytes of replies are unsent, the
+ * connection's requests are not read; a client that never reads costs bounded memory.
+ */
+#ifndef DMC_CONN_H
+#define DMC_CONN_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <uv.h>
+
+#include "proto.h"
+
+struct server;
+
+struct conn {
+	uv_pipe_t pipe;
+	uv_timer_t timer; /* hello timeout, then idle timeout */
+	struct server *srv;
+	struct conn *prev, *next;
+
+	uid_t uid; /* from SO_PEERCRED at accept; never from a payload */
+	gid_t gid;
+	pid_t pid;
+
+	uint8_t *rbuf;
+	size_t rlen, rcap;
+	size_t wq_bytes; /* reply bytes handed to libuv and not yet written */
+	uint32_t version; /* negotiated protocol version; 0 before HELLO */
+
+	bool closing;
+	bool paused;   /* reads stopped for backpressure */
+	bool counted;  /* included in the server's per-uid counts */
+	bool close_after_write; /* close once the queued replies are written */
+	uint8_t open_handles;
+};
+
+/*
+ * Accepts one pending connection from the server's listener. Refusals (limits, overflow
+ * uid, stopping) are answered with an ERROR frame and closed; they are not errors here.
+ */
+void conn_accept(struct server *srv);
+
+/* Starts closing `c`; it is freed when its handles are closed. Idempotent. */
+void conn_close(struct conn *c);
+
+/*
+ * Queues one complete frame (header included) for writing; the bytes are copied.
+ * Returns 0 or negative errno. On failure the connection is being closed.
+ */
+int conn_send(struct conn *c, const void *frame, size_t len);
+
+/* Sends an ERROR frame for request `request_id`. `resource` may be NULL. */
+int conn_send_error(struct conn *c, uint32_t request_id, uint32_t code, const char *resource,
+		    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+
+#endif
