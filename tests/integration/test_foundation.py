@@ -499,3 +499,10 @@ def test_systemd_units_verify(tmpdir_short):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not any(l.strip().startswith('PrivateUsers') for l in lines)
+    # hardening: exposure at most 2.0 of 10 (reliability.md O1)
+    r = subprocess.run(['systemd-analyze', 'security', '--offline=true', '--threshold=20',
+                        os.path.join(tmpdir_short, 'dmcached.service')],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    level = float(r.stdout.split('Overall exposure level for dmcached.service:')[1].split()[0])
+    assert level <= 2.0, r.stdout
