@@ -441,6 +441,302 @@ DMC_EXPORT int dmc_error_decode(const void *payload, size_t len, struct dmc_erro
 	return DMC_PROTO_OK;
 }
 
+/* ---- cache messages ---- */
+
+static void write_dstr(struct dmc_writer *w, struct dmc_str s)
+{
+	dmc_write_str(w, s.ptr, s.len);
+}
+
+DMC_EXPORT int dmc_prefetch_encode(const struct dmc_prefetch *m, uint32_t request_id, void *out,
+				   size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, m->source);
+	dmc_write_u32(&w, m->flags);
+	write_dstr(&w, m->project);
+	write_dstr(&w, m->version);
+	write_dstr(&w, m->server);
+	write_dstr(&w, m->api_key);
+	return dmc_frame_end(&w, DMC_OP_PREFETCH, 0, request_id, 0);
+}
+
+DMC_EXPORT int dmc_prefetch_decode(const void *payload, size_t len, struct dmc_prefetch *ret)
+{
+	struct dmc_reader r;
+	struct dmc_prefetch m;
+
+	dmc_reader_init(&r, payload, len);
+	m.source = dmc_read_u32(&r);
+	m.flags = dmc_read_u32(&r);
+	m.project = dmc_read_str(&r);
+	m.version = dmc_read_str(&r);
+	m.server = dmc_read_str(&r);
+	m.api_key = dmc_read_str(&r);
+	if (dmc_reader_finish(&r) || m.flags != 0)
+		return DMC_PROTO_ERROR;
+	*ret = m;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT void dmc_progress_write(struct dmc_writer *w, const struct dmc_progress *m)
+{
+	dmc_write_u64(w, m->job_id);
+	dmc_write_u64(w, m->snapshot_id);
+	dmc_write_u32(w, m->state);
+	write_dstr(w, m->project_id);
+	write_dstr(w, m->project_name);
+	write_dstr(w, m->version);
+	dmc_write_u64(w, m->items_total);
+	dmc_write_u64(w, m->items_done);
+	dmc_write_u64(w, m->items_cached);
+	dmc_write_u64(w, m->items_failed);
+	dmc_write_u64(w, m->bytes_total);
+	dmc_write_u64(w, m->bytes_done);
+	dmc_write_u64(w, m->rate_bps);
+	dmc_write_u64(w, m->eta_ms);
+	dmc_write_u32(w, m->error_code);
+	dmc_write_u32(w, m->http_status);
+	write_dstr(w, m->error_resource);
+	write_dstr(w, m->error_message);
+}
+
+DMC_EXPORT void dmc_progress_read(struct dmc_reader *r, struct dmc_progress *m)
+{
+	m->job_id = dmc_read_u64(r);
+	m->snapshot_id = dmc_read_u64(r);
+	m->state = dmc_read_u32(r);
+	m->project_id = dmc_read_str(r);
+	m->project_name = dmc_read_str(r);
+	m->version = dmc_read_str(r);
+	m->items_total = dmc_read_u64(r);
+	m->items_done = dmc_read_u64(r);
+	m->items_cached = dmc_read_u64(r);
+	m->items_failed = dmc_read_u64(r);
+	m->bytes_total = dmc_read_u64(r);
+	m->bytes_done = dmc_read_u64(r);
+	m->rate_bps = dmc_read_u64(r);
+	m->eta_ms = dmc_read_u64(r);
+	m->error_code = dmc_read_u32(r);
+	m->http_status = dmc_read_u32(r);
+	m->error_resource = dmc_read_str(r);
+	m->error_message = dmc_read_str(r);
+	if (m->state < DMC_JOB_RESOLVING || m->state > DMC_JOB_CANCELLED)
+		r->err = DMC_PROTO_ERROR;
+}
+
+DMC_EXPORT int dmc_progress_encode(const struct dmc_progress *m, bool more, uint32_t request_id,
+				   void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_progress_write(&w, m);
+	return dmc_frame_end(&w, DMC_OP_PREFETCH, DMC_FLAG_REPLY | (more ? DMC_FLAG_MORE : 0),
+			     request_id, 0);
+}
+
+DMC_EXPORT int dmc_progress_decode(const void *payload, size_t len, struct dmc_progress *ret)
+{
+	struct dmc_reader r;
+	struct dmc_progress m;
+
+	dmc_reader_init(&r, payload, len);
+	dmc_progress_read(&r, &m);
+	if (dmc_reader_finish(&r))
+		return DMC_PROTO_ERROR;
+	*ret = m;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_cancel_encode(const char *project, const char *server, uint32_t request_id,
+				 void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_cstr(&w, project);
+	dmc_write_cstr(&w, server);
+	return dmc_frame_end(&w, DMC_OP_CANCEL, 0, request_id, 0);
+}
+
+DMC_EXPORT int dmc_cancel_decode(const void *payload, size_t len, struct dmc_str *ret_project,
+				 struct dmc_str *ret_server)
+{
+	struct dmc_reader r;
+	struct dmc_str p, s;
+
+	dmc_reader_init(&r, payload, len);
+	p = dmc_read_str(&r);
+	s = dmc_read_str(&r);
+	if (dmc_reader_finish(&r))
+		return DMC_PROTO_ERROR;
+	*ret_project = p;
+	*ret_server = s;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_cancel_reply_encode(uint32_t cancelled, uint32_t request_id, void *out,
+				       size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, cancelled);
+	return dmc_frame_end(&w, DMC_OP_CANCEL, DMC_FLAG_REPLY, request_id, 0);
+}
+
+DMC_EXPORT int dmc_cancel_reply_decode(const void *payload, size_t len, uint32_t *ret_cancelled)
+{
+	struct dmc_reader r;
+	uint32_t n;
+
+	dmc_reader_init(&r, payload, len);
+	n = dmc_read_u32(&r);
+	if (dmc_reader_finish(&r))
+		return DMC_PROTO_ERROR;
+	*ret_cancelled = n;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_list_encode(uint32_t request_id, void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	return dmc_frame_end(&w, DMC_OP_LIST, 0, request_id, 0);
+}
+
+DMC_EXPORT void dmc_snapshot_info_write(struct dmc_writer *w, const struct dmc_snapshot_info *m)
+{
+	dmc_write_u64(w, m->id);
+	dmc_write_u32(w, m->source);
+	dmc_write_u32(w, m->complete);
+	write_dstr(w, m->server);
+	write_dstr(w, m->project_id);
+	write_dstr(w, m->project_name);
+	write_dstr(w, m->version);
+	dmc_write_u64(w, m->items);
+	dmc_write_u64(w, m->items_stored);
+	dmc_write_u64(w, m->bytes);
+	dmc_write_u64(w, m->created_ms);
+}
+
+DMC_EXPORT void dmc_snapshot_info_read(struct dmc_reader *r, struct dmc_snapshot_info *m)
+{
+	m->id = dmc_read_u64(r);
+	m->source = dmc_read_u32(r);
+	m->complete = dmc_read_u32(r);
+	m->server = dmc_read_str(r);
+	m->project_id = dmc_read_str(r);
+	m->project_name = dmc_read_str(r);
+	m->version = dmc_read_str(r);
+	m->items = dmc_read_u64(r);
+	m->items_stored = dmc_read_u64(r);
+	m->bytes = dmc_read_u64(r);
+	m->created_ms = dmc_read_u64(r);
+}
+
+DMC_EXPORT int dmc_evict_encode(uint32_t flags, const char *project, uint32_t request_id,
+				void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, flags);
+	dmc_write_cstr(&w, project);
+	return dmc_frame_end(&w, DMC_OP_EVICT, 0, request_id, 0);
+}
+
+DMC_EXPORT int dmc_evict_decode(const void *payload, size_t len, uint32_t *ret_flags,
+				struct dmc_str *ret_project)
+{
+	struct dmc_reader r;
+	uint32_t flags;
+	struct dmc_str p;
+
+	dmc_reader_init(&r, payload, len);
+	flags = dmc_read_u32(&r);
+	p = dmc_read_str(&r);
+	if (dmc_reader_finish(&r) || (flags & ~DMC_EVICT_ALL))
+		return DMC_PROTO_ERROR;
+	*ret_flags = flags;
+	*ret_project = p;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_evict_reply_encode(const struct dmc_evict_reply *m, uint32_t request_id,
+				      void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u64(&w, m->snapshots);
+	dmc_write_u64(&w, m->blobs);
+	dmc_write_u64(&w, m->bytes);
+	return dmc_frame_end(&w, DMC_OP_EVICT, DMC_FLAG_REPLY, request_id, 0);
+}
+
+DMC_EXPORT int dmc_evict_reply_decode(const void *payload, size_t len,
+				      struct dmc_evict_reply *ret)
+{
+	struct dmc_reader r;
+	struct dmc_evict_reply m;
+
+	dmc_reader_init(&r, payload, len);
+	m.snapshots = dmc_read_u64(&r);
+	m.blobs = dmc_read_u64(&r);
+	m.bytes = dmc_read_u64(&r);
+	if (dmc_reader_finish(&r))
+		return DMC_PROTO_ERROR;
+	*ret = m;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_verify_encode(uint32_t request_id, void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	return dmc_frame_end(&w, DMC_OP_VERIFY, 0, request_id, 0);
+}
+
+DMC_EXPORT int dmc_verify_reply_encode(const struct dmc_verify_reply *m, uint32_t request_id,
+				       void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u64(&w, m->blobs_checked);
+	dmc_write_u64(&w, m->blobs_bad);
+	dmc_write_u64(&w, m->bytes_checked);
+	return dmc_frame_end(&w, DMC_OP_VERIFY, DMC_FLAG_REPLY, request_id, 0);
+}
+
+DMC_EXPORT int dmc_verify_reply_decode(const void *payload, size_t len,
+				       struct dmc_verify_reply *ret)
+{
+	struct dmc_reader r;
+	struct dmc_verify_reply m;
+
+	dmc_reader_init(&r, payload, len);
+	m.blobs_checked = dmc_read_u64(&r);
+	m.blobs_bad = dmc_read_u64(&r);
+	m.bytes_checked = dmc_read_u64(&r);
+	if (dmc_reader_finish(&r))
+		return DMC_PROTO_ERROR;
+	*ret = m;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_empty_decode(const void *payload, size_t len)
+{
+	(void)payload;
+	return len == 0 ? DMC_PROTO_OK : DMC_PROTO_ERROR;
+}
+
 /* ---- names ---- */
 
 static const struct {

@@ -175,6 +175,122 @@ struct dmc_error_msg {
 	struct dmc_str message;   /* str: human-readable, no secrets, no foreign paths */
 };
 
+/*
+ * The cache: prefetching, listing, eviction, verification.
+ *
+ * PREFETCH request: start (or join) a job that brings a dataset version into the cache.
+ *
+ *   u32 source, u32 flags, str project, str version, str server, str api_key
+ *
+ *   source   enum dmc_source
+ *   flags    zero (no flags are defined in version 1)
+ *   project  DATAMINT: a project name or id. LOCAL: the absolute path of a dataset
+ *            directory as the Datamint Python client writes it (dataset.json, images/).
+ *   version  "" or "latest" for the newest; otherwise a version string (Datamint: the
+ *            dataset's updated_at), which must be the server's current one or cached.
+ *   server   DATAMINT: the API base URL ("https://api.datamint.io"); LOCAL: "".
+ *   api_key  DATAMINT: the caller's key; LOCAL: "". The daemon keeps it in memory only,
+ *            for the uid that sent it, and never logs, stores or echoes it.
+ *
+ * The daemon answers with events (DMC_FLAG_REPLY | DMC_FLAG_MORE), each a progress record,
+ * about once a second and for each failed item, then a final PREFETCH reply (a progress
+ * record in state DONE, FAILED or CANCELLED). A job that cannot start (unknown project,
+ * refused key, unreachable server) ends with ERROR instead. The job goes on when the
+ * client disconnects; a second PREFETCH of the same version by the same uid joins it.
+ *
+ * progress record:
+ *   u64 job_id, u64 snapshot_id, u32 state, str project_id, str project_name, str version,
+ *   u64 items_total, u64 items_done, u64 items_cached, u64 items_failed,
+ *   u64 bytes_total, u64 bytes_done, u64 rate_bps, u64 eta_ms,
+ *   u32 error_code, u32 http_status, str error_resource, str error_message
+ *
+ *   items_done counts items now in the cache, items_cached those of them that were there
+ *   before the job (no download); bytes_done counts bytes downloaded by this job. The error
+ *   fields describe one failed item in the event that reports it; code 0 otherwise. In a
+ *   final record in state FAILED they hold the first error.
+ */
+enum dmc_source {
+	DMC_SOURCE_DATAMINT = 1,
+	DMC_SOURCE_LOCAL = 2,
+};
+
+enum dmc_job_state {
+	DMC_JOB_RESOLVING = 1,   /* finding the project and its version */
+	DMC_JOB_LISTING = 2,     /* reading the resource list into a snapshot */
+	DMC_JOB_DOWNLOADING = 3, /* fetching what the cache lacks */
+	DMC_JOB_DONE = 4,
+	DMC_JOB_FAILED = 5,      /* some items failed; the others are stored */
+	DMC_JOB_CANCELLED = 6,
+};
+
+struct dmc_prefetch {
+	uint32_t source;
+	uint32_t flags;
+	struct dmc_str project;
+	struct dmc_str version;
+	struct dmc_str server;
+	struct dmc_str api_key;
+};
+
+struct dmc_progress {
+	uint64_t job_id;
+	uint64_t snapshot_id; /* 0 until the snapshot exists */
+	uint32_t state;       /* enum dmc_job_state */
+	struct dmc_str project_id;
+	struct dmc_str project_name;
+	struct dmc_str version;
+	uint64_t items_total, items_done, items_cached, items_failed;
+	uint64_t bytes_total, bytes_done;
+	uint64_t rate_bps; /* download rate over the last seconds */
+	uint64_t eta_ms;   /* 0 when unknown or done */
+	uint32_t error_code;
+	uint32_t http_status;
+	struct dmc_str error_resource;
+	struct dmc_str error_message;
+};
+
+/*
+ * CANCEL request: stops the caller's jobs for a project (any uid's, for root).
+ *   str project, str server      (as in PREFETCH; server "" matches any)
+ * Reply: u32 jobs_cancelled.
+ *
+ * LIST request: no fields. Reply: the snapshots the caller may see (all for root; for
+ * others, those their own key opened or prefetched since the daemon started):
+ *   u32 n, then n snapshot records (at most DMC_LIST_MAX):
+ *   u64 id, u32 source, u32 complete, str server, str project_id, str project_name,
+ *   str version, u64 items, u64 items_stored, u64 bytes, u64 created_ms (Unix time)
+ *
+ * EVICT request: removes snapshots from the cache, and the blobs no other snapshot uses.
+ *   u32 flags, str project      (DMC_EVICT_ALL: every snapshot the caller may see; else
+ *                                those whose project name or id is `project`)
+ * Reply: u64 snapshots, u64 blobs, u64 bytes (freed).
+ *
+ * VERIFY request: re-checks every blob's checksum, removes bad ones. No fields.
+ * Reply: u64 blobs_checked, u64 blobs_bad, u64 bytes_checked.
+ */
+#define DMC_LIST_MAX 2048u
+#define DMC_EVICT_ALL 1u
+
+struct dmc_snapshot_info {
+	uint64_t id;
+	uint32_t source;
+	uint32_t complete;
+	struct dmc_str server;
+	struct dmc_str project_id;
+	struct dmc_str project_name;
+	struct dmc_str version;
+	uint64_t items, items_stored, bytes;
+	uint64_t created_ms;
+};
+
+struct dmc_evict_reply {
+	uint64_t snapshots, blobs, bytes;
+};
+
+struct dmc_verify_reply {
+	uint64_t blobs_checked, blobs_bad, bytes_checked;
+};
+
 /* ---- codec ---- */
 
 /* Codec results. DMC_PROTO_AGAIN: need more bytes. */
@@ -273,6 +389,48 @@ int dmc_status_reply_decode(const void *payload, size_t len, struct dmc_str *ret
 
 int dmc_error_encode(const struct dmc_error_msg *m, uint32_t request_id, void *out, size_t cap);
 int dmc_error_decode(const void *payload, size_t len, struct dmc_error_msg *ret);
+
+/* Cache messages. Record readers/writers work inside a frame being built or read. */
+int dmc_prefetch_encode(const struct dmc_prefetch *m, uint32_t request_id, void *out,
+			size_t cap);
+int dmc_prefetch_decode(const void *payload, size_t len, struct dmc_prefetch *ret);
+
+void dmc_progress_write(struct dmc_writer *w, const struct dmc_progress *m);
+void dmc_progress_read(struct dmc_reader *r, struct dmc_progress *ret);
+/* A PREFETCH event (more = true) or final reply. */
+int dmc_progress_encode(const struct dmc_progress *m, bool more, uint32_t request_id, void *out,
+			size_t cap);
+int dmc_progress_decode(const void *payload, size_t len, struct dmc_progress *ret);
+
+int dmc_cancel_encode(const char *project, const char *server, uint32_t request_id, void *out,
+		      size_t cap);
+int dmc_cancel_decode(const void *payload, size_t len, struct dmc_str *ret_project,
+		      struct dmc_str *ret_server);
+int dmc_cancel_reply_encode(uint32_t cancelled, uint32_t request_id, void *out, size_t cap);
+int dmc_cancel_reply_decode(const void *payload, size_t len, uint32_t *ret_cancelled);
+
+int dmc_list_encode(uint32_t request_id, void *out, size_t cap);
+void dmc_snapshot_info_write(struct dmc_writer *w, const struct dmc_snapshot_info *m);
+void dmc_snapshot_info_read(struct dmc_reader *r, struct dmc_snapshot_info *ret);
+/* LIST reply: dmc_frame_begin, u32 n, n records, dmc_frame_end(DMC_OP_LIST, REPLY). To read:
+ * dmc_reader_init on the payload, dmc_read_u32 for n (<= DMC_LIST_MAX), n records, then
+ * dmc_reader_finish. */
+
+int dmc_evict_encode(uint32_t flags, const char *project, uint32_t request_id, void *out,
+		     size_t cap);
+int dmc_evict_decode(const void *payload, size_t len, uint32_t *ret_flags,
+		     struct dmc_str *ret_project);
+int dmc_evict_reply_encode(const struct dmc_evict_reply *m, uint32_t request_id, void *out,
+			   size_t cap);
+int dmc_evict_reply_decode(const void *payload, size_t len, struct dmc_evict_reply *ret);
+
+int dmc_verify_encode(uint32_t request_id, void *out, size_t cap);
+int dmc_verify_reply_encode(const struct dmc_verify_reply *m, uint32_t request_id, void *out,
+			    size_t cap);
+int dmc_verify_reply_decode(const void *payload, size_t len, struct dmc_verify_reply *ret);
+
+/* Requests with no fields (STATUS, LIST, VERIFY): DMC_PROTO_OK when the payload is empty. */
+int dmc_empty_decode(const void *payload, size_t len);
 
 /* The stable name of an error code ("not_found_or_denied"), or NULL when unknown. */
 const char *dmc_error_name(uint32_t code);

@@ -57,6 +57,41 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			touch(em.message);
 			(void)dmc_error_name(em.code);
 		}
+		{
+			struct dmc_prefetch pf;
+			struct dmc_progress pr;
+			struct dmc_evict_reply er;
+			struct dmc_verify_reply vr;
+			struct dmc_str a, b;
+			struct dmc_reader r;
+			uint32_t u;
+
+			if (dmc_prefetch_decode(p, h.length, &pf) == DMC_PROTO_OK) {
+				touch(pf.project);
+				touch(pf.api_key);
+			}
+			if (dmc_progress_decode(p, h.length, &pr) == DMC_PROTO_OK) {
+				touch(pr.project_name);
+				touch(pr.error_message);
+			}
+			if (dmc_cancel_decode(p, h.length, &a, &b) == DMC_PROTO_OK) {
+				touch(a);
+				touch(b);
+			}
+			(void)dmc_cancel_reply_decode(p, h.length, &u);
+			if (dmc_evict_decode(p, h.length, &u, &a) == DMC_PROTO_OK)
+				touch(a);
+			(void)dmc_evict_reply_decode(p, h.length, &er);
+			(void)dmc_verify_reply_decode(p, h.length, &vr);
+			dmc_reader_init(&r, p, h.length);
+			u = dmc_read_u32(&r);
+			for (uint32_t i = 0; i < u && i < DMC_LIST_MAX && !r.err; i++) {
+				struct dmc_snapshot_info si;
+				dmc_snapshot_info_read(&r, &si);
+				if (!r.err)
+					touch(si.project_name);
+			}
+		}
 		off += DMC_HEADER_SIZE + h.length;
 	}
 	return 0;

@@ -291,9 +291,166 @@ TEST(trailing_bytes_and_bad_strings)
 	ASSERT_EQ(dmc_status_encode(1, p, 15), DMC_PROTO_NOSPACE);
 }
 
+
+#define S(lit) ((struct dmc_str){ lit, sizeof(lit) - 1 })
+#define ASSERT_DSTR(a, lit)                                                                        \
+	do {                                                                                       \
+		ASSERT_EQ((a).len, sizeof(lit) - 1);                                               \
+		ASSERT_MEM_EQ((a).ptr, lit, sizeof(lit) - 1);                                      \
+	} while (0)
+
+TEST(prefetch_round_trip)
+{
+	struct dmc_prefetch in = { DMC_SOURCE_DATAMINT, 0, S("ct"), S("latest"),
+				   S("http://127.0.0.1:8080"), S("secret-key") },
+			    out;
+	struct dmc_header h;
+	int n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
+
+	ASSERT_GT(n, 0);
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_PREFETCH, 0, 5, &h));
+	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, h.length, &out), DMC_PROTO_OK);
+	ASSERT_EQ(out.source, DMC_SOURCE_DATAMINT);
+	ASSERT_DSTR(out.project, "ct");
+	ASSERT_DSTR(out.version, "latest");
+	ASSERT_DSTR(out.server, "http://127.0.0.1:8080");
+	ASSERT_DSTR(out.api_key, "secret-key");
+	for (uint32_t len = 0; len < h.length; len++)
+		ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, len, &out), DMC_PROTO_ERROR);
+	/* undefined flags */
+	in.flags = 1;
+	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
+	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_ERROR);
+}
+
+TEST(progress_round_trip)
+{
+	struct dmc_progress in = { 7, 9, DMC_JOB_DOWNLOADING, S("p-id"), S("ct"), S("2025-01-01"),
+				   100, 40, 10, 2, 1u << 30, 1u << 29, 12345678, 4000,
+				   DMC_E_UPSTREAM_PERMANENT, 404, S("r-1"), S("gone") },
+			    out;
+	struct dmc_header h;
+	int n = dmc_progress_encode(&in, true, 5, frame, sizeof(frame));
+
+	ASSERT_GT(n, 0);
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_PREFETCH, DMC_FLAG_REPLY | DMC_FLAG_MORE, 5,
+			   &h));
+	ASSERT_EQ(dmc_progress_decode(frame + DMC_HEADER_SIZE, h.length, &out), DMC_PROTO_OK);
+	ASSERT_UINT_EQ(out.job_id, 7);
+	ASSERT_UINT_EQ(out.snapshot_id, 9);
+	ASSERT_EQ(out.state, DMC_JOB_DOWNLOADING);
+	ASSERT_DSTR(out.project_id, "p-id");
+	ASSERT_DSTR(out.project_name, "ct");
+	ASSERT_DSTR(out.version, "2025-01-01");
+	ASSERT_UINT_EQ(out.items_total, 100);
+	ASSERT_UINT_EQ(out.items_done, 40);
+	ASSERT_UINT_EQ(out.items_cached, 10);
+	ASSERT_UINT_EQ(out.items_failed, 2);
+	ASSERT_UINT_EQ(out.bytes_total, 1u << 30);
+	ASSERT_UINT_EQ(out.bytes_done, 1u << 29);
+	ASSERT_UINT_EQ(out.rate_bps, 12345678);
+	ASSERT_UINT_EQ(out.eta_ms, 4000);
+	ASSERT_EQ(out.error_code, DMC_E_UPSTREAM_PERMANENT);
+	ASSERT_EQ(out.http_status, 404);
+	ASSERT_DSTR(out.error_resource, "r-1");
+	ASSERT_DSTR(out.error_message, "gone");
+	for (uint32_t len = 0; len < h.length; len++)
+		ASSERT_EQ(dmc_progress_decode(frame + DMC_HEADER_SIZE, len, &out), DMC_PROTO_ERROR);
+	/* the final reply has no MORE flag; an unknown state is malformed */
+	n = dmc_progress_encode(&in, false, 5, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_PREFETCH, DMC_FLAG_REPLY, 5, &h));
+	in.state = 99;
+	n = dmc_progress_encode(&in, false, 5, frame, sizeof(frame));
+	ASSERT_EQ(dmc_progress_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_ERROR);
+}
+
+TEST(cache_requests_round_trip)
+{
+	struct dmc_str p, sv;
+	struct dmc_header h;
+	uint32_t flags, cancelled;
+	struct dmc_evict_reply er = { 3, 40, 1ull << 33 }, erout;
+	struct dmc_verify_reply vr = { 1000, 2, 1ull << 34 }, vrout;
+	int n;
+
+	n = dmc_cancel_encode("ct", "", 1, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_CANCEL, 0, 1, &h));
+	ASSERT_EQ(dmc_cancel_decode(frame + DMC_HEADER_SIZE, h.length, &p, &sv), DMC_PROTO_OK);
+	ASSERT_DSTR(p, "ct");
+	ASSERT_EQ(sv.len, 0);
+	n = dmc_cancel_reply_encode(2, 1, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_CANCEL, DMC_FLAG_REPLY, 1, &h));
+	ASSERT_EQ(dmc_cancel_reply_decode(frame + DMC_HEADER_SIZE, h.length, &cancelled),
+		  DMC_PROTO_OK);
+	ASSERT_EQ(cancelled, 2);
+
+	n = dmc_evict_encode(DMC_EVICT_ALL, "", 2, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_EVICT, 0, 2, &h));
+	ASSERT_EQ(dmc_evict_decode(frame + DMC_HEADER_SIZE, h.length, &flags, &p), DMC_PROTO_OK);
+	ASSERT_EQ(flags, DMC_EVICT_ALL);
+	n = dmc_evict_encode(2, "", 2, frame, sizeof(frame));
+	ASSERT_EQ(dmc_evict_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &flags, &p),
+		  DMC_PROTO_ERROR);
+	n = dmc_evict_reply_encode(&er, 2, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_EVICT, DMC_FLAG_REPLY, 2, &h));
+	ASSERT_EQ(dmc_evict_reply_decode(frame + DMC_HEADER_SIZE, h.length, &erout), DMC_PROTO_OK);
+	ASSERT_UINT_EQ(erout.snapshots, 3);
+	ASSERT_UINT_EQ(erout.blobs, 40);
+	ASSERT_UINT_EQ(erout.bytes, 1ull << 33);
+
+	n = dmc_verify_encode(3, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_VERIFY, 0, 3, &h));
+	ASSERT_EQ(dmc_empty_decode(frame + DMC_HEADER_SIZE, h.length), DMC_PROTO_OK);
+	n = dmc_verify_reply_encode(&vr, 3, frame, sizeof(frame));
+	ASSERT_EQ(dmc_verify_reply_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE,
+					  &vrout),
+		  DMC_PROTO_OK);
+	ASSERT_UINT_EQ(vrout.blobs_checked, 1000);
+	ASSERT_UINT_EQ(vrout.blobs_bad, 2);
+	ASSERT_UINT_EQ(vrout.bytes_checked, 1ull << 34);
+}
+
+TEST(list_round_trip)
+{
+	struct dmc_snapshot_info in = { 4, DMC_SOURCE_LOCAL, 1, S(""), S("id"), S("sample"),
+					S("v1"), 20, 19, 123456, 1700000000000ull },
+				 out;
+	struct dmc_writer w;
+	struct dmc_reader r;
+	struct dmc_header h;
+	int n;
+
+	n = dmc_list_encode(4, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_LIST, 0, 4, &h));
+	dmc_frame_begin(&w, frame, sizeof(frame));
+	dmc_write_u32(&w, 2);
+	dmc_snapshot_info_write(&w, &in);
+	in.id = 5;
+	dmc_snapshot_info_write(&w, &in);
+	n = dmc_frame_end(&w, DMC_OP_LIST, DMC_FLAG_REPLY, 4, 0);
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_LIST, DMC_FLAG_REPLY, 4, &h));
+	dmc_reader_init(&r, frame + DMC_HEADER_SIZE, h.length);
+	ASSERT_EQ(dmc_read_u32(&r), 2);
+	dmc_snapshot_info_read(&r, &out);
+	ASSERT_UINT_EQ(out.id, 4);
+	ASSERT_EQ(out.source, DMC_SOURCE_LOCAL);
+	ASSERT_EQ(out.complete, 1);
+	ASSERT_DSTR(out.project_name, "sample");
+	ASSERT_DSTR(out.version, "v1");
+	ASSERT_UINT_EQ(out.items_stored, 19);
+	ASSERT_UINT_EQ(out.created_ms, 1700000000000ull);
+	dmc_snapshot_info_read(&r, &out);
+	ASSERT_UINT_EQ(out.id, 5);
+	ASSERT_EQ(dmc_reader_finish(&r), DMC_PROTO_OK);
+}
+
 int main(int argc, char **argv)
 {
 	RUN_TESTS(T(header_round_trip), T(header_rejects_bad_fields), T(hello_round_trip),
 		  T(ping_round_trip), T(status_round_trip), T(error_round_trip),
-		  T(every_truncation_needs_more), T(trailing_bytes_and_bad_strings));
+		  T(every_truncation_needs_more), T(trailing_bytes_and_bad_strings),
+		  T(prefetch_round_trip), T(progress_round_trip), T(cache_requests_round_trip),
+		  T(list_round_trip));
 }
