@@ -1,0 +1,263 @@
+/*
+ * cache: store + index consistency. See cache.h.
+ */
+#include "cache.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "proto.h"
+
+/* Blob rows per eviction query: small enough to stay off the heap. */
+#define EVICT_PAGE 64u
+/* Reconciliation flushes its upserts in batches of this many rows. */
+#define RECONCILE_BATCH 4096u
+
+static const char *code_str(int r)
+{
+	if (r == -DMC_E_CACHE_FULL)
+		return "cache full";
+	if (r == -DMC_E_INTEGRITY)
+		return "integrity check failed";
+	if (r < 0 && r > -DMC_E_FIRST_)
+		return strerror(-r);
+	return "internal error";
+}
+
+int cache_open(const char *dir, const struct cache_options *opts, char *err, size_t errlen,
+	       struct cache **ret_cache, struct cache_open_report *rep)
+{
+	struct cache_options o = { 0 };
+	struct cache_open_report local;
+	struct cache *c;
+	char path[4096];
+	bool rebuilt = false;
+	int r;
+
+	if (opts)
+		o = *opts;
+	if (!rep)
+		rep = &local;
+	memset(rep, 0, sizeof(*rep));
+	if (!dir || (size_t)snprintf(path, sizeof(path), "%s/index.db", dir) >= sizeof(path)) {
+		if (err && errlen)
+			snprintf(err, errlen, "cache directory path too long");
+		return -ENAMETOOLONG;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c)
+		return -ENOMEM;
+	r = store_open(dir, &o.store, err, errlen, &c->store);
+	if (r < 0)
+		goto fail;
+	r = index_open(path, o.index_flags, err, errlen, &c->index, &rebuilt);
+	if (r < 0)
+		goto fail_store;
+	r = cache_reconcile(c, rep);
+	if (r < 0) {
+		if (err && errlen)
+			snprintf(err, errlen, "cache reconciliation failed: %s", code_str(r));
+		goto fail_index;
+	}
+	rep->index_rebuilt = rebuilt;
+	*ret_cache = c;
+	return 0;
+
+fail_index:
+	index_close(c->index);
+fail_store:
+	store_close(c->store);
+fail:
+	free(c);
+	return r;
+}
+
+int cache_close(struct cache *c)
+{
+	int r;
+	if (!c)
+		return 0;
+	r = index_flush(c->index);
+	index_close(c->index);
+	store_close(c->store);
+	free(c);
+	return r;
+}
+
+struct reconcile_ctx {
+	struct cache *c;
+	int64_t pass;
+};
+
+static int on_scanned_blob(void *ctx, const struct store_blob_info *info)
+{
+	struct reconcile_ctx *rc = ctx;
+	struct index_blob b;
+	int r;
+
+	memcpy(b.digest, info->digest, STORE_DIGEST_SIZE);
+	b.kind = info->kind;
+	b.raw_size = (int64_t)info->raw_size;
+	b.stored_size = (int64_t)info->stored_size;
+	/* Only used when the blob is adopted: its file time is the best access time left. */
+	b.last_access = info->mtime_ms;
+	r = index_blob_seen(rc->c->index, rc->pass, &b);
+	if (r == 0 && index_pending(rc->c->index) >= RECONCILE_BATCH)
+		r = index_flush(rc->c->index);
+	return r;
+}
+
+int cache_reconcile(struct cache *c, struct cache_open_report *rep)
+{
+	struct reconcile_ctx rc = { c, 0 };
+	struct store_stats st;
+	int64_t rows_before = 0, rows_after = 0;
+	uint64_t shortfall = 0;
+	int r;
+
+	if ((r = index_flush(c->index)) < 0 || (r = index_blob_totals(c->index, &rows_before, NULL)) < 0 ||
+	    (r = index_reconcile_begin(c->index, &rc.pass)) < 0)
+		return r;
+	r = store_scan(c->store, on_scanned_blob, &rc, &rep->files_removed);
+	if (r < 0) {
+		(void)index_flush(c->index);
+		return r;
+	}
+	if ((r = index_flush(c->index)) < 0 ||
+	    (r = index_blob_totals(c->index, &rows_after, NULL)) < 0 ||
+	    (r = index_reconcile_end(c->index, rc.pass, &rep->rows_dropped)) < 0)
+		return r;
+	store_get_stats(c->store, &st);
+	rep->blobs = st.objects;
+	rep->adopted = rows_after - rows_before;
+
+	/* I3: within max_size and min_free before anything is served. */
+	if ((r = store_shortfall(c->store, 0, &shortfall)) < 0)
+		return r;
+	if (shortfall > 0 && (r = cache_evict(c, shortfall, &rep->evicted_bytes)) < 0)
+		return r;
+	return 0;
+}
+
+struct lru_page {
+	unsigned n;
+	uint8_t digest[EVICT_PAGE][INDEX_DIGEST_SIZE];
+};
+
+static int on_lru_blob(void *ctx, const struct index_blob *b)
+{
+	struct lru_page *p = ctx;
+	memcpy(p->digest[p->n++], b->digest, INDEX_DIGEST_SIZE);
+	return 0;
+}
+
+int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed)
+{
+	struct index_lru_cursor cur = { 0 };
+	struct lru_page page;
+	uint64_t freed = 0;
+	int r = 0;
+
+	while (freed < want) {
+		page.n = 0;
+		r = index_lru_page(c->index, &cur, EVICT_PAGE, on_lru_blob, &page);
+		if (r <= 0)
+			break;
+		for (unsigned i = 0; i < page.n && freed < want; i++) {
+			uint64_t f = 0;
+			int q = store_remove(c->store, page.digest[i], &f);
+			if (q == -EBUSY)
+				continue; /* pinned: being served or written */
+			if (q < 0 && q != -ENOENT) {
+				r = q;
+				goto out;
+			}
+			freed += f;
+			/* The row goes after the file: a crash in between leaves a row
+			 * without a blob, which reconciliation drops. */
+			if ((r = index_blob_delete(c->index, page.digest[i])) < 0)
+				goto out;
+		}
+	}
+out:
+	if (r >= 0)
+		r = index_flush(c->index);
+	if (ret_freed)
+		*ret_freed = freed;
+	return r < 0 ? r : 0;
+}
+
+int cache_reserve(struct cache *c, uint64_t raw_size)
+{
+	for (;;) {
+		uint64_t need = 0, freed = 0;
+		int r = store_reserve(c->store, raw_size);
+		if (r != -DMC_E_CACHE_FULL)
+			return r;
+		if ((r = store_shortfall(c->store, raw_size, &need)) < 0)
+			return r;
+		if (need == 0)
+			continue; /* space appeared meanwhile */
+		if ((r = cache_evict(c, need, &freed)) < 0)
+			return r;
+		if (freed == 0)
+			return -DMC_E_CACHE_FULL;
+	}
+}
+
+int cache_record_blob(struct cache *c, const struct store_blob_info *info)
+{
+	struct index_blob b;
+	memcpy(b.digest, info->digest, STORE_DIGEST_SIZE);
+	b.kind = info->kind;
+	b.raw_size = (int64_t)info->raw_size;
+	b.stored_size = (int64_t)info->stored_size;
+	b.last_access = 0;
+	return index_blob_put(c->index, &b);
+}
+
+struct bad_list {
+	size_t n, cap;
+	uint8_t (*digest)[STORE_DIGEST_SIZE];
+	int err;
+};
+
+static void on_bad_blob(void *ctx, const uint8_t digest[STORE_DIGEST_SIZE])
+{
+	struct bad_list *l = ctx;
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? 2 * l->cap : 16;
+		void *p = realloc(l->digest, cap * STORE_DIGEST_SIZE);
+		if (!p) {
+			l->err = -ENOMEM;
+			return;
+		}
+		l->digest = p;
+		l->cap = cap;
+	}
+	memcpy(l->digest[l->n++], digest, STORE_DIGEST_SIZE);
+}
+
+int cache_verify(struct cache *c, struct cache_verify_report *rep)
+{
+	struct bad_list l = { 0 };
+	uint64_t ok = 0, bad = 0;
+	int r = store_verify_all(c->store, on_bad_blob, &l, &ok, &bad);
+
+	for (size_t i = 0; r >= 0 && i < l.n; i++)
+		r = index_blob_delete(c->index, l.digest[i]);
+	if (r >= 0)
+		r = index_flush(c->index);
+	/* Without the list (out of memory) the rows stay until the next reconciliation; reads
+	 * of them miss meanwhile, since the files are gone. */
+	if (r >= 0 && l.err < 0)
+		r = l.err;
+	free(l.digest);
+	if (rep) {
+		rep->ok = ok;
+		rep->bad = bad;
+	}
+	return r;
+}

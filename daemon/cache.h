@@ -1,0 +1,94 @@
+/*
+ * cache: the store (blob files, store.h) and the index (SQLite, index.h) of one cache
+ * directory, kept consistent with each other.
+ *
+ *   cache_open()      opens both and reconciles them (reliability.md I3): temp files
+ *                     removed; blobs with a bad header, name or size removed; index rows
+ *                     whose blob is gone dropped; valid blobs without a row adopted (they
+ *                     are complete content: a crash between a blob's publication and its
+ *                     index batch must not cost a download); a damaged index.db moved
+ *                     aside and rebuilt from the blob headers; then the size limits
+ *                     enforced by eviction.
+ *   cache_reserve()   admission of a write: evicts least recently used, unpinned blobs
+ *                     until the object fits under max_size and min_free, or fails with
+ *                     -DMC_E_CACHE_FULL.
+ *   cache_evict()     LRU eviction of a number of bytes.
+ *   cache_verify()    re-hashes every blob; bad ones are quarantined and their rows dropped.
+ *
+ * Order of writes that keeps I2/I3 across crashes: blob synced and renamed (store), then
+ * its blobs row and item link in a batch (index), then acknowledged after index_flush().
+ * Eviction removes the file first, then the row: a crash in between leaves a row without
+ * a blob, which reconciliation drops.
+ *
+ * Threads: the cache functions run on the thread that owns the index (see index.h). The
+ * store inside (c->store) may be used from any thread meanwhile, per store.h.
+ */
+#ifndef DMC_DAEMON_CACHE_H
+#define DMC_DAEMON_CACHE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "index.h"
+#include "store.h"
+
+struct cache_options {
+	struct store_options store;
+	unsigned index_flags; /* enum index_open_flags */
+};
+
+struct cache {
+	struct store *store; /* owned; borrow it, never close it */
+	struct index *index; /* owned; idem */
+};
+
+/* What cache_open() found and repaired. */
+struct cache_open_report {
+	bool index_rebuilt;      /* index.db was damaged: moved aside and rebuilt */
+	uint64_t blobs;          /* valid blobs in the store */
+	uint64_t files_removed;  /* temp, quarantined and invalid files removed */
+	int64_t rows_dropped;    /* blob rows whose file was missing or invalid */
+	int64_t adopted;         /* valid blobs that had no row */
+	uint64_t evicted_bytes;  /* evicted to get back within max_size and min_free */
+};
+
+struct cache_verify_report {
+	uint64_t ok, bad;
+};
+
+/*
+ * Opens the cache in `dir` (borrowed): store, index (<dir>/index.db) and reconciliation.
+ * `rep` may be NULL. On failure returns a negative code with a message in `err`.
+ * *ret_cache: free with cache_close().
+ */
+int cache_open(const char *dir, const struct cache_options *opts, char *err, size_t errlen,
+	       struct cache **ret_cache, struct cache_open_report *rep);
+/* Flushes the index batch and closes both. Returns the flush result. */
+int cache_close(struct cache *c);
+
+/* The reconciliation of cache_open(), for tests and `dmcache verify`-like repairs. Call
+ * while no writer runs. */
+int cache_reconcile(struct cache *c, struct cache_open_report *rep);
+
+/*
+ * Evicts least recently used blobs until `want` file bytes are freed or nothing evictable
+ * is left; pinned blobs are skipped. Index rows are deleted in the current batch, which is
+ * flushed. *ret_freed (may be NULL) gets the bytes freed.
+ */
+int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed);
+
+/*
+ * store_reserve() with eviction: 0 when `raw_size` bytes are admitted (release with
+ * store_release(c->store, raw_size)), -DMC_E_CACHE_FULL when even eviction of every
+ * unpinned blob cannot make room, -DMC_E_LIMIT_EXCEEDED above max_object.
+ */
+int cache_reserve(struct cache *c, uint64_t raw_size);
+
+/* Records a committed blob in the index (batched): the index half of a store commit. */
+int cache_record_blob(struct cache *c, const struct store_blob_info *info);
+
+/* Verifies every blob; bad ones are quarantined and their index rows dropped (flushed). */
+int cache_verify(struct cache *c, struct cache_verify_report *rep);
+
+#endif

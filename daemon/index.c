@@ -1,0 +1,1162 @@
+/*
+ * index: the SQLite index. See index.h for the tables, durability, locking and batching.
+ * SQLite result codes are converted to our codes here and nowhere else.
+ */
+#include "index.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <sqlite3.h>
+
+#include "proto.h"
+
+enum stmt_id {
+	S_BEGIN,
+	S_COMMIT,
+	S_ROLLBACK,
+	S_SNAP_FIND,
+	S_SNAP_INSERT,
+	S_SNAP_GET,
+	S_SNAP_LIST,
+	S_SNAP_SEAL,
+	S_SNAP_COMPLETE,
+	S_SNAP_STATS,
+	S_SNAP_DEL_ITEMS,
+	S_SNAP_DEL,
+	S_SNAP_LINK,
+	S_ITEM_PUT,
+	S_ITEM_SET_BLOB,
+	S_ITEM_GET,
+	S_ITEM_PAGE_ALL,
+	S_ITEM_PAGE_MISSING,
+	S_ITEM_FIND_STORED,
+	S_BLOB_PUT,
+	S_BLOB_GET,
+	S_BLOB_DEL,
+	S_BLOB_TOUCH,
+	S_BLOB_TOTALS,
+	S_LRU_FIRST,
+	S_LRU_NEXT,
+	S_BLOB_SEEN,
+	S_PASS_MAX,
+	S_PASS_DROP,
+	S_CLOCK,
+	S_COUNT_
+};
+
+#define ITEM_COLS                                                                                  \
+	"i.key, i.resource_id, i.filename, i.mimetype, i.size, i.etag, i.blob, i.meta, "          \
+	"b.digest IS NOT NULL"
+#define SNAP_COLS                                                                                  \
+	"id, source, server_url, project_id, project_name, version, created_at, sealed, complete, " \
+	"item_count, total_bytes"
+#define BLOB_COLS "digest, kind, raw_size, stored_size, last_access"
+
+static const char *const stmt_sql[S_COUNT_] = {
+	[S_BEGIN] = "BEGIN",
+	[S_COMMIT] = "COMMIT",
+	[S_ROLLBACK] = "ROLLBACK",
+	[S_SNAP_FIND] = "SELECT id FROM snapshots WHERE source = ?1 AND server_url = ?2 AND "
+			"project_id = ?3 AND version = ?4",
+	[S_SNAP_INSERT] = "INSERT INTO snapshots (source, server_url, project_id, project_name, "
+			  "version, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+	[S_SNAP_GET] = "SELECT " SNAP_COLS " FROM snapshots WHERE id = ?1",
+	[S_SNAP_LIST] = "SELECT " SNAP_COLS " FROM snapshots ORDER BY id",
+	[S_SNAP_SEAL] = "UPDATE snapshots SET sealed = 1, "
+			"item_count = (SELECT count(*) FROM items WHERE key BETWEEN ?2 AND ?3), "
+			"total_bytes = (SELECT coalesce(sum(size), 0) FROM items "
+			"WHERE key BETWEEN ?2 AND ?3) WHERE id = ?1",
+	[S_SNAP_COMPLETE] = "UPDATE snapshots SET complete = ?2 WHERE id = ?1",
+	[S_SNAP_STATS] = "SELECT count(*), count(b.digest), coalesce(sum(i.size), 0), "
+			 "coalesce(sum(CASE WHEN b.digest IS NOT NULL THEN i.size END), 0) "
+			 "FROM items AS i LEFT JOIN blobs AS b ON b.digest = i.blob "
+			 "WHERE i.key BETWEEN ?1 AND ?2",
+	[S_SNAP_DEL_ITEMS] = "DELETE FROM items WHERE key BETWEEN ?1 AND ?2",
+	[S_SNAP_DEL] = "DELETE FROM snapshots WHERE id = ?1",
+	[S_SNAP_LINK] =
+		"UPDATE items SET blob = m.blob FROM ("
+		" SELECT n.key AS nkey, min(o.blob) AS blob"
+		" FROM items AS n"
+		" JOIN items AS o ON o.resource_id = n.resource_id AND o.size = n.size"
+		"  AND o.etag = n.etag AND o.key NOT BETWEEN ?1 AND ?2"
+		" JOIN blobs AS ob ON ob.digest = o.blob"
+		" WHERE n.key BETWEEN ?1 AND ?2 AND n.etag IS NOT NULL"
+		"  AND NOT EXISTS (SELECT 1 FROM blobs AS nb WHERE nb.digest = n.blob)"
+		" GROUP BY n.key) AS m "
+		"WHERE items.key = m.nkey",
+	[S_ITEM_PUT] = "INSERT OR REPLACE INTO items (key, resource_id, filename, mimetype, size, "
+		       "etag, blob, meta) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+	[S_ITEM_SET_BLOB] = "UPDATE items SET blob = ?2 WHERE key = ?1",
+	[S_ITEM_GET] = "SELECT " ITEM_COLS " FROM items AS i LEFT JOIN blobs AS b "
+		       "ON b.digest = i.blob WHERE i.key = ?1",
+	[S_ITEM_PAGE_ALL] = "SELECT " ITEM_COLS " FROM items AS i LEFT JOIN blobs AS b "
+			    "ON b.digest = i.blob WHERE i.key BETWEEN ?1 AND ?2 "
+			    "ORDER BY i.key LIMIT ?3",
+	[S_ITEM_PAGE_MISSING] = "SELECT " ITEM_COLS " FROM items AS i LEFT JOIN blobs AS b "
+				"ON b.digest = i.blob WHERE i.key BETWEEN ?1 AND ?2 "
+				"AND b.digest IS NULL ORDER BY i.key LIMIT ?3",
+	[S_ITEM_FIND_STORED] = "SELECT i.blob FROM items AS i JOIN blobs AS b ON b.digest = i.blob "
+			       "WHERE i.resource_id = ?1 AND i.size = ?2 AND i.etag = ?3 LIMIT 1",
+	[S_BLOB_PUT] = "INSERT INTO blobs (digest, kind, raw_size, stored_size, last_access) "
+		       "VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (digest) DO UPDATE SET "
+		       "kind = excluded.kind, raw_size = excluded.raw_size, "
+		       "stored_size = excluded.stored_size, last_access = excluded.last_access",
+	[S_BLOB_GET] = "SELECT " BLOB_COLS " FROM blobs WHERE digest = ?1",
+	[S_BLOB_DEL] = "DELETE FROM blobs WHERE digest = ?1",
+	[S_BLOB_TOUCH] = "UPDATE blobs SET last_access = ?2 WHERE digest = ?1",
+	[S_BLOB_TOTALS] = "SELECT count(*), coalesce(sum(stored_size), 0) FROM blobs",
+	[S_LRU_FIRST] = "SELECT " BLOB_COLS " FROM blobs ORDER BY last_access, digest LIMIT ?1",
+	[S_LRU_NEXT] = "SELECT " BLOB_COLS " FROM blobs WHERE (last_access, digest) > (?1, ?2) "
+		       "ORDER BY last_access, digest LIMIT ?3",
+	[S_BLOB_SEEN] = "INSERT INTO blobs (digest, kind, raw_size, stored_size, last_access, seen) "
+			"VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (digest) DO UPDATE SET "
+			"kind = excluded.kind, raw_size = excluded.raw_size, "
+			"stored_size = excluded.stored_size, seen = excluded.seen",
+	[S_PASS_MAX] = "SELECT coalesce(max(seen), 0) FROM blobs",
+	[S_PASS_DROP] = "DELETE FROM blobs WHERE seen <> ?1",
+	[S_CLOCK] = "SELECT coalesce(max(last_access), 0) FROM blobs",
+};
+
+/* Schema migrations: migrations[v] takes a database from user_version v to v + 1. */
+static const char *const migrations[INDEX_SCHEMA_VERSION] = {
+	/* 0 -> 1: the first schema. */
+	"CREATE TABLE snapshots ("
+	" id INTEGER PRIMARY KEY,"
+	" source INTEGER NOT NULL,"
+	" server_url TEXT NOT NULL,"
+	" project_id TEXT NOT NULL,"
+	" project_name TEXT NOT NULL,"
+	" version TEXT NOT NULL,"
+	" created_at INTEGER NOT NULL,"
+	" sealed INTEGER NOT NULL DEFAULT 0,"
+	" complete INTEGER NOT NULL DEFAULT 0,"
+	" item_count INTEGER NOT NULL DEFAULT 0,"
+	" total_bytes INTEGER NOT NULL DEFAULT 0,"
+	" UNIQUE (source, server_url, project_id, version));"
+	"CREATE TABLE items ("
+	" key INTEGER PRIMARY KEY," /* snapshot id << 32 | position */
+	" resource_id TEXT NOT NULL,"
+	" filename TEXT NOT NULL,"
+	" mimetype TEXT NOT NULL,"
+	" size INTEGER NOT NULL,"
+	" etag TEXT,"
+	" blob BLOB CHECK (blob IS NULL OR length(blob) = 32),"
+	" meta TEXT);"
+	"CREATE INDEX items_resource ON items (resource_id);"
+	"CREATE TABLE blobs ("
+	" digest BLOB PRIMARY KEY CHECK (length(digest) = 32),"
+	" kind INTEGER NOT NULL,"
+	" raw_size INTEGER NOT NULL,"
+	" stored_size INTEGER NOT NULL,"
+	" last_access INTEGER NOT NULL,"
+	" seen INTEGER NOT NULL DEFAULT 0"
+	") WITHOUT ROWID;"
+	"CREATE INDEX blobs_lru ON blobs (last_access);",
+};
+
+struct index {
+	sqlite3 *db;
+	sqlite3_stmt *stmt[S_COUNT_];
+	bool in_tx;
+	unsigned pending;
+	int64_t clock; /* last access time handed out */
+	char msg[256];
+};
+
+/* ---- errors ---- */
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+	if (!err || errlen == 0)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+/* SQLite result code -> our code. */
+static int map_rc(sqlite3 *db, int rc)
+{
+	int sys;
+	switch (rc & 0xff) {
+	case SQLITE_OK:
+	case SQLITE_ROW:
+	case SQLITE_DONE:
+		return 0;
+	case SQLITE_NOMEM:
+		return -ENOMEM;
+	case SQLITE_FULL:
+		return -DMC_E_CACHE_FULL;
+	case SQLITE_BUSY:
+	case SQLITE_LOCKED:
+		return -EBUSY;
+	case SQLITE_READONLY:
+		return -EROFS;
+	case SQLITE_CORRUPT:
+	case SQLITE_NOTADB:
+		return -DMC_E_INTEGRITY;
+	case SQLITE_TOOBIG:
+		return -DMC_E_LIMIT_EXCEEDED;
+	case SQLITE_CONSTRAINT:
+	case SQLITE_MISMATCH:
+	case SQLITE_RANGE:
+		return -EINVAL;
+	case SQLITE_PERM:
+	case SQLITE_AUTH:
+		return -EACCES;
+	case SQLITE_IOERR:
+	case SQLITE_CANTOPEN:
+		sys = db ? sqlite3_system_errno(db) : 0;
+		if (sys == ENOSPC || sys == EDQUOT)
+			return -DMC_E_CACHE_FULL;
+		if (sys > 0)
+			return -sys;
+		return (rc & 0xff) == SQLITE_IOERR ? -EIO : -EACCES;
+	default:
+		return -DMC_E_INTERNAL;
+	}
+}
+
+static int fail(struct index *ix, int rc)
+{
+	snprintf(ix->msg, sizeof(ix->msg), "%s", sqlite3_errmsg(ix->db));
+	return map_rc(ix->db, rc);
+}
+
+/* A write failed: the batch is gone as a whole. */
+static int fail_batch(struct index *ix, int rc)
+{
+	int r = fail(ix, rc);
+	if (!sqlite3_get_autocommit(ix->db)) {
+		sqlite3_stmt *st = ix->stmt[S_ROLLBACK];
+		(void)sqlite3_step(st);
+		sqlite3_reset(st);
+	}
+	ix->in_tx = false;
+	ix->pending = 0;
+	return r;
+}
+
+const char *index_errmsg(struct index *ix)
+{
+	return ix->msg;
+}
+
+/* ---- statement helpers ---- */
+
+static sqlite3_stmt *stmt(struct index *ix, enum stmt_id id)
+{
+	sqlite3_stmt *st = ix->stmt[id];
+	sqlite3_reset(st);
+	sqlite3_clear_bindings(st);
+	return st;
+}
+
+static int check_str(const char *s, bool nullable)
+{
+	if (!s)
+		return nullable ? 0 : -EINVAL;
+	if (strnlen(s, INDEX_STR_MAX + 1) > INDEX_STR_MAX)
+		return -DMC_E_LIMIT_EXCEEDED;
+	return 0;
+}
+
+static int bind_text(sqlite3_stmt *st, int col, const char *s)
+{
+	if (!s)
+		return sqlite3_bind_null(st, col);
+	return sqlite3_bind_text(st, col, s, -1, SQLITE_STATIC);
+}
+
+static int bind_digest(sqlite3_stmt *st, int col, const uint8_t *d)
+{
+	return sqlite3_bind_blob(st, col, d, INDEX_DIGEST_SIZE, SQLITE_STATIC);
+}
+
+static int check_snap_id(int64_t id)
+{
+	return id >= 1 && id < INDEX_SNAPSHOTS_MAX ? 0 : -EINVAL;
+}
+
+static int64_t key_lo(int64_t snap)
+{
+	return snap << 32;
+}
+
+static int64_t key_hi(int64_t snap)
+{
+	return (snap << 32) | (INDEX_ITEMS_MAX - 1);
+}
+
+/* Opens the batch transaction if needed. */
+static int batch(struct index *ix)
+{
+	int rc;
+	if (ix->in_tx)
+		return 0;
+	rc = sqlite3_step(stmt(ix, S_BEGIN));
+	sqlite3_reset(ix->stmt[S_BEGIN]);
+	if (rc != SQLITE_DONE)
+		return fail(ix, rc);
+	ix->in_tx = true;
+	return 0;
+}
+
+/* Runs a bound write statement inside the batch. */
+static int run_write(struct index *ix, sqlite3_stmt *st)
+{
+	int rc = sqlite3_step(st);
+	sqlite3_reset(st);
+	if (rc != SQLITE_DONE)
+		return fail_batch(ix, rc);
+	ix->pending++;
+	return 0;
+}
+
+static int exec_sql(sqlite3 *db, const char *sql, char *err, size_t errlen)
+{
+	char *msg = NULL;
+	int rc = sqlite3_exec(db, sql, NULL, NULL, &msg);
+	if (rc != SQLITE_OK) {
+		set_err(err, errlen, "%s", msg ? msg : sqlite3_errstr(rc));
+		sqlite3_free(msg);
+		return map_rc(db, rc);
+	}
+	return 0;
+}
+
+static int64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int64_t tick(struct index *ix)
+{
+	int64_t t = now_ms();
+	ix->clock = t > ix->clock ? t : ix->clock + 1;
+	return ix->clock;
+}
+
+/* ---- open ---- */
+
+/* One integer from a single-row pragma or query. */
+static int query_int(sqlite3 *db, const char *sql, int64_t *ret)
+{
+	sqlite3_stmt *st;
+	int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+	if (rc != SQLITE_OK)
+		return rc;
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		*ret = sqlite3_column_int64(st, 0);
+		rc = SQLITE_OK;
+	}
+	sqlite3_finalize(st);
+	return rc;
+}
+
+static int run_check(sqlite3 *db, bool full, char *err, size_t errlen)
+{
+	sqlite3_stmt *st;
+	int rc, rows = 0, r = 0;
+
+	rc = sqlite3_prepare_v2(db, full ? "PRAGMA integrity_check" : "PRAGMA quick_check", -1,
+				&st, NULL);
+	if (rc != SQLITE_OK) {
+		set_err(err, errlen, "%s", sqlite3_errmsg(db));
+		return map_rc(db, rc);
+	}
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		const char *t = (const char *)sqlite3_column_text(st, 0);
+		if (rows++ == 0 && t && strcmp(t, "ok") == 0)
+			continue;
+		if (r == 0)
+			set_err(err, errlen, "%s", t ? t : "?");
+		r = -DMC_E_INTEGRITY;
+	}
+	if (rc != SQLITE_DONE && r == 0) {
+		set_err(err, errlen, "%s", sqlite3_errmsg(db));
+		r = map_rc(db, rc);
+	}
+	sqlite3_finalize(st);
+	return r;
+}
+
+static int migrate(sqlite3 *db, char *err, size_t errlen)
+{
+	int64_t v = 0;
+	int rc = query_int(db, "PRAGMA user_version", &v);
+	int r;
+
+	if (rc != SQLITE_OK) {
+		set_err(err, errlen, "%s", sqlite3_errmsg(db));
+		return map_rc(db, rc);
+	}
+	if (v > INDEX_SCHEMA_VERSION) {
+		set_err(err, errlen, "index schema %" PRId64 " is newer than this daemon's %d", v,
+			INDEX_SCHEMA_VERSION);
+		return -EPROTONOSUPPORT;
+	}
+	if (v < 0) {
+		set_err(err, errlen, "index schema version %" PRId64 " is invalid", v);
+		return -DMC_E_INTEGRITY;
+	}
+	for (; v < INDEX_SCHEMA_VERSION; v++) {
+		char sql[64];
+		if ((r = exec_sql(db, "BEGIN", err, errlen)) < 0)
+			return r;
+		snprintf(sql, sizeof(sql), "PRAGMA user_version = %" PRId64, v + 1);
+		if ((r = exec_sql(db, migrations[v], err, errlen)) < 0 ||
+		    (r = exec_sql(db, sql, err, errlen)) < 0 ||
+		    (r = exec_sql(db, "COMMIT", err, errlen)) < 0) {
+			(void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+			return r;
+		}
+	}
+	return 0;
+}
+
+/* Opens `path`, configures it and checks it. -DMC_E_INTEGRITY: not a sound database. */
+static int open_db(const char *path, unsigned flags, char *err, size_t errlen, sqlite3 **ret_db)
+{
+	sqlite3 *db = NULL;
+	char *msg = NULL;
+	int rc, r;
+
+	rc = sqlite3_open_v2(path, &db,
+			     SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+	if (rc != SQLITE_OK) {
+		set_err(err, errlen, "cannot open the index: %s",
+			db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+		r = map_rc(db, rc);
+		goto fail;
+	}
+	sqlite3_extended_result_codes(db, 1);
+	/* locking_mode first: with it, WAL keeps its index in heap memory (no -shm) and the
+	 * first access takes the exclusive lock that keeps every other process out. */
+	rc = sqlite3_exec(db,
+			  "PRAGMA locking_mode = EXCLUSIVE;"
+			  "PRAGMA journal_mode = WAL;",
+			  NULL, NULL, &msg);
+	if (rc == SQLITE_OK) {
+		int64_t dummy;
+		/* journal_mode answers with the mode it got; make sure the lock is taken. */
+		rc = query_int(db, "SELECT count(*) FROM sqlite_schema", &dummy);
+	}
+	if (rc != SQLITE_OK) {
+		r = map_rc(db, rc);
+		if (r == -EBUSY)
+			set_err(err, errlen, "the index is in use by another process");
+		else
+			set_err(err, errlen, "%s", msg ? msg : sqlite3_errmsg(db));
+		sqlite3_free(msg);
+		goto fail;
+	}
+	{
+		int64_t wal = 0;
+		sqlite3_stmt *st;
+		rc = sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &st, NULL);
+		if (rc == SQLITE_OK) {
+			if (sqlite3_step(st) == SQLITE_ROW)
+				wal = sqlite3_column_text(st, 0) &&
+				      strcmp((const char *)sqlite3_column_text(st, 0), "wal") == 0;
+			sqlite3_finalize(st);
+		}
+		if (!wal) {
+			set_err(err, errlen, "the index cannot use WAL mode");
+			r = -EIO;
+			goto fail;
+		}
+	}
+	r = exec_sql(db,
+		     (flags & INDEX_SYNC_FULL) ? "PRAGMA synchronous = FULL;"
+						 "PRAGMA foreign_keys = OFF;"
+					       : "PRAGMA synchronous = NORMAL;"
+						 "PRAGMA foreign_keys = OFF;",
+		     err, errlen);
+	if (r < 0)
+		goto fail;
+	r = run_check(db, false, err, errlen);
+	if (r < 0)
+		goto fail;
+	r = migrate(db, err, errlen);
+	if (r < 0)
+		goto fail;
+	*ret_db = db;
+	return 0;
+fail:
+	sqlite3_close_v2(db);
+	return r;
+}
+
+/* Moves a damaged index and its WAL aside, so that nothing is lost for a post-mortem. */
+static int move_aside(const char *path, char *err, size_t errlen)
+{
+	static const char *const sfx[] = { "", "-wal", "-shm", "-journal" };
+	char from[4096], to[4096];
+	long long t = (long long)time(NULL);
+
+	for (size_t i = 0; i < sizeof(sfx) / sizeof(sfx[0]); i++) {
+		if ((size_t)snprintf(from, sizeof(from), "%s%s", path, sfx[i]) >= sizeof(from) ||
+		    (size_t)snprintf(to, sizeof(to), "%s.corrupt-%lld%s", path, t, sfx[i]) >=
+			    sizeof(to)) {
+			set_err(err, errlen, "index path too long");
+			return -ENAMETOOLONG;
+		}
+		if (rename(from, to) < 0 && errno != ENOENT) {
+			int e = errno;
+			set_err(err, errlen, "cannot move the damaged index aside: %s", strerror(e));
+			return -e;
+		}
+	}
+	return 0;
+}
+
+int index_open(const char *path, unsigned flags, char *err, size_t errlen, struct index **ret_ix,
+	       bool *ret_rebuilt)
+{
+	struct index *ix;
+	sqlite3 *db = NULL;
+	bool rebuilt = false;
+	int r, rc;
+
+	if (!path || !*path || !ret_ix)
+		return -EINVAL;
+	r = open_db(path, flags, err, errlen, &db);
+	if (r == -DMC_E_INTEGRITY) {
+		r = move_aside(path, err, errlen);
+		if (r < 0)
+			return r;
+		rebuilt = true;
+		r = open_db(path, flags, err, errlen, &db);
+	}
+	if (r < 0)
+		return r;
+
+	ix = calloc(1, sizeof(*ix));
+	if (!ix) {
+		sqlite3_close_v2(db);
+		return -ENOMEM;
+	}
+	ix->db = db;
+	for (int i = 0; i < S_COUNT_; i++) {
+		rc = sqlite3_prepare_v3(db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
+					&ix->stmt[i], NULL);
+		if (rc != SQLITE_OK) {
+			set_err(err, errlen, "preparing statement %d: %s", i, sqlite3_errmsg(db));
+			r = map_rc(db, rc);
+			index_close(ix);
+			return r;
+		}
+	}
+	rc = query_int(db, stmt_sql[S_CLOCK], &ix->clock);
+	if (rc != SQLITE_OK) {
+		set_err(err, errlen, "%s", sqlite3_errmsg(db));
+		r = map_rc(db, rc);
+		index_close(ix);
+		return r;
+	}
+	if (ret_rebuilt)
+		*ret_rebuilt = rebuilt;
+	*ret_ix = ix;
+	return 0;
+}
+
+void index_close(struct index *ix)
+{
+	if (!ix)
+		return;
+	if (ix->in_tx)
+		(void)sqlite3_exec(ix->db, "ROLLBACK", NULL, NULL, NULL);
+	for (int i = 0; i < S_COUNT_; i++)
+		sqlite3_finalize(ix->stmt[i]);
+	sqlite3_close_v2(ix->db);
+	free(ix);
+}
+
+int index_check(struct index *ix, bool full)
+{
+	return run_check(ix->db, full, ix->msg, sizeof(ix->msg));
+}
+
+/* ---- batching ---- */
+
+int index_flush(struct index *ix)
+{
+	int rc;
+	if (!ix->in_tx)
+		return 0;
+	rc = sqlite3_step(stmt(ix, S_COMMIT));
+	sqlite3_reset(ix->stmt[S_COMMIT]);
+	if (rc != SQLITE_DONE)
+		return fail_batch(ix, rc);
+	ix->in_tx = false;
+	ix->pending = 0;
+	return 0;
+}
+
+unsigned index_pending(const struct index *ix)
+{
+	return ix->pending;
+}
+
+/* ---- snapshots ---- */
+
+int index_snapshot_find(struct index *ix, int source, const char *server_url,
+			const char *project_id, const char *version, int64_t *ret_id)
+{
+	sqlite3_stmt *st;
+	int rc, r;
+
+	if ((r = check_str(server_url, false)) < 0 || (r = check_str(project_id, false)) < 0 ||
+	    (r = check_str(version, false)) < 0)
+		return r;
+	st = stmt(ix, S_SNAP_FIND);
+	sqlite3_bind_int(st, 1, source);
+	bind_text(st, 2, server_url);
+	bind_text(st, 3, project_id);
+	bind_text(st, 4, version);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		*ret_id = sqlite3_column_int64(st, 0);
+		r = 0;
+	} else {
+		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return r;
+}
+
+int index_snapshot_get_or_create(struct index *ix, const struct index_snapshot *key,
+				 int64_t *ret_id, bool *ret_created)
+{
+	sqlite3_stmt *st;
+	int64_t id;
+	int r;
+
+	if (key->source != INDEX_SOURCE_DATAMINT && key->source != INDEX_SOURCE_FOLDER)
+		return -EINVAL;
+	if ((r = check_str(key->project_name, false)) < 0)
+		return r;
+	r = index_snapshot_find(ix, key->source, key->server_url, key->project_id, key->version,
+				&id);
+	if (r == 0) {
+		*ret_id = id;
+		if (ret_created)
+			*ret_created = false;
+		return 0;
+	}
+	if (r != -ENOENT)
+		return r;
+	if ((r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_SNAP_INSERT);
+	sqlite3_bind_int(st, 1, key->source);
+	bind_text(st, 2, key->server_url);
+	bind_text(st, 3, key->project_id);
+	bind_text(st, 4, key->project_name);
+	bind_text(st, 5, key->version);
+	sqlite3_bind_int64(st, 6, key->created_at);
+	if ((r = run_write(ix, st)) < 0)
+		return r;
+	id = sqlite3_last_insert_rowid(ix->db);
+	if (check_snap_id(id) < 0) {
+		/* 2^31 snapshots: the item key layout has no room for more. */
+		(void)fail_batch(ix, SQLITE_FULL);
+		return -DMC_E_LIMIT_EXCEEDED;
+	}
+	*ret_id = id;
+	if (ret_created)
+		*ret_created = true;
+	return 0;
+}
+
+static void snap_from_row(sqlite3_stmt *st, struct index_snapshot *s)
+{
+	s->id = sqlite3_column_int64(st, 0);
+	s->source = sqlite3_column_int(st, 1);
+	s->server_url = (const char *)sqlite3_column_text(st, 2);
+	s->project_id = (const char *)sqlite3_column_text(st, 3);
+	s->project_name = (const char *)sqlite3_column_text(st, 4);
+	s->version = (const char *)sqlite3_column_text(st, 5);
+	s->created_at = sqlite3_column_int64(st, 6);
+	s->sealed = sqlite3_column_int(st, 7) != 0;
+	s->complete = sqlite3_column_int(st, 8) != 0;
+	s->item_count = sqlite3_column_int64(st, 9);
+	s->total_bytes = sqlite3_column_int64(st, 10);
+}
+
+/* Steps `st`, passing each row to `cb`; returns rows visited or a negative code. */
+static int walk_snapshots(struct index *ix, sqlite3_stmt *st, index_snapshot_cb cb, void *ctx)
+{
+	int rc, n = 0, r = 0;
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		struct index_snapshot s;
+		snap_from_row(st, &s);
+		n++;
+		if (cb && (r = cb(ctx, &s)) < 0)
+			break;
+	}
+	if (r >= 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r < 0 ? r : n;
+}
+
+int index_snapshot_get(struct index *ix, int64_t id, index_snapshot_cb cb, void *ctx)
+{
+	sqlite3_stmt *st;
+	int r;
+	if (check_snap_id(id) < 0)
+		return -ENOENT;
+	st = stmt(ix, S_SNAP_GET);
+	sqlite3_bind_int64(st, 1, id);
+	r = walk_snapshots(ix, st, cb, ctx);
+	return r < 0 ? r : r == 0 ? -ENOENT : 0;
+}
+
+int index_snapshot_list(struct index *ix, index_snapshot_cb cb, void *ctx)
+{
+	int r = walk_snapshots(ix, stmt(ix, S_SNAP_LIST), cb, ctx);
+	return r < 0 ? r : 0;
+}
+
+int index_snapshot_seal(struct index *ix, int64_t id)
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = check_snap_id(id)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_SNAP_SEAL);
+	sqlite3_bind_int64(st, 1, id);
+	sqlite3_bind_int64(st, 2, key_lo(id));
+	sqlite3_bind_int64(st, 3, key_hi(id));
+	return run_write(ix, st);
+}
+
+int index_snapshot_set_complete(struct index *ix, int64_t id, bool complete)
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = check_snap_id(id)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_SNAP_COMPLETE);
+	sqlite3_bind_int64(st, 1, id);
+	sqlite3_bind_int(st, 2, complete ? 1 : 0);
+	return run_write(ix, st);
+}
+
+int index_snapshot_stats(struct index *ix, int64_t id, struct index_snapshot_stats *ret)
+{
+	sqlite3_stmt *st;
+	int rc, r;
+	if ((r = check_snap_id(id)) < 0)
+		return r;
+	st = stmt(ix, S_SNAP_STATS);
+	sqlite3_bind_int64(st, 1, key_lo(id));
+	sqlite3_bind_int64(st, 2, key_hi(id));
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		ret->items = sqlite3_column_int64(st, 0);
+		ret->items_stored = sqlite3_column_int64(st, 1);
+		ret->bytes = sqlite3_column_int64(st, 2);
+		ret->bytes_stored = sqlite3_column_int64(st, 3);
+		r = 0;
+	} else {
+		r = fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return r;
+}
+
+int index_snapshot_delete(struct index *ix, int64_t id)
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = check_snap_id(id)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_SNAP_DEL_ITEMS);
+	sqlite3_bind_int64(st, 1, key_lo(id));
+	sqlite3_bind_int64(st, 2, key_hi(id));
+	if ((r = run_write(ix, st)) < 0)
+		return r;
+	st = stmt(ix, S_SNAP_DEL);
+	sqlite3_bind_int64(st, 1, id);
+	return run_write(ix, st);
+}
+
+int index_snapshot_link_stored(struct index *ix, int64_t id, int64_t *ret_linked)
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = check_snap_id(id)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_SNAP_LINK);
+	sqlite3_bind_int64(st, 1, key_lo(id));
+	sqlite3_bind_int64(st, 2, key_hi(id));
+	if ((r = run_write(ix, st)) < 0)
+		return r;
+	if (ret_linked)
+		*ret_linked = sqlite3_changes64(ix->db);
+	return 0;
+}
+
+/* ---- items ---- */
+
+static int item_key(int64_t snap, int64_t idx, int64_t *ret_key)
+{
+	if (check_snap_id(snap) < 0 || idx < 0 || idx >= INDEX_ITEMS_MAX)
+		return -EINVAL;
+	*ret_key = key_lo(snap) | idx;
+	return 0;
+}
+
+int index_item_put(struct index *ix, const struct index_item *it)
+{
+	sqlite3_stmt *st;
+	int64_t key;
+	int r;
+
+	if ((r = item_key(it->snapshot_id, it->idx, &key)) < 0)
+		return r;
+	if ((r = check_str(it->resource_id, false)) < 0 || (r = check_str(it->filename, false)) < 0 ||
+	    (r = check_str(it->mimetype, false)) < 0 || (r = check_str(it->etag, true)) < 0)
+		return r;
+	if (it->size < 0)
+		return -EINVAL;
+	if (it->meta && it->meta_len > INDEX_META_MAX)
+		return -DMC_E_LIMIT_EXCEEDED;
+	if ((r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_ITEM_PUT);
+	sqlite3_bind_int64(st, 1, key);
+	bind_text(st, 2, it->resource_id);
+	bind_text(st, 3, it->filename);
+	bind_text(st, 4, it->mimetype);
+	sqlite3_bind_int64(st, 5, it->size);
+	bind_text(st, 6, it->etag);
+	if (it->has_blob)
+		bind_digest(st, 7, it->blob);
+	if (it->meta)
+		sqlite3_bind_text64(st, 8, it->meta, it->meta_len, SQLITE_STATIC, SQLITE_UTF8);
+	return run_write(ix, st);
+}
+
+int index_item_set_blob(struct index *ix, int64_t snapshot_id, int64_t idx,
+			const uint8_t digest[INDEX_DIGEST_SIZE])
+{
+	sqlite3_stmt *st;
+	int64_t key;
+	int r;
+	if ((r = item_key(snapshot_id, idx, &key)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_ITEM_SET_BLOB);
+	sqlite3_bind_int64(st, 1, key);
+	bind_digest(st, 2, digest);
+	if ((r = run_write(ix, st)) < 0)
+		return r;
+	return sqlite3_changes(ix->db) == 1 ? 0 : -ENOENT;
+}
+
+static void item_from_row(sqlite3_stmt *st, struct index_item *it)
+{
+	int64_t key = sqlite3_column_int64(st, 0);
+	const void *blob = sqlite3_column_blob(st, 6);
+
+	memset(it, 0, sizeof(*it));
+	it->snapshot_id = key >> 32;
+	it->idx = key & (INDEX_ITEMS_MAX - 1);
+	it->resource_id = (const char *)sqlite3_column_text(st, 1);
+	it->filename = (const char *)sqlite3_column_text(st, 2);
+	it->mimetype = (const char *)sqlite3_column_text(st, 3);
+	it->size = sqlite3_column_int64(st, 4);
+	it->etag = (const char *)sqlite3_column_text(st, 5);
+	if (blob && sqlite3_column_bytes(st, 6) == INDEX_DIGEST_SIZE) {
+		memcpy(it->blob, blob, INDEX_DIGEST_SIZE);
+		it->has_blob = true;
+	}
+	it->meta = (const char *)sqlite3_column_text(st, 7);
+	it->meta_len = it->meta ? (size_t)sqlite3_column_bytes(st, 7) : 0;
+	it->stored = sqlite3_column_int(st, 8) != 0;
+}
+
+int index_item_get(struct index *ix, int64_t snapshot_id, int64_t idx, index_item_cb cb,
+		   void *ctx)
+{
+	sqlite3_stmt *st;
+	int64_t key;
+	int rc, r;
+	if (item_key(snapshot_id, idx, &key) < 0)
+		return -ENOENT;
+	st = stmt(ix, S_ITEM_GET);
+	sqlite3_bind_int64(st, 1, key);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		struct index_item it;
+		item_from_row(st, &it);
+		r = cb ? cb(ctx, &it) : 0;
+		if (r > 0)
+			r = 0;
+	} else {
+		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return r;
+}
+
+int index_items_page(struct index *ix, int64_t snapshot_id, int64_t from, unsigned limit,
+		     enum index_items_filter filter, index_item_cb cb, void *ctx,
+		     int64_t *ret_next)
+{
+	sqlite3_stmt *st;
+	int64_t lo, next = -1;
+	int rc, n = 0, r = 0;
+
+	if (limit == 0 || limit > INDEX_PAGE_MAX)
+		return -EINVAL;
+	if (from < 0)
+		from = 0;
+	if (from >= INDEX_ITEMS_MAX || check_snap_id(snapshot_id) < 0) {
+		if (ret_next)
+			*ret_next = -1;
+		return 0;
+	}
+	lo = key_lo(snapshot_id) | from;
+	st = stmt(ix, filter == INDEX_ITEMS_MISSING ? S_ITEM_PAGE_MISSING : S_ITEM_PAGE_ALL);
+	sqlite3_bind_int64(st, 1, lo);
+	sqlite3_bind_int64(st, 2, key_hi(snapshot_id));
+	sqlite3_bind_int64(st, 3, limit);
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		struct index_item it;
+		item_from_row(st, &it);
+		n++;
+		next = it.idx + 1 < INDEX_ITEMS_MAX ? it.idx + 1 : -1;
+		if (cb && (r = cb(ctx, &it)) < 0)
+			break;
+	}
+	if (r >= 0 && rc != SQLITE_ROW && rc != SQLITE_DONE)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	if (r < 0)
+		return r;
+	/* A short page is the end of the snapshot. */
+	if ((unsigned)n < limit)
+		next = -1;
+	if (ret_next)
+		*ret_next = next;
+	return n;
+}
+
+int index_item_find_stored(struct index *ix, const char *resource_id, int64_t size,
+			   const char *etag, uint8_t ret_digest[INDEX_DIGEST_SIZE])
+{
+	sqlite3_stmt *st;
+	int rc, r;
+	if ((r = check_str(resource_id, false)) < 0 || (r = check_str(etag, true)) < 0)
+		return r;
+	if (!etag)
+		return -ENOENT;
+	st = stmt(ix, S_ITEM_FIND_STORED);
+	bind_text(st, 1, resource_id);
+	sqlite3_bind_int64(st, 2, size);
+	bind_text(st, 3, etag);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 0) == INDEX_DIGEST_SIZE) {
+		memcpy(ret_digest, sqlite3_column_blob(st, 0), INDEX_DIGEST_SIZE);
+		r = 0;
+	} else if (rc == SQLITE_ROW || rc == SQLITE_DONE) {
+		r = -ENOENT;
+	} else {
+		r = fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return r;
+}
+
+/* ---- blobs ---- */
+
+static int check_blob(const struct index_blob *b)
+{
+	if (b->raw_size < 0 || b->stored_size < 0 || b->kind < 0 || b->kind > 255)
+		return -EINVAL;
+	return 0;
+}
+
+int index_blob_put(struct index *ix, const struct index_blob *b)
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = check_blob(b)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_BLOB_PUT);
+	bind_digest(st, 1, b->digest);
+	sqlite3_bind_int(st, 2, b->kind);
+	sqlite3_bind_int64(st, 3, b->raw_size);
+	sqlite3_bind_int64(st, 4, b->stored_size);
+	sqlite3_bind_int64(st, 5, tick(ix));
+	return run_write(ix, st);
+}
+
+static void blob_from_row(sqlite3_stmt *st, struct index_blob *b)
+{
+	const void *d = sqlite3_column_blob(st, 0);
+	memset(b, 0, sizeof(*b));
+	if (d && sqlite3_column_bytes(st, 0) == INDEX_DIGEST_SIZE)
+		memcpy(b->digest, d, INDEX_DIGEST_SIZE);
+	b->kind = sqlite3_column_int(st, 1);
+	b->raw_size = sqlite3_column_int64(st, 2);
+	b->stored_size = sqlite3_column_int64(st, 3);
+	b->last_access = sqlite3_column_int64(st, 4);
+}
+
+int index_blob_get(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE],
+		   struct index_blob *ret_blob)
+{
+	sqlite3_stmt *st = stmt(ix, S_BLOB_GET);
+	int rc, r;
+	bind_digest(st, 1, digest);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		if (ret_blob)
+			blob_from_row(st, ret_blob);
+		r = 0;
+	} else {
+		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return r;
+}
+
+int index_blob_delete(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE])
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_BLOB_DEL);
+	bind_digest(st, 1, digest);
+	return run_write(ix, st);
+}
+
+int index_blob_touch(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE])
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_BLOB_TOUCH);
+	bind_digest(st, 1, digest);
+	sqlite3_bind_int64(st, 2, tick(ix));
+	return run_write(ix, st);
+}
+
+int index_blob_totals(struct index *ix, int64_t *ret_count, int64_t *ret_stored_bytes)
+{
+	sqlite3_stmt *st = stmt(ix, S_BLOB_TOTALS);
+	int rc = sqlite3_step(st), r = 0;
+	if (rc == SQLITE_ROW) {
+		if (ret_count)
+			*ret_count = sqlite3_column_int64(st, 0);
+		if (ret_stored_bytes)
+			*ret_stored_bytes = sqlite3_column_int64(st, 1);
+	} else {
+		r = fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return r;
+}
+
+int index_lru_page(struct index *ix, struct index_lru_cursor *cursor, unsigned limit,
+		   index_blob_cb cb, void *ctx)
+{
+	sqlite3_stmt *st;
+	int rc, n = 0, r = 0;
+
+	if (limit == 0 || limit > INDEX_PAGE_MAX)
+		return -EINVAL;
+	if (cursor->started) {
+		st = stmt(ix, S_LRU_NEXT);
+		sqlite3_bind_int64(st, 1, cursor->last_access);
+		bind_digest(st, 2, cursor->digest);
+		sqlite3_bind_int64(st, 3, limit);
+	} else {
+		st = stmt(ix, S_LRU_FIRST);
+		sqlite3_bind_int64(st, 1, limit);
+	}
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		struct index_blob b;
+		blob_from_row(st, &b);
+		cursor->started = true;
+		cursor->last_access = b.last_access;
+		memcpy(cursor->digest, b.digest, INDEX_DIGEST_SIZE);
+		n++;
+		if (cb && (r = cb(ctx, &b)) < 0)
+			break;
+	}
+	if (r >= 0 && rc != SQLITE_ROW && rc != SQLITE_DONE)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r < 0 ? r : n;
+}
+
+/* ---- reconciliation ---- */
+
+int index_reconcile_begin(struct index *ix, int64_t *ret_pass)
+{
+	sqlite3_stmt *st = stmt(ix, S_PASS_MAX);
+	int rc = sqlite3_step(st), r = 0;
+	if (rc == SQLITE_ROW)
+		*ret_pass = sqlite3_column_int64(st, 0) + 1;
+	else
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r;
+}
+
+int index_blob_seen(struct index *ix, int64_t pass, const struct index_blob *b)
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = check_blob(b)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_BLOB_SEEN);
+	bind_digest(st, 1, b->digest);
+	sqlite3_bind_int(st, 2, b->kind);
+	sqlite3_bind_int64(st, 3, b->raw_size);
+	sqlite3_bind_int64(st, 4, b->stored_size);
+	sqlite3_bind_int64(st, 5, b->last_access);
+	sqlite3_bind_int64(st, 6, pass);
+	if ((r = run_write(ix, st)) < 0)
+		return r;
+	if (b->last_access > ix->clock)
+		ix->clock = b->last_access;
+	return 0;
+}
+
+int index_reconcile_end(struct index *ix, int64_t pass, int64_t *ret_dropped)
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_PASS_DROP);
+	sqlite3_bind_int64(st, 1, pass);
+	if ((r = run_write(ix, st)) < 0)
+		return r;
+	if (ret_dropped)
+		*ret_dropped = sqlite3_changes64(ix->db);
+	return index_flush(ix);
+}

@@ -1,0 +1,258 @@
+/*
+ * index: the SQLite index of the cache (<cache>/index.db). The only file that includes
+ * sqlite3.h.
+ *
+ * What it holds:
+ *   snapshots  one per (source, server url, project id, version): a project version pinned
+ *              as an ordered resource list. `sealed` once the whole list is in (a snapshot
+ *              cut short by a crash is re-listed, never served); `complete` once every item
+ *              was stored (set by the prefetcher; live numbers come from
+ *              index_snapshot_stats()).
+ *   items      the resources of a snapshot in order. Key = snapshot id << 32 | position, so
+ *              a snapshot is one contiguous range of the table's primary key: point lookups
+ *              by position and paging need no secondary index and nothing is loaded whole.
+ *              `blob` is the SHA-256 of the item's raw content once known; the item is
+ *              *stored* while a blobs row with that digest exists (eviction deletes the blob
+ *              row only, so the item keeps its content identity).
+ *   blobs      one row per blob file in the store (store.h), with its last access.
+ *
+ * Durability. WAL mode with synchronous=NORMAL: a committed batch survives a crash of the
+ * process (kill -9): its pages are in the WAL file through write(), and the OS has them.
+ * On power loss, NORMAL may lose the batches committed since the last WAL sync (at each
+ * checkpoint), but never corrupts the database: they roll back as a whole. Blobs are synced
+ * before their rows are written, and startup reconciliation adopts blobs whose rows were
+ * lost, so a lost batch costs re-linking, never integrity. INDEX_SYNC_FULL syncs the WAL at
+ * every batch commit (one fsync per batch, not per item), which makes an acknowledged item
+ * survive power loss too (reliability.md I2 with C3).
+ *
+ * Locking. Exactly one connection, opened with locking_mode=EXCLUSIVE: Debian 12's
+ * SQLite 3.40.1 predates the fix of a WAL-reset corruption that needs two writing
+ * connections, and the exclusive lock makes a second daemon (or `sqlite3 index.db`) get
+ * -EBUSY instead of writing. With an exclusive lock the WAL index lives in heap memory:
+ * there is no -shm file. Never open index.db with another fd in this process (POSIX locks
+ * go away when any fd of the file is closed).
+ *
+ * Batching. Writes (index_item_put, index_blob_put, ...) go into one open transaction that
+ * index_flush() commits: one transaction per batch, never one per item. The caller flushes
+ * on a timer or when index_pending() is large, and acknowledges items only after
+ * index_flush() returned 0. A failing write rolls the whole pending batch back (nothing in
+ * it was acknowledged) and returns the error. Reads see the pending writes.
+ *
+ * Threads: a struct index is used by one thread at a time (the connection is opened
+ * without SQLite's mutex). Callbacks receive strings and structs borrowed for the duration
+ * of the call, and must not call into the same index.
+ *
+ * Errors: negative errno, or -DMC_E_CACHE_FULL (SQLITE_FULL), -DMC_E_LIMIT_EXCEEDED (a
+ * field over its limit), -DMC_E_INTEGRITY (a corrupt database found after open), -EBUSY
+ * (another process holds the index). index_errmsg() has SQLite's message for the log.
+ */
+#ifndef DMC_DAEMON_INDEX_H
+#define DMC_DAEMON_INDEX_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define INDEX_SCHEMA_VERSION 1
+#define INDEX_DIGEST_SIZE 32u
+#define INDEX_STR_MAX (64u << 10)       /* ids, names, urls, versions, etags */
+#define INDEX_META_MAX (16u << 20)      /* metadata JSON of one item */
+#define INDEX_ITEMS_MAX (1ll << 32)     /* items per snapshot: the key layout */
+#define INDEX_SNAPSHOTS_MAX (1ll << 31) /* snapshot ids: the key layout */
+#define INDEX_PAGE_MAX 100000u          /* rows per page call */
+
+/* Where a snapshot comes from. Reaches the disk: never renumber. */
+enum index_source {
+	INDEX_SOURCE_DATAMINT = 1,
+	INDEX_SOURCE_FOLDER = 2,
+};
+
+enum index_open_flags {
+	INDEX_SYNC_FULL = 1u << 0, /* sync the WAL at every commit (see Durability) */
+};
+
+struct index;
+
+struct index_snapshot {
+	int64_t id;
+	int source; /* enum index_source */
+	const char *server_url;
+	const char *project_id;
+	const char *project_name;
+	const char *version;
+	int64_t created_at; /* unix seconds */
+	bool sealed;
+	bool complete;
+	int64_t item_count;  /* set by index_snapshot_seal() */
+	int64_t total_bytes; /* idem */
+};
+
+struct index_snapshot_stats {
+	int64_t items, items_stored;
+	int64_t bytes, bytes_stored;
+};
+
+struct index_item {
+	int64_t snapshot_id;
+	int64_t idx; /* position in the snapshot, 0 .. INDEX_ITEMS_MAX-1 */
+	const char *resource_id;
+	const char *filename;
+	const char *mimetype;
+	int64_t size;     /* upstream size in bytes */
+	const char *etag; /* upstream version token of the content, or NULL */
+	const char *meta; /* metadata JSON, or NULL; meta_len bytes */
+	size_t meta_len;
+	bool has_blob;
+	uint8_t blob[INDEX_DIGEST_SIZE];
+	bool stored; /* output only: a blobs row exists for `blob` */
+};
+
+struct index_blob {
+	uint8_t digest[INDEX_DIGEST_SIZE];
+	int kind; /* enum store_kind */
+	int64_t raw_size;
+	int64_t stored_size; /* payload bytes after the store's header */
+	int64_t last_access; /* milliseconds, monotonic across restarts (see index_blob_put) */
+};
+
+/* Where index_lru_page() resumes; zero-initialise to start at the least recently used. */
+struct index_lru_cursor {
+	int64_t last_access;
+	uint8_t digest[INDEX_DIGEST_SIZE];
+	bool started;
+};
+
+typedef int (*index_snapshot_cb)(void *ctx, const struct index_snapshot *snap);
+typedef int (*index_item_cb)(void *ctx, const struct index_item *item);
+typedef int (*index_blob_cb)(void *ctx, const struct index_blob *blob);
+
+/*
+ * Opens or creates the index at `path` (borrowed), migrating the schema to
+ * INDEX_SCHEMA_VERSION, and runs PRAGMA quick_check. A database that fails the check or is
+ * not a database is moved aside to `<path>.corrupt-<unix time>` (with its -wal) and a new
+ * empty one created: *ret_rebuilt (may be NULL) is then true and the caller must
+ * repopulate the blobs table from the store (cache_open() does); snapshots are lost and
+ * re-resolve. A database from a newer schema gives -EPROTONOSUPPORT and is left alone.
+ * `flags`: enum index_open_flags. On failure a message goes to `err` (may be NULL).
+ * *ret_ix: free with index_close().
+ */
+int index_open(const char *path, unsigned flags, char *err, size_t errlen, struct index **ret_ix,
+	       bool *ret_rebuilt);
+/* Closes the index. Writes not yet flushed are rolled back: flush first to keep them. */
+void index_close(struct index *ix);
+
+/* SQLite's message for the last failure; borrowed, valid until the next call. */
+const char *index_errmsg(struct index *ix);
+
+/* ---- batching ---- */
+
+/* Commits the pending batch. 0 with nothing pending. */
+int index_flush(struct index *ix);
+/* Writes queued since the last flush. */
+unsigned index_pending(const struct index *ix);
+
+/* ---- snapshots ---- */
+
+/*
+ * Finds the snapshot of (source, server_url, project_id, version) or creates it from `key`
+ * (project_name and created_at are taken from it on creation). Batched.
+ */
+int index_snapshot_get_or_create(struct index *ix, const struct index_snapshot *key,
+				 int64_t *ret_id, bool *ret_created);
+/* -ENOENT if there is none. */
+int index_snapshot_find(struct index *ix, int source, const char *server_url,
+			const char *project_id, const char *version, int64_t *ret_id);
+/* Calls `cb` with snapshot `id`; -ENOENT if there is none. */
+int index_snapshot_get(struct index *ix, int64_t id, index_snapshot_cb cb, void *ctx);
+/* Every snapshot, by id. A callback returning < 0 stops the walk with that code. */
+int index_snapshot_list(struct index *ix, index_snapshot_cb cb, void *ctx);
+/* Marks the item list as whole and records item_count and total_bytes. Batched. */
+int index_snapshot_seal(struct index *ix, int64_t id);
+int index_snapshot_set_complete(struct index *ix, int64_t id, bool complete);
+/* Live counts: items, items with a stored blob, and their upstream bytes. */
+int index_snapshot_stats(struct index *ix, int64_t id, struct index_snapshot_stats *ret);
+/* Deletes the snapshot and its items (not the blobs). Batched. */
+int index_snapshot_delete(struct index *ix, int64_t id);
+
+/* ---- items ---- */
+
+/* Inserts or replaces item (snapshot_id, idx). Batched. */
+int index_item_put(struct index *ix, const struct index_item *item);
+/* Records the content digest of an item once its blob is stored. Batched. -ENOENT if none. */
+int index_item_set_blob(struct index *ix, int64_t snapshot_id, int64_t idx,
+			const uint8_t digest[INDEX_DIGEST_SIZE]);
+/* Point lookup; -ENOENT if there is no such item. */
+int index_item_get(struct index *ix, int64_t snapshot_id, int64_t idx, index_item_cb cb,
+		   void *ctx);
+
+enum index_items_filter {
+	INDEX_ITEMS_ALL = 0,
+	INDEX_ITEMS_MISSING = 1, /* items without a stored blob: what a prefetch must fetch */
+};
+
+/*
+ * Up to `limit` (<= INDEX_PAGE_MAX) items of a snapshot in order, from position `from`.
+ * Returns how many were passed to `cb`; *ret_next (may be NULL) is the position to continue
+ * from, or -1 when the snapshot has no more. A callback returning < 0 stops with that code.
+ */
+int index_items_page(struct index *ix, int64_t snapshot_id, int64_t from, unsigned limit,
+		     enum index_items_filter filter, index_item_cb cb, void *ctx,
+		     int64_t *ret_next);
+
+/*
+ * Is this upstream content already stored? Matches an item of any snapshot with the same
+ * resource id, size and etag (a NULL etag never matches: without a version token a resource
+ * id is not a content identity) whose blob is present. 0 and *ret_digest, or -ENOENT.
+ */
+int index_item_find_stored(struct index *ix, const char *resource_id, int64_t size,
+			   const char *etag, uint8_t ret_digest[INDEX_DIGEST_SIZE]);
+
+/*
+ * The diff of a new version: for every item of snapshot `id` without a stored blob, takes
+ * the blob of a stored item of another snapshot with the same resource id, size and etag
+ * (as index_item_find_stored()). One statement. *ret_linked (may be NULL) gets how many
+ * items were linked; index_items_page(..., INDEX_ITEMS_MISSING, ...) then lists what is
+ * left to download. Batched.
+ */
+int index_snapshot_link_stored(struct index *ix, int64_t id, int64_t *ret_linked);
+
+/* ---- blobs ---- */
+
+/*
+ * Records a blob now in the store (insert or update), with last access = now. Batched.
+ * Access times are milliseconds of the wall clock, forced to increase: after the clock
+ * steps back, new accesses still sort after old ones, so LRU order survives clock jumps.
+ */
+int index_blob_put(struct index *ix, const struct index_blob *blob);
+/* -ENOENT if the blob is not recorded. */
+int index_blob_get(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE],
+		   struct index_blob *ret_blob);
+/* Forgets a blob (evicted, or found bad). Batched. 0 even if it was not recorded. */
+int index_blob_delete(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE]);
+/* Marks a blob used now. Batched: one small UPDATE in the open transaction. */
+int index_blob_touch(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE]);
+/* Number of blob rows and the sum of their stored sizes. */
+int index_blob_totals(struct index *ix, int64_t *ret_count, int64_t *ret_stored_bytes);
+/*
+ * Eviction candidates: up to `limit` blobs in least-recently-used order after `cursor`,
+ * which is advanced. Returns how many were passed to `cb` (0 at the end).
+ */
+int index_lru_page(struct index *ix, struct index_lru_cursor *cursor, unsigned limit,
+		   index_blob_cb cb, void *ctx);
+
+/* ---- reconciliation (cache_open) ---- */
+
+/* Starts a pass: every blob found in the store is then reported with index_blob_seen(). */
+int index_reconcile_begin(struct index *ix, int64_t *ret_pass);
+/*
+ * Records a blob found in the store: corrects kind and sizes of an existing row (keeping
+ * its access time) or adopts it with last_access = blob->last_access. Batched.
+ */
+int index_blob_seen(struct index *ix, int64_t pass, const struct index_blob *blob);
+/* Drops the blob rows not seen in this pass (their files are gone or bad) and flushes. */
+int index_reconcile_end(struct index *ix, int64_t pass, int64_t *ret_dropped);
+
+/* PRAGMA quick_check (or integrity_check with `full`): 0 if "ok", else -DMC_E_INTEGRITY. */
+int index_check(struct index *ix, bool full);
+
+#endif
