@@ -214,6 +214,13 @@ class Emulator:
     def stats(self):
         return self.admin('GET', '/stats')
 
+    def wait_idle(self, timeout=5.0):
+        """Wait until the server has seen every earlier connection close."""
+        end = time.monotonic() + timeout
+        while self.stats()['active_connections'] and time.monotonic() < end:
+            time.sleep(0.02)
+        return self.stats()['active_connections'] == 0
+
     def reset_stats(self):
         return self.admin('POST', '/stats/reset')
 

@@ -49,7 +49,7 @@ class Rule:
         if self.listener not in ('main', 'redirect', 'any'):
             raise FaultError('listener must be main, redirect or any')
         self.user = spec.get('user')
-        self.skip = _int(spec, 'skip', 0)
+        self.skip = _int(spec, 'skip', 0) if spec.get('skip') is not None else 0
         self.times = spec.get('times')
         if self.times is not None:
             self.times = _int(spec, 'times', 0)
