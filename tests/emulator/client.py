@@ -58,10 +58,14 @@ class Response:
 
 
 def request(url, method='GET', path='/', key=None, headers=None, body=None, json_body=None,
-            query=None, timeout=60, bearer=False):
-    """One HTTP request on a fresh connection; returns a Response (never raises on 4xx/5xx)."""
+            query=None, timeout=60, bearer=False, ssl_context=None):
+    """One HTTP request on a fresh connection; returns a Response (never raises on 4xx/5xx).
+    https URLs use ssl_context (default: the system trust store)."""
     u = urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    if u.scheme == 'https':
+        conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout, context=ssl_context)
+    else:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
     h = dict(headers or {})
     if key is not None:
         if bearer:

@@ -10,7 +10,9 @@ import subprocess
 import time
 from urllib.parse import quote, urlsplit
 
-from client import EMULATOR, PYTHON, Emulator
+import pytest
+
+from client import EMULATOR, PYTHON, Emulator, request
 
 N = 1000000
 PAGE = 5000
@@ -121,9 +123,32 @@ def test_bad_arguments_fail_clearly(tmp_path):
     p = subprocess.Popen([PYTHON, EMULATOR, '--keys', str(keys), '--synthetic', 'only:3'],
                          stdout=subprocess.PIPE, text=True)
     info = json.loads(p.stdout.readline())
-    from client import request
     r = request(info['url'], 'GET', '/projects', key='k')
     assert [x['name'] for x in r.json()['data']] == ['only']
     p.send_signal(signal.SIGTERM)
     assert p.wait(10) == 0
     p.stdout.close()
+
+
+def test_tls_listener(tmp_path):
+    """--tls-cert/--tls-key serve HTTPS (certificates from python3-trustme)."""
+    import ssl
+    import trustme
+    ca = trustme.CA()
+    cert = ca.issue_cert('127.0.0.1', '127.0.0.2')
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / 'server.pem'))
+    with Emulator(extra_args=['--tls-cert', str(tmp_path / 'server.pem'),
+                              '--tls-key', str(tmp_path / 'server.pem')]) as emu:
+        assert emu.url.startswith('https://127.0.0.1:')
+        u = urlsplit(emu.url)
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        r = request(emu.url, 'GET', '/projects', key='dmc-key-sample', ssl_context=ctx)
+        assert r.status == 200 and [p['name'] for p in r.json()['data']] == ['sample']
+        assert emu.info()['url'] == emu.url  # the admin listener stays plain HTTP
+        # An untrusting client fails the handshake.
+        bad = http.client.HTTPSConnection(u.hostname, u.port, context=ssl.create_default_context(),
+                                          timeout=10)
+        with pytest.raises(ssl.SSLCertVerificationError):
+            bad.request('GET', '/projects')
+        bad.close()
