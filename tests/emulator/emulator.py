@@ -17,6 +17,8 @@ driven through the admin listener (tests/emulator/README.md, faults.py).
 """
 import argparse
 import collections
+import base64
+import hashlib
 import json
 import os
 import signal
@@ -472,6 +474,12 @@ class Handler(BaseHTTPRequestHandler):
         """Content-Length, strong ETag, Range/206, If-Range, If-None-Match (§7.8)."""
         size, etag = content.size, content.etag
         headers = [('ETag', etag), ('Accept-Ranges', 'bytes')] + list(extra)
+        if content.sha256 is None and content.synthetic and size <= (1 << 20):
+            content.sha256 = hashlib.sha256(content.read(0, size)).digest()
+        if content.sha256 is not None:
+            # the whole object's digest, whatever part is sent: integrity for the client
+            headers.append(('Repr-Digest',
+                            'sha-256=:%s:' % base64.b64encode(content.sha256).decode()))
         inm = self.headers.get('If-None-Match')
         if inm and etag in [t.strip() for t in inm.split(',')] and self.command in ('GET', 'HEAD'):
             return Resp(304, b'', headers=headers)

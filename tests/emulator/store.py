@@ -163,11 +163,12 @@ class Content:
     """The bytes behind a file response: a file on disk (served with sendfile) or a
     synthetic item (computed)."""
 
-    def __init__(self, path=None, synthetic=None, size=0, etag=None):
+    def __init__(self, path=None, synthetic=None, size=0, etag=None, sha256=None):
         self.path = path
         self.synthetic = synthetic
         self.size = size
         self.etag = etag
+        self.sha256 = sha256  # raw digest bytes, sent as Repr-Digest (RFC 9530)
 
     def read(self, start, end):
         if self.synthetic:
@@ -598,8 +599,9 @@ class Store:
                     for chunk in iter(lambda: f.read(1 << 20), b''):
                         h.update(chunk)
                 obj['_etag'] = '"%s"' % h.hexdigest()[:40]
+                obj['_sha256'] = h.digest()
             return Content(path=obj['_path'], size=os.path.getsize(obj['_path']),
-                           etag=obj['_etag'])
+                           etag=obj['_etag'], sha256=obj.get('_sha256'))
 
     def mutate(self, rid, data=None):
         """Change a file's content under the same id: new ETag (reliability.md N3)."""

@@ -1,5 +1,6 @@
 """The emulator driven over HTTP the way the Datamint client does
 (../shared/seeds/datamint-client-api.rst), asserting the shapes of datamint-api.md."""
+import base64
 import hashlib
 import io
 import json
@@ -183,9 +184,13 @@ def test_download_full_range_etag(emu):
     assert full.headers['Content-Type'] == 'application/dicom'
     etag = full.headers['ETag']
     assert etag.startswith('"') and not etag.startswith('W/')
+    # the object's SHA-256 (RFC 9530), also on a part: what a client verifies against
+    digest = 'sha-256=:%s:' % base64.b64encode(hashlib.sha256(full.body).digest()).decode()
+    assert full.headers['Repr-Digest'] == digest
     part = emu.get('/resources/%s/file' % r0['id'], headers={'Range': 'bytes=100-1099'})
     assert part.status == 206 and part.body == full.body[100:1100]
     assert part.headers['Content-Range'] == 'bytes 100-1099/%d' % len(full.body)
+    assert part.headers['Repr-Digest'] == digest
     tail = emu.get('/resources/%s/file' % r0['id'], headers={'Range': 'bytes=-10'})
     assert tail.status == 206 and tail.body == full.body[-10:]
     rest = emu.get('/resources/%s/file' % r0['id'],
@@ -206,6 +211,8 @@ def test_download_full_range_etag(emu):
     s2 = emu.get('/resources/%s/file' % big[3]['id'])
     assert s1.status == 200 and s1.body == s2.body and len(s1.body) == 1000
     assert s1.body[:8] == b'DMCSYN1\0'
+    assert s1.headers['Repr-Digest'] == \
+        'sha-256=:%s:' % base64.b64encode(hashlib.sha256(s1.body).digest()).decode()
     sr = emu.get('/resources/%s/file' % big[3]['id'], headers={'Range': 'bytes=20-519'})
     assert sr.body == s1.body[20:520]
     assert emu.get('/resources/%s/file' % big[4]['id']).body != s1.body
