@@ -81,7 +81,7 @@ int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed);
 /*
  * store_reserve() with eviction: 0 when `raw_size` bytes are admitted (release with
  * store_release(c->store, raw_size)), -DMC_E_CACHE_FULL when even eviction of every
- * unpinned blob cannot make room, -DMC_E_LIMIT_EXCEEDED above max_object.
+ * unpinned blob cannot make room, -DMC_E_LIMIT_EXCEEDED above max_object or max_size.
  */
 int cache_reserve(struct cache *c, uint64_t raw_size);
 

@@ -442,16 +442,7 @@ int store_open(const char *dir, const struct store_options *opts, char *err, siz
 		set_err(err, errlen, "cannot create the store directories: %s", strerror(-r));
 		goto fail_fds;
 	}
-	for (unsigned b = 0; b < 256; b++) {
-		char name[3];
-		subdir_name(b, name);
-		if (mkdirat(s->obj_fd, name, 0700) < 0 && errno != EEXIST) {
-			r = -errno;
-			set_err(err, errlen, "cannot create objects/%s: %s", name, strerror(-r));
-			goto fail_fds;
-		}
-	}
-	/* The subdirectories must survive a crash before any blob is published in them. */
+	/* objects/ab/ subdirectories are created when their first blob is published. */
 	if ((r = fsync_dirfd(s->obj_fd)) < 0 || (r = fsync_dirfd(s->root_fd)) < 0) {
 		set_err(err, errlen, "cannot sync the cache directory: %s", strerror(-r));
 		goto fail_fds;
@@ -1054,6 +1045,8 @@ int store_writer_write(struct store_writer *w, const void *buf, size_t len)
 	return 0;
 fail:
 	w->err = r;
+	if (r == -DMC_E_CACHE_FULL)
+		STAT_ADD(w->s, cache_full, 1);
 	return r;
 }
 
@@ -1148,6 +1141,20 @@ static int fsync_subdir(struct store *s, uint8_t first)
 	return r;
 }
 
+/*
+ * Creates objects/ab/ for digests starting with `first`, durably: the blob's own directory
+ * sync does not cover the entry of its directory in objects/. Lock held (publishes are
+ * serialised anyway). Returns 0, or -1 with errno set.
+ */
+static int make_subdir(struct store *s, uint8_t first)
+{
+	char name[3];
+	subdir_name(first, name);
+	if (mkdirat(s->obj_fd, name, 0700) < 0 && errno != EEXIST)
+		return -1;
+	return fsync(s->obj_fd);
+}
+
 /* Renames the synced temp into place (or drops it for dedup) and pins the blob. */
 static int publish(struct store_writer *w, const struct store_blob_info *info)
 {
@@ -1186,7 +1193,10 @@ static int publish(struct store_writer *w, const struct store_blob_info *info)
 		pthread_mutex_unlock(&s->lock);
 		return r;
 	}
-	if (renameat(s->tmp_fd, w->tmp_name, s->obj_fd, rel) < 0) {
+	r = renameat(s->tmp_fd, w->tmp_name, s->obj_fd, rel);
+	if (r < 0 && errno == ENOENT && (r = make_subdir(s, info->digest[0])) == 0)
+		r = renameat(s->tmp_fd, w->tmp_name, s->obj_fd, rel);
+	if (r < 0) {
 		r = map_space_errno(errno);
 		struct pin *p = pin_find_locked(s, info->digest);
 		if (p && --p->count == 0)
@@ -1231,7 +1241,7 @@ int store_writer_commit(struct store_writer *w, const uint8_t expected[STORE_DIG
 	int r = w->err;
 
 	if (r < 0)
-		goto out;
+		goto counted; /* store_writer_write() counted it */
 	if (w->mode == W_SAMPLE)
 		r = decide(w, true);
 	else if (w->mode == W_RAW)
@@ -1285,6 +1295,7 @@ int store_writer_commit(struct store_writer *w, const uint8_t expected[STORE_DIG
 out:
 	if (r == -DMC_E_CACHE_FULL)
 		STAT_ADD(s, cache_full, 1);
+counted:
 	writer_free(w);
 	return r;
 }
@@ -1353,9 +1364,7 @@ static int list_subdir(struct store *s, unsigned b, uint8_t (**digests)[STORE_DI
 	if (subfd < 0) {
 		if (errno != ENOENT)
 			return -errno;
-		if (mkdirat(s->obj_fd, name, 0700) < 0)
-			return -errno;
-		*ret_n = 0;
+		*ret_n = 0; /* no blob with this first byte was ever published */
 		return 0;
 	}
 	fd = dup(subfd);
@@ -1409,8 +1418,8 @@ int store_scan(struct store *s, store_blob_cb on_blob, void *ctx, uint64_t *ret_
 
 	uint64_t failures, quarantined;
 
-	empty_dir(s->tmp_fd);
-	empty_dir(s->quar_fd);
+	removed += empty_dir(s->tmp_fd);
+	removed += empty_dir(s->quar_fd);
 	pthread_mutex_lock(&s->lock);
 	failures = s->st.integrity_failures;
 	quarantined = s->st.quarantined;
@@ -1544,6 +1553,9 @@ int store_reserve(struct store *s, uint64_t raw_size)
 	if (raw_size > s->opt.max_object)
 		return -DMC_E_LIMIT_EXCEEDED;
 	fp = footprint(raw_size);
+	/* Larger than the whole cache: no eviction can help. */
+	if (s->opt.max_size && fp > s->opt.max_size)
+		return -DMC_E_LIMIT_EXCEEDED;
 	if (s->opt.min_free && (r = free_bytes(s, &fs_free)) < 0)
 		return r;
 	pthread_mutex_lock(&s->lock);

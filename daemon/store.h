@@ -127,8 +127,8 @@ struct store;
 struct store_writer;
 
 /*
- * Opens (creating if needed) the store under `dir` (borrowed; copied). Creates objects/00..ff,
- * tmp/ and quarantine/, mode 0700. Accounting starts at zero: run store_scan() (cache_open()
+ * Opens (creating if needed) the store under `dir` (borrowed; copied). Creates objects/,
+ * tmp/ and quarantine/, mode 0700 (objects/ab/ appear with their first blob). Accounting starts at zero: run store_scan() (cache_open()
  * does) to learn what is on disk. On failure returns a negative code and writes a message to
  * `err` (may be NULL). *ret_store: free with store_close().
  */
@@ -218,8 +218,8 @@ int store_verify_all(struct store *s, store_bad_cb on_bad, void *ctx, uint64_t *
  * Startup scan for reconciliation: removes everything in tmp/ and quarantine/, then walks
  * objects/ in digest order. Files with a valid name, a valid header whose digest matches
  * the name, and a file size equal to header + stored size are reported to `on_blob` (info
- * borrowed for the call); anything else is removed and counted in *ret_removed (may be
- * NULL). Payloads are not hashed here (reads and store_verify_all() do that). Resets the
+ * borrowed for the call); anything else is removed. *ret_removed (may be NULL) counts the
+ * files removed, temp files included. Payloads are not hashed here (reads and store_verify_all() do that). Resets the
  * used-bytes and object counters to what was found. A callback returning < 0 stops the scan
  * with that code. Call while no writer runs.
  */
@@ -232,7 +232,8 @@ int store_scan(struct store *s, store_blob_cb on_blob, void *ctx, uint64_t *ret_
  * Admits a write of `raw_size` bytes: succeeds if the used and reserved bytes plus this
  * object's worst-case file size stay within max_size and the file system keeps min_free
  * free; otherwise -DMC_E_CACHE_FULL and nothing is reserved (the caller may evict and try
- * again: cache_reserve() does). Release with store_release(s, raw_size) once the write is
+ * again: cache_reserve() does). -DMC_E_LIMIT_EXCEEDED for an object above max_object or
+ * larger than max_size itself. Release with store_release(s, raw_size) once the write is
  * committed or aborted. Since a commit counts its blob before the caller releases, the
  * cache never exceeds max_size by more than the objects still in flight, each of which was
  * admitted against it.

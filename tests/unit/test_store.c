@@ -98,7 +98,8 @@ static int count_objects(const struct fixture *fx)
 	for (unsigned b = 0; b < 256; b++) {
 		char p[128];
 		snprintf(p, sizeof(p), "%s/objects/%02x", fx->dir, b);
-		n += count_entries(p);
+		int k = count_entries(p); /* -1: never created */
+		n += k > 0 ? k : 0;
 	}
 	return n;
 }
@@ -757,6 +758,8 @@ TEST(scan_repairs)
 	ASSERT_EQ(write_file(p, buf, 100), 0);
 	snprintf(p, sizeof(p), "%s/quarantine/x", fx.dir);
 	ASSERT_EQ(write_file(p, buf, 100), 0);
+	snprintf(p, sizeof(p), "%s/objects/00", fx.dir);
+	ASSERT(mkdir(p, 0700) == 0 || errno == EEXIST);
 	snprintf(p, sizeof(p), "%s/objects/00/not-a-digest", fx.dir);
 	ASSERT_EQ(write_file(p, buf, 100), 0);
 	ASSERT_EQ(corrupt(&fx, info[0].digest, NULL, C_ZERO), 0);
@@ -766,6 +769,9 @@ TEST(scan_repairs)
 	char hex[65], wrong[256];
 	store_digest_hex(info[2].digest, hex);
 	blob_path(&fx, info[2].digest, p, sizeof(p));
+	snprintf(wrong, sizeof(wrong), "%s/objects/%02x", fx.dir,
+		 (unsigned)(info[2].digest[0] ^ 1));
+	ASSERT(mkdir(wrong, 0700) == 0 || errno == EEXIST);
 	snprintf(wrong, sizeof(wrong), "%s/objects/%02x/%s", fx.dir,
 		 (unsigned)(info[2].digest[0] ^ 1), hex);
 	ASSERT_EQ(rename(p, wrong), 0);
@@ -777,7 +783,7 @@ TEST(scan_repairs)
 	ASSERT_EQ(sc.n, 38);
 	ASSERT_EQ(sc.out_of_order, 0);
 	ASSERT_UINT_EQ(sc.bytes, expect);
-	ASSERT_UINT_EQ(removed, 3); /* stranger, zero-length, misfiled */
+	ASSERT_UINT_EQ(removed, 5); /* temp, quarantined, stranger, zero-length, misfiled */
 	ASSERT_EQ(count_sub(&fx, "tmp"), 0);
 	ASSERT_EQ(count_sub(&fx, "quarantine"), 0);
 	ASSERT_EQ(count_objects(&fx), 38);
