@@ -14,6 +14,8 @@
 #define EVICT_PAGE 64u
 /* Reconciliation flushes its upserts in batches of this many rows. */
 #define RECONCILE_BATCH 4096u
+/* Admission attempts before cache_reserve() gives up. */
+#define RESERVE_ROUNDS 8
 
 static const char *code_str(int r)
 {
@@ -191,7 +193,9 @@ out:
 
 int cache_reserve(struct cache *c, uint64_t raw_size)
 {
-	for (;;) {
+	/* Each round evicts what is missing; more rounds are needed only when other writers
+	 * or other users of the file system take the freed space meanwhile. */
+	for (int round = 0; round < RESERVE_ROUNDS; round++) {
 		uint64_t need = 0, freed = 0;
 		int r = store_reserve(c->store, raw_size);
 		if (r != -DMC_E_CACHE_FULL)
@@ -203,8 +207,9 @@ int cache_reserve(struct cache *c, uint64_t raw_size)
 		if ((r = cache_evict(c, need, &freed)) < 0)
 			return r;
 		if (freed == 0)
-			return -DMC_E_CACHE_FULL;
+			break;
 	}
+	return -DMC_E_CACHE_FULL;
 }
 
 int cache_record_blob(struct cache *c, const struct store_blob_info *info)

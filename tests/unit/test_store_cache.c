@@ -14,7 +14,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <poll.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -445,7 +444,8 @@ TEST(corrupt_blob_is_detected_and_refetched)
 
 /* ---- kill -9 during a prefetch (reliability.md C1 at the store level) ---- */
 
-#define CRASH_ITEMS 3000
+#define CRASH_ITEMS 4000
+#define CRASH_MAX_PER_ROUND 150 /* fetches started before a kill, at most */
 #define CRASH_ROUNDS 20
 #define CRASH_BATCH 8
 
@@ -578,6 +578,7 @@ struct crash_state {
 	bool acked[CRASH_ITEMS];
 	int fetches[CRASH_ITEMS];
 	int refetched_acked;
+	int started; /* fetches started in this round */
 	bool done;
 	char partial[64];
 	size_t plen;
@@ -600,6 +601,7 @@ static void crash_parse(struct crash_state *st, const char *data, size_t len)
 			if (st->acked[v])
 				st->refetched_acked++;
 			st->fetches[v]++;
+			st->started++;
 		} else if (v >= 0 && v < CRASH_ITEMS && st->partial[0] == 'A') {
 			st->acked[v] = true;
 		}
@@ -653,32 +655,33 @@ TEST(kill9_loop)
 			crash_child(fx.dir, p[1]);
 		}
 		close(p[1]);
-		/* Rounds 0..19 are killed after 10-150 ms; the last one runs to the end. */
+		/* Rounds 0..19 are killed; the last one runs to the end. One round in eight is
+		 * killed 0-30 ms after start (opening, reconciling, listing); the others once
+		 * 1-150 fetches have started, 0-3 ms later, which lands anywhere in a blob's
+		 * write, sync, rename or the batch commit. Progress-based, so that every round
+		 * is cut mid-prefetch however fast the machine is. */
 		seed = seed * 6364136223846793005ull + 1442695040888963407ull;
-		int delay_ms = round < CRASH_ROUNDS ? 10 + (int)((seed >> 33) % 140) : -1;
-		struct timespec t0, now;
-		clock_gettime(CLOCK_MONOTONIC, &t0);
+		bool last = round == CRASH_ROUNDS, early = (seed >> 40) % 8 == 0;
+		int after = 1 + (int)((seed >> 33) % CRASH_MAX_PER_ROUND);
+		long delay_us = early ? (long)((seed >> 20) % 30000) : (long)((seed >> 20) % 3000);
 		bool killed = false;
+		st->started = 0;
+		if (!last && early) {
+			usleep((useconds_t)delay_us);
+			kill(pid, SIGKILL);
+			killed = true;
+		}
 		for (;;) {
-			struct pollfd pfd = { p[0], POLLIN, 0 };
-			int wait_ms = 50;
-			if (delay_ms >= 0) {
-				clock_gettime(CLOCK_MONOTONIC, &now);
-				int el = (int)((now.tv_sec - t0.tv_sec) * 1000 +
-					       (now.tv_nsec - t0.tv_nsec) / 1000000);
-				if (!killed && el >= delay_ms) {
-					kill(pid, SIGKILL);
-					killed = true;
-				}
-				wait_ms = killed ? 50 : delay_ms - el;
-			}
-			if (poll(&pfd, 1, wait_ms) <= 0)
-				continue;
 			char data[4096];
 			ssize_t n = read(p[0], data, sizeof(data));
 			if (n <= 0)
 				break;
 			crash_parse(st, data, (size_t)n);
+			if (!last && !killed && st->started >= after) {
+				usleep((useconds_t)delay_us);
+				kill(pid, SIGKILL);
+				killed = true;
+			}
 		}
 		close(p[0]);
 		int status = 0;
