@@ -37,6 +37,12 @@ struct dmc_client {
 	struct dmc_error_info err;
 	char err_resource[512];
 	char err_message[1024];
+
+	volatile sig_atomic_t *interrupt; /* borrowed: dmc_set_interrupt_flag() */
+
+	/* the C strings of the last progress record: dmc_progress_info points here */
+	char *sbuf;
+	size_t scap;
 };
 
 DMC_EXPORT const char *dmc_version(void)
@@ -78,13 +84,23 @@ static int64_t now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* Waits for `events` on the socket within the deadline (-1: none). */
-static int wait_fd(struct dmc_client *c, short events, int64_t deadline)
+static bool interrupted(const struct dmc_client *c)
+{
+	return c->interrupt && *c->interrupt;
+}
+
+/*
+ * Waits for `events` on the socket within the deadline (-1: none). When `interruptible`,
+ * returns -EINTR once the interrupt flag is set.
+ */
+static int wait_fd(struct dmc_client *c, short events, int64_t deadline, bool interruptible)
 {
 	struct pollfd p = { .fd = c->fd, .events = events };
 	int rc, t;
 
 	for (;;) {
+		if (interruptible && interrupted(c))
+			return -EINTR;
 		t = -1;
 		if (deadline >= 0) {
 			int64_t left = deadline - now_ms();
@@ -122,7 +138,7 @@ static int send_all(struct dmc_client *c, const void *buf, size_t len)
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-			int rc = wait_fd(c, POLLOUT, deadline);
+			int rc = wait_fd(c, POLLOUT, deadline, false);
 			if (rc < 0)
 				return rc;
 			continue;
@@ -132,8 +148,15 @@ static int send_all(struct dmc_client *c, const void *buf, size_t len)
 	return 0;
 }
 
-static int recv_exact(struct dmc_client *c, uint8_t *buf, size_t len, int64_t deadline)
+/*
+ * Reads exactly `len` bytes. With `interruptible`, the interrupt flag ends the wait with
+ * -EINTR, but only while no byte has been read: a frame once begun is read to its end.
+ */
+static int recv_exact(struct dmc_client *c, uint8_t *buf, size_t len, int64_t deadline,
+		      bool interruptible)
 {
+	size_t want = len;
+
 	while (len) {
 		ssize_t n = recv(c->fd, buf, len, 0);
 		if (n > 0) {
@@ -146,7 +169,7 @@ static int recv_exact(struct dmc_client *c, uint8_t *buf, size_t len, int64_t de
 		if (errno == EINTR)
 			continue;
 		if (errno == EAGAIN || errno == EWOULDBLOCK) {
-			int rc = wait_fd(c, POLLIN, deadline);
+			int rc = wait_fd(c, POLLIN, deadline, interruptible && len == want);
 			if (rc < 0)
 				return rc;
 			continue;
@@ -162,7 +185,7 @@ static int recv_frame(struct dmc_client *c)
 	int64_t deadline = deadline_of(c);
 	int rc;
 
-	rc = recv_exact(c, c->rbuf, DMC_HEADER_SIZE, deadline);
+	rc = recv_exact(c, c->rbuf, DMC_HEADER_SIZE, deadline, true);
 	if (rc < 0)
 		return rc;
 	if (dmc_header_decode(c->rbuf, DMC_HEADER_SIZE, &c->rhdr) != DMC_PROTO_OK)
@@ -176,7 +199,7 @@ static int recv_frame(struct dmc_client *c)
 		c->rbuf = nb;
 		c->rcap = DMC_HEADER_SIZE + DMC_FRAME_MAX;
 	}
-	return recv_exact(c, c->rbuf + DMC_HEADER_SIZE, c->rhdr.length, deadline);
+	return recv_exact(c, c->rbuf + DMC_HEADER_SIZE, c->rhdr.length, deadline, false);
 }
 
 static void copy_str(char *dst, size_t cap, struct dmc_str s)
@@ -186,17 +209,29 @@ static void copy_str(char *dst, size_t cap, struct dmc_str s)
 	dst[n] = '\0';
 }
 
+static void close_fd(struct dmc_client *c)
+{
+	if (c->fd >= 0) {
+		close(c->fd);
+		c->fd = -1;
+	}
+}
+
 /*
- * Receives the final frame for request `id` with opcode `op`. An ERROR frame becomes
- * -code with c->err filled. Transport and protocol failures close the connection.
+ * Receives the next frame for request `id`, skipping frames of earlier, abandoned
+ * requests (such as the rest of a detached PREFETCH). An ERROR frame becomes -code with
+ * c->err filled. -EINTR (the interrupt flag, between frames) leaves the connection
+ * usable; other transport and protocol failures close it.
  */
-static int recv_reply(struct dmc_client *c, uint32_t id, uint16_t op)
+static int recv_for(struct dmc_client *c, uint32_t id)
 {
 	struct dmc_error_msg em;
 	int rc;
 
 	for (;;) {
 		rc = recv_frame(c);
+		if (rc == -EINTR)
+			return rc;
 		if (rc < 0)
 			goto broken;
 		if (!(c->rhdr.flags & DMC_FLAG_REPLY)) {
@@ -223,18 +258,25 @@ static int recv_reply(struct dmc_client *c, uint32_t id, uint16_t op)
 		}
 		if (c->rhdr.request_id != id)
 			continue; /* a reply to an earlier, abandoned request */
-		if (c->rhdr.opcode != op || (c->rhdr.flags & DMC_FLAG_MORE)) {
-			rc = -EPROTO;
-			goto broken;
-		}
 		return 0;
 	}
 broken:
-	if (c->fd >= 0) {
-		close(c->fd);
-		c->fd = -1;
-	}
+	close_fd(c);
 	return rc;
+}
+
+/* Receives the final frame for request `id` with opcode `op` (see recv_for). */
+static int recv_reply(struct dmc_client *c, uint32_t id, uint16_t op)
+{
+	int rc = recv_for(c, id);
+
+	if (rc < 0)
+		return rc;
+	if (c->rhdr.opcode != op || (c->rhdr.flags & DMC_FLAG_MORE)) {
+		close_fd(c);
+		return -EPROTO;
+	}
+	return 0;
 }
 
 static bool trusted_daemon_uid(uid_t uid)
@@ -367,12 +409,18 @@ DMC_EXPORT void dmc_close(dmc_client *c)
 	if (c->fd >= 0)
 		close(c->fd);
 	free(c->rbuf);
+	free(c->sbuf);
 	free(c);
 }
 
 DMC_EXPORT void dmc_set_timeout(dmc_client *c, uint32_t ms)
 {
 	c->timeout_ms = ms;
+}
+
+DMC_EXPORT void dmc_set_interrupt_flag(dmc_client *c, volatile sig_atomic_t *flag)
+{
+	c->interrupt = flag;
 }
 
 DMC_EXPORT const char *dmc_socket_path(const dmc_client *c)
@@ -395,8 +443,8 @@ DMC_EXPORT const struct dmc_error_info *dmc_last_error(const dmc_client *c)
 	return &c->err;
 }
 
-/* Sends a frame built in `frame` and waits for its reply. */
-static int call(struct dmc_client *c, const uint8_t *frame, int n, uint32_t id, uint16_t op)
+/* Sends a frame of `n` bytes built in `frame` (n < 0: the encoder failed). */
+static int send_frame(struct dmc_client *c, const uint8_t *frame, int n)
 {
 	int rc;
 
@@ -405,11 +453,18 @@ static int call(struct dmc_client *c, const uint8_t *frame, int n, uint32_t id, 
 	if (n < 0)
 		return -EINVAL;
 	rc = send_all(c, frame, (size_t)n);
-	if (rc < 0) {
-		close(c->fd);
-		c->fd = -1;
+	if (rc < 0)
+		close_fd(c);
+	return rc;
+}
+
+/* Sends a frame built in `frame` and waits for its reply. */
+static int call(struct dmc_client *c, const uint8_t *frame, int n, uint32_t id, uint16_t op)
+{
+	int rc = send_frame(c, frame, n);
+
+	if (rc < 0)
 		return rc;
-	}
 	return recv_reply(c, id, op);
 }
 
@@ -506,6 +561,335 @@ DMC_EXPORT int64_t dmc_status_get(const struct dmc_status_info *s, const char *n
 	return fallback;
 }
 
+/* ---- the cache ---- */
+
+/* A length-checked C string for the wire: "" for NULL. */
+static int wire_str(struct dmc_client *c, const char *what, const char *s, struct dmc_str *ret)
+{
+	size_t n = s ? strlen(s) : 0;
+	char msg[128];
+
+	if ((uint64_t)n > DMC_STR_MAX) {
+		snprintf(msg, sizeof(msg), "%s is longer than %u bytes", what, DMC_STR_MAX);
+		set_local_error(c, 0, msg);
+		return -EINVAL;
+	}
+	ret->ptr = s ? s : "";
+	ret->len = (uint32_t)n;
+	return 0;
+}
+
+/* Sends a frame built in a heap buffer of `cap` bytes, then wipes and frees it. */
+static int call_heap(struct dmc_client *c, uint8_t *frame, size_t cap, int n, uint32_t id,
+		     uint16_t op)
+{
+	int rc = call(c, frame, n, id, op);
+
+	explicit_bzero(frame, cap);
+	free(frame);
+	return rc;
+}
+
+static const char *put_str(char **p, struct dmc_str s)
+{
+	char *d = *p;
+
+	if (s.len)
+		memcpy(d, s.ptr, s.len);
+	d[s.len] = '\0';
+	*p += (size_t)s.len + 1;
+	return d;
+}
+
+/* Decodes the PREFETCH frame in c->rbuf into *ret, with its strings in c->sbuf. */
+static int progress_from_frame(struct dmc_client *c, struct dmc_progress_info *ret)
+{
+	struct dmc_progress m;
+	size_t need;
+	char *p;
+
+	if (dmc_progress_decode(c->rbuf + DMC_HEADER_SIZE, c->rhdr.length, &m))
+		return -EPROTO;
+	/* the six strings lie inside the payload: their bytes and NULs fit in length + 6 */
+	need = (size_t)c->rhdr.length + 6;
+	if (need > c->scap) {
+		char *nb = realloc(c->sbuf, need);
+		if (!nb)
+			return -ENOMEM;
+		c->sbuf = nb;
+		c->scap = need;
+	}
+	p = c->sbuf;
+	ret->job_id = m.job_id;
+	ret->snapshot_id = m.snapshot_id;
+	ret->state = m.state;
+	ret->project_id = put_str(&p, m.project_id);
+	ret->project_name = put_str(&p, m.project_name);
+	ret->version = put_str(&p, m.version);
+	ret->items_total = m.items_total;
+	ret->items_done = m.items_done;
+	ret->items_cached = m.items_cached;
+	ret->items_failed = m.items_failed;
+	ret->bytes_total = m.bytes_total;
+	ret->bytes_done = m.bytes_done;
+	ret->rate_bps = m.rate_bps;
+	ret->eta_ms = m.eta_ms;
+	ret->error_code = m.error_code;
+	ret->http_status = m.http_status;
+	ret->error_resource = put_str(&p, m.error_resource);
+	ret->error_message = put_str(&p, m.error_message);
+	return 0;
+}
+
+static int check_prefetch_args(struct dmc_client *c, const struct dmc_prefetch_args *a,
+			       struct dmc_prefetch *m)
+{
+	int rc;
+
+	if (!a || !a->project || !*a->project) {
+		set_local_error(c, 0, "no project given");
+		return -EINVAL;
+	}
+	*m = (struct dmc_prefetch){ .source = a->source };
+	if ((rc = wire_str(c, "the project", a->project, &m->project)) < 0 ||
+	    (rc = wire_str(c, "the version", a->version, &m->version)) < 0 ||
+	    (rc = wire_str(c, "the server URL", a->server, &m->server)) < 0 ||
+	    (rc = wire_str(c, "the API key", a->api_key, &m->api_key)) < 0)
+		return rc;
+	switch (a->source) {
+	case DMC_SOURCE_DATAMINT:
+		if (!m->server.len || !m->api_key.len) {
+			set_local_error(c, 0, m->server.len ? "a Datamint prefetch needs an API key"
+							    : "a Datamint prefetch needs a server URL");
+			return -EINVAL;
+		}
+		return 0;
+	case DMC_SOURCE_LOCAL:
+		if (a->project[0] != '/' || m->server.len || m->api_key.len) {
+			set_local_error(c, 0, "a local source is an absolute directory path, "
+					      "with no server and no key");
+			return -EINVAL;
+		}
+		return 0;
+	}
+	set_local_error(c, 0, "unknown source");
+	return -EINVAL;
+}
+
+DMC_EXPORT int dmc_prefetch(dmc_client *c, const struct dmc_prefetch_args *args,
+			    dmc_progress_cb cb, void *userdata, struct dmc_progress_info *ret_final)
+{
+	struct dmc_progress_info info;
+	struct dmc_prefetch m;
+	uint32_t id = c->next_id++;
+	uint8_t *frame;
+	uint64_t cap;
+	int rc;
+
+	rc = check_prefetch_args(c, args, &m);
+	if (rc < 0)
+		return rc;
+	cap = (uint64_t)DMC_HEADER_SIZE + 8 + 4 * 4 + (uint64_t)m.project.len + m.version.len +
+	      m.server.len + m.api_key.len;
+	if (cap > DMC_HEADER_SIZE + (uint64_t)DMC_FRAME_MAX) {
+		set_local_error(c, 0, "the request is larger than a frame");
+		return -EINVAL;
+	}
+	frame = malloc((size_t)cap);
+	if (!frame)
+		return -ENOMEM;
+	rc = send_frame(c, frame, dmc_prefetch_encode(&m, id, frame, (size_t)cap));
+	explicit_bzero(frame, (size_t)cap); /* it holds the key */
+	free(frame);
+	if (rc < 0)
+		return rc;
+	for (;;) {
+		rc = recv_for(c, id);
+		if (rc < 0)
+			return rc;
+		if (c->rhdr.opcode != DMC_OP_PREFETCH)
+			goto protocol;
+		rc = progress_from_frame(c, &info);
+		if (rc == -EPROTO)
+			goto protocol;
+		if (rc < 0)
+			return rc;
+		if (!(c->rhdr.flags & DMC_FLAG_MORE)) {
+			if (info.state != DMC_JOB_DONE && info.state != DMC_JOB_FAILED &&
+			    info.state != DMC_JOB_CANCELLED)
+				goto protocol;
+			*ret_final = info;
+			return 0;
+		}
+		if (cb && cb(&info, userdata))
+			return -ECANCELED;
+		if (interrupted(c))
+			return -EINTR;
+	}
+protocol:
+	close_fd(c);
+	return -EPROTO;
+}
+
+DMC_EXPORT int dmc_cancel(dmc_client *c, const char *project, const char *server,
+			  uint32_t *ret_count)
+{
+	struct dmc_str p, sv;
+	uint32_t id = c->next_id++, n;
+	uint8_t *frame;
+	size_t cap;
+	int rc;
+
+	if (!project || !*project) {
+		set_local_error(c, 0, "no project given");
+		return -EINVAL;
+	}
+	if ((rc = wire_str(c, "the project", project, &p)) < 0 ||
+	    (rc = wire_str(c, "the server URL", server, &sv)) < 0)
+		return rc;
+	cap = DMC_HEADER_SIZE + 8 + (size_t)p.len + sv.len;
+	frame = malloc(cap);
+	if (!frame)
+		return -ENOMEM;
+	rc = call_heap(c, frame, cap, dmc_cancel_encode(p.ptr, sv.ptr, id, frame, cap), id,
+		       DMC_OP_CANCEL);
+	if (rc < 0)
+		return rc;
+	if (dmc_cancel_reply_decode(c->rbuf + DMC_HEADER_SIZE, c->rhdr.length, &n))
+		return -EPROTO;
+	if (ret_count)
+		*ret_count = n;
+	return 0;
+}
+
+DMC_EXPORT void dmc_list_free(struct dmc_snapshot_list *l)
+{
+	if (!l)
+		return;
+	for (uint32_t i = 0; i < l->n; i++) {
+		free(l->snapshots[i].server);
+		free(l->snapshots[i].project_id);
+		free(l->snapshots[i].project_name);
+		free(l->snapshots[i].version);
+	}
+	free(l->snapshots);
+	free(l);
+}
+
+/* The smallest snapshot record: u64 u32 u32, 4 empty str, 4 u64. */
+#define SNAPSHOT_RECORD_MIN (8u + 4 + 4 + 4 * 4 + 4 * 8)
+
+DMC_EXPORT int dmc_list(dmc_client *c, struct dmc_snapshot_list **ret_list)
+{
+	uint8_t frame[64];
+	struct dmc_snapshot_list *l;
+	struct dmc_reader r;
+	uint32_t id = c->next_id++, n;
+	int rc;
+
+	rc = call(c, frame, dmc_list_encode(id, frame, sizeof(frame)), id, DMC_OP_LIST);
+	if (rc < 0)
+		return rc;
+	dmc_reader_init(&r, c->rbuf + DMC_HEADER_SIZE, c->rhdr.length);
+	n = dmc_read_u32(&r);
+	if (r.err || n > DMC_LIST_MAX || (uint64_t)n * SNAPSHOT_RECORD_MIN > c->rhdr.length)
+		return -EPROTO;
+	l = calloc(1, sizeof(*l));
+	if (!l)
+		return -ENOMEM;
+	l->snapshots = calloc(n ? n : 1, sizeof(*l->snapshots));
+	if (!l->snapshots) {
+		free(l);
+		return -ENOMEM;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		struct dmc_snapshot_info si;
+		struct dmc_snapshot_entry *e = &l->snapshots[i];
+
+		dmc_snapshot_info_read(&r, &si);
+		if (r.err) {
+			rc = -EPROTO;
+			goto fail;
+		}
+		l->n = i + 1; /* so that dmc_list_free frees this entry's strings */
+		e->id = si.id;
+		e->source = si.source;
+		e->complete = si.complete != 0;
+		e->server = str_dup(si.server);
+		e->project_id = str_dup(si.project_id);
+		e->project_name = str_dup(si.project_name);
+		e->version = str_dup(si.version);
+		e->items = si.items;
+		e->items_stored = si.items_stored;
+		e->bytes = si.bytes;
+		e->created_ms = si.created_ms;
+		if (!e->server || !e->project_id || !e->project_name || !e->version) {
+			rc = -ENOMEM;
+			goto fail;
+		}
+	}
+	if (dmc_reader_finish(&r)) {
+		rc = -EPROTO;
+		goto fail;
+	}
+	*ret_list = l;
+	return 0;
+fail:
+	dmc_list_free(l);
+	return rc;
+}
+
+DMC_EXPORT int dmc_evict(dmc_client *c, bool all, const char *project,
+			 struct dmc_evict_reply *ret_reply)
+{
+	struct dmc_evict_reply r;
+	struct dmc_str p;
+	uint32_t id = c->next_id++;
+	uint8_t *frame;
+	size_t cap;
+	int rc;
+
+	if (all ? project && *project : !project || !*project) {
+		set_local_error(c, 0, all ? "evicting all snapshots takes no project"
+					  : "no project given");
+		return -EINVAL;
+	}
+	rc = wire_str(c, "the project", all ? NULL : project, &p);
+	if (rc < 0)
+		return rc;
+	cap = DMC_HEADER_SIZE + 8 + (size_t)p.len;
+	frame = malloc(cap);
+	if (!frame)
+		return -ENOMEM;
+	rc = call_heap(c, frame, cap,
+		       dmc_evict_encode(all ? DMC_EVICT_ALL : 0, p.ptr, id, frame, cap), id,
+		       DMC_OP_EVICT);
+	if (rc < 0)
+		return rc;
+	if (dmc_evict_reply_decode(c->rbuf + DMC_HEADER_SIZE, c->rhdr.length, &r))
+		return -EPROTO;
+	if (ret_reply)
+		*ret_reply = r;
+	return 0;
+}
+
+DMC_EXPORT int dmc_verify(dmc_client *c, struct dmc_verify_reply *ret_reply)
+{
+	uint8_t frame[64];
+	struct dmc_verify_reply r;
+	uint32_t id = c->next_id++;
+	int rc;
+
+	rc = call(c, frame, dmc_verify_encode(id, frame, sizeof(frame)), id, DMC_OP_VERIFY);
+	if (rc < 0)
+		return rc;
+	if (dmc_verify_reply_decode(c->rbuf + DMC_HEADER_SIZE, c->rhdr.length, &r))
+		return -EPROTO;
+	if (ret_reply)
+		*ret_reply = r;
+	return 0;
+}
+
 DMC_EXPORT const char *dmc_strerror(int err)
 {
 	const char *t;
@@ -521,6 +905,9 @@ DMC_EXPORT const char *dmc_strerror(int err)
 	case EPROTO: return "the daemon sent something this library does not understand";
 	case ETIMEDOUT: return "the daemon did not answer in time";
 	case EPERM: return "the socket belongs to an untrusted daemon";
+	case EINTR: return "interrupted";
+	case ECANCELED: return "stopped waiting; the job goes on in the daemon";
+	case ENOTCONN: return "the connection to the daemon is closed";
 	}
 	return strerror(-err);
 }

@@ -20,6 +20,8 @@
 #ifndef DMCACHE_H
 #define DMCACHE_H
 
+#include <signal.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -88,6 +90,135 @@ int dmc_status(dmc_client *c, struct dmc_status_info **ret_status);
 void dmc_status_free(struct dmc_status_info *s);
 /* A counter's value by name, or `fallback` when the daemon did not send it. */
 int64_t dmc_status_get(const struct dmc_status_info *s, const char *name, int64_t fallback);
+
+/*
+ * Interrupting a blocking call. `flag` (borrowed; NULL removes it) is typically set by a
+ * signal handler installed without SA_RESTART. While it is nonzero, a call waiting for
+ * the start of the daemon's next frame returns -EINTR and the connection stays usable;
+ * a frame already begun is read to its end first, so the stream never loses its place.
+ * The flag is checked before each wait and when a wait is interrupted by a signal.
+ */
+void dmc_set_interrupt_flag(dmc_client *c, volatile sig_atomic_t *flag);
+
+/* ---- the cache: prefetching, listing, eviction, verification (proto.h) ---- */
+
+/* What to prefetch. Every string is borrowed for the call. */
+struct dmc_prefetch_args {
+	uint32_t source;     /* enum dmc_source */
+	const char *project; /* DATAMINT: a project name or id; LOCAL: an absolute path */
+	const char *version; /* NULL, "" or "latest": the newest; else a version string */
+	const char *server;  /* DATAMINT: the API base URL; LOCAL: NULL or "" */
+	const char *api_key; /* DATAMINT: the caller's key; LOCAL: NULL or "" */
+};
+
+/*
+ * A progress record (proto.h, PREFETCH). The strings are owned by the client: in a
+ * callback, valid until the callback returns; in *ret_final, until the next call on the
+ * client or dmc_close(). They are "" when the daemon sent nothing.
+ */
+struct dmc_progress_info {
+	uint64_t job_id;
+	uint64_t snapshot_id; /* 0 until the snapshot exists */
+	uint32_t state;       /* enum dmc_job_state */
+	const char *project_id;
+	const char *project_name;
+	const char *version;
+	uint64_t items_total, items_done, items_cached, items_failed;
+	uint64_t bytes_total, bytes_done;
+	uint64_t rate_bps;    /* bytes per second over the last seconds */
+	uint64_t eta_ms;      /* 0 when unknown or done */
+	uint32_t error_code;  /* enum dmc_error of the item this event reports, or 0 */
+	uint32_t http_status; /* its upstream HTTP status, or 0 */
+	const char *error_resource;
+	const char *error_message;
+};
+
+/* Called for each progress event; nonzero stops waiting (the job goes on). */
+typedef int (*dmc_progress_cb)(const struct dmc_progress_info *p, void *userdata);
+
+/*
+ * Starts, or joins, a prefetch job in the daemon and follows it: `cb` (may be NULL) is
+ * called for each event; the call returns when the final record arrives: 0 with
+ * *ret_final filled (state DONE, FAILED or CANCELLED; FAILED means some items failed).
+ * A job that cannot start returns the daemon's error (-DMC_E_..., details in
+ * dmc_last_error()). When `cb` returns nonzero the call returns -ECANCELED at once, and
+ * -EINTR when the interrupt flag is set: in both cases the job goes on in the daemon,
+ * and later calls on this client skip the rest of its events. Bad arguments: -EINVAL
+ * with the reason in dmc_last_error()->message. The key is wiped from the library's
+ * buffers once sent.
+ */
+int dmc_prefetch(dmc_client *c, const struct dmc_prefetch_args *args, dmc_progress_cb cb,
+		 void *userdata, struct dmc_progress_info *ret_final);
+
+/*
+ * Cancels the caller's prefetch jobs of `project` (a name, id or LOCAL path) at `server`
+ * (NULL or "" matches any). *ret_count (may be NULL) is the number of jobs cancelled.
+ */
+int dmc_cancel(dmc_client *c, const char *project, const char *server, uint32_t *ret_count);
+
+/* A snapshot in the cache (proto.h, LIST), with strings owned by the list. */
+struct dmc_snapshot_entry {
+	uint64_t id;
+	uint32_t source;   /* enum dmc_source */
+	bool complete;     /* every item of the snapshot is stored */
+	char *server;      /* "" for LOCAL */
+	char *project_id;  /* LOCAL: the dataset directory */
+	char *project_name;
+	char *version;
+	uint64_t items, items_stored, bytes;
+	uint64_t created_ms; /* Unix time in milliseconds */
+};
+struct dmc_snapshot_list {
+	uint32_t n;
+	struct dmc_snapshot_entry *snapshots;
+};
+
+/* The snapshots the caller may see. On success *ret_list is set; free with dmc_list_free(). */
+int dmc_list(dmc_client *c, struct dmc_snapshot_list **ret_list);
+void dmc_list_free(struct dmc_snapshot_list *l);
+
+/*
+ * Removes snapshots from the cache, with the blobs no other snapshot uses: every snapshot
+ * the caller may see when `all`, else those whose project name or id is `project`.
+ * *ret_reply (may be NULL) says what was freed.
+ */
+int dmc_evict(dmc_client *c, bool all, const char *project, struct dmc_evict_reply *ret_reply);
+
+/* Re-checks every blob's checksum; bad blobs are removed (and fetched again when needed). */
+int dmc_verify(dmc_client *c, struct dmc_verify_reply *ret_reply);
+
+/*
+ * Datamint credentials, found where the Datamint tools keep them (datamint-api.md 1.2-1.4).
+ * Each of the key and the server URL is taken from the first of:
+ *   1. the option passed here (api_key_opt, server_opt; NULL or "" for none),
+ *   2. the environment: DATAMINT_API_KEY, DATAMINT_API_URL (empty counts as unset),
+ *   3. the file $XDG_CONFIG_HOME/datamintapi/datamintapi.yaml, or
+ *      ~/.config/datamintapi/datamintapi.yaml: a YAML mapping with `api_key` and
+ *      `default_api_url` (what `datamint-config` writes),
+ *   4. for the URL only, DMC_DATAMINT_DEFAULT_URL.
+ * A key is read from the file only if the file belongs to the caller and no one else may
+ * read or write it (mode 0600 or 0400); otherwise -EACCES, and `err` says which `chmod`
+ * fixes it. The URL must be http:// or https://; trailing slashes are removed.
+ *
+ * Returns 0 with *ret filled (api_key NULL when no place has one: the caller decides
+ * whether that is an error), or a negative errno with a message in `err` (-EACCES,
+ * -EINVAL for a malformed file or value, -EFBIG, -ENOMEM, I/O errors). Free *ret with
+ * dmc_credentials_done(), which wipes the key. The key is never part of a message.
+ */
+#define DMC_DATAMINT_DEFAULT_URL "https://api.datamint.io"
+#define DMC_CREDENTIALS_FILE_MAX (64u << 10) /* bytes of datamintapi.yaml */
+
+struct dmc_credentials {
+	char *api_key;        /* NULL when none was found */
+	char *server;         /* never NULL */
+	const char *key_from; /* "--api-key", "DATAMINT_API_KEY", "file", or NULL */
+	const char *server_from; /* "--server", "DATAMINT_API_URL", "file", or "default" */
+	char *file;           /* the YAML file's path (whether or not it exists), or NULL */
+};
+
+int dmc_credentials_load(const char *api_key_opt, const char *server_opt,
+			 struct dmc_credentials *ret, char *err, size_t errlen);
+void dmc_credentials_done(struct dmc_credentials *cr);
 
 /* Details of the last error the daemon sent on this client; code 0 when none. */
 struct dmc_error_info {
