@@ -1,8 +1,8 @@
 /*
  * dmcache: the command-line tool of dmcached, over libdmcache.
  *
- * Exit status: 0 success, 1 the daemon answered with an error, 2 usage error,
- * 3 the daemon could not be reached.
+ * This file: main(), the shared helpers of cli.h, and the status and ping commands.
+ * Exit status: see cli.h.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -10,16 +10,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
-#include "dmcache.h"
+#include "cli.h"
 
-#define EXIT_DAEMON_ERROR 1
-#define EXIT_USAGE 2
-#define EXIT_UNREACHABLE 3
-#define CLI_TIMEOUT_MS 30000
-
-static const char *socket_opt;
+const char *cli_socket;
 
 static void usage(FILE *out)
 {
@@ -28,32 +24,48 @@ static void usage(FILE *out)
 		"Talks to dmcached, the dmcache daemon.\n\n"
 		"Commands:\n"
 		"  status [--json]     the daemon's version, uptime and counters\n"
-		"  ping                check that the daemon answers\n\n"
+		"  ping                check that the daemon answers\n"
+		"  prefetch PROJECT [--version V] [--server URL] [--api-key KEY] [--json]\n"
+		"  prefetch --source DIR [--json]\n"
+		"                      bring a Datamint project (or a local dataset directory)\n"
+		"                      into the cache, with progress; Ctrl-C detaches\n"
+		"  prefetch --cancel PROJECT | --cancel --source DIR\n"
+		"                      stop a running prefetch\n"
+		"  ls [--json]         the snapshots in the cache\n"
+		"  evict PROJECT | --all\n"
+		"                      remove snapshots and the files only they use\n"
+		"  verify              re-check every cached file's checksum, remove bad ones\n"
+		"  COMMAND --help      that command's options\n\n"
 		"Options:\n"
 		"  -s, --socket PATH   the daemon's socket (default: $DMCACHE_SOCKET, else\n"
 		"                      " DMC_SOCKET_SYSTEM ", else\n"
 		"                      $XDG_RUNTIME_DIR/dmcache/dmcached.sock)\n"
 		"  -V, --version       print the version and exit\n"
-		"  -h, --help          print this help and exit\n");
+		"  -h, --help          print this help and exit\n\n"
+		"The Datamint API key and server URL come from --api-key/--server, else\n"
+		"DATAMINT_API_KEY/DATAMINT_API_URL, else ~/.config/datamintapi/datamintapi.yaml\n"
+		"(as datamint-config writes it; mode 0600), else the URL " DMC_DATAMINT_DEFAULT_URL "\n\n"
+		"Exit status: 0 success, 1 the daemon reported an error or items failed,\n"
+		"2 usage or configuration error, 3 the daemon could not be reached,\n"
+		"130 prefetch detached with Ctrl-C (the daemon goes on).\n");
 }
 
-/* Connects, or explains why not and returns NULL. */
-static dmc_client *connect_or_explain(void)
+dmc_client *cli_connect(uint32_t timeout_ms)
 {
 	char cands[DMC_SOCKET_CANDIDATES_MAX][DMC_SOCKET_PATH_MAX];
 	dmc_client *c = NULL;
-	int rc = dmc_connect(socket_opt, &c);
+	int rc = dmc_connect(cli_socket, &c);
 
 	if (rc == 0) {
-		dmc_set_timeout(c, CLI_TIMEOUT_MS);
+		dmc_set_timeout(c, timeout_ms);
 		return c;
 	}
 	if (rc == -ENOENT || rc == -ECONNREFUSED) {
 		char tried[3 * DMC_SOCKET_PATH_MAX + 8] = "";
 		int n;
 
-		if (socket_opt) {
-			snprintf(tried, sizeof(tried), "%s", socket_opt);
+		if (cli_socket) {
+			snprintf(tried, sizeof(tried), "%s", cli_socket);
 		} else {
 			n = dmc_socket_candidates(cands);
 			for (int i = 0; i < n; i++) {
@@ -75,17 +87,72 @@ static dmc_client *connect_or_explain(void)
 	return NULL;
 }
 
-static int report(dmc_client *c, const char *what, int rc)
+int cli_report(dmc_client *c, const char *what, int rc)
 {
 	const struct dmc_error_info *e = dmc_last_error(c);
 
 	if (rc <= -DMC_E_FIRST_ && e->code) {
-		fprintf(stderr, "dmcache: %s: %s (%s)%s%s\n", what, e->message,
-			dmc_error_name(e->code), *e->resource ? ", resource " : "", e->resource);
+		fprintf(stderr, "dmcache: %s: %s (%s", what, e->message, dmc_error_name(e->code));
+		if (e->http_status)
+			fprintf(stderr, ", HTTP %u", e->http_status);
+		if (e->retry_after_ms)
+			fprintf(stderr, ", retry after %u.%03u s", e->retry_after_ms / 1000,
+				e->retry_after_ms % 1000);
+		if (e->sys_errno)
+			fprintf(stderr, ", %s", strerror(e->sys_errno));
+		fprintf(stderr, ")%s%s\n", *e->resource ? ", resource " : "", e->resource);
+		return EXIT_DAEMON_ERROR;
+	}
+	if (rc == -EINVAL && *e->message) { /* the library refused the arguments */
+		fprintf(stderr, "dmcache: %s: %s\n", what, e->message);
+		return EXIT_USAGE;
+	}
+	if (rc == -ENOMEM) {
+		fprintf(stderr, "dmcache: %s: %s\n", what, dmc_strerror(rc));
 		return EXIT_DAEMON_ERROR;
 	}
 	fprintf(stderr, "dmcache: %s: %s\n", what, dmc_strerror(rc));
 	return EXIT_UNREACHABLE;
+}
+
+int64_t cli_now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void cli_format_bytes(char *buf, size_t len, uint64_t bytes)
+{
+	static const char *const units[] = { "KiB", "MiB", "GiB", "TiB", "PiB", "EiB" };
+	double v = (double)bytes;
+	size_t u = 0;
+
+	if (bytes < 1024) {
+		snprintf(buf, len, "%llu B", (unsigned long long)bytes);
+		return;
+	}
+	v /= 1024;
+	while (v >= 1023.95 && u + 1 < sizeof(units) / sizeof(units[0])) {
+		v /= 1024;
+		u++;
+	}
+	snprintf(buf, len, "%.1f %s", v, units[u]);
+}
+
+void cli_format_seconds(char *buf, size_t len, uint64_t ms)
+{
+	unsigned long long s = (ms + 500) / 1000;
+
+	if (s >= 86400)
+		snprintf(buf, len, "%llud %lluh", s / 86400, s % 86400 / 3600);
+	else if (s >= 3600)
+		snprintf(buf, len, "%lluh %02llum", s / 3600, s % 3600 / 60);
+	else if (s >= 60)
+		snprintf(buf, len, "%llum %02llus", s / 60, s % 60);
+	else
+		snprintf(buf, len, "%llus", s);
 }
 
 static void print_duration(uint64_t ms)
@@ -127,12 +194,12 @@ static int cmd_status(int argc, char **argv)
 		fprintf(stderr, "dmcache status: unexpected argument '%s'\n", argv[optind]);
 		return EXIT_USAGE;
 	}
-	c = connect_or_explain();
+	c = cli_connect(CLI_TIMEOUT_MS);
 	if (!c)
 		return EXIT_UNREACHABLE;
 	rc = dmc_status(c, &s);
 	if (rc < 0) {
-		rc = report(c, "status", rc);
+		rc = cli_report(c, "status", rc);
 		dmc_close(c);
 		return rc;
 	}
@@ -179,12 +246,12 @@ static int cmd_ping(int argc, char **argv)
 		fprintf(stderr, "dmcache ping: takes no arguments\n");
 		return EXIT_USAGE;
 	}
-	c = connect_or_explain();
+	c = cli_connect(CLI_TIMEOUT_MS);
 	if (!c)
 		return EXIT_UNREACHABLE;
 	rc = dmc_ping(c);
 	if (rc < 0) {
-		rc = report(c, "ping", rc);
+		rc = cli_report(c, "ping", rc);
 		dmc_close(c);
 		return rc;
 	}
@@ -202,14 +269,16 @@ int main(int argc, char **argv)
 	static const struct {
 		const char *name;
 		int (*fn)(int argc, char **argv);
-	} cmds[] = { { "status", cmd_status }, { "ping", cmd_ping } };
+	} cmds[] = { { "status", cmd_status }, { "ping", cmd_ping },
+		     { "prefetch", cmd_prefetch }, { "ls", cmd_ls },
+		     { "evict", cmd_evict }, { "verify", cmd_verify } };
 	int opt;
 
 	/* options before the command only; the command parses the rest */
 	while ((opt = getopt_long(argc, argv, "+s:Vh", opts, NULL)) != -1) {
 		switch (opt) {
 		case 's':
-			socket_opt = optarg;
+			cli_socket = optarg;
 			break;
 		case 'V':
 			printf("dmcache %s\n", dmc_version());
