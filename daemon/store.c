@@ -1242,6 +1242,11 @@ int store_writer_commit(struct store_writer *w, const uint8_t expected[STORE_DIG
 
 	if (r < 0)
 		goto counted; /* store_writer_write() counted it */
+	/* Before zstd ends its frame: it would fail on a pledged size not reached. */
+	if (w->expected != STORE_SIZE_UNKNOWN && w->raw_size != w->expected) {
+		r = -DMC_E_INTEGRITY;
+		goto out;
+	}
 	if (w->mode == W_SAMPLE)
 		r = decide(w, true);
 	else if (w->mode == W_RAW)
@@ -1256,8 +1261,7 @@ int store_writer_commit(struct store_writer *w, const uint8_t expected[STORE_DIG
 		r = -ENOMEM;
 		goto out;
 	}
-	if ((w->expected != STORE_SIZE_UNKNOWN && w->raw_size != w->expected) ||
-	    (expected && memcmp(expected, info.digest, STORE_DIGEST_SIZE) != 0)) {
+	if (expected && memcmp(expected, info.digest, STORE_DIGEST_SIZE) != 0) {
 		r = -DMC_E_INTEGRITY;
 		goto out;
 	}

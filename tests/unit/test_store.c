@@ -370,6 +370,21 @@ TEST(commit_checks)
 	ASSERT_EQ(store_writer_open(fx.s, STORE_KIND_RAW, 100, &w), 0);
 	ASSERT_EQ(store_writer_write(w, buf, 99), 0);
 	ASSERT_EQ(store_writer_commit(w, NULL, NULL), -DMC_E_INTEGRITY);
+	/* The same past the sample, with zstd streaming a frame pledged to the full size. */
+	size_t big = 400000;
+	uint8_t *ct = malloc(big);
+	fill_ct(ct, big);
+	ASSERT_EQ(store_writer_open(fx.s, STORE_KIND_TENSOR, big, &w), 0);
+	ASSERT_EQ(store_writer_write(w, ct, big - 1000), 0);
+	ASSERT_EQ(store_writer_commit(w, NULL, NULL), -DMC_E_INTEGRITY);
+	ASSERT_EQ(store_writer_open(fx.s, STORE_KIND_TENSOR, big, &w), 0);
+	ASSERT_EQ(store_writer_write(w, ct, big), 0);
+	struct store_blob_info ci;
+	ASSERT_EQ(store_writer_commit(w, NULL, &ci), 0);
+	ASSERT_EQ(ci.comp, STORE_COMP_ZSTD);
+	store_unpin(fx.s, ci.digest);
+	ASSERT_EQ(store_remove(fx.s, ci.digest, NULL), 0);
+	free(ct);
 
 	/* Abort drops the temp file. */
 	ASSERT_EQ(store_writer_open(fx.s, STORE_KIND_RAW, STORE_SIZE_UNKNOWN, &w), 0);
@@ -385,7 +400,8 @@ TEST(commit_checks)
 	ASSERT_EQ(store_writer_open(fx.s, STORE_KIND_RAW, STORE_OBJECT_MAX_DEFAULT + 1, &w),
 		  -DMC_E_LIMIT_EXCEEDED);
 	store_get_stats(fx.s, &st);
-	ASSERT_UINT_EQ(st.writes, 0);
+	ASSERT_UINT_EQ(st.writes, 1); /* only the complete 400000-byte tensor */
+	ASSERT_UINT_EQ(st.removed, 1);
 	ASSERT_UINT_EQ(st.used_bytes, 0);
 	fx_close(&fx);
 
