@@ -76,11 +76,18 @@ static const char *project_label(const struct view *v, const struct dmc_progress
 	return *p->project_name ? p->project_name : *p->project_id ? p->project_id : v->label;
 }
 
-/* Items finished (stored or failed) in percent of the total, or -1 when unknown. */
+/*
+ * Percent done, or -1 when unknown: of the bytes to download (bytes_total counts what the
+ * cache lacked, as the ETA does), else of the items finished (stored or failed).
+ */
 static int percent(const struct dmc_progress_info *p)
 {
 	uint64_t fin = p->items_done + p->items_failed;
 
+	if (p->bytes_total)
+		return p->bytes_done >= p->bytes_total
+			       ? 100
+			       : (int)((double)p->bytes_done * 100 / (double)p->bytes_total);
 	if (!p->items_total)
 		return -1;
 	if (fin >= p->items_total)
