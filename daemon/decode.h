@@ -1,0 +1,230 @@
+/*
+ * decode: DICOM, JPEG, PNG and NIfTI into tensors.
+ *
+ * Pure decoders: no I/O, no logging, no globals, no threads. The caller hands in the bytes of
+ * one resource and gets a tensor of shape (frames, channels, height, width), C order, in the
+ * source dtype (DESIGN.md section 5), in host byte order. The format is recognised by its
+ * magic bytes, never by a file name, and nothing in a file ever becomes a path.
+ *
+ * Two phases, so that the serving path can place the output in a shared-memory slot:
+ *   decode_probe()  parses headers, applies every limit with 64-bit arithmetic and returns
+ *                   the tensor descriptor (dtype, shape, byte size). Nothing proportional to
+ *                   the image size is allocated before the limits pass.
+ *   decode_run()    decodes into a caller-provided buffer of at least desc.nbytes.
+ * A context (decode_ctx) keeps decoder handles and scratch buffers between calls so that a
+ * worker decoding item after item does not allocate per item. A context is used by one
+ * thread at a time; different contexts are independent.
+ *
+ * Decoders are untrusted code: in the daemon they run in the worker processes of
+ * decode_pool.h, never in the event-loop process.
+ *
+ * Errors: >= 0 success; -DMC_E_LIMIT_EXCEEDED when a limit of struct decode_limits is
+ * exceeded; -DMC_E_DECODE_FAILED when the input is corrupt, truncated or uses a feature no
+ * decoder here supports; -DMC_E_INVALID_ARGUMENT for a bad option (frame index out of
+ * range, an unknown dtype); -ENOMEM. `err` (may be NULL) receives a one-line English reason,
+ * NUL-terminated, without any path.
+ *
+ * Glossary
+ *   frame     one 2-D image of an item: a DICOM frame, a NIfTI slice (z, then t, ...), or the
+ *             only image of a JPEG/PNG.
+ *   channel   samples per pixel: 1 (gray, palette index, mask), 2 (gray+alpha), 3 (RGB),
+ *             4 (RGBA, CMYK). Always planar in the output: (F, C, H, W).
+ *   codec     how the pixels are stored; it decides whether a decoded tensor is worth keeping
+ *             in the store (see the caching policy below).
+ *   LUT       the DICOM modality LUT (RescaleSlope/RescaleIntercept) or the NIfTI
+ *             scl_slope/scl_inter scaling, applied when DECODE_F_LUT is set.
+ *
+ * Layout per format (as the Datamint client returns items, datamint-api.md 4.6)
+ *   DICOM   (NumberOfFrames, SamplesPerPixel, Rows, Columns). YBR_FULL and YBR_FULL_422 are
+ *           converted to RGB (pydicom's convert_color_space for native data; libjpeg's
+ *           YCbCr->RGB for JPEG baseline). BitsAllocated 1 is unpacked to uint8 0/1.
+ *   JPEG    (1, C, H, W) uint8; C = 1 (gray), 3 (RGB), 4 (CMYK, inverted as Pillow does).
+ *   PNG     (1, C, H, W); uint8, or uint16 for 16-bit PNGs; palette images give indices.
+ *   NIfTI   (dim[3]*dim[4]*..., C, dim[2], dim[1]): the voxel array transposed (2,1,0) as the
+ *           Datamint client does with nibabel's (x, y, z) array; C = 3/4 for RGB24/RGBA32.
+ *   Segmentation masks are PNG or NIfTI files and decode through the same code, hence onto
+ *   the same (F, 1, H, W) grid as the image they annotate (no resampling here).
+ *
+ * Known differences from the reference decoders (tests/decode/README.md has the details)
+ *   - PNG 16-bit RGB(A)/GA: we keep 16 bits; Pillow reduces them to 8 (our value >> 8 equals
+ *     Pillow's). 16-bit gray: Pillow returns int32 ("I" mode), we return uint16, same values.
+ *     1-bit gray: Pillow returns bool, we return uint8 0/1. 2/4-bit gray are scaled to 8 bits
+ *     (x*85, x*17) exactly as Pillow does; palette indices are never scaled.
+ *   - DICOM YBR_FULL(_422) in JPEG baseline: libjpeg's fixed-point YCbCr->RGB instead of
+ *     pydicom's float matrix: lossy data anyway, PSNR > 50 dB against pydicom.
+ *   - DICOM .4.51 with 12-bit precision is decoded by GDCM (TurboJPEG 2.1 has no 12-bit API).
+ *   - NIfTI with DECODE_F_LUT: computed in double, then converted to the output dtype
+ *     (float32 unless opts.dtype says otherwise); with dtype float64 it is bit-exact with
+ *     nibabel's get_fdata().
+ *   - Conversions to an integer dtype round to nearest and saturate; NaN becomes 0 (numpy's
+ *     astype truncates and wraps).
+ *
+ * Caching policy (DESIGN.md section 4): keep the decoded tensor in the store (zstd level 1)
+ * when decoding costs more than decompressing the tensor with zstd-1.
+ * MEASUREMENT-PENDING
+ * decode_codec_store_tensor() encodes the last column.
+ */
+#ifndef DMC_DECODE_H
+#define DMC_DECODE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "proto.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Explicit values: they reach the index and the wire later. Never reuse a number. */
+enum decode_format {
+	DECODE_FORMAT_UNKNOWN = 0,
+	DECODE_FORMAT_DICOM = 1,
+	DECODE_FORMAT_JPEG = 2,
+	DECODE_FORMAT_PNG = 3,
+	DECODE_FORMAT_NIFTI = 4, /* .nii and .nii.gz */
+};
+
+enum decode_codec {
+	DECODE_CODEC_NONE = 0,
+	DECODE_CODEC_RAW = 1,            /* DICOM implicit/explicit little endian, big endian */
+	DECODE_CODEC_DEFLATE = 2,        /* DICOM deflated explicit little endian */
+	DECODE_CODEC_RLE = 3,            /* DICOM RLE lossless */
+	DECODE_CODEC_JPEG = 4,           /* JPEG files; DICOM .4.50 and 8-bit .4.51 (TurboJPEG) */
+	DECODE_CODEC_JPEG_EXTENDED = 5,  /* DICOM 12-bit .4.51 (GDCM) */
+	DECODE_CODEC_JPEG_LOSSLESS = 6,  /* DICOM .4.57, .4.70 */
+	DECODE_CODEC_JPEG_LS = 7,        /* DICOM .4.80, .4.81 */
+	DECODE_CODEC_JPEG_2000 = 8,      /* DICOM .4.90, .4.91 */
+	DECODE_CODEC_PNG = 9,
+	DECODE_CODEC_NIFTI = 10,
+	DECODE_CODEC_NIFTI_GZ = 11,
+};
+
+/* numpy's names; explicit values. */
+enum decode_dtype {
+	DECODE_DTYPE_NONE = 0, /* in decode_opts: keep the source dtype */
+	DECODE_DTYPE_U8 = 1,
+	DECODE_DTYPE_I8 = 2,
+	DECODE_DTYPE_U16 = 3,
+	DECODE_DTYPE_I16 = 4,
+	DECODE_DTYPE_U32 = 5,
+	DECODE_DTYPE_I32 = 6,
+	DECODE_DTYPE_U64 = 7,
+	DECODE_DTYPE_I64 = 8,
+	DECODE_DTYPE_F32 = 9,
+	DECODE_DTYPE_F64 = 10,
+};
+#define DECODE_DTYPE_LAST_ 10
+
+/*
+ * Limits, checked with 64-bit arithmetic before anything proportional to them is allocated.
+ * Zero in a field means its default.
+ */
+struct decode_limits {
+	uint64_t max_decode_bytes; /* bytes of the whole decoded item, and of any scratch buffer */
+	uint64_t max_input_bytes;  /* bytes of the encoded resource */
+	uint32_t max_dim;          /* width and height */
+	uint32_t max_frames;       /* frames of one item */
+	uint32_t max_ratio;        /* decoded bytes per encoded byte for compressed codecs */
+	uint32_t max_meta_bytes;   /* the metadata JSON */
+};
+#define DECODE_DEFAULT_MAX_DECODE_BYTES (1ull << 30)
+#define DECODE_DEFAULT_MAX_INPUT_BYTES (2ull << 30)
+#define DECODE_DEFAULT_MAX_DIM 65535u
+#define DECODE_DEFAULT_MAX_FRAMES (1u << 20)
+/* Deflate tops out near 1032:1 and JPEG near 1:600; 4096 leaves room for blank images. */
+#define DECODE_DEFAULT_MAX_RATIO 4096u
+#define DECODE_DEFAULT_MAX_META_BYTES (1u << 20)
+
+/* Fills every field with its default. */
+void decode_limits_default(struct decode_limits *lim);
+
+enum decode_flag {
+	DECODE_F_FRAME = 1u << 0, /* decode only frame opts.frame: shape (1, C, H, W) */
+	DECODE_F_LUT = 1u << 1,   /* apply the modality LUT / NIfTI scaling (float32 unless dtype) */
+};
+
+struct decode_opts {
+	uint32_t flags;           /* enum decode_flag */
+	uint32_t frame;           /* with DECODE_F_FRAME */
+	enum decode_dtype dtype;  /* output dtype; DECODE_DTYPE_NONE: source (float32 with LUT) */
+};
+
+/* The tensor descriptor: what decode_run() will write. */
+struct decode_desc {
+	enum decode_format format;
+	enum decode_codec codec;
+	enum decode_dtype src_dtype; /* as stored in the file */
+	enum decode_dtype dtype;     /* of the output */
+	uint32_t frames;             /* output shape (frames, channels, height, width) */
+	uint32_t channels;
+	uint32_t height;
+	uint32_t width;
+	uint32_t src_frames;         /* frames of the whole item */
+	uint64_t nbytes;             /* output bytes = product of the shape * dtype size */
+	double slope, intercept;     /* the scaling the file declares (1, 0 when none) */
+	bool lut_applied;
+};
+
+struct decode_ctx;
+
+/* A new context with `lim` (copied; NULL: defaults). NULL only on out-of-memory. */
+struct decode_ctx *decode_ctx_new(const struct decode_limits *lim);
+/* Frees the context and everything it holds. NULL is a no-op. */
+void decode_ctx_free(struct decode_ctx *ctx);
+/* Returns scratch memory above `keep` bytes to the system (after an unusually large item). */
+void decode_ctx_trim(struct decode_ctx *ctx, size_t keep);
+const struct decode_limits *decode_ctx_limits(const struct decode_ctx *ctx);
+
+/* The format by magic bytes: DICM at 128 (or a plausible preamble-less group 0008/0002
+ * start), FF D8 FF, the PNG signature, a NIfTI-1/2 header, or gzip (taken as .nii.gz). */
+enum decode_format decode_sniff(const void *in, size_t len);
+
+/*
+ * Parses `in` (borrowed for the call; and until decode_run() on the same ctx) and fills
+ * *ret_desc after every limit check. `opts` may be NULL (all defaults).
+ */
+int decode_probe(struct decode_ctx *ctx, const void *in, size_t len, const struct decode_opts *opts,
+		 struct decode_desc *ret_desc, char *err, size_t errlen);
+
+/*
+ * Decodes `in` with `opts` into `out` (out_len >= desc.nbytes of the probe). Reuses the state
+ * of the last decode_probe() on this ctx when it was for the same `in`, `len` and `opts`;
+ * probes again otherwise. On failure the contents of `out` are unspecified.
+ */
+int decode_run(struct decode_ctx *ctx, const void *in, size_t len, const struct decode_opts *opts,
+	       void *out, size_t out_len, char *err, size_t errlen);
+
+/*
+ * The metadata of `in` as a JSON object, NUL-terminated, into `out` (capacity `cap`):
+ *   {"format": "dicom", "codec": "jpeg-lossless", "dtype": "int16", "shape": [F, C, H, W],
+ *    "header": {...}}
+ * where "header" is, for DICOM, the data set in the DICOM JSON model (PS3.18 annex F) without
+ * pixel data, with values over 64 KiB and inline binaries over 4 KiB left out and sequences
+ * deeper than 16 levels cut; for NIfTI the header fields; for PNG/JPEG the image header.
+ * DICOM elements that would push the text over max_meta_bytes are left out.
+ * *ret_len gets the length without the NUL. -ENOBUFS when `cap` is too small,
+ * -DMC_E_LIMIT_EXCEEDED above max_meta_bytes. Reuses the probe of the same input and opts,
+ * and leaves it for a following decode_run() (so a .nii.gz is inflated once).
+ */
+int decode_meta(struct decode_ctx *ctx, const void *in, size_t len, const struct decode_opts *opts,
+		char *out, size_t cap, size_t *ret_len, char *err, size_t errlen);
+
+/* Names: "dicom", "jpeg-lossless", "int16" (numpy). NULL for unknown values. */
+const char *decode_format_name(enum decode_format f);
+const char *decode_codec_name(enum decode_codec c);
+const char *decode_dtype_name(enum decode_dtype t);
+/* The dtype for a numpy name ("uint8", "float32", ...), or DECODE_DTYPE_NONE. */
+enum decode_dtype decode_dtype_from_name(const char *name);
+/* Bytes per element, 0 for DECODE_DTYPE_NONE. */
+size_t decode_dtype_size(enum decode_dtype t);
+
+/* The caching policy above: true when the decoded tensor should be kept in the store. */
+bool decode_codec_store_tensor(enum decode_codec c);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DMC_DECODE_H */

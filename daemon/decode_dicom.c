@@ -1,0 +1,686 @@
+/*
+ * decode_dicom: DICOM pixel data. GDCM (decode_gdcm.cc) parses the data set; the pixels take
+ * one of three routes:
+ *   native   implicit/explicit little endian, big endian, deflated: read here, with
+ *            pydicom's semantics (raw stored values, 1-bit unpacked LSB first, YBR_FULL_422
+ *            upsampled by repetition);
+ *   turbo    JPEG baseline / 8-bit extended (.4.50, .4.51): fragments extracted here and
+ *            decoded by TurboJPEG (2.5-2.8x faster than GDCM's own JPEG code);
+ *   rle      RLE lossless (PS3.5 annex G): PackBits segments decoded here, straight into
+ *            the planar output (GDCM 3.0.21 scrambles 16- and 32-bit multi-sample RLE);
+ *   gdcm     JPEG lossless, JPEG-LS, JPEG 2000, 12-bit JPEG: GDCM's codecs.
+ * 8-bit YBR_FULL and YBR_FULL_422 become RGB as pydicom's convert_color_space computes it
+ * (float32 matrix, round half up, clip); JPEG streams get libjpeg's YCbCr->RGB instead.
+ */
+#include "decode_priv.h"
+
+#include <errno.h>
+#include <math.h>
+#include <string.h>
+
+enum dicom_route {
+	ROUTE_NATIVE = 1,
+	ROUTE_TURBO = 2,
+	ROUTE_GDCM = 3,
+	ROUTE_RLE = 4,
+};
+
+#define TS_PREFIX "1.2.840.10008.1.2"
+
+/* Caps of the DICOM JSON header (decode.h). */
+#define DICOM_JSON_MAX_VALUE (64u << 10)
+#define DICOM_JSON_MAX_INLINE (4u << 10)
+#define DICOM_JSON_MAX_DEPTH 16u
+
+static struct gdcm_shim *get_shim(struct decode_ctx *ctx)
+{
+	if (!ctx->gdcm)
+		ctx->gdcm = gdcm_shim_new();
+	return ctx->gdcm;
+}
+
+static bool ts_is(const char *ts, const char *suffix)
+{
+	size_t n = strlen(TS_PREFIX);
+	return strncmp(ts, TS_PREFIX, n) == 0 && strcmp(ts + n, suffix) == 0;
+}
+
+static bool is_ybr_full(const char *pi)
+{
+	return strcmp(pi, "YBR_FULL") == 0 || strcmp(pi, "YBR_FULL_422") == 0;
+}
+
+int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct decode_src *ret,
+		char *err, size_t errlen)
+{
+	struct gdcm_info in_;
+	struct gdcm_info *info = &ret->u.dcm.info;
+	struct gdcm_shim *sh = get_shim(ctx);
+	int r;
+
+	if (!sh) {
+		decode_seterr(err, errlen, "out of memory");
+		return -ENOMEM;
+	}
+	r = gdcm_shim_load(sh, in, len, &in_, err, errlen);
+	if (r < 0)
+		return r;
+	*info = in_;
+	if (!info->has_pixels) {
+		decode_seterr(err, errlen, "DICOM: no pixel data");
+		return -DMC_E_DECODE_FAILED;
+	}
+	if (info->frames_invalid) {
+		decode_seterr(err, errlen, "DICOM: NumberOfFrames is not a number");
+		return -DMC_E_DECODE_FAILED;
+	}
+	if (info->rows == 0 || info->cols == 0) {
+		decode_seterr(err, errlen, "DICOM: Rows or Columns missing or zero");
+		return -DMC_E_DECODE_FAILED;
+	}
+	/* Limits before anything else: Rows/Columns may be UL, NumberOfFrames 2^31. */
+	if (info->rows > ctx->lim.max_dim || info->cols > ctx->lim.max_dim ||
+	    info->frames > ctx->lim.max_frames) {
+		decode_seterr(err, errlen, "DICOM: %llu x %llu pixels, %llu frames exceed the limits",
+			      (unsigned long long)info->cols, (unsigned long long)info->rows,
+			      (unsigned long long)info->frames);
+		return -DMC_E_LIMIT_EXCEEDED;
+	}
+	if (info->samples != 1 && info->samples != 3) {
+		decode_seterr(err, errlen, "DICOM: %llu samples per pixel are not supported",
+			      (unsigned long long)info->samples);
+		return -DMC_E_DECODE_FAILED;
+	}
+	uint64_t ba = info->bits_allocated;
+	enum decode_dtype dt;
+	bool sgn = info->pixel_rep == 1;
+	if (info->float_bits == 32 && ba == 32)
+		dt = DECODE_DTYPE_F32;
+	else if (info->float_bits == 64 && ba == 64)
+		dt = DECODE_DTYPE_F64;
+	else if (info->float_bits)
+		dt = DECODE_DTYPE_NONE;
+	else if (ba == 1 && info->samples == 1)
+		dt = DECODE_DTYPE_U8;
+	else if (ba == 8)
+		dt = sgn ? DECODE_DTYPE_I8 : DECODE_DTYPE_U8;
+	else if (ba == 16)
+		dt = sgn ? DECODE_DTYPE_I16 : DECODE_DTYPE_U16;
+	else if (ba == 32)
+		dt = sgn ? DECODE_DTYPE_I32 : DECODE_DTYPE_U32;
+	else
+		dt = DECODE_DTYPE_NONE;
+	if (dt == DECODE_DTYPE_NONE) {
+		decode_seterr(err, errlen, "DICOM: BitsAllocated %llu is not supported",
+			      (unsigned long long)ba);
+		return -DMC_E_DECODE_FAILED;
+	}
+
+	uint64_t total;
+	if (decode_mul_u64(info->frames, info->rows, &total) ||
+	    decode_mul_u64(total, info->cols, &total) ||
+	    decode_mul_u64(total, info->samples, &total) ||
+	    decode_mul_u64(total, decode_dtype_size(dt), &total) ||
+	    total > ctx->lim.max_decode_bytes) {
+		decode_seterr(err, errlen,
+			      "DICOM: %llu frames of %llu x %llu x %llu exceed max_decode_bytes",
+			      (unsigned long long)info->frames, (unsigned long long)info->rows,
+			      (unsigned long long)info->cols, (unsigned long long)info->samples);
+		return -DMC_E_LIMIT_EXCEEDED;
+	}
+
+	const char *ts = info->ts;
+	if (ts_is(ts, "") || ts_is(ts, ".1") || ts_is(ts, ".2") || ts_is(ts, ".1.99")) {
+		if (info->encapsulated) {
+			decode_seterr(err, errlen, "DICOM: encapsulated pixel data in a native syntax");
+			return -DMC_E_DECODE_FAILED;
+		}
+		ret->u.dcm.route = ROUTE_NATIVE;
+		ret->codec = ts_is(ts, ".1.99") ? DECODE_CODEC_DEFLATE : DECODE_CODEC_RAW;
+		if (ts_is(ts, ".2") && info->float_bits) {
+			decode_seterr(err, errlen, "DICOM: big-endian float pixel data is not supported");
+			return -DMC_E_DECODE_FAILED;
+		}
+		/* The stored size: 1-bit packed; YBR_FULL_422 keeps 2 samples per pixel. */
+		uint64_t stored = total;
+		if (ba == 1)
+			stored = (info->frames * info->rows * info->cols + 7) / 8;
+		else if (strcmp(info->photometric, "YBR_FULL_422") == 0 && info->samples == 3)
+			stored = total / 3 * 2;
+		if (info->pixel_bytes < stored || info->truncated) {
+			decode_seterr(err, errlen,
+				      "DICOM: pixel data has %llu bytes, %llu expected (truncated)",
+				      (unsigned long long)info->pixel_bytes,
+				      (unsigned long long)stored);
+			return -DMC_E_DECODE_FAILED;
+		}
+	} else {
+		if (!info->encapsulated) {
+			decode_seterr(err, errlen, "DICOM: compressed syntax without encapsulated data");
+			return -DMC_E_DECODE_FAILED;
+		}
+		bool jpeg8 = ba == 8 && info->bits_stored <= 8;
+		if ((ts_is(ts, ".4.50") || ts_is(ts, ".4.51")) && jpeg8) {
+			ret->u.dcm.route = ROUTE_TURBO;
+			ret->codec = DECODE_CODEC_JPEG;
+		} else if (ts_is(ts, ".5")) {
+			ret->u.dcm.route = ROUTE_RLE;
+			ret->codec = DECODE_CODEC_RLE;
+		} else {
+			ret->u.dcm.route = ROUTE_GDCM;
+			if (ts_is(ts, ".4.50") || ts_is(ts, ".4.51"))
+				ret->codec = DECODE_CODEC_JPEG_EXTENDED;
+			else if (ts_is(ts, ".4.57") || ts_is(ts, ".4.70"))
+				ret->codec = DECODE_CODEC_JPEG_LOSSLESS;
+			else if (ts_is(ts, ".4.80") || ts_is(ts, ".4.81"))
+				ret->codec = DECODE_CODEC_JPEG_LS;
+			else if (ts_is(ts, ".4.90") || ts_is(ts, ".4.91"))
+				ret->codec = DECODE_CODEC_JPEG_2000;
+			else {
+				decode_seterr(err, errlen, "DICOM: unsupported transfer syntax '%.64s'",
+					      ts);
+				return -DMC_E_DECODE_FAILED;
+			}
+		}
+		ret->encoded_bytes = info->pixel_bytes ? info->pixel_bytes : 1;
+		if (ret->u.dcm.route == ROUTE_GDCM) {
+			uint64_t blen = 0;
+			if (gdcm_shim_buffer_length(sh, &blen) < 0) {
+				decode_seterr(err, errlen, "DICOM: GDCM cannot decode this image");
+				return -DMC_E_DECODE_FAILED;
+			}
+			ret->work_bytes = blen;
+		} else {
+			ret->work_bytes = total;
+		}
+	}
+
+	ret->dtype = dt;
+	ret->frames = (uint32_t)info->frames;
+	ret->channels = (uint32_t)info->samples;
+	ret->height = (uint32_t)info->rows;
+	ret->width = (uint32_t)info->cols;
+	ret->slope = info->has_rescale ? info->slope : 1.0;
+	ret->intercept = info->has_rescale ? info->intercept : 0.0;
+	ret->has_scaling = info->has_rescale;
+	ret->lut_unsupported = info->has_lut_seq && !info->has_rescale;
+	return 0;
+}
+
+/* pydicom's _convert_YBR_FULL_to_RGB, element by element in float32. */
+static void ybr_to_rgb_planar(uint8_t *p, size_t npx)
+{
+	const float m01 = (float)(-0.114 * 1.772 / 0.587), m02 = 1.772f;
+	const float m10 = 1.402f, m11 = (float)(-0.299 * 1.402 / 0.587);
+	uint8_t *y = p, *cb = p + npx, *cr = p + 2 * npx;
+	for (size_t i = 0; i < npx; i++) {
+		float Y = y[i], B = (float)cb[i] - 128.0f, R = (float)cr[i] - 128.0f;
+		float v[3];
+		v[0] = Y * 1.0f + B * 0.0f + R * m10;
+		v[1] = Y * 1.0f + B * m01 + R * m11;
+		v[2] = Y * 1.0f + B * m02 + R * 0.0f;
+		uint8_t o[3];
+		for (int k = 0; k < 3; k++) {
+			float f = floorf(v[k] + 0.5f);
+			o[k] = f < 0.0f ? 0 : f > 255.0f ? 255 : (uint8_t)f;
+		}
+		y[i] = o[0];
+		cb[i] = o[1];
+		cr[i] = o[2];
+	}
+}
+
+/* Interleaved samples of `esize` bytes into planes. */
+static void deinterleave(const uint8_t *s, size_t npx, uint32_t c, size_t esize, uint8_t *d)
+{
+	for (uint32_t k = 0; k < c; k++) {
+		uint8_t *plane = d + k * npx * esize;
+		for (size_t i = 0; i < npx; i++)
+			memcpy(plane + i * esize, s + (i * c + k) * esize, esize);
+	}
+}
+
+static int decode_native(struct decode_ctx *ctx, const struct decode_src *src, uint32_t first,
+			 uint32_t n, uint8_t *dst, char *err, size_t errlen)
+{
+	const struct gdcm_info *info = &src->u.dcm.info;
+	const uint8_t *p;
+	uint64_t plen;
+	bool ow;
+	int r = gdcm_shim_native(ctx->gdcm, &p, &plen, &ow);
+	if (r < 0) {
+		decode_seterr(err, errlen, "DICOM: cannot read the pixel data");
+		return r;
+	}
+	const bool big = ts_is(info->ts, ".2");
+	const size_t esize = decode_dtype_size(src->dtype);
+	const size_t npx = (size_t)src->height * src->width;
+	const uint32_t c = src->channels;
+	const size_t frame_out = npx * c * esize;
+	const bool ybr422 = strcmp(info->photometric, "YBR_FULL_422") == 0 && c == 3;
+
+	if (info->bits_allocated == 1) {
+		/* pydicom unpacks all bits LSB first, then cuts frames: frames need not start on
+		 * a byte boundary. Big-endian OW words were swapped by GDCM: undo it. */
+		for (uint32_t f = 0; f < n; f++) {
+			uint64_t bit0 = (uint64_t)(first + f) * npx;
+			for (size_t i = 0; i < npx; i++) {
+				uint64_t b = bit0 + i;
+				uint64_t byte = b / 8;
+				if (big && ow)
+					byte ^= 1;
+				if (byte >= plen)
+					return -DMC_E_DECODE_FAILED;
+				dst[(size_t)f * npx + i] = (uint8_t)(p[byte] >> (b % 8) & 1);
+			}
+		}
+		return 0;
+	}
+
+	const size_t frame_in = ybr422 ? npx * 2 * esize : frame_out;
+	for (uint32_t f = 0; f < n; f++) {
+		const uint8_t *fs = p + (uint64_t)(first + f) * frame_in;
+		uint8_t *fd = dst + (size_t)f * frame_out;
+		if ((uint64_t)(fs - p) + frame_in > plen)
+			return -DMC_E_DECODE_FAILED;
+		if (ybr422) {
+			/* Y1 Y2 Cb Cr -> (Y1 Cb Cr) (Y2 Cb Cr), planar; 8-bit only in practice. */
+			if (esize != 1) {
+				decode_seterr(err, errlen, "DICOM: YBR_FULL_422 above 8 bits");
+				return -DMC_E_DECODE_FAILED;
+			}
+			for (size_t i = 0; i < npx; i++) {
+				size_t pair = i / 2;
+				fd[i] = fs[pair * 4 + (i & 1)];
+				fd[npx + i] = fs[pair * 4 + 2];
+				fd[2 * npx + i] = fs[pair * 4 + 3];
+			}
+		} else if (c == 1 || info->planar == 1) {
+			memcpy(fd, fs, frame_out);
+		} else {
+			deinterleave(fs, npx, c, esize, fd);
+		}
+		if (big && ow) {
+			/* GDCM swapped OW as 16-bit words; pydicom reads the file's bytes as
+			 * big-endian elements of BitsAllocated. */
+			if (esize == 1)
+				decode_swap(fd, frame_out / 2, 2);
+			else if (esize == 4)
+				for (size_t i = 0; i < frame_out / 4; i++) {
+					uint32_t v;
+					memcpy(&v, fd + i * 4, 4);
+					v = v << 16 | v >> 16;
+					memcpy(fd + i * 4, &v, 4);
+				}
+		} else if (big && !ow && esize > 1) {
+			decode_swap(fd, frame_out / esize, (unsigned)esize);
+		}
+		if (c == 3 && esize == 1 && is_ybr_full(info->photometric))
+			ybr_to_rgb_planar(fd, npx);
+	}
+	return 0;
+}
+
+/* Which fragments make frame k: [ret_first, ret_first + ret_n). */
+static int frame_fragments(struct decode_ctx *ctx, uint32_t frames, uint32_t k,
+			   uint32_t *ret_first, uint32_t *ret_n, char *err, size_t errlen)
+{
+	uint32_t nfrag;
+	const uint8_t *bot;
+	uint64_t botlen;
+	if (gdcm_shim_fragment_count(ctx->gdcm, &nfrag) < 0 || nfrag == 0 ||
+	    gdcm_shim_offset_table(ctx->gdcm, &bot, &botlen) < 0) {
+		decode_seterr(err, errlen, "DICOM: no pixel data fragments");
+		return -DMC_E_DECODE_FAILED;
+	}
+	if (frames == 1) {
+		*ret_first = 0;
+		*ret_n = nfrag;
+		return 0;
+	}
+	if (nfrag == frames) {
+		*ret_first = k;
+		*ret_n = 1;
+		return 0;
+	}
+	if (bot && botlen == (uint64_t)frames * 4) {
+		/* Offsets count from the first fragment's item tag; each item has 8 header bytes. */
+		uint64_t start = rd_le32(bot + 4 * (size_t)k);
+		uint64_t end = k + 1 < frames ? rd_le32(bot + 4 * (size_t)(k + 1)) : UINT64_MAX;
+		uint64_t off = 0;
+		uint32_t a = UINT32_MAX, cnt = 0;
+		for (uint32_t i = 0; i < nfrag; i++) {
+			const uint8_t *fp;
+			uint64_t fl;
+			if (gdcm_shim_fragment(ctx->gdcm, i, &fp, &fl) < 0)
+				break;
+			if (off >= start && off < end) {
+				if (a == UINT32_MAX)
+					a = i;
+				cnt++;
+			}
+			off += 8 + fl;
+		}
+		if (a != UINT32_MAX) {
+			*ret_first = a;
+			*ret_n = cnt;
+			return 0;
+		}
+	} else {
+		/* No usable table: a frame starts at each fragment that starts with SOI. */
+		uint32_t frame = 0, a = UINT32_MAX, cnt = 0;
+		for (uint32_t i = 0; i < nfrag; i++) {
+			const uint8_t *fp;
+			uint64_t fl;
+			if (gdcm_shim_fragment(ctx->gdcm, i, &fp, &fl) < 0)
+				break;
+			bool soi = fl >= 2 && fp[0] == 0xff && fp[1] == 0xd8;
+			if (soi && i > 0)
+				frame++;
+			if (frame == k) {
+				if (a == UINT32_MAX)
+					a = i;
+				cnt++;
+			}
+		}
+		if (a != UINT32_MAX) {
+			*ret_first = a;
+			*ret_n = cnt;
+			return 0;
+		}
+	}
+	decode_seterr(err, errlen, "DICOM: cannot find the fragments of frame %u", k);
+	return -DMC_E_DECODE_FAILED;
+}
+
+/* The encoded bytes of frame k: one fragment in place, or several copied into work2. */
+static int frame_bytes(struct decode_ctx *ctx, const struct decode_src *src, uint32_t k,
+		       const uint8_t **ret_p, uint64_t *ret_len, char *err, size_t errlen)
+{
+	uint32_t a, cnt;
+	int r = frame_fragments(ctx, src->frames, k, &a, &cnt, err, errlen);
+	if (r < 0)
+		return r;
+	const uint8_t *p = NULL;
+	uint64_t plen = 0;
+	if (cnt == 1) {
+		r = gdcm_shim_fragment(ctx->gdcm, a, &p, &plen);
+	} else {
+		uint64_t total = 0;
+		for (uint32_t i = 0; i < cnt && r >= 0; i++) {
+			const uint8_t *fp;
+			uint64_t fl;
+			r = gdcm_shim_fragment(ctx->gdcm, a + i, &fp, &fl);
+			total += fl;
+		}
+		if (r >= 0)
+			r = decode_buf_reserve(ctx, &ctx->work2, total ? total : 1, err, errlen);
+		uint64_t off = 0;
+		for (uint32_t i = 0; i < cnt && r >= 0; i++) {
+			const uint8_t *fp;
+			uint64_t fl;
+			r = gdcm_shim_fragment(ctx->gdcm, a + i, &fp, &fl);
+			if (r >= 0 && fl) {
+				memcpy((uint8_t *)ctx->work2.p + off, fp, fl);
+				off += fl;
+			}
+		}
+		p = ctx->work2.p;
+		plen = off;
+	}
+	if (r < 0)
+		return r;
+	if (!p || plen == 0) {
+		decode_seterr(err, errlen, "DICOM: empty pixel data fragment");
+		return -DMC_E_DECODE_FAILED;
+	}
+	*ret_p = p;
+	*ret_len = plen;
+	return 0;
+}
+
+/*
+ * pydicom decodes JPEG baseline with Photometric Interpretation RGB and no Adobe marker
+ * without a color transform (the JPEG's own default would be YCbCr). TurboJPEG follows the
+ * markers only, so the stream is copied with its JFIF identifier disabled and an Adobe
+ * marker saying "transform 0" (RGB) inserted after SOI.
+ */
+static int force_rgb(struct decode_ctx *ctx, const uint8_t *p, uint64_t len, const uint8_t **ret_p,
+		     uint64_t *ret_len, char *err, size_t errlen)
+{
+	static const uint8_t adobe[16] = { 0xff, 0xee, 0x00, 0x0e, 'A', 'd', 'o', 'b', 'e',
+					   0x00, 0x64, 0x00, 0x00, 0x00, 0x00, 0x00 };
+	uint64_t n = len + sizeof(adobe);
+	/* work2 may already hold p (a multi-fragment frame): use the conversion-free half. */
+	struct decode_buf *b = p == ctx->work2.p ? &ctx->work : &ctx->work2;
+	int r = decode_buf_reserve(ctx, b, n, err, errlen);
+	if (r < 0)
+		return r;
+	uint8_t *q = b->p;
+	memcpy(q, p, 2);
+	memcpy(q + 2, adobe, sizeof(adobe));
+	memcpy(q + 2 + sizeof(adobe), p + 2, len - 2);
+	/* Disable APP0 "JFIF": it would force YCbCr. Markers before the first SOS only. */
+	for (uint64_t i = 2 + sizeof(adobe); i + 9 <= n;) {
+		if (q[i] != 0xff)
+			break;
+		uint8_t m = q[i + 1];
+		if (m == 0xda || m == 0xd9)
+			break;
+		uint32_t seg = rd_be16(q + i + 2);
+		if (m == 0xe0 && seg >= 7 && memcmp(q + i + 4, "JFIF", 5) == 0)
+			q[i + 7] = 'X';
+		i += 2 + seg;
+	}
+	*ret_p = q;
+	*ret_len = n;
+	return 0;
+}
+
+static int decode_turbo(struct decode_ctx *ctx, const struct decode_src *src, uint32_t first,
+			uint32_t n, uint8_t *dst, char *err, size_t errlen)
+{
+	const size_t frame_out = (size_t)src->height * src->width * src->channels;
+	const bool rgb = src->channels == 3 && strcmp(src->u.dcm.info.photometric, "RGB") == 0;
+	for (uint32_t f = 0; f < n; f++) {
+		const uint8_t *p;
+		uint64_t plen;
+		int r = frame_bytes(ctx, src, first + f, &p, &plen, err, errlen);
+		if (r < 0)
+			return r;
+		uint32_t w, h, c, bits;
+		bool adobe = false, prog;
+		if (rgb && jpeg_scan_header(p, (size_t)plen, &w, &h, &c, &bits, &adobe, &prog) == 0 &&
+		    !adobe) {
+			r = force_rgb(ctx, p, plen, &p, &plen, err, errlen);
+			if (r < 0)
+				return r;
+		}
+		r = jpeg_decode_planar(ctx, p, (size_t)plen, src->width, src->height, src->channels,
+				       dst + (size_t)f * frame_out, err, errlen);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+/* One PackBits segment into `want` bytes spaced `stride` apart. */
+static int rle_segment(const uint8_t *s, size_t n, uint8_t *out, size_t want, size_t stride)
+{
+	size_t i = 0, o = 0;
+	while (o < want && i < n) {
+		int8_t h = (int8_t)s[i++];
+		if (h >= 0) {
+			size_t cnt = (size_t)h + 1;
+			if (i + cnt > n)
+				return -1;
+			for (size_t k = 0; k < cnt && o < want; k++)
+				out[o++ * stride] = s[i + k];
+			i += cnt;
+		} else if (h != -128) {
+			size_t cnt = (size_t)(1 - h);
+			if (i >= n)
+				return -1;
+			uint8_t v = s[i++];
+			for (size_t k = 0; k < cnt && o < want; k++)
+				out[o++ * stride] = v;
+		}
+	}
+	return o == want ? 0 : -1;
+}
+
+static int decode_rle(struct decode_ctx *ctx, const struct decode_src *src, uint32_t first,
+		      uint32_t n, uint8_t *dst, char *err, size_t errlen)
+{
+	const size_t esize = decode_dtype_size(src->dtype);
+	const size_t npx = (size_t)src->height * src->width;
+	const uint32_t c = src->channels;
+	const size_t frame_out = npx * c * esize;
+	const uint32_t nseg = c * (uint32_t)esize;
+	for (uint32_t f = 0; f < n; f++) {
+		const uint8_t *p;
+		uint64_t plen;
+		int r = frame_bytes(ctx, src, first + f, &p, &plen, err, errlen);
+		if (r < 0)
+			return r;
+		if (plen < 64 || rd_le32(p) != nseg) {
+			decode_seterr(err, errlen, "RLE: header declares %u segments, %u expected",
+				      plen >= 64 ? rd_le32(p) : 0, nseg);
+			return -DMC_E_DECODE_FAILED;
+		}
+		uint8_t *fd = dst + (size_t)f * frame_out;
+		for (uint32_t sg = 0; sg < nseg; sg++) {
+			uint64_t start = rd_le32(p + 4 + 4 * sg);
+			uint64_t end = sg + 1 < nseg ? rd_le32(p + 8 + 4 * sg) : plen;
+			if (start < 64 || start > end || end > plen) {
+				decode_seterr(err, errlen, "RLE: bad segment offsets");
+				return -DMC_E_DECODE_FAILED;
+			}
+			/* Segment order: each sample, most significant byte first. */
+			uint32_t sample = sg / (uint32_t)esize, byte = sg % (uint32_t)esize;
+			size_t host_byte = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+						   ? esize - 1 - byte : byte;
+			uint8_t *plane = fd + (size_t)sample * npx * esize + host_byte;
+			if (rle_segment(p + start, (size_t)(end - start), plane, npx, esize) < 0) {
+				decode_seterr(err, errlen, "RLE: segment %u is corrupt or short", sg);
+				return -DMC_E_DECODE_FAILED;
+			}
+		}
+		if (c == 3 && esize == 1 && is_ybr_full(src->u.dcm.info.photometric))
+			ybr_to_rgb_planar(fd, npx);
+	}
+	return 0;
+}
+
+static void sign_extend_bits(uint8_t *p, size_t n, size_t esize, unsigned bits)
+{
+	for (size_t i = 0; i < n; i++) {
+		if (esize == 2) {
+			uint16_t v;
+			memcpy(&v, p + i * 2, 2);
+			uint16_t m = (uint16_t)(1u << (bits - 1));
+			v = (uint16_t)(((v & (uint16_t)((1u << bits) - 1)) ^ m) - m);
+			memcpy(p + i * 2, &v, 2);
+		} else if (esize == 4) {
+			uint32_t v;
+			memcpy(&v, p + i * 4, 4);
+			uint32_t m = 1u << (bits - 1);
+			v = ((v & ((1u << bits) - 1)) ^ m) - m;
+			memcpy(p + i * 4, &v, 4);
+		} else if (esize == 1) {
+			uint8_t m = (uint8_t)(1u << (bits - 1));
+			p[i] = (uint8_t)(((p[i] & ((1u << bits) - 1)) ^ m) - m);
+		}
+	}
+}
+
+static int decode_gdcm(struct decode_ctx *ctx, const struct decode_src *src, uint32_t first,
+		       uint32_t n, uint8_t *dst, char *err, size_t errlen)
+{
+	uint64_t blen;
+	int planar, r;
+	char pi[20];
+	if (gdcm_shim_buffer_length(ctx->gdcm, &blen) < 0)
+		return -DMC_E_DECODE_FAILED;
+	const size_t esize = decode_dtype_size(src->dtype);
+	const size_t npx = (size_t)src->height * src->width;
+	const uint32_t c = src->channels;
+	const size_t frame_bytes = npx * c * esize;
+	if (blen < (uint64_t)frame_bytes * src->frames) {
+		decode_seterr(err, errlen, "DICOM: GDCM buffer of %llu bytes, %llu expected",
+			      (unsigned long long)blen,
+			      (unsigned long long)frame_bytes * src->frames);
+		return -DMC_E_DECODE_FAILED;
+	}
+	r = decode_buf_reserve(ctx, &ctx->work, blen, err, errlen);
+	if (r < 0)
+		return r;
+	r = gdcm_shim_decode(ctx->gdcm, ctx->work.p, blen, &planar, pi, err, errlen);
+	if (r < 0)
+		return r;
+	/* pydicom's J2K correction: a J2K codestream may hold BitsStored-bit samples as
+	 * unsigned while the header says signed; two's complement from BitsStored then. A
+	 * no-op on samples that are already sign-extended. */
+	const struct gdcm_info *info = &src->u.dcm.info;
+	const bool sign_extend = src->codec == DECODE_CODEC_JPEG_2000 && info->pixel_rep == 1 &&
+				 info->bits_stored > 0 && info->bits_stored < info->bits_allocated;
+	const uint8_t *s = ctx->work.p;
+	for (uint32_t f = 0; f < n; f++) {
+		const uint8_t *fs = s + (size_t)(first + f) * frame_bytes;
+		uint8_t *fd = dst + (size_t)f * frame_bytes;
+		if (c == 1 || planar == 1)
+			memcpy(fd, fs, frame_bytes);
+		else
+			deinterleave(fs, npx, c, esize, fd);
+		if (c == 3 && esize == 1 && is_ybr_full(pi))
+			ybr_to_rgb_planar(fd, npx);
+		if (sign_extend)
+			sign_extend_bits(fd, npx * c, esize, (unsigned)info->bits_stored);
+	}
+	return 0;
+}
+
+int dicom_decode(struct decode_ctx *ctx, const uint8_t *in, size_t len,
+		 const struct decode_src *src, uint32_t first, uint32_t n, void *dst, char *err,
+		 size_t errlen)
+{
+	struct gdcm_info info;
+	/* A no-op when the probe loaded this buffer; a reload otherwise. */
+	int r = gdcm_shim_load(ctx->gdcm, in, len, &info, err, errlen);
+	if (r < 0)
+		return r;
+	switch (src->u.dcm.route) {
+	case ROUTE_NATIVE:
+		return decode_native(ctx, src, first, n, dst, err, errlen);
+	case ROUTE_TURBO:
+		return decode_turbo(ctx, src, first, n, dst, err, errlen);
+	case ROUTE_GDCM:
+		return decode_gdcm(ctx, src, first, n, dst, err, errlen);
+	case ROUTE_RLE:
+		return decode_rle(ctx, src, first, n, dst, err, errlen);
+	default:
+		return -DMC_E_INTERNAL;
+	}
+}
+
+int dicom_meta(struct decode_ctx *ctx, const uint8_t *in, size_t len, const char **ret_text,
+	       size_t *ret_len, char *err, size_t errlen)
+{
+	struct gdcm_info info;
+	struct gdcm_shim *sh = get_shim(ctx);
+	if (!sh)
+		return -ENOMEM;
+	int r = gdcm_shim_load(sh, in, len, &info, err, errlen);
+	if (r < 0)
+		return r;
+	size_t cap = ctx->lim.max_meta_bytes;
+	r = decode_buf_reserve(ctx, &ctx->work2, cap, err, errlen);
+	if (r < 0)
+		return r;
+	r = gdcm_shim_json(sh, ctx->work2.p, cap, DICOM_JSON_MAX_VALUE, DICOM_JSON_MAX_INLINE,
+			   DICOM_JSON_MAX_DEPTH, ret_len, err, errlen);
+	if (r < 0)
+		return r;
+	*ret_text = ctx->work2.p;
+	return 0;
+}
