@@ -50,6 +50,35 @@ static const struct key keys[] = {
 	K("listen_backlog", KT_UINT32, listen_backlog, 1, 65535, "listen(2) backlog"),
 	K("allow_user_namespace", KT_BOOL, allow_user_namespace, 0, 0,
 	  "run inside a user namespace although peers may then appear as the overflow uid"),
+	K("max_size", KT_SIZE, max_size, 0, 1ull << 60,
+	  "largest size of the cache's files (0: no limit); least recently used go first"),
+	K("min_free", KT_SIZE, min_free, 0, 1ull << 60,
+	  "free space to leave on the cache's file system"),
+	K("max_object", KT_SIZE, max_object, 1, 1ull << 40,
+	  "largest object downloaded or stored"),
+	K("zstd_level", KT_UINT32, zstd_level, 1, 3,
+	  "zstd level for payloads that compress (1 to 3)"),
+	K("sync_full", KT_BOOL, sync_full, 0, 0,
+	  "sync the index at every batch, so acknowledged items survive power loss (default yes)"),
+	K("parallel_transfers", KT_UINT32, parallel_transfers, 1, 1024,
+	  "downloads running at once"),
+	K("per_host_connections", KT_UINT32, per_host_connections, 1, 1024,
+	  "connections to one upstream host"),
+	K("connect_timeout", KT_DURATION, connect_timeout_ms, 100, 600000,
+	  "give up connecting after this long (then retry)"),
+	K("low_speed_limit", KT_UINT32, low_speed_limit, 1, 1u << 30,
+	  "bytes/s: a transfer slower than this for low_speed_time is aborted and retried"),
+	K("low_speed_time", KT_DURATION, low_speed_time_ms, 1000, 3600000,
+	  "see low_speed_limit"),
+	K("max_attempts", KT_UINT32, max_attempts, 1, 100,
+	  "attempts per download, the first included"),
+	K("backoff_base", KT_DURATION, backoff_base_ms, 1, 3600000,
+	  "first wait before a retry (doubles each time, with jitter)"),
+	K("backoff_max", KT_DURATION, backoff_max_ms, 1, 3600000, "longest wait between retries"),
+	K("retry_budget", KT_DURATION, retry_budget_ms, 1000, 7 * 24 * 3600000ull,
+	  "no retry starts after this much time on one download"),
+	K("ca_file", KT_STRING, ca_file, 0, 0,
+	  "CA certificates for TLS verification (default: the system's)"),
 };
 
 void config_init(struct config *cfg)
@@ -63,6 +92,20 @@ void config_init(struct config *cfg)
 	cfg->hello_timeout_ms = 10000;
 	cfg->write_queue_max = 4u << 20;
 	cfg->listen_backlog = 512;
+	cfg->max_size = 0;
+	cfg->min_free = 1ull << 30;
+	cfg->max_object = 16ull << 30;
+	cfg->zstd_level = 1;
+	cfg->sync_full = true;
+	cfg->parallel_transfers = 16;
+	cfg->per_host_connections = 16;
+	cfg->connect_timeout_ms = 10000;
+	cfg->low_speed_limit = 1024;
+	cfg->low_speed_time_ms = 30000;
+	cfg->max_attempts = 5;
+	cfg->backoff_base_ms = 1000;
+	cfg->backoff_max_ms = 30000;
+	cfg->retry_budget_ms = 600000;
 }
 
 void config_done(struct config *cfg)

@@ -30,6 +30,25 @@ struct config {
 	uint64_t write_queue_max;  /* bytes of unsent replies before a connection's reads pause */
 	uint32_t listen_backlog;
 	bool allow_user_namespace; /* run although peers may appear as the overflow uid */
+
+	/* the cache (store.h, index.h) */
+	uint64_t max_size;         /* bytes of blob files; 0: no limit */
+	uint64_t min_free;         /* bytes to keep free on the cache's file system */
+	uint64_t max_object;       /* largest object stored or downloaded */
+	uint32_t zstd_level;
+	bool sync_full;            /* sync the index at every batch (survives power loss) */
+
+	/* upstream transfers (fetch.h) */
+	uint32_t parallel_transfers;
+	uint32_t per_host_connections;
+	uint64_t connect_timeout_ms;
+	uint32_t low_speed_limit;  /* bytes/s */
+	uint64_t low_speed_time_ms;
+	uint32_t max_attempts;
+	uint64_t backoff_base_ms;
+	uint64_t backoff_max_ms;
+	uint64_t retry_budget_ms;
+	char *ca_file;
 };
 
 /* Fills in the defaults. */

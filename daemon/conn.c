@@ -58,6 +58,8 @@ void conn_close(struct conn *c)
 	srv->n_conns--;
 	if (c->counted)
 		server_uid_remove(srv, c->uid);
+	if (srv->app.conn_closed)
+		srv->app.conn_closed(srv->app.ctx, c);
 	uv_close((uv_handle_t *)&c->timer, on_handle_closed);
 	uv_close((uv_handle_t *)&c->pipe, on_handle_closed);
 }
@@ -488,6 +490,8 @@ static void dispatch(struct conn *c, const struct dmc_header *h, const uint8_t *
 			return;
 		}
 	}
+	if (c->srv->app.dispatch && c->srv->app.dispatch(c->srv->app.ctx, c, h, payload))
+		return;
 	c->srv->stats.unknown_opcodes++;
 	conn_send_error(c, h->request_id, DMC_E_UNSUPPORTED, NULL, "unknown opcode %u",
 			h->opcode);

@@ -49,6 +49,12 @@ enum stmt_id {
 	S_PASS_MAX,
 	S_PASS_DROP,
 	S_CLOCK,
+	S_ITEM_SET_CONTENT,
+	S_ITEM_SET_CONTENT_META,
+	S_ITEM_ADD_BLOB,
+	S_ITEM_FIND_PRIOR,
+	S_SNAP_DEL_ITEM_BLOBS,
+	S_BLOBS_UNREFERENCED,
 	S_COUNT_
 };
 
@@ -123,6 +129,16 @@ static const char *const stmt_sql[S_COUNT_] = {
 	[S_PASS_MAX] = "SELECT coalesce(max(seen), 0) FROM blobs",
 	[S_PASS_DROP] = "DELETE FROM blobs WHERE seen <> ?1",
 	[S_CLOCK] = "SELECT coalesce(max(last_access), 0) FROM blobs",
+	[S_ITEM_SET_CONTENT] = "UPDATE items SET blob = ?2, etag = ?3 WHERE key = ?1",
+	[S_ITEM_SET_CONTENT_META] = "UPDATE items SET blob = ?2, etag = ?3, meta = ?4 WHERE key = ?1",
+	[S_ITEM_ADD_BLOB] = "INSERT OR IGNORE INTO item_blobs (key, digest) VALUES (?1, ?2)",
+	[S_ITEM_FIND_PRIOR] = "SELECT i.etag, i.blob FROM items AS i JOIN blobs AS b "
+			      "ON b.digest = i.blob WHERE i.resource_id = ?1 AND i.size = ?2 "
+			      "AND i.etag IS NOT NULL ORDER BY i.key DESC LIMIT 1",
+	[S_SNAP_DEL_ITEM_BLOBS] = "DELETE FROM item_blobs WHERE key BETWEEN ?1 AND ?2",
+	[S_BLOBS_UNREFERENCED] = "SELECT " BLOB_COLS " FROM blobs WHERE kind IN (1, 4) "
+				 "AND digest NOT IN (SELECT blob FROM items WHERE blob IS NOT NULL) "
+				 "AND digest NOT IN (SELECT digest FROM item_blobs)",
 };
 
 /* Schema migrations: migrations[v] takes a database from user_version v to v + 1. */
@@ -160,6 +176,13 @@ static const char *const migrations[INDEX_SCHEMA_VERSION] = {
 	" seen INTEGER NOT NULL DEFAULT 0"
 	") WITHOUT ROWID;"
 	"CREATE INDEX blobs_lru ON blobs (last_access);",
+	/* 1 -> 2: blobs an item needs besides its own (segmentation masks), so that
+	 * garbage collection after an eviction keeps them. */
+	"CREATE TABLE item_blobs ("
+	" key INTEGER NOT NULL,"
+	" digest BLOB NOT NULL CHECK (length(digest) = 32),"
+	" PRIMARY KEY (key, digest)) WITHOUT ROWID;"
+	"CREATE INDEX item_blobs_digest ON item_blobs (digest);",
 };
 
 struct index {
@@ -793,6 +816,11 @@ int index_snapshot_delete(struct index *ix, int64_t id)
 	sqlite3_bind_int64(st, 2, key_hi(id));
 	if ((r = run_write(ix, st)) < 0)
 		return r;
+	st = stmt(ix, S_SNAP_DEL_ITEM_BLOBS);
+	sqlite3_bind_int64(st, 1, key_lo(id));
+	sqlite3_bind_int64(st, 2, key_hi(id));
+	if ((r = run_write(ix, st)) < 0)
+		return r;
 	st = stmt(ix, S_SNAP_DEL);
 	sqlite3_bind_int64(st, 1, id);
 	return run_write(ix, st);
@@ -1159,4 +1187,92 @@ int index_reconcile_end(struct index *ix, int64_t pass, int64_t *ret_dropped)
 	if (ret_dropped)
 		*ret_dropped = sqlite3_changes64(ix->db);
 	return index_flush(ix);
+}
+
+/* ---- prefetch helpers ---- */
+
+int index_item_set_content(struct index *ix, int64_t snapshot_id, int64_t idx,
+			   const uint8_t digest[INDEX_DIGEST_SIZE], const char *etag,
+			   const char *meta, size_t meta_len)
+{
+	sqlite3_stmt *st;
+	int64_t key;
+	int r;
+
+	if ((r = item_key(snapshot_id, idx, &key)) < 0 || (r = check_str(etag, true)) < 0)
+		return r;
+	if (meta && meta_len > INDEX_META_MAX)
+		return -DMC_E_LIMIT_EXCEEDED;
+	if ((r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, meta ? S_ITEM_SET_CONTENT_META : S_ITEM_SET_CONTENT);
+	sqlite3_bind_int64(st, 1, key);
+	bind_digest(st, 2, digest);
+	if (etag)
+		bind_text(st, 3, etag);
+	else
+		sqlite3_bind_null(st, 3);
+	if (meta)
+		sqlite3_bind_text(st, 4, meta, (int)meta_len, SQLITE_TRANSIENT);
+	if ((r = run_write(ix, st)) < 0)
+		return r;
+	return sqlite3_changes(ix->db) == 1 ? 0 : -ENOENT;
+}
+
+int index_item_add_blob(struct index *ix, int64_t snapshot_id, int64_t idx,
+			const uint8_t digest[INDEX_DIGEST_SIZE])
+{
+	sqlite3_stmt *st;
+	int64_t key;
+	int r;
+
+	if ((r = item_key(snapshot_id, idx, &key)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_ITEM_ADD_BLOB);
+	sqlite3_bind_int64(st, 1, key);
+	bind_digest(st, 2, digest);
+	return run_write(ix, st);
+}
+
+int index_item_find_prior(struct index *ix, const char *resource_id, int64_t size,
+			  char *ret_etag, size_t etag_cap, uint8_t ret_digest[INDEX_DIGEST_SIZE])
+{
+	sqlite3_stmt *st;
+	int rc, r;
+
+	if ((r = check_str(resource_id, false)) < 0)
+		return r;
+	st = stmt(ix, S_ITEM_FIND_PRIOR);
+	bind_text(st, 1, resource_id);
+	sqlite3_bind_int64(st, 2, size);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 1) == INDEX_DIGEST_SIZE &&
+	    (size_t)sqlite3_column_bytes(st, 0) < etag_cap) {
+		memcpy(ret_digest, sqlite3_column_blob(st, 1), INDEX_DIGEST_SIZE);
+		snprintf(ret_etag, etag_cap, "%s", (const char *)sqlite3_column_text(st, 0));
+		r = 0;
+	} else if (rc == SQLITE_ROW || rc == SQLITE_DONE) {
+		r = -ENOENT;
+	} else {
+		r = fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return r;
+}
+
+int index_blobs_unreferenced(struct index *ix, index_blob_cb cb, void *ctx)
+{
+	sqlite3_stmt *st = stmt(ix, S_BLOBS_UNREFERENCED);
+	int rc, r = 0;
+
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		struct index_blob b;
+		blob_from_row(st, &b);
+		if ((r = cb(ctx, &b)) < 0)
+			break;
+	}
+	if (r == 0 && rc != SQLITE_DONE)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r;
 }

@@ -53,7 +53,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_SCHEMA_VERSION 1
+#define INDEX_SCHEMA_VERSION 2
 #define INDEX_DIGEST_SIZE 32u
 #define INDEX_STR_MAX (64u << 10)       /* ids, names, urls, versions, etags */
 #define INDEX_META_MAX (16u << 20)      /* metadata JSON of one item */
@@ -251,6 +251,32 @@ int index_reconcile_begin(struct index *ix, int64_t *ret_pass);
 int index_blob_seen(struct index *ix, int64_t pass, const struct index_blob *blob);
 /* Drops the blob rows not seen in this pass (their files are gone or bad) and flushes. */
 int index_reconcile_end(struct index *ix, int64_t pass, int64_t *ret_dropped);
+
+/* ---- for the prefetcher ---- */
+
+/*
+ * Records an item's content once it is stored: its blob, the upstream ETag it was
+ * downloaded with (NULL: none), and, when `meta` is not NULL, new metadata JSON. Batched.
+ * -ENOENT if there is no such item.
+ */
+int index_item_set_content(struct index *ix, int64_t snapshot_id, int64_t idx,
+			   const uint8_t digest[INDEX_DIGEST_SIZE], const char *etag,
+			   const char *meta, size_t meta_len);
+/* Another blob the item needs (a segmentation mask): kept while the item exists. Batched. */
+int index_item_add_blob(struct index *ix, int64_t snapshot_id, int64_t idx,
+			const uint8_t digest[INDEX_DIGEST_SIZE]);
+/*
+ * The newest stored item of any snapshot with this resource id and size and a known ETag:
+ * an earlier version to revalidate (If-None-Match) instead of downloading. 0 with the ETag
+ * (NUL-terminated, at most etag_cap bytes) and the digest, or -ENOENT.
+ */
+int index_item_find_prior(struct index *ix, const char *resource_id, int64_t size,
+			  char *ret_etag, size_t etag_cap, uint8_t ret_digest[INDEX_DIGEST_SIZE]);
+/*
+ * Downloaded blobs (kind raw or mask) that no item refers to any more, after snapshots
+ * were deleted: what eviction of a project frees. A callback returning < 0 stops.
+ */
+int index_blobs_unreferenced(struct index *ix, index_blob_cb cb, void *ctx);
 
 /* PRAGMA quick_check (or integrity_check with `full`): 0 if "ok", else -DMC_E_INTEGRITY. */
 int index_check(struct index *ix, bool full);

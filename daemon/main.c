@@ -11,12 +11,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <inttypes.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <uv.h>
 
 #include "config.h"
+#include "cache.h"
 #include "conf.h"
+#include "fetch.h"
 #include "log.h"
+#include "prefetch.h"
 #include "sd.h"
 #include "server.h"
 
@@ -24,6 +29,9 @@ struct daemon {
 	uv_loop_t loop;
 	struct config cfg;
 	struct server srv;
+	struct cache *cache;
+	struct fetch *fetch;
+	struct prefetch *prefetch;
 	uv_signal_t sigterm, sigint;
 	uv_timer_t watchdog;
 	bool watchdog_on;
@@ -65,6 +73,11 @@ static void on_stop_signal(uv_signal_t *sig, int signum)
 	log_notice(SYS, "received %s: stopping", signum == SIGTERM ? "SIGTERM" : "SIGINT");
 	sd_notify_msg("STOPPING=1\nSTATUS=stopping");
 	server_stop(&d->srv);
+	/* jobs end (their partial downloads are dropped, never published), then transfers */
+	prefetch_free(d->prefetch);
+	d->prefetch = NULL;
+	fetch_free(d->fetch);
+	d->fetch = NULL;
 	uv_close((uv_handle_t *)&d->sigterm, NULL);
 	uv_close((uv_handle_t *)&d->sigint, NULL);
 	if (d->watchdog_on)
@@ -91,6 +104,126 @@ static int check_user_namespace(void)
 	    c == 4294967295ul && !strchr(strchr(buf, '\n') ? strchr(buf, '\n') + 1 : "", '\n'))
 		return 0;
 	return -EPERM;
+}
+
+static bool app_dispatch(void *ctx, struct conn *c, const struct dmc_header *h,
+			 const uint8_t *payload)
+{
+	struct daemon *d = ctx;
+
+	return d->prefetch && prefetch_dispatch(d->prefetch, c, h, payload);
+}
+
+static void app_conn_closed(void *ctx, struct conn *c)
+{
+	struct daemon *d = ctx;
+
+	if (d->prefetch)
+		prefetch_conn_closed(d->prefetch, c);
+}
+
+static uint32_t app_status(void *ctx, struct dmc_status_entry *e, uint32_t max)
+{
+	struct daemon *d = ctx;
+
+	return d->prefetch ? prefetch_status(d->prefetch, e, max) : 0;
+}
+
+/* Creates the cache directory (and its parents) private to the daemon. */
+static int make_dirs(const char *path)
+{
+	char buf[4096];
+	size_t n = strlen(path);
+
+	if (n >= sizeof(buf))
+		return -ENAMETOOLONG;
+	memcpy(buf, path, n + 1);
+	for (char *p = buf + 1; *p; p++) {
+		if (*p != '/')
+			continue;
+		*p = '\0';
+		if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+			return -errno;
+		*p = '/';
+	}
+	if (mkdir(buf, 0700) != 0 && errno != EEXIST)
+		return -errno;
+	return 0;
+}
+
+static int open_cache(struct daemon *d)
+{
+	struct cache_options co = { 0 };
+	struct cache_open_report rep = { 0 };
+	char err[1024];
+	int rc;
+
+	rc = make_dirs(d->cfg.cache_dir);
+	if (rc < 0) {
+		log_err(STORE, "cannot create the cache directory '%s': %s", d->cfg.cache_dir,
+			strerror(-rc));
+		return rc;
+	}
+	co.store.max_size = d->cfg.max_size;
+	co.store.min_free = d->cfg.min_free;
+	co.store.max_object = d->cfg.max_object;
+	co.store.zstd_level = (int)d->cfg.zstd_level;
+	co.index_flags = d->cfg.sync_full ? INDEX_SYNC_FULL : 0;
+	rc = cache_open(d->cfg.cache_dir, &co, err, sizeof(err), &d->cache, &rep);
+	if (rc < 0) {
+		log_err(STORE, "cannot open the cache in '%s': %s", d->cfg.cache_dir, err);
+		return rc;
+	}
+	if (rep.index_rebuilt)
+		log_warn(STORE, "the index was damaged: moved aside and rebuilt from %" PRIu64
+				" blob(s)",
+			 rep.blobs);
+	log_info(STORE, "cache '%s': %" PRIu64 " blob(s); %" PRIu64 " stray file(s) removed, "
+			"%" PRId64 " row(s) dropped, %" PRId64 " blob(s) adopted, %" PRIu64
+			" byte(s) evicted",
+		 d->cfg.cache_dir, rep.blobs, rep.files_removed, rep.rows_dropped, rep.adopted,
+		 rep.evicted_bytes);
+	return 0;
+}
+
+static int start_engines(struct daemon *d)
+{
+	struct fetch_options fo = {
+		.max_parallel = d->cfg.parallel_transfers,
+		.max_per_host = d->cfg.per_host_connections,
+		.connect_timeout_ms = d->cfg.connect_timeout_ms,
+		.low_speed_limit = d->cfg.low_speed_limit,
+		.low_speed_time_ms = d->cfg.low_speed_time_ms,
+		.max_object_bytes = d->cfg.max_object,
+		.max_attempts = d->cfg.max_attempts,
+		.backoff_base_ms = d->cfg.backoff_base_ms,
+		.backoff_max_ms = d->cfg.backoff_max_ms,
+		.retry_budget_ms = d->cfg.retry_budget_ms,
+		.ca_file = d->cfg.ca_file,
+		.user_agent = "dmcached/" DMC_VERSION,
+	};
+	struct prefetch_deps pd;
+	int rc;
+
+	rc = fetch_new(&d->loop, &fo, &d->fetch);
+	if (rc < 0) {
+		log_err(FETCH, "cannot start the transfer engine: %s", strerror(-rc));
+		return rc;
+	}
+	pd.loop = &d->loop;
+	pd.cache = d->cache;
+	pd.fetch = d->fetch;
+	pd.cfg = &d->cfg;
+	rc = prefetch_new(&pd, &d->prefetch);
+	if (rc < 0) {
+		log_err(FETCH, "cannot start the prefetcher: %s", strerror(-rc));
+		return rc;
+	}
+	d->srv.app.ctx = d;
+	d->srv.app.dispatch = app_dispatch;
+	d->srv.app.conn_closed = app_conn_closed;
+	d->srv.app.status = app_status;
+	return 0;
 }
 
 static int parse_args(struct daemon *d, int argc, char **argv, bool *ret_check)
@@ -236,6 +369,8 @@ int main(int argc, char **argv)
 		goto out_config;
 	}
 	server_init(&d.srv, &d.loop, &d.cfg);
+	if (open_cache(&d) < 0 || start_engines(&d) < 0)
+		goto out_loop;
 	rc = server_listen(&d.srv, listen_fd, err, sizeof(err));
 	if (rc < 0) {
 		log_err(NET, "%s", err);
@@ -264,8 +399,12 @@ int main(int argc, char **argv)
 
 out_loop:
 	server_stop(&d.srv);
-	uv_run(&d.loop, UV_RUN_DEFAULT); /* let close callbacks run */
+	prefetch_free(d.prefetch);
+	fetch_free(d.fetch);
+	uv_run(&d.loop, UV_RUN_DEFAULT); /* let close callbacks and queued work finish */
 	server_done(&d.srv);
+	if (d.cache && cache_close(d.cache) < 0)
+		log_warn(STORE, "the index could not be flushed at exit");
 	if (uv_loop_close(&d.loop) != 0)
 		log_warn(SYS, "event loop closed with handles still open");
 out_config:

@@ -311,5 +311,7 @@ uint32_t server_status(struct server *srv, struct conn *c, struct dmc_status_ent
 	if (n > max)
 		n = max;
 	memcpy(e, all, n * sizeof(*e));
+	if (srv->app.status && n < max)
+		n += srv->app.status(srv->app.ctx, e + n, max - n);
 	return n;
 }

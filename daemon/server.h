@@ -37,8 +37,19 @@ struct server_stats {
 	uint64_t backpressure;     /* times a connection's reads were paused */
 };
 
+/* What the rest of the daemon adds to connections: more requests, more STATUS. */
+struct server_app {
+	void *ctx;
+	/* true when the request was handled (answered now or later) */
+	bool (*dispatch)(void *ctx, struct conn *c, const struct dmc_header *h,
+			 const uint8_t *payload);
+	void (*conn_closed)(void *ctx, struct conn *c);
+	uint32_t (*status)(void *ctx, struct dmc_status_entry *e, uint32_t max);
+};
+
 struct server {
 	uv_loop_t *loop;
+	struct server_app app;
 	const struct config *cfg;
 	uv_pipe_t listener;
 	bool listener_open;

@@ -1,0 +1,136 @@
+/*
+ * fetch: HTTP transfers with libcurl's multi *socket* interface on the daemon's libuv loop
+ * (curl's docs/examples/multi-uv.c pattern). The only file that includes curl.
+ *
+ * A transfer (struct fetch_xfer) is a GET of one URL whose body goes to a sink (struct
+ * fetch_ops) in chunks. The engine owns connection reuse (HTTP/1.1 keep-alive, HTTP/2
+ * multiplexing where offered), limits (parallel transfers, connections per host, connect
+ * and low-speed timeouts, maximum object size), retries with exponential backoff and full
+ * jitter for 408/429/500/502/503/504 and network errors only, Retry-After in both forms,
+ * and resumption of a dropped body with Range + If-Range (strong ETag).
+ *
+ * Redirects are followed by the engine, not by curl, so that the API key goes only to the
+ * API's own origin (scheme, host and port): a redirect anywhere else (the pre-signed URL
+ * pattern) is followed without the key, a redirect from https to http is refused, and at
+ * most FETCH_REDIRECTS_MAX are taken. Only http and https are spoken.
+ *
+ * Threads: everything here runs on the loop thread, and no fetch function may be called
+ * from inside a sink callback except fetch_pause-free ones documented below.
+ *
+ * Glossary: an *attempt* is one HTTP request; a *transfer* is the whole effort to get one
+ * body, through retries and redirects.
+ */
+#ifndef DMC_FETCH_H
+#define DMC_FETCH_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#define FETCH_SIZE_UNKNOWN UINT64_MAX
+#define FETCH_REDIRECTS_MAX 5
+#define FETCH_ETAG_MAX 256
+#define FETCH_MESSAGE_MAX 256
+
+struct fetch_options {
+	uint32_t max_parallel;        /* transfers running at once; more wait in a queue */
+	uint32_t max_per_host;        /* connections to one host */
+	uint64_t connect_timeout_ms;
+	uint32_t low_speed_limit;     /* bytes/s: slower than this for low_speed_time aborts */
+	uint64_t low_speed_time_ms;
+	uint64_t max_object_bytes;    /* largest body accepted */
+	uint32_t max_attempts;        /* per transfer, the first one included */
+	uint64_t backoff_base_ms;     /* first retry waits up to this (full jitter) */
+	uint64_t backoff_max_ms;      /* cap of one wait */
+	uint64_t retry_budget_ms;     /* no retry starts after this much time on a transfer */
+	const char *ca_file;          /* CA bundle for TLS verification; NULL: the system's */
+	const char *user_agent;
+};
+
+struct fetch;
+struct fetch_xfer;
+
+/* What a response said, for the sink. Strings are borrowed for the callback. */
+struct fetch_response {
+	long status;              /* 200 or 206 */
+	uint64_t offset;          /* first byte of this body within the object */
+	uint64_t total_size;      /* the object's size, or FETCH_SIZE_UNKNOWN */
+	const char *etag;         /* strong ETag, "" when none (or weak) */
+	const char *content_type; /* "" when none */
+	bool has_sha256;          /* the server stated the object's SHA-256 (Repr-Digest) */
+	uint8_t sha256[32];
+};
+
+/* How a transfer ended. */
+struct fetch_result {
+	int err;                  /* 0, or a negated enum dmc_error / negative errno */
+	long http_status;         /* the last HTTP status seen, 0 if none */
+	uint32_t retry_after_ms;  /* for -DMC_E_UPSTREAM_TRANSIENT: when to try again */
+	uint32_t attempts;
+	uint64_t bytes;           /* body bytes delivered to the sink, over all attempts */
+	char message[FETCH_MESSAGE_MAX]; /* for the log and the client; never secrets */
+};
+
+/* Returned by on_data to stop the flow: the same bytes come again after fetch_resume(). */
+#define FETCH_PAUSE 1
+
+struct fetch_ops {
+	/*
+	 * Called when an attempt's body starts. `r->offset` is 0 for a fresh body (after bytes
+	 * were delivered by an earlier attempt, the sink must discard them and start over), or
+	 * the number of bytes already delivered when the attempt resumes. Return 0 to take the
+	 * body; a negative error ends the transfer with it (no retry).
+	 */
+	int (*on_start)(struct fetch_xfer *x, const struct fetch_response *r);
+	/* Body bytes (borrowed). Return 0, FETCH_PAUSE, or a negative error (no retry). */
+	int (*on_data)(struct fetch_xfer *x, const void *buf, size_t len);
+	/* The transfer is over; `x` stays valid until fetch_xfer_free(). */
+	void (*on_done)(struct fetch_xfer *x, const struct fetch_result *res);
+};
+
+/* Creates the engine on `loop`. `opts` is copied (ca_file and user_agent are borrowed). */
+int fetch_new(uv_loop_t *loop, const struct fetch_options *opts, struct fetch **ret);
+/* Cancels every transfer (their on_done run with -DMC_E_CANCELLED), then closes the handles;
+ * the engine is freed from the last close callback. */
+void fetch_free(struct fetch *f);
+
+/*
+ * A transfer of `url` (copied). `api_origin` (copied; NULL for none) is the URL of the API
+ * whose key this is: the key (borrowed: it must outlive the transfer) goes in the `apikey`
+ * header to that origin only. `data` is the sink's.
+ */
+struct fetch_xfer *fetch_xfer_new(struct fetch *f, const char *url, const char *api_origin,
+				  const char *api_key, const struct fetch_ops *ops, void *data);
+/*
+ * Makes the transfer conditional: with `etag` (copied) in If-None-Match, a 304 answer ends
+ * the transfer at once with err 0 and http_status 304, without on_start or a body. Call
+ * before fetch_xfer_start().
+ */
+int fetch_xfer_if_none_match(struct fetch_xfer *x, const char *etag);
+/* Queues the transfer; it starts when a place is free. */
+int fetch_xfer_start(struct fetch_xfer *x);
+/* Continues a transfer whose on_data returned FETCH_PAUSE. */
+void fetch_xfer_resume(struct fetch_xfer *x);
+/* Stops a transfer: on_done runs (later, from the loop) with -DMC_E_CANCELLED. */
+void fetch_xfer_cancel(struct fetch_xfer *x);
+/* Frees a finished transfer (after on_done) or one never started. */
+void fetch_xfer_free(struct fetch_xfer *x);
+void *fetch_xfer_data(const struct fetch_xfer *x);
+const char *fetch_xfer_url(const struct fetch_xfer *x);
+
+/* Engine counters for STATUS. */
+struct fetch_stats {
+	uint64_t transfers_started, transfers_ok, transfers_failed;
+	uint64_t attempts, retries, resumed;
+	uint64_t bytes;          /* body bytes received */
+	uint32_t running, queued;
+};
+void fetch_get_stats(const struct fetch *f, struct fetch_stats *ret);
+
+/* `s` percent-encoded for a URL path or query value; free with free(). NULL: no memory. */
+char *fetch_escape(const char *s);
+
+/* The origin ("https://host:port") of a URL, for comparisons; -EINVAL if not http(s). */
+int fetch_url_origin(const char *url, char *out, size_t cap);
+
+#endif

@@ -1,0 +1,1831 @@
+/* Prefetch jobs and the cache requests: see prefetch.h. */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cache.h"
+#include "conf.h"
+#include "conn.h"
+#include "datamint.h"
+#include "fetch.h"
+#include "index.h"
+#include "log.h"
+#include "prefetch.h"
+#include "secret.h"
+#include "store.h"
+
+#define TICK_MS 1000
+#define SCAN_PAGE 64u
+#define SINK_BUF (1u << 20)  /* bytes gathered before a write on the threadpool */
+#define RATE_WINDOW 5        /* seconds of samples for the rate */
+#define EVENT_FRAME_MAX 8192
+
+struct job;
+struct task;
+
+struct sub {
+	struct conn *c;
+	uint32_t request_id;
+	struct sub *next;
+};
+
+/* A uid that listed a snapshot with its own key (entitlement), in memory only. */
+struct grant {
+	uid_t uid;
+	int64_t snapshot_id;
+	struct grant *next;
+};
+
+struct prefetch {
+	struct prefetch_deps d;
+	struct job *jobs;
+	struct task *downloads; /* tasks with a transfer in flight, for sharing */
+	struct grant *grants;
+	uint64_t next_job_id;
+	uv_timer_t flush_timer;
+	bool closing;
+	bool timer_closed;
+	/* STATUS counters */
+	uint64_t items_downloaded, items_revalidated, items_shared, items_failed;
+	uint64_t bytes_downloaded;
+	uint64_t jobs_started;
+};
+
+enum task_phase {
+	TP_FILE,
+	TP_MASKS,
+};
+
+struct task {
+	struct job *job;
+	struct task *next, *prev;   /* job->tasks */
+	struct task *dnext, *dprev; /* prefetch->downloads while downloading */
+	struct task *leader;        /* downloading the same resource for another job */
+	struct task *followers;     /* tasks waiting for this one's download */
+	struct task *fnext;
+
+	int64_t idx;
+	char *resource_id;
+	int64_t size;
+	char *meta;
+	size_t meta_len;
+
+	/* the transfer and its sink */
+	struct fetch_xfer *x;
+	struct store_writer *wr;
+	uint8_t *buf, *wbuf; /* filling, and being written on the threadpool */
+	size_t len, wlen;
+	bool work_busy;
+	bool paused;
+	bool restart;        /* discard what the writer has and start a new blob */
+	bool starting;       /* read from the index, not started yet */
+	bool writer_open;    /* a work opened a writer that is not committed or aborted */
+	bool done_pending;   /* the transfer ended while a work was busy */
+	/* for the work on the threadpool, set before it is queued */
+	bool w_restart, w_commit, w_abort, w_has_expected;
+	uint8_t w_expected[STORE_DIGEST_SIZE];
+	struct fetch_result res;
+	uv_work_t work;
+	int work_err;
+	struct store_blob_info info;
+	bool has_expected;
+	uint8_t expected[STORE_DIGEST_SIZE];
+	uint64_t reserved;
+	char etag[FETCH_ETAG_MAX];
+	enum store_kind kind;
+
+	/* revalidation of an earlier version */
+	bool has_prior;
+	uint8_t prior[STORE_DIGEST_SIZE];
+
+	/* masks of segmentations, fetched after the file */
+	enum task_phase phase;
+	struct dm_mask *masks;
+	uint32_t n_masks, mask_i;
+	uint8_t (*mask_digests)[STORE_DIGEST_SIZE];
+	uint8_t file_digest[STORE_DIGEST_SIZE];
+	char file_etag[FETCH_ETAG_MAX];
+};
+
+struct job {
+	struct prefetch *pf;
+	struct job *next, *prev;
+	uint64_t id;
+	uid_t uid;
+	uint32_t source;
+	char *server;
+	char origin[256];
+	char *project_arg;
+	char *version_arg;
+	struct secret *key;
+	struct dm_client dmc;
+
+	struct dm_project *proj;
+	struct dm_annotations *ann;
+	int64_t snapshot_id;
+	uint32_t state;
+	bool final;     /* the final reply went out */
+	bool freeing;   /* unlinked; the tick timer is closing */
+	bool cancelled;
+	unsigned pending; /* outstanding dm_* requests */
+
+	uint64_t list_offset;
+	int64_t next_idx;
+	int64_t scan_from;
+	bool scan_done;
+	struct task *tasks;
+	uint32_t running;
+	bool pumping, pump_again;
+
+	uint64_t items_total, items_done, items_cached, items_failed;
+	uint64_t bytes_total, bytes_done;
+	uint64_t samples[RATE_WINDOW + 1];
+	unsigned n_samples;
+	uint64_t rate, eta_ms;
+
+	struct dmc_error_msg first_error; /* strings point into the buffers below */
+	char first_resource[128];
+	char first_message[FETCH_MESSAGE_MAX];
+
+	struct sub *subs;
+	uv_timer_t tick;
+	bool tick_closed;
+};
+
+static void job_pump(struct job *j);
+static void job_maybe_free(struct job *j);
+static void task_next_step(struct task *t);
+static void task_finish(struct task *t, int err, const char *msg, long http_status);
+
+static uint32_t window(const struct prefetch *p)
+{
+	return p->d.cfg->parallel_transfers * 2;
+}
+
+/* ---- events to subscribers ---- */
+
+static struct dmc_str dstr(const char *s)
+{
+	size_t n = s ? strlen(s) : 0;
+
+	return (struct dmc_str){ s ? s : "", (uint32_t)(n > DMC_STR_MAX ? DMC_STR_MAX : n) };
+}
+
+static void job_progress(const struct job *j, struct dmc_progress *m)
+{
+	memset(m, 0, sizeof(*m));
+	m->job_id = j->id;
+	m->snapshot_id = j->snapshot_id > 0 ? (uint64_t)j->snapshot_id : 0;
+	m->state = j->state;
+	m->project_id = dstr(j->proj ? j->proj->id : "");
+	m->project_name = dstr(j->proj ? j->proj->name : j->project_arg);
+	m->version = dstr(j->proj ? j->proj->version : j->version_arg);
+	m->items_total = j->items_total;
+	m->items_done = j->items_done;
+	m->items_cached = j->items_cached;
+	m->items_failed = j->items_failed;
+	m->bytes_total = j->bytes_total;
+	m->bytes_done = j->bytes_done;
+	m->rate_bps = j->rate;
+	m->eta_ms = j->eta_ms;
+}
+
+static void send_progress(struct job *j, const struct dmc_progress *m, bool more)
+{
+	uint8_t frame[EVENT_FRAME_MAX];
+
+	for (struct sub *s = j->subs; s; s = s->next) {
+		int n = dmc_progress_encode(m, more, s->request_id, frame, sizeof(frame));
+		if (n > 0)
+			conn_send(s->c, frame, (size_t)n);
+	}
+}
+
+static void drop_subs(struct job *j)
+{
+	while (j->subs) {
+		struct sub *s = j->subs;
+		j->subs = s->next;
+		free(s);
+	}
+}
+
+static void update_rate(struct job *j)
+{
+	uint64_t oldest;
+
+	if (j->n_samples == RATE_WINDOW + 1) {
+		memmove(j->samples, j->samples + 1, RATE_WINDOW * sizeof(j->samples[0]));
+		j->n_samples--;
+	}
+	j->samples[j->n_samples++] = j->bytes_done;
+	oldest = j->samples[0];
+	j->rate = j->n_samples > 1 ? (j->bytes_done - oldest) * 1000 / ((j->n_samples - 1) * TICK_MS)
+				   : 0;
+	if (j->rate && j->bytes_total > j->bytes_done)
+		j->eta_ms = (j->bytes_total - j->bytes_done) * 1000 / j->rate;
+	else
+		j->eta_ms = 0;
+}
+
+static void on_tick(uv_timer_t *t)
+{
+	struct job *j = t->data;
+	struct dmc_progress m;
+
+	if (j->final)
+		return;
+	index_flush(j->pf->d.cache->index);
+	update_rate(j);
+	job_progress(j, &m);
+	send_progress(j, &m, true);
+}
+
+/* The job ends for its subscribers: a final record, or ERROR when it never started. */
+static void job_finish(struct job *j, uint32_t state)
+{
+	struct dmc_progress m;
+	struct index *ix = j->pf->d.cache->index;
+
+	if (j->final)
+		return;
+	j->final = true;
+	j->state = state;
+	uv_timer_stop(&j->tick);
+	if (j->snapshot_id > 0 && state == DMC_JOB_DONE)
+		index_snapshot_set_complete(ix, j->snapshot_id, true);
+	index_flush(ix);
+	update_rate(j);
+	j->eta_ms = 0;
+	if (state == DMC_JOB_FAILED && j->snapshot_id <= 0) {
+		/* nothing started: an ERROR frame carries the reason */
+		for (struct sub *s = j->subs; s; s = s->next)
+			conn_send_error(s->c, s->request_id, j->first_error.code,
+					j->first_resource[0] ? j->first_resource : NULL, "%s",
+					j->first_message);
+	} else {
+		job_progress(j, &m);
+		if (state != DMC_JOB_DONE && j->first_error.code) {
+			m.error_code = j->first_error.code;
+			m.http_status = j->first_error.http_status;
+			m.error_resource = dstr(j->first_resource);
+			m.error_message = dstr(j->first_message);
+		}
+		send_progress(j, &m, false);
+	}
+	drop_subs(j);
+	log_info(FETCH, "job %" PRIu64 " for uid %u, project '%s': %s, %" PRIu64 "/%" PRIu64
+			" items, %" PRIu64 " failed",
+		 j->id, (unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
+		 state == DMC_JOB_DONE ? "done" : state == DMC_JOB_CANCELLED ? "cancelled" : "failed",
+		 j->items_done, j->items_total, j->items_failed);
+	/* the key is not needed any more: wipe it now rather than when memory is freed */
+	job_maybe_free(j);
+}
+
+static void record_error(struct job *j, int err, long http_status, uint32_t retry_after,
+			 const char *resource, const char *msg)
+{
+	if (j->first_error.code)
+		return;
+	j->first_error.code = err <= -DMC_E_FIRST_ && err >= -DMC_E_LAST_ ? (uint32_t)-err
+			       : err == -ENOSPC ? DMC_E_CACHE_FULL
+			       : err < 0 && err > -4096 ? DMC_E_IO
+							: DMC_E_INTERNAL;
+	j->first_error.http_status = (uint32_t)(http_status > 0 ? http_status : 0);
+	j->first_error.retry_after_ms = retry_after;
+	j->first_error.sys_errno = err < 0 && err > -4096 ? -err : 0;
+	snprintf(j->first_resource, sizeof(j->first_resource), "%s", resource ? resource : "");
+	snprintf(j->first_message, sizeof(j->first_message), "%s", msg);
+}
+
+static void fail_job(struct job *j, const struct dm_error *e)
+{
+	record_error(j, e->err, e->http_status, e->retry_after_ms, NULL, e->message);
+	job_finish(j, DMC_JOB_FAILED);
+}
+
+/* ---- the engine ---- */
+
+static void on_flush_timer(uv_timer_t *t)
+{
+	struct prefetch *p = t->data;
+
+	index_flush(p->d.cache->index);
+}
+
+int prefetch_new(const struct prefetch_deps *deps, struct prefetch **ret)
+{
+	struct prefetch *p = calloc(1, sizeof(*p));
+
+	if (!p)
+		return -ENOMEM;
+	p->d = *deps;
+	p->next_job_id = 1;
+	uv_timer_init(deps->loop, &p->flush_timer);
+	p->flush_timer.data = p;
+	/* batches commit at least every 200 ms, and at every progress event */
+	uv_timer_start(&p->flush_timer, on_flush_timer, 200, 200);
+	*ret = p;
+	return 0;
+}
+
+static void job_cancel(struct job *j);
+
+static void engine_free(struct prefetch *p)
+{
+	while (p->grants) {
+		struct grant *g = p->grants;
+		p->grants = g->next;
+		free(g);
+	}
+	free(p);
+}
+
+static void on_flush_timer_closed(uv_handle_t *h)
+{
+	struct prefetch *p = h->data;
+
+	p->timer_closed = true;
+	if (!p->jobs)
+		engine_free(p);
+}
+
+void prefetch_free(struct prefetch *p)
+{
+	if (!p || p->closing)
+		return;
+	p->closing = true;
+	for (struct job *j = p->jobs, *n; j; j = n) {
+		n = j->next;
+		job_cancel(j);
+	}
+	uv_timer_stop(&p->flush_timer);
+	uv_close((uv_handle_t *)&p->flush_timer, on_flush_timer_closed);
+}
+
+static void grant(struct prefetch *p, uid_t uid, int64_t snapshot_id)
+{
+	struct grant *g;
+
+	for (g = p->grants; g; g = g->next)
+		if (g->uid == uid && g->snapshot_id == snapshot_id)
+			return;
+	g = calloc(1, sizeof(*g));
+	if (!g)
+		return;
+	g->uid = uid;
+	g->snapshot_id = snapshot_id;
+	g->next = p->grants;
+	p->grants = g;
+}
+
+static bool may_see(struct prefetch *p, uid_t uid, int64_t snapshot_id)
+{
+	if (uid == 0 || uid == geteuid())
+		return true;
+	for (struct grant *g = p->grants; g; g = g->next)
+		if (g->uid == uid && g->snapshot_id == snapshot_id)
+			return true;
+	return false;
+}
+
+/* ---- jobs ---- */
+
+static void on_tick_closed(uv_handle_t *h)
+{
+	free(h->data);
+}
+
+static void job_maybe_free(struct job *j)
+{
+	struct prefetch *p = j->pf;
+
+	if (!j->final || j->pending || j->tasks || j->freeing)
+		return;
+	j->freeing = true;
+	if (j->prev)
+		j->prev->next = j->next;
+	else
+		p->jobs = j->next;
+	if (j->next)
+		j->next->prev = j->prev;
+	j->next = j->prev = NULL;
+	secret_free(j->key);
+	j->key = NULL;
+	dm_project_free(j->proj);
+	dm_annotations_free(j->ann);
+	free(j->server);
+	free(j->project_arg);
+	free(j->version_arg);
+	drop_subs(j);
+	uv_close((uv_handle_t *)&j->tick, on_tick_closed);
+	if (p->timer_closed && !p->jobs)
+		engine_free(p); /* the last job of a stopping engine */
+}
+
+static void job_cancel(struct job *j)
+{
+	if (j->cancelled)
+		return;
+	j->cancelled = true;
+	record_error(j, -DMC_E_CANCELLED, 0, 0, NULL, "cancelled");
+	job_finish(j, DMC_JOB_CANCELLED);
+	/* transfers end through their on_done (deferred); waiting followers end now */
+	for (struct task *t = j->tasks; t; t = t->next)
+		if (t->x)
+			fetch_xfer_cancel(t->x);
+	for (;;) {
+		struct task *t = j->tasks;
+		while (t && !t->leader && !t->starting)
+			t = t->next;
+		if (!t)
+			break;
+		t->starting = false;
+		task_finish(t, -DMC_E_CANCELLED, "cancelled", 0);
+	}
+}
+
+static void start_downloading(struct job *j)
+{
+	struct index_snapshot_stats st;
+	struct index *ix = j->pf->d.cache->index;
+
+	j->state = DMC_JOB_DOWNLOADING;
+	grant(j->pf, j->uid, j->snapshot_id);
+	if (index_snapshot_stats(ix, j->snapshot_id, &st) == 0) {
+		j->items_total = (uint64_t)st.items;
+		j->items_done = j->items_cached = (uint64_t)st.items_stored;
+		j->bytes_total = (uint64_t)(st.bytes - st.bytes_stored);
+	}
+	j->scan_from = 0;
+	j->scan_done = false;
+	job_pump(j);
+}
+
+/* ---- listing ---- */
+
+static void on_page(void *ctx, const struct dm_error *e, struct dm_page *page);
+
+static int list_next(struct job *j)
+{
+	int rc = dm_resources_page(&j->dmc, j->proj, j->list_offset, j->ann, on_page, j);
+	if (rc == 0)
+		j->pending++;
+	return rc;
+}
+
+static void on_page(void *ctx, const struct dm_error *e, struct dm_page *page)
+{
+	struct job *j = ctx;
+	struct index *ix = j->pf->d.cache->index;
+	struct dm_error e2 = { 0 };
+	int rc = 0;
+
+	j->pending--;
+	if (j->final) {
+		dm_page_free(page);
+		job_maybe_free(j);
+		return;
+	}
+	if (e->err) {
+		fail_job(j, e);
+		return;
+	}
+	for (uint32_t i = 0; i < page->n && rc == 0; i++) {
+		const struct dm_resource *r = &page->items[i];
+		struct index_item it = {
+			.snapshot_id = j->snapshot_id,
+			.idx = j->next_idx,
+			.resource_id = r->id,
+			.filename = r->filename,
+			.mimetype = r->mimetype,
+			.size = r->size,
+			.etag = NULL,
+			.meta = r->meta,
+			.meta_len = r->meta_len,
+		};
+		rc = index_item_put(ix, &it);
+		if (rc == 0)
+			j->next_idx++;
+	}
+	/* the offset counts what the server returned, deleted ones included */
+	j->list_offset += page->returned;
+	if (rc == 0)
+		rc = index_flush(ix);
+	if (rc < 0) {
+		e2.err = rc;
+		snprintf(e2.message, sizeof(e2.message), "cannot record the resource list: %s",
+			 index_errmsg(ix));
+		dm_page_free(page);
+		fail_job(j, &e2);
+		return;
+	}
+	j->items_total = (uint64_t)j->next_idx;
+	if (page->last) {
+		dm_page_free(page);
+		rc = index_snapshot_seal(ix, j->snapshot_id);
+		if (rc == 0)
+			rc = index_flush(ix);
+		if (rc < 0) {
+			e2.err = rc;
+			snprintf(e2.message, sizeof(e2.message), "cannot seal the snapshot");
+			fail_job(j, &e2);
+			return;
+		}
+		start_downloading(j);
+		return;
+	}
+	dm_page_free(page);
+	rc = list_next(j);
+	if (rc < 0) {
+		e2.err = rc;
+		snprintf(e2.message, sizeof(e2.message), "cannot list resources");
+		fail_job(j, &e2);
+	}
+}
+
+static void on_annotations(void *ctx, const struct dm_error *e, struct dm_annotations *a)
+{
+	struct job *j = ctx;
+	struct dm_error e2 = { 0 };
+	int rc;
+
+	j->pending--;
+	if (j->final) {
+		dm_annotations_free(a);
+		job_maybe_free(j);
+		return;
+	}
+	if (e->err) {
+		fail_job(j, e);
+		return;
+	}
+	j->ann = a;
+	rc = list_next(j);
+	if (rc < 0) {
+		e2.err = rc;
+		snprintf(e2.message, sizeof(e2.message), "cannot list resources");
+		fail_job(j, &e2);
+	}
+}
+
+static int snapshot_sealed_cb(void *ctx, const struct index_snapshot *snap)
+{
+	*(bool *)ctx = snap->sealed;
+	return 0;
+}
+
+static bool snapshot_sealed(struct index *ix, int64_t id)
+{
+	bool sealed = false;
+
+	return index_snapshot_get(ix, id, snapshot_sealed_cb, &sealed) == 0 && sealed;
+}
+
+static void on_resolved(void *ctx, const struct dm_error *e, struct dm_project *proj)
+{
+	struct job *j = ctx;
+	struct index *ix = j->pf->d.cache->index;
+	struct dm_error e2 = { 0 };
+	const char *version;
+	int64_t id;
+	bool created;
+	int rc;
+
+	j->pending--;
+	if (j->final) {
+		dm_project_free(proj);
+		job_maybe_free(j);
+		return;
+	}
+	if (e->err) {
+		fail_job(j, e);
+		return;
+	}
+	j->proj = proj;
+	version = proj->version;
+	if (j->version_arg[0] && strcmp(j->version_arg, "latest") != 0 &&
+	    strcmp(j->version_arg, proj->version) != 0) {
+		/* an older version: only from the cache, and only a whole list */
+		if (index_snapshot_find(ix, INDEX_SOURCE_DATAMINT, j->server, proj->id,
+					j->version_arg, &id) == 0) {
+			j->snapshot_id = id;
+			free(proj->version);
+			proj->version = strdup(j->version_arg);
+			start_downloading(j);
+			return;
+		}
+		e2.err = -DMC_E_NOT_FOUND_OR_DENIED;
+		snprintf(e2.message, sizeof(e2.message),
+			 "version '%.60s' is neither the server's current one ('%.60s') nor cached",
+			 j->version_arg, proj->version);
+		fail_job(j, &e2);
+		return;
+	}
+	j->state = DMC_JOB_LISTING;
+	{
+		struct index_snapshot key = {
+			.source = INDEX_SOURCE_DATAMINT,
+			.server_url = j->server,
+			.project_id = proj->id,
+			.project_name = proj->name,
+			.version = version,
+			.created_at = (int64_t)time(NULL),
+		};
+		rc = index_snapshot_get_or_create(ix, &key, &id, &created);
+	}
+	if (rc == 0)
+		rc = index_flush(ix);
+	if (rc < 0) {
+		e2.err = rc;
+		snprintf(e2.message, sizeof(e2.message), "cannot create the snapshot: %s",
+			 index_errmsg(ix));
+		fail_job(j, &e2);
+		return;
+	}
+	j->snapshot_id = id;
+	/* a snapshot whose list is whole needs no listing; otherwise list (again) from 0 */
+	if (!created && snapshot_sealed(ix, id)) {
+		start_downloading(j);
+		return;
+	}
+	j->list_offset = 0;
+	j->next_idx = 0;
+	rc = dm_annotations(&j->dmc, proj->worklist_id, on_annotations, j);
+	if (rc == 0)
+		j->pending++;
+	else {
+		e2.err = rc;
+		snprintf(e2.message, sizeof(e2.message), "cannot list annotations");
+		fail_job(j, &e2);
+	}
+}
+
+
+/* ---- downloads: a sink that writes through the threadpool ---- */
+
+static int sink_on_start(struct fetch_xfer *x, const struct fetch_response *r);
+static int sink_on_data(struct fetch_xfer *x, const void *buf, size_t len);
+static void sink_on_done(struct fetch_xfer *x, const struct fetch_result *res);
+
+static const struct fetch_ops sink_ops = {
+	.on_start = sink_on_start,
+	.on_data = sink_on_data,
+	.on_done = sink_on_done,
+};
+
+static void sink_work(uv_work_t *w)
+{
+	struct task *t = w->data;
+	struct store *store = t->job->pf->d.cache->store;
+	int rc = 0;
+
+	/* t->wr, t->wbuf and the w_* fields belong to this thread while t->work_busy */
+	if (t->w_restart || t->w_abort) {
+		store_writer_abort(t->wr);
+		t->wr = NULL;
+	}
+	if (t->w_abort) {
+		t->work_err = 0;
+		return;
+	}
+	if (!t->wr)
+		rc = store_writer_open(store, t->kind, STORE_SIZE_UNKNOWN, &t->wr);
+	if (rc == 0 && t->wlen)
+		rc = store_writer_write(t->wr, t->wbuf, t->wlen);
+	t->wlen = 0;
+	if (t->w_commit) {
+		if (rc == 0)
+			rc = store_writer_commit(t->wr, t->w_has_expected ? t->w_expected : NULL,
+						 &t->info);
+		else
+			store_writer_abort(t->wr);
+		t->wr = NULL;
+	}
+	t->work_err = rc;
+}
+
+static void sink_after(uv_work_t *w, int status);
+
+static int queue_sink_work(struct task *t)
+{
+	int rc;
+
+	t->work.data = t;
+	t->work_busy = true;
+	rc = uv_queue_work(t->job->pf->d.loop, &t->work, sink_work, sink_after);
+	if (rc < 0)
+		t->work_busy = false;
+	return rc;
+}
+
+/* Hands the filled buffer to the threadpool and takes the other one. */
+static int flush_start(struct task *t, bool commit)
+{
+	uint8_t *b = t->wbuf;
+
+	t->wbuf = t->buf;
+	t->wlen = t->len;
+	t->buf = b;
+	t->len = 0;
+	t->w_restart = t->restart;
+	t->restart = false;
+	t->w_commit = commit;
+	t->w_abort = false;
+	t->w_has_expected = t->has_expected;
+	memcpy(t->w_expected, t->expected, STORE_DIGEST_SIZE);
+	t->work_err = 0;
+	t->writer_open = true;
+	return queue_sink_work(t);
+}
+
+/* Drops the blob being written, on the threadpool; sink_after continues the task. */
+static int abort_start(struct task *t)
+{
+	t->w_abort = true;
+	t->w_commit = false;
+	t->w_restart = false;
+	t->restart = false;
+	t->wlen = 0;
+	t->writer_open = false;
+	return queue_sink_work(t);
+}
+
+static int sink_on_start(struct fetch_xfer *x, const struct fetch_response *r)
+{
+	struct task *t = fetch_xfer_data(x);
+	struct cache *cache = t->job->pf->d.cache;
+	uint64_t size;
+	int rc;
+
+	if (t->job->cancelled)
+		return -DMC_E_CANCELLED;
+	if (r->offset == 0) {
+		/* a whole body: whatever an earlier attempt delivered is dropped */
+		t->len = 0;
+		t->restart = t->writer_open;
+	}
+	if (!t->reserved) {
+		size = r->total_size != FETCH_SIZE_UNKNOWN ? r->total_size
+			: t->size > 0 ? (uint64_t)t->size : 0;
+		rc = cache_reserve(cache, size);
+		if (rc < 0)
+			return rc;
+		t->reserved = size ? size : 1;
+		if (!size)
+			store_release(cache->store, 0);
+	}
+	t->has_expected = r->has_sha256;
+	if (r->has_sha256)
+		memcpy(t->expected, r->sha256, STORE_DIGEST_SIZE);
+	snprintf(t->etag, sizeof(t->etag), "%s", r->etag);
+	return 0;
+}
+
+static int sink_on_data(struct fetch_xfer *x, const void *buf, size_t len)
+{
+	struct task *t = fetch_xfer_data(x);
+	struct job *j = t->job;
+
+	if (j->cancelled)
+		return -DMC_E_CANCELLED;
+	if (t->work_err < 0)
+		return t->work_err;
+	if (t->len + len > SINK_BUF) {
+		if (t->work_busy) {
+			t->paused = true;
+			return FETCH_PAUSE;
+		}
+		if (flush_start(t, false) < 0)
+			return -ENOMEM;
+	}
+	if (len > SINK_BUF - t->len) {
+		/* a chunk larger than the buffer: never from curl with our buffer size */
+		return -DMC_E_INTERNAL;
+	}
+	memcpy(t->buf + t->len, buf, len);
+	t->len += len;
+	j->bytes_done += len;
+	j->pf->bytes_downloaded += len;
+	return 0;
+}
+
+static void download_done(struct task *t);
+
+static void sink_on_done(struct fetch_xfer *x, const struct fetch_result *res)
+{
+	struct task *t = fetch_xfer_data(x);
+
+	t->res = *res;
+	if (t->work_busy) {
+		t->done_pending = true;
+		return;
+	}
+	download_done(t);
+}
+
+static void release_reservation(struct task *t)
+{
+	if (t->reserved) {
+		store_release(t->job->pf->d.cache->store, t->reserved == 1 ? 0 : t->reserved);
+		t->reserved = 0;
+	}
+}
+
+static void commit_done(struct task *t);
+
+static void sink_after(uv_work_t *w, int status)
+{
+	struct task *t = w->data;
+
+	(void)status;
+	t->work_busy = false;
+	if (t->w_commit) {
+		t->w_commit = false;
+		t->writer_open = false;
+		commit_done(t);
+		return;
+	}
+	if (t->w_abort) {
+		/* the failed transfer's blob is gone: the task can end */
+		t->w_abort = false;
+		task_next_step(t);
+		return;
+	}
+	if (t->done_pending) {
+		t->done_pending = false;
+		download_done(t);
+		return;
+	}
+	if (t->paused) {
+		t->paused = false;
+		fetch_xfer_resume(t->x); /* may call sink_on_data right away */
+	}
+}
+
+static void downloads_remove(struct task *t)
+{
+	struct prefetch *p = t->job->pf;
+
+	if (!t->dprev && p->downloads != t)
+		return;
+	if (t->dprev)
+		t->dprev->dnext = t->dnext;
+	else
+		p->downloads = t->dnext;
+	if (t->dnext)
+		t->dnext->dprev = t->dprev;
+	t->dnext = t->dprev = NULL;
+}
+
+static void followers_take(struct task *t, int err);
+
+static void download_done(struct task *t)
+{
+	struct fetch_result *res = &t->res;
+
+	fetch_xfer_free(t->x);
+	t->x = NULL;
+	if (res->err == 0 && res->http_status == 304 && t->has_prior && t->phase == TP_FILE) {
+		/* the earlier version is this one: revalidated with this user's key */
+		memcpy(t->info.digest, t->prior, STORE_DIGEST_SIZE);
+		t->job->pf->items_revalidated++;
+		release_reservation(t);
+		t->work_err = 0;
+		t->res.err = 0;
+		t->has_prior = false;
+		/* as if committed */
+		memcpy(t->file_digest, t->prior, STORE_DIGEST_SIZE);
+		t->phase = TP_MASKS;
+		followers_take(t, 0);
+		task_next_step(t);
+		return;
+	}
+	if (res->err == 0) {
+		if (flush_start(t, true) < 0)
+			task_finish(t, -ENOMEM, "out of memory", 0);
+		return;
+	}
+	/* failed: drop the partial blob first */
+	release_reservation(t);
+	if (t->writer_open && abort_start(t) == 0)
+		return; /* sink_after -> task_next_step -> task_finish */
+	task_next_step(t);
+}
+
+static void start_transfer(struct task *t, const char *url, const char *if_none_match);
+
+static void commit_done(struct task *t)
+{
+	struct prefetch *p = t->job->pf;
+	struct cache *cache = p->d.cache;
+	int err = t->work_err;
+
+	release_reservation(t);
+	if (err == -DMC_E_INTEGRITY && t->res.attempts < p->d.cfg->max_attempts) {
+		/* the body does not match the server's digest: fetch it again */
+		char *url = t->phase == TP_FILE ? dm_file_url(&t->job->dmc, t->resource_id)
+						: strdup(t->masks[t->mask_i].url);
+		log_warn(FETCH, "'%s': body does not match its SHA-256; fetching it again",
+			 t->resource_id);
+		t->res.attempts++;
+		if (url) {
+			uint32_t tries = t->res.attempts;
+			start_transfer(t, url, NULL);
+			t->res.attempts = tries;
+			free(url);
+			return;
+		}
+	}
+	if (err < 0) {
+		t->res.err = err;
+		snprintf(t->res.message, sizeof(t->res.message), "%s",
+			 err == -DMC_E_INTEGRITY ? "the body does not match the server's SHA-256"
+			 : err == -DMC_E_CACHE_FULL ? "cache full"
+			 : err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
+						: strerror(-err));
+		task_next_step(t);
+		return;
+	}
+	cache_record_blob(cache, &t->info);
+	store_unpin(cache->store, t->info.digest);
+	t->res.err = 0;
+	if (t->phase == TP_FILE) {
+		memcpy(t->file_digest, t->info.digest, STORE_DIGEST_SIZE);
+		snprintf(t->file_etag, sizeof(t->file_etag), "%s", t->etag);
+		p->items_downloaded++;
+		t->phase = TP_MASKS;
+		followers_take(t, 0);
+	} else {
+		memcpy(t->mask_digests[t->mask_i], t->info.digest, STORE_DIGEST_SIZE);
+		t->mask_i++;
+	}
+	task_next_step(t);
+}
+
+static void start_transfer(struct task *t, const char *url, const char *if_none_match)
+{
+	struct job *j = t->job;
+	int rc;
+
+	t->len = t->wlen = 0;
+	t->res.err = 0;
+	t->work_err = 0;
+	t->restart = false;
+	t->has_expected = false;
+	t->x = fetch_xfer_new(j->pf->d.fetch, url, j->origin, secret_str(j->key), &sink_ops, t);
+	if (!t->x) {
+		task_finish(t, -ENOMEM, "out of memory", 0);
+		return;
+	}
+	if (if_none_match)
+		fetch_xfer_if_none_match(t->x, if_none_match);
+	rc = fetch_xfer_start(t->x);
+	if (rc < 0) {
+		fetch_xfer_free(t->x);
+		t->x = NULL;
+		task_finish(t, rc, "cannot start the download", 0);
+	}
+}
+
+/* What comes after a step of the task: the next mask, the item's record, or the end. */
+static void task_next_step(struct task *t)
+{
+	struct job *j = t->job;
+	struct index *ix = j->pf->d.cache->index;
+	char *meta = NULL;
+	size_t meta_len = 0;
+	int rc;
+
+	if (t->res.err) {
+		task_finish(t, t->res.err, t->res.message, t->res.http_status);
+		return;
+	}
+	if (j->cancelled) {
+		task_finish(t, -DMC_E_CANCELLED, "cancelled", 0);
+		return;
+	}
+	if (t->phase == TP_MASKS && t->mask_i < t->n_masks) {
+		t->kind = STORE_KIND_RAW;
+		start_transfer(t, t->masks[t->mask_i].url, NULL);
+		return;
+	}
+	if (t->n_masks) {
+		rc = dm_meta_with_masks(t->meta, t->meta_len, t->masks, t->mask_digests, t->n_masks,
+					&meta, &meta_len);
+		if (rc < 0) {
+			task_finish(t, rc, "cannot record the masks", 0);
+			return;
+		}
+		for (uint32_t i = 0; i < t->n_masks && rc == 0; i++)
+			rc = index_item_add_blob(ix, j->snapshot_id, t->idx, t->mask_digests[i]);
+	}
+	rc = index_item_set_content(ix, j->snapshot_id, t->idx, t->file_digest,
+				    t->file_etag[0] ? t->file_etag : NULL, meta, meta_len);
+	free(meta);
+	if (rc < 0) {
+		task_finish(t, rc, "cannot record the item", 0);
+		return;
+	}
+	j->items_done++;
+	task_finish(t, 0, NULL, 0);
+}
+
+/* The leader's file is in the store (err 0) or could not be had: its followers go on. */
+static void followers_take(struct task *t, int err)
+{
+	while (t->followers) {
+		struct task *f = t->followers;
+		t->followers = f->fnext;
+		f->fnext = NULL;
+		f->leader = NULL;
+		if (err) {
+			/* try on its own, with its own key */
+			char *url = dm_file_url(&f->job->dmc, f->resource_id);
+			if (!url) {
+				task_finish(f, -ENOMEM, "out of memory", 0);
+				continue;
+			}
+			f->kind = STORE_KIND_RAW;
+			start_transfer(f, url, NULL);
+			free(url);
+			continue;
+		}
+		memcpy(f->file_digest, t->file_digest, STORE_DIGEST_SIZE);
+		snprintf(f->file_etag, sizeof(f->file_etag), "%s", t->file_etag);
+		f->phase = TP_MASKS;
+		f->job->pf->items_shared++;
+		task_next_step(f);
+	}
+}
+
+static void task_free(struct task *t)
+{
+	free(t->resource_id);
+	free(t->meta);
+	for (uint32_t i = 0; i < t->n_masks; i++) {
+		free(t->masks[i].annotation_id);
+		free(t->masks[i].url);
+	}
+	free(t->masks);
+	free(t->mask_digests);
+	free(t->buf);
+	free(t->wbuf);
+	free(t);
+}
+
+static void task_finish(struct task *t, int err, const char *msg, long http_status)
+{
+	struct job *j = t->job;
+	struct prefetch *p = j->pf;
+
+	downloads_remove(t);
+	if (t->leader) {
+		/* a follower whose job ends first: leave the leader */
+		struct task **pp = &t->leader->followers;
+		while (*pp && *pp != t)
+			pp = &(*pp)->fnext;
+		if (*pp)
+			*pp = t->fnext;
+		t->leader = NULL;
+	}
+	if (t->phase == TP_FILE)
+		followers_take(t, err ? err : -DMC_E_INTERNAL);
+	release_reservation(t);
+	if (t->prev)
+		t->prev->next = t->next;
+	else
+		j->tasks = t->next;
+	if (t->next)
+		t->next->prev = t->prev;
+	j->running--;
+	if (err && err != -DMC_E_CANCELLED) {
+		struct dmc_progress m;
+		j->items_failed++;
+		p->items_failed++;
+		record_error(j, err, http_status, t->res.retry_after_ms, t->resource_id,
+			     msg ? msg : "failed");
+		if (!j->final) {
+			job_progress(j, &m);
+			m.error_code = err <= -DMC_E_FIRST_ && err >= -DMC_E_LAST_ ? (uint32_t)-err
+				       : DMC_E_IO;
+			m.http_status = (uint32_t)(http_status > 0 ? http_status : 0);
+			m.error_resource = dstr(t->resource_id);
+			m.error_message = dstr(msg ? msg : "failed");
+			send_progress(j, &m, true);
+		}
+		log_info(FETCH, "job %" PRIu64 ": resource '%s' failed: %s", j->id, t->resource_id,
+			 msg ? msg : "failed");
+	}
+	task_free(t);
+	if (!j->final)
+		job_pump(j);
+	job_maybe_free(j);
+}
+
+static struct task *find_download(struct prefetch *p, const struct job *j, const char *rid,
+				  int64_t size)
+{
+	for (struct task *t = p->downloads; t; t = t->dnext)
+		if (t->phase == TP_FILE && t->size == size && strcmp(t->resource_id, rid) == 0 &&
+		    strcmp(t->job->origin, j->origin) == 0)
+			return t;
+	return NULL;
+}
+
+/* Copies an item of the snapshot into a new task; started after the page is read. */
+static int task_from_item(void *ctx, const struct index_item *it)
+{
+	struct job *j = ctx;
+	struct task *t = calloc(1, sizeof(*t));
+
+	if (!t)
+		return -ENOMEM;
+	t->job = j;
+	t->idx = it->idx;
+	t->size = it->size;
+	t->kind = STORE_KIND_RAW;
+	t->resource_id = strdup(it->resource_id);
+	t->meta = it->meta ? strndup(it->meta, it->meta_len) : strdup("{}");
+	t->meta_len = it->meta ? it->meta_len : 2;
+	if (!t->resource_id || !t->meta) {
+		task_free(t);
+		return -ENOMEM;
+	}
+	t->next = j->tasks;
+	if (j->tasks)
+		j->tasks->prev = t;
+	j->tasks = t;
+	j->running++;
+	t->starting = true;
+	return 0;
+}
+
+static void task_start(struct task *t)
+{
+	struct job *j = t->job;
+	struct prefetch *p = j->pf;
+	struct task *leader;
+	char prior_etag[FETCH_ETAG_MAX];
+	char *url;
+
+	t->starting = false;
+	t->buf = malloc(SINK_BUF);
+	t->wbuf = malloc(SINK_BUF);
+	if (!t->buf || !t->wbuf ||
+	    dm_masks_of(&j->dmc, t->resource_id, t->meta, t->meta_len, &t->masks, &t->n_masks) < 0 ||
+	    (t->n_masks && !(t->mask_digests = calloc(t->n_masks, STORE_DIGEST_SIZE)))) {
+		task_finish(t, -ENOMEM, "out of memory", 0);
+		return;
+	}
+	leader = find_download(p, j, t->resource_id, t->size);
+	if (leader) {
+		/* another job downloads this very resource now: wait for it */
+		t->leader = leader;
+		t->fnext = leader->followers;
+		leader->followers = t;
+		return;
+	}
+	t->dnext = p->downloads;
+	if (p->downloads)
+		p->downloads->dprev = t;
+	p->downloads = t;
+	t->has_prior = index_item_find_prior(p->d.cache->index, t->resource_id, t->size,
+					     prior_etag, sizeof(prior_etag), t->prior) == 0;
+	url = dm_file_url(&j->dmc, t->resource_id);
+	if (!url) {
+		task_finish(t, -ENOMEM, "out of memory", 0);
+		return;
+	}
+	start_transfer(t, url, t->has_prior ? prior_etag : NULL);
+	free(url);
+}
+
+static void job_pump(struct job *j)
+{
+	struct prefetch *p = j->pf;
+	struct index *ix = p->d.cache->index;
+
+	if (j->pumping) {
+		j->pump_again = true;
+		return;
+	}
+	j->pumping = true;
+again:
+	j->pump_again = false;
+	while (!j->final && !j->scan_done && j->running < window(p)) {
+		int64_t next = -1;
+		unsigned want = window(p) - j->running;
+		int n = index_items_page(ix, j->snapshot_id, j->scan_from,
+					 want < SCAN_PAGE ? want : SCAN_PAGE, INDEX_ITEMS_MISSING,
+					 task_from_item, j, &next);
+		if (n < 0) {
+			struct dm_error e = { .err = n };
+			snprintf(e.message, sizeof(e.message), "cannot read the snapshot: %s",
+				 index_errmsg(ix));
+			j->pumping = false;
+			fail_job(j, &e);
+			return;
+		}
+		if (next < 0)
+			j->scan_done = true;
+		else
+			j->scan_from = next;
+		/* start them outside the index callback: starting may use the index, and may
+		 * end tasks at once, so look for the next one from the start each time */
+		for (;;) {
+			struct task *t = j->tasks;
+			while (t && !t->starting)
+				t = t->next;
+			if (!t || j->final)
+				break;
+			task_start(t);
+		}
+	}
+	if (j->pump_again && !j->final)
+		goto again;
+	j->pumping = false;
+	if (!j->final && j->scan_done && j->running == 0)
+		job_finish(j, j->items_failed ? DMC_JOB_FAILED : DMC_JOB_DONE);
+}
+
+/* ---- requests ---- */
+
+static struct job *find_job(struct prefetch *p, uid_t uid, uint32_t source, const char *server,
+			    const char *project, const char *version)
+{
+	for (struct job *j = p->jobs; j; j = j->next)
+		if (!j->final && j->uid == uid && j->source == source &&
+		    strcmp(j->server, server) == 0 && strcmp(j->project_arg, project) == 0 &&
+		    strcmp(j->version_arg, version) == 0)
+			return j;
+	return NULL;
+}
+
+static char *str_copy(struct dmc_str s)
+{
+	return strndup(s.ptr, s.len);
+}
+
+static int subscribe(struct job *j, struct conn *c, uint32_t request_id)
+{
+	struct sub *s = calloc(1, sizeof(*s));
+
+	if (!s)
+		return -ENOMEM;
+	s->c = c;
+	s->request_id = request_id;
+	s->next = j->subs;
+	j->subs = s;
+	return 0;
+}
+
+static void on_prefetch(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+			const uint8_t *payload)
+{
+	struct dmc_prefetch m;
+	struct job *j;
+	char *server = NULL, *project = NULL, *version = NULL;
+	size_t slen;
+	int rc;
+
+	if (dmc_prefetch_decode(payload, h->length, &m) != DMC_PROTO_OK) {
+		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed PREFETCH");
+		return;
+	}
+	if (m.source == DMC_SOURCE_LOCAL) {
+		conn_send_error(c, h->request_id, DMC_E_UNSUPPORTED, NULL,
+				"local dataset folders are not served by this daemon yet");
+		return;
+	}
+	if (m.source != DMC_SOURCE_DATAMINT) {
+		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+				"unknown source %u", m.source);
+		return;
+	}
+	if (!m.project.len || !m.api_key.len) {
+		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+				"a Datamint prefetch needs a project and an API key");
+		return;
+	}
+	server = str_copy(m.server);
+	project = str_copy(m.project);
+	version = str_copy(m.version);
+	if (!server || !project || !version)
+		goto nomem;
+	slen = strlen(server);
+	while (slen && server[slen - 1] == '/')
+		server[--slen] = '\0';
+
+	j = find_job(p, c->uid, m.source, server, project, version);
+	if (j && secret_equals(j->key, m.api_key.ptr, m.api_key.len)) {
+		/* the same uid asks again for the same version: join the running job */
+		if (subscribe(j, c, h->request_id) < 0)
+			goto nomem;
+		free(server);
+		free(project);
+		free(version);
+		return;
+	}
+	j = calloc(1, sizeof(*j));
+	if (!j)
+		goto nomem;
+	j->pf = p;
+	j->id = p->next_job_id++;
+	j->uid = c->uid;
+	j->source = m.source;
+	j->server = server;
+	j->project_arg = project;
+	j->version_arg = version;
+	server = project = version = NULL;
+	j->state = DMC_JOB_RESOLVING;
+	j->key = secret_new(m.api_key.ptr, m.api_key.len);
+	if (!j->key || fetch_url_origin(j->server, j->origin, sizeof(j->origin)) < 0) {
+		bool bad_url = j->key != NULL;
+		secret_free(j->key);
+		free(j->server);
+		free(j->project_arg);
+		free(j->version_arg);
+		free(j);
+		if (bad_url)
+			conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+					"the server must be an http:// or https:// URL");
+		else
+			conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		return;
+	}
+	j->dmc.fetch = p->d.fetch;
+	j->dmc.loop = p->d.loop;
+	j->dmc.server = j->server;
+	j->dmc.origin = j->origin;
+	j->dmc.key = secret_str(j->key);
+	uv_timer_init(p->d.loop, &j->tick);
+	j->tick.data = j;
+	j->next = p->jobs;
+	if (p->jobs)
+		p->jobs->prev = j;
+	p->jobs = j;
+	p->jobs_started++;
+	subscribe(j, c, h->request_id);
+	uv_timer_start(&j->tick, on_tick, TICK_MS, TICK_MS);
+	log_info(FETCH, "job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
+		 (unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",
+		 j->origin);
+	rc = dm_resolve(&j->dmc, j->project_arg, on_resolved, j);
+	if (rc < 0) {
+		struct dm_error e = { .err = rc };
+		snprintf(e.message, sizeof(e.message), "cannot start: %s", strerror(-rc));
+		fail_job(j, &e);
+		return;
+	}
+	j->pending++;
+	return;
+nomem:
+	free(server);
+	free(project);
+	free(version);
+	conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+}
+
+static void on_cancel(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+		      const uint8_t *payload)
+{
+	struct dmc_str project, server;
+	uint8_t frame[64];
+	uint32_t n = 0;
+	int len;
+
+	if (dmc_cancel_decode(payload, h->length, &project, &server) != DMC_PROTO_OK) {
+		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed CANCEL");
+		return;
+	}
+	for (struct job *j = p->jobs, *nj; j; j = nj) {
+		nj = j->next;
+		if (j->final || (j->uid != c->uid && c->uid != 0))
+			continue;
+		if (server.len && (strlen(j->server) != server.len ||
+				   memcmp(j->server, server.ptr, server.len) != 0))
+			continue;
+		if (!((strlen(j->project_arg) == project.len &&
+		       memcmp(j->project_arg, project.ptr, project.len) == 0) ||
+		      (j->proj && ((strlen(j->proj->name) == project.len &&
+				    memcmp(j->proj->name, project.ptr, project.len) == 0) ||
+				   (strlen(j->proj->id) == project.len &&
+				    memcmp(j->proj->id, project.ptr, project.len) == 0)))))
+			continue;
+		job_cancel(j);
+		n++;
+	}
+	len = dmc_cancel_reply_encode(n, h->request_id, frame, sizeof(frame));
+	if (len > 0)
+		conn_send(c, frame, (size_t)len);
+}
+
+struct list_ctx {
+	struct prefetch *p;
+	struct conn *c;
+	struct dmc_writer *w;
+	uint32_t n;
+	int64_t ids[DMC_LIST_MAX];
+};
+
+static int list_collect(void *ctx, const struct index_snapshot *s)
+{
+	struct list_ctx *l = ctx;
+
+	if (l->n < DMC_LIST_MAX && may_see(l->p, l->c->uid, s->id))
+		l->ids[l->n++] = s->id;
+	return 0;
+}
+
+static int list_write(void *ctx, const struct index_snapshot *s)
+{
+	struct list_ctx *l = ctx;
+	struct index_snapshot_stats st = { 0 };
+	struct dmc_snapshot_info m = {
+		.id = (uint64_t)s->id,
+		.source = s->source == INDEX_SOURCE_FOLDER ? DMC_SOURCE_LOCAL : DMC_SOURCE_DATAMINT,
+		.server = dstr(s->server_url),
+		.project_id = dstr(s->project_id),
+		.project_name = dstr(s->project_name),
+		.version = dstr(s->version),
+		.created_ms = (uint64_t)s->created_at * 1000,
+	};
+
+	index_snapshot_stats(l->p->d.cache->index, s->id, &st);
+	m.items = (uint64_t)st.items;
+	m.items_stored = (uint64_t)st.items_stored;
+	m.bytes = (uint64_t)st.bytes;
+	m.complete = s->sealed && st.items == st.items_stored;
+	dmc_snapshot_info_write(l->w, &m);
+	return 0;
+}
+
+static void on_list(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+		    const uint8_t *payload)
+{
+	struct list_ctx *l = calloc(1, sizeof(*l));
+	struct dmc_writer w;
+	uint8_t *frame = malloc(DMC_HEADER_SIZE + DMC_FRAME_MAX);
+	int n;
+
+	if (!l || !frame) {
+		free(l);
+		free(frame);
+		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		return;
+	}
+	if (dmc_empty_decode(payload, h->length) != DMC_PROTO_OK) {
+		free(l);
+		free(frame);
+		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed LIST");
+		return;
+	}
+	index_flush(p->d.cache->index);
+	l->p = p;
+	l->c = c;
+	l->w = &w;
+	index_snapshot_list(p->d.cache->index, list_collect, l);
+	dmc_frame_begin(&w, frame, DMC_HEADER_SIZE + DMC_FRAME_MAX);
+	dmc_write_u32(&w, l->n);
+	for (uint32_t i = 0; i < l->n; i++)
+		index_snapshot_get(p->d.cache->index, l->ids[i], list_write, l);
+	n = dmc_frame_end(&w, DMC_OP_LIST, DMC_FLAG_REPLY, h->request_id, 0);
+	if (n > 0)
+		conn_send(c, frame, (size_t)n);
+	else
+		conn_send_error(c, h->request_id, DMC_E_LIMIT_EXCEEDED, NULL,
+				"too many snapshots for one reply");
+	free(frame);
+	free(l);
+}
+
+struct evict_ctx {
+	struct prefetch *p;
+	struct conn *c;
+	bool all;
+	struct dmc_str project;
+	int64_t ids[DMC_LIST_MAX];
+	uint32_t n;
+};
+
+static int evict_collect(void *ctx, const struct index_snapshot *s)
+{
+	struct evict_ctx *e = ctx;
+
+	if (e->n >= DMC_LIST_MAX || !may_see(e->p, e->c->uid, s->id))
+		return 0;
+	if (!e->all && !((strlen(s->project_name) == e->project.len &&
+			  memcmp(s->project_name, e->project.ptr, e->project.len) == 0) ||
+			 (strlen(s->project_id) == e->project.len &&
+			  memcmp(s->project_id, e->project.ptr, e->project.len) == 0)))
+		return 0;
+	e->ids[e->n++] = s->id;
+	return 0;
+}
+
+static bool snapshot_busy(struct prefetch *p, int64_t id)
+{
+	for (struct job *j = p->jobs; j; j = j->next)
+		if (!j->final && j->snapshot_id == id)
+			return true;
+	return false;
+}
+
+struct gc_ctx {
+	struct prefetch *p;
+	uint8_t (*digests)[STORE_DIGEST_SIZE];
+	uint32_t n, cap;
+};
+
+static int gc_collect(void *ctx, const struct index_blob *b)
+{
+	struct gc_ctx *g = ctx;
+
+	if (g->n == g->cap) {
+		uint32_t cap = g->cap ? g->cap * 2 : 256;
+		void *nd = realloc(g->digests, (size_t)cap * STORE_DIGEST_SIZE);
+		if (!nd)
+			return -ENOMEM;
+		g->digests = nd;
+		g->cap = cap;
+	}
+	memcpy(g->digests[g->n++], b->digest, STORE_DIGEST_SIZE);
+	return 0;
+}
+
+static void on_evict(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+		     const uint8_t *payload)
+{
+	struct index *ix = p->d.cache->index;
+	struct evict_ctx *e = calloc(1, sizeof(*e));
+	struct gc_ctx g = { p, NULL, 0, 0 };
+	struct dmc_evict_reply r = { 0 };
+	uint8_t frame[64];
+	uint32_t flags;
+	int n, rc = 0;
+
+	if (!e) {
+		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		return;
+	}
+	if (dmc_evict_decode(payload, h->length, &flags, &e->project) != DMC_PROTO_OK) {
+		free(e);
+		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed EVICT");
+		return;
+	}
+	e->p = p;
+	e->c = c;
+	e->all = flags & DMC_EVICT_ALL;
+	index_flush(ix);
+	index_snapshot_list(ix, evict_collect, e);
+	for (uint32_t i = 0; i < e->n && rc == 0; i++) {
+		if (snapshot_busy(p, e->ids[i]))
+			continue; /* a job fills it right now: cancel it first */
+		rc = index_snapshot_delete(ix, e->ids[i]);
+		if (rc == 0)
+			r.snapshots++;
+	}
+	if (rc == 0)
+		rc = index_flush(ix);
+	/* blobs no snapshot refers to any more go; pinned ones (being served) stay */
+	if (rc == 0)
+		rc = index_blobs_unreferenced(ix, gc_collect, &g);
+	for (uint32_t i = 0; i < g.n && rc >= 0; i++) {
+		uint64_t freed = 0;
+		if (store_remove(p->d.cache->store, g.digests[i], &freed) == 0 ||
+		    !store_is_pinned(p->d.cache->store, g.digests[i])) {
+			index_blob_delete(ix, g.digests[i]);
+			if (freed) {
+				r.blobs++;
+				r.bytes += freed;
+			}
+		}
+	}
+	free(g.digests);
+	if (rc >= 0)
+		rc = index_flush(ix);
+	free(e);
+	if (rc < 0) {
+		conn_send_error(c, h->request_id, DMC_E_IO, NULL, "eviction failed: %s",
+				index_errmsg(ix));
+		return;
+	}
+	n = dmc_evict_reply_encode(&r, h->request_id, frame, sizeof(frame));
+	if (n > 0)
+		conn_send(c, frame, (size_t)n);
+}
+
+/* VERIFY hashes every blob: on the threadpool, then the index is corrected on the loop. */
+struct verify_req {
+	struct prefetch *p;
+	struct conn *c; /* NULL once the connection closed */
+	uint32_t request_id;
+	uv_work_t work;
+	uv_mutex_t lock;
+	uint8_t (*bad)[STORE_DIGEST_SIZE];
+	uint32_t n_bad, cap_bad;
+	uint64_t ok, bad_count, bytes;
+	int rc;
+	struct verify_req *next;
+};
+
+static struct verify_req *verifies; /* in flight, so that a closing conn can be forgotten */
+
+static void verify_on_bad(void *ctx, const uint8_t digest[STORE_DIGEST_SIZE])
+{
+	struct verify_req *v = ctx;
+
+	uv_mutex_lock(&v->lock);
+	if (v->n_bad == v->cap_bad) {
+		uint32_t cap = v->cap_bad ? v->cap_bad * 2 : 64;
+		void *nb = realloc(v->bad, (size_t)cap * STORE_DIGEST_SIZE);
+		if (nb) {
+			v->bad = nb;
+			v->cap_bad = cap;
+		}
+	}
+	if (v->n_bad < v->cap_bad)
+		memcpy(v->bad[v->n_bad++], digest, STORE_DIGEST_SIZE);
+	uv_mutex_unlock(&v->lock);
+}
+
+static void verify_work(uv_work_t *w)
+{
+	struct verify_req *v = w->data;
+	struct store_stats st;
+
+	store_get_stats(v->p->d.cache->store, &st);
+	v->bytes = st.used_bytes;
+	v->rc = store_verify_all(v->p->d.cache->store, verify_on_bad, v, &v->ok, &v->bad_count);
+}
+
+static void verify_after(uv_work_t *w, int status)
+{
+	struct verify_req *v = w->data, **pp;
+	struct index *ix = v->p->d.cache->index;
+	struct dmc_verify_reply r;
+	uint8_t frame[64];
+	int n;
+
+	(void)status;
+	for (uint32_t i = 0; i < v->n_bad; i++)
+		index_blob_delete(ix, v->bad[i]);
+	index_flush(ix);
+	for (pp = &verifies; *pp && *pp != v; pp = &(*pp)->next)
+		;
+	if (*pp)
+		*pp = v->next;
+	if (v->c) {
+		if (v->rc < 0) {
+			conn_send_error(v->c, v->request_id, DMC_E_IO, NULL, "verification failed: %s",
+					strerror(-v->rc));
+		} else {
+			r.blobs_checked = v->ok + v->bad_count;
+			r.blobs_bad = v->bad_count;
+			r.bytes_checked = v->bytes;
+			n = dmc_verify_reply_encode(&r, v->request_id, frame, sizeof(frame));
+			if (n > 0)
+				conn_send(v->c, frame, (size_t)n);
+		}
+	}
+	if (v->bad_count)
+		log_warn(STORE, "verify: %" PRIu64 " bad blob(s) quarantined and forgotten",
+			 v->bad_count);
+	uv_mutex_destroy(&v->lock);
+	free(v->bad);
+	free(v);
+}
+
+static void on_verify(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+		      const uint8_t *payload)
+{
+	struct verify_req *v;
+
+	if (dmc_empty_decode(payload, h->length) != DMC_PROTO_OK) {
+		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed VERIFY");
+		return;
+	}
+	v = calloc(1, sizeof(*v));
+	if (!v || uv_mutex_init(&v->lock) != 0) {
+		free(v);
+		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		return;
+	}
+	v->p = p;
+	v->c = c;
+	v->request_id = h->request_id;
+	v->work.data = v;
+	v->next = verifies;
+	verifies = v;
+	if (uv_queue_work(p->d.loop, &v->work, verify_work, verify_after) != 0) {
+		verifies = v->next;
+		uv_mutex_destroy(&v->lock);
+		free(v);
+		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "cannot start");
+	}
+}
+
+bool prefetch_dispatch(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+		       const uint8_t *payload)
+{
+	if (p->closing) {
+		switch (h->opcode) {
+		case DMC_OP_PREFETCH: case DMC_OP_CANCEL: case DMC_OP_LIST: case DMC_OP_EVICT:
+		case DMC_OP_VERIFY:
+			conn_send_error(c, h->request_id, DMC_E_CANCELLED, NULL, "daemon stopping");
+			return true;
+		}
+		return false;
+	}
+	switch (h->opcode) {
+	case DMC_OP_PREFETCH:
+		on_prefetch(p, c, h, payload);
+		return true;
+	case DMC_OP_CANCEL:
+		on_cancel(p, c, h, payload);
+		return true;
+	case DMC_OP_LIST:
+		on_list(p, c, h, payload);
+		return true;
+	case DMC_OP_EVICT:
+		on_evict(p, c, h, payload);
+		return true;
+	case DMC_OP_VERIFY:
+		on_verify(p, c, h, payload);
+		return true;
+	}
+	return false;
+}
+
+void prefetch_conn_closed(struct prefetch *p, struct conn *c)
+{
+	for (struct job *j = p->jobs; j; j = j->next) {
+		struct sub **pp = &j->subs;
+		while (*pp) {
+			if ((*pp)->c == c) {
+				struct sub *s = *pp;
+				*pp = s->next;
+				free(s);
+			} else {
+				pp = &(*pp)->next;
+			}
+		}
+	}
+	for (struct verify_req *v = verifies; v; v = v->next)
+		if (v->c == c)
+			v->c = NULL;
+}
+
+#define ENTRY(s, v) ((struct dmc_status_entry){ { s, sizeof(s) - 1 }, (int64_t)(v) })
+
+uint32_t prefetch_status(struct prefetch *p, struct dmc_status_entry *e, uint32_t max)
+{
+	struct store_stats ss;
+	struct fetch_stats fs;
+	uint64_t jobs = 0, rate = 0;
+
+	store_get_stats(p->d.cache->store, &ss);
+	fetch_get_stats(p->d.fetch, &fs);
+	for (struct job *j = p->jobs; j; j = j->next) {
+		if (!j->final) {
+			jobs++;
+			rate += j->rate;
+		}
+	}
+	struct dmc_status_entry all[] = {
+		ENTRY("cache_bytes", ss.used_bytes),
+		ENTRY("cache_objects", ss.objects),
+		ENTRY("cache_max_bytes", p->d.cfg->max_size),
+		ENTRY("cache_reads_total", ss.reads),
+		ENTRY("cache_read_bytes_total", ss.bytes_read),
+		ENTRY("cache_dedup_hits_total", ss.dedup_hits),
+		ENTRY("cache_integrity_failures_total", ss.integrity_failures),
+		ENTRY("cache_full_total", ss.cache_full),
+		ENTRY("cache_evicted_total", ss.removed),
+		ENTRY("prefetch_jobs", jobs),
+		ENTRY("prefetch_jobs_total", p->jobs_started),
+		ENTRY("prefetch_items_downloaded_total", p->items_downloaded),
+		ENTRY("prefetch_items_revalidated_total", p->items_revalidated),
+		ENTRY("prefetch_items_shared_total", p->items_shared),
+		ENTRY("prefetch_items_failed_total", p->items_failed),
+		ENTRY("download_bytes_total", fs.bytes),
+		ENTRY("download_rate_bps", rate),
+		ENTRY("transfers_running", fs.running),
+		ENTRY("transfers_queued", fs.queued),
+		ENTRY("transfer_retries_total", fs.retries),
+		ENTRY("transfer_resumes_total", fs.resumed),
+		ENTRY("transfers_failed_total", fs.transfers_failed),
+	};
+	uint32_t n = sizeof(all) / sizeof(all[0]);
+
+	if (n > max)
+		n = max;
+	memcpy(e, all, n * sizeof(*e));
+	return n;
+}
