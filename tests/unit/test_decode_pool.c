@@ -1,0 +1,425 @@
+/*
+ * Unit tests of the decoder worker pool (daemon/decode_pool.c, decode_worker.c), linked with
+ * the test-hook build: inputs "DMCTEST:spin", "DMCTEST:sleep:N", "DMCTEST:segv" and
+ * "DMCTEST:syscall" make a worker hang, stall, crash or break the seccomp filter on purpose.
+ * Covers reliability.md X2 (size bombs end in < 1 s) and X3 (crash/hang: the job gets
+ * DMC_E_DECODE_FAILED, the worker is replaced within 1 s, other jobs succeed).
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <jansson.h>
+#include <uv.h>
+
+#include "config.h"
+#include "decode.h"
+#include "decode_pool.h"
+#include "task.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SANITIZED 1
+#endif
+#endif
+#ifndef SANITIZED
+#define SANITIZED 0
+#endif
+
+static double now_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* ---- a tiny NIfTI-1 image as a known-good input ---- */
+
+static uint8_t *nifti(int nx, int ny, size_t *ret_len)
+{
+	size_t len = 352 + (size_t)nx * ny * 2;
+	uint8_t *p = calloc(1, len);
+	uint32_t hs = 348;
+	memcpy(p, &hs, 4);
+	int16_t dim[8] = { 2, (int16_t)nx, (int16_t)ny, 1, 1, 1, 1, 1 };
+	memcpy(p + 40, dim, sizeof(dim));
+	int16_t dt = 4, bp = 16;
+	memcpy(p + 70, &dt, 2);
+	memcpy(p + 72, &bp, 2);
+	float vox = 352;
+	memcpy(p + 108, &vox, 4);
+	memcpy(p + 344, "n+1", 4);
+	for (int i = 0; i < nx * ny; i++) {
+		int16_t v = (int16_t)(i * 7 - 100);
+		memcpy(p + 352 + 2 * i, &v, 2);
+	}
+	*ret_len = len;
+	return p;
+}
+
+/* ---- the loop ---- */
+
+struct done {
+	int calls;
+	int status;
+	char err[320];
+	double t;
+	struct decode_desc desc;
+	uint8_t out[4096];
+	size_t out_len;
+	unsigned failures;
+	bool meta_ok;
+};
+
+static void on_done(struct decode_job *job)
+{
+	struct done *d = job->data;
+	d->calls++;
+	d->status = job->status;
+	d->t = now_s();
+	d->failures = job->failures;
+	memcpy(d->err, job->err, sizeof(d->err));
+	if (job->status == 0) {
+		d->desc = job->desc;
+		d->out_len = job->desc.nbytes < sizeof(d->out) ? (size_t)job->desc.nbytes : 0;
+		memcpy(d->out, job->out, d->out_len);
+		if (job->meta) {
+			json_t *j = json_loads(job->meta, 0, NULL);
+			d->meta_ok = j && json_is_object(json_object_get(j, "header"));
+			json_decref(j);
+		}
+	}
+}
+
+static void on_tick(uv_timer_t *t)
+{
+	(void)t;
+}
+
+/* Runs the loop until pred() or `secs` pass; returns whether pred() held. */
+static bool run_until(uv_loop_t *loop, bool (*pred)(void *), void *arg, double secs)
+{
+	uv_timer_t tick;
+	uv_timer_init(loop, &tick);
+	uv_timer_start(&tick, on_tick, 5, 5);
+	double end = now_s() + secs;
+	bool ok;
+	while (!(ok = pred(arg)) && now_s() < end)
+		uv_run(loop, UV_RUN_ONCE);
+	uv_close((uv_handle_t *)&tick, NULL);
+	uv_run(loop, UV_RUN_NOWAIT);
+	return ok;
+}
+
+static struct decode_pool *g_pool;
+
+static bool all_idle(void *arg)
+{
+	struct decode_pool_stats st;
+	(void)arg;
+	decode_pool_stats(g_pool, &st);
+	return st.idle == st.workers;
+}
+
+static bool done_pred(void *arg)
+{
+	return ((struct done *)arg)->calls > 0;
+}
+
+struct many {
+	struct done *d;
+	int n;
+};
+
+static bool all_done(void *arg)
+{
+	struct many *m = arg;
+	for (int i = 0; i < m->n; i++)
+		if (m->d[i].calls == 0)
+			return false;
+	return true;
+}
+
+static int start(uv_loop_t *loop, unsigned workers, uint64_t timeout_ms, unsigned cpu_s)
+{
+	struct decode_pool_config cfg;
+	decode_pool_config_default(&cfg);
+	cfg.workers = workers;
+	cfg.in_bytes = 1u << 20;
+	cfg.out_bytes = 8u << 20;
+	cfg.meta_bytes = 64u << 10;
+	cfg.limits.max_decode_bytes = 8u << 20;
+	cfg.limits.max_meta_bytes = 60u << 10;
+	cfg.timeout_ms = timeout_ms;
+	cfg.cpu_seconds = cpu_s;
+	uv_loop_init(loop);
+	int r = decode_pool_start(loop, &cfg, &g_pool);
+	if (r == 0 && !run_until(loop, all_idle, NULL, 5.0))
+		r = -ETIMEDOUT;
+	return r;
+}
+
+static void stop(uv_loop_t *loop)
+{
+	decode_pool_stop(g_pool);
+	uv_run(loop, UV_RUN_DEFAULT);
+	uv_loop_close(loop);
+	g_pool = NULL;
+}
+
+static void job_init(struct decode_job *job, struct done *d, const void *in, size_t len,
+		     const char *resource)
+{
+	memset(job, 0, sizeof(*job));
+	memset(d, 0, sizeof(*d));
+	job->in = in;
+	job->in_len = len;
+	job->resource = resource;
+	job->data = d;
+}
+
+#define HOOK(s) s, sizeof(s) - 1
+
+/* ---- tests ---- */
+
+TEST(decodes_like_in_process)
+{
+	uv_loop_t loop;
+	ASSERT_EQ(start(&loop, 2, 5000, 10), 0);
+	size_t len;
+	uint8_t *in = nifti(9, 7, &len);
+	struct decode_job job;
+	struct done d;
+	job_init(&job, &d, in, len, "res-ok");
+	job.want_meta = true;
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 5.0));
+	ASSERT_EQ(d.status, 0);
+	ASSERT(d.meta_ok);
+	ASSERT_GT(job.worker_pid, 0);
+	ASSERT_NE(job.worker_pid, getpid());
+
+	/* The same bytes as an in-process decode. */
+	struct decode_ctx *ctx = decode_ctx_new(NULL);
+	struct decode_desc dd;
+	uint8_t ref[4096];
+	char err[256];
+	ASSERT_EQ(decode_probe(ctx, in, len, NULL, &dd, err, sizeof(err)), 0);
+	ASSERT_EQ(decode_run(ctx, in, len, NULL, ref, sizeof(ref), err, sizeof(err)), 0);
+	ASSERT_UINT_EQ(d.desc.nbytes, dd.nbytes);
+	ASSERT_EQ(d.out_len, dd.nbytes);
+	ASSERT_MEM_EQ(d.out, ref, dd.nbytes);
+	decode_ctx_free(ctx);
+
+	/* A corrupt input is an ordinary failure, no crash and no quarantine. */
+	in[40] = 9; /* dim[0] */
+	job_init(&job, &d, in, len, "res-bad");
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 5.0));
+	ASSERT_EQ(d.status, -DMC_E_DECODE_FAILED);
+	ASSERT(strstr(d.err, "'res-bad'") != NULL);
+	ASSERT_EQ(d.failures, 0);
+	struct decode_pool_stats st;
+	decode_pool_stats(g_pool, &st);
+	ASSERT_EQ(st.crashes, 0);
+	free(in);
+	stop(&loop);
+}
+
+static pid_t g_old_pid;
+
+static bool replaced(void *arg)
+{
+	pid_t pids[8];
+	(void)arg;
+	unsigned n = decode_pool_worker_pids(g_pool, pids, 8);
+	struct decode_pool_stats st;
+	decode_pool_stats(g_pool, &st);
+	if (n != st.workers || st.idle != st.workers)
+		return false;
+	for (unsigned i = 0; i < n; i++)
+		if (pids[i] == g_old_pid)
+			return false;
+	return true;
+}
+
+TEST(killed_worker_is_replaced)
+{
+	uv_loop_t loop;
+	ASSERT_EQ(start(&loop, 2, 10000, 10), 0);
+	int sigs[2] = { SIGKILL, SIGSEGV };
+	for (int k = 0; k < 2; k++) {
+		struct decode_job job;
+		struct done d;
+		job_init(&job, &d, HOOK("DMCTEST:sleep:5000"), "res-killed");
+		ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+		ASSERT_GT(job.worker_pid, 0);
+		g_old_pid = job.worker_pid;
+		usleep(50000);
+		double t0 = now_s();
+		ASSERT_EQ(kill(job.worker_pid, sigs[k]), 0);
+		ASSERT(run_until(&loop, done_pred, &d, 2.0));
+		ASSERT_EQ(d.status, -DMC_E_DECODE_FAILED);
+		ASSERT(strstr(d.err, "'res-killed'") != NULL);
+		ASSERT(strstr(d.err, "crashed") != NULL);
+		ASSERT_LT(d.t - t0, 1.0);
+		ASSERT(run_until(&loop, replaced, NULL, 1.0));
+		ASSERT_LT(now_s() - t0, 1.0);
+	}
+	/* The next jobs succeed. */
+	size_t len;
+	uint8_t *in = nifti(4, 4, &len);
+	struct decode_job jobs[4];
+	struct done ds[4];
+	for (int i = 0; i < 4; i++) {
+		job_init(&jobs[i], &ds[i], in, len, "res-next");
+		ASSERT_EQ(decode_pool_submit(g_pool, &jobs[i], on_done), 0);
+	}
+	struct many m = { ds, 4 };
+	ASSERT(run_until(&loop, all_done, &m, 5.0));
+	for (int i = 0; i < 4; i++)
+		ASSERT_EQ(ds[i].status, 0);
+	/* Two crashes of one resource: refused from now on ("retried at most once"). */
+	struct decode_job job;
+	struct done d;
+	job_init(&job, &d, HOOK("DMCTEST:segv"), "res-killed");
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), -DMC_E_DECODE_FAILED);
+	ASSERT_EQ(job.failures, 2);
+	ASSERT(strstr(job.err, "not retried") != NULL);
+	ASSERT_EQ(d.calls, 0);
+	struct decode_pool_stats st;
+	decode_pool_stats(g_pool, &st);
+	ASSERT_EQ(st.crashes, 2);
+	ASSERT_EQ(st.refused, 1);
+	free(in);
+	stop(&loop);
+}
+
+TEST(hang_is_killed_at_deadline_others_unaffected)
+{
+	uv_loop_t loop;
+	ASSERT_EQ(start(&loop, 2, 300, 10), 0);
+	size_t len;
+	uint8_t *in = nifti(16, 16, &len);
+	struct decode_job spin, jobs[6];
+	struct done dspin, ds[6];
+	job_init(&spin, &dspin, HOOK("DMCTEST:spin"), "res-spin");
+	double t0 = now_s();
+	ASSERT_EQ(decode_pool_submit(g_pool, &spin, on_done), 0);
+	g_old_pid = spin.worker_pid;
+	for (int i = 0; i < 6; i++) {
+		job_init(&jobs[i], &ds[i], in, len, "res-fine");
+		ASSERT_EQ(decode_pool_submit(g_pool, &jobs[i], on_done), 0);
+	}
+	struct many m = { ds, 6 };
+	ASSERT(run_until(&loop, all_done, &m, 5.0));
+	for (int i = 0; i < 6; i++)
+		ASSERT_EQ(ds[i].status, 0);
+	ASSERT(run_until(&loop, done_pred, &dspin, 3.0));
+	double took = dspin.t - t0;
+	ASSERT_EQ(dspin.status, -DMC_E_DECODE_FAILED);
+	ASSERT(strstr(dspin.err, "longer than 300 ms") != NULL);
+	ASSERT(took >= 0.29);
+	ASSERT(took < 1.3);
+	ASSERT_EQ(dspin.failures, 1);
+	ASSERT(run_until(&loop, replaced, NULL, 1.0));
+	struct decode_pool_stats st;
+	decode_pool_stats(g_pool, &st);
+	ASSERT_EQ(st.timeouts, 1);
+	free(in);
+	stop(&loop);
+}
+
+TEST(cpu_limit_ends_a_cpu_bomb)
+{
+	/* The wall-clock deadline is far; RLIMIT_CPU (1 s per job) kills the worker first. */
+	uv_loop_t loop;
+	ASSERT_EQ(start(&loop, 1, 20000, 1), 0);
+	struct decode_job job;
+	struct done d;
+	job_init(&job, &d, HOOK("DMCTEST:spin"), "res-cpu");
+	double t0 = now_s();
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 6.0));
+	ASSERT_EQ(d.status, -DMC_E_DECODE_FAILED);
+	ASSERT(strstr(d.err, "crashed") != NULL);
+	ASSERT_LT(d.t - t0, 3.5);
+	stop(&loop);
+}
+
+TEST(size_bomb_and_oversized_input)
+{
+	uv_loop_t loop;
+	ASSERT_EQ(start(&loop, 1, 5000, 10), 0);
+	size_t len;
+	uint8_t *in = nifti(4, 4, &len);
+	int16_t big = 32767;
+	memcpy(in + 42, &big, 2);
+	memcpy(in + 44, &big, 2);
+	struct decode_job job;
+	struct done d;
+	job_init(&job, &d, in, len, "res-bomb");
+	double t0 = now_s();
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 2.0));
+	ASSERT_EQ(d.status, -DMC_E_LIMIT_EXCEEDED);
+	ASSERT_LT(d.t - t0, 1.0);
+	free(in);
+
+	uint8_t *huge = calloc(1, (2u << 20));
+	job_init(&job, &d, huge, 2u << 20, "res-huge");
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), -DMC_E_LIMIT_EXCEEDED);
+	free(huge);
+	stop(&loop);
+}
+
+TEST(seccomp_filter_kills_forbidden_syscalls)
+{
+	uv_loop_t loop;
+	ASSERT_EQ(start(&loop, 1, 5000, 10), 0);
+	struct decode_job job;
+	struct done d;
+	job_init(&job, &d, HOOK("DMCTEST:syscall"), "res-socket");
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 3.0));
+	ASSERT_EQ(d.status, -DMC_E_DECODE_FAILED);
+	if (HAVE_SECCOMP && !SANITIZED)
+		ASSERT(strstr(d.err, "crashed") != NULL); /* SIGSYS */
+	else
+		ASSERT(strstr(d.err, "test hook") != NULL); /* no filter in this build */
+	stop(&loop);
+}
+
+TEST(stop_cancels_queued_and_running_jobs)
+{
+	uv_loop_t loop;
+	ASSERT_EQ(start(&loop, 1, 10000, 10), 0);
+	struct decode_job jobs[3];
+	struct done ds[3];
+	for (int i = 0; i < 3; i++) {
+		job_init(&jobs[i], &ds[i], HOOK("DMCTEST:sleep:3000"), "res-stop");
+		ASSERT_EQ(decode_pool_submit(g_pool, &jobs[i], on_done), 0);
+	}
+	double t0 = now_s();
+	stop(&loop);
+	ASSERT_LT(now_s() - t0, 1.0);
+	for (int i = 0; i < 3; i++) {
+		ASSERT_EQ(ds[i].calls, 1);
+		ASSERT_EQ(ds[i].status, -DMC_E_CANCELLED);
+	}
+}
+
+int main(int argc, char **argv)
+{
+	RUN_TESTS(T(decodes_like_in_process), T(killed_worker_is_replaced),
+		  T(hang_is_killed_at_deadline_others_unaffected), T(cpu_limit_ends_a_cpu_bomb),
+		  T(size_bomb_and_oversized_input), T(seccomp_filter_kills_forbidden_syscalls),
+		  T(stop_cancels_queued_and_running_jobs));
+}
