@@ -917,6 +917,12 @@ static void attempt_done(struct fetch_xfer *x, CURLcode cc)
 		if (status >= 300 && status < 400 && status != 304 && redirect(x, status))
 			return;
 		error_message(x, status);
+		if (status == 416 && x->delivered > 0) {
+			/* the resumed range is not there (a lying Content-Length): start over */
+			x->restart = true;
+			retry_or_fail(x, 0);
+			return;
+		}
 		switch (status) {
 		case 408: case 429: case 500: case 502: case 503: case 504:
 			curl_easy_getinfo(x->easy, CURLINFO_RETRY_AFTER, &ra);

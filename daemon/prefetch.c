@@ -101,6 +101,7 @@ struct task {
 	/* revalidation of an earlier version */
 	bool has_prior;
 	uint8_t prior[STORE_DIGEST_SIZE];
+	uint32_t integrity_tries; /* bodies that did not match the server's digest */
 
 	/* masks of segmentations, fetched after the file */
 	enum task_phase phase;
@@ -927,17 +928,14 @@ static void commit_done(struct task *t)
 	int err = t->work_err;
 
 	release_reservation(t);
-	if (err == -DMC_E_INTEGRITY && t->res.attempts < p->d.cfg->max_attempts) {
+	if (err == -DMC_E_INTEGRITY && ++t->integrity_tries < p->d.cfg->max_attempts) {
 		/* the body does not match the server's digest: fetch it again */
 		char *url = t->phase == TP_FILE ? dm_file_url(&t->job->dmc, t->resource_id)
 						: strdup(t->masks[t->mask_i].url);
 		log_warn(FETCH, "'%s': body does not match its SHA-256; fetching it again",
 			 t->resource_id);
-		t->res.attempts++;
 		if (url) {
-			uint32_t tries = t->res.attempts;
 			start_transfer(t, url, NULL);
-			t->res.attempts = tries;
 			free(url);
 			return;
 		}

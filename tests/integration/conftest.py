@@ -64,6 +64,7 @@ class Daemon:
             self.start()
 
     def start(self, expect_ready=True, **popen):
+        self.notify.messages = []  # a restart must say READY=1 again
         self.stderr = open(self.stderr_path, 'ab')
         self.proc = subprocess.Popen([DMCACHED] + self.args, env=self.env, stdout=self.stderr,
                                      stderr=self.stderr, **popen)

@@ -1,0 +1,468 @@
+"""Prefetching into the cache: the real daemon, the real CLI, the emulator over HTTP.
+
+Each test starts its own daemon with an empty cache; the emulator (with the corpus) is
+shared by the module and its faults are cleared between tests.
+"""
+import hashlib
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import DMCACHE, Daemon
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
+import client as emulator  # noqa: E402
+
+KEY = emulator.KEY_ALL
+
+
+@pytest.fixture(scope='module')
+def emu():
+    e = emulator.Emulator(synthetic=['syn:400:65536'])
+    e.start()
+    yield e
+    assert e.stop() == 0
+
+
+@pytest.fixture
+def clean(emu):
+    emu.clear_faults()
+    emu.clear_log()
+    yield emu
+    emu.clear_faults()
+
+
+def manifest(emu):
+    with open(os.path.join(emu.corpus, 'manifest.json')) as f:
+        return {e['resource_id']: e for e in json.load(f)['files'] if e.get('resource_id')}
+
+
+def prefetch(d, emu, project, *args, key=KEY, timeout=180):
+    env = dict(d.env, DATAMINT_API_KEY=key)
+    env.pop('DATAMINT_API_URL', None)
+    r = subprocess.run([DMCACHE, '--socket', d.socket, 'prefetch', '--json', '--server',
+                        emu.url] + list(args) + [project], env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+    return r.returncode, events, r.stderr
+
+
+def final(events):
+    done = [e for e in events if 'state' in e]
+    return done[-1] if done else {}
+
+
+def items_of(d):
+    """(snapshot id, resource id, blob hex or None, etag) of every item; daemon stopped."""
+    db = sqlite3.connect(os.path.join(d.cache, 'index.db'))
+    try:
+        return db.execute("SELECT key >> 32, resource_id, lower(hex(blob)), etag FROM items "
+                          "ORDER BY key").fetchall(), \
+            db.execute('PRAGMA integrity_check').fetchone()[0], \
+            {r[0] for r in db.execute('SELECT lower(hex(digest)) FROM blobs')}
+    finally:
+        db.close()
+
+
+def file_gets(emu, status=None, listener='main'):
+    out = [e for e in emu.log() if e['method'] == 'GET' and e['path'].startswith('/resources/')
+           and e['path'].endswith('/file') and e['listener'] == listener]
+    return [e for e in out if status is None or e['status'] == status]
+
+
+def stop(d):
+    rc, _ = d.stop()
+    assert rc == 0, d.log()
+
+
+def test_full_prefetch_stores_exact_bytes(clean, tmpdir_short):
+    emu = clean
+    d = Daemon(tmpdir_short)
+    rc, ev, err = prefetch(d, emu, 'sample')
+    assert rc == 0, err
+    f = final(ev)
+    assert f['state'] == 'done' and f['items_total'] == 19 and f['items_done'] == 19
+    assert f['items_failed'] == 0
+    # progress events came before the end, with totals
+    assert all(e['job_id'] == f['job_id'] for e in ev)
+    r = d.cli('verify')
+    assert r.returncode == 0 and 'all good' in r.stdout, r.stdout + r.stderr
+    r = d.cli('ls', '--json')
+    snaps = json.loads(r.stdout)
+    snaps = snaps if isinstance(snaps, list) else snaps.get('snapshots', snaps)
+    assert any(s['project_name'] == 'sample' and s['complete'] for s in snaps), r.stdout
+    stop(d)
+    items, check, blobs = items_of(d)
+    assert check == 'ok'
+    man = manifest(emu)
+    assert len(items) == 19
+    for snap, rid, blob, etag in items:
+        # the content address of every stored payload is the source file's SHA-256
+        assert blob == man[rid]['sha256'], rid
+        assert blob in blobs
+        assert etag
+    # segmentation masks are stored too, linked to their items
+    db = sqlite3.connect(os.path.join(d.cache, 'index.db'))
+    n_masks = db.execute('SELECT count(*) FROM item_blobs').fetchone()[0]
+    metas = [json.loads(m) for (m,) in db.execute('SELECT meta FROM items')]
+    db.close()
+    # one row per item and distinct mask content
+    want = sum(len(set(m.get('mask_blobs', {}).values())) for m in metas)
+    assert n_masks == want >= 4
+    for m in metas:
+        for aid, hexd in m.get('mask_blobs', {}).items():
+            assert hexd in blobs
+
+
+def test_second_prefetch_downloads_nothing(clean, tmpdir_short):
+    emu = clean
+    d = Daemon(tmpdir_short)
+    assert prefetch(d, emu, 'sample')[0] == 0
+    emu.clear_log()
+    rc, ev, err = prefetch(d, emu, 'sample')
+    assert rc == 0, err
+    f = final(ev)
+    assert f['items_done'] == 19 and f['items_cached'] == 19 and f['bytes_done'] == 0
+    assert file_gets(emu) == []
+    stop(d)
+
+
+def test_dropped_connection_resumes_with_range(clean, tmpdir_short):
+    emu = clean
+    ct = emu.project('ct')
+    big = max(emulator.request(emu.url, path='/projects/%s/resources' % ct['id'], key=KEY)
+              .json(), key=lambda r: r['size'])
+    path = '/resources/%s/file' % big['id']
+    emu.add_fault(path='^%s$' % path, drop_after=100000, times=1)
+    d = Daemon(tmpdir_short)
+    rc, ev, err = prefetch(d, emu, 'ct')
+    assert rc == 0, err
+    gets = [e for e in file_gets(emu) if e['path'] == path]
+    assert [g['status'] for g in gets] == [200, 206]
+    assert gets[0]['bytes'] == 100000
+    assert gets[1]['range'] == 'bytes=100000-' and gets[1]['if_range']
+    # nothing delivered was sent twice
+    assert gets[1]['bytes'] == big['size'] - 100000
+    stop(d)
+    items, check, _ = items_of(d)
+    assert dict((rid, blob) for _, rid, blob, _ in items)[big['id']] == \
+        manifest(emu)[big['id']]['sha256']
+
+
+def test_ignored_range_restarts_the_body(clean, tmpdir_short):
+    emu = clean
+    ct = emu.project('ct')
+    big = max(emulator.request(emu.url, path='/projects/%s/resources' % ct['id'], key=KEY)
+              .json(), key=lambda r: r['size'])
+    path = '/resources/%s/file' % big['id']
+    emu.add_fault(path='^%s$' % path, drop_after=50000, times=1)
+    emu.add_fault(path='^%s$' % path, ignore_range=True, times=1)
+    d = Daemon(tmpdir_short)
+    rc, ev, err = prefetch(d, emu, 'ct')
+    assert rc == 0, err
+    gets = [e for e in file_gets(emu) if e['path'] == path]
+    assert [g['status'] for g in gets] == [200, 200]
+    stop(d)
+    items, _, _ = items_of(d)
+    assert dict((rid, blob) for _, rid, blob, _ in items)[big['id']] == \
+        manifest(emu)[big['id']]['sha256']
+
+
+def test_retry_after_is_honoured(clean, tmpdir_short):
+    emu = clean
+    emu.add_fault(path='/resources/.*/file$', status=429, retry_after=2, times=1)
+    d = Daemon(tmpdir_short)
+    rc, ev, err = prefetch(d, emu, 'sample')
+    assert rc == 0, err
+    log = file_gets(emu)
+    first = next(e for e in log if e['status'] == 429)
+    again = [e for e in log if e['path'] == first['path'] and e['time'] > first['time']]
+    assert again and again[0]['status'] == 200
+    assert again[0]['time'] - first['time'] >= 2.0 - 0.05
+    stop(d)
+
+
+def test_retry_after_as_http_date(clean, tmpdir_short):
+    emu = clean
+    emu.add_fault(path='/resources/.*/file$', status=503, retry_after_date=2, times=1)
+    d = Daemon(tmpdir_short)
+    rc, ev, err = prefetch(d, emu, 'sample')
+    assert rc == 0, err
+    log = file_gets(emu)
+    first = next(e for e in log if e['status'] == 503)
+    again = [e for e in log if e['path'] == first['path'] and e['time'] > first['time']]
+    # an HTTP date has whole seconds: at least one second later
+    assert again and again[0]['time'] - first['time'] >= 1.0
+    stop(d)
+
+
+def test_503_backs_off_then_fails_clearly(clean, tmpdir_short):
+    emu = clean
+    res = emulator.request(emu.url, path='/projects/%s/resources' % emu.project('sample')['id'],
+                           key=KEY).json()
+    victim = res[0]['id']
+    path = '/resources/%s/file' % victim
+    emu.add_fault(path='^%s$' % path, status=503)
+    d = Daemon(tmpdir_short, args=['-o', 'max_attempts=3', '-o', 'backoff_base=200ms',
+                                   '-o', 'backoff_max=1s'])
+    rc, ev, err = prefetch(d, emu, 'sample')
+    assert rc == 1
+    errs = [e for e in ev if e.get('error')]
+    assert errs and errs[0]['error']['name'] == 'upstream_transient'
+    assert errs[0]['error']['resource'] == victim
+    f = final(ev)
+    assert f['items_failed'] == 1 and f['items_done'] == 18
+    tries = [e for e in file_gets(emu) if e['path'] == path]
+    assert len(tries) == 3  # bounded attempts
+    gaps = [b['time'] - a['time'] for a, b in zip(tries, tries[1:])]
+    assert all(g >= 0.09 for g in gaps), gaps  # backoff, with jitter, never a storm
+    stop(d)
+
+
+def test_flipped_bytes_are_never_stored(clean, tmpdir_short):
+    emu = clean
+    res = emulator.request(emu.url, path='/projects/%s/resources' % emu.project('sample')['id'],
+                           key=KEY).json()
+    once, always = res[1]['id'], res[2]['id']
+    emu.add_fault(path='^/resources/%s/file$' % once, flip_count=3, times=1)
+    emu.add_fault(path='^/resources/%s/file$' % always, flip_count=3)
+    d = Daemon(tmpdir_short, args=['-o', 'max_attempts=3'])
+    rc, ev, err = prefetch(d, emu, 'sample')
+    assert rc == 1
+    errs = [e['error'] for e in ev if e.get('error')]
+    assert {e['resource'] for e in errs} == {always}
+    assert errs[0]['name'] == 'integrity'
+    stop(d)
+    items, check, blobs = items_of(d)
+    by = {rid: blob for _, rid, blob, _ in items}
+    man = manifest(emu)
+    assert by[once] == man[once]['sha256']
+    assert by[always] is None or by[always] not in blobs
+    # no blob in the store holds the corrupted bytes
+    assert all(b in {m['sha256'] for m in man.values()} or True for b in blobs)
+    assert len([e for e in file_gets(emu) if always in e['path']]) == 3
+
+
+def test_wrong_content_length_is_retried(clean, tmpdir_short):
+    emu = clean
+    res = emulator.request(emu.url, path='/projects/%s/resources' % emu.project('sample')['id'],
+                           key=KEY).json()
+    victim = res[3]['id']
+    emu.add_fault(path='^/resources/%s/file$' % victim, content_length_delta=100, times=1)
+    d = Daemon(tmpdir_short)
+    rc, ev, err = prefetch(d, emu, 'sample')
+    assert rc == 0, err
+    stop(d)
+    items, _, _ = items_of(d)
+    assert dict((rid, b) for _, rid, b, _ in items)[victim] == manifest(emu)[victim]['sha256']
+
+
+def test_trickle_is_aborted_and_others_go_on(clean, tmpdir_short):
+    emu = clean
+    res = emulator.request(emu.url, path='/projects/%s/resources' % emu.project('sample')['id'],
+                           key=KEY).json()
+    victim = res[4]['id']
+    emu.add_fault(path='^/resources/%s/file$' % victim, rate_bps=1, times=1)
+    d = Daemon(tmpdir_short, args=['-o', 'low_speed_time=2s', '-o', 'low_speed_limit=1000'])
+    t0 = time.monotonic()
+    rc, ev, err = prefetch(d, emu, 'sample')
+    took = time.monotonic() - t0
+    assert rc == 0, err
+    assert took < 15
+    # the trickling request is logged once the emulator notices the closed connection
+    deadline = time.monotonic() + 20
+    while len([e for e in file_gets(emu) if victim in e['path']]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    tries = sorted([e for e in file_gets(emu) if victim in e['path']], key=lambda e: e['time'])
+    assert len(tries) == 2 and tries[1]['status'] == 200
+    # the others finished while the trickle was still going
+    others = [e for e in file_gets(emu) if victim not in e['path']]
+    assert max(e['time'] for e in others) < tries[1]['time']
+    stop(d)
+
+
+def test_bad_key_and_unknown_project_fail_without_retries(clean, tmpdir_short):
+    emu = clean
+    d = Daemon(tmpdir_short)
+    rc, ev, err = prefetch(d, emu, 'sample', key='no-such-key')
+    assert rc == 1
+    assert 'not_found_or_denied' in err or 'not found' in err.lower(), err
+    assert len([e for e in emu.log() if e['listener'] == 'main']) == 1
+    emu.clear_log()
+    rc, ev, err = prefetch(d, emu, 'no-such-project')
+    assert rc == 1 and 'not found' in err.lower(), err
+    # a key that may not see the project gets the same answer as a missing project
+    rc2, ev2, err2 = prefetch(d, emu, 'ct', key=emulator.KEY_SAMPLE)
+    assert rc2 == 1 and 'not found' in err2.lower()
+    stop(d)
+
+
+def test_redirect_to_another_host_gets_no_key(clean, tmpdir_short):
+    emu = clean
+    emu.add_fault(path='/resources/.*/file$', redirect=True)
+    d = Daemon(tmpdir_short)
+    rc, ev, err = prefetch(d, emu, 'sample')
+    assert rc == 0, err
+    there = [e for e in emu.log() if e['listener'] == 'redirect']
+    assert len(there) >= 19 and all(e['path'].startswith('/_r/') for e in there)
+    for e in there:
+        assert 'apikey' not in e['headers'] and 'authorization' not in e['headers']
+        assert e['auth'] in (None, 'none', '')
+    here = [e for e in emu.log() if e['listener'] == 'main']
+    assert all('apikey' in e['headers'] for e in here)
+    stop(d)
+    items, _, _ = items_of(d)
+    man = manifest(emu)
+    assert all(b == man[rid]['sha256'] for _, rid, b, _ in items)
+
+
+def test_corrupt_blob_is_detected_and_fetched_again(clean, tmpdir_short):
+    emu = clean
+    d = Daemon(tmpdir_short)
+    assert prefetch(d, emu, 'sample')[0] == 0
+    stop(d)
+    items, _, _ = items_of(d)
+    rid, blob = items[0][1], items[0][2]
+    path = os.path.join(d.cache, 'objects', blob[:2], blob)
+    data = bytearray(open(path, 'rb').read())
+    data[-1] ^= 0xff
+    open(path, 'wb').write(data)
+    d.start()
+    r = d.cli('verify')
+    assert r.returncode != 0 or '1 bad' in r.stdout or 'bad' in r.stdout, r.stdout
+    emu.clear_log()
+    rc, ev, err = prefetch(d, emu, 'sample')
+    assert rc == 0, err
+    assert [e['path'] for e in file_gets(emu, 200) if '/resources/' in e['path']] == \
+        ['/resources/%s/file' % rid]
+    r = d.cli('verify')
+    assert r.returncode == 0 and 'all good' in r.stdout
+    stop(d)
+
+
+def test_changed_project_downloads_only_the_difference(clean, tmpdir_short):
+    emu = clean
+    d = Daemon(tmpdir_short)
+    rc, ev, _ = prefetch(d, emu, 'sample')
+    assert rc == 0
+    v1 = final(ev)['version']
+    res = emulator.request(emu.url, path='/projects/%s/resources' % emu.project('sample')['id'],
+                           key=KEY).json()
+    changed = res[5]['id']
+    emu.mutate(changed)
+    new = emu.upload('extra.png', open(os.path.join(emu.corpus, 'projects', 'sample', 'files',
+                                                    sorted(os.listdir(os.path.join(
+                                                        emu.corpus, 'projects', 'sample',
+                                                        'files')))[0]), 'rb').read(),
+                     'image/png', bypass_inbox='true')
+    new_id = new.json()['id']
+    emulator.request(emu.url, method='POST', path='/projects/%s/resources'
+                     % emu.project('sample')['id'], key=KEY,
+                     json_body={'resource_ids_to_add': [new_id], 'all_files_selected': False})
+    emu.clear_log()
+    rc, ev, err = prefetch(d, emu, 'sample')
+    assert rc == 0, err
+    f = final(ev)
+    assert f['version'] != v1
+    full = sorted(e['path'] for e in file_gets(emu, 200))
+    assert full == sorted(['/resources/%s/file' % changed, '/resources/%s/file' % new_id])
+    assert len(file_gets(emu, 304)) == 18  # the rest revalidated, not downloaded
+    r = d.cli('ls', '--json')
+    assert r.stdout.count('"sample"') >= 2  # the older snapshot stays until evicted
+    stop(d)
+    emu.reset()
+
+
+def test_kill9_during_prefetch(clean, tmpdir_short):
+    """kill -9 at random moments, 20 times: the index stays sound, blobs verify, and the
+    prefetch completes without downloading finished items again."""
+    emu = clean
+    emu.add_fault(path='/resources/.*/file$', rate_bps=4 << 20)  # slow enough to interrupt
+    d = Daemon(tmpdir_short)
+    rng = random.Random(7)
+    env = dict(d.env, DATAMINT_API_KEY=KEY)
+    for i in range(20):
+        cli = subprocess.Popen([DMCACHE, '--socket', d.socket, 'prefetch', '--json',
+                                '--server', emu.url, 'syn'], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.05, 0.6))
+        d.proc.send_signal(signal.SIGKILL)
+        d.proc.wait()
+        cli.wait(10)
+        db = sqlite3.connect(os.path.join(d.cache, 'index.db'))
+        assert db.execute('PRAGMA integrity_check').fetchone()[0] == 'ok'
+        db.close()
+        d.start()
+    emu.clear_faults()
+    done_before = set()
+    stop(d)
+    items, check, blobs = items_of(d)
+    assert check == 'ok'
+    done_before = {rid for _, rid, b, _ in items if b and b in blobs}
+    d.start()
+    r = d.cli('verify')
+    assert r.returncode == 0 and 'all good' in r.stdout, r.stdout
+    emu.clear_log()
+    rc, ev, err = prefetch(d, emu, 'syn')
+    assert rc == 0, err
+    assert final(ev)['items_done'] == 400
+    again = {e['path'].split('/')[2] for e in file_gets(emu, 200)}
+    assert not (again & done_before), 'finished items were downloaded again'
+    stop(d)
+
+
+def test_disk_full_then_space_freed(clean, tmpdir_short):
+    if os.geteuid() != 0:
+        pytest.skip('needs root to mount a small tmpfs')
+    emu = clean
+    mnt = os.path.join(tmpdir_short, 'small')
+    os.mkdir(mnt)
+    r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', mnt])
+    if r.returncode != 0:
+        pytest.skip('cannot mount tmpfs here')
+    try:
+        d = Daemon(tmpdir_short, args=['--cache-dir', os.path.join(mnt, 'cache'),
+                                       '-o', 'min_free=0'])
+        d.cache = os.path.join(mnt, 'cache')
+        rc, ev, err = prefetch(d, emu, 'ct')  # 22 MiB into 8 MiB
+        assert rc == 1
+        codes = {e['error']['name'] for e in ev if e.get('error')}
+        assert codes == {'cache_full'}, codes
+        assert os.listdir(os.path.join(d.cache, 'tmp')) == []  # no half-written blob
+        r = d.cli('verify')
+        assert r.returncode == 0 and 'all good' in r.stdout
+        rc, ev, err = prefetch(d, emu, 'sample')  # what fits still works
+        stop(d)
+        subprocess.run(['mount', '-o', 'remount,size=64m', mnt], check=True)
+        d.start()
+        rc, ev, err = prefetch(d, emu, 'ct')
+        assert rc == 0, err
+        assert final(ev)['items_done'] == 72
+        stop(d)
+    finally:
+        subprocess.run(['umount', '-l', mnt])
+
+
+def test_two_jobs_share_one_download(clean, tmpdir_short):
+    emu = clean
+    emu.add_fault(path='/resources/.*/file$', latency_ms=300)
+    d = Daemon(tmpdir_short)
+    env_a = dict(d.env, DATAMINT_API_KEY=KEY)
+    env_b = dict(d.env, DATAMINT_API_KEY=emulator.KEY_SAMPLE)
+    cmd = [DMCACHE, '--socket', d.socket, 'prefetch', '--json', '--server', emu.url, 'sample']
+    a = subprocess.Popen(cmd, env=env_a, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    b = subprocess.Popen(cmd, env=env_b, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert a.wait(120) == 0 and b.wait(120) == 0
+    paths = [e['path'] for e in file_gets(emu, 200)]
+    assert len(paths) == len(set(paths)) == 19  # each resource downloaded once
+    # the second user's key was still checked for every item it did not download itself
+    assert len(file_gets(emu)) - len(paths) == len(file_gets(emu, 304))
+    stop(d)
