@@ -1130,7 +1130,7 @@ static struct task *find_download(struct prefetch *p, const struct job *j, const
 				  int64_t size)
 {
 	for (struct task *t = p->downloads; t; t = t->dnext)
-		if (t->phase == TP_FILE && t->size == size && strcmp(t->resource_id, rid) == 0 &&
+		if (t->size == size && strcmp(t->resource_id, rid) == 0 &&
 		    strcmp(t->job->origin, j->origin) == 0)
 			return t;
 	return NULL;
@@ -1182,6 +1182,15 @@ static void task_start(struct task *t)
 		return;
 	}
 	leader = find_download(p, j, t->resource_id, t->size);
+	if (leader && leader->phase != TP_FILE) {
+		/* another job has this file already and is busy with its masks: take it */
+		memcpy(t->file_digest, leader->file_digest, STORE_DIGEST_SIZE);
+		snprintf(t->file_etag, sizeof(t->file_etag), "%s", leader->file_etag);
+		t->phase = TP_MASKS;
+		p->items_shared++;
+		task_next_step(t);
+		return;
+	}
 	if (leader) {
 		/* another job downloads this very resource now: wait for it */
 		t->leader = leader;
