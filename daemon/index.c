@@ -98,8 +98,22 @@ static const char *const stmt_sql[S_COUNT_] = {
 		"  AND NOT EXISTS (SELECT 1 FROM blobs AS nb WHERE nb.digest = n.blob)"
 		" GROUP BY n.key) AS m "
 		"WHERE items.key = m.nkey",
-	[S_ITEM_PUT] = "INSERT OR REPLACE INTO items (key, resource_id, filename, mimetype, size, "
-		       "etag, blob, meta) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+	/* Listing a snapshot again (after a crash, or by a second job) must not forget
+	 * content already stored for the same resource at the same position. */
+	[S_ITEM_PUT] = "INSERT INTO items (key, resource_id, filename, mimetype, size, "
+		       "etag, blob, meta) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) "
+		       "ON CONFLICT (key) DO UPDATE SET "
+		       "blob = CASE WHEN excluded.blob IS NULL AND items.resource_id = "
+		       "excluded.resource_id AND items.size = excluded.size THEN items.blob "
+		       "ELSE excluded.blob END, "
+		       "etag = CASE WHEN excluded.etag IS NULL AND items.resource_id = "
+		       "excluded.resource_id AND items.size = excluded.size THEN items.etag "
+		       "ELSE excluded.etag END, "
+		       "resource_id = excluded.resource_id, filename = excluded.filename, "
+		       "mimetype = excluded.mimetype, size = excluded.size, "
+		       "meta = CASE WHEN excluded.blob IS NULL AND items.blob IS NOT NULL AND "
+		       "items.resource_id = excluded.resource_id AND items.size = excluded.size "
+		       "THEN items.meta ELSE excluded.meta END",
 	[S_ITEM_SET_BLOB] = "UPDATE items SET blob = ?2 WHERE key = ?1",
 	[S_ITEM_GET] = "SELECT " ITEM_COLS " FROM items AS i LEFT JOIN blobs AS b "
 		       "ON b.digest = i.blob WHERE i.key = ?1",

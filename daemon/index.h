@@ -176,7 +176,11 @@ int index_snapshot_delete(struct index *ix, int64_t id);
 
 /* ---- items ---- */
 
-/* Inserts or replaces item (snapshot_id, idx). Batched. */
+/*
+ * Inserts or replaces item (snapshot_id, idx). Batched. Replacing an item of the same
+ * resource id and size with one that has no blob keeps the stored blob, etag and metadata
+ * (a snapshot listed again after a crash, or by a second job, keeps what is stored).
+ */
 int index_item_put(struct index *ix, const struct index_item *item);
 /* Records the content digest of an item once its blob is stored. Batched. -ENOENT if none. */
 int index_item_set_blob(struct index *ix, int64_t snapshot_id, int64_t idx,
