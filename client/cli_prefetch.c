@@ -95,8 +95,12 @@ static int percent(const struct dmc_progress_info *p)
 	return (int)(fin * 100 / p->items_total);
 }
 
-/* The numbers after the bar: "450/1000 items  1.2 GiB/2.6 GiB  12.3 MiB/s  ETA 1m 52s". */
-static void format_numbers(char *buf, size_t len, const struct dmc_progress_info *p)
+/*
+ * The numbers: "450/1000 items  1.2 GiB/2.6 GiB  12.3 MiB/s  ETA 1m 52s" on a terminal
+ * (sep "  ", of "/"), "450/1000 items, 1.2 GiB of 2.6 GiB, ..." in plain lines.
+ */
+static void format_numbers(char *buf, size_t len, const struct dmc_progress_info *p,
+			   const char *sep, const char *of)
 {
 	char done[32], total[32], rate[32], eta[32];
 	int n;
@@ -114,17 +118,18 @@ static void format_numbers(char *buf, size_t len, const struct dmc_progress_info
 	if (n < 0 || (size_t)n >= len)
 		return;
 	if (p->bytes_total)
-		n += snprintf(buf + n, len - (size_t)n, "  %s/%s", done, total);
+		n += snprintf(buf + n, len - (size_t)n, "%s%s%s%s", sep, done, of, total);
 	else
-		n += snprintf(buf + n, len - (size_t)n, "  %s", done);
+		n += snprintf(buf + n, len - (size_t)n, "%s%s", sep, done);
 	if (n < 0 || (size_t)n >= len)
 		return;
-	n += snprintf(buf + n, len - (size_t)n, "  %s/s", rate);
+	n += snprintf(buf + n, len - (size_t)n, "%s%s/s", sep, rate);
 	if (n < 0 || (size_t)n >= len)
 		return;
 	if (p->eta_ms) {
-		cli_format_seconds(eta, sizeof(eta), p->eta_ms);
-		snprintf(buf + n, len - (size_t)n, "  ETA %s", eta);
+		/* rounded up: "ETA 0s" would be a lie while bytes remain */
+		cli_format_seconds(eta, sizeof(eta), p->eta_ms + 499);
+		snprintf(buf + n, len - (size_t)n, "%sETA %s", sep, eta);
 	}
 }
 
@@ -149,11 +154,17 @@ static void draw_tty(struct view *v, const struct dmc_progress_info *p)
 		snprintf(line, sizeof(line), "%s: listing resources... %llu so far",
 			 project_label(v, p), (unsigned long long)p->items_total);
 	} else {
-		format_numbers(nums, sizeof(nums), p);
-		/* "[bar] 100%  numbers": the bar gets what the numbers leave, 10 to 40 cells */
-		width = cols - 1 - (int)strlen(nums) - 9;
+		format_numbers(nums, sizeof(nums), p, "  ", "/");
+		/*
+		 * "[bar] 100%  numbers": the bar's width depends on the terminal, so that it does
+		 * not jump as the numbers change: what typical numbers (about 55 columns) leave,
+		 * 10 to 40 cells. Longer numbers shorten it; below 10 cells there is none.
+		 */
+		width = cols - 1 - 9 - 55;
 		if (width > 40)
 			width = 40;
+		if (width > cols - 1 - 9 - (int)strlen(nums))
+			width = cols - 1 - 9 - (int)strlen(nums);
 		if (width >= 10 && pct >= 0) {
 			int fill = pct * width / 100;
 			memset(bar, '#', (size_t)fill);
@@ -184,7 +195,7 @@ static void print_plain(struct view *v, const struct dmc_progress_info *p)
 		printf("%s: listing, %llu resources so far\n", project_label(v, p),
 		       (unsigned long long)p->items_total);
 	} else {
-		format_numbers(nums, sizeof(nums), p);
+		format_numbers(nums, sizeof(nums), p, ", ", " of ");
 		if (pct >= 0)
 			printf("%s: %s %d%%, %s\n", project_label(v, p), state_name(p->state), pct,
 			       nums);
