@@ -66,6 +66,11 @@ enum stmt_id {
 	"item_count, total_bytes"
 #define BLOB_COLS "digest, kind, raw_size, stored_size, last_access"
 
+/* An item put again without content, for the same resource, size and (if given) etag. */
+#define SAME_CONTENT                                                                              \
+	"(excluded.blob IS NULL AND items.resource_id = excluded.resource_id AND "                 \
+	"items.size = excluded.size AND (excluded.etag IS NULL OR excluded.etag IS items.etag))"
+
 static const char *const stmt_sql[S_COUNT_] = {
 	[S_BEGIN] = "BEGIN",
 	[S_COMMIT] = "COMMIT",
@@ -103,17 +108,12 @@ static const char *const stmt_sql[S_COUNT_] = {
 	[S_ITEM_PUT] = "INSERT INTO items (key, resource_id, filename, mimetype, size, "
 		       "etag, blob, meta) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) "
 		       "ON CONFLICT (key) DO UPDATE SET "
-		       "blob = CASE WHEN excluded.blob IS NULL AND items.resource_id = "
-		       "excluded.resource_id AND items.size = excluded.size THEN items.blob "
-		       "ELSE excluded.blob END, "
-		       "etag = CASE WHEN excluded.etag IS NULL AND items.resource_id = "
-		       "excluded.resource_id AND items.size = excluded.size THEN items.etag "
-		       "ELSE excluded.etag END, "
+		       "blob = CASE WHEN " SAME_CONTENT " THEN items.blob ELSE excluded.blob END, "
+		       "etag = CASE WHEN " SAME_CONTENT " THEN items.etag ELSE excluded.etag END, "
+		       "meta = CASE WHEN " SAME_CONTENT " AND items.blob IS NOT NULL "
+		       "THEN items.meta ELSE excluded.meta END, "
 		       "resource_id = excluded.resource_id, filename = excluded.filename, "
-		       "mimetype = excluded.mimetype, size = excluded.size, "
-		       "meta = CASE WHEN excluded.blob IS NULL AND items.blob IS NOT NULL AND "
-		       "items.resource_id = excluded.resource_id AND items.size = excluded.size "
-		       "THEN items.meta ELSE excluded.meta END",
+		       "mimetype = excluded.mimetype, size = excluded.size",
 	[S_ITEM_SET_BLOB] = "UPDATE items SET blob = ?2 WHERE key = ?1",
 	[S_ITEM_GET] = "SELECT " ITEM_COLS " FROM items AS i LEFT JOIN blobs AS b "
 		       "ON b.digest = i.blob WHERE i.key = ?1",

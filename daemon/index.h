@@ -178,8 +178,9 @@ int index_snapshot_delete(struct index *ix, int64_t id);
 
 /*
  * Inserts or replaces item (snapshot_id, idx). Batched. Replacing an item of the same
- * resource id and size with one that has no blob keeps the stored blob, etag and metadata
- * (a snapshot listed again after a crash, or by a second job, keeps what is stored).
+ * resource id and size, and the same etag unless the new one has none, with one that has
+ * no blob keeps the stored blob, etag and metadata (a snapshot listed again after a crash,
+ * or by a second job, keeps what is stored; a changed local file does not).
  */
 int index_item_put(struct index *ix, const struct index_item *item);
 /* Records the content digest of an item once its blob is stored. Batched. -ENOENT if none. */

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "cache.h"
 #include "conf.h"
@@ -103,6 +104,10 @@ struct task {
 	uint8_t prior[STORE_DIGEST_SIZE];
 	uint32_t integrity_tries; /* bodies that did not match the server's digest */
 
+	/* LOCAL: the files are read on the threadpool, masks included, in one work */
+	const struct dm_local_item *litem;
+	struct store_blob_info *minfo;
+
 	/* masks of segmentations, fetched after the file */
 	enum task_phase phase;
 	struct dm_mask *masks;
@@ -127,6 +132,10 @@ struct job {
 
 	struct dm_project *proj;
 	struct dm_annotations *ann;
+	struct dm_local *local;  /* LOCAL: the scanned folder */
+	uv_work_t scan_work;
+	int scan_err;
+	char scan_msg[FETCH_MESSAGE_MAX];
 	int64_t snapshot_id;
 	uint32_t state;
 	bool final;     /* the final reply went out */
@@ -420,6 +429,7 @@ static void job_maybe_free(struct job *j)
 	j->key = NULL;
 	dm_project_free(j->proj);
 	dm_annotations_free(j->ann);
+	dm_local_free(j->local);
 	free(j->server);
 	free(j->project_arg);
 	free(j->version_arg);
@@ -1072,6 +1082,7 @@ static void task_free(struct task *t)
 	}
 	free(t->masks);
 	free(t->mask_digests);
+	free(t->minfo);
 	free(t->buf);
 	free(t->wbuf);
 	free(t);
@@ -1164,6 +1175,8 @@ static int task_from_item(void *ctx, const struct index_item *it)
 	return 0;
 }
 
+static void local_task_start(struct task *t);
+
 static void task_start(struct task *t)
 {
 	struct job *j = t->job;
@@ -1173,6 +1186,10 @@ static void task_start(struct task *t)
 	char *url;
 
 	t->starting = false;
+	if (j->source == DMC_SOURCE_LOCAL) {
+		local_task_start(t);
+		return;
+	}
 	t->buf = malloc(SINK_BUF);
 	t->wbuf = malloc(SINK_BUF);
 	if (!t->buf || !t->wbuf ||
@@ -1292,6 +1309,286 @@ static int subscribe(struct job *j, struct conn *c, uint32_t request_id)
 	return 0;
 }
 
+/* ---- local dataset folders ---- */
+
+static void local_task_work(uv_work_t *w)
+{
+	struct task *t = w->data;
+	struct job *j = t->job;
+	struct store *store = j->pf->d.cache->store;
+	const struct dm_local_item *it = t->litem;
+	int rc = 0;
+
+	for (uint32_t k = 0; k <= it->n_masks && rc == 0; k++) {
+		const char *path = k == 0 ? it->path : it->masks[k - 1].path;
+		struct store_blob_info *info = k == 0 ? &t->info : &t->minfo[k - 1];
+		struct store_writer *wr = NULL;
+		int fd = dm_local_open(j->local, path, j->uid);
+		ssize_t n;
+
+		if (fd < 0) {
+			rc = fd;
+			break;
+		}
+		rc = store_writer_open(store, STORE_KIND_RAW, STORE_SIZE_UNKNOWN, &wr);
+		while (rc == 0 && (n = read(fd, t->buf, SINK_BUF)) != 0) {
+			if (n < 0) {
+				if (errno == EINTR)
+					continue;
+				rc = -errno;
+				break;
+			}
+			rc = store_writer_write(wr, t->buf, (size_t)n);
+		}
+		close(fd);
+		if (rc == 0)
+			rc = store_writer_commit(wr, NULL, info);
+		else
+			store_writer_abort(wr);
+	}
+	t->work_err = rc;
+}
+
+static void local_task_after(uv_work_t *w, int status)
+{
+	struct task *t = w->data;
+	struct job *j = t->job;
+	struct cache *cache = j->pf->d.cache;
+	int rc = t->work_err;
+
+	(void)status;
+	t->work_busy = false;
+	release_reservation(t);
+	if (rc < 0) {
+		/* what was committed before the failure stays as a blob for reconciliation */
+		t->res.err = rc;
+		snprintf(t->res.message, sizeof(t->res.message), "%s",
+			 rc == -DMC_E_CACHE_FULL ? "cache full"
+			 : rc <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-rc)
+					       : strerror(-rc));
+		task_next_step(t);
+		return;
+	}
+	cache_record_blob(cache, &t->info);
+	store_unpin(cache->store, t->info.digest);
+	memcpy(t->file_digest, t->info.digest, STORE_DIGEST_SIZE);
+	snprintf(t->file_etag, sizeof(t->file_etag), "%s", t->litem->etag);
+	for (uint32_t k = 0; k < t->n_masks; k++) {
+		cache_record_blob(cache, &t->minfo[k]);
+		store_unpin(cache->store, t->minfo[k].digest);
+		memcpy(t->mask_digests[k], t->minfo[k].digest, STORE_DIGEST_SIZE);
+	}
+	t->mask_i = t->n_masks;
+	t->phase = TP_MASKS;
+	j->bytes_done += (uint64_t)t->litem->size;
+	j->pf->items_downloaded++;
+	task_next_step(t);
+}
+
+static void local_task_start(struct task *t)
+{
+	struct job *j = t->job;
+	struct cache *cache = j->pf->d.cache;
+	const struct dm_local_item *it = NULL;
+	int rc;
+
+	for (uint32_t i = 0; i < j->local->n; i++)
+		if (strcmp(j->local->items[i].id, t->resource_id) == 0) {
+			it = &j->local->items[i];
+			break;
+		}
+	if (!it) {
+		task_finish(t, -DMC_E_NOT_FOUND_OR_DENIED, "no longer in dataset.json", 0);
+		return;
+	}
+	t->litem = it;
+	t->n_masks = it->n_masks;
+	t->buf = malloc(SINK_BUF);
+	t->masks = calloc(it->n_masks ? it->n_masks : 1, sizeof(*t->masks));
+	t->minfo = calloc(it->n_masks ? it->n_masks : 1, sizeof(*t->minfo));
+	t->mask_digests = calloc(it->n_masks ? it->n_masks : 1, STORE_DIGEST_SIZE);
+	if (!t->buf || !t->masks || !t->minfo || !t->mask_digests) {
+		task_finish(t, -ENOMEM, "out of memory", 0);
+		return;
+	}
+	for (uint32_t k = 0; k < it->n_masks; k++) {
+		t->masks[k].annotation_id = strdup(it->masks[k].annotation_id);
+		if (!t->masks[k].annotation_id) {
+			task_finish(t, -ENOMEM, "out of memory", 0);
+			return;
+		}
+	}
+	rc = cache_reserve(cache, (uint64_t)it->size);
+	if (rc < 0) {
+		task_finish(t, rc, rc == -DMC_E_CACHE_FULL ? "cache full" : "cannot make room", 0);
+		return;
+	}
+	t->reserved = it->size > 0 ? (uint64_t)it->size : 1;
+	if (!it->size)
+		store_release(cache->store, 0);
+	t->work.data = t;
+	t->work_busy = true;
+	if (uv_queue_work(j->pf->d.loop, &t->work, local_task_work, local_task_after) != 0) {
+		t->work_busy = false;
+		task_finish(t, -ENOMEM, "cannot queue the read", 0);
+	}
+}
+
+static void local_scan_work(uv_work_t *w)
+{
+	struct job *j = w->data;
+
+	j->scan_err = dm_local_scan(j->project_arg, j->uid, &j->local, j->scan_msg,
+				    sizeof(j->scan_msg));
+}
+
+static void local_scan_after(uv_work_t *w, int status)
+{
+	struct job *j = w->data;
+	struct index *ix = j->pf->d.cache->index;
+	struct dm_error e = { 0 };
+	struct dm_project *proj;
+	int64_t id, linked = 0;
+	bool created;
+	int rc = 0;
+
+	(void)status;
+	j->pending--;
+	if (j->final) {
+		job_maybe_free(j);
+		return;
+	}
+	if (j->scan_err < 0) {
+		e.err = j->scan_err == -EACCES || j->scan_err == -ENOENT ? -DMC_E_NOT_FOUND_OR_DENIED
+									   : j->scan_err;
+		snprintf(e.message, sizeof(e.message), "%s", j->scan_msg);
+		fail_job(j, &e);
+		return;
+	}
+	proj = calloc(1, sizeof(*proj));
+	if (proj) {
+		proj->id = strdup(j->local->root);
+		proj->name = strdup(j->local->name);
+		proj->dataset_id = strdup("");
+		proj->version = strdup(j->local->version);
+	}
+	if (!proj || !proj->id || !proj->name || !proj->dataset_id || !proj->version) {
+		dm_project_free(proj);
+		e.err = -ENOMEM;
+		fail_job(j, &e);
+		return;
+	}
+	j->proj = proj;
+	if (j->version_arg[0] && strcmp(j->version_arg, "latest") != 0 &&
+	    strcmp(j->version_arg, proj->version) != 0) {
+		e.err = -DMC_E_NOT_FOUND_OR_DENIED;
+		snprintf(e.message, sizeof(e.message), "the folder holds version '%.80s'",
+			 proj->version);
+		fail_job(j, &e);
+		return;
+	}
+	{
+		struct index_snapshot key = {
+			.source = INDEX_SOURCE_FOLDER,
+			.server_url = "",
+			.project_id = proj->id,
+			.project_name = proj->name,
+			.version = proj->version,
+			.created_at = (int64_t)time(NULL),
+		};
+		rc = index_snapshot_get_or_create(ix, &key, &id, &created);
+	}
+	j->snapshot_id = rc == 0 ? id : 0;
+	/* always listed again: a file may have changed without dataset.json (its etag is its
+	 * size and modification time, and a changed one is read again) */
+	if (rc == 0) {
+		for (uint32_t i = 0; i < j->local->n && rc == 0; i++) {
+			const struct dm_local_item *it = &j->local->items[i];
+			struct index_item item = {
+				.snapshot_id = id,
+				.idx = i,
+				.resource_id = it->id,
+				.filename = it->filename,
+				.mimetype = it->mimetype,
+				.size = it->size,
+				.etag = it->etag,
+				.meta = it->meta,
+				.meta_len = it->meta_len,
+			};
+			rc = index_item_put(ix, &item);
+		}
+		if (rc == 0)
+			rc = index_snapshot_seal(ix, id);
+	}
+	/* unchanged files (same id, size and modification time) are linked, not read */
+	if (rc == 0)
+		rc = index_snapshot_link_stored(ix, id, &linked);
+	if (rc == 0)
+		rc = index_flush(ix);
+	if (rc < 0) {
+		e.err = rc;
+		snprintf(e.message, sizeof(e.message), "cannot record the snapshot: %s",
+			 index_errmsg(ix));
+		fail_job(j, &e);
+		return;
+	}
+	start_downloading(j);
+}
+
+static void on_prefetch_local(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+			      const struct dmc_prefetch *m)
+{
+	struct job *j;
+	char *project = str_copy(m->project), *version = str_copy(m->version);
+
+	if (!project || !version)
+		goto nomem;
+	j = find_job(p, c->uid, DMC_SOURCE_LOCAL, "", project, version);
+	if (j) {
+		free(project);
+		free(version);
+		if (subscribe(j, c, h->request_id) < 0)
+			conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		return;
+	}
+	j = calloc(1, sizeof(*j));
+	if (!j || !(j->server = strdup("")))
+		goto nomem_job;
+	j->pf = p;
+	j->id = p->next_job_id++;
+	j->uid = c->uid;
+	j->source = DMC_SOURCE_LOCAL;
+	j->project_arg = project;
+	j->version_arg = version;
+	j->state = DMC_JOB_RESOLVING;
+	uv_timer_init(p->d.loop, &j->tick);
+	j->tick.data = j;
+	j->next = p->jobs;
+	if (p->jobs)
+		p->jobs->prev = j;
+	p->jobs = j;
+	p->jobs_started++;
+	subscribe(j, c, h->request_id);
+	uv_timer_start(&j->tick, on_tick, TICK_MS, TICK_MS);
+	log_info(FETCH, "job %" PRIu64 ": uid %u prefetches the folder '%s'", j->id,
+		 (unsigned)j->uid, j->project_arg);
+	j->scan_work.data = j;
+	if (uv_queue_work(p->d.loop, &j->scan_work, local_scan_work, local_scan_after) != 0) {
+		struct dm_error e = { .err = -ENOMEM };
+		snprintf(e.message, sizeof(e.message), "cannot start");
+		fail_job(j, &e);
+		return;
+	}
+	j->pending++;
+	return;
+nomem_job:
+	free(j);
+nomem:
+	free(project);
+	free(version);
+	conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+}
+
 static void on_prefetch(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 			const uint8_t *payload)
 {
@@ -1306,8 +1603,13 @@ static void on_prefetch(struct prefetch *p, struct conn *c, const struct dmc_hea
 		return;
 	}
 	if (m.source == DMC_SOURCE_LOCAL) {
-		conn_send_error(c, h->request_id, DMC_E_UNSUPPORTED, NULL,
-				"local dataset folders are not served by this daemon yet");
+		if (!m.project.len || m.project.ptr[0] != '/' || m.api_key.len || m.server.len) {
+			conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+					"a local prefetch takes an absolute folder path, no server "
+					"and no key");
+			return;
+		}
+		on_prefetch_local(p, c, h, &m);
 		return;
 	}
 	if (m.source != DMC_SOURCE_DATAMINT) {

@@ -1,0 +1,159 @@
+"""Local dataset folders (datamint-api.md section 4.2-4.4) prefetched with no network."""
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DMCACHE, Daemon
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
+import client as emulator  # noqa: E402
+
+
+def sha(path):
+    with open(path, 'rb') as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture
+def folder(tmpdir_short):
+    """A dataset folder as the Datamint client (>= v1.7) writes it, from the corpus."""
+    src = os.path.join(emulator.corpus_dir(), 'projects', 'sample', 'files')
+    names = ['ct_000.dcm', 'ct_001.dcm', 'derm_rgb.jpg', 'photo_rgb8.png', 'xray_gray8.png',
+             'brain_int16_scaled.nii.gz']
+    root = os.path.join(tmpdir_short, 'datasets', 'sample')
+    os.makedirs(os.path.join(root, 'images'))
+    os.makedirs(os.path.join(root, 'masks', 'a@b.com', 'r0'))
+    resources = []
+    for i, n in enumerate(names):
+        rel = 'images/r%d.%s' % (i, n.split('.', 1)[1])
+        shutil.copy(os.path.join(src, n), os.path.join(root, rel))
+        resources.append({'id': 'r%d' % i, 'file': rel, 'filename': n, 'annotations': []})
+    png = next(n for n in names if n.endswith('.png'))
+    shutil.copy(os.path.join(src, png), os.path.join(root, 'masks', 'a@b.com', 'r0', 'ann1'))
+    resources[0]['annotations'].append({'id': 'ann1', 'type': 'segmentation', 'name': 'Liver',
+                                        'index': 0, 'file': 'masks/a@b.com/r0/ann1'})
+    with open(os.path.join(root, 'dataset.json'), 'w') as f:
+        json.dump({'name': 'sample', 'updated_at': '2025-02-05T14:47:47.942Z',
+                   'all_annotations': False, 'resources': resources}, f)
+    return root
+
+
+def prefetch_dir(d, root, *extra):
+    r = subprocess.run([DMCACHE, '--socket', d.socket, 'prefetch', '--json', '--source', root]
+                       + list(extra), env=d.env, capture_output=True, text=True, timeout=120)
+    events = [json.loads(l) for l in r.stdout.splitlines() if l.startswith('{')]
+    done = [e for e in events if 'state' in e]
+    return r.returncode, (done[-1] if done else {}), r.stderr
+
+
+def stored(d):
+    db = sqlite3.connect(os.path.join(d.cache, 'index.db'))
+    try:
+        rows = db.execute("SELECT resource_id, lower(hex(blob)), etag, meta FROM items "
+                          "ORDER BY key").fetchall()
+        masks = db.execute('SELECT count(*) FROM item_blobs').fetchone()[0]
+        return rows, masks
+    finally:
+        db.close()
+
+
+def test_folder_is_prefetched_exactly(folder, tmpdir_short):
+    d = Daemon(tmpdir_short)
+    rc, f, err = prefetch_dir(d, folder)
+    assert rc == 0, err
+    assert f['state'] == 'done' and f['items_done'] == 6 and f['items_total'] == 6
+    assert f['version'] == '2025-02-05T14:47:47.942Z'
+    r = d.cli('ls', '--json')
+    assert '"source": "local"' in r.stdout or '"local"' in r.stdout, r.stdout
+    # again: nothing to read
+    rc, f, err = prefetch_dir(d, folder)
+    assert rc == 0 and f['items_cached'] == 6 and f['bytes_done'] == 0
+    assert d.stop()[0] == 0
+    rows, masks = stored(d)
+    spec = json.load(open(os.path.join(folder, 'dataset.json')))['resources']
+    for (rid, blob, etag, meta), res in zip(rows, spec):
+        assert rid == res['id'] and blob == sha(os.path.join(folder, res['file']))
+        assert etag.startswith('local:')
+    assert masks == 1
+    meta0 = json.loads(rows[0][3])
+    assert meta0['mask_blobs']['ann1'] == sha(os.path.join(folder, 'masks/a@b.com/r0/ann1'))
+
+
+def test_changed_file_is_read_again(folder, tmpdir_short):
+    d = Daemon(tmpdir_short)
+    assert prefetch_dir(d, folder)[0] == 0
+    spec = json.load(open(os.path.join(folder, 'dataset.json')))['resources']
+    victim = os.path.join(folder, spec[2]['file'])
+    data = bytearray(open(victim, 'rb').read())
+    data[len(data) // 2] ^= 0x01
+    open(victim, 'wb').write(data)
+    rc, f, err = prefetch_dir(d, folder)
+    assert rc == 0, err
+    assert f['items_cached'] == 5 and f['bytes_done'] == len(data)
+    assert d.stop()[0] == 0
+    rows, _ = stored(d)
+    assert rows[2][1] == hashlib.sha256(bytes(data)).hexdigest()
+
+
+def test_oldest_layout_images_image_file(tmpdir_short, folder):
+    root = os.path.join(tmpdir_short, 'gen0')
+    os.makedirs(root)
+    shutil.copytree(os.path.join(folder, 'images'), os.path.join(root, 'imgs'))
+    files = sorted(os.listdir(os.path.join(root, 'imgs')))
+    with open(os.path.join(root, 'dataset.json'), 'w') as f:
+        json.dump({'version': 3, 'images': [{'image_file': 'imgs/' + n} for n in files]}, f)
+    d = Daemon(tmpdir_short)
+    rc, fin, err = prefetch_dir(d, root)
+    assert rc == 0, err
+    assert fin['items_done'] == len(files)
+    assert fin['project_name'] == 'gen0'
+    assert d.stop()[0] == 0
+
+
+@pytest.mark.parametrize('bad,expect', [
+    ('../outside', 'outside the dataset folder'),
+    ('/etc/hostname', 'outside the dataset folder'),
+    ('images/missing.dcm', 'No such file'),
+])
+def test_paths_may_not_leave_the_folder(folder, tmpdir_short, bad, expect):
+    with open(os.path.join(os.path.dirname(folder), 'outside'), 'w') as f:
+        f.write('secret')
+    spec = json.load(open(os.path.join(folder, 'dataset.json')))
+    spec['resources'][1]['file'] = bad
+    json.dump(spec, open(os.path.join(folder, 'dataset.json'), 'w'))
+    d = Daemon(tmpdir_short)
+    rc, f, err = prefetch_dir(d, folder)
+    assert rc == 1
+    assert expect in err, err
+    assert d.stop()[0] == 0
+
+
+def test_malformed_dataset_json(folder, tmpdir_short):
+    open(os.path.join(folder, 'dataset.json'), 'w').write('{"resources": [')
+    d = Daemon(tmpdir_short)
+    rc, f, err = prefetch_dir(d, folder)
+    assert rc == 1 and 'dataset.json:1' in err, err
+    rc, f, err = prefetch_dir(d, os.path.join(tmpdir_short, 'no-such-folder'))
+    assert rc == 2 and 'No such file or directory' in err, err  # the CLI says so first
+    assert d.stop()[0] == 0
+
+
+def test_other_users_files_are_refused(folder, tmpdir_short):
+    if os.geteuid() != 0:
+        pytest.skip('needs root to run a client as another uid')
+    # the folder belongs to root: a client running as nobody may not have it read
+    os.chmod(tmpdir_short, 0o755)
+    d = Daemon(tmpdir_short)
+    os.chmod(os.path.dirname(d.socket), 0o755)
+    r = subprocess.run(['setpriv', '--reuid=65533', '--regid=65533', '--clear-groups',
+                        DMCACHE, '--socket', d.socket, 'prefetch', '--source', folder],
+                       env=d.env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert 'does not belong to the requesting user' in r.stderr, r.stderr
+    assert d.stop()[0] == 0
