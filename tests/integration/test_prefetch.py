@@ -468,3 +468,52 @@ def test_two_jobs_share_one_download(clean, tmpdir_short):
     # the second user's key was still checked for every item it did not download itself
     assert len(file_gets(emu)) - len(paths) == len(file_gets(emu, 304))
     stop(d)
+
+
+def test_tls_verified_never_bypassed(tmpdir_short):
+    """An untrusted certificate fails at once (no retry, no insecure fallback); with the
+    CA configured the same server works, redirects included."""
+    import trustme
+    ca = trustme.CA()
+    cert = ca.issue_cert('127.0.0.1', '127.0.0.2')
+    pem = os.path.join(tmpdir_short, 'server.pem')
+    cert.private_key_and_cert_chain_pem.write_to_path(pem)
+    ca_file = os.path.join(tmpdir_short, 'ca.pem')
+    ca.cert_pem.write_to_path(ca_file)
+    with emulator.Emulator(extra_args=['--tls-cert', pem, '--tls-key', pem]) as emu:
+        assert emu.url.startswith('https://')
+        d = Daemon(tmpdir_short)
+        t0 = time.monotonic()
+        rc, ev, err = prefetch(d, emu, 'sample')
+        assert rc == 1 and 'TLS' in err and 'upstream_permanent' in err, err
+        assert time.monotonic() - t0 < 3  # not retried
+        assert [e for e in emu.log() if e['listener'] == 'main'] == []
+        stop(d)
+        second = os.path.join(tmpdir_short, 'b')
+        os.mkdir(second)
+        d = Daemon(second, args=['-o', 'ca_file=' + ca_file])
+        emu.add_fault(path='/resources/.*/file$', redirect=True)
+        rc, ev, err = prefetch(d, emu, 'sample')
+        assert rc == 0, err
+        assert len([e for e in emu.log() if e['listener'] == 'redirect']) >= 19
+        stop(d)
+
+
+def test_key_is_never_written_anywhere(clean, tmpdir_short):
+    """The key reaches no file of the cache, no log line and no STATUS (reliability.md S5)."""
+    emu = clean
+    d = Daemon(tmpdir_short, args=['--debug', 'all'])
+    emu.add_fault(path='/resources/.*/file$', drop_after=1000, times=2)
+    assert prefetch(d, emu, 'sample')[0] == 0
+    status = d.cli('status', '--json').stdout
+    stop(d)
+    needles = [KEY.encode(), KEY.encode().hex().encode(),
+               __import__('base64').b64encode(KEY.encode())]
+    for n in needles:
+        assert n not in status.encode()
+        assert n not in open(d.stderr_path, 'rb').read()
+    for dirpath, _, files in os.walk(d.cache):
+        for name in files:
+            data = open(os.path.join(dirpath, name), 'rb').read()
+            for n in needles:
+                assert n not in data, os.path.join(dirpath, name)
