@@ -174,11 +174,31 @@ def test_plain_output_progress_and_summary(clean, daemon):
     assert file_gets(clean, 0) == []
 
 
-def test_json_events(clean, daemon):
-    slow(clean)
-    r = prefetch(daemon, clean, '--json', 'syn')
-    assert r.returncode == 0, r.stderr
-    evs = json_lines(r.stdout)
+def test_json_events_and_two_jobs_at_once(clean, tmpdir_short):
+    # room for both jobs' transfers at once
+    daemon = Daemon(tmpdir_short, args=['-o', 'parallel_transfers=64', '-o',
+                                        'per_host_connections=64'])
+    # only syn's files are slow: 8 KiB/s each, all at once
+    prefix = syn_ids(clean)[0].split('-')[0]
+    clean.add_fault(path=r'^/resources/%s-[^/]+/file$' % prefix, rate_bps=8192)
+    p = start_json_prefetch(daemon, clean, 'syn')
+    try:
+        first = read_until(p, lambda e: e['state'] == 'downloading')
+        # a second job runs beside the first and ends while the first goes on
+        r = prefetch(daemon, clean, '--json', 'sample')
+        assert r.returncode == 0, r.stderr
+        other = json_lines(r.stdout)[-1]
+        assert other['state'] == 'done' and other['job_id'] != first['job_id']
+        assert p.poll() is None
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        p.wait()
+        rc, _ = daemon.stop()
+        daemon.notify.close()
+    assert rc == 0, daemon.log()
+    assert p.returncode == 0, err
+    evs = [first] + json_lines(out)
     assert [e['event'] for e in evs[:-1]] == ['progress'] * (len(evs) - 1)
     assert len(evs) >= 3
     fin = evs[-1]
@@ -199,8 +219,8 @@ def test_json_events(clean, daemon):
     dl = [e for e in evs if e['state'] == 'downloading']
     assert dl and any(e['rate_bps'] > 0 for e in dl)
     assert any(e['eta_ms'] > 0 for e in dl)
-    # the rate is what the emulator allowed: 16 transfers at 16 KiB/s at most
-    assert max(e['rate_bps'] for e in dl) <= 16 * 16384 * 1.5
+    # the rate is what the emulator allowed: 32 transfers at 8 KiB/s
+    assert max(e['rate_bps'] for e in dl) <= SYN_ITEMS * 8192 * 1.5
 
 
 def test_failed_items_exit_1_with_errors(clean, daemon):
