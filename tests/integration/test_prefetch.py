@@ -517,3 +517,34 @@ def test_key_is_never_written_anywhere(clean, tmpdir_short):
             data = open(os.path.join(dirpath, name), 'rb').read()
             for n in needles:
                 assert n not in data, os.path.join(dirpath, name)
+
+
+def test_max_object_is_enforced(clean, tmpdir_short):
+    emu = clean
+    d = Daemon(tmpdir_short, args=['-o', 'max_object=100K'])
+    rc, ev, err = prefetch(d, emu, 'ct')
+    assert rc == 1
+    errs = {e['error']['name'] for e in ev if e.get('error')}
+    assert errs == {'limit_exceeded'}, errs
+    stop(d)
+    # nothing larger than the limit was stored
+    db = sqlite3.connect(os.path.join(d.cache, 'index.db'))
+    sizes = [r[0] for r in db.execute('SELECT raw_size FROM blobs')]
+    db.close()
+    assert all(s <= 100 * 1024 for s in sizes)
+
+
+def test_max_size_bounds_the_cache(clean, tmpdir_short):
+    emu = clean
+    limit = 8 << 20
+    d = Daemon(tmpdir_short, args=['-o', 'max_size=8M', '-o', 'min_free=0'])
+    prefetch(d, emu, 'ct')  # 22 MiB through an 8 MiB cache
+    st = json.loads(d.cli('status', '--json').stdout)['counters']
+    assert st['cache_bytes'] <= limit
+    assert st['cache_evicted_total'] > 0
+    total = 0
+    for dirpath, _, files in os.walk(os.path.join(d.cache, 'objects')):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    assert total <= limit
+    assert d.cli('verify').returncode == 0
+    stop(d)
