@@ -19,8 +19,11 @@ static const char *source_name(uint32_t s)
 	return s == DMC_SOURCE_DATAMINT ? "datamint" : s == DMC_SOURCE_LOCAL ? "local" : "unknown";
 }
 
+/* A local folder by its path (its name alone could be a Datamint project's), else the name. */
 static const char *entry_project(const struct dmc_snapshot_entry *e)
 {
+	if (e->source == DMC_SOURCE_LOCAL && *e->project_id)
+		return e->project_id;
 	return *e->project_name ? e->project_name : e->project_id;
 }
 
@@ -155,8 +158,9 @@ int cmd_evict(int argc, char **argv)
 			all = true;
 		} else if (opt == 'h') {
 			printf("Usage: dmcache evict PROJECT | --all\n"
-			       "Removes the snapshots of PROJECT (a name, id or local directory),\n"
-			       "or every snapshot you may see, and the files no other snapshot uses.\n");
+			       "Removes the snapshots of PROJECT (a Datamint project's name or id, or a\n"
+			       "local folder's absolute path as dmcache ls shows it), or every snapshot\n"
+			       "you may see, and the files no other snapshot uses.\n");
 			return 0;
 		} else {
 			return EXIT_USAGE;

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -592,10 +593,19 @@ def test_credentials_from_datamintapi_yaml(clean, daemon):
 
 
 def test_source_directory(clean, daemon, tmpdir_short):
+    # a dataset folder as the Datamint client writes it, with two files of the corpus
     d = os.path.join(tmpdir_short, 'ds', 'sample')
     os.makedirs(os.path.join(d, 'images'))
+    src = os.path.join(clean.corpus, 'projects', 'sample', 'files')
+    res, nbytes = [], 0
+    for i, n in enumerate(['ct_000.dcm', 'photo_rgb8.png']):
+        rel = 'images/r%d.%s' % (i, n.split('.', 1)[1])
+        shutil.copy(os.path.join(src, n), os.path.join(d, rel))
+        nbytes += os.path.getsize(os.path.join(d, rel))
+        res.append({'id': 'r%d' % i, 'file': rel, 'filename': n, 'annotations': []})
     with open(os.path.join(d, 'dataset.json'), 'w') as f:
-        f.write('{}')
+        json.dump({'name': 'sample', 'updated_at': '2025-02-05T14:47:47.942Z',
+                   'all_annotations': False, 'resources': res}, f)
     # a relative path names the absolute directory; no key is needed or read
     env = cli_env(daemon)
     r = subprocess.run([DMCACHE, '--socket', daemon.socket, 'prefetch', '--cancel',
@@ -608,3 +618,26 @@ def test_source_directory(clean, daemon, tmpdir_short):
                            env=env, cwd=tmpdir_short, capture_output=True, text=True,
                            timeout=30)
         assert r.returncode == 2 and "--source '%s'" % bad in r.stderr
+
+    # no key, no server, no network: the folder's files go into the cache
+    clean.clear_log()
+    r = subprocess.run([DMCACHE, '--socket', daemon.socket, 'prefetch', '--source',
+                        'ds/sample'], env=env, cwd=tmpdir_short, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == '%s: starting the prefetch' % os.path.realpath(d)
+    assert 'sample version 2025-02-05T14:47:47.942Z: complete' in lines
+    assert '  items:  2 of 2 stored (2 downloaded, 0 from the cache), 0 failed' in lines
+    assert clean.log() == []
+    ls = json.loads(run(daemon, 'ls', '--json').stdout)
+    assert len(ls) == 1
+    s = ls[0]
+    assert (s['source'], s['server'], s['project_id'], s['project_name']) == \
+        ('local', '', os.path.realpath(d), 'sample')
+    assert (s['items'], s['items_stored'], s['bytes'], s['complete']) == (2, 2, nbytes, True)
+    # the table names a local folder by its path
+    row = run(daemon, 'ls').stdout.splitlines()[1].split()
+    assert row[1] == os.path.realpath(d) and row[3] == '2/2' and row[-1] == 'complete'
+    r = run(daemon, 'evict', os.path.realpath(d))
+    assert r.returncode == 0 and r.stdout.startswith('evicted 1 snapshot, 2 files, ')
