@@ -217,6 +217,10 @@ static void release_probe(struct decode_ctx *ctx)
 {
 	if (ctx->probed && ctx->src.format == DECODE_FORMAT_PNG)
 		png_release(&ctx->src);
+	/* the next input may sit at the same address with the same length (a worker's
+	 * region): the DICOM parse keyed by pointer and length must not outlive the probe */
+	if (ctx->gdcm)
+		gdcm_shim_unload(ctx->gdcm);
 	ctx->probed = false;
 }
 

@@ -229,6 +229,21 @@ extern "C" void gdcm_shim_free(struct gdcm_shim *sh)
 	}
 }
 
+extern "C" void gdcm_shim_unload(struct gdcm_shim *sh)
+{
+	try {
+		sh->loaded = false;
+		sh->pix_loaded = false;
+		sh->pix_reader.reset();
+		sh->pix_stream.reset();
+		sh->pix_membuf.reset();
+		sh->reader.reset();
+		sh->stream.reset();
+		sh->membuf.reset();
+	} catch (...) {
+	}
+}
+
 static void fill_info(struct gdcm_shim *sh)
 {
 	struct gdcm_info &in = sh->info;

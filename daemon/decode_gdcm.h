@@ -43,6 +43,12 @@ struct gdcm_shim;
 struct gdcm_shim *gdcm_shim_new(void);
 void gdcm_shim_free(struct gdcm_shim *sh);
 
+/*
+ * Forgets the loaded data set. The parse of a buffer is reused while the same pointer and
+ * length come again; a caller that puts other bytes at the same address must call this.
+ */
+void gdcm_shim_unload(struct gdcm_shim *sh);
+
 /* Parses buf (borrowed, see above) and fills *ret. */
 int gdcm_shim_load(struct gdcm_shim *sh, const void *buf, size_t len, struct gdcm_info *ret,
 		   char *err, size_t errlen);
