@@ -35,6 +35,8 @@ static void usage(FILE *out)
 		"  evict PROJECT | --all\n"
 		"                      remove snapshots and the files only they use\n"
 		"  verify              re-check every cached file's checksum, remove bad ones\n"
+		"  get PROJECT INDEX -o OUT.npy [--lut] [--dtype T] | get --source DIR INDEX ...\n"
+		"                      one decoded item as .npy, its metadata as JSON beside it\n"
 		"  COMMAND --help      that command's options\n\n"
 		"Options:\n"
 		"  -s, --socket PATH   the daemon's socket (default: $DMCACHE_SOCKET, else\n"
@@ -180,7 +182,7 @@ static int cmd_status(int argc, char **argv)
 	dmc_client *c;
 	int json = 0, opt, rc;
 
-	optind = 1;
+	optind = 0; /* 0, not 1: glibc then parses afresh (options may follow operands) */
 	while ((opt = getopt_long(argc, argv, "jh", opts, NULL)) != -1) {
 		if (opt == 'j')
 			json = 1;
@@ -271,7 +273,7 @@ int main(int argc, char **argv)
 		int (*fn)(int argc, char **argv);
 	} cmds[] = { { "status", cmd_status }, { "ping", cmd_ping },
 		     { "prefetch", cmd_prefetch }, { "ls", cmd_ls },
-		     { "evict", cmd_evict }, { "verify", cmd_verify } };
+		     { "evict", cmd_evict }, { "verify", cmd_verify }, { "get", cmd_get } };
 	int opt;
 
 	/* options before the command only; the command parses the rest */

@@ -103,7 +103,7 @@ int cmd_ls(int argc, char **argv)
 	bool json = false;
 	int opt, rc;
 
-	optind = 1;
+	optind = 0; /* 0, not 1: glibc then parses afresh (options may follow operands) */
 	while ((opt = getopt_long(argc, argv, "jh", opts, NULL)) != -1) {
 		if (opt == 'j') {
 			json = true;
@@ -152,7 +152,7 @@ int cmd_evict(int argc, char **argv)
 	bool all = false;
 	int opt, rc;
 
-	optind = 1;
+	optind = 0; /* 0, not 1: glibc then parses afresh (options may follow operands) */
 	while ((opt = getopt_long(argc, argv, "ah", opts, NULL)) != -1) {
 		if (opt == 'a') {
 			all = true;

@@ -480,7 +480,7 @@ int cmd_prefetch(int argc, char **argv)
 	bool cancel = false;
 	int opt, rc;
 
-	optind = 1;
+	optind = 0; /* 0, not 1: glibc then parses afresh (options may follow operands) */
 	while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
 		switch (opt) {
 		case O_VERSION: version = optarg; break;

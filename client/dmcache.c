@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -43,6 +44,16 @@ struct dmc_client {
 	/* the C strings of the last progress record: dmc_progress_info points here */
 	char *sbuf;
 	size_t scap;
+
+	/* serving: a descriptor received with the current frame, and the mapped arena */
+	int passed_fd;
+	const uint8_t *arena;
+	uint64_t arena_size;
+	int arena_fd;
+	struct dmc_item_desc *items; /* the last GET reply's items, decoded */
+	uint32_t items_cap;
+	char *item_msgs;
+	size_t item_msgs_cap;
 };
 
 DMC_EXPORT const char *dmc_version(void)
@@ -158,8 +169,27 @@ static int recv_exact(struct dmc_client *c, uint8_t *buf, size_t len, int64_t de
 	size_t want = len;
 
 	while (len) {
-		ssize_t n = recv(c->fd, buf, len, 0);
+		char cbuf[CMSG_SPACE(sizeof(int) * DMC_FDS_MAX)];
+		struct iovec iov = { buf, len };
+		struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+				      .msg_controllen = sizeof(cbuf) };
+		ssize_t n = recvmsg(c->fd, &msg, MSG_CMSG_CLOEXEC);
 		if (n > 0) {
+			/* descriptors travel with the first byte of their frame (proto.h) */
+			for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm;
+			     cm = CMSG_NXTHDR(&msg, cm)) {
+				if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+					continue;
+				size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+				for (size_t i = 0; i < k; i++) {
+					int fd;
+					memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+					if (c->passed_fd < 0)
+						c->passed_fd = fd;
+					else
+						close(fd); /* more than announced: not ours to keep */
+				}
+			}
 			buf += n;
 			len -= (size_t)n;
 			continue;
@@ -190,8 +220,13 @@ static int recv_frame(struct dmc_client *c)
 		return rc;
 	if (dmc_header_decode(c->rbuf, DMC_HEADER_SIZE, &c->rhdr) != DMC_PROTO_OK)
 		return -EPROTO;
-	if (c->rhdr.nfds)
-		return -EPROTO; /* version 1 passes no descriptors to clients yet */
+	if (c->rhdr.nfds > 1 || (c->rhdr.nfds == 1) != (c->passed_fd >= 0)) {
+		/* a descriptor where none was announced, or the other way round */
+		if (c->passed_fd >= 0)
+			close(c->passed_fd);
+		c->passed_fd = -1;
+		return -EPROTO;
+	}
 	if (DMC_HEADER_SIZE + (size_t)c->rhdr.length > c->rcap) {
 		uint8_t *nb = realloc(c->rbuf, DMC_HEADER_SIZE + DMC_FRAME_MAX);
 		if (!nb)
@@ -372,6 +407,8 @@ DMC_EXPORT int dmc_connect(const char *socket_path, dmc_client **ret_client)
 	if (!c)
 		return -ENOMEM;
 	c->fd = -1;
+	c->passed_fd = -1;
+	c->arena_fd = -1;
 	c->next_id = 1;
 	c->rcap = 4096;
 	c->rbuf = malloc(c->rcap);
@@ -408,6 +445,14 @@ DMC_EXPORT void dmc_close(dmc_client *c)
 		return;
 	if (c->fd >= 0)
 		close(c->fd);
+	if (c->passed_fd >= 0)
+		close(c->passed_fd);
+	if (c->arena)
+		munmap((void *)c->arena, c->arena_size);
+	if (c->arena_fd >= 0)
+		close(c->arena_fd);
+	free(c->items);
+	free(c->item_msgs);
 	free(c->rbuf);
 	free(c->sbuf);
 	free(c);
@@ -910,4 +955,257 @@ DMC_EXPORT const char *dmc_strerror(int err)
 	case ENOTCONN: return "the connection to the daemon is closed";
 	}
 	return strerror(-err);
+}
+
+/* ---- serving ---- */
+
+struct dmc_dataset {
+	dmc_client *c;
+	uint64_t handle;
+	struct dmc_dataset_info info;
+	char *strings;
+};
+
+static char *strs_dup3(struct dmc_str a, struct dmc_str b, struct dmc_str d, const char **pa,
+		       const char **pb, const char **pd)
+{
+	char *buf = malloc((size_t)a.len + b.len + d.len + 3), *p;
+
+	if (!buf)
+		return NULL;
+	p = buf;
+	*pa = p;
+	memcpy(p, a.ptr, a.len);
+	p += a.len;
+	*p++ = '\0';
+	*pb = p;
+	memcpy(p, b.ptr, b.len);
+	p += b.len;
+	*p++ = '\0';
+	*pd = p;
+	memcpy(p, d.ptr, d.len);
+	p[d.len] = '\0';
+	return buf;
+}
+
+DMC_EXPORT int dmc_open(dmc_client *c, const struct dmc_open_args *args,
+			struct dmc_dataset **ret_dataset)
+{
+	struct dmc_open m = { 0 };
+	struct dmc_open_reply r;
+	struct dmc_dataset *ds;
+	uint8_t *frame;
+	size_t cap;
+	uint32_t id = c->next_id++;
+	int n, rc, fd;
+
+#define STR(x) ((struct dmc_str){ (x) ? (x) : "", (x) ? (uint32_t)strlen(x) : 0 })
+	m.source = args->source;
+	m.flags = args->flags;
+	m.dtype = args->dtype;
+	m.project = STR(args->project);
+	m.version = STR(args->version);
+	m.server = STR(args->server);
+	m.api_key = STR(args->api_key);
+	m.arena_bytes = args->arena_bytes;
+#undef STR
+	cap = 128 + m.project.len + m.version.len + m.server.len + m.api_key.len;
+	frame = malloc(cap);
+	if (!frame)
+		return -ENOMEM;
+	n = dmc_open_encode(&m, id, frame, cap);
+	rc = call(c, frame, n, id, DMC_OP_OPEN);
+	explicit_bzero(frame, cap); /* it held the key */
+	free(frame);
+	fd = c->passed_fd;
+	c->passed_fd = -1;
+	if (rc < 0) {
+		if (fd >= 0)
+			close(fd);
+		return rc;
+	}
+	if (dmc_open_reply_decode(c->rbuf + DMC_HEADER_SIZE, c->rhdr.length, &r)) {
+		if (fd >= 0)
+			close(fd);
+		return -EPROTO;
+	}
+	if (fd >= 0) {
+		/* the arena, once per connection: mapped read-only, as sealed by the daemon */
+		void *p;
+		if (c->arena || r.arena_bytes == 0 || r.arena_bytes > (1ull << 44)) {
+			close(fd);
+			return -EPROTO;
+		}
+		p = mmap(NULL, r.arena_bytes, PROT_READ, MAP_SHARED, fd, 0);
+		if (p == MAP_FAILED) {
+			rc = -errno;
+			close(fd);
+			return rc;
+		}
+		c->arena = p;
+		c->arena_size = r.arena_bytes;
+		c->arena_fd = fd;
+	} else if (!c->arena) {
+		return -EPROTO;
+	}
+	ds = calloc(1, sizeof(*ds));
+	if (!ds)
+		return -ENOMEM;
+	ds->strings = strs_dup3(r.project_id, r.project_name, r.version, &ds->info.project_id,
+				&ds->info.project_name, &ds->info.version);
+	if (!ds->strings) {
+		free(ds);
+		return -ENOMEM;
+	}
+	ds->c = c;
+	ds->handle = r.handle;
+	ds->info.snapshot_id = r.snapshot_id;
+	ds->info.items = r.items;
+	ds->info.arena_bytes = c->arena_size;
+	*ret_dataset = ds;
+	return 0;
+}
+
+DMC_EXPORT const struct dmc_dataset_info *dmc_dataset_info(const struct dmc_dataset *ds)
+{
+	return &ds->info;
+}
+
+DMC_EXPORT int dmc_dataset_close(struct dmc_dataset *ds)
+{
+	uint8_t frame[64];
+	uint32_t id;
+	int rc = 0;
+
+	if (!ds)
+		return 0;
+	if (ds->c->fd >= 0) {
+		id = ds->c->next_id++;
+		rc = call(ds->c, frame, dmc_close_encode(ds->handle, id, frame, sizeof(frame)), id,
+			  DMC_OP_CLOSE);
+	}
+	free(ds->strings);
+	free(ds);
+	return rc;
+}
+
+DMC_EXPORT int dmc_get(struct dmc_dataset *ds, const uint64_t *indices, uint32_t n,
+		       struct dmc_item *ret_items)
+{
+	dmc_client *c = ds->c;
+	struct dmc_reader r;
+	uint8_t *frame;
+	size_t cap = 64 + (size_t)n * 8, msgs = 0;
+	uint32_t id = c->next_id++, count;
+	int len, rc;
+
+	if (n == 0 || n > DMC_GET_MAX)
+		return -EINVAL;
+	frame = malloc(cap);
+	if (!frame)
+		return -ENOMEM;
+	len = dmc_get_encode(ds->handle, indices, n, id, frame, cap);
+	rc = call(c, frame, len, id, DMC_OP_GET);
+	free(frame);
+	if (rc < 0)
+		return rc;
+	dmc_reader_init(&r, c->rbuf + DMC_HEADER_SIZE, c->rhdr.length);
+	count = dmc_read_u32(&r);
+	if (r.err || count != n)
+		return -EPROTO;
+	if (c->items_cap < n) {
+		struct dmc_item_desc *ni = realloc(c->items, n * sizeof(*ni));
+		if (!ni)
+			return -ENOMEM;
+		c->items = ni;
+		c->items_cap = n;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		dmc_item_desc_read(&r, &c->items[i]);
+		msgs += c->items[i].message.len + 1;
+	}
+	if (dmc_reader_finish(&r))
+		return -EPROTO;
+	if (msgs > c->item_msgs_cap) {
+		char *nm = realloc(c->item_msgs, msgs);
+		if (!nm)
+			return -ENOMEM;
+		c->item_msgs = nm;
+		c->item_msgs_cap = msgs;
+	}
+	msgs = 0;
+	for (uint32_t i = 0; i < n; i++) {
+		const struct dmc_item_desc *d = &c->items[i];
+		struct dmc_item *it = &ret_items[i];
+		memset(it, 0, sizeof(*it));
+		it->index = d->index;
+		it->status = d->status ? -(int)d->status : 0;
+		memcpy(c->item_msgs + msgs, d->message.ptr, d->message.len);
+		c->item_msgs[msgs + d->message.len] = '\0';
+		it->message = c->item_msgs + msgs;
+		msgs += d->message.len + 1;
+		if (d->status)
+			continue;
+		/* every descriptor is checked against the arena before it becomes a pointer */
+		if (d->ndim != 4 || !dmc_dtype_size(d->dtype) || d->offset > c->arena_size ||
+		    d->nbytes > c->arena_size - d->offset || d->meta_offset > c->arena_size ||
+		    d->meta_len > c->arena_size - d->meta_offset ||
+		    d->shape[0] * d->shape[1] * d->shape[2] * d->shape[3] * dmc_dtype_size(d->dtype) !=
+			    d->nbytes)
+			return -EPROTO;
+		it->dtype = d->dtype;
+		it->ndim = d->ndim;
+		memcpy(it->shape, d->shape, sizeof(it->shape));
+		it->data = c->arena + d->offset;
+		it->nbytes = d->nbytes;
+		it->offset = d->offset;
+		it->meta = (const char *)c->arena + d->meta_offset;
+		it->meta_len = d->meta_len;
+		it->meta_offset = d->meta_offset;
+	}
+	return 0;
+}
+
+DMC_EXPORT int dmc_release(dmc_client *c, const struct dmc_item *items, uint32_t n)
+{
+	uint64_t *offs;
+	uint8_t *frame;
+	uint32_t k = 0, id;
+	size_t cap;
+	int len, rc;
+
+	if (n == 0)
+		return 0;
+	offs = malloc((size_t)n * 2 * sizeof(*offs));
+	cap = 64 + (size_t)n * 16;
+	frame = malloc(cap);
+	if (!offs || !frame) {
+		free(offs);
+		free(frame);
+		return -ENOMEM;
+	}
+	for (uint32_t i = 0; i < n; i++) {
+		if (items[i].status || !items[i].data)
+			continue;
+		offs[k++] = items[i].offset;
+		offs[k++] = items[i].meta_offset;
+	}
+	if (k == 0) {
+		free(offs);
+		free(frame);
+		return 0;
+	}
+	id = c->next_id++;
+	len = dmc_release_encode(offs, k, id, frame, cap);
+	rc = call(c, frame, len, id, DMC_OP_RELEASE);
+	free(offs);
+	free(frame);
+	return rc;
+}
+
+DMC_EXPORT const void *dmc_arena(const dmc_client *c, uint64_t *ret_size)
+{
+	if (ret_size)
+		*ret_size = c->arena_size;
+	return c->arena;
 }

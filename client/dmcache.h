@@ -231,6 +231,65 @@ struct dmc_error_info {
 };
 const struct dmc_error_info *dmc_last_error(const dmc_client *c);
 
+/* ---- reading tensors (proto.h: OPEN, GET, RELEASE, CLOSE) ---- */
+
+struct dmc_open_args {
+	uint32_t source;      /* DMC_SOURCE_DATAMINT or DMC_SOURCE_LOCAL */
+	const char *project;  /* project name or id; for LOCAL the absolute folder path */
+	const char *version;  /* NULL or "latest" for the newest */
+	const char *server;   /* DATAMINT: API URL; LOCAL: NULL */
+	const char *api_key;  /* DATAMINT: the caller's key (borrowed; wiped from the frame) */
+	uint32_t flags;       /* DMC_OPEN_LUT */
+	uint32_t dtype;       /* enum dmc_dtype, or 0 for the source dtype */
+	uint64_t arena_bytes; /* shared memory wished for; 0: the daemon's default */
+};
+
+struct dmc_dataset_info {
+	uint64_t snapshot_id;
+	uint64_t items;
+	const char *project_id, *project_name, *version; /* owned by the dataset */
+	uint64_t arena_bytes;
+};
+
+/* An opened dataset version. */
+typedef struct dmc_dataset dmc_dataset;
+
+/*
+ * Opens a dataset version with the caller's own credentials: the daemon checks access with
+ * the key (starting or joining a prefetch of the caller's), and items not cached yet are
+ * fetched while that job runs. The first open on a client maps its shared-memory arena
+ * (read-only). Free with dmc_dataset_close() before dmc_close().
+ */
+int dmc_open(dmc_client *c, const struct dmc_open_args *args, dmc_dataset **ret_dataset);
+const struct dmc_dataset_info *dmc_dataset_info(const dmc_dataset *ds);
+int dmc_dataset_close(dmc_dataset *ds);
+
+/* One item of a GET. Pointers are into the arena (read-only) until dmc_release(). */
+struct dmc_item {
+	uint64_t index;
+	int status;          /* 0, or -DMC_E_... for this item alone */
+	const char *message; /* why it failed; valid until the next dmc_get() on the client */
+	uint32_t dtype;      /* enum dmc_dtype */
+	uint32_t ndim;       /* 4: (frames, channels, height, width) */
+	uint64_t shape[4];
+	const void *data;    /* nbytes, C order */
+	uint64_t nbytes;
+	const char *meta;    /* JSON {"resource": ..., "dicom": ...}, meta_len bytes, no NUL */
+	uint64_t meta_len;
+	uint64_t offset, meta_offset; /* where in the arena, for RELEASE */
+};
+
+/*
+ * Gets items `indices[0..n)` (n <= DMC_GET_MAX) into `ret_items` (n entries). Returns 0
+ * when the request was answered (each item has its own status), or a negative error.
+ * Items wait in the daemon while its arena is full: release what you no longer need.
+ */
+int dmc_get(dmc_dataset *ds, const uint64_t *indices, uint32_t n, struct dmc_item *ret_items);
+/* Gives the arena space of `items` back to the daemon (failed items are skipped). */
+int dmc_release(dmc_client *c, const struct dmc_item *items, uint32_t n);
+/* The mapped arena (read-only) and its size; NULL before the first dmc_open(). */
+const void *dmc_arena(const dmc_client *c, uint64_t *ret_size);
+
 /* A static description of an error returned by this library (negative) or a code. */
 const char *dmc_strerror(int err);
 

@@ -79,6 +79,16 @@ static const struct key keys[] = {
 	  "no retry starts after this much time on one download"),
 	K("ca_file", KT_STRING, ca_file, 0, 0,
 	  "CA certificates for TLS verification (default: the system's)"),
+	K("arena_default", KT_SIZE, arena_default, 1 << 20, 1ull << 40,
+	  "shared memory per connection when the client names no size"),
+	K("arena_max", KT_SIZE, arena_max, 1 << 20, 1ull << 40,
+	  "the most shared memory one connection may ask for"),
+	K("decode_workers", KT_UINT32, decode_workers, 0, 256,
+	  "decoder processes (0: one per core)"),
+	K("max_decode_bytes", KT_SIZE, max_decode_bytes, 1 << 20, 1ull << 40,
+	  "largest decoded item; larger ones fail with limit_exceeded before any allocation"),
+	K("decode_timeout", KT_DURATION, decode_timeout_ms, 100, 3600000,
+	  "a decode running longer is killed (the worker is replaced)"),
 };
 
 void config_init(struct config *cfg)
@@ -106,6 +116,11 @@ void config_init(struct config *cfg)
 	cfg->backoff_base_ms = 1000;
 	cfg->backoff_max_ms = 30000;
 	cfg->retry_budget_ms = 600000;
+	cfg->arena_default = 256ull << 20;
+	cfg->arena_max = 4ull << 30;
+	cfg->decode_workers = 0;
+	cfg->max_decode_bytes = 1ull << 30;
+	cfg->decode_timeout_ms = 10000;
 }
 
 void config_done(struct config *cfg)

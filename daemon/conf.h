@@ -49,6 +49,13 @@ struct config {
 	uint64_t backoff_max_ms;
 	uint64_t retry_budget_ms;
 	char *ca_file;
+
+	/* serving (serve.h) and decoding (decode_pool.h) */
+	uint64_t arena_default;    /* shared memory per connection when the client names none */
+	uint64_t arena_max;        /* the most a client may ask for */
+	uint32_t decode_workers;   /* 0: one per core */
+	uint64_t max_decode_bytes; /* largest decoded item */
+	uint64_t decode_timeout_ms;
 };
 
 /* Fills in the defaults. */

@@ -37,8 +37,62 @@ static void on_handle_closed(uv_handle_t *handle)
 
 	if (--c->open_handles)
 		return;
+	free(c->fd_frame);
 	free(c->rbuf);
 	free(c);
+}
+
+/* Writes a frame with a descriptor now: the socket's queue in libuv is empty. */
+static int send_fd_now(struct conn *c, const uint8_t *frame, size_t len, int fd)
+{
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { (void *)frame, len };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
+			      .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *cm;
+	uv_os_fd_t sock;
+	ssize_t n;
+
+	memset(cbuf, 0, sizeof(cbuf));
+	cm = CMSG_FIRSTHDR(&msg);
+	cm->cmsg_level = SOL_SOCKET;
+	cm->cmsg_type = SCM_RIGHTS;
+	cm->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+	if (uv_fileno((uv_handle_t *)&c->pipe, &sock) != 0)
+		return -EBADF;
+	do
+		n = sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+	while (n < 0 && errno == EINTR);
+	if (n < 0) {
+		/* a client that does not read even this first small frame is not served */
+		log_debug(NET, "cannot pass a descriptor to uid %u: %s", (unsigned)c->uid,
+			  strerror(errno));
+		conn_close(c);
+		return -errno;
+	}
+	if ((size_t)n < len)
+		return conn_send(c, frame + n, len - (size_t)n); /* the descriptor went with byte 0 */
+	return 0;
+}
+
+int conn_send_fd(struct conn *c, const void *frame, size_t len, int fd)
+{
+	if (c->closing)
+		return -EPIPE;
+	if (c->fd_frame)
+		return -EBUSY; /* one at a time: a connection passes its arena once */
+	if (c->wq_bytes == 0)
+		return send_fd_now(c, frame, len, fd);
+	c->fd_frame = malloc(len);
+	if (!c->fd_frame) {
+		conn_close(c);
+		return -ENOMEM;
+	}
+	memcpy(c->fd_frame, frame, len);
+	c->fd_frame_len = len;
+	c->fd_to_pass = fd;
+	return 0;
 }
 
 void conn_close(struct conn *c)
@@ -117,6 +171,14 @@ static void on_written(uv_write_t *req, int status)
 	if (c->close_after_write && c->wq_bytes == 0) {
 		conn_close(c);
 		return;
+	}
+	if (c->fd_frame && c->wq_bytes == 0) {
+		uint8_t *f = c->fd_frame;
+		c->fd_frame = NULL;
+		send_fd_now(c, f, c->fd_frame_len, c->fd_to_pass);
+		free(f);
+		if (c->closing)
+			return;
 	}
 	if (c->paused && c->wq_bytes <= c->srv->cfg->write_queue_max / 2)
 		resume_reading(c);

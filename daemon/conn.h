@@ -41,6 +41,11 @@ struct conn {
 	bool paused;   /* reads stopped for backpressure */
 	bool counted;  /* included in the server's per-uid counts */
 	bool close_after_write; /* close once the queued replies are written */
+	void *app_data;        /* the serving side's state for this connection */
+	/* a frame that carries a descriptor, waiting for the write queue to drain */
+	uint8_t *fd_frame;
+	size_t fd_frame_len;
+	int fd_to_pass;
 	uint8_t open_handles;
 };
 
@@ -58,6 +63,13 @@ void conn_close(struct conn *c);
  * Returns 0 or negative errno. On failure the connection is being closed.
  */
 int conn_send(struct conn *c, const void *frame, size_t len);
+
+/*
+ * Sends one frame with descriptor `fd` attached (SCM_RIGHTS, with the frame's first byte;
+ * the header must say nfds = 1). `fd` is borrowed: the peer gets a duplicate. Frames queued
+ * before go out first. Returns 0 or negative errno (the connection is then closing).
+ */
+int conn_send_fd(struct conn *c, const void *frame, size_t len, int fd);
 
 /* Sends an ERROR frame for request `request_id`. `resource` may be NULL. */
 int conn_send_error(struct conn *c, uint32_t request_id, uint32_t code, const char *resource,

@@ -55,6 +55,9 @@ enum stmt_id {
 	S_ITEM_FIND_PRIOR,
 	S_SNAP_DEL_ITEM_BLOBS,
 	S_BLOBS_UNREFERENCED,
+	S_TENSOR_PUT,
+	S_TENSOR_GET,
+	S_TENSOR_DEL,
 	S_COUNT_
 };
 
@@ -153,6 +156,11 @@ static const char *const stmt_sql[S_COUNT_] = {
 	[S_BLOBS_UNREFERENCED] = "SELECT " BLOB_COLS " FROM blobs WHERE kind IN (1, 4) "
 				 "AND digest NOT IN (SELECT blob FROM items WHERE blob IS NOT NULL) "
 				 "AND digest NOT IN (SELECT digest FROM item_blobs)",
+	[S_TENSOR_PUT] = "INSERT OR REPLACE INTO tensors (raw, opts, tensor, meta, desc) "
+			 "VALUES (?1, ?2, ?3, ?4, ?5)",
+	[S_TENSOR_GET] = "SELECT t.tensor, t.meta, t.desc FROM tensors AS t JOIN blobs AS b "
+			 "ON b.digest = t.tensor WHERE t.raw = ?1 AND t.opts = ?2",
+	[S_TENSOR_DEL] = "DELETE FROM tensors WHERE raw = ?1 AND opts = ?2",
 };
 
 /* Schema migrations: migrations[v] takes a database from user_version v to v + 1. */
@@ -197,6 +205,14 @@ static const char *const migrations[INDEX_SCHEMA_VERSION] = {
 	" digest BLOB NOT NULL CHECK (length(digest) = 32),"
 	" PRIMARY KEY (key, digest)) WITHOUT ROWID;"
 	"CREATE INDEX item_blobs_digest ON item_blobs (digest);",
+	/* 2 -> 3: decoded tensors kept for codecs that cost more to decode than to read */
+	"CREATE TABLE tensors ("
+	" raw BLOB NOT NULL CHECK (length(raw) = 32),"
+	" opts INTEGER NOT NULL,"
+	" tensor BLOB NOT NULL CHECK (length(tensor) = 32),"
+	" meta BLOB CHECK (meta IS NULL OR length(meta) = 32),"
+	" desc TEXT NOT NULL,"
+	" PRIMARY KEY (raw, opts)) WITHOUT ROWID;",
 };
 
 struct index {
@@ -1289,4 +1305,67 @@ int index_blobs_unreferenced(struct index *ix, index_blob_cb cb, void *ctx)
 		r = fail(ix, rc);
 	sqlite3_reset(st);
 	return r;
+}
+
+/* ---- decoded tensors ---- */
+
+int index_tensor_put(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int64_t opts,
+		     const uint8_t tensor[INDEX_DIGEST_SIZE], const uint8_t *meta,
+		     const char *desc)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	if ((r = check_str(desc, false)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_TENSOR_PUT);
+	bind_digest(st, 1, raw);
+	sqlite3_bind_int64(st, 2, opts);
+	bind_digest(st, 3, tensor);
+	if (meta)
+		bind_digest(st, 4, meta);
+	else
+		sqlite3_bind_null(st, 4);
+	bind_text(st, 5, desc);
+	return run_write(ix, st);
+}
+
+int index_tensor_get(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int64_t opts,
+		     uint8_t ret_tensor[INDEX_DIGEST_SIZE], bool *ret_has_meta,
+		     uint8_t ret_meta[INDEX_DIGEST_SIZE], char *ret_desc, size_t desc_cap)
+{
+	sqlite3_stmt *st = stmt(ix, S_TENSOR_GET);
+	int rc, r;
+
+	bind_digest(st, 1, raw);
+	sqlite3_bind_int64(st, 2, opts);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 0) == INDEX_DIGEST_SIZE &&
+	    (size_t)sqlite3_column_bytes(st, 2) < desc_cap) {
+		memcpy(ret_tensor, sqlite3_column_blob(st, 0), INDEX_DIGEST_SIZE);
+		*ret_has_meta = sqlite3_column_bytes(st, 1) == INDEX_DIGEST_SIZE;
+		if (*ret_has_meta)
+			memcpy(ret_meta, sqlite3_column_blob(st, 1), INDEX_DIGEST_SIZE);
+		snprintf(ret_desc, desc_cap, "%s", (const char *)sqlite3_column_text(st, 2));
+		r = 0;
+	} else if (rc == SQLITE_ROW || rc == SQLITE_DONE) {
+		r = -ENOENT;
+	} else {
+		r = fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return r;
+}
+
+int index_tensor_delete(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int64_t opts)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	if ((r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_TENSOR_DEL);
+	bind_digest(st, 1, raw);
+	sqlite3_bind_int64(st, 2, opts);
+	return run_write(ix, st);
 }

@@ -53,7 +53,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_SCHEMA_VERSION 2
+#define INDEX_SCHEMA_VERSION 3
 #define INDEX_DIGEST_SIZE 32u
 #define INDEX_STR_MAX (64u << 10)       /* ids, names, urls, versions, etags */
 #define INDEX_META_MAX (16u << 20)      /* metadata JSON of one item */
@@ -282,6 +282,22 @@ int index_item_find_prior(struct index *ix, const char *resource_id, int64_t siz
  * were deleted: what eviction of a project frees. A callback returning < 0 stops.
  */
 int index_blobs_unreferenced(struct index *ix, index_blob_cb cb, void *ctx);
+
+/* ---- decoded tensors (for the serving side) ---- */
+
+/*
+ * Records the decoded tensor of raw blob `raw` under decoding options `opts` (an encoding
+ * the caller chooses), with its metadata blob (may be NULL) and a descriptor text. Batched.
+ */
+int index_tensor_put(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int64_t opts,
+		     const uint8_t tensor[INDEX_DIGEST_SIZE], const uint8_t *meta,
+		     const char *desc);
+/* The tensor of (raw, opts) whose blob is recorded; -ENOENT otherwise. */
+int index_tensor_get(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int64_t opts,
+		     uint8_t ret_tensor[INDEX_DIGEST_SIZE], bool *ret_has_meta,
+		     uint8_t ret_meta[INDEX_DIGEST_SIZE], char *ret_desc, size_t desc_cap);
+/* Forgets it (its blob went bad or away). Batched. */
+int index_tensor_delete(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int64_t opts);
 
 /* PRAGMA quick_check (or integrity_check with `full`): 0 if "ok", else -DMC_E_INTEGRITY. */
 int index_check(struct index *ix, bool full);

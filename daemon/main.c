@@ -19,10 +19,12 @@
 #include "config.h"
 #include "cache.h"
 #include "conf.h"
+#include "decode_pool.h"
 #include "fetch.h"
 #include "log.h"
 #include "prefetch.h"
 #include "sd.h"
+#include "serve.h"
 #include "server.h"
 
 struct daemon {
@@ -32,6 +34,8 @@ struct daemon {
 	struct cache *cache;
 	struct fetch *fetch;
 	struct prefetch *prefetch;
+	struct decode_pool *pool;
+	struct serve *serve;
 	uv_signal_t sigterm, sigint;
 	uv_timer_t watchdog;
 	bool watchdog_on;
@@ -63,6 +67,25 @@ static void on_watchdog(uv_timer_t *t)
 	sd_notify_msg("WATCHDOG=1");
 }
 
+/*
+ * Stops every component, clients first: connections close (their requests end), then
+ * serving, jobs (partial downloads are dropped, never published), transfers, and the
+ * decoders (jobs still in a worker end with CANCELLED). Idempotent.
+ */
+static void stop_all(struct daemon *d)
+{
+	server_stop(&d->srv);
+	serve_free(d->serve);
+	d->serve = NULL;
+	prefetch_free(d->prefetch);
+	d->prefetch = NULL;
+	fetch_free(d->fetch);
+	d->fetch = NULL;
+	if (d->pool)
+		decode_pool_stop(d->pool);
+	d->pool = NULL;
+}
+
 static void on_stop_signal(uv_signal_t *sig, int signum)
 {
 	struct daemon *d = sig->data;
@@ -72,12 +95,7 @@ static void on_stop_signal(uv_signal_t *sig, int signum)
 	d->stopping = true;
 	log_notice(SYS, "received %s: stopping", signum == SIGTERM ? "SIGTERM" : "SIGINT");
 	sd_notify_msg("STOPPING=1\nSTATUS=stopping");
-	server_stop(&d->srv);
-	/* jobs end (their partial downloads are dropped, never published), then transfers */
-	prefetch_free(d->prefetch);
-	d->prefetch = NULL;
-	fetch_free(d->fetch);
-	d->fetch = NULL;
+	stop_all(d);
 	uv_close((uv_handle_t *)&d->sigterm, NULL);
 	uv_close((uv_handle_t *)&d->sigint, NULL);
 	if (d->watchdog_on)
@@ -111,13 +129,16 @@ static bool app_dispatch(void *ctx, struct conn *c, const struct dmc_header *h,
 {
 	struct daemon *d = ctx;
 
-	return d->prefetch && prefetch_dispatch(d->prefetch, c, h, payload);
+	return (d->prefetch && prefetch_dispatch(d->prefetch, c, h, payload)) ||
+	       (d->serve && serve_dispatch(d->serve, c, h, payload));
 }
 
 static void app_conn_closed(void *ctx, struct conn *c)
 {
 	struct daemon *d = ctx;
 
+	if (d->serve)
+		serve_conn_closed(d->serve, c);
 	if (d->prefetch)
 		prefetch_conn_closed(d->prefetch, c);
 }
@@ -126,7 +147,11 @@ static uint32_t app_status(void *ctx, struct dmc_status_entry *e, uint32_t max)
 {
 	struct daemon *d = ctx;
 
-	return d->prefetch ? prefetch_status(d->prefetch, e, max) : 0;
+	uint32_t n = d->prefetch ? prefetch_status(d->prefetch, e, max) : 0;
+
+	if (d->serve && n < max)
+		n += serve_status(d->serve, e + n, max - n);
+	return n;
 }
 
 /* Creates the cache directory (and its parents) private to the daemon. */
@@ -186,6 +211,22 @@ static int open_cache(struct daemon *d)
 	return 0;
 }
 
+static int start_decoders(struct daemon *d)
+{
+	struct decode_pool_config pc;
+	int rc;
+
+	decode_pool_config_default(&pc);
+	pc.workers = d->cfg.decode_workers;
+	pc.timeout_ms = d->cfg.decode_timeout_ms;
+	pc.limits.max_decode_bytes = d->cfg.max_decode_bytes;
+	pc.out_bytes = 0; /* follows max_decode_bytes */
+	rc = decode_pool_start(&d->loop, &pc, &d->pool);
+	if (rc < 0)
+		log_err(DECODE, "cannot start the decoder workers: %s", strerror(-rc));
+	return rc;
+}
+
 static int start_engines(struct daemon *d)
 {
 	struct fetch_options fo = {
@@ -218,6 +259,14 @@ static int start_engines(struct daemon *d)
 	if (rc < 0) {
 		log_err(FETCH, "cannot start the prefetcher: %s", strerror(-rc));
 		return rc;
+	}
+	{
+		struct serve_deps sd = { &d->loop, d->cache, d->prefetch, d->pool, &d->cfg };
+		rc = serve_new(&sd, &d->serve);
+		if (rc < 0) {
+			log_err(SERVE, "cannot start serving: %s", strerror(-rc));
+			return rc;
+		}
 	}
 	d->srv.app.ctx = d;
 	d->srv.app.dispatch = app_dispatch;
@@ -369,7 +418,8 @@ int main(int argc, char **argv)
 		goto out_config;
 	}
 	server_init(&d.srv, &d.loop, &d.cfg);
-	if (open_cache(&d) < 0 || start_engines(&d) < 0)
+	/* decoder workers fork from here: before the daemon holds any key (decode_pool.h) */
+	if (start_decoders(&d) < 0 || open_cache(&d) < 0 || start_engines(&d) < 0)
 		goto out_loop;
 	rc = server_listen(&d.srv, listen_fd, err, sizeof(err));
 	if (rc < 0) {
@@ -398,9 +448,7 @@ int main(int argc, char **argv)
 	log_notice(SYS, "stopped");
 
 out_loop:
-	server_stop(&d.srv);
-	prefetch_free(d.prefetch);
-	fetch_free(d.fetch);
+	stop_all(&d);
 	uv_run(&d.loop, UV_RUN_DEFAULT); /* let close callbacks and queued work finish */
 	server_done(&d.srv);
 	if (d.cache && cache_close(d.cache) < 0)

@@ -28,9 +28,13 @@
 struct job;
 struct task;
 
+/* Who hears of a job: a connection (events and the final reply), or a callback inside the
+ * daemon (prefetch_attach), told once when the snapshot is listed or the job failed. */
 struct sub {
 	struct conn *c;
 	uint32_t request_id;
+	prefetch_ready_cb cb;
+	void *ctx;
 	struct sub *next;
 };
 
@@ -50,6 +54,8 @@ struct prefetch {
 	uv_timer_t flush_timer;
 	bool closing;
 	bool timer_closed;
+	prefetch_item_cb item_hook;
+	void *item_hook_ctx;
 	/* STATUS counters */
 	uint64_t items_downloaded, items_revalidated, items_shared, items_failed;
 	uint64_t bytes_downloaded;
@@ -209,9 +215,44 @@ static void send_progress(struct job *j, const struct dmc_progress *m, bool more
 	uint8_t frame[EVENT_FRAME_MAX];
 
 	for (struct sub *s = j->subs; s; s = s->next) {
-		int n = dmc_progress_encode(m, more, s->request_id, frame, sizeof(frame));
+		int n;
+		if (!s->c)
+			continue;
+		n = dmc_progress_encode(m, more, s->request_id, frame, sizeof(frame));
 		if (n > 0)
 			conn_send(s->c, frame, (size_t)n);
+	}
+}
+
+/* Tells the callback subscribers that the snapshot is listed (err 0) or cannot be; they are
+ * told once and dropped. */
+static void notify_ready(struct job *j, int err)
+{
+	struct sub **pp = &j->subs;
+	struct prefetch_ready r = { 0 };
+
+	r.err = err;
+	if (err) {
+		r.code = j->first_error.code ? j->first_error.code : DMC_E_INTERNAL;
+		r.http_status = j->first_error.http_status;
+		r.retry_after_ms = j->first_error.retry_after_ms;
+		r.message = j->first_message[0] ? j->first_message : "failed";
+	} else {
+		r.snapshot_id = j->snapshot_id;
+		r.items = j->items_total;
+		r.project_id = j->proj ? j->proj->id : "";
+		r.project_name = j->proj ? j->proj->name : j->project_arg;
+		r.version = j->proj ? j->proj->version : j->version_arg;
+	}
+	while (*pp) {
+		struct sub *sb = *pp;
+		if (!sb->cb) {
+			pp = &sb->next;
+			continue;
+		}
+		*pp = sb->next;
+		sb->cb(sb->ctx, &r);
+		free(sb);
 	}
 }
 
@@ -271,6 +312,8 @@ static void job_finish(struct job *j, uint32_t state)
 	index_flush(ix);
 	update_rate(j);
 	j->eta_ms = 0;
+	/* callbacks still waiting for the snapshot: it will not come from this job */
+	notify_ready(j, state == DMC_JOB_DONE && j->snapshot_id > 0 ? 0 : -1);
 	if (state == DMC_JOB_FAILED && j->snapshot_id <= 0) {
 		/* nothing started: an ERROR frame carries the reason */
 		for (struct sub *s = j->subs; s; s = s->next)
@@ -288,6 +331,9 @@ static void job_finish(struct job *j, uint32_t state)
 		send_progress(j, &m, false);
 	}
 	drop_subs(j);
+	/* items still missing will not come from this job */
+	if (j->pf->item_hook && j->snapshot_id > 0)
+		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, -1, 0);
 	log_info(FETCH, "job %" PRIu64 " for uid %u, project '%s': %s, %" PRIu64 "/%" PRIu64
 			" items, %" PRIu64 " failed",
 		 j->id, (unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
@@ -404,6 +450,25 @@ static bool may_see(struct prefetch *p, uid_t uid, int64_t snapshot_id)
 	return false;
 }
 
+bool prefetch_may_see(struct prefetch *p, uid_t uid, int64_t id)
+{
+	return may_see(p, uid, id);
+}
+
+bool prefetch_snapshot_active(struct prefetch *p, int64_t id)
+{
+	for (struct job *j = p->jobs; j; j = j->next)
+		if (!j->final && j->snapshot_id == id)
+			return true;
+	return false;
+}
+
+void prefetch_set_item_hook(struct prefetch *p, prefetch_item_cb cb, void *ctx)
+{
+	p->item_hook = cb;
+	p->item_hook_ctx = ctx;
+}
+
 /* ---- jobs ---- */
 
 static void on_tick_closed(uv_handle_t *h)
@@ -475,6 +540,7 @@ static void start_downloading(struct job *j)
 	}
 	j->scan_from = 0;
 	j->scan_done = false;
+	notify_ready(j, 0);
 	job_pump(j);
 }
 
@@ -1041,6 +1107,8 @@ static void task_next_step(struct task *t)
 		return;
 	}
 	j->items_done++;
+	if (j->pf->item_hook)
+		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, t->idx, 0);
 	task_finish(t, 0, NULL, 0);
 }
 
@@ -1113,6 +1181,8 @@ static void task_finish(struct task *t, int err, const char *msg, long http_stat
 	if (t->next)
 		t->next->prev = t->prev;
 	j->running--;
+	if (err && p->item_hook && j->snapshot_id > 0)
+		p->item_hook(p->item_hook_ctx, j->snapshot_id, t->idx, err);
 	if (err && err != -DMC_E_CANCELLED) {
 		struct dmc_progress m;
 		j->items_failed++;
@@ -1535,7 +1605,12 @@ static void local_scan_after(uv_work_t *w, int status)
 	start_downloading(j);
 }
 
-static void on_prefetch_local(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+struct who;
+static int who_join(struct job *j, const struct who *w);
+static void who_error(const struct who *w, uint32_t code, const char *msg);
+static uid_t who_uid(const struct who *w);
+
+static void on_prefetch_local(struct prefetch *p, const struct who *w,
 			      const struct dmc_prefetch *m)
 {
 	struct job *j;
@@ -1543,12 +1618,12 @@ static void on_prefetch_local(struct prefetch *p, struct conn *c, const struct d
 
 	if (!project || !version)
 		goto nomem;
-	j = find_job(p, c->uid, DMC_SOURCE_LOCAL, "", project, version);
+	j = find_job(p, who_uid(w), DMC_SOURCE_LOCAL, "", project, version);
 	if (j) {
 		free(project);
 		free(version);
-		if (subscribe(j, c, h->request_id) < 0)
-			conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		if (who_join(j, w) < 0)
+			who_error(w, DMC_E_INTERNAL, "out of memory");
 		return;
 	}
 	j = calloc(1, sizeof(*j));
@@ -1556,7 +1631,7 @@ static void on_prefetch_local(struct prefetch *p, struct conn *c, const struct d
 		goto nomem_job;
 	j->pf = p;
 	j->id = p->next_job_id++;
-	j->uid = c->uid;
+	j->uid = who_uid(w);
 	j->source = DMC_SOURCE_LOCAL;
 	j->project_arg = project;
 	j->version_arg = version;
@@ -1568,7 +1643,7 @@ static void on_prefetch_local(struct prefetch *p, struct conn *c, const struct d
 		p->jobs->prev = j;
 	p->jobs = j;
 	p->jobs_started++;
-	subscribe(j, c, h->request_id);
+	who_join(j, w);
 	uv_timer_start(&j->tick, on_tick, TICK_MS, TICK_MS);
 	log_info(FETCH, "job %" PRIu64 ": uid %u prefetches the folder '%s'", j->id,
 		 (unsigned)j->uid, j->project_arg);
@@ -1586,40 +1661,118 @@ nomem_job:
 nomem:
 	free(project);
 	free(version);
-	conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+	who_error(w, DMC_E_INTERNAL, "out of memory");
 }
+
+static int subscribe_cb(struct job *j, prefetch_ready_cb cb, void *ctx)
+{
+	struct sub *s = calloc(1, sizeof(*s));
+
+	if (!s)
+		return -ENOMEM;
+	s->cb = cb;
+	s->ctx = ctx;
+	s->next = j->subs;
+	j->subs = s;
+	if (j->state == DMC_JOB_DOWNLOADING || j->state == DMC_JOB_DONE)
+		notify_ready(j, 0); /* joined after the listing: ready now */
+	return 0;
+}
+
+/* The subscriber of a new or joined job: a connection's request, or a callback. */
+struct who {
+	struct conn *c;
+	uint32_t request_id;
+	prefetch_ready_cb cb;
+	void *ctx;
+	uid_t uid;
+};
+
+static int who_join(struct job *j, const struct who *w)
+{
+	return w->cb ? subscribe_cb(j, w->cb, w->ctx) : subscribe(j, w->c, w->request_id);
+}
+
+static uid_t who_uid(const struct who *w)
+{
+	return w->uid;
+}
+
+static void who_error(const struct who *w, uint32_t code, const char *msg)
+{
+	if (w->cb) {
+		struct prefetch_ready r = { .err = -1, .code = code, .message = msg };
+		w->cb(w->ctx, &r);
+	} else {
+		conn_send_error(w->c, w->request_id, code, NULL, "%s", msg);
+	}
+}
+
+static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const struct who *w);
 
 static void on_prefetch(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 			const uint8_t *payload)
 {
 	struct dmc_prefetch m;
-	struct job *j;
-	char *server = NULL, *project = NULL, *version = NULL;
-	size_t slen;
-	int rc;
+	struct who w = { c, h->request_id, NULL, NULL, c->uid };
 
 	if (dmc_prefetch_decode(payload, h->length, &m) != DMC_PROTO_OK) {
 		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed PREFETCH");
 		return;
 	}
+	start_job(p, &m, &w);
+}
+
+int prefetch_attach(struct prefetch *p, uid_t uid, const struct dmc_prefetch *m,
+		    prefetch_ready_cb cb, void *ctx)
+{
+	struct who w = { NULL, 0, cb, ctx, uid };
+
+	if (p->closing)
+		return -DMC_E_CANCELLED;
+	start_job(p, m, &w);
+	return 0;
+}
+
+void prefetch_detach(struct prefetch *p, void *ctx)
+{
+	for (struct job *j = p->jobs; j; j = j->next) {
+		struct sub **pp = &j->subs;
+		while (*pp) {
+			if ((*pp)->cb && (*pp)->ctx == ctx) {
+				struct sub *s = *pp;
+				*pp = s->next;
+				free(s);
+			} else {
+				pp = &(*pp)->next;
+			}
+		}
+	}
+}
+
+static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const struct who *w)
+{
+	struct dmc_prefetch m = *mp;
+	struct job *j;
+	char *server = NULL, *project = NULL, *version = NULL;
+	size_t slen;
+	int rc;
+
 	if (m.source == DMC_SOURCE_LOCAL) {
 		if (!m.project.len || m.project.ptr[0] != '/' || m.api_key.len || m.server.len) {
-			conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
-					"a local prefetch takes an absolute folder path, no server "
-					"and no key");
+			who_error(w, DMC_E_INVALID_ARGUMENT,
+				  "a local prefetch takes an absolute folder path, no server and no key");
 			return;
 		}
-		on_prefetch_local(p, c, h, &m);
+		on_prefetch_local(p, w, &m);
 		return;
 	}
 	if (m.source != DMC_SOURCE_DATAMINT) {
-		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
-				"unknown source %u", m.source);
+		who_error(w, DMC_E_INVALID_ARGUMENT, "unknown source");
 		return;
 	}
 	if (!m.project.len || !m.api_key.len) {
-		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
-				"a Datamint prefetch needs a project and an API key");
+		who_error(w, DMC_E_INVALID_ARGUMENT, "a Datamint dataset needs a project and an API key");
 		return;
 	}
 	server = str_copy(m.server);
@@ -1631,14 +1784,14 @@ static void on_prefetch(struct prefetch *p, struct conn *c, const struct dmc_hea
 	while (slen && server[slen - 1] == '/')
 		server[--slen] = '\0';
 
-	j = find_job(p, c->uid, m.source, server, project, version);
+	j = find_job(p, w->uid, m.source, server, project, version);
 	if (j && secret_equals(j->key, m.api_key.ptr, m.api_key.len)) {
 		/* the same uid asks again for the same version: join the running job */
-		if (subscribe(j, c, h->request_id) < 0)
-			goto nomem;
 		free(server);
 		free(project);
 		free(version);
+		if (who_join(j, w) < 0)
+			who_error(w, DMC_E_INTERNAL, "out of memory");
 		return;
 	}
 	j = calloc(1, sizeof(*j));
@@ -1646,7 +1799,7 @@ static void on_prefetch(struct prefetch *p, struct conn *c, const struct dmc_hea
 		goto nomem;
 	j->pf = p;
 	j->id = p->next_job_id++;
-	j->uid = c->uid;
+	j->uid = w->uid;
 	j->source = m.source;
 	j->server = server;
 	j->project_arg = project;
@@ -1661,11 +1814,8 @@ static void on_prefetch(struct prefetch *p, struct conn *c, const struct dmc_hea
 		free(j->project_arg);
 		free(j->version_arg);
 		free(j);
-		if (bad_url)
-			conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
-					"the server must be an http:// or https:// URL");
-		else
-			conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		who_error(w, bad_url ? DMC_E_INVALID_ARGUMENT : DMC_E_INTERNAL,
+			  bad_url ? "the server must be an http:// or https:// URL" : "out of memory");
 		return;
 	}
 	j->dmc.fetch = p->d.fetch;
@@ -1680,7 +1830,7 @@ static void on_prefetch(struct prefetch *p, struct conn *c, const struct dmc_hea
 		p->jobs->prev = j;
 	p->jobs = j;
 	p->jobs_started++;
-	subscribe(j, c, h->request_id);
+	who_join(j, w);
 	uv_timer_start(&j->tick, on_tick, TICK_MS, TICK_MS);
 	log_info(FETCH, "job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
 		 (unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",
@@ -1698,7 +1848,7 @@ nomem:
 	free(server);
 	free(project);
 	free(version);
-	conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+	who_error(w, DMC_E_INTERNAL, "out of memory");
 }
 
 static void on_cancel(struct prefetch *p, struct conn *c, const struct dmc_header *h,

@@ -47,6 +47,39 @@ void prefetch_free(struct prefetch *p);
 /* Handles a cache request from `c`. Returns false when `h->opcode` is not one of its own. */
 bool prefetch_dispatch(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 		       const uint8_t *payload);
+/* What prefetch_attach() reports once: the snapshot is listed (err 0), or why not. */
+struct prefetch_ready {
+	int err;
+	/* err == 0: strings borrowed for the call */
+	int64_t snapshot_id;
+	uint64_t items;
+	const char *project_id, *project_name, *version;
+	/* err != 0 */
+	uint32_t code; /* enum dmc_error */
+	uint32_t http_status, retry_after_ms;
+	const char *message;
+};
+typedef void (*prefetch_ready_cb)(void *ctx, const struct prefetch_ready *r);
+
+/*
+ * Starts or joins `uid`'s job for the dataset in `m` (as a PREFETCH would, with the same
+ * checks and the caller's key) and calls `cb` once: when the snapshot is listed and the
+ * uid is entitled to it (the job goes on downloading), or when it cannot be. `cb` may run
+ * before this returns. prefetch_detach() forgets every pending callback with `ctx`.
+ */
+int prefetch_attach(struct prefetch *p, uid_t uid, const struct dmc_prefetch *m,
+		    prefetch_ready_cb cb, void *ctx);
+void prefetch_detach(struct prefetch *p, void *ctx);
+
+/* Whether `uid` may read snapshot `id` (listed with its key since the daemon started). */
+bool prefetch_may_see(struct prefetch *p, uid_t uid, int64_t id);
+/* Whether a job is filling snapshot `id` now: a missing item may still come. */
+bool prefetch_snapshot_active(struct prefetch *p, int64_t id);
+/* Called when an item of a snapshot is stored (err 0) or failed for good, and with idx -1
+ * when a job filling the snapshot ended (items still missing will not come from it). */
+typedef void (*prefetch_item_cb)(void *ctx, int64_t snapshot_id, int64_t idx, int err);
+void prefetch_set_item_hook(struct prefetch *p, prefetch_item_cb cb, void *ctx);
+
 /* `c` is closing: it gets no more events (its jobs go on). */
 void prefetch_conn_closed(struct prefetch *p, struct conn *c);
 /* STATUS entries: cache size, hits, transfers, jobs. Names are static. */

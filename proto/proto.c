@@ -737,6 +737,185 @@ DMC_EXPORT int dmc_empty_decode(const void *payload, size_t len)
 	return len == 0 ? DMC_PROTO_OK : DMC_PROTO_ERROR;
 }
 
+/* ---- serving ---- */
+
+DMC_EXPORT int dmc_open_encode(const struct dmc_open *m, uint32_t request_id, void *out,
+			       size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, m->source);
+	dmc_write_u32(&w, m->flags);
+	dmc_write_u32(&w, m->dtype);
+	write_dstr(&w, m->project);
+	write_dstr(&w, m->version);
+	write_dstr(&w, m->server);
+	write_dstr(&w, m->api_key);
+	dmc_write_u64(&w, m->arena_bytes);
+	return dmc_frame_end(&w, DMC_OP_OPEN, 0, request_id, 0);
+}
+
+DMC_EXPORT int dmc_open_decode(const void *payload, size_t len, struct dmc_open *ret)
+{
+	struct dmc_reader r;
+	struct dmc_open m;
+
+	dmc_reader_init(&r, payload, len);
+	m.source = dmc_read_u32(&r);
+	m.flags = dmc_read_u32(&r);
+	m.dtype = dmc_read_u32(&r);
+	m.project = dmc_read_str(&r);
+	m.version = dmc_read_str(&r);
+	m.server = dmc_read_str(&r);
+	m.api_key = dmc_read_str(&r);
+	m.arena_bytes = dmc_read_u64(&r);
+	if (dmc_reader_finish(&r) || (m.flags & ~DMC_OPEN_FLAGS_DEFINED) ||
+	    m.dtype > DMC_DTYPE_LAST_)
+		return DMC_PROTO_ERROR;
+	*ret = m;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_open_reply_encode(const struct dmc_open_reply *m, uint8_t nfds,
+				     uint32_t request_id, void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u64(&w, m->handle);
+	dmc_write_u64(&w, m->snapshot_id);
+	dmc_write_u64(&w, m->items);
+	write_dstr(&w, m->project_id);
+	write_dstr(&w, m->project_name);
+	write_dstr(&w, m->version);
+	dmc_write_u64(&w, m->arena_bytes);
+	return dmc_frame_end(&w, DMC_OP_OPEN, DMC_FLAG_REPLY, request_id, nfds);
+}
+
+DMC_EXPORT int dmc_open_reply_decode(const void *payload, size_t len,
+				     struct dmc_open_reply *ret)
+{
+	struct dmc_reader r;
+	struct dmc_open_reply m;
+
+	dmc_reader_init(&r, payload, len);
+	m.handle = dmc_read_u64(&r);
+	m.snapshot_id = dmc_read_u64(&r);
+	m.items = dmc_read_u64(&r);
+	m.project_id = dmc_read_str(&r);
+	m.project_name = dmc_read_str(&r);
+	m.version = dmc_read_str(&r);
+	m.arena_bytes = dmc_read_u64(&r);
+	if (dmc_reader_finish(&r))
+		return DMC_PROTO_ERROR;
+	*ret = m;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_get_encode(uint64_t handle, const uint64_t *indices, uint32_t n,
+			      uint32_t request_id, void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	if (n == 0 || n > DMC_GET_MAX)
+		return DMC_PROTO_NOSPACE;
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u64(&w, handle);
+	dmc_write_u32(&w, n);
+	for (uint32_t i = 0; i < n; i++)
+		dmc_write_u64(&w, indices[i]);
+	return dmc_frame_end(&w, DMC_OP_GET, 0, request_id, 0);
+}
+
+DMC_EXPORT int dmc_get_begin(struct dmc_reader *r, const void *payload, size_t len,
+			     uint64_t *ret_handle, uint32_t *ret_n)
+{
+	uint64_t handle;
+	uint32_t n;
+
+	dmc_reader_init(r, payload, len);
+	handle = dmc_read_u64(r);
+	n = dmc_read_u32(r);
+	if (r->err || n == 0 || n > DMC_GET_MAX || (uint64_t)n * 8 != r->len - r->pos)
+		return DMC_PROTO_ERROR;
+	*ret_handle = handle;
+	*ret_n = n;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT void dmc_item_desc_write(struct dmc_writer *w, const struct dmc_item_desc *m)
+{
+	dmc_write_u64(w, m->index);
+	dmc_write_u32(w, m->status);
+	dmc_write_u32(w, m->dtype);
+	dmc_write_u32(w, m->ndim);
+	for (int i = 0; i < 4; i++)
+		dmc_write_u64(w, m->shape[i]);
+	dmc_write_u64(w, m->offset);
+	dmc_write_u64(w, m->nbytes);
+	dmc_write_u64(w, m->meta_offset);
+	dmc_write_u64(w, m->meta_len);
+	write_dstr(w, m->message);
+}
+
+DMC_EXPORT void dmc_item_desc_read(struct dmc_reader *r, struct dmc_item_desc *m)
+{
+	m->index = dmc_read_u64(r);
+	m->status = dmc_read_u32(r);
+	m->dtype = dmc_read_u32(r);
+	m->ndim = dmc_read_u32(r);
+	for (int i = 0; i < 4; i++)
+		m->shape[i] = dmc_read_u64(r);
+	m->offset = dmc_read_u64(r);
+	m->nbytes = dmc_read_u64(r);
+	m->meta_offset = dmc_read_u64(r);
+	m->meta_len = dmc_read_u64(r);
+	m->message = dmc_read_str(r);
+	if (m->ndim > 4 || m->dtype > DMC_DTYPE_LAST_)
+		r->err = DMC_PROTO_ERROR;
+}
+
+DMC_EXPORT int dmc_release_encode(const uint64_t *offsets, uint32_t n, uint32_t request_id,
+				  void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	if (n > 2 * DMC_GET_MAX)
+		return DMC_PROTO_NOSPACE;
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, n);
+	for (uint32_t i = 0; i < n; i++)
+		dmc_write_u64(&w, offsets[i]);
+	return dmc_frame_end(&w, DMC_OP_RELEASE, 0, request_id, 0);
+}
+
+DMC_EXPORT int dmc_close_encode(uint64_t handle, uint32_t request_id, void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u64(&w, handle);
+	return dmc_frame_end(&w, DMC_OP_CLOSE, 0, request_id, 0);
+}
+
+DMC_EXPORT unsigned dmc_dtype_size(uint32_t dtype)
+{
+	static const unsigned sizes[DMC_DTYPE_LAST_ + 1] = { 0, 1, 1, 2, 2, 4, 4, 8, 8, 4, 8 };
+
+	return dtype <= DMC_DTYPE_LAST_ ? sizes[dtype] : 0;
+}
+
+DMC_EXPORT const char *dmc_dtype_name(uint32_t dtype)
+{
+	static const char *const names[DMC_DTYPE_LAST_ + 1] = {
+		NULL,	 "uint8",  "int8",  "uint16",  "int16",  "uint32",
+		"int32", "uint64", "int64", "float32", "float64",
+	};
+
+	return dtype <= DMC_DTYPE_LAST_ ? names[dtype] : NULL;
+}
+
 /* ---- names ---- */
 
 static const struct {

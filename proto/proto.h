@@ -291,6 +291,95 @@ struct dmc_verify_reply {
 	uint64_t blobs_checked, blobs_bad, bytes_checked;
 };
 
+/*
+ * Serving: tensors through shared memory.
+ *
+ * The first OPEN on a connection also sets up its *arena*: one memfd of `arena_bytes`
+ * (negotiated: the daemon grants at most its configured cap) that the daemon maps writable
+ * and passes to the client with the OPEN reply (nfds = 1, SCM_RIGHTS), once. It is sealed
+ * against shrinking, growing and writes through any new mapping (F_SEAL_SHRINK |
+ * F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL): the client maps it read-only. Every
+ * tensor and metadata document the daemon hands out lives in the arena at an offset the
+ * reply names, until the client RELEASEs it. When the arena is full, replies wait for
+ * releases (backpressure); an item larger than the whole arena fails with LIMIT_EXCEEDED.
+ *
+ * OPEN request: open a dataset version for reading, with the caller's own credentials.
+ *   u32 source, u32 flags, u32 dtype, str project, str version, str server, str api_key,
+ *   u64 arena_bytes
+ *   source, project, version, server, api_key: as in PREFETCH. The daemon checks the
+ *     caller's access with the caller's key (a prefetch job of the caller's, joined or
+ *     started, lists the project); items not cached yet are fetched while the job runs.
+ *   flags: DMC_OPEN_LUT (modality LUT / NIfTI scaling applied, float32 unless dtype).
+ *   dtype: enum dmc_dtype of the output, or 0 for the source dtype.
+ *   arena_bytes: wished arena size; 0 for the daemon's default. Ignored after the first OPEN.
+ * OPEN reply (nfds 1 on the first OPEN of the connection, else 0):
+ *   u64 handle, u64 snapshot_id, u64 items, str project_id, str project_name, str version,
+ *   u64 arena_bytes
+ *
+ * GET request: items of an open dataset, in the order asked.
+ *   u64 handle, u32 n (1 .. DMC_GET_MAX), n times u64 index
+ * GET reply: u32 n, then n item records:
+ *   u64 index, u32 status (0 or enum dmc_error), u32 dtype, u32 ndim, 4 times u64 shape,
+ *   u64 offset, u64 nbytes, u64 meta_offset, u64 meta_len, str message
+ *   shape is (frames, channels, height, width); ndim is 4. The tensor is nbytes at offset
+ *   in the arena, C order; the metadata (JSON: {"resource": ..., "dicom": ...}) is
+ *   meta_len bytes at meta_offset. A failed item has status != 0, a message, and no space.
+ *
+ * RELEASE request: gives arena space back.  u32 n, n times u64 offset (tensor or metadata
+ *   offsets from GET replies). Reply: u32 released.
+ *
+ * CLOSE request: u64 handle. Reply: no fields. Closing the connection closes everything.
+ */
+enum dmc_dtype {
+	DMC_DTYPE_U8 = 1,
+	DMC_DTYPE_I8 = 2,
+	DMC_DTYPE_U16 = 3,
+	DMC_DTYPE_I16 = 4,
+	DMC_DTYPE_U32 = 5,
+	DMC_DTYPE_I32 = 6,
+	DMC_DTYPE_U64 = 7,
+	DMC_DTYPE_I64 = 8,
+	DMC_DTYPE_F32 = 9,
+	DMC_DTYPE_F64 = 10,
+};
+#define DMC_DTYPE_LAST_ 10
+
+#define DMC_OPEN_LUT 1u
+#define DMC_OPEN_FLAGS_DEFINED DMC_OPEN_LUT
+#define DMC_GET_MAX 4096u
+
+struct dmc_open {
+	uint32_t source;
+	uint32_t flags;
+	uint32_t dtype;
+	struct dmc_str project;
+	struct dmc_str version;
+	struct dmc_str server;
+	struct dmc_str api_key;
+	uint64_t arena_bytes;
+};
+
+struct dmc_open_reply {
+	uint64_t handle;
+	uint64_t snapshot_id;
+	uint64_t items;
+	struct dmc_str project_id;
+	struct dmc_str project_name;
+	struct dmc_str version;
+	uint64_t arena_bytes;
+};
+
+struct dmc_item_desc {
+	uint64_t index;
+	uint32_t status;
+	uint32_t dtype;
+	uint32_t ndim;
+	uint64_t shape[4];
+	uint64_t offset, nbytes;
+	uint64_t meta_offset, meta_len;
+	struct dmc_str message;
+};
+
 /* ---- codec ---- */
 
 /* Codec results. DMC_PROTO_AGAIN: need more bytes. */
@@ -431,6 +520,27 @@ int dmc_verify_reply_decode(const void *payload, size_t len, struct dmc_verify_r
 
 /* Requests with no fields (STATUS, LIST, VERIFY): DMC_PROTO_OK when the payload is empty. */
 int dmc_empty_decode(const void *payload, size_t len);
+
+/* Serving messages. GET and RELEASE lists are read with dmc_reader like LIST. */
+int dmc_open_encode(const struct dmc_open *m, uint32_t request_id, void *out, size_t cap);
+int dmc_open_decode(const void *payload, size_t len, struct dmc_open *ret);
+int dmc_open_reply_encode(const struct dmc_open_reply *m, uint8_t nfds, uint32_t request_id,
+			  void *out, size_t cap);
+int dmc_open_reply_decode(const void *payload, size_t len, struct dmc_open_reply *ret);
+/* GET request: encode from an array; decode gives the handle and n, the indices follow in r. */
+int dmc_get_encode(uint64_t handle, const uint64_t *indices, uint32_t n, uint32_t request_id,
+		   void *out, size_t cap);
+int dmc_get_begin(struct dmc_reader *r, const void *payload, size_t len, uint64_t *ret_handle,
+		  uint32_t *ret_n);
+void dmc_item_desc_write(struct dmc_writer *w, const struct dmc_item_desc *m);
+void dmc_item_desc_read(struct dmc_reader *r, struct dmc_item_desc *ret);
+int dmc_release_encode(const uint64_t *offsets, uint32_t n, uint32_t request_id, void *out,
+		       size_t cap);
+int dmc_close_encode(uint64_t handle, uint32_t request_id, void *out, size_t cap);
+/* Size of one dtype's element in bytes, 0 when unknown. */
+unsigned dmc_dtype_size(uint32_t dtype);
+/* "uint8", "int16", "float32", ... (numpy names), or NULL. */
+const char *dmc_dtype_name(uint32_t dtype);
 
 /* The stable name of an error code ("not_found_or_denied"), or NULL when unknown. */
 const char *dmc_error_name(uint32_t code);

@@ -148,3 +148,50 @@ def is_closed(sock, timeout=5):
         return True
     except socket.timeout:
         return False
+
+
+OP_OPEN, OP_GET, OP_RELEASE, OP_CLOSE = 32, 33, 34, 36
+
+
+def open_msg(project, source=1, flags=0, dtype=0, version='', server='', key='', arena=0, rid=5):
+    return frame(OP_OPEN, struct.pack('<III', source, flags, dtype) + s(project) + s(version)
+                 + s(server) + s(key) + struct.pack('<Q', arena), rid=rid)
+
+
+def get_msg(handle, indices, rid=6):
+    return frame(OP_GET, struct.pack('<QI', handle, len(indices))
+                 + b''.join(struct.pack('<Q', i) for i in indices), rid=rid)
+
+
+def recv_frame_fds(sock):
+    """A frame and the descriptors that came with it."""
+    import array
+    fds = array.array('i')
+    data, anc, flags, _ = sock.recvmsg(HEADER_SIZE, socket.CMSG_SPACE(4 * 4))
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % 4])
+    data += recv_exact(sock, HEADER_SIZE - len(data))
+    length, op, fl, rid, nfds = HEADER.unpack(data)
+    return op, fl, rid, recv_exact(sock, length), list(fds)
+
+
+def decode_open_reply(payload):
+    r = Reader(payload)
+    out = dict(handle=r.u64(), snapshot_id=r.u64(), items=r.u64(), project_id=r.str(),
+               project_name=r.str(), version=r.str(), arena_bytes=r.u64())
+    r.done()
+    return out
+
+
+def decode_get_reply(payload):
+    r = Reader(payload)
+    items = []
+    for _ in range(r.u32()):
+        d = dict(index=r.u64(), status=r.u32(), dtype=r.u32(), ndim=r.u32())
+        d['shape'] = [r.u64() for _ in range(4)]
+        d.update(offset=r.u64(), nbytes=r.u64(), meta_offset=r.u64(), meta_len=r.u64(),
+                 message=r.str())
+        items.append(d)
+    r.done()
+    return items

@@ -1,0 +1,1266 @@
+/* Serving tensors through shared memory: see serve.h. */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "cache.h"
+#include "conf.h"
+#include "conn.h"
+#include "decode.h"
+#include "decode_pool.h"
+#include "index.h"
+#include "log.h"
+#include "prefetch.h"
+#include "serve.h"
+#include "store.h"
+
+#define ARENA_ALIGN 64u
+#define REPLY_MAX (DMC_HEADER_SIZE + DMC_FRAME_MAX)
+#define MSG_MAX 400
+
+/* ---- the arena: a sealed memfd and a first-fit allocator over it ---- */
+
+struct span {
+	uint64_t off, len;
+};
+
+struct arena {
+	int fd;
+	uint8_t *base;
+	uint64_t size;
+	uint64_t used;
+	struct span *free_;  /* free spans, sorted by offset, coalesced */
+	uint32_t n_free, cap_free;
+	struct span *alloc_; /* allocations, sorted by offset */
+	uint32_t n_alloc, cap_alloc;
+};
+
+static int span_insert(struct span **arr, uint32_t *n, uint32_t *cap, uint32_t at,
+		       struct span sp)
+{
+	if (*n == *cap) {
+		uint32_t nc = *cap ? *cap * 2 : 64;
+		struct span *na = realloc(*arr, nc * sizeof(*na));
+		if (!na)
+			return -ENOMEM;
+		*arr = na;
+		*cap = nc;
+	}
+	memmove(*arr + at + 1, *arr + at, (*n - at) * sizeof(**arr));
+	(*arr)[at] = sp;
+	(*n)++;
+	return 0;
+}
+
+static void span_remove(struct span *arr, uint32_t *n, uint32_t at)
+{
+	memmove(arr + at, arr + at + 1, (*n - at - 1) * sizeof(*arr));
+	(*n)--;
+}
+
+static int arena_init(struct arena *a, uint64_t size)
+{
+	memset(a, 0, sizeof(*a));
+	a->fd = memfd_create("dmcache-arena", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (a->fd < 0)
+		return -errno;
+	/* allocated up front: no page is first touched (and zeroed) on the serving path */
+	if (ftruncate(a->fd, (off_t)size) != 0 || fallocate(a->fd, 0, 0, (off_t)size) != 0)
+		goto fail;
+	a->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, a->fd, 0);
+	if (a->base == MAP_FAILED) {
+		a->base = NULL;
+		goto fail;
+	}
+	/* the client can neither resize it nor write through a mapping of its own */
+	if (fcntl(a->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE |
+					      F_SEAL_SEAL) != 0)
+		goto fail;
+	a->size = size;
+	if (span_insert(&a->free_, &a->n_free, &a->cap_free, 0, (struct span){ 0, size }) < 0)
+		goto fail;
+	return 0;
+fail:
+	{
+		int e = errno ? -errno : -ENOMEM;
+		if (a->base)
+			munmap(a->base, size);
+		close(a->fd);
+		a->fd = -1;
+		a->base = NULL;
+		free(a->free_);
+		a->free_ = NULL;
+		return e;
+	}
+}
+
+static void arena_done(struct arena *a)
+{
+	if (a->base)
+		munmap(a->base, a->size);
+	if (a->fd >= 0)
+		close(a->fd);
+	free(a->free_);
+	free(a->alloc_);
+	memset(a, 0, sizeof(*a));
+	a->fd = -1;
+}
+
+/* First fit. Returns the offset, or UINT64_MAX when no free span is large enough. */
+static uint64_t arena_alloc(struct arena *a, uint64_t len)
+{
+	uint64_t need = (len + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
+	uint32_t lo = 0, hi;
+
+	if (need == 0)
+		need = ARENA_ALIGN;
+	for (uint32_t i = 0; i < a->n_free; i++) {
+		struct span *f = &a->free_[i];
+		uint64_t off;
+		if (f->len < need)
+			continue;
+		off = f->off;
+		f->off += need;
+		f->len -= need;
+		if (f->len == 0)
+			span_remove(a->free_, &a->n_free, i);
+		/* record the allocation, sorted */
+		hi = a->n_alloc;
+		while (lo < hi) {
+			uint32_t mid = (lo + hi) / 2;
+			if (a->alloc_[mid].off < off)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		if (span_insert(&a->alloc_, &a->n_alloc, &a->cap_alloc, lo,
+				(struct span){ off, need }) < 0) {
+			/* give it back */
+			struct span back = { off, need };
+			uint32_t k = 0;
+			while (k < a->n_free && a->free_[k].off < off)
+				k++;
+			span_insert(&a->free_, &a->n_free, &a->cap_free, k, back);
+			return UINT64_MAX;
+		}
+		a->used += need;
+		return off;
+	}
+	return UINT64_MAX;
+}
+
+/* Frees the allocation at `off`. -ENOENT when there is none (a client's mistake). */
+static int arena_free(struct arena *a, uint64_t off)
+{
+	uint32_t lo = 0, hi = a->n_alloc, k;
+	struct span sp;
+
+	while (lo < hi) {
+		uint32_t mid = (lo + hi) / 2;
+		if (a->alloc_[mid].off < off)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo >= a->n_alloc || a->alloc_[lo].off != off)
+		return -ENOENT;
+	sp = a->alloc_[lo];
+	span_remove(a->alloc_, &a->n_alloc, lo);
+	a->used -= sp.len;
+	for (k = 0; k < a->n_free && a->free_[k].off < sp.off; k++)
+		;
+	/* coalesce with the neighbours */
+	if (k > 0 && a->free_[k - 1].off + a->free_[k - 1].len == sp.off) {
+		a->free_[k - 1].len += sp.len;
+		if (k < a->n_free && sp.off + sp.len == a->free_[k].off) {
+			a->free_[k - 1].len += a->free_[k].len;
+			span_remove(a->free_, &a->n_free, k);
+		}
+		return 0;
+	}
+	if (k < a->n_free && sp.off + sp.len == a->free_[k].off) {
+		a->free_[k].off = sp.off;
+		a->free_[k].len += sp.len;
+		return 0;
+	}
+	return span_insert(&a->free_, &a->n_free, &a->cap_free, k, sp);
+}
+
+/* ---- state ---- */
+
+struct sconn;
+struct greq;
+
+enum gi_state {
+	GI_NEW,
+	GI_WAIT_ITEM,  /* a job is downloading it */
+	GI_BUSY,       /* reading or decoding */
+	GI_WAIT_SPACE, /* decoded into `hold`, waiting for arena space */
+	GI_DONE,
+};
+
+struct gitem {
+	struct greq *rq;
+	uint64_t index;
+	enum gi_state state;
+	uint32_t status;
+	char msg[MSG_MAX];
+
+	/* from the index */
+	uint8_t raw[STORE_DIGEST_SIZE];
+	uint64_t raw_len;
+	char *record; /* the resource record JSON */
+
+	/* work */
+	uv_work_t work;
+	int work_err;
+	uint8_t *in;   /* the stored bytes, for the decoder */
+	struct decode_job job;
+	char key[STORE_HEX_SIZE + 1]; /* the decoder's quarantine key: the content's digest */
+	uint8_t *hold; /* tensor + metadata, waiting for space or for the store */
+	uint64_t hold_len;
+	bool from_cache;
+	uint8_t tensor_digest[STORE_DIGEST_SIZE];
+	bool has_meta_blob;
+	uint8_t meta_digest[STORE_DIGEST_SIZE];
+
+	/* the result */
+	struct decode_desc desc;
+	uint64_t off, nbytes, moff, mlen;
+};
+
+struct handle {
+	uint64_t id;
+	int64_t snapshot_id;
+	uint64_t items;
+	uint32_t flags, dtype;
+	struct handle *next;
+};
+
+struct greq {
+	struct sconn *sc;
+	uint32_t request_id;
+	unsigned pins;  /* loops stepping its items: freed only when none is left */
+	bool replied;
+	struct handle h; /* a copy: CLOSE may come while the request runs */
+	uint32_t n, done;
+	struct greq *next;
+	struct gitem items[];
+};
+
+struct pending_open {
+	struct sconn *sc;
+	uint32_t request_id;
+	uint32_t flags, dtype;
+	uint64_t arena_bytes;
+	struct pending_open *next;
+};
+
+struct sconn {
+	struct serve *s;
+	struct conn *c; /* NULL once the connection closed */
+	struct arena arena;
+	bool has_arena;
+	struct handle *handles;
+	uint64_t next_handle;
+	struct greq *reqs;
+	struct pending_open *opens;
+	unsigned busy; /* works and decode jobs in flight */
+	unsigned decoding;
+	struct sconn *next, *prev;
+};
+
+struct serve {
+	struct serve_deps d;
+	struct sconn *conns;
+	bool closing; /* serve_free() ran: freed with its last connection state */
+	unsigned stores; /* tensor stores in flight on the threadpool */
+	uint64_t gets, items_served, items_decoded, items_from_tensor_cache, items_failed;
+	uint64_t bytes_served, tensors_stored;
+	uint64_t waits_for_space;
+};
+
+static void item_step(struct gitem *gi);
+static void req_maybe_reply(struct greq *rq);
+static void sconn_maybe_free(struct sconn *sc);
+
+static uint32_t code_of(int err)
+{
+	if (err <= -DMC_E_FIRST_ && err >= -DMC_E_LAST_)
+		return (uint32_t)-err;
+	if (err == -ENOSPC)
+		return DMC_E_CACHE_FULL;
+	return err < 0 && err > -4096 ? DMC_E_IO : DMC_E_INTERNAL;
+}
+
+static void item_fail(struct gitem *gi, int err, const char *msg)
+{
+	gi->status = code_of(err);
+	snprintf(gi->msg, sizeof(gi->msg), "%s", msg);
+	gi->state = GI_DONE;
+	gi->rq->sc->s->items_failed++;
+	req_maybe_reply(gi->rq);
+}
+
+/* Options that decide the decoded bytes, as a key of the tensor cache. */
+static int64_t opts_key(const struct handle *h)
+{
+	return (int64_t)(h->flags | ((uint64_t)h->dtype << 8));
+}
+
+static struct sconn *sconn_of(struct serve *s, struct conn *c, bool create)
+{
+	struct sconn *sc = c->app_data;
+
+	if (sc || !create)
+		return sc;
+	sc = calloc(1, sizeof(*sc));
+	if (!sc)
+		return NULL;
+	sc->s = s;
+	sc->c = c;
+	sc->arena.fd = -1;
+	sc->next_handle = 1;
+	sc->next = s->conns;
+	if (s->conns)
+		s->conns->prev = sc;
+	s->conns = sc;
+	c->app_data = sc;
+	return sc;
+}
+
+/* ---- OPEN ---- */
+
+static void on_open_ready(void *ctx, const struct prefetch_ready *r)
+{
+	struct pending_open *po = ctx, **pp;
+	struct sconn *sc = po->sc;
+	struct serve *s = sc->s;
+	struct dmc_open_reply rep;
+	struct handle *h;
+	uint8_t frame[1024];
+	uint8_t nfds = 0;
+	int n, rc;
+
+	for (pp = &sc->opens; *pp && *pp != po; pp = &(*pp)->next)
+		;
+	if (*pp)
+		*pp = po->next;
+	sc->busy--;
+	if (!sc->c)
+		goto out;
+	if (r->err) {
+		conn_send_error(sc->c, po->request_id, r->code, NULL, "%s", r->message);
+		goto out;
+	}
+	if (!prefetch_may_see(s->d.prefetch, sc->c->uid, r->snapshot_id)) {
+		conn_send_error(sc->c, po->request_id, DMC_E_NOT_FOUND_OR_DENIED, NULL,
+				"not found or not entitled");
+		goto out;
+	}
+	if (!sc->has_arena) {
+		uint64_t want = po->arena_bytes ? po->arena_bytes : s->d.cfg->arena_default;
+		if (want > s->d.cfg->arena_max)
+			want = s->d.cfg->arena_max;
+		if (want < (1u << 20))
+			want = 1u << 20;
+		want = (want + 4095) / 4096 * 4096;
+		rc = arena_init(&sc->arena, want);
+		if (rc < 0) {
+			conn_send_error(sc->c, po->request_id, DMC_E_OVERLOADED, NULL,
+					"cannot set up %" PRIu64 " bytes of shared memory: %s", want,
+					strerror(-rc));
+			goto out;
+		}
+		sc->has_arena = true;
+		nfds = 1;
+	}
+	h = calloc(1, sizeof(*h));
+	if (!h) {
+		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		goto out;
+	}
+	h->id = sc->next_handle++;
+	h->snapshot_id = r->snapshot_id;
+	h->items = r->items;
+	h->flags = po->flags;
+	h->dtype = po->dtype;
+	h->next = sc->handles;
+	sc->handles = h;
+	rep.handle = h->id;
+	rep.snapshot_id = (uint64_t)r->snapshot_id;
+	rep.items = r->items;
+	rep.project_id = (struct dmc_str){ r->project_id, (uint32_t)strlen(r->project_id) };
+	rep.project_name = (struct dmc_str){ r->project_name, (uint32_t)strlen(r->project_name) };
+	rep.version = (struct dmc_str){ r->version, (uint32_t)strlen(r->version) };
+	rep.arena_bytes = sc->arena.size;
+	n = dmc_open_reply_encode(&rep, nfds, po->request_id, frame, sizeof(frame));
+	if (n < 0) {
+		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "reply too large");
+		goto out;
+	}
+	if (nfds)
+		conn_send_fd(sc->c, frame, (size_t)n, sc->arena.fd);
+	else
+		conn_send(sc->c, frame, (size_t)n);
+	log_debug(SERVE, "uid %u opened snapshot %" PRId64 " (%" PRIu64 " items) as handle %" PRIu64,
+		  (unsigned)sc->c->uid, r->snapshot_id, r->items, h->id);
+out:
+	free(po);
+	sconn_maybe_free(sc);
+}
+
+static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
+		    const uint8_t *payload)
+{
+	struct dmc_open m;
+	struct dmc_prefetch pf;
+	struct pending_open *po;
+	struct sconn *sc;
+	int rc;
+
+	if (dmc_open_decode(payload, h->length, &m) != DMC_PROTO_OK) {
+		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed OPEN");
+		return;
+	}
+	sc = sconn_of(s, c, true);
+	po = calloc(1, sizeof(*po));
+	if (!sc || !po) {
+		free(po);
+		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		return;
+	}
+	po->sc = sc;
+	po->request_id = h->request_id;
+	po->flags = m.flags;
+	po->dtype = m.dtype;
+	po->arena_bytes = m.arena_bytes;
+	po->next = sc->opens;
+	sc->opens = po;
+	sc->busy++;
+	pf.source = m.source;
+	pf.flags = 0;
+	pf.project = m.project;
+	pf.version = m.version;
+	pf.server = m.server;
+	pf.api_key = m.api_key;
+	/* the caller's own job checks its access with its own key; it may answer at once */
+	rc = prefetch_attach(s->d.prefetch, c->uid, &pf, on_open_ready, po);
+	if (rc < 0) {
+		struct prefetch_ready r = { .err = rc, .code = code_of(rc), .message = "stopping" };
+		on_open_ready(po, &r);
+	}
+}
+
+/* ---- GET ---- */
+
+static struct handle *handle_find(struct sconn *sc, uint64_t id)
+{
+	for (struct handle *h = sc->handles; h; h = h->next)
+		if (h->id == id)
+			return h;
+	return NULL;
+}
+
+struct lookup {
+	bool found, stored;
+	uint8_t blob[STORE_DIGEST_SIZE];
+	char *record;
+};
+
+static int on_item_row(void *ctx, const struct index_item *it)
+{
+	struct lookup *l = ctx;
+
+	l->found = true;
+	l->stored = it->stored && it->has_blob;
+	memcpy(l->blob, it->blob, STORE_DIGEST_SIZE);
+	l->record = it->meta ? strndup(it->meta, it->meta_len) : strdup("{}");
+	return 0;
+}
+
+static void read_work(uv_work_t *w)
+{
+	struct gitem *gi = w->data;
+	struct store *store = gi->rq->sc->s->d.cache->store;
+	uint64_t got = 0;
+
+	gi->work_err = store_read(store, gi->raw, gi->in, gi->raw_len, &got);
+	if (gi->work_err == 0 && got != gi->raw_len)
+		gi->work_err = -DMC_E_INTEGRITY;
+}
+
+static void on_decoded(struct decode_job *job);
+
+static void read_after(uv_work_t *w, int status)
+{
+	struct gitem *gi = w->data;
+	struct sconn *sc = gi->rq->sc;
+	struct serve *s = sc->s;
+	int rc;
+
+	(void)status;
+	sc->busy--;
+	if (!sc->c) {
+		free(gi->in);
+		gi->in = NULL;
+		gi->state = GI_DONE;
+		req_maybe_reply(gi->rq);
+		return;
+	}
+	if (gi->work_err < 0) {
+		free(gi->in);
+		gi->in = NULL;
+		item_fail(gi, gi->work_err,
+			  gi->work_err == -DMC_E_INTEGRITY || gi->work_err == -ENOENT
+				  ? "the cached copy is damaged or gone: prefetch the dataset again"
+				  : "cannot read the cached copy");
+		return;
+	}
+	memset(&gi->job, 0, sizeof(gi->job));
+	gi->job.in = gi->in;
+	gi->job.in_len = gi->raw_len;
+	gi->job.opts.flags = (gi->rq->h.flags & DMC_OPEN_LUT) ? DECODE_F_LUT : 0;
+	gi->job.opts.dtype = (enum decode_dtype)gi->rq->h.dtype;
+	gi->job.want_meta = true;
+	gi->job.data = gi;
+	/* the quarantine key: the content, so that a bad file is bad for everybody */
+	store_digest_hex(gi->raw, gi->key);
+	gi->job.resource = gi->key;
+	sc->busy++;
+	sc->decoding++;
+	rc = decode_pool_submit(s->d.pool, &gi->job, on_decoded);
+	if (rc < 0) {
+		char why[MSG_MAX];
+		sc->busy--;
+		sc->decoding--;
+		snprintf(why, sizeof(why), "%s", gi->job.err[0] ? gi->job.err : "cannot decode");
+		free(gi->in);
+		gi->in = NULL;
+		item_fail(gi, rc, why);
+	}
+}
+
+/* Places `hold` (tensor, then metadata) into the arena; false when there is no room yet. */
+static bool place(struct gitem *gi)
+{
+	struct sconn *sc = gi->rq->sc;
+	uint64_t off, moff;
+
+	off = arena_alloc(&sc->arena, gi->nbytes);
+	if (off == UINT64_MAX)
+		return false;
+	moff = arena_alloc(&sc->arena, gi->mlen);
+	if (moff == UINT64_MAX) {
+		arena_free(&sc->arena, off);
+		return false;
+	}
+	memcpy(sc->arena.base + off, gi->hold, gi->nbytes);
+	memcpy(sc->arena.base + moff, gi->hold + gi->nbytes, gi->mlen);
+	gi->off = off;
+	gi->moff = moff;
+	return true;
+}
+
+static void finish_placed(struct gitem *gi)
+{
+	struct serve *s = gi->rq->sc->s;
+
+	free(gi->hold);
+	gi->hold = NULL;
+	gi->state = GI_DONE;
+	gi->status = 0;
+	gi->msg[0] = '\0';
+	s->items_served++;
+	s->bytes_served += gi->nbytes;
+	req_maybe_reply(gi->rq);
+}
+
+/* Retries items waiting for arena space, oldest request first. */
+static void retry_space(struct sconn *sc)
+{
+	for (struct greq *rq = sc->reqs; rq; rq = rq->next) {
+		for (uint32_t i = 0; i < rq->n; i++) {
+			struct gitem *gi = &rq->items[i];
+			if (gi->state != GI_WAIT_SPACE)
+				continue;
+			if (!place(gi))
+				return; /* keep the order: later items wait behind this one */
+			finish_placed(gi);
+			if (!sc->reqs)
+				return;
+		}
+	}
+}
+
+static void item_got_bytes(struct gitem *gi)
+{
+	struct sconn *sc = gi->rq->sc;
+
+	if (gi->nbytes + gi->mlen + 2 * ARENA_ALIGN > sc->arena.size) {
+		free(gi->hold);
+		gi->hold = NULL;
+		item_fail(gi, -DMC_E_LIMIT_EXCEEDED,
+			  "the item is larger than the shared memory: open with a larger arena");
+		return;
+	}
+	if (place(gi)) {
+		finish_placed(gi);
+		return;
+	}
+	gi->state = GI_WAIT_SPACE; /* backpressure: wait for RELEASE */
+	sc->s->waits_for_space++;
+}
+
+struct store_tensor_work {
+	uv_work_t work;
+	struct serve *s;
+	uint8_t raw[STORE_DIGEST_SIZE];
+	int64_t opts;
+	char desc[128];
+	uint8_t *buf;
+	uint64_t nbytes, mlen;
+	struct store_blob_info tinfo, minfo;
+	int err;
+};
+
+static void store_tensor_work(uv_work_t *w)
+{
+	struct store_tensor_work *t = w->data;
+	struct store *store = t->s->d.cache->store;
+
+	t->err = store_put(store, STORE_KIND_TENSOR, t->buf, t->nbytes, NULL, &t->tinfo);
+	if (t->err == 0) {
+		t->err = store_put(store, STORE_KIND_META, t->buf + t->nbytes, t->mlen, NULL,
+				   &t->minfo);
+		if (t->err < 0)
+			store_unpin(store, t->tinfo.digest);
+	}
+}
+
+static void store_tensor_after(uv_work_t *w, int status)
+{
+	struct store_tensor_work *t = w->data;
+	struct cache *cache = t->s->d.cache;
+
+	(void)status;
+	t->s->stores--;
+	if (t->err == 0) {
+		cache_record_blob(cache, &t->tinfo);
+		cache_record_blob(cache, &t->minfo);
+		index_tensor_put(cache->index, t->raw, t->opts, t->tinfo.digest, t->minfo.digest,
+				 t->desc);
+		store_unpin(cache->store, t->tinfo.digest);
+		store_unpin(cache->store, t->minfo.digest);
+		t->s->tensors_stored++;
+	}
+	if (t->s->closing && !t->s->conns && !t->s->stores)
+		free(t->s);
+	free(t->buf);
+	free(t);
+}
+
+static void desc_text(const struct decode_desc *d, char *out, size_t cap)
+{
+	snprintf(out, cap, "%d %u %u %u %u %" PRIu64 " %d %d", (int)d->dtype, d->frames,
+		 d->channels, d->height, d->width, d->nbytes, (int)d->format, (int)d->codec);
+}
+
+static bool desc_parse(const char *t, struct decode_desc *d)
+{
+	int dtype, format, codec;
+
+	memset(d, 0, sizeof(*d));
+	if (sscanf(t, "%d %u %u %u %u %" SCNu64 " %d %d", &dtype, &d->frames, &d->channels,
+		   &d->height, &d->width, &d->nbytes, &format, &codec) != 8 || dtype < 1 ||
+	    dtype > DMC_DTYPE_LAST_)
+		return false;
+	d->dtype = (enum decode_dtype)dtype;
+	d->format = (enum decode_format)format;
+	d->codec = (enum decode_codec)codec;
+	return (uint64_t)d->frames * d->channels * d->height * d->width *
+		       decode_dtype_size(d->dtype) ==
+	       d->nbytes;
+}
+
+static void on_decoded(struct decode_job *job)
+{
+	struct gitem *gi = job->data;
+	struct sconn *sc = gi->rq->sc;
+	struct serve *s = sc->s;
+	size_t rlen, dlen;
+	uint8_t *p;
+
+	sc->busy--;
+	sc->decoding--;
+	free(gi->in);
+	gi->in = NULL;
+	if (!sc->c) {
+		gi->state = GI_DONE;
+		req_maybe_reply(gi->rq);
+		return;
+	}
+	if (job->status < 0) {
+		item_fail(gi, job->status, job->err[0] ? job->err : "decoding failed");
+		return;
+	}
+	s->items_decoded++;
+	gi->desc = job->desc;
+	gi->nbytes = job->desc.nbytes;
+	/* metadata: {"resource": <the resource record>, "dicom": <the header or null>} */
+	rlen = strlen(gi->record);
+	dlen = job->meta && job->meta_len ? job->meta_len : 4;
+	gi->mlen = 13 + rlen + 9 + dlen + 1;
+	gi->hold = malloc(gi->nbytes + gi->mlen + 1);
+	if (!gi->hold) {
+		item_fail(gi, -ENOMEM, "out of memory");
+		return;
+	}
+	memcpy(gi->hold, job->out, gi->nbytes);
+	p = gi->hold + gi->nbytes;
+	memcpy(p, "{\"resource\":", 12);
+	p += 12;
+	memcpy(p, gi->record, rlen);
+	p += rlen;
+	memcpy(p, ",\"dicom\":", 9);
+	p += 9;
+	memcpy(p, job->meta && job->meta_len ? job->meta : "null", dlen);
+	p += dlen;
+	*p++ = '}';
+	gi->mlen = (uint64_t)(p - (gi->hold + gi->nbytes));
+	if (decode_codec_store_tensor(job->desc.codec)) {
+		/* expensive to decode again: keep the tensor (zstd-1) and its metadata */
+		struct store_tensor_work *t = calloc(1, sizeof(*t));
+		if (t && (t->buf = malloc(gi->nbytes + gi->mlen))) {
+			t->s = s;
+			memcpy(t->raw, gi->raw, STORE_DIGEST_SIZE);
+			t->opts = opts_key(&gi->rq->h);
+			desc_text(&job->desc, t->desc, sizeof(t->desc));
+			memcpy(t->buf, gi->hold, gi->nbytes + gi->mlen);
+			t->nbytes = gi->nbytes;
+			t->mlen = gi->mlen;
+			t->work.data = t;
+			s->stores++;
+			if (uv_queue_work(s->d.loop, &t->work, store_tensor_work, store_tensor_after)) {
+				s->stores--;
+				free(t->buf);
+				free(t);
+			}
+		} else {
+			free(t);
+		}
+	}
+	item_got_bytes(gi);
+}
+
+/* A cached tensor: read it and its metadata from the store into `hold`. */
+static void cached_work(uv_work_t *w)
+{
+	struct gitem *gi = w->data;
+	struct store *store = gi->rq->sc->s->d.cache->store;
+	uint64_t got = 0;
+
+	gi->work_err = store_read(store, gi->tensor_digest, gi->hold, gi->nbytes, &got);
+	if (gi->work_err == 0 && got != gi->nbytes)
+		gi->work_err = -DMC_E_INTEGRITY;
+	if (gi->work_err == 0)
+		gi->work_err = store_read(store, gi->meta_digest, gi->hold + gi->nbytes, gi->mlen,
+					  &got);
+	if (gi->work_err == 0 && got != gi->mlen)
+		gi->work_err = -DMC_E_INTEGRITY;
+}
+
+static void start_decode_path(struct gitem *gi);
+
+static void cached_after(uv_work_t *w, int status)
+{
+	struct gitem *gi = w->data;
+	struct sconn *sc = gi->rq->sc;
+	struct serve *s = sc->s;
+
+	(void)status;
+	sc->busy--;
+	if (!sc->c) {
+		free(gi->hold);
+		gi->hold = NULL;
+		gi->state = GI_DONE;
+		req_maybe_reply(gi->rq);
+		return;
+	}
+	if (gi->work_err < 0) {
+		/* a damaged or evicted tensor is a miss: decode again */
+		free(gi->hold);
+		gi->hold = NULL;
+		index_tensor_delete(s->d.cache->index, gi->raw, opts_key(&gi->rq->h));
+		start_decode_path(gi);
+		return;
+	}
+	s->items_from_tensor_cache++;
+	gi->from_cache = true;
+	item_got_bytes(gi);
+}
+
+static void start_decode_path(struct gitem *gi)
+{
+	struct sconn *sc = gi->rq->sc;
+
+	gi->in = malloc(gi->raw_len ? gi->raw_len : 1);
+	if (!gi->in) {
+		item_fail(gi, -ENOMEM, "out of memory");
+		return;
+	}
+	gi->work.data = gi;
+	sc->busy++;
+	if (uv_queue_work(sc->s->d.loop, &gi->work, read_work, read_after) != 0) {
+		sc->busy--;
+		free(gi->in);
+		gi->in = NULL;
+		item_fail(gi, -ENOMEM, "cannot queue the read");
+	}
+}
+
+/* Looks the item up and starts whatever comes next. */
+static void item_step(struct gitem *gi)
+{
+	struct sconn *sc = gi->rq->sc;
+	struct serve *s = sc->s;
+	struct index *ix = s->d.cache->index;
+	struct lookup l = { 0 };
+	struct index_blob b;
+	char desc[128];
+	int rc;
+
+	if (gi->index >= gi->rq->h.items) {
+		item_fail(gi, -DMC_E_INVALID_ARGUMENT, "index out of range");
+		return;
+	}
+	rc = index_item_get(ix, gi->rq->h.snapshot_id, (int64_t)gi->index, on_item_row, &l);
+	if (rc < 0 || !l.found) {
+		free(l.record);
+		item_fail(gi, -DMC_E_NOT_FOUND_OR_DENIED, "no such item");
+		return;
+	}
+	if (!l.stored) {
+		free(l.record);
+		if (prefetch_snapshot_active(s->d.prefetch, gi->rq->h.snapshot_id)) {
+			gi->state = GI_WAIT_ITEM; /* the job brings it; item_hook wakes us */
+			return;
+		}
+		item_fail(gi, -DMC_E_NOT_FOUND_OR_DENIED,
+			  "not in the cache (failed or evicted): prefetch the dataset again");
+		return;
+	}
+	free(gi->record);
+	gi->record = l.record;
+	memcpy(gi->raw, l.blob, STORE_DIGEST_SIZE);
+	if (index_blob_get(ix, gi->raw, &b) != 0) {
+		item_fail(gi, -DMC_E_NOT_FOUND_OR_DENIED, "not in the cache");
+		return;
+	}
+	gi->raw_len = (uint64_t)b.raw_size;
+	index_blob_touch(ix, gi->raw);
+	gi->state = GI_BUSY;
+	/* a decoded tensor in the store? */
+	if (index_tensor_get(ix, gi->raw, opts_key(&gi->rq->h), gi->tensor_digest,
+			     &gi->has_meta_blob, gi->meta_digest, desc, sizeof(desc)) == 0 &&
+	    gi->has_meta_blob && desc_parse(desc, &gi->desc) &&
+	    index_blob_get(ix, gi->meta_digest, &b) == 0) {
+		gi->nbytes = gi->desc.nbytes;
+		gi->mlen = (uint64_t)b.raw_size;
+		gi->hold = malloc(gi->nbytes + gi->mlen + 1);
+		if (gi->hold) {
+			index_blob_touch(ix, gi->tensor_digest);
+			gi->work.data = gi;
+			sc->busy++;
+			if (uv_queue_work(s->d.loop, &gi->work, cached_work, cached_after) == 0)
+				return;
+			sc->busy--;
+			free(gi->hold);
+			gi->hold = NULL;
+		}
+	}
+	start_decode_path(gi);
+}
+
+static void req_free(struct greq *rq)
+{
+	for (uint32_t i = 0; i < rq->n; i++) {
+		free(rq->items[i].record);
+		free(rq->items[i].hold);
+		free(rq->items[i].in);
+	}
+	free(rq);
+}
+
+static void req_unlink(struct greq *rq)
+{
+	struct greq **pp;
+
+	for (pp = &rq->sc->reqs; *pp && *pp != rq; pp = &(*pp)->next)
+		;
+	if (*pp)
+		*pp = rq->next;
+}
+
+static void req_unpin(struct greq *rq)
+{
+	struct sconn *sc = rq->sc;
+
+	if (--rq->pins || !rq->replied)
+		return;
+	req_free(rq);
+	sconn_maybe_free(sc);
+}
+
+static void req_maybe_reply(struct greq *rq)
+{
+	struct sconn *sc = rq->sc;
+	struct dmc_writer w;
+	uint8_t *frame;
+	int n;
+
+	if (rq->replied)
+		return;
+	rq->done = 0;
+	for (uint32_t i = 0; i < rq->n; i++)
+		if (rq->items[i].state == GI_DONE)
+			rq->done++;
+	if (rq->done < rq->n)
+		return;
+	req_unlink(rq);
+	if (sc->c && (frame = malloc(REPLY_MAX))) {
+		dmc_frame_begin(&w, frame, REPLY_MAX);
+		dmc_write_u32(&w, rq->n);
+		for (uint32_t i = 0; i < rq->n; i++) {
+			struct gitem *gi = &rq->items[i];
+			struct dmc_item_desc d = { .index = gi->index, .status = gi->status };
+			d.message.ptr = gi->msg;
+			d.message.len = gi->status ? (uint32_t)strlen(gi->msg) : 0;
+			if (!gi->status) {
+				d.dtype = (uint32_t)gi->desc.dtype;
+				d.ndim = 4;
+				d.shape[0] = gi->desc.frames;
+				d.shape[1] = gi->desc.channels;
+				d.shape[2] = gi->desc.height;
+				d.shape[3] = gi->desc.width;
+				d.offset = gi->off;
+				d.nbytes = gi->nbytes;
+				d.meta_offset = gi->moff;
+				d.meta_len = gi->mlen;
+			}
+			dmc_item_desc_write(&w, &d);
+		}
+		n = dmc_frame_end(&w, DMC_OP_GET, DMC_FLAG_REPLY, rq->request_id, 0);
+		if (n > 0)
+			conn_send(sc->c, frame, (size_t)n);
+		else
+			conn_send_error(sc->c, rq->request_id, DMC_E_LIMIT_EXCEEDED, NULL,
+					"too many items for one reply");
+		free(frame);
+	}
+	rq->replied = true;
+	if (rq->pins)
+		return; /* a loop over its items frees it */
+	req_free(rq);
+	sconn_maybe_free(sc);
+}
+
+static void on_get(struct serve *s, struct conn *c, const struct dmc_header *h,
+		   const uint8_t *payload)
+{
+	struct sconn *sc = sconn_of(s, c, false);
+	struct dmc_reader r;
+	struct handle *hd;
+	struct greq *rq, **tail;
+	uint64_t handle;
+	uint32_t n;
+
+	if (dmc_get_begin(&r, payload, h->length, &handle, &n) != DMC_PROTO_OK) {
+		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed GET");
+		return;
+	}
+	hd = sc ? handle_find(sc, handle) : NULL;
+	if (!hd) {
+		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+				"no open dataset with handle %" PRIu64, handle);
+		return;
+	}
+	rq = calloc(1, sizeof(*rq) + (size_t)n * sizeof(rq->items[0]));
+	if (!rq) {
+		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		return;
+	}
+	rq->sc = sc;
+	rq->request_id = h->request_id;
+	rq->h = *hd;
+	rq->n = n;
+	for (uint32_t i = 0; i < n; i++) {
+		rq->items[i].rq = rq;
+		rq->items[i].index = dmc_read_u64(&r);
+		rq->items[i].state = GI_NEW;
+	}
+	for (tail = &sc->reqs; *tail; tail = &(*tail)->next)
+		;
+	*tail = rq;
+	s->gets++;
+	/* the reply may go out inside this loop (every item failed at once): pinned */
+	rq->pins++;
+	for (uint32_t i = 0; i < n && !rq->replied; i++)
+		if (rq->items[i].state == GI_NEW)
+			item_step(&rq->items[i]);
+	req_unpin(rq);
+}
+
+static void on_release(struct serve *s, struct conn *c, const struct dmc_header *h,
+		       const uint8_t *payload)
+{
+	struct sconn *sc = sconn_of(s, c, false);
+	struct dmc_reader r;
+	uint8_t frame[64];
+	uint32_t n, released = 0;
+	struct dmc_writer w;
+	int len;
+
+	dmc_reader_init(&r, payload, h->length);
+	n = dmc_read_u32(&r);
+	if (r.err || (uint64_t)n * 8 != r.len - r.pos || !sc || !sc->has_arena) {
+		conn_send_error(c, h->request_id, r.err ? DMC_E_PROTOCOL : DMC_E_INVALID_ARGUMENT,
+				NULL, "malformed RELEASE, or nothing to release");
+		return;
+	}
+	for (uint32_t i = 0; i < n; i++)
+		if (arena_free(&sc->arena, dmc_read_u64(&r)) == 0)
+			released++;
+	dmc_frame_begin(&w, frame, sizeof(frame));
+	dmc_write_u32(&w, released);
+	len = dmc_frame_end(&w, DMC_OP_RELEASE, DMC_FLAG_REPLY, h->request_id, 0);
+	if (len > 0)
+		conn_send(c, frame, (size_t)len);
+	retry_space(sc);
+}
+
+static void on_close(struct serve *s, struct conn *c, const struct dmc_header *h,
+		     const uint8_t *payload)
+{
+	struct sconn *sc = sconn_of(s, c, false);
+	struct dmc_reader r;
+	struct handle **pp;
+	uint64_t id;
+	uint8_t frame[32];
+	struct dmc_writer w;
+	int len;
+
+	dmc_reader_init(&r, payload, h->length);
+	id = dmc_read_u64(&r);
+	if (dmc_reader_finish(&r)) {
+		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed CLOSE");
+		return;
+	}
+	for (pp = sc ? &sc->handles : NULL; pp && *pp && (*pp)->id != id; pp = &(*pp)->next)
+		;
+	if (!pp || !*pp) {
+		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+				"no open dataset with handle %" PRIu64, id);
+		return;
+	}
+	{
+		struct handle *hd = *pp;
+		*pp = hd->next;
+		free(hd);
+	}
+	dmc_frame_begin(&w, frame, sizeof(frame));
+	len = dmc_frame_end(&w, DMC_OP_CLOSE, DMC_FLAG_REPLY, h->request_id, 0);
+	if (len > 0)
+		conn_send(c, frame, (size_t)len);
+}
+
+/* ---- items arriving from prefetch jobs ---- */
+
+static struct greq *first_with_new(struct sconn *sc)
+{
+	for (struct greq *rq = sc->reqs; rq; rq = rq->next)
+		for (uint32_t i = 0; i < rq->n; i++)
+			if (rq->items[i].state == GI_NEW)
+				return rq;
+	return NULL;
+}
+
+static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
+{
+	struct serve *s = ctx;
+
+	(void)err;
+	for (struct sconn *sc = s->conns, *nsc; sc; sc = nsc) {
+		struct greq *rq;
+
+		/* first mark what this news concerns, then step it: stepping changes the list */
+		for (rq = sc->reqs; rq; rq = rq->next) {
+			if (rq->h.snapshot_id != snapshot_id)
+				continue;
+			for (uint32_t i = 0; i < rq->n; i++) {
+				struct gitem *gi = &rq->items[i];
+				if (gi->state == GI_WAIT_ITEM && (idx < 0 || (int64_t)gi->index == idx))
+					gi->state = GI_NEW;
+			}
+		}
+		sc->busy++; /* the connection state stays while its requests are stepped */
+		while ((rq = first_with_new(sc))) {
+			rq->pins++;
+			for (uint32_t i = 0; i < rq->n && !rq->replied; i++)
+				if (rq->items[i].state == GI_NEW)
+					item_step(&rq->items[i]);
+			req_unpin(rq);
+		}
+		nsc = sc->next;
+		sc->busy--;
+		sconn_maybe_free(sc);
+	}
+}
+
+/* ---- lifetime ---- */
+
+static void sconn_maybe_free(struct sconn *sc)
+{
+	struct serve *s = sc->s;
+
+	if (sc->c || sc->busy || sc->reqs || sc->opens)
+		return;
+	if (sc->prev)
+		sc->prev->next = sc->next;
+	else
+		s->conns = sc->next;
+	if (sc->next)
+		sc->next->prev = sc->prev;
+	while (sc->handles) {
+		struct handle *h = sc->handles;
+		sc->handles = h->next;
+		free(h);
+	}
+	arena_done(&sc->arena);
+	free(sc);
+	if (s->closing && !s->conns && !s->stores)
+		free(s);
+}
+
+void serve_conn_closed(struct serve *s, struct conn *c)
+{
+	struct sconn *sc = c->app_data;
+
+	(void)s;
+	if (!sc)
+		return;
+	c->app_data = NULL;
+	sc->c = NULL;
+	/* requests waiting on something that will not come end now; work in flight ends on
+	 * its own and frees what it holds */
+	for (struct greq *rq = sc->reqs, *next; rq; rq = next) {
+		next = rq->next;
+		for (uint32_t i = 0; i < rq->n; i++) {
+			struct gitem *gi = &rq->items[i];
+			if (gi->state == GI_WAIT_ITEM || gi->state == GI_WAIT_SPACE ||
+			    gi->state == GI_NEW)
+				gi->state = GI_DONE;
+		}
+	}
+	sc->busy++;
+	for (struct greq *rq = sc->reqs, *next; rq; rq = next) {
+		next = rq->next;
+		req_maybe_reply(rq); /* no reply goes out: the connection is gone */
+	}
+	sc->busy--;
+	for (struct pending_open *po = sc->opens, *n; po; po = n) {
+		n = po->next;
+		prefetch_detach(s->d.prefetch, po);
+		sc->busy--;
+		free(po);
+	}
+	sc->opens = NULL;
+	sconn_maybe_free(sc);
+}
+
+int serve_new(const struct serve_deps *deps, struct serve **ret)
+{
+	struct serve *s = calloc(1, sizeof(*s));
+
+	if (!s)
+		return -ENOMEM;
+	s->d = *deps;
+	prefetch_set_item_hook(deps->prefetch, on_item, s);
+	*ret = s;
+	return 0;
+}
+
+void serve_free(struct serve *s)
+{
+	if (!s)
+		return;
+	prefetch_set_item_hook(s->d.prefetch, NULL, NULL);
+	s->closing = true;
+	/* connection states and stores go as their work ends; the last one frees the engine */
+	if (!s->conns && !s->stores)
+		free(s);
+}
+
+bool serve_dispatch(struct serve *s, struct conn *c, const struct dmc_header *h,
+		    const uint8_t *payload)
+{
+	switch (h->opcode) {
+	case DMC_OP_OPEN:
+		on_open(s, c, h, payload);
+		return true;
+	case DMC_OP_GET:
+		on_get(s, c, h, payload);
+		return true;
+	case DMC_OP_RELEASE:
+		on_release(s, c, h, payload);
+		return true;
+	case DMC_OP_CLOSE:
+		on_close(s, c, h, payload);
+		return true;
+	}
+	return false;
+}
+
+#define ENTRY(name, v) ((struct dmc_status_entry){ { name, sizeof(name) - 1 }, (int64_t)(v) })
+
+uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
+{
+	uint64_t arenas = 0, arena_used = 0;
+	struct decode_pool_stats ps = { 0 };
+
+	for (struct sconn *sc = s->conns; sc; sc = sc->next) {
+		arenas += sc->arena.size;
+		arena_used += sc->arena.used;
+	}
+	if (s->d.pool)
+		decode_pool_stats(s->d.pool, &ps);
+	struct dmc_status_entry all[] = {
+		ENTRY("serve_get_requests_total", s->gets),
+		ENTRY("serve_items_total", s->items_served),
+		ENTRY("serve_items_failed_total", s->items_failed),
+		ENTRY("serve_bytes_total", s->bytes_served),
+		ENTRY("serve_items_decoded_total", s->items_decoded),
+		ENTRY("serve_items_from_tensor_cache_total", s->items_from_tensor_cache),
+		ENTRY("serve_tensors_stored_total", s->tensors_stored),
+		ENTRY("serve_waits_for_space_total", s->waits_for_space),
+		ENTRY("serve_arena_bytes", arenas),
+		ENTRY("serve_arena_used_bytes", arena_used),
+		ENTRY("decode_workers", ps.workers),
+		ENTRY("decode_busy", ps.busy),
+		ENTRY("decode_done_total", ps.done),
+		ENTRY("decode_failed_total", ps.failed),
+		ENTRY("decode_crashes_total", ps.crashes),
+		ENTRY("decode_timeouts_total", ps.timeouts),
+	};
+	uint32_t n = sizeof(all) / sizeof(all[0]);
+
+	if (n > max)
+		n = max;
+	memcpy(e, all, n * sizeof(*e));
+	return n;
+}

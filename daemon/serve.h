@@ -1,0 +1,52 @@
+/*
+ * serve: tensors to clients through shared memory (OPEN, GET, RELEASE, CLOSE; proto.h).
+ *
+ * Each connection that opens a dataset gets one arena: a memfd the daemon maps once, seals
+ * (no shrinking, no growing, no writes through new mappings) and passes to the client once.
+ * A GET looks each item up in the index, reads its stored bytes on the threadpool, decodes
+ * them in the sandboxed worker pool (decode_pool.h) unless a decoded tensor is cached, and
+ * copies the tensor and its metadata into free arena space; the reply names offsets. RELEASE
+ * frees the space. When the arena is full, items wait for releases: a slow client gets
+ * backpressure, the daemon's memory stays bounded by the arenas. Items of a snapshot that a
+ * job is still downloading wait for it.
+ *
+ * Decoded tensors of expensive codecs (decode_codec_store_tensor) are kept in the store
+ * (kind TENSOR, with the metadata as a META blob) and read back instead of decoded again.
+ *
+ * Loop thread only.
+ */
+#ifndef DMC_SERVE_H
+#define DMC_SERVE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "proto.h"
+
+struct cache;
+struct conn;
+struct config;
+struct decode_pool;
+struct prefetch;
+struct serve;
+
+struct serve_deps {
+	uv_loop_t *loop;
+	struct cache *cache;
+	struct prefetch *prefetch;
+	struct decode_pool *pool;
+	const struct config *cfg;
+};
+
+int serve_new(const struct serve_deps *deps, struct serve **ret);
+void serve_free(struct serve *s);
+
+/* Handles OPEN, GET, RELEASE, CLOSE; false for other opcodes. */
+bool serve_dispatch(struct serve *s, struct conn *c, const struct dmc_header *h,
+		    const uint8_t *payload);
+/* The connection is closing: its arena and handles go (work in flight finishes first). */
+void serve_conn_closed(struct serve *s, struct conn *c);
+uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max);
+
+#endif

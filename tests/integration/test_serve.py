@@ -1,0 +1,269 @@
+"""Decoded items through the daemon: `dmcache get`, the shared-memory arena, its seals."""
+import errno
+import fcntl
+import json
+import mmap
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import wire
+from conftest import DMCACHE, Daemon
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
+import client as emulator  # noqa: E402
+
+KEY = emulator.KEY_ALL
+
+
+@pytest.fixture(scope='module')
+def emu():
+    e = emulator.Emulator()
+    e.start()
+    yield e
+    assert e.stop() == 0
+
+
+@pytest.fixture
+def daemon_env(emu, tmpdir_short):
+    emu.clear_faults()
+    d = Daemon(tmpdir_short)
+    d.env.update(DATAMINT_API_KEY=KEY, DATAMINT_API_URL=emu.url)
+    yield d
+    rc, _ = d.stop()
+    assert rc == 0, d.log()
+
+
+def resources(emu, project):
+    return emulator.request(emu.url, path='/projects/%s/resources' % emu.project(project)['id'],
+                            key=KEY).json()
+
+
+def get(d, project, index, out, *args):
+    r = subprocess.run([DMCACHE, '--socket', d.socket, 'get', project, str(index), '-o', out]
+                       + list(args), env=d.env, capture_output=True, text=True, timeout=120)
+    return r
+
+
+def snapshot_order(d, project):
+    """The resource ids of the snapshot in item order, as the daemon lists them."""
+    r = subprocess.run([DMCACHE, '--socket', d.socket, 'prefetch', '--json', project],
+                       env=d.env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def reference(path):
+    """(array (F, C, H, W), lossy) from an independent decoder: pydicom, Pillow, nibabel."""
+    name = path.lower()
+    if name.endswith('.dcm'):
+        import pydicom
+        ds = pydicom.dcmread(path)
+        a = ds.pixel_array
+        n = int(getattr(ds, 'NumberOfFrames', 1) or 1)
+        spp = int(ds.SamplesPerPixel)
+        if spp == 1:
+            a = a.reshape(n, 1, a.shape[-2], a.shape[-1])
+        else:
+            a = a.reshape(n, a.shape[-3], a.shape[-2], spp).transpose(0, 3, 1, 2)
+        return a, False
+    if name.endswith(('.png', '.jpg', '.jpeg')):
+        from PIL import Image
+        a = np.asarray(Image.open(path))
+        a = a[None, None] if a.ndim == 2 else a.transpose(2, 0, 1)[None]
+        return a, name.endswith(('.jpg', '.jpeg'))
+    import nibabel
+    img = nibabel.load(path)
+    a = np.asanyarray(img.dataobj.get_unscaled())  # stored values, as without --lut
+    return a.T.reshape(-1, 1, a.shape[1], a.shape[0]), False
+
+
+def test_get_matches_independent_decoders(daemon_env, emu, tmp_path):
+    d = daemon_env
+    snapshot_order(d, 'sample')
+    files = os.path.join(emu.corpus, 'projects', 'sample', 'files')
+    db_order = []
+    for i in range(19):
+        out = str(tmp_path / ('i%d.npy' % i))
+        r = get(d, 'sample', i, out)
+        assert r.returncode == 0, r.stderr
+        a = np.load(out)
+        meta = json.load(open(out[:-4] + '.json'))
+        fname = meta['resource']['filename']
+        db_order.append(fname)
+        ref, lossy = reference(os.path.join(files, fname))
+        assert a.ndim == 4
+        if fname.endswith(('.nii', '.nii.gz')):
+            # raw stored values without --lut; nibabel's dataobj is the same array
+            assert a.shape == ref.shape, fname
+            assert np.array_equal(a.astype(np.float64), ref.astype(np.float64)), fname
+            continue
+        assert a.shape == ref.shape, (fname, a.shape, ref.shape)
+        if lossy:
+            mse = np.mean((a.astype(np.float64) - ref.astype(np.float64)) ** 2)
+            psnr = 99 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+            assert psnr >= 50, (fname, psnr)
+        else:
+            if ref.dtype == np.int32 and a.dtype == np.uint16:
+                # Pillow 9 opens 16-bit grayscale PNG as 32-bit ("I"): same values
+                assert ref.min() >= 0 and ref.max() < 65536
+                ref = ref.astype(np.uint16)
+            assert a.dtype == ref.dtype, (fname, a.dtype, ref.dtype)
+            assert np.array_equal(a, ref), fname
+    assert sorted(db_order) == sorted(os.listdir(files))
+
+
+def test_lut_and_dtype(daemon_env, tmp_path):
+    d = daemon_env
+    snapshot_order(d, 'sample')
+    raw, lut = str(tmp_path / 'raw.npy'), str(tmp_path / 'lut.npy')
+    assert get(d, 'sample', 0, raw).returncode == 0
+    assert get(d, 'sample', 0, lut, '--lut').returncode == 0
+    meta = json.load(open(raw[:-4] + '.json'))
+    a, b = np.load(raw), np.load(lut)
+    assert b.dtype == np.float32 and a.dtype == np.int16
+    slope = float(meta['dicom'].get('00281053', {}).get('Value', [1])[0]) \
+        if isinstance(meta['dicom'], dict) else 1.0
+    inter = float(meta['dicom'].get('00281052', {}).get('Value', [0])[0]) \
+        if isinstance(meta['dicom'], dict) else 0.0
+    assert np.allclose(b, a.astype(np.float32) * slope + inter)
+    f64 = str(tmp_path / 'f64.npy')
+    assert get(d, 'sample', 0, f64, '--dtype', 'float64').returncode == 0
+    assert np.load(f64).dtype == np.float64
+
+
+def test_expensive_codecs_are_decoded_once(daemon_env, emu, tmp_path):
+    d = daemon_env
+    snapshot_order(d, 'ct')
+    outs = []
+    # the first items of the ct project, whatever their transfer syntax; some are lossless
+    # JPEG, JPEG-LS or JPEG 2000 and get their decoded tensors kept
+    for rnd in range(2):
+        for i in range(12):
+            out = str(tmp_path / ('%d_%d.npy' % (rnd, i)))
+            assert get(d, 'ct', i, out).returncode == 0
+            outs.append(out)
+    st = json.loads(d.cli('status', '--json').stdout)['counters']
+    assert st['serve_tensors_stored_total'] >= 1
+    assert st['serve_items_from_tensor_cache_total'] == st['serve_tensors_stored_total']
+    assert st['serve_items_decoded_total'] == 24 - st['serve_items_from_tensor_cache_total']
+    for i in range(12):
+        a, b = np.load(outs[i]), np.load(outs[12 + i])
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_unknown_or_foreign_dataset(daemon_env, emu, tmp_path):
+    d = daemon_env
+    r = get(d, 'no-such-project', 0, str(tmp_path / 'x.npy'))
+    assert r.returncode == 1 and 'not found' in r.stderr.lower(), r.stderr
+    env = dict(d.env, DATAMINT_API_KEY=emulator.KEY_SAMPLE)
+    r = subprocess.run([DMCACHE, '--socket', d.socket, 'get', 'ct', '0', '-o',
+                        str(tmp_path / 'y.npy')], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and 'not found' in r.stderr.lower(), r.stderr
+    snapshot_order(d, 'sample')
+    r = get(d, 'sample', 19, str(tmp_path / 'z.npy'))
+    assert r.returncode == 2 and 'out of range' in r.stderr
+
+
+def test_item_larger_than_the_arena(daemon_env, emu):
+    d = daemon_env
+    snapshot_order(d, 'sample')
+    sock = wire.session(d.socket)
+    # float64 makes a 512x512 slice 2 MiB: larger than a 1 MiB arena
+    sock.sendall(wire.open_msg('sample', server=emu.url, key=KEY, arena=1 << 20, dtype=10))
+    op, fl, rid, payload, fds = wire.recv_frame_fds(sock)
+    assert op == wire.OP_OPEN, wire.decode_error(payload)
+    o = wire.decode_open_reply(payload)
+    assert o['arena_bytes'] == 1 << 20 and len(fds) == 1
+    big = None
+    for i in range(o['items']):
+        sock.sendall(wire.get_msg(o['handle'], [i], rid=100 + i))
+        op, fl, rid, payload, _ = wire.recv_frame_fds(sock)
+        item = wire.decode_get_reply(payload)[0]
+        if item['status'] == wire.E['limit_exceeded']:
+            big = item
+            break
+        assert item['status'] == 0, item
+        rel = struct_release([item['offset'], item['meta_offset']])
+        sock.sendall(rel)
+        wire.recv_frame_fds(sock)
+    assert big and 'larger than the shared memory' in big['message']
+    os.close(fds[0])
+
+
+def struct_release(offsets, rid=900):
+    import struct
+    return wire.frame(wire.OP_RELEASE, struct.pack('<I', len(offsets))
+                      + b''.join(struct.pack('<Q', o) for o in offsets), rid=rid)
+
+
+def test_arena_is_sealed_and_read_only(daemon_env, emu):
+    """reliability.md S4: the client can neither write nor resize the tensors' memory."""
+    d = daemon_env
+    snapshot_order(d, 'sample')
+    sock = wire.session(d.socket)
+    sock.sendall(wire.open_msg('sample', server=emu.url, key=KEY))
+    op, fl, rid, payload, fds = wire.recv_frame_fds(sock)
+    assert op == wire.OP_OPEN and len(fds) == 1
+    fd = fds[0]
+    o = wire.decode_open_reply(payload)
+    F_GET_SEALS = 1034
+    seals = fcntl.fcntl(fd, F_GET_SEALS)
+    F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_FUTURE_WRITE = 1, 2, 4, 16
+    assert seals & (F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE) == \
+        F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE
+    with pytest.raises(OSError) as e:
+        os.ftruncate(fd, 4096)
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(OSError) as e:
+        os.pwrite(fd, b'x', 0)
+    assert e.value.errno == errno.EPERM
+    with pytest.raises(PermissionError):
+        mmap.mmap(fd, o['arena_bytes'], mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    # reading works, and what is read is the item
+    sock.sendall(wire.get_msg(o['handle'], [0]))
+    op, fl, rid, payload, _ = wire.recv_frame_fds(sock)
+    item = wire.decode_get_reply(payload)[0]
+    assert item['status'] == 0 and item['shape'] == [1, 1, 512, 512] and item['dtype'] == 4
+    m = mmap.mmap(fd, o['arena_bytes'], mmap.MAP_SHARED, mmap.PROT_READ)
+    meta = json.loads(m[item['meta_offset']:item['meta_offset'] + item['meta_len']])
+    assert meta['resource']['filename'].endswith('.dcm')
+    # the descriptor is a memfd, not a file of the cache
+    st = os.fstat(fd)
+    cache_devs = {os.stat(os.path.join(dp, f)).st_ino
+                  for dp, _, fs in os.walk(d.cache) for f in fs}
+    assert st.st_ino not in cache_devs
+    assert os.readlink('/proc/self/fd/%d' % fd).startswith('/memfd:')
+    m.close()
+    os.close(fd)
+
+
+def test_get_waits_for_items_still_downloading(daemon_env, emu, tmp_path):
+    """Training can start before the cache is warm: a GET waits for the running job."""
+    d = daemon_env
+    emu.add_fault(path='/resources/.*/file$', latency_ms=200)
+    out = str(tmp_path / 'late.npy')
+    r = get(d, 'sample', 18, out)  # no prefetch first
+    assert r.returncode == 0, r.stderr
+    assert np.load(out).ndim == 4
+    emu.clear_faults()
+
+
+def test_local_folder_get(daemon_env, tmp_path, emu):
+    d = daemon_env
+    root = tmp_path / 'ds'
+    (root / 'images').mkdir(parents=True)
+    src = os.path.join(emu.corpus, 'projects', 'sample', 'files', 'xray_gray16.png')
+    (root / 'images' / 'a.png').write_bytes(open(src, 'rb').read())
+    (root / 'dataset.json').write_text(json.dumps(
+        {'resources': [{'id': 'a', 'file': 'images/a.png'}]}))
+    out = str(tmp_path / 'a.npy')
+    r = subprocess.run([DMCACHE, '--socket', d.socket, 'get', '--source', str(root), '0',
+                        '-o', out], env=d.env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    ref, _ = reference(src)
+    a = np.load(out)
+    assert a.dtype == np.uint16 and np.array_equal(a, ref)
