@@ -52,6 +52,7 @@ struct fetch_xfer {
 	const char *api_key;
 	const struct fetch_ops *ops;
 	void *data;
+	uint64_t group; /* transfers of one group share the places fairly with others */
 	struct curl_slist *headers;
 	uv_timer_t timer; /* retry waits and deferred completion */
 	enum xfer_state state;
@@ -502,13 +503,65 @@ static void queue_remove(struct fetch *f, struct fetch_xfer *x)
 	x->qnext = x->qprev = NULL;
 }
 
+/* Transfers of `group` in the multi handle now. */
+static uint32_t group_running(const struct fetch *f, uint64_t group)
+{
+	uint32_t n = 0;
+
+	for (const struct fetch_xfer *x = f->all; x; x = x->anext)
+		if (x->state == XS_RUNNING && x->group == group)
+			n++;
+	return n;
+}
+
+/*
+ * The next transfer to start: the oldest of the group with the fewest running transfers,
+ * so that a job queued behind a large one starts at once (reliability.md N7) and groups
+ * share the places evenly. Within a group, first come first served.
+ */
+static struct fetch_xfer *next_queued(struct fetch *f)
+{
+	struct fetch_xfer *best = NULL, *x;
+	uint32_t best_running = UINT32_MAX;
+
+	/* the usual case, one group waiting: first come first served, no counting */
+	for (x = f->queue_head; x && x->group == f->queue_head->group; x = x->qnext)
+		;
+	if (!x)
+		return f->queue_head;
+	for (x = f->queue_head; x; x = x->qnext) {
+		bool seen = false;
+		uint32_t r;
+		for (struct fetch_xfer *y = f->queue_head; y != x; y = y->qnext)
+			if (y->group == x->group) {
+				seen = true; /* an older one of this group was considered */
+				break;
+			}
+		if (seen)
+			continue;
+		r = group_running(f, x->group);
+		if (r < best_running) {
+			best = x;
+			best_running = r;
+			if (r == 0)
+				break;
+		}
+	}
+	return best;
+}
+
 static void pump(struct fetch *f)
 {
 	while (!f->closing && f->queue_head && f->running < f->opts.max_parallel) {
-		struct fetch_xfer *x = f->queue_head;
+		struct fetch_xfer *x = next_queued(f);
 		queue_remove(f, x);
 		attempt_start(x);
 	}
+}
+
+void fetch_xfer_set_group(struct fetch_xfer *x, uint64_t group)
+{
+	x->group = group;
 }
 
 int fetch_xfer_if_none_match(struct fetch_xfer *x, const char *etag)

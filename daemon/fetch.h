@@ -107,6 +107,11 @@ struct fetch_xfer *fetch_xfer_new(struct fetch *f, const char *url, const char *
  * before fetch_xfer_start().
  */
 int fetch_xfer_if_none_match(struct fetch_xfer *x, const char *etag);
+/*
+ * Puts the transfer in a group (a prefetch job, say): when places are scarce, the group
+ * with the fewest running transfers goes first, oldest first within a group. Default 0.
+ */
+void fetch_xfer_set_group(struct fetch_xfer *x, uint64_t group);
 /* Queues the transfer; it starts when a place is free. */
 int fetch_xfer_start(struct fetch_xfer *x);
 /* Continues a transfer whose on_data returned FETCH_PAUSE. */

@@ -1059,6 +1059,7 @@ static void start_transfer(struct task *t, const char *url, const char *if_none_
 	}
 	if (if_none_match)
 		fetch_xfer_if_none_match(t->x, if_none_match);
+	fetch_xfer_set_group(t->x, j->id);
 	rc = fetch_xfer_start(t->x);
 	if (rc < 0) {
 		fetch_xfer_free(t->x);
