@@ -446,11 +446,75 @@ TEST(list_round_trip)
 	ASSERT_EQ(dmc_reader_finish(&r), DMC_PROTO_OK);
 }
 
+TEST(serving_round_trip)
+{
+	struct dmc_open in = { DMC_SOURCE_DATAMINT, DMC_OPEN_LUT, DMC_DTYPE_F32, S("ct"), S(""),
+			       S("http://x"), S("k"), 1u << 28 },
+			out;
+	struct dmc_open_reply rin = { 3, 4, 72, S("pid"), S("ct"), S("v1"), 1u << 28 }, rout;
+	struct dmc_item_desc din = { 9, 0, DMC_DTYPE_I16, 4, { 1, 1, 512, 512 }, 4096, 524288,
+				     528384, 100, S("") },
+			     dout;
+	uint64_t idx[3] = { 5, 1, 9 }, h;
+	struct dmc_header hd;
+	struct dmc_reader r;
+	struct dmc_writer w;
+	uint32_t n;
+	int len;
+
+	len = dmc_open_encode(&in, 1, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)len, DMC_OP_OPEN, 0, 1, &hd));
+	ASSERT_EQ(dmc_open_decode(frame + DMC_HEADER_SIZE, hd.length, &out), DMC_PROTO_OK);
+	ASSERT_EQ(out.flags, DMC_OPEN_LUT);
+	ASSERT_EQ(out.dtype, DMC_DTYPE_F32);
+	ASSERT_UINT_EQ(out.arena_bytes, 1u << 28);
+	ASSERT_DSTR(out.api_key, "k");
+	for (uint32_t l = 0; l < hd.length; l++)
+		ASSERT_EQ(dmc_open_decode(frame + DMC_HEADER_SIZE, l, &out), DMC_PROTO_ERROR);
+	in.dtype = DMC_DTYPE_LAST_ + 1;
+	len = dmc_open_encode(&in, 1, frame, sizeof(frame));
+	ASSERT_EQ(dmc_open_decode(frame + DMC_HEADER_SIZE, (size_t)len - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_ERROR);
+
+	len = dmc_open_reply_encode(&rin, 1, 1, frame, sizeof(frame));
+	ASSERT_EQ(dmc_header_decode(frame, (size_t)len, &hd), DMC_PROTO_OK);
+	ASSERT_EQ(hd.nfds, 1);
+	ASSERT_EQ(dmc_open_reply_decode(frame + DMC_HEADER_SIZE, hd.length, &rout), DMC_PROTO_OK);
+	ASSERT_UINT_EQ(rout.items, 72);
+	ASSERT_DSTR(rout.version, "v1");
+
+	len = dmc_get_encode(7, idx, 3, 2, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)len, DMC_OP_GET, 0, 2, &hd));
+	ASSERT_EQ(dmc_get_begin(&r, frame + DMC_HEADER_SIZE, hd.length, &h, &n), DMC_PROTO_OK);
+	ASSERT_UINT_EQ(h, 7);
+	ASSERT_EQ(n, 3);
+	ASSERT_UINT_EQ(dmc_read_u64(&r), 5);
+	ASSERT_EQ(dmc_get_begin(&r, frame + DMC_HEADER_SIZE, hd.length - 1, &h, &n),
+		  DMC_PROTO_ERROR);
+	ASSERT_EQ(dmc_get_encode(7, idx, 0, 2, frame, sizeof(frame)), DMC_PROTO_NOSPACE);
+
+	dmc_frame_begin(&w, frame, sizeof(frame));
+	dmc_write_u32(&w, 1);
+	dmc_item_desc_write(&w, &din);
+	len = dmc_frame_end(&w, DMC_OP_GET, DMC_FLAG_REPLY, 2, 0);
+	ASSERT_GT(len, 0);
+	dmc_reader_init(&r, frame + DMC_HEADER_SIZE, (size_t)len - DMC_HEADER_SIZE);
+	ASSERT_EQ(dmc_read_u32(&r), 1);
+	dmc_item_desc_read(&r, &dout);
+	ASSERT_EQ(dmc_reader_finish(&r), DMC_PROTO_OK);
+	ASSERT_UINT_EQ(dout.shape[3], 512);
+	ASSERT_UINT_EQ(dout.meta_offset, 528384);
+	ASSERT_EQ(dmc_dtype_size(DMC_DTYPE_F64), 8);
+	ASSERT_STR_EQ(dmc_dtype_name(DMC_DTYPE_I16), "int16");
+	ASSERT_EQ(dmc_dtype_size(0), 0);
+	ASSERT_NULL(dmc_dtype_name(DMC_DTYPE_LAST_ + 1));
+}
+
 int main(int argc, char **argv)
 {
 	RUN_TESTS(T(header_round_trip), T(header_rejects_bad_fields), T(hello_round_trip),
 		  T(ping_round_trip), T(status_round_trip), T(error_round_trip),
 		  T(every_truncation_needs_more), T(trailing_bytes_and_bad_strings),
 		  T(prefetch_round_trip), T(progress_round_trip), T(cache_requests_round_trip),
-		  T(list_round_trip));
+		  T(list_round_trip), T(serving_round_trip));
 }
