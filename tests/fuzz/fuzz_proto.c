@@ -83,6 +83,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 				touch(a);
 			(void)dmc_evict_reply_decode(p, h.length, &er);
 			(void)dmc_verify_reply_decode(p, h.length, &vr);
+			{
+				struct dmc_open om;
+				struct dmc_open_reply orp;
+				struct dmc_item_desc d;
+				uint64_t hnd;
+				if (dmc_open_decode(p, h.length, &om) == DMC_PROTO_OK)
+					touch(om.project);
+				if (dmc_open_reply_decode(p, h.length, &orp) == DMC_PROTO_OK)
+					touch(orp.version);
+				if (dmc_get_begin(&r, p, h.length, &hnd, &u) == DMC_PROTO_OK)
+					for (uint32_t i = 0; i < u; i++)
+						sink += (unsigned)dmc_read_u64(&r);
+				dmc_reader_init(&r, p, h.length);
+				u = dmc_read_u32(&r);
+				for (uint32_t i = 0; i < u && i < DMC_GET_MAX && !r.err; i++) {
+					dmc_item_desc_read(&r, &d);
+					if (!r.err)
+						touch(d.message);
+				}
+			}
 			dmc_reader_init(&r, p, h.length);
 			u = dmc_read_u32(&r);
 			for (uint32_t i = 0; i < u && i < DMC_LIST_MAX && !r.err; i++) {
