@@ -1094,7 +1094,6 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
 {
 	struct serve *s = ctx;
 
-	(void)err;
 	for (struct sconn *sc = s->conns, *nsc; sc; sc = nsc) {
 		struct greq *rq;
 
@@ -1104,9 +1103,28 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
 				continue;
 			for (uint32_t i = 0; i < rq->n; i++) {
 				struct gitem *gi = &rq->items[i];
-				if (gi->state == GI_WAIT_ITEM && (idx < 0 || (int64_t)gi->index == idx))
-					gi->state = GI_NEW;
+				if (gi->state != GI_WAIT_ITEM || (idx >= 0 && (int64_t)gi->index != idx))
+					continue;
+				if (idx >= 0 && err) {
+					/* its download failed for good: say so now */
+					gi->status = code_of(err);
+					snprintf(gi->msg, sizeof(gi->msg),
+						 "the download of this item failed: %s",
+						 err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
+								      : strerror(-err));
+					gi->state = GI_DONE;
+					s->items_failed++;
+					rq->pins++;
+					req_maybe_reply(rq);
+					/* rq may have left the list: look again from the start */
+					req_unpin(rq);
+					rq = NULL;
+					break;
+				}
+				gi->state = GI_NEW;
 			}
+			if (!rq)
+				break;
 		}
 		sc->busy++; /* the connection state stays while its requests are stepped */
 		while ((rq = first_with_new(sc))) {

@@ -267,3 +267,21 @@ def test_local_folder_get(daemon_env, tmp_path, emu):
     ref, _ = reference(src)
     a = np.load(out)
     assert a.dtype == np.uint16 and np.array_equal(a, ref)
+
+
+def test_item_whose_download_fails_fails_at_once(daemon_env, emu, tmp_path):
+    d = daemon_env
+    import json as _json
+    q = '/resources?status=&project=%s&order_field=created_at&order_by_asc=true&offset=0&limit=100' \
+        % __import__('urllib.parse').parse.quote(_json.dumps(
+            {'items': ['sample'], 'filterType': 'intersection'}))
+    listed = emulator.request(emu.url, path=q, key=KEY).json()['data'][0]['resources']
+    victim = listed[4]['id']
+    emu.add_fault(path='^/resources/%s/file$' % victim, status=404)
+    # the others are slow, so the job is still running when item 4 fails
+    emu.add_fault(path='/resources/.*/file$', latency_ms=300)
+    r = get(d, 'sample', 4, str(tmp_path / 'v.npy'))
+    assert r.returncode == 1
+    assert 'download of this item failed' in r.stderr and 'not_found_or_denied' in r.stderr, \
+        r.stderr
+    emu.clear_faults()
