@@ -14,7 +14,7 @@ pkgs=(
 	sqlite3 curl systemd strace util-linux e2fsprogs zstd libjpeg-turbo-progs
 	# Python: the package, the emulator, tests and reference decoders
 	python3 python3-numpy python3-pytest python3-pydicom python3-pil python3-nibabel
-	python3-gdcm python3-torch python3-yaml python3-trustme
+	python3-gdcm python3-torch python3-torchvision python3-yaml python3-trustme
 )
 
 missing=()
