@@ -556,6 +556,24 @@ static int list_next(struct job *j)
 	return rc;
 }
 
+/*
+ * The start of every callback of an upstream request or scan: false when the job has ended
+ * meanwhile, or fails now with `e`; the callback then only frees what it was given.
+ */
+static bool job_resume(struct job *j, const struct dm_error *e)
+{
+	j->pending--;
+	if (j->final) {
+		job_maybe_free(j);
+		return false;
+	}
+	if (e && e->err) {
+		fail_job(j, e);
+		return false;
+	}
+	return true;
+}
+
 static void on_page(void *ctx, const struct dm_error *e, struct dm_page *page)
 {
 	struct job *j = ctx;
@@ -563,14 +581,8 @@ static void on_page(void *ctx, const struct dm_error *e, struct dm_page *page)
 	struct dm_error e2 = { 0 };
 	int rc = 0;
 
-	j->pending--;
-	if (j->final) {
+	if (!job_resume(j, e)) {
 		dm_page_free(page);
-		job_maybe_free(j);
-		return;
-	}
-	if (e->err) {
-		fail_job(j, e);
 		return;
 	}
 	for (uint32_t i = 0; i < page->n && rc == 0; i++) {
@@ -632,14 +644,8 @@ static void on_annotations(void *ctx, const struct dm_error *e, struct dm_annota
 	struct dm_error e2 = { 0 };
 	int rc;
 
-	j->pending--;
-	if (j->final) {
+	if (!job_resume(j, e)) {
 		dm_annotations_free(a);
-		job_maybe_free(j);
-		return;
-	}
-	if (e->err) {
-		fail_job(j, e);
 		return;
 	}
 	j->ann = a;
@@ -674,14 +680,8 @@ static void on_resolved(void *ctx, const struct dm_error *e, struct dm_project *
 	bool created;
 	int rc;
 
-	j->pending--;
-	if (j->final) {
+	if (!job_resume(j, e)) {
 		dm_project_free(proj);
-		job_maybe_free(j);
-		return;
-	}
-	if (e->err) {
-		fail_job(j, e);
 		return;
 	}
 	j->proj = proj;
