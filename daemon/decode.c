@@ -232,6 +232,7 @@ void decode_ctx_free(struct decode_ctx *ctx)
 	buf_free(&ctx->work);
 	buf_free(&ctx->work2);
 	buf_free(&ctx->conv);
+	buf_free(&ctx->infl);
 	if (ctx->tj && ctx->free_tj)
 		ctx->free_tj(ctx->tj);
 	if (ctx->inflater && ctx->free_inflater)
@@ -250,6 +251,8 @@ void decode_ctx_trim(struct decode_ctx *ctx, size_t keep)
 		buf_free(&ctx->work2);
 	if (ctx->conv.cap > keep)
 		buf_free(&ctx->conv);
+	if (ctx->infl.cap > keep)
+		buf_free(&ctx->infl);
 }
 
 const struct decode_limits *decode_ctx_limits(const struct decode_ctx *ctx)
@@ -588,9 +591,9 @@ static void convert_int(const uint8_t *s, enum decode_dtype st, size_t n, uint8_
 }
 
 /*
- * Converts n elements. With scaling: v * slope + intercept, each step skipped when it is the
- * identity (as nibabel does); in float32 arithmetic for float32 sources (numpy keeps float32
- * when a float32 array meets a float64 scalar), in double otherwise.
+ * Converts n elements. With scaling: v * slope + intercept in double, each step skipped when
+ * it is the identity, as nibabel's apply_read_scaling and pydicom's apply_modality_lut do
+ * (both compute in float64, also for float32 data).
  */
 static void convert(const uint8_t *s, enum decode_dtype st, size_t n, uint8_t *d,
 		    enum decode_dtype dt, bool scale, double slope, double inter)
@@ -601,28 +604,15 @@ static void convert(const uint8_t *s, enum decode_dtype st, size_t n, uint8_t *d
 	}
 	double buf[CHUNK];
 	size_t ss = decode_dtype_size(st), ds = decode_dtype_size(dt);
-	bool f32 = st == DECODE_DTYPE_F32;
-	float fslope = (float)slope, finter = (float)inter;
 	for (size_t off = 0; off < n; off += CHUNK) {
 		size_t k = n - off < CHUNK ? n - off : CHUNK;
 		load_f64(s + off * ss, st, k, buf);
-		if (scale && f32) {
-			for (size_t i = 0; i < k; i++) {
-				float v = (float)buf[i];
-				if (fslope != 1.0f)
-					v = v * fslope;
-				if (finter != 0.0f)
-					v = v + finter;
-				buf[i] = v;
-			}
-		} else if (scale) {
-			if (slope != 1.0)
-				for (size_t i = 0; i < k; i++)
-					buf[i] = buf[i] * slope;
-			if (inter != 0.0)
-				for (size_t i = 0; i < k; i++)
-					buf[i] = buf[i] + inter;
-		}
+		if (scale && slope != 1.0)
+			for (size_t i = 0; i < k; i++)
+				buf[i] = buf[i] * slope;
+		if (scale && inter != 0.0)
+			for (size_t i = 0; i < k; i++)
+				buf[i] = buf[i] + inter;
 		store_f64(buf, k, d + off * ds, dt);
 	}
 }

@@ -46,18 +46,25 @@
  *   the same (F, 1, H, W) grid as the image they annotate (no resampling here).
  *
  * Known differences from the reference decoders (tests/decode/README.md has the details)
- *   - PNG 16-bit RGB(A)/GA: we keep 16 bits; Pillow reduces them to 8 (our value >> 8 equals
- *     Pillow's). 16-bit gray: Pillow returns int32 ("I" mode), we return uint16, same values.
- *     1-bit gray: Pillow returns bool, we return uint8 0/1. 2/4-bit gray are scaled to 8 bits
- *     (x*85, x*17) exactly as Pillow does; palette indices are never scaled.
+ *   - PNG 16-bit color: we keep 16 bits; Pillow keeps the high byte (ours >> 8 equals it),
+ *     and opens 16-bit gray+alpha as 8-bit RGBA. 16-bit gray: Pillow returns int32 ("I"),
+ *     we return uint16, same values. 1-bit gray: Pillow returns bool, we return uint8 0/1.
+ *     2/4-bit gray are scaled to 8 bits (x*85, x*17) as Pillow does; palette indices are
+ *     never scaled or expanded.
  *   - DICOM YBR_FULL(_422) in JPEG baseline: libjpeg's fixed-point YCbCr->RGB instead of
  *     pydicom's float matrix: lossy data anyway, PSNR > 50 dB against pydicom.
  *   - DICOM .4.51 with 12-bit precision is decoded by GDCM (TurboJPEG 2.1 has no 12-bit API).
- *   - NIfTI with DECODE_F_LUT: computed in double, then converted to the output dtype
- *     (float32 unless opts.dtype says otherwise); with dtype float64 it is bit-exact with
- *     nibabel's get_fdata().
+ *   - DICOM RLE is decoded here (GDCM 3.0.21 scrambles 16- and 32-bit multi-sample RLE).
+ *   - DICOM whose pixel fragments embed a sequence delimiter: GDCM's parser stops there,
+ *     pydicom's does not; we fail with DMC_E_DECODE_FAILED.
+ *   - DICOM Modality LUT Sequence (instead of Rescale Slope/Intercept) is not applied: with
+ *     DECODE_F_LUT such a file fails with DMC_E_DECODE_FAILED rather than give raw values.
+ *   - Scaling (DECODE_F_LUT) computes v * slope + intercept in double, as pydicom's
+ *     apply_modality_lut and nibabel's get_fdata() do; float64 output is bit-exact with
+ *     them, float32 output is their result rounded to float32.
  *   - Conversions to an integer dtype round to nearest and saturate; NaN becomes 0 (numpy's
  *     astype truncates and wraps).
+ *   - NIfTI with a finite slope and a non-finite intercept: nibabel raises, we use 0.
  *
  * Caching policy (DESIGN.md section 4): keep the decoded tensor in the store (zstd level 1)
  * when decoding costs more than decompressing the tensor with zstd-1.

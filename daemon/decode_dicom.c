@@ -50,11 +50,271 @@ static bool is_ybr_full(const char *pi)
 	return strcmp(pi, "YBR_FULL") == 0 || strcmp(pi, "YBR_FULL_422") == 0;
 }
 
+/*
+ * The framing of the whole file, checked before GDCM sees it: every element, item and
+ * fragment must fit in the bytes that are there. GDCM 3.0.21 (as Debian builds it) asserts,
+ * i.e. aborts the process, on many truncated files, and allocates whatever length an element
+ * declares: a 300-byte file could make it zero-fill 4 GiB. This walk reads only tags and
+ * lengths; values are left to GDCM. Deflated data sets are inflated by GDCM itself and are
+ * not walked.
+ */
+struct dwalk {
+	const uint8_t *p;
+	size_t len;
+	bool big;
+	char ts[68];
+};
+
+#define DWALK_MAX_DEPTH 32
+
+static bool dw_long_vr(const uint8_t *vr)
+{
+	static const char *const v[] = { "OB", "OW", "OF", "SQ", "UT", "UN", "UC",
+					 "UR", "OD", "OL", "OV", "SV", "UV" };
+	for (size_t i = 0; i < sizeof(v) / sizeof(v[0]); i++)
+		if (memcmp(vr, v[i], 2) == 0)
+			return true;
+	return false;
+}
+
+static uint16_t dw16(const struct dwalk *w, size_t off)
+{
+	return w->big ? rd_be16(w->p + off) : rd_le16(w->p + off);
+}
+
+static uint32_t dw32(const struct dwalk *w, size_t off)
+{
+	return w->big ? rd_be32(w->p + off) : rd_le32(w->p + off);
+}
+
+/*
+ * Walks elements from *off up to `end`, or up to the delimiter item `stop` (0xE00D: item
+ * end, 0xE0DD: sequence end) when end is SIZE_MAX. Returns 0 with *off after the walked
+ * part, or -DMC_E_DECODE_FAILED.
+ */
+static int dw_items(struct dwalk *w, size_t *off, size_t end, bool explicit_vr, int depth,
+		    bool fragments);
+
+static int dw_elements(struct dwalk *w, size_t *off, size_t end, bool explicit_vr, int depth,
+		       uint16_t stop, bool meta_only)
+{
+	size_t lim = end == SIZE_MAX ? w->len : end;
+	if (depth > DWALK_MAX_DEPTH)
+		return -DMC_E_DECODE_FAILED;
+	while (*off < lim) {
+		size_t o = *off;
+		if (o + 8 > lim) {
+			/* Trailing zero padding is harmless; anything else is a cut element. */
+			for (size_t i = o; i < lim; i++)
+				if (w->p[i])
+					return -DMC_E_DECODE_FAILED;
+			*off = lim;
+			return end == SIZE_MAX && stop ? -DMC_E_DECODE_FAILED : 0;
+		}
+		bool meta = rd_le16(w->p + o) == 0x0002;
+		if (meta_only && !meta)
+			return 0;
+		/* The file meta group is always explicit VR little endian. */
+		bool big = w->big;
+		if (meta)
+			w->big = false;
+		uint16_t g = dw16(w, o), e = dw16(w, o + 2);
+		uint64_t vl, hdr;
+		const uint8_t *vr = w->p + o + 4;
+		bool ex = (explicit_vr || meta) && g != 0xfffe && vr[0] >= 'A' && vr[0] <= 'Z' &&
+			  vr[1] >= 'A' && vr[1] <= 'Z';
+		if (g == 0xfffe) {
+			vl = dw32(w, o + 4);
+			hdr = 8;
+		} else if (ex && dw_long_vr(vr)) {
+			if (o + 12 > lim) {
+				w->big = big;
+				return -DMC_E_DECODE_FAILED;
+			}
+			vl = dw32(w, o + 8);
+			hdr = 12;
+		} else if (ex) {
+			vl = dw16(w, o + 6);
+			hdr = 8;
+		} else {
+			vl = dw32(w, o + 4); /* implicit VR, or explicit data written implicitly */
+			hdr = 8;
+		}
+		w->big = big;
+		if (g == 0xfffe) {
+			*off = o + hdr;
+			if (stop && e == stop)
+				return 0;
+			return -DMC_E_DECODE_FAILED; /* a stray item or delimiter */
+		}
+		if (meta && g == 0x0002 && e == 0x0010 && vl < sizeof(w->ts) && o + hdr + vl <= lim) {
+			memcpy(w->ts, w->p + o + hdr, (size_t)vl);
+			w->ts[vl] = '\0';
+			for (size_t i = (size_t)vl; i > 0 && (w->ts[i - 1] == ' ' || !w->ts[i - 1]); i--)
+				w->ts[i - 1] = '\0';
+		}
+		*off = o + hdr;
+		if (vl == 0xffffffffu) {
+			/* Undefined length: a sequence (SQ, UN, implicit), or encapsulated pixels. */
+			bool pixels = g == 0x7fe0 && e == 0x0010;
+			bool un = ex && memcmp(vr, "UN", 2) == 0;
+			int r = dw_items(w, off, SIZE_MAX, un ? false : explicit_vr, depth + 1, pixels);
+			if (r < 0)
+				return r;
+			continue;
+		}
+		if (vl > lim - *off)
+			return -DMC_E_DECODE_FAILED;
+		if (ex && memcmp(vr, "SQ", 2) == 0 && vl > 0) {
+			size_t sub = *off;
+			int r = dw_items(w, &sub, *off + (size_t)vl, explicit_vr, depth + 1, false);
+			if (r < 0)
+				return r;
+		}
+		*off += (size_t)vl;
+	}
+	return end == SIZE_MAX && stop ? -DMC_E_DECODE_FAILED : 0;
+}
+
+static int dw_items(struct dwalk *w, size_t *off, size_t end, bool explicit_vr, int depth,
+		    bool fragments)
+{
+	size_t lim = end == SIZE_MAX ? w->len : end;
+	if (depth > DWALK_MAX_DEPTH)
+		return -DMC_E_DECODE_FAILED;
+	while (*off < lim) {
+		size_t o = *off;
+		if (o + 8 > lim || dw16(w, o) != 0xfffe)
+			return -DMC_E_DECODE_FAILED;
+		uint16_t e = dw16(w, o + 2);
+		uint32_t vl = dw32(w, o + 4);
+		*off = o + 8;
+		if (e == 0xe0dd) /* sequence delimitation */
+			return end == SIZE_MAX ? 0 : -DMC_E_DECODE_FAILED;
+		if (e != 0xe000)
+			return -DMC_E_DECODE_FAILED;
+		if (vl == 0xffffffffu) {
+			if (fragments)
+				return -DMC_E_DECODE_FAILED;
+			int r = dw_elements(w, off, SIZE_MAX, explicit_vr, depth + 1, 0xe00d, false);
+			if (r < 0)
+				return r;
+			continue;
+		}
+		if (vl > lim - *off)
+			return -DMC_E_DECODE_FAILED;
+		if (!fragments && vl > 0) {
+			size_t sub = *off;
+			int r = dw_elements(w, &sub, *off + vl, explicit_vr, depth + 1, 0, false);
+			if (r < 0)
+				return r;
+		}
+		*off += vl;
+	}
+	return end == SIZE_MAX ? -DMC_E_DECODE_FAILED : 0;
+}
+
+/* Checks the framing; *ret_deflated says the data set after *ret_meta_end is deflated
+ * (not walked: it has to be inflated first). */
+static int check_framing(const uint8_t *in, size_t len, bool *ret_deflated, size_t *ret_meta_end,
+			 char *err, size_t errlen)
+{
+	struct dwalk w = { in, len, false, "" };
+	size_t off = 0;
+	bool preamble = len >= 132 && memcmp(in + 128, "DICM", 4) == 0;
+	*ret_deflated = false;
+	if (preamble)
+		off = 132;
+	else if (len >= 2 && in[0] == 0x00 && in[1] == 0x08)
+		w.big = true; /* a big-endian data set without meta information */
+	int r = dw_elements(&w, &off, len, true, 0, 0, true);
+	*ret_meta_end = off;
+	if (r == 0 && off + 8 > len)
+		r = -DMC_E_DECODE_FAILED; /* nothing after the meta group: GDCM asserts */
+	if (r == 0 && w.ts[0]) {
+		if (strcmp(w.ts, TS_PREFIX ".1.99") == 0) {
+			*ret_deflated = true;
+			return 0;
+		}
+		w.big = strcmp(w.ts, TS_PREFIX ".2") == 0;
+		bool explicit_vr = strcmp(w.ts, TS_PREFIX) != 0;
+		r = dw_elements(&w, &off, len, explicit_vr, 0, 0, false);
+	} else if (r == 0) {
+		/* No transfer syntax: explicit when a VR follows the first tag. */
+		bool explicit_vr = off + 6 <= len && in[off + 4] >= 'A' && in[off + 4] <= 'Z' &&
+				   in[off + 5] >= 'A' && in[off + 5] <= 'Z';
+		r = dw_elements(&w, &off, len, explicit_vr, 0, 0, false);
+	}
+	if (r < 0)
+		decode_seterr(err, errlen,
+			      "DICOM: truncated or malformed at byte %zu (element or item longer "
+			      "than the file)", off);
+	return r;
+}
+
+/*
+ * Deflated explicit VR little endian: inflated here (libdeflate, capped) into a file of
+ * explicit VR little endian, so that GDCM never runs its own unbounded zlib stream (it
+ * hangs or asserts on truncated ones). The meta group is copied with the new transfer
+ * syntax and a recomputed group length.
+ */
+static int inflate_dicom(struct decode_ctx *ctx, const uint8_t *in, size_t len, size_t meta_end,
+			 const uint8_t **ret_p, size_t *ret_n, char *err, size_t errlen)
+{
+	static const char ts[20] = "1.2.840.10008.1.2.1"; /* 19 chars + NUL pad */
+	uint8_t meta[4096];
+	size_t m = 0;
+	for (size_t off = 132; off < meta_end;) {
+		const uint8_t *vr = in + off + 4;
+		bool lng = dw_long_vr(vr);
+		size_t hdr = lng ? 12 : 8;
+		size_t vl = lng ? rd_le32(in + off + 8) : rd_le16(in + off + 6);
+		uint16_t e = rd_le16(in + off + 2);
+		if (e != 0x0000) {
+			bool is_ts = e == 0x0010;
+			size_t n = is_ts ? 8 + sizeof(ts) : hdr + vl;
+			if (m + n > sizeof(meta)) {
+				decode_seterr(err, errlen, "DICOM: file meta information too large");
+				return -DMC_E_DECODE_FAILED;
+			}
+			if (is_ts) {
+				memcpy(meta + m, in + off, 6);
+				meta[m + 6] = sizeof(ts);
+				meta[m + 7] = 0;
+				memcpy(meta + m + 8, ts, sizeof(ts));
+			} else {
+				memcpy(meta + m, in + off, n);
+			}
+			m += n;
+		}
+		off += hdr + vl;
+	}
+	size_t prefix = 132 + 12 + m, inflated;
+	int r = inflate_raw(ctx, in + meta_end, len - meta_end, &ctx->infl, prefix, &inflated, err,
+			    errlen);
+	if (r < 0)
+		return r;
+	uint8_t *p = ctx->infl.p;
+	memset(p, 0, 128);
+	memcpy(p + 128, "DICM", 4);
+	static const uint8_t gl[8] = { 0x02, 0x00, 0x00, 0x00, 'U', 'L', 4, 0 };
+	memcpy(p + 132, gl, 8);
+	p[140] = (uint8_t)m;
+	p[141] = (uint8_t)(m >> 8);
+	p[142] = 0;
+	p[143] = 0;
+	memcpy(p + 144, meta, m);
+	*ret_p = p;
+	*ret_n = prefix + inflated;
+	return 0;
+}
+
 int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct decode_src *ret,
 		char *err, size_t errlen)
 {
 	struct gdcm_info in_;
 	struct gdcm_info *info = &ret->u.dcm.info;
+	const uint8_t *in_orig = in;
 	struct gdcm_shim *sh = get_shim(ctx);
 	int r;
 
@@ -62,6 +322,20 @@ int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct de
 		decode_seterr(err, errlen, "out of memory");
 		return -ENOMEM;
 	}
+	bool deflated;
+	size_t meta_end;
+	r = check_framing(in, len, &deflated, &meta_end, err, errlen);
+	if (r < 0)
+		return r;
+	if (deflated) {
+		r = inflate_dicom(ctx, in, len, meta_end, &in, &len, err, errlen);
+		if (r == 0)
+			r = check_framing(in, len, &deflated, &meta_end, err, errlen);
+		if (r < 0)
+			return r;
+	}
+	ret->u.dcm.buf = in;
+	ret->u.dcm.len = len;
 	r = gdcm_shim_load(sh, in, len, &in_, err, errlen);
 	if (r < 0)
 		return r;
@@ -136,7 +410,7 @@ int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct de
 			return -DMC_E_DECODE_FAILED;
 		}
 		ret->u.dcm.route = ROUTE_NATIVE;
-		ret->codec = ts_is(ts, ".1.99") ? DECODE_CODEC_DEFLATE : DECODE_CODEC_RAW;
+		ret->codec = ret->u.dcm.buf != in_orig ? DECODE_CODEC_DEFLATE : DECODE_CODEC_RAW;
 		if (ts_is(ts, ".2") && info->float_bits) {
 			decode_seterr(err, errlen, "DICOM: big-endian float pixel data is not supported");
 			return -DMC_E_DECODE_FAILED;
@@ -645,8 +919,10 @@ int dicom_decode(struct decode_ctx *ctx, const uint8_t *in, size_t len,
 		 size_t errlen)
 {
 	struct gdcm_info info;
-	/* A no-op when the probe loaded this buffer; a reload otherwise. */
-	int r = gdcm_shim_load(ctx->gdcm, in, len, &info, err, errlen);
+	(void)in;
+	(void)len;
+	/* A no-op when the probe loaded this buffer (the input, or its inflated copy). */
+	int r = gdcm_shim_load(ctx->gdcm, src->u.dcm.buf, src->u.dcm.len, &info, err, errlen);
 	if (r < 0)
 		return r;
 	switch (src->u.dcm.route) {
@@ -668,9 +944,11 @@ int dicom_meta(struct decode_ctx *ctx, const uint8_t *in, size_t len, const char
 {
 	struct gdcm_info info;
 	struct gdcm_shim *sh = get_shim(ctx);
-	if (!sh)
-		return -ENOMEM;
-	int r = gdcm_shim_load(sh, in, len, &info, err, errlen);
+	(void)in;
+	(void)len;
+	if (!sh || !ctx->probed || ctx->src.format != DECODE_FORMAT_DICOM)
+		return -DMC_E_INTERNAL;
+	int r = gdcm_shim_load(sh, ctx->src.u.dcm.buf, ctx->src.u.dcm.len, &info, err, errlen);
 	if (r < 0)
 		return r;
 	size_t cap = ctx->lim.max_meta_bytes;

@@ -98,6 +98,54 @@ static void free_inflater(void *p)
 	libdeflate_free_decompressor(p);
 }
 
+static int get_inflater(struct decode_ctx *ctx, char *err, size_t errlen)
+{
+	if (!ctx->inflater) {
+		ctx->inflater = libdeflate_alloc_decompressor();
+		if (!ctx->inflater) {
+			decode_seterr(err, errlen, "out of memory");
+			return -ENOMEM;
+		}
+		ctx->free_inflater = free_inflater;
+	}
+	return 0;
+}
+
+int inflate_raw(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct decode_buf *out,
+		size_t prefix, size_t *ret_len, char *err, size_t errlen)
+{
+	uint64_t cap = ctx->lim.max_decode_bytes + DECODE_SLACK_BYTES;
+	uint64_t size = (uint64_t)len * 4 < (1u << 20) ? (1u << 20) : (uint64_t)len * 4;
+	int r = get_inflater(ctx, err, errlen);
+	if (r < 0)
+		return r;
+	/* The inflated size is not recorded anywhere: grow geometrically up to the cap. */
+	for (;;) {
+		if (size > cap)
+			size = cap;
+		r = decode_buf_reserve(ctx, out, prefix + size, err, errlen);
+		if (r < 0)
+			return r;
+		size_t in_used = 0, out_len = 0;
+		enum libdeflate_result lr = libdeflate_deflate_decompress_ex(
+			ctx->inflater, in, len, (uint8_t *)out->p + prefix, (size_t)size, &in_used,
+			&out_len);
+		if (lr == LIBDEFLATE_SUCCESS) {
+			*ret_len = out_len;
+			return 0;
+		}
+		if (lr != LIBDEFLATE_INSUFFICIENT_SPACE) {
+			decode_seterr(err, errlen, "deflate: corrupt or truncated compressed data");
+			return -DMC_E_DECODE_FAILED;
+		}
+		if (size >= cap) {
+			decode_seterr(err, errlen, "deflate: data inflates beyond max_decode_bytes");
+			return -DMC_E_LIMIT_EXCEEDED;
+		}
+		size *= 2;
+	}
+}
+
 static int inflate_gz(struct decode_ctx *ctx, const uint8_t *in, size_t len, const uint8_t **ret_p,
 		      size_t *ret_n, char *err, size_t errlen)
 {
@@ -117,14 +165,9 @@ static int inflate_gz(struct decode_ctx *ctx, const uint8_t *in, size_t len, con
 		decode_seterr(err, errlen, "gzip stream declares a ratio over %u", ctx->lim.max_ratio);
 		return -DMC_E_LIMIT_EXCEEDED;
 	}
-	if (!ctx->inflater) {
-		ctx->inflater = libdeflate_alloc_decompressor();
-		if (!ctx->inflater) {
-			decode_seterr(err, errlen, "out of memory");
-			return -ENOMEM;
-		}
-		ctx->free_inflater = free_inflater;
-	}
+	int gr = get_inflater(ctx, err, errlen);
+	if (gr < 0)
+		return gr;
 	/* ISIZE is the size mod 2^32: above 4 GiB of cap, try each size it may stand for. */
 	for (uint64_t size = isize; size <= cap; size += (1ull << 32)) {
 		size_t in_used = 0, out_len = 0;

@@ -117,6 +117,9 @@ int png_decode(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct dec
 	r = decode_buf_reserve(ctx, &ctx->work, sz, err, errlen);
 	if (r < 0)
 		return r;
+	/* libspng deinterlaces packed (< 8-bit) pixels by OR-ing bits into the buffer. */
+	if (src->u.png.interlace && depth < 8)
+		memset(ctx->work.p, 0, sz);
 	if ((r = spng_decode_image(s, ctx->work.p, sz, SPNG_FMT_PNG, 0)) != 0) {
 		decode_seterr(err, errlen, "PNG: %s", spng_strerror(r));
 		return -DMC_E_DECODE_FAILED;

@@ -57,6 +57,8 @@ struct jpeg_state {
 struct dicom_state {
 	struct gdcm_info info;
 	int route;                /* enum dicom_route in decode_dicom.c */
+	const uint8_t *buf;       /* what GDCM parsed: the input, or the inflated copy */
+	size_t len;
 };
 
 /* The source tensor a format decoder found. */
@@ -83,6 +85,7 @@ struct decode_ctx {
 	struct decode_buf work;   /* decoder scratch: inflated NIfTI, interleaved pixels */
 	struct decode_buf work2;  /* second decoder scratch: concatenated JPEG fragments */
 	struct decode_buf conv;   /* the source tensor when the output needs a conversion */
+	struct decode_buf infl;   /* an inflated deflated-syntax DICOM file */
 	void *tj;                 /* tjhandle, created on first use by decode_jpeg.c */
 	void (*free_tj)(void *);
 	void *inflater;           /* libdeflate decompressor, created by decode_nifti.c */
@@ -153,6 +156,10 @@ int nifti_decode(struct decode_ctx *ctx, const uint8_t *in, size_t len,
 		 size_t errlen);
 int nifti_meta(struct decode_ctx *ctx, const struct decode_src *src, void *json_obj);
 bool nifti_sniff(const uint8_t *in, size_t len);
+/* Raw deflate (no header) into out->p + prefix, growing `out` up to max_decode_bytes;
+ * *ret_len gets the inflated size. Lives in decode_nifti.c, the libdeflate wrapper. */
+int inflate_raw(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct decode_buf *out,
+		size_t prefix, size_t *ret_len, char *err, size_t errlen);
 
 /* DICOM: GDCM through decode_gdcm.cc, TurboJPEG for .4.50/.4.51. */
 int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct decode_src *ret,

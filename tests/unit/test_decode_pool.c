@@ -349,8 +349,9 @@ TEST(cpu_limit_ends_a_cpu_bomb)
 	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
 	ASSERT(run_until(&loop, done_pred, &d, 6.0));
 	ASSERT_EQ(d.status, -DMC_E_DECODE_FAILED);
+	/* SIGXCPU, not the 20 s deadline; CPU time is 1-2 s, wall time depends on the load. */
 	ASSERT(strstr(d.err, "crashed") != NULL);
-	ASSERT_LT(d.t - t0, 3.5);
+	ASSERT(d.t - t0 < 15.0);
 	stop(&loop);
 }
 
