@@ -22,6 +22,9 @@
 #define ARENA_ALIGN 64u
 #define REPLY_MAX (DMC_HEADER_SIZE + DMC_FRAME_MAX)
 #define MSG_MAX 400
+/* Items of one connection being read, decoded or held for arena space at once: what bounds
+ * the daemon's memory for a client, whatever it asks for in one GET. */
+#define INFLIGHT_MAX 8
 
 /* ---- the arena: a sealed memfd and a first-fit allocator over it ---- */
 
@@ -109,6 +112,14 @@ static void arena_done(struct arena *a)
 	free(a->alloc_);
 	memset(a, 0, sizeof(*a));
 	a->fd = -1;
+}
+
+/* The space an allocation of `len` bytes takes. */
+static uint64_t arena_span(uint64_t len)
+{
+	uint64_t need = (len + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
+
+	return need ? need : ARENA_ALIGN;
 }
 
 /* First fit. Returns the offset, or UINT64_MAX when no free span is large enough. */
@@ -225,6 +236,7 @@ struct gitem {
 	uint8_t *hold; /* tensor + metadata, waiting for space or for the store */
 	uint64_t hold_len;
 	bool from_cache;
+	bool counted;  /* in sc->inflight */
 	uint8_t tensor_digest[STORE_DIGEST_SIZE];
 	bool has_meta_blob;
 	uint8_t meta_digest[STORE_DIGEST_SIZE];
@@ -245,6 +257,7 @@ struct handle {
 struct greq {
 	struct sconn *sc;
 	uint32_t request_id;
+	uint64_t placed; /* arena bytes its items hold: not the client's to release yet */
 	unsigned pins;  /* loops stepping its items: freed only when none is left */
 	bool replied;
 	struct handle h; /* a copy: CLOSE may come while the request runs */
@@ -272,6 +285,8 @@ struct sconn {
 	struct pending_open *opens;
 	unsigned busy; /* works and decode jobs in flight */
 	unsigned decoding;
+	unsigned inflight; /* items reading, decoding or holding bytes: at most INFLIGHT_MAX */
+	bool pumping;
 	struct sconn *next, *prev;
 };
 
@@ -286,6 +301,20 @@ struct serve {
 };
 
 static void item_step(struct gitem *gi);
+static void pump_items(struct sconn *sc);
+static struct greq *first_with_new(struct sconn *sc);
+
+/* The item holds nothing any more (done, or waiting for a download): a place is free. */
+static void settle(struct gitem *gi, enum gi_state state)
+{
+	struct sconn *sc = gi->rq->sc;
+
+	gi->state = state;
+	if (gi->counted) {
+		gi->counted = false;
+		sc->inflight--;
+	}
+}
 static void req_maybe_reply(struct greq *rq);
 static void sconn_maybe_free(struct sconn *sc);
 
@@ -300,11 +329,14 @@ static uint32_t code_of(int err)
 
 static void item_fail(struct gitem *gi, int err, const char *msg)
 {
+	struct sconn *sc = gi->rq->sc;
+
 	gi->status = code_of(err);
 	snprintf(gi->msg, sizeof(gi->msg), "%s", msg);
-	gi->state = GI_DONE;
-	gi->rq->sc->s->items_failed++;
-	req_maybe_reply(gi->rq);
+	settle(gi, GI_DONE);
+	sc->s->items_failed++;
+	req_maybe_reply(gi->rq); /* may free the request, and gi with it */
+	pump_items(sc);
 }
 
 /* Options that decide the decoded bytes, as a key of the tensor cache. */
@@ -509,7 +541,7 @@ static void read_after(uv_work_t *w, int status)
 	if (!sc->c) {
 		free(gi->in);
 		gi->in = NULL;
-		gi->state = GI_DONE;
+		settle(gi, GI_DONE);
 		req_maybe_reply(gi->rq);
 		return;
 	}
@@ -564,38 +596,65 @@ static bool place(struct gitem *gi)
 	memcpy(sc->arena.base + moff, gi->hold + gi->nbytes, gi->mlen);
 	gi->off = off;
 	gi->moff = moff;
+	gi->rq->placed += arena_span(gi->nbytes) + arena_span(gi->mlen);
 	return true;
 }
 
 static void finish_placed(struct gitem *gi)
 {
-	struct serve *s = gi->rq->sc->s;
+	struct sconn *sc = gi->rq->sc;
+	struct serve *s = sc->s;
 
 	free(gi->hold);
 	gi->hold = NULL;
-	gi->state = GI_DONE;
+	settle(gi, GI_DONE);
 	gi->status = 0;
 	gi->msg[0] = '\0';
 	s->items_served++;
 	s->bytes_served += gi->nbytes;
-	req_maybe_reply(gi->rq);
+	req_maybe_reply(gi->rq); /* may free the request, and gi with it */
+	pump_items(sc);
 }
+
+static bool client_holds_space(struct sconn *sc);
+static void req_unpin(struct greq *rq);
 
 /* Retries items waiting for arena space, oldest request first. */
 static void retry_space(struct sconn *sc)
 {
+again:
 	for (struct greq *rq = sc->reqs; rq; rq = rq->next) {
 		for (uint32_t i = 0; i < rq->n; i++) {
 			struct gitem *gi = &rq->items[i];
 			if (gi->state != GI_WAIT_SPACE)
 				continue;
-			if (!place(gi))
+			rq->pins++;
+			if (place(gi)) {
+				finish_placed(gi);
+			} else if (!client_holds_space(sc)) {
+				free(gi->hold);
+				gi->hold = NULL;
+				item_fail(gi, -DMC_E_LIMIT_EXCEEDED,
+					  "the batch does not fit in the shared memory: ask for fewer "
+					  "items at once, or open with a larger arena");
+			} else {
+				req_unpin(rq);
 				return; /* keep the order: later items wait behind this one */
-			finish_placed(gi);
-			if (!sc->reqs)
-				return;
+			}
+			req_unpin(rq); /* rq may be gone now: look again from the start */
+			goto again;
 		}
 	}
+}
+
+/* Whether the client holds arena space it could release (from replies it has). */
+static bool client_holds_space(struct sconn *sc)
+{
+	uint64_t pending = 0;
+
+	for (struct greq *rq = sc->reqs; rq; rq = rq->next)
+		pending += rq->placed;
+	return sc->arena.used > pending;
 }
 
 static void item_got_bytes(struct gitem *gi)
@@ -611,6 +670,15 @@ static void item_got_bytes(struct gitem *gi)
 	}
 	if (place(gi)) {
 		finish_placed(gi);
+		return;
+	}
+	if (!client_holds_space(sc)) {
+		/* everything in the arena belongs to replies not sent yet: no RELEASE can come */
+		free(gi->hold);
+		gi->hold = NULL;
+		item_fail(gi, -DMC_E_LIMIT_EXCEEDED,
+			  "the batch does not fit in the shared memory: ask for fewer items at once, "
+			  "or open with a larger arena");
 		return;
 	}
 	gi->state = GI_WAIT_SPACE; /* backpressure: wait for RELEASE */
@@ -701,7 +769,7 @@ static void on_decoded(struct decode_job *job)
 	free(gi->in);
 	gi->in = NULL;
 	if (!sc->c) {
-		gi->state = GI_DONE;
+		settle(gi, GI_DONE);
 		req_maybe_reply(gi->rq);
 		return;
 	}
@@ -788,7 +856,7 @@ static void cached_after(uv_work_t *w, int status)
 	if (!sc->c) {
 		free(gi->hold);
 		gi->hold = NULL;
-		gi->state = GI_DONE;
+		settle(gi, GI_DONE);
 		req_maybe_reply(gi->rq);
 		return;
 	}
@@ -848,7 +916,7 @@ static void item_step(struct gitem *gi)
 	if (!l.stored) {
 		free(l.record);
 		if (prefetch_snapshot_active(s->d.prefetch, gi->rq->h.snapshot_id)) {
-			gi->state = GI_WAIT_ITEM; /* the job brings it; item_hook wakes us */
+			settle(gi, GI_WAIT_ITEM); /* the job brings it; item_hook wakes us */
 			return;
 		}
 		item_fail(gi, -DMC_E_NOT_FOUND_OR_DENIED,
@@ -865,6 +933,10 @@ static void item_step(struct gitem *gi)
 	gi->raw_len = (uint64_t)b.raw_size;
 	index_blob_touch(ix, gi->raw);
 	gi->state = GI_BUSY;
+	if (!gi->counted) {
+		gi->counted = true;
+		sc->inflight++;
+	}
 	/* a decoded tensor in the store? */
 	if (index_tensor_get(ix, gi->raw, opts_key(&gi->rq->h), gi->tensor_digest,
 			     &gi->has_meta_blob, gi->meta_digest, desc, sizeof(desc)) == 0 &&
@@ -1008,12 +1080,39 @@ static void on_get(struct serve *s, struct conn *c, const struct dmc_header *h,
 		;
 	*tail = rq;
 	s->gets++;
-	/* the reply may go out inside this loop (every item failed at once): pinned */
-	rq->pins++;
-	for (uint32_t i = 0; i < n && !rq->replied; i++)
-		if (rq->items[i].state == GI_NEW)
-			item_step(&rq->items[i]);
-	req_unpin(rq);
+	pump_items(sc);
+}
+
+/*
+ * Starts waiting items, oldest request first, while fewer than INFLIGHT_MAX hold memory.
+ * Items that fail or wait for a download at once take no place. Not reentrant: a nested
+ * call (from an item finishing inside) only asks the running one to look again.
+ */
+static void pump_items(struct sconn *sc)
+{
+	struct greq *rq;
+	bool again;
+
+	if (sc->pumping)
+		return;
+	sc->pumping = true;
+	sc->busy++;
+	do {
+		again = false;
+		while (sc->inflight < INFLIGHT_MAX && (rq = first_with_new(sc))) {
+			rq->pins++;
+			for (uint32_t i = 0; i < rq->n && !rq->replied && sc->inflight < INFLIGHT_MAX;
+			     i++)
+				if (rq->items[i].state == GI_NEW)
+					item_step(&rq->items[i]);
+			if (rq->replied)
+				again = true;
+			req_unpin(rq);
+		}
+	} while (again && sc->inflight < INFLIGHT_MAX && first_with_new(sc));
+	sc->busy--;
+	sc->pumping = false;
+	sconn_maybe_free(sc);
 }
 
 static void on_release(struct serve *s, struct conn *c, const struct dmc_header *h,
@@ -1126,17 +1225,8 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
 			if (!rq)
 				break;
 		}
-		sc->busy++; /* the connection state stays while its requests are stepped */
-		while ((rq = first_with_new(sc))) {
-			rq->pins++;
-			for (uint32_t i = 0; i < rq->n && !rq->replied; i++)
-				if (rq->items[i].state == GI_NEW)
-					item_step(&rq->items[i]);
-			req_unpin(rq);
-		}
 		nsc = sc->next;
-		sc->busy--;
-		sconn_maybe_free(sc);
+		pump_items(sc);
 	}
 }
 

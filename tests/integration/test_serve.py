@@ -285,3 +285,55 @@ def test_item_whose_download_fails_fails_at_once(daemon_env, emu, tmp_path):
     assert 'download of this item failed' in r.stderr and 'not_found_or_denied' in r.stderr, \
         r.stderr
     emu.clear_faults()
+
+
+def _open(sock, emu, arena, dtype=10):
+    sock.sendall(wire.open_msg('ct', server=emu.url, key=KEY, arena=arena, dtype=dtype))
+    op, fl, rid, payload, fds = wire.recv_frame_fds(sock)
+    assert op == wire.OP_OPEN, wire.decode_error(payload)
+    return wire.decode_open_reply(payload), fds
+
+
+def test_a_batch_larger_than_the_arena_fails_instead_of_waiting_forever(daemon_env, emu):
+    d = daemon_env
+    snapshot_order(d, 'ct')
+    sock = wire.session(d.socket)
+    o, fds = _open(sock, emu, 4 << 20)  # float64 slices: 2 MiB each, two do not fit
+    sock.sendall(wire.get_msg(o['handle'], [0, 1, 2]))
+    op, fl, rid, payload, _ = wire.recv_frame_fds(sock)
+    items = wire.decode_get_reply(payload)
+    # the items decode in parallel: whichever is placed first is served, the others cannot
+    # be until the client releases something, which it cannot before this reply
+    ok = [it for it in items if it['status'] == 0]
+    assert len(ok) == 1 and ok[0]['nbytes'] == 512 * 512 * 8
+    for it in items:
+        if it['status']:
+            assert it['status'] == wire.E['limit_exceeded']
+            assert 'does not fit in the shared memory' in it['message']
+    os.close(fds[0])
+
+
+def test_a_full_arena_waits_for_release(daemon_env, emu):
+    """Backpressure: items wait for the client's RELEASE, then come."""
+    d = daemon_env
+    snapshot_order(d, 'ct')
+    sock = wire.session(d.socket)
+    o, fds = _open(sock, emu, 8 << 20)
+    sock.sendall(wire.get_msg(o['handle'], [0], rid=10))
+    first = wire.decode_get_reply(wire.recv_frame_fds(sock)[3])[0]
+    assert first['status'] == 0
+    sock.sendall(wire.get_msg(o['handle'], [1, 2, 3], rid=11))
+    sock.settimeout(1.0)
+    with pytest.raises(OSError):  # socket.timeout: the fourth slice has no room yet
+        wire.recv_frame_fds(sock)
+    sock.settimeout(10)
+    sock.sendall(struct_release([first['offset'], first['meta_offset']], rid=12))
+    got = {}
+    for _ in range(2):
+        op, fl, rid, payload, _ = wire.recv_frame_fds(sock)
+        got[rid] = payload
+    items = wire.decode_get_reply(got[11])
+    assert [i['status'] for i in items] == [0, 0, 0]
+    st = json.loads(d.cli('status', '--json').stdout)['counters']
+    assert st['serve_waits_for_space_total'] >= 1
+    os.close(fds[0])
