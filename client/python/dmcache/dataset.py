@@ -1,0 +1,333 @@
+"""dmcache.Dataset: the Datamint client's Dataset, served by dmcached.
+
+A drop-in for `datamintapi.Dataset` as the Datamint user guide uses it
+(seeds/datamint-client-api.rst): `dataset[i]` is `(image, dicom_metainfo, metainfo)`.
+Decoding happens in the daemon; this class asks for one item, converts it as the Datamint
+client does, copies it out of the shared memory and gives the memory back at once, so
+what it returns is ordinary, writable memory that PyTorch's DataLoader may move between
+processes.
+
+What it returns, and how that differs from the Datamint client, is listed in the README
+("Python package"); the short version is in Dataset's docstring.
+"""
+import json
+import os
+import threading
+
+import numpy as np
+
+from . import _dicom, _lib, errors
+
+# Options of the Datamint client's Dataset (datamint-api.md 4.1) that dmcache does not
+# implement: passing one with a value that asks for the feature raises NotImplementedError
+# naming it. Values that mean "off" (False, None) are accepted.
+UNSUPPORTED = (
+    'return_frame_by_frame', 'return_annotations', 'return_segmentations',
+    'return_as_semantic_segmentation', 'semantic_seg_merge_strategy', 'image_transform',
+    'mask_transform', 'alb_transform', 'include_unannotated', 'include_annotators',
+    'exclude_annotators', 'include_segmentation_names', 'exclude_segmentation_names',
+    'include_image_label_names', 'exclude_image_label_names', 'include_frame_label_names',
+    'exclude_frame_label_names', 'all_annotations', 'use_default_transform',
+)
+# The value of each that asks for nothing dmcache lacks (None and False elsewhere):
+# include_unannotated=True is the Datamint default and what dmcache does (every item).
+_HARMLESS = {'include_unannotated': (True,)}
+
+_torch = None
+
+
+def torch_module():
+    """torch, or None when it is not installed (imported on first use only)."""
+    global _torch
+    if _torch is None:
+        try:
+            import torch
+            _torch = torch
+        except ImportError:
+            _torch = False
+    return _torch or None
+
+
+# numpy dtypes torch (1.13) has no tensor type for: widened (a copy) on the way to torch
+TORCH_WIDEN = {'uint16': 'int32', 'uint32': 'int64'}
+
+
+def to_torch(torch, a):
+    """torch.from_numpy(a), widening uint16 -> int32 and uint32 -> int64 (a copy), which
+    torch lacks; uint64 has no lossless torch type and raises ValueError."""
+    name = a.dtype.name
+    if name == 'uint64':
+        raise ValueError("torch has no uint64 tensors: open with dtype='int64' or 'float64'")
+    if name in TORCH_WIDEN:
+        a = a.astype(TORCH_WIDEN[name])
+    return torch.from_numpy(a)
+
+
+def normalize(a):
+    """The Datamint client's dtype conversions (datamint-api.md 4.6), on a copy:
+    uint16 -> per-image min-max to uint8, as ((a - min) / (max - min) * 255) truncated
+    (all zeros when max == min); then uint8 -> float32 / 255 in [0, 1]. Every other dtype
+    (int16 CT, float NIfTI, ...) is returned unchanged (copied)."""
+    if a.dtype == np.uint16:
+        lo, hi = int(a.min()) if a.size else 0, int(a.max()) if a.size else 0
+        if hi > lo:
+            a = ((a - np.uint16(lo)) / float(hi - lo) * 255.0).astype(np.uint8)
+        else:
+            a = np.zeros(a.shape, np.uint8)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / np.float32(255)
+    return np.array(a, copy=True)
+
+
+def to_hwc(a):
+    """(frames, channels, H, W) -> (H, W, frames * channels): the layout torchvision's
+    ToTensor() and PIL-style transforms expect; frames become channels, as the Datamint
+    client's 2024 Dataset gave them."""
+    f, c, h, w = a.shape
+    return np.ascontiguousarray(a.transpose(2, 3, 0, 1).reshape(h, w, f * c))
+
+
+def image_labels(record):
+    """metainfo['labels']: the record's own 'labels' list when it has one (Datamint
+    resources do), else the names of its image-scoped label annotations, in either the
+    short or the long field names of dataset.json (datamint-api.md 4.4)."""
+    labels = record.get('labels')
+    if isinstance(labels, list):
+        return labels
+    out = []
+    for a in record.get('annotations') or ():
+        if not isinstance(a, dict):
+            continue
+        kind = a.get('type', a.get('annotation_type'))
+        frame = a.get('index', a.get('frame_index'))
+        name = a.get('name', a.get('identifier'))
+        if kind == 'label' and frame is None and name is not None and name not in out:
+            out.append(name)
+    return out
+
+
+def resolve_source(root, dataset_name, api_key, server_url):
+    """(source, project, server, api_key) for OPEN: a local folder as the Datamint client
+    writes it when <root>/<dataset_name>/dataset.json exists, else the Datamint project
+    `dataset_name` with the credentials dmc_credentials_load finds."""
+    if dataset_name is None:
+        raise TypeError('dmcache.Dataset needs dataset_name (the Datamint project)')
+    if root is not None:
+        folder = os.path.abspath(os.path.join(os.fspath(root), os.fspath(dataset_name)))
+        if os.path.isfile(os.path.join(folder, 'dataset.json')):
+            return _lib.SOURCE_LOCAL, folder, None, None
+    key, server, _ = _lib.load_credentials(api_key, server_url)
+    if not key:
+        raise errors.DmcacheError(
+            "no Datamint API key for project '%s': pass api_key=, set DATAMINT_API_KEY or "
+            "run datamint-config" % dataset_name)
+    return _lib.SOURCE_DATAMINT, str(dataset_name), server, key
+
+
+class Dataset:
+    """A Datamint dataset version, decoded and served by dmcached.
+
+        Dataset(root=None, dataset_name=None, version='latest', api_key=None,
+                server_url=None, transform=None, target_transform=None,
+                return_dicom=True, return_metainfo=True, normalize=True,
+                socket=None, arena_bytes=0, project_name=None)
+
+    Source: when <root>/<dataset_name>/dataset.json exists, that folder (laid out as the
+    Datamint client writes it) is served with no network. Otherwise dataset_name is a
+    Datamint project (name or id) read with api_key / server_url, else DATAMINT_API_KEY /
+    DATAMINT_API_URL, else datamintapi.yaml; the daemon caches it and nothing is written
+    to root (the Datamint client downloads into root instead).
+
+    dataset[i] is (image, dicom_metainfo, metainfo) (without dicom_metainfo when
+    return_dicom=False, without metainfo when return_metainfo=False):
+      image           the item as (frames, channels, H, W), converted as the Datamint
+                      client does (normalize=True): uint16 -> per-image min-max uint8,
+                      uint8 -> float32 / 255; other dtypes unchanged. A torch tensor
+                      (numpy array without torch). With a transform, the transform gets
+                      the converted array as numpy (H, W, frames * channels), what
+                      torchvision's ToTensor() expects, and image is its result.
+      dicom_metainfo  the DICOM header: a pydicom.Dataset (without pixel data), a
+                      dmcache DicomMeta when pydicom is missing, None for non-DICOM items
+      metainfo        the resource record (dict) with 'labels' (see image_labels()),
+                      passed through target_transform when one is given
+
+    version: 'latest' resolves once, in the constructor; worker processes of a DataLoader
+    open the same resolved version, so a run sees one snapshot from start to end.
+    """
+
+    def __init__(self, root=None, dataset_name=None, version='latest', api_key=None,
+                 server_url=None, transform=None, target_transform=None, return_dicom=True,
+                 return_metainfo=True, normalize=True, socket=None, arena_bytes=0,
+                 project_name=None, **kwargs):
+        for k, v in kwargs.items():
+            if k not in UNSUPPORTED:
+                raise TypeError("Dataset() got an unexpected keyword argument '%s'" % k)
+            if any(v is ok for ok in _HARMLESS.get(k, (None, False))):
+                continue
+            raise NotImplementedError(
+                "dmcache.Dataset does not implement the Datamint option '%s' (%r); see the "
+                "README, 'Python package'" % (k, v))
+        if project_name is not None:
+            if dataset_name is not None and dataset_name != project_name:
+                raise TypeError('pass dataset_name or project_name, not both')
+            dataset_name = project_name
+        if isinstance(version, int) and not isinstance(version, bool):
+            raise NotImplementedError(
+                "numeric dataset versions (the 2024 client's 'version=%d') do not exist in "
+                "Datamint projects: use 'latest' or a version string (updated_at)" % version)
+        if version is not None and not isinstance(version, str):
+            raise TypeError('version must be a string')
+        self.root = root
+        self.dataset_name = dataset_name
+        self.transform = transform
+        self.target_transform = target_transform
+        self.return_dicom = return_dicom
+        self.return_metainfo = return_metainfo
+        self.normalize = normalize
+        self.socket = socket
+        self.arena_bytes = int(arena_bytes)
+        self._source, self._project, self._server, self._key = resolve_source(
+            root, dataset_name, api_key, server_url)
+        self._lock = threading.Lock()
+        self._client = self._ds = None
+        self._open(None if version in (None, '', 'latest') else version)
+        # what a worker process opens: the version resolved here, the snapshot it names
+        self.version = self._ds.version
+        self.snapshot_id = self._ds.snapshot_id
+        self.project_id = self._ds.project_id
+        self.project_name = self._ds.project_name
+        self._len = self._ds.items
+
+    # ---- connection, per process ----
+    def _open(self, version):
+        client = _lib.Client(self.socket)
+        try:
+            ds = client.open(self._source, self._project, version=version,
+                             server=self._server, api_key=self._key,
+                             arena_bytes=self.arena_bytes)
+        except BaseException:
+            client.close()
+            raise
+        self._client, self._ds = client, ds
+        return ds
+
+    def _after_fork(self):
+        """In a forked child (a DataLoader worker): the parent's connection is dropped, and
+        so is its lock, which a parent's thread may have held at fork()."""
+        self._client.close()
+        self._client = self._ds = None
+        self._lock = threading.Lock()
+
+    def _dataset(self):
+        """The open dataset of this process, opening the pinned version when there is none
+        (a new process, or after close())."""
+        if self._ds is not None:
+            return self._ds
+        ds = self._open(self.version)
+        if ds.snapshot_id != self.snapshot_id or ds.items != self._len:
+            raise errors.DmcacheError(
+                "version '%s' of '%s' opened as another snapshot (%d items, not %d)"
+                % (self.version, self._project, ds.items, self._len))
+        return ds
+
+    def close(self):
+        """Closes this process's connection (reopened on the next access)."""
+        if self._ds is not None and self._client is not None and not self._client.forked:
+            self._ds.close()
+        if self._client is not None:
+            self._client.close()
+        self._client = self._ds = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):
+        # what a spawned DataLoader worker gets: arguments and the pinned version, never a
+        # connection (nothing large is pickled)
+        st = dict(self.__dict__)
+        st['_client'] = st['_ds'] = st['_lock'] = None
+        return st
+
+    def __setstate__(self, st):
+        self.__dict__.update(st)
+        self._lock = threading.Lock()
+
+    # ---- items ----
+    def __len__(self):
+        return self._len
+
+    def _index(self, idx):
+        try:
+            i = int(idx)
+        except TypeError:
+            raise TypeError('dataset indices must be integers, not %s'
+                            % type(idx).__name__) from None
+        if i != idx:
+            raise TypeError('dataset indices must be integers')
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError('index %d is out of range: the dataset has %d items'
+                             % (idx, self._len))
+        return i
+
+    def read(self, idx):
+        """(array (frames, channels, H, W) in the source dtype, metadata dict) of item idx:
+        a copy, before any conversion. The metadata is {"resource": record, "dicom": ...}."""
+        i = self._index(idx)
+        if self._client is not None and self._client.forked:
+            self._after_fork()
+        with self._lock:
+            ds = self._dataset()
+            items = ds.get([i])
+            it = items[0]
+            try:
+                if it.status:
+                    raise _lib.item_error(it)
+                view = np.frombuffer(_lib.item_bytes(it), dtype=_lib.DTYPES[it.dtype])
+                a = view.reshape(tuple(it.shape)).copy()
+                meta = json.loads(_lib.item_meta(it))
+            finally:
+                ds.release(items)
+        return a, meta
+
+    def __getitem__(self, idx):
+        a, meta = self.read(idx)
+        if self.normalize:
+            a = normalize(a)
+        if self.transform is not None:
+            image = self.transform(to_hwc(a))
+        else:
+            torch = torch_module()
+            image = to_torch(torch, a) if torch else a
+        out = [image]
+        if self.return_dicom:
+            out.append(_dicom.from_item_meta(meta.get('dicom')))
+        if self.return_metainfo:
+            record = dict(meta.get('resource') or {})
+            record['labels'] = image_labels(record)
+            if self.target_transform is not None:
+                record = self.target_transform(record)
+            out.append(record)
+        return tuple(out) if len(out) > 1 else out[0]
+
+    def get_resources_ids(self):
+        """The resource ids in item order (reads every item's metadata from the daemon)."""
+        return [self.read(i)[1]['resource'].get('id') for i in range(self._len)]
+
+    def get_dataloader(self, *args, **kwargs):
+        """A torch DataLoader over this dataset with dmcache.collate (stack equal shapes,
+        else lists), as the Datamint client's get_dataloader."""
+        torch = torch_module()
+        if torch is None:
+            raise ImportError('get_dataloader needs torch')
+        from .loader import collate
+        kwargs.setdefault('collate_fn', collate)
+        return torch.utils.data.DataLoader(self, *args, **kwargs)
+
+    def __repr__(self):
+        return ("dmcache.Dataset('%s', version='%s', %d items)"
+                % (self.project_name or self._project, self.version, self._len))

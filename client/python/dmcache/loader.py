@@ -1,0 +1,376 @@
+"""dmcache.Loader: batches of decoded items straight from the daemon's shared memory.
+
+Order. Each epoch's order is computed here, deterministically, as PyTorch's
+DistributedSampler computes it: with shuffle, the permutation of torch.randperm(n) under
+a torch.Generator seeded with seed + epoch (without torch: numpy's
+Generator(PCG64(seed + epoch)).permutation(n), another order); then the list is made
+divisible by world_size, by repeating its head (drop_last=False) or cutting its tail
+(drop_last=True, when n is not a multiple: ceil((n - world) / world) items per rank), and
+rank r takes every world_size-th item from r. The rank's list is cut into batches of
+batch_size; drop_last=True also drops a short last batch.
+
+Memory. Every batch is one GET of all its items (the daemon decodes them in parallel)
+into a connection's arena. The Loader keeps prefetch + 1 connections, each with its own
+arena holding one batch at a time: while batch k is in use, a background thread GETs the
+next ones on the other connections. A batch's items stay in the arena until the next
+batch is asked for (or the iteration ends); then they are RELEASEd. So the arena of a
+connection (arena_bytes, 0 for the daemon's default) must hold one whole batch: a batch
+larger than that waits for space that never comes (see the README).
+
+Tensors. When every item of a batch has the same dtype and shape, `images` is one
+stacked tensor (batch, frames, channels, H, W): a copy, writable, yours to keep. When
+shapes differ, `images` is a list of zero-copy tensors over the arena, as the Datamint
+client's collate keeps a list: they are read-only (the arena is mapped read-only; a write
+through them kills the process with SIGSEGV) and valid only until the next batch is
+asked for; .clone() what you keep. Without torch the same holds with numpy arrays
+(read-only views that raise on writes).
+
+Switching to the daemon's STREAM (the daemon computing the order and assembling batches)
+changes nothing here: the constructor, set_epoch(), len() and the Batch tuples stay.
+"""
+import json
+import math
+import os
+import queue
+import threading
+import weakref
+from typing import Any, List, NamedTuple
+
+import numpy as np
+
+from . import _lib, errors
+from .dataset import TORCH_WIDEN, Dataset, resolve_source, to_torch, torch_module
+
+PREFETCH_MAX = 4
+
+
+class Batch(NamedTuple):
+    """One batch: images (a stacked tensor or a list, see the module's docstring), meta
+    (per item, {"resource": record, "dicom": ...} as dicts, or None with metadata=False)
+    and indices (the dataset indices of the items)."""
+    images: Any
+    meta: List[Any]
+    indices: List[int]
+
+
+def _stack_or_list(items):
+    torch = torch_module()
+    if torch is not None and all(isinstance(x, torch.Tensor) for x in items):
+        if all(x.shape == items[0].shape for x in items):
+            return torch.stack(items)
+        return list(items)
+    if all(isinstance(x, np.ndarray) for x in items):
+        if all(x.shape == items[0].shape for x in items):
+            return np.stack(items)
+        return list(items)
+    return list(items)
+
+
+def collate(batch):
+    """The Datamint client's collate (datamint-api.md 4.5, get_collate_fn): per tuple
+    position or dict key, tensors (or numpy arrays) are stacked when all their shapes are
+    equal and kept as a list otherwise; everything else becomes a list."""
+    first = batch[0]
+    if isinstance(first, dict):
+        return {k: collate([b[k] for b in batch]) if isinstance(first[k], (tuple, dict))
+                else _stack_or_list([b[k] for b in batch]) for k in first}
+    if isinstance(first, tuple):
+        return tuple(_stack_or_list([b[i] for b in batch]) for i in range(len(first)))
+    return _stack_or_list(list(batch))
+
+
+def distributed_env(rank=None, world_size=None):
+    """(rank, world_size): the arguments when given, else torch.distributed's when it is
+    initialised, else the RANK / WORLD_SIZE environment variables torchrun sets, else
+    (0, 1)."""
+    torch = torch_module() if rank is None or world_size is None else None
+    dist = getattr(torch, 'distributed', None) if torch is not None else None
+    initialised = dist is not None and dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else \
+            int(os.environ.get('WORLD_SIZE', '1'))
+    if rank is None:
+        rank = dist.get_rank() if initialised else int(os.environ.get('RANK', '0'))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError('rank %d is not within world_size %d' % (rank, world_size))
+    return rank, world_size
+
+
+def permutation(n, seed, epoch):
+    """The epoch's shuffled order of range(n), as DistributedSampler draws it."""
+    torch = torch_module()
+    if torch is not None:
+        g = torch.Generator()
+        g.manual_seed(seed + epoch)
+        return torch.randperm(n, generator=g).tolist()
+    rng = np.random.Generator(np.random.PCG64(seed + epoch))
+    return rng.permutation(n).tolist()
+
+
+def rank_indices(n, epoch=0, seed=0, shuffle=False, rank=0, world_size=1, drop_last=False):
+    """The item indices rank `rank` reads in `epoch`, in order (DistributedSampler's rule)."""
+    order = permutation(n, seed, epoch) if shuffle else list(range(n))
+    if drop_last and n % world_size:
+        per_rank = math.ceil((n - world_size) / world_size)
+    else:
+        per_rank = math.ceil(n / world_size)
+    total = per_rank * world_size
+    if not drop_last:
+        pad = total - len(order)
+        if pad > 0 and order:
+            order += (order * math.ceil(pad / len(order)))[:pad]
+    else:
+        order = order[:total]
+    return order[rank:total:world_size]
+
+
+class _Conn:
+    """A connection with the dataset open on it; used by one thread at a time."""
+
+    def __init__(self, loader):
+        self.client = _lib.Client(loader.socket)
+        try:
+            self.ds = self.client.open(loader._source, loader._project, version=loader._version,
+                                       server=loader._server, api_key=loader._key,
+                                       lut=loader.lut, dtype=loader._dtype,
+                                       arena_bytes=loader.arena_bytes)
+        except BaseException:
+            self.client.close()
+            raise
+
+    def close(self):
+        if not self.client.forked:
+            self.ds.close()
+        self.client.close()
+
+
+class Loader:
+    """Batches of a dataset version for one rank.
+
+        Loader(project, batch_size=1, shuffle=False, seed=0, drop_last=False, rank=None,
+               world_size=None, version='latest', root=None, api_key=None,
+               server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
+               metadata=True, socket=None)
+
+    project: a Datamint project (name or id), a local dataset folder (with dataset.json),
+    a name under root as for Dataset, or a dmcache.Dataset (its source and pinned
+    version). Iterating yields Batch(images, meta, indices); len() is the number of
+    batches of this rank per epoch. lut applies the modality LUT (float32), dtype asks
+    the daemon for another output dtype ('float32', ...). There is no Datamint-style
+    normalisation: items come in their source dtype (or `dtype`).
+    """
+
+    def __init__(self, project, batch_size=1, shuffle=False, seed=0, drop_last=False,
+                 rank=None, world_size=None, version='latest', root=None, api_key=None,
+                 server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
+                 metadata=True, socket=None):
+        if not 1 <= int(batch_size) <= _lib.GET_MAX:
+            raise ValueError('batch_size must be 1 to %d' % _lib.GET_MAX)
+        if not 0 <= int(prefetch) <= PREFETCH_MAX:
+            raise ValueError('prefetch must be 0 to %d' % PREFETCH_MAX)
+        if dtype is not None and str(np.dtype(dtype)) not in _lib.DTYPE_CODES:
+            raise ValueError("dtype '%s' is not one the daemon produces" % dtype)
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.rank, self.world_size = distributed_env(rank, world_size)
+        self.lut = bool(lut)
+        self._dtype = _lib.DTYPE_CODES[str(np.dtype(dtype))] if dtype is not None else 0
+        self.prefetch = int(prefetch)
+        self.arena_bytes = int(arena_bytes)
+        self.metadata = bool(metadata)
+        self.socket = socket
+        self.epoch = 0
+        if isinstance(project, Dataset):
+            self._source, self._project = project._source, project._project
+            self._server, self._key = project._server, project._key
+            self._version = project.version
+            self.socket = socket if socket is not None else project.socket
+        else:
+            if root is None and os.path.isfile(os.path.join(os.fspath(project),
+                                                            'dataset.json')):
+                root, project = os.path.dirname(os.path.abspath(project)), \
+                    os.path.basename(os.path.abspath(project))
+            self._source, self._project, self._server, self._key = resolve_source(
+                root, project, api_key, server_url)
+            self._version = None if version in (None, '', 'latest') else version
+        self._pid = os.getpid()
+        self._conns = [_Conn(self)]
+        first = self._conns[0].ds
+        self._version = first.version  # pinned: every connection and epoch reads it
+        self.version = first.version
+        self.snapshot_id = first.snapshot_id
+        self.project_name = first.project_name
+        self.items = first.items
+        self._running = self._running_token = None
+
+    # ---- order ----
+    def set_epoch(self, epoch):
+        """Selects the epoch whose order the next iteration reads (as DistributedSampler)."""
+        self.epoch = int(epoch)
+
+    def indices(self, epoch=None):
+        """This rank's item indices for `epoch` (default: the current one), in order."""
+        return rank_indices(self.items, self.epoch if epoch is None else epoch, self.seed,
+                            self.shuffle, self.rank, self.world_size, self.drop_last)
+
+    def batches(self, epoch=None):
+        idx = self.indices(epoch)
+        out = [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        if self.drop_last and out and len(out[-1]) < self.batch_size:
+            out.pop()
+        return out
+
+    def __len__(self):
+        return len(self.batches())
+
+    # ---- connections ----
+    def _connections(self):
+        if self._pid != os.getpid():
+            # a forked child: the parent's connections are dropped, never used
+            for c in self._conns:
+                c.client.close()
+            self._conns, self._running, self._pid = [], None, os.getpid()
+        while len(self._conns) < self.prefetch + 1:
+            self._conns.append(_Conn(self))
+        return self._conns
+
+    def close(self):
+        """Ends a running iteration and closes the connections (reopened when iterated)."""
+        self._end_running()
+        for c in self._conns:
+            c.close()
+        self._conns = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):
+        st = dict(self.__dict__)
+        st['_conns'], st['_running'], st['_running_token'] = [], None, None
+        return st
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- iteration ----
+    def __iter__(self):
+        self._end_running()
+        gen = self._iterate(self.batches())
+        # weak: a loop that breaks drops the generator, whose finally releases its batch
+        self._running = weakref.ref(gen)
+        return gen
+
+    def _end_running(self):
+        """One iteration at a time: a new one (or close()) ends the previous, whose views
+        die with it."""
+        gen = self._running() if self._running is not None else None
+        self._running = None
+        if gen is not None:
+            gen.close()
+
+    def _make_batch(self, items):
+        for it in items:
+            if it.status:
+                raise _lib.item_error(it)
+        torch = torch_module()
+        views = []
+        for it in items:
+            shape = tuple(it.shape)
+            dt = np.dtype(_lib.DTYPES[it.dtype])
+            views.append(np.frombuffer(_lib.item_bytes(it), dtype=dt).reshape(shape))
+        same = all(v.shape == views[0].shape and v.dtype == views[0].dtype for v in views)
+        if same:
+            images = np.stack(views)  # one copy into a batch tensor
+            if torch is not None:
+                images = to_torch(torch, images)
+        elif torch is not None:
+            images = [to_torch(torch, v) if v.dtype.name in TORCH_WIDEN or
+                      v.dtype.name == 'uint64' else _torch_view(torch, it)
+                      for v, it in zip(views, items)]
+        else:
+            images = views
+        meta = [json.loads(_lib.item_meta(it)) for it in items] if self.metadata else \
+            [None] * len(items)
+        return Batch(images, meta, [int(it.index) for it in items])
+
+    def _iterate(self, batches):
+        token = self._running_token = object()
+        conns = self._connections()
+        m = len(conns)
+        stop = threading.Event()
+        free = [threading.Semaphore(1) for _ in range(m)]
+        results = queue.Queue()
+        held = {}  # batch number -> items, in the main thread's hands
+
+        def fetch(k):
+            c = conns[k % m]
+            return c.ds.get(batches[k])
+
+        def worker():
+            for k in range(len(batches)):
+                j = k % m
+                while not free[j].acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
+                if stop.is_set():
+                    return
+                try:
+                    results.put((k, fetch(k), None))
+                except BaseException as e:
+                    results.put((k, None, e))
+                    return
+
+        thread = None
+        if m > 1 and batches:
+            thread = threading.Thread(target=worker, name='dmcache-prefetch', daemon=True)
+            thread.start()
+        try:
+            for k in range(len(batches)):
+                if thread is not None:
+                    kk, items, err = results.get()
+                    if err is not None:
+                        raise err
+                else:
+                    items = fetch(k)
+                held[k] = items
+                batch = self._make_batch(items)
+                yield batch
+                del batch
+                conns[k % m].ds.release(held.pop(k))
+                free[k % m].release()
+        finally:
+            stop.set()
+            if thread is not None:
+                thread.join()
+                while True:
+                    try:
+                        kk, items, err = results.get_nowait()
+                    except queue.Empty:
+                        break
+                    if items is not None:
+                        held[kk] = items
+            for kk, items in held.items():
+                try:
+                    conns[kk % m].ds.release(items)
+                except errors.DmcacheError:
+                    pass  # a broken connection took its arena with it
+            if self._running_token is token:
+                self._running, self._running_token = None, None
+
+
+def _torch_view(torch, item):
+    """A zero-copy torch tensor over an item in the arena (read-only memory)."""
+    import ctypes
+    dt = getattr(torch, _lib.DTYPES[item.dtype])
+    if item.nbytes == 0:
+        return torch.empty(tuple(item.shape), dtype=dt)
+    buf = (ctypes.c_char * item.nbytes).from_address(item.data)
+    return torch.frombuffer(buf, dtype=dt).reshape(tuple(item.shape))
