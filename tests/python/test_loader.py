@@ -168,6 +168,21 @@ def test_item_errors_and_reuse(daemon, tmp_path):
         dmcache.Loader('no-such-project')
 
 
+def test_a_batch_larger_than_the_arena_fails_instead_of_hanging(daemon):
+    # four CT slices of 512 KiB each in a 1 MiB arena
+    loader = dmcache.Loader('sample', batch_size=4, arena_bytes=1 << 20, prefetch=0)
+    with pytest.raises(dmcache.LimitExceededError) as e:
+        next(iter(loader))
+    assert e.value.code == 1008 and e.value.name == 'limit_exceeded'
+    assert e.value.index in (0, 1, 2, 3)
+    assert counters(daemon.socket)['serve_arena_used_bytes'] == 0
+    # batches that fit go on
+    small = dmcache.Loader('sample', batch_size=1, arena_bytes=1 << 20, prefetch=0)
+    assert [b.indices for b in small] == [[i] for i in range(19)]
+    small.close()
+    loader.close()
+
+
 def test_numpy_without_torch_and_read_only_views(daemon):
     code = textwrap.dedent('''
         import sys, json

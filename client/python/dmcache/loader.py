@@ -14,8 +14,8 @@ into a connection's arena. The Loader keeps prefetch + 1 connections, each with 
 arena holding one batch at a time: while batch k is in use, a background thread GETs the
 next ones on the other connections. A batch's items stay in the arena until the next
 batch is asked for (or the iteration ends); then they are RELEASEd. So the arena of a
-connection (arena_bytes, 0 for the daemon's default) must hold one whole batch: a batch
-larger than that waits for space that never comes (see the README).
+connection (arena_bytes, 0 for the daemon's default) must hold one whole batch: the items
+of a larger batch that find no room fail with limit_exceeded (LimitExceededError).
 
 Tensors. When every item of a batch has the same dtype and shape, `images` is one
 stacked tensor (batch, frames, channels, H, W): a copy, writable, yours to keep. When
