@@ -77,6 +77,16 @@ static bool dw_long_vr(const uint8_t *vr)
 	return false;
 }
 
+/* GDCM asserts on a VR it does not know: only the VRs of PS3.5 pass. */
+static bool dw_known_vr(const uint8_t *vr)
+{
+	static const char vrs[] = "AEASATCSDADSDTFLFDISLOLTOBODOFOLOVOWPNSHSLSQSSSTSVTMUCUIULUNURUSUTUV";
+	for (size_t i = 0; i + 1 < sizeof(vrs); i += 2)
+		if (vr[0] == vrs[i] && vr[1] == vrs[i + 1])
+			return true;
+	return false;
+}
+
 static uint16_t dw16(const struct dwalk *w, size_t off)
 {
 	return w->big ? rd_be16(w->p + off) : rd_le16(w->p + off);
@@ -141,9 +151,18 @@ static int dw_elements(struct dwalk *w, size_t *off, size_t end, bool explicit_v
 			hdr = 8;
 		}
 		w->big = big;
+		if (ex && !dw_known_vr(vr))
+			return -DMC_E_DECODE_FAILED;
+		/* PS3.10: the meta group is explicit VR; GDCM asserts on other guesses. */
+		if (meta && !ex)
+			return -DMC_E_DECODE_FAILED;
+		/* Pixel Data as anything but OB/OW/UN: another GDCM assertion. */
+		if (ex && g == 0x7fe0 && e == 0x0010 && memcmp(vr, "OB", 2) != 0 &&
+		    memcmp(vr, "OW", 2) != 0 && memcmp(vr, "UN", 2) != 0)
+			return -DMC_E_DECODE_FAILED;
 		if (g == 0xfffe) {
 			*off = o + hdr;
-			if (stop && e == stop)
+			if (stop && e == stop && vl == 0)
 				return 0;
 			return -DMC_E_DECODE_FAILED; /* a stray item or delimiter */
 		}
@@ -189,8 +208,8 @@ static int dw_items(struct dwalk *w, size_t *off, size_t end, bool explicit_vr, 
 		uint16_t e = dw16(w, o + 2);
 		uint32_t vl = dw32(w, o + 4);
 		*off = o + 8;
-		if (e == 0xe0dd) /* sequence delimitation */
-			return end == SIZE_MAX ? 0 : -DMC_E_DECODE_FAILED;
+		if (e == 0xe0dd) /* sequence delimitation, length 0 (GDCM re-parses otherwise) */
+			return end == SIZE_MAX && vl == 0 ? 0 : -DMC_E_DECODE_FAILED;
 		if (e != 0xe000)
 			return -DMC_E_DECODE_FAILED;
 		if (vl == 0xffffffffu) {

@@ -17,6 +17,13 @@
 #include <streambuf>
 #include <string>
 
+/* GDCM's own headers trip clang's -Wdeprecated-copy (implicit copies of DataSet, Item,
+ * PrivateTag); not ours to fix. */
+#if defined(__clang__)
+#pragma clang diagnostic ignored "-Wdeprecated-copy"
+#pragma clang diagnostic ignored "-Wdeprecated-copy-with-user-provided-copy"
+#endif
+
 #include <gdcmBase64.h>
 #include <gdcmDataSet.h>
 #include <gdcmDictEntry.h>
