@@ -475,6 +475,20 @@ def test_watchdog_pings(tmpdir_short):
     try:
         assert d.notify.wait_for('READY=1', proc=d.proc), d.log()
         assert d.notify.wait_for('WATCHDOG=1', timeout=2), d.notify.messages
+        # a wedged loop stops the pings (reliability.md O2): systemd would then act
+        d.proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)  # let pings already sent arrive
+        d.notify.messages = []
+        d.notify.sock.settimeout(0.8)
+        wedged = []
+        try:
+            while True:
+                wedged.append(d.notify.sock.recv(4096).decode())
+        except socket.timeout:
+            pass
+        assert not any('WATCHDOG=1' in m for m in wedged), wedged
+        d.proc.send_signal(signal.SIGCONT)
+        assert d.notify.wait_for('WATCHDOG=1', timeout=2), d.notify.messages
     finally:
         assert d.stop()[0] == 0
 
