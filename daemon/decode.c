@@ -95,10 +95,10 @@ enum decode_dtype decode_dtype_from_name(const char *name)
 
 bool decode_codec_store_tensor(enum decode_codec c)
 {
+	/* decode.h, "Caching policy": lossless codecs whose decode costs >= 2x the zstd-1
+	 * decompression of their tensor. */
 	switch (c) {
 	case DECODE_CODEC_DEFLATE:
-	case DECODE_CODEC_RLE:
-	case DECODE_CODEC_JPEG_EXTENDED:
 	case DECODE_CODEC_JPEG_LOSSLESS:
 	case DECODE_CODEC_JPEG_LS:
 	case DECODE_CODEC_JPEG_2000:
@@ -107,7 +107,9 @@ bool decode_codec_store_tensor(enum decode_codec c)
 		return true;
 	case DECODE_CODEC_NONE:
 	case DECODE_CODEC_RAW:
+	case DECODE_CODEC_RLE:
 	case DECODE_CODEC_JPEG:
+	case DECODE_CODEC_JPEG_EXTENDED:
 	case DECODE_CODEC_NIFTI:
 		return false;
 	}

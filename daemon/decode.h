@@ -66,9 +66,27 @@
  *     astype truncates and wraps).
  *   - NIfTI with a finite slope and a non-finite intercept: nibabel raises, we use 0.
  *
- * Caching policy (DESIGN.md section 4): keep the decoded tensor in the store (zstd level 1)
- * when decoding costs more than decompressing the tensor with zstd-1.
- * MEASUREMENT-PENDING
+ * Caching policy (DESIGN.md section 4): the decoded tensor is kept in the store (zstd-1)
+ * for a lossless codec whose decode costs at least 2x the zstd-1 decompression of that
+ * tensor. Lossy codecs are decoded on the fly: their tensor is 5-10x the file on disk and
+ * they decode at 600-800 items/s anyway. Measured with tests/bench/bench_decode.py (one
+ * core, best of 3, same run; 512x512 CT int16 slices, 512x512 RGB photos, 256x256x64 int16
+ * volumes; tests/bench/README.md has the whole table):
+ *
+ *   codec                 decode/s   zstd-1/s   zstd vs decode   store tensor
+ *   raw DICOM               4379       1809          0.41            no
+ *   deflated DICOM           682       1809          2.65            yes
+ *   RLE (ours)              1233       1986          1.61            no
+ *   JPEG lossless .4.70      189       1936          10.3            yes
+ *   JPEG-LS                   93       1641          17.6            yes
+ *   JPEG 2000                 22       1964          90.3            yes
+ *   JPEG 12-bit (GDCM)       574       2835          4.94            no (lossy)
+ *   JPEG baseline (DICOM)    607        980          1.61            no (lossy)
+ *   JPEG RGB / gray file   600/768   1037/3032     1.73/3.95         no (lossy)
+ *   PNG RGB8 / gray16      87/131     983/1476      11.3/11.2        yes
+ *   NIfTI .nii              1849         98          0.05            no
+ *   NIfTI .nii.gz             39        101          2.56            yes
+ *
  * decode_codec_store_tensor() encodes the last column.
  */
 #ifndef DMC_DECODE_H

@@ -844,6 +844,10 @@ TEST(names_and_policy)
 	ASSERT(decode_codec_store_tensor(DECODE_CODEC_JPEG_2000));
 	ASSERT(!decode_codec_store_tensor(DECODE_CODEC_RAW));
 	ASSERT(!decode_codec_store_tensor(DECODE_CODEC_JPEG));
+	ASSERT(decode_codec_store_tensor(DECODE_CODEC_PNG));
+	ASSERT(decode_codec_store_tensor(DECODE_CODEC_NIFTI_GZ));
+	ASSERT(!decode_codec_store_tensor(DECODE_CODEC_RLE));
+	ASSERT(!decode_codec_store_tensor(DECODE_CODEC_JPEG_EXTENDED));
 }
 
 TEST(float_to_int_rounds_and_saturates)
