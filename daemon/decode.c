@@ -235,6 +235,7 @@ void decode_ctx_free(struct decode_ctx *ctx)
 	buf_free(&ctx->work2);
 	buf_free(&ctx->conv);
 	buf_free(&ctx->infl);
+	buf_free(&ctx->jfix);
 	if (ctx->tj && ctx->free_tj)
 		ctx->free_tj(ctx->tj);
 	if (ctx->inflater && ctx->free_inflater)
@@ -255,6 +256,8 @@ void decode_ctx_trim(struct decode_ctx *ctx, size_t keep)
 		buf_free(&ctx->conv);
 	if (ctx->infl.cap > keep)
 		buf_free(&ctx->infl);
+	if (ctx->jfix.cap > keep)
+		buf_free(&ctx->jfix);
 }
 
 const struct decode_limits *decode_ctx_limits(const struct decode_ctx *ctx)

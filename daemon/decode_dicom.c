@@ -744,8 +744,9 @@ static int force_rgb(struct decode_ctx *ctx, const uint8_t *p, uint64_t len, con
 	static const uint8_t adobe[16] = { 0xff, 0xee, 0x00, 0x0e, 'A', 'd', 'o', 'b', 'e',
 					   0x00, 0x64, 0x00, 0x00, 0x00, 0x00, 0x00 };
 	uint64_t n = len + sizeof(adobe);
-	/* work2 may already hold p (a multi-fragment frame): use the conversion-free half. */
-	struct decode_buf *b = p == ctx->work2.p ? &ctx->work : &ctx->work2;
+	/* Its own buffer: p may be in work2 (a multi-fragment frame), and the decode itself
+	 * uses work for the interleaved pixels. */
+	struct decode_buf *b = &ctx->jfix;
 	int r = decode_buf_reserve(ctx, b, n, err, errlen);
 	if (r < 0)
 		return r;

@@ -307,7 +307,8 @@ static void on_ctl(uv_poll_t *h, int status, int events)
 		if (rep.status == 0) {
 			job->desc = rep.desc;
 			job->out = w->region + pool->params.in_bytes;
-			if (rep.meta_len < pool->params.meta_bytes) {
+			if (job->want_meta && rep.meta_len > 0 &&
+			    rep.meta_len < pool->params.meta_bytes) {
 				job->meta = (const char *)job->out + pool->params.out_bytes;
 				job->meta_len = rep.meta_len;
 			}
@@ -626,6 +627,14 @@ int decode_pool_submit(struct decode_pool *pool, struct decode_job *job, decode_
 		set_job_err(job, "the decoder pool is stopping");
 		pool->st.refused++;
 		return -DMC_E_CANCELLED;
+	}
+	bool alive = false;
+	for (unsigned i = 0; i < pool->nworkers; i++)
+		alive |= pool->workers[i].state != W_NONE;
+	if (!alive && pool->zygote_dead) {
+		set_job_err(job, "no decoder worker can be started");
+		pool->st.refused++;
+		return -DMC_E_DECODE_FAILED;
 	}
 	struct bad_key *b = bad_find(pool, job->resource);
 	if (b && b->failures >= 2) {

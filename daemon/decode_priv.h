@@ -86,6 +86,7 @@ struct decode_ctx {
 	struct decode_buf work2;  /* second decoder scratch: concatenated JPEG fragments */
 	struct decode_buf conv;   /* the source tensor when the output needs a conversion */
 	struct decode_buf infl;   /* an inflated deflated-syntax DICOM file */
+	struct decode_buf jfix;   /* a DICOM JPEG stream with patched color markers */
 	void *tj;                 /* tjhandle, created on first use by decode_jpeg.c */
 	void (*free_tj)(void *);
 	void *inflater;           /* libdeflate decompressor, created by decode_nifti.c */

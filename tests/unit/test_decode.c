@@ -826,6 +826,27 @@ TEST(dicom_rle_and_jpeg)
 	ASSERT_MEM_EQ(out, ref, jd.nbytes);
 	ASSERT_MEM_EQ((uint8_t *)out + jd.nbytes, ref, jd.nbytes);
 	free(out);
+
+	/* Photometric RGB without an Adobe marker: decoded without a color transform (as
+	 * pydicom does), the same whether the frame is one fragment or split in two. */
+	void *one, *two;
+	free(b.p);
+	b = dicom_head("1.2.840.10008.1.2.4.50", R, C, 3, 8, 0, "RGB", NULL, false);
+	const uint8_t *f1[1] = { j.p };
+	uint32_t l1[1] = { (uint32_t)j.len };
+	encapsulate(&b, f1, l1, 1);
+	ASSERT_EQ(decode_all(ctx, b.p, b.len, NULL, &d, &one), 0);
+	free(b.p);
+	b = dicom_head("1.2.840.10008.1.2.4.50", R, C, 3, 8, 0, "RGB", NULL, false);
+	uint32_t half = (uint32_t)j.len / 2 & ~1u;
+	const uint8_t *f2[2] = { j.p, j.p + half };
+	uint32_t l2[2] = { half, (uint32_t)j.len - half };
+	encapsulate(&b, f2, l2, 2);
+	ASSERT_EQ(decode_all(ctx, b.p, b.len, NULL, &d, &two), 0);
+	ASSERT_MEM_EQ(one, two, jd.nbytes);
+	ASSERT(memcmp(one, ref, jd.nbytes) != 0); /* YCbCr kept as is, not converted */
+	free(one);
+	free(two);
 	free(ref);
 	free(b.p);
 	free(j.p);
