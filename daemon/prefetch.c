@@ -283,6 +283,37 @@ static void update_rate(struct job *j)
 		j->eta_ms = 0;
 }
 
+static void job_finish(struct job *j, uint32_t state);
+static void record_error(struct job *j, int err, long http_status, uint32_t retry_after,
+			 const char *resource, const char *msg);
+
+/*
+ * Commits the index batch: what makes stored items count (acknowledged). When it fails
+ * (disk full, I/O error), the batch was rolled back: the jobs whose items were in it cannot
+ * say what is stored any more, so they end FAILED with the reason; a new prefetch finds
+ * the blobs again (reconciliation adopts them) and goes on.
+ */
+static int commit_index(struct prefetch *p)
+{
+	struct index *ix = p->d.cache->index;
+	int rc = index_flush(ix);
+	char msg[FETCH_MESSAGE_MAX];
+
+	if (rc == 0)
+		return 0;
+	snprintf(msg, sizeof(msg), "the cache index could not be written: %.200s",
+		 index_errmsg(ix));
+	log_err(STORE, "%s", msg);
+	for (struct job *j = p->jobs, *n; j; j = n) {
+		n = j->next;
+		if (j->final || j->snapshot_id <= 0)
+			continue;
+		record_error(j, rc, 0, 0, NULL, msg);
+		job_finish(j, DMC_JOB_FAILED);
+	}
+	return rc;
+}
+
 static void on_tick(uv_timer_t *t)
 {
 	struct job *j = t->data;
@@ -290,7 +321,8 @@ static void on_tick(uv_timer_t *t)
 
 	if (j->final)
 		return;
-	index_flush(j->pf->d.cache->index);
+	if (commit_index(j->pf) < 0)
+		return; /* the job ended with the reason */
 	update_rate(j);
 	job_progress(j, &m);
 	send_progress(j, &m, true);
@@ -309,7 +341,11 @@ static void job_finish(struct job *j, uint32_t state)
 	uv_timer_stop(&j->tick);
 	if (j->snapshot_id > 0 && state == DMC_JOB_DONE)
 		index_snapshot_set_complete(ix, j->snapshot_id, true);
-	index_flush(ix);
+	if (index_flush(ix) < 0 && state == DMC_JOB_DONE) {
+		/* nothing of the last batch is recorded: this job cannot say it is done */
+		record_error(j, -EIO, 0, 0, NULL, "the cache index could not be written");
+		j->state = state = DMC_JOB_FAILED;
+	}
 	update_rate(j);
 	j->eta_ms = 0;
 	/* callbacks still waiting for the snapshot: it will not come from this job */
@@ -369,9 +405,7 @@ static void fail_job(struct job *j, const struct dm_error *e)
 
 static void on_flush_timer(uv_timer_t *t)
 {
-	struct prefetch *p = t->data;
-
-	index_flush(p->d.cache->index);
+	commit_index(t->data);
 }
 
 int prefetch_new(const struct prefetch_deps *deps, struct prefetch **ret)
