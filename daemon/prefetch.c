@@ -1645,6 +1645,20 @@ static int who_join(struct job *j, const struct who *w);
 static void who_error(const struct who *w, uint32_t code, const char *msg);
 static uid_t who_uid(const struct who *w);
 
+/* A new job joins the engine: its progress timer runs and `w` hears of it. */
+static void job_register(struct prefetch *p, struct job *j, const struct who *w)
+{
+	uv_timer_init(p->d.loop, &j->tick);
+	j->tick.data = j;
+	j->next = p->jobs;
+	if (p->jobs)
+		p->jobs->prev = j;
+	p->jobs = j;
+	p->jobs_started++;
+	who_join(j, w);
+	uv_timer_start(&j->tick, on_tick, TICK_MS, TICK_MS);
+}
+
 static void on_prefetch_local(struct prefetch *p, const struct who *w,
 			      const struct dmc_prefetch *m)
 {
@@ -1671,15 +1685,7 @@ static void on_prefetch_local(struct prefetch *p, const struct who *w,
 	j->project_arg = project;
 	j->version_arg = version;
 	j->state = DMC_JOB_RESOLVING;
-	uv_timer_init(p->d.loop, &j->tick);
-	j->tick.data = j;
-	j->next = p->jobs;
-	if (p->jobs)
-		p->jobs->prev = j;
-	p->jobs = j;
-	p->jobs_started++;
-	who_join(j, w);
-	uv_timer_start(&j->tick, on_tick, TICK_MS, TICK_MS);
+	job_register(p, j, w);
 	log_info(FETCH, "job %" PRIu64 ": uid %u prefetches the folder '%s'", j->id,
 		 (unsigned)j->uid, j->project_arg);
 	j->scan_work.data = j;
@@ -1858,15 +1864,7 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	j->dmc.server = j->server;
 	j->dmc.origin = j->origin;
 	j->dmc.key = secret_str(j->key);
-	uv_timer_init(p->d.loop, &j->tick);
-	j->tick.data = j;
-	j->next = p->jobs;
-	if (p->jobs)
-		p->jobs->prev = j;
-	p->jobs = j;
-	p->jobs_started++;
-	who_join(j, w);
-	uv_timer_start(&j->tick, on_tick, TICK_MS, TICK_MS);
+	job_register(p, j, w);
 	log_info(FETCH, "job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
 		 (unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",
 		 j->origin);

@@ -327,6 +327,17 @@ static uint32_t code_of(int err)
 	return err < 0 && err > -4096 ? DMC_E_IO : DMC_E_INTERNAL;
 }
 
+/* The connection went while the item was in work: drop its buffers, end it unanswered. */
+static void abandon(struct gitem *gi)
+{
+	free(gi->in);
+	gi->in = NULL;
+	free(gi->hold);
+	gi->hold = NULL;
+	settle(gi, GI_DONE);
+	req_maybe_reply(gi->rq);
+}
+
 static void item_fail(struct gitem *gi, int err, const char *msg)
 {
 	struct sconn *sc = gi->rq->sc;
@@ -539,10 +550,7 @@ static void read_after(uv_work_t *w, int status)
 	(void)status;
 	sc->busy--;
 	if (!sc->c) {
-		free(gi->in);
-		gi->in = NULL;
-		settle(gi, GI_DONE);
-		req_maybe_reply(gi->rq);
+		abandon(gi);
 		return;
 	}
 	if (gi->work_err < 0) {
@@ -769,8 +777,7 @@ static void on_decoded(struct decode_job *job)
 	free(gi->in);
 	gi->in = NULL;
 	if (!sc->c) {
-		settle(gi, GI_DONE);
-		req_maybe_reply(gi->rq);
+		abandon(gi);
 		return;
 	}
 	if (job->status < 0) {
@@ -854,10 +861,7 @@ static void cached_after(uv_work_t *w, int status)
 	(void)status;
 	sc->busy--;
 	if (!sc->c) {
-		free(gi->hold);
-		gi->hold = NULL;
-		settle(gi, GI_DONE);
-		req_maybe_reply(gi->rq);
+		abandon(gi);
 		return;
 	}
 	if (gi->work_err < 0) {
