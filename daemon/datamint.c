@@ -526,11 +526,6 @@ void dm_page_free(struct dm_page *p)
 		free(r->filename);
 		free(r->mimetype);
 		free(r->meta);
-		for (uint32_t k = 0; k < r->n_masks; k++) {
-			free(r->masks[k].annotation_id);
-			free(r->masks[k].url);
-		}
-		free(r->masks);
 	}
 	free(p->items);
 	free(p);
@@ -571,9 +566,8 @@ static char *mask_url(const struct dm_client *c, const char *rid, const char *ai
 static int take_resource(const struct page_op *op, json_t *o, struct dm_resource *r)
 {
 	json_t *size = json_object_get(o, "size"), *deleted = json_object_get(o, "deleted"),
-	       *deleted_at = json_object_get(o, "deleted_at"), *anns, *a;
+	       *deleted_at = json_object_get(o, "deleted_at"), *anns;
 	json_t *rec;
-	size_t i;
 
 	if (json_is_true(deleted) || json_is_string(deleted_at))
 		return 1;
@@ -596,23 +590,7 @@ static int take_resource(const struct page_op *op, json_t *o, struct dm_resource
 	rec = json_deep_copy(o);
 	anns = op->ann ? json_object_get(op->ann->by_resource, r->id) : NULL;
 	json_object_set_new(rec, "annotations", anns ? json_deep_copy(anns) : json_array());
-	anns = json_object_get(rec, "annotations");
-	json_array_foreach(anns, i, a) {
-		json_t *type = json_object_get(a, "annotation_type");
-		json_t *aid = json_object_get(a, "id");
-		if (!json_is_string(type))
-			type = json_object_get(a, "type");
-		if (!json_is_string(type) || strcmp(json_string_value(type), "segmentation") != 0 ||
-		    !json_is_string(aid))
-			continue;
-		struct dm_mask *m = realloc(r->masks, (r->n_masks + 1) * sizeof(*m));
-		if (!m)
-			break;
-		r->masks = m;
-		m[r->n_masks].annotation_id = strdup(json_string_value(aid));
-		m[r->n_masks].url = mask_url(op->c, r->id, json_string_value(aid));
-		r->n_masks++;
-	}
+	/* its segmentation files are read from this record when it is fetched (dm_masks_of) */
 	r->meta = json_dumps(rec, JSON_COMPACT | JSON_SORT_KEYS);
 	json_decref(rec);
 	if (!r->meta || !r->filename || !r->mimetype)

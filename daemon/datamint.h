@@ -82,8 +82,6 @@ struct dm_resource {
 	int64_t size;
 	char *meta;     /* the resource record as JSON, with its "annotations" array */
 	size_t meta_len;
-	struct dm_mask *masks;
-	uint32_t n_masks;
 };
 
 struct dm_page {
