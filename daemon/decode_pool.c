@@ -305,14 +305,15 @@ static void on_ctl(uv_poll_t *h, int status, int events)
 		job->status = rep.status;
 		rep.err[sizeof(rep.err) - 1] = '\0';
 		if (rep.status == 0) {
+			const uint8_t *out = w->region + pool->params.in_bytes;
 			job->desc = rep.desc;
-			job->out = w->region + pool->params.in_bytes;
+			job->out = job->probe_only ? NULL : out;
 			if (job->want_meta && rep.meta_len > 0 &&
 			    rep.meta_len < pool->params.meta_bytes) {
-				job->meta = (const char *)job->out + pool->params.out_bytes;
+				job->meta = (const char *)out + pool->params.out_bytes;
 				job->meta_len = rep.meta_len;
 			}
-			if (job->desc.nbytes > pool->params.out_bytes) {
+			if (!job->probe_only && job->desc.nbytes > pool->params.out_bytes) {
 				job->status = -DMC_E_INTERNAL;
 				set_job_err(job, "worker reported an impossible size");
 			}
@@ -346,6 +347,7 @@ static void start_job(struct worker *w, struct decode_job *job)
 	req.frame = job->opts.frame;
 	req.dtype = (uint32_t)job->opts.dtype;
 	req.want_meta = job->want_meta;
+	req.probe_only = job->probe_only;
 	w->job = job;
 	w->state = W_BUSY;
 	uv_timer_start(&w->timer, on_timeout, pool->cfg.timeout_ms, 0);

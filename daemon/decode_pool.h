@@ -81,13 +81,22 @@ struct decode_job {
 	size_t in_len;
 	struct decode_opts opts;
 	bool want_meta;
+	/*
+	 * Probe only: the worker runs decode_probe() (and decode_meta() with want_meta) and
+	 * decodes no pixels; desc comes back filled (src_frames: the item's frame count, for
+	 * frame-by-frame serving; nbytes: what a decode with these opts would write, which
+	 * may exceed the output area) and out stays NULL. Same sandbox, limits, deadline,
+	 * quarantine and crash handling as a decode.
+	 */
+	bool probe_only;
 	const char *resource;      /* borrowed: names the input in errors; the quarantine key */
 	void *data;                /* the caller's */
 
 	/* out, valid inside on_done */
 	int status;                /* 0, or a negated enum dmc_error / errno */
 	struct decode_desc desc;   /* when status == 0 */
-	const void *out;           /* the tensor (desc.nbytes), in the worker's region */
+	const void *out;           /* the tensor (desc.nbytes), in the worker's region; NULL
+				    * for probe_only */
 	const char *meta;          /* NUL-terminated JSON (want_meta), in the worker's region */
 	size_t meta_len;
 	char err[320];             /* "'resource': reason" when status < 0 */

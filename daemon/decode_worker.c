@@ -197,7 +197,9 @@ static void run_job(struct decode_ctx *ctx, uint8_t *region, const struct worker
 		return;
 #endif
 	r = decode_probe(ctx, region, req->in_len, &opts, &rep->desc, rep->err, sizeof(rep->err));
-	if (r == 0 && rep->desc.nbytes > p->out_bytes) {
+	/* A probe writes no tensor: an item larger than the output area may still be served
+	 * frame by frame. */
+	if (r == 0 && !req->probe_only && rep->desc.nbytes > p->out_bytes) {
 		snprintf(rep->err, sizeof(rep->err),
 			 "tensor of %llu bytes does not fit the output area of %zu bytes",
 			 (unsigned long long)rep->desc.nbytes, p->out_bytes);
@@ -211,7 +213,7 @@ static void run_job(struct decode_ctx *ctx, uint8_t *region, const struct worker
 			r = -DMC_E_LIMIT_EXCEEDED;
 		rep->meta_len = mlen;
 	}
-	if (r == 0)
+	if (r == 0 && !req->probe_only)
 		r = decode_run(ctx, region, req->in_len, &opts, out, p->out_bytes, rep->err,
 			       sizeof(rep->err));
 	rep->status = r;

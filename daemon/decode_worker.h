@@ -42,6 +42,8 @@ struct worker_req {
 	uint64_t in_len;
 	uint32_t flags, frame, dtype;
 	uint32_t want_meta;
+	uint32_t probe_only; /* decode_probe() (and metadata) only: no pixels, no output */
+	uint32_t pad_;
 };
 
 /* worker -> daemon. The tensor is at region + in_bytes, the metadata after the tensor area. */

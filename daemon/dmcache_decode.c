@@ -5,9 +5,13 @@
  *
  *   dmcache-decode [--pool] [--frames | --frame N] [--lut] [--dtype T]
  *                  [--max-decode-bytes N] [--timeout-ms N] FILE -o OUT.npy [--meta OUT.json]
+ *   dmcache-decode [--pool] --probe [--frame N] [--lut] [--dtype T] FILE [--meta OUT.json]
  *
  * --frames decodes frame by frame (each frame an item of its own, as with frame-by-frame
  * datasets) and writes the frames stacked, shape (F, C, H, W); --frame N writes only frame N.
+ * With --pool, --frames first learns the frame count from a probe-only job, as the daemon
+ * does. --probe decodes no pixels and prints the tensor descriptor as one line of JSON:
+ * {"format", "codec", "dtype", "shape": [F, C, H, W], "frames" (of the item), "nbytes"}.
  * Exit status: 0 success, 2 usage or I/O error, 3 limit exceeded, 4 decode failed,
  * 1 anything else. Errors print "dmcache-decode: FILE: <error name>: <reason>".
  */
@@ -37,7 +41,7 @@ enum {
 
 struct args {
 	const char *file, *out, *meta;
-	bool pool, frames, lut;
+	bool pool, frames, lut, probe;
 	long frame; /* -1: all */
 	enum decode_dtype dtype;
 	uint64_t max_decode_bytes;
@@ -48,6 +52,8 @@ static void usage(FILE *f)
 {
 	fprintf(f, "usage: dmcache-decode [--pool] [--frames | --frame N] [--lut] [--dtype T]\n"
 		   "                      [--max-decode-bytes N] [--timeout-ms N] FILE -o OUT.npy\n"
+		   "                      [--meta OUT.json]\n"
+		   "       dmcache-decode [--pool] --probe [--frame N] [--lut] [--dtype T] FILE\n"
 		   "                      [--meta OUT.json]\n");
 }
 
@@ -78,6 +84,8 @@ static int parse_args(int argc, char **argv, struct args *a)
 			a->frames = true;
 		} else if (strcmp(s, "--lut") == 0) {
 			a->lut = true;
+		} else if (strcmp(s, "--probe") == 0) {
+			a->probe = true;
 		} else if (strcmp(s, "--frame") == 0) {
 			if (parse_u64(v, &u) || u > UINT32_MAX)
 				return -1;
@@ -117,7 +125,7 @@ static int parse_args(int argc, char **argv, struct args *a)
 			return -1;
 		}
 	}
-	if (!a->file || !a->out || (a->frames && a->frame >= 0))
+	if (!a->file || (!a->out && !a->probe) || (a->frames && (a->frame >= 0 || a->probe)))
 		return -1;
 	return 0;
 }
@@ -212,6 +220,15 @@ static int write_npy(const char *path, const struct decode_desc *d, uint32_t fra
 	return r;
 }
 
+static void print_desc(const struct decode_desc *d)
+{
+	printf("{\"format\":\"%s\",\"codec\":\"%s\",\"dtype\":\"%s\",\"shape\":[%u,%u,%u,%u],"
+	       "\"frames\":%u,\"nbytes\":%" PRIu64 "}\n",
+	       decode_format_name(d->format), decode_codec_name(d->codec),
+	       decode_dtype_name(d->dtype), d->frames, d->channels, d->height, d->width,
+	       d->src_frames, d->nbytes);
+}
+
 /* ---- in-process ---- */
 
 static int run_local(const struct args *a, const uint8_t *in, size_t len,
@@ -238,11 +255,6 @@ static int run_local(const struct args *a, const uint8_t *in, size_t len,
 		goto out;
 	}
 	uint32_t frames = d.frames;
-	out = malloc(d.nbytes ? (size_t)d.nbytes : 1);
-	if (!out) {
-		rc = fail(a->file, ENOMEM, "out of memory for the tensor");
-		goto out;
-	}
 	if (a->meta) {
 		size_t cap = lim->max_meta_bytes + 8192, mlen;
 		meta = malloc(cap);
@@ -260,6 +272,16 @@ static int run_local(const struct args *a, const uint8_t *in, size_t len,
 			rc = fail(a->meta, -r, "cannot write the metadata");
 			goto out;
 		}
+	}
+	if (a->probe) {
+		print_desc(&d);
+		rc = EXIT_DECODE_OK;
+		goto out;
+	}
+	out = malloc(d.nbytes ? (size_t)d.nbytes : 1);
+	if (!out) {
+		rc = fail(a->file, ENOMEM, "out of memory for the tensor");
+		goto out;
 	}
 	if (a->frames) {
 		/* Frame by frame, each decode an item of its own. */
@@ -339,8 +361,12 @@ static void on_done(struct decode_job *job)
 			goto finish;
 		}
 	}
-	if (a->frames) {
-		if (!pr->frames_buf) {
+	if (a->probe) {
+		print_desc(&job->desc);
+		r = 0;
+	} else if (a->frames) {
+		if (job->probe_only) {
+			/* The probe (of frame 0) tells the frame count and a frame's size. */
 			pr->desc = job->desc;
 			pr->nframes = job->desc.src_frames;
 			pr->frame_bytes = (size_t)job->desc.nbytes;
@@ -349,6 +375,11 @@ static void on_done(struct decode_job *job)
 				pr->rc = fail(a->file, ENOMEM, "out of memory");
 				goto finish;
 			}
+			job->probe_only = false;
+			job->want_meta = false;
+			if (submit(pr) == 0)
+				return;
+			goto finish;
 		}
 		memcpy(pr->frames_buf + (size_t)pr->frame * pr->frame_bytes, job->out,
 		       pr->frame_bytes);
@@ -410,6 +441,7 @@ static int run_pool(const struct args *a, const uint8_t *in, size_t len,
 		pr.job.opts.frame = a->frame >= 0 ? (uint32_t)a->frame : 0;
 	}
 	pr.job.want_meta = a->meta != NULL;
+	pr.job.probe_only = a->probe || a->frames;
 	pr.job.resource = a->file;
 	pr.job.data = &pr;
 	if (submit(&pr) < 0)

@@ -64,6 +64,96 @@ static uint8_t *nifti(int nx, int ny, size_t *ret_len)
 	return p;
 }
 
+/* ---- a multi-frame DICOM (explicit VR little endian), uint16 MONOCHROME2 ---- */
+
+struct buf {
+	uint8_t *p;
+	size_t len;
+};
+
+static void put(struct buf *b, const void *v, size_t n)
+{
+	uint8_t *p = realloc(b->p, b->len + n + 1);
+	if (!p)
+		abort();
+	b->p = p;
+	memcpy(b->p + b->len, v, n);
+	b->len += n;
+}
+
+static void put16(struct buf *b, uint16_t v)
+{
+	uint8_t x[2] = { (uint8_t)v, (uint8_t)(v >> 8) };
+	put(b, x, 2);
+}
+
+static void put32(struct buf *b, uint32_t v)
+{
+	put16(b, (uint16_t)v);
+	put16(b, (uint16_t)(v >> 16));
+}
+
+/* One element; n must be even (callers pad their strings). */
+static void elem(struct buf *b, uint16_t g, uint16_t e, const char *vr, const void *v,
+		 uint32_t n)
+{
+	put16(b, g);
+	put16(b, e);
+	put(b, vr, 2);
+	if (!strcmp(vr, "OB") || !strcmp(vr, "OW")) {
+		put16(b, 0);
+		put32(b, n);
+	} else {
+		put16(b, (uint16_t)n);
+	}
+	put(b, v, n);
+}
+
+static void elem_us(struct buf *b, uint16_t e, uint16_t v)
+{
+	uint8_t x[2] = { (uint8_t)v, (uint8_t)(v >> 8) };
+	elem(b, 0x0028, e, "US", x, 2);
+}
+
+static uint8_t *dicom_frames(uint16_t frames, uint16_t rows, uint16_t cols, size_t *ret_len)
+{
+	static const char ts[] = "1.2.840.10008.1.2.1"; /* 20 bytes with the NUL pad */
+	static const char sop[] = "1.2.840.10008.5.1.4.1.1.7"; /* 26 bytes */
+	struct buf b = { NULL, 0 }, meta = { NULL, 0 };
+	uint8_t pre[128] = { 0 };
+	char nf[8];
+	put(&b, pre, sizeof(pre));
+	put(&b, "DICM", 4);
+	elem(&meta, 0x0002, 0x0010, "UI", ts, sizeof(ts));
+	uint8_t gl[4] = { (uint8_t)meta.len, (uint8_t)(meta.len >> 8), 0, 0 };
+	elem(&b, 0x0002, 0x0000, "UL", gl, 4);
+	put(&b, meta.p, meta.len);
+	free(meta.p);
+	elem(&b, 0x0008, 0x0016, "UI", sop, sizeof(sop));
+	elem_us(&b, 0x0002, 1);
+	elem(&b, 0x0028, 0x0004, "CS", "MONOCHROME2 ", 12);
+	int n = snprintf(nf, sizeof(nf), "%u", frames);
+	if (n & 1)
+		nf[n++] = ' ';
+	elem(&b, 0x0028, 0x0008, "IS", nf, (uint32_t)n);
+	elem_us(&b, 0x0010, rows);
+	elem_us(&b, 0x0011, cols);
+	elem_us(&b, 0x0100, 16);
+	elem_us(&b, 0x0101, 16);
+	elem_us(&b, 0x0102, 15);
+	elem_us(&b, 0x0103, 0);
+	size_t npx = (size_t)frames * rows * cols;
+	uint16_t *px = malloc(npx * 2);
+	if (!px)
+		abort();
+	for (size_t i = 0; i < npx; i++)
+		px[i] = (uint16_t)(i * 31 + 7);
+	elem(&b, 0x7fe0, 0x0010, "OW", px, (uint32_t)(npx * 2));
+	free(px);
+	*ret_len = b.len;
+	return b.p;
+}
+
 /* ---- the loop ---- */
 
 struct done {
@@ -76,6 +166,8 @@ struct done {
 	size_t out_len;
 	unsigned failures;
 	bool meta_ok;
+	bool out_null;
+	long long meta_frames;
 };
 
 static void on_done(struct decode_job *job)
@@ -88,11 +180,15 @@ static void on_done(struct decode_job *job)
 	memcpy(d->err, job->err, sizeof(d->err));
 	if (job->status == 0) {
 		d->desc = job->desc;
-		d->out_len = job->desc.nbytes < sizeof(d->out) ? (size_t)job->desc.nbytes : 0;
-		memcpy(d->out, job->out, d->out_len);
+		d->out_null = job->out == NULL;
+		if (job->out) {
+			d->out_len = job->desc.nbytes < sizeof(d->out) ? (size_t)job->desc.nbytes : 0;
+			memcpy(d->out, job->out, d->out_len);
+		}
 		if (job->meta) {
 			json_t *j = json_loads(job->meta, 0, NULL);
 			d->meta_ok = j && json_is_object(json_object_get(j, "header"));
+			d->meta_frames = json_integer_value(json_object_get(j, "frames"));
 			json_decref(j);
 		}
 	}
@@ -147,13 +243,14 @@ static bool all_done(void *arg)
 	return true;
 }
 
-static int start(uv_loop_t *loop, unsigned workers, uint64_t timeout_ms, unsigned cpu_s)
+static int start_out(uv_loop_t *loop, unsigned workers, uint64_t timeout_ms, unsigned cpu_s,
+		     size_t out_bytes)
 {
 	struct decode_pool_config cfg;
 	decode_pool_config_default(&cfg);
 	cfg.workers = workers;
 	cfg.in_bytes = 1u << 20;
-	cfg.out_bytes = 8u << 20;
+	cfg.out_bytes = out_bytes;
 	cfg.meta_bytes = 64u << 10;
 	cfg.limits.max_decode_bytes = 8u << 20;
 	cfg.limits.max_meta_bytes = 60u << 10;
@@ -164,6 +261,11 @@ static int start(uv_loop_t *loop, unsigned workers, uint64_t timeout_ms, unsigne
 	if (r == 0 && !run_until(loop, all_idle, NULL, 5.0))
 		r = -ETIMEDOUT;
 	return r;
+}
+
+static int start(uv_loop_t *loop, unsigned workers, uint64_t timeout_ms, unsigned cpu_s)
+{
+	return start_out(loop, workers, timeout_ms, cpu_s, 8u << 20);
 }
 
 static void stop(uv_loop_t *loop)
@@ -398,6 +500,135 @@ TEST(seccomp_filter_kills_forbidden_syscalls)
 	stop(&loop);
 }
 
+TEST(probe_only_gives_the_frame_count)
+{
+	/* An output area of 64 KiB: the item (100 frames of 32 x 32 uint16, 200 KiB) does not
+	 * fit, its frames (2 KiB) do. A probe tells the frame count without decoding. */
+	enum { F = 100, R = 32, C = 32 };
+	uv_loop_t loop;
+	ASSERT_EQ(start_out(&loop, 1, 5000, 10, 64u << 10), 0);
+	size_t len;
+	uint8_t *in = dicom_frames(F, R, C, &len);
+	struct decode_job job;
+	struct done d;
+	job_init(&job, &d, in, len, "res-probe");
+	job.probe_only = true;
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 5.0));
+	ASSERT_EQ(d.status, 0);
+	ASSERT(d.out_null);
+	ASSERT_EQ(d.desc.format, DECODE_FORMAT_DICOM);
+	ASSERT_UINT_EQ(d.desc.src_frames, F);
+	ASSERT_UINT_EQ(d.desc.frames, F);
+	ASSERT_UINT_EQ(d.desc.height, R);
+	ASSERT_UINT_EQ(d.desc.width, C);
+	ASSERT_UINT_EQ(d.desc.nbytes, (uint64_t)F * R * C * 2);
+	ASSERT(!d.meta_ok); /* metadata only when asked for */
+
+	/* With metadata, which carries the frame count too. */
+	job_init(&job, &d, in, len, "res-probe");
+	job.probe_only = true;
+	job.want_meta = true;
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 5.0));
+	ASSERT_EQ(d.status, 0);
+	ASSERT(d.out_null);
+	ASSERT(d.meta_ok);
+	ASSERT_EQ(d.meta_frames, F);
+
+	/* The whole item cannot be decoded into this pool; its last frame can, and equals the
+	 * pixels written. */
+	job_init(&job, &d, in, len, "res-probe");
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 5.0));
+	ASSERT_EQ(d.status, -DMC_E_LIMIT_EXCEEDED);
+	job_init(&job, &d, in, len, "res-probe");
+	job.opts.flags = DECODE_F_FRAME;
+	job.opts.frame = F - 1;
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 5.0));
+	ASSERT_EQ(d.status, 0);
+	ASSERT(!d.out_null);
+	ASSERT_UINT_EQ(d.desc.nbytes, (uint64_t)R * C * 2);
+	ASSERT_UINT_EQ(d.desc.src_frames, F);
+	ASSERT_EQ(d.out_len, R * C * 2);
+	for (size_t i = 0; i < R * C; i++) {
+		uint16_t v;
+		memcpy(&v, d.out + 2 * i, 2);
+		ASSERT_EQ(v, (uint16_t)(((size_t)(F - 1) * R * C + i) * 31 + 7));
+	}
+
+	/* A probe of garbage: an ordinary failure, no crash, no quarantine. */
+	static const char junk[] = "certainly not an image, just some bytes";
+	job_init(&job, &d, junk, sizeof(junk), "res-junk");
+	job.probe_only = true;
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 5.0));
+	ASSERT_EQ(d.status, -DMC_E_DECODE_FAILED);
+	ASSERT(strstr(d.err, "'res-junk'") != NULL);
+	ASSERT_EQ(d.failures, 0);
+	struct decode_pool_stats st;
+	decode_pool_stats(g_pool, &st);
+	ASSERT_EQ(st.crashes, 0);
+	free(in);
+	stop(&loop);
+}
+
+TEST(crashing_probe_is_handled_like_a_crashing_decode)
+{
+	uv_loop_t loop;
+	ASSERT_EQ(start(&loop, 1, 1000, 10), 0);
+	for (unsigned k = 1; k <= 2; k++) {
+		struct decode_job job;
+		struct done d;
+		job_init(&job, &d, HOOK("DMCTEST:segv"), "res-probe-crash");
+		job.probe_only = true;
+		ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+		g_old_pid = job.worker_pid;
+		ASSERT(run_until(&loop, done_pred, &d, 3.0));
+		ASSERT_EQ(d.status, -DMC_E_DECODE_FAILED);
+		ASSERT(strstr(d.err, "'res-probe-crash'") != NULL);
+		ASSERT(strstr(d.err, "crashed") != NULL);
+		ASSERT_EQ(d.failures, k);
+		ASSERT(run_until(&loop, replaced, NULL, 1.0));
+	}
+	/* Quarantined after two crashes, for probes and decodes alike. */
+	struct decode_job job;
+	struct done d;
+	job_init(&job, &d, HOOK("DMCTEST:segv"), "res-probe-crash");
+	job.probe_only = true;
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), -DMC_E_DECODE_FAILED);
+	ASSERT(strstr(job.err, "not retried") != NULL);
+	job_init(&job, &d, HOOK("DMCTEST:segv"), "res-probe-crash");
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), -DMC_E_DECODE_FAILED);
+	ASSERT_EQ(d.calls, 0);
+
+	/* A hanging probe meets the same deadline as a decode. */
+	job_init(&job, &d, HOOK("DMCTEST:spin"), "res-probe-hang");
+	job.probe_only = true;
+	struct decode_pool_stats st;
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 12.0));
+	ASSERT_EQ(d.status, -DMC_E_DECODE_FAILED);
+	decode_pool_stats(g_pool, &st);
+	ASSERT_EQ(st.crashes + st.timeouts, 3);
+
+	/* The replacement probes a good input. */
+	size_t len;
+	uint8_t *in = nifti(5, 3, &len);
+	job_init(&job, &d, in, len, "res-after");
+	job.probe_only = true;
+	ASSERT(run_until(&loop, all_idle, NULL, 2.0));
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 5.0));
+	ASSERT_EQ(d.status, 0);
+	ASSERT(d.out_null);
+	ASSERT_UINT_EQ(d.desc.src_frames, 1);
+	ASSERT_UINT_EQ(d.desc.width, 5);
+	free(in);
+	stop(&loop);
+}
+
 TEST(stop_cancels_queued_and_running_jobs)
 {
 	uv_loop_t loop;
@@ -422,5 +653,7 @@ int main(int argc, char **argv)
 	RUN_TESTS(T(decodes_like_in_process), T(killed_worker_is_replaced),
 		  T(hang_is_killed_at_deadline_others_unaffected), T(cpu_limit_ends_a_cpu_bomb),
 		  T(size_bomb_and_oversized_input), T(seccomp_filter_kills_forbidden_syscalls),
+		  T(probe_only_gives_the_frame_count),
+		  T(crashing_probe_is_handled_like_a_crashing_decode),
 		  T(stop_cancels_queued_and_running_jobs));
 }
