@@ -433,13 +433,16 @@ int decode_probe(struct decode_ctx *ctx, const void *in, size_t len, const struc
 		}
 		d.frames = 1;
 	}
-	if ((opts->flags & DECODE_F_LUT) && src.lut_unsupported) {
-		decode_seterr(err, errlen, "the modality LUT sequence is not supported");
+	bool lut_seq = (opts->flags & DECODE_F_LUT) && src.has_lut;
+	if (lut_seq && src.lut_problem) {
+		decode_seterr(err, errlen, "%s", src.lut_problem);
 		r = -DMC_E_DECODE_FAILED;
 		goto fail;
 	}
-	d.lut_applied = (opts->flags & DECODE_F_LUT) && src.has_scaling;
+	d.lut_applied = (opts->flags & DECODE_F_LUT) && (src.has_scaling || src.has_lut);
+	/* A LUT sequence gives its entries' type (pydicom: uint8/uint16), scaling float32. */
 	d.dtype = opts->dtype != DECODE_DTYPE_NONE ? opts->dtype
+		  : lut_seq			  ? src.lut_dtype
 		  : (opts->flags & DECODE_F_LUT)  ? DECODE_DTYPE_F32
 						  : src.dtype;
 	uint64_t n = d.frames;
@@ -622,6 +625,32 @@ static void convert(const uint8_t *s, enum decode_dtype st, size_t n, uint8_t *d
 	}
 }
 
+/*
+ * The modality LUT of a DICOM LUT Sequence over n integer elements, as pydicom's
+ * apply_modality_lut: values below the first mapped value take the first entry, values past
+ * the last entry the last one. Entries of an 8-bit LUT keep their low byte (numpy's uint8
+ * cast of the 16-bit words). Then into dt.
+ */
+static void apply_lut(const uint8_t *s, enum decode_dtype st, size_t n, uint8_t *d,
+		      enum decode_dtype dt, const struct decode_src *src)
+{
+	double v[CHUNK];
+	uint16_t m[CHUNK];
+	const uint16_t mask = src->lut_dtype == DECODE_DTYPE_U8 ? 0xff : 0xffff;
+	const double first = src->lut_first, last = (double)src->lut_entries - 1;
+	size_t ss = decode_dtype_size(st), ds = decode_dtype_size(dt);
+	for (size_t off = 0; off < n; off += CHUNK) {
+		size_t k = n - off < CHUNK ? n - off : CHUNK;
+		load_f64(s + off * ss, st, k, v); /* integers of at most 32 bits: exact */
+		for (size_t i = 0; i < k; i++) {
+			double x = v[i] - first;
+			size_t idx = x <= 0 ? 0 : x >= last ? (size_t)last : (size_t)x;
+			m[i] = src->lut[idx] & mask;
+		}
+		convert((const uint8_t *)m, DECODE_DTYPE_U16, k, d + off * ds, dt, false, 1, 0);
+	}
+}
+
 int decode_run(struct decode_ctx *ctx, const void *in, size_t len, const struct decode_opts *opts,
 	       void *out, size_t out_len, char *err, size_t errlen)
 {
@@ -674,7 +703,9 @@ int decode_run(struct decode_ctx *ctx, const void *in, size_t len, const struct 
 	}
 	if (r < 0)
 		goto out;
-	if (need_conv)
+	if (need_conv && d.lut_applied && src->has_lut)
+		apply_lut(dst, src->dtype, (size_t)nelem, out, d.dtype, src);
+	else if (need_conv)
 		convert(dst, src->dtype, (size_t)nelem, out, d.dtype, d.lut_applied, src->slope,
 			src->intercept);
 	r = 0;

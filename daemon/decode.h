@@ -31,8 +31,9 @@
  *             4 (RGBA, CMYK). Always planar in the output: (F, C, H, W).
  *   codec     how the pixels are stored; it decides whether a decoded tensor is worth keeping
  *             in the store (see the caching policy below).
- *   LUT       the DICOM modality LUT (RescaleSlope/RescaleIntercept) or the NIfTI
- *             scl_slope/scl_inter scaling, applied when DECODE_F_LUT is set.
+ *   LUT       the DICOM modality LUT (a Modality LUT Sequence, else RescaleSlope/
+ *             RescaleIntercept) or the NIfTI scl_slope/scl_inter scaling, applied when
+ *             DECODE_F_LUT is set.
  *
  * Layout per format (as the Datamint client returns items, datamint-api.md 4.6)
  *   DICOM   (NumberOfFrames, SamplesPerPixel, Rows, Columns). YBR_FULL and YBR_FULL_422 are
@@ -57,8 +58,17 @@
  *   - DICOM RLE is decoded here (GDCM 3.0.21 scrambles 16- and 32-bit multi-sample RLE).
  *   - DICOM whose pixel fragments embed a sequence delimiter: GDCM's parser stops there,
  *     pydicom's does not; we fail with DMC_E_DECODE_FAILED.
- *   - DICOM Modality LUT Sequence (instead of Rescale Slope/Intercept) is not applied: with
- *     DECODE_F_LUT such a file fails with DMC_E_DECODE_FAILED rather than give raw values.
+ *   - DICOM Modality LUT Sequence (0028,3000), as pydicom's apply_modality_lut: it wins
+ *     over Rescale Slope/Intercept; only its first item counts; LUT Descriptor = (entries,
+ *     0 meaning 65536; first mapped value, signed with PixelRepresentation 1; bits, 8 or
+ *     16); LUT Data (US or OW) one entry per 16-bit word, an 8-bit entry its low byte;
+ *     values below the first mapped value take the first entry, values past the end the
+ *     last. The output dtype is uint8 or uint16 from the bits, as pydicom's, unless
+ *     opts.dtype says otherwise. One difference: pydicom computes value - first in the
+ *     pixel dtype, which wraps for int8/int16 when the first mapped value is negative and
+ *     a value is near the type's maximum; we compute it exactly. A descriptor that LUT
+ *     Data does not back, a missing element or other bits: DMC_E_DECODE_FAILED, only with
+ *     DECODE_F_LUT (pydicom raises).
  *   - Scaling (DECODE_F_LUT) computes v * slope + intercept in double, as pydicom's
  *     apply_modality_lut and nibabel's get_fdata() do; float64 output is bit-exact with
  *     them, float32 output is their result rounded to float32.
@@ -167,13 +177,15 @@ void decode_limits_default(struct decode_limits *lim);
 
 enum decode_flag {
 	DECODE_F_FRAME = 1u << 0, /* decode only frame opts.frame: shape (1, C, H, W) */
-	DECODE_F_LUT = 1u << 1,   /* apply the modality LUT / NIfTI scaling (float32 unless dtype) */
+	DECODE_F_LUT = 1u << 1,   /* apply the modality LUT / NIfTI scaling: float32 unless
+				   * dtype; uint8/uint16 for a DICOM Modality LUT Sequence */
 };
 
 struct decode_opts {
 	uint32_t flags;           /* enum decode_flag */
 	uint32_t frame;           /* with DECODE_F_FRAME */
-	enum decode_dtype dtype;  /* output dtype; DECODE_DTYPE_NONE: source (float32 with LUT) */
+	enum decode_dtype dtype;  /* output dtype; DECODE_DTYPE_NONE: source (with DECODE_F_LUT
+				   * as that flag says) */
 };
 
 /* The tensor descriptor: what decode_run() will write. */
@@ -189,7 +201,7 @@ struct decode_desc {
 	uint32_t src_frames;         /* frames of the whole item */
 	uint64_t nbytes;             /* output bytes = product of the shape * dtype size */
 	double slope, intercept;     /* the scaling the file declares (1, 0 when none) */
-	bool lut_applied;
+	bool lut_applied;            /* scaling or a Modality LUT Sequence was applied */
 };
 
 struct decode_ctx;

@@ -328,6 +328,42 @@ static int inflate_dicom(struct decode_ctx *ctx, const uint8_t *in, size_t len, 
 	return 0;
 }
 
+/*
+ * The Modality LUT Sequence, checked now so that DECODE_F_LUT can fail at probe time with
+ * the reason. Every descriptor value is checked against LUT Data here (and in the shim)
+ * before decode.c indexes the table.
+ */
+static void modality_lut(struct gdcm_shim *sh, const struct gdcm_info *info,
+			 enum decode_dtype dt, struct decode_src *ret)
+{
+	const uint16_t *lut = NULL;
+	uint64_t n = 0;
+	ret->has_lut = true;
+	if (info->lut_problem) {
+		ret->lut_problem = info->lut_problem;
+		return;
+	}
+	uint64_t entries = info->lut_entries ? info->lut_entries : 65536;
+	if (info->lut_bits != 8 && info->lut_bits != 16) {
+		/* pydicom makes a numpy dtype 'uint<bits>' of it: only 8 and 16 exist. */
+		ret->lut_problem = "the modality LUT has entries of other than 8 or 16 bits";
+		return;
+	}
+	if (dt == DECODE_DTYPE_F32 || dt == DECODE_DTYPE_F64) {
+		ret->lut_problem = "a modality LUT cannot index float pixel data";
+		return;
+	}
+	if (gdcm_shim_modality_lut(sh, &lut, &n) < 0 || n != entries || info->lut_words < entries) {
+		ret->lut_problem = "the modality LUT Data is shorter than its descriptor declares";
+		return;
+	}
+	ret->lut = lut;
+	ret->lut_entries = (uint32_t)entries;
+	ret->lut_first = info->pixel_rep == 1 ? (int32_t)(int16_t)info->lut_first_raw
+					      : (int32_t)info->lut_first_raw;
+	ret->lut_dtype = info->lut_bits == 8 ? DECODE_DTYPE_U8 : DECODE_DTYPE_U16;
+}
+
 int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct decode_src *ret,
 		char *err, size_t errlen)
 {
@@ -496,7 +532,8 @@ int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct de
 	ret->slope = info->has_rescale ? info->slope : 1.0;
 	ret->intercept = info->has_rescale ? info->intercept : 0.0;
 	ret->has_scaling = info->has_rescale;
-	ret->lut_unsupported = info->has_lut_seq && !info->has_rescale;
+	if (info->has_lut_seq)
+		modality_lut(sh, info, dt, ret);
 	return 0;
 }
 

@@ -16,6 +16,7 @@
 #include <sstream>
 #include <streambuf>
 #include <string>
+#include <vector>
 
 /* GDCM's own headers trip clang's -Wdeprecated-copy (implicit copies of DataSet, Item,
  * PrivateTag); not ours to fix. */
@@ -205,6 +206,7 @@ struct gdcm_shim {
 	size_t len = 0;
 	bool loaded = false;
 	struct gdcm_info info;
+	std::vector<uint16_t> lut; /* the modality LUT's entries, host order */
 };
 
 extern "C" struct gdcm_shim *gdcm_shim_new(void)
@@ -249,6 +251,61 @@ extern "C" void gdcm_shim_unload(struct gdcm_shim *sh)
 		sh->membuf.reset();
 	} catch (...) {
 	}
+}
+
+/*
+ * The first item of the Modality LUT Sequence, as pydicom's apply_modality_lut reads it.
+ * Problems are recorded, not failed: they matter only when the caller asks for the LUT.
+ * GDCM keeps US and OW values little endian in memory, also for big-endian files.
+ */
+static void read_modality_lut(struct gdcm_shim *sh, const gdcm::DataSet &ds)
+{
+	struct gdcm_info &in = sh->info;
+	const gdcm::Tag seq_tag(0x0028, 0x3000);
+	sh->lut.clear();
+	if (!ds.FindDataElement(seq_tag))
+		return;
+	const gdcm::DataElement &seq = ds.GetDataElement(seq_tag);
+	if (seq.IsEmpty())
+		return;
+	gdcm::SmartPointer<gdcm::SequenceOfItems> sq = seq.GetValueAsSQ();
+	if (!sq || sq->GetNumberOfItems() == 0) {
+		/* pydicom: an empty sequence is no LUT; one it cannot read is an error. */
+		if (!sq) {
+			in.has_lut_seq = true;
+			in.lut_problem = "the Modality LUT Sequence cannot be parsed";
+		}
+		return;
+	}
+	in.has_lut_seq = true;
+	const gdcm::DataSet &item = sq->GetItem(1).GetNestedDataSet();
+	const gdcm::Tag desc_tag(0x0028, 0x3002), data_tag(0x0028, 0x3006);
+	const gdcm::ByteValue *desc =
+		item.FindDataElement(desc_tag) ? item.GetDataElement(desc_tag).GetByteValue() : nullptr;
+	if (!desc || !desc->GetPointer() || desc->GetLength() != 6) {
+		in.lut_problem = "the modality LUT has no LUT Descriptor of three values";
+		return;
+	}
+	const unsigned char *d = reinterpret_cast<const unsigned char *>(desc->GetPointer());
+	in.lut_entries = (uint32_t)(d[0] | d[1] << 8);
+	in.lut_first_raw = (uint16_t)(d[2] | d[3] << 8);
+	in.lut_bits = (uint32_t)(d[4] | d[5] << 8);
+	const gdcm::ByteValue *data =
+		item.FindDataElement(data_tag) ? item.GetDataElement(data_tag).GetByteValue() : nullptr;
+	if (!data || !data->GetPointer()) {
+		in.lut_problem = "the modality LUT has no LUT Data";
+		return;
+	}
+	in.lut_words = data->GetLength() / 2;
+	uint64_t entries = in.lut_entries ? in.lut_entries : 65536;
+	if (in.lut_words < entries) {
+		in.lut_problem = "the modality LUT Data is shorter than its descriptor declares";
+		return;
+	}
+	const unsigned char *p = reinterpret_cast<const unsigned char *>(data->GetPointer());
+	sh->lut.resize((size_t)entries);
+	for (size_t i = 0; i < (size_t)entries; i++)
+		sh->lut[i] = (uint16_t)(p[2 * i] | p[2 * i + 1] << 8);
 }
 
 static void fill_info(struct gdcm_shim *sh)
@@ -306,7 +363,15 @@ static void fill_info(struct gdcm_shim *sh)
 		in.intercept = v;
 		in.has_rescale = true;
 	}
-	in.has_lut_seq = ds.FindDataElement(gdcm::Tag(0x0028, 0x3000));
+	try {
+		read_modality_lut(sh, ds);
+	} catch (const std::bad_alloc &) {
+		throw;
+	} catch (...) {
+		sh->lut.clear();
+		in.has_lut_seq = true;
+		in.lut_problem = "the Modality LUT Sequence cannot be parsed";
+	}
 
 	const gdcm::Tag px(0x7fe0, 0x0010), fpx(0x7fe0, 0x0008), dpx(0x7fe0, 0x0009);
 	if (ds.FindDataElement(px) && !ds.GetDataElement(px).IsEmpty()) {
@@ -393,6 +458,16 @@ static const gdcm::DataElement *pixel_element(struct gdcm_shim *sh)
 		if (ds.FindDataElement(t))
 			return &ds.GetDataElement(t);
 	return nullptr;
+}
+
+extern "C" int gdcm_shim_modality_lut(struct gdcm_shim *sh, const uint16_t **ret_p,
+				      uint64_t *ret_n)
+{
+	if (!sh->loaded || !sh->info.has_lut_seq || sh->info.lut_problem || sh->lut.empty())
+		return -DMC_E_DECODE_FAILED;
+	*ret_p = sh->lut.data();
+	*ret_n = sh->lut.size();
+	return 0;
 }
 
 extern "C" int gdcm_shim_native(struct gdcm_shim *sh, const uint8_t **ret_p, uint64_t *ret_len,

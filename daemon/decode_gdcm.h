@@ -28,7 +28,14 @@ struct gdcm_info {
 	uint64_t bits_allocated, bits_stored, high_bit, pixel_rep, planar;
 	double slope, intercept;
 	bool has_rescale;       /* RescaleSlope or RescaleIntercept present */
-	bool has_lut_seq;       /* Modality LUT Sequence present */
+	bool has_lut_seq;       /* Modality LUT Sequence present with at least one item */
+	/* Its first item (the only one pydicom's apply_modality_lut reads), when lut_problem is
+	 * NULL: LUT Descriptor as stored, and the length of LUT Data in 16-bit words. */
+	uint32_t lut_entries;   /* Descriptor[0]: 0 means 65536 */
+	uint16_t lut_first_raw; /* Descriptor[1]: signed (SS) with PixelRepresentation 1 */
+	uint32_t lut_bits;      /* Descriptor[2] */
+	uint64_t lut_words;     /* 16-bit words of LUT Data */
+	const char *lut_problem; /* static text: why the LUT cannot be read, or NULL */
 	bool has_pixels;        /* Pixel Data, Float or Double Float Pixel Data present */
 	bool encapsulated;      /* Pixel Data is a sequence of fragments */
 	bool frames_invalid;    /* NumberOfFrames present but not a non-negative integer */
@@ -58,6 +65,12 @@ int gdcm_shim_load(struct gdcm_shim *sh, const void *buf, size_t len, struct gdc
  * whether the element's VR is OW (or unknown with 16-bit words). */
 int gdcm_shim_native(struct gdcm_shim *sh, const uint8_t **ret_p, uint64_t *ret_len,
 		     bool *ret_ow);
+
+/* The LUT Data of the Modality LUT Sequence's first item as 16-bit values in host order
+ * (US and OW alike, one entry per word as pydicom reads them), at most
+ * max(lut_entries, 65536 when 0) of them: *ret_n gets how many. Borrowed until the next
+ * load. -DMC_E_DECODE_FAILED when there is no usable LUT. */
+int gdcm_shim_modality_lut(struct gdcm_shim *sh, const uint16_t **ret_p, uint64_t *ret_n);
 
 /* Encapsulated pixel data: number of fragments (after the basic offset table), each
  * fragment, and the basic offset table (may be empty). Borrowed until the next load. */

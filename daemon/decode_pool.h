@@ -86,7 +86,9 @@ struct decode_job {
 	 * decodes no pixels; desc comes back filled (src_frames: the item's frame count, for
 	 * frame-by-frame serving; nbytes: what a decode with these opts would write, which
 	 * may exceed the output area) and out stays NULL. Same sandbox, limits, deadline,
-	 * quarantine and crash handling as a decode.
+	 * quarantine and crash handling as a decode. Cost: headers only for JPEG, PNG and
+	 * .nii; DICOM is parsed by GDCM without decoding pixels; a .nii.gz is inflated whole
+	 * (its length is checked against the header).
 	 */
 	bool probe_only;
 	const char *resource;      /* borrowed: names the input in errors; the quarantine key */

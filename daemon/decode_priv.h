@@ -69,7 +69,14 @@ struct decode_src {
 	uint32_t frames, channels, height, width;
 	double slope, intercept;  /* 1, 0 when the file declares none */
 	bool has_scaling;
-	bool lut_unsupported;     /* a modality LUT this code cannot apply (LUT Sequence) */
+	/* A DICOM Modality LUT Sequence: with DECODE_F_LUT it replaces slope/intercept, as in
+	 * pydicom's apply_modality_lut. */
+	bool has_lut;
+	const char *lut_problem;  /* static text: why that LUT cannot be applied, or NULL */
+	const uint16_t *lut;      /* lut_entries values, borrowed from the GDCM shim */
+	uint32_t lut_entries;     /* 1..65536 */
+	int32_t lut_first;        /* the first stored value mapped */
+	enum decode_dtype lut_dtype; /* uint8 or uint16, from the descriptor's bits */
 	uint64_t encoded_bytes;   /* compressed pixel bytes, for max_ratio; 0 when not compressed */
 	uint64_t work_bytes;      /* scratch the decode step will allocate */
 	union {

@@ -198,6 +198,20 @@ def dicoms(tmp):
     b = io.BytesIO()
     ds.save_as(b, write_like_original=False)
     out('dicom', 'bomb_ul_rows.dcm', b.getvalue())
+    # A Modality LUT Sequence (signed first mapped value, OW data), and one whose
+    # descriptor declares more entries than its data holds.
+    for name, entries, words in [('modality_lut.dcm', 256, 256),
+                                 ('modality_lut_short.dcm', 4096, 64)]:
+        ds = dicom_base(16, 16, 1, 16, 1, 'MONOCHROME2', ExplicitVRLittleEndian, ct.tobytes())
+        del ds.RescaleSlope
+        del ds.RescaleIntercept
+        item = Dataset()
+        item.add_new(0x00283002, 'SS', [entries, -128, 16])
+        item.add_new(0x00283006, 'OW', (np.arange(words, dtype='<u2') * 251).tobytes())
+        ds.ModalityLUTSequence = [item]
+        b = io.BytesIO()
+        ds.save_as(b, write_like_original=False)
+        out('dicom', name, b.getvalue())
 
 
 def main():
