@@ -725,6 +725,118 @@ TEST(dicom_native_frames_lut_meta)
 	decode_ctx_free(ctx);
 }
 
+/* An int16 row with a Modality LUT Sequence (undefined lengths) of `n` descriptor entries
+ * and `words` words of LUT Data, optionally next to Rescale Slope/Intercept. */
+static struct bb dicom_lut(uint16_t n, int16_t first, uint16_t bits, const uint16_t *data,
+			   uint32_t words, bool rescale, const int16_t *px, uint32_t npx)
+{
+	struct bb b = dicom_head("1.2.840.10008.1.2.1", 1, npx, 1, 16, 1, "MONOCHROME2", NULL,
+				 false);
+	if (rescale) {
+		el_str(&b, 0x0028, 0x1052, "DS", "-1024");
+		el_str(&b, 0x0028, 0x1053, "DS", "2");
+	}
+	bb_le16(&b, 0x0028);
+	bb_le16(&b, 0x3000);
+	bb_put(&b, "SQ", 2);
+	bb_le16(&b, 0);
+	bb_le32(&b, 0xffffffffu);
+	bb_le16(&b, 0xfffe);
+	bb_le16(&b, 0xe000);
+	bb_le32(&b, 0xffffffffu);
+	uint8_t desc[6] = { (uint8_t)n, (uint8_t)(n >> 8), (uint8_t)first,
+			    (uint8_t)((uint16_t)first >> 8), (uint8_t)bits, 0 };
+	el(&b, 0x0028, 0x3002, "SS", desc, 6);
+	el(&b, 0x0028, 0x3006, "OW", data, words * 2);
+	bb_le16(&b, 0xfffe);
+	bb_le16(&b, 0xe00d);
+	bb_le32(&b, 0);
+	bb_le16(&b, 0xfffe);
+	bb_le16(&b, 0xe0dd);
+	bb_le32(&b, 0);
+	el(&b, 0x7fe0, 0x0010, "OW", px, npx * 2);
+	return b;
+}
+
+TEST(dicom_modality_lut_sequence)
+{
+	/* first mapped value -3; 32767 - (-3) does not fit int16 (pydicom wraps there). */
+	static const int16_t px[] = { -5, -3, -2, -1, 0, 1, 100, 32767 };
+	static const uint16_t lut[] = { 10, 20, 30, 40 };
+	static const uint16_t want[] = { 10, 10, 20, 30, 40, 40, 40, 40 };
+	enum { N = 8 };
+	struct decode_ctx *ctx = new_ctx(0);
+	struct decode_opts o = { DECODE_F_LUT, 0, DECODE_DTYPE_NONE };
+	struct decode_desc d;
+	void *out;
+	char err[256];
+
+	/* The LUT wins over Rescale Slope/Intercept; uint16 from its 16 bits. */
+	struct bb b = dicom_lut(4, -3, 16, lut, 4, true, px, N);
+	ASSERT_EQ(decode_all(ctx, b.p, b.len, &o, &d, &out), 0);
+	ASSERT_EQ(d.dtype, DECODE_DTYPE_U16);
+	ASSERT_EQ(d.src_dtype, DECODE_DTYPE_I16);
+	ASSERT(d.lut_applied);
+	ASSERT_MEM_EQ(out, want, sizeof(want));
+	free(out);
+	/* An asked-for dtype converts the looked-up values. */
+	struct decode_opts f64 = { DECODE_F_LUT | DECODE_F_FRAME, 0, DECODE_DTYPE_F64 };
+	ASSERT_EQ(decode_all(ctx, b.p, b.len, &f64, &d, &out), 0);
+	for (int i = 0; i < N; i++)
+		ASSERT(((double *)out)[i] == want[i]);
+	free(out);
+	/* Without DECODE_F_LUT: the stored values. */
+	ASSERT_EQ(decode_all(ctx, b.p, b.len, NULL, &d, &out), 0);
+	ASSERT_EQ(d.dtype, DECODE_DTYPE_I16);
+	ASSERT(!d.lut_applied);
+	ASSERT_MEM_EQ(out, px, sizeof(px));
+	free(out);
+	free(b.p);
+
+	/* 8-bit entries keep the low byte of their word; one entry maps everything. */
+	static const uint16_t one[] = { 0x1234 };
+	b = dicom_lut(1, 0, 8, one, 1, false, px, N);
+	ASSERT_EQ(decode_all(ctx, b.p, b.len, &o, &d, &out), 0);
+	ASSERT_EQ(d.dtype, DECODE_DTYPE_U8);
+	for (int i = 0; i < N; i++)
+		ASSERT_EQ(((uint8_t *)out)[i], 0x34);
+	free(out);
+	free(b.p);
+
+	/* 0 entries means 65536: the identity table from -32768 maps every value to itself
+	 * plus 32768. */
+	uint16_t *full = malloc(65536 * 2);
+	ASSERT_NOT_NULL(full);
+	for (uint32_t i = 0; i < 65536; i++)
+		full[i] = (uint16_t)i;
+	b = dicom_lut(0, INT16_MIN, 16, full, 65536, false, px, N);
+	ASSERT_EQ(decode_all(ctx, b.p, b.len, &o, &d, &out), 0);
+	for (int i = 0; i < N; i++)
+		ASSERT_EQ(((uint16_t *)out)[i], (uint16_t)(px[i] + 32768));
+	free(out);
+	free(b.p);
+
+	/* Lying descriptors: too few words (also 0 = 65536 with 4 words), bits 12. Only the
+	 * LUT fails; the image decodes without it. */
+	struct {
+		uint16_t n, bits;
+		uint32_t words;
+		const char *why;
+	} bad[] = { { 5, 16, 4, "shorter" }, { 0, 16, 4, "shorter" }, { 4, 12, 4, "8 or 16" } };
+	for (size_t k = 0; k < sizeof(bad) / sizeof(bad[0]); k++) {
+		b = dicom_lut(bad[k].n, 0, bad[k].bits, full, bad[k].words, false, px, N);
+		ASSERT_EQ(decode_probe(ctx, b.p, b.len, &o, &d, err, sizeof(err)),
+			  -DMC_E_DECODE_FAILED);
+		ASSERT(strstr(err, bad[k].why) != NULL);
+		ASSERT_EQ(decode_all(ctx, b.p, b.len, NULL, &d, &out), 0);
+		ASSERT_MEM_EQ(out, px, sizeof(px));
+		free(out);
+		free(b.p);
+	}
+	free(full);
+	decode_ctx_free(ctx);
+}
+
 TEST(dicom_size_bomb)
 {
 	/* Rows/Columns 65535 encoded as UL, NumberOfFrames 2^31, four bytes of pixels. */
@@ -922,6 +1034,7 @@ int main(int argc, char **argv)
 	RUN_TESTS(T(png_gray8_and_rgb16), T(png_low_bit_depths), T(png_size_bomb),
 		  T(jpeg_gray_rgb_progressive), T(jpeg_size_bomb), T(nifti_versions_and_byte_orders),
 		  T(nifti_scaling_and_gzip), T(nifti_bombs_and_truncation),
-		  T(dicom_native_frames_lut_meta), T(dicom_size_bomb), T(dicom_rle_and_jpeg),
+		  T(dicom_native_frames_lut_meta), T(dicom_modality_lut_sequence),
+		  T(dicom_size_bomb), T(dicom_rle_and_jpeg),
 		  T(names_and_policy), T(float_to_int_rounds_and_saturates), T(npy_header));
 }
