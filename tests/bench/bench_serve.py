@@ -28,7 +28,7 @@ fails on speed. What runs, on data it writes itself:
             waits in next() per batch. The daemon's heap (RssAnon) before and after
             the timed GETs (flat: no per-batch allocation).
   T6        a new process (torch and dmcache imported): Loader() + first batch, median
-            of 3; and dmcache-read's connect + OPEN + first batch
+            of 3; dmcache-read's connect + OPEN + first batch; connect and OPEN alone
   T7        dmcache.Loader in a child process for --seconds alone, then the same child
             with a second one on the same snapshot started at the same moment: the
             first child's throughput with the second against without; twice: a bare
@@ -323,7 +323,7 @@ def main():
                     help='build directory (a release build for figures that mean something)')
     ap.add_argument('--items', type=int, default=2000, help='CT slices (0.5 MiB each)')
     ap.add_argument('--reps', type=int, default=3, help='measured epochs / runs per figure')
-    ap.add_argument('--seconds', type=float, default=3.0, help='T7 run length per child')
+    ap.add_argument('--seconds', type=float, default=2.5, help='T7 run length per child')
     ap.add_argument('--step-ms', type=int, default=20,
                     help='T7: simulated training step per batch of 32 (a sleep)')
     ap.add_argument('--phases', default='0', help=argparse.SUPPRESS)
@@ -515,6 +515,18 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
     res['first_batch_s'] = statistics.median(x['first_batch_s'] for x in first)
     res['import_s'] = statistics.median(x['import_s'] for x in first)
     c_first = [dmcache_read(build, d, folder, 1, limit=BATCH)[1] for _ in range(3)]
+    opens = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        client = dmcache.Client(d.socket)
+        t1 = time.perf_counter()
+        ods = client.open(dmcache._lib.SOURCE_LOCAL, folder)
+        t2 = time.perf_counter()
+        ods.close()
+        client.close()
+        opens.append((t1 - t0, t2 - t1))
+    res['connect_ms'] = statistics.median(o[0] for o in opens) * 1e3
+    res['open_ms'] = statistics.median(o[1] for o in opens) * 1e3
     res['first_batch_c_ms'] = statistics.median(c_first)
 
     # T7: a second client on the same snapshot
@@ -573,6 +585,8 @@ def report(args, res):
         ('first batch: new process, Loader() + next()', '%.0f ms' % (res['first_batch_s'] * 1e3),
          'T6: <= %.0f ms' % (T6_FIRST_S * 1e3), verdict(res['first_batch_s'] <= T6_FIRST_S)),
         ('first batch: C API connect + OPEN + GET', '%.1f ms' % res['first_batch_c_ms'], '', ''),
+        ('of which connect / OPEN of the %d-item snapshot' % res['items'], '%.1f / %.1f ms' % (
+            res['connect_ms'], res['open_ms']), '', ''),
     ]
     for t in res['t7']:
         what = 'Loader process' if not t['step_ms'] else \
