@@ -68,6 +68,14 @@ struct store {
 	struct scratch *pool;
 	unsigned npool;
 	uint64_t tmp_seq;
+
+	/* Serialises the steps that change names in tmp/ on hot paths (creating a temp,
+	 * renaming it out; taken before `lock`). The kernel serialises them anyway on the
+	 * directory's lock, but its waiters spin on the CPU while the holder allocates an
+	 * inode, which can take milliseconds (ext4 without a journal skips recently deleted
+	 * inodes one by one): a third of the daemon's CPU with many small blobs. Here they
+	 * sleep. */
+	pthread_mutex_t tmp_lock;
 };
 
 enum writer_mode { W_SAMPLE, W_RAW, W_ZSTD };
@@ -79,6 +87,7 @@ struct store_writer {
 	int err;
 	uint8_t kind;
 	uint8_t mode;      /* enum writer_mode */
+	uint8_t keep_pct;  /* zstd kept if the sample shrinks to this % or less */
 	uint64_t expected; /* raw size, or STORE_SIZE_UNKNOWN */
 	uint64_t raw_size;
 	uint64_t stored_size; /* payload bytes written to fd after the header */
@@ -424,6 +433,12 @@ int store_open(const char *dir, const struct store_options *opts, char *err, siz
 		r = -r;
 		goto fail_dir;
 	}
+	r = pthread_mutex_init(&s->tmp_lock, NULL);
+	if (r != 0) {
+		pthread_mutex_destroy(&s->lock);
+		r = -r;
+		goto fail_dir;
+	}
 
 	if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
 		r = -errno;
@@ -459,6 +474,7 @@ fail_fds:
 		close(s->obj_fd);
 	close(s->root_fd);
 fail_lock:
+	pthread_mutex_destroy(&s->tmp_lock);
 	pthread_mutex_destroy(&s->lock);
 fail_dir:
 	free(s->dir);
@@ -481,6 +497,7 @@ void store_close(struct store *s)
 	close(s->tmp_fd);
 	close(s->obj_fd);
 	close(s->root_fd);
+	pthread_mutex_destroy(&s->tmp_lock);
 	pthread_mutex_destroy(&s->lock);
 	free(s->dir);
 	free(s);
@@ -737,7 +754,7 @@ int store_stat(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE],
 	       struct store_blob_info *ret_info)
 {
 	struct store_blob_info info;
-	int fd, r = blob_open(s, digest, &fd, &info);
+	int fd = -1, r = blob_open(s, digest, &fd, &info);
 	if (r < 0)
 		return r;
 	close(fd);
@@ -780,7 +797,7 @@ int store_read(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE], void *b
 {
 	struct store_blob_info info;
 	struct buf_sink b = { buf, cap, 0 };
-	int fd, r;
+	int fd = -1, r;
 
 	r = blob_open(s, digest, &fd, &info);
 	if (r < 0)
@@ -806,7 +823,7 @@ int store_verify(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE],
 		 struct store_blob_info *ret_info)
 {
 	struct store_blob_info info;
-	int fd, r;
+	int fd = -1, r;
 
 	r = blob_open(s, digest, &fd, &info);
 	if (r < 0)
@@ -917,7 +934,8 @@ static int decide(struct store_writer *w, bool final)
 				  w->s->opt.zstd_level);
 	if (ZSTD_isError(csize))
 		return zstd_error(csize);
-	if (!zstd_pays(csize, w->in_len))
+	if (!zstd_pays(csize, w->in_len) ||
+	    (uint64_t)csize * 100 > (uint64_t)w->in_len * w->keep_pct)
 		return final ? flush_in(w) : 0;
 
 	w->mode = W_ZSTD;
@@ -948,7 +966,11 @@ static int open_temp(struct store *s, char name[64], int *ret_fd)
 		seq = ++s->tmp_seq;
 		pthread_mutex_unlock(&s->lock);
 		snprintf(name, 64, "w.%ld.%" PRIu64 ".%" PRId64, (long)getpid(), seq, now_ms());
+		pthread_mutex_lock(&s->tmp_lock);
 		fd = openat(s->tmp_fd, name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+		int e = errno;
+		pthread_mutex_unlock(&s->tmp_lock);
+		errno = e;
 		if (fd >= 0) {
 			*ret_fd = fd;
 			return 0;
@@ -975,6 +997,7 @@ int store_writer_open(struct store *s, enum store_kind kind, uint64_t expected_s
 	w->s = s;
 	w->kind = (uint8_t)kind;
 	w->mode = W_SAMPLE;
+	w->keep_pct = ZSTD_KEEP_PCT;
 	w->expected = expected_size;
 	w->fd = -1;
 	w->sc = scratch_get(s);
@@ -1021,6 +1044,14 @@ int store_writer_write(struct store_writer *w, const void *buf, size_t len)
 	w->raw_size += len;
 
 	while (len > 0) {
+		if (w->mode == W_RAW && w->in_len == 0 && len >= CHUNK) {
+			/* nothing buffered and a large piece: straight from the caller's buffer */
+			r = write_all_at(w->fd, p, len, STORE_HEADER_SIZE + w->stored_size);
+			if (r < 0)
+				goto fail;
+			w->stored_size += len;
+			break;
+		}
 		if (w->mode == W_ZSTD) {
 			r = zstd_feed(w, p, len, ZSTD_e_continue);
 			if (r < 0)
@@ -1048,6 +1079,16 @@ fail:
 	if (r == -DMC_E_CACHE_FULL)
 		STAT_ADD(w->s, cache_full, 1);
 	return r;
+}
+
+int store_writer_set_zstd_keep(struct store_writer *w, unsigned pct)
+{
+	if (w->mode != W_SAMPLE || w->raw_size != 0 || pct > 100)
+		return -EINVAL;
+	w->keep_pct = (uint8_t)pct;
+	if (pct == 0)
+		w->mode = W_RAW;
+	return 0;
 }
 
 static void writer_free(struct store_writer *w)
@@ -1109,7 +1150,7 @@ static int existing_ok(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE],
 {
 	struct store_blob_info info;
 	struct stat st;
-	int fd, r = blob_open(s, digest, &fd, &info);
+	int fd = -1, r = blob_open(s, digest, &fd, &info);
 	if (r == -ENOENT || r == -DMC_E_INTEGRITY)
 		return 0;
 	if (r < 0)
@@ -1155,10 +1196,12 @@ static int make_subdir(struct store *s, uint8_t first)
 	return fsync(s->obj_fd);
 }
 
-/* Renames the synced temp into place (or drops it for dedup) and pins the blob. */
-static int publish(struct store_writer *w, const struct store_blob_info *info)
+/*
+ * Renames the synced temp `tmp_name` into place (or drops it for dedup), syncs the
+ * directory and pins the blob; tmp_name[0] becomes '\0' once the temp is gone.
+ */
+static int publish(struct store *s, char tmp_name[64], const struct store_blob_info *info)
 {
-	struct store *s = w->s;
 	char rel[3 + STORE_HEX_SIZE + 1];
 	struct stat cur;
 	dev_t dev = 0;
@@ -1170,6 +1213,7 @@ static int publish(struct store_writer *w, const struct store_blob_info *info)
 	if (have < 0)
 		return have;
 
+	pthread_mutex_lock(&s->tmp_lock);
 	pthread_mutex_lock(&s->lock);
 	bool exists = fstatat(s->obj_fd, rel, &cur, AT_SYMLINK_NOFOLLOW) == 0;
 	if (have && exists && cur.st_dev == dev && cur.st_ino == ino) {
@@ -1179,10 +1223,11 @@ static int publish(struct store_writer *w, const struct store_blob_info *info)
 			s->st.bytes_written += info->raw_size;
 		}
 		pthread_mutex_unlock(&s->lock);
+		pthread_mutex_unlock(&s->tmp_lock);
 		if (r < 0)
 			return r;
-		(void)unlinkat(s->tmp_fd, w->tmp_name, 0);
-		w->tmp_name[0] = '\0';
+		(void)unlinkat(s->tmp_fd, tmp_name, 0);
+		tmp_name[0] = '\0';
 		/* The copy we matched may have been renamed by a writer still syncing its
 		 * directory: sync it ourselves before the caller acknowledges anything. */
 		r = fsync_subdir(s, info->digest[0]);
@@ -1191,20 +1236,22 @@ static int publish(struct store_writer *w, const struct store_blob_info *info)
 	r = pin_locked(s, info->digest);
 	if (r < 0) {
 		pthread_mutex_unlock(&s->lock);
+		pthread_mutex_unlock(&s->tmp_lock);
 		return r;
 	}
-	r = renameat(s->tmp_fd, w->tmp_name, s->obj_fd, rel);
+	r = renameat(s->tmp_fd, tmp_name, s->obj_fd, rel);
 	if (r < 0 && errno == ENOENT && (r = make_subdir(s, info->digest[0])) == 0)
-		r = renameat(s->tmp_fd, w->tmp_name, s->obj_fd, rel);
+		r = renameat(s->tmp_fd, tmp_name, s->obj_fd, rel);
 	if (r < 0) {
 		r = map_space_errno(errno);
 		struct pin *p = pin_find_locked(s, info->digest);
 		if (p && --p->count == 0)
 			*p = s->pins[--s->npins];
 		pthread_mutex_unlock(&s->lock);
+		pthread_mutex_unlock(&s->tmp_lock);
 		return r;
 	}
-	w->tmp_name[0] = '\0';
+	tmp_name[0] = '\0';
 	if (exists) {
 		uint64_t old = (uint64_t)cur.st_size;
 		s->st.used_bytes -= old <= s->st.used_bytes ? old : s->st.used_bytes;
@@ -1217,6 +1264,7 @@ static int publish(struct store_writer *w, const struct store_blob_info *info)
 	if (info->comp == STORE_COMP_ZSTD)
 		s->st.compressed++;
 	pthread_mutex_unlock(&s->lock);
+	pthread_mutex_unlock(&s->tmp_lock);
 	r = fsync_subdir(s, info->digest[0]);
 
 synced:
@@ -1231,17 +1279,20 @@ synced:
 	return 0;
 }
 
-int store_writer_commit(struct store_writer *w, const uint8_t expected[STORE_DIGEST_SIZE],
-			struct store_blob_info *ret_info)
+/*
+ * Ends the payload, checks size and digest and writes the header: the temp file is then
+ * the complete blob, not yet synced. Counts a cache-full failure. Does not free `w`.
+ */
+static int writer_finish(struct store_writer *w, const uint8_t expected[STORE_DIGEST_SIZE],
+			 struct store_blob_info *ret_info)
 {
-	struct store *s = w->s;
 	struct store_blob_info info;
 	uint8_t hdr[STORE_HEADER_SIZE];
 	unsigned int dn = 0;
 	int r = w->err;
 
 	if (r < 0)
-		goto counted; /* store_writer_write() counted it */
+		return r; /* store_writer_write() counted it */
 	/* Before zstd ends its frame: it would fail on a pledged size not reached. */
 	if (w->expected != STORE_SIZE_UNKNOWN && w->raw_size != w->expected) {
 		r = -DMC_E_INTEGRITY;
@@ -1280,26 +1331,51 @@ int store_writer_commit(struct store_writer *w, const uint8_t expected[STORE_DIG
 
 	store_header_encode(&info, hdr);
 	r = write_all_at(w->fd, hdr, sizeof(hdr), 0);
-	if (r < 0)
-		goto out;
-	if (fsync(w->fd) < 0) {
-		/* fsyncgate: after a failed fsync the dirty pages may be dropped and a second
-		 * fsync succeed on stale data. Never retry: close, unlink, report. */
-		r = map_space_errno(errno);
-		if (r == -EIO)
-			STAT_ADD(s, fsync_failures, 1);
-		goto out;
-	}
-	close(w->fd);
-	w->fd = -1;
-	info.mtime_ms = now_ms();
-	r = publish(w, &info);
-	if (r == 0 && ret_info)
+	if (r == 0)
 		*ret_info = info;
 out:
 	if (r == -DMC_E_CACHE_FULL)
+		STAT_ADD(w->s, cache_full, 1);
+	return r;
+}
+
+/* fsync of a blob file, counted when it fails; never retried on the same fd (fsyncgate:
+ * after a failed fsync the dirty pages may be dropped and a second one succeed on stale
+ * data). */
+static int sync_file(struct store *s, int fd)
+{
+	int r;
+	if (fsync(fd) == 0)
+		return 0;
+	r = map_space_errno(errno);
+	if (r == -EIO)
+		STAT_ADD(s, fsync_failures, 1);
+	if (r == -DMC_E_CACHE_FULL)
 		STAT_ADD(s, cache_full, 1);
-counted:
+	return r;
+}
+
+int store_writer_commit(struct store_writer *w, const uint8_t expected[STORE_DIGEST_SIZE],
+			struct store_blob_info *ret_info)
+{
+	struct store *s = w->s;
+	struct store_blob_info info;
+	int r = writer_finish(w, expected, &info);
+
+	if (r < 0)
+		goto out;
+	r = sync_file(s, w->fd);
+	if (r < 0)
+		goto out; /* close and unlink, never fsync again */
+	close(w->fd);
+	w->fd = -1;
+	info.mtime_ms = now_ms();
+	r = publish(s, w->tmp_name, &info);
+	if (r == -DMC_E_CACHE_FULL)
+		STAT_ADD(s, cache_full, 1);
+	if (r == 0 && ret_info)
+		*ret_info = info;
+out:
 	writer_free(w);
 	return r;
 }
@@ -1434,7 +1510,7 @@ int store_scan(struct store *s, store_blob_cb on_blob, void *ctx, uint64_t *ret_
 		r = list_subdir(s, b, &digests, &cap, &n, &removed);
 		for (size_t i = 0; i < n && r >= 0; i++) {
 			struct store_blob_info info;
-			int fd;
+			int fd = -1;
 			int q = blob_open(s, digests[i], &fd, &info);
 			if (q == -DMC_E_INTEGRITY || q == -EIO) {
 				/* blob_open moved it to quarantine/, emptied below: at

@@ -154,6 +154,15 @@ int store_writer_open(struct store *s, enum store_kind kind, uint64_t expected_s
 		      struct store_writer **ret_w);
 
 /*
+ * How much zstd must shrink the payload's first 128 KiB for the blob to be stored
+ * compressed: to at most `pct` percent (default 95; 0: never try zstd). Call before the
+ * first write (-EINVAL after, or above 100). Downloads ask for more than the default: zstd-1
+ * costs ~1.8 CPU s/GiB on noisy 16-bit data, as much as receiving the bytes (performance.md
+ * T4), and a raw blob is served without decompressing it.
+ */
+int store_writer_set_zstd_keep(struct store_writer *w, unsigned pct);
+
+/*
  * Appends `len` bytes (borrowed). After an error every later call returns the same error
  * and the commit fails with it; the temp file is removed at the latest by commit or abort.
  * -DMC_E_LIMIT_EXCEEDED once the payload passes max_object or expected_size.

@@ -947,11 +947,95 @@ TEST(open_errors)
 	ASSERT_NULL(s);
 }
 
+/* 12-bit values in 16-bit words: zstd-1 shrinks them to ~75 %, not to 2/3. */
+static void fill_12bit(uint8_t *p, size_t n)
+{
+	for (size_t i = 0; i + 1 < n; i += 2) {
+		uint16_t v = (uint16_t)(rnd() >> 52);
+		p[i] = (uint8_t)v;
+		p[i + 1] = (uint8_t)(v >> 8);
+	}
+}
+
+static int put_keep(struct store *s, const uint8_t *buf, size_t n, int pct,
+		    struct store_blob_info *ret)
+{
+	struct store_writer *w;
+	int r = store_writer_open(s, STORE_KIND_RAW, STORE_SIZE_UNKNOWN, &w);
+	if (r < 0)
+		return r;
+	if (pct >= 0 && (r = store_writer_set_zstd_keep(w, (unsigned)pct)) < 0) {
+		store_writer_abort(w);
+		return r;
+	}
+	/* 1 MiB pieces, as downloads come: raw ones go straight to the file */
+	for (size_t off = 0; off < n; off += 1u << 20) {
+		r = store_writer_write(w, buf + off, n - off < (1u << 20) ? n - off : (1u << 20));
+		if (r < 0) {
+			store_writer_abort(w);
+			return r;
+		}
+	}
+	r = store_writer_commit(w, NULL, ret);
+	if (r == 0)
+		store_unpin(s, ret->digest);
+	return r;
+}
+
+TEST(zstd_keep_threshold)
+{
+	struct fixture fx;
+	struct store_blob_info info;
+	struct store_writer *w;
+	size_t n = (3u << 20) + 12345;
+	uint8_t *twelve = malloc(n), *sparse = calloc(1, n), *back = malloc(n);
+	uint64_t got;
+
+	ASSERT_EQ(fx_open(&fx, NULL), 0);
+	fill_12bit(twelve, n);
+	for (size_t i = 0; i < n; i += 4099)
+		sparse[i] = (uint8_t)i;
+
+	/* the default keeps zstd for a 25 % gain */
+	ASSERT_EQ(put_keep(fx.s, twelve, n, -1, &info), 0);
+	ASSERT_EQ(info.comp, STORE_COMP_ZSTD);
+	ASSERT(info.stored_size * 100 > (uint64_t)n * 67 && info.stored_size * 100 < (uint64_t)n * 95);
+	ASSERT_EQ(store_remove(fx.s, info.digest, NULL), 0);
+	/* asking for 2/3 stores the same bytes raw, sparse data still compressed */
+	ASSERT_EQ(put_keep(fx.s, twelve, n, 67, &info), 0);
+	ASSERT_EQ(info.comp, STORE_COMP_NONE);
+	ASSERT_UINT_EQ(info.stored_size, n);
+	ASSERT_EQ(store_read(fx.s, info.digest, back, n, &got), 0);
+	ASSERT_UINT_EQ(got, n);
+	ASSERT_MEM_EQ(back, twelve, n);
+	ASSERT_EQ(put_keep(fx.s, sparse, n, 67, &info), 0);
+	ASSERT_EQ(info.comp, STORE_COMP_ZSTD);
+	ASSERT(info.stored_size * 100 < (uint64_t)n);
+	ASSERT_EQ(store_remove(fx.s, info.digest, NULL), 0);
+	/* 0: never zstd */
+	ASSERT_EQ(put_keep(fx.s, sparse, n, 0, &info), 0);
+	ASSERT_EQ(info.comp, STORE_COMP_NONE);
+	ASSERT_EQ(store_read(fx.s, info.digest, back, n, &got), 0);
+	ASSERT_MEM_EQ(back, sparse, n);
+	/* only before the first byte, only up to 100 */
+	ASSERT_EQ(store_writer_open(fx.s, STORE_KIND_RAW, STORE_SIZE_UNKNOWN, &w), 0);
+	ASSERT_EQ(store_writer_set_zstd_keep(w, 101), -EINVAL);
+	ASSERT_EQ(store_writer_write(w, sparse, 10), 0);
+	ASSERT_EQ(store_writer_set_zstd_keep(w, 50), -EINVAL);
+	store_writer_abort(w);
+	ASSERT_EQ(count_sub(&fx, "tmp"), 0);
+
+	free(twelve);
+	free(sparse);
+	free(back);
+	fx_close(&fx);
+}
+
 int main(int argc, char **argv)
 {
 	RUN_TESTS(T(sha256_vectors), T(header_codec), T(roundtrip_and_file_format),
 		  T(streaming_writer_chunks), T(commit_checks), T(dedup), T(compression_policy),
 		  T(corruption_is_a_miss), T(verify_and_stat_detect_corruption),
 		  T(verify_all_reports_bad), T(scan_repairs), T(reserve_and_remove),
-		  T(concurrent_writers_and_readers), T(open_errors));
+		  T(concurrent_writers_and_readers), T(open_errors), T(zstd_keep_threshold));
 }
