@@ -25,6 +25,9 @@ For each, interleaved, --reps times (the order rotates every repetition):
                   read into memory, then written to a file): urllib in 20 threads
   dmcached-tmpfs  with --diag-tmpfs: the daemon with its cache on /dev/shm, where fsync
                   costs nothing; it tells the disk's share from the daemon's own
+  dmcached-base   with --baseline-dmcached EXE: another dmcached binary (a build from
+                  before a change) run the same way, so that a change is measured against
+                  its baseline under the same load
 
 The figures are medians over the repetitions; ratios are medians of the per-repetition
 ratios (both sides of a ratio ran in the same repetition, seconds apart). Every
@@ -195,9 +198,15 @@ def run_client_approx(urls, out):
             'cpu': time.process_time() - c0}
 
 
-def run_daemon(Daemon, dmcache, emu, project, n, nbytes, parent, perf=None):
+def run_daemon(Daemon, dmcache, emu, project, n, nbytes, parent, perf=None, exe=None):
     top = tempfile.mkdtemp(prefix='d-', dir=parent)
-    d = Daemon(top)
+    import conftest
+    default_exe = conftest.DMCACHED
+    conftest.DMCACHED = exe or default_exe  # Daemon starts conftest.DMCACHED
+    try:
+        d = Daemon(top)
+    finally:
+        conftest.DMCACHED = default_exe
     rec = None
     try:
         cpu0, _ = cpu_of(d.proc.pid)
@@ -289,6 +298,8 @@ def main():
     ap.add_argument('--diag-tmpfs', action='store_true',
                     help='also run the daemon with its cache on /dev/shm')
     ap.add_argument('--perf', metavar='DIR', help='perf record one large and one small run')
+    ap.add_argument('--baseline-dmcached', metavar='EXE',
+                    help='also run this dmcached binary (e.g. a build before a change)')
     ap.add_argument('--json', metavar='FILE', help='write every figure as JSON')
     args = ap.parse_args()
 
@@ -361,6 +372,16 @@ def main():
                     Daemon, DMCACHE, emu, 'bench-small', args.small_count, small_bytes, work)),
                 ('small', 'client-approx', lambda out: run_client_approx(small_urls, out)),
             ]
+            base = args.baseline_dmcached and os.path.abspath(args.baseline_dmcached)
+            if base:
+                runs += [
+                    ('large', 'dmcached-base', lambda out: run_daemon(
+                        Daemon, DMCACHE, emu, 'bench-large', args.large_count, large_bytes, work,
+                        exe=base)),
+                    ('small', 'dmcached-base', lambda out: run_daemon(
+                        Daemon, DMCACHE, emu, 'bench-small', args.small_count, small_bytes, work,
+                        exe=base)),
+                ]
             if tmpfs:
                 runs += [
                     ('large', 'dmcached-tmpfs', lambda out: run_daemon(
@@ -439,6 +460,9 @@ def report(args, facts, results, large_size, small_size):
     if ('large', 'dmcached-tmpfs') in results:
         row('%s dmcached, cache on tmpfs (diagnostic)' % L,
             per_rep('large', 'dmcached-tmpfs', mbps), 0, 'MB/s')
+    if ('large', 'dmcached-base') in results:
+        row('%s dmcached, baseline binary' % L, per_rep('large', 'dmcached-base', mbps), 0,
+            'MB/s')
     row('%s Datamint client (approximation)' % L, per_rep('large', 'client-approx', mbps),
         0, 'MB/s')
     row('**ratio dmcached / curl** (T4: >= 0.9)',
@@ -447,19 +471,28 @@ def report(args, facts, results, large_size, small_size):
                                                     mbps_sync), 2)
     row('**ratio dmcached / client approximation** (T4: >= 5)',
         ratios('large', 'dmcached', 'client-approx', mbps, mbps), 2)
+    if ('large', 'dmcached-base') in results:
+        row('ratio dmcached / baseline binary, large',
+            ratios('large', 'dmcached', 'dmcached-base', mbps, mbps), 2)
     row('%s curl --parallel-max %d' % (S, CURL_PARALLEL), per_rep('small', 'curl', ips), 0,
         'items/s')
     row('%s dmcached cold prefetch' % S, per_rep('small', 'dmcached', ips), 0, 'items/s')
     if ('small', 'dmcached-tmpfs') in results:
         row('%s dmcached, cache on tmpfs (diagnostic)' % S,
             per_rep('small', 'dmcached-tmpfs', ips), 0, 'items/s')
+    if ('small', 'dmcached-base') in results:
+        row('%s dmcached, baseline binary' % S, per_rep('small', 'dmcached-base', ips), 0,
+            'items/s')
     row('%s Datamint client (approximation)' % S, per_rep('small', 'client-approx', ips), 0,
         'items/s')
     row('ratio dmcached / curl, small', ratios('small', 'dmcached', 'curl', ips, ips), 2)
     row('ratio dmcached / client approximation, small',
         ratios('small', 'dmcached', 'client-approx', ips, ips), 2)
+    if ('small', 'dmcached-base') in results:
+        row('ratio dmcached / baseline binary, small',
+            ratios('small', 'dmcached', 'dmcached-base', ips, ips), 2)
     for kind in ('large', 'small'):
-        for who in ('curl', 'dmcached', 'dmcached-tmpfs', 'client-approx'):
+        for who in ('curl', 'dmcached', 'dmcached-base', 'dmcached-tmpfs', 'client-approx'):
             if (kind, who) in results:
                 row('%s: CPU seconds of %s (emulator)' % (kind, who),
                     per_rep(kind, who, lambda r: r['cpu']), 1,
