@@ -290,6 +290,48 @@ int dmc_release(dmc_client *c, const struct dmc_item *items, uint32_t n);
 /* The mapped arena (read-only) and its size; NULL before the first dmc_open(). */
 const void *dmc_arena(const dmc_client *c, uint64_t *ret_size);
 
+/*
+ * Streams (proto.h STREAM): the daemon computes an epoch's order for a rank, prepares
+ * `ahead` batches beyond the one being read, and lays each batch out contiguously: when
+ * `uniform`, `data` is one C-order tensor (n, frames, channels, height, width) of
+ * items[0]'s dtype. While a stream runs on a client, use only the stream calls on it
+ * (open another client for dmc_get).
+ */
+struct dmc_stream_args {
+	uint64_t seed, epoch;
+	bool shuffle, drop_last; /* as torch's DistributedSampler and DataLoader */
+	uint32_t rank, world_size;
+	uint32_t batch_size;     /* 1 .. DMC_GET_MAX */
+	uint32_t ahead;          /* batches ready beyond the current one; 0: the default (2) */
+};
+
+struct dmc_batch {
+	uint64_t number;
+	uint32_t n;
+	bool uniform;
+	const void *data;       /* the batch's tensors, back to back */
+	uint64_t data_len;
+	uint64_t data_offset, meta_offset; /* for RELEASE */
+	struct dmc_item *items; /* n; valid until the next dmc_stream_next() */
+};
+
+typedef struct dmc_stream dmc_stream;
+
+int dmc_stream_start(dmc_dataset *ds, const struct dmc_stream_args *args,
+		     dmc_stream **ret_stream);
+/* Batches this stream will give: computed as the daemon does. */
+uint64_t dmc_stream_batches(const dmc_stream *st);
+/* The dataset index at the rank's position q of this epoch. */
+uint64_t dmc_stream_item(const dmc_stream *st, uint64_t q);
+/* The next batch: 1 with *ret filled, 0 at the end of the epoch, or a negative error. Each
+ * item has its own status. Release each batch when done with it: the daemon prepares more
+ * only as batches come back. */
+int dmc_stream_next(dmc_stream *st, struct dmc_batch *ret);
+/* Gives a batch's arena space back (asynchronous: no reply is waited for). */
+int dmc_batch_release(dmc_stream *st, const struct dmc_batch *b);
+/* Stops the stream if it runs (batches still arriving are released) and frees it. */
+int dmc_stream_close(dmc_stream *st);
+
 /* A static description of an error returned by this library (negative) or a code. */
 const char *dmc_strerror(int err);
 

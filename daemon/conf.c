@@ -83,6 +83,8 @@ static const struct key keys[] = {
 	  "shared memory per connection when the client names no size"),
 	K("arena_max", KT_SIZE, arena_max, 1 << 20, 1ull << 40,
 	  "the most shared memory one connection may ask for"),
+	K("hot_max", KT_SIZE, hot_max, 0, 1ull << 40,
+	  "decoded tensors kept in memory for all clients (0: none)"),
 	K("decode_workers", KT_UINT32, decode_workers, 0, 256,
 	  "decoder processes (0: one per core)"),
 	K("max_decode_bytes", KT_SIZE, max_decode_bytes, 1 << 20, 1ull << 40,
@@ -118,6 +120,7 @@ void config_init(struct config *cfg)
 	cfg->retry_budget_ms = 600000;
 	cfg->arena_default = 256ull << 20;
 	cfg->arena_max = 4ull << 30;
+	cfg->hot_max = 1ull << 30;
 	cfg->decode_workers = 0;
 	cfg->max_decode_bytes = 1ull << 30;
 	cfg->decode_timeout_ms = 10000;

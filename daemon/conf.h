@@ -53,6 +53,7 @@ struct config {
 	/* serving (serve.h) and decoding (decode_pool.h) */
 	uint64_t arena_default;    /* shared memory per connection when the client names none */
 	uint64_t arena_max;        /* the most a client may ask for */
+	uint64_t hot_max;          /* decoded tensors kept in memory, shared by all clients */
 	uint32_t decode_workers;   /* 0: one per core */
 	uint64_t max_decode_bytes; /* largest decoded item */
 	uint64_t decode_timeout_ms;

@@ -497,8 +497,8 @@ static void on_ping(struct conn *c, const struct dmc_header *h, const uint8_t *p
 
 static void on_status(struct conn *c, const struct dmc_header *h, const uint8_t *payload)
 {
-	struct dmc_status_entry entries[64];
-	uint8_t frame[8192];
+	struct dmc_status_entry entries[128];
+	uint8_t frame[16384];
 	uint32_t count;
 	int n;
 

@@ -206,6 +206,188 @@ static int arena_free(struct arena *a, uint64_t off)
 
 struct sconn;
 struct greq;
+struct stream;
+
+/* ---- the hot set: decoded tensors in memory, shared by every connection ---- */
+
+/* One decoded item: the tensor, then the DICOM header JSON (content-derived only: the
+ * resource record of the snapshot item is added when the item is placed). */
+struct hot_entry {
+	uint8_t raw[STORE_DIGEST_SIZE];
+	int64_t opts;
+	uint8_t *buf;
+	uint64_t nbytes, dlen;
+	struct decode_desc desc;
+	unsigned refs; /* items holding it: never evicted while > 0 */
+	struct hot_entry *hnext;
+	struct hot_entry *newer, *older;
+};
+
+struct hot {
+	struct hot_entry **b;
+	size_t nb, n;
+	uint64_t bytes, max;
+	struct hot_entry *newest, *oldest;
+	uint64_t hits, misses, inserts, evictions;
+};
+
+static size_t hot_slot(const struct hot *h, const uint8_t *raw, int64_t opts)
+{
+	uint64_t k;
+
+	memcpy(&k, raw, sizeof(k));
+	k ^= (uint64_t)opts * 0x9e3779b97f4a7c15ull;
+	return (size_t)(k & (h->nb - 1));
+}
+
+static void hot_lru_unlink(struct hot *h, struct hot_entry *e)
+{
+	if (e->newer)
+		e->newer->older = e->older;
+	else
+		h->newest = e->older;
+	if (e->older)
+		e->older->newer = e->newer;
+	else
+		h->oldest = e->newer;
+	e->newer = e->older = NULL;
+}
+
+static void hot_lru_front(struct hot *h, struct hot_entry *e)
+{
+	e->older = h->newest;
+	e->newer = NULL;
+	if (h->newest)
+		h->newest->newer = e;
+	h->newest = e;
+	if (!h->oldest)
+		h->oldest = e;
+}
+
+static void hot_remove(struct hot *h, struct hot_entry *e)
+{
+	struct hot_entry **pp = &h->b[hot_slot(h, e->raw, e->opts)];
+
+	while (*pp != e)
+		pp = &(*pp)->hnext;
+	*pp = e->hnext;
+	hot_lru_unlink(h, e);
+	h->n--;
+	h->bytes -= e->nbytes + e->dlen;
+	free(e->buf);
+	free(e);
+}
+
+/* A referenced entry for (raw, opts), or NULL. */
+static struct hot_entry *hot_get(struct hot *h, const uint8_t *raw, int64_t opts)
+{
+	struct hot_entry *e;
+
+	if (!h->nb)
+		return NULL;
+	for (e = h->b[hot_slot(h, raw, opts)]; e; e = e->hnext)
+		if (e->opts == opts && memcmp(e->raw, raw, STORE_DIGEST_SIZE) == 0)
+			break;
+	if (!e) {
+		h->misses++;
+		return NULL;
+	}
+	h->hits++;
+	e->refs++;
+	hot_lru_unlink(h, e);
+	hot_lru_front(h, e);
+	return e;
+}
+
+static void hot_unref(struct hot *h, struct hot_entry *e)
+{
+	e->refs--;
+	/* over budget only while everything was referenced: catch up now */
+	while (h->bytes > h->max && h->oldest && !h->oldest->refs) {
+		h->evictions++;
+		hot_remove(h, h->oldest);
+	}
+}
+
+static int hot_grow(struct hot *h)
+{
+	size_t nb = h->nb ? h->nb * 2 : 1024;
+	struct hot_entry **b = calloc(nb, sizeof(*b));
+
+	if (!b)
+		return -ENOMEM;
+	for (size_t i = 0; i < h->nb; i++) {
+		for (struct hot_entry *e = h->b[i], *next; e; e = next) {
+			size_t k;
+			next = e->hnext;
+			memcpy(&k, e->raw, sizeof(k));
+			k = (size_t)(((uint64_t)k ^ (uint64_t)e->opts * 0x9e3779b97f4a7c15ull) & (nb - 1));
+			e->hnext = b[k];
+			b[k] = e;
+		}
+	}
+	free(h->b);
+	h->b = b;
+	h->nb = nb;
+	return 0;
+}
+
+/*
+ * Takes `buf` (tensor + header JSON) into the hot set and returns the entry, referenced;
+ * NULL when it does not fit (the caller keeps `buf`). Items over an eighth of the budget
+ * stay out: they would push out many others.
+ */
+static struct hot_entry *hot_adopt(struct hot *h, const uint8_t *raw, int64_t opts,
+				   uint8_t *buf, uint64_t nbytes, uint64_t dlen,
+				   const struct decode_desc *desc)
+{
+	uint64_t need = nbytes + dlen;
+	struct hot_entry *e, *dup;
+	size_t k;
+
+	if (!h->max || need > h->max / 8)
+		return NULL;
+	if (h->nb && (dup = hot_get(h, raw, opts))) {
+		/* decoded twice at once (two clients): keep the first */
+		h->hits--;
+		hot_unref(h, dup);
+		return NULL;
+	}
+	while (h->bytes + need > h->max && h->oldest && !h->oldest->refs) {
+		h->evictions++;
+		hot_remove(h, h->oldest);
+	}
+	if (h->bytes + need > h->max)
+		return NULL;
+	if (h->n >= h->nb && hot_grow(h) < 0)
+		return NULL;
+	e = calloc(1, sizeof(*e));
+	if (!e)
+		return NULL;
+	memcpy(e->raw, raw, STORE_DIGEST_SIZE);
+	e->opts = opts;
+	e->buf = buf;
+	e->nbytes = nbytes;
+	e->dlen = dlen;
+	e->desc = *desc;
+	e->refs = 1;
+	k = hot_slot(h, raw, opts);
+	e->hnext = h->b[k];
+	h->b[k] = e;
+	hot_lru_front(h, e);
+	h->n++;
+	h->bytes += need;
+	h->inserts++;
+	return e;
+}
+
+static void hot_done(struct hot *h)
+{
+	while (h->oldest)
+		hot_remove(h, h->oldest);
+	free(h->b);
+	memset(h, 0, sizeof(*h));
+}
 
 enum gi_state {
 	GI_NEW,
@@ -233,8 +415,9 @@ struct gitem {
 	uint8_t *in;   /* the stored bytes, for the decoder */
 	struct decode_job job;
 	char key[STORE_HEX_SIZE + 1]; /* the decoder's quarantine key: the content's digest */
-	uint8_t *hold; /* tensor + metadata, waiting for space or for the store */
-	uint64_t hold_len;
+	uint8_t *hold; /* tensor + header JSON (dlen bytes), when not in the hot set */
+	uint64_t dlen;
+	struct hot_entry *he; /* or the bytes are there: referenced */
 	bool from_cache;
 	bool counted;  /* in sc->inflight */
 	uint8_t tensor_digest[STORE_DIGEST_SIZE];
@@ -260,6 +443,9 @@ struct greq {
 	uint64_t placed; /* arena bytes its items hold: not the client's to release yet */
 	unsigned pins;  /* loops stepping its items: freed only when none is left */
 	bool replied;
+	struct stream *st; /* a batch of a STREAM, or NULL for a GET */
+	uint64_t batch_no;
+	bool ready; /* a STREAM batch whose items are all done, waiting to be sent */
 	struct handle h; /* a copy: CLOSE may come while the request runs */
 	uint32_t n, done;
 	struct greq *next;
@@ -283,6 +469,8 @@ struct sconn {
 	uint64_t next_handle;
 	struct greq *reqs;
 	struct pending_open *opens;
+	struct stream *streams;
+	uint8_t *frame; /* replies are built here: allocated once, not per batch */
 	unsigned busy; /* works and decode jobs in flight */
 	unsigned decoding;
 	unsigned inflight; /* items reading, decoding or holding bytes: at most INFLIGHT_MAX */
@@ -298,10 +486,13 @@ struct serve {
 	uint64_t gets, items_served, items_decoded, items_from_tensor_cache, items_failed;
 	uint64_t bytes_served, tensors_stored;
 	uint64_t waits_for_space;
+	uint64_t streams, batches_sent;
+	struct hot hot;
 };
 
 static void item_step(struct gitem *gi);
 static void pump_items(struct sconn *sc);
+static void serve_destroy(struct serve *s);
 static struct greq *first_with_new(struct sconn *sc);
 
 /* The item holds nothing any more (done, or waiting for a download): a place is free. */
@@ -327,13 +518,60 @@ static uint32_t code_of(int err)
 	return err < 0 && err > -4096 ? DMC_E_IO : DMC_E_INTERNAL;
 }
 
+/* The decoded bytes of an item: tensor (nbytes), then the header JSON (dlen). */
+static const uint8_t *gi_bytes(const struct gitem *gi)
+{
+	return gi->he ? gi->he->buf : gi->hold;
+}
+
+static uint64_t gi_dlen(const struct gitem *gi)
+{
+	return gi->he ? gi->he->dlen : gi->dlen;
+}
+
+static void gi_drop(struct gitem *gi)
+{
+	free(gi->hold);
+	gi->hold = NULL;
+	if (gi->he) {
+		hot_unref(&gi->rq->sc->s->hot, gi->he);
+		gi->he = NULL;
+	}
+}
+
+/* The item's metadata document: {"resource": <record>, "dicom": <header JSON or null>}. */
+static uint64_t meta_len(const struct gitem *gi)
+{
+	uint64_t dlen = gi_dlen(gi);
+
+	return 12 + strlen(gi->record) + 9 + (dlen ? dlen : 4) + 1;
+}
+
+static void meta_write(const struct gitem *gi, uint8_t *p)
+{
+	size_t rlen = strlen(gi->record);
+	uint64_t dlen = gi_dlen(gi);
+
+	memcpy(p, "{\"resource\":", 12);
+	p += 12;
+	memcpy(p, gi->record, rlen);
+	p += rlen;
+	memcpy(p, ",\"dicom\":", 9);
+	p += 9;
+	if (dlen)
+		memcpy(p, gi_bytes(gi) + gi->nbytes, dlen);
+	else
+		memcpy(p, "null", 4);
+	p += dlen ? dlen : 4;
+	*p = '}';
+}
+
 /* The connection went while the item was in work: drop its buffers, end it unanswered. */
 static void abandon(struct gitem *gi)
 {
 	free(gi->in);
 	gi->in = NULL;
-	free(gi->hold);
-	gi->hold = NULL;
+	gi_drop(gi);
 	settle(gi, GI_DONE);
 	req_maybe_reply(gi->rq);
 }
@@ -350,10 +588,12 @@ static void item_fail(struct gitem *gi, int err, const char *msg)
 	pump_items(sc);
 }
 
-/* Options that decide the decoded bytes, as a key of the tensor cache. */
+/* Options that decide the decoded bytes, as a key of the tensor cache. Bit 32 marks rows
+ * whose metadata blob is the header JSON alone (older rows held the whole document, with a
+ * resource record that another item with the same bytes does not share). */
 static int64_t opts_key(const struct handle *h)
 {
-	return (int64_t)(h->flags | ((uint64_t)h->dtype << 8));
+	return (int64_t)((h->flags & DMC_OPEN_LUT) | ((uint64_t)h->dtype << 8) | (1ull << 32));
 }
 
 static struct sconn *sconn_of(struct serve *s, struct conn *c, bool create)
@@ -469,6 +709,12 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 
 	if (dmc_open_decode(payload, h->length, &m) != DMC_PROTO_OK) {
 		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed OPEN");
+		return;
+	}
+	if (m.flags & DMC_OPEN_FRAMES) {
+		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+				"frame-by-frame items are not served yet: read whole items and "
+				"index their frames");
 		return;
 	}
 	sc = sconn_of(s, c, true);
@@ -592,6 +838,7 @@ static bool place(struct gitem *gi)
 	struct sconn *sc = gi->rq->sc;
 	uint64_t off, moff;
 
+	gi->mlen = meta_len(gi);
 	off = arena_alloc(&sc->arena, gi->nbytes);
 	if (off == UINT64_MAX)
 		return false;
@@ -600,8 +847,8 @@ static bool place(struct gitem *gi)
 		arena_free(&sc->arena, off);
 		return false;
 	}
-	memcpy(sc->arena.base + off, gi->hold, gi->nbytes);
-	memcpy(sc->arena.base + moff, gi->hold + gi->nbytes, gi->mlen);
+	memcpy(sc->arena.base + off, gi_bytes(gi), gi->nbytes);
+	meta_write(gi, sc->arena.base + moff);
 	gi->off = off;
 	gi->moff = moff;
 	gi->rq->placed += arena_span(gi->nbytes) + arena_span(gi->mlen);
@@ -613,8 +860,7 @@ static void finish_placed(struct gitem *gi)
 	struct sconn *sc = gi->rq->sc;
 	struct serve *s = sc->s;
 
-	free(gi->hold);
-	gi->hold = NULL;
+	gi_drop(gi);
 	settle(gi, GI_DONE);
 	gi->status = 0;
 	gi->msg[0] = '\0';
@@ -640,8 +886,7 @@ again:
 			if (place(gi)) {
 				finish_placed(gi);
 			} else if (!client_holds_space(sc)) {
-				free(gi->hold);
-				gi->hold = NULL;
+				gi_drop(gi);
 				item_fail(gi, -DMC_E_LIMIT_EXCEEDED,
 					  "the batch does not fit in the shared memory: ask for fewer "
 					  "items at once, or open with a larger arena");
@@ -669,9 +914,19 @@ static void item_got_bytes(struct gitem *gi)
 {
 	struct sconn *sc = gi->rq->sc;
 
-	if (gi->nbytes + gi->mlen + 2 * ARENA_ALIGN > sc->arena.size) {
-		free(gi->hold);
-		gi->hold = NULL;
+	if (gi->rq->st) {
+		/* a STREAM batch: placed with the whole batch, in order */
+		gi->status = 0;
+		gi->msg[0] = '\0';
+		settle(gi, GI_DONE);
+		sc->s->items_served++;
+		sc->s->bytes_served += gi->nbytes;
+		req_maybe_reply(gi->rq);
+		pump_items(sc);
+		return;
+	}
+	if (gi->nbytes + meta_len(gi) + 2 * ARENA_ALIGN > sc->arena.size) {
+		gi_drop(gi);
 		item_fail(gi, -DMC_E_LIMIT_EXCEEDED,
 			  "the item is larger than the shared memory: open with a larger arena");
 		return;
@@ -682,8 +937,7 @@ static void item_got_bytes(struct gitem *gi)
 	}
 	if (!client_holds_space(sc)) {
 		/* everything in the arena belongs to replies not sent yet: no RELEASE can come */
-		free(gi->hold);
-		gi->hold = NULL;
+		gi_drop(gi);
 		item_fail(gi, -DMC_E_LIMIT_EXCEEDED,
 			  "the batch does not fit in the shared memory: ask for fewer items at once, "
 			  "or open with a larger arena");
@@ -736,7 +990,7 @@ static void store_tensor_after(uv_work_t *w, int status)
 		t->s->tensors_stored++;
 	}
 	if (t->s->closing && !t->s->conns && !t->s->stores)
-		free(t->s);
+		serve_destroy(t->s);
 	free(t->buf);
 	free(t);
 }
@@ -764,13 +1018,22 @@ static bool desc_parse(const char *t, struct decode_desc *d)
 	       d->nbytes;
 }
 
+/* The decoded bytes go into the hot set when they fit there (shared by every client). */
+static void hot_take(struct gitem *gi)
+{
+	struct serve *s = gi->rq->sc->s;
+
+	gi->he = hot_adopt(&s->hot, gi->raw, opts_key(&gi->rq->h), gi->hold, gi->nbytes, gi->dlen,
+			   &gi->desc);
+	if (gi->he)
+		gi->hold = NULL;
+}
+
 static void on_decoded(struct decode_job *job)
 {
 	struct gitem *gi = job->data;
 	struct sconn *sc = gi->rq->sc;
 	struct serve *s = sc->s;
-	size_t rlen, dlen;
-	uint8_t *p;
 
 	sc->busy--;
 	sc->decoding--;
@@ -787,38 +1050,25 @@ static void on_decoded(struct decode_job *job)
 	s->items_decoded++;
 	gi->desc = job->desc;
 	gi->nbytes = job->desc.nbytes;
-	/* metadata: {"resource": <the resource record>, "dicom": <the header or null>} */
-	rlen = strlen(gi->record);
-	dlen = job->meta && job->meta_len ? job->meta_len : 4;
-	gi->mlen = 13 + rlen + 9 + dlen + 1;
-	gi->hold = malloc(gi->nbytes + gi->mlen + 1);
+	gi->dlen = job->meta && job->meta_len ? job->meta_len : 4;
+	gi->hold = malloc(gi->nbytes + gi->dlen + 1);
 	if (!gi->hold) {
 		item_fail(gi, -ENOMEM, "out of memory");
 		return;
 	}
 	memcpy(gi->hold, job->out, gi->nbytes);
-	p = gi->hold + gi->nbytes;
-	memcpy(p, "{\"resource\":", 12);
-	p += 12;
-	memcpy(p, gi->record, rlen);
-	p += rlen;
-	memcpy(p, ",\"dicom\":", 9);
-	p += 9;
-	memcpy(p, job->meta && job->meta_len ? job->meta : "null", dlen);
-	p += dlen;
-	*p++ = '}';
-	gi->mlen = (uint64_t)(p - (gi->hold + gi->nbytes));
+	memcpy(gi->hold + gi->nbytes, job->meta && job->meta_len ? job->meta : "null", gi->dlen);
 	if (decode_codec_store_tensor(job->desc.codec)) {
-		/* expensive to decode again: keep the tensor (zstd-1) and its metadata */
+		/* expensive to decode again: keep the tensor (zstd-1) and its header */
 		struct store_tensor_work *t = calloc(1, sizeof(*t));
-		if (t && (t->buf = malloc(gi->nbytes + gi->mlen))) {
+		if (t && (t->buf = malloc(gi->nbytes + gi->dlen + 1))) {
 			t->s = s;
 			memcpy(t->raw, gi->raw, STORE_DIGEST_SIZE);
 			t->opts = opts_key(&gi->rq->h);
 			desc_text(&job->desc, t->desc, sizeof(t->desc));
-			memcpy(t->buf, gi->hold, gi->nbytes + gi->mlen);
+			memcpy(t->buf, gi->hold, gi->nbytes + gi->dlen);
 			t->nbytes = gi->nbytes;
-			t->mlen = gi->mlen;
+			t->mlen = gi->dlen;
 			t->work.data = t;
 			s->stores++;
 			if (uv_queue_work(s->d.loop, &t->work, store_tensor_work, store_tensor_after)) {
@@ -830,6 +1080,7 @@ static void on_decoded(struct decode_job *job)
 			free(t);
 		}
 	}
+	hot_take(gi);
 	item_got_bytes(gi);
 }
 
@@ -843,10 +1094,10 @@ static void cached_work(uv_work_t *w)
 	gi->work_err = store_read(store, gi->tensor_digest, gi->hold, gi->nbytes, &got);
 	if (gi->work_err == 0 && got != gi->nbytes)
 		gi->work_err = -DMC_E_INTEGRITY;
-	if (gi->work_err == 0)
-		gi->work_err = store_read(store, gi->meta_digest, gi->hold + gi->nbytes, gi->mlen,
+	if (gi->work_err == 0 && gi->dlen)
+		gi->work_err = store_read(store, gi->meta_digest, gi->hold + gi->nbytes, gi->dlen,
 					  &got);
-	if (gi->work_err == 0 && got != gi->mlen)
+	if (gi->work_err == 0 && gi->dlen && got != gi->dlen)
 		gi->work_err = -DMC_E_INTEGRITY;
 }
 
@@ -866,14 +1117,14 @@ static void cached_after(uv_work_t *w, int status)
 	}
 	if (gi->work_err < 0) {
 		/* a damaged or evicted tensor is a miss: decode again */
-		free(gi->hold);
-		gi->hold = NULL;
+		gi_drop(gi);
 		index_tensor_delete(s->d.cache->index, gi->raw, opts_key(&gi->rq->h));
 		start_decode_path(gi);
 		return;
 	}
 	s->items_from_tensor_cache++;
 	gi->from_cache = true;
+	hot_take(gi);
 	item_got_bytes(gi);
 }
 
@@ -935,20 +1186,27 @@ static void item_step(struct gitem *gi)
 		return;
 	}
 	gi->raw_len = (uint64_t)b.raw_size;
-	index_blob_touch(ix, gi->raw);
 	gi->state = GI_BUSY;
 	if (!gi->counted) {
 		gi->counted = true;
 		sc->inflight++;
 	}
+	/* decoded already, in memory? */
+	if ((gi->he = hot_get(&s->hot, gi->raw, opts_key(&gi->rq->h)))) {
+		gi->desc = gi->he->desc;
+		gi->nbytes = gi->he->nbytes;
+		item_got_bytes(gi);
+		return;
+	}
+	index_blob_touch(ix, gi->raw);
 	/* a decoded tensor in the store? */
 	if (index_tensor_get(ix, gi->raw, opts_key(&gi->rq->h), gi->tensor_digest,
 			     &gi->has_meta_blob, gi->meta_digest, desc, sizeof(desc)) == 0 &&
 	    gi->has_meta_blob && desc_parse(desc, &gi->desc) &&
 	    index_blob_get(ix, gi->meta_digest, &b) == 0) {
 		gi->nbytes = gi->desc.nbytes;
-		gi->mlen = (uint64_t)b.raw_size;
-		gi->hold = malloc(gi->nbytes + gi->mlen + 1);
+		gi->dlen = (uint64_t)b.raw_size;
+		gi->hold = malloc(gi->nbytes + gi->dlen + 1);
 		if (gi->hold) {
 			index_blob_touch(ix, gi->tensor_digest);
 			gi->work.data = gi;
@@ -966,8 +1224,8 @@ static void item_step(struct gitem *gi)
 static void req_free(struct greq *rq)
 {
 	for (uint32_t i = 0; i < rq->n; i++) {
+		gi_drop(&rq->items[i]);
 		free(rq->items[i].record);
-		free(rq->items[i].hold);
 		free(rq->items[i].in);
 	}
 	free(rq);
@@ -993,6 +1251,15 @@ static void req_unpin(struct greq *rq)
 	sconn_maybe_free(sc);
 }
 
+static void stream_batch_done(struct greq *rq);
+
+static uint8_t *reply_frame(struct sconn *sc)
+{
+	if (!sc->frame)
+		sc->frame = malloc(REPLY_MAX);
+	return sc->frame;
+}
+
 static void req_maybe_reply(struct greq *rq)
 {
 	struct sconn *sc = rq->sc;
@@ -1000,7 +1267,7 @@ static void req_maybe_reply(struct greq *rq)
 	uint8_t *frame;
 	int n;
 
-	if (rq->replied)
+	if (rq->replied || rq->ready)
 		return;
 	rq->done = 0;
 	for (uint32_t i = 0; i < rq->n; i++)
@@ -1009,7 +1276,11 @@ static void req_maybe_reply(struct greq *rq)
 	if (rq->done < rq->n)
 		return;
 	req_unlink(rq);
-	if (sc->c && (frame = malloc(REPLY_MAX))) {
+	if (rq->st) {
+		stream_batch_done(rq);
+		return;
+	}
+	if (sc->c && (frame = reply_frame(sc))) {
 		dmc_frame_begin(&w, frame, REPLY_MAX);
 		dmc_write_u32(&w, rq->n);
 		for (uint32_t i = 0; i < rq->n; i++) {
@@ -1037,7 +1308,6 @@ static void req_maybe_reply(struct greq *rq)
 		else
 			conn_send_error(sc->c, rq->request_id, DMC_E_LIMIT_EXCEEDED, NULL,
 					"too many items for one reply");
-		free(frame);
 	}
 	rq->replied = true;
 	if (rq->pins)
@@ -1119,6 +1389,403 @@ static void pump_items(struct sconn *sc)
 	sconn_maybe_free(sc);
 }
 
+
+/* ---- STREAM ---- */
+
+struct stream {
+	struct sconn *sc;
+	uint32_t request_id;
+	struct handle h; /* a copy, as for GET */
+	struct dmc_stream_req m;
+	uint64_t per_rank, nbatches;
+	uint64_t next_prep, next_send;
+	unsigned preparing;   /* batches made and not sent (in work or ready) */
+	unsigned outstanding; /* batches sent and not released */
+	uint64_t sent_off[DMC_STREAM_AHEAD_MAX + 1];
+	struct greq *ready;   /* batches done, by batch number */
+	bool stopped, sending, ended;
+	unsigned pins;        /* calls using it: freed only when none is left */
+	int err;              /* the reason a stream ended early */
+	char why[MSG_MAX];
+	struct stream *next;
+};
+
+static void stream_send(struct stream *st);
+static void stream_prep(struct stream *st);
+static void stream_maybe_end(struct stream *st);
+
+static void stream_drop_batch(struct stream *st, struct greq *rq)
+{
+	st->preparing--;
+	rq->replied = true;
+	if (!rq->pins)
+		req_free(rq);
+}
+
+/* Every item of a batch is done: queue it for sending, in batch order. */
+static void stream_batch_done(struct greq *rq)
+{
+	struct stream *st = rq->st;
+	struct greq **pp;
+
+	if (st->stopped || !st->sc->c) {
+		stream_drop_batch(st, rq);
+		stream_maybe_end(st);
+		return;
+	}
+	rq->ready = true;
+	for (pp = &st->ready; *pp && (*pp)->batch_no < rq->batch_no; pp = &(*pp)->next)
+		;
+	rq->next = *pp;
+	*pp = rq;
+	stream_send(st);
+}
+
+/* Stops a stream: batches not sent are dropped as their work ends. */
+static void stream_stop(struct stream *st, int err, const char *why)
+{
+	struct sconn *sc = st->sc;
+
+	if (st->stopped)
+		return;
+	st->stopped = true;
+	st->pins++;
+	if (err && !st->err) {
+		st->err = err;
+		snprintf(st->why, sizeof(st->why), "%s", why);
+	}
+	while (st->ready) {
+		struct greq *rq = st->ready;
+		st->ready = rq->next;
+		stream_drop_batch(st, rq);
+	}
+	/* items still waiting for something end now; those in work end with their work */
+	sc->busy++;
+again:
+	for (struct greq *rq = sc->reqs; rq; rq = rq->next) {
+		bool changed = false;
+		if (rq->st != st)
+			continue;
+		for (uint32_t i = 0; i < rq->n; i++) {
+			struct gitem *gi = &rq->items[i];
+			if (gi->state == GI_NEW || gi->state == GI_WAIT_ITEM) {
+				settle(gi, GI_DONE);
+				gi->status = DMC_E_CANCELLED;
+				changed = true;
+			}
+		}
+		if (changed) {
+			rq->pins++;
+			req_maybe_reply(rq); /* may leave the list */
+			req_unpin(rq);
+			goto again;
+		}
+	}
+	sc->busy--;
+	st->pins--;
+	stream_maybe_end(st);
+}
+
+static void stream_maybe_end(struct stream *st)
+{
+	struct sconn *sc = st->sc;
+	struct stream **pp;
+	uint8_t frame[64];
+	struct dmc_writer w;
+	int len;
+
+	if (st->ended || st->pins || st->preparing ||
+	    (!st->stopped && st->next_send < st->nbatches))
+		return;
+	st->ended = true;
+	if (sc->c) {
+		if (st->err) {
+			conn_send_error(sc->c, st->request_id, code_of(st->err), NULL, "%s", st->why);
+		} else {
+			dmc_frame_begin(&w, frame, sizeof(frame));
+			dmc_write_u64(&w, st->next_send);
+			dmc_write_u32(&w, st->stopped ? 1 : 0);
+			len = dmc_frame_end(&w, DMC_OP_STREAM, DMC_FLAG_REPLY, st->request_id, 0);
+			if (len > 0)
+				conn_send(sc->c, frame, (size_t)len);
+		}
+	}
+	for (pp = &sc->streams; *pp && *pp != st; pp = &(*pp)->next)
+		;
+	if (*pp)
+		*pp = st->next;
+	free(st);
+	sconn_maybe_free(sc);
+}
+
+/* Starts batches while fewer than ahead + 1 are made and not released. */
+static void stream_prep(struct stream *st)
+{
+	struct sconn *sc = st->sc;
+	unsigned depth = st->m.ahead + 1;
+	bool added = false;
+
+	while (!st->stopped && sc->c && st->next_prep < st->nbatches &&
+	       st->preparing + st->outstanding < depth) {
+		uint64_t q0 = st->next_prep * st->m.batch_size, q1 = q0 + st->m.batch_size;
+		struct greq *rq, **tail;
+		uint32_t n;
+
+		if (q1 > st->per_rank)
+			q1 = st->per_rank;
+		n = (uint32_t)(q1 - q0);
+		rq = calloc(1, sizeof(*rq) + (size_t)n * sizeof(rq->items[0]));
+		if (!rq) {
+			stream_stop(st, -ENOMEM, "out of memory");
+			return;
+		}
+		rq->sc = sc;
+		rq->request_id = st->request_id;
+		rq->h = st->h;
+		rq->st = st;
+		rq->batch_no = st->next_prep++;
+		rq->n = n;
+		for (uint32_t i = 0; i < n; i++) {
+			rq->items[i].rq = rq;
+			rq->items[i].index = dmc_stream_index(st->h.items, &st->m, q0 + i);
+			rq->items[i].state = GI_NEW;
+		}
+		for (tail = &sc->reqs; *tail; tail = &(*tail)->next)
+			;
+		*tail = rq;
+		st->preparing++;
+		added = true;
+	}
+	if (added)
+		pump_items(sc);
+}
+
+/* Sends the ready batches that are next in order and fit in the arena. */
+static void stream_send(struct stream *st)
+{
+	struct sconn *sc = st->sc;
+	struct serve *s = sc->s;
+	struct greq *rq;
+
+	if (st->sending)
+		return;
+	st->sending = true;
+	st->pins++;
+	while (!st->stopped && (rq = st->ready) && rq->batch_no == st->next_send) {
+		uint64_t dlen = 0, mlen = 0, doff, moff, dpos, mpos;
+		struct dmc_batch_head bh = { .batch = rq->batch_no, .n = rq->n, .uniform = 1 };
+		struct dmc_writer w;
+		uint8_t *frame;
+		int n;
+
+		for (uint32_t i = 0; i < rq->n; i++) {
+			struct gitem *gi = &rq->items[i];
+			struct gitem *g0 = &rq->items[0];
+			if (gi->status) {
+				bh.uniform = 0;
+				continue;
+			}
+			gi->mlen = meta_len(gi);
+			dlen += arena_span(gi->nbytes);
+			mlen += gi->mlen;
+			if (gi->desc.dtype != g0->desc.dtype || gi->desc.frames != g0->desc.frames ||
+			    gi->desc.channels != g0->desc.channels ||
+			    gi->desc.height != g0->desc.height || gi->desc.width != g0->desc.width ||
+			    gi->nbytes % ARENA_ALIGN)
+				bh.uniform = 0;
+		}
+		if (dlen + arena_span(mlen) + ARENA_ALIGN > sc->arena.size) {
+			stream_stop(st, -DMC_E_LIMIT_EXCEEDED,
+				    "a batch does not fit in the shared memory: use smaller batches, "
+				    "or open with a larger arena");
+			break;
+		}
+		doff = arena_alloc(&sc->arena, dlen);
+		moff = doff == UINT64_MAX ? UINT64_MAX : arena_alloc(&sc->arena, mlen);
+		if (moff == UINT64_MAX) {
+			if (doff != UINT64_MAX)
+				arena_free(&sc->arena, doff);
+			if (!client_holds_space(sc))
+				stream_stop(st, -DMC_E_LIMIT_EXCEEDED,
+					    "a batch does not fit in the free shared memory: use "
+					    "smaller batches, or open with a larger arena");
+			else
+				s->waits_for_space++; /* backpressure: wait for RELEASE */
+			break;
+		}
+		frame = reply_frame(sc);
+		if (!frame) {
+			arena_free(&sc->arena, doff);
+			arena_free(&sc->arena, moff);
+			stream_stop(st, -ENOMEM, "out of memory");
+			break;
+		}
+		bh.data_offset = doff;
+		bh.data_len = dlen;
+		bh.meta_offset = moff;
+		bh.meta_len = mlen;
+		dmc_frame_begin(&w, frame, REPLY_MAX);
+		dmc_batch_head_write(&w, &bh);
+		dpos = doff;
+		mpos = moff;
+		for (uint32_t i = 0; i < rq->n; i++) {
+			struct gitem *gi = &rq->items[i];
+			struct dmc_item_desc d = { .index = gi->index, .status = gi->status };
+			d.message.ptr = gi->msg;
+			d.message.len = gi->status ? (uint32_t)strlen(gi->msg) : 0;
+			if (!gi->status) {
+				memcpy(sc->arena.base + dpos, gi_bytes(gi), gi->nbytes);
+				meta_write(gi, sc->arena.base + mpos);
+				d.dtype = (uint32_t)gi->desc.dtype;
+				d.ndim = 4;
+				d.shape[0] = gi->desc.frames;
+				d.shape[1] = gi->desc.channels;
+				d.shape[2] = gi->desc.height;
+				d.shape[3] = gi->desc.width;
+				d.offset = dpos;
+				d.nbytes = gi->nbytes;
+				d.meta_offset = mpos;
+				d.meta_len = gi->mlen;
+				dpos += arena_span(gi->nbytes);
+				mpos += gi->mlen;
+			}
+			gi_drop(gi);
+			dmc_item_desc_write(&w, &d);
+		}
+		n = dmc_frame_end(&w, DMC_OP_STREAM, DMC_FLAG_REPLY | DMC_FLAG_MORE, st->request_id,
+				  0);
+		if (n > 0)
+			conn_send(sc->c, frame, (size_t)n);
+		if (n <= 0) {
+			arena_free(&sc->arena, doff);
+			arena_free(&sc->arena, moff);
+			stream_stop(st, -DMC_E_LIMIT_EXCEEDED, "too many items for one batch event");
+			break;
+		}
+		st->ready = rq->next;
+		st->sent_off[st->outstanding++] = doff;
+		st->next_send++;
+		s->batches_sent++;
+		stream_drop_batch(st, rq);
+	}
+	st->sending = false;
+	if (!st->stopped)
+		stream_prep(st);
+	st->pins--;
+	stream_maybe_end(st);
+}
+
+/* A RELEASE freed `off`: a batch of a stream given back? */
+static void streams_released(struct sconn *sc, uint64_t off)
+{
+	for (struct stream *st = sc->streams; st; st = st->next)
+		for (unsigned i = 0; i < st->outstanding; i++)
+			if (st->sent_off[i] == off) {
+				st->sent_off[i] = st->sent_off[--st->outstanding];
+				return;
+			}
+}
+
+/* After a RELEASE: streams may send what waited for space, and prepare more. */
+static void streams_kick(struct sconn *sc)
+{
+	struct stream *st, *next;
+
+	sc->busy++;
+	for (st = sc->streams; st; st = next) {
+		st->pins++;
+		stream_send(st);
+		next = st->next;
+		st->pins--;
+		stream_maybe_end(st); /* may free st */
+	}
+	sc->busy--;
+}
+
+static void on_stream(struct serve *s, struct conn *c, const struct dmc_header *h,
+		      const uint8_t *payload)
+{
+	struct sconn *sc = sconn_of(s, c, false);
+	struct dmc_stream_req m;
+	struct handle *hd;
+	struct stream *st;
+
+	if (dmc_stream_decode(payload, h->length, &m) != DMC_PROTO_OK) {
+		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL,
+				"malformed STREAM, or a value out of range");
+		return;
+	}
+	hd = sc ? handle_find(sc, m.handle) : NULL;
+	if (!hd) {
+		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+				"no open dataset with handle %" PRIu64, m.handle);
+		return;
+	}
+	for (st = sc->streams; st; st = st->next)
+		if (st->request_id == h->request_id) {
+			conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+					"a stream with this request id runs already");
+			return;
+		}
+	st = calloc(1, sizeof(*st));
+	if (!st) {
+		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		return;
+	}
+	if (m.ahead == 0)
+		m.ahead = DMC_STREAM_AHEAD_DEFAULT;
+	st->sc = sc;
+	st->request_id = h->request_id;
+	st->h = *hd;
+	st->m = m;
+	dmc_stream_plan(hd->items, &m, &st->per_rank, &st->nbatches);
+	st->next = sc->streams;
+	sc->streams = st;
+	s->streams++;
+	log_debug(SERVE, "uid %u streams handle %" PRIu64 ": %" PRIu64 " batches of %u (rank %u/%u)",
+		  (unsigned)c->uid, m.handle, st->nbatches, m.batch_size, m.rank, m.world_size);
+	sc->busy++;
+	st->pins++;
+	stream_prep(st);
+	st->pins--;
+	stream_maybe_end(st); /* an empty epoch ends at once */
+	sc->busy--;
+}
+
+static void on_stop(struct serve *s, struct conn *c, const struct dmc_header *h,
+		    const uint8_t *payload)
+{
+	struct sconn *sc = sconn_of(s, c, false);
+	struct dmc_reader r;
+	struct stream *st = NULL;
+	uint32_t id, stopped = 0;
+	uint8_t frame[32];
+	struct dmc_writer w;
+	int len;
+
+	(void)s;
+	dmc_reader_init(&r, payload, h->length);
+	id = dmc_read_u32(&r);
+	if (dmc_reader_finish(&r)) {
+		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed STOP");
+		return;
+	}
+	for (st = sc ? sc->streams : NULL; st && (st->request_id != id || st->stopped);
+	     st = st->next)
+		;
+	if (st) {
+		stopped = 1;
+		sc->busy++;
+		stream_stop(st, 0, NULL); /* its final reply goes out first, or when work ends */
+		sc->busy--;
+	}
+	dmc_frame_begin(&w, frame, sizeof(frame));
+	dmc_write_u32(&w, stopped);
+	len = dmc_frame_end(&w, DMC_OP_STOP, DMC_FLAG_REPLY, h->request_id, 0);
+	if (len > 0)
+		conn_send(c, frame, (size_t)len);
+}
+
 static void on_release(struct serve *s, struct conn *c, const struct dmc_header *h,
 		       const uint8_t *payload)
 {
@@ -1136,15 +1803,20 @@ static void on_release(struct serve *s, struct conn *c, const struct dmc_header 
 				NULL, "malformed RELEASE, or nothing to release");
 		return;
 	}
-	for (uint32_t i = 0; i < n; i++)
-		if (arena_free(&sc->arena, dmc_read_u64(&r)) == 0)
+	for (uint32_t i = 0; i < n; i++) {
+		uint64_t off = dmc_read_u64(&r);
+		if (arena_free(&sc->arena, off) == 0) {
 			released++;
+			streams_released(sc, off);
+		}
+	}
 	dmc_frame_begin(&w, frame, sizeof(frame));
 	dmc_write_u32(&w, released);
 	len = dmc_frame_end(&w, DMC_OP_RELEASE, DMC_FLAG_REPLY, h->request_id, 0);
 	if (len > 0)
 		conn_send(c, frame, (size_t)len);
 	retry_space(sc);
+	streams_kick(sc);
 }
 
 static void on_close(struct serve *s, struct conn *c, const struct dmc_header *h,
@@ -1174,6 +1846,13 @@ static void on_close(struct serve *s, struct conn *c, const struct dmc_header *h
 	{
 		struct handle *hd = *pp;
 		*pp = hd->next;
+		sc->busy++;
+		for (struct stream *st = sc->streams, *nst; st; st = nst) {
+			nst = st->next;
+			if (st->h.id == hd->id)
+				stream_stop(st, 0, NULL); /* may free st */
+		}
+		sc->busy--;
 		free(hd);
 	}
 	dmc_frame_begin(&w, frame, sizeof(frame));
@@ -1240,7 +1919,7 @@ static void sconn_maybe_free(struct sconn *sc)
 {
 	struct serve *s = sc->s;
 
-	if (sc->c || sc->busy || sc->reqs || sc->opens)
+	if (sc->c || sc->busy || sc->reqs || sc->opens || sc->streams)
 		return;
 	if (sc->prev)
 		sc->prev->next = sc->next;
@@ -1254,9 +1933,10 @@ static void sconn_maybe_free(struct sconn *sc)
 		free(h);
 	}
 	arena_done(&sc->arena);
+	free(sc->frame);
 	free(sc);
 	if (s->closing && !s->conns && !s->stores)
-		free(s);
+		serve_destroy(s);
 }
 
 void serve_conn_closed(struct serve *s, struct conn *c)
@@ -1268,6 +1948,12 @@ void serve_conn_closed(struct serve *s, struct conn *c)
 		return;
 	c->app_data = NULL;
 	sc->c = NULL;
+	sc->busy++;
+	for (struct stream *st = sc->streams, *nst; st; st = nst) {
+		nst = st->next;
+		stream_stop(st, 0, NULL); /* may free st */
+	}
+	sc->busy--;
 	/* requests waiting on something that will not come end now; work in flight ends on
 	 * its own and frees what it holds */
 	for (struct greq *rq = sc->reqs, *next; rq; rq = next) {
@@ -1295,6 +1981,12 @@ void serve_conn_closed(struct serve *s, struct conn *c)
 	sconn_maybe_free(sc);
 }
 
+static void serve_destroy(struct serve *s)
+{
+	hot_done(&s->hot);
+	free(s);
+}
+
 int serve_new(const struct serve_deps *deps, struct serve **ret)
 {
 	struct serve *s = calloc(1, sizeof(*s));
@@ -1302,6 +1994,7 @@ int serve_new(const struct serve_deps *deps, struct serve **ret)
 	if (!s)
 		return -ENOMEM;
 	s->d = *deps;
+	s->hot.max = deps->cfg->hot_max;
 	prefetch_set_item_hook(deps->prefetch, on_item, s);
 	*ret = s;
 	return 0;
@@ -1315,7 +2008,7 @@ void serve_free(struct serve *s)
 	s->closing = true;
 	/* connection states and stores go as their work ends; the last one frees the engine */
 	if (!s->conns && !s->stores)
-		free(s);
+		serve_destroy(s);
 }
 
 bool serve_dispatch(struct serve *s, struct conn *c, const struct dmc_header *h,
@@ -1333,6 +2026,12 @@ bool serve_dispatch(struct serve *s, struct conn *c, const struct dmc_header *h,
 		return true;
 	case DMC_OP_CLOSE:
 		on_close(s, c, h, payload);
+		return true;
+	case DMC_OP_STREAM:
+		on_stream(s, c, h, payload);
+		return true;
+	case DMC_OP_STOP:
+		on_stop(s, c, h, payload);
 		return true;
 	}
 	return false;
@@ -1360,6 +2059,13 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 		ENTRY("serve_items_from_tensor_cache_total", s->items_from_tensor_cache),
 		ENTRY("serve_tensors_stored_total", s->tensors_stored),
 		ENTRY("serve_waits_for_space_total", s->waits_for_space),
+		ENTRY("serve_streams_total", s->streams),
+		ENTRY("serve_batches_total", s->batches_sent),
+		ENTRY("serve_hot_bytes", s->hot.bytes),
+		ENTRY("serve_hot_items", s->hot.n),
+		ENTRY("serve_hot_hits_total", s->hot.hits),
+		ENTRY("serve_hot_misses_total", s->hot.misses),
+		ENTRY("serve_hot_evictions_total", s->hot.evictions),
 		ENTRY("serve_arena_bytes", arenas),
 		ENTRY("serve_arena_used_bytes", arena_used),
 		ENTRY("decode_workers", ps.workers),

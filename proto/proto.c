@@ -899,6 +899,137 @@ DMC_EXPORT int dmc_close_encode(uint64_t handle, uint32_t request_id, void *out,
 	return dmc_frame_end(&w, DMC_OP_CLOSE, 0, request_id, 0);
 }
 
+DMC_EXPORT int dmc_stream_encode(const struct dmc_stream_req *m, uint32_t request_id, void *out,
+				 size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u64(&w, m->handle);
+	dmc_write_u64(&w, m->seed);
+	dmc_write_u64(&w, m->epoch);
+	dmc_write_u32(&w, m->flags);
+	dmc_write_u32(&w, m->rank);
+	dmc_write_u32(&w, m->world_size);
+	dmc_write_u32(&w, m->batch_size);
+	dmc_write_u32(&w, m->ahead);
+	return dmc_frame_end(&w, DMC_OP_STREAM, 0, request_id, 0);
+}
+
+DMC_EXPORT int dmc_stream_decode(const void *payload, size_t len, struct dmc_stream_req *ret)
+{
+	struct dmc_reader r;
+	struct dmc_stream_req m;
+
+	dmc_reader_init(&r, payload, len);
+	m.handle = dmc_read_u64(&r);
+	m.seed = dmc_read_u64(&r);
+	m.epoch = dmc_read_u64(&r);
+	m.flags = dmc_read_u32(&r);
+	m.rank = dmc_read_u32(&r);
+	m.world_size = dmc_read_u32(&r);
+	m.batch_size = dmc_read_u32(&r);
+	m.ahead = dmc_read_u32(&r);
+	if (dmc_reader_finish(&r) || (m.flags & ~DMC_STREAM_FLAGS_DEFINED) ||
+	    m.world_size == 0 || m.rank >= m.world_size || m.batch_size == 0 ||
+	    m.batch_size > DMC_GET_MAX || m.ahead > DMC_STREAM_AHEAD_MAX)
+		return DMC_PROTO_ERROR;
+	*ret = m;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT void dmc_batch_head_write(struct dmc_writer *w, const struct dmc_batch_head *m)
+{
+	dmc_write_u64(w, m->batch);
+	dmc_write_u32(w, m->n);
+	dmc_write_u32(w, m->uniform);
+	dmc_write_u64(w, m->data_offset);
+	dmc_write_u64(w, m->data_len);
+	dmc_write_u64(w, m->meta_offset);
+	dmc_write_u64(w, m->meta_len);
+}
+
+DMC_EXPORT void dmc_batch_head_read(struct dmc_reader *r, struct dmc_batch_head *m)
+{
+	m->batch = dmc_read_u64(r);
+	m->n = dmc_read_u32(r);
+	m->uniform = dmc_read_u32(r);
+	m->data_offset = dmc_read_u64(r);
+	m->data_len = dmc_read_u64(r);
+	m->meta_offset = dmc_read_u64(r);
+	m->meta_len = dmc_read_u64(r);
+	if (m->n > DMC_GET_MAX || m->uniform > 1)
+		r->err = DMC_PROTO_ERROR;
+}
+
+DMC_EXPORT int dmc_stop_encode(uint32_t stream, uint32_t request_id, void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, stream);
+	return dmc_frame_end(&w, DMC_OP_STOP, 0, request_id, 0);
+}
+
+static uint64_t splitmix64(uint64_t x)
+{
+	x += 0x9e3779b97f4a7c15ull;
+	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+	x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+	return x ^ (x >> 31);
+}
+
+DMC_EXPORT uint64_t dmc_stream_perm(uint64_t i, uint64_t n, uint64_t key)
+{
+	unsigned bits = 2, half;
+	uint64_t mask, x = i, k[4];
+
+	if (n <= 1 || i >= n)
+		return i;
+	while (bits < 64 && (n - 1) >> bits)
+		bits++;
+	bits += bits & 1;
+	half = bits / 2;
+	mask = (1ull << half) - 1;
+	for (int r = 0; r < 4; r++)
+		k[r] = splitmix64(key + (uint64_t)r);
+	do {
+		uint64_t left = x >> half, right = x & mask;
+		for (int r = 0; r < 4; r++) {
+			uint64_t t = right;
+			right = left ^ (splitmix64(k[r] ^ right) & mask);
+			left = t;
+		}
+		x = (left << half) | right;
+	} while (x >= n); /* cycle-walking: the domain is < 4n, so a few rounds at most */
+	return x;
+}
+
+DMC_EXPORT void dmc_stream_plan(uint64_t items, const struct dmc_stream_req *m,
+				uint64_t *ret_per_rank, uint64_t *ret_batches)
+{
+	uint64_t w = m->world_size ? m->world_size : 1, per, b = m->batch_size ? m->batch_size : 1;
+
+	if ((m->flags & DMC_STREAM_DROP_LAST) && items % w)
+		per = items > w ? (items - w + w - 1) / w : 0;
+	else
+		per = (items + w - 1) / w;
+	if (items == 0)
+		per = 0;
+	*ret_per_rank = per;
+	*ret_batches = (m->flags & DMC_STREAM_DROP_LAST) ? per / b : (per + b - 1) / b;
+}
+
+DMC_EXPORT uint64_t dmc_stream_index(uint64_t items, const struct dmc_stream_req *m, uint64_t q)
+{
+	uint64_t p = (uint64_t)m->rank + q * (m->world_size ? m->world_size : 1);
+
+	if (items == 0)
+		return 0;
+	p %= items;
+	return (m->flags & DMC_STREAM_SHUFFLE) ? dmc_stream_perm(p, items, m->seed + m->epoch) : p;
+}
+
 DMC_EXPORT unsigned dmc_dtype_size(uint32_t dtype)
 {
 	static const unsigned sizes[DMC_DTYPE_LAST_ + 1] = { 0, 1, 1, 2, 2, 4, 4, 8, 8, 4, 8 };
@@ -972,6 +1103,7 @@ DMC_EXPORT const char *dmc_opcode_name(uint16_t opcode)
 	case DMC_OP_RELEASE: return "RELEASE";
 	case DMC_OP_STREAM: return "STREAM";
 	case DMC_OP_CLOSE: return "CLOSE";
+	case DMC_OP_STOP: return "STOP";
 	}
 	return NULL;
 }

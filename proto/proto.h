@@ -83,6 +83,7 @@ enum dmc_opcode {
 	DMC_OP_RELEASE = 34,
 	DMC_OP_STREAM = 35,
 	DMC_OP_CLOSE = 36,
+	DMC_OP_STOP = 37,
 };
 
 enum dmc_flag {
@@ -329,6 +330,41 @@ struct dmc_verify_reply {
  *   offsets from GET replies). Reply: u32 released.
  *
  * CLOSE request: u64 handle. Reply: no fields. Closing the connection closes everything.
+ *   Streams of the handle stop (as with STOP) first.
+ *
+ * STREAM request: one epoch of batches, in an order the daemon computes.
+ *   u64 handle, u64 seed, u64 epoch, u32 flags, u32 rank, u32 world_size, u32 batch_size,
+ *   u32 ahead
+ *   flags: DMC_STREAM_SHUFFLE, DMC_STREAM_DROP_LAST. rank < world_size; batch_size
+ *   1 .. DMC_GET_MAX; ahead 0 .. DMC_STREAM_AHEAD_MAX, 0 meaning DMC_STREAM_AHEAD_DEFAULT.
+ *   Order: position p of the epoch holds item perm(p mod items), where perm is the identity
+ *     without SHUFFLE and otherwise dmc_stream_perm() keyed by seed + epoch (a bijection of
+ *     0 .. items-1: equal for equal seeds and epochs, different across epochs). As torch's
+ *     DistributedSampler: without DROP_LAST each rank reads ceil(items / world_size)
+ *     positions (the tail repeats the head: padding); with DROP_LAST, when items is not a
+ *     multiple of world_size, ceil((items - world_size) / world_size). Rank r reads
+ *     positions r, r + world_size, r + 2 world_size, ...; so the ranks of an epoch together
+ *     read every item exactly once, plus the padding. The rank's list is cut into batches
+ *     of batch_size; DROP_LAST also drops a short last batch. dmc_stream_plan() and
+ *     dmc_stream_index() compute all of this.
+ *   Events (DMC_FLAG_MORE), one per batch, in order:
+ *     u64 batch, u32 n, u32 uniform, u64 data_offset, u64 data_len, u64 meta_offset,
+ *     u64 meta_len, then n item records as in the GET reply
+ *   The batch's tensors lie back to back at data_offset, in item order, and its metadata
+ *   documents back to back at meta_offset; the item records point inside those two regions.
+ *   uniform is 1 when every item succeeded with the same dtype and shape: the data is then
+ *   one C-order tensor (n, frames, channels, height, width). A failed item has its status
+ *   and message and takes no space; the batch still comes. The client gives a whole batch
+ *   back with RELEASE of data_offset and meta_offset (not of its items' offsets).
+ *   The daemon keeps up to `ahead` batches decoded and sent beyond the one the client is
+ *   reading: it prepares batch k + ahead + 1 only when batch k is released.
+ *   Final reply: u64 batches (sent), u32 stopped. Errors that end the stream early (a
+ *   batch larger than the arena: LIMIT_EXCEEDED) are its final ERROR frame instead.
+ *
+ * STOP request: u32 stream (the request id of a STREAM of this connection). Batches not
+ *   sent yet are dropped; sent ones stay the client's until released. Reply: u32 stopped
+ *   (0 when no such stream runs). The stream's own final reply comes before or after it
+ *   (after, when items were in work): a client reads until it has both.
  */
 enum dmc_dtype {
 	DMC_DTYPE_U8 = 1,
@@ -345,8 +381,15 @@ enum dmc_dtype {
 #define DMC_DTYPE_LAST_ 10
 
 #define DMC_OPEN_LUT 1u
-#define DMC_OPEN_FLAGS_DEFINED DMC_OPEN_LUT
+#define DMC_OPEN_FRAMES 2u /* frame-by-frame: one item per frame, shape (1, C, H, W) */
+#define DMC_OPEN_FLAGS_DEFINED (DMC_OPEN_LUT | DMC_OPEN_FRAMES)
 #define DMC_GET_MAX 4096u
+
+#define DMC_STREAM_SHUFFLE 1u
+#define DMC_STREAM_DROP_LAST 2u
+#define DMC_STREAM_FLAGS_DEFINED (DMC_STREAM_SHUFFLE | DMC_STREAM_DROP_LAST)
+#define DMC_STREAM_AHEAD_DEFAULT 2u
+#define DMC_STREAM_AHEAD_MAX 8u
 
 struct dmc_open {
 	uint32_t source;
@@ -378,6 +421,23 @@ struct dmc_item_desc {
 	uint64_t offset, nbytes;
 	uint64_t meta_offset, meta_len;
 	struct dmc_str message;
+};
+
+struct dmc_stream_req {
+	uint64_t handle;
+	uint64_t seed, epoch;
+	uint32_t flags;
+	uint32_t rank, world_size;
+	uint32_t batch_size;
+	uint32_t ahead;
+};
+
+struct dmc_batch_head {
+	uint64_t batch;
+	uint32_t n;
+	uint32_t uniform;
+	uint64_t data_offset, data_len;
+	uint64_t meta_offset, meta_len;
 };
 
 /* ---- codec ---- */
@@ -537,6 +597,25 @@ void dmc_item_desc_read(struct dmc_reader *r, struct dmc_item_desc *ret);
 int dmc_release_encode(const uint64_t *offsets, uint32_t n, uint32_t request_id, void *out,
 		       size_t cap);
 int dmc_close_encode(uint64_t handle, uint32_t request_id, void *out, size_t cap);
+int dmc_stream_encode(const struct dmc_stream_req *m, uint32_t request_id, void *out, size_t cap);
+/* Checks every field's range too (flags, rank < world_size, batch_size, ahead). */
+int dmc_stream_decode(const void *payload, size_t len, struct dmc_stream_req *ret);
+void dmc_batch_head_write(struct dmc_writer *w, const struct dmc_batch_head *m);
+void dmc_batch_head_read(struct dmc_reader *r, struct dmc_batch_head *ret);
+int dmc_stop_encode(uint32_t stream, uint32_t request_id, void *out, size_t cap);
+
+/*
+ * The order of STREAM. dmc_stream_perm(): a keyed bijection of 0 .. n-1 (a 4-round Feistel
+ * network over the smallest even number of bits >= 2 that holds n - 1, cycle-walking until
+ * the value is below n; round keys from splitmix64 of `key`); O(1) memory, any position.
+ * dmc_stream_plan(): the positions a rank reads in an epoch (*ret_per_rank) and its number
+ * of batches (*ret_batches). dmc_stream_index(): the item at the rank's q-th position.
+ */
+uint64_t dmc_stream_perm(uint64_t i, uint64_t n, uint64_t key);
+void dmc_stream_plan(uint64_t items, const struct dmc_stream_req *m, uint64_t *ret_per_rank,
+		     uint64_t *ret_batches);
+uint64_t dmc_stream_index(uint64_t items, const struct dmc_stream_req *m, uint64_t q);
+
 /* Size of one dtype's element in bytes, 0 when unknown. */
 unsigned dmc_dtype_size(uint32_t dtype);
 /* "uint8", "int16", "float32", ... (numpy names), or NULL. */

@@ -92,6 +92,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 					touch(om.project);
 				if (dmc_open_reply_decode(p, h.length, &orp) == DMC_PROTO_OK)
 					touch(orp.version);
+				{
+					struct dmc_stream_req sm;
+					struct dmc_batch_head bh;
+					if (dmc_stream_decode(p, h.length, &sm) == DMC_PROTO_OK) {
+						uint64_t per, nb;
+						dmc_stream_plan(sm.seed, &sm, &per, &nb);
+						sink += (unsigned)dmc_stream_index(sm.seed, &sm,
+										   sm.epoch);
+						sink += (unsigned)(per + nb);
+					}
+					dmc_reader_init(&r, p, h.length);
+					dmc_batch_head_read(&r, &bh);
+					sink += bh.n;
+				}
 				if (dmc_get_begin(&r, p, h.length, &hnd, &u) == DMC_PROTO_OK)
 					for (uint32_t i = 0; i < u; i++)
 						sink += (unsigned)dmc_read_u64(&r);

@@ -510,11 +510,87 @@ TEST(serving_round_trip)
 	ASSERT_NULL(dmc_dtype_name(DMC_DTYPE_LAST_ + 1));
 }
 
+TEST(stream_round_trip_and_order)
+{
+	struct dmc_stream_req in = { 7, 11, 3, DMC_STREAM_SHUFFLE, 1, 4, 32, 2 }, out;
+	struct dmc_batch_head bin = { 5, 32, 1, 4096, 1 << 24, 1 << 25, 3000 }, bout;
+	struct dmc_header hd;
+	struct dmc_reader r;
+	struct dmc_writer w;
+	uint64_t per, nb, seen[100] = { 0 };
+	int len;
+
+	len = dmc_stream_encode(&in, 9, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)len, DMC_OP_STREAM, 0, 9, &hd));
+	ASSERT_EQ(dmc_stream_decode(frame + DMC_HEADER_SIZE, hd.length, &out), DMC_PROTO_OK);
+	ASSERT_UINT_EQ(out.seed, 11);
+	ASSERT_EQ(out.world_size, 4);
+	ASSERT_EQ(out.batch_size, 32);
+	for (uint32_t l = 0; l < hd.length; l++)
+		ASSERT_EQ(dmc_stream_decode(frame + DMC_HEADER_SIZE, l, &out), DMC_PROTO_ERROR);
+	/* every out-of-range field is refused */
+	struct dmc_stream_req bad[] = {
+		{ 7, 0, 0, 4, 0, 1, 1, 0 },  /* undefined flag */
+		{ 7, 0, 0, 0, 4, 4, 1, 0 },  /* rank >= world_size */
+		{ 7, 0, 0, 0, 0, 0, 1, 0 },  /* world_size 0 */
+		{ 7, 0, 0, 0, 0, 1, 0, 0 },  /* batch_size 0 */
+		{ 7, 0, 0, 0, 0, 1, DMC_GET_MAX + 1, 0 },
+		{ 7, 0, 0, 0, 0, 1, 1, DMC_STREAM_AHEAD_MAX + 1 },
+	};
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		len = dmc_stream_encode(&bad[i], 9, frame, sizeof(frame));
+		ASSERT_EQ(dmc_stream_decode(frame + DMC_HEADER_SIZE, (size_t)len - DMC_HEADER_SIZE,
+					    &out),
+			  DMC_PROTO_ERROR);
+	}
+
+	dmc_frame_begin(&w, frame, sizeof(frame));
+	dmc_batch_head_write(&w, &bin);
+	len = dmc_frame_end(&w, DMC_OP_STREAM, DMC_FLAG_REPLY | DMC_FLAG_MORE, 9, 0);
+	dmc_reader_init(&r, frame + DMC_HEADER_SIZE, (size_t)len - DMC_HEADER_SIZE);
+	dmc_batch_head_read(&r, &bout);
+	ASSERT_EQ(dmc_reader_finish(&r), DMC_PROTO_OK);
+	ASSERT_UINT_EQ(bout.meta_offset, 1 << 25);
+	ASSERT_EQ(bout.uniform, 1);
+
+	/* the permutation is a bijection for every size, and depends on the key */
+	for (uint64_t n = 1; n <= 100; n++) {
+		memset(seen, 0, sizeof(seen));
+		for (uint64_t i = 0; i < n; i++) {
+			uint64_t p = dmc_stream_perm(i, n, 42);
+			ASSERT(p < n);
+			ASSERT_UINT_EQ(seen[p], 0);
+			seen[p] = 1;
+		}
+	}
+	ASSERT(dmc_stream_perm(0, 100, 1) != dmc_stream_perm(0, 100, 2) ||
+	       dmc_stream_perm(1, 100, 1) != dmc_stream_perm(1, 100, 2));
+	ASSERT_UINT_EQ(dmc_stream_perm(5, (uint64_t)1 << 40, 3) < ((uint64_t)1 << 40), 1);
+
+	/* DistributedSampler's arithmetic: 19 items, 4 ranks */
+	in.flags = 0;
+	in.batch_size = 2;
+	dmc_stream_plan(19, &in, &per, &nb);
+	ASSERT_UINT_EQ(per, 5);
+	ASSERT_UINT_EQ(nb, 3);
+	in.flags = DMC_STREAM_DROP_LAST;
+	dmc_stream_plan(19, &in, &per, &nb);
+	ASSERT_UINT_EQ(per, 4);
+	ASSERT_UINT_EQ(nb, 2);
+	in.flags = 0;
+	in.rank = 3;
+	/* rank 3 reads positions 3, 7, 11, 15, 19 -> 19 wraps to item 0 (padding) */
+	ASSERT_UINT_EQ(dmc_stream_index(19, &in, 4), 0);
+	ASSERT_UINT_EQ(dmc_stream_index(19, &in, 1), 7);
+	dmc_stream_plan(0, &in, &per, &nb);
+	ASSERT_UINT_EQ(nb, 0);
+}
+
 int main(int argc, char **argv)
 {
 	RUN_TESTS(T(header_round_trip), T(header_rejects_bad_fields), T(hello_round_trip),
 		  T(ping_round_trip), T(status_round_trip), T(error_round_trip),
 		  T(every_truncation_needs_more), T(trailing_bytes_and_bad_strings),
 		  T(prefetch_round_trip), T(progress_round_trip), T(cache_requests_round_trip),
-		  T(list_round_trip), T(serving_round_trip));
+		  T(list_round_trip), T(serving_round_trip), T(stream_round_trip_and_order));
 }

@@ -60,7 +60,9 @@ u32, u64, i32, i64 = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32, ctypes.c_
 # enum dmc_source, flags, enum dmc_dtype (proto.h)
 SOURCE_DATAMINT, SOURCE_LOCAL = 1, 2
 OPEN_LUT = 1
+OPEN_FRAMES = 2
 GET_MAX = 4096
+STREAM_AHEAD_MAX = 8
 DTYPES = {1: 'uint8', 2: 'int8', 3: 'uint16', 4: 'int16', 5: 'uint32', 6: 'int32',
           7: 'uint64', 8: 'int64', 9: 'float32', 10: 'float64'}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
@@ -83,6 +85,18 @@ class Item(ctypes.Structure):
                 ('dtype', u32), ('ndim', u32), ('shape', u64 * 4), ('data', c_void_p),
                 ('nbytes', u64), ('meta', c_void_p), ('meta_len', u64), ('offset', u64),
                 ('meta_offset', u64)]
+
+
+class StreamArgs(ctypes.Structure):
+    _fields_ = [('seed', u64), ('epoch', u64), ('shuffle', ctypes.c_bool),
+                ('drop_last', ctypes.c_bool), ('rank', u32), ('world_size', u32),
+                ('batch_size', u32), ('ahead', u32)]
+
+
+class BatchInfo(ctypes.Structure):
+    _fields_ = [('number', u64), ('n', u32), ('uniform', ctypes.c_bool), ('data', c_void_p),
+                ('data_len', u64), ('data_offset', u64), ('meta_offset', u64),
+                ('items', ctypes.POINTER(Item))]
 
 
 class ErrorInfo(ctypes.Structure):
@@ -128,6 +142,14 @@ dmc_dataset_close = _fn('dmc_dataset_close', ctypes.c_int, c_void_p)
 dmc_get = _fn('dmc_get', ctypes.c_int, c_void_p, _P(u64), u32, _P(Item))
 dmc_release = _fn('dmc_release', ctypes.c_int, c_void_p, _P(Item), u32)
 dmc_arena = _fn('dmc_arena', c_void_p, c_void_p, _P(u64))
+dmc_stream_start = _fn('dmc_stream_start', ctypes.c_int, c_void_p, _P(StreamArgs),
+                       _P(c_void_p))
+dmc_stream_batches = _fn('dmc_stream_batches', u64, c_void_p)
+dmc_stream_item = _fn('dmc_stream_item', u64, c_void_p, u64)
+dmc_stream_next = _fn('dmc_stream_next', ctypes.c_int, c_void_p, _P(BatchInfo))
+dmc_batch_release = _fn('dmc_batch_release', ctypes.c_int, c_void_p, _P(BatchInfo))
+dmc_stream_close = _fn('dmc_stream_close', ctypes.c_int, c_void_p)
+dmc_stream_perm = _fn('dmc_stream_perm', u64, u64, u64, u64)
 dmc_credentials_load = _fn('dmc_credentials_load', ctypes.c_int, c_char_p, c_char_p,
                            _P(Credentials), ctypes.c_char_p, ctypes.c_size_t)
 dmc_credentials_done = _fn('dmc_credentials_done', None, _P(Credentials))
@@ -267,11 +289,12 @@ class Client:
                 dmc_status_free(p)
 
     def open(self, source, project, version=None, server=None, api_key=None, lut=False,
-             dtype=0, arena_bytes=0):
+             dtype=0, arena_bytes=0, frames=False):
         """Opens a dataset version; returns an OpenDataset."""
         args = OpenArgs(source=source, project=_enc(project), version=_enc(version),
                         server=_enc(server), api_key=_enc(api_key),
-                        flags=OPEN_LUT if lut else 0, dtype=dtype,
+                        flags=(OPEN_LUT if lut else 0) | (OPEN_FRAMES if frames else 0),
+                        dtype=dtype,
                         arena_bytes=int(arena_bytes))
         h = c_void_p()
         with self.lock:
@@ -329,6 +352,20 @@ class OpenDataset:
                 return  # the arena went with the connection
             c.check(dmc_release(c.h, items, len(items)), 'release')
 
+    def stream(self, batch_size, seed=0, epoch=0, shuffle=False, drop_last=False, rank=0,
+               world_size=1, ahead=0):
+        """Starts a STREAM of one epoch on this connection; returns a Stream."""
+        args = StreamArgs(seed=int(seed), epoch=int(epoch), shuffle=bool(shuffle),
+                          drop_last=bool(drop_last), rank=int(rank),
+                          world_size=int(world_size), batch_size=int(batch_size),
+                          ahead=int(ahead))
+        h = c_void_p()
+        c = self.client
+        with c.lock:
+            c.check(dmc_stream_start(self._handle(), ctypes.byref(args), ctypes.byref(h)),
+                    'stream')
+        return Stream(self, h.value)
+
     def _handle(self):
         self.client.handle()
         if self.h is None:
@@ -341,6 +378,48 @@ class OpenDataset:
             if self.h is not None and c.h is not None and not c.forked:
                 dmc_dataset_close(self.h)
             self.h = None
+
+
+class Stream:
+    """One epoch of batches computed and laid out by the daemon (dmcache.h, streams). While
+    it runs, its connection serves nothing else."""
+
+    def __init__(self, ds, h):
+        self.ds = ds
+        self.h = h
+        self.batches = dmc_stream_batches(h)
+
+    def item(self, q):
+        """The dataset index at this rank's position q."""
+        return dmc_stream_item(self.h, q)
+
+    def next(self):
+        """The next BatchInfo (its items valid until the next call), or None at the end."""
+        b = BatchInfo()
+        c = self.ds.client
+        with c.lock:
+            if self.h is None:
+                return None
+            rc = dmc_stream_next(self.h, ctypes.byref(b))
+            c.check(rc, 'stream')
+        return b if rc > 0 else None
+
+    def release(self, b):
+        c = self.ds.client
+        with c.lock:
+            if self.h is None or c.h is None or c.forked:
+                return
+            c.check(dmc_batch_release(self.h, ctypes.byref(b)), 'release')
+
+    def close(self):
+        c = self.ds.client
+        with c.lock:
+            h, self.h = self.h, None
+            if h is None:
+                return
+            if c.h is None or c.forked:
+                return  # nothing to say to the daemon: the connection is gone
+            dmc_stream_close(h)
 
 
 def item_bytes(item):

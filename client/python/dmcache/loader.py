@@ -1,38 +1,35 @@
 """dmcache.Loader: batches of decoded items straight from the daemon's shared memory.
 
-Order. Each epoch's order is computed here, deterministically, as PyTorch's
-DistributedSampler computes it: with shuffle, the permutation of torch.randperm(n) under
-a torch.Generator seeded with seed + epoch (without torch: numpy's
-Generator(PCG64(seed + epoch)).permutation(n), another order); then the list is made
-divisible by world_size, by repeating its head (drop_last=False) or cutting its tail
-(drop_last=True, when n is not a multiple: ceil((n - world) / world) items per rank), and
-rank r takes every world_size-th item from r. The rank's list is cut into batches of
-batch_size; drop_last=True also drops a short last batch.
+Order. The daemon computes each epoch's order (proto.h, STREAM): with shuffle, a keyed
+permutation of range(n) (a Feistel network keyed by seed + epoch: equal for equal seeds and
+epochs, different across epochs; permutation() here computes the same); then, as PyTorch's
+DistributedSampler does, the list is made divisible by world_size by repeating its head
+(drop_last=False) or cutting its tail (drop_last=True, when n is not a multiple:
+ceil((n - world) / world) items per rank), and rank r takes every world_size-th item from
+r. The rank's list is cut into batches of batch_size; drop_last=True also drops a short
+last batch. Without shuffle the order is exactly DistributedSampler's; with shuffle the
+permutation differs from torch.randperm's (the daemon has no torch), the partition rule is
+the same.
 
-Memory. Every batch is one GET of all its items (the daemon decodes them in parallel)
-into a connection's arena. The Loader keeps prefetch + 1 connections, each with its own
-arena holding one batch at a time: while batch k is in use, a background thread GETs the
-next ones on the other connections. A batch's items stay in the arena until the next
-batch is asked for (or the iteration ends); then they are RELEASEd. So the arena of a
-connection (arena_bytes, 0 for the daemon's default) must hold one whole batch: the items
-of a larger batch that find no room fail with limit_exceeded (LimitExceededError).
+Memory. One connection, one STREAM per epoch: the daemon decodes ahead (prefetch + 1
+batches beyond the one in use) and writes each batch contiguously into the connection's
+arena. A batch stays there until the next batch is asked for (or the iteration ends); then
+it is RELEASEd. So the arena (arena_bytes, 0 for the daemon's default) must hold
+prefetch + 2 batches; a batch larger than the whole arena fails with limit_exceeded
+(LimitExceededError).
 
-Tensors. When every item of a batch has the same dtype and shape, `images` is one
-stacked tensor (batch, frames, channels, H, W): a copy, writable, yours to keep. When
-shapes differ, `images` is a list of zero-copy tensors over the arena, as the Datamint
-client's collate keeps a list: they are read-only (the arena is mapped read-only; a write
-through them kills the process with SIGSEGV) and valid only until the next batch is
-asked for; .clone() what you keep. Without torch the same holds with numpy arrays
-(read-only views that raise on writes).
-
-Switching to the daemon's STREAM (the daemon computing the order and assembling batches)
-changes nothing here: the constructor, set_epoch(), len() and the Batch tuples stay.
+Tensors. When every item of a batch has the same dtype and shape, `images` is one tensor
+(batch, frames, channels, H, W) that is a zero-copy view of the arena: read-only (the
+arena is mapped read-only; a write through it kills the process with SIGSEGV) and valid
+only until the next batch is asked for; .clone() what you keep, or pass copy=True for a
+writable copy of every batch. When shapes differ, `images` is a list of zero-copy tensors,
+as the Datamint client's collate keeps a list. Without torch the same holds with numpy
+arrays (read-only views that raise on writes).
 """
+import ctypes
 import json
 import math
 import os
-import queue
-import threading
 import weakref
 from typing import Any, List, NamedTuple
 
@@ -41,7 +38,7 @@ import numpy as np
 from . import _lib, errors
 from .dataset import TORCH_WIDEN, Dataset, resolve_source, to_torch, torch_module
 
-PREFETCH_MAX = 4
+PREFETCH_MAX = _lib.STREAM_AHEAD_MAX - 1
 
 
 class Batch(NamedTuple):
@@ -97,14 +94,9 @@ def distributed_env(rank=None, world_size=None):
 
 
 def permutation(n, seed, epoch):
-    """The epoch's shuffled order of range(n), as DistributedSampler draws it."""
-    torch = torch_module()
-    if torch is not None:
-        g = torch.Generator()
-        g.manual_seed(seed + epoch)
-        return torch.randperm(n, generator=g).tolist()
-    rng = np.random.Generator(np.random.PCG64(seed + epoch))
-    return rng.permutation(n).tolist()
+    """The epoch's shuffled order of range(n), as the daemon computes it."""
+    key = (int(seed) + int(epoch)) & 0xFFFFFFFFFFFFFFFF
+    return [_lib.dmc_stream_perm(i, n, key) for i in range(n)]
 
 
 def rank_indices(n, epoch=0, seed=0, shuffle=False, rank=0, world_size=1, drop_last=False):
@@ -133,7 +125,8 @@ class _Conn:
             self.ds = self.client.open(loader._source, loader._project, version=loader._version,
                                        server=loader._server, api_key=loader._key,
                                        lut=loader.lut, dtype=loader._dtype,
-                                       arena_bytes=loader.arena_bytes)
+                                       arena_bytes=loader.arena_bytes,
+                                       frames=loader.frame_by_frame)
         except BaseException:
             self.client.close()
             raise
@@ -150,20 +143,22 @@ class Loader:
         Loader(project, batch_size=1, shuffle=False, seed=0, drop_last=False, rank=None,
                world_size=None, version='latest', root=None, api_key=None,
                server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
-               metadata=True, socket=None)
+               metadata=True, socket=None, copy=False, return_frame_by_frame=False)
 
     project: a Datamint project (name or id), a local dataset folder (with dataset.json),
     a name under root as for Dataset, or a dmcache.Dataset (its source and pinned
     version). Iterating yields Batch(images, meta, indices); len() is the number of
     batches of this rank per epoch. lut applies the modality LUT (float32), dtype asks
     the daemon for another output dtype ('float32', ...). There is no Datamint-style
-    normalisation: items come in their source dtype (or `dtype`).
+    normalisation: items come in their source dtype (or `dtype`). prefetch (0 to 7): batches
+    the daemon keeps ready beyond the next one. copy=True gives writable copies instead of
+    views. return_frame_by_frame=True makes every frame an item of shape (1, C, H, W).
     """
 
     def __init__(self, project, batch_size=1, shuffle=False, seed=0, drop_last=False,
                  rank=None, world_size=None, version='latest', root=None, api_key=None,
                  server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
-                 metadata=True, socket=None):
+                 metadata=True, socket=None, copy=False, return_frame_by_frame=False):
         if not 1 <= int(batch_size) <= _lib.GET_MAX:
             raise ValueError('batch_size must be 1 to %d' % _lib.GET_MAX)
         if not 0 <= int(prefetch) <= PREFETCH_MAX:
@@ -181,6 +176,8 @@ class Loader:
         self.arena_bytes = int(arena_bytes)
         self.metadata = bool(metadata)
         self.socket = socket
+        self.copy = bool(copy)
+        self.frame_by_frame = bool(return_frame_by_frame)
         self.epoch = 0
         if isinstance(project, Dataset):
             self._source, self._project = project._source, project._project
@@ -232,7 +229,7 @@ class Loader:
             for c in self._conns:
                 c.client.close()
             self._conns, self._running, self._pid = [], None, os.getpid()
-        while len(self._conns) < self.prefetch + 1:
+        if not self._conns:
             self._conns.append(_Conn(self))
         return self._conns
 
@@ -263,7 +260,7 @@ class Loader:
     # ---- iteration ----
     def __iter__(self):
         self._end_running()
-        gen = self._iterate(self.batches())
+        gen = self._iterate(self.epoch)
         # weak: a loop that breaks drops the generator, whose finally releases its batch
         self._running = weakref.ref(gen)
         return gen
@@ -276,99 +273,82 @@ class Loader:
         if gen is not None:
             gen.close()
 
-    def _make_batch(self, items):
+    def _make_batch(self, b):
+        items = [b.items[i] for i in range(b.n)]
         for it in items:
             if it.status:
                 raise _lib.item_error(it)
         torch = torch_module()
-        views = []
-        for it in items:
-            shape = tuple(it.shape)
-            dt = np.dtype(_lib.DTYPES[it.dtype])
-            views.append(np.frombuffer(_lib.item_bytes(it), dtype=dt).reshape(shape))
-        same = all(v.shape == views[0].shape and v.dtype == views[0].dtype for v in views)
-        if same:
-            images = np.stack(views)  # one copy into a batch tensor
-            if torch is not None:
-                images = to_torch(torch, images)
-        elif torch is not None:
-            images = [to_torch(torch, v) if v.dtype.name in TORCH_WIDEN or
-                      v.dtype.name == 'uint64' else _torch_view(torch, it)
-                      for v, it in zip(views, items)]
+        first = items[0]
+        dt = np.dtype(_lib.DTYPES[first.dtype])
+        if b.uniform:
+            shape = (b.n,) + tuple(first.shape)
+            if self.copy or torch is None or dt.name in TORCH_WIDEN or dt.name == 'uint64':
+                buf = (ctypes.c_char * (b.n * first.nbytes)).from_address(b.data)
+                images = np.frombuffer(memoryview(buf).cast('B').toreadonly(),
+                                       dtype=dt).reshape(shape)
+                if self.copy or torch is not None:
+                    images = images.copy()
+                if torch is not None:
+                    images = to_torch(torch, images)
+            else:
+                images = _torch_region(torch, b.data, b.n * first.nbytes, first.dtype, shape)
         else:
-            images = views
+            views = [np.frombuffer(_lib.item_bytes(it), dtype=np.dtype(_lib.DTYPES[it.dtype]))
+                     .reshape(tuple(it.shape)) for it in items]
+            if torch is not None:
+                images = [to_torch(torch, v.copy() if self.copy else v)
+                          if self.copy or v.dtype.name in TORCH_WIDEN or
+                          v.dtype.name == 'uint64' else _torch_view(torch, it)
+                          for v, it in zip(views, items)]
+            else:
+                images = [v.copy() for v in views] if self.copy else views
         meta = [json.loads(_lib.item_meta(it)) for it in items] if self.metadata else \
             [None] * len(items)
         return Batch(images, meta, [int(it.index) for it in items])
 
-    def _iterate(self, batches):
+    def _iterate(self, epoch):
         token = self._running_token = object()
-        conns = self._connections()
-        m = len(conns)
-        stop = threading.Event()
-        free = [threading.Semaphore(1) for _ in range(m)]
-        results = queue.Queue()
-        held = {}  # batch number -> items, in the main thread's hands
-
-        def fetch(k):
-            c = conns[k % m]
-            return c.ds.get(batches[k])
-
-        def worker():
-            for k in range(len(batches)):
-                j = k % m
-                while not free[j].acquire(timeout=0.1):
-                    if stop.is_set():
-                        return
-                if stop.is_set():
-                    return
-                try:
-                    results.put((k, fetch(k), None))
-                except BaseException as e:
-                    results.put((k, None, e))
-                    return
-
-        thread = None
-        if m > 1 and batches:
-            thread = threading.Thread(target=worker, name='dmcache-prefetch', daemon=True)
-            thread.start()
+        conn = self._connections()[0]
+        stream = conn.ds.stream(self.batch_size, seed=self.seed, epoch=epoch,
+                                shuffle=self.shuffle, drop_last=self.drop_last,
+                                rank=self.rank, world_size=self.world_size,
+                                ahead=self.prefetch + 1)
+        held = None
         try:
-            for k in range(len(batches)):
-                if thread is not None:
-                    kk, items, err = results.get()
-                    if err is not None:
-                        raise err
-                else:
-                    items = fetch(k)
-                held[k] = items
-                batch = self._make_batch(items)
+            while True:
+                if held is not None:
+                    stream.release(held)
+                    held = None
+                b = stream.next()
+                if b is None:
+                    break
+                held = b
+                batch = self._make_batch(b)
                 yield batch
                 del batch
-                conns[k % m].ds.release(held.pop(k))
-                free[k % m].release()
         finally:
-            stop.set()
-            if thread is not None:
-                thread.join()
-                while True:
-                    try:
-                        kk, items, err = results.get_nowait()
-                    except queue.Empty:
-                        break
-                    if items is not None:
-                        held[kk] = items
-            for kk, items in held.items():
-                try:
-                    conns[kk % m].ds.release(items)
-                except errors.DmcacheError:
-                    pass  # a broken connection took its arena with it
+            try:
+                if held is not None:
+                    stream.release(held)
+                stream.close()
+            except errors.DmcacheError:
+                pass  # a broken connection took its arena with it
             if self._running_token is token:
                 self._running, self._running_token = None, None
 
 
+def _torch_region(torch, address, nbytes, dtype, shape):
+    """A zero-copy torch tensor over `nbytes` of the arena at `address` (read-only memory)."""
+    dt = getattr(torch, _lib.DTYPES[dtype])
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dt)
+    buf = (ctypes.c_char * nbytes).from_address(address)
+    return torch.frombuffer(buf, dtype=dt).reshape(shape)
+
+
 def _torch_view(torch, item):
     """A zero-copy torch tensor over an item in the arena (read-only memory)."""
-    import ctypes
     dt = getattr(torch, _lib.DTYPES[item.dtype])
     if item.nbytes == 0:
         return torch.empty(tuple(item.shape), dtype=dt)
