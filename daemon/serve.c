@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -400,6 +401,8 @@ enum gi_state {
 struct gitem {
 	struct greq *rq;
 	uint64_t index;
+	uint64_t item;  /* the whole item: index, or its item when frame by frame */
+	int64_t frame;  /* the frame of a frame-by-frame handle, else -1 */
 	enum gi_state state;
 	uint32_t status;
 	char msg[MSG_MAX];
@@ -429,11 +432,49 @@ struct gitem {
 	uint64_t off, nbytes, moff, mlen;
 };
 
+/* Frame-by-frame: item k's frames are the items start[k] .. start[k+1]-1. Shared by a
+ * handle and the requests that copied it. */
+struct fmap {
+	unsigned refs;
+	uint64_t n;        /* whole items */
+	uint64_t start[];  /* n + 1 entries */
+};
+
+static struct fmap *fmap_ref(struct fmap *m)
+{
+	if (m)
+		m->refs++;
+	return m;
+}
+
+static void fmap_unref(struct fmap *m)
+{
+	if (m && --m->refs == 0)
+		free(m);
+}
+
+/* The whole item and frame of flat index `i` (< start[n]). */
+static uint64_t fmap_find(const struct fmap *m, uint64_t i, uint32_t *ret_frame)
+{
+	uint64_t lo = 0, hi = m->n;
+
+	while (hi - lo > 1) {
+		uint64_t mid = lo + (hi - lo) / 2;
+		if (m->start[mid] <= i)
+			lo = mid;
+		else
+			hi = mid;
+	}
+	*ret_frame = (uint32_t)(i - m->start[lo]);
+	return lo;
+}
+
 struct handle {
 	uint64_t id;
 	int64_t snapshot_id;
 	uint64_t items;
 	uint32_t flags, dtype;
+	struct fmap *frames; /* with DMC_OPEN_FRAMES */
 	struct handle *next;
 };
 
@@ -457,6 +498,16 @@ struct pending_open {
 	uint32_t request_id;
 	uint32_t flags, dtype;
 	uint64_t arena_bytes;
+	/* frame-by-frame: the snapshot once listed, and its frame counts being learnt */
+	bool listed, waiting_job;
+	int64_t snapshot_id;
+	uint64_t items;
+	char *project_id, *project_name, *version;
+	uint32_t *counts;
+	struct fmap *fm;
+	uint64_t next_item;
+	unsigned probing;
+	bool failed;
 	struct pending_open *next;
 };
 
@@ -542,9 +593,13 @@ static void gi_drop(struct gitem *gi)
 /* The item's metadata document: {"resource": <record>, "dicom": <header JSON or null>}. */
 static uint64_t meta_len(const struct gitem *gi)
 {
-	uint64_t dlen = gi_dlen(gi);
+	uint64_t dlen = gi_dlen(gi), extra = 0;
 
-	return 12 + strlen(gi->record) + 9 + (dlen ? dlen : 4) + 1;
+	if (gi->frame >= 0) {
+		char num[32];
+		extra = 9 + (uint64_t)snprintf(num, sizeof(num), "%" PRId64, gi->frame);
+	}
+	return 12 + strlen(gi->record) + 9 + (dlen ? dlen : 4) + extra + 1;
 }
 
 static void meta_write(const struct gitem *gi, uint8_t *p)
@@ -563,6 +618,13 @@ static void meta_write(const struct gitem *gi, uint8_t *p)
 	else
 		memcpy(p, "null", 4);
 	p += dlen ? dlen : 4;
+	if (gi->frame >= 0) {
+		char num[32];
+		int n = snprintf(num, sizeof(num), "%" PRId64, gi->frame);
+		memcpy(p, ",\"frame\":", 9);
+		memcpy(p + 9, num, (size_t)n);
+		p += 9 + n;
+	}
 	*p = '}';
 }
 
@@ -591,9 +653,13 @@ static void item_fail(struct gitem *gi, int err, const char *msg)
 /* Options that decide the decoded bytes, as a key of the tensor cache. Bit 32 marks rows
  * whose metadata blob is the header JSON alone (older rows held the whole document, with a
  * resource record that another item with the same bytes does not share). */
-static int64_t opts_key(const struct handle *h)
+static int64_t opts_key_frame(const struct handle *h, int64_t frame)
 {
-	return (int64_t)((h->flags & DMC_OPEN_LUT) | ((uint64_t)h->dtype << 8) | (1ull << 32));
+	uint64_t k = (h->flags & DMC_OPEN_LUT) | ((uint64_t)h->dtype << 8) | (1ull << 32);
+
+	if (frame >= 0)
+		k |= ((uint64_t)frame + 1) << 33; /* one frame of the item */
+	return (int64_t)k;
 }
 
 static struct sconn *sconn_of(struct serve *s, struct conn *c, bool create)
@@ -617,11 +683,50 @@ static struct sconn *sconn_of(struct serve *s, struct conn *c, bool create)
 	return sc;
 }
 
+struct lookup {
+	bool found, stored;
+	uint8_t blob[STORE_DIGEST_SIZE];
+	char *record;
+};
+
+static int on_item_row(void *ctx, const struct index_item *it)
+{
+	struct lookup *l = ctx;
+
+	l->found = true;
+	l->stored = it->stored && it->has_blob;
+	memcpy(l->blob, it->blob, STORE_DIGEST_SIZE);
+	l->record = it->meta ? strndup(it->meta, it->meta_len) : strdup("{}");
+	return 0;
+}
+
 /* ---- OPEN ---- */
 
-static void on_open_ready(void *ctx, const struct prefetch_ready *r)
+/* The OPEN is over (answered or not): forget it. */
+static void open_done(struct pending_open *po)
 {
-	struct pending_open *po = ctx, **pp;
+	struct sconn *sc = po->sc;
+	struct pending_open **pp;
+
+	for (pp = &sc->opens; *pp && *pp != po; pp = &(*pp)->next)
+		;
+	if (*pp)
+		*pp = po->next;
+	sc->busy--;
+	free(po->project_id);
+	free(po->project_name);
+	free(po->version);
+	free(po->counts);
+	fmap_unref(po->fm);
+	free(po);
+	sconn_maybe_free(sc);
+}
+
+/* Answers an OPEN: the arena on the first one, then a handle. `fm` is taken. */
+static void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t items,
+		       const char *project_id, const char *project_name, const char *version,
+		       struct fmap *fm)
+{
 	struct sconn *sc = po->sc;
 	struct serve *s = sc->s;
 	struct dmc_open_reply rep;
@@ -630,22 +735,6 @@ static void on_open_ready(void *ctx, const struct prefetch_ready *r)
 	uint8_t nfds = 0;
 	int n, rc;
 
-	for (pp = &sc->opens; *pp && *pp != po; pp = &(*pp)->next)
-		;
-	if (*pp)
-		*pp = po->next;
-	sc->busy--;
-	if (!sc->c)
-		goto out;
-	if (r->err) {
-		conn_send_error(sc->c, po->request_id, r->code, NULL, "%s", r->message);
-		goto out;
-	}
-	if (!prefetch_may_see(s->d.prefetch, sc->c->uid, r->snapshot_id)) {
-		conn_send_error(sc->c, po->request_id, DMC_E_NOT_FOUND_OR_DENIED, NULL,
-				"not found or not entitled");
-		goto out;
-	}
 	if (!sc->has_arena) {
 		uint64_t want = po->arena_bytes ? po->arena_bytes : s->d.cfg->arena_default;
 		if (want > s->d.cfg->arena_max)
@@ -658,7 +747,8 @@ static void on_open_ready(void *ctx, const struct prefetch_ready *r)
 			conn_send_error(sc->c, po->request_id, DMC_E_OVERLOADED, NULL,
 					"cannot set up %" PRIu64 " bytes of shared memory: %s", want,
 					strerror(-rc));
-			goto out;
+			fmap_unref(fm);
+			return;
 		}
 		sc->has_arena = true;
 		nfds = 1;
@@ -666,36 +756,243 @@ static void on_open_ready(void *ctx, const struct prefetch_ready *r)
 	h = calloc(1, sizeof(*h));
 	if (!h) {
 		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
-		goto out;
+		fmap_unref(fm);
+		return;
 	}
 	h->id = sc->next_handle++;
-	h->snapshot_id = r->snapshot_id;
-	h->items = r->items;
+	h->snapshot_id = snapshot_id;
+	h->items = items;
 	h->flags = po->flags;
 	h->dtype = po->dtype;
+	h->frames = fm;
 	h->next = sc->handles;
 	sc->handles = h;
 	rep.handle = h->id;
-	rep.snapshot_id = (uint64_t)r->snapshot_id;
-	rep.items = r->items;
-	rep.project_id = (struct dmc_str){ r->project_id, (uint32_t)strlen(r->project_id) };
-	rep.project_name = (struct dmc_str){ r->project_name, (uint32_t)strlen(r->project_name) };
-	rep.version = (struct dmc_str){ r->version, (uint32_t)strlen(r->version) };
+	rep.snapshot_id = (uint64_t)snapshot_id;
+	rep.items = items;
+	rep.project_id = (struct dmc_str){ project_id, (uint32_t)strlen(project_id) };
+	rep.project_name = (struct dmc_str){ project_name, (uint32_t)strlen(project_name) };
+	rep.version = (struct dmc_str){ version, (uint32_t)strlen(version) };
 	rep.arena_bytes = sc->arena.size;
 	n = dmc_open_reply_encode(&rep, nfds, po->request_id, frame, sizeof(frame));
 	if (n < 0) {
 		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "reply too large");
-		goto out;
+		return;
 	}
 	if (nfds)
 		conn_send_fd(sc->c, frame, (size_t)n, sc->arena.fd);
 	else
 		conn_send(sc->c, frame, (size_t)n);
 	log_debug(SERVE, "uid %u opened snapshot %" PRId64 " (%" PRIu64 " items) as handle %" PRIu64,
-		  (unsigned)sc->c->uid, r->snapshot_id, r->items, h->id);
-out:
-	free(po);
-	sconn_maybe_free(sc);
+		  (unsigned)sc->c->uid, snapshot_id, items, h->id);
+}
+
+/* ---- frame-by-frame: every item's frame count, learnt by probes in the decoders ---- */
+
+#define PROBES_MAX 4 /* probes of one OPEN at once */
+
+struct fprobe {
+	struct pending_open *po;
+	uint64_t k;
+	uint8_t raw[STORE_DIGEST_SIZE];
+	uint64_t raw_len;
+	uint8_t *in;
+	int err;
+	char key[STORE_HEX_SIZE + 1];
+	uv_work_t work;
+	struct decode_job job;
+};
+
+static void frames_step(struct pending_open *po);
+
+static void frames_fail(struct pending_open *po, int err, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+static void frames_fail(struct pending_open *po, int err, const char *fmt, ...)
+{
+	char msg[MSG_MAX];
+	va_list ap;
+
+	if (po->failed)
+		return;
+	po->failed = true;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (po->sc->c)
+		conn_send_error(po->sc->c, po->request_id, code_of(err), NULL, "%s", msg);
+}
+
+static void fprobe_done(struct decode_job *job)
+{
+	struct fprobe *fp = job->data;
+	struct pending_open *po = fp->po;
+
+	if (job->status < 0)
+		frames_fail(po, job->status, "item %" PRIu64 ": %s", fp->k,
+			    job->err[0] ? job->err : "cannot read its frame count");
+	else if (job->desc.src_frames == 0)
+		frames_fail(po, -DMC_E_DECODE_FAILED, "item %" PRIu64 " has no frames", fp->k);
+	else
+		po->counts[fp->k] = job->desc.src_frames;
+	free(fp->in);
+	free(fp);
+	po->probing--;
+	frames_step(po);
+}
+
+static void fprobe_read(uv_work_t *w)
+{
+	struct fprobe *fp = w->data;
+	struct store *store = fp->po->sc->s->d.cache->store;
+	uint64_t got = 0;
+
+	fp->err = store_read(store, fp->raw, fp->in, fp->raw_len, &got);
+	if (fp->err == 0 && got != fp->raw_len)
+		fp->err = -DMC_E_INTEGRITY;
+}
+
+static void fprobe_read_after(uv_work_t *w, int status)
+{
+	struct fprobe *fp = w->data;
+	struct pending_open *po = fp->po;
+	int rc;
+
+	(void)status;
+	if (fp->err == 0 && !po->failed && po->sc->c) {
+		memset(&fp->job, 0, sizeof(fp->job));
+		fp->job.in = fp->in;
+		fp->job.in_len = fp->raw_len;
+		fp->job.probe_only = true;
+		fp->job.data = fp;
+		store_digest_hex(fp->raw, fp->key);
+		fp->job.resource = fp->key;
+		rc = decode_pool_submit(po->sc->s->d.pool, &fp->job, fprobe_done);
+		if (rc == 0)
+			return;
+		fp->err = rc;
+	}
+	if (fp->err)
+		frames_fail(po, fp->err, "item %" PRIu64 ": the cached copy is damaged or gone: "
+			    "prefetch the dataset again", fp->k);
+	free(fp->in);
+	free(fp);
+	po->probing--;
+	frames_step(po);
+}
+
+/* Starts probes while few are running; answers the OPEN when every count is in. */
+static void frames_step(struct pending_open *po)
+{
+	struct sconn *sc = po->sc;
+	struct index *ix = sc->s->d.cache->index;
+
+	if (!po->counts && !po->failed) {
+		po->counts = calloc(po->items ? po->items : 1, sizeof(*po->counts));
+		if (!po->counts)
+			frames_fail(po, -ENOMEM, "out of memory");
+	}
+	while (!po->failed && sc->c && po->next_item < po->items && po->probing < PROBES_MAX) {
+		uint64_t k = po->next_item++;
+		struct lookup l = { 0 };
+		struct index_blob b;
+		struct fprobe *fp;
+
+		if (index_item_get(ix, po->snapshot_id, (int64_t)k, on_item_row, &l) < 0 ||
+		    !l.found || !l.stored || index_blob_get(ix, l.blob, &b) != 0) {
+			free(l.record);
+			frames_fail(po, -DMC_E_NOT_FOUND_OR_DENIED,
+				    "item %" PRIu64 " is not in the cache: frame-by-frame reading needs "
+				    "every item stored; prefetch the dataset again", k);
+			break;
+		}
+		free(l.record);
+		fp = calloc(1, sizeof(*fp));
+		if (fp)
+			fp->in = malloc(b.raw_size ? (size_t)b.raw_size : 1);
+		if (!fp || !fp->in) {
+			if (fp)
+				free(fp);
+			frames_fail(po, -ENOMEM, "out of memory");
+			break;
+		}
+		fp->po = po;
+		fp->k = k;
+		memcpy(fp->raw, l.blob, STORE_DIGEST_SIZE);
+		fp->raw_len = (uint64_t)b.raw_size;
+		fp->work.data = fp;
+		po->probing++;
+		if (uv_queue_work(sc->s->d.loop, &fp->work, fprobe_read, fprobe_read_after) != 0) {
+			po->probing--;
+			free(fp->in);
+			free(fp);
+			frames_fail(po, -ENOMEM, "cannot queue a read");
+			break;
+		}
+	}
+	if (po->probing)
+		return;
+	if (!po->failed && sc->c) {
+		struct fmap *fm = malloc(sizeof(*fm) + (po->items + 1) * sizeof(fm->start[0]));
+		if (fm) {
+			fm->refs = 1;
+			fm->n = po->items;
+			fm->start[0] = 0;
+			for (uint64_t k = 0; k < po->items; k++)
+				fm->start[k + 1] = fm->start[k] + po->counts[k];
+			open_reply(po, po->snapshot_id, fm->start[po->items], po->project_id,
+				   po->project_name, po->version, fm);
+		} else {
+			frames_fail(po, -ENOMEM, "out of memory");
+		}
+	}
+	open_done(po);
+}
+
+static void on_open_ready(void *ctx, const struct prefetch_ready *r)
+{
+	struct pending_open *po = ctx;
+	struct sconn *sc = po->sc;
+	struct serve *s = sc->s;
+
+	if (!sc->c) {
+		open_done(po);
+		return;
+	}
+	if (r->err) {
+		conn_send_error(sc->c, po->request_id, r->code, NULL, "%s", r->message);
+		open_done(po);
+		return;
+	}
+	if (!prefetch_may_see(s->d.prefetch, sc->c->uid, r->snapshot_id)) {
+		conn_send_error(sc->c, po->request_id, DMC_E_NOT_FOUND_OR_DENIED, NULL,
+				"not found or not entitled");
+		open_done(po);
+		return;
+	}
+	if (!(po->flags & DMC_OPEN_FRAMES)) {
+		open_reply(po, r->snapshot_id, r->items, r->project_id, r->project_name, r->version,
+			   NULL);
+		open_done(po);
+		return;
+	}
+	/* frame by frame: the item count is the sum of the frames, known once every item is
+	 * stored, so the whole dataset is prefetched first */
+	po->listed = true;
+	po->snapshot_id = r->snapshot_id;
+	po->items = r->items;
+	po->project_id = strdup(r->project_id);
+	po->project_name = strdup(r->project_name);
+	po->version = strdup(r->version);
+	if (!po->project_id || !po->project_name || !po->version) {
+		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		open_done(po);
+		return;
+	}
+	if (prefetch_snapshot_active(s->d.prefetch, r->snapshot_id)) {
+		po->waiting_job = true; /* on_item() goes on when the job ends */
+		return;
+	}
+	frames_step(po);
 }
 
 static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
@@ -709,12 +1006,6 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 
 	if (dmc_open_decode(payload, h->length, &m) != DMC_PROTO_OK) {
 		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed OPEN");
-		return;
-	}
-	if (m.flags & DMC_OPEN_FRAMES) {
-		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
-				"frame-by-frame items are not served yet: read whole items and "
-				"index their frames");
 		return;
 	}
 	sc = sconn_of(s, c, true);
@@ -756,23 +1047,6 @@ static struct handle *handle_find(struct sconn *sc, uint64_t id)
 	return NULL;
 }
 
-struct lookup {
-	bool found, stored;
-	uint8_t blob[STORE_DIGEST_SIZE];
-	char *record;
-};
-
-static int on_item_row(void *ctx, const struct index_item *it)
-{
-	struct lookup *l = ctx;
-
-	l->found = true;
-	l->stored = it->stored && it->has_blob;
-	memcpy(l->blob, it->blob, STORE_DIGEST_SIZE);
-	l->record = it->meta ? strndup(it->meta, it->meta_len) : strdup("{}");
-	return 0;
-}
-
 static void read_work(uv_work_t *w)
 {
 	struct gitem *gi = w->data;
@@ -812,6 +1086,10 @@ static void read_after(uv_work_t *w, int status)
 	gi->job.in = gi->in;
 	gi->job.in_len = gi->raw_len;
 	gi->job.opts.flags = (gi->rq->h.flags & DMC_OPEN_LUT) ? DECODE_F_LUT : 0;
+	if (gi->frame >= 0) {
+		gi->job.opts.flags |= DECODE_F_FRAME;
+		gi->job.opts.frame = (uint32_t)gi->frame;
+	}
 	gi->job.opts.dtype = (enum decode_dtype)gi->rq->h.dtype;
 	gi->job.want_meta = true;
 	gi->job.data = gi;
@@ -1023,7 +1301,7 @@ static void hot_take(struct gitem *gi)
 {
 	struct serve *s = gi->rq->sc->s;
 
-	gi->he = hot_adopt(&s->hot, gi->raw, opts_key(&gi->rq->h), gi->hold, gi->nbytes, gi->dlen,
+	gi->he = hot_adopt(&s->hot, gi->raw, opts_key_frame(&gi->rq->h, gi->frame), gi->hold, gi->nbytes, gi->dlen,
 			   &gi->desc);
 	if (gi->he)
 		gi->hold = NULL;
@@ -1064,7 +1342,7 @@ static void on_decoded(struct decode_job *job)
 		if (t && (t->buf = malloc(gi->nbytes + gi->dlen + 1))) {
 			t->s = s;
 			memcpy(t->raw, gi->raw, STORE_DIGEST_SIZE);
-			t->opts = opts_key(&gi->rq->h);
+			t->opts = opts_key_frame(&gi->rq->h, gi->frame);
 			desc_text(&job->desc, t->desc, sizeof(t->desc));
 			memcpy(t->buf, gi->hold, gi->nbytes + gi->dlen);
 			t->nbytes = gi->nbytes;
@@ -1118,7 +1396,7 @@ static void cached_after(uv_work_t *w, int status)
 	if (gi->work_err < 0) {
 		/* a damaged or evicted tensor is a miss: decode again */
 		gi_drop(gi);
-		index_tensor_delete(s->d.cache->index, gi->raw, opts_key(&gi->rq->h));
+		index_tensor_delete(s->d.cache->index, gi->raw, opts_key_frame(&gi->rq->h, gi->frame));
 		start_decode_path(gi);
 		return;
 	}
@@ -1162,7 +1440,15 @@ static void item_step(struct gitem *gi)
 		item_fail(gi, -DMC_E_INVALID_ARGUMENT, "index out of range");
 		return;
 	}
-	rc = index_item_get(ix, gi->rq->h.snapshot_id, (int64_t)gi->index, on_item_row, &l);
+	if (gi->rq->h.frames) {
+		uint32_t f;
+		gi->item = fmap_find(gi->rq->h.frames, gi->index, &f);
+		gi->frame = f;
+	} else {
+		gi->item = gi->index;
+		gi->frame = -1;
+	}
+	rc = index_item_get(ix, gi->rq->h.snapshot_id, (int64_t)gi->item, on_item_row, &l);
 	if (rc < 0 || !l.found) {
 		free(l.record);
 		item_fail(gi, -DMC_E_NOT_FOUND_OR_DENIED, "no such item");
@@ -1192,7 +1478,7 @@ static void item_step(struct gitem *gi)
 		sc->inflight++;
 	}
 	/* decoded already, in memory? */
-	if ((gi->he = hot_get(&s->hot, gi->raw, opts_key(&gi->rq->h)))) {
+	if ((gi->he = hot_get(&s->hot, gi->raw, opts_key_frame(&gi->rq->h, gi->frame)))) {
 		gi->desc = gi->he->desc;
 		gi->nbytes = gi->he->nbytes;
 		item_got_bytes(gi);
@@ -1200,7 +1486,7 @@ static void item_step(struct gitem *gi)
 	}
 	index_blob_touch(ix, gi->raw);
 	/* a decoded tensor in the store? */
-	if (index_tensor_get(ix, gi->raw, opts_key(&gi->rq->h), gi->tensor_digest,
+	if (index_tensor_get(ix, gi->raw, opts_key_frame(&gi->rq->h, gi->frame), gi->tensor_digest,
 			     &gi->has_meta_blob, gi->meta_digest, desc, sizeof(desc)) == 0 &&
 	    gi->has_meta_blob && desc_parse(desc, &gi->desc) &&
 	    index_blob_get(ix, gi->meta_digest, &b) == 0) {
@@ -1223,6 +1509,7 @@ static void item_step(struct gitem *gi)
 
 static void req_free(struct greq *rq)
 {
+	fmap_unref(rq->h.frames);
 	for (uint32_t i = 0; i < rq->n; i++) {
 		gi_drop(&rq->items[i]);
 		free(rq->items[i].record);
@@ -1344,6 +1631,7 @@ static void on_get(struct serve *s, struct conn *c, const struct dmc_header *h,
 	rq->sc = sc;
 	rq->request_id = h->request_id;
 	rq->h = *hd;
+	fmap_ref(rq->h.frames);
 	rq->n = n;
 	for (uint32_t i = 0; i < n; i++) {
 		rq->items[i].rq = rq;
@@ -1514,6 +1802,7 @@ static void stream_maybe_end(struct stream *st)
 		;
 	if (*pp)
 		*pp = st->next;
+	fmap_unref(st->h.frames);
 	free(st);
 	sconn_maybe_free(sc);
 }
@@ -1542,6 +1831,7 @@ static void stream_prep(struct stream *st)
 		rq->sc = sc;
 		rq->request_id = st->request_id;
 		rq->h = st->h;
+		fmap_ref(rq->h.frames);
 		rq->st = st;
 		rq->batch_no = st->next_prep++;
 		rq->n = n;
@@ -1737,6 +2027,7 @@ static void on_stream(struct serve *s, struct conn *c, const struct dmc_header *
 	st->sc = sc;
 	st->request_id = h->request_id;
 	st->h = *hd;
+	fmap_ref(st->h.frames);
 	st->m = m;
 	dmc_stream_plan(hd->items, &m, &st->per_rank, &st->nbatches);
 	st->next = sc->streams;
@@ -1853,6 +2144,7 @@ static void on_close(struct serve *s, struct conn *c, const struct dmc_header *h
 				stream_stop(st, 0, NULL); /* may free st */
 		}
 		sc->busy--;
+		fmap_unref(hd->frames);
 		free(hd);
 	}
 	dmc_frame_begin(&w, frame, sizeof(frame));
@@ -1876,6 +2168,22 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
 {
 	struct serve *s = ctx;
 
+	if (idx < 0) {
+		/* a job ended: frame-by-frame opens of its snapshot go on */
+		for (struct sconn *sc = s->conns; sc; sc = sc->next) {
+		again:
+			for (struct pending_open *po = sc->opens; po; po = po->next)
+				if (po->waiting_job && po->snapshot_id == snapshot_id &&
+				    !prefetch_snapshot_active(s->d.prefetch, snapshot_id)) {
+					po->waiting_job = false;
+					sc->busy++;
+					frames_step(po); /* may end po */
+					sc->busy--;
+					goto again;
+				}
+		}
+	}
+
 	for (struct sconn *sc = s->conns, *nsc; sc; sc = nsc) {
 		struct greq *rq;
 
@@ -1885,7 +2193,7 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
 				continue;
 			for (uint32_t i = 0; i < rq->n; i++) {
 				struct gitem *gi = &rq->items[i];
-				if (gi->state != GI_WAIT_ITEM || (idx >= 0 && (int64_t)gi->index != idx))
+				if (gi->state != GI_WAIT_ITEM || (idx >= 0 && (int64_t)gi->item != idx))
 					continue;
 				if (idx >= 0 && err) {
 					/* its download failed for good: say so now */
@@ -1930,6 +2238,7 @@ static void sconn_maybe_free(struct sconn *sc)
 	while (sc->handles) {
 		struct handle *h = sc->handles;
 		sc->handles = h->next;
+		fmap_unref(h->frames);
 		free(h);
 	}
 	arena_done(&sc->arena);
@@ -1971,13 +2280,14 @@ void serve_conn_closed(struct serve *s, struct conn *c)
 		req_maybe_reply(rq); /* no reply goes out: the connection is gone */
 	}
 	sc->busy--;
+	sc->busy++;
 	for (struct pending_open *po = sc->opens, *n; po; po = n) {
 		n = po->next;
 		prefetch_detach(s->d.prefetch, po);
-		sc->busy--;
-		free(po);
+		if (!po->probing)
+			open_done(po); /* a probing one ends when its probes come back */
 	}
-	sc->opens = NULL;
+	sc->busy--;
 	sconn_maybe_free(sc);
 }
 

@@ -310,7 +310,13 @@ struct dmc_verify_reply {
  *   source, project, version, server, api_key: as in PREFETCH. The daemon checks the
  *     caller's access with the caller's key (a prefetch job of the caller's, joined or
  *     started, lists the project); items not cached yet are fetched while the job runs.
- *   flags: DMC_OPEN_LUT (modality LUT / NIfTI scaling applied, float32 unless dtype).
+ *   flags: DMC_OPEN_LUT (modality LUT / NIfTI scaling applied, float32 unless dtype);
+ *     DMC_OPEN_FRAMES (frame by frame: the handle's items are the frames of the dataset's
+ *     items in order, each of shape (1, C, H, W), and its item count is the sum of their
+ *     frames, as the Datamint client's return_frame_by_frame. The reply waits until the
+ *     dataset is stored and every item's frame count is known (probed by the decoders);
+ *     an item that could not be stored fails the OPEN with NOT_FOUND_OR_DENIED. Each
+ *     item's metadata gets "frame": its frame index.)
  *   dtype: enum dmc_dtype of the output, or 0 for the source dtype.
  *   arena_bytes: wished arena size; 0 for the daemon's default. Ignored after the first OPEN.
  * OPEN reply (nfds 1 on the first OPEN of the connection, else 0):

@@ -351,3 +351,42 @@ def test_a_full_arena_waits_for_release(daemon_env, emu):
     st = json.loads(d.cli('status', '--json').stdout)['counters']
     assert st['serve_waits_for_space_total'] >= 1
     os.close(fds[0])
+
+
+def test_frame_by_frame_open_waits_for_the_job_and_needs_every_item(daemon_env, emu):
+    """OPEN frame by frame counts every item's frames once the dataset is stored; an item
+    that could not be downloaded makes it fail with a reason, not hang or undercount."""
+    d = daemon_env
+    listed = resources(emu, 'sample')
+    victim = listed[3]['id']
+    emu.add_fault(path='^/resources/%s/file$' % victim, status=404)
+    emu.add_fault(path='/resources/.*/file$', latency_ms=500)  # the job still runs
+    sock = wire.session(d.socket)
+    sock.sendall(wire.open_msg('sample', flags=2, server=emu.url, key=KEY))
+    op, fl, rid, payload, fds = wire.recv_frame_fds(sock)
+    assert op == wire.OP_ERROR
+    err = wire.decode_error(payload)
+    assert err['code'] == wire.E['not_found_or_denied'], err
+    assert 'frame-by-frame' in err['message'] and 'prefetch' in err['message']
+    emu.clear_faults()
+    # all stored: the count is the sum of the frames, and flat indices map onto them
+    assert d.cli('prefetch', 'sample').returncode == 0
+    sock.sendall(wire.open_msg('sample', flags=2, server=emu.url, key=KEY, rid=7))
+    op, fl, rid, payload, fds = wire.recv_frame_fds(sock)
+    assert op == wire.OP_OPEN, wire.decode_error(payload)
+    o = wire.decode_open_reply(payload)
+    sock.sendall(wire.open_msg('sample', server=emu.url, key=KEY, rid=8))
+    op, fl, rid, payload, _ = wire.recv_frame_fds(sock)
+    whole = wire.decode_open_reply(payload)
+    sock.sendall(wire.get_msg(whole['handle'], list(range(whole['items'])), rid=9))
+    op, fl, rid, payload, _ = wire.recv_frame_fds(sock)
+    items = wire.decode_get_reply(payload)
+    assert o['items'] == sum(it['shape'][0] for it in items) > whole['items']
+    sock.sendall(wire.get_msg(o['handle'], [o['items'] - 1, o['items']], rid=10))
+    op, fl, rid, payload, _ = wire.recv_frame_fds(sock)
+    last, beyond = wire.decode_get_reply(payload)
+    assert last['status'] == 0 and last['shape'][0] == 1
+    assert last['shape'][1:] == items[-1]['shape'][1:]
+    assert beyond['status'] == wire.E['invalid_argument']
+    os.close(fds[0])
+    sock.close()

@@ -331,7 +331,7 @@ def test_errors_carry_code_message_and_resource(daemon, tmp_path, emu):
 
 
 def test_unsupported_options_are_refused_by_name(daemon):
-    for opt, val in [('return_frame_by_frame', True), ('return_segmentations', True),
+    for opt, val in [('return_segmentations', True),
                      ('alb_transform', object()), ('include_unannotated', False),
                      ('image_transform', lambda x: x)]:
         with pytest.raises(NotImplementedError) as e:
@@ -377,3 +377,37 @@ def test_arena_cannot_be_shrunk_from_python(daemon):
     assert addr and size == ds._ds.arena_bytes
     assert ds[0][0].shape == (1, 1, 512, 512)  # and serving goes on
     ds.close()
+
+
+def test_frame_by_frame_items(daemon):
+    whole = dmcache.Dataset(dataset_name='sample', normalize=False, return_dicom=False)
+    frames = dmcache.Dataset(dataset_name='sample', normalize=False, return_dicom=False,
+                             return_frame_by_frame=True)
+    expect = []
+    for i in range(len(whole)):
+        a, meta = whole.read(i)
+        for f in range(a.shape[0]):
+            expect.append((a[f], meta['resource']['id'], f))
+    # the Datamint client's length: the sum of every item's frames
+    assert len(frames) == len(expect) > len(whole)
+    for k, (a, rid, f) in enumerate(expect):
+        image, info = frames[k]
+        got = image.numpy() if hasattr(image, 'numpy') else image
+        assert got.shape == a.shape and np.array_equal(got, a), k
+        assert info['id'] == rid and info['frame_index'] == f
+    # the Loader too, in batches of single frames
+    loader = dmcache.Loader('sample', batch_size=4, return_frame_by_frame=True,
+                            arena_bytes=32 << 20, copy=True)
+    assert loader.items == len(expect)
+    k = 0
+    for b in loader:
+        imgs = b.images if isinstance(b.images, list) else list(b.images)
+        for img, m in zip(imgs, b.meta):
+            a, rid, f = expect[k]
+            assert np.array_equal(np.asarray(img)[0], a)
+            assert m['resource']['id'] == rid and m['frame'] == f
+            k += 1
+    assert k == len(expect)
+    loader.close()
+    for d in (whole, frames):
+        d.close()

@@ -22,7 +22,7 @@ from . import _dicom, _lib, errors
 # implement: passing one with a value that asks for the feature raises NotImplementedError
 # naming it. Values that mean "off" (False, None) are accepted.
 UNSUPPORTED = (
-    'return_frame_by_frame', 'return_annotations', 'return_segmentations',
+    'return_annotations', 'return_segmentations',
     'return_as_semantic_segmentation', 'semantic_seg_merge_strategy', 'image_transform',
     'mask_transform', 'alb_transform', 'include_unannotated', 'include_annotators',
     'exclude_annotators', 'include_segmentation_names', 'exclude_segmentation_names',
@@ -158,7 +158,7 @@ class Dataset:
     def __init__(self, root=None, dataset_name=None, version='latest', api_key=None,
                  server_url=None, transform=None, target_transform=None, return_dicom=True,
                  return_metainfo=True, normalize=True, socket=None, arena_bytes=0,
-                 project_name=None, **kwargs):
+                 project_name=None, return_frame_by_frame=False, **kwargs):
         for k, v in kwargs.items():
             if k not in UNSUPPORTED:
                 raise TypeError("Dataset() got an unexpected keyword argument '%s'" % k)
@@ -186,6 +186,7 @@ class Dataset:
         self.normalize = normalize
         self.socket = socket
         self.arena_bytes = int(arena_bytes)
+        self.return_frame_by_frame = bool(return_frame_by_frame)
         self._source, self._project, self._server, self._key = resolve_source(
             root, dataset_name, api_key, server_url)
         self._lock = threading.Lock()
@@ -204,7 +205,8 @@ class Dataset:
         try:
             ds = client.open(self._source, self._project, version=version,
                              server=self._server, api_key=self._key,
-                             arena_bytes=self.arena_bytes)
+                             arena_bytes=self.arena_bytes,
+                             frames=self.return_frame_by_frame)
         except BaseException:
             client.close()
             raise
@@ -301,6 +303,8 @@ class Dataset:
         if self.transform is not None:
             image = self.transform(to_hwc(a))
         else:
+            if self.return_frame_by_frame:
+                a = a[0]  # one frame: (channels, H, W), as the Datamint client gives it
             torch = torch_module()
             image = to_torch(torch, a) if torch else a
         out = [image]
@@ -309,6 +313,8 @@ class Dataset:
         if self.return_metainfo:
             record = dict(meta.get('resource') or {})
             record['labels'] = image_labels(record)
+            if self.return_frame_by_frame:
+                record['frame_index'] = meta.get('frame')
             if self.target_transform is not None:
                 record = self.target_transform(record)
             out.append(record)
