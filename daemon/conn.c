@@ -192,6 +192,21 @@ int conn_send(struct conn *c, const void *frame, size_t len)
 
 	if (c->closing)
 		return -EPIPE;
+	if (c->wq_bytes == 0) {
+		/* nothing queued: write now, and queue (a copy of) only what the socket did not
+		 * take, so that a reply costs no allocation while the client keeps up */
+		buf = uv_buf_init((char *)frame, (unsigned)len);
+		rc = uv_try_write((uv_stream_t *)&c->pipe, &buf, 1);
+		if (rc == (int)len)
+			return 0;
+		if (rc > 0) {
+			frame = (const uint8_t *)frame + rc;
+			len -= (size_t)rc;
+		} else if (rc != UV_EAGAIN) {
+			conn_close(c);
+			return rc;
+		}
+	}
 	w = malloc(sizeof(*w) + len);
 	if (!w) {
 		conn_close(c);
@@ -548,6 +563,8 @@ static void dispatch(struct conn *c, const struct dmc_header *h, const uint8_t *
 				c->paused = true;
 				c->close_after_write = true;
 				c->srv->stats.protocol_errors++;
+				if (c->wq_bytes == 0)
+					conn_close(c); /* the error went out at once */
 			}
 			return;
 		}
