@@ -1876,14 +1876,17 @@ static void stream_send(struct stream *st)
 				continue;
 			}
 			gi->mlen = meta_len(gi);
-			dlen += arena_span(gi->nbytes);
 			mlen += gi->mlen;
 			if (gi->desc.dtype != g0->desc.dtype || gi->desc.frames != g0->desc.frames ||
 			    gi->desc.channels != g0->desc.channels ||
-			    gi->desc.height != g0->desc.height || gi->desc.width != g0->desc.width ||
-			    gi->nbytes % ARENA_ALIGN)
+			    gi->desc.height != g0->desc.height || gi->desc.width != g0->desc.width)
 				bh.uniform = 0;
 		}
+		/* one tensor when uniform: items exactly nbytes apart (each stays aligned to its
+		 * element size); otherwise each starts on an ARENA_ALIGN boundary */
+		for (uint32_t i = 0; i < rq->n; i++)
+			if (!rq->items[i].status)
+				dlen += bh.uniform ? rq->items[i].nbytes : arena_span(rq->items[i].nbytes);
 		if (dlen + arena_span(mlen) + ARENA_ALIGN > sc->arena.size) {
 			stream_stop(st, -DMC_E_LIMIT_EXCEEDED,
 				    "a batch does not fit in the shared memory: use smaller batches, "
@@ -1936,7 +1939,7 @@ static void stream_send(struct stream *st)
 				d.nbytes = gi->nbytes;
 				d.meta_offset = mpos;
 				d.meta_len = gi->mlen;
-				dpos += arena_span(gi->nbytes);
+				dpos += bh.uniform ? gi->nbytes : arena_span(gi->nbytes);
 				mpos += gi->mlen;
 			}
 			gi_drop(gi);
