@@ -3,10 +3,12 @@
  *
  * Opens a dataset version, reads every item in batches for a number of epochs, touches
  * every byte of every tensor (as a training loop copying it to a GPU would), gives the
- * space back, and prints items/s and MB/s per epoch. Uses only <dmcache.h>:
+ * space back, and prints items/s and MB/s per epoch. Two ways: GET of the batches the
+ * program chooses (dmc_get, dmc_release), or with --stream the daemon's own order and
+ * batches laid out contiguously, prepared ahead (dmc_stream_*). Uses only <dmcache.h>:
  *
  *     cc dmcache-read.c $(pkg-config --cflags --libs libdmcache) -o dmcache-read
- *     dmcache-read --source ~/datasets/ct --epochs 3 --batch 32
+ *     dmcache-read --source ~/datasets/ct --epochs 3 --batch 32 [--stream --shuffle]
  *     DATAMINT_API_KEY=... dmcache-read ct
  */
 #include <errno.h>
@@ -42,6 +44,8 @@ static void usage(FILE *out)
 		"  --epochs N       passes over the dataset (default 1)\n"
 		"  --batch N        items per GET (default %u, at most %u)\n"
 		"  --limit N        read only the first N items of each epoch\n"
+		"  --stream         let the daemon order and prepare the batches (STREAM)\n"
+		"  --shuffle        with --stream: shuffled order, seeded with the epoch\n"
 		"  --arena BYTES    shared memory to ask for (default: the daemon's)\n"
 		"  --socket PATH    the daemon's socket (default: $DMCACHE_SOCKET, ...)\n"
 		"  --version V      dataset version (default: the newest)\n"
@@ -91,10 +95,120 @@ static int report(dmc_client *c, const char *what, int rc)
 	return 1;
 }
 
+/* What one run reads with, and what it has seen so far. */
+struct reader {
+	dmc_client *c;
+	dmc_dataset *ds;
+	uint64_t n, batch;
+	bool shuffle;
+	uint64_t *indices;     /* batch entries, for GET */
+	struct dmc_item *items;
+	uint64_t sum;          /* of every byte read */
+	double t_open, t_first;
+};
+
+static int check_items(const struct dmc_item *items, uint32_t n)
+{
+	for (uint32_t i = 0; i < n; i++) {
+		if (items[i].status) {
+			fprintf(stderr, "dmcache-read: item %" PRIu64 ": %s (%s)\n", items[i].index,
+				items[i].message, dmc_error_name((uint32_t)-items[i].status));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/* One epoch in index order, one GET per batch: 0 with the items and bytes read, or -1. */
+static int epoch_get(struct reader *r, uint64_t *ret_items, uint64_t *ret_bytes)
+{
+	uint64_t nbytes = 0;
+	int rc;
+
+	for (uint64_t first = 0; first < r->n; first += r->batch) {
+		uint32_t k = (uint32_t)(r->n - first < r->batch ? r->n - first : r->batch);
+
+		for (uint32_t i = 0; i < k; i++)
+			r->indices[i] = first + i;
+		rc = dmc_get(r->ds, r->indices, k, r->items);
+		if (rc < 0)
+			return report(r->c, "get", rc), -1;
+		if (r->t_first == 0)
+			r->t_first = now_s() - r->t_open;
+		if (check_items(r->items, k) < 0) {
+			dmc_release(r->c, r->items, k);
+			return -1;
+		}
+		for (uint32_t i = 0; i < k; i++) {
+			r->sum += touch(r->items[i].data, r->items[i].nbytes);
+			nbytes += r->items[i].nbytes;
+		}
+		rc = dmc_release(r->c, r->items, k);
+		if (rc < 0)
+			return report(r->c, "release", rc), -1;
+	}
+	*ret_items = r->n;
+	*ret_bytes = nbytes;
+	return 0;
+}
+
+/* One epoch as the daemon streams it (its order, batches prepared ahead and laid out
+ * back to back), stopped after the batch that reaches r->n items: 0 with the items and
+ * bytes read, or -1. */
+static int epoch_stream(struct reader *r, uint64_t epoch, uint64_t *ret_items,
+			uint64_t *ret_bytes)
+{
+	struct dmc_stream_args sa = {
+		.seed = 0, .epoch = epoch, .shuffle = r->shuffle, .rank = 0, .world_size = 1,
+		.batch_size = (uint32_t)r->batch,
+	};
+	struct dmc_batch b;
+	dmc_stream *st;
+	uint64_t seen = 0, nbytes = 0;
+	int rc;
+
+	rc = dmc_stream_start(r->ds, &sa, &st);
+	if (rc < 0)
+		return report(r->c, "stream", rc), -1;
+	while (seen < r->n && (rc = dmc_stream_next(st, &b)) > 0) {
+		if (r->t_first == 0)
+			r->t_first = now_s() - r->t_open;
+		if (check_items(b.items, b.n) < 0) {
+			dmc_batch_release(st, &b);
+			dmc_stream_close(st);
+			return -1;
+		}
+		if (b.uniform) {
+			r->sum += touch(b.data, b.data_len);
+			nbytes += b.data_len;
+		} else {
+			for (uint32_t i = 0; i < b.n; i++) {
+				r->sum += touch(b.items[i].data, b.items[i].nbytes);
+				nbytes += b.items[i].nbytes;
+			}
+		}
+		seen += b.n;
+		rc = dmc_batch_release(st, &b);
+		if (rc < 0)
+			break;
+	}
+	if (rc < 0) {
+		report(r->c, "stream", rc);
+		dmc_stream_close(st);
+		return -1;
+	}
+	rc = dmc_stream_close(st);
+	if (rc < 0)
+		return report(r->c, "stream close", rc), -1;
+	*ret_items = seen;
+	*ret_bytes = nbytes;
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	enum { OPT_EPOCHS = 256, OPT_BATCH, OPT_LIMIT, OPT_ARENA, OPT_SOCKET, OPT_VERSION,
-	       OPT_SERVER, OPT_KEY, OPT_SOURCE };
+	       OPT_SERVER, OPT_KEY, OPT_SOURCE, OPT_STREAM, OPT_SHUFFLE };
 	static const struct option opts[] = {
 		{ "epochs", required_argument, NULL, OPT_EPOCHS },
 		{ "batch", required_argument, NULL, OPT_BATCH },
@@ -105,6 +219,8 @@ int main(int argc, char **argv)
 		{ "server", required_argument, NULL, OPT_SERVER },
 		{ "api-key", required_argument, NULL, OPT_KEY },
 		{ "source", required_argument, NULL, OPT_SOURCE },
+		{ "stream", no_argument, NULL, OPT_STREAM },
+		{ "shuffle", no_argument, NULL, OPT_SHUFFLE },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
 	};
@@ -113,13 +229,12 @@ int main(int argc, char **argv)
 	struct dmc_open_args oa = { 0 };
 	struct dmc_credentials cr = { 0 };
 	const struct dmc_dataset_info *info;
-	struct dmc_item *items = NULL;
-	uint64_t *indices = NULL, n, sum = 0, total_items = 0, total_bytes = 0;
-	double t_open, t_first = 0, total_s = 0;
-	dmc_dataset *ds = NULL;
-	dmc_client *c = NULL;
+	struct reader r = { 0 };
+	uint64_t total_items = 0, total_bytes = 0;
+	double total_s = 0;
 	char *abs_source = NULL, err[512];
 	int opt, rc, status = 1;
+	bool stream = false;
 	uint64_t *target;
 
 	while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -143,6 +258,8 @@ int main(int argc, char **argv)
 		case OPT_SERVER: server = optarg; break;
 		case OPT_KEY: key = optarg; break;
 		case OPT_SOURCE: source = optarg; break;
+		case OPT_STREAM: stream = true; break;
+		case OPT_SHUFFLE: r.shuffle = true; break;
 		case 'h':
 			usage(stdout);
 			return 0;
@@ -153,6 +270,10 @@ int main(int argc, char **argv)
 	}
 	if (argc - optind != (source ? 0 : 1)) {
 		usage(stderr);
+		return 2;
+	}
+	if (r.shuffle && !stream) {
+		fprintf(stderr, "dmcache-read: --shuffle needs --stream\n");
 		return 2;
 	}
 	oa.arena_bytes = arena;
@@ -181,83 +302,60 @@ int main(int argc, char **argv)
 		oa.api_key = cr.api_key;
 	}
 
-	indices = calloc(batch, sizeof(*indices));
-	items = calloc(batch, sizeof(*items));
-	if (!indices || !items) {
+	r.batch = batch;
+	r.indices = calloc(batch, sizeof(*r.indices));
+	r.items = calloc(batch, sizeof(*r.items));
+	if (!r.indices || !r.items) {
 		fprintf(stderr, "dmcache-read: out of memory\n");
 		goto out;
 	}
-	t_open = now_s();
-	rc = dmc_connect(socket_path, &c);
+	r.t_open = now_s();
+	rc = dmc_connect(socket_path, &r.c);
 	if (rc < 0) {
 		fprintf(stderr, "dmcache-read: cannot connect to dmcached: %s\n", dmc_strerror(rc));
 		goto out;
 	}
-	rc = dmc_open(c, &oa, &ds);
+	rc = dmc_open(r.c, &oa, &r.ds);
 	if (rc < 0) {
-		report(c, "open", rc);
+		report(r.c, "open", rc);
 		goto out;
 	}
-	info = dmc_dataset_info(ds);
-	n = info->items < limit ? info->items : limit;
+	info = dmc_dataset_info(r.ds);
+	r.n = info->items < limit ? info->items : limit;
 	printf("%s, version %s: %" PRIu64 " items (reading %" PRIu64 "), batch %" PRIu64
-	       ", arena %" PRIu64 " MiB\n", info->project_name, info->version, info->items, n,
-	       batch, info->arena_bytes >> 20);
+	       ", arena %" PRIu64 " MiB, %s\n", info->project_name, info->version, info->items,
+	       r.n, batch, info->arena_bytes >> 20,
+	       stream ? (r.shuffle ? "STREAM, shuffled" : "STREAM") : "GET");
 
 	for (uint64_t e = 0; e < epochs; e++) {
-		uint64_t ep_bytes = 0;
+		uint64_t ep_items, ep_bytes;
 		double t0 = now_s(), dt;
 
-		for (uint64_t first = 0; first < n; first += batch) {
-			uint32_t k = (uint32_t)(n - first < batch ? n - first : batch);
-
-			for (uint32_t i = 0; i < k; i++)
-				indices[i] = first + i;
-			rc = dmc_get(ds, indices, k, items);
-			if (rc < 0) {
-				report(c, "get", rc);
-				goto out;
-			}
-			if (e == 0 && first == 0)
-				t_first = now_s() - t_open;
-			for (uint32_t i = 0; i < k; i++) {
-				if (items[i].status) {
-					fprintf(stderr, "dmcache-read: item %" PRIu64 ": %s (%s)\n",
-						items[i].index, items[i].message,
-						dmc_error_name((uint32_t)-items[i].status));
-					dmc_release(c, items, k);
-					goto out;
-				}
-				sum += touch(items[i].data, items[i].nbytes);
-				ep_bytes += items[i].nbytes;
-			}
-			rc = dmc_release(c, items, k);
-			if (rc < 0) {
-				report(c, "release", rc);
-				goto out;
-			}
-		}
+		rc = stream ? epoch_stream(&r, e, &ep_items, &ep_bytes) :
+			      epoch_get(&r, &ep_items, &ep_bytes);
+		if (rc < 0)
+			goto out;
 		dt = now_s() - t0;
 		total_s += dt;
-		total_items += n;
+		total_items += ep_items;
 		total_bytes += ep_bytes;
 		printf("epoch %" PRIu64 ": %" PRIu64 " items in %.3f s: %.0f items/s, %.1f MB/s\n",
-		       e, n, dt, dt > 0 ? (double)n / dt : 0.0,
+		       e, ep_items, dt, dt > 0 ? (double)ep_items / dt : 0.0,
 		       dt > 0 ? (double)ep_bytes / dt / 1e6 : 0.0);
 	}
 	printf("total: %" PRIu64 " items, %.1f MB in %.3f s: %.0f items/s, %.1f MB/s; "
 	       "connect + open + first batch %.1f ms (checksum %016" PRIx64 ")\n",
 	       total_items, (double)total_bytes / 1e6, total_s,
 	       total_s > 0 ? (double)total_items / total_s : 0.0,
-	       total_s > 0 ? (double)total_bytes / total_s / 1e6 : 0.0, t_first * 1e3, sum);
+	       total_s > 0 ? (double)total_bytes / total_s / 1e6 : 0.0, r.t_first * 1e3, r.sum);
 	status = 0;
 out:
-	if (ds)
-		dmc_dataset_close(ds);
-	dmc_close(c);
+	if (r.ds)
+		dmc_dataset_close(r.ds);
+	dmc_close(r.c);
 	dmc_credentials_done(&cr);
 	free(abs_source);
-	free(items);
-	free(indices);
+	free(r.items);
+	free(r.indices);
 	return status;
 }

@@ -19,7 +19,8 @@ fails on speed. What runs, on data it writes itself:
   (b)       dmcache.Dataset(return_dicom=False, return_metainfo=False) in the same
             DataLoader (the Datamint-style drop-in; int16 comes out unchanged)
   (c)       dmcache.Loader(batch_size=32, shuffle, metadata=False); (c') metadata=True
-  C API     client/dmcache-read (the example program) over every item
+  C API     client/dmcache-read (the example program) over every item: GETs of 32 in
+            index order, and --stream --shuffle (the daemon's order, batches ahead)
   T2        the hot set read again and again through dmcache.Loader, in GB/s, against a
             single-thread memcpy (numpy.copyto) of the same bytes in this process
   T3        handoff: dmcache.Client GET of one hot 32-item batch (16 MiB) until the reply
@@ -284,9 +285,9 @@ def run_children(build, d, folder, seconds, count, phases):
                 p.wait()
 
 
-def dmcache_read(build, d, folder, epochs, limit=None):
+def dmcache_read(build, d, folder, epochs, limit=None, extra=()):
     cmd = [os.path.join(build, 'client', 'dmcache-read'), '--socket', d.socket, '--source',
-           folder, '--epochs', str(epochs), '--batch', str(BATCH)]
+           folder, '--epochs', str(epochs), '--batch', str(BATCH)] + list(extra)
     if limit:
         cmd += ['--limit', str(limit)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
@@ -421,6 +422,8 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
                               set_epoch=lambda it, e: it.set_epoch(e), warmup=not meta)
     log('C API: dmcache-read')
     res['c_api'], _ = dmcache_read(build, d, folder, reps)
+    log('C API: dmcache-read --stream --shuffle')
+    res['c_stream'], _ = dmcache_read(build, d, folder, reps, extra=['--stream', '--shuffle'])
 
     # T2: hot items through the Loader against memcpy of the same bytes
     log('T2: hot set')
@@ -569,6 +572,8 @@ def report(args, res):
         ("(c') dmcache.Loader with metadata", '%.0f items/s' % cm, '', ''),
         ('C API (dmcache-read), batch 32, every byte read', '%.0f items/s, %.2f GB/s' % (
             capi, med('c_api', 1) / 1e9), '', ''),
+        ('C API STREAM (dmcache-read --stream --shuffle), batch 32',
+         '%.0f items/s, %.2f GB/s' % (med('c_stream'), med('c_stream', 1) / 1e9), '', ''),
         ('hot items via dmcache.Loader', '%.2f GB/s' % (hot / 1e9), '', ''),
         ('single-thread memcpy (numpy), same bytes', '%.2f GB/s' % (mc / 1e9), '', ''),
         ('hot Loader / memcpy', '%.2f' % (hot / mc), 'T2: >= %.1f' % T2_RATIO,
