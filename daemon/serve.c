@@ -9,6 +9,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <jansson.h>
+
 #include "cache.h"
 #include "conf.h"
 #include "conn.h"
@@ -427,6 +429,8 @@ struct gitem {
 	bool has_meta_blob;
 	uint8_t meta_digest[STORE_DIGEST_SIZE];
 
+	struct mask_work *mw; /* a mask item in the making (DMC_OPEN_MASKS) */
+
 	/* the result */
 	struct decode_desc desc;
 	uint64_t off, nbytes, moff, mlen;
@@ -469,14 +473,46 @@ static uint64_t fmap_find(const struct fmap *m, uint64_t i, uint32_t *ret_frame)
 	return lo;
 }
 
+/* Segmentation masks: the dataset's label names, sorted; label k is code k + 1. */
+struct lset {
+	unsigned refs;
+	uint32_t n;
+	char *json;    /* ,"labels":[...] : added to every mask item's metadata */
+	char *names[];
+};
+
+static void lset_unref(struct lset *l)
+{
+	if (!l || --l->refs)
+		return;
+	for (uint32_t i = 0; i < l->n; i++)
+		free(l->names[i]);
+	free(l->json);
+	free(l);
+}
+
 struct handle {
 	uint64_t id;
 	int64_t snapshot_id;
 	uint64_t items;
 	uint32_t flags, dtype;
-	struct fmap *frames; /* with DMC_OPEN_FRAMES */
+	struct fmap *frames;  /* with DMC_OPEN_FRAMES */
+	struct lset *labels;  /* with DMC_OPEN_MASKS */
 	struct handle *next;
 };
+
+static void handle_copy_refs(struct handle *h)
+{
+	fmap_ref(h->frames);
+	if (h->labels)
+		h->labels->refs++;
+}
+
+static void handle_drop_refs(struct handle *h)
+{
+	fmap_unref(h->frames);
+	lset_unref(h->labels);
+}
 
 struct greq {
 	struct sconn *sc;
@@ -599,6 +635,8 @@ static uint64_t meta_len(const struct gitem *gi)
 		char num[32];
 		extra = 9 + (uint64_t)snprintf(num, sizeof(num), "%" PRId64, gi->frame);
 	}
+	if (gi->rq->h.labels)
+		extra += strlen(gi->rq->h.labels->json);
 	return 12 + strlen(gi->record) + 9 + (dlen ? dlen : 4) + extra + 1;
 }
 
@@ -624,6 +662,11 @@ static void meta_write(const struct gitem *gi, uint8_t *p)
 		memcpy(p, ",\"frame\":", 9);
 		memcpy(p + 9, num, (size_t)n);
 		p += 9 + n;
+	}
+	if (gi->rq->h.labels) {
+		size_t n = strlen(gi->rq->h.labels->json);
+		memcpy(p, gi->rq->h.labels->json, n);
+		p += n;
 	}
 	*p = '}';
 }
@@ -725,7 +768,7 @@ static void open_done(struct pending_open *po)
 /* Answers an OPEN: the arena on the first one, then a handle. `fm` is taken. */
 static void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t items,
 		       const char *project_id, const char *project_name, const char *version,
-		       struct fmap *fm)
+		       struct fmap *fm, struct lset *labels)
 {
 	struct sconn *sc = po->sc;
 	struct serve *s = sc->s;
@@ -748,6 +791,7 @@ static void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t it
 					"cannot set up %" PRIu64 " bytes of shared memory: %s", want,
 					strerror(-rc));
 			fmap_unref(fm);
+			lset_unref(labels);
 			return;
 		}
 		sc->has_arena = true;
@@ -757,6 +801,7 @@ static void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t it
 	if (!h) {
 		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
 		fmap_unref(fm);
+		lset_unref(labels);
 		return;
 	}
 	h->id = sc->next_handle++;
@@ -765,6 +810,7 @@ static void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t it
 	h->flags = po->flags;
 	h->dtype = po->dtype;
 	h->frames = fm;
+	h->labels = labels;
 	h->next = sc->handles;
 	sc->handles = h;
 	rep.handle = h->id;
@@ -940,10 +986,193 @@ static void frames_step(struct pending_open *po)
 			for (uint64_t k = 0; k < po->items; k++)
 				fm->start[k + 1] = fm->start[k] + po->counts[k];
 			open_reply(po, po->snapshot_id, fm->start[po->items], po->project_id,
-				   po->project_name, po->version, fm);
+				   po->project_name, po->version, fm, NULL);
 		} else {
 			frames_fail(po, -ENOMEM, "out of memory");
 		}
+	}
+	open_done(po);
+}
+
+
+/* ---- segmentation masks: one label map per item, aligned with its image ---- */
+
+#define MASK_LABELS_MAX 255 /* codes are uint8, 0 is the background */
+
+/* The segmentation annotations of a resource record: calls `fn` for each. */
+struct seg_ann {
+	const char *identifier;
+	const char *key;   /* its id: the key of mask_blobs */
+	const char *blob;  /* hex digest, or NULL when the mask is not stored */
+	int64_t frame;     /* frame_index, or -1 for the whole image */
+	int64_t value;     /* the label value inside a label-map file, or -1: any nonzero */
+};
+
+static int record_segs(json_t *rec, int (*fn)(void *ctx, const struct seg_ann *a), void *ctx)
+{
+	json_t *anns = json_object_get(rec, "annotations"), *blobs = json_object_get(rec, "mask_blobs");
+	size_t i;
+	json_t *a;
+	int rc;
+
+	if (!json_is_array(anns))
+		return 0;
+	json_array_foreach(anns, i, a) {
+		json_t *t = json_object_get(a, "annotation_type"), *v;
+		struct seg_ann sa = { .frame = -1, .value = -1 };
+		if (!json_is_string(t))
+			t = json_object_get(a, "type");
+		if (!json_is_string(t) || strcmp(json_string_value(t), "segmentation") != 0)
+			continue;
+		v = json_object_get(a, "identifier");
+		if (!json_is_string(v))
+			v = json_object_get(a, "name");
+		if (!json_is_string(v))
+			continue;
+		sa.identifier = json_string_value(v);
+		v = json_object_get(a, "id");
+		sa.key = json_is_string(v) ? json_string_value(v) : "";
+		v = json_object_get(blobs, sa.key);
+		sa.blob = json_is_string(v) ? json_string_value(v) : NULL;
+		v = json_object_get(a, "frame_index");
+		if (!v || json_is_null(v))
+			v = json_object_get(a, "index");
+		if (json_is_integer(v) && json_integer_value(v) >= 0)
+			sa.frame = json_integer_value(v);
+		v = json_object_get(a, "values");
+		if (json_is_integer(v) && json_integer_value(v) >= 0)
+			sa.value = json_integer_value(v);
+		if ((rc = fn(ctx, &sa)) != 0)
+			return rc;
+	}
+	return 0;
+}
+
+struct name_set {
+	char **names;
+	uint32_t n, cap;
+};
+
+static int collect_name(void *ctx, const struct seg_ann *a)
+{
+	struct name_set *ns = ctx;
+
+	for (uint32_t i = 0; i < ns->n; i++)
+		if (strcmp(ns->names[i], a->identifier) == 0)
+			return 0;
+	if (ns->n == MASK_LABELS_MAX)
+		return -DMC_E_LIMIT_EXCEEDED;
+	if (ns->n == ns->cap) {
+		uint32_t nc = ns->cap ? ns->cap * 2 : 16;
+		char **nn = realloc(ns->names, nc * sizeof(*nn));
+		if (!nn)
+			return -ENOMEM;
+		ns->names = nn;
+		ns->cap = nc;
+	}
+	if (!(ns->names[ns->n] = strdup(a->identifier)))
+		return -ENOMEM;
+	ns->n++;
+	return 0;
+}
+
+static int cmp_names(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* The sorted segmentation label names of every item of the snapshot. */
+static int masks_labels(struct pending_open *po, struct lset **ret, uint64_t *ret_bad)
+{
+	struct index *ix = po->sc->s->d.cache->index;
+	struct name_set ns = { 0 };
+	struct lset *l = NULL;
+	json_t *arr = NULL;
+	int rc = 0;
+
+	for (uint64_t k = 0; k < po->items && rc == 0; k++) {
+		struct lookup lk = { 0 };
+		json_t *rec;
+		if (index_item_get(ix, po->snapshot_id, (int64_t)k, on_item_row, &lk) < 0 ||
+		    !lk.found || !lk.stored) {
+			free(lk.record);
+			*ret_bad = k;
+			rc = -DMC_E_NOT_FOUND_OR_DENIED;
+			break;
+		}
+		rec = json_loads(lk.record, 0, NULL);
+		free(lk.record);
+		if (rec)
+			rc = record_segs(rec, collect_name, &ns);
+		json_decref(rec);
+	}
+	if (rc == 0) {
+		qsort(ns.names, ns.n, sizeof(*ns.names), cmp_names);
+		l = calloc(1, sizeof(*l) + (size_t)ns.n * sizeof(l->names[0]));
+		arr = json_array();
+		if (!l || !arr)
+			rc = -ENOMEM;
+	}
+	for (uint32_t i = 0; rc == 0 && i < ns.n; i++)
+		if (json_array_append_new(arr, json_string(ns.names[i])) != 0)
+			rc = -ENOMEM;
+	if (rc == 0) {
+		char *t = json_dumps(arr, JSON_COMPACT);
+		size_t n = t ? strlen(t) + 12 : 0;
+		l->json = t ? malloc(n) : NULL;
+		if (l->json)
+			snprintf(l->json, n, ",\"labels\":%s", t);
+		else
+			rc = -ENOMEM;
+		free(t);
+	}
+	json_decref(arr);
+	if (rc == 0) {
+		l->refs = 1;
+		l->n = ns.n;
+		for (uint32_t i = 0; i < ns.n; i++)
+			l->names[i] = ns.names[i];
+		free(ns.names);
+		*ret = l;
+		return 0;
+	}
+	for (uint32_t i = 0; i < ns.n; i++)
+		free(ns.names[i]);
+	free(ns.names);
+	if (l) {
+		free(l->json);
+		free(l);
+	}
+	return rc;
+}
+
+/* After the job: the frame counts (frame by frame) or the label set (masks). */
+static void open_continue(struct pending_open *po)
+{
+	struct sconn *sc = po->sc;
+	struct lset *l = NULL;
+	uint64_t bad = 0;
+	int rc;
+
+	if (!(po->flags & DMC_OPEN_MASKS)) {
+		frames_step(po);
+		return;
+	}
+	if (sc->c) {
+		rc = masks_labels(po, &l, &bad);
+		if (rc == -DMC_E_NOT_FOUND_OR_DENIED)
+			conn_send_error(sc->c, po->request_id, (uint32_t)-rc, NULL,
+					"item %" PRIu64 " is not in the cache: masks need every item "
+					"stored; prefetch the dataset again", bad);
+		else if (rc == -DMC_E_LIMIT_EXCEEDED)
+			conn_send_error(sc->c, po->request_id, (uint32_t)-rc, NULL,
+					"more than %d segmentation labels in the dataset",
+					MASK_LABELS_MAX);
+		else if (rc < 0)
+			conn_send_error(sc->c, po->request_id, code_of(rc), NULL, "out of memory");
+		else
+			open_reply(po, po->snapshot_id, po->items, po->project_id, po->project_name,
+				   po->version, NULL, l);
 	}
 	open_done(po);
 }
@@ -969,14 +1198,15 @@ static void on_open_ready(void *ctx, const struct prefetch_ready *r)
 		open_done(po);
 		return;
 	}
-	if (!(po->flags & DMC_OPEN_FRAMES)) {
+	if (!(po->flags & (DMC_OPEN_FRAMES | DMC_OPEN_MASKS))) {
 		open_reply(po, r->snapshot_id, r->items, r->project_id, r->project_name, r->version,
-			   NULL);
+			   NULL, NULL);
 		open_done(po);
 		return;
 	}
 	/* frame by frame: the item count is the sum of the frames, known once every item is
-	 * stored, so the whole dataset is prefetched first */
+	 * stored; masks: the label set of the whole dataset. Either way the dataset is
+	 * prefetched first. */
 	po->listed = true;
 	po->snapshot_id = r->snapshot_id;
 	po->items = r->items;
@@ -992,7 +1222,7 @@ static void on_open_ready(void *ctx, const struct prefetch_ready *r)
 		po->waiting_job = true; /* on_item() goes on when the job ends */
 		return;
 	}
-	frames_step(po);
+	open_continue(po);
 }
 
 static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
@@ -1006,6 +1236,11 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 
 	if (dmc_open_decode(payload, h->length, &m) != DMC_PROTO_OK) {
 		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed OPEN");
+		return;
+	}
+	if ((m.flags & DMC_OPEN_FRAMES) && (m.flags & DMC_OPEN_MASKS)) {
+		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+				"masks are served for whole items, not frame by frame");
 		return;
 	}
 	sc = sconn_of(s, c, true);
@@ -1425,6 +1660,334 @@ static void start_decode_path(struct gitem *gi)
 	}
 }
 
+
+/*
+ * A mask item: the image is probed for its shape (F, H, W); then each segmentation mask of
+ * the record is read, decoded in a worker, and painted into a uint8 (F, 1, H, W) label map
+ * with its label's code: a frame-scoped mask on its frame, an image-scoped one on every
+ * frame (frame for frame when it has as many, else its single frame on all). A mask of
+ * another size is resampled to the image's by nearest neighbour. Pixels are the label
+ * where the mask is nonzero, or where it equals the annotation's "values" for label-map
+ * files; later annotations paint over earlier ones.
+ */
+struct mask_seg {
+	uint8_t digest[STORE_DIGEST_SIZE];
+	int64_t frame, value;
+	uint8_t code;
+};
+
+struct mask_work {
+	struct mask_seg *segs;
+	uint32_t n, cap, cur;
+	uint32_t frames, height, width;
+	uint8_t *out;
+	uint64_t cur_len;
+	char why[MSG_MAX];
+};
+
+static void mask_work_free(struct gitem *gi)
+{
+	if (!gi->mw)
+		return;
+	free(gi->mw->segs);
+	free(gi->mw->out);
+	free(gi->mw);
+	gi->mw = NULL;
+}
+
+struct seg_collect {
+	struct mask_work *mw;
+	const struct lset *labels;
+	int err;
+};
+
+static int collect_seg(void *ctx, const struct seg_ann *a)
+{
+	struct seg_collect *sc = ctx;
+	struct mask_work *mw = sc->mw;
+	struct mask_seg *m;
+	uint32_t code = 0;
+
+	for (uint32_t i = 0; i < sc->labels->n; i++)
+		if (strcmp(sc->labels->names[i], a->identifier) == 0)
+			code = i + 1;
+	if (!code)
+		return 0; /* not in the set the OPEN saw: a record cannot change in a snapshot */
+	if (!a->blob || strlen(a->blob) != 2 * STORE_DIGEST_SIZE) {
+		snprintf(mw->why, sizeof(mw->why), "the mask of annotation '%s' (%s) is not stored",
+			 a->key, a->identifier);
+		return -DMC_E_NOT_FOUND_OR_DENIED;
+	}
+	if (mw->n == mw->cap) {
+		uint32_t nc = mw->cap ? mw->cap * 2 : 4;
+		struct mask_seg *ns = realloc(mw->segs, nc * sizeof(*ns));
+		if (!ns)
+			return -ENOMEM;
+		mw->segs = ns;
+		mw->cap = nc;
+	}
+	m = &mw->segs[mw->n];
+	for (unsigned i = 0; i < STORE_DIGEST_SIZE; i++) {
+		unsigned v;
+		if (sscanf(a->blob + 2 * i, "%2x", &v) != 1) {
+			snprintf(mw->why, sizeof(mw->why), "annotation '%s': a bad mask digest", a->key);
+			return -DMC_E_INTEGRITY;
+		}
+		m->digest[i] = (uint8_t)v;
+	}
+	m->frame = a->frame;
+	m->value = a->value;
+	m->code = (uint8_t)code;
+	mw->n++;
+	return 0;
+}
+
+static double tensor_value(const void *p, enum decode_dtype t, uint64_t i)
+{
+	switch (t) {
+	case DECODE_DTYPE_U8: return ((const uint8_t *)p)[i];
+	case DECODE_DTYPE_I8: return ((const int8_t *)p)[i];
+	case DECODE_DTYPE_U16: return ((const uint16_t *)p)[i];
+	case DECODE_DTYPE_I16: return ((const int16_t *)p)[i];
+	case DECODE_DTYPE_U32: return ((const uint32_t *)p)[i];
+	case DECODE_DTYPE_I32: return ((const int32_t *)p)[i];
+	case DECODE_DTYPE_U64: return (double)((const uint64_t *)p)[i];
+	case DECODE_DTYPE_I64: return (double)((const int64_t *)p)[i];
+	case DECODE_DTYPE_F32: return ((const float *)p)[i];
+	case DECODE_DTYPE_F64: return ((const double *)p)[i];
+	default: return 0;
+	}
+}
+
+/* Paints one decoded mask into the label map; -DMC_E_DECODE_FAILED when it cannot fit. */
+static int mask_paint(struct mask_work *mw, const struct mask_seg *m, const void *px,
+		      const struct decode_desc *d)
+{
+	uint64_t plane = (uint64_t)d->height * d->width, chans = d->channels;
+
+	if (!d->frames || !d->height || !d->width)
+		return -DMC_E_DECODE_FAILED;
+	if (m->frame >= (int64_t)mw->frames) {
+		snprintf(mw->why, sizeof(mw->why), "a mask of frame %" PRId64 " for an image of %u "
+			 "frames", m->frame, mw->frames);
+		return -DMC_E_DECODE_FAILED;
+	}
+	if (m->frame < 0 && d->frames != 1 && d->frames != mw->frames) {
+		snprintf(mw->why, sizeof(mw->why), "a mask of %u frames for an image of %u",
+			 d->frames, mw->frames);
+		return -DMC_E_DECODE_FAILED;
+	}
+	for (uint32_t f = 0; f < mw->frames; f++) {
+		uint64_t sf;
+		if (m->frame >= 0 && f != (uint64_t)m->frame)
+			continue;
+		sf = m->frame >= 0 || d->frames == 1 ? 0 : f;
+		for (uint32_t y = 0; y < mw->height; y++) {
+			uint64_t sy = (uint64_t)y * d->height / mw->height;
+			uint8_t *row = mw->out + ((uint64_t)f * mw->height + y) * mw->width;
+			for (uint32_t x = 0; x < mw->width; x++) {
+				uint64_t sx = (uint64_t)x * d->width / mw->width;
+				/* channel 0: gray, or R of the client's white-on-black RGB masks */
+				double v = tensor_value(px, d->dtype, sf * chans * plane + sy * d->width + sx);
+				if (m->value >= 0 ? v == (double)m->value : v != 0)
+					row[x] = m->code;
+			}
+		}
+	}
+	return 0;
+}
+
+static void mask_next(struct gitem *gi);
+
+static void mask_fail(struct gitem *gi, int err, const char *what)
+{
+	char msg[MSG_MAX];
+
+	snprintf(msg, sizeof(msg), "%s", gi->mw && gi->mw->why[0] ? gi->mw->why : what);
+	free(gi->in);
+	gi->in = NULL;
+	mask_work_free(gi);
+	item_fail(gi, err, msg);
+}
+
+static void on_mask_decoded(struct decode_job *job)
+{
+	struct gitem *gi = job->data;
+	struct sconn *sc = gi->rq->sc;
+	int rc;
+
+	sc->busy--;
+	sc->decoding--;
+	free(gi->in);
+	gi->in = NULL;
+	if (!sc->c) {
+		mask_work_free(gi);
+		abandon(gi);
+		return;
+	}
+	if (job->status < 0) {
+		mask_fail(gi, job->status, job->err[0] ? job->err : "cannot decode a mask");
+		return;
+	}
+	if (!gi->mw->out) {
+		/* the image's probe: the label map takes its shape */
+		struct mask_work *mw = gi->mw;
+		uint64_t n;
+		mw->frames = job->desc.frames;
+		mw->height = job->desc.height;
+		mw->width = job->desc.width;
+		n = (uint64_t)mw->frames * mw->height * mw->width;
+		if (n == 0 || n > sc->s->d.cfg->max_decode_bytes) {
+			mask_fail(gi, -DMC_E_LIMIT_EXCEEDED, "the image is too large for a label map");
+			return;
+		}
+		mw->out = calloc(1, n + 5);
+		if (!mw->out) {
+			mask_fail(gi, -ENOMEM, "out of memory");
+			return;
+		}
+		mask_next(gi);
+		return;
+	}
+	rc = mask_paint(gi->mw, &gi->mw->segs[gi->mw->cur], job->out, &job->desc);
+	if (rc < 0) {
+		mask_fail(gi, rc, "a mask does not fit its image");
+		return;
+	}
+	gi->mw->cur++;
+	mask_next(gi);
+}
+
+static void mask_read_work(uv_work_t *w)
+{
+	struct gitem *gi = w->data;
+	struct store *store = gi->rq->sc->s->d.cache->store;
+	uint64_t got = 0;
+
+	gi->work_err = store_read(store, gi->mw->segs[gi->mw->cur].digest, gi->in, gi->mw->cur_len,
+				  &got);
+	if (gi->work_err == 0 && got != gi->mw->cur_len)
+		gi->work_err = -DMC_E_INTEGRITY;
+}
+
+/* The image was read (gi->in) or a mask was (gi->in, with mw->cur): decode it. */
+static void mask_read_after(uv_work_t *w, int status)
+{
+	struct gitem *gi = w->data;
+	struct sconn *sc = gi->rq->sc;
+	bool image = gi->mw->out == NULL;
+	int rc;
+
+	(void)status;
+	sc->busy--;
+	if (!sc->c) {
+		free(gi->in);
+		gi->in = NULL;
+		mask_work_free(gi);
+		abandon(gi);
+		return;
+	}
+	if (gi->work_err < 0) {
+		mask_fail(gi, gi->work_err, "a cached copy is damaged or gone: prefetch the dataset "
+			  "again");
+		return;
+	}
+	memset(&gi->job, 0, sizeof(gi->job));
+	gi->job.in = gi->in;
+	gi->job.in_len = image ? gi->raw_len : gi->mw->cur_len;
+	gi->job.probe_only = image; /* the image: only its shape */
+	gi->job.data = gi;
+	store_digest_hex(image ? gi->raw : gi->mw->segs[gi->mw->cur].digest, gi->key);
+	gi->job.resource = gi->key;
+	sc->busy++;
+	sc->decoding++;
+	rc = decode_pool_submit(sc->s->d.pool, &gi->job, on_mask_decoded);
+	if (rc < 0) {
+		sc->busy--;
+		sc->decoding--;
+		mask_fail(gi, rc, gi->job.err[0] ? gi->job.err : "cannot decode");
+	}
+}
+
+/* Reads and decodes the next mask, or hands over the finished label map. */
+static void mask_next(struct gitem *gi)
+{
+	struct sconn *sc = gi->rq->sc;
+	struct mask_work *mw = gi->mw;
+	struct index_blob b;
+
+	if (mw->cur == mw->n) {
+		gi->desc = (struct decode_desc){ .format = DECODE_FORMAT_PNG,
+						 .codec = DECODE_CODEC_NONE,
+						 .src_dtype = DECODE_DTYPE_U8,
+						 .dtype = DECODE_DTYPE_U8,
+						 .frames = mw->frames, .channels = 1,
+						 .height = mw->height, .width = mw->width,
+						 .src_frames = mw->frames };
+		gi->nbytes = (uint64_t)mw->frames * mw->height * mw->width;
+		gi->desc.nbytes = gi->nbytes;
+		gi->hold = mw->out; /* + "null": no header of its own */
+		memcpy(gi->hold + gi->nbytes, "null", 4);
+		gi->dlen = 4;
+		mw->out = NULL;
+		mask_work_free(gi);
+		item_got_bytes(gi);
+		return;
+	}
+	if (index_blob_get(sc->s->d.cache->index, mw->segs[mw->cur].digest, &b) != 0) {
+		mask_fail(gi, -DMC_E_NOT_FOUND_OR_DENIED, "a mask is not in the cache: prefetch the "
+			  "dataset again");
+		return;
+	}
+	mw->cur_len = (uint64_t)b.raw_size;
+	gi->in = malloc(mw->cur_len ? mw->cur_len : 1);
+	if (!gi->in) {
+		mask_fail(gi, -ENOMEM, "out of memory");
+		return;
+	}
+	gi->work.data = gi;
+	sc->busy++;
+	if (uv_queue_work(sc->s->d.loop, &gi->work, mask_read_work, mask_read_after) != 0) {
+		sc->busy--;
+		mask_fail(gi, -ENOMEM, "cannot queue a read");
+	}
+}
+
+/* Starts a mask item: its segmentations from the record, then the image's shape. */
+static void mask_start(struct gitem *gi)
+{
+	struct sconn *sc = gi->rq->sc;
+	struct seg_collect c = { 0 };
+	json_t *rec;
+	int rc;
+
+	gi->mw = calloc(1, sizeof(*gi->mw));
+	if (!gi->mw) {
+		item_fail(gi, -ENOMEM, "out of memory");
+		return;
+	}
+	c.mw = gi->mw;
+	c.labels = gi->rq->h.labels;
+	rec = json_loads(gi->record, 0, NULL);
+	rc = rec ? record_segs(rec, collect_seg, &c) : 0;
+	json_decref(rec);
+	if (rc < 0) {
+		mask_fail(gi, rc, "cannot read the item's segmentations");
+		return;
+	}
+	gi->in = malloc(gi->raw_len ? gi->raw_len : 1);
+	if (!gi->in) {
+		mask_fail(gi, -ENOMEM, "out of memory");
+		return;
+	}
+	gi->work.data = gi;
+	sc->busy++;
+	if (uv_queue_work(sc->s->d.loop, &gi->work, read_work, mask_read_after) != 0) {
+		sc->busy--;
+		mask_fail(gi, -ENOMEM, "cannot queue the read");
+	}
+}
+
 /* Looks the item up and starts whatever comes next. */
 static void item_step(struct gitem *gi)
 {
@@ -1477,6 +2040,10 @@ static void item_step(struct gitem *gi)
 		gi->counted = true;
 		sc->inflight++;
 	}
+	if (gi->rq->h.labels) {
+		mask_start(gi); /* masks depend on the record too: never shared or kept */
+		return;
+	}
 	/* decoded already, in memory? */
 	if ((gi->he = hot_get(&s->hot, gi->raw, opts_key_frame(&gi->rq->h, gi->frame)))) {
 		gi->desc = gi->he->desc;
@@ -1509,8 +2076,9 @@ static void item_step(struct gitem *gi)
 
 static void req_free(struct greq *rq)
 {
-	fmap_unref(rq->h.frames);
+	handle_drop_refs(&rq->h);
 	for (uint32_t i = 0; i < rq->n; i++) {
+		mask_work_free(&rq->items[i]);
 		gi_drop(&rq->items[i]);
 		free(rq->items[i].record);
 		free(rq->items[i].in);
@@ -1631,7 +2199,7 @@ static void on_get(struct serve *s, struct conn *c, const struct dmc_header *h,
 	rq->sc = sc;
 	rq->request_id = h->request_id;
 	rq->h = *hd;
-	fmap_ref(rq->h.frames);
+	handle_copy_refs(&rq->h);
 	rq->n = n;
 	for (uint32_t i = 0; i < n; i++) {
 		rq->items[i].rq = rq;
@@ -1802,7 +2370,7 @@ static void stream_maybe_end(struct stream *st)
 		;
 	if (*pp)
 		*pp = st->next;
-	fmap_unref(st->h.frames);
+	handle_drop_refs(&st->h);
 	free(st);
 	sconn_maybe_free(sc);
 }
@@ -1831,7 +2399,7 @@ static void stream_prep(struct stream *st)
 		rq->sc = sc;
 		rq->request_id = st->request_id;
 		rq->h = st->h;
-		fmap_ref(rq->h.frames);
+		handle_copy_refs(&rq->h);
 		rq->st = st;
 		rq->batch_no = st->next_prep++;
 		rq->n = n;
@@ -2030,7 +2598,7 @@ static void on_stream(struct serve *s, struct conn *c, const struct dmc_header *
 	st->sc = sc;
 	st->request_id = h->request_id;
 	st->h = *hd;
-	fmap_ref(st->h.frames);
+	handle_copy_refs(&st->h);
 	st->m = m;
 	dmc_stream_plan(hd->items, &m, &st->per_rank, &st->nbatches);
 	st->next = sc->streams;
@@ -2147,7 +2715,7 @@ static void on_close(struct serve *s, struct conn *c, const struct dmc_header *h
 				stream_stop(st, 0, NULL); /* may free st */
 		}
 		sc->busy--;
-		fmap_unref(hd->frames);
+		handle_drop_refs(hd);
 		free(hd);
 	}
 	dmc_frame_begin(&w, frame, sizeof(frame));
@@ -2180,7 +2748,7 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
 				    !prefetch_snapshot_active(s->d.prefetch, snapshot_id)) {
 					po->waiting_job = false;
 					sc->busy++;
-					frames_step(po); /* may end po */
+					open_continue(po); /* may end po */
 					sc->busy--;
 					goto again;
 				}
@@ -2241,7 +2809,7 @@ static void sconn_maybe_free(struct sconn *sc)
 	while (sc->handles) {
 		struct handle *h = sc->handles;
 		sc->handles = h->next;
-		fmap_unref(h->frames);
+		handle_drop_refs(h);
 		free(h);
 	}
 	arena_done(&sc->arena);

@@ -317,6 +317,14 @@ struct dmc_verify_reply {
  *     dataset is stored and every item's frame count is known (probed by the decoders);
  *     an item that could not be stored fails the OPEN with NOT_FOUND_OR_DENIED. Each
  *     item's metadata gets "frame": its frame index.)
+ *     DMC_OPEN_MASKS (segmentation masks: item i is the label map of item i, uint8
+ *     (frames, 1, height, width) on the image's grid: 0 for background, k + 1 for the
+ *     k-th name of the dataset's sorted segmentation labels, which every item's metadata
+ *     lists as "labels". Frame-scoped masks paint their frame, image-scoped ones every
+ *     frame; masks of another size are resampled by nearest neighbour; a label-map file
+ *     counts where it equals the annotation's "values", other masks where nonzero. Like
+ *     DMC_OPEN_FRAMES, the reply waits until the dataset is stored. Not with FRAMES;
+ *     LUT and dtype do not apply.)
  *   dtype: enum dmc_dtype of the output, or 0 for the source dtype.
  *   arena_bytes: wished arena size; 0 for the daemon's default. Ignored after the first OPEN.
  * OPEN reply (nfds 1 on the first OPEN of the connection, else 0):
@@ -388,7 +396,8 @@ enum dmc_dtype {
 
 #define DMC_OPEN_LUT 1u
 #define DMC_OPEN_FRAMES 2u /* frame-by-frame: one item per frame, shape (1, C, H, W) */
-#define DMC_OPEN_FLAGS_DEFINED (DMC_OPEN_LUT | DMC_OPEN_FRAMES)
+#define DMC_OPEN_MASKS 4u  /* each item's segmentation label map, uint8 (F, 1, H, W) */
+#define DMC_OPEN_FLAGS_DEFINED (DMC_OPEN_LUT | DMC_OPEN_FRAMES | DMC_OPEN_MASKS)
 #define DMC_GET_MAX 4096u
 
 #define DMC_STREAM_SHUFFLE 1u

@@ -411,3 +411,55 @@ def test_frame_by_frame_items(daemon):
     loader.close()
     for d in (whole, frames):
         d.close()
+
+
+def test_segmentation_label_maps_equal_independent_decoders(daemon):
+    """Every item's label map against Pillow (PNG masks) and nibabel (a NIfTI label map),
+    painted here from the corpus' own files and annotations."""
+    import nibabel
+    from PIL import Image
+    corpus = os.path.join(os.environ['DMC_BUILD_ROOT'], 'tests', 'data', 'corpus')
+    with open(os.path.join(corpus, 'projects', 'sample', 'project.json')) as f:
+        project = json.load(f)
+    by_id = {r['id']: r for r in project['resources']}
+    segs = [a for r in project['resources'] for a in r.get('annotations') or []
+            if a.get('type') == 'segmentation']
+    names = sorted({a['identifier'] for a in segs})
+    ds = dmcache.Dataset(dataset_name='sample', normalize=False)
+    painted = 0
+    for i in range(len(ds)):
+        image, meta = ds.read(i)
+        labels, got_names = ds.segmentation(i)
+        assert got_names == names
+        f, _, h, w = image.shape
+        assert labels.shape == (f, 1, h, w) and labels.dtype == np.uint8
+        expect = np.zeros((f, 1, h, w), np.uint8)
+        for a in by_id[meta['resource']['id']].get('annotations') or []:
+            if a.get('type') != 'segmentation':
+                continue
+            path = os.path.join(corpus, 'projects', 'sample', a['file'])
+            if path.endswith('.png'):
+                m = np.asarray(Image.open(path))
+                m = (m if m.ndim == 2 else m[..., 0])[None]
+            else:
+                m = np.asanyarray(nibabel.load(path).dataobj).T  # (z, y, x)
+            hit = m == a['values'] if isinstance(a.get('values'), int) else m != 0
+            code = names.index(a['identifier']) + 1
+            if a.get('frame_index') is not None:
+                expect[a['frame_index'], 0][hit[0]] = code
+            else:
+                for z in range(f):
+                    expect[z, 0][hit[z if hit.shape[0] == f else 0]] = code
+            painted += 1
+        assert np.array_equal(labels, expect), i
+    assert painted == 6 and len(names) == 4
+    # the Loader reads label maps in batches too
+    loader = dmcache.Loader('sample', batch_size=5, masks=True, arena_bytes=32 << 20,
+                            copy=True)
+    for b in loader:
+        for img, m, idx in zip(b.images if isinstance(b.images, list) else list(b.images),
+                               b.meta, b.indices):
+            assert np.array_equal(np.asarray(img), ds.segmentation(idx)[0])
+            assert m['labels'] == names
+    loader.close()
+    ds.close()

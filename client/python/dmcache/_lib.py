@@ -61,6 +61,7 @@ u32, u64, i32, i64 = ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int32, ctypes.c_
 SOURCE_DATAMINT, SOURCE_LOCAL = 1, 2
 OPEN_LUT = 1
 OPEN_FRAMES = 2
+OPEN_MASKS = 4
 GET_MAX = 4096
 STREAM_AHEAD_MAX = 8
 DTYPES = {1: 'uint8', 2: 'int8', 3: 'uint16', 4: 'int16', 5: 'uint32', 6: 'int32',
@@ -289,11 +290,12 @@ class Client:
                 dmc_status_free(p)
 
     def open(self, source, project, version=None, server=None, api_key=None, lut=False,
-             dtype=0, arena_bytes=0, frames=False):
+             dtype=0, arena_bytes=0, frames=False, masks=False):
         """Opens a dataset version; returns an OpenDataset."""
         args = OpenArgs(source=source, project=_enc(project), version=_enc(version),
                         server=_enc(server), api_key=_enc(api_key),
-                        flags=(OPEN_LUT if lut else 0) | (OPEN_FRAMES if frames else 0),
+                        flags=(OPEN_LUT if lut else 0) | (OPEN_FRAMES if frames else 0) |
+                        (OPEN_MASKS if masks else 0),
                         dtype=dtype,
                         arena_bytes=int(arena_bytes))
         h = c_void_p()

@@ -190,7 +190,7 @@ class Dataset:
         self._source, self._project, self._server, self._key = resolve_source(
             root, dataset_name, api_key, server_url)
         self._lock = threading.Lock()
-        self._client = self._ds = None
+        self._client = self._ds = self._mds = None
         self._open(None if version in (None, '', 'latest') else version)
         # what a worker process opens: the version resolved here, the snapshot it names
         self.version = self._ds.version
@@ -217,7 +217,7 @@ class Dataset:
         """In a forked child (a DataLoader worker): the parent's connection is dropped, and
         so is its lock, which a parent's thread may have held at fork()."""
         self._client.close()
-        self._client = self._ds = None
+        self._client = self._ds = self._mds = None
         self._lock = threading.Lock()
 
     def _dataset(self):
@@ -238,7 +238,7 @@ class Dataset:
             self._ds.close()
         if self._client is not None:
             self._client.close()
-        self._client = self._ds = None
+        self._client = self._ds = self._mds = None
 
     def __enter__(self):
         return self
@@ -250,7 +250,7 @@ class Dataset:
         # what a spawned DataLoader worker gets: arguments and the pinned version, never a
         # connection (nothing large is pickled)
         st = dict(self.__dict__)
-        st['_client'] = st['_ds'] = st['_lock'] = None
+        st['_client'] = st['_ds'] = st['_mds'] = st['_lock'] = None
         return st
 
     def __setstate__(self, st):
@@ -295,6 +295,33 @@ class Dataset:
             finally:
                 ds.release(items)
         return a, meta
+
+    def segmentation(self, idx):
+        """(label map, label names) of item idx: a uint8 array (frames, 1, H, W) on the
+        image's grid, 0 for background and k + 1 where the mask of names[k] is (the sorted
+        segmentation names of the whole dataset). Later annotations paint over earlier
+        ones; masks of another size are resampled by nearest neighbour."""
+        i = self._index(idx)
+        if self._client is not None and self._client.forked:
+            self._after_fork()
+        with self._lock:
+            ds = self._dataset()
+            if self._mds is None:
+                self._mds = self._client.open(self._source, self._project,
+                                              version=self.version, server=self._server,
+                                              api_key=self._key, masks=True)
+            items = self._mds.get([i])
+            it = items[0]
+            try:
+                if it.status:
+                    raise _lib.item_error(it)
+                a = np.frombuffer(_lib.item_bytes(it), dtype=np.uint8).reshape(
+                    tuple(it.shape)).copy()
+                names = json.loads(_lib.item_meta(it)).get('labels', [])
+            finally:
+                self._mds.release(items)
+        del ds
+        return a, names
 
     def __getitem__(self, idx):
         a, meta = self.read(idx)

@@ -126,7 +126,7 @@ class _Conn:
                                        server=loader._server, api_key=loader._key,
                                        lut=loader.lut, dtype=loader._dtype,
                                        arena_bytes=loader.arena_bytes,
-                                       frames=loader.frame_by_frame)
+                                       frames=loader.frame_by_frame, masks=loader.masks)
         except BaseException:
             self.client.close()
             raise
@@ -143,7 +143,8 @@ class Loader:
         Loader(project, batch_size=1, shuffle=False, seed=0, drop_last=False, rank=None,
                world_size=None, version='latest', root=None, api_key=None,
                server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
-               metadata=True, socket=None, copy=False, return_frame_by_frame=False)
+               metadata=True, socket=None, copy=False, return_frame_by_frame=False,
+               masks=False)
 
     project: a Datamint project (name or id), a local dataset folder (with dataset.json),
     a name under root as for Dataset, or a dmcache.Dataset (its source and pinned
@@ -153,12 +154,15 @@ class Loader:
     normalisation: items come in their source dtype (or `dtype`). prefetch (0 to 7): batches
     the daemon keeps ready beyond the next one. copy=True gives writable copies instead of
     views. return_frame_by_frame=True makes every frame an item of shape (1, C, H, W).
+    masks=True reads each item's segmentation label map instead of its image: uint8
+    (frames, 1, H, W) on the image's grid, 0 background, k + 1 for meta[i]['labels'][k].
     """
 
     def __init__(self, project, batch_size=1, shuffle=False, seed=0, drop_last=False,
                  rank=None, world_size=None, version='latest', root=None, api_key=None,
                  server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
-                 metadata=True, socket=None, copy=False, return_frame_by_frame=False):
+                 metadata=True, socket=None, copy=False, return_frame_by_frame=False,
+                 masks=False):
         if not 1 <= int(batch_size) <= _lib.GET_MAX:
             raise ValueError('batch_size must be 1 to %d' % _lib.GET_MAX)
         if not 0 <= int(prefetch) <= PREFETCH_MAX:
@@ -178,6 +182,7 @@ class Loader:
         self.socket = socket
         self.copy = bool(copy)
         self.frame_by_frame = bool(return_frame_by_frame)
+        self.masks = bool(masks)
         self.epoch = 0
         if isinstance(project, Dataset):
             self._source, self._project = project._source, project._project
