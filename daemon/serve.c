@@ -2261,6 +2261,17 @@ struct stream {
 	struct greq *ready;   /* batches done, by batch number */
 	bool stopped, sending, ended;
 	unsigned pins;        /* calls using it: freed only when none is left */
+	/* the batch being copied into the arena on the threadpool, and its event */
+	struct greq *copying;
+	unsigned copies_left;
+	uint64_t copy_doff, copy_moff;
+	uint8_t *ev;
+	size_t ev_len;
+	struct copy_part {
+		uv_work_t work;
+		struct stream *st;
+		uint32_t from, to;
+	} parts[2];
 	int err;              /* the reason a stream ended early */
 	char why[MSG_MAX];
 	struct stream *next;
@@ -2371,6 +2382,7 @@ static void stream_maybe_end(struct stream *st)
 	if (*pp)
 		*pp = st->next;
 	handle_drop_refs(&st->h);
+	free(st->ev);
 	free(st);
 	sconn_maybe_free(sc);
 }
@@ -2418,22 +2430,80 @@ static void stream_prep(struct stream *st)
 		pump_items(sc);
 }
 
-/* Sends the ready batches that are next in order and fit in the arena. */
+/* Batches of at least this many bytes are copied into the arena by two threadpool works:
+ * the copy is most of a hot batch's cost, and the loop goes on meanwhile. */
+#define COPY_OFFLOAD_MIN (1u << 20)
+
+static void copy_part_work(uv_work_t *w)
+{
+	struct copy_part *cp = w->data;
+	struct greq *rq = cp->st->copying;
+	uint8_t *base = cp->st->sc->arena.base;
+
+	for (uint32_t i = cp->from; i < cp->to; i++) {
+		struct gitem *gi = &rq->items[i];
+		if (!gi->status)
+			memcpy(base + gi->off, gi_bytes(gi), gi->nbytes);
+	}
+}
+
+/* The batch's bytes are in the arena: send its event, or drop it when stopped. */
+static void stream_batch_copied(struct stream *st, struct greq *rq)
+{
+	struct sconn *sc = st->sc;
+
+	if (!st->stopped && sc->c) {
+		conn_send(sc->c, st->ev, st->ev_len);
+		st->sent_off[st->outstanding++] = st->copy_doff;
+		st->next_send++;
+		sc->s->batches_sent++;
+	} else {
+		arena_free(&sc->arena, st->copy_doff);
+		arena_free(&sc->arena, st->copy_moff);
+	}
+	for (uint32_t i = 0; i < rq->n; i++)
+		gi_drop(&rq->items[i]);
+	stream_drop_batch(st, rq);
+}
+
+static void copy_part_after(uv_work_t *w, int status)
+{
+	struct copy_part *cp = w->data;
+	struct stream *st = cp->st;
+	struct sconn *sc = st->sc;
+	struct greq *rq = st->copying;
+
+	(void)status;
+	if (--st->copies_left)
+		return;
+	st->copying = NULL;
+	stream_batch_copied(st, rq);
+	st->pins--;
+	stream_send(st); /* the next batch, or the end */
+	sc->busy--;
+	sconn_maybe_free(sc);
+}
+
+/*
+ * Sends the ready batches that are next in order and fit in the arena: the event is built
+ * and the metadata written here; large tensors are copied on the threadpool, one batch of
+ * a stream at a time, and the event goes out when they are in place.
+ */
 static void stream_send(struct stream *st)
 {
 	struct sconn *sc = st->sc;
 	struct serve *s = sc->s;
 	struct greq *rq;
 
-	if (st->sending)
+	if (st->sending || st->copying)
 		return;
 	st->sending = true;
 	st->pins++;
 	while (!st->stopped && (rq = st->ready) && rq->batch_no == st->next_send) {
-		uint64_t dlen = 0, mlen = 0, doff, moff, dpos, mpos;
+		uint64_t dlen = 0, mlen = 0, doff, moff, dpos, mpos, acc = 0;
 		struct dmc_batch_head bh = { .batch = rq->batch_no, .n = rq->n, .uniform = 1 };
 		struct dmc_writer w;
-		uint8_t *frame;
+		uint32_t split = rq->n;
 		int n;
 
 		for (uint32_t i = 0; i < rq->n; i++) {
@@ -2461,6 +2531,10 @@ static void stream_send(struct stream *st)
 				    "or open with a larger arena");
 			break;
 		}
+		if (!st->ev && !(st->ev = malloc(REPLY_MAX))) {
+			stream_stop(st, -ENOMEM, "out of memory");
+			break;
+		}
 		doff = arena_alloc(&sc->arena, dlen);
 		moff = doff == UINT64_MAX ? UINT64_MAX : arena_alloc(&sc->arena, mlen);
 		if (moff == UINT64_MAX) {
@@ -2474,18 +2548,11 @@ static void stream_send(struct stream *st)
 				s->waits_for_space++; /* backpressure: wait for RELEASE */
 			break;
 		}
-		frame = reply_frame(sc);
-		if (!frame) {
-			arena_free(&sc->arena, doff);
-			arena_free(&sc->arena, moff);
-			stream_stop(st, -ENOMEM, "out of memory");
-			break;
-		}
 		bh.data_offset = doff;
 		bh.data_len = dlen;
 		bh.meta_offset = moff;
 		bh.meta_len = mlen;
-		dmc_frame_begin(&w, frame, REPLY_MAX);
+		dmc_frame_begin(&w, st->ev, REPLY_MAX);
 		dmc_batch_head_write(&w, &bh);
 		dpos = doff;
 		mpos = moff;
@@ -2495,7 +2562,7 @@ static void stream_send(struct stream *st)
 			d.message.ptr = gi->msg;
 			d.message.len = gi->status ? (uint32_t)strlen(gi->msg) : 0;
 			if (!gi->status) {
-				memcpy(sc->arena.base + dpos, gi_bytes(gi), gi->nbytes);
+				gi->off = dpos;
 				meta_write(gi, sc->arena.base + mpos);
 				d.dtype = (uint32_t)gi->desc.dtype;
 				d.ndim = 4;
@@ -2510,13 +2577,10 @@ static void stream_send(struct stream *st)
 				dpos += bh.uniform ? gi->nbytes : arena_span(gi->nbytes);
 				mpos += gi->mlen;
 			}
-			gi_drop(gi);
 			dmc_item_desc_write(&w, &d);
 		}
 		n = dmc_frame_end(&w, DMC_OP_STREAM, DMC_FLAG_REPLY | DMC_FLAG_MORE, st->request_id,
 				  0);
-		if (n > 0)
-			conn_send(sc->c, frame, (size_t)n);
 		if (n <= 0) {
 			arena_free(&sc->arena, doff);
 			arena_free(&sc->arena, moff);
@@ -2524,14 +2588,50 @@ static void stream_send(struct stream *st)
 			break;
 		}
 		st->ready = rq->next;
-		st->sent_off[st->outstanding++] = doff;
-		st->next_send++;
-		s->batches_sent++;
-		stream_drop_batch(st, rq);
+		st->ev_len = (size_t)n;
+		st->copy_doff = doff;
+		st->copy_moff = moff;
+		st->copying = rq;
+		/* two halves of the bytes */
+		for (uint32_t i = 0; i < rq->n && split == rq->n; i++) {
+			if (rq->items[i].status)
+				continue;
+			acc += rq->items[i].nbytes;
+			if (2 * acc >= dlen)
+				split = i + 1;
+		}
+		if (dlen >= COPY_OFFLOAD_MIN) {
+			st->copies_left = 0;
+			sc->busy++;
+			st->pins++; /* until the copies are in */
+			for (int k = 0; k < 2; k++) {
+				struct copy_part *cp = &st->parts[k];
+				cp->st = st;
+				cp->from = k ? split : 0;
+				cp->to = k ? rq->n : split;
+				cp->work.data = cp;
+				st->copies_left++;
+				if (uv_queue_work(s->d.loop, &cp->work, copy_part_work,
+						  copy_part_after) != 0) {
+					st->copies_left--;
+					copy_part_work(&cp->work); /* no thread: copy here */
+				}
+			}
+			if (st->copies_left)
+				break; /* copy_part_after() sends it and goes on */
+			st->pins--;
+			sc->busy--;
+		} else {
+			struct copy_part whole = { .st = st, .from = 0, .to = rq->n };
+			whole.work.data = &whole;
+			copy_part_work(&whole.work);
+		}
+		st->copying = NULL;
+		stream_batch_copied(st, rq);
 	}
 	st->sending = false;
 	if (!st->stopped)
-		stream_prep(st);
+		stream_prep(st); /* decoding goes on while a batch is copied */
 	st->pins--;
 	stream_maybe_end(st);
 }
