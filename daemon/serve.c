@@ -541,7 +541,10 @@ struct pending_open {
 	char *project_id, *project_name, *version;
 	uint32_t *counts;
 	struct fmap *fm;
+	struct lset *labels;
 	uint64_t next_item;
+	struct pending_open *next_waiter; /* waiting for the connection's arena */
+	bool waiting_arena;
 	unsigned probing;
 	bool failed;
 	struct pending_open *next;
@@ -558,6 +561,8 @@ struct sconn {
 	struct pending_open *opens;
 	struct stream *streams;
 	uint8_t *frame; /* replies are built here: allocated once, not per batch */
+	bool arena_pending, arena_sent;
+	struct pending_open *arena_waiters;
 	unsigned busy; /* works and decode jobs in flight */
 	unsigned decoding;
 	unsigned inflight; /* items reading, decoding or holding bytes: at most INFLIGHT_MAX */
@@ -575,6 +580,13 @@ struct serve {
 	uint64_t waits_for_space;
 	uint64_t streams, batches_sent;
 	struct hot hot;
+	/* items whose download failed for good in a job still running: a GET of one fails at
+	 * once instead of waiting for the job's end (forgotten when the job ends) */
+	struct failed_item {
+		int64_t snapshot_id, idx;
+		int err;
+	} *failed;
+	uint32_t n_failed, cap_failed;
 };
 
 static void item_step(struct gitem *gi);
@@ -761,76 +773,175 @@ static void open_done(struct pending_open *po)
 	free(po->version);
 	free(po->counts);
 	fmap_unref(po->fm);
+	lset_unref(po->labels);
 	free(po);
 	sconn_maybe_free(sc);
 }
 
-/* Answers an OPEN: the arena on the first one, then a handle. `fm` is taken. */
+/* Answers an OPEN whose arena exists: a handle, with the arena's fd on the first reply. */
+static void open_reply_now(struct pending_open *po)
+{
+	struct sconn *sc = po->sc;
+	struct dmc_open_reply rep;
+	struct handle *h;
+	uint8_t frame[1024];
+	uint8_t nfds = 0;
+	int n;
+
+	if (!sc->c)
+		return;
+	h = calloc(1, sizeof(*h));
+	if (!h) {
+		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		return;
+	}
+	h->id = sc->next_handle++;
+	h->snapshot_id = po->snapshot_id;
+	h->items = po->items;
+	h->flags = po->flags;
+	h->dtype = po->dtype;
+	h->frames = po->fm;
+	h->labels = po->labels;
+	po->fm = NULL;
+	po->labels = NULL;
+	h->next = sc->handles;
+	sc->handles = h;
+	rep.handle = h->id;
+	rep.snapshot_id = (uint64_t)po->snapshot_id;
+	rep.items = po->items;
+	rep.project_id = (struct dmc_str){ po->project_id, (uint32_t)strlen(po->project_id) };
+	rep.project_name = (struct dmc_str){ po->project_name,
+					     (uint32_t)strlen(po->project_name) };
+	rep.version = (struct dmc_str){ po->version, (uint32_t)strlen(po->version) };
+	rep.arena_bytes = sc->arena.size;
+	if (!sc->arena_sent)
+		nfds = 1;
+	n = dmc_open_reply_encode(&rep, nfds, po->request_id, frame, sizeof(frame));
+	if (n < 0) {
+		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "reply too large");
+		return;
+	}
+	if (nfds) {
+		conn_send_fd(sc->c, frame, (size_t)n, sc->arena.fd);
+		sc->arena_sent = true;
+	} else {
+		conn_send(sc->c, frame, (size_t)n);
+	}
+	log_debug(SERVE, "uid %u opened snapshot %" PRId64 " (%" PRIu64 " items) as handle %" PRIu64,
+		  (unsigned)sc->c->uid, po->snapshot_id, po->items, h->id);
+}
+
+/* A connection's arena, made on the threadpool: creating and pre-faulting 256 MiB takes a
+ * quarter of a second, which the loop must not spend while serving everybody else. */
+struct arena_work {
+	uv_work_t work;
+	struct sconn *sc;
+	uint64_t size;
+	int rc;
+	struct arena a;
+};
+
+static void arena_work_run(uv_work_t *w)
+{
+	struct arena_work *aw = w->data;
+
+	aw->rc = arena_init(&aw->a, aw->size);
+}
+
+static void arena_work_after(uv_work_t *w, int status)
+{
+	struct arena_work *aw = w->data;
+	struct sconn *sc = aw->sc;
+	struct pending_open *po;
+
+	(void)status;
+	sc->arena_pending = false;
+	if (aw->rc == 0 && sc->c) {
+		sc->arena = aw->a;
+		sc->has_arena = true;
+	} else if (aw->rc == 0) {
+		arena_done(&aw->a);
+	}
+	while ((po = sc->arena_waiters)) {
+		sc->arena_waiters = po->next_waiter;
+		po->waiting_arena = false;
+		if (sc->has_arena)
+			open_reply_now(po);
+		else if (sc->c)
+			conn_send_error(sc->c, po->request_id, DMC_E_OVERLOADED, NULL,
+					"cannot set up %" PRIu64 " bytes of shared memory: %s", aw->size,
+					strerror(-aw->rc));
+		open_done(po);
+	}
+	free(aw);
+	sc->busy--;
+	sconn_maybe_free(sc);
+}
+
+static char *dup_unless_own(char *own, const char *s)
+{
+	return own == s ? own : strdup(s);
+}
+
+/*
+ * Answers an OPEN (now, or once the connection's arena exists) and ends it: takes `po`,
+ * `fm` and `labels`. The strings may be po's own.
+ */
 static void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t items,
 		       const char *project_id, const char *project_name, const char *version,
 		       struct fmap *fm, struct lset *labels)
 {
 	struct sconn *sc = po->sc;
 	struct serve *s = sc->s;
-	struct dmc_open_reply rep;
-	struct handle *h;
-	uint8_t frame[1024];
-	uint8_t nfds = 0;
-	int n, rc;
+	struct pending_open **tail;
+	struct arena_work *aw;
 
-	if (!sc->has_arena) {
+	po->snapshot_id = snapshot_id;
+	po->items = items;
+	po->project_id = dup_unless_own(po->project_id, project_id);
+	po->project_name = dup_unless_own(po->project_name, project_name);
+	po->version = dup_unless_own(po->version, version);
+	po->fm = fm;
+	po->labels = labels;
+	if (!po->project_id || !po->project_name || !po->version) {
+		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		open_done(po);
+		return;
+	}
+	if (sc->has_arena) {
+		open_reply_now(po);
+		open_done(po);
+		return;
+	}
+	for (tail = &sc->arena_waiters; *tail; tail = &(*tail)->next_waiter)
+		;
+	*tail = po;
+	po->next_waiter = NULL;
+	po->waiting_arena = true;
+	if (sc->arena_pending)
+		return;
+	aw = calloc(1, sizeof(*aw));
+	if (aw) {
 		uint64_t want = po->arena_bytes ? po->arena_bytes : s->d.cfg->arena_default;
 		if (want > s->d.cfg->arena_max)
 			want = s->d.cfg->arena_max;
 		if (want < (1u << 20))
 			want = 1u << 20;
-		want = (want + 4095) / 4096 * 4096;
-		rc = arena_init(&sc->arena, want);
-		if (rc < 0) {
-			conn_send_error(sc->c, po->request_id, DMC_E_OVERLOADED, NULL,
-					"cannot set up %" PRIu64 " bytes of shared memory: %s", want,
-					strerror(-rc));
-			fmap_unref(fm);
-			lset_unref(labels);
+		aw->size = (want + 4095) / 4096 * 4096;
+		aw->sc = sc;
+		aw->a.fd = -1;
+		aw->work.data = aw;
+		sc->busy++;
+		sc->arena_pending = true;
+		if (uv_queue_work(s->d.loop, &aw->work, arena_work_run, arena_work_after) == 0)
 			return;
-		}
-		sc->has_arena = true;
-		nfds = 1;
+		sc->busy--;
+		sc->arena_pending = false;
+		free(aw);
 	}
-	h = calloc(1, sizeof(*h));
-	if (!h) {
-		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
-		fmap_unref(fm);
-		lset_unref(labels);
-		return;
-	}
-	h->id = sc->next_handle++;
-	h->snapshot_id = snapshot_id;
-	h->items = items;
-	h->flags = po->flags;
-	h->dtype = po->dtype;
-	h->frames = fm;
-	h->labels = labels;
-	h->next = sc->handles;
-	sc->handles = h;
-	rep.handle = h->id;
-	rep.snapshot_id = (uint64_t)snapshot_id;
-	rep.items = items;
-	rep.project_id = (struct dmc_str){ project_id, (uint32_t)strlen(project_id) };
-	rep.project_name = (struct dmc_str){ project_name, (uint32_t)strlen(project_name) };
-	rep.version = (struct dmc_str){ version, (uint32_t)strlen(version) };
-	rep.arena_bytes = sc->arena.size;
-	n = dmc_open_reply_encode(&rep, nfds, po->request_id, frame, sizeof(frame));
-	if (n < 0) {
-		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "reply too large");
-		return;
-	}
-	if (nfds)
-		conn_send_fd(sc->c, frame, (size_t)n, sc->arena.fd);
-	else
-		conn_send(sc->c, frame, (size_t)n);
-	log_debug(SERVE, "uid %u opened snapshot %" PRId64 " (%" PRIu64 " items) as handle %" PRIu64,
-		  (unsigned)sc->c->uid, snapshot_id, items, h->id);
+	sc->arena_waiters = NULL;
+	conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+	open_done(po);
 }
 
 /* ---- frame-by-frame: every item's frame count, learnt by probes in the decoders ---- */
@@ -987,6 +1098,7 @@ static void frames_step(struct pending_open *po)
 				fm->start[k + 1] = fm->start[k] + po->counts[k];
 			open_reply(po, po->snapshot_id, fm->start[po->items], po->project_id,
 				   po->project_name, po->version, fm, NULL);
+			return;
 		} else {
 			frames_fail(po, -ENOMEM, "out of memory");
 		}
@@ -1170,9 +1282,11 @@ static void open_continue(struct pending_open *po)
 					MASK_LABELS_MAX);
 		else if (rc < 0)
 			conn_send_error(sc->c, po->request_id, code_of(rc), NULL, "out of memory");
-		else
+		else {
 			open_reply(po, po->snapshot_id, po->items, po->project_id, po->project_name,
 				   po->version, NULL, l);
+			return;
+		}
 	}
 	open_done(po);
 }
@@ -1201,7 +1315,6 @@ static void on_open_ready(void *ctx, const struct prefetch_ready *r)
 	if (!(po->flags & (DMC_OPEN_FRAMES | DMC_OPEN_MASKS))) {
 		open_reply(po, r->snapshot_id, r->items, r->project_id, r->project_name, r->version,
 			   NULL, NULL);
-		open_done(po);
 		return;
 	}
 	/* frame by frame: the item count is the sum of the frames, known once every item is
@@ -2020,6 +2133,17 @@ static void item_step(struct gitem *gi)
 	if (!l.stored) {
 		free(l.record);
 		if (prefetch_snapshot_active(s->d.prefetch, gi->rq->h.snapshot_id)) {
+			for (uint32_t i = 0; i < s->n_failed; i++)
+				if (s->failed[i].snapshot_id == gi->rq->h.snapshot_id &&
+				    s->failed[i].idx == (int64_t)gi->item) {
+					char why[MSG_MAX];
+					int err = s->failed[i].err;
+					snprintf(why, sizeof(why), "the download of this item failed: %s",
+						 err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
+								      : strerror(-err));
+					item_fail(gi, err, why);
+					return;
+				}
 			settle(gi, GI_WAIT_ITEM); /* the job brings it; item_hook wakes us */
 			return;
 		}
@@ -2839,6 +2963,26 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
 {
 	struct serve *s = ctx;
 
+	if (idx >= 0 && err) {
+		if (s->n_failed == s->cap_failed) {
+			uint32_t nc = s->cap_failed ? s->cap_failed * 2 : 16;
+			struct failed_item *nf = realloc(s->failed, nc * sizeof(*nf));
+			if (nf) {
+				s->failed = nf;
+				s->cap_failed = nc;
+			}
+		}
+		if (s->n_failed < s->cap_failed)
+			s->failed[s->n_failed++] = (struct failed_item){ snapshot_id, idx, err };
+	}
+	if (idx < 0) {
+		/* the job ended: what it failed is "not in the cache" from now on */
+		for (uint32_t i = 0; i < s->n_failed;)
+			if (s->failed[i].snapshot_id == snapshot_id)
+				s->failed[i] = s->failed[--s->n_failed];
+			else
+				i++;
+	}
 	if (idx < 0) {
 		/* a job ended: frame-by-frame opens of its snapshot go on */
 		for (struct sconn *sc = s->conns; sc; sc = sc->next) {
@@ -2955,8 +3099,8 @@ void serve_conn_closed(struct serve *s, struct conn *c)
 	for (struct pending_open *po = sc->opens, *n; po; po = n) {
 		n = po->next;
 		prefetch_detach(s->d.prefetch, po);
-		if (!po->probing)
-			open_done(po); /* a probing one ends when its probes come back */
+		if (!po->probing && !po->waiting_arena)
+			open_done(po); /* the others end when their probes or arena come back */
 	}
 	sc->busy--;
 	sconn_maybe_free(sc);
@@ -2965,6 +3109,7 @@ void serve_conn_closed(struct serve *s, struct conn *c)
 static void serve_destroy(struct serve *s)
 {
 	hot_done(&s->hot);
+	free(s->failed);
 	free(s);
 }
 

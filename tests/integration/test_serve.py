@@ -292,8 +292,9 @@ def test_item_whose_download_fails_fails_at_once(daemon_env, emu, tmp_path):
     listed = emulator.request(emu.url, path=q, key=KEY).json()['data'][0]['resources']
     victim = listed[4]['id']
     emu.add_fault(path='^/resources/%s/file$' % victim, status=404)
-    # the others are slow, so the job is still running when item 4 fails
-    emu.add_fault(path='/resources/.*/file$', latency_ms=1000)
+    # one other item is slow, so the job still runs when item 4 fails, before or after the
+    # GET asks for it
+    emu.add_fault(path='^/resources/%s/file$' % listed[18]['id'], latency_ms=10000)
     r = get(d, 'sample', 4, str(tmp_path / 'v.npy'))
     assert r.returncode == 1
     assert 'download of this item failed' in r.stderr and 'not_found_or_denied' in r.stderr, \
@@ -389,4 +390,24 @@ def test_frame_by_frame_open_waits_for_the_job_and_needs_every_item(daemon_env, 
     assert last['shape'][1:] == items[-1]['shape'][1:]
     assert beyond['status'] == wire.E['invalid_argument']
     os.close(fds[0])
+    sock.close()
+
+
+def test_two_opens_at_once_share_one_arena(daemon_env, emu):
+    """The arena is made off the loop; OPENs that arrive meanwhile wait for it, and only the
+    first reply carries its descriptor."""
+    d = daemon_env
+    assert d.cli('prefetch', 'sample').returncode == 0
+    sock = wire.session(d.socket)
+    sock.sendall(wire.open_msg('sample', server=emu.url, key=KEY, rid=11)
+                 + wire.open_msg('sample', server=emu.url, key=KEY, rid=12))
+    got = {}
+    for _ in range(2):
+        op, fl, rid, payload, fds = wire.recv_frame_fds(sock)
+        assert op == wire.OP_OPEN, wire.decode_error(payload)
+        got[rid] = (wire.decode_open_reply(payload), fds)
+    (a, fa), (b, fb) = got[11], got[12]
+    assert len(fa) + len(fb) == 1 and a['handle'] != b['handle']
+    assert a['arena_bytes'] == b['arena_bytes'] == os.fstat((fa + fb)[0]).st_size
+    os.close((fa + fb)[0])
     sock.close()
