@@ -117,6 +117,27 @@ static void arena_done(struct arena *a)
 	a->fd = -1;
 }
 
+/* Unmapping a large arena takes tens of milliseconds: done on the threadpool. */
+struct arena_drop {
+	uv_work_t work;
+	struct arena a;
+};
+
+static void arena_drop_work(uv_work_t *w)
+{
+	struct arena_drop *ad = w->data;
+
+	arena_done(&ad->a);
+}
+
+static void arena_drop_after(uv_work_t *w, int status)
+{
+	(void)status;
+	free(w->data);
+}
+
+static void arena_release(struct serve *s, struct arena *a);
+
 /* The space an allocation of `len` bytes takes. */
 static uint64_t arena_span(uint64_t len)
 {
@@ -3056,7 +3077,7 @@ static void sconn_maybe_free(struct sconn *sc)
 		handle_drop_refs(h);
 		free(h);
 	}
-	arena_done(&sc->arena);
+	arena_release(s, &sc->arena);
 	free(sc->frame);
 	free(sc);
 	if (s->closing && !s->conns && !s->stores)
@@ -3104,6 +3125,23 @@ void serve_conn_closed(struct serve *s, struct conn *c)
 	}
 	sc->busy--;
 	sconn_maybe_free(sc);
+}
+
+static void arena_release(struct serve *s, struct arena *a)
+{
+	struct arena_drop *ad = a->base ? malloc(sizeof(*ad)) : NULL;
+
+	if (ad) {
+		ad->a = *a;
+		ad->work.data = ad;
+		if (uv_queue_work(s->d.loop, &ad->work, arena_drop_work, arena_drop_after) == 0) {
+			memset(a, 0, sizeof(*a));
+			a->fd = -1;
+			return;
+		}
+		free(ad);
+	}
+	arena_done(a);
 }
 
 static void serve_destroy(struct serve *s)
