@@ -329,7 +329,8 @@ uint64_t dmc_stream_item(const dmc_stream *st, uint64_t q);
 int dmc_stream_next(dmc_stream *st, struct dmc_batch *ret);
 /* Gives a batch's arena space back (asynchronous: no reply is waited for). */
 int dmc_batch_release(dmc_stream *st, const struct dmc_batch *b);
-/* Stops the stream if it runs (batches still arriving are released) and frees it. */
+/* Stops the stream if it runs (batches still arriving are released) and frees it. Close
+ * every stream before dmc_dataset_close() of its dataset and dmc_close() of its client. */
 int dmc_stream_close(dmc_stream *st);
 
 /* A static description of an error returned by this library (negative) or a code. */

@@ -117,25 +117,6 @@ static void arena_done(struct arena *a)
 	a->fd = -1;
 }
 
-/* Unmapping a large arena takes tens of milliseconds: done on the threadpool. */
-struct arena_drop {
-	uv_work_t work;
-	struct arena a;
-};
-
-static void arena_drop_work(uv_work_t *w)
-{
-	struct arena_drop *ad = w->data;
-
-	arena_done(&ad->a);
-}
-
-static void arena_drop_after(uv_work_t *w, int status)
-{
-	(void)status;
-	free(w->data);
-}
-
 static void arena_release(struct serve *s, struct arena *a);
 
 /* The space an allocation of `len` bytes takes. */
@@ -600,6 +581,8 @@ struct serve {
 	uint64_t bytes_served, tensors_stored;
 	uint64_t waits_for_space;
 	uint64_t streams, batches_sent;
+	unsigned drops;          /* arenas being unmapped on the threadpool */
+	uint64_t arena_dropping; /* their bytes: still the daemon's until then */
 	struct hot hot;
 	/* items whose download failed for good in a job still running: a GET of one fails at
 	 * once instead of waiting for the job's end (forgotten when the job ends) */
@@ -613,6 +596,7 @@ struct serve {
 static void item_step(struct gitem *gi);
 static void pump_items(struct sconn *sc);
 static void serve_destroy(struct serve *s);
+static void serve_maybe_destroy(struct serve *s);
 static struct greq *first_with_new(struct sconn *sc);
 
 /* The item holds nothing any more (done, or waiting for a download): a place is free. */
@@ -1636,8 +1620,7 @@ static void store_tensor_after(uv_work_t *w, int status)
 		store_unpin(cache->store, t->minfo.digest);
 		t->s->tensors_stored++;
 	}
-	if (t->s->closing && !t->s->conns && !t->s->stores)
-		serve_destroy(t->s);
+	serve_maybe_destroy(t->s);
 	free(t->buf);
 	free(t);
 }
@@ -3080,8 +3063,7 @@ static void sconn_maybe_free(struct sconn *sc)
 	arena_release(s, &sc->arena);
 	free(sc->frame);
 	free(sc);
-	if (s->closing && !s->conns && !s->stores)
-		serve_destroy(s);
+	serve_maybe_destroy(s);
 }
 
 void serve_conn_closed(struct serve *s, struct conn *c)
@@ -3127,14 +3109,45 @@ void serve_conn_closed(struct serve *s, struct conn *c)
 	sconn_maybe_free(sc);
 }
 
+/* Unmapping a large arena takes tens of milliseconds: done on the threadpool. */
+struct arena_drop {
+	uv_work_t work;
+	struct serve *s;
+	uint64_t size; /* a.size, which arena_done() clears */
+	struct arena a;
+};
+
+static void arena_drop_work(uv_work_t *w)
+{
+	struct arena_drop *ad = w->data;
+
+	arena_done(&ad->a);
+}
+
+static void arena_drop_after(uv_work_t *w, int status)
+{
+	struct arena_drop *ad = w->data;
+	struct serve *s = ad->s;
+
+	(void)status;
+	s->drops--;
+	s->arena_dropping -= ad->size;
+	free(ad);
+	serve_maybe_destroy(s);
+}
+
 static void arena_release(struct serve *s, struct arena *a)
 {
 	struct arena_drop *ad = a->base ? malloc(sizeof(*ad)) : NULL;
 
 	if (ad) {
 		ad->a = *a;
+		ad->s = s;
+		ad->size = a->size;
 		ad->work.data = ad;
 		if (uv_queue_work(s->d.loop, &ad->work, arena_drop_work, arena_drop_after) == 0) {
+			s->drops++;
+			s->arena_dropping += a->size;
 			memset(a, 0, sizeof(*a));
 			a->fd = -1;
 			return;
@@ -3142,6 +3155,13 @@ static void arena_release(struct serve *s, struct arena *a)
 		free(ad);
 	}
 	arena_done(a);
+}
+
+/* After serve_free(): the engine goes with its last connection, store and unmap. */
+static void serve_maybe_destroy(struct serve *s)
+{
+	if (s->closing && !s->conns && !s->stores && !s->drops)
+		serve_destroy(s);
 }
 
 static void serve_destroy(struct serve *s)
@@ -3171,8 +3191,7 @@ void serve_free(struct serve *s)
 	prefetch_set_item_hook(s->d.prefetch, NULL, NULL);
 	s->closing = true;
 	/* connection states and stores go as their work ends; the last one frees the engine */
-	if (!s->conns && !s->stores)
-		serve_destroy(s);
+	serve_maybe_destroy(s);
 }
 
 bool serve_dispatch(struct serve *s, struct conn *c, const struct dmc_header *h,
@@ -3212,6 +3231,7 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 		arenas += sc->arena.size;
 		arena_used += sc->arena.used;
 	}
+	arenas += s->arena_dropping;
 	if (s->d.pool)
 		decode_pool_stats(s->d.pool, &ps);
 	struct dmc_status_entry all[] = {
