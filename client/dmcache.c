@@ -1344,14 +1344,19 @@ proto:
 	return -EPROTO;
 }
 
-DMC_EXPORT int dmc_batch_release(dmc_stream *st, const struct dmc_batch *b)
+/* RELEASE of a batch's two regions, not waited for: its reply is skipped among the
+ * stream's frames. */
+static int release_batch(dmc_client *c, uint64_t data_offset, uint64_t meta_offset)
 {
-	dmc_client *c = st->ds->c;
-	uint64_t offs[2] = { b->data_offset, b->meta_offset };
+	uint64_t offs[2] = { data_offset, meta_offset };
 	uint8_t frame[64];
 
-	/* not waited for: its reply is skipped among the stream's frames */
 	return send_frame(c, frame, dmc_release_encode(offs, 2, c->next_id++, frame, sizeof(frame)));
+}
+
+DMC_EXPORT int dmc_batch_release(dmc_stream *st, const struct dmc_batch *b)
+{
+	return release_batch(st->ds->c, b->data_offset, b->meta_offset);
 }
 
 DMC_EXPORT int dmc_stream_close(dmc_stream *st)
@@ -1399,12 +1404,7 @@ DMC_EXPORT int dmc_stream_close(dmc_stream *st)
 					close_fd(c);
 					break;
 				}
-				{
-					uint64_t offs[2] = { bh.data_offset, bh.meta_offset };
-					rc = send_frame(c, frame,
-							dmc_release_encode(offs, 2, c->next_id++, frame,
-									   sizeof(frame)));
-				}
+				rc = release_batch(c, bh.data_offset, bh.meta_offset);
 			}
 		}
 	}

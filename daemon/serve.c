@@ -236,13 +236,18 @@ struct hot {
 	uint64_t hits, misses, inserts, evictions;
 };
 
-static size_t hot_slot(const struct hot *h, const uint8_t *raw, int64_t opts)
+static size_t hot_hash(const uint8_t *raw, int64_t opts, size_t nb)
 {
 	uint64_t k;
 
 	memcpy(&k, raw, sizeof(k));
 	k ^= (uint64_t)opts * 0x9e3779b97f4a7c15ull;
-	return (size_t)(k & (h->nb - 1));
+	return (size_t)(k & (nb - 1));
+}
+
+static size_t hot_slot(const struct hot *h, const uint8_t *raw, int64_t opts)
+{
+	return hot_hash(raw, opts, h->nb);
 }
 
 static void hot_lru_unlink(struct hot *h, struct hot_entry *e)
@@ -284,15 +289,22 @@ static void hot_remove(struct hot *h, struct hot_entry *e)
 }
 
 /* A referenced entry for (raw, opts), or NULL. */
+/* The entry for (raw, opts), or NULL; nothing counted or moved. */
+static struct hot_entry *hot_find(const struct hot *h, const uint8_t *raw, int64_t opts)
+{
+	struct hot_entry *e = NULL;
+
+	if (h->nb)
+		for (e = h->b[hot_slot(h, raw, opts)]; e; e = e->hnext)
+			if (e->opts == opts && memcmp(e->raw, raw, STORE_DIGEST_SIZE) == 0)
+				break;
+	return e;
+}
+
 static struct hot_entry *hot_get(struct hot *h, const uint8_t *raw, int64_t opts)
 {
-	struct hot_entry *e;
+	struct hot_entry *e = hot_find(h, raw, opts);
 
-	if (!h->nb)
-		return NULL;
-	for (e = h->b[hot_slot(h, raw, opts)]; e; e = e->hnext)
-		if (e->opts == opts && memcmp(e->raw, raw, STORE_DIGEST_SIZE) == 0)
-			break;
 	if (!e) {
 		h->misses++;
 		return NULL;
@@ -323,10 +335,8 @@ static int hot_grow(struct hot *h)
 		return -ENOMEM;
 	for (size_t i = 0; i < h->nb; i++) {
 		for (struct hot_entry *e = h->b[i], *next; e; e = next) {
-			size_t k;
+			size_t k = hot_hash(e->raw, e->opts, nb);
 			next = e->hnext;
-			memcpy(&k, e->raw, sizeof(k));
-			k = (size_t)(((uint64_t)k ^ (uint64_t)e->opts * 0x9e3779b97f4a7c15ull) & (nb - 1));
 			e->hnext = b[k];
 			b[k] = e;
 		}
@@ -347,17 +357,13 @@ static struct hot_entry *hot_adopt(struct hot *h, const uint8_t *raw, int64_t op
 				   const struct decode_desc *desc)
 {
 	uint64_t need = nbytes + dlen;
-	struct hot_entry *e, *dup;
+	struct hot_entry *e;
 	size_t k;
 
 	if (!h->max || need > h->max / 8)
 		return NULL;
-	if (h->nb && (dup = hot_get(h, raw, opts))) {
-		/* decoded twice at once (two clients): keep the first */
-		h->hits--;
-		hot_unref(h, dup);
-		return NULL;
-	}
+	if (hot_find(h, raw, opts))
+		return NULL; /* decoded twice at once (two clients): keep the first */
 	while (h->bytes + need > h->max && h->oldest && !h->oldest->refs) {
 		h->evictions++;
 		hot_remove(h, h->oldest);
@@ -420,6 +426,8 @@ struct gitem {
 	uv_work_t work;
 	int work_err;
 	uint8_t *in;   /* the stored bytes, for the decoder */
+	const uint8_t *rd_digest; /* what read_work reads into `in`: rd_len bytes */
+	uint64_t rd_len;
 	struct decode_job job;
 	char key[STORE_HEX_SIZE + 1]; /* the decoder's quarantine key: the content's digest */
 	uint8_t *hold; /* tensor + header JSON (dlen bytes), when not in the hot set */
@@ -1406,9 +1414,34 @@ static void read_work(uv_work_t *w)
 	struct store *store = gi->rq->sc->s->d.cache->store;
 	uint64_t got = 0;
 
-	gi->work_err = store_read(store, gi->raw, gi->in, gi->raw_len, &got);
-	if (gi->work_err == 0 && got != gi->raw_len)
+	gi->work_err = store_read(store, gi->rd_digest, gi->in, gi->rd_len, &got);
+	if (gi->work_err == 0 && got != gi->rd_len)
 		gi->work_err = -DMC_E_INTEGRITY;
+}
+
+/*
+ * Reads `len` bytes of blob `digest` into a new gi->in on the threadpool, then `after`.
+ * Negative when it cannot start (gi->in is freed again).
+ */
+static int start_read(struct gitem *gi, const uint8_t *digest, uint64_t len,
+		      uv_after_work_cb after)
+{
+	struct sconn *sc = gi->rq->sc;
+
+	gi->in = malloc(len ? len : 1);
+	if (!gi->in)
+		return -ENOMEM;
+	gi->rd_digest = digest;
+	gi->rd_len = len;
+	gi->work.data = gi;
+	sc->busy++;
+	if (uv_queue_work(sc->s->d.loop, &gi->work, read_work, after) != 0) {
+		sc->busy--;
+		free(gi->in);
+		gi->in = NULL;
+		return -ENOMEM;
+	}
+	return 0;
 }
 
 static void on_decoded(struct decode_job *job);
@@ -1760,21 +1793,8 @@ static void cached_after(uv_work_t *w, int status)
 
 static void start_decode_path(struct gitem *gi)
 {
-	struct sconn *sc = gi->rq->sc;
-
-	gi->in = malloc(gi->raw_len ? gi->raw_len : 1);
-	if (!gi->in) {
-		item_fail(gi, -ENOMEM, "out of memory");
-		return;
-	}
-	gi->work.data = gi;
-	sc->busy++;
-	if (uv_queue_work(sc->s->d.loop, &gi->work, read_work, read_after) != 0) {
-		sc->busy--;
-		free(gi->in);
-		gi->in = NULL;
-		item_fail(gi, -ENOMEM, "cannot queue the read");
-	}
+	if (start_read(gi, gi->raw, gi->raw_len, read_after) < 0)
+		item_fail(gi, -ENOMEM, "cannot start the read");
 }
 
 
@@ -1798,7 +1818,6 @@ struct mask_work {
 	uint32_t n, cap, cur;
 	uint32_t frames, height, width;
 	uint8_t *out;
-	uint64_t cur_len;
 	char why[MSG_MAX];
 };
 
@@ -1975,18 +1994,6 @@ static void on_mask_decoded(struct decode_job *job)
 	mask_next(gi);
 }
 
-static void mask_read_work(uv_work_t *w)
-{
-	struct gitem *gi = w->data;
-	struct store *store = gi->rq->sc->s->d.cache->store;
-	uint64_t got = 0;
-
-	gi->work_err = store_read(store, gi->mw->segs[gi->mw->cur].digest, gi->in, gi->mw->cur_len,
-				  &got);
-	if (gi->work_err == 0 && got != gi->mw->cur_len)
-		gi->work_err = -DMC_E_INTEGRITY;
-}
-
 /* The image was read (gi->in) or a mask was (gi->in, with mw->cur): decode it. */
 static void mask_read_after(uv_work_t *w, int status)
 {
@@ -2011,10 +2018,10 @@ static void mask_read_after(uv_work_t *w, int status)
 	}
 	memset(&gi->job, 0, sizeof(gi->job));
 	gi->job.in = gi->in;
-	gi->job.in_len = image ? gi->raw_len : gi->mw->cur_len;
+	gi->job.in_len = gi->rd_len;
 	gi->job.probe_only = image; /* the image: only its shape */
 	gi->job.data = gi;
-	store_digest_hex(image ? gi->raw : gi->mw->segs[gi->mw->cur].digest, gi->key);
+	store_digest_hex(gi->rd_digest, gi->key);
 	gi->job.resource = gi->key;
 	sc->busy++;
 	sc->decoding++;
@@ -2056,24 +2063,13 @@ static void mask_next(struct gitem *gi)
 			  "dataset again");
 		return;
 	}
-	mw->cur_len = (uint64_t)b.raw_size;
-	gi->in = malloc(mw->cur_len ? mw->cur_len : 1);
-	if (!gi->in) {
-		mask_fail(gi, -ENOMEM, "out of memory");
-		return;
-	}
-	gi->work.data = gi;
-	sc->busy++;
-	if (uv_queue_work(sc->s->d.loop, &gi->work, mask_read_work, mask_read_after) != 0) {
-		sc->busy--;
-		mask_fail(gi, -ENOMEM, "cannot queue a read");
-	}
+	if (start_read(gi, mw->segs[mw->cur].digest, (uint64_t)b.raw_size, mask_read_after) < 0)
+		mask_fail(gi, -ENOMEM, "cannot start a read");
 }
 
 /* Starts a mask item: its segmentations from the record, then the image's shape. */
 static void mask_start(struct gitem *gi)
 {
-	struct sconn *sc = gi->rq->sc;
 	struct seg_collect c = { 0 };
 	json_t *rec;
 	int rc;
@@ -2092,17 +2088,8 @@ static void mask_start(struct gitem *gi)
 		mask_fail(gi, rc, "cannot read the item's segmentations");
 		return;
 	}
-	gi->in = malloc(gi->raw_len ? gi->raw_len : 1);
-	if (!gi->in) {
-		mask_fail(gi, -ENOMEM, "out of memory");
-		return;
-	}
-	gi->work.data = gi;
-	sc->busy++;
-	if (uv_queue_work(sc->s->d.loop, &gi->work, read_work, mask_read_after) != 0) {
-		sc->busy--;
-		mask_fail(gi, -ENOMEM, "cannot queue the read");
-	}
+	if (start_read(gi, gi->raw, gi->raw_len, mask_read_after) < 0)
+		mask_fail(gi, -ENOMEM, "cannot start the read");
 }
 
 /* Looks the item up and starts whatever comes next. */
@@ -2236,6 +2223,28 @@ static void req_unpin(struct greq *rq)
 
 static void stream_batch_done(struct greq *rq);
 
+/* The reply record of an item: its status, or where its tensor and metadata are placed. */
+static void item_desc_write(struct dmc_writer *w, const struct gitem *gi)
+{
+	struct dmc_item_desc d = { .index = gi->index, .status = gi->status };
+
+	d.message.ptr = gi->msg;
+	d.message.len = gi->status ? (uint32_t)strlen(gi->msg) : 0;
+	if (!gi->status) {
+		d.dtype = (uint32_t)gi->desc.dtype;
+		d.ndim = 4;
+		d.shape[0] = gi->desc.frames;
+		d.shape[1] = gi->desc.channels;
+		d.shape[2] = gi->desc.height;
+		d.shape[3] = gi->desc.width;
+		d.offset = gi->off;
+		d.nbytes = gi->nbytes;
+		d.meta_offset = gi->moff;
+		d.meta_len = gi->mlen;
+	}
+	dmc_item_desc_write(w, &d);
+}
+
 static uint8_t *reply_frame(struct sconn *sc)
 {
 	if (!sc->frame)
@@ -2266,25 +2275,8 @@ static void req_maybe_reply(struct greq *rq)
 	if (sc->c && (frame = reply_frame(sc))) {
 		dmc_frame_begin(&w, frame, REPLY_MAX);
 		dmc_write_u32(&w, rq->n);
-		for (uint32_t i = 0; i < rq->n; i++) {
-			struct gitem *gi = &rq->items[i];
-			struct dmc_item_desc d = { .index = gi->index, .status = gi->status };
-			d.message.ptr = gi->msg;
-			d.message.len = gi->status ? (uint32_t)strlen(gi->msg) : 0;
-			if (!gi->status) {
-				d.dtype = (uint32_t)gi->desc.dtype;
-				d.ndim = 4;
-				d.shape[0] = gi->desc.frames;
-				d.shape[1] = gi->desc.channels;
-				d.shape[2] = gi->desc.height;
-				d.shape[3] = gi->desc.width;
-				d.offset = gi->off;
-				d.nbytes = gi->nbytes;
-				d.meta_offset = gi->moff;
-				d.meta_len = gi->mlen;
-			}
-			dmc_item_desc_write(&w, &d);
-		}
+		for (uint32_t i = 0; i < rq->n; i++)
+			item_desc_write(&w, &rq->items[i]);
 		n = dmc_frame_end(&w, DMC_OP_GET, DMC_FLAG_REPLY, rq->request_id, 0);
 		if (n > 0)
 			conn_send(sc->c, frame, (size_t)n);
@@ -2686,26 +2678,14 @@ static void stream_send(struct stream *st)
 		mpos = moff;
 		for (uint32_t i = 0; i < rq->n; i++) {
 			struct gitem *gi = &rq->items[i];
-			struct dmc_item_desc d = { .index = gi->index, .status = gi->status };
-			d.message.ptr = gi->msg;
-			d.message.len = gi->status ? (uint32_t)strlen(gi->msg) : 0;
 			if (!gi->status) {
 				gi->off = dpos;
+				gi->moff = mpos;
 				meta_write(gi, sc->arena.base + mpos);
-				d.dtype = (uint32_t)gi->desc.dtype;
-				d.ndim = 4;
-				d.shape[0] = gi->desc.frames;
-				d.shape[1] = gi->desc.channels;
-				d.shape[2] = gi->desc.height;
-				d.shape[3] = gi->desc.width;
-				d.offset = dpos;
-				d.nbytes = gi->nbytes;
-				d.meta_offset = mpos;
-				d.meta_len = gi->mlen;
 				dpos += bh.uniform ? gi->nbytes : arena_span(gi->nbytes);
 				mpos += gi->mlen;
 			}
-			dmc_item_desc_write(&w, &d);
+			item_desc_write(&w, gi);
 		}
 		n = dmc_frame_end(&w, DMC_OP_STREAM, DMC_FLAG_REPLY | DMC_FLAG_MORE, st->request_id,
 				  0);
