@@ -21,6 +21,7 @@
 #include "conf.h"
 #include "decode_pool.h"
 #include "fetch.h"
+#include "conn.h"
 #include "log.h"
 #include "prefetch.h"
 #include "sd.h"
@@ -143,13 +144,14 @@ static void app_conn_closed(void *ctx, struct conn *c)
 		prefetch_conn_closed(d->prefetch, c);
 }
 
-static uint32_t app_status(void *ctx, struct dmc_status_entry *e, uint32_t max)
+static uint32_t app_status(void *ctx, const struct conn *c, struct dmc_status_entry *e,
+			   uint32_t max)
 {
 	struct daemon *d = ctx;
 
-	uint32_t n = d->prefetch ? prefetch_status(d->prefetch, e, max) : 0;
+	uint32_t n = d->prefetch ? prefetch_status(d->prefetch, c, e, max) : 0;
 
-	if (d->serve && n < max)
+	if (d->serve && n < max && c->admin) /* the serving side's figures are everyone's */
 		n += serve_status(d->serve, e + n, max - n);
 	return n;
 }

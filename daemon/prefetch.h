@@ -84,7 +84,11 @@ void prefetch_set_item_hook(struct prefetch *p, prefetch_item_cb cb, void *ctx);
 
 /* `c` is closing: it gets no more events (its jobs go on). */
 void prefetch_conn_closed(struct prefetch *p, struct conn *c);
-/* STATUS entries: cache size, hits, transfers, jobs. Names are static. */
-uint32_t prefetch_status(struct prefetch *p, struct dmc_status_entry *e, uint32_t max);
+/*
+ * STATUS entries for `c`: for admins the cache's size, hits, transfers and jobs; for
+ * anyone else only their own snapshots and jobs (docs/security.md). Names are static.
+ */
+uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_status_entry *e,
+			 uint32_t max);
 
 #endif

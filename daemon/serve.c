@@ -1385,7 +1385,7 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 	sc->opens = po;
 	sc->busy++;
 	pf.source = m.source;
-	pf.flags = 0;
+	pf.flags = (m.flags & DMC_OPEN_OFFLINE) ? DMC_PREFETCH_OFFLINE : 0;
 	pf.project = m.project;
 	pf.version = m.version;
 	pf.server = m.server;

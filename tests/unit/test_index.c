@@ -190,7 +190,7 @@ TEST(snapshots)
 	k.source = 9;
 	ASSERT_EQ(index_snapshot_get_or_create(fx.ix, &k, &id, &created), -EINVAL);
 	ASSERT_EQ(index_snapshot_find(fx.ix, INDEX_SOURCE_DATAMINT, "https://api.datamint.io", "p2",
-				      "v", &id),
+				      "v", 0, &id),
 		  -ENOENT);
 
 	for (int i = 0; i < 10; i++)
@@ -699,7 +699,7 @@ TEST(corrupt_database_is_moved_aside)
 	ASSERT_EQ(index_blob_totals(fx.ix, &count, NULL), 0);
 	ASSERT_EQ(count, 0);
 	ASSERT_EQ(index_snapshot_find(fx.ix, INDEX_SOURCE_DATAMINT, "https://api.datamint.io", "p",
-				      "v", &s),
+				      "v", 0, &s),
 		  -ENOENT);
 	ASSERT_EQ(index_check(fx.ix, true), 0);
 	ASSERT_EQ(put_blob(fx.ix, 1), 0);
