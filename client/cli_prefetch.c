@@ -250,6 +250,8 @@ static json_t *progress_json(const char *event, const struct dmc_progress_info *
 		json_object_set_new(e, "resource", json_string(p->error_resource));
 		json_object_set_new(e, "message", json_string(p->error_message));
 		json_object_set_new(o, "error", e);
+	} else if (*p->error_message) {
+		json_object_set_new(o, "notice", json_string(p->error_message));
 	}
 	return o;
 }
