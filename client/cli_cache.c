@@ -52,6 +52,8 @@ static void ls_json(const struct dmc_snapshot_list *l)
 							    ? json_null()
 							    : json_integer((json_int_t)e->owner_uid));
 		json_object_set_new(o, "complete", json_boolean(e->complete));
+		json_object_set_new(o, "state", json_string(e->downloading ? "downloading"
+							   : e->complete ? "complete" : "partial"));
 		json_object_set_new(o, "created_ms", json_integer((json_int_t)e->created_ms));
 		json_array_append_new(a, o);
 	}
@@ -121,7 +123,8 @@ static void ls_table(const struct dmc_snapshot_list *l)
 			printf("%-*s  ", wown, owner_name(e->owner_uid, buf, sizeof(buf)));
 		printf("%*llu  %-*s  %-*s  %*s  %*s  %s\n", wid, (unsigned long long)e->id, wproj,
 		       entry_project(e), wver, *e->version ? e->version : "-", witems, items,
-		       wsize, size, e->complete ? "complete" : "partial");
+		       wsize, size, e->downloading ? "downloading" : e->complete ? "complete"
+									   : "partial");
 	}
 }
 

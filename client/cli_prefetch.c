@@ -342,6 +342,9 @@ static void prefetch_usage(FILE *out)
 		"  --offline        do not contact the server: check that the newest complete\n"
 		"                   snapshot you were entitled to within grant_ttl is there\n"
 		"                   (also DMCACHE_OFFLINE=1)\n"
+		"  --allow-partial  start even if the snapshot does not fit in max_size or above\n"
+		"                   min_free (what cannot be stored fails); without it such a\n"
+		"                   prefetch is refused at once with the numbers\n"
 		"  --cancel         stop the running job instead (exit 0 even if none ran)\n\n"
 		"Ctrl-C detaches: the daemon goes on with the job (exit status 130).\n"
 		"Exit status: 0 every item stored, 1 items failed or the job could not run,\n"
@@ -470,7 +473,8 @@ static int follow(struct view *v, const struct dmc_prefetch_args *a, const char 
 
 int cmd_prefetch(int argc, char **argv)
 {
-	enum { O_VERSION = 1000, O_SERVER, O_API_KEY, O_SOURCE, O_JSON, O_CANCEL, O_OFFLINE };
+	enum { O_VERSION = 1000, O_SERVER, O_API_KEY, O_SOURCE, O_JSON, O_CANCEL, O_OFFLINE,
+	       O_PARTIAL };
 	static const struct option opts[] = { { "version", required_argument, NULL, O_VERSION },
 					      { "server", required_argument, NULL, O_SERVER },
 					      { "api-key", required_argument, NULL, O_API_KEY },
@@ -478,6 +482,7 @@ int cmd_prefetch(int argc, char **argv)
 					      { "json", no_argument, NULL, O_JSON },
 					      { "cancel", no_argument, NULL, O_CANCEL },
 					      { "offline", no_argument, NULL, O_OFFLINE },
+					      { "allow-partial", no_argument, NULL, O_PARTIAL },
 					      { "help", no_argument, NULL, 'h' },
 					      { 0 } };
 	const char *version = NULL, *server = NULL, *source = NULL, *project = NULL;
@@ -497,6 +502,7 @@ int cmd_prefetch(int argc, char **argv)
 		case O_JSON: v.json = true; break;
 		case O_CANCEL: cancel = true; break;
 		case O_OFFLINE: a.flags |= DMC_PREFETCH_OFFLINE; break;
+		case O_PARTIAL: a.flags |= DMC_PREFETCH_ALLOW_PARTIAL; break;
 		case O_API_KEY:
 			free(key_opt);
 			key_opt = strdup(optarg);

@@ -859,7 +859,8 @@ DMC_EXPORT int dmc_list(dmc_client *c, struct dmc_snapshot_list **ret_list)
 		l->n = i + 1; /* so that dmc_list_free frees this entry's strings */
 		e->id = si.id;
 		e->source = si.source;
-		e->complete = si.complete != 0;
+		e->complete = si.complete == 1;
+		e->downloading = si.complete == 2;
 		e->server = str_dup(si.server);
 		e->project_id = str_dup(si.project_id);
 		e->project_name = str_dup(si.project_name);

@@ -162,6 +162,7 @@ struct dmc_snapshot_entry {
 	uint64_t id;
 	uint32_t source;   /* enum dmc_source */
 	bool complete;     /* every item of the snapshot is stored */
+	bool downloading;  /* a job is filling it now */
 	char *server;      /* "" for LOCAL */
 	char *project_id;  /* LOCAL: the dataset directory */
 	char *project_name;

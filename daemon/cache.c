@@ -155,6 +155,113 @@ static int on_lru_blob(void *ctx, const struct index_blob *b)
 	return 0;
 }
 
+/* Removes one blob, file first, then its row (a crash in between leaves a row without a
+ * blob, which reconciliation drops). 0, or -EBUSY when it is pinned (being served). */
+static int evict_blob(struct cache *c, const uint8_t digest[INDEX_DIGEST_SIZE], uint64_t *freed)
+{
+	uint64_t f = 0;
+	int q = store_remove(c->store, digest, &f);
+
+	if (q == -EBUSY)
+		return q;
+	if (q < 0 && q != -ENOENT)
+		return q;
+	*freed += f;
+	return index_blob_delete(c->index, digest);
+}
+
+struct id_list {
+	int64_t *ids;
+	size_t n, cap;
+};
+
+static int id_push(void *ctx, int64_t id)
+{
+	struct id_list *l = ctx;
+
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? l->cap * 2 : 64;
+		int64_t *n = realloc(l->ids, cap * sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		l->ids = n;
+		l->cap = cap;
+	}
+	l->ids[l->n++] = id;
+	return 0;
+}
+
+struct digest_list {
+	uint8_t (*d)[INDEX_DIGEST_SIZE];
+	size_t n, cap;
+};
+
+static int digest_push(void *ctx, const struct index_blob *b)
+{
+	struct digest_list *l = ctx;
+
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? l->cap * 2 : 256;
+		void *n = realloc(l->d, cap * INDEX_DIGEST_SIZE);
+		if (!n)
+			return -ENOMEM;
+		l->d = n;
+		l->cap = cap;
+	}
+	memcpy(l->d[l->n++], b->digest, INDEX_DIGEST_SIZE);
+	return 0;
+}
+
+static int is_protected(void *ctx, int64_t id)
+{
+	const struct cache *c = ctx;
+
+	return c->protect && c->protect(c->protect_ctx, id) ? 1 : 0;
+}
+
+/*
+ * Phase 2 of eviction: whole snapshots, least recently used first. A snapshot that a job is
+ * filling or a client has open (c->protect) is never touched, nor is a blob that such a
+ * snapshot also uses. Each snapshot evicted is logged with what went and why.
+ */
+static int evict_snapshots(struct cache *c, uint64_t want, uint64_t *freed)
+{
+	struct id_list ids = { 0 };
+	int r;
+
+	r = index_snapshots_lru(c->index, id_push, &ids);
+	for (size_t i = 0; r >= 0 && i < ids.n && *freed < want; i++) {
+		struct digest_list dl = { 0 };
+		uint64_t before = *freed, files = 0;
+
+		if (is_protected(c, ids.ids[i]))
+			continue;
+		r = index_snapshot_blobs(c->index, ids.ids[i], digest_push, &dl);
+		for (size_t k = 0; r >= 0 && k < dl.n && *freed < want; k++) {
+			int q = index_blob_snapshots(c->index, dl.d[k], is_protected, c);
+			if (q < 0) {
+				r = q;
+				break;
+			}
+			if (q == 1)
+				continue; /* a protected snapshot uses it too */
+			q = evict_blob(c, dl.d[k], freed);
+			if (q == -EBUSY)
+				continue;
+			if (q < 0) {
+				r = q;
+				break;
+			}
+			files++;
+		}
+		free(dl.d);
+		if (files && c->evicted)
+			c->evicted(c->protect_ctx, ids.ids[i], files, *freed - before);
+	}
+	free(ids.ids);
+	return r < 0 ? r : 0;
+}
+
 int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed)
 {
 	struct index_lru_cursor cur = { 0 };
@@ -162,6 +269,8 @@ int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed)
 	uint64_t freed = 0;
 	int r = 0;
 
+	/* Phase 1: blobs no snapshot uses (decoded tensors, leftovers), least recently used
+	 * first: they cost no download to get back. */
 	while (freed < want) {
 		page.n = 0;
 		r = index_lru_page(c->index, &cur, EVICT_PAGE, on_lru_blob, &page);
@@ -169,7 +278,14 @@ int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed)
 			break;
 		for (unsigned i = 0; i < page.n && freed < want; i++) {
 			uint64_t f = 0;
-			int q = store_remove(c->store, page.digest[i], &f);
+			int q = index_blob_snapshots(c->index, page.digest[i], NULL, NULL);
+			if (q < 0) {
+				r = q;
+				goto out;
+			}
+			if (q > 0)
+				continue; /* a snapshot's content: phase 2 decides */
+			q = store_remove(c->store, page.digest[i], &f);
 			if (q == -EBUSY)
 				continue; /* pinned: being served or written */
 			if (q < 0 && q != -ENOENT) {
@@ -183,6 +299,8 @@ int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed)
 				goto out;
 		}
 	}
+	if (r >= 0 && freed < want)
+		r = evict_snapshots(c, want, &freed);
 out:
 	if (r >= 0)
 		r = index_flush(c->index);

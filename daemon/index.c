@@ -65,6 +65,9 @@ enum stmt_id {
 	S_GRANT_NEWEST,
 	S_META_GET,
 	S_META_PUT,
+	S_BLOB_SNAPSHOTS,
+	S_SNAP_LRU,
+	S_SNAP_BLOBS,
 	S_COUNT_
 };
 
@@ -183,6 +186,14 @@ static const char *const stmt_sql[S_COUNT_] = {
 			   "ORDER BY s.created_at DESC, s.id DESC",
 	[S_META_GET] = "SELECT value FROM meta WHERE key = ?1",
 	[S_META_PUT] = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+	[S_BLOB_SNAPSHOTS] = "SELECT key >> 32 FROM items WHERE blob = ?1 UNION "
+			     "SELECT key >> 32 FROM item_blobs WHERE digest = ?1",
+	[S_SNAP_LRU] = "SELECT s.id, max(b.last_access) AS t FROM snapshots AS s "
+		       "JOIN items AS i ON i.key BETWEEN (s.id << 32) AND ((s.id << 32) | 4294967295) "
+		       "JOIN blobs AS b ON b.digest = i.blob GROUP BY s.id ORDER BY t, s.id",
+	[S_SNAP_BLOBS] = "SELECT " BLOB_COLS " FROM blobs WHERE digest IN ("
+			 "SELECT blob FROM items WHERE key BETWEEN ?1 AND ?2 AND blob IS NOT NULL "
+			 "UNION SELECT digest FROM item_blobs WHERE key BETWEEN ?1 AND ?2)",
 };
 
 /* Schema migrations: migrations[v] takes a database from user_version v to v + 1. */
@@ -267,7 +278,9 @@ static const char *const migrations[INDEX_SCHEMA_VERSION] = {
 	" checked_at INTEGER NOT NULL,"
 	" PRIMARY KEY (uid, snapshot_id)) WITHOUT ROWID;"
 	"CREATE INDEX grants_snapshot ON grants (snapshot_id);"
-	"CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID;",
+	"CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID;"
+	/* eviction asks which snapshots use a blob */
+	"CREATE INDEX items_blob ON items (blob);",
 };
 
 struct index {
@@ -1564,4 +1577,60 @@ int index_meta_put(struct index *ix, const char *key, const void *value, size_t 
 	bind_text(st, 1, key);
 	sqlite3_bind_blob(st, 2, value, (int)len, SQLITE_STATIC);
 	return run_write(ix, st);
+}
+
+/* ---- eviction by snapshot ---- */
+
+int index_blob_snapshots(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE],
+			 index_snapshot_id_cb cb, void *ctx)
+{
+	sqlite3_stmt *st = stmt(ix, S_BLOB_SNAPSHOTS);
+	int rc, r = 0, n = 0;
+
+	bind_digest(st, 1, digest);
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		n++;
+		if (cb && (r = cb(ctx, sqlite3_column_int64(st, 0))) != 0)
+			break;
+	}
+	if (r == 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r < 0 ? r : cb ? (r > 0 ? 1 : 0) : n;
+}
+
+int index_snapshots_lru(struct index *ix, index_snapshot_id_cb cb, void *ctx)
+{
+	sqlite3_stmt *st = stmt(ix, S_SNAP_LRU);
+	int rc, r = 0;
+
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+		if ((r = cb(ctx, sqlite3_column_int64(st, 0))) != 0)
+			break;
+	if (r == 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r < 0 ? r : 0;
+}
+
+int index_snapshot_blobs(struct index *ix, int64_t id, index_blob_cb cb, void *ctx)
+{
+	sqlite3_stmt *st;
+	int rc, r = 0;
+
+	if ((r = check_snap_id(id)) < 0)
+		return r;
+	st = stmt(ix, S_SNAP_BLOBS);
+	sqlite3_bind_int64(st, 1, key_lo(id));
+	sqlite3_bind_int64(st, 2, key_hi(id));
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		struct index_blob b;
+		blob_from_row(st, &b);
+		if ((r = cb(ctx, &b)) < 0)
+			break;
+	}
+	if (r >= 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r < 0 ? r : 0;
 }

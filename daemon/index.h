@@ -338,6 +338,17 @@ int index_grant_delete(struct index *ix, int64_t uid, int64_t snapshot_id);
 int index_grant_newest(struct index *ix, int64_t uid, int source, const char *server_url,
 		       const char *project, index_snapshot_id_cb cb, void *ctx);
 
+/* ---- eviction by snapshot (cache.c) ---- */
+
+/* The snapshots whose items (or their masks) use blob `digest`, to `cb` until it returns
+ * non-zero: then 1 if `cb` stopped the walk, else 0. With `cb` NULL: how many there are. */
+int index_blob_snapshots(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE],
+			 index_snapshot_id_cb cb, void *ctx);
+/* Snapshots with stored content, least recently used first (their newest blob access). */
+int index_snapshots_lru(struct index *ix, index_snapshot_id_cb cb, void *ctx);
+/* The stored blobs of snapshot `id` (items and their masks). A callback < 0 stops. */
+int index_snapshot_blobs(struct index *ix, int64_t id, index_blob_cb cb, void *ctx);
+
 /* ---- settings ---- */
 
 /* A small value by key: 0 and *ret_len, -ENOENT, or -DMC_E_LIMIT_EXCEEDED over `cap`. */

@@ -144,6 +144,12 @@ static void app_conn_closed(void *ctx, struct conn *c)
 		prefetch_conn_closed(d->prefetch, c);
 }
 
+/* Eviction keeps the snapshots clients have open. */
+static bool snapshot_open(void *ctx, int64_t id)
+{
+	return serve_snapshot_open(ctx, id);
+}
+
 static uint32_t app_status(void *ctx, const struct conn *c, struct dmc_status_entry *e,
 			   uint32_t max)
 {
@@ -192,7 +198,7 @@ static int open_cache(struct daemon *d)
 		return rc;
 	}
 	co.store.max_size = d->cfg.max_size;
-	co.store.min_free = d->cfg.min_free;
+	co.store.min_free = d->cfg.min_free + CACHE_INDEX_HEADROOM;
 	co.store.max_object = d->cfg.max_object;
 	co.store.zstd_level = (int)d->cfg.zstd_level;
 	co.index_flags = d->cfg.sync_full ? INDEX_SYNC_FULL : 0;
@@ -269,6 +275,7 @@ static int start_engines(struct daemon *d)
 			log_err(SERVE, "cannot start serving: %s", strerror(-rc));
 			return rc;
 		}
+		prefetch_set_open_check(d->prefetch, snapshot_open, d->serve);
 	}
 	d->srv.app.ctx = d;
 	d->srv.app.dispatch = app_dispatch;

@@ -7,6 +7,7 @@
 #include <string.h>
 #include <time.h>
 #include <sys/random.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "cache.h"
@@ -54,6 +55,8 @@ struct prefetch {
 	struct job *jobs;
 	struct task *downloads; /* tasks with a transfer in flight, for sharing */
 	uint8_t salt[32];       /* of the key hashes in grants (index "key_salt") */
+	bool (*is_open)(void *ctx, int64_t id); /* the serving side's open snapshots */
+	void *is_open_ctx;
 	bool has_salt;
 	uint64_t next_job_id;
 	uv_timer_t flush_timer;
@@ -179,6 +182,7 @@ struct job {
 	/* offline reads (docs/security.md, "Offline") */
 	bool offline;          /* served from a grant: nothing is downloaded */
 	bool want_offline;     /* the client asked not to contact the server */
+	bool allow_partial;    /* start even if the snapshot cannot fit (OPEN, --allow-partial) */
 	int64_t fallback_id;   /* a snapshot a valid grant allows if the server is unreachable */
 	uint64_t started_ms;
 	char notice[192];      /* said with the final record: "served from cache: ..." */
@@ -187,10 +191,13 @@ struct job {
 static void job_pump(struct job *j);
 static void load_salt(struct prefetch *p);
 static bool fall_back(struct job *j, const char *reason);
+static bool admit(struct job *j, const struct index_snapshot_stats *st);
 static void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_SIZE],
 			      const char *etag);
 static bool shares_across_users(const struct job *j);
 static void job_maybe_free(struct job *j);
+static bool protect_snapshot(void *ctx, int64_t id);
+static void log_eviction(void *ctx, int64_t id, uint64_t files, uint64_t bytes);
 static void task_next_step(struct task *t);
 static void task_finish(struct task *t, int err, const char *msg, long http_status);
 
@@ -222,7 +229,8 @@ static void job_progress(const struct job *j, struct dmc_progress *m)
 	m->items_cached = j->items_cached;
 	m->items_failed = j->items_failed;
 	m->bytes_total = j->bytes_total;
-	m->bytes_done = j->bytes_done;
+	/* retried bodies count once: progress never passes the total */
+	m->bytes_done = j->bytes_done < j->bytes_total ? j->bytes_done : j->bytes_total;
 	m->rate_bps = j->rate;
 	m->eta_ms = j->eta_ms;
 }
@@ -367,6 +375,20 @@ static void job_finish(struct job *j, uint32_t state)
 		record_error(j, -EIO, 0, 0, NULL, "the cache index could not be written");
 		j->state = state = DMC_JOB_FAILED;
 	}
+	if (j->snapshot_id > 0) {
+		/* "stored" is what the index has committed, as `dmcache ls` counts it: a batch
+		 * that could not be committed is not counted (its blobs are kept, and the next
+		 * start's reconciliation adopts them) */
+		struct index_snapshot_stats st;
+		if (index_snapshot_stats(ix, j->snapshot_id, &st) == 0 &&
+		    (uint64_t)st.items_stored != j->items_done) {
+			if ((uint64_t)st.items_stored < j->items_done)
+				log_warn(STORE, "job %" PRIu64 ": %" PRIu64 " items counted as stored "
+						"are not in the index (a failed commit)",
+					 j->id, j->items_done - (uint64_t)st.items_stored);
+			j->items_done = (uint64_t)st.items_stored;
+		}
+	}
 	update_rate(j);
 	j->eta_ms = 0;
 	/* callbacks still waiting for the snapshot: it will not come from this job */
@@ -393,11 +415,15 @@ static void job_finish(struct job *j, uint32_t state)
 	/* items still missing will not come from this job */
 	if (j->pf->item_hook && j->snapshot_id > 0)
 		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, -1, 0);
-	log_info(FETCH, "job %" PRIu64 " for uid %u, project '%s': %s, %" PRIu64 "/%" PRIu64
-			" items, %" PRIu64 " failed",
-		 j->id, (unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
-		 state == DMC_JOB_DONE ? "done" : state == DMC_JOB_CANCELLED ? "cancelled" : "failed",
-		 j->items_done, j->items_total, j->items_failed);
+	log_notice(FETCH, "job %" PRIu64 " of uid %u, '%s' version '%s': %s, %" PRIu64 " of %"
+			  PRIu64 " items stored, %" PRIu64 " failed, %" PRIu64 " bytes downloaded "
+			  "in %.1f s%s%s",
+		   j->id, (unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
+		   j->proj ? j->proj->version : j->version_arg,
+		   state == DMC_JOB_DONE ? "done" : state == DMC_JOB_CANCELLED ? "cancelled" : "failed",
+		   j->items_done, j->items_total, j->items_failed, j->bytes_done,
+		   (double)(uv_now(j->pf->d.loop) - j->started_ms) / 1000,
+		   j->first_message[0] ? ": " : "", j->first_message);
 	/* the key is not needed any more: wipe it now rather than when memory is freed */
 	job_maybe_free(j);
 }
@@ -440,6 +466,10 @@ int prefetch_new(const struct prefetch_deps *deps, struct prefetch **ret)
 	p->d = *deps;
 	p->next_job_id = 1;
 	load_salt(p);
+	/* eviction never takes what a job is filling or a client reads (docs/operations) */
+	deps->cache->protect = protect_snapshot;
+	deps->cache->evicted = log_eviction;
+	deps->cache->protect_ctx = p;
 	uv_timer_init(deps->loop, &p->flush_timer);
 	p->flush_timer.data = p;
 	/* batches commit at least every 200 ms, and at every progress event */
@@ -568,12 +598,51 @@ static bool shares_across_users(const struct job *j)
 	return j->source == DMC_SOURCE_DATAMINT && config_trusted_server(j->pf->d.cfg, j->server);
 }
 
+static bool protect_snapshot(void *ctx, int64_t id)
+{
+	struct prefetch *p = ctx;
+
+	for (struct job *j = p->jobs; j; j = j->next)
+		if (!j->final && j->snapshot_id == id)
+			return true;
+	return p->is_open && p->is_open(p->is_open_ctx, id);
+}
+
+static int snap_name_cb(void *ctx, const struct index_snapshot *s)
+{
+	char *out = ctx;
+
+	snprintf(out, 200, "'%.80s' version '%.60s' of uid %" PRId64, s->project_name,
+		 s->version, s->owner);
+	return 0;
+}
+
+static void log_eviction(void *ctx, int64_t id, uint64_t files, uint64_t bytes)
+{
+	struct prefetch *p = ctx;
+	char what[200] = "?";
+
+	index_snapshot_get(p->d.cache->index, id, snap_name_cb, what);
+	log_notice(STORE, "evicted %" PRIu64 " files (%.1f MiB) of snapshot %" PRId64 " (%s), "
+			  "the least recently used, to make room within max_size %" PRIu64
+			  " and min_free %" PRIu64 " bytes",
+		   files, (double)bytes / (1 << 20), id, what, p->d.cfg->max_size,
+		   p->d.cfg->min_free);
+}
+
 bool prefetch_snapshot_active(struct prefetch *p, int64_t id)
 {
 	for (struct job *j = p->jobs; j; j = j->next)
 		if (!j->final && j->snapshot_id == id)
 			return true;
 	return false;
+}
+
+void prefetch_set_open_check(struct prefetch *p, bool (*is_open)(void *ctx, int64_t id),
+			     void *ctx)
+{
+	p->is_open = is_open;
+	p->is_open_ctx = ctx;
 }
 
 void prefetch_set_item_hook(struct prefetch *p, prefetch_item_cb cb, void *ctx)
@@ -651,11 +720,102 @@ static void start_downloading(struct job *j)
 		j->items_total = (uint64_t)st.items;
 		j->items_done = j->items_cached = (uint64_t)st.items_stored;
 		j->bytes_total = (uint64_t)(st.bytes - st.bytes_stored);
+		if (!j->offline && !j->allow_partial && !admit(j, &st))
+			return;
 	}
 	j->scan_from = 0;
 	j->scan_done = false;
 	notify_ready(j, 0);
 	job_pump(j);
+}
+
+/* ---- admission ---- */
+
+static void say_bytes(char *out, size_t cap, uint64_t b)
+{
+	if (b >= (1ull << 30))
+		snprintf(out, cap, "%.1f GiB", (double)b / (1ull << 30));
+	else
+		snprintf(out, cap, "%.1f MiB", (double)b / (1ull << 20));
+}
+
+/* Why a write did not fit, with the limit that stopped it (max_size or min_free). */
+static const char *cache_full_text(struct prefetch *p, char *buf, size_t cap)
+{
+	const struct config *cfg = p->d.cfg;
+	struct store_stats ss;
+	struct statvfs fs;
+	char a[24], b[24];
+
+	store_get_stats(p->d.cache->store, &ss);
+	if (statvfs(cfg->cache_dir, &fs) == 0 &&
+	    (uint64_t)fs.f_bavail * fs.f_frsize < cfg->min_free + CACHE_INDEX_HEADROOM + (64u << 20)) {
+		say_bytes(a, sizeof(a), (uint64_t)fs.f_bavail * fs.f_frsize);
+		say_bytes(b, sizeof(b), cfg->min_free);
+		snprintf(buf, cap, "cache full: the file system has %s free and min_free is %s", a,
+			 b);
+	} else if (cfg->max_size) {
+		say_bytes(a, sizeof(a), ss.used_bytes);
+		say_bytes(b, sizeof(b), cfg->max_size);
+		snprintf(buf, cap, "cache full: %s in use of max_size %s, nothing evictable", a, b);
+	} else {
+		snprintf(buf, cap, "cache full");
+	}
+	return buf;
+}
+
+
+/*
+ * Before downloading: can what the snapshot still needs fit? Within max_size, everything
+ * but this snapshot's own content may be evicted; on the file system, what is free beyond
+ * min_free plus what eviction can free. When it cannot fit, the job fails at once with the
+ * numbers (CACHE_FULL) instead of storing a part and evicting the rest; the client may ask
+ * for a partial snapshot (DMC_PREFETCH_ALLOW_PARTIAL). Sizes are upstream sizes: blobs
+ * stored compressed only make it fit better.
+ */
+static bool admit(struct job *j, const struct index_snapshot_stats *st)
+{
+	const struct config *cfg = j->pf->d.cfg;
+	uint64_t need = (uint64_t)(st->bytes - st->bytes_stored), own = (uint64_t)st->bytes_stored;
+	struct store_stats ss;
+	struct statvfs fs;
+	struct dm_error e = { .err = -DMC_E_CACHE_FULL };
+	char a[24], b[24], c[24];
+	const char *name = j->proj ? j->proj->name : j->project_arg;
+
+	if (need == 0)
+		return true;
+	store_get_stats(j->pf->d.cache->store, &ss);
+	if (cfg->max_size && need + own > cfg->max_size) {
+		uint64_t others = ss.used_bytes > own ? ss.used_bytes - own : 0;
+		say_bytes(a, sizeof(a), need);
+		say_bytes(b, sizeof(b), cfg->max_size);
+		say_bytes(c, sizeof(c), others);
+		snprintf(e.message, sizeof(e.message),
+			 "'%.40s' needs %s more; max_size is %s and %s is held by other "
+			 "snapshots (--allow-partial stores what fits)",
+			 name, a, b, c);
+	} else if (statvfs(cfg->cache_dir, &fs) == 0) {
+		uint64_t avail = (uint64_t)fs.f_bavail * fs.f_frsize;
+		uint64_t keep = cfg->min_free + CACHE_INDEX_HEADROOM;
+		uint64_t room = avail > keep ? avail - keep : 0;
+		uint64_t evictable = ss.used_bytes > own ? ss.used_bytes - own : 0;
+		if (need <= room + evictable)
+			return true;
+		say_bytes(a, sizeof(a), need);
+		say_bytes(b, sizeof(b), avail);
+		say_bytes(c, sizeof(c), cfg->min_free);
+		snprintf(e.message, sizeof(e.message),
+			 "'%.40s' needs %s more; the cache's file system has %s free and "
+			 "min_free is %s (--allow-partial stores what fits)",
+			 name, a, b, c);
+	} else {
+		return true;
+	}
+	log_warn(STORE, "job %" PRIu64 " of uid %u refused: %s", j->id, (unsigned)j->uid,
+		 e.message);
+	fail_job(j, &e);
+	return false;
 }
 
 /* ---- offline reads from grants ---- */
@@ -1325,10 +1485,11 @@ static void commit_done(struct task *t)
 		}
 	}
 	if (err < 0) {
+		char full[160];
 		t->res.err = err;
 		snprintf(t->res.message, sizeof(t->res.message), "%s",
 			 err == -DMC_E_INTEGRITY ? "the body does not match the server's SHA-256"
-			 : err == -DMC_E_CACHE_FULL ? "cache full"
+			 : err == -DMC_E_CACHE_FULL ? cache_full_text(p, full, sizeof(full))
 			 : err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
 						: strerror(-err));
 		task_next_step(t);
@@ -1386,7 +1547,17 @@ static void task_next_step(struct task *t)
 	int rc;
 
 	if (t->res.err) {
-		task_finish(t, t->res.err, t->res.message, t->res.http_status);
+		/* an HTTP status belongs to upstream errors only, not to a local failure after a
+		 * 200 (cache full, I/O) */
+		int e = t->res.err;
+		bool up = !(e == -DMC_E_CACHE_FULL || e == -DMC_E_IO || e == -DMC_E_INTEGRITY ||
+			    (e < 0 && e > -DMC_E_FIRST_));
+		char full[160];
+		if (t->res.err == -DMC_E_CACHE_FULL)
+			cache_full_text(j->pf, full, sizeof(full));
+		task_finish(t, t->res.err,
+			    t->res.err == -DMC_E_CACHE_FULL ? full : t->res.message,
+			    up ? t->res.http_status : 0);
 		return;
 	}
 	if (j->cancelled) {
@@ -1788,9 +1959,10 @@ static void local_task_after(uv_work_t *w, int status)
 	release_reservation(t);
 	if (rc < 0) {
 		/* what was committed before the failure stays as a blob for reconciliation */
+		char full[160];
 		t->res.err = rc;
 		snprintf(t->res.message, sizeof(t->res.message), "%s",
-			 rc == -DMC_E_CACHE_FULL ? "cache full"
+			 rc == -DMC_E_CACHE_FULL ? cache_full_text(j->pf, full, sizeof(full))
 			 : rc <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-rc)
 					       : strerror(-rc));
 		task_next_step(t);
@@ -1847,7 +2019,9 @@ static void local_task_start(struct task *t)
 	}
 	rc = cache_reserve(cache, (uint64_t)it->size);
 	if (rc < 0) {
-		task_finish(t, rc, rc == -DMC_E_CACHE_FULL ? "cache full" : "cannot make room", 0);
+		char full[160];
+		task_finish(t, rc, rc == -DMC_E_CACHE_FULL ? cache_full_text(j->pf, full, sizeof(full))
+							   : "cannot make room", 0);
 		return;
 	}
 	t->reserved = it->size > 0 ? (uint64_t)it->size : 1;
@@ -1967,6 +2141,7 @@ struct who;
 static int who_join(struct job *j, const struct who *w);
 static void who_error(const struct who *w, uint32_t code, const char *msg);
 static uid_t who_uid(const struct who *w);
+static bool who_is_open(const struct who *w);
 
 /* A new job joins the engine: its progress timer runs and `w` hears of it. */
 static void job_register(struct prefetch *p, struct job *j, const struct who *w)
@@ -1978,6 +2153,9 @@ static void job_register(struct prefetch *p, struct job *j, const struct who *w)
 		p->jobs->prev = j;
 	p->jobs = j;
 	p->jobs_started++;
+	/* OPEN reads what fits: items that cannot be stored fail one by one */
+	if (who_is_open(w))
+		j->allow_partial = true;
 	who_join(j, w);
 	uv_timer_start(&j->tick, on_tick, TICK_MS, TICK_MS);
 }
@@ -2005,6 +2183,7 @@ static void on_prefetch_local(struct prefetch *p, const struct who *w,
 	j->id = p->next_job_id++;
 	j->uid = who_uid(w);
 	j->source = DMC_SOURCE_LOCAL;
+	j->allow_partial = m->flags & DMC_PREFETCH_ALLOW_PARTIAL;
 	j->project_arg = project;
 	j->version_arg = version;
 	j->state = DMC_JOB_RESOLVING;
@@ -2055,6 +2234,12 @@ struct who {
 static int who_join(struct job *j, const struct who *w)
 {
 	return w->cb ? subscribe_cb(j, w->cb, w->ctx) : subscribe(j, w->c, w->request_id);
+}
+
+/* An OPEN (a callback inside the daemon), not a client's PREFETCH. */
+static bool who_is_open(const struct who *w)
+{
+	return !w->c;
 }
 
 static uid_t who_uid(const struct who *w)
@@ -2189,6 +2374,8 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	j->dmc.origin = j->origin;
 	j->dmc.key = secret_str(j->key);
 	j->want_offline = m.flags & DMC_PREFETCH_OFFLINE;
+	/* OPEN reads what fits (items that cannot be stored fail one by one) */
+	j->allow_partial = m.flags & DMC_PREFETCH_ALLOW_PARTIAL;
 	j->started_ms = uv_now(p->d.loop);
 	job_register(p, j, w);
 	if (j->want_offline) {
@@ -2206,9 +2393,9 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	/* a valid grant lets the job answer from the cache if the server is unreachable */
 	if (find_grant(j, &j->fallback_id, NULL, 0) < 0)
 		j->fallback_id = 0;
-	log_info(FETCH, "job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
-		 (unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",
-		 j->origin);
+	log_notice(FETCH, "job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
+		   (unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",
+		   j->origin);
 	rc = dm_resolve(&j->dmc, j->project_arg, on_resolved, j);
 	if (rc < 0) {
 		struct dm_error e = { .err = rc };
@@ -2296,7 +2483,8 @@ static int list_write(void *ctx, const struct index_snapshot *s)
 	m.items_stored = (uint64_t)st.items_stored;
 	m.bytes = (uint64_t)st.bytes;
 	m.bytes_stored = (uint64_t)st.bytes_stored;
-	m.complete = s->sealed && st.items == st.items_stored;
+	m.complete = prefetch_snapshot_active(l->p, s->id) ? 2
+		     : s->sealed && st.items == st.items_stored;
 	dmc_snapshot_info_write(l->w, &m);
 	return 0;
 }

@@ -75,6 +75,12 @@ void prefetch_detach(struct prefetch *p, void *ctx);
 
 /* Whether `uid` may read snapshot `id` (listed with its key since the daemon started). */
 bool prefetch_may_see(struct prefetch *p, uid_t uid, int64_t id);
+/*
+ * What else keeps a snapshot from eviction besides the jobs filling it (the serving side's
+ * open handles): asked by the cache's eviction. Loop thread.
+ */
+void prefetch_set_open_check(struct prefetch *p, bool (*is_open)(void *ctx, int64_t id),
+			     void *ctx);
 /* Whether a job is filling snapshot `id` now: a missing item may still come. */
 bool prefetch_snapshot_active(struct prefetch *p, int64_t id);
 /* Called when an item of a snapshot is stored (err 0) or failed for good, and with idx -1

@@ -3246,3 +3246,12 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 	memcpy(e, all, n * sizeof(*e));
 	return n;
 }
+
+bool serve_snapshot_open(struct serve *s, int64_t snapshot_id)
+{
+	for (struct sconn *sc = s->conns; sc; sc = sc->next)
+		for (struct handle *h = sc->handles; h; h = h->next)
+			if (h->snapshot_id == snapshot_id)
+				return true;
+	return false;
+}

@@ -187,7 +187,11 @@ struct dmc_error_msg {
  *   flags    DMC_PREFETCH_OFFLINE: do not contact the server; the newest complete snapshot
  *            (or `version`) the caller holds a grant for, within grant_ttl, is the answer
  *            (DATAMINT only; a grant is the caller's own earlier proof with its key, see
- *            docs/security.md). Other bits are refused.
+ *            docs/security.md).
+ *            DMC_PREFETCH_ALLOW_PARTIAL: start although what the snapshot still needs does
+ *            not fit in max_size or above min_free (items that cannot be stored fail);
+ *            without it such a job fails at once with CACHE_FULL and the numbers. Other
+ *            bits are refused.
  *   project  DATAMINT: a project name or id. LOCAL: the absolute path of a dataset
  *            directory as the Datamint Python client writes it (dataset.json, images/).
  *   version  "" or "latest" for the newest; otherwise a version string (Datamint: the
@@ -264,6 +268,7 @@ struct dmc_progress {
  *   u64 id, u32 source, u32 complete, str server, str project_id, str project_name,
  *   str version, u64 items, u64 items_stored, u64 bytes, u64 created_ms (Unix time),
  *   u32 owner_uid (UINT32_MAX: made before owners were recorded), u64 bytes_stored
+ *   complete: 0 partial, 1 every item stored, 2 a job is filling it now (downloading)
  *
  * EVICT request: removes snapshots from the cache, and the blobs no other snapshot uses.
  *   u32 flags, str project      (DMC_EVICT_ALL: every snapshot the caller may see; else
@@ -279,7 +284,8 @@ struct dmc_progress {
 #define DMC_LIST_MAX 2048u
 #define DMC_EVICT_ALL 1u
 #define DMC_PREFETCH_OFFLINE 1u
-#define DMC_PREFETCH_FLAGS_DEFINED DMC_PREFETCH_OFFLINE
+#define DMC_PREFETCH_ALLOW_PARTIAL 2u
+#define DMC_PREFETCH_FLAGS_DEFINED (DMC_PREFETCH_OFFLINE | DMC_PREFETCH_ALLOW_PARTIAL)
 
 struct dmc_snapshot_info {
 	uint64_t id;
