@@ -318,13 +318,16 @@ def test_offline_reads_with_the_server_gone(tmp):
     finally:
         assert e.stop() == 0
     out = os.path.join(tmp, 'alice', 'x.npy')
-    # offline: no network wait at all
-    t0 = time.monotonic()
-    r = cli(d, ALICE, 'get', '--offline', '--server', url, 'ct', '0', '-o', out,
-            key=emulator.KEY_CT)
-    took = time.monotonic() - t0
-    assert r.returncode == 0, r.stderr
-    assert took < 0.5, 'offline get took %.2f s' % took
+    # offline: no network wait at all (the best of three whole `dmcache get` processes,
+    # so that a loaded CI machine's noise is not taken for a wait)
+    took = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        r = cli(d, ALICE, 'get', '--offline', '--server', url, 'ct', '0', '-o', out,
+                key=emulator.KEY_CT)
+        took.append(time.monotonic() - t0)
+        assert r.returncode == 0, r.stderr
+    assert min(took) < 0.5, 'offline get took %r s' % took
     ref = open(out, 'rb').read()
     # DMCACHE_OFFLINE=1, and with the version pinned
     r = cli(d, ALICE, 'get', '--version', version, '--server', url, 'ct', '1', '-o', out,
