@@ -183,6 +183,7 @@ struct job {
 	bool offline;          /* served from a grant: nothing is downloaded */
 	bool want_offline;     /* the client asked not to contact the server */
 	bool allow_partial;    /* start even if the snapshot cannot fit (OPEN, --allow-partial) */
+	bool warned_full;      /* "cache full" was logged for this job */
 	int64_t fallback_id;   /* a snapshot a valid grant allows if the server is unreachable */
 	uint64_t started_ms;
 	char notice[192];      /* said with the final record: "served from cache: ..." */
@@ -415,9 +416,10 @@ static void job_finish(struct job *j, uint32_t state)
 	/* items still missing will not come from this job */
 	if (j->pf->item_hook && j->snapshot_id > 0)
 		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, -1, 0);
-	log_notice(FETCH, "job %" PRIu64 " of uid %u, '%s' version '%s': %s, %" PRIu64 " of %"
-			  PRIu64 " items stored, %" PRIu64 " failed, %" PRIu64 " bytes downloaded "
-			  "in %.1f s%s%s",
+	log_job(state == DMC_JOB_DONE ? LOG_LVL_NOTICE : LOG_LVL_WARNING, LOG_GRP_FETCH, j->id,
+		(unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
+		"job %" PRIu64 " of uid %u, '%s' version '%s': %s, %" PRIu64 " of %" PRIu64
+		" items stored, %" PRIu64 " failed, %" PRIu64 " bytes downloaded in %.1f s%s%s",
 		   j->id, (unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
 		   j->proj ? j->proj->version : j->version_arg,
 		   state == DMC_JOB_DONE ? "done" : state == DMC_JOB_CANCELLED ? "cancelled" : "failed",
@@ -812,8 +814,8 @@ static bool admit(struct job *j, const struct index_snapshot_stats *st)
 	} else {
 		return true;
 	}
-	log_warn(STORE, "job %" PRIu64 " of uid %u refused: %s", j->id, (unsigned)j->uid,
-		 e.message);
+	log_job(LOG_LVL_WARNING, LOG_GRP_STORE, j->id, (unsigned)j->uid, name,
+		"job %" PRIu64 " of uid %u refused: %s", j->id, (unsigned)j->uid, e.message);
 	fail_job(j, &e);
 	return false;
 }
@@ -970,8 +972,9 @@ static void serve_from_grant(struct job *j, int64_t id, const char *notice)
 	j->snapshot_id = id;
 	j->offline = true;
 	snprintf(j->notice, sizeof(j->notice), "%s", notice);
-	log_notice(FETCH, "job %" PRIu64 ": uid %u reads '%s' version '%s' from the cache: %s",
-		   j->id, (unsigned)j->uid, proj->name, proj->version, notice);
+	log_job(LOG_LVL_NOTICE, LOG_GRP_FETCH, j->id, (unsigned)j->uid, proj->name,
+		"job %" PRIu64 ": uid %u reads '%s' version '%s' from the cache: %s", j->id,
+		(unsigned)j->uid, proj->name, proj->version, notice);
 	start_downloading(j);
 }
 
@@ -1684,6 +1687,13 @@ static void task_finish(struct task *t, int err, const char *msg, long http_stat
 		}
 		log_info(FETCH, "job %" PRIu64 ": resource '%s' failed: %s", j->id, t->resource_id,
 			 msg ? msg : "failed");
+		if (err == -DMC_E_CACHE_FULL && !j->warned_full) {
+			j->warned_full = true;
+			log_job(LOG_LVL_WARNING, LOG_GRP_STORE, j->id, (unsigned)j->uid,
+				j->proj ? j->proj->name : j->project_arg,
+				"job %" PRIu64 ": %s (items that do not fit fail)", j->id,
+				msg ? msg : "cache full");
+		}
 	}
 	task_free(t);
 	if (!j->final)
@@ -2393,9 +2403,10 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	/* a valid grant lets the job answer from the cache if the server is unreachable */
 	if (find_grant(j, &j->fallback_id, NULL, 0) < 0)
 		j->fallback_id = 0;
-	log_notice(FETCH, "job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
-		   (unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",
-		   j->origin);
+	log_job(LOG_LVL_NOTICE, LOG_GRP_FETCH, j->id, (unsigned)j->uid, j->project_arg,
+		"job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
+		(unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",
+		j->origin);
 	rc = dm_resolve(&j->dmc, j->project_arg, on_resolved, j);
 	if (rc < 0) {
 		struct dm_error e = { .err = rc };
