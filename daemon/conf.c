@@ -104,6 +104,8 @@ static const struct key keys[] = {
 	K("grant_ttl", KT_DURATION, grant_ttl_ms, 0, 3650ull * 24 * 3600000,
 	  "how long a user's proof of entitlement lets a complete snapshot be read with the "
 	  "server unreachable or in offline mode (0: always ask the server)"),
+	K("max_jobs_per_uid", KT_UINT32, max_jobs_per_uid, 1, 100000,
+	  "prefetch jobs (and OPENs being listed) one uid may have running at once"),
 };
 
 void config_init(struct config *cfg)
@@ -138,6 +140,7 @@ void config_init(struct config *cfg)
 	cfg->max_decode_bytes = 1ull << 30;
 	cfg->decode_timeout_ms = 10000;
 	cfg->grant_ttl_ms = 7ull * 24 * 3600000;
+	cfg->max_jobs_per_uid = 64;
 }
 
 void config_done(struct config *cfg)

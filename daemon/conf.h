@@ -64,6 +64,7 @@ struct config {
 	char *admin_group;
 	gid_t admin_gid;           /* resolved by config_finish(); (gid_t)-1 if none */
 	uint64_t grant_ttl_ms;     /* 0: always ask the server */
+	uint32_t max_jobs_per_uid; /* prefetch jobs one uid may have running */
 };
 
 /* Fills in the defaults. */

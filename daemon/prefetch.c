@@ -2309,6 +2309,17 @@ void prefetch_detach(struct prefetch *p, void *ctx)
 	}
 }
 
+/* Jobs of `uid` still running: a user may not queue work without bound. */
+static uint32_t jobs_of(const struct prefetch *p, uid_t uid)
+{
+	uint32_t n = 0;
+
+	for (const struct job *j = p->jobs; j; j = j->next)
+		if (!j->final && j->uid == uid)
+			n++;
+	return n;
+}
+
 static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const struct who *w)
 {
 	struct dmc_prefetch m = *mp;
@@ -2316,6 +2327,14 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	char *server = NULL, *project = NULL, *version = NULL;
 	size_t slen;
 	int rc;
+
+	if (jobs_of(p, w->uid) >= p->d.cfg->max_jobs_per_uid) {
+		char msg[128];
+		snprintf(msg, sizeof(msg), "too many prefetch jobs for this user (max_jobs_per_uid "
+					   "is %u)", p->d.cfg->max_jobs_per_uid);
+		who_error(w, DMC_E_OVERLOADED, msg);
+		return;
+	}
 
 	if (m.source == DMC_SOURCE_LOCAL) {
 		if (!m.project.len || m.project.ptr[0] != '/' || m.api_key.len || m.server.len) {

@@ -381,3 +381,30 @@ def test_offline_reads_with_the_server_gone(tmp):
     assert 'not entitled offline: last checked' in r.stderr and 'grant_ttl is' in r.stderr, \
         r.stderr
     assert d.stop()[0] == 0
+
+
+def test_queued_jobs_are_capped_per_user(emu, tmp):
+    d = system_daemon(tmp, '-o', 'max_jobs_per_uid=2')
+    emu.add_fault(path='^/resources/[^/]+/file$', latency_ms=1500, user='alice@example.org')
+    try:
+        procs = [uids.popen(BOB, [DMCACHE, '--socket', d.socket, 'prefetch', '--server', emu.url,
+                                  p], env=user_env(emulator.KEY_ALL),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for p in ('sample', 'ct')]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            c = json.loads(d.cli('status', '--json').stdout)['counters']
+            if c['prefetch_jobs'] >= 2:
+                break
+            time.sleep(0.05)
+        r = cli(d, BOB, 'prefetch', '--server', emu.url, 'pydicom', key=emulator.KEY_ALL)
+        assert r.returncode != 0 and 'max_jobs_per_uid is 2' in r.stderr, r.stderr
+        # another user is not held by bob's cap
+        r = cli(d, ALICE, 'prefetch', '--server', emu.url, 'pydicom', key=emulator.KEY_CT)
+        assert r.returncode == 0, r.stderr
+        for p in procs:
+            p.kill()
+            p.wait()
+    finally:
+        emu.clear_faults()
+    assert d.stop()[0] == 0
