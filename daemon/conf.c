@@ -91,6 +91,8 @@ static const struct key keys[] = {
 	  "largest decoded item; larger ones fail with limit_exceeded before any allocation"),
 	K("decode_timeout", KT_DURATION, decode_timeout_ms, 100, 3600000,
 	  "a decode running longer is killed (the worker is replaced)"),
+	K("worker_user", KT_STRING, worker_user, 0, 0,
+	  "user the decoder workers of a root daemon run as (default: nobody; not root)"),
 };
 
 void config_init(struct config *cfg)

@@ -57,6 +57,9 @@ struct config {
 	uint32_t decode_workers;   /* 0: one per core */
 	uint64_t max_decode_bytes; /* largest decoded item */
 	uint64_t decode_timeout_ms;
+
+	/* process privileges (decode_pool.h) */
+	char *worker_user;         /* NULL: "nobody"; used only when the daemon runs as root */
 };
 
 /* Fills in the defaults. */
