@@ -490,9 +490,17 @@ void zygote_main(int sock, const struct worker_params *p, pid_t parent)
 	if (getppid() != parent)
 		_exit(0);
 	prctl(PR_SET_NAME, "dmcache-zygote");
-	/* A root daemon's zygote keeps only what a worker needs to drop everything. */
-	if (p->drop_user)
-		set_caps((1ull << CAP_SETUID) | (1ull << CAP_SETGID) | (1ull << CAP_SETPCAP));
+	/* A root daemon's zygote keeps only what a worker needs to drop everything, in its
+	 * bounding set too (so that not even an exec could bring the rest back). */
+	if (p->drop_user) {
+		uint64_t keep = (1ull << CAP_SETUID) | (1ull << CAP_SETGID) | (1ull << CAP_SETPCAP);
+		for (unsigned long cap = 0; cap < 64; cap++)
+			if (!(keep & (1ull << cap)) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 &&
+			    errno == EINVAL)
+				break;
+		set_caps(keep);
+		prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+	}
 	reset_signals();
 	signal(SIGCHLD, SIG_IGN); /* workers are reaped by the kernel; kills use pidfds */
 	if (sock != 3) {

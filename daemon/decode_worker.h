@@ -32,7 +32,7 @@ struct worker_params {
  * a budget of WORKER_CPU_JOBS x cpu_seconds. A worker left with less than cpu_seconds after
  * a job says so in its reply (WORKER_REP_RETIRE) and exits; the pool replaces it.
  */
-#define WORKER_CPU_JOBS 3u
+#define WORKER_CPU_JOBS 2u
 
 /* daemon -> zygote: fork a worker for `slot`. */
 struct zygote_req {

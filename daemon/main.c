@@ -178,7 +178,9 @@ static int make_dirs(const char *path)
 		if (*p != '/')
 			continue;
 		*p = '\0';
-		if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+		if (mkdir(buf, 0755) == 0)
+			chmod(buf, 0755); /* not group-writable under umask 002 either */
+		else if (errno != EEXIST)
 			return -errno;
 		*p = '/';
 	}

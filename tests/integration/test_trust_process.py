@@ -229,7 +229,9 @@ def test_root_daemon_workers_own_nothing_and_still_decode(root_daemon, emu, tmp_
     zygote = named(children(d.proc.pid), 'dmcache-zygote')
     assert len(zygote) == 1
     st = proc_status(zygote[0])
-    assert int(st['CapEff'], 16) == (1 << 6) | (1 << 7) | (1 << 8), st['CapEff']
+    keep = (1 << 6) | (1 << 7) | (1 << 8)
+    assert int(st['CapEff'], 16) == int(st['CapPrm'], 16) == keep, st
+    assert int(st['CapBnd'], 16) == keep and st['NoNewPrivs'] == '1', st
 
     # A process of the worker user (anyone who runs as nobody) cannot read them either.
     r = uids.run(nobody.pw_uid, [PYTHON, '-c', READ_PROC, str(workers[0])],

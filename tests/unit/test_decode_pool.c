@@ -450,9 +450,10 @@ TEST(cpu_limit_ends_a_cpu_bomb)
 	job_init(&job, &d, HOOK("DMCTEST:spin"), "res-cpu");
 	double t0 = now_s();
 	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
-	ASSERT(run_until(&loop, done_pred, &d, 6.0));
+	ASSERT(run_until(&loop, done_pred, &d, 15.0));
 	ASSERT_EQ(d.status, -DMC_E_DECODE_FAILED);
-	/* SIGXCPU, not the 20 s deadline; CPU time is 1-2 s, wall time depends on the load. */
+	/* RLIMIT_CPU (SIGKILL at the worker's budget of WORKER_CPU_JOBS x 1 s), not the 20 s
+	 * deadline; CPU time is 2-3 s, wall time depends on the load. */
 	ASSERT(strstr(d.err, "crashed") != NULL);
 	ASSERT(d.t - t0 < 15.0);
 	stop(&loop);
@@ -504,7 +505,7 @@ TEST(seccomp_filter_kills_forbidden_syscalls)
 /* ---- reliability.md S13: the workers own nothing ---- */
 
 /* A pool whose workers switch to nobody (65534) when the test runs as root. */
-static int start_dropped(uv_loop_t *loop, unsigned workers, unsigned cpu_s)
+static int start_dropped(uv_loop_t *loop, unsigned workers, unsigned cpu_s, uint64_t timeout_ms)
 {
 	struct decode_pool_config cfg;
 	decode_pool_config_default(&cfg);
@@ -514,7 +515,7 @@ static int start_dropped(uv_loop_t *loop, unsigned workers, unsigned cpu_s)
 	cfg.meta_bytes = 64u << 10;
 	cfg.limits.max_decode_bytes = 8u << 20;
 	cfg.limits.max_meta_bytes = 60u << 10;
-	cfg.timeout_ms = 5000;
+	cfg.timeout_ms = timeout_ms;
 	cfg.cpu_seconds = cpu_s;
 	cfg.drop_user = geteuid() == 0;
 	cfg.worker_uid = 65534;
@@ -554,7 +555,7 @@ TEST(workers_own_nothing)
 	uv_loop_t loop;
 	char v[128];
 	pid_t pids[2];
-	ASSERT_EQ(start_dropped(&loop, 2, 10), 0);
+	ASSERT_EQ(start_dropped(&loop, 2, 10, 5000), 0);
 	ASSERT_EQ(decode_pool_worker_pids(g_pool, pids, 2), 2);
 	for (int i = 0; i < 2; i++) {
 		if (geteuid() == 0) {
@@ -599,7 +600,7 @@ TEST(seccomp_denies_signals_and_limits_aimed_at_others)
 	 * attacker (SIGSYS) and the target goes on with its limits intact. */
 	static const char *const attacks[] = { "kill", "tgkill", "prlimit", "setrlimit" };
 	uv_loop_t loop;
-	ASSERT_EQ(start_dropped(&loop, 2, 10), 0);
+	ASSERT_EQ(start_dropped(&loop, 2, 10, 5000), 0);
 	for (size_t a = 0; a < sizeof(attacks) / sizeof(attacks[0]); a++) {
 		pid_t pids[2];
 		ASSERT(run_until(&loop, all_idle, NULL, 5.0));
@@ -637,18 +638,20 @@ TEST(seccomp_denies_signals_and_limits_aimed_at_others)
 
 TEST(worker_retires_when_its_cpu_budget_runs_low)
 {
-	/* cpu_seconds 1: a worker's lifetime budget is WORKER_CPU_JOBS s. A job that burns
-	 * more than that minus 1 s retires it; the next job runs on its replacement and
+	/* cpu_seconds 1: a worker's lifetime budget is about WORKER_CPU_JOBS (2) s. A job
+	 * that leaves less than 1 s of it retires the worker; the next job runs on its replacement and
 	 * nothing counts as a crash. */
 	uv_loop_t loop;
-	ASSERT_EQ(start_dropped(&loop, 1, 1), 0);
+	ASSERT_EQ(start_dropped(&loop, 1, 1, 60000), 0);
 	pid_t first;
 	ASSERT_EQ(decode_pool_worker_pids(g_pool, &first, 1), 1);
 	struct decode_job job;
 	struct done d;
-	job_init(&job, &d, HOOK("DMCTEST:burn:3200"), "res-burn");
+	job_init(&job, &d, HOOK("DMCTEST:burn:2300"), "res-burn");
 	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
-	ASSERT(run_until(&loop, done_pred, &d, 10.0));
+	ASSERT(run_until(&loop, done_pred, &d, 60.0)); /* 2.3 s of CPU on a loaded machine */
+	if (!strstr(d.err, "test hook"))
+		fprintf(stderr, "# %s\n", d.err);
 	ASSERT(strstr(d.err, "test hook") != NULL);
 	ASSERT(run_until(&loop, all_idle, NULL, 5.0));
 	pid_t second;
