@@ -273,9 +273,12 @@ static int resolve_worker_user(struct daemon *d)
 	errno = 0;
 	pw = getpwnam(name);
 	if (!pw) {
-		fprintf(stderr, "dmcached: worker_user = '%s': %s (the decoder workers of a root "
-				"daemon run as this user; create it or set worker_user)\n",
-			name, errno ? strerror(errno) : "no such user");
+		/* not found is errno 0, ENOENT, ESRCH... depending on the NSS module */
+		fprintf(stderr, "dmcached: worker_user = '%s': no such user%s%s (the decoder "
+				"workers of a root daemon run as this user; create it or set "
+				"worker_user)\n",
+			name, errno && errno != ENOENT && errno != ESRCH ? ": " : "",
+			errno && errno != ENOENT && errno != ESRCH ? strerror(errno) : "");
 		return -ENOENT;
 	}
 	if (pw->pw_uid == 0 || pw->pw_gid == 0) {
