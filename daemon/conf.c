@@ -106,6 +106,8 @@ static const struct key keys[] = {
 	  "server unreachable or in offline mode (0: always ask the server)"),
 	K("max_jobs_per_uid", KT_UINT32, max_jobs_per_uid, 1, 100000,
 	  "prefetch jobs (and OPENs being listed) one uid may have running at once"),
+	K("worker_user", KT_STRING, worker_user, 0, 0,
+	  "user the decoder workers of a root daemon run as (default: nobody; not root)"),
 };
 
 void config_init(struct config *cfg)

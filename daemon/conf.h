@@ -65,6 +65,8 @@ struct config {
 	gid_t admin_gid;           /* resolved by config_finish(); (gid_t)-1 if none */
 	uint64_t grant_ttl_ms;     /* 0: always ask the server */
 	uint32_t max_jobs_per_uid; /* prefetch jobs one uid may have running */
+	/* process privileges (decode_pool.h) */
+	char *worker_user;         /* NULL: "nobody"; used only when the daemon runs as root */
 };
 
 /* Fills in the defaults. */
