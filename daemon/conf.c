@@ -1,5 +1,6 @@
-/* dmcached configuration: see config.h. */
+/* dmcached configuration: see conf.h. */
 #include <errno.h>
+#include <glob.h>
 #include <grp.h>
 #include <ini.h>
 #include <stddef.h>
@@ -9,6 +10,9 @@
 #include <unistd.h>
 
 #include "conf.h"
+
+#define DEFAULT_SERVERS "https://api.datamint.io"
+#define DEFAULT_ADMIN_GROUP "dmcache"
 
 enum key_type {
 	KT_STRING,
@@ -32,8 +36,7 @@ struct key {
 	{ name, type, offsetof(struct config, field), min, max, help }
 
 static const struct key keys[] = {
-	K("socket", KT_STRING, socket_path, 0, 0,
-	  "path of the listening socket (default: DESIGN.md section 1)"),
+	K("socket", KT_STRING, socket_path, 0, 0, "path of the listening socket"),
 	K("socket_mode", KT_MODE, socket_mode, 0, 0777, "permission bits of the socket, octal"),
 	K("cache_dir", KT_STRING, cache_dir, 0, 0, "cache directory"),
 	K("log_level", KT_LEVEL, log_level, 0, 0, "err, warning, notice, info or debug"),
@@ -464,9 +467,9 @@ int config_finish(struct config *cfg, char *err, size_t errlen)
 		snprintf(err, errlen, "cache_dir = '%s': must be an absolute path", cfg->cache_dir);
 		return -EINVAL;
 	}
-	if (!cfg->servers && !(cfg->servers = strdup("https://api.datamint.io")))
+	if (!cfg->servers && !(cfg->servers = strdup(DEFAULT_SERVERS)))
 		return -ENOMEM;
-	if (!cfg->admin_group && !(cfg->admin_group = strdup("dmcache")))
+	if (!cfg->admin_group && !(cfg->admin_group = strdup(DEFAULT_ADMIN_GROUP)))
 		return -ENOMEM;
 	{
 		struct group *gr = getgrnam(cfg->admin_group);
@@ -499,15 +502,324 @@ bool config_trusted_server(const struct config *cfg, const char *url)
 	return false;
 }
 
+/*
+ * ---- reload, defaults and the printed key list (outside the table) ----
+ *
+ * A key is applied by SIGHUP only when every owner reads it from struct config at each
+ * use (not a copy taken at start); the others are reported as needing a restart. Checked
+ * against the owners: conn.c and server.c (connections, timeouts, write queue, admin_gid
+ * at each HELLO), prefetch.c (max_jobs_per_uid, grant_ttl), serve.c (arena sizes at each
+ * arena), log.c (levels). max_size, min_free and hot_max are copied at start by store.c
+ * and serve.c, parallel_transfers and max_attempts by fetch.c: restart.
+ */
+static const char *const live_keys[] = {
+	"log_level", "log_debug", "max_connections", "max_connections_per_uid",
+	"idle_timeout", "hello_timeout", "write_queue_max", "max_jobs_per_uid", "grant_ttl",
+	"arena_default", "arena_max", "admin_group",
+};
+
+/* Defaults that config_finish() or another component resolves, in words. */
+static const struct {
+	const char *key, *text;
+	bool literal; /* the text is the value itself */
+} computed_defaults[] = {
+	{ "socket", "$DMCACHE_SOCKET, else /run/dmcache/dmcached.sock as root, else "
+		    "$XDG_RUNTIME_DIR/dmcache/dmcached.sock (the systemd socket unit passes its "
+		    "own)" },
+	{ "cache_dir", "$CACHE_DIRECTORY (systemd's CacheDirectory=), else /var/cache/dmcache "
+		       "as root, else $XDG_CACHE_HOME/dmcache or ~/.cache/dmcache" },
+	{ "log_debug", "none" },
+	{ "ca_file", "the system's CA certificates" },
+	{ "servers", DEFAULT_SERVERS, true },
+	{ "admin_group", DEFAULT_ADMIN_GROUP, true },
+	{ "worker_user", "nobody", true },
+};
+
+static const char *const type_names[] = {
+	[KT_STRING] = "text",	    [KT_UINT32] = "number", [KT_SIZE] = "size",
+	[KT_DURATION] = "duration", [KT_MODE] = "octal",    [KT_BOOL] = "yes/no",
+	[KT_LEVEL] = "level",
+};
+
+static const char *const type_units[] = {
+	[KT_STRING] = "",
+	[KT_UINT32] = "",
+	[KT_SIZE] = "bytes, K/M/G/T suffixes (powers of 1024)",
+	[KT_DURATION] = "ms, s, m or h; a bare number is seconds",
+	[KT_MODE] = "",
+	[KT_BOOL] = "yes or no",
+	[KT_LEVEL] = "",
+};
+
+bool config_key_live(const char *key)
+{
+	for (size_t i = 0; i < sizeof(live_keys) / sizeof(live_keys[0]); i++)
+		if (strcmp(live_keys[i], key) == 0)
+			return true;
+	return false;
+}
+
+static const char *level_name(enum log_level l)
+{
+	switch (l) {
+	case LOG_LVL_ERR: return "err";
+	case LOG_LVL_WARNING: return "warning";
+	case LOG_LVL_NOTICE: return "notice";
+	case LOG_LVL_INFO: return "info";
+	case LOG_LVL_DEBUG: return "debug";
+	}
+	return "?";
+}
+
+/* The value of a key as the file would spell it; "" for an unset text. */
+static void format_value(const struct key *k, const struct config *cfg, char *buf, size_t cap)
+{
+	static const struct {
+		char c;
+		uint64_t mul;
+	} sizes[] = { { 'T', 1ull << 40 }, { 'G', 1ull << 30 }, { 'M', 1ull << 20 },
+		      { 'K', 1ull << 10 } },
+	  durs[] = { { 'h', 3600000 }, { 'm', 60000 }, { 's', 1000 } };
+	const char *field = (const char *)cfg + k->offset;
+	uint64_t v;
+
+	switch (k->type) {
+	case KT_STRING:
+		snprintf(buf, cap, "%s", *(char *const *)field ? *(char *const *)field : "");
+		return;
+	case KT_BOOL:
+		snprintf(buf, cap, "%s", *(const bool *)field ? "yes" : "no");
+		return;
+	case KT_LEVEL:
+		snprintf(buf, cap, "%s", level_name(*(const enum log_level *)field));
+		return;
+	case KT_MODE:
+		snprintf(buf, cap, "%04o", (unsigned)*(const uint32_t *)field);
+		return;
+	case KT_UINT32:
+		snprintf(buf, cap, "%u", (unsigned)*(const uint32_t *)field);
+		return;
+	case KT_SIZE:
+		v = *(const uint64_t *)field;
+		for (size_t i = 0; v && i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+			if (v % sizes[i].mul == 0) {
+				snprintf(buf, cap, "%llu%c", (unsigned long long)(v / sizes[i].mul),
+					 sizes[i].c);
+				return;
+			}
+		}
+		snprintf(buf, cap, "%llu", (unsigned long long)v);
+		return;
+	case KT_DURATION:
+		v = *(const uint64_t *)field;
+		for (size_t i = 0; v && i < sizeof(durs) / sizeof(durs[0]); i++) {
+			if (v % durs[i].mul == 0) {
+				snprintf(buf, cap, "%llu%c", (unsigned long long)(v / durs[i].mul),
+					 durs[i].c);
+				return;
+			}
+		}
+		snprintf(buf, cap, v ? "%llums" : "%llu", (unsigned long long)v);
+		return;
+	}
+	buf[0] = '\0';
+}
+
+/* The default of a key in words: a computed default's description, else its value. */
+static void default_text(const struct key *k, const struct config *defaults, char *buf,
+			 size_t cap)
+{
+	for (size_t i = 0; i < sizeof(computed_defaults) / sizeof(computed_defaults[0]); i++) {
+		if (strcmp(computed_defaults[i].key, k->name) == 0) {
+			snprintf(buf, cap, "%s", computed_defaults[i].text);
+			return;
+		}
+	}
+	format_value(k, defaults, buf, cap);
+}
+
+/* Prints `text` wrapped at 88 columns, each line starting with `prefix`. */
+static void print_wrapped(FILE *out, const char *prefix, const char *text)
+{
+	const size_t width = 88 - strlen(prefix);
+
+	while (*text) {
+		size_t n = strlen(text), cut = n;
+		if (n > width) {
+			cut = width;
+			while (cut > 0 && text[cut] != ' ')
+				cut--;
+			if (cut == 0)
+				cut = strcspn(text, " ");
+		}
+		fprintf(out, "%s%.*s\n", prefix, (int)cut, text);
+		text += cut;
+		while (*text == ' ')
+			text++;
+	}
+}
+
+/* "help. Unit: .... Default: .... On change: reload." */
+static void key_text(const struct key *k, const char *def, char *buf, size_t cap)
+{
+	const char *unit = type_units[k->type];
+
+	snprintf(buf, cap, "%s.%s%s%s%s%s%s On change: %s.", k->help, *unit ? " Unit: " : "",
+		 unit, *unit ? "." : "", def ? " Default: " : "", def ? def : "", def ? "." : "",
+		 config_key_live(k->name) ? "reload" : "restart");
+}
+
 void config_print_keys(FILE *out)
 {
-	static const char *const type_names[] = {
-		[KT_STRING] = "text",	  [KT_UINT32] = "number", [KT_SIZE] = "size",
-		[KT_DURATION] = "duration", [KT_MODE] = "octal",  [KT_BOOL] = "yes/no",
-		[KT_LEVEL] = "level",
-	};
+	struct config defaults;
+	char def[512], line[1024];
 
-	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++)
-		fprintf(out, "  %-26s %-9s %s\n", keys[i].name, type_names[keys[i].type],
-			keys[i].help);
+	config_init(&defaults);
+	fprintf(out, "Configuration keys: 'key = value' in the file given with --config (then "
+		     "FILE.d/*.conf),\nor -o key=value on the command line. 'reload': applied "
+		     "by SIGHUP (systemctl reload\ndmcached); 'restart': read at start only.\n\n");
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		const struct key *k = &keys[i];
+		default_text(k, &defaults, def, sizeof(def));
+		fprintf(out, "  %-26s %s\n", k->name, type_names[k->type]);
+		key_text(k, def, line, sizeof(line));
+		print_wrapped(out, "      ", line);
+	}
+	config_done(&defaults);
+}
+
+void config_print_template(FILE *out)
+{
+	struct config defaults;
+	char def[512], line[1024];
+
+	config_init(&defaults);
+	fprintf(out,
+		"# dmcached.conf: configuration of dmcached, the dmcache daemon (dmcached.conf(5)).\n"
+		"#\n"
+		"# One 'key = value' per line; '#' starts a comment. Every key is listed below,\n"
+		"# commented out, with its default: uncomment a line to change it. Then the files\n"
+		"# dmcached.conf.d/*.conf beside this one are read, in lexical order; a key set\n"
+		"# again takes the later value. Flags (-o key=value) come last.\n"
+		"#\n"
+		"# Check an edit with:   dmcached --check-config --config /etc/dmcache/dmcached.conf\n"
+		"# Apply it with:        systemctl reload dmcached\n"
+		"# Keys marked 'reload' change at once; the log names the others, which need\n"
+		"# 'systemctl restart dmcached'. A file with an error is refused as a whole and\n"
+		"# the running configuration stays.\n"
+		"#\n"
+		"# Sizes take K, M, G, T (powers of 1024); durations ms, s, m, h (a bare number\n"
+		"# is seconds). This file is generated from the daemon's key table\n"
+		"# (dmcached --help-config).\n");
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		const struct key *k = &keys[i];
+		bool computed = false;
+		for (size_t j = 0; j < sizeof(computed_defaults) / sizeof(computed_defaults[0]); j++)
+			computed |= strcmp(computed_defaults[j].key, k->name) == 0 &&
+				    !computed_defaults[j].literal;
+		default_text(k, &defaults, def, sizeof(def));
+		fprintf(out, "\n");
+		key_text(k, computed ? def : NULL, line, sizeof(line));
+		print_wrapped(out, "# ", line);
+		fprintf(out, "#%s =%s%s\n", k->name, computed ? "" : " ", computed ? "" : def);
+	}
+	config_done(&defaults);
+}
+
+int config_load_dropins(struct config *cfg, const char *path, char **ret_files, char *err,
+			size_t errlen)
+{
+	char pattern[4096];
+	glob_t g;
+	size_t len = 0;
+	int rc;
+
+	if (ret_files)
+		*ret_files = NULL;
+	if (snprintf(pattern, sizeof(pattern), "%s.d/*.conf", path) >= (int)sizeof(pattern)) {
+		snprintf(err, errlen, "config file path too long: '%s'", path);
+		return -ENAMETOOLONG;
+	}
+	rc = glob(pattern, GLOB_ERR, NULL, &g); /* sorted: lexical order */
+	if (rc == GLOB_NOMATCH)
+		return 0;
+	if (rc != 0) {
+		globfree(&g);
+		if (rc == GLOB_ABORTED && errno == ENOENT)
+			return 0;
+		snprintf(err, errlen, "cannot list '%s.d': %s", path,
+			 rc == GLOB_NOSPACE ? "out of memory" : strerror(errno));
+		return -EIO;
+	}
+	for (size_t i = 0; i < g.gl_pathc; i++) {
+		rc = config_load_file(cfg, g.gl_pathv[i], err, errlen);
+		if (rc < 0) {
+			globfree(&g);
+			free(ret_files ? *ret_files : NULL);
+			if (ret_files)
+				*ret_files = NULL;
+			return rc;
+		}
+		if (ret_files) {
+			size_t n = strlen(g.gl_pathv[i]);
+			char *p = realloc(*ret_files, len + n + 3);
+			if (!p) {
+				globfree(&g);
+				return -ENOMEM;
+			}
+			snprintf(p + len, n + 3, "%s%s", len ? ", " : "", g.gl_pathv[i]);
+			len = strlen(p);
+			*ret_files = p;
+		}
+	}
+	globfree(&g);
+	return 0;
+}
+
+/* Appends ", text" (or "text" to an empty buffer); a full buffer keeps what fits. */
+static void append(char *buf, size_t cap, const char *text)
+{
+	size_t n = strlen(buf);
+
+	if (n < cap)
+		snprintf(buf + n, cap - n, "%s%s", n ? ", " : "", text);
+}
+
+void config_reload(struct config *running, struct config *next, char *changed, size_t clen,
+		   char *restart, size_t rlen)
+{
+	char a[256], b[256], what[600];
+
+	changed[0] = restart[0] = '\0';
+	for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+		const struct key *k = &keys[i];
+		char *fr = (char *)running + k->offset, *fn = (char *)next + k->offset;
+		size_t size = k->type == KT_STRING ? sizeof(char *)
+			    : k->type == KT_BOOL  ? sizeof(bool)
+			    : k->type == KT_LEVEL ? sizeof(enum log_level)
+			    : k->type == KT_UINT32 || k->type == KT_MODE ? sizeof(uint32_t)
+									  : sizeof(uint64_t);
+		bool same;
+
+		format_value(k, running, a, sizeof(a));
+		format_value(k, next, b, sizeof(b));
+		same = k->type == KT_STRING ? strcmp(a, b) == 0 : memcmp(fr, fn, size) == 0;
+		if (same)
+			continue;
+		if (!config_key_live(k->name)) {
+			append(restart, rlen, k->name);
+			continue;
+		}
+		snprintf(what, sizeof(what), "%s = '%s' (was '%s')", k->name, b, a);
+		append(changed, clen, what);
+		/* swap: `next` frees the old value (a text) with config_done() */
+		{
+			char tmp[sizeof(uint64_t) > sizeof(char *) ? sizeof(uint64_t) : sizeof(char *)];
+			memcpy(tmp, fr, size);
+			memcpy(fr, fn, size);
+			memcpy(fn, tmp, size);
+		}
+		if (strcmp(k->name, "admin_group") == 0)
+			running->admin_gid = next->admin_gid;
+	}
 }

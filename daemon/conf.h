@@ -1,10 +1,13 @@
 /*
- * dmcached configuration: defaults, then a `key = value` file (--config), then
- * command-line flags. (The generated build configuration is "config.h".) Every value is validated when it is read; an unknown key or a bad
- * value is an error naming the file and line. Owned by main(); read-only once the loop runs.
+ * dmcached configuration: defaults, then a `key = value` file (--config), then its drop-ins
+ * (the .conf files in FILE.d), then command-line flags. (The generated build configuration is
+ * "config.h".) Every value is validated when it is read; an unknown key or a bad value is
+ * an error naming the file and line. Owned by main() on the loop thread; changed only by
+ * a SIGHUP reload (config_reload()), on the loop thread, for the keys whose owners read
+ * them at each use.
  *
- * Keys are listed in one table in config.c (name, type, bounds, help); `dmcached
- * --help-config` prints it. Sizes take K/M/G/T suffixes (powers of 1024), durations take
+ * Keys are listed in one table in conf.c (name, type, bounds, help); `dmcached
+ * --help-config` prints it, `--help-config=conf` the commented dmcached.conf. Sizes take K/M/G/T suffixes (powers of 1024), durations take
  * ms/s/m/h (a bare number is seconds).
  */
 #ifndef DMC_CONF_H
@@ -95,8 +98,29 @@ int config_finish(struct config *cfg, char *err, size_t errlen);
  */
 bool config_trusted_server(const struct config *cfg, const char *url);
 
-/* Prints every key with its type and help text. */
+/* Prints every key with its type, default, unit, help and whether SIGHUP applies it. */
 void config_print_keys(FILE *out);
+
+/* Prints the commented dmcached.conf installed in /etc/dmcache: every key, its default. */
+void config_print_template(FILE *out);
+
+/*
+ * Reads the .conf files in PATH.d, in lexical order (a missing directory is no error). `ret_files`, if
+ * not NULL, receives the files read, comma-separated (NULL if none; free()).
+ */
+int config_load_dropins(struct config *cfg, const char *path, char **ret_files, char *err,
+			size_t errlen);
+
+/* Does SIGHUP apply this key (its owners read struct config at each use)? */
+bool config_key_live(const char *key);
+
+/*
+ * Reload: `next` is a complete, finished configuration. The keys SIGHUP applies move from
+ * `next` into `running` (their old values into `next`, freed with it); `changed` receives
+ * "key = 'new' (was 'old')" for each, `restart` the names of the other keys that differ.
+ */
+void config_reload(struct config *running, struct config *next, char *changed, size_t clen,
+		   char *restart, size_t rlen);
 
 /* Parsers shared with the command line; -EINVAL on malformed or out-of-range text. */
 int config_parse_size(const char *s, uint64_t *ret);

@@ -4,6 +4,9 @@
  * Start-up: configuration (defaults, --config file, flags) is validated completely; any
  * failure before READY=1 exits non-zero with a message. Then the socket, then READY=1.
  * SIGTERM/SIGINT: STOPPING=1, stop accepting, close connections, exit 0.
+ * SIGHUP: the configuration is read again as at start (file, drop-ins, the same flags);
+ * an invalid one is refused whole and the running one stays; of a valid one, the keys
+ * their owners read at each use apply at once, the others are logged as needing a restart.
  *
  * Process privileges (DESIGN.md section 7): the daemon is not dumpable and has no core
  * limit from its first instruction on (no core file, no /proc/PID/mem for its own uid);
@@ -48,7 +51,9 @@ struct daemon {
 	bool drop_user; /* root: the workers switch to worker_uid/gid */
 	uid_t worker_uid;
 	gid_t worker_gid;
-	uv_signal_t sigterm, sigint;
+	uv_signal_t sigterm, sigint, sighup;
+	int argc; /* the command line, read again by a reload */
+	char **argv;
 	uv_timer_t watchdog;
 	bool watchdog_on;
 	bool stopping;
@@ -68,7 +73,8 @@ static void usage(FILE *out)
 		"  -o, --set KEY=VALUE   set any configuration key (see --help-config)\n"
 		"  -v, --verbose         more log output (repeat for debug)\n"
 		"      --debug GROUPS    debug output for groups (all, net, proto, ...)\n"
-		"      --help-config     list the configuration keys\n"
+		"      --help-config     list the configuration keys, their defaults and units\n"
+		"      --help-config=conf  print the commented dmcached.conf with every key\n"
 		"  -V, --version         print the version and exit\n"
 		"  -h, --help            print this help and exit\n");
 }
@@ -110,6 +116,7 @@ static void on_stop_signal(uv_signal_t *sig, int signum)
 	stop_all(d);
 	uv_close((uv_handle_t *)&d->sigterm, NULL);
 	uv_close((uv_handle_t *)&d->sigint, NULL);
+	uv_close((uv_handle_t *)&d->sighup, NULL);
 	if (d->watchdog_on)
 		uv_close((uv_handle_t *)&d->watchdog, NULL);
 }
@@ -350,7 +357,8 @@ static int start_engines(struct daemon *d)
 	return 0;
 }
 
-static int parse_args(struct daemon *d, int argc, char **argv, bool *ret_check)
+static int parse_args(struct config *cfg, int argc, char **argv, bool *ret_check,
+		      char **ret_files)
 {
 	enum { OPT_CHECK = 256, OPT_CACHE_DIR, OPT_DEBUG, OPT_HELP_CONFIG };
 	static const struct option opts[] = {
@@ -361,7 +369,7 @@ static int parse_args(struct daemon *d, int argc, char **argv, bool *ret_check)
 		{ "set", required_argument, NULL, 'o' },
 		{ "verbose", no_argument, NULL, 'v' },
 		{ "debug", required_argument, NULL, OPT_DEBUG },
-		{ "help-config", no_argument, NULL, OPT_HELP_CONFIG },
+		{ "help-config", optional_argument, NULL, OPT_HELP_CONFIG },
 		{ "version", no_argument, NULL, 'V' },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
@@ -384,8 +392,13 @@ static int parse_args(struct daemon *d, int argc, char **argv, bool *ret_check)
 			usage(stdout);
 			exit(0);
 		case OPT_HELP_CONFIG:
-			printf("Configuration keys (file: 'key = value'; flag: -o key=value):\n");
-			config_print_keys(stdout);
+			if (optarg && strcmp(optarg, "conf") == 0)
+				config_print_template(stdout);
+			else if (optarg) {
+				fprintf(stderr, "dmcached: --help-config takes no value or 'conf'\n");
+				exit(2);
+			} else
+				config_print_keys(stdout);
 			exit(0);
 		case '?':
 			usage(stderr);
@@ -396,7 +409,8 @@ static int parse_args(struct daemon *d, int argc, char **argv, bool *ret_check)
 		fprintf(stderr, "dmcached: unexpected argument '%s'\n", argv[optind]);
 		return -EINVAL;
 	}
-	if (config_file && config_load_file(&d->cfg, config_file, err, sizeof(err)) < 0) {
+	if (config_file && (config_load_file(cfg, config_file, err, sizeof(err)) < 0 ||
+			    config_load_dropins(cfg, config_file, ret_files, err, sizeof(err)) < 0)) {
 		fprintf(stderr, "dmcached: %s\n", err);
 		return -EINVAL;
 	}
@@ -435,26 +449,58 @@ static int parse_args(struct daemon *d, int argc, char **argv, bool *ret_check)
 			break;
 		}
 		}
-		if (key && config_set(&d->cfg, key, value, "command line", err, sizeof(err)) < 0) {
+		if (key && config_set(cfg, key, value, "command line", err, sizeof(err)) < 0) {
 			fprintf(stderr, "dmcached: %s\n", err);
 			return -EINVAL;
 		}
 	}
 	if (verbose) {
-		int lvl = (int)d->cfg.log_level + verbose;
-		d->cfg.log_level = lvl > LOG_LVL_DEBUG ? LOG_LVL_DEBUG : (enum log_level)lvl;
+		int lvl = (int)cfg->log_level + verbose;
+		cfg->log_level = lvl > LOG_LVL_DEBUG ? LOG_LVL_DEBUG : (enum log_level)lvl;
 	}
-	if (config_finish(&d->cfg, err, sizeof(err)) < 0) {
+	if (config_finish(cfg, err, sizeof(err)) < 0) {
 		fprintf(stderr, "dmcached: %s\n", err);
 		return -EINVAL;
 	}
 	return 0;
 }
 
+/* SIGHUP: read the configuration again; apply what may change while running. */
+static void on_reload_signal(uv_signal_t *sig, int signum)
+{
+	struct daemon *d = sig->data;
+	struct config next;
+	char changed[2048], restart[1024];
+	bool check = false;
+
+	(void)signum;
+	if (d->stopping)
+		return;
+	sd_notify_msg("RELOADING=1\nSTATUS=reloading the configuration");
+	log_notice(SYS, "received SIGHUP: reading the configuration again");
+	config_init(&next);
+	/* errors are written to stderr as at start (the journal) */
+	if (parse_args(&next, d->argc, d->argv, &check, NULL) < 0) {
+		log_set_debug(d->cfg.log_debug ? d->cfg.log_debug : ""); /* as it was */
+		log_err(SYS, "reload refused: the configuration is invalid (above); the running "
+			     "configuration stays");
+	} else {
+		config_reload(&d->cfg, &next, changed, sizeof(changed), restart, sizeof(restart));
+		log_set_debug(d->cfg.log_debug ? d->cfg.log_debug : "");
+		/* said before a lower log level silences it */
+		log_notice(SYS, "configuration reloaded: %s%s%s%s", *changed ? "changed " : "",
+			   *changed ? changed : "no key that applies while running changed",
+			   *restart ? "; needs a restart to apply: " : "", restart);
+		log_set_level(d->cfg.log_level);
+	}
+	config_done(&next);
+	sd_notify_msg("READY=1\nSTATUS=running");
+}
+
 int main(int argc, char **argv)
 {
 	struct daemon d;
-	char err[1024], status[512];
+	char err[1024], status[512], *dropins = NULL;
 	bool check_only = false;
 	uint64_t wd_usec;
 	int listen_fd, rc, exit_code = 1;
@@ -469,12 +515,15 @@ int main(int argc, char **argv)
 		}
 	}
 	memset(&d, 0, sizeof(d));
+	d.argc = argc;
+	d.argv = argv;
 	config_init(&d.cfg);
-	if (parse_args(&d, argc, argv, &check_only) < 0 || resolve_worker_user(&d) < 0)
+	if (parse_args(&d.cfg, argc, argv, &check_only, &dropins) < 0 ||
+	    resolve_worker_user(&d) < 0)
 		goto out_config;
 	if (check_only) {
-		printf("configuration OK: socket '%s', cache '%s'\n", d.cfg.socket_path,
-		       d.cfg.cache_dir);
+		printf("configuration OK: socket '%s', cache '%s'%s%s\n", d.cfg.socket_path,
+		       d.cfg.cache_dir, dropins ? "; drop-ins " : "", dropins ? dropins : "");
 		exit_code = 0;
 		goto out_config;
 	}
@@ -515,6 +564,9 @@ int main(int argc, char **argv)
 	d.sigterm.data = d.sigint.data = &d;
 	uv_signal_start(&d.sigterm, on_stop_signal, SIGTERM);
 	uv_signal_start(&d.sigint, on_stop_signal, SIGINT);
+	uv_signal_init(&d.loop, &d.sighup);
+	d.sighup.data = &d;
+	uv_signal_start(&d.sighup, on_reload_signal, SIGHUP);
 	if (wd_usec) {
 		uv_timer_init(&d.loop, &d.watchdog);
 		d.watchdog_on = true;
@@ -540,6 +592,7 @@ out_loop:
 	if (uv_loop_close(&d.loop) != 0)
 		log_warn(SYS, "event loop closed with handles still open");
 out_config:
+	free(dropins);
 	config_done(&d.cfg);
 	return exit_code;
 }

@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -500,9 +501,8 @@ def test_systemd_units_verify(tmpdir_short):
     src = os.path.join(BUILD, 'systemd', 'dmcached.service')
     with open(src) as f:
         unit = f.read()
-    # point ExecStart at the binary of this build
-    lines = [('ExecStart=' + DMCACHED) if l.startswith('ExecStart=') else l
-             for l in unit.splitlines()]
+    # point ExecStart (and ExecStartPre, ExecReload) at the binary of this build
+    lines = [re.sub(r'/\S*/sbin/dmcached\b', DMCACHED, l) for l in unit.splitlines()]
     with open(os.path.join(tmpdir_short, 'dmcached.service'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     shutil.copy(os.path.join(os.environ['DMC_SOURCE_ROOT'], 'systemd', 'dmcached.socket'),
