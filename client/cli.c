@@ -38,6 +38,7 @@ static void usage(FILE *out)
 		"  verify              re-check every cached file's checksum, remove bad ones\n"
 		"  get PROJECT INDEX -o OUT.npy [--lut] [--dtype T] | get --source DIR INDEX ...\n"
 		"                      one decoded item as .npy, its metadata as JSON beside it\n"
+		"  metrics [-o FILE]   the daemon's figures in the Prometheus text format\n"
 		"  COMMAND --help      that command's options\n\n"
 		"Options:\n"
 		"  -s, --socket PATH   the daemon's socket (default: $DMCACHE_SOCKET, else\n"
@@ -282,7 +283,8 @@ int main(int argc, char **argv)
 		int (*fn)(int argc, char **argv);
 	} cmds[] = { { "status", cmd_status }, { "ping", cmd_ping },
 		     { "prefetch", cmd_prefetch }, { "ls", cmd_ls },
-		     { "evict", cmd_evict }, { "verify", cmd_verify }, { "get", cmd_get } };
+		     { "evict", cmd_evict }, { "verify", cmd_verify }, { "get", cmd_get },
+		     { "metrics", cmd_metrics } };
 	int opt;
 
 	/* options before the command only; the command parses the rest */

@@ -45,5 +45,6 @@ int cmd_ls(int argc, char **argv);
 int cmd_evict(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
 int cmd_get(int argc, char **argv);
+int cmd_metrics(int argc, char **argv);
 
 #endif

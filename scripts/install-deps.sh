@@ -12,6 +12,8 @@ pkgs=(
 	libyaml-dev libseccomp-dev libssl-dev libdeflate-dev zlib1g-dev
 	# tools the tests use
 	sqlite3 curl systemd strace util-linux e2fsprogs zstd libjpeg-turbo-progs
+	# the operator's side: promtool (prometheus) and node_exporter for `dmcache metrics`
+	prometheus prometheus-node-exporter
 	# Python: the package, the emulator, tests and reference decoders
 	python3 python3-numpy python3-pytest python3-pydicom python3-pil python3-nibabel
 	python3-gdcm python3-torch python3-torchvision python3-yaml python3-trustme

@@ -1,0 +1,381 @@
+/*
+ * dmcache metrics: the daemon's figures in the Prometheus text exposition format (0.0.4),
+ * for node_exporter's textfile collector (systemd/dmcache-metrics.{service,timer}) or any
+ * scraper that reads a file.
+ *
+ * Every STATUS counter becomes dmcache_NAME: a counter when its name ends in _total, a
+ * gauge otherwise, with HELP from the table below (a counter the daemon adds later gets a
+ * generic HELP, never dropped). The daemon filters STATUS by caller: an admin (root or the
+ * admin group) gets everyone's figures, anyone else only their own (user_* gauges, no
+ * cache-wide totals). Series with per-snapshot and per-uid labels come from LIST and are
+ * written for admins only: a non-admin's STATUS has user_snapshots, an admin's does not
+ * (daemon/prefetch.c, user_status()).
+ *
+ * With --output FILE the text is written to FILE.tmp and renamed over FILE, so a scraper
+ * never reads half a file; when the daemon cannot be reached the file says dmcache_up 0
+ * (and the exit status is 3).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cli.h"
+
+static const struct {
+	const char *name, *help;
+} helps[] = {
+	{ "connections", "Client connections open." },
+	{ "connections_max", "Most client connections in total (max_connections)." },
+	{ "connections_of_caller", "Connections open by the uid that asked." },
+	{ "connections_per_uid_max", "Most connections of one uid (max_connections_per_uid)." },
+	{ "users_connected", "Distinct uids with a connection open." },
+	{ "connections_accepted_total", "Client connections accepted." },
+	{ "connections_refused_total", "Client connections refused (limits, overflow uid, stopping)." },
+	{ "connections_timed_out_total", "Connections closed by hello_timeout or idle_timeout." },
+	{ "protocol_errors_total", "Connections closed for a malformed frame." },
+	{ "requests_total", "Requests received." },
+	{ "unknown_requests_total", "Requests with an unknown opcode." },
+	{ "backpressure_pauses_total", "Times a connection's reads paused for unsent replies (write_queue_max)." },
+	{ "cache_bytes", "Bytes of blob files in the cache." },
+	{ "cache_objects", "Blobs in the cache." },
+	{ "cache_max_bytes", "Largest size of the cache's files (max_size; 0: no limit)." },
+	{ "cache_reads_total", "Blobs read from the cache." },
+	{ "cache_read_bytes_total", "Bytes read from the cache's blobs." },
+	{ "cache_dedup_hits_total", "Stores that found the content already cached." },
+	{ "cache_integrity_failures_total", "Blobs whose checksum did not match when read." },
+	{ "cache_full_total", "Stores refused for want of space." },
+	{ "cache_evicted_total", "Blobs removed by eviction." },
+	{ "prefetch_jobs", "Prefetch jobs running." },
+	{ "prefetch_jobs_total", "Prefetch jobs started." },
+	{ "prefetch_items_downloaded_total", "Items downloaded by prefetch jobs." },
+	{ "prefetch_items_revalidated_total", "Cached items confirmed unchanged with the server." },
+	{ "prefetch_items_shared_total", "Items served from content another user stored." },
+	{ "prefetch_items_failed_total", "Items a prefetch job could not bring in." },
+	{ "download_bytes_total", "Bytes downloaded from upstream servers." },
+	{ "download_rate_bps", "Current download rate of the running jobs, bytes per second." },
+	{ "transfers_running", "Upstream transfers running." },
+	{ "transfers_queued", "Upstream transfers waiting for a slot." },
+	{ "transfer_retries_total", "Upstream transfers retried." },
+	{ "transfer_resumes_total", "Upstream transfers resumed with a range request." },
+	{ "transfers_failed_total", "Upstream transfers that failed for good." },
+	{ "serve_get_requests_total", "Item requests (GET and batches)." },
+	{ "serve_items_total", "Items served to clients." },
+	{ "serve_items_failed_total", "Items that could not be served." },
+	{ "serve_bytes_total", "Bytes of tensors served." },
+	{ "serve_items_decoded_total", "Items decoded by the workers for serving." },
+	{ "serve_items_from_tensor_cache_total", "Items served from stored decoded tensors." },
+	{ "serve_tensors_stored_total", "Decoded tensors stored in the cache." },
+	{ "serve_waits_for_space_total", "Times serving waited for room in a client's arena." },
+	{ "serve_streams_total", "Item streams opened." },
+	{ "serve_batches_total", "Batches handed to clients." },
+	{ "serve_hot_bytes", "Bytes of decoded tensors kept in memory (hot_max)." },
+	{ "serve_hot_items", "Decoded tensors kept in memory." },
+	{ "serve_hot_hits_total", "Items served from the in-memory tensors." },
+	{ "serve_hot_misses_total", "Items not found among the in-memory tensors." },
+	{ "serve_hot_evictions_total", "In-memory tensors dropped for room." },
+	{ "serve_arena_bytes", "Bytes of shared memory given to clients." },
+	{ "serve_arena_used_bytes", "Bytes of client shared memory holding items." },
+	{ "decode_workers", "Decoder worker processes." },
+	{ "decode_busy", "Decoder workers busy." },
+	{ "decode_done_total", "Decodes completed." },
+	{ "decode_failed_total", "Decodes that failed (bad or unsupported input)." },
+	{ "decode_crashes_total", "Decoder workers that crashed (and were replaced)." },
+	{ "decode_timeouts_total", "Decodes killed by decode_timeout." },
+	{ "user_snapshots", "Snapshots the caller holds a grant for." },
+	{ "user_items", "Items of the caller's snapshots." },
+	{ "user_items_stored", "Items of the caller's snapshots stored in the cache." },
+	{ "user_bytes_stored", "Upstream bytes of the caller's stored items." },
+};
+
+/* STATUS entries that are not measurements. */
+static bool skipped(const char *name)
+{
+	return strcmp(name, "caller_uid") == 0;
+}
+
+static const char *help_of(const char *name)
+{
+	for (size_t i = 0; i < sizeof(helps) / sizeof(helps[0]); i++)
+		if (strcmp(helps[i].name, name) == 0)
+			return helps[i].help;
+	return NULL;
+}
+
+static bool valid_name(const char *s)
+{
+	if (!*s)
+		return false;
+	for (; *s; s++)
+		if (!((*s >= 'a' && *s <= 'z') || (*s >= '0' && *s <= '9') || *s == '_'))
+			return false;
+	return true;
+}
+
+/* A label value: backslash, double quote and newline escaped. */
+static void put_label(FILE *out, const char *key, const char *v, bool comma)
+{
+	fprintf(out, "%s%s=\"", comma ? "," : "", key);
+	for (; v && *v; v++) {
+		if (*v == '\\' || *v == '"')
+			fprintf(out, "\\%c", *v);
+		else if (*v == '\n')
+			fputs("\\n", out);
+		else
+			fputc(*v, out);
+	}
+	fputc('"', out);
+}
+
+static void header(FILE *out, const char *name, const char *type, const char *help)
+{
+	fprintf(out, "# HELP dmcache_%s %s\n# TYPE dmcache_%s %s\n", name, help, name, type);
+}
+
+static void snapshot_series(FILE *out, const struct dmc_snapshot_list *l)
+{
+	static const struct {
+		const char *name, *help;
+		size_t off;
+	} cols[] = {
+		{ "snapshot_items", "Items of a snapshot.", offsetof(struct dmc_snapshot_entry, items) },
+		{ "snapshot_items_stored", "Items of a snapshot stored in the cache.",
+		  offsetof(struct dmc_snapshot_entry, items_stored) },
+		{ "snapshot_bytes", "Upstream bytes of a snapshot.",
+		  offsetof(struct dmc_snapshot_entry, bytes) },
+		{ "snapshot_bytes_stored", "Upstream bytes of a snapshot's stored items.",
+		  offsetof(struct dmc_snapshot_entry, bytes_stored) },
+	};
+	static const char *const sources[] = { "datamint", "local" };
+	char num[32];
+
+	for (size_t k = 0; k < sizeof(cols) / sizeof(cols[0]); k++) {
+		header(out, cols[k].name, "gauge", cols[k].help);
+		for (uint32_t i = 0; i < l->n; i++) {
+			const struct dmc_snapshot_entry *s = &l->snapshots[i];
+			fprintf(out, "dmcache_%s{", cols[k].name);
+			snprintf(num, sizeof(num), "%llu", (unsigned long long)s->id);
+			put_label(out, "snapshot", num, false);
+			put_label(out, "project", s->project_name, true);
+			put_label(out, "version", s->version, true);
+			put_label(out, "source", s->source < 2 ? sources[s->source] : "other", true);
+			put_label(out, "server", s->server, true);
+			if (s->owner_uid == UINT32_MAX)
+				snprintf(num, sizeof(num), "unknown");
+			else
+				snprintf(num, sizeof(num), "%u", s->owner_uid);
+			put_label(out, "uid", num, true);
+			put_label(out, "complete", s->complete ? "1" : "0", true);
+			fprintf(out, "} %llu\n",
+				(unsigned long long)*(const uint64_t *)((const char *)s + cols[k].off));
+		}
+	}
+}
+
+/* Per-uid sums of the snapshot list (owner_uid), sorted by uid. */
+static void uid_series(FILE *out, const struct dmc_snapshot_list *l)
+{
+	struct {
+		uint32_t uid;
+		uint64_t snaps, bytes;
+	} *u = calloc(l->n ? l->n : 1, sizeof(*u));
+	size_t n = 0;
+
+	if (!u)
+		return;
+	for (uint32_t i = 0; i < l->n; i++) {
+		const struct dmc_snapshot_entry *s = &l->snapshots[i];
+		size_t j = 0;
+		if (s->owner_uid == UINT32_MAX)
+			continue;
+		while (j < n && u[j].uid < s->owner_uid)
+			j++;
+		if (j == n || u[j].uid != s->owner_uid) {
+			memmove(&u[j + 1], &u[j], (n - j) * sizeof(*u));
+			u[j].uid = s->owner_uid;
+			u[j].snaps = u[j].bytes = 0;
+			n++;
+		}
+		u[j].snaps++;
+		u[j].bytes += s->bytes_stored;
+	}
+	for (int k = 0; k < 2; k++) {
+		header(out, k ? "uid_bytes_stored" : "uid_snapshots", "gauge",
+		       k ? "Upstream bytes stored of the snapshots a uid's listings made."
+			 : "Snapshots a uid's listings made.");
+		for (size_t j = 0; j < n; j++)
+			fprintf(out, "dmcache_%s{uid=\"%u\"} %llu\n",
+				k ? "uid_bytes_stored" : "uid_snapshots", u[j].uid,
+				(unsigned long long)(k ? u[j].bytes : u[j].snaps));
+	}
+	free(u);
+}
+
+/* Writes the exposition of a reachable daemon; returns an exit status. */
+static int write_metrics(FILE *out, dmc_client *c)
+{
+	struct dmc_status_info *s = NULL;
+	struct dmc_snapshot_list *l = NULL;
+	bool admin;
+	int rc = dmc_status(c, &s);
+
+	if (rc < 0)
+		return cli_report(c, "metrics", rc);
+	admin = dmc_status_get(s, "user_snapshots", -1) < 0;
+	header(out, "up", "gauge", "1 when dmcached answered.");
+	fprintf(out, "dmcache_up 1\n");
+	header(out, "info", "gauge", "The daemon's version and protocol.");
+	fprintf(out, "dmcache_info{");
+	put_label(out, "version", s->version, false);
+	fprintf(out, ",protocol=\"%u\"} 1\n", dmc_protocol_version(c));
+	header(out, "uptime_seconds", "gauge", "Seconds since dmcached started.");
+	fprintf(out, "dmcache_uptime_seconds %.3f\n", (double)s->uptime_ms / 1000);
+	header(out, "caller_is_admin", "gauge",
+	       "1 when these figures are everyone's (root or the admin group), 0 the caller's own.");
+	fprintf(out, "dmcache_caller_is_admin %d\n", admin ? 1 : 0);
+	for (uint32_t i = 0; i < s->n_counters; i++) {
+		const char *name = s->counters[i].name, *help = help_of(name);
+		size_t len = strlen(name);
+		bool counter = len > 6 && strcmp(name + len - 6, "_total") == 0;
+		char generic[160];
+
+		if (skipped(name) || !valid_name(name))
+			continue;
+		if (!help) {
+			snprintf(generic, sizeof(generic), "dmcached STATUS figure %s.", name);
+			help = generic;
+		}
+		header(out, name, counter ? "counter" : "gauge", help);
+		fprintf(out, "dmcache_%s %lld\n", name, (long long)s->counters[i].value);
+	}
+	dmc_status_free(s);
+	if (!admin)
+		return 0;
+	rc = dmc_list(c, &l);
+	if (rc < 0)
+		return cli_report(c, "metrics", rc);
+	snapshot_series(out, l);
+	uid_series(out, l);
+	dmc_list_free(l);
+	return 0;
+}
+
+/* Replaces `path` with `text` at once: a temporary file beside it, fsync, rename. */
+static int write_atomically(const char *path, const char *text, size_t len)
+{
+	char tmp[4096];
+	int fd;
+
+	if (snprintf(tmp, sizeof(tmp), "%s.tmp.%d", path, (int)getpid()) >= (int)sizeof(tmp)) {
+		fprintf(stderr, "dmcache metrics: path too long: '%s'\n", path);
+		return EXIT_USAGE;
+	}
+	fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (fd < 0)
+		goto fail;
+	if (fchmod(fd, 0644) != 0) /* readable by the exporter whatever the umask */
+		goto fail_fd;
+	for (size_t off = 0; off < len;) {
+		ssize_t n = write(fd, text + off, len - off);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			goto fail_fd;
+		off += (size_t)n;
+	}
+	if (fsync(fd) != 0)
+		goto fail_fd;
+	if (close(fd) != 0) {
+		fd = -1;
+		goto fail_unlink;
+	}
+	if (rename(tmp, path) != 0)
+		goto fail_unlink;
+	return 0;
+fail_fd:
+	close(fd);
+fail_unlink:
+	{
+		int e = errno;
+		unlink(tmp);
+		errno = e;
+	}
+fail:
+	fprintf(stderr, "dmcache metrics: cannot write '%s': %s\n", path, strerror(errno));
+	return EXIT_DAEMON_ERROR;
+}
+
+int cmd_metrics(int argc, char **argv)
+{
+	static const struct option opts[] = { { "output", required_argument, NULL, 'o' },
+					      { "help", no_argument, NULL, 'h' },
+					      { 0 } };
+	const char *output = NULL;
+	char *text = NULL;
+	size_t len = 0;
+	FILE *out;
+	dmc_client *c;
+	int opt, status, wrc;
+
+	optind = 0;
+	while ((opt = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+		if (opt == 'o')
+			output = optarg;
+		else if (opt == 'h') {
+			printf("Usage: dmcache metrics [-o FILE]\n"
+			       "The daemon's figures in the Prometheus text format; with -o, FILE is\n"
+			       "replaced at once (for node_exporter's textfile collector).\n"
+			       "Admins (root, the admin group) get every figure and per-snapshot and\n"
+			       "per-uid series; other users their own figures.\n");
+			return 0;
+		} else
+			return EXIT_USAGE;
+	}
+	if (optind < argc) {
+		fprintf(stderr, "dmcache metrics: unexpected argument '%s'\n", argv[optind]);
+		return EXIT_USAGE;
+	}
+	out = open_memstream(&text, &len);
+	if (!out) {
+		fprintf(stderr, "dmcache metrics: %s\n", strerror(errno));
+		return EXIT_DAEMON_ERROR;
+	}
+	c = cli_connect(CLI_TIMEOUT_MS);
+	if (c) {
+		status = write_metrics(out, c);
+		dmc_close(c);
+	} else {
+		status = EXIT_UNREACHABLE;
+	}
+	if (status == EXIT_UNREACHABLE) { /* what was written is dropped: only "down" */
+		fclose(out);
+		free(text);
+		text = NULL;
+		out = open_memstream(&text, &len);
+		if (!out)
+			return status;
+		header(out, "up", "gauge", "1 when dmcached answered.");
+		fprintf(out, "dmcache_up 0\n");
+	} else if (status != 0) {
+		fclose(out);
+		free(text);
+		return status;
+	}
+	if (fclose(out) != 0) {
+		free(text);
+		return EXIT_DAEMON_ERROR;
+	}
+	if (output) {
+		wrc = write_atomically(output, text, len);
+	} else {
+		wrc = fwrite(text, 1, len, stdout) == len && fflush(stdout) == 0 ? 0
+										 : EXIT_DAEMON_ERROR;
+	}
+	free(text);
+	return status ? status : wrc;
+}
