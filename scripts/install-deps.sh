@@ -6,6 +6,7 @@ set -euo pipefail
 pkgs=(
 	# build
 	meson ninja-build pkg-config gcc g++ clang llvm libclang-rt-14-dev
+	scdoc # the manual pages
 	# libraries (DESIGN.md section 1)
 	libuv1-dev libcurl4-openssl-dev libsqlite3-dev libzstd-dev libturbojpeg0-dev
 	libgdcm-dev libgdcm-tools libspng-dev libsystemd-dev libjansson-dev libinih-dev
@@ -14,6 +15,8 @@ pkgs=(
 	sqlite3 curl systemd strace util-linux e2fsprogs zstd libjpeg-turbo-progs
 	# the operator's side: promtool (prometheus) and node_exporter for `dmcache metrics`
 	prometheus prometheus-node-exporter
+	# man(1) renders the pages in a test; zsh loads the completion
+	man-db zsh
 	# Python: the package, the emulator, tests and reference decoders
 	python3 python3-numpy python3-pytest python3-pydicom python3-pil python3-nibabel
 	python3-gdcm python3-torch python3-torchvision python3-yaml python3-trustme
