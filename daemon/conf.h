@@ -87,8 +87,8 @@ int config_set(struct config *cfg, const char *key, const char *value, const cha
 int config_load_file(struct config *cfg, const char *path, char *err, size_t errlen);
 
 /*
- * Resolves the defaults that depend on the environment (socket and cache paths, as in
- * DESIGN.md section 1) and checks the values against each other.
+ * Resolves the defaults that depend on the environment (socket and cache paths, as
+ * `dmcached --help-config` describes them) and checks the values against each other.
  */
 int config_finish(struct config *cfg, char *err, size_t errlen);
 
