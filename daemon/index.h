@@ -15,6 +15,9 @@
  *              *stored* while a blobs row with that digest exists (eviction deletes the blob
  *              row only, so the item keeps its content identity).
  *   blobs      one row per blob file in the store (store.h), with its last access.
+ *   local_reads  (uid, device, inode) -> the size, mtime and ctime (ns) the file had and
+ *              the SHA-256 of its bytes when that uid's descriptor of it was last read
+ *              (local.h): the only way a local item is linked without being read again.
  *
  * Durability. WAL mode with synchronous=NORMAL: a committed batch survives a crash of the
  * process (kill -9): its pages are in the WAL file through write(), and the OS has them.
@@ -53,7 +56,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_SCHEMA_VERSION 3
+#define INDEX_SCHEMA_VERSION 5
 #define INDEX_DIGEST_SIZE 32u
 #define INDEX_STR_MAX (64u << 10)       /* ids, names, urls, versions, etags */
 #define INDEX_META_MAX (16u << 20)      /* metadata JSON of one item */
@@ -298,6 +301,32 @@ int index_tensor_get(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int
 		     uint8_t ret_meta[INDEX_DIGEST_SIZE], char *ret_desc, size_t desc_cap);
 /* Forgets it (its blob went bad or away). Batched. */
 int index_tensor_delete(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int64_t opts);
+
+/* ---- local folders (schema 4 -> 5; see local.h) ---- */
+
+/* A file as one uid's descriptor showed it (fstat), and what its bytes hashed to. */
+struct index_local_read {
+	uint32_t uid;
+	uint64_t dev, ino;
+	int64_t size;
+	int64_t mtime_ns, ctime_ns;
+	uint8_t digest[INDEX_DIGEST_SIZE]; /* _put: in; _find: out */
+};
+/*
+ * The digest recorded for the same uid, device, inode, size, mtime and ctime, when its
+ * blob is stored; -ENOENT otherwise.
+ */
+int index_local_read_find(struct index *ix, struct index_local_read *r);
+/* Records (replaces) the uid's read of that inode. Batched. */
+int index_local_read_put(struct index *ix, const struct index_local_read *r);
+/*
+ * A local snapshot listed again: every item forgets its content (it is proved again with
+ * this job's descriptors), items from position `n` on are deleted, and so are the
+ * item_blobs rows of the snapshot. Batched.
+ */
+int index_local_relist(struct index *ix, int64_t snapshot_id, int64_t n);
+/* The size of an item, known once its descriptor is fstat()ed. Batched. */
+int index_local_item_size(struct index *ix, int64_t snapshot_id, int64_t idx, int64_t size);
 
 /* PRAGMA quick_check (or integrity_check with `full`): 0 if "ok", else -DMC_E_INTEGRITY. */
 int index_check(struct index *ix, bool full);

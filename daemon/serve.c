@@ -1391,7 +1391,9 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 	pf.server = m.server;
 	pf.api_key = m.api_key;
 	/* the caller's own job checks its access with its own key; it may answer at once */
-	rc = prefetch_attach(s->d.prefetch, c->uid, &pf, on_open_ready, po);
+	rc = m.source == DMC_SOURCE_LOCAL /* read through this client's descriptors */
+		     ? prefetch_attach_local(s->d.prefetch, c, h->request_id, &pf, on_open_ready, po)
+		     : prefetch_attach(s->d.prefetch, c->uid, &pf, on_open_ready, po);
 	if (rc < 0) {
 		struct prefetch_ready r = { .err = rc, .code = code_of(rc), .message = "stopping" };
 		on_open_ready(po, &r);
