@@ -1230,7 +1230,9 @@ static void task_finish(struct task *t, int err, const char *msg, long http_stat
 	if (t->next)
 		t->next->prev = t->prev;
 	j->running--;
-	if (err && p->item_hook && j->snapshot_id > 0)
+	/* a cancelled task is no failure of its item: the job's end was told already, and
+	 * another job may be bringing the item (a failure told now would stick) */
+	if (err && err != -DMC_E_CANCELLED && p->item_hook && j->snapshot_id > 0)
 		p->item_hook(p->item_hook_ctx, j->snapshot_id, t->idx, err);
 	if (err && err != -DMC_E_CANCELLED) {
 		struct dmc_progress m;
