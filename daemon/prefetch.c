@@ -1445,6 +1445,13 @@ static int subscribe(struct job *j, struct conn *c, uint32_t request_id)
 /* Changes within this long before a read are too recent for the inode shortcut: a write
  * in the same clock tick as the last one would leave mtime and ctime as they were. */
 #define LOCAL_RACY_NS 100000000ll
+/*
+ * Reads of local files on the threadpool at once, per uid and for all: a descriptor that
+ * fstat() calls regular may still block in read (a FUSE file of the user's); it then holds
+ * one thread at most, of its uid's two, and never the last free one of the pool (4).
+ */
+#define LOCAL_READS_PER_UID 2u
+#define LOCAL_READS_MAX 3u
 
 struct local_job {
 	struct local_dataset *l;
@@ -1472,6 +1479,8 @@ struct local_files {
 		struct stat st;
 	} f[];
 };
+
+static void local_reads_next(struct prefetch *p);
 
 static void local_job_free(struct job *j)
 {
@@ -1593,6 +1602,7 @@ static void local_task_after(uv_work_t *w, int status)
 	(void)status;
 	t->work_busy = false;
 	t->lfiles = NULL;
+	local_reads_next(j->pf); /* this read's slot */
 	release_reservation(t);
 	j->bytes_done += (uint64_t)lf->read_bytes;
 	if (rc < 0) {
@@ -1627,6 +1637,81 @@ static void local_task_after(uv_work_t *w, int status)
 	t->phase = TP_MASKS;
 	j->pf->items_downloaded++;
 	task_next_step(t);
+}
+
+/* Reads of local files in work now: of `uid`, and of everyone. */
+static void local_reads_count(struct prefetch *p, uid_t uid, unsigned *ret_uid,
+			      unsigned *ret_all)
+{
+	*ret_uid = *ret_all = 0;
+	for (struct job *j = p->jobs; j; j = j->next) {
+		if (!j->lj)
+			continue;
+		for (struct task *t = j->tasks; t; t = t->next)
+			if (t->lfiles && t->work_busy) {
+				++*ret_all;
+				*ret_uid += j->uid == uid;
+			}
+	}
+}
+
+static bool local_read_may_start(struct prefetch *p, uid_t uid)
+{
+	unsigned mine, all;
+
+	local_reads_count(p, uid, &mine, &all);
+	return mine < LOCAL_READS_PER_UID && all < LOCAL_READS_MAX;
+}
+
+/* Queues the read of a task whose t->lfiles is set. */
+static void local_task_queue(struct task *t)
+{
+	t->work.data = t;
+	t->work_busy = true;
+	if (uv_queue_work(t->job->pf->d.loop, &t->work, local_task_work, local_task_after) != 0) {
+		struct local_files *lf = t->lfiles;
+		t->work_busy = false;
+		t->lfiles = NULL;
+		local_files_free(lf);
+		task_finish(t, -ENOMEM, "cannot queue the read", 0);
+	}
+}
+
+/* A task waiting for a read slot (t->lfiles set, no work), or NULL. */
+static struct task *local_parked(struct job *j)
+{
+	for (struct task *t = j->tasks; t; t = t->next)
+		if (t->lfiles && !t->work_busy)
+			return t;
+	return NULL;
+}
+
+/* Ends a parked task: its job was cancelled. */
+static void local_parked_cancel(struct task *t)
+{
+	struct local_files *lf = t->lfiles;
+
+	t->lfiles = NULL;
+	local_files_free(lf);
+	task_finish(t, -DMC_E_CANCELLED, "cancelled", 0);
+}
+
+/* A read slot is free: parked tasks of cancelled jobs end, the others start in turn. */
+static void local_reads_next(struct prefetch *p)
+{
+	for (;;) {
+		struct task *t = NULL;
+		for (struct job *j = p->jobs; j && !t; j = j->next)
+			if (j->lj && (t = local_parked(j)) && !j->cancelled &&
+			    !local_read_may_start(p, j->uid))
+				t = NULL;
+		if (!t)
+			return;
+		if (t->job->cancelled)
+			local_parked_cancel(t);
+		else
+			local_task_queue(t);
+	}
 }
 
 /* Item `i` of the folder gets a task with its descriptors (taken: fds[k] < 0 with errs[k]
@@ -1739,14 +1824,9 @@ static void local_task_begin(struct job *j, uint32_t i, const int *fds, const in
 	if (!reserve)
 		store_release(cache->store, 0);
 	t->lfiles = lf;
-	t->work.data = t;
-	t->work_busy = true;
-	if (uv_queue_work(p->d.loop, &t->work, local_task_work, local_task_after) != 0) {
-		t->work_busy = false;
-		t->lfiles = NULL;
-		local_files_free(lf);
-		task_finish(t, -ENOMEM, "cannot queue the read", 0);
-	}
+	if (local_read_may_start(p, j->uid))
+		local_task_queue(t);
+	/* else parked: local_reads_next() starts it when a read ends */
 }
 
 /* Asks the client for the next window of paths: whole items, at most DMC_FDS_MAX. */
@@ -1881,9 +1961,17 @@ static void local_conn_closed(struct prefetch *p, struct conn *c)
 	for (struct job *j = p->jobs, *n; j; j = n) {
 		n = j->next;
 		if (j->lj && j->lj->c == c) {
+			struct task *t;
 			j->lj->c = NULL;
 			if (!j->final)
 				job_cancel(j);
+			/* parked reads end now (the job may be freed with its last task) */
+			while ((t = local_parked(j))) {
+				bool last = !t->next && !t->prev;
+				local_parked_cancel(t);
+				if (last)
+					break;
+			}
 		}
 	}
 }
