@@ -403,3 +403,82 @@ def test_changed_in_place_with_mtime_restored_is_read_again(world):
     assert d.stop()[0] == 0
     assert [b for scope, _, b in snapshot_blobs(d) if scope == 'uid:%d' % ALICE] == \
         [sha(bytes(data))]
+
+
+# the descriptor channel itself ---------------------------------------------------------------
+
+def held(pid, path):
+    """How many descriptors of process `pid` are open on `path`."""
+    n = 0
+    for fd in os.listdir('/proc/%d/fd' % pid):
+        try:
+            n += os.readlink('/proc/%d/fd/%s' % (pid, fd)) == path
+        except OSError:
+            pass
+    return n
+
+
+def test_descriptor_frames_are_checked(world):
+    """Frames that announce descriptors they lack close the connection; descriptors nobody
+    asked for are closed, not kept; a local request without dataset.json's is refused."""
+    import array
+    import struct
+    sys.path.insert(0, HERE)
+    import wire
+    d, homes = world
+    folder = os.path.join(homes[BOB], 'ds')
+    make_folder(folder, BOB, image_bytes=b'bob')
+
+    def connect():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(d.socket)
+        s.settimeout(10)
+        s.sendall(wire.hello())
+        wire.recv_frame_fds(s)
+        return s
+
+    def rights(fds):
+        return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', fds))]
+
+    # nfds announced, none passed: a protocol error, the connection closes
+    s = connect()
+    s.sendall(wire.frame(wire.OP_PING, struct.pack('<Q', 1), rid=2, nfds=3))
+    assert s.recv(16) == b''
+    s.close()
+    # descriptors with a PING, and a LOCAL_FILES no job asked for: closed, answered
+    s = connect()
+    f = os.open(os.path.join(folder, 'dataset.json'), os.O_RDONLY)
+    s.sendmsg([wire.frame(wire.OP_PING, struct.pack('<Q', 2), rid=3, nfds=1)], rights([f]))
+    op, fl, rid, payload, _ = wire.recv_frame_fds(s)
+    assert (op, rid) == (wire.OP_PING, 3)
+    body = struct.pack('<II', 0, 253) + struct.pack('<i', 0) * 253
+    s.sendmsg([wire.frame(22, body, rid=77, nfds=253)], rights([f] * 253))
+    s.sendall(wire.ping(4, rid=4))
+    op, fl, rid, payload, _ = wire.recv_frame_fds(s)
+    assert (op, rid) == (wire.OP_PING, 4)
+    # a local PREFETCH without dataset.json's descriptor: refused with the reason
+    payload = struct.pack('<II', 2, 0) + wire.s(folder) + wire.s('') * 3
+    s.sendall(wire.frame(16, payload, rid=5))
+    op, fl, rid, payload, _ = wire.recv_frame_fds(s)
+    assert op == wire.OP_ERROR and rid == 5
+    assert b'descriptor' in payload
+    # LOCAL_FILES answering another window than asked: the job fails, nothing is read
+    payload = struct.pack('<II', 2, 0) + wire.s(folder) + wire.s('') * 3
+    s.sendmsg([wire.frame(16, payload, rid=6, nfds=1)], rights([f]))
+    while True:
+        op, fl, rid, payload, _ = wire.recv_frame_fds(s)
+        if op == 21:
+            s.sendmsg([wire.frame(22, struct.pack('<IIi', 5, 1, 0), rid=6, nfds=1)],
+                      rights([f]))
+            continue
+        if not fl & wire.FLAG_MORE:
+            break
+    assert op in (16, wire.OP_ERROR) and b'not asked for' in payload, payload
+    os.close(f)
+    s.close()
+    # every descriptor passed (254 of dataset.json) is closed, none kept
+    mine = os.path.join(folder, 'dataset.json')
+    deadline = time.monotonic() + 5
+    while held(d.proc.pid, mine) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held(d.proc.pid, mine) == 0
