@@ -240,7 +240,10 @@ static const char *const migrations[INDEX_SCHEMA_VERSION] = {
 	" mtime_ns INTEGER NOT NULL,"
 	" ctime_ns INTEGER NOT NULL,"
 	" digest BLOB NOT NULL CHECK (length(digest) = 32),"
-	" PRIMARY KEY (uid, dev, ino)) WITHOUT ROWID;",
+	" PRIMARY KEY (uid, dev, ino)) WITHOUT ROWID;"
+	/* local items' metadata validators ('local:<size>:<mtime>') go: nothing may link by
+	 * them any more, not even a Datamint item revalidated against them */
+	"UPDATE items SET etag = NULL WHERE etag LIKE 'local:%';",
 };
 
 struct index {
