@@ -338,8 +338,10 @@ static void process(struct conn *c)
 		for (unsigned i = 0; i < h.nfds; i++)
 			if (c->fdq[i] >= 0)
 				close(c->fdq[i]);
-		memmove(c->fdq, c->fdq + h.nfds, (c->fdq_n - h.nfds) * sizeof(int));
-		c->fdq_n -= h.nfds;
+		if (h.nfds) {
+			memmove(c->fdq, c->fdq + h.nfds, (c->fdq_n - h.nfds) * sizeof(int));
+			c->fdq_n -= h.nfds;
+		}
 		c->rx_fds = NULL;
 		c->rx_nfds = 0;
 		off += DMC_HEADER_SIZE + h.length;

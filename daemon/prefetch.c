@@ -1891,22 +1891,24 @@ static void local_pump(struct job *j)
 				lj->win_fds[k + m] = -1; /* the task's now */
 		}
 		if (j->final)
-			break;
+			return; /* lj may be gone with the job */
 		if (lj->win_n && (lj->next_item >= lj->l->n ||
 				  lj->l->items[lj->next_item].first_path >= lj->win_first + lj->win_n))
 			lj->win_n = 0; /* handed out whole */
 		if (!lj->win_n && !lj->need_n && lj->next_path < lj->l->n_paths) {
 			rc = local_need(j);
 			if (rc < 0) {
+				lj->pumping = false; /* job_finish may free lj */
 				record_error(j, -DMC_E_CANCELLED, 0, 0, NULL,
 					     "the client that opened the files went away");
 				job_finish(j, DMC_JOB_CANCELLED);
-				break;
+				return;
 			}
 		}
 		if (lj->next_item >= lj->l->n && j->running == 0) {
+			lj->pumping = false;
 			job_finish(j, j->items_failed ? DMC_JOB_FAILED : DMC_JOB_DONE);
-			break;
+			return;
 		}
 	} while (lj->pump_again && !j->final);
 	lj->pumping = false;
