@@ -186,3 +186,33 @@ def test_other_users_files_are_refused(folder, tmpdir_short):
     rows, _ = stored(d)
     assert [blob for _, blob, _, _ in rows] == [sha(os.path.join(folder, res['file']))
                                                for res in spec]
+
+
+def test_many_files_come_in_windows(tmpdir_short):
+    """More files than one message passes (253 descriptors): the daemon asks window by
+    window, whole items (an image and its masks) at a time, and the uid's own unchanged
+    files are not read again."""
+    src = os.path.join(emulator.corpus_dir(), 'projects', 'sample', 'files', 'xray_gray8.png')
+    root = os.path.join(tmpdir_short, 'many')
+    os.makedirs(os.path.join(root, 'images'))
+    resources = []
+    for i in range(400):
+        rel = 'images/%03d.png' % i
+        shutil.copy(src, os.path.join(root, rel))
+        anns = []
+        if i % 3 == 0:  # items of 2 paths straddle the window boundaries
+            shutil.copy(src, os.path.join(root, rel + '.mask'))
+            anns.append({'id': 'a%d' % i, 'file': rel + '.mask'})
+        resources.append({'id': 'r%d' % i, 'file': rel, 'annotations': anns})
+    with open(os.path.join(root, 'dataset.json'), 'w') as f:
+        json.dump({'name': 'many', 'resources': resources}, f)
+    d = Daemon(tmpdir_short)
+    rc, f, err = prefetch_dir(d, root)
+    assert rc == 0, err
+    assert f['items_done'] == 400 and f['items_failed'] == 0
+    rc, f, err = prefetch_dir(d, root)
+    assert rc == 0 and f['items_cached'] == 400 and f['bytes_done'] == 0, f
+    assert d.stop()[0] == 0
+    rows, masks = stored(d)
+    assert len(rows) == 400 and all(r[1] == sha(src) for r in rows)
+    assert masks == 134  # item_blobs: one row per item with a mask
