@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -87,6 +88,14 @@ dmc_client *cli_connect(uint32_t timeout_ms)
 		fprintf(stderr, "dmcache: cannot connect to the daemon: %s\n", dmc_strerror(rc));
 	}
 	return NULL;
+}
+
+bool cli_offline_env(void)
+{
+	const char *v = getenv("DMCACHE_OFFLINE");
+
+	return v && (strcmp(v, "1") == 0 || strcasecmp(v, "yes") == 0 ||
+		     strcasecmp(v, "true") == 0);
 }
 
 int cli_report(dmc_client *c, const char *what, int rc)

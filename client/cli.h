@@ -9,6 +9,7 @@
 #ifndef DMC_CLI_H
 #define DMC_CLI_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -34,6 +35,8 @@ int cli_report(dmc_client *c, const char *what, int rc);
 void cli_format_bytes(char *buf, size_t len, uint64_t bytes);
 /* "45s", "1m 52s", "2h 03m", "3d 4h": for ETAs and elapsed times. */
 void cli_format_seconds(char *buf, size_t len, uint64_t ms);
+/* DMCACHE_OFFLINE is set to 1 (or yes/true): as if --offline were given. */
+bool cli_offline_env(void);
 /* Milliseconds of CLOCK_MONOTONIC. */
 int64_t cli_now_ms(void);
 

@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pwd.h>
+#include <unistd.h>
 
 #include "cli.h"
 
@@ -45,7 +47,13 @@ static void ls_json(const struct dmc_snapshot_list *l)
 		json_object_set_new(o, "items", json_integer((json_int_t)e->items));
 		json_object_set_new(o, "items_stored", json_integer((json_int_t)e->items_stored));
 		json_object_set_new(o, "bytes", json_integer((json_int_t)e->bytes));
+		json_object_set_new(o, "bytes_stored", json_integer((json_int_t)e->bytes_stored));
+		json_object_set_new(o, "owner_uid", e->owner_uid == UINT32_MAX
+							    ? json_null()
+							    : json_integer((json_int_t)e->owner_uid));
 		json_object_set_new(o, "complete", json_boolean(e->complete));
+		json_object_set_new(o, "state", json_string(e->downloading ? "downloading"
+							   : e->complete ? "complete" : "partial"));
 		json_object_set_new(o, "created_ms", json_integer((json_int_t)e->created_ms));
 		json_array_append_new(a, o);
 	}
@@ -61,11 +69,32 @@ static int max_int(int a, int b)
 	return a > b ? a : b;
 }
 
+/* The owner's name (or uid, or "?" for snapshots of an older cache). */
+static const char *owner_name(uint32_t uid, char *buf, size_t cap)
+{
+	struct passwd *pw;
+
+	if (uid == UINT32_MAX)
+		return "?";
+	pw = getpwuid((uid_t)uid);
+	if (pw && pw->pw_name)
+		snprintf(buf, cap, "%s", pw->pw_name);
+	else
+		snprintf(buf, cap, "%u", uid);
+	return buf;
+}
+
+/* SIZE is what is stored of the snapshot (upstream bytes of its stored items). An OWNER
+ * column appears when the list holds other users' snapshots (admins see every one). */
 static void ls_table(const struct dmc_snapshot_list *l)
 {
-	int wid = 2, wproj = 7, wver = 7, witems = 5, wsize = 4;
+	int wid = 2, wproj = 7, wver = 7, witems = 5, wsize = 4, wown = 5;
+	bool owners = false;
 	char buf[64];
 
+	for (uint32_t i = 0; i < l->n; i++)
+		if (l->snapshots[i].owner_uid != (uint32_t)getuid())
+			owners = true;
 	for (uint32_t i = 0; i < l->n; i++) {
 		const struct dmc_snapshot_entry *e = &l->snapshots[i];
 
@@ -75,9 +104,12 @@ static void ls_table(const struct dmc_snapshot_list *l)
 		witems = max_int(witems, snprintf(buf, sizeof(buf), "%llu/%llu",
 						  (unsigned long long)e->items_stored,
 						  (unsigned long long)e->items));
-		cli_format_bytes(buf, sizeof(buf), e->bytes);
+		cli_format_bytes(buf, sizeof(buf), e->bytes_stored);
 		wsize = max_int(wsize, (int)strlen(buf));
+		wown = max_int(wown, (int)strlen(owner_name(e->owner_uid, buf, sizeof(buf))));
 	}
+	if (owners)
+		printf("%-*s  ", wown, "OWNER");
 	printf("%*s  %-*s  %-*s  %*s  %*s  %s\n", wid, "ID", wproj, "PROJECT", wver, "VERSION",
 	       witems, "ITEMS", wsize, "SIZE", "STATE");
 	for (uint32_t i = 0; i < l->n; i++) {
@@ -86,16 +118,20 @@ static void ls_table(const struct dmc_snapshot_list *l)
 
 		snprintf(items, sizeof(items), "%llu/%llu", (unsigned long long)e->items_stored,
 			 (unsigned long long)e->items);
-		cli_format_bytes(size, sizeof(size), e->bytes);
+		cli_format_bytes(size, sizeof(size), e->bytes_stored);
+		if (owners)
+			printf("%-*s  ", wown, owner_name(e->owner_uid, buf, sizeof(buf)));
 		printf("%*llu  %-*s  %-*s  %*s  %*s  %s\n", wid, (unsigned long long)e->id, wproj,
 		       entry_project(e), wver, *e->version ? e->version : "-", witems, items,
-		       wsize, size, e->complete ? "complete" : "partial");
+		       wsize, size, e->downloading ? "downloading" : e->complete ? "complete"
+									   : "partial");
 	}
 }
 
 int cmd_ls(int argc, char **argv)
 {
 	static const struct option opts[] = { { "json", no_argument, NULL, 'j' },
+					      { "offline", no_argument, NULL, 'O' },
 					      { "help", no_argument, NULL, 'h' },
 					      { 0 } };
 	struct dmc_snapshot_list *l = NULL;
@@ -104,13 +140,17 @@ int cmd_ls(int argc, char **argv)
 	int opt, rc;
 
 	optind = 0; /* 0, not 1: glibc then parses afresh (options may follow operands) */
-	while ((opt = getopt_long(argc, argv, "jh", opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "jhO", opts, NULL)) != -1) {
 		if (opt == 'j') {
 			json = true;
+		} else if (opt == 'O') {
+			/* ls never contacts a server: accepted so that scripts may pass it */
 		} else if (opt == 'h') {
-			printf("Usage: dmcache ls [--json]\n"
-			       "The snapshots in the cache that you may see (all of them for root):\n"
-			       "id, project, version, items stored/total, size, complete or partial.\n");
+			printf("Usage: dmcache ls [--json] [--offline]\n"
+			       "The snapshots in the cache that you may see: your own (those your key\n"
+			       "proved), or every user's with their owner for root and members of the\n"
+			       "dmcache group: id, project, version, items stored/total, bytes stored,\n"
+			       "complete or partial. It never contacts a server (--offline is implied).\n");
 			return 0;
 		} else {
 			return EXIT_USAGE;

@@ -24,7 +24,9 @@ static void get_usage(FILE *out)
 		"DICOM header) as JSON beside it (OUT.json unless --meta says otherwise).\n\n"
 		"  --lut            apply the modality LUT (DICOM rescale, NIfTI scaling): float32\n"
 		"  --dtype TYPE     output dtype: uint8, int16, uint16, float32, float64, ...\n"
-		"  --source DIR     a local dataset folder instead of Datamint\n");
+		"  --source DIR     a local dataset folder instead of Datamint\n"
+		"  --offline        do not contact the server: read the newest complete snapshot\n"
+		"                   you were entitled to within grant_ttl (also DMCACHE_OFFLINE=1)\n");
 }
 
 static int write_file(const char *path, const void *data, size_t len)
@@ -59,7 +61,8 @@ static uint32_t dtype_from_name(const char *name)
 
 int cmd_get(int argc, char **argv)
 {
-	enum { OPT_META = 256, OPT_VERSION, OPT_SERVER, OPT_KEY, OPT_LUT, OPT_DTYPE, OPT_SOURCE };
+	enum { OPT_META = 256, OPT_VERSION, OPT_SERVER, OPT_KEY, OPT_LUT, OPT_DTYPE, OPT_SOURCE,
+	       OPT_OFFLINE };
 	static const struct option opts[] = {
 		{ "output", required_argument, NULL, 'o' },
 		{ "meta", required_argument, NULL, OPT_META },
@@ -69,6 +72,7 @@ int cmd_get(int argc, char **argv)
 		{ "lut", no_argument, NULL, OPT_LUT },
 		{ "dtype", required_argument, NULL, OPT_DTYPE },
 		{ "source", required_argument, NULL, OPT_SOURCE },
+		{ "offline", no_argument, NULL, OPT_OFFLINE },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
 	};
@@ -93,6 +97,7 @@ int cmd_get(int argc, char **argv)
 		case OPT_KEY: key = optarg; break;
 		case OPT_LUT: oa.flags |= DMC_OPEN_LUT; break;
 		case OPT_SOURCE: source = optarg; break;
+		case OPT_OFFLINE: oa.flags |= DMC_OPEN_OFFLINE; break;
 		case OPT_DTYPE:
 			oa.dtype = dtype_from_name(optarg);
 			if (!oa.dtype) {
@@ -108,6 +113,8 @@ int cmd_get(int argc, char **argv)
 			return EXIT_USAGE;
 		}
 	}
+	if (cli_offline_env())
+		oa.flags |= DMC_OPEN_OFFLINE;
 	if (argc - optind != (source ? 1 : 2) || !out) {
 		get_usage(stderr);
 		return EXIT_USAGE;
@@ -131,7 +138,7 @@ int cmd_get(int argc, char **argv)
 			fprintf(stderr, "dmcache get: %s\n", err);
 			return EXIT_USAGE;
 		}
-		if (!cr.api_key) {
+		if (!cr.api_key && !(oa.flags & DMC_OPEN_OFFLINE)) {
 			fprintf(stderr, "dmcache get: no API key: set DATAMINT_API_KEY or run "
 					"datamint-config\n");
 			dmc_credentials_done(&cr);

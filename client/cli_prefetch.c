@@ -250,6 +250,8 @@ static json_t *progress_json(const char *event, const struct dmc_progress_info *
 		json_object_set_new(e, "resource", json_string(p->error_resource));
 		json_object_set_new(e, "message", json_string(p->error_message));
 		json_object_set_new(o, "error", e);
+	} else if (*p->error_message) {
+		json_object_set_new(o, "notice", json_string(p->error_message));
 	}
 	return o;
 }
@@ -314,6 +316,8 @@ static void print_summary(struct view *v, const struct dmc_progress_info *p)
 	printf("  bytes:  %s downloaded in %s (%s/s)\n", bytes, took, rate);
 	if (p->snapshot_id)
 		printf("  snapshot %llu (dmcache ls)\n", (unsigned long long)p->snapshot_id);
+	if (!p->error_code && *p->error_message)
+		printf("  %s\n", p->error_message); /* e.g. "served from cache: ..." */
 	fflush(stdout);
 }
 
@@ -335,6 +339,12 @@ static void prefetch_usage(FILE *out)
 		"  --source DIR     a local dataset directory (dataset.json, images/) instead\n"
 		"                   of Datamint: no server, no key\n"
 		"  --json           one JSON object per event on stdout\n"
+		"  --offline        do not contact the server: check that the newest complete\n"
+		"                   snapshot you were entitled to within grant_ttl is there\n"
+		"                   (also DMCACHE_OFFLINE=1)\n"
+		"  --allow-partial  start even if the snapshot does not fit in max_size or above\n"
+		"                   min_free (what cannot be stored fails); without it such a\n"
+		"                   prefetch is refused at once with the numbers\n"
 		"  --cancel         stop the running job instead (exit 0 even if none ran)\n\n"
 		"Ctrl-C detaches: the daemon goes on with the job (exit status 130).\n"
 		"Exit status: 0 every item stored, 1 items failed or the job could not run,\n"
@@ -463,13 +473,16 @@ static int follow(struct view *v, const struct dmc_prefetch_args *a, const char 
 
 int cmd_prefetch(int argc, char **argv)
 {
-	enum { O_VERSION = 1000, O_SERVER, O_API_KEY, O_SOURCE, O_JSON, O_CANCEL };
+	enum { O_VERSION = 1000, O_SERVER, O_API_KEY, O_SOURCE, O_JSON, O_CANCEL, O_OFFLINE,
+	       O_PARTIAL };
 	static const struct option opts[] = { { "version", required_argument, NULL, O_VERSION },
 					      { "server", required_argument, NULL, O_SERVER },
 					      { "api-key", required_argument, NULL, O_API_KEY },
 					      { "source", required_argument, NULL, O_SOURCE },
 					      { "json", no_argument, NULL, O_JSON },
 					      { "cancel", no_argument, NULL, O_CANCEL },
+					      { "offline", no_argument, NULL, O_OFFLINE },
+					      { "allow-partial", no_argument, NULL, O_PARTIAL },
 					      { "help", no_argument, NULL, 'h' },
 					      { 0 } };
 	const char *version = NULL, *server = NULL, *source = NULL, *project = NULL;
@@ -488,6 +501,8 @@ int cmd_prefetch(int argc, char **argv)
 		case O_SOURCE: source = optarg; break;
 		case O_JSON: v.json = true; break;
 		case O_CANCEL: cancel = true; break;
+		case O_OFFLINE: a.flags |= DMC_PREFETCH_OFFLINE; break;
+		case O_PARTIAL: a.flags |= DMC_PREFETCH_ALLOW_PARTIAL; break;
 		case O_API_KEY:
 			free(key_opt);
 			key_opt = strdup(optarg);
@@ -565,7 +580,9 @@ int cmd_prefetch(int argc, char **argv)
 			rc = EXIT_USAGE;
 			goto out;
 		}
-		if (!cr.api_key) {
+		if (cli_offline_env())
+			a.flags |= DMC_PREFETCH_OFFLINE;
+		if (!cr.api_key && !(a.flags & DMC_PREFETCH_OFFLINE)) {
 			fprintf(stderr,
 				"dmcache prefetch: no Datamint API key: set DATAMINT_API_KEY, or save "
 				"it with datamint-config (%s), or pass --api-key\n",

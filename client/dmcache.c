@@ -943,7 +943,7 @@ static int check_prefetch_args(struct dmc_client *c, const struct dmc_prefetch_a
 		set_local_error(c, 0, "no project given");
 		return -EINVAL;
 	}
-	*m = (struct dmc_prefetch){ .source = a->source };
+	*m = (struct dmc_prefetch){ .source = a->source, .flags = a->flags };
 	if ((rc = wire_str(c, "the project", a->project, &m->project)) < 0 ||
 	    (rc = wire_str(c, "the version", a->version, &m->version)) < 0 ||
 	    (rc = wire_str(c, "the server URL", a->server, &m->server)) < 0 ||
@@ -951,7 +951,7 @@ static int check_prefetch_args(struct dmc_client *c, const struct dmc_prefetch_a
 		return rc;
 	switch (a->source) {
 	case DMC_SOURCE_DATAMINT:
-		if (!m->server.len || !m->api_key.len) {
+		if (!m->server.len || (!m->api_key.len && !(a->flags & DMC_PREFETCH_OFFLINE))) {
 			set_local_error(c, 0, m->server.len ? "a Datamint prefetch needs an API key"
 							    : "a Datamint prefetch needs a server URL");
 			return -EINVAL;
@@ -1120,7 +1120,8 @@ DMC_EXPORT int dmc_list(dmc_client *c, struct dmc_snapshot_list **ret_list)
 		l->n = i + 1; /* so that dmc_list_free frees this entry's strings */
 		e->id = si.id;
 		e->source = si.source;
-		e->complete = si.complete != 0;
+		e->complete = si.complete == 1;
+		e->downloading = si.complete == 2;
 		e->server = str_dup(si.server);
 		e->project_id = str_dup(si.project_id);
 		e->project_name = str_dup(si.project_name);
@@ -1129,6 +1130,8 @@ DMC_EXPORT int dmc_list(dmc_client *c, struct dmc_snapshot_list **ret_list)
 		e->items_stored = si.items_stored;
 		e->bytes = si.bytes;
 		e->created_ms = si.created_ms;
+		e->owner_uid = si.owner_uid;
+		e->bytes_stored = si.bytes_stored;
 		if (!e->server || !e->project_id || !e->project_name || !e->version) {
 			rc = -ENOMEM;
 			goto fail;

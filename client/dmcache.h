@@ -109,6 +109,7 @@ struct dmc_prefetch_args {
 	const char *version; /* NULL, "" or "latest": the newest; else a version string */
 	const char *server;  /* DATAMINT: the API base URL; LOCAL: NULL or "" */
 	const char *api_key; /* DATAMINT: the caller's key; LOCAL: NULL or "" */
+	uint32_t flags;      /* DMC_PREFETCH_OFFLINE: from the caller's grants, no server */
 };
 
 /*
@@ -168,12 +169,15 @@ struct dmc_snapshot_entry {
 	uint64_t id;
 	uint32_t source;   /* enum dmc_source */
 	bool complete;     /* every item of the snapshot is stored */
+	bool downloading;  /* a job is filling it now */
 	char *server;      /* "" for LOCAL */
 	char *project_id;  /* LOCAL: the dataset directory */
 	char *project_name;
 	char *version;
 	uint64_t items, items_stored, bytes;
 	uint64_t created_ms; /* Unix time in milliseconds */
+	uint32_t owner_uid;  /* whose listing made it; UINT32_MAX: unknown (older cache) */
+	uint64_t bytes_stored; /* upstream bytes of the items stored */
 };
 struct dmc_snapshot_list {
 	uint32_t n;
@@ -246,7 +250,7 @@ struct dmc_open_args {
 	const char *version;  /* NULL or "latest" for the newest */
 	const char *server;   /* DATAMINT: API URL; LOCAL: NULL */
 	const char *api_key;  /* DATAMINT: the caller's key (borrowed; wiped from the frame) */
-	uint32_t flags;       /* DMC_OPEN_LUT */
+	uint32_t flags;       /* DMC_OPEN_LUT, DMC_OPEN_FRAMES, DMC_OPEN_MASKS, DMC_OPEN_OFFLINE */
 	uint32_t dtype;       /* enum dmc_dtype, or 0 for the source dtype */
 	uint64_t arena_bytes; /* shared memory wished for; 0: the daemon's default */
 };

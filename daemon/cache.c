@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "proto.h"
 
@@ -26,6 +28,135 @@ static const char *code_str(int r)
 	if (r < 0 && r > -DMC_E_FIRST_)
 		return strerror(-r);
 	return "internal error";
+}
+
+/* Whether one directory or symlink met on the way to the cache directory is trusted. */
+static int check_node(const char *dir, const char *node, const struct stat *st, uid_t self,
+		      bool final, char *err, size_t errlen)
+{
+	mode_t m = st->st_mode;
+
+	if (st->st_uid != 0 && st->st_uid != self) {
+		snprintf(err, errlen, "cache directory '%s': '%s' belongs to uid %u; only root or "
+				      "the daemon's own uid %u may own it or a directory on its path",
+			 dir, node, (unsigned)st->st_uid, (unsigned)self);
+		return -EPERM;
+	}
+	if (S_ISLNK(m))
+		return 0;
+	if (!S_ISDIR(m)) {
+		snprintf(err, errlen, "cache directory '%s': '%s' is not a directory", dir, node);
+		return -ENOTDIR;
+	}
+	if ((final || st->st_uid != 0) && (m & (S_IWGRP | S_IWOTH))) {
+		snprintf(err, errlen, "cache directory '%s': '%s' is writable by %s (mode %04o); "
+				      "it must be the daemon's own (chmod go-w)",
+			 dir, node, (m & S_IWOTH) ? "others" : "its group", (unsigned)(m & 07777));
+		return -EPERM;
+	}
+	if ((m & S_IWOTH) && !(m & S_ISVTX)) {
+		snprintf(err, errlen, "cache directory '%s': '%s' is writable by everyone without "
+				      "the sticky bit (mode %04o)",
+			 dir, node, (unsigned)(m & 07777));
+		return -EPERM;
+	}
+	return 0;
+}
+
+int cache_dir_check(const char *dir, uid_t self, bool allow_missing, char *err, size_t errlen)
+{
+	char cur[4096], rest[8192], next[4096], target[4096];
+	unsigned links = 0;
+	struct stat st;
+	int r;
+
+	if (!dir || dir[0] != '/') {
+		snprintf(err, errlen, "cache directory '%s': not an absolute path", dir ? dir : "");
+		return -EINVAL;
+	}
+	if (strlen(dir) >= sizeof(cur)) {
+		snprintf(err, errlen, "cache directory path too long");
+		return -ENAMETOOLONG;
+	}
+	snprintf(rest, sizeof(rest), "%s", dir + 1);
+	strcpy(cur, "/");
+	if (lstat(cur, &st) != 0) {
+		r = -errno;
+		snprintf(err, errlen, "cache directory '%s': cannot inspect '/': %s", dir,
+			 strerror(-r));
+		return r;
+	}
+	r = check_node(dir, "/", &st, self, rest[strspn(rest, "/")] == '\0', err, errlen);
+	if (r < 0)
+		return r;
+	for (;;) {
+		char *p = rest + strspn(rest, "/");
+		size_t n = strcspn(p, "/");
+		if (n == 0)
+			return 0; /* every component passed */
+		char comp[256];
+		if (n >= sizeof(comp)) {
+			snprintf(err, errlen, "cache directory '%s': a name is too long", dir);
+			return -ENAMETOOLONG;
+		}
+		memcpy(comp, p, n);
+		comp[n] = '\0';
+		memmove(rest, p + n, strlen(p + n) + 1);
+		bool last = rest[strspn(rest, "/")] == '\0';
+		if (strcmp(comp, ".") == 0)
+			continue;
+		if (strcmp(comp, "..") == 0) {
+			/* the parent of a directory that passed was checked on the way down */
+			char *slash = strrchr(cur, '/');
+			if (slash && slash != cur)
+				*slash = '\0';
+			else
+				strcpy(cur, "/");
+			continue;
+		}
+		if ((size_t)snprintf(next, sizeof(next), "%s%s%s", cur, strcmp(cur, "/") ? "/" : "",
+				     comp) >= sizeof(next)) {
+			snprintf(err, errlen, "cache directory path too long");
+			return -ENAMETOOLONG;
+		}
+		if (lstat(next, &st) != 0) {
+			r = -errno;
+			if (r == -ENOENT && allow_missing)
+				return 0;
+			snprintf(err, errlen, "cache directory '%s': cannot inspect '%s': %s", dir,
+				 next, strerror(-r));
+			return r;
+		}
+		r = check_node(dir, next, &st, self, last, err, errlen);
+		if (r < 0)
+			return r;
+		if (!S_ISLNK(st.st_mode)) {
+			memcpy(cur, next, strlen(next) + 1);
+			continue;
+		}
+		if (++links > 40) {
+			snprintf(err, errlen, "cache directory '%s': too many symbolic links", dir);
+			return -ELOOP;
+		}
+		ssize_t tl = readlink(next, target, sizeof(target) - 1);
+		if (tl <= 0) {
+			r = tl < 0 ? -errno : -EINVAL;
+			snprintf(err, errlen, "cache directory '%s': cannot read the link '%s': %s",
+				 dir, next, strerror(-r));
+			return r;
+		}
+		target[tl] = '\0';
+		/* the target's components come first, then what was left */
+		char joined[8192];
+		if ((size_t)snprintf(joined, sizeof(joined), "%s/%s", target, rest) >=
+		    sizeof(joined)) {
+			snprintf(err, errlen, "cache directory path too long");
+			return -ENAMETOOLONG;
+		}
+		memcpy(rest, joined, strlen(joined) + 1);
+		if (target[0] == '/')
+			strcpy(cur, "/");
+	}
 }
 
 int cache_open(const char *dir, const struct cache_options *opts, char *err, size_t errlen,
@@ -155,6 +286,113 @@ static int on_lru_blob(void *ctx, const struct index_blob *b)
 	return 0;
 }
 
+/* Removes one blob, file first, then its row (a crash in between leaves a row without a
+ * blob, which reconciliation drops). 0, or -EBUSY when it is pinned (being served). */
+static int evict_blob(struct cache *c, const uint8_t digest[INDEX_DIGEST_SIZE], uint64_t *freed)
+{
+	uint64_t f = 0;
+	int q = store_remove(c->store, digest, &f);
+
+	if (q == -EBUSY)
+		return q;
+	if (q < 0 && q != -ENOENT)
+		return q;
+	*freed += f;
+	return index_blob_delete(c->index, digest);
+}
+
+struct id_list {
+	int64_t *ids;
+	size_t n, cap;
+};
+
+static int id_push(void *ctx, int64_t id)
+{
+	struct id_list *l = ctx;
+
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? l->cap * 2 : 64;
+		int64_t *n = realloc(l->ids, cap * sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		l->ids = n;
+		l->cap = cap;
+	}
+	l->ids[l->n++] = id;
+	return 0;
+}
+
+struct digest_list {
+	uint8_t (*d)[INDEX_DIGEST_SIZE];
+	size_t n, cap;
+};
+
+static int digest_push(void *ctx, const struct index_blob *b)
+{
+	struct digest_list *l = ctx;
+
+	if (l->n == l->cap) {
+		size_t cap = l->cap ? l->cap * 2 : 256;
+		void *n = realloc(l->d, cap * INDEX_DIGEST_SIZE);
+		if (!n)
+			return -ENOMEM;
+		l->d = n;
+		l->cap = cap;
+	}
+	memcpy(l->d[l->n++], b->digest, INDEX_DIGEST_SIZE);
+	return 0;
+}
+
+static int is_protected(void *ctx, int64_t id)
+{
+	const struct cache *c = ctx;
+
+	return c->protect && c->protect(c->protect_ctx, id) ? 1 : 0;
+}
+
+/*
+ * Phase 2 of eviction: whole snapshots, least recently used first. A snapshot that a job is
+ * filling or a client has open (c->protect) is never touched, nor is a blob that such a
+ * snapshot also uses. Each snapshot evicted is logged with what went and why.
+ */
+static int evict_snapshots(struct cache *c, uint64_t want, uint64_t *freed)
+{
+	struct id_list ids = { 0 };
+	int r;
+
+	r = index_snapshots_lru(c->index, id_push, &ids);
+	for (size_t i = 0; r >= 0 && i < ids.n && *freed < want; i++) {
+		struct digest_list dl = { 0 };
+		uint64_t before = *freed, files = 0;
+
+		if (is_protected(c, ids.ids[i]))
+			continue;
+		r = index_snapshot_blobs(c->index, ids.ids[i], digest_push, &dl);
+		for (size_t k = 0; r >= 0 && k < dl.n && *freed < want; k++) {
+			int q = index_blob_snapshots(c->index, dl.d[k], is_protected, c);
+			if (q < 0) {
+				r = q;
+				break;
+			}
+			if (q == 1)
+				continue; /* a protected snapshot uses it too */
+			q = evict_blob(c, dl.d[k], freed);
+			if (q == -EBUSY)
+				continue;
+			if (q < 0) {
+				r = q;
+				break;
+			}
+			files++;
+		}
+		free(dl.d);
+		if (files && c->evicted)
+			c->evicted(c->protect_ctx, ids.ids[i], files, *freed - before);
+	}
+	free(ids.ids);
+	return r < 0 ? r : 0;
+}
+
 int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed)
 {
 	struct index_lru_cursor cur = { 0 };
@@ -162,6 +400,8 @@ int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed)
 	uint64_t freed = 0;
 	int r = 0;
 
+	/* Phase 1: blobs no snapshot uses (decoded tensors, leftovers), least recently used
+	 * first: they cost no download to get back. */
 	while (freed < want) {
 		page.n = 0;
 		r = index_lru_page(c->index, &cur, EVICT_PAGE, on_lru_blob, &page);
@@ -169,7 +409,14 @@ int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed)
 			break;
 		for (unsigned i = 0; i < page.n && freed < want; i++) {
 			uint64_t f = 0;
-			int q = store_remove(c->store, page.digest[i], &f);
+			int q = index_blob_snapshots(c->index, page.digest[i], NULL, NULL);
+			if (q < 0) {
+				r = q;
+				goto out;
+			}
+			if (q > 0)
+				continue; /* a snapshot's content: phase 2 decides */
+			q = store_remove(c->store, page.digest[i], &f);
 			if (q == -EBUSY)
 				continue; /* pinned: being served or written */
 			if (q < 0 && q != -ENOENT) {
@@ -183,6 +430,8 @@ int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed)
 				goto out;
 		}
 	}
+	if (r >= 0 && freed < want)
+		r = evict_snapshots(c, want, &freed);
 out:
 	if (r >= 0)
 		r = index_flush(c->index);

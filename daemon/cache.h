@@ -12,7 +12,11 @@
  *   cache_reserve()   admission of a write: evicts least recently used, unpinned blobs
  *                     until the object fits under max_size and min_free, or fails with
  *                     -DMC_E_CACHE_FULL.
- *   cache_evict()     LRU eviction of a number of bytes.
+ *   cache_evict()     eviction of a number of bytes: first blobs no snapshot uses (decoded
+ *                     tensors, leftovers) by LRU, then whole snapshots, least recently
+ *                     used first, never one that c->protect() names (a running job's, an
+ *                     open one's), and never a blob such a snapshot shares; every snapshot
+ *                     evicted is reported through c->evicted (the daemon logs it).
  *   cache_verify()    re-hashes every blob; bad ones are quarantined and their rows dropped.
  *
  * Order of writes that keeps I2/I3 across crashes: blob synced and renamed (store), then
@@ -29,9 +33,17 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "index.h"
 #include "store.h"
+
+/*
+ * Space the blob files leave free beyond min_free, for the index: its WAL grows with every
+ * batch, and a batch that cannot be committed for want of space would lose the record of
+ * items whose blobs are safely stored. The daemon adds it to min_free.
+ */
+#define CACHE_INDEX_HEADROOM (8ull << 20)
 
 struct cache_options {
 	struct store_options store;
@@ -41,6 +53,12 @@ struct cache_options {
 struct cache {
 	struct store *store; /* owned; borrow it, never close it */
 	struct index *index; /* owned; idem */
+	/* Set by the daemon: snapshots whose content eviction must keep (a job is filling
+	 * them, a client has them open). NULL: none is protected. */
+	bool (*protect)(void *ctx, int64_t snapshot_id);
+	void *protect_ctx;
+	/* Told of each snapshot whose files eviction removed (for the log). May be NULL. */
+	void (*evicted)(void *ctx, int64_t snapshot_id, uint64_t files, uint64_t bytes);
 };
 
 /* What cache_open() found and repaired. */
@@ -58,6 +76,21 @@ struct cache_verify_report {
 };
 
 /*
+ * Whether `dir` (absolute) may hold the cache of a daemon running as uid `self`: the
+ * directory is the daemon's own (reliability.md S-series; DESIGN.md section 7). The path is
+ * resolved component by component from "/", following symlinks (at most 40); every
+ * directory met must belong to root or `self`, and so must every symlink. The cache
+ * directory itself, and every directory owned by `self`, must not be writable by group or
+ * others; a root-owned directory above it may be group-writable (root chose the group) and
+ * world-writable only with the sticky bit (/tmp), where no one else can rename what is in
+ * it. With `allow_missing`, a missing component ends the walk successfully: what is
+ * missing will be created by the daemon inside a directory that passed. Returns 0, or
+ * -EPERM / -ENOTDIR / -ELOOP / a negative errno with a message naming the path in `err`.
+ * ACLs are not inspected.
+ */
+int cache_dir_check(const char *dir, uid_t self, bool allow_missing, char *err, size_t errlen);
+
+/*
  * Opens the cache in `dir` (borrowed): store, index (<dir>/index.db) and reconciliation.
  * `rep` may be NULL. On failure returns a negative code with a message in `err`.
  * *ret_cache: free with cache_close().
@@ -72,8 +105,8 @@ int cache_close(struct cache *c);
 int cache_reconcile(struct cache *c, struct cache_open_report *rep);
 
 /*
- * Evicts least recently used blobs until `want` file bytes are freed or nothing evictable
- * is left; pinned blobs are skipped. Index rows are deleted in the current batch, which is
+ * Evicts (see above) until `want` file bytes are freed or nothing evictable is left;
+ * pinned blobs are skipped. Index rows are deleted in the current batch, which is
  * flushed. *ret_freed (may be NULL) gets the bytes freed.
  */
 int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed);

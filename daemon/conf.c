@@ -1,9 +1,11 @@
 /* dmcached configuration: see config.h. */
 #include <errno.h>
+#include <grp.h>
 #include <ini.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include "conf.h"
@@ -91,6 +93,21 @@ static const struct key keys[] = {
 	  "largest decoded item; larger ones fail with limit_exceeded before any allocation"),
 	K("decode_timeout", KT_DURATION, decode_timeout_ms, 100, 3600000,
 	  "a decode running longer is killed (the worker is replaced)"),
+	/* the trust boundary (docs/security.md) */
+	K("servers", KT_STRING, servers, 0, 0,
+	  "Datamint servers whose answers may reuse content another user stored, each "
+	  "revalidated with the requester's own key (space-separated URLs; default "
+	  "https://api.datamint.io). Any other server's snapshots are isolated per user"),
+	K("admin_group", KT_STRING, admin_group, 0, 0,
+	  "members of this group (and root) see every user's snapshots and totals, may evict "
+	  "anything and run verify (default dmcache)"),
+	K("grant_ttl", KT_DURATION, grant_ttl_ms, 0, 3650ull * 24 * 3600000,
+	  "how long a user's proof of entitlement lets a complete snapshot be read with the "
+	  "server unreachable or in offline mode (0: always ask the server)"),
+	K("max_jobs_per_uid", KT_UINT32, max_jobs_per_uid, 1, 100000,
+	  "prefetch jobs (and OPENs being listed) one uid may have running at once"),
+	K("worker_user", KT_STRING, worker_user, 0, 0,
+	  "user the decoder workers of a root daemon run as (default: nobody; not root)"),
 };
 
 void config_init(struct config *cfg)
@@ -124,6 +141,8 @@ void config_init(struct config *cfg)
 	cfg->decode_workers = 0;
 	cfg->max_decode_bytes = 1ull << 30;
 	cfg->decode_timeout_ms = 10000;
+	cfg->grant_ttl_ms = 7ull * 24 * 3600000;
+	cfg->max_jobs_per_uid = 64;
 }
 
 void config_done(struct config *cfg)
@@ -445,7 +464,39 @@ int config_finish(struct config *cfg, char *err, size_t errlen)
 		snprintf(err, errlen, "cache_dir = '%s': must be an absolute path", cfg->cache_dir);
 		return -EINVAL;
 	}
+	if (!cfg->servers && !(cfg->servers = strdup("https://api.datamint.io")))
+		return -ENOMEM;
+	if (!cfg->admin_group && !(cfg->admin_group = strdup("dmcache")))
+		return -ENOMEM;
+	{
+		struct group *gr = getgrnam(cfg->admin_group);
+		cfg->admin_gid = gr ? gr->gr_gid : (gid_t)-1;
+	}
 	return 0;
+}
+
+bool config_trusted_server(const struct config *cfg, const char *url)
+{
+	const char *p = cfg->servers;
+	size_t ulen = strlen(url);
+
+	while (ulen && url[ulen - 1] == '/')
+		ulen--;
+	while (p && *p) {
+		size_t n;
+		while (*p == ' ' || *p == ',' || *p == '\t')
+			p++;
+		n = strcspn(p, " ,\t");
+		if (n) {
+			size_t m = n;
+			while (m && p[m - 1] == '/')
+				m--;
+			if (m == ulen && strncasecmp(p, url, m) == 0)
+				return true;
+		}
+		p += n;
+	}
+	return false;
 }
 
 void config_print_keys(FILE *out)

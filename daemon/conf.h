@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <sys/types.h>
 
 #include "log.h"
 
@@ -57,6 +58,15 @@ struct config {
 	uint32_t decode_workers;   /* 0: one per core */
 	uint64_t max_decode_bytes; /* largest decoded item */
 	uint64_t decode_timeout_ms;
+
+	/* the trust boundary (docs/security.md) */
+	char *servers;             /* configured Datamint servers, space-separated */
+	char *admin_group;
+	gid_t admin_gid;           /* resolved by config_finish(); (gid_t)-1 if none */
+	uint64_t grant_ttl_ms;     /* 0: always ask the server */
+	uint32_t max_jobs_per_uid; /* prefetch jobs one uid may have running */
+	/* process privileges (decode_pool.h) */
+	char *worker_user;         /* NULL: "nobody"; used only when the daemon runs as root */
 };
 
 /* Fills in the defaults. */
@@ -78,6 +88,12 @@ int config_load_file(struct config *cfg, const char *path, char *err, size_t err
  * DESIGN.md section 1) and checks the values against each other.
  */
 int config_finish(struct config *cfg, char *err, size_t errlen);
+
+/*
+ * Is `url` one of the configured Datamint servers (`servers`)? Compared as text, without
+ * trailing slashes; scheme and host case-insensitively.
+ */
+bool config_trusted_server(const struct config *cfg, const char *url);
 
 /* Prints every key with its type and help text. */
 void config_print_keys(FILE *out);

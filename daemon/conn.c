@@ -464,6 +464,30 @@ static void refuse(struct conn *c, uint32_t code, const char *why)
 	conn_close(c);
 }
 
+/*
+ * Admins see every user's snapshots and totals: root, the daemon's own uid, and members of
+ * admin_group, by the peer's primary gid or its supplementary groups as the kernel reports
+ * them at connect (SO_PEERGROUPS), never from a payload.
+ */
+static bool peer_is_admin(int fd, const struct ucred *cred, const struct config *cfg)
+{
+	gid_t groups[256];
+	socklen_t len = sizeof(groups);
+
+	if (cred->uid == 0 || cred->uid == geteuid())
+		return true;
+	if (cfg->admin_gid == (gid_t)-1)
+		return false;
+	if (cred->gid == cfg->admin_gid)
+		return true;
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &len) != 0)
+		return false;
+	for (size_t i = 0; i < len / sizeof(gid_t); i++)
+		if (groups[i] == cfg->admin_gid)
+			return true;
+	return false;
+}
+
 void conn_accept(struct server *srv)
 {
 	struct conn *c = calloc(1, sizeof(*c));
@@ -512,6 +536,7 @@ void conn_accept(struct server *srv)
 	c->uid = cred.uid;
 	c->gid = cred.gid;
 	c->pid = cred.pid;
+	c->admin = peer_is_admin(fd, &cred, srv->cfg);
 
 	/* Fail closed: a peer in another user namespace shows as the overflow uid, and
 	 * several real users would then share one identity (reliability.md S2). */

@@ -37,6 +37,7 @@ struct conn {
 	uid_t uid; /* from SO_PEERCRED at accept; never from a payload */
 	gid_t gid;
 	pid_t pid;
+	bool admin; /* root, the daemon's own uid, or a member of admin_group (at accept) */
 
 	uint8_t *rbuf;
 	size_t rlen, rcap;

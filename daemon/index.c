@@ -58,6 +58,16 @@ enum stmt_id {
 	S_TENSOR_PUT,
 	S_TENSOR_GET,
 	S_TENSOR_DEL,
+	S_GRANT_PUT,
+	S_GRANT_GET,
+	S_GRANT_DEL,
+	S_GRANT_DEL_SNAP,
+	S_GRANT_NEWEST,
+	S_META_GET,
+	S_META_PUT,
+	S_BLOB_SNAPSHOTS,
+	S_SNAP_LRU,
+	S_SNAP_BLOBS,
 	/* local folders (schema 4 -> 5) */
 	S_LOCAL_READ_FIND,
 	S_LOCAL_READ_PUT,
@@ -72,7 +82,7 @@ enum stmt_id {
 	"b.digest IS NOT NULL"
 #define SNAP_COLS                                                                                  \
 	"id, source, server_url, project_id, project_name, version, created_at, sealed, complete, " \
-	"item_count, total_bytes"
+	"item_count, total_bytes, owner"
 #define BLOB_COLS "digest, kind, raw_size, stored_size, last_access"
 
 /* An item put again without content, for the same resource, size and (if given) etag. */
@@ -85,9 +95,9 @@ static const char *const stmt_sql[S_COUNT_] = {
 	[S_COMMIT] = "COMMIT",
 	[S_ROLLBACK] = "ROLLBACK",
 	[S_SNAP_FIND] = "SELECT id FROM snapshots WHERE source = ?1 AND server_url = ?2 AND "
-			"project_id = ?3 AND version = ?4",
+			"project_id = ?3 AND version = ?4 AND owner = ?5",
 	[S_SNAP_INSERT] = "INSERT INTO snapshots (source, server_url, project_id, project_name, "
-			  "version, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+			  "version, created_at, owner) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
 	[S_SNAP_GET] = "SELECT " SNAP_COLS " FROM snapshots WHERE id = ?1",
 	[S_SNAP_LIST] = "SELECT " SNAP_COLS " FROM snapshots ORDER BY id",
 	[S_SNAP_SEAL] = "UPDATE snapshots SET sealed = 1, "
@@ -107,6 +117,7 @@ static const char *const stmt_sql[S_COUNT_] = {
 		" FROM items AS n"
 		" JOIN items AS o ON o.resource_id = n.resource_id AND o.size = n.size"
 		"  AND o.etag = n.etag AND o.key NOT BETWEEN ?1 AND ?2"
+		"  AND (o.key >> 32) IN (SELECT id FROM snapshots WHERE owner = ?3)"
 		" JOIN blobs AS ob ON ob.digest = o.blob"
 		" WHERE n.key BETWEEN ?1 AND ?2 AND n.etag IS NOT NULL"
 		"  AND NOT EXISTS (SELECT 1 FROM blobs AS nb WHERE nb.digest = n.blob)"
@@ -156,8 +167,10 @@ static const char *const stmt_sql[S_COUNT_] = {
 	[S_ITEM_SET_CONTENT_META] = "UPDATE items SET blob = ?2, etag = ?3, meta = ?4 WHERE key = ?1",
 	[S_ITEM_ADD_BLOB] = "INSERT OR IGNORE INTO item_blobs (key, digest) VALUES (?1, ?2)",
 	[S_ITEM_FIND_PRIOR] = "SELECT i.etag, i.blob FROM items AS i JOIN blobs AS b "
-			      "ON b.digest = i.blob WHERE i.resource_id = ?1 AND i.size = ?2 "
-			      "AND i.etag IS NOT NULL ORDER BY i.key DESC LIMIT 1",
+			      "ON b.digest = i.blob JOIN snapshots AS s ON s.id = (i.key >> 32) "
+			      "WHERE i.resource_id = ?1 AND i.size = ?2 AND i.etag IS NOT NULL "
+			      "AND s.source = 1 AND s.server_url = ?3 AND (?4 < 0 OR s.owner = ?4) "
+			      "ORDER BY i.key DESC LIMIT 1",
 	[S_SNAP_DEL_ITEM_BLOBS] = "DELETE FROM item_blobs WHERE key BETWEEN ?1 AND ?2",
 	[S_BLOBS_UNREFERENCED] = "SELECT " BLOB_COLS " FROM blobs WHERE kind IN (1, 4) "
 				 "AND digest NOT IN (SELECT blob FROM items WHERE blob IS NOT NULL) "
@@ -167,6 +180,26 @@ static const char *const stmt_sql[S_COUNT_] = {
 	[S_TENSOR_GET] = "SELECT t.tensor, t.meta, t.desc FROM tensors AS t JOIN blobs AS b "
 			 "ON b.digest = t.tensor WHERE t.raw = ?1 AND t.opts = ?2",
 	[S_TENSOR_DEL] = "DELETE FROM tensors WHERE raw = ?1 AND opts = ?2",
+	[S_GRANT_PUT] = "INSERT INTO grants (uid, snapshot_id, key_hash, checked_at) "
+			"VALUES (?1, ?2, ?3, ?4) ON CONFLICT (uid, snapshot_id) DO UPDATE SET "
+			"key_hash = excluded.key_hash, checked_at = excluded.checked_at",
+	[S_GRANT_GET] = "SELECT key_hash, checked_at FROM grants WHERE uid = ?1 AND snapshot_id = ?2",
+	[S_GRANT_DEL] = "DELETE FROM grants WHERE uid = ?1 AND snapshot_id = ?2",
+	[S_GRANT_DEL_SNAP] = "DELETE FROM grants WHERE snapshot_id = ?1",
+	[S_GRANT_NEWEST] = "SELECT s.id FROM snapshots AS s JOIN grants AS g ON g.snapshot_id = s.id "
+			   "WHERE g.uid = ?1 AND s.source = ?2 AND s.server_url = ?3 AND "
+			   "(s.project_id = ?4 OR s.project_name = ?4) AND s.sealed = 1 "
+			   "ORDER BY s.created_at DESC, s.id DESC",
+	[S_META_GET] = "SELECT value FROM meta WHERE key = ?1",
+	[S_META_PUT] = "INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)",
+	[S_BLOB_SNAPSHOTS] = "SELECT key >> 32 FROM items WHERE blob = ?1 UNION "
+			     "SELECT key >> 32 FROM item_blobs WHERE digest = ?1",
+	[S_SNAP_LRU] = "SELECT s.id, max(b.last_access) AS t FROM snapshots AS s "
+		       "JOIN items AS i ON i.key BETWEEN (s.id << 32) AND ((s.id << 32) | 4294967295) "
+		       "JOIN blobs AS b ON b.digest = i.blob GROUP BY s.id ORDER BY t, s.id",
+	[S_SNAP_BLOBS] = "SELECT " BLOB_COLS " FROM blobs WHERE digest IN ("
+			 "SELECT blob FROM items WHERE key BETWEEN ?1 AND ?2 AND blob IS NOT NULL "
+			 "UNION SELECT digest FROM item_blobs WHERE key BETWEEN ?1 AND ?2)",
 	/* local folders (schema 4 -> 5) */
 	[S_LOCAL_READ_FIND] = "SELECT r.digest FROM local_reads AS r JOIN blobs AS b "
 			      "ON b.digest = r.digest WHERE r.uid = ?1 AND r.dev = ?2 "
@@ -228,8 +261,41 @@ static const char *const migrations[INDEX_SCHEMA_VERSION] = {
 	" meta BLOB CHECK (meta IS NULL OR length(meta) = 32),"
 	" desc TEXT NOT NULL,"
 	" PRIMARY KEY (raw, opts)) WITHOUT ROWID;",
-	/* 3 -> 4: reserved for the snapshot scopes and grants, merged separately */
-	"SELECT 1;",
+	/* 3 -> 4: the trust boundary. Snapshot ids are never reused (AUTOINCREMENT: an id that
+	 * named one user's snapshot never names another's); a snapshot belongs to the uid whose
+	 * own listing made it (`owner`; -1 for snapshots made before, which only admins see);
+	 * grants (uid, snapshot) record when that uid's key last proved entitlement and a
+	 * salted hash of the key (never the key), for offline reads; `meta` holds the salt. */
+	"CREATE TABLE snapshots4 ("
+	" id INTEGER PRIMARY KEY AUTOINCREMENT,"
+	" source INTEGER NOT NULL,"
+	" server_url TEXT NOT NULL,"
+	" project_id TEXT NOT NULL,"
+	" project_name TEXT NOT NULL,"
+	" version TEXT NOT NULL,"
+	" created_at INTEGER NOT NULL,"
+	" sealed INTEGER NOT NULL DEFAULT 0,"
+	" complete INTEGER NOT NULL DEFAULT 0,"
+	" item_count INTEGER NOT NULL DEFAULT 0,"
+	" total_bytes INTEGER NOT NULL DEFAULT 0,"
+	" owner INTEGER NOT NULL DEFAULT -1,"
+	" UNIQUE (source, server_url, project_id, version, owner));"
+	"INSERT INTO snapshots4 (id, source, server_url, project_id, project_name, version,"
+	" created_at, sealed, complete, item_count, total_bytes, owner)"
+	" SELECT id, source, server_url, project_id, project_name, version, created_at, sealed,"
+	" complete, item_count, total_bytes, -1 FROM snapshots;"
+	"DROP TABLE snapshots;"
+	"ALTER TABLE snapshots4 RENAME TO snapshots;"
+	"CREATE TABLE grants ("
+	" uid INTEGER NOT NULL,"
+	" snapshot_id INTEGER NOT NULL,"
+	" key_hash BLOB CHECK (key_hash IS NULL OR length(key_hash) = 32),"
+	" checked_at INTEGER NOT NULL,"
+	" PRIMARY KEY (uid, snapshot_id)) WITHOUT ROWID;"
+	"CREATE INDEX grants_snapshot ON grants (snapshot_id);"
+	"CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID;"
+	/* eviction asks which snapshots use a blob */
+	"CREATE INDEX items_blob ON items (blob);",
 	/* 4 -> 5: local folders: what each uid's own descriptors of a file hashed to
 	 * (local.h). A local item links to stored content by this or by reading it. */
 	"CREATE TABLE local_reads ("
@@ -700,7 +766,7 @@ unsigned index_pending(const struct index *ix)
 /* ---- snapshots ---- */
 
 int index_snapshot_find(struct index *ix, int source, const char *server_url,
-			const char *project_id, const char *version, int64_t *ret_id)
+			const char *project_id, const char *version, int64_t owner, int64_t *ret_id)
 {
 	sqlite3_stmt *st;
 	int rc, r;
@@ -713,6 +779,7 @@ int index_snapshot_find(struct index *ix, int source, const char *server_url,
 	bind_text(st, 2, server_url);
 	bind_text(st, 3, project_id);
 	bind_text(st, 4, version);
+	sqlite3_bind_int64(st, 5, owner);
 	rc = sqlite3_step(st);
 	if (rc == SQLITE_ROW) {
 		*ret_id = sqlite3_column_int64(st, 0);
@@ -736,7 +803,7 @@ int index_snapshot_get_or_create(struct index *ix, const struct index_snapshot *
 	if ((r = check_str(key->project_name, false)) < 0)
 		return r;
 	r = index_snapshot_find(ix, key->source, key->server_url, key->project_id, key->version,
-				&id);
+				key->owner, &id);
 	if (r == 0) {
 		*ret_id = id;
 		if (ret_created)
@@ -754,6 +821,7 @@ int index_snapshot_get_or_create(struct index *ix, const struct index_snapshot *
 	bind_text(st, 4, key->project_name);
 	bind_text(st, 5, key->version);
 	sqlite3_bind_int64(st, 6, key->created_at);
+	sqlite3_bind_int64(st, 7, key->owner);
 	if ((r = run_write(ix, st)) < 0)
 		return r;
 	id = sqlite3_last_insert_rowid(ix->db);
@@ -781,6 +849,7 @@ static void snap_from_row(sqlite3_stmt *st, struct index_snapshot *s)
 	s->complete = sqlite3_column_int(st, 8) != 0;
 	s->item_count = sqlite3_column_int64(st, 9);
 	s->total_bytes = sqlite3_column_int64(st, 10);
+	s->owner = sqlite3_column_int64(st, 11);
 }
 
 /* Steps `st`, passing each row to `cb`; returns rows visited or a negative code. */
@@ -882,6 +951,10 @@ int index_snapshot_delete(struct index *ix, int64_t id)
 	sqlite3_bind_int64(st, 2, key_hi(id));
 	if ((r = run_write(ix, st)) < 0)
 		return r;
+	st = stmt(ix, S_GRANT_DEL_SNAP);
+	sqlite3_bind_int64(st, 1, id);
+	if ((r = run_write(ix, st)) < 0)
+		return r;
 	st = stmt(ix, S_SNAP_DEL);
 	sqlite3_bind_int64(st, 1, id);
 	return run_write(ix, st);
@@ -893,9 +966,19 @@ int index_snapshot_link_stored(struct index *ix, int64_t id, int64_t *ret_linked
 	int r;
 	if ((r = check_snap_id(id)) < 0 || (r = batch(ix)) < 0)
 		return r;
-	st = stmt(ix, S_SNAP_LINK);
-	sqlite3_bind_int64(st, 1, key_lo(id));
-	sqlite3_bind_int64(st, 2, key_hi(id));
+	{
+		/* only between snapshots of the same owner: never another user's content */
+		sqlite3_stmt *g = stmt(ix, S_SNAP_GET);
+		int64_t owner = -2;
+		sqlite3_bind_int64(g, 1, id);
+		if (sqlite3_step(g) == SQLITE_ROW)
+			owner = sqlite3_column_int64(g, 11);
+		sqlite3_reset(g);
+		st = stmt(ix, S_SNAP_LINK);
+		sqlite3_bind_int64(st, 1, key_lo(id));
+		sqlite3_bind_int64(st, 2, key_hi(id));
+		sqlite3_bind_int64(st, 3, owner);
+	}
 	if ((r = run_write(ix, st)) < 0)
 		return r;
 	if (ret_linked)
@@ -1296,16 +1379,21 @@ int index_item_add_blob(struct index *ix, int64_t snapshot_id, int64_t idx,
 }
 
 int index_item_find_prior(struct index *ix, const char *resource_id, int64_t size,
-			  char *ret_etag, size_t etag_cap, uint8_t ret_digest[INDEX_DIGEST_SIZE])
+			  const char *server_url, int64_t owner, char *ret_etag, size_t etag_cap,
+			  uint8_t ret_digest[INDEX_DIGEST_SIZE])
 {
 	sqlite3_stmt *st;
 	int rc, r;
 
 	if ((r = check_str(resource_id, false)) < 0)
 		return r;
+	if ((r = check_str(server_url, false)) < 0)
+		return r;
 	st = stmt(ix, S_ITEM_FIND_PRIOR);
 	bind_text(st, 1, resource_id);
 	sqlite3_bind_int64(st, 2, size);
+	bind_text(st, 3, server_url);
+	sqlite3_bind_int64(st, 4, owner);
 	rc = sqlite3_step(st);
 	if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 1) == INDEX_DIGEST_SIZE &&
 	    (size_t)sqlite3_column_bytes(st, 0) < etag_cap) {
@@ -1401,6 +1489,180 @@ int index_tensor_delete(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], 
 	return run_write(ix, st);
 }
 
+/* ---- grants ---- */
+
+int index_grant_put(struct index *ix, int64_t uid, int64_t snapshot_id,
+		    const uint8_t key_hash[INDEX_DIGEST_SIZE], int64_t checked_at)
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = check_snap_id(snapshot_id)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_GRANT_PUT);
+	sqlite3_bind_int64(st, 1, uid);
+	sqlite3_bind_int64(st, 2, snapshot_id);
+	if (key_hash)
+		bind_digest(st, 3, key_hash);
+	else
+		sqlite3_bind_null(st, 3);
+	sqlite3_bind_int64(st, 4, checked_at);
+	return run_write(ix, st);
+}
+
+int index_grant_get(struct index *ix, int64_t uid, int64_t snapshot_id,
+		    struct index_grant *ret)
+{
+	sqlite3_stmt *st;
+	int rc, r;
+	if (check_snap_id(snapshot_id) < 0)
+		return -ENOENT;
+	st = stmt(ix, S_GRANT_GET);
+	sqlite3_bind_int64(st, 1, uid);
+	sqlite3_bind_int64(st, 2, snapshot_id);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		memset(ret, 0, sizeof(*ret));
+		ret->has_key_hash = sqlite3_column_bytes(st, 0) == INDEX_DIGEST_SIZE;
+		if (ret->has_key_hash)
+			memcpy(ret->key_hash, sqlite3_column_blob(st, 0), INDEX_DIGEST_SIZE);
+		ret->checked_at = sqlite3_column_int64(st, 1);
+		r = 0;
+	} else {
+		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return r;
+}
+
+int index_grant_delete(struct index *ix, int64_t uid, int64_t snapshot_id)
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = check_snap_id(snapshot_id)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_GRANT_DEL);
+	sqlite3_bind_int64(st, 1, uid);
+	sqlite3_bind_int64(st, 2, snapshot_id);
+	return run_write(ix, st);
+}
+
+int index_grant_newest(struct index *ix, int64_t uid, int source, const char *server_url,
+		       const char *project, index_snapshot_id_cb cb, void *ctx)
+{
+	sqlite3_stmt *st;
+	int rc, r = 0;
+
+	if ((r = check_str(server_url, false)) < 0 || (r = check_str(project, false)) < 0)
+		return r;
+	st = stmt(ix, S_GRANT_NEWEST);
+	sqlite3_bind_int64(st, 1, uid);
+	sqlite3_bind_int(st, 2, source);
+	bind_text(st, 3, server_url);
+	bind_text(st, 4, project);
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		r = cb(ctx, sqlite3_column_int64(st, 0));
+		if (r != 0)
+			break;
+	}
+	if (r == 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r < 0 ? r : 0;
+}
+
+/* ---- small settings ---- */
+
+int index_meta_get(struct index *ix, const char *key, void *buf, size_t cap, size_t *ret_len)
+{
+	sqlite3_stmt *st = stmt(ix, S_META_GET);
+	int rc, r;
+
+	bind_text(st, 1, key);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		size_t n = (size_t)sqlite3_column_bytes(st, 0);
+		if (n > cap) {
+			r = -DMC_E_LIMIT_EXCEEDED;
+		} else {
+			if (n)
+				memcpy(buf, sqlite3_column_blob(st, 0), n);
+			*ret_len = n;
+			r = 0;
+		}
+	} else {
+		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return r;
+}
+
+int index_meta_put(struct index *ix, const char *key, const void *value, size_t len)
+{
+	sqlite3_stmt *st;
+	int r;
+	if ((r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_META_PUT);
+	bind_text(st, 1, key);
+	sqlite3_bind_blob(st, 2, value, (int)len, SQLITE_STATIC);
+	return run_write(ix, st);
+}
+
+/* ---- eviction by snapshot ---- */
+
+int index_blob_snapshots(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE],
+			 index_snapshot_id_cb cb, void *ctx)
+{
+	sqlite3_stmt *st = stmt(ix, S_BLOB_SNAPSHOTS);
+	int rc, r = 0, n = 0;
+
+	bind_digest(st, 1, digest);
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		n++;
+		if (cb && (r = cb(ctx, sqlite3_column_int64(st, 0))) != 0)
+			break;
+	}
+	if (r == 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r < 0 ? r : cb ? (r > 0 ? 1 : 0) : n;
+}
+
+int index_snapshots_lru(struct index *ix, index_snapshot_id_cb cb, void *ctx)
+{
+	sqlite3_stmt *st = stmt(ix, S_SNAP_LRU);
+	int rc, r = 0;
+
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW)
+		if ((r = cb(ctx, sqlite3_column_int64(st, 0))) != 0)
+			break;
+	if (r == 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r < 0 ? r : 0;
+}
+
+int index_snapshot_blobs(struct index *ix, int64_t id, index_blob_cb cb, void *ctx)
+{
+	sqlite3_stmt *st;
+	int rc, r = 0;
+
+	if ((r = check_snap_id(id)) < 0)
+		return r;
+	st = stmt(ix, S_SNAP_BLOBS);
+	sqlite3_bind_int64(st, 1, key_lo(id));
+	sqlite3_bind_int64(st, 2, key_hi(id));
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		struct index_blob b;
+		blob_from_row(st, &b);
+		if ((r = cb(ctx, &b)) < 0)
+			break;
+	}
+	if (r >= 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r < 0 ? r : 0;
+}
 /* ---- local folders (schema 4 -> 5; see local.h) ---- */
 
 static void bind_local_read(sqlite3_stmt *st, const struct index_local_read *r)

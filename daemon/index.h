@@ -15,6 +15,16 @@
  *              *stored* while a blobs row with that digest exists (eviction deletes the blob
  *              row only, so the item keeps its content identity).
  *   blobs      one row per blob file in the store (store.h), with its last access.
+ *   grants     (uid, snapshot): when that uid's own key last proved entitlement to the
+ *              snapshot, and a salted SHA-256 of the key (never the key). A grant goes with
+ *              its snapshot. Offline reads are decided on them (docs/security.md).
+ *   meta       small settings of this cache (the salt of the key hashes).
+ *
+ * Ownership. A snapshot belongs to the uid whose own listing made it (`owner`; -1 for
+ * snapshots made by a schema before 4, seen by admins only), and its id is never reused.
+ * Reuse of stored content between snapshots never crosses owners except through
+ * index_item_find_prior() with owner -1, which the caller allows only for a configured
+ * Datamint origin, where the requester's own key revalidates the content.
  *   local_reads  (uid, device, inode) -> the size, mtime and ctime (ns) the file had and
  *              the SHA-256 of its bytes when that uid's descriptor of it was last read
  *              (local.h): the only way a local item is linked without being read again.
@@ -88,6 +98,13 @@ struct index_snapshot {
 	bool complete;
 	int64_t item_count;  /* set by index_snapshot_seal() */
 	int64_t total_bytes; /* idem */
+	int64_t owner;       /* uid whose listing made it; -1: made before schema 4 */
+};
+
+struct index_grant {
+	bool has_key_hash;
+	uint8_t key_hash[INDEX_DIGEST_SIZE];
+	int64_t checked_at; /* unix seconds of the last proof with the key */
 };
 
 struct index_snapshot_stats {
@@ -128,6 +145,8 @@ struct index_lru_cursor {
 typedef int (*index_snapshot_cb)(void *ctx, const struct index_snapshot *snap);
 typedef int (*index_item_cb)(void *ctx, const struct index_item *item);
 typedef int (*index_blob_cb)(void *ctx, const struct index_blob *blob);
+/* Returns 0 to go on, > 0 to stop (success), < 0 to stop with that error. */
+typedef int (*index_snapshot_id_cb)(void *ctx, int64_t snapshot_id);
 
 /*
  * Opens or creates the index at `path` (borrowed), migrating the schema to
@@ -157,14 +176,15 @@ unsigned index_pending(const struct index *ix);
 /* ---- snapshots ---- */
 
 /*
- * Finds the snapshot of (source, server_url, project_id, version) or creates it from `key`
- * (project_name and created_at are taken from it on creation). Batched.
+ * Finds the snapshot of (source, server_url, project_id, version, owner) or creates it
+ * from `key` (project_name and created_at are taken from it on creation). Batched. Ids are
+ * never reused, even after a delete.
  */
 int index_snapshot_get_or_create(struct index *ix, const struct index_snapshot *key,
 				 int64_t *ret_id, bool *ret_created);
 /* -ENOENT if there is none. */
 int index_snapshot_find(struct index *ix, int source, const char *server_url,
-			const char *project_id, const char *version, int64_t *ret_id);
+			const char *project_id, const char *version, int64_t owner, int64_t *ret_id);
 /* Calls `cb` with snapshot `id`; -ENOENT if there is none. */
 int index_snapshot_get(struct index *ix, int64_t id, index_snapshot_cb cb, void *ctx);
 /* Every snapshot, by id. A callback returning < 0 stops the walk with that code. */
@@ -174,7 +194,7 @@ int index_snapshot_seal(struct index *ix, int64_t id);
 int index_snapshot_set_complete(struct index *ix, int64_t id, bool complete);
 /* Live counts: items, items with a stored blob, and their upstream bytes. */
 int index_snapshot_stats(struct index *ix, int64_t id, struct index_snapshot_stats *ret);
-/* Deletes the snapshot and its items (not the blobs). Batched. */
+/* Deletes the snapshot, its items and its grants (not the blobs). Batched. */
 int index_snapshot_delete(struct index *ix, int64_t id);
 
 /* ---- items ---- */
@@ -217,8 +237,8 @@ int index_item_find_stored(struct index *ix, const char *resource_id, int64_t si
 
 /*
  * The diff of a new version: for every item of snapshot `id` without a stored blob, takes
- * the blob of a stored item of another snapshot with the same resource id, size and etag
- * (as index_item_find_stored()). One statement. *ret_linked (may be NULL) gets how many
+ * the blob of a stored item of another snapshot OF THE SAME OWNER with the same resource
+ * id, size and etag. One statement. *ret_linked (may be NULL) gets how many
  * items were linked; index_items_page(..., INDEX_ITEMS_MISSING, ...) then lists what is
  * left to download. Batched.
  */
@@ -274,12 +294,14 @@ int index_item_set_content(struct index *ix, int64_t snapshot_id, int64_t idx,
 int index_item_add_blob(struct index *ix, int64_t snapshot_id, int64_t idx,
 			const uint8_t digest[INDEX_DIGEST_SIZE]);
 /*
- * The newest stored item of any snapshot with this resource id and size and a known ETag:
- * an earlier version to revalidate (If-None-Match) instead of downloading. 0 with the ETag
- * (NUL-terminated, at most etag_cap bytes) and the digest, or -ENOENT.
+ * The newest stored item with this resource id and size and a known ETag, in a Datamint
+ * snapshot of exactly `server_url`, owned by `owner` (-1: any owner): an earlier version to
+ * revalidate (If-None-Match) with the requester's own key instead of downloading. 0 with
+ * the ETag (NUL-terminated, at most etag_cap bytes) and the digest, or -ENOENT.
  */
 int index_item_find_prior(struct index *ix, const char *resource_id, int64_t size,
-			  char *ret_etag, size_t etag_cap, uint8_t ret_digest[INDEX_DIGEST_SIZE]);
+			  const char *server_url, int64_t owner, char *ret_etag, size_t etag_cap,
+			  uint8_t ret_digest[INDEX_DIGEST_SIZE]);
 /*
  * Downloaded blobs (kind raw or mask) that no item refers to any more, after snapshots
  * were deleted: what eviction of a project frees. A callback returning < 0 stops.
@@ -302,6 +324,40 @@ int index_tensor_get(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int
 /* Forgets it (its blob went bad or away). Batched. */
 int index_tensor_delete(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int64_t opts);
 
+/* ---- grants (see Ownership) ---- */
+
+/* Records that `uid`'s key (hash may be NULL) proved entitlement at `checked_at`. Batched. */
+int index_grant_put(struct index *ix, int64_t uid, int64_t snapshot_id,
+		    const uint8_t key_hash[INDEX_DIGEST_SIZE], int64_t checked_at);
+/* -ENOENT if `uid` holds no grant for the snapshot. */
+int index_grant_get(struct index *ix, int64_t uid, int64_t snapshot_id,
+		    struct index_grant *ret);
+/* Drops one grant. Batched. */
+int index_grant_delete(struct index *ix, int64_t uid, int64_t snapshot_id);
+/*
+ * The sealed snapshots of (source, server_url, project id or name) that `uid` holds a grant
+ * for, newest first, passed to `cb` until it returns non-zero.
+ */
+int index_grant_newest(struct index *ix, int64_t uid, int source, const char *server_url,
+		       const char *project, index_snapshot_id_cb cb, void *ctx);
+
+/* ---- eviction by snapshot (cache.c) ---- */
+
+/* The snapshots whose items (or their masks) use blob `digest`, to `cb` until it returns
+ * non-zero: then 1 if `cb` stopped the walk, else 0. With `cb` NULL: how many there are. */
+int index_blob_snapshots(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE],
+			 index_snapshot_id_cb cb, void *ctx);
+/* Snapshots with stored content, least recently used first (their newest blob access). */
+int index_snapshots_lru(struct index *ix, index_snapshot_id_cb cb, void *ctx);
+/* The stored blobs of snapshot `id` (items and their masks). A callback < 0 stops. */
+int index_snapshot_blobs(struct index *ix, int64_t id, index_blob_cb cb, void *ctx);
+
+/* ---- settings ---- */
+
+/* A small value by key: 0 and *ret_len, -ENOENT, or -DMC_E_LIMIT_EXCEEDED over `cap`. */
+int index_meta_get(struct index *ix, const char *key, void *buf, size_t cap, size_t *ret_len);
+/* Sets it. Batched. */
+int index_meta_put(struct index *ix, const char *key, const void *value, size_t len);
 /* ---- local folders (schema 4 -> 5; see local.h) ---- */
 
 /* A file as one uid's descriptor showed it (fstat), and what its bytes hashed to. */

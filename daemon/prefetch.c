@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/random.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "cache.h"
@@ -32,6 +34,9 @@
 #define DOWNLOAD_ZSTD_KEEP_PCT 67u
 #define RATE_WINDOW 5        /* seconds of samples for the rate */
 #define EVENT_FRAME_MAX 8192
+/* With a valid grant, a server that has not answered the first request by then is taken
+ * as unreachable (one connect attempt, not the whole retry budget). */
+#define FALLBACK_AFTER_MS 2000u
 
 struct job;
 struct task;
@@ -46,18 +51,14 @@ struct sub {
 	struct sub *next;
 };
 
-/* A uid that listed a snapshot with its own key (entitlement), in memory only. */
-struct grant {
-	uid_t uid;
-	int64_t snapshot_id;
-	struct grant *next;
-};
-
 struct prefetch {
 	struct prefetch_deps d;
 	struct job *jobs;
 	struct task *downloads; /* tasks with a transfer in flight, for sharing */
-	struct grant *grants;
+	uint8_t salt[32];       /* of the key hashes in grants (index "key_salt") */
+	bool (*is_open)(void *ctx, int64_t id); /* the serving side's open snapshots */
+	void *is_open_ctx;
+	bool has_salt;
 	uint64_t next_job_id;
 	uv_timer_t flush_timer;
 	bool closing;
@@ -179,12 +180,29 @@ struct job {
 	struct sub *subs;
 	uv_timer_t tick;
 	bool tick_closed;
+
+	/* offline reads (docs/security.md, "Offline") */
+	bool offline;          /* served from a grant: nothing is downloaded */
+	bool want_offline;     /* the client asked not to contact the server */
+	bool allow_partial;    /* start even if the snapshot cannot fit (OPEN, --allow-partial) */
+	bool warned_full;      /* "cache full" was logged for this job */
+	int64_t fallback_id;   /* a snapshot a valid grant allows if the server is unreachable */
+	uint64_t started_ms;
+	char notice[192];      /* said with the final record: "served from cache: ..." */
 };
 
 static void job_pump(struct job *j);
+static void load_salt(struct prefetch *p);
+static bool fall_back(struct job *j, const char *reason);
+static bool admit(struct job *j, const struct index_snapshot_stats *st);
+static void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_SIZE],
+			      const char *etag);
+static bool shares_across_users(const struct job *j);
 static void job_maybe_free(struct job *j);
 static void local_pump(struct job *j);
 static void local_job_free(struct job *j);
+static bool protect_snapshot(void *ctx, int64_t id);
+static void log_eviction(void *ctx, int64_t id, uint64_t files, uint64_t bytes);
 static void task_next_step(struct task *t);
 static void task_finish(struct task *t, int err, const char *msg, long http_status);
 
@@ -216,7 +234,8 @@ static void job_progress(const struct job *j, struct dmc_progress *m)
 	m->items_cached = j->items_cached;
 	m->items_failed = j->items_failed;
 	m->bytes_total = j->bytes_total;
-	m->bytes_done = j->bytes_done;
+	/* retried bodies count once: progress never passes the total */
+	m->bytes_done = j->bytes_done < j->bytes_total ? j->bytes_done : j->bytes_total;
 	m->rate_bps = j->rate;
 	m->eta_ms = j->eta_ms;
 }
@@ -334,6 +353,10 @@ static void on_tick(uv_timer_t *t)
 		return;
 	if (commit_index(j->pf) < 0)
 		return; /* the job ended with the reason */
+	if (j->state == DMC_JOB_RESOLVING && j->fallback_id > 0 &&
+	    uv_now(j->pf->d.loop) - j->started_ms >= FALLBACK_AFTER_MS &&
+	    fall_back(j, "no answer"))
+		return;
 	update_rate(j);
 	job_progress(j, &m);
 	send_progress(j, &m, true);
@@ -357,6 +380,20 @@ static void job_finish(struct job *j, uint32_t state)
 		record_error(j, -EIO, 0, 0, NULL, "the cache index could not be written");
 		j->state = state = DMC_JOB_FAILED;
 	}
+	if (j->snapshot_id > 0) {
+		/* "stored" is what the index has committed, as `dmcache ls` counts it: a batch
+		 * that could not be committed is not counted (its blobs are kept, and the next
+		 * start's reconciliation adopts them) */
+		struct index_snapshot_stats st;
+		if (index_snapshot_stats(ix, j->snapshot_id, &st) == 0 &&
+		    (uint64_t)st.items_stored != j->items_done) {
+			if ((uint64_t)st.items_stored < j->items_done)
+				log_warn(STORE, "job %" PRIu64 ": %" PRIu64 " items counted as stored "
+						"are not in the index (a failed commit)",
+					 j->id, j->items_done - (uint64_t)st.items_stored);
+			j->items_done = (uint64_t)st.items_stored;
+		}
+	}
 	update_rate(j);
 	j->eta_ms = 0;
 	/* callbacks still waiting for the snapshot: it will not come from this job */
@@ -374,6 +411,8 @@ static void job_finish(struct job *j, uint32_t state)
 			m.http_status = j->first_error.http_status;
 			m.error_resource = dstr(j->first_resource);
 			m.error_message = dstr(j->first_message);
+		} else if (j->notice[0]) {
+			m.error_message = dstr(j->notice); /* code 0: a notice, not an error */
 		}
 		send_progress(j, &m, false);
 	}
@@ -381,11 +420,16 @@ static void job_finish(struct job *j, uint32_t state)
 	/* items still missing will not come from this job */
 	if (j->pf->item_hook && j->snapshot_id > 0)
 		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, -1, 0);
-	log_info(FETCH, "job %" PRIu64 " for uid %u, project '%s': %s, %" PRIu64 "/%" PRIu64
-			" items, %" PRIu64 " failed",
-		 j->id, (unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
-		 state == DMC_JOB_DONE ? "done" : state == DMC_JOB_CANCELLED ? "cancelled" : "failed",
-		 j->items_done, j->items_total, j->items_failed);
+	log_job(state == DMC_JOB_DONE ? LOG_LVL_NOTICE : LOG_LVL_WARNING, LOG_GRP_FETCH, j->id,
+		(unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
+		"job %" PRIu64 " of uid %u, '%s' version '%s': %s, %" PRIu64 " of %" PRIu64
+		" items stored, %" PRIu64 " failed, %" PRIu64 " bytes downloaded in %.1f s%s%s",
+		   j->id, (unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
+		   j->proj ? j->proj->version : j->version_arg,
+		   state == DMC_JOB_DONE ? "done" : state == DMC_JOB_CANCELLED ? "cancelled" : "failed",
+		   j->items_done, j->items_total, j->items_failed, j->bytes_done,
+		   (double)(uv_now(j->pf->d.loop) - j->started_ms) / 1000,
+		   j->first_message[0] ? ": " : "", j->first_message);
 	/* the key is not needed any more: wipe it now rather than when memory is freed */
 	job_maybe_free(j);
 }
@@ -427,6 +471,11 @@ int prefetch_new(const struct prefetch_deps *deps, struct prefetch **ret)
 		return -ENOMEM;
 	p->d = *deps;
 	p->next_job_id = 1;
+	load_salt(p);
+	/* eviction never takes what a job is filling or a client reads (docs/operations) */
+	deps->cache->protect = protect_snapshot;
+	deps->cache->evicted = log_eviction;
+	deps->cache->protect_ctx = p;
 	uv_timer_init(deps->loop, &p->flush_timer);
 	p->flush_timer.data = p;
 	/* batches commit at least every 200 ms, and at every progress event */
@@ -439,11 +488,7 @@ static void job_cancel(struct job *j);
 
 static void engine_free(struct prefetch *p)
 {
-	while (p->grants) {
-		struct grant *g = p->grants;
-		p->grants = g->next;
-		free(g);
-	}
+	explicit_bzero(p->salt, sizeof(p->salt));
 	free(p);
 }
 
@@ -469,35 +514,126 @@ void prefetch_free(struct prefetch *p)
 	uv_close((uv_handle_t *)&p->flush_timer, on_flush_timer_closed);
 }
 
-static void grant(struct prefetch *p, uid_t uid, int64_t snapshot_id)
-{
-	struct grant *g;
+/* ---- grants (docs/security.md) ---- */
 
-	for (g = p->grants; g; g = g->next)
-		if (g->uid == uid && g->snapshot_id == snapshot_id)
-			return;
-	g = calloc(1, sizeof(*g));
-	if (!g)
-		return;
-	g->uid = uid;
-	g->snapshot_id = snapshot_id;
-	g->next = p->grants;
-	p->grants = g;
+/* SHA-256(salt || key): what a grant keeps of the key that proved it. */
+static int key_hash(const struct prefetch *p, const struct secret *key,
+		    uint8_t out[STORE_DIGEST_SIZE])
+{
+	const char *k = secret_str(key);
+	size_t klen = strlen(k);
+	uint8_t *buf;
+	int rc;
+
+	if (!p->has_salt)
+		return -ENOENT;
+	buf = malloc(sizeof(p->salt) + klen);
+	if (!buf)
+		return -ENOMEM;
+	memcpy(buf, p->salt, sizeof(p->salt));
+	memcpy(buf + sizeof(p->salt), k, klen);
+	rc = store_digest_of(buf, sizeof(p->salt) + klen, out);
+	explicit_bzero(buf, sizeof(p->salt) + klen);
+	free(buf);
+	return rc;
 }
 
-static bool may_see(struct prefetch *p, uid_t uid, int64_t snapshot_id)
+/* The salt of this cache's key hashes: made once, kept in the index. */
+static void load_salt(struct prefetch *p)
 {
+	struct index *ix = p->d.cache->index;
+	size_t n = 0;
+
+	if (index_meta_get(ix, "key_salt", p->salt, sizeof(p->salt), &n) == 0 &&
+	    n == sizeof(p->salt)) {
+		p->has_salt = true;
+		return;
+	}
+	if (getrandom(p->salt, sizeof(p->salt), 0) != (ssize_t)sizeof(p->salt))
+		return;
+	if (index_meta_put(ix, "key_salt", p->salt, sizeof(p->salt)) == 0 && index_flush(ix) == 0)
+		p->has_salt = true;
+	else
+		log_warn(STORE, "cannot record the key salt: offline reads need a new proof");
+}
+
+/* `j`'s uid proved entitlement to its snapshot with its key just now. */
+static void grant(struct job *j)
+{
+	struct prefetch *p = j->pf;
+	uint8_t h[STORE_DIGEST_SIZE];
+	bool has = j->key && key_hash(p, j->key, h) == 0;
+	int rc = index_grant_put(p->d.cache->index, j->uid, j->snapshot_id, has ? h : NULL,
+				 (int64_t)time(NULL));
+
+	explicit_bzero(h, sizeof(h));
+	if (rc < 0)
+		log_warn(STORE, "job %" PRIu64 ": cannot record uid %u's grant: %s", j->id,
+			 (unsigned)j->uid, index_errmsg(p->d.cache->index));
+}
+
+/* Root and the daemon's own uid see everything; anyone else what they hold a grant for. */
+static bool may_see_uid(struct prefetch *p, uid_t uid, int64_t snapshot_id)
+{
+	struct index_grant g;
+
 	if (uid == 0 || uid == geteuid())
 		return true;
-	for (struct grant *g = p->grants; g; g = g->next)
-		if (g->uid == uid && g->snapshot_id == snapshot_id)
-			return true;
-	return false;
+	return index_grant_get(p->d.cache->index, uid, snapshot_id, &g) == 0;
+}
+
+static bool may_see(struct prefetch *p, const struct conn *c, int64_t snapshot_id)
+{
+	return c->admin || may_see_uid(p, c->uid, snapshot_id);
 }
 
 bool prefetch_may_see(struct prefetch *p, uid_t uid, int64_t id)
 {
-	return may_see(p, uid, id);
+	return may_see_uid(p, uid, id);
+}
+
+/*
+ * May content stored for another user's snapshot be revalidated for this job? Only at a
+ * configured Datamint server, with this job's own key (If-None-Match: a 304 is the
+ * server's word that this key may have those bytes). Elsewhere, a server of the
+ * requester's choosing could answer 304 to anything: its snapshots reuse only what the
+ * same uid stored from the same server, and no other user's ETag is ever sent to it.
+ */
+static bool shares_across_users(const struct job *j)
+{
+	return j->source == DMC_SOURCE_DATAMINT && config_trusted_server(j->pf->d.cfg, j->server);
+}
+
+static bool protect_snapshot(void *ctx, int64_t id)
+{
+	struct prefetch *p = ctx;
+
+	for (struct job *j = p->jobs; j; j = j->next)
+		if (!j->final && j->snapshot_id == id)
+			return true;
+	return p->is_open && p->is_open(p->is_open_ctx, id);
+}
+
+static int snap_name_cb(void *ctx, const struct index_snapshot *s)
+{
+	char *out = ctx;
+
+	snprintf(out, 200, "'%.80s' version '%.60s' of uid %" PRId64, s->project_name,
+		 s->version, s->owner);
+	return 0;
+}
+
+static void log_eviction(void *ctx, int64_t id, uint64_t files, uint64_t bytes)
+{
+	struct prefetch *p = ctx;
+	char what[200] = "?";
+
+	index_snapshot_get(p->d.cache->index, id, snap_name_cb, what);
+	log_notice(STORE, "evicted %" PRIu64 " files (%.1f MiB) of snapshot %" PRId64 " (%s), "
+			  "the least recently used, to make room within max_size %" PRIu64
+			  " and min_free %" PRIu64 " bytes",
+		   files, (double)bytes / (1 << 20), id, what, p->d.cfg->max_size,
+		   p->d.cfg->min_free);
 }
 
 bool prefetch_snapshot_active(struct prefetch *p, int64_t id)
@@ -506,6 +642,13 @@ bool prefetch_snapshot_active(struct prefetch *p, int64_t id)
 		if (!j->final && j->snapshot_id == id)
 			return true;
 	return false;
+}
+
+void prefetch_set_open_check(struct prefetch *p, bool (*is_open)(void *ctx, int64_t id),
+			     void *ctx)
+{
+	p->is_open = is_open;
+	p->is_open_ctx = ctx;
 }
 
 void prefetch_set_item_hook(struct prefetch *p, prefetch_item_cb cb, void *ctx)
@@ -577,16 +720,286 @@ static void start_downloading(struct job *j)
 	struct index *ix = j->pf->d.cache->index;
 
 	j->state = DMC_JOB_DOWNLOADING;
-	grant(j->pf, j->uid, j->snapshot_id);
+	if (!j->offline)
+		grant(j); /* the listing just succeeded with j's key: a new proof */
 	if (index_snapshot_stats(ix, j->snapshot_id, &st) == 0) {
 		j->items_total = (uint64_t)st.items;
 		j->items_done = j->items_cached = (uint64_t)st.items_stored;
 		j->bytes_total = (uint64_t)(st.bytes - st.bytes_stored);
+		if (!j->offline && !j->allow_partial && !admit(j, &st))
+			return;
 	}
 	j->scan_from = 0;
 	j->scan_done = false;
 	notify_ready(j, 0);
 	job_pump(j);
+}
+
+/* ---- admission ---- */
+
+static void say_bytes(char *out, size_t cap, uint64_t b)
+{
+	if (b >= (1ull << 30))
+		snprintf(out, cap, "%.1f GiB", (double)b / (1ull << 30));
+	else
+		snprintf(out, cap, "%.1f MiB", (double)b / (1ull << 20));
+}
+
+/* Why a write did not fit, with the limit that stopped it (max_size or min_free). */
+static const char *cache_full_text(struct prefetch *p, char *buf, size_t cap)
+{
+	const struct config *cfg = p->d.cfg;
+	struct store_stats ss;
+	struct statvfs fs;
+	char a[24], b[24];
+
+	store_get_stats(p->d.cache->store, &ss);
+	if (statvfs(cfg->cache_dir, &fs) == 0 &&
+	    (uint64_t)fs.f_bavail * fs.f_frsize < cfg->min_free + CACHE_INDEX_HEADROOM + (64u << 20)) {
+		say_bytes(a, sizeof(a), (uint64_t)fs.f_bavail * fs.f_frsize);
+		say_bytes(b, sizeof(b), cfg->min_free);
+		snprintf(buf, cap, "cache full: the file system has %s free and min_free is %s", a,
+			 b);
+	} else if (cfg->max_size) {
+		say_bytes(a, sizeof(a), ss.used_bytes);
+		say_bytes(b, sizeof(b), cfg->max_size);
+		snprintf(buf, cap, "cache full: %s in use of max_size %s, nothing evictable", a, b);
+	} else {
+		snprintf(buf, cap, "cache full");
+	}
+	return buf;
+}
+
+
+/*
+ * Before downloading: can what the snapshot still needs fit? Within max_size, everything
+ * but this snapshot's own content may be evicted; on the file system, what is free beyond
+ * min_free plus what eviction can free. When it cannot fit, the job fails at once with the
+ * numbers (CACHE_FULL) instead of storing a part and evicting the rest; the client may ask
+ * for a partial snapshot (DMC_PREFETCH_ALLOW_PARTIAL). Sizes are upstream sizes: blobs
+ * stored compressed only make it fit better.
+ */
+static bool admit(struct job *j, const struct index_snapshot_stats *st)
+{
+	const struct config *cfg = j->pf->d.cfg;
+	uint64_t need = (uint64_t)(st->bytes - st->bytes_stored), own = (uint64_t)st->bytes_stored;
+	struct store_stats ss;
+	struct statvfs fs;
+	struct dm_error e = { .err = -DMC_E_CACHE_FULL };
+	char a[24], b[24], c[24];
+	const char *name = j->proj ? j->proj->name : j->project_arg;
+
+	if (need == 0)
+		return true;
+	store_get_stats(j->pf->d.cache->store, &ss);
+	if (cfg->max_size && need + own > cfg->max_size) {
+		uint64_t others = ss.used_bytes > own ? ss.used_bytes - own : 0;
+		say_bytes(a, sizeof(a), need);
+		say_bytes(b, sizeof(b), cfg->max_size);
+		say_bytes(c, sizeof(c), others);
+		snprintf(e.message, sizeof(e.message),
+			 "'%.40s' needs %s more; max_size is %s and %s is held by other "
+			 "snapshots (--allow-partial stores what fits)",
+			 name, a, b, c);
+	} else if (statvfs(cfg->cache_dir, &fs) == 0) {
+		uint64_t avail = (uint64_t)fs.f_bavail * fs.f_frsize;
+		uint64_t keep = cfg->min_free + CACHE_INDEX_HEADROOM;
+		uint64_t room = avail > keep ? avail - keep : 0;
+		uint64_t evictable = ss.used_bytes > own ? ss.used_bytes - own : 0;
+		if (need <= room + evictable)
+			return true;
+		say_bytes(a, sizeof(a), need);
+		say_bytes(b, sizeof(b), avail);
+		say_bytes(c, sizeof(c), cfg->min_free);
+		snprintf(e.message, sizeof(e.message),
+			 "'%.40s' needs %s more; the cache's file system has %s free and "
+			 "min_free is %s (--allow-partial stores what fits)",
+			 name, a, b, c);
+	} else {
+		return true;
+	}
+	log_job(LOG_LVL_WARNING, LOG_GRP_STORE, j->id, (unsigned)j->uid, name,
+		"job %" PRIu64 " of uid %u refused: %s", j->id, (unsigned)j->uid, e.message);
+	fail_job(j, &e);
+	return false;
+}
+
+/* ---- offline reads from grants ---- */
+
+struct snap_copy {
+	char project_id[256], project_name[256], version[256];
+	bool sealed;
+};
+
+static int snap_copy_cb(void *ctx, const struct index_snapshot *s)
+{
+	struct snap_copy *c = ctx;
+
+	snprintf(c->project_id, sizeof(c->project_id), "%s", s->project_id);
+	snprintf(c->project_name, sizeof(c->project_name), "%s", s->project_name);
+	snprintf(c->version, sizeof(c->version), "%s", s->version);
+	c->sealed = s->sealed;
+	return 0;
+}
+
+static void say_age(char *out, size_t cap, int64_t s)
+{
+	if (s >= 2 * 86400)
+		snprintf(out, cap, "%" PRId64 " days", s / 86400);
+	else if (s >= 2 * 3600)
+		snprintf(out, cap, "%" PRId64 " hours", s / 3600);
+	else if (s >= 120)
+		snprintf(out, cap, "%" PRId64 " minutes", s / 60);
+	else
+		snprintf(out, cap, "%" PRId64 " seconds", s < 0 ? 0 : s);
+}
+
+struct grant_pick {
+	struct job *j;
+	int64_t now;
+	bool has_hash;
+	uint8_t hash[STORE_DIGEST_SIZE];
+	int64_t id;
+	char why[256]; /* why the newest candidate does not do, when none does */
+};
+
+static int grant_pick_cb(void *ctx, int64_t id)
+{
+	struct grant_pick *g = ctx;
+	struct job *j = g->j;
+	struct index *ix = j->pf->d.cache->index;
+	uint64_t ttl_s = j->pf->d.cfg->grant_ttl_ms / 1000;
+	struct snap_copy sc = { 0 };
+	struct index_grant gr;
+	struct index_snapshot_stats st;
+	char a[32], b[32];
+	bool first = !g->why[0];
+
+	if (index_snapshot_get(ix, id, snap_copy_cb, &sc) < 0)
+		return 0;
+	if (j->version_arg[0] && strcmp(j->version_arg, "latest") != 0 &&
+	    strcmp(j->version_arg, sc.version) != 0)
+		return 0;
+	if (index_grant_get(ix, j->uid, id, &gr) < 0)
+		return 0;
+	if (g->has_hash && gr.has_key_hash &&
+	    memcmp(g->hash, gr.key_hash, STORE_DIGEST_SIZE) != 0) {
+		if (first)
+			snprintf(g->why, sizeof(g->why),
+				 "not entitled offline: this key is not the one last checked for "
+				 "'%.60s'; read it once with the server reachable",
+				 sc.project_name);
+		return 0;
+	}
+	if (ttl_s == 0) {
+		if (first)
+			snprintf(g->why, sizeof(g->why),
+				 "not entitled offline: grant_ttl is 0 (every read asks the server)");
+		return 0;
+	}
+	if (g->now - gr.checked_at > (int64_t)ttl_s) {
+		if (first) {
+			say_age(a, sizeof(a), g->now - gr.checked_at);
+			say_age(b, sizeof(b), (int64_t)ttl_s);
+			snprintf(g->why, sizeof(g->why),
+				 "not entitled offline: last checked %s ago, grant_ttl is %s", a, b);
+		}
+		return 0;
+	}
+	if (index_snapshot_stats(ix, id, &st) < 0 || !sc.sealed || st.items != st.items_stored) {
+		if (first)
+			snprintf(g->why, sizeof(g->why),
+				 "not available offline: the newest snapshot of '%.60s' you may "
+				 "read is not complete (%" PRId64 " of %" PRId64 " items stored)",
+				 sc.project_name, st.items_stored, st.items);
+		return 0;
+	}
+	g->id = id;
+	return 1;
+}
+
+/*
+ * The newest complete snapshot of the job's project (and version, if one was named) that
+ * j's uid holds a grant for within grant_ttl, proved with the same key when the job has
+ * one. 0 with *ret_id, or -ENOENT with the reason in `why`.
+ */
+static int find_grant(struct job *j, int64_t *ret_id, char *why, size_t whylen)
+{
+	struct grant_pick g = { .j = j, .now = (int64_t)time(NULL) };
+	const char *k = j->key ? secret_str(j->key) : "";
+
+	if (k[0])
+		g.has_hash = key_hash(j->pf, j->key, g.hash) == 0;
+	index_grant_newest(j->pf->d.cache->index, j->uid, INDEX_SOURCE_DATAMINT, j->server,
+			   j->project_arg, grant_pick_cb, &g);
+	explicit_bzero(g.hash, sizeof(g.hash));
+	if (g.id > 0) {
+		*ret_id = g.id;
+		return 0;
+	}
+	if (why) {
+		if (g.why[0])
+			snprintf(why, whylen, "%s", g.why);
+		else
+			snprintf(why, whylen,
+				 "not entitled offline: no earlier check of '%.60s' at %.80s with "
+				 "this user's key is in the cache",
+				 j->project_arg, j->server);
+	}
+	return -ENOENT;
+}
+
+/* Serves the job from snapshot `id` under the uid's grant, without the server. */
+static void serve_from_grant(struct job *j, int64_t id, const char *notice)
+{
+	struct snap_copy sc = { 0 };
+	struct dm_project *proj;
+	struct dm_error e = { 0 };
+
+	index_snapshot_get(j->pf->d.cache->index, id, snap_copy_cb, &sc);
+	proj = calloc(1, sizeof(*proj));
+	if (proj) {
+		proj->id = strdup(sc.project_id);
+		proj->name = strdup(sc.project_name);
+		proj->dataset_id = strdup("");
+		proj->version = strdup(sc.version);
+	}
+	if (!proj || !proj->id || !proj->name || !proj->dataset_id || !proj->version) {
+		dm_project_free(proj);
+		e.err = -ENOMEM;
+		snprintf(e.message, sizeof(e.message), "out of memory");
+		fail_job(j, &e);
+		return;
+	}
+	dm_project_free(j->proj);
+	j->proj = proj;
+	j->snapshot_id = id;
+	j->offline = true;
+	snprintf(j->notice, sizeof(j->notice), "%s", notice);
+	log_job(LOG_LVL_NOTICE, LOG_GRP_FETCH, j->id, (unsigned)j->uid, proj->name,
+		"job %" PRIu64 ": uid %u reads '%s' version '%s' from the cache: %s", j->id,
+		(unsigned)j->uid, proj->name, proj->version, notice);
+	start_downloading(j);
+}
+
+/* The server could not be reached: a valid grant answers instead, if there is one. */
+static bool fall_back(struct job *j, const char *reason)
+{
+	char notice[192];
+
+	if (j->final || j->offline || j->fallback_id <= 0 || j->state != DMC_JOB_RESOLVING)
+		return false;
+	snprintf(notice, sizeof(notice), "served from cache: server unreachable (%.140s)",
+		 reason);
+	serve_from_grant(j, j->fallback_id, notice);
+	return true;
+}
+
+/* Errors after which the cache may answer: the server was not reached, or failed. */
+static bool unreachable(const struct dm_error *e)
+{
+	return e->err == -DMC_E_UPSTREAM_TRANSIENT || e->http_status >= 500 ||
+	       (e->err < 0 && e->err > -4096 && e->http_status == 0);
 }
 
 /* ---- listing ---- */
@@ -725,6 +1138,19 @@ static void on_resolved(void *ctx, const struct dm_error *e, struct dm_project *
 	bool created;
 	int rc;
 
+	if (j->offline) {
+		/* answered from a grant while this request was out */
+		j->pending--;
+		dm_project_free(proj);
+		job_maybe_free(j);
+		return;
+	}
+	if (e && e->err && !j->final && unreachable(e) && j->fallback_id > 0) {
+		j->pending--;
+		dm_project_free(proj);
+		fall_back(j, e->message);
+		return;
+	}
 	if (!job_resume(j, e)) {
 		dm_project_free(proj);
 		return;
@@ -735,7 +1161,7 @@ static void on_resolved(void *ctx, const struct dm_error *e, struct dm_project *
 	    strcmp(j->version_arg, proj->version) != 0) {
 		/* an older version: only from the cache, and only a whole list */
 		if (index_snapshot_find(ix, INDEX_SOURCE_DATAMINT, j->server, proj->id,
-					j->version_arg, &id) == 0) {
+					j->version_arg, (int64_t)j->uid, &id) == 0) {
 			j->snapshot_id = id;
 			free(proj->version);
 			proj->version = strdup(j->version_arg);
@@ -758,6 +1184,7 @@ static void on_resolved(void *ctx, const struct dm_error *e, struct dm_project *
 			.project_name = proj->name,
 			.version = version,
 			.created_at = (int64_t)time(NULL),
+			.owner = (int64_t)j->uid,
 		};
 		rc = index_snapshot_get_or_create(ix, &key, &id, &created);
 	}
@@ -1065,10 +1492,11 @@ static void commit_done(struct task *t)
 		}
 	}
 	if (err < 0) {
+		char full[160];
 		t->res.err = err;
 		snprintf(t->res.message, sizeof(t->res.message), "%s",
 			 err == -DMC_E_INTEGRITY ? "the body does not match the server's SHA-256"
-			 : err == -DMC_E_CACHE_FULL ? "cache full"
+			 : err == -DMC_E_CACHE_FULL ? cache_full_text(p, full, sizeof(full))
 			 : err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
 						: strerror(-err));
 		task_next_step(t);
@@ -1126,7 +1554,17 @@ static void task_next_step(struct task *t)
 	int rc;
 
 	if (t->res.err) {
-		task_finish(t, t->res.err, t->res.message, t->res.http_status);
+		/* an HTTP status belongs to upstream errors only, not to a local failure after a
+		 * 200 (cache full, I/O) */
+		int e = t->res.err;
+		bool up = !(e == -DMC_E_CACHE_FULL || e == -DMC_E_IO || e == -DMC_E_INTEGRITY ||
+			    (e < 0 && e > -DMC_E_FIRST_));
+		char full[160];
+		if (t->res.err == -DMC_E_CACHE_FULL)
+			cache_full_text(j->pf, full, sizeof(full));
+		task_finish(t, t->res.err,
+			    t->res.err == -DMC_E_CACHE_FULL ? full : t->res.message,
+			    up ? t->res.http_status : 0);
 		return;
 	}
 	if (j->cancelled) {
@@ -1179,6 +1617,10 @@ static void followers_take(struct task *t, int err)
 			f->kind = STORE_KIND_RAW;
 			start_transfer(f, url, NULL);
 			free(url);
+			continue;
+		}
+		if (f->job->uid != t->job->uid) {
+			follow_other_user(f, t->file_digest, t->file_etag);
 			continue;
 		}
 		memcpy(f->file_digest, t->file_digest, STORE_DIGEST_SIZE);
@@ -1251,6 +1693,13 @@ static void task_finish(struct task *t, int err, const char *msg, long http_stat
 		}
 		log_info(FETCH, "job %" PRIu64 ": resource '%s' failed: %s", j->id, t->resource_id,
 			 msg ? msg : "failed");
+		if (err == -DMC_E_CACHE_FULL && !j->warned_full) {
+			j->warned_full = true;
+			log_job(LOG_LVL_WARNING, LOG_GRP_STORE, j->id, (unsigned)j->uid,
+				j->proj ? j->proj->name : j->project_arg,
+				"job %" PRIu64 ": %s (items that do not fit fail)", j->id,
+				msg ? msg : "cache full");
+		}
 	}
 	task_free(t);
 	if (!j->final)
@@ -1258,14 +1707,43 @@ static void task_finish(struct task *t, int err, const char *msg, long http_stat
 	job_maybe_free(j);
 }
 
+/*
+ * A download of the same resource in flight for another job of the same server: of the
+ * same uid, or of any uid at a configured server (the follower then revalidates what the
+ * leader stored with its own key, see follow_other_user()).
+ */
 static struct task *find_download(struct prefetch *p, const struct job *j, const char *rid,
 				  int64_t size)
 {
 	for (struct task *t = p->downloads; t; t = t->dnext)
 		if (t->size == size && strcmp(t->resource_id, rid) == 0 &&
-		    strcmp(t->job->origin, j->origin) == 0)
+		    strcmp(t->job->server, j->server) == 0 &&
+		    (t->job->uid == j->uid || (shares_across_users(j) &&
+					       shares_across_users(t->job))))
 			return t;
 	return NULL;
+}
+
+/*
+ * `f` may have what another user's task stored (`digest`, downloaded with `etag`) only on
+ * its own proof: a conditional request with f's own key, answered 304 by the server.
+ */
+static void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_SIZE],
+			      const char *etag)
+{
+	char *url = dm_file_url(&f->job->dmc, f->resource_id);
+
+	if (!url) {
+		task_finish(f, -ENOMEM, "out of memory", 0);
+		return;
+	}
+	f->kind = STORE_KIND_RAW;
+	f->phase = TP_FILE;
+	f->has_prior = etag && etag[0];
+	if (f->has_prior)
+		memcpy(f->prior, digest, STORE_DIGEST_SIZE);
+	start_transfer(f, url, f->has_prior ? etag : NULL);
+	free(url);
 }
 
 /* Copies an item of the snapshot into a new task; started after the page is read. */
@@ -1305,6 +1783,11 @@ static void task_start(struct task *t)
 	char *url;
 
 	t->starting = false;
+	if (j->offline) {
+		task_finish(t, -DMC_E_NOT_FOUND_OR_DENIED,
+			    "not in the cache (read offline: nothing is downloaded)", 0);
+		return;
+	}
 	t->buf = malloc(SINK_BUF);
 	t->wbuf = malloc(SINK_BUF);
 	if (!t->buf || !t->wbuf ||
@@ -1314,8 +1797,16 @@ static void task_start(struct task *t)
 		return;
 	}
 	leader = find_download(p, j, t->resource_id, t->size);
+	if (leader && leader->phase != TP_FILE && leader->job->uid != j->uid) {
+		t->dnext = p->downloads;
+		if (p->downloads)
+			p->downloads->dprev = t;
+		p->downloads = t;
+		follow_other_user(t, leader->file_digest, leader->file_etag);
+		return;
+	}
 	if (leader && leader->phase != TP_FILE) {
-		/* another job has this file already and is busy with its masks: take it */
+		/* another job of this uid has this file already and is busy with its masks */
 		memcpy(t->file_digest, leader->file_digest, STORE_DIGEST_SIZE);
 		snprintf(t->file_etag, sizeof(t->file_etag), "%s", leader->file_etag);
 		t->phase = TP_MASKS;
@@ -1335,6 +1826,8 @@ static void task_start(struct task *t)
 		p->downloads->dprev = t;
 	p->downloads = t;
 	t->has_prior = index_item_find_prior(p->d.cache->index, t->resource_id, t->size,
+					     j->server,
+					     shares_across_users(j) ? -1 : (int64_t)j->uid,
 					     prior_etag, sizeof(prior_etag), t->prior) == 0;
 	url = dm_file_url(&j->dmc, t->resource_id);
 	if (!url) {
@@ -1607,10 +2100,11 @@ static void local_task_after(uv_work_t *w, int status)
 	j->bytes_done += (uint64_t)lf->read_bytes;
 	if (rc < 0) {
 		/* what was committed before the failure stays as a blob for reconciliation */
+		char full[160];
 		t->res.err = rc == -EAGAIN ? -DMC_E_IO : rc;
-		snprintf(t->res.message, sizeof(t->res.message), "%.160s: %.80s",
+		snprintf(t->res.message, sizeof(t->res.message), "%.100s: %.140s",
 			 local_file_path(t, (uint32_t)lf->fail_k),
-			 rc == -DMC_E_CACHE_FULL ? "cache full"
+			 rc == -DMC_E_CACHE_FULL ? cache_full_text(j->pf, full, sizeof(full))
 			 : rc <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-rc)
 					       : local_reason(-rc));
 		local_files_free(lf);
@@ -1816,8 +2310,10 @@ static void local_task_begin(struct job *j, uint32_t i, const int *fds, const in
 	}
 	rc = cache_reserve(cache, reserve);
 	if (rc < 0) {
+		char full[160];
 		local_files_free(lf);
-		task_finish(t, rc, rc == -DMC_E_CACHE_FULL ? "cache full" : "cannot make room", 0);
+		task_finish(t, rc, rc == -DMC_E_CACHE_FULL ? cache_full_text(j->pf, full, sizeof(full))
+							   : "cannot make room", 0);
 		return;
 	}
 	t->reserved = reserve ? reserve : 1;
@@ -1993,7 +2489,6 @@ static void local_scan_after(uv_work_t *w, int status)
 	struct index *ix = j->pf->d.cache->index;
 	struct dm_error e = { 0 };
 	struct dm_project *proj;
-	char scope[32];
 	int64_t id;
 	bool created;
 	int rc = 0;
@@ -2035,16 +2530,16 @@ static void local_scan_after(uv_work_t *w, int status)
 		fail_job(j, &e);
 		return;
 	}
-	/* one snapshot per uid: it holds what this uid's descriptors proved, nothing else */
-	snprintf(scope, sizeof(scope), "uid:%u", (unsigned)j->uid);
+	/* the uid's own snapshot (owner): it holds what this uid's descriptors proved */
 	{
 		struct index_snapshot key = {
 			.source = INDEX_SOURCE_FOLDER,
-			.server_url = scope,
+			.server_url = "",
 			.project_id = proj->id,
 			.project_name = proj->name,
 			.version = proj->version,
 			.created_at = (int64_t)time(NULL),
+			.owner = (int64_t)j->uid,
 		};
 		rc = index_snapshot_get_or_create(ix, &key, &id, &created);
 	}
@@ -2099,6 +2594,7 @@ struct who {
 static int who_join(struct job *j, const struct who *w);
 static void who_error(const struct who *w, uint32_t code, const char *msg);
 static uid_t who_uid(const struct who *w);
+static bool who_is_open(const struct who *w);
 
 /* A new job joins the engine: its progress timer runs and `w` hears of it. */
 static void job_register(struct prefetch *p, struct job *j, const struct who *w)
@@ -2110,6 +2606,9 @@ static void job_register(struct prefetch *p, struct job *j, const struct who *w)
 		p->jobs->prev = j;
 	p->jobs = j;
 	p->jobs_started++;
+	/* OPEN reads what fits: items that cannot be stored fail one by one */
+	if (who_is_open(w))
+		j->allow_partial = true;
 	who_join(j, w);
 	uv_timer_start(&j->tick, on_tick, TICK_MS, TICK_MS);
 }
@@ -2148,6 +2647,7 @@ static void on_prefetch_local(struct prefetch *p, const struct who *w,
 	j->id = p->next_job_id++;
 	j->uid = who_uid(w);
 	j->source = DMC_SOURCE_LOCAL;
+	j->allow_partial = m->flags & DMC_PREFETCH_ALLOW_PARTIAL;
 	j->project_arg = project;
 	j->version_arg = version;
 	j->state = DMC_JOB_RESOLVING;
@@ -2182,6 +2682,12 @@ static int subscribe_cb(struct job *j, prefetch_ready_cb cb, void *ctx)
 static int who_join(struct job *j, const struct who *w)
 {
 	return w->cb ? subscribe_cb(j, w->cb, w->ctx) : subscribe(j, w->c, w->request_id);
+}
+
+/* An OPEN (a callback inside the daemon), not a client's PREFETCH. */
+static bool who_is_open(const struct who *w)
+{
+	return !w->c;
 }
 
 static uid_t who_uid(const struct who *w)
@@ -2255,6 +2761,17 @@ void prefetch_detach(struct prefetch *p, void *ctx)
 	}
 }
 
+/* Jobs of `uid` still running: a user may not queue work without bound. */
+static uint32_t jobs_of(const struct prefetch *p, uid_t uid)
+{
+	uint32_t n = 0;
+
+	for (const struct job *j = p->jobs; j; j = j->next)
+		if (!j->final && j->uid == uid)
+			n++;
+	return n;
+}
+
 static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const struct who *w)
 {
 	struct dmc_prefetch m = *mp;
@@ -2262,6 +2779,16 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	char *server = NULL, *project = NULL, *version = NULL;
 	size_t slen;
 	int rc;
+
+	if (jobs_of(p, w->uid) >= p->d.cfg->max_jobs_per_uid) {
+		char msg[128];
+		snprintf(msg, sizeof(msg), "too many prefetch jobs for this user (max_jobs_per_uid "
+					   "is %u)", p->d.cfg->max_jobs_per_uid);
+		if (w->json_fd >= 0)
+			close(w->json_fd); /* LOCAL: dataset.json's descriptor, not kept */
+		who_error(w, DMC_E_OVERLOADED, msg);
+		return;
+	}
 
 	if (m.source == DMC_SOURCE_LOCAL) {
 		if (!m.project.len || m.project.ptr[0] != '/' || m.api_key.len || m.server.len ||
@@ -2279,7 +2806,7 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 		who_error(w, DMC_E_INVALID_ARGUMENT, "unknown source");
 		return;
 	}
-	if (!m.project.len || !m.api_key.len) {
+	if (!m.project.len || (!m.api_key.len && !(m.flags & DMC_PREFETCH_OFFLINE))) {
 		who_error(w, DMC_E_INVALID_ARGUMENT, "a Datamint dataset needs a project and an API key");
 		return;
 	}
@@ -2292,8 +2819,9 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	while (slen && server[slen - 1] == '/')
 		server[--slen] = '\0';
 
-	j = find_job(p, w->uid, m.source, server, project, version);
-	if (j && secret_equals(j->key, m.api_key.ptr, m.api_key.len)) {
+	j = (m.flags & DMC_PREFETCH_OFFLINE) ? NULL
+					      : find_job(p, w->uid, m.source, server, project, version);
+	if (j && !j->offline && secret_equals(j->key, m.api_key.ptr, m.api_key.len)) {
 		/* the same uid asks again for the same version: join the running job */
 		free(server);
 		free(project);
@@ -2331,10 +2859,30 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	j->dmc.server = j->server;
 	j->dmc.origin = j->origin;
 	j->dmc.key = secret_str(j->key);
+	j->want_offline = m.flags & DMC_PREFETCH_OFFLINE;
+	/* OPEN reads what fits (items that cannot be stored fail one by one) */
+	j->allow_partial = m.flags & DMC_PREFETCH_ALLOW_PARTIAL;
+	j->started_ms = uv_now(p->d.loop);
 	job_register(p, j, w);
-	log_info(FETCH, "job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
-		 (unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",
-		 j->origin);
+	if (j->want_offline) {
+		struct dm_error e = { .err = -DMC_E_NOT_FOUND_OR_DENIED };
+		int64_t id;
+		if (find_grant(j, &id, e.message, sizeof(e.message)) == 0) {
+			serve_from_grant(j, id, "served from cache: offline mode");
+			return;
+		}
+		log_notice(FETCH, "job %" PRIu64 ": uid %u, '%s' offline: %s", j->id,
+			   (unsigned)j->uid, j->project_arg, e.message);
+		fail_job(j, &e);
+		return;
+	}
+	/* a valid grant lets the job answer from the cache if the server is unreachable */
+	if (find_grant(j, &j->fallback_id, NULL, 0) < 0)
+		j->fallback_id = 0;
+	log_job(LOG_LVL_NOTICE, LOG_GRP_FETCH, j->id, (unsigned)j->uid, j->project_arg,
+		"job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
+		(unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",
+		j->origin);
 	rc = dm_resolve(&j->dmc, j->project_arg, on_resolved, j);
 	if (rc < 0) {
 		struct dm_error e = { .err = rc };
@@ -2397,7 +2945,7 @@ static int list_collect(void *ctx, const struct index_snapshot *s)
 {
 	struct list_ctx *l = ctx;
 
-	if (l->n < DMC_LIST_MAX && may_see(l->p, l->c->uid, s->id))
+	if (l->n < DMC_LIST_MAX && may_see(l->p, l->c, s->id))
 		l->ids[l->n++] = s->id;
 	return 0;
 }
@@ -2414,13 +2962,16 @@ static int list_write(void *ctx, const struct index_snapshot *s)
 		.project_name = dstr(s->project_name),
 		.version = dstr(s->version),
 		.created_ms = (uint64_t)s->created_at * 1000,
+		.owner_uid = s->owner >= 0 ? (uint32_t)s->owner : UINT32_MAX,
 	};
 
 	index_snapshot_stats(l->p->d.cache->index, s->id, &st);
 	m.items = (uint64_t)st.items;
 	m.items_stored = (uint64_t)st.items_stored;
 	m.bytes = (uint64_t)st.bytes;
-	m.complete = s->sealed && st.items == st.items_stored;
+	m.bytes_stored = (uint64_t)st.bytes_stored;
+	m.complete = prefetch_snapshot_active(l->p, s->id) ? 2
+		     : s->sealed && st.items == st.items_stored;
 	dmc_snapshot_info_write(l->w, &m);
 	return 0;
 }
@@ -2470,20 +3021,28 @@ struct evict_ctx {
 	bool all;
 	struct dmc_str project;
 	int64_t ids[DMC_LIST_MAX];
+	bool whole[DMC_LIST_MAX]; /* delete the snapshot, not only the caller's grant */
 	uint32_t n;
 };
 
+/*
+ * What EVICT may take: an admin any snapshot; anyone else the snapshots they hold a grant
+ * for. A snapshot goes as a whole when an admin evicts it or when its owner does (a
+ * snapshot has one owner: the uid whose listing made it); otherwise only the caller's
+ * grant goes.
+ */
 static int evict_collect(void *ctx, const struct index_snapshot *s)
 {
 	struct evict_ctx *e = ctx;
 
-	if (e->n >= DMC_LIST_MAX || !may_see(e->p, e->c->uid, s->id))
+	if (e->n >= DMC_LIST_MAX || !may_see(e->p, e->c, s->id))
 		return 0;
 	if (!e->all && !((strlen(s->project_name) == e->project.len &&
 			  memcmp(s->project_name, e->project.ptr, e->project.len) == 0) ||
 			 (strlen(s->project_id) == e->project.len &&
 			  memcmp(s->project_id, e->project.ptr, e->project.len) == 0)))
 		return 0;
+	e->whole[e->n] = e->c->admin || s->owner == (int64_t)e->c->uid;
 	e->ids[e->n++] = s->id;
 	return 0;
 }
@@ -2546,9 +3105,18 @@ static void on_evict(struct prefetch *p, struct conn *c, const struct dmc_header
 	for (uint32_t i = 0; i < e->n && rc == 0; i++) {
 		if (snapshot_busy(p, e->ids[i]))
 			continue; /* a job fills it right now: cancel it first */
+		if (!e->whole[i]) {
+			rc = index_grant_delete(ix, c->uid, e->ids[i]);
+			if (rc == 0)
+				r.snapshots++;
+			continue;
+		}
 		rc = index_snapshot_delete(ix, e->ids[i]);
-		if (rc == 0)
+		if (rc == 0) {
 			r.snapshots++;
+			log_notice(STORE, "uid %u evicted snapshot %" PRId64, (unsigned)c->uid,
+				   e->ids[i]);
+		}
 	}
 	if (rc == 0)
 		rc = index_flush(ix);
@@ -2670,6 +3238,13 @@ static void on_verify(struct prefetch *p, struct conn *c, const struct dmc_heade
 		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed VERIFY");
 		return;
 	}
+	if (!c->admin) {
+		/* it reads every user's blobs: work and figures for admins only */
+		conn_send_error(c, h->request_id, DMC_E_NOT_FOUND_OR_DENIED, NULL,
+				"verify re-hashes the whole cache: it is for root and members of "
+				"the '%s' group", p->d.cfg->admin_group);
+		return;
+	}
 	v = calloc(1, sizeof(*v));
 	if (!v || uv_mutex_init(&v->lock) != 0) {
 		free(v);
@@ -2747,12 +3322,67 @@ void prefetch_conn_closed(struct prefetch *p, struct conn *c)
 
 #define ENTRY(s, v) ((struct dmc_status_entry){ { s, sizeof(s) - 1 }, (int64_t)(v) })
 
-uint32_t prefetch_status(struct prefetch *p, struct dmc_status_entry *e, uint32_t max)
+struct user_figures {
+	struct prefetch *p;
+	uid_t uid;
+	uint64_t snapshots, items, items_stored, bytes_stored;
+};
+
+static int user_figures_add(void *ctx, const struct index_snapshot *s)
+{
+	struct user_figures *u = ctx;
+	struct index_snapshot_stats st;
+
+	if (!may_see_uid(u->p, u->uid, s->id) || u->uid == 0 || u->uid == geteuid())
+		return 0;
+	if (index_snapshot_stats(u->p->d.cache->index, s->id, &st) == 0) {
+		u->snapshots++;
+		u->items += (uint64_t)st.items;
+		u->items_stored += (uint64_t)st.items_stored;
+		u->bytes_stored += (uint64_t)st.bytes_stored;
+	}
+	return 0;
+}
+
+/* STATUS for a user who is not an admin: their own figures, nothing about others. */
+static uint32_t user_status(struct prefetch *p, const struct conn *c, struct dmc_status_entry *e,
+			    uint32_t max)
+{
+	struct user_figures u = { p, c->uid, 0, 0, 0, 0 };
+	uint64_t jobs = 0, rate = 0;
+
+	index_snapshot_list(p->d.cache->index, user_figures_add, &u);
+	for (struct job *j = p->jobs; j; j = j->next) {
+		if (!j->final && j->uid == c->uid) {
+			jobs++;
+			rate += j->rate;
+		}
+	}
+	struct dmc_status_entry mine[] = {
+		ENTRY("user_snapshots", u.snapshots),
+		ENTRY("user_items", u.items),
+		ENTRY("user_items_stored", u.items_stored),
+		ENTRY("user_bytes_stored", u.bytes_stored),
+		ENTRY("prefetch_jobs", jobs),
+		ENTRY("download_rate_bps", rate),
+	};
+	uint32_t n = sizeof(mine) / sizeof(mine[0]);
+
+	if (n > max)
+		n = max;
+	memcpy(e, mine, n * sizeof(*e));
+	return n;
+}
+
+uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_status_entry *e,
+			 uint32_t max)
 {
 	struct store_stats ss;
 	struct fetch_stats fs;
 	uint64_t jobs = 0, rate = 0;
 
+	if (!c->admin)
+		return user_status(p, c, e, max);
 	store_get_stats(p->d.cache->store, &ss);
 	fetch_get_stats(p->d.fetch, &fs);
 	for (struct job *j = p->jobs; j; j = j->next) {

@@ -82,6 +82,12 @@ int prefetch_attach_local(struct prefetch *p, struct conn *c, uint32_t request_i
 
 /* Whether `uid` may read snapshot `id` (listed with its key since the daemon started). */
 bool prefetch_may_see(struct prefetch *p, uid_t uid, int64_t id);
+/*
+ * What else keeps a snapshot from eviction besides the jobs filling it (the serving side's
+ * open handles): asked by the cache's eviction. Loop thread.
+ */
+void prefetch_set_open_check(struct prefetch *p, bool (*is_open)(void *ctx, int64_t id),
+			     void *ctx);
 /* Whether a job is filling snapshot `id` now: a missing item may still come. */
 bool prefetch_snapshot_active(struct prefetch *p, int64_t id);
 /* Called when an item of a snapshot is stored (err 0) or failed for good, and with idx -1
@@ -91,7 +97,11 @@ void prefetch_set_item_hook(struct prefetch *p, prefetch_item_cb cb, void *ctx);
 
 /* `c` is closing: it gets no more events (its jobs go on). */
 void prefetch_conn_closed(struct prefetch *p, struct conn *c);
-/* STATUS entries: cache size, hits, transfers, jobs. Names are static. */
-uint32_t prefetch_status(struct prefetch *p, struct dmc_status_entry *e, uint32_t max);
+/*
+ * STATUS entries for `c`: for admins the cache's size, hits, transfers and jobs; for
+ * anyone else only their own snapshots and jobs (docs/security.md). Names are static.
+ */
+uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_status_entry *e,
+			 uint32_t max);
 
 #endif

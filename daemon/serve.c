@@ -1385,7 +1385,7 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 	sc->opens = po;
 	sc->busy++;
 	pf.source = m.source;
-	pf.flags = 0;
+	pf.flags = (m.flags & DMC_OPEN_OFFLINE) ? DMC_PREFETCH_OFFLINE : 0;
 	pf.project = m.project;
 	pf.version = m.version;
 	pf.server = m.server;
@@ -3247,4 +3247,13 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 		n = max;
 	memcpy(e, all, n * sizeof(*e));
 	return n;
+}
+
+bool serve_snapshot_open(struct serve *s, int64_t snapshot_id)
+{
+	for (struct sconn *sc = s->conns; sc; sc = sc->next)
+		for (struct handle *h = sc->handles; h; h = h->next)
+			if (h->snapshot_id == snapshot_id)
+				return true;
+	return false;
 }

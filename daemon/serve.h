@@ -48,5 +48,7 @@ bool serve_dispatch(struct serve *s, struct conn *c, const struct dmc_header *h,
 /* The connection is closing: its arena and handles go (work in flight finishes first). */
 void serve_conn_closed(struct serve *s, struct conn *c);
 uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max);
+/* Whether a client has snapshot `id` open: eviction keeps its content. Loop thread. */
+bool serve_snapshot_open(struct serve *s, int64_t snapshot_id);
 
 #endif

@@ -306,12 +306,23 @@ uint32_t server_status(struct server *srv, struct conn *c, struct dmc_status_ent
 		ENTRY("unknown_requests_total", srv->stats.unknown_opcodes),
 		ENTRY("backpressure_pauses_total", srv->stats.backpressure),
 	};
+	struct dmc_status_entry mine[] = {
+		ENTRY("connections_of_caller", server_uid_connections(srv, c->uid)),
+		ENTRY("connections_per_uid_max", srv->cfg->max_connections_per_uid),
+		ENTRY("caller_uid", c->uid),
+	};
 	uint32_t n = sizeof(all) / sizeof(all[0]);
+	const struct dmc_status_entry *src = all;
 
+	if (!c->admin) {
+		/* a user sees their own figures only (docs/security.md) */
+		src = mine;
+		n = sizeof(mine) / sizeof(mine[0]);
+	}
 	if (n > max)
 		n = max;
-	memcpy(e, all, n * sizeof(*e));
+	memcpy(e, src, n * sizeof(*e));
 	if (srv->app.status && n < max)
-		n += srv->app.status(srv->app.ctx, e + n, max - n);
+		n += srv->app.status(srv->app.ctx, c, e + n, max - n);
 	return n;
 }

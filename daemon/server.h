@@ -44,7 +44,8 @@ struct server_app {
 	bool (*dispatch)(void *ctx, struct conn *c, const struct dmc_header *h,
 			 const uint8_t *payload);
 	void (*conn_closed)(void *ctx, struct conn *c);
-	uint32_t (*status)(void *ctx, struct dmc_status_entry *e, uint32_t max);
+	uint32_t (*status)(void *ctx, const struct conn *c, struct dmc_status_entry *e,
+			   uint32_t max);
 };
 
 struct server {

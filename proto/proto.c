@@ -475,7 +475,7 @@ DMC_EXPORT int dmc_prefetch_decode(const void *payload, size_t len, struct dmc_p
 	m.version = dmc_read_str(&r);
 	m.server = dmc_read_str(&r);
 	m.api_key = dmc_read_str(&r);
-	if (dmc_reader_finish(&r) || m.flags != 0)
+	if (dmc_reader_finish(&r) || (m.flags & ~DMC_PREFETCH_FLAGS_DEFINED))
 		return DMC_PROTO_ERROR;
 	*ret = m;
 	return DMC_PROTO_OK;
@@ -622,6 +622,8 @@ DMC_EXPORT void dmc_snapshot_info_write(struct dmc_writer *w, const struct dmc_s
 	dmc_write_u64(w, m->items_stored);
 	dmc_write_u64(w, m->bytes);
 	dmc_write_u64(w, m->created_ms);
+	dmc_write_u32(w, m->owner_uid);
+	dmc_write_u64(w, m->bytes_stored);
 }
 
 DMC_EXPORT void dmc_snapshot_info_read(struct dmc_reader *r, struct dmc_snapshot_info *m)
@@ -637,6 +639,8 @@ DMC_EXPORT void dmc_snapshot_info_read(struct dmc_reader *r, struct dmc_snapshot
 	m->items_stored = dmc_read_u64(r);
 	m->bytes = dmc_read_u64(r);
 	m->created_ms = dmc_read_u64(r);
+	m->owner_uid = dmc_read_u32(r);
+	m->bytes_stored = dmc_read_u64(r);
 }
 
 DMC_EXPORT int dmc_evict_encode(uint32_t flags, const char *project, uint32_t request_id,

@@ -188,7 +188,14 @@ struct dmc_error_msg {
  *   u32 source, u32 flags, str project, str version, str server, str api_key
  *
  *   source   enum dmc_source
- *   flags    zero (no flags are defined in version 1)
+ *   flags    DMC_PREFETCH_OFFLINE: do not contact the server; the newest complete snapshot
+ *            (or `version`) the caller holds a grant for, within grant_ttl, is the answer
+ *            (DATAMINT only; a grant is the caller's own earlier proof with its key, see
+ *            docs/security.md).
+ *            DMC_PREFETCH_ALLOW_PARTIAL: start although what the snapshot still needs does
+ *            not fit in max_size or above min_free (items that cannot be stored fail);
+ *            without it such a job fails at once with CACHE_FULL and the numbers. Other
+ *            bits are refused.
  *   project  DATAMINT: a project name or id. LOCAL: the absolute path of a dataset
  *            directory as the Datamint Python client writes it (dataset.json, images/).
  *            For LOCAL the path is only a label (the snapshot's project id): the frame
@@ -262,22 +269,30 @@ struct dmc_progress {
  *   str project, str server      (as in PREFETCH; server "" matches any)
  * Reply: u32 jobs_cancelled.
  *
- * LIST request: no fields. Reply: the snapshots the caller may see (all for root; for
- * others, those their own key opened or prefetched since the daemon started):
+ * LIST request: no fields. Reply: the snapshots the caller may see (all for admins: root
+ * and the admin group; for others, those they hold a grant for):
  *   u32 n, then n snapshot records (at most DMC_LIST_MAX):
  *   u64 id, u32 source, u32 complete, str server, str project_id, str project_name,
- *   str version, u64 items, u64 items_stored, u64 bytes, u64 created_ms (Unix time)
+ *   str version, u64 items, u64 items_stored, u64 bytes, u64 created_ms (Unix time),
+ *   u32 owner_uid (UINT32_MAX: made before owners were recorded), u64 bytes_stored
+ *   complete: 0 partial, 1 every item stored, 2 a job is filling it now (downloading)
  *
  * EVICT request: removes snapshots from the cache, and the blobs no other snapshot uses.
  *   u32 flags, str project      (DMC_EVICT_ALL: every snapshot the caller may see; else
  *                                those whose project name or id is `project`)
+ *   An admin's EVICT removes the snapshots; anyone else's removes their own snapshots and,
+ *   of a snapshot another uid owns, only their own grant.
  * Reply: u64 snapshots, u64 blobs, u64 bytes (freed).
  *
- * VERIFY request: re-checks every blob's checksum, removes bad ones. No fields.
+ * VERIFY request: re-checks every blob's checksum, removes bad ones. No fields. Admins
+ * only (it reads every user's data); others get NOT_FOUND_OR_DENIED.
  * Reply: u64 blobs_checked, u64 blobs_bad, u64 bytes_checked.
  */
 #define DMC_LIST_MAX 2048u
 #define DMC_EVICT_ALL 1u
+#define DMC_PREFETCH_OFFLINE 1u
+#define DMC_PREFETCH_ALLOW_PARTIAL 2u
+#define DMC_PREFETCH_FLAGS_DEFINED (DMC_PREFETCH_OFFLINE | DMC_PREFETCH_ALLOW_PARTIAL)
 
 struct dmc_snapshot_info {
 	uint64_t id;
@@ -289,6 +304,8 @@ struct dmc_snapshot_info {
 	struct dmc_str version;
 	uint64_t items, items_stored, bytes;
 	uint64_t created_ms;
+	uint32_t owner_uid;
+	uint64_t bytes_stored;
 };
 
 struct dmc_evict_reply {
@@ -332,6 +349,7 @@ struct dmc_verify_reply {
  *     counts where it equals the annotation's "values", other masks where nonzero. Like
  *     DMC_OPEN_FRAMES, the reply waits until the dataset is stored. Not with FRAMES;
  *     LUT and dtype do not apply.)
+ *     DMC_OPEN_OFFLINE: the server is not contacted, as DMC_PREFETCH_OFFLINE.
  *   dtype: enum dmc_dtype of the output, or 0 for the source dtype.
  *   arena_bytes: wished arena size; 0 for the daemon's default. Ignored after the first OPEN.
  * OPEN reply (nfds 1 on the first OPEN of the connection, else 0):
@@ -404,7 +422,9 @@ enum dmc_dtype {
 #define DMC_OPEN_LUT 1u
 #define DMC_OPEN_FRAMES 2u /* frame-by-frame: one item per frame, shape (1, C, H, W) */
 #define DMC_OPEN_MASKS 4u  /* each item's segmentation label map, uint8 (F, 1, H, W) */
-#define DMC_OPEN_FLAGS_DEFINED (DMC_OPEN_LUT | DMC_OPEN_FRAMES | DMC_OPEN_MASKS)
+#define DMC_OPEN_OFFLINE 8u /* as DMC_PREFETCH_OFFLINE: from the caller's grants only */
+#define DMC_OPEN_FLAGS_DEFINED                                                                    \
+	(DMC_OPEN_LUT | DMC_OPEN_FRAMES | DMC_OPEN_MASKS | DMC_OPEN_OFFLINE)
 #define DMC_GET_MAX 4096u
 
 #define DMC_STREAM_SHUFFLE 1u

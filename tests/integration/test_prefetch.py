@@ -245,8 +245,10 @@ def test_flipped_bytes_are_never_stored(clean, tmpdir_short):
     man = manifest(emu)
     assert by[once] == man[once]['sha256']
     assert by[always] is None or by[always] not in blobs
-    # no blob in the store holds the corrupted bytes
-    assert all(b in {m['sha256'] for m in man.values()} or True for b in blobs)
+    # no blob in the store holds the corrupted bytes: every one is a corpus file's content
+    with open(os.path.join(emu.corpus, 'manifest.json')) as f:
+        genuine = {e['sha256'] for e in json.load(f)['files']}
+    assert blobs and all(b in genuine for b in blobs), blobs - genuine
     assert len([e for e in file_gets(emu) if always in e['path']]) == 3
 
 
@@ -422,19 +424,17 @@ def test_kill9_during_prefetch(clean, tmpdir_short):
 
 
 def test_disk_full_then_space_freed(clean, tmpdir_short):
-    if os.geteuid() != 0:
-        pytest.skip('needs root to mount a small tmpfs')
+    __import__('uids').require_root()  # CI is root: there it fails rather than skips
     emu = clean
     mnt = os.path.join(tmpdir_short, 'small')
     os.mkdir(mnt)
     r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', mnt])
-    if r.returncode != 0:
-        pytest.skip('cannot mount tmpfs here')
+    assert r.returncode == 0, 'cannot mount a tmpfs as root'
     try:
         d = Daemon(tmpdir_short, args=['--cache-dir', os.path.join(mnt, 'cache'),
                                        '-o', 'min_free=0'])
         d.cache = os.path.join(mnt, 'cache')
-        rc, ev, err = prefetch(d, emu, 'ct')  # 22 MiB into 8 MiB
+        rc, ev, err = prefetch(d, emu, 'ct', '--allow-partial')  # 22 MiB into 8 MiB
         assert rc == 1
         codes = {e['error']['name'] for e in ev if e.get('error')}
         assert codes == {'cache_full'}, codes
@@ -545,10 +545,16 @@ def test_max_size_bounds_the_cache(clean, tmpdir_short):
     emu = clean
     limit = 8 << 20
     d = Daemon(tmpdir_short, args=['-o', 'max_size=8M', '-o', 'min_free=0'])
-    prefetch(d, emu, 'ct')  # 22 MiB through an 8 MiB cache
+    # 22 MiB do not fit in 8: refused with the numbers unless a partial snapshot is asked
+    rc, ev, err = prefetch(d, emu, 'ct')
+    assert rc == 1 and final(ev)['error']['name'] == 'cache_full', ev[-1:]
+    rc, ev, err = prefetch(d, emu, 'ct', '--allow-partial')
+    f = final(ev)
     st = json.loads(d.cli('status', '--json').stdout)['counters']
     assert st['cache_bytes'] <= limit
-    assert st['cache_evicted_total'] > 0
+    # the job never evicts its own items: what it stored is still there, the rest failed
+    assert 0 < f['items_done'] < f['items_total'] and f['items_failed'] > 0, f
+    assert st['cache_evicted_total'] == 0
     total = 0
     for dirpath, _, files in os.walk(os.path.join(d.cache, 'objects')):
         total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)

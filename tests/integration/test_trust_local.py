@@ -133,11 +133,11 @@ def assert_nothing_of(secrets, *outputs):
 
 
 def snapshot_blobs(d):
-    """(server_url, project_id, blob hex) of every local item, read after the daemon stops."""
+    """(owner uid, project_id, blob hex) of every local item, read after the daemon stops."""
     db = sqlite3.connect(os.path.join(d.cache, 'index.db'))
     try:
         return db.execute(
-            "SELECT s.server_url, s.project_id, lower(hex(i.blob)) FROM items AS i "
+            "SELECT s.owner, s.project_id, lower(hex(i.blob)) FROM items AS i "
             "JOIN snapshots AS s ON i.key >> 32 = s.id WHERE s.source <> 1").fetchall()
     finally:
         db.close()
@@ -173,9 +173,9 @@ def test_same_size_same_mtime_gets_his_own_bytes(world):
     assert d.stop()[0] == 0
     rows = snapshot_blobs(d)
     alice_sha = sha(open(alice_file, 'rb').read())
-    bob_rows = [b for scope, pid, b in rows if scope == 'uid:%d' % BOB]
+    bob_rows = [b for owner, pid, b in rows if owner == BOB]
     assert bob_rows == [sha(bytes(st.st_size))]
-    assert [b for scope, pid, b in rows if scope == 'uid:%d' % ALICE] == [alice_sha]
+    assert [b for owner, pid, b in rows if owner == ALICE] == [alice_sha]
 
 
 # (b) --------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_naming_alices_file_is_refused(world, how):
     assert_nothing_of(secrets, r1.stdout, r1.stderr, r2.stdout, r2.stderr, meta2)
     assert d.stop()[0] == 0
     alice_sha = sha(open(alice_file, 'rb').read())
-    assert all(b != alice_sha for scope, _, b in snapshot_blobs(d) if scope != 'uid:%d' % ALICE)
+    assert all(b != alice_sha for owner, _, b in snapshot_blobs(d) if owner != ALICE)
 
 
 # (c) --------------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def test_changed_in_place_with_mtime_restored_is_read_again(world):
     assert not np.array_equal(after, before)
     assert np.array_equal(after.reshape(-1), new_px.reshape(-1).astype(after.dtype))
     assert d.stop()[0] == 0
-    assert [b for scope, _, b in snapshot_blobs(d) if scope == 'uid:%d' % ALICE] == \
+    assert [b for owner, _, b in snapshot_blobs(d) if owner == ALICE] == \
         [sha(bytes(data))]
 
 

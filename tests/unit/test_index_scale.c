@@ -112,7 +112,7 @@ TEST(one_million_items)
 	t0 = now_s();
 	ASSERT_EQ(index_open(path, 0, err, sizeof(err), &ix, NULL), 0);
 	double t_open = now_s();
-	ASSERT_EQ(index_snapshot_find(ix, k.source, k.server_url, k.project_id, k.version, &id), 0);
+	ASSERT_EQ(index_snapshot_find(ix, k.source, k.server_url, k.project_id, k.version, k.owner, &id), 0);
 	ASSERT_EQ(id, snap);
 	struct seen s = { -1, "" };
 	ASSERT_EQ(index_item_get(ix, snap, 0, on_item, &s), 0);

@@ -317,8 +317,13 @@ TEST(prefetch_round_trip)
 	ASSERT_DSTR(out.api_key, "secret-key");
 	for (uint32_t len = 0; len < h.length; len++)
 		ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, len, &out), DMC_PROTO_ERROR);
-	/* undefined flags */
-	in.flags = 1;
+	/* the offline flag travels; undefined flags are refused */
+	in.flags = DMC_PREFETCH_OFFLINE;
+	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
+	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_OK);
+	ASSERT_EQ(out.flags, DMC_PREFETCH_OFFLINE);
+	in.flags = DMC_PREFETCH_FLAGS_DEFINED + 1; /* the next bit, undefined */
 	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
 	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
 		  DMC_PROTO_ERROR);
@@ -415,7 +420,7 @@ TEST(cache_requests_round_trip)
 TEST(list_round_trip)
 {
 	struct dmc_snapshot_info in = { 4, DMC_SOURCE_LOCAL, 1, S(""), S("id"), S("sample"),
-					S("v1"), 20, 19, 123456, 1700000000000ull },
+					S("v1"), 20, 19, 123456, 1700000000000ull, 61001, 120000 },
 				 out;
 	struct dmc_writer w;
 	struct dmc_reader r;
@@ -441,6 +446,8 @@ TEST(list_round_trip)
 	ASSERT_DSTR(out.version, "v1");
 	ASSERT_UINT_EQ(out.items_stored, 19);
 	ASSERT_UINT_EQ(out.created_ms, 1700000000000ull);
+	ASSERT_UINT_EQ(out.owner_uid, 61001);
+	ASSERT_UINT_EQ(out.bytes_stored, 120000);
 	dmc_snapshot_info_read(&r, &out);
 	ASSERT_UINT_EQ(out.id, 5);
 	ASSERT_EQ(dmc_reader_finish(&r), DMC_PROTO_OK);

@@ -62,6 +62,14 @@ SOURCE_DATAMINT, SOURCE_LOCAL = 1, 2
 OPEN_LUT = 1
 OPEN_FRAMES = 2
 OPEN_MASKS = 4
+OPEN_OFFLINE = 8
+
+
+def offline_default(offline=None):
+    """offline=None follows DMCACHE_OFFLINE (1, yes or true), as the CLI does."""
+    if offline is not None:
+        return bool(offline)
+    return os.environ.get('DMCACHE_OFFLINE', '').lower() in ('1', 'yes', 'true')
 GET_MAX = 4096
 STREAM_AHEAD_MAX = 8
 DTYPES = {1: 'uint8', 2: 'int8', 3: 'uint16', 4: 'int16', 5: 'uint32', 6: 'int32',
@@ -290,12 +298,13 @@ class Client:
                 dmc_status_free(p)
 
     def open(self, source, project, version=None, server=None, api_key=None, lut=False,
-             dtype=0, arena_bytes=0, frames=False, masks=False):
-        """Opens a dataset version; returns an OpenDataset."""
+             dtype=0, arena_bytes=0, frames=False, masks=False, offline=False):
+        """Opens a dataset version; returns an OpenDataset. offline=True: from the
+        caller's grants only, without contacting the server."""
         args = OpenArgs(source=source, project=_enc(project), version=_enc(version),
                         server=_enc(server), api_key=_enc(api_key),
                         flags=(OPEN_LUT if lut else 0) | (OPEN_FRAMES if frames else 0) |
-                        (OPEN_MASKS if masks else 0),
+                        (OPEN_MASKS if masks else 0) | (OPEN_OFFLINE if offline else 0),
                         dtype=dtype,
                         arena_bytes=int(arena_bytes))
         h = c_void_p()

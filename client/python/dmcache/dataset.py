@@ -106,7 +106,7 @@ def image_labels(record):
     return out
 
 
-def resolve_source(root, dataset_name, api_key, server_url):
+def resolve_source(root, dataset_name, api_key, server_url, offline=False):
     """(source, project, server, api_key) for OPEN: a local folder as the Datamint client
     writes it when <root>/<dataset_name>/dataset.json exists, else the Datamint project
     `dataset_name` with the credentials dmc_credentials_load finds."""
@@ -117,7 +117,7 @@ def resolve_source(root, dataset_name, api_key, server_url):
         if os.path.isfile(os.path.join(folder, 'dataset.json')):
             return _lib.SOURCE_LOCAL, folder, None, None
     key, server, _ = _lib.load_credentials(api_key, server_url)
-    if not key:
+    if not key and not offline:
         raise errors.DmcacheError(
             "no Datamint API key for project '%s': pass api_key=, set DATAMINT_API_KEY or "
             "run datamint-config" % dataset_name)
@@ -158,7 +158,7 @@ class Dataset:
     def __init__(self, root=None, dataset_name=None, version='latest', api_key=None,
                  server_url=None, transform=None, target_transform=None, return_dicom=True,
                  return_metainfo=True, normalize=True, socket=None, arena_bytes=0,
-                 project_name=None, return_frame_by_frame=False, **kwargs):
+                 project_name=None, return_frame_by_frame=False, offline=None, **kwargs):
         for k, v in kwargs.items():
             if k not in UNSUPPORTED:
                 raise TypeError("Dataset() got an unexpected keyword argument '%s'" % k)
@@ -187,8 +187,9 @@ class Dataset:
         self.socket = socket
         self.arena_bytes = int(arena_bytes)
         self.return_frame_by_frame = bool(return_frame_by_frame)
+        self.offline = _lib.offline_default(offline)
         self._source, self._project, self._server, self._key = resolve_source(
-            root, dataset_name, api_key, server_url)
+            root, dataset_name, api_key, server_url, self.offline)
         self._lock = threading.Lock()
         self._client = self._ds = self._mds = None
         self._open(None if version in (None, '', 'latest') else version)
@@ -206,7 +207,7 @@ class Dataset:
             ds = client.open(self._source, self._project, version=version,
                              server=self._server, api_key=self._key,
                              arena_bytes=self.arena_bytes,
-                             frames=self.return_frame_by_frame)
+                             frames=self.return_frame_by_frame, offline=self.offline)
         except BaseException:
             client.close()
             raise
@@ -309,7 +310,8 @@ class Dataset:
             if self._mds is None:
                 self._mds = self._client.open(self._source, self._project,
                                               version=self.version, server=self._server,
-                                              api_key=self._key, masks=True)
+                                              api_key=self._key, masks=True,
+                                              offline=self.offline)
             items = self._mds.get([i])
             it = items[0]
             try:

@@ -126,7 +126,8 @@ class _Conn:
                                        server=loader._server, api_key=loader._key,
                                        lut=loader.lut, dtype=loader._dtype,
                                        arena_bytes=loader.arena_bytes,
-                                       frames=loader.frame_by_frame, masks=loader.masks)
+                                       frames=loader.frame_by_frame, masks=loader.masks,
+                                       offline=loader.offline)
         except BaseException:
             self.client.close()
             raise
@@ -162,7 +163,7 @@ class Loader:
                  rank=None, world_size=None, version='latest', root=None, api_key=None,
                  server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
                  metadata=True, socket=None, copy=False, return_frame_by_frame=False,
-                 masks=False):
+                 masks=False, offline=None):
         if not 1 <= int(batch_size) <= _lib.GET_MAX:
             raise ValueError('batch_size must be 1 to %d' % _lib.GET_MAX)
         if not 0 <= int(prefetch) <= PREFETCH_MAX:
@@ -183,19 +184,21 @@ class Loader:
         self.copy = bool(copy)
         self.frame_by_frame = bool(return_frame_by_frame)
         self.masks = bool(masks)
+        self.offline = _lib.offline_default(offline)
         self.epoch = 0
         if isinstance(project, Dataset):
             self._source, self._project = project._source, project._project
             self._server, self._key = project._server, project._key
             self._version = project.version
             self.socket = socket if socket is not None else project.socket
+            self.offline = project.offline if offline is None else bool(offline)
         else:
             if root is None and os.path.isfile(os.path.join(os.fspath(project),
                                                             'dataset.json')):
                 root, project = os.path.dirname(os.path.abspath(project)), \
                     os.path.basename(os.path.abspath(project))
             self._source, self._project, self._server, self._key = resolve_source(
-                root, project, api_key, server_url)
+                root, project, api_key, server_url, self.offline)
             self._version = None if version in (None, '', 'latest') else version
         self._pid = os.getpid()
         self._conns = [_Conn(self)]
