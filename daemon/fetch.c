@@ -929,7 +929,10 @@ static void attempt_start(struct fetch_xfer *x)
 	curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME,
 			 (long)((f->opts.low_speed_time_ms + 999) / 1000));
 	curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)f->opts.max_object_bytes);
-	curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
+	/* HTTP/2's header compression would keep the key in nghttp2's tables (its own memory,
+	 * freed without wiping) for the connection's life: requests with the key speak 1.1 */
+	curl_easy_setopt(e, CURLOPT_HTTP_VERSION,
+			 with_key ? (long)CURL_HTTP_VERSION_1_1 : (long)CURL_HTTP_VERSION_2TLS);
 	curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
 	curl_easy_setopt(e, CURLOPT_BUFFERSIZE, (long)RECV_BUFFER);
 	curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);

@@ -3,8 +3,8 @@
  * (curl's docs/examples/multi-uv.c pattern). The only file that includes curl.
  *
  * A transfer (struct fetch_xfer) is a GET of one URL whose body goes to a sink (struct
- * fetch_ops) in chunks. The engine owns connection reuse (HTTP/1.1 keep-alive, HTTP/2
- * multiplexing where offered), limits (parallel transfers, connections per host, connect
+ * fetch_ops) in chunks. The engine owns connection reuse (HTTP/1.1 keep-alive; HTTP/2
+ * multiplexing where offered, for requests without the key: see below), limits (parallel transfers, connections per host, connect
  * and low-speed timeouts, maximum object size), retries with exponential backoff and full
  * jitter for 408/429/500/502/503/504 and network errors only, Retry-After in both forms,
  * and resumption of a dropped body with Range + If-Range (strong ETag).
@@ -30,7 +30,11 @@
  *
  * The API key reaches libcurl only in a header list this file owns, wiped before it is
  * freed; libcurl's own allocations (request buffers) go through allocators that wipe every
- * block they free (curl_global_init_mem).
+ * block they free (curl_global_init_mem). Requests with the key use HTTP/1.1: HTTP/2's
+ * HPACK would index the header in nghttp2's dynamic table (nghttp2's own allocator, freed
+ * without wiping) for the connection's life. OpenSSL encrypts records in place in its
+ * write buffer, so no plaintext request stays there (checked over HTTPS by the
+ * trust-fair test). What stays: kernel socket buffers, outside the process.
  *
  * Redirects are followed by the engine, not by curl, so that the API key goes only to the
  * API's own origin (scheme, host and port): a redirect anywhere else (the pre-signed URL

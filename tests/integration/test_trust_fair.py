@@ -339,12 +339,12 @@ def children(pid):
     return out
 
 
-def test_key_leaves_no_trace_in_daemon_memory(clean, tmpdir_short):
-    emu = clean
+def key_residue_check(emu, tmpdir, *opts):
+    """alice prefetches `ct` from `emu` with her key; then no copy of it is in memory."""
     # a dropped connection and a retry on the way: more paths that held the key
     emu.add_fault(path='/resources/.*/file$', drop_after=1000, times=2)
     emu.add_fault(path='/resources/.*/file$', status=503, times=1)
-    d = start_daemon(tmpdir_short, 'backoff_base=200ms')
+    d = start_daemon(tmpdir, 'backoff_base=200ms', *opts)
     pid = d.proc.pid
     r = uids.run(uids.ALICE, cli_prefetch_argv(d, emu.url, 'ct'), env=user_env(d, ALICE_KEY),
                  timeout=120)
@@ -364,3 +364,25 @@ def test_key_leaves_no_trace_in_daemon_memory(clean, tmpdir_short):
     print('scanned %.1f MiB of dmcached (pid %d) and %d worker(s): %d copies of the key' %
           (scanned / 2**20, pid, len(children(pid)), len(found)))
     stop(d)
+
+
+def test_key_leaves_no_trace_in_daemon_memory(clean, tmpdir_short):
+    key_residue_check(clean, tmpdir_short)
+
+
+def test_key_leaves_no_trace_over_tls(keysdir, tmpdir_short):
+    """The same over HTTPS: OpenSSL's buffers saw the key too."""
+    import trustme
+    ca = trustme.CA()
+    pem = os.path.join(keysdir, 'server.pem')
+    ca.issue_cert('127.0.0.1', '127.0.0.2').private_key_and_cert_chain_pem.write_to_path(pem)
+    ca_file = os.path.join(keysdir, 'ca.pem')
+    ca.cert_pem.write_to_path(ca_file)
+    os.chmod(ca_file, 0o644)
+    with open(os.path.join(emulator.corpus_dir(), 'keys.json')) as f:
+        keys = json.load(f)
+    keys['keys'].append({'key': ALICE_KEY, 'user': ALICE_USER, 'projects': ['ct']})
+    path = write_json(os.path.join(keysdir, 'alice-keys-tls.json'), keys)
+    with emulator.Emulator(keys=path, extra_args=['--tls-cert', pem, '--tls-key', pem]) as emu:
+        assert emu.url.startswith('https://')
+        key_residue_check(emu, tmpdir_short, 'ca_file=' + ca_file)
