@@ -545,7 +545,7 @@ const char *fetch_xfer_url(const struct fetch_xfer *x)
 
 /* The entry of `uid`, made if `create` (then NULL means no memory). Entries stay: one for
  * each local uid that ever fetched. */
-static struct owner *owner_find(struct fetch *f, uint32_t uid, bool create, uint32_t *ret_i)
+static struct owner *owner_find(struct fetch *f, uint32_t uid, bool create)
 {
 	uint32_t i;
 
@@ -565,15 +565,13 @@ static struct owner *owner_find(struct fetch *f, uint32_t uid, bool create, uint
 		}
 		f->owners[f->n_owners++] = (struct owner){ .uid = uid };
 	}
-	if (ret_i)
-		*ret_i = i;
 	return &f->owners[i];
 }
 
 /* The entry of a started transfer's owner (made by fetch_xfer_start). */
 static struct owner *owner_of(struct fetch *f, const struct fetch_xfer *x)
 {
-	return owner_find(f, x->owner, false, NULL);
+	return owner_find(f, x->owner, false);
 }
 
 static void queue_push(struct fetch *f, struct fetch_xfer *x, bool front)
@@ -823,7 +821,7 @@ int fetch_xfer_start(struct fetch_xfer *x)
 {
 	if (x->state != XS_NEW || x->f->closing)
 		return -EINVAL;
-	if (!owner_find(x->f, x->owner, true, NULL))
+	if (!owner_find(x->f, x->owner, true))
 		return -ENOMEM;
 	x->start_ms = now_ms(x->f);
 	x->f->stats.transfers_started++;
