@@ -226,10 +226,10 @@ def test_speed_floor_ends_a_trickle_and_retries(clean, tmpdir_short):
     ev = events_of(r.stdout)
     f = final(ev)
     assert f['state'] == 'done' and f['items_done'] == 4 and f['items_failed'] == 0
-    notices = [e['notice'] for e in ev if e.get('notice')]
-    assert any(n['resource'] == victim and
+    notices = [(e.get('notice_resource'), e['notice']) for e in ev if e.get('notice')]
+    assert any(res == victim and
                re.match(r'retrying in \d+\.\d s \(attempt 2 of \d+\): slower than min_speed',
-                        n['message']) for n in notices), notices
+                        msg) for res, msg in notices), notices
     assert took < 15, took
     # the emulator logs the trickle once it notices the closed connection
     deadline = time.monotonic() + 20
@@ -245,7 +245,7 @@ def test_speed_floor_ends_a_trickle_and_retries(clean, tmpdir_short):
                                          tries[0]['bytes']), tries
     print('speed floor: ended after %.1f s; notice: %s' %
           (tries[0]['duration_ms'] / 1000,
-           next(n['message'] for n in notices if n['resource'] == victim)))
+           next(msg for res, msg in notices if res == victim)))
     stop(d)
 
 
