@@ -1381,13 +1381,14 @@ static void attempt_done(struct fetch_xfer *x, CURLcode cc)
 	case CURLE_COULDNT_RESOLVE_HOST:
 		/* waiting does not make a name exist: no retries (a typo, or no DNS at all) */
 		url_host(x->cur_url, host, sizeof(host), NULL);
-		snprintf(x->res.message, sizeof(x->res.message), "cannot resolve host '%.200s'", host);
+		snprintf(x->res.message, sizeof(x->res.message), "cannot resolve host '%.200s'",
+			 host);
 		finish(x, -DMC_E_UPSTREAM_PERMANENT);
 		return;
 	case CURLE_COULDNT_CONNECT:
 		if (refused_first(x, host, sizeof(host))) {
-			snprintf(x->res.message, sizeof(x->res.message), "connection refused by %.200s",
-				 host);
+			snprintf(x->res.message, sizeof(x->res.message),
+				 "connection refused by %.200s", host);
 			finish(x, -DMC_E_UPSTREAM_PERMANENT);
 			return;
 		}

@@ -4,10 +4,11 @@
  *
  * A transfer (struct fetch_xfer) is a GET of one URL whose body goes to a sink (struct
  * fetch_ops) in chunks. The engine owns connection reuse (HTTP/1.1 keep-alive; HTTP/2
- * multiplexing where offered, for requests without the key: see below), limits (parallel transfers, connections per host, connect
- * and low-speed timeouts, maximum object size), retries with exponential backoff and full
- * jitter for 408/429/500/502/503/504 and network errors only, Retry-After in both forms,
- * and resumption of a dropped body with Range + If-Range (strong ETag).
+ * multiplexing where offered, for requests without the key: see below), limits (parallel
+ * transfers, connections per host, connect and low-speed timeouts, maximum object size),
+ * retries with exponential backoff and full jitter for 408/429/500/502/503/504 and
+ * network errors only, Retry-After in both forms, and resumption of a dropped body with
+ * Range + If-Range (strong ETag).
  *
  * Places are shared between local users: each transfer has an owner (the uid it works for).
  * While more than one owner has transfers running or waiting, an owner holds at most
@@ -26,15 +27,19 @@
  * Failures that waiting cannot cure end the transfer at once, whatever the retry budget:
  * a host name that does not resolve, TLS errors, and a refused connection on the first
  * attempt of a job's first request (FETCH_XF_FIRST: the address is wrong, not the server
- * restarting). They end with -DMC_E_UPSTREAM_PERMANENT and http_status 0.
+ * restarting). They end with -DMC_E_UPSTREAM_PERMANENT and http_status 0: not the
+ * transient code, whose promise is that retries were made (retry_after_ms says when to
+ * try again); "no HTTP answer" is how the prefetcher tells an unreachable server, for
+ * which a valid grant may answer from the cache at once.
  *
  * The API key reaches libcurl only in a header list this file owns, wiped before it is
  * freed; libcurl's own allocations (request buffers) go through allocators that wipe every
  * block they free (curl_global_init_mem). Requests with the key use HTTP/1.1: HTTP/2's
  * HPACK would index the header in nghttp2's dynamic table (nghttp2's own allocator, freed
- * without wiping) for the connection's life. OpenSSL encrypts records in place in its
- * write buffer, so no plaintext request stays there (checked over HTTPS by the
- * trust-fair test). What stays: kernel socket buffers, outside the process.
+ * without wiping) for the connection's life. OpenSSL encrypts a record in place in its
+ * write buffer: over HTTPS the trust-fair test finds no copy there either. What stays:
+ * kernel socket buffers, outside the process, and the key's own locked mapping while its
+ * job runs (secret.h).
  *
  * Redirects are followed by the engine, not by curl, so that the API key goes only to the
  * API's own origin (scheme, host and port): a redirect anywhere else (the pre-signed URL
@@ -105,7 +110,6 @@ struct fetch_retry {
 	uint32_t attempt;         /* the attempt about to start: 2 for the first retry */
 	uint32_t max_attempts;
 	uint64_t delay_ms;        /* when it starts */
-	long http_status;         /* of the failed attempt, 0 if none */
 	const char *reason;       /* why the last attempt failed ("HTTP 503", ...) */
 	const char *message;      /* "retrying in 2.0 s (attempt 2 of 5): HTTP 503" */
 };
