@@ -287,15 +287,19 @@ def test_retry_is_shown_once_by_the_cli(clean, tmpdir_short):
                            key=ALICE_KEY).json()
     victim = res[0]['id']
     emu.add_fault(path='^/resources/%s/file$' % victim, status=503, times=1)
+    # and the job's own first request (resolving the project): a retry there shows too
+    emu.add_fault(path='^/projects$', status=503, times=1)
     d = start_daemon(tmpdir_short, 'backoff_base=500ms', 'max_attempts=4')
     r = uids.run(uids.ALICE, cli_prefetch_argv(d, emu.url, 'ct', json_out=False),
                  env=user_env(d, ALICE_KEY), timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [ln for ln in r.stderr.splitlines() if 'retrying in' in ln]
-    assert len(lines) == 1, r.stderr
+    assert len(lines) == 2, r.stderr  # one line per retry
+    assert re.match(r'dmcache: retrying in \d+\.\d s \(attempt 2 of 4\): HTTP 503',
+                    lines[0]), lines
     assert re.search(r'item %s: retrying in \d+\.\d s \(attempt 2 of 4\): HTTP 503' % victim,
-                     lines[0]), lines
-    print('CLI:', lines[0])
+                     lines[1]), lines
+    print('CLI:', ' | '.join(lines))
     stop(d)
 
 
