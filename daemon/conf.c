@@ -72,6 +72,12 @@ static const struct key keys[] = {
 	  "bytes/s: a transfer slower than this for low_speed_time is aborted and retried"),
 	K("low_speed_time", KT_DURATION, low_speed_time_ms, 1000, 3600000,
 	  "see low_speed_limit"),
+	K("min_speed", KT_SIZE, min_speed, 0, 1ull << 40,
+	  "per second: a file download slower than this on average over min_speed_time ends "
+	  "and is retried, giving its place to others (0: no floor; low_speed_limit still "
+	  "catches stalled connections, metadata requests included)"),
+	K("min_speed_time", KT_DURATION, min_speed_time_ms, 1000, 3600000,
+	  "see min_speed"),
 	K("max_attempts", KT_UINT32, max_attempts, 1, 100,
 	  "attempts per download, the first included"),
 	K("backoff_base", KT_DURATION, backoff_base_ms, 1, 3600000,
@@ -131,6 +137,8 @@ void config_init(struct config *cfg)
 	cfg->connect_timeout_ms = 10000;
 	cfg->low_speed_limit = 1024;
 	cfg->low_speed_time_ms = 30000;
+	cfg->min_speed = 64u << 10;
+	cfg->min_speed_time_ms = 30000;
 	cfg->max_attempts = 5;
 	cfg->backoff_base_ms = 1000;
 	cfg->backoff_max_ms = 30000;

@@ -45,6 +45,8 @@ struct config {
 	uint64_t connect_timeout_ms;
 	uint32_t low_speed_limit;  /* bytes/s */
 	uint64_t low_speed_time_ms;
+	uint64_t min_speed;        /* bytes/s a file download keeps up on average; 0: none */
+	uint64_t min_speed_time_ms;
 	uint32_t max_attempts;
 	uint64_t backoff_base_ms;
 	uint64_t backoff_max_ms;

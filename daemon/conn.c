@@ -55,6 +55,7 @@ static void on_handle_closed(uv_handle_t *handle)
 		close(c->fdq[i]);
 	free(c->fdq);
 	free(c->fd_frame);
+	explicit_bzero(c->rbuf, c->rlen); /* frames carry API keys */
 	free(c->rbuf);
 	free(c);
 }
@@ -318,6 +319,7 @@ static void process(struct conn *c)
 					return;
 				}
 				memcpy(nb, c->rbuf + off, c->rlen - off);
+				explicit_bzero(c->rbuf, c->rlen); /* frames carry API keys */
 				free(c->rbuf);
 				c->rbuf = nb;
 				c->rcap = RBUF_MAX;
@@ -358,6 +360,8 @@ static void process(struct conn *c)
 	if (off) {
 		memmove(c->rbuf, c->rbuf + off, c->rlen - off);
 		c->rlen -= off;
+		/* the dispatched frames (API keys among them) leave no copy behind */
+		explicit_bzero(c->rbuf + c->rlen, off);
 	}
 }
 

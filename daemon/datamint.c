@@ -114,14 +114,26 @@ static void json_on_done(struct fetch_xfer *x, const struct fetch_result *res)
 	}
 }
 
+static void json_on_retry(struct fetch_xfer *x, const struct fetch_retry *r);
+
 static const struct fetch_ops json_ops = {
 	.on_start = json_on_start,
 	.on_data = json_on_data,
 	.on_done = json_on_done,
+	.on_retry = json_on_retry,
 };
 
-/* GET <server><path>; `path` already escaped. */
-static int json_get(const struct dm_client *c, const char *path, json_done_fn done, void *owner)
+static void json_on_retry(struct fetch_xfer *x, const struct fetch_retry *r)
+{
+	struct json_req *q = fetch_xfer_data(x);
+
+	if (q->c->on_retry)
+		q->c->on_retry(q->c->retry_ctx, r->message);
+}
+
+/* GET <server><path>; `path` already escaped. `flags`: FETCH_XF_* beyond METADATA. */
+static int json_get_flags(const struct dm_client *c, const char *path, json_done_fn done,
+			  void *owner, unsigned flags)
 {
 	struct json_req *q = calloc(1, sizeof(*q));
 	size_t n = strlen(c->server) + strlen(path) + 1;
@@ -143,10 +155,18 @@ static int json_get(const struct dm_client *c, const char *path, json_done_fn do
 		free(q);
 		return -ENOMEM;
 	}
+	fetch_xfer_set_owner(q->x, c->uid);
+	fetch_xfer_set_group(q->x, c->group);
+	fetch_xfer_set_flags(q->x, FETCH_XF_METADATA | flags);
 	rc = fetch_xfer_start(q->x);
 	if (rc < 0)
 		json_req_free(q);
 	return rc;
+}
+
+static int json_get(const struct dm_client *c, const char *path, json_done_fn done, void *owner)
+{
+	return json_get_flags(c, path, done, owner, 0);
 }
 
 static char *escape(const char *s)
@@ -358,11 +378,11 @@ int dm_resolve(const struct dm_client *c, const char *project, dm_project_cb cb,
 	}
 	if (looks_like_uuid(project)) {
 		snprintf(path, sizeof(path), "/projects/%s", project);
-		rc = json_get(c, path, on_project, op);
+		rc = json_get_flags(c, path, on_project, op, FETCH_XF_FIRST);
 	} else {
 		/* no server-side filter by name: list and match (section 3.1) */
-		rc = json_get(c, "/projects?includeArchived=true&offset=0&limit=5000", on_projects,
-			      op);
+		rc = json_get_flags(c, "/projects?includeArchived=true&offset=0&limit=5000",
+				    on_projects, op, FETCH_XF_FIRST);
 	}
 	if (rc < 0) {
 		free(op->want);

@@ -36,6 +36,11 @@ struct dm_client {
 	const char *server; /* API base URL without a trailing slash */
 	const char *origin; /* fetch_url_origin(server) */
 	const char *key;
+	uint32_t uid;       /* who the requests work for: places are shared by uid (fetch.h) */
+	uint64_t group;     /* fetch_xfer_set_group() of the requests */
+	/* optional: a request will be retried (the message says when and why) */
+	void (*on_retry)(void *ctx, const char *message);
+	void *retry_ctx;
 };
 
 struct dm_error {

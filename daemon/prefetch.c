@@ -1222,10 +1222,36 @@ static int sink_on_start(struct fetch_xfer *x, const struct fetch_response *r);
 static int sink_on_data(struct fetch_xfer *x, const void *buf, size_t len);
 static void sink_on_done(struct fetch_xfer *x, const struct fetch_result *res);
 
+/* A request will be retried: an event with code 0 and the message (proto.h) says so. */
+static void job_on_retry(struct job *j, const char *resource, const char *message)
+{
+	struct dmc_progress m;
+
+	if (j->final)
+		return;
+	job_progress(j, &m);
+	m.error_resource = dstr(resource);
+	m.error_message = dstr(message);
+	send_progress(j, &m, true);
+}
+
+static void dm_on_retry(void *ctx, const char *message)
+{
+	job_on_retry(ctx, NULL, message);
+}
+
+static void sink_on_retry(struct fetch_xfer *x, const struct fetch_retry *r)
+{
+	struct task *t = fetch_xfer_data(x);
+
+	job_on_retry(t->job, t->resource_id, r->message);
+}
+
 static const struct fetch_ops sink_ops = {
 	.on_start = sink_on_start,
 	.on_data = sink_on_data,
 	.on_done = sink_on_done,
+	.on_retry = sink_on_retry,
 };
 
 static void sink_work(uv_work_t *w)
@@ -1536,6 +1562,7 @@ static void start_transfer(struct task *t, const char *url, const char *if_none_
 	if (if_none_match)
 		fetch_xfer_if_none_match(t->x, if_none_match);
 	fetch_xfer_set_group(t->x, j->id);
+	fetch_xfer_set_owner(t->x, (uint32_t)j->uid);
 	rc = fetch_xfer_start(t->x);
 	if (rc < 0) {
 		fetch_xfer_free(t->x);
@@ -2863,6 +2890,10 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	/* OPEN reads what fits (items that cannot be stored fail one by one) */
 	j->allow_partial = m.flags & DMC_PREFETCH_ALLOW_PARTIAL;
 	j->started_ms = uv_now(p->d.loop);
+	j->dmc.uid = (uint32_t)j->uid;
+	j->dmc.group = j->id;
+	j->dmc.on_retry = dm_on_retry;
+	j->dmc.retry_ctx = j;
 	job_register(p, j, w);
 	if (j->want_offline) {
 		struct dm_error e = { .err = -DMC_E_NOT_FOUND_OR_DENIED };

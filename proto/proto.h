@@ -222,7 +222,10 @@ struct dmc_error_msg {
  *   items_done counts items now in the cache, items_cached those of them that were there
  *   before the job (no download); bytes_done counts bytes downloaded by this job. The error
  *   fields describe one failed item in the event that reports it; code 0 otherwise. In a
- *   final record in state FAILED they hold the first error.
+ *   final record in state FAILED they hold the first error. An event with code 0 and a
+ *   message is a notice: a request is retried after a transient failure, the message
+ *   saying when and why ("retrying in 2.0 s (attempt 2 of 5): HTTP 503"), the resource
+ *   naming the item, or empty for the project's own requests (resolving, listing).
  */
 enum dmc_source {
 	DMC_SOURCE_DATAMINT = 1,
