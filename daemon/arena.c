@@ -33,14 +33,16 @@ static void span_remove(struct span *arr, uint32_t *n, uint32_t at)
 
 int arena_init(struct arena *a, uint64_t size)
 {
+	int e;
+
 	memset(a, 0, sizeof(*a));
 	a->fd = memfd_create("dmcache-arena", MFD_CLOEXEC | MFD_ALLOW_SEALING);
 	if (a->fd < 0)
 		return -errno;
-	/* allocated up front: no page is first touched (and zeroed) on the serving path */
-	if (ftruncate(a->fd, (off_t)size) != 0 || fallocate(a->fd, 0, 0, (off_t)size) != 0)
+	/* sparse: only the pages arena_populate() faults in take memory */
+	if (ftruncate(a->fd, (off_t)size) != 0)
 		goto fail;
-	a->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, a->fd, 0);
+	a->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, a->fd, 0);
 	if (a->base == MAP_FAILED) {
 		a->base = NULL;
 		goto fail;
@@ -50,21 +52,15 @@ int arena_init(struct arena *a, uint64_t size)
 					      F_SEAL_SEAL) != 0)
 		goto fail;
 	a->size = size;
-	if (span_insert(&a->free_, &a->n_free, &a->cap_free, 0, (struct span){ 0, size }) < 0)
-		goto fail;
 	return 0;
 fail:
-	{
-		int e = errno ? -errno : -ENOMEM;
-		if (a->base)
-			munmap(a->base, size);
-		close(a->fd);
-		a->fd = -1;
-		a->base = NULL;
-		free(a->free_);
-		a->free_ = NULL;
-		return e;
-	}
+	e = errno ? -errno : -ENOMEM;
+	if (a->base)
+		munmap(a->base, size);
+	close(a->fd);
+	a->fd = -1;
+	a->base = NULL;
+	return e;
 }
 
 void arena_done(struct arena *a)
@@ -77,6 +73,51 @@ void arena_done(struct arena *a)
 	free(a->alloc_);
 	memset(a, 0, sizeof(*a));
 	a->fd = -1;
+}
+
+uint64_t arena_grow_need(const struct arena *a, uint64_t len)
+{
+	uint64_t tail = 0;
+
+	if (a->n_free && a->free_[a->n_free - 1].off + a->free_[a->n_free - 1].len == a->grown)
+		tail = a->free_[a->n_free - 1].len;
+	return len > tail ? len - tail : 0;
+}
+
+int arena_populate(int fd, uint8_t *base, uint64_t from, uint64_t len)
+{
+	long page = sysconf(_SC_PAGESIZE);
+
+#ifdef MADV_POPULATE_WRITE
+	/* Linux >= 5.14: allocates the pages and fills the daemon's page tables in one call */
+	if (madvise(base + from, len, MADV_POPULATE_WRITE) == 0)
+		return 0;
+	if (errno != EINVAL)
+		return -errno;
+#endif
+	/* older kernels: allocate, then touch each page once (they are new: zero) */
+	if (fallocate(fd, 0, (off_t)from, (off_t)len) != 0)
+		return -errno;
+	for (uint64_t o = 0; o < len; o += (uint64_t)(page > 0 ? page : 4096))
+		((volatile uint8_t *)base)[from + o] = 0;
+	return 0;
+}
+
+int arena_extend(struct arena *a, uint64_t to)
+{
+	struct span *last = a->n_free ? &a->free_[a->n_free - 1] : NULL;
+	int rc = 0;
+
+	if (to > a->size || to <= a->grown)
+		return to == a->grown ? 0 : -EINVAL;
+	if (last && last->off + last->len == a->grown)
+		last->len += to - a->grown;
+	else
+		rc = span_insert(&a->free_, &a->n_free, &a->cap_free, a->n_free,
+				 (struct span){ a->grown, to - a->grown });
+	if (rc == 0)
+		a->grown = to;
+	return rc;
 }
 
 /* The space an allocation of `len` bytes takes. */
