@@ -32,6 +32,9 @@
  * needs): large enough that page faults are paid in a few threadpool works, small enough
  * that an idle connection commits little. */
 #define GROW_MIN (8ull << 20)
+/* Bytes one pump_items() call copies into arenas before it lets the loop serve others: a
+ * GET of many items already decoded is placed in slices, not in one long turn. */
+#define PUMP_BYTES_MAX (8u << 20)
 #define GROW_MAX (64ull << 20)
 
 struct share;
@@ -408,6 +411,8 @@ struct sconn {
 	unsigned decoding;
 	unsigned inflight; /* items reading, decoding or holding bytes: at most INFLIGHT_MAX */
 	bool pumping;
+	bool yielding;       /* a pump_items() continues after the loop's other work */
+	uint64_t pump_bytes; /* placed by the running pump_items() */
 	struct sconn *next, *prev;
 };
 
@@ -1573,6 +1578,7 @@ static bool place(struct gitem *gi)
 	gi->off = off;
 	gi->moff = moff;
 	gi->rq->placed += arena_span(gi->nbytes) + arena_span(gi->mlen);
+	sc->pump_bytes += gi->nbytes;
 	grow_ahead(sc);
 	return true;
 }
@@ -2420,6 +2426,48 @@ static void on_get(struct serve *s, struct conn *c, const struct dmc_header *h,
  * Items that fail or wait for a download at once take no place. Not reentrant: a nested
  * call (from an item finishing inside) only asks the running one to look again.
  */
+/* A pump_items() that stopped at PUMP_BYTES_MAX goes on from the threadpool's queue: after
+ * the events already waiting, and behind the work others queued. */
+struct yield_work {
+	uv_work_t work;
+	struct sconn *sc;
+};
+
+static void yield_run(uv_work_t *w)
+{
+	(void)w;
+}
+
+static void yield_after(uv_work_t *w, int status)
+{
+	struct yield_work *yw = w->data;
+	struct sconn *sc = yw->sc;
+
+	(void)status;
+	free(yw);
+	sc->yielding = false;
+	if (sc->c)
+		pump_items(sc);
+	sc->busy--;
+	sconn_maybe_free(sc);
+}
+
+static void pump_yield(struct sconn *sc)
+{
+	struct yield_work *yw;
+
+	if (sc->yielding || !sc->c || !(yw = calloc(1, sizeof(*yw))))
+		return;
+	yw->sc = sc;
+	yw->work.data = yw;
+	if (uv_queue_work(sc->s->d.loop, &yw->work, yield_run, yield_after) != 0) {
+		free(yw);
+		return;
+	}
+	sc->yielding = true;
+	sc->busy++;
+}
+
 static void pump_items(struct sconn *sc)
 {
 	const struct config *cfg = sc->s->d.cfg;
@@ -2428,14 +2476,18 @@ static void pump_items(struct sconn *sc)
 
 	if (sc->pumping)
 		return;
+	if (sc->yielding)
+		return; /* its turn comes */
 	sc->pumping = true;
+	sc->pump_bytes = 0;
 	sc->busy++;
 	do {
 		again = false;
-		while (sc->inflight < INFLIGHT_MAX && (rq = first_with_new(sc)) &&
-		       share_may_start(sc->sh, cfg)) {
+		while (sc->inflight < INFLIGHT_MAX && sc->pump_bytes < PUMP_BYTES_MAX &&
+		       (rq = first_with_new(sc)) && share_may_start(sc->sh, cfg)) {
 			rq->pins++;
 			for (uint32_t i = 0; i < rq->n && !rq->replied && sc->inflight < INFLIGHT_MAX &&
+					     sc->pump_bytes < PUMP_BYTES_MAX &&
 					     share_may_start(sc->sh, cfg);
 			     i++)
 				if (rq->items[i].state == GI_NEW)
@@ -2444,7 +2496,10 @@ static void pump_items(struct sconn *sc)
 				again = true;
 			req_unpin(rq);
 		}
-	} while (again && sc->inflight < INFLIGHT_MAX && first_with_new(sc));
+	} while (again && sc->inflight < INFLIGHT_MAX && sc->pump_bytes < PUMP_BYTES_MAX &&
+		 first_with_new(sc));
+	if (sc->pump_bytes >= PUMP_BYTES_MAX && sc->inflight < INFLIGHT_MAX && first_with_new(sc))
+		pump_yield(sc);
 	sc->pumping = false;
 	share_wake(sc->s, sc->sh, sc);
 	sc->busy--;
