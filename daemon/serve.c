@@ -32,10 +32,13 @@
  * needs): large enough that page faults are paid in a few threadpool works, small enough
  * that an idle connection commits little. */
 #define GROW_MIN (8ull << 20)
+#define GROW_MAX (64ull << 20)
+/* Growths are whole pages (of 4 KiB: with larger pages, arena_populate() falls back to
+ * fallocate, which takes any range). */
+#define PAGE 4096u
 /* Bytes one pump_items() call copies into arenas before it lets the loop serve others: a
  * GET of many items already decoded is placed in slices, not in one long turn. */
 #define PUMP_BYTES_MAX (8u << 20)
-#define GROW_MAX (64ull << 20)
 
 struct share;
 static void arena_release(struct serve *s, struct arena *a, struct share *sh, uint64_t shm);
@@ -877,7 +880,7 @@ static int grow_start(struct sconn *sc, uint64_t len)
  * least `need`, at most what is left of it and what the caps allow (`room`). */
 static uint64_t grow_len(const struct arena *a, uint64_t need, uint64_t room)
 {
-	uint64_t len = a->grown / 4;
+	uint64_t len = a->grown / 4 / PAGE * PAGE;
 
 	len = len < GROW_MIN ? GROW_MIN : len > GROW_MAX ? GROW_MAX : len;
 	if (len < need)
@@ -885,7 +888,7 @@ static uint64_t grow_len(const struct arena *a, uint64_t need, uint64_t room)
 	if (len > a->size - a->grown)
 		len = a->size - a->grown;
 	if (len > room)
-		len = room / 4096 * 4096;
+		len = room / PAGE * PAGE;
 	return len;
 }
 
@@ -902,7 +905,7 @@ enum room {
 static enum room make_room(struct sconn *sc, uint64_t len, char *why, size_t whylen)
 {
 	struct arena *a = &sc->arena;
-	uint64_t need = (arena_grow_need(a, len) + 4095) / 4096 * 4096, room;
+	uint64_t need = (arena_grow_need(a, len) + PAGE - 1) / PAGE * PAGE, room;
 
 	if (sc->growing)
 		return ROOM_WAIT;
@@ -936,8 +939,8 @@ static void grow_ahead(struct sconn *sc)
 	    a->grown - a->used >= GROW_MIN / 2)
 		return;
 	room = shm_room(sc, why, sizeof(why));
-	len = grow_len(a, 4096, room);
-	if (len >= 4096)
+	len = grow_len(a, PAGE, room);
+	if (len >= PAGE)
 		grow_start(sc, len);
 }
 
@@ -956,7 +959,7 @@ static int arena_make(struct sconn *sc, uint64_t want, char *why, size_t whylen)
 		want = cfg->shm_max_per_uid;
 	if (want < (1u << 20))
 		want = 1u << 20;
-	size = (want + 4095) / 4096 * 4096;
+	size = (want + PAGE - 1) / PAGE * PAGE;
 	if (room < (size < GROW_MIN ? size : GROW_MIN)) {
 		sc->s->shm_refusals++;
 		return -DMC_E_LIMIT_EXCEEDED;
