@@ -30,9 +30,11 @@
 #define INFLIGHT_MAX 8
 /* An arena grows by a quarter of its size, within these bounds (and at least what the item
  * needs): large enough that page faults are paid in a few threadpool works, small enough
- * that an idle connection commits little. */
+ * that an idle connection commits little and that one growth holds a threadpool thread
+ * for tens of milliseconds, not hundreds. One growth of a uid runs at a time, whatever
+ * its number of connections: the other threads stay for other users' work. */
 #define GROW_MIN (8ull << 20)
-#define GROW_MAX (64ull << 20)
+#define GROW_MAX (32ull << 20)
 /* Growths are whole pages (of 4 KiB: with larger pages, arena_populate() falls back to
  * fallocate, which takes any range). */
 #define PAGE 4096u
@@ -409,6 +411,7 @@ struct sconn {
 	struct share *sh;  /* its uid's shares */
 	uint64_t shm;      /* bytes of its arena counted in sh->shm and the total */
 	bool growing;      /* a grow_work runs */
+	bool grow_wanted;  /* waits for its uid's growth to end, to grow in turn */
 	int grow_err;      /* the last growth failed: no more */
 	unsigned busy; /* works and decode jobs in flight */
 	unsigned decoding;
@@ -436,6 +439,7 @@ struct share {
 	uint64_t shm;      /* bytes committed in its arenas (shm_max_per_uid) */
 	unsigned inflight; /* items read, decoded or held (decode_max_per_uid) */
 	bool starved;      /* a connection of it waits for an inflight place */
+	bool growing;      /* one of its arenas is being faulted in */
 	struct share *next;
 };
 
@@ -833,6 +837,7 @@ static void grow_after(uv_work_t *w, int status)
 	int rc = status < 0 ? status : gw->rc;
 
 	sc->growing = false;
+	sc->sh->growing = false;
 	if (rc == 0)
 		rc = arena_extend(&sc->arena, gw->from + gw->len);
 	if (rc < 0) {
@@ -845,6 +850,15 @@ static void grow_after(uv_work_t *w, int status)
 	if (sc->c) {
 		retry_space(sc);
 		streams_kick(sc);
+	}
+	/* the uid's other arenas that waited for their turn to grow */
+	for (struct sconn *o = sc->s->conns, *next; o && !sc->sh->growing; o = next) {
+		next = o->next;
+		if (o->sh == sc->sh && o->grow_wanted && o->c) {
+			o->grow_wanted = false;
+			retry_space(o);
+			streams_kick(o);
+		}
 	}
 	sc->busy--;
 	sconn_maybe_free(sc);
@@ -870,6 +884,7 @@ static int grow_start(struct sconn *sc, uint64_t len)
 	}
 	sc->busy++;
 	sc->growing = true;
+	sc->sh->growing = true;
 	sc->shm += len;
 	sc->sh->shm += len;
 	s->shm_total += len;
@@ -911,6 +926,10 @@ static enum room make_room(struct sconn *sc, uint64_t len, char *why, size_t why
 		return ROOM_WAIT;
 	if (need == 0 || need > a->size - a->grown)
 		return ROOM_FULL;
+	if (sc->sh->growing) {
+		sc->grow_wanted = true; /* its turn comes when that growth ends */
+		return ROOM_WAIT;
+	}
 	if (sc->grow_err) {
 		snprintf(why, whylen, "cannot fault in shared memory: %s", strerror(-sc->grow_err));
 		return ROOM_CAPPED;
@@ -935,7 +954,7 @@ static void grow_ahead(struct sconn *sc)
 	char why[MSG_MAX];
 	uint64_t len, room;
 
-	if (sc->growing || sc->grow_err || !sc->c || a->grown >= a->size ||
+	if (sc->growing || sc->sh->growing || sc->grow_err || !sc->c || a->grown >= a->size ||
 	    a->grown - a->used >= GROW_MIN / 2)
 		return;
 	room = shm_room(sc, why, sizeof(why));

