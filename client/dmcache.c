@@ -1320,8 +1320,9 @@ DMC_EXPORT int dmc_open(dmc_client *c, const struct dmc_open_args *args,
 			close(fd);
 			return -EPROTO;
 		}
-		/* The daemon allocated and touched every page (fallocate, MAP_POPULATE): faults
-		 * here only map them, with fault-around, about 0.3 us a page, so no populate. */
+		/* The daemon faults in every page before it places an item there (the arena
+		 * grows on demand): faults here only map them, with fault-around, about 0.3 us a
+		 * page, so no populate (which would commit the whole, mostly unused, arena). */
 		p = mmap(NULL, r.arena_bytes, PROT_READ, MAP_SHARED, fd, 0);
 		if (p == MAP_FAILED) {
 			rc = -errno;

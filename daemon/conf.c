@@ -114,6 +114,13 @@ static const struct key keys[] = {
 	  "prefetch jobs (and OPENs being listed) one uid may have running at once"),
 	K("worker_user", KT_STRING, worker_user, 0, 0,
 	  "user the decoder workers of a root daemon run as (default: nobody; not root)"),
+	/* fair shares of memory between local users (serve.h) */
+	K("shm_max_per_uid", KT_SIZE, shm_max_per_uid, 1 << 20, 1ull << 50,
+	  "shared memory committed in one uid's arenas (default: a quarter of RAM)"),
+	K("shm_max", KT_SIZE, shm_max, 1 << 20, 1ull << 50,
+	  "shared memory committed in all arenas (default: half of RAM)"),
+	K("decode_max_per_uid", KT_UINT32, decode_max_per_uid, 1, 65536,
+	  "items of one uid read, decoded or held in memory at once, over all its connections"),
 };
 
 void config_init(struct config *cfg)
@@ -151,6 +158,14 @@ void config_init(struct config *cfg)
 	cfg->decode_timeout_ms = 10000;
 	cfg->grant_ttl_ms = 7ull * 24 * 3600000;
 	cfg->max_jobs_per_uid = 64;
+	{
+		long pages = sysconf(_SC_PHYS_PAGES), psize = sysconf(_SC_PAGESIZE);
+		uint64_t ram = pages > 0 && psize > 0 ? (uint64_t)pages * (uint64_t)psize
+						      : 8ull << 30;
+		cfg->shm_max_per_uid = ram / 4;
+		cfg->shm_max = ram / 2;
+		cfg->decode_max_per_uid = 16;
+	}
 }
 
 void config_done(struct config *cfg)

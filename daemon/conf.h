@@ -69,6 +69,11 @@ struct config {
 	uint32_t max_jobs_per_uid; /* prefetch jobs one uid may have running */
 	/* process privileges (decode_pool.h) */
 	char *worker_user;         /* NULL: "nobody"; used only when the daemon runs as root */
+
+	/* fair shares between local users (serve.h) */
+	uint64_t shm_max_per_uid;  /* shared memory committed in one uid's arenas */
+	uint64_t shm_max;          /* shared memory committed in all arenas */
+	uint32_t decode_max_per_uid; /* items of one uid in flight (read, decoded, held) */
 };
 
 /* Fills in the defaults. */
