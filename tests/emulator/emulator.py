@@ -702,7 +702,9 @@ class Handler(BaseHTTPRequestHandler):
         if fmt not in ('dicom', 'png', 'jpg', 'tiff', 'npy', 'nifti'):
             raise BadRequest('unknown download format %r' % fmt)
         app = self.server.app
-        path, count = self.build_zip(proj, key, all_annotations=True, include_unannotated=True)
+        # a dataset version: every resource, published annotations (what the client's
+        # Dataset sees by default in every generation, all_annotations=False)
+        path, count = self.build_zip(proj, key, all_annotations=False, include_unannotated=True)
         token = uuid.uuid4().hex
         app.store.tokens[token] = {'path': path, 'name': proj['name']}
         accept = self.headers.get('Accept') or ''

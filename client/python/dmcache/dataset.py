@@ -16,7 +16,7 @@ import threading
 
 import numpy as np
 
-from . import _dicom, _lib, errors
+from . import _dicom, _lib, _metainfo, errors
 
 # Options of the Datamint client's Dataset (datamint-api.md 4.1) that dmcache does not
 # implement: passing one with a value that asks for the feature raises NotImplementedError
@@ -192,6 +192,7 @@ class Dataset:
             root, dataset_name, api_key, server_url, self.offline)
         self._lock = threading.Lock()
         self._client = self._ds = self._mds = None
+        self._headers = None
         self._open(None if version in (None, '', 'latest') else version)
         # what a worker process opens: the version resolved here, the snapshot it names
         self.version = self._ds.version
@@ -327,6 +328,7 @@ class Dataset:
 
     def __getitem__(self, idx):
         a, meta = self.read(idx)
+        raw = a
         if self.normalize:
             a = normalize(a)
         if self.transform is not None:
@@ -338,16 +340,49 @@ class Dataset:
             image = to_torch(torch, a) if torch else a
         out = [image]
         if self.return_dicom:
-            out.append(_dicom.from_item_meta(meta.get('dicom')))
+            out.append(self._dicom_of(meta, raw))
         if self.return_metainfo:
-            record = dict(meta.get('resource') or {})
-            record['labels'] = image_labels(record)
-            if self.return_frame_by_frame:
-                record['frame_index'] = meta.get('frame')
-            if self.target_transform is not None:
-                record = self.target_transform(record)
-            out.append(record)
+            out.append(self.metainfo(meta))
         return tuple(out) if len(out) > 1 else out[0]
+
+    def metainfo(self, meta):
+        """The item's metainfo from read()'s metadata: the dataset folder's entry (see
+        dmcache._metainfo), with 'labels'; with return_frame_by_frame, the annotations of
+        that frame only and 'frame_index'; through target_transform."""
+        record = meta.get('resource') or {}
+        entry = _metainfo.from_record(record, self._source == _lib.SOURCE_LOCAL)
+        entry['labels'] = image_labels(record)
+        if self.return_frame_by_frame:
+            entry = _metainfo.for_frame(entry, meta.get('frame'))
+            entry['frame_index'] = meta.get('frame')
+        if self.target_transform is not None:
+            entry = self.target_transform(entry)
+        return entry
+
+    def _dicom_of(self, meta, raw):
+        """dicom_metainfo: the pydicom FileDataset read from the file's own bytes (the local
+        file; else the header as the server serves it, kept per process), the JSON-model
+        Dataset when neither can be had (offline before the first read, no pydicom), None
+        for a non-DICOM item."""
+        dicom = meta.get('dicom')
+        if not dicom or dicom.get('format') != 'dicom':
+            return None
+        if _dicom.pydicom is not None:
+            record = meta.get('resource') or {}
+            try:
+                if self._source == _lib.SOURCE_LOCAL and record.get('file'):
+                    path = os.path.join(self._project, record['file'])
+                    if os.path.isfile(path):
+                        return _dicom.from_path(path)
+                elif self._source == _lib.SOURCE_DATAMINT and record.get('id'):
+                    rid = record['id']
+                    if self._headers is None:
+                        self._headers = _dicom.HeaderSource(self._server, self._key)
+                    if not self.offline or rid in self._headers.cache:
+                        return _dicom.from_header_bytes(self._headers.get(rid), raw)
+            except Exception:  # noqa: BLE001 - the header the daemon sent still serves
+                pass
+        return _dicom.from_item_meta(dicom)
 
     def get_resources_ids(self):
         """The resource ids in item order (reads every item's metadata from the daemon)."""
