@@ -70,7 +70,7 @@ GDCMCONV_FLAGS = {'implicit': ['-M'], 'rle': ['-R'], 'jpeg-lossless': ['-J'],
 LOSSLESS_TS = {'1.2.840.10008.1.2', '1.2.840.10008.1.2.1', '1.2.840.10008.1.2.2',
                '1.2.840.10008.1.2.1.99', '1.2.840.10008.1.2.5', '1.2.840.10008.1.2.4.57',
                '1.2.840.10008.1.2.4.70', '1.2.840.10008.1.2.4.80', '1.2.840.10008.1.2.4.90'}
-NIFTI_MIME = 'application/x-nifti'  # datamint-api.md §3.4 (upload mimetype of NIfTI)
+NIFTI_MIME = 'application/nifti'  # the mimetype the clients dispatch on (tests/emulator/README.md)
 
 
 def sha256(data):

@@ -36,8 +36,9 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from faults import FaultError, Faults  # noqa: E402
-from store import (BadRequest, Conflict, Content, LazyList, NotFound, Store, has_lazy,  # noqa: E402
-                   iter_json, parse_bool)
+import store  # noqa: E402
+from store import (NIFTI_MIME, BadRequest, Conflict, Content, LazyList, NotFound, Store,  # noqa: E402
+                   has_lazy, iter_json, parse_bool)
 
 MAX_BODY = 1 << 30
 ZIP_MAX_ITEMS = 20000
@@ -532,7 +533,8 @@ class Handler(BaseHTTPRequestHandler):
                     return json_resp({'id': p[1], 'deleted': True})
                 if n == 3 and p[2] == 'resources' and m == 'GET':
                     off, lim = page_args(q)
-                    return json_resp(st.project_resources(key, proj, off, lim))
+                    return json_resp(st.project_resources(key, proj, off, lim,
+                                                          parse_bool(q.get('deleted'), False)))
                 if n == 3 and p[2] == 'resources' and m == 'POST':
                     b = js()
                     st.add_to_project(key, proj, b.get('resource_ids_to_add') or [],
@@ -599,7 +601,8 @@ class Handler(BaseHTTPRequestHandler):
                 return json_resp({'success': True})
             if n >= 2:
                 if n == 2 and m == 'GET':
-                    return json_resp(st.resource_json(key, p[1]))
+                    return json_resp(st.resource_json(key, p[1],
+                                                      parse_bool(q.get('deleted'), False)))
                 if n == 2 and m == 'DELETE':
                     st.delete_resource(key, p[1])
                     return json_resp({'id': p[1], 'deleted': True})
@@ -612,9 +615,13 @@ class Handler(BaseHTTPRequestHandler):
                 if n == 3 and p[2] == 'publish' and m == 'POST':
                     r = st.publish(key, p[1])
                     return json_resp(st.resource_public(r), 201)
-                if n == 3 and p[2] in ('tags', 'labels') and m == 'PUT':
+                if n == 3 and p[2] == 'tags' and m == 'PUT':
                     b = js()
-                    r = st.set_tags(key, p[1], b.get(p[2]))
+                    r = st.set_tags(key, p[1], b.get('tags'))
+                    return json_resp(st.resource_public(r))
+                if n == 3 and p[2] == 'labels' and m == 'PUT':
+                    b = js()
+                    r = st.set_labels(key, p[1], b.get('labels'), b.get('frame_labels'))
                     return json_resp(st.resource_public(r))
         # §3.6 annotations
         if p[:1] == ['annotations']:
@@ -654,9 +661,19 @@ class Handler(BaseHTTPRequestHandler):
                     if not a['_path']:
                         raise NotFound('Annotation file not found')
                     name = (a['associated_file'] or '').lower()
-                    ctype = ('application/x-nifti' if '.nii' in name else
+                    ctype = (NIFTI_MIME if '.nii' in name else
                              'image/png' if name.endswith('.png') else 'application/octet-stream')
                     return self.file_resp(st.file_content(a), ctype)
+        # §3.8 upload batches (the 2024 clients' create_batch / get_batches / get_batch_info)
+        if p[:1] == ['upload-batches']:
+            if n == 1 and m == 'GET':
+                items = st.list_batches(key)
+                off, lim = page_args(q)
+                return json_resp({'data': items[off:None if lim is None else off + lim]})
+            if n == 1 and m == 'POST':
+                return json_resp({'id': st.create_batch(key, js())['id']}, 201)
+            if n == 2 and m == 'GET':
+                return json_resp(st.get_batch(key, p[1]))
         if p == ['users'] and m == 'GET':
             return json_resp([{'email': u, 'firstname': u.split('@')[0].capitalize(),
                                'lastname': 'Example', 'roles': ['admin'],
@@ -686,6 +703,10 @@ class Handler(BaseHTTPRequestHandler):
         total, segs, rev = st.list_resources(key, q)
         off, lim = page_args(q)
         items = st.page(segs, rev, off, lim)
+        if parse_bool(q.get('ids'), False):
+            # ids=true (1.x get_resources(return_ids_only=True)): the same envelope, each
+            # resource reduced to its id
+            items = ['{"id":%s}' % json.dumps(json.loads(t)['id']) for t in items]
         text = '{"data":[{"resources":[' + ','.join(items) + ']}],"totalCount":%d}' % total
         return Resp(200, text.encode())
 
@@ -941,6 +962,9 @@ def main(argv=None):
                     help='install a fault rule at start (see faults.py)')
     ap.add_argument('--token-style', choices=('sse', 'json'), default='sse',
                     help='Generation A token answer when Accept does not decide (§3.3.1)')
+    ap.add_argument('--not-found-style', choices=('nest', 'text'), default='nest',
+                    help="404 text of a missing entity: 'Not Found' (nest, the seed-era and "
+                    "2.x clients) or '<Entity> not found' (text, the 1.x clients)")
     ap.add_argument('--tls-cert')
     ap.add_argument('--tls-key')
     ap.add_argument('--state-dir', help='where uploads and ZIPs go (default: a temp dir)')
@@ -954,6 +978,7 @@ def main(argv=None):
     keys = args.keys or (os.path.join(args.corpus, 'keys.json') if args.corpus else None)
     if not keys or not os.path.isfile(keys):
         ap.error('a keys file is needed: --keys FILE or --corpus DIR with keys.json')
+    store.ENTITY_STYLE[0] = args.not_found_style
     app = App(args)
     st = app.store
     try:

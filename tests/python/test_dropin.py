@@ -232,3 +232,14 @@ def test_sample_dicoms_answer_the_guides_patient_sex(sample, emu):
             assert dcm.PatientSex == ref.PatientSex
             sexes.append(dcm.PatientSex)
     assert len(sexes) == 10 and set(sexes) == {'F', 'M'}
+
+
+# ---- Emulator difference 2, through the Dataset: NIfTI items say application/nifti ----
+def test_nifti_items_have_the_clients_mimetype(sample):
+    _, entries, items = sample
+    nii = [m for _, _, m in items if m['filename'].endswith(('.nii', '.nii.gz'))]
+    assert len(nii) == 2
+    for m in nii:
+        # api_handler.py@af98a24 convert_format: `elif mimetype == 'application/nifti'`
+        assert m['mimetype'] == entries[m['id']]['mimetype'] == 'application/nifti'
+        assert m['file'].endswith(('.nii', '.nii.gz'))
