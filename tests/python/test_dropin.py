@@ -243,3 +243,44 @@ def test_nifti_items_have_the_clients_mimetype(sample):
         # api_handler.py@af98a24 convert_format: `elif mimetype == 'application/nifti'`
         assert m['mimetype'] == entries[m['id']]['mimetype'] == 'application/nifti'
         assert m['file'].endswith(('.nii', '.nii.gz'))
+
+
+# ---- Dataset difference 4: compat='2024.11' divides uint16 by 256 ----
+def seed_era_image(path):
+    """datamintapi/dataset.py@af98a24 _load_image, line by line."""
+    from torchvision.transforms.functional import to_tensor
+    img = pydicom.dcmread(path).pixel_array
+    if img.dtype == np.uint16:
+        img = (img // 256).astype(np.uint8)
+    if len(img.shape) == 3:
+        img = img.transpose(1, 2, 0)
+    if len(img.shape) == 2:
+        img = img[..., np.newaxis]
+    return to_tensor(img)
+
+
+def test_compat_2024_11_reproduces_the_seed_era(daemon, emu):
+    files = os.path.join(emu.corpus, 'projects', 'sample')
+    old = dmcache.Dataset(dataset_name='sample', compat='2024.11')
+    new = dmcache.Dataset(dataset_name='sample')
+    n16 = 0
+    for i in range(len(old)):
+        image, _, meta = old[i]
+        if not meta['filename'].endswith('.dcm'):
+            continue  # the seed-era client read DICOM only
+        want = seed_era_image(os.path.join(files, meta['source_filepath']))
+        assert image.dtype == want.dtype and torch.equal(image, want), meta['filename']
+        if meta['filename'].startswith('multiframe'):
+            n16 += 1
+            # the default stays the current client's min-max
+            a = pydicom.dcmread(os.path.join(files, meta['source_filepath'])).pixel_array
+            mm = ((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8)
+            cur = new[i][0]
+            assert cur.shape == (4, 1, 128, 128)
+            assert torch.equal(cur[:, 0], torch.from_numpy(mm).float().div(255))
+            assert not torch.equal(cur[:, 0], image)
+    assert n16 == 1
+    with pytest.raises(ValueError):
+        dmcache.Dataset(dataset_name='sample', compat='2023')
+    old.close()
+    new.close()

@@ -79,6 +79,20 @@ def normalize(a):
     return np.array(a, copy=True)
 
 
+COMPAT = ('2024.11',)
+
+
+def normalize_2024(a):
+    """The seed-era client's conversions (datamintapi/dataset.py@af98a24 _load_image, until
+    2025-02-26): uint16 -> (a // 256) as uint8; then, as torchvision's to_tensor does,
+    uint8 -> float32 / 255. Other dtypes unchanged (copied)."""
+    if a.dtype == np.uint16:
+        a = (a // 256).astype(np.uint8)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / np.float32(255)
+    return np.array(a, copy=True)
+
+
 def to_hwc(a):
     """(frames, channels, H, W) -> (H, W, frames * channels): the layout torchvision's
     ToTensor() and PIL-style transforms expect; frames become channels, as the Datamint
@@ -158,7 +172,8 @@ class Dataset:
     def __init__(self, root=None, dataset_name=None, version='latest', api_key=None,
                  server_url=None, transform=None, target_transform=None, return_dicom=True,
                  return_metainfo=True, normalize=True, socket=None, arena_bytes=0,
-                 project_name=None, return_frame_by_frame=False, offline=None, **kwargs):
+                 project_name=None, return_frame_by_frame=False, offline=None, compat=None,
+                 **kwargs):
         for k, v in kwargs.items():
             if k not in UNSUPPORTED:
                 raise TypeError("Dataset() got an unexpected keyword argument '%s'" % k)
@@ -167,6 +182,10 @@ class Dataset:
             raise NotImplementedError(
                 "dmcache.Dataset does not implement the Datamint option '%s' (%r); see the "
                 "README, 'Python package'" % (k, v))
+        if compat is not None and compat not in COMPAT:
+            raise ValueError("compat must be None (the current client) or one of %s, not %r"
+                             % (', '.join("'%s'" % c for c in COMPAT), compat))
+        self.compat = compat
         if project_name is not None:
             if dataset_name is not None and dataset_name != project_name:
                 raise TypeError('pass dataset_name or project_name, not both')
@@ -330,12 +349,15 @@ class Dataset:
         a, meta = self.read(idx)
         raw = a
         if self.normalize:
-            a = normalize(a)
+            a = normalize_2024(a) if self.compat == '2024.11' else normalize(a)
         if self.transform is not None:
             image = self.transform(to_hwc(a))
         else:
             if self.return_frame_by_frame:
                 a = a[0]  # one frame: (channels, H, W), as the Datamint client gives it
+            elif self.compat == '2024.11':
+                # to_tensor of the (H, W, frames * channels) array: frames as channels
+                a = np.ascontiguousarray(to_hwc(a).transpose(2, 0, 1))
             torch = torch_module()
             image = to_torch(torch, a) if torch else a
         out = [image]
