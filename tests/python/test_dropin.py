@@ -86,9 +86,8 @@ def test_metainfo_has_file_and_frame_labels(sample, emu):
             assert f.read() == g.read()
         assert meta['frame_labels'] == entry['frame_labels']
         with_frame_labels += entry['frame_labels'] is not None
-        # every other key of the client's metainfo is there with the same value
-        for k, v in entry.items():
-            assert meta.get(k) == v, (meta['filename'], k)
+        # the client's metainfo, key for key
+        assert meta == entry, meta['filename']
     assert with_frame_labels == 1
     mf = next(m for _, _, m in items if m['filename'] == 'multiframe_4x128.dcm')
     assert mf['frame_labels'] == [
@@ -284,3 +283,149 @@ def test_compat_2024_11_reproduces_the_seed_era(daemon, emu):
         dmcache.Dataset(dataset_name='sample', compat='2023')
     old.close()
     new.close()
+
+
+# ---- Dataset difference 6: the 2025 client's annotation outputs ----
+# Expected values: datamintapi/dataset/dataset.py and base_dataset.py at tag 1.2.4, written
+# out again here over the dataset folder the client downloads.
+def client_label_sets(entries, scope):
+    ml, seg = set(), set()
+    for e in entries:
+        for a in e['annotations']:
+            if ('image' if a.get('index') is None else 'frame') != scope:
+                continue
+            if a['type'] == 'label':
+                ml.add(a['name'])
+            if a['type'] == 'segmentation':
+                seg.add(a['name'])
+    ml, seg = sorted(ml), sorted(seg)
+    return ml, {n: i for i, n in enumerate(ml)}, {n: i + 1 for i, n in enumerate(seg)}
+
+
+def client_segmentations(folder, anns, nframes, h, w, codes):
+    from PIL import Image
+    segs, labels = {}, {}
+    for a in anns:
+        if a['type'] != 'segmentation' or not a['file'].endswith('.png'):
+            continue  # the client opens masks with PIL: its PNG masks
+        m = Image.open(os.path.join(folder, a['file'])).convert('L').resize((w, h), Image.NEAREST)
+        m = torch.from_numpy(np.array(m)) == 255
+        segs.setdefault(a['added_by'], [[] for _ in range(nframes)])[a['index']].append(m)
+        labels.setdefault(a['added_by'], [[] for _ in range(nframes)])[a['index']].append(
+            codes[a['name']])
+    out_s, out_l = {}, {}
+    for by in segs:
+        out_s[by] = [torch.stack(x) if x else torch.zeros((0, h, w), dtype=torch.bool)
+                     for x in segs[by]]
+        out_l[by] = [torch.tensor(x, dtype=torch.int32) if x else torch.zeros(0, dtype=torch.int32)
+                     for x in labels[by]]
+    return out_s, out_l
+
+
+def client_onehot(anns, names, codes, nframes):
+    out = {}
+    for a in anns:
+        size = (len(names),) if nframes is None else (nframes, len(names))
+        t = out.setdefault(a['added_by'], torch.zeros(size, dtype=torch.int32))
+        if a.get('index') is None:
+            t[codes[a['name']]] = 1
+        else:
+            t[a['index'], codes[a['name']]] = 1
+    return out
+
+
+def test_segmentations_and_labels_as_the_client(daemon, sample):
+    folder, entries, _ = sample
+    ents = list(entries.values())
+    fnames, fcodes, scodes = client_label_sets(ents, 'frame')
+    inames, icodes, _ = client_label_sets(ents, 'image')
+    assert fnames == ['artifact', 'contrast'] and list(scodes) == ['Liver', 'Spine']
+    ds = dmcache.Dataset(dataset_name='sample', return_segmentations=True)
+    assert ds.segmentation_labels_set == list(scodes) and ds.image_labels_set == inames
+    nseg = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        assert set(item) == {'image', 'metainfo', 'segmentations', 'seg_labels',
+                             'frame_labels', 'image_labels'}
+        e = entries[item['metainfo']['id']]
+        assert item['metainfo'] == {k: v for k, v in e.items() if k != 'annotations'} | \
+            {'labels': item['metainfo']['labels']}
+        nframes, _, h, w = item['image'].shape
+        want_s, want_l = client_segmentations(folder, e['annotations'], nframes, h, w, scodes)
+        assert set(item['segmentations']) == set(want_s)
+        for by in want_s:
+            assert len(item['segmentations'][by]) == nframes
+            for got, want in zip(item['segmentations'][by], want_s[by]):
+                assert got.dtype == torch.bool and torch.equal(got, want)
+            for got, want in zip(item['seg_labels'][by], want_l[by]):
+                assert got.dtype == torch.int32 and torch.equal(got, want)
+            nseg += sum(len(x) for x in want_s[by])
+        frame = [a for a in e['annotations'] if a['type'] == 'label' and a['index'] is not None]
+        image = [a for a in e['annotations'] if a['type'] == 'label' and a['index'] is None]
+        want = client_onehot(frame, fnames, fcodes, nframes)
+        assert {k: v.tolist() for k, v in item['frame_labels'].items()} == \
+            {k: v.tolist() for k, v in want.items()}
+        want = client_onehot(image, inames, icodes, None)
+        assert {k: v.tolist() for k, v in item['image_labels'].items()} == \
+            {k: v.tolist() for k, v in want.items()}
+        assert all(v.dtype == torch.int32 for v in item['image_labels'].values())
+    assert nseg == 4  # Liver x3, Spine x1 (the NIfTI volume mask is not a PIL image)
+    mf = next(ds[i] for i in range(len(ds)) if ds[i]['metainfo']['filename'].startswith('multi'))
+    assert mf['frame_labels']['annotator1@example.org'].tolist() == [[0, 0], [0, 1], [0, 1],
+                                                                     [1, 0]]
+    ds.close()
+
+
+def test_semantic_segmentation_and_merge(daemon, sample):
+    folder, entries, _ = sample
+    ds = dmcache.Dataset(dataset_name='sample', return_as_semantic_segmentation=True,
+                         semantic_seg_merge_strategy='union')
+    item = next(ds[i] for i in range(len(ds)) if ds[i]['metainfo']['filename'] == 'ct_003.dcm')
+    e = entries[item['metainfo']['id']]
+    from PIL import Image
+    masks = {a['name']: np.array(Image.open(os.path.join(folder, a['file'])).convert('L')) == 255
+             for a in e['annotations'] if a['type'] == 'segmentation'}
+    seg = item['segmentations']
+    assert seg.shape == (1, 3, 512, 512) and seg.dtype == torch.float32
+    assert item['seg_labels'] is None
+    assert torch.equal(seg[0, 1], torch.from_numpy(masks['Liver']).float())
+    assert torch.equal(seg[0, 2], torch.from_numpy(masks['Spine']).float())
+    # 'union' ORs each annotator's semantic map, background channel included: annotator1
+    # (Liver) and annotator2 (Spine) each call the other's mask background
+    assert torch.equal(seg[0, 0], torch.from_numpy(~masks['Liver'] | ~masks['Spine']).float())
+    # without a merge strategy: per annotator
+    ds2 = dmcache.Dataset(dataset_name='sample', return_as_semantic_segmentation=True)
+    per = ds2[3]['segmentations']
+    assert set(per) == {'annotator1@example.org', 'annotator2@example.org'}
+    assert torch.equal(per['annotator2@example.org'][0, 2], seg[0, 2])
+    assert per['annotator2@example.org'][0, 1].sum() == 0
+    ds.close()
+    ds2.close()
+
+
+def test_include_exclude_filters(daemon, sample):
+    ds = dmcache.Dataset(dataset_name='sample', include_annotators=['annotator2@example.org'],
+                         include_unannotated=False)
+    assert len(ds) == 1  # only ct_003 has an annotation by annotator2 (Spine)
+    item = ds[0]
+    assert item['metainfo']['filename'] == 'ct_003.dcm'
+    assert list(item['segmentations']) == ['annotator2@example.org']
+    # label sets are over the filtered annotations: Spine is the only name, code 1
+    assert ds.segmentation_labels_set == ['Spine']
+    assert item['seg_labels']['annotator2@example.org'][0].tolist() == [1]
+    ds = dmcache.Dataset(dataset_name='sample', exclude_segmentation_names=['Spine'],
+                         exclude_image_label_names=['no_liver'])
+    assert ds.segmentation_labels_set == ['Liver'] and 'no_liver' not in ds.image_labels_set
+    assert list(ds[3]['segmentations']) == ['annotator1@example.org']
+    assert ds[0]['image_labels'] == {}  # ct_000's only label was no_liver
+    with pytest.raises(ValueError):
+        dmcache.Dataset(dataset_name='sample', include_annotators=['a'], exclude_annotators=['b'])
+    fb = dmcache.Dataset(dataset_name='sample', return_frame_by_frame=True,
+                         include_frame_label_names=['contrast'])
+    frames = [fb[i] for i in range(len(fb)) if fb[i]['metainfo']['filename'].startswith('multi')]
+    # frame by frame: (n_frame_labels,) per frame; 'artifact' filtered out
+    assert fb.frame_labels_set == ['contrast']
+    assert [f['frame_labels'] for f in frames][0] == {} and \
+        [f['frame_labels']['annotator1@example.org'].tolist() for f in frames[1:3]] == [[1], [1]]
+    assert frames[3]['frame_labels'] == {}
+    assert frames[1]['image'].shape == (1, 128, 128) and frames[1]['metainfo']['frame_index'] == 1

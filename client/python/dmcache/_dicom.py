@@ -326,20 +326,23 @@ class HeaderSource:
         self.server, self.key, self.timeout = (server or '').rstrip('/'), api_key, timeout
         self.cache = {}
 
+    def fetch(self, path):
+        """GET <server><path> with the key: the body (at most HEADER_MAX bytes)."""
+        import urllib.request
+        req = urllib.request.Request(self.server + path, headers={
+            'apikey': self.key, 'accept': 'application/octet-stream'})
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            data = resp.read(HEADER_MAX + 1)
+        if len(data) > HEADER_MAX:
+            raise ValueError('%s is over %d bytes' % (path, HEADER_MAX))
+        return data
+
     def get(self, resource_id):
         data = self.cache.get(resource_id)
         if data is not None:
             return data
         import urllib.parse
-        import urllib.request
-        url = '%s/resources/%s/file' % (self.server, urllib.parse.quote(str(resource_id)))
-        req = urllib.request.Request(url, headers={'apikey': self.key,
-                                                   'accept': 'application/octet-stream'})
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            data = resp.read(HEADER_MAX + 1)
-        if len(data) > HEADER_MAX:
-            raise ValueError('DICOM file of resource %s is over %d bytes' % (resource_id, HEADER_MAX))
-        data = header_bytes(data)
+        data = header_bytes(self.fetch('/resources/%s/file' % urllib.parse.quote(str(resource_id))))
         if len(self.cache) >= HEADER_CACHE:
             self.cache.pop(next(iter(self.cache)))
         self.cache[resource_id] = data

@@ -17,6 +17,10 @@ SHORT = (('annotation_type', 'type'), ('identifier', 'name'), ('frame_index', 'i
          ('created_by', 'added_by'))
 
 
+# keys the daemon adds to a record for its own use (not the client's)
+DAEMON_KEYS = ('mask_blobs',)
+
+
 def ext_of(name):
     """The extension the dataset folder gives a file of this name ('.nii.gz' whole)."""
     low = (name or '').lower()
@@ -50,6 +54,8 @@ def frame_labels(short):
 def from_record(record, local):
     """The dataset folder entry of an item from the record the daemon sends."""
     rec = dict(record or {})
+    for k in DAEMON_KEYS:
+        rec.pop(k, None)
     if local:
         return rec
     anns = [a for a in rec.get('annotations') or () if isinstance(a, dict)
