@@ -46,7 +46,7 @@ CHUNK = 256 * 1024
 REASONS = {400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found',
            405: 'Method Not Allowed', 409: 'Conflict', 413: 'Payload Too Large',
            416: 'Range Not Satisfiable', 429: 'Too Many Requests',
-           500: 'Internal Server Error', 502: 'Bad Gateway', 503: 'Service Unavailable',
+           500: 'Internal Server Error', 501: 'Not Implemented', 502: 'Bad Gateway', 503: 'Service Unavailable',
            504: 'Gateway Timeout'}
 
 
@@ -540,6 +540,9 @@ class Handler(BaseHTTPRequestHandler):
                     st.add_to_project(key, proj, b.get('resource_ids_to_add') or [],
                                       b.get('resource_ids_to_delete') or [])
                     return json_resp({'id': proj['id'], 'success': True}, 201)
+                if n == 3 and m == 'GET' and p[2] in ('worklists', 'splits', 'members',
+                                                      'annotation-statuses', 'models'):
+                    return json_resp(self.project_v2(st, key, proj, p[2], q))
                 if n == 3 and p[2] == 'annotated_dataset' and m == 'GET':
                     return self.zip_download(proj, key, gen='B',
                                              all_annotations=parse_bool(q.get('all_annotations'), False),
@@ -584,6 +587,11 @@ class Handler(BaseHTTPRequestHandler):
                 total = len(chans)
                 chans = chans[off:None if lim is None else off + lim]
                 return json_resp({'data': chans, 'totalCount': str(total)})
+            if n == 2 and p[1] == 'not-annotated' and m == 'GET':
+                items = st.not_annotated(key, q)
+                off, lim = page_args(q)
+                page = items[off:None if lim is None else off + lim]
+                return json_resp({'data': [{'resources': page}], 'totalCount': len(items)})
             if n == 2 and p[1] == 'tags' and m == 'PUT':
                 b = js()
                 ids = b.get('resource_ids')
@@ -612,6 +620,8 @@ class Handler(BaseHTTPRequestHandler):
                     self.served = p[1]
                     ctype = r['mimetype'] if r else 'application/octet-stream'
                     return self.file_resp(content, ctype or 'application/octet-stream')
+                if n == 4 and p[2] == 'frames' and m == 'GET':
+                    return self.frame(st, key, p[1], p[3])
                 if n == 3 and p[2] == 'publish' and m == 'POST':
                     r = st.publish(key, p[1])
                     return json_resp(st.resource_public(r), 201)
@@ -664,6 +674,19 @@ class Handler(BaseHTTPRequestHandler):
                     ctype = (NIFTI_MIME if '.nii' in name else
                              'image/png' if name.endswith('.png') else 'application/octet-stream')
                     return self.file_resp(st.file_content(a), ctype)
+        # 2.x annotation worklists ("annotationsets")
+        if p[:1] == ['annotationsets'] and n in (2, 3) and m == 'GET':
+            proj = st.worklist_of(key, p[1])
+            if n == 2:
+                return json_resp(st.worklist_public(proj))
+            if p[2] == 'segmentation-group':
+                return json_resp(st.segmentation_group(proj))
+            if p[2] == 'annotation-statuses':
+                return json_resp(st.annotation_statuses(proj))
+        if p == ['users', 'me'] and m == 'GET':
+            return json_resp(st.user_public(key.user))
+        if p == ['models'] and m == 'GET':
+            return json_resp({'data': [], 'totalCount': 0})
         # §3.8 upload batches (the 2024 clients' create_batch / get_batches / get_batch_info)
         if p[:1] == ['upload-batches']:
             if n == 1 and m == 'GET':
@@ -680,6 +703,36 @@ class Handler(BaseHTTPRequestHandler):
                                'customer_id': None, 'created_at': '2025-01-01T00:00:00.000Z'}
                               for u in st.users()])
         raise NotFound('Cannot %s %s' % (self.command, path))
+
+    def project_v2(self, st, key, proj, what, q):
+        if what == 'worklists':
+            # get_by_project remaps worklist_id/worklist_name (annotationsets_api.py l.197-207)
+            w = st.worklist_public(proj, full=False)
+            w['worklist_id'], w['worklist_name'] = w.pop('id'), w.pop('name')
+            return [w]
+        if what == 'splits':
+            return st.splits(proj, q.get('split_name') or None)
+        if what == 'members':
+            return st.members(key, proj)
+        if what == 'annotation-statuses':
+            return st.annotation_statuses(proj)
+        return []  # models: the project's models (none here)
+
+    def frame(self, st, key, rid, idx):
+        """GET /resources/{id}/frames/{i} (resources_api.py@v2.29.0 l.1226-1238): one frame
+        as an image. An image resource is its own frame 0; other formats are not rendered
+        here (501, which the client raises as a server error)."""
+        r = st.get_resource(key, rid, allow_deleted=False)
+        try:
+            i = int(idx)
+        except ValueError:
+            raise BadRequest('frame index must be an integer')
+        mt = r['mimetype'] or ''
+        if mt.startswith('image/'):
+            if i != 0:
+                raise BadRequest('Resource is not a multi-frame resource')
+            return self.file_resp(st.content(key, rid), mt)
+        raise HTTPError(501, 'frame rendering of %s is not emulated' % mt)
 
     def multipart(self, body):
         ctype = self.headers.get('Content-Type') or ''

@@ -735,6 +735,102 @@ class Store:
             self.touch(r['_projects'])
             return r
 
+    # ---- routes of the 2.x client's Dataset (tests/emulator/README.md, "2.x routes") ----
+    def _project_annotations(self, p):
+        return [self.annotations[a] for r in p['_resources'] if not self.resources[r]['deleted']
+                for a in self.resources[r]['_annotations'] if not self.annotations[a]['deleted']]
+
+    def worklist_of(self, key, wid):
+        for p in self.visible_projects(key):
+            if p['worklist_id'] == wid:
+                return p
+        raise entity_not_found('Annotation worklist')
+
+    def worklist_public(self, p, full=True):
+        """AnnotationWorklist (datamint/entities/annotation_worklist.py@v2.29.0 l.57-64)."""
+        with self.lock:
+            anns = [] if p['_synthetic'] else self._project_annotations(p)
+            specs = {}
+            for a in anns:
+                if a['annotation_type'] == 'segmentation':
+                    continue
+                k = (a['scope'], a['identifier'], a['annotation_type'])
+                sp = specs.setdefault(k, {'type': a['annotation_type'], 'scope': a['scope'],
+                                          'required': False, 'identifier': a['identifier']})
+                if a['annotation_type'] == 'category':
+                    sp.setdefault('values', [])
+                    if a['text_value'] not in sp['values']:
+                        sp['values'] = sorted(sp['values'] + [a['text_value']])
+            annotators = sorted({a['created_by'] for a in anns})
+            out = {'id': p['worklist_id'], 'name': p['name'], 'status': 'active',
+                   'annotators': [{'email': e, 'status': 'active', 'expertise_level': None}
+                                  for e in annotators],
+                   'description': p['description'], 'created_by': p['created_by'],
+                   'created_at': p['created_at'], 'project_id': p['id']}
+            if full:
+                out['annotations'] = [specs[k] for k in sorted(specs)]
+                out['resource_ids'] = ([] if p['_synthetic'] else
+                                       [r for r in p['_resources']
+                                        if not self.resources[r]['deleted']])
+            return out
+
+    def segmentation_group(self, p):
+        """{"groups": {name: {"index": k}}}, k from 1 (base.py@v2.29.0 l.599-600, 968-972)."""
+        with self.lock:
+            names = sorted({a['identifier'] for a in ([] if p['_synthetic'] else
+                                                      self._project_annotations(p))
+                            if a['annotation_type'] == 'segmentation'})
+        return {'groups': {n: {'index': i + 1} for i, n in enumerate(names)},
+                'segmentationValueType': 'single_label'}
+
+    def splits(self, p, split_name=None):
+        """ProjectResourceSplit list (project_resource_split.py@v2.29.0 l.7-14): a resource
+        tagged 'split:<name>' is in split <name>."""
+        out = []
+        with self.lock:
+            for rid in ([] if p['_synthetic'] else p['_resources']):
+                r = self.resources[rid]
+                if r['deleted']:
+                    continue
+                for t in r['tags']:
+                    if t.startswith('split:') and split_name in (None, t[6:]):
+                        out.append({'id': _rid('split', p['id'], rid, t), 'split_name': t[6:],
+                                    'project_id': p['id'], 'resource_id': rid,
+                                    'created_at': r['created_at'], 'created_by': p['created_by'],
+                                    'deleted_at': None, 'deleted_by': None})
+        return out
+
+    def user_public(self, email):
+        """User (datamint/entities/user.py@v2.29.0 l.15-20)."""
+        return {'email': email, 'firstname': email.split('@')[0].capitalize(),
+                'lastname': 'Example', 'roles': ['admin'],
+                'customer_id': _rid('customer', email), 'created_at': '2025-01-01T00:00:00.000Z'}
+
+    def members(self, key, p):
+        users = [k.user for k in self.keys.values()
+                 if k.all or k.sees_project(p['name'])]
+        return [self.user_public(u) for u in sorted(set(users))]
+
+    def annotation_statuses(self, p):
+        """One status per (resource, annotator) with published annotations (inferred)."""
+        with self.lock:
+            seen = {}
+            for a in ([] if p['_synthetic'] else self._project_annotations(p)):
+                if a['status'] == 'published':
+                    seen.setdefault((a['resource_id'], a['created_by']), a['created_at'])
+            return [{'resource_id': r, 'user_email': u, 'status': 'closed', 'updated_at': t,
+                     'annotation_worklist_id': p['worklist_id']}
+                    for (r, u), t in sorted(seen.items())]
+
+    def not_annotated(self, key, q):
+        """GET /resources/not-annotated: resources without any annotation."""
+        with self.lock:
+            rs = [r for r in self.resources.values() if not r['deleted']
+                  and self.sees_resource(key, r)
+                  and not any(not self.annotations[a]['deleted'] for a in r['_annotations'])]
+            rs.sort(key=lambda r: (r['created_at'], r['id']), reverse=True)
+            return [self.resource_public(r) for r in rs]
+
     # ---- upload batches (datamint-api.md 3.8; get_batches/get_batch_info @af98a24) ----
     def create_batch(self, key, body):
         if not isinstance(body, dict):

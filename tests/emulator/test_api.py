@@ -505,3 +505,80 @@ def test_deleted_resources_disappear(emu):
     r = is_json(emu.get('/resources/' + rid, query={'deleted': 'true'}))
     assert r['deleted'] is True and r['deleted_at'] and r['deleted_by'] == 'alice@example.org'
     assert rid in [x['id'] for x in walk(emu, status='', deleted='true', **mine)[0]]
+
+
+def test_v2_dataset_routes(emu):
+    """The routes the 2.x client's Dataset calls, read as its code reads them (datamint at
+    tag v2.29.0; files and lines in tests/emulator/README.md)."""
+    sample = emu.project('sample')
+    with open(os.path.join(emu.corpus, 'projects', 'sample', 'project.json')) as f:
+        corpus = json.load(f)
+    # annotationsets_api.py get_by_project: a list, worklist_id/worklist_name -> id/name
+    wl = is_json(emu.get('/projects/%s/worklists' % sample['id'], key=KEY_SAMPLE))
+    assert isinstance(wl, list) and len(wl) == 1
+    assert wl[0]['worklist_id'] == sample['worklist_id'] and wl[0]['worklist_name'] == 'sample'
+    assert {'status', 'annotators'} <= set(wl[0])
+    # AnnotationWorklist with its annotation specs (annotation_worklist.py, annotation_spec.py)
+    w = is_json(emu.get('/annotationsets/' + sample['worklist_id'], key=KEY_SAMPLE))
+    assert w['id'] == sample['worklist_id'] and w['name'] == 'sample'
+    for spec in w['annotations']:
+        assert {'type', 'scope', 'required', 'identifier'} <= set(spec)
+    want = {(a.get('scope'), a['identifier']) for r in corpus['resources']
+            for a in r['annotations'] if a['type'] != 'segmentation'
+            and a.get('status', 'published') == 'published'}
+    assert {(s['scope'], s['identifier']) for s in w['annotations']} >= want
+    birads = next(s for s in w['annotations'] if s['identifier'] == 'BIRADS')
+    assert birads['type'] == 'category' and birads['values'] == ['2', '3', '4']
+    listed = is_json(emu.get('/projects/%s/resources' % sample['id'], key=KEY_SAMPLE))
+    assert sorted(w['resource_ids']) == sorted(r['id'] for r in listed)
+    # base.py _process_segmentation_group: groups[name]['index'] from 1
+    groups = is_json(emu.get('/annotationsets/%s/segmentation-group' % sample['worklist_id'],
+                             key=KEY_SAMPLE))['groups']
+    live = is_json(emu.get('/annotations', query={
+        'annotation_worklist_id': sample['worklist_id'], 'annotation_type': 'segmentation'}))
+    seg = sorted({a['identifier'] for a in live['data']})
+    lst = ['UNKNOWN'] * max(g['index'] for g in groups.values())
+    for name, g in groups.items():
+        lst[g['index'] - 1] = name
+    assert lst == seg and {'Edema', 'Liver', 'Spine', 'Tumor'} <= set(seg)
+    # projects_api.py get_splits: ProjectResourceSplit(**item) for item in the list
+    assert is_json(emu.get('/projects/%s/splits' % sample['id'], key=KEY_SAMPLE)) == []
+    up = emu.upload('split.png', b'\x89PNG\r\n\x1a\n', 'image/png', tags='split:train',
+                    bypass_inbox='true')
+    emu.request('POST', '/projects/%s/resources' % sample['id'],
+                json_body={'resource_ids_to_add': [up.json()['id']], 'all_files_selected': False})
+    sp = is_json(emu.get('/projects/%s/splits' % sample['id'], key=KEY_SAMPLE,
+                         query={'as_of_timestamp': '2030-01-01T00:00:00Z'}))
+    assert [(x['resource_id'], x['split_name']) for x in sp] == [(up.json()['id'], 'train')]
+    assert set(sp[0]) == {'id', 'split_name', 'project_id', 'resource_id', 'created_at',
+                          'created_by', 'deleted_at', 'deleted_by'}
+    emu.request('DELETE', '/resources/' + up.json()['id'])
+    # members, annotation statuses: lists of dicts
+    members = is_json(emu.get('/projects/%s/members' % sample['id'], key=KEY_SAMPLE))
+    assert {m['email'] for m in members} == {'alice@example.org', 'bob@example.org'}
+    assert all({'email', 'firstname', 'lastname', 'roles', 'customer_id', 'created_at'}
+               <= set(m) for m in members)
+    st = is_json(emu.get('/projects/%s/annotation-statuses' % sample['id'], key=KEY_SAMPLE))
+    assert st and all(x['status'] == 'closed' for x in st)
+    # resources_api.py get_not_annotated: paged, return_field 'resources'
+    body = is_json(emu.get('/resources/not-annotated', key=KEY_SAMPLE,
+                           query={'offset': 0, 'limit': 5000}))
+    got = body['data'][0]['resources']
+    assert body['totalCount'] == len(got) and all(r['created_by'] == 'bob@example.org'
+                                                  for r in got)  # bob's own uploads only
+    ann = [r['id'] for r in corpus['resources']]
+    assert not set(ann) & {r['id'] for r in got}  # every corpus item has annotations
+    # frames: an image resource is its own frame 0
+    png = next(r for r in corpus['resources'] if r['filename'] == 'xray_gray8.png')
+    f = emu.get('/resources/%s/frames/0' % png['id'], key=KEY_SAMPLE,
+                headers={'accept': 'image/*'})
+    assert f.status == 200 and f.headers['Content-Type'] == 'image/png'
+    with open(os.path.join(emu.corpus, 'projects', 'sample', png['file']), 'rb') as fh:
+        assert f.body == fh.read()
+    assert is_json(emu.get('/users/me', key=KEY_SAMPLE))['email'] == 'bob@example.org'
+    assert emu.get('/models', key=KEY_SAMPLE).status == 200
+    # none of them answers for a project or worklist the key does not see
+    ct = emu.project('ct')
+    for path in ('/projects/%s/worklists' % ct['id'], '/annotationsets/' + ct['worklist_id'],
+                 '/annotationsets/%s/segmentation-group' % ct['worklist_id']):
+        assert emu.get(path, key=KEY_SAMPLE).status == 404
