@@ -325,6 +325,7 @@ class HeaderSource:
     def __init__(self, server, api_key, timeout=60):
         self.server, self.key, self.timeout = (server or '').rstrip('/'), api_key, timeout
         self.cache = {}
+        self.failed = set()  # resources whose file could not be had: not asked again
 
     def fetch(self, path):
         """GET <server><path> with the key: the body (at most HEADER_MAX bytes)."""
@@ -341,12 +342,20 @@ class HeaderSource:
         data = self.cache.get(resource_id)
         if data is not None:
             return data
+        if resource_id in self.failed:
+            raise LookupError('the file of resource %s could not be read' % resource_id)
         import urllib.parse
-        data = header_bytes(self.fetch('/resources/%s/file' % urllib.parse.quote(str(resource_id))))
+        try:
+            data = header_bytes(self.fetch('/resources/%s/file'
+                                           % urllib.parse.quote(str(resource_id))))
+        except Exception:
+            self.failed.add(resource_id)
+            raise
         if len(self.cache) >= HEADER_CACHE:
             self.cache.pop(next(iter(self.cache)))
         self.cache[resource_id] = data
         return data
 
     def __getstate__(self):
-        return {'server': self.server, 'key': self.key, 'timeout': self.timeout, 'cache': {}}
+        return {'server': self.server, 'key': self.key, 'timeout': self.timeout, 'cache': {},
+                'failed': set()}

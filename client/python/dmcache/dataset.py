@@ -148,8 +148,10 @@ class Dataset:
 
         Dataset(root=None, dataset_name=None, version='latest', api_key=None,
                 server_url=None, transform=None, target_transform=None,
-                return_dicom=True, return_metainfo=True, normalize=True,
-                socket=None, arena_bytes=0, project_name=None)
+                return_dicom=None, return_metainfo=True, normalize=True,
+                socket=None, arena_bytes=0, project_name=None,
+                return_frame_by_frame=False, offline=None, compat=None,
+                **the 2025 client's options)
 
     Source: when <root>/<dataset_name>/dataset.json exists, that folder (laid out as the
     Datamint client writes it) is served with no network. Otherwise dataset_name is a
@@ -157,18 +159,24 @@ class Dataset:
     DATAMINT_API_URL, else datamintapi.yaml; the daemon caches it and nothing is written
     to root (the Datamint client downloads into root instead).
 
-    dataset[i] is (image, dicom_metainfo, metainfo) (without dicom_metainfo when
-    return_dicom=False, without metainfo when return_metainfo=False):
+    dataset[i] is, as for the guide's client, (image, dicom_metainfo, metainfo) (without
+    dicom_metainfo when return_dicom=False, without metainfo when return_metainfo=False):
       image           the item as (frames, channels, H, W), converted as the Datamint
-                      client does (normalize=True): uint16 -> per-image min-max uint8,
-                      uint8 -> float32 / 255; other dtypes unchanged. A torch tensor
-                      (numpy array without torch). With a transform, the transform gets
-                      the converted array as numpy (H, W, frames * channels), what
+                      client does (normalize=True): uint16 -> per-image min-max uint8 (with
+                      compat='2024.11': // 256, and frames as channels, (F*C, H, W), as the
+                      seed-era client), uint8 -> float32 / 255; other dtypes unchanged. A
+                      torch tensor (numpy without torch). With a transform, the transform
+                      gets the converted array as numpy (H, W, frames * channels), what
                       torchvision's ToTensor() expects, and image is its result.
-      dicom_metainfo  the DICOM header: a pydicom.Dataset (without pixel data), a
-                      dmcache DicomMeta when pydicom is missing, None for non-DICOM items
-      metainfo        the resource record (dict) with 'labels' (see image_labels()),
-                      passed through target_transform when one is given
+      dicom_metainfo  the pydicom FileDataset read from the file's own bytes (file_meta,
+                      values as in the file, pixel_array), None for non-DICOM items
+      metainfo        the item's entry of the dataset folder: the resource, 'file',
+                      'annotations' in the folder's short form, 'frame_labels', 'labels'
+                      (see dmcache._metainfo), through target_transform
+    Passing any of the 2025 client's options (return_segmentations, return_annotations,
+    return_as_semantic_segmentation, semantic_seg_merge_strategy, image_transform,
+    mask_transform, include_unannotated, the include/exclude filters) makes dataset[i] that
+    client's dict instead (see _gen2_item).
 
     version: 'latest' resolves once, in the constructor; worker processes of a DataLoader
     open the same resolved version, so a run sees one snapshot from start to end.
