@@ -81,6 +81,8 @@ static const struct {
 	{ "serve_hot_evictions_total", "In-memory tensors dropped for room." },
 	{ "serve_arena_bytes", "Bytes of shared memory given to clients." },
 	{ "serve_arena_used_bytes", "Bytes of client shared memory holding items." },
+	{ "serve_shm_committed_bytes", "Bytes of shared memory committed in all arenas (shm_max)." },
+	{ "serve_shm_refusals_total", "Arena growths refused by shm_max_per_uid or shm_max." },
 	{ "decode_workers", "Decoder worker processes." },
 	{ "decode_busy", "Decoder workers busy." },
 	{ "decode_done_total", "Decodes completed." },

@@ -316,6 +316,8 @@ static int start_engines(struct daemon *d)
 		.connect_timeout_ms = d->cfg.connect_timeout_ms,
 		.low_speed_limit = d->cfg.low_speed_limit,
 		.low_speed_time_ms = d->cfg.low_speed_time_ms,
+		.min_speed = d->cfg.min_speed,
+		.min_speed_time_ms = d->cfg.min_speed_time_ms,
 		.max_object_bytes = d->cfg.max_object,
 		.max_attempts = d->cfg.max_attempts,
 		.backoff_base_ms = d->cfg.backoff_base_ms,

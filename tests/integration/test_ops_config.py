@@ -47,6 +47,8 @@ def test_help_config_gives_default_and_unit_of_every_key():
     assert 'Default: 168h.' in keys['grant_ttl'] and 'ms, s, m or h' in keys['grant_ttl']
     assert 'On change: reload.' in keys['log_level']
     assert 'On change: reload.' in keys['max_jobs_per_uid']
+    assert "Default: a quarter of the machine's memory." in keys['shm_max_per_uid']
+    assert 'On change: reload.' in keys['shm_max_per_uid']
     assert 'DESIGN.md' not in run_daemon('--help-config').stdout
 
 
