@@ -18,7 +18,7 @@ pkgs=(
 	# man(1) renders the pages in a test; zsh loads the completion
 	man-db zsh
 	# the Debian packages (debian/, built and installed by the test ops-deb)
-	debhelper dh-python dpkg-dev fakeroot lintian
+	build-essential debhelper dh-python dpkg-dev fakeroot lintian
 	# Python: the package, the emulator, tests and reference decoders
 	python3 python3-numpy python3-pytest python3-pydicom python3-pil python3-nibabel
 	python3-gdcm python3-torch python3-torchvision python3-yaml python3-trustme
