@@ -6,8 +6,9 @@ The cache's consistency is checked "before READY=1" this way: after a crash the 
 started (reconciliation runs before READY=1), stopped with SIGTERM before any client
 connects, and the stopped cache is inspected (crashlib.check_consistent).
 
-Environment: DMC_CRASH_ITERATIONS (C1 iterations, default 50; a nightly sets 200),
-DMC_CRASH_SEED (default 1).
+Environment: DMC_CRASH_ITERATIONS (C1 iterations, default 50, or 10 in a sanitizer build,
+where meson sets DMC_CRASH_SANITIZED=1; a nightly sets 200), DMC_CRASH_SEED (default 1),
+DMC_CRASH_FULL=1 (C3 at every I/O op with 3 tears each).
 """
 import hashlib
 import os
@@ -29,7 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
 import client as emulator  # noqa: E402
 
 KEY = emulator.KEY_ALL
-ITERATIONS = int(os.environ.get('DMC_CRASH_ITERATIONS', '50'))
+ITERATIONS = int(os.environ.get('DMC_CRASH_ITERATIONS') or
+                 (10 if os.environ.get('DMC_CRASH_SANITIZED') == '1' else 50))
 SEED = int(os.environ.get('DMC_CRASH_SEED', '1'))
 SYN_N, SYN_SIZE = 120, 65536
 
