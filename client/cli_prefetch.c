@@ -219,6 +219,14 @@ static void print_item_error(struct view *v, const struct dmc_progress_info *p)
 	v->errors_printed++;
 }
 
+/* A notice (code 0, a message): a request is retried; one line per event, so per retry. */
+static void print_notice(struct view *v, const struct dmc_progress_info *p)
+{
+	clear_line(v);
+	fprintf(stderr, "dmcache: %s%s%s%s\n", *p->error_resource ? "item " : "",
+		p->error_resource, *p->error_resource ? ": " : "", p->error_message);
+}
+
 static json_t *progress_json(const char *event, const struct dmc_progress_info *p,
 			     int64_t elapsed_ms)
 {
@@ -252,6 +260,8 @@ static json_t *progress_json(const char *event, const struct dmc_progress_info *
 		json_object_set_new(o, "error", e);
 	} else if (*p->error_message) {
 		json_object_set_new(o, "notice", json_string(p->error_message));
+		if (*p->error_resource)
+			json_object_set_new(o, "notice_resource", json_string(p->error_resource));
 	}
 	return o;
 }
@@ -281,6 +291,8 @@ static int on_progress(const struct dmc_progress_info *p, void *userdata)
 	}
 	if (p->error_code)
 		print_item_error(v, p);
+	else if (*p->error_message)
+		print_notice(v, p);
 	if (v->tty) {
 		draw_tty(v, p);
 	} else if (p->state != v->last_state || now - v->last_print_ms >= PLAIN_INTERVAL_MS) {

@@ -1,6 +1,7 @@
 /* libdmcache: see dmcache.h. */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/openat2.h>
 #include <poll.h>
 #include <pwd.h>
 #include <stdbool.h>
@@ -10,6 +11,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -21,6 +23,14 @@
 
 /* The daemon's system user (systemd/dmcached.service, sysusers.d). */
 #define DMC_DAEMON_USER "dmcache"
+
+/* A LOCAL request whose LOCAL_NEED events this client answers (see "local folders"). */
+struct dmc_feed {
+	uint32_t id;
+	int dirfd;        /* the dataset folder (O_PATH) */
+	bool until_final; /* PREFETCH: forgotten at its final frame; OPEN: at dataset close */
+};
+#define DMC_FEEDS_MAX 16u
 
 struct dmc_client {
 	int fd;
@@ -54,6 +64,9 @@ struct dmc_client {
 	uint32_t items_cap;
 	char *item_msgs;
 	size_t item_msgs_cap;
+
+	struct dmc_feed feeds[DMC_FEEDS_MAX];
+	uint32_t n_feeds;
 };
 
 DMC_EXPORT const char *dmc_version(void)
@@ -210,7 +223,7 @@ static int recv_exact(struct dmc_client *c, uint8_t *buf, size_t len, int64_t de
 }
 
 /* Receives one frame into c->rbuf / c->rhdr. */
-static int recv_frame(struct dmc_client *c)
+static int recv_frame_raw(struct dmc_client *c)
 {
 	int64_t deadline = deadline_of(c);
 	int rc;
@@ -249,6 +262,239 @@ static void close_fd(struct dmc_client *c)
 	if (c->fd >= 0) {
 		close(c->fd);
 		c->fd = -1;
+	}
+}
+
+/* ---- local folders: the client opens the files (proto.h, LOCAL_NEED) ----
+ *
+ * The daemon never opens a path of a local folder: this library opens dataset.json and
+ * every file the daemon asks for beneath the folder, with the caller's own permissions
+ * (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, O_RDONLY | O_NOFOLLOW | O_NONBLOCK: no
+ * path leaves the folder, no symbolic link is followed, no FIFO blocks the open), keeps
+ * regular files only (fstat), and passes the descriptors with SCM_RIGHTS. A feed is a
+ * request (PREFETCH or OPEN of a LOCAL source) whose LOCAL_NEED events are answered from
+ * any call that reads frames, for as long as the feed is registered: a PREFETCH's until
+ * its final frame, an OPEN's until dmc_dataset_close().
+ */
+
+/* Opens `path` beneath `dirfd` for reading: the descriptor, or a negative errno. Without
+ * openat2 (Linux < 5.6) each component is opened with O_NOFOLLOW and ".." is refused. */
+static int open_beneath(int dirfd, const char *path)
+{
+	struct open_how how = {
+		.flags = O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC | O_NOCTTY,
+		.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+	};
+	struct stat st;
+	int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
+
+	if (fd < 0 && errno == ENOSYS) {
+		char buf[DMC_LOCAL_PATH_MAX + 1], *p, *slash;
+		int d = dirfd;
+		if (strlen(path) > DMC_LOCAL_PATH_MAX || path[0] == '/')
+			return -EXDEV;
+		snprintf(buf, sizeof(buf), "%s", path);
+		for (p = buf;; p = slash + 1) {
+			slash = strchr(p, '/');
+			if (slash)
+				*slash = '\0';
+			if (strcmp(p, "..") == 0) {
+				fd = -1;
+				errno = EXDEV;
+			} else {
+				fd = openat(d, *p ? p : ".",
+					    slash ? O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC
+						  : (int)how.flags);
+			}
+			if (d != dirfd)
+				close(d);
+			if (fd < 0 || !slash)
+				break;
+			d = fd;
+		}
+	}
+	if (fd < 0)
+		return errno == EAGAIN ? -EXDEV : -errno; /* EAGAIN: a race with a rename */
+	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+		close(fd);
+		return -EINVAL; /* a FIFO, device, socket or directory: not read */
+	}
+	return fd;
+}
+
+static struct dmc_feed *feed_find(struct dmc_client *c, uint32_t id)
+{
+	for (uint32_t i = 0; i < c->n_feeds; i++)
+		if (c->feeds[i].id == id)
+			return &c->feeds[i];
+	return NULL;
+}
+
+static void feed_remove(struct dmc_client *c, uint32_t id)
+{
+	struct dmc_feed *f = feed_find(c, id);
+
+	if (!f)
+		return;
+	close(f->dirfd);
+	*f = c->feeds[--c->n_feeds];
+}
+
+/*
+ * Registers request `id` as the feed of the folder `dir` and opens its dataset.json:
+ * *ret_json_fd is to be sent with the request, then closed.
+ */
+static int feed_add(struct dmc_client *c, uint32_t id, const char *dir, bool until_final,
+		    int *ret_json_fd)
+{
+	char msg[256];
+	int dirfd, fd;
+
+	if (c->n_feeds == DMC_FEEDS_MAX) {
+		set_local_error(c, 0, "too many local datasets open on one connection");
+		return -EMFILE;
+	}
+	dirfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (dirfd < 0) {
+		int e = errno;
+		snprintf(msg, sizeof(msg), "cannot open the dataset folder: %s", strerror(e));
+		set_local_error(c, 0, msg);
+		return -e;
+	}
+	fd = open_beneath(dirfd, "dataset.json");
+	if (fd < 0) {
+		snprintf(msg, sizeof(msg), "dataset.json: %s",
+			 fd == -EINVAL ? "not a regular file" : strerror(-fd));
+		set_local_error(c, 0, msg);
+		close(dirfd);
+		return fd;
+	}
+	c->feeds[c->n_feeds].id = id;
+	c->feeds[c->n_feeds].dirfd = dirfd;
+	c->feeds[c->n_feeds].until_final = until_final;
+	c->n_feeds++;
+	*ret_json_fd = fd;
+	return 0;
+}
+
+/* Sends a frame with descriptors attached to its first byte, then the rest of it. */
+static int send_frame_fds(struct dmc_client *c, const uint8_t *frame, size_t len,
+			  const int *fds, unsigned nfds)
+{
+	union {
+		char buf[CMSG_SPACE(sizeof(int) * DMC_FDS_MAX)];
+		struct cmsghdr align;
+	} cbuf;
+	struct iovec iov = { (void *)frame, len };
+	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1 };
+	int64_t deadline = deadline_of(c);
+	ssize_t n;
+
+	if (c->fd < 0)
+		return -ENOTCONN;
+	if (nfds) {
+		struct cmsghdr *cm;
+		memset(&cbuf, 0, sizeof(cbuf));
+		msg.msg_control = cbuf.buf;
+		msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+		cm = CMSG_FIRSTHDR(&msg);
+		cm->cmsg_level = SOL_SOCKET;
+		cm->cmsg_type = SCM_RIGHTS;
+		cm->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+		memcpy(CMSG_DATA(cm), fds, sizeof(int) * nfds);
+	}
+	for (;;) {
+		n = sendmsg(c->fd, &msg, MSG_NOSIGNAL);
+		if (n > 0)
+			break;
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+			int rc = wait_fd(c, POLLOUT, deadline, false);
+			if (rc < 0) {
+				close_fd(c);
+				return rc;
+			}
+			continue;
+		}
+		n = n < 0 ? -errno : -EPIPE;
+		close_fd(c);
+		return (int)n;
+	}
+	if ((size_t)n < len) {
+		int rc = send_all(c, frame + n, len - (size_t)n);
+		if (rc < 0)
+			close_fd(c);
+		return rc;
+	}
+	return 0;
+}
+
+/* Answers the LOCAL_NEED in c->rbuf: opens each path, sends LOCAL_FILES. */
+static int answer_need(struct dmc_client *c)
+{
+	struct dmc_feed *f = feed_find(c, c->rhdr.request_id);
+	struct dmc_reader r;
+	int32_t errs[DMC_FDS_MAX];
+	int fds[DMC_FDS_MAX];
+	uint32_t first, n, nfds = 0;
+	uint8_t frame[DMC_HEADER_SIZE + 8 + 4 * DMC_FDS_MAX];
+	int len, rc;
+
+	if (dmc_local_need_begin(&r, c->rbuf + DMC_HEADER_SIZE, c->rhdr.length, &first, &n))
+		return -EPROTO;
+	for (uint32_t i = 0; i < n; i++) {
+		struct dmc_str s = dmc_read_str(&r);
+		char path[DMC_LOCAL_PATH_MAX + 1];
+		int fd;
+
+		if (r.err || s.len == 0 || s.len > DMC_LOCAL_PATH_MAX)
+			break;
+		memcpy(path, s.ptr, s.len);
+		path[s.len] = '\0';
+		/* a feed no longer registered (its dataset was closed): nothing is opened */
+		fd = f ? open_beneath(f->dirfd, path) : -ECANCELED;
+		errs[i] = fd < 0 ? -fd : 0;
+		if (fd >= 0)
+			fds[nfds++] = fd;
+	}
+	if (dmc_reader_finish(&r) != DMC_PROTO_OK) {
+		for (uint32_t i = 0; i < nfds; i++)
+			close(fds[i]);
+		return -EPROTO;
+	}
+	len = dmc_local_files_encode(first, errs, n, c->rhdr.request_id, frame, sizeof(frame));
+	rc = len > 0 ? send_frame_fds(c, frame, (size_t)len, fds, nfds) : -EINVAL;
+	for (uint32_t i = 0; i < nfds; i++)
+		close(fds[i]); /* the daemon has its own now */
+	return rc;
+}
+
+/*
+ * Receives one frame into c->rbuf / c->rhdr, answering the daemon's LOCAL_NEED events for
+ * registered feeds on the way (they are no one's reply); a feed of a PREFETCH is forgotten
+ * at its final frame.
+ */
+static int recv_frame(struct dmc_client *c)
+{
+	for (;;) {
+		int rc = recv_frame_raw(c);
+		struct dmc_feed *f;
+
+		if (rc < 0)
+			return rc;
+		if (c->rhdr.opcode == DMC_OP_LOCAL_NEED) {
+			if (c->rhdr.flags != (DMC_FLAG_REPLY | DMC_FLAG_MORE))
+				return -EPROTO;
+			rc = answer_need(c);
+			if (rc < 0)
+				return rc;
+			continue;
+		}
+		if (!(c->rhdr.flags & DMC_FLAG_MORE) && (f = feed_find(c, c->rhdr.request_id)) &&
+		    f->until_final)
+			feed_remove(c, f->id);
+		return 0;
 	}
 }
 
@@ -447,6 +693,8 @@ DMC_EXPORT void dmc_close(dmc_client *c)
 		close(c->fd);
 	if (c->passed_fd >= 0)
 		close(c->passed_fd);
+	for (uint32_t i = 0; i < c->n_feeds; i++)
+		close(c->feeds[i].dirfd);
 	if (c->arena)
 		munmap((void *)c->arena, c->arena_size);
 	if (c->arena_fd >= 0)
@@ -729,7 +977,7 @@ DMC_EXPORT int dmc_prefetch(dmc_client *c, const struct dmc_prefetch_args *args,
 	uint32_t id = c->next_id++;
 	uint8_t *frame;
 	uint64_t cap;
-	int rc;
+	int rc, n, json_fd;
 
 	rc = check_prefetch_args(c, args, &m);
 	if (rc < 0)
@@ -743,7 +991,20 @@ DMC_EXPORT int dmc_prefetch(dmc_client *c, const struct dmc_prefetch_args *args,
 	frame = malloc((size_t)cap);
 	if (!frame)
 		return -ENOMEM;
-	rc = send_frame(c, frame, dmc_prefetch_encode(&m, id, frame, (size_t)cap));
+	n = dmc_prefetch_encode(&m, id, frame, (size_t)cap);
+	if (m.source == DMC_SOURCE_LOCAL && n > 0) {
+		/* the daemon reads dataset.json, then every file, through our descriptors */
+		rc = feed_add(c, id, args->project, true, &json_fd);
+		if (rc == 0) {
+			dmc_frame_set_nfds(frame, (size_t)n, 1);
+			rc = send_frame_fds(c, frame, (size_t)n, &json_fd, 1);
+			close(json_fd);
+			if (rc < 0)
+				feed_remove(c, id);
+		}
+	} else {
+		rc = send_frame(c, frame, n);
+	}
 	explicit_bzero(frame, (size_t)cap); /* it holds the key */
 	free(frame);
 	if (rc < 0)
@@ -965,6 +1226,7 @@ DMC_EXPORT const char *dmc_strerror(int err)
 struct dmc_dataset {
 	dmc_client *c;
 	uint64_t handle;
+	uint32_t feed_id; /* LOCAL: the OPEN whose file requests are answered; else 0 */
 	struct dmc_dataset_info info;
 	char *strings;
 };
@@ -1000,7 +1262,7 @@ DMC_EXPORT int dmc_open(dmc_client *c, const struct dmc_open_args *args,
 	uint8_t *frame;
 	size_t cap;
 	uint32_t id = c->next_id++;
-	int n, rc, fd;
+	int n, rc, fd, json_fd;
 
 #define STR(x) ((struct dmc_str){ (x) ? (x) : "", (x) ? (uint32_t)strlen(x) : 0 })
 	m.source = args->source;
@@ -1017,7 +1279,26 @@ DMC_EXPORT int dmc_open(dmc_client *c, const struct dmc_open_args *args,
 	if (!frame)
 		return -ENOMEM;
 	n = dmc_open_encode(&m, id, frame, cap);
-	rc = call(c, frame, n, id, DMC_OP_OPEN);
+	if (m.source == DMC_SOURCE_LOCAL && n > 0) {
+		/* the daemon reads the folder through our descriptors, until dmc_dataset_close */
+		if (!args->project || args->project[0] != '/') {
+			set_local_error(c, 0, "a local source is an absolute directory path");
+			rc = -EINVAL;
+		} else {
+			rc = feed_add(c, id, args->project, false, &json_fd);
+		}
+		if (rc == 0) {
+			dmc_frame_set_nfds(frame, (size_t)n, 1);
+			rc = send_frame_fds(c, frame, (size_t)n, &json_fd, 1);
+			close(json_fd);
+			if (rc == 0)
+				rc = recv_reply(c, id, DMC_OP_OPEN);
+			if (rc < 0)
+				feed_remove(c, id);
+		}
+	} else {
+		rc = call(c, frame, n, id, DMC_OP_OPEN);
+	}
 	explicit_bzero(frame, cap); /* it held the key */
 	free(frame);
 	fd = c->passed_fd;
@@ -1039,8 +1320,9 @@ DMC_EXPORT int dmc_open(dmc_client *c, const struct dmc_open_args *args,
 			close(fd);
 			return -EPROTO;
 		}
-		/* The daemon allocated and touched every page (fallocate, MAP_POPULATE): faults
-		 * here only map them, with fault-around, about 0.3 us a page, so no populate. */
+		/* The daemon faults in every page before it places an item there (the arena
+		 * grows on demand): faults here only map them, with fault-around, about 0.3 us a
+		 * page, so no populate (which would commit the whole, mostly unused, arena). */
 		p = mmap(NULL, r.arena_bytes, PROT_READ, MAP_SHARED, fd, 0);
 		if (p == MAP_FAILED) {
 			rc = -errno;
@@ -1064,6 +1346,7 @@ DMC_EXPORT int dmc_open(dmc_client *c, const struct dmc_open_args *args,
 	}
 	ds->c = c;
 	ds->handle = r.handle;
+	ds->feed_id = m.source == DMC_SOURCE_LOCAL ? id : 0;
 	ds->info.snapshot_id = r.snapshot_id;
 	ds->info.items = r.items;
 	ds->info.arena_bytes = c->arena_size;
@@ -1089,6 +1372,8 @@ DMC_EXPORT int dmc_dataset_close(struct dmc_dataset *ds)
 		rc = call(ds->c, frame, dmc_close_encode(ds->handle, id, frame, sizeof(frame)), id,
 			  DMC_OP_CLOSE);
 	}
+	if (ds->feed_id)
+		feed_remove(ds->c, ds->feed_id);
 	free(ds->strings);
 	free(ds);
 	return rc;

@@ -147,6 +147,13 @@ typedef int (*dmc_progress_cb)(const struct dmc_progress_info *p, void *userdata
  * and later calls on this client skip the rest of its events. Bad arguments: -EINVAL
  * with the reason in dmc_last_error()->message. The key is wiped from the library's
  * buffers once sent.
+ *
+ * LOCAL: the daemon reads the folder only through descriptors this library opens with the
+ * caller's permissions (dataset.json, then each file the daemon asks for: beneath the
+ * folder, no symbolic link followed, regular files only; proto.h, LOCAL_NEED). The job
+ * needs this connection: it is not joined, and it ends (CANCELLED) when the connection
+ * closes. Its requests are answered by whichever call reads from the connection, so a
+ * detached local job goes on only while the client keeps calling.
  */
 int dmc_prefetch(dmc_client *c, const struct dmc_prefetch_args *args, dmc_progress_cb cb,
 		 void *userdata, struct dmc_progress_info *ret_final);
@@ -263,6 +270,9 @@ typedef struct dmc_dataset dmc_dataset;
  * the key (starting or joining a prefetch of the caller's), and items not cached yet are
  * fetched while that job runs. The first open on a client maps its shared-memory arena
  * (read-only). Free with dmc_dataset_close() before dmc_close().
+ * LOCAL: as dmc_prefetch(); the daemon's requests for files are answered, by any call
+ * that reads from this client, until dmc_dataset_close() (at most 16 local datasets open
+ * on one client: -EMFILE).
  */
 int dmc_open(dmc_client *c, const struct dmc_open_args *args, dmc_dataset **ret_dataset);
 const struct dmc_dataset_info *dmc_dataset_info(const dmc_dataset *ds);

@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "proto.h"
 
@@ -26,6 +28,135 @@ static const char *code_str(int r)
 	if (r < 0 && r > -DMC_E_FIRST_)
 		return strerror(-r);
 	return "internal error";
+}
+
+/* Whether one directory or symlink met on the way to the cache directory is trusted. */
+static int check_node(const char *dir, const char *node, const struct stat *st, uid_t self,
+		      bool final, char *err, size_t errlen)
+{
+	mode_t m = st->st_mode;
+
+	if (st->st_uid != 0 && st->st_uid != self) {
+		snprintf(err, errlen, "cache directory '%s': '%s' belongs to uid %u; only root or "
+				      "the daemon's own uid %u may own it or a directory on its path",
+			 dir, node, (unsigned)st->st_uid, (unsigned)self);
+		return -EPERM;
+	}
+	if (S_ISLNK(m))
+		return 0;
+	if (!S_ISDIR(m)) {
+		snprintf(err, errlen, "cache directory '%s': '%s' is not a directory", dir, node);
+		return -ENOTDIR;
+	}
+	if ((final || st->st_uid != 0) && (m & (S_IWGRP | S_IWOTH))) {
+		snprintf(err, errlen, "cache directory '%s': '%s' is writable by %s (mode %04o); "
+				      "it must be the daemon's own (chmod go-w)",
+			 dir, node, (m & S_IWOTH) ? "others" : "its group", (unsigned)(m & 07777));
+		return -EPERM;
+	}
+	if ((m & S_IWOTH) && !(m & S_ISVTX)) {
+		snprintf(err, errlen, "cache directory '%s': '%s' is writable by everyone without "
+				      "the sticky bit (mode %04o)",
+			 dir, node, (unsigned)(m & 07777));
+		return -EPERM;
+	}
+	return 0;
+}
+
+int cache_dir_check(const char *dir, uid_t self, bool allow_missing, char *err, size_t errlen)
+{
+	char cur[4096], rest[8192], next[4096], target[4096];
+	unsigned links = 0;
+	struct stat st;
+	int r;
+
+	if (!dir || dir[0] != '/') {
+		snprintf(err, errlen, "cache directory '%s': not an absolute path", dir ? dir : "");
+		return -EINVAL;
+	}
+	if (strlen(dir) >= sizeof(cur)) {
+		snprintf(err, errlen, "cache directory path too long");
+		return -ENAMETOOLONG;
+	}
+	snprintf(rest, sizeof(rest), "%s", dir + 1);
+	strcpy(cur, "/");
+	if (lstat(cur, &st) != 0) {
+		r = -errno;
+		snprintf(err, errlen, "cache directory '%s': cannot inspect '/': %s", dir,
+			 strerror(-r));
+		return r;
+	}
+	r = check_node(dir, "/", &st, self, rest[strspn(rest, "/")] == '\0', err, errlen);
+	if (r < 0)
+		return r;
+	for (;;) {
+		char *p = rest + strspn(rest, "/");
+		size_t n = strcspn(p, "/");
+		if (n == 0)
+			return 0; /* every component passed */
+		char comp[256];
+		if (n >= sizeof(comp)) {
+			snprintf(err, errlen, "cache directory '%s': a name is too long", dir);
+			return -ENAMETOOLONG;
+		}
+		memcpy(comp, p, n);
+		comp[n] = '\0';
+		memmove(rest, p + n, strlen(p + n) + 1);
+		bool last = rest[strspn(rest, "/")] == '\0';
+		if (strcmp(comp, ".") == 0)
+			continue;
+		if (strcmp(comp, "..") == 0) {
+			/* the parent of a directory that passed was checked on the way down */
+			char *slash = strrchr(cur, '/');
+			if (slash && slash != cur)
+				*slash = '\0';
+			else
+				strcpy(cur, "/");
+			continue;
+		}
+		if ((size_t)snprintf(next, sizeof(next), "%s%s%s", cur, strcmp(cur, "/") ? "/" : "",
+				     comp) >= sizeof(next)) {
+			snprintf(err, errlen, "cache directory path too long");
+			return -ENAMETOOLONG;
+		}
+		if (lstat(next, &st) != 0) {
+			r = -errno;
+			if (r == -ENOENT && allow_missing)
+				return 0;
+			snprintf(err, errlen, "cache directory '%s': cannot inspect '%s': %s", dir,
+				 next, strerror(-r));
+			return r;
+		}
+		r = check_node(dir, next, &st, self, last, err, errlen);
+		if (r < 0)
+			return r;
+		if (!S_ISLNK(st.st_mode)) {
+			memcpy(cur, next, strlen(next) + 1);
+			continue;
+		}
+		if (++links > 40) {
+			snprintf(err, errlen, "cache directory '%s': too many symbolic links", dir);
+			return -ELOOP;
+		}
+		ssize_t tl = readlink(next, target, sizeof(target) - 1);
+		if (tl <= 0) {
+			r = tl < 0 ? -errno : -EINVAL;
+			snprintf(err, errlen, "cache directory '%s': cannot read the link '%s': %s",
+				 dir, next, strerror(-r));
+			return r;
+		}
+		target[tl] = '\0';
+		/* the target's components come first, then what was left */
+		char joined[8192];
+		if ((size_t)snprintf(joined, sizeof(joined), "%s/%s", target, rest) >=
+		    sizeof(joined)) {
+			snprintf(err, errlen, "cache directory path too long");
+			return -ENAMETOOLONG;
+		}
+		memcpy(rest, joined, strlen(joined) + 1);
+		if (target[0] == '/')
+			strcpy(cur, "/");
+	}
 }
 
 int cache_open(const char *dir, const struct cache_options *opts, char *err, size_t errlen,

@@ -33,6 +33,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "index.h"
 #include "store.h"
@@ -73,6 +74,21 @@ struct cache_open_report {
 struct cache_verify_report {
 	uint64_t ok, bad;
 };
+
+/*
+ * Whether `dir` (absolute) may hold the cache of a daemon running as uid `self`: the
+ * directory is the daemon's own (reliability.md S-series; DESIGN.md section 7). The path is
+ * resolved component by component from "/", following symlinks (at most 40); every
+ * directory met must belong to root or `self`, and so must every symlink. The cache
+ * directory itself, and every directory owned by `self`, must not be writable by group or
+ * others; a root-owned directory above it may be group-writable (root chose the group) and
+ * world-writable only with the sticky bit (/tmp), where no one else can rename what is in
+ * it. With `allow_missing`, a missing component ends the walk successfully: what is
+ * missing will be created by the daemon inside a directory that passed. Returns 0, or
+ * -EPERM / -ENOTDIR / -ELOOP / a negative errno with a message naming the path in `err`.
+ * ACLs are not inspected.
+ */
+int cache_dir_check(const char *dir, uid_t self, bool allow_missing, char *err, size_t errlen);
 
 /*
  * Opens the cache in `dir` (borrowed): store, index (<dir>/index.db) and reconciliation.

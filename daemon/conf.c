@@ -72,6 +72,12 @@ static const struct key keys[] = {
 	  "bytes/s: a transfer slower than this for low_speed_time is aborted and retried"),
 	K("low_speed_time", KT_DURATION, low_speed_time_ms, 1000, 3600000,
 	  "see low_speed_limit"),
+	K("min_speed", KT_SIZE, min_speed, 0, 1ull << 40,
+	  "per second: a file download slower than this on average over min_speed_time ends "
+	  "and is retried, giving its place to others (0: no floor; low_speed_limit still "
+	  "catches stalled connections, metadata requests included)"),
+	K("min_speed_time", KT_DURATION, min_speed_time_ms, 1000, 3600000,
+	  "see min_speed"),
 	K("max_attempts", KT_UINT32, max_attempts, 1, 100,
 	  "attempts per download, the first included"),
 	K("backoff_base", KT_DURATION, backoff_base_ms, 1, 3600000,
@@ -104,6 +110,17 @@ static const struct key keys[] = {
 	K("grant_ttl", KT_DURATION, grant_ttl_ms, 0, 3650ull * 24 * 3600000,
 	  "how long a user's proof of entitlement lets a complete snapshot be read with the "
 	  "server unreachable or in offline mode (0: always ask the server)"),
+	K("max_jobs_per_uid", KT_UINT32, max_jobs_per_uid, 1, 100000,
+	  "prefetch jobs (and OPENs being listed) one uid may have running at once"),
+	K("worker_user", KT_STRING, worker_user, 0, 0,
+	  "user the decoder workers of a root daemon run as (default: nobody; not root)"),
+	/* fair shares of memory between local users (serve.h) */
+	K("shm_max_per_uid", KT_SIZE, shm_max_per_uid, 1 << 20, 1ull << 50,
+	  "shared memory committed in one uid's arenas (default: a quarter of RAM)"),
+	K("shm_max", KT_SIZE, shm_max, 1 << 20, 1ull << 50,
+	  "shared memory committed in all arenas (default: half of RAM)"),
+	K("decode_max_per_uid", KT_UINT32, decode_max_per_uid, 1, 65536,
+	  "items of one uid read, decoded or held in memory at once, over all its connections"),
 };
 
 void config_init(struct config *cfg)
@@ -127,6 +144,8 @@ void config_init(struct config *cfg)
 	cfg->connect_timeout_ms = 10000;
 	cfg->low_speed_limit = 1024;
 	cfg->low_speed_time_ms = 30000;
+	cfg->min_speed = 64u << 10;
+	cfg->min_speed_time_ms = 30000;
 	cfg->max_attempts = 5;
 	cfg->backoff_base_ms = 1000;
 	cfg->backoff_max_ms = 30000;
@@ -138,6 +157,15 @@ void config_init(struct config *cfg)
 	cfg->max_decode_bytes = 1ull << 30;
 	cfg->decode_timeout_ms = 10000;
 	cfg->grant_ttl_ms = 7ull * 24 * 3600000;
+	cfg->max_jobs_per_uid = 64;
+	{
+		long pages = sysconf(_SC_PHYS_PAGES), psize = sysconf(_SC_PAGESIZE);
+		uint64_t ram = pages > 0 && psize > 0 ? (uint64_t)pages * (uint64_t)psize
+						      : 8ull << 30;
+		cfg->shm_max_per_uid = ram / 4;
+		cfg->shm_max = ram / 2;
+		cfg->decode_max_per_uid = 16;
+	}
 }
 
 void config_done(struct config *cfg)

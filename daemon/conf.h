@@ -45,6 +45,8 @@ struct config {
 	uint64_t connect_timeout_ms;
 	uint32_t low_speed_limit;  /* bytes/s */
 	uint64_t low_speed_time_ms;
+	uint64_t min_speed;        /* bytes/s a file download keeps up on average; 0: none */
+	uint64_t min_speed_time_ms;
 	uint32_t max_attempts;
 	uint64_t backoff_base_ms;
 	uint64_t backoff_max_ms;
@@ -64,6 +66,14 @@ struct config {
 	char *admin_group;
 	gid_t admin_gid;           /* resolved by config_finish(); (gid_t)-1 if none */
 	uint64_t grant_ttl_ms;     /* 0: always ask the server */
+	uint32_t max_jobs_per_uid; /* prefetch jobs one uid may have running */
+	/* process privileges (decode_pool.h) */
+	char *worker_user;         /* NULL: "nobody"; used only when the daemon runs as root */
+
+	/* fair shares between local users (serve.h) */
+	uint64_t shm_max_per_uid;  /* shared memory committed in one uid's arenas */
+	uint64_t shm_max;          /* shared memory committed in all arenas */
+	uint32_t decode_max_per_uid; /* items of one uid in flight (read, decoded, held) */
 };
 
 /* Fills in the defaults. */

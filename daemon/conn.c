@@ -1,5 +1,6 @@
 /* Client connections: see conn.h. */
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,9 +26,18 @@ struct wreq {
 };
 
 static void dispatch(struct conn *c, const struct dmc_header *h, const uint8_t *payload);
-static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
-static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf);
+static void on_poll(uv_poll_t *handle, int status, int events);
 static void process(struct conn *c);
+
+static int reads_start(struct conn *c)
+{
+	return uv_poll_start(&c->rpoll, UV_READABLE | UV_DISCONNECT, on_poll);
+}
+
+static int reads_stop(struct conn *c)
+{
+	return uv_poll_stop(&c->rpoll);
+}
 
 /* ---- lifetime ---- */
 
@@ -35,9 +45,17 @@ static void on_handle_closed(uv_handle_t *handle)
 {
 	struct conn *c = handle->data;
 
+	if (handle == (uv_handle_t *)&c->rpoll && c->rfd >= 0) {
+		close(c->rfd); /* only once libuv polls it no more */
+		c->rfd = -1;
+	}
 	if (--c->open_handles)
 		return;
+	for (unsigned i = 0; i < c->fdq_n; i++)
+		close(c->fdq[i]);
+	free(c->fdq);
 	free(c->fd_frame);
+	explicit_bzero(c->rbuf, c->rlen); /* frames carry API keys */
 	free(c->rbuf);
 	free(c);
 }
@@ -115,6 +133,8 @@ void conn_close(struct conn *c)
 	if (srv->app.conn_closed)
 		srv->app.conn_closed(srv->app.ctx, c);
 	uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+	if (c->rfd >= 0)
+		uv_close((uv_handle_t *)&c->rpoll, on_handle_closed);
 	uv_close((uv_handle_t *)&c->pipe, on_handle_closed);
 }
 
@@ -148,7 +168,7 @@ static void resume_reading(struct conn *c)
 {
 	if (!c->paused || c->closing || c->close_after_write)
 		return;
-	if (uv_read_start((uv_stream_t *)&c->pipe, on_alloc, on_read) == 0) {
+	if (reads_start(c) == 0) {
 		c->paused = false;
 		process(c); /* frames that arrived while paused */
 	}
@@ -254,13 +274,17 @@ int conn_send_error(struct conn *c, uint32_t request_id, uint32_t code, const ch
 
 /* ---- reading ---- */
 
-static void on_alloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf)
+unsigned conn_take_fds(struct conn *c, int *out, unsigned max)
 {
-	struct conn *c = handle->data;
+	unsigned n = 0;
 
-	(void)suggested;
-	buf->base = (char *)c->rbuf + c->rlen;
-	buf->len = c->rcap - c->rlen;
+	for (unsigned i = 0; i < c->rx_nfds && n < max; i++) {
+		if (c->rx_fds[i] < 0)
+			continue;
+		out[n++] = c->rx_fds[i];
+		c->rx_fds[i] = -1;
+	}
+	return n;
 }
 
 static void protocol_error(struct conn *c, const char *why)
@@ -286,11 +310,6 @@ static void process(struct conn *c)
 			protocol_error(c, "malformed frame header");
 			return;
 		}
-		if (h.nfds) {
-			/* clients pass no descriptors in protocol version 1 */
-			protocol_error(c, "unexpected file descriptors");
-			return;
-		}
 		if (c->rlen - off < DMC_HEADER_SIZE + (size_t)h.length) {
 			if (DMC_HEADER_SIZE + (size_t)h.length > c->rcap) {
 				/* grow once, to the largest frame there can be */
@@ -300,6 +319,7 @@ static void process(struct conn *c)
 					return;
 				}
 				memcpy(nb, c->rbuf + off, c->rlen - off);
+				explicit_bzero(c->rbuf, c->rlen); /* frames carry API keys */
 				free(c->rbuf);
 				c->rbuf = nb;
 				c->rcap = RBUF_MAX;
@@ -308,11 +328,28 @@ static void process(struct conn *c)
 			}
 			break;
 		}
+		if (h.nfds > c->fdq_n) {
+			/* they come with the frame's first byte: they should be here */
+			protocol_error(c, "file descriptors announced but not passed");
+			return;
+		}
+		/* the frame's descriptors: offered to its handler, closed if not taken */
+		c->rx_fds = c->fdq;
+		c->rx_nfds = h.nfds;
 		dispatch(c, &h, c->rbuf + off + DMC_HEADER_SIZE);
+		for (unsigned i = 0; i < h.nfds; i++)
+			if (c->fdq[i] >= 0)
+				close(c->fdq[i]);
+		if (h.nfds) {
+			memmove(c->fdq, c->fdq + h.nfds, (c->fdq_n - h.nfds) * sizeof(int));
+			c->fdq_n -= h.nfds;
+		}
+		c->rx_fds = NULL;
+		c->rx_nfds = 0;
 		off += DMC_HEADER_SIZE + h.length;
 		if (!c->closing && c->wq_bytes > c->srv->cfg->write_queue_max) {
 			/* the peer is not reading its replies: stop reading its requests */
-			if (uv_read_stop((uv_stream_t *)&c->pipe) == 0) {
+			if (reads_stop(c) == 0) {
 				c->paused = true;
 				c->srv->stats.backpressure++;
 			}
@@ -323,29 +360,86 @@ static void process(struct conn *c)
 	if (off) {
 		memmove(c->rbuf, c->rbuf + off, c->rlen - off);
 		c->rlen -= off;
+		/* the dispatched frames (API keys among them) leave no copy behind */
+		explicit_bzero(c->rbuf + c->rlen, off);
 	}
 }
 
-static void on_read(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf)
+/* Queues the descriptors of one recvmsg; false when they cannot be kept. */
+static bool queue_fds(struct conn *c, struct msghdr *msg)
 {
-	struct conn *c = stream->data;
+	bool ok = !(msg->msg_flags & MSG_CTRUNC);
 
-	(void)buf;
+	for (struct cmsghdr *cm = CMSG_FIRSTHDR(msg); cm; cm = CMSG_NXTHDR(msg, cm)) {
+		size_t k;
+		if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS)
+			continue;
+		k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		for (size_t i = 0; i < k; i++) {
+			int fd;
+			memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
+			if (!ok || c->fdq_n >= CONN_FDS_QUEUED) {
+				close(fd);
+				ok = false;
+				continue;
+			}
+			if (!c->fdq) {
+				c->fdq = malloc(CONN_FDS_QUEUED * sizeof(int));
+				if (!c->fdq) {
+					close(fd);
+					ok = false;
+					continue;
+				}
+			}
+			c->fdq[c->fdq_n++] = fd;
+		}
+	}
+	return ok;
+}
+
+static void on_poll(uv_poll_t *handle, int status, int events)
+{
+	struct conn *c = handle->data;
+	char cbuf[CMSG_SPACE(sizeof(int) * DMC_FDS_MAX)];
+	struct iovec iov;
+	struct msghdr msg;
+	ssize_t n;
+
+	(void)events;
 	if (c->closing)
 		return;
-	if (nread < 0) {
-		if (nread != UV_EOF)
-			log_debug(NET, "read from uid %u: %s", (unsigned)c->uid,
-				  uv_strerror((int)nread));
+	if (status < 0) {
+		log_debug(NET, "poll on uid %u's connection: %s", (unsigned)c->uid,
+			  uv_strerror(status));
+		conn_close(c);
+		return;
+	}
+	iov.iov_base = c->rbuf + c->rlen;
+	iov.iov_len = c->rcap - c->rlen;
+	memset(&msg, 0, sizeof(msg));
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	msg.msg_control = cbuf;
+	msg.msg_controllen = sizeof(cbuf);
+	do
+		n = recvmsg(c->rfd, &msg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+		return;
+	if (n > 0 && !queue_fds(c, &msg)) {
+		protocol_error(c, "more file descriptors than a frame may carry");
+		return;
+	}
+	if (n <= 0) {
+		if (n < 0)
+			log_debug(NET, "read from uid %u: %s", (unsigned)c->uid, strerror(errno));
 		else if (c->rlen)
 			log_debug(PROTO, "uid %u closed the connection mid-frame (%zu bytes)",
 				  (unsigned)c->uid, c->rlen);
 		conn_close(c);
 		return;
 	}
-	if (nread == 0)
-		return;
-	c->rlen += (size_t)nread;
+	c->rlen += (size_t)n;
 	arm_timer(c);
 	process(c);
 }
@@ -410,6 +504,7 @@ void conn_accept(struct server *srv)
 		return;
 	}
 	c->srv = srv;
+	c->rfd = -1;
 	c->rcap = RBUF_INITIAL;
 	c->rbuf = malloc(c->rcap);
 	if (!c->rbuf || uv_pipe_init(srv->loop, &c->pipe, 0) != 0) {
@@ -471,7 +566,18 @@ void conn_accept(struct server *srv)
 		return;
 	}
 	c->counted = true;
-	if (uv_read_start((uv_stream_t *)&c->pipe, on_alloc, on_read) != 0) {
+	/* reads go through recvmsg on a duplicate (descriptors); writes through the pipe */
+	c->rfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+	if (c->rfd < 0 || uv_poll_init(srv->loop, &c->rpoll, c->rfd) != 0) {
+		if (c->rfd >= 0)
+			close(c->rfd);
+		c->rfd = -1;
+		conn_close(c);
+		return;
+	}
+	c->rpoll.data = c;
+	c->open_handles++;
+	if (reads_start(c) != 0) {
 		conn_close(c);
 		return;
 	}
@@ -584,7 +690,7 @@ static void dispatch(struct conn *c, const struct dmc_header *h, const uint8_t *
 			handlers[i].fn(c, h, payload);
 			if (!c->closing && !c->version) {
 				/* HELLO failed: close once its error is written, read nothing more */
-				uv_read_stop((uv_stream_t *)&c->pipe);
+				reads_stop(c);
 				c->paused = true;
 				c->close_after_write = true;
 				c->srv->stats.protocol_errors++;

@@ -9,6 +9,12 @@
  * when a header announces one); a frame is processed in place. No allocation per read.
  * Backpressure: while more than cfg->write_queue_max bytes of replies are unsent, the
  * connection's requests are not read; a client that never reads costs bounded memory.
+ *
+ * Descriptors from the client (SCM_RIGHTS; proto.h: LOCAL folders): the socket is read with
+ * recvmsg() through a uv_poll on a duplicate of it (libuv's stream reads drop them), and
+ * received descriptors wait in a queue of at most CONN_FDS_QUEUED. A frame whose header
+ * says nfds = k takes the k oldest; fewer queued than announced is a protocol error. While
+ * its handler runs they are offered by conn_take_fds(); those not taken are closed after.
  */
 #ifndef DMC_CONN_H
 #define DMC_CONN_H
@@ -48,7 +54,22 @@ struct conn {
 	size_t fd_frame_len;
 	int fd_to_pass;
 	uint8_t open_handles;
+	/* reading with recvmsg (descriptors): see the header comment */
+	uv_poll_t rpoll;
+	int rfd;           /* a duplicate of the socket, polled for reading */
+	int *fdq;          /* received descriptors, oldest first */
+	unsigned fdq_n;
+	int *rx_fds;       /* the frame being handled: its descriptors (-1 once taken) */
+	unsigned rx_nfds;
 };
+
+#define CONN_FDS_QUEUED (2u * DMC_FDS_MAX)
+
+/*
+ * Moves up to `max` descriptors of the frame being handled into `out` (the caller owns
+ * them). Returns how many; 0 outside a handler or when the frame had none.
+ */
+unsigned conn_take_fds(struct conn *c, int *out, unsigned max);
 
 /*
  * Accepts one pending connection from the server's listener. Refusals (limits, overflow

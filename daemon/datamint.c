@@ -1,9 +1,7 @@
 /* The Datamint REST API for the prefetcher: see datamint.h and datamint-api.md. */
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/openat2.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -116,14 +114,26 @@ static void json_on_done(struct fetch_xfer *x, const struct fetch_result *res)
 	}
 }
 
+static void json_on_retry(struct fetch_xfer *x, const struct fetch_retry *r);
+
 static const struct fetch_ops json_ops = {
 	.on_start = json_on_start,
 	.on_data = json_on_data,
 	.on_done = json_on_done,
+	.on_retry = json_on_retry,
 };
 
-/* GET <server><path>; `path` already escaped. */
-static int json_get(const struct dm_client *c, const char *path, json_done_fn done, void *owner)
+static void json_on_retry(struct fetch_xfer *x, const struct fetch_retry *r)
+{
+	struct json_req *q = fetch_xfer_data(x);
+
+	if (q->c->on_retry)
+		q->c->on_retry(q->c->retry_ctx, r->message);
+}
+
+/* GET <server><path>; `path` already escaped. `flags`: FETCH_XF_* beyond METADATA. */
+static int json_get_flags(const struct dm_client *c, const char *path, json_done_fn done,
+			  void *owner, unsigned flags)
 {
 	struct json_req *q = calloc(1, sizeof(*q));
 	size_t n = strlen(c->server) + strlen(path) + 1;
@@ -145,10 +155,18 @@ static int json_get(const struct dm_client *c, const char *path, json_done_fn do
 		free(q);
 		return -ENOMEM;
 	}
+	fetch_xfer_set_owner(q->x, c->uid);
+	fetch_xfer_set_group(q->x, c->group);
+	fetch_xfer_set_flags(q->x, FETCH_XF_METADATA | flags);
 	rc = fetch_xfer_start(q->x);
 	if (rc < 0)
 		json_req_free(q);
 	return rc;
+}
+
+static int json_get(const struct dm_client *c, const char *path, json_done_fn done, void *owner)
+{
+	return json_get_flags(c, path, done, owner, 0);
 }
 
 static char *escape(const char *s)
@@ -360,11 +378,11 @@ int dm_resolve(const struct dm_client *c, const char *project, dm_project_cb cb,
 	}
 	if (looks_like_uuid(project)) {
 		snprintf(path, sizeof(path), "/projects/%s", project);
-		rc = json_get(c, path, on_project, op);
+		rc = json_get_flags(c, path, on_project, op, FETCH_XF_FIRST);
 	} else {
 		/* no server-side filter by name: list and match (section 3.1) */
-		rc = json_get(c, "/projects?includeArchived=true&offset=0&limit=5000", on_projects,
-			      op);
+		rc = json_get_flags(c, "/projects?includeArchived=true&offset=0&limit=5000",
+				    on_projects, op, FETCH_XF_FIRST);
 	}
 	if (rc < 0) {
 		free(op->want);
@@ -780,273 +798,3 @@ int dm_meta_with_masks(const char *meta, size_t meta_len, const struct dm_mask *
 	return 0;
 }
 
-/* ---- local dataset folders ---- */
-
-#define LOCAL_JSON_MAX (512ull << 20)
-
-void dm_local_free(struct dm_local *l)
-{
-	if (!l)
-		return;
-	for (uint32_t i = 0; i < l->n; i++) {
-		struct dm_local_item *it = &l->items[i];
-		free(it->id);
-		free(it->path);
-		free(it->filename);
-		free(it->mimetype);
-		free(it->meta);
-		for (uint32_t k = 0; k < it->n_masks; k++) {
-			free(it->masks[k].annotation_id);
-			free(it->masks[k].path);
-		}
-		free(it->masks);
-	}
-	free(l->items);
-	free(l->root);
-	free(l->name);
-	free(l->version);
-	if (l->dirfd >= 0)
-		close(l->dirfd);
-	free(l);
-}
-
-/* May `uid` read this file as the daemon sees it? Owner, or readable by everyone. */
-static bool readable_by(const struct stat *st, uid_t uid)
-{
-	return uid == 0 || st->st_uid == uid || (st->st_mode & S_IROTH);
-}
-
-static int open_beneath(int dirfd, const char *path, uid_t uid, struct stat *st)
-{
-	struct open_how how = {
-		.flags = O_RDONLY | O_CLOEXEC | O_NOCTTY,
-		.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
-	};
-	int fd = (int)syscall(SYS_openat2, dirfd, path, &how, sizeof(how));
-
-	if (fd < 0)
-		return -errno;
-	if (fstat(fd, st) != 0 || !S_ISREG(st->st_mode) || !readable_by(st, uid)) {
-		int e = S_ISREG(st->st_mode) ? -EACCES : -EINVAL;
-		close(fd);
-		return e;
-	}
-	return fd;
-}
-
-int dm_local_open(const struct dm_local *l, const char *path, uid_t uid)
-{
-	struct stat st;
-
-	return open_beneath(l->dirfd, path, uid, &st);
-}
-
-static const char *mime_of(const char *path)
-{
-	size_t n = strlen(path);
-	static const struct {
-		const char *ext, *mime;
-	} map[] = {
-		{ ".dcm", "application/dicom" }, { ".dicom", "application/dicom" },
-		{ ".png", "image/png" },	   { ".jpg", "image/jpeg" },
-		{ ".jpeg", "image/jpeg" },	   { ".nii.gz", "application/x-nifti" },
-		{ ".nii", "application/x-nifti" },
-	};
-
-	for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++) {
-		size_t e = strlen(map[i].ext);
-		if (n >= e && strcasecmp(path + n - e, map[i].ext) == 0)
-			return map[i].mime;
-	}
-	return "application/octet-stream";
-}
-
-static int local_item(struct dm_local *l, uid_t uid, json_t *rec, const char *path_key,
-		      size_t index, char *err, size_t errlen)
-{
-	struct dm_local_item *it = &l->items[l->n];
-	json_t *path = json_object_get(rec, path_key), *id = json_object_get(rec, "id");
-	json_t *anns, *a;
-	struct stat st;
-	const char *slash;
-	size_t i;
-	int fd;
-
-	if (!json_is_string(path)) {
-		snprintf(err, errlen, "dataset.json: item %zu has no \"%s\"", index, path_key);
-		return -EINVAL;
-	}
-	fd = open_beneath(l->dirfd, json_string_value(path), uid, &st);
-	if (fd < 0) {
-		snprintf(err, errlen, "dataset.json: item %zu: '%.200s': %s", index,
-			 json_string_value(path),
-			 fd == -EXDEV ? "outside the dataset folder"
-			 : fd == -EACCES ? "not readable by the requesting user"
-					 : strerror(-fd));
-		return fd == -EXDEV ? -EACCES : fd;
-	}
-	close(fd);
-	it->path = strdup(json_string_value(path));
-	it->id = strdup(json_is_string(id) ? json_string_value(id) : json_string_value(path));
-	slash = strrchr(it->path ? it->path : "", '/');
-	it->filename = json_is_string(json_object_get(rec, "filename"))
-			       ? strdup(json_string_value(json_object_get(rec, "filename")))
-			       : strdup(slash ? slash + 1 : it->path ? it->path : "");
-	it->mimetype = json_is_string(json_object_get(rec, "mimetype"))
-			       ? strdup(json_string_value(json_object_get(rec, "mimetype")))
-			       : strdup(mime_of(json_string_value(path)));
-	it->size = st.st_size;
-	snprintf(it->etag, sizeof(it->etag), "local:%lld:%lld.%09ld", (long long)st.st_size,
-		 (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
-	l->n++; /* from here on, dm_local_free frees this item's fields */
-	if (!it->path || !it->id || !it->filename || !it->mimetype)
-		return -ENOMEM;
-	anns = json_object_get(rec, "annotations");
-	json_array_foreach(anns, i, a) {
-		json_t *file = json_object_get(a, "file"), *aid = json_object_get(a, "id");
-		struct dm_local_mask *m;
-		if (!json_is_string(file))
-			continue;
-		fd = open_beneath(l->dirfd, json_string_value(file), uid, &st);
-		if (fd < 0) {
-			snprintf(err, errlen, "dataset.json: a mask of item %zu: '%.200s': %s", index,
-				 json_string_value(file),
-				 fd == -EACCES ? "not readable by the requesting user"
-					       : strerror(-fd));
-			return fd == -EXDEV ? -EACCES : fd;
-		}
-		close(fd);
-		m = realloc(it->masks, (it->n_masks + 1) * sizeof(*m));
-		if (!m)
-			return -ENOMEM;
-		it->masks = m;
-		m[it->n_masks].annotation_id =
-			strdup(json_is_string(aid) ? json_string_value(aid) : json_string_value(file));
-		m[it->n_masks].path = strdup(json_string_value(file));
-		it->n_masks++;
-		if (!m[it->n_masks - 1].annotation_id || !m[it->n_masks - 1].path)
-			return -ENOMEM;
-	}
-	it->meta = json_dumps(rec, JSON_COMPACT | JSON_SORT_KEYS);
-	if (!it->meta)
-		return -ENOMEM;
-	it->meta_len = strlen(it->meta);
-	return 0;
-}
-
-int dm_local_scan(const char *dir, uid_t uid, struct dm_local **ret, char *err, size_t errlen)
-{
-	struct dm_local *l = calloc(1, sizeof(*l));
-	struct stat st;
-	json_t *root = NULL, *list, *rec, *v;
-	json_error_t jerr;
-	const char *path_key = "file";
-	char *buf = NULL, *canon = NULL;
-	ssize_t got;
-	size_t i;
-	int fd = -1, rc;
-
-	if (!l)
-		return -ENOMEM;
-	l->dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (l->dirfd < 0) {
-		rc = -errno;
-		snprintf(err, errlen, "cannot open the dataset folder: %s", strerror(-rc));
-		goto fail;
-	}
-	if (fstat(l->dirfd, &st) != 0 || (uid != 0 && st.st_uid != uid)) {
-		rc = -EACCES;
-		snprintf(err, errlen, "the dataset folder does not belong to the requesting user");
-		goto fail;
-	}
-	canon = realpath(dir, NULL);
-	l->root = canon ? canon : strdup(dir);
-	fd = open_beneath(l->dirfd, "dataset.json", uid, &st);
-	if (fd < 0) {
-		rc = fd;
-		snprintf(err, errlen, "dataset.json: %s", strerror(-fd));
-		goto fail;
-	}
-	if ((uint64_t)st.st_size > LOCAL_JSON_MAX) {
-		rc = -DMC_E_LIMIT_EXCEEDED;
-		snprintf(err, errlen, "dataset.json is larger than %llu bytes",
-			 (unsigned long long)LOCAL_JSON_MAX);
-		goto fail;
-	}
-	buf = malloc((size_t)st.st_size + 1);
-	if (!buf) {
-		rc = -ENOMEM;
-		goto fail;
-	}
-	got = 0;
-	while (got < st.st_size) {
-		ssize_t n = read(fd, buf + got, (size_t)(st.st_size - got));
-		if (n <= 0) {
-			rc = n < 0 ? -errno : -EIO;
-			snprintf(err, errlen, "cannot read dataset.json");
-			goto fail;
-		}
-		got += n;
-	}
-	root = json_loadb(buf, (size_t)got, 0, &jerr);
-	if (!json_is_object(root)) {
-		rc = -DMC_E_INVALID_ARGUMENT;
-		snprintf(err, errlen, "dataset.json:%d: %s", jerr.line, root ? "not an object"
-										  : jerr.text);
-		goto fail;
-	}
-	/* section 4.4: Gen 0 "images"/"image_file"; later "resources"/"file" */
-	list = json_object_get(root, "resources");
-	if (!json_is_array(list)) {
-		list = json_object_get(root, "images");
-		path_key = "image_file";
-	}
-	if (!json_is_array(list)) {
-		rc = -DMC_E_INVALID_ARGUMENT;
-		snprintf(err, errlen, "dataset.json has neither \"resources\" nor \"images\"");
-		goto fail;
-	}
-	v = json_object_get(root, "name");
-	if (json_is_string(v)) {
-		l->name = strdup(json_string_value(v));
-	} else {
-		const char *b = strrchr(l->root, '/');
-		l->name = strdup(b && b[1] ? b + 1 : l->root);
-	}
-	v = json_object_get(root, "updated_at");
-	if (json_is_string(v)) {
-		l->version = strdup(json_string_value(v));
-	} else {
-		char t[64];
-		snprintf(t, sizeof(t), "mtime:%lld.%09ld", (long long)st.st_mtim.tv_sec,
-			 st.st_mtim.tv_nsec);
-		l->version = strdup(t);
-	}
-	l->items = calloc(json_array_size(list) ? json_array_size(list) : 1, sizeof(*l->items));
-	if (!l->name || !l->version || !l->items) {
-		rc = -ENOMEM;
-		goto fail;
-	}
-	json_array_foreach(list, i, rec) {
-		if (!json_is_object(rec)) {
-			rc = -DMC_E_INVALID_ARGUMENT;
-			snprintf(err, errlen, "dataset.json: item %zu is not an object", i);
-			goto fail;
-		}
-		rc = local_item(l, uid, rec, path_key, i, err, errlen);
-		if (rc < 0)
-			goto fail;
-	}
-	json_decref(root);
-	free(buf);
-	close(fd);
-	*ret = l;
-	return 0;
-fail:
-	json_decref(root);
-	free(buf);
-	if (fd >= 0)
-		close(fd);
-	dm_local_free(l);
-	return rc;
-}

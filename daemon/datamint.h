@@ -36,6 +36,11 @@ struct dm_client {
 	const char *server; /* API base URL without a trailing slash */
 	const char *origin; /* fetch_url_origin(server) */
 	const char *key;
+	uint32_t uid;       /* who the requests work for: places are shared by uid (fetch.h) */
+	uint64_t group;     /* fetch_xfer_set_group() of the requests */
+	/* optional: a request will be retried (the message says when and why) */
+	void (*on_retry)(void *ctx, const char *message);
+	void *retry_ctx;
 };
 
 struct dm_error {
@@ -115,50 +120,6 @@ int dm_masks_of(const struct dm_client *c, const char *resource_id, const char *
  */
 int dm_meta_with_masks(const char *meta, size_t meta_len, const struct dm_mask *masks,
 		       const uint8_t (*digests)[32], uint32_t n, char **ret, size_t *ret_len);
-
-/* ---- local dataset folders (datamint-api.md sections 4.2-4.4) ---- */
-
-/* One file of a local dataset: a resource, and its segmentation files. */
-struct dm_local_mask {
-	char *annotation_id; /* the annotation's id, or its file path when it has none */
-	char *path;          /* relative to the dataset folder */
-};
-
-struct dm_local_item {
-	char *id;       /* resource id (the relative path for the oldest layout) */
-	char *path;     /* relative to the dataset folder */
-	char *filename;
-	char *mimetype;
-	int64_t size;
-	char etag[64];  /* size and modification time: reused when unchanged */
-	char *meta;     /* the dataset.json record of the resource, compact JSON */
-	size_t meta_len;
-	struct dm_local_mask *masks;
-	uint32_t n_masks;
-};
-
-struct dm_local {
-	int dirfd;      /* the dataset folder, opened for the requesting uid */
-	char *root;     /* its canonical path: the snapshot's project id */
-	char *name;     /* dataset name (dataset.json "name", else the folder's name) */
-	char *version;  /* dataset.json "updated_at", else the file's modification time */
-	struct dm_local_item *items;
-	uint32_t n;
-};
-void dm_local_free(struct dm_local *l);
-
-/*
- * Reads <dir>/dataset.json in any of the client's layouts (section 4.4: "images" with
- * "image_file", or "resources" with "file" and "annotations") and checks every file it
- * names, for the user `uid`: the folder must belong to `uid` (root may read any), each
- * file must belong to `uid` or be readable by everyone, and no path may leave the folder
- * (openat2 RESOLVE_BENEATH): a user cannot make the daemon read what the user could not.
- * Blocking: call on the threadpool. On failure a message goes to `err`.
- */
-int dm_local_scan(const char *dir, uid_t uid, struct dm_local **ret, char *err, size_t errlen);
-
-/* Opens `path` of a scanned dataset for reading, with the same checks. Blocking. */
-int dm_local_open(const struct dm_local *l, const char *path, uid_t uid);
 
 /* URL of a resource's file: <server>/resources/<id>/file. Free with free(). */
 char *dm_file_url(const struct dm_client *c, const char *resource_id);

@@ -33,6 +33,7 @@ enum worker_state {
 	W_SPAWNING,   /* asked the zygote */
 	W_IDLE,
 	W_BUSY,
+	W_RETIRING,   /* replied with WORKER_REP_RETIRE: exits, then is replaced */
 	W_CLOSING,    /* dead, its handles closing */
 };
 
@@ -241,6 +242,7 @@ static void worker_died(struct worker *w)
 {
 	struct decode_pool *pool = w->pool;
 	struct decode_job *job = w->job;
+	bool retired = w->state == W_RETIRING;
 	uv_timer_stop(&w->timer);
 	uv_poll_stop(&w->poll);
 	w->state = W_CLOSING;
@@ -263,7 +265,7 @@ static void worker_died(struct worker *w)
 		job->status = -DMC_E_DECODE_FAILED;
 		set_job_err(job, reason);
 		finish(pool, job);
-	} else if (!w->timed_out) {
+	} else if (!w->timed_out && !retired) {
 		pool->st.crashes++;
 	}
 	w->timed_out = false;
@@ -326,6 +328,10 @@ static void on_ctl(uv_poll_t *h, int status, int events)
 		finish(pool, job);
 		if (pool->stopping)
 			return;
+		if (rep.flags & WORKER_REP_RETIRE) {
+			w->state = W_RETIRING; /* its end-of-file follows; no job goes to it */
+			return;
+		}
 		w->state = W_IDLE;
 		dispatch(pool);
 		return;
@@ -499,8 +505,65 @@ static void on_zygote(uv_poll_t *h, int status, int events)
 	}
 }
 
+/*
+ * Runs worker_drop_privileges() once in a throw-away child: a worker user the workers
+ * cannot switch to (no such uid in this user namespace, say) fails the start with a
+ * message, instead of workers that die as soon as they are forked.
+ */
+static int check_drop(const struct worker_params *p, char *err, size_t errlen)
+{
+	int pfd[2];
+	char msg[160] = "";
+
+	if (pipe2(pfd, O_CLOEXEC) != 0)
+		return -errno;
+	pid_t pid = fork();
+	if (pid < 0) {
+		int e = errno;
+		close(pfd[0]);
+		close(pfd[1]);
+		return -e;
+	}
+	if (pid == 0) {
+		const char *what;
+		int r = worker_drop_privileges(p, &what);
+		if (r < 0) {
+			int n = snprintf(msg, sizeof(msg), "%s: %s", what, strerror(-r));
+			if (write(pfd[1], msg, (size_t)n) < 0)
+				_exit(2);
+		}
+		_exit(r < 0);
+	}
+	close(pfd[1]);
+	ssize_t n;
+	while ((n = read(pfd[0], msg, sizeof(msg) - 1)) < 0 && errno == EINTR)
+		;
+	close(pfd[0]);
+	msg[n > 0 ? n : 0] = '\0';
+	int status = 0;
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+		return 0;
+	if (p->drop_user)
+		snprintf(err, errlen, "decoder workers cannot switch to uid %u gid %u: %s",
+			 (unsigned)p->worker_uid, (unsigned)p->worker_gid,
+			 msg[0] ? msg : "the check died");
+	else
+		snprintf(err, errlen, "decoder workers cannot drop their capabilities: %s",
+			 msg[0] ? msg : "the check died");
+	return -EPERM;
+}
+
 int decode_pool_start(uv_loop_t *loop, const struct decode_pool_config *cfg,
 		      struct decode_pool **ret_pool)
+{
+	char err[256];
+	return decode_pool_start_err(loop, cfg, ret_pool, err, sizeof(err));
+}
+
+int decode_pool_start_err(uv_loop_t *loop, const struct decode_pool_config *cfg,
+			  struct decode_pool **ret_pool, char *err, size_t errlen)
 {
 	struct decode_pool_config def;
 	struct decode_pool *pool;
@@ -553,9 +616,23 @@ int decode_pool_start(uv_loop_t *loop, const struct decode_pool_config *cfg,
 	p->meta_bytes = c->meta_bytes;
 	p->cpu_seconds = c->cpu_seconds;
 	p->seccomp = !c->no_seccomp;
+	p->drop_user = c->drop_user;
+	p->worker_uid = c->worker_uid;
+	p->worker_gid = c->worker_gid;
 	p->limits = lim;
 	p->mem_bytes = c->mem_bytes ? c->mem_bytes
 				    : worker_region_size(p) + 2 * lim.max_decode_bytes + (512ull << 20);
+
+	if (c->drop_user && c->worker_uid == 0) {
+		snprintf(err, errlen, "decoder workers may not run as root (uid 0)");
+		free(pool);
+		return -EINVAL;
+	}
+	r = check_drop(p, err, errlen);
+	if (r < 0) {
+		free(pool);
+		return r;
+	}
 
 	pool->nworkers = c->workers;
 	pool->workers = calloc(pool->nworkers, sizeof(*pool->workers));
@@ -607,6 +684,7 @@ fail_zygote:
 	waitpid(pid, NULL, 0);
 	close(pool->zsock);
 fail_alloc:
+	snprintf(err, errlen, "%s", strerror(-r));
 	free(pool->workers);
 	free(pool->bad);
 	free(pool);
@@ -668,7 +746,7 @@ void decode_pool_stop(struct decode_pool *pool)
 	pool->stopping = true;
 	for (unsigned i = 0; i < pool->nworkers; i++) {
 		struct worker *w = &pool->workers[i];
-		if (w->state == W_BUSY || w->state == W_IDLE)
+		if (w->state == W_BUSY || w->state == W_IDLE || w->state == W_RETIRING)
 			kill_worker(w);
 		if (w->job) {
 			struct decode_job *job = w->job;
@@ -680,7 +758,7 @@ void decode_pool_stop(struct decode_pool *pool)
 	}
 	for (unsigned i = 0; i < pool->nworkers; i++) {
 		struct worker *w = &pool->workers[i];
-		if (w->state == W_BUSY || w->state == W_IDLE)
+		if (w->state == W_BUSY || w->state == W_IDLE || w->state == W_RETIRING)
 			pool_close(pool, (uv_handle_t *)&w->poll);
 		else if (w->state == W_CLOSING)
 			pool->closing++; /* its close callback is pending: on_worker_closed counts it */
@@ -700,7 +778,7 @@ void decode_pool_stats(const struct decode_pool *pool, struct decode_pool_stats 
 		enum worker_state s = pool->workers[i].state;
 		ret->idle += s == W_IDLE;
 		ret->busy += s == W_BUSY;
-		ret->spawning += s == W_SPAWNING || s == W_CLOSING;
+		ret->spawning += s == W_SPAWNING || s == W_CLOSING || s == W_RETIRING;
 	}
 }
 

@@ -20,10 +20,15 @@
  *     worker decodes straight into the output area, the daemon reads the tensor from there.
  *     Nothing bulky crosses the control socket (a SOCK_SEQPACKET pair with fixed-size
  *     request and reply structs: both ends are forks of one binary);
- *   - runs with RLIMIT_AS (address space), RLIMIT_CPU (re-armed per job), RLIMIT_FSIZE 0,
- *     RLIMIT_CORE 0, no_new_privs, not dumpable, and a seccomp allow-list (HAVE_SECCOMP)
- *     installed after a warm-up decode of every format; sanitizer builds skip RLIMIT_AS and
- *     the filter, whose runtimes need address space and syscalls a decoder does not;
+ *   - owns nothing: before it reads any input it empties its capability sets and bounding
+ *     set and, when the daemon runs as root (drop_user), switches to an unprivileged user
+ *     (setgroups(0), setresgid, setresuid); no_new_privs, not dumpable;
+ *   - runs with RLIMIT_AS (address space), RLIMIT_CPU (a budget of WORKER_CPU_JOBS jobs'
+ *     cpu_seconds, set once: a worker short of cpu_seconds after a job retires and is
+ *     replaced), RLIMIT_FSIZE 0, RLIMIT_CORE 0, and a seccomp allow-list (HAVE_SECCOMP)
+ *     that also denies setrlimit/prlimit64 and signals to any other process; sanitizer
+ *     builds skip RLIMIT_AS and the filter, whose runtimes need address space and
+ *     syscalls a decoder does not;
  *   - tunes glibc malloc for large buffers (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD
  *     256 MiB, M_ARENA_MAX 1): freed image buffers are reused instead of being unmapped
  *     and faulted in again (performance.md: up to 3x on GDCM decodes).
@@ -65,6 +70,11 @@ struct decode_pool_config {
 	uint64_t timeout_ms;       /* wall-clock deadline per job; 0: 10000 */
 	unsigned quarantine_max;   /* remembered bad resource keys; 0: 4096 */
 	bool no_seccomp;           /* leave the filter out (debugging only) */
+	/* A root daemon's workers switch to this uid and gid (resolved by the caller, never
+	 * in a worker; uid 0 is refused). Without drop_user they keep the daemon's uid. */
+	bool drop_user;
+	uid_t worker_uid;
+	gid_t worker_gid;
 	struct decode_limits limits; /* zero fields: defaults */
 };
 
@@ -124,6 +134,9 @@ void decode_pool_config_default(struct decode_pool_config *cfg);
  */
 int decode_pool_start(uv_loop_t *loop, const struct decode_pool_config *cfg,
 		      struct decode_pool **ret_pool);
+/* The same, with a message in `err` when it fails (a worker user that cannot be used). */
+int decode_pool_start_err(uv_loop_t *loop, const struct decode_pool_config *cfg,
+			  struct decode_pool **ret_pool, char *err, size_t errlen);
 
 /*
  * Queues `job`; on_done is called exactly once, later, on the loop. Returns 0, or refuses

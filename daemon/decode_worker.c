@@ -3,6 +3,13 @@
  *
  * Both are forked, never exec'd, and never return into the daemon's code: they leave with
  * _exit() so that no atexit handler or libuv state of the daemon runs in them.
+ *
+ * Privileges (DESIGN.md section 7, reliability.md S13): a worker owns nothing. Before it
+ * reads any input it gives up its capabilities, bounding set included, and, in a root
+ * daemon, switches to the unprivileged worker user (worker_drop_privileges()). The zygote
+ * of a root daemon keeps only what that switch needs: CAP_SETUID, CAP_SETGID, CAP_SETPCAP.
+ * The seccomp filter then denies setrlimit/prlimit64 and any signal not aimed at the worker
+ * itself, so RLIMIT_CPU is a lifetime budget set once (WORKER_CPU_JOBS in decode_worker.h).
  */
 #include "decode_worker.h"
 
@@ -10,6 +17,8 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
 #include <malloc.h>
 #include <sched.h>
 #include <signal.h>
@@ -83,6 +92,94 @@ static void set_limit(int resource, rlim_t soft, rlim_t hard)
 	setrlimit(resource, &rl);
 }
 
+/* Sets the permitted and effective capability sets to `mask` (inheritable: none). */
+static int set_caps(uint64_t mask)
+{
+	struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+	struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+
+	memset(data, 0, sizeof(data));
+	data[0].permitted = data[0].effective = (uint32_t)mask;
+	data[1].permitted = data[1].effective = (uint32_t)(mask >> 32);
+	return syscall(SYS_capset, &hdr, data) == 0 ? 0 : -errno;
+}
+
+static int caps_are_empty(void)
+{
+	struct __user_cap_header_struct hdr = { _LINUX_CAPABILITY_VERSION_3, 0 };
+	struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+
+	if (syscall(SYS_capget, &hdr, data) != 0)
+		return -errno;
+	for (int i = 0; i < _LINUX_CAPABILITY_U32S_3; i++)
+		if (data[i].permitted || data[i].effective || data[i].inheritable)
+			return -EPERM;
+	return 0;
+}
+
+int worker_drop_privileges(const struct worker_params *p, const char **what)
+{
+	uid_t ru, eu, su;
+	gid_t rg, eg, sg;
+
+	/* The bounding set first: dropping from it needs CAP_SETPCAP, which the uid switch
+	 * takes away. EINVAL marks the end of the valid capabilities. An unprivileged daemon
+	 * (systemd's User=) has no CAP_SETPCAP and its bounding set is the unit's (empty). */
+	*what = "PR_CAPBSET_DROP";
+	for (unsigned long cap = 0; cap < 64; cap++) {
+		if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) == 0)
+			continue;
+		if (errno == EINVAL)
+			break;
+		if (errno == EPERM && !p->drop_user)
+			break;
+		return -errno;
+	}
+	if (p->drop_user) {
+		*what = "setgroups";
+		if (setgroups(0, NULL) != 0)
+			return -errno;
+		*what = "setresgid";
+		if (setresgid(p->worker_gid, p->worker_gid, p->worker_gid) != 0)
+			return -errno;
+		*what = "setresuid";
+		if (setresuid(p->worker_uid, p->worker_uid, p->worker_uid) != 0)
+			return -errno;
+		*what = "checking the new uid and gid";
+		if (getresuid(&ru, &eu, &su) != 0 || getresgid(&rg, &eg, &sg) != 0)
+			return -errno;
+		if (ru != p->worker_uid || eu != ru || su != ru || rg != p->worker_gid ||
+		    eg != rg || sg != rg || getgroups(0, NULL) != 0 || ru == 0)
+			return -EPERM;
+	}
+	*what = "capset";
+	int r = set_caps(0);
+	if (r == 0)
+		r = caps_are_empty();
+	if (r < 0)
+		return r;
+	*what = "PR_SET_NO_NEW_PRIVS";
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+		return -errno;
+	/* A uid change resets dumpable to fs.suid_dumpable: set it again. */
+	*what = "PR_SET_DUMPABLE";
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0)
+		return -errno;
+	*what = "";
+	return 0;
+}
+
+/* CPU seconds (user + system) used by this process so far, rounded up. */
+static rlim_t cpu_used(void)
+{
+	struct rusage ru;
+	if (getrusage(RUSAGE_SELF, &ru) != 0)
+		return 0;
+	uint64_t us = (uint64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000u +
+		      (uint64_t)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
+	return (rlim_t)(us / 1000000u + 1);
+}
+
 #if HAVE_SECCOMP
 static int install_filter(void)
 {
@@ -92,10 +189,9 @@ static int install_filter(void)
 		SCMP_SYS(close), SCMP_SYS(mmap), SCMP_SYS(munmap), SCMP_SYS(mremap),
 		SCMP_SYS(mprotect), SCMP_SYS(brk), SCMP_SYS(madvise), SCMP_SYS(futex),
 		SCMP_SYS(exit), SCMP_SYS(exit_group), SCMP_SYS(rt_sigreturn),
-		SCMP_SYS(rt_sigprocmask), SCMP_SYS(getrusage), SCMP_SYS(prlimit64),
-		SCMP_SYS(setrlimit), SCMP_SYS(getrlimit), SCMP_SYS(clock_gettime),
-		SCMP_SYS(clock_nanosleep), SCMP_SYS(nanosleep), SCMP_SYS(gettimeofday),
-		SCMP_SYS(getpid), SCMP_SYS(gettid), SCMP_SYS(tgkill), SCMP_SYS(sched_yield),
+		SCMP_SYS(rt_sigprocmask), SCMP_SYS(getrusage), SCMP_SYS(getrlimit),
+		SCMP_SYS(clock_gettime), SCMP_SYS(clock_nanosleep), SCMP_SYS(nanosleep),
+		SCMP_SYS(gettimeofday), SCMP_SYS(getpid), SCMP_SYS(gettid), SCMP_SYS(sched_yield),
 		SCMP_SYS(getrandom), SCMP_SYS(lseek), SCMP_SYS(fstat), SCMP_SYS(newfstatat),
 		SCMP_SYS(restart_syscall), SCMP_SYS(sched_getaffinity), SCMP_SYS(sysinfo),
 		SCMP_SYS(uname), SCMP_SYS(rt_sigaction), SCMP_SYS(set_robust_list),
@@ -120,6 +216,23 @@ static int install_filter(void)
 				     SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_THREAD, CLONE_THREAD));
 	if (r == 0)
 		r = seccomp_rule_add(f, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(clone3), 0);
+	/* Limits: read its own only (prlimit64(0, res, NULL, old), glibc's getrlimit); no
+	 * setrlimit, no prlimit64 that sets or aims at another process. */
+	if (r == 0)
+		r = seccomp_rule_add(f, SCMP_ACT_ALLOW, SCMP_SYS(prlimit64), 2,
+				     SCMP_A0_64(SCMP_CMP_EQ, 0), SCMP_A2_64(SCMP_CMP_EQ, 0));
+	/* Signals: only to itself (raise() and abort() are tgkill(getpid(), gettid(), sig)).
+	 * Other workers run as the same user: kill() would otherwise reach them. */
+	scmp_datum_t self = (scmp_datum_t)getpid();
+	if (r == 0)
+		r = seccomp_rule_add(f, SCMP_ACT_ALLOW, SCMP_SYS(kill), 1,
+				     SCMP_A0_32(SCMP_CMP_EQ, self));
+	if (r == 0)
+		r = seccomp_rule_add(f, SCMP_ACT_ALLOW, SCMP_SYS(tgkill), 1,
+				     SCMP_A0_32(SCMP_CMP_EQ, self));
+	if (r == 0)
+		r = seccomp_rule_add(f, SCMP_ACT_ALLOW, SCMP_SYS(tkill), 1,
+				     SCMP_A0_32(SCMP_CMP_EQ, self));
 	if (r == 0)
 		r = seccomp_load(f);
 	seccomp_release(f);
@@ -131,9 +244,12 @@ static int install_filter(void)
 /*
  * Test build only: an input starting with "DMCTEST:" misbehaves on purpose.
  *   spin     loop forever (a CPU bomb: the deadline or RLIMIT_CPU ends it)
+ *   burn:N   use N ms of CPU, then fail
  *   sleep:N  sleep N ms, then fail (a slow decode to kill from outside)
  *   segv     crash with SIGSEGV
  *   syscall  call socket(2), which the seccomp filter forbids
+ *   kill:P   kill(P, SIGKILL); tgkill:P tgkill(P, P, SIGKILL) (the filter allows only itself)
+ *   setrlimit  raise its own RLIMIT_CPU; prlimit:P  lower RLIMIT_NOFILE of process P
  */
 static int test_hook(const uint8_t *in, size_t len, struct worker_rep *rep)
 {
@@ -164,20 +280,33 @@ static int test_hook(const uint8_t *in, size_t len, struct worker_rep *rep)
 		if (fd >= 0)
 			close(fd);
 	}
+	if (strncmp(cmd, "burn:", 5) == 0) {
+		long ms = strtol(cmd + 5, NULL, 10);
+		struct timespec t0, t;
+		clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t0);
+		do
+			clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+		while ((t.tv_sec - t0.tv_sec) * 1000L + (t.tv_nsec - t0.tv_nsec) / 1000000L < ms);
+	}
+	if (strncmp(cmd, "kill:", 5) == 0)
+		kill((pid_t)strtol(cmd + 5, NULL, 10), SIGKILL);
+	if (strncmp(cmd, "tgkill:", 7) == 0) {
+		long pid = strtol(cmd + 7, NULL, 10);
+		syscall(SYS_tgkill, pid, pid, SIGKILL);
+	}
+	if (strcmp(cmd, "setrlimit") == 0) {
+		struct rlimit rl = { RLIM_INFINITY, RLIM_INFINITY };
+		setrlimit(RLIMIT_CPU, &rl);
+	}
+	if (strncmp(cmd, "prlimit:", 8) == 0) {
+		struct rlimit rl = { 1, 1 };
+		prlimit((pid_t)strtol(cmd + 8, NULL, 10), RLIMIT_NOFILE, &rl, NULL);
+	}
 	rep->status = -DMC_E_DECODE_FAILED;
 	snprintf(rep->err, sizeof(rep->err), "test hook '%s' finished", cmd);
 	return 1;
 }
 #endif
-
-static void rearm_cpu_limit(unsigned budget)
-{
-	struct rusage ru;
-	if (getrusage(RUSAGE_SELF, &ru) != 0)
-		return;
-	rlim_t used = (rlim_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + 1);
-	set_limit(RLIMIT_CPU, used + budget, RLIM_INFINITY);
-}
 
 static void run_job(struct decode_ctx *ctx, uint8_t *region, const struct worker_params *p,
 		    const struct worker_req *req, struct worker_rep *rep)
@@ -223,12 +352,16 @@ static void worker_main(int ctl, int memfd, pid_t zygote, const struct worker_pa
 	__attribute__((noreturn));
 static void worker_main(int ctl, int memfd, pid_t zygote, const struct worker_params *p)
 {
+	const char *what;
+
+	/* First of all: nothing of the input has been read yet. A uid change clears the
+	 * parent-death signal, so it is set after. */
+	if (worker_drop_privileges(p, &what) != 0)
+		_exit(1);
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
 	if (getppid() != zygote)
 		_exit(0);
 	prctl(PR_SET_NAME, "dmcache-decode");
-	prctl(PR_SET_DUMPABLE, 0);
-	prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
 
 	size_t size = worker_region_size(p);
 	uint8_t *region = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
@@ -246,6 +379,9 @@ static void worker_main(int ctl, int memfd, pid_t zygote, const struct worker_pa
 
 	set_limit(RLIMIT_CORE, 0, 0);
 	set_limit(RLIMIT_FSIZE, 0, 0);
+	/* The worker's CPU for its whole life: the filter forbids raising it per job. */
+	rlim_t cpu_limit = cpu_used() + (rlim_t)WORKER_CPU_JOBS * p->cpu_seconds;
+	set_limit(RLIMIT_CPU, cpu_limit, cpu_limit);
 	if (!WORKER_SANITIZED && p->mem_bytes)
 		set_limit(RLIMIT_AS, (rlim_t)p->mem_bytes, (rlim_t)p->mem_bytes);
 
@@ -279,10 +415,13 @@ static void worker_main(int ctl, int memfd, pid_t zygote, const struct worker_pa
 			_exit(0); /* the daemon closed the socket, or garbage */
 		memset(&rep, 0, sizeof(rep));
 		rep.seq = req.seq;
-		rearm_cpu_limit(p->cpu_seconds);
 		run_job(ctx, region, p, &req, &rep);
 		rep.err[sizeof(rep.err) - 1] = '\0';
-		if (send(ctl, &rep, sizeof(rep), MSG_NOSIGNAL) != (ssize_t)sizeof(rep))
+		/* Too little CPU left for another job: retire, the pool forks a fresh worker. */
+		bool retire = cpu_used() + p->cpu_seconds > cpu_limit;
+		if (retire)
+			rep.flags |= WORKER_REP_RETIRE;
+		if (send(ctl, &rep, sizeof(rep), MSG_NOSIGNAL) != (ssize_t)sizeof(rep) || retire)
 			_exit(0);
 		decode_ctx_trim(ctx, WORKER_KEEP_SCRATCH);
 	}
@@ -351,6 +490,17 @@ void zygote_main(int sock, const struct worker_params *p, pid_t parent)
 	if (getppid() != parent)
 		_exit(0);
 	prctl(PR_SET_NAME, "dmcache-zygote");
+	/* A root daemon's zygote keeps only what a worker needs to drop everything, in its
+	 * bounding set too (so that not even an exec could bring the rest back). */
+	if (p->drop_user) {
+		uint64_t keep = (1ull << CAP_SETUID) | (1ull << CAP_SETGID) | (1ull << CAP_SETPCAP);
+		for (unsigned long cap = 0; cap < 64; cap++)
+			if (!(keep & (1ull << cap)) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 &&
+			    errno == EINVAL)
+				break;
+		set_caps(keep);
+		prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+	}
 	reset_signals();
 	signal(SIGCHLD, SIG_IGN); /* workers are reaped by the kernel; kills use pidfds */
 	if (sock != 3) {

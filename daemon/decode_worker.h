@@ -20,8 +20,19 @@ struct worker_params {
 	uint64_t mem_bytes;   /* RLIMIT_AS */
 	unsigned cpu_seconds; /* RLIMIT_CPU budget per job */
 	bool seccomp;
+	/* Root daemon: every worker switches to worker_uid/gid before it reads any input. */
+	bool drop_user;
+	uid_t worker_uid;
+	gid_t worker_gid;
 	struct decode_limits limits;
 };
+
+/*
+ * RLIMIT_CPU is set once per worker (the seccomp filter denies setrlimit and prlimit64):
+ * a budget of WORKER_CPU_JOBS x cpu_seconds. A worker left with less than cpu_seconds after
+ * a job says so in its reply (WORKER_REP_RETIRE) and exits; the pool replaces it.
+ */
+#define WORKER_CPU_JOBS 2u
 
 /* daemon -> zygote: fork a worker for `slot`. */
 struct zygote_req {
@@ -47,10 +58,11 @@ struct worker_req {
 };
 
 /* worker -> daemon. The tensor is at region + in_bytes, the metadata after the tensor area. */
+#define WORKER_REP_RETIRE 1u /* the worker exits after this reply: not a crash */
 struct worker_rep {
 	uint64_t seq;
 	int32_t status;
-	uint32_t pad_;
+	uint32_t flags; /* WORKER_REP_* */
 	struct decode_desc desc;
 	uint64_t meta_len;
 	char err[256];
@@ -61,6 +73,17 @@ static inline size_t worker_region_size(const struct worker_params *p)
 {
 	return p->in_bytes + p->out_bytes + p->meta_bytes;
 }
+
+/*
+ * What a worker does before it reads a byte of input, in this order: clears the capability
+ * bounding set (PR_CAPBSET_DROP up to the last valid capability; needs CAP_SETPCAP, so only
+ * a root daemon's workers have one to clear), then with drop_user: setgroups(0), setresgid,
+ * setresuid to the worker user (checked); then empties its capability sets (capset), sets
+ * no_new_privs and makes itself not dumpable. Returns 0, or a negative errno with *what
+ * naming the step that failed. decode_pool_start() runs it once in a throw-away child to
+ * refuse a configuration the workers could not honour.
+ */
+int worker_drop_privileges(const struct worker_params *p, const char **what);
 
 /* Runs the zygote on `sock` (the daemon's end is elsewhere); `parent` is the daemon's pid.
  * Never returns. */

@@ -2,6 +2,7 @@
 #include <curl/curl.h>
 #include <errno.h>
 #include <inttypes.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +14,8 @@
 
 #define ERRBODY_MAX 1024u
 #define RECV_BUFFER (256u << 10) /* fewer, larger write callbacks for big bodies */
+#define HEADERS_MAX 6            /* request headers a transfer sends */
+#define SPEED_TICK_MAX_MS 1000u  /* the speed floor is checked at least this often */
 
 enum xfer_state {
 	XS_NEW,
@@ -29,15 +32,26 @@ struct sock_ctx {
 	struct sock_ctx *next, *prev;
 };
 
+/* A uid with transfers running or queued, for the fair share of places. */
+struct owner {
+	uint32_t uid;
+	uint32_t running, queued;
+};
+
 struct fetch {
 	uv_loop_t *loop;
 	CURLM *multi;
 	uv_timer_t timer;
+	uv_timer_t speed_timer; /* the speed floor's check, while transfers run */
+	bool speed_active;
 	struct fetch_options opts;
 	struct fetch_xfer *queue_head, *queue_tail; /* waiting for a place */
 	struct sock_ctx *socks;
 	struct fetch_xfer *all; /* every transfer not yet freed, for fetch_free() */
 	uint32_t running;
+	struct owner *owners; /* the uids with transfers running or queued */
+	uint32_t n_owners, cap_owners;
+	uint32_t rr_last;     /* the uid that got the last place, for the round-robin */
 	struct fetch_stats stats;
 	bool closing;
 	unsigned open_handles;
@@ -53,7 +67,13 @@ struct fetch_xfer {
 	const struct fetch_ops *ops;
 	void *data;
 	uint64_t group; /* transfers of one group share the places fairly with others */
-	struct curl_slist *headers;
+	uint32_t owner; /* the uid it works for: owners share the places round-robin */
+	unsigned flags; /* FETCH_XF_* */
+	/* the request headers: nodes and text owned here (the key among them), wiped */
+	struct curl_slist hdr[HEADERS_MAX];
+	char *hdr_mem;
+	size_t hdr_cap, hdr_len;
+	struct curl_slist *headers; /* hdr[0], or NULL */
 	uv_timer_t timer; /* retry waits and deferred completion */
 	enum xfer_state state;
 	struct fetch_xfer *qnext, *qprev;   /* queue */
@@ -62,6 +82,9 @@ struct fetch_xfer {
 	uint32_t attempts;
 	uint32_t redirects;
 	uint64_t start_ms;
+	uint64_t attempt_ms;  /* when the current attempt started: the newest is preempted first */
+	uint64_t got;         /* body bytes of the current attempt */
+	uint64_t win_ms, win_got; /* the speed floor's window: its start, and `got` then */
 	uint64_t delivered;   /* body bytes the sink has taken for the current object */
 	char etag[FETCH_ETAG_MAX]; /* strong ETag of the object being delivered */
 	char if_none_match[FETCH_ETAG_MAX];
@@ -80,6 +103,9 @@ struct fetch_xfer {
 };
 
 static void check_multi_info(struct fetch *f);
+static void retry_or_fail(struct fetch_xfer *x, uint64_t retry_after_ms);
+static void pump(struct fetch *f);
+static void run_del(struct fetch_xfer *x);
 static void attempt_start(struct fetch_xfer *x);
 static void queue_remove(struct fetch *f, struct fetch_xfer *x);
 
@@ -238,6 +264,13 @@ static const char *header_value(CURL *easy, const char *name)
 
 /* ---- sockets and the timer (multi-uv.c) ---- */
 
+/* The engine's memory, once its last handle closed. */
+static void engine_release(struct fetch *f)
+{
+	free(f->owners);
+	free(f);
+}
+
 static void on_poll_closed(uv_handle_t *h)
 {
 	struct sock_ctx *s = h->data;
@@ -245,7 +278,7 @@ static void on_poll_closed(uv_handle_t *h)
 
 	free(s);
 	if (--f->open_handles == 0 && f->closing)
-		free(f);
+		engine_release(f);
 }
 
 static void sock_ctx_free(struct sock_ctx *s)
@@ -341,9 +374,43 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
 
 /* ---- the engine ---- */
 
+/*
+ * libcurl's memory. Its request buffers hold the header lines, the API key among them:
+ * every block libcurl gives back is wiped first, and a block it grows is copied and the
+ * old one wiped (a plain realloc could move it and leave the old bytes behind).
+ * OpenSSL and nghttp2 allocate on their own (see fetch.h: what stays).
+ */
+static void wipe_free(void *p)
+{
+	if (!p)
+		return;
+	explicit_bzero(p, malloc_usable_size(p));
+	free(p);
+}
+
+static void *wipe_realloc(void *p, size_t n)
+{
+	size_t old;
+	void *q;
+
+	if (!p)
+		return malloc(n);
+	old = malloc_usable_size(p);
+	if (n <= old)
+		return p; /* fits: the block stays as it is and is wiped when freed */
+	q = malloc(n);
+	if (!q)
+		return NULL;
+	memcpy(q, p, old);
+	wipe_free(p);
+	return q;
+}
+
 static void global_init(void)
 {
-	curl_global_init(CURL_GLOBAL_DEFAULT);
+	if (curl_global_init_mem(CURL_GLOBAL_DEFAULT, malloc, wipe_free, wipe_realloc, strdup,
+				 calloc) != CURLE_OK)
+		curl_global_init(CURL_GLOBAL_DEFAULT);
 }
 
 int fetch_new(uv_loop_t *loop, const struct fetch_options *opts, struct fetch **ret)
@@ -371,7 +438,9 @@ int fetch_new(uv_loop_t *loop, const struct fetch_options *opts, struct fetch **
 	curl_multi_setopt(f->multi, CURLMOPT_MAXCONNECTS, (long)opts->max_parallel * 2);
 	uv_timer_init(loop, &f->timer);
 	f->timer.data = f;
-	f->open_handles = 1;
+	uv_timer_init(loop, &f->speed_timer);
+	f->speed_timer.data = f;
+	f->open_handles = 2;
 	*ret = f;
 	return 0;
 }
@@ -381,7 +450,7 @@ static void on_engine_timer_closed(uv_handle_t *h)
 	struct fetch *f = h->data;
 
 	if (--f->open_handles == 0)
-		free(f);
+		engine_release(f);
 }
 
 static void finish(struct fetch_xfer *x, int err);
@@ -401,10 +470,8 @@ void fetch_free(struct fetch *f)
 			break;
 		if (x->state == XS_QUEUED)
 			queue_remove(f, x);
-		if (x->state == XS_RUNNING) {
-			curl_multi_remove_handle(f->multi, x->easy);
-			f->running--;
-		}
+		if (x->state == XS_RUNNING)
+			run_del(x);
 		uv_timer_stop(&x->timer);
 		x->cancelled = true;
 		snprintf(x->res.message, sizeof(x->res.message), "daemon stopping");
@@ -417,6 +484,7 @@ void fetch_free(struct fetch *f)
 		sock_ctx_free(f->socks);
 	}
 	uv_close((uv_handle_t *)&f->timer, on_engine_timer_closed);
+	uv_close((uv_handle_t *)&f->speed_timer, on_engine_timer_closed);
 }
 
 void fetch_get_stats(const struct fetch *f, struct fetch_stats *ret)
@@ -473,10 +541,44 @@ const char *fetch_xfer_url(const struct fetch_xfer *x)
 	return x->url;
 }
 
+/* ---- places: owners, the queue, the fair share ---- */
+
+/* The entry of `uid`, made if `create` (then NULL means no memory). Entries stay: one for
+ * each local uid that ever fetched. */
+static struct owner *owner_find(struct fetch *f, uint32_t uid, bool create)
+{
+	uint32_t i;
+
+	for (i = 0; i < f->n_owners; i++)
+		if (f->owners[i].uid == uid)
+			break;
+	if (i == f->n_owners) {
+		if (!create)
+			return NULL;
+		if (f->n_owners == f->cap_owners) {
+			uint32_t cap = f->cap_owners ? f->cap_owners * 2 : 8;
+			struct owner *n = realloc(f->owners, cap * sizeof(*n));
+			if (!n)
+				return NULL;
+			f->owners = n;
+			f->cap_owners = cap;
+		}
+		f->owners[f->n_owners++] = (struct owner){ .uid = uid };
+	}
+	return &f->owners[i];
+}
+
+/* The entry of a started transfer's owner (made by fetch_xfer_start). */
+static struct owner *owner_of(struct fetch *f, const struct fetch_xfer *x)
+{
+	return owner_find(f, x->owner, false);
+}
+
 static void queue_push(struct fetch *f, struct fetch_xfer *x, bool front)
 {
 	x->state = XS_QUEUED;
 	x->qnext = x->qprev = NULL;
+	owner_of(f, x)->queued++;
 	if (!f->queue_head) {
 		f->queue_head = f->queue_tail = x;
 	} else if (front) {
@@ -501,6 +603,81 @@ static void queue_remove(struct fetch *f, struct fetch_xfer *x)
 	else
 		f->queue_tail = x->qprev;
 	x->qnext = x->qprev = NULL;
+	owner_of(f, x)->queued--;
+}
+
+static void on_speed_tick(uv_timer_t *t);
+
+/* The attempt is in the multi handle: it holds a place. */
+static void run_add(struct fetch_xfer *x)
+{
+	struct fetch *f = x->f;
+
+	x->state = XS_RUNNING;
+	f->running++;
+	owner_of(f, x)->running++;
+	if (f->opts.min_speed && !f->speed_active) {
+		uint64_t tick = f->opts.min_speed_time_ms / 4;
+		if (tick > SPEED_TICK_MAX_MS)
+			tick = SPEED_TICK_MAX_MS;
+		if (tick < 100)
+			tick = 100;
+		uv_timer_start(&f->speed_timer, on_speed_tick, tick, tick);
+		f->speed_active = true;
+	}
+}
+
+/* The attempt leaves the multi handle and gives its place back. */
+static void run_del(struct fetch_xfer *x)
+{
+	struct fetch *f = x->f;
+
+	curl_multi_remove_handle(f->multi, x->easy);
+	f->running--;
+	owner_of(f, x)->running--;
+}
+
+/* Owners with transfers running or queued. */
+static uint32_t owners_active(const struct fetch *f)
+{
+	uint32_t n = 0;
+
+	for (uint32_t i = 0; i < f->n_owners; i++)
+		if (f->owners[i].running || f->owners[i].queued)
+			n++;
+	return n;
+}
+
+/* The places one owner may hold now: all of them while it is alone. */
+static uint32_t fair_share(const struct fetch *f)
+{
+	uint32_t active = owners_active(f);
+	uint32_t share;
+
+	if (active <= 1)
+		return f->opts.max_parallel;
+	share = f->opts.max_parallel / active;
+	return share ? share : 1;
+}
+
+/*
+ * The next owner in turn (the smallest uid after the one served last, wrapping around)
+ * with a transfer queued and fewer than `limit` running; NULL if none.
+ */
+static struct owner *next_owner(struct fetch *f, uint32_t limit)
+{
+	struct owner *after = NULL, *first = NULL;
+
+	for (uint32_t i = 0; i < f->n_owners; i++) {
+		struct owner *o = &f->owners[i];
+		if (!o->queued || o->running >= limit)
+			continue;
+		if (o->uid > f->rr_last && (!after || o->uid < after->uid))
+			after = o;
+		if (!first || o->uid < first->uid)
+			first = o;
+	}
+	return after ? after : first;
 }
 
 /* Transfers of `group` in the multi handle now. */
@@ -515,25 +692,35 @@ static uint32_t group_running(const struct fetch *f, uint64_t group)
 }
 
 /*
- * The next transfer to start: the oldest of the group with the fewest running transfers,
- * so that a job queued behind a large one starts at once (reliability.md N7) and groups
- * share the places evenly. Within a group, first come first served.
+ * The next transfer of owner `uid` to start: its oldest metadata request, else the oldest
+ * of its group with the fewest running transfers, so that a job queued behind a large one
+ * starts at once (reliability.md N7) and groups share the owner's places evenly.
  */
-static struct fetch_xfer *next_queued(struct fetch *f)
+static struct fetch_xfer *next_queued(struct fetch *f, uint32_t uid)
 {
-	struct fetch_xfer *best = NULL, *x;
+	struct fetch_xfer *best = NULL, *x, *mine = NULL;
 	uint32_t best_running = UINT32_MAX;
+	bool one_group = true;
 
-	/* the usual case, one group waiting: first come first served, no counting */
-	for (x = f->queue_head; x && x->group == f->queue_head->group; x = x->qnext)
-		;
-	if (!x)
-		return f->queue_head;
+	for (x = f->queue_head; x; x = x->qnext) {
+		if (x->owner != uid)
+			continue;
+		if (x->flags & FETCH_XF_METADATA)
+			return x;
+		if (!mine)
+			mine = x;
+		else if (x->group != mine->group)
+			one_group = false;
+	}
+	if (one_group)
+		return mine; /* the usual case: first come first served, no counting */
 	for (x = f->queue_head; x; x = x->qnext) {
 		bool seen = false;
 		uint32_t r;
+		if (x->owner != uid)
+			continue;
 		for (struct fetch_xfer *y = f->queue_head; y != x; y = y->qnext)
-			if (y->group == x->group) {
+			if (y->owner == uid && y->group == x->group) {
 				seen = true; /* an older one of this group was considered */
 				break;
 			}
@@ -550,10 +737,56 @@ static struct fetch_xfer *next_queued(struct fetch *f)
 	return best;
 }
 
+/*
+ * Makes a place for `taker`, under its share while every place is taken: the owner most
+ * over its share gives up its most recently started file transfer (the least work lost),
+ * which waits again at the head of its owner's queue and resumes with Range where it can.
+ * Metadata requests are short and never preempted.
+ */
+static bool preempt_for(struct fetch *f, const struct owner *taker, uint32_t share)
+{
+	struct owner *victim = NULL;
+	struct fetch_xfer *vx = NULL;
+
+	for (uint32_t i = 0; i < f->n_owners; i++) {
+		struct owner *o = &f->owners[i];
+		if (o != taker && o->running > share && (!victim || o->running > victim->running))
+			victim = o;
+	}
+	if (!victim)
+		return false;
+	for (struct fetch_xfer *x = f->all; x; x = x->anext)
+		if (x->state == XS_RUNNING && x->owner == victim->uid &&
+		    !(x->flags & FETCH_XF_METADATA) && (!vx || x->attempt_ms >= vx->attempt_ms))
+			vx = x;
+	if (!vx)
+		return false;
+	log_debug(FETCH, "'%s': uid %u holds %u places (share %u): one goes to uid %u", vx->url,
+		  (unsigned)victim->uid, victim->running, share, (unsigned)taker->uid);
+	run_del(vx);
+	vx->attempts--; /* not a failed attempt */
+	f->stats.preempted++;
+	queue_push(f, vx, true);
+	return true;
+}
+
 static void pump(struct fetch *f)
 {
-	while (!f->closing && f->queue_head && f->running < f->opts.max_parallel) {
-		struct fetch_xfer *x = next_queued(f);
+	while (!f->closing && f->queue_head) {
+		uint32_t share = fair_share(f);
+		struct owner *o = next_owner(f, share);
+		struct fetch_xfer *x;
+
+		if (f->running >= f->opts.max_parallel) {
+			if (!o || !preempt_for(f, o, share))
+				break;
+		} else if (!o) {
+			/* every waiting owner holds its share: a place left over goes in turn */
+			o = next_owner(f, UINT32_MAX);
+		}
+		if (!o || !(x = next_queued(f, o->uid)))
+			break;
+		f->rr_last = o->uid;
 		queue_remove(f, x);
 		attempt_start(x);
 	}
@@ -562,6 +795,18 @@ static void pump(struct fetch *f)
 void fetch_xfer_set_group(struct fetch_xfer *x, uint64_t group)
 {
 	x->group = group;
+}
+
+void fetch_xfer_set_owner(struct fetch_xfer *x, uint32_t uid)
+{
+	if (x->state == XS_NEW)
+		x->owner = uid;
+}
+
+void fetch_xfer_set_flags(struct fetch_xfer *x, unsigned flags)
+{
+	if (x->state == XS_NEW)
+		x->flags = flags & (FETCH_XF_METADATA | FETCH_XF_FIRST);
 }
 
 int fetch_xfer_if_none_match(struct fetch_xfer *x, const char *etag)
@@ -576,6 +821,8 @@ int fetch_xfer_start(struct fetch_xfer *x)
 {
 	if (x->state != XS_NEW || x->f->closing)
 		return -EINVAL;
+	if (!owner_find(x->f, x->owner, true))
+		return -ENOMEM;
 	x->start_ms = now_ms(x->f);
 	x->f->stats.transfers_started++;
 	queue_push(x->f, x, false);
@@ -585,13 +832,40 @@ int fetch_xfer_start(struct fetch_xfer *x)
 
 static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata);
 
-/* The header list holds the key: wipe it before it goes back to the allocator. */
+/* The header list holds the key: its text is wiped before it goes back to the allocator. */
 static void free_headers(struct fetch_xfer *x)
 {
-	for (struct curl_slist *h = x->headers; h; h = h->next)
-		explicit_bzero(h->data, strlen(h->data));
-	curl_slist_free_all(x->headers);
+	if (x->hdr_mem) {
+		explicit_bzero(x->hdr_mem, x->hdr_cap);
+		free(x->hdr_mem);
+	}
+	x->hdr_mem = NULL;
+	x->hdr_cap = x->hdr_len = 0;
 	x->headers = NULL;
+}
+
+/*
+ * Appends the header line `a` `b` to the transfer's own list. Copied with memcpy, not a
+ * printf, so that no stack buffer sees the key.
+ */
+static void header_add(struct fetch_xfer *x, unsigned *n, const char *a, const char *b)
+{
+	size_t la = strlen(a), lb = strlen(b);
+	char *p;
+
+	if (*n >= HEADERS_MAX || x->hdr_len + la + lb + 1 > x->hdr_cap)
+		return;
+	p = x->hdr_mem + x->hdr_len;
+	memcpy(p, a, la);
+	memcpy(p + la, b, lb);
+	p[la + lb] = '\0';
+	x->hdr_len += la + lb + 1;
+	x->hdr[*n].data = p;
+	x->hdr[*n].next = NULL;
+	if (*n)
+		x->hdr[*n - 1].next = &x->hdr[*n];
+	(*n)++;
+	x->headers = &x->hdr[0];
 }
 
 static void attempt_start(struct fetch_xfer *x)
@@ -600,6 +874,7 @@ static void attempt_start(struct fetch_xfer *x)
 	CURL *e = x->easy;
 	char hdr[64 + FETCH_ETAG_MAX];
 	bool with_key = x->api_key && *x->api_key && same_origin(x->cur_url, x->api_origin);
+	unsigned nh = 0;
 
 	curl_easy_reset(e);
 	free_headers(x);
@@ -613,33 +888,30 @@ static void attempt_start(struct fetch_xfer *x)
 		x->restart = false;
 	}
 
-	if (with_key) {
-		/* the header is built per attempt and freed with it: the key is never kept */
-		size_t klen = strlen(x->api_key);
-		char *h = malloc(klen + 9);
-		if (h) {
-			memcpy(h, "apikey: ", 8);
-			memcpy(h + 8, x->api_key, klen + 1);
-			x->headers = curl_slist_append(x->headers, h);
-			explicit_bzero(h, klen + 9);
-			free(h);
-		}
+	/* built per attempt and wiped with it; the key's bytes are copied here only */
+	x->hdr_cap = (with_key ? strlen(x->api_key) + 16 : 0) + 4 * sizeof(hdr);
+	x->hdr_mem = malloc(x->hdr_cap);
+	if (!x->hdr_mem) {
+		x->hdr_cap = 0;
+		x->state = XS_QUEUED; /* finish() expects not to be in the multi */
+		snprintf(x->res.message, sizeof(x->res.message), "out of memory");
+		finish(x, -ENOMEM);
+		return;
 	}
+	if (with_key)
+		header_add(x, &nh, "apikey: ", x->api_key);
 	if (x->delivered > 0 && x->etag[0]) {
-		snprintf(hdr, sizeof(hdr), "Range: bytes=%" PRIu64 "-", x->delivered);
-		x->headers = curl_slist_append(x->headers, hdr);
-		snprintf(hdr, sizeof(hdr), "If-Range: %s", x->etag);
-		x->headers = curl_slist_append(x->headers, hdr);
+		snprintf(hdr, sizeof(hdr), "%" PRIu64 "-", x->delivered);
+		header_add(x, &nh, "Range: bytes=", hdr);
+		header_add(x, &nh, "If-Range: ", x->etag);
 		f->stats.resumed++;
 	} else if (x->delivered > 0) {
 		/* no validator: a range could splice two versions; start over */
 		x->delivered = 0;
 	}
-	if (x->if_none_match[0] && x->delivered == 0) {
-		snprintf(hdr, sizeof(hdr), "If-None-Match: %s", x->if_none_match);
-		x->headers = curl_slist_append(x->headers, hdr);
-	}
-	x->headers = curl_slist_append(x->headers, "Accept: application/octet-stream, application/json");
+	if (x->if_none_match[0] && x->delivered == 0)
+		header_add(x, &nh, "If-None-Match: ", x->if_none_match);
+	header_add(x, &nh, "Accept: ", "application/octet-stream, application/json");
 
 	curl_easy_setopt(e, CURLOPT_URL, x->cur_url);
 	curl_easy_setopt(e, CURLOPT_PRIVATE, x);
@@ -655,7 +927,10 @@ static void attempt_start(struct fetch_xfer *x)
 	curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME,
 			 (long)((f->opts.low_speed_time_ms + 999) / 1000));
 	curl_easy_setopt(e, CURLOPT_MAXFILESIZE_LARGE, (curl_off_t)f->opts.max_object_bytes);
-	curl_easy_setopt(e, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_2TLS);
+	/* HTTP/2's header compression would keep the key in nghttp2's tables (its own memory,
+	 * freed without wiping) for the connection's life: requests with the key speak 1.1 */
+	curl_easy_setopt(e, CURLOPT_HTTP_VERSION,
+			 with_key ? (long)CURL_HTTP_VERSION_1_1 : (long)CURL_HTTP_VERSION_2TLS);
 	curl_easy_setopt(e, CURLOPT_PIPEWAIT, 1L);
 	curl_easy_setopt(e, CURLOPT_BUFFERSIZE, (long)RECV_BUFFER);
 	curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 1L);
@@ -667,14 +942,15 @@ static void attempt_start(struct fetch_xfer *x)
 
 	x->attempts++;
 	f->stats.attempts++;
-	x->state = XS_RUNNING;
+	x->attempt_ms = x->win_ms = now_ms(f);
+	x->got = x->win_got = 0;
 	if (curl_multi_add_handle(f->multi, e) != CURLM_OK) {
 		x->state = XS_QUEUED; /* finish() expects not to be in the multi */
 		snprintf(x->res.message, sizeof(x->res.message), "cannot start the transfer");
 		finish(x, -DMC_E_INTERNAL);
 		return;
 	}
-	f->running++;
+	run_add(x);
 }
 
 /* Content-Range: bytes FIRST-LAST/TOTAL */
@@ -783,6 +1059,7 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *userdata)
 		return 0;
 	}
 	x->delivered += n;
+	x->got += n;
 	x->res.bytes += n;
 	x->f->stats.bytes += n;
 	return n;
@@ -855,10 +1132,9 @@ static void on_retry_timer(uv_timer_t *t)
 
 	if (x->state != XS_WAITING)
 		return;
-	if (f->running < f->opts.max_parallel)
-		attempt_start(x);
-	else
-		queue_push(f, x, true);
+	/* first of its owner's queue; the fair share decides when */
+	queue_push(f, x, true);
+	pump(f);
 }
 
 /* A transient failure: try again later, or give up with retry-after for the client. */
@@ -877,6 +1153,74 @@ static void retry_or_fail(struct fetch_xfer *x, uint64_t retry_after_ms)
 	f->stats.retries++;
 	x->state = XS_WAITING;
 	uv_timer_start(&x->timer, on_retry_timer, wait, 0);
+	if (x->ops->on_retry) {
+		char msg[FETCH_MESSAGE_MAX];
+		struct fetch_retry r = {
+			.attempt = x->attempts + 1,
+			.max_attempts = f->opts.max_attempts,
+			.delay_ms = wait,
+			.reason = x->res.message,
+			.message = msg,
+		};
+		snprintf(msg, sizeof(msg), "retrying in %.1f s (attempt %u of %u): %.180s",
+			 (double)wait / 1000.0, r.attempt, r.max_attempts, x->res.message);
+		x->ops->on_retry(x, &r);
+	}
+}
+
+/*
+ * The speed floor: a file transfer that took in less than min_speed on average over the
+ * last min_speed_time holds a place another could use; it ends and is retried (resuming
+ * with Range where it can, perhaps from a faster replica or connection).
+ */
+static void too_slow(struct fetch_xfer *x, uint64_t now)
+{
+	struct fetch *f = x->f;
+	uint64_t span = now - x->win_ms;
+	double rate = span ? (double)(x->got - x->win_got) * 1000.0 / (double)span : 0.0;
+
+	run_del(x);
+	f->stats.too_slow++;
+	snprintf(x->res.message, sizeof(x->res.message),
+		 "slower than min_speed (%.1f KiB/s over %.1f s, %.1f KiB/s needed)", rate / 1024.0,
+		 (double)span / 1000.0, (double)f->opts.min_speed / 1024.0);
+	retry_or_fail(x, 0);
+}
+
+static void on_speed_tick(uv_timer_t *t)
+{
+	struct fetch *f = t->data;
+	uint64_t now = now_ms(f);
+
+	if (f->running == 0 || f->closing) {
+		uv_timer_stop(t);
+		f->speed_active = false;
+		return;
+	}
+	for (;;) {
+		struct fetch_xfer *x;
+		/* from the start each time: a sink's on_done may free transfers */
+		for (x = f->all; x; x = x->anext) {
+			if (x->state != XS_RUNNING || (x->flags & FETCH_XF_METADATA))
+				continue;
+			if (x->paused) {
+				/* the sink holds it back, not the server */
+				x->win_ms = now;
+				x->win_got = x->got;
+				continue;
+			}
+			if (now - x->win_ms < f->opts.min_speed_time_ms)
+				continue;
+			if ((x->got - x->win_got) * 1000 < f->opts.min_speed * (now - x->win_ms))
+				break;
+			x->win_ms = now;
+			x->win_got = x->got;
+		}
+		if (!x)
+			break;
+		too_slow(x, now);
+	}
+	pump(f);
 }
 
 static bool redirect(struct fetch_xfer *x, long status)
@@ -920,10 +1264,52 @@ static bool redirect(struct fetch_xfer *x, long status)
 	return true;
 }
 
+/* The host (and ":port" when `port` is set) of a URL, for messages. */
+static void url_host(const char *url, char *out, size_t cap, long *port)
+{
+	CURLU *u = curl_url();
+	char *host = NULL, *p = NULL;
+
+	snprintf(out, cap, "?");
+	if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+	    curl_url_get(u, CURLUPART_HOST, &host, 0) == CURLUE_OK) {
+		snprintf(out, cap, "%.200s", host);
+		if (port && curl_url_get(u, CURLUPART_PORT, &p, CURLU_DEFAULT_PORT) == CURLUE_OK)
+			*port = strtol(p, NULL, 10);
+	}
+	curl_free(host);
+	curl_free(p);
+	curl_url_cleanup(u);
+}
+
+/*
+ * A refused connection on the first attempt of a job's first request: the address is
+ * wrong (nothing listens there), which waiting does not cure. Later, a refusal is more
+ * likely a server restarting, and is retried. `out` gets "address:port".
+ */
+static bool refused_first(struct fetch_xfer *x, char *out, size_t cap)
+{
+	long os_errno = 0, port = 0;
+	char *ip = NULL;
+	char host[256];
+
+	if (!(x->flags & FETCH_XF_FIRST) || x->attempts != 1 || x->redirects)
+		return false;
+	curl_easy_getinfo(x->easy, CURLINFO_OS_ERRNO, &os_errno);
+	if (os_errno != ECONNREFUSED)
+		return false;
+	url_host(x->cur_url, host, sizeof(host), &port);
+	if (curl_easy_getinfo(x->easy, CURLINFO_PRIMARY_IP, &ip) == CURLE_OK && ip && *ip)
+		snprintf(host, sizeof(host), "%s", ip);
+	snprintf(out, cap, "%.200s:%ld", host, port);
+	return true;
+}
+
 static void attempt_done(struct fetch_xfer *x, CURLcode cc)
 {
 	long status = 0;
 	curl_off_t ra = 0;
+	char host[256];
 
 	curl_easy_getinfo(x->easy, CURLINFO_RESPONSE_CODE, &status);
 	if (status)
@@ -992,14 +1378,36 @@ static void attempt_done(struct fetch_xfer *x, CURLcode cc)
 	snprintf(x->res.message, sizeof(x->res.message), "%s", x->errbuf[0] ? x->errbuf
 									    : curl_easy_strerror(cc));
 	switch (cc) {
+	case CURLE_COULDNT_RESOLVE_HOST:
+		/* waiting does not make a name exist: no retries (a typo, or no DNS at all) */
+		url_host(x->cur_url, host, sizeof(host), NULL);
+		snprintf(x->res.message, sizeof(x->res.message), "cannot resolve host '%.200s'",
+			 host);
+		finish(x, -DMC_E_UPSTREAM_PERMANENT);
+		return;
+	case CURLE_COULDNT_CONNECT:
+		if (refused_first(x, host, sizeof(host))) {
+			snprintf(x->res.message, sizeof(x->res.message),
+				 "connection refused by %.200s", host);
+			finish(x, -DMC_E_UPSTREAM_PERMANENT);
+			return;
+		}
+		retry_or_fail(x, 0);
+		return;
 	case CURLE_PEER_FAILED_VERIFICATION:
 	case CURLE_SSL_CONNECT_ERROR:
+	case CURLE_SSL_ENGINE_NOTFOUND:
+	case CURLE_SSL_ENGINE_SETFAILED:
 	case CURLE_SSL_CERTPROBLEM:
-	case CURLE_SSL_CACERT_BADFILE:
 	case CURLE_SSL_CIPHER:
+	case CURLE_SSL_ENGINE_INITFAILED:
+	case CURLE_SSL_CACERT_BADFILE:
+	case CURLE_SSL_CRL_BADFILE:
 	case CURLE_SSL_ISSUER_ERROR:
 	case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
 	case CURLE_SSL_INVALIDCERTSTATUS:
+	case CURLE_SSL_CLIENTCERT:
+	case CURLE_USE_SSL_FAILED:
 		/* TLS trouble is never retried and never "fixed" by going insecure */
 		snprintf(x->res.message, sizeof(x->res.message), "TLS: %.200s",
 			 x->errbuf[0] ? x->errbuf : curl_easy_strerror(cc));
@@ -1033,8 +1441,7 @@ static void check_multi_info(struct fetch *f)
 			continue;
 		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&x);
 		cc = msg->data.result;
-		curl_multi_remove_handle(f->multi, msg->easy_handle);
-		f->running--;
+		run_del(x);
 		attempt_done(x, cc);
 	}
 	pump(f);
@@ -1056,8 +1463,7 @@ void fetch_xfer_cancel(struct fetch_xfer *x)
 		return;
 	x->cancelled = true;
 	if (x->state == XS_RUNNING) {
-		curl_multi_remove_handle(f->multi, x->easy);
-		f->running--;
+		run_del(x);
 	} else if (x->state == XS_QUEUED) {
 		queue_remove(f, x);
 	}
@@ -1074,7 +1480,7 @@ static void on_xfer_timer_closed(uv_handle_t *h)
 
 	free(x);
 	if (--f->open_handles == 0 && f->closing)
-		free(f);
+		engine_release(f);
 }
 
 void fetch_xfer_free(struct fetch_xfer *x)

@@ -3,11 +3,43 @@
  * (curl's docs/examples/multi-uv.c pattern). The only file that includes curl.
  *
  * A transfer (struct fetch_xfer) is a GET of one URL whose body goes to a sink (struct
- * fetch_ops) in chunks. The engine owns connection reuse (HTTP/1.1 keep-alive, HTTP/2
- * multiplexing where offered), limits (parallel transfers, connections per host, connect
- * and low-speed timeouts, maximum object size), retries with exponential backoff and full
- * jitter for 408/429/500/502/503/504 and network errors only, Retry-After in both forms,
- * and resumption of a dropped body with Range + If-Range (strong ETag).
+ * fetch_ops) in chunks. The engine owns connection reuse (HTTP/1.1 keep-alive; HTTP/2
+ * multiplexing where offered, for requests without the key: see below), limits (parallel
+ * transfers, connections per host, connect and low-speed timeouts, maximum object size),
+ * retries with exponential backoff and full jitter for 408/429/500/502/503/504 and
+ * network errors only, Retry-After in both forms, and resumption of a dropped body with
+ * Range + If-Range (strong ETag).
+ *
+ * Places are shared between local users: each transfer has an owner (the uid it works for).
+ * While more than one owner has transfers running or waiting, an owner holds at most
+ * max(1, max_parallel / active owners) places; a freed place goes to the next owner in
+ * turn (round-robin by uid); an owner over its share gives up its most recently started
+ * file transfer (preemption: the transfer waits again and resumes with Range where it can)
+ * when another owner under its share is waiting. Metadata requests (FETCH_XF_METADATA) go
+ * ahead of their owner's file transfers. A place left over by the division goes to the
+ * next owner in turn, so no place stays idle while anyone waits.
+ *
+ * A file transfer slower than min_speed, averaged over min_speed_time, is ended with a
+ * transient error and retried (it holds a place another could use); curl's own low-speed
+ * check (low_speed_limit over low_speed_time, every transfer, metadata included) stays as
+ * the detector of stalled connections.
+ *
+ * Failures that waiting cannot cure end the transfer at once, whatever the retry budget:
+ * a host name that does not resolve, TLS errors, and a refused connection on the first
+ * attempt of a job's first request (FETCH_XF_FIRST: the address is wrong, not the server
+ * restarting). They end with -DMC_E_UPSTREAM_PERMANENT and http_status 0: not the
+ * transient code, whose promise is that retries were made (retry_after_ms says when to
+ * try again); "no HTTP answer" is how the prefetcher tells an unreachable server, for
+ * which a valid grant may answer from the cache at once.
+ *
+ * The API key reaches libcurl only in a header list this file owns, wiped before it is
+ * freed; libcurl's own allocations (request buffers) go through allocators that wipe every
+ * block they free (curl_global_init_mem). Requests with the key use HTTP/1.1: HTTP/2's
+ * HPACK would index the header in nghttp2's dynamic table (nghttp2's own allocator, freed
+ * without wiping) for the connection's life. OpenSSL encrypts a record in place in its
+ * write buffer: over HTTPS the trust-fair test finds no copy there either. What stays:
+ * kernel socket buffers, outside the process, and the key's own locked mapping while its
+ * job runs (secret.h).
  *
  * Redirects are followed by the engine, not by curl, so that the API key goes only to the
  * API's own origin (scheme, host and port): a redirect anywhere else (the pre-signed URL
@@ -38,6 +70,8 @@ struct fetch_options {
 	uint64_t connect_timeout_ms;
 	uint32_t low_speed_limit;     /* bytes/s: slower than this for low_speed_time aborts */
 	uint64_t low_speed_time_ms;
+	uint64_t min_speed;           /* bytes/s a file transfer keeps up on average; 0: none */
+	uint64_t min_speed_time_ms;   /* over this window */
 	uint64_t max_object_bytes;    /* largest body accepted */
 	uint32_t max_attempts;        /* per transfer, the first one included */
 	uint64_t backoff_base_ms;     /* first retry waits up to this (full jitter) */
@@ -71,6 +105,15 @@ struct fetch_result {
 	char message[FETCH_MESSAGE_MAX]; /* for the log and the client; never secrets */
 };
 
+/* A transient failure about to be retried, for the sink to show. Borrowed for the call. */
+struct fetch_retry {
+	uint32_t attempt;         /* the attempt about to start: 2 for the first retry */
+	uint32_t max_attempts;
+	uint64_t delay_ms;        /* when it starts */
+	const char *reason;       /* why the last attempt failed ("HTTP 503", ...) */
+	const char *message;      /* "retrying in 2.0 s (attempt 2 of 5): HTTP 503" */
+};
+
 /* Returned by on_data to stop the flow: the same bytes come again after fetch_resume(). */
 #define FETCH_PAUSE 1
 
@@ -86,6 +129,8 @@ struct fetch_ops {
 	int (*on_data)(struct fetch_xfer *x, const void *buf, size_t len);
 	/* The transfer is over; `x` stays valid until fetch_xfer_free(). */
 	void (*on_done)(struct fetch_xfer *x, const struct fetch_result *res);
+	/* Optional: a retry was scheduled. No fetch function may be called from it. */
+	void (*on_retry)(struct fetch_xfer *x, const struct fetch_retry *r);
 };
 
 /* Creates the engine on `loop`. `opts` is copied (ca_file and user_agent are borrowed). */
@@ -112,6 +157,13 @@ int fetch_xfer_if_none_match(struct fetch_xfer *x, const char *etag);
  * with the fewest running transfers goes first, oldest first within a group. Default 0.
  */
 void fetch_xfer_set_group(struct fetch_xfer *x, uint64_t group);
+/* The uid the transfer works for: places are shared round-robin between owners. Default 0. */
+void fetch_xfer_set_owner(struct fetch_xfer *x, uint32_t uid);
+
+#define FETCH_XF_METADATA 1u /* a small API answer: before its owner's files, no speed floor */
+#define FETCH_XF_FIRST 2u    /* a job's first request: a refused connection is final at once */
+/* FETCH_XF_* flags; call before fetch_xfer_start(). */
+void fetch_xfer_set_flags(struct fetch_xfer *x, unsigned flags);
 /* Queues the transfer; it starts when a place is free. */
 int fetch_xfer_start(struct fetch_xfer *x);
 /* Continues a transfer whose on_data returned FETCH_PAUSE. */
@@ -127,6 +179,8 @@ const char *fetch_xfer_url(const struct fetch_xfer *x);
 struct fetch_stats {
 	uint64_t transfers_started, transfers_ok, transfers_failed;
 	uint64_t attempts, retries, resumed;
+	uint64_t preempted;      /* running transfers that gave their place to another owner */
+	uint64_t too_slow;       /* attempts ended by the speed floor */
 	uint64_t bytes;          /* body bytes received */
 	uint32_t running, queued;
 };

@@ -68,6 +68,12 @@ enum stmt_id {
 	S_BLOB_SNAPSHOTS,
 	S_SNAP_LRU,
 	S_SNAP_BLOBS,
+	/* local folders (schema 4 -> 5) */
+	S_LOCAL_READ_FIND,
+	S_LOCAL_READ_PUT,
+	S_LOCAL_CLEAR,
+	S_LOCAL_TRIM,
+	S_LOCAL_SIZE,
 	S_COUNT_
 };
 
@@ -194,6 +200,15 @@ static const char *const stmt_sql[S_COUNT_] = {
 	[S_SNAP_BLOBS] = "SELECT " BLOB_COLS " FROM blobs WHERE digest IN ("
 			 "SELECT blob FROM items WHERE key BETWEEN ?1 AND ?2 AND blob IS NOT NULL "
 			 "UNION SELECT digest FROM item_blobs WHERE key BETWEEN ?1 AND ?2)",
+	/* local folders (schema 4 -> 5) */
+	[S_LOCAL_READ_FIND] = "SELECT r.digest FROM local_reads AS r JOIN blobs AS b "
+			      "ON b.digest = r.digest WHERE r.uid = ?1 AND r.dev = ?2 "
+			      "AND r.ino = ?3 AND r.size = ?4 AND r.mtime_ns = ?5 AND r.ctime_ns = ?6",
+	[S_LOCAL_READ_PUT] = "INSERT OR REPLACE INTO local_reads (uid, dev, ino, size, mtime_ns, "
+			     "ctime_ns, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+	[S_LOCAL_CLEAR] = "UPDATE items SET blob = NULL, etag = NULL WHERE key BETWEEN ?1 AND ?2",
+	[S_LOCAL_TRIM] = "DELETE FROM items WHERE key BETWEEN ?1 AND ?2",
+	[S_LOCAL_SIZE] = "UPDATE items SET size = ?2 WHERE key = ?1",
 };
 
 /* Schema migrations: migrations[v] takes a database from user_version v to v + 1. */
@@ -281,6 +296,20 @@ static const char *const migrations[INDEX_SCHEMA_VERSION] = {
 	"CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB) WITHOUT ROWID;"
 	/* eviction asks which snapshots use a blob */
 	"CREATE INDEX items_blob ON items (blob);",
+	/* 4 -> 5: local folders: what each uid's own descriptors of a file hashed to
+	 * (local.h). A local item links to stored content by this or by reading it. */
+	"CREATE TABLE local_reads ("
+	" uid INTEGER NOT NULL,"
+	" dev INTEGER NOT NULL,"
+	" ino INTEGER NOT NULL,"
+	" size INTEGER NOT NULL,"
+	" mtime_ns INTEGER NOT NULL,"
+	" ctime_ns INTEGER NOT NULL,"
+	" digest BLOB NOT NULL CHECK (length(digest) = 32),"
+	" PRIMARY KEY (uid, dev, ino)) WITHOUT ROWID;"
+	/* local items' metadata validators ('local:<size>:<mtime>') go: nothing may link by
+	 * them any more, not even a Datamint item revalidated against them */
+	"UPDATE items SET etag = NULL WHERE etag LIKE 'local:%';",
 };
 
 struct index {
@@ -1633,4 +1662,89 @@ int index_snapshot_blobs(struct index *ix, int64_t id, index_blob_cb cb, void *c
 		r = fail(ix, rc);
 	sqlite3_reset(st);
 	return r < 0 ? r : 0;
+}
+/* ---- local folders (schema 4 -> 5; see local.h) ---- */
+
+static void bind_local_read(sqlite3_stmt *st, const struct index_local_read *r)
+{
+	sqlite3_bind_int64(st, 1, (int64_t)r->uid);
+	sqlite3_bind_int64(st, 2, (int64_t)r->dev); /* the bits of a u64 */
+	sqlite3_bind_int64(st, 3, (int64_t)r->ino);
+	sqlite3_bind_int64(st, 4, r->size);
+	sqlite3_bind_int64(st, 5, r->mtime_ns);
+	sqlite3_bind_int64(st, 6, r->ctime_ns);
+}
+
+int index_local_read_find(struct index *ix, struct index_local_read *r)
+{
+	sqlite3_stmt *st = stmt(ix, S_LOCAL_READ_FIND);
+	int rc, ret;
+
+	bind_local_read(st, r);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 0) == INDEX_DIGEST_SIZE) {
+		memcpy(r->digest, sqlite3_column_blob(st, 0), INDEX_DIGEST_SIZE);
+		ret = 0;
+	} else if (rc == SQLITE_ROW || rc == SQLITE_DONE) {
+		ret = -ENOENT;
+	} else {
+		ret = fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return ret;
+}
+
+int index_local_read_put(struct index *ix, const struct index_local_read *r)
+{
+	sqlite3_stmt *st;
+	int ret;
+
+	if ((ret = batch(ix)) < 0)
+		return ret;
+	st = stmt(ix, S_LOCAL_READ_PUT);
+	bind_local_read(st, r);
+	bind_digest(st, 7, r->digest);
+	return run_write(ix, st);
+}
+
+int index_local_relist(struct index *ix, int64_t snapshot_id, int64_t n)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	if ((r = check_snap_id(snapshot_id)) < 0 || n < 0 || n > INDEX_ITEMS_MAX ||
+	    (r = batch(ix)) < 0)
+		return r < 0 ? r : -EINVAL;
+	st = stmt(ix, S_LOCAL_CLEAR);
+	sqlite3_bind_int64(st, 1, key_lo(snapshot_id));
+	sqlite3_bind_int64(st, 2, key_hi(snapshot_id));
+	if ((r = run_write(ix, st)) < 0)
+		return r;
+	if (n < INDEX_ITEMS_MAX) {
+		st = stmt(ix, S_LOCAL_TRIM);
+		sqlite3_bind_int64(st, 1, key_lo(snapshot_id) | n);
+		sqlite3_bind_int64(st, 2, key_hi(snapshot_id));
+		if ((r = run_write(ix, st)) < 0)
+			return r;
+	}
+	st = stmt(ix, S_SNAP_DEL_ITEM_BLOBS);
+	sqlite3_bind_int64(st, 1, key_lo(snapshot_id));
+	sqlite3_bind_int64(st, 2, key_hi(snapshot_id));
+	return run_write(ix, st);
+}
+
+int index_local_item_size(struct index *ix, int64_t snapshot_id, int64_t idx, int64_t size)
+{
+	sqlite3_stmt *st;
+	int64_t key;
+	int r;
+
+	if (size < 0)
+		return -EINVAL;
+	if ((r = item_key(snapshot_id, idx, &key)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_LOCAL_SIZE);
+	sqlite3_bind_int64(st, 1, key);
+	sqlite3_bind_int64(st, 2, size);
+	return run_write(ix, st);
 }

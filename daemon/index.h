@@ -25,6 +25,9 @@
  * Reuse of stored content between snapshots never crosses owners except through
  * index_item_find_prior() with owner -1, which the caller allows only for a configured
  * Datamint origin, where the requester's own key revalidates the content.
+ *   local_reads  (uid, device, inode) -> the size, mtime and ctime (ns) the file had and
+ *              the SHA-256 of its bytes when that uid's descriptor of it was last read
+ *              (local.h): the only way a local item is linked without being read again.
  *
  * Durability. WAL mode with synchronous=NORMAL: a committed batch survives a crash of the
  * process (kill -9): its pages are in the WAL file through write(), and the OS has them.
@@ -63,7 +66,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_SCHEMA_VERSION 4
+#define INDEX_SCHEMA_VERSION 5
 #define INDEX_DIGEST_SIZE 32u
 #define INDEX_STR_MAX (64u << 10)       /* ids, names, urls, versions, etags */
 #define INDEX_META_MAX (16u << 20)      /* metadata JSON of one item */
@@ -355,6 +358,31 @@ int index_snapshot_blobs(struct index *ix, int64_t id, index_blob_cb cb, void *c
 int index_meta_get(struct index *ix, const char *key, void *buf, size_t cap, size_t *ret_len);
 /* Sets it. Batched. */
 int index_meta_put(struct index *ix, const char *key, const void *value, size_t len);
+/* ---- local folders (schema 4 -> 5; see local.h) ---- */
+
+/* A file as one uid's descriptor showed it (fstat), and what its bytes hashed to. */
+struct index_local_read {
+	uint32_t uid;
+	uint64_t dev, ino;
+	int64_t size;
+	int64_t mtime_ns, ctime_ns;
+	uint8_t digest[INDEX_DIGEST_SIZE]; /* _put: in; _find: out */
+};
+/*
+ * The digest recorded for the same uid, device, inode, size, mtime and ctime, when its
+ * blob is stored; -ENOENT otherwise.
+ */
+int index_local_read_find(struct index *ix, struct index_local_read *r);
+/* Records (replaces) the uid's read of that inode. Batched. */
+int index_local_read_put(struct index *ix, const struct index_local_read *r);
+/*
+ * A local snapshot listed again: every item forgets its content (it is proved again with
+ * this job's descriptors), items from position `n` on are deleted, and so are the
+ * item_blobs rows of the snapshot. Batched.
+ */
+int index_local_relist(struct index *ix, int64_t snapshot_id, int64_t n);
+/* The size of an item, known once its descriptor is fstat()ed. Batched. */
+int index_local_item_size(struct index *ix, int64_t snapshot_id, int64_t idx, int64_t size);
 
 /* PRAGMA quick_check (or integrity_check with `full`): 0 if "ok", else -DMC_E_INTEGRITY. */
 int index_check(struct index *ix, bool full);

@@ -6,7 +6,12 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "config.h"
 #include "log.h"
+
+#if HAVE_LIBSYSTEMD
+#include <systemd/sd-journal.h>
+#endif
 
 static enum log_level max_level = LOG_LVL_NOTICE;
 static unsigned debug_groups; /* bit per enum log_group */
@@ -77,6 +82,35 @@ bool log_enabled(enum log_level level, enum log_group group)
 	if (level <= max_level)
 		return true;
 	return level == LOG_LVL_DEBUG && (debug_groups & (1u << group));
+}
+
+void log_job(enum log_level level, enum log_group group, unsigned long long job, unsigned uid,
+	     const char *project, const char *fmt, ...)
+{
+	char msg[1536];
+	va_list ap;
+	int saved = errno;
+
+	if (!log_enabled(level, group))
+		return;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	if (journal < 0)
+		journal = getenv("JOURNAL_STREAM") != NULL;
+#if HAVE_LIBSYSTEMD
+	if (journal &&
+	    sd_journal_send("MESSAGE=%s[%s]: %s", level_names[level], group_names[group], msg,
+			    "PRIORITY=%d", (int)level, "SYSLOG_IDENTIFIER=dmcached",
+			    "DMCACHE_JOB=%llu", job, "DMCACHE_UID=%u", uid, "DMCACHE_PROJECT=%s",
+			    project ? project : "", NULL) == 0) {
+		errno = saved;
+		return;
+	}
+#endif
+	log_msg(level, group, "%s (job=%llu uid=%u project='%s')", msg, job, uid,
+		project ? project : "");
+	errno = saved;
 }
 
 void log_msg(enum log_level level, enum log_group group, const char *fmt, ...)

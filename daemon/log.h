@@ -42,6 +42,15 @@ bool log_enabled(enum log_level level, enum log_group group);
 void log_msg(enum log_level level, enum log_group group, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
+/*
+ * A line about a prefetch job, with structured fields for journald: under systemd (stderr
+ * is the journal's stream) it goes through sd_journal_send with DMCACHE_JOB=,
+ * DMCACHE_UID= and DMCACHE_PROJECT=; otherwise to stderr with "job=N uid=U project='P'"
+ * after the message.
+ */
+void log_job(enum log_level level, enum log_group group, unsigned long long job, unsigned uid,
+	     const char *project, const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+
 #define log_err(grp, ...) log_msg(LOG_LVL_ERR, LOG_GRP_##grp, __VA_ARGS__)
 #define log_warn(grp, ...) log_msg(LOG_LVL_WARNING, LOG_GRP_##grp, __VA_ARGS__)
 #define log_notice(grp, ...) log_msg(LOG_LVL_NOTICE, LOG_GRP_##grp, __VA_ARGS__)

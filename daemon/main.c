@@ -4,6 +4,11 @@
  * Start-up: configuration (defaults, --config file, flags) is validated completely; any
  * failure before READY=1 exits non-zero with a message. Then the socket, then READY=1.
  * SIGTERM/SIGINT: STOPPING=1, stop accepting, close connections, exit 0.
+ *
+ * Process privileges (DESIGN.md section 7): the daemon is not dumpable and has no core
+ * limit from its first instruction on (no core file, no /proc/PID/mem for its own uid);
+ * the decoder workers of a root daemon run as `worker_user`, resolved here (never in a
+ * worker); the cache directory must be the daemon's own (cache_dir_check()).
  */
 #include <errno.h>
 #include <getopt.h>
@@ -12,6 +17,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <inttypes.h>
+#include <pwd.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <uv.h>
@@ -37,6 +45,9 @@ struct daemon {
 	struct prefetch *prefetch;
 	struct decode_pool *pool;
 	struct serve *serve;
+	bool drop_user; /* root: the workers switch to worker_uid/gid */
+	uid_t worker_uid;
+	gid_t worker_gid;
 	uv_signal_t sigterm, sigint;
 	uv_timer_t watchdog;
 	bool watchdog_on;
@@ -175,7 +186,9 @@ static int make_dirs(const char *path)
 		if (*p != '/')
 			continue;
 		*p = '\0';
-		if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+		if (mkdir(buf, 0755) == 0)
+			chmod(buf, 0755); /* not group-writable under umask 002 either */
+		else if (errno != EEXIST)
 			return -errno;
 		*p = '/';
 	}
@@ -191,7 +204,21 @@ static int open_cache(struct daemon *d)
 	char err[1024];
 	int rc;
 
+	/* Nothing is created under a directory another user controls; what was created
+	 * (or was there) is checked again, symlinks followed. */
+	rc = cache_dir_check(d->cfg.cache_dir, geteuid(), true, err, sizeof(err));
+	if (rc < 0) {
+		log_err(STORE, "%s", err);
+		return rc;
+	}
 	rc = make_dirs(d->cfg.cache_dir);
+	if (rc == 0) {
+		rc = cache_dir_check(d->cfg.cache_dir, geteuid(), false, err, sizeof(err));
+		if (rc < 0) {
+			log_err(STORE, "%s", err);
+			return rc;
+		}
+	}
 	if (rc < 0) {
 		log_err(STORE, "cannot create the cache directory '%s': %s", d->cfg.cache_dir,
 			strerror(-rc));
@@ -222,6 +249,7 @@ static int open_cache(struct daemon *d)
 static int start_decoders(struct daemon *d)
 {
 	struct decode_pool_config pc;
+	char err[256];
 	int rc;
 
 	decode_pool_config_default(&pc);
@@ -229,10 +257,48 @@ static int start_decoders(struct daemon *d)
 	pc.timeout_ms = d->cfg.decode_timeout_ms;
 	pc.limits.max_decode_bytes = d->cfg.max_decode_bytes;
 	pc.out_bytes = 0; /* follows max_decode_bytes */
-	rc = decode_pool_start(&d->loop, &pc, &d->pool);
+	pc.drop_user = d->drop_user;
+	pc.worker_uid = d->worker_uid;
+	pc.worker_gid = d->worker_gid;
+	rc = decode_pool_start_err(&d->loop, &pc, &d->pool, err, sizeof(err));
 	if (rc < 0)
-		log_err(DECODE, "cannot start the decoder workers: %s", strerror(-rc));
+		log_err(DECODE, "cannot start the decoder workers: %s", err);
 	return rc;
+}
+
+/*
+ * A root daemon's decoder workers run as worker_user (default nobody): resolved once,
+ * here, before any worker exists. Without root the workers keep the daemon's own uid
+ * (systemd's User=dmcache) and only lose their capabilities.
+ */
+static int resolve_worker_user(struct daemon *d)
+{
+	const char *name = d->cfg.worker_user ? d->cfg.worker_user : "nobody";
+	struct passwd *pw;
+
+	if (geteuid() != 0)
+		return 0;
+	errno = 0;
+	pw = getpwnam(name);
+	if (!pw) {
+		/* not found is errno 0, ENOENT, ESRCH... depending on the NSS module */
+		fprintf(stderr, "dmcached: worker_user = '%s': no such user%s%s (the decoder "
+				"workers of a root daemon run as this user; create it or set "
+				"worker_user)\n",
+			name, errno && errno != ENOENT && errno != ESRCH ? ": " : "",
+			errno && errno != ENOENT && errno != ESRCH ? strerror(errno) : "");
+		return -ENOENT;
+	}
+	if (pw->pw_uid == 0 || pw->pw_gid == 0) {
+		fprintf(stderr, "dmcached: worker_user = '%s': uid %u gid %u is root's; the "
+				"decoder workers must run as an unprivileged user\n",
+			name, (unsigned)pw->pw_uid, (unsigned)pw->pw_gid);
+		return -EINVAL;
+	}
+	d->drop_user = true;
+	d->worker_uid = pw->pw_uid;
+	d->worker_gid = pw->pw_gid;
+	return 0;
 }
 
 static int start_engines(struct daemon *d)
@@ -243,6 +309,8 @@ static int start_engines(struct daemon *d)
 		.connect_timeout_ms = d->cfg.connect_timeout_ms,
 		.low_speed_limit = d->cfg.low_speed_limit,
 		.low_speed_time_ms = d->cfg.low_speed_time_ms,
+		.min_speed = d->cfg.min_speed,
+		.min_speed_time_ms = d->cfg.min_speed_time_ms,
 		.max_object_bytes = d->cfg.max_object,
 		.max_attempts = d->cfg.max_attempts,
 		.backoff_base_ms = d->cfg.backoff_base_ms,
@@ -393,9 +461,18 @@ int main(int argc, char **argv)
 	uint64_t wd_usec;
 	int listen_fd, rc, exit_code = 1;
 
+	/* No core dump and no /proc/PID/mem for anyone but root, before any secret exists. */
+	{
+		struct rlimit nocore = { 0, 0 };
+		if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 || setrlimit(RLIMIT_CORE, &nocore) != 0) {
+			fprintf(stderr, "dmcached: cannot make the process non-dumpable: %s\n",
+				strerror(errno));
+			return 1;
+		}
+	}
 	memset(&d, 0, sizeof(d));
 	config_init(&d.cfg);
-	if (parse_args(&d, argc, argv, &check_only) < 0)
+	if (parse_args(&d, argc, argv, &check_only) < 0 || resolve_worker_user(&d) < 0)
 		goto out_config;
 	if (check_only) {
 		printf("configuration OK: socket '%s', cache '%s'\n", d.cfg.socket_path,

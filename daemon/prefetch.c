@@ -14,6 +14,7 @@
 #include "conf.h"
 #include "conn.h"
 #include "datamint.h"
+#include "local.h"
 #include "fetch.h"
 #include "index.h"
 #include "log.h"
@@ -119,7 +120,8 @@ struct task {
 	uint32_t integrity_tries; /* bodies that did not match the server's digest */
 
 	/* LOCAL: the files are read on the threadpool, masks included, in one work */
-	const struct dm_local_item *litem;
+	const struct local_item *litem;
+	struct local_files *lfiles;
 	struct store_blob_info *minfo;
 
 	/* masks of segmentations, fetched after the file */
@@ -146,7 +148,7 @@ struct job {
 
 	struct dm_project *proj;
 	struct dm_annotations *ann;
-	struct dm_local *local;  /* LOCAL: the scanned folder */
+	struct local_job *lj;    /* LOCAL: see "local dataset folders" */
 	uv_work_t scan_work;
 	int scan_err;
 	char scan_msg[FETCH_MESSAGE_MAX];
@@ -183,6 +185,7 @@ struct job {
 	bool offline;          /* served from a grant: nothing is downloaded */
 	bool want_offline;     /* the client asked not to contact the server */
 	bool allow_partial;    /* start even if the snapshot cannot fit (OPEN, --allow-partial) */
+	bool warned_full;      /* "cache full" was logged for this job */
 	int64_t fallback_id;   /* a snapshot a valid grant allows if the server is unreachable */
 	uint64_t started_ms;
 	char notice[192];      /* said with the final record: "served from cache: ..." */
@@ -196,6 +199,8 @@ static void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_
 			      const char *etag);
 static bool shares_across_users(const struct job *j);
 static void job_maybe_free(struct job *j);
+static void local_pump(struct job *j);
+static void local_job_free(struct job *j);
 static bool protect_snapshot(void *ctx, int64_t id);
 static void log_eviction(void *ctx, int64_t id, uint64_t files, uint64_t bytes);
 static void task_next_step(struct task *t);
@@ -415,9 +420,10 @@ static void job_finish(struct job *j, uint32_t state)
 	/* items still missing will not come from this job */
 	if (j->pf->item_hook && j->snapshot_id > 0)
 		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, -1, 0);
-	log_notice(FETCH, "job %" PRIu64 " of uid %u, '%s' version '%s': %s, %" PRIu64 " of %"
-			  PRIu64 " items stored, %" PRIu64 " failed, %" PRIu64 " bytes downloaded "
-			  "in %.1f s%s%s",
+	log_job(state == DMC_JOB_DONE ? LOG_LVL_NOTICE : LOG_LVL_WARNING, LOG_GRP_FETCH, j->id,
+		(unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
+		"job %" PRIu64 " of uid %u, '%s' version '%s': %s, %" PRIu64 " of %" PRIu64
+		" items stored, %" PRIu64 " failed, %" PRIu64 " bytes downloaded in %.1f s%s%s",
 		   j->id, (unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
 		   j->proj ? j->proj->version : j->version_arg,
 		   state == DMC_JOB_DONE ? "done" : state == DMC_JOB_CANCELLED ? "cancelled" : "failed",
@@ -676,7 +682,7 @@ static void job_maybe_free(struct job *j)
 	j->key = NULL;
 	dm_project_free(j->proj);
 	dm_annotations_free(j->ann);
-	dm_local_free(j->local);
+	local_job_free(j);
 	free(j->server);
 	free(j->project_arg);
 	free(j->version_arg);
@@ -812,8 +818,8 @@ static bool admit(struct job *j, const struct index_snapshot_stats *st)
 	} else {
 		return true;
 	}
-	log_warn(STORE, "job %" PRIu64 " of uid %u refused: %s", j->id, (unsigned)j->uid,
-		 e.message);
+	log_job(LOG_LVL_WARNING, LOG_GRP_STORE, j->id, (unsigned)j->uid, name,
+		"job %" PRIu64 " of uid %u refused: %s", j->id, (unsigned)j->uid, e.message);
 	fail_job(j, &e);
 	return false;
 }
@@ -970,8 +976,9 @@ static void serve_from_grant(struct job *j, int64_t id, const char *notice)
 	j->snapshot_id = id;
 	j->offline = true;
 	snprintf(j->notice, sizeof(j->notice), "%s", notice);
-	log_notice(FETCH, "job %" PRIu64 ": uid %u reads '%s' version '%s' from the cache: %s",
-		   j->id, (unsigned)j->uid, proj->name, proj->version, notice);
+	log_job(LOG_LVL_NOTICE, LOG_GRP_FETCH, j->id, (unsigned)j->uid, proj->name,
+		"job %" PRIu64 ": uid %u reads '%s' version '%s' from the cache: %s", j->id,
+		(unsigned)j->uid, proj->name, proj->version, notice);
 	start_downloading(j);
 }
 
@@ -1215,10 +1222,36 @@ static int sink_on_start(struct fetch_xfer *x, const struct fetch_response *r);
 static int sink_on_data(struct fetch_xfer *x, const void *buf, size_t len);
 static void sink_on_done(struct fetch_xfer *x, const struct fetch_result *res);
 
+/* A request will be retried: an event with code 0 and the message (proto.h) says so. */
+static void job_on_retry(struct job *j, const char *resource, const char *message)
+{
+	struct dmc_progress m;
+
+	if (j->final)
+		return;
+	job_progress(j, &m);
+	m.error_resource = dstr(resource);
+	m.error_message = dstr(message);
+	send_progress(j, &m, true);
+}
+
+static void dm_on_retry(void *ctx, const char *message)
+{
+	job_on_retry(ctx, NULL, message);
+}
+
+static void sink_on_retry(struct fetch_xfer *x, const struct fetch_retry *r)
+{
+	struct task *t = fetch_xfer_data(x);
+
+	job_on_retry(t->job, t->resource_id, r->message);
+}
+
 static const struct fetch_ops sink_ops = {
 	.on_start = sink_on_start,
 	.on_data = sink_on_data,
 	.on_done = sink_on_done,
+	.on_retry = sink_on_retry,
 };
 
 static void sink_work(uv_work_t *w)
@@ -1529,6 +1562,7 @@ static void start_transfer(struct task *t, const char *url, const char *if_none_
 	if (if_none_match)
 		fetch_xfer_if_none_match(t->x, if_none_match);
 	fetch_xfer_set_group(t->x, j->id);
+	fetch_xfer_set_owner(t->x, (uint32_t)j->uid);
 	rc = fetch_xfer_start(t->x);
 	if (rc < 0) {
 		fetch_xfer_free(t->x);
@@ -1665,7 +1699,9 @@ static void task_finish(struct task *t, int err, const char *msg, long http_stat
 	if (t->next)
 		t->next->prev = t->prev;
 	j->running--;
-	if (err && p->item_hook && j->snapshot_id > 0)
+	/* a cancelled task is no failure of its item: the job's end was told already, and
+	 * another job may be bringing the item (a failure told now would stick) */
+	if (err && err != -DMC_E_CANCELLED && p->item_hook && j->snapshot_id > 0)
 		p->item_hook(p->item_hook_ctx, j->snapshot_id, t->idx, err);
 	if (err && err != -DMC_E_CANCELLED) {
 		struct dmc_progress m;
@@ -1684,6 +1720,13 @@ static void task_finish(struct task *t, int err, const char *msg, long http_stat
 		}
 		log_info(FETCH, "job %" PRIu64 ": resource '%s' failed: %s", j->id, t->resource_id,
 			 msg ? msg : "failed");
+		if (err == -DMC_E_CACHE_FULL && !j->warned_full) {
+			j->warned_full = true;
+			log_job(LOG_LVL_WARNING, LOG_GRP_STORE, j->id, (unsigned)j->uid,
+				j->proj ? j->proj->name : j->project_arg,
+				"job %" PRIu64 ": %s (items that do not fit fail)", j->id,
+				msg ? msg : "cache full");
+		}
 	}
 	task_free(t);
 	if (!j->final)
@@ -1758,8 +1801,6 @@ static int task_from_item(void *ctx, const struct index_item *it)
 	return 0;
 }
 
-static void local_task_start(struct task *t);
-
 static void task_start(struct task *t)
 {
 	struct job *j = t->job;
@@ -1769,10 +1810,6 @@ static void task_start(struct task *t)
 	char *url;
 
 	t->starting = false;
-	if (j->source == DMC_SOURCE_LOCAL) {
-		local_task_start(t);
-		return;
-	}
 	if (j->offline) {
 		task_finish(t, -DMC_E_NOT_FOUND_OR_DENIED,
 			    "not in the cache (read offline: nothing is downloaded)", 0);
@@ -1833,6 +1870,10 @@ static void job_pump(struct job *j)
 	struct prefetch *p = j->pf;
 	struct index *ix = p->d.cache->index;
 
+	if (j->source == DMC_SOURCE_LOCAL) {
+		local_pump(j);
+		return;
+	}
 	if (j->pumping) {
 		j->pump_again = true;
 		return;
@@ -1907,42 +1948,165 @@ static int subscribe(struct job *j, struct conn *c, uint32_t request_id)
 	return 0;
 }
 
-/* ---- local dataset folders ---- */
+/* ---- local dataset folders ----
+ *
+ * Read through the requesting client's descriptors, never by path (local.h has the trust
+ * design, proto.h the LOCAL_NEED / LOCAL_FILES exchange). The job: dataset.json's
+ * descriptor is parsed on the threadpool (local_scan_*), the snapshot (per uid) is listed
+ * again with every item's content forgotten, then local_pump() asks the client for the
+ * files a window at a time (whole items, at most DMC_FDS_MAX paths), and starts a task per
+ * item once its descriptors are in: fstat (regular files only) and, unless the uid's own
+ * earlier read of the same inode with the same size, mtime and ctime is on record, a read
+ * on the threadpool that hashes the bytes into the store (local_task_*). The next window is
+ * asked for when the previous one is handed to tasks, so a job holds at most one window
+ * of descriptors besides those of its running tasks.
+ */
+
+/* Changes within this long before a read are too recent for the inode shortcut: a write
+ * in the same clock tick as the last one would leave mtime and ctime as they were. */
+#define LOCAL_RACY_NS 100000000ll
+/*
+ * Reads of local files on the threadpool at once, per uid and for all: a descriptor that
+ * fstat() calls regular may still block in read (a FUSE file of the user's); it then holds
+ * one thread at most, of its uid's two, and never the last free one of the pool (4).
+ */
+#define LOCAL_READS_PER_UID 2u
+#define LOCAL_READS_MAX 3u
+
+struct local_job {
+	struct local_dataset *l;
+	int json_fd;
+	struct conn *c;         /* the client whose descriptors are read; NULL once gone */
+	uint32_t request_id;    /* its PREFETCH or OPEN */
+	uint32_t need_first, need_n; /* the LOCAL_NEED waiting for its LOCAL_FILES */
+	uint32_t win_first, win_n;   /* the descriptors received, not handed to tasks yet */
+	int win_fds[DMC_FDS_MAX];    /* -1: taken, or none (win_errs says why) */
+	int32_t win_errs[DMC_FDS_MAX];
+	uint32_t next_item;     /* the next item to start */
+	uint32_t next_path;     /* the first path not asked for yet */
+	bool pumping, pump_again;
+};
+
+/* A task's files: the image (k = 0) and its masks, with what fstat said of each. */
+struct local_files {
+	uint32_t n;
+	int64_t read_bytes;
+	int fail_k;             /* the file whose read failed */
+	struct {
+		int fd;
+		bool hit;       /* linked by the uid's earlier read of this inode */
+		bool stable;    /* unchanged while read, and not changed just before */
+		struct stat st;
+	} f[];
+};
+
+static void local_reads_next(struct prefetch *p);
+
+static void local_job_free(struct job *j)
+{
+	struct local_job *lj = j->lj;
+
+	if (!lj)
+		return;
+	for (uint32_t k = 0; k < lj->win_n; k++)
+		if (lj->win_fds[k] >= 0)
+			close(lj->win_fds[k]);
+	if (lj->json_fd >= 0)
+		close(lj->json_fd);
+	local_dataset_free(lj->l);
+	free(lj);
+	j->lj = NULL;
+}
+
+static void local_files_free(struct local_files *lf)
+{
+	if (!lf)
+		return;
+	for (uint32_t k = 0; k < lf->n; k++)
+		if (lf->f[k].fd >= 0)
+			close(lf->f[k].fd);
+	free(lf);
+}
+
+static const char *local_reason(int err)
+{
+	switch (err) {
+	case EXDEV: return "outside the dataset folder";
+	case ELOOP: return "a symbolic link (not followed)";
+	case EINVAL: return "not a regular file";
+	case EAGAIN: return "reading it would block";
+	}
+	return strerror(err);
+}
+
+static int64_t ts_ns(const struct timespec *t)
+{
+	return (int64_t)t->tv_sec * 1000000000ll + t->tv_nsec;
+}
+
+static void local_read_key(const struct job *j, const struct stat *st, struct index_local_read *r)
+{
+	memset(r, 0, sizeof(*r));
+	r->uid = (uint32_t)j->uid;
+	r->dev = (uint64_t)st->st_dev;
+	r->ino = (uint64_t)st->st_ino;
+	r->size = (int64_t)st->st_size;
+	r->mtime_ns = ts_ns(&st->st_mtim);
+	r->ctime_ns = ts_ns(&st->st_ctim);
+}
+
+static const char *local_file_path(const struct task *t, uint32_t k)
+{
+	return k == 0 ? t->litem->path : t->litem->masks[k - 1].path;
+}
 
 static void local_task_work(uv_work_t *w)
 {
 	struct task *t = w->data;
-	struct job *j = t->job;
-	struct store *store = j->pf->d.cache->store;
-	const struct dm_local_item *it = t->litem;
+	struct store *store = t->job->pf->d.cache->store;
+	struct local_files *lf = t->lfiles;
+	struct timespec now;
 	int rc = 0;
 
-	for (uint32_t k = 0; k <= it->n_masks && rc == 0; k++) {
-		const char *path = k == 0 ? it->path : it->masks[k - 1].path;
+	clock_gettime(CLOCK_REALTIME, &now);
+	for (uint32_t k = 0; k < lf->n && rc == 0; k++) {
 		struct store_blob_info *info = k == 0 ? &t->info : &t->minfo[k - 1];
 		struct store_writer *wr = NULL;
-		int fd = dm_local_open(j->local, path, j->uid);
+		struct stat after;
+		off_t off = 0;
 		ssize_t n;
 
-		if (fd < 0) {
-			rc = fd;
-			break;
-		}
+		if (lf->f[k].hit)
+			continue;
+		lf->fail_k = (int)k;
 		rc = store_writer_open(store, STORE_KIND_RAW, STORE_SIZE_UNKNOWN, &wr);
-		while (rc == 0 && (n = read(fd, t->buf, SINK_BUF)) != 0) {
+		/* pread from 0: the client's offset is not ours; O_NONBLOCK: never wait */
+		while (rc == 0 && (n = pread(lf->f[k].fd, t->buf, SINK_BUF, off)) != 0) {
 			if (n < 0) {
 				if (errno == EINTR)
 					continue;
 				rc = -errno;
 				break;
 			}
+			off += n;
 			rc = store_writer_write(wr, t->buf, (size_t)n);
 		}
-		close(fd);
 		if (rc == 0)
 			rc = store_writer_commit(wr, NULL, info);
 		else
 			store_writer_abort(wr);
+		lf->read_bytes += off;
+		/* the shortcut is recorded only for a file that did not change while read and
+		 * whose last change is not too recent to be told apart (see LOCAL_RACY_NS) */
+		lf->f[k].stable =
+			rc == 0 && fstat(lf->f[k].fd, &after) == 0 &&
+			after.st_size == lf->f[k].st.st_size && after.st_size == off &&
+			ts_ns(&after.st_mtim) == ts_ns(&lf->f[k].st.st_mtim) &&
+			ts_ns(&after.st_ctim) == ts_ns(&lf->f[k].st.st_ctim) &&
+			ts_ns(&after.st_ctim) < ts_ns(&now) - LOCAL_RACY_NS &&
+			ts_ns(&after.st_mtim) < ts_ns(&now) - LOCAL_RACY_NS;
+		close(lf->f[k].fd);
+		lf->f[k].fd = -1;
 	}
 	t->work_err = rc;
 }
@@ -1952,86 +2116,388 @@ static void local_task_after(uv_work_t *w, int status)
 	struct task *t = w->data;
 	struct job *j = t->job;
 	struct cache *cache = j->pf->d.cache;
+	struct local_files *lf = t->lfiles;
 	int rc = t->work_err;
 
 	(void)status;
 	t->work_busy = false;
+	t->lfiles = NULL;
+	local_reads_next(j->pf); /* this read's slot */
 	release_reservation(t);
+	j->bytes_done += (uint64_t)lf->read_bytes;
 	if (rc < 0) {
 		/* what was committed before the failure stays as a blob for reconciliation */
 		char full[160];
-		t->res.err = rc;
-		snprintf(t->res.message, sizeof(t->res.message), "%s",
+		t->res.err = rc == -EAGAIN ? -DMC_E_IO : rc;
+		snprintf(t->res.message, sizeof(t->res.message), "%.100s: %.140s",
+			 local_file_path(t, (uint32_t)lf->fail_k),
 			 rc == -DMC_E_CACHE_FULL ? cache_full_text(j->pf, full, sizeof(full))
 			 : rc <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-rc)
-					       : strerror(-rc));
+					       : local_reason(-rc));
+		local_files_free(lf);
 		task_next_step(t);
 		return;
 	}
-	cache_record_blob(cache, &t->info);
-	store_unpin(cache->store, t->info.digest);
-	memcpy(t->file_digest, t->info.digest, STORE_DIGEST_SIZE);
-	snprintf(t->file_etag, sizeof(t->file_etag), "%s", t->litem->etag);
-	for (uint32_t k = 0; k < t->n_masks; k++) {
-		cache_record_blob(cache, &t->minfo[k]);
-		store_unpin(cache->store, t->minfo[k].digest);
-		memcpy(t->mask_digests[k], t->minfo[k].digest, STORE_DIGEST_SIZE);
+	for (uint32_t k = 0; k < lf->n; k++) {
+		struct store_blob_info *info = k == 0 ? &t->info : &t->minfo[k - 1];
+		uint8_t *digest = k == 0 ? t->file_digest : t->mask_digests[k - 1];
+		struct index_local_read r;
+		if (lf->f[k].hit)
+			continue;
+		cache_record_blob(cache, info);
+		store_unpin(cache->store, info->digest);
+		memcpy(digest, info->digest, STORE_DIGEST_SIZE);
+		if (lf->f[k].stable) {
+			local_read_key(j, &lf->f[k].st, &r);
+			memcpy(r.digest, info->digest, STORE_DIGEST_SIZE);
+			index_local_read_put(cache->index, &r);
+		}
 	}
+	local_files_free(lf);
 	t->mask_i = t->n_masks;
 	t->phase = TP_MASKS;
-	j->bytes_done += (uint64_t)t->litem->size;
 	j->pf->items_downloaded++;
 	task_next_step(t);
 }
 
-static void local_task_start(struct task *t)
+/* Reads of local files in work now: of `uid`, and of everyone. */
+static void local_reads_count(struct prefetch *p, uid_t uid, unsigned *ret_uid,
+			      unsigned *ret_all)
 {
-	struct job *j = t->job;
-	struct cache *cache = j->pf->d.cache;
-	const struct dm_local_item *it = NULL;
+	*ret_uid = *ret_all = 0;
+	for (struct job *j = p->jobs; j; j = j->next) {
+		if (!j->lj)
+			continue;
+		for (struct task *t = j->tasks; t; t = t->next)
+			if (t->lfiles && t->work_busy) {
+				++*ret_all;
+				*ret_uid += j->uid == uid;
+			}
+	}
+}
+
+static bool local_read_may_start(struct prefetch *p, uid_t uid)
+{
+	unsigned mine, all;
+
+	local_reads_count(p, uid, &mine, &all);
+	return mine < LOCAL_READS_PER_UID && all < LOCAL_READS_MAX;
+}
+
+/* Queues the read of a task whose t->lfiles is set. */
+static void local_task_queue(struct task *t)
+{
+	t->work.data = t;
+	t->work_busy = true;
+	if (uv_queue_work(t->job->pf->d.loop, &t->work, local_task_work, local_task_after) != 0) {
+		struct local_files *lf = t->lfiles;
+		t->work_busy = false;
+		t->lfiles = NULL;
+		local_files_free(lf);
+		task_finish(t, -ENOMEM, "cannot queue the read", 0);
+	}
+}
+
+/* A task waiting for a read slot (t->lfiles set, no work), or NULL. */
+static struct task *local_parked(struct job *j)
+{
+	for (struct task *t = j->tasks; t; t = t->next)
+		if (t->lfiles && !t->work_busy)
+			return t;
+	return NULL;
+}
+
+/* Ends a parked task: its job was cancelled. */
+static void local_parked_cancel(struct task *t)
+{
+	struct local_files *lf = t->lfiles;
+
+	t->lfiles = NULL;
+	local_files_free(lf);
+	task_finish(t, -DMC_E_CANCELLED, "cancelled", 0);
+}
+
+/* A read slot is free: parked tasks of cancelled jobs end, the others start in turn. */
+static void local_reads_next(struct prefetch *p)
+{
+	for (;;) {
+		struct task *t = NULL;
+		for (struct job *j = p->jobs; j && !t; j = j->next)
+			if (j->lj && (t = local_parked(j)) && !j->cancelled &&
+			    !local_read_may_start(p, j->uid))
+				t = NULL;
+		if (!t)
+			return;
+		if (t->job->cancelled)
+			local_parked_cancel(t);
+		else
+			local_task_queue(t);
+	}
+}
+
+/* Item `i` of the folder gets a task with its descriptors (taken: fds[k] < 0 with errs[k]
+ * the client's errno); proved by the inode shortcut at once, or read on the threadpool. */
+static void local_task_begin(struct job *j, uint32_t i, const int *fds, const int32_t *errs)
+{
+	struct prefetch *p = j->pf;
+	struct cache *cache = p->d.cache;
+	const struct local_item *it = &j->lj->l->items[i];
+	uint32_t nf = 1 + it->n_masks;
+	struct local_files *lf = calloc(1, sizeof(*lf) + nf * sizeof(lf->f[0]));
+	struct task *t = calloc(1, sizeof(*t));
+	char msg[FETCH_MESSAGE_MAX];
+	uint64_t reserve = 0;
+	bool all_hit = true;
 	int rc;
 
-	for (uint32_t i = 0; i < j->local->n; i++)
-		if (strcmp(j->local->items[i].id, t->resource_id) == 0) {
-			it = &j->local->items[i];
-			break;
-		}
-	if (!it) {
-		task_finish(t, -DMC_E_NOT_FOUND_OR_DENIED, "no longer in dataset.json", 0);
+	if (lf) {
+		lf->n = nf;
+		for (uint32_t k = 0; k < nf; k++)
+			lf->f[k].fd = fds[k];
+	} else {
+		for (uint32_t k = 0; k < nf; k++)
+			if (fds[k] >= 0)
+				close(fds[k]);
+	}
+	if (!t) {
+		local_files_free(lf);
+		record_error(j, -ENOMEM, 0, 0, it->id, "out of memory");
+		j->items_failed++;
 		return;
 	}
+	t->job = j;
+	t->idx = i;
+	t->kind = STORE_KIND_RAW;
 	t->litem = it;
+	t->resource_id = strdup(it->id);
+	t->meta = strndup(it->meta, it->meta_len);
+	t->meta_len = it->meta_len;
+	t->next = j->tasks;
+	if (j->tasks)
+		j->tasks->prev = t;
+	j->tasks = t;
+	j->running++;
 	t->n_masks = it->n_masks;
 	t->buf = malloc(SINK_BUF);
-	t->masks = calloc(it->n_masks ? it->n_masks : 1, sizeof(*t->masks));
-	t->minfo = calloc(it->n_masks ? it->n_masks : 1, sizeof(*t->minfo));
-	t->mask_digests = calloc(it->n_masks ? it->n_masks : 1, STORE_DIGEST_SIZE);
-	if (!t->buf || !t->masks || !t->minfo || !t->mask_digests) {
+	t->masks = calloc(nf, sizeof(*t->masks));
+	t->minfo = calloc(nf, sizeof(*t->minfo));
+	t->mask_digests = calloc(nf, STORE_DIGEST_SIZE);
+	if (!lf || !t->resource_id || !t->meta || !t->buf || !t->masks || !t->minfo ||
+	    !t->mask_digests) {
+		local_files_free(lf);
 		task_finish(t, -ENOMEM, "out of memory", 0);
 		return;
 	}
 	for (uint32_t k = 0; k < it->n_masks; k++) {
 		t->masks[k].annotation_id = strdup(it->masks[k].annotation_id);
 		if (!t->masks[k].annotation_id) {
+			local_files_free(lf);
 			task_finish(t, -ENOMEM, "out of memory", 0);
 			return;
 		}
 	}
-	rc = cache_reserve(cache, (uint64_t)it->size);
+	/* every descriptor: the client's errno, or fstat as a regular file, then the uid's
+	 * own earlier read of the same inode, unchanged (size, mtime and ctime) */
+	for (uint32_t k = 0; k < nf; k++) {
+		struct index_local_read r;
+		int err = errs[k];
+		if (!err && (fstat(lf->f[k].fd, &lf->f[k].st) != 0 || !S_ISREG(lf->f[k].st.st_mode)))
+			err = EINVAL;
+		if (err) {
+			snprintf(msg, sizeof(msg), "%.160s: %.80s", local_file_path(t, k),
+				 local_reason(err));
+			local_files_free(lf);
+			task_finish(t, err == EACCES || err == EPERM || err == ENOENT ||
+						       err == ELOOP || err == EXDEV
+					       ? -DMC_E_NOT_FOUND_OR_DENIED
+					       : -DMC_E_IO,
+				    msg, 0);
+			return;
+		}
+		local_read_key(j, &lf->f[k].st, &r);
+		if (index_local_read_find(cache->index, &r) == 0) {
+			lf->f[k].hit = true;
+			memcpy(k == 0 ? t->file_digest : t->mask_digests[k - 1], r.digest,
+			       STORE_DIGEST_SIZE);
+		} else {
+			all_hit = false;
+			reserve += (uint64_t)lf->f[k].st.st_size;
+		}
+	}
+	t->size = (int64_t)lf->f[0].st.st_size;
+	index_local_item_size(cache->index, j->snapshot_id, t->idx, t->size);
+	j->bytes_total += reserve; /* what is read */
+	if (all_hit) {
+		local_files_free(lf);
+		j->items_cached++;
+		t->mask_i = t->n_masks;
+		t->phase = TP_MASKS;
+		task_next_step(t);
+		return;
+	}
+	rc = cache_reserve(cache, reserve);
 	if (rc < 0) {
 		char full[160];
+		local_files_free(lf);
 		task_finish(t, rc, rc == -DMC_E_CACHE_FULL ? cache_full_text(j->pf, full, sizeof(full))
 							   : "cannot make room", 0);
 		return;
 	}
-	t->reserved = it->size > 0 ? (uint64_t)it->size : 1;
-	if (!it->size)
+	t->reserved = reserve ? reserve : 1;
+	if (!reserve)
 		store_release(cache->store, 0);
-	t->work.data = t;
-	t->work_busy = true;
-	if (uv_queue_work(j->pf->d.loop, &t->work, local_task_work, local_task_after) != 0) {
-		t->work_busy = false;
-		task_finish(t, -ENOMEM, "cannot queue the read", 0);
+	t->lfiles = lf;
+	if (local_read_may_start(p, j->uid))
+		local_task_queue(t);
+	/* else parked: local_reads_next() starts it when a read ends */
+}
+
+/* Asks the client for the next window of paths: whole items, at most DMC_FDS_MAX. */
+static int local_need(struct job *j)
+{
+	struct local_job *lj = j->lj;
+	const struct local_dataset *l = lj->l;
+	const char *paths[DMC_FDS_MAX];
+	uint32_t first = lj->next_path, n = 0, item;
+	uint8_t *frame;
+	int len, rc;
+
+	if (!lj->c)
+		return -ENOTCONN;
+	/* the item whose image is next_path, then as many whole items as fit */
+	for (item = lj->next_item; item < l->n && l->items[item].first_path < first; item++)
+		;
+	for (; item < l->n && n + 1 + l->items[item].n_masks <= DMC_FDS_MAX; item++) {
+		paths[n++] = l->items[item].path;
+		for (uint32_t k = 0; k < l->items[item].n_masks; k++)
+			paths[n++] = l->items[item].masks[k].path;
+	}
+	if (n == 0)
+		return 0;
+	frame = malloc(DMC_HEADER_SIZE + DMC_FRAME_MAX);
+	if (!frame)
+		return -ENOMEM;
+	len = dmc_local_need_encode(first, paths, n, lj->request_id, frame,
+				    DMC_HEADER_SIZE + DMC_FRAME_MAX);
+	rc = len > 0 ? conn_send(lj->c, frame, (size_t)len) : -EINVAL;
+	free(frame);
+	if (rc < 0)
+		return rc;
+	lj->need_first = first;
+	lj->need_n = n;
+	lj->next_path = first + n;
+	return 0;
+}
+
+/* job_pump() of a local job: tasks from the received window, the next LOCAL_NEED, the end. */
+static void local_pump(struct job *j)
+{
+	struct local_job *lj = j->lj;
+	struct prefetch *p = j->pf;
+	int rc;
+
+	if (lj->pumping) {
+		lj->pump_again = true;
+		return;
+	}
+	lj->pumping = true;
+	do {
+		lj->pump_again = false;
+		while (!j->final && lj->win_n && lj->next_item < lj->l->n && j->running < window(p)) {
+			const struct local_item *it = &lj->l->items[lj->next_item];
+			uint32_t k = it->first_path - lj->win_first;
+			if (it->first_path < lj->win_first ||
+			    it->first_path + 1 + it->n_masks > lj->win_first + lj->win_n)
+				break;
+			local_task_begin(j, lj->next_item++, lj->win_fds + k, lj->win_errs + k);
+			for (uint32_t m = 0; m <= it->n_masks; m++)
+				lj->win_fds[k + m] = -1; /* the task's now */
+		}
+		if (j->final)
+			return; /* lj may be gone with the job */
+		if (lj->win_n && (lj->next_item >= lj->l->n ||
+				  lj->l->items[lj->next_item].first_path >= lj->win_first + lj->win_n))
+			lj->win_n = 0; /* handed out whole */
+		if (!lj->win_n && !lj->need_n && lj->next_path < lj->l->n_paths) {
+			rc = local_need(j);
+			if (rc < 0) {
+				lj->pumping = false; /* job_finish may free lj */
+				record_error(j, -DMC_E_CANCELLED, 0, 0, NULL,
+					     "the client that opened the files went away");
+				job_finish(j, DMC_JOB_CANCELLED);
+				return;
+			}
+		}
+		if (lj->next_item >= lj->l->n && j->running == 0) {
+			lj->pumping = false;
+			job_finish(j, j->items_failed ? DMC_JOB_FAILED : DMC_JOB_DONE);
+			return;
+		}
+	} while (lj->pump_again && !j->final);
+	lj->pumping = false;
+}
+
+/* LOCAL_FILES: the descriptors of the paths the job asked for. */
+static void on_local_files(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+			   const uint8_t *payload)
+{
+	struct local_job *lj = NULL;
+	struct job *j;
+	int32_t errs[DMC_FDS_MAX];
+	int fds[DMC_FDS_MAX];
+	uint32_t first, n, got, f = 0;
+
+	for (j = p->jobs; j; j = j->next)
+		if (!j->final && j->lj && j->lj->c == c && j->lj->request_id == h->request_id) {
+			lj = j->lj;
+			break;
+		}
+	if (!lj)
+		return; /* the job ended meanwhile: the connection closes the descriptors */
+	if (dmc_local_files_decode(payload, h->length, h->nfds, &first, &n, errs, DMC_FDS_MAX) !=
+		    DMC_PROTO_OK ||
+	    !lj->need_n || first != lj->need_first || n != lj->need_n) {
+		record_error(j, -DMC_E_PROTOCOL, 0, 0, NULL,
+			     "the client sent files that were not asked for");
+		job_finish(j, DMC_JOB_FAILED);
+		return;
+	}
+	got = conn_take_fds(c, fds, h->nfds);
+	if (got != h->nfds) {
+		for (uint32_t k = 0; k < got; k++)
+			close(fds[k]);
+		record_error(j, -DMC_E_PROTOCOL, 0, 0, NULL, "descriptors missing");
+		job_finish(j, DMC_JOB_FAILED);
+		return;
+	}
+	for (uint32_t k = 0; k < n; k++) {
+		lj->win_errs[k] = errs[k];
+		lj->win_fds[k] = errs[k] == 0 ? fds[f++] : -1;
+	}
+	lj->win_first = first;
+	lj->win_n = n;
+	lj->need_n = 0;
+	local_pump(j);
+}
+
+/* The feeding client is gone: its job cannot read anything more. */
+static void local_conn_closed(struct prefetch *p, struct conn *c)
+{
+	for (struct job *j = p->jobs, *n; j; j = n) {
+		n = j->next;
+		if (j->lj && j->lj->c == c) {
+			struct task *t;
+			j->lj->c = NULL;
+			if (!j->final)
+				job_cancel(j);
+			/* parked reads end now (the job may be freed with its last task) */
+			while ((t = local_parked(j))) {
+				bool last = !t->next && !t->prev;
+				local_parked_cancel(t);
+				if (last)
+					break;
+			}
+		}
 	}
 }
 
@@ -2039,22 +2505,25 @@ static void local_scan_work(uv_work_t *w)
 {
 	struct job *j = w->data;
 
-	j->scan_err = dm_local_scan(j->project_arg, j->uid, &j->local, j->scan_msg,
-				    sizeof(j->scan_msg));
+	j->scan_err = local_parse(j->lj->json_fd, j->project_arg, &j->lj->l, j->scan_msg,
+				  sizeof(j->scan_msg));
 }
 
 static void local_scan_after(uv_work_t *w, int status)
 {
 	struct job *j = w->data;
+	struct local_job *lj = j->lj;
 	struct index *ix = j->pf->d.cache->index;
 	struct dm_error e = { 0 };
 	struct dm_project *proj;
-	int64_t id, linked = 0;
+	int64_t id;
 	bool created;
 	int rc = 0;
 
 	(void)status;
 	j->pending--;
+	close(lj->json_fd);
+	lj->json_fd = -1;
 	if (j->final) {
 		job_maybe_free(j);
 		return;
@@ -2068,10 +2537,10 @@ static void local_scan_after(uv_work_t *w, int status)
 	}
 	proj = calloc(1, sizeof(*proj));
 	if (proj) {
-		proj->id = strdup(j->local->root);
-		proj->name = strdup(j->local->name);
+		proj->id = strdup(lj->l->root);
+		proj->name = strdup(lj->l->name);
 		proj->dataset_id = strdup("");
-		proj->version = strdup(j->local->version);
+		proj->version = strdup(lj->l->version);
 	}
 	if (!proj || !proj->id || !proj->name || !proj->dataset_id || !proj->version) {
 		dm_project_free(proj);
@@ -2088,6 +2557,7 @@ static void local_scan_after(uv_work_t *w, int status)
 		fail_job(j, &e);
 		return;
 	}
+	/* the uid's own snapshot (owner): it holds what this uid's descriptors proved */
 	{
 		struct index_snapshot key = {
 			.source = INDEX_SOURCE_FOLDER,
@@ -2101,30 +2571,29 @@ static void local_scan_after(uv_work_t *w, int status)
 		rc = index_snapshot_get_or_create(ix, &key, &id, &created);
 	}
 	j->snapshot_id = rc == 0 ? id : 0;
-	/* always listed again: a file may have changed without dataset.json (its etag is its
-	 * size and modification time, and a changed one is read again) */
+	/* listed again every time, every item's content forgotten: it is proved again by
+	 * this job's descriptors (by its digest, or by the uid's own unchanged inode) */
 	if (rc == 0) {
-		for (uint32_t i = 0; i < j->local->n && rc == 0; i++) {
-			const struct dm_local_item *it = &j->local->items[i];
+		for (uint32_t i = 0; i < lj->l->n && rc == 0; i++) {
+			const struct local_item *it = &lj->l->items[i];
 			struct index_item item = {
 				.snapshot_id = id,
 				.idx = i,
 				.resource_id = it->id,
 				.filename = it->filename,
 				.mimetype = it->mimetype,
-				.size = it->size,
-				.etag = it->etag,
+				.size = 0, /* known at fstat */
+				.etag = NULL,
 				.meta = it->meta,
 				.meta_len = it->meta_len,
 			};
 			rc = index_item_put(ix, &item);
 		}
 		if (rc == 0)
+			rc = index_local_relist(ix, id, lj->l->n);
+		if (rc == 0)
 			rc = index_snapshot_seal(ix, id);
 	}
-	/* unchanged files (same id, size and modification time) are linked, not read */
-	if (rc == 0)
-		rc = index_snapshot_link_stored(ix, id, &linked);
 	if (rc == 0)
 		rc = index_flush(ix);
 	if (rc < 0) {
@@ -2134,10 +2603,21 @@ static void local_scan_after(uv_work_t *w, int status)
 		fail_job(j, &e);
 		return;
 	}
-	start_downloading(j);
+	start_downloading(j); /* -> job_pump -> local_pump */
 }
 
-struct who;
+/* The subscriber of a new or joined job: a connection's request, or a callback. */
+struct who {
+	struct conn *c;
+	uint32_t request_id;
+	prefetch_ready_cb cb;
+	void *ctx;
+	uid_t uid;
+	/* LOCAL: the connection and request whose descriptors are read, dataset.json's */
+	struct conn *feed;
+	uint32_t feed_id;
+	int json_fd;
+};
 static int who_join(struct job *j, const struct who *w);
 static void who_error(const struct who *w, uint32_t code, const char *msg);
 static uid_t who_uid(const struct who *w);
@@ -2160,25 +2640,36 @@ static void job_register(struct prefetch *p, struct job *j, const struct who *w)
 	uv_timer_start(&j->tick, on_tick, TICK_MS, TICK_MS);
 }
 
+/* A LOCAL request: a new job (never joined: it reads through this client's descriptors). */
 static void on_prefetch_local(struct prefetch *p, const struct who *w,
 			      const struct dmc_prefetch *m)
 {
 	struct job *j;
 	char *project = str_copy(m->project), *version = str_copy(m->version);
 
-	if (!project || !version)
-		goto nomem;
-	j = find_job(p, who_uid(w), DMC_SOURCE_LOCAL, "", project, version);
-	if (j) {
+	if (w->json_fd < 0) {
 		free(project);
 		free(version);
-		if (who_join(j, w) < 0)
-			who_error(w, DMC_E_INTERNAL, "out of memory");
+		who_error(w, DMC_E_INVALID_ARGUMENT,
+			  "a local folder is read through descriptors the client opens: the "
+			  "request must carry dataset.json's (a newer libdmcache does)");
 		return;
 	}
 	j = calloc(1, sizeof(*j));
-	if (!j || !(j->server = strdup("")))
-		goto nomem_job;
+	if (!project || !version || !j || !(j->server = strdup("")) ||
+	    !(j->lj = calloc(1, sizeof(*j->lj)))) {
+		if (j)
+			free(j->server);
+		free(j);
+		free(project);
+		free(version);
+		close(w->json_fd);
+		who_error(w, DMC_E_INTERNAL, "out of memory");
+		return;
+	}
+	j->lj->json_fd = w->json_fd;
+	j->lj->c = w->feed;
+	j->lj->request_id = w->feed_id;
 	j->pf = p;
 	j->id = p->next_job_id++;
 	j->uid = who_uid(w);
@@ -2198,13 +2689,6 @@ static void on_prefetch_local(struct prefetch *p, const struct who *w,
 		return;
 	}
 	j->pending++;
-	return;
-nomem_job:
-	free(j);
-nomem:
-	free(project);
-	free(version);
-	who_error(w, DMC_E_INTERNAL, "out of memory");
 }
 
 static int subscribe_cb(struct job *j, prefetch_ready_cb cb, void *ctx)
@@ -2221,15 +2705,6 @@ static int subscribe_cb(struct job *j, prefetch_ready_cb cb, void *ctx)
 		notify_ready(j, 0); /* joined after the listing: ready now */
 	return 0;
 }
-
-/* The subscriber of a new or joined job: a connection's request, or a callback. */
-struct who {
-	struct conn *c;
-	uint32_t request_id;
-	prefetch_ready_cb cb;
-	void *ctx;
-	uid_t uid;
-};
 
 static int who_join(struct job *j, const struct who *w)
 {
@@ -2263,22 +2738,36 @@ static void on_prefetch(struct prefetch *p, struct conn *c, const struct dmc_hea
 			const uint8_t *payload)
 {
 	struct dmc_prefetch m;
-	struct who w = { c, h->request_id, NULL, NULL, c->uid };
+	struct who w = { c, h->request_id, NULL, NULL, c->uid, c, h->request_id, -1 };
 
 	if (dmc_prefetch_decode(payload, h->length, &m) != DMC_PROTO_OK) {
 		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed PREFETCH");
 		return;
 	}
+	if (m.source == DMC_SOURCE_LOCAL && h->nfds == 1)
+		conn_take_fds(c, &w.json_fd, 1);
 	start_job(p, &m, &w);
 }
 
 int prefetch_attach(struct prefetch *p, uid_t uid, const struct dmc_prefetch *m,
 		    prefetch_ready_cb cb, void *ctx)
 {
-	struct who w = { NULL, 0, cb, ctx, uid };
+	struct who w = { NULL, 0, cb, ctx, uid, NULL, 0, -1 };
 
 	if (p->closing)
 		return -DMC_E_CANCELLED;
+	start_job(p, m, &w);
+	return 0;
+}
+
+int prefetch_attach_local(struct prefetch *p, struct conn *c, uint32_t request_id,
+			  const struct dmc_prefetch *m, prefetch_ready_cb cb, void *ctx)
+{
+	struct who w = { NULL, 0, cb, ctx, c->uid, c, request_id, -1 };
+
+	if (p->closing)
+		return -DMC_E_CANCELLED;
+	conn_take_fds(c, &w.json_fd, 1);
 	start_job(p, m, &w);
 	return 0;
 }
@@ -2299,6 +2788,17 @@ void prefetch_detach(struct prefetch *p, void *ctx)
 	}
 }
 
+/* Jobs of `uid` still running: a user may not queue work without bound. */
+static uint32_t jobs_of(const struct prefetch *p, uid_t uid)
+{
+	uint32_t n = 0;
+
+	for (const struct job *j = p->jobs; j; j = j->next)
+		if (!j->final && j->uid == uid)
+			n++;
+	return n;
+}
+
 static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const struct who *w)
 {
 	struct dmc_prefetch m = *mp;
@@ -2307,8 +2807,21 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	size_t slen;
 	int rc;
 
+	if (jobs_of(p, w->uid) >= p->d.cfg->max_jobs_per_uid) {
+		char msg[128];
+		snprintf(msg, sizeof(msg), "too many prefetch jobs for this user (max_jobs_per_uid "
+					   "is %u)", p->d.cfg->max_jobs_per_uid);
+		if (w->json_fd >= 0)
+			close(w->json_fd); /* LOCAL: dataset.json's descriptor, not kept */
+		who_error(w, DMC_E_OVERLOADED, msg);
+		return;
+	}
+
 	if (m.source == DMC_SOURCE_LOCAL) {
-		if (!m.project.len || m.project.ptr[0] != '/' || m.api_key.len || m.server.len) {
+		if (!m.project.len || m.project.ptr[0] != '/' || m.api_key.len || m.server.len ||
+		    memchr(m.project.ptr, '\0', m.project.len)) {
+			if (w->json_fd >= 0)
+				close(w->json_fd);
 			who_error(w, DMC_E_INVALID_ARGUMENT,
 				  "a local prefetch takes an absolute folder path, no server and no key");
 			return;
@@ -2377,6 +2890,10 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	/* OPEN reads what fits (items that cannot be stored fail one by one) */
 	j->allow_partial = m.flags & DMC_PREFETCH_ALLOW_PARTIAL;
 	j->started_ms = uv_now(p->d.loop);
+	j->dmc.uid = (uint32_t)j->uid;
+	j->dmc.group = j->id;
+	j->dmc.on_retry = dm_on_retry;
+	j->dmc.retry_ctx = j;
 	job_register(p, j, w);
 	if (j->want_offline) {
 		struct dm_error e = { .err = -DMC_E_NOT_FOUND_OR_DENIED };
@@ -2393,9 +2910,10 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	/* a valid grant lets the job answer from the cache if the server is unreachable */
 	if (find_grant(j, &j->fallback_id, NULL, 0) < 0)
 		j->fallback_id = 0;
-	log_notice(FETCH, "job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
-		   (unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",
-		   j->origin);
+	log_job(LOG_LVL_NOTICE, LOG_GRP_FETCH, j->id, (unsigned)j->uid, j->project_arg,
+		"job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
+		(unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",
+		j->origin);
 	rc = dm_resolve(&j->dmc, j->project_arg, on_resolved, j);
 	if (rc < 0) {
 		struct dm_error e = { .err = rc };
@@ -2806,12 +3324,16 @@ bool prefetch_dispatch(struct prefetch *p, struct conn *c, const struct dmc_head
 	case DMC_OP_VERIFY:
 		on_verify(p, c, h, payload);
 		return true;
+	case DMC_OP_LOCAL_FILES:
+		on_local_files(p, c, h, payload);
+		return true;
 	}
 	return false;
 }
 
 void prefetch_conn_closed(struct prefetch *p, struct conn *c)
 {
+	local_conn_closed(p, c);
 	for (struct job *j = p->jobs; j; j = j->next) {
 		struct sub **pp = &j->subs;
 		while (*pp) {

@@ -72,6 +72,13 @@ typedef void (*prefetch_ready_cb)(void *ctx, const struct prefetch_ready *r);
 int prefetch_attach(struct prefetch *p, uid_t uid, const struct dmc_prefetch *m,
 		    prefetch_ready_cb cb, void *ctx);
 void prefetch_detach(struct prefetch *p, void *ctx);
+/*
+ * prefetch_attach() for a LOCAL source: the job reads through the descriptors that `c`
+ * passes for request `request_id` (proto.h, LOCAL_NEED), starting with dataset.json's, taken
+ * from the frame being handled (conn_take_fds). Call from that frame's handler.
+ */
+int prefetch_attach_local(struct prefetch *p, struct conn *c, uint32_t request_id,
+			  const struct dmc_prefetch *m, prefetch_ready_cb cb, void *ctx);
 
 /* Whether `uid` may read snapshot `id` (listed with its key since the daemon started). */
 bool prefetch_may_see(struct prefetch *p, uid_t uid, int64_t id);

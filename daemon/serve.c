@@ -11,6 +11,7 @@
 
 #include <jansson.h>
 
+#include "arena.h"
 #include "cache.h"
 #include "conf.h"
 #include "conn.h"
@@ -22,190 +23,27 @@
 #include "serve.h"
 #include "store.h"
 
-#define ARENA_ALIGN 64u
 #define REPLY_MAX (DMC_HEADER_SIZE + DMC_FRAME_MAX)
 #define MSG_MAX 400
 /* Items of one connection being read, decoded or held for arena space at once: what bounds
  * the daemon's memory for a client, whatever it asks for in one GET. */
 #define INFLIGHT_MAX 8
+/* An arena grows by a quarter of its size, within these bounds (and at least what the item
+ * needs): large enough that page faults are paid in a few threadpool works, small enough
+ * that an idle connection commits little and that one growth holds a threadpool thread
+ * for tens of milliseconds, not hundreds. One growth of a uid runs at a time, whatever
+ * its number of connections: the other threads stay for other users' work. */
+#define GROW_MIN (8ull << 20)
+#define GROW_MAX (32ull << 20)
+/* Growths are whole pages (of 4 KiB: with larger pages, arena_populate() falls back to
+ * fallocate, which takes any range). */
+#define PAGE 4096u
+/* Bytes one pump_items() call copies into arenas before it lets the loop serve others: a
+ * GET of many items already decoded is placed in slices, not in one long turn. */
+#define PUMP_BYTES_MAX (8u << 20)
 
-/* ---- the arena: a sealed memfd and a first-fit allocator over it ---- */
-
-struct span {
-	uint64_t off, len;
-};
-
-struct arena {
-	int fd;
-	uint8_t *base;
-	uint64_t size;
-	uint64_t used;
-	struct span *free_;  /* free spans, sorted by offset, coalesced */
-	uint32_t n_free, cap_free;
-	struct span *alloc_; /* allocations, sorted by offset */
-	uint32_t n_alloc, cap_alloc;
-};
-
-static int span_insert(struct span **arr, uint32_t *n, uint32_t *cap, uint32_t at,
-		       struct span sp)
-{
-	if (*n == *cap) {
-		uint32_t nc = *cap ? *cap * 2 : 64;
-		struct span *na = realloc(*arr, nc * sizeof(*na));
-		if (!na)
-			return -ENOMEM;
-		*arr = na;
-		*cap = nc;
-	}
-	memmove(*arr + at + 1, *arr + at, (*n - at) * sizeof(**arr));
-	(*arr)[at] = sp;
-	(*n)++;
-	return 0;
-}
-
-static void span_remove(struct span *arr, uint32_t *n, uint32_t at)
-{
-	memmove(arr + at, arr + at + 1, (*n - at - 1) * sizeof(*arr));
-	(*n)--;
-}
-
-static int arena_init(struct arena *a, uint64_t size)
-{
-	memset(a, 0, sizeof(*a));
-	a->fd = memfd_create("dmcache-arena", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-	if (a->fd < 0)
-		return -errno;
-	/* allocated up front: no page is first touched (and zeroed) on the serving path */
-	if (ftruncate(a->fd, (off_t)size) != 0 || fallocate(a->fd, 0, 0, (off_t)size) != 0)
-		goto fail;
-	a->base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, a->fd, 0);
-	if (a->base == MAP_FAILED) {
-		a->base = NULL;
-		goto fail;
-	}
-	/* the client can neither resize it nor write through a mapping of its own */
-	if (fcntl(a->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE |
-					      F_SEAL_SEAL) != 0)
-		goto fail;
-	a->size = size;
-	if (span_insert(&a->free_, &a->n_free, &a->cap_free, 0, (struct span){ 0, size }) < 0)
-		goto fail;
-	return 0;
-fail:
-	{
-		int e = errno ? -errno : -ENOMEM;
-		if (a->base)
-			munmap(a->base, size);
-		close(a->fd);
-		a->fd = -1;
-		a->base = NULL;
-		free(a->free_);
-		a->free_ = NULL;
-		return e;
-	}
-}
-
-static void arena_done(struct arena *a)
-{
-	if (a->base)
-		munmap(a->base, a->size);
-	if (a->fd >= 0)
-		close(a->fd);
-	free(a->free_);
-	free(a->alloc_);
-	memset(a, 0, sizeof(*a));
-	a->fd = -1;
-}
-
-static void arena_release(struct serve *s, struct arena *a);
-
-/* The space an allocation of `len` bytes takes. */
-static uint64_t arena_span(uint64_t len)
-{
-	uint64_t need = (len + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
-
-	return need ? need : ARENA_ALIGN;
-}
-
-/* First fit. Returns the offset, or UINT64_MAX when no free span is large enough. */
-static uint64_t arena_alloc(struct arena *a, uint64_t len)
-{
-	uint64_t need = (len + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
-	uint32_t lo = 0, hi;
-
-	if (need == 0)
-		need = ARENA_ALIGN;
-	for (uint32_t i = 0; i < a->n_free; i++) {
-		struct span *f = &a->free_[i];
-		uint64_t off;
-		if (f->len < need)
-			continue;
-		off = f->off;
-		f->off += need;
-		f->len -= need;
-		if (f->len == 0)
-			span_remove(a->free_, &a->n_free, i);
-		/* record the allocation, sorted */
-		hi = a->n_alloc;
-		while (lo < hi) {
-			uint32_t mid = (lo + hi) / 2;
-			if (a->alloc_[mid].off < off)
-				lo = mid + 1;
-			else
-				hi = mid;
-		}
-		if (span_insert(&a->alloc_, &a->n_alloc, &a->cap_alloc, lo,
-				(struct span){ off, need }) < 0) {
-			/* give it back */
-			struct span back = { off, need };
-			uint32_t k = 0;
-			while (k < a->n_free && a->free_[k].off < off)
-				k++;
-			span_insert(&a->free_, &a->n_free, &a->cap_free, k, back);
-			return UINT64_MAX;
-		}
-		a->used += need;
-		return off;
-	}
-	return UINT64_MAX;
-}
-
-/* Frees the allocation at `off`. -ENOENT when there is none (a client's mistake). */
-static int arena_free(struct arena *a, uint64_t off)
-{
-	uint32_t lo = 0, hi = a->n_alloc, k;
-	struct span sp;
-
-	while (lo < hi) {
-		uint32_t mid = (lo + hi) / 2;
-		if (a->alloc_[mid].off < off)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
-	if (lo >= a->n_alloc || a->alloc_[lo].off != off)
-		return -ENOENT;
-	sp = a->alloc_[lo];
-	span_remove(a->alloc_, &a->n_alloc, lo);
-	a->used -= sp.len;
-	for (k = 0; k < a->n_free && a->free_[k].off < sp.off; k++)
-		;
-	/* coalesce with the neighbours */
-	if (k > 0 && a->free_[k - 1].off + a->free_[k - 1].len == sp.off) {
-		a->free_[k - 1].len += sp.len;
-		if (k < a->n_free && sp.off + sp.len == a->free_[k].off) {
-			a->free_[k - 1].len += a->free_[k].len;
-			span_remove(a->free_, &a->n_free, k);
-		}
-		return 0;
-	}
-	if (k < a->n_free && sp.off + sp.len == a->free_[k].off) {
-		a->free_[k].off = sp.off;
-		a->free_[k].len += sp.len;
-		return 0;
-	}
-	return span_insert(&a->free_, &a->n_free, &a->cap_free, k, sp);
-}
+struct share;
+static void arena_release(struct serve *s, struct arena *a, struct share *sh, uint64_t shm);
 
 /* ---- state ---- */
 
@@ -553,8 +391,6 @@ struct pending_open {
 	struct fmap *fm;
 	struct lset *labels;
 	uint64_t next_item;
-	struct pending_open *next_waiter; /* waiting for the connection's arena */
-	bool waiting_arena;
 	unsigned probing;
 	bool failed;
 	struct pending_open *next;
@@ -571,18 +407,48 @@ struct sconn {
 	struct pending_open *opens;
 	struct stream *streams;
 	uint8_t *frame; /* replies are built here: allocated once, not per batch */
-	bool arena_pending, arena_sent;
-	struct pending_open *arena_waiters;
+	bool arena_sent;
+	struct share *sh;  /* its uid's shares */
+	uint64_t shm;      /* bytes of its arena counted in sh->shm and the total */
+	bool growing;      /* a grow_work runs */
+	bool grow_wanted;  /* waits for its uid's growth to end, to grow in turn */
+	int grow_err;      /* the last growth failed: no more */
 	unsigned busy; /* works and decode jobs in flight */
 	unsigned decoding;
 	unsigned inflight; /* items reading, decoding or holding bytes: at most INFLIGHT_MAX */
 	bool pumping;
+	bool yielding;       /* a pump_items() continues after the loop's other work */
+	uint64_t pump_bytes; /* placed by the running pump_items() */
 	struct sconn *next, *prev;
+};
+
+/*
+ * What one uid holds over all its connections (DESIGN.md section 7, fair shares).
+ *
+ * Shared memory counts the bytes committed in its arenas (faulted in by the daemon, or
+ * being faulted in), not their reserved sizes: committed bytes are what takes memory from
+ * other users, and a reserved but untouched arena costs nothing (its memfd is sparse).
+ * Each arena's reserved size is clamped to shm_max_per_uid, so that one arena alone never
+ * promises more than its uid may commit. Pages a client faults in itself by reading holes
+ * of its own mapping are not counted: they are charged to that client's memory (cgroup,
+ * RSS, OOM score), like any memory it allocates.
+ */
+struct share {
+	uid_t uid;
+	unsigned refs;     /* connections and arena drops pointing here */
+	uint64_t shm;      /* bytes committed in its arenas (shm_max_per_uid) */
+	unsigned inflight; /* items read, decoded or held (decode_max_per_uid) */
+	bool starved;      /* a connection of it waits for an inflight place */
+	bool growing;      /* one of its arenas is being faulted in */
+	struct share *next;
 };
 
 struct serve {
 	struct serve_deps d;
 	struct sconn *conns;
+	struct share *shares;
+	uint64_t shm_total;    /* bytes committed in all arenas (shm_max) */
+	uint64_t shm_refusals; /* OPENs and items refused by a cap */
 	bool closing; /* serve_free() ran: freed with its last connection state */
 	unsigned stores; /* tensor stores in flight on the threadpool */
 	uint64_t gets, items_served, items_decoded, items_from_tensor_cache, items_failed;
@@ -607,6 +473,96 @@ static void serve_destroy(struct serve *s);
 static void serve_maybe_destroy(struct serve *s);
 static struct greq *first_with_new(struct sconn *sc);
 
+/* ---- fair shares: what each uid holds ---- */
+
+static struct share *share_get(struct serve *s, uid_t uid)
+{
+	struct share *sh;
+
+	for (sh = s->shares; sh; sh = sh->next)
+		if (sh->uid == uid)
+			break;
+	if (!sh) {
+		sh = calloc(1, sizeof(*sh));
+		if (!sh)
+			return NULL;
+		sh->uid = uid;
+		sh->next = s->shares;
+		s->shares = sh;
+	}
+	sh->refs++;
+	return sh;
+}
+
+static void share_put(struct serve *s, struct share *sh)
+{
+	struct share **pp;
+
+	if (!sh || --sh->refs)
+		return;
+	for (pp = &s->shares; *pp != sh; pp = &(*pp)->next)
+		;
+	*pp = sh->next;
+	free(sh);
+}
+
+/* Whether the uid may start another item (decode_max_per_uid); remembers who waits. */
+static bool share_may_start(struct share *sh, const struct config *cfg)
+{
+	if (sh->inflight < cfg->decode_max_per_uid)
+		return true;
+	sh->starved = true;
+	return false;
+}
+
+/* A place of the uid came free: its other connections that waited for one go on. */
+static void share_wake(struct serve *s, struct share *sh, struct sconn *except)
+{
+	if (!sh->starved || sh->inflight >= s->d.cfg->decode_max_per_uid)
+		return;
+	sh->starved = false;
+	sh->refs++;
+	for (struct sconn *o = s->conns, *next; o; o = next) {
+		next = o->next;
+		if (o->sh == sh && o != except && o->c)
+			pump_items(o); /* never frees o: it is open */
+	}
+	share_put(s, sh);
+}
+
+static const char *size_text(uint64_t n, char *buf, size_t len)
+{
+	if (n >= 1ull << 30)
+		snprintf(buf, len, "%.1f GiB", (double)n / (1ull << 30));
+	else if (n >= 1ull << 20)
+		snprintf(buf, len, "%.1f MiB", (double)n / (1ull << 20));
+	else
+		snprintf(buf, len, "%" PRIu64 " bytes", n);
+	return buf;
+}
+
+/* The shared memory the connection's uid may still commit; the cap that binds, in `why`. */
+static uint64_t shm_room(const struct sconn *sc, char *why, size_t len)
+{
+	const struct serve *s = sc->s;
+	const struct config *cfg = s->d.cfg;
+	uint64_t uid_room = sc->sh->shm < cfg->shm_max_per_uid ? cfg->shm_max_per_uid - sc->sh->shm
+							       : 0;
+	uint64_t all_room = s->shm_total < cfg->shm_max ? cfg->shm_max - s->shm_total : 0;
+	char num[32];
+
+	if (uid_room <= all_room) {
+		snprintf(why, len,
+			 "shm_max_per_uid (%s) reached for uid %u: release items, close other "
+			 "connections, or open with a smaller arena",
+			 size_text(cfg->shm_max_per_uid, num, sizeof(num)), (unsigned)sc->sh->uid);
+		return uid_room;
+	}
+	snprintf(why, len, "shm_max (%s) reached: the shared memory of all users is in use",
+		 size_text(cfg->shm_max, num, sizeof(num)));
+	return all_room;
+}
+
 /* The item holds nothing any more (done, or waiting for a download): a place is free. */
 static void settle(struct gitem *gi, enum gi_state state)
 {
@@ -616,6 +572,7 @@ static void settle(struct gitem *gi, enum gi_state state)
 	if (gi->counted) {
 		gi->counted = false;
 		sc->inflight--;
+		sc->sh->inflight--; /* its other connections go on at the next pump_items() */
 	}
 }
 static void req_maybe_reply(struct greq *rq);
@@ -699,10 +656,13 @@ static void meta_write(const struct gitem *gi, uint8_t *p)
 /* The connection went while the item was in work: drop its buffers, end it unanswered. */
 static void abandon(struct gitem *gi)
 {
+	struct sconn *sc = gi->rq->sc;
+
 	free(gi->in);
 	gi->in = NULL;
 	gi_drop(gi);
 	settle(gi, GI_DONE);
+	share_wake(sc->s, sc->sh, sc);
 	req_maybe_reply(gi->rq);
 }
 
@@ -739,6 +699,11 @@ static struct sconn *sconn_of(struct serve *s, struct conn *c, bool create)
 	sc = calloc(1, sizeof(*sc));
 	if (!sc)
 		return NULL;
+	sc->sh = share_get(s, c->uid);
+	if (!sc->sh) {
+		free(sc);
+		return NULL;
+	}
 	sc->s = s;
 	sc->c = c;
 	sc->arena.fd = -1;
@@ -844,51 +809,189 @@ static void open_reply_now(struct pending_open *po)
 		  (unsigned)sc->c->uid, po->snapshot_id, po->items, h->id);
 }
 
-/* A connection's arena, made on the threadpool: creating and pre-faulting 256 MiB takes a
- * quarter of a second, which the loop must not spend while serving everybody else. */
-struct arena_work {
+/* ---- the arena's growth: pages faulted in on the threadpool, ahead of the allocator ---- */
+
+static void retry_space(struct sconn *sc);
+static void streams_kick(struct sconn *sc);
+
+struct grow_work {
 	uv_work_t work;
 	struct sconn *sc;
-	uint64_t size;
+	int fd;
+	uint8_t *base;
+	uint64_t from, len;
 	int rc;
-	struct arena a;
 };
 
-static void arena_work_run(uv_work_t *w)
+static void grow_run(uv_work_t *w)
 {
-	struct arena_work *aw = w->data;
+	struct grow_work *gw = w->data;
 
-	aw->rc = arena_init(&aw->a, aw->size);
+	gw->rc = arena_populate(gw->fd, gw->base, gw->from, gw->len);
 }
 
-static void arena_work_after(uv_work_t *w, int status)
+static void grow_after(uv_work_t *w, int status)
 {
-	struct arena_work *aw = w->data;
-	struct sconn *sc = aw->sc;
-	struct pending_open *po;
+	struct grow_work *gw = w->data;
+	struct sconn *sc = gw->sc;
+	int rc = status < 0 ? status : gw->rc;
 
-	(void)status;
-	sc->arena_pending = false;
-	if (aw->rc == 0 && sc->c) {
-		sc->arena = aw->a;
-		sc->has_arena = true;
-	} else if (aw->rc == 0) {
-		arena_done(&aw->a);
+	sc->growing = false;
+	sc->sh->growing = false;
+	if (rc == 0)
+		rc = arena_extend(&sc->arena, gw->from + gw->len);
+	if (rc < 0) {
+		/* the bytes stay counted: some pages may be in; the arena grows no more */
+		sc->grow_err = rc;
+		log_warn(SERVE, "uid %u: cannot fault in %" PRIu64 " bytes of shared memory: %s",
+			    (unsigned)sc->sh->uid, gw->len, strerror(-rc));
 	}
-	while ((po = sc->arena_waiters)) {
-		sc->arena_waiters = po->next_waiter;
-		po->waiting_arena = false;
-		if (sc->has_arena)
-			open_reply_now(po);
-		else if (sc->c)
-			conn_send_error(sc->c, po->request_id, DMC_E_OVERLOADED, NULL,
-					"cannot set up %" PRIu64 " bytes of shared memory: %s", aw->size,
-					strerror(-aw->rc));
-		open_done(po);
+	free(gw);
+	if (sc->c) {
+		retry_space(sc);
+		streams_kick(sc);
 	}
-	free(aw);
+	/* the uid's other arenas that waited for their turn to grow */
+	for (struct sconn *o = sc->s->conns, *next; o && !sc->sh->growing; o = next) {
+		next = o->next;
+		if (o->sh == sc->sh && o->grow_wanted && o->c) {
+			o->grow_wanted = false;
+			retry_space(o);
+			streams_kick(o);
+		}
+	}
 	sc->busy--;
 	sconn_maybe_free(sc);
+}
+
+/* Starts faulting in `len` more bytes (page multiple, within the caps: counted now). */
+static int grow_start(struct sconn *sc, uint64_t len)
+{
+	struct serve *s = sc->s;
+	struct grow_work *gw = calloc(1, sizeof(*gw));
+
+	if (!gw)
+		return -ENOMEM;
+	gw->sc = sc;
+	gw->fd = sc->arena.fd;
+	gw->base = sc->arena.base;
+	gw->from = sc->arena.grown;
+	gw->len = len;
+	gw->work.data = gw;
+	if (uv_queue_work(s->d.loop, &gw->work, grow_run, grow_after) != 0) {
+		free(gw);
+		return -ENOMEM;
+	}
+	sc->busy++;
+	sc->growing = true;
+	sc->sh->growing = true;
+	sc->shm += len;
+	sc->sh->shm += len;
+	s->shm_total += len;
+	return 0;
+}
+
+/* The next growth of the arena: a quarter of what it has, within GROW_MIN..GROW_MAX, at
+ * least `need`, at most what is left of it and what the caps allow (`room`). */
+static uint64_t grow_len(const struct arena *a, uint64_t need, uint64_t room)
+{
+	uint64_t len = a->grown / 4 / PAGE * PAGE;
+
+	len = len < GROW_MIN ? GROW_MIN : len > GROW_MAX ? GROW_MAX : len;
+	if (len < need)
+		len = need;
+	if (len > a->size - a->grown)
+		len = a->size - a->grown;
+	if (len > room)
+		len = room / PAGE * PAGE;
+	return len;
+}
+
+enum room {
+	ROOM_WAIT,   /* the arena is growing: try again when it has */
+	ROOM_FULL,   /* grown whole: only a RELEASE makes room */
+	ROOM_CAPPED, /* a cap (or a failed growth) forbids it: the reason is in `why` */
+};
+
+/*
+ * The arena has no free span for `len` bytes: grows it if it may. Never blocks and never
+ * faults a page on the loop; the items wait for the growth like for a RELEASE.
+ */
+static enum room make_room(struct sconn *sc, uint64_t len, char *why, size_t whylen)
+{
+	struct arena *a = &sc->arena;
+	uint64_t need = (arena_grow_need(a, len) + PAGE - 1) / PAGE * PAGE, room;
+
+	if (sc->growing)
+		return ROOM_WAIT;
+	if (need == 0 || need > a->size - a->grown)
+		return ROOM_FULL;
+	if (sc->sh->growing) {
+		sc->grow_wanted = true; /* its turn comes when that growth ends */
+		return ROOM_WAIT;
+	}
+	if (sc->grow_err) {
+		snprintf(why, whylen, "cannot fault in shared memory: %s", strerror(-sc->grow_err));
+		return ROOM_CAPPED;
+	}
+	room = shm_room(sc, why, whylen);
+	if (need > room) {
+		sc->s->shm_refusals++;
+		return ROOM_CAPPED;
+	}
+	if (grow_start(sc, grow_len(a, need, room)) < 0) {
+		snprintf(why, whylen, "out of memory");
+		return ROOM_CAPPED;
+	}
+	return ROOM_WAIT;
+}
+
+/* After an allocation: when little is left free in what has grown, the next chunk is
+ * faulted in now, so that items seldom wait for it. Within the caps, silently. */
+static void grow_ahead(struct sconn *sc)
+{
+	struct arena *a = &sc->arena;
+	char why[MSG_MAX];
+	uint64_t len, room;
+
+	if (sc->growing || sc->sh->growing || sc->grow_err || !sc->c || a->grown >= a->size ||
+	    a->grown - a->used >= GROW_MIN / 2)
+		return;
+	room = shm_room(sc, why, sizeof(why));
+	len = grow_len(a, PAGE, room);
+	if (len >= PAGE)
+		grow_start(sc, len);
+}
+
+/* The connection's arena: sealed, sparse, mapped (tens of microseconds, on the loop: no
+ * threadpool queue between an OPEN and its reply); its first chunk faults in meanwhile. */
+static int arena_make(struct sconn *sc, uint64_t want, char *why, size_t whylen)
+{
+	const struct config *cfg = sc->s->d.cfg;
+	uint64_t room = shm_room(sc, why, whylen), size;
+	int rc;
+
+	if (want > cfg->arena_max)
+		want = cfg->arena_max;
+	/* no arena larger than its uid may ever commit */
+	if (want > cfg->shm_max_per_uid)
+		want = cfg->shm_max_per_uid;
+	if (want < (1u << 20))
+		want = 1u << 20;
+	size = (want + PAGE - 1) / PAGE * PAGE;
+	if (room < (size < GROW_MIN ? size : GROW_MIN)) {
+		sc->s->shm_refusals++;
+		return -DMC_E_LIMIT_EXCEEDED;
+	}
+	rc = arena_init(&sc->arena, size);
+	if (rc < 0) {
+		snprintf(why, whylen, "cannot set up %" PRIu64 " bytes of shared memory: %s", size,
+			 strerror(-rc));
+		return -DMC_E_OVERLOADED;
+	}
+	sc->has_arena = true;
+	grow_ahead(sc);
+	return 0;
 }
 
 static char *dup_unless_own(char *own, const char *s)
@@ -897,8 +1000,7 @@ static char *dup_unless_own(char *own, const char *s)
 }
 
 /*
- * Answers an OPEN (now, or once the connection's arena exists) and ends it: takes `po`,
- * `fm` and `labels`. The strings may be po's own.
+ * Answers an OPEN and ends it: takes `po`, `fm` and `labels`. The strings may be po's own.
  */
 static void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t items,
 		       const char *project_id, const char *project_name, const char *version,
@@ -906,8 +1008,8 @@ static void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t it
 {
 	struct sconn *sc = po->sc;
 	struct serve *s = sc->s;
-	struct pending_open **tail;
-	struct arena_work *aw;
+	char why[MSG_MAX];
+	int rc;
 
 	po->snapshot_id = snapshot_id;
 	po->items = items;
@@ -916,44 +1018,23 @@ static void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t it
 	po->version = dup_unless_own(po->version, version);
 	po->fm = fm;
 	po->labels = labels;
+	if (!sc->c) {
+		open_done(po);
+		return;
+	}
 	if (!po->project_id || !po->project_name || !po->version) {
 		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
 		open_done(po);
 		return;
 	}
-	if (sc->has_arena) {
-		open_reply_now(po);
+	if (!sc->has_arena &&
+	    (rc = arena_make(sc, po->arena_bytes ? po->arena_bytes : s->d.cfg->arena_default,
+			     why, sizeof(why))) < 0) {
+		conn_send_error(sc->c, po->request_id, code_of(rc), NULL, "%s", why);
 		open_done(po);
 		return;
 	}
-	for (tail = &sc->arena_waiters; *tail; tail = &(*tail)->next_waiter)
-		;
-	*tail = po;
-	po->next_waiter = NULL;
-	po->waiting_arena = true;
-	if (sc->arena_pending)
-		return;
-	aw = calloc(1, sizeof(*aw));
-	if (aw) {
-		uint64_t want = po->arena_bytes ? po->arena_bytes : s->d.cfg->arena_default;
-		if (want > s->d.cfg->arena_max)
-			want = s->d.cfg->arena_max;
-		if (want < (1u << 20))
-			want = 1u << 20;
-		aw->size = (want + 4095) / 4096 * 4096;
-		aw->sc = sc;
-		aw->a.fd = -1;
-		aw->work.data = aw;
-		sc->busy++;
-		sc->arena_pending = true;
-		if (uv_queue_work(s->d.loop, &aw->work, arena_work_run, arena_work_after) == 0)
-			return;
-		sc->busy--;
-		sc->arena_pending = false;
-		free(aw);
-	}
-	sc->arena_waiters = NULL;
-	conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+	open_reply_now(po);
 	open_done(po);
 }
 
@@ -1391,7 +1472,9 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 	pf.server = m.server;
 	pf.api_key = m.api_key;
 	/* the caller's own job checks its access with its own key; it may answer at once */
-	rc = prefetch_attach(s->d.prefetch, c->uid, &pf, on_open_ready, po);
+	rc = m.source == DMC_SOURCE_LOCAL /* read through this client's descriptors */
+		     ? prefetch_attach_local(s->d.prefetch, c, h->request_id, &pf, on_open_ready, po)
+		     : prefetch_attach(s->d.prefetch, c->uid, &pf, on_open_ready, po);
 	if (rc < 0) {
 		struct prefetch_ready r = { .err = rc, .code = code_of(rc), .message = "stopping" };
 		on_open_ready(po, &r);
@@ -1496,6 +1579,9 @@ static void read_after(uv_work_t *w, int status)
 	}
 }
 
+static bool client_holds_space(struct sconn *sc);
+static void req_unpin(struct greq *rq);
+
 /* Places `hold` (tensor, then metadata) into the arena; false when there is no room yet. */
 static bool place(struct gitem *gi)
 {
@@ -1516,7 +1602,31 @@ static bool place(struct gitem *gi)
 	gi->off = off;
 	gi->moff = moff;
 	gi->rq->placed += arena_span(gi->nbytes) + arena_span(gi->mlen);
+	sc->pump_bytes += gi->nbytes;
+	grow_ahead(sc);
 	return true;
+}
+
+/*
+ * No room for the item now: whether it waits (the arena grows, or the client holds space
+ * it can release), or fails (a cap, or nothing the client could release) with `why`.
+ */
+static bool wait_for_room(struct gitem *gi, char *why, size_t whylen)
+{
+	struct sconn *sc = gi->rq->sc;
+
+	switch (make_room(sc, arena_span(gi->nbytes) + arena_span(meta_len(gi)), why, whylen)) {
+	case ROOM_WAIT:
+		return true;
+	case ROOM_CAPPED:
+		/* a RELEASE of this connection's items makes room without growing */
+		return client_holds_space(sc);
+	case ROOM_FULL:
+		break;
+	}
+	snprintf(why, whylen, "the batch does not fit in the shared memory: ask for fewer "
+			      "items at once, or open with a larger arena");
+	return client_holds_space(sc);
 }
 
 static void finish_placed(struct gitem *gi)
@@ -1534,12 +1644,12 @@ static void finish_placed(struct gitem *gi)
 	pump_items(sc);
 }
 
-static bool client_holds_space(struct sconn *sc);
-static void req_unpin(struct greq *rq);
 
 /* Retries items waiting for arena space, oldest request first. */
 static void retry_space(struct sconn *sc)
 {
+	char why[MSG_MAX];
+
 again:
 	for (struct greq *rq = sc->reqs; rq; rq = rq->next) {
 		for (uint32_t i = 0; i < rq->n; i++) {
@@ -1549,11 +1659,9 @@ again:
 			rq->pins++;
 			if (place(gi)) {
 				finish_placed(gi);
-			} else if (!client_holds_space(sc)) {
+			} else if (!wait_for_room(gi, why, sizeof(why))) {
 				gi_drop(gi);
-				item_fail(gi, -DMC_E_LIMIT_EXCEEDED,
-					  "the batch does not fit in the shared memory: ask for fewer "
-					  "items at once, or open with a larger arena");
+				item_fail(gi, -DMC_E_LIMIT_EXCEEDED, why);
 			} else {
 				req_unpin(rq);
 				return; /* keep the order: later items wait behind this one */
@@ -1577,6 +1685,7 @@ static bool client_holds_space(struct sconn *sc)
 static void item_got_bytes(struct gitem *gi)
 {
 	struct sconn *sc = gi->rq->sc;
+	char why[MSG_MAX];
 
 	if (gi->rq->st) {
 		/* a STREAM batch: placed with the whole batch, in order */
@@ -1599,15 +1708,14 @@ static void item_got_bytes(struct gitem *gi)
 		finish_placed(gi);
 		return;
 	}
-	if (!client_holds_space(sc)) {
-		/* everything in the arena belongs to replies not sent yet: no RELEASE can come */
+	if (!wait_for_room(gi, why, sizeof(why))) {
+		/* a cap, or everything in the arena belongs to replies not sent yet: no RELEASE
+		 * can come */
 		gi_drop(gi);
-		item_fail(gi, -DMC_E_LIMIT_EXCEEDED,
-			  "the batch does not fit in the shared memory: ask for fewer items at once, "
-			  "or open with a larger arena");
+		item_fail(gi, -DMC_E_LIMIT_EXCEEDED, why);
 		return;
 	}
-	gi->state = GI_WAIT_SPACE; /* backpressure: wait for RELEASE */
+	gi->state = GI_WAIT_SPACE; /* backpressure: wait for the growth, or a RELEASE */
 	sc->s->waits_for_space++;
 }
 
@@ -2154,6 +2262,7 @@ static void item_step(struct gitem *gi)
 	if (!gi->counted) {
 		gi->counted = true;
 		sc->inflight++;
+		sc->sh->inflight++;
 	}
 	if (gi->rq->h.labels) {
 		mask_start(gi); /* masks depend on the record too: never shared or kept */
@@ -2193,6 +2302,8 @@ static void req_free(struct greq *rq)
 {
 	handle_drop_refs(&rq->h);
 	for (uint32_t i = 0; i < rq->n; i++) {
+		if (rq->items[i].counted) /* held bytes when its connection closed */
+			settle(&rq->items[i], GI_DONE);
 		mask_work_free(&rq->items[i]);
 		gi_drop(&rq->items[i]);
 		free(rq->items[i].record);
@@ -2334,24 +2445,74 @@ static void on_get(struct serve *s, struct conn *c, const struct dmc_header *h,
 }
 
 /*
- * Starts waiting items, oldest request first, while fewer than INFLIGHT_MAX hold memory.
+ * Starts waiting items, oldest request first, while fewer than INFLIGHT_MAX hold memory
+ * (and fewer than decode_max_per_uid of its uid, over all its connections).
  * Items that fail or wait for a download at once take no place. Not reentrant: a nested
  * call (from an item finishing inside) only asks the running one to look again.
  */
+/* A pump_items() that stopped at PUMP_BYTES_MAX goes on from the threadpool's queue: after
+ * the events already waiting, and behind the work others queued. */
+struct yield_work {
+	uv_work_t work;
+	struct sconn *sc;
+};
+
+static void yield_run(uv_work_t *w)
+{
+	(void)w;
+}
+
+static void yield_after(uv_work_t *w, int status)
+{
+	struct yield_work *yw = w->data;
+	struct sconn *sc = yw->sc;
+
+	(void)status;
+	free(yw);
+	sc->yielding = false;
+	if (sc->c)
+		pump_items(sc);
+	sc->busy--;
+	sconn_maybe_free(sc);
+}
+
+static void pump_yield(struct sconn *sc)
+{
+	struct yield_work *yw;
+
+	if (sc->yielding || !sc->c || !(yw = calloc(1, sizeof(*yw))))
+		return;
+	yw->sc = sc;
+	yw->work.data = yw;
+	if (uv_queue_work(sc->s->d.loop, &yw->work, yield_run, yield_after) != 0) {
+		free(yw);
+		return;
+	}
+	sc->yielding = true;
+	sc->busy++;
+}
+
 static void pump_items(struct sconn *sc)
 {
+	const struct config *cfg = sc->s->d.cfg;
 	struct greq *rq;
 	bool again;
 
 	if (sc->pumping)
 		return;
+	if (sc->yielding)
+		return; /* its turn comes */
 	sc->pumping = true;
+	sc->pump_bytes = 0;
 	sc->busy++;
 	do {
 		again = false;
-		while (sc->inflight < INFLIGHT_MAX && (rq = first_with_new(sc))) {
+		while (sc->inflight < INFLIGHT_MAX && sc->pump_bytes < PUMP_BYTES_MAX &&
+		       (rq = first_with_new(sc)) && share_may_start(sc->sh, cfg)) {
 			rq->pins++;
-			for (uint32_t i = 0; i < rq->n && !rq->replied && sc->inflight < INFLIGHT_MAX;
+			for (uint32_t i = 0; i < rq->n && !rq->replied && sc->inflight < INFLIGHT_MAX &&
+					     sc->pump_bytes < PUMP_BYTES_MAX &&
+					     share_may_start(sc->sh, cfg);
 			     i++)
 				if (rq->items[i].state == GI_NEW)
 					item_step(&rq->items[i]);
@@ -2359,9 +2520,13 @@ static void pump_items(struct sconn *sc)
 				again = true;
 			req_unpin(rq);
 		}
-	} while (again && sc->inflight < INFLIGHT_MAX && first_with_new(sc));
-	sc->busy--;
+	} while (again && sc->inflight < INFLIGHT_MAX && sc->pump_bytes < PUMP_BYTES_MAX &&
+		 first_with_new(sc));
+	if (sc->pump_bytes >= PUMP_BYTES_MAX && sc->inflight < INFLIGHT_MAX && first_with_new(sc))
+		pump_yield(sc);
 	sc->pumping = false;
+	share_wake(sc->s, sc->sh, sc);
+	sc->busy--;
 	sconn_maybe_free(sc);
 }
 
@@ -2658,16 +2823,22 @@ static void stream_send(struct stream *st)
 		doff = arena_alloc(&sc->arena, dlen);
 		moff = doff == UINT64_MAX ? UINT64_MAX : arena_alloc(&sc->arena, mlen);
 		if (moff == UINT64_MAX) {
+			char why[MSG_MAX];
+			enum room r;
 			if (doff != UINT64_MAX)
 				arena_free(&sc->arena, doff);
-			if (!client_holds_space(sc))
-				stream_stop(st, -DMC_E_LIMIT_EXCEEDED,
-					    "a batch does not fit in the free shared memory: use "
-					    "smaller batches, or open with a larger arena");
+			r = make_room(sc, arena_span(dlen) + arena_span(mlen), why, sizeof(why));
+			if (r == ROOM_FULL)
+				snprintf(why, sizeof(why),
+					 "a batch does not fit in the free shared memory: use "
+					 "smaller batches, or open with a larger arena");
+			if (r != ROOM_WAIT && !client_holds_space(sc))
+				stream_stop(st, -DMC_E_LIMIT_EXCEEDED, why);
 			else
-				s->waits_for_space++; /* backpressure: wait for RELEASE */
+				s->waits_for_space++; /* backpressure: the growth, or a RELEASE */
 			break;
 		}
+		grow_ahead(sc);
 		bh.data_offset = doff;
 		bh.data_len = dlen;
 		bh.meta_offset = moff;
@@ -3040,7 +3211,7 @@ static void sconn_maybe_free(struct sconn *sc)
 		handle_drop_refs(h);
 		free(h);
 	}
-	arena_release(s, &sc->arena);
+	arena_release(s, &sc->arena, sc->sh, sc->shm); /* takes the reference to sc->sh */
 	free(sc->frame);
 	free(sc);
 	serve_maybe_destroy(s);
@@ -3077,25 +3248,37 @@ void serve_conn_closed(struct serve *s, struct conn *c)
 		next = rq->next;
 		req_maybe_reply(rq); /* no reply goes out: the connection is gone */
 	}
+	share_wake(s, sc->sh, sc); /* the places its items held, for its uid's others */
 	sc->busy--;
 	sc->busy++;
 	for (struct pending_open *po = sc->opens, *n; po; po = n) {
 		n = po->next;
 		prefetch_detach(s->d.prefetch, po);
-		if (!po->probing && !po->waiting_arena)
-			open_done(po); /* the others end when their probes or arena come back */
+		if (!po->probing)
+			open_done(po); /* the others end when their probes come back */
 	}
 	sc->busy--;
 	sconn_maybe_free(sc);
 }
 
-/* Unmapping a large arena takes tens of milliseconds: done on the threadpool. */
+/* Unmapping a large arena takes tens of milliseconds: done on the threadpool. Its
+ * committed bytes stay counted until then. */
 struct arena_drop {
 	uv_work_t work;
 	struct serve *s;
 	uint64_t size; /* a.size, which arena_done() clears */
+	struct share *sh;
+	uint64_t shm;
 	struct arena a;
 };
+
+/* The arena's pages are gone from the daemon: its uid's share goes down. */
+static void shm_uncount(struct serve *s, struct share *sh, uint64_t shm)
+{
+	sh->shm -= shm;
+	s->shm_total -= shm;
+	share_put(s, sh);
+}
 
 static void arena_drop_work(uv_work_t *w)
 {
@@ -3112,11 +3295,12 @@ static void arena_drop_after(uv_work_t *w, int status)
 	(void)status;
 	s->drops--;
 	s->arena_dropping -= ad->size;
+	shm_uncount(s, ad->sh, ad->shm);
 	free(ad);
 	serve_maybe_destroy(s);
 }
 
-static void arena_release(struct serve *s, struct arena *a)
+static void arena_release(struct serve *s, struct arena *a, struct share *sh, uint64_t shm)
 {
 	struct arena_drop *ad = a->base ? malloc(sizeof(*ad)) : NULL;
 
@@ -3124,6 +3308,8 @@ static void arena_release(struct serve *s, struct arena *a)
 		ad->a = *a;
 		ad->s = s;
 		ad->size = a->size;
+		ad->sh = sh;
+		ad->shm = shm;
 		ad->work.data = ad;
 		if (uv_queue_work(s->d.loop, &ad->work, arena_drop_work, arena_drop_after) == 0) {
 			s->drops++;
@@ -3135,6 +3321,7 @@ static void arena_release(struct serve *s, struct arena *a)
 		free(ad);
 	}
 	arena_done(a);
+	shm_uncount(s, sh, shm);
 }
 
 /* After serve_free(): the engine goes with its last connection, store and unmap. */
@@ -3232,6 +3419,8 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 		ENTRY("serve_hot_evictions_total", s->hot.evictions),
 		ENTRY("serve_arena_bytes", arenas),
 		ENTRY("serve_arena_used_bytes", arena_used),
+		ENTRY("serve_shm_committed_bytes", s->shm_total),
+		ENTRY("serve_shm_refusals_total", s->shm_refusals),
 		ENTRY("decode_workers", ps.workers),
 		ENTRY("decode_busy", ps.busy),
 		ENTRY("decode_done_total", ps.done),

@@ -1,14 +1,21 @@
 /*
  * serve: tensors to clients through shared memory (OPEN, GET, RELEASE, CLOSE; proto.h).
  *
- * Each connection that opens a dataset gets one arena: a memfd the daemon maps once, seals
- * (no shrinking, no growing, no writes through new mappings) and passes to the client once.
+ * Each connection that opens a dataset gets one arena (arena.h): a memfd the daemon maps
+ * once, seals (no shrinking, no growing, no writes through new mappings) and passes to the
+ * client once. It is sparse and grows on demand: pages are faulted in on the threadpool in
+ * chunks ahead of the items, and stay until the connection closes.
  * A GET looks each item up in the index, reads its stored bytes on the threadpool, decodes
  * them in the sandboxed worker pool (decode_pool.h) unless a decoded tensor is cached, and
  * copies the tensor and its metadata into free arena space; the reply names offsets. RELEASE
- * frees the space. When the arena is full, items wait for releases: a slow client gets
- * backpressure, the daemon's memory stays bounded by the arenas. Items of a snapshot that a
- * job is still downloading wait for it.
+ * frees the space. When the arena is full (or growing), items wait for releases: a slow
+ * client gets backpressure. Items of a snapshot that a job is still downloading wait for it.
+ *
+ * Fair shares between uids: the bytes committed in one uid's arenas are capped by
+ * shm_max_per_uid, in all arenas by shm_max; an OPEN or an item that would pass a cap fails
+ * with DMC_E_LIMIT_EXCEEDED naming the key (it never waits on other users' memory). Items
+ * of one uid being read, decoded or held are capped by decode_max_per_uid over all its
+ * connections (INFLIGHT_MAX per connection).
  *
  * Decoded tensors of expensive codecs (decode_codec_store_tensor) are kept in the store
  * (kind TENSOR, with the metadata as a META blob) and read back instead of decoded again.

@@ -1108,6 +1108,101 @@ DMC_EXPORT const char *dmc_opcode_name(uint16_t opcode)
 	case DMC_OP_STREAM: return "STREAM";
 	case DMC_OP_CLOSE: return "CLOSE";
 	case DMC_OP_STOP: return "STOP";
+	case DMC_OP_LOCAL_NEED: return "LOCAL_NEED";
+	case DMC_OP_LOCAL_FILES: return "LOCAL_FILES";
 	}
 	return NULL;
+}
+
+/* ---- local folders ---- */
+
+DMC_EXPORT int dmc_local_need_encode(uint32_t first, const char *const *paths, uint32_t n,
+				     uint32_t request_id, void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	if (n == 0 || n > DMC_FDS_MAX)
+		return DMC_PROTO_NOSPACE;
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, first);
+	dmc_write_u32(&w, n);
+	for (uint32_t i = 0; i < n; i++) {
+		size_t len = strlen(paths[i]);
+		if (len == 0 || len > DMC_LOCAL_PATH_MAX)
+			return DMC_PROTO_NOSPACE;
+		dmc_write_str(&w, paths[i], len);
+	}
+	return dmc_frame_end(&w, DMC_OP_LOCAL_NEED, DMC_FLAG_REPLY | DMC_FLAG_MORE, request_id, 0);
+}
+
+DMC_EXPORT int dmc_local_need_begin(struct dmc_reader *r, const void *payload, size_t len,
+				    uint32_t *ret_first, uint32_t *ret_n)
+{
+	uint32_t first, n;
+
+	dmc_reader_init(r, payload, len);
+	first = dmc_read_u32(r);
+	n = dmc_read_u32(r);
+	/* each path takes at least its 4-byte length */
+	if (r->err || n == 0 || n > DMC_FDS_MAX || (uint64_t)n * 4 > len - r->pos)
+		return DMC_PROTO_ERROR;
+	*ret_first = first;
+	*ret_n = n;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_local_files_encode(uint32_t first, const int32_t *errs, uint32_t n,
+				      uint32_t request_id, void *out, size_t cap)
+{
+	struct dmc_writer w;
+	uint32_t nfds = 0;
+
+	if (n == 0 || n > DMC_FDS_MAX)
+		return DMC_PROTO_NOSPACE;
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, first);
+	dmc_write_u32(&w, n);
+	for (uint32_t i = 0; i < n; i++) {
+		if (errs[i] < 0 || errs[i] > 4095)
+			return DMC_PROTO_NOSPACE;
+		nfds += errs[i] == 0;
+		dmc_write_i32(&w, errs[i]);
+	}
+	return dmc_frame_end(&w, DMC_OP_LOCAL_FILES, 0, request_id, (uint8_t)nfds);
+}
+
+DMC_EXPORT int dmc_local_files_decode(const void *payload, size_t len, uint8_t nfds,
+				      uint32_t *ret_first, uint32_t *ret_n, int32_t *errs,
+				      uint32_t max)
+{
+	struct dmc_reader r;
+	uint32_t first, n, zeros = 0;
+
+	dmc_reader_init(&r, payload, len);
+	first = dmc_read_u32(&r);
+	n = dmc_read_u32(&r);
+	if (r.err || n == 0 || n > DMC_FDS_MAX || n > max)
+		return DMC_PROTO_ERROR;
+	for (uint32_t i = 0; i < n; i++) {
+		errs[i] = dmc_read_i32(&r);
+		if (errs[i] < 0 || errs[i] > 4095)
+			return DMC_PROTO_ERROR;
+		zeros += errs[i] == 0;
+	}
+	if (dmc_reader_finish(&r) != DMC_PROTO_OK || zeros != nfds)
+		return DMC_PROTO_ERROR;
+	*ret_first = first;
+	*ret_n = n;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_frame_set_nfds(void *frame, size_t len, uint8_t nfds)
+{
+	struct dmc_header h;
+
+	if (nfds > DMC_FDS_MAX || dmc_header_decode(frame, len, &h) != DMC_PROTO_OK)
+		return DMC_PROTO_ERROR;
+	h.nfds = nfds;
+	dmc_header_encode(&h, frame);
+	return DMC_PROTO_OK;
 }

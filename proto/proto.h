@@ -62,7 +62,7 @@ extern "C" {
 
 #define DMC_HEADER_SIZE 16u
 #define DMC_FRAME_MAX (1u << 20) /* payload bytes; bulk data travels through shared memory */
-#define DMC_FDS_MAX 4u
+#define DMC_FDS_MAX 253u /* the kernel's SCM_MAX_FD: descriptors of one sendmsg */
 #define DMC_STR_MAX (64u << 10)  /* one string field */
 
 enum dmc_opcode {
@@ -84,6 +84,10 @@ enum dmc_opcode {
 	DMC_OP_STREAM = 35,
 	DMC_OP_CLOSE = 36,
 	DMC_OP_STOP = 37,
+
+	/* local dataset folders read through the client's descriptors (see LOCAL_NEED) */
+	DMC_OP_LOCAL_NEED = 21,
+	DMC_OP_LOCAL_FILES = 22,
 };
 
 enum dmc_flag {
@@ -194,6 +198,9 @@ struct dmc_error_msg {
  *            bits are refused.
  *   project  DATAMINT: a project name or id. LOCAL: the absolute path of a dataset
  *            directory as the Datamint Python client writes it (dataset.json, images/).
+ *            For LOCAL the path is only a label (the snapshot's project id): the frame
+ *            carries (nfds = 1) the folder's dataset.json opened by the client, and the
+ *            files are read through descriptors the client passes (LOCAL_NEED below).
  *   version  "" or "latest" for the newest; otherwise a version string (Datamint: the
  *            dataset's updated_at), which must be the server's current one or cached.
  *   server   DATAMINT: the API base URL ("https://api.datamint.io"); LOCAL: "".
@@ -215,7 +222,10 @@ struct dmc_error_msg {
  *   items_done counts items now in the cache, items_cached those of them that were there
  *   before the job (no download); bytes_done counts bytes downloaded by this job. The error
  *   fields describe one failed item in the event that reports it; code 0 otherwise. In a
- *   final record in state FAILED they hold the first error.
+ *   final record in state FAILED they hold the first error. An event with code 0 and a
+ *   message is a notice: a request is retried after a transient failure, the message
+ *   saying when and why ("retrying in 2.0 s (attempt 2 of 5): HTTP 503"), the resource
+ *   naming the item, or empty for the project's own requests (resolving, listing).
  */
 enum dmc_source {
 	DMC_SOURCE_DATAMINT = 1,
@@ -475,6 +485,41 @@ struct dmc_batch_head {
 	uint64_t meta_offset, meta_len;
 };
 
+/*
+ * Local dataset folders: files read with the requesting user's own permissions.
+ *
+ * The daemon (often root) never opens a path of a local folder. A PREFETCH or OPEN of a
+ * LOCAL source carries one descriptor, the folder's dataset.json, opened by the client
+ * beneath the folder (no symbolic link, no "..", read-only, non-blocking). The daemon
+ * parses it, refuses it when a path leaves the folder (absolute, "..", empty), and then
+ * asks for the files it names, in order (per item: the image, then its segmentation
+ * files), a window at a time:
+ *
+ * LOCAL_NEED event (daemon to client; DMC_FLAG_REPLY | DMC_FLAG_MORE, the request id of
+ * the PREFETCH or OPEN):
+ *   u32 first, u32 n (1 .. DMC_FDS_MAX), n times str path
+ *   first    the position of the first path in the dataset's list of paths (0, then
+ *            increasing; windows never overlap and come in order)
+ *   path     relative to the folder, at most DMC_LOCAL_PATH_MAX bytes
+ *
+ * LOCAL_FILES (client to daemon; flags 0, the request id of the PREFETCH or OPEN; no reply
+ * of its own: the request's events and final frame go on):
+ *   u32 first, u32 n, n times i32 err
+ *   first, n as in the LOCAL_NEED it answers. err is 0 when the client opened the path
+ *   as a regular file: its descriptor is attached, in path order (nfds = the number of
+ *   zeros); else a positive errno (EACCES, ENOENT, ELOOP: a symbolic link, EXDEV: outside
+ *   the folder, EINVAL: not a regular file), which fails that item with
+ *   "<path>: <reason>".
+ *
+ * The daemon checks every descriptor with fstat (a regular file; anything else fails the
+ * item) and reads it with pread from offset 0 without waiting (a read that would block
+ * fails the item). An item is linked to stored content only by the SHA-256 of the bytes
+ * just read, or by the same uid's own earlier read of the same inode with the same size,
+ * modification and change times. The job needs the requesting connection: when it closes,
+ * or the client stops answering, the job ends (CANCELLED); LOCAL jobs are not joined.
+ */
+#define DMC_LOCAL_PATH_MAX 4096u
+
 /* ---- codec ---- */
 
 /* Codec results. DMC_PROTO_AGAIN: need more bytes. */
@@ -650,6 +695,23 @@ uint64_t dmc_stream_perm(uint64_t i, uint64_t n, uint64_t key);
 void dmc_stream_plan(uint64_t items, const struct dmc_stream_req *m, uint64_t *ret_per_rank,
 		     uint64_t *ret_batches);
 uint64_t dmc_stream_index(uint64_t items, const struct dmc_stream_req *m, uint64_t q);
+
+/*
+ * Local folders. LOCAL_NEED: encode from `n` paths; decode with dmc_local_need_begin, then n
+ * dmc_read_str (each checked by the caller against DMC_LOCAL_PATH_MAX) and dmc_reader_finish.
+ * LOCAL_FILES: the encoder sets nfds to the number of zero errs; the decoder checks n <=
+ * min(max, DMC_FDS_MAX), each err in 0 .. 4095 and that the zeros number `nfds`.
+ * dmc_frame_set_nfds() rewrites the nfds of an encoded frame (PREFETCH and OPEN of LOCAL).
+ */
+int dmc_local_need_encode(uint32_t first, const char *const *paths, uint32_t n,
+			  uint32_t request_id, void *out, size_t cap);
+int dmc_local_need_begin(struct dmc_reader *r, const void *payload, size_t len,
+			 uint32_t *ret_first, uint32_t *ret_n);
+int dmc_local_files_encode(uint32_t first, const int32_t *errs, uint32_t n, uint32_t request_id,
+			   void *out, size_t cap);
+int dmc_local_files_decode(const void *payload, size_t len, uint8_t nfds, uint32_t *ret_first,
+			   uint32_t *ret_n, int32_t *errs, uint32_t max);
+int dmc_frame_set_nfds(void *frame, size_t len, uint8_t nfds);
 
 /* Size of one dtype's element in bytes, 0 when unknown. */
 unsigned dmc_dtype_size(uint32_t dtype);

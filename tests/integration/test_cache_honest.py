@@ -93,7 +93,14 @@ def test_admission_refuses_with_numbers_and_partial_is_honest(emu, tmpdir_short)
     snaps = ls(d)
     assert snaps['ct']['items_stored'] == fin['items_done'], (snaps['ct'], fin)
     log = d.log()
+    # what an operator reads at the default level: each job's start and end with its
+    # figures, the refusal, the eviction (what and why), the cache full warning
+    assert "prefetches 'ct' version 'latest'" in log and "job=" in log, log[-3000:]
+    assert "items stored" in log and "bytes downloaded in" in log, log[-3000:]
+    assert 'refused: ' in log and "'ct' needs" in log, log[-3000:]
     assert 'evicted' in log and 'the least recently used' in log, log[-3000:]
+    if fin['items_failed']:
+        assert 'warning[store]: job' in log and 'cache full' in log, log[-3000:]
     assert d.stop()[0] == 0
     assert stored_rows(d, fin['snapshot_id']) == fin['items_done']
 

@@ -424,19 +424,17 @@ def test_kill9_during_prefetch(clean, tmpdir_short):
 
 
 def test_disk_full_then_space_freed(clean, tmpdir_short):
-    if os.geteuid() != 0:
-        pytest.skip('needs root to mount a small tmpfs')
+    __import__('uids').require_root()  # CI is root: there it fails rather than skips
     emu = clean
     mnt = os.path.join(tmpdir_short, 'small')
     os.mkdir(mnt)
     r = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', mnt])
-    if r.returncode != 0:
-        pytest.skip('cannot mount tmpfs here')
+    assert r.returncode == 0, 'cannot mount a tmpfs as root'
     try:
         d = Daemon(tmpdir_short, args=['--cache-dir', os.path.join(mnt, 'cache'),
                                        '-o', 'min_free=0'])
         d.cache = os.path.join(mnt, 'cache')
-        rc, ev, err = prefetch(d, emu, 'ct')  # 22 MiB into 8 MiB
+        rc, ev, err = prefetch(d, emu, 'ct', '--allow-partial')  # 22 MiB into 8 MiB
         assert rc == 1
         codes = {e['error']['name'] for e in ev if e.get('error')}
         assert codes == {'cache_full'}, codes

@@ -318,13 +318,29 @@ def test_offline_reads_with_the_server_gone(tmp):
     finally:
         assert e.stop() == 0
     out = os.path.join(tmp, 'alice', 'x.npy')
-    # offline: no network wait at all
-    t0 = time.monotonic()
-    r = cli(d, ALICE, 'get', '--offline', '--server', url, 'ct', '0', '-o', out,
-            key=emulator.KEY_CT)
-    took = time.monotonic() - t0
+    # offline: no network wait at all (the best of three whole `dmcache get` processes,
+    # so that a loaded CI machine's noise is not taken for a wait)
+    took = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        r = cli(d, ALICE, 'get', '--offline', '--server', url, 'ct', '0', '-o', out,
+                key=emulator.KEY_CT)
+        took.append(time.monotonic() - t0)
+        assert r.returncode == 0, r.stderr
+    # a whole process (spawn, connect, OPEN, decode, write) stays below the 2 s after which
+    # an online request would fall back: no network wait
+    assert min(took) < 1.5, 'offline get took %r s' % took
+    # the OPEN itself, in process: within 0.5 s
+    code = ('import time, dmcache._lib as L\n'
+            'best = 9\n'
+            'for _ in range(3):\n'
+            '    c = L.Client(); t0 = time.monotonic()\n'
+            '    ds = c.open(L.SOURCE_DATAMINT, "ct", server=%r, api_key=%r, offline=True)\n'
+            '    best = min(best, time.monotonic() - t0); ds.close(); c.close()\n'
+            'print(best)\n' % (url, emulator.KEY_CT))
+    r = python_epoch(d, ALICE, code, key=emulator.KEY_CT)
     assert r.returncode == 0, r.stderr
-    assert took < 0.5, 'offline get took %.2f s' % took
+    assert float(r.stdout.split()[-1]) < 0.5, r.stdout
     ref = open(out, 'rb').read()
     # DMCACHE_OFFLINE=1, and with the version pinned
     r = cli(d, ALICE, 'get', '--version', version, '--server', url, 'ct', '1', '-o', out,
@@ -377,4 +393,31 @@ def test_offline_reads_with_the_server_gone(tmp):
     assert r.returncode != 0
     assert 'not entitled offline: last checked' in r.stderr and 'grant_ttl is' in r.stderr, \
         r.stderr
+    assert d.stop()[0] == 0
+
+
+def test_queued_jobs_are_capped_per_user(emu, tmp):
+    d = system_daemon(tmp, '-o', 'max_jobs_per_uid=2')
+    emu.add_fault(path='^/resources/[^/]+/file$', latency_ms=1500, user='alice@example.org')
+    try:
+        procs = [uids.popen(BOB, [DMCACHE, '--socket', d.socket, 'prefetch', '--server', emu.url,
+                                  p], env=user_env(emulator.KEY_ALL),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for p in ('sample', 'ct')]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            c = json.loads(d.cli('status', '--json').stdout)['counters']
+            if c['prefetch_jobs'] >= 2:
+                break
+            time.sleep(0.05)
+        r = cli(d, BOB, 'prefetch', '--server', emu.url, 'pydicom', key=emulator.KEY_ALL)
+        assert r.returncode != 0 and 'max_jobs_per_uid is 2' in r.stderr, r.stderr
+        # another user is not held by bob's cap
+        r = cli(d, ALICE, 'prefetch', '--server', emu.url, 'pydicom', key=emulator.KEY_CT)
+        assert r.returncode == 0, r.stderr
+        for p in procs:
+            p.kill()
+            p.wait()
+    finally:
+        emu.clear_faults()
     assert d.stop()[0] == 0

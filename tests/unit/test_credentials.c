@@ -253,6 +253,9 @@ TEST(owner)
 		 (unsigned)st.st_uid, (unsigned)st.st_uid + 1);
 	ASSERT_NOT_NULL(strstr(err, want));
 
+	/* CI runs as root: there the end-to-end case must run, not quietly drop out */
+	if (geteuid() != 0 && getenv("CI") && strcmp(getenv("CI"), "true") == 0)
+		ASSERT_EQ(geteuid(), 0);
 	if (geteuid() == 0) {
 		/* end to end: a file of another user is refused even with mode 0600 */
 		ASSERT_EQ(chown(cfg, 65534, (gid_t)-1), 0);

@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -449,9 +450,10 @@ TEST(cpu_limit_ends_a_cpu_bomb)
 	job_init(&job, &d, HOOK("DMCTEST:spin"), "res-cpu");
 	double t0 = now_s();
 	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
-	ASSERT(run_until(&loop, done_pred, &d, 6.0));
+	ASSERT(run_until(&loop, done_pred, &d, 15.0));
 	ASSERT_EQ(d.status, -DMC_E_DECODE_FAILED);
-	/* SIGXCPU, not the 20 s deadline; CPU time is 1-2 s, wall time depends on the load. */
+	/* RLIMIT_CPU (SIGKILL at the worker's budget of WORKER_CPU_JOBS x 1 s), not the 20 s
+	 * deadline; CPU time is 2-3 s, wall time depends on the load. */
 	ASSERT(strstr(d.err, "crashed") != NULL);
 	ASSERT(d.t - t0 < 15.0);
 	stop(&loop);
@@ -497,6 +499,176 @@ TEST(seccomp_filter_kills_forbidden_syscalls)
 		ASSERT(strstr(d.err, "crashed") != NULL); /* SIGSYS */
 	else
 		ASSERT(strstr(d.err, "test hook") != NULL); /* no filter in this build */
+	stop(&loop);
+}
+
+/* ---- reliability.md S13: the workers own nothing ---- */
+
+/* A pool whose workers switch to nobody (65534) when the test runs as root. */
+static int start_dropped(uv_loop_t *loop, unsigned workers, unsigned cpu_s, uint64_t timeout_ms)
+{
+	struct decode_pool_config cfg;
+	decode_pool_config_default(&cfg);
+	cfg.workers = workers;
+	cfg.in_bytes = 1u << 20;
+	cfg.out_bytes = 8u << 20;
+	cfg.meta_bytes = 64u << 10;
+	cfg.limits.max_decode_bytes = 8u << 20;
+	cfg.limits.max_meta_bytes = 60u << 10;
+	cfg.timeout_ms = timeout_ms;
+	cfg.cpu_seconds = cpu_s;
+	cfg.drop_user = geteuid() == 0;
+	cfg.worker_uid = 65534;
+	cfg.worker_gid = 65534;
+	uv_loop_init(loop);
+	int r = decode_pool_start(loop, &cfg, &g_pool);
+	if (r == 0 && !run_until(loop, all_idle, NULL, 5.0))
+		r = -ETIMEDOUT;
+	return r;
+}
+
+/* The value of field `key` in /proc/PID/status, or "" */
+static const char *status_field(pid_t pid, const char *key, char *buf, size_t len)
+{
+	char path[64], line[256];
+	size_t klen = strlen(key);
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	buf[0] = '\0';
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return buf;
+	while (fgets(line, sizeof(line), f)) {
+		if (strncmp(line, key, klen) == 0 && line[klen] == ':') {
+			char *v = line + klen + 1;
+			v += strspn(v, " \t");
+			v[strcspn(v, "\n")] = '\0';
+			snprintf(buf, len, "%s", v);
+			break;
+		}
+	}
+	fclose(f);
+	return buf;
+}
+
+TEST(workers_own_nothing)
+{
+	uv_loop_t loop;
+	char v[128];
+	pid_t pids[2];
+	ASSERT_EQ(start_dropped(&loop, 2, 10, 5000), 0);
+	ASSERT_EQ(decode_pool_worker_pids(g_pool, pids, 2), 2);
+	for (int i = 0; i < 2; i++) {
+		if (geteuid() == 0) {
+			ASSERT_STR_EQ(status_field(pids[i], "Uid", v, sizeof(v)),
+				      "65534\t65534\t65534\t65534");
+			ASSERT_STR_EQ(status_field(pids[i], "Gid", v, sizeof(v)),
+				      "65534\t65534\t65534\t65534");
+			ASSERT_STR_EQ(status_field(pids[i], "Groups", v, sizeof(v)), "");
+			ASSERT_STR_EQ(status_field(pids[i], "CapBnd", v, sizeof(v)),
+				      "0000000000000000");
+		}
+		ASSERT_STR_EQ(status_field(pids[i], "CapEff", v, sizeof(v)), "0000000000000000");
+		ASSERT_STR_EQ(status_field(pids[i], "CapPrm", v, sizeof(v)), "0000000000000000");
+		ASSERT_STR_EQ(status_field(pids[i], "CapInh", v, sizeof(v)), "0000000000000000");
+		ASSERT_STR_EQ(status_field(pids[i], "NoNewPrivs", v, sizeof(v)), "1");
+	}
+	/* and they still decode */
+	size_t len;
+	uint8_t *in = nifti(9, 7, &len);
+	struct decode_job job;
+	struct done d;
+	job_init(&job, &d, in, len, "res-dropped");
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 5.0));
+	ASSERT_EQ(d.status, 0);
+	ASSERT_EQ(d.out_len, 9 * 7 * 2);
+	free(in);
+	stop(&loop);
+}
+
+static long nofile_soft(pid_t pid)
+{
+	struct rlimit rl;
+	if (prlimit(pid, RLIMIT_NOFILE, NULL, &rl) != 0)
+		return -1;
+	return (long)rl.rlim_cur;
+}
+
+TEST(seccomp_denies_signals_and_limits_aimed_at_others)
+{
+	/* Worker 0 runs the attack, worker 1 (same uid) is the target: the filter kills the
+	 * attacker (SIGSYS) and the target goes on with its limits intact. */
+	static const char *const attacks[] = { "kill", "tgkill", "prlimit", "setrlimit" };
+	uv_loop_t loop;
+	ASSERT_EQ(start_dropped(&loop, 2, 10, 5000), 0);
+	for (size_t a = 0; a < sizeof(attacks) / sizeof(attacks[0]); a++) {
+		pid_t pids[2];
+		ASSERT(run_until(&loop, all_idle, NULL, 5.0));
+		ASSERT_EQ(decode_pool_worker_pids(g_pool, pids, 2), 2);
+		pid_t target = pids[1];
+		long nofile = nofile_soft(target);
+		char cmd[64], res[32];
+		int n = snprintf(cmd, sizeof(cmd), "DMCTEST:%s:%d", attacks[a], (int)target);
+		if (strcmp(attacks[a], "setrlimit") == 0)
+			n = snprintf(cmd, sizeof(cmd), "DMCTEST:setrlimit");
+		snprintf(res, sizeof(res), "res-attack-%zu", a);
+		struct decode_job job;
+		struct done d;
+		job_init(&job, &d, cmd, (size_t)n, res);
+		ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+		ASSERT(run_until(&loop, done_pred, &d, 5.0));
+		ASSERT_EQ(d.status, -DMC_E_DECODE_FAILED);
+		ASSERT_NE(job.worker_pid, target);
+		if (HAVE_SECCOMP && !SANITIZED)
+			ASSERT(strstr(d.err, "crashed") != NULL); /* SIGSYS */
+		ASSERT(run_until(&loop, all_idle, NULL, 5.0));
+		ASSERT_EQ(decode_pool_worker_pids(g_pool, pids, 2), 2);
+		if (HAVE_SECCOMP && !SANITIZED) {
+			ASSERT_EQ(pids[1], target); /* alive, never replaced */
+			ASSERT_EQ(kill(target, 0), 0);
+			ASSERT_EQ(nofile_soft(target), nofile);
+		}
+	}
+	struct decode_pool_stats st;
+	decode_pool_stats(g_pool, &st);
+	if (HAVE_SECCOMP && !SANITIZED)
+		ASSERT_EQ(st.crashes, 4);
+	stop(&loop);
+}
+
+TEST(worker_retires_when_its_cpu_budget_runs_low)
+{
+	/* cpu_seconds 1: a worker's lifetime budget is about WORKER_CPU_JOBS (2) s. A job
+	 * that leaves less than 1 s of it retires the worker; the next job runs on its replacement and
+	 * nothing counts as a crash. */
+	uv_loop_t loop;
+	ASSERT_EQ(start_dropped(&loop, 1, 1, 60000), 0);
+	pid_t first;
+	ASSERT_EQ(decode_pool_worker_pids(g_pool, &first, 1), 1);
+	struct decode_job job;
+	struct done d;
+	job_init(&job, &d, HOOK("DMCTEST:burn:2300"), "res-burn");
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 60.0)); /* 2.3 s of CPU on a loaded machine */
+	if (!strstr(d.err, "test hook"))
+		fprintf(stderr, "# %s\n", d.err);
+	ASSERT(strstr(d.err, "test hook") != NULL);
+	ASSERT(run_until(&loop, all_idle, NULL, 5.0));
+	pid_t second;
+	ASSERT_EQ(decode_pool_worker_pids(g_pool, &second, 1), 1);
+	ASSERT_NE(second, first);
+	size_t len;
+	uint8_t *in = nifti(4, 4, &len);
+	job_init(&job, &d, in, len, "res-after-retire");
+	ASSERT_EQ(decode_pool_submit(g_pool, &job, on_done), 0);
+	ASSERT(run_until(&loop, done_pred, &d, 5.0));
+	ASSERT_EQ(d.status, 0);
+	ASSERT_EQ(job.worker_pid, second);
+	struct decode_pool_stats st;
+	decode_pool_stats(g_pool, &st);
+	ASSERT_EQ(st.crashes, 0);
+	ASSERT_EQ(st.respawns, 1);
+	free(in);
 	stop(&loop);
 }
 
@@ -655,5 +827,7 @@ int main(int argc, char **argv)
 		  T(size_bomb_and_oversized_input), T(seccomp_filter_kills_forbidden_syscalls),
 		  T(probe_only_gives_the_frame_count),
 		  T(crashing_probe_is_handled_like_a_crashing_decode),
-		  T(stop_cancels_queued_and_running_jobs));
+		  T(stop_cancels_queued_and_running_jobs), T(workers_own_nothing),
+		  T(seccomp_denies_signals_and_limits_aimed_at_others),
+		  T(worker_retires_when_its_cpu_budget_runs_low));
 }

@@ -769,10 +769,88 @@ TEST(second_process_is_locked_out)
 	fx_close(&fx);
 }
 
+/* The trust boundary in the index: ids never reused, owners, grants that go with their
+ * snapshot, and reuse of content that never crosses owners unless asked for (-1). */
+TEST(owners_grants_and_ids)
+{
+	struct fixture fx;
+	struct index_snapshot k = { .source = INDEX_SOURCE_DATAMINT,
+				    .server_url = "http://127.0.0.1:9",
+				    .project_id = "p",
+				    .project_name = "P",
+				    .version = "v1",
+				    .owner = 61002 };
+	struct index_grant g;
+	uint8_t d[INDEX_DIGEST_SIZE], h[INDEX_DIGEST_SIZE], got[INDEX_DIGEST_SIZE];
+	char etag[64];
+	int64_t bob, alice, alice2, linked;
+	bool created;
+
+	ASSERT_EQ(fx_open(&fx), 0);
+	ASSERT_EQ(index_snapshot_get_or_create(fx.ix, &k, &bob, &created), 0);
+	ASSERT_EQ(index_grant_put(fx.ix, 61002, bob, NULL, 100), 0);
+	ASSERT_EQ(put_item(fx.ix, bob, 0, 0), 0);
+	ASSERT_EQ(put_blob(fx.ix, 7), 0);
+	digest_of_int(7, d);
+	ASSERT_EQ(index_item_set_content(fx.ix, bob, 0, d, "e0-0", NULL, 0), 0);
+	ASSERT_EQ(index_flush(fx.ix), 0);
+	/* the same project and version for another owner is another snapshot */
+	k.owner = 61001;
+	ASSERT_EQ(index_snapshot_get_or_create(fx.ix, &k, &alice, &created), 0);
+	ASSERT(created);
+	ASSERT_NE(alice, bob);
+	ASSERT_EQ(put_item(fx.ix, alice, 0, 0), 0);
+	/* bob's content reaches alice's snapshot by no path but an explicit any-owner lookup */
+	ASSERT_EQ(index_snapshot_link_stored(fx.ix, alice, &linked), 0);
+	ASSERT_EQ(linked, 0);
+	ASSERT_EQ(index_item_find_prior(fx.ix, "r000000", 1000, "http://127.0.0.1:9", 61001, etag,
+					sizeof(etag), got),
+		  -ENOENT);
+	ASSERT_EQ(index_item_find_prior(fx.ix, "r000000", 1000, "http://127.0.0.2:9", -1, etag,
+					sizeof(etag), got),
+		  -ENOENT); /* another server: never */
+	ASSERT_EQ(index_item_find_prior(fx.ix, "r000000", 1000, "http://127.0.0.1:9", -1, etag,
+					sizeof(etag), got),
+		  0);
+	ASSERT_EQ(memcmp(got, d, INDEX_DIGEST_SIZE), 0);
+	ASSERT_EQ(index_item_find_prior(fx.ix, "r000000", 1000, "http://127.0.0.1:9", 61002, etag,
+					sizeof(etag), got),
+		  0);
+	/* grants: per uid, with the key's hash, gone with the snapshot */
+	memset(h, 0xab, sizeof(h));
+	ASSERT_EQ(index_grant_put(fx.ix, 61001, alice, h, 200), 0);
+	ASSERT_EQ(index_grant_get(fx.ix, 61001, alice, &g), 0);
+	ASSERT(g.has_key_hash);
+	ASSERT_EQ(g.checked_at, 200);
+	ASSERT_EQ(memcmp(g.key_hash, h, sizeof(h)), 0);
+	ASSERT_EQ(index_grant_get(fx.ix, 61002, alice, &g), -ENOENT);
+	ASSERT_EQ(index_grant_get(fx.ix, 61002, bob, &g), 0);
+	ASSERT(!g.has_key_hash);
+	/* ids are never reused: bob evicts his snapshot, alice's next one gets a new id */
+	ASSERT_EQ(index_snapshot_delete(fx.ix, bob), 0);
+	ASSERT_EQ(index_flush(fx.ix), 0);
+	ASSERT_EQ(index_grant_get(fx.ix, 61002, bob, &g), -ENOENT);
+	k.version = "v2";
+	ASSERT_EQ(index_snapshot_get_or_create(fx.ix, &k, &alice2, &created), 0);
+	ASSERT_GT(alice2, alice);
+	ASSERT_NE(alice2, bob);
+	ASSERT_EQ(index_flush(fx.ix), 0);
+	/* and across a restart */
+	ASSERT_EQ(index_snapshot_delete(fx.ix, alice2), 0);
+	ASSERT_EQ(index_flush(fx.ix), 0);
+	ASSERT_EQ(fx_reopen(&fx, NULL), 0);
+	k.version = "v3";
+	ASSERT_EQ(index_snapshot_get_or_create(fx.ix, &k, &linked, &created), 0);
+	ASSERT_GT(linked, alice2);
+	ASSERT_EQ(index_flush(fx.ix), 0);
+	fx_close(&fx);
+}
+
 int main(int argc, char **argv)
 {
 	RUN_TESTS(T(snapshots), T(items_and_limits), T(batched_100k_items_and_paging),
 		  T(flush_is_the_durability_point), T(new_version_downloads_only_the_difference),
 		  T(blobs_and_lru_order), T(reconcile_pass), T(corrupt_database_is_moved_aside),
-		  T(newer_schema_is_refused), T(second_process_is_locked_out));
+		  T(newer_schema_is_refused), T(second_process_is_locked_out),
+		  T(owners_grants_and_ids));
 }

@@ -323,7 +323,7 @@ TEST(prefetch_round_trip)
 	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
 		  DMC_PROTO_OK);
 	ASSERT_EQ(out.flags, DMC_PREFETCH_OFFLINE);
-	in.flags = DMC_PREFETCH_OFFLINE << 1;
+	in.flags = DMC_PREFETCH_FLAGS_DEFINED + 1; /* the next bit, undefined */
 	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
 	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
 		  DMC_PROTO_ERROR);
@@ -593,11 +593,136 @@ TEST(stream_round_trip_and_order)
 	ASSERT_UINT_EQ(nb, 0);
 }
 
+TEST(local_need_round_trip)
+{
+	static uint8_t big[DMC_HEADER_SIZE + DMC_FRAME_MAX];
+	static char longest[DMC_LOCAL_PATH_MAX + 2];
+	static const char *many[DMC_FDS_MAX + 1];
+	const char *paths[] = { "images/a.dcm", "masks/u@x/r0/ann1", "b c/d.png" };
+	struct dmc_header h;
+	struct dmc_reader r;
+	uint32_t first, n;
+	int len;
+
+	len = dmc_local_need_encode(253, paths, 3, 41, frame, sizeof(frame));
+	ASSERT_GT(len, 0);
+	ASSERT_EQ(dmc_header_decode(frame, (size_t)len, &h), DMC_PROTO_OK);
+	ASSERT_EQ(h.opcode, DMC_OP_LOCAL_NEED);
+	ASSERT_EQ(h.flags, DMC_FLAG_REPLY | DMC_FLAG_MORE); /* an event of the request */
+	ASSERT_UINT_EQ(h.request_id, 41);
+	ASSERT_EQ(h.nfds, 0);
+	ASSERT_EQ(dmc_local_need_begin(&r, frame + DMC_HEADER_SIZE, h.length, &first, &n),
+		  DMC_PROTO_OK);
+	ASSERT_UINT_EQ(first, 253);
+	ASSERT_UINT_EQ(n, 3);
+	for (uint32_t i = 0; i < n; i++) {
+		struct dmc_str st = dmc_read_str(&r);
+		ASSERT_UINT_EQ(st.len, strlen(paths[i]));
+		ASSERT_EQ(memcmp(st.ptr, paths[i], st.len), 0);
+	}
+	ASSERT_EQ(dmc_reader_finish(&r), DMC_PROTO_OK);
+	/* a count the payload cannot hold, zero, or more than a message's descriptors */
+	for (uint32_t bad = 0; bad < 3; bad++) {
+		uint32_t v = bad == 0 ? 0 : bad == 1 ? DMC_FDS_MAX + 1 : 200;
+		memcpy(frame + DMC_HEADER_SIZE + 4, &v, 4); /* little-endian host: the tests' CI */
+		ASSERT_EQ(dmc_local_need_begin(&r, frame + DMC_HEADER_SIZE, h.length, &first, &n),
+			  DMC_PROTO_ERROR);
+	}
+	/* encoder limits: no empty path, none longer than DMC_LOCAL_PATH_MAX, 1 .. 253 paths */
+	memset(longest, 'a', DMC_LOCAL_PATH_MAX);
+	paths[1] = longest;
+	ASSERT_GT(dmc_local_need_encode(0, paths, 3, 1, big, sizeof(big)), 0);
+	longest[DMC_LOCAL_PATH_MAX] = 'a';
+	ASSERT_EQ(dmc_local_need_encode(0, paths, 3, 1, big, sizeof(big)), DMC_PROTO_NOSPACE);
+	paths[1] = "";
+	ASSERT_EQ(dmc_local_need_encode(0, paths, 3, 1, big, sizeof(big)), DMC_PROTO_NOSPACE);
+	ASSERT_EQ(dmc_local_need_encode(0, paths, 0, 1, big, sizeof(big)), DMC_PROTO_NOSPACE);
+	/* a full window of the longest paths fits in one frame */
+	longest[DMC_LOCAL_PATH_MAX] = '\0';
+	for (uint32_t i = 0; i <= DMC_FDS_MAX; i++)
+		many[i] = longest;
+	ASSERT_GT(dmc_local_need_encode(0, many, DMC_FDS_MAX, 1, big, sizeof(big)), 0);
+	ASSERT_EQ(dmc_local_need_encode(0, many, DMC_FDS_MAX + 1, 1, big, sizeof(big)),
+		  DMC_PROTO_NOSPACE);
+}
+
+TEST(local_files_round_trip)
+{
+	int32_t errs[5] = { 0, 13, 0, 2, 0 }, out[DMC_FDS_MAX];
+	int32_t full[DMC_FDS_MAX];
+	struct dmc_header h;
+	uint32_t first, n;
+	int len;
+
+	len = dmc_local_files_encode(7, errs, 5, 42, frame, sizeof(frame));
+	ASSERT_GT(len, 0);
+	ASSERT_EQ(dmc_header_decode(frame, (size_t)len, &h), DMC_PROTO_OK);
+	ASSERT_EQ(h.opcode, DMC_OP_LOCAL_FILES);
+	ASSERT_EQ(h.flags, 0); /* client to daemon */
+	ASSERT_EQ(h.nfds, 3);  /* one descriptor per zero */
+	ASSERT_EQ(dmc_local_files_decode(frame + DMC_HEADER_SIZE, h.length, h.nfds, &first, &n,
+					 out, DMC_FDS_MAX),
+		  DMC_PROTO_OK);
+	ASSERT_UINT_EQ(first, 7);
+	ASSERT_UINT_EQ(n, 5);
+	ASSERT_EQ(memcmp(out, errs, sizeof(errs)), 0);
+	/* the zeros must number nfds: one descriptor more or fewer is an error */
+	ASSERT_EQ(dmc_local_files_decode(frame + DMC_HEADER_SIZE, h.length, 2, &first, &n, out,
+					 DMC_FDS_MAX),
+		  DMC_PROTO_ERROR);
+	ASSERT_EQ(dmc_local_files_decode(frame + DMC_HEADER_SIZE, h.length, 4, &first, &n, out,
+					 DMC_FDS_MAX),
+		  DMC_PROTO_ERROR);
+	/* more entries than the caller holds, a truncated or padded payload */
+	ASSERT_EQ(dmc_local_files_decode(frame + DMC_HEADER_SIZE, h.length, 3, &first, &n, out, 4),
+		  DMC_PROTO_ERROR);
+	ASSERT_EQ(dmc_local_files_decode(frame + DMC_HEADER_SIZE, h.length - 1, 3, &first, &n, out,
+					 DMC_FDS_MAX),
+		  DMC_PROTO_ERROR);
+	ASSERT_EQ(dmc_local_files_decode(frame + DMC_HEADER_SIZE, h.length + 1, 3, &first, &n, out,
+					 DMC_FDS_MAX),
+		  DMC_PROTO_ERROR);
+	/* an errno out of range (negative, above 4095) */
+	errs[1] = -1;
+	ASSERT_EQ(dmc_local_files_encode(7, errs, 5, 42, frame, sizeof(frame)), DMC_PROTO_NOSPACE);
+	memset(frame + DMC_HEADER_SIZE + 12, 0xff, 4);
+	ASSERT_EQ(dmc_local_files_decode(frame + DMC_HEADER_SIZE, h.length, 3, &first, &n, out,
+					 DMC_FDS_MAX),
+		  DMC_PROTO_ERROR);
+	/* a whole window: 253 descriptors, the most one sendmsg passes */
+	memset(full, 0, sizeof(full));
+	len = dmc_local_files_encode(0, full, DMC_FDS_MAX, 1, frame, sizeof(frame));
+	ASSERT_GT(len, 0);
+	ASSERT_EQ(dmc_header_decode(frame, (size_t)len, &h), DMC_PROTO_OK);
+	ASSERT_EQ(h.nfds, DMC_FDS_MAX);
+	ASSERT_EQ(dmc_local_files_encode(0, full, 0, 1, frame, sizeof(frame)), DMC_PROTO_NOSPACE);
+}
+
+TEST(frame_set_nfds)
+{
+	struct dmc_prefetch m = { DMC_SOURCE_LOCAL, 0, { "/data/ds", 8 }, { "", 0 }, { "", 0 },
+				  { "", 0 } };
+	struct dmc_header h;
+	int len = dmc_prefetch_encode(&m, 5, frame, sizeof(frame));
+
+	ASSERT_GT(len, 0);
+	ASSERT_EQ(dmc_frame_set_nfds(frame, (size_t)len, 1), DMC_PROTO_OK);
+	ASSERT_EQ(dmc_header_decode(frame, (size_t)len, &h), DMC_PROTO_OK);
+	ASSERT_EQ(h.nfds, 1);
+	ASSERT_EQ(h.opcode, DMC_OP_PREFETCH);
+	ASSERT_UINT_EQ(h.request_id, 5);
+	ASSERT_EQ(dmc_frame_set_nfds(frame, (size_t)len, DMC_FDS_MAX + 1), DMC_PROTO_ERROR);
+	ASSERT_EQ(dmc_frame_set_nfds(frame, DMC_HEADER_SIZE - 1, 1), DMC_PROTO_ERROR);
+	ASSERT_STR_EQ(dmc_opcode_name(DMC_OP_LOCAL_NEED), "LOCAL_NEED");
+	ASSERT_STR_EQ(dmc_opcode_name(DMC_OP_LOCAL_FILES), "LOCAL_FILES");
+}
+
 int main(int argc, char **argv)
 {
 	RUN_TESTS(T(header_round_trip), T(header_rejects_bad_fields), T(hello_round_trip),
 		  T(ping_round_trip), T(status_round_trip), T(error_round_trip),
 		  T(every_truncation_needs_more), T(trailing_bytes_and_bad_strings),
 		  T(prefetch_round_trip), T(progress_round_trip), T(cache_requests_round_trip),
-		  T(list_round_trip), T(serving_round_trip), T(stream_round_trip_and_order));
+		  T(list_round_trip), T(serving_round_trip), T(stream_round_trip_and_order),
+		  T(local_need_round_trip), T(local_files_round_trip), T(frame_set_nfds));
 }
