@@ -257,6 +257,8 @@ def main_pid(d):
 
 
 def cache_rel(path, cache):
+    if path == cache:
+        return '<cache dir>'
     rel = path[len(cache) + 1:] if path.startswith(cache + '/') else path
     rel = re.sub(r'tmp/w\.[0-9.]+$', 'tmp/<temp>', rel)
     return re.sub(r'objects/[0-9a-f]{2}(/[0-9a-f]{64})?$',
@@ -293,16 +295,19 @@ def parse_trace(trace, sc):
     return main, calls, killed
 
 
-def kill_point(trace, sc, k, cache):
+def kill_point(trace, sc, k, cache, rc):
     """The file of the call strace killed the daemon at (the k-th call of a thread, which
-    never returned), or None when no thread made k such calls (the sweep is over)."""
-    main, calls, killed = parse_trace(trace, sc)
+    never returned), or None when no thread made k such calls (the sweep is over). `rc`:
+    how the daemon (or strace, which exits as its tracee did) ended."""
+    _, calls, _ = parse_trace(trace, sc)
     hits = [c[k - 1] for c in calls.values() if len(c) >= k]
     if not hits:
         return None
     injected = [path for path, res in hits if res == '?']
-    assert killed and injected, ('%s when=%d: calls made but the daemon was not killed '
-                                 'at one' % (sc, k))
+    assert injected, '%s when=%d: calls made but none was a kill point' % (sc, k)
+    if rc != -signal.SIGKILL:
+        # the k-th call of one of the daemon's helper processes: that process was killed
+        return 'helper process: ' + cache_rel(injected[0], cache)
     return cache_rel(injected[0], cache)
 
 
@@ -423,7 +428,7 @@ def test_kill_at_each_commit_syscall(emu, tmpdir_short):
                 p = under_strace('-e', 'trace=' + sc,
                                  '-e', 'inject=%s:signal=SIGKILL:when=%d' % (sc, k))
             trials += 1
-            where = kill_point(trace, sc, k, d.cache)
+            where = kill_point(trace, sc, k, d.cache, d.proc.returncode)
             label = '%s%s when=%d (%s)' % (sc, ' on the threadpool' if pool else '', k, where)
             check_after(p, label)
             if where is None:
