@@ -335,6 +335,7 @@ def test_kill_at_each_commit_syscall(emu, tmpdir_short):
     template = os.path.join(tmpdir_short, 'template')
     shutil.copytree(d.cache, template)
     trace = os.path.join(tmpdir_short, 'trace')
+    groups = []
 
     def fresh():
         shutil.rmtree(d.cache)
@@ -343,9 +344,11 @@ def test_kill_at_each_commit_syscall(emu, tmpdir_short):
 
     def under_strace(*opts):
         fresh()
+        # a session of its own: a failing test kills strace and the daemon together
         d.proc = subprocess.Popen(['strace', '-f', '-q', '-y', '-o', trace] + list(opts) +
-                                  [DMCACHED] + d.args, env=d.env,
+                                  [DMCACHED] + d.args, env=d.env, start_new_session=True,
                                   stdout=open(d.stderr_path, 'ab'), stderr=subprocess.STDOUT)
+        groups.append(d.proc.pid)
         p = None
         if d.notify.wait_for('READY=1', timeout=30, proc=d.proc):
             p = crashlib.Prefetch(d, emu.url, 'tiny', KEY)
@@ -409,6 +412,19 @@ def test_kill_at_each_commit_syscall(emu, tmpdir_short):
         rows, items = crashlib.check_consistent(d.cache)
         assert check_items_match_upstream(d, items, rows, want) == len(want), label
 
+    try:
+        sweep_all(d, trace, under_strace, pool_thread_strace, check_after)
+    finally:
+        for pgid in groups:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if d.proc.poll() is None:
+            d.proc.kill()
+
+
+def sweep_all(d, trace, under_strace, pool_thread_strace, check_after):
     # the calls that are not swept touch no cache file
     under_strace('-e', 'trace=' + ','.join(C2_UNUSED))
     for sc in C2_UNUSED:
