@@ -6,6 +6,10 @@
 #   scripts/test.sh                 everything
 #   scripts/test.sh --suite unit    only some suites (meson test's --suite, repeatable)
 #   BUILD_DIR=... ASAN_BUILD_DIR=... override the build directories
+#   DMC_TSAN=1                      also a ThreadSanitizer build (TSAN_BUILD_DIR, default
+#                                   build-tsan) running the concurrency-heavy integration
+#                                   tests (prefetch, serve): any report fails them
+#                                   (reliability.md O4; suppressions in tests/tsan.supp)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +35,12 @@ setup "$asan" -Dwerror=true -Db_sanitize=address,undefined -Db_lundef=false
 
 ninja -C "$build"
 ninja -C "$asan"
+tsan=
+if [ "${DMC_TSAN:-0}" = 1 ]; then
+	tsan=${TSAN_BUILD_DIR:-build-tsan}
+	setup "$tsan" -Dwerror=true -Db_sanitize=thread -Db_lundef=false -Dslow_tests=false
+	ninja -C "$tsan"
+fi
 
 # sanitizer reports fail the test that triggered them, child processes included
 export ASAN_OPTIONS=${ASAN_OPTIONS:-abort_on_error=1:halt_on_error=1:detect_leaks=1}
@@ -39,8 +49,14 @@ export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:abort_on_error=1:print_sta
 status=0
 meson test -C "$build" --print-errorlogs --num-processes "$jobs" "$@" || status=1
 meson test -C "$asan" --print-errorlogs --num-processes "$jobs" "$@" || status=1
+if [ -n "$tsan" ]; then
+	# a report makes the process exit 66: the test that started it fails
+	TSAN_OPTIONS=${TSAN_OPTIONS:-suppressions=$PWD/tests/tsan.supp:exitcode=66:second_deadlock_stack=1} \
+		meson test -C "$tsan" --print-errorlogs --num-processes "$jobs" --timeout-multiplier 3 \
+		prefetch serve || status=1
+fi
 
-/usr/bin/python3 - "$build" "$asan" <<'PY'
+/usr/bin/python3 - "$build" "$asan" $tsan <<'PY'
 import json, sys
 passed = failed = skipped = 0
 for d in sys.argv[1:]:
