@@ -1727,6 +1727,7 @@ struct store_tensor_work {
 	char desc[128];
 	uint8_t *buf;
 	uint64_t nbytes, mlen;
+	uint64_t reserved; /* admitted against max_size and min_free (store_reserve) */
 	struct store_blob_info tinfo, minfo;
 	int err;
 };
@@ -1752,6 +1753,7 @@ static void store_tensor_after(uv_work_t *w, int status)
 
 	(void)status;
 	t->s->stores--;
+	store_release(cache->store, t->reserved);
 	if (t->err == 0) {
 		cache_record_blob(cache, &t->tinfo);
 		cache_record_blob(cache, &t->minfo);
@@ -1832,6 +1834,14 @@ static void on_decoded(struct decode_job *job)
 	if (decode_codec_store_tensor(job->desc.codec)) {
 		/* expensive to decode again: keep the tensor (zstd-1) and its header */
 		struct store_tensor_work *t = calloc(1, sizeof(*t));
+		/* Kept only when it fits within max_size and min_free as they are: a decoded
+		 * tensor can be made again, so it never makes anything else be evicted. */
+		if (t && store_reserve(s->d.cache->store, gi->nbytes + gi->dlen) < 0) {
+			free(t);
+			t = NULL;
+		} else if (t) {
+			t->reserved = gi->nbytes + gi->dlen;
+		}
 		if (t && (t->buf = malloc(gi->nbytes + gi->dlen + 1))) {
 			t->s = s;
 			memcpy(t->raw, gi->raw, STORE_DIGEST_SIZE);
@@ -1844,10 +1854,12 @@ static void on_decoded(struct decode_job *job)
 			s->stores++;
 			if (uv_queue_work(s->d.loop, &t->work, store_tensor_work, store_tensor_after)) {
 				s->stores--;
+				store_release(s->d.cache->store, t->reserved);
 				free(t->buf);
 				free(t);
 			}
-		} else {
+		} else if (t) {
+			store_release(s->d.cache->store, t->reserved);
 			free(t);
 		}
 	}
