@@ -278,3 +278,58 @@ def test_damaged_blobs_are_refetched_and_never_served(emu, tmpdir_short):
               % (tally['trials'], time.monotonic() - t0, tally['kinds'], tally['wrong'],
                  len(tally['errors']), tally['benign']))
     assert rc == 0, d.log()[-3000:]
+
+
+def strace_inject(pid, path, inject, when='1'):
+    """strace attached to `pid`, failing the first pread64 of `path` as `inject` says."""
+    p = subprocess.Popen(['strace', '-f', '-qq', '-p', str(pid), '-P', path, '-e',
+                          'trace=pread64', '-e', 'inject=pread64:%s:when=%s' % (inject, when),
+                          '-o', '/dev/null'], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    time.sleep(0.5)  # attached to every thread
+    return p
+
+
+def strace_stop(p):
+    p.terminate()
+    p.wait(10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='strace -p needs root')
+def test_eio_on_a_blob_read_is_a_miss(emu, tmpdir_short):
+    """D4: pread64 of a blob fails with EIO (strace fault injection on that path): the blob
+    is quarantined like a damaged one, the item fetched again, the GET gets the right
+    bytes; the daemon does not crash."""
+    rng = random.Random(4)
+    emu.clear_faults()
+    # strace counts `when` per thread: one threadpool thread makes "the first read" the
+    # first read of the damaged copy, not of its fresh copy too
+    d = Daemon(tmpdir_short, args=['-o', 'hot_max=0'], env={'UV_THREADPOOL_SIZE': '1'})
+    d.env.update(DATAMINT_API_KEY=KEY, DATAMINT_API_URL=emu.url)
+    try:
+        prefetch(d, emu, PROJECT)
+        s = Session(d, emu)
+        want = baseline(s, s.open['items'])
+        blobs = item_blobs(d, emu, s)
+        c0 = counters(d)
+        trials = 20
+        for t in range(trials):
+            k = rng.choice(sorted(blobs))
+            # the header read (when=1) or a payload read (when=2)
+            p = strace_inject(d.proc.pid, blob_path(d, blobs[k]), 'error=EIO',
+                              when=str(1 + t % 2))
+            try:
+                st, h = s.get([k])[k]
+            finally:
+                strace_stop(p)
+            assert (st, h) == (0, want[k]), (t, k, st, h)
+            assert d.proc.poll() is None
+        c1 = counters(d)
+        assert c1['serve_bad_reads_total'] - c0['serve_bad_reads_total'] == trials
+        assert c1['serve_refetches_total'] - c0['serve_refetches_total'] == trials
+        # and with no fault, every item reads back identical
+        assert {k: v[1] for k, v in s.get(sorted(want)).items()} == want
+        s.close()
+    finally:
+        rc, _ = d.stop()
+    assert rc == 0, d.log()[-3000:]
