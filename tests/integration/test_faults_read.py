@@ -333,3 +333,55 @@ def test_eio_on_a_blob_read_is_a_miss(emu, tmpdir_short):
     finally:
         rc, _ = d.stop()
     assert rc == 0, d.log()[-3000:]
+
+
+def test_object_changed_between_attempts_is_never_mixed(emu, tmpdir_short):
+    """N3: the first transfer of a file drops half-way and the file changes on the server
+    (new ETag) before the resume: the resume's If-Range gets a 200 with the whole new body,
+    and what is stored is the new content whole (or nothing, with integrity, if the
+    listing's digest is the old one): never a mix of versions."""
+    emu.reset()
+    pj = json.load(open(os.path.join(emulator.corpus_dir(), 'projects', PROJECT,
+                                     'project.json')))
+    res = max(pj['resources'], key=lambda r: r['size'])
+    old = res['sha256']
+    emu.add_fault(path=r'^/resources/%s/file$' % res['id'], drop_after=res['size'] // 2,
+                  mutate=True, times=1)
+    d = Daemon(tmpdir_short, args=['-o', 'hot_max=0'])
+    d.env.update(DATAMINT_API_KEY=KEY, DATAMINT_API_URL=emu.url)
+    try:
+        env = dict(d.env)
+        env.pop('DATAMINT_API_URL', None)
+        r = subprocess.run([DMCACHE, '--socket', d.socket, 'prefetch', '--json', '--server',
+                            emu.url, PROJECT], env=env, capture_output=True, text=True,
+                           timeout=300)
+        new_body = emulator.request(emu.url, path='/resources/%s/file' % res['id'],
+                                    key=KEY).body
+        new = hashlib.sha256(new_body).hexdigest()
+        assert new != old
+        tries = [e for e in emu.log() if e['path'] == '/resources/%s/file' % res['id']]
+        print('N3: prefetch rc %d; transfers %r' % (
+            r.returncode, [(e['status'], e['range'], e['if_range']) for e in tries]))
+        assert tries[0]['range'] is None
+        resumed = [e for e in tries[1:] if e['range']]
+        assert resumed, tries
+        assert resumed[0]['if_range'] and resumed[0]['status'] == 200
+    finally:
+        rc, _ = d.stop()
+    assert rc == 0, d.log()[-3000:]
+    db = sqlite3.connect(os.path.join(d.cache, 'index.db'))
+    try:
+        stored = [h.lower() for (h,) in db.execute(
+            'SELECT hex(i.blob) FROM items AS i JOIN blobs AS b ON b.digest = i.blob '
+            'WHERE i.resource_id = ?', (res['id'],))]
+    finally:
+        db.close()
+    # every blob in objects/ is named by its content, and none of them is a mix
+    names = set()
+    for sub in os.listdir(os.path.join(d.cache, 'objects')):
+        names.update(os.listdir(os.path.join(d.cache, 'objects', sub)))
+    if r.returncode == 0:
+        assert stored == [new], (stored, new, old)
+        assert new in names
+    else:
+        assert stored == [] and 'integrity' in r.stdout + r.stderr, r.stdout + r.stderr
