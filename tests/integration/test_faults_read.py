@@ -7,11 +7,13 @@ The real daemon, the emulator over HTTP, blobs damaged by the test in objects/ w
 daemon runs and while it is stopped. The hot set of decoded items is off (hot_max=0) so
 that every GET reads the blob.
 """
+import collections
 import hashlib
 import json
 import mmap
 import os
 import random
+import re
 import sqlite3
 import struct
 import subprocess
@@ -385,3 +387,125 @@ def test_object_changed_between_attempts_is_never_mixed(emu, tmpdir_short):
         assert new in names
     else:
         assert stored == [] and 'integrity' in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+CREATES = ('mkdir', 'mkdirat', 'rename', 'renameat', 'renameat2', 'link', 'linkat', 'symlink',
+           'symlinkat', 'mknod', 'mknodat', 'creat')
+
+
+def created_paths(trace):
+    """(syscall, path as strace -y shows it) of every call in `trace` that can create a
+    name: the creating calls, and opens with O_CREAT."""
+    out = []
+    for line in trace.splitlines():
+        m = re.match(r'^(?:\[pid\s+\d+\]\s+|\d+\s+)?(\w+)\((.*)', line)
+        if not m:
+            continue
+        call, args = m.group(1), m.group(2)
+        if call in CREATES or (call.startswith('open') and 'O_CREAT' in args):
+            out.append((call, args[:300]))
+    return out
+
+
+def descendants(pid):
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for t in os.listdir('/proc/%d/task' % p):
+            try:
+                with open('/proc/%d/task/%s/children' % (p, t)) as f:
+                    todo += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='strace -p needs root')
+def test_bad_project_through_the_daemon(emu, tmpdir_short):
+    """X2/X5 through the daemon: every input of the `bad` project fetched and served:
+    size bombs refused with limit_exceeded at once, broken files with decode_failed, the
+    path-injection DICOM served exact; nothing is created outside the cache (strace -f
+    -e trace=%file of the daemon and its workers); another client is served meanwhile."""
+    emu.reset()
+    # decoded items up to 64 MiB (X2: a worker's peak stays under that): the corpus's
+    # gzip bomb inflates to 256 MiB, refused from its header
+    d = Daemon(tmpdir_short, args=['-o', 'hot_max=0', '-o', 'max_decode_bytes=64M'])
+    d.env.update(DATAMINT_API_KEY=KEY, DATAMINT_API_URL=emu.url)
+    trace_path = os.path.join(tmpdir_short, 'trace')
+    pids = descendants(d.proc.pid)  # the decode workers started before the trace
+    assert len(pids) >= 2, pids
+    tr = subprocess.Popen(['strace', '-f', '-qq', '-y', '-s', '256', '-e', 'trace=%file',
+                           '-o', trace_path] + [a for p in pids for a in ('-p', str(p))],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    pj = json.load(open(os.path.join(emulator.corpus_dir(), 'projects', 'bad',
+                                     'project.json')))
+    by_id = {r['id']: r for r in pj['resources']}
+    results = []
+    try:
+        prefetch(d, emu, 'bad')
+        prefetch(d, emu, PROJECT)
+        other = Session(d, emu)
+        want = baseline(other, 4)
+        s = Session(d, emu, 'bad')
+        for k in range(s.open['items']):
+            t0 = time.monotonic()
+            s.rid += 1
+            s.sock.sendall(wire.get_msg(s.open['handle'], [k], rid=s.rid))
+            op, fl, rid, payload, _ = wire.recv_frame_fds(s.sock)
+            took = time.monotonic() - t0
+            it = wire.decode_get_reply(payload)[0]
+            meta = None
+            if it['status'] == 0:
+                m = s.map[it['meta_offset']:it['meta_offset'] + it['meta_len']]
+                meta = json.loads(m.rstrip(b'\0'))['resource']
+                b = s.map[it['offset']:it['offset'] + it['nbytes']]
+                s.rid += 1
+                s.sock.sendall(wire.frame(wire.OP_RELEASE, struct.pack('<I', 2) + struct.pack(
+                    '<QQ', it['offset'], it['meta_offset']), rid=s.rid))
+                wire.recv_frame_fds(s.sock)
+                results.append((k, 0, took, meta['id'], hashlib.sha256(b).hexdigest()))
+            else:
+                results.append((k, it['status'], took, None, it['message']))
+            # another client is served meanwhile
+            assert other.get([k % 4])[k % 4] == (0, want[k % 4])
+        s.close()
+        other.close()
+    finally:
+        time.sleep(0.3)
+        tr.terminate()
+        tr.wait(10)
+        rc, _ = d.stop()
+    assert rc == 0, d.log()[-3000:]
+    codes = {v: k for k, v in wire.E.items()}
+    print('X2/X5:', [(k, codes.get(st, st), round(t, 2)) for k, st, t, _, _ in results])
+    manifest = json.load(open(os.path.join(emulator.corpus_dir(), 'manifest.json')))
+    files = {e['resource_id']: e for e in manifest['files'] if e.get('project') == 'bad'}
+    expect = collections.Counter(e['expect'] for e in files.values())
+    got = collections.Counter(codes.get(st, st) for _, st, _, _, _ in results)
+    for k, st, took, rid, extra in results:
+        if st == 0:
+            e = files[rid]
+            assert e['expect'] in ('decode_ok', 'decode_ok_or_limit_exceeded'), (k, e['bad'])
+            if e['expect'] == 'decode_ok':  # the path-injection DICOM: served exact
+                import numpy as np
+                import pydicom
+                a = pydicom.dcmread(os.path.join(emulator.corpus_dir(), e['path']))
+                a = np.ascontiguousarray(a.pixel_array.astype(np.int16))
+                assert extra == hashlib.sha256(a.tobytes()).hexdigest()
+        elif st == wire.E['limit_exceeded']:
+            assert took < 1.0, (k, took, extra)  # refused from the header, not decoded
+    assert len(results) == len(files)
+    assert got['decode_failed'] == expect['decode_failed'], got
+    assert expect['limit_exceeded'] <= got['limit_exceeded'] <= \
+        expect['limit_exceeded'] + expect['decode_ok_or_limit_exceeded'], got
+    assert got[0] == len(files) - got['decode_failed'] - got['limit_exceeded'] >= 1
+    # nothing created outside the cache; no hostile name reached a file system call
+    trace = open(trace_path).read()
+    assert 'dmcache-evil' not in trace and 'passwd' not in trace
+    cache = os.path.realpath(d.cache)
+    outside = [c for c in created_paths(trace) if cache not in c[1]]
+    assert outside == [], outside[:10]
+    print('X5: %d processes, %d file calls traced, %d creating ones, all inside %s'
+          % (len(pids), trace.count('\n'), len(created_paths(trace)), cache))
