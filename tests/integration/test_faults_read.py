@@ -251,14 +251,19 @@ def test_damaged_blobs_are_refetched_and_never_served(emu, tmpdir_short):
             b = min(batch, 200 - stopped)
             cur = uniq
             idx = rng.sample(sorted(cur), b)
+            damaged = {}
             for k in idx:
                 kind = rng.choice(KINDS)
                 others = [cur[j] for j in cur if j not in idx]
-                corrupt(blob_path(d, cur[k]), kind, blob_path(d, rng.choice(others)), rng)
+                damaged[k] = corrupt(blob_path(d, cur[k]), kind,
+                                     blob_path(d, rng.choice(others)), rng)
                 tally['kinds'][kind] = tally['kinds'].get(kind, 0) + 1
             d.start()
             s = Session(d, emu)
             got = s.get(idx)
+            for k in idx:
+                # found (by the start's reconciliation or by the read) and replaced
+                assert open(blob_path(d, cur[k]), 'rb').read() != damaged[k], k
             for k in idx:
                 tally['trials'] += 1
                 st, h = got[k]
