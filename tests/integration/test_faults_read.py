@@ -549,3 +549,50 @@ def test_short_reads_and_writes_give_identical_output(emu, tmpdir_short):
     n = int(open(count).read())
     print('D4: %d items identical with %d+ short pread/pwrite calls' % (len(runs[0]), n))
     assert n >= 16
+
+
+def test_open_key_is_kept_only_while_the_handle_is_open(emu, tmpdir_short):
+    """The key of an OPEN is kept (in locked memory) while the handle is open, for the
+    re-fetch of a damaged item; once the client is gone and the re-fetch's job ended, not
+    one copy of it is left in the daemon's memory."""
+    import test_trust_fair
+
+    def key_copies(pid, needle):
+        # the arenas (memfd mappings) hold tensors for clients and are the bulk of the
+        # address space: the key never goes there; every other region is read
+        regions = test_trust_fair.readable_regions
+        test_trust_fair.readable_regions = lambda p: (
+            r for r in regions(p) if not r[2].startswith('/memfd:'))
+        try:
+            return test_trust_fair.key_copies(pid, needle)
+        finally:
+            test_trust_fair.readable_regions = regions
+    emu.reset()
+    d = Daemon(tmpdir_short, args=['-o', 'hot_max=0'])
+    d.env.update(DATAMINT_API_KEY=KEY, DATAMINT_API_URL=emu.url)
+    needle = KEY.encode()
+    try:
+        prefetch(d, emu, PROJECT)
+        s = Session(d, emu)
+        want = baseline(s, s.open['items'])
+        k = 0
+        blobs = {k: json.load(open(os.path.join(
+            emulator.corpus_dir(), 'projects', PROJECT, 'project.json')))['resources']}
+        rid = s.get([k], resource=True)[k][1]
+        blobs[k] = [r['sha256'] for r in blobs[k] if r['id'] == rid][0]
+        corrupt(blob_path(d, blobs[k]), 'flip_payload', None, random.Random(1))
+        assert s.get([k])[k] == (0, want[k])
+        t0 = time.monotonic()
+        held = key_copies(d.proc.pid, needle)[0]
+        assert 1 <= len(held) <= 2, held  # the handle's copy (and the OPEN's job, if running)
+        s.close()
+        time.sleep(0.5)
+        found, scanned = key_copies(d.proc.pid, needle)
+        print('key scans: %.1f s for %.0f MiB each' % ((time.monotonic() - t0) / 2,
+                                                       scanned / 2**20))
+        assert scanned > 1 << 20
+        assert found == [], found
+        assert counters(d)['serve_refetches_total'] == 1
+    finally:
+        rc, _ = d.stop()
+    assert rc == 0, d.log()[-3000:]
