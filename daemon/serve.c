@@ -1672,29 +1672,27 @@ static void on_refetch_ready(void *ctx, const struct prefetch_ready *r)
 	sconn_maybe_free(sc);
 }
 
-/* gi's blob failed its read with `err`: true when the item now waits for a fresh copy. */
-static bool refetch_item(struct gitem *gi, int err)
+/* Whether gi may be fetched again: a remote OPEN's item, not yet fetched in this GET. */
+static bool refetch_possible(const struct gitem *gi)
+{
+	return gi->rq->h.origin && !gi->refetched && gi->rq->sc->c && !gi->rq->h.labels;
+}
+
+/* gi waits while its item is fetched again for the connection's uid (refetch_possible()). */
+static void refetch_start(struct gitem *gi)
 {
 	struct sconn *sc = gi->rq->sc;
 	struct serve *s = sc->s;
 	struct origin *o = gi->rq->h.origin;
 	struct refetch *rf;
 	struct dmc_prefetch m;
-	char hex[STORE_HEX_SIZE + 1];
 	int rc;
 
-	s->bad_reads++;
-	store_digest_hex(gi->raw, hex);
-	/* the item is missing from now on, in every snapshot that links this content */
-	index_blob_delete(s->d.cache->index, gi->raw);
-	if (!o || gi->refetched || !sc->c) {
-		log_warn(SERVE, "blob %.16s: %s on read (quarantined)", hex,
-			 err == -ENOENT ? "gone" : err == -EIO ? "I/O error" : "damaged");
-		return false;
-	}
 	rf = calloc(1, sizeof(*rf));
-	if (!rf)
-		return false;
+	if (!rf) {
+		item_fail(gi, -ENOMEM, "out of memory");
+		return;
+	}
 	rf->sc = sc;
 	rf->snapshot_id = gi->rq->h.snapshot_id;
 	rf->next = sc->refetches;
@@ -1704,10 +1702,6 @@ static bool refetch_item(struct gitem *gi, int err)
 	gi->rf = rf;
 	settle(gi, GI_WAIT_ITEM);
 	s->refetches++;
-	log_warn(SERVE, "blob %.16s: %s on read (quarantined): snapshot %" PRId64 " item %" PRIu64
-		 " is fetched again for uid %u", hex,
-		 err == -ENOENT ? "gone" : err == -EIO ? "I/O error" : "damaged", rf->snapshot_id,
-		 gi->item, (unsigned)sc->c->uid);
 	m.source = DMC_SOURCE_DATAMINT;
 	m.flags = 0;
 	m.project = (struct dmc_str){ o->project, (uint32_t)strlen(o->project) };
@@ -1719,9 +1713,28 @@ static bool refetch_item(struct gitem *gi, int err)
 	if (rc < 0) {
 		struct prefetch_ready r = { .err = rc, .code = code_of(rc),
 					    .message = "the daemon is stopping" };
-		on_refetch_ready(rf, &r);
+		on_refetch_ready(rf, &r); /* gi may be gone */
 	}
-	return true; /* gi may be gone: the callback may have answered it */
+}
+
+/* gi's blob failed its read with `err`: true when the item now waits for a fresh copy. */
+static bool refetch_item(struct gitem *gi, int err)
+{
+	struct serve *s = gi->rq->sc->s;
+	char hex[STORE_HEX_SIZE + 1];
+	bool again = refetch_possible(gi);
+
+	s->bad_reads++;
+	store_digest_hex(gi->raw, hex);
+	/* the item is missing from now on, in every snapshot that links this content */
+	index_blob_delete(s->d.cache->index, gi->raw);
+	log_warn(SERVE, "blob %.16s: %s on read (quarantined)%s", hex,
+		 err == -ENOENT ? "gone" : err == -EIO ? "I/O error" : "damaged",
+		 again ? ": the item is fetched again" : "");
+	if (!again)
+		return false;
+	refetch_start(gi); /* gi may be gone: the callback may have answered it */
+	return true;
 }
 
 static void read_after(uv_work_t *w, int status)
@@ -2446,6 +2459,12 @@ static void item_step(struct gitem *gi)
 					return;
 				}
 			settle(gi, GI_WAIT_ITEM); /* the job brings it; item_hook wakes us */
+			return;
+		}
+		if (refetch_possible(gi)) {
+			/* found bad or gone since the OPEN (a verify, a failed re-fetch): the
+			 * OPEN's job would fetch it; one does now, with the OPEN's key */
+			refetch_start(gi);
 			return;
 		}
 		item_fail(gi, -DMC_E_NOT_FOUND_OR_DENIED,

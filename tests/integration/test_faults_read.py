@@ -596,3 +596,36 @@ def test_open_key_is_kept_only_while_the_handle_is_open(emu, tmpdir_short):
     finally:
         rc, _ = d.stop()
     assert rc == 0, d.log()[-3000:]
+
+
+def test_refetch_that_fails_ends_the_item_and_the_next_get_recovers(emu, tmpdir_short):
+    """The fresh copy cannot be had (the server answers 404 for the file, or 503 for the
+    project): the GET's item ends with that error at once (no hang, no damaged bytes);
+    once the server answers again, the next GET of it gets the right bytes."""
+    emu.reset()
+    d = Daemon(tmpdir_short, args=['-o', 'hot_max=0', '-o', 'backoff_base=100ms'])
+    d.env.update(DATAMINT_API_KEY=KEY, DATAMINT_API_URL=emu.url)
+    pj = json.load(open(os.path.join(emulator.corpus_dir(), 'projects', PROJECT,
+                                     'project.json')))
+    sha = {r['id']: r['sha256'] for r in pj['resources']}
+    try:
+        prefetch(d, emu, PROJECT)
+        s = Session(d, emu)
+        want = baseline(s, s.open['items'])
+        for k, fault in ((0, dict(path=r'^/resources/[^/]+/file$', status=404)),
+                         (1, dict(path=r'^/projects', status=503))):
+            rid = s.get([k], resource=True)[k][1]
+            corrupt(blob_path(d, sha[rid]), 'flip_payload', None, random.Random(k))
+            emu.add_fault(**fault)
+            t0 = time.monotonic()
+            st, msg = s.get([k])[k]
+            took = time.monotonic() - t0
+            print('refetch against %r: %s %r in %.1f s' % (fault, st, msg, took))
+            assert st != 0 and ('fetching it again failed' in msg or 'download' in msg), msg
+            assert took < 30
+            emu.clear_faults()
+            assert s.get([k])[k] == (0, want[k]), d.log()[-2000:]
+        s.close()
+    finally:
+        rc, _ = d.stop()
+    assert rc == 0, d.log()[-3000:]
