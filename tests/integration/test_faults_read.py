@@ -375,6 +375,9 @@ def test_object_changed_between_attempts_is_never_mixed(emu, tmpdir_short):
         assert resumed[0]['if_range'] and resumed[0]['status'] == 200
     finally:
         rc, _ = d.stop()
+        # the other tests of this module read the corpus's content
+        emu.set_content(res['id'], open(os.path.join(emulator.corpus_dir(), 'projects',
+                                                     PROJECT, res['file']), 'rb').read())
     assert rc == 0, d.log()[-3000:]
     db = sqlite3.connect(os.path.join(d.cache, 'index.db'))
     try:
