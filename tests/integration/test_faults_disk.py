@@ -2,7 +2,6 @@
 what it has, a store fails with a clear io error, it does not spin, and it recovers once
 the file system is writable again. Root: a real tmpfs remounted `ro`.
 """
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import pytest
 
 from conftest import DMCACHE, Daemon
-from test_faults_read import KEY, Session, baseline, counters, prefetch
+from test_faults_read import KEY, Session, baseline, prefetch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
 import client as emulator  # noqa: E402

@@ -447,9 +447,6 @@ def test_bad_project_through_the_daemon(emu, tmpdir_short):
                            '-o', trace_path] + [a for p in pids for a in ('-p', str(p))],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
-    pj = json.load(open(os.path.join(emulator.corpus_dir(), 'projects', 'bad',
-                                     'project.json')))
-    by_id = {r['id']: r for r in pj['resources']}
     results = []
     try:
         prefetch(d, emu, 'bad')
