@@ -3,14 +3,18 @@ what it has, a store fails with a clear io error, it does not spin, and it recov
 the file system is writable again. Root: a real tmpfs remounted `ro`.
 """
 import os
+import random
 import subprocess
 import sys
 import time
 
 import pytest
 
+import wire
+
 from conftest import DMCACHE, Daemon
-from test_faults_read import KEY, Session, baseline, prefetch
+from test_faults_read import (KEY, Session, baseline, blob_path, corrupt, item_blobs,
+                              prefetch)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
 import client as emulator  # noqa: E402
@@ -78,6 +82,11 @@ def test_read_only_cache_serves_fails_stores_and_recovers(emu, tmpdir_short, fs)
         s = Session(d, emu)
         want = baseline(s, s.open['items'])
 
+        # one blob damaged before: its fresh copy will have nowhere to go
+        blobs = item_blobs(d, emu, s)
+        victim = sorted(blobs)[0]
+        corrupt(blob_path(d, blobs[victim]), 'flip_payload', None, random.Random(2))
+        del want[victim]
         with open('/sys/fs/ext4/%s/trigger_fs_error' % loop_device(mnt), 'w') as f:
             f.write('1')
         time.sleep(0.5)
@@ -86,6 +95,10 @@ def test_read_only_cache_serves_fails_stores_and_recovers(emu, tmpdir_short, fs)
         # what is stored is served, byte for byte
         got = s.get(sorted(want))
         assert got == {k: (0, h) for k, h in want.items()}, d.log()[-3000:]
+        # the damaged one is not served; its fresh copy cannot be stored: a clear error
+        st, msg = s.get([victim])[victim]
+        print('D5: damaged item on the read-only cache:', st, msg)
+        assert st == wire.E['io'] and 'fetching it again failed' in msg, (st, msg)
         # a store fails with a clear io error naming the cause
         r = try_prefetch(d, emu, 'formats')
         out = r.stdout + r.stderr
@@ -100,7 +113,8 @@ def test_read_only_cache_serves_fails_stores_and_recovers(emu, tmpdir_short, fs)
         print('D5: CPU while read-only and idle: %.1f %%' % (100 * cpu))
         assert cpu < 0.05
         assert d.proc.poll() is None
-        assert s.get([0])[0] == (0, want[0])
+        k = sorted(want)[0]
+        assert s.get([k])[k] == (0, want[k])
         s.close()
     finally:
         rc, _ = d.stop()
@@ -114,7 +128,8 @@ def test_read_only_cache_serves_fails_stores_and_recovers(emu, tmpdir_short, fs)
         r = try_prefetch(d, emu, 'formats')
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr + d.log()[-3000:]
         s = Session(d, emu)
-        assert s.get([1])[1] == (0, want[1])
+        k = sorted(want)[1]
+        assert s.get([k])[k] == (0, want[k])
         s.close()
     finally:
         rc2, _ = d.stop()
