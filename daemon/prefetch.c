@@ -2788,6 +2788,40 @@ void prefetch_detach(struct prefetch *p, void *ctx)
 	}
 }
 
+/* ---- re-fetching an item found bad on read (serve.c) ---- */
+
+int prefetch_refetch(struct prefetch *p, uid_t uid, const struct dmc_prefetch *m,
+		     int64_t snapshot_id, int64_t idx, prefetch_ready_cb cb, void *ctx)
+{
+	struct index *ix = p->d.cache->index;
+	int rc;
+
+	if (p->closing)
+		return -DMC_E_CANCELLED;
+	for (struct job *j = p->jobs; j; j = j->next) {
+		bool queued = false;
+		if (j->final || j->uid != uid || j->source != DMC_SOURCE_DATAMINT || j->offline ||
+		    j->state != DMC_JOB_DOWNLOADING || j->snapshot_id != snapshot_id ||
+		    !secret_equals(j->key, m->api_key.ptr, m->api_key.len))
+			continue;
+		/* this job still scans past idx, or has a task for it: nothing to add */
+		if (!j->scan_done && j->scan_from <= idx)
+			queued = true;
+		for (struct task *t = j->tasks; t && !queued; t = t->next)
+			queued = t->idx == idx;
+		/* listed: ready at once; the task starts after (it may end the job) */
+		if ((rc = subscribe_cb(j, cb, ctx)) < 0 || queued)
+			return rc;
+		if (index_item_get(ix, snapshot_id, idx, task_from_item, j) == 0 && j->tasks &&
+		    j->tasks->starting && j->tasks->idx == idx) {
+			j->items_total++;
+			task_start(j->tasks); /* task_from_item put it first */
+		}
+		return 0;
+	}
+	return prefetch_attach(p, uid, m, cb, ctx);
+}
+
 /* Jobs of `uid` still running: a user may not queue work without bound. */
 static uint32_t jobs_of(const struct prefetch *p, uid_t uid)
 {

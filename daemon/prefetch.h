@@ -73,6 +73,16 @@ int prefetch_attach(struct prefetch *p, uid_t uid, const struct dmc_prefetch *m,
 		    prefetch_ready_cb cb, void *ctx);
 void prefetch_detach(struct prefetch *p, void *ctx);
 /*
+ * Item `idx` of snapshot `snapshot_id` went bad in the cache (its blob row is dropped: the
+ * item is missing): fetch it again for `uid` with the dataset and key in `m`, under the
+ * rules of prefetch_attach() (the server checks the caller's own key again). A running job
+ * of that uid, key and snapshot gets one more task; otherwise a job starts (or is joined)
+ * as for an OPEN, and downloads what the snapshot lacks. `cb` is told once, as for
+ * prefetch_attach(); the item hook says when the item is stored or failed.
+ */
+int prefetch_refetch(struct prefetch *p, uid_t uid, const struct dmc_prefetch *m,
+		     int64_t snapshot_id, int64_t idx, prefetch_ready_cb cb, void *ctx);
+/*
  * prefetch_attach() for a LOCAL source: the job reads through the descriptors that `c`
  * passes for request `request_id` (proto.h, LOCAL_NEED), starting with dataset.json's, taken
  * from the frame being handled (conn_take_fds). Call from that frame's handler.

@@ -20,6 +20,7 @@
 #include "index.h"
 #include "log.h"
 #include "prefetch.h"
+#include "secret.h"
 #include "serve.h"
 #include "store.h"
 
@@ -278,6 +279,8 @@ struct gitem {
 	uint8_t meta_digest[STORE_DIGEST_SIZE];
 
 	struct mask_work *mw; /* a mask item in the making (DMC_OPEN_MASKS) */
+	struct refetch *rf;   /* waiting for a re-fetch's job to list (GI_WAIT_ITEM) */
+	bool refetched;       /* its blob was found bad once: fetched again, not twice */
 
 	/* the result */
 	struct decode_desc desc;
@@ -339,6 +342,48 @@ static void lset_unref(struct lset *l)
 	free(l);
 }
 
+/*
+ * Where an OPEN's dataset comes from, and the key it was opened with: what a re-fetch of an
+ * item found bad on read needs (reliability.md C5). The key is held in a struct secret
+ * (locked, not dumped) for as long as the handle is open and a request copying it runs,
+ * and no longer: CLOSE, or the connection's end, wipes it. Remote (Datamint) OPENs only:
+ * a local folder is read through the client's descriptors, which the daemon does not keep.
+ */
+struct origin {
+	unsigned refs;
+	char *project, *version, *server;
+	struct secret *key;
+};
+
+static void origin_unref(struct origin *o)
+{
+	if (!o || --o->refs)
+		return;
+	secret_free(o->key);
+	free(o->project);
+	free(o->version);
+	free(o->server);
+	free(o);
+}
+
+static struct origin *origin_new(const struct dmc_open *m)
+{
+	struct origin *o = calloc(1, sizeof(*o));
+
+	if (!o)
+		return NULL;
+	o->refs = 1;
+	o->project = strndup(m->project.ptr, m->project.len);
+	o->version = strndup(m->version.ptr, m->version.len);
+	o->server = strndup(m->server.ptr, m->server.len);
+	o->key = secret_new(m->api_key.ptr, m->api_key.len);
+	if (!o->project || !o->version || !o->server || !o->key) {
+		origin_unref(o);
+		return NULL;
+	}
+	return o;
+}
+
 struct handle {
 	uint64_t id;
 	int64_t snapshot_id;
@@ -346,6 +391,7 @@ struct handle {
 	uint32_t flags, dtype;
 	struct fmap *frames;  /* with DMC_OPEN_FRAMES */
 	struct lset *labels;  /* with DMC_OPEN_MASKS */
+	struct origin *origin; /* NULL: nothing is fetched again (local, offline) */
 	struct handle *next;
 };
 
@@ -354,12 +400,15 @@ static void handle_copy_refs(struct handle *h)
 	fmap_ref(h->frames);
 	if (h->labels)
 		h->labels->refs++;
+	if (h->origin)
+		h->origin->refs++;
 }
 
 static void handle_drop_refs(struct handle *h)
 {
 	fmap_unref(h->frames);
 	lset_unref(h->labels);
+	origin_unref(h->origin);
 }
 
 struct greq {
@@ -390,6 +439,7 @@ struct pending_open {
 	uint32_t *counts;
 	struct fmap *fm;
 	struct lset *labels;
+	struct origin *origin;
 	uint64_t next_item;
 	unsigned probing;
 	bool failed;
@@ -406,6 +456,7 @@ struct sconn {
 	struct greq *reqs;
 	struct pending_open *opens;
 	struct stream *streams;
+	struct refetch *refetches; /* re-fetches whose jobs have not listed yet */
 	uint8_t *frame; /* replies are built here: allocated once, not per batch */
 	bool arena_sent;
 	struct share *sh;  /* its uid's shares */
@@ -455,6 +506,8 @@ struct serve {
 	uint64_t bytes_served, tensors_stored;
 	uint64_t waits_for_space;
 	uint64_t streams, batches_sent;
+	/* blobs found bad (damaged, gone, unreadable) on a GET's read, and re-fetches */
+	uint64_t bad_reads, refetches, refetches_failed;
 	unsigned drops;          /* arenas being unmapped on the threadpool */
 	uint64_t arena_dropping; /* their bytes: still the daemon's until then */
 	struct hot hot;
@@ -752,6 +805,7 @@ static void open_done(struct pending_open *po)
 	free(po->counts);
 	fmap_unref(po->fm);
 	lset_unref(po->labels);
+	origin_unref(po->origin);
 	free(po);
 	sconn_maybe_free(sc);
 }
@@ -780,8 +834,10 @@ static void open_reply_now(struct pending_open *po)
 	h->dtype = po->dtype;
 	h->frames = po->fm;
 	h->labels = po->labels;
+	h->origin = po->origin;
 	po->fm = NULL;
 	po->labels = NULL;
+	po->origin = NULL;
 	h->next = sc->handles;
 	sc->handles = h;
 	rep.handle = h->id;
@@ -1462,6 +1518,8 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 	po->flags = m.flags;
 	po->dtype = m.dtype;
 	po->arena_bytes = m.arena_bytes;
+	if (m.source == DMC_SOURCE_DATAMINT && m.api_key.len && !(m.flags & DMC_OPEN_OFFLINE))
+		po->origin = origin_new(&m); /* NULL: bad items fail instead of coming again */
 	po->next = sc->opens;
 	sc->opens = po;
 	sc->busy++;
@@ -1529,6 +1587,156 @@ static int start_read(struct gitem *gi, const uint8_t *digest, uint64_t len,
 
 static void on_decoded(struct decode_job *job);
 
+/* ---- re-fetching an item whose blob was found bad on read (reliability.md C5, D4) ----
+ *
+ * The store moved the blob to quarantine/ and counted it; here its row is dropped, so that
+ * the item is missing for every snapshot that links the content, and the GET's item waits
+ * while the prefetcher fetches it again for this connection's uid with the key of the OPEN
+ * (prefetch_refetch: the server checks that key, as for the OPEN). Once per item and GET:
+ * a fresh copy found bad again fails the item with integrity. The item waits in
+ * GI_WAIT_ITEM with `rf` set until the job is listed (the snapshot is not "active" before
+ * that), then as any item a job downloads. */
+
+struct refetch {
+	struct sconn *sc;
+	int64_t snapshot_id;
+	struct refetch *next;
+};
+
+static void req_unpin(struct greq *rq);
+
+static void refetch_free(struct refetch *rf)
+{
+	struct sconn *sc = rf->sc;
+	struct refetch **pp;
+
+	for (pp = &sc->refetches; *pp && *pp != rf; pp = &(*pp)->next)
+		;
+	if (*pp)
+		*pp = rf->next;
+	free(rf);
+	sc->busy--;
+}
+
+/* The first item of `sc` waiting for `rf`, or NULL. */
+static struct gitem *refetch_waiter(struct sconn *sc, const struct refetch *rf)
+{
+	for (struct greq *rq = sc->reqs; rq; rq = rq->next)
+		for (uint32_t i = 0; i < rq->n; i++)
+			if (rq->items[i].rf == rf)
+				return &rq->items[i];
+	return NULL;
+}
+
+static void on_refetch_ready(void *ctx, const struct prefetch_ready *r)
+{
+	struct refetch *rf = ctx;
+	struct sconn *sc = rf->sc;
+	struct serve *s = sc->s;
+	bool ok = r->err == 0 && r->snapshot_id == rf->snapshot_id && sc->c &&
+		  prefetch_may_see(s->d.prefetch, sc->c->uid, rf->snapshot_id);
+	uint32_t code = r->err ? r->code : DMC_E_INTEGRITY;
+	char why[MSG_MAX];
+	struct gitem *gi;
+
+	if (r->err)
+		snprintf(why, sizeof(why), "the cached copy was damaged, and fetching it again "
+					   "failed: %s", r->message ? r->message : "");
+	else
+		snprintf(why, sizeof(why), "the cached copy was damaged, and the dataset changed "
+					   "on the server since the OPEN: open it again");
+	if (!ok)
+		s->refetches_failed++;
+	sc->busy++;
+	while ((gi = refetch_waiter(sc, rf))) {
+		struct greq *rq = gi->rq;
+		gi->rf = NULL;
+		if (gi->state != GI_WAIT_ITEM)
+			continue;
+		if (ok) {
+			gi->state = GI_NEW; /* stored meanwhile, or the job brings it */
+			continue;
+		}
+		gi->status = code;
+		snprintf(gi->msg, sizeof(gi->msg), "%s", why);
+		gi->state = GI_DONE;
+		s->items_failed++;
+		rq->pins++;
+		req_maybe_reply(rq);
+		req_unpin(rq);
+	}
+	refetch_free(rf);
+	if (sc->c)
+		pump_items(sc);
+	sc->busy--;
+	sconn_maybe_free(sc);
+}
+
+/* Whether gi may be fetched again: a remote OPEN's item, not yet fetched in this GET. */
+static bool refetch_possible(const struct gitem *gi)
+{
+	return gi->rq->h.origin && !gi->refetched && gi->rq->sc->c && !gi->rq->h.labels;
+}
+
+/* gi waits while its item is fetched again for the connection's uid (refetch_possible()). */
+static void refetch_start(struct gitem *gi)
+{
+	struct sconn *sc = gi->rq->sc;
+	struct serve *s = sc->s;
+	struct origin *o = gi->rq->h.origin;
+	struct refetch *rf;
+	struct dmc_prefetch m;
+	int rc;
+
+	rf = calloc(1, sizeof(*rf));
+	if (!rf) {
+		item_fail(gi, -ENOMEM, "out of memory");
+		return;
+	}
+	rf->sc = sc;
+	rf->snapshot_id = gi->rq->h.snapshot_id;
+	rf->next = sc->refetches;
+	sc->refetches = rf;
+	sc->busy++;
+	gi->refetched = true;
+	gi->rf = rf;
+	settle(gi, GI_WAIT_ITEM);
+	s->refetches++;
+	m.source = DMC_SOURCE_DATAMINT;
+	m.flags = 0;
+	m.project = (struct dmc_str){ o->project, (uint32_t)strlen(o->project) };
+	m.version = (struct dmc_str){ o->version, (uint32_t)strlen(o->version) };
+	m.server = (struct dmc_str){ o->server, (uint32_t)strlen(o->server) };
+	m.api_key = (struct dmc_str){ secret_str(o->key), (uint32_t)strlen(secret_str(o->key)) };
+	rc = prefetch_refetch(s->d.prefetch, sc->c->uid, &m, rf->snapshot_id, (int64_t)gi->item,
+			      on_refetch_ready, rf);
+	if (rc < 0) {
+		struct prefetch_ready r = { .err = rc, .code = code_of(rc),
+					    .message = "the daemon is stopping" };
+		on_refetch_ready(rf, &r); /* gi may be gone */
+	}
+}
+
+/* gi's blob failed its read with `err`: true when the item now waits for a fresh copy. */
+static bool refetch_item(struct gitem *gi, int err)
+{
+	struct serve *s = gi->rq->sc->s;
+	char hex[STORE_HEX_SIZE + 1];
+	bool again = refetch_possible(gi);
+
+	s->bad_reads++;
+	store_digest_hex(gi->raw, hex);
+	/* the item is missing from now on, in every snapshot that links this content */
+	index_blob_delete(s->d.cache->index, gi->raw);
+	log_warn(SERVE, "blob %.16s: %s on read (quarantined)%s", hex,
+		 err == -ENOENT ? "gone" : err == -EIO ? "I/O error" : "damaged",
+		 again ? ": the item is fetched again" : "");
+	if (!again)
+		return false;
+	refetch_start(gi); /* gi may be gone: the callback may have answered it */
+	return true;
+}
+
 static void read_after(uv_work_t *w, int status)
 {
 	struct gitem *gi = w->data;
@@ -1543,12 +1751,17 @@ static void read_after(uv_work_t *w, int status)
 		return;
 	}
 	if (gi->work_err < 0) {
+		int err = gi->work_err;
+		bool bad = err == -DMC_E_INTEGRITY || err == -ENOENT || err == -EIO;
 		free(gi->in);
 		gi->in = NULL;
-		item_fail(gi, gi->work_err,
-			  gi->work_err == -DMC_E_INTEGRITY || gi->work_err == -ENOENT
-				  ? "the cached copy is damaged or gone: prefetch the dataset again"
-				  : "cannot read the cached copy");
+		if (bad && refetch_item(gi, err))
+			return;
+		item_fail(gi, err,
+			  gi->refetched ? "the cached copy was damaged again after a fresh download: "
+					  "try again"
+			  : bad ? "the cached copy is damaged or gone: prefetch the dataset again"
+				: "cannot read the cached copy");
 		return;
 	}
 	memset(&gi->job, 0, sizeof(gi->job));
@@ -1900,6 +2113,8 @@ static void cached_after(uv_work_t *w, int status)
 	}
 	if (gi->work_err < 0) {
 		/* a damaged or evicted tensor is a miss: decode again */
+		if (gi->work_err == -DMC_E_INTEGRITY || gi->work_err == -EIO)
+			s->bad_reads++;
 		gi_drop(gi);
 		index_tensor_delete(s->d.cache->index, gi->raw, opts_key_frame(&gi->rq->h, gi->frame));
 		start_decode_path(gi);
@@ -2256,6 +2471,12 @@ static void item_step(struct gitem *gi)
 					return;
 				}
 			settle(gi, GI_WAIT_ITEM); /* the job brings it; item_hook wakes us */
+			return;
+		}
+		if (refetch_possible(gi)) {
+			/* found bad or gone since the OPEN (a verify, a failed re-fetch): the
+			 * OPEN's job would fetch it; one does now, with the OPEN's key */
+			refetch_start(gi);
 			return;
 		}
 		item_fail(gi, -DMC_E_NOT_FOUND_OR_DENIED,
@@ -3175,7 +3396,8 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
 				continue;
 			for (uint32_t i = 0; i < rq->n; i++) {
 				struct gitem *gi = &rq->items[i];
-				if (gi->state != GI_WAIT_ITEM || (idx >= 0 && (int64_t)gi->item != idx))
+				if (gi->state != GI_WAIT_ITEM || gi->rf ||
+				    (idx >= 0 && (int64_t)gi->item != idx))
 					continue;
 				if (idx >= 0 && err) {
 					/* its download failed for good: say so now */
@@ -3239,6 +3461,14 @@ void serve_conn_closed(struct serve *s, struct conn *c)
 	c->app_data = NULL;
 	sc->c = NULL;
 	sc->busy++;
+	while (sc->refetches) {
+		struct refetch *rf = sc->refetches;
+		struct gitem *gi;
+		prefetch_detach(s->d.prefetch, rf);
+		while ((gi = refetch_waiter(sc, rf)))
+			gi->rf = NULL; /* still GI_WAIT_ITEM: ended below */
+		refetch_free(rf);
+	}
 	for (struct stream *st = sc->streams, *nst; st; st = nst) {
 		nst = st->next;
 		stream_stop(st, 0, NULL); /* may free st */
@@ -3424,6 +3654,9 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 		ENTRY("serve_waits_for_space_total", s->waits_for_space),
 		ENTRY("serve_streams_total", s->streams),
 		ENTRY("serve_batches_total", s->batches_sent),
+		ENTRY("serve_bad_reads_total", s->bad_reads),
+		ENTRY("serve_refetches_total", s->refetches),
+		ENTRY("serve_refetches_failed_total", s->refetches_failed),
 		ENTRY("serve_hot_bytes", s->hot.bytes),
 		ENTRY("serve_hot_items", s->hot.n),
 		ENTRY("serve_hot_hits_total", s->hot.hits),
