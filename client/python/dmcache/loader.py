@@ -18,17 +18,29 @@ it is RELEASEd. So the arena (arena_bytes, 0 for the daemon's default) must hold
 prefetch + 2 batches; a batch larger than the whole arena fails with limit_exceeded
 (LimitExceededError).
 
-Tensors. When every item of a batch has the same dtype and shape, `images` is one tensor
-(batch, frames, channels, H, W) that is a zero-copy view of the arena: read-only (the
-arena is mapped read-only; a write through it kills the process with SIGSEGV) and valid
-only until the next batch is asked for; .clone() what you keep, or pass copy=True for a
-writable copy of every batch. When shapes differ, `images` is a list of zero-copy tensors,
-as the Datamint client's collate keeps a list. Without torch the same holds with numpy
-arrays (read-only views that raise on writes).
+Tensors. By default (collate='stack') every batch is one tensor (batch, frames, channels,
+H, W) of one dtype. When the items of a batch differ, the daemon can make them uniform
+with a policy set once: dtype= converts every item in the daemon (the daemon's dtypes;
+'float16' and 'bfloat16' are converted from the daemon's float32 here, a copy). When a
+batch's items still differ (mixed int16/uint16 slices without dtype=, or shapes that
+differ), iteration raises BatchMismatchError at the first such batch, naming both items'
+dtypes and shapes and the parameter that fixes it; collate='list' gives a list of tensors
+instead (the Datamint client's collate).
+
+Writable views. A stacked batch (and each tensor of a list) is a zero-copy view of the
+connection's arena, valid until the next batch is asked for; .clone() what you keep, or
+pass copy=True for copies. The arena is mapped copy-on-write: in-place operations
+(x.add_(1), x.sub_(mean), Normalize(inplace=True)) work, copy only the pages they write
+into this process's own memory, and are never seen by the daemon or another client. Those
+private pages are dropped when the batch is released (the next batch is asked for): a view
+kept past that shows whatever the daemon places there next. Where the page size is not
+4096 bytes (the daemon's allocation unit), batches are copies. Without torch the same
+holds with numpy arrays.
 """
 import ctypes
 import json
 import math
+import mmap
 import os
 import weakref
 from typing import Any, List, NamedTuple
@@ -39,6 +51,36 @@ from . import _lib, errors
 from .dataset import TORCH_WIDEN, Dataset, resolve_source, to_torch, torch_module
 
 PREFETCH_MAX = _lib.STREAM_AHEAD_MAX - 1
+# the daemon aligns arena allocations to 4096 bytes: with larger pages a private copy of
+# one page could span two batches, so batches are copied instead of viewed
+_VIEWS_SAFE = mmap.PAGESIZE <= 4096
+# dtypes the client makes from the daemon's float32 (a copy): (torch name, numpy name)
+CLIENT_DTYPES = {'float16': ('float16', 'float16'), 'bfloat16': ('bfloat16', None)}
+COLLATES = ('stack', 'list')
+
+
+class BatchMismatchError(ValueError):
+    """The items of a batch differ in dtype or shape and no policy makes them uniform
+    (collate='stack'): the message names both items and the parameter that fixes it."""
+
+    def __init__(self, message, epoch=None, batch=None, indices=None):
+        super().__init__(message)
+        self.epoch, self.batch, self.indices = epoch, batch, indices
+
+
+def _dtype_name(dtype):
+    """'float32' for np.float32, 'float32', torch.float32; None stays None."""
+    if dtype is None:
+        return None
+    name = str(dtype)
+    if name.startswith('torch.'):
+        name = name[len('torch.'):]
+    if name in CLIENT_DTYPES:
+        return name
+    try:
+        return str(np.dtype(name))
+    except TypeError:
+        raise ValueError("dtype '%s' is not a dtype name" % (dtype,)) from None
 
 
 class Batch(NamedTuple):
@@ -145,16 +187,18 @@ class Loader:
                world_size=None, version='latest', root=None, api_key=None,
                server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
                metadata=True, socket=None, copy=False, return_frame_by_frame=False,
-               masks=False)
+               masks=False, offline=None, collate='stack')
 
     project: a Datamint project (name or id), a local dataset folder (with dataset.json),
     a name under root as for Dataset, or a dmcache.Dataset (its source and pinned
     version). Iterating yields Batch(images, meta, indices); len() is the number of
     batches of this rank per epoch. lut applies the modality LUT (float32), dtype asks
-    the daemon for another output dtype ('float32', ...). There is no Datamint-style
-    normalisation: items come in their source dtype (or `dtype`). prefetch (0 to 7): batches
-    the daemon keeps ready beyond the next one. copy=True gives writable copies instead of
-    views. return_frame_by_frame=True makes every frame an item of shape (1, C, H, W).
+    the daemon for another output dtype ('float32', ...; 'float16' and 'bfloat16' are made
+    here from the daemon's float32). collate='stack' (default): each batch is one tensor,
+    BatchMismatchError when its items differ; 'list': a list when they differ. There is no
+    Datamint-style normalisation: items come in their source dtype (or `dtype`). prefetch
+    (0 to 7): batches the daemon keeps ready beyond the next one. copy=True gives copies
+    instead of views (views are writable too: see the module's docstring). return_frame_by_frame=True makes every frame an item of shape (1, C, H, W).
     masks=True reads each item's segmentation label map instead of its image: uint8
     (frames, 1, H, W) on the image's grid, 0 background, k + 1 for meta[i]['labels'][k].
     """
@@ -163,20 +207,31 @@ class Loader:
                  rank=None, world_size=None, version='latest', root=None, api_key=None,
                  server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
                  metadata=True, socket=None, copy=False, return_frame_by_frame=False,
-                 masks=False, offline=None):
+                 masks=False, offline=None, collate='stack'):
         if not 1 <= int(batch_size) <= _lib.GET_MAX:
             raise ValueError('batch_size must be 1 to %d' % _lib.GET_MAX)
         if not 0 <= int(prefetch) <= PREFETCH_MAX:
             raise ValueError('prefetch must be 0 to %d' % PREFETCH_MAX)
-        if dtype is not None and str(np.dtype(dtype)) not in _lib.DTYPE_CODES:
-            raise ValueError("dtype '%s' is not one the daemon produces" % dtype)
+        dname = _dtype_name(dtype)
+        if dname is not None and dname not in _lib.DTYPE_CODES and dname not in CLIENT_DTYPES:
+            raise ValueError("dtype '%s' is not one the daemon produces (%s) nor %s" %
+                             (dtype, ', '.join(sorted(_lib.DTYPE_CODES)),
+                              ' or '.join(sorted(CLIENT_DTYPES))))
+        if collate not in COLLATES:
+            raise ValueError("collate must be 'stack' or 'list', not %r" % (collate,))
+        if dname == 'bfloat16' and torch_module() is None:
+            raise ValueError("dtype 'bfloat16' needs torch (numpy has no bfloat16)")
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.rank, self.world_size = distributed_env(rank, world_size)
         self.lut = bool(lut)
-        self._dtype = _lib.DTYPE_CODES[str(np.dtype(dtype))] if dtype is not None else 0
+        self.dtype = dname
+        self.collate = collate
+        # the daemon converts to its dtypes; float16/bfloat16 from its float32, here
+        self._dtype = _lib.DTYPE_CODES['float32' if dname in CLIENT_DTYPES else dname] \
+            if dname is not None else 0
         self.prefetch = int(prefetch)
         self.arena_bytes = int(arena_bytes)
         self.metadata = bool(metadata)
@@ -281,36 +336,70 @@ class Loader:
         if gen is not None:
             gen.close()
 
-    def _make_batch(self, b):
+    def _mismatch(self, items, epoch, number):
+        """The BatchMismatchError of a batch whose items differ."""
+        first = items[0]
+        other = next(it for it in items if it.dtype != first.dtype or
+                     tuple(it.shape) != tuple(first.shape))
+
+        def desc(it):
+            return 'item %d: %s %s' % (it.index, _lib.DTYPES[it.dtype], tuple(it.shape))
+        if other.dtype != first.dtype:
+            fix = ("pass dtype= to Loader (e.g. dtype='float32', or 'int32' for int16 with "
+                   "uint16) so the daemon converts every item")
+            if tuple(other.shape) != tuple(first.shape):
+                fix += ', and make the shapes equal'
+        else:
+            fix = ('the shapes differ: Loader has no resize policy yet; '
+                   'return_frame_by_frame=True if only the frame counts differ')
+        return BatchMismatchError(
+            "batch %d of epoch %d mixes %s and %s: %s, or pass collate='list' to get a list "
+            "of tensors" % (number, epoch, desc(first), desc(other), fix),
+            epoch=epoch, batch=number, indices=[int(it.index) for it in items])
+
+    def _convert(self, images):
+        """float16/bfloat16 from the daemon's float32 (a copy, made here)."""
+        torch = torch_module()
+        if self.dtype not in CLIENT_DTYPES:
+            return images
+        if isinstance(images, list):
+            return [self._convert(x) for x in images]
+        if torch is not None and isinstance(images, torch.Tensor):
+            return images.to(getattr(torch, CLIENT_DTYPES[self.dtype][0]))
+        return images.astype(CLIENT_DTYPES[self.dtype][1])
+
+    def _make_batch(self, b, epoch=0):
         items = [b.items[i] for i in range(b.n)]
         for it in items:
             if it.status:
                 raise _lib.item_error(it)
+        if not b.uniform and self.collate == 'stack':
+            raise self._mismatch(items, epoch, int(b.number))
         torch = torch_module()
         first = items[0]
         dt = np.dtype(_lib.DTYPES[first.dtype])
+        copy = self.copy or not _VIEWS_SAFE
         if b.uniform:
             shape = (b.n,) + tuple(first.shape)
-            if self.copy or torch is None or dt.name in TORCH_WIDEN or dt.name == 'uint64':
-                buf = (ctypes.c_char * (b.n * first.nbytes)).from_address(b.data)
-                images = np.frombuffer(memoryview(buf).cast('B').toreadonly(),
-                                       dtype=dt).reshape(shape)
-                if self.copy or torch is not None:
+            if copy or torch is None or dt.name in TORCH_WIDEN or dt.name == 'uint64':
+                images = _numpy_region(b.data, b.n * first.nbytes, dt, shape)
+                if copy or torch is not None:
                     images = images.copy()
                 if torch is not None:
                     images = to_torch(torch, images)
             else:
                 images = _torch_region(torch, b.data, b.n * first.nbytes, first.dtype, shape)
         else:
-            views = [np.frombuffer(_lib.item_bytes(it), dtype=np.dtype(_lib.DTYPES[it.dtype]))
-                     .reshape(tuple(it.shape)) for it in items]
+            views = [_numpy_region(it.data, it.nbytes, np.dtype(_lib.DTYPES[it.dtype]),
+                                   tuple(it.shape)) for it in items]
             if torch is not None:
-                images = [to_torch(torch, v.copy() if self.copy else v)
-                          if self.copy or v.dtype.name in TORCH_WIDEN or
+                images = [to_torch(torch, v.copy() if copy else v)
+                          if copy or v.dtype.name in TORCH_WIDEN or
                           v.dtype.name == 'uint64' else _torch_view(torch, it)
                           for v, it in zip(views, items)]
             else:
-                images = [v.copy() for v in views] if self.copy else views
+                images = [v.copy() for v in views] if copy else views
+        images = self._convert(images)
         meta = [json.loads(_lib.item_meta(it)) for it in items] if self.metadata else \
             [None] * len(items)
         return Batch(images, meta, [int(it.index) for it in items])
@@ -332,7 +421,7 @@ class Loader:
                 if b is None:
                     break
                 held = b
-                batch = self._make_batch(b)
+                batch = self._make_batch(b, epoch)
                 yield batch
                 del batch
         finally:
@@ -346,8 +435,16 @@ class Loader:
                 self._running, self._running_token = None, None
 
 
+def _numpy_region(address, nbytes, dt, shape):
+    """A zero-copy, writable numpy array over `nbytes` of the (copy-on-write) arena."""
+    if nbytes == 0:
+        return np.empty(shape, dtype=dt)
+    buf = (ctypes.c_char * nbytes).from_address(address)
+    return np.frombuffer(buf, dtype=dt).reshape(shape)
+
+
 def _torch_region(torch, address, nbytes, dtype, shape):
-    """A zero-copy torch tensor over `nbytes` of the arena at `address` (read-only memory)."""
+    """A zero-copy torch tensor over `nbytes` of the (copy-on-write) arena at `address`."""
     dt = getattr(torch, _lib.DTYPES[dtype])
     if nbytes == 0:
         return torch.empty(shape, dtype=dt)
@@ -356,7 +453,7 @@ def _torch_region(torch, address, nbytes, dtype, shape):
 
 
 def _torch_view(torch, item):
-    """A zero-copy torch tensor over an item in the arena (read-only memory)."""
+    """A zero-copy torch tensor over an item in the (copy-on-write) arena."""
     dt = getattr(torch, _lib.DTYPES[item.dtype])
     if item.nbytes == 0:
         return torch.empty(tuple(item.shape), dtype=dt)

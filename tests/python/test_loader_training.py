@@ -1,0 +1,177 @@
+"""dmcache.Loader as a training loop uses it: in-place operations on batches (the arena
+mapped copy-on-write: private to the writer, discarded at release, never seen by the daemon
+or another client), one tensor per batch of one dtype (dtype= converts in the daemon,
+float16/bfloat16 here; BatchMismatchError names the items and the fix; collate='list'),
+against pydicom and fresh clients."""
+import json
+import os
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import dmcache
+from conftest import counters, reference, run_python
+
+ARENA = 32 << 20
+
+
+@pytest.fixture(scope='module')
+def ct_reference(daemon, emu):
+    """{index: int32 array (F, C, H, W)} of every ct item, decoded by pydicom."""
+    root = os.path.join(emu.corpus, 'projects', 'ct')
+    with open(os.path.join(root, 'project.json')) as f:
+        by_id = {r['id']: r for r in json.load(f)['resources']}
+    loader = dmcache.Loader('ct', batch_size=8, arena_bytes=ARENA, collate='list')
+    out = {}
+    for b in loader:
+        for m, i in zip(b.meta, b.indices):
+            a, lossy = reference(os.path.join(root, by_id[m['resource']['id']]['file']))
+            assert not lossy
+            out[i] = a.astype(np.int32)
+    loader.close()
+    assert len(out) == 72
+    return out
+
+
+def expect_batch(ref, indices):
+    return torch.from_numpy(np.stack([ref[i] for i in indices]))
+
+
+@pytest.mark.parametrize('prefetch', [0, 2])
+def test_in_place_ops_are_private_and_gone_at_release(daemon, ct_reference, prefetch):
+    """A writes into every batch it reads (stacked views of its arena); B, another
+    client, reads the same order at the same time and sees the daemon's values; A's next
+    epoch, in the same arena ranges, is again equal to pydicom and to a fresh client."""
+    a = dmcache.Loader('ct', batch_size=8, shuffle=True, seed=3, dtype='int32',
+                       prefetch=prefetch, arena_bytes=ARENA)
+    b = dmcache.Loader('ct', batch_size=8, shuffle=True, seed=3, dtype='int32',
+                       prefetch=prefetch, arena_bytes=ARENA)
+    addr, size = None, None
+    seen = 0
+    for x, y in zip(a, b):
+        if addr is None:
+            addr, size = a._conns[0].client.arena()
+        assert x.indices == y.indices
+        assert isinstance(x.images, torch.Tensor) and x.images.dtype == torch.int32
+        assert addr <= x.images.data_ptr() < addr + size  # a view, not a copy
+        want = expect_batch(ct_reference, x.indices)
+        assert torch.equal(x.images, want)
+        x.images.add_(1000)
+        x.images[:, 0].mul_(2)
+        x.images.sub_(x.images.mean(dtype=torch.float64).to(torch.int32))
+        assert not torch.equal(x.images, want)
+        # B's arena is its own: the daemon's values
+        assert torch.equal(y.images, want)
+        seen += len(x.indices)
+    assert seen == 72
+    # the same connection and arena ranges, read again: the written pages were discarded
+    for epoch in (0, 1):
+        a.set_epoch(epoch)
+        fresh = dmcache.Loader('ct', batch_size=8, shuffle=True, seed=3, dtype='int32',
+                               arena_bytes=ARENA, copy=True)
+        fresh.set_epoch(epoch)
+        for x, f in zip(a, fresh):
+            assert x.indices == f.indices
+            want = expect_batch(ct_reference, x.indices)
+            assert torch.equal(x.images, want) and torch.equal(f.images, want)
+            x.images.add_(7)  # and written again, in place
+        fresh.close()
+    a.close()
+    b.close()
+    assert counters(daemon.socket)['serve_arena_used_bytes'] == 0
+
+
+def test_in_place_ops_on_lists_and_mixed_sizes(daemon, ct_reference):
+    """Lists of views (collate='list', mixed int16/uint16): each item written in place;
+    batches of varied sizes reuse arena ranges at shifting offsets; a re-read equals
+    pydicom."""
+    for rnd in range(2):
+        for bs in (5, 3, 8):
+            loader = dmcache.Loader('ct', batch_size=bs, shuffle=True, seed=bs + rnd,
+                                    collate='list', prefetch=1, arena_bytes=ARENA)
+            for batch in loader:
+                imgs = batch.images if isinstance(batch.images, list) else list(batch.images)
+                for img, i in zip(imgs, batch.indices):
+                    assert np.array_equal(img.numpy().astype(np.int32), ct_reference[i]), i
+                    img.add_(1)
+                    img.neg_()
+            loader.close()
+
+
+def test_a_writer_in_another_process_never_faults(daemon, ct_reference):
+    """Every path of the package (stacked torch, list torch, numpy without torch, copies)
+    takes writes in a child process, which exits normally."""
+    code = textwrap.dedent('''
+        import sys
+        if NUMPY_ONLY:
+            sys.modules['torch'] = None
+        import numpy as np
+        import dmcache
+        n = 0
+        for kw in (dict(dtype='float32'), dict(collate='list'), dict(copy=True, dtype='int32'),
+                   dict(dtype='float16')):
+            loader = dmcache.Loader('ct', batch_size=8, shuffle=True, arena_bytes=32 << 20,
+                                    **kw)
+            for b in loader:
+                for x in (b.images if isinstance(b.images, list) else [b.images]):
+                    x += 1
+                    x *= 2
+                    n += 1
+            loader.close()
+        print('ok', n, flush=True)
+    ''')
+    for mode in ('torch', 'numpy'):
+        r = run_python(code.replace('NUMPY_ONLY', repr(mode == 'numpy')))
+        assert r.returncode == 0 and r.stdout.startswith('ok'), (mode, r.returncode,
+                                                                  r.stderr[-2000:])
+
+
+def test_one_tensor_per_batch_or_a_clear_error(daemon, ct_reference):
+    # mixed int16/uint16 slices without dtype=: the first mixed batch raises, naming both
+    loader = dmcache.Loader('ct', batch_size=8, shuffle=True, seed=0, arena_bytes=ARENA)
+    with pytest.raises(dmcache.BatchMismatchError) as e:
+        for b in loader:
+            assert isinstance(b.images, torch.Tensor)
+    text = str(e.value)
+    assert 'int16' in text and 'uint16' in text and 'dtype=' in text, text
+    assert "collate='list'" in text and '(1, 1, 512, 512)' in text, text
+    assert e.value.epoch == 0 and len(e.value.indices) == 8
+    assert isinstance(e.value, ValueError)
+    loader.close()
+    assert counters(daemon.socket)['serve_arena_used_bytes'] == 0
+    # shapes that differ ('sample': CT slices and a 4-frame image)
+    loader = dmcache.Loader('sample', batch_size=19, dtype='float32', arena_bytes=ARENA)
+    with pytest.raises(dmcache.BatchMismatchError) as e:
+        next(iter(loader))
+    assert 'shapes differ' in str(e.value) and "collate='list'" in str(e.value)
+    loader.close()
+    # a policy: every batch of a shuffled epoch is one tensor of that dtype
+    for name, tdt in (('float32', torch.float32), ('int32', torch.int32),
+                      ('float16', torch.float16), ('bfloat16', torch.bfloat16),
+                      (torch.float64, torch.float64)):
+        loader = dmcache.Loader('ct', batch_size=8, shuffle=True, seed=1, dtype=name,
+                                arena_bytes=ARENA, metadata=False)
+        n = 0
+        for b in loader:
+            assert isinstance(b.images, torch.Tensor) and b.images.dtype == tdt
+            assert b.images.shape == (len(b.indices), 1, 1, 512, 512)
+            want = expect_batch(ct_reference, b.indices)
+            if tdt in (torch.float16, torch.bfloat16):
+                want = want.to(torch.float32).to(tdt)
+            assert torch.equal(b.images, want.to(tdt)), name
+            n += len(b.indices)
+        assert n == 72
+        loader.close()
+    # collate='list' keeps lists where items differ
+    loader = dmcache.Loader('ct', batch_size=8, shuffle=True, seed=0, collate='list',
+                            arena_bytes=ARENA)
+    kinds = {type(b.images) for b in loader}
+    assert list in kinds
+    loader.close()
+    with pytest.raises(ValueError):
+        dmcache.Loader('ct', collate='tuple')
+    with pytest.raises(ValueError) as e:
+        dmcache.Loader('ct', dtype='complex64')
+    assert 'float16' in str(e.value)
