@@ -1474,11 +1474,19 @@ DMC_EXPORT int dmc_get(struct dmc_dataset *ds, const uint64_t *indices, uint32_t
  * the daemon may reuse that range: on a private file mapping MADV_DONTNEED brings back the
  * memfd's own pages (whatever the daemon writes there next), where a page kept would show
  * the caller's stale copy. The daemon aligns every allocation to whole pages (arena.c), so
- * the range rounded out to pages holds no other allocation. Pages never written are only
- * unmapped (a later read maps them again, with fault-around). */
+ * the range rounded out to pages holds no other allocation.
+ *
+ * Only the pages written are dropped: /proc/self/pagemap tells them (present and not
+ * file-backed: bit 63 set, bit 61 clear; readable without privilege), so pages only read
+ * stay mapped and the next batch in the same range costs no faults (re-mapping 16 MiB
+ * costs about 10 ms on a virtual machine, a pagemap read of it about 0.1 ms). Opened per
+ * call: a descriptor kept across fork() would describe the parent. Without pagemap, the
+ * whole range is dropped. */
 static void discard_private(const dmc_client *c, uint64_t off, uint64_t len)
 {
-	uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), lo, hi;
+	uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE), lo, hi, ent[512];
+	uint8_t *base = (uint8_t *)c->arena;
+	int fd;
 
 	if (!c->arena || len == 0 || off >= c->arena_size)
 		return;
@@ -1489,8 +1497,37 @@ static void discard_private(const dmc_client *c, uint64_t off, uint64_t len)
 	hi = (hi + page - 1) & ~(page - 1);
 	if (hi > c->arena_size)
 		hi = c->arena_size;
-	if (hi > lo)
-		madvise((uint8_t *)c->arena + lo, hi - lo, MADV_DONTNEED);
+	if (hi <= lo)
+		return;
+	fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		madvise(base + lo, hi - lo, MADV_DONTNEED);
+		return;
+	}
+	for (uint64_t p = lo; p < hi;) {
+		uint64_t n = (hi - p) / page, run = UINT64_MAX;
+		ssize_t got;
+
+		if (n > sizeof(ent) / sizeof(ent[0]))
+			n = sizeof(ent) / sizeof(ent[0]);
+		got = pread(fd, ent, n * sizeof(ent[0]),
+			    (off_t)((uintptr_t)(base + p) / page * sizeof(ent[0])));
+		if (got != (ssize_t)(n * sizeof(ent[0]))) {
+			madvise(base + p, hi - p, MADV_DONTNEED);
+			break;
+		}
+		for (uint64_t i = 0; i <= n; i++) {
+			bool priv = i < n && (ent[i] >> 63 & 1) && !(ent[i] >> 61 & 1);
+			if (priv && run == UINT64_MAX)
+				run = i;
+			else if (!priv && run != UINT64_MAX) {
+				madvise(base + p + run * page, (i - run) * page, MADV_DONTNEED);
+				run = UINT64_MAX;
+			}
+		}
+		p += n * page;
+	}
+	close(fd);
 }
 
 DMC_EXPORT int dmc_release(dmc_client *c, const struct dmc_item *items, uint32_t n)
