@@ -2,9 +2,12 @@
 mapped copy-on-write: private to the writer, discarded at release, never seen by the daemon
 or another client), one tensor per batch of one dtype (dtype= converts in the daemon,
 float16/bfloat16 here; BatchMismatchError names the items and the fix; collate='list'),
-against pydicom and fresh clients."""
+against pydicom and fresh clients; the package installed by meson (DESTDIR) and by pip
+into a venv."""
 import json
 import os
+import shutil
+import subprocess
 import textwrap
 
 import numpy as np
@@ -175,3 +178,73 @@ def test_one_tensor_per_batch_or_a_clear_error(daemon, ct_reference):
     with pytest.raises(ValueError) as e:
         dmcache.Loader('ct', dtype='complex64')
     assert 'float16' in str(e.value)
+
+
+def _env_without_package():
+    e = {k: v for k, v in os.environ.items()
+         if k not in ('PYTHONPATH', 'DMCACHE_LIBRARY')}
+    return e
+
+
+def test_destdir_install_lands_on_debian_pythons_path(daemon, tmp_path):
+    build = os.environ['DMC_BUILD_ROOT']
+    dest = str(tmp_path / 'dest')
+    r = subprocess.run(['meson', 'install', '-C', build, '--no-rebuild', '--quiet',
+                        '--destdir', dest, '--tags', 'runtime,python-runtime'],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    inits = [os.path.join(d, f) for d, _, fs in os.walk(dest) for f in fs
+             if f == '__init__.py' and d.endswith('/dmcache')]
+    libs = [os.path.join(d, f) for d, _, fs in os.walk(dest) for f in fs
+            if f == 'libdmcache.so.0']
+    assert len(inits) == 1 and len(libs) == 1, (inits, libs)
+    purelib = os.path.dirname(os.path.dirname(inits[0]))[len(dest):]
+    env = _env_without_package()
+    r = subprocess.run(['/usr/bin/python3', '-c', 'import sys, json; print(json.dumps(sys.path))'],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert purelib in json.loads(r.stdout), (purelib, r.stdout)
+    # the installed package, imported by Debian's Python, with the installed library
+    env.update(PYTHONPATH=dest + purelib, LD_LIBRARY_PATH=os.path.dirname(libs[0]),
+               DMCACHE_SOCKET=daemon.socket)
+    code = ('import dmcache; print(dmcache.__file__); print(dmcache.LIBRARY_PATH); '
+            'dmcache.Client().ping(); print("pong")')
+    r = subprocess.run(['/usr/bin/python3', '-c', code], env=env, capture_output=True,
+                       text=True, timeout=60, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.split('\n')
+    assert out[0].startswith(dest + purelib) and out[2] == 'pong', out
+    # recorded at install: prefix/libdir (not there, only in DESTDIR): then the linker's
+    with open(os.path.join(os.path.dirname(inits[0]), '_install_paths.py')) as f:
+        assert os.path.dirname(libs[0])[len(dest):] in f.read()
+    assert out[1] == 'libdmcache.so.0', out
+
+
+def test_pip_install_into_a_venv(daemon, tmp_path):
+    src = str(tmp_path / 'src')
+    shutil.copytree(os.path.join(os.environ['DMC_SOURCE_ROOT'], 'client', 'python'), src)
+    venv = str(tmp_path / 'venv')
+    env = _env_without_package()
+    r = subprocess.run(['/usr/bin/python3', '-m', 'venv', '--system-site-packages', venv],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lib = os.path.join(os.environ['DMC_BUILD_ROOT'], 'client', 'libdmcache.so.0')
+    r = subprocess.run([os.path.join(venv, 'bin', 'pip'), 'install', '--no-index',
+                        '--no-build-isolation', '--quiet', src],
+                       env=dict(env, DMCACHE_LIBRARY=lib), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    env['DMCACHE_SOCKET'] = daemon.socket
+    code = textwrap.dedent('''
+        import dmcache
+        print(dmcache.__file__)
+        print(dmcache.LIBRARY_PATH)
+        loader = dmcache.Loader('ct', batch_size=8, dtype='float32')
+        b = next(iter(loader))
+        print(tuple(b.images.shape))
+    ''')
+    r = subprocess.run([os.path.join(venv, 'bin', 'python'), '-c', code], env=env,
+                       capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.split('\n')
+    assert out[0].startswith(venv + '/lib/') and out[1] == os.path.abspath(lib), out
+    assert out[2] == '(8, 1, 1, 512, 512)', out
