@@ -248,3 +248,28 @@ def test_pip_install_into_a_venv(daemon, tmp_path):
     out = r.stdout.split('\n')
     assert out[0].startswith(venv + '/lib/') and out[1] == os.path.abspath(lib), out
     assert out[2] == '(8, 1, 1, 512, 512)', out
+
+
+def test_errors_name_what_was_tried_and_repr(daemon, tmp_path):
+    loader = dmcache.Loader('ct', batch_size=8, shuffle=True, seed=4, dtype='float16',
+                            arena_bytes=ARENA)
+    text = repr(loader)
+    for part in ("project 'ct'", 'version ' + loader.version, '72 items', '9 batches of 8',
+                 'seed=4', 'dtype=float16', 'collate=stack'):
+        assert part in text, text
+    loader.close()
+    # a socket that is not there: the path tried is named
+    sock = str(tmp_path / 'nothing.sock')
+    with pytest.raises(dmcache.ConnectError) as e:
+        dmcache.Loader('ct', socket=sock)
+    assert sock in str(e.value)
+    # a path that is not a dataset folder: never a Datamint project of that name
+    missing = str(tmp_path / 'no-such-folder')
+    with pytest.raises(FileNotFoundError) as e:
+        dmcache.Loader(missing)
+    assert os.path.join(missing, 'dataset.json') in str(e.value)
+    # a project the key does not see: the project, the server and the socket are named
+    with pytest.raises(dmcache.NotFoundError) as e:
+        dmcache.Loader('no-such-project')
+    assert "'no-such-project'" in str(e.value) and os.environ['DATAMINT_API_URL'] in \
+        str(e.value) and daemon.socket in str(e.value)

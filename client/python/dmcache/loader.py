@@ -248,6 +248,15 @@ class Loader:
             self.socket = socket if socket is not None else project.socket
             self.offline = project.offline if offline is None else bool(offline)
         else:
+            text = os.fspath(project) if isinstance(project, (str, os.PathLike)) else ''
+            if root is None and isinstance(text, str) and \
+                    (os.sep in text or text.startswith(('.', '~'))) and \
+                    not os.path.isfile(os.path.join(os.path.expanduser(text), 'dataset.json')):
+                # a path, not a project name: never a Datamint project of that name
+                raise FileNotFoundError(
+                    "no local dataset at '%s' (looked for %s)" %
+                    (text, os.path.join(os.path.abspath(os.path.expanduser(text)),
+                                        'dataset.json')))
             if root is None and os.path.isfile(os.path.join(os.fspath(project),
                                                             'dataset.json')):
                 root, project = os.path.dirname(os.path.abspath(project)), \
@@ -264,6 +273,22 @@ class Loader:
         self.project_name = first.project_name
         self.items = first.items
         self._running = self._running_token = None
+
+    def __repr__(self):
+        policy = ['dtype=%s' % self.dtype if self.dtype else 'dtype=source',
+                  'collate=%s' % self.collate]
+        for flag in ('lut', 'masks', 'copy'):
+            if getattr(self, flag):
+                policy.append('%s=True' % flag)
+        if self.frame_by_frame:
+            policy.append('return_frame_by_frame=True')
+        source = ("local folder '%s'" % self._project if self._source == _lib.SOURCE_LOCAL
+                  else "project '%s'" % (self.project_name or self._project))
+        return ('<dmcache.Loader %s version %s: %d items, %d batches of %d, shuffle=%s '
+                'seed=%d epoch=%d rank %d/%d, %s>' %
+                (source, self.version, self.items, len(self), self.batch_size,
+                 self.shuffle, self.seed, self.epoch, self.rank, self.world_size,
+                 ', '.join(policy)))
 
     # ---- order ----
     def set_epoch(self, epoch):
