@@ -273,3 +273,24 @@ def test_errors_name_what_was_tried_and_repr(daemon, tmp_path):
         dmcache.Loader('no-such-project')
     assert "'no-such-project'" in str(e.value) and os.environ['DATAMINT_API_URL'] in \
         str(e.value) and daemon.socket in str(e.value)
+
+
+def test_metadata_has_datasets_shapes_and_is_parsed_lazily(daemon):
+    ds = dmcache.Dataset(dataset_name='sample')
+    loader = dmcache.Loader('sample', batch_size=5, collate='list', arena_bytes=ARENA)
+    n = 0
+    for b in loader:
+        assert all(m._d is None for m in b.meta)  # nothing parsed until read
+        for m, i in zip(b.meta, b.indices):
+            _, dicom, info = ds[i]
+            for k in ('id', 'labels', 'annotations', 'filename'):
+                assert m[k] == info[k], (i, k)
+            assert m['resource']['id'] == info['id']
+            if dicom is None:
+                assert m['dicom'] is None
+            else:
+                assert m['dicom'].to_json_dict() == dicom.to_json_dict()
+            n += 1
+    assert n == 19
+    loader.close()
+    ds.close()

@@ -43,12 +43,14 @@ import math
 import mmap
 import os
 import weakref
+from collections.abc import Mapping
 from typing import Any, List, NamedTuple
 
 import numpy as np
 
 from . import _lib, errors
-from .dataset import TORCH_WIDEN, Dataset, resolve_source, to_torch, torch_module
+from . import _dicom
+from .dataset import TORCH_WIDEN, Dataset, image_labels, resolve_source, to_torch, torch_module
 
 PREFETCH_MAX = _lib.STREAM_AHEAD_MAX - 1
 # the daemon aligns arena allocations to 4096 bytes: with larger pages a private copy of
@@ -83,9 +85,61 @@ def _dtype_name(dtype):
         raise ValueError("dtype '%s' is not a dtype name" % (dtype,)) from None
 
 
+class ItemMeta(Mapping):
+    """One item's metadata, parsed on first use (the batch copies only its JSON bytes).
+    The same shapes as Dataset's for the item: the resource record's fields with 'labels'
+    (image_labels) and 'annotations', 'frame_index' for return_frame_by_frame, and
+    'dicom', Dataset's dicom_metainfo (a DicomMeta, or None); also the daemon's own keys
+    ('resource': the record as sent, 'frame'; with masks, 'labels' are the label map's
+    names)."""
+    __slots__ = ('_raw', '_d', '_frames')
+
+    def __init__(self, raw, frames=False):
+        self._raw, self._d, self._frames = raw, None, frames
+
+    def _dict(self):
+        if self._d is None:
+            m = json.loads(self._raw)
+            d = dict(m.get('resource') or {})
+            d['labels'] = image_labels(d)
+            d.setdefault('annotations', [])
+            if self._frames:
+                d['frame_index'] = m.get('frame')
+            d.update(m)
+            d['dicom'] = _LazyDicom(m.get('dicom'))
+            self._d, self._raw = d, None
+        return self._d
+
+    def __getitem__(self, key):
+        v = self._dict()[key]
+        if isinstance(v, _LazyDicom):
+            v = self._d[key] = v.value()
+        return v
+
+    def __iter__(self):
+        return iter(self._dict())
+
+    def __len__(self):
+        return len(self._dict())
+
+    def __repr__(self):
+        return 'ItemMeta(%r)' % ({k: self[k] for k in self},)
+
+
+class _LazyDicom:
+    __slots__ = ('raw',)
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def value(self):
+        return _dicom.from_item_meta(self.raw)
+
+
 class Batch(NamedTuple):
     """One batch: images (a stacked tensor or a list, see the module's docstring), meta
-    (per item, {"resource": record, "dicom": ...} as dicts, or None with metadata=False)
+    (per item an ItemMeta, parsed when first read: the shapes of Dataset's metainfo and
+    dicom_metainfo; None with metadata=False)
     and indices (the dataset indices of the items)."""
     images: Any
     meta: List[Any]
@@ -425,8 +479,8 @@ class Loader:
             else:
                 images = [v.copy() for v in views] if copy else views
         images = self._convert(images)
-        meta = [json.loads(_lib.item_meta(it)) for it in items] if self.metadata else \
-            [None] * len(items)
+        meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame) for it in items] \
+            if self.metadata else [None] * len(items)
         return Batch(images, meta, [int(it.index) for it in items])
 
     def _iterate(self, epoch):
