@@ -294,3 +294,37 @@ def test_metadata_has_datasets_shapes_and_is_parsed_lazily(daemon):
     assert n == 19
     loader.close()
     ds.close()
+
+
+@pytest.mark.parametrize('stop', [0, 3, 5])  # 5: the whole epoch (36 items a rank)
+def test_resume_after_n_batches_equals_the_uninterrupted_order(daemon, stop):
+    kw = dict(batch_size=8, shuffle=True, seed=9, dtype='float32', arena_bytes=ARENA,
+              metadata=False, world_size=2, rank=1)
+    whole = dmcache.Loader('ct', **kw)
+    whole.set_epoch(2)
+    expect = [(b.indices, b.images.clone()) for b in whole]
+    whole.close()
+    first = dmcache.Loader('ct', **kw)
+    first.set_epoch(2)
+    got = []
+    state = first.state_dict()  # before the first batch
+    for b in first:
+        if len(got) == stop:
+            break
+        got.append((b.indices, b.images.clone()))  # the training step on b
+        state = first.state_dict()  # a checkpoint after it
+    first.close()
+    assert state['position'] == stop and state['epoch'] == 2
+    state = json.loads(json.dumps(state))  # as saved in a checkpoint
+    second = dmcache.Loader('ct', **kw)
+    second.load_state_dict(state)
+    got += [(b.indices, b.images.clone()) for b in second]
+    assert [g[0] for g in got] == [e[0] for e in expect]
+    assert all(torch.equal(g[1], e[1]) for g, e in zip(got, expect))
+    assert second.state_dict()['position'] == len(expect)
+    second.set_epoch(3)
+    assert second.state_dict()['position'] == 0
+    with pytest.raises(ValueError) as e:
+        dmcache.Loader('ct', **dict(kw, batch_size=4)).load_state_dict(state)
+    assert 'batch_size' in str(e.value)
+    second.close()

@@ -295,6 +295,7 @@ class Loader:
         self.masks = bool(masks)
         self.offline = _lib.offline_default(offline)
         self.epoch = 0
+        self._position = 0  # batches of the epoch given out (state_dict)
         if isinstance(project, Dataset):
             self._source, self._project = project._source, project._project
             self._server, self._key = project._server, project._key
@@ -348,6 +349,36 @@ class Loader:
     def set_epoch(self, epoch):
         """Selects the epoch whose order the next iteration reads (as DistributedSampler)."""
         self.epoch = int(epoch)
+        self._position = 0
+
+    # ---- resume ----
+    def state_dict(self):
+        """Where this rank is: the epoch, the number of batches of it already given out
+        (position), and what fixes the order (seed, shuffle, drop_last, batch_size, rank,
+        world_size, items, version). load_state_dict() of it on a new Loader continues at
+        the next batch, without repeating or skipping an item."""
+        return {'epoch': self.epoch, 'position': self._position, 'seed': self.seed,
+                'shuffle': self.shuffle, 'drop_last': self.drop_last,
+                'batch_size': self.batch_size, 'rank': self.rank,
+                'world_size': self.world_size, 'items': self.items, 'version': self.version}
+
+    def load_state_dict(self, state):
+        """Continues from state_dict()'s position: the next iteration reads epoch
+        state['epoch'] from batch state['position'] on (the daemon's stream of that epoch,
+        its first batches skipped: they are read and released unused). The order must be
+        the same: a different batch_size, rank, world_size, shuffle, drop_last, item count
+        or version raises ValueError naming it."""
+        for k in ('batch_size', 'rank', 'world_size', 'shuffle', 'drop_last', 'items',
+                  'version'):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError('cannot resume: %s was %r, this Loader has %r' %
+                                 (k, state[k], getattr(self, k)))
+        position = int(state.get('position', 0))
+        if not 0 <= position <= len(self.batches(int(state['epoch']))):
+            raise ValueError('cannot resume: position %d is not within the epoch' % position)
+        self.seed = int(state.get('seed', self.seed))
+        self.epoch = int(state['epoch'])
+        self._position = position
 
     def indices(self, epoch=None):
         """This rank's item indices for `epoch` (default: the current one), in order."""
@@ -491,6 +522,7 @@ class Loader:
                                 rank=self.rank, world_size=self.world_size,
                                 ahead=self.prefetch + 1)
         held = None
+        skip, self._position = self._position, 0
         try:
             while True:
                 if held is not None:
@@ -500,7 +532,12 @@ class Loader:
                 if b is None:
                     break
                 held = b
+                if skip:
+                    skip -= 1
+                    self._position += 1
+                    continue
                 batch = self._make_batch(b, epoch)
+                self._position += 1
                 yield batch
                 del batch
         finally:
