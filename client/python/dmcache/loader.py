@@ -33,7 +33,11 @@ pass copy=True for copies. The arena is mapped copy-on-write: in-place operation
 (x.add_(1), x.sub_(mean), Normalize(inplace=True)) work, copy only the pages they write
 into this process's own memory, and are never seen by the daemon or another client. Those
 private pages are dropped when the batch is released (the next batch is asked for): a view
-kept past that shows whatever the daemon places there next. Where the page size is not
+kept past that shows whatever the daemon places there next. Reading costs nothing more
+(pages only read stay mapped from batch to batch); the first write of each page costs a
+page fault and a new page, which on some machines (virtual ones) is slower than copying
+the batch into reused memory: a loop that rewrites every batch whole (x.sub_(mean)) may
+run faster with copy=True. Where the page size is not
 4096 bytes (the daemon's allocation unit), batches are copies. Without torch the same
 holds with numpy arrays.
 """
