@@ -322,9 +322,43 @@ def test_resume_after_n_batches_equals_the_uninterrupted_order(daemon, stop):
     assert [g[0] for g in got] == [e[0] for e in expect]
     assert all(torch.equal(g[1], e[1]) for g, e in zip(got, expect))
     assert second.state_dict()['position'] == len(expect)
+    # iterated again (no set_epoch): the whole epoch again, from its first batch
+    assert [b.indices for b in second] == [e[0] for e in expect]
     second.set_epoch(3)
     assert second.state_dict()['position'] == 0
     with pytest.raises(ValueError) as e:
         dmcache.Loader('ct', **dict(kw, batch_size=4)).load_state_dict(state)
     assert 'batch_size' in str(e.value)
     second.close()
+
+
+def test_indices_and_weights(daemon, ct_reference):
+    subset = [70, 3, 5, 64, 10, 11, 12, 40, 41, 42, 43]
+    seen = []
+    for rank in range(2):
+        loader = dmcache.Loader('ct', batch_size=4, shuffle=True, seed=2, dtype='int32',
+                                indices=subset, rank=rank, world_size=2, metadata=False)
+        assert len(loader) == 2
+        for b in loader:
+            assert isinstance(b.images, torch.Tensor)
+            assert torch.equal(b.images, expect_batch(ct_reference, b.indices))
+            seen += b.indices
+        again = [b.indices for b in loader]
+        assert sum(again, []) == loader.indices()
+        loader.close()
+    # every item of the subset once, one repeated to fill the second rank (12 = 2 * 6)
+    assert len(seen) == 12 and set(seen) == set(subset)
+    w = np.zeros(72)
+    w[[1, 2, 30]] = [1, 1, 2]
+    loader = dmcache.Loader('ct', batch_size=8, seed=6, dtype='float32', weights=w,
+                            num_samples=40, metadata=False)
+    drawn = [i for b in loader for i in b.indices]
+    assert len(drawn) == 40 and set(drawn) <= {1, 2, 30} and drawn.count(30) > 10
+    assert drawn == [i for b in loader for i in b.indices]  # seeded
+    loader.set_epoch(1)
+    assert [i for b in loader for i in b.indices] != drawn
+    loader.close()
+    with pytest.raises(ValueError):
+        dmcache.Loader('ct', indices=[72])
+    with pytest.raises(ValueError):
+        dmcache.Loader('ct', weights=[1.0] * 3)

@@ -245,7 +245,8 @@ class Loader:
                world_size=None, version='latest', root=None, api_key=None,
                server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
                metadata=True, socket=None, copy=False, return_frame_by_frame=False,
-               masks=False, offline=None, collate='stack')
+               masks=False, offline=None, collate='stack', indices=None, weights=None,
+               num_samples=None)
 
     project: a Datamint project (name or id), a local dataset folder (with dataset.json),
     a name under root as for Dataset, or a dmcache.Dataset (its source and pinned
@@ -257,6 +258,10 @@ class Loader:
     Datamint-style normalisation: items come in their source dtype (or `dtype`). prefetch
     (0 to 7): batches the daemon keeps ready beyond the next one. copy=True gives copies
     instead of views (views are writable too: see the module's docstring). return_frame_by_frame=True makes every frame an item of shape (1, C, H, W).
+    indices= reads only those items (in the daemon's order of their positions, shuffled
+    and sharded as the whole dataset is); weights= (one per item) draws num_samples
+    (default: the item count) items with replacement, seeded by (seed, epoch). Both read
+    with GETs of each batch (copies), not the daemon's stream.
     masks=True reads each item's segmentation label map instead of its image: uint8
     (frames, 1, H, W) on the image's grid, 0 background, k + 1 for meta[i]['labels'][k].
     """
@@ -265,7 +270,8 @@ class Loader:
                  rank=None, world_size=None, version='latest', root=None, api_key=None,
                  server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
                  metadata=True, socket=None, copy=False, return_frame_by_frame=False,
-                 masks=False, offline=None, collate='stack'):
+                 masks=False, offline=None, collate='stack', indices=None, weights=None,
+                 num_samples=None):
         if not 1 <= int(batch_size) <= _lib.GET_MAX:
             raise ValueError('batch_size must be 1 to %d' % _lib.GET_MAX)
         if not 0 <= int(prefetch) <= PREFETCH_MAX:
@@ -300,6 +306,7 @@ class Loader:
         self.offline = _lib.offline_default(offline)
         self.epoch = 0
         self._position = 0  # batches of the epoch given out (state_dict)
+        self._resume = 0    # batches the next iteration skips (load_state_dict)
         if isinstance(project, Dataset):
             self._source, self._project = project._source, project._project
             self._server, self._key = project._server, project._key
@@ -332,6 +339,27 @@ class Loader:
         self.project_name = first.project_name
         self.items = first.items
         self._running = self._running_token = None
+        self._subset = self._weights = None
+        self._num_samples = 0
+        if indices is not None and weights is not None:
+            raise ValueError('indices= and weights= exclude each other')
+        if indices is not None:
+            sub = [int(i) for i in indices]
+            bad = [i for i in sub if not 0 <= i < self.items]
+            if bad or not sub:
+                self.close()
+                raise ValueError('indices= must name items 0 to %d (got %s)' %
+                                 (self.items - 1, bad[:5] if bad else 'none'))
+            self._subset = sub
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64).reshape(-1)
+            if w.shape[0] != self.items or not np.all(np.isfinite(w)) or (w < 0).any() or \
+                    w.sum() <= 0:
+                self.close()
+                raise ValueError('weights= must be %d finite, non-negative numbers, not all '
+                                 'zero (one per item)' % self.items)
+            self._weights = w / w.sum()
+            self._num_samples = int(num_samples) if num_samples else self.items
 
     def __repr__(self):
         policy = ['dtype=%s' % self.dtype if self.dtype else 'dtype=source',
@@ -353,7 +381,7 @@ class Loader:
     def set_epoch(self, epoch):
         """Selects the epoch whose order the next iteration reads (as DistributedSampler)."""
         self.epoch = int(epoch)
-        self._position = 0
+        self._position = self._resume = 0
 
     # ---- resume ----
     def state_dict(self):
@@ -382,12 +410,26 @@ class Loader:
             raise ValueError('cannot resume: position %d is not within the epoch' % position)
         self.seed = int(state.get('seed', self.seed))
         self.epoch = int(state['epoch'])
-        self._position = position
+        self._position = self._resume = position
 
     def indices(self, epoch=None):
         """This rank's item indices for `epoch` (default: the current one), in order."""
-        return rank_indices(self.items, self.epoch if epoch is None else epoch, self.seed,
-                            self.shuffle, self.rank, self.world_size, self.drop_last)
+        epoch = self.epoch if epoch is None else epoch
+        if self._weights is not None:
+            # with replacement, seeded by (seed, epoch); then DistributedSampler's partition
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            drawn = rng.choice(self.items, size=self._num_samples, replace=True,
+                               p=self._weights).tolist()
+            pos = rank_indices(len(drawn), epoch, self.seed, False, self.rank,
+                               self.world_size, self.drop_last)
+            return [drawn[p] for p in pos]
+        if self._subset is not None:
+            # the subset in the daemon's order of its positions (the same permutation)
+            pos = rank_indices(len(self._subset), epoch, self.seed, self.shuffle, self.rank,
+                               self.world_size, self.drop_last)
+            return [self._subset[p] for p in pos]
+        return rank_indices(self.items, epoch, self.seed, self.shuffle, self.rank,
+                            self.world_size, self.drop_last)
 
     def batches(self, epoch=None):
         idx = self.indices(epoch)
@@ -518,7 +560,54 @@ class Loader:
             if self.metadata else [None] * len(items)
         return Batch(images, meta, [int(it.index) for it in items])
 
+    def _iterate_get(self, epoch):
+        """indices= / weights=: each batch GET and copied, then released."""
+        token = self._running_token = object()
+        conn = self._connections()[0]
+        batches = self.batches(epoch)
+        skip, self._resume, self._position = self._resume, 0, 0
+        try:
+            for number, idx in enumerate(batches):
+                self._position += 1
+                if number < skip:
+                    continue
+                items = conn.ds.get(idx)
+                try:
+                    batch = self._batch_from_items(items, epoch, number)
+                finally:
+                    conn.ds.release(items)
+                yield batch
+                del batch
+        finally:
+            if self._running_token is token:
+                self._running, self._running_token = None, None
+
+    def _batch_from_items(self, items, epoch, number):
+        items = list(items)
+        for it in items:
+            if it.status:
+                raise _lib.item_error(it)
+        first = items[0]
+        uniform = all(it.dtype == first.dtype and tuple(it.shape) == tuple(first.shape)
+                      for it in items)
+        if not uniform and self.collate == 'stack':
+            raise self._mismatch(items, epoch, number)
+        arrays = [_numpy_region(it.data, it.nbytes, np.dtype(_lib.DTYPES[it.dtype]),
+                                tuple(it.shape)).copy() for it in items]
+        images = np.stack(arrays) if uniform else arrays
+        torch = torch_module()
+        if torch is not None:
+            images = to_torch(torch, images) if uniform else [to_torch(torch, a)
+                                                               for a in images]
+        images = self._convert(images)
+        meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame) for it in items] \
+            if self.metadata else [None] * len(items)
+        return Batch(images, meta, [int(it.index) for it in items])
+
     def _iterate(self, epoch):
+        if self._subset is not None or self._weights is not None:
+            yield from self._iterate_get(epoch)
+            return
         token = self._running_token = object()
         conn = self._connections()[0]
         stream = conn.ds.stream(self.batch_size, seed=self.seed, epoch=epoch,
@@ -526,7 +615,7 @@ class Loader:
                                 rank=self.rank, world_size=self.world_size,
                                 ahead=self.prefetch + 1)
         held = None
-        skip, self._position = self._position, 0
+        skip, self._resume, self._position = self._resume, 0, 0
         try:
             while True:
                 if held is not None:
