@@ -70,7 +70,7 @@ GDCMCONV_FLAGS = {'implicit': ['-M'], 'rle': ['-R'], 'jpeg-lossless': ['-J'],
 LOSSLESS_TS = {'1.2.840.10008.1.2', '1.2.840.10008.1.2.1', '1.2.840.10008.1.2.2',
                '1.2.840.10008.1.2.1.99', '1.2.840.10008.1.2.5', '1.2.840.10008.1.2.4.57',
                '1.2.840.10008.1.2.4.70', '1.2.840.10008.1.2.4.80', '1.2.840.10008.1.2.4.90'}
-NIFTI_MIME = 'application/x-nifti'  # datamint-api.md §3.4 (upload mimetype of NIfTI)
+NIFTI_MIME = 'application/nifti'  # the mimetype the clients dispatch on (tests/emulator/README.md)
 
 
 def sha256(data):
@@ -637,7 +637,8 @@ def build_sample(c, tmpdir):
         hu, liver, spine = ct_slice(z, nz)
         syn = 'explicit' if z < 4 else 'jpeg-lossless'
         data = dicom_bytes(hu, pixel_repr=1, key=('sample', 'ct', z), z=z,
-                           extra={'SeriesDescription': 'Sample abdomen CT'})
+                           extra={'SeriesDescription': 'Sample abdomen CT', 'PatientSex': 'F',
+                                  'PatientAge': '054Y', 'PatientWeight': '80.0000'})
         if syn != 'explicit':
             data = gdcmconv(data, syn, tmpdir, 'sample_%d' % z)
         anns = []
@@ -668,7 +669,8 @@ def build_sample(c, tmpdir):
     frames = np.stack([(ct_slice(z, 4, 128)[0].astype(np.int32) + 1024).astype(np.uint16)
                        for z in range(4)])
     data = dicom_bytes(frames, pixel_repr=0, intercept=-1024.0, key=('sample', 'mf', 0),
-                       frames=4, sop_class='1.2.840.10008.5.1.4.1.1.7.3', modality='OT')
+                       frames=4, sop_class='1.2.840.10008.5.1.4.1.1.7.3', modality='OT',
+                       extra={'PatientSex': 'M', 'SliceLocation': '-0.0'})
     c.resource('sample', 'files/multiframe_4x128.dcm', data, mimetype='application/dicom',
                modality='OT', channel='CT scans', tags=['multiframe'],
                metadata={'width': 128, 'height': 128, 'frame_count': 4},
@@ -746,6 +748,27 @@ def build_sample(c, tmpdir):
                annotations=[{'type': 'label', 'identifier': 'normal'}],
                format='nifti2', gzip=False, dtype='float32', shape=[nz2, 1, ny, nx],
                compare='exact', pixels_sha256=pixels_sha256(f32.transpose(2, 1, 0)[:, None], 'float32'))
+
+
+def build_xray(c):
+    """The Datamint guide's example data: 8 X-rays of one size, each with PatientSex and an
+    image label 'fracture' or 'normal', so both guide examples (a DataLoader stacking the
+    images, dicom_metainfo.PatientSex, 'fracture' in metainfo['labels']) run unchanged."""
+    c.project('xray', 'Guide example: digital X-rays with PatientSex and fracture labels')
+    for i in range(8):
+        px = (pattern(64, 48, 60 + i) * 4000 + 100).astype(np.uint16)
+        sex = 'F' if i % 3 else 'M'
+        data = dicom_bytes(px, pixel_repr=0, modality='DX', key=('xray', 'dx', i), z=i,
+                           sop_class='1.2.840.10008.5.1.4.1.1.1.1',
+                           extra={'PatientSex': sex, 'BodyPartExamined': 'HAND'})
+        label = 'fracture' if i % 2 == 0 else 'normal'
+        c.resource('xray', 'files/xr_%02d.dcm' % i, data, mimetype='application/dicom',
+                   modality='DX', channel='xray', tags=['xray'],
+                   metadata={'width': 48, 'height': 64},
+                   annotations=[{'type': 'label', 'identifier': label}], format='dicom',
+                   transfer_syntax=TS['explicit'], dtype='uint16', shape=[1, 1, 64, 48],
+                   compare='exact', pixels_sha256=pixels_sha256(px[None, None], 'uint16'),
+                   patient_sex=sex)
 
 
 def build_bad(c, tmpdir):
@@ -932,6 +955,7 @@ def main():
         build_ct(c, work, args.jobs)
         build_formats(c, work)
         build_bad(c, work)
+        build_xray(c)
     c.finish()
     old = out + '.old'
     shutil.rmtree(old, ignore_errors=True)

@@ -56,7 +56,7 @@ def test_manifest_matches_files(corpus):
     sample = json.load(open(os.path.join(d, 'projects', 'sample', 'project.json')))
     assert 15 <= len(sample['resources']) <= 25
     kinds = collections.Counter(r['mimetype'] for r in sample['resources'])
-    assert set(kinds) == {'application/dicom', 'image/png', 'image/jpeg', 'application/x-nifti'}
+    assert set(kinds) == {'application/dicom', 'image/png', 'image/jpeg', 'application/nifti'}
     segs = [a for r in sample['resources'] for a in r['annotations'] if a['type'] == 'segmentation']
     assert len(segs) >= 3
 

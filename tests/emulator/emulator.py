@@ -36,8 +36,9 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from faults import FaultError, Faults  # noqa: E402
-from store import (BadRequest, Conflict, Content, LazyList, NotFound, Store, has_lazy,  # noqa: E402
-                   iter_json, parse_bool)
+import store  # noqa: E402
+from store import (NIFTI_MIME, BadRequest, Conflict, Content, LazyList, NotFound, Store,  # noqa: E402
+                   has_lazy, iter_json, parse_bool)
 
 MAX_BODY = 1 << 30
 ZIP_MAX_ITEMS = 20000
@@ -45,7 +46,7 @@ CHUNK = 256 * 1024
 REASONS = {400: 'Bad Request', 401: 'Unauthorized', 403: 'Forbidden', 404: 'Not Found',
            405: 'Method Not Allowed', 409: 'Conflict', 413: 'Payload Too Large',
            416: 'Range Not Satisfiable', 429: 'Too Many Requests',
-           500: 'Internal Server Error', 502: 'Bad Gateway', 503: 'Service Unavailable',
+           500: 'Internal Server Error', 501: 'Not Implemented', 502: 'Bad Gateway', 503: 'Service Unavailable',
            504: 'Gateway Timeout'}
 
 
@@ -532,12 +533,16 @@ class Handler(BaseHTTPRequestHandler):
                     return json_resp({'id': p[1], 'deleted': True})
                 if n == 3 and p[2] == 'resources' and m == 'GET':
                     off, lim = page_args(q)
-                    return json_resp(st.project_resources(key, proj, off, lim))
+                    return json_resp(st.project_resources(key, proj, off, lim,
+                                                          parse_bool(q.get('deleted'), False)))
                 if n == 3 and p[2] == 'resources' and m == 'POST':
                     b = js()
                     st.add_to_project(key, proj, b.get('resource_ids_to_add') or [],
                                       b.get('resource_ids_to_delete') or [])
                     return json_resp({'id': proj['id'], 'success': True}, 201)
+                if n == 3 and m == 'GET' and p[2] in ('worklists', 'splits', 'members',
+                                                      'annotation-statuses', 'models'):
+                    return json_resp(self.project_v2(st, key, proj, p[2], q))
                 if n == 3 and p[2] == 'annotated_dataset' and m == 'GET':
                     return self.zip_download(proj, key, gen='B',
                                              all_annotations=parse_bool(q.get('all_annotations'), False),
@@ -582,6 +587,11 @@ class Handler(BaseHTTPRequestHandler):
                 total = len(chans)
                 chans = chans[off:None if lim is None else off + lim]
                 return json_resp({'data': chans, 'totalCount': str(total)})
+            if n == 2 and p[1] == 'not-annotated' and m == 'GET':
+                items = st.not_annotated(key, q)
+                off, lim = page_args(q)
+                page = items[off:None if lim is None else off + lim]
+                return json_resp({'data': [{'resources': page}], 'totalCount': len(items)})
             if n == 2 and p[1] == 'tags' and m == 'PUT':
                 b = js()
                 ids = b.get('resource_ids')
@@ -599,7 +609,8 @@ class Handler(BaseHTTPRequestHandler):
                 return json_resp({'success': True})
             if n >= 2:
                 if n == 2 and m == 'GET':
-                    return json_resp(st.resource_json(key, p[1]))
+                    return json_resp(st.resource_json(key, p[1],
+                                                      parse_bool(q.get('deleted'), False)))
                 if n == 2 and m == 'DELETE':
                     st.delete_resource(key, p[1])
                     return json_resp({'id': p[1], 'deleted': True})
@@ -609,12 +620,18 @@ class Handler(BaseHTTPRequestHandler):
                     self.served = p[1]
                     ctype = r['mimetype'] if r else 'application/octet-stream'
                     return self.file_resp(content, ctype or 'application/octet-stream')
+                if n == 4 and p[2] == 'frames' and m == 'GET':
+                    return self.frame(st, key, p[1], p[3])
                 if n == 3 and p[2] == 'publish' and m == 'POST':
                     r = st.publish(key, p[1])
                     return json_resp(st.resource_public(r), 201)
-                if n == 3 and p[2] in ('tags', 'labels') and m == 'PUT':
+                if n == 3 and p[2] == 'tags' and m == 'PUT':
                     b = js()
-                    r = st.set_tags(key, p[1], b.get(p[2]))
+                    r = st.set_tags(key, p[1], b.get('tags'))
+                    return json_resp(st.resource_public(r))
+                if n == 3 and p[2] == 'labels' and m == 'PUT':
+                    b = js()
+                    r = st.set_labels(key, p[1], b.get('labels'), b.get('frame_labels'))
                     return json_resp(st.resource_public(r))
         # §3.6 annotations
         if p[:1] == ['annotations']:
@@ -654,15 +671,68 @@ class Handler(BaseHTTPRequestHandler):
                     if not a['_path']:
                         raise NotFound('Annotation file not found')
                     name = (a['associated_file'] or '').lower()
-                    ctype = ('application/x-nifti' if '.nii' in name else
+                    ctype = (NIFTI_MIME if '.nii' in name else
                              'image/png' if name.endswith('.png') else 'application/octet-stream')
                     return self.file_resp(st.file_content(a), ctype)
+        # 2.x annotation worklists ("annotationsets")
+        if p[:1] == ['annotationsets'] and n in (2, 3) and m == 'GET':
+            proj = st.worklist_of(key, p[1])
+            if n == 2:
+                return json_resp(st.worklist_public(proj))
+            if p[2] == 'segmentation-group':
+                return json_resp(st.segmentation_group(proj))
+            if p[2] == 'annotation-statuses':
+                return json_resp(st.annotation_statuses(proj))
+        if p == ['users', 'me'] and m == 'GET':
+            return json_resp(st.user_public(key.user))
+        if p == ['models'] and m == 'GET':
+            return json_resp({'data': [], 'totalCount': 0})
+        # §3.8 upload batches (the 2024 clients' create_batch / get_batches / get_batch_info)
+        if p[:1] == ['upload-batches']:
+            if n == 1 and m == 'GET':
+                items = st.list_batches(key)
+                off, lim = page_args(q)
+                return json_resp({'data': items[off:None if lim is None else off + lim]})
+            if n == 1 and m == 'POST':
+                return json_resp({'id': st.create_batch(key, js())['id']}, 201)
+            if n == 2 and m == 'GET':
+                return json_resp(st.get_batch(key, p[1]))
         if p == ['users'] and m == 'GET':
             return json_resp([{'email': u, 'firstname': u.split('@')[0].capitalize(),
                                'lastname': 'Example', 'roles': ['admin'],
                                'customer_id': None, 'created_at': '2025-01-01T00:00:00.000Z'}
                               for u in st.users()])
         raise NotFound('Cannot %s %s' % (self.command, path))
+
+    def project_v2(self, st, key, proj, what, q):
+        if what == 'worklists':
+            # get_by_project remaps worklist_id/worklist_name (annotationsets_api.py l.197-207)
+            w = st.worklist_public(proj, full=False)
+            w['worklist_id'], w['worklist_name'] = w.pop('id'), w.pop('name')
+            return [w]
+        if what == 'splits':
+            return st.splits(proj, q.get('split_name') or None)
+        if what == 'members':
+            return st.members(key, proj)
+        if what == 'annotation-statuses':
+            return st.annotation_statuses(proj)
+        return []  # models: the project's models (none here)
+
+    def frame(self, st, key, rid, idx):
+        """GET /resources/{id}/frames/{i} (resources_api.py@v2.29.0 l.1226-1238): one frame
+        as an image. An image resource is its own frame 0; other formats are not rendered
+        here (501, which the client raises as a server error)."""
+        r = st.get_resource(key, rid, allow_deleted=False)
+        try:
+            i = int(idx)
+        except ValueError:
+            raise BadRequest('frame index must be an integer')
+        mt = r['mimetype'] or ''
+        if mt.startswith('image/'):
+            if i != 0:
+                raise BadRequest('Resource is not a multi-frame resource')
+            return self.file_resp(st.content(key, rid), mt)
+        raise HTTPError(501, 'frame rendering of %s is not emulated' % mt)
 
     def multipart(self, body):
         ctype = self.headers.get('Content-Type') or ''
@@ -686,6 +756,10 @@ class Handler(BaseHTTPRequestHandler):
         total, segs, rev = st.list_resources(key, q)
         off, lim = page_args(q)
         items = st.page(segs, rev, off, lim)
+        if parse_bool(q.get('ids'), False):
+            # ids=true (1.x get_resources(return_ids_only=True)): the same envelope, each
+            # resource reduced to its id
+            items = ['{"id":%s}' % json.dumps(json.loads(t)['id']) for t in items]
         text = '{"data":[{"resources":[' + ','.join(items) + ']}],"totalCount":%d}' % total
         return Resp(200, text.encode())
 
@@ -702,7 +776,9 @@ class Handler(BaseHTTPRequestHandler):
         if fmt not in ('dicom', 'png', 'jpg', 'tiff', 'npy', 'nifti'):
             raise BadRequest('unknown download format %r' % fmt)
         app = self.server.app
-        path, count = self.build_zip(proj, key, all_annotations=True, include_unannotated=True)
+        # a dataset version: every resource, published annotations (what the client's
+        # Dataset sees by default in every generation, all_annotations=False)
+        path, count = self.build_zip(proj, key, all_annotations=False, include_unannotated=True)
         token = uuid.uuid4().hex
         app.store.tokens[token] = {'path': path, 'name': proj['name']}
         accept = self.headers.get('Accept') or ''
@@ -939,6 +1015,9 @@ def main(argv=None):
                     help='install a fault rule at start (see faults.py)')
     ap.add_argument('--token-style', choices=('sse', 'json'), default='sse',
                     help='Generation A token answer when Accept does not decide (§3.3.1)')
+    ap.add_argument('--not-found-style', choices=('nest', 'text'), default='nest',
+                    help="404 text of a missing entity: 'Not Found' (nest, the seed-era and "
+                    "2.x clients) or '<Entity> not found' (text, the 1.x clients)")
     ap.add_argument('--tls-cert')
     ap.add_argument('--tls-key')
     ap.add_argument('--state-dir', help='where uploads and ZIPs go (default: a temp dir)')
@@ -952,6 +1031,7 @@ def main(argv=None):
     keys = args.keys or (os.path.join(args.corpus, 'keys.json') if args.corpus else None)
     if not keys or not os.path.isfile(keys):
         ap.error('a keys file is needed: --keys FILE or --corpus DIR with keys.json')
+    store.ENTITY_STYLE[0] = args.not_found_style
     app = App(args)
     st = app.store
     try:

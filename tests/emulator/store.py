@@ -20,7 +20,27 @@ SYNTH_MIME = 'application/octet-stream'
 
 
 class NotFound(Exception):
-    """Missing or not entitled: both look the same to a client (DESIGN.md §7)."""
+    """Missing or not entitled: both look the same to a client (DESIGN.md §7).
+
+    An entity that does not exist answers 404 {"statusCode":404,"message":"Not Found",...}
+    (NestJS's NotFoundException without a text): the seed-era client raises
+    ResourceNotFoundError only when message == 'Not Found' (datamintapi/api_handler.py
+    @af98a24 _check_errors_response), the 2.x client on 'Not Found' in the text
+    (datamint/api/base_api.py@v2.29.0 line 451). The 1.x clients (2024-11-12 to 1.9.3) want
+    ' not found' in the message instead: with --not-found-style text (ENTITY_STYLE) the
+    descriptive text ('Resource not found') is sent."""
+
+    def __init__(self, message='Not Found', entity=False):
+        if entity and ENTITY_STYLE[0] == 'nest':
+            message = 'Not Found'
+        super().__init__(message)
+
+
+ENTITY_STYLE = ['nest']  # 'nest' | 'text' (emulator --not-found-style)
+
+
+def entity_not_found(what):
+    return NotFound('%s not found' % what, entity=True)
 
 
 class BadRequest(Exception):
@@ -98,6 +118,24 @@ def has_lazy(obj):
     if isinstance(obj, list):
         return any(has_lazy(v) for v in obj)
     return False
+
+
+NIFTI_MIME = 'application/nifti'  # what the clients dispatch on (api_handler.py@af98a24
+# line 1034 convert_format; medimgkit DEFAULT_NIFTI_MIME at v2.29.0)
+NIFTI_MIMES = ('application/nifti', 'application/x-nifti', 'image/x.nifti')
+
+
+def norm_mime(m):
+    """Upload mimetypes as stored: every NIfTI name becomes application/nifti."""
+    return NIFTI_MIME if (m or '').lower() in NIFTI_MIMES else m
+
+
+def _label_pos(k):
+    """labels[10] after labels[9]."""
+    try:
+        return (0, int(k[7:-1])) if k.startswith('labels[') else (1, 0)
+    except ValueError:
+        return (1, 0)
 
 
 def storage_for(mimetype):
@@ -326,6 +364,7 @@ class Store:
         self.annotations = {}       # id -> annotation dict
         self.synthetic = []         # SyntheticProject
         self.tokens = {}            # Gen A download token -> zip info
+        self.batches = {}           # upload batch id -> batch (datamint-api.md 3.8)
         self.blob_seq = 0
 
     def close(self):
@@ -440,14 +479,14 @@ class Store:
     def get_project(self, key, pid):
         p = self.projects.get(pid)
         if p is None or not key.sees_project(p['name']):
-            raise NotFound('Project not found')
+            raise entity_not_found('Project')
         return p
 
     def project_by_dataset(self, key, did):
         for p in self.projects.values():
             if p['dataset_id'] == did and key.sees_project(p['name']):
                 return p
-        raise NotFound('Dataset not found')
+        raise entity_not_found('Dataset')
 
     def create_project(self, key, body):
         name = body.get('name')
@@ -525,7 +564,7 @@ class Store:
         res = {'id': rid, 'resource_uri': '/resources/%s/file' % rid,
                'storage': storage_for(mimetype), 'location': 'resources/%s/%s' % (customer, rid),
                'upload_channel': channel if channel else 'Unknown', 'filename': filename,
-               'modality': modality, 'mimetype': mimetype,
+               'modality': modality, 'mimetype': norm_mime(mimetype),
                'size': size if size is not None else os.path.getsize(path),
                'upload_mechanism': 'api', 'customer_id': customer, 'status': status,
                'created_at': created_at, 'created_by': owner, 'published': published,
@@ -541,13 +580,18 @@ class Store:
         self.resources[rid] = res
         return res
 
+    def image_labels(self, r):
+        """The resource's labels: names of its image-scoped label annotations."""
+        return sorted({self.annotations[a]['identifier'] for a in r['_annotations']
+                       if self.annotations[a]['annotation_type'] == 'label'
+                       and self.annotations[a]['frame_index'] is None
+                       and not self.annotations[a]['deleted']})
+
     def resource_public(self, r):
         out = {k: v for k, v in r.items() if not k.startswith('_')}
         out['projects'] = [{'id': pid, 'name': self.projects[pid]['name']}
                            for pid in r['_projects'] if pid in self.projects]
-        out['labels'] = sorted({self.annotations[a]['identifier'] for a in r['_annotations']
-                                if self.annotations[a]['annotation_type'] == 'label'
-                                and self.annotations[a]['frame_index'] is None})
+        out['labels'] = self.image_labels(r)
         return out
 
     def sees_resource(self, key, r):
@@ -566,17 +610,18 @@ class Store:
     def get_resource(self, key, rid, allow_deleted=True):
         r = self.resources.get(rid)
         if r is None or not self.sees_resource(key, r) or (r['deleted'] and not allow_deleted):
-            raise NotFound('Resource not found')
+            raise entity_not_found('Resource')
         return r
 
-    def resource_json(self, key, rid):
+    def resource_json(self, key, rid, deleted=False):
+        """GET /resources/{id}: a deleted resource is not found unless deleted=true."""
         r = self.resources.get(rid)
         if r is None:
             sp, i = self.find_synthetic(rid)
             if sp is None or not key.sees_project(sp.name):
-                raise NotFound('Resource not found')
+                raise entity_not_found('Resource')
             return sp.item(i)
-        return self.resource_public(self.get_resource(key, rid))
+        return self.resource_public(self.get_resource(key, rid, allow_deleted=deleted))
 
     def content(self, key, rid):
         """(kind, handle, size, etag) for GET /resources/{id}/file."""
@@ -584,11 +629,11 @@ class Store:
         if r is None:
             sp, i = self.find_synthetic(rid)
             if sp is None or not key.sees_project(sp.name):
-                raise NotFound('Resource not found')
+                raise entity_not_found('Resource')
             return Content(synthetic=(sp, i), size=sp.size, etag=sp.etag(i))
         r = self.get_resource(key, rid)
         if r['deleted']:
-            raise NotFound('Resource not found')
+            raise entity_not_found('Resource')
         return self.file_content(r)
 
     def file_content(self, obj):
@@ -610,7 +655,7 @@ class Store:
             if r is None:
                 sp, i = self.find_synthetic(rid)
                 if sp is None:
-                    raise NotFound('Resource not found')
+                    raise entity_not_found('Resource')
                 if data is not None:
                     raise BadRequest('synthetic content can only be mutated, not replaced')
                 sp.versions[i] = sp.versions.get(i, 0) + 1
@@ -632,10 +677,13 @@ class Store:
 
     def upload(self, key, fields, file_name, file_ctype, data):
         """POST /resources (datamint-api.md §3.4 upload fields)."""
-        mimetype = fields.get('mimetype') or file_ctype or 'application/octet-stream'
-        tags = fields.get('tags') or fields.get('labels') or ''
-        tags = [t for t in (x.strip() for x in tags.split(',')) if t]
-        tags += [v for k, v in sorted(fields.items()) if k.startswith('labels[')]
+        mimetype = norm_mime(fields.get('mimetype') or file_ctype or 'application/octet-stream')
+        tags = [t for t in (x.strip() for x in (fields.get('tags') or '').split(',')) if t]
+        # labels (the 2024 clients' `labels[i]` fields, or `labels` comma-separated) are
+        # image labels: label annotations by the uploader, as metainfo['labels'] shows them
+        labels = [t for t in (x.strip() for x in (fields.get('labels') or '').split(',')) if t]
+        labels += [v.strip() for k, v in sorted(fields.items(), key=lambda kv: _label_pos(kv[0]))
+                   if k.startswith('labels[') and v.strip()]
         metadata = {}
         if fields.get('metadata'):
             try:
@@ -651,7 +699,161 @@ class Store:
                 status='published' if publish else 'inbox', created_at=self.clock.now(),
                 owner=key.user, metadata=metadata if isinstance(metadata, dict) else {},
                 source_filepath=fields.get('source_filepath') or fields.get('filepath'))
+            for name in dict.fromkeys(labels):
+                self._make_annotation(r, {'type': 'label', 'identifier': name,
+                                          'created_by': key.user}, None, None, self.clock.now())
             return r
+
+    def set_labels(self, key, rid, labels, frame_labels=None):
+        """PUT /resources/{id}/labels (2024 set_resource_labels): the image labels (and
+        frame labels, [{label, frame}]) become the resource's label annotations."""
+        if not isinstance(labels, list) or not all(isinstance(t, str) for t in labels):
+            raise BadRequest('labels must be a list of strings')
+        fl = []
+        for f in frame_labels or ():
+            names = f.get('label') if isinstance(f, dict) else None
+            names = names.split(',') if isinstance(names, str) else names
+            if not isinstance(names, list) or not isinstance(f.get('frame'), int):
+                raise BadRequest('frame_labels must be [{"label", "frame"}]')
+            fl += [(n, f['frame']) for n in names if isinstance(n, str) and n]
+        with self.lock:
+            r = self.get_resource(key, rid, allow_deleted=False)
+            now = self.clock.now()
+            for a in r['_annotations']:
+                ann = self.annotations[a]
+                if ann['annotation_type'] == 'label' and not ann['deleted'] and (
+                        ann['frame_index'] is None or frame_labels is not None):
+                    ann.update(deleted=True, deleted_at=now, deleted_by=key.user)
+            for name in dict.fromkeys(labels):
+                self._make_annotation(r, {'type': 'label', 'identifier': name,
+                                          'created_by': key.user}, self._default_worklist(r),
+                                      None, now)
+            for name, frame in dict.fromkeys(fl):
+                self._make_annotation(r, {'type': 'label', 'identifier': name,
+                                          'frame_index': frame, 'created_by': key.user},
+                                      self._default_worklist(r), None, now)
+            self.touch(r['_projects'])
+            return r
+
+    # ---- routes of the 2.x client's Dataset (tests/emulator/README.md, "2.x routes") ----
+    def _project_annotations(self, p):
+        return [self.annotations[a] for r in p['_resources'] if not self.resources[r]['deleted']
+                for a in self.resources[r]['_annotations'] if not self.annotations[a]['deleted']]
+
+    def worklist_of(self, key, wid):
+        for p in self.visible_projects(key):
+            if p['worklist_id'] == wid:
+                return p
+        raise entity_not_found('Annotation worklist')
+
+    def worklist_public(self, p, full=True):
+        """AnnotationWorklist (datamint/entities/annotation_worklist.py@v2.29.0 l.57-64)."""
+        with self.lock:
+            anns = [] if p['_synthetic'] else self._project_annotations(p)
+            specs = {}
+            for a in anns:
+                if a['annotation_type'] == 'segmentation':
+                    continue
+                k = (a['scope'], a['identifier'], a['annotation_type'])
+                sp = specs.setdefault(k, {'type': a['annotation_type'], 'scope': a['scope'],
+                                          'required': False, 'identifier': a['identifier']})
+                if a['annotation_type'] == 'category':
+                    sp.setdefault('values', [])
+                    if a['text_value'] not in sp['values']:
+                        sp['values'] = sorted(sp['values'] + [a['text_value']])
+            annotators = sorted({a['created_by'] for a in anns})
+            out = {'id': p['worklist_id'], 'name': p['name'], 'status': 'active',
+                   'annotators': [{'email': e, 'status': 'active', 'expertise_level': None}
+                                  for e in annotators],
+                   'description': p['description'], 'created_by': p['created_by'],
+                   'created_at': p['created_at'], 'project_id': p['id']}
+            if full:
+                out['annotations'] = [specs[k] for k in sorted(specs)]
+                out['resource_ids'] = ([] if p['_synthetic'] else
+                                       [r for r in p['_resources']
+                                        if not self.resources[r]['deleted']])
+            return out
+
+    def segmentation_group(self, p):
+        """{"groups": {name: {"index": k}}}, k from 1 (base.py@v2.29.0 l.599-600, 968-972)."""
+        with self.lock:
+            names = sorted({a['identifier'] for a in ([] if p['_synthetic'] else
+                                                      self._project_annotations(p))
+                            if a['annotation_type'] == 'segmentation'})
+        return {'groups': {n: {'index': i + 1} for i, n in enumerate(names)},
+                'segmentationValueType': 'single_label'}
+
+    def splits(self, p, split_name=None):
+        """ProjectResourceSplit list (project_resource_split.py@v2.29.0 l.7-14): a resource
+        tagged 'split:<name>' is in split <name>."""
+        out = []
+        with self.lock:
+            for rid in ([] if p['_synthetic'] else p['_resources']):
+                r = self.resources[rid]
+                if r['deleted']:
+                    continue
+                for t in r['tags']:
+                    if t.startswith('split:') and split_name in (None, t[6:]):
+                        out.append({'id': _rid('split', p['id'], rid, t), 'split_name': t[6:],
+                                    'project_id': p['id'], 'resource_id': rid,
+                                    'created_at': r['created_at'], 'created_by': p['created_by'],
+                                    'deleted_at': None, 'deleted_by': None})
+        return out
+
+    def user_public(self, email):
+        """User (datamint/entities/user.py@v2.29.0 l.15-20)."""
+        return {'email': email, 'firstname': email.split('@')[0].capitalize(),
+                'lastname': 'Example', 'roles': ['admin'],
+                'customer_id': _rid('customer', email), 'created_at': '2025-01-01T00:00:00.000Z'}
+
+    def members(self, key, p):
+        users = [k.user for k in self.keys.values()
+                 if k.all or k.sees_project(p['name'])]
+        return [self.user_public(u) for u in sorted(set(users))]
+
+    def annotation_statuses(self, p):
+        """One status per (resource, annotator) with published annotations (inferred)."""
+        with self.lock:
+            seen = {}
+            for a in ([] if p['_synthetic'] else self._project_annotations(p)):
+                if a['status'] == 'published':
+                    seen.setdefault((a['resource_id'], a['created_by']), a['created_at'])
+            return [{'resource_id': r, 'user_email': u, 'status': 'closed', 'updated_at': t,
+                     'annotation_worklist_id': p['worklist_id']}
+                    for (r, u), t in sorted(seen.items())]
+
+    def not_annotated(self, key, q):
+        """GET /resources/not-annotated: resources without any annotation."""
+        with self.lock:
+            rs = [r for r in self.resources.values() if not r['deleted']
+                  and self.sees_resource(key, r)
+                  and not any(not self.annotations[a]['deleted'] for a in r['_annotations'])]
+            rs.sort(key=lambda r: (r['created_at'], r['id']), reverse=True)
+            return [self.resource_public(r) for r in rs]
+
+    # ---- upload batches (datamint-api.md 3.8; get_batches/get_batch_info @af98a24) ----
+    def create_batch(self, key, body):
+        if not isinstance(body, dict):
+            raise BadRequest('body must be a JSON object')
+        with self.lock:
+            b = {'id': str(uuid.uuid4()), 'description': body.get('description'),
+                 'size': body.get('size'), 'modality': body.get('modality'),
+                 'created_at': self.clock.now(), 'created_by': key.user, 'images': [],
+                 '_owner': key.user}
+            self.batches[b['id']] = b
+            return b
+
+    def list_batches(self, key):
+        with self.lock:
+            return [{k: v for k, v in b.items() if not k.startswith('_')}
+                    for b in sorted(self.batches.values(), key=lambda b: b['created_at'])
+                    if b['_owner'] == key.user or key.all]
+
+    def get_batch(self, key, bid):
+        b = self.batches.get(bid)
+        if b is None or not (b['_owner'] == key.user or key.all):
+            raise entity_not_found('Batch')
+        return {k: v for k, v in b.items() if not k.startswith('_')}
 
     def publish(self, key, rid):
         with self.lock:
@@ -688,9 +890,13 @@ class Store:
         q = dict(q)
         q['_project'] = parse_filter(q.get('project'))
         q['_tags'] = parse_filter(q.get('tags'))
-        labels = [v for k, v in sorted(q.items()) if k.startswith('labels[')]
-        if labels:
-            q['_tags'] = (labels, 'intersection')
+        # labels[i] (2024 clients): resources carrying every one of these image labels
+        labels = [v for k, v in sorted(q.items(), key=lambda kv: _label_pos(kv[0]))
+                  if k.startswith('labels[')]
+        q['_labels'] = labels or None
+        if q.get('mimetype') not in (None, ''):
+            q['mimetype'] = norm_mime(q['mimetype'])
+        deleted = parse_bool(q.get('deleted'), False)
         order = q.get('order_field') or 'created_at'
         if order not in ('modality', 'created_by', 'published_by', 'published_on', 'filename',
                          'created_at'):
@@ -698,12 +904,13 @@ class Store:
         asc = parse_bool(q.get('order_by_asc'), False)
         with self.lock:
             mats = [r for r in self.resources.values()
-                    if not r['deleted'] and self.sees_resource(key, r) and self._match(r, q)]
+                    if (deleted or not r['deleted']) and self.sees_resource(key, r)
+                    and self._match(r, q)]
             mats.sort(key=lambda r: (r[order] or '', r['created_at'], r['id']), reverse=not asc)
             mats = [self.resource_public(r) for r in mats]
             syn = []
             for sp in self.synthetic:
-                if key.sees_project(sp.name):
+                if key.sees_project(sp.name) and not q['_labels']:
                     lo, hi = sp.filter_range(q)
                     if hi > lo:
                         syn.append((sp, lo, hi))
@@ -734,6 +941,8 @@ class Store:
             names = {self.projects[p]['name'] for p in r['_projects'] if p in self.projects}
             if not _match_set(names, q['_project']):
                 return False
+        if q.get('_labels') and not set(q['_labels']) <= set(self.image_labels(r)):
+            return False
         return _match_set(set(r['tags']), q['_tags'])
 
     @staticmethod
@@ -766,14 +975,15 @@ class Store:
                 offset = 0
         return out
 
-    def project_resources(self, key, p, offset=0, limit=None):
+    def project_resources(self, key, p, offset=0, limit=None, deleted=False):
         """GET /projects/{id}/resources: a bare list (§3.1, §7.4); lazy for synthetic."""
         sp = p['_synthetic']
         if sp:
             stop = sp.n if limit is None else min(sp.n, offset + limit)
             return LazyList(lambda: (sp.item_json(i) for i in range(offset, stop)))
         with self.lock:
-            rs = [self.resources[r] for r in p['_resources'] if not self.resources[r]['deleted']]
+            rs = [self.resources[r] for r in p['_resources']
+                  if deleted or not self.resources[r]['deleted']]
             rs = rs[offset:None if limit is None else offset + limit]
             return [self.resource_public(r) for r in rs]
 
@@ -889,10 +1099,10 @@ class Store:
     def get_annotation(self, key, aid, rid=None):
         a = self.annotations.get(aid)
         if a is None or a['deleted'] or (rid is not None and a['resource_id'] != rid):
-            raise NotFound('Annotation not found')
+            raise entity_not_found('Annotation')
         r = self.resources.get(a['resource_id'])
         if r is None or not self.sees_resource(key, r):
-            raise NotFound('Annotation not found')
+            raise entity_not_found('Annotation')
         return a
 
     def annotation_file(self, key, rid, aid, name, data):

@@ -56,7 +56,7 @@ def test_auth_errors_and_entitlement(emu):
     denied = emu.get('/projects/' + ct['id'], key=KEY_SAMPLE)
     missing = emu.get('/projects/00000000-0000-4000-8000-000000000000', key=KEY_SAMPLE)
     assert denied.status == missing.status == 404 and denied.body == missing.body
-    assert ' not found' in err(denied, 404)
+    assert err(denied, 404) == 'Not Found'  # NestJS's NotFoundException, what the clients test
     rid = json.loads(emu.get('/projects/%s/resources' % ct['id'], key=KEY_CT).body)[0]['id']
     a = emu.get('/resources/%s/file' % rid, key=KEY_SAMPLE)
     b = emu.get('/resources/00000000-0000-4000-8000-00000000abcd/file', key=KEY_SAMPLE)
@@ -353,3 +353,232 @@ def test_updated_at_bumps(emu):
     d3 = is_json(emu.get('/datasets/' + sample['dataset_id']))
     assert d3['updated_at'] > d2 and rid not in d3['resource_ids']
     assert rid not in [r['id'] for r in is_json(emu.get('/projects/%s/resources' % sample['id']))]
+
+
+# ---- What the client cannot tell from the server (the seed-era client's code, late 2024:
+# datamintapi/api_handler.py@af98a24, and the 2.x client: datamint/api/base_api.py@v2.29.0)
+MISSING = '00000000-0000-4000-8000-00000000abcd'
+NOT_BIG = json.dumps({'items': ['sample', 'small'], 'filterType': 'union'})
+
+
+def seed_client_not_found(r):
+    """api_handler.py@af98a24 _check_errors_response: ResourceNotFoundError iff 404 and
+    response.json()['message'] == 'Not Found'."""
+    return r.status == 404 and r.json()['message'] == 'Not Found'
+
+
+def head_client_not_found(r):
+    """base_api.py@v2.29.0 line 449-452: ItemNotFoundError iff 404 and, in
+    f"{e} | {text} | {json}" without '404 Not Found', ' not found' or 'Not Found'."""
+    text = ("Client error '404 Not Found' | %s | %s" % (r.body.decode(), r.json())).replace(
+        '404 Not Found', '')
+    return r.status == 404 and (' not found' in text.lower() or 'Not Found' in text)
+
+
+def test_not_found_body_is_the_servers(emu):
+    sample = emu.project('sample')
+    rid = emu.get('/projects/%s/resources' % sample['id']).json()[0]['id']
+    for method, path in (('GET', '/resources/' + MISSING), ('GET', '/resources/%s/file' % MISSING),
+                         ('POST', '/resources/%s/publish' % MISSING),
+                         ('GET', '/projects/' + MISSING), ('GET', '/datasets/' + MISSING),
+                         ('GET', '/annotations/' + MISSING),
+                         ('GET', '/annotations/%s/annotations/%s/file' % (rid, MISSING)),
+                         ('GET', '/upload-batches/' + MISSING)):
+        r = emu.request(method, path)
+        body = is_json(r)
+        assert body == {'statusCode': 404, 'message': 'Not Found', 'error': 'Not Found'}, path
+        assert seed_client_not_found(r) and head_client_not_found(r), path
+    # an unknown route is NestJS's "Cannot GET": not an entity the client looks for
+    r = emu.get('/no/such/route')
+    assert err(r, 404) == 'Cannot GET /no/such/route' and not seed_client_not_found(r)
+
+
+def test_not_found_text_style_for_the_1x_clients():
+    from client import Emulator
+    with Emulator(extra_args=['--not-found-style', 'text']) as e:
+        r = e.get('/resources/' + MISSING)
+        # root_api_handler.py@1.2.4 line 201: ' not found' in message.lower()
+        assert ' not found' in err(r, 404).lower() and head_client_not_found(r)
+
+
+def test_nifti_mimetype_is_application_nifti(emu):
+    sample = emu.project('sample')
+    res = emu.get('/projects/%s/resources' % sample['id']).json()
+    nii = [r for r in res if r['filename'].endswith(('.nii', '.nii.gz'))]
+    assert len(nii) == 2
+    for r in nii:
+        # api_handler.py@af98a24 convert_format dispatches on == 'application/nifti'
+        assert r['mimetype'] == 'application/nifti' and r['storage'] == 'NiftiResource'
+        f = emu.get('/resources/%s/file' % r['id'])
+        assert f.status == 200 and f.headers['Content-Type'] == 'application/nifti'
+    # both names are accepted: as a filter, and as an upload's mimetype (stored as the client's)
+    for m in ('application/nifti', 'application/x-nifti'):
+        got, _ = walk(emu, mimetype=m, project=json.dumps({'items': ['sample'],
+                                                         'filterType': 'union'}))
+        assert sorted(x['id'] for x in got) == sorted(x['id'] for x in nii)
+    up = emu.upload('up.nii', b'\0' * 400, 'application/x-nifti')
+    r = is_json(emu.get('/resources/' + up.json()['id']))
+    assert r['mimetype'] == 'application/nifti'
+    seg = emu.get('/annotations', query={'resource_id': nii[0]['id']}).json()['data']
+    a = next(a for a in seg if a['associated_file'])
+    f = emu.get('/annotations/%s/annotations/%s/file' % (nii[0]['id'], a['id']))
+    assert f.headers['Content-Type'] == 'application/nifti'
+
+
+def test_resources_ids_only(emu):
+    proj = json.dumps({'items': ['sample', 'small'], 'filterType': 'union'})
+    full, total = walk(emu, status='', limit=7, project=proj)
+    ids, total2 = walk(emu, status='', limit=7, ids='True', project=proj)  # requests: True
+    assert total == 19 + 25
+    assert total == total2 and [x['id'] for x in full] == [x['id'] for x in ids]
+    assert all(x == {'id': x['id']} for x in ids)
+
+
+def test_labels_are_labels_not_tags(emu):
+    sample = emu.project('sample')
+    res = emu.get('/projects/%s/resources' % sample['id']).json()
+    # expected from the corpus: resources with an image-scoped label annotation 'fracture'
+    with open(os.path.join(emu.corpus, 'projects', 'sample', 'project.json')) as f:
+        proj = json.load(f)
+    want = sorted(r['id'] for r in proj['resources'] for a in r['annotations']
+                  if a['type'] == 'label' and a['identifier'] == 'fracture'
+                  and a.get('frame_index') is None)
+    assert len(want) == 2
+    # get_resources(labels=['fracture']) @af98a24: labels[0]=fracture
+    got, _ = walk(emu, status='', project=NOT_BIG, **{'labels[0]': 'fracture'})
+    assert sorted(x['id'] for x in got) == want
+    assert all('fracture' in x['labels'] and 'fracture' not in x['tags'] for x in got)
+    got, _ = walk(emu, status='', project=NOT_BIG, **{'labels[0]': 'png'})  # a tag, not a label
+    assert got == []
+    both, _ = walk(emu, status='', project=NOT_BIG,
+                   **{'labels[0]': 'liver_visible', 'labels[1]': 'lesion'})
+    assert [x['filename'] for x in both] == ['ct_006.dcm']
+    # _upload_single_resource_async @af98a24: form fields labels[i]
+    up = emu.upload('labelled.png', b'\x89PNG\r\n\x1a\n', 'image/png',
+                    **{'labels[0]': 'fracture', 'labels[1]': 'wrist'})
+    r = is_json(emu.get('/resources/' + up.json()['id']))
+    assert r['labels'] == ['fracture', 'wrist'] and r['tags'] == []
+    got, _ = walk(emu, status='', filename='labelled.png', **{'labels[0]': 'wrist'})
+    assert [x['id'] for x in got] == [r['id']]
+    assert r['id'] not in [x['id'] for x in walk(emu, status='', filename='labelled.png', tags=json.dumps(
+        {'items': ['wrist'], 'filterType': 'union'}))[0]]
+    # set_resource_labels: PUT /resources/{id}/labels replaces them
+    r = is_json(emu.request('PUT', '/resources/%s/labels' % r['id'],
+                            json_body={'labels': ['normal']}))
+    assert r['labels'] == ['normal'] and r['tags'] == []
+    assert res  # the project listing still answers
+
+
+def test_upload_batches(emu):
+    # get_batches @af98a24: GET /upload-batches, {"data": [...]}, offset/limit pages of 10
+    def get_batches():
+        out, offset = [], 0
+        while True:
+            page = is_json(emu.get('/upload-batches', key=KEY_CT,
+                                   query={'offset': offset, 'limit': 10}))['data']
+            out += page
+            if len(page) < 10:
+                return out
+            offset += 10
+    assert get_batches() == []
+    ids = [is_json(emu.request('POST', '/upload-batches', key=KEY_CT,
+                               json_body={'description': 'batch %d' % i, 'size': 1}))['id']
+           for i in range(12)]
+    got = get_batches()
+    assert [b['id'] for b in got] == ids and got[3]['description'] == 'batch 3'
+    b = is_json(emu.get('/upload-batches/' + ids[0], key=KEY_CT))
+    assert b['id'] == ids[0] and b['images'] == []
+    assert seed_client_not_found(emu.get('/upload-batches/' + ids[0], key=KEY_SAMPLE))
+
+
+def test_deleted_resources_disappear(emu):
+    up = emu.upload('gone.png', b'\x89PNG\r\n\x1a\n', 'image/png', bypass_inbox='true')
+    rid = up.json()['id']
+    mine = {'filename': 'gone.png'}
+    assert rid in [x['id'] for x in walk(emu, status='', **mine)[0]]
+    assert is_json(emu.request('DELETE', '/resources/' + rid))['deleted'] is True
+    for path in ('/resources/' + rid, '/resources/%s/file' % rid):
+        r = emu.get(path)
+        assert seed_client_not_found(r) and head_client_not_found(r), path
+    assert rid not in [x['id'] for x in walk(emu, status='', **mine)[0]]
+    # unless the client asks for deleted ones
+    r = is_json(emu.get('/resources/' + rid, query={'deleted': 'true'}))
+    assert r['deleted'] is True and r['deleted_at'] and r['deleted_by'] == 'alice@example.org'
+    assert rid in [x['id'] for x in walk(emu, status='', deleted='true', **mine)[0]]
+
+
+def test_v2_dataset_routes(emu):
+    """The routes the 2.x client's Dataset calls, read as its code reads them (datamint at
+    tag v2.29.0; files and lines in tests/emulator/README.md)."""
+    sample = emu.project('sample')
+    with open(os.path.join(emu.corpus, 'projects', 'sample', 'project.json')) as f:
+        corpus = json.load(f)
+    # annotationsets_api.py get_by_project: a list, worklist_id/worklist_name -> id/name
+    wl = is_json(emu.get('/projects/%s/worklists' % sample['id'], key=KEY_SAMPLE))
+    assert isinstance(wl, list) and len(wl) == 1
+    assert wl[0]['worklist_id'] == sample['worklist_id'] and wl[0]['worklist_name'] == 'sample'
+    assert {'status', 'annotators'} <= set(wl[0])
+    # AnnotationWorklist with its annotation specs (annotation_worklist.py, annotation_spec.py)
+    w = is_json(emu.get('/annotationsets/' + sample['worklist_id'], key=KEY_SAMPLE))
+    assert w['id'] == sample['worklist_id'] and w['name'] == 'sample'
+    for spec in w['annotations']:
+        assert {'type', 'scope', 'required', 'identifier'} <= set(spec)
+    want = {(a.get('scope'), a['identifier']) for r in corpus['resources']
+            for a in r['annotations'] if a['type'] != 'segmentation'
+            and a.get('status', 'published') == 'published'}
+    assert {(s['scope'], s['identifier']) for s in w['annotations']} >= want
+    birads = next(s for s in w['annotations'] if s['identifier'] == 'BIRADS')
+    assert birads['type'] == 'category' and birads['values'] == ['2', '3', '4']
+    listed = is_json(emu.get('/projects/%s/resources' % sample['id'], key=KEY_SAMPLE))
+    assert sorted(w['resource_ids']) == sorted(r['id'] for r in listed)
+    # base.py _process_segmentation_group: groups[name]['index'] from 1
+    groups = is_json(emu.get('/annotationsets/%s/segmentation-group' % sample['worklist_id'],
+                             key=KEY_SAMPLE))['groups']
+    live = is_json(emu.get('/annotations', query={
+        'annotation_worklist_id': sample['worklist_id'], 'annotation_type': 'segmentation'}))
+    seg = sorted({a['identifier'] for a in live['data']})
+    lst = ['UNKNOWN'] * max(g['index'] for g in groups.values())
+    for name, g in groups.items():
+        lst[g['index'] - 1] = name
+    assert lst == seg and {'Edema', 'Liver', 'Spine', 'Tumor'} <= set(seg)
+    # projects_api.py get_splits: ProjectResourceSplit(**item) for item in the list
+    assert is_json(emu.get('/projects/%s/splits' % sample['id'], key=KEY_SAMPLE)) == []
+    up = emu.upload('split.png', b'\x89PNG\r\n\x1a\n', 'image/png', tags='split:train',
+                    bypass_inbox='true')
+    emu.request('POST', '/projects/%s/resources' % sample['id'],
+                json_body={'resource_ids_to_add': [up.json()['id']], 'all_files_selected': False})
+    sp = is_json(emu.get('/projects/%s/splits' % sample['id'], key=KEY_SAMPLE,
+                         query={'as_of_timestamp': '2030-01-01T00:00:00Z'}))
+    assert [(x['resource_id'], x['split_name']) for x in sp] == [(up.json()['id'], 'train')]
+    assert set(sp[0]) == {'id', 'split_name', 'project_id', 'resource_id', 'created_at',
+                          'created_by', 'deleted_at', 'deleted_by'}
+    emu.request('DELETE', '/resources/' + up.json()['id'])
+    # members, annotation statuses: lists of dicts
+    members = is_json(emu.get('/projects/%s/members' % sample['id'], key=KEY_SAMPLE))
+    assert {m['email'] for m in members} == {'alice@example.org', 'bob@example.org'}
+    assert all({'email', 'firstname', 'lastname', 'roles', 'customer_id', 'created_at'}
+               <= set(m) for m in members)
+    st = is_json(emu.get('/projects/%s/annotation-statuses' % sample['id'], key=KEY_SAMPLE))
+    assert st and all(x['status'] == 'closed' for x in st)
+    # resources_api.py get_not_annotated: paged, return_field 'resources'
+    body = is_json(emu.get('/resources/not-annotated', key=KEY_SAMPLE,
+                           query={'offset': 0, 'limit': 5000}))
+    got = body['data'][0]['resources']
+    assert body['totalCount'] == len(got) and all(r['created_by'] == 'bob@example.org'
+                                                  for r in got)  # bob's own uploads only
+    ann = [r['id'] for r in corpus['resources']]
+    assert not set(ann) & {r['id'] for r in got}  # every corpus item has annotations
+    # frames: an image resource is its own frame 0
+    png = next(r for r in corpus['resources'] if r['filename'] == 'xray_gray8.png')
+    f = emu.get('/resources/%s/frames/0' % png['id'], key=KEY_SAMPLE,
+                headers={'accept': 'image/*'})
+    assert f.status == 200 and f.headers['Content-Type'] == 'image/png'
+    with open(os.path.join(emu.corpus, 'projects', 'sample', png['file']), 'rb') as fh:
+        assert f.body == fh.read()
+    assert is_json(emu.get('/users/me', key=KEY_SAMPLE))['email'] == 'bob@example.org'
+    assert emu.get('/models', key=KEY_SAMPLE).status == 200
+    # none of them answers for a project or worklist the key does not see
+    ct = emu.project('ct')
+    for path in ('/projects/%s/worklists' % ct['id'], '/annotationsets/' + ct['worklist_id'],
+                 '/annotationsets/%s/segmentation-group' % ct['worklist_id']):
+        assert emu.get(path, key=KEY_SAMPLE).status == 404

@@ -331,9 +331,8 @@ def test_errors_carry_code_message_and_resource(daemon, tmp_path, emu):
 
 
 def test_unsupported_options_are_refused_by_name(daemon):
-    for opt, val in [('return_segmentations', True),
-                     ('alb_transform', object()), ('include_unannotated', False),
-                     ('image_transform', lambda x: x)]:
+    for opt, val in [('alb_transform', object()), ('use_default_transform', True),
+                     ('all_annotations', True)]:
         with pytest.raises(NotImplementedError) as e:
             dmcache.Dataset(dataset_name='sample', **{opt: val})
         assert opt in str(e.value)

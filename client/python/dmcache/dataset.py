@@ -16,22 +16,18 @@ import threading
 
 import numpy as np
 
-from . import _dicom, _lib, errors
+from . import _annotations, _dicom, _lib, _metainfo, errors
 
-# Options of the Datamint client's Dataset (datamint-api.md 4.1) that dmcache does not
-# implement: passing one with a value that asks for the feature raises NotImplementedError
-# naming it. Values that mean "off" (False, None) are accepted.
-UNSUPPORTED = (
-    'return_annotations', 'return_segmentations',
-    'return_as_semantic_segmentation', 'semantic_seg_merge_strategy', 'image_transform',
-    'mask_transform', 'alb_transform', 'include_unannotated', 'include_annotators',
-    'exclude_annotators', 'include_segmentation_names', 'exclude_segmentation_names',
-    'include_image_label_names', 'exclude_image_label_names', 'include_frame_label_names',
-    'exclude_frame_label_names', 'all_annotations', 'use_default_transform',
-)
-# The value of each that asks for nothing dmcache lacks (None and False elsewhere):
-# include_unannotated=True is the Datamint default and what dmcache does (every item).
-_HARMLESS = {'include_unannotated': (True,)}
+# The 2025 client's options (datamint-api.md 4.1, DatamintDataset at tag 1.2.4) with their
+# defaults: passing any of them makes items that client's dict (see _gen2_item).
+GEN2 = dict({'return_annotations': True, 'return_segmentations': True,
+             'return_as_semantic_segmentation': False, 'semantic_seg_merge_strategy': None,
+             'image_transform': None, 'mask_transform': None, 'include_unannotated': True,
+             'all_annotations': False}, **{f: None for f in _annotations.FILTERS})
+# Options dmcache does not implement: a value that asks for the feature raises
+# NotImplementedError naming it; values that mean "off" (False, None) are accepted.
+UNSUPPORTED = ('alb_transform', 'use_default_transform')
+_HARMLESS = {}
 
 _torch = None
 
@@ -79,6 +75,20 @@ def normalize(a):
     return np.array(a, copy=True)
 
 
+COMPAT = ('2024.11',)
+
+
+def normalize_2024(a):
+    """The seed-era client's conversions (datamintapi/dataset.py@af98a24 _load_image, until
+    2025-02-26): uint16 -> (a // 256) as uint8; then, as torchvision's to_tensor does,
+    uint8 -> float32 / 255. Other dtypes unchanged (copied)."""
+    if a.dtype == np.uint16:
+        a = (a // 256).astype(np.uint8)
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / np.float32(255)
+    return np.array(a, copy=True)
+
+
 def to_hwc(a):
     """(frames, channels, H, W) -> (H, W, frames * channels): the layout torchvision's
     ToTensor() and PIL-style transforms expect; frames become channels, as the Datamint
@@ -106,6 +116,15 @@ def image_labels(record):
     return out
 
 
+def _subset_index(idx, n):
+    i = int(idx)
+    if i < 0:
+        i += n
+    if not 0 <= i < n:
+        raise IndexError('index %d is out of range: the dataset has %d items' % (idx, n))
+    return i
+
+
 def resolve_source(root, dataset_name, api_key, server_url, offline=False):
     """(source, project, server, api_key) for OPEN: a local folder as the Datamint client
     writes it when <root>/<dataset_name>/dataset.json exists, else the Datamint project
@@ -129,8 +148,10 @@ class Dataset:
 
         Dataset(root=None, dataset_name=None, version='latest', api_key=None,
                 server_url=None, transform=None, target_transform=None,
-                return_dicom=True, return_metainfo=True, normalize=True,
-                socket=None, arena_bytes=0, project_name=None)
+                return_dicom=None, return_metainfo=True, normalize=True,
+                socket=None, arena_bytes=0, project_name=None,
+                return_frame_by_frame=False, offline=None, compat=None,
+                **the 2025 client's options)
 
     Source: when <root>/<dataset_name>/dataset.json exists, that folder (laid out as the
     Datamint client writes it) is served with no network. Otherwise dataset_name is a
@@ -138,27 +159,35 @@ class Dataset:
     DATAMINT_API_URL, else datamintapi.yaml; the daemon caches it and nothing is written
     to root (the Datamint client downloads into root instead).
 
-    dataset[i] is (image, dicom_metainfo, metainfo) (without dicom_metainfo when
-    return_dicom=False, without metainfo when return_metainfo=False):
+    dataset[i] is, as for the guide's client, (image, dicom_metainfo, metainfo) (without
+    dicom_metainfo when return_dicom=False, without metainfo when return_metainfo=False):
       image           the item as (frames, channels, H, W), converted as the Datamint
-                      client does (normalize=True): uint16 -> per-image min-max uint8,
-                      uint8 -> float32 / 255; other dtypes unchanged. A torch tensor
-                      (numpy array without torch). With a transform, the transform gets
-                      the converted array as numpy (H, W, frames * channels), what
+                      client does (normalize=True): uint16 -> per-image min-max uint8 (with
+                      compat='2024.11': // 256, and frames as channels, (F*C, H, W), as the
+                      seed-era client), uint8 -> float32 / 255; other dtypes unchanged. A
+                      torch tensor (numpy without torch). With a transform, the transform
+                      gets the converted array as numpy (H, W, frames * channels), what
                       torchvision's ToTensor() expects, and image is its result.
-      dicom_metainfo  the DICOM header: a pydicom.Dataset (without pixel data), a
-                      dmcache DicomMeta when pydicom is missing, None for non-DICOM items
-      metainfo        the resource record (dict) with 'labels' (see image_labels()),
-                      passed through target_transform when one is given
+      dicom_metainfo  the pydicom FileDataset read from the file's own bytes (file_meta,
+                      values as in the file, pixel_array), None for non-DICOM items
+      metainfo        the item's entry of the dataset folder: the resource, 'file',
+                      'annotations' in the folder's short form, 'frame_labels', 'labels'
+                      (see dmcache._metainfo), through target_transform
+    Passing any of the 2025 client's options (return_segmentations, return_annotations,
+    return_as_semantic_segmentation, semantic_seg_merge_strategy, image_transform,
+    mask_transform, include_unannotated, the include/exclude filters) makes dataset[i] that
+    client's dict instead (see _gen2_item).
 
     version: 'latest' resolves once, in the constructor; worker processes of a DataLoader
     open the same resolved version, so a run sees one snapshot from start to end.
     """
 
     def __init__(self, root=None, dataset_name=None, version='latest', api_key=None,
-                 server_url=None, transform=None, target_transform=None, return_dicom=True,
+                 server_url=None, transform=None, target_transform=None, return_dicom=None,
                  return_metainfo=True, normalize=True, socket=None, arena_bytes=0,
-                 project_name=None, return_frame_by_frame=False, offline=None, **kwargs):
+                 project_name=None, return_frame_by_frame=False, offline=None, compat=None,
+                 **kwargs):
+        gen2 = {k: kwargs.pop(k) for k in list(kwargs) if k in GEN2}
         for k, v in kwargs.items():
             if k not in UNSUPPORTED:
                 raise TypeError("Dataset() got an unexpected keyword argument '%s'" % k)
@@ -167,6 +196,27 @@ class Dataset:
             raise NotImplementedError(
                 "dmcache.Dataset does not implement the Datamint option '%s' (%r); see the "
                 "README, 'Python package'" % (k, v))
+        if compat is not None and compat not in COMPAT:
+            raise ValueError("compat must be None (the current client) or one of %s, not %r"
+                             % (', '.join("'%s'" % c for c in COMPAT), compat))
+        self.compat = compat
+        self._gen2 = dict(GEN2, **gen2) if gen2 else None
+        if self._gen2:
+            g = self._gen2
+            _annotations.check_filters(g)
+            if g['all_annotations']:
+                raise NotImplementedError(
+                    "dmcache.Dataset does not implement the Datamint option 'all_annotations' "
+                    "(True): the daemon keeps published annotations only")
+            if g['return_as_semantic_segmentation'] and not g['return_segmentations']:
+                raise ValueError('return_as_semantic_segmentation can only be True if '
+                                 'return_segmentations is True')
+            if g['semantic_seg_merge_strategy'] is not None and \
+                    not g['return_as_semantic_segmentation']:
+                raise ValueError('semantic_seg_merge_strategy can only be used if '
+                                 'return_as_semantic_segmentation is True')
+        if return_dicom is None:
+            return_dicom = not self._gen2  # the guide's tuple has it; the 2025 dict not
         if project_name is not None:
             if dataset_name is not None and dataset_name != project_name:
                 raise TypeError('pass dataset_name or project_name, not both')
@@ -192,6 +242,9 @@ class Dataset:
             root, dataset_name, api_key, server_url, self.offline)
         self._lock = threading.Lock()
         self._client = self._ds = self._mds = None
+        self._headers = None
+        self._masks = {}
+        self._scanned = None
         self._open(None if version in (None, '', 'latest') else version)
         # what a worker process opens: the version resolved here, the snapshot it names
         self.version = self._ds.version
@@ -260,6 +313,8 @@ class Dataset:
 
     # ---- items ----
     def __len__(self):
+        if self._gen2 and not self._gen2['include_unannotated']:
+            return len(self._scan()['subset'])
         return self._len
 
     def _index(self, idx):
@@ -326,28 +381,204 @@ class Dataset:
         return a, names
 
     def __getitem__(self, idx):
+        if self._gen2:
+            return self._gen2_item(idx)
         a, meta = self.read(idx)
+        raw = a
         if self.normalize:
-            a = normalize(a)
+            a = normalize_2024(a) if self.compat == '2024.11' else normalize(a)
         if self.transform is not None:
             image = self.transform(to_hwc(a))
         else:
             if self.return_frame_by_frame:
                 a = a[0]  # one frame: (channels, H, W), as the Datamint client gives it
+            elif self.compat == '2024.11':
+                # to_tensor of the (H, W, frames * channels) array: frames as channels
+                a = np.ascontiguousarray(to_hwc(a).transpose(2, 0, 1))
             torch = torch_module()
             image = to_torch(torch, a) if torch else a
         out = [image]
         if self.return_dicom:
-            out.append(_dicom.from_item_meta(meta.get('dicom')))
+            out.append(self._dicom_of(meta, raw))
         if self.return_metainfo:
-            record = dict(meta.get('resource') or {})
-            record['labels'] = image_labels(record)
-            if self.return_frame_by_frame:
-                record['frame_index'] = meta.get('frame')
-            if self.target_transform is not None:
-                record = self.target_transform(record)
-            out.append(record)
+            out.append(self.metainfo(meta))
         return tuple(out) if len(out) > 1 else out[0]
+
+    def metainfo(self, meta):
+        """The item's metainfo from read()'s metadata: the dataset folder's entry (see
+        dmcache._metainfo), with 'labels'; with return_frame_by_frame, the annotations of
+        that frame only and 'frame_index'; through target_transform."""
+        record = meta.get('resource') or {}
+        entry = _metainfo.from_record(record, self._source == _lib.SOURCE_LOCAL)
+        entry['labels'] = image_labels(record)
+        if self.return_frame_by_frame:
+            entry = _metainfo.for_frame(entry, meta.get('frame'))
+            entry['frame_index'] = meta.get('frame')
+        if self.target_transform is not None:
+            entry = self.target_transform(entry)
+        return entry
+
+    def _dicom_of(self, meta, raw):
+        """dicom_metainfo: the pydicom FileDataset read from the file's own bytes (the local
+        file; else the header as the server serves it, kept per process), the JSON-model
+        Dataset when neither can be had (offline before the first read, no pydicom), None
+        for a non-DICOM item."""
+        dicom = meta.get('dicom')
+        if not dicom or dicom.get('format') != 'dicom':
+            return None
+        if _dicom.pydicom is not None:
+            record = meta.get('resource') or {}
+            try:
+                if self._source == _lib.SOURCE_LOCAL and record.get('file'):
+                    path = os.path.join(self._project, record['file'])
+                    if os.path.isfile(path):
+                        return _dicom.from_path(path)
+                elif self._source == _lib.SOURCE_DATAMINT and record.get('id'):
+                    rid = record['id']
+                    if self._headers is None:
+                        self._headers = _dicom.HeaderSource(self._server, self._key)
+                    if not self.offline or rid in self._headers.cache:
+                        return _dicom.from_header_bytes(self._headers.get(rid), raw)
+            except Exception:  # noqa: BLE001 - the header the daemon sent still serves
+                pass
+        return _dicom.from_item_meta(dicom)
+
+    # ---- the 2025 client's dict items (DatamintDataset at tag 1.2.4) ----
+    def _entry(self, meta, filtered=True):
+        entry = _metainfo.from_record(meta.get('resource') or {},
+                                      self._source == _lib.SOURCE_LOCAL)
+        anns = [a if 'type' in a else _metainfo.short_annotation(a, entry.get('id'))
+                for a in entry.get('annotations') or () if isinstance(a, dict)]
+        entry['annotations'] = (_annotations.filter_annotations(anns, self._gen2)
+                                if filtered else anns)
+        return entry
+
+    def _scan(self):
+        """Every item's annotations once (label sets are over the whole dataset, as in the
+        client): {'frame': (sets, codes), 'image': (sets, codes), 'subset': item indices}."""
+        if self._scanned is not None:
+            return self._scanned
+        per_res, order, frames = {}, [], []
+        for i in range(self._len):
+            _, meta = self.read(i)
+            entry = self._entry(meta)
+            rid = entry.get('id')
+            if rid not in per_res:
+                per_res[rid] = entry['annotations']
+                order.append(rid)
+            frames.append((rid, meta.get('frame')))
+        anns = [per_res[r] for r in order]
+        keep = list(range(self._len))
+        if not self._gen2['include_unannotated']:
+            if self.return_frame_by_frame:
+                keep = [i for i, (rid, f) in enumerate(frames)
+                        if any(a['type'] == 'segmentation' and a.get('index') in (None, f)
+                               for a in per_res[rid])]
+            else:
+                keep = [i for i, (rid, _) in enumerate(frames) if per_res[rid]]
+        self._scanned = {'frame': _annotations.label_sets(anns, True),
+                         'image': _annotations.label_sets(anns, False), 'subset': keep}
+        return self._scanned
+
+    @property
+    def segmentation_labels_set(self):
+        return self._scan()['frame'][0]['segmentation']
+
+    @property
+    def frame_labels_set(self):
+        return self._scan()['frame'][0]['multilabel']
+
+    @property
+    def image_labels_set(self):
+        return self._scan()['image'][0]['multilabel']
+
+    def _read_mask(self, ann):
+        """The bytes of a segmentation annotation's mask file (None: not an image)."""
+        f = ann.get('file') or ''
+        if not f.lower().endswith(('.png', '.jpg', '.jpeg')):
+            return None
+        if self._source == _lib.SOURCE_LOCAL:
+            with open(os.path.join(self._project, f), 'rb') as fh:
+                return fh.read()
+        if f in self._masks:
+            return self._masks[f]
+        parts = f.split('/')  # masks/<created_by>/<resource id>/<annotation id><ext>
+        rid, aid = parts[-2], os.path.splitext(parts[-1])[0]
+        if self._headers is None:
+            self._headers = _dicom.HeaderSource(self._server, self._key)
+        data = self._headers.fetch('/annotations/%s/annotations/%s/file' % (rid, aid))
+        if len(self._masks) >= 1024:
+            self._masks.pop(next(iter(self._masks)))
+        self._masks[f] = data
+        return data
+
+    def _gen2_item(self, idx):
+        """The 2025 client's item: {'image', 'metainfo', 'dicom'?, 'segmentations'?,
+        'seg_labels'?, 'frame_labels', 'image_labels'} (dataset.py@1.2.4 __getitem__)."""
+        torch = torch_module()
+        if torch is None:
+            raise ImportError('the Datamint annotation outputs need torch')
+        g = self._gen2
+        sc = self._scan()
+        i = sc['subset'][self._index(idx) if g['include_unannotated'] else
+                         _subset_index(idx, len(sc['subset']))]
+        a, meta = self.read(i)
+        raw = a
+        if self.normalize:
+            a = normalize_2024(a) if self.compat == '2024.11' else normalize(a)
+        if self.return_frame_by_frame:
+            a = a[0]
+        img = to_torch(torch, np.ascontiguousarray(a))
+        if g['image_transform'] is not None:
+            img = g['image_transform'](img)
+        if isinstance(img, np.ndarray):
+            img = torch.from_numpy(img)
+        if img.ndim == 3:
+            (_, h, w), nframes = img.shape, 1
+        else:
+            nframes, _, h, w = img.shape
+        entry = self._entry(meta)
+        if self.return_frame_by_frame:
+            f = meta.get('frame')
+            entry['frame_index'] = f
+            entry['annotations'] = [x for x in entry['annotations']
+                                    if x.get('index') is None or x.get('index') == f]
+        anns = entry['annotations']
+        item = {'image': img, 'metainfo': {k: v for k, v in entry.items() if k != 'annotations'}}
+        if self.return_dicom:
+            item['dicom'] = self._dicom_of(meta, raw)
+        (fsets, fcodes), (isets, icodes) = sc['frame'], sc['image']
+        if g['return_segmentations']:
+            segs, labels = _annotations.load_segmentations(
+                torch, anns, img.shape, self.return_frame_by_frame, fcodes['segmentation'],
+                self._read_mask)
+            if g['mask_transform'] is not None:
+                for lst in segs.values():
+                    for k, m in enumerate(lst):
+                        lst[k] = g['mask_transform'](m)
+            if g['return_as_semantic_segmentation']:
+                n = len(fsets['segmentation'])
+                sem = {by: _annotations.to_semantic(torch, segs[by], labels[by], n)
+                       for by in segs}
+                segs = _annotations.merge(torch, g['semantic_seg_merge_strategy'], sem,
+                                          nframes, n, h, w)
+                labels = None
+            if self.return_frame_by_frame:
+                if isinstance(segs, dict):
+                    segs = {k: v[0] for k, v in segs.items()}
+                    if labels is not None:
+                        labels = {k: v[0] for k, v in labels.items()}
+                else:
+                    segs = segs[0]
+            item['segmentations'] = segs
+            item['seg_labels'] = labels
+        item['frame_labels'] = _annotations.onehot(
+            torch, _annotations.of_kind(anns, 'label', 'frame'), len(fsets['multilabel']),
+            fcodes['multilabel'], nframes, self.return_frame_by_frame)
+        item['image_labels'] = _annotations.onehot(
+            torch, _annotations.of_kind(anns, 'label', 'image'), len(isets['multilabel']),
+            icodes['multilabel'], None, self.return_frame_by_frame)
+        return item
 
     def get_resources_ids(self):
         """The resource ids in item order (reads every item's metadata from the daemon)."""

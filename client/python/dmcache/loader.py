@@ -53,7 +53,7 @@ from typing import Any, List, NamedTuple
 import numpy as np
 
 from . import _lib, errors
-from . import _dicom
+from . import _dicom, _metainfo
 from .dataset import TORCH_WIDEN, Dataset, image_labels, resolve_source, to_torch, torch_module
 
 PREFETCH_MAX = _lib.STREAM_AHEAD_MAX - 1
@@ -91,23 +91,25 @@ def _dtype_name(dtype):
 
 class ItemMeta(Mapping):
     """One item's metadata, parsed on first use (the batch copies only its JSON bytes).
-    The same shapes as Dataset's for the item: the resource record's fields with 'labels'
-    (image_labels) and 'annotations', 'frame_index' for return_frame_by_frame, and
-    'dicom', Dataset's dicom_metainfo (a DicomMeta, or None); also the daemon's own keys
+    The same shapes as Dataset.metainfo() for the item (the dataset folder's entry with
+    'labels' and 'annotations'; with return_frame_by_frame that frame's and 'frame_index'),
+    and 'dicom': the header the daemon sent, as a pydicom Dataset (Dataset's
+    dicom_metainfo reads the file's own FileDataset), None for a non-DICOM item; also the daemon's own keys
     ('resource': the record as sent, 'frame'; with masks, 'labels' are the label map's
     names)."""
-    __slots__ = ('_raw', '_d', '_frames')
+    __slots__ = ('_raw', '_d', '_frames', '_local')
 
-    def __init__(self, raw, frames=False):
-        self._raw, self._d, self._frames = raw, None, frames
+    def __init__(self, raw, frames=False, local=False):
+        self._raw, self._d, self._frames, self._local = raw, None, frames, local
 
     def _dict(self):
         if self._d is None:
             m = json.loads(self._raw)
-            d = dict(m.get('resource') or {})
-            d['labels'] = image_labels(d)
-            d.setdefault('annotations', [])
+            record = m.get('resource') or {}
+            d = _metainfo.from_record(record, self._local)  # as Dataset.metainfo()
+            d['labels'] = image_labels(record)
             if self._frames:
+                d = _metainfo.for_frame(d, m.get('frame'))
                 d['frame_index'] = m.get('frame')
             d.update(m)
             d['dicom'] = _LazyDicom(m.get('dicom'))
@@ -556,7 +558,8 @@ class Loader:
             else:
                 images = [v.copy() for v in views] if copy else views
         images = self._convert(images)
-        meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame) for it in items] \
+        meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame,
+                          self._source == _lib.SOURCE_LOCAL) for it in items] \
             if self.metadata else [None] * len(items)
         return Batch(images, meta, [int(it.index) for it in items])
 
@@ -600,7 +603,8 @@ class Loader:
             images = to_torch(torch, images) if uniform else [to_torch(torch, a)
                                                                for a in images]
         images = self._convert(images)
-        meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame) for it in items] \
+        meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame,
+                          self._source == _lib.SOURCE_LOCAL) for it in items] \
             if self.metadata else [None] * len(items)
         return Batch(images, meta, [int(it.index) for it in items])
 

@@ -1,0 +1,431 @@
+"""dmcache.Dataset as an exact drop-in for the Datamint client's Dataset (its seed-guide
+era, late 2024: datamintapi/dataset.py), item by item against the emulator.
+
+The expected values are computed here, independently of dmcache, the way the client's code
+computes them: the client downloads the dataset folder (GET /datasets, the token stream of
+GET /datasets/{id}/download/dicom, the ZIP of GET /datasets/download/{token}), and its
+__getitem__ returns `images_metainfo[index]` (the folder's dataset.json entry) as metainfo
+and `pydicom.dcmread(<folder>/<entry['file']>)` as dicom_metainfo; with
+return_frame_by_frame it keeps `[ann for ann in annotations if ann['index'] == frame]`.
+"""
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+import dmcache
+from conftest import KEY, emulator
+
+# The guide's examples, run verbatim from test_dataset.py
+from test_dataset import GUIDE_FULL, GUIDE_SUBCLASS, run_guide
+
+
+def download_folder(emu, name, dest):
+    """The dataset folder as the seed-era client makes it (datamint-api.md 3.3.1)."""
+    r = emulator.request(emu.url, path='/datasets', key=KEY)
+    info = next(d for d in r.json()['data'] if d['name'] == name)
+    r = emulator.request(emu.url, path='/datasets/%s/download/dicom' % info['id'], key=KEY)
+    token = None
+    for line in r.body.decode().splitlines():
+        line = line.strip()
+        if line.startswith('data:'):
+            data = json.loads(line[5:])
+            if 'zip' in data:
+                token = data['zip']
+    z = emulator.request(emu.url, path='/datasets/download/%s' % token, key=KEY)
+    assert z.status == 200
+    folder = os.path.join(dest, name)
+    zipfile.ZipFile(io.BytesIO(z.body)).extractall(folder)
+    with open(os.path.join(folder, 'dataset.json')) as f:
+        return folder, json.load(f)['resources']
+
+
+@pytest.fixture(scope='module')
+def sample(daemon, emu, tmp_path_factory):
+    """(dataset folder, {id: its dataset.json entry}, dmcache items of 'sample')."""
+    folder, entries = download_folder(emu, 'sample', str(tmp_path_factory.mktemp('client')))
+    ds = dmcache.Dataset(dataset_name='sample')
+    items = [ds[i] for i in range(len(ds))]
+    ds.close()
+    return folder, {e['id']: e for e in entries}, items
+
+
+# ---- Dataset difference 1: annotations in the folder's short form ----
+def test_metainfo_annotations_are_the_folders_short_form(sample):
+    folder, entries, items = sample
+    assert len(items) == len(entries) == 19
+    kinds = set()
+    for _, _, meta in items:
+        want = entries[meta['id']]['annotations']
+        assert meta['annotations'] == want, meta['filename']
+        for a in meta['annotations']:
+            assert {'type', 'name', 'index', 'added_by'} <= set(a)
+            assert 'annotation_type' not in a and 'identifier' not in a
+            kinds.add(a['type'])
+            if a['type'] == 'segmentation':
+                assert os.path.isfile(os.path.join(folder, a['file']))
+    assert kinds == {'label', 'segmentation', 'category'}
+
+
+# ---- Dataset difference 2: `file` and `frame_labels` ----
+def test_metainfo_has_file_and_frame_labels(sample, emu):
+    folder, entries, items = sample
+    files = os.path.join(emu.corpus, 'projects', 'sample')
+    with_frame_labels = 0
+    for _, _, meta in items:
+        entry = entries[meta['id']]
+        assert meta['file'] == entry['file']
+        # the file the entry names is this item's image, byte for byte
+        with open(os.path.join(folder, meta['file']), 'rb') as f, \
+                open(os.path.join(files, meta['source_filepath']), 'rb') as g:
+            assert f.read() == g.read()
+        assert meta['frame_labels'] == entry['frame_labels']
+        with_frame_labels += entry['frame_labels'] is not None
+        # the client's metainfo, key for key
+        assert meta == entry, meta['filename']
+    assert with_frame_labels == 1
+    mf = next(m for _, _, m in items if m['filename'] == 'multiframe_4x128.dcm')
+    assert mf['frame_labels'] == [
+        {'label': 'contrast', 'frame': 1, 'created_by': 'annotator1@example.org'},
+        {'label': 'contrast', 'frame': 2, 'created_by': 'annotator1@example.org'},
+        {'label': 'artifact', 'frame': 3, 'created_by': 'annotator1@example.org'}]
+
+
+# ---- Dataset difference 3: dicom_metainfo is the file's FileDataset ----
+def same_elements(got, ref):
+    """Every element of ref (pixel data aside) in got with the same VR and value as pydicom
+    reads it from the file (str() keeps '80.0000' and '-0.0')."""
+    n = 0
+    for elem in ref.iterall():
+        if elem.tag == 0x7FE00010:
+            continue
+        other = got[elem.tag] if elem.tag in got else None
+        if other is None:  # inside a sequence: compared with its parent
+            continue
+        assert other.VR == elem.VR, elem
+        assert str(other.value) == str(elem.value), elem
+        n += 1
+    return n
+
+
+def test_dicom_metainfo_is_the_files_filedataset(sample, emu):
+    _, _, items = sample
+    files = os.path.join(emu.corpus, 'projects', 'sample')
+    seen = 0
+    for image, dcm, meta in items:
+        path = os.path.join(files, meta['source_filepath'])
+        if not path.endswith('.dcm'):
+            assert dcm is None
+            continue
+        ref = pydicom.dcmread(path)
+        assert isinstance(dcm, pydicom.dataset.FileDataset), meta['filename']
+        assert dcm.file_meta.TransferSyntaxUID == ref.file_meta.TransferSyntaxUID
+        assert same_elements(dcm.file_meta, ref.file_meta) >= 3
+        assert same_elements(dcm, ref) == same_elements(ref, ref)
+        assert dcm.preamble == ref.preamble
+        assert np.array_equal(dcm.pixel_array, ref.pixel_array), meta['filename']
+        if meta['filename'].startswith('ct_'):
+            assert str(dcm.PatientWeight) == '80.0000' and dcm.PatientSex == 'F'
+        if meta['filename'].startswith('multiframe'):
+            assert str(dcm.SliceLocation) == '-0.0'
+        seen += 1
+    assert seen == 10
+
+
+def test_dicom_metainfo_from_a_local_folder_is_the_file(daemon, sample, tmp_path):
+    """A local dataset folder (the one the client downloaded) serves the file itself."""
+    folder, entries, _ = sample
+    ds = dmcache.Dataset(root=os.path.dirname(folder), dataset_name='sample')
+    assert len(ds) == 19
+    for i in range(len(ds)):
+        _, dcm, meta = ds[i]
+        if not meta['file'].endswith('.dcm'):
+            continue
+        ref = pydicom.dcmread(os.path.join(folder, meta['file']))
+        assert isinstance(dcm, pydicom.dataset.FileDataset)
+        assert dcm.file_meta.TransferSyntaxUID == ref.file_meta.TransferSyntaxUID
+        assert same_elements(dcm, ref) == same_elements(ref, ref)
+        assert np.array_equal(dcm.pixel_array, ref.pixel_array)
+        assert meta['annotations'] == entries[meta['id']]['annotations']
+    ds.close()
+
+
+# ---- Dataset difference 5: frame by frame, only that frame's annotations ----
+def test_frame_by_frame_keeps_only_the_frames_annotations(daemon, sample):
+    _, entries, _ = sample
+    ds = dmcache.Dataset(dataset_name='sample', return_frame_by_frame=True)
+    # the client: len = sum of NumberOfFrames; its frame loop as written in its __getitem__
+    nframes = {}
+    checked = 0
+    for i in range(len(ds)):
+        image, dcm, meta = ds[i]
+        entry = entries[meta['id']]
+        frame = nframes.get(meta['id'], 0)
+        nframes[meta['id']] = frame + 1
+        want = [a for a in entry['annotations'] if a['index'] == frame]
+        assert meta['annotations'] == want, (meta['filename'], frame)
+        assert meta['frame_labels'] == entry['frame_labels']
+        checked += bool(entry['annotations'])
+    mf = [m for m in (ds[i][2] for i in range(len(ds)))
+          if m['filename'] == 'multiframe_4x128.dcm']
+    assert [[a['name'] for a in m['annotations']] for m in mf] == \
+        [[], ['contrast'], ['contrast'], ['artifact']]
+    # image-scoped labels (index None) disappear from every frame, as in the client
+    ct = [m for m in (ds[i][2] for i in range(len(ds))) if m['filename'] == 'ct_003.dcm'][0]
+    assert [a['name'] for a in ct['annotations']] == ['Liver', 'Spine']
+    assert checked == len(ds)
+    ds.close()
+
+
+# ---- Dataset difference 7: the bundled data runs both guide examples unchanged ----
+def test_guide_examples_on_the_bundled_xray_project(daemon, emu, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder, entries = download_folder(emu, 'xray', str(tmp_path))
+    by_id = {e['id']: e for e in entries}
+    refs = {}
+    for e in entries:
+        ref = pydicom.dcmread(os.path.join(folder, e['file']))
+        from torchvision.transforms import ToTensor
+        a = ref.pixel_array
+        # the current client's conversion (uint16 min-max, uint8 / 255), then ToTensor
+        a = ((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8)
+        refs[e['id']] = (ToTensor()(a[:, :, None].astype(np.float32) / 255), ref.PatientSex,
+                         'fracture' in e['labels'])
+    seen, dataset = run_guide(GUIDE_SUBCLASS, 'xray', KEY, '(images, patients_sex, labels)')
+    assert len(dataset) == 8 and [len(b[1]) for b in seen] == [4, 4]
+    got = []
+    for images, sexes, labels in seen:
+        assert images.dtype == torch.float32 and images.shape[1:] == (1, 64, 48)
+        for img, sex, lab in zip(images, sexes, labels):
+            match = [k for k, r in refs.items() if torch.equal(r[0], img)]
+            assert len(match) == 1
+            got.append(match[0])
+            assert sex == refs[match[0]][1] and bool(lab) == refs[match[0]][2]
+    assert sorted(got) == sorted(refs)
+    seen, dataset = run_guide(GUIDE_FULL, 'xray', KEY, '(images, dicom_metainfo, metainfo)')
+    n = 0
+    for images, dicoms, metas in seen:
+        for img, dcm, meta in zip(images, dicoms, metas):
+            assert torch.equal(img, refs[meta['id']][0])
+            assert dcm.PatientSex == refs[meta['id']][1]
+            assert meta['file'] == by_id[meta['id']]['file']
+            n += 1
+    assert n == 8
+
+
+def test_sample_dicoms_answer_the_guides_patient_sex(sample, emu):
+    """The guide's subclass reads dicom_metainfo.PatientSex: every DICOM of the sample has
+    it, equal to the file's."""
+    _, _, items = sample
+    files = os.path.join(emu.corpus, 'projects', 'sample')
+    sexes = []
+    for _, dcm, meta in items:
+        if dcm is not None:
+            ref = pydicom.dcmread(os.path.join(files, meta['source_filepath']),
+                                  stop_before_pixels=True)
+            assert dcm.PatientSex == ref.PatientSex
+            sexes.append(dcm.PatientSex)
+    assert len(sexes) == 10 and set(sexes) == {'F', 'M'}
+
+
+# ---- Emulator difference 2, through the Dataset: NIfTI items say application/nifti ----
+def test_nifti_items_have_the_clients_mimetype(sample):
+    _, entries, items = sample
+    nii = [m for _, _, m in items if m['filename'].endswith(('.nii', '.nii.gz'))]
+    assert len(nii) == 2
+    for m in nii:
+        # api_handler.py@af98a24 convert_format: `elif mimetype == 'application/nifti'`
+        assert m['mimetype'] == entries[m['id']]['mimetype'] == 'application/nifti'
+        assert m['file'].endswith(('.nii', '.nii.gz'))
+
+
+# ---- Dataset difference 4: compat='2024.11' divides uint16 by 256 ----
+def seed_era_image(path):
+    """datamintapi/dataset.py@af98a24 _load_image, line by line."""
+    from torchvision.transforms.functional import to_tensor
+    img = pydicom.dcmread(path).pixel_array
+    if img.dtype == np.uint16:
+        img = (img // 256).astype(np.uint8)
+    if len(img.shape) == 3:
+        img = img.transpose(1, 2, 0)
+    if len(img.shape) == 2:
+        img = img[..., np.newaxis]
+    return to_tensor(img)
+
+
+def test_compat_2024_11_reproduces_the_seed_era(daemon, emu):
+    files = os.path.join(emu.corpus, 'projects', 'sample')
+    old = dmcache.Dataset(dataset_name='sample', compat='2024.11')
+    new = dmcache.Dataset(dataset_name='sample')
+    n16 = 0
+    for i in range(len(old)):
+        image, _, meta = old[i]
+        if not meta['filename'].endswith('.dcm'):
+            continue  # the seed-era client read DICOM only
+        want = seed_era_image(os.path.join(files, meta['source_filepath']))
+        assert image.dtype == want.dtype and torch.equal(image, want), meta['filename']
+        if meta['filename'].startswith('multiframe'):
+            n16 += 1
+            # the default stays the current client's min-max
+            a = pydicom.dcmread(os.path.join(files, meta['source_filepath'])).pixel_array
+            mm = ((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8)
+            cur = new[i][0]
+            assert cur.shape == (4, 1, 128, 128)
+            assert torch.equal(cur[:, 0], torch.from_numpy(mm).float().div(255))
+            assert not torch.equal(cur[:, 0], image)
+    assert n16 == 1
+    with pytest.raises(ValueError):
+        dmcache.Dataset(dataset_name='sample', compat='2023')
+    old.close()
+    new.close()
+
+
+# ---- Dataset difference 6: the 2025 client's annotation outputs ----
+# Expected values: datamintapi/dataset/dataset.py and base_dataset.py at tag 1.2.4, written
+# out again here over the dataset folder the client downloads.
+def client_label_sets(entries, scope):
+    ml, seg = set(), set()
+    for e in entries:
+        for a in e['annotations']:
+            if ('image' if a.get('index') is None else 'frame') != scope:
+                continue
+            if a['type'] == 'label':
+                ml.add(a['name'])
+            if a['type'] == 'segmentation':
+                seg.add(a['name'])
+    ml, seg = sorted(ml), sorted(seg)
+    return ml, {n: i for i, n in enumerate(ml)}, {n: i + 1 for i, n in enumerate(seg)}
+
+
+def client_segmentations(folder, anns, nframes, h, w, codes):
+    from PIL import Image
+    segs, labels = {}, {}
+    for a in anns:
+        if a['type'] != 'segmentation' or not a['file'].endswith('.png'):
+            continue  # the client opens masks with PIL: its PNG masks
+        m = Image.open(os.path.join(folder, a['file'])).convert('L').resize((w, h), Image.NEAREST)
+        m = torch.from_numpy(np.array(m)) == 255
+        segs.setdefault(a['added_by'], [[] for _ in range(nframes)])[a['index']].append(m)
+        labels.setdefault(a['added_by'], [[] for _ in range(nframes)])[a['index']].append(
+            codes[a['name']])
+    out_s, out_l = {}, {}
+    for by in segs:
+        out_s[by] = [torch.stack(x) if x else torch.zeros((0, h, w), dtype=torch.bool)
+                     for x in segs[by]]
+        out_l[by] = [torch.tensor(x, dtype=torch.int32) if x else torch.zeros(0, dtype=torch.int32)
+                     for x in labels[by]]
+    return out_s, out_l
+
+
+def client_onehot(anns, names, codes, nframes):
+    out = {}
+    for a in anns:
+        size = (len(names),) if nframes is None else (nframes, len(names))
+        t = out.setdefault(a['added_by'], torch.zeros(size, dtype=torch.int32))
+        if a.get('index') is None:
+            t[codes[a['name']]] = 1
+        else:
+            t[a['index'], codes[a['name']]] = 1
+    return out
+
+
+def test_segmentations_and_labels_as_the_client(daemon, sample):
+    folder, entries, _ = sample
+    ents = list(entries.values())
+    fnames, fcodes, scodes = client_label_sets(ents, 'frame')
+    inames, icodes, _ = client_label_sets(ents, 'image')
+    assert fnames == ['artifact', 'contrast'] and list(scodes) == ['Liver', 'Spine']
+    ds = dmcache.Dataset(dataset_name='sample', return_segmentations=True)
+    assert ds.segmentation_labels_set == list(scodes) and ds.image_labels_set == inames
+    nseg = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        assert set(item) == {'image', 'metainfo', 'segmentations', 'seg_labels',
+                             'frame_labels', 'image_labels'}
+        e = entries[item['metainfo']['id']]
+        assert item['metainfo'] == {k: v for k, v in e.items() if k != 'annotations'} | \
+            {'labels': item['metainfo']['labels']}
+        nframes, _, h, w = item['image'].shape
+        want_s, want_l = client_segmentations(folder, e['annotations'], nframes, h, w, scodes)
+        assert set(item['segmentations']) == set(want_s)
+        for by in want_s:
+            assert len(item['segmentations'][by]) == nframes
+            for got, want in zip(item['segmentations'][by], want_s[by]):
+                assert got.dtype == torch.bool and torch.equal(got, want)
+            for got, want in zip(item['seg_labels'][by], want_l[by]):
+                assert got.dtype == torch.int32 and torch.equal(got, want)
+            nseg += sum(len(x) for x in want_s[by])
+        frame = [a for a in e['annotations'] if a['type'] == 'label' and a['index'] is not None]
+        image = [a for a in e['annotations'] if a['type'] == 'label' and a['index'] is None]
+        want = client_onehot(frame, fnames, fcodes, nframes)
+        assert {k: v.tolist() for k, v in item['frame_labels'].items()} == \
+            {k: v.tolist() for k, v in want.items()}
+        want = client_onehot(image, inames, icodes, None)
+        assert {k: v.tolist() for k, v in item['image_labels'].items()} == \
+            {k: v.tolist() for k, v in want.items()}
+        assert all(v.dtype == torch.int32 for v in item['image_labels'].values())
+    assert nseg == 4  # Liver x3, Spine x1 (the NIfTI volume mask is not a PIL image)
+    mf = next(ds[i] for i in range(len(ds)) if ds[i]['metainfo']['filename'].startswith('multi'))
+    assert mf['frame_labels']['annotator1@example.org'].tolist() == [[0, 0], [0, 1], [0, 1],
+                                                                     [1, 0]]
+    ds.close()
+
+
+def test_semantic_segmentation_and_merge(daemon, sample):
+    folder, entries, _ = sample
+    ds = dmcache.Dataset(dataset_name='sample', return_as_semantic_segmentation=True,
+                         semantic_seg_merge_strategy='union')
+    item = next(ds[i] for i in range(len(ds)) if ds[i]['metainfo']['filename'] == 'ct_003.dcm')
+    e = entries[item['metainfo']['id']]
+    from PIL import Image
+    masks = {a['name']: np.array(Image.open(os.path.join(folder, a['file'])).convert('L')) == 255
+             for a in e['annotations'] if a['type'] == 'segmentation'}
+    seg = item['segmentations']
+    assert seg.shape == (1, 3, 512, 512) and seg.dtype == torch.float32
+    assert item['seg_labels'] is None
+    assert torch.equal(seg[0, 1], torch.from_numpy(masks['Liver']).float())
+    assert torch.equal(seg[0, 2], torch.from_numpy(masks['Spine']).float())
+    # 'union' ORs each annotator's semantic map, background channel included: annotator1
+    # (Liver) and annotator2 (Spine) each call the other's mask background
+    assert torch.equal(seg[0, 0], torch.from_numpy(~masks['Liver'] | ~masks['Spine']).float())
+    # without a merge strategy: per annotator
+    ds2 = dmcache.Dataset(dataset_name='sample', return_as_semantic_segmentation=True)
+    per = ds2[3]['segmentations']
+    assert set(per) == {'annotator1@example.org', 'annotator2@example.org'}
+    assert torch.equal(per['annotator2@example.org'][0, 2], seg[0, 2])
+    assert per['annotator2@example.org'][0, 1].sum() == 0
+    ds.close()
+    ds2.close()
+
+
+def test_include_exclude_filters(daemon, sample):
+    ds = dmcache.Dataset(dataset_name='sample', include_annotators=['annotator2@example.org'],
+                         include_unannotated=False)
+    assert len(ds) == 1  # only ct_003 has an annotation by annotator2 (Spine)
+    item = ds[0]
+    assert item['metainfo']['filename'] == 'ct_003.dcm'
+    assert list(item['segmentations']) == ['annotator2@example.org']
+    # label sets are over the filtered annotations: Spine is the only name, code 1
+    assert ds.segmentation_labels_set == ['Spine']
+    assert item['seg_labels']['annotator2@example.org'][0].tolist() == [1]
+    ds = dmcache.Dataset(dataset_name='sample', exclude_segmentation_names=['Spine'],
+                         exclude_image_label_names=['no_liver'])
+    assert ds.segmentation_labels_set == ['Liver'] and 'no_liver' not in ds.image_labels_set
+    assert list(ds[3]['segmentations']) == ['annotator1@example.org']
+    assert ds[0]['image_labels'] == {}  # ct_000's only label was no_liver
+    with pytest.raises(ValueError):
+        dmcache.Dataset(dataset_name='sample', include_annotators=['a'], exclude_annotators=['b'])
+    fb = dmcache.Dataset(dataset_name='sample', return_frame_by_frame=True,
+                         include_frame_label_names=['contrast'])
+    frames = [fb[i] for i in range(len(fb)) if fb[i]['metainfo']['filename'].startswith('multi')]
+    # frame by frame: (n_frame_labels,) per frame; 'artifact' filtered out
+    assert fb.frame_labels_set == ['contrast']
+    assert [f['frame_labels'] for f in frames][0] == {} and \
+        [f['frame_labels']['annotator1@example.org'].tolist() for f in frames[1:3]] == [[1], [1]]
+    assert frames[3]['frame_labels'] == {}
+    assert frames[1]['image'].shape == (1, 128, 128) and frames[1]['metainfo']['frame_index'] == 1
