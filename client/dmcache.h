@@ -269,7 +269,7 @@ typedef struct dmc_dataset dmc_dataset;
  * Opens a dataset version with the caller's own credentials: the daemon checks access with
  * the key (starting or joining a prefetch of the caller's), and items not cached yet are
  * fetched while that job runs. The first open on a client maps its shared-memory arena
- * (read-only). Free with dmc_dataset_close() before dmc_close().
+ * (copy-on-write: see dmc_arena). Free with dmc_dataset_close() before dmc_close().
  * LOCAL: as dmc_prefetch(); the daemon's requests for files are answered, by any call
  * that reads from this client, until dmc_dataset_close() (at most 16 local datasets open
  * on one client: -EMFILE).
@@ -278,7 +278,7 @@ int dmc_open(dmc_client *c, const struct dmc_open_args *args, dmc_dataset **ret_
 const struct dmc_dataset_info *dmc_dataset_info(const dmc_dataset *ds);
 int dmc_dataset_close(dmc_dataset *ds);
 
-/* One item of a GET. Pointers are into the arena (read-only) until dmc_release(). */
+/* One item of a GET. Pointers are into the arena until dmc_release(). */
 struct dmc_item {
 	uint64_t index;
 	int status;          /* 0, or -DMC_E_... for this item alone */
@@ -301,7 +301,9 @@ struct dmc_item {
 int dmc_get(dmc_dataset *ds, const uint64_t *indices, uint32_t n, struct dmc_item *ret_items);
 /* Gives the arena space of `items` back to the daemon (failed items are skipped). */
 int dmc_release(dmc_client *c, const struct dmc_item *items, uint32_t n);
-/* The mapped arena (read-only) and its size; NULL before the first dmc_open(). */
+/* The mapped arena and its size; NULL before the first dmc_open(). It is mapped
+ * copy-on-write: writes through it make private copies of the pages written, never seen
+ * by the daemon or other clients, and discarded when their range is released. */
 const void *dmc_arena(const dmc_client *c, uint64_t *ret_size);
 
 /*

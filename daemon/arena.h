@@ -1,7 +1,7 @@
 /*
  * arena: the shared memory of one connection, a sealed memfd mapped by the daemon and
- * passed to the client once, and a first-fit allocator over it (offsets, ARENA_ALIGN
- * aligned).
+ * passed to the client once, and a first-fit allocator over it (offsets and lengths in
+ * ARENA_ALIGN units: whole pages).
  *
  * The memfd has its full size from the start (the client maps it once, and the seals keep
  * that mapping valid) but is sparse: it grows on demand. Only [0, grown) is in the
@@ -18,7 +18,11 @@
 
 #include <stdint.h>
 
-#define ARENA_ALIGN 64u
+/* Whole pages: no two allocations share a page, so a client that wrote into its
+ * copy-on-write mapping of one range (its private copies) and discards them at release
+ * never discards or keeps a page of another allocation. 4096: pages of another size are
+ * handled by the client (the Python package copies batches there). */
+#define ARENA_ALIGN 4096u
 
 struct span {
 	uint64_t off, len;

@@ -368,7 +368,7 @@ def test_offline_reads_with_the_server_gone(tmp):
             'ds = dmcache.Dataset(dataset_name="ct", server_url=%r, offline=True)\n'
             'assert len(ds) == %d\n'
             'for i in range(len(ds)): ds[i]\n'
-            'ld = dmcache.Loader("ct", batch_size=8, server_url=%r, offline=True)\n'
+            'ld = dmcache.Loader("ct", batch_size=8, server_url=%r, offline=True, collate="list")\n'
             'print(sum(len(b[0]) if isinstance(b, tuple) else len(b) for b in ld))\n'
             % (url, n, url))
     r = python_epoch(d, ALICE, code, key=emulator.KEY_CT)

@@ -396,7 +396,7 @@ def test_frame_by_frame_items(daemon):
         assert info['id'] == rid and info['frame_index'] == f
     # the Loader too, in batches of single frames
     loader = dmcache.Loader('sample', batch_size=4, return_frame_by_frame=True,
-                            arena_bytes=32 << 20, copy=True)
+                            arena_bytes=32 << 20, copy=True, collate='list')
     assert loader.items == len(expect)
     k = 0
     for b in loader:
@@ -454,7 +454,7 @@ def test_segmentation_label_maps_equal_independent_decoders(daemon):
     assert painted == 6 and len(names) == 4
     # the Loader reads label maps in batches too
     loader = dmcache.Loader('sample', batch_size=5, masks=True, arena_bytes=32 << 20,
-                            copy=True)
+                            copy=True, collate='list')
     for b in loader:
         for img, m, idx in zip(b.images if isinstance(b.images, list) else list(b.images),
                                b.meta, b.indices):

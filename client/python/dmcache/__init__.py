@@ -26,12 +26,13 @@ from .errors import (CacheFullError, CancelledError, ConnectError, DaemonConnect
                      InvalidArgumentError, LimitExceededError, NotFoundError,
                      OverloadedError, ProtocolError, UnsupportedError,
                      UpstreamPermanentError, UpstreamTransientError)
-from .loader import Batch, Loader, collate, distributed_env, rank_indices
+from .loader import (Batch, BatchMismatchError, Loader, collate, distributed_env,
+                     rank_indices)
 
 __version__ = library_version()
 
 __all__ = [
-    'Batch', 'CacheFullError', 'CancelledError', 'Client', 'ConnectError',
+    'Batch', 'BatchMismatchError', 'CacheFullError', 'CancelledError', 'Client', 'ConnectError',
     'DaemonConnectionError', 'DaemonIOError', 'Dataset', 'DecodeError', 'DicomMeta',
     'DmcacheError', 'IntegrityError', 'InternalError', 'InvalidArgumentError', 'LIBRARY_PATH',
     'LimitExceededError', 'Loader', 'NotFoundError', 'OverloadedError', 'ProtocolError',

@@ -163,6 +163,19 @@ dmc_credentials_load = _fn('dmc_credentials_load', ctypes.c_int, c_char_p, c_cha
                            _P(Credentials), ctypes.c_char_p, ctypes.c_size_t)
 dmc_credentials_done = _fn('dmc_credentials_done', None, _P(Credentials))
 dmc_version = _fn('dmc_version', c_char_p)
+SOCKET_PATH_MAX, SOCKET_CANDIDATES_MAX = 108, 2  # dmcache.h
+dmc_socket_candidates = _fn('dmc_socket_candidates', ctypes.c_int,
+                            _P((ctypes.c_char * SOCKET_PATH_MAX) * SOCKET_CANDIDATES_MAX))
+
+
+def socket_candidates(socket_path=None):
+    """The socket paths dmc_connect tries: socket_path, else $DMCACHE_SOCKET, else the
+    system socket and $XDG_RUNTIME_DIR's."""
+    if socket_path:
+        return [os.fsdecode(socket_path)]
+    buf = ((ctypes.c_char * SOCKET_PATH_MAX) * SOCKET_CANDIDATES_MAX)()
+    n = dmc_socket_candidates(ctypes.byref(buf))
+    return [_s(buf[i].value) for i in range(max(0, min(n, SOCKET_CANDIDATES_MAX)))]
 
 
 def _s(b):
@@ -230,7 +243,11 @@ class Client:
         h = c_void_p()
         rc = dmc_connect(_enc(socket_path), ctypes.byref(h))
         if rc < 0:
-            raise make_error(rc, connecting=True, what='cannot connect to dmcached')
+            tried = socket_candidates(socket_path)
+            raise make_error(rc, connecting=True, what='cannot connect to dmcached (tried %s%s)'
+                             % (', '.join(tried) or 'no socket path',
+                                '' if socket_path or os.environ.get('DMCACHE_SOCKET') else
+                                '; set DMCACHE_SOCKET or pass socket= for another'))
         self.h = h.value
         if timeout_ms:
             dmc_set_timeout(self.h, timeout_ms)
@@ -312,7 +329,12 @@ class Client:
             rc = dmc_open(self.handle(), ctypes.byref(args), ctypes.byref(h))
             args.api_key = None
             if rc < 0:
-                raise make_error(rc, self.h, what="cannot open '%s'" % project)
+                where = ("local folder '%s'" % os.fsdecode(_enc(project))
+                         if source == SOURCE_LOCAL else "project '%s' on %s%s" %
+                         (project, server or 'the default server',
+                          ' (offline)' if offline else ''))
+                raise make_error(rc, self.h, what='cannot open %s through %s' %
+                                 (where, self.socket_path))
             return OpenDataset(self, h.value)
 
     def arena(self):

@@ -18,32 +18,134 @@ it is RELEASEd. So the arena (arena_bytes, 0 for the daemon's default) must hold
 prefetch + 2 batches; a batch larger than the whole arena fails with limit_exceeded
 (LimitExceededError).
 
-Tensors. When every item of a batch has the same dtype and shape, `images` is one tensor
-(batch, frames, channels, H, W) that is a zero-copy view of the arena: read-only (the
-arena is mapped read-only; a write through it kills the process with SIGSEGV) and valid
-only until the next batch is asked for; .clone() what you keep, or pass copy=True for a
-writable copy of every batch. When shapes differ, `images` is a list of zero-copy tensors,
-as the Datamint client's collate keeps a list. Without torch the same holds with numpy
-arrays (read-only views that raise on writes).
+Tensors. By default (collate='stack') every batch is one tensor (batch, frames, channels,
+H, W) of one dtype. When the items of a batch differ, the daemon can make them uniform
+with a policy set once: dtype= converts every item in the daemon (the daemon's dtypes;
+'float16' and 'bfloat16' are converted from the daemon's float32 here, a copy). When a
+batch's items still differ (mixed int16/uint16 slices without dtype=, or shapes that
+differ), iteration raises BatchMismatchError at the first such batch, naming both items'
+dtypes and shapes and the parameter that fixes it; collate='list' gives a list of tensors
+instead (the Datamint client's collate).
+
+Writable views. A stacked batch (and each tensor of a list) is a zero-copy view of the
+connection's arena, valid until the next batch is asked for; .clone() what you keep, or
+pass copy=True for copies. The arena is mapped copy-on-write: in-place operations
+(x.add_(1), x.sub_(mean), Normalize(inplace=True)) work, copy only the pages they write
+into this process's own memory, and are never seen by the daemon or another client. Those
+private pages are dropped when the batch is released (the next batch is asked for): a view
+kept past that shows whatever the daemon places there next. Reading costs nothing more
+(pages only read stay mapped from batch to batch); the first write of each page costs a
+page fault and a new page, which on some machines (virtual ones) is slower than copying
+the batch into reused memory: a loop that rewrites every batch whole (x.sub_(mean)) may
+run faster with copy=True. Where the page size is not
+4096 bytes (the daemon's allocation unit), batches are copies. Without torch the same
+holds with numpy arrays.
 """
 import ctypes
 import json
 import math
+import mmap
 import os
 import weakref
+from collections.abc import Mapping
 from typing import Any, List, NamedTuple
 
 import numpy as np
 
 from . import _lib, errors
-from .dataset import TORCH_WIDEN, Dataset, resolve_source, to_torch, torch_module
+from . import _dicom, _metainfo
+from .dataset import TORCH_WIDEN, Dataset, image_labels, resolve_source, to_torch, torch_module
 
 PREFETCH_MAX = _lib.STREAM_AHEAD_MAX - 1
+# the daemon aligns arena allocations to 4096 bytes: with larger pages a private copy of
+# one page could span two batches, so batches are copied instead of viewed
+_VIEWS_SAFE = mmap.PAGESIZE <= 4096
+# dtypes the client makes from the daemon's float32 (a copy): (torch name, numpy name)
+CLIENT_DTYPES = {'float16': ('float16', 'float16'), 'bfloat16': ('bfloat16', None)}
+COLLATES = ('stack', 'list')
+
+
+class BatchMismatchError(ValueError):
+    """The items of a batch differ in dtype or shape and no policy makes them uniform
+    (collate='stack'): the message names both items and the parameter that fixes it."""
+
+    def __init__(self, message, epoch=None, batch=None, indices=None):
+        super().__init__(message)
+        self.epoch, self.batch, self.indices = epoch, batch, indices
+
+
+def _dtype_name(dtype):
+    """'float32' for np.float32, 'float32', torch.float32; None stays None."""
+    if dtype is None:
+        return None
+    name = str(dtype)
+    if name.startswith('torch.'):
+        name = name[len('torch.'):]
+    if name in CLIENT_DTYPES:
+        return name
+    try:
+        return str(np.dtype(name))
+    except TypeError:
+        raise ValueError("dtype '%s' is not a dtype name" % (dtype,)) from None
+
+
+class ItemMeta(Mapping):
+    """One item's metadata, parsed on first use (the batch copies only its JSON bytes).
+    The same shapes as Dataset.metainfo() for the item (the dataset folder's entry with
+    'labels' and 'annotations'; with return_frame_by_frame that frame's and 'frame_index'),
+    and 'dicom': the header the daemon sent, as a pydicom Dataset (Dataset's
+    dicom_metainfo reads the file's own FileDataset), None for a non-DICOM item; also the daemon's own keys
+    ('resource': the record as sent, 'frame'; with masks, 'labels' are the label map's
+    names)."""
+    __slots__ = ('_raw', '_d', '_frames', '_local')
+
+    def __init__(self, raw, frames=False, local=False):
+        self._raw, self._d, self._frames, self._local = raw, None, frames, local
+
+    def _dict(self):
+        if self._d is None:
+            m = json.loads(self._raw)
+            record = m.get('resource') or {}
+            d = _metainfo.from_record(record, self._local)  # as Dataset.metainfo()
+            d['labels'] = image_labels(record)
+            if self._frames:
+                d = _metainfo.for_frame(d, m.get('frame'))
+                d['frame_index'] = m.get('frame')
+            d.update(m)
+            d['dicom'] = _LazyDicom(m.get('dicom'))
+            self._d, self._raw = d, None
+        return self._d
+
+    def __getitem__(self, key):
+        v = self._dict()[key]
+        if isinstance(v, _LazyDicom):
+            v = self._d[key] = v.value()
+        return v
+
+    def __iter__(self):
+        return iter(self._dict())
+
+    def __len__(self):
+        return len(self._dict())
+
+    def __repr__(self):
+        return 'ItemMeta(%r)' % ({k: self[k] for k in self},)
+
+
+class _LazyDicom:
+    __slots__ = ('raw',)
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def value(self):
+        return _dicom.from_item_meta(self.raw)
 
 
 class Batch(NamedTuple):
     """One batch: images (a stacked tensor or a list, see the module's docstring), meta
-    (per item, {"resource": record, "dicom": ...} as dicts, or None with metadata=False)
+    (per item an ItemMeta, parsed when first read: the shapes of Dataset's metainfo and
+    dicom_metainfo; None with metadata=False)
     and indices (the dataset indices of the items)."""
     images: Any
     meta: List[Any]
@@ -145,16 +247,23 @@ class Loader:
                world_size=None, version='latest', root=None, api_key=None,
                server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
                metadata=True, socket=None, copy=False, return_frame_by_frame=False,
-               masks=False)
+               masks=False, offline=None, collate='stack', indices=None, weights=None,
+               num_samples=None)
 
     project: a Datamint project (name or id), a local dataset folder (with dataset.json),
     a name under root as for Dataset, or a dmcache.Dataset (its source and pinned
     version). Iterating yields Batch(images, meta, indices); len() is the number of
     batches of this rank per epoch. lut applies the modality LUT (float32), dtype asks
-    the daemon for another output dtype ('float32', ...). There is no Datamint-style
-    normalisation: items come in their source dtype (or `dtype`). prefetch (0 to 7): batches
-    the daemon keeps ready beyond the next one. copy=True gives writable copies instead of
-    views. return_frame_by_frame=True makes every frame an item of shape (1, C, H, W).
+    the daemon for another output dtype ('float32', ...; 'float16' and 'bfloat16' are made
+    here from the daemon's float32). collate='stack' (default): each batch is one tensor,
+    BatchMismatchError when its items differ; 'list': a list when they differ. There is no
+    Datamint-style normalisation: items come in their source dtype (or `dtype`). prefetch
+    (0 to 7): batches the daemon keeps ready beyond the next one. copy=True gives copies
+    instead of views (views are writable too: see the module's docstring). return_frame_by_frame=True makes every frame an item of shape (1, C, H, W).
+    indices= reads only those items (in the daemon's order of their positions, shuffled
+    and sharded as the whole dataset is); weights= (one per item) draws num_samples
+    (default: the item count) items with replacement, seeded by (seed, epoch). Both read
+    with GETs of each batch (copies), not the daemon's stream.
     masks=True reads each item's segmentation label map instead of its image: uint8
     (frames, 1, H, W) on the image's grid, 0 background, k + 1 for meta[i]['labels'][k].
     """
@@ -163,20 +272,32 @@ class Loader:
                  rank=None, world_size=None, version='latest', root=None, api_key=None,
                  server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
                  metadata=True, socket=None, copy=False, return_frame_by_frame=False,
-                 masks=False, offline=None):
+                 masks=False, offline=None, collate='stack', indices=None, weights=None,
+                 num_samples=None):
         if not 1 <= int(batch_size) <= _lib.GET_MAX:
             raise ValueError('batch_size must be 1 to %d' % _lib.GET_MAX)
         if not 0 <= int(prefetch) <= PREFETCH_MAX:
             raise ValueError('prefetch must be 0 to %d' % PREFETCH_MAX)
-        if dtype is not None and str(np.dtype(dtype)) not in _lib.DTYPE_CODES:
-            raise ValueError("dtype '%s' is not one the daemon produces" % dtype)
+        dname = _dtype_name(dtype)
+        if dname is not None and dname not in _lib.DTYPE_CODES and dname not in CLIENT_DTYPES:
+            raise ValueError("dtype '%s' is not one the daemon produces (%s) nor %s" %
+                             (dtype, ', '.join(sorted(_lib.DTYPE_CODES)),
+                              ' or '.join(sorted(CLIENT_DTYPES))))
+        if collate not in COLLATES:
+            raise ValueError("collate must be 'stack' or 'list', not %r" % (collate,))
+        if dname == 'bfloat16' and torch_module() is None:
+            raise ValueError("dtype 'bfloat16' needs torch (numpy has no bfloat16)")
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
         self.rank, self.world_size = distributed_env(rank, world_size)
         self.lut = bool(lut)
-        self._dtype = _lib.DTYPE_CODES[str(np.dtype(dtype))] if dtype is not None else 0
+        self.dtype = dname
+        self.collate = collate
+        # the daemon converts to its dtypes; float16/bfloat16 from its float32, here
+        self._dtype = _lib.DTYPE_CODES['float32' if dname in CLIENT_DTYPES else dname] \
+            if dname is not None else 0
         self.prefetch = int(prefetch)
         self.arena_bytes = int(arena_bytes)
         self.metadata = bool(metadata)
@@ -186,6 +307,8 @@ class Loader:
         self.masks = bool(masks)
         self.offline = _lib.offline_default(offline)
         self.epoch = 0
+        self._position = 0  # batches of the epoch given out (state_dict)
+        self._resume = 0    # batches the next iteration skips (load_state_dict)
         if isinstance(project, Dataset):
             self._source, self._project = project._source, project._project
             self._server, self._key = project._server, project._key
@@ -193,6 +316,15 @@ class Loader:
             self.socket = socket if socket is not None else project.socket
             self.offline = project.offline if offline is None else bool(offline)
         else:
+            text = os.fspath(project) if isinstance(project, (str, os.PathLike)) else ''
+            if root is None and isinstance(text, str) and \
+                    (os.sep in text or text.startswith(('.', '~'))) and \
+                    not os.path.isfile(os.path.join(os.path.expanduser(text), 'dataset.json')):
+                # a path, not a project name: never a Datamint project of that name
+                raise FileNotFoundError(
+                    "no local dataset at '%s' (looked for %s)" %
+                    (text, os.path.join(os.path.abspath(os.path.expanduser(text)),
+                                        'dataset.json')))
             if root is None and os.path.isfile(os.path.join(os.fspath(project),
                                                             'dataset.json')):
                 root, project = os.path.dirname(os.path.abspath(project)), \
@@ -209,16 +341,97 @@ class Loader:
         self.project_name = first.project_name
         self.items = first.items
         self._running = self._running_token = None
+        self._subset = self._weights = None
+        self._num_samples = 0
+        if indices is not None and weights is not None:
+            raise ValueError('indices= and weights= exclude each other')
+        if indices is not None:
+            sub = [int(i) for i in indices]
+            bad = [i for i in sub if not 0 <= i < self.items]
+            if bad or not sub:
+                self.close()
+                raise ValueError('indices= must name items 0 to %d (got %s)' %
+                                 (self.items - 1, bad[:5] if bad else 'none'))
+            self._subset = sub
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64).reshape(-1)
+            if w.shape[0] != self.items or not np.all(np.isfinite(w)) or (w < 0).any() or \
+                    w.sum() <= 0:
+                self.close()
+                raise ValueError('weights= must be %d finite, non-negative numbers, not all '
+                                 'zero (one per item)' % self.items)
+            self._weights = w / w.sum()
+            self._num_samples = int(num_samples) if num_samples else self.items
+
+    def __repr__(self):
+        policy = ['dtype=%s' % self.dtype if self.dtype else 'dtype=source',
+                  'collate=%s' % self.collate]
+        for flag in ('lut', 'masks', 'copy'):
+            if getattr(self, flag):
+                policy.append('%s=True' % flag)
+        if self.frame_by_frame:
+            policy.append('return_frame_by_frame=True')
+        source = ("local folder '%s'" % self._project if self._source == _lib.SOURCE_LOCAL
+                  else "project '%s'" % (self.project_name or self._project))
+        return ('<dmcache.Loader %s version %s: %d items, %d batches of %d, shuffle=%s '
+                'seed=%d epoch=%d rank %d/%d, %s>' %
+                (source, self.version, self.items, len(self), self.batch_size,
+                 self.shuffle, self.seed, self.epoch, self.rank, self.world_size,
+                 ', '.join(policy)))
 
     # ---- order ----
     def set_epoch(self, epoch):
         """Selects the epoch whose order the next iteration reads (as DistributedSampler)."""
         self.epoch = int(epoch)
+        self._position = self._resume = 0
+
+    # ---- resume ----
+    def state_dict(self):
+        """Where this rank is: the epoch, the number of batches of it already given out
+        (position), and what fixes the order (seed, shuffle, drop_last, batch_size, rank,
+        world_size, items, version). load_state_dict() of it on a new Loader continues at
+        the next batch, without repeating or skipping an item."""
+        return {'epoch': self.epoch, 'position': self._position, 'seed': self.seed,
+                'shuffle': self.shuffle, 'drop_last': self.drop_last,
+                'batch_size': self.batch_size, 'rank': self.rank,
+                'world_size': self.world_size, 'items': self.items, 'version': self.version}
+
+    def load_state_dict(self, state):
+        """Continues from state_dict()'s position: the next iteration reads epoch
+        state['epoch'] from batch state['position'] on (the daemon's stream of that epoch,
+        its first batches skipped: they are read and released unused). The order must be
+        the same: a different batch_size, rank, world_size, shuffle, drop_last, item count
+        or version raises ValueError naming it."""
+        for k in ('batch_size', 'rank', 'world_size', 'shuffle', 'drop_last', 'items',
+                  'version'):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError('cannot resume: %s was %r, this Loader has %r' %
+                                 (k, state[k], getattr(self, k)))
+        position = int(state.get('position', 0))
+        if not 0 <= position <= len(self.batches(int(state['epoch']))):
+            raise ValueError('cannot resume: position %d is not within the epoch' % position)
+        self.seed = int(state.get('seed', self.seed))
+        self.epoch = int(state['epoch'])
+        self._position = self._resume = position
 
     def indices(self, epoch=None):
         """This rank's item indices for `epoch` (default: the current one), in order."""
-        return rank_indices(self.items, self.epoch if epoch is None else epoch, self.seed,
-                            self.shuffle, self.rank, self.world_size, self.drop_last)
+        epoch = self.epoch if epoch is None else epoch
+        if self._weights is not None:
+            # with replacement, seeded by (seed, epoch); then DistributedSampler's partition
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            drawn = rng.choice(self.items, size=self._num_samples, replace=True,
+                               p=self._weights).tolist()
+            pos = rank_indices(len(drawn), epoch, self.seed, False, self.rank,
+                               self.world_size, self.drop_last)
+            return [drawn[p] for p in pos]
+        if self._subset is not None:
+            # the subset in the daemon's order of its positions (the same permutation)
+            pos = rank_indices(len(self._subset), epoch, self.seed, self.shuffle, self.rank,
+                               self.world_size, self.drop_last)
+            return [self._subset[p] for p in pos]
+        return rank_indices(self.items, epoch, self.seed, self.shuffle, self.rank,
+                            self.world_size, self.drop_last)
 
     def batches(self, epoch=None):
         idx = self.indices(epoch)
@@ -281,41 +494,124 @@ class Loader:
         if gen is not None:
             gen.close()
 
-    def _make_batch(self, b):
+    def _mismatch(self, items, epoch, number):
+        """The BatchMismatchError of a batch whose items differ."""
+        first = items[0]
+        other = next(it for it in items if it.dtype != first.dtype or
+                     tuple(it.shape) != tuple(first.shape))
+
+        def desc(it):
+            return 'item %d: %s %s' % (it.index, _lib.DTYPES[it.dtype], tuple(it.shape))
+        if other.dtype != first.dtype:
+            fix = ("pass dtype= to Loader (e.g. dtype='float32', or 'int32' for int16 with "
+                   "uint16) so the daemon converts every item")
+            if tuple(other.shape) != tuple(first.shape):
+                fix += ', and make the shapes equal'
+        else:
+            fix = ('the shapes differ: Loader has no resize policy yet; '
+                   'return_frame_by_frame=True if only the frame counts differ')
+        return BatchMismatchError(
+            "batch %d of epoch %d mixes %s and %s: %s, or pass collate='list' to get a list "
+            "of tensors" % (number, epoch, desc(first), desc(other), fix),
+            epoch=epoch, batch=number, indices=[int(it.index) for it in items])
+
+    def _convert(self, images):
+        """float16/bfloat16 from the daemon's float32 (a copy, made here)."""
+        torch = torch_module()
+        if self.dtype not in CLIENT_DTYPES:
+            return images
+        if isinstance(images, list):
+            return [self._convert(x) for x in images]
+        if torch is not None and isinstance(images, torch.Tensor):
+            return images.to(getattr(torch, CLIENT_DTYPES[self.dtype][0]))
+        return images.astype(CLIENT_DTYPES[self.dtype][1])
+
+    def _make_batch(self, b, epoch=0):
         items = [b.items[i] for i in range(b.n)]
         for it in items:
             if it.status:
                 raise _lib.item_error(it)
+        if not b.uniform and self.collate == 'stack':
+            raise self._mismatch(items, epoch, int(b.number))
         torch = torch_module()
         first = items[0]
         dt = np.dtype(_lib.DTYPES[first.dtype])
+        copy = self.copy or not _VIEWS_SAFE
         if b.uniform:
             shape = (b.n,) + tuple(first.shape)
-            if self.copy or torch is None or dt.name in TORCH_WIDEN or dt.name == 'uint64':
-                buf = (ctypes.c_char * (b.n * first.nbytes)).from_address(b.data)
-                images = np.frombuffer(memoryview(buf).cast('B').toreadonly(),
-                                       dtype=dt).reshape(shape)
-                if self.copy or torch is not None:
+            if copy or torch is None or dt.name in TORCH_WIDEN or dt.name == 'uint64':
+                images = _numpy_region(b.data, b.n * first.nbytes, dt, shape)
+                if copy or torch is not None:
                     images = images.copy()
                 if torch is not None:
                     images = to_torch(torch, images)
             else:
                 images = _torch_region(torch, b.data, b.n * first.nbytes, first.dtype, shape)
         else:
-            views = [np.frombuffer(_lib.item_bytes(it), dtype=np.dtype(_lib.DTYPES[it.dtype]))
-                     .reshape(tuple(it.shape)) for it in items]
+            views = [_numpy_region(it.data, it.nbytes, np.dtype(_lib.DTYPES[it.dtype]),
+                                   tuple(it.shape)) for it in items]
             if torch is not None:
-                images = [to_torch(torch, v.copy() if self.copy else v)
-                          if self.copy or v.dtype.name in TORCH_WIDEN or
+                images = [to_torch(torch, v.copy() if copy else v)
+                          if copy or v.dtype.name in TORCH_WIDEN or
                           v.dtype.name == 'uint64' else _torch_view(torch, it)
                           for v, it in zip(views, items)]
             else:
-                images = [v.copy() for v in views] if self.copy else views
-        meta = [json.loads(_lib.item_meta(it)) for it in items] if self.metadata else \
-            [None] * len(items)
+                images = [v.copy() for v in views] if copy else views
+        images = self._convert(images)
+        meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame,
+                          self._source == _lib.SOURCE_LOCAL) for it in items] \
+            if self.metadata else [None] * len(items)
+        return Batch(images, meta, [int(it.index) for it in items])
+
+    def _iterate_get(self, epoch):
+        """indices= / weights=: each batch GET and copied, then released."""
+        token = self._running_token = object()
+        conn = self._connections()[0]
+        batches = self.batches(epoch)
+        skip, self._resume, self._position = self._resume, 0, 0
+        try:
+            for number, idx in enumerate(batches):
+                self._position += 1
+                if number < skip:
+                    continue
+                items = conn.ds.get(idx)
+                try:
+                    batch = self._batch_from_items(items, epoch, number)
+                finally:
+                    conn.ds.release(items)
+                yield batch
+                del batch
+        finally:
+            if self._running_token is token:
+                self._running, self._running_token = None, None
+
+    def _batch_from_items(self, items, epoch, number):
+        items = list(items)
+        for it in items:
+            if it.status:
+                raise _lib.item_error(it)
+        first = items[0]
+        uniform = all(it.dtype == first.dtype and tuple(it.shape) == tuple(first.shape)
+                      for it in items)
+        if not uniform and self.collate == 'stack':
+            raise self._mismatch(items, epoch, number)
+        arrays = [_numpy_region(it.data, it.nbytes, np.dtype(_lib.DTYPES[it.dtype]),
+                                tuple(it.shape)).copy() for it in items]
+        images = np.stack(arrays) if uniform else arrays
+        torch = torch_module()
+        if torch is not None:
+            images = to_torch(torch, images) if uniform else [to_torch(torch, a)
+                                                               for a in images]
+        images = self._convert(images)
+        meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame,
+                          self._source == _lib.SOURCE_LOCAL) for it in items] \
+            if self.metadata else [None] * len(items)
         return Batch(images, meta, [int(it.index) for it in items])
 
     def _iterate(self, epoch):
+        if self._subset is not None or self._weights is not None:
+            yield from self._iterate_get(epoch)
+            return
         token = self._running_token = object()
         conn = self._connections()[0]
         stream = conn.ds.stream(self.batch_size, seed=self.seed, epoch=epoch,
@@ -323,6 +619,7 @@ class Loader:
                                 rank=self.rank, world_size=self.world_size,
                                 ahead=self.prefetch + 1)
         held = None
+        skip, self._resume, self._position = self._resume, 0, 0
         try:
             while True:
                 if held is not None:
@@ -332,7 +629,12 @@ class Loader:
                 if b is None:
                     break
                 held = b
-                batch = self._make_batch(b)
+                if skip:
+                    skip -= 1
+                    self._position += 1
+                    continue
+                batch = self._make_batch(b, epoch)
+                self._position += 1
                 yield batch
                 del batch
         finally:
@@ -346,8 +648,16 @@ class Loader:
                 self._running, self._running_token = None, None
 
 
+def _numpy_region(address, nbytes, dt, shape):
+    """A zero-copy, writable numpy array over `nbytes` of the (copy-on-write) arena."""
+    if nbytes == 0:
+        return np.empty(shape, dtype=dt)
+    buf = (ctypes.c_char * nbytes).from_address(address)
+    return np.frombuffer(buf, dtype=dt).reshape(shape)
+
+
 def _torch_region(torch, address, nbytes, dtype, shape):
-    """A zero-copy torch tensor over `nbytes` of the arena at `address` (read-only memory)."""
+    """A zero-copy torch tensor over `nbytes` of the (copy-on-write) arena at `address`."""
     dt = getattr(torch, _lib.DTYPES[dtype])
     if nbytes == 0:
         return torch.empty(shape, dtype=dt)
@@ -356,7 +666,7 @@ def _torch_region(torch, address, nbytes, dtype, shape):
 
 
 def _torch_view(torch, item):
-    """A zero-copy torch tensor over an item in the arena (read-only memory)."""
+    """A zero-copy torch tensor over an item in the (copy-on-write) arena."""
     dt = getattr(torch, _lib.DTYPES[item.dtype])
     if item.nbytes == 0:
         return torch.empty(tuple(item.shape), dtype=dt)
