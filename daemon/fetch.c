@@ -380,11 +380,23 @@ static int on_curl_timer(CURLM *multi, long timeout_ms, void *userp)
  * old one wiped (a plain realloc could move it and leave the old bytes behind).
  * OpenSSL and nghttp2 allocate on their own (see fetch.h: what stays).
  */
+/*
+ * Blocks larger than this are libcurl's receive buffers (RECV_BUFFER), which hold response
+ * bytes, never the request: they are not wiped. Wiping them touched every page of 256 KiB
+ * buffers that glibc then kept in the heap (its mmap threshold rises after the first free),
+ * about 40 MB of resident heap for nothing.
+ */
+#define WIPE_MAX (128u << 10)
+
 static void wipe_free(void *p)
 {
+	size_t n;
+
 	if (!p)
 		return;
-	explicit_bzero(p, malloc_usable_size(p));
+	n = malloc_usable_size(p);
+	if (n <= WIPE_MAX)
+		explicit_bzero(p, n);
 	free(p);
 }
 
