@@ -11,7 +11,8 @@ Once every listener is bound it prints ONE line of JSON on stdout and flushes it
      "admin_url": "http://127.0.0.1:R", "pid": N}
 SIGTERM or SIGINT stops it cleanly (exit status 0).
 
-Behaviour follows ../../shared/datamint-api.md (cited as §N): auth and errors (§2),
+Behaviour follows the Datamint REST API as the public Datamint Python client calls it
+(sections cited as §N: auth and errors §2,
 endpoints (§3), the recommendations for an emulator (§7). Faults and the request log are
 driven through the admin listener (tests/emulator/README.md, faults.py).
 """

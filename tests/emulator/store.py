@@ -1,6 +1,6 @@
 """The emulator's data: projects, datasets, resources, annotations, API keys.
 
-Shapes follow ../shared/datamint-api.md; section numbers are cited where a field or a rule
+Shapes follow the Datamint REST API; section numbers are cited where a field or a rule
 comes from. One RLock guards everything; HTTP threads call in and get plain data back.
 Synthetic projects (up to millions of items) are never materialised: item i is computed
 from its index, its id encodes the index, and listings are walked lazily.

@@ -1,5 +1,5 @@
 """The emulator driven over HTTP the way the Datamint client does
-(../shared/seeds/datamint-client-api.rst), asserting the shapes of datamint-api.md."""
+(as its user guide shows), asserting the shapes of the Datamint REST API."""
 import base64
 import hashlib
 import io
