@@ -608,10 +608,7 @@ static bool protect_snapshot(void *ctx, int64_t id)
 {
 	struct prefetch *p = ctx;
 
-	for (struct job *j = p->jobs; j; j = j->next)
-		if (!j->final && j->snapshot_id == id)
-			return true;
-	return p->is_open && p->is_open(p->is_open_ctx, id);
+	return prefetch_snapshot_active(p, id) || (p->is_open && p->is_open(p->is_open_ctx, id));
 }
 
 static int snap_name_cb(void *ctx, const struct index_snapshot *s)
@@ -3112,14 +3109,6 @@ static int evict_collect(void *ctx, const struct index_snapshot *s)
 	return 0;
 }
 
-static bool snapshot_busy(struct prefetch *p, int64_t id)
-{
-	for (struct job *j = p->jobs; j; j = j->next)
-		if (!j->final && j->snapshot_id == id)
-			return true;
-	return false;
-}
-
 struct gc_ctx {
 	struct prefetch *p;
 	uint8_t (*digests)[STORE_DIGEST_SIZE];
@@ -3168,7 +3157,7 @@ static void on_evict(struct prefetch *p, struct conn *c, const struct dmc_header
 	index_flush(ix);
 	index_snapshot_list(ix, evict_collect, e);
 	for (uint32_t i = 0; i < e->n && rc == 0; i++) {
-		if (snapshot_busy(p, e->ids[i]))
+		if (prefetch_snapshot_active(p, e->ids[i]))
 			continue; /* a job fills it right now: cancel it first */
 		if (!e->whole[i]) {
 			rc = index_grant_delete(ix, c->uid, e->ids[i]);
