@@ -2386,7 +2386,9 @@ static int local_need(struct job *j)
 	return 0;
 }
 
-/* job_pump() of a local job: tasks from the received window, the next LOCAL_NEED, the end. */
+/* job_pump() of a local job: tasks from the received window, the next LOCAL_NEED, the end.
+ * The job is held (pending) while it pumps: a LOCAL_NEED whose send fails closes the
+ * connection, which cancels and would free the job under us. */
 static void local_pump(struct job *j)
 {
 	struct local_job *lj = j->lj;
@@ -2398,6 +2400,7 @@ static void local_pump(struct job *j)
 		return;
 	}
 	lj->pumping = true;
+	j->pending++;
 	do {
 		lj->pump_again = false;
 		while (!j->final && lj->win_n && lj->next_item < lj->l->n && j->running < window(p)) {
@@ -2411,27 +2414,29 @@ static void local_pump(struct job *j)
 				lj->win_fds[k + m] = -1; /* the task's now */
 		}
 		if (j->final)
-			return; /* lj may be gone with the job */
+			break;
 		if (lj->win_n && (lj->next_item >= lj->l->n ||
 				  lj->l->items[lj->next_item].first_path >= lj->win_first + lj->win_n))
 			lj->win_n = 0; /* handed out whole */
 		if (!lj->win_n && !lj->need_n && lj->next_path < lj->l->n_paths) {
 			rc = local_need(j);
+			if (j->final)
+				break; /* the send closed the connection, which cancelled the job */
 			if (rc < 0) {
-				lj->pumping = false; /* job_finish may free lj */
 				record_error(j, -DMC_E_CANCELLED, 0, 0, NULL,
 					     "the client that opened the files went away");
 				job_finish(j, DMC_JOB_CANCELLED);
-				return;
+				break;
 			}
 		}
 		if (lj->next_item >= lj->l->n && j->running == 0) {
-			lj->pumping = false;
 			job_finish(j, j->items_failed ? DMC_JOB_FAILED : DMC_JOB_DONE);
-			return;
+			break;
 		}
 	} while (lj->pump_again && !j->final);
 	lj->pumping = false;
+	j->pending--;
+	job_maybe_free(j);
 }
 
 /* LOCAL_FILES: the descriptors of the paths the job asked for. */
