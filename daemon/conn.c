@@ -60,6 +60,20 @@ static void on_handle_closed(uv_handle_t *handle)
 	free(c);
 }
 
+/* A send failed: close on the next loop turn, not under the sender (conn.h, conn_send). */
+static void on_failed(uv_timer_t *t)
+{
+	conn_close(t->data);
+}
+
+static void conn_fail(struct conn *c)
+{
+	if (c->closing || c->failed)
+		return;
+	c->failed = true;
+	uv_timer_start(&c->timer, on_failed, 0, 0);
+}
+
 /* Writes a frame with a descriptor now: the socket's queue in libuv is empty. */
 static int send_fd_now(struct conn *c, const uint8_t *frame, size_t len, int fd)
 {
@@ -86,8 +100,9 @@ static int send_fd_now(struct conn *c, const uint8_t *frame, size_t len, int fd)
 		/* a client that does not read even this first small frame is not served */
 		log_debug(NET, "cannot pass a descriptor to uid %u: %s", (unsigned)c->uid,
 			  strerror(errno));
-		conn_close(c);
-		return -errno;
+		n = -errno;
+		conn_fail(c);
+		return (int)n;
 	}
 	if ((size_t)n < len)
 		return conn_send(c, frame + n, len - (size_t)n); /* the descriptor went with byte 0 */
@@ -96,7 +111,7 @@ static int send_fd_now(struct conn *c, const uint8_t *frame, size_t len, int fd)
 
 int conn_send_fd(struct conn *c, const void *frame, size_t len, int fd)
 {
-	if (c->closing)
+	if (c->closing || c->failed)
 		return -EPIPE;
 	if (c->fd_frame)
 		return -EBUSY; /* one at a time: a connection passes its arena once */
@@ -104,7 +119,7 @@ int conn_send_fd(struct conn *c, const void *frame, size_t len, int fd)
 		return send_fd_now(c, frame, len, fd);
 	c->fd_frame = malloc(len);
 	if (!c->fd_frame) {
-		conn_close(c);
+		conn_fail(c);
 		return -ENOMEM;
 	}
 	memcpy(c->fd_frame, frame, len);
@@ -154,6 +169,8 @@ static void on_timeout(uv_timer_t *t)
 
 static void arm_timer(struct conn *c)
 {
+	if (c->failed)
+		return; /* the timer closes it on the next turn */
 	uint64_t ms = c->version ? c->srv->cfg->idle_timeout_ms : c->srv->cfg->hello_timeout_ms;
 
 	if (ms)
@@ -166,7 +183,7 @@ static void arm_timer(struct conn *c)
 
 static void resume_reading(struct conn *c)
 {
-	if (!c->paused || c->closing || c->close_after_write)
+	if (!c->paused || c->closing || c->failed || c->close_after_write)
 		return;
 	if (reads_start(c) == 0) {
 		c->paused = false;
@@ -181,7 +198,7 @@ static void on_written(uv_write_t *req, int status)
 
 	c->wq_bytes -= w->len;
 	free(w);
-	if (c->closing)
+	if (c->closing || c->failed)
 		return;
 	if (status < 0) {
 		log_debug(NET, "write to uid %u failed: %s", (unsigned)c->uid, uv_strerror(status));
@@ -197,7 +214,7 @@ static void on_written(uv_write_t *req, int status)
 		c->fd_frame = NULL;
 		send_fd_now(c, f, c->fd_frame_len, c->fd_to_pass);
 		free(f);
-		if (c->closing)
+		if (c->closing || c->failed)
 			return;
 	}
 	if (c->paused && c->wq_bytes <= c->srv->cfg->write_queue_max / 2)
@@ -210,7 +227,7 @@ int conn_send(struct conn *c, const void *frame, size_t len)
 	uv_buf_t buf;
 	int rc;
 
-	if (c->closing)
+	if (c->closing || c->failed)
 		return -EPIPE;
 	if (c->wq_bytes == 0) {
 		/* nothing queued: write now, and queue (a copy of) only what the socket did not
@@ -223,13 +240,13 @@ int conn_send(struct conn *c, const void *frame, size_t len)
 			frame = (const uint8_t *)frame + rc;
 			len -= (size_t)rc;
 		} else if (rc != UV_EAGAIN) {
-			conn_close(c);
+			conn_fail(c);
 			return rc;
 		}
 	}
 	w = malloc(sizeof(*w) + len);
 	if (!w) {
-		conn_close(c);
+		conn_fail(c);
 		return -ENOMEM;
 	}
 	w->c = c;
@@ -239,7 +256,7 @@ int conn_send(struct conn *c, const void *frame, size_t len)
 	rc = uv_write(&w->req, (uv_stream_t *)&c->pipe, &buf, 1, on_written);
 	if (rc < 0) {
 		free(w);
-		conn_close(c);
+		conn_fail(c);
 		return rc;
 	}
 	c->wq_bytes += len;
@@ -300,7 +317,7 @@ static void process(struct conn *c)
 {
 	size_t off = 0;
 
-	while (!c->closing && !c->paused) {
+	while (!c->closing && !c->failed && !c->paused) {
 		struct dmc_header h;
 		int rc = dmc_header_decode(c->rbuf + off, c->rlen - off, &h);
 
@@ -406,7 +423,7 @@ static void on_poll(uv_poll_t *handle, int status, int events)
 	ssize_t n;
 
 	(void)events;
-	if (c->closing)
+	if (c->closing || c->failed)
 		return;
 	if (status < 0) {
 		log_debug(NET, "poll on uid %u's connection: %s", (unsigned)c->uid,

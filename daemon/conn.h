@@ -48,6 +48,7 @@ struct conn {
 	bool paused;   /* reads stopped for backpressure */
 	bool counted;  /* included in the server's per-uid counts */
 	bool close_after_write; /* close once the queued replies are written */
+	bool failed;   /* a send failed: closed on the next loop turn (conn_send) */
 	void *app_data;        /* the serving side's state for this connection */
 	/* a frame that carries a descriptor, waiting for the write queue to drain */
 	uint8_t *fd_frame;
@@ -82,14 +83,17 @@ void conn_close(struct conn *c);
 
 /*
  * Queues one complete frame (header included) for writing; the bytes are copied.
- * Returns 0 or negative errno. On failure the connection is being closed.
+ * Returns 0 or negative errno. On failure the connection is closed on the next loop turn,
+ * never under the caller: the caller (a job pumping, a notifier walking its subscribers)
+ * may hold what the app's conn_closed callback frees. Until then every send fails with
+ * -EPIPE and no more of the client's frames are handled.
  */
 int conn_send(struct conn *c, const void *frame, size_t len);
 
 /*
  * Sends one frame with descriptor `fd` attached (SCM_RIGHTS, with the frame's first byte;
  * the header must say nfds = 1). `fd` is borrowed: the peer gets a duplicate. Frames queued
- * before go out first. Returns 0 or negative errno (the connection is then closing).
+ * before go out first. Returns 0 or negative errno (the connection is then closed as after conn_send).
  */
 int conn_send_fd(struct conn *c, const void *frame, size_t len, int fd);
 

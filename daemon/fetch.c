@@ -66,6 +66,7 @@ struct fetch_xfer {
 	const char *api_key;
 	const struct fetch_ops *ops;
 	void *data;
+	char host[256];   /* the origin it connects to now (per_host_connections) */
 	uint64_t group; /* transfers of one group share the places fairly with others */
 	uint32_t owner; /* the uid it works for: owners share the places round-robin */
 	unsigned flags; /* FETCH_XF_* */
@@ -533,6 +534,8 @@ struct fetch_xfer *fetch_xfer_new(struct fetch *f, const char *url, const char *
 		free(x);
 		return NULL;
 	}
+	if (fetch_url_origin(url, x->host, sizeof(x->host)) < 0)
+		x->host[0] = '\0'; /* refused at its attempt */
 	uv_timer_init(f->loop, &x->timer);
 	x->timer.data = x;
 	f->open_handles++;
@@ -672,26 +675,6 @@ static uint32_t fair_share(const struct fetch *f)
 	return share ? share : 1;
 }
 
-/*
- * The next owner in turn (the smallest uid after the one served last, wrapping around)
- * with a transfer queued and fewer than `limit` running; NULL if none.
- */
-static struct owner *next_owner(struct fetch *f, uint32_t limit)
-{
-	struct owner *after = NULL, *first = NULL;
-
-	for (uint32_t i = 0; i < f->n_owners; i++) {
-		struct owner *o = &f->owners[i];
-		if (!o->queued || o->running >= limit)
-			continue;
-		if (o->uid > f->rr_last && (!after || o->uid < after->uid))
-			after = o;
-		if (!first || o->uid < first->uid)
-			first = o;
-	}
-	return after ? after : first;
-}
-
 /* Transfers of `group` in the multi handle now. */
 static uint32_t group_running(const struct fetch *f, uint64_t group)
 {
@@ -703,19 +686,37 @@ static uint32_t group_running(const struct fetch *f, uint64_t group)
 	return n;
 }
 
+/* Transfers to `host` in the multi handle now, all of them or `uid`'s (uid >= 0). */
+static uint32_t host_running(const struct fetch *f, const char *host, int64_t uid)
+{
+	uint32_t n = 0;
+
+	for (const struct fetch_xfer *x = f->all; x; x = x->anext)
+		if (x->state == XS_RUNNING && strcmp(x->host, host) == 0 &&
+		    (uid < 0 || x->owner == (uint32_t)uid))
+			n++;
+	return n;
+}
+
+static bool host_has_room(const struct fetch *f, const char *host)
+{
+	return !f->opts.max_per_host || host_running(f, host, -1) < f->opts.max_per_host;
+}
+
 /*
  * The next transfer of owner `uid` to start: its oldest metadata request, else the oldest
  * of its group with the fewest running transfers, so that a job queued behind a large one
- * starts at once (reliability.md N7) and groups share the owner's places evenly.
+ * starts at once (reliability.md N7) and groups share the owner's places evenly. With
+ * `room`, only transfers whose host has a connection free.
  */
-static struct fetch_xfer *next_queued(struct fetch *f, uint32_t uid)
+static struct fetch_xfer *next_queued(struct fetch *f, uint32_t uid, bool room)
 {
 	struct fetch_xfer *best = NULL, *x, *mine = NULL;
 	uint32_t best_running = UINT32_MAX;
 	bool one_group = true;
 
 	for (x = f->queue_head; x; x = x->qnext) {
-		if (x->owner != uid)
+		if (x->owner != uid || (room && !host_has_room(f, x->host)))
 			continue;
 		if (x->flags & FETCH_XF_METADATA)
 			return x;
@@ -729,10 +730,11 @@ static struct fetch_xfer *next_queued(struct fetch *f, uint32_t uid)
 	for (x = f->queue_head; x; x = x->qnext) {
 		bool seen = false;
 		uint32_t r;
-		if (x->owner != uid)
+		if (x->owner != uid || (room && !host_has_room(f, x->host)))
 			continue;
 		for (struct fetch_xfer *y = f->queue_head; y != x; y = y->qnext)
-			if (y->owner == uid && y->group == x->group) {
+			if (y->owner == uid && y->group == x->group &&
+			    !(room && !host_has_room(f, y->host))) {
 				seen = true; /* an older one of this group was considered */
 				break;
 			}
@@ -749,59 +751,159 @@ static struct fetch_xfer *next_queued(struct fetch *f, uint32_t uid)
 	return best;
 }
 
+/* Gives `vx`'s place back: it waits again at the head of its owner's queue. */
+static void preempt(struct fetch *f, struct fetch_xfer *vx, uint32_t holds, uint32_t share,
+		    const struct owner *taker)
+{
+	log_debug(FETCH, "'%s': uid %u holds %u places (share %u): one goes to uid %u", vx->url,
+		  (unsigned)vx->owner, holds, share, (unsigned)taker->uid);
+	run_del(vx);
+	vx->attempts--; /* not a failed attempt */
+	f->stats.preempted++;
+	queue_push(f, vx, true);
+}
+
+/* The most recently started file transfer of `uid` (on `host` if set): the least work lost. */
+static struct fetch_xfer *newest_running(const struct fetch *f, uint32_t uid, const char *host)
+{
+	struct fetch_xfer *vx = NULL;
+
+	for (struct fetch_xfer *x = f->all; x; x = x->anext)
+		if (x->state == XS_RUNNING && x->owner == uid && !(x->flags & FETCH_XF_METADATA) &&
+		    (!host || strcmp(x->host, host) == 0) && (!vx || x->attempt_ms >= vx->attempt_ms))
+			vx = x;
+	return vx;
+}
+
 /*
  * Makes a place for `taker`, under its share while every place is taken: the owner most
- * over its share gives up its most recently started file transfer (the least work lost),
- * which waits again at the head of its owner's queue and resumes with Range where it can.
- * Metadata requests are short and never preempted.
+ * over its share gives up its most recently started file transfer, which resumes with
+ * Range where it can. Metadata requests are short and never preempted.
  */
 static bool preempt_for(struct fetch *f, const struct owner *taker, uint32_t share)
 {
 	struct owner *victim = NULL;
-	struct fetch_xfer *vx = NULL;
+	struct fetch_xfer *vx;
 
 	for (uint32_t i = 0; i < f->n_owners; i++) {
 		struct owner *o = &f->owners[i];
 		if (o != taker && o->running > share && (!victim || o->running > victim->running))
 			victim = o;
 	}
-	if (!victim)
+	if (!victim || !(vx = newest_running(f, victim->uid, NULL)))
 		return false;
-	for (struct fetch_xfer *x = f->all; x; x = x->anext)
-		if (x->state == XS_RUNNING && x->owner == victim->uid &&
-		    !(x->flags & FETCH_XF_METADATA) && (!vx || x->attempt_ms >= vx->attempt_ms))
-			vx = x;
-	if (!vx)
-		return false;
-	log_debug(FETCH, "'%s': uid %u holds %u places (share %u): one goes to uid %u", vx->url,
-		  (unsigned)victim->uid, victim->running, share, (unsigned)taker->uid);
-	run_del(vx);
-	vx->attempts--; /* not a failed attempt */
-	f->stats.preempted++;
-	queue_push(f, vx, true);
+	preempt(f, vx, victim->running, share, taker);
 	return true;
+}
+
+/*
+ * The same on one host whose per_host_connections are all taken: its connections are shared
+ * by the owners with transfers for it as the places are (reliability.md N7). Without
+ * this, curl would queue the transfers over the cap in its own order, and a user arriving
+ * after another's hundreds would wait behind them whatever the places' shares.
+ */
+static bool preempt_on_host(struct fetch *f, const struct owner *taker, const char *host)
+{
+	uint32_t users = 0, share, most = 0, mine;
+	struct owner *victim = NULL;
+	struct fetch_xfer *vx;
+
+	for (uint32_t i = 0; i < f->n_owners; i++) {
+		struct owner *o = &f->owners[i];
+		uint32_t r = host_running(f, host, o->uid);
+		bool waits = false;
+		if (!r)
+			for (struct fetch_xfer *x = f->queue_head; x && !waits; x = x->qnext)
+				waits = x->owner == o->uid && strcmp(x->host, host) == 0;
+		if (r || waits)
+			users++;
+		if (o != taker && r > most) {
+			most = r;
+			victim = o;
+		}
+	}
+	share = users ? f->opts.max_per_host / users : 1;
+	if (!share)
+		share = 1;
+	mine = host_running(f, host, taker->uid);
+	if (mine >= share || !victim || most <= share ||
+	    !(vx = newest_running(f, victim->uid, host)))
+		return false;
+	preempt(f, vx, most, share, taker);
+	return true;
+}
+
+/*
+ * The owner after `cur` in turn: the smallest uid above it with a transfer queued, else
+ * the smallest of all (wrapping around). `tried` marks the owners already looked at.
+ */
+static struct owner *owner_after(struct fetch *f, uint32_t cur, const uint8_t *tried)
+{
+	struct owner *after = NULL, *first = NULL;
+
+	for (uint32_t i = 0; i < f->n_owners; i++) {
+		struct owner *o = &f->owners[i];
+		if (!o->queued || tried[i])
+			continue;
+		if (o->uid > cur && (!after || o->uid < after->uid))
+			after = o;
+		if (!first || o->uid < first->uid)
+			first = o;
+	}
+	return after ? after : first;
+}
+
+/*
+ * Starts one queued transfer: owners in turn (round-robin by uid), first those under their
+ * fair share of the places, then, with places left over, any. An owner's transfer waits
+ * while its host has no connection free, unless the owner is under its share of that
+ * host's connections and another is over it. False when nothing can start now.
+ */
+static bool start_one(struct fetch *f)
+{
+	uint32_t share = fair_share(f);
+	bool full = f->running >= f->opts.max_parallel;
+	uint8_t small[64], *tried = f->n_owners <= sizeof(small) ? small : calloc(f->n_owners, 1);
+	bool started = false;
+
+	if (!tried)
+		return false;
+	for (int pass = 0; pass < 2 && !started; pass++) {
+		uint32_t cur = f->rr_last;
+		if (pass == 1 && full)
+			break; /* leftover places only */
+		memset(tried, 0, f->n_owners);
+		for (struct owner *o; !started && (o = owner_after(f, cur, tried)); cur = o->uid) {
+			struct fetch_xfer *x;
+			tried[o - f->owners] = 1;
+			if (pass == 0 && o->running >= share)
+				continue;
+			x = next_queued(f, o->uid, true);
+			if (!x) {
+				/* each of its next transfers waits for a full host: a connection there? */
+				struct fetch_xfer *w = next_queued(f, o->uid, false);
+				if (pass == 1 || !w || !f->opts.max_per_host ||
+				    !preempt_on_host(f, o, w->host))
+					continue;
+				x = w;
+			} else if (full && !preempt_for(f, o, share)) {
+				continue;
+			}
+			f->rr_last = o->uid;
+			queue_remove(f, x);
+			attempt_start(x);
+			started = true;
+		}
+	}
+	if (tried != small)
+		free(tried);
+	return started;
 }
 
 static void pump(struct fetch *f)
 {
-	while (!f->closing && f->queue_head) {
-		uint32_t share = fair_share(f);
-		struct owner *o = next_owner(f, share);
-		struct fetch_xfer *x;
-
-		if (f->running >= f->opts.max_parallel) {
-			if (!o || !preempt_for(f, o, share))
-				break;
-		} else if (!o) {
-			/* every waiting owner holds its share: a place left over goes in turn */
-			o = next_owner(f, UINT32_MAX);
-		}
-		if (!o || !(x = next_queued(f, o->uid)))
-			break;
-		f->rr_last = o->uid;
-		queue_remove(f, x);
-		attempt_start(x);
-	}
+	while (!f->closing && f->queue_head && start_one(f))
+		;
 }
 
 void fetch_xfer_set_group(struct fetch_xfer *x, uint64_t group)
@@ -1271,6 +1373,9 @@ static bool redirect(struct fetch_xfer *x, long status)
 	}
 	free(x->cur_url);
 	x->cur_url = copy;
+	/* it keeps its place, on the new host even if that one is full: curl queues it then */
+	if (fetch_url_origin(copy, x->host, sizeof(x->host)) < 0)
+		x->host[0] = '\0';
 	x->attempts--; /* a redirect is not a failed attempt */
 	attempt_start(x);
 	return true;

@@ -85,11 +85,7 @@ def prefetch_argv(d, server, project):
 
 @pytest.mark.parametrize('parallel', [
     PER_HOST,
-    pytest.param(16, marks=pytest.mark.xfail(strict=True, reason=(
-        'fetch.c shares parallel_transfers places between users, but curl queues the '
-        'transfers over per_host_connections per host in its own order: with more places '
-        'than connections to the one host, B waits behind A\'s transfers already handed to '
-        'curl (measured: B\'s first object after 17 to 39 s; the cap itself holds)'))),
+    16,
 ])
 def test_per_host_cap_and_second_user_starts_at_once(emu, tmpdir_short, parallel):
     """N7: A queues 400 objects first; B's first object starts within 2 s; the server
