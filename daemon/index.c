@@ -5,12 +5,14 @@
 #include "index.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -314,6 +316,8 @@ static const char *const migrations[INDEX_SCHEMA_VERSION] = {
 
 struct index {
 	sqlite3 *db;
+	char dir[4096]; /* the directory of index.db: is its file system read-only? (fail()) */
+	bool read_only; /* a write failed on a read-only file system (index_read_only()) */
 	sqlite3_stmt *stmt[S_COUNT_];
 	bool in_tx;
 	unsigned pending;
@@ -378,10 +382,51 @@ static int map_rc(sqlite3 *db, int rc)
 	}
 }
 
+/*
+ * Whether the file system of index.db refuses writes now: statvfs's ST_RDONLY, or a file
+ * system in its error state (ext4 errors=remount-ro answers EROFS to a create while statvfs
+ * and access() still say writable). Creates an unnamed file (O_TMPFILE), gone at close.
+ */
+static bool probe_read_only(const char *dir)
+{
+	struct statvfs sv;
+	int fd;
+
+	if (statvfs(dir, &sv) == 0 && (sv.f_flag & ST_RDONLY))
+		return true;
+	fd = open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+	if (fd >= 0) {
+		close(fd);
+		return false;
+	}
+	return errno == EROFS;
+}
+
+bool index_read_only(struct index *ix)
+{
+	if (ix->read_only && !probe_read_only(ix->dir))
+		ix->read_only = false;
+	return ix->read_only;
+}
+
 static int fail(struct index *ix, int rc)
 {
+	int r = map_rc(ix->db, rc);
+
 	snprintf(ix->msg, sizeof(ix->msg), "%s", sqlite3_errmsg(ix->db));
-	return map_rc(ix->db, rc);
+	/* SQLite says "disk I/O error" (EIO) for a file system in its error state: say what
+	 * an operator can act on (docs/reliability.md D5) */
+	if ((r == -EIO || r == -EROFS || r == -EACCES || r == -EPERM) && ix->dir[0] &&
+	    probe_read_only(ix->dir)) {
+		char cause[sizeof(ix->msg)];
+		snprintf(cause, sizeof(cause), "%s", ix->msg);
+		snprintf(ix->msg, sizeof(ix->msg),
+			 "the cache file system is read-only: nothing new can be stored (%.150s)",
+			 cause);
+		ix->read_only = true;
+		r = -EROFS;
+	}
+	return r;
 }
 
 /* A write failed: the batch is gone as a whole. */
@@ -702,6 +747,14 @@ int index_open(const char *path, unsigned flags, char *err, size_t errlen, struc
 		return -ENOMEM;
 	}
 	ix->db = db;
+	{
+		const char *slash = strrchr(path, '/');
+		if (!slash)
+			snprintf(ix->dir, sizeof(ix->dir), ".");
+		else if ((size_t)(slash - path) < sizeof(ix->dir))
+			snprintf(ix->dir, sizeof(ix->dir), "%.*s", slash == path ? 1 : (int)(slash - path),
+				 path);
+	}
 	for (int i = 0; i < S_COUNT_; i++) {
 		rc = sqlite3_prepare_v3(db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT,
 					&ix->stmt[i], NULL);

@@ -166,6 +166,12 @@ void index_close(struct index *ix);
 /* SQLite's message for the last failure; borrowed, valid until the next call. */
 const char *index_errmsg(struct index *ix);
 
+/*
+ * True after a write failed because the cache's file system refuses writes (read-only, or
+ * in an error state), until a fresh probe finds it writable again. Loop thread.
+ */
+bool index_read_only(struct index *ix);
+
 /* ---- batching ---- */
 
 /* Commits the pending batch. 0 with nothing pending. */

@@ -1,5 +1,5 @@
 /*
- * dmcached: the dmcache daemon. One libuv loop owns all state (DESIGN.md section 2).
+ * dmcached: the dmcache daemon. One libuv loop owns all state (docs/architecture.md).
  *
  * Start-up: configuration (defaults, --config file, flags) is validated completely; any
  * failure before READY=1 exits non-zero with a message. Then the socket, then READY=1.
@@ -8,7 +8,7 @@
  * an invalid one is refused whole and the running one stays; of a valid one, the keys
  * their owners read at each use apply at once, the others are logged as needing a restart.
  *
- * Process privileges (DESIGN.md section 7): the daemon is not dumpable and has no core
+ * Process privileges (docs/security.md): the daemon is not dumpable and has no core
  * limit from its first instruction on (no core file, no /proc/PID/mem for its own uid);
  * the decoder workers of a root daemon run as `worker_user`, resolved here (never in a
  * worker); the cache directory must be the daemon's own (cache_dir_check()).
@@ -24,11 +24,13 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 #include <uv.h>
 
 #include "config.h"
 #include "cache.h"
+#include "index.h"
 #include "conf.h"
 #include "decode_pool.h"
 #include "fetch.h"
@@ -56,8 +58,12 @@ struct daemon {
 	char **argv;
 	uv_timer_t watchdog;
 	bool watchdog_on;
+	uv_timer_t health;  /* the cache file system's state, every HEALTH_MS */
+	bool read_only;     /* it was read-only at the last look */
 	bool stopping;
 };
+
+#define HEALTH_MS 5000
 
 static void usage(FILE *out)
 {
@@ -83,6 +89,38 @@ static void on_watchdog(uv_timer_t *t)
 {
 	(void)t;
 	sd_notify_msg("WATCHDOG=1");
+}
+
+/*
+ * The cache's file system turned read-only (ext4 errors=remount-ro, a remount): stored
+ * items are still served, nothing new can be stored. Said once per change, in the log and
+ * in the unit's status (docs/reliability.md D5). Writes fail on their own with EROFS;
+ * this is for the operator, who must repair the file system and restart the service.
+ */
+static void on_health(uv_timer_t *t)
+{
+	struct daemon *d = t->data;
+	struct statvfs sv;
+	bool ro;
+
+	if (!d->cache)
+		return;
+	/* statvfs sees a remount; a write that failed sees a file system in its error state */
+	ro = (statvfs(d->cfg.cache_dir, &sv) == 0 && (sv.f_flag & ST_RDONLY)) ||
+	     index_read_only(d->cache->index);
+	if (ro == d->read_only)
+		return;
+	d->read_only = ro;
+	if (ro) {
+		log_warn(STORE, "the cache file system of '%s' is read-only: stored items are "
+				"served, nothing new can be stored (repair it, then restart dmcached)",
+			 d->cfg.cache_dir);
+		sd_notify_msg("STATUS=degraded: the cache file system is read-only");
+	} else {
+		log_notice(STORE, "the cache file system of '%s' is writable again",
+			   d->cfg.cache_dir);
+		sd_notify_msg("STATUS=running");
+	}
 }
 
 /*
@@ -119,6 +157,7 @@ static void on_stop_signal(uv_signal_t *sig, int signum)
 	uv_close((uv_handle_t *)&d->sighup, NULL);
 	if (d->watchdog_on)
 		uv_close((uv_handle_t *)&d->watchdog, NULL);
+	uv_close((uv_handle_t *)&d->health, NULL);
 }
 
 /*
@@ -569,6 +608,9 @@ int main(int argc, char **argv)
 	uv_signal_init(&d.loop, &d.sighup);
 	d.sighup.data = &d;
 	uv_signal_start(&d.sighup, on_reload_signal, SIGHUP);
+	uv_timer_init(&d.loop, &d.health);
+	d.health.data = &d;
+	uv_timer_start(&d.health, on_health, 0, HEALTH_MS);
 	if (wd_usec) {
 		uv_timer_init(&d.loop, &d.watchdog);
 		d.watchdog_on = true;
