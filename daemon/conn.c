@@ -517,7 +517,8 @@ void conn_accept(struct server *srv)
 	uv_os_fd_t fd;
 
 	if (!c) {
-		log_err(NET, "out of memory accepting a connection");
+		log_err(NET, "out of memory accepting a connection: trying again in 100 ms");
+		server_accept_later(srv);
 		return;
 	}
 	c->srv = srv;
@@ -527,7 +528,8 @@ void conn_accept(struct server *srv)
 	if (!c->rbuf || uv_pipe_init(srv->loop, &c->pipe, 0) != 0) {
 		free(c->rbuf);
 		free(c);
-		log_err(NET, "out of memory accepting a connection");
+		log_err(NET, "out of memory accepting a connection: trying again in 100 ms");
+		server_accept_later(srv);
 		return;
 	}
 	c->pipe.data = c;

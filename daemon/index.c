@@ -318,6 +318,7 @@ struct index {
 	sqlite3 *db;
 	char dir[4096]; /* the directory of index.db: is its file system read-only? (fail()) */
 	bool read_only; /* a write failed on a read-only file system (index_read_only()) */
+	uint64_t lost;   /* batches rolled back after an error (index_batches_lost()) */
 	sqlite3_stmt *stmt[S_COUNT_];
 	bool in_tx;
 	unsigned pending;
@@ -414,6 +415,13 @@ static int fail(struct index *ix, int rc)
 	int r = map_rc(ix->db, rc);
 
 	snprintf(ix->msg, sizeof(ix->msg), "%s", sqlite3_errmsg(ix->db));
+	/* after some errors (out of memory, I/O, a full disk) SQLite rolls the whole
+	 * transaction back itself, even after a failed read: the batch is gone */
+	if (ix->in_tx && sqlite3_get_autocommit(ix->db)) {
+		ix->in_tx = false;
+		ix->pending = 0;
+		ix->lost++;
+	}
 	/* SQLite says "disk I/O error" (EIO) for a file system in its error state: say what
 	 * an operator can act on (docs/reliability.md D5) */
 	if ((r == -EIO || r == -EROFS || r == -EACCES || r == -EPERM) && ix->dir[0] &&
@@ -432,11 +440,14 @@ static int fail(struct index *ix, int rc)
 /* A write failed: the batch is gone as a whole. */
 static int fail_batch(struct index *ix, int rc)
 {
+	bool had = ix->in_tx;
 	int r = fail(ix, rc);
 	if (!sqlite3_get_autocommit(ix->db)) {
 		sqlite3_stmt *st = ix->stmt[S_ROLLBACK];
 		(void)sqlite3_step(st);
 		sqlite3_reset(st);
+		if (had)
+			ix->lost++;
 	}
 	ix->in_tx = false;
 	ix->pending = 0;
@@ -809,6 +820,11 @@ int index_flush(struct index *ix)
 	ix->in_tx = false;
 	ix->pending = 0;
 	return 0;
+}
+
+uint64_t index_batches_lost(const struct index *ix)
+{
+	return ix->lost;
 }
 
 unsigned index_pending(const struct index *ix)

@@ -49,7 +49,9 @@
  * index_flush() commits: one transaction per batch, never one per item. The caller flushes
  * on a timer or when index_pending() is large, and acknowledges items only after
  * index_flush() returned 0. A failing write rolls the whole pending batch back (nothing in
- * it was acknowledged) and returns the error. Reads see the pending writes.
+ * it was acknowledged) and returns the error. SQLite may also roll the batch back by itself
+ * after a failed read (out of memory, I/O): index_batches_lost() counts both, so that
+ * whoever acknowledges writes can tell its batch is gone. Reads see the pending writes.
  *
  * Threads: a struct index is used by one thread at a time (the connection is opened
  * without SQLite's mutex). Callbacks receive strings and structs borrowed for the duration
@@ -176,6 +178,9 @@ bool index_read_only(struct index *ix);
 
 /* Commits the pending batch. 0 with nothing pending. */
 int index_flush(struct index *ix);
+
+/* Batches rolled back after an error since the index was opened (see Batching above). */
+uint64_t index_batches_lost(const struct index *ix);
 /* Writes queued since the last flush. */
 unsigned index_pending(const struct index *ix);
 

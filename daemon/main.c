@@ -123,6 +123,31 @@ static void on_health(uv_timer_t *t)
 	}
 }
 
+static void threadpool_noop(uv_work_t *w)
+{
+	(void)w;
+}
+
+static void threadpool_warmed(uv_work_t *w, int status)
+{
+	(void)status;
+	free(w);
+}
+
+/*
+ * libuv starts its threadpool at the first queued work and abort()s when a thread cannot
+ * be created then: start it now, after the decoders forked (they must fork while the
+ * daemon has one thread), not in the middle of serving when memory may be short
+ * (docs/reliability.md O3).
+ */
+static void warm_threadpool(struct daemon *d)
+{
+	uv_work_t *w = malloc(sizeof(*w));
+
+	if (!w || uv_queue_work(&d->loop, w, threadpool_noop, threadpool_warmed) != 0)
+		free(w);
+}
+
 /*
  * Stops every component, clients first: connections close (their requests end), then
  * serving, jobs (partial downloads are dropped, never published), transfers, and the
@@ -595,6 +620,7 @@ int main(int argc, char **argv)
 	/* decoder workers fork from here: before the daemon holds any key (decode_pool.h) */
 	if (start_decoders(&d) < 0 || open_cache(&d) < 0 || start_engines(&d) < 0)
 		goto out_loop;
+	warm_threadpool(&d);
 	rc = server_listen(&d.srv, listen_fd, err, sizeof(err));
 	if (rc < 0) {
 		log_err(NET, "%s", err);

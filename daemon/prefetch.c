@@ -56,6 +56,7 @@ struct prefetch {
 	struct job *jobs;
 	struct task *downloads; /* tasks with a transfer in flight, for sharing */
 	uint8_t salt[32];       /* of the key hashes in grants (index "key_salt") */
+	uint64_t lost_seen;     /* index_batches_lost() at the last commit_index() */
 	bool (*is_open)(void *ctx, int64_t id); /* the serving side's open snapshots */
 	void *is_open_ctx;
 	bool has_salt;
@@ -327,10 +328,14 @@ static int commit_index(struct prefetch *p)
 {
 	struct index *ix = p->d.cache->index;
 	int rc = index_flush(ix);
+	uint64_t lost = index_batches_lost(ix);
 	char msg[FETCH_MESSAGE_MAX];
 
-	if (rc == 0)
+	if (rc == 0 && lost == p->lost_seen)
 		return 0;
+	p->lost_seen = lost;
+	if (rc == 0)
+		rc = -EIO; /* an earlier write or read failed and took the batch with it */
 	snprintf(msg, sizeof(msg), "the cache index could not be written: %.200s",
 		 index_errmsg(ix));
 	log_err(STORE, "%s", msg);
@@ -471,6 +476,7 @@ int prefetch_new(const struct prefetch_deps *deps, struct prefetch **ret)
 		return -ENOMEM;
 	p->d = *deps;
 	p->next_job_id = 1;
+	p->lost_seen = index_batches_lost(deps->cache->index);
 	load_salt(p);
 	/* eviction never takes what a job is filling or a client reads (docs/operations) */
 	deps->cache->protect = protect_snapshot;

@@ -2451,6 +2451,11 @@ static void item_step(struct gitem *gi)
 		gi->frame = -1;
 	}
 	rc = index_item_get(ix, gi->rq->h.snapshot_id, (int64_t)gi->item, on_item_row, &l);
+	if ((rc == -ENOMEM || (rc == 0 && l.found && !l.record))) {
+		free(l.record);
+		item_fail(gi, -DMC_E_OVERLOADED, "out of memory: try again");
+		return;
+	}
 	if (rc < 0 || !l.found) {
 		free(l.record);
 		item_fail(gi, -DMC_E_NOT_FOUND_OR_DENIED, "no such item");

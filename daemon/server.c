@@ -22,6 +22,26 @@ int server_init(struct server *srv, uv_loop_t *loop, const struct config *cfg)
 	return 0;
 }
 
+static void on_accept_retry(uv_timer_t *t)
+{
+	struct server *srv = t->data;
+
+	if (!srv->stopping && srv->listener_open)
+		conn_accept(srv);
+}
+
+void server_accept_later(struct server *srv)
+{
+	if (srv->stopping)
+		return;
+	if (!srv->accept_retry_on) {
+		uv_timer_init(srv->loop, &srv->accept_retry);
+		srv->accept_retry.data = srv;
+		srv->accept_retry_on = true;
+	}
+	uv_timer_start(&srv->accept_retry, on_accept_retry, 100, 0);
+}
+
 static void on_connection(uv_stream_t *listener, int status)
 {
 	struct server *srv = listener->data;
@@ -227,6 +247,10 @@ void server_stop(struct server *srv)
 	if (srv->stopping)
 		return;
 	srv->stopping = true;
+	if (srv->accept_retry_on) {
+		uv_close((uv_handle_t *)&srv->accept_retry, NULL);
+		srv->accept_retry_on = false;
+	}
 	if (srv->listener_open) {
 		uv_close((uv_handle_t *)&srv->listener, NULL);
 		srv->listener_open = false;

@@ -54,6 +54,10 @@ struct server {
 	const struct config *cfg;
 	uv_pipe_t listener;
 	bool listener_open;
+	/* a connection that could not be accepted for want of memory is accepted again later:
+	 * libuv stops reading the listener until its pending one is taken (server_accept_later) */
+	uv_timer_t accept_retry;
+	bool accept_retry_on;
 	bool stopping;
 	/* the socket file we created (not one passed by systemd), removed at stop if still ours */
 	char *socket_path;
@@ -71,6 +75,12 @@ struct server {
 };
 
 int server_init(struct server *srv, uv_loop_t *loop, const struct config *cfg);
+
+/*
+ * conn_accept() could not take the pending connection (no memory): try again in 100 ms.
+ * Until it is taken, libuv reads no further connections from the listener.
+ */
+void server_accept_later(struct server *srv);
 
 /*
  * Listens on `activated_fd` (>= 3, from socket activation) or, when it is 0, on the

@@ -61,9 +61,10 @@ def counters(d):
 class Session:
     """One client: OPEN of the project, GETs read from the arena, RELEASE after."""
 
-    def __init__(self, d, emu, project=PROJECT):
+    def __init__(self, d, emu, project=PROJECT, flags=0):
         self.sock = wire.session(d.socket, timeout=60)
-        self.sock.sendall(wire.open_msg(project, server=emu.url, key=KEY, arena=64 << 20))
+        self.sock.sendall(wire.open_msg(project, flags=flags, server=emu.url, key=KEY,
+                                        arena=64 << 20))
         op, fl, rid, payload, fds = wire.recv_frame_fds(self.sock)
         assert op == wire.OP_OPEN, wire.decode_error(payload)
         self.open = wire.decode_open_reply(payload)
