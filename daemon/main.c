@@ -1,5 +1,5 @@
 /*
- * dmcached: the dmcache daemon. One libuv loop owns all state (DESIGN.md section 2).
+ * dmcached: the dmcache daemon. One libuv loop owns all state (docs/architecture.md).
  *
  * Start-up: configuration (defaults, --config file, flags) is validated completely; any
  * failure before READY=1 exits non-zero with a message. Then the socket, then READY=1.
@@ -8,7 +8,7 @@
  * an invalid one is refused whole and the running one stays; of a valid one, the keys
  * their owners read at each use apply at once, the others are logged as needing a restart.
  *
- * Process privileges (DESIGN.md section 7): the daemon is not dumpable and has no core
+ * Process privileges (docs/security.md): the daemon is not dumpable and has no core
  * limit from its first instruction on (no core file, no /proc/PID/mem for its own uid);
  * the decoder workers of a root daemon run as `worker_user`, resolved here (never in a
  * worker); the cache directory must be the daemon's own (cache_dir_check()).
@@ -123,7 +123,8 @@ static void on_stop_signal(uv_signal_t *sig, int signum)
 
 /*
  * Fail closed in a user namespace: peers outside it appear as the overflow uid, and the
- * daemon authorises by uid (reliability.md S2). The full identity map is the only safe one.
+ * daemon authorises by uid (docs/reliability.md S2). The full identity map is the only
+ * safe one.
  */
 static int check_user_namespace(void)
 {
