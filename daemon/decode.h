@@ -78,8 +78,8 @@
  *   - NIfTI with a finite slope and a non-finite intercept: nibabel raises, we use 0.
  *
  * Caching policy (docs/architecture.md, decode): the decoded tensor is kept in the store
- * (zstd-1) for a lossless codec whose decode costs at least 2x the zstd-1 decompression of that
- * tensor. Lossy codecs are decoded on the fly: their tensor is 5-10x the file on disk and
+ * (zstd-1) for a lossless codec whose decode costs at least 2x the zstd-1 decompression of
+ * that tensor. Lossy codecs are decoded on the fly: their tensor is 5-10x the file on disk and
  * they decode at 600-800 items/s anyway. Measured with tests/bench/bench_decode.py (one
  * core, best of 3, same run; 512x512 CT int16 slices, 512x512 RGB photos, 256x256x64 int16
  * volumes; tests/bench/README.md has the whole table):
