@@ -182,13 +182,15 @@ static int compare_names(const void *a, const void *b)
 
 /*
  * EVICT of a name that matched nothing: the names the caller may evict, so that a typo is
- * seen at once (and an exit status that says nothing was done). `o` (--json) gets them as
+ * seen at once (and an exit status that says nothing was done); or, when a job is filling
+ * that snapshot (the daemon never evicts it then), how to stop the job. `o` (--json) gets them as
  * "known". Returns EXIT_DAEMON_ERROR, or what listing them returned.
  */
 static int evict_nothing(dmc_client *c, const char *project, json_t *o)
 {
 	struct dmc_snapshot_list *l = NULL;
 	const char **names = NULL, *hint;
+	bool filling = false;
 	size_t n = 0;
 	int rc = dmc_list(c, &l);
 
@@ -210,6 +212,11 @@ static int evict_nothing(dmc_client *c, const char *project, json_t *o)
 			seen = strcmp(names[j], name) == 0;
 		if (!seen)
 			names[n++] = name;
+		/* the daemon leaves a snapshot a job is filling: say so, not "no snapshot" */
+		if (l->snapshots[i].downloading &&
+		    (strcmp(name, project) == 0 || strcmp(l->snapshots[i].project_id, project) == 0 ||
+		     strcmp(l->snapshots[i].project_name, project) == 0))
+			filling = true;
 	}
 	qsort(names, n, sizeof(*names), compare_names);
 	if (o) {
@@ -223,6 +230,14 @@ static int evict_nothing(dmc_client *c, const char *project, json_t *o)
 			dmc_list_free(l);
 			return EXIT_LOCAL;
 		}
+	}
+	if (filling) {
+		fprintf(stderr, "dmcache evict: a prefetch is filling '%s' now; stop it first with "
+				"dmcache prefetch --cancel %s\n",
+			project, project);
+		free(names);
+		dmc_list_free(l);
+		return EXIT_DAEMON_ERROR;
 	}
 	fprintf(stderr, "dmcache evict: no snapshot of '%s' in the cache", project);
 	hint = cli_suggest(project, names, n);

@@ -3,7 +3,8 @@ and its JSON equals what is on disk and in the cache; an unknown option or comma
 "did you mean" suggestion, with one wording for every command; a missing API key, an
 unexpected argument and a failed local write read the same everywhere; the exit statuses
 are the documented ones (4 for local errors); `evict` of a name that matches nothing
-fails and names the snapshots the caller may evict, and only theirs.
+fails and names the snapshots the caller may evict, and only theirs (or, for a snapshot a
+prefetch is filling, says how to stop the job).
 
 Against the real daemon over its socket, with a snapshot prefetched from the emulator.
 """
@@ -265,3 +266,31 @@ def test_evict_of_nothing_fails_and_names_what_there_is(daemon, tmpdir_short):
     assert r.returncode == 0 and r.stdout.startswith('evicted 1 snapshot, ')
     r = run(d, 'evict', '--all')
     assert r.returncode == 0 and r.stdout == 'nothing to evict: no snapshots in the cache\n'
+
+
+def test_evict_of_a_snapshot_a_job_is_filling(daemon, emu):
+    d = daemon
+    emu.add_fault(path=r'^/resources/[^/]+/file$', rate_bps=1024)
+    p = subprocess.Popen([DMCACHE, '--socket', d.socket, 'prefetch', '--json', 'xray'],
+                         env=d.user_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        for line in p.stdout:
+            if json.loads(line).get('state') == 'downloading':
+                break
+        ls = json.loads(run(d, 'ls', '--json').stdout)
+        states = {s['project_name']: s['state'] for s in ls}
+        assert states == {'syn': 'complete', 'xray': 'downloading'}, states
+        r = run(d, 'evict', 'xray')
+        assert r.returncode == 1 and r.stdout == ''
+        assert r.stderr == ("dmcache evict: a prefetch is filling 'xray' now; stop it first "
+                            "with dmcache prefetch --cancel xray\n"), r.stderr
+        r = run(d, 'prefetch', '--cancel', 'xray', '--json')
+        assert r.returncode == 0 and json.loads(r.stdout) == {'project': 'xray', 'cancelled': 1}
+        assert p.wait(timeout=30) == 1  # its job was cancelled
+    finally:
+        p.kill()
+        p.wait()
+        emu.clear_faults()
+    r = run(d, 'evict', 'xray')
+    assert r.returncode == 0 and r.stdout.startswith('evicted 1 snapshot'), r.stdout + r.stderr
