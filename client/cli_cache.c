@@ -1,5 +1,6 @@
 /*
  * dmcache ls, evict, verify: the cache as the daemon sees it (proto.h, LIST, EVICT, VERIFY).
+ * Each prints a table or a line, or with --json one JSON document on stdout.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -29,10 +30,9 @@ static const char *entry_project(const struct dmc_snapshot_entry *e)
 	return *e->project_name ? e->project_name : e->project_id;
 }
 
-static void ls_json(const struct dmc_snapshot_list *l)
+static int ls_json(const struct dmc_snapshot_list *l)
 {
 	json_t *a = json_array();
-	char *text;
 
 	for (uint32_t i = 0; i < l->n; i++) {
 		const struct dmc_snapshot_entry *e = &l->snapshots[i];
@@ -57,11 +57,7 @@ static void ls_json(const struct dmc_snapshot_list *l)
 		json_object_set_new(o, "created_ms", json_integer((json_int_t)e->created_ms));
 		json_array_append_new(a, o);
 	}
-	text = json_dumps(a, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
-	if (text)
-		printf("%s\n", text);
-	free(text);
-	json_decref(a);
+	return cli_print_json(a);
 }
 
 static int max_int(int a, int b)
@@ -140,7 +136,7 @@ int cmd_ls(int argc, char **argv)
 	int opt, rc;
 
 	optind = 0; /* 0, not 1: glibc then parses afresh (options may follow operands) */
-	while ((opt = getopt_long(argc, argv, "jhO", opts, NULL)) != -1) {
+	while ((opt = cli_getopt(argc, argv, "ls", "jhO", opts)) != -1) {
 		if (opt == 'j') {
 			json = true;
 		} else if (opt == 'O') {
@@ -156,10 +152,8 @@ int cmd_ls(int argc, char **argv)
 			return EXIT_USAGE;
 		}
 	}
-	if (optind < argc) {
-		fprintf(stderr, "dmcache ls: unexpected argument '%s'\n", argv[optind]);
-		return EXIT_USAGE;
-	}
+	if (optind < argc)
+		return cli_unexpected("ls", argv[optind]);
 	c = cli_connect(CLI_TIMEOUT_MS);
 	if (!c)
 		return EXIT_UNREACHABLE;
@@ -169,38 +163,125 @@ int cmd_ls(int argc, char **argv)
 		dmc_close(c);
 		return rc;
 	}
+	rc = 0;
 	if (json)
-		ls_json(l);
+		rc = ls_json(l);
 	else if (l->n == 0)
 		printf("no snapshots in the cache (dmcache prefetch PROJECT adds one)\n");
 	else
 		ls_table(l);
 	dmc_list_free(l);
 	dmc_close(c);
-	return 0;
+	return rc;
+}
+
+static int compare_names(const void *a, const void *b)
+{
+	return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+/*
+ * EVICT of a name that matched nothing: the names the caller may evict, so that a typo is
+ * seen at once (and an exit status that says nothing was done); or, when a job is filling
+ * that snapshot (the daemon never evicts it then), how to stop the job. `o` (--json) gets them as
+ * "known". Returns EXIT_DAEMON_ERROR, or what listing them returned.
+ */
+static int evict_nothing(dmc_client *c, const char *project, json_t *o)
+{
+	struct dmc_snapshot_list *l = NULL;
+	const char **names = NULL, *hint;
+	bool filling = false;
+	size_t n = 0;
+	int rc = dmc_list(c, &l);
+
+	if (rc < 0) {
+		json_decref(o);
+		return cli_report(c, "evict", rc);
+	}
+	names = calloc(l->n ? l->n : 1, sizeof(*names));
+	if (!names) {
+		dmc_list_free(l);
+		json_decref(o);
+		return cli_no_memory("evict");
+	}
+	for (uint32_t i = 0; i < l->n; i++) {
+		const char *name = entry_project(&l->snapshots[i]);
+		bool seen = false;
+
+		for (size_t j = 0; j < n && !seen; j++)
+			seen = strcmp(names[j], name) == 0;
+		if (!seen)
+			names[n++] = name;
+		/* the daemon leaves a snapshot a job is filling: say so, not "no snapshot" */
+		if (l->snapshots[i].downloading &&
+		    (strcmp(name, project) == 0 || strcmp(l->snapshots[i].project_id, project) == 0 ||
+		     strcmp(l->snapshots[i].project_name, project) == 0))
+			filling = true;
+	}
+	qsort(names, n, sizeof(*names), compare_names);
+	if (o) {
+		json_t *known = json_array();
+
+		for (size_t i = 0; i < n; i++)
+			json_array_append_new(known, json_string(names[i]));
+		json_object_set_new(o, "known", known);
+		if (cli_print_json(o) != 0) {
+			free(names);
+			dmc_list_free(l);
+			return EXIT_LOCAL;
+		}
+	}
+	if (filling) {
+		fprintf(stderr, "dmcache evict: a prefetch is filling '%s' now; stop it first with "
+				"dmcache prefetch --cancel %s\n",
+			project, project);
+		free(names);
+		dmc_list_free(l);
+		return EXIT_DAEMON_ERROR;
+	}
+	fprintf(stderr, "dmcache evict: no snapshot of '%s' in the cache", project);
+	hint = cli_suggest(project, names, n);
+	if (n == 0) {
+		fprintf(stderr, "; you have no snapshots in it\n");
+	} else {
+		if (hint)
+			fprintf(stderr, "; did you mean '%s'? The snapshots you may evict: ", hint);
+		else
+			fprintf(stderr, "; the snapshots you may evict: ");
+		for (size_t i = 0; i < n; i++)
+			fprintf(stderr, "%s%s", i ? ", " : "", names[i]);
+		fprintf(stderr, "\n");
+	}
+	free(names);
+	dmc_list_free(l);
+	return EXIT_DAEMON_ERROR;
 }
 
 int cmd_evict(int argc, char **argv)
 {
 	static const struct option opts[] = { { "all", no_argument, NULL, 'a' },
+					      { "json", no_argument, NULL, 'j' },
 					      { "help", no_argument, NULL, 'h' },
 					      { 0 } };
 	struct dmc_evict_reply r;
 	const char *project = NULL;
 	char freed[32];
 	dmc_client *c;
-	bool all = false;
+	bool all = false, json = false;
 	int opt, rc;
 
 	optind = 0; /* 0, not 1: glibc then parses afresh (options may follow operands) */
-	while ((opt = getopt_long(argc, argv, "ah", opts, NULL)) != -1) {
+	while ((opt = cli_getopt(argc, argv, "evict", "ajh", opts)) != -1) {
 		if (opt == 'a') {
 			all = true;
+		} else if (opt == 'j') {
+			json = true;
 		} else if (opt == 'h') {
-			printf("Usage: dmcache evict PROJECT | --all\n"
+			printf("Usage: dmcache evict PROJECT | --all [--json]\n"
 			       "Removes the snapshots of PROJECT (a Datamint project's name or id, or a\n"
 			       "local folder's absolute path as dmcache ls shows it), or every snapshot\n"
-			       "you may see, and the files no other snapshot uses.\n");
+			       "you may see, and the files no other snapshot uses. A PROJECT with no\n"
+			       "snapshot is an error (exit status 1) that lists the ones you have.\n");
 			return 0;
 		} else {
 			return EXIT_USAGE;
@@ -208,8 +289,11 @@ int cmd_evict(int argc, char **argv)
 	}
 	if (optind < argc)
 		project = argv[optind++];
-	if (optind < argc || all == (project != NULL) || (project && !*project)) {
-		fprintf(stderr, "dmcache evict: give either a PROJECT or --all\n");
+	if (optind < argc)
+		return cli_unexpected("evict", argv[optind]);
+	if (all == (project != NULL) || (project && !*project)) {
+		fprintf(stderr, "dmcache evict: give either a PROJECT or --all (dmcache evict "
+				"--help)\n");
 		return EXIT_USAGE;
 	}
 	c = cli_connect(LONG_CALL_TIMEOUT_MS);
@@ -221,14 +305,31 @@ int cmd_evict(int argc, char **argv)
 		dmc_close(c);
 		return rc;
 	}
-	dmc_close(c);
-	if (r.snapshots == 0) {
-		if (all)
-			printf("nothing to evict: no snapshots in the cache\n");
-		else
-			printf("nothing to evict: no snapshot of '%s' in the cache\n", project);
-		return 0;
+	if (json) {
+		json_t *o = json_object();
+
+		json_object_set_new(o, "snapshots", json_integer((json_int_t)r.snapshots));
+		json_object_set_new(o, "files", json_integer((json_int_t)r.blobs));
+		json_object_set_new(o, "bytes", json_integer((json_int_t)r.bytes));
+		if (r.snapshots == 0 && !all) {
+			rc = evict_nothing(c, project, o);
+		} else {
+			rc = cli_print_json(o);
+		}
+		dmc_close(c);
+		return rc;
 	}
+	if (r.snapshots == 0) {
+		if (all) {
+			printf("nothing to evict: no snapshots in the cache\n");
+			rc = 0;
+		} else {
+			rc = evict_nothing(c, project, NULL);
+		}
+		dmc_close(c);
+		return rc;
+	}
+	dmc_close(c);
 	cli_format_bytes(freed, sizeof(freed), r.bytes);
 	printf("evicted %llu snapshot%s, %llu file%s, %s freed\n", (unsigned long long)r.snapshots,
 	       r.snapshots == 1 ? "" : "s", (unsigned long long)r.blobs, r.blobs == 1 ? "" : "s",
@@ -238,21 +339,31 @@ int cmd_evict(int argc, char **argv)
 
 int cmd_verify(int argc, char **argv)
 {
+	static const struct option opts[] = { { "json", no_argument, NULL, 'j' },
+					      { "help", no_argument, NULL, 'h' },
+					      { 0 } };
 	struct dmc_verify_reply r;
 	char checked[32];
 	dmc_client *c;
-	int rc;
+	bool json = false;
+	int opt, rc;
 
-	if (argc > 1) {
-		if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
-			printf("Usage: dmcache verify\n"
+	optind = 0;
+	while ((opt = cli_getopt(argc, argv, "verify", "jh", opts)) != -1) {
+		if (opt == 'j') {
+			json = true;
+		} else if (opt == 'h') {
+			printf("Usage: dmcache verify [--json]\n"
 			       "Re-checks the checksum of every file in the cache and removes bad ones\n"
-			       "(they are fetched again when needed). Exit status 1 when any was bad.\n");
+			       "(they are fetched again when needed). Exit status 1 when any was bad.\n"
+			       "Admins only (root and the admin group).\n");
 			return 0;
+		} else {
+			return EXIT_USAGE;
 		}
-		fprintf(stderr, "dmcache verify: takes no arguments\n");
-		return EXIT_USAGE;
 	}
+	if (optind < argc)
+		return cli_unexpected("verify", argv[optind]);
 	c = cli_connect(LONG_CALL_TIMEOUT_MS);
 	if (!c)
 		return EXIT_UNREACHABLE;
@@ -263,6 +374,15 @@ int cmd_verify(int argc, char **argv)
 		return rc;
 	}
 	dmc_close(c);
+	if (json) {
+		json_t *o = json_object();
+
+		json_object_set_new(o, "files_checked", json_integer((json_int_t)r.blobs_checked));
+		json_object_set_new(o, "files_bad", json_integer((json_int_t)r.blobs_bad));
+		json_object_set_new(o, "bytes_checked", json_integer((json_int_t)r.bytes_checked));
+		rc = cli_print_json(o);
+		return rc ? rc : r.blobs_bad ? EXIT_DAEMON_ERROR : 0;
+	}
 	cli_format_bytes(checked, sizeof(checked), r.bytes_checked);
 	if (r.blobs_bad == 0) {
 		printf("checked %llu file%s (%s): all good\n", (unsigned long long)r.blobs_checked,

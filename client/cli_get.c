@@ -5,6 +5,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <jansson.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,7 +19,7 @@ static void get_usage(FILE *out)
 {
 	fprintf(out,
 		"Usage: dmcache get PROJECT INDEX -o OUT.npy [--meta OUT.json] [--version V]\n"
-		"                   [--server URL] [--api-key KEY] [--lut] [--dtype TYPE]\n"
+		"                   [--server URL] [--api-key KEY] [--lut] [--dtype TYPE] [--json]\n"
 		"       dmcache get --source DIR INDEX -o OUT.npy [...]\n"
 		"Writes item INDEX of a dataset, decoded by dmcached, as a NumPy .npy file of shape\n"
 		"(frames, channels, height, width), and its metadata (the resource record and the\n"
@@ -26,7 +28,8 @@ static void get_usage(FILE *out)
 		"  --dtype TYPE     output dtype: uint8, int16, uint16, float32, float64, ...\n"
 		"  --source DIR     a local dataset folder instead of Datamint\n"
 		"  --offline        do not contact the server: read the newest complete snapshot\n"
-		"                   you were entitled to within grant_ttl (also DMCACHE_OFFLINE=1)\n");
+		"                   you were entitled to within grant_ttl (also DMCACHE_OFFLINE=1)\n"
+		"  --json           print what was written (files, dtype, shape) as JSON\n");
 }
 
 static int write_file(const char *path, const void *data, size_t len)
@@ -62,7 +65,7 @@ static uint32_t dtype_from_name(const char *name)
 int cmd_get(int argc, char **argv)
 {
 	enum { OPT_META = 256, OPT_VERSION, OPT_SERVER, OPT_KEY, OPT_LUT, OPT_DTYPE, OPT_SOURCE,
-	       OPT_OFFLINE };
+	       OPT_OFFLINE, OPT_JSON };
 	static const struct option opts[] = {
 		{ "output", required_argument, NULL, 'o' },
 		{ "meta", required_argument, NULL, OPT_META },
@@ -73,6 +76,7 @@ int cmd_get(int argc, char **argv)
 		{ "dtype", required_argument, NULL, OPT_DTYPE },
 		{ "source", required_argument, NULL, OPT_SOURCE },
 		{ "offline", no_argument, NULL, OPT_OFFLINE },
+		{ "json", no_argument, NULL, OPT_JSON },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
 	};
@@ -85,10 +89,11 @@ int cmd_get(int argc, char **argv)
 	dmc_client *c;
 	uint64_t index;
 	int opt, rc, status = 0;
+	bool json = false;
 	const char *descr;
 
 	optind = 0; /* 0, not 1: glibc then parses afresh (options may follow operands) */
-	while ((opt = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+	while ((opt = cli_getopt(argc, argv, "get", "o:h", opts)) != -1) {
 		switch (opt) {
 		case 'o': out = optarg; break;
 		case OPT_META: meta_out = optarg; break;
@@ -98,6 +103,7 @@ int cmd_get(int argc, char **argv)
 		case OPT_LUT: oa.flags |= DMC_OPEN_LUT; break;
 		case OPT_SOURCE: source = optarg; break;
 		case OPT_OFFLINE: oa.flags |= DMC_OPEN_OFFLINE; break;
+		case OPT_JSON: json = true; break;
 		case OPT_DTYPE:
 			oa.dtype = dtype_from_name(optarg);
 			if (!oa.dtype) {
@@ -109,12 +115,13 @@ int cmd_get(int argc, char **argv)
 			get_usage(stdout);
 			return 0;
 		default:
-			get_usage(stderr);
 			return EXIT_USAGE;
 		}
 	}
 	if (cli_offline_env())
 		oa.flags |= DMC_OPEN_OFFLINE;
+	if (argc - optind > (source ? 1 : 2))
+		return cli_unexpected("get", argv[optind + (source ? 1 : 2)]);
 	if (argc - optind != (source ? 1 : 2) || !out) {
 		get_usage(stderr);
 		return EXIT_USAGE;
@@ -139,10 +146,9 @@ int cmd_get(int argc, char **argv)
 			return EXIT_USAGE;
 		}
 		if (!cr.api_key && !(oa.flags & DMC_OPEN_OFFLINE)) {
-			fprintf(stderr, "dmcache get: no API key: set DATAMINT_API_KEY or run "
-					"datamint-config\n");
+			rc = cli_no_key("get", cr.file);
 			dmc_credentials_done(&cr);
-			return EXIT_USAGE;
+			return rc;
 		}
 		oa.source = DMC_SOURCE_DATAMINT;
 		oa.project = argv[optind];
@@ -152,8 +158,10 @@ int cmd_get(int argc, char **argv)
 	if (!meta_out) {
 		size_t n = strlen(out);
 		meta_path = malloc(n + 6);
-		if (!meta_path)
-			return EXIT_DAEMON_ERROR;
+		if (!meta_path) {
+			status = cli_no_memory("get");
+			goto out;
+		}
 		memcpy(meta_path, out, n + 1);
 		if (n > 4 && strcmp(out + n - 4, ".npy") == 0)
 			n -= 4;
@@ -195,11 +203,23 @@ int cmd_get(int argc, char **argv)
 		if (fd >= 0 && close(fd) != 0 && rc == 0)
 			rc = -errno;
 	}
-	if (rc == 0)
-		rc = write_file(meta_out, item.meta, item.meta_len);
 	if (rc < 0) {
-		fprintf(stderr, "dmcache get: cannot write '%s': %s\n", out, strerror(-rc));
-		status = EXIT_DAEMON_ERROR;
+		status = cli_write_failed("get", out, -rc);
+	} else if ((rc = write_file(meta_out, item.meta, item.meta_len)) < 0) {
+		status = cli_write_failed("get", meta_out, -rc);
+	} else if (json) {
+		json_t *o = json_object(), *shape = json_array();
+
+		for (int i = 0; i < 4; i++)
+			json_array_append_new(shape, json_integer((json_int_t)item.shape[i]));
+		json_object_set_new(o, "output", json_string(out));
+		json_object_set_new(o, "metadata", json_string(meta_out));
+		json_object_set_new(o, "project", json_string(dmc_dataset_info(ds)->project_name));
+		json_object_set_new(o, "index", json_integer((json_int_t)index));
+		json_object_set_new(o, "dtype", json_string(dmc_dtype_name(item.dtype)));
+		json_object_set_new(o, "shape", shape);
+		json_object_set_new(o, "nbytes", json_integer((json_int_t)item.nbytes));
+		status = cli_print_json(o);
 	} else {
 		printf("%s: %s (%llu, %llu, %llu, %llu), %s; metadata %s\n", out,
 		       dmc_dtype_name(item.dtype), (unsigned long long)item.shape[0],

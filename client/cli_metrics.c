@@ -308,8 +308,7 @@ fail_unlink:
 		errno = e;
 	}
 fail:
-	fprintf(stderr, "dmcache metrics: cannot write '%s': %s\n", path, strerror(errno));
-	return EXIT_DAEMON_ERROR;
+	return cli_write_failed("metrics", path, errno);
 }
 
 int cmd_metrics(int argc, char **argv)
@@ -325,7 +324,7 @@ int cmd_metrics(int argc, char **argv)
 	int opt, status, wrc;
 
 	optind = 0;
-	while ((opt = getopt_long(argc, argv, "o:h", opts, NULL)) != -1) {
+	while ((opt = cli_getopt(argc, argv, "metrics", "o:h", opts)) != -1) {
 		if (opt == 'o')
 			output = optarg;
 		else if (opt == 'h') {
@@ -338,15 +337,11 @@ int cmd_metrics(int argc, char **argv)
 		} else
 			return EXIT_USAGE;
 	}
-	if (optind < argc) {
-		fprintf(stderr, "dmcache metrics: unexpected argument '%s'\n", argv[optind]);
-		return EXIT_USAGE;
-	}
+	if (optind < argc)
+		return cli_unexpected("metrics", argv[optind]);
 	out = open_memstream(&text, &len);
-	if (!out) {
-		fprintf(stderr, "dmcache metrics: %s\n", strerror(errno));
-		return EXIT_DAEMON_ERROR;
-	}
+	if (!out)
+		return cli_no_memory("metrics");
 	c = cli_connect(CLI_TIMEOUT_MS);
 	if (c) {
 		status = write_metrics(out, c);
@@ -370,13 +365,14 @@ int cmd_metrics(int argc, char **argv)
 	}
 	if (fclose(out) != 0) {
 		free(text);
-		return EXIT_DAEMON_ERROR;
+		return cli_no_memory("metrics");
 	}
 	if (output) {
 		wrc = write_atomically(output, text, len);
 	} else {
-		wrc = fwrite(text, 1, len, stdout) == len && fflush(stdout) == 0 ? 0
-										 : EXIT_DAEMON_ERROR;
+		wrc = fwrite(text, 1, len, stdout) == len && fflush(stdout) == 0
+			      ? 0
+			      : cli_write_failed("metrics", "stdout", errno ? errno : EIO);
 	}
 	free(text);
 	return status ? status : wrc;

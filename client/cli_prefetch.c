@@ -339,8 +339,8 @@ static void prefetch_usage(FILE *out)
 		"Usage: dmcache prefetch PROJECT [--version V] [--server URL] [--api-key KEY]\n"
 		"                        [--json]\n"
 		"       dmcache prefetch --source DIR [--json]\n"
-		"       dmcache prefetch --cancel PROJECT [--server URL]\n"
-		"       dmcache prefetch --cancel --source DIR\n"
+		"       dmcache prefetch --cancel PROJECT [--server URL] [--json]\n"
+		"       dmcache prefetch --cancel --source DIR [--json]\n"
 		"Brings a dataset version into dmcached's cache and shows the progress.\n\n"
 		"  PROJECT          a Datamint project name or id\n"
 		"  --version V      a version (the project's updated_at); default: the newest\n"
@@ -350,7 +350,8 @@ static void prefetch_usage(FILE *out)
 		"                   DATAMINT_API_KEY or datamint-config's datamintapi.yaml\n"
 		"  --source DIR     a local dataset directory (dataset.json, images/) instead\n"
 		"                   of Datamint: no server, no key\n"
-		"  --json           one JSON object per event on stdout\n"
+		"  --json           one JSON object per event on stdout (with --cancel: one\n"
+		"                   object, the jobs cancelled)\n"
 		"  --offline        do not contact the server: check that the newest complete\n"
 		"                   snapshot you were entitled to within grant_ttl is there\n"
 		"                   (also DMCACHE_OFFLINE=1)\n"
@@ -360,10 +361,11 @@ static void prefetch_usage(FILE *out)
 		"  --cancel         stop the running job instead (exit 0 even if none ran)\n\n"
 		"Ctrl-C detaches: the daemon goes on with the job (exit status 130).\n"
 		"Exit status: 0 every item stored, 1 items failed or the job could not run,\n"
-		"2 usage or credentials error, 3 the daemon could not be reached.\n");
+		"2 usage or credentials error, 3 the daemon could not be reached, 4 a local\n"
+		"error.\n");
 }
 
-static int do_cancel(const char *project, const char *server)
+static int do_cancel(const char *project, const char *server, bool json)
 {
 	char srv[4096];
 	uint32_t n = 0;
@@ -392,6 +394,13 @@ static int do_cancel(const char *project, const char *server)
 		return rc;
 	}
 	dmc_close(c);
+	if (json) {
+		json_t *o = json_object();
+
+		json_object_set_new(o, "project", json_string(project));
+		json_object_set_new(o, "cancelled", json_integer(n));
+		return cli_print_json(o);
+	}
 	if (n)
 		printf("cancelled %u prefetch job%s of '%s'\n", n, n == 1 ? "" : "s", project);
 	else
@@ -506,7 +515,7 @@ int cmd_prefetch(int argc, char **argv)
 	int opt, rc;
 
 	optind = 0; /* 0, not 1: glibc then parses afresh (options may follow operands) */
-	while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+	while ((opt = cli_getopt(argc, argv, "prefetch", "h", opts)) != -1) {
 		switch (opt) {
 		case O_VERSION: version = optarg; break;
 		case O_SERVER: server = optarg; break;
@@ -519,7 +528,7 @@ int cmd_prefetch(int argc, char **argv)
 			free(key_opt);
 			key_opt = strdup(optarg);
 			if (!key_opt)
-				return EXIT_DAEMON_ERROR;
+				return cli_no_memory("prefetch");
 			/* shorten the time it shows in /proc/PID/cmdline */
 			explicit_bzero(optarg, strlen(optarg));
 			break;
@@ -534,8 +543,7 @@ int cmd_prefetch(int argc, char **argv)
 	if (optind < argc)
 		project = argv[optind++];
 	if (optind < argc) {
-		fprintf(stderr, "dmcache prefetch: unexpected argument '%s'\n", argv[optind]);
-		rc = EXIT_USAGE;
+		rc = cli_unexpected("prefetch", argv[optind]);
 		goto out;
 	}
 	if (!project == !source || (project && !*project)) {
@@ -571,10 +579,10 @@ int cmd_prefetch(int argc, char **argv)
 		snprintf(hint, sizeof(hint), "%s", project);
 	}
 	if (cancel) {
-		if (key_opt || version || v.json)
-			fprintf(stderr, "dmcache prefetch: --cancel ignores --api-key, --version "
-					"and --json\n");
-		rc = do_cancel(project, server);
+		if (key_opt || version)
+			fprintf(stderr, "dmcache prefetch: --cancel ignores --api-key and "
+					"--version\n");
+		rc = do_cancel(project, server, v.json);
 		goto out;
 	}
 
@@ -595,11 +603,7 @@ int cmd_prefetch(int argc, char **argv)
 		if (cli_offline_env())
 			a.flags |= DMC_PREFETCH_OFFLINE;
 		if (!cr.api_key && !(a.flags & DMC_PREFETCH_OFFLINE)) {
-			fprintf(stderr,
-				"dmcache prefetch: no Datamint API key: set DATAMINT_API_KEY, or save "
-				"it with datamint-config (%s), or pass --api-key\n",
-				cr.file ? cr.file : "~/.config/datamintapi/datamintapi.yaml");
-			rc = EXIT_USAGE;
+			rc = cli_no_key("prefetch", cr.file);
 			goto out;
 		}
 		a.source = DMC_SOURCE_DATAMINT;

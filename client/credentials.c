@@ -1,6 +1,6 @@
 /*
  * Datamint credentials: the API key and server URL, from an option, the environment, or
- * the YAML file `datamint-config` writes (datamint-api.md 1.2-1.4). See dmcache.h.
+ * the YAML file `datamint-config` writes. See dmcache.h.
  *
  * The only file of libdmcache that includes yaml.h. The file is read whole (at most
  * DMC_CREDENTIALS_FILE_MAX bytes) and walked with libyaml's event parser, which allocates
@@ -380,7 +380,7 @@ static int parse_yaml(const char *buf, size_t len, const char *path, struct yaml
 }
 
 /*
- * reliability.md S5: a key file must belong to the caller and be private to them (mode
+ * docs/reliability.md S5: a key file must belong to the caller and be private to them (mode
  * 0600 or 0400; any group or other bit, or more, is refused).
  */
 static int check_key_file(const struct stat *st, uid_t euid, const char *path, char *err,

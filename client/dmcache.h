@@ -33,7 +33,7 @@ extern "C" {
 
 typedef struct dmc_client dmc_client;
 
-/* Socket paths a client tries, in order (DESIGN.md section 1):
+/* Socket paths a client tries, in order (docs/operations.md, "Where things are"):
  * $DMCACHE_SOCKET alone when set; otherwise /run/dmcache/dmcached.sock (system daemon),
  * then $XDG_RUNTIME_DIR/dmcache/dmcached.sock (a user's own daemon). */
 #define DMC_SOCKET_SYSTEM "/run/dmcache/dmcached.sock"
@@ -199,7 +199,7 @@ int dmc_evict(dmc_client *c, bool all, const char *project, struct dmc_evict_rep
 int dmc_verify(dmc_client *c, struct dmc_verify_reply *ret_reply);
 
 /*
- * Datamint credentials, found where the Datamint tools keep them (datamint-api.md 1.2-1.4).
+ * Datamint credentials, found where the Datamint tools keep them.
  * Each of the key and the server URL is taken from the first of:
  *   1. the option passed here (api_key_opt, server_opt; NULL or "" for none),
  *   2. the environment: DATAMINT_API_KEY, DATAMINT_API_URL (empty counts as unset),

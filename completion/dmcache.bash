@@ -49,10 +49,10 @@ _dmcache()
 	case $cmd in
 	status) opts="--json --help" ;;
 	ls) opts="--json --offline --help" ;;
-	ping | verify) opts="--help" ;;
+	ping | verify) opts="--json --help" ;;
 	prefetch) opts="--version --server --api-key --source --json --offline --allow-partial --cancel --help" ;;
-	evict) opts="--all --help" ;;
-	get) opts="--output --meta --version --server --api-key --lut --dtype --source --offline --help" ;;
+	evict) opts="--all --json --help" ;;
+	get) opts="--output --meta --version --server --api-key --lut --dtype --source --offline --json --help" ;;
 	metrics) opts="--output --help" ;;
 	esac
 

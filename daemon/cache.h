@@ -2,7 +2,7 @@
  * cache: the store (blob files, store.h) and the index (SQLite, index.h) of one cache
  * directory, kept consistent with each other.
  *
- *   cache_open()      opens both and reconciles them (reliability.md I3): temp files
+ *   cache_open()      opens both and reconciles them (docs/reliability.md I3): temp files
  *                     removed; blobs with a bad header, name or size removed; index rows
  *                     whose blob is gone dropped; valid blobs without a row adopted (they
  *                     are complete content: a crash between a blob's publication and its
@@ -77,7 +77,7 @@ struct cache_verify_report {
 
 /*
  * Whether `dir` (absolute) may hold the cache of a daemon running as uid `self`: the
- * directory is the daemon's own (reliability.md S-series; DESIGN.md section 7). The path is
+ * directory is the daemon's own (docs/reliability.md, S rows; docs/security.md). The path is
  * resolved component by component from "/", following symlinks (at most 40); every
  * directory met must belong to root or `self`, and so must every symlink. The cache
  * directory itself, and every directory owned by `self`, must not be writable by group or

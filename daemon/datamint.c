@@ -1,4 +1,4 @@
-/* The Datamint REST API for the prefetcher: see datamint.h and datamint-api.md. */
+/* The Datamint REST API for the prefetcher: see datamint.h. */
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/stat.h>

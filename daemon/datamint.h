@@ -1,14 +1,14 @@
 /*
  * datamint: the Datamint REST API as the prefetcher uses it ("Generation C" per-resource
- * sync, datamint-api.md section 3.3.3), over fetch.h. The only file that parses Datamint's
- * JSON (jansson).
+ * sync: one request per resource, as the Datamint client does), over fetch.h. The only
+ * file that parses Datamint's JSON (jansson).
  *
  *   dm_resolve()        project by id or name (GET /projects[/{id}]), then its dataset's
- *                       updated_at, the version (GET /datasets/{dataset_id}, section 3.2)
- *   dm_annotations()    the project's annotations by worklist, paged (GET /annotations,
- *                       section 3.6), grouped by resource
+ *                       updated_at, the version (GET /datasets/{dataset_id})
+ *   dm_annotations()    the project's annotations by worklist, paged (GET /annotations),
+ *                       grouped by resource
  *   dm_resources_page() one page of the project's resources in a stable order
- *                       (GET /resources with the project filter and offset/limit, 3.4)
+ *                       (GET /resources with the project filter and offset/limit)
  *   dm_file_url()       the URL of a resource's file or of a segmentation's file
  *
  * JSON bodies are read into memory up to a cap and parsed on the libuv threadpool, so the

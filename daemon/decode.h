@@ -3,8 +3,9 @@
  *
  * Pure decoders: no I/O, no logging, no globals, no threads. The caller hands in the bytes of
  * one resource and gets a tensor of shape (frames, channels, height, width), C order, in the
- * source dtype (DESIGN.md section 5), in host byte order. The format is recognised by its
- * magic bytes, never by a file name, and nothing in a file ever becomes a path.
+ * source dtype (docs/architecture.md, the data path), in host byte order. The format is
+ * recognised by its magic bytes, never by a file name, and nothing in a file ever becomes
+ * a path.
  *
  * Two phases, so that the serving path can place the output in a shared-memory slot:
  *   decode_probe()  parses headers, applies every limit with 64-bit arithmetic and returns
@@ -35,7 +36,7 @@
  *             RescaleIntercept) or the NIfTI scl_slope/scl_inter scaling, applied when
  *             DECODE_F_LUT is set.
  *
- * Layout per format (as the Datamint client returns items, datamint-api.md 4.6)
+ * Layout per format (as the Datamint Python client's Dataset returns items)
  *   DICOM   (NumberOfFrames, SamplesPerPixel, Rows, Columns). YBR_FULL and YBR_FULL_422 are
  *           converted to RGB (pydicom's convert_color_space for native data; libjpeg's
  *           YCbCr->RGB for JPEG baseline). BitsAllocated 1 is unpacked to uint8 0/1.
@@ -76,9 +77,9 @@
  *     astype truncates and wraps).
  *   - NIfTI with a finite slope and a non-finite intercept: nibabel raises, we use 0.
  *
- * Caching policy (DESIGN.md section 4): the decoded tensor is kept in the store (zstd-1)
- * for a lossless codec whose decode costs at least 2x the zstd-1 decompression of that
- * tensor. Lossy codecs are decoded on the fly: their tensor is 5-10x the file on disk and
+ * Caching policy (docs/architecture.md, decode): the decoded tensor is kept in the store
+ * (zstd-1) for a lossless codec whose decode costs at least 2x the zstd-1 decompression of
+ * that tensor. Lossy codecs are decoded on the fly: their tensor is 5-10x the file on disk and
  * they decode at 600-800 items/s anyway. Measured with tests/bench/bench_decode.py (one
  * core, best of 3, same run; 512x512 CT int16 slices, 512x512 RGB photos, 256x256x64 int16
  * volumes; tests/bench/README.md has the whole table):

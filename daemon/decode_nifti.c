@@ -3,7 +3,7 @@
  * byte order, plain or gzip-compressed (libdeflate; the only file that includes it).
  *
  * Our own strict parser: nifti_clib trusts dim[] and can be made to allocate ~18 GB from a
- * 377-byte file (reliability.md X2). Every dimension is checked with 64-bit arithmetic
+ * 377-byte file (docs/reliability.md X2). Every dimension is checked with 64-bit arithmetic
  * against the limits before anything is allocated.
  *
  * .nii.gz: the gzip trailer's ISIZE (size mod 2^32) is checked against max_decode_bytes

@@ -31,7 +31,7 @@
  *     syscalls a decoder does not;
  *   - tunes glibc malloc for large buffers (M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD
  *     256 MiB, M_ARENA_MAX 1): freed image buffers are reused instead of being unmapped
- *     and faulted in again (performance.md: up to 3x on GDCM decodes).
+ *     and faulted in again (measured: up to 3x on GDCM decodes).
  *
  * Failure detection (documented choice): no SIGCHLD handling. A worker's death shows as
  * end-of-file on its control socket (uv_poll); the per-job deadline is a uv_timer; kills go

@@ -4,7 +4,7 @@
  * Both are forked, never exec'd, and never return into the daemon's code: they leave with
  * _exit() so that no atexit handler or libuv state of the daemon runs in them.
  *
- * Privileges (DESIGN.md section 7, reliability.md S13): a worker owns nothing. Before it
+ * Privileges (docs/security.md, docs/reliability.md S13): a worker owns nothing. Before it
  * reads any input it gives up its capabilities, bounding set included, and, in a root
  * daemon, switches to the unprivileged worker user (worker_drop_privileges()). The zygote
  * of a root daemon keeps only what that switch needs: CAP_SETUID, CAP_SETGID, CAP_SETPCAP.

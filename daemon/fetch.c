@@ -706,7 +706,7 @@ static bool host_has_room(const struct fetch *f, const char *host)
 /*
  * The next transfer of owner `uid` to start: its oldest metadata request, else the oldest
  * of its group with the fewest running transfers, so that a job queued behind a large one
- * starts at once (reliability.md N7) and groups share the owner's places evenly. With
+ * starts at once (docs/reliability.md N7) and groups share the owner's places evenly. With
  * `room`, only transfers whose host has a connection free.
  */
 static struct fetch_xfer *next_queued(struct fetch *f, uint32_t uid, bool room)
@@ -798,7 +798,7 @@ static bool preempt_for(struct fetch *f, const struct owner *taker, uint32_t sha
 
 /*
  * The same on one host whose per_host_connections are all taken: its connections are shared
- * by the owners with transfers for it as the places are (reliability.md N7). Without
+ * by the owners with transfers for it as the places are (docs/reliability.md N7). Without
  * this, curl would queue the transfers over the cap in its own order, and a user arriving
  * after another's hundreds would wait behind them whatever the places' shares.
  */

@@ -36,7 +36,7 @@
  * before their rows are written, and startup reconciliation adopts blobs whose rows were
  * lost, so a lost batch costs re-linking, never integrity. INDEX_SYNC_FULL syncs the WAL at
  * every batch commit (one fsync per batch, not per item), which makes an acknowledged item
- * survive power loss too (reliability.md I2 with C3).
+ * survive power loss too (docs/reliability.md I2 with C3).
  *
  * Locking. Exactly one connection, opened with locking_mode=EXCLUSIVE: Debian 12's
  * SQLite 3.40.1 predates the fix of a WAL-reset corruption that needs two writing

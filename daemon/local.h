@@ -1,7 +1,6 @@
 /*
- * local: dataset folders as the Datamint Python client writes them (datamint-api.md
- * sections 4.2-4.4: dataset.json, images/, masks/), read with the requesting user's own
- * permissions.
+ * local: dataset folders as the Datamint Python client writes them (dataset.json,
+ * images/, masks/), read with the requesting user's own permissions.
  *
  * Trust design. The daemon (often root) never opens a path of a local folder and never
  * decides from metadata (owner, mode, size, mtime) whose bytes it may serve:

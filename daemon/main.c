@@ -187,7 +187,8 @@ static void on_stop_signal(uv_signal_t *sig, int signum)
 
 /*
  * Fail closed in a user namespace: peers outside it appear as the overflow uid, and the
- * daemon authorises by uid (reliability.md S2). The full identity map is the only safe one.
+ * daemon authorises by uid (docs/reliability.md S2). The full identity map is the only
+ * safe one.
  */
 static int check_user_namespace(void)
 {

@@ -13,7 +13,7 @@
  * resource are revalidated with If-None-Match and reused on 304. A resource wanted by two
  * jobs at once downloads once.
  *
- * Entitlement (DESIGN.md section 7): a uid may see a snapshot after its own key listed that
+ * Entitlement (docs/security.md): a uid may see a snapshot after its own key listed that
  * project in this daemon's lifetime. Nothing of it survives a restart.
  *
  * Loop thread only.

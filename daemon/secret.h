@@ -1,5 +1,5 @@
 /*
- * secret: API keys in memory, and nowhere else (DESIGN.md section 7, reliability.md S5).
+ * secret: API keys in memory, and nowhere else (docs/security.md, docs/reliability.md S5).
  *
  * A key lives in its own anonymous mapping, locked in RAM where the limit allows
  * (never swapped) and excluded from core dumps (MADV_DONTDUMP); it is wiped before the

@@ -8,7 +8,8 @@
  *
  * Content address. A blob's name is the SHA-256 of its *raw* payload (the bytes as
  * downloaded, or the decoded tensor), not of the stored (maybe zstd-compressed) bytes.
- * DESIGN.md section 4 says "sha256 of the stored payload"; we deliberately differ:
+ * Naming a blob by the SHA-256 of its stored bytes was the alternative; we chose the raw
+ * payload because:
  *   - I1 is stated on the raw SHA-256: every read hashes the bytes it hands out, so the
  *     check that protects the client is the address check itself;
  *   - the fetcher hashes the download as it streams and may know the expected digest up
@@ -157,7 +158,7 @@ int store_writer_open(struct store *s, enum store_kind kind, uint64_t expected_s
  * How much zstd must shrink the payload's first 128 KiB for the blob to be stored
  * compressed: to at most `pct` percent (default 95; 0: never try zstd). Call before the
  * first write (-EINVAL after, or above 100). Downloads ask for more than the default: zstd-1
- * costs ~1.8 CPU s/GiB on noisy 16-bit data, as much as receiving the bytes (performance.md
+ * costs ~1.8 CPU s/GiB on noisy 16-bit data, as much as receiving the bytes (docs/benchmarks.md
  * T4), and a raw blob is served without decompressing it.
  */
 int store_writer_set_zstd_keep(struct store_writer *w, unsigned pct);

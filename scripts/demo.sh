@@ -109,8 +109,8 @@ def run(name, loader, n_of):
 
 
 # batches straight from the daemon's shared memory, in DistributedSampler's order; the
-# sample's items differ in shape, so each batch is a list of tensors
-loader = dmcache.Loader('sample', batch_size=8, shuffle=True, seed=0)
+# sample's items differ in shape, so each batch is a list of tensors (collate='list')
+loader = dmcache.Loader('sample', batch_size=8, shuffle=True, seed=0, collate='list')
 run('dmcache.Loader(batch_size=8)', loader, lambda b: len(b.indices))
 loader.close()
 

@@ -7,7 +7,7 @@ pkgs=(
 	# build
 	meson ninja-build pkg-config gcc g++ clang llvm libclang-rt-14-dev
 	scdoc # the manual pages
-	# libraries (DESIGN.md section 1)
+	# libraries
 	libuv1-dev libcurl4-openssl-dev libsqlite3-dev libzstd-dev libturbojpeg0-dev
 	libgdcm-dev libgdcm-tools libspng-dev libsystemd-dev libjansson-dev libinih-dev
 	libyaml-dev libseccomp-dev libssl-dev libdeflate-dev zlib1g-dev

@@ -9,7 +9,7 @@
 #   DMC_TSAN=1                      also a ThreadSanitizer build (TSAN_BUILD_DIR, default
 #                                   build-tsan) running the concurrency-heavy integration
 #                                   tests (prefetch, serve): any report fails them
-#                                   (reliability.md O4; suppressions in tests/tsan.supp)
+#                                   (docs/reliability.md O4; suppressions in tests/tsan.supp)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Decode benchmark (performance.md T5): items/s per format and transfer syntax, one run.
+"""Decode benchmark (docs/benchmarks.md T5): items/s per format and transfer syntax, one run.
 
 For each input kind it measures, in the same run and on one core each:
   ours      dmcache's decoders in-process (probe + decode into a reused buffer)
@@ -55,7 +55,7 @@ def ct_slices(tmp, n):
 
 
 def photo(i, h=512, w=512):
-    """1/f-like noise RGB, as performance.md's JPEG figures use."""
+    """1/f-like noise RGB, as the JPEG figures of tests/bench/README.md use."""
     rng = np.random.default_rng(100 + i)
     f = np.fft.fftfreq(h)[:, None] ** 2 + np.fft.fftfreq(w)[None, :] ** 2
     f[0, 0] = 1

@@ -1,11 +1,11 @@
 #!/usr/bin/python3
-"""Prefetch benchmark (performance.md T4): cold prefetch against curl and the Datamint
+"""Prefetch benchmark (docs/benchmarks.md T4): cold prefetch against curl and the Datamint
 client's download path, all from one emulator, in one run.
 
     /usr/bin/python3 tests/bench/bench_prefetch.py --build build [--reps 3]
     ninja -C build bench-prefetch
 
-Not a test: it prints figures and ratios measured in the same run (STYLE.md). What runs:
+Not a test: it prints figures and ratios measured in the same run (docs/benchmarks.md). What runs:
 
   large  16 files of 64 MiB (CT-like 16-bit noise, zstd-1 shrinks it ~1.4x, or
          --content random), a corpus-like directory the emulator serves with sendfile(2)
@@ -55,7 +55,7 @@ KEY = 'dmc-key-all'
 ADMIN_KEY = 'dmc-admin-key'
 MiB = 1 << 20
 CURL_PARALLEL = 16
-CLIENT_PARALLEL = 20    # the Datamint client's semaphore (datamint-api.md section 5)
+CLIENT_PARALLEL = 20    # the Datamint client's download semaphore
 LARGE_MAX = 64 << 30    # refuse to fill the disk by a typo
 TIMEOUT = 1800
 

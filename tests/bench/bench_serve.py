@@ -1,10 +1,10 @@
 #!/usr/bin/python3
-"""Serving benchmark (performance.md T1, T2, T3, T6, T7): warm-cache items into a
+"""Serving benchmark (docs/benchmarks.md T1, T2, T3, T6, T7): warm-cache items into a
 PyTorch-style loop, against a DataLoader + pydicom loop over the same files, in one run.
 
     /usr/bin/python3 tests/bench/bench_serve.py --build build [--items 2000] [--quick]
 
-Not a test: it prints figures and ratios measured in the same run (STYLE.md), and never
+Not a test: it prints figures and ratios measured in the same run (docs/benchmarks.md), and never
 fails on speed. What runs, on data it writes itself:
 
   data      --items CT-like 512x512 int16 slices (0.5 MiB each), uncompressed explicit-VR
@@ -60,7 +60,7 @@ SIDE = 512
 ITEMS_MAX = 100000       # 50 GiB of slices: refuse to fill the disk by a typo
 TIMEOUT = 600
 
-# performance.md targets
+# the targets of docs/benchmarks.md
 T1_ITEMS_S, T1_GB_S, T1_RATIO = 2000, 1.0, 20
 T2_RATIO = 0.5
 T3_P50_US, T3_P99_US = 100, 1000

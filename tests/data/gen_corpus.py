@@ -79,7 +79,7 @@ def sha256(data):
 
 def pixels_sha256(arr, dtype):
     """Digest of pixels in the project layout (frames, channels, height, width), C order,
-    little-endian, in the source dtype (DESIGN.md §5)."""
+    little-endian, in the source dtype."""
     return sha256(np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder('<')).tobytes())
 
 
@@ -92,7 +92,7 @@ def rid(*parts):
 
 
 def ts_at(seconds):
-    """Deterministic ISO-8601 timestamps with milliseconds and Z (datamint-api.md §7.7)."""
+    """Deterministic ISO-8601 timestamps with milliseconds and Z, as Datamint writes them."""
     d, s = divmod(int(seconds), 86400)
     h, s = divmod(s, 3600)
     m, s = divmod(s, 60)
@@ -462,7 +462,7 @@ def dicom_meta(data):
 
 
 def build_pydicom(c):
-    """Every DICOM file Debian's python3-pydicom ships as test data (datamint-api.md §4.6)."""
+    """Every DICOM file Debian's python3-pydicom ships as test data."""
     c.project('pydicom', 'Every DICOM test file shipped by python3-pydicom %s' % pydicom.__version__)
     base = os.path.dirname(pydicom.data.get_testdata_file('CT_small.dcm'))
     dataroot = os.path.dirname(base)
@@ -616,7 +616,7 @@ def build_formats(c, tmpdir):
             for slope, inter in scalings:
                 raw = nifti_bytes(vol, version, slope, inter)
                 tag = '%s%s' % (dt, '_scaled' if slope is not None else '')
-                arr = vol.transpose(2, 1, 0)[:, None]  # (z, 1, y, x), datamint-api.md §4.6
+                arr = vol.transpose(2, 1, 0)[:, None]  # (z, 1, y, x), as the Datamint client
                 for ext, data in (('.nii', raw), ('.nii.gz', gz(raw))):
                     c.resource('formats', 'files/nifti/nifti%d_%s%s' % (version, tag, ext), data,
                                mimetype=NIFTI_MIME, modality='MR', channel='formats-nifti',
@@ -772,7 +772,7 @@ def build_xray(c):
 
 
 def build_bad(c, tmpdir):
-    """Inputs a decoder must refuse cleanly (reliability.md X1, X2, X5)."""
+    """Inputs a decoder must refuse cleanly (docs/reliability.md X1, X2, X5)."""
     c.project('bad', 'Truncated, wrong-magic, size-bomb and hostile-metadata inputs')
 
     def bad(rel, data, mime, fmt, expect, what, **kw):
@@ -917,7 +917,7 @@ def build_bad(c, tmpdir):
     bad('many_scans.jpg', many, 'image/jpeg', 'jpeg', 'decode_ok_or_limit_exceeded',
         'progressive JPEG with %d scans (AC scans repeated): must finish within 2 s or be '
         'refused' % nscans, scans=nscans, dtype='uint8', shape=[1, 3, 768, 1024])
-    # Hostile metadata: path-like UIDs and file name (reliability.md X5).
+    # Hostile metadata: path-like UIDs and file name (docs/reliability.md X5).
     ds = pydicom.dcmread(io.BytesIO(dcm))
     ds.SOPInstanceUID = '../../../../etc/passwd'
     ds.SeriesInstanceUID = '/tmp/dmcache-evil'

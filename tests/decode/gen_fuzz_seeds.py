@@ -3,7 +3,7 @@
 
 Small files (a few KB at most), valid and invalid, one per interesting path: every PNG color
 type, JPEG baseline/progressive/CMYK, NIfTI-1/2 both byte orders and gzip, DICOM in each
-transfer syntax (via gdcmconv), and the size bombs of reliability.md X2. Deterministic, so
+transfer syntax (via gdcmconv), and the size bombs of docs/reliability.md X2. Deterministic, so
 that re-running it changes nothing. Usage: gen_fuzz_seeds.py [OUT_DIR]
 """
 import gzip

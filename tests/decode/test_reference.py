@@ -1,4 +1,5 @@
-"""Decoders against independent reference decoders (reliability.md X2, X4; performance.md T5).
+"""Decoders against independent reference decoders (docs/reliability.md X2, X4;
+docs/benchmarks.md T5).
 
 dmcache-decode (in-process, and through the sandboxed worker pool with --pool) decodes:
   - every DICOM file with pixel data that Debian's python3-pydicom ships, compared with
@@ -548,5 +549,5 @@ def test_bad_input(name, pool, bad_set, tmp_path):
     rc, _, err, _, took = run(p, tmp_path, *(opts or []), pool=pool)
     assert rc == want, err
     assert ('limit_exceeded' if want == EXIT_LIMIT else 'decode_failed') in err
-    # Size bombs end within a second, CPU bombs within two (reliability.md X2).
+    # Size bombs end within a second, CPU bombs within two (docs/reliability.md X2).
     assert took < (1.0 if want == EXIT_LIMIT else 2.0), took

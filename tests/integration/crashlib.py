@@ -1,4 +1,4 @@
-"""Helpers of the crash tests (reliability.md C1-C3, C6): what a stopped cache must look
+"""Helpers of the crash tests (docs/reliability.md C1-C3, C6): what a stopped cache must look
 like (I3), what was acknowledged to a client (I2) and what the served bytes must be (I1).
 
 Everything here reads the cache directory of a daemon that is not running.

@@ -458,9 +458,11 @@ def test_ls_evict_verify(clean, daemon):
                     r.stdout), r.stdout
     ls = json.loads(run(daemon, 'ls', '--json').stdout)
     assert [s['project_name'] for s in ls] == ['sample']
+    # evicting it again finds nothing: an error that names what there is
     r = run(daemon, 'evict', 'syn')
-    assert r.returncode == 0
-    assert r.stdout == "nothing to evict: no snapshot of 'syn' in the cache\n"
+    assert r.returncode == 1 and r.stdout == ''
+    assert r.stderr == ("dmcache evict: no snapshot of 'syn' in the cache; the snapshots you "
+                        "may evict: sample\n"), r.stderr
 
     # a flipped byte in one of sample's files: verify finds it, removes it, exits 1
     nleft = nfiles - SYN_ITEMS

@@ -1,4 +1,4 @@
-"""Crash and durability (reliability.md C1, C2): kill -9 at random moments under mixed load,
+"""Crash and durability (docs/reliability.md C1, C2): kill -9 at random moments under mixed load,
 and a kill at each syscall of the commit protocol, each followed by a restart and the
 checks of I1 (no wrong byte served), I2 (acknowledged items survive) and I3 (consistency).
 

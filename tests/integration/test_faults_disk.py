@@ -1,4 +1,4 @@
-"""The cache file system turns read-only at run time (reliability.md D5): the daemon serves
+"""The cache file system turns read-only at run time (docs/reliability.md D5): the daemon serves
 what it has, a store fails with a clear io error, it does not spin, and it recovers once
 the file system is writable again. Root: a real tmpfs remounted `ro`.
 """

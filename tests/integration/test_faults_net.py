@@ -1,4 +1,4 @@
-"""Upstream faults seen from the daemon (reliability.md N7): the per-host connection cap and
+"""Upstream faults seen from the daemon (docs/reliability.md N7): the per-host connection cap and
 fairness between two local users who share one server. The real root dmcached, clients run
 as alice (61001) and bob (61002), the emulator counting its concurrent connections.
 """

@@ -1,4 +1,4 @@
-"""Faults on the read path (reliability.md C5, D4): a cache blob damaged on disk, or one
+"""Faults on the read path (docs/reliability.md C5, D4): a cache blob damaged on disk, or one
 whose read fails, is never served (I1): the read finds it, the store quarantines and counts
 it, the blob row is dropped and the item is fetched again with the key of the OPEN, and
 the GET that met it gets the right bytes.

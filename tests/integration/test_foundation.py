@@ -476,7 +476,7 @@ def test_watchdog_pings(tmpdir_short):
     try:
         assert d.notify.wait_for('READY=1', proc=d.proc), d.log()
         assert d.notify.wait_for('WATCHDOG=1', timeout=2), d.notify.messages
-        # a wedged loop stops the pings (reliability.md O2): systemd would then act
+        # a wedged loop stops the pings (docs/reliability.md O2): systemd would then act
         d.proc.send_signal(signal.SIGSTOP)
         time.sleep(0.3)  # let pings already sent arrive
         d.notify.messages = []
@@ -513,7 +513,7 @@ def test_systemd_units_verify(tmpdir_short):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert not any(l.strip().startswith('PrivateUsers') for l in lines)
-    # hardening: exposure at most 2.0 of 10 (reliability.md O1)
+    # hardening: exposure at most 2.0 of 10 (docs/reliability.md O1)
     r = subprocess.run(['systemd-analyze', 'security', '--offline=true', '--threshold=20',
                         os.path.join(tmpdir_short, 'dmcached.service')],
                        capture_output=True, text=True, timeout=60)

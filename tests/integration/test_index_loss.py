@@ -1,5 +1,5 @@
 """The index lost or damaged while the daemon is stopped, or opened by another process
-while it runs (reliability.md C6).
+while it runs (docs/reliability.md C6).
 
 For each damage: the daemon starts (no crash loop), reconciles (I3, checked on the
 stopped cache), a damaged index is moved aside and rebuilt from the blob headers with no

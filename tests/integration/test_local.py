@@ -1,4 +1,5 @@
-"""Local dataset folders (datamint-api.md section 4.2-4.4) prefetched with no network."""
+"""Local dataset folders (dataset.json as the Datamint client writes it), prefetched with
+no network."""
 import hashlib
 import json
 import os

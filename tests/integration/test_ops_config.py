@@ -49,7 +49,7 @@ def test_help_config_gives_default_and_unit_of_every_key():
     assert 'On change: reload.' in keys['max_jobs_per_uid']
     assert "Default: a quarter of the machine's memory." in keys['shm_max_per_uid']
     assert 'On change: reload.' in keys['shm_max_per_uid']
-    assert 'DESIGN.md' not in run_daemon('--help-config').stdout
+    assert '.md' not in run_daemon('--help-config').stdout  # no document outside it
 
 
 def test_installed_conf_lists_every_key_with_its_default(tmpdir_short):

@@ -152,6 +152,8 @@ def run_all(before, work, tmp):
     assert os.path.isfile('/etc/dmcache/dmcached.conf')
     assert os.path.isdir('/etc/dmcache/dmcached.conf.d')
     assert os.path.islink(ENABLED)
+    for doc in ('operations.md', 'architecture.md', 'security.md', 'cli.md'):
+        assert os.path.isfile(os.path.join('/usr/share/doc/dmcached', doc)), doc
     sh(['/usr/sbin/dmcached', '--check-config', '--config', '/etc/dmcache/dmcached.conf',
         '--socket', '/run/x.sock'])
 

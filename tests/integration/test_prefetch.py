@@ -507,7 +507,7 @@ def test_tls_verified_never_bypassed(tmpdir_short):
 
 
 def test_key_is_never_written_anywhere(clean, tmpdir_short):
-    """The key reaches no file of the cache, no log line and no STATUS (reliability.md S5)."""
+    """The key reaches no file of the cache, no log line and no STATUS (docs/reliability.md S5)."""
     emu = clean
     d = Daemon(tmpdir_short, args=['--debug', 'all'])
     emu.add_fault(path='/resources/.*/file$', drop_after=1000, times=2)
@@ -565,7 +565,7 @@ def test_max_size_bounds_the_cache(clean, tmpdir_short):
 
 @pytest.mark.skipif(not __import__('shutil').which('strace'), reason='needs strace')
 def test_fsync_eio_fails_items_cleanly(clean, tmpdir_short):
-    """reliability.md C4: a blob whose fsync fails is not published; its item fails with io,
+    """docs/reliability.md C4: a blob whose fsync fails is not published; its item fails with io,
     no temp file is left, the daemon goes on, and the items come once fsync works."""
     emu = clean
     d = Daemon(tmpdir_short, start=False)

@@ -204,7 +204,7 @@ def test_memory_stays_bounded_as_the_project_grows(emu):
     small, large = sizes()
     a = run_prefetch(emu, 'scale-small', small)
     b = run_prefetch(emu, 'scale-large', large)
-    # pytest -s shows the figures; they are in the README too
+    # pytest -s shows the figures; they are in docs/benchmarks.md too
     for r in (a, b):
         print('%(n)d items on %(fs)s in %(seconds).1f s: RSS base %(base)d KiB, peak %(peak)d '
               'KiB (VmHWM %(hwm)d), end %(end)d; RssAnon base %(base_anon)d, peak '

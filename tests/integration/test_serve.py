@@ -215,7 +215,7 @@ def struct_release(offsets, rid=900):
 
 
 def test_arena_is_sealed_and_read_only(daemon_env, emu):
-    """reliability.md S4: the client can neither write nor resize the tensors' memory."""
+    """docs/reliability.md S4: the client can neither write nor resize the tensors' memory."""
     d = daemon_env
     snapshot_order(d, 'sample')
     sock = wire.session(d.socket)

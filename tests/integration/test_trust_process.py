@@ -1,4 +1,4 @@
-"""The process side of the trust boundary (DESIGN.md section 7; reliability.md S2, S5, S13).
+"""The process side of the trust boundary (docs/security.md; docs/reliability.md S2, S5, S13).
 
 The daemon runs as root, as the system service may; local users are hostile. Each test is
 the attack: another uid reads the daemon's memory, a decoder worker holds privileges, bob

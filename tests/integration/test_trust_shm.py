@@ -1,4 +1,4 @@
-"""Shared memory is shared fairly between local users (DESIGN.md section 7, fair shares).
+"""Shared memory is shared fairly between local users (docs/security.md, fair shares).
 
 The attack: bob (uid 61002) opens three connections with 2 GiB arenas and fills them, to
 pin memory and slow everybody down. The daemon counts the bytes committed in each uid's

@@ -130,8 +130,8 @@ def reference(path):
 
 
 def datamint_normalize(a):
-    """datamint-api.md 4.6, written out again: uint16 -> per-image min-max uint8, then
-    uint8 -> float32 / 255; other dtypes unchanged."""
+    """The Datamint client's dtype conversions, written out again: uint16 -> per-image
+    min-max uint8, then uint8 -> float32 / 255; other dtypes unchanged."""
     if a.dtype == np.uint16:
         if a.max() > a.min():
             a = ((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8)

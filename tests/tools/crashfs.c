@@ -1,6 +1,6 @@
 /*
  * crashfs: an LD_PRELOAD shim that simulates a power cut for the files under one
- * directory (reliability.md C3, after SQLite TH3's crash VFS). Tests only.
+ * directory (docs/reliability.md C3, after SQLite TH3's crash VFS). Tests only.
  *
  *   CRASHFS_ROOT=DIR   files whose path starts with DIR/ are tracked (required)
  *   CRASHFS_CUT=N      at the N-th tracked operation (1-based; 0 or unset: never) the

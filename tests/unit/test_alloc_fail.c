@@ -1,5 +1,5 @@
 /*
- * Allocation failure, countdown style (reliability.md O3 a; the SQLite OOM-loop model):
+ * Allocation failure, countdown style (docs/reliability.md O3 a; the SQLite OOM-loop model):
  * for each API call below, allocation number N fails, for N = 1, 2, ... until the call
  * succeeds without meeting a failure. Every call must return an error or succeed, leave
  * the state as it was when it fails, and leak nothing (LeakSanitizer in the ASan build

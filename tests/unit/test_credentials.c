@@ -2,7 +2,7 @@
  * Unit tests of libdmcache's credentials (client/credentials.c): the precedence of option,
  * environment and datamintapi.yaml, the YAML reading (cross-checked against PyYAML's
  * safe_load, which the Datamint tools use), and the refusal of key files that others may
- * read or that belong to someone else (reliability.md S5).
+ * read or that belong to someone else (docs/reliability.md S5).
  *
  * The file is compiled in (not linked) so that its internal parser and permission check
  * can be called directly; the public functions are the same code as in libdmcache.

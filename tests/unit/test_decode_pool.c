@@ -2,7 +2,7 @@
  * Unit tests of the decoder worker pool (daemon/decode_pool.c, decode_worker.c), linked with
  * the test-hook build: inputs "DMCTEST:spin", "DMCTEST:sleep:N", "DMCTEST:segv" and
  * "DMCTEST:syscall" make a worker hang, stall, crash or break the seccomp filter on purpose.
- * Covers reliability.md X2 (size bombs end in < 1 s) and X3 (crash/hang: the job gets
+ * Covers docs/reliability.md X2 (size bombs end in < 1 s) and X3 (crash/hang: the job gets
  * DMC_E_DECODE_FAILED, the worker is replaced within 1 s, other jobs succeed).
  */
 #include <errno.h>
@@ -502,7 +502,7 @@ TEST(seccomp_filter_kills_forbidden_syscalls)
 	stop(&loop);
 }
 
-/* ---- reliability.md S13: the workers own nothing ---- */
+/* ---- docs/reliability.md S13: the workers own nothing ---- */
 
 /* A pool whose workers switch to nobody (65534) when the test runs as root. */
 static int start_dropped(uv_loop_t *loop, unsigned workers, unsigned cpu_s, uint64_t timeout_ms)

@@ -1,5 +1,5 @@
 /*
- * Scale of the index (performance.md T6): a 1,000,000-item snapshot inserted in batches,
+ * Scale of the index (docs/benchmarks.md T6): a 1,000,000-item snapshot inserted in batches,
  * then the cost of what a restarted daemon does before serving it: index_open() (with its
  * quick_check), finding the snapshot, the first item, random point lookups by position,
  * and paging from the middle. Checks the answers; prints the timings (suite slow: a

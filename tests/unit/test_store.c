@@ -540,7 +540,7 @@ TEST(compression_policy)
 	fx_close(&fx);
 }
 
-/* Corruptions of reliability.md C5. Each must give -DMC_E_INTEGRITY, quarantine and count
+/* Corruptions of docs/reliability.md C5. Each must give -DMC_E_INTEGRITY, quarantine and count
  * it, then read as a miss, and a fresh put must bring the right bytes back. */
 enum corruption { C_FLIP_PAYLOAD, C_FLIP_HEADER, C_TRUNCATE, C_ZERO, C_SWAP, C_KEY, C_EXTEND };
 

@@ -1,6 +1,6 @@
 /*
  * Unit tests of daemon/cache.c: the store and the index together, on real files and a real
- * SQLite database. Startup reconciliation (reliability.md I3: temp files, rows without
+ * SQLite database. Startup reconciliation (docs/reliability.md I3: temp files, rows without
  * blobs, blobs without rows, a damaged index.db rebuilt from blob headers), LRU eviction
  * with pins, the max_size bound under sustained writes, verify, and a corrupt blob
  * refetched.
@@ -178,7 +178,7 @@ static int check_row(void *ctx, const struct index_blob *b)
 	return 0;
 }
 
-/* reliability.md I3, checked from outside: integrity_check ok; every row has exactly one
+/* docs/reliability.md I3, checked from outside: integrity_check ok; every row has exactly one
  * blob that verifies with matching header; every blob has a row; tmp/ empty; within
  * max_size. */
 static int check_i3(struct fixture *fx)
@@ -442,7 +442,7 @@ TEST(corrupt_blob_is_detected_and_refetched)
 	fx_close(&fx);
 }
 
-/* ---- kill -9 during a prefetch (reliability.md C1 at the store level) ---- */
+/* ---- kill -9 during a prefetch (docs/reliability.md C1 at the store level) ---- */
 
 #define CRASH_ITEMS 4000
 #define CRASH_MAX_PER_ROUND 150 /* fetches started before a kill, at most */

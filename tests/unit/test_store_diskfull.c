@@ -1,5 +1,5 @@
 /*
- * Disk full (reliability.md D1, D2, D3's min_free) on a real 4 MiB tmpfs: a blob write
+ * Disk full (docs/reliability.md D1, D2, D3's min_free) on a real 4 MiB tmpfs: a blob write
  * that hits ENOSPC gives -DMC_E_CACHE_FULL with its temp file gone and the free space back,
  * earlier blobs still read, an SQLite commit on a full disk rolls back cleanly, and writes
  * succeed again once space is freed. min_free admission evicts before the disk fills.

@@ -1,7 +1,7 @@
 /*
  * Test shim (LD_PRELOAD into dmcached): every 5th pread/pwrite of a file under the cache's
  * objects/ or tmp/ moves at most half the bytes asked (at least one), as a kernel may
- * (reliability.md D4, short reads and writes). Other files, SQLite's included, are left
+ * (docs/reliability.md D4, short reads and writes). Other files, SQLite's included, are left
  * alone. The number of shortened calls is written to $DMC_SHORT_IO_COUNT as it grows.
  * Built by tests/integration/test_faults_read.py; not part of the daemon.
  */
