@@ -1506,6 +1506,11 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 				"masks are served for whole items, not frame by frame");
 		return;
 	}
+	if ((m.flags & DMC_OPEN_RAW) && ((m.flags & (DMC_OPEN_LUT | DMC_OPEN_MASKS)) || m.dtype)) {
+		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+				"the stored files are served as they are: no LUT, masks or dtype");
+		return;
+	}
 	sc = sconn_of(s, c, true);
 	po = calloc(1, sizeof(*po));
 	if (!sc || !po) {
@@ -1737,6 +1742,43 @@ static bool refetch_item(struct gitem *gi, int err)
 	return true;
 }
 
+static void item_got_bytes(struct gitem *gi);
+
+/*
+ * DMC_OPEN_RAW: the stored file just read (and checked against its SHA-256 by the store)
+ * is the item, uint8 (1, 1, 1, bytes), without a header of its own; never kept in the hot
+ * set or the tensor cache (the blob is the cache).
+ */
+static void raw_got(struct gitem *gi)
+{
+	uint8_t *p;
+
+	if (gi->raw_len > UINT32_MAX) {
+		free(gi->in);
+		gi->in = NULL;
+		item_fail(gi, -DMC_E_LIMIT_EXCEEDED, "the file is larger than 4 GiB");
+		return;
+	}
+	p = realloc(gi->in, gi->raw_len + 5);
+	if (!p) {
+		free(gi->in);
+		gi->in = NULL;
+		item_fail(gi, -ENOMEM, "out of memory");
+		return;
+	}
+	gi->in = NULL;
+	memcpy(p + gi->raw_len, "null", 4);
+	gi->hold = p;
+	gi->dlen = 4;
+	gi->nbytes = gi->raw_len;
+	gi->desc = (struct decode_desc){ .codec = DECODE_CODEC_NONE,
+					 .src_dtype = DECODE_DTYPE_U8, .dtype = DECODE_DTYPE_U8,
+					 .frames = 1, .channels = 1, .height = 1,
+					 .width = (uint32_t)gi->raw_len, .src_frames = 1,
+					 .nbytes = gi->raw_len };
+	item_got_bytes(gi);
+}
+
 static void read_after(uv_work_t *w, int status)
 {
 	struct gitem *gi = w->data;
@@ -1762,6 +1804,10 @@ static void read_after(uv_work_t *w, int status)
 					  "try again"
 			  : bad ? "the cached copy is damaged or gone: prefetch the dataset again"
 				: "cannot read the cached copy");
+		return;
+	}
+	if (gi->rq->h.flags & DMC_OPEN_RAW) {
+		raw_got(gi);
 		return;
 	}
 	memset(&gi->job, 0, sizeof(gi->job));
@@ -2499,6 +2545,12 @@ static void item_step(struct gitem *gi)
 	}
 	if (gi->rq->h.labels) {
 		mask_start(gi); /* masks depend on the record too: never shared or kept */
+		return;
+	}
+	if (gi->rq->h.flags & DMC_OPEN_RAW) {
+		index_blob_touch(ix, gi->raw);
+		if (start_read(gi, gi->raw, gi->raw_len, read_after) < 0)
+			item_fail(gi, -ENOMEM, "cannot start the read");
 		return;
 	}
 	/* decoded already, in memory? */

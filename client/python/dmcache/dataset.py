@@ -241,8 +241,8 @@ class Dataset:
         self._source, self._project, self._server, self._key = resolve_source(
             root, dataset_name, api_key, server_url, self.offline)
         self._lock = threading.Lock()
-        self._client = self._ds = self._mds = None
-        self._headers = None
+        self._client = self._ds = self._mds = self._rds = None
+        self._masksrc = None
         self._masks = {}
         self._scanned = None
         self._open(None if version in (None, '', 'latest') else version)
@@ -271,7 +271,7 @@ class Dataset:
         """In a forked child (a DataLoader worker): the parent's connection is dropped, and
         so is its lock, which a parent's thread may have held at fork()."""
         self._client.close()
-        self._client = self._ds = self._mds = None
+        self._client = self._ds = self._mds = self._rds = None
         self._lock = threading.Lock()
 
     def _dataset(self):
@@ -292,7 +292,7 @@ class Dataset:
             self._ds.close()
         if self._client is not None:
             self._client.close()
-        self._client = self._ds = self._mds = None
+        self._client = self._ds = self._mds = self._rds = None
 
     def __enter__(self):
         return self
@@ -304,7 +304,7 @@ class Dataset:
         # what a spawned DataLoader worker gets: arguments and the pinned version, never a
         # connection (nothing large is pickled)
         st = dict(self.__dict__)
-        st['_client'] = st['_ds'] = st['_mds'] = st['_lock'] = None
+        st['_client'] = st['_ds'] = st['_mds'] = st['_rds'] = st['_lock'] = None
         return st
 
     def __setstate__(self, st):
@@ -380,11 +380,35 @@ class Dataset:
         del ds
         return a, names
 
+    def read_file(self, idx):
+        """The original file of item idx (the whole item's with return_frame_by_frame) as
+        bytes: the local file for a dataset folder, else the file as the daemon stored it
+        when it downloaded it (checked against its SHA-256), read through the daemon with
+        this process's own access to the dataset (offline too)."""
+        i = self._index(idx)
+        if self._client is not None and self._client.forked:
+            self._after_fork()
+        with self._lock:
+            self._dataset()
+            if self._rds is None:
+                self._rds = self._client.open(self._source, self._project,
+                                              version=self.version, server=self._server,
+                                              api_key=self._key, raw=True,
+                                              frames=self.return_frame_by_frame,
+                                              offline=self.offline)
+            items = self._rds.get([i])
+            it = items[0]
+            try:
+                if it.status:
+                    raise _lib.item_error(it)
+                return bytes(_lib.item_bytes(it))
+            finally:
+                self._rds.release(items)
+
     def __getitem__(self, idx):
         if self._gen2:
             return self._gen2_item(idx)
         a, meta = self.read(idx)
-        raw = a
         if self.normalize:
             a = normalize_2024(a) if self.compat == '2024.11' else normalize(a)
         if self.transform is not None:
@@ -399,7 +423,7 @@ class Dataset:
             image = to_torch(torch, a) if torch else a
         out = [image]
         if self.return_dicom:
-            out.append(self._dicom_of(meta, raw))
+            out.append(self._dicom_of(idx, meta))
         if self.return_metainfo:
             out.append(self.metainfo(meta))
         return tuple(out) if len(out) > 1 else out[0]
@@ -418,30 +442,23 @@ class Dataset:
             entry = self.target_transform(entry)
         return entry
 
-    def _dicom_of(self, meta, raw):
-        """dicom_metainfo: the pydicom FileDataset read from the file's own bytes (the local
-        file; else the header as the server serves it, kept per process), the JSON-model
-        Dataset when neither can be had (offline before the first read, no pydicom), None
-        for a non-DICOM item."""
+    def _dicom_of(self, idx, meta):
+        """dicom_metainfo, as the Datamint client's pydicom.dcmread(<the item's file>): the
+        FileDataset read from the file's own bytes (the local file of a dataset folder; else
+        the file the daemon stored, read_file()), so that file_meta, every value as written
+        ('80.0000', -0.0) and pixel_array are the file's. None for a non-DICOM item; without
+        pydicom, the header the daemon sent (DicomMeta)."""
         dicom = meta.get('dicom')
         if not dicom or dicom.get('format') != 'dicom':
             return None
-        if _dicom.pydicom is not None:
-            record = meta.get('resource') or {}
-            try:
-                if self._source == _lib.SOURCE_LOCAL and record.get('file'):
-                    path = os.path.join(self._project, record['file'])
-                    if os.path.isfile(path):
-                        return _dicom.from_path(path)
-                elif self._source == _lib.SOURCE_DATAMINT and record.get('id'):
-                    rid = record['id']
-                    if self._headers is None:
-                        self._headers = _dicom.HeaderSource(self._server, self._key)
-                    if not self.offline or rid in self._headers.cache:
-                        return _dicom.from_header_bytes(self._headers.get(rid), raw)
-            except Exception:  # noqa: BLE001 - the header the daemon sent still serves
-                pass
-        return _dicom.from_item_meta(dicom)
+        if _dicom.pydicom is None:
+            return _dicom.from_item_meta(dicom)
+        record = meta.get('resource') or {}
+        if self._source == _lib.SOURCE_LOCAL and record.get('file'):
+            path = os.path.join(self._project, record['file'])
+            if os.path.isfile(path):
+                return _dicom.from_path(path)
+        return _dicom.from_bytes(self.read_file(idx))
 
     # ---- the 2025 client's dict items (DatamintDataset at tag 1.2.4) ----
     def _entry(self, meta, filtered=True):
@@ -504,9 +521,9 @@ class Dataset:
             return self._masks[f]
         parts = f.split('/')  # masks/<created_by>/<resource id>/<annotation id><ext>
         rid, aid = parts[-2], os.path.splitext(parts[-1])[0]
-        if self._headers is None:
-            self._headers = _dicom.HeaderSource(self._server, self._key)
-        data = self._headers.fetch('/annotations/%s/annotations/%s/file' % (rid, aid))
+        if self._masksrc is None:
+            self._masksrc = _dicom.MaskSource(self._server, self._key)
+        data = self._masksrc.fetch('/annotations/%s/annotations/%s/file' % (rid, aid))
         if len(self._masks) >= 1024:
             self._masks.pop(next(iter(self._masks)))
         self._masks[f] = data
@@ -523,7 +540,6 @@ class Dataset:
         i = sc['subset'][self._index(idx) if g['include_unannotated'] else
                          _subset_index(idx, len(sc['subset']))]
         a, meta = self.read(i)
-        raw = a
         if self.normalize:
             a = normalize_2024(a) if self.compat == '2024.11' else normalize(a)
         if self.return_frame_by_frame:
@@ -546,7 +562,7 @@ class Dataset:
         anns = entry['annotations']
         item = {'image': img, 'metainfo': {k: v for k, v in entry.items() if k != 'annotations'}}
         if self.return_dicom:
-            item['dicom'] = self._dicom_of(meta, raw)
+            item['dicom'] = self._dicom_of(i, meta)
         (fsets, fcodes), (isets, icodes) = sc['frame'], sc['image']
         if g['return_segmentations']:
             segs, labels = _annotations.load_segmentations(
