@@ -11,6 +11,7 @@ return_frame_by_frame it keeps `[ann for ann in annotations if ann['index'] == f
 import io
 import json
 import os
+import tempfile
 import zipfile
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 import dmcache
-from conftest import KEY, emulator
+from conftest import KEY, emulator, start_daemon
 
 # The guide's examples, run verbatim from test_dataset.py
 from test_dataset import GUIDE_FULL, GUIDE_SUBCLASS, run_guide
@@ -429,3 +430,123 @@ def test_include_exclude_filters(daemon, sample):
         [f['frame_labels']['annotator1@example.org'].tolist() for f in frames[1:3]] == [[1], [1]]
     assert frames[3]['frame_labels'] == {}
     assert frames[1]['image'].shape == (1, 128, 128) and frames[1]['metainfo']['frame_index'] == 1
+
+
+# ---- the original files, through the daemon: dicom_metainfo of a project item ----
+def test_read_file_is_the_servers_file_byte_for_byte(daemon, emu, sample):
+    """Dataset.read_file(i): the file the daemon stored, equal to the emulator's file; a
+    project item's dicom_metainfo is pydicom.dcmread of exactly those bytes (PixelData
+    included, as the client reads it from the file it downloaded)."""
+    folder, entries, _ = sample
+    files = os.path.join(emu.corpus, 'projects', 'sample')
+    ds = dmcache.Dataset(dataset_name='sample')
+    kinds = set()
+    for i in range(len(ds)):
+        data = ds.read_file(i)
+        image, dcm, meta = ds[i]
+        with open(os.path.join(files, meta['source_filepath']), 'rb') as f:
+            want = f.read()
+        assert data == want, meta['filename']
+        with open(os.path.join(folder, entries[meta['id']]['file']), 'rb') as f:
+            assert data == f.read()  # the file of the client's dataset folder
+        kinds.add(os.path.splitext(meta['filename'])[1])
+        if dcm is None:
+            continue
+        ref = pydicom.dcmread(io.BytesIO(want))
+        assert isinstance(dcm, pydicom.dataset.FileDataset)
+        assert dcm.PixelData == ref.PixelData and dcm.preamble == ref.preamble
+        assert same_elements(dcm, ref) == same_elements(ref, ref)
+        # a fresh object per read: the user may change it
+        dcm.PatientSex = 'O'
+        assert ds[i][1].PatientSex == ref.PatientSex
+    assert {'.dcm', '.png', '.jpg', '.gz', '.nii'} <= kinds
+    # frame by frame: each frame's dicom_metainfo is its item's file
+    fb = dmcache.Dataset(dataset_name='sample', return_frame_by_frame=True)
+    n = 0
+    for i in range(len(fb)):
+        _, dcm, meta = fb[i]
+        if meta['filename'] != 'multiframe_4x128.dcm':
+            continue
+        with open(os.path.join(files, meta['source_filepath']), 'rb') as f:
+            assert fb.read_file(i) == f.read()
+        assert dcm.NumberOfFrames == 4 and str(dcm.SliceLocation) == '-0.0'
+        n += 1
+    assert n == 4
+    with pytest.raises(IndexError):
+        ds.read_file(len(ds))
+    ds.close()
+    fb.close()
+
+
+def test_stored_files_refuse_decoding_options(daemon):
+    c = dmcache._lib.Client()
+    try:
+        for kw in ({'lut': True}, {'masks': True}, {'dtype': 9}):
+            with pytest.raises(dmcache.errors.InvalidArgumentError) as e:
+                c.open(dmcache._lib.SOURCE_DATAMINT, 'sample', raw=True, api_key=KEY,
+                       server=os.environ['DATAMINT_API_URL'], **kw)
+            assert 'as they are' in str(e.value)
+    finally:
+        c.close()
+
+
+# ---- daemon-internal keys never reach metainfo ----
+def test_metainfo_has_no_daemon_keys(daemon, sample):
+    """mask_blobs (the daemon's links from annotations to stored masks) is in the records
+    the daemon keeps, never in what the user sees: project and local items, frame by frame,
+    and the 2025 client's dict."""
+    folder, entries, items = sample
+    raw = dmcache.Dataset(dataset_name='sample')
+    assert any('mask_blobs' in raw.read(i)[1]['resource'] for i in range(len(raw)))
+    seen = 0
+    for kw in ({}, {'return_frame_by_frame': True}, {'root': os.path.dirname(folder)},
+               {'return_segmentations': True}):
+        ds = dmcache.Dataset(dataset_name='sample', **kw)
+        for i in range(len(ds)):
+            item = ds[i]
+            meta = item['metainfo'] if isinstance(item, dict) else item[-1]
+            assert 'mask_blobs' not in meta and not any(
+                'mask_blobs' in a for a in meta.get('annotations', ())), kw
+            if 'root' in kw:  # the local entry, key for key, as the client's
+                assert {k: v for k, v in meta.items() if k != 'labels'} == \
+                    {k: v for k, v in entries[meta['id']].items() if k != 'labels'}
+            seen += 1
+        ds.close()
+    raw.close()
+    assert seen > 4 * 19
+
+
+# ---- NIfTI of a local folder: application/nifti, as the server names it ----
+def test_local_nifti_is_application_nifti(daemon, emu, sample, tmp_path):
+    """A local folder whose dataset.json gives no mimetype: the daemon names NIfTI files
+    application/nifti (what the client dispatches on, and what the server sends)."""
+    import shutil
+    import sqlite3
+    folder, entries, _ = sample
+    local = os.path.join(str(tmp_path), 'sample')
+    shutil.copytree(folder, local)
+    with open(os.path.join(local, 'dataset.json')) as f:
+        doc = json.load(f)
+    for e in doc['resources']:
+        e.pop('mimetype', None)
+    with open(os.path.join(local, 'dataset.json'), 'w') as f:
+        json.dump(doc, f)
+    # a daemon of its own, whose index is read once it stopped
+    with tempfile.TemporaryDirectory(prefix='dmc-') as d:
+        dm = start_daemon(d)
+        try:
+            ds = dmcache.Dataset(root=str(tmp_path), dataset_name='sample', socket=dm.socket)
+            assert len(ds) == 19
+            ds.close()
+        finally:
+            assert dm.stop()[0] == 0
+            dm.notify.close()
+        db = sqlite3.connect(os.path.join(dm.cache, 'index.db'))
+        try:
+            rows = db.execute('SELECT filename, mimetype FROM items').fetchall()
+        finally:
+            db.close()
+    nii = [(f, m) for f, m in rows if f.endswith(('.nii', '.nii.gz'))]
+    assert len(rows) == 19 and len(nii) == 2 and {m for _, m in nii} == {'application/nifti'}
+    want = {e['mimetype'] for e in entries.values() if e['file'].endswith(('.nii', '.nii.gz'))}
+    assert want == {'application/nifti'}
