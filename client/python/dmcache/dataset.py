@@ -334,7 +334,8 @@ class Dataset:
 
     def read(self, idx):
         """(array (frames, channels, H, W) in the source dtype, metadata dict) of item idx:
-        a copy, before any conversion. The metadata is {"resource": record, "dicom": ...}."""
+        a copy, before any conversion. The metadata is {"resource": record, "dicom": ...}
+        (the record without the daemon's own keys, _metainfo.DAEMON_KEYS)."""
         i = self._index(idx)
         if self._client is not None and self._client.forked:
             self._after_fork()
@@ -350,6 +351,10 @@ class Dataset:
                 meta = json.loads(_lib.item_meta(it))
             finally:
                 ds.release(items)
+        rec = meta.get('resource')
+        if isinstance(rec, dict):
+            for k in _metainfo.DAEMON_KEYS:
+                rec.pop(k, None)
         return a, meta
 
     def segmentation(self, idx):
