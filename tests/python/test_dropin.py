@@ -129,7 +129,9 @@ def test_dicom_metainfo_is_the_files_filedataset(sample, emu):
         assert same_elements(dcm.file_meta, ref.file_meta) >= 3
         assert same_elements(dcm, ref) == same_elements(ref, ref)
         assert dcm.preamble == ref.preamble
-        assert np.array_equal(dcm.pixel_array, ref.pixel_array), meta['filename']
+        # as both clients return it: the pixel data let go once the image is decoded
+        # (dataset.py@af98a24 _load_image, io_utils.py@1.2.4 read_array_normalized)
+        assert 'PixelData' in dcm and dcm.PixelData is None, meta['filename']
         if meta['filename'].startswith('ct_'):
             assert str(dcm.PatientWeight) == '80.0000' and dcm.PatientSex == 'F'
         if meta['filename'].startswith('multiframe'):
@@ -151,7 +153,7 @@ def test_dicom_metainfo_from_a_local_folder_is_the_file(daemon, sample, tmp_path
         assert isinstance(dcm, pydicom.dataset.FileDataset)
         assert dcm.file_meta.TransferSyntaxUID == ref.file_meta.TransferSyntaxUID
         assert same_elements(dcm, ref) == same_elements(ref, ref)
-        assert np.array_equal(dcm.pixel_array, ref.pixel_array)
+        assert 'PixelData' in dcm and dcm.PixelData is None
         assert meta['annotations'] == entries[meta['id']]['annotations']
     ds.close()
 
@@ -197,6 +199,7 @@ def test_guide_examples_on_the_bundled_xray_project(daemon, emu, tmp_path, monke
         a = ((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8)
         refs[e['id']] = (ToTensor()(a[:, :, None].astype(np.float32) / 255), ref.PatientSex,
                          'fracture' in e['labels'])
+    os.mkdir(os.path.join(str(tmp_path), 'data'))  # the guide's root='data', without 'xray'
     seen, dataset = run_guide(GUIDE_SUBCLASS, 'xray', KEY, '(images, patients_sex, labels)')
     assert len(dataset) == 8 and [len(b[1]) for b in seen] == [4, 4]
     got = []
@@ -435,8 +438,8 @@ def test_include_exclude_filters(daemon, sample):
 # ---- the original files, through the daemon: dicom_metainfo of a project item ----
 def test_read_file_is_the_servers_file_byte_for_byte(daemon, emu, sample):
     """Dataset.read_file(i): the file the daemon stored, equal to the emulator's file; a
-    project item's dicom_metainfo is pydicom.dcmread of exactly those bytes (PixelData
-    included, as the client reads it from the file it downloaded)."""
+    project item's dicom_metainfo is pydicom.dcmread of exactly those bytes, as the client
+    reads the file it downloaded."""
     folder, entries, _ = sample
     files = os.path.join(emu.corpus, 'projects', 'sample')
     ds = dmcache.Dataset(dataset_name='sample')
@@ -454,7 +457,8 @@ def test_read_file_is_the_servers_file_byte_for_byte(daemon, emu, sample):
             continue
         ref = pydicom.dcmread(io.BytesIO(want))
         assert isinstance(dcm, pydicom.dataset.FileDataset)
-        assert dcm.PixelData == ref.PixelData and dcm.preamble == ref.preamble
+        assert dcm.preamble == ref.preamble and dcm.file_meta == ref.file_meta
+        assert dcm.PixelData is None
         assert same_elements(dcm, ref) == same_elements(ref, ref)
         # a fresh object per read: the user may change it
         dcm.PatientSex = 'O'
@@ -563,3 +567,122 @@ def test_local_nifti_is_application_nifti(daemon, emu, sample, tmp_path):
     assert len(rows) == 19 and len(nii) == 2 and {m for _, m in nii} == {'application/nifti'}
     want = {e['mimetype'] for e in entries.values() if e['file'].endswith(('.nii', '.nii.gz'))}
     assert want == {'application/nifti'}
+
+
+# ---- alb_transform (dataset.py@1.2.4): image and every instance mask, frame by frame ----
+class FlipCrop:
+    """An albumentations-like transform (numpy only): flips left-right and keeps rows
+    top..bottom of the image and of every mask; called as the client calls one."""
+
+    def __init__(self, top, bottom):
+        self.top, self.bottom, self.calls = top, bottom, []
+
+    def __call__(self, image, masks=None):
+        self.calls.append((image.shape, None if masks is None else masks.shape))
+        out = {'image': np.ascontiguousarray(image[self.top:self.bottom, ::-1])}
+        if masks is not None:
+            out['masks'] = np.ascontiguousarray(masks[:, self.top:self.bottom, ::-1])
+        return out
+
+
+def test_alb_transform_as_the_client(daemon, emu, sample):
+    folder, entries, _ = sample
+    from PIL import Image
+    t = FlipCrop(100, 400)
+    ds = dmcache.Dataset(dataset_name='sample', return_frame_by_frame=True,
+                         return_segmentations=True, alb_transform=t)
+    k = next(i for i in range(len(ds)) if ds.read(i)[1]['resource']['filename'] == 'ct_003.dcm')
+    t.calls.clear()
+    item = ds[k]
+    e = entries[item['metainfo']['id']]
+    # the client: the frame (C, H, W) as (H, W, C) with every mask, uint8 (N, H, W)
+    px = pydicom.dcmread(os.path.join(folder, e['file'])).pixel_array
+    assert t.calls == [((512, 512, 1), (2, 512, 512))]
+    want = torch.from_numpy(np.ascontiguousarray(px[100:400, ::-1])[None])
+    assert item['image'].dtype == want.dtype and torch.equal(item['image'], want)
+    for a in e['annotations']:
+        if a['type'] != 'segmentation':
+            continue
+        m = np.array(Image.open(os.path.join(folder, a['file'])).convert('L')) == 255
+        got = item['segmentations'][a['added_by']]
+        # as the client returns them after albumentations: numpy uint8 (n, H', W')
+        assert isinstance(got, np.ndarray) and got.dtype == np.uint8 and got.shape == (1, 300, 512)
+        assert np.array_equal(got[0], m.astype(np.uint8)[100:400, ::-1])
+    assert set(item['segmentations']) == {'annotator1@example.org', 'annotator2@example.org'}
+    # without segmentations: the image alone
+    t2 = FlipCrop(0, 10)
+    ds2 = dmcache.Dataset(dataset_name='sample', return_frame_by_frame=True,
+                          return_segmentations=False, alb_transform=t2)
+    item = ds2[k]
+    assert t2.calls == [((512, 512, 1), None)] and 'segmentations' not in item
+    assert torch.equal(item['image'], torch.from_numpy(np.ascontiguousarray(px[0:10, ::-1])[None]))
+    # the client's refusal, word for word
+    with pytest.raises(NotImplementedError, match='return_frame_by_frame is False'):
+        dmcache.Dataset(dataset_name='sample', alb_transform=t)
+    ds.close()
+    ds2.close()
+
+
+# ---- all_annotations (dataset.py@1.2.4): annotations of every status ----
+def test_all_annotations_as_the_client(daemon, emu, tmp_path):
+    """The client downloads GET /projects/{id}/annotated_dataset?all_annotations=true; its
+    dataset.json has the annotations of every status ('lesion' on ct_006 is 'new')."""
+    r = emulator.request(emu.url, path='/projects', key=KEY)
+    pid = next(p['id'] for p in r.json()['data'] if p['name'] == 'sample')
+    z = emulator.request(emu.url, key=KEY, path='/projects/%s/annotated_dataset?'
+                         'all_annotations=true&include_unannotated=true' % pid)
+    assert z.status == 200
+    folder = os.path.join(str(tmp_path), 'sample')
+    zipfile.ZipFile(io.BytesIO(z.body)).extractall(folder)
+    with open(os.path.join(folder, 'dataset.json')) as f:
+        doc = json.load(f)
+    entries = {e['id']: e for e in doc['resources']}
+    assert doc['all_annotations'] is True
+    inames, icodes = client_label_sets(entries.values(), 'image')[:2]
+    assert 'lesion' in inames
+    ds = dmcache.Dataset(dataset_name='sample', all_annotations=True,
+                         return_segmentations=False)
+    assert ds.image_labels_set == inames
+    assert 'lesion' not in dmcache.Dataset(dataset_name='sample',
+                                           return_segmentations=False).image_labels_set
+    lesions = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        e = entries[item['metainfo']['id']]
+        image = [a for a in e['annotations'] if a['type'] == 'label' and a['index'] is None]
+        want = client_onehot(image, inames, icodes, None)
+        assert {k: v.tolist() for k, v in item['image_labels'].items()} == \
+            {k: v.tolist() for k, v in want.items()}
+        lesions += any(a['name'] == 'lesion' for a in image)
+    assert lesions == 1
+    ds.close()
+    # a local folder: served as it is when it was downloaded with all_annotations ...
+    loc = dmcache.Dataset(root=str(tmp_path), dataset_name='sample', all_annotations=True,
+                          return_segmentations=False)
+    assert loc.image_labels_set == inames
+    loc.close()
+    # ... and refused when it was not (the client would download it again)
+    doc['all_annotations'] = False
+    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+        json.dump(doc, f)
+    with pytest.raises(ValueError, match='all_annotations'):
+        dmcache.Dataset(root=str(tmp_path), dataset_name='sample', all_annotations=True)
+    with pytest.raises(dmcache.errors.DmcacheError, match='not offline'):
+        dmcache.Dataset(dataset_name='sample', all_annotations=True, offline=True)
+
+
+# ---- root: as both generations of the client ----
+def test_root_as_the_client(daemon, tmp_path, monkeypatch):
+    """A root that is not a directory is refused (the client would download into it) with
+    the client's error; '~' is expanded; an existing root without the dataset folder serves
+    the project and writes nothing into root."""
+    with pytest.raises(NotADirectoryError, match='Root directory not found'):
+        dmcache.Dataset(root=str(tmp_path / 'missing'), dataset_name='sample')
+    (tmp_path / 'file').write_bytes(b'')
+    with pytest.raises(NotADirectoryError):
+        dmcache.Dataset(root=str(tmp_path / 'file'), dataset_name='sample')
+    monkeypatch.setenv('HOME', str(tmp_path))
+    ds = dmcache.Dataset(root='~', dataset_name='sample')
+    assert ds.root == str(tmp_path) and len(ds) == 19 and ds.project_name == 'sample'
+    ds.close()
+    assert sorted(os.listdir(str(tmp_path))) == ['file']

@@ -251,16 +251,27 @@ def from_item_meta(dicom, use_pydicom=True):
 # downloaded it (Dataset.read_file: an OPEN with DMC_OPEN_RAW, the caller's own access).
 
 
+def as_the_client(ds):
+    """What both generations of the client do to the FileDataset they return once the image
+    is decoded (dataset.py@af98a24 _load_image, io_utils.py@1.2.4 read_array_normalized):
+    the pixel data is let go, the element staying with the value None."""
+    if hasattr(ds, '_pixel_array'):
+        ds._pixel_array = None
+    if hasattr(ds, 'PixelData'):
+        ds.PixelData = None
+    return ds
+
+
 def from_path(path):
-    """pydicom.dcmread(path) with large values (PixelData) read from the file on access:
-    dicom.pixel_array works and costs nothing until asked for."""
-    return pydicom.dcmread(path, defer_size='256 KB')
+    """pydicom.dcmread(path) as the client returns it (as_the_client); the pixel data is
+    never read (defer_size)."""
+    return as_the_client(pydicom.dcmread(path, defer_size='256 KB'))
 
 
 def from_bytes(data):
-    """pydicom.dcmread of a DICOM file's bytes: the FileDataset the client reads from it."""
+    """pydicom.dcmread of a DICOM file's bytes, as the client returns it (as_the_client)."""
     import io
-    return pydicom.dcmread(io.BytesIO(data))
+    return as_the_client(pydicom.dcmread(io.BytesIO(data), defer_size='256 KB'))
 
 
 HTTP_MAX = 1 << 30  # the largest body MaskSource reads

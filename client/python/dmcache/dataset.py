@@ -22,11 +22,12 @@ from . import _annotations, _dicom, _lib, _metainfo, errors
 # defaults: passing any of them makes items that client's dict (see _gen2_item).
 GEN2 = dict({'return_annotations': True, 'return_segmentations': True,
              'return_as_semantic_segmentation': False, 'semantic_seg_merge_strategy': None,
-             'image_transform': None, 'mask_transform': None, 'include_unannotated': True,
-             'all_annotations': False}, **{f: None for f in _annotations.FILTERS})
+             'image_transform': None, 'mask_transform': None, 'alb_transform': None,
+             'include_unannotated': True, 'all_annotations': False},
+            **{f: None for f in _annotations.FILTERS})
 # Options dmcache does not implement: a value that asks for the feature raises
 # NotImplementedError naming it; values that mean "off" (False, None) are accepted.
-UNSUPPORTED = ('alb_transform', 'use_default_transform')
+UNSUPPORTED = ('use_default_transform',)
 _HARMLESS = {}
 
 _torch = None
@@ -169,7 +170,8 @@ class Dataset:
                       gets the converted array as numpy (H, W, frames * channels), what
                       torchvision's ToTensor() expects, and image is its result.
       dicom_metainfo  the pydicom FileDataset read from the file's own bytes (file_meta,
-                      values as in the file, pixel_array), None for non-DICOM items
+                      values as in the file), PixelData let go (None) as the client does
+                      once the image is decoded; None for non-DICOM items
       metainfo        the item's entry of the dataset folder: the resource, 'file',
                       'annotations' in the folder's short form, 'frame_labels', 'labels'
                       (see dmcache._metainfo), through target_transform
@@ -204,10 +206,11 @@ class Dataset:
         if self._gen2:
             g = self._gen2
             _annotations.check_filters(g)
-            if g['all_annotations']:
+            if g['alb_transform'] is not None and not return_frame_by_frame:
+                # dataset.py@1.2.4 DatamintDataset.__init__, word for word
                 raise NotImplementedError(
-                    "dmcache.Dataset does not implement the Datamint option 'all_annotations' "
-                    "(True): the daemon keeps published annotations only")
+                    "albumentations transform is not supported yet when return_frame_by_frame "
+                    "is False")
             if g['return_as_semantic_segmentation'] and not g['return_segmentations']:
                 raise ValueError('return_as_semantic_segmentation can only be True if '
                                  'return_segmentations is True')
@@ -227,6 +230,12 @@ class Dataset:
                 "Datamint projects: use 'latest' or a version string (updated_at)" % version)
         if version is not None and not isinstance(version, str):
             raise TypeError('version must be a string')
+        if root is not None:
+            # both generations of the client: '~' expanded, a root that is not a directory
+            # refused (they would download into it)
+            root = os.path.expanduser(os.fspath(root))
+            if not os.path.isdir(root):
+                raise NotADirectoryError('Root directory not found: %s' % root)
         self.root = root
         self.dataset_name = dataset_name
         self.transform = transform
@@ -245,6 +254,7 @@ class Dataset:
         self._masksrc = None
         self._masks = {}
         self._scanned = None
+        self._all_anns = None
         self._open(None if version in (None, '', 'latest') else version)
         # what a worker process opens: the version resolved here, the snapshot it names
         self.version = self._ds.version
@@ -252,6 +262,8 @@ class Dataset:
         self.project_id = self._ds.project_id
         self.project_name = self._ds.project_name
         self._len = self._ds.items
+        if self._gen2 and self._gen2['all_annotations']:
+            self._all_anns = self._every_annotation()
 
     # ---- connection, per process ----
     def _open(self, version):
@@ -451,7 +463,8 @@ class Dataset:
         """dicom_metainfo, as the Datamint client's pydicom.dcmread(<the item's file>): the
         FileDataset read from the file's own bytes (the local file of a dataset folder; else
         the file the daemon stored, read_file()), so that file_meta, every value as written
-        ('80.0000', -0.0) and pixel_array are the file's. None for a non-DICOM item; without
+        ('80.0000', -0.0) are the file's, PixelData None as the client leaves it (see
+        _dicom.as_the_client). None for a non-DICOM item; without
         pydicom, the header the daemon sent (DicomMeta)."""
         dicom = meta.get('dicom')
         if not dicom or dicom.get('format') != 'dicom':
@@ -466,9 +479,54 @@ class Dataset:
         return _dicom.from_bytes(self.read_file(idx))
 
     # ---- the 2025 client's dict items (DatamintDataset at tag 1.2.4) ----
+    def _every_annotation(self):
+        """all_annotations=True: {resource id: API annotation records of every status} of a
+        Datamint project, read from the server with the caller's key (GET /projects/{id},
+        then its worklist's GET /annotations, as the daemon lists the published ones); a
+        local folder must have been downloaded with all_annotations (its dataset.json says
+        so): its entries are served as they are."""
+        if self._source == _lib.SOURCE_LOCAL:
+            with open(os.path.join(self._project, 'dataset.json')) as f:
+                had = json.load(f).get('all_annotations')
+            if had is not True:
+                raise ValueError(
+                    "all_annotations=True: the dataset folder %s was downloaded with "
+                    "all_annotations=%r; download it again with all_annotations=True (dmcache "
+                    "does not write into root), or open the project itself" % (self._project, had))
+            return None
+        if self.offline:
+            raise errors.DmcacheError(
+                'all_annotations=True reads the annotations of every status from the server: '
+                'not offline (the daemon keeps the published ones)')
+        import urllib.parse
+        up = self._upstream()
+        proj = json.loads(up.fetch('/projects/%s' % urllib.parse.quote(str(self.project_id))))
+        wl = proj.get('worklist_id')
+        out, offset, page = {}, 0, 1000
+        while wl:
+            got = json.loads(up.fetch('/annotations?annotation_worklist_id=%s&offset=%d&limit=%d'
+                                      % (urllib.parse.quote(str(wl)), offset, page)))
+            data = got.get('data') if isinstance(got, dict) else got
+            if not isinstance(data, list):
+                raise errors.DmcacheError('GET /annotations is not {"data": [...]}')
+            for a in data:
+                if isinstance(a, dict) and not a.get('deleted'):
+                    out.setdefault(a.get('resource_id'), []).append(a)
+            if len(data) < page:
+                break
+            offset += len(data)
+        return out
+
+    def _upstream(self):
+        if self._masksrc is None:
+            self._masksrc = _dicom.MaskSource(self._server, self._key)
+        return self._masksrc
+
     def _entry(self, meta, filtered=True):
-        entry = _metainfo.from_record(meta.get('resource') or {},
-                                      self._source == _lib.SOURCE_LOCAL)
+        rec = meta.get('resource') or {}
+        if self._all_anns is not None:
+            rec = dict(rec, annotations=self._all_anns.get(rec.get('id'), []))
+        entry = _metainfo.from_record(rec, self._source == _lib.SOURCE_LOCAL)
         anns = [a if 'type' in a else _metainfo.short_annotation(a, entry.get('id'))
                 for a in entry.get('annotations') or () if isinstance(a, dict)]
         entry['annotations'] = (_annotations.filter_annotations(anns, self._gen2)
@@ -526,9 +584,7 @@ class Dataset:
             return self._masks[f]
         parts = f.split('/')  # masks/<created_by>/<resource id>/<annotation id><ext>
         rid, aid = parts[-2], os.path.splitext(parts[-1])[0]
-        if self._masksrc is None:
-            self._masksrc = _dicom.MaskSource(self._server, self._key)
-        data = self._masksrc.fetch('/annotations/%s/annotations/%s/file' % (rid, aid))
+        data = self._upstream().fetch('/annotations/%s/annotations/%s/file' % (rid, aid))
         if len(self._masks) >= 1024:
             self._masks.pop(next(iter(self._masks)))
         self._masks[f] = data
@@ -577,6 +633,13 @@ class Dataset:
                 for lst in segs.values():
                     for k, m in enumerate(lst):
                         lst[k] = g['mask_transform'](m)
+            if g['alb_transform'] is not None:
+                img, segs = _annotations.alb_with_masks(torch, g['alb_transform'], img, segs)
+                item['image'] = img
+                if img.ndim == 3:
+                    _, h, w = img.shape
+                else:
+                    nframes, _, h, w = img.shape
             if g['return_as_semantic_segmentation']:
                 n = len(fsets['segmentation'])
                 sem = {by: _annotations.to_semantic(torch, segs[by], labels[by], n)
@@ -593,6 +656,10 @@ class Dataset:
                     segs = segs[0]
             item['segmentations'] = segs
             item['seg_labels'] = labels
+        elif g['alb_transform'] is not None:
+            # dataset.py@1.2.4: without segmentations, the image alone
+            out = g['alb_transform'](image=img.numpy().transpose(1, 2, 0))
+            item['image'] = torch.from_numpy(out['image']).permute(2, 0, 1)
         item['frame_labels'] = _annotations.onehot(
             torch, _annotations.of_kind(anns, 'label', 'frame'), len(fsets['multilabel']),
             fcodes['multilabel'], nframes, self.return_frame_by_frame)
