@@ -27,7 +27,7 @@ from test_dataset import GUIDE_FULL, GUIDE_SUBCLASS, run_guide
 
 
 def download_folder(emu, name, dest):
-    """The dataset folder as the seed-era client makes it (datamint-api.md 3.3.1)."""
+    """The dataset folder as the seed-era client makes it (datamintapi/dataset.py@af98a24 download)."""
     r = emulator.request(emu.url, path='/datasets', key=KEY)
     info = next(d for d in r.json()['data'] if d['name'] == name)
     r = emulator.request(emu.url, path='/datasets/%s/download/dicom' % info['id'], key=KEY)

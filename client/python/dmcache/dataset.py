@@ -1,7 +1,7 @@
 """dmcache.Dataset: the Datamint client's Dataset, served by dmcached.
 
 A drop-in for `datamintapi.Dataset` as the Datamint user guide uses it
-(seeds/datamint-client-api.rst): `dataset[i]` is `(image, dicom_metainfo, metainfo)`.
+(its user guide's 'Dataset' section): `dataset[i]` is `(image, dicom_metainfo, metainfo)`.
 Decoding happens in the daemon; this class asks for one item, converts it as the Datamint
 client does, copies it out of the shared memory and gives the memory back at once, so
 what it returns is ordinary, writable memory that PyTorch's DataLoader may move between
@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _annotations, _dicom, _lib, _metainfo, errors
 
-# The 2025 client's options (datamint-api.md 4.1, DatamintDataset at tag 1.2.4) with their
+# The 2025 client's options (datamintapi/dataset/dataset.py at tag 1.2.4) with their
 # defaults: passing any of them makes items that client's dict (see _gen2_item).
 GEN2 = dict({'return_annotations': True, 'return_segmentations': True,
              'return_as_semantic_segmentation': False, 'semantic_seg_merge_strategy': None,
@@ -61,7 +61,7 @@ def to_torch(torch, a):
 
 
 def normalize(a):
-    """The Datamint client's dtype conversions (datamint-api.md 4.6), on a copy:
+    """The Datamint client's dtype conversions (base_dataset.py@1.2.4 _load_image), on a copy:
     uint16 -> per-image min-max to uint8, as ((a - min) / (max - min) * 255) truncated
     (all zeros when max == min); then uint8 -> float32 / 255 in [0, 1]. Every other dtype
     (int16 CT, float NIfTI, ...) is returned unchanged (copied)."""
@@ -101,7 +101,7 @@ def to_hwc(a):
 def image_labels(record):
     """metainfo['labels']: the record's own 'labels' list when it has one (Datamint
     resources do), else the names of its image-scoped label annotations, in either the
-    short or the long field names of dataset.json (datamint-api.md 4.4)."""
+    short or the long field names of dataset.json."""
     labels = record.get('labels')
     if isinstance(labels, list):
         return labels
