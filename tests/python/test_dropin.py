@@ -686,3 +686,24 @@ def test_root_as_the_client(daemon, tmp_path, monkeypatch):
     assert ds.root == str(tmp_path) and len(ds) == 19 and ds.project_name == 'sample'
     ds.close()
     assert sorted(os.listdir(str(tmp_path))) == ['file']
+
+
+def test_dicom_metainfo_in_dataloader_workers(daemon, emu):
+    """Forked and spawned DataLoader workers read the stored files over their own
+    connections: every item's dicom_metainfo is its file's."""
+    files = os.path.join(emu.corpus, 'projects', 'sample')
+    ds = dmcache.Dataset(dataset_name='sample')
+    for ctx in ('fork', 'spawn'):
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
+                                             multiprocessing_context=ctx)
+        n = 0
+        for image, dcm, meta in loader:
+            if dcm is None:
+                continue
+            ref = pydicom.dcmread(os.path.join(files, meta['source_filepath']),
+                                  stop_before_pixels=True)
+            assert dcm.SOPInstanceUID == ref.SOPInstanceUID
+            assert dcm.file_meta.TransferSyntaxUID == ref.file_meta.TransferSyntaxUID
+            n += 1
+        assert n == 10, ctx
+    ds.close()
