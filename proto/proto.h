@@ -357,7 +357,11 @@ struct dmc_verify_reply {
  *     downloaded or read (DICOM, PNG, JPEG, NIfTI, ...), uint8 of shape (1, 1, 1, bytes),
  *     checked against its SHA-256 like every read; its metadata's "dicom" is null. What a
  *     client needs to give the user the file itself, e.g. pydicom's FileDataset. Not with
- *     LUT, MASKS or a dtype; with FRAMES, every frame of an item is the item's file.)
+ *     LUT or a dtype; with FRAMES, every frame of an item is the item's file. With MASKS
+ *     instead, item i is the segmentation files stored for item i (its record's mask
+ *     files), back to back in the order of the record's annotations, and the metadata
+ *     gains "files": [{"id": <annotation id>, "bytes": n}, ...] saying where each one is;
+ *     the reply comes at once, as for RAW alone.)
  *   dtype: enum dmc_dtype of the output, or 0 for the source dtype.
  *   arena_bytes: wished arena size; 0 for the daemon's default. Ignored after the first OPEN.
  * OPEN reply (nfds 1 on the first OPEN of the connection, else 0):

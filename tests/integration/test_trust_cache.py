@@ -430,7 +430,8 @@ import hashlib, json, sys
 import dmcache._lib as L
 c = L.Client()
 try:
-    ds = c.open(L.SOURCE_DATAMINT, "ct", server=%r, api_key=%r, raw=True, offline=%r)
+    ds = c.open(L.SOURCE_DATAMINT, "ct", server=%r, api_key=%r, raw=True, offline=%r,
+                masks=%r)
 except Exception as e:
     print(json.dumps({"error": "%%s: %%s" %% (type(e).__name__, e)}))
     sys.exit(0)
@@ -446,8 +447,8 @@ print(json.dumps({"files": out}))
 '''
 
 
-def raw_files(d, uid, url, key, offline=False):
-    r = python_epoch(d, uid, RAW_CODE % (url, key, offline), key=key)
+def raw_files(d, uid, url, key, offline=False, masks=False):
+    r = python_epoch(d, uid, RAW_CODE % (url, key, offline, masks), key=key)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.splitlines()[-1])
 
@@ -475,8 +476,10 @@ def test_stored_files_only_for_an_entitled_user(emu, tmp):
         # bob: a key the server refuses, a key for another project, no grant offline
         for key, offline in ((emulator.KEY_NONE, False), (emulator.KEY_SAMPLE, False),
                              (emulator.KEY_CT, True)):
-            bob = raw_files(d, BOB, emu.url, key, offline=offline)
-            assert 'files' not in bob and bob['error'].startswith('NotFoundError'), (key, bob)
+            for masks in (False, True):  # the files, and the stored masks
+                bob = raw_files(d, BOB, emu.url, key, offline=offline, masks=masks)
+                assert 'files' not in bob and bob['error'].startswith('NotFoundError'), \
+                    (key, bob)
         # bob with his own key the server accepts: the same files
         assert raw_files(d, BOB, emu.url, emulator.KEY_CT) == got
     finally:

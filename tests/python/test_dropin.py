@@ -485,11 +485,11 @@ def test_read_file_is_the_servers_file_byte_for_byte(daemon, emu, sample):
 def test_stored_files_refuse_decoding_options(daemon):
     c = dmcache._lib.Client()
     try:
-        for kw in ({'lut': True}, {'masks': True}, {'dtype': 9}):
+        for kw in ({'lut': True}, {'dtype': 9}, {'masks': True, 'frames': True}):
             with pytest.raises(dmcache.errors.InvalidArgumentError) as e:
                 c.open(dmcache._lib.SOURCE_DATAMINT, 'sample', raw=True, api_key=KEY,
                        server=os.environ['DATAMINT_API_URL'], **kw)
-            assert 'as they are' in str(e.value)
+            assert 'as they are' in str(e.value) or 'frame by frame' in str(e.value)
     finally:
         c.close()
 
@@ -707,3 +707,53 @@ def test_dicom_metainfo_in_dataloader_workers(daemon, emu):
             n += 1
         assert n == 10, ctx
     ds.close()
+
+
+def test_project_masks_come_from_the_daemon(daemon, emu, sample):
+    """A project's segmentation files are the ones the daemon stored (an OPEN with raw and
+    masks): no request for a mask file reaches the server, and offline they are there."""
+    folder, entries, _ = sample
+    ents = list(entries.values())
+    fnames, fcodes, scodes = client_label_sets(ents, 'frame')
+    since = max([x['seq'] for x in emu.log()] or [0])
+    for offline in (False, True):
+        ds = dmcache.Dataset(dataset_name='sample', return_segmentations=True, offline=offline)
+        n = 0
+        for i in range(len(ds)):
+            item = ds[i]
+            e = entries[item['metainfo']['id']]
+            nframes, _, h, w = item['image'].shape
+            want_s, _ = client_segmentations(folder, e['annotations'], nframes, h, w, scodes)
+            assert set(item['segmentations']) == set(want_s)
+            for by in want_s:
+                for got, want in zip(item['segmentations'][by], want_s[by]):
+                    assert torch.equal(got, want)
+                    n += len(want)
+        assert n == 4
+        ds.close()
+    asked = [x['path'] for x in emu.log(since)]
+    assert asked and not [p for p in asked if '/annotations/' in p and p.endswith('/file')]
+    # the files, one by one, equal the folder's
+    c = dmcache._lib.Client()
+    h = c.open(dmcache._lib.SOURCE_DATAMINT, 'sample', api_key=KEY, raw=True, masks=True,
+               server=os.environ['DATAMINT_API_URL'])
+    seen = 0
+    for i in range(h.items):
+        its = h.get([i])
+        data = bytes(dmcache._lib.item_bytes(its[0]))
+        meta = json.loads(dmcache._lib.item_meta(its[0]))
+        h.release(its)
+        e = entries[meta['resource']['id']]
+        files = {os.path.splitext(os.path.basename(a['file']))[0].split('.')[0]: a['file']
+                 for a in e['annotations'] if a['type'] == 'segmentation'}
+        assert len(data) == sum(f['bytes'] for f in meta['files'])
+        at = 0
+        for f in meta['files']:
+            with open(os.path.join(folder, files[f['id']]), 'rb') as fh:
+                assert data[at:at + f['bytes']] == fh.read()
+            at += f['bytes']
+            seen += 1
+    h.close()
+    c.close()
+    assert seen == sum(a['type'] == 'segmentation' for e in ents for a in e['annotations'])
+    assert seen == 6  # Liver x3, Spine, and two NIfTI volume masks

@@ -319,7 +319,8 @@ class Client:
              dtype=0, arena_bytes=0, frames=False, masks=False, offline=False, raw=False):
         """Opens a dataset version; returns an OpenDataset. offline=True: from the
         caller's grants only, without contacting the server. raw=True: each item is its
-        stored original file, uint8 (1, 1, 1, bytes)."""
+        stored original file, uint8 (1, 1, 1, bytes); with masks=True, its stored segmentation
+        files back to back, the metadata's "files" saying where each is."""
         args = OpenArgs(source=source, project=_enc(project), version=_enc(version),
                         server=_enc(server), api_key=_enc(api_key),
                         flags=(OPEN_LUT if lut else 0) | (OPEN_FRAMES if frames else 0) |

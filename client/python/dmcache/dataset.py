@@ -250,7 +250,7 @@ class Dataset:
         self._source, self._project, self._server, self._key = resolve_source(
             root, dataset_name, api_key, server_url, self.offline)
         self._lock = threading.Lock()
-        self._client = self._ds = self._mds = self._rds = None
+        self._client = self._ds = self._mds = self._rds = self._rmds = None
         self._masksrc = None
         self._masks = {}
         self._scanned = None
@@ -283,7 +283,7 @@ class Dataset:
         """In a forked child (a DataLoader worker): the parent's connection is dropped, and
         so is its lock, which a parent's thread may have held at fork()."""
         self._client.close()
-        self._client = self._ds = self._mds = self._rds = None
+        self._client = self._ds = self._mds = self._rds = self._rmds = None
         self._lock = threading.Lock()
 
     def _dataset(self):
@@ -304,7 +304,7 @@ class Dataset:
             self._ds.close()
         if self._client is not None:
             self._client.close()
-        self._client = self._ds = self._mds = self._rds = None
+        self._client = self._ds = self._mds = self._rds = self._rmds = None
 
     def __enter__(self):
         return self
@@ -316,7 +316,8 @@ class Dataset:
         # what a spawned DataLoader worker gets: arguments and the pinned version, never a
         # connection (nothing large is pickled)
         st = dict(self.__dict__)
-        st['_client'] = st['_ds'] = st['_mds'] = st['_rds'] = st['_lock'] = None
+        st['_client'] = st['_ds'] = st['_mds'] = st['_rds'] = st['_rmds'] = None
+        st['_lock'] = None
         return st
 
     def __setstate__(self, st):
@@ -538,9 +539,12 @@ class Dataset:
         client): {'frame': (sets, codes), 'image': (sets, codes), 'subset': item indices}."""
         if self._scanned is not None:
             return self._scanned
-        per_res, order, frames = {}, [], []
+        per_res, order, frames, whole = {}, [], [], []
         for i in range(self._len):
             _, meta = self.read(i)
+            # the whole item of index i (frame by frame, a new one at each frame 0)
+            whole.append(len(whole) if not self.return_frame_by_frame else
+                         (whole[-1] if whole else -1) + (meta.get('frame') == 0))
             entry = self._entry(meta)
             rid = entry.get('id')
             if rid not in per_res:
@@ -557,7 +561,8 @@ class Dataset:
             else:
                 keep = [i for i, (rid, _) in enumerate(frames) if per_res[rid]]
         self._scanned = {'frame': _annotations.label_sets(anns, True),
-                         'image': _annotations.label_sets(anns, False), 'subset': keep}
+                         'image': _annotations.label_sets(anns, False), 'subset': keep,
+                         'item': whole}
         return self._scanned
 
     @property
@@ -572,23 +577,65 @@ class Dataset:
     def image_labels_set(self):
         return self._scan()['image'][0]['multilabel']
 
-    def _read_mask(self, ann):
-        """The bytes of a segmentation annotation's mask file (None: not an image)."""
-        f = ann.get('file') or ''
-        if not f.lower().endswith(('.png', '.jpg', '.jpeg')):
-            return None
-        if self._source == _lib.SOURCE_LOCAL:
-            with open(os.path.join(self._project, f), 'rb') as fh:
-                return fh.read()
-        if f in self._masks:
-            return self._masks[f]
-        parts = f.split('/')  # masks/<created_by>/<resource id>/<annotation id><ext>
-        rid, aid = parts[-2], os.path.splitext(parts[-1])[0]
-        data = self._upstream().fetch('/annotations/%s/annotations/%s/file' % (rid, aid))
-        if len(self._masks) >= 1024:
-            self._masks.pop(next(iter(self._masks)))
-        self._masks[f] = data
-        return data
+    def _stored_masks(self, item):
+        """{annotation id: bytes} of the segmentation files the daemon stored for the whole
+        item `item` (an OPEN with raw and masks: the caller's own access, offline too)."""
+        if self._client is not None and self._client.forked:
+            self._after_fork()
+        with self._lock:
+            self._dataset()
+            if self._rmds is None:
+                self._rmds = self._client.open(self._source, self._project,
+                                               version=self.version, server=self._server,
+                                               api_key=self._key, raw=True, masks=True,
+                                               offline=self.offline)
+            items = self._rmds.get([item])
+            it = items[0]
+            try:
+                if it.status:
+                    raise _lib.item_error(it)
+                data = bytes(_lib.item_bytes(it))
+                files = json.loads(_lib.item_meta(it)).get('files') or []
+            finally:
+                self._rmds.release(items)
+        out, at = {}, 0
+        for f in files:
+            out[f['id']] = data[at:at + f['bytes']]
+            at += f['bytes']
+        return out
+
+    def _mask_reader(self, item):
+        """read_mask(ann) for the masks of whole item `item`: the bytes of a segmentation
+        annotation's mask file (None: not an image). A local folder's file; else the file
+        the daemon stored (read once for the item); a mask the daemon does not keep (an
+        annotation that is not published, with all_annotations=True) from the server with
+        the caller's key, kept per process."""
+        stored = []
+
+        def read_mask(ann):
+            f = ann.get('file') or ''
+            if not f.lower().endswith(('.png', '.jpg', '.jpeg')):
+                return None
+            if self._source == _lib.SOURCE_LOCAL:
+                with open(os.path.join(self._project, f), 'rb') as fh:
+                    return fh.read()
+            parts = f.split('/')  # masks/<created_by>/<resource id>/<annotation id><ext>
+            rid, aid = parts[-2], os.path.splitext(parts[-1])[0]
+            if not stored:
+                stored.append(self._stored_masks(item))
+            if aid in stored[0]:
+                return stored[0][aid]
+            if f in self._masks:
+                return self._masks[f]
+            if self.offline:
+                raise errors.NotFoundError(
+                    "the mask of annotation '%s' is not in the cache (offline)" % aid)
+            data = self._upstream().fetch('/annotations/%s/annotations/%s/file' % (rid, aid))
+            if len(self._masks) >= 1024:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[f] = data
+            return data
+        return read_mask
 
     def _gen2_item(self, idx):
         """The 2025 client's item: {'image', 'metainfo', 'dicom'?, 'segmentations'?,
@@ -628,7 +675,7 @@ class Dataset:
         if g['return_segmentations']:
             segs, labels = _annotations.load_segmentations(
                 torch, anns, img.shape, self.return_frame_by_frame, fcodes['segmentation'],
-                self._read_mask)
+                self._mask_reader(sc['item'][i]))
             if g['mask_transform'] is not None:
                 for lst in segs.values():
                     for k, m in enumerate(lst):
