@@ -757,3 +757,12 @@ def test_project_masks_come_from_the_daemon(daemon, emu, sample):
     c.close()
     assert seen == sum(a['type'] == 'segmentation' for e in ents for a in e['annotations'])
     assert seen == 6  # Liver x3, Spine, and two NIfTI volume masks
+    # frame by frame, each index reads the masks of its whole item (after the 4 frames of
+    # the multi-frame item, index and item part)
+    fb = dmcache.Dataset(dataset_name='sample', return_frame_by_frame=True,
+                         return_segmentations=True)
+    ids = dmcache.Dataset(dataset_name='sample').get_resources_ids()
+    whole = fb._scan()['item']
+    assert len(whole) == len(fb) > len(ids) and whole[-1] == len(ids) - 1
+    assert [ids[k] for k in whole] == [fb.read(i)[1]['resource']['id'] for i in range(len(fb))]
+    fb.close()
