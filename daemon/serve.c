@@ -2493,7 +2493,6 @@ struct rawm {
 	json_t *files; /* [{"id", "bytes"}] */
 	uint8_t *out;
 	uint64_t total, at;
-	int err;
 	char why[MSG_MAX];
 };
 

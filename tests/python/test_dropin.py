@@ -153,6 +153,8 @@ def test_dicom_metainfo_from_a_local_folder_is_the_file(daemon, sample, tmp_path
         assert isinstance(dcm, pydicom.dataset.FileDataset)
         assert dcm.file_meta.TransferSyntaxUID == ref.file_meta.TransferSyntaxUID
         assert same_elements(dcm, ref) == same_elements(ref, ref)
+        with open(os.path.join(folder, meta['file']), 'rb') as f:
+            assert ds.read_file(i) == f.read()
         assert 'PixelData' in dcm and dcm.PixelData is None
         assert meta['annotations'] == entries[meta['id']]['annotations']
     ds.close()

@@ -400,9 +400,9 @@ class Dataset:
 
     def read_file(self, idx):
         """The original file of item idx (the whole item's with return_frame_by_frame) as
-        bytes: the local file for a dataset folder, else the file as the daemon stored it
-        when it downloaded it (checked against its SHA-256), read through the daemon with
-        this process's own access to the dataset (offline too)."""
+        bytes, as the daemon stored it (downloaded, or for a dataset folder read through
+        this process's descriptors), checked against its SHA-256 and read with this
+        process's own access to the dataset (offline too)."""
         i = self._index(idx)
         if self._client is not None and self._client.forked:
             self._after_fork()
