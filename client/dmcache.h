@@ -250,7 +250,7 @@ struct dmc_open_args {
 	const char *version;  /* NULL or "latest" for the newest */
 	const char *server;   /* DATAMINT: API URL; LOCAL: NULL */
 	const char *api_key;  /* DATAMINT: the caller's key (borrowed; wiped from the frame) */
-	uint32_t flags;       /* DMC_OPEN_LUT, DMC_OPEN_FRAMES, DMC_OPEN_MASKS, DMC_OPEN_OFFLINE */
+	uint32_t flags;       /* DMC_OPEN_LUT, _FRAMES, _MASKS, _OFFLINE, _RAW */
 	uint32_t dtype;       /* enum dmc_dtype, or 0 for the source dtype */
 	uint64_t arena_bytes; /* shared memory wished for; 0: the daemon's default */
 };

@@ -79,8 +79,8 @@ static const char *mime_of(const char *path)
 	} map[] = {
 		{ ".dcm", "application/dicom" }, { ".dicom", "application/dicom" },
 		{ ".png", "image/png" },	   { ".jpg", "image/jpeg" },
-		{ ".jpeg", "image/jpeg" },	   { ".nii.gz", "application/x-nifti" },
-		{ ".nii", "application/x-nifti" },
+		{ ".jpeg", "image/jpeg" },	   { ".nii.gz", "application/nifti" },
+		{ ".nii", "application/nifti" },
 	};
 
 	for (size_t i = 0; i < sizeof(map) / sizeof(map[0]); i++) {

@@ -279,6 +279,7 @@ struct gitem {
 	uint8_t meta_digest[STORE_DIGEST_SIZE];
 
 	struct mask_work *mw; /* a mask item in the making (DMC_OPEN_MASKS) */
+	struct rawm *rm;      /* the stored mask files being gathered (RAW | MASKS) */
 	struct refetch *rf;   /* waiting for a re-fetch's job to list (GI_WAIT_ITEM) */
 	bool refetched;       /* its blob was found bad once: fetched again, not twice */
 
@@ -1462,7 +1463,8 @@ static void on_open_ready(void *ctx, const struct prefetch_ready *r)
 		open_done(po);
 		return;
 	}
-	if (!(po->flags & (DMC_OPEN_FRAMES | DMC_OPEN_MASKS))) {
+	if (!(po->flags & (DMC_OPEN_FRAMES | DMC_OPEN_MASKS)) ||
+	    (po->flags & (DMC_OPEN_RAW | DMC_OPEN_MASKS)) == (DMC_OPEN_RAW | DMC_OPEN_MASKS)) {
 		open_reply(po, r->snapshot_id, r->items, r->project_id, r->project_name, r->version,
 			   NULL, NULL);
 		return;
@@ -1504,6 +1506,11 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 	if ((m.flags & DMC_OPEN_FRAMES) && (m.flags & DMC_OPEN_MASKS)) {
 		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
 				"masks are served for whole items, not frame by frame");
+		return;
+	}
+	if ((m.flags & DMC_OPEN_RAW) && ((m.flags & DMC_OPEN_LUT) || m.dtype)) {
+		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+				"the stored files are served as they are: no LUT or dtype");
 		return;
 	}
 	sc = sconn_of(s, c, true);
@@ -1737,6 +1744,43 @@ static bool refetch_item(struct gitem *gi, int err)
 	return true;
 }
 
+static void item_got_bytes(struct gitem *gi);
+
+/*
+ * DMC_OPEN_RAW: the stored file just read (and checked against its SHA-256 by the store)
+ * is the item, uint8 (1, 1, 1, bytes), without a header of its own; never kept in the hot
+ * set or the tensor cache (the blob is the cache).
+ */
+static void raw_got(struct gitem *gi)
+{
+	uint8_t *p;
+
+	if (gi->raw_len > UINT32_MAX) {
+		free(gi->in);
+		gi->in = NULL;
+		item_fail(gi, -DMC_E_LIMIT_EXCEEDED, "the file is larger than 4 GiB");
+		return;
+	}
+	p = realloc(gi->in, gi->raw_len + 5);
+	if (!p) {
+		free(gi->in);
+		gi->in = NULL;
+		item_fail(gi, -ENOMEM, "out of memory");
+		return;
+	}
+	gi->in = NULL;
+	memcpy(p + gi->raw_len, "null", 4);
+	gi->hold = p;
+	gi->dlen = 4;
+	gi->nbytes = gi->raw_len;
+	gi->desc = (struct decode_desc){ .codec = DECODE_CODEC_NONE,
+					 .src_dtype = DECODE_DTYPE_U8, .dtype = DECODE_DTYPE_U8,
+					 .frames = 1, .channels = 1, .height = 1,
+					 .width = (uint32_t)gi->raw_len, .src_frames = 1,
+					 .nbytes = gi->raw_len };
+	item_got_bytes(gi);
+}
+
 static void read_after(uv_work_t *w, int status)
 {
 	struct gitem *gi = w->data;
@@ -1762,6 +1806,10 @@ static void read_after(uv_work_t *w, int status)
 					  "try again"
 			  : bad ? "the cached copy is damaged or gone: prefetch the dataset again"
 				: "cannot read the cached copy");
+		return;
+	}
+	if (gi->rq->h.flags & DMC_OPEN_RAW) {
+		raw_got(gi);
 		return;
 	}
 	memset(&gi->job, 0, sizeof(gi->job));
@@ -2427,6 +2475,184 @@ static void mask_start(struct gitem *gi)
 		mask_fail(gi, -ENOMEM, "cannot start the read");
 }
 
+/*
+ * RAW | MASKS: item i is the segmentation files the daemon stored for item i (those its
+ * record's mask_blobs name), back to back in the order of the record's annotations, uint8
+ * (1, 1, 1, bytes). What follows the bytes in `hold` (the "dicom" slot of meta_write) is
+ * `null,"files":[{"id": <annotation id>, "bytes": n}, ...]`, so the metadata reads
+ * {"resource": ..., "dicom": null, "files": [...]}: where each file starts and ends.
+ */
+struct rawm_part {
+	uint8_t digest[STORE_DIGEST_SIZE];
+	uint64_t len;
+};
+
+struct rawm {
+	struct rawm_part *parts;
+	uint32_t n, cap, cur;
+	json_t *files; /* [{"id", "bytes"}] */
+	uint8_t *out;
+	uint64_t total, at;
+	char why[MSG_MAX];
+};
+
+static void rawm_free(struct gitem *gi)
+{
+	if (!gi->rm)
+		return;
+	free(gi->rm->parts);
+	json_decref(gi->rm->files);
+	free(gi->rm->out);
+	free(gi->rm);
+	gi->rm = NULL;
+}
+
+struct rawm_collect {
+	struct rawm *rm;
+	struct index *ix;
+};
+
+static int rawm_collect(void *ctx, const struct seg_ann *a)
+{
+	struct rawm_collect *c = ctx;
+	struct rawm *rm = c->rm;
+	struct index_blob b;
+	json_t *f;
+
+	if (!a->blob)
+		return 0; /* no file of its own (or not a mask the daemon keeps) */
+	if (rm->n == rm->cap) {
+		uint32_t nc = rm->cap ? rm->cap * 2 : 4;
+		struct rawm_part *np = realloc(rm->parts, nc * sizeof(*np));
+		if (!np)
+			return -ENOMEM;
+		rm->parts = np;
+		rm->cap = nc;
+	}
+	if (store_digest_parse(a->blob, strlen(a->blob), rm->parts[rm->n].digest) < 0) {
+		snprintf(rm->why, sizeof(rm->why), "annotation '%s': a bad mask digest", a->key);
+		return -DMC_E_INTEGRITY;
+	}
+	if (index_blob_get(c->ix, rm->parts[rm->n].digest, &b) != 0) {
+		snprintf(rm->why, sizeof(rm->why), "the mask of annotation '%s' is not in the cache: "
+			 "prefetch the dataset again", a->key);
+		return -DMC_E_NOT_FOUND_OR_DENIED;
+	}
+	rm->parts[rm->n].len = (uint64_t)b.raw_size;
+	f = json_pack("{s:s, s:I}", "id", a->key, "bytes", (json_int_t)b.raw_size);
+	if (!f || json_array_append_new(rm->files, f) < 0)
+		return -ENOMEM;
+	rm->total += (uint64_t)b.raw_size;
+	rm->n++;
+	return 0;
+}
+
+static void rawm_fail(struct gitem *gi, int err, const char *what)
+{
+	char msg[MSG_MAX];
+
+	snprintf(msg, sizeof(msg), "%s", gi->rm && gi->rm->why[0] ? gi->rm->why : what);
+	free(gi->in);
+	gi->in = NULL;
+	rawm_free(gi);
+	item_fail(gi, err, msg);
+}
+
+static void rawm_next(struct gitem *gi);
+
+static void rawm_read_after(uv_work_t *w, int status)
+{
+	struct gitem *gi = w->data;
+	struct sconn *sc = gi->rq->sc;
+	struct rawm *rm = gi->rm;
+
+	(void)status;
+	sc->busy--;
+	if (!sc->c) {
+		free(gi->in);
+		gi->in = NULL;
+		rawm_free(gi);
+		abandon(gi);
+		return;
+	}
+	if (gi->work_err < 0) {
+		rawm_fail(gi, gi->work_err, "a cached mask is damaged or gone: prefetch the dataset "
+			  "again");
+		return;
+	}
+	memcpy(rm->out + rm->at, gi->in, rm->parts[rm->cur].len);
+	rm->at += rm->parts[rm->cur].len;
+	free(gi->in);
+	gi->in = NULL;
+	rm->cur++;
+	rawm_next(gi);
+}
+
+static void rawm_next(struct gitem *gi)
+{
+	static const char key[] = "null,\"files\":";
+	const size_t klen = sizeof(key) - 1;
+	struct rawm *rm = gi->rm;
+	char *files;
+	size_t flen;
+
+	if (rm->cur < rm->n) {
+		if (start_read(gi, rm->parts[rm->cur].digest, rm->parts[rm->cur].len,
+			       rawm_read_after) < 0)
+			rawm_fail(gi, -ENOMEM, "cannot start a read");
+		return;
+	}
+	files = json_dumps(rm->files, JSON_COMPACT);
+	flen = files ? strlen(files) : 0;
+	if (!files || !(gi->hold = malloc(rm->total + klen + flen + 1))) {
+		free(files);
+		rawm_fail(gi, -ENOMEM, "out of memory");
+		return;
+	}
+	memcpy(gi->hold, rm->out, rm->total);
+	memcpy(gi->hold + rm->total, key, klen);
+	memcpy(gi->hold + rm->total + klen, files, flen);
+	free(files);
+	gi->dlen = klen + flen;
+	gi->nbytes = rm->total;
+	gi->desc = (struct decode_desc){ .codec = DECODE_CODEC_NONE,
+					 .src_dtype = DECODE_DTYPE_U8, .dtype = DECODE_DTYPE_U8,
+					 .frames = 1, .channels = 1, .height = 1,
+					 .width = (uint32_t)rm->total, .src_frames = 1,
+					 .nbytes = rm->total };
+	rawm_free(gi);
+	item_got_bytes(gi);
+}
+
+static void rawm_start(struct gitem *gi)
+{
+	struct rawm_collect c;
+	json_t *rec;
+	int rc;
+
+	gi->rm = calloc(1, sizeof(*gi->rm));
+	if (!gi->rm || !(gi->rm->files = json_array())) {
+		rawm_fail(gi, -ENOMEM, "out of memory");
+		return;
+	}
+	c.rm = gi->rm;
+	c.ix = gi->rq->sc->s->d.cache->index;
+	rec = json_loads(gi->record, 0, NULL);
+	rc = rec ? record_segs(rec, rawm_collect, &c) : 0;
+	json_decref(rec);
+	if (rc == 0 && gi->rm->total > UINT32_MAX) {
+		rc = -DMC_E_LIMIT_EXCEEDED;
+		snprintf(gi->rm->why, sizeof(gi->rm->why), "the masks are larger than 4 GiB");
+	}
+	if (rc == 0 && !(gi->rm->out = malloc(gi->rm->total ? gi->rm->total : 1)))
+		rc = -ENOMEM;
+	if (rc < 0) {
+		rawm_fail(gi, rc, "cannot read the item's segmentations");
+		return;
+	}
+	rawm_next(gi);
+}
+
 /* Looks the item up and starts whatever comes next. */
 static void item_step(struct gitem *gi)
 {
@@ -2502,8 +2728,18 @@ static void item_step(struct gitem *gi)
 		sc->inflight++;
 		sc->sh->inflight++;
 	}
+	if ((gi->rq->h.flags & (DMC_OPEN_RAW | DMC_OPEN_MASKS)) == (DMC_OPEN_RAW | DMC_OPEN_MASKS)) {
+		rawm_start(gi);
+		return;
+	}
 	if (gi->rq->h.labels) {
 		mask_start(gi); /* masks depend on the record too: never shared or kept */
+		return;
+	}
+	if (gi->rq->h.flags & DMC_OPEN_RAW) {
+		index_blob_touch(ix, gi->raw);
+		if (start_read(gi, gi->raw, gi->raw_len, read_after) < 0)
+			item_fail(gi, -ENOMEM, "cannot start the read");
 		return;
 	}
 	/* decoded already, in memory? */
@@ -2543,6 +2779,7 @@ static void req_free(struct greq *rq)
 		if (rq->items[i].counted) /* held bytes when its connection closed */
 			settle(&rq->items[i], GI_DONE);
 		mask_work_free(&rq->items[i]);
+		rawm_free(&rq->items[i]);
 		gi_drop(&rq->items[i]);
 		free(rq->items[i].record);
 		free(rq->items[i].in);

@@ -20,6 +20,10 @@
  * Decoded tensors of expensive codecs (decode_codec_store_tensor) are kept in the store
  * (kind TENSOR, with the metadata as a META blob) and read back instead of decoded again.
  *
+ * DMC_OPEN_RAW handles skip the decoders: an item is its stored file as downloaded (with
+ * DMC_OPEN_MASKS, its stored segmentation files back to back), read and SHA-256-checked by
+ * the store, under the same OPEN access check as every other handle.
+ *
  * Loop thread only.
  */
 #ifndef DMC_SERVE_H

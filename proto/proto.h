@@ -353,6 +353,15 @@ struct dmc_verify_reply {
  *     DMC_OPEN_FRAMES, the reply waits until the dataset is stored. Not with FRAMES;
  *     LUT and dtype do not apply.)
  *     DMC_OPEN_OFFLINE: the server is not contacted, as DMC_PREFETCH_OFFLINE.
+ *     DMC_OPEN_RAW (the stored original: item i is the file of item i exactly as it was
+ *     downloaded or read (DICOM, PNG, JPEG, NIfTI, ...), uint8 of shape (1, 1, 1, bytes),
+ *     checked against its SHA-256 like every read; its metadata's "dicom" is null. What a
+ *     client needs to give the user the file itself, e.g. pydicom's FileDataset. Not with
+ *     LUT or a dtype; with FRAMES, every frame of an item is the item's file. With MASKS
+ *     instead, item i is the segmentation files stored for item i (its record's mask
+ *     files), back to back in the order of the record's annotations, and the metadata
+ *     gains "files": [{"id": <annotation id>, "bytes": n}, ...] saying where each one is;
+ *     the reply comes at once, as for RAW alone.)
  *   dtype: enum dmc_dtype of the output, or 0 for the source dtype.
  *   arena_bytes: wished arena size; 0 for the daemon's default. Ignored after the first OPEN.
  * OPEN reply (nfds 1 on the first OPEN of the connection, else 0):
@@ -426,8 +435,9 @@ enum dmc_dtype {
 #define DMC_OPEN_FRAMES 2u /* frame-by-frame: one item per frame, shape (1, C, H, W) */
 #define DMC_OPEN_MASKS 4u  /* each item's segmentation label map, uint8 (F, 1, H, W) */
 #define DMC_OPEN_OFFLINE 8u /* as DMC_PREFETCH_OFFLINE: from the caller's grants only */
+#define DMC_OPEN_RAW 16u    /* each item's stored original file, uint8 (1, 1, 1, bytes) */
 #define DMC_OPEN_FLAGS_DEFINED                                                                    \
-	(DMC_OPEN_LUT | DMC_OPEN_FRAMES | DMC_OPEN_MASKS | DMC_OPEN_OFFLINE)
+	(DMC_OPEN_LUT | DMC_OPEN_FRAMES | DMC_OPEN_MASKS | DMC_OPEN_OFFLINE | DMC_OPEN_RAW)
 #define DMC_GET_MAX 4096u
 
 #define DMC_STREAM_SHUFFLE 1u

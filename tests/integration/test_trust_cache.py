@@ -421,3 +421,66 @@ def test_queued_jobs_are_capped_per_user(emu, tmp):
     finally:
         emu.clear_faults()
     assert d.stop()[0] == 0
+
+
+# ---- the stored original files (OPEN with DMC_OPEN_RAW) -----------------------------------
+
+RAW_CODE = '''
+import hashlib, json, sys
+import dmcache._lib as L
+c = L.Client()
+try:
+    ds = c.open(L.SOURCE_DATAMINT, "ct", server=%r, api_key=%r, raw=True, offline=%r,
+                masks=%r)
+except Exception as e:
+    print(json.dumps({"error": "%%s: %%s" %% (type(e).__name__, e)}))
+    sys.exit(0)
+out = {}
+for i in range(ds.items):
+    items = ds.get([i])
+    it = items[0]
+    assert it.status == 0, L.item_error(it)
+    rec = json.loads(L.item_meta(it))["resource"]
+    out[rec["source_filepath"]] = hashlib.sha256(bytes(L.item_bytes(it))).hexdigest()
+    ds.release(items)
+print(json.dumps({"files": out}))
+'''
+
+
+def raw_files(d, uid, url, key, offline=False, masks=False):
+    r = python_epoch(d, uid, RAW_CODE % (url, key, offline, masks), key=key)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_stored_files_only_for_an_entitled_user(emu, tmp):
+    """The original files as the daemon stored them (what dmcache.Dataset reads a project
+    item's dicom_metainfo from): the same rules as any read. alice and bob each get them
+    only with their own key the server accepts for the project, or offline with their own
+    grant; what they get is the server's file, byte for byte."""
+    d = system_daemon(tmp)
+    files = os.path.join(emu.corpus, 'projects', 'ct')
+    want = {}
+    for root, _, names in os.walk(files):
+        for n in names:
+            p = os.path.join(root, n)
+            with open(p, 'rb') as f:
+                want[os.path.relpath(p, files)] = hashlib.sha256(f.read()).hexdigest()
+    try:
+        r, ev = prefetch(d, ALICE, emu.url, 'ct', key=emulator.KEY_CT)
+        assert r.returncode == 0 and final(ev)['state'] == 'done', r.stderr
+        got = raw_files(d, ALICE, emu.url, emulator.KEY_CT)
+        assert got['files'] and all(want[p] == h for p, h in got['files'].items()), got
+        assert len(got['files']) == final(ev)['items_total']
+        assert raw_files(d, ALICE, emu.url, emulator.KEY_CT, offline=True) == got
+        # bob: a key the server refuses, a key for another project, no grant offline
+        for key, offline in ((emulator.KEY_NONE, False), (emulator.KEY_SAMPLE, False),
+                             (emulator.KEY_CT, True)):
+            for masks in (False, True):  # the files, and the stored masks
+                bob = raw_files(d, BOB, emu.url, key, offline=offline, masks=masks)
+                assert 'files' not in bob and bob['error'].startswith('NotFoundError'), \
+                    (key, bob)
+        # bob with his own key the server accepts: the same files
+        assert raw_files(d, BOB, emu.url, emulator.KEY_CT) == got
+    finally:
+        assert d.stop()[0] == 0

@@ -11,6 +11,7 @@ return_frame_by_frame it keeps `[ann for ann in annotations if ann['index'] == f
 import io
 import json
 import os
+import tempfile
 import zipfile
 
 import numpy as np
@@ -19,14 +20,14 @@ import pytest
 import torch
 
 import dmcache
-from conftest import KEY, emulator
+from conftest import KEY, emulator, start_daemon
 
 # The guide's examples, run verbatim from test_dataset.py
 from test_dataset import GUIDE_FULL, GUIDE_SUBCLASS, run_guide
 
 
 def download_folder(emu, name, dest):
-    """The dataset folder as the seed-era client makes it."""
+    """The dataset folder as the seed-era client makes it (datamintapi/dataset.py@af98a24 download)."""
     r = emulator.request(emu.url, path='/datasets', key=KEY)
     info = next(d for d in r.json()['data'] if d['name'] == name)
     r = emulator.request(emu.url, path='/datasets/%s/download/dicom' % info['id'], key=KEY)
@@ -128,7 +129,9 @@ def test_dicom_metainfo_is_the_files_filedataset(sample, emu):
         assert same_elements(dcm.file_meta, ref.file_meta) >= 3
         assert same_elements(dcm, ref) == same_elements(ref, ref)
         assert dcm.preamble == ref.preamble
-        assert np.array_equal(dcm.pixel_array, ref.pixel_array), meta['filename']
+        # as both clients return it: the pixel data let go once the image is decoded
+        # (dataset.py@af98a24 _load_image, io_utils.py@1.2.4 read_array_normalized)
+        assert 'PixelData' in dcm and dcm.PixelData is None, meta['filename']
         if meta['filename'].startswith('ct_'):
             assert str(dcm.PatientWeight) == '80.0000' and dcm.PatientSex == 'F'
         if meta['filename'].startswith('multiframe'):
@@ -150,7 +153,9 @@ def test_dicom_metainfo_from_a_local_folder_is_the_file(daemon, sample, tmp_path
         assert isinstance(dcm, pydicom.dataset.FileDataset)
         assert dcm.file_meta.TransferSyntaxUID == ref.file_meta.TransferSyntaxUID
         assert same_elements(dcm, ref) == same_elements(ref, ref)
-        assert np.array_equal(dcm.pixel_array, ref.pixel_array)
+        with open(os.path.join(folder, meta['file']), 'rb') as f:
+            assert ds.read_file(i) == f.read()
+        assert 'PixelData' in dcm and dcm.PixelData is None
         assert meta['annotations'] == entries[meta['id']]['annotations']
     ds.close()
 
@@ -196,6 +201,7 @@ def test_guide_examples_on_the_bundled_xray_project(daemon, emu, tmp_path, monke
         a = ((a - a.min()) / (a.max() - a.min()) * 255).astype(np.uint8)
         refs[e['id']] = (ToTensor()(a[:, :, None].astype(np.float32) / 255), ref.PatientSex,
                          'fracture' in e['labels'])
+    os.mkdir(os.path.join(str(tmp_path), 'data'))  # the guide's root='data', without 'xray'
     seen, dataset = run_guide(GUIDE_SUBCLASS, 'xray', KEY, '(images, patients_sex, labels)')
     assert len(dataset) == 8 and [len(b[1]) for b in seen] == [4, 4]
     got = []
@@ -429,3 +435,336 @@ def test_include_exclude_filters(daemon, sample):
         [f['frame_labels']['annotator1@example.org'].tolist() for f in frames[1:3]] == [[1], [1]]
     assert frames[3]['frame_labels'] == {}
     assert frames[1]['image'].shape == (1, 128, 128) and frames[1]['metainfo']['frame_index'] == 1
+
+
+# ---- the original files, through the daemon: dicom_metainfo of a project item ----
+def test_read_file_is_the_servers_file_byte_for_byte(daemon, emu, sample):
+    """Dataset.read_file(i): the file the daemon stored, equal to the emulator's file; a
+    project item's dicom_metainfo is pydicom.dcmread of exactly those bytes, as the client
+    reads the file it downloaded."""
+    folder, entries, _ = sample
+    files = os.path.join(emu.corpus, 'projects', 'sample')
+    ds = dmcache.Dataset(dataset_name='sample')
+    kinds = set()
+    for i in range(len(ds)):
+        data = ds.read_file(i)
+        image, dcm, meta = ds[i]
+        with open(os.path.join(files, meta['source_filepath']), 'rb') as f:
+            want = f.read()
+        assert data == want, meta['filename']
+        with open(os.path.join(folder, entries[meta['id']]['file']), 'rb') as f:
+            assert data == f.read()  # the file of the client's dataset folder
+        kinds.add(os.path.splitext(meta['filename'])[1])
+        if dcm is None:
+            continue
+        ref = pydicom.dcmread(io.BytesIO(want))
+        assert isinstance(dcm, pydicom.dataset.FileDataset)
+        assert dcm.preamble == ref.preamble and dcm.file_meta == ref.file_meta
+        assert dcm.PixelData is None
+        assert same_elements(dcm, ref) == same_elements(ref, ref)
+        # a fresh object per read: the user may change it
+        dcm.PatientSex = 'O'
+        assert ds[i][1].PatientSex == ref.PatientSex
+    assert {'.dcm', '.png', '.jpg', '.gz', '.nii'} <= kinds
+    # frame by frame: each frame's dicom_metainfo is its item's file
+    fb = dmcache.Dataset(dataset_name='sample', return_frame_by_frame=True)
+    n = 0
+    for i in range(len(fb)):
+        _, dcm, meta = fb[i]
+        if meta['filename'] != 'multiframe_4x128.dcm':
+            continue
+        with open(os.path.join(files, meta['source_filepath']), 'rb') as f:
+            assert fb.read_file(i) == f.read()
+        assert dcm.NumberOfFrames == 4 and str(dcm.SliceLocation) == '-0.0'
+        n += 1
+    assert n == 4
+    with pytest.raises(IndexError):
+        ds.read_file(len(ds))
+    ds.close()
+    fb.close()
+
+
+def test_stored_files_refuse_decoding_options(daemon):
+    c = dmcache._lib.Client()
+    try:
+        for kw in ({'lut': True}, {'dtype': 9}, {'masks': True, 'frames': True}):
+            with pytest.raises(dmcache.errors.InvalidArgumentError) as e:
+                c.open(dmcache._lib.SOURCE_DATAMINT, 'sample', raw=True, api_key=KEY,
+                       server=os.environ['DATAMINT_API_URL'], **kw)
+            assert 'as they are' in str(e.value) or 'frame by frame' in str(e.value)
+    finally:
+        c.close()
+
+
+# ---- daemon-internal keys never reach metainfo ----
+def test_metainfo_has_no_daemon_keys(daemon, sample):
+    """mask_blobs (the daemon's links from annotations to stored masks) is in the records
+    the daemon keeps, never in what the user sees: project and local items, frame by frame,
+    and the 2025 client's dict."""
+    folder, entries, items = sample
+    # the daemon's records have it (read straight from the socket) ...
+    c = dmcache._lib.Client()
+    h = c.open(dmcache._lib.SOURCE_DATAMINT, 'sample', api_key=KEY,
+               server=os.environ['DATAMINT_API_URL'])
+    with_blobs = 0
+    for i in range(h.items):
+        its = h.get([i])
+        with_blobs += 'mask_blobs' in json.loads(dmcache._lib.item_meta(its[0]))['resource']
+        h.release(its)
+    h.close()
+    c.close()
+    assert with_blobs >= 3
+    # ... what the user reads never
+    raw = dmcache.Dataset(dataset_name='sample')
+    assert not any('mask_blobs' in raw.read(i)[1]['resource'] for i in range(len(raw)))
+    seen = 0
+    for kw in ({}, {'return_frame_by_frame': True}, {'root': os.path.dirname(folder)},
+               {'return_segmentations': True}):
+        ds = dmcache.Dataset(dataset_name='sample', **kw)
+        for i in range(len(ds)):
+            item = ds[i]
+            meta = item['metainfo'] if isinstance(item, dict) else item[-1]
+            assert 'mask_blobs' not in meta and not any(
+                'mask_blobs' in a for a in meta.get('annotations', ())), kw
+            if 'root' in kw:  # the local entry, key for key, as the client's
+                assert {k: v for k, v in meta.items() if k != 'labels'} == \
+                    {k: v for k, v in entries[meta['id']].items() if k != 'labels'}
+            seen += 1
+        ds.close()
+    raw.close()
+    assert seen > 4 * 19
+
+
+# ---- NIfTI of a local folder: application/nifti, as the server names it ----
+def test_local_nifti_is_application_nifti(daemon, emu, sample, tmp_path):
+    """A local folder whose dataset.json gives no mimetype: the daemon names NIfTI files
+    application/nifti (what the client dispatches on, and what the server sends)."""
+    import shutil
+    import sqlite3
+    folder, entries, _ = sample
+    local = os.path.join(str(tmp_path), 'sample')
+    shutil.copytree(folder, local)
+    with open(os.path.join(local, 'dataset.json')) as f:
+        doc = json.load(f)
+    for e in doc['resources']:
+        e.pop('mimetype', None)
+    with open(os.path.join(local, 'dataset.json'), 'w') as f:
+        json.dump(doc, f)
+    # a daemon of its own, whose index is read once it stopped
+    with tempfile.TemporaryDirectory(prefix='dmc-') as d:
+        dm = start_daemon(d)
+        try:
+            ds = dmcache.Dataset(root=str(tmp_path), dataset_name='sample', socket=dm.socket)
+            assert len(ds) == 19
+            ds.close()
+        finally:
+            assert dm.stop()[0] == 0
+            dm.notify.close()
+        db = sqlite3.connect(os.path.join(dm.cache, 'index.db'))
+        try:
+            rows = db.execute('SELECT filename, mimetype FROM items').fetchall()
+        finally:
+            db.close()
+    nii = [(f, m) for f, m in rows if f.endswith(('.nii', '.nii.gz'))]
+    assert len(rows) == 19 and len(nii) == 2 and {m for _, m in nii} == {'application/nifti'}
+    want = {e['mimetype'] for e in entries.values() if e['file'].endswith(('.nii', '.nii.gz'))}
+    assert want == {'application/nifti'}
+
+
+# ---- alb_transform (dataset.py@1.2.4): image and every instance mask, frame by frame ----
+class FlipCrop:
+    """An albumentations-like transform (numpy only): flips left-right and keeps rows
+    top..bottom of the image and of every mask; called as the client calls one."""
+
+    def __init__(self, top, bottom):
+        self.top, self.bottom, self.calls = top, bottom, []
+
+    def __call__(self, image, masks=None):
+        self.calls.append((image.shape, None if masks is None else masks.shape))
+        out = {'image': np.ascontiguousarray(image[self.top:self.bottom, ::-1])}
+        if masks is not None:
+            out['masks'] = np.ascontiguousarray(masks[:, self.top:self.bottom, ::-1])
+        return out
+
+
+def test_alb_transform_as_the_client(daemon, emu, sample):
+    folder, entries, _ = sample
+    from PIL import Image
+    t = FlipCrop(100, 400)
+    ds = dmcache.Dataset(dataset_name='sample', return_frame_by_frame=True,
+                         return_segmentations=True, alb_transform=t)
+    k = next(i for i in range(len(ds)) if ds.read(i)[1]['resource']['filename'] == 'ct_003.dcm')
+    t.calls.clear()
+    item = ds[k]
+    e = entries[item['metainfo']['id']]
+    # the client: the frame (C, H, W) as (H, W, C) with every mask, uint8 (N, H, W)
+    px = pydicom.dcmread(os.path.join(folder, e['file'])).pixel_array
+    assert t.calls == [((512, 512, 1), (2, 512, 512))]
+    want = torch.from_numpy(np.ascontiguousarray(px[100:400, ::-1])[None])
+    assert item['image'].dtype == want.dtype and torch.equal(item['image'], want)
+    for a in e['annotations']:
+        if a['type'] != 'segmentation':
+            continue
+        m = np.array(Image.open(os.path.join(folder, a['file'])).convert('L')) == 255
+        got = item['segmentations'][a['added_by']]
+        # as the client returns them after albumentations: numpy uint8 (n, H', W')
+        assert isinstance(got, np.ndarray) and got.dtype == np.uint8 and got.shape == (1, 300, 512)
+        assert np.array_equal(got[0], m.astype(np.uint8)[100:400, ::-1])
+    assert set(item['segmentations']) == {'annotator1@example.org', 'annotator2@example.org'}
+    # without segmentations: the image alone
+    t2 = FlipCrop(0, 10)
+    ds2 = dmcache.Dataset(dataset_name='sample', return_frame_by_frame=True,
+                          return_segmentations=False, alb_transform=t2)
+    item = ds2[k]
+    assert t2.calls == [((512, 512, 1), None)] and 'segmentations' not in item
+    assert torch.equal(item['image'], torch.from_numpy(np.ascontiguousarray(px[0:10, ::-1])[None]))
+    # the client's refusal, word for word
+    with pytest.raises(NotImplementedError, match='return_frame_by_frame is False'):
+        dmcache.Dataset(dataset_name='sample', alb_transform=t)
+    ds.close()
+    ds2.close()
+
+
+# ---- all_annotations (dataset.py@1.2.4): annotations of every status ----
+def test_all_annotations_as_the_client(daemon, emu, tmp_path):
+    """The client downloads GET /projects/{id}/annotated_dataset?all_annotations=true; its
+    dataset.json has the annotations of every status ('lesion' on ct_006 is 'new')."""
+    r = emulator.request(emu.url, path='/projects', key=KEY)
+    pid = next(p['id'] for p in r.json()['data'] if p['name'] == 'sample')
+    z = emulator.request(emu.url, key=KEY, path='/projects/%s/annotated_dataset?'
+                         'all_annotations=true&include_unannotated=true' % pid)
+    assert z.status == 200
+    folder = os.path.join(str(tmp_path), 'sample')
+    zipfile.ZipFile(io.BytesIO(z.body)).extractall(folder)
+    with open(os.path.join(folder, 'dataset.json')) as f:
+        doc = json.load(f)
+    entries = {e['id']: e for e in doc['resources']}
+    assert doc['all_annotations'] is True
+    inames, icodes = client_label_sets(entries.values(), 'image')[:2]
+    assert 'lesion' in inames
+    ds = dmcache.Dataset(dataset_name='sample', all_annotations=True,
+                         return_segmentations=False)
+    assert ds.image_labels_set == inames
+    assert 'lesion' not in dmcache.Dataset(dataset_name='sample',
+                                           return_segmentations=False).image_labels_set
+    lesions = 0
+    for i in range(len(ds)):
+        item = ds[i]
+        e = entries[item['metainfo']['id']]
+        image = [a for a in e['annotations'] if a['type'] == 'label' and a['index'] is None]
+        want = client_onehot(image, inames, icodes, None)
+        assert {k: v.tolist() for k, v in item['image_labels'].items()} == \
+            {k: v.tolist() for k, v in want.items()}
+        lesions += any(a['name'] == 'lesion' for a in image)
+    assert lesions == 1
+    ds.close()
+    # a local folder: served as it is when it was downloaded with all_annotations ...
+    loc = dmcache.Dataset(root=str(tmp_path), dataset_name='sample', all_annotations=True,
+                          return_segmentations=False)
+    assert loc.image_labels_set == inames
+    loc.close()
+    # ... and refused when it was not (the client would download it again)
+    doc['all_annotations'] = False
+    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+        json.dump(doc, f)
+    with pytest.raises(ValueError, match='all_annotations'):
+        dmcache.Dataset(root=str(tmp_path), dataset_name='sample', all_annotations=True)
+    with pytest.raises(dmcache.errors.DmcacheError, match='not offline'):
+        dmcache.Dataset(dataset_name='sample', all_annotations=True, offline=True)
+
+
+# ---- root: as both generations of the client ----
+def test_root_as_the_client(daemon, tmp_path, monkeypatch):
+    """A root that is not a directory is refused (the client would download into it) with
+    the client's error; '~' is expanded; an existing root without the dataset folder serves
+    the project and writes nothing into root."""
+    with pytest.raises(NotADirectoryError, match='Root directory not found'):
+        dmcache.Dataset(root=str(tmp_path / 'missing'), dataset_name='sample')
+    (tmp_path / 'file').write_bytes(b'')
+    with pytest.raises(NotADirectoryError):
+        dmcache.Dataset(root=str(tmp_path / 'file'), dataset_name='sample')
+    monkeypatch.setenv('HOME', str(tmp_path))
+    ds = dmcache.Dataset(root='~', dataset_name='sample')
+    assert ds.root == str(tmp_path) and len(ds) == 19 and ds.project_name == 'sample'
+    ds.close()
+    assert sorted(os.listdir(str(tmp_path))) == ['file']
+
+
+def test_dicom_metainfo_in_dataloader_workers(daemon, emu):
+    """Forked and spawned DataLoader workers read the stored files over their own
+    connections: every item's dicom_metainfo is its file's."""
+    files = os.path.join(emu.corpus, 'projects', 'sample')
+    ds = dmcache.Dataset(dataset_name='sample')
+    for ctx in ('fork', 'spawn'):
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
+                                             multiprocessing_context=ctx)
+        n = 0
+        for image, dcm, meta in loader:
+            if dcm is None:
+                continue
+            ref = pydicom.dcmread(os.path.join(files, meta['source_filepath']),
+                                  stop_before_pixels=True)
+            assert dcm.SOPInstanceUID == ref.SOPInstanceUID
+            assert dcm.file_meta.TransferSyntaxUID == ref.file_meta.TransferSyntaxUID
+            n += 1
+        assert n == 10, ctx
+    ds.close()
+
+
+def test_project_masks_come_from_the_daemon(daemon, emu, sample):
+    """A project's segmentation files are the ones the daemon stored (an OPEN with raw and
+    masks): no request for a mask file reaches the server, and offline they are there."""
+    folder, entries, _ = sample
+    ents = list(entries.values())
+    fnames, fcodes, scodes = client_label_sets(ents, 'frame')
+    since = max([x['seq'] for x in emu.log()] or [0])
+    for offline in (False, True):
+        ds = dmcache.Dataset(dataset_name='sample', return_segmentations=True, offline=offline)
+        n = 0
+        for i in range(len(ds)):
+            item = ds[i]
+            e = entries[item['metainfo']['id']]
+            nframes, _, h, w = item['image'].shape
+            want_s, _ = client_segmentations(folder, e['annotations'], nframes, h, w, scodes)
+            assert set(item['segmentations']) == set(want_s)
+            for by in want_s:
+                for got, want in zip(item['segmentations'][by], want_s[by]):
+                    assert torch.equal(got, want)
+                    n += len(want)
+        assert n == 4
+        ds.close()
+    asked = [x['path'] for x in emu.log(since)]
+    assert asked and not [p for p in asked if '/annotations/' in p and p.endswith('/file')]
+    # the files, one by one, equal the folder's
+    c = dmcache._lib.Client()
+    h = c.open(dmcache._lib.SOURCE_DATAMINT, 'sample', api_key=KEY, raw=True, masks=True,
+               server=os.environ['DATAMINT_API_URL'])
+    seen = 0
+    for i in range(h.items):
+        its = h.get([i])
+        data = bytes(dmcache._lib.item_bytes(its[0]))
+        meta = json.loads(dmcache._lib.item_meta(its[0]))
+        h.release(its)
+        e = entries[meta['resource']['id']]
+        files = {os.path.splitext(os.path.basename(a['file']))[0].split('.')[0]: a['file']
+                 for a in e['annotations'] if a['type'] == 'segmentation'}
+        assert len(data) == sum(f['bytes'] for f in meta['files'])
+        at = 0
+        for f in meta['files']:
+            with open(os.path.join(folder, files[f['id']]), 'rb') as fh:
+                assert data[at:at + f['bytes']] == fh.read()
+            at += f['bytes']
+            seen += 1
+    h.close()
+    c.close()
+    assert seen == sum(a['type'] == 'segmentation' for e in ents for a in e['annotations'])
+    assert seen == 6  # Liver x3, Spine, and two NIfTI volume masks
+    # frame by frame, each index reads the masks of its whole item (after the 4 frames of
+    # the multi-frame item, index and item part)
+    fb = dmcache.Dataset(dataset_name='sample', return_frame_by_frame=True,
+                         return_segmentations=True)
+    ids = dmcache.Dataset(dataset_name='sample').get_resources_ids()
+    whole = fb._scan()['item']
+    assert len(whole) == len(fb) > len(ids) and whole[-1] == len(ids) - 1
+    assert [ids[k] for k in whole] == [fb.read(i)[1]['resource']['id'] for i in range(len(fb))]
+    fb.close()

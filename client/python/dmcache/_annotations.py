@@ -11,6 +11,8 @@ dataset folder entries that dmcache._metainfo gives:
   frame_labels   {annotator: IntTensor (frames, n_frame_labels)} one-hot
   image_labels   {annotator: IntTensor (n_image_labels,)} one-hot
   filters        include/exclude annotators, segmentation, image and frame label names
+  alb_transform  an albumentations transform (any callable t(image=, masks=) -> dict) over
+                 the (H, W, C) image and every instance mask (frame by frame only)
 
 Functions here are pure: the Dataset gives them the entries and a mask reader.
 """
@@ -177,3 +179,26 @@ def onehot(torch, anns, nlabels, codes, num_frames, frame_by_frame):
     if frame_by_frame and num_frames is not None:
         out = {k: v[0] for k, v in out.items()}
     return out
+
+
+def alb_with_masks(torch, transform, img, segs):
+    """dataset.py@1.2.4 __apply_alb_transform_segmentation, then the image back to (C, H, W):
+    every instance mask of every annotator as one uint8 array (N, H, W) (None when there is
+    none) goes through transform(image=<(H, W, C) array>, masks=...) with the image; each
+    annotator's masks come back as numpy uint8 arrays (n_i, H', W'), as in the client."""
+    every, keys, n = [], {}, 0
+    for by, lst in segs.items():
+        keys[by] = []
+        for seg in lst:
+            if seg is None:
+                keys[by].append(None)
+                continue
+            every.append(torch.as_tensor(seg))
+            keys[by].append(list(range(n, n + seg.shape[0])))
+            n += seg.shape[0]
+    masks = torch.cat(every).numpy().astype(np.uint8) if every else None
+    out = transform(image=img.numpy().transpose(1, 2, 0), masks=masks)
+    got = out['masks'] if masks is not None else None
+    new = {by: [None if k is None else np.stack([got[j] for j in k]) for k in ks]
+           for by, ks in keys.items()}
+    return torch.from_numpy(out['image']).permute(2, 0, 1), new

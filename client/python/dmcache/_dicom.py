@@ -247,115 +247,51 @@ def from_item_meta(dicom, use_pydicom=True):
 # file_meta (transfer syntax, ...) and every value exactly as pydicom reads it from the file
 # ('80.0000' stays '80.0000', -0.0 keeps its sign). The JSON model the daemon sends cannot
 # give that (DS and IS become JSON numbers), so the FileDataset is read from the file's own
-# bytes: the file itself for a local folder, else the file as the server serves it, read
-# once per process and kept without its pixel data (HEADER_CACHE entries).
-HEADER_CACHE = 512
-HEADER_MAX = 1 << 30  # larger files are not read for their header
+# bytes: the file itself for a local folder, else the file the daemon stored when it
+# downloaded it (Dataset.read_file: an OPEN with DMC_OPEN_RAW, the caller's own access).
+
+
+def as_the_client(ds):
+    """What both generations of the client do to the FileDataset they return once the image
+    is decoded (dataset.py@af98a24 _load_image, io_utils.py@1.2.4 read_array_normalized):
+    the pixel data is let go, the element staying with the value None."""
+    if hasattr(ds, '_pixel_array'):
+        ds._pixel_array = None
+    if hasattr(ds, 'PixelData'):
+        ds.PixelData = None
+    return ds
 
 
 def from_path(path):
-    """pydicom.dcmread(path) with large values (PixelData) read from the file on access:
-    dicom.pixel_array works and costs nothing until asked for."""
-    return pydicom.dcmread(path, defer_size='256 KB')
+    """pydicom.dcmread(path) as the client returns it (as_the_client); the pixel data is
+    never read (defer_size)."""
+    return as_the_client(pydicom.dcmread(path, defer_size='256 KB'))
 
 
-DEFLATED = '1.2.840.10008.1.2.1.99'
-
-
-def header_bytes(data):
-    """A DICOM file without its pixel data: the bytes before (7FE0,0010) as they are, then
-    the top-level elements after it (e.g. trailing padding) as they were encoded. A
-    deflated file is kept whole."""
+def from_bytes(data):
+    """pydicom.dcmread of a DICOM file's bytes, as the client returns it (as_the_client)."""
     import io
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_data_element
-    fp = io.BytesIO(data)
-    head = pydicom.dcmread(fp, stop_before_pixels=True)
-    end = fp.tell()
-    if str(getattr(head.file_meta, 'TransferSyntaxUID', '')) == DEFLATED or end >= len(data):
-        return data
-    full = pydicom.dcmread(io.BytesIO(data))
-    tail = [t for t in full.keys() if t > 0x7FE00010]
-    if not tail:
-        return data[:end]
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = full.is_little_endian, full.is_implicit_VR
-    for t in tail:
-        write_data_element(out, full.get_item(t))
-    return data[:end] + out.getvalue()
+    return as_the_client(pydicom.dcmread(io.BytesIO(data), defer_size='256 KB'))
 
 
-def _pydicom_layout(raw, spp):
-    """(frames, channels, H, W) -> pydicom's pixel_array layout: (H, W), (F, H, W),
-    (H, W, C) or (F, H, W, C)."""
-    a = raw.transpose(0, 2, 3, 1) if spp > 1 else raw[:, 0]
-    return a[0] if a.shape[0] == 1 else a
+HTTP_MAX = 1 << 30  # the largest body MaskSource reads
 
 
-if pydicom is not None:
-    class ServedFileDataset(pydicom.dataset.FileDataset):
-        """The FileDataset read from a DICOM file's header bytes as the server serves them
-        (the pixel data left on the server): pixel_array gives the item's stored values as
-        the daemon decoded them, in pydicom's layout."""
-
-        @property
-        def pixel_array(self):
-            if 'PixelData' in self or self.__dict__.get('_dmc_pixels') is None:
-                return pydicom.dataset.FileDataset.pixel_array.fget(self)
-            return self.__dict__['_dmc_pixels']
-
-
-def from_header_bytes(data, raw=None):
-    """A FileDataset (ServedFileDataset) from header_bytes(); `raw`, the item's stored values
-    (frames, channels, H, W), serves dicom.pixel_array."""
-    import io
-    ds = pydicom.dcmread(io.BytesIO(data))
-    out = ServedFileDataset(None, ds, preamble=ds.preamble, file_meta=ds.file_meta,
-                            is_implicit_VR=ds.is_implicit_VR,
-                            is_little_endian=ds.is_little_endian)
-    if raw is not None:
-        out.__dict__['_dmc_pixels'] = _pydicom_layout(raw, int(ds.get('SamplesPerPixel', 1) or 1))
-    return out
-
-
-class HeaderSource:
-    """Header bytes of DICOM resources read from the Datamint server (GET
-    /resources/{id}/file, only up to the pixel data), kept per process by resource id."""
+class MaskSource:
+    """Segmentation mask files of a Datamint project read from the server with the caller's
+    key (GET /annotations/{resource}/annotations/{id}/file), for the 2025 client's
+    segmentation outputs."""
 
     def __init__(self, server, api_key, timeout=60):
         self.server, self.key, self.timeout = (server or '').rstrip('/'), api_key, timeout
-        self.cache = {}
-        self.failed = set()  # resources whose file could not be had: not asked again
 
     def fetch(self, path):
-        """GET <server><path> with the key: the body (at most HEADER_MAX bytes)."""
+        """GET <server><path> with the key: the body (at most HTTP_MAX bytes)."""
         import urllib.request
         req = urllib.request.Request(self.server + path, headers={
             'apikey': self.key, 'accept': 'application/octet-stream'})
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            data = resp.read(HEADER_MAX + 1)
-        if len(data) > HEADER_MAX:
-            raise ValueError('%s is over %d bytes' % (path, HEADER_MAX))
+            data = resp.read(HTTP_MAX + 1)
+        if len(data) > HTTP_MAX:
+            raise ValueError('%s is over %d bytes' % (path, HTTP_MAX))
         return data
-
-    def get(self, resource_id):
-        data = self.cache.get(resource_id)
-        if data is not None:
-            return data
-        if resource_id in self.failed:
-            raise LookupError('the file of resource %s could not be read' % resource_id)
-        import urllib.parse
-        try:
-            data = header_bytes(self.fetch('/resources/%s/file'
-                                           % urllib.parse.quote(str(resource_id))))
-        except Exception:
-            self.failed.add(resource_id)
-            raise
-        if len(self.cache) >= HEADER_CACHE:
-            self.cache.pop(next(iter(self.cache)))
-        self.cache[resource_id] = data
-        return data
-
-    def __getstate__(self):
-        return {'server': self.server, 'key': self.key, 'timeout': self.timeout, 'cache': {},
-                'failed': set()}

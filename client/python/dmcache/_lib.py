@@ -63,6 +63,7 @@ OPEN_LUT = 1
 OPEN_FRAMES = 2
 OPEN_MASKS = 4
 OPEN_OFFLINE = 8
+OPEN_RAW = 16
 
 
 def offline_default(offline=None):
@@ -315,13 +316,16 @@ class Client:
                 dmc_status_free(p)
 
     def open(self, source, project, version=None, server=None, api_key=None, lut=False,
-             dtype=0, arena_bytes=0, frames=False, masks=False, offline=False):
+             dtype=0, arena_bytes=0, frames=False, masks=False, offline=False, raw=False):
         """Opens a dataset version; returns an OpenDataset. offline=True: from the
-        caller's grants only, without contacting the server."""
+        caller's grants only, without contacting the server. raw=True: each item is its
+        stored original file, uint8 (1, 1, 1, bytes); with masks=True, its stored segmentation
+        files back to back, the metadata's "files" saying where each is."""
         args = OpenArgs(source=source, project=_enc(project), version=_enc(version),
                         server=_enc(server), api_key=_enc(api_key),
                         flags=(OPEN_LUT if lut else 0) | (OPEN_FRAMES if frames else 0) |
-                        (OPEN_MASKS if masks else 0) | (OPEN_OFFLINE if offline else 0),
+                        (OPEN_MASKS if masks else 0) | (OPEN_OFFLINE if offline else 0) |
+                        (OPEN_RAW if raw else 0),
                         dtype=dtype,
                         arena_bytes=int(arena_bytes))
         h = c_void_p()

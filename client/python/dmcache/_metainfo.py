@@ -1,7 +1,7 @@
 """metainfo as the Datamint client gives it: the item's entry of the dataset folder.
 
 The Datamint client's Dataset returns, as metainfo, the item's entry of the dataset.json it
-downloaded: the resource object plus `file` (the image's path
+downloaded (datamintapi/dataset.py@af98a24 __getitem__): the resource object plus `file` (the image's path
 inside the dataset folder), `annotations` in the folder's short form (one dict per
 annotation: `type`, `name`, `index`, `added_by`, `value` for a category, `file` for a
 segmentation mask) and `frame_labels` (frame-scoped labels as {label, frame, created_by},
@@ -12,7 +12,7 @@ A local folder's entry is already that entry and is passed through.
 """
 import os
 
-# long field name (API record) -> short one (dataset folder), as the Datamint client maps them
+# long field name (API annotation record) -> short one (the dataset folder's dataset.json)
 SHORT = (('annotation_type', 'type'), ('identifier', 'name'), ('frame_index', 'index'),
          ('created_by', 'added_by'))
 

@@ -1,7 +1,7 @@
 """dmcache.Dataset: the Datamint client's Dataset, served by dmcached.
 
 A drop-in for `datamintapi.Dataset` as the Datamint user guide uses it
-(seeds/datamint-client-api.rst): `dataset[i]` is `(image, dicom_metainfo, metainfo)`.
+(its user guide's 'Dataset' section): `dataset[i]` is `(image, dicom_metainfo, metainfo)`.
 Decoding happens in the daemon; this class asks for one item, converts it as the Datamint
 client does, copies it out of the shared memory and gives the memory back at once, so
 what it returns is ordinary, writable memory that PyTorch's DataLoader may move between
@@ -18,15 +18,16 @@ import numpy as np
 
 from . import _annotations, _dicom, _lib, _metainfo, errors
 
-# The 2025 client's options (datamint-api.md 4.1, DatamintDataset at tag 1.2.4) with their
+# The 2025 client's options (datamintapi/dataset/dataset.py at tag 1.2.4) with their
 # defaults: passing any of them makes items that client's dict (see _gen2_item).
 GEN2 = dict({'return_annotations': True, 'return_segmentations': True,
              'return_as_semantic_segmentation': False, 'semantic_seg_merge_strategy': None,
-             'image_transform': None, 'mask_transform': None, 'include_unannotated': True,
-             'all_annotations': False}, **{f: None for f in _annotations.FILTERS})
+             'image_transform': None, 'mask_transform': None, 'alb_transform': None,
+             'include_unannotated': True, 'all_annotations': False},
+            **{f: None for f in _annotations.FILTERS})
 # Options dmcache does not implement: a value that asks for the feature raises
 # NotImplementedError naming it; values that mean "off" (False, None) are accepted.
-UNSUPPORTED = ('alb_transform', 'use_default_transform')
+UNSUPPORTED = ('use_default_transform',)
 _HARMLESS = {}
 
 _torch = None
@@ -60,7 +61,7 @@ def to_torch(torch, a):
 
 
 def normalize(a):
-    """The Datamint client's dtype conversions (datamint-api.md 4.6), on a copy:
+    """The Datamint client's dtype conversions (base_dataset.py@1.2.4 _load_image), on a copy:
     uint16 -> per-image min-max to uint8, as ((a - min) / (max - min) * 255) truncated
     (all zeros when max == min); then uint8 -> float32 / 255 in [0, 1]. Every other dtype
     (int16 CT, float NIfTI, ...) is returned unchanged (copied)."""
@@ -100,7 +101,7 @@ def to_hwc(a):
 def image_labels(record):
     """metainfo['labels']: the record's own 'labels' list when it has one (Datamint
     resources do), else the names of its image-scoped label annotations, in either the
-    short or the long field names of dataset.json (datamint-api.md 4.4)."""
+    short or the long field names of dataset.json."""
     labels = record.get('labels')
     if isinstance(labels, list):
         return labels
@@ -169,7 +170,8 @@ class Dataset:
                       gets the converted array as numpy (H, W, frames * channels), what
                       torchvision's ToTensor() expects, and image is its result.
       dicom_metainfo  the pydicom FileDataset read from the file's own bytes (file_meta,
-                      values as in the file, pixel_array), None for non-DICOM items
+                      values as in the file), PixelData let go (None) as the client does
+                      once the image is decoded; None for non-DICOM items
       metainfo        the item's entry of the dataset folder: the resource, 'file',
                       'annotations' in the folder's short form, 'frame_labels', 'labels'
                       (see dmcache._metainfo), through target_transform
@@ -204,10 +206,11 @@ class Dataset:
         if self._gen2:
             g = self._gen2
             _annotations.check_filters(g)
-            if g['all_annotations']:
+            if g['alb_transform'] is not None and not return_frame_by_frame:
+                # dataset.py@1.2.4 DatamintDataset.__init__, word for word
                 raise NotImplementedError(
-                    "dmcache.Dataset does not implement the Datamint option 'all_annotations' "
-                    "(True): the daemon keeps published annotations only")
+                    "albumentations transform is not supported yet when return_frame_by_frame "
+                    "is False")
             if g['return_as_semantic_segmentation'] and not g['return_segmentations']:
                 raise ValueError('return_as_semantic_segmentation can only be True if '
                                  'return_segmentations is True')
@@ -227,6 +230,12 @@ class Dataset:
                 "Datamint projects: use 'latest' or a version string (updated_at)" % version)
         if version is not None and not isinstance(version, str):
             raise TypeError('version must be a string')
+        if root is not None:
+            # both generations of the client: '~' expanded, a root that is not a directory
+            # refused (they would download into it)
+            root = os.path.expanduser(os.fspath(root))
+            if not os.path.isdir(root):
+                raise NotADirectoryError('Root directory not found: %s' % root)
         self.root = root
         self.dataset_name = dataset_name
         self.transform = transform
@@ -241,10 +250,11 @@ class Dataset:
         self._source, self._project, self._server, self._key = resolve_source(
             root, dataset_name, api_key, server_url, self.offline)
         self._lock = threading.Lock()
-        self._client = self._ds = self._mds = None
-        self._headers = None
+        self._client = self._ds = self._mds = self._rds = self._rmds = None
+        self._masksrc = None
         self._masks = {}
         self._scanned = None
+        self._all_anns = None
         self._open(None if version in (None, '', 'latest') else version)
         # what a worker process opens: the version resolved here, the snapshot it names
         self.version = self._ds.version
@@ -252,6 +262,8 @@ class Dataset:
         self.project_id = self._ds.project_id
         self.project_name = self._ds.project_name
         self._len = self._ds.items
+        if self._gen2 and self._gen2['all_annotations']:
+            self._all_anns = self._every_annotation()
 
     # ---- connection, per process ----
     def _open(self, version):
@@ -271,7 +283,7 @@ class Dataset:
         """In a forked child (a DataLoader worker): the parent's connection is dropped, and
         so is its lock, which a parent's thread may have held at fork()."""
         self._client.close()
-        self._client = self._ds = self._mds = None
+        self._client = self._ds = self._mds = self._rds = self._rmds = None
         self._lock = threading.Lock()
 
     def _dataset(self):
@@ -292,7 +304,7 @@ class Dataset:
             self._ds.close()
         if self._client is not None:
             self._client.close()
-        self._client = self._ds = self._mds = None
+        self._client = self._ds = self._mds = self._rds = self._rmds = None
 
     def __enter__(self):
         return self
@@ -304,7 +316,8 @@ class Dataset:
         # what a spawned DataLoader worker gets: arguments and the pinned version, never a
         # connection (nothing large is pickled)
         st = dict(self.__dict__)
-        st['_client'] = st['_ds'] = st['_mds'] = st['_lock'] = None
+        st['_client'] = st['_ds'] = st['_mds'] = st['_rds'] = st['_rmds'] = None
+        st['_lock'] = None
         return st
 
     def __setstate__(self, st):
@@ -334,7 +347,8 @@ class Dataset:
 
     def read(self, idx):
         """(array (frames, channels, H, W) in the source dtype, metadata dict) of item idx:
-        a copy, before any conversion. The metadata is {"resource": record, "dicom": ...}."""
+        a copy, before any conversion. The metadata is {"resource": record, "dicom": ...}
+        (the record without the daemon's own keys, _metainfo.DAEMON_KEYS)."""
         i = self._index(idx)
         if self._client is not None and self._client.forked:
             self._after_fork()
@@ -350,6 +364,10 @@ class Dataset:
                 meta = json.loads(_lib.item_meta(it))
             finally:
                 ds.release(items)
+        rec = meta.get('resource')
+        if isinstance(rec, dict):
+            for k in _metainfo.DAEMON_KEYS:
+                rec.pop(k, None)
         return a, meta
 
     def segmentation(self, idx):
@@ -380,11 +398,35 @@ class Dataset:
         del ds
         return a, names
 
+    def read_file(self, idx):
+        """The original file of item idx (the whole item's with return_frame_by_frame) as
+        bytes, as the daemon stored it (downloaded, or for a dataset folder read through
+        this process's descriptors), checked against its SHA-256 and read with this
+        process's own access to the dataset (offline too)."""
+        i = self._index(idx)
+        if self._client is not None and self._client.forked:
+            self._after_fork()
+        with self._lock:
+            self._dataset()
+            if self._rds is None:
+                self._rds = self._client.open(self._source, self._project,
+                                              version=self.version, server=self._server,
+                                              api_key=self._key, raw=True,
+                                              frames=self.return_frame_by_frame,
+                                              offline=self.offline)
+            items = self._rds.get([i])
+            it = items[0]
+            try:
+                if it.status:
+                    raise _lib.item_error(it)
+                return bytes(_lib.item_bytes(it))
+            finally:
+                self._rds.release(items)
+
     def __getitem__(self, idx):
         if self._gen2:
             return self._gen2_item(idx)
         a, meta = self.read(idx)
-        raw = a
         if self.normalize:
             a = normalize_2024(a) if self.compat == '2024.11' else normalize(a)
         if self.transform is not None:
@@ -399,7 +441,7 @@ class Dataset:
             image = to_torch(torch, a) if torch else a
         out = [image]
         if self.return_dicom:
-            out.append(self._dicom_of(meta, raw))
+            out.append(self._dicom_of(idx, meta))
         if self.return_metainfo:
             out.append(self.metainfo(meta))
         return tuple(out) if len(out) > 1 else out[0]
@@ -418,35 +460,74 @@ class Dataset:
             entry = self.target_transform(entry)
         return entry
 
-    def _dicom_of(self, meta, raw):
-        """dicom_metainfo: the pydicom FileDataset read from the file's own bytes (the local
-        file; else the header as the server serves it, kept per process), the JSON-model
-        Dataset when neither can be had (offline before the first read, no pydicom), None
-        for a non-DICOM item."""
+    def _dicom_of(self, idx, meta):
+        """dicom_metainfo, as the Datamint client's pydicom.dcmread(<the item's file>): the
+        FileDataset read from the file's own bytes (the local file of a dataset folder; else
+        the file the daemon stored, read_file()), so that file_meta, every value as written
+        ('80.0000', -0.0) are the file's, PixelData None as the client leaves it (see
+        _dicom.as_the_client). None for a non-DICOM item; without
+        pydicom, the header the daemon sent (DicomMeta)."""
         dicom = meta.get('dicom')
         if not dicom or dicom.get('format') != 'dicom':
             return None
-        if _dicom.pydicom is not None:
-            record = meta.get('resource') or {}
-            try:
-                if self._source == _lib.SOURCE_LOCAL and record.get('file'):
-                    path = os.path.join(self._project, record['file'])
-                    if os.path.isfile(path):
-                        return _dicom.from_path(path)
-                elif self._source == _lib.SOURCE_DATAMINT and record.get('id'):
-                    rid = record['id']
-                    if self._headers is None:
-                        self._headers = _dicom.HeaderSource(self._server, self._key)
-                    if not self.offline or rid in self._headers.cache:
-                        return _dicom.from_header_bytes(self._headers.get(rid), raw)
-            except Exception:  # noqa: BLE001 - the header the daemon sent still serves
-                pass
-        return _dicom.from_item_meta(dicom)
+        if _dicom.pydicom is None:
+            return _dicom.from_item_meta(dicom)
+        record = meta.get('resource') or {}
+        if self._source == _lib.SOURCE_LOCAL and record.get('file'):
+            path = os.path.join(self._project, record['file'])
+            if os.path.isfile(path):
+                return _dicom.from_path(path)
+        return _dicom.from_bytes(self.read_file(idx))
 
     # ---- the 2025 client's dict items (DatamintDataset at tag 1.2.4) ----
+    def _every_annotation(self):
+        """all_annotations=True: {resource id: API annotation records of every status} of a
+        Datamint project, read from the server with the caller's key (GET /projects/{id},
+        then its worklist's GET /annotations, as the daemon lists the published ones); a
+        local folder must have been downloaded with all_annotations (its dataset.json says
+        so): its entries are served as they are."""
+        if self._source == _lib.SOURCE_LOCAL:
+            with open(os.path.join(self._project, 'dataset.json')) as f:
+                had = json.load(f).get('all_annotations')
+            if had is not True:
+                raise ValueError(
+                    "all_annotations=True: the dataset folder %s was downloaded with "
+                    "all_annotations=%r; download it again with all_annotations=True (dmcache "
+                    "does not write into root), or open the project itself" % (self._project, had))
+            return None
+        if self.offline:
+            raise errors.DmcacheError(
+                'all_annotations=True reads the annotations of every status from the server: '
+                'not offline (the daemon keeps the published ones)')
+        import urllib.parse
+        up = self._upstream()
+        proj = json.loads(up.fetch('/projects/%s' % urllib.parse.quote(str(self.project_id))))
+        wl = proj.get('worklist_id')
+        out, offset, page = {}, 0, 1000
+        while wl:
+            got = json.loads(up.fetch('/annotations?annotation_worklist_id=%s&offset=%d&limit=%d'
+                                      % (urllib.parse.quote(str(wl)), offset, page)))
+            data = got.get('data') if isinstance(got, dict) else got
+            if not isinstance(data, list):
+                raise errors.DmcacheError('GET /annotations is not {"data": [...]}')
+            for a in data:
+                if isinstance(a, dict) and not a.get('deleted'):
+                    out.setdefault(a.get('resource_id'), []).append(a)
+            if len(data) < page:
+                break
+            offset += len(data)
+        return out
+
+    def _upstream(self):
+        if self._masksrc is None:
+            self._masksrc = _dicom.MaskSource(self._server, self._key)
+        return self._masksrc
+
     def _entry(self, meta, filtered=True):
-        entry = _metainfo.from_record(meta.get('resource') or {},
-                                      self._source == _lib.SOURCE_LOCAL)
+        rec = meta.get('resource') or {}
+        if self._all_anns is not None:
+            rec = dict(rec, annotations=self._all_anns.get(rec.get('id'), []))
+        entry = _metainfo.from_record(rec, self._source == _lib.SOURCE_LOCAL)
         anns = [a if 'type' in a else _metainfo.short_annotation(a, entry.get('id'))
                 for a in entry.get('annotations') or () if isinstance(a, dict)]
         entry['annotations'] = (_annotations.filter_annotations(anns, self._gen2)
@@ -458,9 +539,12 @@ class Dataset:
         client): {'frame': (sets, codes), 'image': (sets, codes), 'subset': item indices}."""
         if self._scanned is not None:
             return self._scanned
-        per_res, order, frames = {}, [], []
+        per_res, order, frames, whole = {}, [], [], []
         for i in range(self._len):
             _, meta = self.read(i)
+            # the whole item of index i (frame by frame, a new one at each frame 0)
+            whole.append(len(whole) if not self.return_frame_by_frame else
+                         (whole[-1] if whole else -1) + (meta.get('frame') == 0))
             entry = self._entry(meta)
             rid = entry.get('id')
             if rid not in per_res:
@@ -477,7 +561,8 @@ class Dataset:
             else:
                 keep = [i for i, (rid, _) in enumerate(frames) if per_res[rid]]
         self._scanned = {'frame': _annotations.label_sets(anns, True),
-                         'image': _annotations.label_sets(anns, False), 'subset': keep}
+                         'image': _annotations.label_sets(anns, False), 'subset': keep,
+                         'item': whole}
         return self._scanned
 
     @property
@@ -492,25 +577,65 @@ class Dataset:
     def image_labels_set(self):
         return self._scan()['image'][0]['multilabel']
 
-    def _read_mask(self, ann):
-        """The bytes of a segmentation annotation's mask file (None: not an image)."""
-        f = ann.get('file') or ''
-        if not f.lower().endswith(('.png', '.jpg', '.jpeg')):
-            return None
-        if self._source == _lib.SOURCE_LOCAL:
-            with open(os.path.join(self._project, f), 'rb') as fh:
-                return fh.read()
-        if f in self._masks:
-            return self._masks[f]
-        parts = f.split('/')  # masks/<created_by>/<resource id>/<annotation id><ext>
-        rid, aid = parts[-2], os.path.splitext(parts[-1])[0]
-        if self._headers is None:
-            self._headers = _dicom.HeaderSource(self._server, self._key)
-        data = self._headers.fetch('/annotations/%s/annotations/%s/file' % (rid, aid))
-        if len(self._masks) >= 1024:
-            self._masks.pop(next(iter(self._masks)))
-        self._masks[f] = data
-        return data
+    def _stored_masks(self, item):
+        """{annotation id: bytes} of the segmentation files the daemon stored for the whole
+        item `item` (an OPEN with raw and masks: the caller's own access, offline too)."""
+        if self._client is not None and self._client.forked:
+            self._after_fork()
+        with self._lock:
+            self._dataset()
+            if self._rmds is None:
+                self._rmds = self._client.open(self._source, self._project,
+                                               version=self.version, server=self._server,
+                                               api_key=self._key, raw=True, masks=True,
+                                               offline=self.offline)
+            items = self._rmds.get([item])
+            it = items[0]
+            try:
+                if it.status:
+                    raise _lib.item_error(it)
+                data = bytes(_lib.item_bytes(it))
+                files = json.loads(_lib.item_meta(it)).get('files') or []
+            finally:
+                self._rmds.release(items)
+        out, at = {}, 0
+        for f in files:
+            out[f['id']] = data[at:at + f['bytes']]
+            at += f['bytes']
+        return out
+
+    def _mask_reader(self, item):
+        """read_mask(ann) for the masks of whole item `item`: the bytes of a segmentation
+        annotation's mask file (None: not an image). A local folder's file; else the file
+        the daemon stored (read once for the item); a mask the daemon does not keep (an
+        annotation that is not published, with all_annotations=True) from the server with
+        the caller's key, kept per process."""
+        stored = []
+
+        def read_mask(ann):
+            f = ann.get('file') or ''
+            if not f.lower().endswith(('.png', '.jpg', '.jpeg')):
+                return None
+            if self._source == _lib.SOURCE_LOCAL:
+                with open(os.path.join(self._project, f), 'rb') as fh:
+                    return fh.read()
+            parts = f.split('/')  # masks/<created_by>/<resource id>/<annotation id><ext>
+            rid, aid = parts[-2], os.path.splitext(parts[-1])[0]
+            if not stored:
+                stored.append(self._stored_masks(item))
+            if aid in stored[0]:
+                return stored[0][aid]
+            if f in self._masks:
+                return self._masks[f]
+            if self.offline:
+                raise errors.NotFoundError(
+                    "the mask of annotation '%s' is not in the cache (offline)" % aid)
+            data = self._upstream().fetch('/annotations/%s/annotations/%s/file' % (rid, aid))
+            if len(self._masks) >= 1024:
+                self._masks.pop(next(iter(self._masks)))
+            self._masks[f] = data
+            return data
+        return read_mask
 
     def _gen2_item(self, idx):
         """The 2025 client's item: {'image', 'metainfo', 'dicom'?, 'segmentations'?,
@@ -523,7 +648,6 @@ class Dataset:
         i = sc['subset'][self._index(idx) if g['include_unannotated'] else
                          _subset_index(idx, len(sc['subset']))]
         a, meta = self.read(i)
-        raw = a
         if self.normalize:
             a = normalize_2024(a) if self.compat == '2024.11' else normalize(a)
         if self.return_frame_by_frame:
@@ -546,16 +670,23 @@ class Dataset:
         anns = entry['annotations']
         item = {'image': img, 'metainfo': {k: v for k, v in entry.items() if k != 'annotations'}}
         if self.return_dicom:
-            item['dicom'] = self._dicom_of(meta, raw)
+            item['dicom'] = self._dicom_of(i, meta)
         (fsets, fcodes), (isets, icodes) = sc['frame'], sc['image']
         if g['return_segmentations']:
             segs, labels = _annotations.load_segmentations(
                 torch, anns, img.shape, self.return_frame_by_frame, fcodes['segmentation'],
-                self._read_mask)
+                self._mask_reader(sc['item'][i]))
             if g['mask_transform'] is not None:
                 for lst in segs.values():
                     for k, m in enumerate(lst):
                         lst[k] = g['mask_transform'](m)
+            if g['alb_transform'] is not None:
+                img, segs = _annotations.alb_with_masks(torch, g['alb_transform'], img, segs)
+                item['image'] = img
+                if img.ndim == 3:
+                    _, h, w = img.shape
+                else:
+                    nframes, _, h, w = img.shape
             if g['return_as_semantic_segmentation']:
                 n = len(fsets['segmentation'])
                 sem = {by: _annotations.to_semantic(torch, segs[by], labels[by], n)
@@ -572,6 +703,10 @@ class Dataset:
                     segs = segs[0]
             item['segmentations'] = segs
             item['seg_labels'] = labels
+        elif g['alb_transform'] is not None:
+            # dataset.py@1.2.4: without segmentations, the image alone
+            out = g['alb_transform'](image=img.numpy().transpose(1, 2, 0))
+            item['image'] = torch.from_numpy(out['image']).permute(2, 0, 1)
         item['frame_labels'] = _annotations.onehot(
             torch, _annotations.of_kind(anns, 'label', 'frame'), len(fsets['multilabel']),
             fcodes['multilabel'], nframes, self.return_frame_by_frame)
