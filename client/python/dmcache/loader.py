@@ -53,7 +53,7 @@ from typing import Any, List, NamedTuple
 import numpy as np
 
 from . import _lib, errors
-from . import _dicom, _metainfo
+from . import _dicom, _explain, _metainfo
 from .dataset import TORCH_WIDEN, Dataset, image_labels, resolve_source, to_torch, torch_module
 
 PREFETCH_MAX = _lib.STREAM_AHEAD_MAX - 1
@@ -329,11 +329,21 @@ class Loader:
                                                             'dataset.json')):
                 root, project = os.path.dirname(os.path.abspath(project)), \
                     os.path.basename(os.path.abspath(project))
-            self._source, self._project, self._server, self._key = resolve_source(
-                root, project, api_key, server_url, self.offline)
+            try:
+                self._source, self._project, self._server, self._key = resolve_source(
+                    root, project, api_key, server_url, self.offline)
+            except errors.DmcacheError as e:
+                raise _explain.open_failure(e, project, root, api_key, server_url,
+                                            None) from None
             self._version = None if version in (None, '', 'latest') else version
         self._pid = os.getpid()
-        self._conns = [_Conn(self)]
+        try:
+            self._conns = [_Conn(self)]
+        except errors.DmcacheError as e:
+            if self._source == _lib.SOURCE_LOCAL or isinstance(project, Dataset):
+                raise
+            raise _explain.open_failure(e, self._project, root, api_key, server_url,
+                                        self._server) from None
         first = self._conns[0].ds
         self._version = first.version  # pinned: every connection and epoch reads it
         self.version = first.version
