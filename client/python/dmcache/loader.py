@@ -53,7 +53,7 @@ from typing import Any, List, NamedTuple
 import numpy as np
 
 from . import _lib, errors
-from . import _dicom, _explain, _metainfo
+from . import _delivery, _dicom, _explain, _metainfo
 from .dataset import TORCH_WIDEN, Dataset, image_labels, resolve_source, to_torch, torch_module
 
 PREFETCH_MAX = _lib.STREAM_AHEAD_MAX - 1
@@ -273,7 +273,9 @@ class Loader:
                  server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
                  metadata=True, socket=None, copy=False, return_frame_by_frame=False,
                  masks=False, offline=None, collate='stack', indices=None, weights=None,
-                 num_samples=None):
+                 num_samples=None, pin_memory=False, device=None, split=None, filter=None,
+                 transform=None, batch_transform=None, num_workers=0,
+                 multiprocessing_context=None):
         if not 1 <= int(batch_size) <= _lib.GET_MAX:
             raise ValueError('batch_size must be 1 to %d' % _lib.GET_MAX)
         if not 0 <= int(prefetch) <= PREFETCH_MAX:
@@ -372,6 +374,8 @@ class Loader:
                                  'zero (one per item)' % self.items)
             self._weights = w / w.sum()
             self._num_samples = int(num_samples) if num_samples else self.items
+        self._setup_delivery(pin_memory, device, transform, batch_transform, num_workers,
+                             multiprocessing_context)
 
     def __repr__(self):
         policy = ['dtype=%s' % self.dtype if self.dtype else 'dtype=source',
@@ -394,6 +398,7 @@ class Loader:
         """Selects the epoch whose order the next iteration reads (as DistributedSampler)."""
         self.epoch = int(epoch)
         self._position = self._resume = 0
+        self._delivered = None
 
     # ---- resume ----
     def state_dict(self):
@@ -401,7 +406,8 @@ class Loader:
         (position), and what fixes the order (seed, shuffle, drop_last, batch_size, rank,
         world_size, items, version). load_state_dict() of it on a new Loader continues at
         the next batch, without repeating or skipping an item."""
-        return {'epoch': self.epoch, 'position': self._position, 'seed': self.seed,
+        position = self._position if self._delivered is None else self._delivered
+        return {'epoch': self.epoch, 'position': position, 'seed': self.seed,
                 'shuffle': self.shuffle, 'drop_last': self.drop_last,
                 'batch_size': self.batch_size, 'rank': self.rank,
                 'world_size': self.world_size, 'items': self.items, 'version': self.version}
@@ -423,6 +429,7 @@ class Loader:
         self.seed = int(state.get('seed', self.seed))
         self.epoch = int(state['epoch'])
         self._position = self._resume = position
+        self._delivered = None
 
     def indices(self, epoch=None):
         """This rank's item indices for `epoch` (default: the current one), in order."""
@@ -491,7 +498,7 @@ class Loader:
     # ---- iteration ----
     def __iter__(self):
         self._end_running()
-        gen = self._iterate(self.epoch)
+        gen = self._deliver(self.epoch)
         # weak: a loop that breaks drops the generator, whose finally releases its batch
         self._running = weakref.ref(gen)
         return gen
@@ -656,6 +663,24 @@ class Loader:
                 pass  # a broken connection took its arena with it
             if self._running_token is token:
                 self._running, self._running_token = None, None
+
+    # ---- delivery: transforms, workers, pinned memory, device ----
+    def _setup_delivery(self, pin_memory, device, transform, batch_transform, num_workers,
+                        multiprocessing_context):
+        """Checks and keeps the delivery options (see _delivery.py)."""
+        try:
+            _delivery.setup(self, pin_memory, device, transform, batch_transform, num_workers,
+                            multiprocessing_context)
+        except BaseException:
+            self.close()
+            raise
+
+    def _deliver(self, epoch):
+        """The iteration's generator: the daemon's batches as they are, or through the
+        delivery stages when any is set."""
+        if not self._staged:
+            return self._iterate(epoch)
+        return _delivery.batches(self, epoch)
 
 
 def _numpy_region(address, nbytes, dt, shape):
