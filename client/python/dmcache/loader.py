@@ -53,7 +53,7 @@ from typing import Any, List, NamedTuple
 import numpy as np
 
 from . import _lib, errors
-from . import _delivery, _dicom, _explain, _metainfo
+from . import _delivery, _dicom, _explain, _metainfo, _select
 from .dataset import TORCH_WIDEN, Dataset, image_labels, resolve_source, to_torch, torch_module
 
 PREFETCH_MAX = _lib.STREAM_AHEAD_MAX - 1
@@ -374,6 +374,9 @@ class Loader:
                                  'zero (one per item)' % self.items)
             self._weights = w / w.sum()
             self._num_samples = int(num_samples) if num_samples else self.items
+        self.split, self.filter = split, filter
+        if split is not None or filter is not None:
+            self._select(split, filter)
         self._setup_delivery(pin_memory, device, transform, batch_transform, num_workers,
                              multiprocessing_context)
 
@@ -674,6 +677,24 @@ class Loader:
         except BaseException:
             self.close()
             raise
+
+    def _select(self, split, filter_):
+        """split= / filter=: the items they keep become the indices= subset (_select.py)."""
+        try:
+            if self._weights is not None:
+                raise ValueError('split= / filter= and weights= exclude each other')
+            chosen = _select.select(self, split, filter_)
+            if self._subset is not None:   # indices= too: its items that are kept, its order
+                kept = set(chosen)
+                chosen = [i for i in self._subset if i in kept]
+            if not chosen:
+                raise ValueError('split=%r, filter=%r keep none of the %d items of %s' %
+                                 (split, filter_, self.items, self.project_name or
+                                  self._project))
+        except BaseException:
+            self.close()
+            raise
+        self._subset = chosen
 
     def _deliver(self, epoch):
         """The iteration's generator: the daemon's batches as they are, or through the
