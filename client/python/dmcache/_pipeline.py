@@ -53,12 +53,13 @@ def _stack(items, collate, number, indices):
         return torch.stack(items) if torch is not None and isinstance(first, torch.Tensor) \
             else np.stack(items)
     if collate == 'stack' and tensors:
-        other = next(x for x in items if not same(x))
+        k = next(k for k, x in enumerate(items) if not same(x))
+        other = items[k]
         raise TransformMismatchError(
             'transform= made items of batch %d differ: item %d is %s %s, item %d is %s %s; '
             "make the transform's outputs equal in shape and dtype, or pass collate='list'"
             % (number, indices[0], getattr(first, 'dtype', type(first).__name__),
-               tuple(getattr(first, 'shape', ())), indices[items.index(other)],
+               tuple(getattr(first, 'shape', ())), indices[k],
                getattr(other, 'dtype', type(other).__name__),
                tuple(getattr(other, 'shape', ()))))
     return list(items)

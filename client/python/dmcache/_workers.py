@@ -109,6 +109,13 @@ def run(loader, epoch, skip, depth=2):
                 try:
                     kind, got, value = queues[w].get(timeout=POLL_S)
                     break
+                except (OSError, EOFError) as e:
+                    # a tensor's memory is handed over by its worker, which is gone
+                    procs[w].join(timeout=1)
+                    raise WorkerError(
+                        'Loader worker %d (pid %d) exited with status %s before batch %d of '
+                        'epoch %d was received' % (w, procs[w].pid, procs[w].exitcode, number,
+                                                   epoch)) from e
                 except queue.Empty:
                     if not procs[w].is_alive():
                         # one last look: it may have put its result just before it ended
