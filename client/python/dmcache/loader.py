@@ -266,6 +266,9 @@ class Loader:
     with GETs of each batch (copies), not the daemon's stream.
     masks=True reads each item's segmentation label map instead of its image: uint8
     (frames, 1, H, W) on the image's grid, 0 background, k + 1 for meta[i]['labels'][k].
+    split= / filter= select items as an indices= subset (_select.py); transform=,
+    batch_transform=, num_workers=, pin_memory=, device= (and multiprocessing_context=
+    for the workers) are the delivery stages of _delivery.py.
     """
 
     def __init__(self, project, batch_size=1, shuffle=False, seed=0, drop_last=False,
