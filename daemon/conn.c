@@ -263,18 +263,19 @@ int conn_send(struct conn *c, const void *frame, size_t len)
 	return 0;
 }
 
-int conn_send_error(struct conn *c, uint32_t request_id, uint32_t code, const char *resource,
-		    const char *fmt, ...)
+static int send_error_v(struct conn *c, uint32_t request_id, uint32_t code,
+			uint32_t http_status, const char *resource, const char *fmt, va_list ap)
+	__attribute__((format(printf, 6, 0)));
+
+static int send_error_v(struct conn *c, uint32_t request_id, uint32_t code,
+			uint32_t http_status, const char *resource, const char *fmt, va_list ap)
 {
 	char msg[1024];
 	uint8_t frame[DMC_HEADER_SIZE + 64 + sizeof(msg) + 512];
-	struct dmc_error_msg m = { .code = code };
-	va_list ap;
+	struct dmc_error_msg m = { .code = code, .http_status = http_status };
 	int n;
 
-	va_start(ap, fmt);
 	n = vsnprintf(msg, sizeof(msg), fmt, ap);
-	va_end(ap);
 	if (n < 0)
 		n = 0;
 	if ((size_t)n >= sizeof(msg))
@@ -287,6 +288,30 @@ int conn_send_error(struct conn *c, uint32_t request_id, uint32_t code, const ch
 	if (n < 0)
 		return -EINVAL;
 	return conn_send(c, frame, (size_t)n);
+}
+
+int conn_send_error(struct conn *c, uint32_t request_id, uint32_t code, const char *resource,
+		    const char *fmt, ...)
+{
+	va_list ap;
+	int rc;
+
+	va_start(ap, fmt);
+	rc = send_error_v(c, request_id, code, 0, resource, fmt, ap);
+	va_end(ap);
+	return rc;
+}
+
+int conn_send_error_http(struct conn *c, uint32_t request_id, uint32_t code,
+			 uint32_t http_status, const char *resource, const char *fmt, ...)
+{
+	va_list ap;
+	int rc;
+
+	va_start(ap, fmt);
+	rc = send_error_v(c, request_id, code, http_status, resource, fmt, ap);
+	va_end(ap);
+	return rc;
 }
 
 /* ---- reading ---- */

@@ -101,4 +101,10 @@ int conn_send_fd(struct conn *c, const void *frame, size_t len, int fd);
 int conn_send_error(struct conn *c, uint32_t request_id, uint32_t code, const char *resource,
 		    const char *fmt, ...) __attribute__((format(printf, 5, 6)));
 
+/* conn_send_error with the upstream HTTP status in the frame (0: none). Only for a status
+ * that concerns the caller's own request (e.g. the server refused the caller's key). */
+int conn_send_error_http(struct conn *c, uint32_t request_id, uint32_t code,
+			 uint32_t http_status, const char *resource, const char *fmt, ...)
+	__attribute__((format(printf, 6, 7)));
+
 #endif

@@ -406,9 +406,11 @@ static void job_finish(struct job *j, uint32_t state)
 	if (state == DMC_JOB_FAILED && j->snapshot_id <= 0) {
 		/* nothing started: an ERROR frame carries the reason */
 		for (struct sub *s = j->subs; s; s = s->next)
-			conn_send_error(s->c, s->request_id, j->first_error.code,
-					j->first_resource[0] ? j->first_resource : NULL, "%s",
-					j->first_message);
+			conn_send_error_http(s->c, s->request_id, j->first_error.code,
+					     prefetch_refusal_status(j->first_error.code,
+								     j->first_error.http_status),
+					     j->first_resource[0] ? j->first_resource : NULL,
+					     "%s", j->first_message);
 	} else {
 		job_progress(j, &m);
 		if (state != DMC_JOB_DONE && j->first_error.code) {

@@ -61,6 +61,17 @@ struct prefetch_ready {
 	uint32_t http_status, retry_after_ms;
 	const char *message;
 };
+/*
+ * The HTTP status an ERROR frame of a failed OPEN or PREFETCH carries: 401 or 403 when the
+ * server refused the caller's own key (its own request: nothing about another user's
+ * data), else 0, so that an absent dataset and one the caller may not see answer alike.
+ */
+static inline uint32_t prefetch_refusal_status(uint32_t code, uint32_t http_status)
+{
+	return code == DMC_E_NOT_FOUND_OR_DENIED && (http_status == 401 || http_status == 403)
+		       ? http_status
+		       : 0;
+}
 typedef void (*prefetch_ready_cb)(void *ctx, const struct prefetch_ready *r);
 
 /*

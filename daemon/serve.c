@@ -1453,7 +1453,9 @@ static void on_open_ready(void *ctx, const struct prefetch_ready *r)
 		return;
 	}
 	if (r->err) {
-		conn_send_error(sc->c, po->request_id, r->code, NULL, "%s", r->message);
+		conn_send_error_http(sc->c, po->request_id, r->code,
+				     prefetch_refusal_status(r->code, r->http_status), NULL, "%s",
+				     r->message);
 		open_done(po);
 		return;
 	}

@@ -99,7 +99,9 @@ enum dmc_flag {
 enum dmc_error {
 	DMC_E_PROTOCOL = 1001,              /* malformed request */
 	DMC_E_UNSUPPORTED = 1002,           /* unknown opcode, no common protocol version */
-	DMC_E_NOT_FOUND_OR_DENIED = 1003,   /* absent, or the caller's key is not entitled */
+	DMC_E_NOT_FOUND_OR_DENIED = 1003,   /* absent, or the caller's key is not entitled;
+					     * http_status 401/403 when the server refused
+					     * the caller's own key (OPEN, PREFETCH), else 0 */
 	DMC_E_UPSTREAM_TRANSIENT = 1004,    /* retries exhausted; retry_after_ms says when */
 	DMC_E_UPSTREAM_PERMANENT = 1005,    /* upstream refused; http_status says how */
 	DMC_E_INTEGRITY = 1006,             /* bytes did not match their recorded digest */

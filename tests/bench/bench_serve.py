@@ -19,6 +19,8 @@ fails on speed. What runs, on data it writes itself:
   (b)       dmcache.Dataset(return_dicom=False, return_metainfo=False) in the same
             DataLoader (the Datamint-style drop-in; int16 comes out unchanged)
   (c)       dmcache.Loader(batch_size=32, shuffle, metadata=False); (c') metadata=True
+  (d)       (a) with a per-item transform (flip, crop, float32, blur) in the workers
+  (e)       dmcache.Loader(num_workers=2, transform=) with the same transform
   C API     client/dmcache-read (the example program) over every item: GETs of 32 in
             index order, and --stream --shuffle (the daemon's order, batches ahead)
   T2        the hot set read again and again through dmcache.Loader, in GB/s, against a
@@ -178,8 +180,9 @@ def prefetch(d, folder):
 class DicomFiles:
     """The baseline users have today: pydicom in DataLoader workers, every epoch."""
 
-    def __init__(self, paths):
+    def __init__(self, paths, transform=None):
         self.paths = paths
+        self.transform = transform
 
     def __len__(self):
         return len(self.paths)
@@ -188,7 +191,18 @@ class DicomFiles:
         import pydicom
         import torch
         a = pydicom.dcmread(self.paths[i]).pixel_array
-        return torch.from_numpy(a.reshape(1, 1, a.shape[0], a.shape[1]))
+        x = torch.from_numpy(a.reshape(1, 1, a.shape[0], a.shape[1]))
+        return self.transform(x) if self.transform is not None else x
+
+
+def augment(x):
+    """The per-item augmentation of (d) and (e): a flip, a 448x448 crop, float32 scaled to
+    about [0, 1] and a 3x3 box blur (CPU work of a typical training transform)."""
+    import torch
+    x = torch.flip(x, dims=[-1])[..., 32:480, 32:480].to(torch.float32)
+    x = (x + 1024.0) / 4096.0
+    return torch.nn.functional.avg_pool2d(x.reshape(1, 1, 448, 448), 3, stride=1,
+                                          padding=1).reshape(1, 1, 448, 448)
 
 
 def epoch_of(iterable):
@@ -421,6 +435,14 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
         res[key] = run_epochs(lambda: dmcache.Loader(folder, batch_size=BATCH, shuffle=True,
                                                      metadata=meta), reps,
                               set_epoch=lambda it, e: it.set_epoch(e), warmup=not meta)
+    # transforms in worker processes: DataLoader's (over pydicom) against the Loader's
+    log('(d) DataLoader(num_workers=2) + pydicom + transform')
+    res['d'] = run_epochs(lambda: dataloader(DicomFiles(paths, augment)), reps)
+    log('(e) dmcache.Loader(num_workers=2, transform=)')
+    res['e'] = run_epochs(lambda: dmcache.Loader(folder, batch_size=BATCH, shuffle=True,
+                                                 metadata=False, num_workers=2,
+                                                 transform=augment), reps,
+                          set_epoch=lambda it, e: it.set_epoch(e))
     log('C API: dmcache-read, GET and --stream --shuffle')
     # C epochs are short (a fraction of a second when hot): more of them, interleaved
     res['c_api'], res['c_stream'] = [], []
@@ -559,6 +581,7 @@ def report(args, res):
         return 'met' if ok else 'not met'
 
     a, b, c, cm, capi = med('a'), med('b'), med('c'), med('c_meta'), med('c_api')
+    d_, e_ = med('d'), med('e')
     c_gbs = med('c', 1) / 1e9
     hot, mc, hot_c = res['hot_loader_Bps'], res['memcpy_Bps'], res['hot_c_api_Bps']
     p50, p99 = res['handoff_us']
@@ -572,7 +595,11 @@ def report(args, res):
          'T1: >= %d items/s, >= %.0f GB/s' % (T1_ITEMS_S, T1_GB_S),
          verdict(c >= T1_ITEMS_S and c_gbs >= T1_GB_S)),
         ('(c) / (a)', '%.1fx' % (c / a), 'T1: >= %dx' % T1_RATIO, verdict(c / a >= T1_RATIO)),
-        ("(c') dmcache.Loader with metadata", '%.0f items/s' % cm, '', ''),
+        ("(c') dmcache.Loader with metadata=True", '%.0f items/s (%.2fx c)' % (cm, cm / c),
+         '', ''),
+        ('(d) DataLoader(num_workers=2) + pydicom + transform', '%.0f items/s' % d_, '', ''),
+        ('(e) dmcache.Loader(num_workers=2, transform=), same transform',
+         '%.0f items/s (%.1fx d)' % (e_, e_ / d_), '', ''),
         ('C API (dmcache-read), batch 32, every byte read', '%.0f items/s, %.2f GB/s' % (
             capi, med('c_api', 1) / 1e9), '', ''),
         ('C API STREAM (dmcache-read --stream --shuffle), batch 32',

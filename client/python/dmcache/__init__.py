@@ -23,9 +23,11 @@ from ._dicom import DicomMeta
 from .dataset import Dataset, normalize
 from .errors import (CacheFullError, CancelledError, ConnectError, DaemonConnectionError,
                      DaemonIOError, DecodeError, DmcacheError, IntegrityError, InternalError,
-                     InvalidArgumentError, LimitExceededError, NotFoundError,
+                     InvalidArgumentError, KeyRefusedError, LimitExceededError,
+                     NotFoundError,
                      OverloadedError, ProtocolError, UnsupportedError,
-                     UpstreamPermanentError, UpstreamTransientError)
+                     UpstreamPermanentError, UpstreamRefusedError,
+                     UpstreamTransientError)
 from .loader import (Batch, BatchMismatchError, Loader, collate, distributed_env,
                      rank_indices)
 
@@ -34,8 +36,10 @@ __version__ = library_version()
 __all__ = [
     'Batch', 'BatchMismatchError', 'CacheFullError', 'CancelledError', 'Client', 'ConnectError',
     'DaemonConnectionError', 'DaemonIOError', 'Dataset', 'DecodeError', 'DicomMeta',
-    'DmcacheError', 'IntegrityError', 'InternalError', 'InvalidArgumentError', 'LIBRARY_PATH',
+    'DmcacheError', 'IntegrityError', 'InternalError', 'InvalidArgumentError', 'KeyRefusedError',
+    'LIBRARY_PATH',
     'LimitExceededError', 'Loader', 'NotFoundError', 'OverloadedError', 'ProtocolError',
-    'UnsupportedError', 'UpstreamPermanentError', 'UpstreamTransientError', 'collate',
+    'UnsupportedError', 'UpstreamPermanentError', 'UpstreamRefusedError',
+    'UpstreamTransientError', 'collate',
     'distributed_env', 'load_credentials', 'normalize', 'rank_indices',
 ]

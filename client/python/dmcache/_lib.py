@@ -203,7 +203,7 @@ def make_error(rc, client=None, connecting=False, what=None):
             retry, sys_errno = info.retry_after_ms, info.sys_errno
     if what:
         message = '%s: %s' % (what, message)
-    cls = errors.error_class(code, connecting)
+    cls = errors.error_class(code, connecting, http)
     return cls(message, code=code, name=errors.code_name(code), resource=resource,
                http_status=http, retry_after_ms=retry, sys_errno=sys_errno)
 

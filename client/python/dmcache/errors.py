@@ -88,12 +88,23 @@ class NotFoundError(DmcacheError, LookupError):
     """The dataset or item does not exist, or the caller's key is not entitled to it."""
 
 
+class KeyRefusedError(NotFoundError, PermissionError):
+    """The Datamint server refused the caller's own API key (http_status 401: unknown or
+    revoked key; 403: the key may not do this). Still a NotFoundError (the daemon's code is
+    not_found_or_denied) and also a PermissionError; a dataset the key is not entitled to
+    without the server saying so is a plain NotFoundError, like an absent one."""
+
+
 class UpstreamTransientError(DmcacheError):
     """Datamint failed temporarily and retries were exhausted; see retry_after_ms."""
 
 
 class UpstreamPermanentError(DmcacheError):
     """Datamint refused the request; see http_status."""
+
+
+class UpstreamRefusedError(UpstreamPermanentError, PermissionError):
+    """Datamint refused the request with 401 or 403 (see http_status)."""
 
 
 class IntegrityError(DmcacheError):
@@ -151,8 +162,14 @@ _BY_CODE = {
 _BROKEN = {_errno.ECONNRESET, _errno.EPIPE, _errno.EPROTO, _errno.ETIMEDOUT, _errno.ENOTCONN}
 
 
-def error_class(code, connecting=False):
-    """The exception class for a daemon code (1001..) or an errno value."""
+_REFUSED = {1003: KeyRefusedError, 1005: UpstreamRefusedError}
+
+
+def error_class(code, connecting=False, http_status=0):
+    """The exception class for a daemon code (1001..) or an errno value (and the HTTP
+    status the daemon sent with it: 401/403 make the PermissionError subclasses)."""
+    if http_status in (401, 403) and code in _REFUSED:
+        return _REFUSED[code]
     if code in _BY_CODE:
         return _BY_CODE[code]
     if connecting:

@@ -53,7 +53,7 @@ from typing import Any, List, NamedTuple
 import numpy as np
 
 from . import _lib, errors
-from . import _dicom, _metainfo
+from . import _delivery, _dicom, _explain, _metainfo, _select
 from .dataset import TORCH_WIDEN, Dataset, image_labels, resolve_source, to_torch, torch_module
 
 PREFETCH_MAX = _lib.STREAM_AHEAD_MAX - 1
@@ -266,6 +266,9 @@ class Loader:
     with GETs of each batch (copies), not the daemon's stream.
     masks=True reads each item's segmentation label map instead of its image: uint8
     (frames, 1, H, W) on the image's grid, 0 background, k + 1 for meta[i]['labels'][k].
+    split= / filter= select items as an indices= subset (_select.py); transform=,
+    batch_transform=, num_workers=, pin_memory=, device= (and multiprocessing_context=
+    for the workers) are the delivery stages of _delivery.py.
     """
 
     def __init__(self, project, batch_size=1, shuffle=False, seed=0, drop_last=False,
@@ -273,7 +276,9 @@ class Loader:
                  server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
                  metadata=True, socket=None, copy=False, return_frame_by_frame=False,
                  masks=False, offline=None, collate='stack', indices=None, weights=None,
-                 num_samples=None):
+                 num_samples=None, pin_memory=False, device=None, split=None, filter=None,
+                 transform=None, batch_transform=None, num_workers=0,
+                 multiprocessing_context=None):
         if not 1 <= int(batch_size) <= _lib.GET_MAX:
             raise ValueError('batch_size must be 1 to %d' % _lib.GET_MAX)
         if not 0 <= int(prefetch) <= PREFETCH_MAX:
@@ -329,11 +334,21 @@ class Loader:
                                                             'dataset.json')):
                 root, project = os.path.dirname(os.path.abspath(project)), \
                     os.path.basename(os.path.abspath(project))
-            self._source, self._project, self._server, self._key = resolve_source(
-                root, project, api_key, server_url, self.offline)
+            try:
+                self._source, self._project, self._server, self._key = resolve_source(
+                    root, project, api_key, server_url, self.offline)
+            except errors.DmcacheError as e:
+                raise _explain.open_failure(e, project, root, api_key, server_url,
+                                            None) from None
             self._version = None if version in (None, '', 'latest') else version
         self._pid = os.getpid()
-        self._conns = [_Conn(self)]
+        try:
+            self._conns = [_Conn(self)]
+        except errors.DmcacheError as e:
+            if self._source == _lib.SOURCE_LOCAL or isinstance(project, Dataset):
+                raise
+            raise _explain.open_failure(e, self._project, root, api_key, server_url,
+                                        self._server) from None
         first = self._conns[0].ds
         self._version = first.version  # pinned: every connection and epoch reads it
         self.version = first.version
@@ -362,6 +377,11 @@ class Loader:
                                  'zero (one per item)' % self.items)
             self._weights = w / w.sum()
             self._num_samples = int(num_samples) if num_samples else self.items
+        self.split, self.filter = split, filter
+        if split is not None or filter is not None:
+            self._select(split, filter)
+        self._setup_delivery(pin_memory, device, transform, batch_transform, num_workers,
+                             multiprocessing_context)
 
     def __repr__(self):
         policy = ['dtype=%s' % self.dtype if self.dtype else 'dtype=source',
@@ -384,6 +404,7 @@ class Loader:
         """Selects the epoch whose order the next iteration reads (as DistributedSampler)."""
         self.epoch = int(epoch)
         self._position = self._resume = 0
+        self._delivered = None
 
     # ---- resume ----
     def state_dict(self):
@@ -391,7 +412,8 @@ class Loader:
         (position), and what fixes the order (seed, shuffle, drop_last, batch_size, rank,
         world_size, items, version). load_state_dict() of it on a new Loader continues at
         the next batch, without repeating or skipping an item."""
-        return {'epoch': self.epoch, 'position': self._position, 'seed': self.seed,
+        position = self._position if self._delivered is None else self._delivered
+        return {'epoch': self.epoch, 'position': position, 'seed': self.seed,
                 'shuffle': self.shuffle, 'drop_last': self.drop_last,
                 'batch_size': self.batch_size, 'rank': self.rank,
                 'world_size': self.world_size, 'items': self.items, 'version': self.version}
@@ -413,6 +435,7 @@ class Loader:
         self.seed = int(state.get('seed', self.seed))
         self.epoch = int(state['epoch'])
         self._position = self._resume = position
+        self._delivered = None
 
     def indices(self, epoch=None):
         """This rank's item indices for `epoch` (default: the current one), in order."""
@@ -481,7 +504,7 @@ class Loader:
     # ---- iteration ----
     def __iter__(self):
         self._end_running()
-        gen = self._iterate(self.epoch)
+        gen = self._deliver(self.epoch)
         # weak: a loop that breaks drops the generator, whose finally releases its batch
         self._running = weakref.ref(gen)
         return gen
@@ -646,6 +669,42 @@ class Loader:
                 pass  # a broken connection took its arena with it
             if self._running_token is token:
                 self._running, self._running_token = None, None
+
+    # ---- delivery: transforms, workers, pinned memory, device ----
+    def _setup_delivery(self, pin_memory, device, transform, batch_transform, num_workers,
+                        multiprocessing_context):
+        """Checks and keeps the delivery options (see _delivery.py)."""
+        try:
+            _delivery.setup(self, pin_memory, device, transform, batch_transform, num_workers,
+                            multiprocessing_context)
+        except BaseException:
+            self.close()
+            raise
+
+    def _select(self, split, filter_):
+        """split= / filter=: the items they keep become the indices= subset (_select.py)."""
+        try:
+            if self._weights is not None:
+                raise ValueError('split= / filter= and weights= exclude each other')
+            chosen = _select.select(self, split, filter_)
+            if self._subset is not None:   # indices= too: its items that are kept, its order
+                kept = set(chosen)
+                chosen = [i for i in self._subset if i in kept]
+            if not chosen:
+                raise ValueError('split=%r, filter=%r keep none of the %d items of %s' %
+                                 (split, filter_, self.items, self.project_name or
+                                  self._project))
+        except BaseException:
+            self.close()
+            raise
+        self._subset = chosen
+
+    def _deliver(self, epoch):
+        """The iteration's generator: the daemon's batches as they are, or through the
+        delivery stages when any is set."""
+        if not self._staged:
+            return self._iterate(epoch)
+        return _delivery.batches(self, epoch)
 
 
 def _numpy_region(address, nbytes, dt, shape):
