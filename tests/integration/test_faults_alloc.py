@@ -21,30 +21,15 @@ import random
 import signal
 import struct
 import subprocess
-import sys
 
-import pytest
-
-import wire  # noqa: F401 (Session's frames)
 from conftest import Daemon
-from test_faults_read import KEY, Session, baseline, prefetch
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
-import client as emulator  # noqa: E402
+from test_faults_read import KEY, Session, baseline, emu, prefetch  # noqa: F401 (emu)
 
 OPEN_OFFLINE = 8  # proto.h DMC_OPEN_OFFLINE
 ROUNDS = int(os.environ.get('DMC_ALLOC_ROUNDS', '40'))
 # what a client sees of a daemon that could not allocate: an ERROR frame where a reply
 # was expected, a closed connection, a short frame
 FAILURES = (AssertionError, OSError, EOFError, ValueError, struct.error)
-
-
-@pytest.fixture(scope='module')
-def emu():
-    e = emulator.Emulator()
-    e.start()
-    yield e
-    assert e.stop() == 0
 
 
 def shim():
