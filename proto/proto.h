@@ -375,8 +375,9 @@ struct dmc_verify_reply {
  *       DMC_POLICY_SIZE: resized to (height, width) by `resize`: DMC_RESIZE_BILINEAR and
  *         DMC_RESIZE_AREA are Pillow's BILINEAR and BOX resampling of float32 planes (mode
  *         "F": the same coefficients, double sums, float32 between the two passes), as
- *         float32; DMC_RESIZE_NEAREST takes source pixel floor((x + 0.5) * in / out), values
- *         unchanged.
+ *         float32; DMC_RESIZE_NEAREST takes source pixel floor((x + 0.5) * in / out),
+ *         computed exactly (Pillow's NEAREST computes it in floating point and may take
+ *         the pixel before where it is an exact integer), values unchanged.
  *       DMC_POLICY_CROP: the centered (height, width) window (offset floor((in - out) / 2)
  *         in each dimension); a dimension smaller than the window is padded around with
  *         pad_value.
