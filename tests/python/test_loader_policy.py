@@ -5,7 +5,9 @@ int16/uint16 'ct' project is one tensor; every value equals an independent compu
 here (Pillow's resize of the same float32 planes, numpy's indexing, clipping and casts)
 from the daemon's own unpolicied output of the same items (itself checked against pydicom
 by test_loader_training.py)."""
+import os
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -264,3 +266,30 @@ def test_bad_parameters_are_refused(daemon):
     loader = dmcache.Loader('ct', size=64, resize='nearest', dtype='int32')
     assert 'size=64' in repr(loader) and "resize='nearest'" in repr(loader)
     loader.close()
+
+
+def test_cli_get_applies_the_policy(daemon, ct_hu, ct_f32, tmp_path):
+    """dmcache get --window/--size/--resize/--crop/--channels/--dtype float16: the same
+    policy through the CLI, written as .npy."""
+    cli = os.path.join(os.environ['DMC_BUILD_ROOT'], 'client', 'dmcache')
+
+    def get(index, *args):
+        out = str(tmp_path / ('item%d.npy' % index))
+        r = subprocess.run([cli, '--socket', daemon.socket, 'get', 'ct', str(index), '-o',
+                            out] + list(args), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return np.load(out)
+
+    a = get(3, '--window', '40,400', '--size', '64x48', '--resize', 'area', '--dtype',
+            'float16')
+    want = pillow_resize(window(ct_hu[3], 40, 400), 64, 48, Image.BOX).astype(np.float16)
+    assert a.dtype == np.float16 and np.array_equal(a, want)
+    a = get(5, '--crop', '100x600', '--pad-value', '-1', '--channels', '3', '--dtype', 'int32')
+    want = np.repeat(canvas(ct_f32[5], 100, 600, np.float32(-1), True), 3, axis=1)
+    assert a.shape == (1, 3, 100, 600) and np.array_equal(a.astype(np.float32), want)
+    for args in (['--size', '8x8', '--pad', '8x8'], ['--size', '0x8'], ['--resize', 'area'],
+                 ['--window', '40'], ['--channels', '2'], ['--dtype', 'bfloat16']):
+        r = subprocess.run([cli, '--socket', daemon.socket, 'get', 'ct', '0', '-o',
+                            str(tmp_path / 'bad.npy')] + args, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith('dmcache get:'), (args, r.stderr)
