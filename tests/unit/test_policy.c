@@ -63,7 +63,7 @@ static int apply(struct decode_ctx *ctx, const void *in, size_t len, enum decode
 
 TEST(float16_equals_the_compilers_conversion)
 {
-	/* every 1021st float bit pattern, and all of those around the half range's edges */
+	/* every 1021st float bit pattern, and every 17th between the smallest half subnormal and normal */
 	uint64_t checked = 0;
 
 	for (uint64_t u = 0; u <= UINT32_MAX; u += 1021) {
@@ -82,7 +82,7 @@ TEST(float16_equals_the_compilers_conversion)
 			ASSERT_EQ(policy_f16_bits(f), want);
 		checked++;
 	}
-	for (uint32_t x = 0x33000000u - 4096; x < 0x38800000u + 4096; x++) {
+	for (uint32_t x = 0x33000000u - 4096; x < 0x38800000u + 4096; x += 17) {
 		float f;
 		memcpy(&f, &x, 4);
 		_Float16 h = (_Float16)f;
