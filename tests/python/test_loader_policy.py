@@ -293,3 +293,36 @@ def test_cli_get_applies_the_policy(daemon, ct_hu, ct_f32, tmp_path):
                             str(tmp_path / 'bad.npy')] + args, capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 2 and r.stderr.startswith('dmcache get:'), (args, r.stderr)
+
+
+def test_a_mixed_project_frame_by_frame_becomes_one_tensor_per_batch(daemon):
+    """'sample' mixes CT slices, gray and RGB PNG/JPEG and NIfTI volumes of other sizes:
+    frame by frame, channels=3 and size= make every batch one tensor, each frame equal to
+    Pillow's resize of its channels (gray repeated, alpha dropped)."""
+    src = unpolicied('sample', return_frame_by_frame=True, dtype='float32')
+    assert len({a.shape[1:] for a in src.values()}) > 2  # really mixed
+    loader = dmcache.Loader('sample', batch_size=16, shuffle=True, seed=3, arena_bytes=ARENA,
+                            return_frame_by_frame=True, channels=3, size=(40, 56),
+                            metadata=False)
+    seen = 0
+    for b in loader:
+        assert isinstance(b.images, torch.Tensor) and b.images.dtype == torch.float32
+        assert tuple(b.images.shape[1:]) == (1, 3, 40, 56)
+        for x, i in zip(b.images, b.indices):
+            a = src[i]
+            a3 = a[:, [0, 0, 0]] if a.shape[1] <= 2 else a[:, :3]
+            assert np.array_equal(x.numpy(), pillow_resize(a3, 40, 56, Image.BILINEAR)), i
+            seen += 1
+    loader.close()
+    assert seen == len(src)
+    # indices= reads with GETs: the same policy applies
+    loader = dmcache.Loader('sample', batch_size=4, indices=[0, 2, 5, 7],
+                            arena_bytes=ARENA, return_frame_by_frame=True, channels=3,
+                            size=(40, 56), metadata=False)
+    for b in loader:
+        assert tuple(b.images.shape) == (len(b.indices), 1, 3, 40, 56)
+        for x, i in zip(b.images, b.indices):
+            a = src[i]
+            a3 = a[:, [0, 0, 0]] if a.shape[1] <= 2 else a[:, :3]
+            assert np.array_equal(x.numpy(), pillow_resize(a3, 40, 56, Image.BILINEAR)), i
+    loader.close()

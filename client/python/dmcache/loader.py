@@ -26,7 +26,7 @@ kept with its decoded tensors (the policy is part of their key):
                           width, 0, 1) as float32;
   channels=1 or 3         3 from gray by repetition (gray+alpha: the gray; RGBA: RGB);
                           1 from RGB(A) by the luma 0.299 R + 0.587 G + 0.114 B (float32);
-  size=(H, W)             resized with resize='bilinear' (default) or 'area' (Pillow's
+  size=(H, W) (or one int) resized with resize='bilinear' (default) or 'area' (Pillow's
                           BILINEAR and BOX resampling of float32 planes: equal values,
                           float32), or 'nearest' (source pixel floor((x + 0.5) * in / out),
                           dtype kept);
