@@ -39,8 +39,9 @@ kept with its decoded tensors (the policy is part of their key):
                           torch's casts; integers rounded to nearest and saturated).
   In that order; size, crop and pad exclude each other. Without dtype= the output is
   float32 when a step computed new values (window, bilinear/area, luma), else the decoded
-  dtype: mixed int16/uint16 CT slices still need dtype= (or window=). The metadata's
-  "dicom" header and meta['shape'] describe the decoded source, not the policy's output.
+  dtype: mixed int16/uint16 CT slices still need dtype= (or window=). The metadata the
+  daemon sends (the DICOM header, the decoded dtype and shape) describes the decoded
+  source, not the policy's output.
 When a batch's items still differ, iteration raises BatchMismatchError at the first such
 batch, naming both items' dtypes and shapes and the parameter that fixes it;
 collate='list' gives a list of tensors instead (the Datamint client's collate).
