@@ -232,6 +232,15 @@ static int check_plan(const struct plan *pl, uint64_t max, char *err, size_t err
 {
 	const struct tens *steps[] = { &pl->window, &pl->channels, &pl->geometry, &pl->out };
 
+	const struct tens *in = &pl->channels;
+
+	/* resampling holds one float32 plane of the input and one of h x out-width more */
+	if (pl->resample && (tens_bytes(1, 1, in->h, in->w, DECODE_DTYPE_F32) > max ||
+			     tens_bytes(1, 1, in->h, pl->geometry.w, DECODE_DTYPE_F32) > max)) {
+		seterr(err, errlen, "the item under the uniformity policy exceeds the decoded-size "
+				    "limit");
+		return -DMC_E_LIMIT_EXCEEDED;
+	}
 	for (size_t i = 0; i < sizeof(steps) / sizeof(steps[0]); i++) {
 		const struct tens *t = steps[i];
 		if (tens_bytes(t->f, t->c, t->h, t->w, t->t) > max) {
