@@ -326,3 +326,27 @@ def test_a_mixed_project_frame_by_frame_becomes_one_tensor_per_batch(daemon):
             a3 = a[:, [0, 0, 0]] if a.shape[1] <= 2 else a[:, :3]
             assert np.array_equal(x.numpy(), pillow_resize(a3, 40, 56, Image.BILINEAR)), i
     loader.close()
+
+
+def test_libdmcache_refuses_a_bad_policy_before_sending(daemon):
+    """dmc_open_policy() checks the policy as the daemon would (dmc_policy_check): a SIZE
+    without a resize mode never reaches the daemon."""
+    from dmcache import _lib
+    client = _lib.Client(daemon.socket)
+    try:
+        bad = _lib.Policy(ops=_lib.POLICY_SIZE, resize=0, height=8, width=8)
+        with pytest.raises(dmcache.DmcacheError) as e:
+            client.open(_lib.SOURCE_DATAMINT, 'ct', server=os.environ['DATAMINT_API_URL'],
+                        api_key=os.environ['DATAMINT_API_KEY'], policy=bad)
+        assert '[EINVAL]' in str(e.value), str(e.value)
+        good = _lib.Policy(ops=_lib.POLICY_SIZE, resize=_lib.RESIZE_CODES['area'], height=8,
+                           width=8)
+        ds = client.open(_lib.SOURCE_DATAMINT, 'ct', server=os.environ['DATAMINT_API_URL'],
+                         api_key=os.environ['DATAMINT_API_KEY'], policy=good)
+        items = ds.get([0])
+        assert tuple(items[0].shape) == (1, 1, 8, 8)
+        assert _lib.DTYPES[items[0].dtype] == 'float32'
+        ds.release(items)
+        ds.close()
+    finally:
+        client.close()
