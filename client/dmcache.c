@@ -1256,6 +1256,12 @@ static char *strs_dup3(struct dmc_str a, struct dmc_str b, struct dmc_str d, con
 DMC_EXPORT int dmc_open(dmc_client *c, const struct dmc_open_args *args,
 			struct dmc_dataset **ret_dataset)
 {
+	return dmc_open_policy(c, args, NULL, ret_dataset);
+}
+
+DMC_EXPORT int dmc_open_policy(dmc_client *c, const struct dmc_open_args *args,
+			       const struct dmc_policy *policy, struct dmc_dataset **ret_dataset)
+{
 	struct dmc_open m = { 0 };
 	struct dmc_open_reply r;
 	struct dmc_dataset *ds;
@@ -1273,8 +1279,16 @@ DMC_EXPORT int dmc_open(dmc_client *c, const struct dmc_open_args *args,
 	m.server = STR(args->server);
 	m.api_key = STR(args->api_key);
 	m.arena_bytes = args->arena_bytes;
+	if (policy && policy->ops) {
+		if (dmc_policy_check(policy) != DMC_PROTO_OK) {
+			set_local_error(c, 0, "invalid uniformity policy");
+			return -EINVAL;
+		}
+		m.flags |= DMC_OPEN_POLICY;
+		m.policy = *policy;
+	}
 #undef STR
-	cap = 128 + m.project.len + m.version.len + m.server.len + m.api_key.len;
+	cap = 128 + sizeof(struct dmc_policy) * 2 + m.project.len + m.version.len + m.server.len + m.api_key.len;
 	frame = malloc(cap);
 	if (!frame)
 		return -ENOMEM;

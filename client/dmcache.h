@@ -275,6 +275,14 @@ typedef struct dmc_dataset dmc_dataset;
  * on one client: -EMFILE).
  */
 int dmc_open(dmc_client *c, const struct dmc_open_args *args, dmc_dataset **ret_dataset);
+/*
+ * dmc_open() with a uniformity policy (proto.h: DMC_OPEN_POLICY, struct dmc_policy) that the
+ * daemon applies to every item: resize, center crop or pad, channels, CT window. `policy`
+ * NULL or with ops 0: none (the request is dmc_open()'s). A policy the protocol refuses
+ * fails with -EINVAL before anything is sent.
+ */
+int dmc_open_policy(dmc_client *c, const struct dmc_open_args *args,
+		    const struct dmc_policy *policy, dmc_dataset **ret_dataset);
 const struct dmc_dataset_info *dmc_dataset_info(const dmc_dataset *ds);
 int dmc_dataset_close(dmc_dataset *ds);
 

@@ -52,7 +52,7 @@ _dmcache()
 	ping | verify) opts="--json --help" ;;
 	prefetch) opts="--version --server --api-key --source --json --offline --allow-partial --cancel --help" ;;
 	evict) opts="--all --json --help" ;;
-	get) opts="--output --meta --version --server --api-key --lut --dtype --source --offline --json --help" ;;
+	get) opts="--output --meta --version --server --api-key --lut --dtype --source --offline --json --size --resize --crop --pad --pad-value --channels --window --help" ;;
 	metrics) opts="--output --help" ;;
 	esac
 
@@ -63,7 +63,10 @@ _dmcache()
 	--dtype)
 		COMPREPLY=($(compgen -W "uint8 int8 uint16 int16 uint32 int32 float32 float64" -- "$cur"))
 		return ;;
-	--version | --server | --api-key)
+	--resize)
+		COMPREPLY=($(compgen -W "bilinear area nearest" -- "$cur"))
+		return ;;
+	--version | --server | --api-key | --size | --crop | --pad | --pad-value | --channels | --window)
 		return ;;
 	esac
 	if [[ $cur == -* ]]; then

@@ -62,7 +62,8 @@ static const struct {
 	[DECODE_DTYPE_I16] = { "int16", 2 },   [DECODE_DTYPE_U32] = { "uint32", 4 },
 	[DECODE_DTYPE_I32] = { "int32", 4 },   [DECODE_DTYPE_U64] = { "uint64", 8 },
 	[DECODE_DTYPE_I64] = { "int64", 8 },   [DECODE_DTYPE_F32] = { "float32", 4 },
-	[DECODE_DTYPE_F64] = { "float64", 8 },
+	[DECODE_DTYPE_F64] = { "float64", 8 },  [DECODE_DTYPE_F16] = { "float16", 2 },
+	[DECODE_DTYPE_BF16] = { "bfloat16", 2 },
 };
 
 const char *decode_format_name(enum decode_format f)
@@ -77,17 +78,17 @@ const char *decode_codec_name(enum decode_codec c)
 
 const char *decode_dtype_name(enum decode_dtype t)
 {
-	return (unsigned)t <= DECODE_DTYPE_LAST_ ? dtypes[t].name : NULL;
+	return (unsigned)t <= DECODE_DTYPE_ALL_LAST_ ? dtypes[t].name : NULL;
 }
 
 size_t decode_dtype_size(enum decode_dtype t)
 {
-	return (unsigned)t <= DECODE_DTYPE_LAST_ ? dtypes[t].size : 0;
+	return (unsigned)t <= DECODE_DTYPE_ALL_LAST_ ? dtypes[t].size : 0;
 }
 
 enum decode_dtype decode_dtype_from_name(const char *name)
 {
-	for (unsigned t = 1; t <= DECODE_DTYPE_LAST_; t++)
+	for (unsigned t = 1; t <= DECODE_DTYPE_ALL_LAST_; t++)
 		if (name && strcmp(name, dtypes[t].name) == 0)
 			return (enum decode_dtype)t;
 	return DECODE_DTYPE_NONE;
@@ -498,6 +499,8 @@ static void load_f64(const uint8_t *s, enum decode_dtype t, size_t n, double *d)
 		L(DECODE_DTYPE_F64, double)
 #undef L
 	case DECODE_DTYPE_NONE:
+	case DECODE_DTYPE_F16: /* never a decoder's (policy.c) */
+	case DECODE_DTYPE_BF16:
 		break;
 	}
 }
@@ -541,6 +544,8 @@ static void store_f64(const double *s, size_t n, uint8_t *d, enum decode_dtype t
 		memcpy(d, s, n * 8);
 		break;
 	case DECODE_DTYPE_NONE:
+	case DECODE_DTYPE_F16: /* never a decoder's (policy.c) */
+	case DECODE_DTYPE_BF16:
 		break;
 	}
 }

@@ -150,8 +150,12 @@ enum decode_dtype {
 	DECODE_DTYPE_I64 = 8,
 	DECODE_DTYPE_F32 = 9,
 	DECODE_DTYPE_F64 = 10,
+	/* Made from float32 values by policy.c (decode workers), never by a decoder: */
+	DECODE_DTYPE_F16 = 11,
+	DECODE_DTYPE_BF16 = 12,
 };
-#define DECODE_DTYPE_LAST_ 10
+#define DECODE_DTYPE_LAST_ 10 /* the last dtype decoders produce (decode_opts.dtype) */
+#define DECODE_DTYPE_ALL_LAST_ 12
 
 /*
  * Limits, checked with 64-bit arithmetic before anything proportional to them is allocated.

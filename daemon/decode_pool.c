@@ -352,6 +352,7 @@ static void start_job(struct worker *w, struct decode_job *job)
 	req.flags = job->opts.flags;
 	req.frame = job->opts.frame;
 	req.dtype = (uint32_t)job->opts.dtype;
+	req.pol = job->pol;
 	req.want_meta = job->want_meta;
 	req.probe_only = job->probe_only;
 	w->job = job;

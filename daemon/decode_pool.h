@@ -90,6 +90,7 @@ struct decode_job {
 	const void *in;            /* borrowed: the encoded resource */
 	size_t in_len;
 	struct decode_opts opts;
+	struct dmc_policy pol;     /* the uniformity policy (policy.h); zero: none */
 	bool want_meta;
 	/*
 	 * Probe only: the worker runs decode_probe() (and decode_meta() with want_meta) and

@@ -12,6 +12,7 @@
  * itself, so RLIMIT_CPU is a lifetime budget set once (WORKER_CPU_JOBS in decode_worker.h).
  */
 #include "decode_worker.h"
+#include "policy.h"
 
 #include "config.h"
 
@@ -312,6 +313,7 @@ static void run_job(struct decode_ctx *ctx, uint8_t *region, const struct worker
 		    const struct worker_req *req, struct worker_rep *rep)
 {
 	struct decode_opts opts = { req->flags, req->frame, (enum decode_dtype)req->dtype };
+	struct decode_opts dopts;
 	uint8_t *out = region + p->in_bytes;
 	char *meta = (char *)out + p->out_bytes;
 	int r;
@@ -325,7 +327,10 @@ static void run_job(struct decode_ctx *ctx, uint8_t *region, const struct worker
 	if (test_hook(region, req->in_len, rep))
 		return;
 #endif
-	r = decode_probe(ctx, region, req->in_len, &opts, &rep->desc, rep->err, sizeof(rep->err));
+	/* the decoder's options: the policy may decode with others (policy.h) */
+	policy_decoder_opts(&opts, &req->pol, &dopts);
+	r = policy_probe(ctx, region, req->in_len, &opts, &req->pol, &rep->desc, rep->err,
+			 sizeof(rep->err));
 	/* A probe writes no tensor: an item larger than the output area may still be served
 	 * frame by frame. */
 	if (r == 0 && !req->probe_only && rep->desc.nbytes > p->out_bytes) {
@@ -336,15 +341,15 @@ static void run_job(struct decode_ctx *ctx, uint8_t *region, const struct worker
 	}
 	if (r == 0 && req->want_meta) {
 		size_t mlen = 0;
-		r = decode_meta(ctx, region, req->in_len, &opts, meta, p->meta_bytes, &mlen, rep->err,
-				sizeof(rep->err));
+		r = decode_meta(ctx, region, req->in_len, &dopts, meta, p->meta_bytes, &mlen,
+				rep->err, sizeof(rep->err));
 		if (r == -ENOBUFS)
 			r = -DMC_E_LIMIT_EXCEEDED;
 		rep->meta_len = mlen;
 	}
 	if (r == 0 && !req->probe_only)
-		r = decode_run(ctx, region, req->in_len, &opts, out, p->out_bytes, rep->err,
-			       sizeof(rep->err));
+		r = policy_run(ctx, region, req->in_len, &opts, &req->pol, out, p->out_bytes,
+			       rep->err, sizeof(rep->err));
 	rep->status = r;
 }
 

@@ -55,6 +55,7 @@ struct worker_req {
 	uint32_t want_meta;
 	uint32_t probe_only; /* decode_probe() (and metadata) only: no pixels, no output */
 	uint32_t pad_;
+	struct dmc_policy pol; /* applied by policy_run() (policy.h) */
 };
 
 /* worker -> daemon. The tensor is at region + in_bytes, the metadata after the tensor area. */

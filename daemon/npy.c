@@ -15,7 +15,7 @@ static const struct {
 	{ "uint8", "|u1", "|u1" },   { "int8", "|i1", "|i1" },    { "uint16", "<u2", ">u2" },
 	{ "int16", "<i2", ">i2" },   { "uint32", "<u4", ">u4" },  { "int32", "<i4", ">i4" },
 	{ "uint64", "<u8", ">u8" },  { "int64", "<i8", ">i8" },   { "float32", "<f4", ">f4" },
-	{ "float64", "<f8", ">f8" }, { "bool", "|b1", "|b1" },
+	{ "float64", "<f8", ">f8" }, { "bool", "|b1", "|b1" },    { "float16", "<f2", ">f2" },
 };
 
 const char *npy_descr(const char *dtype_name)

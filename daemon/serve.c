@@ -19,6 +19,7 @@
 #include "decode_pool.h"
 #include "index.h"
 #include "log.h"
+#include "policy.h"
 #include "prefetch.h"
 #include "secret.h"
 #include "serve.h"
@@ -390,6 +391,7 @@ struct handle {
 	int64_t snapshot_id;
 	uint64_t items;
 	uint32_t flags, dtype;
+	struct dmc_policy pol; /* with DMC_OPEN_POLICY, else zero (policy.h) */
 	struct fmap *frames;  /* with DMC_OPEN_FRAMES */
 	struct lset *labels;  /* with DMC_OPEN_MASKS */
 	struct origin *origin; /* NULL: nothing is fetched again (local, offline) */
@@ -431,6 +433,7 @@ struct pending_open {
 	struct sconn *sc;
 	uint32_t request_id;
 	uint32_t flags, dtype;
+	struct dmc_policy pol;
 	uint64_t arena_bytes;
 	/* frame-by-frame: the snapshot once listed, and its frame counts being learnt */
 	bool listed, waiting_job;
@@ -734,13 +737,24 @@ static void item_fail(struct gitem *gi, int err, const char *msg)
 
 /* Options that decide the decoded bytes, as a key of the tensor cache. Bit 32 marks rows
  * whose metadata blob is the header JSON alone (older rows held the whole document, with a
- * resource record that another item with the same bytes does not share). */
+ * resource record that another item with the same bytes does not share). With a
+ * uniformity policy: bit 62 set (never in the keys above, whose frame bits end at 53) and
+ * bits 0-61 a mix of those options and policy_key(), the policy's 64-bit fingerprint. */
 static int64_t opts_key_frame(const struct handle *h, int64_t frame)
 {
 	uint64_t k = (h->flags & DMC_OPEN_LUT) | ((uint64_t)h->dtype << 8) | (1ull << 32);
+	uint64_t pk = policy_key(&h->pol);
 
 	if (frame >= 0)
 		k |= ((uint64_t)frame + 1) << 33; /* one frame of the item */
+	if (pk) {
+		/* splitmix64's finaliser over both: every bit of each moves the result */
+		k ^= pk * 0x9e3779b97f4a7c15ull;
+		k = (k ^ (k >> 30)) * 0xbf58476d1ce4e5b9ull;
+		k = (k ^ (k >> 27)) * 0x94d049bb133111ebull;
+		k ^= k >> 31;
+		k = (k & ((1ull << 62) - 1)) | (1ull << 62);
+	}
 	return (int64_t)k;
 }
 
@@ -833,6 +847,7 @@ static void open_reply_now(struct pending_open *po)
 	h->items = po->items;
 	h->flags = po->flags;
 	h->dtype = po->dtype;
+	h->pol = po->pol;
 	h->frames = po->fm;
 	h->labels = po->labels;
 	h->origin = po->origin;
@@ -1510,9 +1525,16 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 				"masks are served for whole items, not frame by frame");
 		return;
 	}
-	if ((m.flags & DMC_OPEN_RAW) && ((m.flags & DMC_OPEN_LUT) || m.dtype)) {
+	if ((m.flags & DMC_OPEN_RAW) && ((m.flags & DMC_OPEN_LUT) || m.dtype || m.policy.ops)) {
 		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
-				"the stored files are served as they are: no LUT or dtype");
+				"the stored files are served as they are: no LUT, dtype or "
+				"uniformity policy");
+		return;
+	}
+	if ((m.flags & DMC_OPEN_MASKS) && m.policy.ops) {
+		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
+				"masks are uint8 label maps on the image's grid: a uniformity "
+				"policy does not apply to them");
 		return;
 	}
 	sc = sconn_of(s, c, true);
@@ -1526,6 +1548,7 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 	po->request_id = h->request_id;
 	po->flags = m.flags;
 	po->dtype = m.dtype;
+	po->pol = m.policy;
 	po->arena_bytes = m.arena_bytes;
 	if (m.source == DMC_SOURCE_DATAMINT && m.api_key.len && !(m.flags & DMC_OPEN_OFFLINE))
 		po->origin = origin_new(&m); /* NULL: bad items fail instead of coming again */
@@ -1823,6 +1846,7 @@ static void read_after(uv_work_t *w, int status)
 		gi->job.opts.frame = (uint32_t)gi->frame;
 	}
 	gi->job.opts.dtype = (enum decode_dtype)gi->rq->h.dtype;
+	gi->job.pol = gi->rq->h.pol;
 	gi->job.want_meta = true;
 	gi->job.data = gi;
 	/* the quarantine key: the content, so that a bad file is bad for everybody */

@@ -5,6 +5,7 @@
  * host's byte order and alignment never matter; every read is bounds-checked and a failed
  * read poisons the reader (sticky error) so that callers check once at the end.
  */
+#include <math.h>
 #include <string.h>
 
 #include "proto.h"
@@ -743,6 +744,78 @@ DMC_EXPORT int dmc_empty_decode(const void *payload, size_t len)
 
 /* ---- serving ---- */
 
+static void write_f64(struct dmc_writer *w, double v)
+{
+	uint64_t u;
+
+	memcpy(&u, &v, sizeof(u));
+	dmc_write_u64(w, u);
+}
+
+static double read_f64(struct dmc_reader *r)
+{
+	uint64_t u = dmc_read_u64(r);
+	double v;
+
+	memcpy(&v, &u, sizeof(v));
+	return v;
+}
+
+static void policy_write(struct dmc_writer *w, const struct dmc_policy *p)
+{
+	dmc_write_u32(w, p->ops);
+	dmc_write_u32(w, p->resize);
+	dmc_write_u32(w, p->height);
+	dmc_write_u32(w, p->width);
+	dmc_write_u32(w, p->channels);
+	write_f64(w, p->pad_value);
+	write_f64(w, p->window_center);
+	write_f64(w, p->window_width);
+}
+
+static void policy_read(struct dmc_reader *r, struct dmc_policy *p)
+{
+	p->ops = dmc_read_u32(r);
+	p->resize = dmc_read_u32(r);
+	p->height = dmc_read_u32(r);
+	p->width = dmc_read_u32(r);
+	p->channels = dmc_read_u32(r);
+	p->pad_value = read_f64(r);
+	p->window_center = read_f64(r);
+	p->window_width = read_f64(r);
+}
+
+/* Every field in range, and the fields no flag uses zero (one encoding per policy). */
+DMC_EXPORT int dmc_policy_check(const struct dmc_policy *p)
+{
+	uint32_t geo = p->ops & DMC_POLICY_GEOMETRY;
+
+	if (p->ops & ~DMC_POLICY_OPS_DEFINED)
+		return DMC_PROTO_ERROR;
+	if (geo & (geo - 1)) /* more than one of SIZE, CROP, PAD */
+		return DMC_PROTO_ERROR;
+	if (geo ? p->height < 1 || p->height > DMC_POLICY_DIM_MAX || p->width < 1 ||
+			  p->width > DMC_POLICY_DIM_MAX
+		: p->height || p->width)
+		return DMC_PROTO_ERROR;
+	if ((p->ops & DMC_POLICY_SIZE) ? p->resize < DMC_RESIZE_BILINEAR ||
+						 p->resize > DMC_RESIZE_AREA
+				       : p->resize != 0)
+		return DMC_PROTO_ERROR;
+	if ((p->ops & DMC_POLICY_CHANNELS) ? p->channels != 1 && p->channels != 3
+					   : p->channels != 0)
+		return DMC_PROTO_ERROR;
+	if ((p->ops & (DMC_POLICY_CROP | DMC_POLICY_PAD)) ? !isfinite(p->pad_value)
+							  : p->pad_value != 0.0)
+		return DMC_PROTO_ERROR;
+	if ((p->ops & DMC_POLICY_WINDOW)
+		    ? !isfinite(p->window_center) || !isfinite(p->window_width) ||
+			      !(p->window_width > 0.0)
+		    : p->window_center != 0.0 || p->window_width != 0.0)
+		return DMC_PROTO_ERROR;
+	return DMC_PROTO_OK;
+}
+
 DMC_EXPORT int dmc_open_encode(const struct dmc_open *m, uint32_t request_id, void *out,
 			       size_t cap)
 {
@@ -757,6 +830,8 @@ DMC_EXPORT int dmc_open_encode(const struct dmc_open *m, uint32_t request_id, vo
 	write_dstr(&w, m->server);
 	write_dstr(&w, m->api_key);
 	dmc_write_u64(&w, m->arena_bytes);
+	if (m->flags & DMC_OPEN_POLICY)
+		policy_write(&w, &m->policy);
 	return dmc_frame_end(&w, DMC_OP_OPEN, 0, request_id, 0);
 }
 
@@ -774,8 +849,11 @@ DMC_EXPORT int dmc_open_decode(const void *payload, size_t len, struct dmc_open 
 	m.server = dmc_read_str(&r);
 	m.api_key = dmc_read_str(&r);
 	m.arena_bytes = dmc_read_u64(&r);
+	memset(&m.policy, 0, sizeof(m.policy));
+	if (m.flags & DMC_OPEN_POLICY)
+		policy_read(&r, &m.policy);
 	if (dmc_reader_finish(&r) || (m.flags & ~DMC_OPEN_FLAGS_DEFINED) ||
-	    m.dtype > DMC_DTYPE_LAST_)
+	    m.dtype > DMC_DTYPE_LAST_ || dmc_policy_check(&m.policy) != DMC_PROTO_OK)
 		return DMC_PROTO_ERROR;
 	*ret = m;
 	return DMC_PROTO_OK;
@@ -1036,7 +1114,7 @@ DMC_EXPORT uint64_t dmc_stream_index(uint64_t items, const struct dmc_stream_req
 
 DMC_EXPORT unsigned dmc_dtype_size(uint32_t dtype)
 {
-	static const unsigned sizes[DMC_DTYPE_LAST_ + 1] = { 0, 1, 1, 2, 2, 4, 4, 8, 8, 4, 8 };
+	static const unsigned sizes[DMC_DTYPE_LAST_ + 1] = { 0, 1, 1, 2, 2, 4, 4, 8, 8, 4, 8, 2, 2 };
 
 	return dtype <= DMC_DTYPE_LAST_ ? sizes[dtype] : 0;
 }
@@ -1045,7 +1123,8 @@ DMC_EXPORT const char *dmc_dtype_name(uint32_t dtype)
 {
 	static const char *const names[DMC_DTYPE_LAST_ + 1] = {
 		NULL,	 "uint8",  "int8",  "uint16",  "int16",  "uint32",
-		"int32", "uint64", "int64", "float32", "float64",
+		"int32", "uint64", "int64", "float32", "float64", "float16",
+		"bfloat16",
 	};
 
 	return dtype <= DMC_DTYPE_LAST_ ? names[dtype] : NULL;

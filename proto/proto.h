@@ -38,8 +38,11 @@
  *     u8, u16, u32, u64, i32, i64   little-endian integers
  *     str                           u32 byte length, then that many bytes; no NUL byte
  *                                   inside, not NUL-terminated; at most DMC_STR_MAX bytes
+ *     f64                           IEEE 754 binary64, its 8 bytes as a u64
  *   A payload must be consumed exactly: missing bytes or bytes left over are a protocol
- *   error. Messages grow only by a new protocol version.
+ *   error. Messages grow only by a new protocol version, or by fields that only a new
+ *   flag bit announces (OPEN's DMC_OPEN_POLICY): a daemon that does not know the bit
+ *   refuses the request (undefined bits are refused), so an old peer never misreads it.
  *
  * Errors
  *   Every error that reaches a client is a stable code (enum dmc_error) plus a message.
@@ -364,8 +367,38 @@ struct dmc_verify_reply {
  *     files), back to back in the order of the record's annotations, and the metadata
  *     gains "files": [{"id": <annotation id>, "bytes": n}, ...] saying where each one is;
  *     the reply comes at once, as for RAW alone.)
- *   dtype: enum dmc_dtype of the output, or 0 for the source dtype.
+ *     DMC_OPEN_POLICY: a uniformity policy follows arena_bytes (below).
+ *   dtype: enum dmc_dtype of the output, or 0 for the source dtype. DMC_DTYPE_F16 and
+ *     DMC_DTYPE_BF16 are made by the daemon from float32 values (round to nearest even,
+ *     as numpy's and torch's float32 casts).
  *   arena_bytes: wished arena size; 0 for the daemon's default. Ignored after the first OPEN.
+ *   policy (only with DMC_OPEN_POLICY; struct dmc_policy):
+ *     u32 ops, u32 resize, u32 height, u32 width, u32 channels, f64 pad_value,
+ *     f64 window_center, f64 window_width
+ *     Applied by the daemon's decode workers to every item of the handle, in this order:
+ *     DMC_POLICY_WINDOW: the modality LUT is applied (as DMC_OPEN_LUT), then
+ *       y = clip((x - (center - width / 2)) / width, 0, 1), computed in double, as float32;
+ *       window_width > 0, both finite.
+ *     DMC_POLICY_CHANNELS: `channels` 1 or 3. To 3: gray repeated, gray+alpha's gray
+ *       repeated, RGBA/CMYK's first three kept. To 1: 0.299 R + 0.587 G + 0.114 B (ITU-R
+ *       601-2 luma, double, as float32) of 3 or 4 channels, gray+alpha's gray.
+ *     At most one of (height, width 1 .. 65535 each):
+ *       DMC_POLICY_SIZE: resized to (height, width) by `resize`: DMC_RESIZE_BILINEAR and
+ *         DMC_RESIZE_AREA are Pillow's BILINEAR and BOX resampling of float32 planes (mode
+ *         "F": the same coefficients, double sums, float32 between the two passes), as
+ *         float32; DMC_RESIZE_NEAREST takes source pixel floor((x + 0.5) * in / out),
+ *         computed exactly (Pillow's NEAREST computes it in floating point and may take
+ *         the pixel before where it is an exact integer), values unchanged.
+ *       DMC_POLICY_CROP: the centered (height, width) window (offset floor((in - out) / 2)
+ *         in each dimension); a dimension smaller than the window is padded around with
+ *         pad_value.
+ *       DMC_POLICY_PAD: the image at the top-left of a (height, width) canvas of pad_value;
+ *         a larger dimension is cut at the bottom/right. pad_value finite.
+ *     The output dtype is `dtype` when nonzero (values rounded to nearest and saturated
+ *     for integers), else float32 when a step computed new values (window, bilinear or
+ *     area resize, luma), else the decoded dtype. Fields a flag does not use must be 0;
+ *     with SIZE, resize is 1 .. 3; without it 0. Not with DMC_OPEN_MASKS. The decoded
+ *     tensors the daemon keeps are keyed by the whole policy.
  * OPEN reply (nfds 1 on the first OPEN of the connection, else 0):
  *   u64 handle, u64 snapshot_id, u64 items, str project_id, str project_name, str version,
  *   u64 arena_bytes
@@ -430,16 +463,46 @@ enum dmc_dtype {
 	DMC_DTYPE_I64 = 8,
 	DMC_DTYPE_F32 = 9,
 	DMC_DTYPE_F64 = 10,
+	DMC_DTYPE_F16 = 11,  /* IEEE 754 binary16 (numpy's float16) */
+	DMC_DTYPE_BF16 = 12, /* bfloat16: the high half of a float32 (torch.bfloat16) */
 };
-#define DMC_DTYPE_LAST_ 10
+#define DMC_DTYPE_LAST_ 12
 
 #define DMC_OPEN_LUT 1u
 #define DMC_OPEN_FRAMES 2u /* frame-by-frame: one item per frame, shape (1, C, H, W) */
 #define DMC_OPEN_MASKS 4u  /* each item's segmentation label map, uint8 (F, 1, H, W) */
 #define DMC_OPEN_OFFLINE 8u /* as DMC_PREFETCH_OFFLINE: from the caller's grants only */
 #define DMC_OPEN_RAW 16u    /* each item's stored original file, uint8 (1, 1, 1, bytes) */
+#define DMC_OPEN_POLICY 32u /* a struct dmc_policy follows arena_bytes */
 #define DMC_OPEN_FLAGS_DEFINED                                                                    \
-	(DMC_OPEN_LUT | DMC_OPEN_FRAMES | DMC_OPEN_MASKS | DMC_OPEN_OFFLINE | DMC_OPEN_RAW)
+	(DMC_OPEN_LUT | DMC_OPEN_FRAMES | DMC_OPEN_MASKS | DMC_OPEN_OFFLINE | DMC_OPEN_RAW |          \
+	 DMC_OPEN_POLICY)
+
+/* The uniformity policy of OPEN (see above). */
+#define DMC_POLICY_SIZE 1u
+#define DMC_POLICY_CROP 2u
+#define DMC_POLICY_PAD 4u
+#define DMC_POLICY_CHANNELS 8u
+#define DMC_POLICY_WINDOW 16u
+#define DMC_POLICY_OPS_DEFINED                                                                    \
+	(DMC_POLICY_SIZE | DMC_POLICY_CROP | DMC_POLICY_PAD | DMC_POLICY_CHANNELS |               \
+	 DMC_POLICY_WINDOW)
+#define DMC_POLICY_GEOMETRY (DMC_POLICY_SIZE | DMC_POLICY_CROP | DMC_POLICY_PAD)
+#define DMC_POLICY_DIM_MAX 65535u
+enum dmc_resize {
+	DMC_RESIZE_BILINEAR = 1,
+	DMC_RESIZE_NEAREST = 2,
+	DMC_RESIZE_AREA = 3,
+};
+
+struct dmc_policy {
+	uint32_t ops;      /* DMC_POLICY_* */
+	uint32_t resize;   /* enum dmc_resize, with SIZE */
+	uint32_t height, width; /* with SIZE, CROP or PAD */
+	uint32_t channels; /* 1 or 3, with CHANNELS */
+	double pad_value;  /* with CROP or PAD */
+	double window_center, window_width; /* with WINDOW */
+};
 #define DMC_GET_MAX 4096u
 
 #define DMC_STREAM_SHUFFLE 1u
@@ -457,6 +520,7 @@ struct dmc_open {
 	struct dmc_str server;
 	struct dmc_str api_key;
 	uint64_t arena_bytes;
+	struct dmc_policy policy; /* with DMC_OPEN_POLICY; else all zero */
 };
 
 struct dmc_open_reply {
@@ -673,7 +737,10 @@ int dmc_verify_reply_decode(const void *payload, size_t len, struct dmc_verify_r
 /* Requests with no fields (STATUS, LIST, VERIFY): DMC_PROTO_OK when the payload is empty. */
 int dmc_empty_decode(const void *payload, size_t len);
 
-/* Serving messages. GET and RELEASE lists are read with dmc_reader like LIST. */
+/* Serving messages. GET and RELEASE lists are read with dmc_reader like LIST.
+ * OPEN: the policy is written and read only with DMC_OPEN_POLICY; the decoder checks every
+ * field of it (dmc_policy_check) and zeroes it without the flag. */
+int dmc_policy_check(const struct dmc_policy *p);
 int dmc_open_encode(const struct dmc_open *m, uint32_t request_id, void *out, size_t cap);
 int dmc_open_decode(const void *payload, size_t len, struct dmc_open *ret);
 int dmc_open_reply_encode(const struct dmc_open_reply *m, uint8_t nfds, uint32_t request_id,

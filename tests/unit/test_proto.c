@@ -1,4 +1,5 @@
 /* Unit tests for the protocol codec (proto/proto.c). */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -517,6 +518,95 @@ TEST(serving_round_trip)
 	ASSERT_NULL(dmc_dtype_name(DMC_DTYPE_LAST_ + 1));
 }
 
+TEST(open_policy_round_trip)
+{
+	struct dmc_open in = { DMC_SOURCE_LOCAL, DMC_OPEN_LUT | DMC_OPEN_POLICY, DMC_DTYPE_F16,
+			       S("/d"), S(""), S(""), S(""), 0,
+			       { DMC_POLICY_SIZE | DMC_POLICY_CHANNELS | DMC_POLICY_WINDOW,
+				 DMC_RESIZE_AREA, 224, 192, 3, 0.0, 40.0, 400.5 } },
+			out;
+	struct dmc_header hd;
+	int len, plain;
+
+	len = dmc_open_encode(&in, 3, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)len, DMC_OP_OPEN, 0, 3, &hd));
+	ASSERT_EQ(dmc_open_decode(frame + DMC_HEADER_SIZE, hd.length, &out), DMC_PROTO_OK);
+	ASSERT_EQ(out.dtype, DMC_DTYPE_F16);
+	ASSERT_EQ(out.policy.ops, DMC_POLICY_SIZE | DMC_POLICY_CHANNELS | DMC_POLICY_WINDOW);
+	ASSERT_EQ(out.policy.resize, DMC_RESIZE_AREA);
+	ASSERT_EQ(out.policy.height, 224);
+	ASSERT_EQ(out.policy.width, 192);
+	ASSERT_EQ(out.policy.channels, 3);
+	ASSERT(out.policy.window_center == 40.0 && out.policy.window_width == 400.5);
+	/* every shorter payload is refused: the policy's fields are all required */
+	for (uint32_t l = 0; l < hd.length; l++)
+		ASSERT_EQ(dmc_open_decode(frame + DMC_HEADER_SIZE, l, &out), DMC_PROTO_ERROR);
+	/* without the flag the policy is neither written nor read: the old message */
+	in.flags = DMC_OPEN_LUT;
+	plain = dmc_open_encode(&in, 3, frame, sizeof(frame));
+	ASSERT_EQ(plain, len - 44);
+	ASSERT_EQ(dmc_open_decode(frame + DMC_HEADER_SIZE, (size_t)plain - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_OK);
+	ASSERT_EQ(out.policy.ops, 0);
+	ASSERT(out.policy.window_width == 0.0);
+	ASSERT_EQ(dmc_dtype_size(DMC_DTYPE_BF16), 2);
+	ASSERT_STR_EQ(dmc_dtype_name(DMC_DTYPE_F16), "float16");
+	ASSERT_STR_EQ(dmc_dtype_name(DMC_DTYPE_BF16), "bfloat16");
+}
+
+/* Each bad policy is refused by the codec, whole OPEN frames included. */
+TEST(open_policy_rejects_bad_fields)
+{
+	static const struct dmc_policy good[] = {
+		{ DMC_POLICY_CROP, 0, 1, 65535, 0, -1024.0, 0, 0 },
+		{ DMC_POLICY_PAD, 0, 8, 8, 0, 0.0, 0, 0 },
+		{ DMC_POLICY_SIZE, DMC_RESIZE_NEAREST, 2, 3, 0, 0, 0, 0 },
+		{ DMC_POLICY_CHANNELS, 0, 0, 0, 1, 0, 0, 0 },
+		{ 0, 0, 0, 0, 0, 0, 0, 0 },
+	};
+	static const struct dmc_policy bad[] = {
+		{ 32, 0, 0, 0, 0, 0, 0, 0 },                                     /* unknown op */
+		{ DMC_POLICY_SIZE | DMC_POLICY_CROP, 1, 8, 8, 0, 0, 0, 0 },      /* two geometries */
+		{ DMC_POLICY_SIZE, 0, 8, 8, 0, 0, 0, 0 },                        /* no resize */
+		{ DMC_POLICY_SIZE, 4, 8, 8, 0, 0, 0, 0 },                        /* unknown resize */
+		{ DMC_POLICY_SIZE, 1, 0, 8, 0, 0, 0, 0 },                        /* height 0 */
+		{ DMC_POLICY_CROP, 0, 8, 65536, 0, 0, 0, 0 },                    /* too wide */
+		{ DMC_POLICY_CROP, 1, 8, 8, 0, 0, 0, 0 },                        /* resize unused */
+		{ DMC_POLICY_CHANNELS, 0, 0, 0, 2, 0, 0, 0 },                    /* 2 channels */
+		{ 0, 0, 0, 0, 3, 0, 0, 0 },                                      /* channels unused */
+		{ 0, 0, 4, 4, 0, 0, 0, 0 },                                      /* size unused */
+		{ DMC_POLICY_PAD, 0, 8, 8, 0, INFINITY, 0, 0 },                  /* pad not finite */
+		{ DMC_POLICY_SIZE, 1, 8, 8, 0, 1.0, 0, 0 },                      /* pad unused */
+		{ DMC_POLICY_WINDOW, 0, 0, 0, 0, 0, 40, 0 },                     /* width 0 */
+		{ DMC_POLICY_WINDOW, 0, 0, 0, 0, 0, 40, -5 },                    /* width < 0 */
+		{ DMC_POLICY_WINDOW, 0, 0, 0, 0, 0, NAN, 400 },                  /* center NaN */
+		{ 0, 0, 0, 0, 0, 0, 0, 400 },                                    /* window unused */
+	};
+	struct dmc_open in = { DMC_SOURCE_DATAMINT, DMC_OPEN_POLICY, 0, S("ct"), S(""), S("u"),
+			       S("k"), 0, { 0 } },
+			out;
+	int len;
+
+	for (size_t i = 0; i < sizeof(good) / sizeof(good[0]); i++) {
+		in.policy = good[i];
+		ASSERT_EQ(dmc_policy_check(&good[i]), DMC_PROTO_OK);
+		len = dmc_open_encode(&in, 1, frame, sizeof(frame));
+		ASSERT_EQ(dmc_open_decode(frame + DMC_HEADER_SIZE, (size_t)len - DMC_HEADER_SIZE,
+					  &out),
+			  DMC_PROTO_OK);
+		ASSERT_EQ(out.policy.ops, good[i].ops);
+	}
+	for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+		in.policy = bad[i];
+		ASSERT_EQ(dmc_policy_check(&bad[i]), DMC_PROTO_ERROR);
+		len = dmc_open_encode(&in, 1, frame, sizeof(frame));
+		ASSERT_GT(len, 0);
+		ASSERT_EQ(dmc_open_decode(frame + DMC_HEADER_SIZE, (size_t)len - DMC_HEADER_SIZE,
+					  &out),
+			  DMC_PROTO_ERROR);
+	}
+}
+
 TEST(stream_round_trip_and_order)
 {
 	struct dmc_stream_req in = { 7, 11, 3, DMC_STREAM_SHUFFLE, 1, 4, 32, 2 }, out;
@@ -723,6 +813,7 @@ int main(int argc, char **argv)
 		  T(ping_round_trip), T(status_round_trip), T(error_round_trip),
 		  T(every_truncation_needs_more), T(trailing_bytes_and_bad_strings),
 		  T(prefetch_round_trip), T(progress_round_trip), T(cache_requests_round_trip),
-		  T(list_round_trip), T(serving_round_trip), T(stream_round_trip_and_order),
+		  T(list_round_trip), T(serving_round_trip), T(open_policy_round_trip),
+		  T(open_policy_rejects_bad_fields), T(stream_round_trip_and_order),
 		  T(local_need_round_trip), T(local_files_round_trip), T(frame_set_nfds));
 }

@@ -64,6 +64,10 @@ OPEN_FRAMES = 2
 OPEN_MASKS = 4
 OPEN_OFFLINE = 8
 OPEN_RAW = 16
+OPEN_POLICY = 32
+# struct dmc_policy (proto.h: DMC_OPEN_POLICY)
+POLICY_SIZE, POLICY_CROP, POLICY_PAD, POLICY_CHANNELS, POLICY_WINDOW = 1, 2, 4, 8, 16
+RESIZE_CODES = {'bilinear': 1, 'nearest': 2, 'area': 3}
 
 
 def offline_default(offline=None):
@@ -74,15 +78,24 @@ def offline_default(offline=None):
 GET_MAX = 4096
 STREAM_AHEAD_MAX = 8
 DTYPES = {1: 'uint8', 2: 'int8', 3: 'uint16', 4: 'int16', 5: 'uint32', 6: 'int32',
-          7: 'uint64', 8: 'int64', 9: 'float32', 10: 'float64'}
+          7: 'uint64', 8: 'int64', 9: 'float32', 10: 'float64', 11: 'float16',
+          12: 'bfloat16'}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
-DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 8, 8: 8, 9: 4, 10: 8}
+DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 4, 7: 8, 8: 8, 9: 4, 10: 8, 11: 2,
+               12: 2}
+DTYPE_BF16 = 12  # no numpy dtype: read as uint16 bits, viewed as torch.bfloat16
 
 
 class OpenArgs(ctypes.Structure):
     _fields_ = [('source', u32), ('project', c_char_p), ('version', c_char_p),
                 ('server', c_char_p), ('api_key', c_char_p), ('flags', u32), ('dtype', u32),
                 ('arena_bytes', u64)]
+
+
+class Policy(ctypes.Structure):
+    _fields_ = [('ops', u32), ('resize', u32), ('height', u32), ('width', u32),
+                ('channels', u32), ('pad_value', ctypes.c_double),
+                ('window_center', ctypes.c_double), ('window_width', ctypes.c_double)]
 
 
 class DatasetInfo(ctypes.Structure):
@@ -147,6 +160,8 @@ dmc_status_free = _fn('dmc_status_free', None, _P(StatusInfo))
 dmc_last_error = _fn('dmc_last_error', _P(ErrorInfo), c_void_p)
 dmc_strerror = _fn('dmc_strerror', c_char_p, ctypes.c_int)
 dmc_open = _fn('dmc_open', ctypes.c_int, c_void_p, _P(OpenArgs), _P(c_void_p))
+dmc_open_policy = _fn('dmc_open_policy', ctypes.c_int, c_void_p, _P(OpenArgs), _P(Policy),
+                      _P(c_void_p))
 dmc_dataset_info = _fn('dmc_dataset_info', _P(DatasetInfo), c_void_p)
 dmc_dataset_close = _fn('dmc_dataset_close', ctypes.c_int, c_void_p)
 dmc_get = _fn('dmc_get', ctypes.c_int, c_void_p, _P(u64), u32, _P(Item))
@@ -316,11 +331,13 @@ class Client:
                 dmc_status_free(p)
 
     def open(self, source, project, version=None, server=None, api_key=None, lut=False,
-             dtype=0, arena_bytes=0, frames=False, masks=False, offline=False, raw=False):
+             dtype=0, arena_bytes=0, frames=False, masks=False, offline=False, raw=False,
+             policy=None):
         """Opens a dataset version; returns an OpenDataset. offline=True: from the
         caller's grants only, without contacting the server. raw=True: each item is its
         stored original file, uint8 (1, 1, 1, bytes); with masks=True, its stored segmentation
-        files back to back, the metadata's "files" saying where each is."""
+        files back to back, the metadata's "files" saying where each is. policy: a Policy
+        (the daemon's uniformity policy) or None."""
         args = OpenArgs(source=source, project=_enc(project), version=_enc(version),
                         server=_enc(server), api_key=_enc(api_key),
                         flags=(OPEN_LUT if lut else 0) | (OPEN_FRAMES if frames else 0) |
@@ -330,7 +347,9 @@ class Client:
                         arena_bytes=int(arena_bytes))
         h = c_void_p()
         with self.lock:
-            rc = dmc_open(self.handle(), ctypes.byref(args), ctypes.byref(h))
+            rc = dmc_open_policy(self.handle(), ctypes.byref(args),
+                                 ctypes.byref(policy) if policy is not None else None,
+                                 ctypes.byref(h))
             args.api_key = None
             if rc < 0:
                 where = ("local folder '%s'" % os.fsdecode(_enc(project))

@@ -19,13 +19,32 @@ prefetch + 2 batches; a batch larger than the whole arena fails with limit_excee
 (LimitExceededError).
 
 Tensors. By default (collate='stack') every batch is one tensor (batch, frames, channels,
-H, W) of one dtype. When the items of a batch differ, the daemon can make them uniform
-with a policy set once: dtype= converts every item in the daemon (the daemon's dtypes;
-'float16' and 'bfloat16' are converted from the daemon's float32 here, a copy). When a
-batch's items still differ (mixed int16/uint16 slices without dtype=, or shapes that
-differ), iteration raises BatchMismatchError at the first such batch, naming both items'
-dtypes and shapes and the parameter that fixes it; collate='list' gives a list of tensors
-instead (the Datamint client's collate).
+H, W) of one dtype. When the items of a batch differ, the daemon makes them uniform with
+a policy set once, applied by its decode workers (the trainer's CPU does none of it) and
+kept with its decoded tensors (the policy is part of their key):
+  window=(center, width)  CT: the modality LUT, then clip((x - (center - width / 2)) /
+                          width, 0, 1) as float32;
+  channels=1 or 3         3 from gray by repetition (gray+alpha: the gray; RGBA: RGB);
+                          1 from RGB(A) by the luma 0.299 R + 0.587 G + 0.114 B (float32);
+  size=(H, W) (or one int) resized with resize='bilinear' (default) or 'area' (Pillow's
+                          BILINEAR and BOX resampling of float32 planes: equal values,
+                          float32), or 'nearest' (source pixel floor((x + 0.5) * in / out),
+                          dtype kept);
+  crop=(H, W)             the centered (H, W) window (offset floor((in - H) / 2)); a
+                          smaller image is padded around with pad_value (default 0);
+  pad=(H, W)              the image at the top-left of an (H, W) canvas of pad_value, cut
+                          at the bottom/right when larger (pixel coordinates are kept);
+  dtype=                  every item converted to it by the daemon, float16 and bfloat16
+                          included (from float32, rounded to nearest even, as numpy's and
+                          torch's casts; integers rounded to nearest and saturated).
+  In that order; size, crop and pad exclude each other. Without dtype= the output is
+  float32 when a step computed new values (window, bilinear/area, luma), else the decoded
+  dtype: mixed int16/uint16 CT slices still need dtype= (or window=). The metadata the
+  daemon sends (the DICOM header, the decoded dtype and shape) describes the decoded
+  source, not the policy's output.
+When a batch's items still differ, iteration raises BatchMismatchError at the first such
+batch, naming both items' dtypes and shapes and the parameter that fixes it;
+collate='list' gives a list of tensors instead (the Datamint client's collate).
 
 Writable views. A stacked batch (and each tensor of a list) is a zero-copy view of the
 connection's arena, valid until the next batch is asked for; .clone() what you keep, or
@@ -60,9 +79,8 @@ PREFETCH_MAX = _lib.STREAM_AHEAD_MAX - 1
 # the daemon aligns arena allocations to 4096 bytes: with larger pages a private copy of
 # one page could span two batches, so batches are copied instead of viewed
 _VIEWS_SAFE = mmap.PAGESIZE <= 4096
-# dtypes the client makes from the daemon's float32 (a copy): (torch name, numpy name)
-CLIENT_DTYPES = {'float16': ('float16', 'float16'), 'bfloat16': ('bfloat16', None)}
 COLLATES = ('stack', 'list')
+RESIZES = tuple(_lib.RESIZE_CODES)
 
 
 class BatchMismatchError(ValueError):
@@ -81,12 +99,62 @@ def _dtype_name(dtype):
     name = str(dtype)
     if name.startswith('torch.'):
         name = name[len('torch.'):]
-    if name in CLIENT_DTYPES:
+    if name == 'bfloat16':  # torch's, not numpy's: made by the daemon, viewed by torch
         return name
     try:
         return str(np.dtype(name))
     except TypeError:
         raise ValueError("dtype '%s' is not a dtype name" % (dtype,)) from None
+
+
+def _hw(name, value):
+    """(H, W) from (H, W) or one int for both; checked."""
+    hw = (value, value) if isinstance(value, int) else tuple(value)
+    if len(hw) != 2 or not all(isinstance(v, (int, np.integer)) and 1 <= v <= 65535
+                               for v in hw):
+        raise ValueError('%s= must be (height, width), each 1 to 65535, not %r' %
+                         (name, value))
+    return int(hw[0]), int(hw[1])
+
+
+def make_policy(size=None, resize='bilinear', crop=None, pad=None, pad_value=0,
+                channels=None, window=None):
+    """The daemon's uniformity policy (proto.h, struct dmc_policy) for Loader's
+    parameters, or None when none is asked. ValueError names a bad parameter."""
+    p = _lib.Policy()
+    given = [n for n, v in (('size', size), ('crop', crop), ('pad', pad)) if v is not None]
+    if len(given) > 1:
+        raise ValueError('%s exclude each other: pass one of them' % ' and '.join(
+            '%s=' % n for n in given))
+    if resize not in _lib.RESIZE_CODES:
+        raise ValueError('resize must be one of %s, not %r' % (', '.join(
+            repr(r) for r in RESIZES), resize))
+    if given:
+        p.height, p.width = _hw(given[0], {'size': size, 'crop': crop, 'pad': pad}[given[0]])
+        p.ops |= {'size': _lib.POLICY_SIZE, 'crop': _lib.POLICY_CROP,
+                  'pad': _lib.POLICY_PAD}[given[0]]
+    if size is not None:
+        p.resize = _lib.RESIZE_CODES[resize]
+    if crop is not None or pad is not None:
+        p.pad_value = float(pad_value)
+        if not math.isfinite(p.pad_value):
+            raise ValueError('pad_value must be a finite number, not %r' % (pad_value,))
+    if channels is not None:
+        if channels not in (1, 3):
+            raise ValueError('channels must be 1 or 3, not %r' % (channels,))
+        p.ops |= _lib.POLICY_CHANNELS
+        p.channels = int(channels)
+    if window is not None:
+        try:
+            center, width = (float(v) for v in window)
+        except (TypeError, ValueError):
+            raise ValueError('window= must be (center, width), not %r' % (window,)) from None
+        if not (math.isfinite(center) and math.isfinite(width) and width > 0):
+            raise ValueError('window= must be (center, width) with a finite center and a '
+                             'width > 0, not %r' % (window,))
+        p.ops |= _lib.POLICY_WINDOW
+        p.window_center, p.window_width = center, width
+    return p if p.ops else None
 
 
 class ItemMeta(Mapping):
@@ -227,6 +295,7 @@ class _Conn:
             self.ds = self.client.open(loader._source, loader._project, version=loader._version,
                                        server=loader._server, api_key=loader._key,
                                        lut=loader.lut, dtype=loader._dtype,
+                                       policy=loader._policy,
                                        arena_bytes=loader.arena_bytes,
                                        frames=loader.frame_by_frame, masks=loader.masks,
                                        offline=loader.offline)
@@ -248,16 +317,22 @@ class Loader:
                server_url=None, lut=False, dtype=None, prefetch=1, arena_bytes=0,
                metadata=True, socket=None, copy=False, return_frame_by_frame=False,
                masks=False, offline=None, collate='stack', indices=None, weights=None,
-               num_samples=None)
+               num_samples=None, size=None, resize='bilinear', crop=None, pad=None,
+               pad_value=0, channels=None, window=None)
 
     project: a Datamint project (name or id), a local dataset folder (with dataset.json),
     a name under root as for Dataset, or a dmcache.Dataset (its source and pinned
     version). Iterating yields Batch(images, meta, indices); len() is the number of
     batches of this rank per epoch. lut applies the modality LUT (float32), dtype asks
-    the daemon for another output dtype ('float32', ...; 'float16' and 'bfloat16' are made
-    here from the daemon's float32). collate='stack' (default): each batch is one tensor,
-    BatchMismatchError when its items differ; 'list': a list when they differ. There is no
-    Datamint-style normalisation: items come in their source dtype (or `dtype`). prefetch
+    the daemon for another output dtype ('float32', 'float16', 'bfloat16', 'int32', ...).
+    The daemon's uniformity policy (the module's docstring has the exact rules), applied
+    by its decode workers to every item: window=(center, width) (CT: modality LUT, then
+    clipped to [0, 1], float32), channels=1 or 3, and one of size=(H, W) with
+    resize='bilinear' | 'area' | 'nearest', crop=(H, W) (centered) or pad=(H, W)
+    (top-left, pad_value= elsewhere). collate='stack' (default): each batch is one tensor,
+    BatchMismatchError (naming the parameter that fixes it) when its items still differ;
+    'list': a list when they differ. There is no Datamint-style normalisation: items come
+    in their source dtype (or `dtype`, or float32 after a window or resampling). prefetch
     (0 to 7): batches the daemon keeps ready beyond the next one. copy=True gives copies
     instead of views (views are writable too: see the module's docstring). return_frame_by_frame=True makes every frame an item of shape (1, C, H, W).
     indices= reads only those items (in the daemon's order of their positions, shuffled
@@ -278,16 +353,16 @@ class Loader:
                  masks=False, offline=None, collate='stack', indices=None, weights=None,
                  num_samples=None, pin_memory=False, device=None, split=None, filter=None,
                  transform=None, batch_transform=None, num_workers=0,
-                 multiprocessing_context=None):
+                 multiprocessing_context=None, size=None, resize='bilinear', crop=None,
+                 pad=None, pad_value=0, channels=None, window=None):
         if not 1 <= int(batch_size) <= _lib.GET_MAX:
             raise ValueError('batch_size must be 1 to %d' % _lib.GET_MAX)
         if not 0 <= int(prefetch) <= PREFETCH_MAX:
             raise ValueError('prefetch must be 0 to %d' % PREFETCH_MAX)
         dname = _dtype_name(dtype)
-        if dname is not None and dname not in _lib.DTYPE_CODES and dname not in CLIENT_DTYPES:
-            raise ValueError("dtype '%s' is not one the daemon produces (%s) nor %s" %
-                             (dtype, ', '.join(sorted(_lib.DTYPE_CODES)),
-                              ' or '.join(sorted(CLIENT_DTYPES))))
+        if dname is not None and dname not in _lib.DTYPE_CODES:
+            raise ValueError("dtype '%s' is not one the daemon produces (%s)" %
+                             (dtype, ', '.join(sorted(_lib.DTYPE_CODES))))
         if collate not in COLLATES:
             raise ValueError("collate must be 'stack' or 'list', not %r" % (collate,))
         if dname == 'bfloat16' and torch_module() is None:
@@ -300,9 +375,17 @@ class Loader:
         self.lut = bool(lut)
         self.dtype = dname
         self.collate = collate
-        # the daemon converts to its dtypes; float16/bfloat16 from its float32, here
-        self._dtype = _lib.DTYPE_CODES['float32' if dname in CLIENT_DTYPES else dname] \
-            if dname is not None else 0
+        self._dtype = _lib.DTYPE_CODES[dname] if dname is not None else 0
+        # the daemon's uniformity policy (None: none), sent with every OPEN
+        self._policy = make_policy(size, resize, crop, pad, pad_value, channels, window)
+        if self._policy is not None and masks:
+            raise ValueError('masks=True reads label maps on the image grid: size=, crop=, '
+                             'pad=, channels= and window= do not apply to them')
+        self.policy = {k: v for k, v in (
+            ('size', size), ('resize', resize if size is not None else None),
+            ('crop', crop), ('pad', pad),
+            ('pad_value', pad_value if crop is not None or pad is not None else None),
+            ('channels', channels), ('window', window)) if v is not None}
         self.prefetch = int(prefetch)
         self.arena_bytes = int(arena_bytes)
         self.metadata = bool(metadata)
@@ -386,6 +469,7 @@ class Loader:
     def __repr__(self):
         policy = ['dtype=%s' % self.dtype if self.dtype else 'dtype=source',
                   'collate=%s' % self.collate]
+        policy += ['%s=%r' % kv for kv in self.policy.items()]
         for flag in ('lut', 'masks', 'copy'):
             if getattr(self, flag):
                 policy.append('%s=True' % flag)
@@ -525,29 +609,28 @@ class Loader:
 
         def desc(it):
             return 'item %d: %s %s' % (it.index, _lib.DTYPES[it.dtype], tuple(it.shape))
+        a, b = tuple(first.shape), tuple(other.shape)
+        fixes = []
         if other.dtype != first.dtype:
-            fix = ("pass dtype= to Loader (e.g. dtype='float32', or 'int32' for int16 with "
-                   "uint16) so the daemon converts every item")
-            if tuple(other.shape) != tuple(first.shape):
-                fix += ', and make the shapes equal'
-        else:
-            fix = ('the shapes differ: Loader has no resize policy yet; '
-                   'return_frame_by_frame=True if only the frame counts differ')
+            fixes.append("pass dtype= to Loader (e.g. dtype='float32', or 'int32' for int16 "
+                         "with uint16) so the daemon converts every item")
+        if a[2:] != b[2:]:
+            fixes.append('the images differ in (height, width): pass size=(H, W) (resized), '
+                         'crop=(H, W) (center crop) or pad=(H, W) so the daemon makes '
+                         'every item (H, W)')
+        if a[1] != b[1]:
+            fixes.append('the channels differ: pass channels=1 or channels=3')
+        if a[0] != b[0]:
+            fixes.append('the frame counts differ: pass return_frame_by_frame=True (one '
+                         'item per frame)')
+        fix = '; '.join(fixes)
+        if a != b:
+            fix = 'the shapes differ: ' + fix if other.dtype == first.dtype else \
+                fix + ' (the shapes differ too)'
         return BatchMismatchError(
             "batch %d of epoch %d mixes %s and %s: %s, or pass collate='list' to get a list "
             "of tensors" % (number, epoch, desc(first), desc(other), fix),
             epoch=epoch, batch=number, indices=[int(it.index) for it in items])
-
-    def _convert(self, images):
-        """float16/bfloat16 from the daemon's float32 (a copy, made here)."""
-        torch = torch_module()
-        if self.dtype not in CLIENT_DTYPES:
-            return images
-        if isinstance(images, list):
-            return [self._convert(x) for x in images]
-        if torch is not None and isinstance(images, torch.Tensor):
-            return images.to(getattr(torch, CLIENT_DTYPES[self.dtype][0]))
-        return images.astype(CLIENT_DTYPES[self.dtype][1])
 
     def _make_batch(self, b, epoch=0):
         items = [b.items[i] for i in range(b.n)]
@@ -558,7 +641,7 @@ class Loader:
             raise self._mismatch(items, epoch, int(b.number))
         torch = torch_module()
         first = items[0]
-        dt = np.dtype(_lib.DTYPES[first.dtype])
+        dt = _np_dtype(first.dtype)
         copy = self.copy or not _VIEWS_SAFE
         if b.uniform:
             shape = (b.n,) + tuple(first.shape)
@@ -567,20 +650,19 @@ class Loader:
                 if copy or torch is not None:
                     images = images.copy()
                 if torch is not None:
-                    images = to_torch(torch, images)
+                    images = _to_torch(torch, images, first.dtype)
             else:
                 images = _torch_region(torch, b.data, b.n * first.nbytes, first.dtype, shape)
         else:
-            views = [_numpy_region(it.data, it.nbytes, np.dtype(_lib.DTYPES[it.dtype]),
+            views = [_numpy_region(it.data, it.nbytes, _np_dtype(it.dtype),
                                    tuple(it.shape)) for it in items]
             if torch is not None:
-                images = [to_torch(torch, v.copy() if copy else v)
+                images = [_to_torch(torch, v.copy() if copy else v, it.dtype)
                           if copy or v.dtype.name in TORCH_WIDEN or
                           v.dtype.name == 'uint64' else _torch_view(torch, it)
                           for v, it in zip(views, items)]
             else:
                 images = [v.copy() for v in views] if copy else views
-        images = self._convert(images)
         meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame,
                           self._source == _lib.SOURCE_LOCAL) for it in items] \
             if self.metadata else [None] * len(items)
@@ -618,14 +700,13 @@ class Loader:
                       for it in items)
         if not uniform and self.collate == 'stack':
             raise self._mismatch(items, epoch, number)
-        arrays = [_numpy_region(it.data, it.nbytes, np.dtype(_lib.DTYPES[it.dtype]),
+        arrays = [_numpy_region(it.data, it.nbytes, _np_dtype(it.dtype),
                                 tuple(it.shape)).copy() for it in items]
         images = np.stack(arrays) if uniform else arrays
         torch = torch_module()
         if torch is not None:
-            images = to_torch(torch, images) if uniform else [to_torch(torch, a)
-                                                               for a in images]
-        images = self._convert(images)
+            images = _to_torch(torch, images, first.dtype) if uniform else \
+                [_to_torch(torch, a, it.dtype) for a, it in zip(images, items)]
         meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame,
                           self._source == _lib.SOURCE_LOCAL) for it in items] \
             if self.metadata else [None] * len(items)
@@ -705,6 +786,17 @@ class Loader:
         if not self._staged:
             return self._iterate(epoch)
         return _delivery.batches(self, epoch)
+
+
+def _np_dtype(code):
+    """The numpy dtype of a daemon dtype; bfloat16 (numpy has none) as its int16 bits."""
+    return np.dtype(np.int16) if code == _lib.DTYPE_BF16 else np.dtype(_lib.DTYPES[code])
+
+
+def _to_torch(torch, a, code):
+    """to_torch(), bfloat16 items (int16 bits in numpy) viewed as torch.bfloat16."""
+    t = to_torch(torch, a)
+    return t.view(torch.bfloat16) if code == _lib.DTYPE_BF16 else t
 
 
 def _numpy_region(address, nbytes, dt, shape):
