@@ -5,6 +5,7 @@ int16/uint16 'ct' project is one tensor; every value equals an independent compu
 here (Pillow's resize of the same float32 planes, numpy's indexing, clipping and casts)
 from the daemon's own unpolicied output of the same items (itself checked against pydicom
 by test_loader_training.py)."""
+import ctypes
 import os
 import re
 import subprocess
@@ -346,6 +347,30 @@ def test_libdmcache_refuses_a_bad_policy_before_sending(daemon):
         items = ds.get([0])
         assert tuple(items[0].shape) == (1, 1, 8, 8)
         assert _lib.DTYPES[items[0].dtype] == 'float32'
+        ds.release(items)
+        ds.close()
+    finally:
+        client.close()
+
+
+def test_stored_files_refuse_a_policy(daemon):
+    """DMC_OPEN_RAW serves each item's file as it was stored: the daemon refuses a policy
+    with it (a resized file would not be the file), with the reason."""
+    from dmcache import _lib
+    client = _lib.Client(daemon.socket)
+    try:
+        pol = _lib.Policy(ops=_lib.POLICY_SIZE, resize=_lib.RESIZE_CODES['area'], height=8,
+                          width=8)
+        with pytest.raises(dmcache.DmcacheError) as e:
+            client.open(_lib.SOURCE_DATAMINT, 'ct', server=os.environ['DATAMINT_API_URL'],
+                        api_key=os.environ['DATAMINT_API_KEY'], raw=True, policy=pol)
+        assert 'invalid_argument' in str(e.value) and 'policy' in str(e.value), str(e.value)
+        ds = client.open(_lib.SOURCE_DATAMINT, 'ct', server=os.environ['DATAMINT_API_URL'],
+                         api_key=os.environ['DATAMINT_API_KEY'], raw=True)
+        items = ds.get([0])
+        assert _lib.DTYPES[items[0].dtype] == 'uint8'
+        data = ctypes.string_at(items[0].data, items[0].nbytes)
+        assert data[128:132] == b'DICM'
         ds.release(items)
         ds.close()
     finally:
