@@ -171,7 +171,7 @@ class Emulator:
         return self.request('GET', path, key=key, **kw)
 
     def upload(self, filename, data, mimetype, key=KEY_ALL, **fields):
-        """POST /resources as the client does (datamint-api.md §3.4)."""
+        """POST /resources as the client does (README: What the API does)."""
         f = {'source': 'api', 'source_filepath': filename, 'mimetype': mimetype}
         f.update({k: v for k, v in fields.items() if v is not None})
         body, ctype = multipart(f, {'resource': (filename, mimetype, data)})

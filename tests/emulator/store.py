@@ -20,7 +20,7 @@ SYNTH_MIME = 'application/octet-stream'
 
 
 class NotFound(Exception):
-    """Missing or not entitled: both look the same to a client (DESIGN.md §7).
+    """Missing or not entitled: both look the same to a client (docs/security.md).
 
     An entity that does not exist answers 404 {"statusCode":404,"message":"Not Found",...}
     (NestJS's NotFoundException without a text): the seed-era client raises
@@ -57,7 +57,7 @@ def _rid(*parts):
 
 class Clock:
     """ISO-8601 UTC with milliseconds and Z; strictly increasing, because clients compare
-    dataset `updated_at` values as strings (datamint-api.md §4.3, §7.7)."""
+    dataset `updated_at` values as strings (the server's dataset listing)."""
 
     def __init__(self):
         self.last = 0
@@ -139,7 +139,7 @@ def _label_pos(k):
 
 
 def storage_for(mimetype):
-    """`storage` values seen at HEAD (datamint-api.md §3.4)."""
+    """`storage` values seen at HEAD (README: What the API does)."""
     m = mimetype or ''
     if m == 'application/dicom':
         return 'DicomResource'
@@ -168,7 +168,7 @@ def parse_bool(v, default=None):
 
 def parse_filter(v):
     """`project` / `tags` filters: JSON {"items":[...],"filterType":"union"|"intersection"}
-    (datamint-api.md §3.4, §7.3). A bare string is one item."""
+    (README: What the API does). A bare string is one item."""
     if v is None or v == '':
         return None
     try:
@@ -364,7 +364,7 @@ class Store:
         self.annotations = {}       # id -> annotation dict
         self.synthetic = []         # SyntheticProject
         self.tokens = {}            # Gen A download token -> zip info
-        self.batches = {}           # upload batch id -> batch (datamint-api.md 3.8)
+        self.batches = {}           # upload batch id -> batch (README: What the API does)
         self.blob_seq = 0
 
     def close(self):
@@ -542,7 +542,7 @@ class Store:
             self.touch([p['id']])
 
     def dataset_public(self, p):
-        """`GET /datasets` entry (datamint-api.md §3.2)."""
+        """`GET /datasets` entry (README: What the API does)."""
         sp = p['_synthetic']
         if sp:
             ids = LazyList(lambda: ('"%s"' % sp.item_id(i) for i in range(sp.n)))
@@ -676,7 +676,7 @@ class Store:
             return self.file_content(r).etag
 
     def upload(self, key, fields, file_name, file_ctype, data):
-        """POST /resources (datamint-api.md §3.4 upload fields)."""
+        """POST /resources (the upload form's fields; README: What the API does)."""
         mimetype = norm_mime(fields.get('mimetype') or file_ctype or 'application/octet-stream')
         tags = [t for t in (x.strip() for x in (fields.get('tags') or '').split(',')) if t]
         # labels (the 2024 clients' `labels[i]` fields, or `labels` comma-separated) are
@@ -831,7 +831,7 @@ class Store:
             rs.sort(key=lambda r: (r['created_at'], r['id']), reverse=True)
             return [self.resource_public(r) for r in rs]
 
-    # ---- upload batches (datamint-api.md 3.8; get_batches/get_batch_info @af98a24) ----
+    # ---- upload batches (the seed-era client's get_batches/get_batch_info) ----
     def create_batch(self, key, body):
         if not isinstance(body, dict):
             raise BadRequest('body must be a JSON object')
@@ -859,7 +859,7 @@ class Store:
         with self.lock:
             r = self.get_resource(key, rid, allow_deleted=False)
             if r['status'] != 'inbox':
-                # Text the client tolerates (datamint-api.md §2.3, §7.5).
+                # Text the client tolerates (README: What a client cannot tell from the server).
                 raise BadRequest('Resource must be in inbox status to be approved')
             r['status'] = 'published'
             r['published'] = True
@@ -988,7 +988,7 @@ class Store:
             return [self.resource_public(r) for r in rs]
 
     def channels(self, key):
-        """GET /resources/channels (datamint-api.md §3.5)."""
+        """GET /resources/channels (README: What the API does)."""
         with self.lock:
             groups = {}
             for r in self.resources.values():
@@ -1022,7 +1022,7 @@ class Store:
 
     # ------------------------------------------------------------------ annotations
     def _make_annotation(self, res, a, worklist_id, path, created_at):
-        """Annotation with the long field names of datamint-api.md §3.6."""
+        """Annotation with the API's long field names (README: What the API does)."""
         atype = a.get('type') or a.get('annotation_type')
         if atype not in ('segmentation', 'area', 'distance', 'angle', 'point', 'line', 'region',
                          'square', 'circle', 'category', 'label', 'integer', 'float'):

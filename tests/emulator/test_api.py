@@ -51,7 +51,7 @@ def test_auth_errors_and_entitlement(emu):
     r = emu.get('/projects', key=KEY_SAMPLE, bearer=True)
     assert r.status == 200 and [p['name'] for p in is_json(r)['data']] == ['sample']
     assert is_json(emu.get('/projects', key=KEY_NONE))['data'] == []
-    # Not entitled looks exactly like missing (DESIGN.md §7).
+    # Not entitled looks exactly like missing (docs/security.md).
     ct = emu.project('ct')
     denied = emu.get('/projects/' + ct['id'], key=KEY_SAMPLE)
     missing = emu.get('/projects/00000000-0000-4000-8000-000000000000', key=KEY_SAMPLE)
