@@ -83,7 +83,12 @@ static void json_parsed(uv_work_t *w, int status)
 	struct json_req *q = w->data;
 
 	(void)status;
-	if (!q->root) {
+	if (!q->root && json_error_code(&q->jerr) == json_error_out_of_memory) {
+		/* the answer may be fine: the daemon is short of memory, which passes */
+		q->e.err = -DMC_E_OVERLOADED;
+		snprintf(q->e.message, sizeof(q->e.message),
+			 "out of memory while reading the server's answer: try again");
+	} else if (!q->root) {
 		q->e.err = -DMC_E_UPSTREAM_PERMANENT;
 		snprintf(q->e.message, sizeof(q->e.message), "the server's answer is not JSON: %s",
 			 q->jerr.text);
