@@ -7,11 +7,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
 import pytest
 
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get('DMC_BUILD_ROOT') or os.path.abspath(
     os.path.join(os.path.dirname(__file__), '..', '..', 'build'))
 DMCACHED = os.path.join(BUILD, 'daemon', 'dmcached')
@@ -118,3 +120,16 @@ def daemon(tmpdir_short):
     rc, _ = d.stop()
     d.notify.close()
     assert rc == 0, 'dmcached exited with %r:\n%s' % (rc, d.log())
+
+
+@pytest.fixture(scope='module')
+def emu():
+    """The Datamint emulator on the test corpus, one per test module, stopped cleanly at
+    its end. A module that needs another one (synthetic projects, faults from the start)
+    defines its own `emu`, which takes precedence."""
+    sys.path.insert(0, os.path.join(TESTS, 'emulator'))
+    import client as emulator
+    e = emulator.Emulator()
+    e.start()
+    yield e
+    assert e.stop() == 0

@@ -22,14 +22,6 @@ KEY = emulator.KEY_ALL
 MiB = 1 << 20
 
 
-@pytest.fixture(scope='module')
-def emu():
-    e = emulator.Emulator()
-    e.start()
-    yield e
-    assert e.stop() == 0
-
-
 def prefetch(d, emu, project, *args):
     env = dict(d.env, DATAMINT_API_KEY=KEY)
     env.pop('DATAMINT_API_URL', None)

@@ -23,7 +23,7 @@ import struct
 import subprocess
 
 from conftest import Daemon
-from test_faults_read import KEY, Session, baseline, emu, prefetch  # noqa: F401 (emu)
+from test_faults_read import KEY, Session, baseline, prefetch
 
 OPEN_OFFLINE = 8  # proto.h DMC_OPEN_OFFLINE
 ROUNDS = int(os.environ.get('DMC_ALLOC_ROUNDS', '40'))

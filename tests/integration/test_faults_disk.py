@@ -5,7 +5,6 @@ the file system is writable again. Root: a real tmpfs remounted `ro`.
 import os
 import random
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,17 +14,6 @@ import wire
 from conftest import DMCACHE, Daemon
 from test_faults_read import (KEY, Session, baseline, blob_path, corrupt, item_blobs,
                               prefetch)
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
-import client as emulator  # noqa: E402
-
-
-@pytest.fixture(scope='module')
-def emu():
-    e = emulator.Emulator()
-    e.start()
-    yield e
-    assert e.stop() == 0
 
 
 @pytest.fixture

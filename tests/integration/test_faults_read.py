@@ -35,14 +35,6 @@ KINDS = ('flip_payload', 'flip_header', 'truncate', 'zero', 'other_blob', 'key_m
          'append')
 
 
-@pytest.fixture(scope='module')
-def emu():
-    e = emulator.Emulator()
-    e.start()
-    yield e
-    assert e.stop() == 0
-
-
 def prefetch(d, emu, project):
     env = dict(d.env, DATAMINT_API_KEY=KEY)
     env.pop('DATAMINT_API_URL', None)

@@ -26,14 +26,6 @@ ITEMS = (0, 3, 8, 14)  # DICOM, PNG, JPEG and NIfTI items of `sample`
 
 
 @pytest.fixture(scope='module')
-def emu():
-    e = emulator.Emulator()
-    e.start()
-    yield e
-    assert e.stop() == 0
-
-
-@pytest.fixture(scope='module')
 def pristine(emu, tmp_path_factory):
     """A stopped cache with `sample` prefetched and some items decoded, and the decodes."""
     import tempfile

@@ -3,7 +3,6 @@
 Each test starts its own daemon with an empty cache; the emulator (with the corpus) is
 shared by the module and its faults are cleared between tests.
 """
-import hashlib
 import json
 import os
 import random

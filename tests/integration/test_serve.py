@@ -19,14 +19,6 @@ import client as emulator  # noqa: E402
 KEY = emulator.KEY_ALL
 
 
-@pytest.fixture(scope='module')
-def emu():
-    e = emulator.Emulator()
-    e.start()
-    yield e
-    assert e.stop() == 0
-
-
 @pytest.fixture
 def daemon_env(emu, tmpdir_short):
     emu.clear_faults()

@@ -30,14 +30,6 @@ import client as emulator  # noqa: E402
 PYTHONPATH = os.path.join(BUILD, 'client', 'python')
 
 
-@pytest.fixture(scope='module')
-def emu():
-    e = emulator.Emulator()
-    e.start()
-    yield e
-    assert e.stop() == 0
-
-
 @pytest.fixture
 def tmp(tmpdir_short):
     uids.require_root()

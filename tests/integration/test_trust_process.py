@@ -5,14 +5,12 @@ the attack: another uid reads the daemon's memory, a decoder worker holds privil
 plants the cache directory, a peer hides behind a user namespace. Plus the systemd unit's
 hardening score.
 """
-import ctypes
 import json
 import os
 import pwd
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -92,14 +90,6 @@ def wait_for_workers(d, n_min=1, timeout=10):
 def run_daemon(*args, timeout=30, **kw):
     return subprocess.run([DMCACHED] + list(args), capture_output=True, text=True,
                           timeout=timeout, **kw)
-
-
-@pytest.fixture(scope='module')
-def emu():
-    e = emulator.Emulator()
-    e.start()
-    yield e
-    assert e.stop() == 0
 
 
 @pytest.fixture

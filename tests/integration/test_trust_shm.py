@@ -14,7 +14,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 import uids
 import wire
@@ -27,14 +26,6 @@ MiB = 1 << 20
 GiB = 1 << 30
 CAP = 512 * MiB
 DTYPE_F64 = 10  # 512x512 slices become 2 MiB items
-
-
-@pytest.fixture(scope='module')
-def emu():
-    e = emulator.Emulator()
-    e.start()
-    yield e
-    assert e.stop() == 0
 
 
 def start_daemon(directory, emu, *opts):
