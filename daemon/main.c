@@ -36,6 +36,7 @@
 #include "fetch.h"
 #include "conn.h"
 #include "log.h"
+#include "metrics.h"
 #include "prefetch.h"
 #include "sd.h"
 #include "serve.h"
@@ -242,6 +243,8 @@ static uint32_t app_status(void *ctx, const struct conn *c, struct dmc_status_en
 
 	if (d->serve && n < max && c->admin) /* the serving side's figures are everyone's */
 		n += serve_status(d->serve, e + n, max - n);
+	if (d->serve && n < max && c->admin) /* latency histograms: everyone's too */
+		n += metrics_status(d->pool, e + n, max - n);
 	return n;
 }
 
