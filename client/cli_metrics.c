@@ -388,7 +388,8 @@ static void snapshot_series(FILE *out, const struct dmc_snapshot_list *l)
 		{ "snapshot_bytes_stored", "Upstream bytes of a snapshot's stored items.",
 		  offsetof(struct dmc_snapshot_entry, bytes_stored) },
 	};
-	static const char *const sources[] = { "datamint", "local" };
+	static const char *const sources[] = { [DMC_SOURCE_DATAMINT] = "datamint",
+						[DMC_SOURCE_LOCAL] = "local" };
 	char num[32];
 
 	for (size_t k = 0; k < sizeof(cols) / sizeof(cols[0]); k++) {
@@ -400,7 +401,11 @@ static void snapshot_series(FILE *out, const struct dmc_snapshot_list *l)
 			put_label(out, "snapshot", num, false);
 			put_label(out, "project", s->project_name, true);
 			put_label(out, "version", s->version, true);
-			put_label(out, "source", s->source < 2 ? sources[s->source] : "other", true);
+			put_label(out, "source",
+				  s->source == DMC_SOURCE_DATAMINT || s->source == DMC_SOURCE_LOCAL
+					  ? sources[s->source]
+					  : "other",
+				  true);
 			put_label(out, "server", s->server, true);
 			if (s->owner_uid == UINT32_MAX)
 				snprintf(num, sizeof(num), "unknown");

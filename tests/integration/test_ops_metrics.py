@@ -116,6 +116,7 @@ def test_admin_metrics_pass_promtool_with_types_and_snapshot_labels(daemon):
     assert len(plain) == len(counters) - 1 + 3
     snap = [k for k in series if k.startswith('dmcache_snapshot_items_stored{')]
     assert len(snap) == 1 and 'project="syn"' in snap[0] and 'uid="0"' in snap[0]
+    assert 'source="datamint"' in snap[0], snap[0]
     assert series[snap[0]] == 6
     assert series['dmcache_uid_snapshots{uid="0"}'] == 1
 
