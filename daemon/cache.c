@@ -440,6 +440,25 @@ out:
 	return r < 0 ? r : 0;
 }
 
+int cache_set_limits(struct cache *c, uint64_t max_size, uint64_t min_free, uint64_t *ret_freed,
+		     uint64_t *ret_short)
+{
+	uint64_t shortfall = 0, freed = 0;
+	int r;
+
+	store_set_limits(c->store, max_size, min_free);
+	r = store_shortfall(c->store, 0, &shortfall);
+	if (r == 0 && shortfall > 0)
+		r = cache_evict(c, shortfall, &freed);
+	if (r == 0 && shortfall > 0)
+		r = store_shortfall(c->store, 0, &shortfall);
+	if (ret_freed)
+		*ret_freed = freed;
+	if (ret_short)
+		*ret_short = shortfall;
+	return r;
+}
+
 int cache_reserve(struct cache *c, uint64_t raw_size)
 {
 	/* Each round evicts what is missing; more rounds are needed only when other writers

@@ -3957,6 +3957,26 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 	return n;
 }
 
+uint64_t serve_hot_max_changed(struct serve *s, uint64_t *ret_bytes)
+{
+	struct hot *h = &s->hot;
+	uint64_t n = 0, bytes = 0;
+
+	h->max = s->d.cfg->hot_max;
+	for (struct hot_entry *e = h->oldest, *newer; e && h->bytes > h->max; e = newer) {
+		newer = e->newer;
+		if (e->refs)
+			continue;
+		n++;
+		bytes += e->nbytes + e->dlen;
+		h->evictions++;
+		hot_remove(h, e);
+	}
+	if (ret_bytes)
+		*ret_bytes = bytes;
+	return n;
+}
+
 bool serve_snapshot_open(struct serve *s, int64_t snapshot_id)
 {
 	for (struct sconn *sc = s->conns; sc; sc = sc->next)
