@@ -447,11 +447,15 @@ int cache_set_limits(struct cache *c, uint64_t max_size, uint64_t min_free, uint
 	int r;
 
 	store_set_limits(c->store, max_size, min_free);
+	/* store_shortfall() of an empty object counts its header: what is over is that less */
 	r = store_shortfall(c->store, 0, &shortfall);
+	shortfall = shortfall > STORE_HEADER_SIZE ? shortfall - STORE_HEADER_SIZE : 0;
 	if (r == 0 && shortfall > 0)
 		r = cache_evict(c, shortfall, &freed);
-	if (r == 0 && shortfall > 0)
+	if (r == 0 && shortfall > 0) {
 		r = store_shortfall(c->store, 0, &shortfall);
+		shortfall = shortfall > STORE_HEADER_SIZE ? shortfall - STORE_HEADER_SIZE : 0;
+	}
 	if (ret_freed)
 		*ret_freed = freed;
 	if (ret_short)
