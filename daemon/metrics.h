@@ -25,9 +25,11 @@
 #include "proto.h"
 
 /* An OPEN that arrived at `arrived_ns` (uv_hrtime()) was answered, with a handle or an
- * error. */
+ * error (OPENs refused as they arrive, malformed or with conflicting flags, are not
+ * timed). */
 void metrics_open_replied(uint64_t arrived_ns);
-/* A GET that arrived at `arrived_ns` was answered: its batch handed to the client. */
+/* A GET that arrived at `arrived_ns` was answered: its batch handed to the client (the
+ * batches of a STREAM are not GETs). */
 void metrics_get_replied(uint64_t arrived_ns);
 
 /*
