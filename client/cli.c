@@ -394,8 +394,9 @@ static int cmd_status(int argc, char **argv)
 		print_duration(s->uptime_ms);
 		printf("\nsocket: %s\n", dmc_socket_path(c));
 		for (uint32_t i = 0; i < s->n_counters; i++)
-			printf("  %-32s %lld\n", s->counters[i].name,
-			       (long long)s->counters[i].value);
+			if (strncmp(s->counters[i].name, "histogram/", 10) != 0) /* see metrics */
+				printf("  %-32s %lld\n", s->counters[i].name,
+				       (long long)s->counters[i].value);
 	}
 	dmc_status_free(s);
 	dmc_close(c);

@@ -11,6 +11,12 @@
  * written for admins only: a non-admin's STATUS has user_snapshots, an admin's does not
  * (daemon/prefetch.c, user_status()).
  *
+ * Histograms (OPEN and GET latency, decode time by format and codec) come in STATUS as
+ * entries named histogram/FAMILY/LABELS/FIELD (daemon/metrics.h): their count, their sum
+ * in nanoseconds and the bucket counts that are not zero. They become dmcache_FAMILY
+ * histograms: _bucket{le} series, cumulative, for every bound of the daemon's fixed set
+ * (and any other bound received) and +Inf, then _sum in seconds and _count.
+ *
  * With --output FILE the text is written to FILE.tmp and renamed over FILE, so a scraper
  * never reads half a file; when the daemon cannot be reached the file says dmcache_up 0
  * (and the exit status is 3).
@@ -95,6 +101,34 @@ static const struct {
 	{ "user_bytes_stored", "Upstream bytes of the caller's stored items." },
 };
 
+/* The daemon's bucket bounds in microseconds (daemon/hist.h): every histogram shows all of
+ * them, so that its series stay the same from one scrape to the next. */
+static const uint32_t std_bounds_us[] = {
+	50,     100,    250,    500,     1000,    2500,    5000,    10000,    25000,
+	50000,  100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000,
+};
+#define STD_BOUNDS (sizeof(std_bounds_us) / sizeof(std_bounds_us[0]))
+#define BOUNDS_MAX 64
+
+static const struct {
+	const char *name, *help;
+} hist_helps[] = {
+	{ "serve_open_seconds", "Time from an OPEN's arrival to its reply (a handle or an error)." },
+	{ "serve_get_seconds", "Time from a GET's arrival to its reply (the batch handed over)." },
+	{ "decode_seconds", "Time a decode spent in a decoder worker, by the format and codec it found." },
+};
+
+/* One histogram of the STATUS reply. */
+struct hist_in {
+	const char *family, *labels; /* NUL-terminated copies (owned) */
+	int64_t count, sum_ns;
+	uint32_t n;
+	struct {
+		uint32_t bound_us;
+		int64_t value;
+	} b[BOUNDS_MAX];
+};
+
 /* STATUS entries that are not measurements. */
 static bool skipped(const char *name)
 {
@@ -139,6 +173,207 @@ static void header(FILE *out, const char *name, const char *type, const char *he
 	fprintf(out, "# HELP dmcache_%s %s\n# TYPE dmcache_%s %s\n", name, help, name, type);
 }
 
+/* Splits "histogram/FAMILY/LABELS/FIELD" into its parts (in `buf`); false if it is not
+ * one. */
+static bool hist_name(const char *name, char *buf, size_t len, char **family, char **labels,
+		      char **field)
+{
+	char *p;
+
+	if (strncmp(name, "histogram/", 10) != 0 || strlen(name + 10) >= len)
+		return false;
+	strcpy(buf, name + 10);
+	*family = buf;
+	if (!(p = strchr(buf, '/')))
+		return false;
+	*p++ = '\0';
+	*labels = p;
+	if (!(p = strchr(p, '/')))
+		return false;
+	*p++ = '\0';
+	*field = p;
+	return valid_name(*family) && !strchr(p, '/');
+}
+
+/* The histograms of a STATUS reply, in the order of their first entry. */
+static struct hist_in *hist_collect(const struct dmc_status_info *s, size_t *ret_n)
+{
+	struct hist_in *h = calloc(s->n_counters ? s->n_counters : 1, sizeof(*h));
+	size_t n = 0;
+	char buf[256], *family, *labels, *field, *end;
+
+	*ret_n = 0;
+	if (!h)
+		return NULL;
+	for (uint32_t i = 0; i < s->n_counters; i++) {
+		struct hist_in *x = NULL;
+		int64_t v = s->counters[i].value;
+
+		if (!hist_name(s->counters[i].name, buf, sizeof(buf), &family, &labels, &field))
+			continue;
+		for (size_t k = 0; k < n && !x; k++)
+			if (strcmp(h[k].family, family) == 0 && strcmp(h[k].labels, labels) == 0)
+				x = &h[k];
+		if (!x) {
+			x = &h[n];
+			x->family = strdup(family);
+			x->labels = strdup(labels);
+			if (!x->family || !x->labels) {
+				free((char *)x->family);
+				free((char *)x->labels);
+				break;
+			}
+			n++;
+		}
+		if (strcmp(field, "count") == 0) {
+			x->count = v;
+		} else if (strcmp(field, "sum_ns") == 0) {
+			x->sum_ns = v;
+		} else if (strncmp(field, "le_", 3) == 0 && x->n < BOUNDS_MAX && v >= 0) {
+			unsigned long us = strtoul(field + 3, &end, 10);
+			if (end != field + 3 && !*end && us > 0 && us <= UINT32_MAX) {
+				x->b[x->n].bound_us = (uint32_t)us;
+				x->b[x->n].value = v;
+				x->n++;
+			}
+		}
+	}
+	*ret_n = n;
+	return h;
+}
+
+/* A bound in seconds, as a decimal without trailing zeros ("0.00005", "2.5", "10"). */
+static void le_text(uint32_t us, char *buf, size_t len)
+{
+	size_t n = (size_t)snprintf(buf, len, "%u.%06u", us / 1000000, us % 1000000);
+
+	while (n > 0 && buf[n - 1] == '0')
+		buf[--n] = '\0';
+	if (n > 0 && buf[n - 1] == '.')
+		buf[--n] = '\0';
+}
+
+/* Writes the labels "k=v,k=v" (or "-") of a histogram, each escaped, to `out` (NULL:
+ * only checks them); false if malformed. */
+static bool put_hist_labels(FILE *out, const char *labels)
+{
+	char buf[256], *save = NULL, *kv;
+	bool first = true;
+
+	if (strcmp(labels, "-") == 0)
+		return true;
+	if (strlen(labels) >= sizeof(buf))
+		return false;
+	strcpy(buf, labels);
+	for (kv = strtok_r(buf, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
+		char *eq = strchr(kv, '=');
+		if (!eq)
+			return false;
+		*eq = '\0';
+		if (!valid_name(kv) || strcmp(kv, "le") == 0)
+			return false;
+		if (out)
+			put_label(out, kv, eq + 1, !first);
+		first = false;
+	}
+	return true;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+static void hist_series(FILE *out, const struct dmc_status_info *s)
+{
+	size_t n;
+	struct hist_in *h = hist_collect(s, &n);
+	bool *done = calloc(n ? n : 1, sizeof(*done));
+	uint32_t bounds[STD_BOUNDS + BOUNDS_MAX * 4];
+	char le[32];
+
+	if (!h || !done)
+		goto out;
+	for (size_t i = 0; i < n; i++) {
+		const char *help = NULL;
+		char generic[160];
+		size_t nb = 0;
+
+		if (done[i])
+			continue;
+		/* the family's bounds: the fixed set and any other one received */
+		memcpy(bounds, std_bounds_us, sizeof(std_bounds_us));
+		nb = STD_BOUNDS;
+		for (size_t j = i; j < n; j++) {
+			if (strcmp(h[j].family, h[i].family) != 0)
+				continue;
+			for (uint32_t k = 0; k < h[j].n; k++) {
+				bool known = false;
+				for (size_t m = 0; m < nb && !known; m++)
+					known = bounds[m] == h[j].b[k].bound_us;
+				if (!known && nb < sizeof(bounds) / sizeof(bounds[0]))
+					bounds[nb++] = h[j].b[k].bound_us;
+			}
+		}
+		qsort(bounds, nb, sizeof(bounds[0]), cmp_u32);
+		for (size_t k = 0; k < sizeof(hist_helps) / sizeof(hist_helps[0]); k++)
+			if (strcmp(hist_helps[k].name, h[i].family) == 0)
+				help = hist_helps[k].help;
+		if (!help) {
+			snprintf(generic, sizeof(generic), "dmcached STATUS histogram %s.",
+				 h[i].family);
+			help = generic;
+		}
+		header(out, h[i].family, "histogram", help);
+		for (size_t j = i; j < n; j++) {
+			const struct hist_in *x = &h[j];
+			bool plain = strcmp(x->labels, "-") == 0;
+			int64_t cum = 0;
+
+			if (strcmp(x->family, h[i].family) != 0)
+				continue;
+			done[j] = true;
+			if (!put_hist_labels(NULL, x->labels))
+				continue;
+			for (size_t m = 0; m < nb; m++) {
+				for (uint32_t k = 0; k < x->n; k++)
+					if (x->b[k].bound_us == bounds[m])
+						cum += x->b[k].value;
+				le_text(bounds[m], le, sizeof(le));
+				fprintf(out, "dmcache_%s_bucket{", x->family);
+				put_hist_labels(out, x->labels);
+				fprintf(out, "%sle=\"%s\"} %lld\n", plain ? "" : ",", le, (long long)cum);
+			}
+			fprintf(out, "dmcache_%s_bucket{", x->family);
+			put_hist_labels(out, x->labels);
+			fprintf(out, "%sle=\"+Inf\"} %lld\n", plain ? "" : ",",
+				(long long)(x->count > cum ? x->count : cum));
+			fprintf(out, "dmcache_%s_sum", x->family);
+			if (!plain) {
+				fputc('{', out);
+				put_hist_labels(out, x->labels);
+				fputc('}', out);
+			}
+			fprintf(out, " %.9f\n", (double)x->sum_ns / 1e9);
+			fprintf(out, "dmcache_%s_count", x->family);
+			if (!plain) {
+				fputc('{', out);
+				put_hist_labels(out, x->labels);
+				fputc('}', out);
+			}
+			fprintf(out, " %lld\n", (long long)(x->count > cum ? x->count : cum));
+		}
+	}
+out:
+	for (size_t i = 0; h && i < n; i++) {
+		free((char *)h[i].family);
+		free((char *)h[i].labels);
+	}
+	free(h);
+	free(done);
+}
+
 static void snapshot_series(FILE *out, const struct dmc_snapshot_list *l)
 {
 	static const struct {
@@ -153,7 +388,8 @@ static void snapshot_series(FILE *out, const struct dmc_snapshot_list *l)
 		{ "snapshot_bytes_stored", "Upstream bytes of a snapshot's stored items.",
 		  offsetof(struct dmc_snapshot_entry, bytes_stored) },
 	};
-	static const char *const sources[] = { "datamint", "local" };
+	static const char *const sources[] = { [DMC_SOURCE_DATAMINT] = "datamint",
+						[DMC_SOURCE_LOCAL] = "local" };
 	char num[32];
 
 	for (size_t k = 0; k < sizeof(cols) / sizeof(cols[0]); k++) {
@@ -165,7 +401,11 @@ static void snapshot_series(FILE *out, const struct dmc_snapshot_list *l)
 			put_label(out, "snapshot", num, false);
 			put_label(out, "project", s->project_name, true);
 			put_label(out, "version", s->version, true);
-			put_label(out, "source", s->source < 2 ? sources[s->source] : "other", true);
+			put_label(out, "source",
+				  s->source == DMC_SOURCE_DATAMINT || s->source == DMC_SOURCE_LOCAL
+					  ? sources[s->source]
+					  : "other",
+				  true);
 			put_label(out, "server", s->server, true);
 			if (s->owner_uid == UINT32_MAX)
 				snprintf(num, sizeof(num), "unknown");
@@ -255,6 +495,7 @@ static int write_metrics(FILE *out, dmc_client *c)
 		header(out, name, counter ? "counter" : "gauge", help);
 		fprintf(out, "dmcache_%s %lld\n", name, (long long)s->counters[i].value);
 	}
+	hist_series(out, s);
 	dmc_status_free(s);
 	if (!admin)
 		return 0;

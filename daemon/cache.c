@@ -440,6 +440,29 @@ out:
 	return r < 0 ? r : 0;
 }
 
+int cache_set_limits(struct cache *c, uint64_t max_size, uint64_t min_free, uint64_t *ret_freed,
+		     uint64_t *ret_short)
+{
+	uint64_t shortfall = 0, freed = 0;
+	int r;
+
+	store_set_limits(c->store, max_size, min_free);
+	/* store_shortfall() of an empty object counts its header: what is over is that less */
+	r = store_shortfall(c->store, 0, &shortfall);
+	shortfall = shortfall > STORE_HEADER_SIZE ? shortfall - STORE_HEADER_SIZE : 0;
+	if (r == 0 && shortfall > 0)
+		r = cache_evict(c, shortfall, &freed);
+	if (r == 0 && shortfall > 0) {
+		r = store_shortfall(c->store, 0, &shortfall);
+		shortfall = shortfall > STORE_HEADER_SIZE ? shortfall - STORE_HEADER_SIZE : 0;
+	}
+	if (ret_freed)
+		*ret_freed = freed;
+	if (ret_short)
+		*ret_short = shortfall;
+	return r;
+}
+
 int cache_reserve(struct cache *c, uint64_t raw_size)
 {
 	/* Each round evicts what is missing; more rounds are needed only when other writers

@@ -112,6 +112,15 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep);
 int cache_evict(struct cache *c, uint64_t want, uint64_t *ret_freed);
 
 /*
+ * New max_size and min_free (store_set_limits()), then eviction (as cache_evict(): what
+ * c->protect names and pinned blobs stay) until the cache is within them or nothing
+ * evictable is left. *ret_freed (may be NULL) gets the bytes freed, *ret_short (may be
+ * NULL) what is still over the limits after that. Thread of the index.
+ */
+int cache_set_limits(struct cache *c, uint64_t max_size, uint64_t min_free, uint64_t *ret_freed,
+		     uint64_t *ret_short);
+
+/*
  * store_reserve() with eviction: 0 when `raw_size` bytes are admitted (release with
  * store_release(c->store, raw_size)), -DMC_E_CACHE_FULL when even eviction of every
  * unpinned blob cannot make room, -DMC_E_LIMIT_EXCEEDED above max_object or max_size.

@@ -533,14 +533,16 @@ bool config_trusted_server(const struct config *cfg, const char *url)
  * against the owners: conn.c and server.c (connections, timeouts, write queue, admin_gid
  * at each HELLO), prefetch.c (max_jobs_per_uid, grant_ttl), serve.c (arena sizes at each
  * arena, shm_max_per_uid, shm_max and decode_max_per_uid at each growth and item), log.c
- * (levels). max_size, min_free and hot_max are copied at start by store.c and serve.c,
- * parallel_transfers, max_attempts, min_speed and min_speed_time by fetch.c: restart.
+ * (levels). max_size and min_free (copied by store.c) and hot_max (copied by serve.c's
+ * hot set) are handed to their owners by the reload (main.c, apply_limits()), which
+ * evicts at once what is over a lowered limit. parallel_transfers, max_attempts,
+ * min_speed and min_speed_time are copied at start by fetch.c: restart.
  */
 static const char *const live_keys[] = {
 	"log_level", "log_debug", "max_connections", "max_connections_per_uid",
 	"idle_timeout", "hello_timeout", "write_queue_max", "max_jobs_per_uid", "grant_ttl",
 	"arena_default", "arena_max", "admin_group", "shm_max_per_uid", "shm_max",
-	"decode_max_per_uid",
+	"decode_max_per_uid", "max_size", "min_free", "hot_max",
 };
 
 /* Defaults that config_finish() or another component resolves, in words. */

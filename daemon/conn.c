@@ -687,8 +687,8 @@ static void on_ping(struct conn *c, const struct dmc_header *h, const uint8_t *p
 
 static void on_status(struct conn *c, const struct dmc_header *h, const uint8_t *payload)
 {
-	struct dmc_status_entry entries[128];
-	uint8_t frame[16384];
+	static struct dmc_status_entry entries[DMC_STATUS_ENTRIES_MAX];
+	static uint8_t frame[32768]; /* loop thread only: one reply is built at a time */
 	uint32_t count;
 	int n;
 

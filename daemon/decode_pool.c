@@ -72,6 +72,7 @@ struct decode_pool {
 	struct bad_key *bad;
 	unsigned nbad, bad_next;
 	struct decode_pool_stats st;
+	struct hist decode_time[DECODE_FORMAT_NIFTI + 1][DECODE_CODEC_NIFTI_GZ + 1];
 };
 
 void decode_pool_config_default(struct decode_pool_config *cfg)
@@ -200,9 +201,14 @@ static void fail_queue(struct decode_pool *pool, int status, const char *reason)
 
 static void finish(struct decode_pool *pool, struct decode_job *job)
 {
-	if (job->status == 0)
+	if (job->status == 0) {
 		pool->st.done++;
-	else
+		if (job->started_ns_ && !job->probe_only &&
+		    (unsigned)job->desc.format <= DECODE_FORMAT_NIFTI &&
+		    (unsigned)job->desc.codec <= DECODE_CODEC_NIFTI_GZ)
+			hist_observe(&pool->decode_time[job->desc.format][job->desc.codec],
+				     uv_hrtime() - job->started_ns_);
+	} else
 		pool->st.failed++;
 	job->on_done_(job);
 }
@@ -346,6 +352,7 @@ static void start_job(struct worker *w, struct decode_job *job)
 	job->seq_ = ++pool->seq;
 	job->worker_pid = w->pid;
 	job->worker_ = w;
+	job->started_ns_ = uv_hrtime();
 	memset(&req, 0, sizeof(req));
 	req.seq = job->seq_;
 	req.in_len = job->in_len;
@@ -704,6 +711,7 @@ int decode_pool_submit(struct decode_pool *pool, struct decode_job *job, decode_
 	job->next_ = NULL;
 	job->on_done_ = on_done;
 	job->worker_ = NULL;
+	job->started_ns_ = 0;
 	if (pool->stopping) {
 		set_job_err(job, "the decoder pool is stopping");
 		pool->st.refused++;
@@ -781,6 +789,14 @@ void decode_pool_stats(const struct decode_pool *pool, struct decode_pool_stats 
 		ret->busy += s == W_BUSY;
 		ret->spawning += s == W_SPAWNING || s == W_CLOSING || s == W_RETIRING;
 	}
+}
+
+const struct hist *decode_pool_hist(const struct decode_pool *pool, enum decode_format format,
+				    enum decode_codec codec)
+{
+	if ((unsigned)format > DECODE_FORMAT_NIFTI || (unsigned)codec > DECODE_CODEC_NIFTI_GZ)
+		return NULL;
+	return &pool->decode_time[format][codec];
 }
 
 unsigned decode_pool_worker_pids(const struct decode_pool *pool, pid_t *pids, unsigned max)

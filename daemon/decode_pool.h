@@ -55,6 +55,7 @@
 #include <uv.h>
 
 #include "decode.h"
+#include "hist.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -121,6 +122,7 @@ struct decode_job {
 	decode_done_cb on_done_;
 	uint64_t seq_;
 	void *worker_;
+	uint64_t started_ns_; /* uv_hrtime() when it went to a worker; 0 while queued */
 };
 
 struct decode_pool;
@@ -159,6 +161,14 @@ struct decode_pool_stats {
 	uint64_t queued, done, failed, crashes, timeouts, respawns, refused;
 };
 void decode_pool_stats(const struct decode_pool *pool, struct decode_pool_stats *ret);
+
+/*
+ * Time in a worker of the decodes that succeeded (probes are not decodes), from the job's
+ * dispatch to its reply on the loop, by the format and codec the worker found (hist.h).
+ * NULL for a format or codec out of range. Loop thread.
+ */
+const struct hist *decode_pool_hist(const struct decode_pool *pool, enum decode_format format,
+				    enum decode_codec codec);
 
 /* The pids of the live workers (for tests and status). Returns how many were written. */
 unsigned decode_pool_worker_pids(const struct decode_pool *pool, pid_t *pids, unsigned max);

@@ -36,6 +36,7 @@
 #include "fetch.h"
 #include "conn.h"
 #include "log.h"
+#include "metrics.h"
 #include "prefetch.h"
 #include "sd.h"
 #include "serve.h"
@@ -242,6 +243,8 @@ static uint32_t app_status(void *ctx, const struct conn *c, struct dmc_status_en
 
 	if (d->serve && n < max && c->admin) /* the serving side's figures are everyone's */
 		n += serve_status(d->serve, e + n, max - n);
+	if (d->serve && n < max && c->admin) /* latency histograms: everyone's too */
+		n += metrics_status(d->pool, e + n, max - n);
 	return n;
 }
 
@@ -532,6 +535,44 @@ static int parse_args(struct config *cfg, int argc, char **argv, bool *ret_check
 	return 0;
 }
 
+/*
+ * After a reload: the limits that their owners copied (the store's max_size and min_free,
+ * the hot set's hot_max) are handed to them, and what is over a lowered limit goes now,
+ * through the usual eviction (which logs each snapshot it removes and keeps the protected
+ * ones).
+ */
+static void apply_limits(struct daemon *d, uint64_t max_size, uint64_t min_free, uint64_t hot_max)
+{
+	uint64_t freed = 0, left = 0, n;
+	int rc;
+
+	if (d->cache && (d->cfg.max_size != max_size || d->cfg.min_free != min_free)) {
+		rc = cache_set_limits(d->cache, d->cfg.max_size,
+				      d->cfg.min_free + CACHE_INDEX_HEADROOM, &freed, &left);
+		if (rc < 0)
+			log_err(STORE, "applying max_size %" PRIu64 " and min_free %" PRIu64
+				       " bytes: eviction failed: %s",
+				d->cfg.max_size, d->cfg.min_free, strerror(rc < -1000 ? EIO : -rc));
+		else if (left)
+			log_warn(STORE, "max_size %" PRIu64 " and min_free %" PRIu64 " bytes "
+					"applied: evicted %" PRIu64 " bytes; still over by %" PRIu64
+					" bytes, held by snapshots being filled or open, or by blobs "
+					"being read",
+				 d->cfg.max_size, d->cfg.min_free, freed, left);
+		else if (freed)
+			log_notice(STORE, "max_size %" PRIu64 " and min_free %" PRIu64 " bytes "
+					  "applied: evicted %" PRIu64 " bytes",
+				   d->cfg.max_size, d->cfg.min_free, freed);
+	}
+	if (d->serve && d->cfg.hot_max != hot_max) {
+		n = serve_hot_max_changed(d->serve, &freed);
+		if (n)
+			log_notice(SERVE, "hot_max %" PRIu64 " bytes applied: dropped %" PRIu64
+					  " decoded tensors (%" PRIu64 " bytes) from memory",
+				   d->cfg.hot_max, n, freed);
+	}
+}
+
 /* SIGHUP: read the configuration again; apply what may change while running. */
 static void on_reload_signal(uv_signal_t *sig, int signum)
 {
@@ -552,6 +593,9 @@ static void on_reload_signal(uv_signal_t *sig, int signum)
 		log_err(SYS, "reload refused: the configuration is invalid (above); the running "
 			     "configuration stays");
 	} else {
+		uint64_t max_size = d->cfg.max_size, min_free = d->cfg.min_free,
+			 hot_max = d->cfg.hot_max;
+
 		config_reload(&d->cfg, &next, changed, sizeof(changed), restart, sizeof(restart));
 		log_set_debug(d->cfg.log_debug ? d->cfg.log_debug : "");
 		/* said before a lower log level silences it */
@@ -559,6 +603,7 @@ static void on_reload_signal(uv_signal_t *sig, int signum)
 			   *changed ? changed : "no key that applies while running changed",
 			   *restart ? "; needs a restart to apply: " : "", restart);
 		log_set_level(d->cfg.log_level);
+		apply_limits(d, max_size, min_free, hot_max);
 	}
 	config_done(&next);
 	sd_notify_msg("READY=1\nSTATUS=running");

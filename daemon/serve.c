@@ -19,6 +19,7 @@
 #include "decode_pool.h"
 #include "index.h"
 #include "log.h"
+#include "metrics.h"
 #include "policy.h"
 #include "prefetch.h"
 #include "secret.h"
@@ -425,6 +426,7 @@ struct greq {
 	bool ready; /* a STREAM batch whose items are all done, waiting to be sent */
 	struct handle h; /* a copy: CLOSE may come while the request runs */
 	uint32_t n, done;
+	uint64_t arrived_ns; /* uv_hrtime() when the GET came (metrics.h) */
 	struct greq *next;
 	struct gitem items[];
 };
@@ -447,6 +449,7 @@ struct pending_open {
 	uint64_t next_item;
 	unsigned probing;
 	bool failed;
+	uint64_t arrived_ns; /* uv_hrtime() when the OPEN came (metrics.h) */
 	struct pending_open *next;
 };
 
@@ -809,6 +812,8 @@ static void open_done(struct pending_open *po)
 	struct sconn *sc = po->sc;
 	struct pending_open **pp;
 
+	if (sc->c) /* answered, with a handle or an error */
+		metrics_open_replied(po->arrived_ns);
 	for (pp = &sc->opens; *pp && *pp != po; pp = &(*pp)->next)
 		;
 	if (*pp)
@@ -1546,6 +1551,7 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 	}
 	po->sc = sc;
 	po->request_id = h->request_id;
+	po->arrived_ns = uv_hrtime();
 	po->flags = m.flags;
 	po->dtype = m.dtype;
 	po->pol = m.policy;
@@ -2895,6 +2901,7 @@ static void req_maybe_reply(struct greq *rq)
 		else
 			conn_send_error(sc->c, rq->request_id, DMC_E_LIMIT_EXCEEDED, NULL,
 					"too many items for one reply");
+		metrics_get_replied(rq->arrived_ns);
 	}
 	rq->replied = true;
 	if (rq->pins)
@@ -2930,6 +2937,7 @@ static void on_get(struct serve *s, struct conn *c, const struct dmc_header *h,
 	}
 	rq->sc = sc;
 	rq->request_id = h->request_id;
+	rq->arrived_ns = uv_hrtime();
 	rq->h = *hd;
 	handle_copy_refs(&rq->h);
 	rq->n = n;
@@ -3946,6 +3954,26 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 	if (n > max)
 		n = max;
 	memcpy(e, all, n * sizeof(*e));
+	return n;
+}
+
+uint64_t serve_hot_max_changed(struct serve *s, uint64_t *ret_bytes)
+{
+	struct hot *h = &s->hot;
+	uint64_t n = 0, bytes = 0;
+
+	h->max = s->d.cfg->hot_max;
+	for (struct hot_entry *e = h->oldest, *newer; e && h->bytes > h->max; e = newer) {
+		newer = e->newer;
+		if (e->refs)
+			continue;
+		n++;
+		bytes += e->nbytes + e->dlen;
+		h->evictions++;
+		hot_remove(h, e);
+	}
+	if (ret_bytes)
+		*ret_bytes = bytes;
 	return n;
 }
 

@@ -59,6 +59,13 @@ bool serve_dispatch(struct serve *s, struct conn *c, const struct dmc_header *h,
 /* The connection is closing: its arena and handles go (work in flight finishes first). */
 void serve_conn_closed(struct serve *s, struct conn *c);
 uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max);
+/*
+ * hot_max changed (SIGHUP): the live value is read from the configuration again, and
+ * decoded tensors not in use are dropped, least recently used first, until the hot set is
+ * within it (those in use go when their last user lets them go). Returns the number
+ * dropped; *ret_bytes (may be NULL) their bytes.
+ */
+uint64_t serve_hot_max_changed(struct serve *s, uint64_t *ret_bytes);
 /* Whether a client has snapshot `id` open: eviction keeps its content. Loop thread. */
 bool serve_snapshot_open(struct serve *s, int64_t snapshot_id);
 

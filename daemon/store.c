@@ -1611,13 +1611,28 @@ static uint64_t shortfall_locked(struct store *s, uint64_t fp, uint64_t fs_free)
 	return need;
 }
 
+/* max_size and min_free change under the lock (store_set_limits()); read outside it, they
+ * are loaded atomically. */
+static uint64_t limit_load(const uint64_t *v)
+{
+	return __atomic_load_n(v, __ATOMIC_RELAXED);
+}
+
+void store_set_limits(struct store *s, uint64_t max_size, uint64_t min_free)
+{
+	pthread_mutex_lock(&s->lock);
+	__atomic_store_n(&s->opt.max_size, max_size, __ATOMIC_RELAXED);
+	__atomic_store_n(&s->opt.min_free, min_free, __ATOMIC_RELAXED);
+	pthread_mutex_unlock(&s->lock);
+}
+
 int store_shortfall(struct store *s, uint64_t raw_size, uint64_t *ret_bytes)
 {
 	uint64_t fs_free = UINT64_MAX;
 	int r;
 	if (raw_size > STORE_OBJECT_MAX_HARD)
 		return -DMC_E_LIMIT_EXCEEDED;
-	if (s->opt.min_free && (r = free_bytes(s, &fs_free)) < 0)
+	if (limit_load(&s->opt.min_free) && (r = free_bytes(s, &fs_free)) < 0)
 		return r;
 	pthread_mutex_lock(&s->lock);
 	*ret_bytes = shortfall_locked(s, footprint(raw_size), fs_free);
@@ -1627,16 +1642,16 @@ int store_shortfall(struct store *s, uint64_t raw_size, uint64_t *ret_bytes)
 
 int store_reserve(struct store *s, uint64_t raw_size)
 {
-	uint64_t fs_free = UINT64_MAX, fp;
+	uint64_t fs_free = UINT64_MAX, fp, max_size = limit_load(&s->opt.max_size);
 	int r = 0;
 
 	if (raw_size > s->opt.max_object)
 		return -DMC_E_LIMIT_EXCEEDED;
 	fp = footprint(raw_size);
 	/* Larger than the whole cache: no eviction can help. */
-	if (s->opt.max_size && fp > s->opt.max_size)
+	if (max_size && fp > max_size)
 		return -DMC_E_LIMIT_EXCEEDED;
-	if (s->opt.min_free && (r = free_bytes(s, &fs_free)) < 0)
+	if (limit_load(&s->opt.min_free) && (r = free_bytes(s, &fs_free)) < 0)
 		return r;
 	pthread_mutex_lock(&s->lock);
 	if (shortfall_locked(s, fp, fs_free) > 0) {

@@ -255,6 +255,13 @@ void store_release(struct store *s, uint64_t raw_size);
 int store_shortfall(struct store *s, uint64_t raw_size, uint64_t *ret_bytes);
 
 /*
+ * New max_size and min_free (0: none), as store_options has them; from any thread. Writes
+ * admitted before keep their reservation; what is already stored beyond the new limits
+ * stays until someone evicts it (cache_set_limits() does at once).
+ */
+void store_set_limits(struct store *s, uint64_t max_size, uint64_t min_free);
+
+/*
  * Pins: a pinned blob is never removed by store_remove(). Counted; every pin needs its
  * unpin. Pins live in memory only and cost O(number of pins) to look up: pin what is being
  * served or written right now, not whole snapshots.

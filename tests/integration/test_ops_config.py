@@ -49,6 +49,9 @@ def test_help_config_gives_default_and_unit_of_every_key():
     assert 'On change: reload.' in keys['max_jobs_per_uid']
     assert "Default: a quarter of the machine's memory." in keys['shm_max_per_uid']
     assert 'On change: reload.' in keys['shm_max_per_uid']
+    for name in ('max_size', 'min_free', 'hot_max'):
+        assert 'On change: reload.' in keys[name], name
+    assert 'On change: restart.' in keys['parallel_transfers']
     assert '.md' not in run_daemon('--help-config').stdout  # no document outside it
 
 
@@ -146,15 +149,16 @@ def test_sighup_applies_what_may_change_and_names_what_needs_a_restart(tmpdir_sh
         assert counters['cache_max_bytes'] == 0
 
         said, start = reload(d, 'log_level = debug\nmax_connections_per_uid = 7\n'
-                                'max_size = 1G\nhot_max = 64M\n', conf)
+                                'max_size = 1G\nhot_max = 64M\nparallel_transfers = 9\n', conf)
         assert "log_level = 'debug' (was 'notice')" in said, said
         assert "max_connections_per_uid = '7' (was '100')" in said, said
-        assert re.search(r'needs a restart to apply: .*max_size', said), said
-        assert 'hot_max' in said.split('needs a restart')[1]
+        assert "max_size = '1G' (was '0')" in said, said
+        assert "hot_max = '64M' (was '1G')" in said, said
+        assert said.split('needs a restart to apply: ')[1] == 'parallel_transfers', said
 
         counters = json.loads(d.cli('status', '--json', check=True).stdout)['counters']
         assert counters['connections_per_uid_max'] == 7
-        assert counters['cache_max_bytes'] == 0  # max_size needs a restart: unchanged
+        assert counters['cache_max_bytes'] == 1 << 30
         assert 'connection from uid' in d.log()[start:]  # debug output is on now
 
         # the new per-uid limit holds: 7 connections of root, the 8th is refused
@@ -173,11 +177,79 @@ def test_sighup_applies_what_may_change_and_names_what_needs_a_restart(tmpdir_sh
             for s in held:
                 s.close()
 
-        # unchanged file: nothing changes, and nothing is said to need a restart
+        # unchanged file: nothing changes; the key that waits for a restart still does
         said, _ = reload(d, 'log_level = debug\nmax_connections_per_uid = 7\n'
-                            'max_size = 1G\nhot_max = 64M\n', conf)
+                            'max_size = 1G\nhot_max = 64M\nparallel_transfers = 9\n', conf)
         assert 'no key that applies while running changed' in said
-        assert 'needs a restart to apply: hot_max, max_size' not in said
+        assert said.split('needs a restart to apply: ')[1] == 'parallel_transfers', said
+    finally:
+        assert d.stop()[0] == 0
+
+
+def status(d):
+    return json.loads(d.cli('status', '--json', check=True).stdout)['counters']
+
+
+def test_sighup_lowering_max_size_and_hot_max_evicts_at_once(tmpdir_short, tmp_path):
+    """max_size and hot_max lowered by a reload: the cache and the decoded items in memory
+    shrink to them at once, through the eviction that logs what it removes."""
+    import numpy as np
+    from PIL import Image
+    conf = os.path.join(tmpdir_short, 'dmcached.conf')
+    with open(conf, 'w') as f:
+        f.write('max_size = 0\n')
+    root = tmp_path / 'ds'
+    (root / 'images').mkdir(parents=True)
+    rng = np.random.default_rng(7)
+    n = 6
+    for i in range(n):  # noise: PNG cannot make it smaller, every item is as large
+        Image.fromarray(rng.integers(0, 256, (128, 128), dtype=np.uint8)).save(
+            str(root / 'images' / ('%d.png' % i)))
+    (root / 'dataset.json').write_text(json.dumps(
+        {'resources': [{'id': 'r%d' % i, 'file': 'images/%d.png' % i} for i in range(n)]}))
+    d = Daemon(tmpdir_short, args=['--config', conf])
+    try:
+        for i in range(n):
+            r = d.cli('get', '--source', str(root), str(i), '-o', str(tmp_path / 'o.npy'),
+                      timeout=60)
+            assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 10
+        while status(d)['connections'] > 1:  # the gets' connections are gone
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        before = status(d)
+        assert before['serve_hot_items'] == n and before['cache_objects'] >= n
+        entry = before['serve_hot_bytes'] // n
+        assert entry * n == before['serve_hot_bytes']  # n entries of one size
+        max_size = before['cache_bytes'] // 2
+        hot_max = entry * n // 2 + entry // 2  # room for 3.5 entries: 3 stay
+        said, start = reload(d, 'max_size = %d\nhot_max = %d\n' % (max_size, hot_max), conf)
+        assert "max_size = '%d' (was '0')" % max_size in said, said
+        assert "hot_max = '%d' (was '1G')" % hot_max in said, said
+        assert 'needs a restart' not in said
+        log = d.log()[start:]
+        # the snapshot goes, named, once the blobs no snapshot uses are not enough
+        assert re.search(r'evicted \d+ files \(.*\) of snapshot \d+ \(.*\), the least recently '
+                         r'used, to make room within max_size %d' % max_size, log), log
+        freed = re.search(r'max_size %d and min_free \d+ bytes applied: evicted (\d+) bytes\n'
+                          % max_size, log)
+        assert freed, log
+        dropped = re.search(r'hot_max %d bytes applied: dropped (\d+) decoded tensors '
+                            r'\((\d+) bytes\)' % hot_max, log)
+        assert dropped, log
+        after = status(d)
+        assert after['cache_max_bytes'] == max_size
+        assert after['cache_bytes'] <= max_size
+        assert before['cache_bytes'] - after['cache_bytes'] == int(freed.group(1))
+        assert after['cache_evicted_total'] - before['cache_evicted_total'] == \
+            before['cache_objects'] - after['cache_objects']
+        assert after['serve_hot_items'] == 3 and int(dropped.group(1)) == n - 3
+        assert after['serve_hot_bytes'] == 3 * entry <= hot_max
+        assert int(dropped.group(2)) == (n - 3) * entry
+        assert after['serve_hot_evictions_total'] - before['serve_hot_evictions_total'] == n - 3
+        # evicted, the items are not served any more; brought back, they are
+        r = d.cli('get', '--source', str(root), '0', '-o', str(tmp_path / 'o.npy'), timeout=60)
+        assert r.returncode == 0, r.stderr
     finally:
         assert d.stop()[0] == 0
 

@@ -345,6 +345,58 @@ TEST(eviction_lru_and_pins)
 	fx_close(&fx);
 }
 
+/* A lowered max_size while running (SIGHUP): evicted at once, LRU first, pins kept. */
+TEST(limits_changed_while_running)
+{
+	struct fixture fx;
+	const size_t n = 1000;
+	const uint64_t per = n + STORE_HEADER_SIZE;
+	struct store_blob_info info[20];
+	struct store_stats st;
+	uint64_t freed = 1, left = 1;
+
+	ASSERT_EQ(fx_open(&fx, 20 * per), 0);
+	for (int i = 0; i < 20; i++) {
+		ASSERT_EQ(put_item(fx.c, 0, 0, i, n, &info[i]), 0);
+		ASSERT_EQ(index_flush(fx.c->index), 0);
+	}
+	/* LRU order 5, 6, ..., 19, 0, ..., 4 */
+	for (int i = 0; i < 5; i++)
+		ASSERT_EQ(index_blob_touch(fx.c->index, info[i].digest), 0);
+	ASSERT_EQ(index_flush(fx.c->index), 0);
+	ASSERT_EQ(store_pin(fx.c->store, info[6].digest), 0);
+	ASSERT_EQ(cache_set_limits(fx.c, 10 * per, 0, &freed, &left), 0);
+	ASSERT_UINT_EQ(freed, 10 * per);
+	ASSERT_UINT_EQ(left, 0);
+	for (int i = 0; i < 20; i++) {
+		bool evicted = i == 5 || (i >= 7 && i <= 15);
+		struct store_blob_info si;
+		ASSERT_EQ(store_stat(fx.c->store, info[i].digest, &si), evicted ? -ENOENT : 0);
+	}
+	store_get_stats(fx.c->store, &st);
+	ASSERT_UINT_EQ(st.used_bytes, 10 * per);
+	/* The new bound holds for the next writes too. */
+	ASSERT_EQ(cache_reserve(fx.c, 10 * per), -DMC_E_LIMIT_EXCEEDED);
+	/* Everything left pinned: nothing goes, and what is still over is said. */
+	for (int i = 0; i < 20; i++)
+		if (i != 6 && store_stat(fx.c->store, info[i].digest, &(struct store_blob_info){ 0 }) == 0)
+			ASSERT_EQ(store_pin(fx.c->store, info[i].digest), 0);
+	ASSERT_EQ(cache_set_limits(fx.c, 4 * per, 0, &freed, &left), 0);
+	ASSERT_UINT_EQ(freed, 0);
+	ASSERT_UINT_EQ(left, 6 * per);
+	for (int i = 0; i < 20; i++)
+		if (store_stat(fx.c->store, info[i].digest, &(struct store_blob_info){ 0 }) == 0)
+			store_unpin(fx.c->store, info[i].digest);
+	/* Raised to no limit: nothing evicted, a large write is admitted. */
+	ASSERT_EQ(cache_set_limits(fx.c, 0, 0, &freed, &left), 0);
+	ASSERT_UINT_EQ(freed, 0);
+	ASSERT_UINT_EQ(left, 0);
+	ASSERT_EQ(cache_reserve(fx.c, 30 * per), 0);
+	store_release(fx.c->store, 30 * per);
+	ASSERT_EQ(check_i3(&fx), 0);
+	fx_close(&fx);
+}
+
 TEST(max_size_bound_under_sustained_writes)
 {
 	struct fixture fx;
@@ -745,6 +797,7 @@ int main(int argc, char **argv)
 	/* The kill -9 loop takes seconds: it runs only when asked for by name (suite slow). */
 	if (argc > 1 && strcmp(argv[1], "kill9_loop") == 0)
 		RUN_TESTS(T(kill9_loop));
-	RUN_TESTS(T(reconciliation), T(eviction_lru_and_pins), T(max_size_bound_under_sustained_writes),
+	RUN_TESTS(T(reconciliation), T(eviction_lru_and_pins), T(limits_changed_while_running),
+		  T(max_size_bound_under_sustained_writes),
 		  T(corrupt_blob_is_detected_and_refetched));
 }
