@@ -130,3 +130,51 @@ def test_metadata_false_gives_none(daemon):
     for b in loader:
         assert b.meta == [None] * len(b.indices)
     loader.close()
+
+
+def test_metadata_from_worker_processes_is_kept_by_the_loader(daemon):
+    """num_workers=2: each batch's metadata comes pickled from a worker (unparsed); the
+    main process parses it once, later epochs give the same objects, the values are the
+    single-process Loader's."""
+    plain = dmcache.Loader('sample', batch_size=4, collate='list')
+    want = loader_metas(plain)
+    plain.close()
+    loader = dmcache.Loader('sample', batch_size=4, collate='list', num_workers=2)
+    first = loader_metas(loader)
+    assert sorted(first) == sorted(want)
+    for i, m in first.items():
+        assert dict(m) == dict(want[i])
+    loader.set_epoch(1)
+    second = loader_metas(loader)
+    for i, m in second.items():
+        assert m['annotations'] is first[i]['annotations']
+        assert m['dicom'] is first[i]['dicom']
+    loader.close()
+
+
+def test_dicom_header_conversion_equals_pydicoms_from_json():
+    """The header becomes the pydicom.Dataset that pydicom's own from_json gives with a
+    bulk-data handler returning b'' (the handler is passed only where a BulkDataURI is,
+    nested in a sequence too)."""
+    from dmcache import _dicom
+
+    def no_bulk(uri):
+        return b''
+    plain = {'00100010': {'vr': 'PN', 'Value': [{'Alphabetic': 'Doe^Jane'}]},
+             '00280030': {'vr': 'DS', 'Value': [0.5, 0.25]},
+             '00080008': {'vr': 'CS', 'Value': ['ORIGINAL', 'PRIMARY']},
+             '00281050': {'vr': 'DS'}}
+    bulk = dict(plain)
+    bulk['00091010'] = {'vr': 'OB', 'BulkDataURI': 'http://127.0.0.1:9/bulk'}
+    nested = dict(plain)
+    nested['00081140'] = {'vr': 'SQ', 'Value': [
+        {'00081150': {'vr': 'UI', 'Value': ['1.2.3']},
+         '00091011': {'vr': 'OB', 'BulkDataURI': 'http://127.0.0.1:9/b2'}}]}
+    for header in (plain, bulk, nested):
+        got = _dicom.from_item_meta({'format': 'dicom', 'header': header})
+        want = pydicom.Dataset.from_json(header, bulk_data_uri_handler=no_bulk)
+        assert got == want
+        assert got.to_json_dict() == want.to_json_dict()
+    got = _dicom.from_item_meta({'format': 'dicom', 'header': nested})
+    assert got[0x00081140][0][0x00091011].value == b''
+    assert _dicom.from_item_meta({'format': 'png'}) is None

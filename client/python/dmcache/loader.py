@@ -259,6 +259,21 @@ class MetaCache:
     def __len__(self):
         return len(self._d)
 
+    def adopt(self, batch):
+        """A Batch from a worker process (its metadata pickled): each ItemMeta the worker
+        left unparsed becomes the one kept here, or is kept here once parsed (one the
+        worker's transforms read, and perhaps changed, stays as it came)."""
+        if not isinstance(batch, Batch) or not isinstance(batch.meta, list):
+            return
+        for k, (m, index) in enumerate(zip(batch.meta, batch.indices)):
+            if not isinstance(m, ItemMeta) or m._d is not None or m._raw is None:
+                continue
+            d = self._d.get(int(index))
+            if d is not None:
+                batch.meta[k] = ItemMeta.parsed(d)
+            else:
+                m._cache, m._key = self, int(index)
+
     def item_meta(self, item, frames, local):
         """The ItemMeta of a daemon item (its index the key): the parsed one when kept, else
         one over a copy of its JSON that is kept once parsed."""
@@ -726,10 +741,16 @@ class Loader:
         meta = self._item_metas(items) if self.metadata else [None] * len(items)
         return Batch(images, meta, [int(it.index) for it in items])
 
-    def _item_metas(self, items):
+    def _metas(self):
+        """This process's MetaCache (made at first use: a Loader unpickled in a worker has
+        none)."""
         cache = self.__dict__.get('_meta_cache')
         if cache is None:
             cache = self._meta_cache = MetaCache()
+        return cache
+
+    def _item_metas(self, items):
+        cache = self._metas()
         local = self._source == _lib.SOURCE_LOCAL
         return [cache.item_meta(it, self.frame_by_frame, local) for it in items]
 
