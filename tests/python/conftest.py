@@ -22,6 +22,7 @@ _spec.loader.exec_module(integration)
 
 KEY = emulator.KEY_ALL
 PYTHON = sys.executable
+ARENA = 32 << 20  # the arena the Loader tests ask for (arena_bytes=)
 
 
 def daemon_env_fixup(env):
@@ -127,6 +128,32 @@ def reference(path):
     img = nibabel.load(path)
     a = np.asanyarray(img.dataobj.get_unscaled())  # stored values, as without lut
     return a.T.reshape(-1, 1, a.shape[1], a.shape[0]), False
+
+
+@pytest.fixture(scope='module')
+def ct_reference(daemon, emu):
+    """{index: int32 array (F, C, H, W)} of every item of the corpus project 'ct' (72 CT
+    slices), decoded by pydicom from the emulator's files (lossless)."""
+    import dmcache
+    root = os.path.join(emu.corpus, 'projects', 'ct')
+    with open(os.path.join(root, 'project.json')) as f:
+        by_id = {r['id']: r for r in json.load(f)['resources']}
+    loader = dmcache.Loader('ct', batch_size=8, arena_bytes=ARENA, collate='list')
+    out = {}
+    for b in loader:
+        for m, i in zip(b.meta, b.indices):
+            a, lossy = reference(os.path.join(root, by_id[m['resource']['id']]['file']))
+            assert not lossy
+            out[i] = a.astype(np.int32)
+    loader.close()
+    assert len(out) == 72
+    return out
+
+
+def expect_batch(ref, indices):
+    """The stacked tensor of ct_reference's items `indices`: what a batch must equal."""
+    import torch
+    return torch.from_numpy(np.stack([ref[i] for i in indices]))
 
 
 def datamint_normalize(a):

@@ -13,9 +13,7 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 import dmcache
-from conftest import PYTHON, counters, make_dicom_folder, run_python, start_daemon
-
-ARENA = 32 << 20
+from conftest import ARENA, PYTHON, counters, make_dicom_folder, run_python, start_daemon
 
 
 @pytest.mark.parametrize('n', [1, 7, 19, 72, 100])

@@ -4,39 +4,15 @@ a clear error, and device='cpu' gives the same batches as copies made one batch 
 background thread (valid after the next batch, a break ends the thread and releases the
 arena, state_dict() counts what the caller got, errors come through the thread)."""
 import json
-import os
 import threading
 
-import numpy as np
 import pytest
 import torch
 
 import dmcache
-from conftest import counters, reference
+from conftest import ARENA, counters, expect_batch
 
-ARENA = 32 << 20
 KW = dict(batch_size=8, shuffle=True, seed=5, dtype='int32', arena_bytes=ARENA)
-
-
-@pytest.fixture(scope='module')
-def ct_reference(daemon, emu):
-    """{index: int32 array (F, C, H, W)} of every ct item, decoded by pydicom."""
-    root = os.path.join(emu.corpus, 'projects', 'ct')
-    with open(os.path.join(root, 'project.json')) as f:
-        by_id = {r['id']: r for r in json.load(f)['resources']}
-    loader = dmcache.Loader('ct', batch_size=8, arena_bytes=ARENA, collate='list')
-    out = {}
-    for b in loader:
-        for m, i in zip(b.meta, b.indices):
-            out[i] = reference(os.path.join(root, by_id[m['resource']['id']]['file']))[0] \
-                .astype(np.int32)
-    loader.close()
-    assert len(out) == 72
-    return out
-
-
-def expect(ref, indices):
-    return torch.from_numpy(np.stack([ref[i] for i in indices]))
 
 
 def threads():
@@ -52,7 +28,7 @@ def test_pin_memory_without_cuda_is_skipped_with_a_warning(daemon, ct_reference)
     n = 0
     for b in loader:
         assert not b.images.is_pinned()
-        assert torch.equal(b.images, expect(ct_reference, b.indices))
+        assert torch.equal(b.images, expect_batch(ct_reference, b.indices))
         n += len(b.indices)
     assert n == 72
     loader.close()
@@ -89,7 +65,7 @@ def test_device_cpu_gives_copies_read_one_batch_ahead(daemon, ct_reference):
     # every batch kept stays valid after the next ones: owned copies
     assert [b.indices for b in kept] == want
     for b in kept:
-        assert torch.equal(b.images, expect(ct_reference, b.indices))
+        assert torch.equal(b.images, expect_batch(ct_reference, b.indices))
     assert loader.state_dict()['position'] == len(want)
     loader.close()
     assert counters(daemon.socket)['serve_arena_used_bytes'] == 0

@@ -10,9 +10,7 @@ import pytest
 import torch
 
 import dmcache
-from conftest import KEY, make_dicom_folder, reference
-
-ARENA = 32 << 20
+from conftest import ARENA, KEY, make_dicom_folder, reference
 
 
 @pytest.fixture(scope='module')

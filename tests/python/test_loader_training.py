@@ -15,31 +15,7 @@ import pytest
 import torch
 
 import dmcache
-from conftest import counters, reference, run_python
-
-ARENA = 32 << 20
-
-
-@pytest.fixture(scope='module')
-def ct_reference(daemon, emu):
-    """{index: int32 array (F, C, H, W)} of every ct item, decoded by pydicom."""
-    root = os.path.join(emu.corpus, 'projects', 'ct')
-    with open(os.path.join(root, 'project.json')) as f:
-        by_id = {r['id']: r for r in json.load(f)['resources']}
-    loader = dmcache.Loader('ct', batch_size=8, arena_bytes=ARENA, collate='list')
-    out = {}
-    for b in loader:
-        for m, i in zip(b.meta, b.indices):
-            a, lossy = reference(os.path.join(root, by_id[m['resource']['id']]['file']))
-            assert not lossy
-            out[i] = a.astype(np.int32)
-    loader.close()
-    assert len(out) == 72
-    return out
-
-
-def expect_batch(ref, indices):
-    return torch.from_numpy(np.stack([ref[i] for i in indices]))
+from conftest import ARENA, counters, expect_batch, run_python
 
 
 @pytest.mark.parametrize('prefetch', [0, 2])

@@ -13,27 +13,9 @@ import torch
 
 import dmcache
 import dmcache._workers
-from conftest import counters, reference
+from conftest import ARENA, counters
 
-ARENA = 32 << 20
 KW = dict(batch_size=6, shuffle=True, seed=21, dtype='int32', arena_bytes=ARENA)
-
-
-@pytest.fixture(scope='module')
-def ct_reference(daemon, emu):
-    """{index: int32 array (F, C, H, W)} of every ct item, decoded by pydicom."""
-    root = os.path.join(emu.corpus, 'projects', 'ct')
-    with open(os.path.join(root, 'project.json')) as f:
-        by_id = {r['id']: r for r in json.load(f)['resources']}
-    loader = dmcache.Loader('ct', batch_size=8, arena_bytes=ARENA, collate='list')
-    out = {}
-    for b in loader:
-        for m, i in zip(b.meta, b.indices):
-            out[i] = reference(os.path.join(root, by_id[m['resource']['id']]['file']))[0] \
-                .astype(np.int32)
-    loader.close()
-    assert len(out) == 72
-    return out
 
 
 def augment(x):

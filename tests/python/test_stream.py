@@ -10,9 +10,7 @@ import pytest
 
 import dmcache
 from dmcache import _lib
-from conftest import counters
-
-ARENA = 32 << 20
+from conftest import ARENA, counters
 
 
 def open_ds(project='sample', arena=ARENA, timeout_ms=0):

@@ -70,7 +70,7 @@ def batches(loader, epoch):
     transforms = loader.transform is not None or loader.batch_transform is not None
     if loader.num_workers:
         loader._resume = 0
-        source = _workers.run(loader, epoch, skip)
+        source = _adopted(loader, _workers.run(loader, epoch, skip))
         owned = True   # the workers' results are this process's (shared) memory
     else:
         source = loader._iterate(epoch)   # it skips the first `skip` batches itself
@@ -94,6 +94,20 @@ def batches(loader, epoch):
         close = getattr(source, 'close', None)
         if close is not None:
             close()
+
+
+def _adopted(loader, source):
+    """The workers' batches, their item metadata parsed once per Loader in this process
+    too (loader.MetaCache.adopt)."""
+    cache = loader._metas() if loader.metadata else None
+    try:
+        for batch in source:
+            if cache is not None:
+                cache.adopt(batch)
+            yield batch
+            del batch
+    finally:
+        source.close()
 
 
 def _transformed(loader, source, skip):

@@ -232,13 +232,31 @@ def _no_bulk_data(uri):
     return b''
 
 
+def _has_bulk_data(header):
+    """Whether a DICOM JSON header (or a sequence item) has a BulkDataURI anywhere."""
+    for elem in header.values():
+        if not isinstance(elem, dict):
+            continue
+        if 'BulkDataURI' in elem:
+            return True
+        if elem.get('vr') == 'SQ':
+            for item in elem.get('Value') or ():
+                if isinstance(item, dict) and _has_bulk_data(item):
+                    return True
+    return False
+
+
 def from_item_meta(dicom, use_pydicom=True):
     """dicom_metainfo for the item metadata's "dicom" object: None for a non-DICOM item."""
     if not dicom or dicom.get('format') != 'dicom':
         return None
     header = dicom.get('header') or {}
     if use_pydicom and pydicom is not None:
-        return pydicom.Dataset.from_json(header, bulk_data_uri_handler=_no_bulk_data)
+        # pydicom inspects a handler's signature once per element (about half of from_json's
+        # time for a CT header); the daemon sends no BulkDataURI, so one is passed only when
+        # the header has one (its value b'', as always)
+        handler = _no_bulk_data if _has_bulk_data(header) else None
+        return pydicom.Dataset.from_json(header, bulk_data_uri_handler=handler)
     return DicomMeta(header)
 
 

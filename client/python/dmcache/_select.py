@@ -79,9 +79,7 @@ def label_filter(spec):
 
 def scan(loader):
     """(index, ItemMeta) of every item, read with GETs of SCAN_BATCH items."""
-    from .loader import ItemMeta
     ds = loader._connections()[0].ds
-    local = loader._source == _lib.SOURCE_LOCAL
     for start in range(0, loader.items, SCAN_BATCH):
         idx = list(range(start, min(start + SCAN_BATCH, loader.items)))
         items = ds.get(idx)
@@ -91,8 +89,8 @@ def scan(loader):
                 it = items[k]
                 if it.status:
                     raise _lib.item_error(it)
-                metas.append((int(it.index), ItemMeta(_lib.item_meta(it), loader.frame_by_frame,
-                                                      local)))
+                # the Loader's cache: the metadata read here is not parsed again
+                metas.append((int(it.index), loader._item_metas([it])[0]))
         finally:
             ds.release(items)
         yield from metas

@@ -49,6 +49,9 @@ def _worker(loader, epoch, skip, worker, n, out, stop):
         torch = torch_module()
         if torch is not None:
             torch.set_num_threads(1)  # N workers share the machine, as DataLoader's do
+        # the main process's parsed metadata (forked along) stays there: the batches carry
+        # their items' JSON, which the main process parses once (MetaCache.adopt)
+        loader.__dict__.pop('_meta_cache', None)
         conn = loader._connections()[0]
         batches = loader.batches(epoch)
         for number in range(worker, len(batches), n):

@@ -164,15 +164,25 @@ class ItemMeta(Mapping):
     and 'dicom': the header the daemon sent, as a pydicom Dataset (Dataset's
     dicom_metainfo reads the file's own FileDataset), None for a non-DICOM item; also the daemon's own keys
     ('resource': the record as sent, 'frame'; with masks, 'labels' are the label map's
-    names)."""
-    __slots__ = ('_raw', '_d', '_frames', '_local')
+    names). What is parsed is kept by the Loader (MetaCache): the item's metadata in a
+    later epoch is the same objects, not parsed again."""
+    __slots__ = ('_raw', '_d', '_frames', '_local', '_cache', '_key')
 
-    def __init__(self, raw, frames=False, local=False):
+    def __init__(self, raw, frames=False, local=False, cache=None, key=None):
         self._raw, self._d, self._frames, self._local = raw, None, frames, local
+        self._cache, self._key = cache, key
+
+    @classmethod
+    def parsed(cls, d):
+        """An ItemMeta over an item's already parsed metadata (MetaCache's)."""
+        m = cls.__new__(cls)
+        m._raw, m._d, m._frames, m._local, m._cache, m._key = None, d, False, False, None, None
+        return m
 
     def _dict(self):
         if self._d is None:
-            m = json.loads(self._raw)
+            raw = self._raw
+            m = json.loads(raw)
             record = m.get('resource') or {}
             d = _metainfo.from_record(record, self._local)  # as Dataset.metainfo()
             d['labels'] = image_labels(record)
@@ -182,12 +192,15 @@ class ItemMeta(Mapping):
             d.update(m)
             d['dicom'] = _LazyDicom(m.get('dicom'))
             self._d, self._raw = d, None
+            if self._cache is not None:
+                self._cache.put(self._key, d, len(raw))
+                self._cache = None
         return self._d
 
     def __getitem__(self, key):
         v = self._dict()[key]
         if isinstance(v, _LazyDicom):
-            v = self._d[key] = v.value()
+            v = self._d[key] = v.value()  # the cached dict too: parsed once per Loader
         return v
 
     def __iter__(self):
@@ -199,6 +212,14 @@ class ItemMeta(Mapping):
     def __repr__(self):
         return 'ItemMeta(%r)' % ({k: self[k] for k in self},)
 
+    # pickled (to and from worker processes) without the Loader's cache
+    def __getstate__(self):
+        return self._raw, self._d, self._frames, self._local
+
+    def __setstate__(self, state):
+        self._raw, self._d, self._frames, self._local = state
+        self._cache = self._key = None
+
 
 class _LazyDicom:
     __slots__ = ('raw',)
@@ -206,8 +227,61 @@ class _LazyDicom:
     def __init__(self, raw):
         self.raw = raw
 
+    def __getstate__(self):
+        return self.raw
+
+    def __setstate__(self, raw):
+        self.raw = raw
+
     def value(self):
         return _dicom.from_item_meta(self.raw)
+
+
+class MetaCache:
+    """A Loader's parsed item metadata by item index (a snapshot's metadata never changes):
+    an item's ItemMeta parses its JSON once per Loader; later epochs reuse the result (its
+    DICOM header too once read). Bounded by the JSON it came from (LIMIT bytes, about
+    10,000 DICOM items: the parsed objects take some 20 times that); items beyond it are
+    parsed when read, as without the cache. One per process: not pickled."""
+    LIMIT = 16 << 20
+
+    def __init__(self):
+        self._d, self._bytes = {}, 0
+
+    def get(self, key):
+        return self._d.get(key)
+
+    def put(self, key, d, nbytes):
+        if key in self._d or self._bytes + nbytes > self.LIMIT:
+            return
+        self._d[key], self._bytes = d, self._bytes + nbytes
+
+    def __len__(self):
+        return len(self._d)
+
+    def adopt(self, batch):
+        """A Batch from a worker process (its metadata pickled): each ItemMeta the worker
+        left unparsed becomes the one kept here, or is kept here once parsed (one the
+        worker's transforms read, and perhaps changed, stays as it came)."""
+        if not isinstance(batch, Batch) or not isinstance(batch.meta, list):
+            return
+        for k, (m, index) in enumerate(zip(batch.meta, batch.indices)):
+            if not isinstance(m, ItemMeta) or m._d is not None or m._raw is None:
+                continue
+            d = self._d.get(int(index))
+            if d is not None:
+                batch.meta[k] = ItemMeta.parsed(d)
+            else:
+                m._cache, m._key = self, int(index)
+
+    def item_meta(self, item, frames, local):
+        """The ItemMeta of a daemon item (its index the key): the parsed one when kept, else
+        one over a copy of its JSON that is kept once parsed."""
+        key = int(item.index)
+        d = self._d.get(key)
+        if d is not None:
+            return ItemMeta.parsed(d)
+        return ItemMeta(_lib.item_meta(item), frames, local, self, key)
 
 
 class Batch(NamedTuple):
@@ -234,7 +308,7 @@ def _stack_or_list(items):
 
 
 def collate(batch):
-    """The Datamint client's collate (datamint-api.md 4.5, get_collate_fn): per tuple
+    """The Datamint client's collate (its get_collate_fn): per tuple
     position or dict key, tensors (or numpy arrays) are stacked when all their shapes are
     equal and kept as a list otherwise; everything else becomes a list."""
     first = batch[0]
@@ -577,6 +651,7 @@ class Loader:
     def __getstate__(self):
         st = dict(self.__dict__)
         st['_conns'], st['_running'], st['_running_token'] = [], None, None
+        st.pop('_meta_cache', None)  # each process parses (and keeps) its own
         return st
 
     def __del__(self):
@@ -663,10 +738,21 @@ class Loader:
                           for v, it in zip(views, items)]
             else:
                 images = [v.copy() for v in views] if copy else views
-        meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame,
-                          self._source == _lib.SOURCE_LOCAL) for it in items] \
-            if self.metadata else [None] * len(items)
+        meta = self._item_metas(items) if self.metadata else [None] * len(items)
         return Batch(images, meta, [int(it.index) for it in items])
+
+    def _metas(self):
+        """This process's MetaCache (made at first use: a Loader unpickled in a worker has
+        none)."""
+        cache = self.__dict__.get('_meta_cache')
+        if cache is None:
+            cache = self._meta_cache = MetaCache()
+        return cache
+
+    def _item_metas(self, items):
+        cache = self._metas()
+        local = self._source == _lib.SOURCE_LOCAL
+        return [cache.item_meta(it, self.frame_by_frame, local) for it in items]
 
     def _iterate_get(self, epoch):
         """indices= / weights=: each batch GET and copied, then released."""
@@ -707,9 +793,7 @@ class Loader:
         if torch is not None:
             images = _to_torch(torch, images, first.dtype) if uniform else \
                 [_to_torch(torch, a, it.dtype) for a, it in zip(images, items)]
-        meta = [ItemMeta(_lib.item_meta(it), self.frame_by_frame,
-                          self._source == _lib.SOURCE_LOCAL) for it in items] \
-            if self.metadata else [None] * len(items)
+        meta = self._item_metas(items) if self.metadata else [None] * len(items)
         return Batch(images, meta, [int(it.index) for it in items])
 
     def _iterate(self, epoch):
