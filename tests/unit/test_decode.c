@@ -1026,7 +1026,8 @@ TEST(npy_header)
 	ASSERT_EQ(npy_header(h, sizeof(h), "<c8", one, 1), -EINVAL);
 	ASSERT_EQ(npy_header(h, 32, "<i2", shape, 4), -ENOBUFS);
 	ASSERT_STR_EQ(npy_descr("float32"), "<f4");
-	ASSERT_NULL(npy_descr("float16"));
+	ASSERT_STR_EQ(npy_descr("float16"), "<f2");
+	ASSERT_NULL(npy_descr("bfloat16")); /* numpy has no bfloat16 */
 }
 
 int main(int argc, char **argv)
