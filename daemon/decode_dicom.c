@@ -1167,6 +1167,20 @@ static int decode_gdcm(struct decode_ctx *ctx, const struct decode_src *src, uin
 	if (r < 0)
 		return r;
 	r = gdcm_shim_decode(ctx->gdcm, ctx->work.p, blen, &planar, pi, err, errlen);
+	if (r == -DMC_E_DECODE_FAILED) {
+		/* Say which stream failed: GDCM's own text names only its codec's complaint. */
+		char why[200];
+		const char *ts = src->u.dcm.info.ts;
+		snprintf(why, sizeof(why), "%s", err ? err : "");
+		if (src->codec == DECODE_CODEC_JPEG_LOSSLESS)
+			decode_seterr(err, errlen,
+				      "DICOM: the JPEG lossless stream is corrupt (transfer syntax "
+				      "%.64s, %s): %s", ts, ts_name(ts), why);
+		else
+			decode_seterr(err, errlen,
+				      "DICOM: the pixel data of transfer syntax %.64s (%s) cannot be "
+				      "decoded: %s", ts, ts_name(ts), why);
+	}
 	if (r < 0)
 		return r;
 	/* pydicom's J2K correction: a J2K codestream may hold BitsStored-bit samples as

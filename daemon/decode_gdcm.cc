@@ -45,6 +45,10 @@
 
 #include "proto.h"
 
+/* decode.c: a codec library's message to the decode_set_diag() hook. */
+extern "C" void decode_diag(const char *lib, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
 namespace {
 
 /* A read-only std::streambuf over a memory buffer: GDCM reads the resource in place. */
@@ -88,8 +92,19 @@ std::ostringstream &trace_sink()
 	return s;
 }
 
+/* What GDCM traced since the last reset goes to the diagnostic hook, line by line. */
 void trace_reset()
 {
+	const std::string t = trace_sink().str();
+	size_t pos = 0;
+	while (pos < t.size()) {
+		size_t nl = t.find('\n', pos);
+		if (nl == std::string::npos)
+			nl = t.size();
+		if (nl > pos)
+			decode_diag("gdcm", "%.*s", (int)(nl - pos), t.data() + pos);
+		pos = nl + 1;
+	}
 	trace_sink().str(std::string());
 	trace_sink().clear();
 }
@@ -107,9 +122,11 @@ void set_err(char *err, size_t errlen, const char *fallback)
 		if (nl == std::string::npos)
 			nl = t.size();
 		std::string line = t.substr(pos, nl - pos);
-		/* Skip GDCM's "Error: In file, line, function" location lines: they name paths. */
+		/* Skip GDCM's "Error: In file, line, function" location lines: they name paths;
+		 * and "Could not find: /usr/bin/pvrg-jpeg": GDCM's fallback for a JPEG stream its
+		 * own codec failed on, never installed, says nothing about the stream. */
 		if (!line.empty() && line.find("./Source/") == std::string::npos &&
-		    line.find(".cxx") == std::string::npos)
+		    line.find(".cxx") == std::string::npos && line.find("pvrg") == std::string::npos)
 			last = line;
 		pos = nl + 1;
 	}
@@ -117,6 +134,7 @@ void set_err(char *err, size_t errlen, const char *fallback)
 		snprintf(err, errlen, "%s", fallback);
 	else
 		snprintf(err, errlen, "%s: %s", fallback, last.c_str());
+	trace_reset();
 }
 
 bool trim_value(const gdcm::ByteValue *bv, std::string &out)
@@ -233,6 +251,7 @@ extern "C" struct gdcm_shim *gdcm_shim_new(void)
 extern "C" void gdcm_shim_free(struct gdcm_shim *sh)
 {
 	try {
+		trace_reset();
 		delete sh;
 	} catch (...) {
 	}
