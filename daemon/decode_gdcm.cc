@@ -109,6 +109,48 @@ void trace_reset()
 	trace_sink().clear();
 }
 
+/*
+ * GDCM's bundled libjpeg (and its other C codecs) print warnings with fprintf(stderr, ...):
+ * "Corrupt JPEG data: bad Huffman code", "Unsupported JPEG data precision 12". For the
+ * length of a GDCM call, the C library's `stderr` stream is pointed at a memory stream and
+ * what was written goes to the diagnostic hook, line by line. File descriptor 2 is not
+ * touched (sanitizer reports still reach it) and no system call is needed beyond memory
+ * (seccomp-safe in the workers). Process-wide: decoding is single-threaded (decode_gdcm.h).
+ */
+class StderrToDiag {
+public:
+	StderrToDiag()
+	{
+		mem_ = open_memstream(&buf_, &size_);
+		if (mem_) {
+			saved_ = stderr;
+			stderr = mem_;
+		}
+	}
+	~StderrToDiag()
+	{
+		if (!mem_)
+			return;
+		stderr = saved_;
+		fclose(mem_);
+		for (size_t pos = 0; buf_ && pos < size_;) {
+			const char *nl = static_cast<const char *>(memchr(buf_ + pos, '\n', size_ - pos));
+			size_t end = nl ? (size_t)(nl - buf_) : size_;
+			if (end > pos)
+				decode_diag("gdcm", "%.*s", (int)(end - pos), buf_ + pos);
+			pos = end + 1;
+		}
+		free(buf_);
+	}
+	StderrToDiag(const StderrToDiag &) = delete;
+	StderrToDiag &operator=(const StderrToDiag &) = delete;
+
+private:
+	FILE *mem_ = nullptr, *saved_ = nullptr;
+	char *buf_ = nullptr;
+	size_t size_ = 0;
+};
+
 /* The last non-empty line GDCM traced, or `fallback`. */
 void set_err(char *err, size_t errlen, const char *fallback)
 {
@@ -420,6 +462,7 @@ extern "C" int gdcm_shim_load(struct gdcm_shim *sh, const void *buf, size_t len,
 			      struct gdcm_info *ret, char *err, size_t errlen)
 {
 	try {
+		StderrToDiag quiet;
 		if (sh->loaded && sh->buf == buf && sh->len == len) {
 			*ret = sh->info;
 			return 0;
@@ -597,6 +640,7 @@ static const gdcm::Pixmap *pixmap(struct gdcm_shim *sh)
 extern "C" int gdcm_shim_buffer_length(struct gdcm_shim *sh, uint64_t *ret_len)
 {
 	try {
+		StderrToDiag quiet;
 		trace_reset();
 		const gdcm::Pixmap *px = pixmap(sh);
 		if (!px)
@@ -614,6 +658,7 @@ extern "C" int gdcm_shim_decode(struct gdcm_shim *sh, void *dst, uint64_t dst_le
 				char *ret_photometric, char *err, size_t errlen)
 {
 	try {
+		StderrToDiag quiet;
 		trace_reset();
 		const gdcm::Pixmap *px = pixmap(sh);
 		if (!px) {

@@ -456,9 +456,10 @@ static int run_pool(const struct args *a, const uint8_t *in, size_t len,
 	return pr.rc;
 }
 
+/* To fd 2 itself: during a GDCM call the `stderr` stream is captured (decode_gdcm.cc). */
 static void print_codec_line(const char *lib, const char *line)
 {
-	fprintf(stderr, "dmcache-decode: %s: %s\n", lib, line);
+	dprintf(STDERR_FILENO, "dmcache-decode: %s: %s\n", lib, line);
 }
 
 int main(int argc, char **argv)

@@ -8,7 +8,8 @@
     fragments are taken by item length, as pydicom does; pixels equal pydicom's;
   - syntaxes we do not decode fail with decode_failed and a message naming the UID and the
     syntax, as do 1-bit RLE and a corrupt JPEG lossless stream;
-  - the codec libraries' messages stay off stderr unless --verbose asks for them.
+  - the codec libraries' messages (OpenJPEG's, GDCM's bundled libjpeg's) stay off stderr
+    unless --verbose asks for them.
 pydicom 2.3 knows no HTJ2K UID, so files are written under a stand-in syntax of the same
 encoding whose UID has the same padded length, then the UID bytes are replaced.
 """
@@ -252,6 +253,7 @@ def test_corrupt_jpeg_lossless(tmp_path):
         assert rc == EXIT_DECODE, err
         assert 'the JPEG lossless stream is corrupt (transfer syntax 1.2.840.10008.1.2.4.70' in err
         assert 'pvrg' not in err
+        assert 'Corrupt JPEG data' not in err  # libjpeg's warning: only with --verbose
 
 
 def test_codec_messages_only_with_verbose(tmp_path):
@@ -262,3 +264,10 @@ def test_codec_messages_only_with_verbose(tmp_path):
     rc, _, err, _, _ = run(path, tmp_path, '--verbose')
     assert rc == EXIT_DECODE
     assert 'dmcache-decode: openjpeg: error: Invalid number of tiles' in err
+    # GDCM's bundled libjpeg prints these with fprintf(stderr) on pydicom's 12-bit JPEG.
+    lossy = pydicom.data.get_testdata_file('JPEG-lossy.dcm')
+    rc, _, err, _, _ = run(lossy, tmp_path)
+    assert rc == 0 and err == '', err
+    rc, _, err, _, _ = run(lossy, tmp_path, '--verbose')
+    assert rc == 0
+    assert 'dmcache-decode: gdcm: Unsupported JPEG data precision 12\n' in err, err
