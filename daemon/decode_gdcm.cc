@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 /* GDCM's own headers trip clang's -Wdeprecated-copy (implicit copies of DataSet, Item,
  * PrivateTag); not ours to fix. */
 #if defined(__clang__)
@@ -112,17 +114,22 @@ void trace_reset()
 /*
  * GDCM's bundled libjpeg (and its other C codecs) print warnings with fprintf(stderr, ...):
  * "Corrupt JPEG data: bad Huffman code", "Unsupported JPEG data precision 12". For the
- * length of a GDCM call, the C library's `stderr` stream is pointed at a memory stream and
- * what was written goes to the diagnostic hook, line by line. File descriptor 2 is not
- * touched (sanitizer reports still reach it) and no system call is needed beyond memory
- * (seccomp-safe in the workers). Process-wide: decoding is single-threaded (decode_gdcm.h).
+ * length of a GDCM call, the C library's `stderr` stream is an unbuffered cookie stream
+ * whose lines go to the diagnostic hook. File descriptor 2 is not touched (sanitizer
+ * reports still reach it) and no system call is needed (seccomp-safe in the workers), with
+ * one exception: a failed assert() (GDCM 3.0.21 asserts on some malformed files) is about
+ * to abort the process, so its message is also written to fd 2 as the crash's reason.
+ * Process-wide: decoding is single-threaded (decode_gdcm.h).
  */
 class StderrToDiag {
 public:
 	StderrToDiag()
 	{
-		mem_ = open_memstream(&buf_, &size_);
+		cookie_io_functions_t io = {};
+		io.write = on_write;
+		mem_ = fopencookie(this, "w", io);
 		if (mem_) {
+			setvbuf(mem_, nullptr, _IONBF, 0);
 			saved_ = stderr;
 			stderr = mem_;
 		}
@@ -133,22 +140,39 @@ public:
 			return;
 		stderr = saved_;
 		fclose(mem_);
-		for (size_t pos = 0; buf_ && pos < size_;) {
-			const char *nl = static_cast<const char *>(memchr(buf_ + pos, '\n', size_ - pos));
-			size_t end = nl ? (size_t)(nl - buf_) : size_;
-			if (end > pos)
-				decode_diag("gdcm", "%.*s", (int)(end - pos), buf_ + pos);
-			pos = end + 1;
-		}
-		free(buf_);
+		if (!line_.empty())
+			emit();
 	}
 	StderrToDiag(const StderrToDiag &) = delete;
 	StderrToDiag &operator=(const StderrToDiag &) = delete;
 
 private:
+	static ssize_t on_write(void *cookie, const char *buf, size_t n)
+	{
+		StderrToDiag *self = static_cast<StderrToDiag *>(cookie);
+		if (memmem(buf, n, "Assertion", 9)) {
+			ssize_t w = write(STDERR_FILENO, buf, n);
+			(void)w;
+		}
+		try {
+			for (size_t i = 0; i < n; i++) {
+				if (buf[i] == '\n')
+					self->emit();
+				else if (self->line_.size() < 4096)
+					self->line_.push_back(buf[i]);
+			}
+		} catch (...) {
+		}
+		return (ssize_t)n;
+	}
+	void emit()
+	{
+		if (!line_.empty())
+			decode_diag("gdcm", "%s", line_.c_str());
+		line_.clear();
+	}
 	FILE *mem_ = nullptr, *saved_ = nullptr;
-	char *buf_ = nullptr;
-	size_t size_ = 0;
+	std::string line_;
 };
 
 /* The last non-empty line GDCM traced, or `fallback`. */

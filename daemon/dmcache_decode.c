@@ -456,10 +456,18 @@ static int run_pool(const struct args *a, const uint8_t *in, size_t len,
 	return pr.rc;
 }
 
-/* To fd 2 itself: during a GDCM call the `stderr` stream is captured (decode_gdcm.cc). */
+/* One write(2) to fd 2: during a GDCM call the `stderr` stream is captured
+ * (decode_gdcm.cc), and in a sandboxed worker stdio's first use of a stream would ioctl. */
 static void print_codec_line(const char *lib, const char *line)
 {
-	dprintf(STDERR_FILENO, "dmcache-decode: %s: %s\n", lib, line);
+	char buf[640];
+	int n = snprintf(buf, sizeof(buf), "dmcache-decode: %s: %s\n", lib, line);
+	if (n > (int)sizeof(buf) - 1) {
+		n = (int)sizeof(buf) - 1;
+		buf[n - 1] = '\n';
+	}
+	if (n > 0 && write(STDERR_FILENO, buf, (size_t)n) < 0)
+		return;
 }
 
 int main(int argc, char **argv)

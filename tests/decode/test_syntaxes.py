@@ -271,3 +271,6 @@ def test_codec_messages_only_with_verbose(tmp_path):
     rc, _, err, _, _ = run(lossy, tmp_path, '--verbose')
     assert rc == 0
     assert 'dmcache-decode: gdcm: Unsupported JPEG data precision 12\n' in err, err
+    # The hook inherited by a sandboxed worker must not make it call what seccomp forbids.
+    rc, ours, err, _, _ = run(lossy, tmp_path, '--verbose', pool=True)
+    assert rc == 0, err
