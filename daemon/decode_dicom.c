@@ -472,6 +472,51 @@ static int unsupported_ts(const char *ts, char *err, size_t errlen)
 }
 
 /*
+ * The items of the encapsulated Pixel Data, read from the file's bytes as pydicom reads
+ * them: the basic offset table, then one item after the other by its length up to the
+ * sequence delimiter, so that bytes inside a fragment are never taken for a tag (GDCM
+ * 3.0.21 stops at a delimiter-looking pair inside fragment data). check_framing walked this
+ * structure already: every item fits in the buffer.
+ */
+struct frag_it {
+	const uint8_t *p;
+	size_t off, len;
+};
+
+static void frag_begin(const struct decode_src *src, struct frag_it *it)
+{
+	it->p = src->u.dcm.buf;
+	it->len = src->u.dcm.len;
+	it->off = src->u.dcm.items_off;
+}
+
+/* 1: the next item in *ret_p, *ret_len; 0: the sequence delimiter; -1: malformed. */
+static int frag_next(struct frag_it *it, const uint8_t **ret_p, uint64_t *ret_len)
+{
+	if (it->off == 0 || it->off > it->len || it->len - it->off < 8 ||
+	    rd_le16(it->p + it->off) != 0xfffe)
+		return -1;
+	uint16_t e = rd_le16(it->p + it->off + 2);
+	uint32_t vl = rd_le32(it->p + it->off + 4);
+	if (e == 0xe0dd)
+		return 0;
+	if (e != 0xe000 || vl > it->len - it->off - 8)
+		return -1;
+	*ret_p = it->p + it->off + 8;
+	*ret_len = vl;
+	it->off += 8 + (size_t)vl;
+	return 1;
+}
+
+/* The basic offset table (may be empty); the iterator is left at the first fragment. */
+static int frag_table(const struct decode_src *src, struct frag_it *it, const uint8_t **ret_bot,
+		      uint64_t *ret_botlen)
+{
+	frag_begin(src, it);
+	return frag_next(it, ret_bot, ret_botlen) == 1 ? 0 : -1;
+}
+
+/*
  * The Modality LUT Sequence, checked now so that DECODE_F_LUT can fail at probe time with
  * the reason. Every descriptor value is checked against LUT Data here (and in the shim)
  * before decode.c indexes the table.
@@ -677,8 +722,22 @@ int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct de
 			else
 				return unsupported_ts(ts, err, errlen);
 		}
-		ret->encoded_bytes = info->pixel_bytes ? info->pixel_bytes : 1;
-		if (ret->u.dcm.route == ROUTE_GDCM) {
+		/* The fragments' bytes as our own walk finds them (GDCM's sum stops early when a
+		 * fragment holds delimiter-looking bytes). */
+		uint64_t enc = 0;
+		{
+			struct frag_it it;
+			const uint8_t *fp;
+			uint64_t fl;
+			if (frag_table(ret, &it, &fp, &fl) == 0)
+				while (frag_next(&it, &fp, &fl) == 1)
+					enc += fl;
+		}
+		ret->encoded_bytes = enc ? enc : 1;
+		if (ret->u.dcm.route == ROUTE_OPJ) {
+			/* OpenJPEG holds one frame as 32-bit samples. */
+			ret->work_bytes = info->rows * info->cols * info->samples * 4;
+		} else if (ret->u.dcm.route == ROUTE_GDCM) {
 			uint64_t blen = 0;
 			if (gdcm_shim_buffer_length(sh, &blen) < 0) {
 				decode_seterr(err, errlen, "DICOM: GDCM cannot decode this image");
@@ -815,51 +874,6 @@ static int decode_native(struct decode_ctx *ctx, const struct decode_src *src, u
 			ybr_to_rgb_planar(fd, npx);
 	}
 	return 0;
-}
-
-/*
- * The items of the encapsulated Pixel Data, read from the file's bytes as pydicom reads
- * them: the basic offset table, then one item after the other by its length up to the
- * sequence delimiter, so that bytes inside a fragment are never taken for a tag (GDCM
- * 3.0.21 stops at a delimiter-looking pair inside fragment data). check_framing walked this
- * structure already: every item fits in the buffer.
- */
-struct frag_it {
-	const uint8_t *p;
-	size_t off, len;
-};
-
-static void frag_begin(const struct decode_src *src, struct frag_it *it)
-{
-	it->p = src->u.dcm.buf;
-	it->len = src->u.dcm.len;
-	it->off = src->u.dcm.items_off;
-}
-
-/* 1: the next item in *ret_p, *ret_len; 0: the sequence delimiter; -1: malformed. */
-static int frag_next(struct frag_it *it, const uint8_t **ret_p, uint64_t *ret_len)
-{
-	if (it->off == 0 || it->off > it->len || it->len - it->off < 8 ||
-	    rd_le16(it->p + it->off) != 0xfffe)
-		return -1;
-	uint16_t e = rd_le16(it->p + it->off + 2);
-	uint32_t vl = rd_le32(it->p + it->off + 4);
-	if (e == 0xe0dd)
-		return 0;
-	if (e != 0xe000 || vl > it->len - it->off - 8)
-		return -1;
-	*ret_p = it->p + it->off + 8;
-	*ret_len = vl;
-	it->off += 8 + (size_t)vl;
-	return 1;
-}
-
-/* The basic offset table (may be empty); the iterator is left at the first fragment. */
-static int frag_table(const struct decode_src *src, struct frag_it *it, const uint8_t **ret_bot,
-		      uint64_t *ret_botlen)
-{
-	frag_begin(src, it);
-	return frag_next(it, ret_bot, ret_botlen) == 1 ? 0 : -1;
 }
 
 /* Which fragments make frame k: [ret_first, ret_first + ret_n). */
