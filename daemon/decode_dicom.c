@@ -1,6 +1,6 @@
 /*
  * decode_dicom: DICOM pixel data. GDCM (decode_gdcm.cc) parses the data set; the pixels take
- * one of three routes:
+ * one of five routes:
  *   native   implicit/explicit little endian, big endian, deflated: read here, with
  *            pydicom's semantics (raw stored values, 1-bit unpacked LSB first, YBR_FULL_422
  *            upsampled by repetition);
@@ -8,7 +8,11 @@
  *            decoded by TurboJPEG (2.5-2.8x faster than GDCM's own JPEG code);
  *   rle      RLE lossless (PS3.5 annex G): PackBits segments decoded here, straight into
  *            the planar output (GDCM 3.0.21 scrambles 16- and 32-bit multi-sample RLE);
- *   gdcm     JPEG lossless, JPEG-LS, JPEG 2000, 12-bit JPEG: GDCM's codecs.
+ *   opj      JPEG 2000 (.4.90, .4.91) and HTJ2K (.4.201-.4.203): OpenJPEG (decode_j2k.c);
+ *   gdcm     JPEG lossless, JPEG-LS, 12-bit JPEG: GDCM's codecs.
+ * Encapsulated fragments are read by our own walk of the items (frag_*), as pydicom reads
+ * them. A transfer syntax not decoded here is refused by UID and name before GDCM parses
+ * the file; GDCM is shown HTJ2K files under a stand-in syntax it knows (restate_syntax).
  * 8-bit YBR_FULL and YBR_FULL_422 become RGB as pydicom's convert_color_space computes it
  * (float32 matrix, round half up, clip); JPEG streams get libjpeg's YCbCr->RGB instead.
  */
