@@ -51,7 +51,31 @@ static const char *const codec_names[] = {
 	[DECODE_CODEC_PNG] = "png",
 	[DECODE_CODEC_NIFTI] = "nifti",
 	[DECODE_CODEC_NIFTI_GZ] = "nifti-gz",
+	[DECODE_CODEC_HTJ2K] = "htj2k",
 };
+
+static decode_diag_fn diag_fn;
+
+void decode_set_diag(decode_diag_fn fn)
+{
+	diag_fn = fn;
+}
+
+void decode_diag(const char *lib, const char *fmt, ...)
+{
+	if (!diag_fn)
+		return;
+	char line[512];
+	va_list ap;
+	va_start(ap, fmt);
+	vsnprintf(line, sizeof(line), fmt, ap);
+	va_end(ap);
+	size_t n = strlen(line);
+	while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r' || line[n - 1] == ' '))
+		line[--n] = '\0';
+	if (n)
+		diag_fn(lib, line);
+}
 
 static const struct {
 	const char *name;
@@ -103,6 +127,7 @@ bool decode_codec_store_tensor(enum decode_codec c)
 	case DECODE_CODEC_JPEG_LOSSLESS:
 	case DECODE_CODEC_JPEG_LS:
 	case DECODE_CODEC_JPEG_2000:
+	case DECODE_CODEC_HTJ2K:
 	case DECODE_CODEC_PNG:
 	case DECODE_CODEC_NIFTI_GZ:
 		return true;

@@ -135,6 +135,7 @@ enum decode_codec {
 	DECODE_CODEC_PNG = 9,
 	DECODE_CODEC_NIFTI = 10,
 	DECODE_CODEC_NIFTI_GZ = 11,
+	DECODE_CODEC_HTJ2K = 12,         /* DICOM .4.201, .4.202, .4.203 (OpenJPEG) */
 };
 
 /* numpy's names; explicit values. */
@@ -264,6 +265,15 @@ size_t decode_dtype_size(enum decode_dtype t);
 
 /* The caching policy above: true when the decoded tensor should be kept in the store. */
 bool decode_codec_store_tensor(enum decode_codec c);
+
+/*
+ * The codec libraries' own messages (GDCM warnings, OpenJPEG's info and warnings) never go
+ * to stderr: they are handed, one line at a time, to this hook, process-wide (NULL, the
+ * default: dropped). The daemon logs them at debug level (group "decode"). `lib` names the
+ * library ("gdcm", "openjpeg"). Called from the decoding thread.
+ */
+typedef void (*decode_diag_fn)(const char *lib, const char *line);
+void decode_set_diag(decode_diag_fn fn);
 
 #ifdef __cplusplus
 }

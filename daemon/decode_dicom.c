@@ -1,6 +1,6 @@
 /*
  * decode_dicom: DICOM pixel data. GDCM (decode_gdcm.cc) parses the data set; the pixels take
- * one of three routes:
+ * one of five routes:
  *   native   implicit/explicit little endian, big endian, deflated: read here, with
  *            pydicom's semantics (raw stored values, 1-bit unpacked LSB first, YBR_FULL_422
  *            upsampled by repetition);
@@ -8,7 +8,11 @@
  *            decoded by TurboJPEG (2.5-2.8x faster than GDCM's own JPEG code);
  *   rle      RLE lossless (PS3.5 annex G): PackBits segments decoded here, straight into
  *            the planar output (GDCM 3.0.21 scrambles 16- and 32-bit multi-sample RLE);
- *   gdcm     JPEG lossless, JPEG-LS, JPEG 2000, 12-bit JPEG: GDCM's codecs.
+ *   opj      JPEG 2000 (.4.90, .4.91) and HTJ2K (.4.201-.4.203): OpenJPEG (decode_j2k.c);
+ *   gdcm     JPEG lossless, JPEG-LS, 12-bit JPEG: GDCM's codecs.
+ * Encapsulated fragments are read by our own walk of the items (frag_*), as pydicom reads
+ * them. A transfer syntax not decoded here is refused by UID and name before GDCM parses
+ * the file; GDCM is shown HTJ2K files under a stand-in syntax it knows (restate_syntax).
  * 8-bit YBR_FULL and YBR_FULL_422 become RGB as pydicom's convert_color_space computes it
  * (float32 matrix, round half up, clip); JPEG streams get libjpeg's YCbCr->RGB instead.
  */
@@ -16,6 +20,7 @@
 
 #include <errno.h>
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 
 enum dicom_route {
@@ -23,6 +28,7 @@ enum dicom_route {
 	ROUTE_TURBO = 2,
 	ROUTE_GDCM = 3,
 	ROUTE_RLE = 4,
+	ROUTE_OPJ = 5,
 };
 
 #define TS_PREFIX "1.2.840.10008.1.2"
@@ -63,6 +69,7 @@ struct dwalk {
 	size_t len;
 	bool big;
 	char ts[68];
+	size_t items_off; /* top-level encapsulated Pixel Data: its first item, or 0 */
 };
 
 #define DWALK_MAX_DEPTH 32
@@ -177,6 +184,8 @@ static int dw_elements(struct dwalk *w, size_t *off, size_t end, bool explicit_v
 			/* Undefined length: a sequence (SQ, UN, implicit), or encapsulated pixels. */
 			bool pixels = g == 0x7fe0 && e == 0x0010;
 			bool un = ex && memcmp(vr, "UN", 2) == 0;
+			if (pixels && depth == 0)
+				w->items_off = *off;
 			int r = dw_items(w, off, SIZE_MAX, un ? false : explicit_vr, depth + 1, pixels);
 			if (r < 0)
 				return r;
@@ -236,9 +245,9 @@ static int dw_items(struct dwalk *w, size_t *off, size_t end, bool explicit_vr, 
 /* Checks the framing; *ret_deflated says the data set after *ret_meta_end is deflated
  * (not walked: it has to be inflated first). */
 static int check_framing(const uint8_t *in, size_t len, bool *ret_deflated, size_t *ret_meta_end,
-			 char *err, size_t errlen)
+			 size_t *ret_items_off, char *ts, size_t tslen, char *err, size_t errlen)
 {
-	struct dwalk w = { in, len, false, "" };
+	struct dwalk w = { in, len, false, "", 0 };
 	size_t off = 0;
 	bool preamble = len >= 132 && memcmp(in + 128, "DICM", 4) == 0;
 	*ret_deflated = false;
@@ -248,6 +257,8 @@ static int check_framing(const uint8_t *in, size_t len, bool *ret_deflated, size
 		w.big = true; /* a big-endian data set without meta information */
 	int r = dw_elements(&w, &off, len, true, 0, 0, true);
 	*ret_meta_end = off;
+	*ret_items_off = 0;
+	snprintf(ts, tslen, "%s", w.ts);
 	if (r == 0 && off + 8 > len)
 		r = -DMC_E_DECODE_FAILED; /* nothing after the meta group: GDCM asserts */
 	if (r == 0 && w.ts[0]) {
@@ -268,7 +279,63 @@ static int check_framing(const uint8_t *in, size_t len, bool *ret_deflated, size
 		decode_seterr(err, errlen,
 			      "DICOM: truncated or malformed at byte %zu (element or item longer "
 			      "than the file)", off);
+	*ret_items_off = w.items_off;
 	return r;
+}
+
+/*
+ * The file meta group from `start` to meta_end, copied into meta[] with the transfer syntax
+ * replaced by `ts` and without its group length (the caller writes a new one); *ret_m gets
+ * its size. The group was walked by check_framing: every element fits.
+ */
+static int copy_meta(const uint8_t *in, size_t start, size_t meta_end, const char *ts,
+		     uint8_t *meta, size_t cap, size_t *ret_m, char *err, size_t errlen)
+{
+	size_t tl = strlen(ts), tv = tl + (tl & 1);
+	size_t m = 0;
+	for (size_t off = start; off < meta_end;) {
+		const uint8_t *vr = in + off + 4;
+		bool lng = dw_long_vr(vr);
+		size_t hdr = lng ? 12 : 8;
+		size_t vl = lng ? rd_le32(in + off + 8) : rd_le16(in + off + 6);
+		uint16_t e = rd_le16(in + off + 2);
+		if (e != 0x0000) {
+			bool is_ts = e == 0x0010;
+			size_t n = is_ts ? 8 + tv : hdr + vl;
+			if (m + n > cap) {
+				decode_seterr(err, errlen, "DICOM: file meta information too large");
+				return -DMC_E_DECODE_FAILED;
+			}
+			if (is_ts) {
+				memcpy(meta + m, in + off, 6);
+				meta[m + 6] = (uint8_t)tv;
+				meta[m + 7] = 0;
+				memcpy(meta + m + 8, ts, tl);
+				if (tv > tl)
+					meta[m + 8 + tl] = 0;
+			} else {
+				memcpy(meta + m, in + off, n);
+			}
+			m += n;
+		}
+		off += hdr + vl;
+	}
+	*ret_m = m;
+	return 0;
+}
+
+/* Preamble, "DICM" and a group length for m bytes of meta at p (which has 144 + m bytes). */
+static void write_preamble(uint8_t *p, const uint8_t *meta, size_t m)
+{
+	static const uint8_t gl[8] = { 0x02, 0x00, 0x00, 0x00, 'U', 'L', 4, 0 };
+	memset(p, 0, 128);
+	memcpy(p + 128, "DICM", 4);
+	memcpy(p + 132, gl, 8);
+	p[140] = (uint8_t)m;
+	p[141] = (uint8_t)(m >> 8);
+	p[142] = 0;
+	p[143] = 0;
+	memcpy(p + 144, meta, m);
 }
 
 /*
@@ -280,52 +347,177 @@ static int check_framing(const uint8_t *in, size_t len, bool *ret_deflated, size
 static int inflate_dicom(struct decode_ctx *ctx, const uint8_t *in, size_t len, size_t meta_end,
 			 const uint8_t **ret_p, size_t *ret_n, char *err, size_t errlen)
 {
-	static const char ts[20] = "1.2.840.10008.1.2.1"; /* 19 chars + NUL pad */
 	uint8_t meta[4096];
-	size_t m = 0;
-	for (size_t off = 132; off < meta_end;) {
-		const uint8_t *vr = in + off + 4;
-		bool lng = dw_long_vr(vr);
-		size_t hdr = lng ? 12 : 8;
-		size_t vl = lng ? rd_le32(in + off + 8) : rd_le16(in + off + 6);
-		uint16_t e = rd_le16(in + off + 2);
-		if (e != 0x0000) {
-			bool is_ts = e == 0x0010;
-			size_t n = is_ts ? 8 + sizeof(ts) : hdr + vl;
-			if (m + n > sizeof(meta)) {
-				decode_seterr(err, errlen, "DICOM: file meta information too large");
-				return -DMC_E_DECODE_FAILED;
-			}
-			if (is_ts) {
-				memcpy(meta + m, in + off, 6);
-				meta[m + 6] = sizeof(ts);
-				meta[m + 7] = 0;
-				memcpy(meta + m + 8, ts, sizeof(ts));
-			} else {
-				memcpy(meta + m, in + off, n);
-			}
-			m += n;
-		}
-		off += hdr + vl;
-	}
-	size_t prefix = 132 + 12 + m, inflated;
-	int r = inflate_raw(ctx, in + meta_end, len - meta_end, &ctx->infl, prefix, &inflated, err,
-			    errlen);
+	size_t m;
+	int r = copy_meta(in, 132, meta_end, TS_PREFIX ".1", meta, sizeof(meta), &m, err, errlen);
 	if (r < 0)
 		return r;
-	uint8_t *p = ctx->infl.p;
-	memset(p, 0, 128);
-	memcpy(p + 128, "DICM", 4);
-	static const uint8_t gl[8] = { 0x02, 0x00, 0x00, 0x00, 'U', 'L', 4, 0 };
-	memcpy(p + 132, gl, 8);
-	p[140] = (uint8_t)m;
-	p[141] = (uint8_t)(m >> 8);
-	p[142] = 0;
-	p[143] = 0;
-	memcpy(p + 144, meta, m);
-	*ret_p = p;
+	size_t prefix = 132 + 12 + m, inflated;
+	r = inflate_raw(ctx, in + meta_end, len - meta_end, &ctx->infl, prefix, &inflated, err,
+			errlen);
+	if (r < 0)
+		return r;
+	write_preamble(ctx->infl.p, meta, m);
+	*ret_p = ctx->infl.p;
 	*ret_n = prefix + inflated;
 	return 0;
+}
+
+/*
+ * A copy of the file for GDCM with another transfer syntax in its meta group: GDCM 3.0.21
+ * refuses to parse a data set whose syntax it does not know ("Serious bug"), HTJ2K
+ * included. The stand-in has the same encoding (explicit VR little endian, encapsulated
+ * pixels); GDCM reads only the elements from it, the pixels are decoded by OpenJPEG.
+ */
+static int restate_syntax(struct decode_ctx *ctx, const uint8_t *in, size_t len, size_t meta_end,
+			  const char *ts, const uint8_t **ret_p, size_t *ret_n, char *err,
+			  size_t errlen)
+{
+	uint8_t meta[4096];
+	size_t m;
+	size_t start = len >= 132 && memcmp(in + 128, "DICM", 4) == 0 ? 132 : 0;
+	int r = copy_meta(in, start, meta_end, ts, meta, sizeof(meta), &m, err, errlen);
+	if (r < 0)
+		return r;
+	size_t prefix = 132 + 12 + m, body = len - meta_end;
+	r = decode_buf_reserve(ctx, &ctx->infl, (uint64_t)prefix + body, err, errlen);
+	if (r < 0)
+		return r;
+	write_preamble(ctx->infl.p, meta, m);
+	memcpy((uint8_t *)ctx->infl.p + prefix, in + meta_end, body);
+	*ret_p = ctx->infl.p;
+	*ret_n = prefix + body;
+	return 0;
+}
+
+/* Transfer syntax names (PS3.6 annex A), for errors: the ones people meet. */
+static const char *ts_name(const char *ts)
+{
+	static const struct {
+		const char *suffix, *name;
+	} names[] = {
+		{ "", "Implicit VR Little Endian" },
+		{ ".1", "Explicit VR Little Endian" },
+		{ ".1.98", "Encapsulated Uncompressed Explicit VR Little Endian" },
+		{ ".1.99", "Deflated Explicit VR Little Endian" },
+		{ ".2", "Explicit VR Big Endian" },
+		{ ".4.50", "JPEG Baseline (Process 1)" },
+		{ ".4.51", "JPEG Extended (Process 2 & 4)" },
+		{ ".4.57", "JPEG Lossless, Non-Hierarchical (Process 14)" },
+		{ ".4.70", "JPEG Lossless, Non-Hierarchical, First-Order Prediction" },
+		{ ".4.80", "JPEG-LS Lossless" },
+		{ ".4.81", "JPEG-LS Near-Lossless" },
+		{ ".4.90", "JPEG 2000 Lossless Only" },
+		{ ".4.91", "JPEG 2000" },
+		{ ".4.92", "JPEG 2000 Part 2 Multi-component Lossless Only" },
+		{ ".4.93", "JPEG 2000 Part 2 Multi-component" },
+		{ ".4.94", "JPIP Referenced" },
+		{ ".4.95", "JPIP Referenced Deflate" },
+		{ ".4.100", "MPEG2 Main Profile / Main Level" },
+		{ ".4.100.1", "Fragmentable MPEG2 Main Profile / Main Level" },
+		{ ".4.101", "MPEG2 Main Profile / High Level" },
+		{ ".4.101.1", "Fragmentable MPEG2 Main Profile / High Level" },
+		{ ".4.102", "MPEG-4 AVC/H.264 High Profile / Level 4.1" },
+		{ ".4.102.1", "Fragmentable MPEG-4 AVC/H.264 High Profile / Level 4.1" },
+		{ ".4.103", "MPEG-4 AVC/H.264 BD-compatible High Profile / Level 4.1" },
+		{ ".4.103.1", "Fragmentable MPEG-4 AVC/H.264 BD-compatible High Profile / Level 4.1" },
+		{ ".4.104", "MPEG-4 AVC/H.264 High Profile / Level 4.2 For 2D Video" },
+		{ ".4.104.1", "Fragmentable MPEG-4 AVC/H.264 High Profile / Level 4.2 For 2D Video" },
+		{ ".4.105", "MPEG-4 AVC/H.264 High Profile / Level 4.2 For 3D Video" },
+		{ ".4.105.1", "Fragmentable MPEG-4 AVC/H.264 High Profile / Level 4.2 For 3D Video" },
+		{ ".4.106", "MPEG-4 AVC/H.264 Stereo High Profile / Level 4.2" },
+		{ ".4.106.1", "Fragmentable MPEG-4 AVC/H.264 Stereo High Profile / Level 4.2" },
+		{ ".4.107", "HEVC/H.265 Main Profile / Level 5.1" },
+		{ ".4.108", "HEVC/H.265 Main 10 Profile / Level 5.1" },
+		{ ".4.110", "JPEG XL Lossless" },
+		{ ".4.111", "JPEG XL JPEG Recompression" },
+		{ ".4.112", "JPEG XL" },
+		{ ".4.201", "High-Throughput JPEG 2000 Image Compression (Lossless Only)" },
+		{ ".4.202", "High-Throughput JPEG 2000 with RPCL Options Image Compression (Lossless Only)" },
+		{ ".4.203", "High-Throughput JPEG 2000 Image Compression" },
+		{ ".4.204", "JPIP HTJ2K Referenced" },
+		{ ".4.205", "JPIP HTJ2K Referenced Deflate" },
+		{ ".5", "RLE Lossless" },
+		{ ".6.1", "RFC 2557 MIME encapsulation" },
+		{ ".6.2", "XML Encoding" },
+		{ ".7.1", "SMPTE ST 2110-20 Uncompressed Progressive Active Video" },
+		{ ".7.2", "SMPTE ST 2110-20 Uncompressed Interlaced Active Video" },
+		{ ".7.3", "SMPTE ST 2110-30 PCM Digital Audio" },
+		{ ".8.1", "Deflated Image Frame Compression" },
+	};
+	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+		if (ts_is(ts, names[i].suffix))
+			return names[i].name;
+	return "not a transfer syntax this decoder knows";
+}
+
+/* The syntaxes decoded here; anything else is refused by name before GDCM parses it. */
+static bool ts_supported(const char *ts)
+{
+	static const char *const ok[] = { "", ".1", ".1.99", ".2", ".4.50", ".4.51", ".4.57",
+					  ".4.70", ".4.80", ".4.81", ".4.90", ".4.91", ".4.201",
+					  ".4.202", ".4.203", ".5" };
+	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++)
+		if (ts_is(ts, ok[i]))
+			return true;
+	return false;
+}
+
+static bool ts_htj2k(const char *ts)
+{
+	return ts_is(ts, ".4.201") || ts_is(ts, ".4.202") || ts_is(ts, ".4.203");
+}
+
+static int unsupported_ts(const char *ts, char *err, size_t errlen)
+{
+	decode_seterr(err, errlen, "DICOM: transfer syntax %.64s (%s) is not supported", ts,
+		      ts_name(ts));
+	return -DMC_E_DECODE_FAILED;
+}
+
+/*
+ * The items of the encapsulated Pixel Data, read from the file's bytes as pydicom reads
+ * them: the basic offset table, then one item after the other by its length up to the
+ * sequence delimiter, so that bytes inside a fragment are never taken for a tag (GDCM
+ * 3.0.21 stops at a delimiter-looking pair inside fragment data). check_framing walked this
+ * structure already: every item fits in the buffer.
+ */
+struct frag_it {
+	const uint8_t *p;
+	size_t off, len;
+};
+
+static void frag_begin(const struct decode_src *src, struct frag_it *it)
+{
+	it->p = src->u.dcm.buf;
+	it->len = src->u.dcm.len;
+	it->off = src->u.dcm.items_off;
+}
+
+/* 1: the next item in *ret_p, *ret_len; 0: the sequence delimiter; -1: malformed. */
+static int frag_next(struct frag_it *it, const uint8_t **ret_p, uint64_t *ret_len)
+{
+	if (it->off == 0 || it->off > it->len || it->len - it->off < 8 ||
+	    rd_le16(it->p + it->off) != 0xfffe)
+		return -1;
+	uint16_t e = rd_le16(it->p + it->off + 2);
+	uint32_t vl = rd_le32(it->p + it->off + 4);
+	if (e == 0xe0dd)
+		return 0;
+	if (e != 0xe000 || vl > it->len - it->off - 8)
+		return -1;
+	*ret_p = it->p + it->off + 8;
+	*ret_len = vl;
+	it->off += 8 + (size_t)vl;
+	return 1;
+}
+
+/* The basic offset table (may be empty); the iterator is left at the first fragment. */
+static int frag_table(const struct decode_src *src, struct frag_it *it, const uint8_t **ret_bot,
+		      uint64_t *ret_botlen)
+{
+	frag_begin(src, it);
+	return frag_next(it, ret_bot, ret_botlen) == 1 ? 0 : -1;
 }
 
 /*
@@ -378,23 +570,37 @@ int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct de
 		return -ENOMEM;
 	}
 	bool deflated;
-	size_t meta_end;
-	r = check_framing(in, len, &deflated, &meta_end, err, errlen);
+	size_t meta_end, items_off;
+	char file_ts[68];
+	r = check_framing(in, len, &deflated, &meta_end, &items_off, file_ts, sizeof(file_ts), err,
+			  errlen);
 	if (r < 0)
 		return r;
-	if (deflated) {
-		r = inflate_dicom(ctx, in, len, meta_end, &in, &len, err, errlen);
+	if (file_ts[0] && !ts_supported(file_ts))
+		return unsupported_ts(file_ts, err, errlen);
+	if (deflated || ts_htj2k(file_ts)) {
+		char ts2[68];
+		if (deflated)
+			r = inflate_dicom(ctx, in, len, meta_end, &in, &len, err, errlen);
+		else
+			r = restate_syntax(ctx, in, len, meta_end, TS_PREFIX ".4.90", &in, &len, err,
+					   errlen);
 		if (r == 0)
-			r = check_framing(in, len, &deflated, &meta_end, err, errlen);
+			r = check_framing(in, len, &deflated, &meta_end, &items_off, ts2, sizeof(ts2),
+					  err, errlen);
 		if (r < 0)
 			return r;
 	}
 	ret->u.dcm.buf = in;
 	ret->u.dcm.len = len;
+	ret->u.dcm.items_off = items_off;
 	r = gdcm_shim_load(sh, in, len, &in_, err, errlen);
 	if (r < 0)
 		return r;
 	*info = in_;
+	/* The file's own syntax, not the stand-in GDCM was shown. */
+	if (ts_htj2k(file_ts))
+		snprintf(info->ts, sizeof(info->ts), "%s", file_ts);
 	if (!info->has_pixels) {
 		decode_seterr(err, errlen, "DICOM: no pixel data");
 		return -DMC_E_DECODE_FAILED;
@@ -489,12 +695,26 @@ int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct de
 			return -DMC_E_DECODE_FAILED;
 		}
 		bool jpeg8 = ba == 8 && info->bits_stored <= 8;
+		if (!ret->u.dcm.items_off) {
+			decode_seterr(err, errlen, "DICOM: encapsulated pixel data not at the top level");
+			return -DMC_E_DECODE_FAILED;
+		}
+		if (ba == 1) {
+			/* pydicom refuses these too (no codec defines bit-packed frames). */
+			decode_seterr(err, errlen,
+				      "DICOM: BitsAllocated 1 in transfer syntax %.64s (%s) is not "
+				      "supported", ts, ts_name(ts));
+			return -DMC_E_DECODE_FAILED;
+		}
 		if ((ts_is(ts, ".4.50") || ts_is(ts, ".4.51")) && jpeg8) {
 			ret->u.dcm.route = ROUTE_TURBO;
 			ret->codec = DECODE_CODEC_JPEG;
 		} else if (ts_is(ts, ".5")) {
 			ret->u.dcm.route = ROUTE_RLE;
 			ret->codec = DECODE_CODEC_RLE;
+		} else if (ts_is(ts, ".4.90") || ts_is(ts, ".4.91") || ts_htj2k(ts)) {
+			ret->u.dcm.route = ROUTE_OPJ;
+			ret->codec = ts_htj2k(ts) ? DECODE_CODEC_HTJ2K : DECODE_CODEC_JPEG_2000;
 		} else {
 			ret->u.dcm.route = ROUTE_GDCM;
 			if (ts_is(ts, ".4.50") || ts_is(ts, ".4.51"))
@@ -503,16 +723,25 @@ int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct de
 				ret->codec = DECODE_CODEC_JPEG_LOSSLESS;
 			else if (ts_is(ts, ".4.80") || ts_is(ts, ".4.81"))
 				ret->codec = DECODE_CODEC_JPEG_LS;
-			else if (ts_is(ts, ".4.90") || ts_is(ts, ".4.91"))
-				ret->codec = DECODE_CODEC_JPEG_2000;
-			else {
-				decode_seterr(err, errlen, "DICOM: unsupported transfer syntax '%.64s'",
-					      ts);
-				return -DMC_E_DECODE_FAILED;
-			}
+			else
+				return unsupported_ts(ts, err, errlen);
 		}
-		ret->encoded_bytes = info->pixel_bytes ? info->pixel_bytes : 1;
-		if (ret->u.dcm.route == ROUTE_GDCM) {
+		/* The fragments' bytes as our own walk finds them (GDCM's sum stops early when a
+		 * fragment holds delimiter-looking bytes). */
+		uint64_t enc = 0;
+		{
+			struct frag_it it;
+			const uint8_t *fp;
+			uint64_t fl;
+			if (frag_table(ret, &it, &fp, &fl) == 0)
+				while (frag_next(&it, &fp, &fl) == 1)
+					enc += fl;
+		}
+		ret->encoded_bytes = enc ? enc : 1;
+		if (ret->u.dcm.route == ROUTE_OPJ) {
+			/* OpenJPEG holds one frame as 32-bit samples. */
+			ret->work_bytes = info->rows * info->cols * info->samples * 4;
+		} else if (ret->u.dcm.route == ROUTE_GDCM) {
 			uint64_t blen = 0;
 			if (gdcm_shim_buffer_length(sh, &blen) < 0) {
 				decode_seterr(err, errlen, "DICOM: GDCM cannot decode this image");
@@ -652,14 +881,22 @@ static int decode_native(struct decode_ctx *ctx, const struct decode_src *src, u
 }
 
 /* Which fragments make frame k: [ret_first, ret_first + ret_n). */
-static int frame_fragments(struct decode_ctx *ctx, uint32_t frames, uint32_t k,
+static int frame_fragments(const struct decode_src *src, uint32_t frames, uint32_t k,
 			   uint32_t *ret_first, uint32_t *ret_n, char *err, size_t errlen)
 {
-	uint32_t nfrag;
-	const uint8_t *bot;
-	uint64_t botlen;
-	if (gdcm_shim_fragment_count(ctx->gdcm, &nfrag) < 0 || nfrag == 0 ||
-	    gdcm_shim_offset_table(ctx->gdcm, &bot, &botlen) < 0) {
+	struct frag_it it;
+	const uint8_t *bot, *fp;
+	uint64_t botlen, fl;
+	uint32_t nfrag = 0;
+	if (frag_table(src, &it, &bot, &botlen) < 0) {
+		decode_seterr(err, errlen, "DICOM: no pixel data fragments");
+		return -DMC_E_DECODE_FAILED;
+	}
+	struct frag_it first_frag = it;
+	int r;
+	while ((r = frag_next(&it, &fp, &fl)) == 1)
+		nfrag++;
+	if (r < 0 || nfrag == 0) {
 		decode_seterr(err, errlen, "DICOM: no pixel data fragments");
 		return -DMC_E_DECODE_FAILED;
 	}
@@ -673,17 +910,14 @@ static int frame_fragments(struct decode_ctx *ctx, uint32_t frames, uint32_t k,
 		*ret_n = 1;
 		return 0;
 	}
-	if (bot && botlen == (uint64_t)frames * 4) {
+	it = first_frag;
+	if (botlen == (uint64_t)frames * 4) {
 		/* Offsets count from the first fragment's item tag; each item has 8 header bytes. */
 		uint64_t start = rd_le32(bot + 4 * (size_t)k);
 		uint64_t end = k + 1 < frames ? rd_le32(bot + 4 * (size_t)(k + 1)) : UINT64_MAX;
 		uint64_t off = 0;
 		uint32_t a = UINT32_MAX, cnt = 0;
-		for (uint32_t i = 0; i < nfrag; i++) {
-			const uint8_t *fp;
-			uint64_t fl;
-			if (gdcm_shim_fragment(ctx->gdcm, i, &fp, &fl) < 0)
-				break;
+		for (uint32_t i = 0; i < nfrag && frag_next(&it, &fp, &fl) == 1; i++) {
 			if (off >= start && off < end) {
 				if (a == UINT32_MAX)
 					a = i;
@@ -697,15 +931,13 @@ static int frame_fragments(struct decode_ctx *ctx, uint32_t frames, uint32_t k,
 			return 0;
 		}
 	} else {
-		/* No usable table: a frame starts at each fragment that starts with SOI. */
+		/* No usable table: a frame starts at each fragment that starts with a JPEG SOI,
+		 * a J2K SOC, or a JP2 signature box. */
 		uint32_t frame = 0, a = UINT32_MAX, cnt = 0;
-		for (uint32_t i = 0; i < nfrag; i++) {
-			const uint8_t *fp;
-			uint64_t fl;
-			if (gdcm_shim_fragment(ctx->gdcm, i, &fp, &fl) < 0)
-				break;
-			bool soi = fl >= 2 && fp[0] == 0xff && fp[1] == 0xd8;
-			if (soi && i > 0)
+		for (uint32_t i = 0; i < nfrag && frag_next(&it, &fp, &fl) == 1; i++) {
+			bool soi = fl >= 2 && fp[0] == 0xff && (fp[1] == 0xd8 || fp[1] == 0x4f);
+			bool jp2 = fl >= 12 && memcmp(fp + 4, "jP  ", 4) == 0;
+			if ((soi || jp2) && i > 0)
 				frame++;
 			if (frame == k) {
 				if (a == UINT32_MAX)
@@ -728,29 +960,37 @@ static int frame_bytes(struct decode_ctx *ctx, const struct decode_src *src, uin
 		       const uint8_t **ret_p, uint64_t *ret_len, char *err, size_t errlen)
 {
 	uint32_t a, cnt;
-	int r = frame_fragments(ctx, src->frames, k, &a, &cnt, err, errlen);
+	int r = frame_fragments(src, src->frames, k, &a, &cnt, err, errlen);
 	if (r < 0)
 		return r;
-	const uint8_t *p = NULL;
-	uint64_t plen = 0;
+	struct frag_it it, start;
+	const uint8_t *bot, *fp, *p = NULL;
+	uint64_t botlen, fl, plen = 0;
+	if (frag_table(src, &it, &bot, &botlen) < 0)
+		return -DMC_E_DECODE_FAILED;
+	for (uint32_t i = 0; i < a; i++)
+		if (frag_next(&it, &fp, &fl) != 1)
+			return -DMC_E_DECODE_FAILED;
+	start = it;
 	if (cnt == 1) {
-		r = gdcm_shim_fragment(ctx->gdcm, a, &p, &plen);
+		if (frag_next(&it, &p, &plen) != 1)
+			return -DMC_E_DECODE_FAILED;
 	} else {
 		uint64_t total = 0;
-		for (uint32_t i = 0; i < cnt && r >= 0; i++) {
-			const uint8_t *fp;
-			uint64_t fl;
-			r = gdcm_shim_fragment(ctx->gdcm, a + i, &fp, &fl);
+		for (uint32_t i = 0; i < cnt; i++) {
+			if (frag_next(&it, &fp, &fl) != 1)
+				return -DMC_E_DECODE_FAILED;
 			total += fl;
 		}
-		if (r >= 0)
-			r = decode_buf_reserve(ctx, &ctx->work2, total ? total : 1, err, errlen);
+		r = decode_buf_reserve(ctx, &ctx->work2, total ? total : 1, err, errlen);
+		if (r < 0)
+			return r;
+		it = start;
 		uint64_t off = 0;
-		for (uint32_t i = 0; i < cnt && r >= 0; i++) {
-			const uint8_t *fp;
-			uint64_t fl;
-			r = gdcm_shim_fragment(ctx->gdcm, a + i, &fp, &fl);
-			if (r >= 0 && fl) {
+		for (uint32_t i = 0; i < cnt; i++) {
+			if (frag_next(&it, &fp, &fl) != 1)
+				return -DMC_E_DECODE_FAILED;
+			if (fl) {
 				memcpy((uint8_t *)ctx->work2.p + off, fp, fl);
 				off += fl;
 			}
@@ -758,8 +998,6 @@ static int frame_bytes(struct decode_ctx *ctx, const struct decode_src *src, uin
 		p = ctx->work2.p;
 		plen = off;
 	}
-	if (r < 0)
-		return r;
 	if (!p || plen == 0) {
 		decode_seterr(err, errlen, "DICOM: empty pixel data fragment");
 		return -DMC_E_DECODE_FAILED;
@@ -947,6 +1185,20 @@ static int decode_gdcm(struct decode_ctx *ctx, const struct decode_src *src, uin
 	if (r < 0)
 		return r;
 	r = gdcm_shim_decode(ctx->gdcm, ctx->work.p, blen, &planar, pi, err, errlen);
+	if (r == -DMC_E_DECODE_FAILED) {
+		/* Say which stream failed: GDCM's own text names only its codec's complaint. */
+		char why[200];
+		const char *ts = src->u.dcm.info.ts;
+		snprintf(why, sizeof(why), "%s", err ? err : "");
+		if (src->codec == DECODE_CODEC_JPEG_LOSSLESS)
+			decode_seterr(err, errlen,
+				      "DICOM: the JPEG lossless stream is corrupt (transfer syntax "
+				      "%.64s, %s): %s", ts, ts_name(ts), why);
+		else
+			decode_seterr(err, errlen,
+				      "DICOM: the pixel data of transfer syntax %.64s (%s) cannot be "
+				      "decoded: %s", ts, ts_name(ts), why);
+	}
 	if (r < 0)
 		return r;
 	/* pydicom's J2K correction: a J2K codestream may hold BitsStored-bit samples as
@@ -964,6 +1216,40 @@ static int decode_gdcm(struct decode_ctx *ctx, const struct decode_src *src, uin
 		else
 			deinterleave(fs, npx, c, esize, fd);
 		if (c == 3 && esize == 1 && is_ybr_full(pi))
+			ybr_to_rgb_planar(fd, npx);
+		if (sign_extend)
+			sign_extend_bits(fd, npx * c, esize, (unsigned)info->bits_stored);
+	}
+	return 0;
+}
+
+/* JPEG 2000 and HTJ2K through OpenJPEG, frame by frame from our own fragment walk. */
+static int decode_opj(struct decode_ctx *ctx, const struct decode_src *src, uint32_t first,
+		      uint32_t n, uint8_t *dst, char *err, size_t errlen)
+{
+	const struct gdcm_info *info = &src->u.dcm.info;
+	const size_t esize = decode_dtype_size(src->dtype);
+	const size_t npx = (size_t)src->height * src->width;
+	const uint32_t c = src->channels;
+	const size_t frame_out = npx * c * esize;
+	/* pydicom's J2K correction, as in decode_gdcm(). */
+	const bool sign_extend = info->pixel_rep == 1 && info->bits_stored > 0 &&
+				 info->bits_stored < info->bits_allocated;
+	char what[96];
+	snprintf(what, sizeof(what), "%s (%.32s)",
+		 src->codec == DECODE_CODEC_HTJ2K ? "HTJ2K" : "JPEG 2000", info->ts);
+	for (uint32_t f = 0; f < n; f++) {
+		const uint8_t *p;
+		uint64_t plen;
+		int r = frame_bytes(ctx, src, first + f, &p, &plen, err, errlen);
+		if (r < 0)
+			return r;
+		uint8_t *fd = dst + (size_t)f * frame_out;
+		r = j2k_decode_planar(ctx, p, (size_t)plen, src->width, src->height, c, esize, fd,
+				      what, err, errlen);
+		if (r < 0)
+			return r;
+		if (c == 3 && esize == 1 && is_ybr_full(info->photometric))
 			ybr_to_rgb_planar(fd, npx);
 		if (sign_extend)
 			sign_extend_bits(fd, npx * c, esize, (unsigned)info->bits_stored);
@@ -991,6 +1277,8 @@ int dicom_decode(struct decode_ctx *ctx, const uint8_t *in, size_t len,
 		return decode_gdcm(ctx, src, first, n, dst, err, errlen);
 	case ROUTE_RLE:
 		return decode_rle(ctx, src, first, n, dst, err, errlen);
+	case ROUTE_OPJ:
+		return decode_opj(ctx, src, first, n, dst, err, errlen);
 	default:
 		return -DMC_E_INTERNAL;
 	}

@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 /* GDCM's own headers trip clang's -Wdeprecated-copy (implicit copies of DataSet, Item,
  * PrivateTag); not ours to fix. */
 #if defined(__clang__)
@@ -44,6 +46,10 @@
 #include <gdcmVR.h>
 
 #include "proto.h"
+
+/* decode.c: a codec library's message to the decode_set_diag() hook. */
+extern "C" void decode_diag(const char *lib, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
 
 namespace {
 
@@ -88,11 +94,86 @@ std::ostringstream &trace_sink()
 	return s;
 }
 
+/* What GDCM traced since the last reset goes to the diagnostic hook, line by line. */
 void trace_reset()
 {
+	const std::string t = trace_sink().str();
+	size_t pos = 0;
+	while (pos < t.size()) {
+		size_t nl = t.find('\n', pos);
+		if (nl == std::string::npos)
+			nl = t.size();
+		if (nl > pos)
+			decode_diag("gdcm", "%.*s", (int)(nl - pos), t.data() + pos);
+		pos = nl + 1;
+	}
 	trace_sink().str(std::string());
 	trace_sink().clear();
 }
+
+/*
+ * GDCM's bundled libjpeg (and its other C codecs) print warnings with fprintf(stderr, ...):
+ * "Corrupt JPEG data: bad Huffman code", "Unsupported JPEG data precision 12". For the
+ * length of a GDCM call, the C library's `stderr` stream is an unbuffered cookie stream
+ * whose lines go to the diagnostic hook. File descriptor 2 is not touched (sanitizer
+ * reports still reach it) and no system call is needed (seccomp-safe in the workers), with
+ * one exception: a failed assert() (GDCM 3.0.21 asserts on some malformed files) is about
+ * to abort the process, so its message is also written to fd 2 as the crash's reason.
+ * Process-wide: decoding is single-threaded (decode_gdcm.h).
+ */
+class StderrToDiag {
+public:
+	StderrToDiag()
+	{
+		cookie_io_functions_t io = {};
+		io.write = on_write;
+		mem_ = fopencookie(this, "w", io);
+		if (mem_) {
+			setvbuf(mem_, nullptr, _IONBF, 0);
+			saved_ = stderr;
+			stderr = mem_;
+		}
+	}
+	~StderrToDiag()
+	{
+		if (!mem_)
+			return;
+		stderr = saved_;
+		fclose(mem_);
+		if (!line_.empty())
+			emit();
+	}
+	StderrToDiag(const StderrToDiag &) = delete;
+	StderrToDiag &operator=(const StderrToDiag &) = delete;
+
+private:
+	static ssize_t on_write(void *cookie, const char *buf, size_t n)
+	{
+		StderrToDiag *self = static_cast<StderrToDiag *>(cookie);
+		if (memmem(buf, n, "Assertion", 9)) {
+			ssize_t w = write(STDERR_FILENO, buf, n);
+			(void)w;
+		}
+		try {
+			for (size_t i = 0; i < n; i++) {
+				if (buf[i] == '\n')
+					self->emit();
+				else if (self->line_.size() < 4096)
+					self->line_.push_back(buf[i]);
+			}
+		} catch (...) {
+		}
+		return (ssize_t)n;
+	}
+	void emit()
+	{
+		if (!line_.empty())
+			decode_diag("gdcm", "%s", line_.c_str());
+		line_.clear();
+	}
+	FILE *mem_ = nullptr, *saved_ = nullptr;
+	std::string line_;
+};
 
 /* The last non-empty line GDCM traced, or `fallback`. */
 void set_err(char *err, size_t errlen, const char *fallback)
@@ -107,9 +188,11 @@ void set_err(char *err, size_t errlen, const char *fallback)
 		if (nl == std::string::npos)
 			nl = t.size();
 		std::string line = t.substr(pos, nl - pos);
-		/* Skip GDCM's "Error: In file, line, function" location lines: they name paths. */
+		/* Skip GDCM's "Error: In file, line, function" location lines: they name paths;
+		 * and "Could not find: /usr/bin/pvrg-jpeg": GDCM's fallback for a JPEG stream its
+		 * own codec failed on, never installed, says nothing about the stream. */
 		if (!line.empty() && line.find("./Source/") == std::string::npos &&
-		    line.find(".cxx") == std::string::npos)
+		    line.find(".cxx") == std::string::npos && line.find("pvrg") == std::string::npos)
 			last = line;
 		pos = nl + 1;
 	}
@@ -117,6 +200,7 @@ void set_err(char *err, size_t errlen, const char *fallback)
 		snprintf(err, errlen, "%s", fallback);
 	else
 		snprintf(err, errlen, "%s: %s", fallback, last.c_str());
+	trace_reset();
 }
 
 bool trim_value(const gdcm::ByteValue *bv, std::string &out)
@@ -233,6 +317,7 @@ extern "C" struct gdcm_shim *gdcm_shim_new(void)
 extern "C" void gdcm_shim_free(struct gdcm_shim *sh)
 {
 	try {
+		trace_reset();
 		delete sh;
 	} catch (...) {
 	}
@@ -401,6 +486,7 @@ extern "C" int gdcm_shim_load(struct gdcm_shim *sh, const void *buf, size_t len,
 			      struct gdcm_info *ret, char *err, size_t errlen)
 {
 	try {
+		StderrToDiag quiet;
 		if (sh->loaded && sh->buf == buf && sh->len == len) {
 			*ret = sh->info;
 			return 0;
@@ -578,6 +664,7 @@ static const gdcm::Pixmap *pixmap(struct gdcm_shim *sh)
 extern "C" int gdcm_shim_buffer_length(struct gdcm_shim *sh, uint64_t *ret_len)
 {
 	try {
+		StderrToDiag quiet;
 		trace_reset();
 		const gdcm::Pixmap *px = pixmap(sh);
 		if (!px)
@@ -595,6 +682,7 @@ extern "C" int gdcm_shim_decode(struct gdcm_shim *sh, void *dst, uint64_t dst_le
 				char *ret_photometric, char *err, size_t errlen)
 {
 	try {
+		StderrToDiag quiet;
 		trace_reset();
 		const gdcm::Pixmap *px = pixmap(sh);
 		if (!px) {

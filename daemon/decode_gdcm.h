@@ -4,7 +4,9 @@
  * A shim holds one parsed DICOM data set (gdcm::Reader) and reuses it while the caller
  * passes the same buffer again, so that probe, decode and metadata parse a file once. GDCM's
  * exceptions and its trace output never leave the shim: failures come back as
- * -DMC_E_DECODE_FAILED (or -ENOMEM) with GDCM's last message in `err`. One thread at a time.
+ * -DMC_E_DECODE_FAILED (or -ENOMEM) with GDCM's last message in `err`; its messages, and what
+ * its bundled C codecs print to `stderr` during a call (the C stream is swapped for a memory
+ * stream meanwhile), go to decode_diag(). One thread at a time, in the whole process.
  *
  * Input buffers are borrowed: the shim may keep a pointer to the last one until the next
  * call or gdcm_shim_free(), so the caller keeps it alive and unchanged meanwhile.

@@ -59,6 +59,9 @@ struct dicom_state {
 	int route;                /* enum dicom_route in decode_dicom.c */
 	const uint8_t *buf;       /* what GDCM parsed: the input, or the inflated copy */
 	size_t len;
+	/* Encapsulated Pixel Data of the top-level data set: offset in buf of its first item
+	 * (the basic offset table), found by our own walk of the framing; 0 when none. */
+	size_t items_off;
 };
 
 /* The source tensor a format decoder found. */
@@ -111,6 +114,13 @@ struct decode_ctx {
 
 void decode_seterr(char *err, size_t errlen, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
+
+/* A codec library's message to the decode_set_diag() hook (one line, trailing newline cut;
+ * dropped when no hook is set). Callable from C++ (decode_gdcm.cc declares it). */
+#ifdef __cplusplus
+extern "C"
+#endif
+void decode_diag(const char *lib, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Makes b hold at least n bytes; -DMC_E_LIMIT_EXCEEDED above max_decode_bytes + slack. */
 int decode_buf_reserve(struct decode_ctx *ctx, struct decode_buf *b, uint64_t n, char *err,
@@ -168,6 +178,13 @@ bool nifti_sniff(const uint8_t *in, size_t len);
  * *ret_len gets the inflated size. Lives in decode_nifti.c, the libdeflate wrapper. */
 int inflate_raw(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct decode_buf *out,
 		size_t prefix, size_t *ret_len, char *err, size_t errlen);
+
+/* JPEG 2000 / HTJ2K: OpenJPEG (decode_j2k.c). One frame (J2K codestream or JP2) of exactly
+ * w x h x c into planar dst, each sample stored in esize (1, 2, 4) bytes, host order, as the
+ * codestream's two's complement truncated to esize. `what` names the syntax in errors. */
+int j2k_decode_planar(struct decode_ctx *ctx, const uint8_t *in, size_t len, uint32_t w,
+		      uint32_t h, uint32_t c, size_t esize, uint8_t *dst, const char *what,
+		      char *err, size_t errlen);
 
 /* DICOM: GDCM through decode_gdcm.cc, TurboJPEG for .4.50/.4.51. */
 int dicom_probe(struct decode_ctx *ctx, const uint8_t *in, size_t len, struct decode_src *ret,

@@ -14,6 +14,8 @@
  * {"format", "codec", "dtype", "shape": [F, C, H, W], "frames" (of the item), "nbytes"}.
  * Exit status: 0 success, 2 usage or I/O error, 3 limit exceeded, 4 decode failed,
  * 1 anything else. Errors print "dmcache-decode: FILE: <error name>: <reason>".
+ * --verbose prints the codec libraries' own messages (GDCM, OpenJPEG) to stderr, each line
+ * "dmcache-decode: <library>: <message>"; without it they are dropped.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -41,7 +43,7 @@ enum {
 
 struct args {
 	const char *file, *out, *meta;
-	bool pool, frames, lut, probe;
+	bool pool, frames, lut, probe, verbose;
 	long frame; /* -1: all */
 	enum decode_dtype dtype;
 	uint64_t max_decode_bytes;
@@ -51,8 +53,8 @@ struct args {
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: dmcache-decode [--pool] [--frames | --frame N] [--lut] [--dtype T]\n"
-		   "                      [--max-decode-bytes N] [--timeout-ms N] FILE -o OUT.npy\n"
-		   "                      [--meta OUT.json]\n"
+		   "                      [--max-decode-bytes N] [--timeout-ms N] [--verbose] FILE\n"
+		   "                      -o OUT.npy [--meta OUT.json]\n"
 		   "       dmcache-decode [--pool] --probe [--frame N] [--lut] [--dtype T] FILE\n"
 		   "                      [--meta OUT.json]\n");
 }
@@ -86,6 +88,8 @@ static int parse_args(int argc, char **argv, struct args *a)
 			a->lut = true;
 		} else if (strcmp(s, "--probe") == 0) {
 			a->probe = true;
+		} else if (strcmp(s, "--verbose") == 0) {
+			a->verbose = true;
 		} else if (strcmp(s, "--frame") == 0) {
 			if (parse_u64(v, &u) || u > UINT32_MAX)
 				return -1;
@@ -452,6 +456,20 @@ static int run_pool(const struct args *a, const uint8_t *in, size_t len,
 	return pr.rc;
 }
 
+/* One write(2) to fd 2: during a GDCM call the `stderr` stream is captured
+ * (decode_gdcm.cc), and in a sandboxed worker stdio's first use of a stream would ioctl. */
+static void print_codec_line(const char *lib, const char *line)
+{
+	char buf[640];
+	int n = snprintf(buf, sizeof(buf), "dmcache-decode: %s: %s\n", lib, line);
+	if (n > (int)sizeof(buf) - 1) {
+		n = (int)sizeof(buf) - 1;
+		buf[n - 1] = '\n';
+	}
+	if (n > 0 && write(STDERR_FILENO, buf, (size_t)n) < 0)
+		return;
+}
+
 int main(int argc, char **argv)
 {
 	struct args a;
@@ -464,6 +482,8 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return EXIT_USAGE;
 	}
+	if (a.verbose)
+		decode_set_diag(print_codec_line);
 	decode_limits_default(&lim);
 	if (a.max_decode_bytes)
 		lim.max_decode_bytes = a.max_decode_bytes;

@@ -609,6 +609,12 @@ static void on_reload_signal(uv_signal_t *sig, int signum)
 	sd_notify_msg("READY=1\nSTATUS=running");
 }
 
+/* The codec libraries' own messages (decode_set_diag): debug lines of group "decode". */
+static void log_codec_line(const char *lib, const char *line)
+{
+	log_debug(DECODE, "%s: %s", lib, line);
+}
+
 int main(int argc, char **argv)
 {
 	struct daemon d;
@@ -640,6 +646,7 @@ int main(int argc, char **argv)
 		goto out_config;
 	}
 	log_set_level(d.cfg.log_level);
+	decode_set_diag(log_codec_line);
 	if (check_user_namespace() < 0 && !d.cfg.allow_user_namespace) {
 		log_err(SYS, "running inside a user namespace: other users' processes would all "
 			     "appear as uid 65534 and could not be told apart. Refusing to start "

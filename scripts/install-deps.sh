@@ -11,8 +11,10 @@ pkgs=(
 	libuv1-dev libcurl4-openssl-dev libsqlite3-dev libzstd-dev libturbojpeg0-dev
 	libgdcm-dev libgdcm-tools libspng-dev libsystemd-dev libjansson-dev libinih-dev
 	libyaml-dev libseccomp-dev libssl-dev libdeflate-dev zlib1g-dev
+	libopenjp2-7-dev # JPEG 2000 and HTJ2K (OpenJPEG >= 2.5)
 	# tools the tests use
 	sqlite3 curl systemd strace util-linux e2fsprogs zstd libjpeg-turbo-progs
+	openjph-tools # ojph_compress writes the HTJ2K test files
 	# the operator's side: promtool (prometheus) and node_exporter for `dmcache metrics`
 	prometheus prometheus-node-exporter
 	# man(1) renders the pages in a test; zsh loads the completion

@@ -3,7 +3,7 @@
 
 Small files (a few KB at most), valid and invalid, one per interesting path: every PNG color
 type, JPEG baseline/progressive/CMYK, NIfTI-1/2 both byte orders and gzip, DICOM in each
-transfer syntax (via gdcmconv), and the size bombs of docs/reliability.md X2. Deterministic, so
+transfer syntax (via gdcmconv; HTJ2K via ojph_compress), and the size bombs of docs/reliability.md X2. Deterministic, so
 that re-running it changes nothing. Usage: gen_fuzz_seeds.py [OUT_DIR]
 """
 import gzip
@@ -19,6 +19,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian
 from PIL import Image
 
@@ -181,6 +182,22 @@ def dicoms(tmp):
         enc = os.path.join(tmp, name)
         subprocess.run(['gdcmconv', flag, raw, enc], check=True, capture_output=True)
         out('dicom', name, open(enc, 'rb').read())
+    # HTJ2K lossless (.4.201) by OpenJPH's ojph_compress; pydicom 2.3 knows no HTJ2K UID, so
+    # the file is written as .4.100 (same padded length) and the UID bytes replaced.
+    src = os.path.join(tmp, 'ct.raw')
+    ct.astype('<i2').tofile(src)
+    cs = os.path.join(tmp, 'ct.j2c')
+    subprocess.run(['ojph_compress', '-i', src, '-o', cs, '-reversible', 'true', '-dims', '{16,16}',
+                    '-num_comps', '1', '-signed', 'true', '-bit_depth', '16', '-downsamp',
+                    '{1,1}'], check=True, capture_output=True)
+    ds = dicom_base(16, 16, 1, 16, 1, 'MONOCHROME2', '1.2.840.10008.1.2.4.100',
+                    encapsulate([open(cs, 'rb').read()]))
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    b = io.BytesIO()
+    ds.save_as(b, write_like_original=False)
+    data = b.getvalue()
+    assert data.count(b'1.2.840.10008.1.2.4.100\0') == 1
+    out('dicom', 'htj2k.dcm', data.replace(b'1.2.840.10008.1.2.4.100\0', b'1.2.840.10008.1.2.4.201\0'))
     ds = dicom_base(16, 16, 3, 8, 0, 'RGB', ExplicitVRLittleEndian, rgb.tobytes())
     rawc = os.path.join(tmp, 'rgb.dcm')
     ds.save_as(rawc, write_like_original=False)
