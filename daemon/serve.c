@@ -17,6 +17,7 @@
 #include "conn.h"
 #include "decode.h"
 #include "decode_pool.h"
+#include "hot.h"
 #include "index.h"
 #include "log.h"
 #include "policy.h"
@@ -52,193 +53,6 @@ static void arena_release(struct serve *s, struct arena *a, struct share *sh, ui
 struct sconn;
 struct greq;
 struct stream;
-
-/* ---- the hot set: decoded tensors in memory, shared by every connection ---- */
-
-/* One decoded item: the tensor, then the DICOM header JSON (content-derived only: the
- * resource record of the snapshot item is added when the item is placed). */
-struct hot_entry {
-	uint8_t raw[STORE_DIGEST_SIZE];
-	int64_t opts;
-	uint8_t *buf;
-	uint64_t nbytes, dlen;
-	struct decode_desc desc;
-	unsigned refs; /* items holding it: never evicted while > 0 */
-	struct hot_entry *hnext;
-	struct hot_entry *newer, *older;
-};
-
-struct hot {
-	struct hot_entry **b;
-	size_t nb, n;
-	uint64_t bytes, max;
-	struct hot_entry *newest, *oldest;
-	uint64_t hits, misses, inserts, evictions;
-};
-
-static size_t hot_hash(const uint8_t *raw, int64_t opts, size_t nb)
-{
-	uint64_t k;
-
-	memcpy(&k, raw, sizeof(k));
-	k ^= (uint64_t)opts * 0x9e3779b97f4a7c15ull;
-	return (size_t)(k & (nb - 1));
-}
-
-static size_t hot_slot(const struct hot *h, const uint8_t *raw, int64_t opts)
-{
-	return hot_hash(raw, opts, h->nb);
-}
-
-static void hot_lru_unlink(struct hot *h, struct hot_entry *e)
-{
-	if (e->newer)
-		e->newer->older = e->older;
-	else
-		h->newest = e->older;
-	if (e->older)
-		e->older->newer = e->newer;
-	else
-		h->oldest = e->newer;
-	e->newer = e->older = NULL;
-}
-
-static void hot_lru_front(struct hot *h, struct hot_entry *e)
-{
-	e->older = h->newest;
-	e->newer = NULL;
-	if (h->newest)
-		h->newest->newer = e;
-	h->newest = e;
-	if (!h->oldest)
-		h->oldest = e;
-}
-
-static void hot_remove(struct hot *h, struct hot_entry *e)
-{
-	struct hot_entry **pp = &h->b[hot_slot(h, e->raw, e->opts)];
-
-	while (*pp != e)
-		pp = &(*pp)->hnext;
-	*pp = e->hnext;
-	hot_lru_unlink(h, e);
-	h->n--;
-	h->bytes -= e->nbytes + e->dlen;
-	free(e->buf);
-	free(e);
-}
-
-/* A referenced entry for (raw, opts), or NULL. */
-/* The entry for (raw, opts), or NULL; nothing counted or moved. */
-static struct hot_entry *hot_find(const struct hot *h, const uint8_t *raw, int64_t opts)
-{
-	struct hot_entry *e = NULL;
-
-	if (h->nb)
-		for (e = h->b[hot_slot(h, raw, opts)]; e; e = e->hnext)
-			if (e->opts == opts && memcmp(e->raw, raw, STORE_DIGEST_SIZE) == 0)
-				break;
-	return e;
-}
-
-static struct hot_entry *hot_get(struct hot *h, const uint8_t *raw, int64_t opts)
-{
-	struct hot_entry *e = hot_find(h, raw, opts);
-
-	if (!e) {
-		h->misses++;
-		return NULL;
-	}
-	h->hits++;
-	e->refs++;
-	hot_lru_unlink(h, e);
-	hot_lru_front(h, e);
-	return e;
-}
-
-static void hot_unref(struct hot *h, struct hot_entry *e)
-{
-	e->refs--;
-	/* over budget only while everything was referenced: catch up now */
-	while (h->bytes > h->max && h->oldest && !h->oldest->refs) {
-		h->evictions++;
-		hot_remove(h, h->oldest);
-	}
-}
-
-static int hot_grow(struct hot *h)
-{
-	size_t nb = h->nb ? h->nb * 2 : 1024;
-	struct hot_entry **b = calloc(nb, sizeof(*b));
-
-	if (!b)
-		return -ENOMEM;
-	for (size_t i = 0; i < h->nb; i++) {
-		for (struct hot_entry *e = h->b[i], *next; e; e = next) {
-			size_t k = hot_hash(e->raw, e->opts, nb);
-			next = e->hnext;
-			e->hnext = b[k];
-			b[k] = e;
-		}
-	}
-	free(h->b);
-	h->b = b;
-	h->nb = nb;
-	return 0;
-}
-
-/*
- * Takes `buf` (tensor + header JSON) into the hot set and returns the entry, referenced;
- * NULL when it does not fit (the caller keeps `buf`). Items over an eighth of the budget
- * stay out: they would push out many others.
- */
-static struct hot_entry *hot_adopt(struct hot *h, const uint8_t *raw, int64_t opts,
-				   uint8_t *buf, uint64_t nbytes, uint64_t dlen,
-				   const struct decode_desc *desc)
-{
-	uint64_t need = nbytes + dlen;
-	struct hot_entry *e;
-	size_t k;
-
-	if (!h->max || need > h->max / 8)
-		return NULL;
-	if (hot_find(h, raw, opts))
-		return NULL; /* decoded twice at once (two clients): keep the first */
-	while (h->bytes + need > h->max && h->oldest && !h->oldest->refs) {
-		h->evictions++;
-		hot_remove(h, h->oldest);
-	}
-	if (h->bytes + need > h->max)
-		return NULL;
-	if (h->n >= h->nb && hot_grow(h) < 0)
-		return NULL;
-	e = calloc(1, sizeof(*e));
-	if (!e)
-		return NULL;
-	memcpy(e->raw, raw, STORE_DIGEST_SIZE);
-	e->opts = opts;
-	e->buf = buf;
-	e->nbytes = nbytes;
-	e->dlen = dlen;
-	e->desc = *desc;
-	e->refs = 1;
-	k = hot_slot(h, raw, opts);
-	e->hnext = h->b[k];
-	h->b[k] = e;
-	hot_lru_front(h, e);
-	h->n++;
-	h->bytes += need;
-	h->inserts++;
-	return e;
-}
-
-static void hot_done(struct hot *h)
-{
-	while (h->oldest)
-		hot_remove(h, h->oldest);
-	free(h->b);
-	memset(h, 0, sizeof(*h));
-}
 
 enum gi_state {
 	GI_NEW,
@@ -1272,7 +1086,6 @@ static void frames_step(struct pending_open *po)
 	open_done(po);
 }
 
-
 /* ---- segmentation masks: one label map per item, aligned with its image ---- */
 
 #define MASK_LABELS_MAX 255 /* codes are uint8, 0 is the background */
@@ -1931,7 +1744,6 @@ static void finish_placed(struct gitem *gi)
 	pump_items(sc);
 }
 
-
 /* Retries items waiting for arena space, oldest request first. */
 static void retry_space(struct sconn *sc)
 {
@@ -2205,7 +2017,6 @@ static void start_decode_path(struct gitem *gi)
 	if (start_read(gi, gi->raw, gi->raw_len, read_after) < 0)
 		item_fail(gi, -ENOMEM, "cannot start the read");
 }
-
 
 /*
  * A mask item: the image is probed for its shape (F, H, W); then each segmentation mask of
@@ -3030,7 +2841,6 @@ static void pump_items(struct sconn *sc)
 	sc->busy--;
 	sconn_maybe_free(sc);
 }
-
 
 /* ---- STREAM ---- */
 
