@@ -1,4 +1,17 @@
-/* Serving tensors through shared memory: see serve.h. */
+/*
+ * Serving tensors through shared memory: see serve.h. This file holds the per-connection
+ * state (struct sconn, created at a connection's first request, freed after its end),
+ * OPEN (handles and where their dataset comes from), RELEASE, CLOSE, the items that
+ * prefetch jobs deliver, the engine's lifetime and status, and serve_dispatch(), which
+ * hands each request to its part:
+ *   serve_request.c  GET: an item's read, decode, re-fetch and copy into the arena
+ *   serve_stream.c   STREAM and STOP: an epoch in batches
+ *   serve_frames.c   frame-by-frame handles: the frame counts learnt at OPEN
+ *   serve_masks.c    mask handles: the label set, mask items and raw mask files
+ *   serve_arena.c    arenas: their growth, their release, the bytes each uid holds
+ *   hot.c            the hot set of decoded tensors
+ * Shared declarations are in serve_priv.h. Loop thread only.
+ */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -17,99 +30,14 @@
 #include "conn.h"
 #include "decode.h"
 #include "decode_pool.h"
-#include "hot.h"
 #include "index.h"
 #include "log.h"
 #include "policy.h"
 #include "prefetch.h"
 #include "secret.h"
 #include "serve.h"
+#include "serve_priv.h"
 #include "store.h"
-
-#define REPLY_MAX (DMC_HEADER_SIZE + DMC_FRAME_MAX)
-#define MSG_MAX 400
-/* Items of one connection being read, decoded or held for arena space at once: what bounds
- * the daemon's memory for a client, whatever it asks for in one GET. */
-#define INFLIGHT_MAX 8
-/* An arena grows by a quarter of its size, within these bounds (and at least what the item
- * needs): large enough that page faults are paid in a few threadpool works, small enough
- * that an idle connection commits little and that one growth holds a threadpool thread
- * for tens of milliseconds, not hundreds. One growth of a uid runs at a time, whatever
- * its number of connections: the other threads stay for other users' work. */
-#define GROW_MIN (8ull << 20)
-#define GROW_MAX (32ull << 20)
-/* Growths are whole pages (of 4 KiB: with larger pages, arena_populate() falls back to
- * fallocate, which takes any range). */
-#define PAGE 4096u
-/* Bytes one pump_items() call copies into arenas before it lets the loop serve others: a
- * GET of many items already decoded is placed in slices, not in one long turn. */
-#define PUMP_BYTES_MAX (8u << 20)
-
-struct share;
-static void arena_release(struct serve *s, struct arena *a, struct share *sh, uint64_t shm);
-
-/* ---- state ---- */
-
-struct sconn;
-struct greq;
-struct stream;
-
-enum gi_state {
-	GI_NEW,
-	GI_WAIT_ITEM,  /* a job is downloading it */
-	GI_BUSY,       /* reading or decoding */
-	GI_WAIT_SPACE, /* decoded into `hold`, waiting for arena space */
-	GI_DONE,
-};
-
-struct gitem {
-	struct greq *rq;
-	uint64_t index;
-	uint64_t item;  /* the whole item: index, or its item when frame by frame */
-	int64_t frame;  /* the frame of a frame-by-frame handle, else -1 */
-	enum gi_state state;
-	uint32_t status;
-	char msg[MSG_MAX];
-
-	/* from the index */
-	uint8_t raw[STORE_DIGEST_SIZE];
-	uint64_t raw_len;
-	char *record; /* the resource record JSON */
-
-	/* work */
-	uv_work_t work;
-	int work_err;
-	uint8_t *in;   /* the stored bytes, for the decoder */
-	const uint8_t *rd_digest; /* what read_work reads into `in`: rd_len bytes */
-	uint64_t rd_len;
-	struct decode_job job;
-	char key[STORE_HEX_SIZE + 1]; /* the decoder's quarantine key: the content's digest */
-	uint8_t *hold; /* tensor + header JSON (dlen bytes), when not in the hot set */
-	uint64_t dlen;
-	struct hot_entry *he; /* or the bytes are there: referenced */
-	bool from_cache;
-	bool counted;  /* in sc->inflight */
-	uint8_t tensor_digest[STORE_DIGEST_SIZE];
-	bool has_meta_blob;
-	uint8_t meta_digest[STORE_DIGEST_SIZE];
-
-	struct mask_work *mw; /* a mask item in the making (DMC_OPEN_MASKS) */
-	struct rawm *rm;      /* the stored mask files being gathered (RAW | MASKS) */
-	struct refetch *rf;   /* waiting for a re-fetch's job to list (GI_WAIT_ITEM) */
-	bool refetched;       /* its blob was found bad once: fetched again, not twice */
-
-	/* the result */
-	struct decode_desc desc;
-	uint64_t off, nbytes, moff, mlen;
-};
-
-/* Frame-by-frame: item k's frames are the items start[k] .. start[k+1]-1. Shared by a
- * handle and the requests that copied it. */
-struct fmap {
-	unsigned refs;
-	uint64_t n;        /* whole items */
-	uint64_t start[];  /* n + 1 entries */
-};
 
 static struct fmap *fmap_ref(struct fmap *m)
 {
@@ -140,14 +68,6 @@ static uint64_t fmap_find(const struct fmap *m, uint64_t i, uint32_t *ret_frame)
 	return lo;
 }
 
-/* Segmentation masks: the dataset's label names, sorted; label k is code k + 1. */
-struct lset {
-	unsigned refs;
-	uint32_t n;
-	char *json;    /* ,"labels":[...] : added to every mask item's metadata */
-	char *names[];
-};
-
 static void lset_unref(struct lset *l)
 {
 	if (!l || --l->refs)
@@ -157,19 +77,6 @@ static void lset_unref(struct lset *l)
 	free(l->json);
 	free(l);
 }
-
-/*
- * Where an OPEN's dataset comes from, and the key it was opened with: what a re-fetch of an
- * item found bad on read needs (reliability.md C5). The key is held in a struct secret
- * (locked, not dumped) for as long as the handle is open and a request copying it runs,
- * and no longer: CLOSE, or the connection's end, wipes it. Remote (Datamint) OPENs only:
- * a local folder is read through the client's descriptors, which the daemon does not keep.
- */
-struct origin {
-	unsigned refs;
-	char *project, *version, *server;
-	struct secret *key;
-};
 
 static void origin_unref(struct origin *o)
 {
@@ -200,18 +107,6 @@ static struct origin *origin_new(const struct dmc_open *m)
 	return o;
 }
 
-struct handle {
-	uint64_t id;
-	int64_t snapshot_id;
-	uint64_t items;
-	uint32_t flags, dtype;
-	struct dmc_policy pol; /* with DMC_OPEN_POLICY, else zero (policy.h) */
-	struct fmap *frames;  /* with DMC_OPEN_FRAMES */
-	struct lset *labels;  /* with DMC_OPEN_MASKS */
-	struct origin *origin; /* NULL: nothing is fetched again (local, offline) */
-	struct handle *next;
-};
-
 static void handle_copy_refs(struct handle *h)
 {
 	fmap_ref(h->frames);
@@ -228,211 +123,9 @@ static void handle_drop_refs(struct handle *h)
 	origin_unref(h->origin);
 }
 
-struct greq {
-	struct sconn *sc;
-	uint32_t request_id;
-	uint64_t placed; /* arena bytes its items hold: not the client's to release yet */
-	unsigned pins;  /* loops stepping its items: freed only when none is left */
-	bool replied;
-	struct stream *st; /* a batch of a STREAM, or NULL for a GET */
-	uint64_t batch_no;
-	bool ready; /* a STREAM batch whose items are all done, waiting to be sent */
-	struct handle h; /* a copy: CLOSE may come while the request runs */
-	uint32_t n, done;
-	struct greq *next;
-	struct gitem items[];
-};
-
-struct pending_open {
-	struct sconn *sc;
-	uint32_t request_id;
-	uint32_t flags, dtype;
-	struct dmc_policy pol;
-	uint64_t arena_bytes;
-	/* frame-by-frame: the snapshot once listed, and its frame counts being learnt */
-	bool listed, waiting_job;
-	int64_t snapshot_id;
-	uint64_t items;
-	char *project_id, *project_name, *version;
-	uint32_t *counts;
-	struct fmap *fm;
-	struct lset *labels;
-	struct origin *origin;
-	uint64_t next_item;
-	unsigned probing;
-	bool failed;
-	struct pending_open *next;
-};
-
-struct sconn {
-	struct serve *s;
-	struct conn *c; /* NULL once the connection closed */
-	struct arena arena;
-	bool has_arena;
-	struct handle *handles;
-	uint64_t next_handle;
-	struct greq *reqs;
-	struct pending_open *opens;
-	struct stream *streams;
-	struct refetch *refetches; /* re-fetches whose jobs have not listed yet */
-	uint8_t *frame; /* replies are built here: allocated once, not per batch */
-	bool arena_sent;
-	struct share *sh;  /* its uid's shares */
-	uint64_t shm;      /* bytes of its arena counted in sh->shm and the total */
-	bool growing;      /* a grow_work runs */
-	bool grow_wanted;  /* waits for its uid's growth to end, to grow in turn */
-	int grow_err;      /* the last growth failed: no more */
-	unsigned busy; /* works and decode jobs in flight */
-	unsigned decoding;
-	unsigned inflight; /* items reading, decoding or holding bytes: at most INFLIGHT_MAX */
-	bool pumping;
-	bool yielding;       /* a pump_items() continues after the loop's other work */
-	uint64_t pump_bytes; /* placed by the running pump_items() */
-	struct sconn *next, *prev;
-};
-
-/*
- * What one uid holds over all its connections (DESIGN.md section 7, fair shares).
- *
- * Shared memory counts the bytes committed in its arenas (faulted in by the daemon, or
- * being faulted in), not their reserved sizes: committed bytes are what takes memory from
- * other users, and a reserved but untouched arena costs nothing (its memfd is sparse).
- * Each arena's reserved size is clamped to shm_max_per_uid, so that one arena alone never
- * promises more than its uid may commit. Pages a client faults in itself by reading holes
- * of its own mapping are not counted: they are charged to that client's memory (cgroup,
- * RSS, OOM score), like any memory it allocates.
- */
-struct share {
-	uid_t uid;
-	unsigned refs;     /* connections and arena drops pointing here */
-	uint64_t shm;      /* bytes committed in its arenas (shm_max_per_uid) */
-	unsigned inflight; /* items read, decoded or held (decode_max_per_uid) */
-	bool starved;      /* a connection of it waits for an inflight place */
-	bool growing;      /* one of its arenas is being faulted in */
-	struct share *next;
-};
-
-struct serve {
-	struct serve_deps d;
-	struct sconn *conns;
-	struct share *shares;
-	uint64_t shm_total;    /* bytes committed in all arenas (shm_max) */
-	uint64_t shm_refusals; /* OPENs and items refused by a cap */
-	bool closing; /* serve_free() ran: freed with its last connection state */
-	unsigned stores; /* tensor stores in flight on the threadpool */
-	uint64_t gets, items_served, items_decoded, items_from_tensor_cache, items_failed;
-	uint64_t bytes_served, tensors_stored;
-	uint64_t waits_for_space;
-	uint64_t streams, batches_sent;
-	/* blobs found bad (damaged, gone, unreadable) on a GET's read, and re-fetches */
-	uint64_t bad_reads, refetches, refetches_failed;
-	unsigned drops;          /* arenas being unmapped on the threadpool */
-	uint64_t arena_dropping; /* their bytes: still the daemon's until then */
-	struct hot hot;
-	/* items whose download failed for good in a job still running: a GET of one fails at
-	 * once instead of waiting for the job's end (forgotten when the job ends) */
-	struct failed_item {
-		int64_t snapshot_id, idx;
-		int err;
-	} *failed;
-	uint32_t n_failed, cap_failed;
-};
-
 static void item_step(struct gitem *gi);
-static void pump_items(struct sconn *sc);
 static void serve_destroy(struct serve *s);
-static void serve_maybe_destroy(struct serve *s);
 static struct greq *first_with_new(struct sconn *sc);
-
-/* ---- fair shares: what each uid holds ---- */
-
-static struct share *share_get(struct serve *s, uid_t uid)
-{
-	struct share *sh;
-
-	for (sh = s->shares; sh; sh = sh->next)
-		if (sh->uid == uid)
-			break;
-	if (!sh) {
-		sh = calloc(1, sizeof(*sh));
-		if (!sh)
-			return NULL;
-		sh->uid = uid;
-		sh->next = s->shares;
-		s->shares = sh;
-	}
-	sh->refs++;
-	return sh;
-}
-
-static void share_put(struct serve *s, struct share *sh)
-{
-	struct share **pp;
-
-	if (!sh || --sh->refs)
-		return;
-	for (pp = &s->shares; *pp != sh; pp = &(*pp)->next)
-		;
-	*pp = sh->next;
-	free(sh);
-}
-
-/* Whether the uid may start another item (decode_max_per_uid); remembers who waits. */
-static bool share_may_start(struct share *sh, const struct config *cfg)
-{
-	if (sh->inflight < cfg->decode_max_per_uid)
-		return true;
-	sh->starved = true;
-	return false;
-}
-
-/* A place of the uid came free: its other connections that waited for one go on. */
-static void share_wake(struct serve *s, struct share *sh, struct sconn *except)
-{
-	if (!sh->starved || sh->inflight >= s->d.cfg->decode_max_per_uid)
-		return;
-	sh->starved = false;
-	sh->refs++;
-	for (struct sconn *o = s->conns, *next; o; o = next) {
-		next = o->next;
-		if (o->sh == sh && o != except && o->c)
-			pump_items(o); /* never frees o: it is open */
-	}
-	share_put(s, sh);
-}
-
-static const char *size_text(uint64_t n, char *buf, size_t len)
-{
-	if (n >= 1ull << 30)
-		snprintf(buf, len, "%.1f GiB", (double)n / (1ull << 30));
-	else if (n >= 1ull << 20)
-		snprintf(buf, len, "%.1f MiB", (double)n / (1ull << 20));
-	else
-		snprintf(buf, len, "%" PRIu64 " bytes", n);
-	return buf;
-}
-
-/* The shared memory the connection's uid may still commit; the cap that binds, in `why`. */
-static uint64_t shm_room(const struct sconn *sc, char *why, size_t len)
-{
-	const struct serve *s = sc->s;
-	const struct config *cfg = s->d.cfg;
-	uint64_t uid_room = sc->sh->shm < cfg->shm_max_per_uid ? cfg->shm_max_per_uid - sc->sh->shm
-							       : 0;
-	uint64_t all_room = s->shm_total < cfg->shm_max ? cfg->shm_max - s->shm_total : 0;
-	char num[32];
-
-	if (uid_room <= all_room) {
-		snprintf(why, len,
-			 "shm_max_per_uid (%s) reached for uid %u: release items, close other "
-			 "connections, or open with a smaller arena",
-			 size_text(cfg->shm_max_per_uid, num, sizeof(num)), (unsigned)sc->sh->uid);
-		return uid_room;
-	}
-	snprintf(why, len, "shm_max (%s) reached: the shared memory of all users is in use",
-		 size_text(cfg->shm_max, num, sizeof(num)));
-	return all_room;
-}
 
 /* The item holds nothing any more (done, or waiting for a download): a place is free. */
 static void settle(struct gitem *gi, enum gi_state state)
@@ -447,7 +140,6 @@ static void settle(struct gitem *gi, enum gi_state state)
 	}
 }
 static void req_maybe_reply(struct greq *rq);
-static void sconn_maybe_free(struct sconn *sc);
 
 static uint32_t code_of(int err)
 {
@@ -693,191 +385,6 @@ static void open_reply_now(struct pending_open *po)
 	}
 	log_debug(SERVE, "uid %u opened snapshot %" PRId64 " (%" PRIu64 " items) as handle %" PRIu64,
 		  (unsigned)sc->c->uid, po->snapshot_id, po->items, h->id);
-}
-
-/* ---- the arena's growth: pages faulted in on the threadpool, ahead of the allocator ---- */
-
-static void retry_space(struct sconn *sc);
-static void streams_kick(struct sconn *sc);
-
-struct grow_work {
-	uv_work_t work;
-	struct sconn *sc;
-	int fd;
-	uint8_t *base;
-	uint64_t from, len;
-	int rc;
-};
-
-static void grow_run(uv_work_t *w)
-{
-	struct grow_work *gw = w->data;
-
-	gw->rc = arena_populate(gw->fd, gw->base, gw->from, gw->len);
-}
-
-static void grow_after(uv_work_t *w, int status)
-{
-	struct grow_work *gw = w->data;
-	struct sconn *sc = gw->sc;
-	int rc = status < 0 ? status : gw->rc;
-
-	sc->growing = false;
-	sc->sh->growing = false;
-	if (rc == 0)
-		rc = arena_extend(&sc->arena, gw->from + gw->len);
-	if (rc < 0) {
-		/* the bytes stay counted: some pages may be in; the arena grows no more */
-		sc->grow_err = rc;
-		log_warn(SERVE, "uid %u: cannot fault in %" PRIu64 " bytes of shared memory: %s",
-			    (unsigned)sc->sh->uid, gw->len, strerror(-rc));
-	}
-	free(gw);
-	if (sc->c) {
-		retry_space(sc);
-		streams_kick(sc);
-	}
-	/* the uid's other arenas that waited for their turn to grow */
-	for (struct sconn *o = sc->s->conns, *next; o && !sc->sh->growing; o = next) {
-		next = o->next;
-		if (o->sh == sc->sh && o->grow_wanted && o->c) {
-			o->grow_wanted = false;
-			retry_space(o);
-			streams_kick(o);
-		}
-	}
-	sc->busy--;
-	sconn_maybe_free(sc);
-}
-
-/* Starts faulting in `len` more bytes (page multiple, within the caps: counted now). */
-static int grow_start(struct sconn *sc, uint64_t len)
-{
-	struct serve *s = sc->s;
-	struct grow_work *gw = calloc(1, sizeof(*gw));
-
-	if (!gw)
-		return -ENOMEM;
-	gw->sc = sc;
-	gw->fd = sc->arena.fd;
-	gw->base = sc->arena.base;
-	gw->from = sc->arena.grown;
-	gw->len = len;
-	gw->work.data = gw;
-	if (uv_queue_work(s->d.loop, &gw->work, grow_run, grow_after) != 0) {
-		free(gw);
-		return -ENOMEM;
-	}
-	sc->busy++;
-	sc->growing = true;
-	sc->sh->growing = true;
-	sc->shm += len;
-	sc->sh->shm += len;
-	s->shm_total += len;
-	return 0;
-}
-
-/* The next growth of the arena: a quarter of what it has, within GROW_MIN..GROW_MAX, at
- * least `need`, at most what is left of it and what the caps allow (`room`). */
-static uint64_t grow_len(const struct arena *a, uint64_t need, uint64_t room)
-{
-	uint64_t len = a->grown / 4 / PAGE * PAGE;
-
-	len = len < GROW_MIN ? GROW_MIN : len > GROW_MAX ? GROW_MAX : len;
-	if (len < need)
-		len = need;
-	if (len > a->size - a->grown)
-		len = a->size - a->grown;
-	if (len > room)
-		len = room / PAGE * PAGE;
-	return len;
-}
-
-enum room {
-	ROOM_WAIT,   /* the arena is growing: try again when it has */
-	ROOM_FULL,   /* grown whole: only a RELEASE makes room */
-	ROOM_CAPPED, /* a cap (or a failed growth) forbids it: the reason is in `why` */
-};
-
-/*
- * The arena has no free span for `len` bytes: grows it if it may. Never blocks and never
- * faults a page on the loop; the items wait for the growth like for a RELEASE.
- */
-static enum room make_room(struct sconn *sc, uint64_t len, char *why, size_t whylen)
-{
-	struct arena *a = &sc->arena;
-	uint64_t need = (arena_grow_need(a, len) + PAGE - 1) / PAGE * PAGE, room;
-
-	if (sc->growing)
-		return ROOM_WAIT;
-	if (need == 0 || need > a->size - a->grown)
-		return ROOM_FULL;
-	if (sc->sh->growing) {
-		sc->grow_wanted = true; /* its turn comes when that growth ends */
-		return ROOM_WAIT;
-	}
-	if (sc->grow_err) {
-		snprintf(why, whylen, "cannot fault in shared memory: %s", strerror(-sc->grow_err));
-		return ROOM_CAPPED;
-	}
-	room = shm_room(sc, why, whylen);
-	if (need > room) {
-		sc->s->shm_refusals++;
-		return ROOM_CAPPED;
-	}
-	if (grow_start(sc, grow_len(a, need, room)) < 0) {
-		snprintf(why, whylen, "out of memory");
-		return ROOM_CAPPED;
-	}
-	return ROOM_WAIT;
-}
-
-/* After an allocation: when little is left free in what has grown, the next chunk is
- * faulted in now, so that items seldom wait for it. Within the caps, silently. */
-static void grow_ahead(struct sconn *sc)
-{
-	struct arena *a = &sc->arena;
-	char why[MSG_MAX];
-	uint64_t len, room;
-
-	if (sc->growing || sc->sh->growing || sc->grow_err || !sc->c || a->grown >= a->size ||
-	    a->grown - a->used >= GROW_MIN / 2)
-		return;
-	room = shm_room(sc, why, sizeof(why));
-	len = grow_len(a, PAGE, room);
-	if (len >= PAGE)
-		grow_start(sc, len);
-}
-
-/* The connection's arena: sealed, sparse, mapped (tens of microseconds, on the loop: no
- * threadpool queue between an OPEN and its reply); its first chunk faults in meanwhile. */
-static int arena_make(struct sconn *sc, uint64_t want, char *why, size_t whylen)
-{
-	const struct config *cfg = sc->s->d.cfg;
-	uint64_t room = shm_room(sc, why, whylen), size;
-	int rc;
-
-	if (want > cfg->arena_max)
-		want = cfg->arena_max;
-	/* no arena larger than its uid may ever commit */
-	if (want > cfg->shm_max_per_uid)
-		want = cfg->shm_max_per_uid;
-	if (want < (1u << 20))
-		want = 1u << 20;
-	size = (want + PAGE - 1) / PAGE * PAGE;
-	if (room < (size < GROW_MIN ? size : GROW_MIN)) {
-		sc->s->shm_refusals++;
-		return -DMC_E_LIMIT_EXCEEDED;
-	}
-	rc = arena_init(&sc->arena, size);
-	if (rc < 0) {
-		snprintf(why, whylen, "cannot set up %" PRIu64 " bytes of shared memory: %s", size,
-			 strerror(-rc));
-		return -DMC_E_OVERLOADED;
-	}
-	sc->has_arena = true;
-	grow_ahead(sc);
-	return 0;
 }
 
 static char *dup_unless_own(char *own, const char *s)
@@ -1394,7 +901,7 @@ static struct handle *handle_find(struct sconn *sc, uint64_t id)
 	return NULL;
 }
 
-static void read_work(uv_work_t *w)
+void read_work(uv_work_t *w)
 {
 	struct gitem *gi = w->data;
 	struct store *store = gi->rq->sc->s->d.cache->store;
@@ -1683,7 +1190,7 @@ static bool client_holds_space(struct sconn *sc);
 static void req_unpin(struct greq *rq);
 
 /* Places `hold` (tensor, then metadata) into the arena; false when there is no room yet. */
-static bool place(struct gitem *gi)
+bool place(struct gitem *gi)
 {
 	struct sconn *sc = gi->rq->sc;
 	uint64_t off, moff;
@@ -1745,7 +1252,7 @@ static void finish_placed(struct gitem *gi)
 }
 
 /* Retries items waiting for arena space, oldest request first. */
-static void retry_space(struct sconn *sc)
+void retry_space(struct sconn *sc)
 {
 	char why[MSG_MAX];
 
@@ -2804,7 +2311,7 @@ static void pump_yield(struct sconn *sc)
 	sc->busy++;
 }
 
-static void pump_items(struct sconn *sc)
+void pump_items(struct sconn *sc)
 {
 	const struct config *cfg = sc->s->d.cfg;
 	struct greq *rq;
@@ -3238,7 +2745,7 @@ static void streams_released(struct sconn *sc, uint64_t off)
 }
 
 /* After a RELEASE: streams may send what waited for space, and prepare more. */
-static void streams_kick(struct sconn *sc)
+void streams_kick(struct sconn *sc)
 {
 	struct stream *st, *next;
 
@@ -3505,7 +3012,7 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
 
 /* ---- lifetime ---- */
 
-static void sconn_maybe_free(struct sconn *sc)
+void sconn_maybe_free(struct sconn *sc)
 {
 	struct serve *s = sc->s;
 
@@ -3581,71 +3088,8 @@ void serve_conn_closed(struct serve *s, struct conn *c)
 	sconn_maybe_free(sc);
 }
 
-/* Unmapping a large arena takes tens of milliseconds: done on the threadpool. Its
- * committed bytes stay counted until then. */
-struct arena_drop {
-	uv_work_t work;
-	struct serve *s;
-	uint64_t size; /* a.size, which arena_done() clears */
-	struct share *sh;
-	uint64_t shm;
-	struct arena a;
-};
-
-/* The arena's pages are gone from the daemon: its uid's share goes down. */
-static void shm_uncount(struct serve *s, struct share *sh, uint64_t shm)
-{
-	sh->shm -= shm;
-	s->shm_total -= shm;
-	share_put(s, sh);
-}
-
-static void arena_drop_work(uv_work_t *w)
-{
-	struct arena_drop *ad = w->data;
-
-	arena_done(&ad->a);
-}
-
-static void arena_drop_after(uv_work_t *w, int status)
-{
-	struct arena_drop *ad = w->data;
-	struct serve *s = ad->s;
-
-	(void)status;
-	s->drops--;
-	s->arena_dropping -= ad->size;
-	shm_uncount(s, ad->sh, ad->shm);
-	free(ad);
-	serve_maybe_destroy(s);
-}
-
-static void arena_release(struct serve *s, struct arena *a, struct share *sh, uint64_t shm)
-{
-	struct arena_drop *ad = a->base ? malloc(sizeof(*ad)) : NULL;
-
-	if (ad) {
-		ad->a = *a;
-		ad->s = s;
-		ad->size = a->size;
-		ad->sh = sh;
-		ad->shm = shm;
-		ad->work.data = ad;
-		if (uv_queue_work(s->d.loop, &ad->work, arena_drop_work, arena_drop_after) == 0) {
-			s->drops++;
-			s->arena_dropping += a->size;
-			memset(a, 0, sizeof(*a));
-			a->fd = -1;
-			return;
-		}
-		free(ad);
-	}
-	arena_done(a);
-	shm_uncount(s, sh, shm);
-}
-
 /* After serve_free(): the engine goes with its last connection, store and unmap. */
-static void serve_maybe_destroy(struct serve *s)
+void serve_maybe_destroy(struct serve *s)
 {
 	if (s->closing && !s->conns && !s->stores && !s->drops)
 		serve_destroy(s);
