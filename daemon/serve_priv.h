@@ -209,7 +209,7 @@ struct sconn {
 };
 
 /*
- * What one uid holds over all its connections (its fair share; docs/operations.md lists the caps).
+ * What one uid holds over all its connections (fair shares; the caps: docs/operations.md).
  *
  * Shared memory counts the bytes committed in its arenas (faulted in by the daemon, or
  * being faulted in), not their reserved sizes: committed bytes are what takes memory from
@@ -255,11 +255,17 @@ struct serve {
 	uint32_t n_failed, cap_failed;
 };
 
+struct lookup {
+	bool found, stored;
+	uint8_t blob[STORE_DIGEST_SIZE];
+	char *record;
+};
 enum room {
 	ROOM_WAIT,   /* the arena is growing: try again when it has */
 	ROOM_FULL,   /* grown whole: only a RELEASE makes room */
 	ROOM_CAPPED, /* a cap (or a failed growth) forbids it: the reason is in `why` */
 };
+#define MASK_LABELS_MAX 255 /* codes are uint8, 0 is the background */
 
 /* serve_arena.c */
 struct share *share_get(struct serve *s, uid_t uid);
@@ -270,10 +276,36 @@ void grow_ahead(struct sconn *sc);
 int arena_make(struct sconn *sc, uint64_t want, char *why, size_t whylen);
 void arena_release(struct serve *s, struct arena *a, struct share *sh, uint64_t shm);
 
+/* serve_frames.c */
+struct fmap *fmap_ref(struct fmap *m);
+void fmap_unref(struct fmap *m);
+uint64_t fmap_find(const struct fmap *m, uint64_t i, uint32_t *ret_frame);
+void frames_step(struct pending_open *po);
+
+/* serve_masks.c */
+void lset_unref(struct lset *l);
+int masks_labels(struct pending_open *po, struct lset **ret, uint64_t *ret_bad);
+void mask_work_free(struct gitem *gi);
+void mask_start(struct gitem *gi);
+void rawm_free(struct gitem *gi);
+void rawm_start(struct gitem *gi);
+
 /* serve.c */
+uint32_t code_of(int err);
+void meta_write(const struct gitem *gi, uint8_t *p);
+void abandon(struct gitem *gi);
+void item_fail(struct gitem *gi, int err, const char *msg);
+int on_item_row(void *ctx, const struct index_item *it);
+void open_done(struct pending_open *po);
+void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t items,
+		const char *project_id, const char *project_name, const char *version,
+		struct fmap *fm, struct lset *labels);
 void read_work(uv_work_t *w);
+int start_read(struct gitem *gi, const uint8_t *digest, uint64_t len,
+	       uv_after_work_cb after);
 bool place(struct gitem *gi);
 void retry_space(struct sconn *sc);
+void item_got_bytes(struct gitem *gi);
 void pump_items(struct sconn *sc);
 void streams_kick(struct sconn *sc);
 void sconn_maybe_free(struct sconn *sc);
