@@ -68,7 +68,7 @@ static struct origin *origin_new(const struct dmc_open *m)
 	return o;
 }
 
-static void handle_copy_refs(struct handle *h)
+void handle_copy_refs(struct handle *h)
 {
 	fmap_ref(h->frames);
 	if (h->labels)
@@ -77,7 +77,7 @@ static void handle_copy_refs(struct handle *h)
 		h->origin->refs++;
 }
 
-static void handle_drop_refs(struct handle *h)
+void handle_drop_refs(struct handle *h)
 {
 	fmap_unref(h->frames);
 	lset_unref(h->labels);
@@ -89,7 +89,7 @@ static void serve_destroy(struct serve *s);
 static struct greq *first_with_new(struct sconn *sc);
 
 /* The item holds nothing any more (done, or waiting for a download): a place is free. */
-static void settle(struct gitem *gi, enum gi_state state)
+void settle(struct gitem *gi, enum gi_state state)
 {
 	struct sconn *sc = gi->rq->sc;
 
@@ -100,7 +100,6 @@ static void settle(struct gitem *gi, enum gi_state state)
 		sc->sh->inflight--; /* its other connections go on at the next pump_items() */
 	}
 }
-static void req_maybe_reply(struct greq *rq);
 
 uint32_t code_of(int err)
 {
@@ -112,7 +111,7 @@ uint32_t code_of(int err)
 }
 
 /* The decoded bytes of an item: tensor (nbytes), then the header JSON (dlen). */
-static const uint8_t *gi_bytes(const struct gitem *gi)
+const uint8_t *gi_bytes(const struct gitem *gi)
 {
 	return gi->he ? gi->he->buf : gi->hold;
 }
@@ -122,7 +121,7 @@ static uint64_t gi_dlen(const struct gitem *gi)
 	return gi->he ? gi->he->dlen : gi->dlen;
 }
 
-static void gi_drop(struct gitem *gi)
+void gi_drop(struct gitem *gi)
 {
 	free(gi->hold);
 	gi->hold = NULL;
@@ -133,7 +132,7 @@ static void gi_drop(struct gitem *gi)
 }
 
 /* The item's metadata document: {"resource": <record>, "dicom": <header JSON or null>}. */
-static uint64_t meta_len(const struct gitem *gi)
+uint64_t meta_len(const struct gitem *gi)
 {
 	uint64_t dlen = gi_dlen(gi), extra = 0;
 
@@ -225,7 +224,7 @@ static int64_t opts_key_frame(const struct handle *h, int64_t frame)
 	return (int64_t)k;
 }
 
-static struct sconn *sconn_of(struct serve *s, struct conn *c, bool create)
+struct sconn *sconn_of(struct serve *s, struct conn *c, bool create)
 {
 	struct sconn *sc = c->app_data;
 
@@ -535,7 +534,7 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 
 /* ---- GET ---- */
 
-static struct handle *handle_find(struct sconn *sc, uint64_t id)
+struct handle *handle_find(struct sconn *sc, uint64_t id)
 {
 	for (struct handle *h = sc->handles; h; h = h->next)
 		if (h->id == id)
@@ -596,8 +595,6 @@ struct refetch {
 	int64_t snapshot_id;
 	struct refetch *next;
 };
-
-static void req_unpin(struct greq *rq);
 
 static void refetch_free(struct refetch *rf)
 {
@@ -826,9 +823,6 @@ static void read_after(uv_work_t *w, int status)
 	}
 }
 
-static bool client_holds_space(struct sconn *sc);
-static void req_unpin(struct greq *rq);
-
 /* Places `hold` (tensor, then metadata) into the arena; false when there is no room yet. */
 bool place(struct gitem *gi)
 {
@@ -919,7 +913,7 @@ again:
 }
 
 /* Whether the client holds arena space it could release (from replies it has). */
-static bool client_holds_space(struct sconn *sc)
+bool client_holds_space(struct sconn *sc)
 {
 	uint64_t pending = 0;
 
@@ -1284,7 +1278,7 @@ static void item_step(struct gitem *gi)
 	start_decode_path(gi);
 }
 
-static void req_free(struct greq *rq)
+void req_free(struct greq *rq)
 {
 	handle_drop_refs(&rq->h);
 	for (uint32_t i = 0; i < rq->n; i++) {
@@ -1309,7 +1303,7 @@ static void req_unlink(struct greq *rq)
 		*pp = rq->next;
 }
 
-static void req_unpin(struct greq *rq)
+void req_unpin(struct greq *rq)
 {
 	struct sconn *sc = rq->sc;
 
@@ -1319,10 +1313,8 @@ static void req_unpin(struct greq *rq)
 	sconn_maybe_free(sc);
 }
 
-static void stream_batch_done(struct greq *rq);
-
 /* The reply record of an item: its status, or where its tensor and metadata are placed. */
-static void item_desc_write(struct dmc_writer *w, const struct gitem *gi)
+void item_desc_write(struct dmc_writer *w, const struct gitem *gi)
 {
 	struct dmc_item_desc d = { .index = gi->index, .status = gi->status };
 
@@ -1350,7 +1342,7 @@ static uint8_t *reply_frame(struct sconn *sc)
 	return sc->frame;
 }
 
-static void req_maybe_reply(struct greq *rq)
+void req_maybe_reply(struct greq *rq)
 {
 	struct sconn *sc = rq->sc;
 	struct dmc_writer w;
@@ -1515,502 +1507,6 @@ void pump_items(struct sconn *sc)
 	share_wake(sc->s, sc->sh, sc);
 	sc->busy--;
 	sconn_maybe_free(sc);
-}
-
-/* ---- STREAM ---- */
-
-struct stream {
-	struct sconn *sc;
-	uint32_t request_id;
-	struct handle h; /* a copy, as for GET */
-	struct dmc_stream_req m;
-	uint64_t per_rank, nbatches;
-	uint64_t next_prep, next_send;
-	unsigned preparing;   /* batches made and not sent (in work or ready) */
-	unsigned outstanding; /* batches sent and not released */
-	uint64_t sent_off[DMC_STREAM_AHEAD_MAX + 1];
-	struct greq *ready;   /* batches done, by batch number */
-	bool stopped, sending, ended;
-	unsigned pins;        /* calls using it: freed only when none is left */
-	/* the batch being copied into the arena on the threadpool, and its event */
-	struct greq *copying;
-	unsigned copies_left;
-	uint64_t copy_doff, copy_moff;
-	uint8_t *ev;
-	size_t ev_len;
-	struct copy_part {
-		uv_work_t work;
-		struct stream *st;
-		uint32_t from, to;
-	} parts[2];
-	int err;              /* the reason a stream ended early */
-	char why[MSG_MAX];
-	struct stream *next;
-};
-
-static void stream_send(struct stream *st);
-static void stream_prep(struct stream *st);
-static void stream_maybe_end(struct stream *st);
-
-static void stream_drop_batch(struct stream *st, struct greq *rq)
-{
-	st->preparing--;
-	rq->replied = true;
-	if (!rq->pins)
-		req_free(rq);
-}
-
-/* Every item of a batch is done: queue it for sending, in batch order. */
-static void stream_batch_done(struct greq *rq)
-{
-	struct stream *st = rq->st;
-	struct greq **pp;
-
-	if (st->stopped || !st->sc->c) {
-		stream_drop_batch(st, rq);
-		stream_maybe_end(st);
-		return;
-	}
-	rq->ready = true;
-	for (pp = &st->ready; *pp && (*pp)->batch_no < rq->batch_no; pp = &(*pp)->next)
-		;
-	rq->next = *pp;
-	*pp = rq;
-	stream_send(st);
-}
-
-/* Stops a stream: batches not sent are dropped as their work ends. */
-static void stream_stop(struct stream *st, int err, const char *why)
-{
-	struct sconn *sc = st->sc;
-
-	if (st->stopped)
-		return;
-	st->stopped = true;
-	st->pins++;
-	if (err && !st->err) {
-		st->err = err;
-		snprintf(st->why, sizeof(st->why), "%s", why);
-	}
-	while (st->ready) {
-		struct greq *rq = st->ready;
-		st->ready = rq->next;
-		stream_drop_batch(st, rq);
-	}
-	/* items still waiting for something end now; those in work end with their work */
-	sc->busy++;
-again:
-	for (struct greq *rq = sc->reqs; rq; rq = rq->next) {
-		bool changed = false;
-		if (rq->st != st)
-			continue;
-		for (uint32_t i = 0; i < rq->n; i++) {
-			struct gitem *gi = &rq->items[i];
-			if (gi->state == GI_NEW || gi->state == GI_WAIT_ITEM) {
-				settle(gi, GI_DONE);
-				gi->status = DMC_E_CANCELLED;
-				changed = true;
-			}
-		}
-		if (changed) {
-			rq->pins++;
-			req_maybe_reply(rq); /* may leave the list */
-			req_unpin(rq);
-			goto again;
-		}
-	}
-	sc->busy--;
-	st->pins--;
-	stream_maybe_end(st);
-}
-
-static void stream_maybe_end(struct stream *st)
-{
-	struct sconn *sc = st->sc;
-	struct stream **pp;
-	uint8_t frame[64];
-	struct dmc_writer w;
-	int len;
-
-	if (st->ended || st->pins || st->preparing ||
-	    (!st->stopped && st->next_send < st->nbatches))
-		return;
-	st->ended = true;
-	if (sc->c) {
-		if (st->err) {
-			conn_send_error(sc->c, st->request_id, code_of(st->err), NULL, "%s", st->why);
-		} else {
-			dmc_frame_begin(&w, frame, sizeof(frame));
-			dmc_write_u64(&w, st->next_send);
-			dmc_write_u32(&w, st->stopped ? 1 : 0);
-			len = dmc_frame_end(&w, DMC_OP_STREAM, DMC_FLAG_REPLY, st->request_id, 0);
-			if (len > 0)
-				conn_send(sc->c, frame, (size_t)len);
-		}
-	}
-	for (pp = &sc->streams; *pp && *pp != st; pp = &(*pp)->next)
-		;
-	if (*pp)
-		*pp = st->next;
-	handle_drop_refs(&st->h);
-	free(st->ev);
-	free(st);
-	sconn_maybe_free(sc);
-}
-
-/* Starts batches while fewer than ahead + 1 are made and not released. */
-static void stream_prep(struct stream *st)
-{
-	struct sconn *sc = st->sc;
-	unsigned depth = st->m.ahead + 1;
-	bool added = false;
-
-	while (!st->stopped && sc->c && st->next_prep < st->nbatches &&
-	       st->preparing + st->outstanding < depth) {
-		uint64_t q0 = st->next_prep * st->m.batch_size, q1 = q0 + st->m.batch_size;
-		struct greq *rq, **tail;
-		uint32_t n;
-
-		if (q1 > st->per_rank)
-			q1 = st->per_rank;
-		n = (uint32_t)(q1 - q0);
-		rq = calloc(1, sizeof(*rq) + (size_t)n * sizeof(rq->items[0]));
-		if (!rq) {
-			stream_stop(st, -ENOMEM, "out of memory");
-			return;
-		}
-		rq->sc = sc;
-		rq->request_id = st->request_id;
-		rq->h = st->h;
-		handle_copy_refs(&rq->h);
-		rq->st = st;
-		rq->batch_no = st->next_prep++;
-		rq->n = n;
-		for (uint32_t i = 0; i < n; i++) {
-			rq->items[i].rq = rq;
-			rq->items[i].index = dmc_stream_index(st->h.items, &st->m, q0 + i);
-			rq->items[i].state = GI_NEW;
-		}
-		for (tail = &sc->reqs; *tail; tail = &(*tail)->next)
-			;
-		*tail = rq;
-		st->preparing++;
-		added = true;
-	}
-	if (added)
-		pump_items(sc);
-}
-
-/* Batches of at least this many bytes are copied into the arena by two threadpool works:
- * the copy is most of a hot batch's cost, and the loop goes on meanwhile. */
-#define COPY_OFFLOAD_MIN (1u << 20)
-
-static void copy_part_work(uv_work_t *w)
-{
-	struct copy_part *cp = w->data;
-	struct greq *rq = cp->st->copying;
-	uint8_t *base = cp->st->sc->arena.base;
-
-	for (uint32_t i = cp->from; i < cp->to; i++) {
-		struct gitem *gi = &rq->items[i];
-		if (!gi->status)
-			memcpy(base + gi->off, gi_bytes(gi), gi->nbytes);
-	}
-}
-
-/* The batch's bytes are in the arena: send its event, or drop it when stopped. */
-static void stream_batch_copied(struct stream *st, struct greq *rq)
-{
-	struct sconn *sc = st->sc;
-
-	if (!st->stopped && sc->c) {
-		conn_send(sc->c, st->ev, st->ev_len);
-		st->sent_off[st->outstanding++] = st->copy_doff;
-		st->next_send++;
-		sc->s->batches_sent++;
-	} else {
-		arena_free(&sc->arena, st->copy_doff);
-		arena_free(&sc->arena, st->copy_moff);
-	}
-	for (uint32_t i = 0; i < rq->n; i++)
-		gi_drop(&rq->items[i]);
-	stream_drop_batch(st, rq);
-}
-
-static void copy_part_after(uv_work_t *w, int status)
-{
-	struct copy_part *cp = w->data;
-	struct stream *st = cp->st;
-	struct sconn *sc = st->sc;
-	struct greq *rq = st->copying;
-
-	(void)status;
-	if (--st->copies_left)
-		return;
-	st->copying = NULL;
-	stream_batch_copied(st, rq);
-	st->pins--;
-	stream_send(st); /* the next batch, or the end */
-	sc->busy--;
-	sconn_maybe_free(sc);
-}
-
-/*
- * Sends the ready batches that are next in order and fit in the arena: the event is built
- * and the metadata written here; large tensors are copied on the threadpool, one batch of
- * a stream at a time, and the event goes out when they are in place.
- */
-static void stream_send(struct stream *st)
-{
-	struct sconn *sc = st->sc;
-	struct serve *s = sc->s;
-	struct greq *rq;
-
-	if (st->sending || st->copying)
-		return;
-	st->sending = true;
-	st->pins++;
-	while (!st->stopped && (rq = st->ready) && rq->batch_no == st->next_send) {
-		uint64_t dlen = 0, mlen = 0, doff, moff, dpos, mpos, acc = 0;
-		struct dmc_batch_head bh = { .batch = rq->batch_no, .n = rq->n, .uniform = 1 };
-		struct dmc_writer w;
-		uint32_t split = rq->n;
-		int n;
-
-		for (uint32_t i = 0; i < rq->n; i++) {
-			struct gitem *gi = &rq->items[i];
-			struct gitem *g0 = &rq->items[0];
-			if (gi->status) {
-				bh.uniform = 0;
-				continue;
-			}
-			gi->mlen = meta_len(gi);
-			mlen += gi->mlen;
-			if (gi->desc.dtype != g0->desc.dtype || gi->desc.frames != g0->desc.frames ||
-			    gi->desc.channels != g0->desc.channels ||
-			    gi->desc.height != g0->desc.height || gi->desc.width != g0->desc.width)
-				bh.uniform = 0;
-		}
-		/* one tensor when uniform: items exactly nbytes apart (each stays aligned to its
-		 * element size); otherwise each starts on an ARENA_ALIGN boundary */
-		for (uint32_t i = 0; i < rq->n; i++)
-			if (!rq->items[i].status)
-				dlen += bh.uniform ? rq->items[i].nbytes : arena_span(rq->items[i].nbytes);
-		if (dlen + arena_span(mlen) + ARENA_ALIGN > sc->arena.size) {
-			stream_stop(st, -DMC_E_LIMIT_EXCEEDED,
-				    "a batch does not fit in the shared memory: use smaller batches, "
-				    "or open with a larger arena");
-			break;
-		}
-		if (!st->ev && !(st->ev = malloc(REPLY_MAX))) {
-			stream_stop(st, -ENOMEM, "out of memory");
-			break;
-		}
-		doff = arena_alloc(&sc->arena, dlen);
-		moff = doff == UINT64_MAX ? UINT64_MAX : arena_alloc(&sc->arena, mlen);
-		if (moff == UINT64_MAX) {
-			char why[MSG_MAX];
-			enum room r;
-			if (doff != UINT64_MAX)
-				arena_free(&sc->arena, doff);
-			r = make_room(sc, arena_span(dlen) + arena_span(mlen), why, sizeof(why));
-			if (r == ROOM_FULL)
-				snprintf(why, sizeof(why),
-					 "a batch does not fit in the free shared memory: use "
-					 "smaller batches, or open with a larger arena");
-			if (r != ROOM_WAIT && !client_holds_space(sc))
-				stream_stop(st, -DMC_E_LIMIT_EXCEEDED, why);
-			else
-				s->waits_for_space++; /* backpressure: the growth, or a RELEASE */
-			break;
-		}
-		grow_ahead(sc);
-		bh.data_offset = doff;
-		bh.data_len = dlen;
-		bh.meta_offset = moff;
-		bh.meta_len = mlen;
-		dmc_frame_begin(&w, st->ev, REPLY_MAX);
-		dmc_batch_head_write(&w, &bh);
-		dpos = doff;
-		mpos = moff;
-		for (uint32_t i = 0; i < rq->n; i++) {
-			struct gitem *gi = &rq->items[i];
-			if (!gi->status) {
-				gi->off = dpos;
-				gi->moff = mpos;
-				meta_write(gi, sc->arena.base + mpos);
-				dpos += bh.uniform ? gi->nbytes : arena_span(gi->nbytes);
-				mpos += gi->mlen;
-			}
-			item_desc_write(&w, gi);
-		}
-		n = dmc_frame_end(&w, DMC_OP_STREAM, DMC_FLAG_REPLY | DMC_FLAG_MORE, st->request_id,
-				  0);
-		if (n <= 0) {
-			arena_free(&sc->arena, doff);
-			arena_free(&sc->arena, moff);
-			stream_stop(st, -DMC_E_LIMIT_EXCEEDED, "too many items for one batch event");
-			break;
-		}
-		st->ready = rq->next;
-		st->ev_len = (size_t)n;
-		st->copy_doff = doff;
-		st->copy_moff = moff;
-		st->copying = rq;
-		/* two halves of the bytes */
-		for (uint32_t i = 0; i < rq->n && split == rq->n; i++) {
-			if (rq->items[i].status)
-				continue;
-			acc += rq->items[i].nbytes;
-			if (2 * acc >= dlen)
-				split = i + 1;
-		}
-		if (dlen >= COPY_OFFLOAD_MIN) {
-			st->copies_left = 0;
-			sc->busy++;
-			st->pins++; /* until the copies are in */
-			for (int k = 0; k < 2; k++) {
-				struct copy_part *cp = &st->parts[k];
-				cp->st = st;
-				cp->from = k ? split : 0;
-				cp->to = k ? rq->n : split;
-				cp->work.data = cp;
-				st->copies_left++;
-				if (uv_queue_work(s->d.loop, &cp->work, copy_part_work,
-						  copy_part_after) != 0) {
-					st->copies_left--;
-					copy_part_work(&cp->work); /* no thread: copy here */
-				}
-			}
-			if (st->copies_left)
-				break; /* copy_part_after() sends it and goes on */
-			st->pins--;
-			sc->busy--;
-		} else {
-			struct copy_part whole = { .st = st, .from = 0, .to = rq->n };
-			whole.work.data = &whole;
-			copy_part_work(&whole.work);
-		}
-		st->copying = NULL;
-		stream_batch_copied(st, rq);
-	}
-	st->sending = false;
-	if (!st->stopped)
-		stream_prep(st); /* decoding goes on while a batch is copied */
-	st->pins--;
-	stream_maybe_end(st);
-}
-
-/* A RELEASE freed `off`: a batch of a stream given back? */
-static void streams_released(struct sconn *sc, uint64_t off)
-{
-	for (struct stream *st = sc->streams; st; st = st->next)
-		for (unsigned i = 0; i < st->outstanding; i++)
-			if (st->sent_off[i] == off) {
-				st->sent_off[i] = st->sent_off[--st->outstanding];
-				return;
-			}
-}
-
-/* After a RELEASE: streams may send what waited for space, and prepare more. */
-void streams_kick(struct sconn *sc)
-{
-	struct stream *st, *next;
-
-	sc->busy++;
-	for (st = sc->streams; st; st = next) {
-		st->pins++;
-		stream_send(st);
-		next = st->next;
-		st->pins--;
-		stream_maybe_end(st); /* may free st */
-	}
-	sc->busy--;
-}
-
-static void on_stream(struct serve *s, struct conn *c, const struct dmc_header *h,
-		      const uint8_t *payload)
-{
-	struct sconn *sc = sconn_of(s, c, false);
-	struct dmc_stream_req m;
-	struct handle *hd;
-	struct stream *st;
-
-	if (dmc_stream_decode(payload, h->length, &m) != DMC_PROTO_OK) {
-		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL,
-				"malformed STREAM, or a value out of range");
-		return;
-	}
-	hd = sc ? handle_find(sc, m.handle) : NULL;
-	if (!hd) {
-		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
-				"no open dataset with handle %" PRIu64, m.handle);
-		return;
-	}
-	for (st = sc->streams; st; st = st->next)
-		if (st->request_id == h->request_id) {
-			conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
-					"a stream with this request id runs already");
-			return;
-		}
-	st = calloc(1, sizeof(*st));
-	if (!st) {
-		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
-		return;
-	}
-	if (m.ahead == 0)
-		m.ahead = DMC_STREAM_AHEAD_DEFAULT;
-	st->sc = sc;
-	st->request_id = h->request_id;
-	st->h = *hd;
-	handle_copy_refs(&st->h);
-	st->m = m;
-	dmc_stream_plan(hd->items, &m, &st->per_rank, &st->nbatches);
-	st->next = sc->streams;
-	sc->streams = st;
-	s->streams++;
-	log_debug(SERVE, "uid %u streams handle %" PRIu64 ": %" PRIu64 " batches of %u (rank %u/%u)",
-		  (unsigned)c->uid, m.handle, st->nbatches, m.batch_size, m.rank, m.world_size);
-	sc->busy++;
-	st->pins++;
-	stream_prep(st);
-	st->pins--;
-	stream_maybe_end(st); /* an empty epoch ends at once */
-	sc->busy--;
-}
-
-static void on_stop(struct serve *s, struct conn *c, const struct dmc_header *h,
-		    const uint8_t *payload)
-{
-	struct sconn *sc = sconn_of(s, c, false);
-	struct dmc_reader r;
-	struct stream *st = NULL;
-	uint32_t id, stopped = 0;
-	uint8_t frame[32];
-	struct dmc_writer w;
-	int len;
-
-	(void)s;
-	dmc_reader_init(&r, payload, h->length);
-	id = dmc_read_u32(&r);
-	if (dmc_reader_finish(&r)) {
-		conn_send_error(c, h->request_id, DMC_E_PROTOCOL, NULL, "malformed STOP");
-		return;
-	}
-	for (st = sc ? sc->streams : NULL; st && (st->request_id != id || st->stopped);
-	     st = st->next)
-		;
-	if (st) {
-		stopped = 1;
-		sc->busy++;
-		stream_stop(st, 0, NULL); /* its final reply goes out first, or when work ends */
-		sc->busy--;
-	}
-	dmc_frame_begin(&w, frame, sizeof(frame));
-	dmc_write_u32(&w, stopped);
-	len = dmc_frame_end(&w, DMC_OP_STOP, DMC_FLAG_REPLY, h->request_id, 0);
-	if (len > 0)
-		conn_send(c, frame, (size_t)len);
 }
 
 static void on_release(struct serve *s, struct conn *c, const struct dmc_header *h,

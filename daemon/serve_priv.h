@@ -266,6 +266,34 @@ enum room {
 	ROOM_CAPPED, /* a cap (or a failed growth) forbids it: the reason is in `why` */
 };
 #define MASK_LABELS_MAX 255 /* codes are uint8, 0 is the background */
+struct stream {
+	struct sconn *sc;
+	uint32_t request_id;
+	struct handle h; /* a copy, as for GET */
+	struct dmc_stream_req m;
+	uint64_t per_rank, nbatches;
+	uint64_t next_prep, next_send;
+	unsigned preparing;   /* batches made and not sent (in work or ready) */
+	unsigned outstanding; /* batches sent and not released */
+	uint64_t sent_off[DMC_STREAM_AHEAD_MAX + 1];
+	struct greq *ready;   /* batches done, by batch number */
+	bool stopped, sending, ended;
+	unsigned pins;        /* calls using it: freed only when none is left */
+	/* the batch being copied into the arena on the threadpool, and its event */
+	struct greq *copying;
+	unsigned copies_left;
+	uint64_t copy_doff, copy_moff;
+	uint8_t *ev;
+	size_t ev_len;
+	struct copy_part {
+		uv_work_t work;
+		struct stream *st;
+		uint32_t from, to;
+	} parts[2];
+	int err;              /* the reason a stream ended early */
+	char why[MSG_MAX];
+	struct stream *next;
+};
 
 /* serve_arena.c */
 struct share *share_get(struct serve *s, uid_t uid);
@@ -290,24 +318,46 @@ void mask_start(struct gitem *gi);
 void rawm_free(struct gitem *gi);
 void rawm_start(struct gitem *gi);
 
+/* serve_stream.c */
+void stream_batch_done(struct greq *rq);
+void stream_stop(struct stream *st, int err, const char *why);
+void streams_released(struct sconn *sc, uint64_t off);
+void streams_kick(struct sconn *sc);
+void on_stream(struct serve *s, struct conn *c, const struct dmc_header *h,
+	       const uint8_t *payload);
+void on_stop(struct serve *s, struct conn *c, const struct dmc_header *h,
+	     const uint8_t *payload);
+
 /* serve.c */
+void handle_copy_refs(struct handle *h);
+void handle_drop_refs(struct handle *h);
+void settle(struct gitem *gi, enum gi_state state);
 uint32_t code_of(int err);
+const uint8_t *gi_bytes(const struct gitem *gi);
+void gi_drop(struct gitem *gi);
+uint64_t meta_len(const struct gitem *gi);
 void meta_write(const struct gitem *gi, uint8_t *p);
 void abandon(struct gitem *gi);
 void item_fail(struct gitem *gi, int err, const char *msg);
+struct sconn *sconn_of(struct serve *s, struct conn *c, bool create);
 int on_item_row(void *ctx, const struct index_item *it);
 void open_done(struct pending_open *po);
 void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t items,
 		const char *project_id, const char *project_name, const char *version,
 		struct fmap *fm, struct lset *labels);
+struct handle *handle_find(struct sconn *sc, uint64_t id);
 void read_work(uv_work_t *w);
 int start_read(struct gitem *gi, const uint8_t *digest, uint64_t len,
 	       uv_after_work_cb after);
 bool place(struct gitem *gi);
 void retry_space(struct sconn *sc);
+bool client_holds_space(struct sconn *sc);
 void item_got_bytes(struct gitem *gi);
+void req_free(struct greq *rq);
+void req_unpin(struct greq *rq);
+void item_desc_write(struct dmc_writer *w, const struct gitem *gi);
+void req_maybe_reply(struct greq *rq);
 void pump_items(struct sconn *sc);
-void streams_kick(struct sconn *sc);
 void sconn_maybe_free(struct sconn *sc);
 void serve_maybe_destroy(struct serve *s);
 
