@@ -34,6 +34,17 @@
 #include "serve_priv.h"
 #include "store.h"
 
+/* An arena grows by a quarter of its size, within these bounds (and at least what the item
+ * needs): large enough that page faults are paid in a few threadpool works, small enough
+ * that an idle connection commits little and that one growth holds a threadpool thread
+ * for tens of milliseconds, not hundreds. One growth of a uid runs at a time, whatever
+ * its number of connections: the other threads stay for other users' work. */
+#define GROW_MIN (8ull << 20)
+#define GROW_MAX (32ull << 20)
+/* Growths are whole pages (of 4 KiB: with larger pages, arena_populate() falls back to
+ * fallocate, which takes any range). */
+#define PAGE 4096u
+
 /* ---- fair shares: what each uid holds ---- */
 
 struct share *share_get(struct serve *s, uid_t uid)

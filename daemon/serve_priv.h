@@ -33,26 +33,13 @@ struct secret;
 /* Items of one connection being read, decoded or held for arena space at once: what bounds
  * the daemon's memory for a client, whatever it asks for in one GET. */
 #define INFLIGHT_MAX 8
-/* An arena grows by a quarter of its size, within these bounds (and at least what the item
- * needs): large enough that page faults are paid in a few threadpool works, small enough
- * that an idle connection commits little and that one growth holds a threadpool thread
- * for tens of milliseconds, not hundreds. One growth of a uid runs at a time, whatever
- * its number of connections: the other threads stay for other users' work. */
-#define GROW_MIN (8ull << 20)
-#define GROW_MAX (32ull << 20)
-/* Growths are whole pages (of 4 KiB: with larger pages, arena_populate() falls back to
- * fallocate, which takes any range). */
-#define PAGE 4096u
-/* Bytes one pump_items() call copies into arenas before it lets the loop serve others: a
- * GET of many items already decoded is placed in slices, not in one long turn. */
-#define PUMP_BYTES_MAX (8u << 20)
 
-struct share;
-
-/* ---- state ---- */
-
-struct sconn;
 struct greq;
+struct mask_work;
+struct rawm;
+struct refetch;
+struct sconn;
+struct share;
 struct stream;
 
 enum gi_state {
@@ -255,17 +242,23 @@ struct serve {
 	uint32_t n_failed, cap_failed;
 };
 
+/* An item's row in the index, as on_item_row() fills it. */
 struct lookup {
 	bool found, stored;
 	uint8_t blob[STORE_DIGEST_SIZE];
 	char *record;
 };
+
+/* What make_room() found (serve_arena.c). */
 enum room {
 	ROOM_WAIT,   /* the arena is growing: try again when it has */
 	ROOM_FULL,   /* grown whole: only a RELEASE makes room */
 	ROOM_CAPPED, /* a cap (or a failed growth) forbids it: the reason is in `why` */
 };
+
 #define MASK_LABELS_MAX 255 /* codes are uint8, 0 is the background */
+
+/* A STREAM (serve_stream.c); its batches are requests (struct greq) with `st` set. */
 struct stream {
 	struct sconn *sc;
 	uint32_t request_id;
@@ -295,6 +288,8 @@ struct stream {
 	struct stream *next;
 };
 
+/* ---- what one part calls in another, by the file that defines it ---- */
+
 /* serve_arena.c */
 struct share *share_get(struct serve *s, uid_t uid);
 bool share_may_start(struct share *sh, const struct config *cfg);
@@ -318,6 +313,34 @@ void mask_start(struct gitem *gi);
 void rawm_free(struct gitem *gi);
 void rawm_start(struct gitem *gi);
 
+/* serve_request.c */
+void settle(struct gitem *gi, enum gi_state state);
+uint32_t code_of(int err);
+const uint8_t *gi_bytes(const struct gitem *gi);
+void gi_drop(struct gitem *gi);
+uint64_t meta_len(const struct gitem *gi);
+void meta_write(const struct gitem *gi, uint8_t *p);
+void abandon(struct gitem *gi);
+void item_fail(struct gitem *gi, int err, const char *msg);
+struct handle *handle_find(struct sconn *sc, uint64_t id);
+void read_work(uv_work_t *w);
+int start_read(struct gitem *gi, const uint8_t *digest, uint64_t len,
+	       uv_after_work_cb after);
+void refetch_free(struct refetch *rf);
+struct gitem *refetch_waiter(struct sconn *sc, const struct refetch *rf);
+bool place(struct gitem *gi);
+void retry_space(struct sconn *sc);
+bool client_holds_space(struct sconn *sc);
+void item_got_bytes(struct gitem *gi);
+void item_step(struct gitem *gi);
+void req_free(struct greq *rq);
+void req_unpin(struct greq *rq);
+void item_desc_write(struct dmc_writer *w, const struct gitem *gi);
+void req_maybe_reply(struct greq *rq);
+void on_get(struct serve *s, struct conn *c, const struct dmc_header *h,
+	    const uint8_t *payload);
+void pump_items(struct sconn *sc);
+
 /* serve_stream.c */
 void stream_batch_done(struct greq *rq);
 void stream_stop(struct stream *st, int err, const char *why);
@@ -331,33 +354,13 @@ void on_stop(struct serve *s, struct conn *c, const struct dmc_header *h,
 /* serve.c */
 void handle_copy_refs(struct handle *h);
 void handle_drop_refs(struct handle *h);
-void settle(struct gitem *gi, enum gi_state state);
-uint32_t code_of(int err);
-const uint8_t *gi_bytes(const struct gitem *gi);
-void gi_drop(struct gitem *gi);
-uint64_t meta_len(const struct gitem *gi);
-void meta_write(const struct gitem *gi, uint8_t *p);
-void abandon(struct gitem *gi);
-void item_fail(struct gitem *gi, int err, const char *msg);
 struct sconn *sconn_of(struct serve *s, struct conn *c, bool create);
 int on_item_row(void *ctx, const struct index_item *it);
 void open_done(struct pending_open *po);
 void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t items,
 		const char *project_id, const char *project_name, const char *version,
 		struct fmap *fm, struct lset *labels);
-struct handle *handle_find(struct sconn *sc, uint64_t id);
-void read_work(uv_work_t *w);
-int start_read(struct gitem *gi, const uint8_t *digest, uint64_t len,
-	       uv_after_work_cb after);
-bool place(struct gitem *gi);
-void retry_space(struct sconn *sc);
-bool client_holds_space(struct sconn *sc);
-void item_got_bytes(struct gitem *gi);
-void req_free(struct greq *rq);
-void req_unpin(struct greq *rq);
-void item_desc_write(struct dmc_writer *w, const struct gitem *gi);
-void req_maybe_reply(struct greq *rq);
-void pump_items(struct sconn *sc);
+struct greq *first_with_new(struct sconn *sc);
 void sconn_maybe_free(struct sconn *sc);
 void serve_maybe_destroy(struct serve *s);
 
