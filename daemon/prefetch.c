@@ -2798,7 +2798,7 @@ void prefetch_detach(struct prefetch *p, void *ctx)
 	}
 }
 
-/* ---- re-fetching an item found bad on read (serve.c) ---- */
+/* ---- re-fetching an item found bad on read (serve_request.c) ---- */
 
 int prefetch_refetch(struct prefetch *p, uid_t uid, const struct dmc_prefetch *m,
 		     int64_t snapshot_id, int64_t idx, prefetch_ready_cb cb, void *ctx)
