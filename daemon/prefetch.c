@@ -1,4 +1,15 @@
-/* Prefetch jobs and the cache requests: see prefetch.h. */
+/*
+ * Prefetch jobs and the cache requests: see prefetch.h. This file holds the engine, the
+ * life of a job (struct job: made or joined by PREFETCH, OPEN, a re-fetch; admitted against
+ * the cache's room; pumped; finished, cancelled, freed), its subscribers and their progress
+ * events, prefetch_dispatch() and the status. The other parts:
+ *   prefetch_grant.c     grants (which uid may see which snapshot) and offline reads
+ *   prefetch_list.c      remote listing: the project, its version, the snapshot's pages
+ *   prefetch_download.c  downloads: tasks, their transfers and the store writes
+ *   prefetch_local.c     local dataset folders, read through the client's descriptors
+ *   prefetch_cache.c     LIST, EVICT and VERIFY
+ * Shared declarations are in prefetch_priv.h. Loop thread only.
+ */
 #include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
@@ -19,182 +30,11 @@
 #include "index.h"
 #include "log.h"
 #include "prefetch.h"
+#include "prefetch_priv.h"
 #include "secret.h"
 #include "store.h"
 
-#define TICK_MS 1000
-#define SCAN_PAGE 64u
-#define SINK_BUF (1u << 20)  /* bytes gathered before a write on the threadpool */
-/*
- * Downloads are stored with zstd only when it shrinks them to 2/3 or less (sparse masks,
- * CT slices with air around the body), not for a few percent: on noisy 16-bit data zstd-1
- * gains ~1.3x for ~1.8 CPU s/GiB, as much CPU as receiving the bytes, and every later read
- * would pay the decompression too (tests/bench/README.md, prefetch).
- */
-#define DOWNLOAD_ZSTD_KEEP_PCT 67u
-#define RATE_WINDOW 5        /* seconds of samples for the rate */
-#define EVENT_FRAME_MAX 8192
-/* With a valid grant, a server that has not answered the first request by then is taken
- * as unreachable (one connect attempt, not the whole retry budget). */
-#define FALLBACK_AFTER_MS 2000u
-
-struct job;
-struct task;
-
-/* Who hears of a job: a connection (events and the final reply), or a callback inside the
- * daemon (prefetch_attach), told once when the snapshot is listed or the job failed. */
-struct sub {
-	struct conn *c;
-	uint32_t request_id;
-	prefetch_ready_cb cb;
-	void *ctx;
-	struct sub *next;
-};
-
-struct prefetch {
-	struct prefetch_deps d;
-	struct job *jobs;
-	struct task *downloads; /* tasks with a transfer in flight, for sharing */
-	uint8_t salt[32];       /* of the key hashes in grants (index "key_salt") */
-	uint64_t lost_seen;     /* index_batches_lost() at the last commit_index() */
-	bool (*is_open)(void *ctx, int64_t id); /* the serving side's open snapshots */
-	void *is_open_ctx;
-	bool has_salt;
-	uint64_t next_job_id;
-	uv_timer_t flush_timer;
-	bool closing;
-	bool timer_closed;
-	prefetch_item_cb item_hook;
-	void *item_hook_ctx;
-	/* STATUS counters */
-	uint64_t items_downloaded, items_revalidated, items_shared, items_failed;
-	uint64_t bytes_downloaded;
-	uint64_t jobs_started;
-};
-
-enum task_phase {
-	TP_FILE,
-	TP_MASKS,
-};
-
-struct task {
-	struct job *job;
-	struct task *next, *prev;   /* job->tasks */
-	struct task *dnext, *dprev; /* prefetch->downloads while downloading */
-	struct task *leader;        /* downloading the same resource for another job */
-	struct task *followers;     /* tasks waiting for this one's download */
-	struct task *fnext;
-
-	int64_t idx;
-	char *resource_id;
-	int64_t size;
-	char *meta;
-	size_t meta_len;
-
-	/* the transfer and its sink */
-	struct fetch_xfer *x;
-	struct store_writer *wr;
-	uint8_t *buf, *wbuf; /* filling, and being written on the threadpool */
-	size_t len, wlen;
-	bool work_busy;
-	bool paused;
-	bool restart;        /* discard what the writer has and start a new blob */
-	bool starting;       /* read from the index, not started yet */
-	bool writer_open;    /* a work opened a writer that is not committed or aborted */
-	bool done_pending;   /* the transfer ended while a work was busy */
-	/* for the work on the threadpool, set before it is queued */
-	bool w_restart, w_commit, w_abort, w_has_expected;
-	uint8_t w_expected[STORE_DIGEST_SIZE];
-	struct fetch_result res;
-	uv_work_t work;
-	int work_err;
-	struct store_blob_info info;
-	bool has_expected;
-	uint8_t expected[STORE_DIGEST_SIZE];
-	uint64_t reserved;
-	char etag[FETCH_ETAG_MAX];
-	enum store_kind kind;
-
-	/* revalidation of an earlier version */
-	bool has_prior;
-	uint8_t prior[STORE_DIGEST_SIZE];
-	uint32_t integrity_tries; /* bodies that did not match the server's digest */
-
-	/* LOCAL: the files are read on the threadpool, masks included, in one work */
-	const struct local_item *litem;
-	struct local_files *lfiles;
-	struct store_blob_info *minfo;
-
-	/* masks of segmentations, fetched after the file */
-	enum task_phase phase;
-	struct dm_mask *masks;
-	uint32_t n_masks, mask_i;
-	uint8_t (*mask_digests)[STORE_DIGEST_SIZE];
-	uint8_t file_digest[STORE_DIGEST_SIZE];
-	char file_etag[FETCH_ETAG_MAX];
-};
-
-struct job {
-	struct prefetch *pf;
-	struct job *next, *prev;
-	uint64_t id;
-	uid_t uid;
-	uint32_t source;
-	char *server;
-	char origin[256];
-	char *project_arg;
-	char *version_arg;
-	struct secret *key;
-	struct dm_client dmc;
-
-	struct dm_project *proj;
-	struct dm_annotations *ann;
-	struct local_job *lj;    /* LOCAL: see "local dataset folders" */
-	uv_work_t scan_work;
-	int scan_err;
-	char scan_msg[FETCH_MESSAGE_MAX];
-	int64_t snapshot_id;
-	uint32_t state;
-	bool final;     /* the final reply went out */
-	bool freeing;   /* unlinked; the tick timer is closing */
-	bool cancelled;
-	unsigned pending; /* outstanding dm_* requests */
-
-	uint64_t list_offset;
-	int64_t next_idx;
-	int64_t scan_from;
-	bool scan_done;
-	struct task *tasks;
-	uint32_t running;
-	bool pumping, pump_again;
-
-	uint64_t items_total, items_done, items_cached, items_failed;
-	uint64_t bytes_total, bytes_done;
-	uint64_t samples[RATE_WINDOW + 1];
-	unsigned n_samples;
-	uint64_t rate, eta_ms;
-
-	struct dmc_error_msg first_error; /* strings point into the buffers below */
-	char first_resource[128];
-	char first_message[FETCH_MESSAGE_MAX];
-
-	struct sub *subs;
-	uv_timer_t tick;
-	bool tick_closed;
-
-	/* offline reads (docs/security.md, "Offline") */
-	bool offline;          /* served from a grant: nothing is downloaded */
-	bool want_offline;     /* the client asked not to contact the server */
-	bool allow_partial;    /* start even if the snapshot cannot fit (OPEN, --allow-partial) */
-	bool warned_full;      /* "cache full" was logged for this job */
-	int64_t fallback_id;   /* a snapshot a valid grant allows if the server is unreachable */
-	uint64_t started_ms;
-	char notice[192];      /* said with the final record: "served from cache: ..." */
-};
-
 static void job_pump(struct job *j);
-static void load_salt(struct prefetch *p);
-static bool fall_back(struct job *j, const char *reason);
 static bool admit(struct job *j, const struct index_snapshot_stats *st);
 static void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_SIZE],
 			      const char *etag);
@@ -324,7 +164,7 @@ static void record_error(struct job *j, int err, long http_status, uint32_t retr
  * say what is stored any more, so they end FAILED with the reason; a new prefetch finds
  * the blobs again (reconciliation adopts them) and goes on.
  */
-static int commit_index(struct prefetch *p)
+int commit_index(struct prefetch *p)
 {
 	struct index *ix = p->d.cache->index;
 	int rc = index_flush(ix);
@@ -457,7 +297,7 @@ static void record_error(struct job *j, int err, long http_status, uint32_t retr
 	snprintf(j->first_message, sizeof(j->first_message), "%s", msg);
 }
 
-static void fail_job(struct job *j, const struct dm_error *e)
+void fail_job(struct job *j, const struct dm_error *e)
 {
 	record_error(j, e->err, e->http_status, e->retry_after_ms, NULL, e->message);
 	job_finish(j, DMC_JOB_FAILED);
@@ -520,84 +360,6 @@ void prefetch_free(struct prefetch *p)
 	}
 	uv_timer_stop(&p->flush_timer);
 	uv_close((uv_handle_t *)&p->flush_timer, on_flush_timer_closed);
-}
-
-/* ---- grants (docs/security.md) ---- */
-
-/* SHA-256(salt || key): what a grant keeps of the key that proved it. */
-static int key_hash(const struct prefetch *p, const struct secret *key,
-		    uint8_t out[STORE_DIGEST_SIZE])
-{
-	const char *k = secret_str(key);
-	size_t klen = strlen(k);
-	uint8_t *buf;
-	int rc;
-
-	if (!p->has_salt)
-		return -ENOENT;
-	buf = malloc(sizeof(p->salt) + klen);
-	if (!buf)
-		return -ENOMEM;
-	memcpy(buf, p->salt, sizeof(p->salt));
-	memcpy(buf + sizeof(p->salt), k, klen);
-	rc = store_digest_of(buf, sizeof(p->salt) + klen, out);
-	explicit_bzero(buf, sizeof(p->salt) + klen);
-	free(buf);
-	return rc;
-}
-
-/* The salt of this cache's key hashes: made once, kept in the index. */
-static void load_salt(struct prefetch *p)
-{
-	struct index *ix = p->d.cache->index;
-	size_t n = 0;
-
-	if (index_meta_get(ix, "key_salt", p->salt, sizeof(p->salt), &n) == 0 &&
-	    n == sizeof(p->salt)) {
-		p->has_salt = true;
-		return;
-	}
-	if (getrandom(p->salt, sizeof(p->salt), 0) != (ssize_t)sizeof(p->salt))
-		return;
-	if (index_meta_put(ix, "key_salt", p->salt, sizeof(p->salt)) == 0 && index_flush(ix) == 0)
-		p->has_salt = true;
-	else
-		log_warn(STORE, "cannot record the key salt: offline reads need a new proof");
-}
-
-/* `j`'s uid proved entitlement to its snapshot with its key just now. */
-static void grant(struct job *j)
-{
-	struct prefetch *p = j->pf;
-	uint8_t h[STORE_DIGEST_SIZE];
-	bool has = j->key && key_hash(p, j->key, h) == 0;
-	int rc = index_grant_put(p->d.cache->index, j->uid, j->snapshot_id, has ? h : NULL,
-				 (int64_t)time(NULL));
-
-	explicit_bzero(h, sizeof(h));
-	if (rc < 0)
-		log_warn(STORE, "job %" PRIu64 ": cannot record uid %u's grant: %s", j->id,
-			 (unsigned)j->uid, index_errmsg(p->d.cache->index));
-}
-
-/* Root and the daemon's own uid see everything; anyone else what they hold a grant for. */
-static bool may_see_uid(struct prefetch *p, uid_t uid, int64_t snapshot_id)
-{
-	struct index_grant g;
-
-	if (uid == 0 || uid == geteuid())
-		return true;
-	return index_grant_get(p->d.cache->index, uid, snapshot_id, &g) == 0;
-}
-
-static bool may_see(struct prefetch *p, const struct conn *c, int64_t snapshot_id)
-{
-	return c->admin || may_see_uid(p, c->uid, snapshot_id);
-}
-
-bool prefetch_may_see(struct prefetch *p, uid_t uid, int64_t id)
-{
-	return may_see_uid(p, uid, id);
 }
 
 /*
@@ -719,7 +481,7 @@ static void job_cancel(struct job *j)
 	}
 }
 
-static void start_downloading(struct job *j)
+void start_downloading(struct job *j)
 {
 	struct index_snapshot_stats st;
 	struct index *ix = j->pf->d.cache->index;
@@ -775,7 +537,6 @@ static const char *cache_full_text(struct prefetch *p, char *buf, size_t cap)
 	return buf;
 }
 
-
 /*
  * Before downloading: can what the snapshot still needs fit? Within max_size, everything
  * but this snapshot's own content may be evicted; on the file system, what is free beyond
@@ -827,184 +588,6 @@ static bool admit(struct job *j, const struct index_snapshot_stats *st)
 		"job %" PRIu64 " of uid %u refused: %s", j->id, (unsigned)j->uid, e.message);
 	fail_job(j, &e);
 	return false;
-}
-
-/* ---- offline reads from grants ---- */
-
-struct snap_copy {
-	char project_id[256], project_name[256], version[256];
-	bool sealed;
-};
-
-static int snap_copy_cb(void *ctx, const struct index_snapshot *s)
-{
-	struct snap_copy *c = ctx;
-
-	snprintf(c->project_id, sizeof(c->project_id), "%s", s->project_id);
-	snprintf(c->project_name, sizeof(c->project_name), "%s", s->project_name);
-	snprintf(c->version, sizeof(c->version), "%s", s->version);
-	c->sealed = s->sealed;
-	return 0;
-}
-
-static void say_age(char *out, size_t cap, int64_t s)
-{
-	if (s >= 2 * 86400)
-		snprintf(out, cap, "%" PRId64 " days", s / 86400);
-	else if (s >= 2 * 3600)
-		snprintf(out, cap, "%" PRId64 " hours", s / 3600);
-	else if (s >= 120)
-		snprintf(out, cap, "%" PRId64 " minutes", s / 60);
-	else
-		snprintf(out, cap, "%" PRId64 " seconds", s < 0 ? 0 : s);
-}
-
-struct grant_pick {
-	struct job *j;
-	int64_t now;
-	bool has_hash;
-	uint8_t hash[STORE_DIGEST_SIZE];
-	int64_t id;
-	char why[256]; /* why the newest candidate does not do, when none does */
-};
-
-static int grant_pick_cb(void *ctx, int64_t id)
-{
-	struct grant_pick *g = ctx;
-	struct job *j = g->j;
-	struct index *ix = j->pf->d.cache->index;
-	uint64_t ttl_s = j->pf->d.cfg->grant_ttl_ms / 1000;
-	struct snap_copy sc = { 0 };
-	struct index_grant gr;
-	struct index_snapshot_stats st;
-	char a[32], b[32];
-	bool first = !g->why[0];
-
-	if (index_snapshot_get(ix, id, snap_copy_cb, &sc) < 0)
-		return 0;
-	if (j->version_arg[0] && strcmp(j->version_arg, "latest") != 0 &&
-	    strcmp(j->version_arg, sc.version) != 0)
-		return 0;
-	if (index_grant_get(ix, j->uid, id, &gr) < 0)
-		return 0;
-	if (g->has_hash && gr.has_key_hash &&
-	    memcmp(g->hash, gr.key_hash, STORE_DIGEST_SIZE) != 0) {
-		if (first)
-			snprintf(g->why, sizeof(g->why),
-				 "not entitled offline: this key is not the one last checked for "
-				 "'%.60s'; read it once with the server reachable",
-				 sc.project_name);
-		return 0;
-	}
-	if (ttl_s == 0) {
-		if (first)
-			snprintf(g->why, sizeof(g->why),
-				 "not entitled offline: grant_ttl is 0 (every read asks the server)");
-		return 0;
-	}
-	if (g->now - gr.checked_at > (int64_t)ttl_s) {
-		if (first) {
-			say_age(a, sizeof(a), g->now - gr.checked_at);
-			say_age(b, sizeof(b), (int64_t)ttl_s);
-			snprintf(g->why, sizeof(g->why),
-				 "not entitled offline: last checked %s ago, grant_ttl is %s", a, b);
-		}
-		return 0;
-	}
-	if (index_snapshot_stats(ix, id, &st) < 0 || !sc.sealed || st.items != st.items_stored) {
-		if (first)
-			snprintf(g->why, sizeof(g->why),
-				 "not available offline: the newest snapshot of '%.60s' you may "
-				 "read is not complete (%" PRId64 " of %" PRId64 " items stored)",
-				 sc.project_name, st.items_stored, st.items);
-		return 0;
-	}
-	g->id = id;
-	return 1;
-}
-
-/*
- * The newest complete snapshot of the job's project (and version, if one was named) that
- * j's uid holds a grant for within grant_ttl, proved with the same key when the job has
- * one. 0 with *ret_id, or -ENOENT with the reason in `why`.
- */
-static int find_grant(struct job *j, int64_t *ret_id, char *why, size_t whylen)
-{
-	struct grant_pick g = { .j = j, .now = (int64_t)time(NULL) };
-	const char *k = j->key ? secret_str(j->key) : "";
-
-	if (k[0])
-		g.has_hash = key_hash(j->pf, j->key, g.hash) == 0;
-	index_grant_newest(j->pf->d.cache->index, j->uid, INDEX_SOURCE_DATAMINT, j->server,
-			   j->project_arg, grant_pick_cb, &g);
-	explicit_bzero(g.hash, sizeof(g.hash));
-	if (g.id > 0) {
-		*ret_id = g.id;
-		return 0;
-	}
-	if (why) {
-		if (g.why[0])
-			snprintf(why, whylen, "%s", g.why);
-		else
-			snprintf(why, whylen,
-				 "not entitled offline: no earlier check of '%.60s' at %.80s with "
-				 "this user's key is in the cache",
-				 j->project_arg, j->server);
-	}
-	return -ENOENT;
-}
-
-/* Serves the job from snapshot `id` under the uid's grant, without the server. */
-static void serve_from_grant(struct job *j, int64_t id, const char *notice)
-{
-	struct snap_copy sc = { 0 };
-	struct dm_project *proj;
-	struct dm_error e = { 0 };
-
-	index_snapshot_get(j->pf->d.cache->index, id, snap_copy_cb, &sc);
-	proj = calloc(1, sizeof(*proj));
-	if (proj) {
-		proj->id = strdup(sc.project_id);
-		proj->name = strdup(sc.project_name);
-		proj->dataset_id = strdup("");
-		proj->version = strdup(sc.version);
-	}
-	if (!proj || !proj->id || !proj->name || !proj->dataset_id || !proj->version) {
-		dm_project_free(proj);
-		e.err = -ENOMEM;
-		snprintf(e.message, sizeof(e.message), "out of memory");
-		fail_job(j, &e);
-		return;
-	}
-	dm_project_free(j->proj);
-	j->proj = proj;
-	j->snapshot_id = id;
-	j->offline = true;
-	snprintf(j->notice, sizeof(j->notice), "%s", notice);
-	log_job(LOG_LVL_NOTICE, LOG_GRP_FETCH, j->id, (unsigned)j->uid, proj->name,
-		"job %" PRIu64 ": uid %u reads '%s' version '%s' from the cache: %s", j->id,
-		(unsigned)j->uid, proj->name, proj->version, notice);
-	start_downloading(j);
-}
-
-/* The server could not be reached: a valid grant answers instead, if there is one. */
-static bool fall_back(struct job *j, const char *reason)
-{
-	char notice[192];
-
-	if (j->final || j->offline || j->fallback_id <= 0 || j->state != DMC_JOB_RESOLVING)
-		return false;
-	snprintf(notice, sizeof(notice), "served from cache: server unreachable (%.140s)",
-		 reason);
-	serve_from_grant(j, j->fallback_id, notice);
-	return true;
-}
-
-/* Errors after which the cache may answer: the server was not reached, or failed. */
-static bool unreachable(const struct dm_error *e)
-{
-	return e->err == -DMC_E_UPSTREAM_TRANSIENT || e->http_status >= 500 ||
-	       (e->err < 0 && e->err > -4096 && e->http_status == 0);
 }
 
 /* ---- listing ---- */
@@ -1219,7 +802,6 @@ static void on_resolved(void *ctx, const struct dm_error *e, struct dm_project *
 		fail_job(j, &e2);
 	}
 }
-
 
 /* ---- downloads: a sink that writes through the threadpool ---- */
 
@@ -1977,20 +1559,6 @@ static int subscribe(struct job *j, struct conn *c, uint32_t request_id)
  */
 #define LOCAL_READS_PER_UID 2u
 #define LOCAL_READS_MAX 3u
-
-struct local_job {
-	struct local_dataset *l;
-	int json_fd;
-	struct conn *c;         /* the client whose descriptors are read; NULL once gone */
-	uint32_t request_id;    /* its PREFETCH or OPEN */
-	uint32_t need_first, need_n; /* the LOCAL_NEED waiting for its LOCAL_FILES */
-	uint32_t win_first, win_n;   /* the descriptors received, not handed to tasks yet */
-	int win_fds[DMC_FDS_MAX];    /* -1: taken, or none (win_errs says why) */
-	int32_t win_errs[DMC_FDS_MAX];
-	uint32_t next_item;     /* the next item to start */
-	uint32_t next_path;     /* the first path not asked for yet */
-	bool pumping, pump_again;
-};
 
 /* A task's files: the image (k = 0) and its masks, with what fstat said of each. */
 struct local_files {
@@ -3215,21 +2783,7 @@ static void on_evict(struct prefetch *p, struct conn *c, const struct dmc_header
 		conn_send(c, frame, (size_t)n);
 }
 
-/* VERIFY hashes every blob: on the threadpool, then the index is corrected on the loop. */
-struct verify_req {
-	struct prefetch *p;
-	struct conn *c; /* NULL once the connection closed */
-	uint32_t request_id;
-	uv_work_t work;
-	uv_mutex_t lock;
-	uint8_t (*bad)[STORE_DIGEST_SIZE];
-	uint32_t n_bad, cap_bad;
-	uint64_t ok, bad_count, bytes;
-	int rc;
-	struct verify_req *next;
-};
-
-static struct verify_req *verifies; /* in flight, so that a closing conn can be forgotten */
+struct verify_req *verifies; /* in flight, so that a closing conn can be forgotten */
 
 static void verify_on_bad(void *ctx, const uint8_t digest[STORE_DIGEST_SIZE])
 {
