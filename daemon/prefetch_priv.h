@@ -223,6 +223,7 @@ struct verify_req {
 /* prefetch.c */
 int commit_index(struct prefetch *p);
 void fail_job(struct job *j, const struct dm_error *e);
+void job_maybe_free(struct job *j);
 void start_downloading(struct job *j);
 
 /* prefetch_grant.c */
@@ -234,6 +235,9 @@ int find_grant(struct job *j, int64_t *ret_id, char *why, size_t whylen);
 void serve_from_grant(struct job *j, int64_t id, const char *notice);
 bool fall_back(struct job *j, const char *reason);
 bool unreachable(const struct dm_error *e);
+
+/* prefetch_list.c */
+void on_resolved(void *ctx, const struct dm_error *e, struct dm_project *proj);
 
 extern struct verify_req *verifies;
 
