@@ -221,10 +221,20 @@ struct verify_req {
 };
 
 /* prefetch.c */
+uint32_t window(const struct prefetch *p);
+struct dmc_str dstr(const char *s);
+void job_progress(const struct job *j, struct dmc_progress *m);
+void send_progress(struct job *j, const struct dmc_progress *m, bool more);
 int commit_index(struct prefetch *p);
+void job_finish(struct job *j, uint32_t state);
+void record_error(struct job *j, int err, long http_status, uint32_t retry_after,
+		  const char *resource, const char *msg);
 void fail_job(struct job *j, const struct dm_error *e);
+bool shares_across_users(const struct job *j);
 void job_maybe_free(struct job *j);
 void start_downloading(struct job *j);
+const char *cache_full_text(struct prefetch *p, char *buf, size_t cap);
+void local_pump(struct job *j);
 
 /* prefetch_grant.c */
 void load_salt(struct prefetch *p);
@@ -238,6 +248,17 @@ bool unreachable(const struct dm_error *e);
 
 /* prefetch_list.c */
 void on_resolved(void *ctx, const struct dm_error *e, struct dm_project *proj);
+
+/* prefetch_download.c */
+void dm_on_retry(void *ctx, const char *message);
+void release_reservation(struct task *t);
+void task_next_step(struct task *t);
+void task_finish(struct task *t, int err, const char *msg, long http_status);
+void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_SIZE],
+		       const char *etag);
+int task_from_item(void *ctx, const struct index_item *it);
+void task_start(struct task *t);
+void job_pump(struct job *j);
 
 extern struct verify_req *verifies;
 
