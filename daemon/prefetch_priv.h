@@ -232,9 +232,9 @@ void record_error(struct job *j, int err, long http_status, uint32_t retry_after
 void fail_job(struct job *j, const struct dm_error *e);
 bool shares_across_users(const struct job *j);
 void job_maybe_free(struct job *j);
+void job_cancel(struct job *j);
 void start_downloading(struct job *j);
 const char *cache_full_text(struct prefetch *p, char *buf, size_t cap);
-void local_pump(struct job *j);
 
 /* prefetch_grant.c */
 void load_salt(struct prefetch *p);
@@ -259,6 +259,15 @@ void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_SIZE],
 int task_from_item(void *ctx, const struct index_item *it);
 void task_start(struct task *t);
 void job_pump(struct job *j);
+
+/* prefetch_local.c */
+void local_job_free(struct job *j);
+void local_pump(struct job *j);
+void on_local_files(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+		    const uint8_t *payload);
+void local_conn_closed(struct prefetch *p, struct conn *c);
+void local_scan_work(uv_work_t *w);
+void local_scan_after(uv_work_t *w, int status);
 
 extern struct verify_req *verifies;
 
