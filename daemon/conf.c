@@ -531,10 +531,11 @@ bool config_trusted_server(const struct config *cfg, const char *url)
  * A key is applied by SIGHUP only when every owner reads it from struct config at each
  * use (not a copy taken at start); the others are reported as needing a restart. Checked
  * against the owners: conn.c and server.c (connections, timeouts, write queue, admin_gid
- * at each HELLO), prefetch.c (max_jobs_per_uid, grant_ttl), serve.c and serve_arena.c
- * (arena sizes at each arena, shm_max_per_uid, shm_max and decode_max_per_uid at each
- * growth and item), log.c (levels). max_size, min_free and hot_max are copied at start by store.c and serve.c,
- * parallel_transfers, max_attempts, min_speed and min_speed_time by fetch.c: restart.
+ * at each HELLO), prefetch.c and prefetch_grant.c (max_jobs_per_uid, grant_ttl), serve.c
+ * and serve_arena.c (arena sizes at each arena, shm_max_per_uid, shm_max and
+ * decode_max_per_uid at each growth and item), log.c (levels). max_size, min_free and
+ * hot_max are copied at start by store.c and serve.c, parallel_transfers, max_attempts,
+ * min_speed and min_speed_time by fetch.c: restart.
  */
 static const char *const live_keys[] = {
 	"log_level", "log_debug", "max_connections", "max_connections_per_uid",

@@ -30,6 +30,15 @@
 #include "secret.h"
 #include "store.h"
 
+#define SCAN_PAGE 64u
+/*
+ * Downloads are stored with zstd only when it shrinks them to 2/3 or less (sparse masks,
+ * CT slices with air around the body), not for a few percent: on noisy 16-bit data zstd-1
+ * gains ~1.3x for ~1.8 CPU s/GiB, as much CPU as receiving the bytes, and every later read
+ * would pay the decompression too (tests/bench/README.md, prefetch).
+ */
+#define DOWNLOAD_ZSTD_KEEP_PCT 67u
+
 /* ---- downloads: a sink that writes through the threadpool ---- */
 
 static int sink_on_start(struct fetch_xfer *x, const struct fetch_response *r);

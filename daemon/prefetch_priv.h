@@ -23,21 +23,8 @@
 
 struct secret;
 
-#define TICK_MS 1000
-#define SCAN_PAGE 64u
 #define SINK_BUF (1u << 20)  /* bytes gathered before a write on the threadpool */
-/*
- * Downloads are stored with zstd only when it shrinks them to 2/3 or less (sparse masks,
- * CT slices with air around the body), not for a few percent: on noisy 16-bit data zstd-1
- * gains ~1.3x for ~1.8 CPU s/GiB, as much CPU as receiving the bytes, and every later read
- * would pay the decompression too (tests/bench/README.md, prefetch).
- */
-#define DOWNLOAD_ZSTD_KEEP_PCT 67u
 #define RATE_WINDOW 5        /* seconds of samples for the rate */
-#define EVENT_FRAME_MAX 8192
-/* With a valid grant, a server that has not answered the first request by then is taken
- * as unreachable (one connect attempt, not the whole retry budget). */
-#define FALLBACK_AFTER_MS 2000u
 
 struct job;
 struct task;
@@ -193,6 +180,7 @@ struct job {
 	char notice[192];      /* said with the final record: "served from cache: ..." */
 };
 
+/* A LOCAL job's side (prefetch_local.c): its client, the descriptors it was sent. */
 struct local_job {
 	struct local_dataset *l;
 	int json_fd;
@@ -219,6 +207,8 @@ struct verify_req {
 	int rc;
 	struct verify_req *next;
 };
+
+/* ---- what one part calls in another, by the file that defines it ---- */
 
 /* prefetch.c */
 uint32_t window(const struct prefetch *p);
@@ -268,6 +258,14 @@ void on_local_files(struct prefetch *p, struct conn *c, const struct dmc_header 
 void local_conn_closed(struct prefetch *p, struct conn *c);
 void local_scan_work(uv_work_t *w);
 void local_scan_after(uv_work_t *w, int status);
+
+/* prefetch_cache.c */
+void on_list(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+	     const uint8_t *payload);
+void on_evict(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+	      const uint8_t *payload);
+void on_verify(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+	       const uint8_t *payload);
 
 extern struct verify_req *verifies;
 
