@@ -157,7 +157,7 @@ static void update_rate(struct job *j)
  * say what is stored any more, so they end FAILED with the reason; a new prefetch finds
  * the blobs again (reconciliation adopts them) and goes on.
  */
-int commit_index(struct prefetch *p)
+static int commit_index(struct prefetch *p)
 {
 	struct index *ix = p->d.cache->index;
 	int rc = index_flush(ix);

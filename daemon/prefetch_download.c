@@ -39,6 +39,9 @@
  */
 #define DOWNLOAD_ZSTD_KEEP_PCT 67u
 
+static void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_SIZE],
+			      const char *etag);
+
 /* ---- downloads: a sink that writes through the threadpool ---- */
 
 static int sink_on_start(struct fetch_xfer *x, const struct fetch_response *r);
@@ -578,8 +581,8 @@ static struct task *find_download(struct prefetch *p, const struct job *j, const
  * `f` may have what another user's task stored (`digest`, downloaded with `etag`) only on
  * its own proof: a conditional request with f's own key, answered 304 by the server.
  */
-void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_SIZE],
-		       const char *etag)
+static void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_SIZE],
+			      const char *etag)
 {
 	char *url = dm_file_url(&f->job->dmc, f->resource_id);
 

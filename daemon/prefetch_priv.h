@@ -215,7 +215,6 @@ uint32_t window(const struct prefetch *p);
 struct dmc_str dstr(const char *s);
 void job_progress(const struct job *j, struct dmc_progress *m);
 void send_progress(struct job *j, const struct dmc_progress *m, bool more);
-int commit_index(struct prefetch *p);
 void job_finish(struct job *j, uint32_t state);
 void record_error(struct job *j, int err, long http_status, uint32_t retry_after,
 		  const char *resource, const char *msg);
@@ -244,8 +243,6 @@ void dm_on_retry(void *ctx, const char *message);
 void release_reservation(struct task *t);
 void task_next_step(struct task *t);
 void task_finish(struct task *t, int err, const char *msg, long http_status);
-void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_SIZE],
-		       const char *etag);
 int task_from_item(void *ctx, const struct index_item *it);
 void task_start(struct task *t);
 void job_pump(struct job *j);

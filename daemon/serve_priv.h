@@ -323,16 +323,13 @@ void meta_write(const struct gitem *gi, uint8_t *p);
 void abandon(struct gitem *gi);
 void item_fail(struct gitem *gi, int err, const char *msg);
 struct handle *handle_find(struct sconn *sc, uint64_t id);
-void read_work(uv_work_t *w);
 int start_read(struct gitem *gi, const uint8_t *digest, uint64_t len,
 	       uv_after_work_cb after);
 void refetch_free(struct refetch *rf);
 struct gitem *refetch_waiter(struct sconn *sc, const struct refetch *rf);
-bool place(struct gitem *gi);
 void retry_space(struct sconn *sc);
 bool client_holds_space(struct sconn *sc);
 void item_got_bytes(struct gitem *gi);
-void item_step(struct gitem *gi);
 void req_free(struct greq *rq);
 void req_unpin(struct greq *rq);
 void item_desc_write(struct dmc_writer *w, const struct gitem *gi);

@@ -39,6 +39,8 @@
  * GET of many items already decoded is placed in slices, not in one long turn. */
 #define PUMP_BYTES_MAX (8u << 20)
 
+static void item_step(struct gitem *gi);
+
 /* The item holds nothing any more (done, or waiting for a download): a place is free. */
 void settle(struct gitem *gi, enum gi_state state)
 {
@@ -185,7 +187,7 @@ struct handle *handle_find(struct sconn *sc, uint64_t id)
 	return NULL;
 }
 
-void read_work(uv_work_t *w)
+static void read_work(uv_work_t *w)
 {
 	struct gitem *gi = w->data;
 	struct store *store = gi->rq->sc->s->d.cache->store;
@@ -467,7 +469,7 @@ static void read_after(uv_work_t *w, int status)
 }
 
 /* Places `hold` (tensor, then metadata) into the arena; false when there is no room yet. */
-bool place(struct gitem *gi)
+static bool place(struct gitem *gi)
 {
 	struct sconn *sc = gi->rq->sc;
 	uint64_t off, moff;
@@ -803,7 +805,7 @@ static void start_decode_path(struct gitem *gi)
 }
 
 /* Looks the item up and starts whatever comes next. */
-void item_step(struct gitem *gi)
+static void item_step(struct gitem *gi)
 {
 	struct sconn *sc = gi->rq->sc;
 	struct serve *s = sc->s;
