@@ -12,12 +12,9 @@
  */
 #include <errno.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-#include <sys/random.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -25,7 +22,6 @@
 #include "conf.h"
 #include "conn.h"
 #include "datamint.h"
-#include "local.h"
 #include "fetch.h"
 #include "index.h"
 #include "log.h"

@@ -7,27 +7,18 @@
  * only their task or job.
  */
 #include <errno.h>
-#include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <sys/random.h>
-#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "cache.h"
-#include "conf.h"
 #include "conn.h"
 #include "datamint.h"
 #include "local.h"
-#include "fetch.h"
 #include "index.h"
-#include "log.h"
-#include "prefetch.h"
 #include "prefetch_priv.h"
-#include "secret.h"
 #include "store.h"
 
 /* ---- local dataset folders ----

@@ -13,26 +13,18 @@
  * Shared declarations are in serve_priv.h. Loop thread only.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
-
-#include <jansson.h>
 
 #include "arena.h"
-#include "cache.h"
 #include "conf.h"
 #include "conn.h"
 #include "decode.h"
 #include "decode_pool.h"
 #include "index.h"
 #include "log.h"
-#include "policy.h"
 #include "prefetch.h"
 #include "secret.h"
 #include "serve.h"

@@ -8,31 +8,16 @@
  * work structure.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
-
-#include <jansson.h>
 
 #include "arena.h"
-#include "cache.h"
 #include "conf.h"
 #include "conn.h"
-#include "decode.h"
-#include "decode_pool.h"
-#include "index.h"
 #include "log.h"
-#include "policy.h"
-#include "prefetch.h"
-#include "secret.h"
-#include "serve.h"
 #include "serve_priv.h"
-#include "store.h"
 
 /* An arena grows by a quarter of its size, within these bounds (and at least what the item
  * needs): large enough that page faults are paid in a few threadpool works, small enough

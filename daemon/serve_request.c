@@ -9,20 +9,13 @@
  * their item or work structure.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
-
-#include <jansson.h>
 
 #include "arena.h"
 #include "cache.h"
-#include "conf.h"
 #include "conn.h"
 #include "decode.h"
 #include "decode_pool.h"
@@ -31,7 +24,6 @@
 #include "policy.h"
 #include "prefetch.h"
 #include "secret.h"
-#include "serve.h"
 #include "serve_priv.h"
 #include "store.h"
 

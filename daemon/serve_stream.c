@@ -7,31 +7,15 @@
  * Loop thread; copy_part_work() runs on the threadpool and touches only its part.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
-
-#include <jansson.h>
 
 #include "arena.h"
-#include "cache.h"
-#include "conf.h"
 #include "conn.h"
-#include "decode.h"
-#include "decode_pool.h"
-#include "index.h"
 #include "log.h"
-#include "policy.h"
-#include "prefetch.h"
-#include "secret.h"
-#include "serve.h"
 #include "serve_priv.h"
-#include "store.h"
 
 /* ---- STREAM ---- */
 
