@@ -531,12 +531,13 @@ bool config_trusted_server(const struct config *cfg, const char *url)
  * A key is applied by SIGHUP only when every owner reads it from struct config at each
  * use (not a copy taken at start); the others are reported as needing a restart. Checked
  * against the owners: conn.c and server.c (connections, timeouts, write queue, admin_gid
- * at each HELLO), prefetch.c (max_jobs_per_uid, grant_ttl), serve.c (arena sizes at each
- * arena, shm_max_per_uid, shm_max and decode_max_per_uid at each growth and item), log.c
- * (levels). max_size and min_free (copied by store.c) and hot_max (copied by serve.c's
- * hot set) are handed to their owners by the reload (main.c, apply_limits()), which
- * evicts at once what is over a lowered limit. parallel_transfers, max_attempts,
- * min_speed and min_speed_time are copied at start by fetch.c: restart.
+ * at each HELLO), prefetch.c and prefetch_grant.c (max_jobs_per_uid, grant_ttl), serve.c
+ * and serve_arena.c (arena sizes at each arena, shm_max_per_uid, shm_max and
+ * decode_max_per_uid at each growth and item), log.c (levels). max_size and min_free
+ * (copied by store.c) and hot_max (copied by the hot set, hot.c) are handed to their owners
+ * by the reload (main.c, apply_limits()), which evicts at once what is over a lowered
+ * limit. parallel_transfers, max_attempts, min_speed and min_speed_time are copied at
+ * start by fetch.c: restart.
  */
 static const char *const live_keys[] = {
 	"log_level", "log_debug", "max_connections", "max_connections_per_uid",

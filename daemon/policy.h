@@ -9,7 +9,7 @@
  *
  * Threads: runs inside the decode worker processes (decode_worker.c), one job at a time,
  * on a decode_ctx that the worker owns; policy_key() and policy_active() are also called
- * on the daemon's loop thread (serve.c), they only read their arguments.
+ * on the daemon's loop thread (serve_request.c), they only read their arguments.
  *
  * The steps, in order (proto.h has the contract):
  *   decode   with policy_decoder_opts(): the modality LUT and float64 when a window is

@@ -8,10 +8,10 @@
  * streams into a store writer through the libuv threadpool (the loop only copies bytes
  * into a buffer), is verified against the server's stated SHA-256 when there is one, and
  * is committed (fsync, rename) before the item counts as done. Downloads are stored raw
- * unless zstd shrinks them by a third or more (DOWNLOAD_ZSTD_KEEP_PCT in prefetch.c).
- * Items already stored are not downloaded again; items of an earlier version of the same
- * resource are revalidated with If-None-Match and reused on 304. A resource wanted by two
- * jobs at once downloads once.
+ * unless zstd shrinks them by a third or more (DOWNLOAD_ZSTD_KEEP_PCT in
+ * prefetch_download.c). Items already stored are not downloaded again; items of an earlier
+ * version of the same resource are revalidated with If-None-Match and reused on 304. A
+ * resource wanted by two jobs at once downloads once.
  *
  * Entitlement (docs/security.md): a uid may see a snapshot after its own key listed that
  * project in this daemon's lifetime. Nothing of it survives a restart.

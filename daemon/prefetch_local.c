@@ -1,0 +1,671 @@
+/*
+ * prefetch's local dataset folders (DMC_SOURCE_LOCAL; local.h, proto.h LOCAL_NEED and
+ * LOCAL_FILES): dataset.json parsed on the threadpool, the snapshot listed again, the
+ * files asked from the client a window at a time and read through its descriptors on the
+ * threadpool into the store, within per-uid and total bounds of reads at once.
+ * Loop thread; local_task_work() and local_scan_work() run on the threadpool and touch
+ * only their task or job.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cache.h"
+#include "conn.h"
+#include "datamint.h"
+#include "local.h"
+#include "index.h"
+#include "prefetch_priv.h"
+#include "store.h"
+
+/* ---- local dataset folders ----
+ *
+ * Read through the requesting client's descriptors, never by path (local.h has the trust
+ * design, proto.h the LOCAL_NEED / LOCAL_FILES exchange). The job: dataset.json's
+ * descriptor is parsed on the threadpool (local_scan_*), the snapshot (per uid) is listed
+ * again with every item's content forgotten, then local_pump() asks the client for the
+ * files a window at a time (whole items, at most DMC_FDS_MAX paths), and starts a task per
+ * item once its descriptors are in: fstat (regular files only) and, unless the uid's own
+ * earlier read of the same inode with the same size, mtime and ctime is on record, a read
+ * on the threadpool that hashes the bytes into the store (local_task_*). The next window is
+ * asked for when the previous one is handed to tasks, so a job holds at most one window
+ * of descriptors besides those of its running tasks.
+ */
+
+/* Changes within this long before a read are too recent for the inode shortcut: a write
+ * in the same clock tick as the last one would leave mtime and ctime as they were. */
+#define LOCAL_RACY_NS 100000000ll
+/*
+ * Reads of local files on the threadpool at once, per uid and for all: a descriptor that
+ * fstat() calls regular may still block in read (a FUSE file of the user's); it then holds
+ * one thread at most, of its uid's two, and never the last free one of the pool (4).
+ */
+#define LOCAL_READS_PER_UID 2u
+#define LOCAL_READS_MAX 3u
+
+/* A task's files: the image (k = 0) and its masks, with what fstat said of each. */
+struct local_files {
+	uint32_t n;
+	int64_t read_bytes;
+	int fail_k;             /* the file whose read failed */
+	struct {
+		int fd;
+		bool hit;       /* linked by the uid's earlier read of this inode */
+		bool stable;    /* unchanged while read, and not changed just before */
+		struct stat st;
+	} f[];
+};
+
+static void local_reads_next(struct prefetch *p);
+
+void local_job_free(struct job *j)
+{
+	struct local_job *lj = j->lj;
+
+	if (!lj)
+		return;
+	for (uint32_t k = 0; k < lj->win_n; k++)
+		if (lj->win_fds[k] >= 0)
+			close(lj->win_fds[k]);
+	if (lj->json_fd >= 0)
+		close(lj->json_fd);
+	local_dataset_free(lj->l);
+	free(lj);
+	j->lj = NULL;
+}
+
+static void local_files_free(struct local_files *lf)
+{
+	if (!lf)
+		return;
+	for (uint32_t k = 0; k < lf->n; k++)
+		if (lf->f[k].fd >= 0)
+			close(lf->f[k].fd);
+	free(lf);
+}
+
+static const char *local_reason(int err)
+{
+	switch (err) {
+	case EXDEV: return "outside the dataset folder";
+	case ELOOP: return "a symbolic link (not followed)";
+	case EINVAL: return "not a regular file";
+	case EAGAIN: return "reading it would block";
+	}
+	return strerror(err);
+}
+
+static int64_t ts_ns(const struct timespec *t)
+{
+	return (int64_t)t->tv_sec * 1000000000ll + t->tv_nsec;
+}
+
+static void local_read_key(const struct job *j, const struct stat *st, struct index_local_read *r)
+{
+	memset(r, 0, sizeof(*r));
+	r->uid = (uint32_t)j->uid;
+	r->dev = (uint64_t)st->st_dev;
+	r->ino = (uint64_t)st->st_ino;
+	r->size = (int64_t)st->st_size;
+	r->mtime_ns = ts_ns(&st->st_mtim);
+	r->ctime_ns = ts_ns(&st->st_ctim);
+}
+
+static const char *local_file_path(const struct task *t, uint32_t k)
+{
+	return k == 0 ? t->litem->path : t->litem->masks[k - 1].path;
+}
+
+static void local_task_work(uv_work_t *w)
+{
+	struct task *t = w->data;
+	struct store *store = t->job->pf->d.cache->store;
+	struct local_files *lf = t->lfiles;
+	struct timespec now;
+	int rc = 0;
+
+	clock_gettime(CLOCK_REALTIME, &now);
+	for (uint32_t k = 0; k < lf->n && rc == 0; k++) {
+		struct store_blob_info *info = k == 0 ? &t->info : &t->minfo[k - 1];
+		struct store_writer *wr = NULL;
+		struct stat after;
+		off_t off = 0;
+		ssize_t n;
+
+		if (lf->f[k].hit)
+			continue;
+		lf->fail_k = (int)k;
+		rc = store_writer_open(store, STORE_KIND_RAW, STORE_SIZE_UNKNOWN, &wr);
+		/* pread from 0: the client's offset is not ours; O_NONBLOCK: never wait */
+		while (rc == 0 && (n = pread(lf->f[k].fd, t->buf, SINK_BUF, off)) != 0) {
+			if (n < 0) {
+				if (errno == EINTR)
+					continue;
+				rc = -errno;
+				break;
+			}
+			off += n;
+			rc = store_writer_write(wr, t->buf, (size_t)n);
+		}
+		if (rc == 0)
+			rc = store_writer_commit(wr, NULL, info);
+		else
+			store_writer_abort(wr);
+		lf->read_bytes += off;
+		/* the shortcut is recorded only for a file that did not change while read and
+		 * whose last change is not too recent to be told apart (see LOCAL_RACY_NS) */
+		lf->f[k].stable =
+			rc == 0 && fstat(lf->f[k].fd, &after) == 0 &&
+			after.st_size == lf->f[k].st.st_size && after.st_size == off &&
+			ts_ns(&after.st_mtim) == ts_ns(&lf->f[k].st.st_mtim) &&
+			ts_ns(&after.st_ctim) == ts_ns(&lf->f[k].st.st_ctim) &&
+			ts_ns(&after.st_ctim) < ts_ns(&now) - LOCAL_RACY_NS &&
+			ts_ns(&after.st_mtim) < ts_ns(&now) - LOCAL_RACY_NS;
+		close(lf->f[k].fd);
+		lf->f[k].fd = -1;
+	}
+	t->work_err = rc;
+}
+
+static void local_task_after(uv_work_t *w, int status)
+{
+	struct task *t = w->data;
+	struct job *j = t->job;
+	struct cache *cache = j->pf->d.cache;
+	struct local_files *lf = t->lfiles;
+	int rc = t->work_err;
+
+	(void)status;
+	t->work_busy = false;
+	t->lfiles = NULL;
+	local_reads_next(j->pf); /* this read's slot */
+	release_reservation(t);
+	j->bytes_done += (uint64_t)lf->read_bytes;
+	if (rc < 0) {
+		/* what was committed before the failure stays as a blob for reconciliation */
+		char full[160];
+		t->res.err = rc == -EAGAIN ? -DMC_E_IO : rc;
+		snprintf(t->res.message, sizeof(t->res.message), "%.100s: %.140s",
+			 local_file_path(t, (uint32_t)lf->fail_k),
+			 rc == -DMC_E_CACHE_FULL ? cache_full_text(j->pf, full, sizeof(full))
+			 : rc <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-rc)
+					       : local_reason(-rc));
+		local_files_free(lf);
+		task_next_step(t);
+		return;
+	}
+	for (uint32_t k = 0; k < lf->n; k++) {
+		struct store_blob_info *info = k == 0 ? &t->info : &t->minfo[k - 1];
+		uint8_t *digest = k == 0 ? t->file_digest : t->mask_digests[k - 1];
+		struct index_local_read r;
+		if (lf->f[k].hit)
+			continue;
+		cache_record_blob(cache, info);
+		store_unpin(cache->store, info->digest);
+		memcpy(digest, info->digest, STORE_DIGEST_SIZE);
+		if (lf->f[k].stable) {
+			local_read_key(j, &lf->f[k].st, &r);
+			memcpy(r.digest, info->digest, STORE_DIGEST_SIZE);
+			index_local_read_put(cache->index, &r);
+		}
+	}
+	local_files_free(lf);
+	t->mask_i = t->n_masks;
+	t->phase = TP_MASKS;
+	j->pf->items_downloaded++;
+	task_next_step(t);
+}
+
+/* Reads of local files in work now: of `uid`, and of everyone. */
+static void local_reads_count(struct prefetch *p, uid_t uid, unsigned *ret_uid,
+			      unsigned *ret_all)
+{
+	*ret_uid = *ret_all = 0;
+	for (struct job *j = p->jobs; j; j = j->next) {
+		if (!j->lj)
+			continue;
+		for (struct task *t = j->tasks; t; t = t->next)
+			if (t->lfiles && t->work_busy) {
+				++*ret_all;
+				*ret_uid += j->uid == uid;
+			}
+	}
+}
+
+static bool local_read_may_start(struct prefetch *p, uid_t uid)
+{
+	unsigned mine, all;
+
+	local_reads_count(p, uid, &mine, &all);
+	return mine < LOCAL_READS_PER_UID && all < LOCAL_READS_MAX;
+}
+
+/* Queues the read of a task whose t->lfiles is set. */
+static void local_task_queue(struct task *t)
+{
+	t->work.data = t;
+	t->work_busy = true;
+	if (uv_queue_work(t->job->pf->d.loop, &t->work, local_task_work, local_task_after) != 0) {
+		struct local_files *lf = t->lfiles;
+		t->work_busy = false;
+		t->lfiles = NULL;
+		local_files_free(lf);
+		task_finish(t, -ENOMEM, "cannot queue the read", 0);
+	}
+}
+
+/* A task waiting for a read slot (t->lfiles set, no work), or NULL. */
+static struct task *local_parked(struct job *j)
+{
+	for (struct task *t = j->tasks; t; t = t->next)
+		if (t->lfiles && !t->work_busy)
+			return t;
+	return NULL;
+}
+
+/* Ends a parked task: its job was cancelled. */
+static void local_parked_cancel(struct task *t)
+{
+	struct local_files *lf = t->lfiles;
+
+	t->lfiles = NULL;
+	local_files_free(lf);
+	task_finish(t, -DMC_E_CANCELLED, "cancelled", 0);
+}
+
+/* A read slot is free: parked tasks of cancelled jobs end, the others start in turn. */
+static void local_reads_next(struct prefetch *p)
+{
+	for (;;) {
+		struct task *t = NULL;
+		for (struct job *j = p->jobs; j && !t; j = j->next)
+			if (j->lj && (t = local_parked(j)) && !j->cancelled &&
+			    !local_read_may_start(p, j->uid))
+				t = NULL;
+		if (!t)
+			return;
+		if (t->job->cancelled)
+			local_parked_cancel(t);
+		else
+			local_task_queue(t);
+	}
+}
+
+/* Item `i` of the folder gets a task with its descriptors (taken: fds[k] < 0 with errs[k]
+ * the client's errno); proved by the inode shortcut at once, or read on the threadpool. */
+static void local_task_begin(struct job *j, uint32_t i, const int *fds, const int32_t *errs)
+{
+	struct prefetch *p = j->pf;
+	struct cache *cache = p->d.cache;
+	const struct local_item *it = &j->lj->l->items[i];
+	uint32_t nf = 1 + it->n_masks;
+	struct local_files *lf = calloc(1, sizeof(*lf) + nf * sizeof(lf->f[0]));
+	struct task *t = calloc(1, sizeof(*t));
+	char msg[FETCH_MESSAGE_MAX];
+	uint64_t reserve = 0;
+	bool all_hit = true;
+	int rc;
+
+	if (lf) {
+		lf->n = nf;
+		for (uint32_t k = 0; k < nf; k++)
+			lf->f[k].fd = fds[k];
+	} else {
+		for (uint32_t k = 0; k < nf; k++)
+			if (fds[k] >= 0)
+				close(fds[k]);
+	}
+	if (!t) {
+		local_files_free(lf);
+		record_error(j, -ENOMEM, 0, 0, it->id, "out of memory");
+		j->items_failed++;
+		return;
+	}
+	t->job = j;
+	t->idx = i;
+	t->kind = STORE_KIND_RAW;
+	t->litem = it;
+	t->resource_id = strdup(it->id);
+	t->meta = strndup(it->meta, it->meta_len);
+	t->meta_len = it->meta_len;
+	t->next = j->tasks;
+	if (j->tasks)
+		j->tasks->prev = t;
+	j->tasks = t;
+	j->running++;
+	t->n_masks = it->n_masks;
+	t->buf = malloc(SINK_BUF);
+	t->masks = calloc(nf, sizeof(*t->masks));
+	t->minfo = calloc(nf, sizeof(*t->minfo));
+	t->mask_digests = calloc(nf, STORE_DIGEST_SIZE);
+	if (!lf || !t->resource_id || !t->meta || !t->buf || !t->masks || !t->minfo ||
+	    !t->mask_digests) {
+		local_files_free(lf);
+		task_finish(t, -ENOMEM, "out of memory", 0);
+		return;
+	}
+	for (uint32_t k = 0; k < it->n_masks; k++) {
+		t->masks[k].annotation_id = strdup(it->masks[k].annotation_id);
+		if (!t->masks[k].annotation_id) {
+			local_files_free(lf);
+			task_finish(t, -ENOMEM, "out of memory", 0);
+			return;
+		}
+	}
+	/* every descriptor: the client's errno, or fstat as a regular file, then the uid's
+	 * own earlier read of the same inode, unchanged (size, mtime and ctime) */
+	for (uint32_t k = 0; k < nf; k++) {
+		struct index_local_read r;
+		int err = errs[k];
+		if (!err && (fstat(lf->f[k].fd, &lf->f[k].st) != 0 || !S_ISREG(lf->f[k].st.st_mode)))
+			err = EINVAL;
+		if (err) {
+			snprintf(msg, sizeof(msg), "%.160s: %.80s", local_file_path(t, k),
+				 local_reason(err));
+			local_files_free(lf);
+			task_finish(t, err == EACCES || err == EPERM || err == ENOENT ||
+						       err == ELOOP || err == EXDEV
+					       ? -DMC_E_NOT_FOUND_OR_DENIED
+					       : -DMC_E_IO,
+				    msg, 0);
+			return;
+		}
+		local_read_key(j, &lf->f[k].st, &r);
+		if (index_local_read_find(cache->index, &r) == 0) {
+			lf->f[k].hit = true;
+			memcpy(k == 0 ? t->file_digest : t->mask_digests[k - 1], r.digest,
+			       STORE_DIGEST_SIZE);
+		} else {
+			all_hit = false;
+			reserve += (uint64_t)lf->f[k].st.st_size;
+		}
+	}
+	t->size = (int64_t)lf->f[0].st.st_size;
+	index_local_item_size(cache->index, j->snapshot_id, t->idx, t->size);
+	j->bytes_total += reserve; /* what is read */
+	if (all_hit) {
+		local_files_free(lf);
+		j->items_cached++;
+		t->mask_i = t->n_masks;
+		t->phase = TP_MASKS;
+		task_next_step(t);
+		return;
+	}
+	rc = cache_reserve(cache, reserve);
+	if (rc < 0) {
+		char full[160];
+		local_files_free(lf);
+		task_finish(t, rc, rc == -DMC_E_CACHE_FULL ? cache_full_text(j->pf, full, sizeof(full))
+							   : "cannot make room", 0);
+		return;
+	}
+	t->reserved = reserve ? reserve : 1;
+	if (!reserve)
+		store_release(cache->store, 0);
+	t->lfiles = lf;
+	if (local_read_may_start(p, j->uid))
+		local_task_queue(t);
+	/* else parked: local_reads_next() starts it when a read ends */
+}
+
+/* Asks the client for the next window of paths: whole items, at most DMC_FDS_MAX. */
+static int local_need(struct job *j)
+{
+	struct local_job *lj = j->lj;
+	const struct local_dataset *l = lj->l;
+	const char *paths[DMC_FDS_MAX];
+	uint32_t first = lj->next_path, n = 0, item;
+	uint8_t *frame;
+	int len, rc;
+
+	if (!lj->c)
+		return -ENOTCONN;
+	/* the item whose image is next_path, then as many whole items as fit */
+	for (item = lj->next_item; item < l->n && l->items[item].first_path < first; item++)
+		;
+	for (; item < l->n && n + 1 + l->items[item].n_masks <= DMC_FDS_MAX; item++) {
+		paths[n++] = l->items[item].path;
+		for (uint32_t k = 0; k < l->items[item].n_masks; k++)
+			paths[n++] = l->items[item].masks[k].path;
+	}
+	if (n == 0)
+		return 0;
+	frame = malloc(DMC_HEADER_SIZE + DMC_FRAME_MAX);
+	if (!frame)
+		return -ENOMEM;
+	len = dmc_local_need_encode(first, paths, n, lj->request_id, frame,
+				    DMC_HEADER_SIZE + DMC_FRAME_MAX);
+	rc = len > 0 ? conn_send(lj->c, frame, (size_t)len) : -EINVAL;
+	free(frame);
+	if (rc < 0)
+		return rc;
+	lj->need_first = first;
+	lj->need_n = n;
+	lj->next_path = first + n;
+	return 0;
+}
+
+/* job_pump() of a local job: tasks from the received window, the next LOCAL_NEED, the end.
+ * The job is held (pending) while it pumps: a LOCAL_NEED whose send fails closes the
+ * connection, which cancels and would free the job under us. */
+void local_pump(struct job *j)
+{
+	struct local_job *lj = j->lj;
+	struct prefetch *p = j->pf;
+	int rc;
+
+	if (lj->pumping) {
+		lj->pump_again = true;
+		return;
+	}
+	lj->pumping = true;
+	j->pending++;
+	do {
+		lj->pump_again = false;
+		while (!j->final && lj->win_n && lj->next_item < lj->l->n && j->running < window(p)) {
+			const struct local_item *it = &lj->l->items[lj->next_item];
+			uint32_t k = it->first_path - lj->win_first;
+			if (it->first_path < lj->win_first ||
+			    it->first_path + 1 + it->n_masks > lj->win_first + lj->win_n)
+				break;
+			local_task_begin(j, lj->next_item++, lj->win_fds + k, lj->win_errs + k);
+			for (uint32_t m = 0; m <= it->n_masks; m++)
+				lj->win_fds[k + m] = -1; /* the task's now */
+		}
+		if (j->final)
+			break;
+		if (lj->win_n && (lj->next_item >= lj->l->n ||
+				  lj->l->items[lj->next_item].first_path >= lj->win_first + lj->win_n))
+			lj->win_n = 0; /* handed out whole */
+		if (!lj->win_n && !lj->need_n && lj->next_path < lj->l->n_paths) {
+			rc = local_need(j);
+			if (j->final)
+				break; /* the send closed the connection, which cancelled the job */
+			if (rc < 0) {
+				record_error(j, -DMC_E_CANCELLED, 0, 0, NULL,
+					     "the client that opened the files went away");
+				job_finish(j, DMC_JOB_CANCELLED);
+				break;
+			}
+		}
+		if (lj->next_item >= lj->l->n && j->running == 0) {
+			job_finish(j, j->items_failed ? DMC_JOB_FAILED : DMC_JOB_DONE);
+			break;
+		}
+	} while (lj->pump_again && !j->final);
+	lj->pumping = false;
+	j->pending--;
+	job_maybe_free(j);
+}
+
+/* LOCAL_FILES: the descriptors of the paths the job asked for. */
+void on_local_files(struct prefetch *p, struct conn *c, const struct dmc_header *h,
+		    const uint8_t *payload)
+{
+	struct local_job *lj = NULL;
+	struct job *j;
+	int32_t errs[DMC_FDS_MAX];
+	int fds[DMC_FDS_MAX];
+	uint32_t first, n, got, f = 0;
+
+	for (j = p->jobs; j; j = j->next)
+		if (!j->final && j->lj && j->lj->c == c && j->lj->request_id == h->request_id) {
+			lj = j->lj;
+			break;
+		}
+	if (!lj)
+		return; /* the job ended meanwhile: the connection closes the descriptors */
+	if (dmc_local_files_decode(payload, h->length, h->nfds, &first, &n, errs, DMC_FDS_MAX) !=
+		    DMC_PROTO_OK ||
+	    !lj->need_n || first != lj->need_first || n != lj->need_n) {
+		record_error(j, -DMC_E_PROTOCOL, 0, 0, NULL,
+			     "the client sent files that were not asked for");
+		job_finish(j, DMC_JOB_FAILED);
+		return;
+	}
+	got = conn_take_fds(c, fds, h->nfds);
+	if (got != h->nfds) {
+		for (uint32_t k = 0; k < got; k++)
+			close(fds[k]);
+		record_error(j, -DMC_E_PROTOCOL, 0, 0, NULL, "descriptors missing");
+		job_finish(j, DMC_JOB_FAILED);
+		return;
+	}
+	for (uint32_t k = 0; k < n; k++) {
+		lj->win_errs[k] = errs[k];
+		lj->win_fds[k] = errs[k] == 0 ? fds[f++] : -1;
+	}
+	lj->win_first = first;
+	lj->win_n = n;
+	lj->need_n = 0;
+	local_pump(j);
+}
+
+/* The feeding client is gone: its job cannot read anything more. */
+void local_conn_closed(struct prefetch *p, struct conn *c)
+{
+	for (struct job *j = p->jobs, *n; j; j = n) {
+		n = j->next;
+		if (j->lj && j->lj->c == c) {
+			struct task *t;
+			j->lj->c = NULL;
+			if (!j->final)
+				job_cancel(j);
+			/* parked reads end now (the job may be freed with its last task) */
+			while ((t = local_parked(j))) {
+				bool last = !t->next && !t->prev;
+				local_parked_cancel(t);
+				if (last)
+					break;
+			}
+		}
+	}
+}
+
+void local_scan_work(uv_work_t *w)
+{
+	struct job *j = w->data;
+
+	j->scan_err = local_parse(j->lj->json_fd, j->project_arg, &j->lj->l, j->scan_msg,
+				  sizeof(j->scan_msg));
+}
+
+void local_scan_after(uv_work_t *w, int status)
+{
+	struct job *j = w->data;
+	struct local_job *lj = j->lj;
+	struct index *ix = j->pf->d.cache->index;
+	struct dm_error e = { 0 };
+	struct dm_project *proj;
+	int64_t id;
+	bool created;
+	int rc = 0;
+
+	(void)status;
+	j->pending--;
+	close(lj->json_fd);
+	lj->json_fd = -1;
+	if (j->final) {
+		job_maybe_free(j);
+		return;
+	}
+	if (j->scan_err < 0) {
+		e.err = j->scan_err == -EACCES || j->scan_err == -ENOENT ? -DMC_E_NOT_FOUND_OR_DENIED
+									   : j->scan_err;
+		snprintf(e.message, sizeof(e.message), "%s", j->scan_msg);
+		fail_job(j, &e);
+		return;
+	}
+	proj = calloc(1, sizeof(*proj));
+	if (proj) {
+		proj->id = strdup(lj->l->root);
+		proj->name = strdup(lj->l->name);
+		proj->dataset_id = strdup("");
+		proj->version = strdup(lj->l->version);
+	}
+	if (!proj || !proj->id || !proj->name || !proj->dataset_id || !proj->version) {
+		dm_project_free(proj);
+		e.err = -ENOMEM;
+		fail_job(j, &e);
+		return;
+	}
+	j->proj = proj;
+	if (j->version_arg[0] && strcmp(j->version_arg, "latest") != 0 &&
+	    strcmp(j->version_arg, proj->version) != 0) {
+		e.err = -DMC_E_NOT_FOUND_OR_DENIED;
+		snprintf(e.message, sizeof(e.message), "the folder holds version '%.80s'",
+			 proj->version);
+		fail_job(j, &e);
+		return;
+	}
+	/* the uid's own snapshot (owner): it holds what this uid's descriptors proved */
+	{
+		struct index_snapshot key = {
+			.source = INDEX_SOURCE_FOLDER,
+			.server_url = "",
+			.project_id = proj->id,
+			.project_name = proj->name,
+			.version = proj->version,
+			.created_at = (int64_t)time(NULL),
+			.owner = (int64_t)j->uid,
+		};
+		rc = index_snapshot_get_or_create(ix, &key, &id, &created);
+	}
+	j->snapshot_id = rc == 0 ? id : 0;
+	/* listed again every time, every item's content forgotten: it is proved again by
+	 * this job's descriptors (by its digest, or by the uid's own unchanged inode) */
+	if (rc == 0) {
+		for (uint32_t i = 0; i < lj->l->n && rc == 0; i++) {
+			const struct local_item *it = &lj->l->items[i];
+			struct index_item item = {
+				.snapshot_id = id,
+				.idx = i,
+				.resource_id = it->id,
+				.filename = it->filename,
+				.mimetype = it->mimetype,
+				.size = 0, /* known at fstat */
+				.etag = NULL,
+				.meta = it->meta,
+				.meta_len = it->meta_len,
+			};
+			rc = index_item_put(ix, &item);
+		}
+		if (rc == 0)
+			rc = index_local_relist(ix, id, lj->l->n);
+		if (rc == 0)
+			rc = index_snapshot_seal(ix, id);
+	}
+	if (rc == 0)
+		rc = index_flush(ix);
+	if (rc < 0) {
+		e.err = rc;
+		snprintf(e.message, sizeof(e.message), "cannot record the snapshot: %s",
+			 index_errmsg(ix));
+		fail_job(j, &e);
+		return;
+	}
+	start_downloading(j); /* -> job_pump -> local_pump */
+}
