@@ -50,8 +50,10 @@ status=0
 meson test -C "$build" --print-errorlogs --num-processes "$jobs" "$@" || status=1
 meson test -C "$asan" --print-errorlogs --num-processes "$jobs" "$@" || status=1
 if [ -n "$tsan" ]; then
-	# a report makes the process exit 66: the test that started it fails
+	# a report makes the process exit 66: the test that started it fails; decoding under
+	# ThreadSanitizer is several times slower: the daemons get a longer decode timeout
 	TSAN_OPTIONS=${TSAN_OPTIONS:-suppressions=$PWD/tests/tsan.supp:exitcode=66:second_deadlock_stack=1} \
+		DMC_TEST_DAEMON_ARGS="--set decode_timeout=120s" \
 		meson test -C "$tsan" --print-errorlogs --num-processes "$jobs" --timeout-multiplier 3 \
 		prefetch serve || status=1
 fi

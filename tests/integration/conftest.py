@@ -4,6 +4,7 @@ The daemon is started with NOTIFY_SOCKET pointing at a datagram socket of the te
 the test waits for READY=1 there: never for a sleep.
 """
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -55,7 +56,10 @@ class Daemon:
         self.cache = os.path.join(directory, 'cache')
         self.notify = Notify(directory)
         self.stderr_path = os.path.join(directory, 'dmcached.log')
-        self.args = ['--socket', self.socket, '--cache-dir', self.cache, '-v'] + list(args)
+        # DMC_TEST_DAEMON_ARGS: settings for every daemon of a run (the ThreadSanitizer
+        # run's longer decode timeout), before the test's own, which win
+        self.args = (['--socket', self.socket, '--cache-dir', self.cache, '-v'] +
+                     shlex.split(os.environ.get('DMC_TEST_DAEMON_ARGS', '')) + list(args))
         self.env = dict(os.environ, NOTIFY_SOCKET=self.notify.path)
         self.env.pop('LISTEN_FDS', None)
         self.env.pop('LISTEN_PID', None)
