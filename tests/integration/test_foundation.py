@@ -494,6 +494,68 @@ def test_watchdog_pings(tmpdir_short):
         assert d.stop()[0] == 0
 
 
+def thread_states(pid):
+    """{tid: state letter} of every thread of pid."""
+    states = {}
+    for tid in os.listdir('/proc/%d/task' % pid):
+        try:
+            with open('/proc/%d/task/%s/stat' % (pid, tid)) as f:
+                states[int(tid)] = f.read().rsplit(')', 1)[1].split()[0]
+        except OSError:
+            pass
+    return states
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get('CI'),
+                    reason='strace -p needs root')
+def test_watchdog_stops_when_only_the_loop_is_blocked(tmpdir_short):
+    """O2, a loop wedged in a call while the other threads run: strace holds the loop
+    thread (the main thread, traced alone) 5 s before each epoll wait; the pings stop
+    although the threadpool threads are alive, and come back once it lets go."""
+    d = Daemon(tmpdir_short, env={'WATCHDOG_USEC': '200000'}, start=False)
+    d.proc = subprocess.Popen(
+        ['/bin/sh', '-c', 'WATCHDOG_PID=$$ exec "$0" "$@"', DMCACHED] + d.args, env=d.env,
+        stdout=open(d.stderr_path, 'ab'), stderr=subprocess.STDOUT)
+    tracer = None
+    try:
+        assert d.notify.wait_for('READY=1', proc=d.proc), d.log()
+        assert d.notify.wait_for('WATCHDOG=1', timeout=2), d.notify.messages
+        pid = d.proc.pid
+        assert len(thread_states(pid)) > 1  # the threadpool is started with the loop
+        tracer = subprocess.Popen(
+            ['strace', '-qq', '-o', '/dev/null', '-p', str(pid), '-e',
+             'trace=epoll_wait,epoll_pwait', '-e', 'inject=epoll_wait:delay_enter=5000000',
+             '-e', 'inject=epoll_pwait:delay_enter=5000000'],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # attached once the main thread is in a tracing stop
+        deadline = time.monotonic() + 5
+        while thread_states(pid).get(pid) != 't' and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert thread_states(pid).get(pid) == 't', thread_states(pid)
+        time.sleep(0.3)  # let pings already sent arrive
+        d.notify.messages = []
+        d.notify.sock.settimeout(1.0)
+        wedged = []
+        try:
+            while True:
+                wedged.append(d.notify.sock.recv(4096).decode())
+        except socket.timeout:
+            pass
+        states = thread_states(pid)
+        others = [s for tid, s in states.items() if tid != pid]
+        assert others and all(s not in 'tTZX' for s in others), states
+        assert not any('WATCHDOG=1' in m for m in wedged), wedged
+        tracer.send_signal(signal.SIGINT)  # strace detaches
+        tracer.wait(timeout=10)
+        tracer = None
+        assert d.notify.wait_for('WATCHDOG=1', timeout=4), d.notify.messages
+    finally:
+        if tracer is not None:
+            tracer.kill()
+            tracer.wait()
+        assert d.stop()[0] == 0
+
+
 # ---- systemd units ----
 
 @pytest.mark.skipif(shutil.which('systemd-analyze') is None, reason='no systemd-analyze')
