@@ -134,6 +134,9 @@ static void say_age(char *out, size_t cap, int64_t s)
 		snprintf(out, cap, "%" PRId64 " seconds", s < 0 ? 0 : s);
 }
 
+/* how far in the future a grant's date may be (clocks set by NTP step by less) */
+#define GRANT_CLOCK_SKEW_S 300
+
 struct grant_pick {
 	struct job *j;
 	int64_t now;
@@ -175,6 +178,18 @@ static int grant_pick_cb(void *ctx, int64_t id)
 		if (first)
 			snprintf(g->why, sizeof(g->why),
 				 "not entitled offline: grant_ttl is 0 (every read asks the server)");
+		return 0;
+	}
+	if (gr.checked_at > g->now + GRANT_CLOCK_SKEW_S) {
+		/* recorded while the clock was ahead: its age is unknown, and trusting it would
+		 * stretch offline entitlement past grant_ttl by however far the clock was off */
+		if (first) {
+			say_age(a, sizeof(a), gr.checked_at - g->now);
+			snprintf(g->why, sizeof(g->why),
+				 "not entitled offline: the last check of '%.60s' is dated %s in the "
+				 "future (the clock was ahead, or moved back); read it once with the "
+				 "server reachable", sc.project_name, a);
+		}
 		return 0;
 	}
 	if (g->now - gr.checked_at > (int64_t)ttl_s) {
