@@ -6,10 +6,11 @@
 #   scripts/test.sh                 everything
 #   scripts/test.sh --suite unit    only some suites (meson test's --suite, repeatable)
 #   BUILD_DIR=... ASAN_BUILD_DIR=... override the build directories
-#   DMC_TSAN=1                      also a ThreadSanitizer build (TSAN_BUILD_DIR, default
-#                                   build-tsan) running the concurrency-heavy integration
-#                                   tests (prefetch, serve): any report fails them
-#                                   (docs/reliability.md O4; suppressions in tests/tsan.supp)
+#   DMC_TSAN=0                      no ThreadSanitizer run; by default a third build
+#                                   (TSAN_BUILD_DIR, default build-tsan) runs the
+#                                   concurrency-heavy integration tests (prefetch, serve):
+#                                   any report fails them (docs/reliability.md O4;
+#                                   suppressions in tests/tsan.supp)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +37,7 @@ setup "$asan" -Dwerror=true -Db_sanitize=address,undefined -Db_lundef=false
 ninja -C "$build"
 ninja -C "$asan"
 tsan=
-if [ "${DMC_TSAN:-0}" = 1 ]; then
+if [ "${DMC_TSAN:-1}" = 1 ]; then
 	tsan=${TSAN_BUILD_DIR:-build-tsan}
 	setup "$tsan" -Dwerror=true -Db_sanitize=thread -Db_lundef=false -Dslow_tests=false
 	ninja -C "$tsan"
