@@ -314,6 +314,37 @@ static const char *const migrations[INDEX_SCHEMA_VERSION] = {
 	"UPDATE items SET etag = NULL WHERE etag LIKE 'local:%';",
 };
 
+/*
+ * `complete` of a snapshot is kept true only while every item's blob row exists, so that an
+ * OPEN of a complete sealed snapshot need not look at its items one by one: a blob row that
+ * goes (eviction, a damaged blob, reconciliation), an item added, dropped or given other
+ * content or size clears it in the same transaction. The prefetcher sets it again after
+ * counting (index_snapshot_stats()). Created at every open (IF NOT EXISTS); the first
+ * open of a cache without them recomputes every flag once with the counting join (the
+ * meta row COMPLETE_TRACKED records that it was done).
+ */
+#define COMPLETE_TRACKED "complete_tracked_v1"
+#define CLEAR_COMPLETE(KEY)                                                                        \
+	"UPDATE snapshots SET complete = 0 WHERE id = (" KEY " >> 32) AND complete = 1;"
+static const char track_complete_sql[] =
+	"CREATE TRIGGER IF NOT EXISTS complete_blob_gone AFTER DELETE ON blobs BEGIN "
+	"UPDATE snapshots SET complete = 0 WHERE complete = 1 AND id IN "
+	"(SELECT key >> 32 FROM items WHERE blob = old.digest); END;"
+	"CREATE TRIGGER IF NOT EXISTS complete_item_new AFTER INSERT ON items BEGIN "
+	CLEAR_COMPLETE("new.key") " END;"
+	"CREATE TRIGGER IF NOT EXISTS complete_item_gone AFTER DELETE ON items BEGIN "
+	CLEAR_COMPLETE("old.key") " END;"
+	"CREATE TRIGGER IF NOT EXISTS complete_item_changed AFTER UPDATE OF key, blob, size "
+	"ON items WHEN old.key IS NOT new.key OR old.blob IS NOT new.blob "
+	"OR old.size IS NOT new.size BEGIN "
+	CLEAR_COMPLETE("old.key") CLEAR_COMPLETE("new.key") " END;"
+	"UPDATE snapshots SET complete = (sealed = 1 AND NOT EXISTS ("
+	" SELECT 1 FROM items AS i LEFT JOIN blobs AS b ON b.digest = i.blob"
+	" WHERE i.key BETWEEN (snapshots.id << 32) AND ((snapshots.id << 32) | 4294967295)"
+	" AND b.digest IS NULL)) "
+	"WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = '" COMPLETE_TRACKED "');"
+	"INSERT OR IGNORE INTO meta (key, value) VALUES ('" COMPLETE_TRACKED "', 1);";
+
 struct index {
 	sqlite3 *db;
 	char dir[4096]; /* the directory of index.db: is its file system read-only? (fail()) */
@@ -323,6 +354,7 @@ struct index {
 	bool in_tx;
 	unsigned pending;
 	int64_t clock; /* last access time handed out */
+	bool complete_tracked; /* the triggers keep `complete` true only while it is true */
 	char msg[256];
 };
 
@@ -776,6 +808,18 @@ int index_open(const char *path, unsigned flags, char *err, size_t errlen, struc
 			return r;
 		}
 	}
+	{
+		/* a cache whose flags cannot be kept (a read-only file system) is read as if no
+		 * snapshot were known complete: every OPEN counts */
+		char terr[256];
+		if (exec_sql(db, "BEGIN", terr, sizeof(terr)) == 0) {
+			if (exec_sql(db, track_complete_sql, terr, sizeof(terr)) == 0 &&
+			    exec_sql(db, "COMMIT", terr, sizeof(terr)) == 0)
+				ix->complete_tracked = true;
+			else
+				(void)sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+		}
+	}
 	rc = query_int(db, stmt_sql[S_CLOCK], &ix->clock);
 	if (rc != SQLITE_OK) {
 		set_err(err, errlen, "%s", sqlite3_errmsg(db));
@@ -928,6 +972,8 @@ static int walk_snapshots(struct index *ix, sqlite3_stmt *st, index_snapshot_cb 
 	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
 		struct index_snapshot s;
 		snap_from_row(st, &s);
+		if (!ix->complete_tracked)
+			s.complete = false;
 		n++;
 		if (cb && (r = cb(ctx, &s)) < 0)
 			break;

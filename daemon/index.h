@@ -5,9 +5,11 @@
  * What it holds:
  *   snapshots  one per (source, server url, project id, version): a project version pinned
  *              as an ordered resource list. `sealed` once the whole list is in (a snapshot
- *              cut short by a crash is re-listed, never served); `complete` once every item
- *              was stored (set by the prefetcher; live numbers come from
- *              index_snapshot_stats()).
+ *              cut short by a crash is re-listed, never served); `complete` while every item
+ *              is stored: set by the prefetcher after counting, cleared by triggers in the
+ *              same transaction when a blob row goes or an item is added, dropped or changes
+ *              content or size, so a sealed complete snapshot is complete without counting
+ *              (live numbers come from index_snapshot_stats()).
  *   items      the resources of a snapshot in order. Key = snapshot id << 32 | position, so
  *              a snapshot is one contiguous range of the table's primary key: point lookups
  *              by position and paging need no secondary index and nothing is loaded whole.

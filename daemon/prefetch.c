@@ -196,6 +196,36 @@ static void on_tick(uv_timer_t *t)
 	send_progress(j, &m, true);
 }
 
+/* What the index says of a snapshot without counting its items. */
+struct snap_flags {
+	bool sealed, complete;
+	int64_t item_count, total_bytes;
+};
+
+static int snap_flags_cb(void *ctx, const struct index_snapshot *s)
+{
+	struct snap_flags *f = ctx;
+
+	f->sealed = s->sealed;
+	f->complete = s->complete;
+	f->item_count = s->item_count;
+	f->total_bytes = s->total_bytes;
+	return 0;
+}
+
+/* After a job that scanned: `complete` says, from a count, whether every item is stored. */
+static void record_complete(struct index *ix, int64_t id)
+{
+	struct index_snapshot_stats st;
+	struct snap_flags f = { 0 };
+
+	if (index_snapshot_stats(ix, id, &st) < 0 || index_snapshot_get(ix, id, snap_flags_cb, &f) < 0)
+		return;
+	index_snapshot_set_complete(ix, id,
+				    f.sealed && st.items == st.items_stored &&
+					    st.items == f.item_count && st.bytes == f.total_bytes);
+}
+
 /* The job ends for its subscribers: a final record, or ERROR when it never started. */
 void job_finish(struct job *j, uint32_t state)
 {
@@ -207,14 +237,14 @@ void job_finish(struct job *j, uint32_t state)
 	j->final = true;
 	j->state = state;
 	uv_timer_stop(&j->tick);
-	if (j->snapshot_id > 0 && state == DMC_JOB_DONE)
-		index_snapshot_set_complete(ix, j->snapshot_id, true);
+	if (j->snapshot_id > 0 && state == DMC_JOB_DONE && !j->known_complete)
+		record_complete(ix, j->snapshot_id);
 	if (index_flush(ix) < 0 && state == DMC_JOB_DONE) {
 		/* nothing of the last batch is recorded: this job cannot say it is done */
 		record_error(j, -EIO, 0, 0, NULL, "the cache index could not be written");
 		j->state = state = DMC_JOB_FAILED;
 	}
-	if (j->snapshot_id > 0) {
+	if (j->snapshot_id > 0 && !j->known_complete) {
 		/* "stored" is what the index has committed, as `dmcache ls` counts it: a batch
 		 * that could not be committed is not counted (its blobs are kept, and the next
 		 * start's reconciliation adopts them) */
@@ -471,11 +501,25 @@ void job_cancel(struct job *j)
 void start_downloading(struct job *j)
 {
 	struct index_snapshot_stats st;
+	struct snap_flags f = { 0 };
 	struct index *ix = j->pf->d.cache->index;
 
 	j->state = DMC_JOB_DOWNLOADING;
 	if (!j->offline)
 		grant(j); /* the listing just succeeded with j's key: a new proof */
+	/* sealed and complete: every item is stored (index.h), nothing to count or scan */
+	if (j->source != DMC_SOURCE_LOCAL &&
+	    index_snapshot_get(ix, j->snapshot_id, snap_flags_cb, &f) >= 0 && f.sealed &&
+	    f.complete) {
+		j->known_complete = true;
+		j->items_total = j->items_done = j->items_cached = (uint64_t)f.item_count;
+		j->bytes_total = 0;
+		j->scan_from = 0;
+		j->scan_done = true;
+		notify_ready(j, 0);
+		job_pump(j);
+		return;
+	}
 	if (index_snapshot_stats(ix, j->snapshot_id, &st) == 0) {
 		j->items_total = (uint64_t)st.items;
 		j->items_done = j->items_cached = (uint64_t)st.items_stored;

@@ -152,6 +152,7 @@ struct job {
 	int64_t next_idx;
 	int64_t scan_from;
 	bool scan_done;
+	bool known_complete; /* sealed and complete at the start: nothing was scanned */
 	struct task *tasks;
 	uint32_t running;
 	bool pumping, pump_again;
