@@ -59,6 +59,22 @@ def syntaxes(emu, project):
     return out
 
 
+def expensive(emu, project):
+    """For each file of the corpus project, whether its codec is worth decoding ahead:
+    DICOM by its transfer syntax (read with pydicom), PNG, JPEG and .nii.gz yes, .nii no."""
+    import pydicom
+    out = []
+    for dirpath, _, files in os.walk(os.path.join(emu.corpus, 'projects', project, 'files')):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            if f.endswith('.dcm'):
+                ts = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+                out.append(str(ts) not in UNCOMPRESSED)
+            else:
+                out.append(not f.endswith('.nii'))
+    return out
+
+
 def parse_notice(text):
     # "decoded ahead: N decoded, A already decoded, S skipped (uncompressed), F failed"
     assert text.startswith('decoded ahead: '), text
@@ -66,16 +82,17 @@ def parse_notice(text):
     return {' '.join(p.split()[1:]): int(p.split()[0]) for p in parts}
 
 
-def test_decode_ahead_serves_stored_tensors(emu, tmp_path, tmpdir_short):
-    ts = syntaxes(emu, 'ct')
-    n_cheap = sum(1 for t in ts if t in UNCOMPRESSED)
-    n_exp = len(ts) - n_cheap
+@pytest.mark.parametrize('project', ['ct', 'formats'])
+def test_decode_ahead_serves_stored_tensors(emu, tmp_path, tmpdir_short, project):
+    ts = expensive(emu, project)
+    n_exp = sum(ts)
+    n_cheap = len(ts) - n_exp
     assert n_exp > 0 and n_cheap > 0
 
     # a daemon that prefetches with --decode
     d = new_daemon(emu, os.path.join(tmpdir_short, 'a'))
     try:
-        r, events = prefetch(d, 'ct', '--decode')
+        r, events = prefetch(d, project, '--decode')
         assert r.returncode == 0, r.stderr
         fin = events[-1]
         assert fin['event'] == 'final' and fin['items_done'] == len(ts), fin
@@ -85,7 +102,7 @@ def test_decode_ahead_serves_stored_tensors(emu, tmp_path, tmpdir_short):
         assert any(e.get('notice', '').startswith('decoding: ') for e in events[:-1])
         before = counters(d)
         assert before['serve_items_decoded_total'] == 0
-        got = [get(d, 'ct', i, str(tmp_path / ('a%d.npy' % i))) for i in range(len(ts))]
+        got = [get(d, project, i, str(tmp_path / ('a%d.npy' % i))) for i in range(len(ts))]
         after = counters(d)
         # the compressed items come from their stored tensors; only the uncompressed
         # ones are decoded by the GETs
@@ -94,7 +111,7 @@ def test_decode_ahead_serves_stored_tensors(emu, tmp_path, tmpdir_short):
         assert after['serve_items_decoded_total'] == n_cheap
 
         # a second --decode of the same snapshot finds every tensor kept
-        r, events = prefetch(d, 'ct', '--decode')
+        r, events = prefetch(d, project, '--decode')
         assert r.returncode == 0, r.stderr
         assert parse_notice(events[-1]['notice']) == {
             'decoded': 0, 'already decoded': n_exp, 'skipped (uncompressed)': n_cheap,
@@ -105,11 +122,11 @@ def test_decode_ahead_serves_stored_tensors(emu, tmp_path, tmpdir_short):
     # a fresh daemon without --decode: its GETs decode, the bytes are the same
     e = new_daemon(emu, os.path.join(tmpdir_short, 'b'))
     try:
-        r, _ = prefetch(e, 'ct')
+        r, _ = prefetch(e, project)
         assert r.returncode == 0, r.stderr
         for i in range(len(ts)):
             a, ma = got[i]
-            b, mb = get(e, 'ct', i, str(tmp_path / ('b%d.npy' % i)))
+            b, mb = get(e, project, i, str(tmp_path / ('b%d.npy' % i)))
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), i
             assert ma == mb, i
         assert counters(e)['serve_items_decoded_total'] == len(ts)
