@@ -134,6 +134,36 @@ def test_decode_ahead_serves_stored_tensors(emu, tmp_path, tmpdir_short, project
         stop(e)
 
 
+def test_cancel_while_decoding(emu, tmpdir_short):
+    ts = expensive(emu, 'ct')
+    d = new_daemon(emu, tmpdir_short)
+    try:
+        p = subprocess.Popen([DMCACHE, '--socket', d.socket, 'prefetch', '--json', '--decode',
+                              'ct'], env=d.env, stdout=subprocess.PIPE, text=True)
+        events = []
+        for line in p.stdout:
+            events.append(json.loads(line))
+            if events[-1].get('notice', '').startswith('decoding: '):
+                # the decoding started: stop the job in the middle of it
+                r = d.cli('prefetch', '--cancel', 'ct', timeout=60)
+                assert r.returncode == 0, r.stderr
+                break
+        rest = p.stdout.read()
+        p.wait(timeout=120)
+        events += [json.loads(x) for x in rest.splitlines() if x.startswith('{')]
+        fin = events[-1]
+        assert fin['event'] == 'final', events
+        # cancelled, unless the last decode came back before the CANCEL did
+        assert fin['state'] in ('cancelled', 'done'), fin
+        # the daemon goes on: a second --decode finds what the first one kept
+        r, events = prefetch(d, 'ct', '--decode')
+        assert r.returncode == 0, r.stderr
+        counts = parse_notice(events[-1]['notice'])
+        assert counts['decoded'] + counts['already decoded'] == sum(ts), counts
+        assert counts['failed'] == 0 and counts['skipped (uncompressed)'] == len(ts) - sum(ts)
+    finally:
+        stop(d)
+
 def test_decode_failure_does_not_fail_the_prefetch(emu, tmpdir_short):
     ts = syntaxes(emu, 'ct')
     n_cheap = sum(1 for t in ts if t in UNCOMPRESSED)
