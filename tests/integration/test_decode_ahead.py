@@ -164,6 +164,62 @@ def test_cancel_while_decoding(emu, tmpdir_short):
     finally:
         stop(d)
 
+
+def test_decode_ahead_of_a_local_folder(emu, tmp_path, tmpdir_short):
+    """A local dataset folder (dataset.json, images/): the same, its files read through the
+    descriptors the client passes."""
+    import shutil
+    import pydicom
+    corpus = os.path.join(emu.corpus, 'projects')
+    srcs = [os.path.join(corpus, 'ct', 'files', 'int16', syn, 'slice_000.dcm')
+            for syn in sorted(os.listdir(os.path.join(corpus, 'ct', 'files', 'int16')))]
+    for sub, ext in (('png', '.png'), ('nifti', '.nii'), ('nifti', '.nii.gz'),
+                     ('jpeg', '.jpg')):
+        d = os.path.join(corpus, 'formats', 'files', sub)
+        srcs.append(os.path.join(d, sorted(f for f in os.listdir(d)
+                                           if f.endswith(ext) and
+                                           (ext != '.nii' or not f.endswith('.gz')))[0]))
+    root = os.path.join(tmpdir_short, 'datasets', 'mixed')
+    os.makedirs(os.path.join(root, 'images'))
+    resources, exp = [], []
+    for i, src in enumerate(srcs):
+        ext = '.nii.gz' if src.endswith('.nii.gz') else os.path.splitext(src)[1]
+        rel = 'images/r%d%s' % (i, ext)
+        shutil.copy(src, os.path.join(root, rel))
+        resources.append({'id': 'r%d' % i, 'file': rel, 'filename': os.path.basename(src),
+                          'annotations': []})
+        if ext == '.dcm':
+            ts = str(pydicom.dcmread(src, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+            exp.append(ts not in UNCOMPRESSED)
+        else:
+            exp.append(ext != '.nii')
+    with open(os.path.join(root, 'dataset.json'), 'w') as f:
+        json.dump({'name': 'mixed', 'updated_at': '2025-02-05T14:47:47.942Z',
+                   'all_annotations': False, 'resources': resources}, f)
+    d = new_daemon(emu, os.path.join(tmpdir_short, 'd'))
+    try:
+        r, events = prefetch(d, root, '--decode', '--source')
+        assert r.returncode == 0, r.stderr
+        fin = events[-1]
+        assert fin['items_done'] == len(srcs), fin
+        assert parse_notice(fin['notice']) == {
+            'decoded': sum(exp), 'already decoded': 0,
+            'skipped (uncompressed)': len(exp) - sum(exp), 'failed': 0}, fin
+        before = counters(d)
+        for i in range(len(srcs)):
+            out = str(tmp_path / ('l%d.npy' % i))
+            g = subprocess.run([DMCACHE, '--socket', d.socket, 'get', '--source', root, str(i),
+                                '-o', out], env=d.env, capture_output=True, text=True,
+                               timeout=120)
+            assert g.returncode == 0, g.stderr
+        after = counters(d)
+        assert after['serve_items_from_tensor_cache_total'] - \
+            before['serve_items_from_tensor_cache_total'] == sum(exp)
+        assert after['serve_items_decoded_total'] - before['serve_items_decoded_total'] == \
+            len(exp) - sum(exp)
+    finally:
+        stop(d)
+
 def test_decode_failure_does_not_fail_the_prefetch(emu, tmpdir_short):
     ts = syntaxes(emu, 'ct')
     n_cheap = sum(1 for t in ts if t in UNCOMPRESSED)
