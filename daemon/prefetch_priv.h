@@ -1,7 +1,7 @@
 /*
  * prefetch's private declarations: the state the parts of prefetch (prefetch.c,
  * prefetch_grant.c, prefetch_list.c, prefetch_download.c, prefetch_local.c,
- * prefetch_cache.c) share, and the functions one part calls in another. Not for the rest
+ * prefetch_cache.c, prefetch_decode.c) share, and the functions one part calls in another. Not for the rest
  * of the daemon: its interface is prefetch.h. Everything here belongs to the loop thread;
  * threadpool works touch only what their own work structure hands them.
  */

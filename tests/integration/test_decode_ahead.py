@@ -220,6 +220,24 @@ def test_decode_ahead_of_a_local_folder(emu, tmp_path, tmpdir_short):
     finally:
         stop(d)
 
+
+def test_daemon_stops_while_decoding(emu, tmpdir_short):
+    d = new_daemon(emu, tmpdir_short)
+    p = subprocess.Popen([DMCACHE, '--socket', d.socket, 'prefetch', '--json', '--decode',
+                          'ct'], env=d.env, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in p.stdout:
+            if json.loads(line).get('notice', '').startswith('decoding: '):
+                break
+        # SIGTERM in the middle of the decoding: a clean exit (the sanitizer builds
+        # check that nothing in flight is leaked or used after it is freed)
+        rc, _ = d.stop(timeout=60)
+        assert rc == 0, d.log()
+    finally:
+        p.stdout.read()
+        p.wait(timeout=60)
+        d.notify.close()
+
 def test_decode_failure_does_not_fail_the_prefetch(emu, tmpdir_short):
     ts = syntaxes(emu, 'ct')
     n_cheap = sum(1 for t in ts if t in UNCOMPRESSED)
