@@ -337,8 +337,8 @@ static void prefetch_usage(FILE *out)
 {
 	fprintf(out,
 		"Usage: dmcache prefetch PROJECT [--version V] [--server URL] [--api-key KEY]\n"
-		"                        [--json]\n"
-		"       dmcache prefetch --source DIR [--json]\n"
+		"                        [--json] [--offline] [--allow-partial] [--decode]\n"
+		"       dmcache prefetch --source DIR [--json] [--decode]\n"
 		"       dmcache prefetch --cancel PROJECT [--server URL] [--json]\n"
 		"       dmcache prefetch --cancel --source DIR [--json]\n"
 		"Brings a dataset version into dmcached's cache and shows the progress.\n\n"
@@ -358,6 +358,10 @@ static void prefetch_usage(FILE *out)
 		"  --allow-partial  start even if the snapshot does not fit in max_size or above\n"
 		"                   min_free (what cannot be stored fails); without it such a\n"
 		"                   prefetch is refused at once with the numbers\n"
+		"  --decode         then decode the compressed items (JPEG, JPEG 2000, RLE,\n"
+		"                   PNG, .nii.gz...) into the tensor cache, so that the first\n"
+		"                   epoch reads stored tensors; an item that cannot be decoded\n"
+		"                   is reported and does not fail the prefetch\n"
 		"  --cancel         stop the running job instead (exit 0 even if none ran)\n\n"
 		"Ctrl-C detaches: the daemon goes on with the job (exit status 130).\n"
 		"Exit status: 0 every item stored, 1 items failed or the job could not run,\n"
@@ -495,7 +499,7 @@ static int follow(struct view *v, const struct dmc_prefetch_args *a, const char 
 int cmd_prefetch(int argc, char **argv)
 {
 	enum { O_VERSION = 1000, O_SERVER, O_API_KEY, O_SOURCE, O_JSON, O_CANCEL, O_OFFLINE,
-	       O_PARTIAL };
+	       O_PARTIAL, O_DECODE };
 	static const struct option opts[] = { { "version", required_argument, NULL, O_VERSION },
 					      { "server", required_argument, NULL, O_SERVER },
 					      { "api-key", required_argument, NULL, O_API_KEY },
@@ -504,6 +508,7 @@ int cmd_prefetch(int argc, char **argv)
 					      { "cancel", no_argument, NULL, O_CANCEL },
 					      { "offline", no_argument, NULL, O_OFFLINE },
 					      { "allow-partial", no_argument, NULL, O_PARTIAL },
+					      { "decode", no_argument, NULL, O_DECODE },
 					      { "help", no_argument, NULL, 'h' },
 					      { 0 } };
 	const char *version = NULL, *server = NULL, *source = NULL, *project = NULL;
@@ -524,6 +529,7 @@ int cmd_prefetch(int argc, char **argv)
 		case O_CANCEL: cancel = true; break;
 		case O_OFFLINE: a.flags |= DMC_PREFETCH_OFFLINE; break;
 		case O_PARTIAL: a.flags |= DMC_PREFETCH_ALLOW_PARTIAL; break;
+		case O_DECODE: a.flags |= DMC_PREFETCH_DECODE; break;
 		case O_API_KEY:
 			free(key_opt);
 			key_opt = strdup(optarg);

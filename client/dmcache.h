@@ -109,7 +109,9 @@ struct dmc_prefetch_args {
 	const char *version; /* NULL, "" or "latest": the newest; else a version string */
 	const char *server;  /* DATAMINT: the API base URL; LOCAL: NULL or "" */
 	const char *api_key; /* DATAMINT: the caller's key; LOCAL: NULL or "" */
-	uint32_t flags;      /* DMC_PREFETCH_OFFLINE: from the caller's grants, no server */
+	uint32_t flags;      /* DMC_PREFETCH_OFFLINE: from the caller's grants, no server;
+			      * DMC_PREFETCH_ALLOW_PARTIAL; DMC_PREFETCH_DECODE: then decode
+			      * the compressed items into the tensor cache (proto.h) */
 };
 
 /*

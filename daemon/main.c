@@ -406,6 +406,7 @@ static int start_engines(struct daemon *d)
 	pd.cache = d->cache;
 	pd.fetch = d->fetch;
 	pd.cfg = &d->cfg;
+	pd.pool = d->pool;
 	rc = prefetch_new(&pd, &d->prefetch);
 	if (rc < 0) {
 		log_err(FETCH, "cannot start the prefetcher: %s", strerror(-rc));

@@ -232,7 +232,7 @@ void job_finish(struct job *j, uint32_t state)
 	struct dmc_progress m;
 	struct index *ix = j->pf->d.cache->index;
 
-	if (j->final)
+	if (j->final || decode_ahead(j, state))
 		return;
 	j->final = true;
 	j->state = state;
@@ -721,6 +721,7 @@ static void on_prefetch_local(struct prefetch *p, const struct who *w,
 	j->uid = who_uid(w);
 	j->source = DMC_SOURCE_LOCAL;
 	j->allow_partial = m->flags & DMC_PREFETCH_ALLOW_PARTIAL;
+	j->decode = m->flags & DMC_PREFETCH_DECODE;
 	j->project_arg = project;
 	j->version_arg = version;
 	j->state = DMC_JOB_RESOLVING;
@@ -930,6 +931,8 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 					      : find_job(p, w->uid, m.source, server, project, version);
 	if (j && !j->offline && secret_equals(j->key, m.api_key.ptr, m.api_key.len)) {
 		/* the same uid asks again for the same version: join the running job */
+		if (m.flags & DMC_PREFETCH_DECODE)
+			j->decode = true; /* decoding ahead is asked for by either */
 		free(server);
 		free(project);
 		free(version);
@@ -969,6 +972,7 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	j->want_offline = m.flags & DMC_PREFETCH_OFFLINE;
 	/* OPEN reads what fits (items that cannot be stored fail one by one) */
 	j->allow_partial = m.flags & DMC_PREFETCH_ALLOW_PARTIAL;
+	j->decode = m.flags & DMC_PREFETCH_DECODE;
 	j->started_ms = uv_now(p->d.loop);
 	j->dmc.uid = (uint32_t)j->uid;
 	j->dmc.group = j->id;

@@ -32,6 +32,7 @@ struct cache;
 struct conn;
 struct fetch;
 struct config;
+struct decode_pool;
 
 struct prefetch;
 
@@ -40,6 +41,7 @@ struct prefetch_deps {
 	struct cache *cache;
 	struct fetch *fetch;
 	const struct config *cfg;
+	struct decode_pool *pool; /* decodes ahead (DMC_PREFETCH_DECODE); NULL: none */
 };
 
 int prefetch_new(const struct prefetch_deps *deps, struct prefetch **ret);

@@ -1,7 +1,7 @@
 /*
  * prefetch's private declarations: the state the parts of prefetch (prefetch.c,
  * prefetch_grant.c, prefetch_list.c, prefetch_download.c, prefetch_local.c,
- * prefetch_cache.c) share, and the functions one part calls in another. Not for the rest
+ * prefetch_cache.c, prefetch_decode.c) share, and the functions one part calls in another. Not for the rest
  * of the daemon: its interface is prefetch.h. Everything here belongs to the loop thread;
  * threadpool works touch only what their own work structure hands them.
  */
@@ -28,6 +28,7 @@ struct secret;
 
 struct job;
 struct task;
+struct pdec;
 
 /* Who hears of a job: a connection (events and the final reply), or a callback inside the
  * daemon (prefetch_attach), told once when the snapshot is listed or the job failed. */
@@ -179,6 +180,10 @@ struct job {
 	int64_t fallback_id;   /* a snapshot a valid grant allows if the server is unreachable */
 	uint64_t started_ms;
 	char notice[192];      /* said with the final record: "served from cache: ..." */
+	/* decoding ahead (DMC_PREFETCH_DECODE, prefetch_decode.c) */
+	bool decode;           /* asked for: decode the stored items before the end */
+	bool decode_over;      /* the decoding ran (or will not): job_finish ends the job */
+	struct pdec *dec;      /* while decoding */
 };
 
 /* A LOCAL job's side (prefetch_local.c): its client, the descriptors it was sent. */
@@ -264,6 +269,11 @@ void on_evict(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 	      const uint8_t *payload);
 void on_verify(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 	       const uint8_t *payload);
+
+/* prefetch_decode.c */
+/* Called by job_finish(): true when the job goes on decoding (job_finish is called again,
+ * with `state`, once that is over), false when the job ends now. */
+bool decode_ahead(struct job *j, uint32_t state);
 
 extern struct verify_req *verifies;
 

@@ -199,8 +199,16 @@ struct dmc_error_msg {
  *            docs/security.md).
  *            DMC_PREFETCH_ALLOW_PARTIAL: start although what the snapshot still needs does
  *            not fit in max_size or above min_free (items that cannot be stored fail);
- *            without it such a job fails at once with CACHE_FULL and the numbers. Other
- *            bits are refused.
+ *            without it such a job fails at once with CACHE_FULL and the numbers.
+ *            DMC_PREFETCH_DECODE: once the items are stored, decode each of them with the
+ *            default options (no LUT, the source dtype: what a plain GET reads) in the
+ *            decode workers and keep the tensor of every compressed one (JPEG, JPEG
+ *            lossless/LS/2000, HTJ2K, RLE, deflate DICOM, PNG, .nii.gz) in the tensor
+ *            cache, so that the first GET reads the stored tensor; uncompressed items are
+ *            skipped. While it runs, events carry a notice "decoding: D of N items"; an
+ *            item that cannot be decoded is an event with its error and does not fail the
+ *            job; the final record's notice says how many were decoded, skipped and
+ *            failed. Other bits are refused.
  *   project  DATAMINT: a project name or id. LOCAL: the absolute path of a dataset
  *            directory as the Datamint Python client writes it (dataset.json, images/).
  *            For LOCAL the path is only a label (the snapshot's project id): the frame
@@ -300,7 +308,9 @@ struct dmc_progress {
 #define DMC_EVICT_ALL 1u
 #define DMC_PREFETCH_OFFLINE 1u
 #define DMC_PREFETCH_ALLOW_PARTIAL 2u
-#define DMC_PREFETCH_FLAGS_DEFINED (DMC_PREFETCH_OFFLINE | DMC_PREFETCH_ALLOW_PARTIAL)
+#define DMC_PREFETCH_DECODE 4u
+#define DMC_PREFETCH_FLAGS_DEFINED \
+	(DMC_PREFETCH_OFFLINE | DMC_PREFETCH_ALLOW_PARTIAL | DMC_PREFETCH_DECODE)
 
 struct dmc_snapshot_info {
 	uint64_t id;
