@@ -13,11 +13,9 @@ or (b) `dmcache.Loader(batch_size=8, collate='list')` (ct mixes int16 and uint16
 Medians of the rounds; the ratio is --decode over plain, measured in the same run.
 """
 import argparse
-import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,14 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.dirname(os.path.dirname(HERE))
 KEY = 'dmc-key-all'
 
-
-def load(build, name, path):
-    os.environ['DMC_BUILD_ROOT'] = build
-    os.environ.setdefault('DMC_SOURCE_ROOT', SOURCE)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, HERE)
+from bench_open import load  # noqa: E402
 
 
 def epoch_dataset(dmcache, torch, d, emu, project):

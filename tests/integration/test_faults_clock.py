@@ -47,11 +47,16 @@ def set_clock(path, offset):
     os.rename(path + '.new', path)
 
 
-def cli(d, *args, timeout=120):
+def client_env(d):
+    """The daemon's environment for a client: the real clock, the test's key."""
     env = dict(d.env, DATAMINT_API_KEY=KEY)
     for k in ('LD_PRELOAD', 'FAKETIME_TIMESTAMP_FILE', 'DATAMINT_API_URL'):
         env.pop(k, None)
-    return subprocess.run([DMCACHE, '--socket', d.socket] + list(args), env=env,
+    return env
+
+
+def cli(d, *args, timeout=120):
+    return subprocess.run([DMCACHE, '--socket', d.socket] + list(args), env=client_env(d),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -85,12 +90,9 @@ def test_clock_jumps_forward_and_back(emu, daemon):
     set_clock(clock, '+365d')
     time.sleep(0.2)
     emu.add_fault(path=r'^/resources/[^/]+/file$', status=503, retry_after=2, times=4)
-    env = dict(d.env, DATAMINT_API_KEY=KEY)
-    for k in ('LD_PRELOAD', 'FAKETIME_TIMESTAMP_FILE', 'DATAMINT_API_URL'):
-        env.pop(k, None)
     t0 = time.monotonic()
     job = subprocess.Popen([DMCACHE, '--socket', d.socket, 'prefetch', '--json', '--server',
-                            emu.url, 'ct'], env=env, stdout=subprocess.PIPE,
+                            emu.url, 'ct'], env=client_env(d), stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not [e for e in emu.log() if e['status'] == 503] and time.monotonic() < deadline:

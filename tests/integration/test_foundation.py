@@ -466,27 +466,37 @@ def test_activation_with_wrong_descriptor_fails(tmpdir_short):
     assert 'exactly one listening Unix stream socket' in r.stderr
 
 
-def test_watchdog_pings(tmpdir_short):
-    d = Daemon(tmpdir_short, env={'WATCHDOG_USEC': '200000'}, start=False)
-    d.env['WATCHDOG_PID'] = ''  # set per process below
-
+def start_with_watchdog(directory):
+    """A daemon started as systemd starts one with WatchdogSec (200 ms), pinging."""
+    d = Daemon(directory, env={'WATCHDOG_USEC': '200000'}, start=False)
     d.proc = subprocess.Popen(
         ['/bin/sh', '-c', 'WATCHDOG_PID=$$ exec "$0" "$@"', DMCACHED] + d.args, env=d.env,
         stdout=open(d.stderr_path, 'ab'), stderr=subprocess.STDOUT)
+    assert d.notify.wait_for('READY=1', proc=d.proc), d.log()
+    assert d.notify.wait_for('WATCHDOG=1', timeout=2), d.notify.messages
+    return d
+
+
+def notices_within(d, seconds):
+    """The notifications that arrive in the next `seconds`, after those already sent."""
+    time.sleep(0.3)  # let pings already sent arrive
+    d.notify.messages = []
+    d.notify.sock.settimeout(seconds)
+    got = []
     try:
-        assert d.notify.wait_for('READY=1', proc=d.proc), d.log()
-        assert d.notify.wait_for('WATCHDOG=1', timeout=2), d.notify.messages
+        while True:
+            got.append(d.notify.sock.recv(4096).decode())
+    except socket.timeout:
+        pass
+    return got
+
+
+def test_watchdog_pings(tmpdir_short):
+    d = start_with_watchdog(tmpdir_short)
+    try:
         # a wedged loop stops the pings (docs/reliability.md O2): systemd would then act
         d.proc.send_signal(signal.SIGSTOP)
-        time.sleep(0.3)  # let pings already sent arrive
-        d.notify.messages = []
-        d.notify.sock.settimeout(0.8)
-        wedged = []
-        try:
-            while True:
-                wedged.append(d.notify.sock.recv(4096).decode())
-        except socket.timeout:
-            pass
+        wedged = notices_within(d, 0.8)
         assert not any('WATCHDOG=1' in m for m in wedged), wedged
         d.proc.send_signal(signal.SIGCONT)
         assert d.notify.wait_for('WATCHDOG=1', timeout=2), d.notify.messages
@@ -512,14 +522,9 @@ def test_watchdog_stops_when_only_the_loop_is_blocked(tmpdir_short):
     """O2, a loop wedged in a call while the other threads run: strace holds the loop
     thread (the main thread, traced alone) 5 s before each epoll wait; the pings stop
     although the threadpool threads are alive, and come back once it lets go."""
-    d = Daemon(tmpdir_short, env={'WATCHDOG_USEC': '200000'}, start=False)
-    d.proc = subprocess.Popen(
-        ['/bin/sh', '-c', 'WATCHDOG_PID=$$ exec "$0" "$@"', DMCACHED] + d.args, env=d.env,
-        stdout=open(d.stderr_path, 'ab'), stderr=subprocess.STDOUT)
+    d = start_with_watchdog(tmpdir_short)
     tracer = None
     try:
-        assert d.notify.wait_for('READY=1', proc=d.proc), d.log()
-        assert d.notify.wait_for('WATCHDOG=1', timeout=2), d.notify.messages
         pid = d.proc.pid
         assert len(thread_states(pid)) > 1  # the threadpool is started with the loop
         tracer = subprocess.Popen(
@@ -532,15 +537,7 @@ def test_watchdog_stops_when_only_the_loop_is_blocked(tmpdir_short):
         while thread_states(pid).get(pid) != 't' and time.monotonic() < deadline:
             time.sleep(0.02)
         assert thread_states(pid).get(pid) == 't', thread_states(pid)
-        time.sleep(0.3)  # let pings already sent arrive
-        d.notify.messages = []
-        d.notify.sock.settimeout(1.0)
-        wedged = []
-        try:
-            while True:
-                wedged.append(d.notify.sock.recv(4096).decode())
-        except socket.timeout:
-            pass
+        wedged = notices_within(d, 1.0)
         states = thread_states(pid)
         others = [s for tid, s in states.items() if tid != pid]
         assert others and all(s not in 'tTZX' for s in others), states
