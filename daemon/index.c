@@ -76,6 +76,9 @@ enum stmt_id {
 	S_LOCAL_CLEAR,
 	S_LOCAL_TRIM,
 	S_LOCAL_SIZE,
+	/* what OPEN learnt of a snapshot (schema 5 -> 6) */
+	S_PROBE_GET,
+	S_PROBE_PUT,
 	S_COUNT_
 };
 
@@ -211,6 +214,10 @@ static const char *const stmt_sql[S_COUNT_] = {
 	[S_LOCAL_CLEAR] = "UPDATE items SET blob = NULL, etag = NULL WHERE key BETWEEN ?1 AND ?2",
 	[S_LOCAL_TRIM] = "DELETE FROM items WHERE key BETWEEN ?1 AND ?2",
 	[S_LOCAL_SIZE] = "UPDATE items SET size = ?2 WHERE key = ?1",
+	/* what OPEN learnt of a snapshot (schema 5 -> 6) */
+	[S_PROBE_GET] = "SELECT data FROM snapshot_probes WHERE snapshot_id = ?1 AND kind = ?2",
+	[S_PROBE_PUT] = "INSERT OR REPLACE INTO snapshot_probes (snapshot_id, kind, data) "
+			"VALUES (?1, ?2, ?3)",
 };
 
 /* Schema migrations: migrations[v] takes a database from user_version v to v + 1. */
@@ -312,6 +319,26 @@ static const char *const migrations[INDEX_SCHEMA_VERSION] = {
 	/* local items' metadata validators ('local:<size>:<mtime>') go: nothing may link by
 	 * them any more, not even a Datamint item revalidated against them */
 	"UPDATE items SET etag = NULL WHERE etag LIKE 'local:%';",
+	/* 5 -> 6: what an OPEN learnt of a snapshot by reading every item (its frame counts,
+	 * its label set), kept so that the next OPEN reads one row. A row is a function of the
+	 * snapshot's items: anything that adds, drops or changes an item (its content, size or
+	 * record) drops the snapshot's rows in the same transaction, and so does deleting the
+	 * snapshot. Blobs evicted and fetched again keep their digest, so rows stay valid. */
+	"CREATE TABLE snapshot_probes ("
+	" snapshot_id INTEGER NOT NULL,"
+	" kind INTEGER NOT NULL,"
+	" data BLOB NOT NULL,"
+	" PRIMARY KEY (snapshot_id, kind)) WITHOUT ROWID;"
+	"CREATE TRIGGER probes_item_new AFTER INSERT ON items BEGIN "
+	"DELETE FROM snapshot_probes WHERE snapshot_id = (new.key >> 32); END;"
+	"CREATE TRIGGER probes_item_gone AFTER DELETE ON items BEGIN "
+	"DELETE FROM snapshot_probes WHERE snapshot_id = (old.key >> 32); END;"
+	"CREATE TRIGGER probes_item_changed AFTER UPDATE OF key, blob, size, meta ON items "
+	"WHEN old.key IS NOT new.key OR old.blob IS NOT new.blob OR old.size IS NOT new.size "
+	"OR old.meta IS NOT new.meta BEGIN "
+	"DELETE FROM snapshot_probes WHERE snapshot_id IN (old.key >> 32, new.key >> 32); END;"
+	"CREATE TRIGGER probes_snapshot_gone AFTER DELETE ON snapshots BEGIN "
+	"DELETE FROM snapshot_probes WHERE snapshot_id = old.id; END;",
 };
 
 /*
@@ -1720,6 +1747,53 @@ int index_meta_put(struct index *ix, const char *key, const void *value, size_t 
 	st = stmt(ix, S_META_PUT);
 	bind_text(st, 1, key);
 	sqlite3_bind_blob(st, 2, value, (int)len, SQLITE_STATIC);
+	return run_write(ix, st);
+}
+
+/* ---- what OPEN learnt of a snapshot (schema 5 -> 6) ---- */
+
+int index_probe_get(struct index *ix, int64_t snapshot_id, int kind, void **ret_data,
+		    size_t *ret_len)
+{
+	sqlite3_stmt *st = stmt(ix, S_PROBE_GET);
+	int rc, r;
+
+	sqlite3_bind_int64(st, 1, snapshot_id);
+	sqlite3_bind_int(st, 2, kind);
+	rc = sqlite3_step(st);
+	if (rc == SQLITE_ROW) {
+		size_t n = (size_t)sqlite3_column_bytes(st, 0);
+		void *buf = malloc(n ? n : 1);
+		if (!buf) {
+			r = -ENOMEM;
+		} else {
+			if (n)
+				memcpy(buf, sqlite3_column_blob(st, 0), n);
+			*ret_data = buf;
+			*ret_len = n;
+			r = 0;
+		}
+	} else {
+		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
+	}
+	sqlite3_reset(st);
+	return r;
+}
+
+int index_probe_put(struct index *ix, int64_t snapshot_id, int kind, const void *data,
+		    size_t len)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	if (len > INDEX_PROBE_MAX)
+		return -DMC_E_LIMIT_EXCEEDED;
+	if ((r = check_snap_id(snapshot_id)) < 0 || (r = batch(ix)) < 0)
+		return r;
+	st = stmt(ix, S_PROBE_PUT);
+	sqlite3_bind_int64(st, 1, snapshot_id);
+	sqlite3_bind_int(st, 2, kind);
+	sqlite3_bind_blob(st, 3, len ? data : "", (int)len, SQLITE_STATIC);
 	return run_write(ix, st);
 }
 

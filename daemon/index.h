@@ -21,6 +21,12 @@
  *              snapshot, and a salted SHA-256 of the key (never the key). A grant goes with
  *              its snapshot. Offline reads are decided on them (docs/security.md).
  *   meta       small settings of this cache (the salt of the key hashes).
+ *   snapshot_probes  (snapshot, kind) -> what an OPEN learnt by reading every item of the
+ *              snapshot (the frame counts of DMC_OPEN_FRAMES, the label set of
+ *              DMC_OPEN_MASKS), so that the next OPEN reads one row instead of probing
+ *              again. Triggers drop a snapshot's rows in the same transaction as anything
+ *              that adds, drops or changes one of its items (content, size, record), and
+ *              with the snapshot: a row that exists describes the items as they are.
  *
  * Ownership. A snapshot belongs to the uid whose own listing made it (`owner`; -1 for
  * snapshots made by a schema before 4, seen by admins only), and its id is never reused.
@@ -70,7 +76,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define INDEX_SCHEMA_VERSION 5
+#define INDEX_SCHEMA_VERSION 6
 #define INDEX_DIGEST_SIZE 32u
 #define INDEX_STR_MAX (64u << 10)       /* ids, names, urls, versions, etags */
 #define INDEX_META_MAX (16u << 20)      /* metadata JSON of one item */
@@ -396,6 +402,22 @@ int index_local_read_put(struct index *ix, const struct index_local_read *r);
 int index_local_relist(struct index *ix, int64_t snapshot_id, int64_t n);
 /* The size of an item, known once its descriptor is fstat()ed. Batched. */
 int index_local_item_size(struct index *ix, int64_t snapshot_id, int64_t idx, int64_t size);
+
+/* ---- what OPEN learnt of a snapshot (schema 5 -> 6; see snapshot_probes above) ---- */
+
+enum index_probe_kind {
+	INDEX_PROBE_FRAMES = 1, /* uint32 little-endian frame count per item, in order */
+	INDEX_PROBE_LABELS = 2, /* the sorted segmentation label names, a JSON array */
+};
+#define INDEX_PROBE_MAX (64u << 20) /* bytes of one row: 16M items' frame counts */
+
+/* The row of (snapshot, kind): 0 with *ret_data (free() it) and *ret_len, or -ENOENT. */
+int index_probe_get(struct index *ix, int64_t snapshot_id, int kind, void **ret_data,
+		    size_t *ret_len);
+/* Records it (replaces). Batched. The caller writes it only for items it read as they are
+ * now (the triggers drop it when they change later). */
+int index_probe_put(struct index *ix, int64_t snapshot_id, int kind, const void *data,
+		    size_t len);
 
 /* PRAGMA quick_check (or integrity_check with `full`): 0 if "ok", else -DMC_E_INTEGRITY. */
 int index_check(struct index *ix, bool full);

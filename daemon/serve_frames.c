@@ -2,7 +2,9 @@
  * serve's frame-by-frame handles (DMC_OPEN_FRAMES; see serve.h): the frame map (struct
  * fmap: item k's frames are flat indices start[k] .. start[k+1]-1) and the probes that
  * learn every item's frame count at OPEN, at most PROBES_MAX at once, by reading the
- * stored bytes on the threadpool and asking the decoders for the shape.
+ * stored bytes on the threadpool and asking the decoders for the shape. The counts of a
+ * complete snapshot are then kept in the index (INDEX_PROBE_FRAMES), and the next OPEN
+ * reads them in one row instead of probing again.
  * Loop thread; fprobe_read() runs on the threadpool and touches only its probe.
  */
 #include <errno.h>
@@ -17,6 +19,7 @@
 #include "decode.h"
 #include "decode_pool.h"
 #include "index.h"
+#include "log.h"
 #include "serve_priv.h"
 #include "store.h"
 
@@ -47,6 +50,80 @@ uint64_t fmap_find(const struct fmap *m, uint64_t i, uint32_t *ret_frame)
 	}
 	*ret_frame = (uint32_t)(i - m->start[lo]);
 	return lo;
+}
+
+/* ---- what an earlier OPEN learnt, kept in the index ---- */
+
+static int whole_cb(void *ctx, const struct index_snapshot *snap)
+{
+	*(bool *)ctx = snap->sealed && snap->complete;
+	return 0;
+}
+
+/* Sealed, and every item stored (index.h keeps the flag without counting). */
+bool snapshot_whole(struct index *ix, int64_t snapshot_id)
+{
+	bool whole = false;
+
+	return index_snapshot_get(ix, snapshot_id, whole_cb, &whole) == 0 && whole;
+}
+
+/* The frame map from the counts an earlier OPEN recorded, or NULL when there are none
+ * (or they do not fit this snapshot as it is). */
+static struct fmap *frames_stored(struct pending_open *po)
+{
+	struct index *ix = po->sc->s->d.cache->index;
+	struct fmap *fm = NULL;
+	uint8_t *data = NULL;
+	size_t len = 0;
+
+	if (!snapshot_whole(ix, po->snapshot_id) ||
+	    index_probe_get(ix, po->snapshot_id, INDEX_PROBE_FRAMES, (void **)&data, &len) < 0)
+		return NULL;
+	if (len == po->items * 4 &&
+	    (fm = malloc(sizeof(*fm) + (po->items + 1) * sizeof(fm->start[0])))) {
+		fm->refs = 1;
+		fm->n = po->items;
+		fm->start[0] = 0;
+		for (uint64_t k = 0; k < po->items; k++) {
+			const uint8_t *b = data + 4 * k;
+			uint32_t c = (uint32_t)b[0] | (uint32_t)b[1] << 8 | (uint32_t)b[2] << 16 |
+				     (uint32_t)b[3] << 24;
+			if (c == 0) { /* never recorded so: probe again */
+				free(fm);
+				fm = NULL;
+				break;
+			}
+			fm->start[k + 1] = fm->start[k] + c;
+		}
+	}
+	free(data);
+	return fm;
+}
+
+/* Keeps the counts just probed for the next OPEN, if the snapshot is still whole. */
+static void frames_record(struct pending_open *po)
+{
+	struct index *ix = po->sc->s->d.cache->index;
+	uint8_t *data;
+	int rc;
+
+	if (!snapshot_whole(ix, po->snapshot_id) || !(data = malloc(po->items * 4 + 1)))
+		return;
+	for (uint64_t k = 0; k < po->items; k++) {
+		uint32_t c = po->counts[k];
+		data[4 * k] = (uint8_t)c;
+		data[4 * k + 1] = (uint8_t)(c >> 8);
+		data[4 * k + 2] = (uint8_t)(c >> 16);
+		data[4 * k + 3] = (uint8_t)(c >> 24);
+	}
+	rc = index_probe_put(ix, po->snapshot_id, INDEX_PROBE_FRAMES, data, po->items * 4);
+	if (rc == 0)
+		rc = index_flush(ix);
+	if (rc < 0)
+		log_warn(SERVE, "cannot record the frame counts of snapshot %" PRId64 ": %s",
+			 po->snapshot_id, index_errmsg(ix));
+	free(data);
 }
 
 /* ---- frame-by-frame: every item's frame count, learnt by probes in the decoders ---- */
@@ -146,6 +223,15 @@ void frames_step(struct pending_open *po)
 	struct sconn *sc = po->sc;
 	struct index *ix = sc->s->d.cache->index;
 
+	if (!po->counts && !po->failed && sc->c && po->next_item == 0) {
+		struct fmap *fm = frames_stored(po);
+		if (fm) {
+			sc->s->open_stored_hits++;
+			open_reply(po, po->snapshot_id, fm->start[po->items], po->project_id,
+				   po->project_name, po->version, fm, NULL);
+			return;
+		}
+	}
 	if (!po->counts && !po->failed) {
 		po->counts = calloc(po->items ? po->items : 1, sizeof(*po->counts));
 		if (!po->counts)
@@ -181,6 +267,7 @@ void frames_step(struct pending_open *po)
 		fp->raw_len = (uint64_t)b.raw_size;
 		fp->work.data = fp;
 		po->probing++;
+		sc->s->frame_probes++;
 		if (uv_queue_work(sc->s->d.loop, &fp->work, fprobe_read, fprobe_read_after) != 0) {
 			po->probing--;
 			free(fp->in);
@@ -199,6 +286,7 @@ void frames_step(struct pending_open *po)
 			fm->start[0] = 0;
 			for (uint64_t k = 0; k < po->items; k++)
 				fm->start[k + 1] = fm->start[k] + po->counts[k];
+			frames_record(po);
 			open_reply(po, po->snapshot_id, fm->start[po->items], po->project_id,
 				   po->project_name, po->version, fm, NULL);
 			return;

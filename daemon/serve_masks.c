@@ -1,6 +1,7 @@
 /*
  * serve's mask handles (DMC_OPEN_MASKS; see serve.h): the dataset's label set learnt at
- * OPEN from the records' segmentation annotations (struct lset), the making of a mask
+ * OPEN from the records' segmentation annotations (struct lset; kept in the index for the
+ * next OPEN of the snapshot, INDEX_PROBE_LABELS), the making of a mask
  * item (each mask read, decoded in a worker and painted into a uint8 label map aligned
  * with its image), and, with DMC_OPEN_RAW, the stored mask files gathered back to back.
  * Loop thread; stored bytes are read on the threadpool (serve_request.c's read).
@@ -19,6 +20,7 @@
 #include "decode.h"
 #include "decode_pool.h"
 #include "index.h"
+#include "log.h"
 #include "serve_priv.h"
 #include "store.h"
 
@@ -116,18 +118,62 @@ static int cmp_names(const void *a, const void *b)
 	return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
-/* The sorted segmentation label names of every item of the snapshot. */
+/* The label names an earlier OPEN recorded for this snapshot as it is (a JSON array), into
+ * `ns`: 0, or -ENOENT when there are none to trust. */
+static int labels_stored(struct index *ix, int64_t snapshot_id, struct name_set *ns)
+{
+	struct seg_ann a = { 0 };
+	char *data = NULL;
+	size_t len = 0, i;
+	json_t *arr, *v;
+	int rc = 0;
+
+	if (!snapshot_whole(ix, snapshot_id) ||
+	    index_probe_get(ix, snapshot_id, INDEX_PROBE_LABELS, (void **)&data, &len) < 0)
+		return -ENOENT;
+	arr = json_loadb(data, len, 0, NULL);
+	free(data);
+	if (!json_is_array(arr)) {
+		json_decref(arr);
+		return -ENOENT;
+	}
+	json_array_foreach(arr, i, v) {
+		if (!json_is_string(v)) {
+			rc = -ENOENT;
+			break;
+		}
+		a.identifier = json_string_value(v);
+		if ((rc = collect_name(ns, &a)) < 0)
+			break;
+	}
+	json_decref(arr);
+	if (rc < 0) {
+		for (uint32_t k = 0; k < ns->n; k++)
+			free(ns->names[k]);
+		free(ns->names);
+		memset(ns, 0, sizeof(*ns));
+	}
+	return rc;
+}
+
+/* The sorted segmentation label names of every item of the snapshot: recorded by an
+ * earlier OPEN of the snapshot as it is, or read from every item's record (and then
+ * recorded). */
 int masks_labels(struct pending_open *po, struct lset **ret, uint64_t *ret_bad)
 {
 	struct index *ix = po->sc->s->d.cache->index;
 	struct name_set ns = { 0 };
 	struct lset *l = NULL;
 	json_t *arr = NULL;
+	bool stored = labels_stored(ix, po->snapshot_id, &ns) == 0;
 	int rc = 0;
 
-	for (uint64_t k = 0; k < po->items && rc == 0; k++) {
+	if (stored)
+		po->sc->s->open_stored_hits++;
+	for (uint64_t k = 0; !stored && k < po->items && rc == 0; k++) {
 		struct lookup lk = { 0 };
 		json_t *rec;
+		po->sc->s->label_reads++;
 		if (index_item_get(ix, po->snapshot_id, (int64_t)k, on_item_row, &lk) < 0 ||
 		    !lk.found || !lk.stored) {
 			free(lk.record);
@@ -159,6 +205,11 @@ int masks_labels(struct pending_open *po, struct lset **ret, uint64_t *ret_bad)
 			snprintf(l->json, n, ",\"labels\":%s", t);
 		else
 			rc = -ENOMEM;
+		if (rc == 0 && !stored && snapshot_whole(ix, po->snapshot_id) &&
+		    (index_probe_put(ix, po->snapshot_id, INDEX_PROBE_LABELS, t, strlen(t)) < 0 ||
+		     index_flush(ix) < 0))
+			log_warn(SERVE, "cannot record the labels of snapshot %" PRId64 ": %s",
+				 po->snapshot_id, index_errmsg(ix));
 		free(t);
 	}
 	json_decref(arr);

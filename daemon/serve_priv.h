@@ -232,6 +232,9 @@ struct serve {
 	uint64_t streams, batches_sent;
 	/* blobs found bad (damaged, gone, unreadable) on a GET's read, and re-fetches */
 	uint64_t bad_reads, refetches, refetches_failed;
+	/* OPEN's reads of every item (frame probes, records read for labels), and the OPENs
+	 * answered from what an earlier one recorded in the index instead */
+	uint64_t frame_probes, label_reads, open_stored_hits;
 	unsigned drops;          /* arenas being unmapped on the threadpool */
 	uint64_t arena_dropping; /* their bytes: still the daemon's until then */
 	struct hot hot;
@@ -305,6 +308,8 @@ void arena_release(struct serve *s, struct arena *a, struct share *sh, uint64_t 
 struct fmap *fmap_ref(struct fmap *m);
 void fmap_unref(struct fmap *m);
 uint64_t fmap_find(const struct fmap *m, uint64_t i, uint32_t *ret_frame);
+struct index;
+bool snapshot_whole(struct index *ix, int64_t snapshot_id);
 void frames_step(struct pending_open *po);
 
 /* serve_masks.c */
