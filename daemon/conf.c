@@ -113,6 +113,10 @@ static const struct key keys[] = {
 	K("grant_ttl", KT_DURATION, grant_ttl_ms, 0, 3650ull * 24 * 3600000,
 	  "how long a user's proof of entitlement lets a complete snapshot be read with the "
 	  "server unreachable or in offline mode (0: always ask the server)"),
+	K("grant_recheck", KT_DURATION, grant_recheck_ms, 0, 24ull * 3600000,
+	  "an online OPEN whose key the server accepted this recently for a complete snapshot "
+	  "is answered at once and checked with the server after it; a refusal withdraws the "
+	  "grant (0: every online OPEN waits for the server)"),
 	K("max_jobs_per_uid", KT_UINT32, max_jobs_per_uid, 1, 100000,
 	  "prefetch jobs (and OPENs being listed) one uid may have running at once"),
 	K("worker_user", KT_STRING, worker_user, 0, 0,
@@ -160,6 +164,7 @@ void config_init(struct config *cfg)
 	cfg->max_decode_bytes = 1ull << 30;
 	cfg->decode_timeout_ms = 10000;
 	cfg->grant_ttl_ms = 7ull * 24 * 3600000;
+	cfg->grant_recheck_ms = 60000;
 	cfg->max_jobs_per_uid = 64;
 	{
 		long pages = sysconf(_SC_PHYS_PAGES), psize = sysconf(_SC_PAGESIZE);
@@ -531,7 +536,8 @@ bool config_trusted_server(const struct config *cfg, const char *url)
  * A key is applied by SIGHUP only when every owner reads it from struct config at each
  * use (not a copy taken at start); the others are reported as needing a restart. Checked
  * against the owners: conn.c and server.c (connections, timeouts, write queue, admin_gid
- * at each HELLO), prefetch.c and prefetch_grant.c (max_jobs_per_uid, grant_ttl), serve.c
+ * at each HELLO), prefetch.c and prefetch_grant.c (max_jobs_per_uid, grant_ttl,
+ * grant_recheck), serve.c
  * and serve_arena.c (arena sizes at each arena, shm_max_per_uid, shm_max and
  * decode_max_per_uid at each growth and item), log.c (levels). max_size and min_free
  * (copied by store.c) and hot_max (copied by the hot set, hot.c) are handed to their owners
@@ -542,8 +548,8 @@ bool config_trusted_server(const struct config *cfg, const char *url)
 static const char *const live_keys[] = {
 	"log_level", "log_debug", "max_connections", "max_connections_per_uid",
 	"idle_timeout", "hello_timeout", "write_queue_max", "max_jobs_per_uid", "grant_ttl",
-	"arena_default", "arena_max", "admin_group", "shm_max_per_uid", "shm_max",
-	"decode_max_per_uid", "max_size", "min_free", "hot_max",
+	"grant_recheck", "arena_default", "arena_max", "admin_group", "shm_max_per_uid",
+	"shm_max", "decode_max_per_uid", "max_size", "min_free", "hot_max",
 };
 
 /* Defaults that config_finish() or another component resolves, in words. */

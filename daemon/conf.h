@@ -69,6 +69,7 @@ struct config {
 	char *admin_group;
 	gid_t admin_gid;           /* resolved by config_finish(); (gid_t)-1 if none */
 	uint64_t grant_ttl_ms;     /* 0: always ask the server */
+	uint64_t grant_recheck_ms; /* online OPEN from a grant this fresh, checked after; 0: never */
 	uint32_t max_jobs_per_uid; /* prefetch jobs one uid may have running */
 	/* process privileges (decode_pool.h) */
 	char *worker_user;         /* NULL: "nobody"; used only when the daemon runs as root */

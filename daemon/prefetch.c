@@ -318,6 +318,7 @@ void record_error(struct job *j, int err, long http_status, uint32_t retry_after
 
 void fail_job(struct job *j, const struct dm_error *e)
 {
+	withdraw_grants(j, e); /* a refusal of the key ends the grants it proved */
 	record_error(j, e->err, e->http_status, e->retry_after_ms, NULL, e->message);
 	job_finish(j, DMC_JOB_FAILED);
 }
@@ -682,7 +683,8 @@ static void job_register(struct prefetch *p, struct job *j, const struct who *w)
 	/* OPEN reads what fits: items that cannot be stored fail one by one */
 	if (who_is_open(w))
 		j->allow_partial = true;
-	who_join(j, w);
+	if (w->c || w->cb) /* else the check of an OPEN answered from a fresh grant */
+		who_join(j, w);
 	uv_timer_start(&j->tick, on_tick, TICK_MS, TICK_MS);
 }
 
@@ -771,6 +773,8 @@ static uid_t who_uid(const struct who *w)
 
 static void who_error(const struct who *w, uint32_t code, const char *msg)
 {
+	if (!w->cb && !w->c)
+		return; /* the check of an OPEN already answered: its job logs the failure */
 	if (w->cb) {
 		struct prefetch_ready r = { .err = -1, .code = code, .message = msg };
 		w->cb(w->ctx, &r);
@@ -883,6 +887,8 @@ static uint32_t jobs_of(const struct prefetch *p, uid_t uid)
 static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const struct who *w)
 {
 	struct dmc_prefetch m = *mp;
+	struct who bg;
+	int64_t early_id = 0;
 	struct job *j;
 	char *server = NULL, *project = NULL, *version = NULL;
 	size_t slen;
@@ -929,6 +935,24 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 
 	j = (m.flags & DMC_PREFETCH_OFFLINE) ? NULL
 					      : find_job(p, w->uid, m.source, server, project, version);
+	if (who_is_open(w) && w->cb && !(m.flags & DMC_PREFETCH_OFFLINE) &&
+	    fresh_grant(p, w->uid, server, project, version, m.api_key, &early_id) == 0) {
+		/* an online OPEN whose key was accepted within grant_recheck: answered now from
+		 * the grant; a job of this uid and key checks with the server (the running one,
+		 * or a new one without a subscriber), and a refusal withdraws the grant */
+		answer_from_grant(p, early_id, w->cb, w->ctx);
+		bg = *w;
+		bg.cb = NULL;
+		bg.ctx = NULL;
+		w = &bg;
+		if (j && !j->offline && secret_equals(j->key, m.api_key.ptr, m.api_key.len)) {
+			free(server);
+			free(project);
+			free(version);
+			return;
+		}
+		j = NULL;
+	}
 	if (j && !j->offline && secret_equals(j->key, m.api_key.ptr, m.api_key.len)) {
 		/* the same uid asks again for the same version: join the running job */
 		if (m.flags & DMC_PREFETCH_DECODE)
@@ -1186,6 +1210,8 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 		ENTRY("cache_evicted_total", ss.removed),
 		ENTRY("prefetch_jobs", jobs),
 		ENTRY("prefetch_jobs_total", p->jobs_started),
+		ENTRY("prefetch_opens_from_grant_total", p->opens_from_grant),
+		ENTRY("prefetch_grants_withdrawn_total", p->grants_withdrawn),
 		ENTRY("prefetch_items_downloaded_total", p->items_downloaded),
 		ENTRY("prefetch_items_revalidated_total", p->items_revalidated),
 		ENTRY("prefetch_items_shared_total", p->items_shared),

@@ -109,6 +109,7 @@ bool prefetch_may_see(struct prefetch *p, uid_t uid, int64_t id)
 struct snap_copy {
 	char project_id[256], project_name[256], version[256];
 	bool sealed, complete;
+	int64_t item_count;
 };
 
 static int snap_copy_cb(void *ctx, const struct index_snapshot *s)
@@ -120,6 +121,7 @@ static int snap_copy_cb(void *ctx, const struct index_snapshot *s)
 	snprintf(c->version, sizeof(c->version), "%s", s->version);
 	c->sealed = s->sealed;
 	c->complete = s->complete;
+	c->item_count = s->item_count;
 	return 0;
 }
 
@@ -299,4 +301,133 @@ bool unreachable(const struct dm_error *e)
 {
 	return e->err == -DMC_E_UPSTREAM_TRANSIENT || e->http_status >= 500 ||
 	       (e->err < 0 && e->err > -4096 && e->http_status == 0);
+}
+
+/* ---- online OPENs from a fresh grant (docs/security.md, "Online OPEN") ---- */
+
+/*
+ * The snapshot an online OPEN of `uid` with `key` may be answered from at once, without
+ * waiting for the server: the one find_grant() picks (the newest complete snapshot of the
+ * project, or of the version named, within grant_ttl), when its grant was proved WITH THIS
+ * KEY at most grant_recheck ago. The caller still checks with the server in the background
+ * (a job), whose refusal withdraws the grant (withdraw_grants()). 0 and *ret_id, or
+ * -ENOENT (or -ENOMEM).
+ */
+int fresh_grant(struct prefetch *p, uid_t uid, const char *server, const char *project,
+		const char *version, struct dmc_str key, int64_t *ret_id)
+{
+	uint64_t window_s = p->d.cfg->grant_recheck_ms / 1000;
+	int64_t now = (int64_t)time(NULL), id = 0;
+	uint8_t h[STORE_DIGEST_SIZE];
+	struct index_grant gr;
+	struct job tmp;
+	int rc = -ENOENT;
+
+	if (!window_s || !key.len)
+		return -ENOENT;
+	memset(&tmp, 0, sizeof(tmp));
+	tmp.pf = p;
+	tmp.uid = uid;
+	tmp.server = (char *)server;
+	tmp.project_arg = (char *)project;
+	tmp.version_arg = (char *)version;
+	tmp.key = secret_new(key.ptr, key.len);
+	if (!tmp.key)
+		return -ENOMEM;
+	if (find_grant(&tmp, &id, NULL, 0) == 0 && key_hash(p, tmp.key, h) == 0 &&
+	    index_grant_get(p->d.cache->index, uid, id, &gr) == 0 && gr.has_key_hash &&
+	    memcmp(gr.key_hash, h, sizeof(h)) == 0 && gr.checked_at <= now + GRANT_CLOCK_SKEW_S &&
+	    now - gr.checked_at <= (int64_t)window_s) {
+		*ret_id = id;
+		rc = 0;
+	}
+	explicit_bzero(h, sizeof(h));
+	secret_free(tmp.key);
+	return rc;
+}
+
+/* Answers an OPEN (its ready callback) with snapshot `id`, as a job that listed it would. */
+void answer_from_grant(struct prefetch *p, int64_t id, prefetch_ready_cb cb, void *ctx)
+{
+	struct snap_copy sc = { 0 };
+	struct prefetch_ready r = { 0 };
+
+	if (index_snapshot_get(p->d.cache->index, id, snap_copy_cb, &sc) < 0) {
+		r.err = -1;
+		r.code = DMC_E_INTERNAL;
+		r.message = "the snapshot went away";
+		cb(ctx, &r);
+		return;
+	}
+	p->opens_from_grant++;
+	r.snapshot_id = id;
+	r.items = (uint64_t)sc.item_count;
+	r.project_id = sc.project_id;
+	r.project_name = sc.project_name;
+	r.version = sc.version;
+	cb(ctx, &r);
+}
+
+#define WITHDRAW_MAX 64 /* snapshots of one project looked at per refusal */
+
+struct id_list {
+	int64_t ids[WITHDRAW_MAX];
+	unsigned n;
+};
+
+static int collect_id(void *ctx, int64_t id)
+{
+	struct id_list *l = ctx;
+
+	l->ids[l->n++] = id;
+	return l->n == WITHDRAW_MAX;
+}
+
+/*
+ * The server refused `j`'s key for its project (401 or 403, or 404 while resolving or
+ * listing: the key does not see it): the uid's grants of that project at that server that
+ * this key proved (or that carry no key hash) are withdrawn, so that no later OPEN is
+ * answered from them, online or offline.
+ */
+void withdraw_grants(struct job *j, const struct dm_error *e)
+{
+	struct prefetch *p = j->pf;
+	struct index *ix = p->d.cache->index;
+	struct id_list l = { .n = 0 };
+	uint8_t h[STORE_DIGEST_SIZE];
+	bool has = false;
+	unsigned n = 0;
+
+	if (j->source != DMC_SOURCE_DATAMINT || j->offline || !j->key || !j->server ||
+	    (j->state != DMC_JOB_RESOLVING && j->state != DMC_JOB_LISTING) ||
+	    (e->http_status != 401 && e->http_status != 403 && e->http_status != 404))
+		return;
+	has = key_hash(p, j->key, h) == 0;
+	index_grant_newest(ix, j->uid, INDEX_SOURCE_DATAMINT, j->server, j->project_arg, collect_id,
+			   &l);
+	if (j->proj && j->proj->id && strcmp(j->proj->id, j->project_arg) != 0 &&
+	    l.n < WITHDRAW_MAX)
+		index_grant_newest(ix, j->uid, INDEX_SOURCE_DATAMINT, j->server, j->proj->id,
+				   collect_id, &l);
+	for (unsigned i = 0; i < l.n; i++) {
+		struct index_grant gr;
+		if (index_grant_get(ix, j->uid, l.ids[i], &gr) < 0)
+			continue;
+		if (gr.has_key_hash && (!has || memcmp(gr.key_hash, h, sizeof(h)) != 0))
+			continue; /* proved by another key of this uid */
+		if (index_grant_delete(ix, j->uid, l.ids[i]) == 0)
+			n++;
+	}
+	explicit_bzero(h, sizeof(h));
+	if (!n)
+		return;
+	if (index_flush(ix) < 0) {
+		log_warn(STORE, "job %" PRIu64 ": cannot withdraw uid %u's grants: %s", j->id,
+			 (unsigned)j->uid, index_errmsg(ix));
+		return;
+	}
+	p->grants_withdrawn += n;
+	log_job(LOG_LVL_NOTICE, LOG_GRP_FETCH, j->id, (unsigned)j->uid, j->project_arg,
+		"job %" PRIu64 ": the server refused uid %u's key for '%s' (HTTP %ld): %u grant(s) "
+		"withdrawn", j->id, (unsigned)j->uid, j->project_arg, (long)e->http_status, n);
 }

@@ -59,6 +59,8 @@ struct prefetch {
 	uint64_t items_downloaded, items_revalidated, items_shared, items_failed;
 	uint64_t bytes_downloaded;
 	uint64_t jobs_started;
+	/* online OPENs answered from a fresh grant, and grants withdrawn on a refusal */
+	uint64_t opens_from_grant, grants_withdrawn;
 };
 
 enum task_phase {
@@ -240,6 +242,10 @@ int find_grant(struct job *j, int64_t *ret_id, char *why, size_t whylen);
 void serve_from_grant(struct job *j, int64_t id, const char *notice);
 bool fall_back(struct job *j, const char *reason);
 bool unreachable(const struct dm_error *e);
+int fresh_grant(struct prefetch *p, uid_t uid, const char *server, const char *project,
+		const char *version, struct dmc_str key, int64_t *ret_id);
+void answer_from_grant(struct prefetch *p, int64_t id, prefetch_ready_cb cb, void *ctx);
+void withdraw_grants(struct job *j, const struct dm_error *e);
 
 /* prefetch_list.c */
 void on_resolved(void *ctx, const struct dm_error *e, struct dm_project *proj);
