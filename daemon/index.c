@@ -323,20 +323,23 @@ static const char *const migrations[INDEX_SCHEMA_VERSION] = {
 	 * its label set), kept so that the next OPEN reads one row. A row is a function of the
 	 * snapshot's items: anything that adds, drops or changes an item (its content, size or
 	 * record) drops the snapshot's rows in the same transaction, and so does deleting the
-	 * snapshot. Blobs evicted and fetched again keep their digest, so rows stay valid. */
+	 * snapshot. Blobs evicted and fetched again keep their digest, so rows stay valid.
+	 * Kind 3 (a local folder's listing) is written by the listing itself and goes only
+	 * with the snapshot (index.h). */
 	"CREATE TABLE snapshot_probes ("
 	" snapshot_id INTEGER NOT NULL,"
 	" kind INTEGER NOT NULL,"
 	" data BLOB NOT NULL,"
 	" PRIMARY KEY (snapshot_id, kind)) WITHOUT ROWID;"
 	"CREATE TRIGGER probes_item_new AFTER INSERT ON items BEGIN "
-	"DELETE FROM snapshot_probes WHERE snapshot_id = (new.key >> 32); END;"
+	"DELETE FROM snapshot_probes WHERE snapshot_id = (new.key >> 32) AND kind < 3; END;"
 	"CREATE TRIGGER probes_item_gone AFTER DELETE ON items BEGIN "
-	"DELETE FROM snapshot_probes WHERE snapshot_id = (old.key >> 32); END;"
+	"DELETE FROM snapshot_probes WHERE snapshot_id = (old.key >> 32) AND kind < 3; END;"
 	"CREATE TRIGGER probes_item_changed AFTER UPDATE OF key, blob, size, meta ON items "
 	"WHEN old.key IS NOT new.key OR old.blob IS NOT new.blob OR old.size IS NOT new.size "
 	"OR old.meta IS NOT new.meta BEGIN "
-	"DELETE FROM snapshot_probes WHERE snapshot_id IN (old.key >> 32, new.key >> 32); END;"
+	"DELETE FROM snapshot_probes WHERE snapshot_id IN (old.key >> 32, new.key >> 32) "
+	"AND kind < 3; END;"
 	"CREATE TRIGGER probes_snapshot_gone AFTER DELETE ON snapshots BEGIN "
 	"DELETE FROM snapshot_probes WHERE snapshot_id = old.id; END;",
 };

@@ -26,7 +26,8 @@
  *              DMC_OPEN_MASKS), so that the next OPEN reads one row instead of probing
  *              again. Triggers drop a snapshot's rows in the same transaction as anything
  *              that adds, drops or changes one of its items (content, size, record), and
- *              with the snapshot: a row that exists describes the items as they are.
+ *              with the snapshot: a row that exists describes the items as they are. A
+ *              local folder's listing digest lives there too (INDEX_PROBE_LOCAL_LISTING).
  *
  * Ownership. A snapshot belongs to the uid whose own listing made it (`owner`; -1 for
  * snapshots made by a schema before 4, seen by admins only), and its id is never reused.
@@ -408,6 +409,14 @@ int index_local_item_size(struct index *ix, int64_t snapshot_id, int64_t idx, in
 enum index_probe_kind {
 	INDEX_PROBE_FRAMES = 1, /* uint32 little-endian frame count per item, in order */
 	INDEX_PROBE_LABELS = 2, /* the sorted segmentation label names, a JSON array */
+	/*
+	 * A local folder's listing: the SHA-256 of the dataset.json bytes its items' resource
+	 * ids, files, types and records were last put from, and their count (uint32 LE). Not
+	 * dropped by the item triggers (proofs change contents and sizes, not the listing):
+	 * only the local listing writes these fields and this row, and the row goes with the
+	 * snapshot.
+	 */
+	INDEX_PROBE_LOCAL_LISTING = 3,
 };
 #define INDEX_PROBE_MAX (64u << 20) /* bytes of one row: 16M items' frame counts */
 

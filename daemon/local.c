@@ -11,6 +11,7 @@
 
 #include "local.h"
 #include "proto.h"
+#include "store.h"
 
 void local_dataset_free(struct local_dataset *l)
 {
@@ -229,6 +230,11 @@ int local_parse(int json_fd, const char *root, struct local_dataset **ret, char 
 	rc = read_json(json_fd, &st, &buf, &len, err, errlen);
 	if (rc < 0)
 		goto fail;
+	rc = store_digest_of(buf, len, l->digest);
+	if (rc < 0) {
+		snprintf(err, errlen, "cannot hash dataset.json");
+		goto fail;
+	}
 	doc = json_loadb(buf, len, 0, &jerr);
 	if (!json_is_object(doc)) {
 		rc = -DMC_E_INVALID_ARGUMENT;

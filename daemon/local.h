@@ -59,6 +59,7 @@ struct local_dataset {
 	struct local_item *items;
 	uint32_t n;
 	uint32_t n_paths; /* images and masks: what the client is asked to open, in order */
+	uint8_t digest[32]; /* SHA-256 of dataset.json's bytes as read */
 };
 void local_dataset_free(struct local_dataset *l);
 

@@ -1212,6 +1212,7 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 		ENTRY("prefetch_jobs_total", p->jobs_started),
 		ENTRY("prefetch_opens_from_grant_total", p->opens_from_grant),
 		ENTRY("prefetch_grants_withdrawn_total", p->grants_withdrawn),
+		ENTRY("prefetch_local_listings_kept_total", p->local_listings_kept),
 		ENTRY("prefetch_items_downloaded_total", p->items_downloaded),
 		ENTRY("prefetch_items_revalidated_total", p->items_revalidated),
 		ENTRY("prefetch_items_shared_total", p->items_shared),

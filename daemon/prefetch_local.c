@@ -26,8 +26,10 @@
  * Read through the requesting client's descriptors, never by path (local.h has the trust
  * design, proto.h the LOCAL_NEED / LOCAL_FILES exchange). The job: dataset.json's
  * descriptor is parsed on the threadpool (local_scan_*), the snapshot (per uid) is listed
- * again with every item's content forgotten, then local_pump() asks the client for the
- * files a window at a time (whole items, at most DMC_FDS_MAX paths), and starts a task per
+ * again (its items put again only when dataset.json's bytes changed:
+ * INDEX_PROBE_LOCAL_LISTING) with every item's content forgotten, then local_pump() asks
+ * the client for the files a window at a time (whole items, at most DMC_FDS_MAX paths),
+ * and starts a task per
  * item once its descriptors are in: fstat (regular files only) and, unless the uid's own
  * earlier read of the same inode with the same size, mtime and ctime is on record, a read
  * on the threadpool that hashes the bytes into the store (local_task_*). The next window is
@@ -573,6 +575,57 @@ void local_scan_work(uv_work_t *w)
 				  sizeof(j->scan_msg));
 }
 
+/* The row INDEX_PROBE_LOCAL_LISTING of a listing: dataset.json's digest, the item count. */
+static void listing_row(const struct local_dataset *l, uint8_t row[STORE_DIGEST_SIZE + 4])
+{
+	memcpy(row, l->digest, STORE_DIGEST_SIZE);
+	row[STORE_DIGEST_SIZE] = (uint8_t)l->n;
+	row[STORE_DIGEST_SIZE + 1] = (uint8_t)(l->n >> 8);
+	row[STORE_DIGEST_SIZE + 2] = (uint8_t)(l->n >> 16);
+	row[STORE_DIGEST_SIZE + 3] = (uint8_t)(l->n >> 24);
+}
+
+static int listing_record(struct index *ix, int64_t id, const struct local_dataset *l)
+{
+	uint8_t row[STORE_DIGEST_SIZE + 4];
+
+	listing_row(l, row);
+	return index_probe_put(ix, id, INDEX_PROBE_LOCAL_LISTING, row, sizeof(row));
+}
+
+struct listing_snap {
+	bool sealed;
+	int64_t item_count;
+};
+
+static int listing_snap_cb(void *ctx, const struct index_snapshot *s)
+{
+	struct listing_snap *ls = ctx;
+
+	ls->sealed = s->sealed;
+	ls->item_count = s->item_count;
+	return 0;
+}
+
+/* The snapshot's items were put from these very dataset.json bytes, and are all there. */
+static bool listing_unchanged(struct index *ix, int64_t id, const struct local_dataset *l)
+{
+	uint8_t want[STORE_DIGEST_SIZE + 4];
+	struct listing_snap ls = { 0 };
+	void *row = NULL;
+	size_t len = 0;
+	bool same;
+
+	if (index_snapshot_get(ix, id, listing_snap_cb, &ls) < 0 || !ls.sealed ||
+	    ls.item_count != (int64_t)l->n ||
+	    index_probe_get(ix, id, INDEX_PROBE_LOCAL_LISTING, &row, &len) < 0)
+		return false;
+	listing_row(l, want);
+	same = len == sizeof(want) && memcmp(row, want, sizeof(want)) == 0;
+	free(row);
+	return same;
+}
+
 void local_scan_after(uv_work_t *w, int status)
 {
 	struct job *j = w->data;
@@ -635,9 +688,14 @@ void local_scan_after(uv_work_t *w, int status)
 		rc = index_snapshot_get_or_create(ix, &key, &id, &created);
 	}
 	j->snapshot_id = rc == 0 ? id : 0;
-	/* listed again every time, every item's content forgotten: it is proved again by
-	 * this job's descriptors (by its digest, or by the uid's own unchanged inode) */
-	if (rc == 0) {
+	/* every item's content forgotten every time: it is proved again by this job's
+	 * descriptors (by its digest, or by the uid's own unchanged inode). The items
+	 * themselves are put again only when dataset.json's bytes differ from those they were
+	 * last put from (or their count does) */
+	if (rc == 0 && !created && listing_unchanged(ix, id, lj->l)) {
+		j->pf->local_listings_kept++;
+		rc = index_local_relist(ix, id, lj->l->n);
+	} else if (rc == 0) {
 		for (uint32_t i = 0; i < lj->l->n && rc == 0; i++) {
 			const struct local_item *it = &lj->l->items[i];
 			struct index_item item = {
@@ -657,6 +715,8 @@ void local_scan_after(uv_work_t *w, int status)
 			rc = index_local_relist(ix, id, lj->l->n);
 		if (rc == 0)
 			rc = index_snapshot_seal(ix, id);
+		if (rc == 0)
+			rc = listing_record(ix, id, lj->l);
 	}
 	if (rc == 0)
 		rc = index_flush(ix);

@@ -61,6 +61,7 @@ struct prefetch {
 	uint64_t jobs_started;
 	/* online OPENs answered from a fresh grant, and grants withdrawn on a refusal */
 	uint64_t opens_from_grant, grants_withdrawn;
+	uint64_t local_listings_kept; /* local folders whose unchanged listing was kept */
 };
 
 enum task_phase {

@@ -4,10 +4,11 @@ and what one `dmcache get` costs as a whole process.
 
     /usr/bin/python3 tests/bench/bench_open.py --build build [--sizes 100,10000,100000]
                                                [--million] [--local 10000] [--reps 5]
+                                               [--item-size 4096] [--work-dir DIR]
 
 Not a test: it prints figures measured in this run and never fails on speed. What runs:
 
-  data      the emulator's synthetic projects of N items of 4 KiB (generated on demand,
+  data      the emulator's synthetic projects of N items of 4 KiB (--item-size; generated on demand,
             served over loopback HTTP), one per size; --million adds 1,000,000 items
             (about 4 GiB downloaded and stored: minutes, and disk); a local dataset folder
             of --local small PNG files (dataset.json as the Datamint client writes it)
@@ -135,6 +136,9 @@ def main():
     ap.add_argument('--million', action='store_true', help='also a 1,000,000-item project')
     ap.add_argument('--local', type=int, default=10000, help='items of the local folder '
                     '(0: none)')
+    ap.add_argument('--item-size', type=int, default=4096,
+                    help='bytes of each synthetic item (smaller items make --million '
+                    'quicker to prefetch; the OPEN does not read them)')
     ap.add_argument('--reps', type=int, default=5)
     ap.add_argument('--work-dir', help='where the temp dir goes (default: $TMPDIR)')
     ap.add_argument('--json', help='also write the results here')
@@ -142,8 +146,8 @@ def main():
     sizes = [int(x) for x in args.sizes.split(',') if x]
     if args.million:
         sizes.append(1000000)
-    if not sizes or min(sizes) < 1 or args.reps < 1 or args.local < 0:
-        ap.error('--sizes: positive item counts; --reps >= 1; --local >= 0')
+    if not sizes or min(sizes) < 1 or args.reps < 1 or args.local < 0 or args.item_size < 1:
+        ap.error('--sizes: positive item counts; --reps >= 1; --local >= 0; --item-size >= 1')
     build = os.path.abspath(args.build)
     for exe in ('daemon/dmcached', 'client/dmcache', 'client/python/dmcache/__init__.py'):
         if not os.path.exists(os.path.join(build, exe)):
@@ -155,7 +159,7 @@ def main():
     emulator = load(build, 'dmc_emulator_client',
                     os.path.join(SOURCE, 'tests', 'emulator', 'client.py'))
     res = {'sizes': sizes, 'rows': {}, 'prefetch': {}}
-    synthetic = ['o%d:%d:4096' % (n, n) for n in sizes]
+    synthetic = ['o%d:%d:%d' % (n, n, args.item_size) for n in sizes]
     with tempfile.TemporaryDirectory(prefix='dmc-bo-', dir=args.work_dir) as work, \
             emulator.Emulator(synthetic=synthetic) as emu:
         local = make_local(work, args.local) if args.local else None
