@@ -1,4 +1,5 @@
-"""Scale: a 100,000-item project prefetches with bounded daemon memory (issue 4).
+"""Scale: a 100,000-item project prefetches with bounded daemon memory (issue 4), and
+opens as a whole, online, offline and after a restart, within 64 MiB of daemon RSS (T6).
 
 The real dmcached prefetches two synthetic projects of small items (512 bytes) from the
 emulator, each into an empty cache with a fresh daemon: 20,000 items, then 100,000. A
@@ -42,7 +43,7 @@ import time
 
 import pytest
 
-from conftest import DMCACHE, DMCACHED, Daemon
+from conftest import BUILD, DMCACHE, DMCACHED, Daemon
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
 import client as emulator  # noqa: E402
@@ -53,6 +54,7 @@ SAMPLE_PERIOD = 0.5       # seconds between VmRSS samples
 SLACK_KIB = 16 * 1024     # allocator and page-cache noise
 GROWTH_MAX_KIB = 16 * 1024
 TMPFS = '/dev/shm'
+OPEN_RSS_MAX_KIB = 64 * 1024  # T6: an open snapshot costs at most 64 MiB of daemon RSS
 TMPFS_NEEDED = 2 << 30    # 100,000 blobs take ~540 MB of tmpfs (a page each, plus the index)
 
 
@@ -114,8 +116,64 @@ class Sampler(threading.Thread):
         self.join()
 
 
-def run_prefetch(emu, project, n):
-    """Prefetch `project` (n items) into a fresh daemon; returns a dict of figures."""
+def counters(d):
+    r = d.cli('status', '--json')
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)['counters']
+
+
+def open_items(d, emu, project, offline=False):
+    """OPEN the project through libdmcache; (items, the daemon's VmRSS while it is open)."""
+    sys.path.insert(0, os.path.join(BUILD, 'client', 'python'))
+    from dmcache import _lib
+    c = _lib.Client(d.socket)
+    try:
+        ds = c.open(_lib.SOURCE_DATAMINT, project, server=emu.url, api_key=KEY,
+                    offline=offline)
+        rss = status_kib(d.proc.pid, 'VmRSS')
+        n = ds.items
+        ds.close()
+    finally:
+        c.close()
+    return n, rss
+
+
+def wait_idle(d, timeout=120):
+    deadline = time.monotonic() + timeout
+    while counters(d)['prefetch_jobs'] and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def check_open(d, emu, project, n):
+    """The stored project opens as a whole: online (the first OPEN waits for the server,
+    the next one is answered from the grant it renewed), offline, and after a restart
+    (from the same grant); the daemon's RSS with it open stays within OPEN_RSS_MAX_KIB of
+    the RSS before the first OPEN. Counted, never timed."""
+    before = status_kib(d.proc.pid, 'VmRSS')
+    got, rss = open_items(d, emu, project)
+    assert got == n
+    wait_idle(d)
+    base = counters(d)['prefetch_opens_from_grant_total']
+    for offline in (False, True):
+        got, r = open_items(d, emu, project, offline=offline)
+        assert got == n
+        rss = max(rss, r)
+    wait_idle(d)
+    assert counters(d)['prefetch_opens_from_grant_total'] == base + 1
+    assert rss - before < OPEN_RSS_MAX_KIB, (before, rss)
+    rc, _ = d.stop()
+    assert rc == 0, d.log()
+    d.start()
+    got, _ = open_items(d, emu, project)
+    assert got == n
+    assert counters(d)['prefetch_opens_from_grant_total'] == 1
+    wait_idle(d)
+    return (rss - before) // 1024
+
+
+def run_prefetch(emu, project, n, then=None):
+    """Prefetch `project` (n items) into a fresh daemon; returns a dict of figures. `then`
+    (d, emu, project, n) runs before the daemon stops; what it returns is 'then'."""
     top = scratch_dir()
     try:
         # meson test sets MALLOC_PERTURB_, which makes glibc fill every allocation: whole
@@ -144,6 +202,8 @@ def run_prefetch(emu, project, n):
             sampler.stop()
             hwm = status_kib(d.proc.pid, 'VmHWM')
             end = status_kib(d.proc.pid, 'VmRSS')
+            assert r.returncode == 0, r.stderr[-2000:]
+            after = then(d, emu, project, n) if then else None
         finally:
             rc, _ = d.stop()
             d.notify.close()
@@ -177,7 +237,7 @@ def run_prefetch(emu, project, n):
             assert len(body) == ITEM_SIZE
             assert got.get(rid) == hashlib.sha256(body).hexdigest(), rid
         peak = max(sampler.samples + [hwm])
-        return {'n': n, 'base': base, 'peak': peak, 'hwm': hwm, 'end': end,
+        return {'n': n, 'base': base, 'peak': peak, 'hwm': hwm, 'end': end, 'then': after,
                 'base_anon': base_anon, 'peak_anon': max(sampler.anon),
                 'samples': len(sampler.samples), 'seconds': seconds,
                 'fs': 'tmpfs' if top.startswith(TMPFS + '/') else 'disk'}
@@ -203,12 +263,13 @@ def emu():
 def test_memory_stays_bounded_as_the_project_grows(emu):
     small, large = sizes()
     a = run_prefetch(emu, 'scale-small', small)
-    b = run_prefetch(emu, 'scale-large', large)
+    b = run_prefetch(emu, 'scale-large', large, then=check_open)
     # pytest -s shows the figures; they are in docs/benchmarks.md too
     for r in (a, b):
         print('%(n)d items on %(fs)s in %(seconds).1f s: RSS base %(base)d KiB, peak %(peak)d '
               'KiB (VmHWM %(hwm)d), end %(end)d; RssAnon base %(base_anon)d, peak '
-              '%(peak_anon)d; %(samples)d samples' % r)
+              '%(peak_anon)d; %(samples)d samples; RSS with it open - before (MiB): %(then)s'
+              % r)
     assert a['samples'] >= 2 and b['samples'] >= 2
     grow_a = a['peak'] - a['base']
     grow_b = b['peak'] - b['base']
