@@ -22,8 +22,7 @@ from conftest import BUILD, DMCACHE, Daemon
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
 import client as emulator  # noqa: E402
 
-sys.path.insert(0, os.path.join(BUILD, 'client', 'python'))
-from dmcache import _lib  # noqa: E402
+from test_trust_cache import asan_runtime  # noqa: E402
 
 KEY = emulator.KEY_ALL
 CORPUS = os.path.join(BUILD, 'tests', 'data', 'corpus', 'projects', 'sample')
@@ -53,41 +52,61 @@ def frames_of(path):
     return n
 
 
+CLIENT = r'''
+import json, sys
+from dmcache import _lib
+url, key, what, offline = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+c = _lib.Client(sys.argv[5])
+out = {}
+if what == "frames":
+    ds = c.open(_lib.SOURCE_DATAMINT, "sample", server=url, api_key=key, frames=True,
+                offline=offline)
+    flat = []
+    for i in range(ds.items):
+        its = ds.get([i])
+        assert its[0].status == 0, its[0].message
+        m = json.loads(_lib.item_meta(its[0]))
+        flat.append((m["resource"]["id"], m["frame"]))
+        ds.release(its)
+    ds.close()
+    whole = c.open(_lib.SOURCE_DATAMINT, "sample", server=url, api_key=key, offline=offline)
+    out = {"snapshot": whole.snapshot_id, "items": whole.items, "flat": flat}
+    whole.close()
+else:
+    ds = c.open(_lib.SOURCE_DATAMINT, "sample", server=url, api_key=key, masks=True)
+    its = ds.get([0])
+    assert its[0].status == 0, its[0].message
+    out = {"labels": json.loads(_lib.item_meta(its[0]))["labels"]}
+    ds.release(its)
+    ds.close()
+c.close()
+print(json.dumps(out))
+'''
+
+
+def client(d, emu, what, offline=False):
+    """libdmcache in a Python process of its own (an ASan build's library needs its runtime
+    loaded first)."""
+    env = dict(d.env, PYTHONPATH=os.path.join(BUILD, 'client', 'python'))
+    rt = asan_runtime()
+    if rt:
+        env['LD_PRELOAD'] = rt
+        env['ASAN_OPTIONS'] = 'detect_leaks=0'
+    r = subprocess.run(['/usr/bin/python3', '-c', CLIENT, emu.url, KEY, what,
+                        '1' if offline else '0', d.socket], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
 def open_frames(d, emu, offline=False):
     """(snapshot id, whole items, [(resource id, frame)] for every flat index)."""
-    c = _lib.Client(d.socket)
-    try:
-        ds = c.open(_lib.SOURCE_DATAMINT, 'sample', server=emu.url, api_key=KEY, frames=True,
-                    offline=offline)
-        flat = []
-        for i in range(ds.items):
-            its = ds.get([i])
-            assert its[0].status == 0, its[0].message
-            m = json.loads(_lib.item_meta(its[0]))
-            flat.append((m['resource']['id'], m['frame']))
-            ds.release(its)
-        ds.close()
-        whole = c.open(_lib.SOURCE_DATAMINT, 'sample', server=emu.url, api_key=KEY,
-                       offline=offline)
-        n, sid = whole.items, whole.snapshot_id
-        whole.close()
-    finally:
-        c.close()
-    return sid, n, flat
+    out = client(d, emu, 'frames', offline)
+    return out['snapshot'], out['items'], [tuple(x) for x in out['flat']]
 
 
 def open_labels(d, emu):
-    c = _lib.Client(d.socket)
-    try:
-        ds = c.open(_lib.SOURCE_DATAMINT, 'sample', server=emu.url, api_key=KEY, masks=True)
-        its = ds.get([0])
-        assert its[0].status == 0, its[0].message
-        labels = json.loads(_lib.item_meta(its[0]))['labels']
-        ds.release(its)
-        ds.close()
-    finally:
-        c.close()
-    return labels
+    return client(d, emu, 'labels')['labels']
 
 
 def test_frame_counts_and_labels_are_probed_once_and_kept(emu, tmpdir_short):

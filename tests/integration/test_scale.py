@@ -47,6 +47,7 @@ from conftest import BUILD, DMCACHE, DMCACHED, Daemon
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
 import client as emulator  # noqa: E402
+from test_trust_cache import asan_runtime  # noqa: E402
 
 KEY = emulator.KEY_ALL
 ITEM_SIZE = 512
@@ -122,20 +123,34 @@ def counters(d):
     return json.loads(r.stdout)['counters']
 
 
+OPEN_CODE = r'''
+import json, sys
+from dmcache import _lib
+url, key, project, offline, socket, pid = sys.argv[1:]
+c = _lib.Client(socket)
+ds = c.open(_lib.SOURCE_DATAMINT, project, server=url, api_key=key, offline=offline == "1")
+with open("/proc/%s/status" % pid) as f:
+    rss = [int(l.split()[1]) for l in f if l.startswith("VmRSS:")][0]
+print(json.dumps({"items": ds.items, "rss": rss}))
+ds.close()
+c.close()
+'''
+
+
 def open_items(d, emu, project, offline=False):
-    """OPEN the project through libdmcache; (items, the daemon's VmRSS while it is open)."""
-    sys.path.insert(0, os.path.join(BUILD, 'client', 'python'))
-    from dmcache import _lib
-    c = _lib.Client(d.socket)
-    try:
-        ds = c.open(_lib.SOURCE_DATAMINT, project, server=emu.url, api_key=KEY,
-                    offline=offline)
-        rss = status_kib(d.proc.pid, 'VmRSS')
-        n = ds.items
-        ds.close()
-    finally:
-        c.close()
-    return n, rss
+    """OPEN the project through libdmcache (in a process of its own: an ASan build's library
+    needs its runtime loaded first); (items, the daemon's VmRSS while it is open)."""
+    env = dict(d.env, PYTHONPATH=os.path.join(BUILD, 'client', 'python'))
+    rt = asan_runtime()
+    if rt:
+        env['LD_PRELOAD'] = rt
+        env['ASAN_OPTIONS'] = 'detect_leaks=0'
+    r = subprocess.run(['/usr/bin/python3', '-c', OPEN_CODE, emu.url, KEY, project,
+                        '1' if offline else '0', d.socket, str(d.proc.pid)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.splitlines()[-1])
+    return out['items'], out['rss']
 
 
 def wait_idle(d, timeout=120):

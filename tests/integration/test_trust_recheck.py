@@ -23,6 +23,7 @@ from uids import ALICE, BOB
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
 import client as emulator  # noqa: E402
+from test_trust_cache import asan_runtime  # noqa: E402
 
 PYTHONPATH = os.path.join(BUILD, 'client', 'python')
 
@@ -59,9 +60,10 @@ def user_env(key=None, **extra):
     if key:
         env['DATAMINT_API_KEY'] = key
     env.update(extra)
-    for name in ('LD_PRELOAD', 'ASAN_OPTIONS'):
-        if name in os.environ:  # the sanitizer runtime of an ASan build's library
-            env[name] = os.environ[name]
+    rt = asan_runtime()
+    if rt:  # an ASan build's library needs its runtime loaded first
+        env['LD_PRELOAD'] = rt
+        env['ASAN_OPTIONS'] = 'detect_leaks=0'
     return env
 
 
