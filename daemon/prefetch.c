@@ -1016,8 +1016,8 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 		return;
 	}
 	/* a valid grant lets the job answer from the cache if the server is unreachable */
-	if (find_grant(j, &j->fallback_id, NULL, 0) < 0)
-		j->fallback_id = 0;
+	if (find_grant(j, &j->fallback_id, NULL, 0) < 0 || early_id > 0)
+		j->fallback_id = 0; /* the check of an OPEN answered: it waits for the answer */
 	log_job(LOG_LVL_NOTICE, LOG_GRP_FETCH, j->id, (unsigned)j->uid, j->project_arg,
 		"job %" PRIu64 ": uid %u prefetches '%s' version '%s' from %s", j->id,
 		(unsigned)j->uid, j->project_arg, j->version_arg[0] ? j->version_arg : "latest",

@@ -391,6 +391,14 @@ static int collect_id(void *ctx, int64_t id)
  */
 void withdraw_grants(struct job *j, const struct dm_error *e)
 {
+	if (!j->offline && (j->state == DMC_JOB_RESOLVING || j->state == DMC_JOB_LISTING))
+		withdraw_grants_refused(j, e);
+}
+
+/* The same for the answer to a job's resolve, whatever the job became meanwhile (it may have
+ * been answered from a grant when the server was slow). */
+void withdraw_grants_refused(struct job *j, const struct dm_error *e)
+{
 	struct prefetch *p = j->pf;
 	struct index *ix = p->d.cache->index;
 	struct id_list l = { .n = 0 };
@@ -398,8 +406,7 @@ void withdraw_grants(struct job *j, const struct dm_error *e)
 	bool has = false;
 	unsigned n = 0;
 
-	if (j->source != DMC_SOURCE_DATAMINT || j->offline || !j->key || !j->server ||
-	    (j->state != DMC_JOB_RESOLVING && j->state != DMC_JOB_LISTING) ||
+	if (j->source != DMC_SOURCE_DATAMINT || !j->key || !j->server ||
 	    (e->http_status != 401 && e->http_status != 403 && e->http_status != 404))
 		return;
 	has = key_hash(p, j->key, h) == 0;

@@ -153,8 +153,15 @@ void on_resolved(void *ctx, const struct dm_error *e, struct dm_project *proj)
 	int rc;
 
 	if (j->offline) {
-		/* answered from a grant while this request was out */
+		/* answered from a grant while this request was out: the server's late answer
+		 * still renews that grant (the same project and version) or, refusing the key,
+		 * withdraws it */
 		j->pending--;
+		if (e && e->err)
+			withdraw_grants_refused(j, e);
+		else if (proj && j->proj && strcmp(proj->id, j->proj->id) == 0 &&
+			 strcmp(proj->version, j->proj->version) == 0)
+			grant(j);
 		dm_project_free(proj);
 		job_maybe_free(j);
 		return;

@@ -247,6 +247,7 @@ int fresh_grant(struct prefetch *p, uid_t uid, const char *server, const char *p
 		const char *version, struct dmc_str key, int64_t *ret_id);
 void answer_from_grant(struct prefetch *p, int64_t id, prefetch_ready_cb cb, void *ctx);
 void withdraw_grants(struct job *j, const struct dm_error *e);
+void withdraw_grants_refused(struct job *j, const struct dm_error *e);
 
 /* prefetch_list.c */
 void on_resolved(void *ctx, const struct dm_error *e, struct dm_project *proj);

@@ -192,3 +192,28 @@ def test_a_grant_older_than_grant_recheck_waits_for_the_server(tmp, emu):
     finally:
         emu.clear_faults()
         assert d.stop()[0] == 0, d.log()[-3000:]
+
+
+def test_a_slow_server_still_renews_the_grant_it_was_answered_from(tmp, emu):
+    """An online OPEN whose server does not answer within 2 s is served from the grant
+    (docs/security.md, offline reads); the server's late answer with the same version
+    renews that grant, so the next OPEN within grant_recheck is answered at once."""
+    emu.clear_faults()
+    d = Daemon(tmp, args=['-o', 'grant_recheck=10s'])
+    uids.open_up(os.path.dirname(d.socket))
+    try:
+        prefetch(d, BOB, emu.url, emulator.KEY_SAMPLE)
+        wait_jobs_idle(d)
+        time.sleep(10.5)  # the grant is older than grant_recheck: OPENs ask the server
+        rule = emu.add_fault(path='^/datasets/', latency_ms=3000)
+        assert open_as(d, BOB, emu.url, emulator.KEY_SAMPLE)['status'] == 0
+        wait_jobs_idle(d)
+        assert counters(d)['prefetch_opens_from_grant_total'] == 0
+        emu.remove_fault(rule)
+        time.sleep(1.5)  # the late answer came after the fallback (3 s against 2 s)
+        assert open_as(d, BOB, emu.url, emulator.KEY_SAMPLE)['status'] == 0
+        assert counters(d)['prefetch_opens_from_grant_total'] == 1
+        wait_jobs_idle(d)
+    finally:
+        emu.clear_faults()
+        assert d.stop()[0] == 0, d.log()[-3000:]
