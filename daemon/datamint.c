@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <inttypes.h>
+#include <stdbool.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +31,7 @@ struct json_req {
 	struct dm_error e;
 	json_done_fn done;
 	void *owner; /* the operation this request serves */
+	const char *skip_key; /* a top-level key whose value is not parsed, or NULL */
 };
 
 static int json_on_start(struct fetch_xfer *x, const struct fetch_response *r)
@@ -64,9 +66,83 @@ static int json_on_data(struct fetch_xfer *x, const void *buf, size_t len)
 	return 0;
 }
 
+static bool json_space(char c)
+{
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+/* The end of the JSON string whose opening quote is s[i]: the index of its closing quote,
+ * or n. */
+static size_t json_string_end(const char *s, size_t n, size_t i)
+{
+	for (i++; i < n && s[i] != '"'; i++)
+		if (s[i] == '\\')
+			i++;
+	return i < n ? i : n;
+}
+
+/* Just past the array or object that opens at s[i], or 0 when it does not close. */
+static size_t json_container_end(const char *s, size_t n, size_t i)
+{
+	int depth = 0;
+
+	for (; i < n; i++) {
+		if (s[i] == '"')
+			i = json_string_end(s, n, i);
+		else if (s[i] == '[' || s[i] == '{')
+			depth++;
+		else if ((s[i] == ']' || s[i] == '}') && --depth == 0)
+			return i + 1;
+	}
+	return 0;
+}
+
+/*
+ * Overwrites, in place, the array or object value of the top-level key `key` with null and
+ * spaces, so that a part of an answer the daemon never reads is not parsed into memory (a
+ * dataset's resource id list: a million ids are tens of megabytes of objects). A text
+ * that does not scan so (another shape, a scalar value) is left as it is.
+ */
+static void json_blank_key(char *s, size_t n, const char *key)
+{
+	size_t klen = strlen(key);
+	int depth = 0;
+
+	for (size_t i = 0; i < n; i++) {
+		if (s[i] == '{' || s[i] == '[') {
+			depth++;
+		} else if (s[i] == '}' || s[i] == ']') {
+			depth--;
+		} else if (s[i] == '"') {
+			size_t end = json_string_end(s, n, i), v, e;
+			if (end >= n)
+				return;
+			for (v = end + 1; v < n && json_space(s[v]); v++)
+				;
+			if (depth == 1 && v < n && s[v] == ':' && end - i - 1 == klen &&
+			    memcmp(s + i + 1, key, klen) == 0) {
+				for (v++; v < n && json_space(s[v]); v++)
+					;
+				if (v >= n || (s[v] != '[' && s[v] != '{'))
+					return;
+				e = json_container_end(s, n, v);
+				if (e >= v + 4) {
+					memcpy(s + v, "null", 4);
+					memset(s + v + 4, ' ', e - v - 4);
+				}
+				return;
+			}
+			i = end;
+		}
+	}
+}
+
 static void json_parse_work(uv_work_t *w)
 {
 	struct json_req *q = w->data;
+
+	if (q->skip_key && q->body)
+		json_blank_key(q->body, q->len, q->skip_key);
 
 	q->root = json_loadb(q->body ? q->body : "", q->len, JSON_REJECT_DUPLICATES, &q->jerr);
 }
@@ -137,8 +213,8 @@ static void json_on_retry(struct fetch_xfer *x, const struct fetch_retry *r)
 }
 
 /* GET <server><path>; `path` already escaped. `flags`: FETCH_XF_* beyond METADATA. */
-static int json_get_flags(const struct dm_client *c, const char *path, json_done_fn done,
-			  void *owner, unsigned flags)
+static int json_get_skip(const struct dm_client *c, const char *path, json_done_fn done,
+			 void *owner, unsigned flags, const char *skip_key)
 {
 	struct json_req *q = calloc(1, sizeof(*q));
 	size_t n = strlen(c->server) + strlen(path) + 1;
@@ -154,6 +230,7 @@ static int json_get_flags(const struct dm_client *c, const char *path, json_done
 	q->c = c;
 	q->done = done;
 	q->owner = owner;
+	q->skip_key = skip_key;
 	q->x = fetch_xfer_new(c->fetch, url, c->origin, c->key, &json_ops, q);
 	free(url);
 	if (!q->x) {
@@ -167,6 +244,12 @@ static int json_get_flags(const struct dm_client *c, const char *path, json_done
 	if (rc < 0)
 		json_req_free(q);
 	return rc;
+}
+
+static int json_get_flags(const struct dm_client *c, const char *path, json_done_fn done,
+			  void *owner, unsigned flags)
+{
+	return json_get_skip(c, path, done, owner, flags, NULL);
 }
 
 static int json_get(const struct dm_client *c, const char *path, json_done_fn done, void *owner)
@@ -286,7 +369,8 @@ static void after_project(struct resolve_op *op)
 	}
 	snprintf(path, sizeof(path), "/datasets/%s", id);
 	free(id);
-	rc = json_get(op->c, path, on_dataset, op);
+	/* only the version is read: the resource id list it carries is not parsed */
+	rc = json_get_skip(op->c, path, on_dataset, op, 0, "resource_ids");
 	if (rc < 0) {
 		e.err = rc;
 		resolve_end(op, &e);
