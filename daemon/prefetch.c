@@ -28,6 +28,7 @@
 #include "prefetch.h"
 #include "prefetch_priv.h"
 #include "secret.h"
+#include "tier.h"
 #include "store.h"
 
 #define TICK_MS 1000
@@ -332,10 +333,19 @@ static void on_flush_timer(uv_timer_t *t)
 int prefetch_new(const struct prefetch_deps *deps, struct prefetch **ret)
 {
 	struct prefetch *p = calloc(1, sizeof(*p));
+	char err[320] = "";
+	int rc;
 
 	if (!p)
 		return -ENOMEM;
 	p->d = *deps;
+	rc = tier_new(deps->loop, deps->fetch, deps->cache->store, deps->cfg, &p->tier, err,
+		      sizeof(err));
+	if (rc < 0) {
+		log_err(FETCH, "cluster tier: %s", err);
+		free(p);
+		return rc;
+	}
 	p->next_job_id = 1;
 	p->lost_seen = index_batches_lost(deps->cache->index);
 	load_salt(p);
@@ -375,6 +385,8 @@ void prefetch_free(struct prefetch *p)
 		n = j->next;
 		job_cancel(j);
 	}
+	tier_free(p->tier);
+	p->tier = NULL;
 	uv_timer_stop(&p->flush_timer);
 	uv_close((uv_handle_t *)&p->flush_timer, on_flush_timer_closed);
 }
@@ -484,9 +496,12 @@ void job_cancel(struct job *j)
 	record_error(j, -DMC_E_CANCELLED, 0, 0, NULL, "cancelled");
 	job_finish(j, DMC_JOB_CANCELLED);
 	/* transfers end through their on_done (deferred); waiting followers end now */
-	for (struct task *t = j->tasks; t; t = t->next)
+	for (struct task *t = j->tasks; t; t = t->next) {
 		if (t->x)
 			fetch_xfer_cancel(t->x);
+		if (t->treq)
+			tier_map_cancel(t->treq);
+	}
 	for (;;) {
 		struct task *t = j->tasks;
 		while (t && !t->leader && !t->starting)
@@ -1162,8 +1177,11 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 {
 	struct store_stats ss;
 	struct fetch_stats fs;
+	struct tier_stats ts = { 0 };
 	uint64_t jobs = 0, rate = 0;
 
+	if (p->tier)
+		tier_get_stats(p->tier, &ts);
 	if (!c->admin)
 		return user_status(p, c, e, max);
 	store_get_stats(p->d.cache->store, &ss);
@@ -1197,6 +1215,17 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 		ENTRY("transfer_retries_total", fs.retries),
 		ENTRY("transfer_resumes_total", fs.resumed),
 		ENTRY("transfers_failed_total", fs.transfers_failed),
+		ENTRY("tier_hits_total", ts.hits),
+		ENTRY("tier_misses_total", ts.misses),
+		ENTRY("tier_errors_total", ts.errors),
+		ENTRY("tier_corrupt_total", ts.corrupt),
+		ENTRY("tier_bytes_total", ts.bytes),
+		ENTRY("tier_uploads_total", ts.uploads),
+		ENTRY("tier_uploads_skipped_total", ts.uploads_skipped),
+		ENTRY("tier_uploads_failed_total", ts.uploads_failed),
+		ENTRY("tier_uploads_pending", ts.uploads_pending),
+		ENTRY("tier_maps_written_total", ts.maps_written),
+		ENTRY("tier_full", ts.full),
 	};
 	uint32_t n = sizeof(all) / sizeof(all[0]);
 

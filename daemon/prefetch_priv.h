@@ -22,6 +22,7 @@
 #include "store.h"
 
 struct secret;
+struct tier_req;
 
 #define SINK_BUF (1u << 20)  /* bytes gathered before a write on the threadpool */
 #define RATE_WINDOW 5        /* seconds of samples for the rate */
@@ -59,6 +60,7 @@ struct prefetch {
 	uint64_t items_downloaded, items_revalidated, items_shared, items_failed;
 	uint64_t bytes_downloaded;
 	uint64_t jobs_started;
+	struct tier *tier;      /* the cluster tier (tier.h); NULL: none */
 };
 
 enum task_phase {
@@ -103,6 +105,12 @@ struct task {
 	uint64_t reserved;
 	char etag[FETCH_ETAG_MAX];
 	enum store_kind kind;
+
+	/* the cluster tier (tier.h): the mapping read, then the blob's file imported */
+	struct tier_req *treq;
+	bool import;          /* the transfer is a tier blob GET into an import writer */
+	bool from_upstream;   /* the file came from Datamint: upload it to the tier */
+	bool tier_fallback;   /* the tier failed: Datamint once the partial blob is dropped */
 
 	/* revalidation of an earlier version */
 	bool has_prior;
