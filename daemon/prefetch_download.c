@@ -214,8 +214,11 @@ static int sink_on_data(struct fetch_xfer *x, const void *buf, size_t len)
 	}
 	memcpy(t->buf + t->len, buf, len);
 	t->len += len;
-	j->bytes_done += len;
-	j->pf->bytes_downloaded += len;
+	if (!t->import) {
+		/* a tier blob counts its item's size once it is stored (commit_done) */
+		j->bytes_done += len;
+		j->pf->bytes_downloaded += len;
+	}
 	return 0;
 }
 
@@ -369,6 +372,7 @@ static void commit_done(struct task *t)
 			return;
 		}
 		tier_count_hit(p->tier, t->info.file_size);
+		t->job->bytes_done += t->size > 0 ? (uint64_t)t->size : t->info.raw_size;
 		t->from_upstream = false;
 	} else if (t->phase == TP_FILE) {
 		t->from_upstream = err == 0;
