@@ -20,7 +20,11 @@
 # CEPH_MEMSTORE_MB (default 768) and the daemons' caches are kept small; the whole cluster
 # stays under about 1.5 GiB. Authentication inside the cluster is off (cephx none): the
 # cluster lives only as long as the test run, on loopback; the S3 side is authenticated
-# (SigV4 with the user's keys) as on a real gateway.
+# (SigV4 with the user's keys) as on a real gateway. Signing with curl 7.88's AWS SigV4
+# (--aws-sigv4, CURLOPT_AWS_SIGV4): the gateway refuses a request without an
+# x-amz-content-sha256 header (SignatureDoesNotMatch), which this curl does not add by
+# itself; given (the body's SHA-256 in hex, or UNSIGNED-PAYLOAD), it is signed. Start: ~16 s,
+# ~110 MiB of RSS for the three daemons.
 set -euo pipefail
 
 cmd=${1:-}
