@@ -944,6 +944,15 @@ static int check_prefetch_args(struct dmc_client *c, const struct dmc_prefetch_a
 		return -EINVAL;
 	}
 	*m = (struct dmc_prefetch){ .source = a->source, .flags = a->flags };
+	if (a->flags & DMC_PREFETCH_SHARD) {
+		if (a->shard_world < 1 || a->shard_world > DMC_SHARD_WORLD_MAX ||
+		    a->shard_rank >= a->shard_world) {
+			set_local_error(c, 0, "a shard is RANK/WORLD with RANK < WORLD");
+			return -EINVAL;
+		}
+		m->shard_rank = a->shard_rank;
+		m->shard_world = a->shard_world;
+	}
 	if ((rc = wire_str(c, "the project", a->project, &m->project)) < 0 ||
 	    (rc = wire_str(c, "the version", a->version, &m->version)) < 0 ||
 	    (rc = wire_str(c, "the server URL", a->server, &m->server)) < 0 ||
@@ -982,7 +991,7 @@ DMC_EXPORT int dmc_prefetch(dmc_client *c, const struct dmc_prefetch_args *args,
 	rc = check_prefetch_args(c, args, &m);
 	if (rc < 0)
 		return rc;
-	cap = (uint64_t)DMC_HEADER_SIZE + 8 + 4 * 4 + (uint64_t)m.project.len + m.version.len +
+	cap = (uint64_t)DMC_HEADER_SIZE + 8 + 8 + 4 * 4 + (uint64_t)m.project.len + m.version.len +
 	      m.server.len + m.api_key.len;
 	if (cap > DMC_HEADER_SIZE + (uint64_t)DMC_FRAME_MAX) {
 		set_local_error(c, 0, "the request is larger than a frame");

@@ -111,7 +111,10 @@ struct dmc_prefetch_args {
 	const char *api_key; /* DATAMINT: the caller's key; LOCAL: NULL or "" */
 	uint32_t flags;      /* DMC_PREFETCH_OFFLINE: from the caller's grants, no server;
 			      * DMC_PREFETCH_ALLOW_PARTIAL; DMC_PREFETCH_DECODE: then decode
-			      * the compressed items into the tensor cache (proto.h) */
+			      * the compressed items into the tensor cache (proto.h);
+			      * DMC_PREFETCH_SHARD: only the items at rank modulo world;
+			      * DMC_PREFETCH_TO_TIER: fill the cluster tier, not the cache */
+	uint32_t shard_rank, shard_world; /* read with DMC_PREFETCH_SHARD only */
 };
 
 /*

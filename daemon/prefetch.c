@@ -245,7 +245,8 @@ void job_finish(struct job *j, uint32_t state)
 		record_error(j, -EIO, 0, 0, NULL, "the cache index could not be written");
 		j->state = state = DMC_JOB_FAILED;
 	}
-	if (j->snapshot_id > 0 && !j->known_complete) {
+	if (j->snapshot_id > 0 && !j->known_complete && !j->to_tier) {
+		/* (--to-tier: items_done counts what is in the cluster tier, not here) */
 		/* "stored" is what the index has committed, as `dmcache ls` counts it: a batch
 		 * that could not be committed is not counted (its blobs are kept, and the next
 		 * start's reconciliation adopts them) */
@@ -900,6 +901,7 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	struct dmc_prefetch m = *mp;
 	struct job *j;
 	char *server = NULL, *project = NULL, *version = NULL;
+	uint32_t world, rank;
 	size_t slen;
 	int rc;
 
@@ -944,6 +946,20 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 
 	j = (m.flags & DMC_PREFETCH_OFFLINE) ? NULL
 					      : find_job(p, w->uid, m.source, server, project, version);
+	if ((m.flags & DMC_PREFETCH_TO_TIER) && !p->tier) {
+		free(server);
+		free(project);
+		free(version);
+		who_error(w, DMC_E_INVALID_ARGUMENT,
+			  "--to-tier: this daemon has no cluster tier (tier_url)");
+		return;
+	}
+	/* the shard fields are read with DMC_PREFETCH_SHARD only (other callers leave them) */
+	world = (m.flags & DMC_PREFETCH_SHARD) ? m.shard_world : 1;
+	rank = (m.flags & DMC_PREFETCH_SHARD) ? m.shard_rank : 0;
+	if (j && ((j->shard_world > 1 ? j->shard_world : 1) != world || j->shard_rank != rank ||
+		  j->to_tier != !!(m.flags & DMC_PREFETCH_TO_TIER)))
+		j = NULL; /* another share or destination: a job of its own */
 	if (j && !j->offline && secret_equals(j->key, m.api_key.ptr, m.api_key.len)) {
 		/* the same uid asks again for the same version: join the running job */
 		if (m.flags & DMC_PREFETCH_DECODE)
@@ -988,6 +1004,9 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	/* OPEN reads what fits (items that cannot be stored fail one by one) */
 	j->allow_partial = m.flags & DMC_PREFETCH_ALLOW_PARTIAL;
 	j->decode = m.flags & DMC_PREFETCH_DECODE;
+	j->shard_rank = rank;
+	j->shard_world = world;
+	j->to_tier = m.flags & DMC_PREFETCH_TO_TIER;
 	j->started_ms = uv_now(p->d.loop);
 	j->dmc.uid = (uint32_t)j->uid;
 	j->dmc.group = j->id;

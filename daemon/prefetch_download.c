@@ -246,6 +246,7 @@ void release_reservation(struct task *t)
 
 static void commit_done(struct task *t);
 static void upload_to_tier(struct task *t);
+static void to_tier_done(struct task *t);
 
 static void sink_after(uv_work_t *w, int status)
 {
@@ -400,6 +401,18 @@ static void commit_done(struct task *t)
 		task_next_step(t);
 		return;
 	}
+	if (t->job->to_tier && t->phase == TP_FILE && t->from_upstream) {
+		/* a blob this cache did not hold goes once it is uploaded; one it held stays */
+		struct index_blob ib;
+		t->drop_after = index_blob_get(cache->index, t->info.digest, &ib) == -ENOENT;
+		if (!t->drop_after)
+			cache_record_blob(cache, &t->info);
+		store_unpin(cache->store, t->info.digest);
+		p->items_downloaded++;
+		upload_to_tier(t);
+		to_tier_done(t);
+		return;
+	}
 	cache_record_blob(cache, &t->info);
 	store_unpin(cache->store, t->info.digest);
 	t->res.err = 0;
@@ -430,7 +443,16 @@ static void upload_to_tier(struct task *t)
 		return;
 	snprintf(m.version, sizeof(m.version), "%s", j->proj->version);
 	snprintf(m.etag, sizeof(m.etag), "%s", t->etag);
-	tier_upload(j->pf->tier, t->info.digest, j->origin, t->resource_id, &m);
+	tier_upload(j->pf->tier, t->info.digest, j->origin, t->resource_id, &m, t->drop_after);
+}
+
+/* --to-tier: the item is in the tier now (or is going up); it is not recorded here. */
+static void to_tier_done(struct task *t)
+{
+	t->job->items_done++;
+	t->phase = TP_MASKS;
+	followers_take(t, -DMC_E_NOT_FOUND_OR_DENIED); /* followers fetch on their own */
+	task_finish(t, 0, NULL, 0);
 }
 
 static void start_transfer(struct task *t, const char *url, const char *if_none_match)
@@ -667,8 +689,11 @@ static void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_
 int task_from_item(void *ctx, const struct index_item *it)
 {
 	struct job *j = ctx;
-	struct task *t = calloc(1, sizeof(*t));
+	struct task *t;
 
+	if (j->shard_world > 1 && (uint64_t)it->idx % j->shard_world != j->shard_rank)
+		return 0; /* another node's share (--shard) */
+	t = calloc(1, sizeof(*t));
 	if (!t)
 		return -ENOMEM;
 	t->job = j;
@@ -726,6 +751,11 @@ static void on_tier_map(void *ctx, int err, const struct tier_map *m)
 		if (err == 0)
 			tier_count_miss(j->pf->tier); /* a mapping of another version */
 		start_upstream(t);
+		return;
+	}
+	if (j->to_tier) {
+		/* the tier has it: nothing to fetch */
+		to_tier_done(t);
 		return;
 	}
 	t->len = t->wlen = 0;
@@ -808,7 +838,7 @@ void task_start(struct task *t)
 					     j->server,
 					     shares_across_users(j) ? -1 : (int64_t)j->uid,
 					     prior_etag, sizeof(prior_etag), t->prior) == 0;
-	if (!t->has_prior && p->tier && j->proj && j->proj->version) {
+	if ((!t->has_prior || j->to_tier) && p->tier && j->proj && j->proj->version) {
 		/* node store -> cluster tier -> Datamint: the listing above proved j's
 		 * entitlement to this resource with j's own key */
 		t->treq = tier_map_get(p->tier, j->origin, t->resource_id, (uint32_t)j->uid, j->id,

@@ -111,6 +111,7 @@ struct task {
 	bool import;          /* the transfer is a tier blob GET into an import writer */
 	bool from_upstream;   /* the file came from Datamint: upload it to the tier */
 	bool tier_fallback;   /* the tier failed: Datamint once the partial blob is dropped */
+	bool drop_after;      /* to_tier: the blob is new here; removed once uploaded */
 
 	/* revalidation of an earlier version */
 	bool has_prior;
@@ -190,6 +191,8 @@ struct job {
 	char notice[192];      /* said with the final record: "served from cache: ..." */
 	/* decoding ahead (DMC_PREFETCH_DECODE, prefetch_decode.c) */
 	bool decode;           /* asked for: decode the stored items before the end */
+	uint32_t shard_rank, shard_world; /* fetch only items at rank modulo world (1: all) */
+	bool to_tier;          /* fill the cluster tier, not the cache (DMC_PREFETCH_TO_TIER) */
 	bool decode_over;      /* the decoding ran (or will not): job_finish ends the job */
 	struct pdec *dec;      /* while decoding */
 };

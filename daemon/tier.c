@@ -684,7 +684,7 @@ struct upload {
 	char sha_hex[STORE_HEX_SIZE + 1];
 	uv_work_t work;
 	int work_err;
-	bool uploaded; /* the blob went up in this upload */
+	bool drop;     /* remove the blob from the store once over (--to-tier) */
 	/* multipart */
 	char upload_id[256];
 	uint32_t part;
@@ -1021,10 +1021,39 @@ static void pump_uploads(struct tier *t)
 	}
 }
 
+static void drop_work(uv_work_t *w)
+{
+	struct upload *u = w->data;
+
+	if (u->fd >= 0) {
+		close(u->fd);
+		u->fd = -1;
+	}
+	u->work_err = store_remove(u->t->store, u->digest, NULL);
+}
+
+static void drop_after(uv_work_t *w, int status)
+{
+	struct upload *u = w->data;
+
+	(void)status;
+	if (u->work_err < 0 && u->work_err != -ENOENT)
+		log_debug(FETCH, "cluster tier: an uploaded blob stays in the cache: %s",
+			  strerror(-u->work_err));
+	upload_end(u);
+}
+
 static void upload_end(struct upload *u)
 {
 	struct tier *t = u->t;
 
+	if (u->drop) {
+		/* the blob was in this node's cache only to be uploaded */
+		u->drop = false;
+		u->work.data = u;
+		if (uv_queue_work(t->loop, &u->work, drop_work, drop_after) == 0)
+			return;
+	}
 	if (u->failed)
 		t->st.uploads_failed++;
 	t->running--;
@@ -1044,7 +1073,7 @@ static void upload_end(struct upload *u)
 }
 
 void tier_upload(struct tier *t, const uint8_t digest[STORE_DIGEST_SIZE], const char *origin,
-		 const char *resource, const struct tier_map *m)
+		 const char *resource, const struct tier_map *m, bool drop_after)
 {
 	struct upload *u;
 
@@ -1059,6 +1088,7 @@ void tier_upload(struct tier *t, const uint8_t digest[STORE_DIGEST_SIZE], const 
 		return;
 	u->t = t;
 	u->fd = -1;
+	u->drop = drop_after;
 	memcpy(u->digest, digest, STORE_DIGEST_SIZE);
 	u->m = *m;
 	memcpy(u->m.digest, digest, STORE_DIGEST_SIZE);

@@ -118,10 +118,11 @@ void tier_count_corrupt(struct tier *t, const uint8_t digest[STORE_DIGEST_SIZE])
  * After a verified download: uploads blob `digest` (from the store, unless the tier has it)
  * and then the mapping of (`origin`, `resource`). Runs on its own; the caller may go on.
  * Queued uploads past TIER_UPLOADS_QUEUED_MAX, and every upload once the tier is full, are
- * dropped (counted in uploads_failed).
+ * dropped (counted in uploads_failed). With `drop_after` the blob is removed from the store
+ * once the upload is over, whatever its outcome (prefetch --to-tier).
  */
 void tier_upload(struct tier *t, const uint8_t digest[STORE_DIGEST_SIZE], const char *origin,
-		 const char *resource, const struct tier_map *m);
+		 const char *resource, const struct tier_map *m, bool drop_after);
 
 /* Object key of a blob / a mapping (for tests and tools): `out` gets "PREFIX/blobs/..." */
 void tier_blob_key(const struct tier *t, const uint8_t digest[STORE_DIGEST_SIZE], char *out,

@@ -461,6 +461,10 @@ DMC_EXPORT int dmc_prefetch_encode(const struct dmc_prefetch *m, uint32_t reques
 	write_dstr(&w, m->version);
 	write_dstr(&w, m->server);
 	write_dstr(&w, m->api_key);
+	if (m->flags & DMC_PREFETCH_SHARD) {
+		dmc_write_u32(&w, m->shard_rank);
+		dmc_write_u32(&w, m->shard_world);
+	}
 	return dmc_frame_end(&w, DMC_OP_PREFETCH, 0, request_id, 0);
 }
 
@@ -476,7 +480,15 @@ DMC_EXPORT int dmc_prefetch_decode(const void *payload, size_t len, struct dmc_p
 	m.version = dmc_read_str(&r);
 	m.server = dmc_read_str(&r);
 	m.api_key = dmc_read_str(&r);
-	if (dmc_reader_finish(&r) || (m.flags & ~DMC_PREFETCH_FLAGS_DEFINED))
+	m.shard_rank = 0;
+	m.shard_world = 1;
+	if (m.flags & DMC_PREFETCH_SHARD) {
+		m.shard_rank = dmc_read_u32(&r);
+		m.shard_world = dmc_read_u32(&r);
+	}
+	if (dmc_reader_finish(&r) || (m.flags & ~DMC_PREFETCH_FLAGS_DEFINED) ||
+	    m.shard_world < 1 || m.shard_world > DMC_SHARD_WORLD_MAX ||
+	    m.shard_rank >= m.shard_world)
 		return DMC_PROTO_ERROR;
 	*ret = m;
 	return DMC_PROTO_OK;

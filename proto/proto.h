@@ -208,7 +208,17 @@ struct dmc_error_msg {
  *            skipped. While it runs, events carry a notice "decoding: D of N items"; an
  *            item that cannot be decoded is an event with its error and does not fail the
  *            job; the final record's notice says how many were decoded, skipped and
- *            failed. Other bits are refused.
+ *            failed.
+ *            DMC_PREFETCH_SHARD: the frame ends with u32 rank, u32 world (1 <= world <=
+ *            DMC_SHARD_WORLD_MAX, rank < world): the whole project is listed with the
+ *            caller's key, but only the items whose position in the listing's stable order
+ *            is rank modulo world are fetched (a node's share of a cluster's pre-warm).
+ *            DMC_PREFETCH_TO_TIER: fill the daemon's cluster tier (tier_url), not its cache:
+ *            items the tier has count as done without being fetched; the others are
+ *            downloaded, uploaded to the tier (file and mapping; not masks) and dropped from
+ *            the node's cache, and are not recorded in the snapshot. INVALID_ARGUMENT when
+ *            no tier is configured.
+ *            Other bits are refused.
  *   project  DATAMINT: a project name or id. LOCAL: the absolute path of a dataset
  *            directory as the Datamint Python client writes it (dataset.json, images/).
  *            For LOCAL the path is only a label (the snapshot's project id): the frame
@@ -261,6 +271,7 @@ struct dmc_prefetch {
 	struct dmc_str version;
 	struct dmc_str server;
 	struct dmc_str api_key;
+	uint32_t shard_rank, shard_world; /* on the wire with DMC_PREFETCH_SHARD only */
 };
 
 struct dmc_progress {
@@ -309,8 +320,12 @@ struct dmc_progress {
 #define DMC_PREFETCH_OFFLINE 1u
 #define DMC_PREFETCH_ALLOW_PARTIAL 2u
 #define DMC_PREFETCH_DECODE 4u
+#define DMC_PREFETCH_SHARD 8u
+#define DMC_PREFETCH_TO_TIER 16u
 #define DMC_PREFETCH_FLAGS_DEFINED \
-	(DMC_PREFETCH_OFFLINE | DMC_PREFETCH_ALLOW_PARTIAL | DMC_PREFETCH_DECODE)
+	(DMC_PREFETCH_OFFLINE | DMC_PREFETCH_ALLOW_PARTIAL | DMC_PREFETCH_DECODE | \
+	 DMC_PREFETCH_SHARD | DMC_PREFETCH_TO_TIER)
+#define DMC_SHARD_WORLD_MAX 65536u
 
 struct dmc_snapshot_info {
 	uint64_t id;

@@ -55,9 +55,11 @@ class Tier:
                     '--user', '%s:%s' % (self.access, self.secret)]
             if method == 'HEAD':
                 args[args.index('-X'):args.index('-X') + 2] = ['-I']
+            # the gateway wants the payload's hash signed; curl 7.88 does not add it itself
+            args += ['-H', 'x-amz-content-sha256: ' +
+                     hashlib.sha256(data if data is not None else b'').hexdigest()]
             if data is not None:
-                args += ['-H', 'x-amz-content-sha256: ' + hashlib.sha256(data).hexdigest(),
-                         '--data-binary', '@-']
+                args += ['--data-binary', '@-']
             r = subprocess.run(args + ['%s/%s' % (self.url, key)], input=data,
                                capture_output=True, timeout=60)
             assert r.returncode == 0, r.stderr

@@ -4,9 +4,10 @@ and sockets) share one bucket; the emulator plays Datamint and logs every reques
 import json
 import os
 import socket
+import subprocess
 import sqlite3
 
-from conftest import Node, emulator
+from conftest import DMCACHE, Node, emulator
 
 def manifest(emu):
     with open(os.path.join(emu.corpus, 'manifest.json')) as f:
@@ -203,3 +204,73 @@ def test_credentials_file_readable_by_others_is_refused(ceph, tmpdir_short, pref
     assert 'tier_credentials_file' in log and 'refused' in log, log
     assert ceph.secret not in log and ceph.access not in log
     d.notify.close()
+
+
+def blob_files(node):
+    root = os.path.join(node.d.cache, 'objects')
+    return [f for _, _, files in os.walk(root) for f in files]
+
+
+def test_sharded_prewarm_to_tier_covers_the_project_once(ceph, emu, tmpdir_short, prefix):
+    nodes = [Node(os.path.join(tmpdir_short, n), ceph, prefix) for n in ('a', 'b')]
+    c = Node(os.path.join(tmpdir_short, 'c'), ceph, prefix)
+    try:
+        emu.clear_log()
+        env = dict(nodes[0].d.env, DATAMINT_API_KEY=emulator.KEY_ALL)
+        env.pop('DATAMINT_API_URL', None)
+        procs = [subprocess.Popen([DMCACHE, '--socket', nd.d.socket, 'prefetch', '--json',
+                                   '--server', emu.url, '--to-tier', '--shard', '%d/2' % i,
+                                   'ct'], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+                 for i, nd in enumerate(nodes)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        finals = []
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, out + err
+            finals.append(final(subprocess.CompletedProcess([], 0, out, err)))
+        n = finals[0]['items_total']
+        assert finals[1]['items_total'] == n
+        # each node fetched its share: together every item, and every file exactly once
+        assert sorted(f['items_done'] for f in finals) == [n // 2, n - n // 2]
+        paths = [g['path'] for g in file_gets(emu)]
+        assert len(paths) == n and len(set(paths)) == n
+        for nd in nodes:
+            m = nd.wait_uploads()
+            assert m['uploads_failed_total'] == 0 and m['errors_total'] == 0, m
+        assert sum(nd.metrics()['maps_written_total'] for nd in nodes) == n
+        # the tier was filled, not the nodes' caches
+        for nd in nodes:
+            assert blob_files(nd) == [], blob_files(nd)
+        emu.clear_log()
+        r = c.prefetch(emu, 'ct')
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert final(r)['items_done'] == n
+        assert file_gets(emu) == []
+        assert c.metrics()['hits_total'] == n
+    finally:
+        for nd in nodes + [c]:
+            nd.stop()
+    for nd in nodes:
+        # listed (the snapshot has every item), none stored
+        assert len(items_of(nd)) == n and set(items_of(nd).values()) == {''}
+    man = manifest(emu)
+    assert all(hexd == man[rid]['sha256'] for rid, hexd in items_of(c).items())
+
+
+def test_to_tier_counts_what_the_tier_has_without_fetching_it(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix)
+    try:
+        n = fill(a, emu)
+        emu.clear_log()
+        r = b.prefetch(emu, 'ct', '--to-tier')
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert final(r)['items_done'] == n
+        assert file_gets(emu) == []
+        m = b.wait_uploads()
+        assert m['hits_total'] == 0 and m['uploads_total'] == 0 and m['bytes_total'] == 0, m
+        assert blob_files(b) == []
+    finally:
+        a.stop()
+        b.stop()
+    assert len(items_of(b)) == n and set(items_of(b).values()) == {''}

@@ -328,6 +328,29 @@ TEST(prefetch_round_trip)
 	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
 	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
 		  DMC_PROTO_ERROR);
+	/* a shard travels after the key, and only with its flag; a rank outside it is refused */
+	in.flags = DMC_PREFETCH_SHARD | DMC_PREFETCH_TO_TIER;
+	in.shard_rank = 2;
+	in.shard_world = 3;
+	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
+	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_OK);
+	ASSERT_EQ(out.flags, DMC_PREFETCH_SHARD | DMC_PREFETCH_TO_TIER);
+	ASSERT_EQ(out.shard_rank, 2);
+	ASSERT_EQ(out.shard_world, 3);
+	ASSERT_DSTR(out.api_key, "secret-key");
+	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE - 4, &out),
+		  DMC_PROTO_ERROR);
+	in.shard_rank = 3;
+	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
+	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_ERROR);
+	in.flags = 0;
+	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
+	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_OK);
+	ASSERT_EQ(out.shard_world, 1);
+	ASSERT_EQ(out.shard_rank, 0);
 }
 
 TEST(progress_round_trip)
