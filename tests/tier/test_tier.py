@@ -1,13 +1,29 @@
 """The cluster tier against a real Ceph RADOS Gateway: two dmcached nodes (separate caches
 and sockets) share one bucket; the emulator plays Datamint and logs every request.
 """
+import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
+
+import pytest
 import sqlite3
 
 from conftest import DMCACHE, Node, emulator
+
+BIG = 72 * 1000 * 1000  # above TIER_MULTIPART_MIN (64 MiB): uploaded in parts
+
+
+@pytest.fixture(scope='module')
+def emu():
+    """The corpus, and a synthetic project of one item larger than the multipart threshold."""
+    e = emulator.Emulator(synthetic=['big:1:%d' % BIG])
+    e.start()
+    yield e
+    assert e.stop() == 0
+
 
 def manifest(emu):
     with open(os.path.join(emu.corpus, 'manifest.json')) as f:
@@ -274,3 +290,33 @@ def test_to_tier_counts_what_the_tier_has_without_fetching_it(ceph, emu, tmpdir_
         a.stop()
         b.stop()
     assert len(items_of(b)) == n and set(items_of(b).values()) == {''}
+
+
+def test_large_blob_goes_up_in_parts_and_comes_back_whole(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix)
+    try:
+        r = a.prefetch(emu, 'big')
+        assert r.returncode == 0, r.stdout + r.stderr
+        m = a.wait_uploads()
+        assert m['uploads_total'] == 1 and m['uploads_failed_total'] == 0, m
+        emu.clear_log()
+        r = b.prefetch(emu, 'big')
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert file_gets(emu) == []
+        m = b.metrics()
+        assert m['hits_total'] == 1 and m['bytes_total'] > 64 << 20, m
+    finally:
+        a.stop()
+        b.stop()
+    (rid, hexd), = items_of(b).items()
+    assert items_of(a) == {rid: hexd}
+    data = blob_file(b, hexd)
+    assert data == blob_file(a, hexd) and len(data) > 64 << 20
+    # the tier's object is that file; its content is the emulator's item
+    assert ceph.s3('GET', '%s/blobs/%s/%s' % (prefix, hexd[:2], hexd))[1] == data
+    # a multipart object's ETag ends in its number of parts (16 MiB each)
+    head = ceph.s3('HEAD', '%s/blobs/%s/%s' % (prefix, hexd[:2], hexd))[1]
+    parts = -(-len(data) // (16 << 20))
+    assert re.search(rb'etag: "[0-9a-f]+-%d"' % parts, head, re.I), head
+    assert hashlib.sha256(emu.get('/resources/%s/file' % rid).body).hexdigest() == hexd
