@@ -136,14 +136,11 @@ static const struct key keys[] = {
 	K("tier_credentials_file", KT_STRING, tier_credentials_file, 0, 0,
 	  "the tier's aws_access_key_id and aws_secret_access_key, a file of root's with mode "
 	  "0600 (default: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY of the service)"),
-	K("tier_retention", KT_DURATION, tier_retention_ms, 3600000, 36500ull * 24 * 3600000,
-	  "dmcache tier gc keeps blobs referenced by a mapping written within this time"),
 };
 
 static void config_init_tier(struct config *cfg)
 {
 	cfg->tier_prefix = strdup("dmcache");
-	cfg->tier_retention_ms = 30ull * 24 * 3600000;
 }
 
 void config_init(struct config *cfg)
@@ -579,6 +576,9 @@ static const struct {
 		       "as root, else $XDG_CACHE_HOME/dmcache or ~/.cache/dmcache" },
 	{ "log_debug", "none" },
 	{ "ca_file", "the system's CA certificates" },
+	{ "tier_url", "none (no cluster tier)" },
+	{ "tier_region", "us-east-1", true },
+	{ "tier_credentials_file", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY of the service" },
 	{ "servers", DEFAULT_SERVERS, true },
 	{ "admin_group", DEFAULT_ADMIN_GROUP, true },
 	{ "worker_user", "nobody", true },

@@ -82,7 +82,6 @@ struct config {
 	char *tier_region;
 	char *tier_prefix;
 	char *tier_credentials_file;
-	uint64_t tier_retention_ms;
 };
 
 /* Fills in the defaults. */

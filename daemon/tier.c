@@ -267,6 +267,9 @@ static int load_cred_file(const char *path, char *id, size_t idcap, char *sec, s
 	return 0;
 }
 
+/* AWS_ACCESS_KEY_ID:AWS_SECRET_ACCESS_KEY, taken by tier_take_environment() */
+static struct secret *env_cred;
+
 /* The environment's copy, wiped once taken (the rest of the process never needs it). */
 static void take_env(const char *name, char *out, size_t cap)
 {
@@ -278,24 +281,52 @@ static void take_env(const char *name, char *out, size_t cap)
 	unsetenv(name);
 }
 
+void tier_take_environment(void)
+{
+	char id[256] = "", sec[256] = "", both[514];
+	size_t li, ls;
+
+	take_env("AWS_ACCESS_KEY_ID", id, sizeof(id));
+	take_env("AWS_SECRET_ACCESS_KEY", sec, sizeof(sec));
+	li = strlen(id);
+	ls = strlen(sec);
+	if (li && ls && !env_cred) {
+		memcpy(both, id, li);
+		both[li] = ':';
+		memcpy(both + li + 1, sec, ls + 1);
+		env_cred = secret_new(both, li + 1 + ls);
+	}
+	explicit_bzero(id, sizeof(id));
+	explicit_bzero(sec, sizeof(sec));
+	explicit_bzero(both, sizeof(both));
+}
+
 static int load_credentials(struct tier *t, const struct config *cfg, char *err, size_t errlen)
 {
 	char id[256] = "", sec[256] = "", both[514];
 	int rc = 0;
 
+	tier_take_environment(); /* if main() did not already */
 	if (cfg->tier_credentials_file && *cfg->tier_credentials_file) {
+		secret_free(env_cred);
+		env_cred = NULL;
 		rc = load_cred_file(cfg->tier_credentials_file, id, sizeof(id), sec, sizeof(sec),
 				    err, errlen);
-	} else {
-		take_env("AWS_ACCESS_KEY_ID", id, sizeof(id));
-		take_env("AWS_SECRET_ACCESS_KEY", sec, sizeof(sec));
-		if (!*id || !*sec) {
-			snprintf(err, errlen,
-				 "tier_url is set but there are no credentials: set "
-				 "tier_credentials_file, or AWS_ACCESS_KEY_ID and "
-				 "AWS_SECRET_ACCESS_KEY in the service's environment");
-			rc = -EINVAL;
+	} else if (env_cred) {
+		const char *c = secret_str(env_cred);
+		if (c[0] == ':') {
+			snprintf(err, errlen, "the tier's access key id is malformed");
+			return -EINVAL;
 		}
+		t->cred = env_cred;
+		env_cred = NULL;
+		return 0;
+	} else {
+		snprintf(err, errlen,
+			 "tier_url is set but there are no credentials: set tier_credentials_file, "
+			 "or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the service's "
+			 "environment");
+		rc = -EINVAL;
 	}
 	if (rc == 0 && (strchr(id, ':') || !*id)) {
 		snprintf(err, errlen, "the tier's access key id is malformed");
@@ -327,8 +358,11 @@ int tier_new(uv_loop_t *loop, struct fetch *f, struct store *store, const struct
 	int rc;
 
 	*ret = NULL;
-	if (!cfg->tier_url || !*cfg->tier_url)
+	if (!cfg->tier_url || !*cfg->tier_url) {
+		secret_free(env_cred); /* no tier: nothing keeps them */
+		env_cred = NULL;
 		return 0;
+	}
 	if (fetch_url_origin(cfg->tier_url, origin, sizeof(origin)) < 0) {
 		snprintf(err, errlen, "tier_url '%s' is not an http(s) URL", cfg->tier_url);
 		return -EINVAL;
@@ -466,8 +500,9 @@ static void warn_error(struct tier *t, const char *what, const struct fetch_resu
 		return;
 	}
 	t->last_warn_ms = now;
-	log_warn(FETCH, "cluster tier: %s: %s (Datamint instead; tier_errors counts these)",
-		 what, res->message[0] ? res->message : "failed");
+	log_warn(FETCH, "cluster tier: %s: %s (%s; tier_errors counts these)", what,
+		 res->message[0] ? res->message : "failed",
+		 strcmp(what, "uploading") == 0 ? "the upload is dropped" : "Datamint instead");
 }
 
 static bool is_full(const struct fetch_result *res)

@@ -74,6 +74,12 @@ struct tier_stats {
  */
 int tier_new(uv_loop_t *loop, struct fetch *f, struct store *store, const struct config *cfg,
 	     struct tier **ret, char *err, size_t errlen);
+/*
+ * Takes AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY out of the environment (wiped there)
+ * into a secret for tier_new(). main() calls it before the decoder zygote forks, so that no
+ * decoder process ever has them; tier_new() calls it too.
+ */
+void tier_take_environment(void);
 /* Cancels the uploads; frees once their transfers ended. NULL is a no-op. */
 void tier_free(struct tier *t);
 void tier_get_stats(const struct tier *t, struct tier_stats *ret);

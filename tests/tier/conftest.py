@@ -121,7 +121,8 @@ def prefix():
 class Node:
     """One node: a dmcached with its own cache and socket, the tier in its configuration."""
 
-    def __init__(self, directory, tier, prefix, url=None, cred_mode=0o600, start=True):
+    def __init__(self, directory, tier, prefix, url=None, cred_mode=0o600, start=True,
+                 env_credentials=False):
         os.makedirs(directory, exist_ok=True)
         self.cred = os.path.join(directory, 'tier.credentials')
         with open(self.cred, 'w') as f:
@@ -131,9 +132,14 @@ class Node:
         self.conf = os.path.join(directory, 'dmcached.conf')
         with open(self.conf, 'w') as f:
             f.write('tier_url = %s\ntier_region = %s\ntier_prefix = %s\n'
-                    'tier_credentials_file = %s\n'
-                    % (url or tier.url, tier.region, prefix, self.cred))
-        self.d = Daemon(directory, args=['--config', self.conf], start=start)
+                    % (url or tier.url, tier.region, prefix))
+            if not env_credentials:
+                f.write('tier_credentials_file = %s\n' % self.cred)
+        env = None
+        if env_credentials:
+            # the service's environment instead of the file
+            env = {'AWS_ACCESS_KEY_ID': tier.access, 'AWS_SECRET_ACCESS_KEY': tier.secret}
+        self.d = Daemon(directory, args=['--config', self.conf], env=env, start=start)
 
     def prefetch(self, emu, project, *args, key=emulator.KEY_ALL, timeout=300):
         env = dict(self.d.env, DATAMINT_API_KEY=key)

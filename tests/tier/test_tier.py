@@ -91,6 +91,9 @@ def test_second_node_reads_everything_from_the_tier(ceph, emu, tmpdir_short, pre
     finally:
         a.stop()
         b.stop()
+    for node in (a, b):
+        # the tier's credentials are in no log line
+        assert ceph.secret not in node.d.log() and ceph.access not in node.d.log()
     ia, ib = items_of(a), items_of(b)
     assert ia == ib and len(ia) == n
     man = manifest(emu)
@@ -320,3 +323,25 @@ def test_large_blob_goes_up_in_parts_and_comes_back_whole(ceph, emu, tmpdir_shor
     parts = -(-len(data) // (16 << 20))
     assert re.search(rb'etag: "[0-9a-f]+-%d"' % parts, head, re.I), head
     assert hashlib.sha256(emu.get('/resources/%s/file' % rid).body).hexdigest() == hexd
+
+
+def test_credentials_from_the_environment(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix, env_credentials=True)
+    try:
+        n = fill(a, emu)
+        emu.clear_log()
+        r = b.prefetch(emu, 'ct')
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert file_gets(emu) == []
+        assert b.metrics()['hits_total'] == n
+        # read once, then wiped from the daemon's environment (/proc/PID/environ shows
+        # the block the process started with, as it is now)
+        with open('/proc/%d/environ' % b.d.proc.pid, 'rb') as f:
+            environ = f.read()
+        assert b'AWS_SECRET_ACCESS_KEY=' in environ
+        assert ceph.secret.encode() not in environ and ceph.access.encode() not in environ
+    finally:
+        a.stop()
+        b.stop()
+    assert ceph.secret not in b.d.log()
