@@ -576,6 +576,11 @@ void item_got_bytes(struct gitem *gi)
 		pump_items(sc);
 		return;
 	}
+	if (gi->he && gi->rq->h.rg && region_place(gi)) {
+		/* hot, and the client takes it in place: no copy of the tensor */
+		finish_placed(gi);
+		return;
+	}
 	if (gi->nbytes + meta_len(gi) + 2 * ARENA_ALIGN > sc->arena.size) {
 		gi_drop(gi);
 		item_fail(gi, -DMC_E_LIMIT_EXCEEDED,
@@ -1005,6 +1010,9 @@ void req_maybe_reply(struct greq *rq)
 		dmc_write_u32(&w, rq->n);
 		for (uint32_t i = 0; i < rq->n; i++)
 			item_desc_write(&w, &rq->items[i]);
+		if (rq->h.flags & DMC_OPEN_REGIONS)
+			for (uint32_t i = 0; i < rq->n; i++)
+				dmc_write_u8(&w, rq->items[i].in_region ? 1 : 0);
 		n = dmc_frame_end(&w, DMC_OP_GET, DMC_FLAG_REPLY, rq->request_id, 0);
 		if (n > 0)
 			conn_send(sc->c, frame, (size_t)n);
