@@ -53,6 +53,68 @@ static void punch(struct region *rg, uint64_t off, uint64_t len)
 				(off_t)len);
 }
 
+#define REGION_ROWS_MAX (1u << 16)
+#define REGION_ROWS_BYTES (32ull << 20)
+
+static void rows_clear(struct region *rg)
+{
+	for (size_t i = 0; i < rg->nb_rows; i++)
+		for (struct rrow *r = rg->rows[i], *next; r; r = next) {
+			next = r->next;
+			free(r->record);
+			free(r);
+		}
+	free(rg->rows);
+	rg->rows = NULL;
+	rg->nb_rows = rg->n_rows = 0;
+	rg->rows_bytes = 0;
+}
+
+const struct rrow *region_row(const struct region *rg, uint64_t item)
+{
+	if (!rg->nb_rows)
+		return NULL;
+	for (const struct rrow *r = rg->rows[(item * 0x9e3779b97f4a7c15ull) >> 48 &
+					      (rg->nb_rows - 1)];
+	     r; r = r->next)
+		if (r->item == item)
+			return r;
+	return NULL;
+}
+
+void region_row_put(struct region *rg, uint64_t item, const uint8_t *raw, uint64_t raw_len,
+		    const char *record)
+{
+	size_t len = strlen(record);
+	struct rrow *r;
+	size_t k;
+
+	if (region_row(rg, item))
+		return;
+	if (rg->n_rows >= REGION_ROWS_MAX || rg->rows_bytes + len > REGION_ROWS_BYTES)
+		rows_clear(rg); /* a snapshot larger than what is kept: start again */
+	if (!rg->nb_rows) {
+		rg->rows = calloc(REGION_ROWS_MAX, sizeof(*rg->rows));
+		if (!rg->rows)
+			return;
+		rg->nb_rows = REGION_ROWS_MAX;
+	}
+	r = malloc(sizeof(*r));
+	if (!r || !(r->record = malloc(len + 1))) {
+		free(r);
+		return;
+	}
+	memcpy(r->record, record, len + 1);
+	r->item = item;
+	memcpy(r->raw, raw, STORE_DIGEST_SIZE);
+	r->raw_len = raw_len;
+	k = (item * 0x9e3779b97f4a7c15ull) >> 48 & (rg->nb_rows - 1);
+	r->next = rg->rows[k];
+	rg->rows[k] = r;
+	rg->n_rows++;
+	rg->rows_bytes += len + 1 + sizeof(*r);
+}
+
 static void region_free(struct region *rg)
 {
 	struct regions *rs = rg->rs;
@@ -67,6 +129,7 @@ static void region_free(struct region *rg)
 	if (rg->ro_fd >= 0)
 		close(rg->ro_fd);
 	arena_done(&rg->a);
+	rows_clear(rg);
 	free(rg);
 }
 

@@ -44,6 +44,18 @@ struct region {
 	int ro_fd;           /* what clients get */
 	unsigned refs;       /* handles (and their copies) referring to it */
 	uint64_t entries;    /* entries living in it */
+	/* the snapshot's index rows already read (item -> content digest, size, resource
+	 * record): a hot item handed in place costs no index query. A snapshot's rows never
+	 * change; bounded (REGION_ROWS_MAX, REGION_ROWS_BYTES), forgotten whole when full. */
+	struct rrow {
+		uint64_t item;
+		uint8_t raw[STORE_DIGEST_SIZE];
+		uint64_t raw_len;
+		char *record;
+		struct rrow *next;
+	} **rows;
+	size_t nb_rows, n_rows;
+	uint64_t rows_bytes;
 	struct region *next;
 };
 
@@ -80,6 +92,10 @@ void region_unref(struct region *rg);
 struct rentry *region_take(struct region *rg, const uint8_t *raw, int64_t opts,
 			   const uint8_t *bytes, uint64_t nbytes);
 void region_unpin(struct rentry *e);
+/* The row of `item` kept for `rg`, or NULL; and keeping one (a copy of `record`). */
+const struct rrow *region_row(const struct region *rg, uint64_t item);
+void region_row_put(struct region *rg, uint64_t item, const uint8_t *raw, uint64_t raw_len,
+		    const char *record);
 /* A new budget (a reload of hot_max): unpinned entries go until the regions fit. */
 void regions_set_max(struct regions *rs, uint64_t max);
 /* Bytes of the regions' memfds the kernel holds (their allocated pages). */
