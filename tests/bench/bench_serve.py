@@ -359,7 +359,8 @@ def main():
     ap.add_argument('--step-ms', type=int, default=20,
                     help='T7: simulated training step per batch of 32 (a sleep)')
     ap.add_argument('--phases', default='0', help=argparse.SUPPRESS)
-    ap.add_argument('--handoff', type=int, default=200, help='GETs timed for T3')
+    ap.add_argument('--handoff', type=int, help='GETs timed for T3 (default 200; 50 with '
+                    '--quick)')
     ap.add_argument('--quick', action='store_true',
                     help='256 items, 1 rep, short runs: a smoke run, not figures')
     ap.add_argument('--work-dir', help='where the temp dir goes (default: $TMPDIR)')
@@ -374,7 +375,9 @@ def main():
             child_loader_run(folder, args.seconds, [int(x) for x in args.phases.split(',')])
         return 0
     if args.quick:
-        args.items, args.reps, args.seconds, args.handoff = 256, 1, 1.0, 50
+        args.items, args.reps, args.seconds = 256, 1, 1.0
+    if args.handoff is None:
+        args.handoff = 50 if args.quick else 200
     if not HOT_ITEMS <= args.items <= ITEMS_MAX:
         ap.error('--items must be %d to %d' % (HOT_ITEMS, ITEMS_MAX))
     if args.reps < 1 or args.handoff < 2 or not 0.2 <= args.seconds <= 60 or \
