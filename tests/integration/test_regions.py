@@ -4,7 +4,9 @@ A region holds the tensors of one snapshot only and is passed (read-only) only t
 connections that OPENed that snapshot: alice's region of 'sample' never reaches bob, who
 may read 'ct' only, and no byte of alice's tensors is in any descriptor bob received.
 Items held by a client are pinned: a hot set churning under a small hot_max never moves or
-overwrites them, and the pages of what was released and evicted go back to the kernel.
+overwrites them, and the pages of what was released and evicted go back to the kernel;
+a lowered hot_max (SIGHUP) shrinks the regions at once around what is held. Handles of
+stored files get no region.
 """
 import errno
 import fcntl
@@ -17,6 +19,8 @@ import pytest
 
 import uids
 import wire
+from conftest import Daemon
+from test_ops_config import reload
 from test_trust_shm import connect_as, counters, json_filename, pread_all, release, start_daemon
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
@@ -278,6 +282,71 @@ def test_values_equal_an_independent_decode(emu, tmpdir_short):
         assert checked >= 8
         os.close(arena_fd)
         os.close(rfd)
+        sock.close()
+    finally:
+        rc, _ = d.stop()
+        assert rc == 0, d.log()
+
+
+def test_a_lowered_hot_max_evicts_what_is_not_held(emu, tmpdir_short):
+    """SIGHUP with a lower hot_max: the regions shrink to it at once, except what clients
+    hold, whose bytes stay as they were."""
+    conf = os.path.join(tmpdir_short, 'dmcached.conf')
+    with open(conf, 'w') as f:
+        f.write('hot_max = 64M\n')
+    d = Daemon(tmpdir_short, args=['--config', conf], env=dict(DATAMINT_API_URL=emu.url))
+    try:
+        sock = wire.session(d.socket, timeout=120)
+        o, (arena_fd, rfd) = open_r(sock, 'sample', emulator.KEY_ALL, emu.url)
+        n = o['items']
+        first = get_r(sock, o['handle'], list(range(n)))
+        release(sock, [x for it in first for x in
+                       ((it['meta_offset'],) if it['in_region'] else (it['offset'],
+                                                                      it['meta_offset']))])
+        items = get_r(sock, o['handle'], list(range(n)), rid=7)
+        assert all(it['in_region'] for it in items)
+        held = sorted(items, key=lambda it: it['nbytes'])[:2]  # two small ones stay held
+        ref = [pread_all(rfd, it['offset'], it['nbytes']) for it in held]
+        release(sock, [it['meta_offset'] for it in items if it not in held])
+        before = counters(d)
+        assert before['serve_region_tensors'] == n, before
+        _, start = reload(d, 'hot_max = 1M\n', conf)
+        after = counters(d)
+        kept = sum(-(-it['nbytes'] // 4096) * 4096 for it in held)
+        assert after['serve_region_tensors_pinned'] == 2
+        assert after['serve_region_bytes'] <= max(MiB, kept), after
+        assert after['serve_region_evictions_total'] > before['serve_region_evictions_total']
+        assert os.fstat(rfd).st_blocks * 512 == after['serve_region_bytes']
+        assert [pread_all(rfd, it['offset'], it['nbytes']) for it in held] == ref
+        release(sock, [it['meta_offset'] for it in held], rid=901)
+        assert counters(d)['serve_region_tensors_pinned'] == 0
+        os.close(arena_fd)
+        os.close(rfd)
+        sock.close()
+    finally:
+        rc, _ = d.stop()
+        assert rc == 0, d.log()
+
+
+def test_raw_files_never_come_from_a_region(emu, tmpdir_short):
+    """A handle of stored files (DMC_OPEN_RAW) gets no region, and its GET replies still
+    say so per item; a plain handle on the same connection then gets one."""
+    d = start_daemon(tmpdir_short, emu)
+    try:
+        sock = wire.session(d.socket, timeout=120)
+        sock.sendall(wire.open_msg('sample', server=emu.url, key=emulator.KEY_ALL,
+                                   flags=wire.OPEN_REGIONS | 16, rid=5))
+        op, fl, r, payload, fds = wire.recv_frame_fds(sock)
+        assert op == wire.OP_OPEN, payload
+        o = wire.decode_open_reply(payload, True)
+        assert o['region_id'] == 0 and o['region_bytes'] == 0 and len(fds) == 1
+        for _ in range(2):
+            items = get_r(sock, o['handle'], [0, 1])
+            assert [it['in_region'] for it in items] == [0, 0]
+        o2, fds2 = open_r(sock, 'sample', emulator.KEY_ALL, emu.url, rid=7)
+        assert o2['region_id'] and len(fds2) == 1  # the region alone: the arena was passed
+        for fd in fds + fds2:
+            os.close(fd)
         sock.close()
     finally:
         rc, _ = d.stop()
