@@ -1334,8 +1334,26 @@ DMC_EXPORT int dmc_open(dmc_client *c, const struct dmc_open_args *args,
 	return dmc_open_policy(c, args, NULL, ret_dataset);
 }
 
+static int open_once(dmc_client *c, const struct dmc_open_args *args,
+		     const struct dmc_policy *policy, struct dmc_dataset **ret_dataset);
+
 DMC_EXPORT int dmc_open_policy(dmc_client *c, const struct dmc_open_args *args,
 			       const struct dmc_policy *policy, struct dmc_dataset **ret_dataset)
+{
+	int rc = open_once(c, args, policy, ret_dataset);
+
+	if (rc == -DMC_E_PROTOCOL && (args->flags & DMC_OPEN_REGIONS) && c->fd >= 0) {
+		/* a daemon older than regions refuses the flag (undefined bits): without it,
+		 * every item comes in the arena */
+		struct dmc_open_args plain = *args;
+		plain.flags &= ~DMC_OPEN_REGIONS;
+		rc = open_once(c, &plain, policy, ret_dataset);
+	}
+	return rc;
+}
+
+static int open_once(dmc_client *c, const struct dmc_open_args *args,
+		     const struct dmc_policy *policy, struct dmc_dataset **ret_dataset)
 {
 	struct dmc_open m = { 0 };
 	struct dmc_open_reply r;

@@ -3,6 +3,10 @@ bytes as the arena path and as an independent decoder, read-only where they lie,
 batches the package hands out stay the caller's own, writable memory: writing into one
 never changes what the same item reads next, in this client or another."""
 import os
+import socket
+import struct
+import sys
+import threading
 
 import numpy as np
 import torch
@@ -79,3 +83,53 @@ def test_batches_of_in_place_items_are_writable_and_private(daemon, emu):
             ds.close()
     finally:
         first.close()
+
+
+def test_a_daemon_older_than_regions_is_opened_without_them(tmpdir_short):
+    """A daemon that refuses the flag (undefined OPEN bits are a protocol error there) gets
+    the OPEN again without it: the client works, every item in the arena."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'integration'))
+    import wire
+    path = os.path.join(tmpdir_short, 'old.sock')
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    seen = []
+
+    def old_daemon():
+        s, _ = srv.accept()
+        with s:
+            op, fl, rid, payload = wire.recv_frame(s)
+            assert op == wire.OP_HELLO
+            s.sendall(wire.frame(wire.OP_HELLO, struct.pack('<III', 1, os.getuid(), 1 << 20)
+                                 + wire.s('dmcached 0.0.9'), flags=1, rid=rid))
+            while len(seen) < 2:
+                op, fl, rid, payload = wire.recv_frame(s)
+                assert op == wire.OP_OPEN
+                flags = struct.unpack_from('<III', payload)[1]
+                seen.append(flags)
+                if flags & ~63:
+                    s.sendall(wire.frame(wire.OP_ERROR, struct.pack('<IIIi', 1001, 0, 0, 0)
+                                         + wire.s('') + wire.s('malformed OPEN'), flags=1,
+                                         rid=rid))
+                    continue
+                arena = os.memfd_create('arena')
+                os.ftruncate(arena, 1 << 20)
+                reply = wire.frame(wire.OP_OPEN, struct.pack('<QQQ', 1, 2, 3) + wire.s('p')
+                                   + wire.s('n') + wire.s('v') + struct.pack('<Q', 1 << 20),
+                                   flags=1, rid=rid, nfds=1)
+                socket.send_fds(s, [reply], [arena])
+                os.close(arena)
+            s.recv(1 << 16)  # until the client goes
+
+    t = threading.Thread(target=old_daemon, daemon=True)
+    t.start()
+    c = _lib.Client(path)
+    try:
+        ds = c.open(_lib.SOURCE_DATAMINT, 'p', server='http://x', api_key='k', regions=True)
+        assert seen == [_lib.OPEN_REGIONS, 0]
+        assert ds.items == 3 and ds.arena_bytes == 1 << 20
+    finally:
+        c.close()
+        t.join(10)
+        srv.close()
