@@ -253,7 +253,8 @@ struct dmc_open_args {
 	const char *server;   /* DATAMINT: API URL; LOCAL: NULL */
 	const char *api_key;  /* DATAMINT: the caller's key (borrowed; wiped from the frame) */
 	uint32_t flags;       /* DMC_OPEN_LUT, _FRAMES, _MASKS, _OFFLINE, _RAW, _REGIONS (hot
-			       * items of dmc_get() handed in place: read-only, see dmc_item) */
+			       * items of dmc_get() handed in place: read-only, see dmc_item;
+			       * a daemon older than regions gets the OPEN again without it) */
 	uint32_t dtype;       /* enum dmc_dtype, or 0 for the source dtype */
 	uint64_t arena_bytes; /* shared memory wished for; 0: the daemon's default */
 };

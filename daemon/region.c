@@ -231,8 +231,10 @@ struct region *region_open(struct regions *rs, int64_t snapshot_id, int *err)
 	uint64_t size;
 	int rc;
 
+	/* not one that no handle refers to any more (it lives on for what clients hold): its
+	 * snapshot may have been evicted since, and the id given to another one */
 	for (rg = rs->list; rg; rg = rg->next)
-		if (rg->snapshot_id == snapshot_id) {
+		if (rg->snapshot_id == snapshot_id && rg->refs) {
 			rg->refs++;
 			return rg;
 		}
@@ -284,6 +286,7 @@ void region_unref(struct region *rg)
 			entry_drop(rs, e);
 	}
 	rg->refs--;
+	rows_clear(rg); /* nobody looks a row up in it again */
 	region_maybe_free(rg);
 }
 

@@ -79,7 +79,8 @@ struct regions {
 	uint64_t made, copies, handed, evictions, reclaimed, pinned;
 };
 
-/* The region of `snapshot_id`, referenced (made when there is none); NULL with *err. */
+/* The region of `snapshot_id`, referenced (made when there is none, or when the one there
+ * is referred to by no handle and lives on only for pinned tensors); NULL with *err. */
 struct region *region_open(struct regions *rs, int64_t snapshot_id, int *err);
 void region_ref(struct region *rg);
 /* A handle lets go; the region goes once nothing refers to it and nothing is pinned. */

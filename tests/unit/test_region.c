@@ -159,7 +159,7 @@ TEST(a_region_nothing_refers_to_goes_and_its_file_is_emptied)
 	struct regions rs = { .max = 1u << 20 };
 	uint8_t raw[STORE_DIGEST_SIZE];
 	struct rentry *held, *other;
-	struct region *a;
+	struct region *a, *b;
 	int err = 0, kept;
 
 	a = region_open(&rs, 1, &err);
@@ -172,11 +172,24 @@ TEST(a_region_nothing_refers_to_goes_and_its_file_is_emptied)
 	ASSERT(held && other);
 	region_unpin(other);
 	ASSERT_UINT_EQ(blocks(kept), 2 * ITEM);
+	region_row_put(a, 1, raw, 10, "{}");
 	region_unref(a); /* the last handle: the unpinned entry goes, the held one stays */
 	ASSERT_UINT_EQ(regions_count(&rs), 1);
 	ASSERT_UINT_EQ(rs.n, 1);
 	ASSERT_UINT_EQ(blocks(kept), ITEM);
 	ASSERT(memcmp(a->a.base + held->off, bytes_of(1), ITEM) == 0);
+	ASSERT(region_row(a, 1) == NULL); /* its rows are forgotten */
+	/* the snapshot opened again meanwhile (or another snapshot under its id, once it was
+	 * evicted): a new region, never the one that lives on for the held tensor */
+	b = region_open(&rs, 1, &err);
+	ASSERT(b && b != a);
+	key(raw, 1);
+	other = region_take(b, raw, 0, bytes_of(1), ITEM);
+	ASSERT(other && other != held);
+	ASSERT_UINT_EQ(regions_count(&rs), 2);
+	region_unpin(other);
+	region_unref(b);
+	ASSERT_UINT_EQ(regions_count(&rs), 1);
 	region_unpin(held); /* released: the region goes */
 	ASSERT_UINT_EQ(regions_count(&rs), 0);
 	ASSERT_UINT_EQ(rs.n, 0);
@@ -186,7 +199,7 @@ TEST(a_region_nothing_refers_to_goes_and_its_file_is_emptied)
 	/* a snapshot opened again gets a new region */
 	a = region_open(&rs, 1, &err);
 	ASSERT(a);
-	ASSERT_UINT_EQ(a->id, 2);
+	ASSERT_UINT_EQ(a->id, 3);
 	region_unref(a);
 	ASSERT_UINT_EQ(regions_count(&rs), 0);
 	regions_done(&rs);
