@@ -20,7 +20,10 @@
  * first, over every region, once the regions' bytes pass `max` (hot_max: regions are the
  * hot set's memory as the clients see it, shared by every uid of the snapshot, so they are
  * bounded like the hot set and not charged to one uid's shm share); their pages are
- * punched out of the memfd at once. A region goes (its whole file punched, so that a
+ * punched out of the memfd at once. A tensor in a region is a copy of a hot-set entry, so
+ * decoded tensors take at most twice hot_max (the hot set's and the regions'); making the
+ * regions the hot set's own storage would halve that, at the price of one region per
+ * snapshot for every client, regions or not. A region goes (its whole file punched, so that a
  * client still holding the descriptor keeps no memory) when no handle refers to it and no
  * entry of it is pinned. Owned by serve (struct serve), loop thread only.
  */
