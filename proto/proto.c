@@ -884,6 +884,10 @@ DMC_EXPORT int dmc_open_reply_encode(const struct dmc_open_reply *m, uint8_t nfd
 	write_dstr(&w, m->project_name);
 	write_dstr(&w, m->version);
 	dmc_write_u64(&w, m->arena_bytes);
+	if (m->regions) {
+		dmc_write_u64(&w, m->region_id);
+		dmc_write_u64(&w, m->region_bytes);
+	}
 	return dmc_frame_end(&w, DMC_OP_OPEN, DMC_FLAG_REPLY, request_id, nfds);
 }
 
@@ -901,6 +905,9 @@ DMC_EXPORT int dmc_open_reply_decode(const void *payload, size_t len,
 	m.project_name = dmc_read_str(&r);
 	m.version = dmc_read_str(&r);
 	m.arena_bytes = dmc_read_u64(&r);
+	m.regions = !r.err && r.len - r.pos == 16;
+	m.region_id = m.regions ? dmc_read_u64(&r) : 0;
+	m.region_bytes = m.regions ? dmc_read_u64(&r) : 0;
 	if (dmc_reader_finish(&r))
 		return DMC_PROTO_ERROR;
 	*ret = m;
