@@ -35,13 +35,12 @@ free_port() {
 	/usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-wait_for() { # seconds, what, command...
-	local limit=$1 what=$2 t=0
+wait_for() { # seconds (wall clock), what, command...
+	local limit=$1 what=$2 end=$((SECONDS + $1))
 	shift 2
-	until "$@" >/dev/null 2>&1; do
-		t=$((t + 1))
-		if [ "$t" -ge $((limit * 4)) ]; then
-			echo "ceph.sh: $what not ready after ${limit}s; last lines of its log:" >&2
+	until "$@" >/dev/null 2>>"$dir/log/wait.log"; do
+		if [ "$SECONDS" -ge "$end" ]; then
+			echo "ceph.sh: $what not ready after ${limit}s; last lines of the logs:" >&2
 			tail -n 20 "$dir"/log/*.log >&2 || true
 			return 1
 		fi
@@ -66,7 +65,7 @@ start_rgw() {
 	radosgw -c "$dir/ceph.conf" -n client.rgw.a --rgw-frontends \
 		"beast endpoint=127.0.0.1:$TIER_PORT" --pid-file "$dir/run/rgw.pid" \
 		--log-file "$dir/log/rgw.log" </dev/null
-	wait_for 60 "the RADOS Gateway" curl -sf "http://127.0.0.1:$TIER_PORT/"
+	wait_for 120 "the RADOS Gateway" curl -sf "http://127.0.0.1:$TIER_PORT/"
 	sed -i '/^TIER_RGW_PID=/d' "$dir/env"
 	echo "TIER_RGW_PID=$(cat "$dir/run/rgw.pid")" >>"$dir/env"
 }
@@ -153,14 +152,14 @@ ENV
 	monmaptool --create --addv a "[v2:127.0.0.1:$mon_port]" --fsid "$fsid" "$dir/monmap" >/dev/null
 	ceph-mon "${conf[@]}" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/mon.keyring" 2>>"$dir/log/setup.log"
 	ceph-mon "${conf[@]}" -i a </dev/null 2>>"$dir/log/setup.log"
-	wait_for 30 "the monitor" timeout 5 ceph "${conf[@]}" mon stat
+	wait_for 90 "the monitor" timeout 5 ceph "${conf[@]}" mon stat
 	echo "TIER_MON_PID=$(cat "$dir/run/mon.a.pid")" >>"$dir/env"
 
 	id=$(ceph "${conf[@]}" osd create)
 	mkdir -p "$dir/osd/osd.$id"
 	ceph-osd "${conf[@]}" -i "$id" --mkfs 2>>"$dir/log/setup.log"
 	ceph-osd "${conf[@]}" -i "$id" </dev/null 2>>"$dir/log/setup.log"
-	wait_for 60 "the OSD" sh -c "ceph ${conf[*]} osd stat -f json | grep -q '\"num_up_osds\":1'"
+	wait_for 120 "the OSD" sh -c "ceph ${conf[*]} osd stat -f json | grep -q '\"num_up_osds\":1'"
 	echo "TIER_OSD_PID=$(cat "$dir/run/osd.$id.pid")" >>"$dir/env"
 
 	start_rgw
@@ -174,7 +173,7 @@ TIER_ACCESS_KEY=$access
 TIER_SECRET_KEY=$secret
 ENV
 	. "$dir/env"
-	wait_for 60 "the bucket" s3 PUT "/$bucket"
+	wait_for 120 "the bucket" s3 PUT "/$bucket"
 	echo "TIER_START_SECONDS=$(( $(date +%s) - start ))" >>"$dir/env"
 	cat "$dir/env"
 	;;
