@@ -338,7 +338,7 @@ static void prefetch_usage(FILE *out)
 	fprintf(out,
 		"Usage: dmcache prefetch PROJECT [--version V] [--server URL] [--api-key KEY]\n"
 		"                        [--json] [--offline] [--allow-partial] [--decode]\n"
-		"                        [--shard RANK/WORLD] [--to-tier]\n"
+		"                        [--shard RANK/WORLD|auto] [--to-tier]\n"
 		"       dmcache prefetch --source DIR [--json] [--decode]\n"
 		"       dmcache prefetch --cancel PROJECT [--server URL] [--json]\n"
 		"       dmcache prefetch --cancel --source DIR [--json]\n"
@@ -364,7 +364,9 @@ static void prefetch_usage(FILE *out)
 		"                   epoch reads stored tensors; an item that cannot be decoded\n"
 		"                   is reported and does not fail the prefetch\n"
 		"  --shard R/W      fetch only this node's share: the items whose position in\n"
-		"                   the listing is R modulo W (the whole project is listed)\n"
+		"                   the listing is R modulo W (the whole project is listed);\n"
+		"                   --shard auto: RANK/WORLD_SIZE from the environment\n"
+		"                   (torchrun's)\n"
 		"  --to-tier        fill the daemon's cluster tier (tier_url), not its cache:\n"
 		"                   what the tier lacks is downloaded, uploaded and dropped\n"
 		"  --cancel         stop the running job instead (exit 0 even if none ran)\n\n"
@@ -540,12 +542,28 @@ int cmd_prefetch(int argc, char **argv)
 		case O_TO_TIER: a.flags |= DMC_PREFETCH_TO_TIER; break;
 		case O_SHARD: {
 			unsigned rank, world;
-			char tail;
-			if (sscanf(optarg, "%u/%u%c", &rank, &world, &tail) != 2 || world < 1 ||
+			char tail, spec[64];
+			const char *arg = optarg;
+			if (strcmp(optarg, "auto") == 0) {
+				/* torch.distributed's environment (torchrun, env:// init) */
+				const char *r = getenv("RANK"), *w = getenv("WORLD_SIZE");
+				if (!r || !w) {
+					fprintf(stderr, "dmcache prefetch: --shard auto takes RANK and "
+							"WORLD_SIZE from the environment (as torchrun "
+							"sets them): %s is not set\n",
+						!r ? "RANK" : "WORLD_SIZE");
+					rc = EXIT_USAGE;
+					goto out;
+				}
+				snprintf(spec, sizeof(spec), "%.30s/%.30s", r, w);
+				arg = spec;
+			}
+			if (sscanf(arg, "%u/%u%c", &rank, &world, &tail) != 2 || world < 1 ||
 			    world > DMC_SHARD_WORLD_MAX || rank >= world) {
 				fprintf(stderr, "dmcache prefetch: --shard wants RANK/WORLD with "
-						"0 <= RANK < WORLD <= %u, not '%s'\n",
-					DMC_SHARD_WORLD_MAX, optarg);
+						"0 <= RANK < WORLD <= %u, not '%s'%s\n",
+					DMC_SHARD_WORLD_MAX, arg,
+					arg == optarg ? "" : " (RANK/WORLD_SIZE)");
 				rc = EXIT_USAGE;
 				goto out;
 			}

@@ -237,10 +237,12 @@ def test_sharded_prewarm_to_tier_covers_the_project_once(ceph, emu, tmpdir_short
         emu.clear_log()
         env = dict(nodes[0].d.env, DATAMINT_API_KEY=emulator.KEY_ALL)
         env.pop('DATAMINT_API_URL', None)
+        # node 0 names its share; node 1 takes it from torchrun's environment
         procs = [subprocess.Popen([DMCACHE, '--socket', nd.d.socket, 'prefetch', '--json',
-                                   '--server', emu.url, '--to-tier', '--shard', '%d/2' % i,
-                                   'ct'], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+                                   '--server', emu.url, '--to-tier', '--shard',
+                                   '0/2' if i == 0 else 'auto', 'ct'],
+                                  env=dict(env, RANK=str(i), WORLD_SIZE='2') if i else env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i, nd in enumerate(nodes)]
         outs = [p.communicate(timeout=300) for p in procs]
         finals = []
