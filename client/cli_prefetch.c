@@ -338,6 +338,7 @@ static void prefetch_usage(FILE *out)
 	fprintf(out,
 		"Usage: dmcache prefetch PROJECT [--version V] [--server URL] [--api-key KEY]\n"
 		"                        [--json] [--offline] [--allow-partial] [--decode]\n"
+		"                        [--shard RANK/WORLD|auto] [--to-tier]\n"
 		"       dmcache prefetch --source DIR [--json] [--decode]\n"
 		"       dmcache prefetch --cancel PROJECT [--server URL] [--json]\n"
 		"       dmcache prefetch --cancel --source DIR [--json]\n"
@@ -362,6 +363,12 @@ static void prefetch_usage(FILE *out)
 		"                   PNG, .nii.gz...) into the tensor cache, so that the first\n"
 		"                   epoch reads stored tensors; an item that cannot be decoded\n"
 		"                   is reported and does not fail the prefetch\n"
+		"  --shard R/W      fetch only this node's share: the items whose position in\n"
+		"                   the listing is R modulo W (the whole project is listed);\n"
+		"                   --shard auto: RANK/WORLD_SIZE from the environment\n"
+		"                   (torchrun's)\n"
+		"  --to-tier        fill the daemon's cluster tier (tier_url), not its cache:\n"
+		"                   what the tier lacks is downloaded, uploaded and dropped\n"
 		"  --cancel         stop the running job instead (exit 0 even if none ran)\n\n"
 		"Ctrl-C detaches: the daemon goes on with the job (exit status 130).\n"
 		"Exit status: 0 every item stored, 1 items failed or the job could not run,\n"
@@ -499,7 +506,7 @@ static int follow(struct view *v, const struct dmc_prefetch_args *a, const char 
 int cmd_prefetch(int argc, char **argv)
 {
 	enum { O_VERSION = 1000, O_SERVER, O_API_KEY, O_SOURCE, O_JSON, O_CANCEL, O_OFFLINE,
-	       O_PARTIAL, O_DECODE };
+	       O_PARTIAL, O_DECODE, O_SHARD, O_TO_TIER };
 	static const struct option opts[] = { { "version", required_argument, NULL, O_VERSION },
 					      { "server", required_argument, NULL, O_SERVER },
 					      { "api-key", required_argument, NULL, O_API_KEY },
@@ -509,6 +516,8 @@ int cmd_prefetch(int argc, char **argv)
 					      { "offline", no_argument, NULL, O_OFFLINE },
 					      { "allow-partial", no_argument, NULL, O_PARTIAL },
 					      { "decode", no_argument, NULL, O_DECODE },
+					      { "shard", required_argument, NULL, O_SHARD },
+					      { "to-tier", no_argument, NULL, O_TO_TIER },
 					      { "help", no_argument, NULL, 'h' },
 					      { 0 } };
 	const char *version = NULL, *server = NULL, *source = NULL, *project = NULL;
@@ -530,6 +539,39 @@ int cmd_prefetch(int argc, char **argv)
 		case O_OFFLINE: a.flags |= DMC_PREFETCH_OFFLINE; break;
 		case O_PARTIAL: a.flags |= DMC_PREFETCH_ALLOW_PARTIAL; break;
 		case O_DECODE: a.flags |= DMC_PREFETCH_DECODE; break;
+		case O_TO_TIER: a.flags |= DMC_PREFETCH_TO_TIER; break;
+		case O_SHARD: {
+			unsigned rank, world;
+			char tail, spec[64];
+			const char *arg = optarg;
+			if (strcmp(optarg, "auto") == 0) {
+				/* torch.distributed's environment (torchrun, env:// init) */
+				const char *r = getenv("RANK"), *w = getenv("WORLD_SIZE");
+				if (!r || !w) {
+					fprintf(stderr, "dmcache prefetch: --shard auto takes RANK and "
+							"WORLD_SIZE from the environment (as torchrun "
+							"sets them): %s is not set\n",
+						!r ? "RANK" : "WORLD_SIZE");
+					rc = EXIT_USAGE;
+					goto out;
+				}
+				snprintf(spec, sizeof(spec), "%.30s/%.30s", r, w);
+				arg = spec;
+			}
+			if (sscanf(arg, "%u/%u%c", &rank, &world, &tail) != 2 || world < 1 ||
+			    world > DMC_SHARD_WORLD_MAX || rank >= world) {
+				fprintf(stderr, "dmcache prefetch: --shard wants RANK/WORLD with "
+						"0 <= RANK < WORLD <= %u, not '%s'%s\n",
+					DMC_SHARD_WORLD_MAX, arg,
+					arg == optarg ? "" : " (RANK/WORLD_SIZE)");
+				rc = EXIT_USAGE;
+				goto out;
+			}
+			a.flags |= DMC_PREFETCH_SHARD;
+			a.shard_rank = rank;
+			a.shard_world = world;
+			break;
+		}
 		case O_API_KEY:
 			free(key_opt);
 			key_opt = strdup(optarg);

@@ -55,15 +55,24 @@ struct dmc_client {
 	char *sbuf;
 	size_t scap;
 
-	/* serving: a descriptor received with the current frame, and the mapped arena */
-	int passed_fd;
+	/* serving: descriptors received with the current frame (at most two: an OPEN reply's
+	 * arena and region), and the mapped arena */
+	int passed_fd, passed_fd2;
 	const uint8_t *arena;
 	uint64_t arena_size;
 	int arena_fd;
 	struct dmc_item_desc *items; /* the last GET reply's items, decoded */
+	uint8_t *in_region;          /* and where each tensor is (DMC_OPEN_REGIONS) */
 	uint32_t items_cap;
 	char *item_msgs;
 	size_t item_msgs_cap;
+	/* regions passed with OPEN replies (proto.h "Regions"), mapped read-only, shared */
+	struct dmc_region {
+		uint64_t id, size;
+		const uint8_t *base;
+		int fd;
+	} *regions;
+	uint32_t n_regions;
 
 	struct dmc_feed feeds[DMC_FEEDS_MAX];
 	uint32_t n_feeds;
@@ -199,6 +208,8 @@ static int recv_exact(struct dmc_client *c, uint8_t *buf, size_t len, int64_t de
 					memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
 					if (c->passed_fd < 0)
 						c->passed_fd = fd;
+					else if (c->passed_fd2 < 0)
+						c->passed_fd2 = fd;
 					else
 						close(fd); /* more than announced: not ours to keep */
 				}
@@ -233,11 +244,14 @@ static int recv_frame_raw(struct dmc_client *c)
 		return rc;
 	if (dmc_header_decode(c->rbuf, DMC_HEADER_SIZE, &c->rhdr) != DMC_PROTO_OK)
 		return -EPROTO;
-	if (c->rhdr.nfds > 1 || (c->rhdr.nfds == 1) != (c->passed_fd >= 0)) {
+	if (c->rhdr.nfds > 2 || (c->rhdr.nfds >= 1) != (c->passed_fd >= 0) ||
+	    (c->rhdr.nfds == 2) != (c->passed_fd2 >= 0)) {
 		/* a descriptor where none was announced, or the other way round */
 		if (c->passed_fd >= 0)
 			close(c->passed_fd);
-		c->passed_fd = -1;
+		if (c->passed_fd2 >= 0)
+			close(c->passed_fd2);
+		c->passed_fd = c->passed_fd2 = -1;
 		return -EPROTO;
 	}
 	if (DMC_HEADER_SIZE + (size_t)c->rhdr.length > c->rcap) {
@@ -653,7 +667,7 @@ DMC_EXPORT int dmc_connect(const char *socket_path, dmc_client **ret_client)
 	if (!c)
 		return -ENOMEM;
 	c->fd = -1;
-	c->passed_fd = -1;
+	c->passed_fd = c->passed_fd2 = -1;
 	c->arena_fd = -1;
 	c->next_id = 1;
 	c->rcap = 4096;
@@ -693,6 +707,13 @@ DMC_EXPORT void dmc_close(dmc_client *c)
 		close(c->fd);
 	if (c->passed_fd >= 0)
 		close(c->passed_fd);
+	if (c->passed_fd2 >= 0)
+		close(c->passed_fd2);
+	for (uint32_t i = 0; i < c->n_regions; i++) {
+		munmap((void *)c->regions[i].base, c->regions[i].size);
+		close(c->regions[i].fd);
+	}
+	free(c->regions);
 	for (uint32_t i = 0; i < c->n_feeds; i++)
 		close(c->feeds[i].dirfd);
 	if (c->arena)
@@ -700,6 +721,7 @@ DMC_EXPORT void dmc_close(dmc_client *c)
 	if (c->arena_fd >= 0)
 		close(c->arena_fd);
 	free(c->items);
+	free(c->in_region);
 	free(c->item_msgs);
 	free(c->rbuf);
 	free(c->sbuf);
@@ -944,6 +966,15 @@ static int check_prefetch_args(struct dmc_client *c, const struct dmc_prefetch_a
 		return -EINVAL;
 	}
 	*m = (struct dmc_prefetch){ .source = a->source, .flags = a->flags };
+	if (a->flags & DMC_PREFETCH_SHARD) {
+		if (a->shard_world < 1 || a->shard_world > DMC_SHARD_WORLD_MAX ||
+		    a->shard_rank >= a->shard_world) {
+			set_local_error(c, 0, "a shard is RANK/WORLD with RANK < WORLD");
+			return -EINVAL;
+		}
+		m->shard_rank = a->shard_rank;
+		m->shard_world = a->shard_world;
+	}
 	if ((rc = wire_str(c, "the project", a->project, &m->project)) < 0 ||
 	    (rc = wire_str(c, "the version", a->version, &m->version)) < 0 ||
 	    (rc = wire_str(c, "the server URL", a->server, &m->server)) < 0 ||
@@ -982,7 +1013,7 @@ DMC_EXPORT int dmc_prefetch(dmc_client *c, const struct dmc_prefetch_args *args,
 	rc = check_prefetch_args(c, args, &m);
 	if (rc < 0)
 		return rc;
-	cap = (uint64_t)DMC_HEADER_SIZE + 8 + 4 * 4 + (uint64_t)m.project.len + m.version.len +
+	cap = (uint64_t)DMC_HEADER_SIZE + 8 + 8 + 4 * 4 + (uint64_t)m.project.len + m.version.len +
 	      m.server.len + m.api_key.len;
 	if (cap > DMC_HEADER_SIZE + (uint64_t)DMC_FRAME_MAX) {
 		set_local_error(c, 0, "the request is larger than a frame");
@@ -1226,6 +1257,9 @@ DMC_EXPORT const char *dmc_strerror(int err)
 struct dmc_dataset {
 	dmc_client *c;
 	uint64_t handle;
+	bool regions;            /* opened with DMC_OPEN_REGIONS: GET replies say where */
+	const uint8_t *rg_base;  /* its region, or NULL */
+	uint64_t rg_size;
 	uint32_t feed_id; /* LOCAL: the OPEN whose file requests are answered; else 0 */
 	struct dmc_dataset_info info;
 	char *strings;
@@ -1253,22 +1287,91 @@ static char *strs_dup3(struct dmc_str a, struct dmc_str b, struct dmc_str d, con
 	return buf;
 }
 
+/*
+ * The region an OPEN reply names (proto.h "Regions"): one the client has, or the one passed
+ * with it as `fd` (taken: kept or closed), mapped read-only and shared. *ret_rg NULL when
+ * the reply names none.
+ */
+static int take_region(dmc_client *c, const struct dmc_open_reply *r, int fd,
+		       const struct dmc_region **ret_rg)
+{
+	struct dmc_region *nr;
+	void *p;
+
+	*ret_rg = NULL;
+	if (!r->region_id) {
+		if (fd >= 0)
+			close(fd);
+		return fd >= 0 ? -EPROTO : 0;
+	}
+	for (uint32_t i = 0; i < c->n_regions; i++)
+		if (c->regions[i].id == r->region_id) {
+			if (fd >= 0) {
+				close(fd);
+				return -EPROTO; /* passed twice */
+			}
+			*ret_rg = &c->regions[i];
+			return 0;
+		}
+	if (fd < 0 || r->region_bytes == 0 || r->region_bytes > (1ull << 44)) {
+		if (fd >= 0)
+			close(fd);
+		return -EPROTO;
+	}
+	nr = realloc(c->regions, (c->n_regions + 1) * sizeof(*nr));
+	if (!nr) {
+		close(fd);
+		return -ENOMEM;
+	}
+	c->regions = nr;
+	/* read-only: the daemon's tensors, shared by every client of the snapshot; the
+	 * descriptor allows nothing else */
+	p = mmap(NULL, r->region_bytes, PROT_READ, MAP_SHARED, fd, 0);
+	if (p == MAP_FAILED) {
+		int e = -errno;
+		close(fd);
+		return e;
+	}
+	nr[c->n_regions] = (struct dmc_region){ r->region_id, r->region_bytes, p, fd };
+	*ret_rg = &nr[c->n_regions++];
+	return 0;
+}
+
 DMC_EXPORT int dmc_open(dmc_client *c, const struct dmc_open_args *args,
 			struct dmc_dataset **ret_dataset)
 {
 	return dmc_open_policy(c, args, NULL, ret_dataset);
 }
 
+static int open_once(dmc_client *c, const struct dmc_open_args *args,
+		     const struct dmc_policy *policy, struct dmc_dataset **ret_dataset);
+
 DMC_EXPORT int dmc_open_policy(dmc_client *c, const struct dmc_open_args *args,
 			       const struct dmc_policy *policy, struct dmc_dataset **ret_dataset)
+{
+	int rc = open_once(c, args, policy, ret_dataset);
+
+	if (rc == -DMC_E_PROTOCOL && (args->flags & DMC_OPEN_REGIONS) && c->fd >= 0) {
+		/* a daemon older than regions refuses the flag (undefined bits): without it,
+		 * every item comes in the arena */
+		struct dmc_open_args plain = *args;
+		plain.flags &= ~DMC_OPEN_REGIONS;
+		rc = open_once(c, &plain, policy, ret_dataset);
+	}
+	return rc;
+}
+
+static int open_once(dmc_client *c, const struct dmc_open_args *args,
+		     const struct dmc_policy *policy, struct dmc_dataset **ret_dataset)
 {
 	struct dmc_open m = { 0 };
 	struct dmc_open_reply r;
 	struct dmc_dataset *ds;
+	const struct dmc_region *rg = NULL;
 	uint8_t *frame;
 	size_t cap;
 	uint32_t id = c->next_id++;
-	int n, rc, fd, json_fd;
+	int n, rc, fd, fd2, json_fd;
 
 #define STR(x) ((struct dmc_str){ (x) ? (x) : "", (x) ? (uint32_t)strlen(x) : 0 })
 	m.source = args->source;
@@ -1316,16 +1419,28 @@ DMC_EXPORT int dmc_open_policy(dmc_client *c, const struct dmc_open_args *args,
 	explicit_bzero(frame, cap); /* it held the key */
 	free(frame);
 	fd = c->passed_fd;
-	c->passed_fd = -1;
+	fd2 = c->passed_fd2;
+	c->passed_fd = c->passed_fd2 = -1;
+	if (rc == 0 && (dmc_open_reply_decode(c->rbuf + DMC_HEADER_SIZE, c->rhdr.length, &r) ||
+			r.regions != ((m.flags & DMC_OPEN_REGIONS) != 0)))
+		rc = -EPROTO;
+	if (rc == 0 && c->arena) {
+		/* no arena passed again: a descriptor is the region's */
+		if (fd2 >= 0)
+			rc = -EPROTO;
+		else
+			rc = take_region(c, &r, fd, &rg);
+		fd = -1;
+	} else if (rc == 0) {
+		rc = take_region(c, &r, fd2, &rg);
+		fd2 = -1;
+	}
 	if (rc < 0) {
 		if (fd >= 0)
 			close(fd);
+		if (fd2 >= 0)
+			close(fd2);
 		return rc;
-	}
-	if (dmc_open_reply_decode(c->rbuf + DMC_HEADER_SIZE, c->rhdr.length, &r)) {
-		if (fd >= 0)
-			close(fd);
-		return -EPROTO;
 	}
 	if (fd >= 0) {
 		/* the arena, once per connection, copy-on-write: the seals forbid a writable
@@ -1363,6 +1478,9 @@ DMC_EXPORT int dmc_open_policy(dmc_client *c, const struct dmc_open_args *args,
 	}
 	ds->c = c;
 	ds->handle = r.handle;
+	ds->regions = r.regions;
+	ds->rg_base = rg ? rg->base : NULL;
+	ds->rg_size = rg ? rg->size : 0;
 	ds->feed_id = m.source == DMC_SOURCE_LOCAL ? id : 0;
 	ds->info.snapshot_id = r.snapshot_id;
 	ds->info.items = r.items;
@@ -1398,10 +1516,11 @@ DMC_EXPORT int dmc_dataset_close(struct dmc_dataset *ds)
 
 /*
  * Reads n item records from `r` (which must then be consumed) into ret_items, checking every
- * descriptor against the arena before it becomes a pointer. Messages live in c->item_msgs.
+ * descriptor against the arena (or the region of `ds`, for a tensor handed there) before it
+ * becomes a pointer. `ds` NULL: a STREAM batch (no regions). Messages live in c->item_msgs.
  */
-static int read_items(dmc_client *c, struct dmc_reader *r, uint32_t n,
-		      struct dmc_item *ret_items)
+static int read_items(dmc_client *c, const struct dmc_dataset *ds, struct dmc_reader *r,
+		      uint32_t n, struct dmc_item *ret_items)
 {
 	size_t msgs = 0;
 
@@ -1410,12 +1529,18 @@ static int read_items(dmc_client *c, struct dmc_reader *r, uint32_t n,
 		if (!ni)
 			return -ENOMEM;
 		c->items = ni;
+		uint8_t *nf = realloc(c->in_region, n);
+		if (!nf)
+			return -ENOMEM;
+		c->in_region = nf;
 		c->items_cap = n;
 	}
 	for (uint32_t i = 0; i < n; i++) {
 		dmc_item_desc_read(r, &c->items[i]);
 		msgs += c->items[i].message.len + 1;
 	}
+	for (uint32_t i = 0; i < n; i++)
+		c->in_region[i] = ds && ds->regions ? dmc_read_u8(r) : 0;
 	if (dmc_reader_finish(r))
 		return -EPROTO;
 	if (msgs > c->item_msgs_cap) {
@@ -1438,8 +1563,12 @@ static int read_items(dmc_client *c, struct dmc_reader *r, uint32_t n,
 		msgs += d->message.len + 1;
 		if (d->status)
 			continue;
-		if (d->ndim != 4 || !dmc_dtype_size(d->dtype) || d->offset > c->arena_size ||
-		    d->nbytes > c->arena_size - d->offset || d->meta_offset > c->arena_size ||
+		const uint8_t *base = c->in_region[i] ? ds->rg_base : c->arena;
+		uint64_t size = c->in_region[i] ? ds->rg_size : c->arena_size;
+		if (c->in_region[i] > 1 || !base)
+			return -EPROTO;
+		if (d->ndim != 4 || !dmc_dtype_size(d->dtype) || d->offset > size ||
+		    d->nbytes > size - d->offset || d->meta_offset > c->arena_size ||
 		    d->meta_len > c->arena_size - d->meta_offset ||
 		    d->shape[0] * d->shape[1] * d->shape[2] * d->shape[3] * dmc_dtype_size(d->dtype) !=
 			    d->nbytes)
@@ -1447,7 +1576,8 @@ static int read_items(dmc_client *c, struct dmc_reader *r, uint32_t n,
 		it->dtype = d->dtype;
 		it->ndim = d->ndim;
 		memcpy(it->shape, d->shape, sizeof(it->shape));
-		it->data = c->arena + d->offset;
+		it->data = base + d->offset;
+		it->region = c->in_region[i];
 		it->nbytes = d->nbytes;
 		it->offset = d->offset;
 		it->meta = (const char *)c->arena + d->meta_offset;
@@ -1481,7 +1611,7 @@ DMC_EXPORT int dmc_get(struct dmc_dataset *ds, const uint64_t *indices, uint32_t
 	count = dmc_read_u32(&r);
 	if (r.err || count != n)
 		return -EPROTO;
-	return read_items(c, &r, n, ret_items);
+	return read_items(c, ds, &r, n, ret_items);
 }
 
 /* Drops the caller's private copies of the pages of [off, off + len) in the arena, before
@@ -1565,6 +1695,12 @@ DMC_EXPORT int dmc_release(dmc_client *c, const struct dmc_item *items, uint32_t
 	for (uint32_t i = 0; i < n; i++) {
 		if (items[i].status || !items[i].data)
 			continue;
+		if (items[i].region) {
+			/* read-only and shared: nothing private to drop; the metadata's offset
+			 * gives both back */
+			offs[k++] = items[i].meta_offset;
+			continue;
+		}
 		discard_private(c, items[i].offset, items[i].nbytes);
 		offs[k++] = items[i].offset;
 		offs[k++] = items[i].meta_offset;
@@ -1685,7 +1821,7 @@ DMC_EXPORT int dmc_stream_next(dmc_stream *st, struct dmc_batch *ret)
 	    bh.data_len > c->arena_size - bh.data_offset || bh.meta_offset > c->arena_size ||
 	    bh.meta_len > c->arena_size - bh.meta_offset)
 		goto proto;
-	rc = read_items(c, &r, bh.n, st->items);
+	rc = read_items(c, NULL, &r, bh.n, st->items);
 	if (rc < 0)
 		return rc == -EPROTO ? (close_fd(c), rc) : rc;
 	for (uint32_t i = 0; i < bh.n; i++) {

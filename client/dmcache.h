@@ -111,7 +111,10 @@ struct dmc_prefetch_args {
 	const char *api_key; /* DATAMINT: the caller's key; LOCAL: NULL or "" */
 	uint32_t flags;      /* DMC_PREFETCH_OFFLINE: from the caller's grants, no server;
 			      * DMC_PREFETCH_ALLOW_PARTIAL; DMC_PREFETCH_DECODE: then decode
-			      * the compressed items into the tensor cache (proto.h) */
+			      * the compressed items into the tensor cache (proto.h);
+			      * DMC_PREFETCH_SHARD: only the items at rank modulo world;
+			      * DMC_PREFETCH_TO_TIER: fill the cluster tier, not the cache */
+	uint32_t shard_rank, shard_world; /* read with DMC_PREFETCH_SHARD only */
 };
 
 /*
@@ -252,7 +255,9 @@ struct dmc_open_args {
 	const char *version;  /* NULL or "latest" for the newest */
 	const char *server;   /* DATAMINT: API URL; LOCAL: NULL */
 	const char *api_key;  /* DATAMINT: the caller's key (borrowed; wiped from the frame) */
-	uint32_t flags;       /* DMC_OPEN_LUT, _FRAMES, _MASKS, _OFFLINE, _RAW */
+	uint32_t flags;       /* DMC_OPEN_LUT, _FRAMES, _MASKS, _OFFLINE, _RAW, _REGIONS (hot
+			       * items of dmc_get() handed in place: read-only, see dmc_item;
+			       * a daemon older than regions gets the OPEN again without it) */
 	uint32_t dtype;       /* enum dmc_dtype, or 0 for the source dtype */
 	uint64_t arena_bytes; /* shared memory wished for; 0: the daemon's default */
 };
@@ -301,6 +306,9 @@ struct dmc_item {
 	const char *meta;    /* JSON {"resource": ..., "dicom": ...}, meta_len bytes, no NUL */
 	uint64_t meta_len;
 	uint64_t offset, meta_offset; /* where in the arena, for RELEASE */
+	uint32_t region;     /* 1: `data` is in the dataset's region (DMC_OPEN_REGIONS), read-only
+			      * and shared with other clients: never write through it; 0: in
+			      * the arena */
 };
 
 /*

@@ -50,7 +50,7 @@ _dmcache()
 	status) opts="--json --help" ;;
 	ls) opts="--json --offline --help" ;;
 	ping | verify) opts="--json --help" ;;
-	prefetch) opts="--version --server --api-key --source --json --offline --allow-partial --decode --cancel --help" ;;
+	prefetch) opts="--version --server --api-key --source --json --offline --allow-partial --decode --shard --to-tier --cancel --help" ;;
 	evict) opts="--all --json --help" ;;
 	get) opts="--output --meta --version --server --api-key --lut --dtype --source --offline --json --size --resize --crop --pad --pad-value --channels --window --help" ;;
 	metrics) opts="--output --help" ;;

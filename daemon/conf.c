@@ -128,7 +128,24 @@ static const struct key keys[] = {
 	  "shared memory committed in all arenas (default: half of RAM)"),
 	K("decode_max_per_uid", KT_UINT32, decode_max_per_uid, 1, 65536,
 	  "items of one uid read, decoded or held in memory at once, over all its connections"),
+	/* the cluster tier (tier.h) */
+	K("tier_url", KT_STRING, tier_url, 0, 0,
+	  "S3 endpoint and bucket of the cluster tier shared by the node caches, path-style "
+	  "(https://s3.example.org/bucket) or virtual-host-style (https://bucket.s3.example.org); "
+	  "none by default"),
+	K("tier_region", KT_STRING, tier_region, 0, 0, "the tier's region for request signing "
+	  "(default us-east-1)"),
+	K("tier_prefix", KT_STRING, tier_prefix, 0, 0,
+	  "key prefix of the tier's objects in the bucket (default dmcache)"),
+	K("tier_credentials_file", KT_STRING, tier_credentials_file, 0, 0,
+	  "the tier's aws_access_key_id and aws_secret_access_key, a file of root's with mode "
+	  "0600 (default: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY of the service)"),
 };
+
+static void config_init_tier(struct config *cfg)
+{
+	cfg->tier_prefix = strdup("dmcache");
+}
 
 void config_init(struct config *cfg)
 {
@@ -174,6 +191,7 @@ void config_init(struct config *cfg)
 		cfg->shm_max = ram / 2;
 		cfg->decode_max_per_uid = 16;
 	}
+	config_init_tier(cfg);
 }
 
 void config_done(struct config *cfg)
@@ -564,6 +582,9 @@ static const struct {
 		       "as root, else $XDG_CACHE_HOME/dmcache or ~/.cache/dmcache" },
 	{ "log_debug", "none" },
 	{ "ca_file", "the system's CA certificates" },
+	{ "tier_url", "none (no cluster tier)" },
+	{ "tier_region", "us-east-1", true },
+	{ "tier_credentials_file", "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY of the service" },
 	{ "servers", DEFAULT_SERVERS, true },
 	{ "admin_group", DEFAULT_ADMIN_GROUP, true },
 	{ "worker_user", "nobody", true },

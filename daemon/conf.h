@@ -78,6 +78,11 @@ struct config {
 	uint64_t shm_max_per_uid;  /* shared memory committed in one uid's arenas */
 	uint64_t shm_max;          /* shared memory committed in all arenas */
 	uint32_t decode_max_per_uid; /* items of one uid in flight (read, decoded, held) */
+	/* the cluster tier (tier.h); NULL tier_url: none */
+	char *tier_url;
+	char *tier_region;
+	char *tier_prefix;
+	char *tier_credentials_file;
 };
 
 /* Fills in the defaults. */

@@ -54,6 +54,8 @@ static void on_handle_closed(uv_handle_t *handle)
 	for (unsigned i = 0; i < c->fdq_n; i++)
 		close(c->fdq[i]);
 	free(c->fdq);
+	for (unsigned i = 0; c->fd_frame && i < c->n_fd_to_pass; i++)
+		close(c->fd_to_pass[i]);
 	free(c->fd_frame);
 	explicit_bzero(c->rbuf, c->rlen); /* frames carry API keys */
 	free(c->rbuf);
@@ -74,10 +76,11 @@ static void conn_fail(struct conn *c)
 	uv_timer_start(&c->timer, on_failed, 0, 0);
 }
 
-/* Writes a frame with a descriptor now: the socket's queue in libuv is empty. */
-static int send_fd_now(struct conn *c, const uint8_t *frame, size_t len, int fd)
+/* Writes a frame with descriptors now: the socket's queue in libuv is empty. */
+static int send_fd_now(struct conn *c, const uint8_t *frame, size_t len, const int *fds,
+		       unsigned nfds)
 {
-	char cbuf[CMSG_SPACE(sizeof(int))];
+	char cbuf[CMSG_SPACE(sizeof(int) * 2)];
 	struct iovec iov = { (void *)frame, len };
 	struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
 			      .msg_controllen = sizeof(cbuf) };
@@ -89,8 +92,9 @@ static int send_fd_now(struct conn *c, const uint8_t *frame, size_t len, int fd)
 	cm = CMSG_FIRSTHDR(&msg);
 	cm->cmsg_level = SOL_SOCKET;
 	cm->cmsg_type = SCM_RIGHTS;
-	cm->cmsg_len = CMSG_LEN(sizeof(int));
-	memcpy(CMSG_DATA(cm), &fd, sizeof(int));
+	cm->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+	memcpy(CMSG_DATA(cm), fds, sizeof(int) * nfds);
+	msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
 	if (uv_fileno((uv_handle_t *)&c->pipe, &sock) != 0)
 		return -EBADF;
 	do
@@ -111,20 +115,48 @@ static int send_fd_now(struct conn *c, const uint8_t *frame, size_t len, int fd)
 
 int conn_send_fd(struct conn *c, const void *frame, size_t len, int fd)
 {
+	return conn_send_fds(c, frame, len, &fd, 1);
+}
+
+bool conn_fd_busy(const struct conn *c)
+{
+	return c->fd_frame != NULL;
+}
+
+int conn_send_fds(struct conn *c, const void *frame, size_t len, const int *fds, unsigned n)
+{
 	if (c->closing || c->failed)
 		return -EPIPE;
+	if (n < 1 || n > 2)
+		return -EINVAL;
 	if (c->fd_frame)
-		return -EBUSY; /* one at a time: a connection passes its arena once */
+		return -EBUSY; /* one at a time: a connection passes few descriptors */
 	if (c->wq_bytes == 0)
-		return send_fd_now(c, frame, len, fd);
+		return send_fd_now(c, frame, len, fds, n);
+	c->n_fd_to_pass = 0;
+	for (unsigned i = 0; i < n; i++) {
+		/* duplicates: the owner may close its own before the queue drains */
+		int d = fcntl(fds[i], F_DUPFD_CLOEXEC, 0);
+		if (d < 0) {
+			int e = -errno;
+			for (unsigned k = 0; k < c->n_fd_to_pass; k++)
+				close(c->fd_to_pass[k]);
+			c->n_fd_to_pass = 0;
+			conn_fail(c);
+			return e;
+		}
+		c->fd_to_pass[c->n_fd_to_pass++] = d;
+	}
 	c->fd_frame = malloc(len);
 	if (!c->fd_frame) {
+		for (unsigned k = 0; k < c->n_fd_to_pass; k++)
+			close(c->fd_to_pass[k]);
+		c->n_fd_to_pass = 0;
 		conn_fail(c);
 		return -ENOMEM;
 	}
 	memcpy(c->fd_frame, frame, len);
 	c->fd_frame_len = len;
-	c->fd_to_pass = fd;
 	return 0;
 }
 
@@ -212,8 +244,11 @@ static void on_written(uv_write_t *req, int status)
 	if (c->fd_frame && c->wq_bytes == 0) {
 		uint8_t *f = c->fd_frame;
 		c->fd_frame = NULL;
-		send_fd_now(c, f, c->fd_frame_len, c->fd_to_pass);
+		send_fd_now(c, f, c->fd_frame_len, c->fd_to_pass, c->n_fd_to_pass);
 		free(f);
+		for (unsigned i = 0; i < c->n_fd_to_pass; i++)
+			close(c->fd_to_pass[i]);
+		c->n_fd_to_pass = 0;
 		if (c->closing || c->failed)
 			return;
 	}

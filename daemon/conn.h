@@ -53,7 +53,8 @@ struct conn {
 	/* a frame that carries a descriptor, waiting for the write queue to drain */
 	uint8_t *fd_frame;
 	size_t fd_frame_len;
-	int fd_to_pass;
+	int fd_to_pass[2]; /* duplicates, closed once sent */
+	unsigned n_fd_to_pass;
 	uint8_t open_handles;
 	/* reading with recvmsg (descriptors): see the header comment */
 	uv_poll_t rpoll;
@@ -96,6 +97,10 @@ int conn_send(struct conn *c, const void *frame, size_t len);
  * before go out first. Returns 0 or negative errno (the connection is then closed as after conn_send).
  */
 int conn_send_fd(struct conn *c, const void *frame, size_t len, int fd);
+/* The same with `n` descriptors (1 or 2: an arena's and a region's), in the order given. */
+int conn_send_fds(struct conn *c, const void *frame, size_t len, const int *fds, unsigned n);
+/* Whether a frame with descriptors waits to go out (conn_send_fds would say -EBUSY). */
+bool conn_fd_busy(const struct conn *c);
 
 /* Sends an ERROR frame for request `request_id`. `resource` may be NULL. */
 int conn_send_error(struct conn *c, uint32_t request_id, uint32_t code, const char *resource,

@@ -14,7 +14,8 @@
 
 #define ERRBODY_MAX 1024u
 #define RECV_BUFFER (256u << 10) /* fewer, larger write callbacks for big bodies */
-#define HEADERS_MAX 6            /* request headers a transfer sends */
+#define HEADERS_MAX (6 + FETCH_EXTRA_HEADERS) /* request headers a transfer sends */
+#define EXTRA_HEADER_MAX 512u    /* one extra header line */
 #define SPEED_TICK_MAX_MS 1000u  /* the speed floor is checked at least this often */
 
 enum xfer_state {
@@ -101,6 +102,15 @@ struct fetch_xfer {
 	char errbody[ERRBODY_MAX];
 	size_t errbody_len;
 	struct fetch_result res;
+	/* fetch_xfer_set_request(): another method, a body, extra headers, SigV4 */
+	char method[8];
+	const uint8_t *body;
+	size_t body_len, body_off;
+	char *extra[FETCH_EXTRA_HEADERS];
+	unsigned n_extra;
+	char *sigv4;
+	const char *userpwd;
+	uint32_t max_attempts;
 };
 
 static void check_multi_info(struct fetch *f);
@@ -931,6 +941,52 @@ int fetch_xfer_if_none_match(struct fetch_xfer *x, const char *etag)
 	return 0;
 }
 
+int fetch_xfer_set_request(struct fetch_xfer *x, const struct fetch_request *r)
+{
+	static const char *const methods[] = { "GET", "HEAD", "PUT", "POST", "DELETE" };
+	bool known = false;
+
+	if (x->state != XS_NEW || x->n_extra || x->sigv4 || r->n_headers > FETCH_EXTRA_HEADERS ||
+	    (r->aws_sigv4 && !r->userpwd))
+		return -EINVAL;
+	for (size_t i = 0; r->method && i < sizeof(methods) / sizeof(methods[0]); i++)
+		known |= strcmp(r->method, methods[i]) == 0;
+	if (r->method && !known)
+		return -EINVAL;
+	snprintf(x->method, sizeof(x->method), "%s", r->method ? r->method : "GET");
+	x->body = r->body;
+	x->body_len = r->body ? r->body_len : 0;
+	for (unsigned i = 0; i < r->n_headers; i++) {
+		if (strlen(r->headers[i]) >= EXTRA_HEADER_MAX || strpbrk(r->headers[i], "\r\n"))
+			return -EINVAL;
+		x->extra[i] = strdup(r->headers[i]);
+		if (!x->extra[i])
+			return -ENOMEM;
+		x->n_extra = i + 1;
+	}
+	if (r->aws_sigv4 && !(x->sigv4 = strdup(r->aws_sigv4)))
+		return -ENOMEM;
+	x->userpwd = r->userpwd;
+	x->max_attempts = r->max_attempts;
+	return 0;
+}
+
+/* A PUT's body, from memory; counted as bytes moved for the speed floor. */
+static size_t on_read_body(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+	struct fetch_xfer *x = userdata;
+	size_t n = size * nmemb, left = x->body_len - x->body_off;
+
+	if (x->cancelled)
+		return CURL_READFUNC_ABORT;
+	if (n > left)
+		n = left;
+	memcpy(ptr, x->body + x->body_off, n);
+	x->body_off += n;
+	x->got += n;
+	return n;
+}
+
 int fetch_xfer_start(struct fetch_xfer *x)
 {
 	if (x->state != XS_NEW || x->f->closing)
@@ -1003,7 +1059,8 @@ static void attempt_start(struct fetch_xfer *x)
 	}
 
 	/* built per attempt and wiped with it; the key's bytes are copied here only */
-	x->hdr_cap = (with_key ? strlen(x->api_key) + 16 : 0) + 4 * sizeof(hdr);
+	x->hdr_cap = (with_key ? strlen(x->api_key) + 16 : 0) + 4 * sizeof(hdr) +
+		     x->n_extra * EXTRA_HEADER_MAX;
 	x->hdr_mem = malloc(x->hdr_cap);
 	if (!x->hdr_mem) {
 		x->hdr_cap = 0;
@@ -1025,7 +1082,11 @@ static void attempt_start(struct fetch_xfer *x)
 	}
 	if (x->if_none_match[0] && x->delivered == 0)
 		header_add(x, &nh, "If-None-Match: ", x->if_none_match);
-	header_add(x, &nh, "Accept: ", "application/octet-stream, application/json");
+	if (!x->sigv4)
+		header_add(x, &nh, "Accept: ", "application/octet-stream, application/json");
+	for (unsigned i = 0; i < x->n_extra; i++)
+		header_add(x, &nh, x->extra[i], "");
+	x->body_off = 0;
 
 	curl_easy_setopt(e, CURLOPT_URL, x->cur_url);
 	curl_easy_setopt(e, CURLOPT_PRIVATE, x);
@@ -1053,6 +1114,23 @@ static void attempt_start(struct fetch_xfer *x)
 		curl_easy_setopt(e, CURLOPT_CAINFO, f->opts.ca_file);
 	if (f->opts.user_agent)
 		curl_easy_setopt(e, CURLOPT_USERAGENT, f->opts.user_agent);
+	if (strcmp(x->method, "HEAD") == 0) {
+		curl_easy_setopt(e, CURLOPT_NOBODY, 1L);
+	} else if (strcmp(x->method, "PUT") == 0) {
+		curl_easy_setopt(e, CURLOPT_UPLOAD, 1L);
+		curl_easy_setopt(e, CURLOPT_READFUNCTION, on_read_body);
+		curl_easy_setopt(e, CURLOPT_READDATA, x);
+		curl_easy_setopt(e, CURLOPT_INFILESIZE_LARGE, (curl_off_t)x->body_len);
+	} else if (strcmp(x->method, "POST") == 0) {
+		curl_easy_setopt(e, CURLOPT_POSTFIELDS, x->body ? (const char *)x->body : "");
+		curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)x->body_len);
+	} else if (strcmp(x->method, "DELETE") == 0) {
+		curl_easy_setopt(e, CURLOPT_CUSTOMREQUEST, "DELETE");
+	}
+	if (x->sigv4) {
+		curl_easy_setopt(e, CURLOPT_AWS_SIGV4, x->sigv4);
+		curl_easy_setopt(e, CURLOPT_USERPWD, x->userpwd);
+	}
 
 	x->attempts++;
 	f->stats.attempts++;
@@ -1214,6 +1292,18 @@ static void error_message(struct fetch_xfer *x, long status)
 	size_t n = 0;
 	char text[160] = "";
 
+	const char *code = strstr(x->errbody, "<Code>");
+
+	if (!m && code) {
+		/* S3: <Error><Code>NoSuchKey</Code>... */
+		m = code + 6;
+		while (m[n] && m[n] != '<' && n < sizeof(text) - 1) {
+			text[n] = (m[n] >= 32 && m[n] < 127) ? m[n] : '?';
+			n++;
+		}
+		text[n] = '\0';
+		m = NULL;
+	}
 	if (m && (m = strchr(m + 9, '"'))) {
 		m++;
 		while (m[n] && m[n] != '"' && n < sizeof(text) - 1) {
@@ -1258,7 +1348,9 @@ static void retry_or_fail(struct fetch_xfer *x, uint64_t retry_after_ms)
 	uint64_t wait = retry_after_ms ? retry_after_ms : backoff_ms(x);
 	uint64_t spent = now_ms(f) - x->start_ms;
 
-	if (x->attempts >= f->opts.max_attempts || spent + wait > f->opts.retry_budget_ms) {
+	uint32_t max = x->max_attempts ? x->max_attempts : f->opts.max_attempts;
+
+	if (x->attempts >= max || spent + wait > f->opts.retry_budget_ms) {
 		x->res.retry_after_ms = (uint32_t)(wait > UINT32_MAX ? UINT32_MAX : wait);
 		finish(x, -DMC_E_UPSTREAM_TRANSIENT);
 		return;
@@ -1271,7 +1363,7 @@ static void retry_or_fail(struct fetch_xfer *x, uint64_t retry_after_ms)
 		char msg[FETCH_MESSAGE_MAX];
 		struct fetch_retry r = {
 			.attempt = x->attempts + 1,
-			.max_attempts = f->opts.max_attempts,
+			.max_attempts = max,
 			.delay_ms = wait,
 			.reason = x->res.message,
 			.message = msg,
@@ -1620,6 +1712,9 @@ void fetch_xfer_free(struct fetch_xfer *x)
 	free(x->url);
 	free(x->cur_url);
 	free(x->api_origin);
+	for (unsigned i = 0; i < x->n_extra; i++)
+		free(x->extra[i]);
+	free(x->sigv4);
 	x->freed = true;
 	uv_close((uv_handle_t *)&x->timer, on_xfer_timer_closed);
 }

@@ -162,6 +162,30 @@ void fetch_xfer_set_owner(struct fetch_xfer *x, uint32_t uid);
 
 #define FETCH_XF_METADATA 1u /* a small API answer: before its owner's files, no speed floor */
 #define FETCH_XF_FIRST 2u    /* a job's first request: a refused connection is final at once */
+/*
+ * Another request than a plain GET (the cluster tier's S3 requests, tier.h). `method` is
+ * "GET" (the default), "HEAD", "PUT", "POST" or "DELETE"; a PUT or POST sends `body`
+ * (borrowed: it must outlive the transfer), counted against the speed floor as received
+ * bytes are. `headers` are extra request lines ("Name: value", copied, at most
+ * FETCH_EXTRA_HEADERS). With `aws_sigv4` (copied, "aws:amz:REGION:s3") the request is
+ * signed by libcurl's AWS Signature V4 with `userpwd` ("ACCESS:SECRET", borrowed; libcurl's
+ * copies are wiped like every block it frees). `max_attempts` (0: the engine's) bounds the
+ * attempts of this transfer. An error answer's S3 <Code> is in the result's message
+ * ("HTTP 403: QuotaExceeded"). Call before fetch_xfer_start().
+ */
+#define FETCH_EXTRA_HEADERS 6
+struct fetch_request {
+	const char *method;
+	const void *body;
+	size_t body_len;
+	const char *const *headers;
+	unsigned n_headers;
+	const char *aws_sigv4;
+	const char *userpwd;
+	uint32_t max_attempts;
+};
+int fetch_xfer_set_request(struct fetch_xfer *x, const struct fetch_request *r);
+
 /* FETCH_XF_* flags; call before fetch_xfer_start(). */
 void fetch_xfer_set_flags(struct fetch_xfer *x, unsigned flags);
 /* Queues the transfer; it starts when a place is free. */

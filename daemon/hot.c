@@ -85,6 +85,11 @@ struct hot_entry *hot_get(struct hot *h, const uint8_t *raw, int64_t opts)
 	return e;
 }
 
+struct hot_entry *hot_get_quiet(struct hot *h, const uint8_t *raw, int64_t opts)
+{
+	return hot_find(h, raw, opts) ? hot_get(h, raw, opts) : NULL;
+}
+
 void hot_unref(struct hot *h, struct hot_entry *e)
 {
 	e->refs--;

@@ -40,6 +40,8 @@ struct hot {
 
 /* The entry for (raw, opts), referenced and made the most recent (a hit), or NULL (a miss). */
 struct hot_entry *hot_get(struct hot *h, const uint8_t *raw, int64_t opts);
+/* hot_get() that counts nothing when the entry is not there (a guess that may miss). */
+struct hot_entry *hot_get_quiet(struct hot *h, const uint8_t *raw, int64_t opts);
 /* An item lets go of `e`; what the budget no longer holds is evicted. */
 void hot_unref(struct hot *h, struct hot_entry *e);
 /*

@@ -33,6 +33,7 @@
 #include "index.h"
 #include "conf.h"
 #include "decode_pool.h"
+#include "tier.h"
 #include "fetch.h"
 #include "conn.h"
 #include "log.h"
@@ -671,6 +672,8 @@ int main(int argc, char **argv)
 		goto out_config;
 	}
 	server_init(&d.srv, &d.loop, &d.cfg);
+	/* the tier's credentials leave the environment before any decoder process exists */
+	tier_take_environment();
 	/* decoder workers fork from here: before the daemon holds any key (decode_pool.h) */
 	if (start_decoders(&d) < 0 || open_cache(&d) < 0 || start_engines(&d) < 0)
 		goto out_loop;

@@ -28,6 +28,7 @@
 #include "prefetch.h"
 #include "prefetch_priv.h"
 #include "secret.h"
+#include "tier.h"
 #include "store.h"
 
 #define TICK_MS 1000
@@ -244,7 +245,8 @@ void job_finish(struct job *j, uint32_t state)
 		record_error(j, -EIO, 0, 0, NULL, "the cache index could not be written");
 		j->state = state = DMC_JOB_FAILED;
 	}
-	if (j->snapshot_id > 0 && !j->known_complete) {
+	if (j->snapshot_id > 0 && !j->known_complete && !j->to_tier) {
+		/* (--to-tier: items_done counts what is in the cluster tier, not here) */
 		/* "stored" is what the index has committed, as `dmcache ls` counts it: a batch
 		 * that could not be committed is not counted (its blobs are kept, and the next
 		 * start's reconciliation adopts them) */
@@ -333,10 +335,19 @@ static void on_flush_timer(uv_timer_t *t)
 int prefetch_new(const struct prefetch_deps *deps, struct prefetch **ret)
 {
 	struct prefetch *p = calloc(1, sizeof(*p));
+	char err[320] = "";
+	int rc;
 
 	if (!p)
 		return -ENOMEM;
 	p->d = *deps;
+	rc = tier_new(deps->loop, deps->fetch, deps->cache->store, deps->cfg, &p->tier, err,
+		      sizeof(err));
+	if (rc < 0) {
+		log_err(FETCH, "cluster tier: %s", err);
+		free(p);
+		return rc;
+	}
 	p->next_job_id = 1;
 	p->lost_seen = index_batches_lost(deps->cache->index);
 	load_salt(p);
@@ -376,6 +387,8 @@ void prefetch_free(struct prefetch *p)
 		n = j->next;
 		job_cancel(j);
 	}
+	tier_free(p->tier);
+	p->tier = NULL;
 	uv_timer_stop(&p->flush_timer);
 	uv_close((uv_handle_t *)&p->flush_timer, on_flush_timer_closed);
 }
@@ -485,9 +498,12 @@ void job_cancel(struct job *j)
 	record_error(j, -DMC_E_CANCELLED, 0, 0, NULL, "cancelled");
 	job_finish(j, DMC_JOB_CANCELLED);
 	/* transfers end through their on_done (deferred); waiting followers end now */
-	for (struct task *t = j->tasks; t; t = t->next)
+	for (struct task *t = j->tasks; t; t = t->next) {
 		if (t->x)
 			fetch_xfer_cancel(t->x);
+		if (t->treq)
+			tier_map_cancel(t->treq);
+	}
 	for (;;) {
 		struct task *t = j->tasks;
 		while (t && !t->leader && !t->starting)
@@ -891,6 +907,7 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	int64_t early_id = 0;
 	struct job *j;
 	char *server = NULL, *project = NULL, *version = NULL;
+	uint32_t world, rank;
 	size_t slen;
 	int rc;
 
@@ -935,6 +952,20 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 
 	j = (m.flags & DMC_PREFETCH_OFFLINE) ? NULL
 					      : find_job(p, w->uid, m.source, server, project, version);
+	if ((m.flags & DMC_PREFETCH_TO_TIER) && !p->tier) {
+		free(server);
+		free(project);
+		free(version);
+		who_error(w, DMC_E_INVALID_ARGUMENT,
+			  "--to-tier: this daemon has no cluster tier (tier_url)");
+		return;
+	}
+	/* the shard fields are read with DMC_PREFETCH_SHARD only (other callers leave them) */
+	world = (m.flags & DMC_PREFETCH_SHARD) ? m.shard_world : 1;
+	rank = (m.flags & DMC_PREFETCH_SHARD) ? m.shard_rank : 0;
+	if (j && ((j->shard_world > 1 ? j->shard_world : 1) != world || j->shard_rank != rank ||
+		  j->to_tier != !!(m.flags & DMC_PREFETCH_TO_TIER)))
+		j = NULL; /* another share or destination: a job of its own */
 	if (who_is_open(w) && w->cb && !(m.flags & DMC_PREFETCH_OFFLINE) &&
 	    fresh_grant(p, w->uid, server, project, version, m.api_key, &early_id) == 0) {
 		/* an online OPEN whose key was accepted within grant_recheck: answered now from
@@ -997,6 +1028,9 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 	/* OPEN reads what fits (items that cannot be stored fail one by one) */
 	j->allow_partial = m.flags & DMC_PREFETCH_ALLOW_PARTIAL;
 	j->decode = m.flags & DMC_PREFETCH_DECODE;
+	j->shard_rank = rank;
+	j->shard_world = world;
+	j->to_tier = m.flags & DMC_PREFETCH_TO_TIER;
 	j->started_ms = uv_now(p->d.loop);
 	j->dmc.uid = (uint32_t)j->uid;
 	j->dmc.group = j->id;
@@ -1186,8 +1220,11 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 {
 	struct store_stats ss;
 	struct fetch_stats fs;
+	struct tier_stats ts = { 0 };
 	uint64_t jobs = 0, rate = 0;
 
+	if (p->tier)
+		tier_get_stats(p->tier, &ts);
 	if (!c->admin)
 		return user_status(p, c, e, max);
 	store_get_stats(p->d.cache->store, &ss);
@@ -1224,6 +1261,17 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 		ENTRY("transfer_retries_total", fs.retries),
 		ENTRY("transfer_resumes_total", fs.resumed),
 		ENTRY("transfers_failed_total", fs.transfers_failed),
+		ENTRY("tier_hits_total", ts.hits),
+		ENTRY("tier_misses_total", ts.misses),
+		ENTRY("tier_errors_total", ts.errors),
+		ENTRY("tier_corrupt_total", ts.corrupt),
+		ENTRY("tier_bytes_total", ts.bytes),
+		ENTRY("tier_uploads_total", ts.uploads),
+		ENTRY("tier_uploads_skipped_total", ts.uploads_skipped),
+		ENTRY("tier_uploads_failed_total", ts.uploads_failed),
+		ENTRY("tier_uploads_pending", ts.uploads_pending),
+		ENTRY("tier_maps_written_total", ts.maps_written),
+		ENTRY("tier_full", ts.full),
 	};
 	uint32_t n = sizeof(all) / sizeof(all[0]);
 

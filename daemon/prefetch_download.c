@@ -22,6 +22,7 @@
 #include "prefetch_priv.h"
 #include "secret.h"
 #include "store.h"
+#include "tier.h"
 
 #define SCAN_PAGE 64u
 /*
@@ -88,7 +89,10 @@ static void sink_work(uv_work_t *w)
 		t->work_err = 0;
 		return;
 	}
-	if (!t->wr) {
+	if (!t->wr && t->import) {
+		/* a blob file from the cluster tier: copied as it is, checked at commit */
+		rc = store_import_open(store, &t->wr);
+	} else if (!t->wr) {
 		rc = store_writer_open(store, t->kind, STORE_SIZE_UNKNOWN, &t->wr);
 		if (rc == 0)
 			rc = store_writer_set_zstd_keep(t->wr, DOWNLOAD_ZSTD_KEEP_PCT);
@@ -108,6 +112,7 @@ static void sink_work(uv_work_t *w)
 }
 
 static void sink_after(uv_work_t *w, int status);
+static void start_upstream(struct task *t);
 
 static int queue_sink_work(struct task *t)
 {
@@ -177,6 +182,8 @@ static int sink_on_start(struct fetch_xfer *x, const struct fetch_response *r)
 		if (!size)
 			store_release(cache->store, 0);
 	}
+	if (t->import)
+		return 0; /* expected: the blob's name; etag: the mapping's */
 	t->has_expected = r->has_sha256;
 	if (r->has_sha256)
 		memcpy(t->expected, r->sha256, STORE_DIGEST_SIZE);
@@ -207,8 +214,11 @@ static int sink_on_data(struct fetch_xfer *x, const void *buf, size_t len)
 	}
 	memcpy(t->buf + t->len, buf, len);
 	t->len += len;
-	j->bytes_done += len;
-	j->pf->bytes_downloaded += len;
+	if (!t->import) {
+		/* a tier blob counts its item's size once it is stored (commit_done) */
+		j->bytes_done += len;
+		j->pf->bytes_downloaded += len;
+	}
 	return 0;
 }
 
@@ -235,6 +245,8 @@ void release_reservation(struct task *t)
 }
 
 static void commit_done(struct task *t);
+static void upload_to_tier(struct task *t);
+static void to_tier_done(struct task *t);
 
 static void sink_after(uv_work_t *w, int status)
 {
@@ -251,6 +263,11 @@ static void sink_after(uv_work_t *w, int status)
 	if (t->w_abort) {
 		/* the failed transfer's blob is gone: the task can end */
 		t->w_abort = false;
+		if (t->tier_fallback) {
+			t->tier_fallback = false;
+			start_upstream(t);
+			return;
+		}
 		task_next_step(t);
 		return;
 	}
@@ -310,6 +327,23 @@ static void download_done(struct task *t)
 	}
 	/* failed: drop the partial blob first */
 	release_reservation(t);
+	if (t->import) {
+		/* the tier could not give the blob: Datamint instead */
+		if (tier_result(t->job->pf->tier, res, "reading a blob") == -ENOENT)
+			tier_count_miss(t->job->pf->tier);
+		t->import = false;
+		if (t->job->cancelled) {
+			/* ends as any cancelled transfer does */
+		} else if (t->writer_open) {
+			t->tier_fallback = true;
+			if (abort_start(t) == 0)
+				return;
+			t->tier_fallback = false;
+		} else {
+			start_upstream(t);
+			return;
+		}
+	}
 	if (t->writer_open && abort_start(t) == 0)
 		return; /* sink_after -> task_next_step -> task_finish */
 	task_next_step(t);
@@ -324,6 +358,26 @@ static void commit_done(struct task *t)
 	int err = t->work_err;
 
 	release_reservation(t);
+	if (t->import) {
+		t->import = false;
+		if (err < 0) {
+			/* not trusted: the item comes from Datamint */
+			if (err == -DMC_E_INTEGRITY)
+				tier_count_corrupt(p->tier, t->expected);
+			else
+				log_info(FETCH, "'%s': the tier's blob was not stored (%s); Datamint "
+					 "instead", t->resource_id,
+					 err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
+							      : strerror(-err));
+			start_upstream(t);
+			return;
+		}
+		tier_count_hit(p->tier, t->info.file_size);
+		t->job->bytes_done += t->size > 0 ? (uint64_t)t->size : t->info.raw_size;
+		t->from_upstream = false;
+	} else if (t->phase == TP_FILE) {
+		t->from_upstream = err == 0;
+	}
 	if (err == -DMC_E_INTEGRITY && ++t->integrity_tries < p->d.cfg->max_attempts) {
 		/* the body does not match the server's digest: fetch it again */
 		char *url = t->phase == TP_FILE ? dm_file_url(&t->job->dmc, t->resource_id)
@@ -347,13 +401,28 @@ static void commit_done(struct task *t)
 		task_next_step(t);
 		return;
 	}
+	if (t->job->to_tier && t->phase == TP_FILE && t->from_upstream) {
+		/* a blob this cache did not hold goes once it is uploaded; one it held stays */
+		struct index_blob ib;
+		t->drop_after = index_blob_get(cache->index, t->info.digest, &ib) == -ENOENT;
+		if (!t->drop_after)
+			cache_record_blob(cache, &t->info);
+		store_unpin(cache->store, t->info.digest);
+		p->items_downloaded++;
+		upload_to_tier(t);
+		to_tier_done(t);
+		return;
+	}
 	cache_record_blob(cache, &t->info);
 	store_unpin(cache->store, t->info.digest);
 	t->res.err = 0;
 	if (t->phase == TP_FILE) {
 		memcpy(t->file_digest, t->info.digest, STORE_DIGEST_SIZE);
 		snprintf(t->file_etag, sizeof(t->file_etag), "%s", t->etag);
-		p->items_downloaded++;
+		if (t->from_upstream) {
+			p->items_downloaded++;
+			upload_to_tier(t);
+		}
 		t->phase = TP_MASKS;
 		followers_take(t, 0);
 	} else {
@@ -363,11 +432,35 @@ static void commit_done(struct task *t)
 	task_next_step(t);
 }
 
+/* After a verified download from Datamint: the blob and its mapping go to the tier. */
+static void upload_to_tier(struct task *t)
+{
+	struct job *j = t->job;
+	struct tier_map m = { .size = t->size };
+
+	if (!j->pf->tier || !j->proj || !j->proj->version ||
+	    strlen(j->proj->version) >= sizeof(m.version))
+		return;
+	snprintf(m.version, sizeof(m.version), "%s", j->proj->version);
+	snprintf(m.etag, sizeof(m.etag), "%s", t->etag);
+	tier_upload(j->pf->tier, t->info.digest, j->origin, t->resource_id, &m, t->drop_after);
+}
+
+/* --to-tier: the item is in the tier now (or is going up); it is not recorded here. */
+static void to_tier_done(struct task *t)
+{
+	t->job->items_done++;
+	t->phase = TP_MASKS;
+	followers_take(t, -DMC_E_NOT_FOUND_OR_DENIED); /* followers fetch on their own */
+	task_finish(t, 0, NULL, 0);
+}
+
 static void start_transfer(struct task *t, const char *url, const char *if_none_match)
 {
 	struct job *j = t->job;
 	int rc;
 
+	t->import = false;
 	t->len = t->wlen = 0;
 	t->res.err = 0;
 	t->work_err = 0;
@@ -596,8 +689,11 @@ static void follow_other_user(struct task *f, const uint8_t digest[STORE_DIGEST_
 int task_from_item(void *ctx, const struct index_item *it)
 {
 	struct job *j = ctx;
-	struct task *t = calloc(1, sizeof(*t));
+	struct task *t;
 
+	if (j->shard_world > 1 && (uint64_t)it->idx % j->shard_world != j->shard_rank)
+		return 0; /* another node's share (--shard) */
+	t = calloc(1, sizeof(*t));
 	if (!t)
 		return -ENOMEM;
 	t->job = j;
@@ -618,6 +714,73 @@ int task_from_item(void *ctx, const struct index_item *it)
 	j->running++;
 	t->starting = true;
 	return 0;
+}
+
+/* The file from Datamint (after the tier could not give it). */
+static void start_upstream(struct task *t)
+{
+	char *url;
+
+	if (t->job->cancelled) {
+		task_finish(t, -DMC_E_CANCELLED, "cancelled", 0);
+		return;
+	}
+	url = dm_file_url(&t->job->dmc, t->resource_id);
+	if (!url) {
+		task_finish(t, -ENOMEM, "out of memory", 0);
+		return;
+	}
+	t->kind = STORE_KIND_RAW;
+	start_transfer(t, url, NULL);
+	free(url);
+}
+
+/* The tier's mapping of the task's resource: its blob when it is of this version. */
+static void on_tier_map(void *ctx, int err, const struct tier_map *m)
+{
+	struct task *t = ctx;
+	struct job *j = t->job;
+	int rc;
+
+	t->treq = NULL;
+	if (j->cancelled || err == -DMC_E_CANCELLED) {
+		task_finish(t, -DMC_E_CANCELLED, "cancelled", 0);
+		return;
+	}
+	if (err < 0 || strcmp(m->version, j->proj->version) != 0 || m->size != t->size) {
+		if (err == 0)
+			tier_count_miss(j->pf->tier); /* a mapping of another version */
+		start_upstream(t);
+		return;
+	}
+	if (j->to_tier) {
+		/* the tier has it: nothing to fetch */
+		to_tier_done(t);
+		return;
+	}
+	t->len = t->wlen = 0;
+	t->res.err = 0;
+	t->work_err = 0;
+	t->restart = false;
+	t->import = true;
+	t->has_expected = true;
+	memcpy(t->expected, m->digest, STORE_DIGEST_SIZE);
+	snprintf(t->etag, sizeof(t->etag), "%s", m->etag);
+	t->x = tier_blob_xfer(j->pf->tier, m->digest, &sink_ops, t);
+	if (!t->x) {
+		t->import = false;
+		start_upstream(t);
+		return;
+	}
+	fetch_xfer_set_group(t->x, j->id);
+	fetch_xfer_set_owner(t->x, (uint32_t)j->uid);
+	rc = fetch_xfer_start(t->x);
+	if (rc < 0) {
+		fetch_xfer_free(t->x);
+		t->x = NULL;
+		t->import = false;
+		start_upstream(t);
+	}
 }
 
 void task_start(struct task *t)
@@ -675,6 +838,14 @@ void task_start(struct task *t)
 					     j->server,
 					     shares_across_users(j) ? -1 : (int64_t)j->uid,
 					     prior_etag, sizeof(prior_etag), t->prior) == 0;
+	if ((!t->has_prior || j->to_tier) && p->tier && j->proj && j->proj->version) {
+		/* node store -> cluster tier -> Datamint: the listing above proved j's
+		 * entitlement to this resource with j's own key */
+		t->treq = tier_map_get(p->tier, j->origin, t->resource_id, (uint32_t)j->uid, j->id,
+				       on_tier_map, t);
+		if (t->treq)
+			return;
+	}
 	url = dm_file_url(&j->dmc, t->resource_id);
 	if (!url) {
 		task_finish(t, -ENOMEM, "out of memory", 0);

@@ -22,6 +22,7 @@
 #include "store.h"
 
 struct secret;
+struct tier_req;
 
 #define SINK_BUF (1u << 20)  /* bytes gathered before a write on the threadpool */
 #define RATE_WINDOW 5        /* seconds of samples for the rate */
@@ -62,6 +63,7 @@ struct prefetch {
 	/* online OPENs answered from a fresh grant, and grants withdrawn on a refusal */
 	uint64_t opens_from_grant, grants_withdrawn;
 	uint64_t local_listings_kept; /* local folders whose unchanged listing was kept */
+	struct tier *tier;      /* the cluster tier (tier.h); NULL: none */
 };
 
 enum task_phase {
@@ -106,6 +108,13 @@ struct task {
 	uint64_t reserved;
 	char etag[FETCH_ETAG_MAX];
 	enum store_kind kind;
+
+	/* the cluster tier (tier.h): the mapping read, then the blob's file imported */
+	struct tier_req *treq;
+	bool import;          /* the transfer is a tier blob GET into an import writer */
+	bool from_upstream;   /* the file came from Datamint: upload it to the tier */
+	bool tier_fallback;   /* the tier failed: Datamint once the partial blob is dropped */
+	bool drop_after;      /* to_tier: the blob is new here; removed once uploaded */
 
 	/* revalidation of an earlier version */
 	bool has_prior;
@@ -185,6 +194,8 @@ struct job {
 	char notice[192];      /* said with the final record: "served from cache: ..." */
 	/* decoding ahead (DMC_PREFETCH_DECODE, prefetch_decode.c) */
 	bool decode;           /* asked for: decode the stored items before the end */
+	uint32_t shard_rank, shard_world; /* fetch only items at rank modulo world (1: all) */
+	bool to_tier;          /* fill the cluster tier, not the cache (DMC_PREFETCH_TO_TIER) */
 	bool decode_over;      /* the decoding ran (or will not): job_finish ends the job */
 	struct pdec *dec;      /* while decoding */
 };

@@ -24,6 +24,11 @@ struct secret *secret_new(const char *key, size_t len)
 	if (s == MAP_FAILED)
 		return NULL;
 	(void)madvise(s, map_len, MADV_DONTDUMP);
+#ifdef MADV_WIPEONFORK
+	/* a child (the decoder zygote, forked after the tier's credentials are taken from
+	 * the environment) sees zeros here */
+	(void)madvise(s, map_len, MADV_WIPEONFORK);
+#endif
 	(void)mlock(s, map_len); /* best effort: RLIMIT_MEMLOCK may say no */
 	s->map_len = map_len;
 	s->len = len;

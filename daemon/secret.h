@@ -2,8 +2,8 @@
  * secret: API keys in memory, and nowhere else (docs/security.md, docs/reliability.md S5).
  *
  * A key lives in its own anonymous mapping, locked in RAM where the limit allows
- * (never swapped) and excluded from core dumps (MADV_DONTDUMP); it is wiped before the
- * mapping goes. Nothing here logs, and nothing prints a key. Loop thread or any thread:
+ * (never swapped), excluded from core dumps (MADV_DONTDUMP) and zeroed in a forked child
+ * (MADV_WIPEONFORK); it is wiped before the mapping goes. Nothing here logs, and nothing prints a key. Loop thread or any thread:
  * a secret is immutable after secret_new() and freed by its single owner.
  */
 #ifndef DMC_SECRET_H

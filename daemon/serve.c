@@ -10,6 +10,7 @@
  *   serve_masks.c    mask handles: the label set, mask items and raw mask files
  *   serve_arena.c    arenas: their growth, their release, the bytes each uid holds
  *   hot.c            the hot set of decoded tensors
+ *   serve_region.c   hot tensors handed in place (region.c: the regions themselves)
  * Shared declarations are in serve_priv.h. Loop thread only.
  */
 #include <errno.h>
@@ -68,6 +69,7 @@ void handle_copy_refs(struct handle *h)
 		h->labels->refs++;
 	if (h->origin)
 		h->origin->refs++;
+	region_ref(h->rg);
 }
 
 void handle_drop_refs(struct handle *h)
@@ -75,6 +77,7 @@ void handle_drop_refs(struct handle *h)
 	fmap_unref(h->frames);
 	lset_unref(h->labels);
 	origin_unref(h->origin);
+	region_unref(h->rg);
 }
 
 static void serve_destroy(struct serve *s);
@@ -150,6 +153,8 @@ static void open_reply_now(struct pending_open *po)
 	struct handle *h;
 	uint8_t frame[1024];
 	uint8_t nfds = 0;
+	int fds[2];
+	bool send_rg = false;
 	int n;
 
 	if (!sc->c)
@@ -181,16 +186,29 @@ static void open_reply_now(struct pending_open *po)
 					     (uint32_t)strlen(po->project_name) };
 	rep.version = (struct dmc_str){ po->version, (uint32_t)strlen(po->version) };
 	rep.arena_bytes = sc->arena.size;
+	rep.regions = (po->flags & DMC_OPEN_REGIONS) != 0;
+	h->rg = region_for_open(sc, po->snapshot_id, po->flags, &send_rg);
+	if (h->rg && send_rg && conn_fd_busy(sc->c)) {
+		/* a descriptor still waits to go out: this handle does without */
+		region_unref(h->rg);
+		h->rg = NULL;
+	}
+	rep.region_id = h->rg ? h->rg->id : 0;
+	rep.region_bytes = h->rg ? h->rg->a.size : 0;
 	if (!sc->arena_sent)
-		nfds = 1;
+		fds[nfds++] = sc->arena.fd;
+	if (h->rg && send_rg)
+		fds[nfds++] = h->rg->ro_fd;
 	n = dmc_open_reply_encode(&rep, nfds, po->request_id, frame, sizeof(frame));
 	if (n < 0) {
 		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "reply too large");
 		return;
 	}
 	if (nfds) {
-		conn_send_fd(sc->c, frame, (size_t)n, sc->arena.fd);
+		conn_send_fds(sc->c, frame, (size_t)n, fds, nfds);
 		sc->arena_sent = true;
+		if (h->rg && send_rg)
+			region_sent(sc, h->rg);
 	} else {
 		conn_send(sc->c, frame, (size_t)n);
 	}
@@ -409,6 +427,7 @@ static void on_release(struct serve *s, struct conn *c, const struct dmc_header 
 	}
 	for (uint32_t i = 0; i < n; i++) {
 		uint64_t off = dmc_read_u64(&r);
+		region_release(sc, off); /* a tensor handed in place: unpinned */
 		if (arena_free(&sc->arena, off) == 0) {
 			released++;
 			streams_released(sc, off);
@@ -569,6 +588,7 @@ void sconn_maybe_free(struct sconn *sc)
 		s->conns = sc->next;
 	if (sc->next)
 		sc->next->prev = sc->prev;
+	region_pins_drop(sc);
 	while (sc->handles) {
 		struct handle *h = sc->handles;
 		sc->handles = h->next;
@@ -643,6 +663,7 @@ void serve_maybe_destroy(struct serve *s)
 static void serve_destroy(struct serve *s)
 {
 	hot_done(&s->hot);
+	regions_done(&s->regions);
 	free(s->failed);
 	free(s);
 }
@@ -655,6 +676,7 @@ int serve_new(const struct serve_deps *deps, struct serve **ret)
 		return -ENOMEM;
 	s->d = *deps;
 	s->hot.max = deps->cfg->hot_max;
+	s->regions.max = deps->cfg->hot_max;
 	prefetch_set_item_hook(deps->prefetch, on_item, s);
 	*ret = s;
 	return 0;
@@ -732,6 +754,15 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 		ENTRY("serve_hot_hits_total", s->hot.hits),
 		ENTRY("serve_hot_misses_total", s->hot.misses),
 		ENTRY("serve_hot_evictions_total", s->hot.evictions),
+		ENTRY("serve_regions", regions_count(&s->regions)),
+		ENTRY("serve_region_bytes", s->regions.bytes),
+		ENTRY("serve_region_committed_bytes", regions_committed(&s->regions)),
+		ENTRY("serve_region_tensors", s->regions.n),
+		ENTRY("serve_region_tensors_pinned", s->regions.pinned),
+		ENTRY("serve_region_copies_total", s->regions.copies),
+		ENTRY("serve_region_items_total", s->regions.handed),
+		ENTRY("serve_region_evictions_total", s->regions.evictions),
+		ENTRY("serve_region_reclaimed_bytes_total", s->regions.reclaimed),
 		ENTRY("serve_arena_bytes", arenas),
 		ENTRY("serve_arena_used_bytes", arena_used),
 		ENTRY("serve_shm_committed_bytes", s->shm_total),
@@ -762,5 +793,6 @@ bool serve_snapshot_open(struct serve *s, int64_t snapshot_id)
 
 uint64_t serve_hot_max_changed(struct serve *s, uint64_t *ret_bytes)
 {
+	regions_set_max(&s->regions, s->d.cfg->hot_max);
 	return hot_set_max(&s->hot, s->d.cfg->hot_max, ret_bytes);
 }

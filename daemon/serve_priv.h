@@ -1,6 +1,6 @@
 /*
  * serve's private declarations: the state the parts of serve (serve.c, serve_arena.c,
- * serve_frames.c, serve_masks.c, serve_request.c, serve_stream.c) share, and the functions
+ * serve_frames.c, serve_masks.c, serve_request.c, serve_stream.c, serve_region.c) share, and the functions
  * one part calls in another. Not for the rest of the daemon: its interface is serve.h.
  * Everything here belongs to the loop thread; threadpool works touch only what their
  * own work structure hands them.
@@ -22,6 +22,7 @@
 #include "policy.h"
 #include "prefetch.h"
 #include "proto.h"
+#include "region.h"
 #include "serve.h"
 #include "store.h"
 
@@ -89,6 +90,7 @@ struct gitem {
 	/* the result */
 	struct decode_desc desc;
 	uint64_t off, nbytes, moff, mlen;
+	bool in_region; /* off is in the handle's region, not in the arena */
 };
 
 /* Frame-by-frame: item k's frames are the items start[k] .. start[k+1]-1. Shared by a
@@ -129,6 +131,7 @@ struct handle {
 	struct fmap *frames;  /* with DMC_OPEN_FRAMES */
 	struct lset *labels;  /* with DMC_OPEN_MASKS */
 	struct origin *origin; /* NULL: nothing is fetched again (local, offline) */
+	struct region *rg;     /* with DMC_OPEN_REGIONS: the snapshot's region, or NULL */
 	struct handle *next;
 };
 
@@ -194,6 +197,15 @@ struct sconn {
 	bool pumping;
 	bool yielding;       /* a pump_items() continues after the loop's other work */
 	uint64_t pump_bytes; /* placed by the running pump_items() */
+	/* regions (serve_region.c): the ids of those passed to the client, and the tensors it
+	 * holds in them, by the arena offset of their metadata (what it releases) */
+	uint64_t *rg_sent;
+	uint32_t n_rg_sent, cap_rg_sent;
+	struct rpin {
+		uint64_t moff;
+		struct rentry *e;
+	} *pins;
+	uint32_t n_pins, cap_pins;
 	struct sconn *next, *prev;
 };
 
@@ -238,6 +250,7 @@ struct serve {
 	unsigned drops;          /* arenas being unmapped on the threadpool */
 	uint64_t arena_dropping; /* their bytes: still the daemon's until then */
 	struct hot hot;
+	struct regions regions; /* hot tensors handed in place (region.h); budget hot_max */
 	/* items whose download failed for good in a job still running: a GET of one fails at
 	 * once instead of waiting for the job's end (forgotten when the job ends) */
 	struct failed_item {
@@ -303,6 +316,14 @@ enum room make_room(struct sconn *sc, uint64_t len, char *why, size_t whylen);
 void grow_ahead(struct sconn *sc);
 int arena_make(struct sconn *sc, uint64_t want, char *why, size_t whylen);
 void arena_release(struct serve *s, struct arena *a, struct share *sh, uint64_t shm);
+
+/* serve_region.c */
+struct region *region_for_open(struct sconn *sc, int64_t snapshot_id, uint32_t flags,
+			       bool *ret_send);
+void region_sent(struct sconn *sc, const struct region *rg);
+bool region_place(struct gitem *gi);
+bool region_release(struct sconn *sc, uint64_t moff);
+void region_pins_drop(struct sconn *sc);
 
 /* serve_frames.c */
 struct fmap *fmap_ref(struct fmap *m);

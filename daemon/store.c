@@ -78,7 +78,8 @@ struct store {
 	pthread_mutex_t tmp_lock;
 };
 
-enum writer_mode { W_SAMPLE, W_RAW, W_ZSTD };
+/* W_IMPORT: a whole blob file (header + stored payload), checked at commit */
+enum writer_mode { W_SAMPLE, W_RAW, W_ZSTD, W_IMPORT };
 
 struct store_writer {
 	struct store *s;
@@ -1030,6 +1031,19 @@ int store_writer_write(struct store_writer *w, const void *buf, size_t len)
 
 	if (w->err)
 		return w->err;
+	if (w->mode == W_IMPORT) {
+		/* file bytes as they are: the header and the payload are checked at commit */
+		if (len > STORE_HEADER_SIZE + STORE_OBJECT_MAX_HARD - w->stored_size ||
+		    w->stored_size + len > STORE_HEADER_SIZE + 2 * w->s->opt.max_object + 4096) {
+			r = -DMC_E_LIMIT_EXCEEDED;
+			goto fail;
+		}
+		r = write_all_at(w->fd, p, len, w->stored_size);
+		if (r < 0)
+			goto fail;
+		w->stored_size += len;
+		return 0;
+	}
 	limit = w->expected != STORE_SIZE_UNKNOWN ? w->expected : w->s->opt.max_object;
 	if (len > limit - w->raw_size) {
 		r = -DMC_E_LIMIT_EXCEEDED;
@@ -1079,6 +1093,46 @@ fail:
 	if (r == -DMC_E_CACHE_FULL)
 		STAT_ADD(w->s, cache_full, 1);
 	return r;
+}
+
+int store_import_open(struct store *s, struct store_writer **ret_w)
+{
+	int r = store_writer_open(s, STORE_KIND_RAW, STORE_SIZE_UNKNOWN, ret_w);
+	if (r == 0)
+		(*ret_w)->mode = W_IMPORT;
+	return r;
+}
+
+/* The imported file: its header decoded and matched against `expected`, its payload hashed. */
+static int import_finish(struct store_writer *w, const uint8_t expected[STORE_DIGEST_SIZE],
+			 struct store_blob_info *ret_info)
+{
+	uint8_t hdr[STORE_HEADER_SIZE];
+	struct store_blob_info info;
+	int r = w->err;
+
+	if (r < 0)
+		return r;
+	if (w->stored_size < STORE_HEADER_SIZE)
+		return -DMC_E_INTEGRITY;
+	r = read_exact_at(w->fd, hdr, sizeof(hdr), 0);
+	if (r < 0)
+		return r;
+	if (store_header_decode(hdr, &info) < 0 ||
+	    memcmp(info.digest, expected, STORE_DIGEST_SIZE) != 0 ||
+	    info.file_size != w->stored_size || info.raw_size > w->s->opt.max_object)
+		return -DMC_E_INTEGRITY;
+	r = payload_stream(w->sc, w->fd, &info, NULL, NULL);
+	if (r < 0)
+		return r;
+	*ret_info = info;
+	return 0;
+}
+
+int store_open_blob(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE], int *ret_fd,
+		    struct store_blob_info *ret_info)
+{
+	return blob_open(s, digest, ret_fd, ret_info);
 }
 
 int store_writer_set_zstd_keep(struct store_writer *w, unsigned pct)
@@ -1360,8 +1414,12 @@ int store_writer_commit(struct store_writer *w, const uint8_t expected[STORE_DIG
 {
 	struct store *s = w->s;
 	struct store_blob_info info;
-	int r = writer_finish(w, expected, &info);
+	int r;
 
+	if (w->mode == W_IMPORT)
+		r = expected ? import_finish(w, expected, &info) : -EINVAL;
+	else
+		r = writer_finish(w, expected, &info);
 	if (r < 0)
 		goto out;
 	r = sync_file(s, w->fd);

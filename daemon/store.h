@@ -188,7 +188,25 @@ void store_writer_abort(struct store_writer *w);
 int store_put(struct store *s, enum store_kind kind, const void *buf, size_t len,
 	      const uint8_t expected[STORE_DIGEST_SIZE], struct store_blob_info *ret_info);
 
+/*
+ * Importing a blob file as it is, header and stored payload, without re-encoding (the
+ * cluster tier keeps the store's blob files, tier.h). store_import_open() returns a writer
+ * whose store_writer_write() takes the file's bytes; store_writer_commit() then needs
+ * `expected`: it checks the header (-DMC_E_INTEGRITY unless it decodes, names `expected`
+ * and matches the file's size) and hashes the decoded payload against it before
+ * publishing. The blob is pinned once on success, as with any commit.
+ */
+int store_import_open(struct store *s, struct store_writer **ret_w);
+
 /* ---- reading ---- */
+
+/*
+ * Opens blob `digest`'s file read-only with its header checked (not its payload), for a
+ * copy of the file as it is (tier uploads). *ret_fd: close() it. Codes as store_stat().
+ */
+int store_open_blob(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE], int *ret_fd,
+		    struct store_blob_info *ret_info);
+
 
 /*
  * Reads and checks the header of blob `digest`. -ENOENT if there is none; a blob whose

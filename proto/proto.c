@@ -461,6 +461,10 @@ DMC_EXPORT int dmc_prefetch_encode(const struct dmc_prefetch *m, uint32_t reques
 	write_dstr(&w, m->version);
 	write_dstr(&w, m->server);
 	write_dstr(&w, m->api_key);
+	if (m->flags & DMC_PREFETCH_SHARD) {
+		dmc_write_u32(&w, m->shard_rank);
+		dmc_write_u32(&w, m->shard_world);
+	}
 	return dmc_frame_end(&w, DMC_OP_PREFETCH, 0, request_id, 0);
 }
 
@@ -476,7 +480,15 @@ DMC_EXPORT int dmc_prefetch_decode(const void *payload, size_t len, struct dmc_p
 	m.version = dmc_read_str(&r);
 	m.server = dmc_read_str(&r);
 	m.api_key = dmc_read_str(&r);
-	if (dmc_reader_finish(&r) || (m.flags & ~DMC_PREFETCH_FLAGS_DEFINED))
+	m.shard_rank = 0;
+	m.shard_world = 1;
+	if (m.flags & DMC_PREFETCH_SHARD) {
+		m.shard_rank = dmc_read_u32(&r);
+		m.shard_world = dmc_read_u32(&r);
+	}
+	if (dmc_reader_finish(&r) || (m.flags & ~DMC_PREFETCH_FLAGS_DEFINED) ||
+	    m.shard_world < 1 || m.shard_world > DMC_SHARD_WORLD_MAX ||
+	    m.shard_rank >= m.shard_world)
 		return DMC_PROTO_ERROR;
 	*ret = m;
 	return DMC_PROTO_OK;
@@ -872,6 +884,10 @@ DMC_EXPORT int dmc_open_reply_encode(const struct dmc_open_reply *m, uint8_t nfd
 	write_dstr(&w, m->project_name);
 	write_dstr(&w, m->version);
 	dmc_write_u64(&w, m->arena_bytes);
+	if (m->regions) {
+		dmc_write_u64(&w, m->region_id);
+		dmc_write_u64(&w, m->region_bytes);
+	}
 	return dmc_frame_end(&w, DMC_OP_OPEN, DMC_FLAG_REPLY, request_id, nfds);
 }
 
@@ -889,6 +905,9 @@ DMC_EXPORT int dmc_open_reply_decode(const void *payload, size_t len,
 	m.project_name = dmc_read_str(&r);
 	m.version = dmc_read_str(&r);
 	m.arena_bytes = dmc_read_u64(&r);
+	m.regions = !r.err && r.len - r.pos == 16;
+	m.region_id = m.regions ? dmc_read_u64(&r) : 0;
+	m.region_bytes = m.regions ? dmc_read_u64(&r) : 0;
 	if (dmc_reader_finish(&r))
 		return DMC_PROTO_ERROR;
 	*ret = m;

@@ -208,7 +208,17 @@ struct dmc_error_msg {
  *            skipped. While it runs, events carry a notice "decoding: D of N items"; an
  *            item that cannot be decoded is an event with its error and does not fail the
  *            job; the final record's notice says how many were decoded, skipped and
- *            failed. Other bits are refused.
+ *            failed.
+ *            DMC_PREFETCH_SHARD: the frame ends with u32 rank, u32 world (1 <= world <=
+ *            DMC_SHARD_WORLD_MAX, rank < world): the whole project is listed with the
+ *            caller's key, but only the items whose position in the listing's stable order
+ *            is rank modulo world are fetched (a node's share of a cluster's pre-warm).
+ *            DMC_PREFETCH_TO_TIER: fill the daemon's cluster tier (tier_url), not its cache:
+ *            items the tier has count as done without being fetched; the others are
+ *            downloaded, uploaded to the tier (file and mapping; not masks) and dropped from
+ *            the node's cache, and are not recorded in the snapshot. INVALID_ARGUMENT when
+ *            no tier is configured.
+ *            Other bits are refused.
  *   project  DATAMINT: a project name or id. LOCAL: the absolute path of a dataset
  *            directory as the Datamint Python client writes it (dataset.json, images/).
  *            For LOCAL the path is only a label (the snapshot's project id): the frame
@@ -261,6 +271,7 @@ struct dmc_prefetch {
 	struct dmc_str version;
 	struct dmc_str server;
 	struct dmc_str api_key;
+	uint32_t shard_rank, shard_world; /* on the wire with DMC_PREFETCH_SHARD only */
 };
 
 struct dmc_progress {
@@ -309,8 +320,12 @@ struct dmc_progress {
 #define DMC_PREFETCH_OFFLINE 1u
 #define DMC_PREFETCH_ALLOW_PARTIAL 2u
 #define DMC_PREFETCH_DECODE 4u
+#define DMC_PREFETCH_SHARD 8u
+#define DMC_PREFETCH_TO_TIER 16u
 #define DMC_PREFETCH_FLAGS_DEFINED \
-	(DMC_PREFETCH_OFFLINE | DMC_PREFETCH_ALLOW_PARTIAL | DMC_PREFETCH_DECODE)
+	(DMC_PREFETCH_OFFLINE | DMC_PREFETCH_ALLOW_PARTIAL | DMC_PREFETCH_DECODE | \
+	 DMC_PREFETCH_SHARD | DMC_PREFETCH_TO_TIER)
+#define DMC_SHARD_WORLD_MAX 65536u
 
 struct dmc_snapshot_info {
 	uint64_t id;
@@ -378,6 +393,10 @@ struct dmc_verify_reply {
  *     gains "files": [{"id": <annotation id>, "bytes": n}, ...] saying where each one is;
  *     the reply comes at once, as for RAW alone.)
  *     DMC_OPEN_POLICY: a uniformity policy follows arena_bytes (below).
+ *     DMC_OPEN_REGIONS: the client accepts hot tensors handed over in place (see "Regions"
+ *     below): the OPEN reply grows by two fields and may pass the snapshot's region, and
+ *     every GET reply of the handle grows by one byte per item. A client that does not set
+ *     it sees none of this.
  *   dtype: enum dmc_dtype of the output, or 0 for the source dtype. DMC_DTYPE_F16 and
  *     DMC_DTYPE_BF16 are made by the daemon from float32 values (round to nearest even,
  *     as numpy's and torch's float32 casts).
@@ -412,6 +431,12 @@ struct dmc_verify_reply {
  * OPEN reply (nfds 1 on the first OPEN of the connection, else 0):
  *   u64 handle, u64 snapshot_id, u64 items, str project_id, str project_name, str version,
  *   u64 arena_bytes
+ *   and with DMC_OPEN_REGIONS only: u64 region_id, u64 region_bytes
+ *   region_id is the snapshot's region (0: none for this handle: hot_max is 0, the handle
+ *   serves masks or raw files, or the daemon could not make one; its GETs then use the
+ *   arena only). When the connection has not received that region before, its read-only
+ *   descriptor is attached after the arena's (nfds counts both: the arena's first when it
+ *   is passed too). region_bytes is its size: map it read-only, MAP_SHARED.
  *
  * GET request: items of an open dataset, in the order asked.
  *   u64 handle, u32 n (1 .. DMC_GET_MAX), n times u64 index
@@ -421,9 +446,29 @@ struct dmc_verify_reply {
  *   shape is (frames, channels, height, width); ndim is 4. The tensor is nbytes at offset
  *   in the arena, C order; the metadata (JSON: {"resource": ..., "dicom": ...}) is
  *   meta_len bytes at meta_offset. A failed item has status != 0, a message, and no space.
+ *   With DMC_OPEN_REGIONS on the handle, n times u8 in_region follow the n records: 1 when
+ *   the item's tensor is at `offset` in the handle's region (not in the arena; its
+ *   metadata is still in the arena), else 0.
  *
  * RELEASE request: gives arena space back.  u32 n, n times u64 offset (tensor or metadata
- *   offsets from GET replies). Reply: u32 released.
+ *   offsets from GET replies). Reply: u32 released. An item handed in a region is given
+ *   back by its meta_offset alone (its tensor offset is the region's, not the arena's):
+ *   that also unpins its tensor in the region.
+ *
+ * Regions (DMC_OPEN_REGIONS; GET only, STREAM batches always use the arena):
+ *   A region holds decoded tensors of one snapshot's items, and of no other snapshot's:
+ *   a memfd of fixed size, sealed against shrinking and growing, that the daemon writes
+ *   and passes read-only (an O_RDONLY descriptor of a file the daemon owns, mode 0400:
+ *   neither write(), nor a writable shared mapping, nor ftruncate, nor reopening it
+ *   through /proc for writing works). It is passed, once per connection, only with the
+ *   reply to an OPEN of that snapshot, after the OPEN's usual access check. A GET item
+ *   that is in the daemon's hot set is handed as an offset in the region (its tensor
+ *   copied there once, then shared by every connection of the snapshot) instead of a
+ *   copy into the arena. Such a tensor is pinned until the client RELEASEs the item's
+ *   meta_offset or its connection ends: the daemon neither moves nor reuses it before.
+ *   Unpinned tensors are evicted least recently used first when the regions' bytes pass
+ *   hot_max, and their pages are given back (FALLOC_FL_PUNCH_HOLE): reading a range not
+ *   held may show zeros or another tensor of the same snapshot.
  *
  * CLOSE request: u64 handle. Reply: no fields. Closing the connection closes everything.
  *   Streams of the handle stop (as with STOP) first.
@@ -484,9 +529,10 @@ enum dmc_dtype {
 #define DMC_OPEN_OFFLINE 8u /* as DMC_PREFETCH_OFFLINE: from the caller's grants only */
 #define DMC_OPEN_RAW 16u    /* each item's stored original file, uint8 (1, 1, 1, bytes) */
 #define DMC_OPEN_POLICY 32u /* a struct dmc_policy follows arena_bytes */
+#define DMC_OPEN_REGIONS 64u /* hot tensors handed in the snapshot's region (see Regions) */
 #define DMC_OPEN_FLAGS_DEFINED                                                                    \
 	(DMC_OPEN_LUT | DMC_OPEN_FRAMES | DMC_OPEN_MASKS | DMC_OPEN_OFFLINE | DMC_OPEN_RAW |          \
-	 DMC_OPEN_POLICY)
+	 DMC_OPEN_POLICY | DMC_OPEN_REGIONS)
 
 /* The uniformity policy of OPEN (see above). */
 #define DMC_POLICY_SIZE 1u
@@ -541,6 +587,10 @@ struct dmc_open_reply {
 	struct dmc_str project_name;
 	struct dmc_str version;
 	uint64_t arena_bytes;
+	/* with DMC_OPEN_REGIONS: the encoder writes them when `regions` is set; the decoder
+	 * reads them (and sets `regions`) when the payload holds them */
+	bool regions;
+	uint64_t region_id, region_bytes;
 };
 
 struct dmc_item_desc {

@@ -16,6 +16,8 @@ pkgs=(
 	sqlite3 curl systemd strace util-linux e2fsprogs zstd libjpeg-turbo-progs
 	openjph-tools # ojph_compress writes the HTJ2K test files
 	libfaketime # the daemon's wall clock jumps (faults-clock)
+	# the cluster tier's tests: a throwaway Ceph cluster with a RADOS Gateway (tests/tier/ceph.sh)
+	ceph-mon ceph-osd radosgw ceph-common
 	# the operator's side: promtool (prometheus) and node_exporter for `dmcache metrics`
 	prometheus prometheus-node-exporter
 	# man(1) renders the pages in a test; zsh loads the completion

@@ -33,6 +33,13 @@ The figures are medians over the repetitions; ratios are medians of the per-repe
 ratios (both sides of a ratio ran in the same repetition, seconds apart). Every
 measurement starts after a sync(2), so one run's write-back does not land in the next.
 --perf DIR records the daemon (perf record -g) during one extra large and small run.
+
+--tier adds the cluster tier's rows, one run each on the large project, against a throwaway
+Ceph RADOS Gateway (tests/tier/ceph.sh; its memstore holds 768 MiB: use --large-size 8M):
+node A's cold prefetch from the emulator (which uploads to the tier, in the background)
+against node B's cold prefetch of the same project from the tier; and one node's
+`prefetch --to-tier` pre-warm against two nodes' `--to-tier --shard R/2` at once, each
+timed until the tier holds every item (the uploads drained).
 """
 import argparse
 import json
@@ -249,6 +256,105 @@ def run_daemon(Daemon, dmcache, emu, project, n, nbytes, parent, perf=None, exe=
             'stored': stored, 'hwm_kib': rss}
 
 
+# ---------------------------------------------------------------- the cluster tier
+
+def run_tier(Daemon, dmcache, emu, project, n, nbytes, parent):
+    """The tier rows (see the module's docstring): [(label, value, unit)]."""
+    ceph_dir = os.path.join(parent, 'ceph')
+    ceph_sh = os.path.join(SOURCE, 'tests', 'tier', 'ceph.sh')
+    r = subprocess.run(['bash', ceph_sh, 'start', ceph_dir, 'dmc-bench'], capture_output=True,
+                       text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError('ceph.sh start failed:\n' + r.stdout + r.stderr)
+    env = dict(line.split('=', 1) for line in open(os.path.join(ceph_dir, 'env')).read().split()
+               if '=' in line)
+    nodes = []
+
+    def node(prefix):
+        top = tempfile.mkdtemp(prefix='t-', dir=parent)
+        cred = os.path.join(top, 'cred')
+        with open(cred, 'w') as f:
+            f.write('aws_access_key_id = %s\naws_secret_access_key = %s\n'
+                    % (env['TIER_ACCESS_KEY'], env['TIER_SECRET_KEY']))
+        os.chmod(cred, 0o600)
+        conf = os.path.join(top, 'dmcached.conf')
+        with open(conf, 'w') as f:
+            f.write('tier_url = %s/%s\ntier_region = %s\ntier_prefix = %s\n'
+                    'tier_credentials_file = %s\n' % (env['TIER_ENDPOINT'], env['TIER_BUCKET'],
+                                                      env['TIER_REGION'], prefix, cred))
+        d = Daemon(top, args=['--config', conf])
+        nodes.append(d)
+        return d
+
+    def start(d, *args):
+        e = dict(d.env, DATAMINT_API_KEY=KEY)
+        e.pop('DATAMINT_API_URL', None)
+        return subprocess.Popen([dmcache, '--socket', d.socket, 'prefetch', '--json',
+                                 '--server', emu.url] + list(args) + [project], env=e,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(p):
+        out, err = p.communicate(timeout=TIMEOUT)
+        final = [json.loads(x) for x in out.splitlines() if x.startswith('{') and '"state"' in x]
+        if p.returncode != 0 or not final or final[-1]['state'] != 'done':
+            raise RuntimeError('tier prefetch failed: %s %s' % (out[-500:], err[-500:]))
+        return final[-1]
+
+    def tier_figure(d, name):
+        out = subprocess.run([dmcache, '--socket', d.socket, 'metrics'], capture_output=True,
+                             text=True, timeout=30).stdout
+        for line in out.splitlines():
+            if line.startswith('dmcache_tier_%s ' % name):
+                return float(line.split()[1])
+        raise RuntimeError('no dmcache_tier_%s' % name)
+
+    def drained(ds):
+        while any(tier_figure(d, 'uploads_pending') for d in ds):
+            time.sleep(0.05)
+
+    try:
+        a, b = node('bench-ab'), node('bench-ab')
+        os.sync()
+        t0 = time.monotonic()
+        finish(start(a))
+        t_a = time.monotonic() - t0
+        drained([a])
+        os.sync()
+        t0 = time.monotonic()
+        finish(start(b))
+        t_b = time.monotonic() - t0
+        if tier_figure(b, 'hits_total') != n:
+            raise RuntimeError('node B did not read every item from the tier')
+        one = node('bench-one')
+        os.sync()
+        t0 = time.monotonic()
+        finish(start(one, '--to-tier'))
+        drained([one])
+        t_one = time.monotonic() - t0
+        two = [node('bench-two'), node('bench-two')]
+        os.sync()
+        t0 = time.monotonic()
+        procs = [start(d, '--to-tier', '--shard', '%d/2' % i) for i, d in enumerate(two)]
+        for p in procs:
+            finish(p)
+        drained(two)
+        t_two = time.monotonic() - t0
+    finally:
+        for d in nodes:
+            d.stop()
+            d.notify.close()
+        subprocess.run(['bash', ceph_sh, 'stop', ceph_dir], capture_output=True, timeout=300)
+    mb = nbytes / 1e6
+    return [
+        ('node A cold prefetch from the emulator (uploads not included)', fmt(mb / t_a), 'MB/s'),
+        ('node B cold prefetch from the tier', fmt(mb / t_b), 'MB/s'),
+        ('**ratio node B (tier) / node A (emulator)**', '%.2f' % (t_a / t_b), ''),
+        ('one node --to-tier pre-warm, until the tier holds it all', '%.2f' % t_one, 's'),
+        ('two nodes --to-tier --shard R/2 at once, same', '%.2f' % t_two, 's'),
+        ('**ratio one node / two nodes (pre-warm time)**', '%.2f' % (t_one / t_two), ''),
+    ]
+
+
 # ---------------------------------------------------------------- reporting
 
 def med(xs):
@@ -301,6 +407,8 @@ def main():
     ap.add_argument('--baseline-dmcached', metavar='EXE',
                     help='also run this dmcached binary (e.g. a build before a change)')
     ap.add_argument('--json', metavar='FILE', help='write every figure as JSON')
+    ap.add_argument('--tier', action='store_true',
+                    help='also the cluster tier rows (starts tests/tier/ceph.sh)')
     args = ap.parse_args()
 
     large_size = parse_size(args.large_size)
@@ -326,6 +434,7 @@ def main():
         print('warning: %s is built with AddressSanitizer; figures are not meaningful'
               % DMCACHED, file=sys.stderr)
 
+    tier_rows = None
     work = tempfile.mkdtemp(prefix='dmc-bench-', dir=args.work_dir)
     facts = machine_facts(work)
     facts['load_start'] = os.getloadavg()
@@ -421,12 +530,21 @@ def main():
                     print('perf: %s' % data, file=sys.stderr)
             if tmpfs:
                 shutil.rmtree(tmpfs, ignore_errors=True)
+            if args.tier:
+                tier_rows = run_tier(Daemon, DMCACHE, emu, 'bench-large', args.large_count,
+                                     large_bytes, work)
         finally:
             emu.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     facts['load_end'] = os.getloadavg()
     report(args, facts, results, large_size, small_size)
+    if tier_rows:
+        print('\n| cluster tier (one run, %d x %s) | value | unit |' % (args.large_count,
+                                                                   args.large_size))
+        print('|---|---:|---|')
+        for label, value, unit in tier_rows:
+            print('| %s | %s | %s |' % (label, value, unit))
 
 
 def report(args, facts, results, large_size, small_size):

@@ -29,10 +29,15 @@ fails on speed. What runs, on data it writes itself:
   T2        the hot set read again and again through dmcache.Loader, in GB/s, against a
             single-thread memcpy (numpy.copyto) of the same bytes in this process
   T3        handoff: dmcache.Client GET of one hot 32-item batch (16 MiB) until the reply
-            says where the items are, then RELEASE; p50/p99 over --handoff batches;
-            the same for one item (the per-request cost). Also the time a Loader loop
-            waits in next() per batch. The daemon's heap (RssAnon) before and after
-            the timed GETs (flat: no per-batch allocation).
+            says where the items are, then RELEASE; p50/p99 over --handoff batches, on
+            two connections in turn: one opened with regions=True (DMC_OPEN_REGIONS:
+            the hot items handed in place, no copy) and one without (each item copied
+            into the arena, as before regions); the same for one item (the per-request
+            cost). What the client then pays to make a batch tensor of the 32 items
+            handed in place: one gathering copy into its own memory (what the Loader
+            does) against a read-only view when they happen to lie back to back. Also
+            the time a Loader loop waits in next() per batch. The daemon's heap
+            (RssAnon) before and after the timed GETs (flat: no per-batch allocation).
   T6        a new process (torch and dmcache imported): Loader() + first batch, median
             of 3; dmcache-read's connect + OPEN + first batch; connect and OPEN alone
   T7        dmcache.Loader in a child process for --seconds alone, then the same child
@@ -47,6 +52,7 @@ the hot-set and memcpy figures the best of --reps runs (interference on a shared
 slows a run down).
 """
 import argparse
+import ctypes
 import importlib.util
 import json
 import os
@@ -353,7 +359,8 @@ def main():
     ap.add_argument('--step-ms', type=int, default=20,
                     help='T7: simulated training step per batch of 32 (a sleep)')
     ap.add_argument('--phases', default='0', help=argparse.SUPPRESS)
-    ap.add_argument('--handoff', type=int, default=200, help='GETs timed for T3')
+    ap.add_argument('--handoff', type=int, help='GETs timed for T3 (default 200; 50 with '
+                    '--quick)')
     ap.add_argument('--quick', action='store_true',
                     help='256 items, 1 rep, short runs: a smoke run, not figures')
     ap.add_argument('--work-dir', help='where the temp dir goes (default: $TMPDIR)')
@@ -368,7 +375,9 @@ def main():
             child_loader_run(folder, args.seconds, [int(x) for x in args.phases.split(',')])
         return 0
     if args.quick:
-        args.items, args.reps, args.seconds, args.handoff = 256, 1, 1.0, 50
+        args.items, args.reps, args.seconds = 256, 1, 1.0
+    if args.handoff is None:
+        args.handoff = 50 if args.quick else 200
     if not HOT_ITEMS <= args.items <= ITEMS_MAX:
         ap.error('--items must be %d to %d' % (HOT_ITEMS, ITEMS_MAX))
     if args.reps < 1 or args.handoff < 2 or not 0.2 <= args.seconds <= 60 or \
@@ -492,35 +501,72 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
     per_epoch, _ = dmcache_read(build, d, hot, 40)
     res['hot_c_api_Bps'] = max(bps for _, bps in per_epoch[1:])
 
-    # T3: handoff latency of a hot batch, and what a Loader loop waits per batch
+    # T3: handoff latency of a hot batch, and what a Loader loop waits per batch; the
+    # in-place handoff (regions) and the copy into the arena, in turns on two connections
     log('T3: handoff')
-    client = dmcache.Client(d.socket)
-    ods = client.open(dmcache._lib.SOURCE_LOCAL, hot)
+    import numpy as np
+    c_new, c_old = dmcache.Client(d.socket), dmcache.Client(d.socket)
+    o_new = c_new.open(dmcache._lib.SOURCE_LOCAL, hot, regions=True)
+    o_old = c_old.open(dmcache._lib.SOURCE_LOCAL, hot)
     idx = list(range(BATCH))
-    lat = []
+    lat, lat_old, gather, view = [], [], [], []
+    contiguous = 0
     for i in range(args.handoff + 20):
         if i == 20:  # warmed up: the daemon's heap from here on should stay flat
             rss0 = rss_kib(d.proc.pid, 'RssAnon')
-        t0 = time.perf_counter()
-        items = ods.get(idx)
-        dt = time.perf_counter() - t0
-        if any(it.status for it in items):
-            raise SystemExit('a hot item failed')
-        ods.release(items)
-        if i >= 20:
-            lat.append(dt)
+        for ods, out in ((o_new, lat), (o_old, lat_old)):
+            t0 = time.perf_counter()
+            items = ods.get(idx)
+            dt = time.perf_counter() - t0
+            if any(it.status for it in items):
+                raise SystemExit('a hot item failed')
+            if ods is o_new:
+                if not all(it.region for it in items):
+                    raise SystemExit('a hot item was not handed in place')
+                # the client's batch tensor: one gathering copy into its own memory ...
+                first = items[0]
+                dt_np = np.dtype(dmcache._lib.DTYPES[first.dtype])
+                t1 = time.perf_counter()
+                batch = np.empty((len(items),) + tuple(first.shape), dt_np)
+                for k, it in enumerate(items):
+                    batch[k] = np.frombuffer(dmcache._lib.item_bytes(it), dt_np).reshape(
+                        tuple(it.shape))
+                t2 = time.perf_counter()
+                # ... or a view, possible only when the items lie back to back
+                if all(items[k + 1].data == items[k].data + items[k].nbytes
+                       for k in range(len(items) - 1)):
+                    contiguous += 1
+                    t3 = time.perf_counter()
+                    buf = (ctypes.c_char * (first.nbytes * len(items))).from_address(first.data)
+                    v = np.frombuffer(buf, dt_np).reshape(batch.shape)
+                    t4 = time.perf_counter()
+                    assert np.array_equal(v[-1], batch[-1])
+                    if i >= 20:
+                        view.append(t4 - t3)
+                if i >= 20:
+                    gather.append(t2 - t1)
+                del batch
+            ods.release(items)
+            if i >= 20:
+                out.append(dt)
     rss1 = rss_kib(d.proc.pid, 'RssAnon')
     batch_bytes = sum(it.nbytes for it in items)
-    lat1 = []  # one item: the per-request cost without the bulk of a batch
+    lat1, lat1_old = [], []  # one item: the per-request cost without the bulk of a batch
+    for k in range(0, HOT_ITEMS, BATCH):  # every hot item in the region once, untimed
+        o_new.release(o_new.get(list(range(k, min(k + BATCH, HOT_ITEMS)))))
     for i in range(args.handoff + 20):
-        t0 = time.perf_counter()
-        items = ods.get([i % HOT_ITEMS])
-        dt = time.perf_counter() - t0
-        ods.release(items)
-        if i >= 20:
-            lat1.append(dt)
-    ods.close()
-    client.close()
+        for ods, out in ((o_new, lat1), (o_old, lat1_old)):
+            t0 = time.perf_counter()
+            items = ods.get([i % HOT_ITEMS])
+            dt = time.perf_counter() - t0
+            ods.release(items)
+            if i >= 20:
+                out.append(dt)
+    c1 = daemon_counters(dmcache, d)
+    res['region_committed'] = c1.get('serve_region_committed_bytes', 0)
+    for ods, c in ((o_new, c_new), (o_old, c_old)):
+        ods.close()
+        c.close()
     wait = []
     hot_loader = dmcache.Loader(hot, batch_size=BATCH, shuffle=True, metadata=False)
     e = 0
@@ -536,8 +582,14 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
             wait.append(time.perf_counter() - t0)
         e += 1
     hot_loader.close()
-    res['handoff_us'] = (percentile(lat, 50) * 1e6, percentile(lat, 99) * 1e6)
-    res['handoff1_us'] = (percentile(lat1, 50) * 1e6, percentile(lat1, 99) * 1e6)
+    pct = lambda xs: (percentile(xs, 50) * 1e6, percentile(xs, 99) * 1e6)  # noqa: E731
+    res['handoff_us'] = pct(lat)
+    res['handoff_old_us'] = pct(lat_old)
+    res['handoff1_us'] = pct(lat1)
+    res['handoff1_old_us'] = pct(lat1_old)
+    res['gather_us'] = pct(gather)
+    res['view_us'] = pct(view) if view else None
+    res['contiguous'] = (contiguous, args.handoff + 20)
     res['loader_wait_us'] = (percentile(wait, 50) * 1e6, percentile(wait, 99) * 1e6)
     res['batch_bytes'] = batch_bytes
     res['rss_kib'] = (rss0, rss1)
@@ -624,11 +676,24 @@ def report(args, res):
         ('hot Loader / memcpy', '%.2f' % (hot / mc), 'T2: >= %.1f' % T2_RATIO,
          verdict(hot / mc >= T2_RATIO)),
         ('hot items via C API / memcpy', '%.2f (%.2f GB/s)' % (hot_c / mc, hot_c / 1e9), '', ''),
-        ('handoff, GET of a hot %.0f MiB batch, p50 / p99' % (res['batch_bytes'] / 2**20),
+        ('handoff of a hot %.0f MiB batch by GET, in place (regions), p50 / p99' % (
+            res['batch_bytes'] / 2**20),
          '%.0f / %.0f us' % (p50, p99), 'T3: <= %d / %d us' % (T3_P50_US, T3_P99_US),
          verdict(p50 <= T3_P50_US and p99 <= T3_P99_US)),
-        ('handoff, GET of one hot item (0.5 MiB), p50 / p99', '%.0f / %.0f us' % (
+        ('the same, copied into the arena (without regions), p50 / p99',
+         '%.0f / %.0f us' % res['handoff_old_us'], '', ''),
+        ('handoff, GET of one hot item (0.5 MiB), in place, p50 / p99', '%.0f / %.0f us' % (
             res['handoff1_us']), '', ''),
+        ('the same, copied into the arena, p50 / p99', '%.0f / %.0f us' % (
+            res['handoff1_old_us']), '', ''),
+        ('client: batch tensor of the 32 in-place items, one gathering copy, p50 / p99',
+         '%.0f / %.0f us' % res['gather_us'], '', ''),
+        ('client: the same as a read-only view (items back to back in %d of %d batches), '
+         'p50 / p99' % res['contiguous'],
+         '%.0f / %.0f us' % res['view_us'] if res['view_us'] else 'never back to back', '',
+         ''),
+        ('regions: memory the daemon holds for them', '%.1f MiB' % (
+            res['region_committed'] / 2**20), '', ''),
         ('Loader loop: wait in next() per batch, p50 / p99', '%.0f / %.0f us' % (w50, w99),
          '', ''),
         ('daemon heap (RssAnon) over the timed GETs', '%.1f -> %.1f MiB' % (

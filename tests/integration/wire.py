@@ -55,6 +55,9 @@ class Reader:
         self.pos += n
         return v
 
+    def u8(self):
+        return self.take(1)[0]
+
     def u32(self):
         return struct.unpack('<I', self.take(4))[0]
 
@@ -176,15 +179,24 @@ def recv_frame_fds(sock):
     return op, fl, rid, recv_exact(sock, length), list(fds)
 
 
-def decode_open_reply(payload):
+OPEN_REGIONS = 64  # proto.h DMC_OPEN_REGIONS
+
+
+def decode_open_reply(payload, regions=False):
+    """An OPEN reply; with regions (the OPEN had DMC_OPEN_REGIONS), region_id and
+    region_bytes too."""
     r = Reader(payload)
     out = dict(handle=r.u64(), snapshot_id=r.u64(), items=r.u64(), project_id=r.str(),
                project_name=r.str(), version=r.str(), arena_bytes=r.u64())
+    if regions:
+        out.update(region_id=r.u64(), region_bytes=r.u64())
     r.done()
     return out
 
 
-def decode_get_reply(payload):
+def decode_get_reply(payload, regions=False):
+    """A GET reply's items; with regions (a handle opened with DMC_OPEN_REGIONS), each
+    item's in_region too."""
     r = Reader(payload)
     items = []
     for _ in range(r.u32()):
@@ -193,5 +205,7 @@ def decode_get_reply(payload):
         d.update(offset=r.u64(), nbytes=r.u64(), meta_offset=r.u64(), meta_len=r.u64(),
                  message=r.str())
         items.append(d)
+    for d in items:
+        d['in_region'] = r.u8() if regions else 0
     r.done()
     return items

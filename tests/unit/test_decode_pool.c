@@ -558,6 +558,13 @@ TEST(workers_own_nothing)
 	ASSERT_EQ(start_dropped(&loop, 2, 10, 5000), 0);
 	ASSERT_EQ(decode_pool_worker_pids(g_pool, pids, 2), 2);
 	for (int i = 0; i < 2; i++) {
+		/* The pool counts a worker idle once the spawner has forked it; the worker drops
+		 * its uid and capabilities before it reads its first job, which on a loaded
+		 * machine can be a moment later: wait for the uid (up to 5 s), then check all. */
+		for (int t = 0; geteuid() == 0 && t < 500 &&
+				strcmp(status_field(pids[i], "Uid", v, sizeof(v)),
+				       "65534\t65534\t65534\t65534") != 0; t++)
+			usleep(10000);
 		if (geteuid() == 0) {
 			ASSERT_STR_EQ(status_field(pids[i], "Uid", v, sizeof(v)),
 				      "65534\t65534\t65534\t65534");

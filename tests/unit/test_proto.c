@@ -328,6 +328,29 @@ TEST(prefetch_round_trip)
 	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
 	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
 		  DMC_PROTO_ERROR);
+	/* a shard travels after the key, and only with its flag; a rank outside it is refused */
+	in.flags = DMC_PREFETCH_SHARD | DMC_PREFETCH_TO_TIER;
+	in.shard_rank = 2;
+	in.shard_world = 3;
+	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
+	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_OK);
+	ASSERT_EQ(out.flags, DMC_PREFETCH_SHARD | DMC_PREFETCH_TO_TIER);
+	ASSERT_EQ(out.shard_rank, 2);
+	ASSERT_EQ(out.shard_world, 3);
+	ASSERT_DSTR(out.api_key, "secret-key");
+	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE - 4, &out),
+		  DMC_PROTO_ERROR);
+	in.shard_rank = 3;
+	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
+	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_ERROR);
+	in.flags = 0;
+	n = dmc_prefetch_encode(&in, 5, frame, sizeof(frame));
+	ASSERT_EQ(dmc_prefetch_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_OK);
+	ASSERT_EQ(out.shard_world, 1);
+	ASSERT_EQ(out.shard_rank, 0);
 }
 
 TEST(progress_round_trip)
@@ -490,6 +513,28 @@ TEST(serving_round_trip)
 	ASSERT_EQ(dmc_open_reply_decode(frame + DMC_HEADER_SIZE, hd.length, &rout), DMC_PROTO_OK);
 	ASSERT_UINT_EQ(rout.items, 72);
 	ASSERT_DSTR(rout.version, "v1");
+	ASSERT(!rout.regions);
+	ASSERT_UINT_EQ(rout.region_id, 0);
+	/* DMC_OPEN_REGIONS: two more fields, and a second descriptor */
+	rin.regions = true;
+	rin.region_id = 5;
+	rin.region_bytes = 1u << 30;
+	len = dmc_open_reply_encode(&rin, 2, 1, frame, sizeof(frame));
+	ASSERT_EQ(dmc_header_decode(frame, (size_t)len, &hd), DMC_PROTO_OK);
+	ASSERT_EQ(hd.nfds, 2);
+	ASSERT_EQ(dmc_open_reply_decode(frame + DMC_HEADER_SIZE, hd.length, &rout), DMC_PROTO_OK);
+	ASSERT(rout.regions);
+	ASSERT_UINT_EQ(rout.region_id, 5);
+	ASSERT_UINT_EQ(rout.region_bytes, 1u << 30);
+	ASSERT_UINT_EQ(rout.arena_bytes, 1u << 28);
+	ASSERT_EQ(dmc_open_reply_decode(frame + DMC_HEADER_SIZE, hd.length - 8, &rout),
+		  DMC_PROTO_ERROR);
+	in.dtype = 0;
+	in.flags = DMC_OPEN_REGIONS;
+	len = dmc_open_encode(&in, 1, frame, sizeof(frame));
+	ASSERT_EQ(dmc_open_decode(frame + DMC_HEADER_SIZE, (size_t)len - DMC_HEADER_SIZE, &out),
+		  DMC_PROTO_OK);
+	ASSERT_EQ(out.flags, DMC_OPEN_REGIONS);
 
 	len = dmc_get_encode(7, idx, 3, 2, frame, sizeof(frame));
 	ASSERT(check_frame(frame, (size_t)len, DMC_OP_GET, 0, 2, &hd));

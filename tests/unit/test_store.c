@@ -1031,11 +1031,104 @@ TEST(zstd_keep_threshold)
 	fx_close(&fx);
 }
 
+/* A blob file copied as it is into another store (the cluster tier's path): verified, not
+ * re-encoded; a flipped byte, a wrong name or a truncated file publishes nothing. */
+static int read_whole(const char *path, uint8_t **ret, size_t *ret_len)
+{
+	FILE *f = fopen(path, "rb");
+	long n;
+	if (!f)
+		return -errno;
+	fseek(f, 0, SEEK_END);
+	n = ftell(f);
+	fseek(f, 0, SEEK_SET);
+	*ret = malloc((size_t)n);
+	*ret_len = fread(*ret, 1, (size_t)n, f);
+	fclose(f);
+	return *ret_len == (size_t)n ? 0 : -EIO;
+}
+
+static int import_bytes(struct store *s, const uint8_t *buf, size_t len,
+			const uint8_t expected[STORE_DIGEST_SIZE], struct store_blob_info *info)
+{
+	struct store_writer *w;
+	int r = store_import_open(s, &w);
+	if (r < 0)
+		return r;
+	/* in uneven pieces, as a network delivers them */
+	for (size_t off = 0; off < len;) {
+		size_t k = len - off < 7777 ? len - off : 7777;
+		r = store_writer_write(w, buf + off, k);
+		if (r < 0) {
+			store_writer_abort(w);
+			return r;
+		}
+		off += k;
+	}
+	return store_writer_commit(w, expected, info);
+}
+
+TEST(import_blob_file)
+{
+	struct fixture a, b;
+	struct store_blob_info ia, ib;
+	char path[256], path_b[256];
+	uint8_t *file = NULL, *file_b = NULL, *raw, *back;
+	size_t n = 300000, flen = 0, flen_b = 0;
+	uint64_t got = 0;
+	uint8_t other[STORE_DIGEST_SIZE];
+
+	ASSERT_EQ(fx_open(&a, NULL), 0);
+	ASSERT_EQ(fx_open(&b, NULL), 0);
+	raw = malloc(n);
+	back = malloc(n);
+	fill_ct(raw, n); /* compresses: the imported file keeps its zstd payload */
+	ASSERT_EQ(store_put(a.s, STORE_KIND_RAW, raw, n, NULL, &ia), 0);
+	store_unpin(a.s, ia.digest);
+	ASSERT_EQ(ia.comp, STORE_COMP_ZSTD);
+	blob_path(&a, ia.digest, path, sizeof(path));
+	ASSERT_EQ(read_whole(path, &file, &flen), 0);
+	ASSERT_UINT_EQ(flen, ia.file_size);
+
+	/* a flipped payload byte: refused, nothing published, no temp left */
+	file[flen - 10] ^= 0x40;
+	ASSERT_EQ(import_bytes(b.s, file, flen, ia.digest, &ib), -DMC_E_INTEGRITY);
+	file[flen - 10] ^= 0x40;
+	ASSERT_EQ(count_objects(&b), 0);
+	ASSERT_EQ(count_sub(&b, "tmp"), 0);
+	/* another name than the header's */
+	memcpy(other, ia.digest, sizeof(other));
+	other[0] ^= 1;
+	ASSERT_EQ(import_bytes(b.s, file, flen, other, &ib), -DMC_E_INTEGRITY);
+	/* truncated */
+	ASSERT_EQ(import_bytes(b.s, file, flen - 1, ia.digest, &ib), -DMC_E_INTEGRITY);
+	ASSERT_EQ(count_objects(&b), 0);
+
+	/* the real file: the same bytes on disk, the same raw payload read back */
+	ASSERT_EQ(import_bytes(b.s, file, flen, ia.digest, &ib), 0);
+	store_unpin(b.s, ib.digest);
+	ASSERT_MEM_EQ(ib.digest, ia.digest, STORE_DIGEST_SIZE);
+	blob_path(&b, ia.digest, path_b, sizeof(path_b));
+	ASSERT_EQ(read_whole(path_b, &file_b, &flen_b), 0);
+	ASSERT_UINT_EQ(flen_b, flen);
+	ASSERT_MEM_EQ(file_b, file, flen);
+	ASSERT_EQ(store_read(b.s, ia.digest, back, n, &got), 0);
+	ASSERT_UINT_EQ(got, n);
+	ASSERT_MEM_EQ(back, raw, n);
+	free(file);
+	free(file_b);
+	free(raw);
+	free(back);
+	fx_close(&a);
+	fx_close(&b);
+}
+
 int main(int argc, char **argv)
 {
 	RUN_TESTS(T(sha256_vectors), T(header_codec), T(roundtrip_and_file_format),
 		  T(streaming_writer_chunks), T(commit_checks), T(dedup), T(compression_policy),
 		  T(corruption_is_a_miss), T(verify_and_stat_detect_corruption),
 		  T(verify_all_reports_bad), T(scan_repairs), T(reserve_and_remove),
-		  T(concurrent_writers_and_readers), T(open_errors), T(zstd_keep_threshold));
+		  T(concurrent_writers_and_readers), T(open_errors), T(zstd_keep_threshold),
+		  T(import_blob_file));
 }

@@ -65,6 +65,7 @@ OPEN_MASKS = 4
 OPEN_OFFLINE = 8
 OPEN_RAW = 16
 OPEN_POLICY = 32
+OPEN_REGIONS = 64  # hot items of get() handed in place, read-only (proto.h "Regions")
 # struct dmc_policy (proto.h: DMC_OPEN_POLICY)
 POLICY_SIZE, POLICY_CROP, POLICY_PAD, POLICY_CHANNELS, POLICY_WINDOW = 1, 2, 4, 8, 16
 RESIZE_CODES = {'bilinear': 1, 'nearest': 2, 'area': 3}
@@ -107,7 +108,7 @@ class Item(ctypes.Structure):
     _fields_ = [('index', u64), ('status', ctypes.c_int), ('message', c_char_p),
                 ('dtype', u32), ('ndim', u32), ('shape', u64 * 4), ('data', c_void_p),
                 ('nbytes', u64), ('meta', c_void_p), ('meta_len', u64), ('offset', u64),
-                ('meta_offset', u64)]
+                ('meta_offset', u64), ('region', u32)]
 
 
 class StreamArgs(ctypes.Structure):
@@ -332,17 +333,19 @@ class Client:
 
     def open(self, source, project, version=None, server=None, api_key=None, lut=False,
              dtype=0, arena_bytes=0, frames=False, masks=False, offline=False, raw=False,
-             policy=None):
+             policy=None, regions=False):
         """Opens a dataset version; returns an OpenDataset. offline=True: from the
         caller's grants only, without contacting the server. raw=True: each item is its
         stored original file, uint8 (1, 1, 1, bytes); with masks=True, its stored segmentation
         files back to back, the metadata's "files" saying where each is. policy: a Policy
-        (the daemon's uniformity policy) or None."""
+        (the daemon's uniformity policy) or None. regions=True: hot items of get() may be
+        handed in place, in memory shared read-only with the daemon (Item.region == 1):
+        copy them before writing (item_bytes() is read-only)."""
         args = OpenArgs(source=source, project=_enc(project), version=_enc(version),
                         server=_enc(server), api_key=_enc(api_key),
                         flags=(OPEN_LUT if lut else 0) | (OPEN_FRAMES if frames else 0) |
                         (OPEN_MASKS if masks else 0) | (OPEN_OFFLINE if offline else 0) |
-                        (OPEN_RAW if raw else 0),
+                        (OPEN_RAW if raw else 0) | (OPEN_REGIONS if regions else 0),
                         dtype=dtype,
                         arena_bytes=int(arena_bytes))
         h = c_void_p()

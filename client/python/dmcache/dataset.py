@@ -272,7 +272,8 @@ class Dataset:
             ds = client.open(self._source, self._project, version=version,
                              server=self._server, api_key=self._key,
                              arena_bytes=self.arena_bytes,
-                             frames=self.return_frame_by_frame, offline=self.offline)
+                             frames=self.return_frame_by_frame, offline=self.offline,
+                             regions=True)
         except BaseException:
             client.close()
             raise

@@ -372,7 +372,7 @@ class _Conn:
                                        policy=loader._policy,
                                        arena_bytes=loader.arena_bytes,
                                        frames=loader.frame_by_frame, masks=loader.masks,
-                                       offline=loader.offline)
+                                       offline=loader.offline, regions=True)
         except BaseException:
             self.client.close()
             raise
@@ -786,9 +786,16 @@ class Loader:
                       for it in items)
         if not uniform and self.collate == 'stack':
             raise self._mismatch(items, epoch, number)
-        arrays = [_numpy_region(it.data, it.nbytes, _np_dtype(it.dtype),
-                                tuple(it.shape)).copy() for it in items]
-        images = np.stack(arrays) if uniform else arrays
+        # one gathering copy into the batch's own (writable) memory: GET items may be in
+        # the daemon's read-only region (handed in place), or in the arena until released
+        if uniform:
+            images = np.empty((len(items),) + tuple(first.shape), _np_dtype(first.dtype))
+            for k, it in enumerate(items):
+                images[k] = _numpy_region(it.data, it.nbytes, _np_dtype(it.dtype),
+                                          tuple(it.shape))
+        else:
+            images = [_numpy_region(it.data, it.nbytes, _np_dtype(it.dtype),
+                                    tuple(it.shape)).copy() for it in items]
         torch = torch_module()
         if torch is not None:
             images = _to_torch(torch, images, first.dtype) if uniform else \

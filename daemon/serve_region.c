@@ -1,0 +1,133 @@
+/*
+ * serve's side of the regions (region.h; proto.h "Regions"): which handle gets which
+ * snapshot's region at OPEN and which regions a connection was passed, an item of a GET
+ * handed in place (its tensor in the region, pinned; its metadata in the arena), and the
+ * pins a connection holds, given back by RELEASE of the item's metadata offset or when
+ * the connection's state goes. Loop thread only.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "arena.h"
+#include "conn.h"
+#include "log.h"
+#include "serve_priv.h"
+
+/*
+ * The region an OPEN with `flags` of `snapshot_id` gets, referenced, or NULL (not asked for,
+ * a handle whose items never come from the hot set, or none could be made). *ret_send: the
+ * connection was not passed it yet.
+ */
+struct region *region_for_open(struct sconn *sc, int64_t snapshot_id, uint32_t flags,
+			       bool *ret_send)
+{
+	struct region *rg;
+	int err = 0;
+
+	*ret_send = false;
+	if (!(flags & DMC_OPEN_REGIONS) || (flags & (DMC_OPEN_RAW | DMC_OPEN_MASKS)))
+		return NULL;
+	rg = region_open(&sc->s->regions, snapshot_id, &err);
+	if (!rg) {
+		log_debug(SERVE, "no region for snapshot %" PRId64 ": %s", snapshot_id,
+			  strerror(-err));
+		return NULL;
+	}
+	*ret_send = true;
+	for (uint32_t i = 0; i < sc->n_rg_sent; i++)
+		if (sc->rg_sent[i] == rg->id)
+			*ret_send = false;
+	return rg;
+}
+
+/* The connection was passed `rg`'s descriptor. */
+void region_sent(struct sconn *sc, const struct region *rg)
+{
+	if (sc->n_rg_sent == sc->cap_rg_sent) {
+		uint32_t nc = sc->cap_rg_sent ? sc->cap_rg_sent * 2 : 4;
+		uint64_t *n = realloc(sc->rg_sent, nc * sizeof(*n));
+		if (!n)
+			return; /* passed again at the next OPEN: harmless */
+		sc->rg_sent = n;
+		sc->cap_rg_sent = nc;
+	}
+	sc->rg_sent[sc->n_rg_sent++] = rg->id;
+}
+
+static bool pin_add(struct sconn *sc, uint64_t moff, struct rentry *e)
+{
+	if (sc->n_pins == sc->cap_pins) {
+		uint32_t nc = sc->cap_pins ? sc->cap_pins * 2 : 64;
+		struct rpin *n = realloc(sc->pins, nc * sizeof(*n));
+		if (!n)
+			return false;
+		sc->pins = n;
+		sc->cap_pins = nc;
+	}
+	sc->pins[sc->n_pins++] = (struct rpin){ moff, e };
+	return true;
+}
+
+/*
+ * A GET item whose bytes are a hot-set entry, on a handle with a region: its tensor handed
+ * in the region (copied there the first time only) and its metadata written in the arena.
+ * False when it cannot be (no room in the regions or for the metadata): the caller places
+ * a copy in the arena as without regions.
+ */
+bool region_place(struct gitem *gi)
+{
+	struct sconn *sc = gi->rq->sc;
+	struct hot_entry *he = gi->he;
+	struct rentry *e;
+	uint64_t moff;
+
+	e = region_take(gi->rq->h.rg, he->raw, he->opts, he->buf, gi->nbytes);
+	if (!e)
+		return false;
+	gi->mlen = meta_len(gi);
+	moff = arena_alloc(&sc->arena, gi->mlen);
+	if (moff == UINT64_MAX) {
+		region_unpin(e);
+		return false;
+	}
+	if (!pin_add(sc, moff, e)) {
+		arena_free(&sc->arena, moff);
+		region_unpin(e);
+		return false;
+	}
+	meta_write(gi, sc->arena.base + moff);
+	gi->off = e->off;
+	gi->moff = moff;
+	gi->in_region = true;
+	gi->rq->placed += arena_span(gi->mlen);
+	grow_ahead(sc);
+	return true;
+}
+
+/* A RELEASE of `moff`: true when it was the metadata of an item handed in a region (its
+ * tensor is unpinned; the caller frees the metadata in the arena). */
+bool region_release(struct sconn *sc, uint64_t moff)
+{
+	for (uint32_t i = 0; i < sc->n_pins; i++)
+		if (sc->pins[i].moff == moff) {
+			struct rentry *e = sc->pins[i].e;
+			sc->pins[i] = sc->pins[--sc->n_pins];
+			region_unpin(e);
+			return true;
+		}
+	return false;
+}
+
+/* The connection's state goes: everything it held is unpinned. */
+void region_pins_drop(struct sconn *sc)
+{
+	for (uint32_t i = 0; i < sc->n_pins; i++)
+		region_unpin(sc->pins[i].e);
+	free(sc->pins);
+	free(sc->rg_sent);
+	sc->pins = NULL;
+	sc->rg_sent = NULL;
+	sc->n_pins = sc->cap_pins = sc->n_rg_sent = sc->cap_rg_sent = 0;
+}

@@ -1,0 +1,349 @@
+"""The cluster tier against a real Ceph RADOS Gateway: two dmcached nodes (separate caches
+and sockets) share one bucket; the emulator plays Datamint and logs every request.
+"""
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+
+import pytest
+import sqlite3
+
+from conftest import DMCACHE, Node, emulator
+
+BIG = 72 * 1000 * 1000  # above TIER_MULTIPART_MIN (64 MiB): uploaded in parts
+
+
+@pytest.fixture(scope='module')
+def emu():
+    """The corpus, and a synthetic project of one item larger than the multipart threshold."""
+    e = emulator.Emulator(synthetic=['big:1:%d' % BIG])
+    e.start()
+    yield e
+    assert e.stop() == 0
+
+
+def manifest(emu):
+    with open(os.path.join(emu.corpus, 'manifest.json')) as f:
+        return {e['resource_id']: e for e in json.load(f)['files'] if e.get('resource_id')}
+
+
+def final(r):
+    events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+    done = [e for e in events if 'state' in e]
+    return done[-1] if done else {}
+
+
+def file_gets(emu):
+    return [e for e in emu.log() if e['method'] == 'GET' and e['path'].startswith('/resources/')
+            and e['path'].endswith('/file')]
+
+
+def items_of(node):
+    """resource id -> blob hex of every item (daemon stopped)."""
+    db = sqlite3.connect(os.path.join(node.d.cache, 'index.db'))
+    try:
+        return dict(db.execute('SELECT resource_id, lower(hex(blob)) FROM items').fetchall())
+    finally:
+        db.close()
+
+
+def blob_file(node, hexd):
+    with open(os.path.join(node.d.cache, 'objects', hexd[:2], hexd), 'rb') as f:
+        return f.read()
+
+
+def fill(a, emu):
+    """Node A prefetches ct from Datamint and uploads it: returns its item count."""
+    r = a.prefetch(emu, 'ct')
+    assert r.returncode == 0, r.stdout + r.stderr
+    f = final(r)
+    assert f['state'] == 'done' and f['items_failed'] == 0, f
+    m = a.wait_uploads()
+    n = f['items_total']
+    assert n > 0
+    assert m['uploads_total'] == n and m['maps_written_total'] == n, m
+    assert m['hits_total'] == 0 and m['misses_total'] == n, m
+    assert m['uploads_failed_total'] == 0 and m['errors_total'] == 0, m
+    return n
+
+
+def test_second_node_reads_everything_from_the_tier(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix)
+    try:
+        n = fill(a, emu)
+        emu.clear_log()
+        r = b.prefetch(emu, 'ct')
+        assert r.returncode == 0, r.stdout + r.stderr
+        f = final(r)
+        assert f['items_done'] == n and f['items_failed'] == 0, f
+        # B listed the project with its own key, and downloaded no file from Datamint
+        assert file_gets(emu) == []
+        assert any(e['path'] == '/resources' or e['path'].startswith('/resources?')
+                   or e['path'].startswith('/projects') for e in emu.log())
+        m = b.metrics()
+        assert m['hits_total'] == n and m['misses_total'] == 0 and m['errors_total'] == 0, m
+        assert m['uploads_total'] == 0, m
+        assert b.d.cli('verify').returncode == 0
+    finally:
+        a.stop()
+        b.stop()
+    for node in (a, b):
+        # the tier's credentials are in no log line
+        assert ceph.secret not in node.d.log() and ceph.access not in node.d.log()
+    ia, ib = items_of(a), items_of(b)
+    assert ia == ib and len(ia) == n
+    man = manifest(emu)
+    for rid, hexd in ib.items():
+        # the content address is the source file's SHA-256, and the node copied A's
+        # blob file byte for byte
+        assert hexd == man[rid]['sha256'], rid
+        assert blob_file(b, hexd) == blob_file(a, hexd), rid
+        # the tier holds that very file
+        assert ceph.s3('GET', '%s/blobs/%s/%s' % (prefix, hexd[:2], hexd))[1] == \
+            blob_file(a, hexd)
+
+
+def test_corrupted_tier_object_is_refetched_from_datamint(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix)
+    try:
+        n = fill(a, emu)
+        a.stop()
+        ia = items_of(a)
+        rid, hexd = sorted(ia.items())[0]
+        key = '%s/blobs/%s/%s' % (prefix, hexd[:2], hexd)
+        body = bytearray(ceph.s3('GET', key)[1])
+        body[-1] ^= 0x5a  # one flipped bit pattern in the payload's last byte
+        ceph.s3('PUT', key, bytes(body))
+        emu.clear_log()
+        r = b.prefetch(emu, 'ct')
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert final(r)['items_failed'] == 0
+        gets = file_gets(emu)
+        assert [g['path'] for g in gets] == ['/resources/%s/file' % rid], gets
+        m = b.metrics()
+        assert m['corrupt_total'] == 1 and m['hits_total'] == n - 1, m
+        assert 'does not match its digest' in b.d.log()
+        assert b.d.cli('verify').returncode == 0
+    finally:
+        b.stop()
+    ib = items_of(b)
+    assert ib == ia
+    assert blob_file(b, hexd) == blob_file(a, hexd)
+
+
+def test_user_without_entitlement_gets_nothing_from_the_tier(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix)
+    try:
+        fill(a, emu)
+        emu.clear_log()
+        # KEY_SAMPLE's user may see `sample`, not `ct`: the listing is refused first
+        r = b.prefetch(emu, 'ct', key=emulator.KEY_SAMPLE)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert final(r).get('state') != 'done'
+        assert file_gets(emu) == []
+        m = b.metrics()
+        # not even a mapping was asked for
+        assert m['hits_total'] == 0 and m['misses_total'] == 0 and m['errors_total'] == 0, m
+        assert b.d.cli('ls', '--json').stdout.count('"ct"') == 0
+    finally:
+        a.stop()
+        b.stop()
+    assert items_of(b) == {}
+
+
+def closed_port():
+    s = socket.socket()
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_unreachable_tier_falls_back_to_datamint(ceph, emu, tmpdir_short, prefix):
+    url = 'http://127.0.0.1:%d/%s' % (closed_port(), ceph.bucket)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix, url=url)
+    try:
+        emu.clear_log()
+        r = b.prefetch(emu, 'ct')
+        assert r.returncode == 0, r.stdout + r.stderr
+        f = final(r)
+        assert f['items_failed'] == 0
+        n = f['items_total']
+        assert len(file_gets(emu)) == n
+        m = b.wait_uploads()
+        assert m['hits_total'] == 0 and m['errors_total'] >= n, m
+        assert m['uploads_failed_total'] == n, m
+        assert 'cluster tier' in b.d.log() and 'Datamint instead' in b.d.log()
+        assert b.d.cli('verify').returncode == 0
+    finally:
+        b.stop()
+
+
+def test_stopped_gateway_falls_back_then_serves_again(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix)
+    c = Node(os.path.join(tmpdir_short, 'c'), ceph, prefix)
+    try:
+        n = fill(a, emu)
+        ceph.ctl('rgw-stop')
+        try:
+            emu.clear_log()
+            r = b.prefetch(emu, 'ct')
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert final(r)['items_failed'] == 0
+            assert len(file_gets(emu)) == n
+            m = b.metrics()
+            assert m['hits_total'] == 0 and m['errors_total'] >= n, m
+        finally:
+            ceph.ctl('rgw-start')
+        emu.clear_log()
+        r = c.prefetch(emu, 'ct')
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert file_gets(emu) == []
+        assert c.metrics()['hits_total'] == n
+    finally:
+        a.stop()
+        b.stop()
+        c.stop()
+
+
+def test_credentials_file_readable_by_others_is_refused(ceph, tmpdir_short, prefix):
+    node = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix, cred_mode=0o644, start=False)
+    d = node.d
+    assert not d.start(expect_ready=False)
+    d.proc.wait(10)
+    assert d.proc.returncode != 0
+    log = d.log()
+    assert 'tier_credentials_file' in log and 'refused' in log, log
+    assert ceph.secret not in log and ceph.access not in log
+    d.notify.close()
+
+
+def blob_files(node):
+    root = os.path.join(node.d.cache, 'objects')
+    return [f for _, _, files in os.walk(root) for f in files]
+
+
+def test_sharded_prewarm_to_tier_covers_the_project_once(ceph, emu, tmpdir_short, prefix):
+    nodes = [Node(os.path.join(tmpdir_short, n), ceph, prefix) for n in ('a', 'b')]
+    c = Node(os.path.join(tmpdir_short, 'c'), ceph, prefix)
+    try:
+        emu.clear_log()
+        env = dict(nodes[0].d.env, DATAMINT_API_KEY=emulator.KEY_ALL)
+        env.pop('DATAMINT_API_URL', None)
+        # node 0 names its share; node 1 takes it from torchrun's environment
+        procs = [subprocess.Popen([DMCACHE, '--socket', nd.d.socket, 'prefetch', '--json',
+                                   '--server', emu.url, '--to-tier', '--shard',
+                                   '0/2' if i == 0 else 'auto', 'ct'],
+                                  env=dict(env, RANK=str(i), WORLD_SIZE='2') if i else env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i, nd in enumerate(nodes)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        finals = []
+        for p, (out, err) in zip(procs, outs):
+            assert p.returncode == 0, out + err
+            finals.append(final(subprocess.CompletedProcess([], 0, out, err)))
+        n = finals[0]['items_total']
+        assert finals[1]['items_total'] == n
+        # each node fetched its share: together every item, and every file exactly once
+        assert sorted(f['items_done'] for f in finals) == [n // 2, n - n // 2]
+        paths = [g['path'] for g in file_gets(emu)]
+        assert len(paths) == n and len(set(paths)) == n
+        for nd in nodes:
+            m = nd.wait_uploads()
+            assert m['uploads_failed_total'] == 0 and m['errors_total'] == 0, m
+        assert sum(nd.metrics()['maps_written_total'] for nd in nodes) == n
+        # the tier was filled, not the nodes' caches
+        for nd in nodes:
+            assert blob_files(nd) == [], blob_files(nd)
+        emu.clear_log()
+        r = c.prefetch(emu, 'ct')
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert final(r)['items_done'] == n
+        assert file_gets(emu) == []
+        assert c.metrics()['hits_total'] == n
+    finally:
+        for nd in nodes + [c]:
+            nd.stop()
+    for nd in nodes:
+        # listed (the snapshot has every item), none stored
+        assert len(items_of(nd)) == n and set(items_of(nd).values()) == {''}
+    man = manifest(emu)
+    assert all(hexd == man[rid]['sha256'] for rid, hexd in items_of(c).items())
+
+
+def test_to_tier_counts_what_the_tier_has_without_fetching_it(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix)
+    try:
+        n = fill(a, emu)
+        emu.clear_log()
+        r = b.prefetch(emu, 'ct', '--to-tier')
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert final(r)['items_done'] == n
+        assert file_gets(emu) == []
+        m = b.wait_uploads()
+        assert m['hits_total'] == 0 and m['uploads_total'] == 0 and m['bytes_total'] == 0, m
+        assert blob_files(b) == []
+    finally:
+        a.stop()
+        b.stop()
+    assert len(items_of(b)) == n and set(items_of(b).values()) == {''}
+
+
+def test_large_blob_goes_up_in_parts_and_comes_back_whole(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix)
+    try:
+        r = a.prefetch(emu, 'big')
+        assert r.returncode == 0, r.stdout + r.stderr
+        m = a.wait_uploads()
+        assert m['uploads_total'] == 1 and m['uploads_failed_total'] == 0, m
+        emu.clear_log()
+        r = b.prefetch(emu, 'big')
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert file_gets(emu) == []
+        m = b.metrics()
+        assert m['hits_total'] == 1 and m['bytes_total'] > 64 << 20, m
+    finally:
+        a.stop()
+        b.stop()
+    (rid, hexd), = items_of(b).items()
+    assert items_of(a) == {rid: hexd}
+    data = blob_file(b, hexd)
+    assert data == blob_file(a, hexd) and len(data) > 64 << 20
+    # the tier's object is that file; its content is the emulator's item
+    assert ceph.s3('GET', '%s/blobs/%s/%s' % (prefix, hexd[:2], hexd))[1] == data
+    # a multipart object's ETag ends in its number of parts (16 MiB each)
+    head = ceph.s3('HEAD', '%s/blobs/%s/%s' % (prefix, hexd[:2], hexd))[1]
+    parts = -(-len(data) // (16 << 20))
+    assert re.search(rb'etag: "[0-9a-f]+-%d"' % parts, head, re.I), head
+    assert hashlib.sha256(emu.get('/resources/%s/file' % rid).body).hexdigest() == hexd
+
+
+def test_credentials_from_the_environment(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix, env_credentials=True)
+    try:
+        n = fill(a, emu)
+        emu.clear_log()
+        r = b.prefetch(emu, 'ct')
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert file_gets(emu) == []
+        assert b.metrics()['hits_total'] == n
+        # read once, then wiped from the daemon's environment (/proc/PID/environ shows
+        # the block the process started with, as it is now)
+        with open('/proc/%d/environ' % b.d.proc.pid, 'rb') as f:
+            environ = f.read()
+        assert b'AWS_SECRET_ACCESS_KEY=' in environ
+        assert ceph.secret.encode() not in environ and ceph.access.encode() not in environ
+    finally:
+        a.stop()
+        b.stop()
+    assert ceph.secret not in b.d.log()
