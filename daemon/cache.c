@@ -16,6 +16,9 @@
 #define EVICT_PAGE 64u
 /* Reconciliation flushes its upserts in batches of this many rows. */
 #define RECONCILE_BATCH 4096u
+/* Blobs evicted one at a time, at most, when the file system is too full at start for the
+ * index to reconcile (cache_open). */
+#define RECONCILE_ROUNDS 16
 /* Admission attempts before cache_reserve() gives up. */
 #define RESERVE_ROUNDS 8
 
@@ -189,6 +192,19 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	if (r < 0)
 		goto fail_store;
 	r = cache_reconcile(c, rep);
+	if (r == -DMC_E_CACHE_FULL) {
+		/* I3 on a full file system: reconciliation writes the index (a pass mark per
+		 * blob), and the write-ahead log needs a few pages that a full disk may not
+		 * have. Give up the least recently used blob (what no snapshot uses first, as
+		 * any eviction) for that room, one at a time, and reconcile again. */
+		for (int i = 0; i < RECONCILE_ROUNDS && r == -DMC_E_CACHE_FULL; i++) {
+			uint64_t freed = 0;
+			if (cache_evict(c, 1, &freed) < 0 || freed == 0)
+				break; /* one blob: as little as the log needs */
+			rep->full_evicted += freed;
+			r = cache_reconcile(c, rep);
+		}
+	}
 	if (r < 0) {
 		if (err && errlen)
 			snprintf(err, errlen, "cache reconciliation failed: %s", code_str(r));

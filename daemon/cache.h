@@ -69,6 +69,8 @@ struct cache_open_report {
 	int64_t rows_dropped;    /* blob rows whose file was missing or invalid */
 	int64_t adopted;         /* valid blobs that had no row */
 	uint64_t evicted_bytes;  /* evicted to get back within max_size and min_free */
+	uint64_t full_evicted;   /* evicted first, the file system being too full for the
+				  * index to reconcile (least recently used blobs) */
 };
 
 struct cache_verify_report {

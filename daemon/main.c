@@ -314,6 +314,10 @@ static int open_cache(struct daemon *d)
 		log_warn(STORE, "the index was damaged: moved aside and rebuilt from %" PRIu64
 				" blob(s)",
 			 rep.blobs);
+	if (rep.full_evicted)
+		log_warn(STORE, "the file system of '%s' was full: %" PRIu64 " byte(s) of the least "
+				"recently used blobs evicted for the index to start",
+			 d->cfg.cache_dir, rep.full_evicted);
 	log_info(STORE, "cache '%s': %" PRIu64 " blob(s); %" PRIu64 " stray file(s) removed, "
 			"%" PRId64 " row(s) dropped, %" PRId64 " blob(s) adopted, %" PRIu64
 			" byte(s) evicted",

@@ -136,7 +136,13 @@ TEST(blob_write_hits_enospc)
 	ASSERT_EQ(cache_open(mnt, &o, err, sizeof(err), &c, &rep), 0);
 	ASSERT_EQ(rep.files_removed, 0);
 	ASSERT_EQ(rep.rows_dropped, 0); /* the eviction flushed its row deletion */
-	ASSERT_EQ(rep.blobs, (uint64_t)stored);
+	/* The index needs a few pages of log to reconcile: when the file system has not even
+	 * those, the least recently used blobs go first, one at a time, and are reported. */
+	ASSERT_EQ(rep.full_evicted % (OBJ + STORE_HEADER_SIZE), 0);
+	ASSERT(rep.full_evicted <= 2 * (OBJ + STORE_HEADER_SIZE));
+	ASSERT_EQ(rep.blobs + rep.full_evicted / (OBJ + STORE_HEADER_SIZE), (uint64_t)stored);
+	printf("# restart on the full file system: %" PRIu64 " blob(s) evicted for the index\n",
+	       rep.full_evicted / (OBJ + STORE_HEADER_SIZE));
 	ASSERT_EQ(index_check(c->index, true), 0);
 	cache_close(c);
 	free(buf);
