@@ -7,11 +7,18 @@ import os
 import re
 import socket
 import subprocess
+import sys
+import time
+import urllib.parse
 
 import pytest
 import sqlite3
 
 from conftest import DMCACHE, Node, emulator
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'integration'))
+import uids  # noqa: E402
 
 BIG = 72 * 1000 * 1000  # above TIER_MULTIPART_MIN (64 MiB): uploaded in parts
 
@@ -345,3 +352,136 @@ def test_credentials_from_the_environment(ceph, emu, tmpdir_short, prefix):
         a.stop()
         b.stop()
     assert ceph.secret not in b.d.log()
+
+
+# ---- dmcache tier ls / gc (the daemon's own credentials; admins only) ----
+
+def tier_cli(node, *args):
+    r = node.d.cli('tier', *args, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout) if '--json' in args else r.stdout
+
+
+def blob_key(prefix, hexd):
+    return '%s/blobs/%s/%s' % (prefix, hexd[:2], hexd)
+
+
+def exists(ceph, key):
+    status, _ = ceph.s3('HEAD', key, check=False)
+    assert status in (200, 404), status
+    return status == 200
+
+
+def test_tier_ls_shows_what_a_node_uploaded(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix)
+    try:
+        t0 = time.time()
+        n = fill(a, emu)
+        t1 = time.time()
+        a.stop()
+        ia = items_of(a)
+        ls = tier_cli(b, 'ls', '--json')
+        assert ls['mappings'] == n and ls['truncated'] is False, ls
+        blobs = {e['digest']: e for e in ls['blobs']}
+        assert set(blobs) == set(ia.values()) and ls['blob_count'] == len(set(ia.values()))
+        for hexd, e in blobs.items():
+            # each blob's size is the object's, read back independently
+            assert e['size'] == len(ceph.s3('GET', blob_key(prefix, hexd))[1]), hexd
+            assert e['size'] == len(blob_file(a, hexd))
+            assert t0 - 5 <= e['last_modified'] <= t1 + 5, (e, t0, t1)
+        assert ls['blob_bytes'] == sum(e['size'] for e in blobs.values())
+        text = tier_cli(b, 'ls')
+        assert text.splitlines()[-1].startswith('%d blobs (' % len(blobs))
+        assert text.rstrip().endswith(', %d mappings' % n)
+        for hexd in blobs:
+            assert hexd in text
+        # another uid is refused: it would see and delete every user's objects
+        uids.require_root()
+        uids.open_up(tmpdir_short, os.path.dirname(b.d.socket))
+        env = {'PATH': os.environ['PATH'], 'HOME': '/nonexistent'}
+        for args in (['tier', 'ls'], ['tier', 'gc']):
+            r = uids.run(uids.ALICE, [DMCACHE, '--socket', b.d.socket] + args, env=env)
+            assert r.returncode == 1, r.stdout + r.stderr
+            assert 'root and members of the' in r.stderr, r.stderr
+        # nothing was deleted by the refused gc
+        assert all(exists(ceph, blob_key(prefix, h)) for h in blobs)
+    finally:
+        b.stop()
+
+
+def test_tier_gc_deletes_expired_mappings_and_unreferenced_blobs(ceph, emu, tmpdir_short,
+                                                                   prefix):
+    retention = 12
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix,
+             extra='tier_retention = %ds\n' % retention)
+    try:
+        fill(a, emu)
+        a.stop()
+        ia = items_of(a)
+        # an orphan blob (its mapping never written), old enough by the time gc runs
+        orphan_old = hashlib.sha256(b'orphan old ' + prefix.encode()).hexdigest()
+        ceph.s3('PUT', blob_key(prefix, orphan_old), b'x' * 1000)
+        # an object under the prefix that is not one of the tier's own names: left alone
+        foreign = '%s/blobs/zz/not-a-digest' % prefix
+        ceph.s3('PUT', foreign, b'foreign')
+        time.sleep(retention + 2)
+        # one mapping rewritten now: it and its blob stay
+        keep_rid, keep_hex = sorted(ia.items())[0]
+        keep_map = [k for k in map_keys(ceph, prefix)
+                    if b'\ndigest %s\n' % keep_hex.encode() in ceph.s3('GET', k)[1]]
+        assert len(keep_map) == 1, keep_map
+        keep_map = keep_map[0]
+        ceph.s3('PUT', keep_map, ceph.s3('GET', keep_map)[1])
+        # a fresh orphan: within the grace period (an upload whose mapping is not yet written)
+        orphan_new = hashlib.sha256(b'orphan new ' + prefix.encode()).hexdigest()
+        ceph.s3('PUT', blob_key(prefix, orphan_new), b'y' * 2000)
+        maps_before = map_keys(ceph, prefix)
+        assert len(maps_before) == len(ia)
+
+        gone = (set(ia.values()) - {keep_hex}) | {orphan_old}
+        kept = {keep_hex, orphan_new}
+        sizes = {h: len(ceph.s3('GET', blob_key(prefix, h))[1]) for h in gone | kept}
+
+        dry = tier_cli(b, 'gc', '--dry-run', '--json')
+        assert dry['dry_run'] is True
+        assert dry['mappings_deleted'] == len(ia) - 1 and dry['mappings'] == 1, dry
+        assert {e['digest'] for e in dry['blobs'] if e['state'] == 'deleted'} == gone, dry
+        assert {e['digest'] for e in dry['blobs'] if e['state'] == 'kept'} == kept, dry
+        assert dry['bytes_deleted'] == sum(sizes[h] for h in gone)
+        # a dry run deletes nothing
+        assert map_keys(ceph, prefix) == maps_before
+        assert all(exists(ceph, blob_key(prefix, h)) for h in gone | kept)
+
+        gc = tier_cli(b, 'gc', '--json')
+        assert gc['dry_run'] is False
+        for k in ('mappings_deleted', 'mappings', 'bytes_deleted', 'blobs_deleted',
+                  'blob_count', 'blob_bytes'):
+            assert gc[k] == dry[k], (k, gc, dry)
+        assert gc['blobs_deleted'] == len(gone) and gc['blob_count'] == len(kept)
+        assert map_keys(ceph, prefix) == [keep_map]
+        for h in gone:
+            assert not exists(ceph, blob_key(prefix, h)), h
+        for h in kept:
+            assert exists(ceph, blob_key(prefix, h)), h
+        assert exists(ceph, foreign)
+        # the kept item still comes from the tier
+        ls = tier_cli(b, 'ls', '--json')
+        assert {e['digest'] for e in ls['blobs']} == kept and ls['mappings'] == 1
+        out = tier_cli(b, 'gc')
+        assert out.startswith('deleted 0 mappings and 0 blobs'), out
+    finally:
+        b.stop()
+    assert 'cluster tier gc: %d mapping(s) and %d blob(s)' % (len(ia) - 1, len(gone)) in \
+        b.d.log()
+    assert ceph.secret not in b.d.log()
+
+
+def map_keys(ceph, prefix):
+    """The mapping keys under prefix, listed by the test's own signed request."""
+    _, body = ceph.s3('GET', '?list-type=2&prefix=' + urllib.parse.quote(prefix + '/maps/',
+                                                                      safe=''))
+    keys = re.findall(rb'<Key>([^<]+)</Key>', body)
+    assert b'<IsTruncated>false</IsTruncated>' in body
+    return sorted(k.decode() for k in keys)
