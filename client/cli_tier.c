@@ -1,5 +1,5 @@
 /*
- * dmcache tier ls | gc: the cluster tier's administration, done by the daemon with its own
+ * dmcache tier ls | verify | gc: the cluster tier's administration, done by the daemon with its own
  * tier credentials (proto.h, TIER); the CLI never reads them. Admins only.
  */
 #include <getopt.h>
@@ -16,10 +16,13 @@
 static void usage(void)
 {
 	printf("Usage: dmcache tier ls [--json]\n"
+	       "       dmcache tier verify [--repair] [--json]\n"
 	       "       dmcache tier gc [--dry-run] [--json]\n"
 	       "The cluster tier shared by the node caches (tier_url), administered by the\n"
 	       "daemon with its own tier credentials. Admins only (root and the admin group).\n"
 	       "  ls   the tier's blobs (digest, size, last modified) and its mapping count\n"
+	       "  verify  reads every blob and checks it as a node would (header, SHA-256);\n"
+	       "       --repair deletes the bad ones. Exit status 1 when any was bad\n"
 	       "  gc   deletes the mappings older than tier_retention, then the blobs no\n"
 	       "       remaining mapping names that are older than an hour (or than\n"
 	       "       tier_retention when shorter); --dry-run only says what it would delete\n");
@@ -50,7 +53,7 @@ static void format_time(int64_t t, char *buf, size_t cap)
 		snprintf(buf, cap, "%" PRId64, t);
 }
 
-static int print_reply(const struct dmc_tier_reply *r, bool gc, bool dry, bool json)
+static int print_reply(const struct dmc_tier_reply *r, bool gc, bool ver, bool dry, bool json)
 {
 	const char *p = r->entries.ptr, *end = r->entries.ptr + r->entries.len;
 	char a[32], b[32];
@@ -59,7 +62,7 @@ static int print_reply(const struct dmc_tier_reply *r, bool gc, bool dry, bool j
 	if (json) {
 		o = json_object();
 		arr = json_array();
-	} else if (!gc && r->blobs) {
+	} else if (!gc && !ver && r->blobs) {
 		printf("%-64s %10s  %s\n", "BLOB (SHA-256)", "SIZE", "LAST MODIFIED");
 	}
 	while (p < end) {
@@ -75,9 +78,12 @@ static int print_reply(const struct dmc_tier_reply *r, bool gc, bool dry, bool j
 				json_object_set_new(e, "digest", json_string(hex));
 				json_object_set_new(e, "size", json_integer((json_int_t)size));
 				json_object_set_new(e, "last_modified", json_integer(mtime));
-				if (gc)
+				if (gc || ver)
 					json_object_set_new(e, "state", json_string(state));
 				json_array_append_new(arr, e);
+			} else if (ver) {
+				if (strcmp(state, "bad") == 0)
+					printf("bad %s\n", hex);
 			} else if (!gc || strcmp(state, "deleted") == 0) {
 				format_time(mtime, when, sizeof(when));
 				cli_format_bytes(a, sizeof(a), size);
@@ -101,12 +107,29 @@ static int print_reply(const struct dmc_tier_reply *r, bool gc, bool dry, bool j
 			json_object_set_new(o, "bytes_deleted",
 					    json_integer((json_int_t)r->bytes_deleted));
 		}
+		if (ver) {
+			json_object_set_new(o, "blobs_bad", json_integer((json_int_t)r->blobs_bad));
+			json_object_set_new(o, "blobs_deleted",
+					    json_integer((json_int_t)r->blobs_deleted));
+		}
 		json_object_set_new(o, "truncated", json_boolean(r->truncated != 0));
-		return cli_print_json(o);
+		int rc = cli_print_json(o);
+		return rc ? rc : ver && r->blobs_bad ? EXIT_DAEMON_ERROR : 0;
 	}
 	if (r->truncated)
 		printf("(the list is truncated; the totals cover every object)\n");
 	cli_format_bytes(a, sizeof(a), r->blob_bytes);
+	if (ver) {
+		printf("checked %llu blob%s (%s): ", (unsigned long long)r->blobs,
+		       r->blobs == 1 ? "" : "s", a);
+		if (!r->blobs_bad) {
+			printf("all good\n");
+			return 0;
+		}
+		printf("%llu bad%s\n", (unsigned long long)r->blobs_bad,
+		       r->blobs_deleted ? ", deleted (nodes fetch those items from Datamint)" : "");
+		return EXIT_DAEMON_ERROR;
+	}
 	if (!gc) {
 		printf("%llu blob%s (%s), %llu mapping%s\n", (unsigned long long)r->blobs,
 		       r->blobs == 1 ? "" : "s", a, (unsigned long long)r->maps,
@@ -127,18 +150,21 @@ int cmd_tier(int argc, char **argv)
 {
 	static const struct option opts[] = { { "json", no_argument, NULL, 'j' },
 					      { "dry-run", no_argument, NULL, 'n' },
+					      { "repair", no_argument, NULL, 'r' },
 					      { "help", no_argument, NULL, 'h' },
 					      { 0 } };
 	struct dmc_tier_reply r;
 	dmc_client *c;
-	bool json = false, dry = false, gc;
+	bool json = false, dry = false, repair = false, gc, ver;
 	const char *sub;
 	int opt, rc;
 
 	optind = 0;
-	while ((opt = cli_getopt(argc, argv, "tier", "jnh", opts)) != -1) {
+	while ((opt = cli_getopt(argc, argv, "tier", "jnrh", opts)) != -1) {
 		if (opt == 'j') {
 			json = true;
+		} else if (opt == 'r') {
+			repair = true;
 		} else if (opt == 'n') {
 			dry = true;
 		} else if (opt == 'h') {
@@ -149,31 +175,35 @@ int cmd_tier(int argc, char **argv)
 		}
 	}
 	if (optind >= argc) {
-		fprintf(stderr, "dmcache tier: which? ls or gc (dmcache tier --help)\n");
+		fprintf(stderr, "dmcache tier: which? ls, verify or gc (dmcache tier --help)\n");
 		return EXIT_USAGE;
 	}
 	sub = argv[optind++];
-	if (strcmp(sub, "ls") != 0 && strcmp(sub, "gc") != 0) {
-		fprintf(stderr, "dmcache tier: unknown '%s': ls or gc (dmcache tier --help)\n", sub);
+	if (strcmp(sub, "ls") != 0 && strcmp(sub, "gc") != 0 && strcmp(sub, "verify") != 0) {
+		fprintf(stderr, "dmcache tier: unknown '%s': ls, verify or gc (dmcache tier --help)\n",
+			sub);
 		return EXIT_USAGE;
 	}
 	gc = strcmp(sub, "gc") == 0;
+	ver = strcmp(sub, "verify") == 0;
 	if (optind < argc)
 		return cli_unexpected("tier", argv[optind]);
-	if (dry && !gc) {
-		fprintf(stderr, "dmcache tier ls: --dry-run is for gc\n");
+	if ((dry && !gc) || (repair && !ver)) {
+		fprintf(stderr, "dmcache tier %s: %s is for %s\n", sub, dry ? "--dry-run" : "--repair",
+			dry ? "gc" : "verify");
 		return EXIT_USAGE;
 	}
 	c = cli_connect(TIER_CALL_TIMEOUT_MS);
 	if (!c)
 		return EXIT_UNREACHABLE;
-	rc = dmc_tier(c, gc ? DMC_TIER_GC : DMC_TIER_LS, dry ? DMC_TIER_DRY_RUN : 0, &r);
+	rc = dmc_tier(c, gc ? DMC_TIER_GC : ver ? DMC_TIER_VERIFY : DMC_TIER_LS,
+		      (dry ? DMC_TIER_DRY_RUN : 0) | (repair ? DMC_TIER_REPAIR : 0), &r);
 	if (rc < 0) {
-		rc = cli_report(c, gc ? "tier gc" : "tier ls", rc);
+		rc = cli_report(c, gc ? "tier gc" : ver ? "tier verify" : "tier ls", rc);
 		dmc_close(c);
 		return rc;
 	}
-	rc = print_reply(&r, gc, dry, json);
+	rc = print_reply(&r, gc, ver, dry, json);
 	dmc_close(c);
 	return rc;
 }

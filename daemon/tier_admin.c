@@ -1,7 +1,9 @@
 /*
  * tier_admin: the TIER request (proto.h), administration of the cluster tier by the daemon
  * with its own tier credentials (the CLI never has them): `dmcache tier ls` lists the
- * tier's blobs and counts its mappings; `dmcache tier gc` deletes the mappings older than
+ * tier's blobs and counts its mappings; `dmcache tier verify` reads every blob and checks
+ * it as a node would (store_check_*: header, SHA-256 of the decoded content), and deletes
+ * the bad ones with --repair; `dmcache tier gc` deletes the mappings older than
  * tier_retention, then the blobs no remaining mapping names that are older than the grace
  * period (DMC_TIER_GC_GRACE_S, or tier_retention when shorter), so that a blob whose
  * mapping is not written yet is not collected. One concern: ListObjectsV2 pages (parsed
@@ -11,7 +13,8 @@
  * objects. Objects under the prefix whose names are not the tier's own are counted and
  * left alone.
  *
- * Threads: the loop thread only.
+ * Threads: the loop thread only (verify's hashing too: one blob at a time, in the chunks
+ * the transfer hands over).
  */
 #include "tier_admin.h"
 
@@ -34,7 +37,7 @@
 #define TOKEN_MAX 4096u
 #define OBJECTS_MAX 50000000u
 
-enum phase { PH_LIST, PH_MAP_GET, PH_MAP_DEL, PH_BLOB_DEL };
+enum phase { PH_LIST, PH_MAP_GET, PH_MAP_DEL, PH_BLOB_DEL, PH_BLOB_GET, PH_BAD_DEL };
 
 struct obj {
 	char *key;
@@ -66,6 +69,8 @@ struct tadm {
 	size_t idx;
 	uint8_t (*refs)[STORE_DIGEST_SIZE];
 	size_t n_refs, cap_refs;
+	struct store_check *chk; /* verify: the blob being read */
+	uint64_t got;
 	struct dmc_tier_reply r;
 	char *entries;
 	size_t entries_len;
@@ -91,6 +96,7 @@ static void tadm_free(struct tadm *a)
 	free(a->refs);
 	free(a->resp);
 	free(a->entries);
+	store_check_free(a->chk);
 	free(a);
 }
 
@@ -122,7 +128,12 @@ static void finish(struct tadm *a, uint32_t code, const char *msg)
 		}
 	}
 	if (code)
-		log_warn(FETCH, "cluster tier: %s %s", a->action == DMC_TIER_GC ? "gc" : "ls", msg);
+		log_warn(FETCH, "cluster tier: %s %s",
+			 a->action == DMC_TIER_GC ? "gc" : a->action == DMC_TIER_VERIFY ? "verify" : "ls",
+			 msg);
+	else if (a->action == DMC_TIER_VERIFY && a->r.blobs_bad)
+		log_warn(FETCH, "cluster tier verify: %" PRIu64 " bad blob(s), %" PRIu64 " deleted",
+			 a->r.blobs_bad, a->r.blobs_deleted);
 	else if (a->action == DMC_TIER_GC && !(a->flags & DMC_TIER_DRY_RUN))
 		log_notice(FETCH, "cluster tier gc: %" PRIu64 " mapping(s) and %" PRIu64
 			   " blob(s) (%" PRIu64 " bytes) deleted", a->r.maps_deleted,
@@ -333,6 +344,17 @@ static int on_start(struct fetch_xfer *x, const struct fetch_response *r)
 {
 	struct tadm *a = fetch_xfer_data(x);
 
+	if (a->phase == PH_BLOB_GET) {
+		if (r->offset == 0) {
+			store_check_free(a->chk);
+			a->got = 0;
+			if (store_check_new(&a->chk) < 0)
+				return -ENOMEM;
+		} else if (r->offset != a->got) {
+			return -EIO; /* a resumed read that does not continue where it stopped */
+		}
+		return 0;
+	}
 	if (r->offset == 0)
 		a->len = 0;
 	a->over = false;
@@ -343,6 +365,12 @@ static int on_data(struct fetch_xfer *x, const void *buf, size_t len)
 {
 	struct tadm *a = fetch_xfer_data(x);
 
+	if (a->phase == PH_BLOB_GET) {
+		a->got += len;
+		if (a->chk)
+			(void)store_check_feed(a->chk, buf, len); /* finish says what it found */
+		return 0;
+	}
 	if (a->phase != PH_LIST && a->phase != PH_MAP_GET)
 		return 0;
 	if (len > RESP_CAP - a->len) {
@@ -412,7 +440,8 @@ static void on_done(struct fetch_xfer *x, const struct fetch_result *res)
 	struct tier *t = a->t;
 	bool ok = res->err == 0 && res->http_status >= 200 && res->http_status < 300;
 	/* a DELETE's answer is 204 No Content, which the fetch engine counts as no object */
-	bool deleted = (a->phase == PH_MAP_DEL || a->phase == PH_BLOB_DEL) &&
+	bool deleted = (a->phase == PH_MAP_DEL || a->phase == PH_BLOB_DEL ||
+			a->phase == PH_BAD_DEL) &&
 		       (ok || res->http_status == 204 || res->http_status == 404);
 	char msg[300];
 
@@ -437,7 +466,9 @@ static void on_done(struct fetch_xfer *x, const struct fetch_result *res)
 		}
 		if (!a->token[0]) {
 			/* this listing is complete */
-			if (a->action == DMC_TIER_LS && a->listing_blobs)
+			if (a->action == DMC_TIER_VERIFY)
+				a->phase = PH_BLOB_GET, a->idx = 0;
+			else if (a->action == DMC_TIER_LS && a->listing_blobs)
 				a->listing_blobs = false; /* then the mappings */
 			else if (a->action == DMC_TIER_LS)
 				a->phase = PH_BLOB_DEL, a->idx = SIZE_MAX; /* done */
@@ -483,6 +514,58 @@ static void on_done(struct fetch_xfer *x, const struct fetch_result *res)
 		a->r.maps_deleted++;
 		a->idx++;
 		a->phase = PH_MAP_GET;
+		break;
+	case PH_BLOB_GET: {
+		struct obj *o = &a->blobs.v[a->idx];
+		int rc;
+		if (res->http_status == 404) {
+			a->idx++; /* gone since the listing */
+			break;
+		}
+		if (!ok || !a->chk) {
+			finish(a, DMC_E_UPSTREAM_PERMANENT, msg);
+			tier_unhold(t);
+			return;
+		}
+		rc = store_check_finish(a->chk, o->digest, NULL);
+		store_check_free(a->chk);
+		a->chk = NULL;
+		if (rc == -ENOMEM) {
+			finish(a, DMC_E_INTERNAL, "out of memory");
+			tier_unhold(t);
+			return;
+		}
+		a->r.blobs++;
+		a->r.blob_bytes += o->size;
+		if (rc == 0) {
+			entry(a, o, "ok");
+			a->idx++;
+			break;
+		}
+		a->r.blobs_bad++;
+		entry(a, o, "bad");
+		log_warn(FETCH, "cluster tier verify: object %s is bad%s", o->key,
+			 a->flags & DMC_TIER_REPAIR ? ": deleted" : "");
+		if (!(a->flags & DMC_TIER_REPAIR)) {
+			a->idx++;
+			break;
+		}
+		a->phase = PH_BAD_DEL;
+		if (!request(a, o->key, NULL, "DELETE"))
+			finish(a, DMC_E_INTERNAL, "cannot start a request");
+		tier_unhold(t);
+		return;
+	}
+	case PH_BAD_DEL:
+		if (!deleted) {
+			finish(a, DMC_E_UPSTREAM_PERMANENT, msg);
+			tier_unhold(t);
+			return;
+		}
+		a->r.blobs_deleted++;
+		a->r.bytes_deleted += a->blobs.v[a->idx].size;
+		a->idx++;
+		a->phase = PH_BLOB_GET;
 		break;
 	case PH_BLOB_DEL:
 		if (!deleted) {
@@ -537,6 +620,20 @@ static void step(struct tadm *a)
 		a->phase = PH_LIST;
 		a->token[0] = '\0';
 		if (!list_page(a))
+			finish(a, DMC_E_INTERNAL, "cannot start a request");
+		return;
+	}
+	if (a->phase == PH_BLOB_GET) {
+		while (a->idx < a->blobs.n && !a->blobs.v[a->idx].named)
+			a->idx++;
+		if (a->idx == a->blobs.n) {
+			finish(a, 0, NULL);
+			return;
+		}
+		store_check_free(a->chk);
+		a->chk = NULL;
+		a->got = 0;
+		if (!request(a, a->blobs.v[a->idx].key, NULL, "GET"))
 			finish(a, DMC_E_INTERNAL, "cannot start a request");
 		return;
 	}
@@ -596,7 +693,7 @@ void tier_admin_request(struct tier *t, const struct config *cfg, struct conn *c
 				"and members of the '%s' group", cfg->admin_group);
 		return;
 	}
-	if (action != DMC_TIER_LS && action != DMC_TIER_GC) {
+	if (action != DMC_TIER_LS && action != DMC_TIER_GC && action != DMC_TIER_VERIFY) {
 		conn_send_error(c, h->request_id, DMC_E_INVALID_ARGUMENT, NULL,
 				"unknown tier action %u", action);
 		return;
@@ -620,7 +717,7 @@ void tier_admin_request(struct tier *t, const struct config *cfg, struct conn *c
 	a->grace_s = a->retention_s < DMC_TIER_GC_GRACE_S ? a->retention_s : DMC_TIER_GC_GRACE_S;
 	a->now = (int64_t)time(NULL);
 	a->phase = PH_LIST;
-	a->listing_blobs = action == DMC_TIER_LS; /* gc: the mappings first */
+	a->listing_blobs = action != DMC_TIER_GC; /* gc: the mappings first */
 	a->next = running;
 	running = a;
 	step(a);

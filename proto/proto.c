@@ -751,6 +751,7 @@ DMC_EXPORT int dmc_tier_reply_encode(const struct dmc_tier_reply *m, uint32_t re
 	dmc_write_u64(&w, m->maps_deleted);
 	dmc_write_u64(&w, m->blobs_deleted);
 	dmc_write_u64(&w, m->bytes_deleted);
+	dmc_write_u64(&w, m->blobs_bad);
 	dmc_write_u32(&w, m->truncated);
 	dmc_write_str(&w, m->entries.ptr, m->entries.len);
 	return dmc_frame_end(&w, DMC_OP_TIER, DMC_FLAG_REPLY, request_id, 0);
@@ -768,6 +769,7 @@ DMC_EXPORT int dmc_tier_reply_decode(const void *payload, size_t len, struct dmc
 	m.maps_deleted = dmc_read_u64(&r);
 	m.blobs_deleted = dmc_read_u64(&r);
 	m.bytes_deleted = dmc_read_u64(&r);
+	m.blobs_bad = dmc_read_u64(&r);
 	m.truncated = dmc_read_u32(&r);
 	m.entries = dmc_read_str(&r);
 	if (dmc_reader_finish(&r) || m.truncated > 1)

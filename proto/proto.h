@@ -326,18 +326,22 @@ struct dmc_progress {
  *   action DMC_TIER_GC: deletes mappings older than tier_retention, then blobs no remaining
  *     mapping names that are older than DMC_TIER_GC_GRACE_S (DMC_TIER_DRY_RUN: only says
  *     which it would delete)
- *   (action 2 is reserved for a verification of the tier's blobs)
+ *   action DMC_TIER_VERIFY: reads every blob and checks it as a node would (its header,
+ *     the SHA-256 of its decoded content); DMC_TIER_REPAIR deletes the bad ones
  * Reply: u64 blobs, u64 blob_bytes, u64 maps, u64 maps_deleted, u64 blobs_deleted,
- *   u64 bytes_deleted, u32 truncated, str entries
+ *   u64 bytes_deleted, u64 blobs_bad, u32 truncated, str entries
  *   entries: one line per blob, "<sha256 hex> <size> <last modified, Unix s> <state>\n",
  *   state "ok", "deleted" (gc: deleted, or would be with DMC_TIER_DRY_RUN) or "kept" (gc:
- *   referenced or within the grace period); truncated 1 when lines were left out to fit
+ *   referenced or within the grace period), "bad" (verify; deleted too with
+ *   DMC_TIER_REPAIR, counted in blobs_deleted); truncated 1 when lines were left out to fit
  *   DMC_TIER_ENTRIES_MAX bytes (the counts still cover every object).
  */
 #define DMC_TIER_LS 1u
+#define DMC_TIER_VERIFY 2u
 #define DMC_TIER_GC 3u
 #define DMC_TIER_DRY_RUN 1u
-#define DMC_TIER_FLAGS_DEFINED DMC_TIER_DRY_RUN
+#define DMC_TIER_REPAIR 2u
+#define DMC_TIER_FLAGS_DEFINED (DMC_TIER_DRY_RUN | DMC_TIER_REPAIR)
 #define DMC_TIER_ENTRIES_MAX (60u << 10) /* within DMC_STR_MAX */
 #define DMC_TIER_GC_GRACE_S 3600u
 
@@ -374,6 +378,7 @@ struct dmc_evict_reply {
 struct dmc_tier_reply {
 	uint64_t blobs, blob_bytes, maps;
 	uint64_t maps_deleted, blobs_deleted, bytes_deleted;
+	uint64_t blobs_bad;
 	uint32_t truncated;
 	struct dmc_str entries;
 };

@@ -372,7 +372,7 @@ def exists(ceph, key):
     return status == 200
 
 
-def test_tier_ls_shows_what_a_node_uploaded(ceph, emu, tmpdir_short, prefix):
+def test_tier_ls_and_verify_what_a_node_uploaded(ceph, emu, tmpdir_short, prefix):
     a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
     b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix)
     try:
@@ -400,19 +400,45 @@ def test_tier_ls_shows_what_a_node_uploaded(ceph, emu, tmpdir_short, prefix):
         uids.require_root()
         uids.open_up(tmpdir_short, os.path.dirname(b.d.socket))
         env = {'PATH': os.environ['PATH'], 'HOME': '/nonexistent'}
-        for args in (['tier', 'ls'], ['tier', 'gc']):
+        for args in (['tier', 'ls'], ['tier', 'gc'], ['tier', 'verify', '--repair']):
             r = uids.run(uids.ALICE, [DMCACHE, '--socket', b.d.socket] + args, env=env)
             assert r.returncode == 1, r.stdout + r.stderr
             assert 'root and members of the' in r.stderr, r.stderr
         # nothing was deleted by the refused gc
         assert all(exists(ceph, blob_key(prefix, h)) for h in blobs)
+
+        # verify: every blob as A stored it is good
+        v = tier_cli(b, 'verify', '--json')
+        assert v['blob_count'] == len(blobs) and v['blobs_bad'] == 0, v
+        assert {e['state'] for e in v['blobs']} == {'ok'}
+        # one blob corrupted in the bucket (its payload's last byte), one truncated
+        bad1, bad2 = sorted(blobs)[:2]
+        body = bytearray(blob_file(a, bad1))
+        body[-1] ^= 0x5a
+        ceph.s3('PUT', blob_key(prefix, bad1), bytes(body))
+        ceph.s3('PUT', blob_key(prefix, bad2), blob_file(a, bad2)[:-1])
+        r = b.d.cli('tier', 'verify', '--json', timeout=120)
+        assert r.returncode == 1, r.stdout + r.stderr
+        v = json.loads(r.stdout)
+        assert v['blobs_bad'] == 2 and v['blobs_deleted'] == 0, v
+        assert {e['digest'] for e in v['blobs'] if e['state'] == 'bad'} == {bad1, bad2}
+        assert exists(ceph, blob_key(prefix, bad1))
+        r = b.d.cli('tier', 'verify', '--repair', timeout=120)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert sorted(r.stdout.splitlines()[:2]) == sorted(['bad ' + bad1, 'bad ' + bad2])
+        assert 'checked %d blobs' % len(blobs) in r.stdout and '2 bad, deleted' in r.stdout
+        assert not exists(ceph, blob_key(prefix, bad1))
+        assert not exists(ceph, blob_key(prefix, bad2))
+        assert tier_cli(b, 'verify').startswith('checked %d blobs (' % (len(blobs) - 2))
     finally:
         b.stop()
+    assert 'cluster tier verify: object %s is bad: deleted' % blob_key(prefix, bad1) in \
+        b.d.log()
 
 
 def test_tier_gc_deletes_expired_mappings_and_unreferenced_blobs(ceph, emu, tmpdir_short,
                                                                    prefix):
-    retention = 12
+    retention = 15
     a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
     b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix,
              extra='tier_retention = %ds\n' % retention)
@@ -423,26 +449,28 @@ def test_tier_gc_deletes_expired_mappings_and_unreferenced_blobs(ceph, emu, tmpd
         # an orphan blob (its mapping never written), old enough by the time gc runs
         orphan_old = hashlib.sha256(b'orphan old ' + prefix.encode()).hexdigest()
         ceph.s3('PUT', blob_key(prefix, orphan_old), b'x' * 1000)
+        t_old = time.time()
         # an object under the prefix that is not one of the tier's own names: left alone
         foreign = '%s/blobs/zz/not-a-digest' % prefix
         ceph.s3('PUT', foreign, b'foreign')
-        time.sleep(retention + 2)
-        # one mapping rewritten now: it and its blob stay
         keep_rid, keep_hex = sorted(ia.items())[0]
-        keep_map = [k for k in map_keys(ceph, prefix)
+        keep_map = [k for k in list_keys(ceph, prefix, 'maps')
                     if b'\ndigest %s\n' % keep_hex.encode() in ceph.s3('GET', k)[1]]
         assert len(keep_map) == 1, keep_map
         keep_map = keep_map[0]
-        ceph.s3('PUT', keep_map, ceph.s3('GET', keep_map)[1])
-        # a fresh orphan: within the grace period (an upload whose mapping is not yet written)
         orphan_new = hashlib.sha256(b'orphan new ' + prefix.encode()).hexdigest()
-        ceph.s3('PUT', blob_key(prefix, orphan_new), b'y' * 2000)
-        maps_before = map_keys(ceph, prefix)
-        assert len(maps_before) == len(ia)
-
         gone = (set(ia.values()) - {keep_hex}) | {orphan_old}
         kept = {keep_hex, orphan_new}
-        sizes = {h: len(ceph.s3('GET', blob_key(prefix, h))[1]) for h in gone | kept}
+        sizes = {h: len(ceph.s3('GET', blob_key(prefix, h))[1]) for h in gone | {keep_hex}}
+        sizes[orphan_new] = 2000
+        time.sleep(max(0.0, t_old + retention + 2 - time.time()))
+        # one mapping rewritten now: it and its blob stay
+        ceph.s3('PUT', keep_map, ceph.s3('GET', keep_map)[1])
+        # a fresh orphan: within the grace period (an upload whose mapping is not yet written)
+        ceph.s3('PUT', blob_key(prefix, orphan_new), b'y' * 2000)
+        maps_before = list_keys(ceph, prefix, 'maps')
+        blobs_before = list_keys(ceph, prefix, 'blobs')
+        assert len(maps_before) == len(ia) and len(blobs_before) == len(gone | kept) + 1
 
         dry = tier_cli(b, 'gc', '--dry-run', '--json')
         assert dry['dry_run'] is True
@@ -450,9 +478,10 @@ def test_tier_gc_deletes_expired_mappings_and_unreferenced_blobs(ceph, emu, tmpd
         assert {e['digest'] for e in dry['blobs'] if e['state'] == 'deleted'} == gone, dry
         assert {e['digest'] for e in dry['blobs'] if e['state'] == 'kept'} == kept, dry
         assert dry['bytes_deleted'] == sum(sizes[h] for h in gone)
+        assert dry['blob_bytes'] == sum(sizes[h] for h in kept)
         # a dry run deletes nothing
-        assert map_keys(ceph, prefix) == maps_before
-        assert all(exists(ceph, blob_key(prefix, h)) for h in gone | kept)
+        assert list_keys(ceph, prefix, 'maps') == maps_before
+        assert list_keys(ceph, prefix, 'blobs') == blobs_before
 
         gc = tier_cli(b, 'gc', '--json')
         assert gc['dry_run'] is False
@@ -460,13 +489,9 @@ def test_tier_gc_deletes_expired_mappings_and_unreferenced_blobs(ceph, emu, tmpd
                   'blob_count', 'blob_bytes'):
             assert gc[k] == dry[k], (k, gc, dry)
         assert gc['blobs_deleted'] == len(gone) and gc['blob_count'] == len(kept)
-        assert map_keys(ceph, prefix) == [keep_map]
-        for h in gone:
-            assert not exists(ceph, blob_key(prefix, h)), h
-        for h in kept:
-            assert exists(ceph, blob_key(prefix, h)), h
-        assert exists(ceph, foreign)
-        # the kept item still comes from the tier
+        assert list_keys(ceph, prefix, 'maps') == [keep_map]
+        assert list_keys(ceph, prefix, 'blobs') == sorted(
+            [blob_key(prefix, h) for h in kept] + [foreign])
         ls = tier_cli(b, 'ls', '--json')
         assert {e['digest'] for e in ls['blobs']} == kept and ls['mappings'] == 1
         out = tier_cli(b, 'gc')
@@ -478,10 +503,18 @@ def test_tier_gc_deletes_expired_mappings_and_unreferenced_blobs(ceph, emu, tmpd
     assert ceph.secret not in b.d.log()
 
 
-def map_keys(ceph, prefix):
-    """The mapping keys under prefix, listed by the test's own signed request."""
-    _, body = ceph.s3('GET', '?list-type=2&prefix=' + urllib.parse.quote(prefix + '/maps/',
-                                                                      safe=''))
-    keys = re.findall(rb'<Key>([^<]+)</Key>', body)
-    assert b'<IsTruncated>false</IsTruncated>' in body
-    return sorted(k.decode() for k in keys)
+def list_keys(ceph, prefix, sub):
+    """The keys under prefix/sub/, listed by the test's own signed requests (pages)."""
+    keys, token = [], None
+    while True:
+        q = '?list-type=2&prefix=' + urllib.parse.quote('%s/%s/' % (prefix, sub), safe='')
+        if token:
+            q = '?continuation-token=%s&list-type=2&prefix=%s' % (
+                urllib.parse.quote(token, safe=''),
+                urllib.parse.quote('%s/%s/' % (prefix, sub), safe=''))
+        _, body = ceph.s3('GET', q)
+        keys += [k.decode() for k in re.findall(rb'<Key>([^<]+)</Key>', body)]
+        if b'<IsTruncated>true</IsTruncated>' not in body:
+            return sorted(keys)
+        token = re.search(rb'<NextContinuationToken>([^<]+)</NextContinuationToken>',
+                          body).group(1).decode()

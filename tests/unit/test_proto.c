@@ -444,7 +444,7 @@ TEST(cache_requests_round_trip)
 TEST(tier_round_trip)
 {
 	static const char lines[] = "ab 10 1700000000 ok\ncd 20 1700000001 kept\n";
-	struct dmc_tier_reply tr = { 2, 30, 5, 1, 0, 0, 1, S(lines) }, trout;
+	struct dmc_tier_reply tr = { 2, 30, 5, 1, 0, 0, 7, 1, S(lines) }, trout;
 	struct dmc_header h;
 	uint32_t action, flags;
 	int n;
@@ -467,6 +467,7 @@ TEST(tier_round_trip)
 	ASSERT_UINT_EQ(trout.blob_bytes, 30);
 	ASSERT_UINT_EQ(trout.maps, 5);
 	ASSERT_UINT_EQ(trout.maps_deleted, 1);
+	ASSERT_UINT_EQ(trout.blobs_bad, 7);
 	ASSERT_EQ(trout.truncated, 1);
 	ASSERT_DSTR(trout.entries, lines);
 	/* one byte short: malformed */
