@@ -456,7 +456,7 @@ TEST(tier_round_trip)
 	ASSERT_EQ(action, DMC_TIER_GC);
 	ASSERT_EQ(flags, DMC_TIER_DRY_RUN);
 	/* an undefined flag is refused */
-	n = dmc_tier_encode(DMC_TIER_LS, 2, 4, frame, sizeof(frame));
+	n = dmc_tier_encode(DMC_TIER_LS, 4, 4, frame, sizeof(frame));
 	ASSERT_EQ(dmc_tier_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &action,
 				  &flags),
 		  DMC_PROTO_ERROR);
