@@ -37,6 +37,8 @@ static void usage(FILE *out)
 		"                      remove snapshots and the files only they use\n"
 		"  verify [--json]     re-check every cached file's checksum, remove bad ones\n"
 		"  tier ls [--json]    the cluster tier's blobs and mappings (admins)\n"
+		"  tier verify [--repair] [--json]\n"
+		"                      check every blob of the tier, delete bad ones (admins)\n"
 		"  tier gc [--dry-run] [--json]\n"
 		"                      delete expired mappings and unreferenced blobs (admins)\n"
 		"  get PROJECT INDEX -o OUT.npy [--lut] [--dtype T] [--json]\n"

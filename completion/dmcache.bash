@@ -54,7 +54,7 @@ _dmcache()
 	evict) opts="--all --json --help" ;;
 	get) opts="--output --meta --version --server --api-key --lut --dtype --source --offline --json --size --resize --crop --pad --pad-value --channels --window --help" ;;
 	metrics) opts="--output --help" ;;
-	tier) opts="--json --dry-run --help" ;;
+	tier) opts="--json --dry-run --repair --help" ;;
 	esac
 
 	case $prev in
@@ -80,7 +80,7 @@ _dmcache()
 		COMPREPLY=($(compgen -W "$(_dmcache_projects "$socket")" -- "$cur"))
 		;;
 	tier)
-		[[ ${words[cword - 1]} == tier ]] && COMPREPLY=($(compgen -W "ls gc" -- "$cur"))
+		[[ ${words[cword - 1]} == tier ]] && COMPREPLY=($(compgen -W "ls verify gc" -- "$cur"))
 		;;
 	esac
 }
