@@ -426,12 +426,15 @@ static bool list_page(struct tadm *a)
 	return request(a, "", q, "GET");
 }
 
+static int digest_cmp(const void *x, const void *y)
+{
+	return memcmp(x, y, STORE_DIGEST_SIZE);
+}
+
+/* Is `d` named by a remaining mapping? (a->refs sorted once the mappings are read) */
 static bool referenced(const struct tadm *a, const uint8_t *d)
 {
-	for (size_t i = 0; i < a->n_refs; i++)
-		if (memcmp(a->refs[i], d, STORE_DIGEST_SIZE) == 0)
-			return true;
-	return false;
+	return a->n_refs && bsearch(d, a->refs, a->n_refs, STORE_DIGEST_SIZE, digest_cmp);
 }
 
 static void on_done(struct fetch_xfer *x, const struct fetch_result *res)
@@ -616,6 +619,8 @@ static void step(struct tadm *a)
 			return;
 		}
 		a->r.maps = a->maps.n - a->r.maps_deleted;
+		if (a->n_refs)
+			qsort(a->refs, a->n_refs, STORE_DIGEST_SIZE, digest_cmp);
 		a->listing_blobs = true;
 		a->phase = PH_LIST;
 		a->token[0] = '\0';
