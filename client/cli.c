@@ -36,6 +36,11 @@ static void usage(FILE *out)
 		"  evict PROJECT | --all [--json]\n"
 		"                      remove snapshots and the files only they use\n"
 		"  verify [--json]     re-check every cached file's checksum, remove bad ones\n"
+		"  tier ls [--json]    the cluster tier's blobs and mappings (admins)\n"
+		"  tier verify [--repair] [--json]\n"
+		"                      check every blob of the tier, delete bad ones (admins)\n"
+		"  tier gc [--dry-run] [--json]\n"
+		"                      delete expired mappings and unreferenced blobs (admins)\n"
 		"  get PROJECT INDEX -o OUT.npy [--lut] [--dtype T] [--json]\n"
 		"  get --source DIR INDEX -o OUT.npy [...]\n"
 		"                      one decoded item as .npy, its metadata as JSON beside it\n"
@@ -459,7 +464,7 @@ int main(int argc, char **argv)
 	} cmds[] = { { "status", cmd_status }, { "ping", cmd_ping },
 		     { "prefetch", cmd_prefetch }, { "ls", cmd_ls },
 		     { "evict", cmd_evict }, { "verify", cmd_verify }, { "get", cmd_get },
-		     { "metrics", cmd_metrics } };
+		     { "metrics", cmd_metrics }, { "tier", cmd_tier } };
 	const char *names[sizeof(cmds) / sizeof(cmds[0])];
 	const char *hint;
 	int opt, rc;

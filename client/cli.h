@@ -76,6 +76,7 @@ int cmd_prefetch(int argc, char **argv);
 int cmd_ls(int argc, char **argv);
 int cmd_evict(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
+int cmd_tier(int argc, char **argv);
 int cmd_get(int argc, char **argv);
 int cmd_metrics(int argc, char **argv);
 

@@ -1230,6 +1230,25 @@ DMC_EXPORT int dmc_verify(dmc_client *c, struct dmc_verify_reply *ret_reply)
 	return 0;
 }
 
+DMC_EXPORT int dmc_tier(dmc_client *c, uint32_t action, uint32_t flags,
+			struct dmc_tier_reply *ret_reply)
+{
+	uint8_t frame[64];
+	struct dmc_tier_reply r;
+	uint32_t id = c->next_id++;
+	int rc;
+
+	rc = call(c, frame, dmc_tier_encode(action, flags, id, frame, sizeof(frame)), id,
+		  DMC_OP_TIER);
+	if (rc < 0)
+		return rc;
+	if (dmc_tier_reply_decode(c->rbuf + DMC_HEADER_SIZE, c->rhdr.length, &r))
+		return -EPROTO;
+	if (ret_reply)
+		*ret_reply = r;
+	return 0;
+}
+
 DMC_EXPORT const char *dmc_strerror(int err)
 {
 	const char *t;

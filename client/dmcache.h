@@ -204,6 +204,13 @@ int dmc_evict(dmc_client *c, bool all, const char *project, struct dmc_evict_rep
 int dmc_verify(dmc_client *c, struct dmc_verify_reply *ret_reply);
 
 /*
+ * Administers the cluster tier (admins only; the daemon uses its own tier credentials):
+ * `action` DMC_TIER_LS or DMC_TIER_GC, `flags` DMC_TIER_DRY_RUN (proto.h, TIER). The
+ * reply's entries point into the client's buffer, valid until its next call.
+ */
+int dmc_tier(dmc_client *c, uint32_t action, uint32_t flags, struct dmc_tier_reply *ret_reply);
+
+/*
  * Datamint credentials, found where the Datamint tools keep them.
  * Each of the key and the server URL is taken from the first of:
  *   1. the option passed here (api_key_opt, server_opt; NULL or "" for none),

@@ -21,7 +21,7 @@ _dmcache()
 		cword=$COMP_CWORD
 	fi
 
-	local commands="status ping prefetch ls evict verify get metrics"
+	local commands="status ping prefetch ls evict verify get metrics tier"
 	local i cmd= socket=
 	for ((i = 1; i < cword; i++)); do
 		case ${words[i]} in
@@ -54,6 +54,7 @@ _dmcache()
 	evict) opts="--all --json --help" ;;
 	get) opts="--output --meta --version --server --api-key --lut --dtype --source --offline --json --size --resize --crop --pad --pad-value --channels --window --help" ;;
 	metrics) opts="--output --help" ;;
+	tier) opts="--json --dry-run --repair --help" ;;
 	esac
 
 	case $prev in
@@ -77,6 +78,9 @@ _dmcache()
 	prefetch | evict | get)
 		local IFS=$'\n'
 		COMPREPLY=($(compgen -W "$(_dmcache_projects "$socket")" -- "$cur"))
+		;;
+	tier)
+		[[ ${words[cword - 1]} == tier ]] && COMPREPLY=($(compgen -W "ls verify gc" -- "$cur"))
 		;;
 	esac
 }

@@ -140,11 +140,15 @@ static const struct key keys[] = {
 	K("tier_credentials_file", KT_STRING, tier_credentials_file, 0, 0,
 	  "the tier's aws_access_key_id and aws_secret_access_key, a file of root's with mode "
 	  "0600 (default: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY of the service)"),
+	K("tier_retention", KT_DURATION, tier_retention_ms, 1000, 36500ull * 24 * 3600000,
+	  "dmcache tier gc deletes the tier's mappings older than this, then the blobs no "
+	  "mapping names (older than an hour, or than tier_retention when shorter)"),
 };
 
 static void config_init_tier(struct config *cfg)
 {
 	cfg->tier_prefix = strdup("dmcache");
+	cfg->tier_retention_ms = 30ull * 24 * 3600000; /* 30 days */
 }
 
 void config_init(struct config *cfg)
@@ -265,6 +269,8 @@ int config_parse_duration_ms(const char *s, uint64_t *ret)
 		mul = 60000;
 	else if (strcmp(end, "h") == 0)
 		mul = 3600000;
+	else if (strcmp(end, "d") == 0)
+		mul = 24 * 3600000ull;
 	else
 		return -EINVAL;
 	if (v > UINT64_MAX / mul)
@@ -602,7 +608,7 @@ static const char *const type_units[] = {
 	[KT_STRING] = "",
 	[KT_UINT32] = "",
 	[KT_SIZE] = "bytes, K/M/G/T suffixes (powers of 1024)",
-	[KT_DURATION] = "ms, s, m or h; a bare number is seconds",
+	[KT_DURATION] = "ms, s, m, h or d; a bare number is seconds",
 	[KT_MODE] = "",
 	[KT_BOOL] = "yes or no",
 	[KT_LEVEL] = "",

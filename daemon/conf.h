@@ -83,6 +83,7 @@ struct config {
 	char *tier_region;
 	char *tier_prefix;
 	char *tier_credentials_file;
+	uint64_t tier_retention_ms; /* dmcache tier gc: mappings older than this go */
 };
 
 /* Fills in the defaults. */

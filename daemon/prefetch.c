@@ -29,6 +29,7 @@
 #include "prefetch_priv.h"
 #include "secret.h"
 #include "tier.h"
+#include "tier_admin.h"
 #include "store.h"
 
 #define TICK_MS 1000
@@ -1112,7 +1113,7 @@ bool prefetch_dispatch(struct prefetch *p, struct conn *c, const struct dmc_head
 	if (p->closing) {
 		switch (h->opcode) {
 		case DMC_OP_PREFETCH: case DMC_OP_CANCEL: case DMC_OP_LIST: case DMC_OP_EVICT:
-		case DMC_OP_VERIFY:
+		case DMC_OP_VERIFY: case DMC_OP_TIER:
 			conn_send_error(c, h->request_id, DMC_E_CANCELLED, NULL, "daemon stopping");
 			return true;
 		}
@@ -1137,6 +1138,9 @@ bool prefetch_dispatch(struct prefetch *p, struct conn *c, const struct dmc_head
 	case DMC_OP_LOCAL_FILES:
 		on_local_files(p, c, h, payload);
 		return true;
+	case DMC_OP_TIER:
+		tier_admin_request(p->tier, p->d.cfg, c, h, payload);
+		return true;
 	}
 	return false;
 }
@@ -1144,6 +1148,7 @@ bool prefetch_dispatch(struct prefetch *p, struct conn *c, const struct dmc_head
 void prefetch_conn_closed(struct prefetch *p, struct conn *c)
 {
 	local_conn_closed(p, c);
+	tier_admin_conn_closed(c);
 	for (struct job *j = p->jobs; j; j = j->next) {
 		struct sub **pp = &j->subs;
 		while (*pp) {

@@ -1755,3 +1755,127 @@ int store_remove(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE], uint6
 	pthread_mutex_unlock(&s->lock);
 	return r;
 }
+
+/* ---- checking a blob file that is not in the store (dmcache tier verify) ---- */
+
+struct store_check {
+	EVP_MD_CTX *md;
+	ZSTD_DCtx *dctx;
+	uint8_t hdr[STORE_HEADER_SIZE];
+	size_t hdr_len;
+	struct store_blob_info info;
+	uint64_t stored, produced;
+	size_t zret;
+	int err; /* the first failure; later bytes are ignored */
+	uint8_t out[OUT_CAP];
+};
+
+int store_check_new(struct store_check **ret)
+{
+	struct store_check *c = calloc(1, sizeof(*c));
+
+	*ret = NULL;
+	if (!c)
+		return -ENOMEM;
+	c->md = EVP_MD_CTX_new();
+	c->dctx = ZSTD_createDCtx();
+	if (!c->md || !c->dctx || EVP_DigestInit_ex(c->md, EVP_sha256(), NULL) != 1) {
+		store_check_free(c);
+		return -ENOMEM;
+	}
+	c->zret = 1;
+	*ret = c;
+	return 0;
+}
+
+void store_check_free(struct store_check *c)
+{
+	if (!c)
+		return;
+	EVP_MD_CTX_free(c->md);
+	ZSTD_freeDCtx(c->dctx);
+	free(c);
+}
+
+static int check_raw(struct store_check *c, const void *buf, size_t n)
+{
+	if (n > c->info.raw_size - c->produced)
+		return -DMC_E_INTEGRITY;
+	if (EVP_DigestUpdate(c->md, buf, n) != 1)
+		return -ENOMEM;
+	c->produced += n;
+	return 0;
+}
+
+int store_check_feed(struct store_check *c, const void *buf, size_t len)
+{
+	const uint8_t *p = buf;
+
+	while (len > 0 && !c->err) {
+		if (c->hdr_len < STORE_HEADER_SIZE) {
+			size_t n = STORE_HEADER_SIZE - c->hdr_len < len ? STORE_HEADER_SIZE - c->hdr_len
+								       : len;
+			memcpy(c->hdr + c->hdr_len, p, n);
+			c->hdr_len += n;
+			p += n;
+			len -= n;
+			if (c->hdr_len == STORE_HEADER_SIZE)
+				c->err = store_header_decode(c->hdr, &c->info);
+			continue;
+		}
+		if (len > c->info.stored_size - c->stored) {
+			c->err = -DMC_E_INTEGRITY; /* longer than its header says */
+			break;
+		}
+		c->stored += len;
+		if (c->info.comp == STORE_COMP_NONE) {
+			c->err = check_raw(c, p, len);
+			break;
+		}
+		ZSTD_inBuffer zin = { p, len, 0 };
+		while (zin.pos < zin.size && !c->err) {
+			ZSTD_outBuffer zout = { c->out, sizeof(c->out), 0 };
+			if (c->zret == 0) { /* bytes after the end of the frame */
+				c->err = -DMC_E_INTEGRITY;
+				break;
+			}
+			c->zret = ZSTD_decompressStream(c->dctx, &zout, &zin);
+			if (ZSTD_isError(c->zret))
+				c->err = -DMC_E_INTEGRITY;
+			else if (zout.pos)
+				c->err = check_raw(c, c->out, zout.pos);
+		}
+		break;
+	}
+	return c->err;
+}
+
+int store_check_finish(struct store_check *c, const uint8_t expected[STORE_DIGEST_SIZE],
+		       struct store_blob_info *ret_info)
+{
+	uint8_t d[STORE_DIGEST_SIZE];
+	unsigned int dn = 0;
+
+	if (c->err)
+		return c->err;
+	if (c->hdr_len < STORE_HEADER_SIZE || c->stored != c->info.stored_size ||
+	    memcmp(c->info.digest, expected, STORE_DIGEST_SIZE) != 0)
+		return -DMC_E_INTEGRITY;
+	while (c->info.comp == STORE_COMP_ZSTD && c->zret != 0) {
+		ZSTD_inBuffer zin = { NULL, 0, 0 };
+		ZSTD_outBuffer zout = { c->out, sizeof(c->out), 0 };
+		c->zret = ZSTD_decompressStream(c->dctx, &zout, &zin);
+		if (ZSTD_isError(c->zret) || zout.pos == 0)
+			return -DMC_E_INTEGRITY;
+		if (check_raw(c, c->out, zout.pos) < 0)
+			return -DMC_E_INTEGRITY;
+	}
+	if (c->produced != c->info.raw_size ||
+	    EVP_DigestFinal_ex(c->md, d, &dn) != 1 || dn != STORE_DIGEST_SIZE ||
+	    memcmp(d, expected, STORE_DIGEST_SIZE) != 0)
+		return -DMC_E_INTEGRITY;
+	c->info.file_size = STORE_HEADER_SIZE + c->info.stored_size;
+	if (ret_info)
+		*ret_info = c->info;
+	return 0;
+}

@@ -252,6 +252,20 @@ int store_verify_all(struct store *s, store_bad_cb on_bad, void *ctx, uint64_t *
  * with that code. Call while no writer runs.
  */
 typedef int (*store_blob_cb)(void *ctx, const struct store_blob_info *info);
+
+/*
+ * Checks a blob file that is not in the store (dmcache tier verify: the tier's copy) as a
+ * read would: its bytes in order through store_check_feed() (a negative code once they
+ * cannot be right), then store_check_finish(): 0 when the header decodes, names `expected`,
+ * the stored size is what came and the decoded payload's SHA-256 is `expected`;
+ * -DMC_E_INTEGRITY otherwise. The caller's thread; no store involved.
+ */
+struct store_check;
+int store_check_new(struct store_check **ret);
+int store_check_feed(struct store_check *c, const void *buf, size_t len);
+int store_check_finish(struct store_check *c, const uint8_t expected[STORE_DIGEST_SIZE],
+		       struct store_blob_info *ret_info);
+void store_check_free(struct store_check *c);
 int store_scan(struct store *s, store_blob_cb on_blob, void *ctx, uint64_t *ret_removed);
 
 /* ---- space ---- */

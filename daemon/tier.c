@@ -42,6 +42,7 @@ struct tier {
 	struct tier_req *reqs; /* mapping reads in flight */
 	struct upload *active; /* uploads begun */
 	uint64_t last_warn_ms;
+	uint32_t holds; /* tier_admin.c's requests in flight */
 	bool closing;
 	bool warned_full;
 	struct tier_stats st;
@@ -491,6 +492,46 @@ struct fetch_xfer *tier_blob_xfer(struct tier *t, const uint8_t digest[STORE_DIG
 	return x;
 }
 
+struct fetch_xfer *tier_object_xfer(struct tier *t, const char *key, const char *query,
+				    const char *method, const struct fetch_ops *ops, void *data)
+{
+	char *url;
+	struct fetch_xfer *x;
+
+	if (t->closing)
+		return NULL;
+	url = object_url(t, key, query);
+	if (!url)
+		return NULL;
+	x = signed_xfer(t, url, method, NULL, 0, NULL, NULL, ops, data);
+	free(url);
+	if (x)
+		fetch_xfer_set_flags(x, FETCH_XF_METADATA);
+	return x;
+}
+
+const char *tier_key_prefix(const struct tier *t)
+{
+	return t->prefix;
+}
+
+bool tier_is_closing(const struct tier *t)
+{
+	return t->closing;
+}
+
+void tier_hold(struct tier *t)
+{
+	t->holds++;
+}
+
+void tier_unhold(struct tier *t)
+{
+	t->holds--;
+	if (t->closing && t->running == 0 && !t->reqs && !t->holds)
+		tier_release(t);
+}
+
 static void warn_error(struct tier *t, const char *what, const struct fetch_result *res)
 {
 	uint64_t now = now_ms(t);
@@ -630,7 +671,7 @@ static void req_on_done(struct fetch_xfer *x, const struct fetch_result *res)
 	fetch_xfer_free(x);
 	q->cb(q->ctx, err, err == 0 ? &m : NULL);
 	free(q);
-	if (t->closing && t->running == 0 && !t->reqs)
+	if (t->closing && t->running == 0 && !t->reqs && !t->holds)
 		tier_release(t);
 }
 
@@ -1100,7 +1141,7 @@ static void upload_end(struct upload *u)
 		u->anext->aprev = u->aprev;
 	upload_free(u);
 	if (t->closing) {
-		if (t->running == 0 && !t->reqs)
+		if (t->running == 0 && !t->reqs && !t->holds)
 			tier_release(t);
 		return;
 	}
@@ -1160,7 +1201,7 @@ void tier_free(struct tier *t)
 	for (u = t->active; u; u = u->anext)
 		if (u->x)
 			fetch_xfer_cancel(u->x);
-	if (t->running == 0 && !t->reqs) {
+	if (t->running == 0 && !t->reqs && !t->holds) {
 		tier_release(t);
 		return;
 	}

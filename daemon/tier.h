@@ -136,6 +136,18 @@ void tier_blob_key(const struct tier *t, const uint8_t digest[STORE_DIGEST_SIZE]
 void tier_map_key(const struct tier *t, const char *origin, const char *resource, char *out,
 		  size_t cap);
 
+/*
+ * For tier_admin.c (dmcache tier ls / gc): a signed request `method` on object `key` (or on
+ * the bucket, key "", with `query`), body none; NULL: no memory or the tier is closing. The
+ * tier is not freed while held (tier_hold/tier_unhold, one per request in flight).
+ */
+struct fetch_xfer *tier_object_xfer(struct tier *t, const char *key, const char *query,
+				    const char *method, const struct fetch_ops *ops, void *data);
+const char *tier_key_prefix(const struct tier *t); /* "" or "PREFIX/" */
+bool tier_is_closing(const struct tier *t);
+void tier_hold(struct tier *t);
+void tier_unhold(struct tier *t);
+
 /* Mapping text codec (exposed for tests): 0, or -EINVAL for malformed text. */
 int tier_map_encode(const char *origin, const char *resource, const struct tier_map *m,
 		    char *out, size_t cap);

@@ -712,6 +712,72 @@ DMC_EXPORT int dmc_evict_reply_decode(const void *payload, size_t len,
 	return DMC_PROTO_OK;
 }
 
+DMC_EXPORT int dmc_tier_encode(uint32_t action, uint32_t flags, uint32_t request_id,
+			       void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u32(&w, action);
+	dmc_write_u32(&w, flags);
+	return dmc_frame_end(&w, DMC_OP_TIER, 0, request_id, 0);
+}
+
+DMC_EXPORT int dmc_tier_decode(const void *payload, size_t len, uint32_t *ret_action,
+			       uint32_t *ret_flags)
+{
+	struct dmc_reader r;
+	uint32_t action, flags;
+
+	dmc_reader_init(&r, payload, len);
+	action = dmc_read_u32(&r);
+	flags = dmc_read_u32(&r);
+	if (dmc_reader_finish(&r) || (flags & ~DMC_TIER_FLAGS_DEFINED))
+		return DMC_PROTO_ERROR;
+	*ret_action = action;
+	*ret_flags = flags;
+	return DMC_PROTO_OK;
+}
+
+DMC_EXPORT int dmc_tier_reply_encode(const struct dmc_tier_reply *m, uint32_t request_id,
+				     void *out, size_t cap)
+{
+	struct dmc_writer w;
+
+	dmc_frame_begin(&w, out, cap);
+	dmc_write_u64(&w, m->blobs);
+	dmc_write_u64(&w, m->blob_bytes);
+	dmc_write_u64(&w, m->maps);
+	dmc_write_u64(&w, m->maps_deleted);
+	dmc_write_u64(&w, m->blobs_deleted);
+	dmc_write_u64(&w, m->bytes_deleted);
+	dmc_write_u64(&w, m->blobs_bad);
+	dmc_write_u32(&w, m->truncated);
+	dmc_write_str(&w, m->entries.ptr, m->entries.len);
+	return dmc_frame_end(&w, DMC_OP_TIER, DMC_FLAG_REPLY, request_id, 0);
+}
+
+DMC_EXPORT int dmc_tier_reply_decode(const void *payload, size_t len, struct dmc_tier_reply *ret)
+{
+	struct dmc_reader r;
+	struct dmc_tier_reply m;
+
+	dmc_reader_init(&r, payload, len);
+	m.blobs = dmc_read_u64(&r);
+	m.blob_bytes = dmc_read_u64(&r);
+	m.maps = dmc_read_u64(&r);
+	m.maps_deleted = dmc_read_u64(&r);
+	m.blobs_deleted = dmc_read_u64(&r);
+	m.bytes_deleted = dmc_read_u64(&r);
+	m.blobs_bad = dmc_read_u64(&r);
+	m.truncated = dmc_read_u32(&r);
+	m.entries = dmc_read_str(&r);
+	if (dmc_reader_finish(&r) || m.truncated > 1)
+		return DMC_PROTO_ERROR;
+	*ret = m;
+	return DMC_PROTO_OK;
+}
+
 DMC_EXPORT int dmc_verify_encode(uint32_t request_id, void *out, size_t cap)
 {
 	struct dmc_writer w;

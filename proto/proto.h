@@ -91,6 +91,9 @@ enum dmc_opcode {
 	/* local dataset folders read through the client's descriptors (see LOCAL_NEED) */
 	DMC_OP_LOCAL_NEED = 21,
 	DMC_OP_LOCAL_FILES = 22,
+
+	/* the cluster tier's administration (dmcache tier ls / gc), admins only */
+	DMC_OP_TIER = 23,
 };
 
 enum dmc_flag {
@@ -315,6 +318,33 @@ struct dmc_progress {
  * only (it reads every user's data); others get NOT_FOUND_OR_DENIED.
  * Reply: u64 blobs_checked, u64 blobs_bad, u64 bytes_checked.
  */
+/*
+ * TIER request: administration of the cluster tier, done by the daemon with its own tier
+ * credentials. Admins only (root and the admin group); others get NOT_FOUND_OR_DENIED.
+ *   u32 action, u32 flags
+ *   action DMC_TIER_LS: lists the tier's blobs and counts its mappings
+ *   action DMC_TIER_GC: deletes mappings older than tier_retention, then blobs no remaining
+ *     mapping names that are older than DMC_TIER_GC_GRACE_S (DMC_TIER_DRY_RUN: only says
+ *     which it would delete)
+ *   action DMC_TIER_VERIFY: reads every blob and checks it as a node would (its header,
+ *     the SHA-256 of its decoded content); DMC_TIER_REPAIR deletes the bad ones
+ * Reply: u64 blobs, u64 blob_bytes, u64 maps, u64 maps_deleted, u64 blobs_deleted,
+ *   u64 bytes_deleted, u64 blobs_bad, u32 truncated, str entries
+ *   entries: one line per blob, "<sha256 hex> <size> <last modified, Unix s> <state>\n",
+ *   state "ok", "deleted" (gc: deleted, or would be with DMC_TIER_DRY_RUN) or "kept" (gc:
+ *   referenced or within the grace period), "bad" (verify; deleted too with
+ *   DMC_TIER_REPAIR, counted in blobs_deleted); truncated 1 when lines were left out to fit
+ *   DMC_TIER_ENTRIES_MAX bytes (the counts still cover every object).
+ */
+#define DMC_TIER_LS 1u
+#define DMC_TIER_VERIFY 2u
+#define DMC_TIER_GC 3u
+#define DMC_TIER_DRY_RUN 1u
+#define DMC_TIER_REPAIR 2u
+#define DMC_TIER_FLAGS_DEFINED (DMC_TIER_DRY_RUN | DMC_TIER_REPAIR)
+#define DMC_TIER_ENTRIES_MAX (60u << 10) /* within DMC_STR_MAX */
+#define DMC_TIER_GC_GRACE_S 3600u
+
 #define DMC_LIST_MAX 2048u
 #define DMC_EVICT_ALL 1u
 #define DMC_PREFETCH_OFFLINE 1u
@@ -343,6 +373,14 @@ struct dmc_snapshot_info {
 
 struct dmc_evict_reply {
 	uint64_t snapshots, blobs, bytes;
+};
+
+struct dmc_tier_reply {
+	uint64_t blobs, blob_bytes, maps;
+	uint64_t maps_deleted, blobs_deleted, bytes_deleted;
+	uint64_t blobs_bad;
+	uint32_t truncated;
+	struct dmc_str entries;
 };
 
 struct dmc_verify_reply {
@@ -789,6 +827,12 @@ int dmc_evict_reply_encode(const struct dmc_evict_reply *m, uint32_t request_id,
 			   size_t cap);
 int dmc_evict_reply_decode(const void *payload, size_t len, struct dmc_evict_reply *ret);
 
+int dmc_tier_encode(uint32_t action, uint32_t flags, uint32_t request_id, void *out,
+		    size_t cap);
+int dmc_tier_decode(const void *payload, size_t len, uint32_t *ret_action, uint32_t *ret_flags);
+int dmc_tier_reply_encode(const struct dmc_tier_reply *m, uint32_t request_id, void *out,
+			  size_t cap);
+int dmc_tier_reply_decode(const void *payload, size_t len, struct dmc_tier_reply *ret);
 int dmc_verify_encode(uint32_t request_id, void *out, size_t cap);
 int dmc_verify_reply_encode(const struct dmc_verify_reply *m, uint32_t request_id, void *out,
 			    size_t cap);

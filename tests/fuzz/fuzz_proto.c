@@ -84,6 +84,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			(void)dmc_evict_reply_decode(p, h.length, &er);
 			(void)dmc_verify_reply_decode(p, h.length, &vr);
 			{
+				struct dmc_tier_reply tr;
+				if (dmc_tier_reply_decode(p, h.length, &tr) == DMC_PROTO_OK)
+					touch(tr.entries);
+				(void)dmc_tier_decode(p, h.length, &u, &u);
+			}
+			{
 				struct dmc_open om;
 				struct dmc_open_reply orp;
 				struct dmc_item_desc d;

@@ -44,7 +44,7 @@ def test_help_config_gives_default_and_unit_of_every_key():
         assert 'Default: ' in text, name
         assert re.search(r'On change: (reload|restart)\.', text), name
     assert 'Default: 0.' in keys['max_size'] and 'K/M/G/T' in keys['max_size']
-    assert 'Default: 168h.' in keys['grant_ttl'] and 'ms, s, m or h' in keys['grant_ttl']
+    assert 'Default: 168h.' in keys['grant_ttl'] and 'ms, s, m, h or d' in keys['grant_ttl']
     assert 'On change: reload.' in keys['log_level']
     assert 'On change: reload.' in keys['max_jobs_per_uid']
     assert "Default: a quarter of the machine's memory." in keys['shm_max_per_uid']

@@ -122,7 +122,7 @@ class Node:
     """One node: a dmcached with its own cache and socket, the tier in its configuration."""
 
     def __init__(self, directory, tier, prefix, url=None, cred_mode=0o600, start=True,
-                 env_credentials=False):
+                 env_credentials=False, extra=''):
         os.makedirs(directory, exist_ok=True)
         self.cred = os.path.join(directory, 'tier.credentials')
         with open(self.cred, 'w') as f:
@@ -135,6 +135,7 @@ class Node:
                     % (url or tier.url, tier.region, prefix))
             if not env_credentials:
                 f.write('tier_credentials_file = %s\n' % self.cred)
+            f.write(extra)
         env = None
         if env_credentials:
             # the service's environment instead of the file

@@ -7,11 +7,18 @@ import os
 import re
 import socket
 import subprocess
+import sys
+import time
+import urllib.parse
 
 import pytest
 import sqlite3
 
 from conftest import DMCACHE, Node, emulator
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'integration'))
+import uids  # noqa: E402
 
 BIG = 72 * 1000 * 1000  # above TIER_MULTIPART_MIN (64 MiB): uploaded in parts
 
@@ -347,3 +354,169 @@ def test_credentials_from_the_environment(ceph, emu, tmpdir_short, prefix):
         a.stop()
         b.stop()
     assert ceph.secret not in b.d.log()
+
+
+# ---- dmcache tier ls / gc (the daemon's own credentials; admins only) ----
+
+def tier_cli(node, *args):
+    r = node.d.cli('tier', *args, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return json.loads(r.stdout) if '--json' in args else r.stdout
+
+
+def blob_key(prefix, hexd):
+    return '%s/blobs/%s/%s' % (prefix, hexd[:2], hexd)
+
+
+def exists(ceph, key):
+    status, _ = ceph.s3('HEAD', key, check=False)
+    assert status in (200, 404), status
+    return status == 200
+
+
+def test_tier_ls_and_verify_what_a_node_uploaded(ceph, emu, tmpdir_short, prefix):
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix)
+    try:
+        t0 = time.time()
+        n = fill(a, emu)
+        t1 = time.time()
+        a.stop()
+        ia = items_of(a)
+        ls = tier_cli(b, 'ls', '--json')
+        assert ls['mappings'] == n and ls['truncated'] is False, ls
+        blobs = {e['digest']: e for e in ls['blobs']}
+        assert set(blobs) == set(ia.values()) and ls['blob_count'] == len(set(ia.values()))
+        for hexd, e in blobs.items():
+            # each blob's size is the object's, read back independently
+            assert e['size'] == len(ceph.s3('GET', blob_key(prefix, hexd))[1]), hexd
+            assert e['size'] == len(blob_file(a, hexd))
+            assert t0 - 5 <= e['last_modified'] <= t1 + 5, (e, t0, t1)
+        assert ls['blob_bytes'] == sum(e['size'] for e in blobs.values())
+        text = tier_cli(b, 'ls')
+        assert text.splitlines()[-1].startswith('%d blobs (' % len(blobs))
+        assert text.rstrip().endswith(', %d mappings' % n)
+        for hexd in blobs:
+            assert hexd in text
+        # another uid is refused: it would see and delete every user's objects
+        uids.require_root()
+        uids.open_up(tmpdir_short, os.path.dirname(b.d.socket))
+        env = {'PATH': os.environ['PATH'], 'HOME': '/nonexistent'}
+        for args in (['tier', 'ls'], ['tier', 'gc'], ['tier', 'verify', '--repair']):
+            r = uids.run(uids.ALICE, [DMCACHE, '--socket', b.d.socket] + args, env=env)
+            assert r.returncode == 1, r.stdout + r.stderr
+            assert 'root and members of the' in r.stderr, r.stderr
+        # nothing was deleted by the refused gc
+        assert all(exists(ceph, blob_key(prefix, h)) for h in blobs)
+
+        # verify: every blob as A stored it is good
+        v = tier_cli(b, 'verify', '--json')
+        assert v['blob_count'] == len(blobs) and v['blobs_bad'] == 0, v
+        assert {e['state'] for e in v['blobs']} == {'ok'}
+        # one blob corrupted in the bucket (its payload's last byte), one truncated
+        bad1, bad2 = sorted(blobs)[:2]
+        body = bytearray(blob_file(a, bad1))
+        body[-1] ^= 0x5a
+        ceph.s3('PUT', blob_key(prefix, bad1), bytes(body))
+        ceph.s3('PUT', blob_key(prefix, bad2), blob_file(a, bad2)[:-1])
+        r = b.d.cli('tier', 'verify', '--json', timeout=120)
+        assert r.returncode == 1, r.stdout + r.stderr
+        v = json.loads(r.stdout)
+        assert v['blobs_bad'] == 2 and v['blobs_deleted'] == 0, v
+        assert {e['digest'] for e in v['blobs'] if e['state'] == 'bad'} == {bad1, bad2}
+        assert exists(ceph, blob_key(prefix, bad1))
+        r = b.d.cli('tier', 'verify', '--repair', timeout=120)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert sorted(r.stdout.splitlines()[:2]) == sorted(['bad ' + bad1, 'bad ' + bad2])
+        assert 'checked %d blobs' % len(blobs) in r.stdout and '2 bad, deleted' in r.stdout
+        assert not exists(ceph, blob_key(prefix, bad1))
+        assert not exists(ceph, blob_key(prefix, bad2))
+        assert tier_cli(b, 'verify').startswith('checked %d blobs (' % (len(blobs) - 2))
+    finally:
+        b.stop()
+    assert 'cluster tier verify: object %s is bad: deleted' % blob_key(prefix, bad1) in \
+        b.d.log()
+
+
+def test_tier_gc_deletes_expired_mappings_and_unreferenced_blobs(ceph, emu, tmpdir_short,
+                                                                   prefix):
+    retention = 15
+    a = Node(os.path.join(tmpdir_short, 'a'), ceph, prefix)
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix,
+             extra='tier_retention = %ds\n' % retention)
+    try:
+        fill(a, emu)
+        a.stop()
+        ia = items_of(a)
+        # an orphan blob (its mapping never written), old enough by the time gc runs
+        orphan_old = hashlib.sha256(b'orphan old ' + prefix.encode()).hexdigest()
+        ceph.s3('PUT', blob_key(prefix, orphan_old), b'x' * 1000)
+        t_old = time.time()
+        # an object under the prefix that is not one of the tier's own names: left alone
+        foreign = '%s/blobs/zz/not-a-digest' % prefix
+        ceph.s3('PUT', foreign, b'foreign')
+        keep_rid, keep_hex = sorted(ia.items())[0]
+        keep_map = [k for k in list_keys(ceph, prefix, 'maps')
+                    if b'\ndigest %s\n' % keep_hex.encode() in ceph.s3('GET', k)[1]]
+        assert len(keep_map) == 1, keep_map
+        keep_map = keep_map[0]
+        orphan_new = hashlib.sha256(b'orphan new ' + prefix.encode()).hexdigest()
+        gone = (set(ia.values()) - {keep_hex}) | {orphan_old}
+        kept = {keep_hex, orphan_new}
+        sizes = {h: len(ceph.s3('GET', blob_key(prefix, h))[1]) for h in gone | {keep_hex}}
+        sizes[orphan_new] = 2000
+        time.sleep(max(0.0, t_old + retention + 2 - time.time()))
+        # one mapping rewritten now: it and its blob stay
+        ceph.s3('PUT', keep_map, ceph.s3('GET', keep_map)[1])
+        # a fresh orphan: within the grace period (an upload whose mapping is not yet written)
+        ceph.s3('PUT', blob_key(prefix, orphan_new), b'y' * 2000)
+        maps_before = list_keys(ceph, prefix, 'maps')
+        blobs_before = list_keys(ceph, prefix, 'blobs')
+        assert len(maps_before) == len(ia) and len(blobs_before) == len(gone | kept) + 1
+
+        dry = tier_cli(b, 'gc', '--dry-run', '--json')
+        assert dry['dry_run'] is True
+        assert dry['mappings_deleted'] == len(ia) - 1 and dry['mappings'] == 1, dry
+        assert {e['digest'] for e in dry['blobs'] if e['state'] == 'deleted'} == gone, dry
+        assert {e['digest'] for e in dry['blobs'] if e['state'] == 'kept'} == kept, dry
+        assert dry['bytes_deleted'] == sum(sizes[h] for h in gone)
+        assert dry['blob_bytes'] == sum(sizes[h] for h in kept)
+        # a dry run deletes nothing
+        assert list_keys(ceph, prefix, 'maps') == maps_before
+        assert list_keys(ceph, prefix, 'blobs') == blobs_before
+
+        gc = tier_cli(b, 'gc', '--json')
+        assert gc['dry_run'] is False
+        for k in ('mappings_deleted', 'mappings', 'bytes_deleted', 'blobs_deleted',
+                  'blob_count', 'blob_bytes'):
+            assert gc[k] == dry[k], (k, gc, dry)
+        assert gc['blobs_deleted'] == len(gone) and gc['blob_count'] == len(kept)
+        assert list_keys(ceph, prefix, 'maps') == [keep_map]
+        assert list_keys(ceph, prefix, 'blobs') == sorted(
+            [blob_key(prefix, h) for h in kept] + [foreign])
+        ls = tier_cli(b, 'ls', '--json')
+        assert {e['digest'] for e in ls['blobs']} == kept and ls['mappings'] == 1
+        out = tier_cli(b, 'gc')
+        assert out.startswith('deleted 0 mappings and 0 blobs'), out
+    finally:
+        b.stop()
+    assert 'cluster tier gc: %d mapping(s) and %d blob(s)' % (len(ia) - 1, len(gone)) in \
+        b.d.log()
+    assert ceph.secret not in b.d.log()
+
+
+def list_keys(ceph, prefix, sub):
+    """The keys under prefix/sub/, listed by the test's own signed requests (pages)."""
+    keys, token = [], None
+    while True:
+        q = '?list-type=2&prefix=' + urllib.parse.quote('%s/%s/' % (prefix, sub), safe='')
+        if token:
+            q = '?continuation-token=%s&list-type=2&prefix=%s' % (
+                urllib.parse.quote(token, safe=''),
+                urllib.parse.quote('%s/%s/' % (prefix, sub), safe=''))
+        _, body = ceph.s3('GET', q)
+        keys += [k.decode() for k in re.findall(rb'<Key>([^<]+)</Key>', body)]
+        if b'<IsTruncated>true</IsTruncated>' not in body:
+            return sorted(keys)
+        token = re.search(rb'<NextContinuationToken>([^<]+)</NextContinuationToken>',
+                          body).group(1).decode()

@@ -441,6 +441,40 @@ TEST(cache_requests_round_trip)
 	ASSERT_UINT_EQ(vrout.bytes_checked, 1ull << 34);
 }
 
+TEST(tier_round_trip)
+{
+	static const char lines[] = "ab 10 1700000000 ok\ncd 20 1700000001 kept\n";
+	struct dmc_tier_reply tr = { 2, 30, 5, 1, 0, 0, 7, 1, S(lines) }, trout;
+	struct dmc_header h;
+	uint32_t action, flags;
+	int n;
+
+	n = dmc_tier_encode(DMC_TIER_GC, DMC_TIER_DRY_RUN, 4, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_TIER, 0, 4, &h));
+	ASSERT_EQ(dmc_tier_decode(frame + DMC_HEADER_SIZE, h.length, &action, &flags),
+		  DMC_PROTO_OK);
+	ASSERT_EQ(action, DMC_TIER_GC);
+	ASSERT_EQ(flags, DMC_TIER_DRY_RUN);
+	/* an undefined flag is refused */
+	n = dmc_tier_encode(DMC_TIER_LS, 4, 4, frame, sizeof(frame));
+	ASSERT_EQ(dmc_tier_decode(frame + DMC_HEADER_SIZE, (size_t)n - DMC_HEADER_SIZE, &action,
+				  &flags),
+		  DMC_PROTO_ERROR);
+	n = dmc_tier_reply_encode(&tr, 4, frame, sizeof(frame));
+	ASSERT(check_frame(frame, (size_t)n, DMC_OP_TIER, DMC_FLAG_REPLY, 4, &h));
+	ASSERT_EQ(dmc_tier_reply_decode(frame + DMC_HEADER_SIZE, h.length, &trout), DMC_PROTO_OK);
+	ASSERT_UINT_EQ(trout.blobs, 2);
+	ASSERT_UINT_EQ(trout.blob_bytes, 30);
+	ASSERT_UINT_EQ(trout.maps, 5);
+	ASSERT_UINT_EQ(trout.maps_deleted, 1);
+	ASSERT_UINT_EQ(trout.blobs_bad, 7);
+	ASSERT_EQ(trout.truncated, 1);
+	ASSERT_DSTR(trout.entries, lines);
+	/* one byte short: malformed */
+	ASSERT_EQ(dmc_tier_reply_decode(frame + DMC_HEADER_SIZE, h.length - 1, &trout),
+		  DMC_PROTO_ERROR);
+}
+
 TEST(list_round_trip)
 {
 	struct dmc_snapshot_info in = { 4, DMC_SOURCE_LOCAL, 1, S(""), S("id"), S("sample"),
@@ -857,7 +891,7 @@ int main(int argc, char **argv)
 	RUN_TESTS(T(header_round_trip), T(header_rejects_bad_fields), T(hello_round_trip),
 		  T(ping_round_trip), T(status_round_trip), T(error_round_trip),
 		  T(every_truncation_needs_more), T(trailing_bytes_and_bad_strings),
-		  T(prefetch_round_trip), T(progress_round_trip), T(cache_requests_round_trip),
+		  T(prefetch_round_trip), T(progress_round_trip), T(cache_requests_round_trip), T(tier_round_trip),
 		  T(list_round_trip), T(serving_round_trip), T(open_policy_round_trip),
 		  T(open_policy_rejects_bad_fields), T(stream_round_trip_and_order),
 		  T(local_need_round_trip), T(local_files_round_trip), T(frame_set_nfds));
