@@ -520,3 +520,47 @@ def list_keys(ceph, prefix, sub):
             return sorted(keys)
         token = re.search(rb'<NextContinuationToken>([^<]+)</NextContinuationToken>',
                           body).group(1).decode()
+
+
+def test_full_tier_keeps_serving_and_stops_uploading(ceph, emu, tmpdir_short, prefix):
+    """A bucket of its own whose quota admits no object: every upload meets 403
+    QuotaExceeded. The node warns once, stops uploading, and its prefetch and reads go on."""
+    bucket = 'dmcache-full-' + prefix[-8:]
+    conf = ['-c', os.path.join(ceph.dir, 'ceph.conf')]
+    url = '%s/%s' % (ceph.endpoint, bucket)
+    status = subprocess.run(['curl', '-sS', '-o', '/dev/null', '-w', '%{http_code}', '-X', 'PUT',
+                             '--aws-sigv4', 'aws:amz:%s:s3' % ceph.region,
+                             '--user', '%s:%s' % (ceph.access, ceph.secret),
+                             '-H', 'x-amz-content-sha256: ' + hashlib.sha256(b'').hexdigest(),
+                             url], capture_output=True, text=True, timeout=60).stdout
+    assert status == '200', status
+    for args in (['quota', 'set', '--quota-scope=bucket', '--bucket=' + bucket,
+                  '--max-objects=0'],
+                 ['quota', 'enable', '--quota-scope=bucket', '--bucket=' + bucket]):
+        r = subprocess.run(['radosgw-admin'] + conf + args, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+    b = Node(os.path.join(tmpdir_short, 'b'), ceph, prefix, url=url)
+    try:
+        r = b.prefetch(emu, 'ct')
+        assert r.returncode == 0, r.stdout + r.stderr
+        f = final(r)
+        assert f['state'] == 'done' and f['items_failed'] == 0, f
+        m = b.wait_uploads()
+        assert m['full'] == 1, m
+        assert m['uploads_total'] == 0 and m['maps_written_total'] == 0, m
+        log = b.d.log()
+        assert log.count('cluster tier is full') == 1, log[-3000:]
+        # nothing reached the bucket, and everything is served from the node's cache
+        listing = subprocess.run(['curl', '-sS', '--aws-sigv4', 'aws:amz:%s:s3' % ceph.region,
+                                  '--user', '%s:%s' % (ceph.access, ceph.secret), '-H',
+                                  'x-amz-content-sha256: ' + hashlib.sha256(b'').hexdigest(),
+                                  url + '?list-type=2'], capture_output=True, text=True,
+                                 timeout=60).stdout
+        assert '<Key>' not in listing, listing[:500]
+        assert b.d.cli('verify').returncode == 0
+        g = b.d.cli('get', '--json', '--server', emu.url, '--api-key', emulator.KEY_ALL, 'ct', '0',
+                    '-o', os.path.join(tmpdir_short, 'x.npy'))
+        assert g.returncode == 0, g.stderr
+    finally:
+        b.stop()
