@@ -39,12 +39,14 @@ Ceph RADOS Gateway (tests/tier/ceph.sh; its memstore holds 768 MiB: use --large-
 node A's cold prefetch from the emulator (which uploads to the tier, in the background)
 against node B's cold prefetch of the same project from the tier; and one node's
 `prefetch --to-tier` pre-warm against two nodes' `--to-tier --shard R/2` at once, each
-timed until the tier holds every item (the uploads drained).
+timed until the tier holds every item (the uploads drained); and node B's cold prefetch
+against `curl --parallel` reading the same blob objects from the tier (T8).
 """
 import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -52,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -258,6 +261,37 @@ def run_daemon(Daemon, dmcache, emu, project, n, nbytes, parent, perf=None, exe=
 
 # ---------------------------------------------------------------- the cluster tier
 
+def curl_tier(env, prefix, parent):
+    """(seconds, bytes) of curl --parallel reading every blob under PREFIX/blobs/ from the
+    tier, signed with curl's own SigV4 (the baseline of T8)."""
+    base = '%s/%s' % (env['TIER_ENDPOINT'], env['TIER_BUCKET'])
+    sign = ['--aws-sigv4', 'aws:amz:%s:s3' % env['TIER_REGION'], '--user',
+            '%s:%s' % (env['TIER_ACCESS_KEY'], env['TIER_SECRET_KEY']), '-H',
+            'x-amz-content-sha256: UNSIGNED-PAYLOAD']
+    listing = subprocess.run(['curl', '-sS', '--fail'] + sign +
+                             ['%s?list-type=2&prefix=%s' % (base, urllib.parse.quote(
+                                 prefix + '/blobs/', safe=''))],
+                             capture_output=True, text=True, timeout=60).stdout
+    keys = re.findall(r'<Key>([^<]+)</Key>', listing)
+    if not keys or '<IsTruncated>true' in listing:
+        raise RuntimeError('tier listing: %d keys (one page expected)' % len(keys))
+    out = tempfile.mkdtemp(prefix='curl-tier-', dir=parent)
+    cfg = os.path.join(out, 'curlrc')
+    with open(cfg, 'w') as f:
+        for i, k in enumerate(keys):
+            f.write('url = "%s/%s"\noutput = "%s/%d"\n' % (base, k, out, i))
+    t0 = time.monotonic()
+    r = subprocess.run(['curl', '--parallel', '--parallel-max', str(CURL_PARALLEL), '-sS',
+                        '--fail'] + sign + ['-K', cfg], capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    dt = time.monotonic() - t0
+    if r.returncode != 0:
+        raise RuntimeError('curl from the tier failed: %s' % r.stderr[-500:])
+    total = sum(os.path.getsize(os.path.join(out, str(i))) for i in range(len(keys)))
+    shutil.rmtree(out)
+    return dt, total
+
+
 def run_tier(Daemon, dmcache, emu, project, n, nbytes, parent):
     """The tier rows (see the module's docstring): [(label, value, unit)]."""
     ceph_dir = os.path.join(parent, 'ceph')
@@ -325,6 +359,7 @@ def run_tier(Daemon, dmcache, emu, project, n, nbytes, parent):
         t_b = time.monotonic() - t0
         if tier_figure(b, 'hits_total') != n:
             raise RuntimeError('node B did not read every item from the tier')
+        t_curl, curl_bytes = curl_tier(env, 'bench-ab', parent)
         one = node('bench-one')
         os.sync()
         t0 = time.monotonic()
@@ -349,6 +384,10 @@ def run_tier(Daemon, dmcache, emu, project, n, nbytes, parent):
         ('node A cold prefetch from the emulator (uploads not included)', fmt(mb / t_a), 'MB/s'),
         ('node B cold prefetch from the tier', fmt(mb / t_b), 'MB/s'),
         ('**ratio node B (tier) / node A (emulator)**', '%.2f' % (t_a / t_b), ''),
+        ('curl --parallel-max %d of the same blobs from the tier (%d bytes)'
+         % (CURL_PARALLEL, curl_bytes), fmt(curl_bytes / 1e6 / t_curl), 'MB/s'),
+        ('**ratio node B / curl from the tier** (T8: >= 0.9)',
+         '%.2f' % ((mb / t_b) / (curl_bytes / 1e6 / t_curl)), ''),
         ('one node --to-tier pre-warm, until the tier holds it all', '%.2f' % t_one, 's'),
         ('two nodes --to-tier --shard R/2 at once, same', '%.2f' % t_two, 's'),
         ('**ratio one node / two nodes (pre-warm time)**', '%.2f' % (t_one / t_two), ''),
