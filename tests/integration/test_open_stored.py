@@ -22,7 +22,7 @@ from conftest import BUILD, DMCACHE, Daemon
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
 import client as emulator  # noqa: E402
 
-from test_trust_cache import asan_runtime  # noqa: E402
+from test_trust_cache import asan_preload  # noqa: E402
 
 KEY = emulator.KEY_ALL
 CORPUS = os.path.join(BUILD, 'tests', 'data', 'corpus', 'projects', 'sample')
@@ -87,11 +87,7 @@ print(json.dumps(out))
 def client(d, emu, what, offline=False):
     """libdmcache in a Python process of its own (an ASan build's library needs its runtime
     loaded first)."""
-    env = dict(d.env, PYTHONPATH=os.path.join(BUILD, 'client', 'python'))
-    rt = asan_runtime()
-    if rt:
-        env['LD_PRELOAD'] = rt
-        env['ASAN_OPTIONS'] = 'detect_leaks=0'
+    env = asan_preload(dict(d.env, PYTHONPATH=os.path.join(BUILD, 'client', 'python')))
     r = subprocess.run(['/usr/bin/python3', '-c', CLIENT, emu.url, KEY, what,
                         '1' if offline else '0', d.socket], env=env, capture_output=True,
                        text=True, timeout=300)

@@ -47,7 +47,7 @@ from conftest import BUILD, DMCACHE, DMCACHED, Daemon
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
 import client as emulator  # noqa: E402
-from test_trust_cache import asan_runtime  # noqa: E402
+from test_trust_cache import asan_preload  # noqa: E402
 
 KEY = emulator.KEY_ALL
 ITEM_SIZE = 512
@@ -140,11 +140,7 @@ c.close()
 def open_items(d, emu, project, offline=False):
     """OPEN the project through libdmcache (in a process of its own: an ASan build's library
     needs its runtime loaded first); (items, the daemon's VmRSS while it is open)."""
-    env = dict(d.env, PYTHONPATH=os.path.join(BUILD, 'client', 'python'))
-    rt = asan_runtime()
-    if rt:
-        env['LD_PRELOAD'] = rt
-        env['ASAN_OPTIONS'] = 'detect_leaks=0'
+    env = asan_preload(dict(d.env, PYTHONPATH=os.path.join(BUILD, 'client', 'python')))
     r = subprocess.run(['/usr/bin/python3', '-c', OPEN_CODE, emu.url, KEY, project,
                         '1' if offline else '0', d.socket, str(d.proc.pid)], env=env,
                        capture_output=True, text=True, timeout=600)

@@ -288,12 +288,18 @@ def asan_runtime():
     return None
 
 
-def python_epoch(d, uid, code, key=None, **extra):
-    env = user_env(key, DMCACHE_SOCKET=d.socket, **extra)
+def asan_preload(env):
+    """`env` for a Python process that loads libdmcache: in a sanitised build, with the
+    ASan runtime preloaded (leak checks off: the interpreter's own allocations)."""
     rt = asan_runtime()
     if rt:
         env['LD_PRELOAD'] = rt
         env['ASAN_OPTIONS'] = 'detect_leaks=0'
+    return env
+
+
+def python_epoch(d, uid, code, key=None, **extra):
+    env = asan_preload(user_env(key, DMCACHE_SOCKET=d.socket, **extra))
     return uids.run(uid, ['/usr/bin/python3', '-c', code], env=env, timeout=180)
 
 

@@ -18,14 +18,13 @@ import time
 import pytest
 
 import uids
-from conftest import BUILD, DMCACHE, Daemon
+from conftest import DMCACHE, Daemon
 from uids import ALICE, BOB
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
 import client as emulator  # noqa: E402
-from test_trust_cache import asan_runtime  # noqa: E402
+from test_trust_cache import asan_preload, user_env as plain_user_env  # noqa: E402
 
-PYTHONPATH = os.path.join(BUILD, 'client', 'python')
 
 OPEN_CODE = '''
 import json, sys
@@ -55,16 +54,8 @@ def tmp(tmpdir_short):
 
 
 def user_env(key=None, **extra):
-    env = {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'HOME': '/nonexistent',
-           'PYTHONPATH': PYTHONPATH, 'LANG': 'C.UTF-8'}
-    if key:
-        env['DATAMINT_API_KEY'] = key
-    env.update(extra)
-    rt = asan_runtime()
-    if rt:  # an ASan build's library needs its runtime loaded first
-        env['LD_PRELOAD'] = rt
-        env['ASAN_OPTIONS'] = 'detect_leaks=0'
-    return env
+    # an ASan build's library needs its runtime loaded first
+    return asan_preload(plain_user_env(key, **extra))
 
 
 def prefetch(d, uid, url, key):
