@@ -538,6 +538,20 @@ void task_next_step(struct task *t)
 	task_finish(t, 0, NULL, 0);
 }
 
+/* The task's file from Datamint, unconditionally, with its job's key. */
+static void start_file(struct task *t)
+{
+	char *url = dm_file_url(&t->job->dmc, t->resource_id);
+
+	if (!url) {
+		task_finish(t, -ENOMEM, "out of memory", 0);
+		return;
+	}
+	t->kind = STORE_KIND_RAW;
+	start_transfer(t, url, NULL);
+	free(url);
+}
+
 /* The leader's file is in the store (err 0) or could not be had: its followers go on. */
 static void followers_take(struct task *t, int err)
 {
@@ -547,15 +561,7 @@ static void followers_take(struct task *t, int err)
 		f->fnext = NULL;
 		f->leader = NULL;
 		if (err) {
-			/* try on its own, with its own key */
-			char *url = dm_file_url(&f->job->dmc, f->resource_id);
-			if (!url) {
-				task_finish(f, -ENOMEM, "out of memory", 0);
-				continue;
-			}
-			f->kind = STORE_KIND_RAW;
-			start_transfer(f, url, NULL);
-			free(url);
+			start_file(f); /* try on its own, with its own key */
 			continue;
 		}
 		if (f->job->uid != t->job->uid) {
@@ -719,20 +725,11 @@ int task_from_item(void *ctx, const struct index_item *it)
 /* The file from Datamint (after the tier could not give it). */
 static void start_upstream(struct task *t)
 {
-	char *url;
-
 	if (t->job->cancelled) {
 		task_finish(t, -DMC_E_CANCELLED, "cancelled", 0);
 		return;
 	}
-	url = dm_file_url(&t->job->dmc, t->resource_id);
-	if (!url) {
-		task_finish(t, -ENOMEM, "out of memory", 0);
-		return;
-	}
-	t->kind = STORE_KIND_RAW;
-	start_transfer(t, url, NULL);
-	free(url);
+	start_file(t);
 }
 
 /* The tier's mapping of the task's resource: its blob when it is of this version. */
