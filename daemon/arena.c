@@ -103,6 +103,17 @@ int arena_populate(int fd, uint8_t *base, uint64_t from, uint64_t len)
 	return 0;
 }
 
+void arena_reset(struct arena *a)
+{
+	a->n_alloc = 0;
+	a->used = 0;
+	a->n_free = 0;
+	if (a->grown)
+		/* cannot fail: a span is always kept room for once the arena has grown */
+		(void)span_insert(&a->free_, &a->n_free, &a->cap_free, 0,
+				  (struct span){ 0, a->grown });
+}
+
 int arena_extend(struct arena *a, uint64_t to)
 {
 	struct span *last = a->n_free ? &a->free_[a->n_free - 1] : NULL;

@@ -48,6 +48,8 @@ void arena_done(struct arena *a);
  * arena's `grown`): MADV_POPULATE_WRITE, or fallocate and a touch per page before 5.14.
  * Slow (the page faults): on the threadpool. */
 int arena_populate(int fd, uint8_t *base, uint64_t from, uint64_t len);
+/* Frees every allocation: [0, grown) is one free span again (the pages stay in). */
+void arena_reset(struct arena *a);
 /* Adds the populated [grown, to) to the allocator. */
 int arena_extend(struct arena *a, uint64_t to);
 /* How much the arena must grow for `len` more contiguous bytes at its end (0: it need not;

@@ -60,7 +60,7 @@ struct daemon {
 	char **argv;
 	uv_timer_t watchdog;
 	bool watchdog_on;
-	uv_timer_t health;  /* the cache file system's state, every HEALTH_MS */
+	uv_timer_t health;  /* the cache file system's state (and serve_tick), every HEALTH_MS */
 	bool read_only;     /* it was read-only at the last look */
 	bool stopping;
 };
@@ -105,6 +105,7 @@ static void on_health(uv_timer_t *t)
 	struct statvfs sv;
 	bool ro;
 
+	serve_tick(d->serve);
 	if (!d->cache)
 		return;
 	/* statvfs sees a remount; a write that failed sees a file system in its error state */

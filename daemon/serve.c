@@ -595,7 +595,7 @@ void sconn_maybe_free(struct sconn *sc)
 		handle_drop_refs(h);
 		free(h);
 	}
-	arena_release(s, &sc->arena, sc->sh, sc->shm); /* takes the reference to sc->sh */
+	arena_retire(sc); /* takes the reference to sc->sh */
 	free(sc->frame);
 	free(sc);
 	serve_maybe_destroy(s);
@@ -682,12 +682,19 @@ int serve_new(const struct serve_deps *deps, struct serve **ret)
 	return 0;
 }
 
+void serve_tick(struct serve *s)
+{
+	if (s)
+		arena_pool_expire(s, false);
+}
+
 void serve_free(struct serve *s)
 {
 	if (!s)
 		return;
 	prefetch_set_item_hook(s->d.prefetch, NULL, NULL);
 	s->closing = true;
+	arena_pool_expire(s, true);
 	/* connection states and stores go as their work ends; the last one frees the engine */
 	serve_maybe_destroy(s);
 }
@@ -766,6 +773,9 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 		ENTRY("serve_arena_bytes", arenas),
 		ENTRY("serve_arena_used_bytes", arena_used),
 		ENTRY("serve_shm_committed_bytes", s->shm_total),
+		ENTRY("serve_arena_pool", s->n_pool),
+		ENTRY("serve_arena_pool_bytes", arena_pool_bytes(s)),
+		ENTRY("serve_arena_pool_hits_total", s->pool_hits),
 		ENTRY("serve_shm_refusals_total", s->shm_refusals),
 		ENTRY("decode_workers", ps.workers),
 		ENTRY("decode_busy", ps.busy),

@@ -1,9 +1,19 @@
 /*
  * serve's arenas and fair shares (see serve.h): what each uid holds over all its
  * connections (struct share: committed shared memory, items in flight) and the caps that
- * bind; a connection's arena made at its first OPEN, grown ahead of the allocator by
- * faulting pages in on the threadpool (one growth per uid at a time), and unmapped on the
- * threadpool when the connection's state goes. The allocator itself is arena.c.
+ * bind; a connection's arena made at its first OPEN (or taken from the pool), grown ahead
+ * of the allocator by faulting pages in on the threadpool (one growth per uid at a time),
+ * and pooled or unmapped on the threadpool when the connection's state goes. The
+ * allocator itself is arena.c.
+ *
+ * The pool: a closed connection's arena, its pages still in, is kept for the next
+ * connection of THE SAME UID that asks for an arena of the same size (a DataLoader's
+ * workers, restarted every epoch, each connect and OPEN anew): that connection's OPEN
+ * then costs no memfd and its first items no page faults. An arena never goes to another
+ * uid: it may still hold bytes its uid was sent. Pooled arenas stay counted in their
+ * uid's share and in shm_max; at most ARENA_POOL_PER_UID per uid and ARENA_POOL_MAX in
+ * all, each at most ARENA_POOL_MAX_SHM committed, unmapped after ARENA_POOL_IDLE_MS unused (serve_tick) or at once when a cap would
+ * refuse a growth or an arena.
  * Loop thread; grow_run() and arena_drop_work() run on the threadpool and touch only their
  * work structure.
  */
@@ -26,6 +36,25 @@
  * its number of connections: the other threads stay for other users' work. */
 #define GROW_MIN (8ull << 20)
 #define GROW_MAX (32ull << 20)
+/* The first chunk, faulted in while the OPEN is answered, is small: a connection's first
+ * request (an item's metadata, a hot item handed in place, a small tensor) then finds it
+ * ready instead of waiting for GROW_MIN's page faults (about 3 ms); the next chunk is
+ * faulted in as soon as that one is in use. */
+#define GROW_FIRST (1ull << 20)
+#define ARENA_POOL_PER_UID 2
+#define ARENA_POOL_MAX 16
+#define ARENA_POOL_IDLE_MS 15000
+/* an arena that committed more goes: a large one is the exception, its pages worth more
+ * to the others than its memfd to its uid */
+#define ARENA_POOL_MAX_SHM (32ull << 20)
+
+struct pooled_arena {
+	struct arena a;
+	struct share *sh; /* holds a reference */
+	uint64_t shm;     /* its committed bytes, still counted */
+	uint64_t since;   /* uv_now() when pooled */
+	struct pooled_arena *next;
+};
 /* Growths are whole pages (of 4 KiB: with larger pages, arena_populate() falls back to
  * fallocate, which takes any range). */
 #define PAGE 4096u
@@ -96,6 +125,101 @@ static const char *size_text(uint64_t n, char *buf, size_t len)
 	else
 		snprintf(buf, len, "%" PRIu64 " bytes", n);
 	return buf;
+}
+
+static void shm_uncount(struct serve *s, struct share *sh, uint64_t shm);
+
+/* ---- the pool of closed connections' arenas ---- */
+
+static void pool_drop(struct serve *s, struct pooled_arena **pp)
+{
+	struct pooled_arena *pa = *pp;
+
+	*pp = pa->next;
+	s->n_pool--;
+	s->pool_drops++;
+	/* on the loop: the pool is trimmed when a cap binds, and the bytes must be free now */
+	arena_done(&pa->a);
+	shm_uncount(s, pa->sh, pa->shm);
+	free(pa);
+}
+
+void arena_pool_expire(struct serve *s, bool all)
+{
+	uint64_t now = uv_now(s->d.loop);
+
+	for (struct pooled_arena **pp = &s->pool; *pp;)
+		if (all || now - (*pp)->since >= ARENA_POOL_IDLE_MS)
+			pool_drop(s, pp);
+		else
+			pp = &(*pp)->next;
+}
+
+uint64_t arena_pool_bytes(const struct serve *s)
+{
+	uint64_t n = 0;
+
+	for (const struct pooled_arena *pa = s->pool; pa; pa = pa->next)
+		n += pa->shm;
+	return n;
+}
+
+/* A cap binds: every pooled arena goes (they are what nobody uses). Whether any went. */
+static bool pool_trim(struct serve *s)
+{
+	bool any = s->pool != NULL;
+
+	arena_pool_expire(s, true);
+	return any;
+}
+
+/* The pooled arena of the connection's uid of `size` bytes, taken; false when none. */
+static bool pool_take(struct sconn *sc, uint64_t size)
+{
+	struct serve *s = sc->s;
+
+	for (struct pooled_arena **pp = &s->pool; *pp; pp = &(*pp)->next) {
+		struct pooled_arena *pa = *pp;
+		if (pa->sh != sc->sh || pa->a.size != size)
+			continue;
+		*pp = pa->next;
+		s->n_pool--;
+		s->pool_hits++;
+		sc->arena = pa->a;
+		sc->shm = pa->shm; /* the bytes move from the pool to the connection */
+		sc->has_arena = true;
+		share_put(s, pa->sh); /* the connection holds its own reference */
+		free(pa);
+		return true;
+	}
+	return false;
+}
+
+void arena_retire(struct sconn *sc)
+{
+	struct serve *s = sc->s;
+	struct pooled_arena *pa;
+	unsigned mine = 0;
+
+	for (pa = s->pool; pa; pa = pa->next)
+		mine += pa->sh == sc->sh;
+	if (s->closing || !sc->has_arena || !sc->arena.base || !sc->arena.grown ||
+	    sc->grow_err || sc->shm > ARENA_POOL_MAX_SHM || mine >= ARENA_POOL_PER_UID ||
+	    s->n_pool >= ARENA_POOL_MAX ||
+	    !(pa = malloc(sizeof(*pa)))) {
+		arena_release(s, &sc->arena, sc->sh, sc->shm);
+		return;
+	}
+	arena_reset(&sc->arena);
+	pa->a = sc->arena;
+	pa->sh = sc->sh; /* the connection's reference passes to the pool */
+	pa->shm = sc->shm;
+	pa->since = uv_now(s->d.loop);
+	pa->next = s->pool;
+	s->pool = pa;
+	s->n_pool++;
+	memset(&sc->arena, 0, sizeof(sc->arena));
+	sc->arena.fd = -1;
 }
 
 /* The shared memory the connection's uid may still commit; the cap that binds, in `why`. */
@@ -206,6 +330,8 @@ static uint64_t grow_len(const struct arena *a, uint64_t need, uint64_t room)
 	uint64_t len = a->grown / 4 / PAGE * PAGE;
 
 	len = len < GROW_MIN ? GROW_MIN : len > GROW_MAX ? GROW_MAX : len;
+	if (a->grown == 0)
+		len = GROW_FIRST;
 	if (len < need)
 		len = need;
 	if (len > a->size - a->grown)
@@ -237,6 +363,8 @@ enum room make_room(struct sconn *sc, uint64_t len, char *why, size_t whylen)
 		return ROOM_CAPPED;
 	}
 	room = shm_room(sc, why, whylen);
+	if (need > room && pool_trim(sc->s))
+		room = shm_room(sc, why, whylen);
 	if (need > room) {
 		sc->s->shm_refusals++;
 		return ROOM_CAPPED;
@@ -281,6 +409,12 @@ int arena_make(struct sconn *sc, uint64_t want, char *why, size_t whylen)
 	if (want < (1u << 20))
 		want = 1u << 20;
 	size = (want + PAGE - 1) / PAGE * PAGE;
+	if (pool_take(sc, size)) {
+		grow_ahead(sc);
+		return 0;
+	}
+	if (room < (size < GROW_MIN ? size : GROW_MIN) && pool_trim(sc->s))
+		room = shm_room(sc, why, whylen);
 	if (room < (size < GROW_MIN ? size : GROW_MIN)) {
 		sc->s->shm_refusals++;
 		return -DMC_E_LIMIT_EXCEEDED;

@@ -247,6 +247,10 @@ struct serve {
 	/* OPEN's reads of every item (frame probes, records read for labels), and the OPENs
 	 * answered from what an earlier one recorded in the index instead */
 	uint64_t frame_probes, label_reads, open_stored_hits;
+	/* arenas of closed connections kept for their uid's next connection (serve_arena.c) */
+	struct pooled_arena *pool;
+	unsigned n_pool;
+	uint64_t pool_hits, pool_drops;
 	unsigned drops;          /* arenas being unmapped on the threadpool */
 	uint64_t arena_dropping; /* their bytes: still the daemon's until then */
 	struct hot hot;
@@ -316,6 +320,11 @@ enum room make_room(struct sconn *sc, uint64_t len, char *why, size_t whylen);
 void grow_ahead(struct sconn *sc);
 int arena_make(struct sconn *sc, uint64_t want, char *why, size_t whylen);
 void arena_release(struct serve *s, struct arena *a, struct share *sh, uint64_t shm);
+/* The connection state goes: its arena goes to the pool or is released (takes sc->sh). */
+void arena_retire(struct sconn *sc);
+/* Pooled arenas: those idle past ARENA_POOL_IDLE_MS (all: `all`) are unmapped now. */
+void arena_pool_expire(struct serve *s, bool all);
+uint64_t arena_pool_bytes(const struct serve *s);
 
 /* serve_region.c */
 struct region *region_for_open(struct sconn *sc, int64_t snapshot_id, uint32_t flags,

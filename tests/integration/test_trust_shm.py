@@ -5,7 +5,8 @@ pin memory and slow everybody down. The daemon counts the bytes committed in eac
 arenas (shm_max_per_uid, shm_max): bob's requests past his share fail with limit_exceeded
 naming the key, he pins no more than it, and alice (uid 61001) is served at once. Arenas
 grow on demand: an OPEN commits almost nothing, and items placed across growths are the
-right bytes.
+right bytes. A closed connection's arena is pooled for its own uid's next connection only:
+bob never gets alice's, and alice's pooled arena gives way when bob needs the memory.
 """
 import os
 import socket
@@ -116,12 +117,18 @@ def counters(d):
         sock.close()
 
 
+def unpooled(c):
+    """Committed bytes beyond those of pooled arenas (closed connections' arenas kept for
+    their uid's next connection)."""
+    return c['serve_shm_committed_bytes'] - c['serve_arena_pool_bytes']
+
+
 def wait_uncommitted(d):
-    """Until closed connections' arenas are unmapped (on the threadpool)."""
+    """Until closed connections' arenas are unmapped (on the threadpool) or pooled."""
     deadline = time.monotonic() + 10
-    while counters(d)['serve_shm_committed_bytes'] and time.monotonic() < deadline:
+    while unpooled(counters(d)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert counters(d)['serve_shm_committed_bytes'] == 0
+    assert unpooled(counters(d)) == 0
 
 
 def rss_shmem_kib(pid):
@@ -365,6 +372,88 @@ def test_one_uids_connections_share_its_decode_places(emu, tmpdir_short):
             assert [it['status'] for it in items] == [0] * 19, items
             os.close(fd)
             s.close()
+    finally:
+        rc, _ = d.stop()
+        assert rc == 0, d.log()
+
+
+def test_a_closed_connections_arena_goes_to_its_own_uid_only(emu, tmpdir_short):
+    # shm_max 40 MiB: alice's pooled arena (about 9 MiB) must give way to bob's items
+    d = start_daemon(tmpdir_short, emu, 'shm_max=40M', 'shm_max_per_uid=64M')
+    try:
+        warm(d, emu, 'sample', emulator.KEY_SAMPLE, 19, dtype=DTYPE_F64)
+        wait_uncommitted(d)
+        base = counters(d)
+
+        # alice reads items: her arena holds them; she goes, her arena is pooled
+        a = connect_as(uids.ALICE, d.socket)
+        o, afd = do_open(a, 'sample', emulator.KEY_SAMPLE, emu.url, dtype=DTYPE_F64)
+        assert afd is not None, o
+        items = do_get(a, o['handle'], [0, 1, 2])
+        assert all(it['status'] == 0 for it in items), items
+        secret = [pread_all(afd, it['offset'], it['nbytes']) for it in items]
+        assert all(len(set(x)) > 16 for x in secret)  # real pixels, not zeros
+        alice_ino = os.fstat(afd).st_ino
+        os.close(afd)
+        a.close()
+        deadline = time.monotonic() + 10
+        while counters(d)['serve_arena_pool'] == base['serve_arena_pool'] and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
+        c = counters(d)
+        assert c['serve_arena_pool'] == base['serve_arena_pool'] + 1, c
+        pooled = c['serve_arena_pool_bytes'] - base['serve_arena_pool_bytes']
+        assert pooled > 0
+
+        # bob: a fresh arena, never alice's; not one of her bytes in it
+        b = connect_as(uids.BOB, d.socket)
+        o, bfd = do_open(b, 'sample', emulator.KEY_SAMPLE, emu.url, dtype=DTYPE_F64)
+        assert bfd is not None, o
+        assert os.fstat(bfd).st_ino != alice_ino
+        assert counters(d)['serve_arena_pool_hits_total'] == c['serve_arena_pool_hits_total']
+        time.sleep(0.3)  # its first chunk faulted in
+        seen = pread_all(bfd, 0, min(os.fstat(bfd).st_size, 64 * MiB))
+        # items sit at page offsets: compare page by page (zero pages say nothing)
+        pages = {seen[off:off + 4096] for off in range(0, len(seen), 4096)}
+        mine = {x[off:off + 4096] for x in secret for off in range(0, len(x), 4096)}
+        mine.discard(bytes(4096))
+        assert mine and not (mine & pages), "alice's bytes in bob's arena"
+
+        # bob's items need more than shm_max leaves beside alice's pooled arena: it goes
+        got = do_get(b, o['handle'], list(range(16)))
+        assert all(it['status'] == 0 for it in got), [it for it in got if it['status']]
+        c2 = counters(d)
+        assert c2['serve_arena_pool'] == 0, c2
+        assert c2['serve_shm_committed_bytes'] <= 40 * MiB, c2
+        assert os.fstat(bfd).st_ino != alice_ino
+        os.close(bfd)
+        b.close()
+
+        # alice again: her next connection takes her pooled arena when there is one
+        a = connect_as(uids.ALICE, d.socket)
+        o, afd = do_open(a, 'sample', emulator.KEY_SAMPLE, emu.url, dtype=DTYPE_F64)
+        items2 = do_get(a, o['handle'], [0, 1, 2])
+        assert [pread_all(afd, it['offset'], it['nbytes']) for it in items2] == secret
+        os.close(afd)
+        a.close()
+        wait_uncommitted(d)
+        a = connect_as(uids.ALICE, d.socket)
+        hits = counters(d)['serve_arena_pool_hits_total']
+        o, afd = do_open(a, 'sample', emulator.KEY_SAMPLE, emu.url, dtype=DTYPE_F64)
+        assert afd is not None, o
+        ino = os.fstat(afd).st_ino
+        assert counters(d)['serve_arena_pool_hits_total'] == hits + 1
+        items3 = do_get(a, o['handle'], [0, 1, 2])
+        assert [pread_all(afd, it['offset'], it['nbytes']) for it in items3] == secret
+        os.close(afd)
+        a.close()
+        # and bob, after her, still gets a fresh one
+        wait_uncommitted(d)
+        b = connect_as(uids.BOB, d.socket)
+        o, bfd = do_open(b, 'sample', emulator.KEY_SAMPLE, emu.url, dtype=DTYPE_F64)
+        assert os.fstat(bfd).st_ino != ino
+        os.close(bfd)
+        b.close()
     finally:
         rc, _ = d.stop()
         assert rc == 0, d.log()
