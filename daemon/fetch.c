@@ -33,11 +33,16 @@ static void check_multi_info(struct fetch *f);
 
 /* ---- sockets and the timer (multi-uv.c) ---- */
 
-/* The engine's memory, once its last handle closed. */
-void engine_release(struct fetch *f)
+/*
+ * One of the engine's handles closed (a socket's poll, a transfer's timer, the engine's own
+ * timers): its memory goes with the last one, once fetch_free() began.
+ */
+void engine_handle_closed(struct fetch *f)
 {
-	free(f->owners);
-	free(f);
+	if (--f->open_handles == 0 && f->closing) {
+		free(f->owners);
+		free(f);
+	}
 }
 
 static void on_poll_closed(uv_handle_t *h)
@@ -46,8 +51,7 @@ static void on_poll_closed(uv_handle_t *h)
 	struct fetch *f = s->f;
 
 	free(s);
-	if (--f->open_handles == 0 && f->closing)
-		engine_release(f);
+	engine_handle_closed(f);
 }
 
 static void sock_ctx_free(struct sock_ctx *s)
@@ -228,10 +232,7 @@ int fetch_new(uv_loop_t *loop, const struct fetch_options *opts, struct fetch **
 
 static void on_engine_timer_closed(uv_handle_t *h)
 {
-	struct fetch *f = h->data;
-
-	if (--f->open_handles == 0)
-		engine_release(f);
+	engine_handle_closed(h->data); /* fetch_free() closes them */
 }
 
 void fetch_free(struct fetch *f)

@@ -116,7 +116,7 @@ static inline uint64_t now_ms(struct fetch *f)
 }
 
 /* fetch.c: the engine and its places */
-void engine_release(struct fetch *f);
+void engine_handle_closed(struct fetch *f);
 struct owner *owner_find(struct fetch *f, uint32_t uid, bool create);
 void queue_push(struct fetch *f, struct fetch_xfer *x, bool front);
 void queue_remove(struct fetch *f, struct fetch_xfer *x);

@@ -687,8 +687,7 @@ static void on_xfer_timer_closed(uv_handle_t *h)
 	struct fetch *f = x->f;
 
 	free(x);
-	if (--f->open_handles == 0 && f->closing)
-		engine_release(f);
+	engine_handle_closed(f);
 }
 
 void fetch_xfer_free(struct fetch_xfer *x)
