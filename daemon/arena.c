@@ -139,14 +139,36 @@ uint64_t arena_span(uint64_t len)
 	return need ? need : ARENA_ALIGN;
 }
 
+/* The index of the first allocation at or after `off` (binary search: they are sorted). */
+static uint32_t alloc_index(const struct arena *a, uint64_t off)
+{
+	uint32_t lo = 0, hi = a->n_alloc;
+
+	while (lo < hi) {
+		uint32_t mid = (lo + hi) / 2;
+		if (a->alloc_[mid].off < off)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+/* The index of the first free span at or after `off`. */
+static uint32_t free_index(const struct arena *a, uint64_t off)
+{
+	uint32_t k = 0;
+
+	while (k < a->n_free && a->free_[k].off < off)
+		k++;
+	return k;
+}
+
 /* First fit. Returns the offset, or UINT64_MAX when no free span is large enough. */
 uint64_t arena_alloc(struct arena *a, uint64_t len)
 {
-	uint64_t need = (len + ARENA_ALIGN - 1) / ARENA_ALIGN * ARENA_ALIGN;
-	uint32_t lo = 0, hi;
+	uint64_t need = arena_span(len);
 
-	if (need == 0)
-		need = ARENA_ALIGN;
 	for (uint32_t i = 0; i < a->n_free; i++) {
 		struct span *f = &a->free_[i];
 		uint64_t off;
@@ -158,22 +180,11 @@ uint64_t arena_alloc(struct arena *a, uint64_t len)
 		if (f->len == 0)
 			span_remove(a->free_, &a->n_free, i);
 		/* record the allocation, sorted */
-		hi = a->n_alloc;
-		while (lo < hi) {
-			uint32_t mid = (lo + hi) / 2;
-			if (a->alloc_[mid].off < off)
-				lo = mid + 1;
-			else
-				hi = mid;
-		}
-		if (span_insert(&a->alloc_, &a->n_alloc, &a->cap_alloc, lo,
+		if (span_insert(&a->alloc_, &a->n_alloc, &a->cap_alloc, alloc_index(a, off),
 				(struct span){ off, need }) < 0) {
 			/* give it back */
-			struct span back = { off, need };
-			uint32_t k = 0;
-			while (k < a->n_free && a->free_[k].off < off)
-				k++;
-			span_insert(&a->free_, &a->n_free, &a->cap_free, k, back);
+			span_insert(&a->free_, &a->n_free, &a->cap_free, free_index(a, off),
+				    (struct span){ off, need });
 			return UINT64_MAX;
 		}
 		a->used += need;
@@ -185,23 +196,15 @@ uint64_t arena_alloc(struct arena *a, uint64_t len)
 /* Frees the allocation at `off`. -ENOENT when there is none (a client's mistake). */
 int arena_free(struct arena *a, uint64_t off)
 {
-	uint32_t lo = 0, hi = a->n_alloc, k;
+	uint32_t lo = alloc_index(a, off), k;
 	struct span sp;
 
-	while (lo < hi) {
-		uint32_t mid = (lo + hi) / 2;
-		if (a->alloc_[mid].off < off)
-			lo = mid + 1;
-		else
-			hi = mid;
-	}
 	if (lo >= a->n_alloc || a->alloc_[lo].off != off)
 		return -ENOENT;
 	sp = a->alloc_[lo];
 	span_remove(a->alloc_, &a->n_alloc, lo);
 	a->used -= sp.len;
-	for (k = 0; k < a->n_free && a->free_[k].off < sp.off; k++)
-		;
+	k = free_index(a, sp.off);
 	/* coalesce with the neighbours */
 	if (k > 0 && a->free_[k - 1].off + a->free_[k - 1].len == sp.off) {
 		a->free_[k - 1].len += sp.len;

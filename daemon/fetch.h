@@ -1,6 +1,8 @@
 /*
  * fetch: HTTP transfers with libcurl's multi *socket* interface on the daemon's libuv loop
- * (curl's docs/examples/multi-uv.c pattern). The only file that includes curl.
+ * (curl's docs/examples/multi-uv.c pattern). Its parts, the only files that include curl:
+ * fetch.c (the engine and its places), fetch_xfer.c (one transfer's life) and
+ * fetch_response.c (reading a response), with their shared state in fetch_priv.h.
  *
  * A transfer (struct fetch_xfer) is a GET of one URL whose body goes to a sink (struct
  * fetch_ops) in chunks. The engine owns connection reuse (HTTP/1.1 keep-alive; HTTP/2

@@ -940,6 +940,15 @@ static bool start_map_put(struct upload *u)
 			  "Content-Type: text/plain");
 }
 
+/* The blob file is in the tier (one PUT, or a completed multipart upload): counted, then
+ * its mapping goes up. */
+static bool blob_uploaded(struct upload *u)
+{
+	u->t->st.uploads++;
+	u->t->st.upload_bytes += u->info.file_size;
+	return start_map_put(u);
+}
+
 static bool start_complete(struct upload *u)
 {
 	size_t cap = 128 + (size_t)u->part * (64 + FETCH_ETAG_MAX), n;
@@ -997,12 +1006,8 @@ static void up_on_done(struct fetch_xfer *x, const struct fetch_result *res)
 		}
 		break;
 	case UP_PUT:
-		if (err == 0) {
-			t->st.uploads++;
-			t->st.upload_bytes += u->info.file_size;
-			if (start_map_put(u))
-				return;
-		}
+		if (err == 0 && blob_uploaded(u))
+			return;
 		break;
 	case UP_MP_INIT:
 		if (err == 0 && parse_upload_id(u->mem.buf, u->upload_id, sizeof(u->upload_id))) {
@@ -1026,9 +1031,7 @@ static void up_on_done(struct fetch_xfer *x, const struct fetch_result *res)
 	case UP_MP_DONE:
 		if (err == 0) {
 			u->upload_id[0] = '\0';
-			t->st.uploads++;
-			t->st.upload_bytes += u->info.file_size;
-			if (start_map_put(u))
+			if (blob_uploaded(u))
 				return;
 		}
 		break;

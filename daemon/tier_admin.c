@@ -166,6 +166,18 @@ static void entry(struct tadm *a, const struct obj *o, const char *state)
 	a->entries_len += (size_t)n;
 }
 
+/*
+ * A blob gone from the tier (or, with --dry-run, that would go): counted in the answer, and
+ * listed by gc (verify --repair listed it as "bad" already).
+ */
+static void blob_deleted(struct tadm *a, const struct obj *o)
+{
+	a->r.blobs_deleted++;
+	a->r.bytes_deleted += o->size;
+	if (a->action == DMC_TIER_GC)
+		entry(a, o, "deleted");
+}
+
 /* Percent-encodes `s` (everything but unreserved characters) into out; false if too long. */
 static bool url_encode(const char *s, char *out, size_t cap)
 {
@@ -560,26 +572,16 @@ static void on_done(struct fetch_xfer *x, const struct fetch_result *res)
 		return;
 	}
 	case PH_BAD_DEL:
-		if (!deleted) {
-			finish(a, DMC_E_UPSTREAM_PERMANENT, msg);
-			tier_unhold(t);
-			return;
-		}
-		a->r.blobs_deleted++;
-		a->r.bytes_deleted += a->blobs.v[a->idx].size;
-		a->idx++;
-		a->phase = PH_BLOB_GET;
-		break;
 	case PH_BLOB_DEL:
 		if (!deleted) {
 			finish(a, DMC_E_UPSTREAM_PERMANENT, msg);
 			tier_unhold(t);
 			return;
 		}
-		a->r.blobs_deleted++;
-		a->r.bytes_deleted += a->blobs.v[a->idx].size;
-		entry(a, &a->blobs.v[a->idx], "deleted");
+		blob_deleted(a, &a->blobs.v[a->idx]);
 		a->idx++;
+		if (a->phase == PH_BAD_DEL)
+			a->phase = PH_BLOB_GET; /* verify goes on with the next blob */
 		break;
 	}
 	step(a);
@@ -668,9 +670,7 @@ static void step(struct tadm *a)
 			continue;
 		}
 		if (dry) {
-			a->r.blobs_deleted++;
-			a->r.bytes_deleted += o->size;
-			entry(a, o, "deleted");
+			blob_deleted(a, o);
 			a->idx++;
 			continue;
 		}

@@ -30,7 +30,6 @@ Not a test: it prints figures measured in this run and never fails on speed. Wha
 """
 import argparse
 import base64
-import importlib.util
 import json
 import os
 import statistics
@@ -47,14 +46,16 @@ KEY = 'dmc-key-all'
 PNG = base64.b64decode('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgAB'
                        'SK+kcQAAAABJRU5ErkJggg==')
 
+sys.path.append(os.path.join(SOURCE, 'tests', 'integration'))
+import modload  # noqa: E402
+
 
 def load(build, name, path):
+    """The module at `path` as `name`, after pointing DMC_BUILD_ROOT at `build` (the
+    integration suite's conftest reads it when loaded)."""
     os.environ['DMC_BUILD_ROOT'] = build
     os.environ.setdefault('DMC_SOURCE_ROOT', SOURCE)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return modload.load(name, path)
 
 
 def rss_kib(pid):

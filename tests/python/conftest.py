@@ -1,6 +1,5 @@
 """Fixtures of the dmcache package's tests: the Datamint emulator on the corpus and the
 real dmcached (tests/integration/conftest.py's Daemon, waited for via NOTIFY_SOCKET)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,12 +12,11 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(TESTS, 'emulator'))
+sys.path.append(os.path.join(TESTS, 'integration'))  # modload; last: never shadows ours
 import client as emulator  # noqa: E402
+import modload  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    'dmc_integration_conftest', os.path.join(TESTS, 'integration', 'conftest.py'))
-integration = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(integration)
+integration = modload.integration_conftest()
 
 KEY = emulator.KEY_ALL
 PYTHON = sys.executable

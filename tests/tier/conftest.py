@@ -6,7 +6,6 @@ The cluster is never optional: when it cannot start, every test of the suite fai
 ceph.sh's reason.
 """
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,13 +18,12 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(TESTS, 'emulator'))
+sys.path.append(os.path.join(TESTS, 'integration'))  # modload; last: never shadows ours
 import client as emulator  # noqa: E402
+import modload  # noqa: E402
 
 # the integration suite's Daemon (its conftest, loaded under another name than ours)
-_spec = importlib.util.spec_from_file_location(
-    'dmc_integration_conftest', os.path.join(TESTS, 'integration', 'conftest.py'))
-integration = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(integration)
+integration = modload.integration_conftest()
 DMCACHE, Daemon = integration.DMCACHE, integration.Daemon
 
 CEPH_SH = os.path.join(HERE, 'ceph.sh')
