@@ -148,13 +148,16 @@ def test_every_use_reads_it_as_pydicom_would(project_items):
     for c in (copy.copy(fresh()), copy.deepcopy(fresh())):
         assert_same(c, ref)
     # a missing keyword, a missing attribute: pydicom's own AttributeError
-    for attr in (missing, 'NotAKeywordAtAll'):
+    for attr in (missing, 'NotAKeywordAtAll', 'pin_memory'):
         with pytest.raises(AttributeError) as want:
             getattr(ref, attr)
         with pytest.raises(AttributeError) as got:
             getattr(fresh(), attr)
         assert str(got.value) == str(want.value)
         assert hasattr(fresh(), attr) is False
+    # torch's pin_memory=True asks every element hasattr(x, 'pin_memory'): not a read
+    d = fresh()
+    assert not hasattr(d, 'pin_memory') and unread(d)
     # pixel_array of the let-go pixel data: what pydicom raises for the client's object
     with pytest.raises(Exception) as want:
         ref.pixel_array

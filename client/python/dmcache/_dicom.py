@@ -10,6 +10,7 @@ element by tag: meta[0x00100040], meta[0x0010, 0x0040] or meta['00100040'].
 """
 import json
 import os
+import threading
 
 from . import errors
 
@@ -309,16 +310,24 @@ def from_bytes(data):
 # DmcacheError there instead of giving another file's header.
 
 _NO_READ = frozenset(('__class__', '__reduce_ex__', '__reduce__', '_dmc_source'))
-_read_lock = None
+# attributes a FileDataset never has that torch asks every item element for (pin_memory=True
+# asks hasattr(x, 'pin_memory') in the main process): answered without reading the file
+_NEVER = frozenset(('pin_memory',))
+_read_lock = threading.Lock()
+
+
+def _new_lock_in_child():
+    global _read_lock
+    _read_lock = threading.Lock()
+
+
+if hasattr(os, 'register_at_fork'):  # a lock held by another thread at fork() stays held
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def _read_now(obj):
     """Reads obj's source into obj (once; the other threads wait), then obj is the read
     FileDataset. Raises what reading raises, obj staying unread."""
-    global _read_lock
-    if _read_lock is None:
-        import threading
-        _read_lock = threading.Lock()
     with _read_lock:
         if type(obj) is not LazyFileDataset:
             return
@@ -356,8 +365,15 @@ class LazyFileDataset(pydicom.dataset.FileDataset if pydicom is not None else ob
     def __getattribute__(self, name):
         if name in _NO_READ:
             return object.__getattribute__(self, name)
+        if name in _NEVER:
+            raise AttributeError("'FileDataset' object has no attribute '%s'" % name)
         _read_now(self)
         return getattr(self, name)
+
+    def __getattr__(self, name):  # after __getattribute__ raised AttributeError
+        if type(self) is LazyFileDataset:  # unread: a name of _NEVER
+            raise AttributeError("'FileDataset' object has no attribute '%s'" % name)
+        return pydicom.dataset.Dataset.__getattr__(self, name)
 
     def __reduce_ex__(self, protocol):
         return (LazyFileDataset, (object.__getattribute__(self, '_dmc_source'),))
