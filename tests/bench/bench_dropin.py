@@ -13,8 +13,10 @@ restarted every epoch (persistent_workers=False, the default), items collated as
   client    the Datamint client's Dataset approximated: __getitem__ does what the client's
             does for a downloaded DICOM (pydicom.dcmread of the file, pixel_array, shaped
             (frames, C, H, W), uint16 min-max scaled to uint8 then float32 / 255, uint8
-            float32 / 255, other dtypes unchanged), and returns (image, dicom, metainfo)
-            as the client of the user guide does (dicom: the pydicom Dataset it read)
+            float32 / 255, other dtypes unchanged), lets the pixel data go (PixelData
+            None, as the client does once the image is decoded) and returns (image, dicom,
+            metainfo) as the client of the user guide does (dicom: the pydicom Dataset it
+            read)
   dmcache   dmcache.Dataset(root=, dataset_name=) over the same folder, prefetched by a
             fresh dmcached, with its defaults (the guide's (image, dicom, metainfo))
 
@@ -79,6 +81,10 @@ class ClientLike:
         x = torch.from_numpy(np.ascontiguousarray(a))
         if x.dtype == torch.uint8:
             x = x.to(torch.float32) / 255
+        # the client lets the pixel data go once the image is decoded (the decoded array
+        # too): it does not travel with the dicom to the main process
+        ds._pixel_array = None
+        ds.PixelData = None
         return x, ds, self.records[i]
 
 

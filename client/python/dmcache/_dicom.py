@@ -9,6 +9,10 @@ image-pixel, CT/MR-acquisition and VOI-LUT attributes a training script reads), 
 element by tag: meta[0x00100040], meta[0x0010, 0x0040] or meta['00100040'].
 """
 import json
+import os
+import threading
+
+from . import errors
 
 try:
     import pydicom
@@ -290,6 +294,119 @@ def from_bytes(data):
     """pydicom.dcmread of a DICOM file's bytes, as the client returns it (as_the_client)."""
     import io
     return as_the_client(pydicom.dcmread(io.BytesIO(data), defer_size='256 KB'))
+
+
+# ---- the same FileDataset, read on first use -------------------------------------------
+# Reading a CT header costs pydicom about as much as the rest of an item, and a DataLoader
+# worker pickles what it returns to the main process, where a read FileDataset is costly
+# to pickle and unpickle. A training loop often never looks at it. LazyFileDataset is a
+# FileDataset that has read nothing yet: the first use of anything a Dataset offers
+# (an attribute or keyword, [tag], `in`, iteration, len, ==, str/repr, dir(), copy, to_json,
+# file_meta, pixel_array, setting or deleting) reads it, exactly as from_path/from_bytes
+# would, and from then on it IS that FileDataset (its class becomes the one dcmread gave).
+# Until then it pickles as its source only: the file's path (with its size and mtime) or
+# the stored file's bytes. A file that cannot be read as DICOM raises pydicom's error at
+# that first use (not in dataset[i]); a local file changed since dataset[i] raises
+# DmcacheError there instead of giving another file's header.
+
+_NO_READ = frozenset(('__class__', '__reduce_ex__', '__reduce__', '_dmc_source'))
+# attributes a FileDataset never has that torch asks every item element for (pin_memory=True
+# asks hasattr(x, 'pin_memory') in the main process): answered without reading the file
+_NEVER = frozenset(('pin_memory',))
+_read_lock = threading.Lock()
+
+
+def _new_lock_in_child():
+    global _read_lock
+    _read_lock = threading.Lock()
+
+
+if hasattr(os, 'register_at_fork'):  # a lock held by another thread at fork() stays held
+    os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
+def _read_now(obj):
+    """Reads obj's source into obj (once; the other threads wait), then obj is the read
+    FileDataset. Raises what reading raises, obj staying unread."""
+    with _read_lock:
+        if type(obj) is not LazyFileDataset:
+            return
+        src = object.__getattribute__(obj, '_dmc_source')
+        ds = _read_source(src)
+        d = object.__getattribute__(obj, '__dict__')
+        object.__setattr__(obj, '__class__', type(ds))
+        d.clear()
+        d.update(ds.__dict__)
+
+
+def _read_source(src):
+    if src[0] == 'bytes':
+        return from_bytes(src[1])
+    path, size, mtime_ns = src[1:]
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise errors.DmcacheError("the DICOM file %s is gone since its item was read: %s"
+                                  % (path, e.strerror)) from None
+    if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+        raise errors.DmcacheError(
+            "the DICOM file %s changed since its item was read (dicom_metainfo is read "
+            "from the file on first use)" % path)
+    return from_path(path)
+
+
+class LazyFileDataset(pydicom.dataset.FileDataset if pydicom is not None else object):
+    """A pydicom FileDataset read on first use (see above). Build it with lazy_from_path
+    or lazy_from_bytes."""
+
+    def __init__(self, source):  # FileDataset.__init__ runs when it is read
+        object.__setattr__(self, '_dmc_source', source)
+
+    def __getattribute__(self, name):
+        if name in _NO_READ:
+            return object.__getattribute__(self, name)
+        if name in _NEVER:
+            raise AttributeError("'FileDataset' object has no attribute '%s'" % name)
+        _read_now(self)
+        return getattr(self, name)
+
+    def __getattr__(self, name):  # after __getattribute__ raised AttributeError
+        if type(self) is LazyFileDataset:  # unread: a name of _NEVER
+            raise AttributeError("'FileDataset' object has no attribute '%s'" % name)
+        return pydicom.dataset.Dataset.__getattr__(self, name)
+
+    def __reduce_ex__(self, protocol):
+        return (LazyFileDataset, (object.__getattribute__(self, '_dmc_source'),))
+
+    __hash__ = None  # as pydicom.Dataset
+
+
+def _read_first(name):
+    def method(self, *args, **kwargs):
+        _read_now(self)
+        return getattr(type(self), name)(self, *args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+# the special methods Python looks up on the class (not through __getattribute__)
+for _name in ('__contains__', '__delattr__', '__delitem__', '__dir__', '__eq__', '__ne__',
+              '__getitem__', '__iter__', '__len__', '__setattr__', '__setitem__', '__str__',
+              '__repr__', '__format__', '__copy__', '__deepcopy__', '__enter__', '__exit__',
+              '__array__', '__getstate__'):
+    setattr(LazyFileDataset, _name, _read_first(_name))
+del _name
+
+
+def lazy_from_path(path):
+    """from_path(path), read on first use (LazyFileDataset)."""
+    st = os.stat(path)
+    return LazyFileDataset(('path', path, st.st_size, st.st_mtime_ns))
+
+
+def lazy_from_bytes(data):
+    """from_bytes(data), read on first use (LazyFileDataset)."""
+    return LazyFileDataset(('bytes', bytes(data)))
 
 
 HTTP_MAX = 1 << 30  # the largest body MaskSource reads

@@ -466,8 +466,10 @@ class Dataset:
         FileDataset read from the file's own bytes (the local file of a dataset folder; else
         the file the daemon stored, read_file()), so that file_meta, every value as written
         ('80.0000', -0.0) are the file's, PixelData None as the client leaves it (see
-        _dicom.as_the_client). None for a non-DICOM item; without
-        pydicom, the header the daemon sent (DicomMeta)."""
+        _dicom.as_the_client). Read on first use (_dicom.LazyFileDataset): until then it
+        pickles as the file's path or the stored bytes, and an unreadable file raises at
+        that first use. None for a non-DICOM item; without pydicom, the header the daemon
+        sent (DicomMeta)."""
         dicom = meta.get('dicom')
         if not dicom or dicom.get('format') != 'dicom':
             return None
@@ -477,8 +479,8 @@ class Dataset:
         if self._source == _lib.SOURCE_LOCAL and record.get('file'):
             path = os.path.join(self._project, record['file'])
             if os.path.isfile(path):
-                return _dicom.from_path(path)
-        return _dicom.from_bytes(self.read_file(idx))
+                return _dicom.lazy_from_path(path)
+        return _dicom.lazy_from_bytes(self.read_file(idx))
 
     # ---- the 2025 client's dict items (DatamintDataset at tag 1.2.4) ----
     def _every_annotation(self):
