@@ -94,6 +94,9 @@ static const struct key keys[] = {
 	  "shared memory per connection when the client names no size"),
 	K("arena_max", KT_SIZE, arena_max, 1 << 20, 1ull << 40,
 	  "the most shared memory one connection may ask for"),
+	K("region_linger", KT_DURATION, region_linger_ms, 0, 3600000,
+	  "how long a snapshot's region of hot tensors (handed in place) is kept after its last "
+	  "handle closed, for the next OPEN of that snapshot (0: it goes with its last handle)"),
 	K("hot_max", KT_SIZE, hot_max, 0, 1ull << 40,
 	  "decoded tensors kept in memory for all clients (0: none)"),
 	K("decode_workers", KT_UINT32, decode_workers, 0, 256,
@@ -181,6 +184,7 @@ void config_init(struct config *cfg)
 	cfg->arena_default = 256ull << 20;
 	cfg->arena_max = 4ull << 30;
 	cfg->hot_max = 1ull << 30;
+	cfg->region_linger_ms = 15000;
 	cfg->decode_workers = 0;
 	cfg->max_decode_bytes = 1ull << 30;
 	cfg->decode_timeout_ms = 10000;
@@ -563,7 +567,7 @@ bool config_trusted_server(const struct config *cfg, const char *url)
  * at each HELLO), prefetch.c and prefetch_grant.c (max_jobs_per_uid, grant_ttl,
  * grant_recheck), serve.c
  * and serve_arena.c (arena sizes at each arena, shm_max_per_uid, shm_max and
- * decode_max_per_uid at each growth and item), log.c (levels). max_size and min_free
+ * decode_max_per_uid at each growth and item; region_linger at each tick, serve_tick()), log.c (levels). max_size and min_free
  * (copied by store.c) and hot_max (copied by the hot set, hot.c) are handed to their owners
  * by the reload (main.c, apply_limits()), which evicts at once what is over a lowered
  * limit. parallel_transfers, max_attempts, min_speed and min_speed_time are copied at
@@ -573,7 +577,7 @@ static const char *const live_keys[] = {
 	"log_level", "log_debug", "max_connections", "max_connections_per_uid",
 	"idle_timeout", "hello_timeout", "write_queue_max", "max_jobs_per_uid", "grant_ttl",
 	"grant_recheck", "arena_default", "arena_max", "admin_group", "shm_max_per_uid",
-	"shm_max", "decode_max_per_uid", "max_size", "min_free", "hot_max",
+	"shm_max", "decode_max_per_uid", "max_size", "min_free", "hot_max", "region_linger",
 };
 
 /* Defaults that config_finish() or another component resolves, in words. */

@@ -60,6 +60,7 @@ struct config {
 	uint64_t arena_default;    /* shared memory per connection when the client names none */
 	uint64_t arena_max;        /* the most a client may ask for */
 	uint64_t hot_max;          /* decoded tensors kept in memory, shared by all clients */
+	uint64_t region_linger_ms; /* a region without handles is kept this long; 0: goes at once */
 	uint32_t decode_workers;   /* 0: one per core */
 	uint64_t max_decode_bytes; /* largest decoded item */
 	uint64_t decode_timeout_ms;

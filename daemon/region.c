@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "region.h"
@@ -231,10 +232,10 @@ struct region *region_open(struct regions *rs, int64_t snapshot_id, int *err)
 	uint64_t size;
 	int rc;
 
-	/* not one that no handle refers to any more (it lives on for what clients hold): its
-	 * snapshot may have been evicted since, and the id given to another one */
+	/* the open or lingering one (snapshot ids are never reused: an OPEN of this id passed
+	 * its access check); not a closed one, which lives on only for what clients hold */
 	for (rg = rs->list; rg; rg = rg->next)
-		if (rg->snapshot_id == snapshot_id && rg->refs) {
+		if (rg->snapshot_id == snapshot_id && !rg->closed) {
 			rg->refs++;
 			return rg;
 		}
@@ -271,14 +272,21 @@ void region_ref(struct region *rg)
 		rg->refs++;
 }
 
-void region_unref(struct region *rg)
+static uint64_t mono_ms(void)
 {
-	struct regions *rs;
+	struct timespec ts;
 
-	if (!rg || --rg->refs)
-		return;
-	rs = rg->rs;
-	/* nobody can ask for its tensors any more: the unpinned ones go now */
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+/* Lingered enough (or no lingering): nobody can ask for its tensors any more, the unpinned
+ * ones go now, and the region with the last pinned one. */
+static void region_close(struct region *rg)
+{
+	struct regions *rs = rg->rs;
+
+	rg->closed = true;
 	rg->refs++; /* not freed under the loop */
 	for (struct rentry *e = rs->oldest, *newer; e; e = newer) {
 		newer = e->newer;
@@ -288,6 +296,26 @@ void region_unref(struct region *rg)
 	rg->refs--;
 	rows_clear(rg); /* nobody looks a row up in it again */
 	region_maybe_free(rg);
+}
+
+void region_unref(struct region *rg)
+{
+	if (!rg || --rg->refs)
+		return;
+	rg->idle_since = mono_ms();
+	if (!rg->rs->linger_ms || !rg->entries)
+		region_close(rg);
+}
+
+void regions_expire(struct regions *rs, bool all)
+{
+	uint64_t now = mono_ms();
+
+	for (struct region *rg = rs->list, *next; rg; rg = next) {
+		next = rg->next; /* region_close() may free rg, never another region */
+		if (!rg->refs && !rg->closed && (all || now - rg->idle_since >= rs->linger_ms))
+			region_close(rg);
+	}
 }
 
 static struct rentry *find(const struct regions *rs, const struct region *rg,
@@ -382,7 +410,7 @@ void region_unpin(struct rentry *e)
 	if (--e->pins)
 		return;
 	rs->pinned--;
-	if (!rg->refs) {
+	if (rg->closed) {
 		entry_drop(rs, e); /* its region is closed: nobody asks for it again */
 		return;
 	}

@@ -23,9 +23,14 @@
  * punched out of the memfd at once. A tensor in a region is a copy of a hot-set entry, so
  * decoded tensors take at most twice hot_max (the hot set's and the regions'); making the
  * regions the hot set's own storage would halve that, at the price of one region per
- * snapshot for every client, regions or not. A region goes (its whole file punched, so that a
- * client still holding the descriptor keeps no memory) when no handle refers to it and no
- * entry of it is pinned. Owned by serve (struct serve), loop thread only.
+ * snapshot for every client, regions or not. A region lingers `linger_ms` (region_linger)
+ * after its last handle went, so that the snapshot's next OPEN finds its tensors in place
+ * (a new region would copy every one again: 16 MiB of hot items cost a new connection
+ * 150-275 ms that way on the 2-vCPU machine under load); then it closes and goes (its whole
+ * file punched, so that a client still holding the descriptor keeps no memory) once no
+ * entry of it is pinned. While it lingers, a descriptor kept by a former holder shows
+ * what the snapshot's next OPENs put there: tensors of the same snapshot, as while it was
+ * open (docs/security.md, "Regions"). Owned by serve (struct serve), loop thread only.
  */
 #ifndef DMC_REGION_H
 #define DMC_REGION_H
@@ -46,6 +51,8 @@ struct region {
 	struct arena a;      /* the daemon's writable mapping and the allocator over it */
 	int ro_fd;           /* what clients get */
 	unsigned refs;       /* handles (and their copies) referring to it */
+	uint64_t idle_since; /* CLOCK_MONOTONIC ms its last handle went (refs 0, lingering) */
+	bool closed;         /* no longer lingering: never handed again, goes when unpinned */
 	uint64_t entries;    /* entries living in it */
 	/* the snapshot's index rows already read (item -> content digest, size, resource
 	 * record): a hot item handed in place costs no index query. A snapshot's rows never
@@ -78,6 +85,7 @@ struct regions {
 	size_t nb, n;
 	struct rentry *newest, *oldest;
 	uint64_t bytes, max; /* bytes of the entries (whole pages), and the budget */
+	uint64_t linger_ms;  /* region_linger: kept this long without handles */
 	uint64_t next_id;
 	uint64_t made, copies, handed, evictions, reclaimed, pinned;
 };
@@ -86,8 +94,12 @@ struct regions {
  * is referred to by no handle and lives on only for pinned tensors); NULL with *err. */
 struct region *region_open(struct regions *rs, int64_t snapshot_id, int *err);
 void region_ref(struct region *rg);
-/* A handle lets go; the region goes once nothing refers to it and nothing is pinned. */
+/* A handle lets go. With the last, the region lingers `linger_ms` (its tensors stay for
+ * the snapshot's next OPEN: a DataLoader's next epoch), then closes: its unpinned tensors
+ * go, and it goes once nothing is pinned. */
 void region_unref(struct region *rg);
+/* Closes the regions that lingered `linger_ms` (all of them: `all`). */
+void regions_expire(struct regions *rs, bool all);
 /*
  * The tensor `bytes` (nbytes) of content `raw` decoded with `opts`, in `rg`: found, or
  * copied there now; returned pinned. NULL when it does not fit (the budget, or the region's

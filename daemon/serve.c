@@ -677,6 +677,7 @@ int serve_new(const struct serve_deps *deps, struct serve **ret)
 	s->d = *deps;
 	s->hot.max = deps->cfg->hot_max;
 	s->regions.max = deps->cfg->hot_max;
+	s->regions.linger_ms = deps->cfg->region_linger_ms;
 	prefetch_set_item_hook(deps->prefetch, on_item, s);
 	*ret = s;
 	return 0;
@@ -684,8 +685,11 @@ int serve_new(const struct serve_deps *deps, struct serve **ret)
 
 void serve_tick(struct serve *s)
 {
-	if (s)
-		arena_pool_expire(s, false);
+	if (!s)
+		return;
+	arena_pool_expire(s, false);
+	s->regions.linger_ms = s->d.cfg->region_linger_ms; /* a reload's, from here on */
+	regions_expire(&s->regions, false);
 }
 
 void serve_free(struct serve *s)

@@ -66,7 +66,8 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
  * dropped; *ret_bytes (may be NULL) their bytes.
  */
 uint64_t serve_hot_max_changed(struct serve *s, uint64_t *ret_bytes);
-/* Every few seconds: pooled arenas idle too long are unmapped. Loop thread. */
+/* Every few seconds: pooled arenas idle too long are unmapped, regions that lingered long
+ * enough without handles close. Loop thread. */
 void serve_tick(struct serve *s);
 /* Whether a client has snapshot `id` open: eviction keeps its content. Loop thread. */
 bool serve_snapshot_open(struct serve *s, int64_t snapshot_id);

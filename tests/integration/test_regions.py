@@ -13,6 +13,7 @@ import fcntl
 import mmap
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -188,7 +189,7 @@ def test_a_region_holds_only_the_snapshot_opened_and_is_read_only(emu, tmpdir_sh
 
 def test_held_items_are_pinned_and_released_pages_go_back(emu, tmpdir_short):
     hot_max = 5 * MiB  # 'sample' (19 items, eight of them 512x512 int16 slices) churns it
-    d = start_daemon(tmpdir_short, emu, 'hot_max=%d' % hot_max)
+    d = start_daemon(tmpdir_short, emu, 'hot_max=%d' % hot_max, 'region_linger=2s')
     try:
         sock = wire.session(d.socket, timeout=120)
         o, fds = open_r(sock, 'sample', emulator.KEY_ALL, emu.url)
@@ -241,14 +242,39 @@ def test_held_items_are_pinned_and_released_pages_go_back(emu, tmpdir_short):
         assert c2['serve_region_reclaimed_bytes_total'] > c['serve_region_reclaimed_bytes_total']
         assert os.fstat(rfd).st_blocks * 512 == c2['serve_region_bytes']
 
-        # the handle closed: the region goes, and the descriptor still held keeps no page
+        # the handle closed: the region lingers (region_linger) with its tensors, and the
+        # snapshot's next OPEN, on another connection, gets it back and copies nothing
         rid[0] += 1
         sock.sendall(wire.frame(wire.OP_CLOSE, o['handle'].to_bytes(8, 'little'), rid=rid[0]))
         op, fl, r, payload, _ = wire.recv_frame_fds(sock)
         assert op == wire.OP_CLOSE, payload
-        assert os.fstat(rfd).st_blocks == 0
         c3 = counters(d)
-        assert c3['serve_regions'] == 0 and c3['serve_region_bytes'] == 0, c3
+        assert c3['serve_regions'] == 1 and c3['serve_region_bytes'] == c2['serve_region_bytes']
+        assert os.fstat(rfd).st_blocks * 512 == c2['serve_region_bytes']
+        s2 = wire.session(d.socket, timeout=120)
+        o2, fds2 = open_r(s2, 'sample', emulator.KEY_ALL, emu.url)
+        assert o2['region_id'] == o['region_id'] and len(fds2) == 2, o2
+        hot = get_r(s2, o2['handle'], list(range(n)), rid=7)
+        kept = [it for it in hot if it['in_region']]
+        assert kept
+        for it in kept:  # the same bytes as through the first connection's descriptor
+            assert tensor(it, fds2[0], fds2[1]) == pread_all(rfd, it['offset'], it['nbytes'])
+        c4 = counters(d)
+        assert c4['serve_region_copies_total'] - c3['serve_region_copies_total'] < len(kept), c4
+        release(s2, [x for it in hot for x in ((it['meta_offset'],) if it['in_region']
+                                               else (it['offset'], it['meta_offset']))],
+                rid=8)
+        for fd in fds2:
+            os.close(fd)
+        s2.close()
+        # past region_linger (checked every 5 s): the region goes, and the descriptors still
+        # held keep no page
+        deadline = time.monotonic() + 30
+        while counters(d)['serve_regions'] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        c5 = counters(d)
+        assert c5['serve_regions'] == 0 and c5['serve_region_bytes'] == 0, c5
+        assert os.fstat(rfd).st_blocks == 0
         os.close(arena_fd)
         os.close(rfd)
         sock.close()
