@@ -1536,12 +1536,15 @@ DMC_EXPORT int dmc_dataset_close(struct dmc_dataset *ds)
 /*
  * Reads n item records from `r` (which must then be consumed) into ret_items, checking every
  * descriptor against the arena (or the region of `ds`, for a tensor handed there) before it
- * becomes a pointer. `ds` NULL: a STREAM batch (no regions). Messages live in c->item_msgs.
+ * becomes a pointer. With regions on `ds`, n in_region flags follow the records; in a
+ * STREAM batch (`stream`) they may be absent (a daemon older than batches handed in place:
+ * every item is in the arena). Messages live in c->item_msgs.
  */
 static int read_items(dmc_client *c, const struct dmc_dataset *ds, struct dmc_reader *r,
-		      uint32_t n, struct dmc_item *ret_items)
+		      uint32_t n, struct dmc_item *ret_items, bool stream)
 {
 	size_t msgs = 0;
+	bool flags = ds && ds->regions;
 
 	if (c->items_cap < n) {
 		struct dmc_item_desc *ni = realloc(c->items, n * sizeof(*ni));
@@ -1558,8 +1561,10 @@ static int read_items(dmc_client *c, const struct dmc_dataset *ds, struct dmc_re
 		dmc_item_desc_read(r, &c->items[i]);
 		msgs += c->items[i].message.len + 1;
 	}
+	if (flags && stream && !r->err && r->pos == r->len)
+		flags = false;
 	for (uint32_t i = 0; i < n; i++)
-		c->in_region[i] = ds && ds->regions ? dmc_read_u8(r) : 0;
+		c->in_region[i] = flags ? dmc_read_u8(r) : 0;
 	if (dmc_reader_finish(r))
 		return -EPROTO;
 	if (msgs > c->item_msgs_cap) {
@@ -1630,7 +1635,7 @@ DMC_EXPORT int dmc_get(struct dmc_dataset *ds, const uint64_t *indices, uint32_t
 	count = dmc_read_u32(&r);
 	if (r.err || count != n)
 		return -EPROTO;
-	return read_items(c, ds, &r, n, ret_items);
+	return read_items(c, ds, &r, n, ret_items, false);
 }
 
 /* Drops the caller's private copies of the pages of [off, off + len) in the arena, before
@@ -1840,20 +1845,28 @@ DMC_EXPORT int dmc_stream_next(dmc_stream *st, struct dmc_batch *ret)
 	    bh.data_len > c->arena_size - bh.data_offset || bh.meta_offset > c->arena_size ||
 	    bh.meta_len > c->arena_size - bh.meta_offset)
 		goto proto;
-	rc = read_items(c, NULL, &r, bh.n, st->items);
+	rc = read_items(c, st->ds, &r, bh.n, st->items, true);
 	if (rc < 0)
 		return rc == -EPROTO ? (close_fd(c), rc) : rc;
+	memset(ret, 0, sizeof(*ret));
 	for (uint32_t i = 0; i < bh.n; i++) {
 		const struct dmc_item *it = &st->items[i];
-		if (!it->status && (it->offset < bh.data_offset ||
-				    it->offset + it->nbytes > bh.data_offset + bh.data_len))
+		if (it->status)
+			continue;
+		if (it->region) /* checked against the region by read_items() */
+			ret->in_region++;
+		else if (it->offset < bh.data_offset ||
+			 it->offset + it->nbytes > bh.data_offset + bh.data_len)
+			goto proto;
+		if (it->meta_offset < bh.meta_offset ||
+		    it->meta_offset + it->meta_len > bh.meta_offset + bh.meta_len)
 			goto proto;
 	}
-	memset(ret, 0, sizeof(*ret));
 	ret->number = bh.batch;
 	ret->n = bh.n;
 	ret->uniform = bh.uniform != 0;
-	ret->data = c->arena + bh.data_offset;
+	/* one block of the arena holds every tensor only when none is in the region */
+	ret->data = ret->in_region ? NULL : c->arena + bh.data_offset;
 	ret->data_len = bh.data_len;
 	ret->data_offset = bh.data_offset;
 	ret->meta_offset = bh.meta_offset;
