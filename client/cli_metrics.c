@@ -103,6 +103,7 @@ static const struct {
 	{ "serve_region_tensors_pinned", "Tensors in the regions that a client holds." },
 	{ "serve_region_copies_total", "Tensors copied into a region." },
 	{ "serve_region_items_total", "Items handed in place from a region." },
+	{ "serve_stream_region_items_total", "STREAM batch items handed in place from a region." },
 	{ "serve_region_evictions_total", "Tensors dropped from the regions for room." },
 	{ "serve_region_reclaimed_bytes_total", "Bytes of region pages given back to the kernel." },
 	{ "serve_arena_bytes", "Bytes of shared memory given to clients." },

@@ -346,14 +346,24 @@ struct dmc_stream_args {
 	uint32_t ahead;          /* batches ready beyond the current one; 0: the default (2) */
 };
 
+/*
+ * A STREAM batch. Without regions on the dataset (or when no item of the batch was hot)
+ * its tensors lie back to back in the arena at `data`, one C-order tensor (n, frames,
+ * channels, height, width) when `uniform`. With DMC_OPEN_REGIONS, hot items are handed in
+ * place: such an item has `region` 1 and its `data` in the dataset's read-only region
+ * (valid until dmc_batch_release(), never to be written); `in_region` counts them and the
+ * batch's `data` is then NULL: read the items one by one (the other items are in the arena
+ * at data_offset). `uniform` still says that every item succeeded with one dtype and shape.
+ */
 struct dmc_batch {
 	uint64_t number;
 	uint32_t n;
 	bool uniform;
-	const void *data;       /* the batch's tensors, back to back */
-	uint64_t data_len;
+	const void *data;       /* the batch's tensors, back to back; NULL when in_region > 0 */
+	uint64_t data_len;      /* bytes of the items in the arena */
 	uint64_t data_offset, meta_offset; /* for RELEASE */
 	struct dmc_item *items; /* n; valid until the next dmc_stream_next() */
+	uint32_t in_region;     /* items whose tensor is in the region (item.region == 1) */
 };
 
 typedef struct dmc_stream dmc_stream;

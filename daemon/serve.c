@@ -772,6 +772,7 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 		ENTRY("serve_region_tensors_pinned", s->regions.pinned),
 		ENTRY("serve_region_copies_total", s->regions.copies),
 		ENTRY("serve_region_items_total", s->regions.handed),
+		ENTRY("serve_stream_region_items_total", s->stream_items_in_place),
 		ENTRY("serve_region_evictions_total", s->regions.evictions),
 		ENTRY("serve_region_reclaimed_bytes_total", s->regions.reclaimed),
 		ENTRY("serve_arena_bytes", arenas),

@@ -91,6 +91,8 @@ struct gitem {
 	struct decode_desc desc;
 	uint64_t off, nbytes, moff, mlen;
 	bool in_region; /* off is in the handle's region, not in the arena */
+	struct rentry *re; /* a STREAM item's tensor pinned in the region while its batch is
+			    * laid out (serve_stream.c); then the connection's pin (sc->pins) */
 };
 
 /* Frame-by-frame: item k's frames are the items start[k] .. start[k+1]-1. Shared by a
@@ -242,6 +244,7 @@ struct serve {
 	uint64_t bytes_served, tensors_stored;
 	uint64_t waits_for_space;
 	uint64_t streams, batches_sent;
+	uint64_t stream_items_in_place; /* STREAM items handed in a region (no copy) */
 	/* blobs found bad (damaged, gone, unreadable) on a GET's read, and re-fetches */
 	uint64_t bad_reads, refetches, refetches_failed;
 	/* OPEN's reads of every item (frame probes, records read for labels), and the OPENs
@@ -333,6 +336,9 @@ void region_sent(struct sconn *sc, const struct region *rg);
 bool region_place(struct gitem *gi);
 bool region_release(struct sconn *sc, uint64_t moff);
 void region_pins_drop(struct sconn *sc);
+uint32_t region_batch_take(struct greq *rq);
+void region_batch_undo(struct greq *rq);
+void region_batch_pin(struct greq *rq, uint64_t moff);
 
 /* serve_frames.c */
 struct fmap *fmap_ref(struct fmap *m);

@@ -1,9 +1,10 @@
 /*
  * serve's side of the regions (region.h; proto.h "Regions"): which handle gets which
  * snapshot's region at OPEN and which regions a connection was passed, an item of a GET
- * handed in place (its tensor in the region, pinned; its metadata in the arena), and the
- * pins a connection holds, given back by RELEASE of the item's metadata offset or when
- * the connection's state goes. Loop thread only.
+ * handed in place (its tensor in the region, pinned; its metadata in the arena), the hot
+ * items of a STREAM batch handed in place (pinned under the batch's metadata offset), and
+ * the pins a connection holds, given back by RELEASE of that metadata offset or when the
+ * connection's state goes. Loop thread only.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -106,18 +107,90 @@ bool region_place(struct gitem *gi)
 	return true;
 }
 
-/* A RELEASE of `moff`: true when it was the metadata of an item handed in a region (its
- * tensor is unpinned; the caller frees the metadata in the arena). */
+/*
+ * The hot items of a STREAM batch, on a handle with a region: each one's tensor found or
+ * copied in the region and pinned (gi->re), its offset there in gi->off. Items that do not
+ * fit stay for the arena. Returns how many were taken: the caller lays the batch out and
+ * then either pins them for the client (region_batch_pin) or gives them back
+ * (region_batch_undo), before it returns to the loop.
+ */
+uint32_t region_batch_take(struct greq *rq)
+{
+	struct sconn *sc = rq->sc;
+	uint32_t k = 0;
+
+	if (!rq->h.rg)
+		return 0;
+	/* room for every pin first: region_batch_pin() then cannot fail */
+	if (sc->cap_pins - sc->n_pins < rq->n) {
+		uint32_t nc = sc->n_pins + rq->n;
+		struct rpin *n = realloc(sc->pins, nc * sizeof(*n));
+		if (!n)
+			return 0; /* the arena, as without regions */
+		sc->pins = n;
+		sc->cap_pins = nc;
+	}
+	for (uint32_t i = 0; i < rq->n; i++) {
+		struct gitem *gi = &rq->items[i];
+		if (gi->status || !gi->he || gi->re)
+			continue;
+		gi->re = region_take(rq->h.rg, gi->he->raw, gi->he->opts, gi->he->buf, gi->nbytes);
+		if (!gi->re)
+			continue;
+		gi->in_region = true;
+		gi->off = gi->re->off;
+		k++;
+	}
+	return k;
+}
+
+/* The batch was not laid out (no arena space yet, or the stream stops): nothing stays
+ * pinned for it. */
+void region_batch_undo(struct greq *rq)
+{
+	for (uint32_t i = 0; i < rq->n; i++) {
+		struct gitem *gi = &rq->items[i];
+		if (gi->re) {
+			region_unpin(gi->re);
+			gi->re = NULL;
+			gi->in_region = false;
+		}
+	}
+}
+
+/* The batch's event is built with its metadata at `moff`: its items taken in the region
+ * are the client's now, until it RELEASEs `moff` (or its connection ends). */
+void region_batch_pin(struct greq *rq, uint64_t moff)
+{
+	struct sconn *sc = rq->sc;
+
+	for (uint32_t i = 0; i < rq->n; i++) {
+		struct gitem *gi = &rq->items[i];
+		if (gi->re) {
+			sc->pins[sc->n_pins++] = (struct rpin){ moff, gi->re }; /* room reserved */
+			gi->re = NULL;
+			sc->s->stream_items_in_place++;
+		}
+	}
+}
+
+/* A RELEASE of `moff`: true when it was the metadata of an item handed in a region, or of
+ * a STREAM batch with such items (their tensors are unpinned; the caller frees the
+ * metadata in the arena). */
 bool region_release(struct sconn *sc, uint64_t moff)
 {
-	for (uint32_t i = 0; i < sc->n_pins; i++)
+	bool found = false;
+
+	for (uint32_t i = 0; i < sc->n_pins;)
 		if (sc->pins[i].moff == moff) {
 			struct rentry *e = sc->pins[i].e;
 			sc->pins[i] = sc->pins[--sc->n_pins];
 			region_unpin(e);
-			return true;
+			found = true;
+		} else {
+			i++;
 		}
-	return false;
+	return found;
 }
 
 /* The connection's state goes: everything it held is unpinned. */

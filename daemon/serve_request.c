@@ -803,7 +803,7 @@ static void start_decode_path(struct gitem *gi)
 }
 
 /*
- * A GET item of a handle with a region whose index row was read before and whose tensor is
+ * A GET or STREAM item of a handle with a region whose index row was read before and whose tensor is
  * hot: handed at once, without an index query (the rows of a snapshot never change). False:
  * the usual path. The handle's region exists only for items that are neither raw files
  * nor masks.
@@ -864,7 +864,7 @@ static void item_step(struct gitem *gi)
 		gi->item = gi->index;
 		gi->frame = -1;
 	}
-	if (gi->rq->h.rg && !gi->rq->st && region_fast(gi))
+	if (gi->rq->h.rg && region_fast(gi))
 		return;
 	rc = index_item_get(ix, gi->rq->h.snapshot_id, (int64_t)gi->item, on_item_row, &l);
 	if ((rc == -ENOMEM || (rc == 0 && l.found && !l.record))) {

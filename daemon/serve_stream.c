@@ -1,9 +1,11 @@
 /*
  * serve's STREAM and STOP (see serve.h, proto.h): an epoch handed out in batches in the
  * order dmc_stream_perm()/dmc_stream_plan() compute, keeping `ahead` batches prepared (as
- * requests of serve_request.c) beyond those sent; a batch's items are copied into the
- * arena back to back, on the threadpool for large batches, and sent as one event; the
- * stream ends when its batches are sent and released, or at STOP, CLOSE or an error.
+ * requests of serve_request.c) beyond those sent; a batch's hot items are handed in the
+ * handle's region when it has one (serve_region.c: pinned until the batch's RELEASE), the
+ * others copied into the arena back to back, on the threadpool for large batches, and the
+ * batch sent as one event; the stream ends when its batches are sent and released, or at
+ * STOP, CLOSE or an error.
  * Loop thread; copy_part_work() runs on the threadpool and touches only its part.
  */
 #include <errno.h>
@@ -184,7 +186,7 @@ static void copy_part_work(uv_work_t *w)
 
 	for (uint32_t i = cp->from; i < cp->to; i++) {
 		struct gitem *gi = &rq->items[i];
-		if (!gi->status)
+		if (!gi->status && !gi->in_region)
 			memcpy(base + gi->off, gi_bytes(gi), gi->nbytes);
 	}
 }
@@ -200,6 +202,7 @@ static void stream_batch_copied(struct stream *st, struct greq *rq)
 		st->next_send++;
 		sc->s->batches_sent++;
 	} else {
+		region_release(sc, st->copy_moff); /* its items handed in place, if any */
 		arena_free(&sc->arena, st->copy_doff);
 		arena_free(&sc->arena, st->copy_moff);
 	}
@@ -228,8 +231,9 @@ static void copy_part_after(uv_work_t *w, int status)
 
 /*
  * Sends the ready batches that are next in order and fit in the arena: the event is built
- * and the metadata written here; large tensors are copied on the threadpool, one batch of
- * a stream at a time, and the event goes out when they are in place.
+ * and the metadata written here; hot items of a handle with a region are handed there (no
+ * copy), the others' tensors copied into the arena, large ones on the threadpool, one batch
+ * of a stream at a time, and the event goes out when they are in place.
  */
 static void stream_send(struct stream *st)
 {
@@ -248,6 +252,7 @@ static void stream_send(struct stream *st)
 		uint32_t split = rq->n;
 		int n;
 
+		region_batch_take(rq); /* undone below unless the event goes out */
 		for (uint32_t i = 0; i < rq->n; i++) {
 			struct gitem *gi = &rq->items[i];
 			struct gitem *g0 = &rq->items[0];
@@ -263,17 +268,20 @@ static void stream_send(struct stream *st)
 				bh.uniform = 0;
 		}
 		/* one tensor when uniform: items exactly nbytes apart (each stays aligned to its
-		 * element size); otherwise each starts on an ARENA_ALIGN boundary */
+		 * element size); otherwise each starts on an ARENA_ALIGN boundary. Items in the
+		 * region take no arena space. */
 		for (uint32_t i = 0; i < rq->n; i++)
-			if (!rq->items[i].status)
+			if (!rq->items[i].status && !rq->items[i].in_region)
 				dlen += bh.uniform ? rq->items[i].nbytes : arena_span(rq->items[i].nbytes);
 		if (dlen + arena_span(mlen) + ARENA_ALIGN > sc->arena.size) {
+			region_batch_undo(rq);
 			stream_stop(st, -DMC_E_LIMIT_EXCEEDED,
 				    "a batch does not fit in the shared memory: use smaller batches, "
 				    "or open with a larger arena");
 			break;
 		}
 		if (!st->ev && !(st->ev = malloc(REPLY_MAX))) {
+			region_batch_undo(rq);
 			stream_stop(st, -ENOMEM, "out of memory");
 			break;
 		}
@@ -282,6 +290,7 @@ static void stream_send(struct stream *st)
 		if (moff == UINT64_MAX) {
 			char why[MSG_MAX];
 			enum room r;
+			region_batch_undo(rq); /* taken again when there is room */
 			if (doff != UINT64_MAX)
 				arena_free(&sc->arena, doff);
 			r = make_room(sc, arena_span(dlen) + arena_span(mlen), why, sizeof(why));
@@ -307,22 +316,29 @@ static void stream_send(struct stream *st)
 		for (uint32_t i = 0; i < rq->n; i++) {
 			struct gitem *gi = &rq->items[i];
 			if (!gi->status) {
-				gi->off = dpos;
+				if (!gi->in_region) {
+					gi->off = dpos;
+					dpos += bh.uniform ? gi->nbytes : arena_span(gi->nbytes);
+				}
 				gi->moff = mpos;
 				meta_write(gi, sc->arena.base + mpos);
-				dpos += bh.uniform ? gi->nbytes : arena_span(gi->nbytes);
 				mpos += gi->mlen;
 			}
 			item_desc_write(&w, gi);
 		}
+		if (rq->h.flags & DMC_OPEN_REGIONS) /* as in the GET reply */
+			for (uint32_t i = 0; i < rq->n; i++)
+				dmc_write_u8(&w, rq->items[i].in_region ? 1 : 0);
 		n = dmc_frame_end(&w, DMC_OP_STREAM, DMC_FLAG_REPLY | DMC_FLAG_MORE, st->request_id,
 				  0);
 		if (n <= 0) {
+			region_batch_undo(rq);
 			arena_free(&sc->arena, doff);
 			arena_free(&sc->arena, moff);
 			stream_stop(st, -DMC_E_LIMIT_EXCEEDED, "too many items for one batch event");
 			break;
 		}
+		region_batch_pin(rq, moff); /* released with the batch's metadata */
 		st->ready = rq->next;
 		st->ev_len = (size_t)n;
 		st->copy_doff = doff;
@@ -330,7 +346,7 @@ static void stream_send(struct stream *st)
 		st->copying = rq;
 		/* two halves of the bytes */
 		for (uint32_t i = 0; i < rq->n && split == rq->n; i++) {
-			if (rq->items[i].status)
+			if (rq->items[i].status || rq->items[i].in_region)
 				continue;
 			acc += rq->items[i].nbytes;
 			if (2 * acc >= dlen)

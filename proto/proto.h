@@ -493,7 +493,7 @@ struct dmc_verify_reply {
  *   back by its meta_offset alone (its tensor offset is the region's, not the arena's):
  *   that also unpins its tensor in the region.
  *
- * Regions (DMC_OPEN_REGIONS; GET only, STREAM batches always use the arena):
+ * Regions (DMC_OPEN_REGIONS; GET items, and STREAM batch items, see STREAM):
  *   A region holds decoded tensors of one snapshot's items, and of no other snapshot's:
  *   a memfd of fixed size, sealed against shrinking and growing, that the daemon writes
  *   and passes read-only (an O_RDONLY descriptor of a file the daemon owns, mode 0400:
@@ -528,13 +528,23 @@ struct dmc_verify_reply {
  *     dmc_stream_index() compute all of this.
  *   Events (DMC_FLAG_MORE), one per batch, in order:
  *     u64 batch, u32 n, u32 uniform, u64 data_offset, u64 data_len, u64 meta_offset,
- *     u64 meta_len, then n item records as in the GET reply
+ *     u64 meta_len, then n item records as in the GET reply, then (only with
+ *     DMC_OPEN_REGIONS on the handle, as in the GET reply) n times u8 in_region
  *   The batch's tensors lie back to back at data_offset, in item order, and its metadata
- *   documents back to back at meta_offset; the item records point inside those two regions.
+ *   documents back to back at meta_offset; the item records point inside those two blocks.
  *   uniform is 1 when every item succeeded with the same dtype and shape: the data is then
  *   one C-order tensor (n, frames, channels, height, width). A failed item has its status
  *   and message and takes no space; the batch still comes. The client gives a whole batch
  *   back with RELEASE of data_offset and meta_offset (not of its items' offsets).
+ *   With DMC_OPEN_REGIONS, an item in the daemon's hot set is handed in place, as a GET
+ *   item is (see Regions): in_region 1, its offset in the handle's region, no copy and no
+ *   arena space; it is pinned until the RELEASE of the batch's meta_offset (or the
+ *   connection's end; a batch dropped by STOP before it was sent pinned nothing). The
+ *   other items are in the arena as above: data_len counts only theirs, and they lie
+ *   back to back there (exactly nbytes apart when uniform); the data is one tensor only
+ *   when no item is in_region. Without the flag no item is ever in_region and the
+ *   trailer is absent (the event of a daemon older than this has none either: clients
+ *   take its absence as every item in the arena).
  *   The daemon keeps up to `ahead` batches decoded and sent beyond the one the client is
  *   reading: it prepares batch k + ahead + 1 only when batch k is released.
  *   Final reply: u64 batches (sent), u32 stopped. Errors that end the stream early (a

@@ -5,7 +5,9 @@
  * every byte of every tensor (as a training loop copying it to a GPU would), gives the
  * space back, and prints items/s and MB/s per epoch. Two ways: GET of the batches the
  * program chooses (dmc_get, dmc_release), or with --stream the daemon's own order and
- * batches laid out contiguously, prepared ahead (dmc_stream_*). Uses only <dmcache.h>:
+ * batches laid out contiguously, prepared ahead (dmc_stream_*); with --regions, hot items
+ * come in place from the daemon's read-only region (DMC_OPEN_REGIONS: no copy into the
+ * arena; such a batch has `data` NULL and is read item by item). Uses only <dmcache.h>:
  *
  *     cc dmcache-read.c $(pkg-config --cflags --libs libdmcache) -o dmcache-read
  *     dmcache-read --source ~/datasets/ct --epochs 3 --batch 32 [--stream --shuffle]
@@ -46,6 +48,7 @@ static void usage(FILE *out)
 		"  --limit N        read only the first N items of each epoch\n"
 		"  --stream         let the daemon order and prepare the batches (STREAM)\n"
 		"  --shuffle        with --stream: shuffled order, seeded with the epoch\n"
+		"  --regions        hot items handed in place (DMC_OPEN_REGIONS)\n"
 		"  --arena BYTES    shared memory to ask for (default: the daemon's)\n"
 		"  --socket PATH    the daemon's socket (default: $DMCACHE_SOCKET, ...)\n"
 		"  --version V      dataset version (default: the newest)\n"
@@ -178,7 +181,7 @@ static int epoch_stream(struct reader *r, uint64_t epoch, uint64_t *ret_items,
 			dmc_stream_close(st);
 			return -1;
 		}
-		if (b.uniform) {
+		if (b.uniform && b.data) { /* one block of the arena */
 			r->sum += touch(b.data, b.data_len);
 			nbytes += b.data_len;
 		} else {
@@ -208,7 +211,7 @@ static int epoch_stream(struct reader *r, uint64_t epoch, uint64_t *ret_items,
 int main(int argc, char **argv)
 {
 	enum { OPT_EPOCHS = 256, OPT_BATCH, OPT_LIMIT, OPT_ARENA, OPT_SOCKET, OPT_VERSION,
-	       OPT_SERVER, OPT_KEY, OPT_SOURCE, OPT_STREAM, OPT_SHUFFLE };
+	       OPT_SERVER, OPT_KEY, OPT_SOURCE, OPT_STREAM, OPT_SHUFFLE, OPT_REGIONS };
 	static const struct option opts[] = {
 		{ "epochs", required_argument, NULL, OPT_EPOCHS },
 		{ "batch", required_argument, NULL, OPT_BATCH },
@@ -221,6 +224,7 @@ int main(int argc, char **argv)
 		{ "source", required_argument, NULL, OPT_SOURCE },
 		{ "stream", no_argument, NULL, OPT_STREAM },
 		{ "shuffle", no_argument, NULL, OPT_SHUFFLE },
+		{ "regions", no_argument, NULL, OPT_REGIONS },
 		{ "help", no_argument, NULL, 'h' },
 		{ 0 },
 	};
@@ -260,6 +264,7 @@ int main(int argc, char **argv)
 		case OPT_SOURCE: source = optarg; break;
 		case OPT_STREAM: stream = true; break;
 		case OPT_SHUFFLE: r.shuffle = true; break;
+		case OPT_REGIONS: oa.flags |= DMC_OPEN_REGIONS; break;
 		case 'h':
 			usage(stdout);
 			return 0;

@@ -21,7 +21,8 @@ fails on speed. What runs, on data it writes itself:
   (c)       dmcache.Loader(batch_size=32, shuffle, metadata=False); (c') metadata=True,
             each item's meta['labels'] and meta['dicom'] (a pydicom Dataset) read: the
             first epoch parses every item's metadata, later ones reuse it (the Loader
-            keeps it); both after a warm-up epoch, whose figures are kept too (first epoch)
+            keeps it); both after a warm-up epoch, whose figures are kept too (first epoch);
+            (c) again without regions (every batch copied into the arena and viewed)
   (d)       (a) with a per-item transform (flip, crop, float32, blur) in the workers
   (e)       dmcache.Loader(num_workers=2, transform=) with the same transform
   C API     client/dmcache-read (the example program) over every item: GETs of 32 in
@@ -35,8 +36,11 @@ fails on speed. What runs, on data it writes itself:
             into the arena, as before regions); the same for one item (the per-request
             cost). What the client then pays to make a batch tensor of the 32 items
             handed in place: one gathering copy into its own memory (what the Loader
-            does) against a read-only view when they happen to lie back to back. Also
-            the time a Loader loop waits in next() per batch. The daemon's heap
+            does) against a read-only view when they happen to lie back to back. STREAM
+            of the hot set in batches of 32 on the same two connections: the wait in
+            dmc_stream_next() per batch, in a loop that only releases and asks again
+            (in place against copied). Also the time a Loader loop waits in next() per
+            batch, with and without regions. The daemon's heap
             (RssAnon) before and after the timed GETs (flat: no per-batch allocation).
   T6        a new process (torch and dmcache imported): Loader() + first batch, median
             of 3; dmcache-read's connect + OPEN + first batch; connect and OPEN alone
@@ -449,11 +453,16 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
     res['b'] = run_epochs(lambda: dataloader(dmcache.Dataset(
         root=os.path.dirname(folder), dataset_name=os.path.basename(folder),
         return_dicom=False, return_metainfo=False)), reps)
-    for key, meta in (('c', False), ('c_meta', True)):
-        log('(c) dmcache.Loader, metadata=%s' % meta)
+    class ArenaLoader(dmcache.Loader):
+        _regions = False  # every batch copied into the arena, as before regions
+
+    for key, meta, cls in (('c', False, dmcache.Loader), ('c_meta', True, dmcache.Loader),
+                           ('c_arena', False, ArenaLoader)):
+        log('(c) dmcache.Loader, metadata=%s%s' % (meta, '' if cls is dmcache.Loader
+                                                   else ', without regions'))
         res[key + '_first'] = []
-        res[key] = run_epochs(lambda: dmcache.Loader(folder, batch_size=BATCH, shuffle=True,
-                                                     metadata=meta), reps,
+        res[key] = run_epochs(lambda: cls(folder, batch_size=BATCH, shuffle=True,
+                                          metadata=meta), reps,
                               set_epoch=lambda it, e: it.set_epoch(e), read_meta=meta,
                               first=res[key + '_first'])
     # transforms in worker processes: DataLoader's (over pydicom) against the Loader's
@@ -562,26 +571,55 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
             ods.release(items)
             if i >= 20:
                 out.append(dt)
+    # STREAM of the hot snapshot, batches of 32 (16 MiB): dmc_stream_next()'s wait until
+    # the batch event says where the items are, in a loop that only releases and asks
+    # again (the daemon's per-batch work, or the first batch of each epoch's stream)
+    snext, snext_old = [], []
+    e = 0
+    while len(snext) < args.handoff:
+        for ods, out in ((o_new, snext), (o_old, snext_old)):
+            st = ods.stream(BATCH, seed=1, epoch=e, shuffle=True)
+            try:
+                while True:
+                    t0 = time.perf_counter()
+                    b = st.next()
+                    dt = time.perf_counter() - t0
+                    if b is None:
+                        break
+                    if b.in_region != (b.n if ods is o_new else 0):
+                        raise SystemExit('a hot STREAM item was not handed as expected')
+                    if e:
+                        out.append(dt)
+                    st.release(b)
+            finally:
+                st.close()
+        e += 1
     c1 = daemon_counters(dmcache, d)
     res['region_committed'] = c1.get('serve_region_committed_bytes', 0)
     for ods, c in ((o_new, c_new), (o_old, c_old)):
         ods.close()
         c.close()
-    wait = []
-    hot_loader = dmcache.Loader(hot, batch_size=BATCH, shuffle=True, metadata=False)
-    e = 0
-    while len(wait) < max(2, args.handoff // 2):
-        hot_loader.set_epoch(e)
-        it = iter(hot_loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                next(it)
-            except StopIteration:
-                break
-            wait.append(time.perf_counter() - t0)
-        e += 1
-    hot_loader.close()
+
+    class ArenaLoader(dmcache.Loader):
+        _regions = False  # every batch copied into the arena, as before regions
+
+    waits = {}
+    for key, cls in (('loader_wait_us', dmcache.Loader), ('loader_wait_old_us', ArenaLoader)):
+        wait = waits[key] = []
+        hot_loader = cls(hot, batch_size=BATCH, shuffle=True, metadata=False)
+        e = 0
+        while len(wait) < max(2, args.handoff // 2):
+            hot_loader.set_epoch(e)
+            it = iter(hot_loader)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    next(it)
+                except StopIteration:
+                    break
+                wait.append(time.perf_counter() - t0)
+            e += 1
+        hot_loader.close()
     pct = lambda xs: (percentile(xs, 50) * 1e6, percentile(xs, 99) * 1e6)  # noqa: E731
     res['handoff_us'] = pct(lat)
     res['handoff_old_us'] = pct(lat_old)
@@ -590,7 +628,10 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
     res['gather_us'] = pct(gather)
     res['view_us'] = pct(view) if view else None
     res['contiguous'] = (contiguous, args.handoff + 20)
-    res['loader_wait_us'] = (percentile(wait, 50) * 1e6, percentile(wait, 99) * 1e6)
+    res['stream_us'] = pct(snext)
+    res['stream_old_us'] = pct(snext_old)
+    for key, wait in waits.items():
+        res[key] = pct(wait)
     res['batch_bytes'] = batch_bytes
     res['rss_kib'] = (rss0, rss1)
 
@@ -660,6 +701,8 @@ def report(args, res):
          'T1: >= %d items/s, >= %.0f GB/s' % (T1_ITEMS_S, T1_GB_S),
          verdict(c >= T1_ITEMS_S and c_gbs >= T1_GB_S)),
         ('(c) / (a)', '%.1fx' % (c / a), 'T1: >= %dx' % T1_RATIO, verdict(c / a >= T1_RATIO)),
+        ('(c) without regions (every batch copied into the arena, viewed)',
+         '%.0f items/s (%.2fx c)' % (med('c_arena'), med('c_arena') / c), '', ''),
         ("(c') dmcache.Loader, metadata=True, labels and DICOM header read",
          '%.0f items/s (%.2fx c)' % (cm, cm / c), '', ''),
         ("(c') its first epoch (every item's metadata parsed), against (c)'s first",
@@ -682,6 +725,12 @@ def report(args, res):
          verdict(p50 <= T3_P50_US and p99 <= T3_P99_US)),
         ('the same, copied into the arena (without regions), p50 / p99',
          '%.0f / %.0f us' % res['handoff_old_us'], '', ''),
+        ('hot %.0f MiB STREAM batch in place (regions): dmc_stream_next() wait, p50 / p99' % (
+            res['batch_bytes'] / 2**20), '%.0f / %.0f us' % res['stream_us'],
+         'T3: <= %d / %d us' % (T3_P50_US, T3_P99_US),
+         verdict(res['stream_us'][0] <= T3_P50_US and res['stream_us'][1] <= T3_P99_US)),
+        ('the same STREAM copied into the arena (without regions), p50 / p99',
+         '%.0f / %.0f us' % res['stream_old_us'], '', ''),
         ('handoff, GET of one hot item (0.5 MiB), in place, p50 / p99', '%.0f / %.0f us' % (
             res['handoff1_us']), '', ''),
         ('the same, copied into the arena, p50 / p99', '%.0f / %.0f us' % (
@@ -694,8 +743,10 @@ def report(args, res):
          ''),
         ('regions: memory the daemon holds for them', '%.1f MiB' % (
             res['region_committed'] / 2**20), '', ''),
-        ('Loader loop: wait in next() per batch, p50 / p99', '%.0f / %.0f us' % (w50, w99),
-         '', ''),
+        ('Loader loop: wait in next() per batch (in place: gathered), p50 / p99',
+         '%.0f / %.0f us' % (w50, w99), '', ''),
+        ('the same without regions (copied into the arena, viewed), p50 / p99',
+         '%.0f / %.0f us' % res['loader_wait_old_us'], '', ''),
         ('daemon heap (RssAnon) over the timed GETs', '%.1f -> %.1f MiB' % (
             rss0 / 1024, rss1 / 1024), 'T3: flat', verdict(rss1 - rss0 <= RSS_FLAT_KIB)),
         ('daemon VmRSS at the end (arenas of closed clients gone)', '%.1f MiB' % (

@@ -209,3 +209,36 @@ def decode_get_reply(payload, regions=False):
         d['in_region'] = r.u8() if regions else 0
     r.done()
     return items
+
+
+OP_STREAM, OP_STOP = 35, 37
+
+
+def stream_msg(handle, batch_size, seed=0, epoch=0, flags=0, rank=0, world_size=1, ahead=0,
+               rid=20):
+    return frame(OP_STREAM, struct.pack('<QQQIIIII', handle, seed, epoch, flags, rank,
+                                        world_size, batch_size, ahead), rid=rid)
+
+
+def stop_msg(stream_rid, rid=21):
+    return frame(OP_STOP, struct.pack('<I', stream_rid), rid=rid)
+
+
+def decode_batch_event(payload, regions=False):
+    """A STREAM batch event: its head and items; with regions (a handle opened with
+    DMC_OPEN_REGIONS), each item's in_region from the trailer."""
+    r = Reader(payload)
+    head = dict(batch=r.u64(), n=r.u32(), uniform=r.u32(), data_offset=r.u64(),
+                data_len=r.u64(), meta_offset=r.u64(), meta_len=r.u64())
+    items = []
+    for _ in range(head['n']):
+        d = dict(index=r.u64(), status=r.u32(), dtype=r.u32(), ndim=r.u32())
+        d['shape'] = [r.u64() for _ in range(4)]
+        d.update(offset=r.u64(), nbytes=r.u64(), meta_offset=r.u64(), meta_len=r.u64(),
+                 message=r.str())
+        items.append(d)
+    for d in items:
+        d['in_region'] = r.u8() if regions else 0
+    r.done()
+    head['items'] = items
+    return head

@@ -16,6 +16,11 @@ import dmcache
 from conftest import ARENA, PYTHON, counters, make_dicom_folder, run_python, start_daemon
 
 
+class ArenaLoader(dmcache.Loader):
+    """Every batch laid out in the connection's arena (no items handed in place)."""
+    _regions = False
+
+
 @pytest.mark.parametrize('n', [1, 7, 19, 72, 100])
 @pytest.mark.parametrize('world', [1, 3, 4])
 @pytest.mark.parametrize('drop_last', [False, True])
@@ -139,7 +144,8 @@ def test_batches_equal_the_items_and_shuffles_are_seeded(daemon):
 
 
 def test_views_are_zero_copy_and_released_at_the_next_batch(daemon):
-    loader = dmcache.Loader('sample', batch_size=3, arena_bytes=ARENA, prefetch=0, collate='list')
+    # the arena path (batches of hot items handed in place are copies: test_regions.py)
+    loader = ArenaLoader('sample', batch_size=3, arena_bytes=ARENA, prefetch=0, collate='list')
     it = iter(loader)
     b = next(it)  # ct 0-2: one shape, stacked
     assert isinstance(b.images, torch.Tensor) and b.images.shape == (3, 1, 1, 512, 512)
@@ -214,7 +220,8 @@ def test_item_errors_and_reuse(daemon, tmp_path):
 
 def test_a_batch_larger_than_the_arena_fails_instead_of_hanging(daemon):
     # four CT slices of 512 KiB each in a 1 MiB arena
-    loader = dmcache.Loader('sample', batch_size=4, arena_bytes=1 << 20, prefetch=0, collate='list')
+    # the arena path: hot items handed in place would need no arena space
+    loader = ArenaLoader('sample', batch_size=4, arena_bytes=1 << 20, prefetch=0, collate='list')
     with pytest.raises(dmcache.LimitExceededError) as e:
         next(iter(loader))
     assert e.value.code == 1008 and e.value.name == 'limit_exceeded'
@@ -278,8 +285,10 @@ def test_numpy_without_torch_and_writable_views(daemon):
 HOLDER = textwrap.dedent('''
     import sys, time
     import dmcache
-    loader = dmcache.Loader(sys.argv[1], batch_size=int(sys.argv[2]), arena_bytes=int(sys.argv[3]),
-                            prefetch=1, collate='list')
+    class Loader(dmcache.Loader):
+        _regions = sys.argv[4] == '1'
+    loader = Loader(sys.argv[1], batch_size=int(sys.argv[2]), arena_bytes=int(sys.argv[3]),
+                    prefetch=1, collate='list')
     it = iter(loader)
     b = next(it)
     print('holding', flush=True)
@@ -326,7 +335,7 @@ def test_client_killed_mid_batch(emu, tmpdir_short):
         for rnd in range(4):
             if rnd == 1:  # after one round: the daemon's heap has its working size
                 rss0 = _rss(d.proc.pid)
-            p = _spawn(HOLDER, 'ct', 16, 64 << 20)
+            p = _spawn(HOLDER, 'ct', 16, 64 << 20, 0)  # the arena path (regions: test_regions)
             assert p.stdout.readline().strip() == 'holding', p.stderr.read()
             # one connection of 64 MiB: one batch in use, the next two made ahead
             deadline = time.monotonic() + 20

@@ -133,3 +133,87 @@ def test_a_daemon_older_than_regions_is_opened_without_them(tmpdir_short):
         c.close()
         t.join(10)
         srv.close()
+
+
+def stream_epoch(ds, epoch, hold=False):
+    """[(indices, [bytes], [region flags], batch data is None, in_region)] of one STREAM
+    epoch of batches of 8, shuffled; every batch released as read (or all held until the
+    end, with `hold`: then also the daemon's pinned count while they are held)."""
+    st = ds.stream(8, seed=3, epoch=epoch, shuffle=True, ahead=8 if hold else 0)
+    out, held, pinned = [], [], None
+    try:
+        while True:
+            b = st.next()
+            if b is None:
+                break
+            items = [b.items[i] for i in range(b.n)]
+            assert all(it.status == 0 for it in items)
+            out.append(([int(it.index) for it in items],
+                        [item_array(it).copy() for it in items],
+                        [int(it.region) for it in items], b.data is None, int(b.in_region)))
+            if hold:
+                held.append(b)
+            else:
+                st.release(b)
+        if hold:
+            pinned = counters(ds.client.socket_path)['serve_region_tensors_pinned']
+            for b in held:
+                st.release(b)
+    finally:
+        st.close()
+    return out, pinned
+
+
+def test_stream_batches_of_hot_items_come_in_place(daemon, emu, ct_reference):
+    """STREAM on a handle with regions: every hot item handed in place (item.region 1, the
+    batch's data NULL), the bytes those of a connection without regions and pydicom's,
+    pinned while the batches are held and not after."""
+    a, b = _lib.Client(daemon.socket), _lib.Client(daemon.socket)
+    try:
+        ra, pb = open_ct(a, True), open_ct(b, False)
+        c0 = counters(daemon.socket)
+        inplace, pinned = stream_epoch(ra, 1, hold=True)
+        copies, _ = stream_epoch(pb, 1)
+        c1 = counters(daemon.socket)
+        assert c1['serve_stream_region_items_total'] - c0['serve_stream_region_items_total'] \
+            == 72
+        assert pinned >= 8  # the batches held (the daemon sent ahead=8 beyond the first)
+        assert c1['serve_region_tensors_pinned'] == 0
+        assert [x[0] for x in inplace] == [x[0] for x in copies]
+        for (idx, data, flags, no_data, n_region), (_, plain, pflags, pno, pn) in \
+                zip(inplace, copies):
+            assert flags == [1] * len(idx) and no_data and n_region == len(idx)
+            assert pflags == [0] * len(idx) and not pno and pn == 0
+            for i, x, y in zip(idx, data, plain):
+                assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), i
+                assert np.array_equal(x.astype(np.int32), ct_reference[i]), i  # pydicom's
+        ra.close()
+        pb.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_loader_batches_handed_in_place_are_writable(daemon, emu, ct_reference):
+    """The Loader's STREAM path: batches whose items came in place are gathered into memory
+    of their own (one copy): equal to pydicom's values, and writing into one changes
+    nothing the next epoch reads."""
+    loader = dmcache.Loader('ct', batch_size=8, shuffle=True, seed=1, dtype='int32',
+                            metadata=False)
+    try:
+        list(loader)  # decoded and hot
+        for epoch in range(2):
+            before = counters(daemon.socket)['serve_stream_region_items_total']
+            n = 0
+            for b in loader:
+                assert isinstance(b.images, torch.Tensor) and b.images.dtype == torch.int32
+                assert torch.equal(b.images, torch.from_numpy(
+                    np.stack([ct_reference[i] for i in b.indices])))
+                b.images.add_(7)  # in place, as a transform would
+                b.images[0].zero_()
+                n += len(b.indices)
+            assert n == 72
+            assert counters(daemon.socket)['serve_stream_region_items_total'] - before == 72
+        assert counters(daemon.socket)['serve_region_tensors_pinned'] == 0
+    finally:
+        loader.close()

@@ -120,7 +120,7 @@ class StreamArgs(ctypes.Structure):
 class BatchInfo(ctypes.Structure):
     _fields_ = [('number', u64), ('n', u32), ('uniform', ctypes.c_bool), ('data', c_void_p),
                 ('data_len', u64), ('data_offset', u64), ('meta_offset', u64),
-                ('items', ctypes.POINTER(Item))]
+                ('items', ctypes.POINTER(Item)), ('in_region', u32)]
 
 
 class ErrorInfo(ctypes.Structure):

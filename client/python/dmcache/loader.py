@@ -13,7 +13,9 @@ the same.
 
 Memory. One connection, one STREAM per epoch: the daemon decodes ahead (prefetch + 1
 batches beyond the one in use) and writes each batch contiguously into the connection's
-arena. A batch stays there until the next batch is asked for (or the iteration ends); then
+arena; items already decoded in its memory (hot) are handed in place instead, from the
+snapshot's read-only region, and such a batch is gathered with one copy into memory of its
+own. A batch stays there until the next batch is asked for (or the iteration ends); then
 it is RELEASEd. So the arena (arena_bytes, 0 for the daemon's default) must hold
 prefetch + 2 batches; a batch larger than the whole arena fails with limit_exceeded
 (LimitExceededError).
@@ -46,8 +48,9 @@ When a batch's items still differ, iteration raises BatchMismatchError at the fi
 batch, naming both items' dtypes and shapes and the parameter that fixes it;
 collate='list' gives a list of tensors instead (the Datamint client's collate).
 
-Writable views. A stacked batch (and each tensor of a list) is a zero-copy view of the
-connection's arena, valid until the next batch is asked for; .clone() what you keep, or
+Writable views. A batch laid out in the arena (stacked, or each tensor of a list) is a
+zero-copy view of the connection's arena, valid until the next batch is asked for (a batch
+with items handed in place is a copy of its own instead, see Memory); .clone() what you keep, or
 pass copy=True for copies. The arena is mapped copy-on-write: in-place operations
 (x.add_(1), x.sub_(mean), Normalize(inplace=True)) work, copy only the pages they write
 into this process's own memory, and are never seen by the daemon or another client. Those
@@ -372,7 +375,7 @@ class _Conn:
                                        policy=loader._policy,
                                        arena_bytes=loader.arena_bytes,
                                        frames=loader.frame_by_frame, masks=loader.masks,
-                                       offline=loader.offline, regions=True)
+                                       offline=loader.offline, regions=loader._regions)
         except BaseException:
             self.client.close()
             raise
@@ -419,6 +422,10 @@ class Loader:
     batch_transform=, num_workers=, pin_memory=, device= (and multiprocessing_context=
     for the workers) are the delivery stages of _delivery.py.
     """
+
+    # hot items handed in place (DMC_OPEN_REGIONS) on the STREAM and GET paths; False: every
+    # batch laid out in the arena (the arena path's tests and the benchmark's baseline)
+    _regions = True
 
     def __init__(self, project, batch_size=1, shuffle=False, seed=0, drop_last=False,
                  rank=None, world_size=None, version='latest', root=None, api_key=None,
@@ -709,6 +716,10 @@ class Loader:
 
     def _make_batch(self, b, epoch=0):
         items = [b.items[i] for i in range(b.n)]
+        if b.in_region:
+            # hot items handed in place (the daemon's read-only region): one gathering copy
+            # into the batch's own memory, as for GET
+            return self._batch_from_items(items, epoch, int(b.number))
         for it in items:
             if it.status:
                 raise _lib.item_error(it)
