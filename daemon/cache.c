@@ -293,10 +293,10 @@ static int reconcile_check(struct cache *c, const uint8_t *digest, bool had_row,
 /*
  * I3 at start: objects/ and the blobs table merged in digest order, one first byte at a
  * time (a directory listing against one ordered range of the table). A blob that both
- * name is kept when its file size is the one its row records (one fstatat; header and content are
- * checked by every read, which quarantines a bad blob and makes its item a miss); any other
- * file gets the full header check; a row without its file is dropped. Only differences
- * write to the index, so a restart over an intact cache of a million blobs writes nothing.
+ * name is kept when its file size is the one its row records (one fstatat; header and
+ * content are checked by every read, which quarantines a bad blob and makes its item a
+ * miss); any other file gets the full header check; a row without its file is dropped.
+ * Only differences write to the index: a restart over an intact cache writes nothing.
  */
 int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 {
@@ -307,7 +307,8 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 	uint64_t used = 0, objects = 0, shortfall = 0;
 	int r;
 
-	if ((r = index_flush(c->index)) < 0 || (r = store_scan_begin(c->store, &rep->files_removed)) < 0)
+	if ((r = index_flush(c->index)) < 0 ||
+	    (r = store_scan_begin(c->store, &rep->files_removed)) < 0)
 		return r;
 	for (unsigned b = 0; b < 256 && r >= 0; b++) {
 		size_t n = 0, i = 0, k = 0;
@@ -327,9 +328,11 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 			} else {
 				const struct index_blob *row = &rows.v[k++];
 				uint64_t size = 0;
-				int q = row->raw_size < 0 || row->stored_size < 0 ? 0 :
-					store_scan_known(c->store, names[i], (uint64_t)row->raw_size,
-							 (uint64_t)row->stored_size, &size);
+				int q = row->raw_size < 0 || row->stored_size < 0
+						? 0
+						: store_scan_known(c->store, names[i],
+								   (uint64_t)row->raw_size,
+								   (uint64_t)row->stored_size, &size);
 				if (q == -ENOENT) {
 					rep->rows_dropped++;
 					r = index_blob_delete(c->index, names[i]);
@@ -339,7 +342,8 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 					used += size;
 					objects++;
 				} else {
-					r = reconcile_check(c, names[i], true, rep, &used, &objects);
+					r = reconcile_check(c, names[i], true, rep, &used,
+							    &objects);
 				}
 				i++;
 			}

@@ -690,7 +690,8 @@ TEST(blobs_by_first_byte)
 		     { 0x7f, 2, { 0x10, 0x20 } }, { 0xfe, 0, { 0 } }, { 0xff, 2, { 0x00, 0xff } } };
 	for (size_t k = 0; k < sizeof(want) / sizeof(want[0]); k++) {
 		memset(&w, 0, sizeof(w));
-		ASSERT_EQ(index_blobs_first_byte(fx.ix, want[k].first, on_byte_blob, &w), want[k].n);
+		ASSERT_EQ(index_blobs_first_byte(fx.ix, want[k].first, on_byte_blob, &w),
+			  want[k].n);
 		ASSERT_EQ(w.n, want[k].n);
 		for (int i = 0; i < want[k].n; i++) {
 			ASSERT_EQ(w.seen[i][0], want[k].first);
@@ -901,7 +902,8 @@ int main(int argc, char **argv)
 {
 	RUN_TESTS(T(snapshots), T(items_and_limits), T(batched_100k_items_and_paging),
 		  T(flush_is_the_durability_point), T(new_version_downloads_only_the_difference),
-		  T(blobs_and_lru_order), T(reconcile_pass), T(blobs_by_first_byte), T(corrupt_database_is_moved_aside),
+		  T(blobs_and_lru_order), T(reconcile_pass),
+		  T(blobs_by_first_byte), T(corrupt_database_is_moved_aside),
 		  T(newer_schema_is_refused), T(second_process_is_locked_out),
 		  T(owners_grants_and_ids));
 }
