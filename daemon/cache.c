@@ -328,11 +328,11 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 			} else {
 				const struct index_blob *row = &rows.v[k++];
 				uint64_t size = 0;
-				int q = row->raw_size < 0 || row->stored_size < 0
-						? 0
-						: store_scan_known(c->store, names[i],
-								   (uint64_t)row->raw_size,
-								   (uint64_t)row->stored_size, &size);
+				int q = 0;
+				if (row->raw_size >= 0 && row->stored_size >= 0)
+					q = store_scan_known(c->store, names[i],
+							     (uint64_t)row->raw_size,
+							     (uint64_t)row->stored_size, &size);
 				if (q == -ENOENT) {
 					rep->rows_dropped++;
 					r = index_blob_delete(c->index, names[i]);
