@@ -235,52 +235,133 @@ int cache_close(struct cache *c)
 	return r;
 }
 
-struct reconcile_ctx {
-	struct cache *c;
-	int64_t pass;
+/* The index's blob rows of one first byte, in digest order (index_blobs_first_byte). */
+struct row_list {
+	struct index_blob *v;
+	size_t n, cap;
 };
 
-static int on_scanned_blob(void *ctx, const struct store_blob_info *info)
+static int row_push(void *ctx, const struct index_blob *b)
 {
-	struct reconcile_ctx *rc = ctx;
-	struct index_blob b;
-	int r;
-
-	memcpy(b.digest, info->digest, STORE_DIGEST_SIZE);
-	b.kind = info->kind;
-	b.raw_size = (int64_t)info->raw_size;
-	b.stored_size = (int64_t)info->stored_size;
-	/* Only used when the blob is adopted: its file time is the best access time left. */
-	b.last_access = info->mtime_ms;
-	r = index_blob_seen(rc->c->index, rc->pass, &b);
-	if (r == 0 && index_pending(rc->c->index) >= RECONCILE_BATCH)
-		r = index_flush(rc->c->index);
-	return r;
+	struct row_list *l = ctx;
+	if (l->n == l->cap) {
+		size_t ncap = l->cap ? 2 * l->cap : 256;
+		void *p = realloc(l->v, ncap * sizeof(*l->v));
+		if (!p)
+			return -ENOMEM;
+		l->v = p;
+		l->cap = ncap;
+	}
+	l->v[l->n++] = *b;
+	return 0;
 }
 
+/* A blob file without a row, or whose row disagrees with its size: the full header check,
+ * then the row written from the header (adopted, or corrected keeping its access time), or
+ * dropped when the file was bad. */
+static int reconcile_check(struct cache *c, const uint8_t *digest, bool had_row,
+			   struct cache_open_report *rep, uint64_t *used, uint64_t *objects)
+{
+	struct store_blob_info info;
+	struct index_blob b;
+	int r = store_scan_adopt(c->store, digest, &info);
+
+	if (r == -DMC_E_INTEGRITY) {
+		rep->files_removed++;
+		if (!had_row)
+			return 0;
+		rep->rows_dropped++;
+		return index_blob_delete(c->index, digest);
+	}
+	if (r < 0)
+		return r;
+	memcpy(b.digest, info.digest, STORE_DIGEST_SIZE);
+	b.kind = info.kind;
+	b.raw_size = (int64_t)info.raw_size;
+	b.stored_size = (int64_t)info.stored_size;
+	/* Only used when the blob is adopted: its file time is the best access time left. */
+	b.last_access = info.mtime_ms;
+	if ((r = index_blob_seen(c->index, 0, &b)) < 0)
+		return r;
+	if (!had_row)
+		rep->adopted++;
+	*used += info.file_size;
+	(*objects)++;
+	return 0;
+}
+
+/*
+ * I3 at start: objects/ and the blobs table merged in digest order, one first byte at a
+ * time (a directory listing against one ordered range of the table). A blob that both
+ * name is kept when its file size is the one its row records (one fstatat; header and
+ * content are checked by every read, which quarantines a bad blob and makes its item a
+ * miss); any other file gets the full header check; a row without its file is dropped.
+ * Only differences write to the index: a restart over an intact cache writes nothing.
+ */
 int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 {
-	struct reconcile_ctx rc = { c, 0 };
+	uint8_t(*names)[STORE_DIGEST_SIZE] = NULL;
+	size_t cap = 0;
+	struct row_list rows = { 0 };
 	struct store_stats st;
-	int64_t rows_before = 0, rows_after = 0;
-	uint64_t shortfall = 0;
+	uint64_t used = 0, objects = 0, shortfall = 0;
 	int r;
 
-	if ((r = index_flush(c->index)) < 0 || (r = index_blob_totals(c->index, &rows_before, NULL)) < 0 ||
-	    (r = index_reconcile_begin(c->index, &rc.pass)) < 0)
+	if ((r = index_flush(c->index)) < 0 ||
+	    (r = store_scan_begin(c->store, &rep->files_removed)) < 0)
 		return r;
-	r = store_scan(c->store, on_scanned_blob, &rc, &rep->files_removed);
+	for (unsigned b = 0; b < 256 && r >= 0; b++) {
+		size_t n = 0, i = 0, k = 0;
+		rows.n = 0;
+		if ((r = store_scan_list(c->store, b, &names, &cap, &n, &rep->files_removed)) < 0 ||
+		    (r = index_blobs_first_byte(c->index, b, row_push, &rows)) < 0)
+			break;
+		r = 0;
+		while (r >= 0 && (i < n || k < rows.n)) {
+			int cmp = i == n ? 1 : k == rows.n ? -1 :
+				  memcmp(names[i], rows.v[k].digest, STORE_DIGEST_SIZE);
+			if (cmp < 0) { /* a file without a row */
+				r = reconcile_check(c, names[i++], false, rep, &used, &objects);
+			} else if (cmp > 0) { /* a row without its file */
+				rep->rows_dropped++;
+				r = index_blob_delete(c->index, rows.v[k++].digest);
+			} else {
+				const struct index_blob *row = &rows.v[k++];
+				uint64_t size = 0;
+				int q = 0;
+				if (row->raw_size >= 0 && row->stored_size >= 0)
+					q = store_scan_known(c->store, names[i],
+							     (uint64_t)row->raw_size,
+							     (uint64_t)row->stored_size, &size);
+				if (q == -ENOENT) {
+					rep->rows_dropped++;
+					r = index_blob_delete(c->index, names[i]);
+				} else if (q < 0) {
+					r = q;
+				} else if (q == 1) {
+					used += size;
+					objects++;
+				} else {
+					r = reconcile_check(c, names[i], true, rep, &used,
+							    &objects);
+				}
+				i++;
+			}
+			if (r == 0 && index_pending(c->index) >= RECONCILE_BATCH)
+				r = index_flush(c->index);
+		}
+	}
+	free(names);
+	free(rows.v);
+	store_scan_end(c->store, used, objects);
 	if (r < 0) {
 		(void)index_flush(c->index);
 		return r;
 	}
-	if ((r = index_flush(c->index)) < 0 ||
-	    (r = index_blob_totals(c->index, &rows_after, NULL)) < 0 ||
-	    (r = index_reconcile_end(c->index, rc.pass, &rep->rows_dropped)) < 0)
+	if ((r = index_flush(c->index)) < 0)
 		return r;
 	store_get_stats(c->store, &st);
 	rep->blobs = st.objects;
-	rep->adopted = rows_after - rows_before;
 
 	/* I3: within max_size and min_free before anything is served. */
 	if ((r = store_shortfall(c->store, 0, &shortfall)) < 0)

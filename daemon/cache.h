@@ -2,8 +2,11 @@
  * cache: the store (blob files, store.h) and the index (SQLite, index.h) of one cache
  * directory, kept consistent with each other.
  *
- *   cache_open()      opens both and reconciles them (docs/reliability.md I3): temp files
- *                     removed; blobs with a bad header, name or size removed; index rows
+ *   cache_open()      opens both and reconciles them (docs/reliability.md I3) by merging
+ *                     each store directory with the index rows of its first byte: temp
+ *                     files removed; files with a bad name removed; a blob whose row gives
+ *                     its file size kept on one fstatat (reads check header and content);
+ *                     any other blob's header checked, bad ones removed; index rows
  *                     whose blob is gone dropped; valid blobs without a row adopted (they
  *                     are complete content: a crash between a blob's publication and its
  *                     index batch must not cost a download); a damaged index.db moved

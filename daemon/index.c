@@ -50,6 +50,7 @@ enum stmt_id {
 	S_BLOB_SEEN,
 	S_PASS_MAX,
 	S_PASS_DROP,
+	S_BLOBS_BYTE,
 	S_CLOCK,
 	S_ITEM_SET_CONTENT,
 	S_ITEM_SET_CONTENT_META,
@@ -167,6 +168,8 @@ static const char *const stmt_sql[S_COUNT_] = {
 			"stored_size = excluded.stored_size, seen = excluded.seen",
 	[S_PASS_MAX] = "SELECT coalesce(max(seen), 0) FROM blobs",
 	[S_PASS_DROP] = "DELETE FROM blobs WHERE seen <> ?1",
+	[S_BLOBS_BYTE] = "SELECT " BLOB_COLS " FROM blobs WHERE digest >= ?1 AND digest < ?2 "
+			 "ORDER BY digest",
 	[S_CLOCK] = "SELECT coalesce(max(last_access), 0) FROM blobs",
 	[S_ITEM_SET_CONTENT] = "UPDATE items SET blob = ?2, etag = ?3 WHERE key = ?1",
 	[S_ITEM_SET_CONTENT_META] = "UPDATE items SET blob = ?2, etag = ?3, meta = ?4 WHERE key = ?1",
@@ -1467,6 +1470,36 @@ int index_blob_seen(struct index *ix, int64_t pass, const struct index_blob *b)
 	if (b->last_access > ix->clock)
 		ix->clock = b->last_access;
 	return 0;
+}
+
+int index_blobs_first_byte(struct index *ix, unsigned first, index_blob_cb cb, void *ctx)
+{
+	/* Blobs compare as memcmp then length: [first] <= every digest starting with it <
+	 * [first + 1], and 33 bytes of 0xff are above every digest. */
+	uint8_t lo[1], hi[INDEX_DIGEST_SIZE + 1];
+	sqlite3_stmt *st;
+	int rc, n = 0, r = 0;
+
+	if (first > 255)
+		return -EINVAL;
+	lo[0] = (uint8_t)first;
+	memset(hi, 0xff, sizeof(hi));
+	if (first < 255)
+		hi[0] = (uint8_t)(first + 1);
+	st = stmt(ix, S_BLOBS_BYTE);
+	sqlite3_bind_blob(st, 1, lo, 1, SQLITE_TRANSIENT);
+	sqlite3_bind_blob(st, 2, hi, first < 255 ? 1 : (int)sizeof(hi), SQLITE_TRANSIENT);
+	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+		struct index_blob b;
+		blob_from_row(st, &b);
+		n++;
+		if (cb && (r = cb(ctx, &b)) < 0)
+			break;
+	}
+	if (r >= 0 && rc != SQLITE_ROW && rc != SQLITE_DONE)
+		r = fail(ix, rc);
+	sqlite3_reset(st);
+	return r < 0 ? r : n;
 }
 
 int index_reconcile_end(struct index *ix, int64_t pass, int64_t *ret_dropped)

@@ -300,6 +300,13 @@ int index_blob_seen(struct index *ix, int64_t pass, const struct index_blob *blo
 /* Drops the blob rows not seen in this pass (their files are gone or bad) and flushes. */
 int index_reconcile_end(struct index *ix, int64_t pass, int64_t *ret_dropped);
 
+/*
+ * The blob rows whose digest starts with byte `first` (0..255), in digest order, to `cb`
+ * (a negative return stops the walk with that code). Reconciliation merges them with the
+ * store's ordered listing of objects/<first>/. Returns the rows visited.
+ */
+int index_blobs_first_byte(struct index *ix, unsigned first, index_blob_cb cb, void *ctx);
+
 /* ---- for the prefetcher ---- */
 
 /*

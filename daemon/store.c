@@ -68,6 +68,7 @@ struct store {
 	struct scratch *pool;
 	unsigned npool;
 	uint64_t tmp_seq;
+	uint64_t scan_failures, scan_quarantined; /* saved by store_scan_begin() */
 
 	/* Serialises the steps that change names in tmp/ on hot paths (creating a temp,
 	 * renaming it out; taken before `lock`). The kernel serialises them anyway on the
@@ -1600,6 +1601,72 @@ int store_scan(struct store *s, store_blob_cb on_blob, void *ctx, uint64_t *ret_
 	if (ret_removed)
 		*ret_removed = removed;
 	return r < 0 ? r : 0;
+}
+
+/* ---- startup in parts: see store.h ---- */
+
+int store_scan_begin(struct store *s, uint64_t *ret_removed)
+{
+	uint64_t n = empty_dir(s->tmp_fd) + empty_dir(s->quar_fd);
+	pthread_mutex_lock(&s->lock);
+	s->scan_failures = s->st.integrity_failures;
+	s->scan_quarantined = s->st.quarantined;
+	pthread_mutex_unlock(&s->lock);
+	if (ret_removed)
+		*ret_removed += n;
+	return 0;
+}
+
+int store_scan_list(struct store *s, unsigned first, uint8_t (**digests)[STORE_DIGEST_SIZE],
+		    size_t *cap, size_t *ret_n, uint64_t *ret_removed)
+{
+	uint64_t removed = 0;
+	int r;
+	if (first > 255)
+		return -EINVAL;
+	r = list_subdir(s, first, digests, cap, ret_n, &removed);
+	if (ret_removed)
+		*ret_removed += removed;
+	return r;
+}
+
+int store_scan_known(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE], uint64_t raw_size,
+		     uint64_t stored_size, uint64_t *ret_file_size)
+{
+	char rel[3 + STORE_HEX_SIZE + 1];
+	struct stat st;
+	object_rel(digest, rel);
+	if (fstatat(s->obj_fd, rel, &st, AT_SYMLINK_NOFOLLOW) < 0)
+		return -errno;
+	if (!S_ISREG(st.st_mode) || raw_size > s->opt.max_object ||
+	    stored_size > STORE_OBJECT_MAX_HARD ||
+	    (uint64_t)st.st_size != STORE_HEADER_SIZE + stored_size)
+		return 0;
+	*ret_file_size = (uint64_t)st.st_size;
+	return 1;
+}
+
+int store_scan_adopt(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE],
+		     struct store_blob_info *ret_info)
+{
+	int fd = -1, r = blob_open(s, digest, &fd, ret_info);
+	if (r == -EIO)
+		r = -DMC_E_INTEGRITY; /* blob_open moved it to quarantine/ */
+	if (r == 0)
+		close(fd);
+	return r;
+}
+
+void store_scan_end(struct store *s, uint64_t used_bytes, uint64_t objects)
+{
+	empty_dir(s->quar_fd);
+	pthread_mutex_lock(&s->lock);
+	s->st.used_bytes = used_bytes;
+	s->st.objects = objects;
+	/* Removals at startup are repairs, reported by the caller, not read failures. */
+	s->st.integrity_failures = s->scan_failures;
+	s->st.quarantined = s->scan_quarantined;
+	pthread_mutex_unlock(&s->lock);
 }
 
 int store_verify_all(struct store *s, store_bad_cb on_bad, void *ctx, uint64_t *ret_ok,

@@ -268,6 +268,34 @@ int store_check_finish(struct store_check *c, const uint8_t expected[STORE_DIGES
 void store_check_free(struct store_check *c);
 int store_scan(struct store *s, store_blob_cb on_blob, void *ctx, uint64_t *ret_removed);
 
+/*
+ * The same startup work in parts, for a caller that merges objects/ with its own list of
+ * the blobs it knows (cache_reconcile() with the index's rows: one directory walk against
+ * one ordered scan, no open and no query per known blob). Call while no writer runs.
+ *   store_scan_begin()  empties tmp/ and quarantine/ (counted into *ret_removed).
+ *   store_scan_list()   the blob names of objects/<first>/ in digest order, into the
+ *                       caller's growing array (*digests, *cap; free() it); names that are
+ *                       not blob names are removed (counted).
+ *   store_scan_known()  whether a blob the caller knows (raw and stored size) is as known,
+ *                       by its name alone (one fstatat, no open): 1 and its file size when
+ *                       it is a regular file of header + stored_size bytes and raw_size is
+ *                       within max_object; 0 when it needs store_scan_adopt(); -ENOENT
+ *                       when it is gone.
+ *   store_scan_adopt()  the full header check of store_scan() for one blob (name, header,
+ *                       size, max_object): 0 and its info, or -DMC_E_INTEGRITY when it was
+ *                       bad and moved aside (removed by store_scan_end()).
+ *   store_scan_end()    empties quarantine/ and sets the accounting to what the caller
+ *                       counted (file bytes and blobs kept).
+ */
+int store_scan_begin(struct store *s, uint64_t *ret_removed);
+int store_scan_list(struct store *s, unsigned first, uint8_t (**digests)[STORE_DIGEST_SIZE],
+		    size_t *cap, size_t *ret_n, uint64_t *ret_removed);
+int store_scan_known(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE], uint64_t raw_size,
+		     uint64_t stored_size, uint64_t *ret_file_size);
+int store_scan_adopt(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE],
+		     struct store_blob_info *ret_info);
+void store_scan_end(struct store *s, uint64_t used_bytes, uint64_t objects);
+
 /* ---- space ---- */
 
 /*

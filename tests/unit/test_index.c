@@ -650,6 +650,58 @@ TEST(reconcile_pass)
 	fx_close(&fx);
 }
 
+struct byte_walk {
+	int n;
+	uint8_t seen[8][32];
+};
+
+static int on_byte_blob(void *ctx, const struct index_blob *b)
+{
+	struct byte_walk *w = ctx;
+	if (w->n < 8)
+		memcpy(w->seen[w->n], b->digest, 32);
+	w->n++;
+	return 0;
+}
+
+/* index_blobs_first_byte: exactly the rows of one first byte, in digest order, the last
+ * byte (0xff, whose range has no next byte) included. */
+TEST(blobs_by_first_byte)
+{
+	static const uint8_t firsts[] = { 0x00, 0x01, 0x7f, 0xff, 0xff, 0x7f };
+	static const uint8_t seconds[] = { 0x00, 0xff, 0x20, 0xff, 0x00, 0x10 };
+	struct fixture fx;
+	struct byte_walk w;
+
+	ASSERT_EQ(fx_open(&fx), 0);
+	for (int i = 0; i < 6; i++) {
+		struct index_blob b = { .kind = 1, .raw_size = 10, .stored_size = 10 };
+		memset(b.digest, 0xab, sizeof(b.digest));
+		b.digest[0] = firsts[i];
+		b.digest[1] = seconds[i];
+		ASSERT_EQ(index_blob_put(fx.ix, &b), 0);
+	}
+	ASSERT_EQ(index_flush(fx.ix), 0);
+	static const struct {
+		unsigned first;
+		int n;
+		uint8_t second[2];
+	} want[] = { { 0x00, 1, { 0x00 } }, { 0x01, 1, { 0xff } }, { 0x02, 0, { 0 } },
+		     { 0x7f, 2, { 0x10, 0x20 } }, { 0xfe, 0, { 0 } }, { 0xff, 2, { 0x00, 0xff } } };
+	for (size_t k = 0; k < sizeof(want) / sizeof(want[0]); k++) {
+		memset(&w, 0, sizeof(w));
+		ASSERT_EQ(index_blobs_first_byte(fx.ix, want[k].first, on_byte_blob, &w),
+			  want[k].n);
+		ASSERT_EQ(w.n, want[k].n);
+		for (int i = 0; i < want[k].n; i++) {
+			ASSERT_EQ(w.seen[i][0], want[k].first);
+			ASSERT_EQ(w.seen[i][1], want[k].second[i]);
+		}
+	}
+	ASSERT_EQ(index_blobs_first_byte(fx.ix, 256, on_byte_blob, &w), -EINVAL);
+	fx_close(&fx);
+}
+
 static int write_at(const char *path, off_t off, const void *buf, size_t n)
 {
 	int fd = open(path, O_WRONLY);
@@ -850,7 +902,8 @@ int main(int argc, char **argv)
 {
 	RUN_TESTS(T(snapshots), T(items_and_limits), T(batched_100k_items_and_paging),
 		  T(flush_is_the_durability_point), T(new_version_downloads_only_the_difference),
-		  T(blobs_and_lru_order), T(reconcile_pass), T(corrupt_database_is_moved_aside),
+		  T(blobs_and_lru_order), T(reconcile_pass),
+		  T(blobs_by_first_byte), T(corrupt_database_is_moved_aside),
 		  T(newer_schema_is_refused), T(second_process_is_locked_out),
 		  T(owners_grants_and_ids));
 }

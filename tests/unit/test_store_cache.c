@@ -232,6 +232,14 @@ TEST(reconciliation)
 	store_unpin(fx.c->store, orphan.digest);
 	free(ob);
 	ASSERT_EQ(check_i3(&fx), -3); /* the orphan has no row yet */
+	/* A row that misstates its blob's sizes: the start checks that blob's header and
+	 * corrects the row from it, keeping the blob. */
+	struct index_blob wrong = { .kind = STORE_KIND_RAW, .raw_size = 1,
+				    .stored_size = (int64_t)info[2].stored_size + 3,
+				    .last_access = 1 };
+	memcpy(wrong.digest, info[2].digest, STORE_DIGEST_SIZE);
+	ASSERT_EQ(index_blob_seen(fx.c->index, 0, &wrong), 0);
+	ASSERT_EQ(index_flush(fx.c->index), 0);
 	cache_close(fx.c);
 	fx.c = NULL;
 
@@ -257,6 +265,10 @@ TEST(reconciliation)
 	ASSERT_EQ(index_blob_get(fx.c->index, orphan.digest, &row), 0);
 	ASSERT_EQ(row.kind, STORE_KIND_TENSOR);
 	ASSERT_EQ(row.raw_size, 7000);
+	ASSERT_EQ(index_blob_get(fx.c->index, info[2].digest, &row), 0);
+	ASSERT_EQ(row.raw_size, 5000);
+	ASSERT_EQ(row.stored_size, (int64_t)info[2].stored_size);
+	ASSERT_EQ(row.kind, (int)info[2].kind);
 
 	/* The items whose blobs went are no longer stored: exactly what must be refetched. */
 	struct index_snapshot_stats st;
