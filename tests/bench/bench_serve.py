@@ -22,7 +22,8 @@ fails on speed. What runs, on data it writes itself:
             each item's meta['labels'] and meta['dicom'] (a pydicom Dataset) read: the
             first epoch parses every item's metadata, later ones reuse it (the Loader
             keeps it); both after a warm-up epoch, whose figures are kept too (first epoch);
-            (c) again without regions (every batch copied into the arena and viewed)
+            (c) again with regions on its STREAM path (hot items handed in place and
+            gathered on the loop; the default copies batches into the arena, viewed)
   (d)       (a) with a per-item transform (flip, crop, float32, blur) in the workers
   (e)       dmcache.Loader(num_workers=2, transform=) with the same transform
   C API     client/dmcache-read (the example program) over every item: GETs of 32 in
@@ -40,7 +41,7 @@ fails on speed. What runs, on data it writes itself:
             of the hot set in batches of 32 on the same two connections: the wait in
             dmc_stream_next() per batch, in a loop that only releases and asks again
             (in place against copied). Also the time a Loader loop waits in next() per
-            batch, with and without regions. The daemon's heap
+            batch, the default (copied into the arena) and in place. The daemon's heap
             (RssAnon) before and after the timed GETs (flat: no per-batch allocation).
   T6        a new process (torch and dmcache imported): Loader() + first batch, median
             of 3; dmcache-read's connect + OPEN + first batch; connect and OPEN alone
@@ -453,13 +454,13 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
     res['b'] = run_epochs(lambda: dataloader(dmcache.Dataset(
         root=os.path.dirname(folder), dataset_name=os.path.basename(folder),
         return_dicom=False, return_metainfo=False)), reps)
-    class ArenaLoader(dmcache.Loader):
-        _regions = False  # every batch copied into the arena, as before regions
+    class RegionLoader(dmcache.Loader):
+        _regions = True  # STREAM batches' hot items in place, gathered on the loop
 
     for key, meta, cls in (('c', False, dmcache.Loader), ('c_meta', True, dmcache.Loader),
-                           ('c_arena', False, ArenaLoader)):
+                           ('c_regions', False, RegionLoader)):
         log('(c) dmcache.Loader, metadata=%s%s' % (meta, '' if cls is dmcache.Loader
-                                                   else ', without regions'))
+                                                   else ', with regions'))
         res[key + '_first'] = []
         res[key] = run_epochs(lambda: cls(folder, batch_size=BATCH, shuffle=True,
                                           metadata=meta), reps,
@@ -600,11 +601,11 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
         ods.close()
         c.close()
 
-    class ArenaLoader(dmcache.Loader):
-        _regions = False  # every batch copied into the arena, as before regions
+    class RegionLoader(dmcache.Loader):
+        _regions = True  # STREAM batches' hot items in place, gathered on the loop
 
     waits = {}
-    for key, cls in (('loader_wait_us', dmcache.Loader), ('loader_wait_old_us', ArenaLoader)):
+    for key, cls in (('loader_wait_us', RegionLoader), ('loader_wait_old_us', dmcache.Loader)):
         wait = waits[key] = []
         hot_loader = cls(hot, batch_size=BATCH, shuffle=True, metadata=False)
         e = 0
@@ -701,8 +702,8 @@ def report(args, res):
          'T1: >= %d items/s, >= %.0f GB/s' % (T1_ITEMS_S, T1_GB_S),
          verdict(c >= T1_ITEMS_S and c_gbs >= T1_GB_S)),
         ('(c) / (a)', '%.1fx' % (c / a), 'T1: >= %dx' % T1_RATIO, verdict(c / a >= T1_RATIO)),
-        ('(c) without regions (every batch copied into the arena, viewed)',
-         '%.0f items/s (%.2fx c)' % (med('c_arena'), med('c_arena') / c), '', ''),
+        ('(c) with regions (STREAM batches in place, gathered on the loop)',
+         '%.0f items/s (%.2fx c)' % (med('c_regions'), med('c_regions') / c), '', ''),
         ("(c') dmcache.Loader, metadata=True, labels and DICOM header read",
          '%.0f items/s (%.2fx c)' % (cm, cm / c), '', ''),
         ("(c') its first epoch (every item's metadata parsed), against (c)'s first",
@@ -745,7 +746,7 @@ def report(args, res):
             res['region_committed'] / 2**20), '', ''),
         ('Loader loop: wait in next() per batch (in place: gathered), p50 / p99',
          '%.0f / %.0f us' % (w50, w99), '', ''),
-        ('the same without regions (copied into the arena, viewed), p50 / p99',
+        ('the same by default (copied into the arena, viewed), p50 / p99',
          '%.0f / %.0f us' % res['loader_wait_old_us'], '', ''),
         ('daemon heap (RssAnon) over the timed GETs', '%.1f -> %.1f MiB' % (
             rss0 / 1024, rss1 / 1024), 'T3: flat', verdict(rss1 - rss0 <= RSS_FLAT_KIB)),

@@ -26,6 +26,11 @@ def item_array(it):
         tuple(it.shape))
 
 
+
+class RegionLoader(dmcache.Loader):
+    """Hot items in place on every path (the default hands them in place on GET only)."""
+    _regions = True
+
 def test_in_place_items_equal_the_arena_path_and_pydicom(daemon, emu, ct_reference):
     a, b = _lib.Client(daemon.socket), _lib.Client(daemon.socket)
     try:
@@ -54,7 +59,7 @@ def test_in_place_items_equal_the_arena_path_and_pydicom(daemon, emu, ct_referen
 
 def test_batches_of_in_place_items_are_writable_and_private(daemon, emu):
     idx = [3, 1, 4, 1, 5]
-    first = dmcache.Loader('ct', batch_size=len(idx), indices=idx, metadata=False)
+    first = RegionLoader('ct', batch_size=len(idx), indices=idx, metadata=False)
     try:
         before = counters(daemon.socket)['serve_region_items_total']
         (x,) = [b.images for b in first]  # decoded; a second epoch reads them hot
@@ -66,7 +71,7 @@ def test_batches_of_in_place_items_are_writable_and_private(daemon, emu):
         y[0].zero_()
         (z,) = [b.images for b in first]  # the same items again, same client
         assert torch.equal(z, ref)
-        other = dmcache.Loader('ct', batch_size=len(idx), indices=idx, metadata=False)
+        other = RegionLoader('ct', batch_size=len(idx), indices=idx, metadata=False)
         try:
             (w,) = [b.images for b in other]  # another client
             assert torch.equal(w, ref)
@@ -198,7 +203,7 @@ def test_loader_batches_handed_in_place_are_writable(daemon, emu, ct_reference):
     """The Loader's STREAM path: batches whose items came in place are gathered into memory
     of their own (one copy): equal to pydicom's values, and writing into one changes
     nothing the next epoch reads."""
-    loader = dmcache.Loader('ct', batch_size=8, shuffle=True, seed=1, dtype='int32',
+    loader = RegionLoader('ct', batch_size=8, shuffle=True, seed=1, dtype='int32',
                             metadata=False)
     try:
         list(loader)  # decoded and hot

@@ -375,7 +375,7 @@ class _Conn:
                                        policy=loader._policy,
                                        arena_bytes=loader.arena_bytes,
                                        frames=loader.frame_by_frame, masks=loader.masks,
-                                       offline=loader.offline, regions=loader._regions)
+                                       offline=loader.offline, regions=loader._use_regions())
         except BaseException:
             self.client.close()
             raise
@@ -423,9 +423,18 @@ class Loader:
     for the workers) are the delivery stages of _delivery.py.
     """
 
-    # hot items handed in place (DMC_OPEN_REGIONS) on the STREAM and GET paths; False: every
-    # batch laid out in the arena (the arena path's tests and the benchmark's baseline)
-    _regions = True
+    # hot items handed in place (DMC_OPEN_REGIONS). None: on the GET path (indices=,
+    # weights=), whose batches are gathered by one copy anyway; not on the STREAM path,
+    # where the daemon copies each batch into the arena on its threadpool ahead of the
+    # loop and the loop views it: gathering in-place items on the loop instead cost the
+    # Loader 2.98x its items/s (bench_serve.py --quick: 9,827 against 29,296 items/s).
+    # True / False: always / never (the tests and the benchmark's rows).
+    _regions = None
+
+    def _use_regions(self):
+        if self._regions is not None:
+            return self._regions
+        return self._get_path
 
     def __init__(self, project, batch_size=1, shuffle=False, seed=0, drop_last=False,
                  rank=None, world_size=None, version='latest', root=None, api_key=None,
@@ -506,6 +515,9 @@ class Loader:
                                             None) from None
             self._version = None if version in (None, '', 'latest') else version
         self._pid = os.getpid()
+        # the GET path (a subset or weights): its connections open with regions (_regions)
+        self._get_path = indices is not None or weights is not None or split is not None \
+            or filter is not None
         try:
             self._conns = [_Conn(self)]
         except errors.DmcacheError as e:
