@@ -198,8 +198,16 @@ def decode_get_reply(payload, regions=False):
     """A GET reply's items; with regions (a handle opened with DMC_OPEN_REGIONS), each
     item's in_region too."""
     r = Reader(payload)
+    items = read_items(r, r.u32(), regions)
+    r.done()
+    return items
+
+
+def read_items(r, n, regions):
+    """n item records, then (regions) each one's in_region byte: GET's reply and STREAM's
+    batch event end the same way."""
     items = []
-    for _ in range(r.u32()):
+    for _ in range(n):
         d = dict(index=r.u64(), status=r.u32(), dtype=r.u32(), ndim=r.u32())
         d['shape'] = [r.u64() for _ in range(4)]
         d.update(offset=r.u64(), nbytes=r.u64(), meta_offset=r.u64(), meta_len=r.u64(),
@@ -207,7 +215,6 @@ def decode_get_reply(payload, regions=False):
         items.append(d)
     for d in items:
         d['in_region'] = r.u8() if regions else 0
-    r.done()
     return items
 
 
@@ -230,15 +237,7 @@ def decode_batch_event(payload, regions=False):
     r = Reader(payload)
     head = dict(batch=r.u64(), n=r.u32(), uniform=r.u32(), data_offset=r.u64(),
                 data_len=r.u64(), meta_offset=r.u64(), meta_len=r.u64())
-    items = []
-    for _ in range(head['n']):
-        d = dict(index=r.u64(), status=r.u32(), dtype=r.u32(), ndim=r.u32())
-        d['shape'] = [r.u64() for _ in range(4)]
-        d.update(offset=r.u64(), nbytes=r.u64(), meta_offset=r.u64(), meta_len=r.u64(),
-                 message=r.str())
-        items.append(d)
-    for d in items:
-        d['in_region'] = r.u8() if regions else 0
+    items = read_items(r, head['n'], regions)
     r.done()
     head['items'] = items
     return head
