@@ -1,8 +1,11 @@
 /*
  * index: the SQLite index. See index.h for the tables, durability, locking and batching.
- * SQLite result codes are converted to our codes here and nowhere else.
+ * This file: the database (statements and schema, opening and checking, errors, batching
+ * into transactions); index_rows.c: the rows. SQLite result codes are converted to our
+ * codes here (map_rc(), ix_fail()) and nowhere else. Loop thread (index.h).
  */
 #include "index.h"
+#include "index_priv.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -20,68 +23,7 @@
 
 #include "proto.h"
 
-enum stmt_id {
-	S_BEGIN,
-	S_COMMIT,
-	S_ROLLBACK,
-	S_SNAP_FIND,
-	S_SNAP_INSERT,
-	S_SNAP_GET,
-	S_SNAP_LIST,
-	S_SNAP_SEAL,
-	S_SNAP_COMPLETE,
-	S_SNAP_STATS,
-	S_SNAP_DEL_ITEMS,
-	S_SNAP_DEL,
-	S_SNAP_LINK,
-	S_ITEM_PUT,
-	S_ITEM_SET_BLOB,
-	S_ITEM_GET,
-	S_ITEM_PAGE_ALL,
-	S_ITEM_PAGE_MISSING,
-	S_ITEM_FIND_STORED,
-	S_BLOB_PUT,
-	S_BLOB_GET,
-	S_BLOB_DEL,
-	S_BLOB_TOUCH,
-	S_BLOB_TOTALS,
-	S_LRU_FIRST,
-	S_LRU_NEXT,
-	S_BLOB_SEEN,
-	S_PASS_MAX,
-	S_PASS_DROP,
-	S_BLOBS_BYTE,
-	S_CLOCK,
-	S_ITEM_SET_CONTENT,
-	S_ITEM_SET_CONTENT_META,
-	S_ITEM_ADD_BLOB,
-	S_ITEM_FIND_PRIOR,
-	S_SNAP_DEL_ITEM_BLOBS,
-	S_BLOBS_UNREFERENCED,
-	S_TENSOR_PUT,
-	S_TENSOR_GET,
-	S_TENSOR_DEL,
-	S_GRANT_PUT,
-	S_GRANT_GET,
-	S_GRANT_DEL,
-	S_GRANT_DEL_SNAP,
-	S_GRANT_NEWEST,
-	S_META_GET,
-	S_META_PUT,
-	S_BLOB_SNAPSHOTS,
-	S_SNAP_LRU,
-	S_SNAP_BLOBS,
-	/* local folders (schema 4 -> 5) */
-	S_LOCAL_READ_FIND,
-	S_LOCAL_READ_PUT,
-	S_LOCAL_CLEAR,
-	S_LOCAL_TRIM,
-	S_LOCAL_SIZE,
-	/* what OPEN learnt of a snapshot (schema 5 -> 6) */
-	S_PROBE_GET,
-	S_PROBE_PUT,
-	S_COUNT_
-};
+
 
 #define ITEM_COLS                                                                                  \
 	"i.key, i.resource_id, i.filename, i.mimetype, i.size, i.etag, i.blob, i.meta, "          \
@@ -378,18 +320,7 @@ static const char track_complete_sql[] =
 	"WHERE NOT EXISTS (SELECT 1 FROM meta WHERE key = '" COMPLETE_TRACKED "');"
 	"INSERT OR IGNORE INTO meta (key, value) VALUES ('" COMPLETE_TRACKED "', 1);";
 
-struct index {
-	sqlite3 *db;
-	char dir[4096]; /* the directory of index.db: is its file system read-only? (fail()) */
-	bool read_only; /* a write failed on a read-only file system (index_read_only()) */
-	uint64_t lost;   /* batches rolled back after an error (index_batches_lost()) */
-	sqlite3_stmt *stmt[S_COUNT_];
-	bool in_tx;
-	unsigned pending;
-	int64_t clock; /* last access time handed out */
-	bool complete_tracked; /* the triggers keep `complete` true only while it is true */
-	char msg[256];
-};
+
 
 /* ---- errors ---- */
 
@@ -475,7 +406,7 @@ bool index_read_only(struct index *ix)
 	return ix->read_only;
 }
 
-static int fail(struct index *ix, int rc)
+int ix_fail(struct index *ix, int rc)
 {
 	int r = map_rc(ix->db, rc);
 
@@ -503,10 +434,10 @@ static int fail(struct index *ix, int rc)
 }
 
 /* A write failed: the batch is gone as a whole. */
-static int fail_batch(struct index *ix, int rc)
+int ix_fail_batch(struct index *ix, int rc)
 {
 	bool had = ix->in_tx;
-	int r = fail(ix, rc);
+	int r = ix_fail(ix, rc);
 	if (!sqlite3_get_autocommit(ix->db)) {
 		sqlite3_stmt *st = ix->stmt[S_ROLLBACK];
 		(void)sqlite3_step(st);
@@ -526,7 +457,7 @@ const char *index_errmsg(struct index *ix)
 
 /* ---- statement helpers ---- */
 
-static sqlite3_stmt *stmt(struct index *ix, enum stmt_id id)
+sqlite3_stmt *ix_stmt(struct index *ix, enum stmt_id id)
 {
 	sqlite3_stmt *st = ix->stmt[id];
 	sqlite3_reset(st);
@@ -534,7 +465,7 @@ static sqlite3_stmt *stmt(struct index *ix, enum stmt_id id)
 	return st;
 }
 
-static int check_str(const char *s, bool nullable)
+int ix_check_str(const char *s, bool nullable)
 {
 	if (!s)
 		return nullable ? 0 : -EINVAL;
@@ -543,54 +474,54 @@ static int check_str(const char *s, bool nullable)
 	return 0;
 }
 
-static int bind_text(sqlite3_stmt *st, int col, const char *s)
+int ix_bind_text(sqlite3_stmt *st, int col, const char *s)
 {
 	if (!s)
 		return sqlite3_bind_null(st, col);
 	return sqlite3_bind_text(st, col, s, -1, SQLITE_STATIC);
 }
 
-static int bind_digest(sqlite3_stmt *st, int col, const uint8_t *d)
+int ix_bind_digest(sqlite3_stmt *st, int col, const uint8_t *d)
 {
 	return sqlite3_bind_blob(st, col, d, INDEX_DIGEST_SIZE, SQLITE_STATIC);
 }
 
-static int check_snap_id(int64_t id)
+int ix_check_snap_id(int64_t id)
 {
 	return id >= 1 && id < INDEX_SNAPSHOTS_MAX ? 0 : -EINVAL;
 }
 
-static int64_t key_lo(int64_t snap)
+int64_t ix_key_lo(int64_t snap)
 {
 	return snap << 32;
 }
 
-static int64_t key_hi(int64_t snap)
+int64_t ix_key_hi(int64_t snap)
 {
 	return (snap << 32) | (INDEX_ITEMS_MAX - 1);
 }
 
 /* Opens the batch transaction if needed. */
-static int batch(struct index *ix)
+int ix_batch(struct index *ix)
 {
 	int rc;
 	if (ix->in_tx)
 		return 0;
-	rc = sqlite3_step(stmt(ix, S_BEGIN));
+	rc = sqlite3_step(ix_stmt(ix, S_BEGIN));
 	sqlite3_reset(ix->stmt[S_BEGIN]);
 	if (rc != SQLITE_DONE)
-		return fail(ix, rc);
+		return ix_fail(ix, rc);
 	ix->in_tx = true;
 	return 0;
 }
 
 /* Runs a bound write statement inside the batch. */
-static int run_write(struct index *ix, sqlite3_stmt *st)
+int ix_run_write(struct index *ix, sqlite3_stmt *st)
 {
 	int rc = sqlite3_step(st);
 	sqlite3_reset(st);
 	if (rc != SQLITE_DONE)
-		return fail_batch(ix, rc);
+		return ix_fail_batch(ix, rc);
 	ix->pending++;
 	return 0;
 }
@@ -614,7 +545,7 @@ static int64_t now_ms(void)
 	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static int64_t tick(struct index *ix)
+int64_t ix_tick(struct index *ix)
 {
 	int64_t t = now_ms();
 	ix->clock = t > ix->clock ? t : ix->clock + 1;
@@ -896,10 +827,10 @@ int index_flush(struct index *ix)
 	int rc;
 	if (!ix->in_tx)
 		return 0;
-	rc = sqlite3_step(stmt(ix, S_COMMIT));
+	rc = sqlite3_step(ix_stmt(ix, S_COMMIT));
 	sqlite3_reset(ix->stmt[S_COMMIT]);
 	if (rc != SQLITE_DONE)
-		return fail_batch(ix, rc);
+		return ix_fail_batch(ix, rc);
 	ix->in_tx = false;
 	ix->pending = 0;
 	return 0;
@@ -913,1069 +844,4 @@ uint64_t index_batches_lost(const struct index *ix)
 unsigned index_pending(const struct index *ix)
 {
 	return ix->pending;
-}
-
-/* ---- snapshots ---- */
-
-int index_snapshot_find(struct index *ix, int source, const char *server_url,
-			const char *project_id, const char *version, int64_t owner, int64_t *ret_id)
-{
-	sqlite3_stmt *st;
-	int rc, r;
-
-	if ((r = check_str(server_url, false)) < 0 || (r = check_str(project_id, false)) < 0 ||
-	    (r = check_str(version, false)) < 0)
-		return r;
-	st = stmt(ix, S_SNAP_FIND);
-	sqlite3_bind_int(st, 1, source);
-	bind_text(st, 2, server_url);
-	bind_text(st, 3, project_id);
-	bind_text(st, 4, version);
-	sqlite3_bind_int64(st, 5, owner);
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW) {
-		*ret_id = sqlite3_column_int64(st, 0);
-		r = 0;
-	} else {
-		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return r;
-}
-
-int index_snapshot_get_or_create(struct index *ix, const struct index_snapshot *key,
-				 int64_t *ret_id, bool *ret_created)
-{
-	sqlite3_stmt *st;
-	int64_t id;
-	int r;
-
-	if (key->source != INDEX_SOURCE_DATAMINT && key->source != INDEX_SOURCE_FOLDER)
-		return -EINVAL;
-	if ((r = check_str(key->project_name, false)) < 0)
-		return r;
-	r = index_snapshot_find(ix, key->source, key->server_url, key->project_id, key->version,
-				key->owner, &id);
-	if (r == 0) {
-		*ret_id = id;
-		if (ret_created)
-			*ret_created = false;
-		return 0;
-	}
-	if (r != -ENOENT)
-		return r;
-	if ((r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_SNAP_INSERT);
-	sqlite3_bind_int(st, 1, key->source);
-	bind_text(st, 2, key->server_url);
-	bind_text(st, 3, key->project_id);
-	bind_text(st, 4, key->project_name);
-	bind_text(st, 5, key->version);
-	sqlite3_bind_int64(st, 6, key->created_at);
-	sqlite3_bind_int64(st, 7, key->owner);
-	if ((r = run_write(ix, st)) < 0)
-		return r;
-	id = sqlite3_last_insert_rowid(ix->db);
-	if (check_snap_id(id) < 0) {
-		/* 2^31 snapshots: the item key layout has no room for more. */
-		(void)fail_batch(ix, SQLITE_FULL);
-		return -DMC_E_LIMIT_EXCEEDED;
-	}
-	*ret_id = id;
-	if (ret_created)
-		*ret_created = true;
-	return 0;
-}
-
-static void snap_from_row(sqlite3_stmt *st, struct index_snapshot *s)
-{
-	s->id = sqlite3_column_int64(st, 0);
-	s->source = sqlite3_column_int(st, 1);
-	s->server_url = (const char *)sqlite3_column_text(st, 2);
-	s->project_id = (const char *)sqlite3_column_text(st, 3);
-	s->project_name = (const char *)sqlite3_column_text(st, 4);
-	s->version = (const char *)sqlite3_column_text(st, 5);
-	s->created_at = sqlite3_column_int64(st, 6);
-	s->sealed = sqlite3_column_int(st, 7) != 0;
-	s->complete = sqlite3_column_int(st, 8) != 0;
-	s->item_count = sqlite3_column_int64(st, 9);
-	s->total_bytes = sqlite3_column_int64(st, 10);
-	s->owner = sqlite3_column_int64(st, 11);
-}
-
-/* Steps `st`, passing each row to `cb`; returns rows visited or a negative code. */
-static int walk_snapshots(struct index *ix, sqlite3_stmt *st, index_snapshot_cb cb, void *ctx)
-{
-	int rc, n = 0, r = 0;
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-		struct index_snapshot s;
-		snap_from_row(st, &s);
-		if (!ix->complete_tracked)
-			s.complete = false;
-		n++;
-		if (cb && (r = cb(ctx, &s)) < 0)
-			break;
-	}
-	if (r >= 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
-		r = fail(ix, rc);
-	sqlite3_reset(st);
-	return r < 0 ? r : n;
-}
-
-int index_snapshot_get(struct index *ix, int64_t id, index_snapshot_cb cb, void *ctx)
-{
-	sqlite3_stmt *st;
-	int r;
-	if (check_snap_id(id) < 0)
-		return -ENOENT;
-	st = stmt(ix, S_SNAP_GET);
-	sqlite3_bind_int64(st, 1, id);
-	r = walk_snapshots(ix, st, cb, ctx);
-	return r < 0 ? r : r == 0 ? -ENOENT : 0;
-}
-
-int index_snapshot_list(struct index *ix, index_snapshot_cb cb, void *ctx)
-{
-	int r = walk_snapshots(ix, stmt(ix, S_SNAP_LIST), cb, ctx);
-	return r < 0 ? r : 0;
-}
-
-int index_snapshot_seal(struct index *ix, int64_t id)
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = check_snap_id(id)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_SNAP_SEAL);
-	sqlite3_bind_int64(st, 1, id);
-	sqlite3_bind_int64(st, 2, key_lo(id));
-	sqlite3_bind_int64(st, 3, key_hi(id));
-	return run_write(ix, st);
-}
-
-int index_snapshot_set_complete(struct index *ix, int64_t id, bool complete)
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = check_snap_id(id)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_SNAP_COMPLETE);
-	sqlite3_bind_int64(st, 1, id);
-	sqlite3_bind_int(st, 2, complete ? 1 : 0);
-	return run_write(ix, st);
-}
-
-int index_snapshot_stats(struct index *ix, int64_t id, struct index_snapshot_stats *ret)
-{
-	sqlite3_stmt *st;
-	int rc, r;
-	if ((r = check_snap_id(id)) < 0)
-		return r;
-	st = stmt(ix, S_SNAP_STATS);
-	sqlite3_bind_int64(st, 1, key_lo(id));
-	sqlite3_bind_int64(st, 2, key_hi(id));
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW) {
-		ret->items = sqlite3_column_int64(st, 0);
-		ret->items_stored = sqlite3_column_int64(st, 1);
-		ret->bytes = sqlite3_column_int64(st, 2);
-		ret->bytes_stored = sqlite3_column_int64(st, 3);
-		r = 0;
-	} else {
-		r = fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return r;
-}
-
-int index_snapshot_delete(struct index *ix, int64_t id)
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = check_snap_id(id)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_SNAP_DEL_ITEMS);
-	sqlite3_bind_int64(st, 1, key_lo(id));
-	sqlite3_bind_int64(st, 2, key_hi(id));
-	if ((r = run_write(ix, st)) < 0)
-		return r;
-	st = stmt(ix, S_SNAP_DEL_ITEM_BLOBS);
-	sqlite3_bind_int64(st, 1, key_lo(id));
-	sqlite3_bind_int64(st, 2, key_hi(id));
-	if ((r = run_write(ix, st)) < 0)
-		return r;
-	st = stmt(ix, S_GRANT_DEL_SNAP);
-	sqlite3_bind_int64(st, 1, id);
-	if ((r = run_write(ix, st)) < 0)
-		return r;
-	st = stmt(ix, S_SNAP_DEL);
-	sqlite3_bind_int64(st, 1, id);
-	return run_write(ix, st);
-}
-
-int index_snapshot_link_stored(struct index *ix, int64_t id, int64_t *ret_linked)
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = check_snap_id(id)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	{
-		/* only between snapshots of the same owner: never another user's content */
-		sqlite3_stmt *g = stmt(ix, S_SNAP_GET);
-		int64_t owner = -2;
-		sqlite3_bind_int64(g, 1, id);
-		if (sqlite3_step(g) == SQLITE_ROW)
-			owner = sqlite3_column_int64(g, 11);
-		sqlite3_reset(g);
-		st = stmt(ix, S_SNAP_LINK);
-		sqlite3_bind_int64(st, 1, key_lo(id));
-		sqlite3_bind_int64(st, 2, key_hi(id));
-		sqlite3_bind_int64(st, 3, owner);
-	}
-	if ((r = run_write(ix, st)) < 0)
-		return r;
-	if (ret_linked)
-		*ret_linked = sqlite3_changes64(ix->db);
-	return 0;
-}
-
-/* ---- items ---- */
-
-static int item_key(int64_t snap, int64_t idx, int64_t *ret_key)
-{
-	if (check_snap_id(snap) < 0 || idx < 0 || idx >= INDEX_ITEMS_MAX)
-		return -EINVAL;
-	*ret_key = key_lo(snap) | idx;
-	return 0;
-}
-
-int index_item_put(struct index *ix, const struct index_item *it)
-{
-	sqlite3_stmt *st;
-	int64_t key;
-	int r;
-
-	if ((r = item_key(it->snapshot_id, it->idx, &key)) < 0)
-		return r;
-	if ((r = check_str(it->resource_id, false)) < 0 || (r = check_str(it->filename, false)) < 0 ||
-	    (r = check_str(it->mimetype, false)) < 0 || (r = check_str(it->etag, true)) < 0)
-		return r;
-	if (it->size < 0)
-		return -EINVAL;
-	if (it->meta && it->meta_len > INDEX_META_MAX)
-		return -DMC_E_LIMIT_EXCEEDED;
-	if ((r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_ITEM_PUT);
-	sqlite3_bind_int64(st, 1, key);
-	bind_text(st, 2, it->resource_id);
-	bind_text(st, 3, it->filename);
-	bind_text(st, 4, it->mimetype);
-	sqlite3_bind_int64(st, 5, it->size);
-	bind_text(st, 6, it->etag);
-	if (it->has_blob)
-		bind_digest(st, 7, it->blob);
-	if (it->meta)
-		sqlite3_bind_text64(st, 8, it->meta, it->meta_len, SQLITE_STATIC, SQLITE_UTF8);
-	return run_write(ix, st);
-}
-
-int index_item_set_blob(struct index *ix, int64_t snapshot_id, int64_t idx,
-			const uint8_t digest[INDEX_DIGEST_SIZE])
-{
-	sqlite3_stmt *st;
-	int64_t key;
-	int r;
-	if ((r = item_key(snapshot_id, idx, &key)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_ITEM_SET_BLOB);
-	sqlite3_bind_int64(st, 1, key);
-	bind_digest(st, 2, digest);
-	if ((r = run_write(ix, st)) < 0)
-		return r;
-	return sqlite3_changes(ix->db) == 1 ? 0 : -ENOENT;
-}
-
-static void item_from_row(sqlite3_stmt *st, struct index_item *it)
-{
-	int64_t key = sqlite3_column_int64(st, 0);
-	const void *blob = sqlite3_column_blob(st, 6);
-
-	memset(it, 0, sizeof(*it));
-	it->snapshot_id = key >> 32;
-	it->idx = key & (INDEX_ITEMS_MAX - 1);
-	it->resource_id = (const char *)sqlite3_column_text(st, 1);
-	it->filename = (const char *)sqlite3_column_text(st, 2);
-	it->mimetype = (const char *)sqlite3_column_text(st, 3);
-	it->size = sqlite3_column_int64(st, 4);
-	it->etag = (const char *)sqlite3_column_text(st, 5);
-	if (blob && sqlite3_column_bytes(st, 6) == INDEX_DIGEST_SIZE) {
-		memcpy(it->blob, blob, INDEX_DIGEST_SIZE);
-		it->has_blob = true;
-	}
-	it->meta = (const char *)sqlite3_column_text(st, 7);
-	it->meta_len = it->meta ? (size_t)sqlite3_column_bytes(st, 7) : 0;
-	it->stored = sqlite3_column_int(st, 8) != 0;
-}
-
-int index_item_get(struct index *ix, int64_t snapshot_id, int64_t idx, index_item_cb cb,
-		   void *ctx)
-{
-	sqlite3_stmt *st;
-	int64_t key;
-	int rc, r;
-	if (item_key(snapshot_id, idx, &key) < 0)
-		return -ENOENT;
-	st = stmt(ix, S_ITEM_GET);
-	sqlite3_bind_int64(st, 1, key);
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW) {
-		struct index_item it;
-		item_from_row(st, &it);
-		r = cb ? cb(ctx, &it) : 0;
-		if (r > 0)
-			r = 0;
-	} else {
-		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return r;
-}
-
-int index_items_page(struct index *ix, int64_t snapshot_id, int64_t from, unsigned limit,
-		     enum index_items_filter filter, index_item_cb cb, void *ctx,
-		     int64_t *ret_next)
-{
-	sqlite3_stmt *st;
-	int64_t lo, next = -1;
-	int rc, n = 0, r = 0;
-
-	if (limit == 0 || limit > INDEX_PAGE_MAX)
-		return -EINVAL;
-	if (from < 0)
-		from = 0;
-	if (from >= INDEX_ITEMS_MAX || check_snap_id(snapshot_id) < 0) {
-		if (ret_next)
-			*ret_next = -1;
-		return 0;
-	}
-	lo = key_lo(snapshot_id) | from;
-	st = stmt(ix, filter == INDEX_ITEMS_MISSING ? S_ITEM_PAGE_MISSING : S_ITEM_PAGE_ALL);
-	sqlite3_bind_int64(st, 1, lo);
-	sqlite3_bind_int64(st, 2, key_hi(snapshot_id));
-	sqlite3_bind_int64(st, 3, limit);
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-		struct index_item it;
-		item_from_row(st, &it);
-		n++;
-		next = it.idx + 1 < INDEX_ITEMS_MAX ? it.idx + 1 : -1;
-		if (cb && (r = cb(ctx, &it)) < 0)
-			break;
-	}
-	if (r >= 0 && rc != SQLITE_ROW && rc != SQLITE_DONE)
-		r = fail(ix, rc);
-	sqlite3_reset(st);
-	if (r < 0)
-		return r;
-	/* A short page is the end of the snapshot. */
-	if ((unsigned)n < limit)
-		next = -1;
-	if (ret_next)
-		*ret_next = next;
-	return n;
-}
-
-int index_item_find_stored(struct index *ix, const char *resource_id, int64_t size,
-			   const char *etag, uint8_t ret_digest[INDEX_DIGEST_SIZE])
-{
-	sqlite3_stmt *st;
-	int rc, r;
-	if ((r = check_str(resource_id, false)) < 0 || (r = check_str(etag, true)) < 0)
-		return r;
-	if (!etag)
-		return -ENOENT;
-	st = stmt(ix, S_ITEM_FIND_STORED);
-	bind_text(st, 1, resource_id);
-	sqlite3_bind_int64(st, 2, size);
-	bind_text(st, 3, etag);
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 0) == INDEX_DIGEST_SIZE) {
-		memcpy(ret_digest, sqlite3_column_blob(st, 0), INDEX_DIGEST_SIZE);
-		r = 0;
-	} else if (rc == SQLITE_ROW || rc == SQLITE_DONE) {
-		r = -ENOENT;
-	} else {
-		r = fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return r;
-}
-
-/* ---- blobs ---- */
-
-static int check_blob(const struct index_blob *b)
-{
-	if (b->raw_size < 0 || b->stored_size < 0 || b->kind < 0 || b->kind > 255)
-		return -EINVAL;
-	return 0;
-}
-
-int index_blob_put(struct index *ix, const struct index_blob *b)
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = check_blob(b)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_BLOB_PUT);
-	bind_digest(st, 1, b->digest);
-	sqlite3_bind_int(st, 2, b->kind);
-	sqlite3_bind_int64(st, 3, b->raw_size);
-	sqlite3_bind_int64(st, 4, b->stored_size);
-	sqlite3_bind_int64(st, 5, tick(ix));
-	return run_write(ix, st);
-}
-
-static void blob_from_row(sqlite3_stmt *st, struct index_blob *b)
-{
-	const void *d = sqlite3_column_blob(st, 0);
-	memset(b, 0, sizeof(*b));
-	if (d && sqlite3_column_bytes(st, 0) == INDEX_DIGEST_SIZE)
-		memcpy(b->digest, d, INDEX_DIGEST_SIZE);
-	b->kind = sqlite3_column_int(st, 1);
-	b->raw_size = sqlite3_column_int64(st, 2);
-	b->stored_size = sqlite3_column_int64(st, 3);
-	b->last_access = sqlite3_column_int64(st, 4);
-}
-
-int index_blob_get(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE],
-		   struct index_blob *ret_blob)
-{
-	sqlite3_stmt *st = stmt(ix, S_BLOB_GET);
-	int rc, r;
-	bind_digest(st, 1, digest);
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW) {
-		if (ret_blob)
-			blob_from_row(st, ret_blob);
-		r = 0;
-	} else {
-		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return r;
-}
-
-int index_blob_delete(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE])
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_BLOB_DEL);
-	bind_digest(st, 1, digest);
-	return run_write(ix, st);
-}
-
-int index_blob_touch(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE])
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_BLOB_TOUCH);
-	bind_digest(st, 1, digest);
-	sqlite3_bind_int64(st, 2, tick(ix));
-	return run_write(ix, st);
-}
-
-int index_blob_totals(struct index *ix, int64_t *ret_count, int64_t *ret_stored_bytes)
-{
-	sqlite3_stmt *st = stmt(ix, S_BLOB_TOTALS);
-	int rc = sqlite3_step(st), r = 0;
-	if (rc == SQLITE_ROW) {
-		if (ret_count)
-			*ret_count = sqlite3_column_int64(st, 0);
-		if (ret_stored_bytes)
-			*ret_stored_bytes = sqlite3_column_int64(st, 1);
-	} else {
-		r = fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return r;
-}
-
-int index_lru_page(struct index *ix, struct index_lru_cursor *cursor, unsigned limit,
-		   index_blob_cb cb, void *ctx)
-{
-	sqlite3_stmt *st;
-	int rc, n = 0, r = 0;
-
-	if (limit == 0 || limit > INDEX_PAGE_MAX)
-		return -EINVAL;
-	if (cursor->started) {
-		st = stmt(ix, S_LRU_NEXT);
-		sqlite3_bind_int64(st, 1, cursor->last_access);
-		bind_digest(st, 2, cursor->digest);
-		sqlite3_bind_int64(st, 3, limit);
-	} else {
-		st = stmt(ix, S_LRU_FIRST);
-		sqlite3_bind_int64(st, 1, limit);
-	}
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-		struct index_blob b;
-		blob_from_row(st, &b);
-		cursor->started = true;
-		cursor->last_access = b.last_access;
-		memcpy(cursor->digest, b.digest, INDEX_DIGEST_SIZE);
-		n++;
-		if (cb && (r = cb(ctx, &b)) < 0)
-			break;
-	}
-	if (r >= 0 && rc != SQLITE_ROW && rc != SQLITE_DONE)
-		r = fail(ix, rc);
-	sqlite3_reset(st);
-	return r < 0 ? r : n;
-}
-
-/* ---- reconciliation ---- */
-
-int index_reconcile_begin(struct index *ix, int64_t *ret_pass)
-{
-	sqlite3_stmt *st = stmt(ix, S_PASS_MAX);
-	int rc = sqlite3_step(st), r = 0;
-	if (rc == SQLITE_ROW)
-		*ret_pass = sqlite3_column_int64(st, 0) + 1;
-	else
-		r = fail(ix, rc);
-	sqlite3_reset(st);
-	return r;
-}
-
-int index_blob_seen(struct index *ix, int64_t pass, const struct index_blob *b)
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = check_blob(b)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_BLOB_SEEN);
-	bind_digest(st, 1, b->digest);
-	sqlite3_bind_int(st, 2, b->kind);
-	sqlite3_bind_int64(st, 3, b->raw_size);
-	sqlite3_bind_int64(st, 4, b->stored_size);
-	sqlite3_bind_int64(st, 5, b->last_access);
-	sqlite3_bind_int64(st, 6, pass);
-	if ((r = run_write(ix, st)) < 0)
-		return r;
-	if (b->last_access > ix->clock)
-		ix->clock = b->last_access;
-	return 0;
-}
-
-int index_blobs_first_byte(struct index *ix, unsigned first, index_blob_cb cb, void *ctx)
-{
-	/* Blobs compare as memcmp then length: [first] <= every digest starting with it <
-	 * [first + 1], and 33 bytes of 0xff are above every digest. */
-	uint8_t lo[1], hi[INDEX_DIGEST_SIZE + 1];
-	sqlite3_stmt *st;
-	int rc, n = 0, r = 0;
-
-	if (first > 255)
-		return -EINVAL;
-	lo[0] = (uint8_t)first;
-	memset(hi, 0xff, sizeof(hi));
-	if (first < 255)
-		hi[0] = (uint8_t)(first + 1);
-	st = stmt(ix, S_BLOBS_BYTE);
-	sqlite3_bind_blob(st, 1, lo, 1, SQLITE_TRANSIENT);
-	sqlite3_bind_blob(st, 2, hi, first < 255 ? 1 : (int)sizeof(hi), SQLITE_TRANSIENT);
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-		struct index_blob b;
-		blob_from_row(st, &b);
-		n++;
-		if (cb && (r = cb(ctx, &b)) < 0)
-			break;
-	}
-	if (r >= 0 && rc != SQLITE_ROW && rc != SQLITE_DONE)
-		r = fail(ix, rc);
-	sqlite3_reset(st);
-	return r < 0 ? r : n;
-}
-
-int index_reconcile_end(struct index *ix, int64_t pass, int64_t *ret_dropped)
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_PASS_DROP);
-	sqlite3_bind_int64(st, 1, pass);
-	if ((r = run_write(ix, st)) < 0)
-		return r;
-	if (ret_dropped)
-		*ret_dropped = sqlite3_changes64(ix->db);
-	return index_flush(ix);
-}
-
-/* ---- prefetch helpers ---- */
-
-int index_item_set_content(struct index *ix, int64_t snapshot_id, int64_t idx,
-			   const uint8_t digest[INDEX_DIGEST_SIZE], const char *etag,
-			   const char *meta, size_t meta_len)
-{
-	sqlite3_stmt *st;
-	int64_t key;
-	int r;
-
-	if ((r = item_key(snapshot_id, idx, &key)) < 0 || (r = check_str(etag, true)) < 0)
-		return r;
-	if (meta && meta_len > INDEX_META_MAX)
-		return -DMC_E_LIMIT_EXCEEDED;
-	if ((r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, meta ? S_ITEM_SET_CONTENT_META : S_ITEM_SET_CONTENT);
-	sqlite3_bind_int64(st, 1, key);
-	bind_digest(st, 2, digest);
-	if (etag)
-		bind_text(st, 3, etag);
-	else
-		sqlite3_bind_null(st, 3);
-	if (meta)
-		sqlite3_bind_text(st, 4, meta, (int)meta_len, SQLITE_TRANSIENT);
-	if ((r = run_write(ix, st)) < 0)
-		return r;
-	return sqlite3_changes(ix->db) == 1 ? 0 : -ENOENT;
-}
-
-int index_item_add_blob(struct index *ix, int64_t snapshot_id, int64_t idx,
-			const uint8_t digest[INDEX_DIGEST_SIZE])
-{
-	sqlite3_stmt *st;
-	int64_t key;
-	int r;
-
-	if ((r = item_key(snapshot_id, idx, &key)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_ITEM_ADD_BLOB);
-	sqlite3_bind_int64(st, 1, key);
-	bind_digest(st, 2, digest);
-	return run_write(ix, st);
-}
-
-int index_item_find_prior(struct index *ix, const char *resource_id, int64_t size,
-			  const char *server_url, int64_t owner, char *ret_etag, size_t etag_cap,
-			  uint8_t ret_digest[INDEX_DIGEST_SIZE])
-{
-	sqlite3_stmt *st;
-	int rc, r;
-
-	if ((r = check_str(resource_id, false)) < 0)
-		return r;
-	if ((r = check_str(server_url, false)) < 0)
-		return r;
-	st = stmt(ix, S_ITEM_FIND_PRIOR);
-	bind_text(st, 1, resource_id);
-	sqlite3_bind_int64(st, 2, size);
-	bind_text(st, 3, server_url);
-	sqlite3_bind_int64(st, 4, owner);
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 1) == INDEX_DIGEST_SIZE &&
-	    (size_t)sqlite3_column_bytes(st, 0) < etag_cap) {
-		memcpy(ret_digest, sqlite3_column_blob(st, 1), INDEX_DIGEST_SIZE);
-		snprintf(ret_etag, etag_cap, "%s", (const char *)sqlite3_column_text(st, 0));
-		r = 0;
-	} else if (rc == SQLITE_ROW || rc == SQLITE_DONE) {
-		r = -ENOENT;
-	} else {
-		r = fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return r;
-}
-
-int index_blobs_unreferenced(struct index *ix, index_blob_cb cb, void *ctx)
-{
-	sqlite3_stmt *st = stmt(ix, S_BLOBS_UNREFERENCED);
-	int rc, r = 0;
-
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-		struct index_blob b;
-		blob_from_row(st, &b);
-		if ((r = cb(ctx, &b)) < 0)
-			break;
-	}
-	if (r == 0 && rc != SQLITE_DONE)
-		r = fail(ix, rc);
-	sqlite3_reset(st);
-	return r;
-}
-
-/* ---- decoded tensors ---- */
-
-int index_tensor_put(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int64_t opts,
-		     const uint8_t tensor[INDEX_DIGEST_SIZE], const uint8_t *meta,
-		     const char *desc)
-{
-	sqlite3_stmt *st;
-	int r;
-
-	if ((r = check_str(desc, false)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_TENSOR_PUT);
-	bind_digest(st, 1, raw);
-	sqlite3_bind_int64(st, 2, opts);
-	bind_digest(st, 3, tensor);
-	if (meta)
-		bind_digest(st, 4, meta);
-	else
-		sqlite3_bind_null(st, 4);
-	bind_text(st, 5, desc);
-	return run_write(ix, st);
-}
-
-int index_tensor_get(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int64_t opts,
-		     uint8_t ret_tensor[INDEX_DIGEST_SIZE], bool *ret_has_meta,
-		     uint8_t ret_meta[INDEX_DIGEST_SIZE], char *ret_desc, size_t desc_cap)
-{
-	sqlite3_stmt *st = stmt(ix, S_TENSOR_GET);
-	int rc, r;
-
-	bind_digest(st, 1, raw);
-	sqlite3_bind_int64(st, 2, opts);
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 0) == INDEX_DIGEST_SIZE &&
-	    (size_t)sqlite3_column_bytes(st, 2) < desc_cap) {
-		memcpy(ret_tensor, sqlite3_column_blob(st, 0), INDEX_DIGEST_SIZE);
-		*ret_has_meta = sqlite3_column_bytes(st, 1) == INDEX_DIGEST_SIZE;
-		if (*ret_has_meta)
-			memcpy(ret_meta, sqlite3_column_blob(st, 1), INDEX_DIGEST_SIZE);
-		snprintf(ret_desc, desc_cap, "%s", (const char *)sqlite3_column_text(st, 2));
-		r = 0;
-	} else if (rc == SQLITE_ROW || rc == SQLITE_DONE) {
-		r = -ENOENT;
-	} else {
-		r = fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return r;
-}
-
-int index_tensor_delete(struct index *ix, const uint8_t raw[INDEX_DIGEST_SIZE], int64_t opts)
-{
-	sqlite3_stmt *st;
-	int r;
-
-	if ((r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_TENSOR_DEL);
-	bind_digest(st, 1, raw);
-	sqlite3_bind_int64(st, 2, opts);
-	return run_write(ix, st);
-}
-
-/* ---- grants ---- */
-
-int index_grant_put(struct index *ix, int64_t uid, int64_t snapshot_id,
-		    const uint8_t key_hash[INDEX_DIGEST_SIZE], int64_t checked_at)
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = check_snap_id(snapshot_id)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_GRANT_PUT);
-	sqlite3_bind_int64(st, 1, uid);
-	sqlite3_bind_int64(st, 2, snapshot_id);
-	if (key_hash)
-		bind_digest(st, 3, key_hash);
-	else
-		sqlite3_bind_null(st, 3);
-	sqlite3_bind_int64(st, 4, checked_at);
-	return run_write(ix, st);
-}
-
-int index_grant_get(struct index *ix, int64_t uid, int64_t snapshot_id,
-		    struct index_grant *ret)
-{
-	sqlite3_stmt *st;
-	int rc, r;
-	if (check_snap_id(snapshot_id) < 0)
-		return -ENOENT;
-	st = stmt(ix, S_GRANT_GET);
-	sqlite3_bind_int64(st, 1, uid);
-	sqlite3_bind_int64(st, 2, snapshot_id);
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW) {
-		memset(ret, 0, sizeof(*ret));
-		ret->has_key_hash = sqlite3_column_bytes(st, 0) == INDEX_DIGEST_SIZE;
-		if (ret->has_key_hash)
-			memcpy(ret->key_hash, sqlite3_column_blob(st, 0), INDEX_DIGEST_SIZE);
-		ret->checked_at = sqlite3_column_int64(st, 1);
-		r = 0;
-	} else {
-		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return r;
-}
-
-int index_grant_delete(struct index *ix, int64_t uid, int64_t snapshot_id)
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = check_snap_id(snapshot_id)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_GRANT_DEL);
-	sqlite3_bind_int64(st, 1, uid);
-	sqlite3_bind_int64(st, 2, snapshot_id);
-	return run_write(ix, st);
-}
-
-int index_grant_newest(struct index *ix, int64_t uid, int source, const char *server_url,
-		       const char *project, index_snapshot_id_cb cb, void *ctx)
-{
-	sqlite3_stmt *st;
-	int rc, r = 0;
-
-	if ((r = check_str(server_url, false)) < 0 || (r = check_str(project, false)) < 0)
-		return r;
-	st = stmt(ix, S_GRANT_NEWEST);
-	sqlite3_bind_int64(st, 1, uid);
-	sqlite3_bind_int(st, 2, source);
-	bind_text(st, 3, server_url);
-	bind_text(st, 4, project);
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-		r = cb(ctx, sqlite3_column_int64(st, 0));
-		if (r != 0)
-			break;
-	}
-	if (r == 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
-		r = fail(ix, rc);
-	sqlite3_reset(st);
-	return r < 0 ? r : 0;
-}
-
-/* ---- small settings ---- */
-
-int index_meta_get(struct index *ix, const char *key, void *buf, size_t cap, size_t *ret_len)
-{
-	sqlite3_stmt *st = stmt(ix, S_META_GET);
-	int rc, r;
-
-	bind_text(st, 1, key);
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW) {
-		size_t n = (size_t)sqlite3_column_bytes(st, 0);
-		if (n > cap) {
-			r = -DMC_E_LIMIT_EXCEEDED;
-		} else {
-			if (n)
-				memcpy(buf, sqlite3_column_blob(st, 0), n);
-			*ret_len = n;
-			r = 0;
-		}
-	} else {
-		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return r;
-}
-
-int index_meta_put(struct index *ix, const char *key, const void *value, size_t len)
-{
-	sqlite3_stmt *st;
-	int r;
-	if ((r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_META_PUT);
-	bind_text(st, 1, key);
-	sqlite3_bind_blob(st, 2, value, (int)len, SQLITE_STATIC);
-	return run_write(ix, st);
-}
-
-/* ---- what OPEN learnt of a snapshot (schema 5 -> 6) ---- */
-
-int index_probe_get(struct index *ix, int64_t snapshot_id, int kind, void **ret_data,
-		    size_t *ret_len)
-{
-	sqlite3_stmt *st = stmt(ix, S_PROBE_GET);
-	int rc, r;
-
-	sqlite3_bind_int64(st, 1, snapshot_id);
-	sqlite3_bind_int(st, 2, kind);
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW) {
-		size_t n = (size_t)sqlite3_column_bytes(st, 0);
-		void *buf = malloc(n ? n : 1);
-		if (!buf) {
-			r = -ENOMEM;
-		} else {
-			if (n)
-				memcpy(buf, sqlite3_column_blob(st, 0), n);
-			*ret_data = buf;
-			*ret_len = n;
-			r = 0;
-		}
-	} else {
-		r = rc == SQLITE_DONE ? -ENOENT : fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return r;
-}
-
-int index_probe_put(struct index *ix, int64_t snapshot_id, int kind, const void *data,
-		    size_t len)
-{
-	sqlite3_stmt *st;
-	int r;
-
-	if (len > INDEX_PROBE_MAX)
-		return -DMC_E_LIMIT_EXCEEDED;
-	if ((r = check_snap_id(snapshot_id)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_PROBE_PUT);
-	sqlite3_bind_int64(st, 1, snapshot_id);
-	sqlite3_bind_int(st, 2, kind);
-	sqlite3_bind_blob(st, 3, len ? data : "", (int)len, SQLITE_STATIC);
-	return run_write(ix, st);
-}
-
-/* ---- eviction by snapshot ---- */
-
-int index_blob_snapshots(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE],
-			 index_snapshot_id_cb cb, void *ctx)
-{
-	sqlite3_stmt *st = stmt(ix, S_BLOB_SNAPSHOTS);
-	int rc, r = 0, n = 0;
-
-	bind_digest(st, 1, digest);
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-		n++;
-		if (cb && (r = cb(ctx, sqlite3_column_int64(st, 0))) != 0)
-			break;
-	}
-	if (r == 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
-		r = fail(ix, rc);
-	sqlite3_reset(st);
-	return r < 0 ? r : cb ? (r > 0 ? 1 : 0) : n;
-}
-
-int index_snapshots_lru(struct index *ix, index_snapshot_id_cb cb, void *ctx)
-{
-	sqlite3_stmt *st = stmt(ix, S_SNAP_LRU);
-	int rc, r = 0;
-
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW)
-		if ((r = cb(ctx, sqlite3_column_int64(st, 0))) != 0)
-			break;
-	if (r == 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
-		r = fail(ix, rc);
-	sqlite3_reset(st);
-	return r < 0 ? r : 0;
-}
-
-int index_snapshot_blobs(struct index *ix, int64_t id, index_blob_cb cb, void *ctx)
-{
-	sqlite3_stmt *st;
-	int rc, r = 0;
-
-	if ((r = check_snap_id(id)) < 0)
-		return r;
-	st = stmt(ix, S_SNAP_BLOBS);
-	sqlite3_bind_int64(st, 1, key_lo(id));
-	sqlite3_bind_int64(st, 2, key_hi(id));
-	while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
-		struct index_blob b;
-		blob_from_row(st, &b);
-		if ((r = cb(ctx, &b)) < 0)
-			break;
-	}
-	if (r >= 0 && rc != SQLITE_DONE && rc != SQLITE_ROW)
-		r = fail(ix, rc);
-	sqlite3_reset(st);
-	return r < 0 ? r : 0;
-}
-/* ---- local folders (schema 4 -> 5; see local.h) ---- */
-
-static void bind_local_read(sqlite3_stmt *st, const struct index_local_read *r)
-{
-	sqlite3_bind_int64(st, 1, (int64_t)r->uid);
-	sqlite3_bind_int64(st, 2, (int64_t)r->dev); /* the bits of a u64 */
-	sqlite3_bind_int64(st, 3, (int64_t)r->ino);
-	sqlite3_bind_int64(st, 4, r->size);
-	sqlite3_bind_int64(st, 5, r->mtime_ns);
-	sqlite3_bind_int64(st, 6, r->ctime_ns);
-}
-
-int index_local_read_find(struct index *ix, struct index_local_read *r)
-{
-	sqlite3_stmt *st = stmt(ix, S_LOCAL_READ_FIND);
-	int rc, ret;
-
-	bind_local_read(st, r);
-	rc = sqlite3_step(st);
-	if (rc == SQLITE_ROW && sqlite3_column_bytes(st, 0) == INDEX_DIGEST_SIZE) {
-		memcpy(r->digest, sqlite3_column_blob(st, 0), INDEX_DIGEST_SIZE);
-		ret = 0;
-	} else if (rc == SQLITE_ROW || rc == SQLITE_DONE) {
-		ret = -ENOENT;
-	} else {
-		ret = fail(ix, rc);
-	}
-	sqlite3_reset(st);
-	return ret;
-}
-
-int index_local_read_put(struct index *ix, const struct index_local_read *r)
-{
-	sqlite3_stmt *st;
-	int ret;
-
-	if ((ret = batch(ix)) < 0)
-		return ret;
-	st = stmt(ix, S_LOCAL_READ_PUT);
-	bind_local_read(st, r);
-	bind_digest(st, 7, r->digest);
-	return run_write(ix, st);
-}
-
-int index_local_relist(struct index *ix, int64_t snapshot_id, int64_t n)
-{
-	sqlite3_stmt *st;
-	int r;
-
-	if ((r = check_snap_id(snapshot_id)) < 0 || n < 0 || n > INDEX_ITEMS_MAX ||
-	    (r = batch(ix)) < 0)
-		return r < 0 ? r : -EINVAL;
-	st = stmt(ix, S_LOCAL_CLEAR);
-	sqlite3_bind_int64(st, 1, key_lo(snapshot_id));
-	sqlite3_bind_int64(st, 2, key_hi(snapshot_id));
-	if ((r = run_write(ix, st)) < 0)
-		return r;
-	if (n < INDEX_ITEMS_MAX) {
-		st = stmt(ix, S_LOCAL_TRIM);
-		sqlite3_bind_int64(st, 1, key_lo(snapshot_id) | n);
-		sqlite3_bind_int64(st, 2, key_hi(snapshot_id));
-		if ((r = run_write(ix, st)) < 0)
-			return r;
-	}
-	st = stmt(ix, S_SNAP_DEL_ITEM_BLOBS);
-	sqlite3_bind_int64(st, 1, key_lo(snapshot_id));
-	sqlite3_bind_int64(st, 2, key_hi(snapshot_id));
-	return run_write(ix, st);
-}
-
-int index_local_item_size(struct index *ix, int64_t snapshot_id, int64_t idx, int64_t size)
-{
-	sqlite3_stmt *st;
-	int64_t key;
-	int r;
-
-	if (size < 0)
-		return -EINVAL;
-	if ((r = item_key(snapshot_id, idx, &key)) < 0 || (r = batch(ix)) < 0)
-		return r;
-	st = stmt(ix, S_LOCAL_SIZE);
-	sqlite3_bind_int64(st, 1, key);
-	sqlite3_bind_int64(st, 2, size);
-	return run_write(ix, st);
 }

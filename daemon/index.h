@@ -1,6 +1,6 @@
 /*
- * index: the SQLite index of the cache (<cache>/index.db). The only file that includes
- * sqlite3.h.
+ * index: the SQLite index of the cache (<cache>/index.db). index.c (the database) and
+ * index_rows.c (the rows), with index_priv.h, are the only files that include sqlite3.h.
  *
  * What it holds:
  *   snapshots  one per (source, server url, project id, version): a project version pinned
