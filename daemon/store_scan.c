@@ -1,8 +1,9 @@
 /*
- * store's scanning and space (store.h): walking objects/ and tmp/ (the start's steps,
- * leftover temporary files, quarantine of damaged files), the file system's space against
- * max_size and min_free, and checking a blob file that is not in the store (tier verify).
- * Threads: store.h's rules.
+ * store's scanning and space (store.h): walking objects/ (store_scan(), the start's steps
+ * and store_verify_all()), the space against max_size and min_free (reserve, release,
+ * shortfall), removing a blob, and checking a blob file that is not in the store
+ * (store_check_*, tier verify). Threads: store.h's rules (store_scan() while no writer
+ * runs).
  */
 #include <dirent.h>
 #include <errno.h>

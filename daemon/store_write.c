@@ -1,9 +1,9 @@
 /*
  * store's writing (store.h): a writer streams a blob into a temporary file (raw or zstd,
  * decided on a sample), hashes it, and publishes it under its digest by the commit
- * protocol (file fsync, rename, directory fsync); imports of whole blob files, removal and
- * quarantine. Any thread, blocking (the threadpool); a writer belongs to one thread at a
- * time (store.h).
+ * protocol (file fsync, rename, directory fsync); imports of whole blob files, store_put().
+ * Any thread, blocking (the threadpool); a writer belongs to one thread at a time
+ * (store.h).
  */
 #include <dirent.h>
 #include <errno.h>
