@@ -217,6 +217,11 @@ def test_sighup_lowering_max_size_and_hot_max_evicts_at_once(tmpdir_short, tmp_p
         while status(d)['connections'] > 1:  # the gets' connections are gone
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        # and the decoded tensors they kept are stored (on the threadpool, after the item
+        # was handed over): cache_bytes counts them
+        while status(d)['serve_tensors_stored_total'] < n:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         before = status(d)
         assert before['serve_hot_items'] == n and before['cache_objects'] >= n
         entry = before['serve_hot_bytes'] // n
