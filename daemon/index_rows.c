@@ -260,7 +260,8 @@ int index_item_put(struct index *ix, const struct index_item *it)
 
 	if ((r = item_key(it->snapshot_id, it->idx, &key)) < 0)
 		return r;
-	if ((r = ix_check_str(it->resource_id, false)) < 0 || (r = ix_check_str(it->filename, false)) < 0 ||
+	if ((r = ix_check_str(it->resource_id, false)) < 0 ||
+	    (r = ix_check_str(it->filename, false)) < 0 ||
 	    (r = ix_check_str(it->mimetype, false)) < 0 || (r = ix_check_str(it->etag, true)) < 0)
 		return r;
 	if (it->size < 0)

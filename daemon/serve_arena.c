@@ -12,8 +12,8 @@
  * then costs no memfd and its first items no page faults. An arena never goes to another
  * uid: it may still hold bytes its uid was sent. Pooled arenas stay counted in their
  * uid's share and in shm_max; at most ARENA_POOL_PER_UID per uid and ARENA_POOL_MAX in
- * all, each at most ARENA_POOL_MAX_SHM committed, unmapped after ARENA_POOL_IDLE_MS unused (serve_tick) or at once when a cap would
- * refuse a growth or an arena.
+ * all, each at most ARENA_POOL_MAX_SHM committed, unmapped after ARENA_POOL_IDLE_MS
+ * unused (serve_tick) or at once when a cap would refuse a growth or an arena.
  * Loop thread; grow_run() and arena_drop_work() run on the threadpool and touch only their
  * work structure.
  */
@@ -137,7 +137,6 @@ static void pool_drop(struct serve *s, struct pooled_arena **pp)
 
 	*pp = pa->next;
 	s->n_pool--;
-	s->pool_drops++;
 	/* on the loop: the pool is trimmed when a cap binds, and the bytes must be free now */
 	arena_done(&pa->a);
 	shm_uncount(s, pa->sh, pa->shm);

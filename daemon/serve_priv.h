@@ -253,7 +253,7 @@ struct serve {
 	/* arenas of closed connections kept for their uid's next connection (serve_arena.c) */
 	struct pooled_arena *pool;
 	unsigned n_pool;
-	uint64_t pool_hits, pool_drops;
+	uint64_t pool_hits;
 	unsigned drops;          /* arenas being unmapped on the threadpool */
 	uint64_t arena_dropping; /* their bytes: still the daemon's until then */
 	struct hot hot;
