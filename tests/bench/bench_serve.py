@@ -58,7 +58,6 @@ slows a run down).
 """
 import argparse
 import ctypes
-import importlib.util
 import json
 import os
 import platform
@@ -171,12 +170,11 @@ def make_folders(work, n):
 
 
 def load_integration(build):
+    """The integration suite's conftest (Daemon, paths), built at `build`."""
     os.environ['DMC_BUILD_ROOT'] = build
-    spec = importlib.util.spec_from_file_location(
-        'dmc_integration_conftest', os.path.join(SOURCE, 'tests', 'integration', 'conftest.py'))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    sys.path.append(os.path.join(SOURCE, 'tests', 'integration'))
+    import modload
+    return modload.integration_conftest()
 
 
 def prefetch(d, folder):
