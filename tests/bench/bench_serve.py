@@ -32,7 +32,7 @@ fails on speed. What runs, on data it writes itself:
             single-thread memcpy (numpy.copyto) of the same bytes in this process
   T3        handoff: dmcache.Client GET of one hot 32-item batch (16 MiB) until the reply
             says where the items are, then RELEASE; p50/p99 over --handoff batches, on
-            two connections in turn: one opened with regions=True (DMC_OPEN_REGIONS:
+            two connections one after the other: one opened with regions=True (DMC_OPEN_REGIONS:
             the hot items handed in place, no copy) and one without (each item copied
             into the arena, as before regions); the same for one item (the per-request
             cost). What the client then pays to make a batch tensor of the 32 items
@@ -519,10 +519,14 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
     idx = list(range(BATCH))
     lat, lat_old, gather, view = [], [], [], []
     contiguous = 0
-    for i in range(args.handoff + 20):
-        if i == 20:  # warmed up: the daemon's heap from here on should stay flat
-            rss0 = rss_kib(d.proc.pid, 'RssAnon')
-        for ods, out in ((o_new, lat), (o_old, lat_old)):
+    # one connection after the other, each alone: taken in turns, the copying
+    # connection's 16 MiB memmove on the daemon left the in-place path's GETs with cold
+    # caches, which measured the other path rather than this one's handoff
+    rss0 = None
+    for ods, out in ((o_new, lat), (o_old, lat_old)):
+        for i in range(args.handoff + 20):
+            if i == 20 and rss0 is None:  # warmed up: the daemon's heap stays flat from here
+                rss0 = rss_kib(d.proc.pid, 'RssAnon')
             t0 = time.perf_counter()
             items = ods.get(idx)
             dt = time.perf_counter() - t0
@@ -562,8 +566,8 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
     lat1, lat1_old = [], []  # one item: the per-request cost without the bulk of a batch
     for k in range(0, HOT_ITEMS, BATCH):  # every hot item in the region once, untimed
         o_new.release(o_new.get(list(range(k, min(k + BATCH, HOT_ITEMS)))))
-    for i in range(args.handoff + 20):
-        for ods, out in ((o_new, lat1), (o_old, lat1_old)):
+    for ods, out in ((o_new, lat1), (o_old, lat1_old)):
+        for i in range(args.handoff + 20):
             t0 = time.perf_counter()
             items = ods.get([i % HOT_ITEMS])
             dt = time.perf_counter() - t0
