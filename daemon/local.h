@@ -33,23 +33,31 @@
 #define LOCAL_ITEMS_MAX (1u << 24)    /* items of one folder */
 #define LOCAL_PATHS_MAX (1u << 26)    /* files (images and masks) of one folder */
 
-/* One segmentation file of an item. */
+/*
+ * The item table. What a job needs for as long as it runs is compact: per item the offsets
+ * of its id and path in `pool`, and its masks (annotation id and path, offsets too) in
+ * `masks`; a few large allocations for the whole folder, none per item. What only the
+ * listing needs (each record's filename, mimetype and compact JSON) is held apart, in
+ * `listing` and `lpool`, until local_listing_free(): once the snapshot's items are put
+ * (or found unchanged), the job asks the index for them.
+ */
 struct local_mask {
-	char *annotation_id; /* the annotation's id, or its file path when it has none */
-	char *path;          /* relative to the folder, checked by local_path_ok() */
+	uint32_t annotation_id; /* the annotation's id, or its file path when it has none */
+	uint32_t path;          /* relative to the folder, checked by local_path_ok() */
 };
 
-/* One resource of the folder. */
 struct local_item {
-	char *id;       /* resource id (the relative path for the oldest layout) */
-	char *path;     /* relative to the folder, checked */
-	char *filename;
-	char *mimetype;
-	char *meta;     /* the dataset.json record of the resource, compact JSON */
-	size_t meta_len;
-	struct local_mask *masks;
+	uint32_t id;         /* resource id (the relative path for the oldest layout) */
+	uint32_t path;       /* relative to the folder, checked */
+	uint32_t first_mask; /* its masks: masks[first_mask .. first_mask + n_masks) */
 	uint32_t n_masks;
 	uint32_t first_path; /* position of its image in the dataset's list of paths */
+};
+
+/* What the listing needs of an item, offsets into `lpool`. */
+struct local_record {
+	uint64_t filename, mimetype, meta;
+	uint64_t meta_len; /* the record of the resource, compact JSON with sorted keys */
 };
 
 struct local_dataset {
@@ -57,17 +65,72 @@ struct local_dataset {
 	char *name;    /* dataset.json "name", else the folder's last component */
 	char *version; /* dataset.json "updated_at", else "mtime:<dataset.json's mtime>" */
 	struct local_item *items;
-	uint32_t n;
+	uint32_t n, items_cap;
 	uint32_t n_paths; /* images and masks: what the client is asked to open, in order */
+	struct local_mask *masks; /* every item's, in order */
+	uint32_t n_masks, masks_cap;
+	char *pool;               /* ids and paths, NUL-terminated */
+	size_t pool_len, pool_cap;
+	struct local_record *listing; /* per item, NULL after local_listing_free() */
+	char *lpool;
+	size_t lpool_len, lpool_cap;
 	uint8_t digest[32]; /* SHA-256 of dataset.json's bytes as read */
 };
+
+static inline const char *local_item_id(const struct local_dataset *l, uint32_t i)
+{
+	return l->pool + l->items[i].id;
+}
+
+static inline const char *local_item_path(const struct local_dataset *l, uint32_t i)
+{
+	return l->pool + l->items[i].path;
+}
+
+/* Mask k (< items[i].n_masks) of item i: its file and its annotation id. */
+static inline const char *local_mask_path(const struct local_dataset *l, uint32_t i, uint32_t k)
+{
+	return l->pool + l->masks[l->items[i].first_mask + k].path;
+}
+
+static inline const char *local_mask_id(const struct local_dataset *l, uint32_t i, uint32_t k)
+{
+	return l->pool + l->masks[l->items[i].first_mask + k].annotation_id;
+}
+
+/* The listing's view of item i: valid until local_listing_free(). */
+static inline const char *local_item_filename(const struct local_dataset *l, uint32_t i)
+{
+	return l->lpool + l->listing[i].filename;
+}
+
+static inline const char *local_item_mimetype(const struct local_dataset *l, uint32_t i)
+{
+	return l->lpool + l->listing[i].mimetype;
+}
+
+static inline const char *local_item_meta(const struct local_dataset *l, uint32_t i,
+					  size_t *ret_len)
+{
+	*ret_len = (size_t)l->listing[i].meta_len;
+	return l->lpool + l->listing[i].meta;
+}
+
+/* Frees what only the listing needs (filenames, mimetypes, records). */
+void local_listing_free(struct local_dataset *l);
+
 void local_dataset_free(struct local_dataset *l);
 
 /*
- * Parses dataset.json from `json_fd` (borrowed; read with pread, never waited on) in any
- * of the client's layouts (section 4.4: "images" with "image_file", or "resources" with
- * "file" and "annotations"). `root` (borrowed) labels the dataset. On failure a message
- * goes to `err`: a path that leaves the folder fails the whole dataset (-EACCES).
+ * Parses dataset.json from `json_fd` (borrowed; read with pread a block at a time, never
+ * waited on) in any of the client's layouts (section 4.4: "images" with "image_file", or
+ * "resources" with "file" and "annotations"). The top-level object is scanned as it is
+ * read and each of its values decoded on its own (the list one record at a time), so the
+ * whole document is never held, as bytes or as a tree: what stays is the item table.
+ * "resources" or "images" given twice is refused (which one a reader keeps is not
+ * defined). `root` (borrowed) labels the dataset. On failure a message goes to `err`:
+ * "dataset.json:LINE: what" for a syntax error; a path that leaves the folder fails the
+ * whole dataset (-EACCES).
  * *ret: free with local_dataset_free().
  */
 int local_parse(int json_fd, const char *root, struct local_dataset **ret, char *err,

@@ -7,6 +7,7 @@
  * only their task or job.
  */
 #include <errno.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,6 +47,8 @@
  * one thread at most, of its uid's two, and never the last free one of the pool (4).
  */
 #define LOCAL_READS_PER_UID 2u
+/* A folder of at least this many items gives what its parse took back (malloc_trim). */
+#define LOCAL_TRIM_ITEMS 10000u
 #define LOCAL_READS_MAX 3u
 
 /* A task's files: the image (k = 0) and its masks, with what fstat said of each. */
@@ -118,7 +121,21 @@ static void local_read_key(const struct job *j, const struct stat *st, struct in
 
 static const char *local_file_path(const struct task *t, uint32_t k)
 {
-	return k == 0 ? t->litem->path : t->litem->masks[k - 1].path;
+	const struct local_dataset *l = t->job->lj->l;
+
+	return k == 0 ? local_item_path(l, (uint32_t)t->idx)
+		      : local_mask_path(l, (uint32_t)t->idx, k - 1);
+}
+
+/* index_item_get(): the item's record as the index holds it (with its masks' digests of an
+ * earlier read, replaced when this task records its own). */
+static int local_meta_of(void *ctx, const struct index_item *item)
+{
+	struct task *t = ctx;
+
+	t->meta = item->meta ? strndup(item->meta, item->meta_len) : strdup("{}");
+	t->meta_len = item->meta ? item->meta_len : 2;
+	return t->meta ? 0 : -ENOMEM;
 }
 
 static void local_task_work(uv_work_t *w)
@@ -302,7 +319,8 @@ static void local_task_begin(struct job *j, uint32_t i, const int *fds, const in
 {
 	struct prefetch *p = j->pf;
 	struct cache *cache = p->d.cache;
-	const struct local_item *it = &j->lj->l->items[i];
+	const struct local_dataset *l = j->lj->l;
+	const struct local_item *it = &l->items[i];
 	uint32_t nf = 1 + it->n_masks;
 	struct local_files *lf = calloc(1, sizeof(*lf) + nf * sizeof(lf->f[0]));
 	struct task *t = calloc(1, sizeof(*t));
@@ -322,17 +340,14 @@ static void local_task_begin(struct job *j, uint32_t i, const int *fds, const in
 	}
 	if (!t) {
 		local_files_free(lf);
-		record_error(j, -ENOMEM, 0, 0, it->id, "out of memory");
+		record_error(j, -ENOMEM, 0, 0, local_item_id(l, i), "out of memory");
 		j->items_failed++;
 		return;
 	}
 	t->job = j;
 	t->idx = i;
 	t->kind = STORE_KIND_RAW;
-	t->litem = it;
-	t->resource_id = strdup(it->id);
-	t->meta = strndup(it->meta, it->meta_len);
-	t->meta_len = it->meta_len;
+	t->resource_id = strdup(local_item_id(l, i));
 	t->next = j->tasks;
 	if (j->tasks)
 		j->tasks->prev = t;
@@ -343,14 +358,18 @@ static void local_task_begin(struct job *j, uint32_t i, const int *fds, const in
 	t->masks = calloc(nf, sizeof(*t->masks));
 	t->minfo = calloc(nf, sizeof(*t->minfo));
 	t->mask_digests = calloc(nf, STORE_DIGEST_SIZE);
-	if (!lf || !t->resource_id || !t->meta || !t->buf || !t->masks || !t->minfo ||
-	    !t->mask_digests) {
+	/* the record is needed to add the masks' digests to it: the index has it (put from
+	 * these very dataset.json bytes by local_scan_after()) */
+	if (it->n_masks && index_item_get(cache->index, j->snapshot_id, i, local_meta_of, t) < 0)
+		t->meta = NULL;
+	if (!lf || !t->resource_id || (it->n_masks && !t->meta) || !t->buf || !t->masks ||
+	    !t->minfo || !t->mask_digests) {
 		local_files_free(lf);
 		task_finish(t, -ENOMEM, "out of memory", 0);
 		return;
 	}
 	for (uint32_t k = 0; k < it->n_masks; k++) {
-		t->masks[k].annotation_id = strdup(it->masks[k].annotation_id);
+		t->masks[k].annotation_id = strdup(local_mask_id(l, i, k));
 		if (!t->masks[k].annotation_id) {
 			local_files_free(lf);
 			task_finish(t, -ENOMEM, "out of memory", 0);
@@ -429,9 +448,9 @@ static int local_need(struct job *j)
 	for (item = lj->next_item; item < l->n && l->items[item].first_path < first; item++)
 		;
 	for (; item < l->n && n + 1 + l->items[item].n_masks <= DMC_FDS_MAX; item++) {
-		paths[n++] = l->items[item].path;
+		paths[n++] = local_item_path(l, item);
 		for (uint32_t k = 0; k < l->items[item].n_masks; k++)
-			paths[n++] = l->items[item].masks[k].path;
+			paths[n++] = local_mask_path(l, item, k);
 	}
 	if (n == 0)
 		return 0;
@@ -697,18 +716,16 @@ void local_scan_after(uv_work_t *w, int status)
 		rc = index_local_relist(ix, id, lj->l->n);
 	} else if (rc == 0) {
 		for (uint32_t i = 0; i < lj->l->n && rc == 0; i++) {
-			const struct local_item *it = &lj->l->items[i];
 			struct index_item item = {
 				.snapshot_id = id,
 				.idx = i,
-				.resource_id = it->id,
-				.filename = it->filename,
-				.mimetype = it->mimetype,
+				.resource_id = local_item_id(lj->l, i),
+				.filename = local_item_filename(lj->l, i),
+				.mimetype = local_item_mimetype(lj->l, i),
 				.size = 0, /* known at fstat */
 				.etag = NULL,
-				.meta = it->meta,
-				.meta_len = it->meta_len,
 			};
+			item.meta = local_item_meta(lj->l, i, &item.meta_len);
 			rc = index_item_put(ix, &item);
 		}
 		if (rc == 0)
@@ -720,6 +737,10 @@ void local_scan_after(uv_work_t *w, int status)
 	}
 	if (rc == 0)
 		rc = index_flush(ix);
+	/* the records are in the index now: the job keeps ids and paths only (local.h) */
+	local_listing_free(lj->l);
+	if (lj->l->n >= LOCAL_TRIM_ITEMS)
+		malloc_trim(0); /* what the parse and the listing took goes back to the system */
 	if (rc < 0) {
 		e.err = rc;
 		snprintf(e.message, sizeof(e.message), "cannot record the snapshot: %s",

@@ -122,7 +122,6 @@ struct task {
 	uint32_t integrity_tries; /* bodies that did not match the server's digest */
 
 	/* LOCAL: the files are read on the threadpool, masks included, in one work */
-	const struct local_item *litem;
 	struct local_files *lfiles;
 	struct store_blob_info *minfo;
 
