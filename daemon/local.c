@@ -10,11 +10,22 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "local.h"
 #include "proto.h"
 #include "store.h"
+
+void local_stamp_of(const struct stat *st, struct local_stamp *ret)
+{
+	memset(ret, 0, sizeof(*ret));
+	ret->dev = (uint64_t)st->st_dev;
+	ret->ino = (uint64_t)st->st_ino;
+	ret->size = (int64_t)st->st_size;
+	ret->mtime_ns = (int64_t)st->st_mtim.tv_sec * 1000000000ll + st->st_mtim.tv_nsec;
+	ret->ctime_ns = (int64_t)st->st_ctim.tv_sec * 1000000000ll + st->st_ctim.tv_nsec;
+}
 
 void local_listing_free(struct local_dataset *l)
 {
@@ -601,6 +612,8 @@ int local_parse(int json_fd, const char *root, struct local_dataset **ret, char 
 	struct local_dataset *l = calloc(1, sizeof(*l));
 	struct jr *r = calloc(1, sizeof(*r));
 	json_t *name = NULL, *updated = NULL;
+	struct local_stamp after;
+	struct timespec now;
 	struct stat st;
 	unsigned int dlen = 0;
 	int rc;
@@ -611,6 +624,7 @@ int local_parse(int json_fd, const char *root, struct local_dataset **ret, char 
 		snprintf(err, errlen, "out of memory");
 		goto out;
 	}
+	clock_gettime(CLOCK_REALTIME, &now);
 	if (fstat(json_fd, &st) != 0) {
 		rc = -errno;
 		snprintf(err, errlen, "dataset.json: %s", strerror(errno));
@@ -632,8 +646,17 @@ int local_parse(int json_fd, const char *root, struct local_dataset **ret, char 
 	r->line = 1;
 	r->err = err;
 	r->errlen = errlen;
+	local_stamp_of(&st, &l->stamp);
 	if ((rc = jr_document(r, l, &name, &updated)) < 0)
 		goto out;
+	/* what a later OPEN may take from this parse without reading (prefetch_local.c) */
+	if (fstat(json_fd, &st) == 0) {
+		int64_t now_ns = (int64_t)now.tv_sec * 1000000000ll + now.tv_nsec;
+		local_stamp_of(&st, &after);
+		l->stable = memcmp(&after, &l->stamp, sizeof(after)) == 0 &&
+			    after.size == (int64_t)r->off && after.mtime_ns < now_ns - LOCAL_RACY_NS &&
+			    after.ctime_ns < now_ns - LOCAL_RACY_NS;
+	}
 	if (EVP_DigestFinal_ex(r->md, l->digest, &dlen) != 1 || dlen != sizeof(l->digest)) {
 		rc = -ENOMEM;
 		snprintf(err, errlen, "cannot hash dataset.json");

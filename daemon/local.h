@@ -26,12 +26,23 @@
 #ifndef DMC_LOCAL_H
 #define DMC_LOCAL_H
 
-#include <stdint.h>
+#include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <sys/stat.h>
 
 #define LOCAL_JSON_MAX (512ull << 20) /* the largest dataset.json read */
 #define LOCAL_ITEMS_MAX (1u << 24)    /* items of one folder */
 #define LOCAL_PATHS_MAX (1u << 26)    /* files (images and masks) of one folder */
+/* Changes within this long before a read are too recent for an inode shortcut: a write
+ * in the same clock tick as the last one would leave mtime and ctime as they were. */
+#define LOCAL_RACY_NS 100000000ll
+
+/* A file's identity as fstat() says it: what an inode shortcut compares. */
+struct local_stamp {
+	uint64_t dev, ino;
+	int64_t size, mtime_ns, ctime_ns;
+};
 
 /*
  * The item table. What a job needs for as long as it runs is compact: per item the offsets
@@ -75,6 +86,8 @@ struct local_dataset {
 	char *lpool;
 	size_t lpool_len, lpool_cap;
 	uint8_t digest[32]; /* SHA-256 of dataset.json's bytes as read */
+	struct local_stamp stamp; /* dataset.json's, before it was read */
+	bool stable; /* unchanged while read, and not changed just before (LOCAL_RACY_NS) */
 };
 
 static inline const char *local_item_id(const struct local_dataset *l, uint32_t i)
@@ -115,6 +128,9 @@ static inline const char *local_item_meta(const struct local_dataset *l, uint32_
 	*ret_len = (size_t)l->listing[i].meta_len;
 	return l->lpool + l->listing[i].meta;
 }
+
+/* The stamp of `st`. */
+void local_stamp_of(const struct stat *st, struct local_stamp *ret);
 
 /* Frees what only the listing needs (filenames, mimetypes, records). */
 void local_listing_free(struct local_dataset *l);

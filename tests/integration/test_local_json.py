@@ -13,6 +13,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -265,4 +266,103 @@ def test_file_the_caller_cannot_read_is_refused_over_open(tmpdir_short):
     # root's read does not serve alice: her next OPEN is refused the same way
     rc, arr, meta, said = get_item(d, root, 1, out, uid=ALICE)
     assert rc != 0 and arr is None and 'Permission denied' in said, said
+    assert d.stop()[0] == 0
+
+
+def counters(d):
+    r = d.cli('status', '--json')
+    assert r.returncode == 0, r.stderr
+    c = json.loads(r.stdout)['counters']
+    return c['prefetch_local_parses_skipped_total'], c['prefetch_local_listings_kept_total']
+
+
+def test_unchanged_dataset_json_is_listed_before_it_is_read(tmpdir_short):
+    """The uid's own earlier parse of the same dataset.json (same inode, size, mtime and
+    ctime through its own descriptor) lists and answers an OPEN before the file is read
+    again; the files are still proved by the new descriptors, and a change of any kind
+    (even one that keeps size and mtime) is read."""
+    root = os.path.join(tmpdir_short, 'ds')
+    res = png_folder(root, 3)
+    write_json(root, json.dumps({'name': 'seen', 'updated_at': 'v1', 'resources': res}))
+    old = os.stat(os.path.join(root, 'dataset.json'))
+    os.utime(os.path.join(root, 'dataset.json'), ns=(old.st_atime_ns,
+                                                     old.st_mtime_ns - 10**9))
+    time.sleep(0.2)  # older than the racy window: the parse may be recorded
+    d = Daemon(tmpdir_short)
+    rc, f, err = prefetch_dir(d, root)
+    assert rc == 0 and f['items_done'] == 3, err
+    assert counters(d) == (0, 0)
+    rc, f, err = prefetch_dir(d, root)
+    assert rc == 0 and f['items_total'] == 3 and f['items_cached'] == 3, err
+    assert counters(d) == (1, 1)
+    for i in (2, 0):  # OPEN + GET: answered early, the item served once proved
+        rc, arr, meta, said = get_item(d, root, i, tmpdir_short)
+        assert rc == 0, said
+        assert meta['resource']['id'] == 'p%d' % i
+        assert np.array_equal(arr, pil_chw(os.path.join(root, 'images/p%d.png' % i)))
+    assert counters(d)[0] == 3
+    # the same size and mtime, other bytes (p1 and p2 swap ids): ctime moved, read again
+    path = os.path.join(root, 'dataset.json')
+    st = os.stat(path)
+    text = open(path).read().replace('"p1"', '"pX"').replace('"p2"', '"p1"').replace(
+        '"pX"', '"p2"')
+    assert len(text) == st.st_size
+    with open(path, 'r+') as fh:
+        fh.write(text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns
+    rc, arr, meta, said = get_item(d, root, 1, tmpdir_short)
+    assert rc == 0 and meta['resource']['id'] == 'p2', said
+    assert np.array_equal(arr, pil_chw(os.path.join(root, 'images/p1.png')))
+    assert counters(d)[0] == 3
+    assert d.stop()[0] == 0
+    assert [r[0] for r in listed(d)] == ['p0', 'p2', 'p1']
+
+
+def test_recent_dataset_json_is_read_every_time(tmpdir_short):
+    """A dataset.json changed within the racy window (here: an mtime in the future) is never
+    taken from an earlier parse: a write in the same clock tick would not show."""
+    root = os.path.join(tmpdir_short, 'ds')
+    res = png_folder(root, 2)
+    path = os.path.join(root, 'dataset.json')
+    write_json(root, json.dumps({'name': 'r', 'updated_at': 'v1', 'resources': res}))
+    future = time.time_ns() + 3600 * 10**9
+    os.utime(path, ns=(future, future))
+    d = Daemon(tmpdir_short)
+    for _ in range(3):
+        rc, f, err = prefetch_dir(d, root)
+        assert rc == 0 and f['items_total'] == 2, err
+    assert counters(d)[0] == 0
+    assert d.stop()[0] == 0
+
+
+def test_another_uid_never_takes_roots_parse(tmpdir_short):
+    """root's recorded parse of a folder is not alice's: her OPEN reads dataset.json through
+    her own descriptor (and is refused when she cannot)."""
+    uids.require_root()
+    os.chmod(tmpdir_short, 0o755)
+    d = Daemon(tmpdir_short)
+    uids.open_up(os.path.dirname(d.socket))
+    root = os.path.join(tmpdir_short, 'shared')
+    res = png_folder(root, 2)
+    write_json(root, json.dumps({'name': 'sh', 'updated_at': 'v1', 'resources': res}))
+    path = os.path.join(root, 'dataset.json')
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+    uids.open_up(root, os.path.join(root, 'images'),
+                 *[os.path.join(root, r['file']) for r in res])
+    os.chmod(path, 0o600)  # root's alone
+    time.sleep(0.2)
+    for _ in range(2):
+        rc, f, err = prefetch_dir(d, root)
+        assert rc == 0 and f['items_total'] == 2, err
+    assert counters(d)[0] == 1
+    out = uids.owned_dir(os.path.join(tmpdir_short, 'alice-out'), ALICE)
+    rc, arr, meta, said = get_item(d, root, 0, out, uid=ALICE)
+    assert rc != 0 and arr is None and 'Permission denied' in said, said
+    os.chmod(path, 0o644)  # a chmod moves ctime: root's record no longer holds either
+    rc, arr, meta, said = get_item(d, root, 0, out, uid=ALICE)
+    assert rc == 0, said
+    assert np.array_equal(arr, pil_chw(os.path.join(root, 'images/p0.png')))
+    assert counters(d)[0] == 1
     assert d.stop()[0] == 0
