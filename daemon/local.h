@@ -11,7 +11,9 @@
  *     so group-readable shared trees and folders in 0700 homes work with a root daemon,
  *     and a file the user cannot open is refused because the client cannot open it;
  *   - this file parses dataset.json from its descriptor and refuses any path that leaves
- *     the folder (absolute, "..", empty, NUL) before it is asked for;
+ *     the folder (absolute, "..", empty, NUL) before it is asked for; a later OPEN of the
+ *     same uid may be listed from that parse when its own descriptor shows the same inode,
+ *     size, mtime and ctime (prefetch_local.c, struct local_seen), as for files below;
  *   - the prefetcher fstat()s each descriptor (a regular file, else the item fails: no
  *     FIFO or device can block a thread), reads it with pread from offset 0 without
  *     waiting, and links the item to stored content only by the SHA-256 of the bytes just

@@ -36,6 +36,12 @@
  * on the threadpool that hashes the bytes into the store (local_task_*). The next window is
  * asked for when the previous one is handed to tasks, so a job holds at most one window
  * of descriptors besides those of its running tasks.
+ *
+ * An OPEN is answered before dataset.json is parsed when the descriptor shows the identity
+ * that this uid's own earlier, stable parse recorded (struct local_seen, local_early()):
+ * the snapshot is listed again from that parse, and the parse that follows only gives the
+ * job its paths (local_parsed_late()). The job's table keeps ids and paths only; the
+ * records are in the index once listed.
  */
 
 /*
