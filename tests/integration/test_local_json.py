@@ -366,3 +366,45 @@ def test_another_uid_never_takes_roots_parse(tmpdir_short):
     assert np.array_equal(arr, pil_chw(os.path.join(root, 'images/p0.png')))
     assert counters(d)[0] == 1
     assert d.stop()[0] == 0
+
+
+def test_cut_and_flipped_bytes_are_refused_or_listed_never_crash(tmpdir_short):
+    """A valid dataset.json cut at many places and with bytes changed (a fixed seed): what
+    the json module refuses, the daemon refuses with a message; nothing stops the daemon."""
+    import random
+    root = os.path.join(tmpdir_short, 'ds')
+    res = png_folder(root, 2)
+    res[0]['annotations'] = [{'id': 'a\u00e9', 'file': 'images/p1.png', 'n': [1, 2.5e3]}]
+    good = json.dumps({'name': 'f', 'updated_at': 'v', 'resources': res,
+                       'x': {'y': [None, True, False, '\\"']}}, ensure_ascii=False).encode()
+    rng = random.Random(14)
+    cases = [good[:k] for k in range(0, len(good), 5)]
+    for _ in range(60):
+        b = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            b[rng.randrange(len(b))] = rng.choice(b'{}[]",:\\ \n0a\x00\xff')
+        cases.append(bytes(b))
+    d = Daemon(tmpdir_short)
+    refused = 0
+    for text in cases:
+        with open(os.path.join(root, 'dataset.json'), 'wb') as f:
+            f.write(text)
+        try:
+            json.loads(text)
+            valid = True
+        except ValueError:
+            valid = False
+        # jansson's messages quote the bytes near the error, valid UTF-8 or not
+        r = subprocess.run([DMCACHE, '--socket', d.socket, 'prefetch', '--source', root],
+                           env=d.env, capture_output=True, timeout=120)
+        rc, err = r.returncode, r.stderr.decode('utf-8', 'replace')
+        assert rc in (0, 1), (text, err)
+        if not valid:
+            assert rc == 1 and 'dataset.json' in err, (text, err)
+            refused += 1
+    assert refused > len(cases) // 2
+    with open(os.path.join(root, 'dataset.json'), 'wb') as f:
+        f.write(good)
+    rc, f, err = prefetch_dir(d, root)
+    assert rc == 0 and f['items_done'] == 2, err
+    assert d.stop()[0] == 0
