@@ -184,7 +184,7 @@ static void table_fix(struct local_dataset *l)
 		l->lpool = v, l->lpool_cap = l->lpool_len;
 	if (l->n && (v = realloc(l->items, l->n * sizeof(*l->items))))
 		l->items = v, l->items_cap = l->n;
-	if (l->n && (v = realloc(l->listing, l->n * sizeof(*l->listing))))
+	if (l->n && l->listing && (v = realloc(l->listing, l->n * sizeof(*l->listing))))
 		l->listing = v;
 	if (l->n_masks && (v = realloc(l->masks, l->n_masks * sizeof(*l->masks))))
 		l->masks = v, l->masks_cap = l->n_masks;
@@ -219,7 +219,7 @@ static int table_item(struct local_dataset *l, json_t *rec, const char *path_key
 	json_t *path = json_object_get(rec, path_key), *id = json_object_get(rec, "id");
 	json_t *fname = json_object_get(rec, "filename"), *mime = json_object_get(rec, "mimetype");
 	struct pool lp = listing_pool(l);
-	struct local_record *lr;
+	struct local_record *lr, scratch;
 	struct local_item *it;
 	json_t *anns, *a;
 	const char *slash, *mt;
@@ -238,14 +238,16 @@ static int table_item(struct local_dataset *l, json_t *rec, const char *path_key
 		if (!v)
 			return -ENOMEM;
 		l->items = v;
-		v = realloc(l->listing, (size_t)cap * sizeof(*l->listing));
-		if (!v)
-			return -ENOMEM;
-		l->listing = v;
 		l->items_cap = cap;
+		if (!l->paths_only) {
+			v = realloc(l->listing, (size_t)cap * sizeof(*l->listing));
+			if (!v)
+				return -ENOMEM;
+			l->listing = v;
+		}
 	}
 	it = &l->items[l->n];
-	lr = &l->listing[l->n];
+	lr = l->paths_only ? &scratch : &l->listing[l->n];
 	memset(it, 0, sizeof(*it));
 	memset(lr, 0, sizeof(*lr));
 	it->first_path = l->n_paths;
@@ -254,7 +256,9 @@ static int table_item(struct local_dataset *l, json_t *rec, const char *path_key
 	    (rc = ids_add(l, json_is_string(id) ? id : path, &it->id)) < 0)
 		return rc;
 	slash = strrchr(json_string_value(path), '/');
-	if (json_is_string(fname))
+	if (l->paths_only)
+		rc = 0;
+	else if (json_is_string(fname))
 		rc = pool_add_json(lp, fname, &lr->filename);
 	else if (slash)
 		rc = pool_add(lp, slash + 1, strlen(slash + 1), &lr->filename);
@@ -263,8 +267,9 @@ static int table_item(struct local_dataset *l, json_t *rec, const char *path_key
 	if (rc < 0)
 		return rc;
 	mt = mime_of(json_string_value(path));
-	rc = json_is_string(mime) ? pool_add_json(lp, mime, &lr->mimetype)
-				  : pool_add(lp, mt, strlen(mt), &lr->mimetype);
+	rc = l->paths_only ? 0
+	     : json_is_string(mime) ? pool_add_json(lp, mime, &lr->mimetype)
+				    : pool_add(lp, mt, strlen(mt), &lr->mimetype);
 	if (rc < 0)
 		return rc;
 	if (l->n_paths >= LOCAL_PATHS_MAX) {
@@ -302,6 +307,11 @@ static int table_item(struct local_dataset *l, json_t *rec, const char *path_key
 			return rc;
 		l->n_masks++;
 		it->n_masks++;
+	}
+	if (l->paths_only) {
+		l->n_paths += 1 + it->n_masks;
+		l->n++;
+		return 0;
 	}
 	/* the record as compact JSON with sorted keys, written straight into the pool */
 	meta_len = json_dumpb(rec, NULL, 0, JSON_COMPACT | JSON_SORT_KEYS);
@@ -606,8 +616,8 @@ static int jr_document(struct jr *r, struct local_dataset *l, json_t **name, jso
 	return 0;
 }
 
-int local_parse(int json_fd, const char *root, struct local_dataset **ret, char *err,
-		size_t errlen)
+int local_parse(int json_fd, const char *root, bool paths_only, struct local_dataset **ret,
+		char *err, size_t errlen)
 {
 	struct local_dataset *l = calloc(1, sizeof(*l));
 	struct jr *r = calloc(1, sizeof(*r));
@@ -641,6 +651,7 @@ int local_parse(int json_fd, const char *root, struct local_dataset **ret, char 
 			 (unsigned long long)LOCAL_JSON_MAX);
 		goto out;
 	}
+	l->paths_only = paths_only;
 	r->fd = json_fd;
 	r->size = (uint64_t)st.st_size;
 	r->line = 1;

@@ -84,7 +84,9 @@ struct local_dataset {
 	uint32_t n_masks, masks_cap;
 	char *pool;               /* ids and paths, NUL-terminated */
 	size_t pool_len, pool_cap;
-	struct local_record *listing; /* per item, NULL after local_listing_free() */
+	struct local_record *listing; /* per item; NULL after local_listing_free(), or
+				       * when parsed for the paths only */
+	bool paths_only;
 	char *lpool;
 	size_t lpool_len, lpool_cap;
 	uint8_t digest[32]; /* SHA-256 of dataset.json's bytes as read */
@@ -148,11 +150,12 @@ void local_dataset_free(struct local_dataset *l);
  * "resources" or "images" given twice is refused (which one a reader keeps is not
  * defined). `root` (borrowed) labels the dataset. On failure a message goes to `err`:
  * "dataset.json:LINE: what" for a syntax error; a path that leaves the folder fails the
- * whole dataset (-EACCES).
+ * whole dataset (-EACCES). `paths_only`: the records are checked but not kept (no
+ * `listing`: the snapshot is listed already).
  * *ret: free with local_dataset_free().
  */
-int local_parse(int json_fd, const char *root, struct local_dataset **ret, char *err,
-		size_t errlen);
+int local_parse(int json_fd, const char *root, bool paths_only, struct local_dataset **ret,
+		char *err, size_t errlen);
 
 /* The k-th path of the dataset's list (k < n_paths): item images and their masks. */
 const char *local_path(const struct local_dataset *l, uint32_t k);

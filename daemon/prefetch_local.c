@@ -682,7 +682,7 @@ void local_scan_work(uv_work_t *w)
 			return;
 		}
 	}
-	j->scan_err = local_parse(lj->json_fd, j->project_arg, &lj->l, j->scan_msg,
+	j->scan_err = local_parse(lj->json_fd, j->project_arg, lj->early, &lj->l, j->scan_msg,
 				  sizeof(j->scan_msg));
 }
 
