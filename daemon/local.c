@@ -610,7 +610,8 @@ static int jr_document(struct jr *r, struct local_dataset *l, json_t **name, jso
 	if (r->rc < 0)
 		return r->rc;
 	if (list == LIST_NONE) {
-		snprintf(r->err, r->errlen, "dataset.json has neither \"resources\" nor \"images\"");
+		snprintf(r->err, r->errlen,
+			 "dataset.json has neither \"resources\" nor \"images\"");
 		return r->rc = -DMC_E_INVALID_ARGUMENT;
 	}
 	return 0;
@@ -665,7 +666,8 @@ int local_parse(int json_fd, const char *root, bool paths_only, struct local_dat
 		int64_t now_ns = (int64_t)now.tv_sec * 1000000000ll + now.tv_nsec;
 		local_stamp_of(&st, &after);
 		l->stable = memcmp(&after, &l->stamp, sizeof(after)) == 0 &&
-			    after.size == (int64_t)r->off && after.mtime_ns < now_ns - LOCAL_RACY_NS &&
+			    after.size == (int64_t)r->off &&
+			    after.mtime_ns < now_ns - LOCAL_RACY_NS &&
 			    after.ctime_ns < now_ns - LOCAL_RACY_NS;
 	}
 	if (EVP_DigestFinal_ex(r->md, l->digest, &dlen) != 1 || dlen != sizeof(l->digest)) {
