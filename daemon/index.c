@@ -156,7 +156,9 @@ static const char *const stmt_sql[S_COUNT_] = {
 			      "AND r.ino = ?3 AND r.size = ?4 AND r.mtime_ns = ?5 AND r.ctime_ns = ?6",
 	[S_LOCAL_READ_PUT] = "INSERT OR REPLACE INTO local_reads (uid, dev, ino, size, mtime_ns, "
 			     "ctime_ns, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-	[S_LOCAL_CLEAR] = "UPDATE items SET blob = NULL, etag = NULL WHERE key BETWEEN ?1 AND ?2",
+	/* rows cleared already are not written again (an OPEN right after another) */
+	[S_LOCAL_CLEAR] = "UPDATE items SET blob = NULL, etag = NULL WHERE key BETWEEN ?1 AND ?2 "
+			  "AND (blob IS NOT NULL OR etag IS NOT NULL)",
 	[S_LOCAL_TRIM] = "DELETE FROM items WHERE key BETWEEN ?1 AND ?2",
 	[S_LOCAL_SIZE] = "UPDATE items SET size = ?2 WHERE key = ?1",
 	/* what OPEN learnt of a snapshot (schema 5 -> 6) */

@@ -291,7 +291,7 @@ void job_finish(struct job *j, uint32_t state)
 	drop_subs(j);
 	/* items still missing will not come from this job */
 	if (j->pf->item_hook && j->snapshot_id > 0)
-		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, -1, 0);
+		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, -1, 0, NULL);
 	log_job(state == DMC_JOB_DONE ? LOG_LVL_NOTICE : LOG_LVL_WARNING, LOG_GRP_FETCH, j->id,
 		(unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
 		"job %" PRIu64 " of uid %u, '%s' version '%s': %s, %" PRIu64 " of %" PRIu64
@@ -387,6 +387,7 @@ void prefetch_free(struct prefetch *p)
 	if (!p || p->closing)
 		return;
 	p->closing = true;
+	local_seen_clear(p);
 	for (struct job *j = p->jobs, *n; j; j = n) {
 		n = j->next;
 		job_cancel(j);
@@ -757,6 +758,7 @@ static void on_prefetch_local(struct prefetch *p, const struct who *w,
 	job_register(p, j, w);
 	log_info(FETCH, "job %" PRIu64 ": uid %u prefetches the folder '%s'", j->id,
 		 (unsigned)j->uid, j->project_arg);
+	local_scan_prepare(j);
 	j->scan_work.data = j;
 	if (uv_queue_work(p->d.loop, &j->scan_work, local_scan_work, local_scan_after) != 0) {
 		struct dm_error e = { .err = -ENOMEM };
@@ -1265,6 +1267,7 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 		ENTRY("prefetch_opens_from_grant_total", p->opens_from_grant),
 		ENTRY("prefetch_grants_withdrawn_total", p->grants_withdrawn),
 		ENTRY("prefetch_local_listings_kept_total", p->local_listings_kept),
+		ENTRY("prefetch_local_parses_skipped_total", p->local_parses_skipped),
 		ENTRY("prefetch_items_downloaded_total", p->items_downloaded),
 		ENTRY("prefetch_items_revalidated_total", p->items_revalidated),
 		ENTRY("prefetch_items_shared_total", p->items_shared),

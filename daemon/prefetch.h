@@ -115,7 +115,9 @@ void prefetch_set_open_check(struct prefetch *p, bool (*is_open)(void *ctx, int6
 bool prefetch_snapshot_active(struct prefetch *p, int64_t id);
 /* Called when an item of a snapshot is stored (err 0) or failed for good, and with idx -1
  * when a job filling the snapshot ended (items still missing will not come from it). */
-typedef void (*prefetch_item_cb)(void *ctx, int64_t snapshot_id, int64_t idx, int err);
+/* `message` (may be NULL): why the item failed, for the GETs waiting for it. */
+typedef void (*prefetch_item_cb)(void *ctx, int64_t snapshot_id, int64_t idx, int err,
+				 const char *message);
 void prefetch_set_item_hook(struct prefetch *p, prefetch_item_cb cb, void *ctx);
 
 /* `c` is closing: it gets no more events (its jobs go on). */

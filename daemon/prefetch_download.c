@@ -534,7 +534,7 @@ void task_next_step(struct task *t)
 	}
 	j->items_done++;
 	if (j->pf->item_hook)
-		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, t->idx, 0);
+		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, t->idx, 0, NULL);
 	task_finish(t, 0, NULL, 0);
 }
 
@@ -620,7 +620,7 @@ void task_finish(struct task *t, int err, const char *msg, long http_status)
 	/* a cancelled task is no failure of its item: the job's end was told already, and
 	 * another job may be bringing the item (a failure told now would stick) */
 	if (err && err != -DMC_E_CANCELLED && p->item_hook && j->snapshot_id > 0)
-		p->item_hook(p->item_hook_ctx, j->snapshot_id, t->idx, err);
+		p->item_hook(p->item_hook_ctx, j->snapshot_id, t->idx, err, msg);
 	if (err && err != -DMC_E_CANCELLED) {
 		struct dmc_progress m;
 		j->items_failed++;

@@ -7,6 +7,7 @@
  * only their task or job.
  */
 #include <errno.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,17 +36,22 @@
  * on the threadpool that hashes the bytes into the store (local_task_*). The next window is
  * asked for when the previous one is handed to tasks, so a job holds at most one window
  * of descriptors besides those of its running tasks.
+ *
+ * An OPEN is answered before dataset.json is parsed when the descriptor shows the identity
+ * that this uid's own earlier, stable parse recorded (struct local_seen, local_early()):
+ * the snapshot is listed again from that parse, and the parse that follows only gives the
+ * job its paths (local_parsed_late()). The job's table keeps ids and paths only; the
+ * records are in the index once listed.
  */
 
-/* Changes within this long before a read are too recent for the inode shortcut: a write
- * in the same clock tick as the last one would leave mtime and ctime as they were. */
-#define LOCAL_RACY_NS 100000000ll
 /*
  * Reads of local files on the threadpool at once, per uid and for all: a descriptor that
  * fstat() calls regular may still block in read (a FUSE file of the user's); it then holds
  * one thread at most, of its uid's two, and never the last free one of the pool (4).
  */
 #define LOCAL_READS_PER_UID 2u
+/* A folder of at least this many items gives what its parse took back (malloc_trim). */
+#define LOCAL_TRIM_ITEMS 10000u
 #define LOCAL_READS_MAX 3u
 
 /* A task's files: the image (k = 0) and its masks, with what fstat said of each. */
@@ -118,7 +124,21 @@ static void local_read_key(const struct job *j, const struct stat *st, struct in
 
 static const char *local_file_path(const struct task *t, uint32_t k)
 {
-	return k == 0 ? t->litem->path : t->litem->masks[k - 1].path;
+	const struct local_dataset *l = t->job->lj->l;
+
+	return k == 0 ? local_item_path(l, (uint32_t)t->idx)
+		      : local_mask_path(l, (uint32_t)t->idx, k - 1);
+}
+
+/* index_item_get(): the item's record as the index holds it (with its masks' digests of an
+ * earlier read, replaced when this task records its own). */
+static int local_meta_of(void *ctx, const struct index_item *item)
+{
+	struct task *t = ctx;
+
+	t->meta = item->meta ? strndup(item->meta, item->meta_len) : strdup("{}");
+	t->meta_len = item->meta ? item->meta_len : 2;
+	return t->meta ? 0 : -ENOMEM;
 }
 
 static void local_task_work(uv_work_t *w)
@@ -302,7 +322,8 @@ static void local_task_begin(struct job *j, uint32_t i, const int *fds, const in
 {
 	struct prefetch *p = j->pf;
 	struct cache *cache = p->d.cache;
-	const struct local_item *it = &j->lj->l->items[i];
+	const struct local_dataset *l = j->lj->l;
+	const struct local_item *it = &l->items[i];
 	uint32_t nf = 1 + it->n_masks;
 	struct local_files *lf = calloc(1, sizeof(*lf) + nf * sizeof(lf->f[0]));
 	struct task *t = calloc(1, sizeof(*t));
@@ -322,17 +343,14 @@ static void local_task_begin(struct job *j, uint32_t i, const int *fds, const in
 	}
 	if (!t) {
 		local_files_free(lf);
-		record_error(j, -ENOMEM, 0, 0, it->id, "out of memory");
+		record_error(j, -ENOMEM, 0, 0, local_item_id(l, i), "out of memory");
 		j->items_failed++;
 		return;
 	}
 	t->job = j;
 	t->idx = i;
 	t->kind = STORE_KIND_RAW;
-	t->litem = it;
-	t->resource_id = strdup(it->id);
-	t->meta = strndup(it->meta, it->meta_len);
-	t->meta_len = it->meta_len;
+	t->resource_id = strdup(local_item_id(l, i));
 	t->next = j->tasks;
 	if (j->tasks)
 		j->tasks->prev = t;
@@ -343,14 +361,18 @@ static void local_task_begin(struct job *j, uint32_t i, const int *fds, const in
 	t->masks = calloc(nf, sizeof(*t->masks));
 	t->minfo = calloc(nf, sizeof(*t->minfo));
 	t->mask_digests = calloc(nf, STORE_DIGEST_SIZE);
-	if (!lf || !t->resource_id || !t->meta || !t->buf || !t->masks || !t->minfo ||
-	    !t->mask_digests) {
+	/* the record is needed to add the masks' digests to it: the index has it (put from
+	 * these very dataset.json bytes by local_scan_after()) */
+	if (it->n_masks && index_item_get(cache->index, j->snapshot_id, i, local_meta_of, t) < 0)
+		t->meta = NULL;
+	if (!lf || !t->resource_id || (it->n_masks && !t->meta) || !t->buf || !t->masks ||
+	    !t->minfo || !t->mask_digests) {
 		local_files_free(lf);
 		task_finish(t, -ENOMEM, "out of memory", 0);
 		return;
 	}
 	for (uint32_t k = 0; k < it->n_masks; k++) {
-		t->masks[k].annotation_id = strdup(it->masks[k].annotation_id);
+		t->masks[k].annotation_id = strdup(local_mask_id(l, i, k));
 		if (!t->masks[k].annotation_id) {
 			local_files_free(lf);
 			task_finish(t, -ENOMEM, "out of memory", 0);
@@ -429,9 +451,9 @@ static int local_need(struct job *j)
 	for (item = lj->next_item; item < l->n && l->items[item].first_path < first; item++)
 		;
 	for (; item < l->n && n + 1 + l->items[item].n_masks <= DMC_FDS_MAX; item++) {
-		paths[n++] = l->items[item].path;
+		paths[n++] = local_item_path(l, item);
 		for (uint32_t k = 0; k < l->items[item].n_masks; k++)
-			paths[n++] = l->items[item].masks[k].path;
+			paths[n++] = local_mask_path(l, item, k);
 	}
 	if (n == 0)
 		return 0;
@@ -459,6 +481,8 @@ void local_pump(struct job *j)
 	struct prefetch *p = j->pf;
 	int rc;
 
+	if (!lj->l)
+		return; /* listed early: the paths come with the parse (local_scan_after) */
 	if (lj->pumping) {
 		lj->pump_again = true;
 		return;
@@ -567,29 +591,116 @@ void local_conn_closed(struct prefetch *p, struct conn *c)
 	}
 }
 
+/* ---- dataset.json's identity: a listing answered before the parse ---- */
+
+void local_seen_clear(struct prefetch *p)
+{
+	for (unsigned i = 0; i < LOCAL_SEEN_MAX; i++) {
+		struct local_seen *e = &p->local_seen[i];
+		free(e->root);
+		free(e->name);
+		free(e->version);
+		memset(e, 0, sizeof(*e));
+	}
+}
+
+/* The entry of (uid, folder), or NULL. */
+static struct local_seen *seen_find(struct prefetch *p, uid_t uid, const char *root)
+{
+	for (unsigned i = 0; i < LOCAL_SEEN_MAX; i++)
+		if (p->local_seen[i].root && p->local_seen[i].uid == uid &&
+		    strcmp(p->local_seen[i].root, root) == 0)
+			return &p->local_seen[i];
+	return NULL;
+}
+
+static void seen_forget(struct local_seen *e)
+{
+	free(e->root);
+	free(e->name);
+	free(e->version);
+	memset(e, 0, sizeof(*e));
+}
+
+/* Records what the job's parse gave, when dataset.json was stable while read; else forgets
+ * what an earlier one gave. */
+static void seen_put(struct job *j, int64_t snapshot_id)
+{
+	struct prefetch *p = j->pf;
+	const struct local_dataset *l = j->lj->l;
+	struct local_seen *e = seen_find(p, j->uid, j->project_arg);
+
+	if (!e && l->stable) {
+		e = &p->local_seen[0];
+		for (unsigned i = 0; i < LOCAL_SEEN_MAX && e->root; i++)
+			if (!p->local_seen[i].root || p->local_seen[i].used < e->used)
+				e = &p->local_seen[i];
+	}
+	if (!e)
+		return;
+	seen_forget(e);
+	if (!l->stable)
+		return;
+	e->root = strdup(j->project_arg);
+	e->name = strdup(l->name);
+	e->version = strdup(l->version);
+	if (!e->root || !e->name || !e->version) {
+		seen_forget(e);
+		return;
+	}
+	e->uid = j->uid;
+	e->stamp = l->stamp;
+	e->snapshot_id = snapshot_id;
+	memcpy(e->digest, l->digest, sizeof(e->digest));
+	e->n = l->n;
+	e->used = ++p->local_seen_clock;
+}
+
+void local_scan_prepare(struct job *j)
+{
+	struct local_seen *e = seen_find(j->pf, j->uid, j->project_arg);
+
+	j->lj->want_set = e != NULL;
+	if (e)
+		j->lj->want = e->stamp;
+}
+
 void local_scan_work(uv_work_t *w)
 {
 	struct job *j = w->data;
+	struct local_job *lj = j->lj;
+	struct local_stamp now;
+	struct stat st;
 
-	j->scan_err = local_parse(j->lj->json_fd, j->project_arg, &j->lj->l, j->scan_msg,
+	/* the descriptor shows the identity an earlier parse of this uid recorded: listed
+	 * from that (local_scan_after) before anything is read */
+	lj->hit = false;
+	if (!lj->early && lj->want_set && fstat(lj->json_fd, &st) == 0 && S_ISREG(st.st_mode)) {
+		local_stamp_of(&st, &now);
+		if (memcmp(&now, &lj->want, sizeof(now)) == 0) {
+			lj->hit = true;
+			return;
+		}
+	}
+	j->scan_err = local_parse(lj->json_fd, j->project_arg, lj->early, &lj->l, j->scan_msg,
 				  sizeof(j->scan_msg));
 }
 
 /* The row INDEX_PROBE_LOCAL_LISTING of a listing: dataset.json's digest, the item count. */
-static void listing_row(const struct local_dataset *l, uint8_t row[STORE_DIGEST_SIZE + 4])
+static void listing_row(const uint8_t *digest, uint32_t n, uint8_t row[STORE_DIGEST_SIZE + 4])
 {
-	memcpy(row, l->digest, STORE_DIGEST_SIZE);
-	row[STORE_DIGEST_SIZE] = (uint8_t)l->n;
-	row[STORE_DIGEST_SIZE + 1] = (uint8_t)(l->n >> 8);
-	row[STORE_DIGEST_SIZE + 2] = (uint8_t)(l->n >> 16);
-	row[STORE_DIGEST_SIZE + 3] = (uint8_t)(l->n >> 24);
+	memcpy(row, digest, STORE_DIGEST_SIZE);
+	row[STORE_DIGEST_SIZE] = (uint8_t)n;
+	row[STORE_DIGEST_SIZE + 1] = (uint8_t)(n >> 8);
+	row[STORE_DIGEST_SIZE + 2] = (uint8_t)(n >> 16);
+	row[STORE_DIGEST_SIZE + 3] = (uint8_t)(n >> 24);
 }
 
 static int listing_record(struct index *ix, int64_t id, const struct local_dataset *l)
 {
 	uint8_t row[STORE_DIGEST_SIZE + 4];
 
-	listing_row(l, row);
+	listing_row(l->digest, l->n, row);
 	return index_probe_put(ix, id, INDEX_PROBE_LOCAL_LISTING, row, sizeof(row));
 }
 
@@ -608,7 +719,7 @@ static int listing_snap_cb(void *ctx, const struct index_snapshot *s)
 }
 
 /* The snapshot's items were put from these very dataset.json bytes, and are all there. */
-static bool listing_unchanged(struct index *ix, int64_t id, const struct local_dataset *l)
+static bool listing_unchanged(struct index *ix, int64_t id, const uint8_t *digest, uint32_t n)
 {
 	uint8_t want[STORE_DIGEST_SIZE + 4];
 	struct listing_snap ls = { 0 };
@@ -617,13 +728,127 @@ static bool listing_unchanged(struct index *ix, int64_t id, const struct local_d
 	bool same;
 
 	if (index_snapshot_get(ix, id, listing_snap_cb, &ls) < 0 || !ls.sealed ||
-	    ls.item_count != (int64_t)l->n ||
+	    ls.item_count != (int64_t)n ||
 	    index_probe_get(ix, id, INDEX_PROBE_LOCAL_LISTING, &row, &len) < 0)
 		return false;
-	listing_row(l, want);
+	listing_row(digest, n, want);
 	same = len == sizeof(want) && memcmp(row, want, sizeof(want)) == 0;
 	free(row);
 	return same;
+}
+
+struct folder_snap {
+	uid_t uid;
+	const char *root, *version;
+	bool ok;
+};
+
+static int folder_snap_cb(void *ctx, const struct index_snapshot *s)
+{
+	struct folder_snap *f = ctx;
+
+	f->ok = s->source == INDEX_SOURCE_FOLDER && s->owner == (int64_t)f->uid &&
+		s->project_id && strcmp(s->project_id, f->root) == 0 && s->version &&
+		strcmp(s->version, f->version) == 0;
+	return 0;
+}
+
+static int queue_scan(struct job *j)
+{
+	j->scan_work.data = j;
+	if (uv_queue_work(j->pf->d.loop, &j->scan_work, local_scan_work, local_scan_after) != 0)
+		return -ENOMEM;
+	j->pending++;
+	return 0;
+}
+
+/*
+ * dataset.json's descriptor shows the identity this uid's earlier parse recorded (struct
+ * local_seen): the uid's own snapshot, still listed from those very bytes, is listed again
+ * (every item's content forgotten, as always) and the OPEN answered now; the parse for the
+ * paths follows on the threadpool, and the job asks for files once it is in. False: the
+ * record does not hold (any more), and the job reads dataset.json first.
+ */
+static bool local_early(struct job *j)
+{
+	struct local_job *lj = j->lj;
+	struct prefetch *p = j->pf;
+	struct index *ix = p->d.cache->index;
+	struct local_seen *s = seen_find(p, j->uid, j->project_arg);
+	struct folder_snap f = { j->uid, j->project_arg, NULL, false };
+	struct dm_error e = { 0 };
+	struct dm_project *proj;
+	int rc;
+
+	if (!s || memcmp(&s->stamp, &lj->want, sizeof(s->stamp)) != 0 ||
+	    (j->version_arg[0] && strcmp(j->version_arg, "latest") != 0 &&
+	     strcmp(j->version_arg, s->version) != 0))
+		return false;
+	f.version = s->version;
+	if (index_snapshot_get(ix, s->snapshot_id, folder_snap_cb, &f) < 0 || !f.ok ||
+	    !listing_unchanged(ix, s->snapshot_id, s->digest, s->n)) {
+		seen_forget(s);
+		return false;
+	}
+	proj = calloc(1, sizeof(*proj));
+	if (proj) {
+		proj->id = strdup(j->project_arg);
+		proj->name = strdup(s->name);
+		proj->dataset_id = strdup("");
+		proj->version = strdup(s->version);
+	}
+	if (!proj || !proj->id || !proj->name || !proj->dataset_id || !proj->version) {
+		dm_project_free(proj);
+		return false;
+	}
+	j->proj = proj;
+	j->snapshot_id = s->snapshot_id;
+	s->used = ++p->local_seen_clock;
+	p->local_listings_kept++;
+	p->local_parses_skipped++;
+	lj->early = true;
+	rc = index_local_relist(ix, j->snapshot_id, s->n);
+	if (rc == 0)
+		rc = index_flush(ix);
+	if (rc < 0) {
+		e.err = rc;
+		snprintf(e.message, sizeof(e.message), "cannot record the snapshot: %s",
+			 index_errmsg(ix));
+		fail_job(j, &e);
+		return true;
+	}
+	if (queue_scan(j) < 0) {
+		e.err = -ENOMEM;
+		snprintf(e.message, sizeof(e.message), "cannot start");
+		fail_job(j, &e);
+		return true;
+	}
+	start_downloading(j); /* -> notify_ready: the OPEN is answered */
+	return true;
+}
+
+/* The parse of a job listed early is in: the same bytes the listing came from, then the
+ * files are asked for; else the job fails (the folder changed under the OPEN). */
+static void local_parsed_late(struct job *j)
+{
+	struct local_job *lj = j->lj;
+	struct index *ix = j->pf->d.cache->index;
+	struct local_seen *s;
+
+	if (j->scan_err < 0 || !listing_unchanged(ix, j->snapshot_id, lj->l->digest, lj->l->n)) {
+		if ((s = seen_find(j->pf, j->uid, j->project_arg)))
+			seen_forget(s);
+		record_error(j, j->scan_err < 0 ? j->scan_err : -DMC_E_IO, 0, 0, NULL,
+			     j->scan_err < 0 ? j->scan_msg
+					     : "dataset.json changed while the folder was opened: "
+					       "open it again");
+		job_finish(j, DMC_JOB_FAILED);
+		return;
+	}
+	local_listing_free(lj->l);
+	if (lj->l->n >= LOCAL_TRIM_ITEMS)
+		malloc_trim(0);
+	local_pump(j);
 }
 
 void local_scan_after(uv_work_t *w, int status)
@@ -639,10 +864,25 @@ void local_scan_after(uv_work_t *w, int status)
 
 	(void)status;
 	j->pending--;
+	if (!j->final && lj->hit) {
+		if (local_early(j))
+			return;
+		lj->want_set = false; /* the record does not hold: dataset.json is read now */
+		if (queue_scan(j) == 0)
+			return;
+		e.err = -ENOMEM;
+		snprintf(e.message, sizeof(e.message), "cannot start");
+		fail_job(j, &e);
+		return;
+	}
 	close(lj->json_fd);
 	lj->json_fd = -1;
 	if (j->final) {
 		job_maybe_free(j);
+		return;
+	}
+	if (lj->early) {
+		local_parsed_late(j);
 		return;
 	}
 	if (j->scan_err < 0) {
@@ -692,23 +932,21 @@ void local_scan_after(uv_work_t *w, int status)
 	 * descriptors (by its digest, or by the uid's own unchanged inode). The items
 	 * themselves are put again only when dataset.json's bytes differ from those they were
 	 * last put from (or their count does) */
-	if (rc == 0 && !created && listing_unchanged(ix, id, lj->l)) {
+	if (rc == 0 && !created && listing_unchanged(ix, id, lj->l->digest, lj->l->n)) {
 		j->pf->local_listings_kept++;
 		rc = index_local_relist(ix, id, lj->l->n);
 	} else if (rc == 0) {
 		for (uint32_t i = 0; i < lj->l->n && rc == 0; i++) {
-			const struct local_item *it = &lj->l->items[i];
 			struct index_item item = {
 				.snapshot_id = id,
 				.idx = i,
-				.resource_id = it->id,
-				.filename = it->filename,
-				.mimetype = it->mimetype,
+				.resource_id = local_item_id(lj->l, i),
+				.filename = local_item_filename(lj->l, i),
+				.mimetype = local_item_mimetype(lj->l, i),
 				.size = 0, /* known at fstat */
 				.etag = NULL,
-				.meta = it->meta,
-				.meta_len = it->meta_len,
 			};
+			item.meta = local_item_meta(lj->l, i, &item.meta_len);
 			rc = index_item_put(ix, &item);
 		}
 		if (rc == 0)
@@ -720,6 +958,10 @@ void local_scan_after(uv_work_t *w, int status)
 	}
 	if (rc == 0)
 		rc = index_flush(ix);
+	/* the records are in the index now: the job keeps ids and paths only (local.h) */
+	local_listing_free(lj->l);
+	if (lj->l->n >= LOCAL_TRIM_ITEMS)
+		malloc_trim(0); /* what the parse and the listing took goes back to the system */
 	if (rc < 0) {
 		e.err = rc;
 		snprintf(e.message, sizeof(e.message), "cannot record the snapshot: %s",
@@ -727,5 +969,6 @@ void local_scan_after(uv_work_t *w, int status)
 		fail_job(j, &e);
 		return;
 	}
+	seen_put(j, id); /* a later OPEN of this uid may be listed from this parse */
 	start_downloading(j); /* -> job_pump -> local_pump */
 }

@@ -41,8 +41,28 @@ struct sub {
 	struct sub *next;
 };
 
+/*
+ * What a parse of a folder's dataset.json gave one uid (prefetch_local.c): its identity as
+ * that uid's own descriptor showed it (unchanged while read, not changed just before), and
+ * the snapshot listed from it. A later OPEN of the same uid whose descriptor shows the same
+ * identity is listed and answered from this before dataset.json is read again.
+ */
+#define LOCAL_SEEN_MAX 32
+struct local_seen {
+	uid_t uid;
+	char *root, *name, *version; /* NULL: a free slot */
+	struct local_stamp stamp;
+	int64_t snapshot_id;
+	uint8_t digest[STORE_DIGEST_SIZE];
+	uint32_t n;
+	uint64_t used; /* the least recently used goes first */
+};
+
 struct prefetch {
 	struct prefetch_deps d;
+	struct local_seen local_seen[LOCAL_SEEN_MAX];
+	uint64_t local_seen_clock;
+	uint64_t local_parses_skipped; /* OPENs listed before dataset.json was read */
 	struct job *jobs;
 	struct task *downloads; /* tasks with a transfer in flight, for sharing */
 	uint8_t salt[32];       /* of the key hashes in grants (index "key_salt") */
@@ -122,7 +142,6 @@ struct task {
 	uint32_t integrity_tries; /* bodies that did not match the server's digest */
 
 	/* LOCAL: the files are read on the threadpool, masks included, in one work */
-	const struct local_item *litem;
 	struct local_files *lfiles;
 	struct store_blob_info *minfo;
 
@@ -213,6 +232,10 @@ struct local_job {
 	uint32_t next_item;     /* the next item to start */
 	uint32_t next_path;     /* the first path not asked for yet */
 	bool pumping, pump_again;
+	/* an earlier parse's identity of dataset.json (struct local_seen), compared on the
+	 * threadpool with the descriptor's; hit: listed from it, then parsed for the paths */
+	struct local_stamp want;
+	bool want_set, hit, early;
 };
 /* VERIFY hashes every blob: on the threadpool, then the index is corrected on the loop. */
 struct verify_req {
@@ -274,10 +297,13 @@ void job_pump(struct job *j);
 
 /* prefetch_local.c */
 void local_job_free(struct job *j);
+void local_seen_clear(struct prefetch *p);
 void local_pump(struct job *j);
 void on_local_files(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 		    const uint8_t *payload);
 void local_conn_closed(struct prefetch *p, struct conn *c);
+/* Before the scan is queued (loop thread): what an earlier parse of the uid recorded. */
+void local_scan_prepare(struct job *j);
 void local_scan_work(uv_work_t *w);
 void local_scan_after(uv_work_t *w, int status);
 

@@ -496,7 +496,7 @@ struct greq *first_with_new(struct sconn *sc)
 	return NULL;
 }
 
-static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
+static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err, const char *message)
 {
 	struct serve *s = ctx;
 
@@ -509,8 +509,13 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
 				s->cap_failed = nc;
 			}
 		}
-		if (s->n_failed < s->cap_failed)
-			s->failed[s->n_failed++] = (struct failed_item){ snapshot_id, idx, err };
+		if (s->n_failed < s->cap_failed) {
+			struct failed_item *f = &s->failed[s->n_failed++];
+			f->snapshot_id = snapshot_id;
+			f->idx = idx;
+			f->err = err;
+			snprintf(f->message, sizeof(f->message), "%s", message ? message : "");
+		}
 	}
 	if (idx < 0) {
 		/* the job ended: what it failed is "not in the cache" from now on */
@@ -552,9 +557,11 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err)
 					/* its download failed for good: say so now */
 					gi->status = code_of(err);
 					snprintf(gi->msg, sizeof(gi->msg),
-						 "the download of this item failed: %s",
+						 "the download of this item failed: %.200s%s%.160s",
 						 err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
-								      : strerror(-err));
+								      : strerror(-err),
+						 message && message[0] ? ": " : "",
+						 message ? message : "");
 					gi->state = GI_DONE;
 					s->items_failed++;
 					rq->pins++;

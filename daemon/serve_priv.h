@@ -263,6 +263,7 @@ struct serve {
 	struct failed_item {
 		int64_t snapshot_id, idx;
 		int err;
+		char message[160]; /* the job's words (a local file: its path and errno) */
 	} *failed;
 	uint32_t n_failed, cap_failed;
 };

@@ -885,9 +885,12 @@ static void item_step(struct gitem *gi)
 				    s->failed[i].idx == (int64_t)gi->item) {
 					char why[MSG_MAX];
 					int err = s->failed[i].err;
-					snprintf(why, sizeof(why), "the download of this item failed: %s",
-						 err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
-								      : strerror(-err));
+					snprintf(why, sizeof(why),
+						 "the download of this item failed: %.200s%s%s",
+						 err <= -DMC_E_FIRST_
+						 ? dmc_error_text((uint32_t)-err) : strerror(-err),
+						 s->failed[i].message[0] ? ": " : "",
+						 s->failed[i].message);
 					item_fail(gi, err, why);
 					return;
 				}
