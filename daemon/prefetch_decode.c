@@ -180,7 +180,8 @@ static bool hold_hot(struct pitem *it, uint8_t *buf)
 	const struct prefetch_hot_hooks *h = &d->p->hot;
 
 	if (d->cancelled || !h->adopt ||
-	    !h->adopt(h->ctx, it->raw, DEFAULT_OPTS_KEY, buf, it->nbytes, it->mlen, &it->ddesc))
+	    !h->adopt(h->ctx, d->j->snapshot_id, it->raw, DEFAULT_OPTS_KEY, buf, it->nbytes,
+		      it->mlen, &it->ddesc))
 		return false;
 	d->held++;
 	return true;

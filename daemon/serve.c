@@ -499,7 +499,11 @@ struct greq *first_with_new(struct sconn *sc)
 /* Decoding ahead (prefetch_decode.c) leaves its tensors in the hot set while there is room
  * (prefetch_hot_hooks): never evicting anything for them, so a prefetch only fills memory
  * the set is allowed and does not use. Keyed by content, as a GET's: a client reads them
- * through an OPEN of a snapshot it is entitled to, as any other hot tensor. */
+ * through an OPEN of a snapshot it is entitled to, as any other hot tensor. Each is also
+ * copied into the snapshot's region (region_put_ahead(), within the regions' budget, never
+ * evicting): a first epoch of handles with regions then finds its tensors in place, as a
+ * warm one does, instead of copying each into fresh pages. Its descriptor goes only to
+ * OPENs of that snapshot, which check entitlement first. */
 static bool hot_room(void *ctx, uint64_t need)
 {
 	struct serve *s = ctx;
@@ -508,8 +512,9 @@ static bool hot_room(void *ctx, uint64_t need)
 	       s->hot.bytes + need <= s->hot.max;
 }
 
-static bool hot_ahead(void *ctx, const uint8_t *raw, int64_t opts, uint8_t *buf,
-		      uint64_t nbytes, uint64_t dlen, const struct decode_desc *desc)
+static bool hot_ahead(void *ctx, int64_t snapshot_id, const uint8_t *raw, int64_t opts,
+		      uint8_t *buf, uint64_t nbytes, uint64_t dlen,
+		      const struct decode_desc *desc)
 {
 	struct serve *s = ctx;
 	struct hot_entry *e;
@@ -519,6 +524,7 @@ static bool hot_ahead(void *ctx, const uint8_t *raw, int64_t opts, uint8_t *buf,
 	e = hot_adopt(&s->hot, raw, opts, buf, nbytes, dlen, desc);
 	if (!e)
 		return false;
+	region_put_ahead(&s->regions, snapshot_id, raw, opts, e->buf, nbytes);
 	hot_unref(&s->hot, e);
 	s->hot_ahead++;
 	return true;
