@@ -27,7 +27,9 @@ restarted every epoch (persistent_workers=False, the default), items collated as
             cache): median of --reps, per data set
   first     the first epoch: the client's first pass over freshly written files against
             dmcache.Dataset's first epoch on a fresh daemon with an empty cache, right
-            after `dmcache prefetch --decode --source` (compressed items decoded ahead)
+            after `dmcache prefetch --decode --source` (every item decoded ahead: the
+            tensors left in the daemon's memory, the compressed ones also stored);
+            --first-only measures these alone, --only one data set
 """
 import argparse
 import json
