@@ -96,6 +96,7 @@ static const struct {
 	{ "serve_hot_hits_total", "Items served from the in-memory tensors." },
 	{ "serve_hot_misses_total", "Items not found among the in-memory tensors." },
 	{ "serve_hot_evictions_total", "In-memory tensors dropped for room." },
+	{ "serve_hot_ahead_total", "Tensors decoded ahead (prefetch --decode) kept in memory." },
 	{ "serve_regions", "Snapshot regions of hot tensors handed in place." },
 	{ "serve_region_bytes", "Bytes of tensors in the regions (bounded by hot_max)." },
 	{ "serve_region_committed_bytes", "Bytes of memory the regions' files hold." },

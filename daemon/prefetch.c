@@ -460,6 +460,14 @@ void prefetch_set_item_hook(struct prefetch *p, prefetch_item_cb cb, void *ctx)
 	p->item_hook_ctx = ctx;
 }
 
+void prefetch_set_hot_hooks(struct prefetch *p, const struct prefetch_hot_hooks *hooks)
+{
+	if (hooks && hooks->room && hooks->adopt)
+		p->hot = *hooks;
+	else
+		memset(&p->hot, 0, sizeof(p->hot));
+}
+
 /* ---- jobs ---- */
 
 static void on_tick_closed(uv_handle_t *h)

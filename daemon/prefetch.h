@@ -33,6 +33,7 @@ struct conn;
 struct fetch;
 struct config;
 struct decode_pool;
+struct decode_desc;
 
 struct prefetch;
 
@@ -119,6 +120,24 @@ bool prefetch_snapshot_active(struct prefetch *p, int64_t id);
 typedef void (*prefetch_item_cb)(void *ctx, int64_t snapshot_id, int64_t idx, int err,
 				 const char *message);
 void prefetch_set_item_hook(struct prefetch *p, prefetch_item_cb cb, void *ctx);
+/*
+ * Where decoding ahead (prefetch_decode.c) leaves what it decoded: the serving side's hot
+ * set, keyed by content (`raw`, the stored file's digest) and `opts` (the tensor cache's
+ * key), as a GET of the item would have left it (and snapshot `snapshot_id`'s region, as
+ * a GET of a handle with regions would have). room(): whether `need` bytes fit as the set
+ * is now, without evicting anything. adopt(): takes `buf` (the tensor, nbytes, then the
+ * header JSON, dlen) and returns true, or false when it does not fit or is there already
+ * (the caller keeps `buf`). Loop thread.
+ */
+struct prefetch_hot_hooks {
+	bool (*room)(void *ctx, uint64_t need);
+	bool (*adopt)(void *ctx, int64_t snapshot_id, const uint8_t *raw, int64_t opts,
+		      uint8_t *buf, uint64_t nbytes, uint64_t dlen,
+		      const struct decode_desc *desc);
+	void *ctx;
+};
+/* NULL: nothing decoded ahead is kept in memory. */
+void prefetch_set_hot_hooks(struct prefetch *p, const struct prefetch_hot_hooks *hooks);
 
 /* `c` is closing: it gets no more events (its jobs go on). */
 void prefetch_conn_closed(struct prefetch *p, struct conn *c);

@@ -5,10 +5,14 @@
  * LUT, the source dtype: what a plain GET reads) in the sandboxed decode workers, and the
  * tensor of every compressed item is written to the store and recorded in the tensor cache
  * (index_tensor_put) under the key a plain GET looks up, so that the first epoch reads
- * stored tensors instead of decoding. Uncompressed items (raw DICOM, .nii) are skipped:
- * reading them is as fast as reading a tensor. A decode failure is an event naming the
- * item and does not fail the job. When every item is through, job_finish() is called again
- * with the state the download ended in, and the final record's notice gives the counts.
+ * stored tensors instead of decoding. Uncompressed items (raw DICOM, .nii) are not stored
+ * as tensors (the disk would hold them twice for a decode that costs about a read). Every
+ * decoded tensor, of either kind, is also left in the serving side's hot set while it has
+ * room (prefetch_hot_hooks: never evicting anything for it), under the key a plain GET
+ * looks up, so that a first epoch right after the prefetch reads it from memory as a warm
+ * one does. A decode failure is an event naming the item and does not fail the job. When
+ * every item is through, job_finish() is called again with the state the download ended
+ * in, and the final record's notice gives the counts.
  *
  * Concurrency: at most min(decode_max_per_uid, decode workers + 1) items of a job are in
  * flight (read, decoded or being stored), so a prefetch's decoding never holds more of the
@@ -52,6 +56,7 @@ struct pitem {
 	uint8_t *buf;
 	uint64_t nbytes, mlen, reserved;
 	char desc[128];
+	struct decode_desc ddesc;
 	struct store_blob_info tinfo, minfo;
 };
 
@@ -68,6 +73,7 @@ struct pdec {
 	unsigned n, i;       /* items in `page`, and the next one to start */
 	unsigned inflight, window;
 	uint64_t total, decoded, already, skipped, failed;
+	uint64_t held;       /* tensors left in the hot set */
 	uint64_t last_event_ms;
 };
 
@@ -144,8 +150,8 @@ static void maybe_end(struct pdec *d)
 	}
 	snprintf(j->notice, sizeof(j->notice),
 		 "decoded ahead: %" PRIu64 " decoded, %" PRIu64 " already decoded, %" PRIu64
-		 " skipped (uncompressed), %" PRIu64 " failed",
-		 d->decoded, d->already, d->skipped, d->failed);
+		 " skipped (uncompressed), %" PRIu64 " failed, %" PRIu64 " held in memory",
+		 d->decoded, d->already, d->skipped, d->failed, d->held);
 	log_job(LOG_LVL_NOTICE, LOG_GRP_FETCH, j->id, (unsigned)j->uid,
 		j->proj ? j->proj->name : j->project_arg, "job %" PRIu64 ": %s", j->id, j->notice);
 	uint32_t state = d->state;
@@ -165,6 +171,37 @@ static void item_free(struct pitem *it)
 	send_counts(d, false);
 	pump(d);
 	maybe_end(d);
+}
+
+/* Leaves `buf` (the tensor, then its header) in the hot set; true: taken. */
+static bool hold_hot(struct pitem *it, uint8_t *buf)
+{
+	struct pdec *d = it->d;
+	const struct prefetch_hot_hooks *h = &d->p->hot;
+
+	if (d->cancelled || !h->adopt ||
+	    !h->adopt(h->ctx, d->j->snapshot_id, it->raw, DEFAULT_OPTS_KEY, buf, it->nbytes,
+		      it->mlen, &it->ddesc))
+		return false;
+	d->held++;
+	return true;
+}
+
+/* hold_hot() of a copy of the decoded bytes, made only when they would fit. */
+static void hold_hot_copy(struct pitem *it, const struct decode_job *job, const char *meta)
+{
+	const struct prefetch_hot_hooks *h = &it->d->p->hot;
+	uint8_t *buf;
+
+	it->nbytes = job->desc.nbytes;
+	it->ddesc = job->desc;
+	if (it->d->cancelled || !h->room || !h->room(h->ctx, it->nbytes + it->mlen) ||
+	    !(buf = malloc(it->nbytes + it->mlen + 1)))
+		return;
+	memcpy(buf, job->out, it->nbytes);
+	memcpy(buf + it->nbytes, meta, it->mlen);
+	if (!hold_hot(it, buf))
+		free(buf);
 }
 
 static void store_work(uv_work_t *w)
@@ -196,6 +233,8 @@ static void store_after(uv_work_t *w, int status)
 		store_unpin(cache->store, it->tinfo.digest);
 		store_unpin(cache->store, it->minfo.digest);
 		it->d->decoded++;
+		if (hold_hot(it, it->buf))
+			it->buf = NULL; /* the hot set's now */
 	} else {
 		item_failed(it, it->err, "cannot store the decoded tensor");
 	}
@@ -216,8 +255,10 @@ static void on_decoded(struct decode_job *job)
 		item_free(it);
 		return;
 	}
+	it->mlen = mlen;
 	if (!expensive(job->desc.codec)) {
 		d->skipped++;
+		hold_hot_copy(it, job, meta);
 		item_free(it);
 		return;
 	}
@@ -226,7 +267,7 @@ static void on_decoded(struct decode_job *job)
 		return;
 	}
 	it->nbytes = job->desc.nbytes;
-	it->mlen = mlen;
+	it->ddesc = job->desc;
 	if (store_reserve(d->p->d.cache->store, it->nbytes + it->mlen) < 0) {
 		item_failed(it, -DMC_E_CACHE_FULL, "no room for the decoded tensor within "
 						   "max_size and min_free");

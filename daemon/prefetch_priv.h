@@ -76,6 +76,7 @@ struct prefetch {
 	bool timer_closed;
 	prefetch_item_cb item_hook;
 	void *item_hook_ctx;
+	struct prefetch_hot_hooks hot; /* decoded ahead, kept in memory; room NULL: none */
 	/* STATUS counters */
 	uint64_t items_downloaded, items_revalidated, items_shared, items_failed;
 	uint64_t bytes_downloaded;

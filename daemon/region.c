@@ -237,6 +237,7 @@ struct region *region_open(struct regions *rs, int64_t snapshot_id, int *err)
 	for (rg = rs->list; rg; rg = rg->next)
 		if (rg->snapshot_id == snapshot_id && !rg->closed) {
 			rg->refs++;
+			rg->ahead = false; /* opened: a handle's rules from now on */
 			return rg;
 		}
 	/* as large as the budget: one region may hold all of it (sparse until then) */
@@ -313,7 +314,8 @@ void regions_expire(struct regions *rs, bool all)
 
 	for (struct region *rg = rs->list, *next; rg; rg = next) {
 		next = rg->next; /* region_close() may free rg, never another region */
-		if (!rg->refs && !rg->closed && (all || now - rg->idle_since >= rs->linger_ms))
+		if (!rg->refs && !rg->closed &&
+		    (all || (!rg->ahead && now - rg->idle_since >= rs->linger_ms)))
 			region_close(rg);
 	}
 }
@@ -400,6 +402,37 @@ struct rentry *region_take(struct region *rg, const uint8_t *raw, int64_t opts,
 	rs->handed++;
 	rs->pinned++;
 	return e;
+}
+
+bool region_put_ahead(struct regions *rs, int64_t snapshot_id, const uint8_t *raw,
+		      int64_t opts, const uint8_t *bytes, uint64_t nbytes)
+{
+	uint64_t span = arena_span(nbytes);
+	struct region *rg;
+	struct rentry *e;
+	int err = 0;
+
+	if (!nbytes || !rs->max || span > rs->max / 8 || rs->bytes + span > rs->max)
+		return false; /* never evicts anything for it */
+	for (rg = rs->list; rg; rg = rg->next)
+		if (rg->snapshot_id == snapshot_id && !rg->closed)
+			break;
+	if (rg) {
+		if (find(rs, rg, raw, opts))
+			return true;
+		rg->refs++; /* not freed under us; its state (open, lingering, ahead) unchanged */
+	} else {
+		rg = region_open(rs, snapshot_id, &err);
+		if (!rg)
+			return false;
+		rg->ahead = true;
+	}
+	e = region_take(rg, raw, opts, bytes, nbytes);
+	if (e)
+		region_unpin(e);
+	rg->refs--;
+	region_maybe_free(rg); /* one made now that holds nothing */
+	return e != NULL;
 }
 
 void region_unpin(struct rentry *e)

@@ -53,6 +53,8 @@ struct region {
 	unsigned refs;       /* handles (and their copies) referring to it */
 	uint64_t idle_since; /* CLOCK_MONOTONIC ms its last handle went (refs 0, lingering) */
 	bool closed;         /* no longer lingering: never handed again, goes when unpinned */
+	bool ahead;          /* made by region_put_ahead(), not opened since: kept without
+				handles (no lingering) until an OPEN, an eviction or a reload */
 	uint64_t entries;    /* entries living in it */
 	/* the snapshot's index rows already read (item -> content digest, size, resource
 	 * record): a hot item handed in place costs no index query. A snapshot's rows never
@@ -108,6 +110,17 @@ void regions_expire(struct regions *rs, bool all);
 struct rentry *region_take(struct region *rg, const uint8_t *raw, int64_t opts,
 			   const uint8_t *bytes, uint64_t nbytes);
 void region_unpin(struct rentry *e);
+/*
+ * Decoding ahead (prefetch --decode): the tensor `bytes` (nbytes) of content `raw` decoded
+ * with `opts`, copied into the region of `snapshot_id` (made when there is none) when the
+ * regions have room for it without evicting anything; unpinned. A region made so has no
+ * handle: it does not linger and close as a handle's does, it waits for the snapshot's
+ * next OPEN (its tensors still evicted first-come as any, and the region with the last).
+ * Only the serving side calls it, for a snapshot a job of its owner filled: an OPEN checks
+ * entitlement before it passes a region's descriptor. True: copied (or there already).
+ */
+bool region_put_ahead(struct regions *rs, int64_t snapshot_id, const uint8_t *raw,
+		      int64_t opts, const uint8_t *bytes, uint64_t nbytes);
 /* The row of `item` kept for `rg`, or NULL; and keeping one (a copy of `record`). */
 const struct rrow *region_row(const struct region *rg, uint64_t item);
 void region_row_put(struct region *rg, uint64_t item, const uint8_t *raw, uint64_t raw_len,

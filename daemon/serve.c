@@ -496,6 +496,40 @@ struct greq *first_with_new(struct sconn *sc)
 	return NULL;
 }
 
+/* Decoding ahead (prefetch_decode.c) leaves its tensors in the hot set while there is room
+ * (prefetch_hot_hooks): never evicting anything for them, so a prefetch only fills memory
+ * the set is allowed and does not use. Keyed by content, as a GET's: a client reads them
+ * through an OPEN of a snapshot it is entitled to, as any other hot tensor. Each is also
+ * copied into the snapshot's region (region_put_ahead(), within the regions' budget, never
+ * evicting): a first epoch of handles with regions then finds its tensors in place, as a
+ * warm one does, instead of copying each into fresh pages. Its descriptor goes only to
+ * OPENs of that snapshot, which check entitlement first. */
+static bool hot_room(void *ctx, uint64_t need)
+{
+	struct serve *s = ctx;
+
+	return !s->closing && s->hot.max && need <= s->hot.max / 8 &&
+	       s->hot.bytes + need <= s->hot.max;
+}
+
+static bool hot_ahead(void *ctx, int64_t snapshot_id, const uint8_t *raw, int64_t opts,
+		      uint8_t *buf, uint64_t nbytes, uint64_t dlen,
+		      const struct decode_desc *desc)
+{
+	struct serve *s = ctx;
+	struct hot_entry *e;
+
+	if (!hot_room(s, nbytes + dlen))
+		return false;
+	e = hot_adopt(&s->hot, raw, opts, buf, nbytes, dlen, desc);
+	if (!e)
+		return false;
+	region_put_ahead(&s->regions, snapshot_id, raw, opts, e->buf, nbytes);
+	hot_unref(&s->hot, e);
+	s->hot_ahead++;
+	return true;
+}
+
 static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err, const char *message)
 {
 	struct serve *s = ctx;
@@ -686,6 +720,8 @@ int serve_new(const struct serve_deps *deps, struct serve **ret)
 	s->regions.max = deps->cfg->hot_max;
 	s->regions.linger_ms = deps->cfg->region_linger_ms;
 	prefetch_set_item_hook(deps->prefetch, on_item, s);
+	prefetch_set_hot_hooks(deps->prefetch, &(struct prefetch_hot_hooks){
+		.room = hot_room, .adopt = hot_ahead, .ctx = s });
 	*ret = s;
 	return 0;
 }
@@ -704,6 +740,7 @@ void serve_free(struct serve *s)
 	if (!s)
 		return;
 	prefetch_set_item_hook(s->d.prefetch, NULL, NULL);
+	prefetch_set_hot_hooks(s->d.prefetch, NULL);
 	s->closing = true;
 	arena_pool_expire(s, true);
 	/* connection states and stores go as their work ends; the last one frees the engine */
@@ -772,6 +809,7 @@ uint32_t serve_status(struct serve *s, struct dmc_status_entry *e, uint32_t max)
 		ENTRY("serve_hot_hits_total", s->hot.hits),
 		ENTRY("serve_hot_misses_total", s->hot.misses),
 		ENTRY("serve_hot_evictions_total", s->hot.evictions),
+		ENTRY("serve_hot_ahead_total", s->hot_ahead),
 		ENTRY("serve_regions", regions_count(&s->regions)),
 		ENTRY("serve_region_bytes", s->regions.bytes),
 		ENTRY("serve_region_committed_bytes", regions_committed(&s->regions)),

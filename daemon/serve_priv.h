@@ -242,6 +242,7 @@ struct serve {
 	unsigned stores; /* tensor stores in flight on the threadpool */
 	uint64_t gets, items_served, items_decoded, items_from_tensor_cache, items_failed;
 	uint64_t bytes_served, tensors_stored;
+	uint64_t hot_ahead; /* tensors decoded ahead that went into the hot set */
 	uint64_t waits_for_space;
 	uint64_t streams, batches_sent;
 	uint64_t stream_items_in_place; /* STREAM items handed in a region (no copy) */

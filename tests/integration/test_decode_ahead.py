@@ -1,5 +1,7 @@
 """`dmcache prefetch --decode`: the daemon decodes the compressed items of a prefetched
-snapshot into the tensor cache, so that the first GET reads a stored tensor."""
+snapshot into the tensor cache, so that the first GET reads a stored tensor, and leaves
+every decoded tensor (uncompressed items too) in the hot set and the snapshot's region
+while they have room, so that the first GET reads it from memory without a decode."""
 import json
 import os
 import subprocess
@@ -8,17 +10,18 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import DMCACHE, Daemon
+from conftest import BUILD, DMCACHE, Daemon
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'emulator'))
 import client as emulator  # noqa: E402
+from test_trust_cache import asan_preload  # noqa: E402
 
 KEY = emulator.KEY_ALL
 UNCOMPRESSED = {'1.2.840.10008.1.2', '1.2.840.10008.1.2.1', '1.2.840.10008.1.2.2'}
 
 
-def new_daemon(emu, directory):
-    d = Daemon(directory)
+def new_daemon(emu, directory, args=()):
+    d = Daemon(directory, args=args)
     d.env.update(DATAMINT_API_KEY=KEY, DATAMINT_API_URL=emu.url)
     return d
 
@@ -76,7 +79,8 @@ def expensive(emu, project):
 
 
 def parse_notice(text):
-    # "decoded ahead: N decoded, A already decoded, S skipped (uncompressed), F failed"
+    # "decoded ahead: N decoded, A already decoded, S skipped (uncompressed), F failed,
+    # H held in memory"
     assert text.startswith('decoded ahead: '), text
     parts = [p.strip() for p in text[len('decoded ahead: '):].split(',')]
     return {' '.join(p.split()[1:]): int(p.split()[0]) for p in parts}
@@ -89,8 +93,9 @@ def test_decode_ahead_serves_stored_tensors(emu, tmp_path, tmpdir_short, project
     n_cheap = len(ts) - n_exp
     assert n_exp > 0 and n_cheap > 0
 
-    # a daemon that prefetches with --decode
-    d = new_daemon(emu, os.path.join(tmpdir_short, 'a'))
+    # a daemon that prefetches with --decode; its hot set off, so that every GET below
+    # goes to the store (the hot set: test_decode_ahead_first_get_from_memory)
+    d = new_daemon(emu, os.path.join(tmpdir_short, 'a'), args=['-o', 'hot_max=0'])
     try:
         r, events = prefetch(d, project, '--decode')
         assert r.returncode == 0, r.stderr
@@ -98,7 +103,8 @@ def test_decode_ahead_serves_stored_tensors(emu, tmp_path, tmpdir_short, project
         assert fin['event'] == 'final' and fin['items_done'] == len(ts), fin
         counts = parse_notice(fin['notice'])
         assert counts == {'decoded': n_exp, 'already decoded': 0,
-                          'skipped (uncompressed)': n_cheap, 'failed': 0}, fin
+                          'skipped (uncompressed)': n_cheap, 'failed': 0,
+                          'held in memory': 0}, fin
         assert any(e.get('notice', '').startswith('decoding: ') for e in events[:-1])
         before = counters(d)
         assert before['serve_items_decoded_total'] == 0
@@ -115,7 +121,7 @@ def test_decode_ahead_serves_stored_tensors(emu, tmp_path, tmpdir_short, project
         assert r.returncode == 0, r.stderr
         assert parse_notice(events[-1]['notice']) == {
             'decoded': 0, 'already decoded': n_exp, 'skipped (uncompressed)': n_cheap,
-            'failed': 0}
+            'failed': 0, 'held in memory': 0}
     finally:
         stop(d)
 
@@ -165,9 +171,10 @@ def test_cancel_while_decoding(emu, tmpdir_short):
         stop(d)
 
 
-def test_decode_ahead_of_a_local_folder(emu, tmp_path, tmpdir_short):
-    """A local dataset folder (dataset.json, images/): the same, its files read through the
-    descriptors the client passes."""
+def mixed_folder(emu, tmpdir_short):
+    """A local dataset folder (dataset.json, images/) of the ct corpus's slice 0 in each
+    transfer syntax and a PNG, a .nii, a .nii.gz and a JPEG: (its path, the source files,
+    for each whether its codec is worth decoding ahead)."""
     import shutil
     import pydicom
     corpus = os.path.join(emu.corpus, 'projects')
@@ -196,7 +203,14 @@ def test_decode_ahead_of_a_local_folder(emu, tmp_path, tmpdir_short):
     with open(os.path.join(root, 'dataset.json'), 'w') as f:
         json.dump({'name': 'mixed', 'updated_at': '2025-02-05T14:47:47.942Z',
                    'all_annotations': False, 'resources': resources}, f)
-    d = new_daemon(emu, os.path.join(tmpdir_short, 'd'))
+    return root, srcs, exp
+
+
+def test_decode_ahead_of_a_local_folder(emu, tmp_path, tmpdir_short):
+    """A local dataset folder: the same, its files read through the descriptors the client
+    passes (the hot set off: the GETs read the stored tensors)."""
+    root, srcs, exp = mixed_folder(emu, tmpdir_short)
+    d = new_daemon(emu, os.path.join(tmpdir_short, 'd'), args=['-o', 'hot_max=0'])
     try:
         r, events = prefetch(d, root, '--decode', '--source')
         assert r.returncode == 0, r.stderr
@@ -204,7 +218,8 @@ def test_decode_ahead_of_a_local_folder(emu, tmp_path, tmpdir_short):
         assert fin['items_done'] == len(srcs), fin
         assert parse_notice(fin['notice']) == {
             'decoded': sum(exp), 'already decoded': 0,
-            'skipped (uncompressed)': len(exp) - sum(exp), 'failed': 0}, fin
+            'skipped (uncompressed)': len(exp) - sum(exp), 'failed': 0,
+            'held in memory': 0}, fin
         before = counters(d)
         for i in range(len(srcs)):
             out = str(tmp_path / ('l%d.npy' % i))
@@ -219,6 +234,111 @@ def test_decode_ahead_of_a_local_folder(emu, tmp_path, tmpdir_short):
             len(exp) - sum(exp)
     finally:
         stop(d)
+
+
+# GETs every item of a local folder through libdmcache, on a handle with regions (as
+# dmcache.Dataset opens), and writes each tensor as .npy; prints, for each, whether it was
+# handed in place (in the snapshot's region)
+REGIONS_CLIENT = r'''
+import json, sys
+import numpy as np
+from dmcache import _lib
+root, sock, out = sys.argv[1], sys.argv[2], sys.argv[3]
+c = _lib.Client(sock)
+ds = c.open(_lib.SOURCE_LOCAL, root, regions=True)
+res = []
+for i in range(ds.items):
+    its = ds.get([i])
+    it = its[0]
+    assert it.status == 0, (i, it.status, it.message)
+    a = np.frombuffer(_lib.item_bytes(it), dtype=_lib.DTYPES[it.dtype]).reshape(
+        tuple(it.shape[:it.ndim]))
+    np.save('%s/r%d.npy' % (out, i), a)
+    res.append(int(it.region))
+    ds.release(its)
+print(json.dumps(res))
+'''
+
+
+def regions_client(d, root, out):
+    env = asan_preload(dict(d.env, PYTHONPATH=os.path.join(BUILD, 'client', 'python')))
+    r = subprocess.run(['/usr/bin/python3', '-c', REGIONS_CLIENT, root, d.socket, out],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def test_decode_ahead_first_get_from_memory(emu, tmp_path, tmpdir_short):
+    """With the hot set on (the default), --decode leaves every decoded tensor, of the
+    uncompressed items too, in memory: the first GETs decode nothing and read no stored
+    tensor, and a handle with regions (dmcache.Dataset's) gets each in place without a
+    copy. The bytes are those of independent readers (pydicom, nibabel) and of a daemon
+    whose GETs decode."""
+    import nibabel
+    import pydicom
+    root, srcs, exp = mixed_folder(emu, tmpdir_short)
+    n = len(srcs)
+    d = new_daemon(emu, os.path.join(tmpdir_short, 'd'))
+    try:
+        r, events = prefetch(d, root, '--decode', '--source')
+        assert r.returncode == 0, r.stderr
+        fin = events[-1]
+        assert fin['items_done'] == n, fin
+        assert parse_notice(fin['notice']) == {
+            'decoded': sum(exp), 'already decoded': 0,
+            'skipped (uncompressed)': n - sum(exp), 'failed': 0, 'held in memory': n}, fin
+        before = counters(d)
+        assert before['serve_hot_ahead_total'] == n and before['serve_hot_items'] == n
+        assert before['serve_region_tensors'] == n
+        got = str(tmp_path / 'got')
+        os.mkdir(got)
+        in_place = regions_client(d, root, got)
+        after = counters(d)
+        # nothing decoded, no stored tensor read: every item from memory, in place
+        assert after['serve_items_decoded_total'] == before['serve_items_decoded_total'] == 0
+        assert after['decode_done_total'] == before['decode_done_total']
+        assert after['serve_items_from_tensor_cache_total'] == \
+            before['serve_items_from_tensor_cache_total']
+        assert after['serve_hot_hits_total'] - before['serve_hot_hits_total'] == n
+        # in place, all but maybe the connection's first, whose metadata may find no room
+        # in an arena that has not grown yet (then the item is copied into the arena)
+        assert in_place[1:] == [1] * (n - 1), in_place
+        assert after['serve_region_copies_total'] == before['serve_region_copies_total']
+        a = [np.load(os.path.join(got, 'r%d.npy' % i)) for i in range(n)]
+        # the uncompressed ones against independent readers
+        checked = 0
+        for i, src in enumerate(srcs):
+            if exp[i]:
+                continue
+            if src.endswith('.dcm'):
+                want = pydicom.dcmread(src).pixel_array
+            else:
+                want = np.asarray(nibabel.load(src).dataobj)
+            assert a[i].size == want.size and a[i].dtype == want.dtype, (i, src)
+            # the same values in the item's layout (frames, channels, height, width)
+            flat = want.reshape(-1) if src.endswith('.dcm') else \
+                np.asarray(want).transpose(*reversed(range(want.ndim))).reshape(-1)
+            assert np.array_equal(a[i].reshape(-1), flat), (i, src)
+            checked += 1
+        assert checked == n - sum(exp) and checked >= 2
+    finally:
+        stop(d)
+
+    # a daemon without --decode decodes at the GETs: the same bytes
+    e = new_daemon(emu, os.path.join(tmpdir_short, 'e'))
+    try:
+        r, _ = prefetch(e, root, '--source')
+        assert r.returncode == 0, r.stderr
+        ref = str(tmp_path / 'ref')
+        os.mkdir(ref)
+        regions_client(e, root, ref)
+        assert counters(e)['serve_items_decoded_total'] == n
+        for i in range(n):
+            b = np.load(os.path.join(ref, 'r%d.npy' % i))
+            assert a[i].dtype == b.dtype and a[i].shape == b.shape and \
+                np.array_equal(a[i], b), i
+    finally:
+        stop(e)
 
 
 def test_daemon_stops_while_decoding(emu, tmpdir_short):
