@@ -417,6 +417,8 @@ static int reconcile_check(struct cache *c, const uint8_t *digest, bool had_row,
  * content are checked by every read, which quarantines a bad blob and makes its item a
  * miss); any other file gets the full header check; a row without its file is dropped.
  * Only differences write to the index: a restart over an intact cache writes nothing.
+ * Directories in c->skip (cache_open() after a clean stop, cache_clean.h) are not walked:
+ * their blobs and bytes are the record's.
  */
 int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 {
@@ -427,6 +429,9 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 	uint64_t used = 0, objects = 0, shortfall = 0;
 	int r;
 
+	/* tmp/ and quarantine/ are emptied at every start, after a clean stop too: the
+	 * record does not vouch for them (empty after a clean stop, reading one costs a
+	 * single getdents). */
 	if ((r = index_flush(c->index)) < 0 ||
 	    (r = store_scan_begin(c->store, &rep->files_removed)) < 0)
 		return r;
