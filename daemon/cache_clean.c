@@ -346,16 +346,19 @@ static int settle_clock(int fd, const struct clean_record *rec)
 	return -ETIMEDOUT;
 }
 
+/* pwrite, as every write of the cache's files (the crash suite's kill points, C2) */
 static int write_all(int fd, const uint8_t *p, size_t n)
 {
+	off_t off = 0;
 	while (n > 0) {
-		ssize_t w = write(fd, p, n);
+		ssize_t w = pwrite(fd, p, n, off);
 		if (w < 0) {
 			if (errno == EINTR)
 				continue;
 			return -errno;
 		}
 		p += w;
+		off += w;
 		n -= (size_t)w;
 	}
 	return 0;
