@@ -280,10 +280,11 @@ static int row_push(void *ctx, const struct index_blob *b)
 }
 
 /*
- * At a clean stop, objects/<b>/ against the rows of first byte b, names only (every file
- * in it that the daemon did not publish itself was checked at the start): 1 and the
- * directory's blobs and bytes when they name the same blobs with known sizes, 0 when
- * they differ (the next start walks it), or a negative code.
+ * At a clean stop, objects/<b>/ against the rows of first byte b, as the start's merge
+ * would see it: the same names, and each file of the size its row records (one fstatat,
+ * store_scan_known()). 1 and the directory's blobs and file bytes when all agree, 0 when
+ * anything differs (the next start walks it and repairs it as always), or a negative
+ * code.
  */
 static int settle_dir(struct cache *c, unsigned b, uint8_t (**names)[STORE_DIGEST_SIZE],
 		      size_t *cap, struct row_list *rows, uint64_t *ret_objects,
@@ -301,10 +302,15 @@ static int settle_dir(struct cache *c, unsigned b, uint8_t (**names)[STORE_DIGES
 		return 0;
 	for (size_t i = 0; i < n; i++) {
 		const struct index_blob *row = &rows->v[i];
+		uint64_t size = 0;
 		if (memcmp((*names)[i], row->digest, STORE_DIGEST_SIZE) != 0 ||
 		    row->raw_size < 0 || row->stored_size < 0)
 			return 0;
-		bytes += STORE_HEADER_SIZE + (uint64_t)row->stored_size;
+		r = store_scan_known(c->store, (*names)[i], (uint64_t)row->raw_size,
+				     (uint64_t)row->stored_size, &size);
+		if (r != 1)
+			return r == -ENOENT ? 0 : r;
+		bytes += size;
 	}
 	*ret_objects = n;
 	*ret_bytes = bytes;

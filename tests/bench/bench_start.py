@@ -14,7 +14,8 @@ into a fresh cache (timed); then --reps rounds of: SIGTERM (timed: the stop writ
 record), start to READY with the record (its log line says how many directories it
 walked), OPEN; SIGTERM, the record removed, start to READY, OPEN. The page cache is warm
 in both (the same files, read the same way); the first stop after the prefetch also
-settles the 256 directories the prefetch changed (a listing against the index's rows).
+settles the 256 directories the prefetch changed (a listing against the index's rows, a
+fstatat per blob).
 """
 import argparse
 import os
