@@ -124,9 +124,9 @@ int cache_close(struct cache *c);
  * the next start skip the index check and the directories nothing changed. Call once no
  * store write runs. Directories whose names or rows changed while open are merged again
  * here (a listing against the rows, one fstatat per blob for its size) and recorded only
- * if they agree; the rest are recorded as the start counted them. Returns the flush result; no record is
- * written if it failed or the record could not be (the reason in `why`, may be NULL):
- * *ret_written (may be NULL) says which.
+ * if they agree; the rest are recorded as the start counted them. Returns the flush
+ * result; no record is written if it failed or the record could not be (the reason in
+ * `why`, may be NULL): *ret_written (may be NULL) says which.
  */
 int cache_close_clean(struct cache *c, bool *ret_written, char *why, size_t whylen);
 

@@ -320,7 +320,8 @@ static int open_cache(struct daemon *d)
 			 rep.dirs_walked);
 	else
 		log_info(STORE, "full reconciliation because %s",
-			 rep.start_why[0] ? rep.start_why : "no clean-shutdown record was trusted");
+			 rep.start_why[0] ? rep.start_why
+					  : "no clean-shutdown record was trusted");
 	if (rep.full_evicted)
 		log_warn(STORE, "the file system of '%s' was full: %" PRIu64 " byte(s) of the least "
 				"recently used blobs evicted for the index to start",
