@@ -6,6 +6,7 @@ stopped cache), a damaged index is moved aside and rebuilt from the blob headers
 snapshot and no grant carried over, and the same requests are authorised again with the
 user's key and served identically (decoded tensors equal to those before the damage).
 """
+import json
 import os
 import shutil
 import subprocess
@@ -200,7 +201,7 @@ def start_path(d):
     lines = [ln for ln in d.log().splitlines()
              if 'clean start:' in ln or 'full reconciliation because' in ln]
     assert lines, d.log()[-2000:]
-    c = crashlib_counters(d)
+    c = status_counters(d)
     line = lines[-1]
     if 'clean start:' in line:
         walked = int(line.split('clean start: ')[1].split(' of 256')[0])
@@ -213,8 +214,7 @@ def start_path(d):
     return False, 256, True, line
 
 
-def crashlib_counters(d):
-    import json
+def status_counters(d):
     r = d.cli('status', '--json', check=True)
     return json.loads(r.stdout)['counters']
 
@@ -264,7 +264,7 @@ def test_clean_stop_then_start_walks_nothing_and_serves_the_same(clean):
     assert not os.path.exists(os.path.join(d.cache, RECORD))
     ok, walked, checked, line = start_path(d)
     assert ok and walked == 0 and not checked, line
-    c = crashlib_counters(d)
+    c = status_counters(d)
     assert c['cache_objects'] == len(rows0), (c['cache_objects'], len(rows0))
     assert c['cache_bytes'] == sum(crashlib.HEADER + s for _, _, s in rows0.values())
     serve_all(d, ref, 'clean')
@@ -291,7 +291,7 @@ def test_blob_deleted_and_file_planted_while_stopped_walk_those_directories(clea
     ok, walked, checked, line = start_path(d)
     assert ok and walked == 2 and not checked, line
     assert not os.path.exists(planted)
-    c = crashlib_counters(d)
+    c = status_counters(d)
     assert c['cache_objects'] == len(rows0) - 1
     rc, _ = d.stop()
     assert rc == 0
@@ -326,7 +326,7 @@ def test_blobs_flipped_in_place_while_stopped_are_caught_at_read(clean):
     ok, walked, checked, line = start_path(d)
     assert ok and walked == 0 and not checked, line
     serve_all(d, ref, 'flipped')
-    c = crashlib_counters(d)
+    c = status_counters(d)
     assert c['cache_integrity_failures_total'] >= 1, c
     rc, _ = d.stop()
     assert rc == 0
