@@ -40,7 +40,8 @@ fails on speed. What runs, on data it writes itself:
             does) against a read-only view when they happen to lie back to back. STREAM
             of the hot set in batches of 32 on the same two connections: the wait in
             dmc_stream_next() per batch, in a loop that only releases and asks again
-            (in place against copied). Also the time a Loader loop waits in next() per
+            (in place against copied). The in-place GET again in a loop that only GETs
+            and releases (no gather between: the handoff with warm caches). Also the time a Loader loop waits in next() per
             batch, the default (copied into the arena) and in place. The daemon's heap
             (RssAnon) before and after the timed GETs (flat: no per-batch allocation).
   T6        a new process (torch and dmcache imported): Loader() + first batch, median
@@ -563,6 +564,16 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
                 out.append(dt)
     rss1 = rss_kib(d.proc.pid, 'RssAnon')
     batch_bytes = sum(it.nbytes for it in items)
+    # the same in-place GET in a loop that does nothing else (GET, RELEASE): the handoff
+    # with warm caches, against the loop above whose gather of 16 MiB leaves them cold
+    lat_bare = []
+    for i in range(args.handoff + 20):
+        t0 = time.perf_counter()
+        items = o_new.get(idx)
+        dt = time.perf_counter() - t0
+        o_new.release(items)
+        if i >= 20:
+            lat_bare.append(dt)
     lat1, lat1_old = [], []  # one item: the per-request cost without the bulk of a batch
     for k in range(0, HOT_ITEMS, BATCH):  # every hot item in the region once, untimed
         o_new.release(o_new.get(list(range(k, min(k + BATCH, HOT_ITEMS)))))
@@ -626,6 +637,7 @@ def measure(args, build, d, folder, hot, paths, res, np, torch, dmcache, DataLoa
     pct = lambda xs: (percentile(xs, 50) * 1e6, percentile(xs, 99) * 1e6)  # noqa: E731
     res['handoff_us'] = pct(lat)
     res['handoff_old_us'] = pct(lat_old)
+    res['handoff_bare_us'] = pct(lat_bare)
     res['handoff1_us'] = pct(lat1)
     res['handoff1_old_us'] = pct(lat1_old)
     res['gather_us'] = pct(gather)
@@ -726,6 +738,8 @@ def report(args, res):
             res['batch_bytes'] / 2**20),
          '%.0f / %.0f us' % (p50, p99), 'T3: <= %d / %d us' % (T3_P50_US, T3_P99_US),
          verdict(p50 <= T3_P50_US and p99 <= T3_P99_US)),
+        ('the same in a loop of GET + RELEASE only (no gather between: warm caches)',
+         '%.0f / %.0f us' % res['handoff_bare_us'], '', ''),
         ('the same, copied into the arena (without regions), p50 / p99',
          '%.0f / %.0f us' % res['handoff_old_us'], '', ''),
         ('hot %.0f MiB STREAM batch in place (regions): dmc_stream_next() wait, p50 / p99' % (
