@@ -630,7 +630,7 @@ int local_parse(int json_fd, const char *root, bool paths_only, struct local_dat
 	int rc;
 
 	if (!l || !r || !(l->root = strdup(root)) || !(r->md = EVP_MD_CTX_new()) ||
-	    EVP_DigestInit_ex(r->md, EVP_sha256(), NULL) != 1) {
+	    EVP_DigestInit_ex(r->md, store_sha256(), NULL) != 1) {
 		rc = -ENOMEM;
 		snprintf(err, errlen, "out of memory");
 		goto out;

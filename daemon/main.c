@@ -42,6 +42,7 @@
 #include "sd.h"
 #include "serve.h"
 #include "server.h"
+#include "store.h"
 
 struct daemon {
 	uv_loop_t loop;
@@ -662,6 +663,12 @@ int main(int argc, char **argv)
 		goto out_config;
 	}
 	signal(SIGPIPE, SIG_IGN);
+	/* OpenSSL's lazy set-up, now rather than under memory pressure (store.h) */
+	if (store_crypto_init() < 0) {
+		log_err(SYS, "cannot set up OpenSSL's SHA-256 (out of memory, or OpenSSL has no "
+			     "default provider)");
+		goto out_config;
+	}
 
 	listen_fd = sd_take_listen_fd();
 	if (listen_fd < 0) {

@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <zstd.h>
 #include <zstd_errors.h>
@@ -160,10 +161,28 @@ int store_digest_parse(const char *hex, size_t len, uint8_t ret_digest[STORE_DIG
 	return 0;
 }
 
+static EVP_MD *sha256_md; /* store_sha256(); written once by the first store_open() */
+
+const EVP_MD *store_sha256(void)
+{
+	return sha256_md ? sha256_md : EVP_sha256();
+}
+
+int store_crypto_init(void)
+{
+	if (sha256_md)
+		return 0;
+	if (OPENSSL_init_crypto(0, NULL) != 1)
+		return -ENOMEM;
+	sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+	return sha256_md ? 0 : -ENOMEM;
+}
+
 int store_digest_of(const void *buf, size_t len, uint8_t ret_digest[STORE_DIGEST_SIZE])
 {
 	unsigned int n = 0;
-	if (EVP_Digest(buf, len, ret_digest, &n, EVP_sha256(), NULL) != 1 || n != STORE_DIGEST_SIZE)
+	if (EVP_Digest(buf, len, ret_digest, &n, store_sha256(), NULL) != 1 ||
+	    n != STORE_DIGEST_SIZE)
 		return -ENOMEM;
 	return 0;
 }
@@ -296,6 +315,10 @@ void st_scratch_put(struct store *s, struct scratch *sc)
 {
 	if (!sc)
 		return;
+	if (sc->suspect) {
+		scratch_free(sc);
+		return;
+	}
 	pthread_mutex_lock(&s->lock);
 	if (s->npool < SCRATCH_POOL_MAX) {
 		sc->next = s->pool;
@@ -336,6 +359,10 @@ int store_open(const char *dir, const struct store_options *opts, char *err, siz
 	if (!dir || !*dir || !ret_store) {
 		set_err(err, errlen, "no cache directory");
 		return -EINVAL;
+	}
+	if (store_crypto_init() < 0) {
+		set_err(err, errlen, "OpenSSL has no SHA-256 (out of memory, or no default provider)");
+		return -ENOMEM;
 	}
 	s = calloc(1, sizeof(*s));
 	if (!s)
@@ -515,12 +542,17 @@ bool store_is_pinned(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE])
 
 
 /*
- * Streams the payload of the open blob `fd` described by `info` through `sink` (may be NULL),
- * hashing the raw bytes. Returns 0 when the payload decodes to exactly raw_size bytes whose
- * SHA-256 is info->digest; -DMC_E_INTEGRITY when it does not; -EIO or another errno on read
- * errors; the sink's own error.
+ * A zstd error while reading a blob: the blob's fault (-DMC_E_INTEGRITY, so it is
+ * quarantined), unless zstd could not allocate its window: then the blob is not at fault
+ * and must stay where it is (-ENOMEM).
  */
-int st_payload_stream(struct scratch *sc, int fd, const struct store_blob_info *info,
+static int zstd_read_error(size_t code)
+{
+	return ZSTD_getErrorCode(code) == ZSTD_error_memory_allocation ? -ENOMEM
+								       : -DMC_E_INTEGRITY;
+}
+
+static int payload_stream(struct scratch *sc, int fd, const struct store_blob_info *info,
 			  sink_fn sink, void *ctx)
 {
 	uint64_t off = STORE_HEADER_SIZE, left = info->stored_size, produced = 0;
@@ -529,7 +561,7 @@ int st_payload_stream(struct scratch *sc, int fd, const struct store_blob_info *
 	unsigned int dn = 0;
 	int r;
 
-	if (EVP_DigestInit_ex(sc->md, EVP_sha256(), NULL) != 1)
+	if (EVP_DigestInit_ex(sc->md, store_sha256(), NULL) != 1)
 		return -ENOMEM;
 	if (info->comp == STORE_COMP_ZSTD &&
 	    ZSTD_isError(ZSTD_DCtx_reset(sc->dctx, ZSTD_reset_session_only)))
@@ -557,7 +589,7 @@ int st_payload_stream(struct scratch *sc, int fd, const struct store_blob_info *
 			ZSTD_outBuffer zout = { sc->out, sizeof(sc->out), 0 };
 			zret = ZSTD_decompressStream(sc->dctx, &zout, &zin);
 			if (ZSTD_isError(zret))
-				return -DMC_E_INTEGRITY;
+				return zstd_read_error(zret);
 			if (zout.pos > info->raw_size - produced)
 				return -DMC_E_INTEGRITY;
 			if (zout.pos > 0) {
@@ -574,7 +606,9 @@ int st_payload_stream(struct scratch *sc, int fd, const struct store_blob_info *
 		ZSTD_inBuffer zin = { NULL, 0, 0 };
 		ZSTD_outBuffer zout = { sc->out, sizeof(sc->out), 0 };
 		zret = ZSTD_decompressStream(sc->dctx, &zout, &zin);
-		if (ZSTD_isError(zret) || zout.pos == 0)
+		if (ZSTD_isError(zret))
+			return zstd_read_error(zret);
+		if (zout.pos == 0)
 			return -DMC_E_INTEGRITY;
 		if (zout.pos > info->raw_size - produced)
 			return -DMC_E_INTEGRITY;
@@ -591,6 +625,23 @@ int st_payload_stream(struct scratch *sc, int fd, const struct store_blob_info *
 	if (memcmp(d, info->digest, STORE_DIGEST_SIZE) != 0)
 		return -DMC_E_INTEGRITY;
 	return 0;
+}
+
+/*
+ * Streams the payload of the open blob `fd` described by `info` through `sink` (may be NULL),
+ * hashing the raw bytes. Returns 0 when the payload decodes to exactly raw_size bytes whose
+ * SHA-256 is info->digest; -DMC_E_INTEGRITY when it does not; -EIO or another errno on read
+ * errors; the sink's own error. An allocation that failed inside OpenSSL or zstd may leave
+ * their contexts half set up: the scratch is then marked so that it is freed, not pooled.
+ */
+int st_payload_stream(struct scratch *sc, int fd, const struct store_blob_info *info,
+		      sink_fn sink, void *ctx)
+{
+	int r = payload_stream(sc, fd, info, sink, ctx);
+
+	if (r == -ENOMEM || r == -DMC_E_INTERNAL)
+		sc->suspect = true;
+	return r;
 }
 
 /*

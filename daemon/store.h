@@ -346,6 +346,17 @@ int store_digest_parse(const char *hex, size_t len, uint8_t ret_digest[STORE_DIG
 int store_digest_of(const void *buf, size_t len, uint8_t ret_digest[STORE_DIGEST_SIZE]);
 
 /*
+ * SHA-256 as OpenSSL's EVP_MD, fetched once by store_crypto_init(). OpenSSL sets its
+ * providers up lazily, and a set-up that fails for want of memory is never tried again
+ * (every later digest fails; OpenSSL 3.0 may even crash on a NULL lock): it must not first
+ * happen under memory pressure. The daemon calls store_crypto_init() first thing, on the
+ * main thread; store_open() calls it too (a no-op once done). Before it, EVP_sha256().
+ */
+struct evp_md_st;
+int store_crypto_init(void);
+const struct evp_md_st *store_sha256(void);
+
+/*
  * The header codec, exposed for tests and tools. store_header_encode() writes exactly
  * STORE_HEADER_SIZE bytes; store_header_decode() checks magic, version, size, reserved
  * bytes, kind, compression, sizes and the check field, and returns 0 or -DMC_E_INTEGRITY.

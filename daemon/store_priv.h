@@ -33,6 +33,8 @@ struct scratch {
 	EVP_MD_CTX *md;
 	ZSTD_CCtx *cctx;
 	ZSTD_DCtx *dctx;
+	/* an allocation failed inside one of the contexts: freed, never pooled again */
+	bool suspect;
 	uint8_t in[CHUNK];
 	uint8_t out[OUT_CAP];
 };

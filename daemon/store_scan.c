@@ -419,7 +419,7 @@ int store_check_new(struct store_check **ret)
 		return -ENOMEM;
 	c->md = EVP_MD_CTX_new();
 	c->dctx = ZSTD_createDCtx();
-	if (!c->md || !c->dctx || EVP_DigestInit_ex(c->md, EVP_sha256(), NULL) != 1) {
+	if (!c->md || !c->dctx || EVP_DigestInit_ex(c->md, store_sha256(), NULL) != 1) {
 		store_check_free(c);
 		return -ENOMEM;
 	}

@@ -57,8 +57,9 @@ static bool zstd_pays(uint64_t stored, uint64_t raw)
 	return stored < raw && stored * 100 <= raw * ZSTD_KEEP_PCT;
 }
 
-static int zstd_error(size_t code)
+static int zstd_error(struct store_writer *w, size_t code)
 {
+	w->sc->suspect = true; /* see st_payload_stream() */
 	return ZSTD_getErrorCode(code) == ZSTD_error_memory_allocation ? -ENOMEM
 								       : -DMC_E_INTERNAL;
 }
@@ -97,7 +98,7 @@ static int zstd_feed(struct store_writer *w, const uint8_t *p, size_t n, ZSTD_En
 		size_t rem = ZSTD_compressStream2(w->sc->cctx, &zout, &zin, op);
 		int r;
 		if (ZSTD_isError(rem))
-			return zstd_error(rem);
+			return zstd_error(w, rem);
 		w->out_len += zout.pos;
 		if (w->out_len == sizeof(w->sc->out) && (r = flush_out(w)) < 0)
 			return r;
@@ -123,7 +124,7 @@ static int decide(struct store_writer *w, bool final)
 	csize = ZSTD_compressCCtx(sc->cctx, sc->out, sizeof(sc->out), sc->in, w->in_len,
 				  w->s->opt.zstd_level);
 	if (ZSTD_isError(csize))
-		return zstd_error(csize);
+		return zstd_error(w, csize);
 	if (!zstd_pays(csize, w->in_len) ||
 	    (uint64_t)csize * 100 > (uint64_t)w->in_len * w->keep_pct)
 		return final ? flush_in(w) : 0;
@@ -195,7 +196,8 @@ int store_writer_open(struct store *s, enum store_kind kind, uint64_t expected_s
 		r = -ENOMEM;
 		goto fail;
 	}
-	if (EVP_DigestInit_ex(w->sc->md, EVP_sha256(), NULL) != 1) {
+	if (EVP_DigestInit_ex(w->sc->md, store_sha256(), NULL) != 1) {
+		w->sc->suspect = true;
 		r = -ENOMEM;
 		goto fail;
 	}
@@ -241,6 +243,7 @@ int store_writer_write(struct store_writer *w, const void *buf, size_t len)
 	if (len == 0)
 		return 0;
 	if (EVP_DigestUpdate(w->sc->md, p, len) != 1) {
+		w->sc->suspect = true;
 		r = -ENOMEM;
 		goto fail;
 	}
@@ -552,6 +555,7 @@ static int writer_finish(struct store_writer *w, const uint8_t expected[STORE_DI
 
 	memset(&info, 0, sizeof(info));
 	if (EVP_DigestFinal_ex(w->sc->md, info.digest, &dn) != 1 || dn != STORE_DIGEST_SIZE) {
+		w->sc->suspect = true;
 		r = -ENOMEM;
 		goto out;
 	}

@@ -628,6 +628,12 @@ int main(int argc, char **argv)
 		printf("Bail out! cannot install the allocator hooks\n");
 		return 1;
 	}
+	/* as the daemon does first thing: OpenSSL's own lazy set-up cannot survive a failed
+	 * allocation (store.h) */
+	if (store_crypto_init() < 0) {
+		printf("Bail out! no SHA-256 from OpenSSL\n");
+		return 1;
+	}
 	RUN_TESTS(T(store_transient), T(store_persistent), T(index_transient),
 		  T(index_persistent), T(cache_persistent),
 		  T(proto_allocates_nothing));
