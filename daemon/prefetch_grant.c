@@ -352,10 +352,13 @@ void answer_from_grant(struct prefetch *p, int64_t id, prefetch_ready_cb cb, voi
 	struct snap_copy sc = { 0 };
 	struct prefetch_ready r = { 0 };
 
-	if (index_snapshot_get(p->d.cache->index, id, snap_copy_cb, &sc) < 0) {
+	int rc = index_snapshot_get(p->d.cache->index, id, snap_copy_cb, &sc);
+
+	if (rc < 0) {
 		r.err = -1;
-		r.code = DMC_E_INTERNAL;
-		r.message = "the snapshot went away";
+		r.code = rc == -ENOMEM ? DMC_E_OVERLOADED : DMC_E_INTERNAL;
+		r.message = rc == -ENOENT ? "the snapshot went away"
+					  : "cannot read the snapshot from the index: try again";
 		cb(ctx, &r);
 		return;
 	}

@@ -53,6 +53,8 @@ uint32_t code_of(int err)
 		return (uint32_t)-err;
 	if (err == -ENOSPC)
 		return DMC_E_CACHE_FULL;
+	if (err == -ENOMEM) /* try again later, as when too busy */
+		return DMC_E_OVERLOADED;
 	return err < 0 && err > -4096 ? DMC_E_IO : DMC_E_INTERNAL;
 }
 
@@ -419,13 +421,18 @@ static void read_after(uv_work_t *w, int status)
 		bool bad = err == -DMC_E_INTEGRITY || err == -ENOENT || err == -EIO;
 		free(gi->in);
 		gi->in = NULL;
+		char why[160];
 		if (bad && refetch_item(gi, err))
 			return;
+		snprintf(why, sizeof(why), "cannot read the cached copy: %s",
+			 err == -ENOMEM	       ? "out of memory, try again"
+			 : err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
+						: strerror(-err));
 		item_fail(gi, err,
 			  gi->refetched ? "the cached copy was damaged again after a fresh download: "
 					  "try again"
 			  : bad ? "the cached copy is damaged or gone: prefetch the dataset again"
-				: "cannot read the cached copy");
+				: why);
 		return;
 	}
 	if (gi->rq->h.flags & DMC_OPEN_RAW) {
