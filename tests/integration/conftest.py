@@ -98,10 +98,12 @@ class Daemon:
             rc = self.proc.wait()
         return rc, time.monotonic() - t0
 
-    def rss_kib(self):
+    def rss_kib(self, field='VmRSS'):
+        """The daemon's resident memory in KiB: VmRSS, or RssAnon for what it allocated
+        alone (VmRSS also counts library pages, faulted in at their first use)"""
         with open('/proc/%d/status' % self.proc.pid) as f:
             for line in f:
-                if line.startswith('VmRSS:'):
+                if line.startswith(field + ':'):
                     return int(line.split()[1])
         return 0
 

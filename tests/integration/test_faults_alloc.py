@@ -69,6 +69,7 @@ def try_round(d, emu, want, rng, tally):
                 tally['served'] += 1
             else:
                 tally['item_errors'] += 1
+                tally.setdefault('first_item_error', '%s: %s' % (st, str(v)[:300]))
     except FAILURES as e:
         if 'other bytes' in str(e):
             raise

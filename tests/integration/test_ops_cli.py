@@ -103,6 +103,17 @@ def test_every_command_that_prints_data_takes_json(daemon, tmpdir_short):
     with open(got['metadata']) as f:
         assert 'resource' in json.load(f)
 
+    # the get's OPEN started a job that fills the xray snapshot; EVICT leaves a snapshot a
+    # job fills alone, so the job ends first (on a loaded machine it outlives the get)
+    for _ in range(300):
+        r = run(d, 'status', '--json')
+        assert r.returncode == 0, r.stderr
+        if json.loads(r.stdout)['counters'].get('prefetch_jobs', 0) == 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError('the xray job did not end in 30 s: ' + r.stdout)
+
     # verify: counts equal the files in the cache directory (a tensor the get decoded is
     # stored after its reply: compare once the directory holds still across a verify)
     for _ in range(50):
