@@ -298,6 +298,16 @@ static int reconcile_check(struct cache *c, const uint8_t *digest, bool had_row,
  * miss); any other file gets the full header check; a row without its file is dropped.
  * Only differences write to the index: a restart over an intact cache writes nothing.
  */
+static void note_evicted(void *ctx, int64_t id, uint64_t files, uint64_t bytes)
+{
+	struct cache_open_report *rep = ctx;
+
+	if (rep->n_evicted < CACHE_REPORT_SNAPSHOTS)
+		rep->evicted[rep->n_evicted++] = (struct cache_evicted_snapshot){ id, files, bytes };
+	else
+		rep->evicted_more++;
+}
+
 int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 {
 	uint8_t(*names)[STORE_DIGEST_SIZE] = NULL;
@@ -363,11 +373,26 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 	store_get_stats(c->store, &st);
 	rep->blobs = st.objects;
 
-	/* I3: within max_size and min_free before anything is served. */
+	/* I3: within max_size and min_free before anything is served. Each snapshot that
+	 * loses files is reported (no one listens to c->evicted yet at start). */
 	if ((r = store_shortfall(c->store, 0, &shortfall)) < 0)
 		return r;
-	if (shortfall > 0 && (r = cache_evict(c, shortfall, &rep->evicted_bytes)) < 0)
-		return r;
+	if (shortfall > 0) {
+		bool listen = !c->evicted && !c->protect;
+		if (listen) {
+			c->evicted = note_evicted;
+			c->protect_ctx = rep;
+		}
+		r = cache_evict(c, shortfall, &rep->evicted_bytes);
+		if (listen) {
+			c->evicted = NULL;
+			c->protect_ctx = NULL;
+		}
+		if (r < 0)
+			return r;
+		store_get_stats(c->store, &st);
+		rep->blobs = st.objects;
+	}
 	return 0;
 }
 

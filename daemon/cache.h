@@ -74,7 +74,16 @@ struct cache_open_report {
 	uint64_t evicted_bytes;  /* evicted to get back within max_size and min_free */
 	uint64_t full_evicted;   /* evicted first, the file system being too full for the
 				  * index to reconcile (least recently used blobs) */
+	/* the snapshots whose files that eviction removed (the first CACHE_REPORT_SNAPSHOTS;
+	 * evicted_more counts the rest), for the daemon to log each as it does later ones */
+	struct cache_evicted_snapshot {
+		int64_t id;
+		uint64_t files, bytes;
+	} evicted[8]; /* CACHE_REPORT_SNAPSHOTS */
+	unsigned n_evicted;
+	uint64_t evicted_more;
 };
+#define CACHE_REPORT_SNAPSHOTS 8
 
 struct cache_verify_report {
 	uint64_t ok, bad;

@@ -6,6 +6,7 @@ The real daemon and CLI, the emulator over HTTP; the small file system is a real
 """
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -141,4 +142,38 @@ def test_the_default_min_free_is_named_when_it_is_the_cause(emu, tmpdir_short, s
     assert r.returncode != 0
     msg = final(ev).get('error', {}).get('message', '') + r.stderr
     assert 'min_free is 1.0 GiB' in msg, msg
+    assert d.stop()[0] == 0
+
+
+def test_a_start_over_max_size_names_each_snapshot_it_evicts_from(emu, tmpdir_short):
+    """max_size lowered while the daemon was stopped: the start evicts (I3) before serving,
+    and says which snapshots lost files, as a running daemon does; `ls` agrees."""
+    d = Daemon(tmpdir_short, args=['-o', 'min_free=0'])
+    r, ev = prefetch(d, emu, 'sample')
+    assert r.returncode == 0 and final(ev)['state'] == 'done', r.stdout + r.stderr
+    r, ev = prefetch(d, emu, 'xray')
+    assert r.returncode == 0 and final(ev)['state'] == 'done', r.stdout + r.stderr
+    assert d.stop()[0] == 0
+    # room for about two thirds of what is stored: some snapshot must lose files
+    held = sum(os.path.getsize(os.path.join(root, f))
+               for root, _, files in os.walk(os.path.join(d.cache, 'objects')) for f in files)
+    d.args += ['-o', 'max_size=%d' % (held * 2 // 3)]
+    before = len(d.log())
+    d.start()
+    log = d.log()[before:]
+    named = {}
+    for line in log.splitlines():
+        if 'at start to get back within max_size' in line:
+            m = re.search(r"evicted (\d+) files \(.*\) of snapshot (\d+) \('(\w+)'", line)
+            assert m, line
+            named[m.group(3)] = (int(m.group(2)), int(m.group(1)))
+    assert named, log[-3000:]
+    snaps = ls(d)
+    for name, (sid, files) in named.items():
+        assert snaps[name]['id'] == sid
+        assert snaps[name]['items_stored'] < snaps[name]['items']
+    # no snapshot lost items without being named
+    for name, s in snaps.items():
+        if name not in named:
+            assert s['items_stored'] == s['items'], (name, s, log[-3000:])
     assert d.stop()[0] == 0
