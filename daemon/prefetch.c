@@ -748,7 +748,7 @@ static void on_prefetch_local(struct prefetch *p, const struct who *w,
 		free(project);
 		free(version);
 		close(w->json_fd);
-		who_error(w, DMC_E_INTERNAL, "out of memory");
+		who_error(w, DMC_E_OVERLOADED, "out of memory: try again");
 		return;
 	}
 	j->lj->json_fd = w->json_fd;
@@ -1013,7 +1013,7 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 		free(project);
 		free(version);
 		if (who_join(j, w) < 0)
-			who_error(w, DMC_E_INTERNAL, "out of memory");
+			who_error(w, DMC_E_OVERLOADED, "out of memory: try again");
 		return;
 	}
 	j = calloc(1, sizeof(*j));
@@ -1036,8 +1036,9 @@ static void start_job(struct prefetch *p, const struct dmc_prefetch *mp, const s
 		free(j->project_arg);
 		free(j->version_arg);
 		free(j);
-		who_error(w, bad_url ? DMC_E_INVALID_ARGUMENT : DMC_E_INTERNAL,
-			  bad_url ? "the server must be an http:// or https:// URL" : "out of memory");
+		who_error(w, bad_url ? DMC_E_INVALID_ARGUMENT : DMC_E_OVERLOADED,
+			  bad_url ? "the server must be an http:// or https:// URL"
+				  : "out of memory: try again");
 		return;
 	}
 	j->dmc.fetch = p->d.fetch;
@@ -1090,7 +1091,7 @@ nomem:
 	free(server);
 	free(project);
 	free(version);
-	who_error(w, DMC_E_INTERNAL, "out of memory");
+	who_error(w, DMC_E_OVERLOADED, "out of memory: try again");
 }
 
 static void on_cancel(struct prefetch *p, struct conn *c, const struct dmc_header *h,

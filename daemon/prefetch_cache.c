@@ -72,7 +72,7 @@ void on_list(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 	if (!l || !frame) {
 		free(l);
 		free(frame);
-		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		conn_send_error(c, h->request_id, DMC_E_OVERLOADED, NULL, "out of memory: try again");
 		return;
 	}
 	if (dmc_empty_decode(payload, h->length) != DMC_PROTO_OK) {
@@ -166,7 +166,7 @@ void on_evict(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 	int n, rc = 0;
 
 	if (!e) {
-		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		conn_send_error(c, h->request_id, DMC_E_OVERLOADED, NULL, "out of memory: try again");
 		return;
 	}
 	if (dmc_evict_decode(payload, h->length, &flags, &e->project) != DMC_PROTO_OK) {
@@ -311,7 +311,7 @@ void on_verify(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 	v = calloc(1, sizeof(*v));
 	if (!v || uv_mutex_init(&v->lock) != 0) {
 		free(v);
-		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		conn_send_error(c, h->request_id, DMC_E_OVERLOADED, NULL, "out of memory: try again");
 		return;
 	}
 	v->p = p;

@@ -161,7 +161,7 @@ static void open_reply_now(struct pending_open *po)
 		return;
 	h = calloc(1, sizeof(*h));
 	if (!h) {
-		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		conn_send_error(sc->c, po->request_id, DMC_E_OVERLOADED, NULL, "out of memory: try again");
 		return;
 	}
 	h->id = sc->next_handle++;
@@ -245,7 +245,7 @@ void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t items,
 		return;
 	}
 	if (!po->project_id || !po->project_name || !po->version) {
-		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		conn_send_error(sc->c, po->request_id, DMC_E_OVERLOADED, NULL, "out of memory: try again");
 		open_done(po);
 		return;
 	}
@@ -332,7 +332,7 @@ static void on_open_ready(void *ctx, const struct prefetch_ready *r)
 	po->project_name = strdup(r->project_name);
 	po->version = strdup(r->version);
 	if (!po->project_id || !po->project_name || !po->version) {
-		conn_send_error(sc->c, po->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		conn_send_error(sc->c, po->request_id, DMC_E_OVERLOADED, NULL, "out of memory: try again");
 		open_done(po);
 		return;
 	}
@@ -377,7 +377,7 @@ static void on_open(struct serve *s, struct conn *c, const struct dmc_header *h,
 	po = calloc(1, sizeof(*po));
 	if (!sc || !po) {
 		free(po);
-		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		conn_send_error(c, h->request_id, DMC_E_OVERLOADED, NULL, "out of memory: try again");
 		return;
 	}
 	po->sc = sc;

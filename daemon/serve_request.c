@@ -1103,7 +1103,7 @@ void on_get(struct serve *s, struct conn *c, const struct dmc_header *h,
 	}
 	rq = calloc(1, sizeof(*rq) + (size_t)n * sizeof(rq->items[0]));
 	if (!rq) {
-		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		conn_send_error(c, h->request_id, DMC_E_OVERLOADED, NULL, "out of memory: try again");
 		return;
 	}
 	rq->sc = sc;

@@ -442,7 +442,7 @@ void on_stream(struct serve *s, struct conn *c, const struct dmc_header *h,
 		}
 	st = calloc(1, sizeof(*st));
 	if (!st) {
-		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		conn_send_error(c, h->request_id, DMC_E_OVERLOADED, NULL, "out of memory: try again");
 		return;
 	}
 	if (m.ahead == 0)

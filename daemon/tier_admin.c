@@ -507,7 +507,7 @@ static void on_done(struct fetch_xfer *x, const struct fetch_result *res)
 				size_t cap = a->cap_refs ? a->cap_refs * 2 : 256;
 				void *nv = realloc(a->refs, cap * STORE_DIGEST_SIZE);
 				if (!nv) {
-					finish(a, DMC_E_INTERNAL, "out of memory");
+					finish(a, DMC_E_OVERLOADED, "out of memory: try again");
 					tier_unhold(t);
 					return;
 				}
@@ -546,7 +546,7 @@ static void on_done(struct fetch_xfer *x, const struct fetch_result *res)
 		store_check_free(a->chk);
 		a->chk = NULL;
 		if (rc == -ENOMEM) {
-			finish(a, DMC_E_INTERNAL, "out of memory");
+			finish(a, DMC_E_OVERLOADED, "out of memory: try again");
 			tier_unhold(t);
 			return;
 		}
@@ -710,7 +710,7 @@ void tier_admin_request(struct tier *t, const struct config *cfg, struct conn *c
 	}
 	a = calloc(1, sizeof(*a));
 	if (!a) {
-		conn_send_error(c, h->request_id, DMC_E_INTERNAL, NULL, "out of memory");
+		conn_send_error(c, h->request_id, DMC_E_OVERLOADED, NULL, "out of memory: try again");
 		return;
 	}
 	a->t = t;

@@ -115,7 +115,8 @@ enum dmc_error {
 	DMC_E_LIMIT_EXCEEDED = 1008,        /* a configured size or time limit */
 	DMC_E_DECODE_FAILED = 1009,         /* the decoder rejected or crashed on the input */
 	DMC_E_IO = 1010,                    /* local I/O; sys_errno says which */
-	DMC_E_OVERLOADED = 1011,            /* too many connections or queued requests */
+	DMC_E_OVERLOADED = 1011,            /* too many connections or queued requests, or out
+					     * of memory: try again later */
 	DMC_E_INTERNAL = 1012,              /* a bug: please report */
 	DMC_E_INVALID_ARGUMENT = 1013,      /* a well-formed request with a bad value */
 	DMC_E_CANCELLED = 1014,             /* the job was cancelled or the daemon is stopping */
