@@ -378,15 +378,15 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 	if ((r = store_shortfall(c->store, 0, &shortfall)) < 0)
 		return r;
 	if (shortfall > 0) {
-		bool listen = !c->evicted && !c->protect;
+		bool listen = !c->evicted;
 		if (listen) {
 			c->evicted = note_evicted;
-			c->protect_ctx = rep;
+			c->evicted_ctx = rep;
 		}
 		r = cache_evict(c, shortfall, &rep->evicted_bytes);
 		if (listen) {
 			c->evicted = NULL;
-			c->protect_ctx = NULL;
+			c->evicted_ctx = NULL;
 		}
 		if (r < 0)
 			return r;
@@ -509,7 +509,7 @@ static int evict_snapshots(struct cache *c, uint64_t want, uint64_t *freed)
 		}
 		free(dl.d);
 		if (files && c->evicted)
-			c->evicted(c->protect_ctx, ids.ids[i], files, *freed - before);
+			c->evicted(c->evicted_ctx, ids.ids[i], files, *freed - before);
 	}
 	free(ids.ids);
 	return r < 0 ? r : 0;

@@ -62,6 +62,7 @@ struct cache {
 	void *protect_ctx;
 	/* Told of each snapshot whose files eviction removed (for the log). May be NULL. */
 	void (*evicted)(void *ctx, int64_t snapshot_id, uint64_t files, uint64_t bytes);
+	void *evicted_ctx;
 };
 
 /* What cache_open() found and repaired. */

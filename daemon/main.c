@@ -275,27 +275,6 @@ static int make_dirs(const char *path)
 	return 0;
 }
 
-static int snap_name(void *ctx, const struct index_snapshot *s)
-{
-	snprintf(ctx, 200, "'%.80s' version '%.60s' of uid %" PRId64, s->project_name, s->version,
-		 s->owner);
-	return 0;
-}
-
-/* A snapshot whose files the start's eviction (I3) took, in the words of later evictions
- * (prefetch.c), so that a reader of the log can tell which snapshots lost items. */
-static void log_start_eviction(struct daemon *d, const struct cache_evicted_snapshot *e)
-{
-	char what[200] = "?";
-
-	(void)index_snapshot_get(d->cache->index, e->id, snap_name, what);
-	log_notice(STORE, "evicted %" PRIu64 " files (%.1f MiB) of snapshot %" PRId64 " (%s), "
-			  "the least recently used, at start to get back within max_size %" PRIu64
-			  " and min_free %" PRIu64 " bytes",
-		   e->files, (double)e->bytes / (1 << 20), e->id, what, d->cfg.max_size,
-		   d->cfg.min_free);
-}
-
 static int open_cache(struct daemon *d)
 {
 	struct cache_options co = { 0 };
@@ -341,8 +320,10 @@ static int open_cache(struct daemon *d)
 		log_warn(STORE, "the file system of '%s' was full: %" PRIu64 " byte(s) of the least "
 				"recently used blobs evicted for the index to start",
 			 d->cfg.cache_dir, rep.full_evicted);
+	/* each snapshot the start's eviction took files from, as later evictions are logged */
 	for (unsigned i = 0; i < rep.n_evicted; i++)
-		log_start_eviction(d, &rep.evicted[i]);
+		prefetch_log_eviction(d->cache, &d->cfg, rep.evicted[i].id, rep.evicted[i].files,
+				      rep.evicted[i].bytes, true);
 	if (rep.evicted_more)
 		log_notice(STORE, "and files of %" PRIu64 " more snapshot(s) evicted at start",
 			   rep.evicted_more);

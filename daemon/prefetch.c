@@ -357,8 +357,9 @@ int prefetch_new(const struct prefetch_deps *deps, struct prefetch **ret)
 	load_salt(p);
 	/* eviction never takes what a job is filling or a client reads (docs/operations) */
 	deps->cache->protect = protect_snapshot;
-	deps->cache->evicted = log_eviction;
 	deps->cache->protect_ctx = p;
+	deps->cache->evicted = log_eviction;
+	deps->cache->evicted_ctx = p;
 	uv_timer_init(deps->loop, &p->flush_timer);
 	p->flush_timer.data = p;
 	/* batches commit at least every 200 ms, and at every progress event */
@@ -426,17 +427,25 @@ static int snap_name_cb(void *ctx, const struct index_snapshot *s)
 	return 0;
 }
 
+void prefetch_log_eviction(struct cache *c, const struct config *cfg, int64_t id,
+			   uint64_t files, uint64_t bytes, bool at_start)
+{
+	char what[200] = "?";
+
+	index_snapshot_get(c->index, id, snap_name_cb, what);
+	log_notice(STORE, "evicted %" PRIu64 " files (%.1f MiB) of snapshot %" PRId64 " (%s), "
+			  "the least recently used, %s within max_size %" PRIu64
+			  " and min_free %" PRIu64 " bytes",
+		   files, (double)bytes / (1 << 20), id, what,
+		   at_start ? "at start to get back" : "to make room", cfg->max_size,
+		   cfg->min_free);
+}
+
 static void log_eviction(void *ctx, int64_t id, uint64_t files, uint64_t bytes)
 {
 	struct prefetch *p = ctx;
-	char what[200] = "?";
 
-	index_snapshot_get(p->d.cache->index, id, snap_name_cb, what);
-	log_notice(STORE, "evicted %" PRIu64 " files (%.1f MiB) of snapshot %" PRId64 " (%s), "
-			  "the least recently used, to make room within max_size %" PRIu64
-			  " and min_free %" PRIu64 " bytes",
-		   files, (double)bytes / (1 << 20), id, what, p->d.cfg->max_size,
-		   p->d.cfg->min_free);
+	prefetch_log_eviction(p->d.cache, p->d.cfg, id, files, bytes, false);
 }
 
 bool prefetch_snapshot_active(struct prefetch *p, int64_t id)

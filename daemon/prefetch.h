@@ -110,6 +110,15 @@ bool prefetch_may_see(struct prefetch *p, uid_t uid, int64_t id);
  * What else keeps a snapshot from eviction besides the jobs filling it (the serving side's
  * open handles): asked by the cache's eviction. Loop thread.
  */
+/*
+ * Logs that eviction took `files` files (`bytes`) of snapshot `id`, named by project,
+ * version and owner, with the limits that made it: at a start (cache_open()'s I3, which
+ * runs before any prefetch exists: `at_start`) or later (the cache's `evicted` callback).
+ * Loop thread.
+ */
+void prefetch_log_eviction(struct cache *c, const struct config *cfg, int64_t id,
+			   uint64_t files, uint64_t bytes, bool at_start);
+
 void prefetch_set_open_check(struct prefetch *p, bool (*is_open)(void *ctx, int64_t id),
 			     void *ctx);
 /* Whether a job is filling snapshot `id` now: a missing item may still come. */
