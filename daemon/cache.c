@@ -374,19 +374,19 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 	rep->blobs = st.objects;
 
 	/* I3: within max_size and min_free before anything is served. Each snapshot that
-	 * loses files is reported (no one listens to c->evicted yet at start). */
+	 * loses files is reported (no one listens to c->evicting yet at start). */
 	if ((r = store_shortfall(c->store, 0, &shortfall)) < 0)
 		return r;
 	if (shortfall > 0) {
-		bool listen = !c->evicted;
+		bool listen = !c->evicting;
 		if (listen) {
-			c->evicted = note_evicted;
-			c->evicted_ctx = rep;
+			c->evicting = note_evicted;
+			c->evicting_ctx = rep;
 		}
 		r = cache_evict(c, shortfall, &rep->evicted_bytes);
 		if (listen) {
-			c->evicted = NULL;
-			c->evicted_ctx = NULL;
+			c->evicting = NULL;
+			c->evicting_ctx = NULL;
 		}
 		if (r < 0)
 			return r;
@@ -445,7 +445,10 @@ static int id_push(void *ctx, int64_t id)
 }
 
 struct digest_list {
-	uint8_t (*d)[INDEX_DIGEST_SIZE];
+	struct {
+		uint8_t d[INDEX_DIGEST_SIZE];
+		uint64_t size; /* the file's: header and payload */
+	} *b;
 	size_t n, cap;
 };
 
@@ -455,13 +458,14 @@ static int digest_push(void *ctx, const struct index_blob *b)
 
 	if (l->n == l->cap) {
 		size_t cap = l->cap ? l->cap * 2 : 256;
-		void *n = realloc(l->d, cap * INDEX_DIGEST_SIZE);
+		void *n = realloc(l->b, cap * sizeof(*l->b));
 		if (!n)
 			return -ENOMEM;
-		l->d = n;
+		l->b = n;
 		l->cap = cap;
 	}
-	memcpy(l->d[l->n++], b->digest, INDEX_DIGEST_SIZE);
+	memcpy(l->b[l->n].d, b->digest, INDEX_DIGEST_SIZE);
+	l->b[l->n++].size = STORE_HEADER_SIZE + (uint64_t)(b->stored_size > 0 ? b->stored_size : 0);
 	return 0;
 }
 
@@ -475,8 +479,32 @@ static int is_protected(void *ctx, int64_t id)
 /*
  * Phase 2 of eviction: whole snapshots, least recently used first. A snapshot that a job is
  * filling or a client has open (c->protect) is never touched, nor is a blob that such a
- * snapshot also uses. Each snapshot evicted is logged with what went and why.
+ * snapshot also uses. What a snapshot is about to lose is planned first and told to
+ * c->evicting before its first file goes: a crash in the middle of the removals then never
+ * leaves a snapshot with fewer items than clients were told, and no line saying which.
+ * The plan's blobs are moved to the front of the list; the removals follow it.
  */
+static size_t plan_snapshot(struct cache *c, struct digest_list *dl, uint64_t need,
+			    uint64_t *ret_bytes, int *ret_err)
+{
+	uint64_t bytes = 0;
+	size_t n = 0;
+
+	for (size_t k = 0; k < dl->n && bytes < need; k++) {
+		int q = index_blob_snapshots(c->index, dl->b[k].d, is_protected, c);
+		if (q < 0) {
+			*ret_err = q;
+			break;
+		}
+		if (q == 1)
+			continue; /* a protected snapshot uses it too */
+		bytes += dl->b[k].size;
+		dl->b[n++] = dl->b[k];
+	}
+	*ret_bytes = bytes;
+	return n;
+}
+
 static int evict_snapshots(struct cache *c, uint64_t want, uint64_t *freed)
 {
 	struct id_list ids = { 0 };
@@ -485,31 +513,23 @@ static int evict_snapshots(struct cache *c, uint64_t want, uint64_t *freed)
 	r = index_snapshots_lru(c->index, id_push, &ids);
 	for (size_t i = 0; r >= 0 && i < ids.n && *freed < want; i++) {
 		struct digest_list dl = { 0 };
-		uint64_t before = *freed, files = 0;
+		uint64_t plan_bytes = 0;
+		size_t plan;
 
 		if (is_protected(c, ids.ids[i]))
 			continue;
 		r = index_snapshot_blobs(c->index, ids.ids[i], digest_push, &dl);
-		for (size_t k = 0; r >= 0 && k < dl.n && *freed < want; k++) {
-			int q = index_blob_snapshots(c->index, dl.d[k], is_protected, c);
-			if (q < 0) {
-				r = q;
-				break;
-			}
-			if (q == 1)
-				continue; /* a protected snapshot uses it too */
-			q = evict_blob(c, dl.d[k], freed);
+		plan = r < 0 ? 0 : plan_snapshot(c, &dl, want - *freed, &plan_bytes, &r);
+		if (r >= 0 && plan && c->evicting)
+			c->evicting(c->evicting_ctx, ids.ids[i], plan, plan_bytes);
+		for (size_t k = 0; r >= 0 && k < plan; k++) {
+			int q = evict_blob(c, dl.b[k].d, freed);
 			if (q == -EBUSY)
-				continue;
-			if (q < 0) {
+				continue; /* pinned: being served; it stays */
+			if (q < 0)
 				r = q;
-				break;
-			}
-			files++;
 		}
-		free(dl.d);
-		if (files && c->evicted)
-			c->evicted(c->evicted_ctx, ids.ids[i], files, *freed - before);
+		free(dl.b);
 	}
 	free(ids.ids);
 	return r < 0 ? r : 0;

@@ -19,7 +19,8 @@
  *                     tensors, leftovers) by LRU, then whole snapshots, least recently
  *                     used first, never one that c->protect() names (a running job's, an
  *                     open one's), and never a blob such a snapshot shares; every snapshot
- *                     evicted is reported through c->evicted (the daemon logs it).
+ *                     evicted from is told to c->evicting before its first file goes
+ *                     (the daemon logs it).
  *   cache_verify()    re-hashes every blob; bad ones are quarantined and their rows dropped.
  *
  * Order of writes that keeps I2/I3 across crashes: blob synced and renamed (store), then
@@ -60,9 +61,11 @@ struct cache {
 	 * them, a client has them open). NULL: none is protected. */
 	bool (*protect)(void *ctx, int64_t snapshot_id);
 	void *protect_ctx;
-	/* Told of each snapshot whose files eviction removed (for the log). May be NULL. */
-	void (*evicted)(void *ctx, int64_t snapshot_id, uint64_t files, uint64_t bytes);
-	void *evicted_ctx;
+	/* Told of each snapshot eviction takes files from, and how many and how many bytes it
+	 * plans to take, before the first one goes (for the log: a crash in the middle leaves
+	 * no loss unlogged). A file being served when its turn comes stays. May be NULL. */
+	void (*evicting)(void *ctx, int64_t snapshot_id, uint64_t files, uint64_t bytes);
+	void *evicting_ctx;
 };
 
 /* What cache_open() found and repaired. */

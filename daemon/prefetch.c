@@ -358,8 +358,8 @@ int prefetch_new(const struct prefetch_deps *deps, struct prefetch **ret)
 	/* eviction never takes what a job is filling or a client reads (docs/operations) */
 	deps->cache->protect = protect_snapshot;
 	deps->cache->protect_ctx = p;
-	deps->cache->evicted = log_eviction;
-	deps->cache->evicted_ctx = p;
+	deps->cache->evicting = log_eviction;
+	deps->cache->evicting_ctx = p;
 	uv_timer_init(deps->loop, &p->flush_timer);
 	p->flush_timer.data = p;
 	/* batches commit at least every 200 ms, and at every progress event */
@@ -433,10 +433,12 @@ void prefetch_log_eviction(struct cache *c, const struct config *cfg, int64_t id
 	char what[200] = "?";
 
 	index_snapshot_get(c->index, id, snap_name_cb, what);
-	log_notice(STORE, "evicted %" PRIu64 " files (%.1f MiB) of snapshot %" PRId64 " (%s), "
+	/* a running daemon logs before the first file goes (a crash then leaves no loss
+	 * unlogged); the start logs once cache_open() is done, before anything is served */
+	log_notice(STORE, "%s %" PRIu64 " files (%.1f MiB) of snapshot %" PRId64 " (%s), "
 			  "the least recently used, %s within max_size %" PRIu64
 			  " and min_free %" PRIu64 " bytes",
-		   files, (double)bytes / (1 << 20), id, what,
+		   at_start ? "evicted" : "evicting", files, (double)bytes / (1 << 20), id, what,
 		   at_start ? "at start to get back" : "to make room", cfg->max_size,
 		   cfg->min_free);
 }

@@ -234,7 +234,7 @@ def test_sighup_lowering_max_size_and_hot_max_evicts_at_once(tmpdir_short, tmp_p
         assert 'needs a restart' not in said
         log = d.log()[start:]
         # the snapshot goes, named, once the blobs no snapshot uses are not enough
-        assert re.search(r'evicted \d+ files \(.*\) of snapshot \d+ \(.*\), the least recently '
+        assert re.search(r'evicting \d+ files \(.*\) of snapshot \d+ \(.*\), the least recently '
                          r'used, to make room within max_size %d' % max_size, log), log
         freed = re.search(r'max_size %d and min_free \d+ bytes applied: evicted (\d+) bytes\n'
                           % max_size, log)
