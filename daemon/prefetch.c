@@ -505,6 +505,8 @@ void job_maybe_free(struct job *j)
 	dm_project_free(j->proj);
 	dm_annotations_free(j->ann);
 	local_job_free(j);
+	free(j->taken);
+	j->taken = NULL;
 	free(j->server);
 	free(j->project_arg);
 	free(j->version_arg);

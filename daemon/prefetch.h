@@ -87,6 +87,17 @@ int prefetch_attach(struct prefetch *p, uid_t uid, const struct dmc_prefetch *m,
 		    prefetch_ready_cb cb, void *ctx);
 void prefetch_detach(struct prefetch *p, void *ctx);
 /*
+ * A client waits for item `idx` of snapshot `snapshot_id`, which a running job is filling
+ * and has not reached yet in its walk (index order): the job takes it next, when one of
+ * its downloads ends, before the rest of the walk. At most WANT_MAX such items wait per
+ * job; beyond that, or when no job of Datamint is downloading that snapshot, the item
+ * comes in walk order. Nothing is fetched that the job would not fetch anyway, so which
+ * client asks does not matter. Never calls back: the item hook says when the item is
+ * stored or failed. Loop thread.
+ */
+void prefetch_want(struct prefetch *p, int64_t snapshot_id, int64_t idx);
+
+/*
  * Item `idx` of snapshot `snapshot_id` went bad in the cache (its blob row is dropped: the
  * item is missing): fetch it again for `uid` with the dataset and key in `m`, under the
  * rules of prefetch_attach() (the server checks the caller's own key again). A running job

@@ -852,6 +852,100 @@ void task_start(struct task *t)
 	free(url);
 }
 
+/* ---- items wanted ahead of the walk ---- */
+
+static bool taken_test(const struct job *j, int64_t idx)
+{
+	size_t byte = (size_t)idx / 8;
+
+	return byte < j->taken_len && (j->taken[byte] & (1u << (idx % 8)));
+}
+
+static int taken_set(struct job *j, int64_t idx)
+{
+	size_t byte = (size_t)idx / 8;
+
+	if (byte >= j->taken_len) {
+		/* grown in steps of 1/8 more, to the item count at most */
+		size_t max = (size_t)((j->items_total + 7) / 8), len = byte + 1 + j->taken_len / 8;
+		uint8_t *n;
+		if (len > max)
+			len = max > byte ? max : byte + 1;
+		if (!(n = realloc(j->taken, len)))
+			return -ENOMEM;
+		memset(n + j->taken_len, 0, len - j->taken_len);
+		j->taken = n;
+		j->taken_len = len;
+	}
+	j->taken[byte] |= (uint8_t)(1u << (idx % 8));
+	return 0;
+}
+
+static bool task_for(const struct job *j, int64_t idx)
+{
+	for (const struct task *t = j->tasks; t; t = t->next)
+		if (t->idx == idx)
+			return true;
+	return false;
+}
+
+/* The walk's items: those taken ahead of it were fetched (or failed) already. */
+static int task_from_walk(void *ctx, const struct index_item *it)
+{
+	struct job *j = ctx;
+
+	return taken_test(j, it->idx) ? 0 : task_from_item(ctx, it);
+}
+
+/* A wanted item, unless something stored it meanwhile. */
+static int task_from_wanted(void *ctx, const struct index_item *it)
+{
+	return it->stored ? 0 : task_from_item(ctx, it);
+}
+
+void prefetch_want(struct prefetch *p, int64_t snapshot_id, int64_t idx)
+{
+	for (struct job *j = p->jobs; j; j = j->next) {
+		if (j->final || j->source != DMC_SOURCE_DATAMINT || j->offline || j->to_tier ||
+		    j->state != DMC_JOB_DOWNLOADING || j->snapshot_id != snapshot_id ||
+		    (j->shard_world > 1 && (uint64_t)idx % j->shard_world != j->shard_rank))
+			continue;
+		/* the walk has passed it (in flight, stored or failed), or it was taken */
+		if (j->scan_done || idx < j->scan_from || taken_test(j, idx) || task_for(j, idx))
+			return;
+		for (unsigned k = 0; k < j->want_n; k++)
+			if (j->want[(j->want_head + k) % WANT_MAX] == idx)
+				return;
+		if (j->want_n < WANT_MAX)
+			j->want[(j->want_head + j->want_n++) % WANT_MAX] = idx;
+		/* no pump here: a job downloading has its window full (the walk fills it),
+		 * and the next download to end takes the wanted items first */
+		return;
+	}
+}
+
+/* Wanted items as new tasks (not started), while the window has room. What cannot be
+ * taken (out of memory, an index error) is left to the walk, which meets it again. */
+static void take_wanted(struct job *j)
+{
+	struct index *ix = j->pf->d.cache->index;
+
+	while (!j->final && j->want_n && j->running < window(j->pf)) {
+		int64_t idx = j->want[j->want_head];
+		int r;
+
+		j->want_head = (j->want_head + 1) % WANT_MAX;
+		j->want_n--;
+		if (j->scan_done || idx < j->scan_from || taken_test(j, idx) || task_for(j, idx))
+			continue;
+		if (taken_set(j, idx) < 0)
+			continue; /* out of memory: the walk brings it */
+		r = index_item_get(ix, j->snapshot_id, idx, task_from_wanted, j);
+		if (r < 0)
+			j->taken[(size_t)idx / 8] &= (uint8_t)~(1u << (idx % 8));
+	}
+}
+
 void job_pump(struct job *j)
 {
 	struct prefetch *p = j->pf;
@@ -870,10 +964,17 @@ again:
 	j->pump_again = false;
 	while (!j->final && !j->scan_done && j->running < window(p)) {
 		int64_t next = -1;
-		unsigned want = window(p) - j->running;
-		int n = index_items_page(ix, j->snapshot_id, j->scan_from,
-					 want < SCAN_PAGE ? want : SCAN_PAGE, INDEX_ITEMS_MISSING,
-					 task_from_item, j, &next);
+		unsigned want;
+		int n = 0;
+
+		take_wanted(j);
+		want = window(p) - j->running;
+		if (want)
+			n = index_items_page(ix, j->snapshot_id, j->scan_from,
+					     want < SCAN_PAGE ? want : SCAN_PAGE, INDEX_ITEMS_MISSING,
+					     task_from_walk, j, &next);
+		else
+			next = j->scan_from;
 		if (n < 0) {
 			struct dm_error e = { .err = n };
 			snprintf(e.message, sizeof(e.message), "cannot read the snapshot: %s",

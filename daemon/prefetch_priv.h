@@ -155,6 +155,8 @@ struct task {
 	char file_etag[FETCH_ETAG_MAX];
 };
 
+#define WANT_MAX 256u /* items waited for ahead of a job's walk (more wait for the walk) */
+
 struct job {
 	struct prefetch *pf;
 	struct job *next, *prev;
@@ -186,6 +188,14 @@ struct job {
 	int64_t scan_from;
 	bool scan_done;
 	bool known_complete; /* sealed and complete at the start: nothing was scanned */
+	/* Items a client waits for that the walk has not reached (prefetch_want()): taken
+	 * first when a task ends, before the walk's next page. `taken` has a bit per index
+	 * taken so (grown on demand, at most one bit per item): the walk skips those, so that
+	 * an item is neither fetched twice nor counted twice when it fails. */
+	int64_t want[WANT_MAX];
+	unsigned want_head, want_n;
+	uint8_t *taken;
+	size_t taken_len; /* bytes */
 	struct task *tasks;
 	uint32_t running;
 	bool pumping, pump_again;

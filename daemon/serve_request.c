@@ -901,7 +901,9 @@ static void item_step(struct gitem *gi)
 					item_fail(gi, err, why);
 					return;
 				}
-			settle(gi, GI_WAIT_ITEM); /* the job brings it; item_hook wakes us */
+			/* the job brings it, ahead of its walk; item_hook wakes us */
+			prefetch_want(s->d.prefetch, gi->rq->h.snapshot_id, (int64_t)gi->item);
+			settle(gi, GI_WAIT_ITEM);
 			return;
 		}
 		if (refetch_possible(gi)) {

@@ -6,6 +6,7 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -256,6 +257,63 @@ def test_get_waits_for_items_still_downloading(daemon_env, emu, tmp_path):
     assert r.returncode == 0, r.stderr
     assert np.load(out).ndim == 4
     emu.clear_faults()
+
+
+AHEAD_CLIENT = '''
+import hashlib, json, sys
+from dmcache import _lib
+c = _lib.Client(sys.argv[1])
+ds = c.open(_lib.SOURCE_DATAMINT, sys.argv[2], server=sys.argv[3], api_key=sys.argv[4], raw=True)
+out = {}
+for i in json.loads(sys.argv[5]):
+    its = ds.get([i])
+    assert its[0].status == 0, _lib.item_error(its[0])
+    out[i] = hashlib.sha256(bytes(_lib.item_bytes(its[0]))).hexdigest()
+    ds.release(its)
+print(json.dumps(out))
+'''
+
+
+def test_a_get_ahead_of_the_job_is_fetched_next(daemon_env, emu, tmp_path):
+    """A shuffled first epoch over a dataset still downloading: a GET of an item the job's
+    walk (index order) has not reached moves it ahead, to the next free transfer. The item
+    is downloaded once, the walk skips it later, and the job ends with every item."""
+    import hashlib
+    from test_trust_cache import asan_preload
+    d = daemon_env
+    n, window = 400, 32  # 2 x parallel_transfers (16)
+    emu.add_synthetic('ahead', n, 512)
+    emu.add_fault(path='/resources/.*/file$', latency_ms=300)  # 400 items: ~4 s
+    emu.clear_log()
+    wanted = [n - 1, n // 2, 7 * n // 8]
+    env = asan_preload(dict(d.env, PYTHONPATH=os.path.join(os.path.dirname(DMCACHE), 'python')))
+    r = subprocess.run(['/usr/bin/python3', '-c', AHEAD_CLIENT, d.socket, 'ahead', emu.url, KEY,
+                        json.dumps(wanted)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {int(k): v for k, v in json.loads(r.stdout.splitlines()[-1]).items()}
+    for _ in range(600):
+        st = d.cli('status', '--json')
+        if json.loads(st.stdout)['counters'].get('prefetch_jobs', 0) == 0:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError('the job did not end: ' + st.stdout)
+    emu.clear_faults()
+    ids = [x['id'] for x in resources(emu, 'ahead')]
+    fetched = [e['path'].split('/')[2] for e in emu.log()
+               if e['method'] == 'GET' and e['path'].endswith('/file')]
+    assert sorted(fetched) == sorted(ids), 'each item downloaded exactly once'
+    order = {rid: k for k, rid in enumerate(fetched)}
+    # each wanted item started within a few windows of its GET; in walk order they would
+    # come near their index (n - 1, n / 2, 7n / 8)
+    for k, i in enumerate(wanted):
+        assert order[ids[i]] < (k + 2) * window + 16, (i, order[ids[i]])
+        body = emu.get('/resources/%s/file' % ids[i]).body
+        assert got[i] == hashlib.sha256(body).hexdigest(), i
+    ls = d.cli('ls', '--json')
+    snap = [x for x in json.loads(ls.stdout) if x['project_name'] == 'ahead']
+    assert len(snap) == 1 and snap[0]['items_stored'] == n, snap
 
 
 def test_local_folder_get(daemon_env, tmp_path, emu):
