@@ -57,6 +57,8 @@ static const struct {
 	{ "cache_integrity_failures_total", "Blobs whose checksum did not match when read." },
 	{ "cache_full_total", "Stores refused for want of space." },
 	{ "cache_evicted_total", "Blobs removed by eviction." },
+	{ "store_start_dirs_walked", "Blob directories the last start walked, of 256 (0 after a clean stop with nothing changed)." },
+	{ "store_start_index_checked", "Whether the last start ran the index check (1) or trusted the clean-shutdown record (0)." },
 	{ "prefetch_jobs", "Prefetch jobs running." },
 	{ "prefetch_jobs_total", "Prefetch jobs started." },
 	{ "prefetch_items_downloaded_total", "Items downloaded by prefetch jobs." },

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "cache_clean.h"
 #include "proto.h"
 
 /* Blob rows per eviction query: small enough to stay off the heap. */
@@ -167,9 +168,10 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 {
 	struct cache_options o = { 0 };
 	struct cache_open_report local;
+	struct clean_record *rec;
 	struct cache *c;
 	char path[4096];
-	bool rebuilt = false;
+	bool rebuilt = false, clean;
 	int r;
 
 	if (opts)
@@ -185,12 +187,40 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	c = calloc(1, sizeof(*c));
 	if (!c)
 		return -ENOMEM;
+	rec = malloc(sizeof(*rec));
+	if (!rec) {
+		free(c);
+		return -ENOMEM;
+	}
+	/* The record is taken (read, removed, the removal synced) before anything is written:
+	 * from here on a crash leaves none, and the next start reconciles fully. */
+	clean = clean_take(dir, rec, rep->start_why, sizeof(rep->start_why)) == 1 &&
+		clean_index_matches(dir, rec, rep->start_why, sizeof(rep->start_why));
+	if (clean)
+		o.index_flags |= INDEX_SKIP_CHECK;
+	else
+		o.index_flags &= ~(unsigned)INDEX_SKIP_CHECK;
 	r = store_open(dir, &o.store, err, errlen, &c->store);
 	if (r < 0)
 		goto fail;
 	r = index_open(path, o.index_flags, err, errlen, &c->index, &rebuilt);
 	if (r < 0)
 		goto fail_store;
+	if (clean && rebuilt) {
+		clean = false; /* not from the check: a schema the index could not take */
+		snprintf(rep->start_why, sizeof(rep->start_why), "the index was rebuilt");
+	}
+	if (clean) {
+		/* Rows and files agreed in these directories at the stop, and neither the index
+		 * nor the directory changed since: what the stop counted in them stands. */
+		clean_dirs_unchanged(dir, rec, c->skip);
+		for (unsigned b = 0; b < 256; b++) {
+			c->dir_objects[b] = rec->dirs[b].objects;
+			c->dir_bytes[b] = rec->dirs[b].bytes;
+		}
+	}
+	rep->clean_start = clean;
+	rep->index_checked = !clean;
 	r = cache_reconcile(c, rep);
 	if (r == -DMC_E_CACHE_FULL) {
 		/* I3 on a full file system: reconciliation writes the index (a pass mark per
@@ -202,6 +232,7 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 			if (cache_evict(c, 1, &freed) < 0 || freed == 0)
 				break; /* one blob: as little as the log needs */
 			rep->full_evicted += freed;
+			memset(c->skip, 0, sizeof(c->skip)); /* the record's counts are past */
 			r = cache_reconcile(c, rep);
 		}
 	}
@@ -211,6 +242,9 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 		goto fail_index;
 	}
 	rep->index_rebuilt = rebuilt;
+	c->start_index_checked = rep->index_checked;
+	c->start_dirs_walked = rep->dirs_walked;
+	free(rec);
 	*ret_cache = c;
 	return 0;
 
@@ -219,18 +253,7 @@ fail_index:
 fail_store:
 	store_close(c->store);
 fail:
-	free(c);
-	return r;
-}
-
-int cache_close(struct cache *c)
-{
-	int r;
-	if (!c)
-		return 0;
-	r = index_flush(c->index);
-	index_close(c->index);
-	store_close(c->store);
+	free(rec);
 	free(c);
 	return r;
 }
@@ -255,6 +278,109 @@ static int row_push(void *ctx, const struct index_blob *b)
 	l->v[l->n++] = *b;
 	return 0;
 }
+
+/*
+ * At a clean stop, objects/<b>/ against the rows of first byte b, as the start's merge
+ * would see it: the same names, and each file of the size its row records (one fstatat,
+ * store_scan_known()). 1 and the directory's blobs and file bytes when all agree, 0 when
+ * anything differs (the next start walks it and repairs it as always), or a negative
+ * code.
+ */
+static int settle_dir(struct cache *c, unsigned b, uint8_t (**names)[STORE_DIGEST_SIZE],
+		      size_t *cap, struct row_list *rows, uint64_t *ret_objects,
+		      uint64_t *ret_bytes)
+{
+	uint64_t removed = 0, bytes = 0;
+	size_t n = 0;
+	int r;
+
+	rows->n = 0;
+	if ((r = store_scan_list(c->store, b, names, cap, &n, &removed)) < 0 ||
+	    (r = index_blobs_first_byte(c->index, b, row_push, rows)) < 0)
+		return r;
+	if (n != rows->n)
+		return 0;
+	for (size_t i = 0; i < n; i++) {
+		const struct index_blob *row = &rows->v[i];
+		uint64_t size = 0;
+		if (memcmp((*names)[i], row->digest, STORE_DIGEST_SIZE) != 0 ||
+		    row->raw_size < 0 || row->stored_size < 0)
+			return 0;
+		r = store_scan_known(c->store, (*names)[i], (uint64_t)row->raw_size,
+				     (uint64_t)row->stored_size, &size);
+		if (r != 1)
+			return r == -ENOENT ? 0 : r;
+		bytes += size;
+	}
+	*ret_objects = n;
+	*ret_bytes = bytes;
+	return 1;
+}
+
+int cache_close_clean(struct cache *c, bool *ret_written, char *why, size_t whylen)
+{
+	uint8_t (*names)[STORE_DIGEST_SIZE] = NULL;
+	uint8_t st_touched[32], ix_touched[32];
+	struct row_list rows = { 0 };
+	struct clean_record *rec;
+	size_t cap = 0;
+	char *dir;
+	int r, w = -1;
+
+	if (ret_written)
+		*ret_written = false;
+	if (!c)
+		return 0;
+	r = index_flush(c->index);
+	rec = calloc(1, sizeof(*rec));
+	dir = strdup(store_dir(c->store));
+	if (r < 0 || !rec || !dir) {
+		if (why && whylen)
+			snprintf(why, whylen, "%s", r < 0 ? "the index could not be flushed"
+							  : "out of memory");
+		free(rec);
+		free(dir);
+		cache_close(c);
+		return r;
+	}
+	store_touched(c->store, st_touched);
+	index_blobs_touched(c->index, ix_touched);
+	for (unsigned b = 0; b < CLEAN_DIRS; b++) {
+		struct clean_dir *d = &rec->dirs[b];
+		int q = 1;
+		if ((st_touched[b / 8] | ix_touched[b / 8]) & (1u << (b % 8)))
+			q = settle_dir(c, b, &names, &cap, &rows, &d->objects, &d->bytes);
+		else {
+			d->objects = c->dir_objects[b];
+			d->bytes = c->dir_bytes[b];
+		}
+		d->state = q == 1 ? CLEAN_DIR_SETTLED : CLEAN_DIR_UNSETTLED;
+	}
+	free(names);
+	free(rows.v);
+	/* closing checkpoints the WAL into index.db and removes it: index.db is then final */
+	r = cache_close(c);
+	if (r == 0)
+		w = clean_write(dir, rec, why, whylen);
+	if (ret_written)
+		*ret_written = w == 0;
+	free(rec);
+	free(dir);
+	return r;
+}
+
+int cache_close(struct cache *c)
+{
+	int r;
+	if (!c)
+		return 0;
+	r = index_flush(c->index);
+	index_close(c->index);
+	store_close(c->store);
+	free(c);
+	return r;
+}
+
 
 /* A blob file without a row, or whose row disagrees with its size: the full header check,
  * then the row written from the header (adopted, or corrected keeping its access time), or
@@ -297,6 +423,8 @@ static int reconcile_check(struct cache *c, const uint8_t *digest, bool had_row,
  * content are checked by every read, which quarantines a bad blob and makes its item a
  * miss); any other file gets the full header check; a row without its file is dropped.
  * Only differences write to the index: a restart over an intact cache writes nothing.
+ * Directories in c->skip (cache_open() after a clean stop, cache_clean.h) are not walked:
+ * their blobs and bytes are the record's.
  */
 static void note_evicted(void *ctx, int64_t id, uint64_t files, uint64_t bytes)
 {
@@ -317,11 +445,23 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 	uint64_t used = 0, objects = 0, shortfall = 0;
 	int r;
 
+	/* tmp/ and quarantine/ are emptied at every start, after a clean stop too: the
+	 * record does not vouch for them (empty after a clean stop, reading one costs a
+	 * single getdents). */
 	if ((r = index_flush(c->index)) < 0 ||
 	    (r = store_scan_begin(c->store, &rep->files_removed)) < 0)
 		return r;
+	rep->dirs_walked = 0;
 	for (unsigned b = 0; b < 256 && r >= 0; b++) {
 		size_t n = 0, i = 0, k = 0;
+		uint64_t used0 = used, objects0 = objects;
+		if (c->skip[b / 8] & (1u << (b % 8))) {
+			/* the clean-shutdown record vouches for it (cache_open) */
+			used += c->dir_bytes[b];
+			objects += c->dir_objects[b];
+			continue;
+		}
+		rep->dirs_walked++;
 		rows.n = 0;
 		if ((r = store_scan_list(c->store, b, &names, &cap, &n, &rep->files_removed)) < 0 ||
 		    (r = index_blobs_first_byte(c->index, b, row_push, &rows)) < 0)
@@ -360,6 +500,8 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 			if (r == 0 && index_pending(c->index) >= RECONCILE_BATCH)
 				r = index_flush(c->index);
 		}
+		c->dir_objects[b] = objects - objects0;
+		c->dir_bytes[b] = used - used0;
 	}
 	free(names);
 	free(rows.v);

@@ -3,7 +3,8 @@
  * directory, kept consistent with each other.
  *
  *   cache_open()      opens both and reconciles them (docs/reliability.md I3) by merging
- *                     each store directory with the index rows of its first byte: temp
+ *                     each store directory with the index rows of its first byte (after
+ *                     a clean stop, only the directories changed since: cache_clean.h): temp
  *                     files removed; files with a bad name removed; a blob whose row gives
  *                     its file size kept on one fstatat (reads check header and content);
  *                     any other blob's header checked, bad ones removed; index rows
@@ -66,6 +67,16 @@ struct cache {
 	 * no loss unlogged). A file being served when its turn comes stays. May be NULL. */
 	void (*evicting)(void *ctx, int64_t snapshot_id, uint64_t files, uint64_t bytes);
 	void *evicting_ctx;
+
+	/* How the start went (read only): objects/<b>/ directories it walked (256 without a
+	 * clean-shutdown record), and whether it ran the index check. */
+	unsigned start_dirs_walked;
+	bool start_index_checked;
+	/* Private to cache.c and cache_clean.c: directories cache_reconcile() takes from the
+	 * clean-shutdown record instead of walking them (bit b % 8 of skip[b / 8]), and the
+	 * blobs and bytes of each directory as the start counted them. */
+	uint8_t skip[32];
+	uint64_t dir_objects[256], dir_bytes[256];
 };
 
 /* What cache_open() found and repaired. */
@@ -86,6 +97,10 @@ struct cache_open_report {
 	} evicted[8]; /* CACHE_REPORT_SNAPSHOTS */
 	unsigned n_evicted;
 	uint64_t evicted_more;
+	bool clean_start;        /* a clean-shutdown record was trusted (cache_clean.h) */
+	bool index_checked;      /* PRAGMA quick_check ran */
+	unsigned dirs_walked;    /* objects/<b>/ directories walked and merged, of 256 */
+	char start_why[192];     /* without clean_start: why the full reconciliation */
 };
 #define CACHE_REPORT_SNAPSHOTS 8
 
@@ -117,6 +132,16 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	       struct cache **ret_cache, struct cache_open_report *rep);
 /* Flushes the index batch and closes both. Returns the flush result. */
 int cache_close(struct cache *c);
+/*
+ * The clean stop: cache_close(), then the clean-shutdown record (cache_clean.h) that lets
+ * the next start skip the index check and the directories nothing changed. Call once no
+ * store write runs. Directories whose names or rows changed while open are merged again
+ * here (a listing against the rows, one fstatat per blob for its size) and recorded only
+ * if they agree; the rest are recorded as the start counted them. Returns the flush
+ * result; no record is written if it failed or the record could not be (the reason in
+ * `why`, may be NULL): *ret_written (may be NULL) says which.
+ */
+int cache_close_clean(struct cache *c, bool *ret_written, char *why, size_t whylen);
 
 /* The reconciliation of cache_open(), for tests and `dmcache verify`-like repairs. Call
  * while no writer runs. */

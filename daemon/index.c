@@ -699,7 +699,7 @@ static int open_db(const char *path, unsigned flags, char *err, size_t errlen, s
 		     err, errlen);
 	if (r < 0)
 		goto fail;
-	r = run_check(db, false, err, errlen);
+	r = (flags & INDEX_SKIP_CHECK) ? 0 : run_check(db, false, err, errlen);
 	if (r < 0)
 		goto fail;
 	r = migrate(db, err, errlen);
@@ -815,6 +815,11 @@ void index_close(struct index *ix)
 		sqlite3_finalize(ix->stmt[i]);
 	sqlite3_close_v2(ix->db);
 	free(ix);
+}
+
+void index_blobs_touched(const struct index *ix, uint8_t ret[32])
+{
+	memcpy(ret, ix->touched, sizeof(ix->touched));
 }
 
 int index_check(struct index *ix, bool full)

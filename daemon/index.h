@@ -93,6 +93,9 @@ enum index_source {
 
 enum index_open_flags {
 	INDEX_SYNC_FULL = 1u << 0, /* sync the WAL at every commit (see Durability) */
+	/* skip PRAGMA quick_check: the caller knows the file is byte for byte the one a clean
+	 * close left (the clean-shutdown record, cache_clean.c) */
+	INDEX_SKIP_CHECK = 1u << 1,
 };
 
 struct index;
@@ -173,6 +176,10 @@ int index_open(const char *path, unsigned flags, char *err, size_t errlen, struc
 	       bool *ret_rebuilt);
 /* Closes the index. Writes not yet flushed are rolled back: flush first to keep them. */
 void index_close(struct index *ix);
+
+/* Which first bytes had a blob row written or deleted since index_open() (bit b % 8 of
+ * ret[b / 8]), a batch rolled back included. */
+void index_blobs_touched(const struct index *ix, uint8_t ret[32]);
 
 /* SQLite's message for the last failure; borrowed, valid until the next call. */
 const char *index_errmsg(struct index *ix);

@@ -86,6 +86,9 @@ struct index {
 	unsigned pending;
 	int64_t clock; /* last access time handed out */
 	bool complete_tracked; /* the triggers keep `complete` true only while it is true */
+	/* first bytes whose blob rows were written or deleted since index_open(), bit b % 8 of
+	 * byte b / 8 (index_blobs_touched()) */
+	uint8_t touched[32];
 	char msg[256];
 };
 
@@ -103,5 +106,10 @@ int64_t ix_key_lo(int64_t snap);
 int ix_run_write(struct index *ix, sqlite3_stmt *st);
 sqlite3_stmt *ix_stmt(struct index *ix, enum stmt_id id);
 int64_t ix_tick(struct index *ix);
+
+static inline void ix_touch(struct index *ix, uint8_t first)
+{
+	ix->touched[first / 8] |= (uint8_t)(1u << (first % 8));
+}
 
 #endif

@@ -430,6 +430,7 @@ int index_blob_put(struct index *ix, const struct index_blob *b)
 	int r;
 	if ((r = check_blob(b)) < 0 || (r = ix_batch(ix)) < 0)
 		return r;
+	ix_touch(ix, b->digest[0]);
 	st = ix_stmt(ix, S_BLOB_PUT);
 	ix_bind_digest(st, 1, b->digest);
 	sqlite3_bind_int(st, 2, b->kind);
@@ -475,6 +476,7 @@ int index_blob_delete(struct index *ix, const uint8_t digest[INDEX_DIGEST_SIZE])
 	int r;
 	if ((r = ix_batch(ix)) < 0)
 		return r;
+	ix_touch(ix, digest[0]);
 	st = ix_stmt(ix, S_BLOB_DEL);
 	ix_bind_digest(st, 1, digest);
 	return ix_run_write(ix, st);
@@ -561,6 +563,7 @@ int index_blob_seen(struct index *ix, int64_t pass, const struct index_blob *b)
 	int r;
 	if ((r = check_blob(b)) < 0 || (r = ix_batch(ix)) < 0)
 		return r;
+	ix_touch(ix, b->digest[0]);
 	st = ix_stmt(ix, S_BLOB_SEEN);
 	ix_bind_digest(st, 1, b->digest);
 	sqlite3_bind_int(st, 2, b->kind);
@@ -611,6 +614,7 @@ int index_reconcile_end(struct index *ix, int64_t pass, int64_t *ret_dropped)
 	int r;
 	if ((r = ix_batch(ix)) < 0)
 		return r;
+	memset(ix->touched, 0xff, sizeof(ix->touched)); /* any first byte may lose rows */
 	st = ix_stmt(ix, S_PASS_DROP);
 	sqlite3_bind_int64(st, 1, pass);
 	if ((r = ix_run_write(ix, st)) < 0)

@@ -316,6 +316,13 @@ static int open_cache(struct daemon *d)
 		log_warn(STORE, "the index was damaged: moved aside and rebuilt from %" PRIu64
 				" blob(s)",
 			 rep.blobs);
+	if (rep.clean_start)
+		log_info(STORE, "clean start: %u of 256 directories changed, index check skipped",
+			 rep.dirs_walked);
+	else
+		log_info(STORE, "full reconciliation because %s",
+			 rep.start_why[0] ? rep.start_why
+					  : "no clean-shutdown record was trusted");
 	if (rep.full_evicted)
 		log_warn(STORE, "the file system of '%s' was full: %" PRIu64 " byte(s) of the least "
 				"recently used blobs evicted for the index to start",
@@ -733,8 +740,20 @@ out_loop:
 	stop_all(&d);
 	uv_run(&d.loop, UV_RUN_DEFAULT); /* let close callbacks and queued work finish */
 	server_done(&d.srv);
-	if (d.cache && cache_close(d.cache) < 0)
-		log_warn(STORE, "the index could not be flushed at exit");
+	if (d.cache) {
+		/* every store write has ended (stop_all, then the loop ran dry) */
+		char why[256] = "";
+		bool written = false;
+		if (cache_close_clean(d.cache, &written, why, sizeof(why)) < 0)
+			log_warn(STORE, "the index could not be flushed at exit");
+		if (written)
+			log_info(STORE, "clean-shutdown record written: the next start checks only "
+					"what changed");
+		else
+			log_warn(STORE, "no clean-shutdown record (%s): the next start reconciles "
+					"the whole cache",
+				 why);
+	}
 	if (uv_loop_close(&d.loop) != 0)
 		log_warn(SYS, "event loop closed with handles still open");
 out_config:

@@ -1284,6 +1284,8 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 		ENTRY("cache_integrity_failures_total", ss.integrity_failures),
 		ENTRY("cache_full_total", ss.cache_full),
 		ENTRY("cache_evicted_total", ss.removed),
+		ENTRY("store_start_dirs_walked", p->d.cache->start_dirs_walked),
+		ENTRY("store_start_index_checked", p->d.cache->start_index_checked ? 1 : 0),
 		ENTRY("prefetch_jobs", jobs),
 		ENTRY("prefetch_jobs_total", p->jobs_started),
 		ENTRY("prefetch_opens_from_grant_total", p->opens_from_grant),

@@ -667,6 +667,7 @@ static void quarantine_fd(struct store *s, const uint8_t digest[STORE_DIGEST_SIZ
 			(void)unlinkat(s->obj_fd, rel, 0);
 		uint64_t sz = accounted ? accounted : (uint64_t)cur.st_size;
 		s->st.quarantined++;
+		st_touch_locked(s, digest[0]);
 		s->st.used_bytes -= sz <= s->st.used_bytes ? sz : s->st.used_bytes;
 		if (s->st.objects > 0)
 			s->st.objects--;

@@ -296,6 +296,10 @@ int store_scan_adopt(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE],
 		     struct store_blob_info *ret_info);
 void store_scan_end(struct store *s, uint64_t used_bytes, uint64_t objects);
 
+/* Which objects/<b>/ had a name published, removed or quarantined since store_open():
+ * bit b % 8 of ret[b / 8]. The clean-shutdown record (cache_clean.c) checks only those. */
+void store_touched(struct store *s, uint8_t ret[32]);
+
 /* ---- space ---- */
 
 /*

@@ -60,6 +60,9 @@ struct store {
 	unsigned npool;
 	uint64_t tmp_seq;
 	uint64_t scan_failures, scan_quarantined; /* saved by store_scan_begin() */
+	/* objects/<b>/ whose names changed since store_open() (publish, remove, quarantine):
+	 * bit b of byte b / 8 (store_touched(); the clean-shutdown record, cache_clean.c) */
+	uint8_t touched[32];
 
 	/* Serialises the steps that change names in tmp/ on hot paths (creating a temp,
 	 * renaming it out; taken before `lock`). The kernel serialises them anyway on the
@@ -72,6 +75,12 @@ struct store {
 
 /* W_IMPORT: a whole blob file (header + stored payload), checked at commit */
 enum writer_mode { W_SAMPLE, W_RAW, W_ZSTD, W_IMPORT };
+
+/* Marks objects/<first>/ as changed (lock held). */
+static inline void st_touch_locked(struct store *s, uint8_t first)
+{
+	s->touched[first / 8] |= (uint8_t)(1u << (first % 8));
+}
 
 struct store_writer {
 	struct store *s;

@@ -274,6 +274,13 @@ int store_verify_all(struct store *s, store_bad_cb on_bad, void *ctx, uint64_t *
 	return r < 0 ? r : 0;
 }
 
+void store_touched(struct store *s, uint8_t ret[32])
+{
+	pthread_mutex_lock(&s->lock);
+	memcpy(ret, s->touched, sizeof(s->touched));
+	pthread_mutex_unlock(&s->lock);
+}
+
 /* ---- space ---- */
 
 /* Worst case on disk for a raw payload: zstd is only kept when it is smaller. */
@@ -385,6 +392,7 @@ int store_remove(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE], uint6
 		r = -errno;
 	} else {
 		uint64_t sz = (uint64_t)st.st_size;
+		st_touch_locked(s, digest[0]);
 		s->st.used_bytes -= sz <= s->st.used_bytes ? sz : s->st.used_bytes;
 		if (s->st.objects > 0)
 			s->st.objects--;

@@ -498,6 +498,7 @@ static int publish(struct store *s, char tmp_name[64], const struct store_blob_i
 		return r;
 	}
 	tmp_name[0] = '\0';
+	st_touch_locked(s, info->digest[0]);
 	if (exists) {
 		uint64_t old = (uint64_t)cur.st_size;
 		s->st.used_bytes -= old <= s->st.used_bytes ? old : s->st.used_bytes;

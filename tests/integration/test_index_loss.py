@@ -6,6 +6,7 @@ stopped cache), a damaged index is moved aside and rebuilt from the blob headers
 snapshot and no grant carried over, and the same requests are authorised again with the
 user's key and served identically (decoded tensors equal to those before the damage).
 """
+import json
 import os
 import shutil
 import subprocess
@@ -180,3 +181,199 @@ def test_another_process_cannot_write_the_index(emu, tmpdir_short):
     c = sqlite3.connect(db)
     assert c.execute("SELECT count(*) FROM meta WHERE key = 'intruder'").fetchone()[0] == 0
     c.close()
+
+
+# ---- the clean-shutdown record (docs/reliability.md I3, C6; daemon/cache_clean.h) ----
+#
+# A clean stop leaves <cache>/clean-shutdown; the next start takes it (removes it before
+# writing anything), skips the index check when index.db is untouched and walks only the
+# objects/<b>/ directories changed since the stop. Each test below starts from a cache
+# stopped cleanly, changes it while stopped, and checks which path the start took (its log
+# line and `dmcache status` counters) and that the result is today's full reconciliation's.
+
+RECORD = 'clean-shutdown'
+SAMPLE_ITEMS = range(19)
+
+
+def start_path(d):
+    """(clean, directories walked, index checked) of the last start: its log line and
+    its counters, which must agree."""
+    lines = [ln for ln in d.log().splitlines()
+             if 'clean start:' in ln or 'full reconciliation because' in ln]
+    assert lines, d.log()[-2000:]
+    c = status_counters(d)
+    line = lines[-1]
+    if 'clean start:' in line:
+        walked = int(line.split('clean start: ')[1].split(' of 256')[0])
+        assert 'index check skipped' in line, line
+        assert c['store_start_index_checked'] == 0, c
+        assert c['store_start_dirs_walked'] == walked, (line, c)
+        return True, walked, False, line
+    assert c['store_start_index_checked'] == 1, c
+    assert c['store_start_dirs_walked'] == 256, (line, c)
+    return False, 256, True, line
+
+
+def status_counters(d):
+    r = d.cli('status', '--json', check=True)
+    return json.loads(r.stdout)['counters']
+
+
+def serve_all(d, ref, tag):
+    """Every item of `sample` decoded again and equal to `ref` ({idx: array})."""
+    for i in SAMPLE_ITEMS:
+        out = os.path.join(d.dir, '%s%d.npy' % (tag, i))
+        r = get(d, i, out)
+        if i not in ref:
+            assert r.returncode != 0, (i, 'decoded now but not before')
+            continue
+        assert r.returncode == 0, (i, r.stderr)
+        a = np.load(out)
+        assert a.dtype == ref[i].dtype and np.array_equal(a, ref[i]), (tag, i)
+
+
+@pytest.fixture
+def clean(emu, tmpdir_short):
+    """A daemon with `sample` prefetched and decoded, stopped cleanly: (daemon, reference
+    arrays, blob rows)."""
+    d = Daemon(tmpdir_short)
+    d.env.update(DATAMINT_API_KEY=KEY, DATAMINT_API_URL=emu.url)
+    assert crashlib.Prefetch(d, emu.url, 'sample', KEY).wait(120) == 0
+    ref = {}
+    for i in SAMPLE_ITEMS:
+        out = os.path.join(tmpdir_short, 'ref%d.npy' % i)
+        if get(d, i, out).returncode == 0:
+            ref[i] = np.load(out)
+    assert len(ref) >= len(ITEMS)
+    rc, _ = d.stop()
+    assert rc == 0, d.log()[-2000:]
+    assert 'clean-shutdown record written' in d.log(), d.log()[-2000:]
+    rows, _ = crashlib.check_consistent(d.cache)
+    st = os.stat(os.path.join(d.cache, RECORD))
+    assert (st.st_mode & 0o777) == 0o600 and st.st_uid == os.geteuid()
+    assert os.stat(os.path.join(d.cache, 'objects')).st_uid == st.st_uid
+    assert not os.path.exists(os.path.join(d.cache, 'index.db-wal'))
+    yield d, ref, rows
+    d.stop()
+
+
+def test_clean_stop_then_start_walks_nothing_and_serves_the_same(clean):
+    d, ref, rows0 = clean
+    d.start()
+    # taken at the start: a crash from now on leaves no record
+    assert not os.path.exists(os.path.join(d.cache, RECORD))
+    ok, walked, checked, line = start_path(d)
+    assert ok and walked == 0 and not checked, line
+    c = status_counters(d)
+    assert c['cache_objects'] == len(rows0), (c['cache_objects'], len(rows0))
+    assert c['cache_bytes'] == sum(crashlib.HEADER + s for _, _, s in rows0.values())
+    serve_all(d, ref, 'clean')
+    r = d.cli('verify')
+    assert r.returncode == 0 and 'all good' in r.stdout, r.stdout
+    rc, _ = d.stop()
+    assert rc == 0
+    rows, _ = crashlib.check_consistent(d.cache)
+    assert set(rows) >= set(rows0)
+
+
+def test_blob_deleted_and_file_planted_while_stopped_walk_those_directories(clean):
+    d, ref, rows0 = clean
+    files = crashlib.blob_files(d.cache)
+    _, items = crashlib.check_consistent(d.cache)
+    used = sorted({b for _, _, _, b in items if b})
+    gone = used[0]
+    planted_dir = next(h[:2] for h in sorted(files) if h[:2] != gone[:2])
+    os.unlink(files[gone])
+    planted = os.path.join(d.cache, 'objects', planted_dir, 'not-a-blob')
+    with open(planted, 'wb') as f:
+        f.write(b'foreign')
+    d.start()
+    ok, walked, checked, line = start_path(d)
+    assert ok and walked == 2 and not checked, line
+    assert not os.path.exists(planted)
+    c = status_counters(d)
+    assert c['cache_objects'] == len(rows0) - 1
+    rc, _ = d.stop()
+    assert rc == 0
+    # as the full reconciliation: the row of the deleted blob dropped, all else kept
+    rows, _ = crashlib.check_consistent(d.cache)
+    assert gone not in rows and set(rows) == set(rows0) - {gone}
+    # and the item is served again, fetched anew, identical
+    d.start()
+    ok, walked, _, line = start_path(d)
+    assert ok and walked == 0, line
+    serve_all(d, ref, 'again')
+    rc, _ = d.stop()
+    assert rc == 0
+    rows, _ = crashlib.check_consistent(d.cache)
+    assert gone in rows
+
+
+def test_blobs_flipped_in_place_while_stopped_are_caught_at_read(clean):
+    """A blob rewritten in place (same size) changes no directory: the start trusts the
+    record, and every read checks header and content, so nothing wrong is served."""
+    d, ref, rows0 = clean
+    for path in crashlib.blob_files(d.cache).values():
+        size = os.path.getsize(path)
+        with open(path, 'r+b') as f:
+            off = crashlib.HEADER + (size - crashlib.HEADER) // 2 if size > crashlib.HEADER \
+                else size // 2
+            f.seek(off)
+            b = f.read(1)
+            f.seek(off)
+            f.write(bytes([b[0] ^ 0xff]))
+    d.start()
+    ok, walked, checked, line = start_path(d)
+    assert ok and walked == 0 and not checked, line
+    serve_all(d, ref, 'flipped')
+    c = status_counters(d)
+    assert c['cache_integrity_failures_total'] >= 1, c
+    rc, _ = d.stop()
+    assert rc == 0
+    crashlib.check_consistent(d.cache)
+
+
+@pytest.mark.parametrize('damage', ['deleted', 'truncated-to-half', 'pages-flipped',
+                                    'header-garbage'])
+def test_index_damaged_after_a_clean_stop_is_checked(clean, damage):
+    d, ref, rows0 = clean
+    DAMAGES[damage](d.cache)
+    d.start()
+    ok, walked, checked, line = start_path(d)
+    assert not ok and walked == 256 and checked, line
+    assert 'index.db' in line, line
+    log = d.log()
+    if damage != 'deleted':
+        assert 'damaged' in log and 'rebuilt' in log, log[-2000:]
+        assert [f for f in os.listdir(d.cache) if f.startswith('index.db.corrupt-')]
+    rc, _ = d.stop()
+    assert rc == 0
+    # C6 as without the record: every blob adopted by the rebuilt index, nothing else kept
+    rows, items = crashlib.check_consistent(d.cache)
+    assert set(rows) == set(rows0) and items == []
+    d.start()
+    serve_all(d, ref, 'rebuilt')
+    rc, _ = d.stop()
+    assert rc == 0
+    crashlib.check_consistent(d.cache)
+
+
+def test_kill9_leaves_no_record_and_the_start_reconciles_fully(emu, clean):
+    d, ref, rows0 = clean
+    d.start()
+    ok, walked, _, line = start_path(d)
+    assert ok and walked == 0, line
+    p = crashlib.Prefetch(d, emu.url, 'pydicom', KEY)
+    d.proc.kill()
+    d.proc.wait()
+    p.wait(60)
+    assert not os.path.exists(os.path.join(d.cache, RECORD))
+    d.start()
+    ok, walked, checked, line = start_path(d)
+    assert not ok and walked == 256 and checked, line
+    assert 'no clean-shutdown record' in line, line
+    serve_all(d, ref, 'killed')
+    rc, _ = d.stop()
+    assert rc == 0
+    rows, _ = crashlib.check_consistent(d.cache)
+    assert set(rows) >= set(rows0)

@@ -2,8 +2,8 @@
  * Unit tests of daemon/cache.c: the store and the index together, on real files and a real
  * SQLite database. Startup reconciliation (docs/reliability.md I3: temp files, rows without
  * blobs, blobs without rows, a damaged index.db rebuilt from blob headers), LRU eviction
- * with pins, the max_size bound under sustained writes, verify, and a corrupt blob
- * refetched.
+ * with pins, the max_size bound under sustained writes, verify, a corrupt blob
+ * refetched, and the clean-shutdown record's settled directories.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -804,6 +804,78 @@ TEST(kill9_loop)
 	fx_close(&fx);
 }
 
+/* The clean-shutdown record (cache_clean.h): a clean stop records a changed directory as
+ * settled only if its files and rows agree, names and sizes; the next start walks the
+ * others (and no more), repairs them as always, and counts what it skipped from the
+ * record. */
+TEST(clean_stop_settles_only_agreeing_directories)
+{
+	struct fixture fx;
+	struct store_blob_info info[10], orphan;
+	struct store_stats st;
+	struct index_blob row;
+	uint64_t bytes = 0;
+	bool written = false;
+	char why[256] = "";
+
+	ASSERT_EQ(fx_open(&fx, 0), 0);
+	for (int i = 0; i < 10; i++) {
+		ASSERT_EQ(put_item(fx.c, 0, i, 200 + i, 3000, &info[i]), 0);
+		bytes += STORE_HEADER_SIZE + info[i].stored_size;
+	}
+	/* a blob without a row, and a row whose sizes are not its file's */
+	uint8_t *ob = malloc(4000);
+	content(299, ob, 4000);
+	ASSERT_EQ(store_put(fx.c->store, STORE_KIND_TENSOR, ob, 4000, NULL, &orphan), 0);
+	store_unpin(fx.c->store, orphan.digest);
+	free(ob);
+	bytes += STORE_HEADER_SIZE + orphan.stored_size;
+	struct index_blob wrong = { .kind = STORE_KIND_RAW, .raw_size = 1,
+				    .stored_size = (int64_t)info[2].stored_size + 3,
+				    .last_access = 1 };
+	memcpy(wrong.digest, info[2].digest, STORE_DIGEST_SIZE);
+	ASSERT_EQ(index_blob_put(fx.c->index, &wrong), 0);
+	ASSERT_EQ(cache_close_clean(fx.c, &written, why, sizeof(why)), 0);
+	fx.c = NULL;
+	if (!written)
+		printf("# %s\n", why);
+	ASSERT(written);
+
+	ASSERT_EQ(fx_reopen(&fx), 0);
+	ASSERT(fx.rep.clean_start);
+	ASSERT(!fx.rep.index_checked);
+	ASSERT_EQ(fx.rep.dirs_walked, orphan.digest[0] == info[2].digest[0] ? 1u : 2u);
+	ASSERT_EQ(fx.rep.adopted, 1);
+	ASSERT_EQ(fx.rep.blobs, 11);
+	store_get_stats(fx.c->store, &st);
+	ASSERT_UINT_EQ(st.objects, 11);
+	ASSERT_UINT_EQ(st.used_bytes, bytes);
+	ASSERT_EQ(index_blob_get(fx.c->index, info[2].digest, &row), 0);
+	ASSERT_EQ(row.stored_size, (int64_t)info[2].stored_size);
+	ASSERT_EQ(row.raw_size, (int64_t)info[2].raw_size);
+
+	/* repaired at that start, settled at the next stop: nothing to walk after it */
+	ASSERT_EQ(cache_close_clean(fx.c, &written, why, sizeof(why)), 0);
+	fx.c = NULL;
+	ASSERT(written);
+	ASSERT_EQ(fx_reopen(&fx), 0);
+	ASSERT(fx.rep.clean_start);
+	ASSERT_EQ(fx.rep.dirs_walked, 0u);
+	store_get_stats(fx.c->store, &st);
+	ASSERT_UINT_EQ(st.objects, 11);
+	ASSERT_UINT_EQ(st.used_bytes, bytes);
+
+	/* no record: the full reconciliation */
+	cache_close(fx.c);
+	fx.c = NULL;
+	ASSERT_EQ(fx_reopen(&fx), 0);
+	ASSERT(!fx.rep.clean_start);
+	ASSERT(fx.rep.index_checked);
+	ASSERT_EQ(fx.rep.dirs_walked, 256u);
+	ASSERT_EQ(fx.rep.blobs, 11);
+	fx_close(&fx);
+}
+
 int main(int argc, char **argv)
 {
 	/* The kill -9 loop takes seconds: it runs only when asked for by name (suite slow). */
@@ -811,5 +883,6 @@ int main(int argc, char **argv)
 		RUN_TESTS(T(kill9_loop));
 	RUN_TESTS(T(reconciliation), T(eviction_lru_and_pins), T(limits_changed_while_running),
 		  T(max_size_bound_under_sustained_writes),
-		  T(corrupt_blob_is_detected_and_refetched));
+		  T(corrupt_blob_is_detected_and_refetched),
+		  T(clean_stop_settles_only_agreeing_directories));
 }
