@@ -549,8 +549,7 @@ void attempt_done(struct fetch_xfer *x, CURLcode cc)
 	if (x->sink_err) {
 		if (!x->res.message[0])
 			snprintf(x->res.message, sizeof(x->res.message), "the body was refused: %s",
-				 x->sink_err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-x->sink_err)
-							      : strerror(-x->sink_err));
+				 dmc_err_text(x->sink_err));
 		finish(x, x->sink_err);
 		return;
 	}

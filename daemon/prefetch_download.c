@@ -367,8 +367,7 @@ static void commit_done(struct task *t)
 			else
 				log_info(FETCH, "'%s': the tier's blob was not stored (%s); Datamint "
 					 "instead", t->resource_id,
-					 err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
-							      : strerror(-err));
+					 dmc_err_text(err));
 			start_upstream(t);
 			return;
 		}
@@ -396,8 +395,7 @@ static void commit_done(struct task *t)
 		snprintf(t->res.message, sizeof(t->res.message), "%s",
 			 err == -DMC_E_INTEGRITY ? "the body does not match the server's SHA-256"
 			 : err == -DMC_E_CACHE_FULL ? cache_full_text(p, full, sizeof(full))
-			 : err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
-						: strerror(-err));
+			 : dmc_err_text(err));
 		task_next_step(t);
 		return;
 	}

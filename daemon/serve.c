@@ -592,8 +592,7 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err, const 
 					gi->status = code_of(err);
 					snprintf(gi->msg, sizeof(gi->msg),
 						 "the download of this item failed: %.200s%s%.160s",
-						 err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
-								      : strerror(-err),
+						 dmc_err_text(err),
 						 message && message[0] ? ": " : "",
 						 message ? message : "");
 					gi->state = GI_DONE;

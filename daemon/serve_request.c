@@ -426,8 +426,7 @@ static void read_after(uv_work_t *w, int status)
 			return;
 		snprintf(why, sizeof(why), "cannot read the cached copy: %s",
 			 err == -ENOMEM	       ? "out of memory, try again"
-			 : err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-err)
-						: strerror(-err));
+			 : dmc_err_text(err));
 		item_fail(gi, err,
 			  gi->refetched ? "the cached copy was damaged again after a fresh download: "
 					  "try again"
@@ -894,8 +893,7 @@ static void item_step(struct gitem *gi)
 					int err = s->failed[i].err;
 					snprintf(why, sizeof(why),
 						 "the download of this item failed: %.200s%s%s",
-						 err <= -DMC_E_FIRST_
-						 ? dmc_error_text((uint32_t)-err) : strerror(-err),
+						 dmc_err_text(err),
 						 s->failed[i].message[0] ? ": " : "",
 						 s->failed[i].message);
 					item_fail(gi, err, why);

@@ -872,8 +872,7 @@ static void upload_after(uv_work_t *w, int status)
 	if (status < 0 || u->work_err < 0 || u->t->closing) {
 		if (u->work_err < 0 && !u->t->closing)
 			log_info(FETCH, "cluster tier: cannot read blob for upload: %s",
-				 u->work_err <= -DMC_E_FIRST_ ? dmc_error_text((uint32_t)-u->work_err)
-							      : strerror(-u->work_err));
+				 dmc_err_text(u->work_err));
 		u->failed = true;
 		upload_end(u);
 		return;

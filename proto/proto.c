@@ -1254,6 +1254,15 @@ DMC_EXPORT const char *dmc_error_text(uint32_t code)
 	return error_names[code - DMC_E_FIRST_].text;
 }
 
+DMC_EXPORT const char *dmc_err_text(int err)
+{
+	const char *t = NULL;
+
+	if (err <= -DMC_E_FIRST_ && err >= -DMC_E_LAST_)
+		t = dmc_error_text((uint32_t)-err);
+	return t ? t : strerror(-err);
+}
+
 DMC_EXPORT const char *dmc_opcode_name(uint16_t opcode)
 {
 	switch (opcode) {

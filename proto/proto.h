@@ -916,6 +916,9 @@ const char *dmc_dtype_name(uint32_t dtype);
 const char *dmc_error_name(uint32_t code);
 /* A short English description of an error code, or NULL when unknown. */
 const char *dmc_error_text(uint32_t code);
+/* Text of a negative error as the daemon and library return them: -DMC_E_* codes by
+ * dmc_error_text(), anything else as an errno by strerror(). Never NULL. */
+const char *dmc_err_text(int err);
 /* The name of an opcode ("HELLO"), or NULL when unknown. */
 const char *dmc_opcode_name(uint16_t opcode);
 
