@@ -49,6 +49,10 @@ class Notify:
 
 
 class Daemon:
+    # every daemon a test started, so that one a failing test left running is stopped
+    # after it (the autouse fixture below), not left to the rest of the run
+    started = []
+
     def __init__(self, directory, args=(), env=None, socket_path=None, start=True):
         self.dir = directory
         self.socket = socket_path or os.path.join(directory, 'run', 'dmcached.sock')
@@ -74,6 +78,7 @@ class Daemon:
         self.stderr = open(self.stderr_path, 'ab')
         self.proc = subprocess.Popen([DMCACHED] + self.args, env=self.env, stdout=self.stderr,
                                      stderr=self.stderr, **popen)
+        Daemon.started.append(self)
         ready = self.notify.wait_for('READY=1', timeout=20, proc=self.proc)
         if expect_ready and not ready:
             self.proc.kill()
@@ -117,6 +122,14 @@ def tmpdir_short():
     # Unix socket paths are limited to 107 bytes: keep the directory short.
     with tempfile.TemporaryDirectory(prefix='dmc-') as d:
         yield d
+
+
+@pytest.fixture(autouse=True)
+def stop_leftover_daemons():
+    """A test that fails before its own d.stop() leaves no daemon running after it."""
+    yield
+    while Daemon.started:
+        Daemon.started.pop().stop(timeout=5)
 
 
 @pytest.fixture
