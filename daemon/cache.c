@@ -381,7 +381,6 @@ int cache_close(struct cache *c)
 	return r;
 }
 
-
 /* A blob file without a row, or whose row disagrees with its size: the full header check,
  * then the row written from the header (adopted, or corrected keeping its access time), or
  * dropped when the file was bad. */
@@ -416,16 +415,7 @@ static int reconcile_check(struct cache *c, const uint8_t *digest, bool had_row,
 	return 0;
 }
 
-/*
- * I3 at start: objects/ and the blobs table merged in digest order, one first byte at a
- * time (a directory listing against one ordered range of the table). A blob that both
- * name is kept when its file size is the one its row records (one fstatat; header and
- * content are checked by every read, which quarantines a bad blob and makes its item a
- * miss); any other file gets the full header check; a row without its file is dropped.
- * Only differences write to the index: a restart over an intact cache writes nothing.
- * Directories in c->skip (cache_open() after a clean stop, cache_clean.h) are not walked:
- * their blobs and bytes are the record's.
- */
+/* The start's eviction: each snapshot it takes files from, for main() to log. */
 static void note_evicted(void *ctx, int64_t id, uint64_t files, uint64_t bytes)
 {
 	struct cache_open_report *rep = ctx;
@@ -436,6 +426,16 @@ static void note_evicted(void *ctx, int64_t id, uint64_t files, uint64_t bytes)
 		rep->evicted_more++;
 }
 
+/*
+ * I3 at start: objects/ and the blobs table merged in digest order, one first byte at a
+ * time (a directory listing against one ordered range of the table). A blob that both
+ * name is kept when its file size is the one its row records (one fstatat; header and
+ * content are checked by every read, which quarantines a bad blob and makes its item a
+ * miss); any other file gets the full header check; a row without its file is dropped.
+ * Only differences write to the index: a restart over an intact cache writes nothing.
+ * Directories in c->skip (cache_open() after a clean stop, cache_clean.h) are not walked:
+ * their blobs and bytes are the record's.
+ */
 int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 {
 	uint8_t(*names)[STORE_DIGEST_SIZE] = NULL;
