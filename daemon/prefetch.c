@@ -900,16 +900,14 @@ int prefetch_refetch(struct prefetch *p, uid_t uid, const struct dmc_prefetch *m
 	if (p->closing)
 		return -DMC_E_CANCELLED;
 	for (struct job *j = p->jobs; j; j = j->next) {
-		bool queued = false;
+		bool queued;
 		if (j->final || j->uid != uid || j->source != DMC_SOURCE_DATAMINT || j->offline ||
 		    j->state != DMC_JOB_DOWNLOADING || j->snapshot_id != snapshot_id ||
 		    !secret_equals(j->key, m->api_key.ptr, m->api_key.len))
 			continue;
-		/* this job still scans past idx, or has a task for it: nothing to add */
-		if (!j->scan_done && j->scan_from <= idx)
-			queued = true;
-		for (struct task *t = j->tasks; t && !queued; t = t->next)
-			queued = t->idx == idx;
+		/* this job still brings idx (its walk, or a task): nothing to add. An item
+		 * taken ahead of the walk and found bad since is not: the walk skips it. */
+		queued = job_fetches(j, idx);
 		/* listed: ready at once; the task starts after (it may end the job) */
 		if ((rc = subscribe_cb(j, cb, ctx)) < 0 || queued)
 			return rc;

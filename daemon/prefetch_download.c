@@ -887,6 +887,20 @@ static bool task_for(const struct job *j, int64_t idx)
 	return false;
 }
 
+/* Whether the job brings item `idx` anyway: its walk has not passed it and did not take
+ * it ahead, or a task has it now. */
+bool job_fetches(const struct job *j, int64_t idx)
+{
+	return (!j->scan_done && idx >= j->scan_from && !taken_test(j, idx)) || task_for(j, idx);
+}
+
+/* Whether a wanted item needs nothing more: the walk passed it (in flight, stored or
+ * failed), it was taken ahead already, or a task has it. */
+static bool want_done(const struct job *j, int64_t idx)
+{
+	return j->scan_done || idx < j->scan_from || taken_test(j, idx) || task_for(j, idx);
+}
+
 /* The walk's items: those taken ahead of it were fetched (or failed) already. */
 static int task_from_walk(void *ctx, const struct index_item *it)
 {
@@ -908,8 +922,7 @@ void prefetch_want(struct prefetch *p, int64_t snapshot_id, int64_t idx)
 		    j->state != DMC_JOB_DOWNLOADING || j->snapshot_id != snapshot_id ||
 		    (j->shard_world > 1 && (uint64_t)idx % j->shard_world != j->shard_rank))
 			continue;
-		/* the walk has passed it (in flight, stored or failed), or it was taken */
-		if (j->scan_done || idx < j->scan_from || taken_test(j, idx) || task_for(j, idx))
+		if (want_done(j, idx))
 			return;
 		for (unsigned k = 0; k < j->want_n; k++)
 			if (j->want[(j->want_head + k) % WANT_MAX] == idx)
@@ -934,7 +947,7 @@ static void take_wanted(struct job *j)
 
 		j->want_head = (j->want_head + 1) % WANT_MAX;
 		j->want_n--;
-		if (j->scan_done || idx < j->scan_from || taken_test(j, idx) || task_for(j, idx))
+		if (want_done(j, idx))
 			continue;
 		if (taken_set(j, idx) < 0)
 			continue; /* out of memory: the walk brings it */

@@ -303,6 +303,7 @@ void release_reservation(struct task *t);
 void task_next_step(struct task *t);
 void task_finish(struct task *t, int err, const char *msg, long http_status);
 int task_from_item(void *ctx, const struct index_item *it);
+bool job_fetches(const struct job *j, int64_t idx);
 void task_start(struct task *t);
 void job_pump(struct job *j);
 
