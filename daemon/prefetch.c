@@ -291,7 +291,8 @@ void job_finish(struct job *j, uint32_t state)
 	drop_subs(j);
 	/* items still missing will not come from this job */
 	if (j->pf->item_hook && j->snapshot_id > 0)
-		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, -1, 0, NULL);
+		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, PREFETCH_JOB_ENDED, 0,
+				 NULL);
 	log_job(state == DMC_JOB_DONE ? LOG_LVL_NOTICE : LOG_LVL_WARNING, LOG_GRP_FETCH, j->id,
 		(unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
 		"job %" PRIu64 " of uid %u, '%s' version '%s': %s, %" PRIu64 " of %" PRIu64

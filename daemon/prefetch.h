@@ -135,9 +135,14 @@ void prefetch_set_open_check(struct prefetch *p, bool (*is_open)(void *ctx, int6
 			     void *ctx);
 /* Whether a job is filling snapshot `id` now: a missing item may still come. */
 bool prefetch_snapshot_active(struct prefetch *p, int64_t id);
-/* Called when an item of a snapshot is stored (err 0) or failed for good, and with idx -1
- * when a job filling the snapshot ended (items still missing will not come from it). */
+/* Called when an item of a snapshot is stored (err 0) or failed for good; with idx
+ * PREFETCH_JOB_ENDED when a job filling the snapshot ended (items still missing will not
+ * come from it), and with PREFETCH_RELISTED when a local folder's snapshot was listed
+ * again: every item's content is forgotten until this job's descriptors prove it again, so
+ * whatever the caller kept of an item's row (its content digest) no longer holds. */
 /* `message` (may be NULL): why the item failed, for the GETs waiting for it. */
+#define PREFETCH_JOB_ENDED (-1)
+#define PREFETCH_RELISTED (-2)
 typedef void (*prefetch_item_cb)(void *ctx, int64_t snapshot_id, int64_t idx, int err,
 				 const char *message);
 void prefetch_set_item_hook(struct prefetch *p, prefetch_item_cb cb, void *ctx);

@@ -737,6 +737,22 @@ static bool listing_unchanged(struct index *ix, int64_t id, const uint8_t *diges
 	return same;
 }
 
+/*
+ * Snapshot `id` listed again with `n` items (index_local_relist(): every item's content
+ * forgotten until this job's descriptors prove it again), and serve told so
+ * (PREFETCH_RELISTED): the rows its regions kept must not hand an item in place by what
+ * an earlier proof found.
+ */
+static int relist(struct job *j, int64_t id, uint32_t n)
+{
+	struct prefetch *p = j->pf;
+	int rc = index_local_relist(p->d.cache->index, id, n);
+
+	if (rc == 0 && p->item_hook)
+		p->item_hook(p->item_hook_ctx, id, PREFETCH_RELISTED, 0, NULL);
+	return rc;
+}
+
 struct folder_snap {
 	uid_t uid;
 	const char *root, *version;
@@ -807,7 +823,7 @@ static bool local_early(struct job *j)
 	p->local_listings_kept++;
 	p->local_parses_skipped++;
 	lj->early = true;
-	rc = index_local_relist(ix, j->snapshot_id, s->n);
+	rc = relist(j, j->snapshot_id, s->n);
 	if (rc == 0)
 		rc = index_flush(ix);
 	if (rc < 0) {
@@ -934,7 +950,7 @@ void local_scan_after(uv_work_t *w, int status)
 	 * last put from (or their count does) */
 	if (rc == 0 && !created && listing_unchanged(ix, id, lj->l->digest, lj->l->n)) {
 		j->pf->local_listings_kept++;
-		rc = index_local_relist(ix, id, lj->l->n);
+		rc = relist(j, id, lj->l->n);
 	} else if (rc == 0) {
 		for (uint32_t i = 0; i < lj->l->n && rc == 0; i++) {
 			struct index_item item = {
@@ -950,7 +966,7 @@ void local_scan_after(uv_work_t *w, int status)
 			rc = index_item_put(ix, &item);
 		}
 		if (rc == 0)
-			rc = index_local_relist(ix, id, lj->l->n);
+			rc = relist(j, id, lj->l->n);
 		if (rc == 0)
 			rc = index_snapshot_seal(ix, id);
 		if (rc == 0)

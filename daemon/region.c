@@ -116,6 +116,13 @@ void region_row_put(struct region *rg, uint64_t item, const uint8_t *raw, uint64
 	rg->rows_bytes += len + 1 + sizeof(*r);
 }
 
+void regions_forget_rows(struct regions *rs, int64_t snapshot_id)
+{
+	for (struct region *rg = rs->list; rg; rg = rg->next)
+		if (rg->snapshot_id == snapshot_id)
+			rows_clear(rg);
+}
+
 static void region_free(struct region *rg)
 {
 	struct regions *rs = rg->rs;

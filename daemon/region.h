@@ -57,8 +57,9 @@ struct region {
 				handles (no lingering) until an OPEN, an eviction or a reload */
 	uint64_t entries;    /* entries living in it */
 	/* the snapshot's index rows already read (item -> content digest, size, resource
-	 * record): a hot item handed in place costs no index query. A snapshot's rows never
-	 * change; bounded (REGION_ROWS_MAX, REGION_ROWS_BYTES), forgotten whole when full. */
+	 * record): a hot item handed in place costs no index query. A Datamint snapshot's rows
+	 * never change; a local folder's do at every listing (regions_forget_rows()). Bounded
+	 * (REGION_ROWS_MAX, REGION_ROWS_BYTES), forgotten whole when full. */
 	struct rrow {
 		uint64_t item;
 		uint8_t raw[STORE_DIGEST_SIZE];
@@ -125,6 +126,10 @@ bool region_put_ahead(struct regions *rs, int64_t snapshot_id, const uint8_t *ra
 const struct rrow *region_row(const struct region *rg, uint64_t item);
 void region_row_put(struct region *rg, uint64_t item, const uint8_t *raw, uint64_t raw_len,
 		    const char *record);
+/* Snapshot `snapshot_id`'s rows changed (a local folder listed again: every item's content
+ * is proved again): the rows kept for its regions are forgotten, so that no item is handed
+ * in place by what an earlier proof found. Its tensors stay, keyed by content. */
+void regions_forget_rows(struct regions *rs, int64_t snapshot_id);
 /* A new budget (a reload of hot_max): unpinned entries go until the regions fit. */
 void regions_set_max(struct regions *rs, uint64_t max);
 /* Bytes of the regions' memfds the kernel holds (their allocated pages). */

@@ -530,10 +530,27 @@ static bool hot_ahead(void *ctx, int64_t snapshot_id, const uint8_t *raw, int64_
 	return true;
 }
 
+/* Forgets the failed downloads recorded for snapshot `snapshot_id`. */
+static void drop_failed(struct serve *s, int64_t snapshot_id)
+{
+	for (uint32_t i = 0; i < s->n_failed;)
+		if (s->failed[i].snapshot_id == snapshot_id)
+			s->failed[i] = s->failed[--s->n_failed];
+		else
+			i++;
+}
+
 static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err, const char *message)
 {
 	struct serve *s = ctx;
 
+	if (idx == PREFETCH_RELISTED) {
+		/* a local folder listed again: what its rows said is proved again, item by
+		 * item, by the job's descriptors; the GETs that find an item unproved wait */
+		regions_forget_rows(&s->regions, snapshot_id);
+		drop_failed(s, snapshot_id);
+		return;
+	}
 	if (idx >= 0 && err) {
 		if (s->n_failed == s->cap_failed) {
 			uint32_t nc = s->cap_failed ? s->cap_failed * 2 : 16;
@@ -551,15 +568,9 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err, const 
 			snprintf(f->message, sizeof(f->message), "%s", message ? message : "");
 		}
 	}
-	if (idx < 0) {
-		/* the job ended: what it failed is "not in the cache" from now on */
-		for (uint32_t i = 0; i < s->n_failed;)
-			if (s->failed[i].snapshot_id == snapshot_id)
-				s->failed[i] = s->failed[--s->n_failed];
-			else
-				i++;
-	}
-	if (idx < 0) {
+	if (idx == PREFETCH_JOB_ENDED) {
+		/* what it failed is "not in the cache" from now on */
+		drop_failed(s, snapshot_id);
 		/* a job ended: frame-by-frame opens of its snapshot go on */
 		for (struct sconn *sc = s->conns; sc; sc = sc->next) {
 		again:

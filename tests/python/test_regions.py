@@ -8,12 +8,20 @@ import struct
 import sys
 import threading
 
+import json
+import subprocess
+import tempfile
+
 import numpy as np
 import torch
 
 import dmcache
 from dmcache import _lib
-from conftest import KEY, counters
+from conftest import KEY, TESTS, counters, start_daemon
+
+sys.path.insert(0, os.path.join(TESTS, 'integration'))
+import uids  # noqa: E402
+from uids import ALICE, BOB  # noqa: E402
 
 
 def open_ct(client, regions):
@@ -222,3 +230,128 @@ def test_loader_batches_handed_in_place_are_writable(daemon, emu, ct_reference):
         assert counters(daemon.socket)['serve_region_tensors_pinned'] == 0
     finally:
         loader.close()
+
+
+def write_png(path, value):
+    from PIL import Image
+    px = value if isinstance(value, np.ndarray) else np.full((16, 24), value, dtype=np.uint8)
+    Image.fromarray(px).save(path)
+
+
+def png_folder(root, pixels):
+    """A local dataset folder of one PNG per array of `pixels` (images/<i>.png)."""
+    os.makedirs(os.path.join(root, 'images'))
+    for i, px in enumerate(pixels):
+        write_png(os.path.join(root, 'images', '%d.png' % i), px)
+    with open(os.path.join(root, 'dataset.json'), 'w') as f:
+        f.write('{"resources": [%s]}' % ', '.join(
+            '{"id": "r%d", "file": "images/%d.png"}' % (i, i) for i in range(len(pixels))))
+
+
+def test_a_local_file_changed_between_opens_is_not_served_from_the_region(daemon, tmpdir_short):
+    """A local folder's items are proved again at every OPEN (its files read through the
+    caller's new descriptors): a region lingering from the OPEN before must not hand the
+    tensor of a file that changed since, nor of one the caller can no longer open."""
+    root = os.path.join(tmpdir_short, 'pngs')
+    png_folder(root, [np.full((16, 24), 10 + i, dtype=np.uint8) for i in range(3)])
+    c = _lib.Client(daemon.socket)
+    try:
+        for expect in (10, 10):  # the second GET of item 0 is hot: in place
+            h = c.open(_lib.SOURCE_LOCAL, root, regions=True)
+            items = h.get([0, 1])
+            assert all(it.status == 0 for it in items)
+            assert set(np.unique(item_array(items[0]))) == {expect}
+            h.release(items)
+            h.close()
+        assert c.open(_lib.SOURCE_LOCAL, root, regions=True).get([0])[0].region == 1
+        write_png(os.path.join(root, 'images', '0.png'), 99)
+        h = c.open(_lib.SOURCE_LOCAL, root, regions=True)  # within the region's linger
+        items = h.get([0, 1])
+        assert all(it.status == 0 for it in items)
+        assert set(np.unique(item_array(items[0]))) == {99}
+        assert set(np.unique(item_array(items[1]))) == {11}
+        h.release(items)
+        h.close()
+    finally:
+        c.close()
+
+
+BOB_OPENS_AGAIN = r'''
+import json, sys
+from dmcache import _lib
+root = sys.argv[1]
+c = _lib.Client()
+
+def opened():
+    h = c.open(_lib.SOURCE_LOCAL, root, regions=True)
+    items = h.get([0, 1])
+    out = [{'status': it.status, 'region': it.region,
+            'data': bytes(_lib.item_bytes(it)).hex() if it.status == 0 else ''}
+           for it in items]
+    h.release(items)
+    h.close()
+    return out
+
+print(json.dumps([opened(), opened()]), flush=True)
+sys.stdin.readline()  # alice takes her file back
+print(json.dumps(opened()), flush=True)
+'''
+
+
+def test_a_file_alice_takes_back_never_reaches_bob_from_his_region():
+    """The attack: bob reads alice's world-readable folder with hot items in place, alice
+    makes one file hers alone (0600), and bob opens the folder again while his region
+    lingers with that file's tensor in it. His OPEN proves every file again through his
+    own descriptors: the file he can no longer open fails, and not one byte of its pixels
+    reaches him, in place or copied."""
+    uids.require_root()
+    rng = np.random.default_rng(7)
+    secret = rng.integers(0, 256, size=(32, 40), dtype=np.uint8)
+    public = rng.integers(0, 256, size=(32, 40), dtype=np.uint8)
+    with tempfile.TemporaryDirectory(prefix='dmc-') as tmp:
+        os.chmod(tmp, 0o755)
+        d = start_daemon(tmp)
+        try:
+            uids.open_up(os.path.dirname(d.socket))
+            home = uids.owned_dir(os.path.join(tmp, 'alice'), ALICE)
+            os.chmod(home, 0o755)
+            root = os.path.join(home, 'ds')
+            png_folder(root, [secret, public])
+            for r, dirs, names in os.walk(root):
+                os.chown(r, ALICE, ALICE)
+                os.chmod(r, 0o755)
+                for n in names:
+                    os.chown(os.path.join(r, n), ALICE, ALICE)
+                    os.chmod(os.path.join(r, n), 0o644)
+            env = {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'HOME': '/nonexistent',
+                   'PYTHONPATH': os.path.join(os.environ['DMC_BUILD_ROOT'], 'client',
+                                              'python'),
+                   'LANG': 'C.UTF-8', 'DMCACHE_SOCKET': d.socket}
+            if os.environ.get('LD_PRELOAD'):
+                env['LD_PRELOAD'] = os.environ['LD_PRELOAD']
+                env['ASAN_OPTIONS'] = 'detect_leaks=0'
+            bob = uids.popen(BOB, ['/usr/bin/python3', '-c', BOB_OPENS_AGAIN, root], env=env,
+                             cwd='/', stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            try:
+                before = json.loads(bob.stdout.readline() or 'null')
+                assert before, bob.stderr.read()
+                # while the folder was readable, bob read it, the second time in place
+                assert [it['status'] for it in before[0] + before[1]] == [0] * 4
+                assert bytes.fromhex(before[1][0]['data']) == secret.tobytes()
+                assert before[1][0]['region'] == 1
+                os.chmod(os.path.join(root, 'images', '0.png'), 0o600)
+                out, err = bob.communicate('go\n', timeout=120)
+            finally:
+                if bob.poll() is None:
+                    bob.kill()
+            assert bob.returncode == 0, err
+            after = json.loads(out.strip().splitlines()[-1])
+            assert after[0]['status'] != 0 and after[0]['data'] == ''
+            assert after[1]['status'] == 0
+            assert bytes.fromhex(after[1]['data']) == public.tobytes()
+            for chunk in (secret.tobytes()[k:k + 64] for k in range(0, secret.size, 64)):
+                assert chunk not in out.encode() and chunk.hex() not in out
+        finally:
+            d.stop()
+            d.notify.close()
