@@ -113,8 +113,12 @@ static const char *const stmt_sql[S_COUNT_] = {
 	[S_BLOBS_BYTE] = "SELECT " BLOB_COLS " FROM blobs WHERE digest >= ?1 AND digest < ?2 "
 			 "ORDER BY digest",
 	[S_CLOCK] = "SELECT coalesce(max(last_access), 0) FROM blobs",
-	[S_ITEM_SET_CONTENT] = "UPDATE items SET blob = ?2, etag = ?3 WHERE key = ?1",
-	[S_ITEM_SET_CONTENT_META] = "UPDATE items SET blob = ?2, etag = ?3, meta = ?4 WHERE key = ?1",
+	/* a row already so is not written again (a local folder's unchanged file proved again) */
+	[S_ITEM_SET_CONTENT] = "UPDATE items SET blob = ?2, etag = ?3 WHERE key = ?1 "
+			       "AND (blob IS NOT ?2 OR etag IS NOT ?3)",
+	[S_ITEM_SET_CONTENT_META] = "UPDATE items SET blob = ?2, etag = ?3, meta = ?4 WHERE key = ?1 "
+				    "AND (blob IS NOT ?2 OR etag IS NOT ?3 OR meta IS NOT ?4)",
+	[S_ITEM_HAS] = "SELECT 1 FROM items WHERE key = ?1",
 	[S_ITEM_ADD_BLOB] = "INSERT OR IGNORE INTO item_blobs (key, digest) VALUES (?1, ?2)",
 	[S_ITEM_FIND_PRIOR] = "SELECT i.etag, i.blob FROM items AS i JOIN blobs AS b "
 			      "ON b.digest = i.blob JOIN snapshots AS s ON s.id = (i.key >> 32) "
@@ -160,7 +164,7 @@ static const char *const stmt_sql[S_COUNT_] = {
 	[S_LOCAL_CLEAR] = "UPDATE items SET blob = NULL, etag = NULL WHERE key BETWEEN ?1 AND ?2 "
 			  "AND (blob IS NOT NULL OR etag IS NOT NULL)",
 	[S_LOCAL_TRIM] = "DELETE FROM items WHERE key BETWEEN ?1 AND ?2",
-	[S_LOCAL_SIZE] = "UPDATE items SET size = ?2 WHERE key = ?1",
+	[S_LOCAL_SIZE] = "UPDATE items SET size = ?2 WHERE key = ?1 AND size IS NOT ?2",
 	/* what OPEN learnt of a snapshot (schema 5 -> 6) */
 	[S_PROBE_GET] = "SELECT data FROM snapshot_probes WHERE snapshot_id = ?1 AND kind = ?2",
 	[S_PROBE_PUT] = "INSERT OR REPLACE INTO snapshot_probes (snapshot_id, kind, data) "

@@ -410,11 +410,21 @@ int index_local_read_find(struct index *ix, struct index_local_read *r);
 /* Records (replaces) the uid's read of that inode. Batched. */
 int index_local_read_put(struct index *ix, const struct index_local_read *r);
 /*
- * A local snapshot listed again: every item forgets its content (it is proved again with
- * this job's descriptors), items from position `n` on are deleted, and so are the
- * item_blobs rows of the snapshot. Batched.
+ * A local snapshot listed again from a changed dataset.json: every item forgets its
+ * content (it is proved again with this job's descriptors), items from position `n` on
+ * are deleted, and so are the item_blobs rows of the snapshot. (An unchanged listing keeps
+ * the rows and forgets, at its job's end, what the job did not prove: index_local_forget(),
+ * prefetch_local.c.) Batched.
  */
 int index_local_relist(struct index *ix, int64_t snapshot_id, int64_t n);
+/*
+ * Items `from` .. `to - 1` of a local snapshot forget their content and their item_blobs
+ * rows (what a relisting job did not prove again: index_local_relist() for the items of
+ * a window). Batched.
+ */
+int index_local_forget(struct index *ix, int64_t snapshot_id, int64_t from, int64_t to);
+/* The item's item_blobs rows (its masks' contents) go: they are put again. Batched. */
+int index_item_drop_blobs(struct index *ix, int64_t snapshot_id, int64_t idx);
 /* The size of an item, known once its descriptor is fstat()ed. Batched. */
 int index_local_item_size(struct index *ix, int64_t snapshot_id, int64_t idx, int64_t size);
 

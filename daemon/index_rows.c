@@ -651,7 +651,14 @@ int index_item_set_content(struct index *ix, int64_t snapshot_id, int64_t idx,
 		sqlite3_bind_text(st, 4, meta, (int)meta_len, SQLITE_TRANSIENT);
 	if ((r = ix_run_write(ix, st)) < 0)
 		return r;
-	return sqlite3_changes(ix->db) == 1 ? 0 : -ENOENT;
+	if (sqlite3_changes(ix->db) == 1)
+		return 0;
+	/* nothing written: the row holds that content already, or there is none */
+	st = ix_stmt(ix, S_ITEM_HAS);
+	sqlite3_bind_int64(st, 1, key);
+	r = sqlite3_step(st);
+	sqlite3_reset(st);
+	return r == SQLITE_ROW ? 0 : r == SQLITE_DONE ? -ENOENT : ix_fail(ix, r);
 }
 
 int index_item_add_blob(struct index *ix, int64_t snapshot_id, int64_t idx,
@@ -1068,6 +1075,44 @@ int index_local_relist(struct index *ix, int64_t snapshot_id, int64_t n)
 	st = ix_stmt(ix, S_SNAP_DEL_ITEM_BLOBS);
 	sqlite3_bind_int64(st, 1, ix_key_lo(snapshot_id));
 	sqlite3_bind_int64(st, 2, ix_key_hi(snapshot_id));
+	return ix_run_write(ix, st);
+}
+
+int index_local_forget(struct index *ix, int64_t snapshot_id, int64_t from, int64_t to)
+{
+	sqlite3_stmt *st;
+	int r;
+
+	if ((r = ix_check_snap_id(snapshot_id)) < 0)
+		return r;
+	if (from < 0 || to > INDEX_ITEMS_MAX || from > to)
+		return -EINVAL;
+	if (from == to)
+		return 0;
+	if ((r = ix_batch(ix)) < 0)
+		return r;
+	st = ix_stmt(ix, S_LOCAL_CLEAR);
+	sqlite3_bind_int64(st, 1, ix_key_lo(snapshot_id) | from);
+	sqlite3_bind_int64(st, 2, ix_key_lo(snapshot_id) | (to - 1));
+	if ((r = ix_run_write(ix, st)) < 0)
+		return r;
+	st = ix_stmt(ix, S_SNAP_DEL_ITEM_BLOBS);
+	sqlite3_bind_int64(st, 1, ix_key_lo(snapshot_id) | from);
+	sqlite3_bind_int64(st, 2, ix_key_lo(snapshot_id) | (to - 1));
+	return ix_run_write(ix, st);
+}
+
+int index_item_drop_blobs(struct index *ix, int64_t snapshot_id, int64_t idx)
+{
+	sqlite3_stmt *st;
+	int64_t key;
+	int r;
+
+	if ((r = item_key(snapshot_id, idx, &key)) < 0 || (r = ix_batch(ix)) < 0)
+		return r;
+	st = ix_stmt(ix, S_SNAP_DEL_ITEM_BLOBS);
+	sqlite3_bind_int64(st, 1, key);
+	sqlite3_bind_int64(st, 2, key);
 	return ix_run_write(ix, st);
 }
 

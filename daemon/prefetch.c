@@ -237,7 +237,10 @@ void job_finish(struct job *j, uint32_t state)
 	struct dmc_progress m;
 	struct index *ix = j->pf->d.cache->index;
 
-	if (j->final || decode_ahead(j, state))
+	if (j->final)
+		return;
+	local_relist_end(j); /* before anything reads the snapshot's rows as proved */
+	if (decode_ahead(j, state))
 		return;
 	j->final = true;
 	j->state = state;
@@ -390,6 +393,9 @@ void prefetch_free(struct prefetch *p)
 		return;
 	p->closing = true;
 	local_seen_clear(p);
+	free(p->distrust);
+	p->distrust = NULL;
+	p->n_distrust = p->cap_distrust = 0;
 	for (struct job *j = p->jobs, *n; j; j = n) {
 		n = j->next;
 		job_cancel(j);
@@ -571,7 +577,14 @@ void start_downloading(struct job *j)
 		job_pump(j);
 		return;
 	}
-	if (index_snapshot_stats(ix, j->snapshot_id, &st) == 0) {
+	if (j->lj && j->lj->relisting) {
+		/* an unchanged listing: nothing is proved yet (the rows' earlier proofs do not
+		 * count), what is read is reserved file by file (local_task_begin()), and the
+		 * listing was admitted when it was put; counting the rows would read them all */
+		j->items_total = j->lj->n_items;
+		j->items_done = j->items_cached = 0;
+		j->bytes_total = 0;
+	} else if (index_snapshot_stats(ix, j->snapshot_id, &st) == 0) {
 		j->items_total = (uint64_t)st.items;
 		j->items_done = j->items_cached = (uint64_t)st.items_stored;
 		j->bytes_total = (uint64_t)(st.bytes - st.bytes_stored);
@@ -1291,6 +1304,7 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 		ENTRY("prefetch_grants_withdrawn_total", p->grants_withdrawn),
 		ENTRY("prefetch_local_listings_kept_total", p->local_listings_kept),
 		ENTRY("prefetch_local_parses_skipped_total", p->local_parses_skipped),
+		ENTRY("prefetch_local_items_forgotten_total", p->local_forgotten),
 		ENTRY("prefetch_items_downloaded_total", p->items_downloaded),
 		ENTRY("prefetch_items_revalidated_total", p->items_revalidated),
 		ENTRY("prefetch_items_shared_total", p->items_shared),

@@ -135,6 +135,12 @@ void prefetch_set_open_check(struct prefetch *p, bool (*is_open)(void *ctx, int6
 			     void *ctx);
 /* Whether a job is filling snapshot `id` now: a missing item may still come. */
 bool prefetch_snapshot_active(struct prefetch *p, int64_t id);
+/*
+ * Whether item `idx` of snapshot `id` is a local folder's item that the job listing it
+ * again has not proved yet: its index row still says what an earlier proof found, which
+ * must not be served (wait for the job, as for an item not stored). Loop thread.
+ */
+bool prefetch_item_unproved(struct prefetch *p, int64_t id, int64_t idx);
 /* Called when an item of a snapshot is stored (err 0) or failed for good; with idx
  * PREFETCH_JOB_ENDED when a job filling the snapshot ended (items still missing will not
  * come from it), and with PREFETCH_RELISTED when a local folder's snapshot was listed

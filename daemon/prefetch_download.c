@@ -520,6 +520,9 @@ void task_next_step(struct task *t)
 			task_finish(t, rc, "cannot record the masks", 0);
 			return;
 		}
+		/* a local item proved again: its masks' rows are put again, not added to */
+		if (j->lj)
+			rc = index_item_drop_blobs(ix, j->snapshot_id, t->idx);
 		for (uint32_t i = 0; i < t->n_masks && rc == 0; i++)
 			rc = index_item_add_blob(ix, j->snapshot_id, t->idx, t->mask_digests[i]);
 	}
@@ -531,6 +534,8 @@ void task_next_step(struct task *t)
 		return;
 	}
 	j->items_done++;
+	if (j->lj)
+		local_proved(j, t->idx);
 	if (j->pf->item_hook)
 		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, t->idx, 0, NULL);
 	task_finish(t, 0, NULL, 0);

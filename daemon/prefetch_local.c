@@ -7,6 +7,7 @@
  * only their task or job.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,6 +19,7 @@
 #include "conn.h"
 #include "datamint.h"
 #include "local.h"
+#include "log.h"
 #include "index.h"
 #include "prefetch_priv.h"
 #include "store.h"
@@ -28,7 +30,8 @@
  * design, proto.h the LOCAL_NEED / LOCAL_FILES exchange). The job: dataset.json's
  * descriptor is parsed on the threadpool (local_scan_*), the snapshot (per uid) is listed
  * again (its items put again only when dataset.json's bytes changed:
- * INDEX_PROBE_LOCAL_LISTING) with every item's content forgotten, then local_pump() asks
+ * INDEX_PROBE_LOCAL_LISTING) with every item's content to be proved again (see "proofs"
+ * below), then local_pump() asks
  * the client for the files a window at a time (whole items, at most DMC_FDS_MAX paths),
  * and starts a task per
  * item once its descriptors are in: fstat (regular files only) and, unless the uid's own
@@ -81,6 +84,7 @@ void local_job_free(struct job *j)
 	if (lj->json_fd >= 0)
 		close(lj->json_fd);
 	local_dataset_free(lj->l);
+	free(lj->proved);
 	free(lj);
 	j->lj = NULL;
 }
@@ -737,20 +741,129 @@ static bool listing_unchanged(struct index *ix, int64_t id, const uint8_t *diges
 	return same;
 }
 
-/*
- * Snapshot `id` listed again with `n` items (index_local_relist(): every item's content
- * forgotten until this job's descriptors prove it again), and serve told so
- * (PREFETCH_RELISTED): the rows its regions kept must not hand an item in place by what
- * an earlier proof found.
+/* ---- proofs: every item proved again by each job that lists the folder ----
+ *
+ * A listing whose items were put again (dataset.json changed) forgets every item's content
+ * at once (index_local_relist()). An unchanged listing leaves the rows as they are: the
+ * job proves each item again and writes only what changed (a file read again, a size), and
+ * forgets, when it ends, the items it did not prove (failed, or never reached). Until
+ * then prefetch_item_unproved() answers for each row, from the job's bitmap. Either way
+ * serve is told (PREFETCH_RELISTED): the rows its regions kept must not hand an item in
+ * place by what an earlier proof found.
  */
-static int relist(struct job *j, int64_t id, uint32_t n)
+
+static void distrust_drop(struct prefetch *p, int64_t id)
+{
+	for (uint32_t i = 0; i < p->n_distrust;)
+		if (p->distrust[i] == id)
+			p->distrust[i] = p->distrust[--p->n_distrust];
+		else
+			i++;
+}
+
+static void relisted(struct job *j, int64_t id)
 {
 	struct prefetch *p = j->pf;
-	int rc = index_local_relist(p->d.cache->index, id, n);
 
-	if (rc == 0 && p->item_hook)
+	distrust_drop(p, id);
+	if (p->item_hook)
 		p->item_hook(p->item_hook_ctx, id, PREFETCH_RELISTED, 0, NULL);
+}
+
+/* Snapshot `id` listed again with `n` items put again: every item's content forgotten. */
+static int relist(struct job *j, int64_t id, uint32_t n)
+{
+	int rc = index_local_relist(j->pf->d.cache->index, id, n);
+
+	if (rc == 0)
+		relisted(j, id);
 	return rc;
+}
+
+/* Snapshot `id` listed again from an unchanged listing of `n` items: proved as the job
+ * goes (or, without memory for the bitmap, forgotten at once as for a changed one). */
+static int relist_begin(struct job *j, int64_t id, uint32_t n)
+{
+	struct local_job *lj = j->lj;
+
+	free(lj->proved);
+	lj->proved = calloc((size_t)n / 8 + 1, 1);
+	if (!lj->proved)
+		return relist(j, id, n);
+	lj->relisting = true;
+	lj->n_items = n;
+	relisted(j, id);
+	return 0;
+}
+
+void local_proved(struct job *j, int64_t idx)
+{
+	struct local_job *lj = j->lj;
+
+	if (lj->relisting && idx >= 0 && idx < (int64_t)lj->n_items)
+		lj->proved[idx / 8] |= (uint8_t)(1u << (idx % 8));
+}
+
+static bool is_proved(const struct local_job *lj, uint32_t i)
+{
+	return lj->proved[i / 8] & (1u << (i % 8));
+}
+
+void local_relist_end(struct job *j)
+{
+	struct local_job *lj = j->lj;
+	struct prefetch *p = j->pf;
+	struct index *ix = p->d.cache->index;
+	uint32_t i = 0, forgotten = 0;
+	int rc = 0;
+
+	if (!lj || !lj->relisting)
+		return;
+	while (i < lj->n_items && rc == 0) {
+		uint32_t from;
+		while (i < lj->n_items && is_proved(lj, i))
+			i++;
+		from = i;
+		while (i < lj->n_items && !is_proved(lj, i))
+			i++;
+		rc = index_local_forget(ix, j->snapshot_id, from, i);
+		forgotten += i - from;
+	}
+	if (rc == 0 && forgotten)
+		rc = index_flush(ix);
+	if (rc == 0)
+		p->local_forgotten += forgotten;
+	if (rc < 0) {
+		/* the rows may still say what an earlier proof found: trust none of them */
+		log_err(FETCH, "job %" PRIu64 ": cannot forget the items of snapshot %" PRId64
+			       " it did not prove again (%s): the snapshot is not served until it is"
+			       " listed again", j->id, j->snapshot_id, index_errmsg(ix));
+		if (p->n_distrust == p->cap_distrust) {
+			uint32_t nc = p->cap_distrust ? p->cap_distrust * 2 : 8;
+			int64_t *nd = realloc(p->distrust, nc * sizeof(*nd));
+			if (nd) {
+				p->distrust = nd;
+				p->cap_distrust = nc;
+			}
+		}
+		if (p->n_distrust < p->cap_distrust)
+			p->distrust[p->n_distrust++] = j->snapshot_id;
+	}
+	lj->relisting = false;
+	free(lj->proved);
+	lj->proved = NULL;
+}
+
+bool prefetch_item_unproved(struct prefetch *p, int64_t id, int64_t idx)
+{
+	for (uint32_t i = 0; i < p->n_distrust; i++)
+		if (p->distrust[i] == id)
+			return true;
+	for (struct job *j = p->jobs; j; j = j->next)
+		if (j->lj && j->lj->relisting && j->snapshot_id == id &&
+		    (idx < 0 || idx >= (int64_t)j->lj->n_items || !is_proved(j->lj, (uint32_t)idx)))
+			return true;
+	return false;
 }
 
 struct folder_snap {
@@ -781,7 +894,7 @@ static int queue_scan(struct job *j)
 /*
  * dataset.json's descriptor shows the identity this uid's earlier parse recorded (struct
  * local_seen): the uid's own snapshot, still listed from those very bytes, is listed again
- * (every item's content forgotten, as always) and the OPEN answered now; the parse for the
+ * (every item to be proved again, as always) and the OPEN answered now; the parse for the
  * paths follows on the threadpool, and the job asks for files once it is in. False: the
  * record does not hold (any more), and the job reads dataset.json first.
  */
@@ -823,7 +936,7 @@ static bool local_early(struct job *j)
 	p->local_listings_kept++;
 	p->local_parses_skipped++;
 	lj->early = true;
-	rc = relist(j, j->snapshot_id, s->n);
+	rc = relist_begin(j, j->snapshot_id, s->n);
 	if (rc == 0)
 		rc = index_flush(ix);
 	if (rc < 0) {
@@ -944,13 +1057,14 @@ void local_scan_after(uv_work_t *w, int status)
 		rc = index_snapshot_get_or_create(ix, &key, &id, &created);
 	}
 	j->snapshot_id = rc == 0 ? id : 0;
-	/* every item's content forgotten every time: it is proved again by this job's
-	 * descriptors (by its digest, or by the uid's own unchanged inode). The items
-	 * themselves are put again only when dataset.json's bytes differ from those they were
-	 * last put from (or their count does) */
+	/* every item's content is proved again every time, by this job's descriptors (by its
+	 * digest, or by the uid's own unchanged inode). The items themselves are put again,
+	 * their contents forgotten at once, only when dataset.json's bytes differ from those
+	 * they were last put from (or their count does); else they wait for their proofs
+	 * (relist_begin()) */
 	if (rc == 0 && !created && listing_unchanged(ix, id, lj->l->digest, lj->l->n)) {
 		j->pf->local_listings_kept++;
-		rc = relist(j, id, lj->l->n);
+		rc = relist_begin(j, id, lj->l->n);
 	} else if (rc == 0) {
 		for (uint32_t i = 0; i < lj->l->n && rc == 0; i++) {
 			struct index_item item = {

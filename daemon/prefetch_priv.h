@@ -62,6 +62,10 @@ struct prefetch {
 	struct prefetch_deps d;
 	struct local_seen local_seen[LOCAL_SEEN_MAX];
 	uint64_t local_seen_clock;
+	/* local snapshots whose relisting could not be recorded (a failed index commit): none
+	 * of their rows is trusted until they are listed again */
+	int64_t *distrust;
+	uint32_t n_distrust, cap_distrust;
 	uint64_t local_parses_skipped; /* OPENs listed before dataset.json was read */
 	struct job *jobs;
 	struct task *downloads; /* tasks with a transfer in flight, for sharing */
@@ -84,6 +88,7 @@ struct prefetch {
 	/* online OPENs answered from a fresh grant, and grants withdrawn on a refusal */
 	uint64_t opens_from_grant, grants_withdrawn;
 	uint64_t local_listings_kept; /* local folders whose unchanged listing was kept */
+	uint64_t local_forgotten; /* items a listing kept did not prove again, forgotten */
 	struct tier *tier;      /* the cluster tier (tier.h); NULL: none */
 };
 
@@ -247,6 +252,13 @@ struct local_job {
 	 * threadpool with the descriptor's; hit: listed from it, then parsed for the paths */
 	struct local_stamp want;
 	bool want_set, hit, early;
+	/* listed again from an unchanged listing (relist_begin()): the index keeps each item's
+	 * earlier proof until this job proves the item again (its bit in `proved`) or, at the
+	 * end, forgets it (local_relist_end()); meanwhile prefetch_item_unproved() tells serve
+	 * not to trust those rows */
+	bool relisting;
+	uint8_t *proved;
+	uint32_t n_items;
 };
 /* VERIFY hashes every blob: on the threadpool, then the index is corrected on the loop. */
 struct verify_req {
@@ -311,6 +323,10 @@ void job_pump(struct job *j);
 void local_job_free(struct job *j);
 void local_seen_clear(struct prefetch *p);
 void local_pump(struct job *j);
+/* Item `idx` is proved by this job's descriptors (task_next_step()). */
+void local_proved(struct job *j, int64_t idx);
+/* The job ends: what it did not prove again is forgotten (job_finish(), first). */
+void local_relist_end(struct job *j);
 void on_local_files(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 		    const uint8_t *payload);
 void local_conn_closed(struct prefetch *p, struct conn *c);

@@ -883,6 +883,10 @@ static void item_step(struct gitem *gi)
 		item_fail(gi, -DMC_E_NOT_FOUND_OR_DENIED, "no such item");
 		return;
 	}
+	/* a local folder's row from an earlier proof: this listing's job proves it first */
+	if (l.stored && prefetch_item_unproved(s->d.prefetch, gi->rq->h.snapshot_id,
+					       (int64_t)gi->item))
+		l.stored = false;
 	if (!l.stored) {
 		free(l.record);
 		if (prefetch_snapshot_active(s->d.prefetch, gi->rq->h.snapshot_id)) {

@@ -85,3 +85,40 @@ def test_unchanged_listing_is_kept_and_contents_are_proved_again(folder, tmpdir_
     (sid2, row), = listing_row(d)
     assert sid2 == sid and row == bytes.fromhex(sha(os.path.join(folder, 'dataset.json'))) + \
         struct.pack('<I', 5)
+
+
+def counter(d, name):
+    r = d.cli('status', '--json')
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)['counters'][name]
+
+
+def test_what_a_kept_listing_does_not_prove_again_is_forgotten(folder, tmpdir_short):
+    """A kept listing leaves each row as it was while its job proves the items again: what
+    is proved is not written again, and what the job could not prove (a file gone) is
+    served to nobody meanwhile and forgotten when the job ends, so that no later GET gets
+    the bytes an earlier proof found."""
+    d = Daemon(tmpdir_short)
+    rc, f, err = prefetch_dir(d, folder)
+    assert rc == 0 and f['items_done'] == 6, err
+    spec = json.load(open(os.path.join(folder, 'dataset.json')))['resources']
+    os.unlink(os.path.join(folder, spec[3]['file']))
+    rc, f, err = prefetch_dir(d, folder)
+    assert rc != 0 and f['items_cached'] == 5 and f['items_failed'] == 1, (f, err)
+    assert counter(d, 'prefetch_local_listings_kept_total') == 1
+    assert counter(d, 'prefetch_local_items_forgotten_total') == 1
+    # a GET of it (a new OPEN: listed again, proved again) fails; its neighbour is served
+    out = os.path.join(tmpdir_short, 'x.npy')
+    r = d.cli('get', '--source', folder, '3', '-o', out)
+    assert r.returncode != 0 and 'item 3' in r.stderr, r.stderr
+    assert not os.path.exists(out)
+    r = d.cli('get', '--source', folder, '4', '-o', out)
+    assert r.returncode == 0 and os.path.exists(out), r.stderr
+    assert counter(d, 'prefetch_local_items_forgotten_total') == 3  # each OPEN's job
+    assert d.stop()[0] == 0
+    rows, masks = stored(d)
+    assert rows[3][1] == ''  # hex(NULL): forgotten
+    for i, ((rid, blob, etag, meta), res) in enumerate(zip(rows, spec)):
+        if i != 3:
+            assert blob == sha(os.path.join(folder, res['file']))
+    assert masks == 1  # item 0's mask, put again, once
