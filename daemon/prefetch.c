@@ -239,7 +239,7 @@ void job_finish(struct job *j, uint32_t state)
 
 	if (j->final)
 		return;
-	local_relist_end(j); /* before anything reads the snapshot's rows as proved */
+	local_relist_end(j, state); /* before anything reads the snapshot's rows as proved */
 	if (decode_ahead(j, state))
 		return;
 	j->final = true;
@@ -393,9 +393,7 @@ void prefetch_free(struct prefetch *p)
 		return;
 	p->closing = true;
 	local_seen_clear(p);
-	free(p->distrust);
-	p->distrust = NULL;
-	p->n_distrust = p->cap_distrust = 0;
+	local_proofs_clear(p);
 	for (struct job *j = p->jobs, *n; j; j = n) {
 		n = j->next;
 		job_cancel(j);
@@ -577,7 +575,7 @@ void start_downloading(struct job *j)
 		job_pump(j);
 		return;
 	}
-	if (j->lj && j->lj->relisting) {
+	if (j->lj && j->lj->kept) {
 		/* an unchanged listing: nothing is proved yet (the rows' earlier proofs do not
 		 * count), what is read is reserved file by file (local_task_begin()), and the
 		 * listing was admitted when it was put; counting the rows would read them all */

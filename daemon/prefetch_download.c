@@ -622,6 +622,12 @@ void task_finish(struct task *t, int err, const char *msg, long http_status)
 	j->running--;
 	/* a cancelled task is no failure of its item: the job's end was told already, and
 	 * another job may be bringing the item (a failure told now would stick) */
+	if (j->lj && err != -DMC_E_CANCELLED) {
+		/* a local item tried: proved (task_next_step()), or its row forgets its content */
+		j->lj->tried++;
+		if (err)
+			local_failed(j, t->idx);
+	}
 	if (err && err != -DMC_E_CANCELLED && p->item_hook && j->snapshot_id > 0)
 		p->item_hook(p->item_hook_ctx, j->snapshot_id, t->idx, err, msg);
 	if (err && err != -DMC_E_CANCELLED) {

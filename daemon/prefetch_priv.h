@@ -58,12 +58,23 @@ struct local_seen {
 	uint64_t used; /* the least recently used goes first */
 };
 
+/* A local snapshot's items proved since its last listing (prefetch_local.c "proofs"). */
+struct lproof {
+	int64_t snapshot_id;
+	uint64_t gen; /* which listing: the higher, the later */
+	uint32_t n;
+	uint8_t *bits;
+};
+
 struct prefetch {
 	struct prefetch_deps d;
 	struct local_seen local_seen[LOCAL_SEEN_MAX];
 	uint64_t local_seen_clock;
-	/* local snapshots whose relisting could not be recorded (a failed index commit): none
-	 * of their rows is trusted until they are listed again */
+	/* local folders' proof records (prefetch_local.c "proofs"), and the snapshots none of
+	 * whose rows is trusted until listed again (a failed index write, a record dropped) */
+	struct lproof *lproofs;
+	uint32_t n_lproofs;
+	uint64_t lproof_gen;
 	int64_t *distrust;
 	uint32_t n_distrust, cap_distrust;
 	uint64_t local_parses_skipped; /* OPENs listed before dataset.json was read */
@@ -252,12 +263,13 @@ struct local_job {
 	 * threadpool with the descriptor's; hit: listed from it, then parsed for the paths */
 	struct local_stamp want;
 	bool want_set, hit, early;
-	/* listed again from an unchanged listing (relist_begin()): the index keeps each item's
-	 * earlier proof until this job proves the item again (its bit in `proved`) or, at the
-	 * end, forgets it (local_relist_end()); meanwhile prefetch_item_unproved() tells serve
-	 * not to trust those rows */
-	bool relisting;
-	uint8_t *proved;
+	/* the proof record its listing began (struct lproof; 0: none), the items it tried
+	 * (proved or failed), whether it forgot a row (a failed proof) */
+	uint64_t gen;
+	uint32_t tried;
+	bool forgot;
+	/* listed from an unchanged listing of n_items: the rows keep earlier proofs */
+	bool kept;
 	uint32_t n_items;
 };
 /* VERIFY hashes every blob: on the threadpool, then the index is corrected on the loop. */
@@ -323,10 +335,14 @@ void job_pump(struct job *j);
 void local_job_free(struct job *j);
 void local_seen_clear(struct prefetch *p);
 void local_pump(struct job *j);
-/* Item `idx` is proved by this job's descriptors (task_next_step()). */
+/* Item `idx` is proved by this job's descriptors (task_next_step()), or its proof failed
+ * (task_finish(): its row forgets its content). */
 void local_proved(struct job *j, int64_t idx);
-/* The job ends: what it did not prove again is forgotten (job_finish(), first). */
-void local_relist_end(struct job *j);
+void local_failed(struct job *j, int64_t idx);
+/* The job ends (job_finish(), first): its listing's proof record goes when every item was
+ * tried. */
+void local_relist_end(struct job *j, uint32_t state);
+void local_proofs_clear(struct prefetch *p);
 void on_local_files(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 		    const uint8_t *payload);
 void local_conn_closed(struct prefetch *p, struct conn *c);
