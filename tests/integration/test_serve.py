@@ -317,6 +317,55 @@ def test_a_get_ahead_of_the_job_is_fetched_next(daemon_env, emu, tmp_path):
     assert len(snap) == 1 and snap[0]['items_stored'] == n, snap
 
 
+def test_an_item_taken_ahead_then_found_bad_is_fetched_again(daemon_env, emu, tmp_path):
+    """An item a GET moved ahead of the job's walk, stored, then damaged in the store
+    before the walk got there: the walk skips what was taken ahead, so the GET that finds
+    it bad re-fetches it itself, and gets the server's bytes (never the damaged ones)."""
+    import hashlib
+    d = daemon_env
+    n, last = 400, 399
+    emu.add_synthetic('ahead-bad', n, 512)
+    emu.add_fault(path='/resources/.*/file$', latency_ms=300)  # 400 items: ~4 s
+    emu.clear_log()
+    sock = wire.session(d.socket)
+    sock.sendall(wire.open_msg('ahead-bad', flags=OPEN_RAW, server=emu.url, key=KEY,
+                               arena=1 << 20))
+    op, fl, rid, payload, fds = wire.recv_frame_fds(sock)
+    assert op == wire.OP_OPEN, wire.decode_error(payload)
+    o = wire.decode_open_reply(payload)
+    m = mmap.mmap(fds[0], o['arena_bytes'], mmap.MAP_SHARED, mmap.PROT_READ)
+
+    def get_last():
+        sock.sendall(wire.get_msg(o['handle'], [last]))
+        op, fl, rid, payload, _ = wire.recv_frame_fds(sock)
+        assert op == wire.OP_GET, wire.decode_error(payload)
+        it = wire.decode_get_reply(payload)[0]
+        assert it['status'] == 0, it['message']
+        return bytes(m[it['offset']:it['offset'] + it['nbytes']])
+
+    first = get_last()
+    digest = hashlib.sha256(first).hexdigest()
+    blob = os.path.join(d.cache, 'objects', digest[:2], digest)
+    with open(blob, 'r+b') as f:  # the same inode, its last byte flipped
+        f.seek(-1, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([b[0] ^ 1]))
+    again = get_last()
+    assert again == first
+    ids = [x['id'] for x in resources(emu, 'ahead-bad')]
+    fetched = [e['path'].split('/')[2] for e in emu.log()
+               if e['method'] == 'GET' and e['path'].endswith('/file')]
+    assert fetched.count(ids[last]) == 2, 'fetched once ahead, once after the damage'
+    assert fetched.index(ids[last]) < 64 and len(fetched) < n, \
+        'the walk had not reached it: the re-fetch started it'
+    m.close()
+    os.close(fds[0])
+    sock.close()
+    emu.clear_faults()
+    assert again == emu.get('/resources/%s/file' % ids[last]).body
+
+
 def test_local_folder_get(daemon_env, tmp_path, emu):
     d = daemon_env
     root = tmp_path / 'ds'
