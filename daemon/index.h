@@ -441,6 +441,15 @@ enum index_probe_kind {
 	 * snapshot.
 	 */
 	INDEX_PROBE_LOCAL_LISTING = 3,
+	/*
+	 * What the owner's last stable parse of the folder's dataset.json saw (prefetch_local.c
+	 * "dataset.json's identity"): its identity through the owner's descriptor (device,
+	 * inode, size, mtime and ctime in ns, five 64-bit LE), the SHA-256 of its bytes and the
+	 * item count (uint32 LE); empty when the last parse was not stable. Kept like
+	 * INDEX_PROBE_LOCAL_LISTING, so that a restarted daemon answers an OPEN of an
+	 * unchanged folder before reading dataset.json, as the running one does.
+	 */
+	INDEX_PROBE_LOCAL_SEEN = 4,
 };
 #define INDEX_PROBE_MAX (64u << 20) /* bytes of one row: 16M items' frame counts */
 

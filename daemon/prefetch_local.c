@@ -627,6 +627,133 @@ static void seen_forget(struct local_seen *e)
 	memset(e, 0, sizeof(*e));
 }
 
+static bool listing_unchanged(struct index *ix, int64_t id, const uint8_t *digest, uint32_t n);
+
+/* INDEX_PROBE_LOCAL_SEEN's row: the identity, the digest, the count. */
+#define SEEN_ROW (5 * 8 + STORE_DIGEST_SIZE + 4)
+
+static void put_le64(uint8_t *p, uint64_t v)
+{
+	for (unsigned i = 0; i < 8; i++)
+		p[i] = (uint8_t)(v >> (8 * i));
+}
+
+static uint64_t get_le64(const uint8_t *p)
+{
+	uint64_t v = 0;
+
+	for (unsigned i = 0; i < 8; i++)
+		v |= (uint64_t)p[i] << (8 * i);
+	return v;
+}
+
+/* The parse's identity, kept with the snapshot (empty: none holds) for the next start. */
+static void seen_record(struct index *ix, int64_t id, const struct local_dataset *l)
+{
+	uint8_t row[SEEN_ROW];
+
+	if (!l->stable) {
+		index_probe_put(ix, id, INDEX_PROBE_LOCAL_SEEN, row, 0);
+		return;
+	}
+	put_le64(row, l->stamp.dev);
+	put_le64(row + 8, l->stamp.ino);
+	put_le64(row + 16, (uint64_t)l->stamp.size);
+	put_le64(row + 24, (uint64_t)l->stamp.mtime_ns);
+	put_le64(row + 32, (uint64_t)l->stamp.ctime_ns);
+	memcpy(row + 40, l->digest, STORE_DIGEST_SIZE);
+	row[40 + STORE_DIGEST_SIZE] = (uint8_t)l->n;
+	row[41 + STORE_DIGEST_SIZE] = (uint8_t)(l->n >> 8);
+	row[42 + STORE_DIGEST_SIZE] = (uint8_t)(l->n >> 16);
+	row[43 + STORE_DIGEST_SIZE] = (uint8_t)(l->n >> 24);
+	index_probe_put(ix, id, INDEX_PROBE_LOCAL_SEEN, row, sizeof(row));
+}
+
+struct seen_find_ctx {
+	uid_t uid;
+	const char *root;
+	int64_t id;
+	char *name, *version;
+};
+
+/* The uid's latest snapshot of the folder (snapshots come by id). */
+static int seen_snap_cb(void *ctx, const struct index_snapshot *s)
+{
+	struct seen_find_ctx *f = ctx;
+	char *name, *version;
+
+	if (s->source != INDEX_SOURCE_FOLDER || s->owner != (int64_t)f->uid || !s->project_id ||
+	    strcmp(s->project_id, f->root) != 0 || !s->project_name || !s->version)
+		return 0;
+	name = strdup(s->project_name);
+	version = strdup(s->version);
+	if (!name || !version) {
+		free(name);
+		free(version);
+		return 0;
+	}
+	free(f->name);
+	free(f->version);
+	f->name = name;
+	f->version = version;
+	f->id = s->id;
+	return 0;
+}
+
+/*
+ * Nothing in memory for (uid, folder), as after a start: what the index kept of the uid's
+ * own last stable parse (INDEX_PROBE_LOCAL_SEEN) becomes the entry, when the snapshot is
+ * still listed from those bytes (the same check as for an entry made in this run).
+ */
+static struct local_seen *seen_load(struct prefetch *p, uid_t uid, const char *root)
+{
+	struct index *ix = p->d.cache->index;
+	struct seen_find_ctx f = { uid, root, 0, NULL, NULL };
+	struct local_seen *e = NULL;
+	uint8_t *row = NULL;
+	size_t len = 0;
+	uint32_t n;
+
+	if (index_snapshot_list(ix, seen_snap_cb, &f) < 0 || !f.id ||
+	    index_probe_get(ix, f.id, INDEX_PROBE_LOCAL_SEEN, (void **)&row, &len) < 0 ||
+	    len != SEEN_ROW)
+		goto out;
+	n = (uint32_t)row[40 + STORE_DIGEST_SIZE] | (uint32_t)row[41 + STORE_DIGEST_SIZE] << 8 |
+	    (uint32_t)row[42 + STORE_DIGEST_SIZE] << 16 | (uint32_t)row[43 + STORE_DIGEST_SIZE] << 24;
+	if (!listing_unchanged(ix, f.id, row + 40, n))
+		goto out;
+	e = &p->local_seen[0];
+	for (unsigned i = 0; i < LOCAL_SEEN_MAX && e->root; i++)
+		if (!p->local_seen[i].root || p->local_seen[i].used < e->used)
+			e = &p->local_seen[i];
+	seen_forget(e);
+	e->root = strdup(root);
+	e->name = f.name;
+	e->version = f.version;
+	f.name = f.version = NULL;
+	if (!e->root) {
+		seen_forget(e);
+		e = NULL;
+		goto out;
+	}
+	e->uid = uid;
+	e->stamp.dev = get_le64(row);
+	e->stamp.ino = get_le64(row + 8);
+	e->stamp.size = (int64_t)get_le64(row + 16);
+	e->stamp.mtime_ns = (int64_t)get_le64(row + 24);
+	e->stamp.ctime_ns = (int64_t)get_le64(row + 32);
+	e->snapshot_id = f.id;
+	memcpy(e->digest, row + 40, STORE_DIGEST_SIZE);
+	e->n = n;
+	e->used = ++p->local_seen_clock;
+	p->local_seen_loaded++;
+out:
+	free(row);
+	free(f.name);
+	free(f.version);
+	return e;
+}
+
 /* Records what the job's parse gave, when dataset.json was stable while read; else forgets
  * what an earlier one gave. */
 static void seen_put(struct job *j, int64_t snapshot_id)
@@ -641,6 +768,7 @@ static void seen_put(struct job *j, int64_t snapshot_id)
 			if (!p->local_seen[i].root || p->local_seen[i].used < e->used)
 				e = &p->local_seen[i];
 	}
+	seen_record(p->d.cache->index, snapshot_id, l);
 	if (!e)
 		return;
 	seen_forget(e);
@@ -664,6 +792,9 @@ static void seen_put(struct job *j, int64_t snapshot_id)
 void local_scan_prepare(struct job *j)
 {
 	struct local_seen *e = seen_find(j->pf, j->uid, j->project_arg);
+
+	if (!e)
+		e = seen_load(j->pf, j->uid, j->project_arg);
 
 	j->lj->want_set = e != NULL;
 	if (e)

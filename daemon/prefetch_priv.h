@@ -78,6 +78,7 @@ struct prefetch {
 	int64_t *distrust;
 	uint32_t n_distrust, cap_distrust;
 	uint64_t local_parses_skipped; /* OPENs listed before dataset.json was read */
+	uint64_t local_seen_loaded; /* identities of earlier parses read from the index */
 	struct job *jobs;
 	struct task *downloads; /* tasks with a transfer in flight, for sharing */
 	uint8_t salt[32];       /* of the key hashes in grants (index "key_salt") */
