@@ -182,6 +182,8 @@ class App:
         self.store = Store(args.state_dir)
         self.faults = Faults()
         self.log_lock = threading.Lock()
+        self.log_cv = threading.Condition(self.log_lock)
+        self.unlogged = 0  # responses sent whose log entry is not appended yet
         self.log = collections.deque(maxlen=200000)
         self.log_seq = 0
         self.conn_lock = threading.Lock()
@@ -322,6 +324,7 @@ class Handler(BaseHTTPRequestHandler):
         app = self.server.app
         role = self.server.role
         t0 = time.monotonic()
+        self.unlogged = False
         self.sent = 0
         self.status = None
         self.rule = None
@@ -394,6 +397,10 @@ class Handler(BaseHTTPRequestHandler):
                     'if_range': self.headers.get('If-Range'),
                     'fault': self.rule.id if self.rule else None,
                     'duration_ms': round((time.monotonic() - t0) * 1000, 3)})
+                if self.unlogged:
+                    with app.log_cv:
+                        app.unlogged -= 1
+                        app.log_cv.notify_all()
             if self.rule is not None and self.rule.get('mutate') and self.served:
                 try:
                     app.store.mutate(self.served)
@@ -409,6 +416,16 @@ class Handler(BaseHTTPRequestHandler):
         return []
 
     def send(self, resp, head=False):
+        self._send(resp, head)
+        if self.server.role != 'admin' and not self.unlogged:
+            # the client may act on this response before its log entry is appended (in
+            # dispatch's finally): GET /log waits for such entries
+            app = self.server.app
+            with app.log_cv:
+                app.unlogged += 1
+            self.unlogged = True
+
+    def _send(self, resp, head=False):
         rule = self.rule
         delta = rule.get('content_length_delta', 0) if rule else 0
         self.send_response(resp.status)
@@ -913,6 +930,9 @@ class Handler(BaseHTTPRequestHandler):
             if m == 'GET':
                 since = int(q.get('since') or 0)
                 with app.log_lock:
+                    # every response sent so far is in the log (bounded: a handler thread
+                    # descheduled for longer is not waited for)
+                    app.log_cv.wait_for(lambda: app.unlogged == 0, timeout=2.0)
                     entries = [e for e in app.log if e['seq'] > since]
                     last = app.log_seq
                 return json_resp({'entries': entries, 'last': last})
