@@ -9,6 +9,7 @@ import socket
 import stat
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -294,8 +295,15 @@ def test_hello_timeout(tmpdir_short):
 # ---- configuration ----
 
 def run_daemon(*args, env=None):
-    return subprocess.run([DMCACHED] + list(args), capture_output=True, text=True, timeout=30,
-                          env=env)
+    """dmcached with `args`; a daemon that is to run gets a cache beside its socket, never
+    the system's (/var/cache/dmcache: the package test needs it absent)."""
+    args = list(args)
+    with tempfile.TemporaryDirectory(prefix='dmc-cache-') as cache:
+        if '--check-config' not in args and '--help-config' not in args and \
+                '--cache-dir' not in args:
+            args += ['--cache-dir', cache]
+        return subprocess.run([DMCACHED] + args, capture_output=True, text=True, timeout=30,
+                              env=env)
 
 
 def test_check_config(tmpdir_short):
