@@ -200,6 +200,8 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 		o.index_flags |= INDEX_SKIP_CHECK;
 	else
 		o.index_flags &= ~(unsigned)INDEX_SKIP_CHECK;
+	c->start_evicting = o.start_evicting;
+	c->start_evicting_ctx = o.start_evicting_ctx;
 	r = store_open(dir, &o.store, err, errlen, &c->store);
 	if (r < 0)
 		goto fail;
@@ -243,6 +245,8 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	}
 	rep->index_rebuilt = rebuilt;
 	c->start_index_checked = rep->index_checked;
+	c->start_evicting = NULL; /* the start is over */
+	c->start_evicting_ctx = NULL;
 	c->start_dirs_walked = rep->dirs_walked;
 	free(rec);
 	*ret_cache = c;
@@ -415,15 +419,19 @@ static int reconcile_check(struct cache *c, const uint8_t *digest, bool had_row,
 	return 0;
 }
 
-/* The start's eviction: each snapshot it takes files from, for main() to log. */
+/* The start's eviction: each snapshot it takes files from, in the report and to the
+ * start's listener (cache_options.start_evicting) before its first file goes. */
 static void note_evicted(void *ctx, int64_t id, uint64_t files, uint64_t bytes)
 {
-	struct cache_open_report *rep = ctx;
+	struct cache *c = ctx;
+	struct cache_open_report *rep = c->start_rep;
 
 	if (rep->n_evicted < CACHE_REPORT_SNAPSHOTS)
 		rep->evicted[rep->n_evicted++] = (struct cache_evicted_snapshot){ id, files, bytes };
 	else
 		rep->evicted_more++;
+	if (c->start_evicting)
+		c->start_evicting(c->start_evicting_ctx, c, id, files, bytes);
 }
 
 /*
@@ -516,19 +524,22 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 	rep->blobs = st.objects;
 
 	/* I3: within max_size and min_free before anything is served. Each snapshot that
-	 * loses files is reported (no one listens to c->evicting yet at start). */
+	 * loses files is reported, and told to the start's listener before its first file
+	 * goes (no one listens to c->evicting yet at start). */
 	if ((r = store_shortfall(c->store, 0, &shortfall)) < 0)
 		return r;
 	if (shortfall > 0) {
 		bool listen = !c->evicting;
 		if (listen) {
 			c->evicting = note_evicted;
-			c->evicting_ctx = rep;
+			c->evicting_ctx = c;
+			c->start_rep = rep;
 		}
 		r = cache_evict(c, shortfall, &rep->evicted_bytes);
 		if (listen) {
 			c->evicting = NULL;
 			c->evicting_ctx = NULL;
+			c->start_rep = NULL;
 		}
 		if (r < 0)
 			return r;

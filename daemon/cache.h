@@ -50,9 +50,17 @@
  */
 #define CACHE_INDEX_HEADROOM (8ull << 20)
 
+struct cache;
+
 struct cache_options {
 	struct store_options store;
 	unsigned index_flags; /* enum index_open_flags */
+	/* The start's eviction (I3), as c->evicting for a running cache: told of each snapshot
+	 * it takes files from before the first one goes, with the cache being opened (its
+	 * index readable). NULL: only the report says, afterwards. */
+	void (*start_evicting)(void *ctx, struct cache *c, int64_t snapshot_id, uint64_t files,
+			       uint64_t bytes);
+	void *start_evicting_ctx;
 };
 
 struct cache {
@@ -77,6 +85,12 @@ struct cache {
 	 * blobs and bytes of each directory as the start counted them. */
 	uint8_t skip[32];
 	uint64_t dir_objects[256], dir_bytes[256];
+	/* Private to cache.c: the start's listener (cache_options) and report, during
+	 * cache_open(). */
+	void (*start_evicting)(void *ctx, struct cache *c, int64_t snapshot_id, uint64_t files,
+			       uint64_t bytes);
+	void *start_evicting_ctx;
+	struct cache_open_report *start_rep;
 };
 
 /* What cache_open() found and repaired. */

@@ -275,6 +275,16 @@ static int make_dirs(const char *path)
 	return 0;
 }
 
+/* Each snapshot the start's eviction takes files from, logged before its first file goes
+ * as a running daemon's evictions are (a kill in the middle leaves no loss unlogged). */
+static void start_evicting(void *ctx, struct cache *c, int64_t id, uint64_t files,
+			   uint64_t bytes)
+{
+	struct daemon *d = ctx;
+
+	prefetch_log_eviction(c, &d->cfg, id, files, bytes, true);
+}
+
 static int open_cache(struct daemon *d)
 {
 	struct cache_options co = { 0 };
@@ -307,6 +317,8 @@ static int open_cache(struct daemon *d)
 	co.store.max_object = d->cfg.max_object;
 	co.store.zstd_level = (int)d->cfg.zstd_level;
 	co.index_flags = d->cfg.sync_full ? INDEX_SYNC_FULL : 0;
+	co.start_evicting = start_evicting;
+	co.start_evicting_ctx = d;
 	rc = cache_open(d->cfg.cache_dir, &co, err, sizeof(err), &d->cache, &rep);
 	if (rc < 0) {
 		log_err(STORE, "cannot open the cache in '%s': %s", d->cfg.cache_dir, err);
@@ -327,13 +339,6 @@ static int open_cache(struct daemon *d)
 		log_warn(STORE, "the file system of '%s' was full: %" PRIu64 " byte(s) of the least "
 				"recently used blobs evicted for the index to start",
 			 d->cfg.cache_dir, rep.full_evicted);
-	/* each snapshot the start's eviction took files from, as later evictions are logged */
-	for (unsigned i = 0; i < rep.n_evicted; i++)
-		prefetch_log_eviction(d->cache, &d->cfg, rep.evicted[i].id, rep.evicted[i].files,
-				      rep.evicted[i].bytes, true);
-	if (rep.evicted_more)
-		log_notice(STORE, "and files of %" PRIu64 " more snapshot(s) evicted at start",
-			   rep.evicted_more);
 	log_info(STORE, "cache '%s': %" PRIu64 " blob(s); %" PRIu64 " stray file(s) removed, "
 			"%" PRId64 " row(s) dropped, %" PRId64 " blob(s) adopted, %" PRIu64
 			" byte(s) evicted",

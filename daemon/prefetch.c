@@ -438,12 +438,11 @@ void prefetch_log_eviction(struct cache *c, const struct config *cfg, int64_t id
 	char what[200] = "?";
 
 	index_snapshot_get(c->index, id, snap_name_cb, what);
-	/* a running daemon logs before the first file goes (a crash then leaves no loss
-	 * unlogged); the start logs once cache_open() is done, before anything is served */
-	log_notice(STORE, "%s %" PRIu64 " files (%.1f MiB) of snapshot %" PRId64 " (%s), "
+	/* before the first file goes, at start as later: a crash then leaves no loss unlogged */
+	log_notice(STORE, "evicting %" PRIu64 " files (%.1f MiB) of snapshot %" PRId64 " (%s), "
 			  "the least recently used, %s within max_size %" PRIu64
 			  " and min_free %" PRIu64 " bytes",
-		   at_start ? "evicted" : "evicting", files, (double)bytes / (1 << 20), id, what,
+		   files, (double)bytes / (1 << 20), id, what,
 		   at_start ? "at start to get back" : "to make room", cfg->max_size,
 		   cfg->min_free);
 }

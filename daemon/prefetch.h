@@ -123,9 +123,9 @@ bool prefetch_may_see(struct prefetch *p, uid_t uid, int64_t id);
  */
 /*
  * Logs that eviction takes `files` files (`bytes`) of snapshot `id`, named by project,
- * version and owner, with the limits that made it: at a start, once done (cache_open()'s
- * I3, which runs before any prefetch exists: `at_start`), or later, before the first file
- * goes (the cache's `evicting` callback).
+ * version and owner, with the limits that made it, before the first file goes: at a start
+ * (cache_open()'s I3, which runs before any prefetch exists: `at_start`, through
+ * cache_options.start_evicting), or later (the cache's `evicting` callback).
  * Loop thread.
  */
 void prefetch_log_eviction(struct cache *c, const struct config *cfg, int64_t id,

@@ -164,7 +164,7 @@ def test_a_start_over_max_size_names_each_snapshot_it_evicts_from(emu, tmpdir_sh
     named = {}
     for line in log.splitlines():
         if 'at start to get back within max_size' in line:
-            m = re.search(r"evicted (\d+) files \(.*\) of snapshot (\d+) \('(\w+)'", line)
+            m = re.search(r"evicting (\d+) files \(.*\) of snapshot (\d+) \('(\w+)'", line)
             assert m, line
             named[m.group(3)] = (int(m.group(2)), int(m.group(1)))
     assert named, log[-3000:]
