@@ -66,6 +66,7 @@ static const struct {
 	{ "prefetch_items_shared_total", "Items served from content another user stored." },
 	{ "prefetch_items_failed_total", "Items a prefetch job could not bring in." },
 	{ "prefetch_local_parses_loaded_total", "Identities of earlier dataset.json parses read back from the index (after a start)." },
+	{ "prefetch_local_items_ahead_total", "Local folder items whose files were asked for ahead of the job's walk (a GET waited)." },
 	{ "prefetch_local_items_forgotten_total", "Local folder items whose proof failed: their stored content is no longer served." },
 	{ "download_bytes_total", "Bytes downloaded from upstream servers." },
 	{ "download_rate_bps", "Current download rate of the running jobs, bytes per second." },

@@ -1303,6 +1303,7 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 		ENTRY("prefetch_local_parses_skipped_total", p->local_parses_skipped),
 		ENTRY("prefetch_local_parses_loaded_total", p->local_seen_loaded),
 		ENTRY("prefetch_local_items_forgotten_total", p->local_forgotten),
+		ENTRY("prefetch_local_items_ahead_total", p->local_ahead),
 		ENTRY("prefetch_items_downloaded_total", p->items_downloaded),
 		ENTRY("prefetch_items_revalidated_total", p->items_revalidated),
 		ENTRY("prefetch_items_shared_total", p->items_shared),

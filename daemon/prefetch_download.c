@@ -863,14 +863,14 @@ void task_start(struct task *t)
 
 /* ---- items wanted ahead of the walk ---- */
 
-static bool taken_test(const struct job *j, int64_t idx)
+bool taken_test(const struct job *j, int64_t idx)
 {
 	size_t byte = (size_t)idx / 8;
 
 	return byte < j->taken_len && (j->taken[byte] & (1u << (idx % 8)));
 }
 
-static int taken_set(struct job *j, int64_t idx)
+int taken_set(struct job *j, int64_t idx)
 {
 	size_t byte = (size_t)idx / 8;
 
@@ -926,20 +926,33 @@ static int task_from_wanted(void *ctx, const struct index_item *it)
 	return it->stored ? 0 : task_from_item(ctx, it);
 }
 
+/* Records `idx` in the job's wanted ring (once). */
+static void want_add(struct job *j, int64_t idx)
+{
+	for (unsigned k = 0; k < j->want_n; k++)
+		if (j->want[(j->want_head + k) % WANT_MAX] == idx)
+			return;
+	if (j->want_n < WANT_MAX)
+		j->want[(j->want_head + j->want_n++) % WANT_MAX] = idx;
+}
+
 void prefetch_want(struct prefetch *p, int64_t snapshot_id, int64_t idx)
 {
 	for (struct job *j = p->jobs; j; j = j->next) {
+		if (j->lj && !j->final && j->snapshot_id == snapshot_id && j->lj->gen) {
+			/* a local folder proved again: its next LOCAL_NEED asks for the wanted
+			 * items' files first (local_need_ahead()) */
+			if (!local_want_done(j, idx))
+				want_add(j, idx);
+			return;
+		}
 		if (j->final || j->source != DMC_SOURCE_DATAMINT || j->offline || j->to_tier ||
 		    j->state != DMC_JOB_DOWNLOADING || j->snapshot_id != snapshot_id ||
 		    (j->shard_world > 1 && (uint64_t)idx % j->shard_world != j->shard_rank))
 			continue;
 		if (want_done(j, idx))
 			return;
-		for (unsigned k = 0; k < j->want_n; k++)
-			if (j->want[(j->want_head + k) % WANT_MAX] == idx)
-				return;
-		if (j->want_n < WANT_MAX)
-			j->want[(j->want_head + j->want_n++) % WANT_MAX] = idx;
+		want_add(j, idx);
 		/* no pump here: a job downloading has its window full (the walk fills it),
 		 * and the next download to end takes the wanted items first */
 		return;

@@ -477,6 +477,101 @@ static int local_need(struct job *j)
 	return 0;
 }
 
+bool local_want_done(const struct job *j, int64_t idx)
+{
+	const struct local_job *lj = j->lj;
+
+	if (taken_test(j, idx))
+		return true;
+	if (!lj->l)
+		return false; /* listed early: the parse is not in yet */
+	return idx < 0 || idx >= (int64_t)lj->l->n ||
+	       lj->l->items[idx].first_path < lj->next_path;
+}
+
+/*
+ * Asks the client for the files of the items GETs wait for (prefetch_want()), ahead of the
+ * walk: whole items, at most DMC_FDS_MAX paths, `first` DMC_LOCAL_AHEAD with a sequence
+ * number. Each is marked taken, so that the walk skips it (closing the descriptors its own
+ * window brings for it). 1: asked; 0: nothing to ask; < 0: the send failed.
+ */
+static int local_need_ahead(struct job *j)
+{
+	struct local_job *lj = j->lj;
+	const struct local_dataset *l = lj->l;
+	const char *paths[DMC_FDS_MAX];
+	uint32_t n = 0, first;
+	uint8_t *frame;
+	int len, rc;
+
+	lj->ahead_n = 0;
+	while (j->want_n) {
+		int64_t idx = j->want[j->want_head];
+		const struct local_item *it;
+
+		if (local_want_done(j, idx)) {
+			j->want_head = (j->want_head + 1) % WANT_MAX;
+			j->want_n--;
+			continue;
+		}
+		it = &l->items[idx];
+		if (n + 1 + it->n_masks > DMC_FDS_MAX)
+			break; /* the next window */
+		j->want_head = (j->want_head + 1) % WANT_MAX;
+		j->want_n--;
+		if (taken_set(j, idx) < 0)
+			continue; /* out of memory: the walk brings it */
+		lj->ahead_items[lj->ahead_n++] = (uint32_t)idx;
+		paths[n++] = local_item_path(l, (uint32_t)idx);
+		for (uint32_t k = 0; k < it->n_masks; k++)
+			paths[n++] = local_mask_path(l, (uint32_t)idx, k);
+	}
+	if (n == 0)
+		return 0;
+	if (!lj->c)
+		return -ENOTCONN;
+	frame = malloc(DMC_HEADER_SIZE + DMC_FRAME_MAX);
+	if (!frame)
+		return -ENOMEM;
+	first = DMC_LOCAL_AHEAD | (++lj->ahead_seq & ~DMC_LOCAL_AHEAD);
+	len = dmc_local_need_encode(first, paths, n, lj->request_id, frame,
+				    DMC_HEADER_SIZE + DMC_FRAME_MAX);
+	rc = len > 0 ? conn_send(lj->c, frame, (size_t)len) : -EINVAL;
+	free(frame);
+	if (rc < 0)
+		return rc;
+	lj->need_first = first;
+	lj->need_n = n;
+	lj->need_ahead = true;
+	j->pf->local_ahead += lj->ahead_n;
+	return 1;
+}
+
+/* The descriptors of a window asked ahead: a task for each of its items, whatever the
+ * walk's window allows (a GET waits for them). */
+static void local_start_ahead(struct job *j)
+{
+	struct local_job *lj = j->lj;
+	uint32_t k = 0;
+
+	for (uint32_t i = 0; i < lj->ahead_n && !j->final; i++) {
+		uint32_t item = lj->ahead_items[i];
+		uint32_t nf = 1 + lj->l->items[item].n_masks;
+		local_task_begin(j, item, lj->win_fds + k, lj->win_errs + k);
+		for (uint32_t m = 0; m < nf; m++)
+			lj->win_fds[k + m] = -1; /* the task's now */
+		k += nf;
+	}
+	for (; k < lj->win_n; k++) /* the job ended meanwhile */
+		if (lj->win_fds[k] >= 0) {
+			close(lj->win_fds[k]);
+			lj->win_fds[k] = -1;
+		}
+	lj->ahead_n = 0;
+	lj->win_n = 0;
+	lj->win_ahead = false;
+}
+
 /* job_pump() of a local job: tasks from the received window, the next LOCAL_NEED, the end.
  * The job is held (pending) while it pumps: a LOCAL_NEED whose send fails closes the
  * connection, which cancels and would free the job under us. */
@@ -496,12 +591,24 @@ void local_pump(struct job *j)
 	j->pending++;
 	do {
 		lj->pump_again = false;
+		if (lj->win_n && lj->win_ahead)
+			local_start_ahead(j);
 		while (!j->final && lj->win_n && lj->next_item < lj->l->n && j->running < window(p)) {
 			const struct local_item *it = &lj->l->items[lj->next_item];
 			uint32_t k = it->first_path - lj->win_first;
 			if (it->first_path < lj->win_first ||
 			    it->first_path + 1 + it->n_masks > lj->win_first + lj->win_n)
 				break;
+			if (taken_test(j, lj->next_item)) {
+				/* its files came ahead of the walk: these are not needed */
+				for (uint32_t m = 0; m <= it->n_masks; m++)
+					if (lj->win_fds[k + m] >= 0) {
+						close(lj->win_fds[k + m]);
+						lj->win_fds[k + m] = -1;
+					}
+				lj->next_item++;
+				continue;
+			}
 			local_task_begin(j, lj->next_item++, lj->win_fds + k, lj->win_errs + k);
 			for (uint32_t m = 0; m <= it->n_masks; m++)
 				lj->win_fds[k + m] = -1; /* the task's now */
@@ -511,8 +618,11 @@ void local_pump(struct job *j)
 		if (lj->win_n && (lj->next_item >= lj->l->n ||
 				  lj->l->items[lj->next_item].first_path >= lj->win_first + lj->win_n))
 			lj->win_n = 0; /* handed out whole */
-		if (!lj->win_n && !lj->need_n && lj->next_path < lj->l->n_paths) {
-			rc = local_need(j);
+		if (!lj->win_n && !lj->need_n &&
+		    (j->want_n || lj->next_path < lj->l->n_paths)) {
+			rc = local_need_ahead(j);
+			if (rc == 0 && lj->next_path < lj->l->n_paths)
+				rc = local_need(j);
 			if (j->final)
 				break; /* the send closed the connection, which cancelled the job */
 			if (rc < 0) {
@@ -571,7 +681,9 @@ void on_local_files(struct prefetch *p, struct conn *c, const struct dmc_header 
 	}
 	lj->win_first = first;
 	lj->win_n = n;
+	lj->win_ahead = lj->need_ahead;
 	lj->need_n = 0;
+	lj->need_ahead = false;
 	local_pump(j);
 }
 

@@ -101,6 +101,7 @@ struct prefetch {
 	uint64_t opens_from_grant, grants_withdrawn;
 	uint64_t local_listings_kept; /* local folders whose unchanged listing was kept */
 	uint64_t local_forgotten; /* items a listing kept did not prove again, forgotten */
+	uint64_t local_ahead; /* local items whose files were asked ahead of the walk */
 	struct tier *tier;      /* the cluster tier (tier.h); NULL: none */
 };
 
@@ -272,6 +273,10 @@ struct local_job {
 	/* listed from an unchanged listing of n_items: the rows keep earlier proofs */
 	bool kept;
 	uint32_t n_items;
+	/* the LOCAL_NEED waiting is of items a GET waits for (local_need_ahead()): these,
+	 * in order; once in, the window is theirs, not the walk's */
+	bool need_ahead, win_ahead;
+	uint32_t ahead_items[DMC_FDS_MAX], ahead_n, ahead_seq;
 };
 /* VERIFY hashes every blob: on the threadpool, then the index is corrected on the loop. */
 struct verify_req {
@@ -329,6 +334,9 @@ void task_next_step(struct task *t);
 void task_finish(struct task *t, int err, const char *msg, long http_status);
 int task_from_item(void *ctx, const struct index_item *it);
 bool job_fetches(const struct job *j, int64_t idx);
+/* Items taken ahead of the walk (a bit per index in j->taken). */
+bool taken_test(const struct job *j, int64_t idx);
+int taken_set(struct job *j, int64_t idx);
 void task_start(struct task *t);
 void job_pump(struct job *j);
 
@@ -340,6 +348,9 @@ void local_pump(struct job *j);
  * (task_finish(): its row forgets its content). */
 void local_proved(struct job *j, int64_t idx);
 void local_failed(struct job *j, int64_t idx);
+/* Whether a wanted item of a local job needs nothing more: taken ahead already, or its
+ * files asked for by the walk. */
+bool local_want_done(const struct job *j, int64_t idx);
 /* The job ends (job_finish(), first): its listing's proof record goes when every item was
  * tried. */
 void local_relist_end(struct job *j, uint32_t state);

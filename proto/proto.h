@@ -66,6 +66,7 @@ extern "C" {
 #define DMC_HEADER_SIZE 16u
 #define DMC_FRAME_MAX (1u << 20) /* payload bytes; bulk data travels through shared memory */
 #define DMC_FDS_MAX 253u /* the kernel's SCM_MAX_FD: descriptors of one sendmsg */
+#define DMC_LOCAL_AHEAD 0x80000000u /* LOCAL_NEED first: a window out of order */
 #define DMC_STR_MAX (64u << 10)  /* one string field */
 
 enum dmc_opcode {
@@ -684,7 +685,10 @@ struct dmc_batch_head {
  * the PREFETCH or OPEN):
  *   u32 first, u32 n (1 .. DMC_FDS_MAX), n times str path
  *   first    the position of the first path in the dataset's list of paths (0, then
- *            increasing; windows never overlap and come in order)
+ *            increasing; windows never overlap and come in order), or DMC_LOCAL_AHEAD
+ *            with a sequence number in the low bits: the files of items a GET waits
+ *            for, asked ahead of that order (their paths are not consecutive, and a later
+ *            window in order asks for them again); answered the same way
  *   path     relative to the folder, at most DMC_LOCAL_PATH_MAX bytes
  *
  * LOCAL_FILES (client to daemon; flags 0, the request id of the PREFETCH or OPEN; no reply

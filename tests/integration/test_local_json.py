@@ -366,6 +366,47 @@ def test_a_restarted_daemon_lists_an_unchanged_dataset_json_before_reading_it(tm
     assert d.stop()[0] == 0
 
 
+def test_a_get_ahead_of_the_walk_is_proved_first(tmpdir_short):
+    """An OPEN of a large unchanged folder proves every file again, in order; a GET of its
+    last item does not wait for that walk: the job asks the client for that item's file
+    first (LOCAL_NEED with DMC_LOCAL_AHEAD), serves it once proved, and still proves every
+    other item, each once."""
+    n = 20000
+    root = os.path.join(tmpdir_short, 'ds')
+    os.makedirs(os.path.join(root, 'images'))
+    res = []
+    for i in range(n):
+        rel = 'images/p%d.png' % i
+        if i < 2:
+            shutil.copy(corpus(PNGS[i]), os.path.join(root, rel))
+        else:
+            os.link(os.path.join(root, 'images/p%d.png' % (i % 2)), os.path.join(root, rel))
+        res.append({'id': 'p%d' % i, 'file': rel})
+    write_json(root, json.dumps({'name': 'ahead', 'updated_at': 'v1', 'resources': res}))
+    path = os.path.join(root, 'dataset.json')
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+    time.sleep(0.2)  # older than the racy window: the parse may be recorded
+    d = Daemon(tmpdir_short)
+    rc, f, err = prefetch_dir(d, root)
+    assert rc == 0 and f['items_done'] == n, err
+
+    def ahead():
+        r = d.cli('status', '--json')
+        return json.loads(r.stdout)['counters']['prefetch_local_items_ahead_total']
+
+    assert ahead() == 0
+    rc, arr, meta, said = get_item(d, root, n - 1, tmpdir_short)
+    assert rc == 0, said
+    assert meta['resource']['id'] == 'p%d' % (n - 1)
+    assert np.array_equal(arr, pil_chw(os.path.join(root, 'images/p%d.png' % (n - 1))))
+    assert ahead() == 1
+    # and the folder is whole: proved again, every item once
+    rc, f, err = prefetch_dir(d, root)
+    assert rc == 0 and f['items_total'] == n and f['items_cached'] == n, (f, err)
+    assert d.stop()[0] == 0
+
+
 def test_recent_dataset_json_is_read_every_time(tmpdir_short):
     """A dataset.json changed within the racy window (here: an mtime in the future) is never
     taken from an earlier parse: a write in the same clock tick would not show."""
