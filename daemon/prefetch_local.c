@@ -440,6 +440,29 @@ static void local_task_begin(struct job *j, uint32_t i, const int *fds, const in
 	/* else parked: local_reads_next() starts it when a read ends */
 }
 
+/* Sends LOCAL_NEED for `n` paths from `first`; the job then waits for its LOCAL_FILES. */
+static int send_need(struct local_job *lj, uint32_t first, const char *const *paths,
+		     uint32_t n)
+{
+	uint8_t *frame;
+	int len, rc;
+
+	if (!lj->c)
+		return -ENOTCONN;
+	frame = malloc(DMC_HEADER_SIZE + DMC_FRAME_MAX);
+	if (!frame)
+		return -ENOMEM;
+	len = dmc_local_need_encode(first, paths, n, lj->request_id, frame,
+				    DMC_HEADER_SIZE + DMC_FRAME_MAX);
+	rc = len > 0 ? conn_send(lj->c, frame, (size_t)len) : -EINVAL;
+	free(frame);
+	if (rc < 0)
+		return rc;
+	lj->need_first = first;
+	lj->need_n = n;
+	return 0;
+}
+
 /* Asks the client for the next window of paths: whole items, at most DMC_FDS_MAX. */
 static int local_need(struct job *j)
 {
@@ -447,8 +470,7 @@ static int local_need(struct job *j)
 	const struct local_dataset *l = lj->l;
 	const char *paths[DMC_FDS_MAX];
 	uint32_t first = lj->next_path, n = 0, item;
-	uint8_t *frame;
-	int len, rc;
+	int rc;
 
 	if (!lj->c)
 		return -ENOTCONN;
@@ -462,17 +484,8 @@ static int local_need(struct job *j)
 	}
 	if (n == 0)
 		return 0;
-	frame = malloc(DMC_HEADER_SIZE + DMC_FRAME_MAX);
-	if (!frame)
-		return -ENOMEM;
-	len = dmc_local_need_encode(first, paths, n, lj->request_id, frame,
-				    DMC_HEADER_SIZE + DMC_FRAME_MAX);
-	rc = len > 0 ? conn_send(lj->c, frame, (size_t)len) : -EINVAL;
-	free(frame);
-	if (rc < 0)
+	if ((rc = send_need(lj, first, paths, n)) < 0)
 		return rc;
-	lj->need_first = first;
-	lj->need_n = n;
 	lj->next_path = first + n;
 	return 0;
 }
@@ -501,8 +514,7 @@ static int local_need_ahead(struct job *j)
 	const struct local_dataset *l = lj->l;
 	const char *paths[DMC_FDS_MAX];
 	uint32_t n = 0, first;
-	uint8_t *frame;
-	int len, rc;
+	int rc;
 
 	lj->ahead_n = 0;
 	while (j->want_n) {
@@ -528,20 +540,9 @@ static int local_need_ahead(struct job *j)
 	}
 	if (n == 0)
 		return 0;
-	if (!lj->c)
-		return -ENOTCONN;
-	frame = malloc(DMC_HEADER_SIZE + DMC_FRAME_MAX);
-	if (!frame)
-		return -ENOMEM;
 	first = DMC_LOCAL_AHEAD | (++lj->ahead_seq & ~DMC_LOCAL_AHEAD);
-	len = dmc_local_need_encode(first, paths, n, lj->request_id, frame,
-				    DMC_HEADER_SIZE + DMC_FRAME_MAX);
-	rc = len > 0 ? conn_send(lj->c, frame, (size_t)len) : -EINVAL;
-	free(frame);
-	if (rc < 0)
+	if ((rc = send_need(lj, first, paths, n)) < 0)
 		return rc;
-	lj->need_first = first;
-	lj->need_n = n;
 	lj->need_ahead = true;
 	j->pf->local_ahead += lj->ahead_n;
 	return 1;
