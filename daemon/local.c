@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -41,9 +42,13 @@ void local_dataset_free(struct local_dataset *l)
 	if (!l)
 		return;
 	local_listing_free(l);
-	free(l->items);
-	free(l->masks);
-	free(l->pool);
+	if (l->map) {
+		munmap(l->map, l->map_len);
+	} else {
+		free(l->items);
+		free(l->masks);
+		free(l->pool);
+	}
 	free(l->root);
 	free(l->name);
 	free(l->version);

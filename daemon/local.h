@@ -87,6 +87,8 @@ struct local_dataset {
 	struct local_record *listing; /* per item; NULL after local_listing_free(), or
 				       * when parsed for the paths only */
 	bool paths_only;
+	void *map;      /* non-NULL: items, masks and pool are this mapping (local_table.h) */
+	size_t map_len;
 	char *lpool;
 	size_t lpool_len, lpool_cap;
 	uint8_t digest[32]; /* SHA-256 of dataset.json's bytes as read */

@@ -368,6 +368,7 @@ int prefetch_new(const struct prefetch_deps *deps, struct prefetch **ret)
 	p->flush_timer.data = p;
 	/* batches commit at least every 200 ms, and at every progress event */
 	uv_timer_start(&p->flush_timer, on_flush_timer, 200, 200);
+	local_tables_gc(p); /* item tables of parses the index no longer records */
 	*ret = p;
 	return 0;
 }
@@ -1304,6 +1305,9 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 		ENTRY("prefetch_local_parses_loaded_total", p->local_seen_loaded),
 		ENTRY("prefetch_local_items_forgotten_total", p->local_forgotten),
 		ENTRY("prefetch_local_items_ahead_total", p->local_ahead),
+		ENTRY("prefetch_local_tables_written_total", p->local_tables_written),
+		ENTRY("prefetch_local_tables_mapped_total", p->local_tables_mapped),
+		ENTRY("prefetch_local_tables_refused_total", p->local_tables_refused),
 		ENTRY("prefetch_items_downloaded_total", p->items_downloaded),
 		ENTRY("prefetch_items_revalidated_total", p->items_revalidated),
 		ENTRY("prefetch_items_shared_total", p->items_shared),

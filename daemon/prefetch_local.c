@@ -1,10 +1,11 @@
 /*
  * prefetch's local dataset folders (DMC_SOURCE_LOCAL; local.h, proto.h LOCAL_NEED and
- * LOCAL_FILES): dataset.json parsed on the threadpool, the snapshot listed again, the
- * files asked from the client a window at a time and read through its descriptors on the
- * threadpool into the store, within per-uid and total bounds of reads at once.
- * Loop thread; local_task_work() and local_scan_work() run on the threadpool and touch
- * only their task or job.
+ * LOCAL_FILES), the walk: the files asked from the client a window at a time (and ahead
+ * of the walk for the items GETs wait for), read through its descriptors on the
+ * threadpool into the store, within per-uid and total bounds of reads at once. The
+ * listing (dataset.json, its kept identity and item table) is prefetch_local_list.c's,
+ * the proofs prefetch_local_proof.c's.
+ * Loop thread; local_task_work() runs on the threadpool and touches only its task.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -19,6 +20,7 @@
 #include "conn.h"
 #include "datamint.h"
 #include "local.h"
+#include "local_table.h"
 #include "log.h"
 #include "index.h"
 #include "prefetch_priv.h"
@@ -53,9 +55,9 @@
  * one thread at most, of its uid's two, and never the last free one of the pool (4).
  */
 #define LOCAL_READS_PER_UID 2u
-/* A folder of at least this many items gives what its parse took back (malloc_trim). */
-#define LOCAL_TRIM_ITEMS 10000u
 #define LOCAL_READS_MAX 3u
+/* A mapped item table's pages are given back every this many items walked. */
+#define TABLE_TRIM_ITEMS 65536u
 
 /* A task's files: the image (k = 0) and its masks, with what fstat said of each. */
 struct local_files {
@@ -463,6 +465,37 @@ static int send_need(struct local_job *lj, uint32_t first, const char *const *pa
 	return 0;
 }
 
+/* The paths of a mapped table are checked again as they are asked for (local_table.h). */
+static bool paths_ok(const struct local_dataset *l, const char *const *paths, uint32_t n)
+{
+	for (uint32_t k = 0; l->map && k < n; k++)
+		if (!local_table_path_ok(paths[k]))
+			return false;
+	return true;
+}
+
+#define TABLE_DAMAGED                                                                      \
+	"the daemon's saved table of dataset.json is damaged (removed): open the folder again"
+
+/* A mapped table held a path that leaves the folder: it goes, and the job fails; the next
+ * OPEN parses dataset.json. */
+static void table_refused(struct job *j)
+{
+	struct local_job *lj = j->lj;
+
+	j->pf->local_tables_refused++;
+	local_table_remove(store_dir(j->pf->d.cache->store), j->uid, lj->table_digest);
+	log_warn(FETCH, "job %" PRIu64 ": the item table of '%.200s' holds a path that leaves "
+		 "the folder: removed", j->id, j->project_arg);
+	record_error(j, -DMC_E_IO, 0, 0, NULL, TABLE_DAMAGED);
+	/* the GETs that wait for the items asked ahead hear why */
+	for (uint32_t i = 0; i < lj->ahead_n && j->pf->item_hook; i++)
+		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, lj->ahead_items[i],
+				 -DMC_E_IO, TABLE_DAMAGED);
+	lj->ahead_n = 0;
+	job_finish(j, DMC_JOB_FAILED);
+}
+
 /* Asks the client for the next window of paths: whole items, at most DMC_FDS_MAX. */
 static int local_need(struct job *j)
 {
@@ -484,6 +517,8 @@ static int local_need(struct job *j)
 	}
 	if (n == 0)
 		return 0;
+	if (!paths_ok(l, paths, n))
+		return -EBADMSG;
 	if ((rc = send_need(lj, first, paths, n)) < 0)
 		return rc;
 	lj->next_path = first + n;
@@ -540,6 +575,8 @@ static int local_need_ahead(struct job *j)
 	}
 	if (n == 0)
 		return 0;
+	if (!paths_ok(l, paths, n))
+		return -EBADMSG;
 	first = DMC_LOCAL_AHEAD | (++lj->ahead_seq & ~DMC_LOCAL_AHEAD);
 	if ((rc = send_need(lj, first, paths, n)) < 0)
 		return rc;
@@ -616,6 +653,10 @@ void local_pump(struct job *j)
 		}
 		if (j->final)
 			break;
+		if (lj->l->map && lj->next_item - lj->trimmed_at >= TABLE_TRIM_ITEMS) {
+			local_table_trim(lj->l); /* the walk's pages go back to the page cache */
+			lj->trimmed_at = lj->next_item;
+		}
 		if (lj->win_n && (lj->next_item >= lj->l->n ||
 				  lj->l->items[lj->next_item].first_path >= lj->win_first + lj->win_n))
 			lj->win_n = 0; /* handed out whole */
@@ -626,6 +667,10 @@ void local_pump(struct job *j)
 				rc = local_need(j);
 			if (j->final)
 				break; /* the send closed the connection, which cancelled the job */
+			if (rc == -EBADMSG) {
+				table_refused(j);
+				break;
+			}
 			if (rc < 0) {
 				record_error(j, -DMC_E_CANCELLED, 0, 0, NULL,
 					     "the client that opened the files went away");
@@ -709,712 +754,3 @@ void local_conn_closed(struct prefetch *p, struct conn *c)
 	}
 }
 
-/* ---- dataset.json's identity: a listing answered before the parse ---- */
-
-void local_seen_clear(struct prefetch *p)
-{
-	for (unsigned i = 0; i < LOCAL_SEEN_MAX; i++) {
-		struct local_seen *e = &p->local_seen[i];
-		free(e->root);
-		free(e->name);
-		free(e->version);
-		memset(e, 0, sizeof(*e));
-	}
-}
-
-/* The entry of (uid, folder), or NULL. */
-static struct local_seen *seen_find(struct prefetch *p, uid_t uid, const char *root)
-{
-	for (unsigned i = 0; i < LOCAL_SEEN_MAX; i++)
-		if (p->local_seen[i].root && p->local_seen[i].uid == uid &&
-		    strcmp(p->local_seen[i].root, root) == 0)
-			return &p->local_seen[i];
-	return NULL;
-}
-
-static void seen_forget(struct local_seen *e)
-{
-	free(e->root);
-	free(e->name);
-	free(e->version);
-	memset(e, 0, sizeof(*e));
-}
-
-static bool listing_unchanged(struct index *ix, int64_t id, const uint8_t *digest, uint32_t n);
-
-/* INDEX_PROBE_LOCAL_SEEN's row: the identity, the digest, the count. */
-#define SEEN_ROW (5 * 8 + STORE_DIGEST_SIZE + 4)
-
-static void put_le64(uint8_t *p, uint64_t v)
-{
-	for (unsigned i = 0; i < 8; i++)
-		p[i] = (uint8_t)(v >> (8 * i));
-}
-
-static uint64_t get_le64(const uint8_t *p)
-{
-	uint64_t v = 0;
-
-	for (unsigned i = 0; i < 8; i++)
-		v |= (uint64_t)p[i] << (8 * i);
-	return v;
-}
-
-/* The parse's identity, kept with the snapshot (empty: none holds) for the next start. */
-static void seen_record(struct index *ix, int64_t id, const struct local_dataset *l)
-{
-	uint8_t row[SEEN_ROW];
-
-	if (!l->stable) {
-		index_probe_put(ix, id, INDEX_PROBE_LOCAL_SEEN, row, 0);
-		return;
-	}
-	put_le64(row, l->stamp.dev);
-	put_le64(row + 8, l->stamp.ino);
-	put_le64(row + 16, (uint64_t)l->stamp.size);
-	put_le64(row + 24, (uint64_t)l->stamp.mtime_ns);
-	put_le64(row + 32, (uint64_t)l->stamp.ctime_ns);
-	memcpy(row + 40, l->digest, STORE_DIGEST_SIZE);
-	row[40 + STORE_DIGEST_SIZE] = (uint8_t)l->n;
-	row[41 + STORE_DIGEST_SIZE] = (uint8_t)(l->n >> 8);
-	row[42 + STORE_DIGEST_SIZE] = (uint8_t)(l->n >> 16);
-	row[43 + STORE_DIGEST_SIZE] = (uint8_t)(l->n >> 24);
-	index_probe_put(ix, id, INDEX_PROBE_LOCAL_SEEN, row, sizeof(row));
-}
-
-struct seen_find_ctx {
-	uid_t uid;
-	const char *root;
-	int64_t id;
-	char *name, *version;
-};
-
-/* The uid's latest snapshot of the folder (snapshots come by id). */
-static int seen_snap_cb(void *ctx, const struct index_snapshot *s)
-{
-	struct seen_find_ctx *f = ctx;
-	char *name, *version;
-
-	if (s->source != INDEX_SOURCE_FOLDER || s->owner != (int64_t)f->uid || !s->project_id ||
-	    strcmp(s->project_id, f->root) != 0 || !s->project_name || !s->version)
-		return 0;
-	name = strdup(s->project_name);
-	version = strdup(s->version);
-	if (!name || !version) {
-		free(name);
-		free(version);
-		return 0;
-	}
-	free(f->name);
-	free(f->version);
-	f->name = name;
-	f->version = version;
-	f->id = s->id;
-	return 0;
-}
-
-/*
- * Nothing in memory for (uid, folder), as after a start: what the index kept of the uid's
- * own last stable parse (INDEX_PROBE_LOCAL_SEEN) becomes the entry, when the snapshot is
- * still listed from those bytes (the same check as for an entry made in this run).
- */
-static struct local_seen *seen_load(struct prefetch *p, uid_t uid, const char *root)
-{
-	struct index *ix = p->d.cache->index;
-	struct seen_find_ctx f = { uid, root, 0, NULL, NULL };
-	struct local_seen *e = NULL;
-	uint8_t *row = NULL;
-	size_t len = 0;
-	uint32_t n;
-
-	if (index_snapshot_list(ix, seen_snap_cb, &f) < 0 || !f.id ||
-	    index_probe_get(ix, f.id, INDEX_PROBE_LOCAL_SEEN, (void **)&row, &len) < 0 ||
-	    len != SEEN_ROW)
-		goto out;
-	n = (uint32_t)row[40 + STORE_DIGEST_SIZE] | (uint32_t)row[41 + STORE_DIGEST_SIZE] << 8 |
-	    (uint32_t)row[42 + STORE_DIGEST_SIZE] << 16 | (uint32_t)row[43 + STORE_DIGEST_SIZE] << 24;
-	if (!listing_unchanged(ix, f.id, row + 40, n))
-		goto out;
-	e = &p->local_seen[0];
-	for (unsigned i = 0; i < LOCAL_SEEN_MAX && e->root; i++)
-		if (!p->local_seen[i].root || p->local_seen[i].used < e->used)
-			e = &p->local_seen[i];
-	seen_forget(e);
-	e->root = strdup(root);
-	e->name = f.name;
-	e->version = f.version;
-	f.name = f.version = NULL;
-	if (!e->root) {
-		seen_forget(e);
-		e = NULL;
-		goto out;
-	}
-	e->uid = uid;
-	e->stamp.dev = get_le64(row);
-	e->stamp.ino = get_le64(row + 8);
-	e->stamp.size = (int64_t)get_le64(row + 16);
-	e->stamp.mtime_ns = (int64_t)get_le64(row + 24);
-	e->stamp.ctime_ns = (int64_t)get_le64(row + 32);
-	e->snapshot_id = f.id;
-	memcpy(e->digest, row + 40, STORE_DIGEST_SIZE);
-	e->n = n;
-	e->used = ++p->local_seen_clock;
-	p->local_seen_loaded++;
-out:
-	free(row);
-	free(f.name);
-	free(f.version);
-	return e;
-}
-
-/* Records what the job's parse gave, when dataset.json was stable while read; else forgets
- * what an earlier one gave. */
-static void seen_put(struct job *j, int64_t snapshot_id)
-{
-	struct prefetch *p = j->pf;
-	const struct local_dataset *l = j->lj->l;
-	struct local_seen *e = seen_find(p, j->uid, j->project_arg);
-
-	if (!e && l->stable) {
-		e = &p->local_seen[0];
-		for (unsigned i = 0; i < LOCAL_SEEN_MAX && e->root; i++)
-			if (!p->local_seen[i].root || p->local_seen[i].used < e->used)
-				e = &p->local_seen[i];
-	}
-	seen_record(p->d.cache->index, snapshot_id, l);
-	if (!e)
-		return;
-	seen_forget(e);
-	if (!l->stable)
-		return;
-	e->root = strdup(j->project_arg);
-	e->name = strdup(l->name);
-	e->version = strdup(l->version);
-	if (!e->root || !e->name || !e->version) {
-		seen_forget(e);
-		return;
-	}
-	e->uid = j->uid;
-	e->stamp = l->stamp;
-	e->snapshot_id = snapshot_id;
-	memcpy(e->digest, l->digest, sizeof(e->digest));
-	e->n = l->n;
-	e->used = ++p->local_seen_clock;
-}
-
-void local_scan_prepare(struct job *j)
-{
-	struct local_seen *e = seen_find(j->pf, j->uid, j->project_arg);
-
-	if (!e)
-		e = seen_load(j->pf, j->uid, j->project_arg);
-
-	j->lj->want_set = e != NULL;
-	if (e)
-		j->lj->want = e->stamp;
-}
-
-void local_scan_work(uv_work_t *w)
-{
-	struct job *j = w->data;
-	struct local_job *lj = j->lj;
-	struct local_stamp now;
-	struct stat st;
-
-	/* the descriptor shows the identity an earlier parse of this uid recorded: listed
-	 * from that (local_scan_after) before anything is read */
-	lj->hit = false;
-	if (!lj->early && lj->want_set && fstat(lj->json_fd, &st) == 0 && S_ISREG(st.st_mode)) {
-		local_stamp_of(&st, &now);
-		if (memcmp(&now, &lj->want, sizeof(now)) == 0) {
-			lj->hit = true;
-			return;
-		}
-	}
-	j->scan_err = local_parse(lj->json_fd, j->project_arg, lj->early, &lj->l, j->scan_msg,
-				  sizeof(j->scan_msg));
-}
-
-/* The row INDEX_PROBE_LOCAL_LISTING of a listing: dataset.json's digest, the item count. */
-static void listing_row(const uint8_t *digest, uint32_t n, uint8_t row[STORE_DIGEST_SIZE + 4])
-{
-	memcpy(row, digest, STORE_DIGEST_SIZE);
-	row[STORE_DIGEST_SIZE] = (uint8_t)n;
-	row[STORE_DIGEST_SIZE + 1] = (uint8_t)(n >> 8);
-	row[STORE_DIGEST_SIZE + 2] = (uint8_t)(n >> 16);
-	row[STORE_DIGEST_SIZE + 3] = (uint8_t)(n >> 24);
-}
-
-static int listing_record(struct index *ix, int64_t id, const struct local_dataset *l)
-{
-	uint8_t row[STORE_DIGEST_SIZE + 4];
-
-	listing_row(l->digest, l->n, row);
-	return index_probe_put(ix, id, INDEX_PROBE_LOCAL_LISTING, row, sizeof(row));
-}
-
-struct listing_snap {
-	bool sealed;
-	int64_t item_count;
-};
-
-static int listing_snap_cb(void *ctx, const struct index_snapshot *s)
-{
-	struct listing_snap *ls = ctx;
-
-	ls->sealed = s->sealed;
-	ls->item_count = s->item_count;
-	return 0;
-}
-
-/* The snapshot's items were put from these very dataset.json bytes, and are all there. */
-static bool listing_unchanged(struct index *ix, int64_t id, const uint8_t *digest, uint32_t n)
-{
-	uint8_t want[STORE_DIGEST_SIZE + 4];
-	struct listing_snap ls = { 0 };
-	void *row = NULL;
-	size_t len = 0;
-	bool same;
-
-	if (index_snapshot_get(ix, id, listing_snap_cb, &ls) < 0 || !ls.sealed ||
-	    ls.item_count != (int64_t)n ||
-	    index_probe_get(ix, id, INDEX_PROBE_LOCAL_LISTING, &row, &len) < 0)
-		return false;
-	listing_row(digest, n, want);
-	same = len == sizeof(want) && memcmp(row, want, sizeof(want)) == 0;
-	free(row);
-	return same;
-}
-
-/* ---- proofs: every item proved again by each job that lists the folder ----
- *
- * A listing whose items were put again (dataset.json changed) forgets every item's content
- * at once (index_local_relist()). An unchanged listing leaves the rows as they are, and
- * the job proves each item again, writing only what changed (a file read again, a size);
- * an item whose proof fails is forgotten at once (local_failed()). Either way the listing
- * starts the snapshot's proof record (struct lproof, one bit per item, set by any job's
- * proof from then on): while it exists, prefetch_item_unproved() trusts a row only when its
- * bit is set. It goes when a job of that listing has tried every item (each row is then
- * proved or forgotten); a job that ends before (its client gone) leaves it, so that the
- * items it did not reach are not served by an earlier proof, and nothing is written for
- * them. Serve is told of every listing (PREFETCH_RELISTED): the rows its regions kept
- * must not hand an item in place by what an earlier proof found.
- */
-
-/* More records than this: the oldest one's snapshot is trusted in nothing until listed
- * again (its id goes to p->distrust). */
-#define LPROOFS_MAX 32u
-
-static struct lproof *lproof_of(struct prefetch *p, int64_t id)
-{
-	for (uint32_t i = 0; i < p->n_lproofs; i++)
-		if (p->lproofs[i].snapshot_id == id)
-			return &p->lproofs[i];
-	return NULL;
-}
-
-static void lproof_drop(struct prefetch *p, struct lproof *lp)
-{
-	free(lp->bits);
-	*lp = p->lproofs[--p->n_lproofs];
-}
-
-static void distrust_add(struct prefetch *p, int64_t id)
-{
-	for (uint32_t i = 0; i < p->n_distrust; i++)
-		if (p->distrust[i] == id)
-			return;
-	if (p->n_distrust == p->cap_distrust) {
-		uint32_t nc = p->cap_distrust ? p->cap_distrust * 2 : 8;
-		int64_t *nd = realloc(p->distrust, nc * sizeof(*nd));
-		if (!nd)
-			return;
-		p->distrust = nd;
-		p->cap_distrust = nc;
-	}
-	p->distrust[p->n_distrust++] = id;
-}
-
-static void distrust_drop(struct prefetch *p, int64_t id)
-{
-	for (uint32_t i = 0; i < p->n_distrust;)
-		if (p->distrust[i] == id)
-			p->distrust[i] = p->distrust[--p->n_distrust];
-		else
-			i++;
-}
-
-void local_proofs_clear(struct prefetch *p)
-{
-	while (p->n_lproofs)
-		lproof_drop(p, &p->lproofs[0]);
-	free(p->lproofs);
-	p->lproofs = NULL;
-	free(p->distrust);
-	p->distrust = NULL;
-	p->n_distrust = p->cap_distrust = 0;
-}
-
-/* A new proof record of `n` items for snapshot `id`, listed by `j` (replacing the one
- * there); false without memory. */
-static bool lproof_begin(struct job *j, int64_t id, uint32_t n)
-{
-	struct prefetch *p = j->pf;
-	struct lproof *lp = lproof_of(p, id);
-	uint8_t *bits = calloc((size_t)n / 8 + 1, 1);
-
-	if (!bits)
-		return false;
-	if (!lp && p->n_lproofs == LPROOFS_MAX) {
-		/* the oldest record goes: nothing of its snapshot is trusted until listed again */
-		struct lproof *old = &p->lproofs[0];
-		for (uint32_t i = 1; i < p->n_lproofs; i++)
-			if (p->lproofs[i].gen < old->gen)
-				old = &p->lproofs[i];
-		distrust_add(p, old->snapshot_id);
-		lproof_drop(p, old);
-	}
-	if (!lp) {
-		if (!(p->n_lproofs % 8)) {
-			struct lproof *nl = realloc(p->lproofs, (p->n_lproofs + 8) * sizeof(*nl));
-			if (!nl) {
-				free(bits);
-				return false;
-			}
-			p->lproofs = nl;
-		}
-		lp = &p->lproofs[p->n_lproofs++];
-	} else {
-		free(lp->bits);
-	}
-	lp->snapshot_id = id;
-	lp->gen = ++p->lproof_gen;
-	lp->n = n;
-	lp->bits = bits;
-	j->lj->gen = lp->gen;
-	distrust_drop(p, id);
-	if (p->item_hook)
-		p->item_hook(p->item_hook_ctx, id, PREFETCH_RELISTED, 0, NULL);
-	return true;
-}
-
-/* Snapshot `id` listed again: `put` (its items put again from a changed dataset.json) or
- * not, `n` items. Every item is proved again before it is served. */
-static int relist(struct job *j, int64_t id, uint32_t n, bool put)
-{
-	struct prefetch *p = j->pf;
-	struct lproof *lp;
-	int rc;
-
-	j->lj->n_items = n;
-	if (!put && lproof_begin(j, id, n)) {
-		j->lj->kept = true;
-		return 0;
-	}
-	/* put again, or no memory for the record: every item's content forgotten now */
-	rc = index_local_relist(p->d.cache->index, id, n);
-	if (rc < 0)
-		return rc;
-	if (!lproof_begin(j, id, n)) {
-		/* the rows hold nothing an earlier proof found: none is trusted wrongly */
-		if ((lp = lproof_of(p, id)))
-			lproof_drop(p, lp);
-		distrust_drop(p, id);
-		if (p->item_hook)
-			p->item_hook(p->item_hook_ctx, id, PREFETCH_RELISTED, 0, NULL);
-	}
-	return 0;
-}
-
-void local_proved(struct job *j, int64_t idx)
-{
-	struct lproof *lp = lproof_of(j->pf, j->snapshot_id);
-
-	if (lp && idx >= 0 && idx < (int64_t)lp->n)
-		lp->bits[idx / 8] |= (uint8_t)(1u << (idx % 8));
-}
-
-void local_failed(struct job *j, int64_t idx)
-{
-	struct prefetch *p = j->pf;
-
-	if (j->snapshot_id <= 0 || idx < 0)
-		return;
-	if (index_local_forget(p->d.cache->index, j->snapshot_id, idx, idx + 1) == 0) {
-		j->lj->forgot = true;
-		p->local_forgotten++;
-	} else {
-		distrust_add(p, j->snapshot_id);
-	}
-}
-
-void local_relist_end(struct job *j, uint32_t state)
-{
-	struct local_job *lj = j->lj;
-	struct prefetch *p = j->pf;
-	struct index *ix = p->d.cache->index;
-	struct lproof *lp;
-
-	if (!lj || !lj->gen)
-		return;
-	if (lj->forgot && index_flush(ix) < 0) {
-		/* a failed proof's row may still say what an earlier proof found */
-		log_err(FETCH, "job %" PRIu64 ": cannot forget the items of snapshot %" PRId64
-			       " it could not prove again (%s): the snapshot is not served until it "
-			       "is listed again", j->id, j->snapshot_id, index_errmsg(ix));
-		distrust_add(p, j->snapshot_id);
-	}
-	/* every item tried since the record began: each row is proved or forgotten */
-	lp = lproof_of(p, j->snapshot_id);
-	if (lp && lp->gen == lj->gen && state != DMC_JOB_CANCELLED && lj->tried >= lp->n)
-		lproof_drop(p, lp);
-	lj->gen = 0;
-}
-
-bool prefetch_item_unproved(struct prefetch *p, int64_t id, int64_t idx)
-{
-	const struct lproof *lp;
-
-	for (uint32_t i = 0; i < p->n_distrust; i++)
-		if (p->distrust[i] == id)
-			return true;
-	lp = lproof_of(p, id);
-	return lp && (idx < 0 || idx >= (int64_t)lp->n || !(lp->bits[idx / 8] & (1u << (idx % 8))));
-}
-
-struct folder_snap {
-	uid_t uid;
-	const char *root, *version;
-	bool ok;
-};
-
-static int folder_snap_cb(void *ctx, const struct index_snapshot *s)
-{
-	struct folder_snap *f = ctx;
-
-	f->ok = s->source == INDEX_SOURCE_FOLDER && s->owner == (int64_t)f->uid &&
-		s->project_id && strcmp(s->project_id, f->root) == 0 && s->version &&
-		strcmp(s->version, f->version) == 0;
-	return 0;
-}
-
-static int queue_scan(struct job *j)
-{
-	j->scan_work.data = j;
-	if (uv_queue_work(j->pf->d.loop, &j->scan_work, local_scan_work, local_scan_after) != 0)
-		return -ENOMEM;
-	j->pending++;
-	return 0;
-}
-
-/*
- * dataset.json's descriptor shows the identity this uid's earlier parse recorded (struct
- * local_seen): the uid's own snapshot, still listed from those very bytes, is listed again
- * (every item to be proved again, as always) and the OPEN answered now; the parse for the
- * paths follows on the threadpool, and the job asks for files once it is in. False: the
- * record does not hold (any more), and the job reads dataset.json first.
- */
-static bool local_early(struct job *j)
-{
-	struct local_job *lj = j->lj;
-	struct prefetch *p = j->pf;
-	struct index *ix = p->d.cache->index;
-	struct local_seen *s = seen_find(p, j->uid, j->project_arg);
-	struct folder_snap f = { j->uid, j->project_arg, NULL, false };
-	struct dm_error e = { 0 };
-	struct dm_project *proj;
-	int rc;
-
-	if (!s || memcmp(&s->stamp, &lj->want, sizeof(s->stamp)) != 0 ||
-	    (j->version_arg[0] && strcmp(j->version_arg, "latest") != 0 &&
-	     strcmp(j->version_arg, s->version) != 0))
-		return false;
-	f.version = s->version;
-	if (index_snapshot_get(ix, s->snapshot_id, folder_snap_cb, &f) < 0 || !f.ok ||
-	    !listing_unchanged(ix, s->snapshot_id, s->digest, s->n)) {
-		seen_forget(s);
-		return false;
-	}
-	proj = calloc(1, sizeof(*proj));
-	if (proj) {
-		proj->id = strdup(j->project_arg);
-		proj->name = strdup(s->name);
-		proj->dataset_id = strdup("");
-		proj->version = strdup(s->version);
-	}
-	if (!proj || !proj->id || !proj->name || !proj->dataset_id || !proj->version) {
-		dm_project_free(proj);
-		return false;
-	}
-	j->proj = proj;
-	j->snapshot_id = s->snapshot_id;
-	s->used = ++p->local_seen_clock;
-	p->local_listings_kept++;
-	p->local_parses_skipped++;
-	lj->early = true;
-	rc = relist(j, j->snapshot_id, s->n, false);
-	if (rc == 0)
-		rc = index_flush(ix);
-	if (rc < 0) {
-		e.err = rc;
-		snprintf(e.message, sizeof(e.message), "cannot record the snapshot: %s",
-			 index_errmsg(ix));
-		fail_job(j, &e);
-		return true;
-	}
-	if (queue_scan(j) < 0) {
-		e.err = -ENOMEM;
-		snprintf(e.message, sizeof(e.message), "cannot start");
-		fail_job(j, &e);
-		return true;
-	}
-	start_downloading(j); /* -> notify_ready: the OPEN is answered */
-	return true;
-}
-
-/* The parse of a job listed early is in: the same bytes the listing came from, then the
- * files are asked for; else the job fails (the folder changed under the OPEN). */
-static void local_parsed_late(struct job *j)
-{
-	struct local_job *lj = j->lj;
-	struct index *ix = j->pf->d.cache->index;
-	struct local_seen *s;
-
-	if (j->scan_err < 0 || !listing_unchanged(ix, j->snapshot_id, lj->l->digest, lj->l->n)) {
-		if ((s = seen_find(j->pf, j->uid, j->project_arg)))
-			seen_forget(s);
-		record_error(j, j->scan_err < 0 ? j->scan_err : -DMC_E_IO, 0, 0, NULL,
-			     j->scan_err < 0 ? j->scan_msg
-					     : "dataset.json changed while the folder was opened: "
-					       "open it again");
-		job_finish(j, DMC_JOB_FAILED);
-		return;
-	}
-	local_listing_free(lj->l);
-	if (lj->l->n >= LOCAL_TRIM_ITEMS)
-		malloc_trim(0);
-	local_pump(j);
-}
-
-void local_scan_after(uv_work_t *w, int status)
-{
-	struct job *j = w->data;
-	struct local_job *lj = j->lj;
-	struct index *ix = j->pf->d.cache->index;
-	struct dm_error e = { 0 };
-	struct dm_project *proj;
-	int64_t id;
-	bool created;
-	int rc = 0;
-
-	(void)status;
-	j->pending--;
-	if (!j->final && lj->hit) {
-		if (local_early(j))
-			return;
-		lj->want_set = false; /* the record does not hold: dataset.json is read now */
-		if (queue_scan(j) == 0)
-			return;
-		e.err = -ENOMEM;
-		snprintf(e.message, sizeof(e.message), "cannot start");
-		fail_job(j, &e);
-		return;
-	}
-	close(lj->json_fd);
-	lj->json_fd = -1;
-	if (j->final) {
-		job_maybe_free(j);
-		return;
-	}
-	if (lj->early) {
-		local_parsed_late(j);
-		return;
-	}
-	if (j->scan_err < 0) {
-		e.err = j->scan_err == -EACCES || j->scan_err == -ENOENT ? -DMC_E_NOT_FOUND_OR_DENIED
-									   : j->scan_err;
-		snprintf(e.message, sizeof(e.message), "%s", j->scan_msg);
-		fail_job(j, &e);
-		return;
-	}
-	proj = calloc(1, sizeof(*proj));
-	if (proj) {
-		proj->id = strdup(lj->l->root);
-		proj->name = strdup(lj->l->name);
-		proj->dataset_id = strdup("");
-		proj->version = strdup(lj->l->version);
-	}
-	if (!proj || !proj->id || !proj->name || !proj->dataset_id || !proj->version) {
-		dm_project_free(proj);
-		e.err = -ENOMEM;
-		fail_job(j, &e);
-		return;
-	}
-	j->proj = proj;
-	if (j->version_arg[0] && strcmp(j->version_arg, "latest") != 0 &&
-	    strcmp(j->version_arg, proj->version) != 0) {
-		e.err = -DMC_E_NOT_FOUND_OR_DENIED;
-		snprintf(e.message, sizeof(e.message), "the folder holds version '%.80s'",
-			 proj->version);
-		fail_job(j, &e);
-		return;
-	}
-	/* the uid's own snapshot (owner): it holds what this uid's descriptors proved */
-	{
-		struct index_snapshot key = {
-			.source = INDEX_SOURCE_FOLDER,
-			.server_url = "",
-			.project_id = proj->id,
-			.project_name = proj->name,
-			.version = proj->version,
-			.created_at = (int64_t)time(NULL),
-			.owner = (int64_t)j->uid,
-		};
-		rc = index_snapshot_get_or_create(ix, &key, &id, &created);
-	}
-	j->snapshot_id = rc == 0 ? id : 0;
-	/* every item's content is proved again every time, by this job's descriptors (by its
-	 * digest, or by the uid's own unchanged inode). The items themselves are put again,
-	 * their contents forgotten at once, only when dataset.json's bytes differ from those
-	 * they were last put from (or their count does); else they wait for their proofs
-	 * (relist_begin()) */
-	if (rc == 0 && !created && listing_unchanged(ix, id, lj->l->digest, lj->l->n)) {
-		j->pf->local_listings_kept++;
-		rc = relist(j, id, lj->l->n, false);
-	} else if (rc == 0) {
-		for (uint32_t i = 0; i < lj->l->n && rc == 0; i++) {
-			struct index_item item = {
-				.snapshot_id = id,
-				.idx = i,
-				.resource_id = local_item_id(lj->l, i),
-				.filename = local_item_filename(lj->l, i),
-				.mimetype = local_item_mimetype(lj->l, i),
-				.size = 0, /* known at fstat */
-				.etag = NULL,
-			};
-			item.meta = local_item_meta(lj->l, i, &item.meta_len);
-			rc = index_item_put(ix, &item);
-		}
-		if (rc == 0)
-			rc = relist(j, id, lj->l->n, true);
-		if (rc == 0)
-			rc = index_snapshot_seal(ix, id);
-		if (rc == 0)
-			rc = listing_record(ix, id, lj->l);
-	}
-	if (rc == 0)
-		rc = index_flush(ix);
-	/* the records are in the index now: the job keeps ids and paths only (local.h) */
-	local_listing_free(lj->l);
-	if (lj->l->n >= LOCAL_TRIM_ITEMS)
-		malloc_trim(0); /* what the parse and the listing took goes back to the system */
-	if (rc < 0) {
-		e.err = rc;
-		snprintf(e.message, sizeof(e.message), "cannot record the snapshot: %s",
-			 index_errmsg(ix));
-		fail_job(j, &e);
-		return;
-	}
-	seen_put(j, id); /* a later OPEN of this uid may be listed from this parse */
-	start_downloading(j); /* -> job_pump -> local_pump */
-}

@@ -102,6 +102,8 @@ struct prefetch {
 	uint64_t local_listings_kept; /* local folders whose unchanged listing was kept */
 	uint64_t local_forgotten; /* items a listing kept did not prove again, forgotten */
 	uint64_t local_ahead; /* local items whose files were asked ahead of the walk */
+	/* local item tables (local_table.h): written, mapped instead of a parse, refused */
+	uint64_t local_tables_written, local_tables_mapped, local_tables_refused;
 	struct tier *tier;      /* the cluster tier (tier.h); NULL: none */
 };
 
@@ -277,6 +279,15 @@ struct local_job {
 	 * in order; once in, the window is theirs, not the walk's */
 	bool need_ahead, win_ahead;
 	uint32_t ahead_items[DMC_FDS_MAX], ahead_n, ahead_seq;
+	/* the item table kept on disk (local_table.h): listed early, the job maps the one
+	 * of (uid, table_digest) before it parses; a stable parse's table is written by
+	 * table_work */
+	bool table_try;
+	int table_rc;
+	uint8_t table_digest[STORE_DIGEST_SIZE];
+	uint32_t table_n;
+	uint32_t trimmed_at; /* next_item when the mapping's pages were last given back */
+	uv_work_t table_work;
 };
 /* VERIFY hashes every blob: on the threadpool, then the index is corrected on the loop. */
 struct verify_req {
@@ -346,6 +357,9 @@ void local_seen_clear(struct prefetch *p);
 void local_pump(struct job *j);
 /* Item `idx` is proved by this job's descriptors (task_next_step()), or its proof failed
  * (task_finish(): its row forgets its content). */
+/* The snapshot `id` of job j's folder is listed (its n items put again when `put`): its
+ * proof record begins, serve is told (prefetch_local_proof.c). */
+int local_relist(struct job *j, int64_t id, uint32_t n, bool put);
 void local_proved(struct job *j, int64_t idx);
 void local_failed(struct job *j, int64_t idx);
 /* Whether a wanted item of a local job needs nothing more: taken ahead already, or its
@@ -355,6 +369,8 @@ bool local_want_done(const struct job *j, int64_t idx);
  * tried. */
 void local_relist_end(struct job *j, uint32_t state);
 void local_proofs_clear(struct prefetch *p);
+/* Removes the item tables no folder snapshot's recorded parse wants (at start). */
+void local_tables_gc(struct prefetch *p);
 void on_local_files(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 		    const uint8_t *payload);
 void local_conn_closed(struct prefetch *p, struct conn *c);

@@ -501,3 +501,116 @@ def test_cut_and_flipped_bytes_are_refused_or_listed_never_crash(tmpdir_short):
     rc, f, err = prefetch_dir(d, root)
     assert rc == 0 and f['items_done'] == 2, err
     assert d.stop()[0] == 0
+
+
+def tables(d):
+    c = json.loads(d.cli('status', '--json').stdout)['counters']
+    return (c['prefetch_local_tables_written_total'], c['prefetch_local_tables_mapped_total'],
+            c['prefetch_local_tables_refused_total'])
+
+
+def table_files(d):
+    t = os.path.join(d.cache, 'tables')
+    return sorted(os.listdir(t)) if os.path.isdir(t) else []
+
+
+def eventually(fn, want, timeout=20):
+    """fn() once it returns `want` (a table is written beside the walk), else its last."""
+    end = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got == want or time.monotonic() > end:
+            return got
+        time.sleep(0.05)
+
+
+def test_a_kept_item_table_is_mapped_instead_of_parsing(tmpdir_short):
+    """A stable parse leaves the folder's item table in the cache directory (tables/,
+    named by the uid and dataset.json's digest, 0600); an OPEN listed from that parse maps
+    it instead of reading dataset.json again, also after a restart. A table that fails its
+    checks, or holds a path that leaves the folder, is removed and never followed: the
+    next OPEN parses and writes it again, byte for byte; a changed dataset.json's table
+    replaces the old one."""
+    import hashlib
+    n = 400
+    root = os.path.join(tmpdir_short, 'ds')
+    os.makedirs(os.path.join(root, 'images'))
+    res = []
+    for i in range(n):
+        rel = 'images/p%03d.png' % i
+        if i < 2:
+            shutil.copy(corpus(PNGS[i]), os.path.join(root, rel))
+        else:
+            os.link(os.path.join(root, 'images/p%03d.png' % (i % 2)), os.path.join(root, rel))
+        res.append({'id': 'p%d' % i, 'file': rel, 'annotations': []})
+    res[5]['annotations'] = [{'id': 'm5', 'file': 'images/p001.png'}]
+    path = os.path.join(root, 'dataset.json')
+
+    def settle():
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+        time.sleep(0.2)  # older than the racy window: the parse may be recorded
+
+    write_json(root, json.dumps({'name': 'tab', 'updated_at': 'v1', 'resources': res}))
+    settle()
+    digest = hashlib.sha256(open(path, 'rb').read()).hexdigest()
+    name = '%d-%s' % (os.getuid(), digest)
+    d = Daemon(tmpdir_short)
+    rc, f, err = prefetch_dir(d, root)
+    assert rc == 0 and f['items_done'] == n, err
+    assert eventually(lambda: tables(d), (1, 0, 0)) == (1, 0, 0)
+    assert table_files(d) == [name]
+    tpath = os.path.join(d.cache, 'tables', name)
+    assert os.stat(tpath).st_mode & 0o777 == 0o600
+    original = open(tpath, 'rb').read()
+
+    def check(i):
+        rc, arr, meta, said = get_item(d, root, i, tmpdir_short)
+        assert rc == 0, said
+        assert meta['resource']['id'] == 'p%d' % i
+        assert np.array_equal(arr, pil_chw(os.path.join(root, res[i]['file'])))
+
+    rc, f, err = prefetch_dir(d, root)  # listed early, the table mapped
+    assert rc == 0 and f['items_total'] == n and f['items_cached'] == n, (f, err)
+    assert tables(d) == (1, 1, 0)
+    check(n - 1)  # asked ahead of the walk, from the mapping
+    assert tables(d) == (1, 2, 0)
+    assert d.stop()[0] == 0
+    d.start()  # the table outlives the daemon
+    check(7)
+    assert tables(d) == (0, 1, 0) and loaded(d) == 1
+    # a damaged table (an item's first path moved): removed, dataset.json parsed, the
+    # same table written again
+    assert d.stop()[0] == 0
+    body = bytearray(original)
+    body[96 + 3 * 20 + 16] ^= 1  # items[3].first_path
+    open(tpath, 'wb').write(bytes(body))
+    d.start()
+    check(3)
+    assert eventually(lambda: tables(d), (1, 0, 1)) == (1, 0, 1)
+    assert 'failed its checks' in d.log()
+    assert open(tpath, 'rb').read() == original
+    # a path in the pool that leaves the folder (same length): never asked for
+    assert d.stop()[0] == 0
+    at = original.index(b'images/p007.png\0')
+    body = bytearray(original)
+    body[at:at + 15] = b'../ges/p007.png'
+    open(tpath, 'wb').write(bytes(body))
+    d.start()
+    rc, f, err = prefetch_dir(d, root)
+    assert rc != 0 and 'damaged' in f['error']['message'], (f, err)
+    assert 'holds a path that leaves the folder' in d.log()
+    assert tables(d) == (0, 1, 1)
+    assert table_files(d) == []
+    check(7)  # the next OPEN parses
+    assert eventually(lambda: tables(d), (1, 1, 1)) == (1, 1, 1) and open(tpath, 'rb').read() == original
+    # dataset.json changes: its table replaces the old one
+    res[0]['id'] = 'q0'
+    write_json(root, json.dumps({'name': 'tab', 'updated_at': 'v2', 'resources': res}))
+    settle()
+    digest2 = hashlib.sha256(open(path, 'rb').read()).hexdigest()
+    rc, f, err = prefetch_dir(d, root)
+    assert rc == 0 and f['items_total'] == n, err
+    want = ['%d-%s' % (os.getuid(), digest2)]
+    assert eventually(lambda: table_files(d), want) == want
+    assert d.stop()[0] == 0
