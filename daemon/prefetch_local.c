@@ -86,6 +86,7 @@ void local_job_free(struct job *j)
 	if (lj->json_fd >= 0)
 		close(lj->json_fd);
 	local_dataset_free(lj->l);
+	local_dataset_free(lj->scanned);
 	free(lj);
 	j->lj = NULL;
 }

@@ -255,14 +255,14 @@ void local_scan_work(uv_work_t *w)
 	if (lj->early && lj->table_try) {
 		lj->table_rc = local_table_map(store_dir(j->pf->d.cache->store), j->uid,
 					       lj->table_digest, lj->table_n, j->project_arg,
-					       &lj->l);
+					       &lj->scanned);
 		if (lj->table_rc == 0) {
 			j->scan_err = 0;
 			return;
 		}
 	}
-	j->scan_err = local_parse(lj->json_fd, j->project_arg, lj->early, &lj->l, j->scan_msg,
-				  sizeof(j->scan_msg));
+	j->scan_err = local_parse(lj->json_fd, j->project_arg, lj->early, &lj->scanned,
+				  j->scan_msg, sizeof(j->scan_msg));
 }
 
 /* ---- item tables kept on disk (local_table.h) ---- */
@@ -575,6 +575,12 @@ void local_scan_after(uv_work_t *w, int status)
 
 	(void)status;
 	j->pending--;
+	/* the work's table is the loop's from here (local_pump() reads lj->l meanwhile) */
+	if (lj->scanned) {
+		local_dataset_free(lj->l);
+		lj->l = lj->scanned;
+		lj->scanned = NULL;
+	}
 	if (!j->final && lj->hit) {
 		if (local_early(j))
 			return;

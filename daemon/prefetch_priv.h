@@ -253,6 +253,7 @@ struct job {
 /* A LOCAL job's side (prefetch_local.c): its client, the descriptors it was sent. */
 struct local_job {
 	struct local_dataset *l;
+	struct local_dataset *scanned; /* the threadpool's, until local_scan_after() takes it */
 	int json_fd;
 	struct conn *c;         /* the client whose descriptors are read; NULL once gone */
 	uint32_t request_id;    /* its PREFETCH or OPEN */
