@@ -197,6 +197,8 @@ void on_evict(struct prefetch *p, struct conn *c, const struct dmc_header *h,
 	}
 	if (rc == 0)
 		rc = index_flush(ix);
+	if (rc == 0 && r.snapshots)
+		local_tables_gc(p); /* a folder's item table goes with its last snapshot */
 	/* blobs no snapshot refers to any more go; pinned ones (being served) stay */
 	if (rc == 0)
 		rc = index_blobs_unreferenced(ix, gc_collect, &g);

@@ -458,6 +458,8 @@ def test_another_uid_never_takes_roots_parse(tmpdir_short):
     assert rc == 0, said
     assert np.array_equal(arr, pil_chw(os.path.join(root, 'images/p0.png')))
     assert counters(d)[0] == 0 and loaded(d) == 0
+    # root's item table (named by root's uid) is never mapped for alice
+    assert '0-' in ' '.join(table_files(d)) and tables(d)[1] == 0
     assert d.stop()[0] == 0
 
 
@@ -613,4 +615,8 @@ def test_a_kept_item_table_is_mapped_instead_of_parsing(tmpdir_short):
     assert rc == 0 and f['items_total'] == n, err
     want = ['%d-%s' % (os.getuid(), digest2)]
     assert eventually(lambda: table_files(d), want) == want
+    # the folder evicted: its table goes with it
+    r = d.cli('evict', root)
+    assert r.returncode == 0, r.stderr
+    assert table_files(d) == []
     assert d.stop()[0] == 0
