@@ -255,11 +255,20 @@ void job_finish(struct job *j, uint32_t state)
 	 * a job that is done, or one somebody still hears the end of; not for one whose
 	 * client went away (an OPEN closed before its proving walk ended) */
 	if (j->snapshot_id > 0 && !j->known_complete && (state == DMC_JOB_DONE || j->subs)) {
-		struct index_snapshot_stats st;
-		if (index_snapshot_stats(ix, j->snapshot_id, &st) < 0)
+		struct index_snapshot_stats st = { 0 };
+		struct snap_flags f = { 0 };
+		if (state == DMC_JOB_DONE &&
+		    index_snapshot_get(ix, j->snapshot_id, snap_flags_cb, &f) == 0 && f.sealed &&
+		    f.complete) {
+			/* still complete: the index's triggers clear the flag in the very
+			 * transaction that drops a blob row or changes an item, so every item
+			 * is stored (a local folder proved again, unchanged) */
+			st.items_stored = f.item_count;
+		} else if (index_snapshot_stats(ix, j->snapshot_id, &st) < 0) {
 			goto counted;
-		if (state == DMC_JOB_DONE)
+		} else if (state == DMC_JOB_DONE) {
 			record_complete(ix, j->snapshot_id, &st);
+		}
 		/* (--to-tier: items_done counts what is in the cluster tier, not here) */
 		/* "stored" is what the index has committed, as `dmcache ls` counts it: a batch
 		 * that could not be committed is not counted (its blobs are kept, and the next
