@@ -768,3 +768,88 @@ def test_project_masks_come_from_the_daemon(daemon, emu, sample):
     assert len(whole) == len(fb) > len(ids) and whole[-1] == len(ids) - 1
     assert [ids[k] for k in whole] == [fb.read(i)[1]['resource']['id'] for i in range(len(fb))]
     fb.close()
+
+
+def as_list(batch):
+    return batch
+
+
+def bump_first(batch):
+    """A collate in the worker that changes the first image in place."""
+    batch[0][0].add_(1)
+    return batch
+
+
+def first_rows(batch):
+    """A collate in the worker that sends a view (the first row) of every image."""
+    return [(image[..., :1, :], dcm, meta) for image, dcm, meta in batch]
+
+
+def saved(batch):
+    """A collate in the worker that torch.save()s each image (a self-contained file)."""
+    out = []
+    for image, dcm, meta in batch:
+        buf = io.BytesIO()
+        torch.save(image, buf)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_images_cross_from_workers_as_references(daemon, tmp_path, monkeypatch):
+    """An image of Dataset in a DataLoader worker reaches the main process as (dataset,
+    index) and is read there again (dmcache._transfer): the same bytes as ds[i] in the
+    main process, for forked and spawned workers, uint16 (min-max scaled to float32) and
+    int16 items; an image changed in place or a view of it is sent as data, with the change;
+    torch.save in the worker keeps the data."""
+    from conftest import make_dicom_folder
+    make_dicom_folder(str(tmp_path), 'u16', 24, dtype=np.uint16)
+    make_dicom_folder(str(tmp_path), 'i16', 24, seed=2, dtype=np.int16)
+    rebuilt = []  # what the main process read again (never called in a worker)
+    real = dmcache.Dataset._image_again
+
+    def counted(self, idx, conversion):
+        rebuilt.append(idx)
+        return real(self, idx, conversion)
+
+    monkeypatch.setattr(dmcache.Dataset, '_image_again', counted)
+    for name in ('u16', 'i16'):
+        ds = dmcache.Dataset(root=str(tmp_path), dataset_name=name)
+        ref = [ds[i][0] for i in range(len(ds))]
+        assert isinstance(ref[0], torch.Tensor) and type(ref[0]) is torch.Tensor
+        for ctx in ('fork', 'spawn'):
+            del rebuilt[:]
+            got = {}
+            loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2,
+                                                 shuffle=True, collate_fn=as_list,
+                                                 multiprocessing_context=ctx)
+            for batch in loader:
+                for image, dcm, meta in batch:
+                    got[int(meta['id'].split('-')[1])] = image
+            assert sorted(got) == list(range(24)) and sorted(rebuilt) == list(range(24))
+            for i, image in got.items():
+                assert type(image) is torch.Tensor and image.dtype == ref[i].dtype
+                assert torch.equal(image, ref[i]), (name, ctx, i)
+        # changed in place, a view: sent as data, as PyTorch sends tensors
+        del rebuilt[:]
+        loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2,
+                                             collate_fn=bump_first)
+        for k, batch in enumerate(loader):
+            assert torch.equal(batch[0][0], ref[8 * k] + 1)
+            for j in range(1, 8):
+                assert torch.equal(batch[j][0], ref[8 * k + j])
+        assert len(rebuilt) == 21  # 24 items, 3 of them changed
+        del rebuilt[:]
+        loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2,
+                                             collate_fn=first_rows)
+        for k, batch in enumerate(loader):
+            for j in range(8):
+                assert torch.equal(batch[j][0], ref[8 * k + j][..., :1, :])
+        assert rebuilt == []
+        loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2,
+                                             collate_fn=saved)
+        for k, batch in enumerate(loader):
+            for j in range(8):
+                image = torch.load(io.BytesIO(batch[j]))
+                assert torch.equal(image, ref[8 * k + j])
+        assert rebuilt == []
+        ds.close()

@@ -13,6 +13,8 @@ What it returns, and how that differs from the Datamint client, is listed in the
 import json
 import os
 import threading
+import uuid
+import weakref
 
 import numpy as np
 
@@ -49,6 +51,32 @@ def torch_module():
 TORCH_WIDEN = {'uint16': 'int32', 'uint32': 'int64'}
 
 
+def convert(a, normalize_, compat, frame_by_frame):
+    """The image of read()'s array (a copy: `a` is the caller's to give) as
+    Dataset.__getitem__ gives it without a transform: normalized as the client does, one
+    frame or the seed-era layout, a torch tensor (numpy without torch)."""
+    if normalize_:
+        a = normalize_2024(a, False) if compat == '2024.11' else normalize(a, False)
+    if frame_by_frame:
+        a = a[0]  # one frame: (channels, H, W), as the Datamint client gives it
+    elif compat == '2024.11':
+        # to_tensor of the (H, W, frames * channels) array: frames as channels
+        a = np.ascontiguousarray(to_hwc(a).transpose(2, 0, 1))
+    torch = torch_module()
+    return to_torch(torch, a) if torch else a
+
+
+# the Datasets of this process by token: what an image a DataLoader worker sent names when
+# it is read back (dmcache._transfer)
+BY_TOKEN = weakref.WeakValueDictionary()
+
+
+def _register(ds):
+    """ds is the Dataset its token names in this process."""
+    if getattr(ds, '_token', None):
+        BY_TOKEN.setdefault(ds._token, ds)
+
+
 def to_torch(torch, a):
     """torch.from_numpy(a), widening uint16 -> int32 and uint32 -> int64 (a copy), which
     torch lacks; uint64 has no lossless torch type and raises ValueError."""
@@ -60,11 +88,12 @@ def to_torch(torch, a):
     return torch.from_numpy(a)
 
 
-def normalize(a):
+def normalize(a, copy=True):
     """The Datamint client's dtype conversions (base_dataset.py@1.2.4 _load_image), on a copy:
     uint16 -> per-image min-max to uint8, as ((a - min) / (max - min) * 255) truncated
     (all zeros when max == min); then uint8 -> float32 / 255 in [0, 1]. Every other dtype
-    (int16 CT, float NIfTI, ...) is returned unchanged (copied)."""
+    (int16 CT, float NIfTI, ...) is returned unchanged (copied, unless copy=False: `a`
+    itself, for a caller whose array it is)."""
     if a.dtype == np.uint16:
         lo, hi = int(a.min()) if a.size else 0, int(a.max()) if a.size else 0
         if hi > lo:
@@ -73,21 +102,21 @@ def normalize(a):
             a = np.zeros(a.shape, np.uint8)
     if a.dtype == np.uint8:
         return a.astype(np.float32) / np.float32(255)
-    return np.array(a, copy=True)
+    return np.array(a, copy=True) if copy else a
 
 
 COMPAT = ('2024.11',)
 
 
-def normalize_2024(a):
+def normalize_2024(a, copy=True):
     """The seed-era client's conversions (datamintapi/dataset.py@af98a24 _load_image, until
     2025-02-26): uint16 -> (a // 256) as uint8; then, as torchvision's to_tensor does,
-    uint8 -> float32 / 255. Other dtypes unchanged (copied)."""
+    uint8 -> float32 / 255. Other dtypes unchanged (copied, unless copy=False)."""
     if a.dtype == np.uint16:
         a = (a // 256).astype(np.uint8)
     if a.dtype == np.uint8:
         return a.astype(np.float32) / np.float32(255)
-    return np.array(a, copy=True)
+    return np.array(a, copy=True) if copy else a
 
 
 def to_hwc(a):
@@ -251,6 +280,8 @@ class Dataset:
             root, dataset_name, api_key, server_url, self.offline)
         self._lock = threading.Lock()
         self._client = self._ds = self._mds = self._rds = self._rmds = None
+        self._token = uuid.uuid4().hex  # what an image sent by a DataLoader worker names
+        _register(self)
         self._masksrc = None
         self._masks = {}
         self._scanned = None
@@ -324,6 +355,7 @@ class Dataset:
     def __setstate__(self, st):
         self.__dict__.update(st)
         self._lock = threading.Lock()
+        _register(self)
 
     # ---- items ----
     def __len__(self):
@@ -428,24 +460,31 @@ class Dataset:
         if self._gen2:
             return self._gen2_item(idx)
         a, meta = self.read(idx)
-        if self.normalize:
-            a = normalize_2024(a) if self.compat == '2024.11' else normalize(a)
         if self.transform is not None:
+            if self.normalize:
+                a = normalize_2024(a) if self.compat == '2024.11' else normalize(a)
             image = self.transform(to_hwc(a))
         else:
-            if self.return_frame_by_frame:
-                a = a[0]  # one frame: (channels, H, W), as the Datamint client gives it
-            elif self.compat == '2024.11':
-                # to_tensor of the (H, W, frames * channels) array: frames as channels
-                a = np.ascontiguousarray(to_hwc(a).transpose(2, 0, 1))
+            conversion = (self.normalize, self.compat, self.return_frame_by_frame)
+            image = convert(a, *conversion)
             torch = torch_module()
-            image = to_torch(torch, a) if torch else a
+            if torch is not None and isinstance(image, torch.Tensor):
+                from . import _transfer
+                if _transfer.in_worker():
+                    # sent to the main process as a reference (dmcache._transfer)
+                    image = _transfer.sendable(image, self._token, idx, conversion)
         out = [image]
         if self.return_dicom:
             out.append(self._dicom_of(idx, meta))
         if self.return_metainfo:
             out.append(self.metainfo(meta))
         return tuple(out) if len(out) > 1 else out[0]
+
+    def _image_again(self, idx, conversion):
+        """The image of item idx as __getitem__ made it with `conversion` (normalize,
+        compat, return_frame_by_frame), read again: what dmcache._transfer rebuilds."""
+        a, _ = self.read(idx)
+        return convert(a, *conversion)
 
     def metainfo(self, meta):
         """The item's metainfo from read()'s metadata: the dataset folder's entry (see
