@@ -46,6 +46,21 @@ def png_folder(root, n=3):
     return resources
 
 
+def linked_png_folder(root, n, name):
+    """n items whose files (`name` % i) are the corpus' two PNGs, in turn, as hard links
+    (cheap at thousands); their resource records, without annotations."""
+    os.makedirs(os.path.join(root, os.path.dirname(name % 0)))
+    res = []
+    for i in range(n):
+        rel = name % i
+        if i < 2:
+            shutil.copy(corpus(PNGS[i]), os.path.join(root, rel))
+        else:
+            os.link(os.path.join(root, name % (i % 2)), os.path.join(root, rel))
+        res.append({'id': 'p%d' % i, 'file': rel})
+    return res
+
+
 def write_json(root, text):
     with open(os.path.join(root, 'dataset.json'), 'w', encoding='utf-8') as f:
         f.write(text)
@@ -376,15 +391,7 @@ def test_a_get_ahead_of_the_walk_is_proved_first(tmpdir_short):
                                        text=True).stdout
     n = 5000 if asan else 20000
     root = os.path.join(tmpdir_short, 'ds')
-    os.makedirs(os.path.join(root, 'images'))
-    res = []
-    for i in range(n):
-        rel = 'images/p%d.png' % i
-        if i < 2:
-            shutil.copy(corpus(PNGS[i]), os.path.join(root, rel))
-        else:
-            os.link(os.path.join(root, 'images/p%d.png' % (i % 2)), os.path.join(root, rel))
-        res.append({'id': 'p%d' % i, 'file': rel})
+    res = linked_png_folder(root, n, 'images/p%d.png')
     write_json(root, json.dumps({'name': 'ahead', 'updated_at': 'v1', 'resources': res}))
     path = os.path.join(root, 'dataset.json')
     st = os.stat(path)
@@ -536,15 +543,9 @@ def test_a_kept_item_table_is_mapped_instead_of_parsing(tmpdir_short):
     import hashlib
     n = 400
     root = os.path.join(tmpdir_short, 'ds')
-    os.makedirs(os.path.join(root, 'images'))
-    res = []
-    for i in range(n):
-        rel = 'images/p%03d.png' % i
-        if i < 2:
-            shutil.copy(corpus(PNGS[i]), os.path.join(root, rel))
-        else:
-            os.link(os.path.join(root, 'images/p%03d.png' % (i % 2)), os.path.join(root, rel))
-        res.append({'id': 'p%d' % i, 'file': rel, 'annotations': []})
+    res = linked_png_folder(root, n, 'images/p%03d.png')
+    for r in res:
+        r['annotations'] = []
     res[5]['annotations'] = [{'id': 'm5', 'file': 'images/p001.png'}]
     path = os.path.join(root, 'dataset.json')
 
