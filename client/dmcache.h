@@ -332,6 +332,20 @@ int dmc_release(dmc_client *c, const struct dmc_item *items, uint32_t n);
 const void *dmc_arena(const dmc_client *c, uint64_t *ret_size);
 
 /*
+ * Views: an item handed in place (`region` 1) mapped on its own, private and copy-on-write,
+ * so that a caller can keep it as its tensor instead of copying it out: *ret_view holds the
+ * item's `nbytes` (writes make the caller's own pages; another view of the same item never
+ * sees them). The daemon keeps the item's pages only while the item is pinned: release the
+ * item (dmc_release()) only after dmc_view_unmap(), or after dmc_view_detach(), which turns
+ * the view into anonymous memory at the same address (a copy, for a view that must outlive
+ * its pin: the client's close, a fork). -EINVAL for an item not in a region (or empty): copy
+ * it out instead. Views need no client once made: they stay valid after dmc_close().
+ */
+int dmc_item_map(const dmc_dataset *ds, const struct dmc_item *it, void **ret_view);
+int dmc_view_detach(void *view, uint64_t nbytes);
+int dmc_view_unmap(void *view, uint64_t nbytes);
+
+/*
  * Streams (proto.h STREAM): the daemon computes an epoch's order for a rank, prepares
  * `ahead` batches beyond the one being read, and lays each batch out contiguously: when
  * `uniform`, `data` is one C-order tensor (n, frames, channels, height, width) of

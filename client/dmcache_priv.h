@@ -96,6 +96,7 @@ struct dmc_dataset {
 	bool regions;            /* opened with DMC_OPEN_REGIONS: GET replies say where */
 	const uint8_t *rg_base;  /* its region, or NULL */
 	uint64_t rg_size;
+	int rg_fd;               /* the region's read-only descriptor (dmc_item_map()), or -1 */
 	uint32_t feed_id; /* LOCAL: the OPEN whose file requests are answered; else 0 */
 	struct dmc_dataset_info info;
 	char *strings;

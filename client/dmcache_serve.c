@@ -1,6 +1,7 @@
 /* libdmcache (see dmcache.h, dmcache_priv.h): serving: OPEN (the arena and the regions it
  * passes, mapped here), dataset handles, GET and its items checked against the arena or the
- * region, RELEASE. Used by one thread at a time per client. */
+ * region, RELEASE, private views of region items (dmc_item_map()). Used by one thread at a
+ * time per client; dmc_view_detach() and dmc_view_unmap() touch no client. */
 #include "dmcache_priv.h"
 
 static char *strs_dup3(struct dmc_str a, struct dmc_str b, struct dmc_str d, const char **pa,
@@ -219,6 +220,7 @@ static int open_once(dmc_client *c, const struct dmc_open_args *args,
 	ds->regions = r.regions;
 	ds->rg_base = rg ? rg->base : NULL;
 	ds->rg_size = rg ? rg->size : 0;
+	ds->rg_fd = rg ? rg->fd : -1;
 	ds->feed_id = m.source == DMC_SOURCE_LOCAL ? id : 0;
 	ds->info.snapshot_id = r.snapshot_id;
 	ds->info.items = r.items;
@@ -466,4 +468,54 @@ DMC_EXPORT const void *dmc_arena(const dmc_client *c, uint64_t *ret_size)
 	if (ret_size)
 		*ret_size = c->arena_size;
 	return c->arena;
+}
+
+/*
+ * Views: a region item as its own copy-on-write mapping (dmcache.h). The region's entries
+ * are whole pages (the daemon's arena allocator), so an item's tensor starts on a page of
+ * the region's file; the mapping is private, so a write makes the writer's own page and a
+ * later view of the same item (its own mapping) still shows the daemon's bytes.
+ */
+DMC_EXPORT int dmc_item_map(const dmc_dataset *ds, const struct dmc_item *it, void **ret_view)
+{
+	long page = sysconf(_SC_PAGESIZE);
+	void *p;
+
+	*ret_view = NULL;
+	if (it->status || it->region != 1 || ds->rg_fd < 0 || page <= 0 ||
+	    it->offset % (uint64_t)page || it->offset > ds->rg_size ||
+	    it->nbytes > ds->rg_size - it->offset)
+		return -EINVAL;
+	if (it->nbytes == 0)
+		return -EINVAL; /* nothing to map: the caller keeps an empty tensor */
+	p = mmap(NULL, it->nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE, ds->rg_fd,
+		 (off_t)it->offset);
+	if (p == MAP_FAILED)
+		return -errno;
+	*ret_view = p;
+	return 0;
+}
+
+DMC_EXPORT int dmc_view_detach(void *view, uint64_t nbytes)
+{
+	void *anon, *p;
+
+	/* the pages as they read now, in anonymous memory moved over the view: the same
+	 * address, nothing left of the region's file under it */
+	anon = mmap(NULL, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (anon == MAP_FAILED)
+		return -errno;
+	memcpy(anon, view, nbytes);
+	p = mremap(anon, nbytes, nbytes, MREMAP_MAYMOVE | MREMAP_FIXED, view);
+	if (p == MAP_FAILED) {
+		int e = -errno;
+		munmap(anon, nbytes);
+		return e;
+	}
+	return 0;
+}
+
+DMC_EXPORT int dmc_view_unmap(void *view, uint64_t nbytes)
+{
+	return munmap(view, nbytes) ? -errno : 0;
 }

@@ -18,7 +18,7 @@ import weakref
 
 import numpy as np
 
-from . import _annotations, _dicom, _lib, _metainfo, errors
+from . import _annotations, _dicom, _lib, _metainfo, _views, errors
 
 # The 2025 client's options (datamintapi/dataset/dataset.py at tag 1.2.4) with their
 # defaults: passing any of them makes items that client's dict (see _gen2_item).
@@ -283,6 +283,7 @@ class Dataset:
         self._lock = threading.Lock()
         self._client = self._ds = self._mds = self._rds = self._rmds = None
         self._held = []  # region items to RELEASE later (_release())
+        self._views = None  # arrays of read() kept as views of the region (dmcache._views)
         self._token = uuid.uuid4().hex  # what an image sent by a DataLoader worker names
         _register(self)
         self._masksrc = None
@@ -312,6 +313,7 @@ class Dataset:
             client.close()
             raise
         self._client, self._ds = client, ds
+        self._views = _views.Views(ds)
         return ds
 
     def _after_fork(self):
@@ -320,6 +322,7 @@ class Dataset:
         self._client.close()
         self._client = self._ds = self._mds = self._rds = self._rmds = None
         self._held = []  # the parent's to give back, on its own connection
+        self._views = None  # the parent's (detached before the fork: dmcache._views)
         self._lock = threading.Lock()
 
     def _release(self, ds, items):
@@ -352,7 +355,12 @@ class Dataset:
         return ds
 
     def close(self):
-        """Closes this process's connection (reopened on the next access)."""
+        """Closes this process's connection (reopened on the next access). Arrays read()
+        gave as views of the daemon's region become copies first (their pins go with the
+        connection)."""
+        if self._views is not None and self._views.pid == os.getpid():
+            self._views.detach_all()
+        self._views = None
         if self._ds is not None and self._client is not None and not self._client.forked:
             self._release_held()
             self._ds.close()
@@ -374,6 +382,7 @@ class Dataset:
         st['_client'] = st['_ds'] = st['_mds'] = st['_rds'] = st['_rmds'] = None
         st['_lock'] = None
         st['_held'] = []
+        st['_views'] = None
         return st
 
     def __setstate__(self, st):
@@ -403,9 +412,20 @@ class Dataset:
         return i
 
     def read(self, idx):
-        """(array (frames, channels, H, W) in the source dtype, metadata dict) of item idx:
-        a copy, before any conversion. The metadata is {"resource": record, "dicom": ...}
+        """(array (frames, channels, H, W) in the source dtype, metadata dict) of item idx,
+        before any conversion. The array is the caller's own: a copy, or for a hot item
+        handed in place a private copy-on-write view of the daemon's region (dmcache._views),
+        which nothing else sees written. The metadata is {"resource": record, "dicom": ...}
         (the record without the daemon's own keys, _metainfo.DAEMON_KEYS)."""
+        a, meta = self._read(idx, True)
+        rec = meta.get('resource')
+        if isinstance(rec, dict):
+            for k in _metainfo.DAEMON_KEYS:
+                rec.pop(k, None)
+        return a, meta
+
+    def _read(self, idx, want_meta):
+        """read() without the record's cleaning; meta None unless want_meta."""
         i = self._index(idx)
         if self._client is not None and self._client.forked:
             self._after_fork()
@@ -413,18 +433,24 @@ class Dataset:
             ds = self._dataset()
             items = ds.get([i])
             it = items[0]
+            kept = False
             try:
                 if it.status:
                     raise _lib.item_error(it)
-                view = np.frombuffer(_lib.item_bytes(it), dtype=_lib.DTYPES[it.dtype])
-                a = view.reshape(tuple(it.shape)).copy()
-                meta = json.loads(_lib.item_meta(it))
+                dtype, shape = _lib.DTYPES[it.dtype], tuple(it.shape)
+                a = self._views.array(it, dtype, shape) if self._views is not None else None
+                if a is None:
+                    a = np.frombuffer(_lib.item_bytes(it), dtype=dtype).reshape(shape).copy()
+                else:
+                    kept = True  # released when its view goes (Views.take_unpinned())
+                meta = json.loads(_lib.item_meta(it)) if want_meta else None
             finally:
-                self._release(ds, items)
-        rec = meta.get('resource')
-        if isinstance(rec, dict):
-            for k in _metainfo.DAEMON_KEYS:
-                rec.pop(k, None)
+                if not kept:
+                    self._release(ds, items)
+                if self._views is not None:
+                    gone = self._views.take_unpinned()
+                    if gone:
+                        self._release(ds, gone)
         return a, meta
 
     def segmentation(self, idx):
@@ -507,7 +533,7 @@ class Dataset:
     def _image_again(self, idx, conversion):
         """The image of item idx as __getitem__ made it with `conversion` (normalize,
         compat, return_frame_by_frame), read again: what dmcache._transfer rebuilds."""
-        a, _ = self.read(idx)
+        a, _ = self._read(idx, False)
         return convert(a, *conversion)
 
     def metainfo(self, meta):
