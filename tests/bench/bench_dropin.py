@@ -3,6 +3,7 @@
 
     /usr/bin/python3 tests/bench/bench_dropin.py --build build [--items 1000]
         [--compressed 240] [--reps 3] [--quick] [--first-only] [--only uncompressed]
+        [--read-bytes]
 
 Not a test: it prints figures and ratios measured in the same run (docs/benchmarks.md,
 "The drop-in path") and never fails on speed. Both sides run in the DataLoader of the
@@ -95,13 +96,21 @@ def as_list(batch):
     return batch
 
 
+# --read-bytes: the loop reads every byte of every image (stacks each batch's images, as
+# default_collate or a copy to the GPU would), not only its shape
+READ_BYTES = False
+
+
 def epoch(loader):
+    import torch
     t0 = time.monotonic()
     n = 0
     for b in loader:
         n += len(b)
         for item in b:
             item[0].shape
+        if READ_BYTES:
+            torch.stack([item[0] for item in b])
     return n / (time.monotonic() - t0)
 
 
@@ -146,8 +155,13 @@ def main():
                     help='measure only the first epochs (no warm epochs)')
     ap.add_argument('--only', choices=('uncompressed', 'compressed'),
                     help='measure only this data set')
+    ap.add_argument('--read-bytes', action='store_true',
+                    help="the loop stacks each batch's images (reads every byte), as "
+                    'default_collate or a copy to the GPU would')
     ap.add_argument('--json', help='also write the results here')
     args = ap.parse_args()
+    global READ_BYTES
+    READ_BYTES = args.read_bytes
     if args.quick:
         args.items, args.compressed, args.reps = 96, 48, 1
     if args.items < 64 or args.compressed < 8 or args.reps < 1:
@@ -159,6 +173,7 @@ def main():
     import dmcache
     integration = load_integration(build)
     res = {'items': args.items, 'compressed': args.compressed, 'reps': args.reps,
+           'read_bytes': args.read_bytes,
            'loadavg_start': os.getloadavg()}
 
     def log(s):
@@ -228,8 +243,9 @@ def main():
     res['loadavg_end'] = os.getloadavg()
     print(json.dumps(res, indent=1))
     print()
-    print('| %d + %d slices, DataLoader(batch_size=8, num_workers=2, shuffle=True) '
-          '| client | dmcache.Dataset | ratio | target |' % (args.items, args.compressed))
+    print('| %d + %d slices, DataLoader(batch_size=8, num_workers=2, shuffle=True)%s '
+          '| client | dmcache.Dataset | ratio | target |'
+          % (args.items, args.compressed, ', every byte read' if args.read_bytes else ''))
     print('|---|---:|---:|---:|---|')
     for name, _ in sets:
         r = res[name]
