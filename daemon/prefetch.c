@@ -309,8 +309,10 @@ counted:
 	drop_subs(j);
 	/* items still missing will not come from this job */
 	if (j->pf->item_hook && j->snapshot_id > 0)
-		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, PREFETCH_JOB_ENDED, 0,
-				 NULL);
+		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, PREFETCH_JOB_ENDED, j->uid,
+				 state == DMC_JOB_FAILED && j->first_error.code ?
+					 -(int)j->first_error.code : 0,
+				 j->first_message);
 	log_job(state == DMC_JOB_DONE ? LOG_LVL_NOTICE : LOG_LVL_WARNING, LOG_GRP_FETCH, j->id,
 		(unsigned)j->uid, j->proj ? j->proj->name : j->project_arg,
 		"job %" PRIu64 " of uid %u, '%s' version '%s': %s, %" PRIu64 " of %" PRIu64

@@ -146,11 +146,14 @@ bool prefetch_item_unproved(struct prefetch *p, int64_t id, int64_t idx);
  * come from it), and with PREFETCH_RELISTED when a local folder's snapshot was listed
  * again: every item's content is forgotten until this job's descriptors prove it again, so
  * whatever the caller kept of an item's row (its content digest) no longer holds. */
-/* `message` (may be NULL): why the item failed, for the GETs waiting for it. */
+/* `message` (may be NULL): why the item failed, for the GETs waiting for it. With
+ * PREFETCH_JOB_ENDED, `err` is the job's first error when the job failed (0 when it was
+ * done or cancelled) and `message` its words. `uid`: the job's (whose words `message` are:
+ * told to that uid's GETs only), (uid_t)-1 with PREFETCH_RELISTED. */
 #define PREFETCH_JOB_ENDED (-1)
 #define PREFETCH_RELISTED (-2)
-typedef void (*prefetch_item_cb)(void *ctx, int64_t snapshot_id, int64_t idx, int err,
-				 const char *message);
+typedef void (*prefetch_item_cb)(void *ctx, int64_t snapshot_id, int64_t idx, uid_t uid,
+				 int err, const char *message);
 void prefetch_set_item_hook(struct prefetch *p, prefetch_item_cb cb, void *ctx);
 /*
  * Where decoding ahead (prefetch_decode.c) leaves what it decoded: the serving side's hot

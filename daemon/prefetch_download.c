@@ -537,7 +537,7 @@ void task_next_step(struct task *t)
 	if (j->lj)
 		local_proved(j, t->idx);
 	if (j->pf->item_hook)
-		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, t->idx, 0, NULL);
+		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, t->idx, j->uid, 0, NULL);
 	task_finish(t, 0, NULL, 0);
 }
 
@@ -629,7 +629,7 @@ void task_finish(struct task *t, int err, const char *msg, long http_status)
 			local_failed(j, t->idx);
 	}
 	if (err && err != -DMC_E_CANCELLED && p->item_hook && j->snapshot_id > 0)
-		p->item_hook(p->item_hook_ctx, j->snapshot_id, t->idx, err, msg);
+		p->item_hook(p->item_hook_ctx, j->snapshot_id, t->idx, j->uid, err, msg);
 	if (err && err != -DMC_E_CANCELLED) {
 		struct dmc_progress m;
 		j->items_failed++;

@@ -492,7 +492,7 @@ static void table_refused(struct job *j)
 	/* the GETs that wait for the items asked ahead hear why */
 	for (uint32_t i = 0; i < lj->ahead_n && j->pf->item_hook; i++)
 		j->pf->item_hook(j->pf->item_hook_ctx, j->snapshot_id, lj->ahead_items[i],
-				 -DMC_E_IO, TABLE_DAMAGED);
+				 j->uid, -DMC_E_IO, TABLE_DAMAGED);
 	lj->ahead_n = 0;
 	job_finish(j, DMC_JOB_FAILED);
 }

@@ -131,7 +131,7 @@ static bool lproof_begin(struct job *j, int64_t id, uint32_t n)
 	j->lj->gen = lp->gen;
 	distrust_drop(p, id);
 	if (p->item_hook)
-		p->item_hook(p->item_hook_ctx, id, PREFETCH_RELISTED, 0, NULL);
+		p->item_hook(p->item_hook_ctx, id, PREFETCH_RELISTED, (uid_t)-1, 0, NULL);
 	return true;
 }
 
@@ -158,7 +158,7 @@ int local_relist(struct job *j, int64_t id, uint32_t n, bool put)
 			lproof_drop(p, lp);
 		distrust_drop(p, id);
 		if (p->item_hook)
-			p->item_hook(p->item_hook_ctx, id, PREFETCH_RELISTED, 0, NULL);
+			p->item_hook(p->item_hook_ctx, id, PREFETCH_RELISTED, (uid_t)-1, 0, NULL);
 	}
 	return 0;
 }

@@ -540,7 +540,41 @@ static void drop_failed(struct serve *s, int64_t snapshot_id)
 			i++;
 }
 
-static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err, const char *message)
+/* A job of snapshot `snapshot_id` ended: remembered when it failed (err), else forgotten. */
+static void note_job_ended(struct serve *s, int64_t snapshot_id, uid_t uid, int err,
+			   const char *message)
+{
+	struct job_failed *f;
+
+	for (uint32_t i = 0; i < s->n_job_failed;)
+		if (s->job_failed[i].snapshot_id == snapshot_id)
+			memmove(&s->job_failed[i], &s->job_failed[i + 1],
+				(--s->n_job_failed - i) * sizeof(s->job_failed[0]));
+		else
+			i++;
+	if (!err)
+		return;
+	if (s->n_job_failed == JOB_FAILED_MAX) /* the oldest goes */
+		memmove(&s->job_failed[0], &s->job_failed[1],
+			(--s->n_job_failed) * sizeof(s->job_failed[0]));
+	f = &s->job_failed[s->n_job_failed++];
+	f->snapshot_id = snapshot_id;
+	f->uid = uid;
+	f->err = err;
+	snprintf(f->message, sizeof(f->message), "%s", message ? message : "");
+}
+
+const struct job_failed *serve_job_failed(const struct serve *s, int64_t snapshot_id,
+					  uid_t uid)
+{
+	for (uint32_t i = s->n_job_failed; i-- > 0;)
+		if (s->job_failed[i].snapshot_id == snapshot_id && s->job_failed[i].uid == uid)
+			return &s->job_failed[i];
+	return NULL;
+}
+
+static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, uid_t uid, int err,
+		    const char *message)
 {
 	struct serve *s = ctx;
 
@@ -564,13 +598,15 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err, const 
 			struct failed_item *f = &s->failed[s->n_failed++];
 			f->snapshot_id = snapshot_id;
 			f->idx = idx;
+			f->uid = uid;
 			f->err = err;
 			snprintf(f->message, sizeof(f->message), "%s", message ? message : "");
 		}
 	}
 	if (idx == PREFETCH_JOB_ENDED) {
-		/* what it failed is "not in the cache" from now on */
+		/* what it failed is "not in the cache" from now on, or the job's own failure */
 		drop_failed(s, snapshot_id);
+		note_job_ended(s, snapshot_id, uid, err, message);
 		/* a job ended: frame-by-frame opens of its snapshot go on */
 		for (struct sconn *sc = s->conns; sc; sc = sc->next) {
 		again:
@@ -598,6 +634,9 @@ static void on_item(void *ctx, int64_t snapshot_id, int64_t idx, int err, const 
 				if (gi->state != GI_WAIT_ITEM || gi->rf ||
 				    (idx >= 0 && (int64_t)gi->item != idx))
 					continue;
+				if (idx >= 0 && err && sc->sh->uid != uid)
+					continue; /* another uid's job: fetched with this one's key
+						     at the job's end (refetch_possible()) */
 				if (idx >= 0 && err) {
 					/* its download failed for good: say so now */
 					gi->status = code_of(err);

@@ -34,6 +34,7 @@ struct secret;
 /* Items of one connection being read, decoded or held for arena space at once: what bounds
  * the daemon's memory for a client, whatever it asks for in one GET. */
 #define INFLIGHT_MAX 8
+#define JOB_FAILED_MAX 32 /* struct serve's job_failed[] */
 
 struct greq;
 struct mask_work;
@@ -263,10 +264,22 @@ struct serve {
 	 * once instead of waiting for the job's end (forgotten when the job ends) */
 	struct failed_item {
 		int64_t snapshot_id, idx;
+		uid_t uid; /* the job's: its words go to this uid's GETs only */
 		int err;
 		char message[160]; /* the job's words (a local file: its path and errno) */
 	} *failed;
 	uint32_t n_failed, cap_failed;
+	/* the last jobs that failed as a whole, by snapshot: an item they left missing fails
+	 * with the job's words instead of "not in the cache", for a GET of the job's uid
+	 * (forgotten when the snapshot's next job ends; the oldest of JOB_FAILED_MAX goes
+	 * first) */
+	struct job_failed {
+		int64_t snapshot_id;
+		uid_t uid;
+		int err;
+		char message[200];
+	} job_failed[JOB_FAILED_MAX];
+	uint32_t n_job_failed;
 };
 
 /* An item's row in the index, as on_item_row() fills it. */
@@ -361,6 +374,8 @@ void rawm_start(struct gitem *gi);
 /* serve_request.c */
 void settle(struct gitem *gi, enum gi_state state);
 uint32_t code_of(int err);
+const struct job_failed *serve_job_failed(const struct serve *s, int64_t snapshot_id,
+					 uid_t uid);
 const uint8_t *gi_bytes(const struct gitem *gi);
 void gi_drop(struct gitem *gi);
 uint64_t meta_len(const struct gitem *gi);

@@ -890,9 +890,12 @@ static void item_step(struct gitem *gi)
 	if (!l.stored) {
 		free(l.record);
 		if (prefetch_snapshot_active(s->d.prefetch, gi->rq->h.snapshot_id)) {
+			/* failed in a job of this uid: its words (another uid's job failed
+			 * with its key; this GET waits, then fetches with its own OPEN's) */
 			for (uint32_t i = 0; i < s->n_failed; i++)
 				if (s->failed[i].snapshot_id == gi->rq->h.snapshot_id &&
-				    s->failed[i].idx == (int64_t)gi->item) {
+				    s->failed[i].idx == (int64_t)gi->item &&
+				    s->failed[i].uid == sc->sh->uid) {
 					char why[MSG_MAX];
 					int err = s->failed[i].err;
 					snprintf(why, sizeof(why),
@@ -912,6 +915,15 @@ static void item_step(struct gitem *gi)
 			/* found bad or gone since the OPEN (a verify, a failed re-fetch): the
 			 * OPEN's job would fetch it; one does now, with the OPEN's key */
 			refetch_start(gi);
+			return;
+		}
+		const struct job_failed *jf = serve_job_failed(s, gi->rq->h.snapshot_id,
+							       sc->sh->uid);
+		if (jf) {
+			char why[MSG_MAX];
+			snprintf(why, sizeof(why), "not in the cache: the job filling it failed: %s%s%.200s",
+				 dmc_err_text(jf->err), jf->message[0] ? ": " : "", jf->message);
+			item_fail(gi, jf->err, why);
 			return;
 		}
 		item_fail(gi, -DMC_E_NOT_FOUND_OR_DENIED,
