@@ -416,14 +416,15 @@ class Handler(BaseHTTPRequestHandler):
         return []
 
     def send(self, resp, head=False):
-        self._send(resp, head)
         if self.server.role != 'admin' and not self.unlogged:
             # the client may act on this response before its log entry is appended (in
-            # dispatch's finally): GET /log waits for such entries
+            # dispatch's finally): GET /log waits for such entries. Counted before the
+            # first byte goes, or a client quick enough reads the log before the count.
             app = self.server.app
             with app.log_cv:
                 app.unlogged += 1
             self.unlogged = True
+        self._send(resp, head)
 
     def _send(self, resp, head=False):
         rule = self.rule
