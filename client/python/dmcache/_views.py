@@ -15,7 +15,8 @@ is still alive then):
   - the Dataset's close() (the connection's pins go with it);
   - fork(): the child inherits the mapping but not the pin, and the parent may release
     the item while the child still reads it. The parent detaches its views before every
-    os.fork() (os.register_at_fork), so parent and child share anonymous pages.
+    os.fork() (os.register_at_fork), holding their locks across the fork, so parent and
+    child share anonymous pages and no other thread makes a view meanwhile.
 
 Bounded: at most VIEWS_MAX live views per connection (each pins a region entry and holds
 its metadata in the arena); beyond that, and for items under VIEW_MIN_BYTES (a copy is
@@ -129,14 +130,35 @@ class Views:
         return n
 
 
+# the Views whose locks the forking thread holds across fork(): no other thread makes a
+# view, or ends one, between their detach and the fork
+_HELD = []
+
+
 def _before_fork():
     for views in list(_ALL):
+        if views.pid != os.getpid():
+            continue
+        views.lock.acquire()
+        _HELD.append(views)
         try:
-            if views.pid == os.getpid():
-                views.detach_all()
+            views.detach_all()
         except Exception:
             pass
 
 
+def _after_fork_parent():
+    while _HELD:
+        _HELD.pop().lock.release()
+
+
+def _after_fork_child():
+    # the child's only thread: the copied locks (held by the parent's thread) are dropped
+    for views in _HELD:
+        views.lock = threading.RLock()
+    _HELD.clear()
+
+
 if hasattr(os, 'register_at_fork'):
-    os.register_at_fork(before=_before_fork)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
+                        after_in_child=_after_fork_child)
