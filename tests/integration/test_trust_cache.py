@@ -482,3 +482,44 @@ def test_stored_files_only_for_an_entitled_user(emu, tmp):
         assert raw_files(d, BOB, emu.url, emulator.KEY_CT) == got
     finally:
         assert d.stop()[0] == 0
+
+
+def test_an_item_failed_with_alices_key_is_fetched_with_bobs(emu, tmp):
+    """alice's job fails every file of `sample` with her key (the server refuses her,
+    slowly: the job runs on). bob, entitled with his own key, asks for item 0 meanwhile:
+    he is not told alice's failure (her key's, her words) and gets the server's bytes
+    with his own key. (Two rules keep it so: bob's listing makes or grants him his own
+    snapshot, and the failures serve keeps for waiting GETs are told to the failing job's
+    uid only; this test passes with either alone.)"""
+    d = system_daemon(tmp)
+    fids = [emu.add_fault(path=r'^/resources/[^/]+/file$', user='alice@example.org',
+                          status=403, message='alice-only refusal', latency_ms=1500)]
+    alice = None
+    try:
+        alice = uids.popen(ALICE, [DMCACHE, '--socket', d.socket, 'prefetch', '--json',
+                                   '--server', emu.url, 'sample'],
+                           env=user_env(emulator.KEY_ALL), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+        # her first failures: the job goes on with the rest
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if any(e.get('fault') in fids and e['status'] == 403 for e in emu.log()):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError('no refusal of alice in the emulator log')
+        time.sleep(0.3)
+        out = os.path.join(tmp, 'bob', 'it0.npy')
+        r = cli(d, BOB, 'get', '--server', emu.url, 'sample', '0', '-o', out,
+                key=emulator.KEY_SAMPLE)
+        said = r.stdout + r.stderr
+        assert 'alice-only' not in said and '403' not in said, said
+        assert r.returncode == 0, said
+        alice_out, _ = alice.communicate(timeout=120)
+        assert alice.returncode != 0 and 'alice-only' in alice_out, alice_out
+    finally:
+        if alice is not None and alice.poll() is None:
+            alice.kill()
+        for f in fids:
+            emu.remove_fault(f)
+        assert d.stop()[0] == 0
