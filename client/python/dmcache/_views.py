@@ -121,7 +121,8 @@ class Views:
                     continue
                 if _lib.dmc_view_detach(v.addr, v.nbytes) < 0:
                     # no memory for the copy: the view stays pinned (never released), so
-                    # its bytes stay right while this connection lives
+                    # its bytes stay right while this connection lives; after close() or
+                    # in a forked child they may not (a process out of memory)
                     continue
                 v.state = DETACHED
                 self.unpinned.append(v.item)
