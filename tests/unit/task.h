@@ -8,10 +8,12 @@
 #ifndef DMC_TEST_TASK_H
 #define DMC_TEST_TASK_H
 
+#include <ftw.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 struct task_case {
 	const char *name;
@@ -98,5 +100,21 @@ static inline int task_run(const struct task_case *cases, size_t n, const char *
 		return task_run(cases_, sizeof(cases_) / sizeof(cases_[0]),                       \
 				argc > 1 ? argv[1] : NULL);                                        \
 	} while (0)
+
+/* Removes the tree at `path` (a test's scratch directory), depth first, not following
+ * symbolic links. */
+static inline int task_rm_entry_(const char *path, const struct stat *st, int flag,
+				 struct FTW *ftw)
+{
+	(void)st;
+	(void)flag;
+	(void)ftw;
+	return remove(path);
+}
+
+static inline void task_rm_tree(const char *path)
+{
+	nftw(path, task_rm_entry_, 16, FTW_DEPTH | FTW_PHYS);
+}
 
 #endif

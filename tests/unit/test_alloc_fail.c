@@ -16,7 +16,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <openssl/crypto.h>
 #include <sqlite3.h>
 #include <stdbool.h>
@@ -184,19 +183,6 @@ static int install_hooks(void)
 #define MAX_N 20000
 
 /* ---- fixtures ---- */
-
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
-
-static void rm_tree(const char *dir)
-{
-	nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
 
 static int count_entries(const char *dir)
 {
@@ -397,7 +383,7 @@ static void store_countdown(int *task_failed_, bool pers)
 	ASSERT_LT(n, MAX_N);
 
 	store_close(s);
-	rm_tree(dir);
+	task_rm_tree(dir);
 }
 
 TEST(store_transient)
@@ -535,7 +521,7 @@ static void index_countdown(int *task_failed_, bool pers)
 	ASSERT_LT(n, MAX_N);
 
 	index_close(ix);
-	rm_tree(dir);
+	task_rm_tree(dir);
 }
 
 TEST(index_transient)
@@ -589,7 +575,7 @@ static void cache_countdown(int *task_failed_, bool pers)
 	}
 	ASSERT_LT(n, MAX_N);
 	printf("# cache_open%s: %ld allocations\n", pers ? " (persistent)" : "", n - 1);
-	rm_tree(dir);
+	task_rm_tree(dir);
 }
 
 TEST(cache_persistent)

@@ -10,7 +10,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,18 +25,10 @@ static char home[128];
 static char cfg[300]; /* $HOME/.config/datamintapi/datamintapi.yaml */
 static int home_seq;
 
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
-
 static void remove_base(void)
 {
 	if (base_dir[0])
-		nftw(base_dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+		task_rm_tree(base_dir);
 }
 
 /* A fresh HOME with an empty ~/.config/datamintapi/, and no Datamint variables. */

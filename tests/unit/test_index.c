@@ -7,7 +7,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -21,14 +20,6 @@
 #include "index.h"
 #include "proto.h"
 #include "task.h"
-
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
 
 struct fixture {
 	char dir[64];
@@ -67,7 +58,7 @@ static void fx_close(struct fixture *fx)
 {
 	index_close(fx->ix);
 	fx->ix = NULL;
-	nftw(fx->dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+	task_rm_tree(fx->dir);
 }
 
 static double now_s(void)

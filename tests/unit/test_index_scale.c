@@ -6,7 +6,6 @@
  * measurement, the only bounds asserted are generous sanity limits).
  */
 #include <errno.h>
-#include <ftw.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -22,14 +21,6 @@
 #include "task.h"
 
 #define ITEMS 1000000
-
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
 
 static double now_s(void)
 {
@@ -155,7 +146,7 @@ TEST(one_million_items)
 	printf("# page of 1000 from the middle + live stats of 1M items: %.3f s\n", t1 - t0);
 	printf("# RSS growth over open and 200k lookups: %ld KiB\n", rss_kib() - rss0);
 	index_close(ix);
-	nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+	task_rm_tree(dir);
 }
 
 int main(int argc, char **argv)

@@ -9,7 +9,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,18 +23,10 @@
 
 static char dir[64];
 
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
-
 static void fresh_dir(void)
 {
 	if (dir[0])
-		nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+		task_rm_tree(dir);
 	snprintf(dir, sizeof(dir), "/tmp/dmc-lt-XXXXXX");
 	if (!mkdtemp(dir))
 		abort();
@@ -311,6 +302,6 @@ int main(int argc, char **argv)
 		rc = task_run(cases_, sizeof(cases_) / sizeof(cases_[0]), argc > 1 ? argv[1] : NULL);
 	}
 	if (dir[0])
-		nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+		task_rm_tree(dir);
 	return rc;
 }

@@ -8,7 +8,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -25,19 +24,6 @@
 #include "task.h"
 
 /* ---- fixtures ---- */
-
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
-
-static void rm_rf(const char *dir)
-{
-	nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-}
 
 struct fixture {
 	char dir[64];
@@ -60,7 +46,7 @@ static void fx_close(struct fixture *fx)
 {
 	store_close(fx->s);
 	fx->s = NULL;
-	rm_rf(fx->dir);
+	task_rm_tree(fx->dir);
 }
 
 static void blob_path(const struct fixture *fx, const uint8_t d[STORE_DIGEST_SIZE], char *out,

@@ -8,7 +8,6 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -23,14 +22,6 @@
 #include "cache.h"
 #include "proto.h"
 #include "task.h"
-
-static int rm_entry(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-	(void)st;
-	(void)flag;
-	(void)ftw;
-	return remove(path);
-}
 
 struct fixture {
 	char dir[64];
@@ -65,7 +56,7 @@ static void fx_close(struct fixture *fx)
 {
 	cache_close(fx->c);
 	fx->c = NULL;
-	nftw(fx->dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+	task_rm_tree(fx->dir);
 }
 
 static void content(int k, uint8_t *buf, size_t n)
