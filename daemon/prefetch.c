@@ -218,17 +218,14 @@ static int snap_flags_cb(void *ctx, const struct index_snapshot *s)
 	return 0;
 }
 
-/* After a job that scanned: `complete` says, from the count `st`, whether every item is
- * stored. */
-static void record_complete(struct index *ix, int64_t id, const struct index_snapshot_stats *st)
+/* After a job that scanned: `complete` says, from its flags `f` and the count `st`, whether
+ * every item is stored. */
+static void record_complete(struct index *ix, int64_t id, const struct snap_flags *f,
+			    const struct index_snapshot_stats *st)
 {
-	struct snap_flags f = { 0 };
-
-	if (index_snapshot_get(ix, id, snap_flags_cb, &f) < 0)
-		return;
 	index_snapshot_set_complete(ix, id,
-				    f.sealed && st->items == st->items_stored &&
-					    st->items == f.item_count && st->bytes == f.total_bytes);
+				    f->sealed && st->items == st->items_stored &&
+					    st->items == f->item_count && st->bytes == f->total_bytes);
 	index_flush(ix);
 }
 
@@ -257,17 +254,17 @@ void job_finish(struct job *j, uint32_t state)
 	if (j->snapshot_id > 0 && !j->known_complete && (state == DMC_JOB_DONE || j->subs)) {
 		struct index_snapshot_stats st = { 0 };
 		struct snap_flags f = { 0 };
-		if (state == DMC_JOB_DONE &&
-		    index_snapshot_get(ix, j->snapshot_id, snap_flags_cb, &f) == 0 && f.sealed &&
-		    f.complete) {
+		bool flags = state == DMC_JOB_DONE &&
+			     index_snapshot_get(ix, j->snapshot_id, snap_flags_cb, &f) == 0;
+		if (flags && f.sealed && f.complete) {
 			/* still complete: the index's triggers clear the flag in the very
 			 * transaction that drops a blob row or changes an item, so every item
 			 * is stored (a local folder proved again, unchanged) */
 			st.items_stored = f.item_count;
 		} else if (index_snapshot_stats(ix, j->snapshot_id, &st) < 0) {
 			goto counted;
-		} else if (state == DMC_JOB_DONE) {
-			record_complete(ix, j->snapshot_id, &st);
+		} else if (flags) {
+			record_complete(ix, j->snapshot_id, &f, &st);
 		}
 		/* (--to-tier: items_done counts what is in the cluster tier, not here) */
 		/* "stored" is what the index has committed, as `dmcache ls` counts it: a batch

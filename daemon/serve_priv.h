@@ -374,8 +374,6 @@ void rawm_start(struct gitem *gi);
 /* serve_request.c */
 void settle(struct gitem *gi, enum gi_state state);
 uint32_t code_of(int err);
-const struct job_failed *serve_job_failed(const struct serve *s, int64_t snapshot_id,
-					 uid_t uid);
 const uint8_t *gi_bytes(const struct gitem *gi);
 void gi_drop(struct gitem *gi);
 uint64_t meta_len(const struct gitem *gi);
@@ -420,5 +418,8 @@ void open_reply(struct pending_open *po, int64_t snapshot_id, uint64_t items,
 struct greq *first_with_new(struct sconn *sc);
 void sconn_maybe_free(struct sconn *sc);
 void serve_maybe_destroy(struct serve *s);
+/* The record of the last failed job of `snapshot_id` run by `uid`, or NULL. */
+const struct job_failed *serve_job_failed(const struct serve *s, int64_t snapshot_id,
+					  uid_t uid);
 
 #endif
