@@ -50,6 +50,7 @@ static const struct {
 	{ "backpressure_pauses_total", "Times a connection's reads paused for unsent replies (write_queue_max)." },
 	{ "cache_bytes", "Bytes of blob files in the cache." },
 	{ "cache_objects", "Blobs in the cache." },
+	{ "cache_unchecked_dirs", "Blob directories a start after a crash has still to check in the background, of 256 (until 0, cache_bytes and cache_objects count only what changed in them)." },
 	{ "cache_max_bytes", "Largest size of the cache's files (max_size; 0: no limit)." },
 	{ "cache_reads_total", "Blobs read from the cache." },
 	{ "cache_read_bytes_total", "Bytes read from the cache's blobs." },

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "cache_clean.h"
@@ -23,7 +24,14 @@
 /* Admission attempts before cache_reserve() gives up. */
 #define RESERVE_ROUNDS 8
 
-static const char *code_str(int r)
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+const char *cache_strerror(int r)
 {
 	if (r == -DMC_E_CACHE_FULL)
 		return "cache full";
@@ -223,6 +231,10 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	}
 	rep->clean_start = clean;
 	rep->index_checked = !clean;
+	if (o.background_all && !rebuilt)
+		c->reconcile_deadline_ns = 1; /* long past */
+	else if (o.background_after_ms && !rebuilt)
+		c->reconcile_deadline_ns = now_ns() + (uint64_t)o.background_after_ms * 1000000u;
 	r = cache_reconcile(c, rep);
 	if (r == -DMC_E_CACHE_FULL) {
 		/* I3 on a full file system: reconciliation writes the index (a pass mark per
@@ -240,10 +252,11 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	}
 	if (r < 0) {
 		if (err && errlen)
-			snprintf(err, errlen, "cache reconciliation failed: %s", code_str(r));
+			snprintf(err, errlen, "cache reconciliation failed: %s", cache_strerror(r));
 		goto fail_index;
 	}
 	rep->index_rebuilt = rebuilt;
+	c->reconcile_deadline_ns = 0;
 	c->start_index_checked = rep->index_checked;
 	c->start_evicting = NULL; /* the start is over */
 	c->start_evicting_ctx = NULL;
@@ -358,6 +371,8 @@ int cache_close_clean(struct cache *c, bool *ret_written, char *why, size_t whyl
 			d->objects = c->dir_objects[b];
 			d->bytes = c->dir_bytes[b];
 		}
+		if (c->unsettled[b / 8] & (1u << (b % 8)))
+			q = 0; /* the background reconciliation had not walked it yet */
 		d->state = q == 1 ? CLEAN_DIR_SETTLED : CLEAN_DIR_UNSETTLED;
 	}
 	free(names);
@@ -460,10 +475,22 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 	    (r = store_scan_begin(c->store, &rep->files_removed)) < 0)
 		return r;
 	rep->dirs_walked = 0;
+	memset(c->unsettled, 0, sizeof(c->unsettled));
+	c->n_unsettled = 0;
+	c->settle_next = 0;
 	for (unsigned b = 0; b < 256 && r >= 0; b++) {
 		size_t n = 0, i = 0, k = 0;
 		uint64_t used0 = used, objects0 = objects;
-		if (c->skip[b / 8] & (1u << (b % 8))) {
+		bool skip = c->skip[b / 8] & (1u << (b % 8));
+		if (!skip && (c->n_unsettled || (c->reconcile_deadline_ns &&
+						  now_ns() > c->reconcile_deadline_ns))) {
+			/* past the deadline: the rest is walked in the background (cache_settle.c) */
+			c->unsettled[b / 8] |= (uint8_t)(1u << (b % 8));
+			c->n_unsettled++;
+			c->dir_objects[b] = c->dir_bytes[b] = 0;
+			continue;
+		}
+		if (skip) {
 			/* the clean-shutdown record vouches for it (cache_open) */
 			used += c->dir_bytes[b];
 			objects += c->dir_objects[b];
@@ -513,7 +540,7 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 	}
 	free(names);
 	free(rows.v);
-	store_scan_end(c->store, used, objects);
+	store_scan_end(c->store, c->dir_bytes, c->dir_objects, c->unsettled);
 	if (r < 0) {
 		(void)index_flush(c->index);
 		return r;
@@ -522,6 +549,9 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 		return r;
 	store_get_stats(c->store, &st);
 	rep->blobs = st.objects;
+	rep->dirs_left = c->n_unsettled;
+	if (c->n_unsettled)
+		return 0; /* the limits are enforced when the background walk ends */
 
 	/* I3: within max_size and min_free before anything is served. Each snapshot that
 	 * loses files is reported, and told to the start's listener before its first file

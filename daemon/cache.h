@@ -61,6 +61,13 @@ struct cache_options {
 	void (*start_evicting)(void *ctx, struct cache *c, int64_t snapshot_id, uint64_t files,
 			       uint64_t bytes);
 	void *start_evicting_ctx;
+	/* After this many milliseconds of walking directories, cache_open() leaves the ones
+	 * not walked yet to a background reconciliation (cache_settle_*, below) and returns:
+	 * a start after a crash serves within this, whatever the store's size. 0: the whole
+	 * walk before cache_open() returns. Not after the index was rebuilt (every blob is
+	 * to adopt before an item can be found). */
+	uint32_t background_after_ms;
+	bool background_all; /* tests: every directory to the background, none walked first */
 };
 
 struct cache {
@@ -91,6 +98,19 @@ struct cache {
 			       uint64_t bytes);
 	void *start_evicting_ctx;
 	struct cache_open_report *start_rep;
+	/* Private to cache.c and cache_settle.c: the background reconciliation. Directories
+	 * not walked yet (bit b % 8 of [b / 8]) and how many; where the walk of cache_open()
+	 * stops (CLOCK_MONOTONIC ns; 0: never); the next directory to try; what the walks
+	 * repaired so far. */
+	uint8_t unsettled[32];
+	unsigned n_unsettled;
+	uint64_t reconcile_deadline_ns;
+	unsigned settle_next;
+	struct cache_settle_report {
+		uint64_t files_removed, evicted_bytes, retries;
+		int64_t rows_dropped, adopted;
+		unsigned dirs;
+	} settle_rep;
 };
 
 /* What cache_open() found and repaired. */
@@ -114,6 +134,8 @@ struct cache_open_report {
 	bool clean_start;        /* a clean-shutdown record was trusted (cache_clean.h) */
 	bool index_checked;      /* PRAGMA quick_check ran */
 	unsigned dirs_walked;    /* objects/<b>/ directories walked and merged, of 256 */
+	unsigned dirs_left;      /* left to the background reconciliation (cache_settle_*);
+				  * the limits' eviction waits for its end */
 	char start_why[192];     /* without clean_start: why the full reconciliation */
 };
 #define CACHE_REPORT_SNAPSHOTS 8
@@ -160,6 +182,41 @@ int cache_close_clean(struct cache *c, bool *ret_written, char *why, size_t whyl
 /* The reconciliation of cache_open(), for tests and `dmcache verify`-like repairs. Call
  * while no writer runs. */
 int cache_reconcile(struct cache *c, struct cache_open_report *rep);
+
+/*
+ * The background reconciliation (cache_settle.c): the directories cache_open() left
+ * (cache_open_report.dirs_left), one at a time, while the daemon serves and writes:
+ *
+ *   cache_settle_begin()  (index thread) the next directory's index rows and the count of
+ *                         its name changes (store_dir_gen()); *ret NULL when none is left.
+ *   cache_settle_work()   (any thread; the store only) its listing merged with those rows
+ *                         as cache_reconcile() merges them: a fstatat per blob, the header
+ *                         check of a blob without a row or of another size (bad ones are
+ *                         quarantined), the repairs the index needs.
+ *   cache_settle_end()    (index thread) if the directory's names did not change since
+ *                         begin: its accounting set (store_dir_settle()), the repairs
+ *                         written and flushed, 1; if they did: nothing, 0 (begin it again:
+ *                         a row read before a publication would be dropped otherwise).
+ *                         After the last directory: the eviction cache_open() left, down
+ *                         to max_size and min_free, told to c->evicting as any. Frees `w`.
+ *   cache_settle_abort()  frees a walk not ended.
+ *
+ * Items are found meanwhile through their rows, as always (a read checks the header and
+ * content: a blob gone or bad is a miss). Only the accounting is partial until the end:
+ * store_stats.unsettled_dirs, and max_size is not enforced (min_free is).
+ */
+struct cache_settle;
+int cache_settle_begin(struct cache *c, struct cache_settle **ret);
+void cache_settle_work(struct cache_settle *w);
+int cache_settle_end(struct cache *c, struct cache_settle *w);
+void cache_settle_abort(struct cache_settle *w);
+/* The directory (first digest byte) a walk is about. */
+unsigned cache_settle_dir(const struct cache_settle *w);
+/* A cache function's negative result in words ("cache full", strerror, ...). */
+const char *cache_strerror(int r);
+
+/* Directories the background reconciliation has left. */
+unsigned cache_settle_left(const struct cache *c);
 
 /*
  * Evicts (see above) until `want` file bytes are freed or nothing evictable is left;

@@ -65,6 +65,9 @@ static const struct key keys[] = {
 	  "zstd level for payloads that compress (1 to 3)"),
 	K("sync_full", KT_BOOL, sync_full, 0, 0,
 	  "sync the index at every batch, so acknowledged items survive power loss (default yes)"),
+	K("start_walk", KT_DURATION, start_walk_ms, 0, 3600000,
+	  "how long a start that must check the cache (no clean-shutdown record) walks it before "
+	  "serving; what is left is checked in the background (0: all of it before serving)"),
 	K("parallel_transfers", KT_UINT32, parallel_transfers, 1, 1024,
 	  "downloads running at once"),
 	K("per_host_connections", KT_UINT32, per_host_connections, 1, 1024,
@@ -170,6 +173,7 @@ void config_init(struct config *cfg)
 	cfg->max_object = 16ull << 30;
 	cfg->zstd_level = 1;
 	cfg->sync_full = true;
+	cfg->start_walk_ms = 250;
 	cfg->parallel_transfers = 16;
 	cfg->per_host_connections = 16;
 	cfg->connect_timeout_ms = 10000;

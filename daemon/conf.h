@@ -41,6 +41,7 @@ struct config {
 	uint64_t max_object;       /* largest object stored or downloaded */
 	uint32_t zstd_level;
 	bool sync_full;            /* sync the index at every batch (survives power loss) */
+	uint64_t start_walk_ms;    /* the start's walk before READY; the rest in the background */
 
 	/* upstream transfers (fetch.h) */
 	uint32_t parallel_transfers;

@@ -64,6 +64,12 @@ struct daemon {
 	uv_timer_t health;  /* the cache file system's state (and serve_tick), every HEALTH_MS */
 	bool read_only;     /* it was read-only at the last look */
 	bool stopping;
+	/* the background reconciliation (cache_settle_*): a directory's walk on the
+	 * threadpool, and when it began */
+	uv_work_t settle_req;
+	struct cache_settle *settle;
+	uint64_t settle_t0;
+	bool settle_failed;
 };
 
 #define HEALTH_MS 5000
@@ -319,6 +325,7 @@ static int open_cache(struct daemon *d)
 	co.index_flags = d->cfg.sync_full ? INDEX_SYNC_FULL : 0;
 	co.start_evicting = start_evicting;
 	co.start_evicting_ctx = d;
+	co.background_after_ms = (uint32_t)d->cfg.start_walk_ms;
 	rc = cache_open(d->cfg.cache_dir, &co, err, sizeof(err), &d->cache, &rep);
 	if (rc < 0) {
 		log_err(STORE, "cannot open the cache in '%s': %s", d->cfg.cache_dir, err);
@@ -344,7 +351,111 @@ static int open_cache(struct daemon *d)
 			" byte(s) evicted",
 		 d->cfg.cache_dir, rep.blobs, rep.files_removed, rep.rows_dropped, rep.adopted,
 		 rep.evicted_bytes);
+	if (rep.dirs_left)
+		log_notice(STORE, "serving while %u of 256 directories are checked in the "
+				  "background (start_walk = %" PRIu64 " ms): their blobs are served "
+				  "as found; the totals and max_size wait for the end",
+			   rep.dirs_left, d->cfg.start_walk_ms);
 	return 0;
+}
+
+/* ---- the background reconciliation (cache.h, cache_settle_*) ---- */
+
+static uint64_t mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void settle_done_log(struct daemon *d)
+{
+	const struct cache_settle_report *r = &d->cache->settle_rep;
+	struct store_stats st;
+
+	store_get_stats(d->cache->store, &st);
+	log_notice(STORE, "background check of the cache done in %.1f s: %u director(ies) walked "
+			  "(%" PRIu64 " walked again after a change), %" PRIu64 " blob(s), %" PRIu64
+			  " stray file(s) removed, %" PRId64 " row(s) dropped, %" PRId64
+			  " blob(s) adopted, %" PRIu64 " byte(s) evicted",
+		   (double)(mono_ms() - d->settle_t0) / 1e3, r->dirs, r->retries, st.objects,
+		   r->files_removed, r->rows_dropped, r->adopted, r->evicted_bytes);
+}
+
+static void settle_next(struct daemon *d);
+
+static void settle_work(uv_work_t *req)
+{
+	struct daemon *d = req->data;
+	cache_settle_work(d->settle);
+}
+
+static void settle_after(uv_work_t *req, int status)
+{
+	struct daemon *d = req->data;
+	int r = cache_settle_end(d->cache, d->settle);
+
+	(void)status;
+	d->settle = NULL;
+	if (r < 0) {
+		/* left for the stop, which walks what is left before its record */
+		log_warn(STORE, "the background check of the cache stopped: %s; %u director(ies) "
+				"left (the totals stay partial and max_size unenforced until the "
+				"next start)",
+			 cache_strerror(r), cache_settle_left(d->cache));
+		d->settle_failed = true;
+		return;
+	}
+	if (!cache_settle_left(d->cache)) {
+		settle_done_log(d);
+		return;
+	}
+	if (!d->stopping)
+		settle_next(d);
+}
+
+static void settle_next(struct daemon *d)
+{
+	int r = cache_settle_begin(d->cache, &d->settle);
+
+	if (r < 0 || !d->settle) {
+		if (r < 0) {
+			log_warn(STORE, "the background check of the cache stopped: %s",
+				 cache_strerror(r));
+			d->settle_failed = true;
+		}
+		return;
+	}
+	d->settle_req.data = d;
+	uv_queue_work(&d->loop, &d->settle_req, settle_work, settle_after);
+}
+
+/* At the stop, no writer left: what the background check had not walked is walked here,
+ * so that the clean-shutdown record covers the whole cache. */
+static void settle_finish(struct daemon *d)
+{
+	unsigned left = cache_settle_left(d->cache);
+	uint64_t t0 = mono_ms();
+
+	if (!left || d->settle_failed)
+		return;
+	log_notice(STORE, "checking the %u director(ies) the background check has left before "
+			  "stopping",
+		   left);
+	while (cache_settle_left(d->cache)) {
+		struct cache_settle *w;
+		int r = cache_settle_begin(d->cache, &w);
+		if (r < 0 || !w)
+			break;
+		cache_settle_work(w);
+		if ((r = cache_settle_end(d->cache, w)) < 0) {
+			log_warn(STORE, "the check of the cache stopped: %s", cache_strerror(r));
+			return;
+		}
+		if (mono_ms() - t0 > 1000 && cache_settle_left(d->cache) % 32 == 0)
+			sd_notify_msg("EXTEND_TIMEOUT_USEC=30000000");
+	}
+	settle_done_log(d);
 }
 
 static int start_decoders(struct daemon *d)
@@ -736,6 +847,9 @@ int main(int argc, char **argv)
 	sd_notify_msg(status);
 	log_notice(SYS, "dmcached %s ready: listening on '%s', cache '%s'", DMC_VERSION,
 		   listen_fd ? "(socket activation)" : d.cfg.socket_path, d.cfg.cache_dir);
+	d.settle_t0 = mono_ms();
+	if (cache_settle_left(d.cache))
+		settle_next(&d);
 
 	uv_run(&d.loop, UV_RUN_DEFAULT);
 	exit_code = 0;
@@ -749,6 +863,7 @@ out_loop:
 		/* every store write has ended (stop_all, then the loop ran dry) */
 		char why[256] = "";
 		bool written = false;
+		settle_finish(&d);
 		if (cache_close_clean(d.cache, &written, why, sizeof(why)) < 0)
 			log_warn(STORE, "the index could not be flushed at exit");
 		if (written)

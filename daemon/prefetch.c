@@ -1302,6 +1302,9 @@ uint32_t prefetch_status(struct prefetch *p, const struct conn *c, struct dmc_st
 	struct dmc_status_entry all[] = {
 		ENTRY("cache_bytes", ss.used_bytes),
 		ENTRY("cache_objects", ss.objects),
+		/* directories a start after a crash left to its background check: until 0 the two
+		 * above count only what changed in them since the start */
+		ENTRY("cache_unchecked_dirs", ss.unsettled_dirs),
 		ENTRY("cache_max_bytes", p->d.cfg->max_size),
 		ENTRY("cache_reads_total", ss.reads),
 		ENTRY("cache_read_bytes_total", ss.bytes_read),

@@ -474,6 +474,7 @@ void store_get_stats(struct store *s, struct store_stats *ret_stats)
 {
 	pthread_mutex_lock(&s->lock);
 	*ret_stats = s->st;
+	ret_stats->unsettled_dirs = s->unsettled;
 	pthread_mutex_unlock(&s->lock);
 }
 
@@ -668,9 +669,7 @@ static void quarantine_fd(struct store *s, const uint8_t digest[STORE_DIGEST_SIZ
 		uint64_t sz = accounted ? accounted : (uint64_t)cur.st_size;
 		s->st.quarantined++;
 		st_touch_locked(s, digest[0]);
-		s->st.used_bytes -= sz <= s->st.used_bytes ? sz : s->st.used_bytes;
-		if (s->st.objects > 0)
-			s->st.objects--;
+		st_account_locked(s, digest[0], -(int64_t)sz, -1);
 	}
 	pthread_mutex_unlock(&s->lock);
 }

@@ -122,6 +122,10 @@ struct store_stats {
 	uint64_t fsync_failures;   /* fsync errors (never retried on the same fd) */
 	uint64_t removed;          /* blobs removed by store_remove() (eviction) */
 	uint64_t cache_full;       /* writes or reservations refused for space */
+	/* objects/<b>/ directories a background reconciliation has still to walk: while
+	 * non-zero, used_bytes and objects count only what those hold that changed since the
+	 * start, and max_size is not enforced (store_dir_settle()) */
+	unsigned unsettled_dirs;
 };
 
 struct store;
@@ -284,8 +288,19 @@ int store_scan(struct store *s, store_blob_cb on_blob, void *ctx, uint64_t *ret_
  *   store_scan_adopt()  the full header check of store_scan() for one blob (name, header,
  *                       size, max_object): 0 and its info, or -DMC_E_INTEGRITY when it was
  *                       bad and moved aside (removed by store_scan_end()).
- *   store_scan_end()    empties quarantine/ and sets the accounting to what the caller
- *                       counted (file bytes and blobs kept).
+ *   store_scan_end()    empties quarantine/ and sets the accounting of each directory to
+ *                       what the caller counted (file bytes and blobs kept); directories
+ *                       in `unsettled` (bit b % 8 of [b / 8]; may be NULL) are left to a
+ *                       background reconciliation: they count only changes from now on,
+ *                       until store_dir_settle().
+ *
+ * A background reconciliation (cache_settle.c) walks a directory while writers run:
+ *   store_dir_gen()     how many times objects/<first>/'s names changed (publish, remove,
+ *                       quarantine), taken before the directory's rows are read.
+ *   store_dir_settle()  sets the directory's bytes and blobs to what a walk found, if its
+ *                       names did not change since `gen` (1); 0: they did, walk it again.
+ *   store_dir_settled() one directory fewer to walk (after its rows were repaired); at
+ *                       zero, max_size applies again.
  */
 int store_scan_begin(struct store *s, uint64_t *ret_removed);
 int store_scan_list(struct store *s, unsigned first, uint8_t (**digests)[STORE_DIGEST_SIZE],
@@ -294,7 +309,12 @@ int store_scan_known(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE], u
 		     uint64_t stored_size, uint64_t *ret_file_size);
 int store_scan_adopt(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE],
 		     struct store_blob_info *ret_info);
-void store_scan_end(struct store *s, uint64_t used_bytes, uint64_t objects);
+void store_scan_end(struct store *s, const uint64_t dir_bytes[256],
+		    const uint64_t dir_objects[256], const uint8_t unsettled[32]);
+uint32_t store_dir_gen(struct store *s, unsigned first);
+int store_dir_settle(struct store *s, unsigned first, uint32_t gen, uint64_t bytes,
+		     uint64_t objects);
+void store_dir_settled(struct store *s);
 
 /* Which objects/<b>/ had a name published, removed or quarantined since store_open():
  * bit b % 8 of ret[b / 8]. The clean-shutdown record (cache_clean.c) checks only those. */

@@ -63,6 +63,16 @@ struct store {
 	/* objects/<b>/ whose names changed since store_open() (publish, remove, quarantine):
 	 * bit b of byte b / 8 (store_touched(); the clean-shutdown record, cache_clean.c) */
 	uint8_t touched[32];
+	/* Per directory objects/<b>/: how many times its names changed (publish, remove,
+	 * quarantine; store_dir_gen()), and its file bytes and blobs. A directory the start left
+	 * to a background reconciliation (store_scan_end() with `unsettled`) counts only the
+	 * changes since the start, which may be negative, until store_dir_settle() sets what
+	 * its walk found. The totals are their sums; st.used_bytes and st.objects are the
+	 * totals, 0 when negative. */
+	uint32_t dir_gen[256];
+	int64_t dir_used[256], dir_objects[256];
+	int64_t used_total, objects_total;
+	unsigned unsettled; /* directories still counting changes only */
 
 	/* Serialises the steps that change names in tmp/ on hot paths (creating a temp,
 	 * renaming it out; taken before `lock`). The kernel serialises them anyway on the
@@ -80,6 +90,19 @@ enum writer_mode { W_SAMPLE, W_RAW, W_ZSTD, W_IMPORT };
 static inline void st_touch_locked(struct store *s, uint8_t first)
 {
 	s->touched[first / 8] |= (uint8_t)(1u << (first % 8));
+	s->dir_gen[first]++;
+}
+
+/* Adds to objects/<first>/'s file bytes and blobs, and the totals (lock held). */
+static inline void st_account_locked(struct store *s, uint8_t first, int64_t bytes,
+				     int64_t objects)
+{
+	s->dir_used[first] += bytes;
+	s->dir_objects[first] += objects;
+	s->used_total += bytes;
+	s->objects_total += objects;
+	s->st.used_bytes = s->used_total > 0 ? (uint64_t)s->used_total : 0;
+	s->st.objects = s->objects_total > 0 ? (uint64_t)s->objects_total : 0;
 }
 
 struct store_writer {

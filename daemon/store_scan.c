@@ -121,14 +121,32 @@ static int list_subdir(struct store *s, unsigned b, uint8_t (**digests)[STORE_DI
 	return 0;
 }
 
+/* The accounting of every directory as a walk found it; those of `unsettled` (may be NULL)
+ * start counting changes from zero (lock held). */
+static void set_dirs_locked(struct store *s, const uint64_t used[256],
+			    const uint64_t objects[256], const uint8_t unsettled[32])
+{
+	s->used_total = s->objects_total = 0;
+	s->unsettled = 0;
+	for (unsigned b = 0; b < 256; b++) {
+		bool open = unsettled && (unsettled[b / 8] & (1u << (b % 8)));
+		s->dir_used[b] = open ? 0 : (int64_t)used[b];
+		s->dir_objects[b] = open ? 0 : (int64_t)objects[b];
+		s->used_total += s->dir_used[b];
+		s->objects_total += s->dir_objects[b];
+		s->unsettled += open;
+	}
+	st_account_locked(s, 0, 0, 0); /* the totals into st */
+}
+
 int store_scan(struct store *s, store_blob_cb on_blob, void *ctx, uint64_t *ret_removed)
 {
 	uint8_t(*digests)[STORE_DIGEST_SIZE] = NULL;
 	size_t cap = 0;
 	uint64_t removed = 0, used = 0, objects = 0;
-	int r = 0;
-
+	uint64_t dir_used[256] = { 0 }, dir_objects[256] = { 0 };
 	uint64_t failures, quarantined;
+	int r = 0;
 
 	removed += empty_dir(s->tmp_fd);
 	removed += empty_dir(s->quar_fd);
@@ -139,6 +157,7 @@ int store_scan(struct store *s, store_blob_cb on_blob, void *ctx, uint64_t *ret_
 
 	for (unsigned b = 0; b < 256 && r >= 0; b++) {
 		size_t n = 0;
+		uint64_t used0 = used, objects0 = objects;
 		r = list_subdir(s, b, &digests, &cap, &n, &removed);
 		for (size_t i = 0; i < n && r >= 0; i++) {
 			struct store_blob_info info;
@@ -160,13 +179,14 @@ int store_scan(struct store *s, store_blob_cb on_blob, void *ctx, uint64_t *ret_
 			if (on_blob)
 				r = on_blob(ctx, &info);
 		}
+		dir_used[b] = used - used0;
+		dir_objects[b] = objects - objects0;
 	}
 	free(digests);
 	empty_dir(s->quar_fd);
 
 	pthread_mutex_lock(&s->lock);
-	s->st.used_bytes = used;
-	s->st.objects = objects;
+	set_dirs_locked(s, dir_used, dir_objects, NULL);
 	/* Removals at startup are repairs, reported in *ret_removed, not read failures. */
 	s->st.integrity_failures = failures;
 	s->st.quarantined = quarantined;
@@ -230,12 +250,12 @@ int store_scan_adopt(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE],
 	return r;
 }
 
-void store_scan_end(struct store *s, uint64_t used_bytes, uint64_t objects)
+void store_scan_end(struct store *s, const uint64_t dir_bytes[256],
+		    const uint64_t dir_objects[256], const uint8_t unsettled[32])
 {
 	empty_dir(s->quar_fd);
 	pthread_mutex_lock(&s->lock);
-	s->st.used_bytes = used_bytes;
-	s->st.objects = objects;
+	set_dirs_locked(s, dir_bytes, dir_objects, unsettled);
 	/* Removals at startup are repairs, reported by the caller, not read failures. */
 	s->st.integrity_failures = s->scan_failures;
 	s->st.quarantined = s->scan_quarantined;
@@ -274,6 +294,39 @@ int store_verify_all(struct store *s, store_bad_cb on_bad, void *ctx, uint64_t *
 	return r < 0 ? r : 0;
 }
 
+uint32_t store_dir_gen(struct store *s, unsigned first)
+{
+	uint32_t g;
+	pthread_mutex_lock(&s->lock);
+	g = s->dir_gen[first & 255u];
+	pthread_mutex_unlock(&s->lock);
+	return g;
+}
+
+int store_dir_settle(struct store *s, unsigned first, uint32_t gen, uint64_t bytes,
+		     uint64_t objects)
+{
+	int r = 0;
+	first &= 255u;
+	pthread_mutex_lock(&s->lock);
+	if (s->dir_gen[first] == gen) {
+		/* what the walk found replaces the changes counted since the start */
+		st_account_locked(s, (uint8_t)first, (int64_t)bytes - s->dir_used[first],
+				  (int64_t)objects - s->dir_objects[first]);
+		r = 1;
+	}
+	pthread_mutex_unlock(&s->lock);
+	return r;
+}
+
+void store_dir_settled(struct store *s)
+{
+	pthread_mutex_lock(&s->lock);
+	if (s->unsettled > 0)
+		s->unsettled--;
+	pthread_mutex_unlock(&s->lock);
+}
+
 void store_touched(struct store *s, uint8_t ret[32])
 {
 	pthread_mutex_lock(&s->lock);
@@ -302,7 +355,10 @@ static int free_bytes(struct store *s, uint64_t *ret)
 static uint64_t shortfall_locked(struct store *s, uint64_t fp, uint64_t fs_free)
 {
 	uint64_t need = 0;
-	if (s->opt.max_size) {
+	/* While a background reconciliation has directories left, used_bytes is not the
+	 * whole: max_size waits for its end (which evicts down to it); min_free, read from
+	 * the file system, still holds. */
+	if (s->opt.max_size && !s->unsettled) {
 		uint64_t want = s->st.used_bytes + s->st.reserved_bytes + fp;
 		if (want > s->opt.max_size)
 			need = want - s->opt.max_size;
@@ -393,9 +449,7 @@ int store_remove(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE], uint6
 	} else {
 		uint64_t sz = (uint64_t)st.st_size;
 		st_touch_locked(s, digest[0]);
-		s->st.used_bytes -= sz <= s->st.used_bytes ? sz : s->st.used_bytes;
-		if (s->st.objects > 0)
-			s->st.objects--;
+		st_account_locked(s, digest[0], -(int64_t)sz, -1);
 		s->st.removed++;
 		if (ret_freed)
 			*ret_freed = sz;

@@ -499,13 +499,9 @@ static int publish(struct store *s, char tmp_name[64], const struct store_blob_i
 	}
 	tmp_name[0] = '\0';
 	st_touch_locked(s, info->digest[0]);
-	if (exists) {
-		uint64_t old = (uint64_t)cur.st_size;
-		s->st.used_bytes -= old <= s->st.used_bytes ? old : s->st.used_bytes;
-	} else {
-		s->st.objects++;
-	}
-	s->st.used_bytes += info->file_size;
+	st_account_locked(s, info->digest[0],
+			  (int64_t)info->file_size - (exists ? (int64_t)cur.st_size : 0),
+			  exists ? 0 : 1);
 	s->st.writes++;
 	s->st.bytes_written += info->raw_size;
 	if (info->comp == STORE_COMP_ZSTD)

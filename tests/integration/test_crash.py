@@ -90,11 +90,15 @@ def test_kill9_under_mixed_load(emu, tmpdir_short):
     """C1: 4 clients (two prefetches, a partial prefetch that meets max_size and evicts, a
     GET loop that decodes), kill -9 after U(0, 5 s), restart; per iteration I3 before
     READY=1, every acknowledged item stored with the upstream bytes, every decoded tensor
-    equal to a first decode, and the restart-to-READY time."""
+    equal to a first decode, and the restart-to-READY time. The restarts check the cache
+    in the background (start_walk=1ms); the stop that follows finishes that check."""
     emu.reset()
     rng = random.Random(SEED)
     max_size = 20 << 20
-    d = Daemon(tmpdir_short, args=['-o', 'max_size=20M', '-o', 'min_free=0'])
+    # start_walk=1ms: every restart serves while the check runs in the background, and the
+    # stop right after it finishes the check (what is inspected is the whole of it)
+    d = Daemon(tmpdir_short, args=['-o', 'max_size=20M', '-o', 'min_free=0',
+                                   '-o', 'start_walk=1ms'])
     d.env.update(DATAMINT_API_KEY=KEY, DATAMINT_API_URL=emu.url)
     want = upstream_digests(emu, 'syn')
     want.update({r: e['sha256'] for r, e in manifest(emu).items()})

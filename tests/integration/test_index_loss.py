@@ -9,9 +9,11 @@ user's key and served identically (decoded tensors equal to those before the dam
 import json
 import os
 import shutil
+import re
 import subprocess
 import sqlite3
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -377,3 +379,65 @@ def test_kill9_leaves_no_record_and_the_start_reconciles_fully(emu, clean):
     assert rc == 0
     rows, _ = crashlib.check_consistent(d.cache)
     assert set(rows) >= set(rows0)
+
+
+def test_a_start_after_a_crash_serves_while_its_check_runs_in_the_background(clean):
+    """A start without the record walks start_walk's worth of directories (here 1 ms) and
+    serves while the rest is checked: the same repairs as the full reconciliation at the
+    end, the totals exact then, and a stop in the middle finishes the check first (the
+    next start walks nothing)."""
+    d, ref, rows0 = clean
+    files = crashlib.blob_files(d.cache)
+    _, items = crashlib.check_consistent(d.cache)
+    # the last directory: walked in the background (the start walks in digest order)
+    gone = sorted({b for _, _, _, b in items if b})[-1]
+    os.unlink(os.path.join(d.cache, RECORD))  # as kill -9 leaves it
+    os.unlink(files[gone])
+    d.args += ['-o', 'start_walk=1ms']
+    d.start()
+    log = d.log()
+    m = re.search(r'serving while (\d+) of 256 directories are checked in the background',
+                  log)
+    assert m and int(m.group(1)) > 0, log[-3000:]
+    # served meanwhile, through the index's rows
+    served = 0
+    for i in SAMPLE_ITEMS:
+        out = os.path.join(d.dir, 'bg%d.npy' % i)
+        r = get(d, i, out)
+        if r.returncode == 0 and i in ref:
+            a = np.load(out)
+            assert a.dtype == ref[i].dtype and np.array_equal(a, ref[i]), i
+            served += 1
+    assert served >= len(ref) - 1
+    deadline = time.monotonic() + 60
+    while status_counters(d)['cache_unchecked_dirs'] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    c = status_counters(d)
+    assert c['cache_unchecked_dirs'] == 0, c
+    log = d.log()
+    m = re.search(r'background check of the cache done in [0-9.]+ s: \d+ director\(ies\) '
+                  r'walked .*?(\d+) row\(s\) dropped', log)
+    assert m and int(m.group(1)) == 1, [ln for ln in log.splitlines() if "background" in ln]
+    disk = crashlib.blob_files(d.cache)  # nothing writes now
+    assert c['cache_objects'] == len(disk), (c, len(disk))
+    assert c['cache_bytes'] == sum(os.path.getsize(p) for p in disk.values())
+    rc, _ = d.stop()
+    assert rc == 0
+    rows, _ = crashlib.check_consistent(d.cache)
+    assert set(rows) >= set(rows0) - {gone}  # (a GET above may have fetched it again)
+
+    # a stop while the check runs: it is finished before the record is written
+    os.unlink(os.path.join(d.cache, RECORD))
+    d.start()
+    rc, _ = d.stop()
+    assert rc == 0
+    log = d.log()
+    assert 'clean-shutdown record written' in log.rsplit('serving while', 1)[-1], log[-3000:]
+    crashlib.check_consistent(d.cache)
+    d.start()
+    ok, walked, checked, line = start_path(d)
+    assert ok and walked == 0 and not checked, line
+    c = status_counters(d)
+    disk = crashlib.blob_files(d.cache)
+    assert c['cache_objects'] == len(disk), (c, len(disk))
+    assert c['cache_bytes'] == sum(os.path.getsize(p) for p in disk.values())

@@ -19,6 +19,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <openssl/evp.h>
+
 #include "cache.h"
 #include "proto.h"
 #include "task.h"
@@ -867,6 +869,208 @@ TEST(clean_stop_settles_only_agreeing_directories)
 	fx_close(&fx);
 }
 
+/* Bytes of the blob files on disk. */
+static uint64_t file_bytes(const struct fixture *fx)
+{
+	uint64_t n = 0;
+	for (unsigned b = 0; b < 256; b++) {
+		char p[128];
+		DIR *d;
+		struct dirent *e;
+		snprintf(p, sizeof(p), "%s/objects/%02x", fx->dir, b);
+		if (!(d = opendir(p)))
+			continue;
+		while ((e = readdir(d)) != NULL) {
+			struct stat st;
+			if (e->d_name[0] != '.' && fstatat(dirfd(d), e->d_name, &st, 0) == 0)
+				n += (uint64_t)st.st_size;
+		}
+		closedir(d);
+	}
+	return n;
+}
+
+/* Content k (from `from` on) whose blob lands in objects/<b>/. */
+static int content_in_dir(unsigned b, int from, size_t n)
+{
+	uint8_t *buf = malloc(n), md[32];
+	unsigned len = 0;
+	int k = from;
+	for (;; k++) {
+		content(k, buf, n);
+		EVP_Digest(buf, n, md, &len, EVP_sha256(), NULL);
+		if (md[0] == b)
+			break;
+	}
+	free(buf);
+	return k;
+}
+
+/*
+ * A start after a crash that leaves every directory to the background reconciliation
+ * (cache_settle_*): nothing counted at first, max_size waiting; a write that lands in the
+ * directory being walked makes that walk start again; writes elsewhere go on between walks;
+ * at the end the same repairs as the full reconciliation, the accounting equal to the files
+ * on disk and the eviction down to max_size. A clean stop in the middle records only the
+ * walked directories.
+ */
+TEST(background_reconciliation_while_writing)
+{
+	struct fixture fx;
+	struct store_blob_info info[300], orphan, x;
+	struct cache_settle *w;
+	struct store_stats st;
+	bool written = false;
+	char why[256] = "", p[256];
+	int k = 1000, rounds = 0;
+
+	ASSERT_EQ(fx_open(&fx, 0), 0);
+	for (int i = 0; i < 300; i++)
+		ASSERT_EQ(put_item(fx.c, 0, i, i, 2000, &info[i]), 0);
+	uint8_t *ob = malloc(3000);
+	content(77, ob, 3000);
+	ASSERT_EQ(store_put(fx.c->store, STORE_KIND_TENSOR, ob, 3000, NULL, &orphan), 0);
+	store_unpin(fx.c->store, orphan.digest);
+	free(ob);
+	ASSERT_EQ(index_flush(fx.c->index), 0);
+	cache_close(fx.c); /* no record: as after kill -9 */
+	fx.c = NULL;
+	blob_path(&fx, info[0].digest, p, sizeof(p));
+	ASSERT_EQ(unlink(p), 0);
+	blob_path(&fx, info[1].digest, p, sizeof(p));
+	ASSERT_EQ(truncate(p, 10), 0);
+
+	fx.opt.background_all = true;
+	ASSERT_EQ(fx_reopen(&fx), 0);
+	ASSERT(!fx.rep.clean_start);
+	ASSERT_EQ(fx.rep.dirs_walked, 0u);
+	ASSERT_EQ(fx.rep.dirs_left, 256u);
+	ASSERT_EQ(cache_settle_left(fx.c), 256u);
+	store_get_stats(fx.c->store, &st);
+	ASSERT_EQ(st.unsettled_dirs, 256u);
+	ASSERT_UINT_EQ(st.objects, 0);
+	/* max_size waits for the end: a write past it is admitted meanwhile */
+	store_set_limits(fx.c->store, 100000, 0);
+	ASSERT_EQ(cache_reserve(fx.c, 50000), 0);
+	store_release(fx.c->store, 50000);
+	/* items are found through their rows meanwhile */
+	struct index_blob row;
+	ASSERT_EQ(index_blob_get(fx.c->index, info[5].digest, &row), 0);
+	ASSERT_EQ(store_verify(fx.c->store, info[5].digest, NULL), 0);
+
+	/* a blob published into the directory being walked: that walk starts again */
+	ASSERT_EQ(cache_settle_begin(fx.c, &w), 0);
+	ASSERT_NOT_NULL(w);
+	unsigned b = cache_settle_dir(w);
+	k = content_in_dir(b, k, 2000);
+	ASSERT_EQ(put_item(fx.c, 0, 0, k++, 2000, &x), 0);
+	ASSERT_EQ(x.digest[0], b);
+	cache_settle_work(w);
+	ASSERT_EQ(cache_settle_end(fx.c, w), 0);
+	ASSERT_EQ(cache_settle_left(fx.c), 256u);
+
+	/* the rest, with writes between the walks (every fifth one) */
+	while (cache_settle_left(fx.c) > 200) {
+		ASSERT_EQ(cache_settle_begin(fx.c, &w), 0);
+		ASSERT_NOT_NULL(w);
+		cache_settle_work(w);
+		if (++rounds % 5 == 0)
+			ASSERT_EQ(put_item(fx.c, 0, 0, k++, 2000, NULL), 0);
+		ASSERT(cache_settle_end(fx.c, w) >= 0);
+	}
+	/* a clean stop now: the walked directories are recorded, the others walked next time */
+	unsigned left = cache_settle_left(fx.c);
+	ASSERT_EQ(cache_close_clean(fx.c, &written, why, sizeof(why)), 0);
+	fx.c = NULL;
+	ASSERT(written);
+	fx.opt.background_all = false;
+	ASSERT_EQ(fx_reopen(&fx), 0);
+	ASSERT(fx.rep.clean_start);
+	ASSERT(fx.rep.dirs_walked >= left && fx.rep.dirs_walked < 256u);
+	ASSERT_EQ(check_i3(&fx), 0);
+	cache_close(fx.c);
+	fx.c = NULL;
+
+	/* again after a crash, to the end this time, max_size below what is stored */
+	fx.opt.background_all = true;
+	ASSERT_EQ(fx_reopen(&fx), 0);
+	ASSERT_EQ(fx.rep.dirs_left, 256u);
+	store_set_limits(fx.c->store, 400000, 0);
+	fx.opt.store.max_size = 400000;
+	rounds = 0;
+	while (cache_settle_left(fx.c)) {
+		ASSERT_EQ(cache_settle_begin(fx.c, &w), 0);
+		ASSERT_NOT_NULL(w);
+		cache_settle_work(w);
+		if (++rounds % 7 == 0)
+			ASSERT_EQ(put_item(fx.c, 0, 0, k++, 2000, NULL), 0);
+		ASSERT(cache_settle_end(fx.c, w) >= 0);
+	}
+	ASSERT(fx.c->settle_rep.evicted_bytes > 0);
+	store_get_stats(fx.c->store, &st);
+	ASSERT_EQ(st.unsettled_dirs, 0u);
+	ASSERT_UINT_EQ(st.used_bytes, file_bytes(&fx));
+	ASSERT(st.used_bytes <= 400000);
+	ASSERT_EQ(check_i3(&fx), 0);
+	fx_close(&fx);
+}
+
+/* The first start after the damage of background_reconciliation_while_writing repairs what
+ * the full reconciliation repairs. */
+TEST(background_reconciliation_repairs)
+{
+	struct fixture fx;
+	struct store_blob_info info[40], orphan;
+	struct cache_settle *w;
+	char p[256];
+
+	ASSERT_EQ(fx_open(&fx, 0), 0);
+	for (int i = 0; i < 40; i++)
+		ASSERT_EQ(put_item(fx.c, 0, i, 500 + i, 2000, &info[i]), 0);
+	uint8_t *ob = malloc(3000);
+	content(78, ob, 3000);
+	ASSERT_EQ(store_put(fx.c->store, STORE_KIND_TENSOR, ob, 3000, NULL, &orphan), 0);
+	store_unpin(fx.c->store, orphan.digest);
+	free(ob);
+	struct index_blob wrong = { .kind = STORE_KIND_RAW, .raw_size = 1,
+				    .stored_size = (int64_t)info[2].stored_size + 3,
+				    .last_access = 1 };
+	memcpy(wrong.digest, info[2].digest, STORE_DIGEST_SIZE);
+	ASSERT_EQ(index_blob_seen(fx.c->index, 0, &wrong), 0);
+	ASSERT_EQ(index_flush(fx.c->index), 0);
+	cache_close(fx.c);
+	fx.c = NULL;
+	blob_path(&fx, info[0].digest, p, sizeof(p));
+	ASSERT_EQ(unlink(p), 0);
+	blob_path(&fx, info[1].digest, p, sizeof(p));
+	ASSERT_EQ(truncate(p, 10), 0);
+
+	fx.opt.background_all = true;
+	ASSERT_EQ(fx_reopen(&fx), 0);
+	ASSERT_EQ(fx.rep.dirs_left, 256u);
+	while (cache_settle_left(fx.c)) {
+		ASSERT_EQ(cache_settle_begin(fx.c, &w), 0);
+		cache_settle_work(w);
+		ASSERT(cache_settle_end(fx.c, w) >= 0);
+	}
+	ASSERT_EQ(fx.c->settle_rep.dirs, 256u);
+	/* the walk's own quarantine of the truncated blob is a change: that directory twice */
+	ASSERT_EQ(fx.c->settle_rep.retries, 1u);
+	ASSERT_EQ(fx.c->settle_rep.adopted, 1);       /* the orphan */
+	ASSERT_EQ(fx.c->settle_rep.rows_dropped, 2);  /* vanished and truncated */
+	ASSERT_EQ(fx.c->settle_rep.files_removed, 1); /* the truncated blob */
+	struct index_blob row;
+	ASSERT_EQ(index_blob_get(fx.c->index, info[2].digest, &row), 0);
+	ASSERT_EQ(row.stored_size, (int64_t)info[2].stored_size);
+	ASSERT_EQ(index_blob_get(fx.c->index, orphan.digest, &row), 0);
+	ASSERT_EQ(check_i3(&fx), 0);
+	struct store_stats st;
+	store_get_stats(fx.c->store, &st);
+	ASSERT_UINT_EQ(st.objects, 39);
+	ASSERT_UINT_EQ(st.used_bytes, file_bytes(&fx));
+	fx_close(&fx);
+}
+
 int main(int argc, char **argv)
 {
 	/* The kill -9 loop takes seconds: it runs only when asked for by name (suite slow). */
@@ -875,5 +1079,6 @@ int main(int argc, char **argv)
 	RUN_TESTS(T(reconciliation), T(eviction_lru_and_pins), T(limits_changed_while_running),
 		  T(max_size_bound_under_sustained_writes),
 		  T(corrupt_blob_is_detected_and_refetched),
-		  T(clean_stop_settles_only_agreeing_directories));
+		  T(clean_stop_settles_only_agreeing_directories),
+		  T(background_reconciliation_while_writing), T(background_reconciliation_repairs));
 }
