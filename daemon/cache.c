@@ -4,6 +4,7 @@
 #include "cache.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -179,7 +180,7 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	struct clean_record *rec;
 	struct cache *c;
 	char path[4096];
-	bool rebuilt = false, clean;
+	bool rebuilt = false, clean, killed, had_record;
 	int r;
 
 	if (opts)
@@ -195,6 +196,10 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	c = calloc(1, sizeof(*c));
 	if (!c)
 		return -ENOMEM;
+	if ((size_t)snprintf(path, sizeof(path), "%s/" CLEAN_RECORD_NAME, dir) >= sizeof(path)) {
+		free(c);
+		return -ENAMETOOLONG;
+	}
 	rec = malloc(sizeof(*rec));
 	if (!rec) {
 		free(c);
@@ -202,9 +207,17 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	}
 	/* The record is taken (read, removed, the removal synced) before anything is written:
 	 * from here on a crash leaves none, and the next start reconciles fully. */
+	{
+		struct stat rst;
+		had_record = fstatat(AT_FDCWD, path, &rst, AT_SYMLINK_NOFOLLOW) == 0;
+	}
 	clean = clean_take(dir, rec, rep->start_why, sizeof(rep->start_why)) == 1 &&
 		clean_index_matches(dir, rec, rep->start_why, sizeof(rep->start_why));
-	if (clean)
+	/* no record at all: a crash; one killed in this boot needs no index check
+	 * (cache_clean.h). A record that is not trusted (index.db changed since) does. */
+	killed = !clean && !had_record &&
+		 clean_killed_this_boot(dir, rep->check_why, sizeof(rep->check_why)) == 1;
+	if (clean || killed)
 		o.index_flags |= INDEX_SKIP_CHECK;
 	else
 		o.index_flags &= ~(unsigned)INDEX_SKIP_CHECK;
@@ -213,9 +226,11 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	r = store_open(dir, &o.store, err, errlen, &c->store);
 	if (r < 0)
 		goto fail;
+	snprintf(path, sizeof(path), "%s/index.db", dir);
 	r = index_open(path, o.index_flags, err, errlen, &c->index, &rebuilt);
 	if (r < 0)
 		goto fail_store;
+	clean_mark_started(dir);
 	if (clean && rebuilt) {
 		clean = false; /* not from the check: a schema the index could not take */
 		snprintf(rep->start_why, sizeof(rep->start_why), "the index was rebuilt");
@@ -230,7 +245,11 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 		}
 	}
 	rep->clean_start = clean;
-	rep->index_checked = !clean;
+	rep->index_checked = !clean && !killed;
+	if (killed)
+		snprintf(rep->check_why, sizeof(rep->check_why),
+			 "the last daemon was killed in this boot (no fatal signal, the same "
+			 "index.db): index check skipped");
 	if (o.background_all && !rebuilt)
 		c->reconcile_deadline_ns = 1; /* long past */
 	else if (o.background_after_ms && !rebuilt)

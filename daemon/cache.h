@@ -137,6 +137,7 @@ struct cache_open_report {
 	unsigned dirs_left;      /* left to the background reconciliation (cache_settle_*);
 				  * the limits' eviction waits for its end */
 	char start_why[192];     /* without clean_start: why the full reconciliation */
+	char check_why[160];     /* without clean_start: why the index check ran, or not */
 };
 #define CACHE_REPORT_SNAPSHOTS 8
 

@@ -445,3 +445,86 @@ out:
 	close(root);
 	return r;
 }
+
+/* ---- how the last daemon ended (cache_clean.h) ---- */
+
+static int boot_id(char out[64])
+{
+	int fd = open("/proc/sys/kernel/random/boot_id", O_RDONLY | O_CLOEXEC);
+	ssize_t n;
+	if (fd < 0)
+		return -errno;
+	n = read(fd, out, 63);
+	close(fd);
+	if (n < 16)
+		return -EIO;
+	while (n > 0 && (out[n - 1] == '\n' || out[n - 1] == ' '))
+		n--;
+	out[n] = '\0';
+	return 0;
+}
+
+int clean_killed_this_boot(const char *dir, char *why, size_t whylen)
+{
+	char id[64], buf[160], want[160];
+	struct stat st;
+	ssize_t n = 0;
+	int root, fd, r = 0;
+
+	root = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (root < 0)
+		return 0;
+	if (fstatat(root, CLEAN_FAULT_NAME, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+		say(why, whylen, "the last daemon died of a fatal signal");
+	} else if (boot_id(id) < 0) {
+		say(why, whylen, "this boot's id cannot be read");
+	} else if (fstatat(root, "index.db", &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+		   !S_ISREG(st.st_mode)) {
+		say(why, whylen, "index.db is missing");
+	} else if ((fd = openat(root, CLEAN_STARTED_NAME,
+				O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK)) < 0) {
+		say(why, whylen, "no start of this boot is recorded");
+	} else {
+		n = read(fd, buf, sizeof(buf) - 1);
+		close(fd);
+		buf[n > 0 ? n : 0] = '\0';
+		snprintf(want, sizeof(want), "%s %llu %llu\n", id, (unsigned long long)st.st_dev,
+			 (unsigned long long)st.st_ino);
+		if (strcmp(buf, want) != 0)
+			say(why, whylen, "the last start was in another boot (a power loss or a "
+					 "reboot) or on another index.db");
+		else
+			r = 1;
+	}
+	close(root);
+	return r;
+}
+
+void clean_mark_started(const char *dir)
+{
+	char id[64], buf[160];
+	struct stat st;
+	int root, fd, len;
+
+	root = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (root < 0)
+		return;
+	(void)unlinkat(root, CLEAN_FAULT_NAME, 0);
+	if (boot_id(id) < 0 || fstatat(root, "index.db", &st, AT_SYMLINK_NOFOLLOW) < 0) {
+		(void)unlinkat(root, CLEAN_STARTED_NAME, 0);
+		close(root);
+		return;
+	}
+	len = snprintf(buf, sizeof(buf), "%s %llu %llu\n", id, (unsigned long long)st.st_dev,
+		       (unsigned long long)st.st_ino);
+	/* not synced: lost with a power loss, whose next start must check anyway */
+	fd = openat(root, CLEAN_STARTED_NAME ".tmp",
+		    O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+	if (fd >= 0) {
+		bool ok = write_all(fd, (const uint8_t *)buf, (size_t)len) == 0;
+		close(fd);
+		if (!ok || renameat(root, CLEAN_STARTED_NAME ".tmp", root, CLEAN_STARTED_NAME) < 0)
+			(void)unlinkat(root, CLEAN_STARTED_NAME ".tmp", 0);
+	}
+	close(root);
+}

@@ -70,4 +70,24 @@ unsigned clean_dirs_unchanged(const char *dir, const struct clean_record *rec,
  */
 int clean_write(const char *dir, struct clean_record *rec, char *why, size_t whylen);
 
+/*
+ * Without a record: how the last daemon ended. Each start leaves <cache>/started (this
+ * boot's id, /proc/sys/kernel/random/boot_id, and index.db's device and inode); the
+ * daemon's handler of fatal signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT: a bug, or
+ * the watchdog) leaves <cache>/fault before the process dies. When the last daemon was
+ * killed in this boot (kill -9, the OOM killer), with no fault and index.db the same file,
+ * nothing but that process wrote the index since its last check, and SQLite loses nothing
+ * committed when a process dies: the index check is skipped (PRAGMA quick_check reads
+ * every page: 2 s for a million items). A power loss or a reboot (another boot id), a
+ * fatal signal or another index.db: the check runs.
+ */
+#define CLEAN_STARTED_NAME "started"
+#define CLEAN_FAULT_NAME "fault"
+
+/* 1 when the index check may be skipped (above), else 0 with the reason in `why`. */
+int clean_killed_this_boot(const char *dir, char *why, size_t whylen);
+/* After the index opened (and checked, when it was): the marker of this start written, a
+ * fault marker removed. Errors are ignored: without a marker the next start checks. */
+void clean_mark_started(const char *dir);
+
 #endif

@@ -14,6 +14,7 @@
  * worker); the cache directory must be the daemon's own (cache_dir_check()).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <signal.h>
 #include <stdio.h>
@@ -30,6 +31,7 @@
 
 #include "config.h"
 #include "cache.h"
+#include "cache_clean.h"
 #include "index.h"
 #include "conf.h"
 #include "decode_pool.h"
@@ -339,9 +341,12 @@ static int open_cache(struct daemon *d)
 		log_info(STORE, "clean start: %u of 256 directories changed, index check skipped",
 			 rep.dirs_walked);
 	else
-		log_info(STORE, "full reconciliation because %s",
+		log_info(STORE, "full reconciliation because %s; %s",
 			 rep.start_why[0] ? rep.start_why
-					  : "no clean-shutdown record was trusted");
+					  : "no clean-shutdown record was trusted",
+			 rep.index_checked ? "index checked" : rep.check_why);
+	if (!rep.clean_start && rep.index_checked && rep.check_why[0])
+		log_info(STORE, "the index was checked: %s", rep.check_why);
 	if (rep.full_evicted)
 		log_warn(STORE, "the file system of '%s' was full: %" PRIu64 " byte(s) of the least "
 				"recently used blobs evicted for the index to start",
@@ -357,6 +362,41 @@ static int open_cache(struct daemon *d)
 				  "as found; the totals and max_size wait for the end",
 			   rep.dirs_left, d->cfg.start_walk_ms);
 	return 0;
+}
+
+/* ---- a fatal signal leaves <cache>/fault: the next start checks the index ---- */
+
+static int fault_dirfd = -1;
+
+static void on_fatal_signal(int sig)
+{
+	/* async-signal-safe only; the action is back to the default (SA_RESETHAND) */
+	int fd = openat(fault_dirfd, CLEAN_FAULT_NAME, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+	if (fd >= 0)
+		close(fd);
+	raise(sig);
+}
+
+static void mark_faults(struct daemon *d)
+{
+	/* the sanitizers own SIGSEGV, SIGBUS and SIGFPE (their reports); SIGABRT, which their
+	 * reports end with, and SIGILL stay ours */
+	static const int sigs[] = {
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+		SIGSEGV, SIGBUS, SIGFPE,
+#endif
+		SIGILL, SIGABRT };
+	struct sigaction sa;
+
+	fault_dirfd = open(d->cfg.cache_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fault_dirfd < 0)
+		return;
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_fatal_signal;
+	sa.sa_flags = (int)(SA_RESETHAND | SA_NODEFER);
+	sigemptyset(&sa.sa_mask);
+	for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
+		sigaction(sigs[i], &sa, NULL);
 }
 
 /* ---- the background reconciliation (cache.h, cache_settle_*) ---- */
@@ -819,6 +859,7 @@ int main(int argc, char **argv)
 	/* decoder workers fork from here: before the daemon holds any key (decode_pool.h) */
 	if (start_decoders(&d) < 0 || open_cache(&d) < 0 || start_engines(&d) < 0)
 		goto out_loop;
+	mark_faults(&d);
 	warm_threadpool(&d);
 	rc = server_listen(&d.srv, listen_fd, err, sizeof(err));
 	if (rc < 0) {
