@@ -17,8 +17,6 @@
 
 /* Blob rows per eviction query: small enough to stay off the heap. */
 #define EVICT_PAGE 64u
-/* Reconciliation flushes its upserts in batches of this many rows. */
-#define RECONCILE_BATCH 4096u
 /* Blobs evicted one at a time, at most, when the file system is too full at start for the
  * index to reconcile (cache_open). */
 #define RECONCILE_ROUNDS 16
@@ -419,40 +417,6 @@ int cache_close(struct cache *c)
 	return r;
 }
 
-/* A blob file without a row, or whose row disagrees with its size: the full header check,
- * then the row written from the header (adopted, or corrected keeping its access time), or
- * dropped when the file was bad. */
-static int reconcile_check(struct cache *c, const uint8_t *digest, bool had_row,
-			   struct cache_open_report *rep, uint64_t *used, uint64_t *objects)
-{
-	struct store_blob_info info;
-	struct index_blob b;
-	int r = store_scan_adopt(c->store, digest, &info);
-
-	if (r == -DMC_E_INTEGRITY) {
-		rep->files_removed++;
-		if (!had_row)
-			return 0;
-		rep->rows_dropped++;
-		return index_blob_delete(c->index, digest);
-	}
-	if (r < 0)
-		return r;
-	memcpy(b.digest, info.digest, STORE_DIGEST_SIZE);
-	b.kind = info.kind;
-	b.raw_size = (int64_t)info.raw_size;
-	b.stored_size = (int64_t)info.stored_size;
-	/* Only used when the blob is adopted: its file time is the best access time left. */
-	b.last_access = info.mtime_ms;
-	if ((r = index_blob_seen(c->index, 0, &b)) < 0)
-		return r;
-	if (!had_row)
-		rep->adopted++;
-	*used += info.file_size;
-	(*objects)++;
-	return 0;
-}
-
 /* The start's eviction: each snapshot it takes files from, in the report and to the
  * start's listener (cache_options.start_evicting) before its first file goes. */
 static void note_evicted(void *ctx, int64_t id, uint64_t files, uint64_t bytes)
@@ -476,15 +440,13 @@ static void note_evicted(void *ctx, int64_t id, uint64_t files, uint64_t bytes)
  * miss); any other file gets the full header check; a row without its file is dropped.
  * Only differences write to the index: a restart over an intact cache writes nothing.
  * Directories in c->skip (cache_open() after a clean stop, cache_clean.h) are not walked:
- * their blobs and bytes are the record's.
+ * their blobs and bytes are the record's. Each directory is cache_settle_now(), the merge
+ * the background walk uses too; past c->reconcile_deadline_ns the rest is left to it.
  */
 int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 {
-	uint8_t(*names)[STORE_DIGEST_SIZE] = NULL;
-	size_t cap = 0;
-	struct row_list rows = { 0 };
 	struct store_stats st;
-	uint64_t used = 0, objects = 0, shortfall = 0;
+	uint64_t shortfall = 0;
 	int r;
 
 	/* tmp/ and quarantine/ are emptied at every start, after a clean stop too: the
@@ -498,67 +460,21 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 	c->n_unsettled = 0;
 	c->settle_next = 0;
 	for (unsigned b = 0; b < 256 && r >= 0; b++) {
-		size_t n = 0, i = 0, k = 0;
-		uint64_t used0 = used, objects0 = objects;
 		bool skip = c->skip[b / 8] & (1u << (b % 8));
-		if (!skip && (c->n_unsettled || (c->reconcile_deadline_ns &&
-						  now_ns() > c->reconcile_deadline_ns))) {
+		if (skip) /* the clean-shutdown record vouches for it (cache_open) */
+			continue;
+		if (c->n_unsettled ||
+		    (c->reconcile_deadline_ns && now_ns() > c->reconcile_deadline_ns)) {
 			/* past the deadline: the rest is walked in the background (cache_settle.c) */
 			c->unsettled[b / 8] |= (uint8_t)(1u << (b % 8));
 			c->n_unsettled++;
 			c->dir_objects[b] = c->dir_bytes[b] = 0;
 			continue;
 		}
-		if (skip) {
-			/* the clean-shutdown record vouches for it (cache_open) */
-			used += c->dir_bytes[b];
-			objects += c->dir_objects[b];
-			continue;
-		}
 		rep->dirs_walked++;
-		rows.n = 0;
-		if ((r = store_scan_list(c->store, b, &names, &cap, &n, &rep->files_removed)) < 0 ||
-		    (r = index_blobs_first_byte(c->index, b, row_push, &rows)) < 0)
-			break;
-		r = 0;
-		while (r >= 0 && (i < n || k < rows.n)) {
-			int cmp = i == n ? 1 : k == rows.n ? -1 :
-				  memcmp(names[i], rows.v[k].digest, STORE_DIGEST_SIZE);
-			if (cmp < 0) { /* a file without a row */
-				r = reconcile_check(c, names[i++], false, rep, &used, &objects);
-			} else if (cmp > 0) { /* a row without its file */
-				rep->rows_dropped++;
-				r = index_blob_delete(c->index, rows.v[k++].digest);
-			} else {
-				const struct index_blob *row = &rows.v[k++];
-				uint64_t size = 0;
-				int q = 0;
-				if (row->raw_size >= 0 && row->stored_size >= 0)
-					q = store_scan_known(c->store, names[i],
-							     (uint64_t)row->raw_size,
-							     (uint64_t)row->stored_size, &size);
-				if (q == -ENOENT) {
-					rep->rows_dropped++;
-					r = index_blob_delete(c->index, names[i]);
-				} else if (q < 0) {
-					r = q;
-				} else if (q == 1) {
-					used += size;
-					objects++;
-				} else {
-					r = reconcile_check(c, names[i], true, rep, &used,
-							    &objects);
-				}
-				i++;
-			}
-			if (r == 0 && index_pending(c->index) >= RECONCILE_BATCH)
-				r = index_flush(c->index);
-		}
-		c->dir_objects[b] = objects - objects0;
-		c->dir_bytes[b] = used - used0;
+		c->dir_objects[b] = c->dir_bytes[b] = 0;
+		r = cache_settle_now(c, b, rep, &c->dir_objects[b], &c->dir_bytes[b]);
 	}
-	free(names);
-	free(rows.v);
 	store_scan_end(c->store, c->dir_bytes, c->dir_objects, c->unsettled);
 	if (r < 0) {
 		(void)index_flush(c->index);

@@ -211,6 +211,11 @@ int cache_settle_begin(struct cache *c, struct cache_settle **ret);
 void cache_settle_work(struct cache_settle *w);
 int cache_settle_end(struct cache *c, struct cache_settle *w);
 void cache_settle_abort(struct cache_settle *w);
+/* The start's walk of objects/<b>/ (cache_reconcile(), no writer running): merged and
+ * repaired at once; the repairs counted in `rep`, the directory's blobs and file bytes in
+ * *ret_objects and *ret_bytes. */
+int cache_settle_now(struct cache *c, unsigned b, struct cache_open_report *rep,
+		     uint64_t *ret_objects, uint64_t *ret_bytes);
 /* The directory (first digest byte) a walk is about. */
 unsigned cache_settle_dir(const struct cache_settle *w);
 /* A cache function's negative result in words ("cache full", strerror, ...). */

@@ -14,8 +14,11 @@
  * lost), a file without a row a blob whose row was lost or is still to come (adopting it
  * writes the same row). Otherwise the walk is thrown away and begun again.
  *
- * Threads: cache_settle_begin() and cache_settle_end() on the index's thread;
- * cache_settle_work() on any one thread, touching only the store and `w`.
+ * cache_settle_now() is the same walk of one directory at once, for cache_reconcile() (the
+ * start's walk, no writer running): one merge for both.
+ *
+ * Threads: cache_settle_begin(), cache_settle_end() and cache_settle_now() on the index's
+ * thread; cache_settle_work() on any one thread, touching only the store and `w`.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -87,23 +90,13 @@ void cache_settle_abort(struct cache_settle *w)
 	free(w);
 }
 
-int cache_settle_begin(struct cache *c, struct cache_settle **ret)
+/* A walk of objects/<b>/: its change count, then its rows. */
+static int settle_new(struct cache *c, unsigned b, struct cache_settle **ret)
 {
-	struct cache_settle *w;
-	unsigned b;
+	struct cache_settle *w = calloc(1, sizeof(*w));
 	int r;
 
 	*ret = NULL;
-	if (!c->n_unsettled)
-		return 0;
-	/* round robin from the last one tried: a directory begun again goes behind the rest */
-	for (unsigned i = 0;; i++) {
-		b = (c->settle_next + i) % 256;
-		if (c->unsettled[b / 8] & (1u << (b % 8)))
-			break;
-	}
-	c->settle_next = (b + 1) % 256;
-	w = calloc(1, sizeof(*w));
 	if (!w)
 		return -ENOMEM;
 	w->s = c->store;
@@ -116,6 +109,23 @@ int cache_settle_begin(struct cache *c, struct cache_settle **ret)
 	}
 	*ret = w;
 	return 0;
+}
+
+int cache_settle_begin(struct cache *c, struct cache_settle **ret)
+{
+	unsigned b;
+
+	*ret = NULL;
+	if (!c->n_unsettled)
+		return 0;
+	/* round robin from the last one tried: a directory begun again goes behind the rest */
+	for (unsigned i = 0;; i++) {
+		b = (c->settle_next + i) % 256;
+		if (c->unsettled[b / 8] & (1u << (b % 8)))
+			break;
+	}
+	c->settle_next = (b + 1) % 256;
+	return settle_new(c, b, ret);
 }
 
 static int drop_push(struct cache_settle *w, const uint8_t *digest)
@@ -197,6 +207,39 @@ void cache_settle_work(struct cache_settle *w)
 	w->err = r < 0 ? r : 0;
 }
 
+/* The repairs of a walk written and flushed: rows of blobs gone or bad dropped, rows of
+ * blobs without one (or of another size) written from their headers. */
+static int write_repairs(struct cache *c, const struct cache_settle *w)
+{
+	int r = 0;
+	for (size_t i = 0; i < w->ndrop && r >= 0; i++)
+		r = index_blob_delete(c->index, w->drop[i]);
+	for (size_t i = 0; i < w->nput && r >= 0; i++)
+		r = index_blob_seen(c->index, 0, &w->put[i]);
+	return r < 0 ? r : index_flush(c->index);
+}
+
+int cache_settle_now(struct cache *c, unsigned b, struct cache_open_report *rep,
+		     uint64_t *ret_objects, uint64_t *ret_bytes)
+{
+	struct cache_settle *w;
+	int r = settle_new(c, b, &w);
+
+	if (r < 0)
+		return r;
+	cache_settle_work(w);
+	/* what was removed is gone even if the repairs cannot be written */
+	rep->files_removed += w->files_removed;
+	if ((r = w->err) >= 0 && (r = write_repairs(c, w)) >= 0) {
+		rep->rows_dropped += (int64_t)w->ndrop;
+		rep->adopted += w->adopted;
+		*ret_objects = w->objects;
+		*ret_bytes = w->bytes;
+	}
+	cache_settle_abort(w);
+	return r < 0 ? r : 0;
+}
+
 int cache_settle_end(struct cache *c, struct cache_settle *w)
 {
 	struct cache_settle_report *rep = &c->settle_rep;
@@ -211,13 +254,7 @@ int cache_settle_end(struct cache *c, struct cache_settle *w)
 		r = 0;
 		goto out;
 	}
-	for (size_t i = 0; i < w->ndrop && r >= 0; i++)
-		r = index_blob_delete(c->index, w->drop[i]);
-	for (size_t i = 0; i < w->nput && r >= 0; i++)
-		r = index_blob_seen(c->index, 0, &w->put[i]);
-	if (r >= 0)
-		r = index_flush(c->index);
-	if (r < 0) {
+	if ((r = write_repairs(c, w)) < 0) {
 		/* the accounting stands (it is the directory's), the rows are walked again */
 		goto out;
 	}
