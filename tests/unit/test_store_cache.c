@@ -951,6 +951,44 @@ static int content_in_dir(unsigned b, int from, size_t n)
 }
 
 /*
+ * A cache as a crash leaves it: n items (contents from k0), a blob without a row, the
+ * third item's row misstating its sizes; closed without a record; then the first item's
+ * blob deleted and the second's truncated. 0, or the first failure.
+ */
+static int crashed_cache(struct fixture *fx, int n, int k0, struct store_blob_info *info,
+			 struct store_blob_info *orphan)
+{
+	uint8_t *ob = malloc(3000);
+	char p[256];
+	int r = fx_open(fx, 0);
+
+	for (int i = 0; i < n && r == 0; i++)
+		r = put_item(fx->c, 0, i, k0 + i, 2000, &info[i]);
+	content(k0 - 1, ob, 3000);
+	if (r == 0 && (r = store_put(fx->c->store, STORE_KIND_TENSOR, ob, 3000, NULL, orphan)) == 0)
+		store_unpin(fx->c->store, orphan->digest);
+	free(ob);
+	if (r == 0) {
+		struct index_blob wrong = { .kind = STORE_KIND_RAW, .raw_size = 1,
+					    .stored_size = (int64_t)info[2].stored_size + 3,
+					    .last_access = 1 };
+		memcpy(wrong.digest, info[2].digest, STORE_DIGEST_SIZE);
+		r = index_blob_seen(fx->c->index, 0, &wrong);
+	}
+	if (r == 0)
+		r = index_flush(fx->c->index);
+	cache_close(fx->c); /* no record: as after kill -9 */
+	fx->c = NULL;
+	blob_path(fx, info[0].digest, p, sizeof(p));
+	if (r == 0 && unlink(p) < 0)
+		r = -errno;
+	blob_path(fx, info[1].digest, p, sizeof(p));
+	if (r == 0 && truncate(p, 10) < 0)
+		r = -errno;
+	return r;
+}
+
+/*
  * A start after a crash that leaves every directory to the background reconciliation
  * (cache_settle_*): nothing counted at first, max_size waiting; a write that lands in the
  * directory being walked makes that walk start again; writes elsewhere go on between walks;
@@ -965,25 +1003,10 @@ TEST(background_reconciliation_while_writing)
 	struct cache_settle *w;
 	struct store_stats st;
 	bool written = false;
-	char why[256] = "", p[256];
+	char why[256] = "";
 	int k = 1000, rounds = 0;
 
-	ASSERT_EQ(fx_open(&fx, 0), 0);
-	for (int i = 0; i < 300; i++)
-		ASSERT_EQ(put_item(fx.c, 0, i, i, 2000, &info[i]), 0);
-	uint8_t *ob = malloc(3000);
-	content(77, ob, 3000);
-	ASSERT_EQ(store_put(fx.c->store, STORE_KIND_TENSOR, ob, 3000, NULL, &orphan), 0);
-	store_unpin(fx.c->store, orphan.digest);
-	free(ob);
-	ASSERT_EQ(index_flush(fx.c->index), 0);
-	cache_close(fx.c); /* no record: as after kill -9 */
-	fx.c = NULL;
-	blob_path(&fx, info[0].digest, p, sizeof(p));
-	ASSERT_EQ(unlink(p), 0);
-	blob_path(&fx, info[1].digest, p, sizeof(p));
-	ASSERT_EQ(truncate(p, 10), 0);
-
+	ASSERT_EQ(crashed_cache(&fx, 300, 1, info, &orphan), 0);
 	fx.opt.background_all = true;
 	ASSERT_EQ(fx_reopen(&fx), 0);
 	ASSERT(!fx.rep.clean_start);
@@ -1066,29 +1089,8 @@ TEST(background_reconciliation_repairs)
 	struct fixture fx;
 	struct store_blob_info info[40], orphan;
 	struct cache_settle *w;
-	char p[256];
 
-	ASSERT_EQ(fx_open(&fx, 0), 0);
-	for (int i = 0; i < 40; i++)
-		ASSERT_EQ(put_item(fx.c, 0, i, 500 + i, 2000, &info[i]), 0);
-	uint8_t *ob = malloc(3000);
-	content(78, ob, 3000);
-	ASSERT_EQ(store_put(fx.c->store, STORE_KIND_TENSOR, ob, 3000, NULL, &orphan), 0);
-	store_unpin(fx.c->store, orphan.digest);
-	free(ob);
-	struct index_blob wrong = { .kind = STORE_KIND_RAW, .raw_size = 1,
-				    .stored_size = (int64_t)info[2].stored_size + 3,
-				    .last_access = 1 };
-	memcpy(wrong.digest, info[2].digest, STORE_DIGEST_SIZE);
-	ASSERT_EQ(index_blob_seen(fx.c->index, 0, &wrong), 0);
-	ASSERT_EQ(index_flush(fx.c->index), 0);
-	cache_close(fx.c);
-	fx.c = NULL;
-	blob_path(&fx, info[0].digest, p, sizeof(p));
-	ASSERT_EQ(unlink(p), 0);
-	blob_path(&fx, info[1].digest, p, sizeof(p));
-	ASSERT_EQ(truncate(p, 10), 0);
-
+	ASSERT_EQ(crashed_cache(&fx, 40, 500, info, &orphan), 0);
 	fx.opt.background_all = true;
 	ASSERT_EQ(fx_reopen(&fx), 0);
 	ASSERT_EQ(fx.rep.dirs_left, 256u);
