@@ -25,8 +25,8 @@ minutes for 120,000 items on this machine. On tmpfs the normal build takes 70-11
 Under AddressSanitizer (detected from the daemon's shared libraries) everything runs about
 three times slower: 100,000 items took 198 s alone, 233 s for the whole test, too close to
 five minutes once the rest of the suite loads the machine. There the projects shrink to
-4,000 and 20,000 items (the same 5x ratio, the same assertions; 40,000 took 297 s of a
-45-minute CI run), and the daemon
+2,000 and 10,000 items (the same 5x ratio, the same assertions; 40,000 took 297 s of a
+45-minute CI run, 20,000 175 s), and the daemon
 gets quarantine_size_mb=8 (see run_prefetch). DMC_SCALE_ITEMS=N overrides the large
 project's size (the small one is N/5).
 """
@@ -71,7 +71,7 @@ def sizes():
     if n:
         large = int(n)
     else:
-        large = 20000 if sanitized() else 100000
+        large = 10000 if sanitized() else 100000
     return large // 5, large
 
 
