@@ -4,7 +4,6 @@
 #include "cache.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -178,8 +177,8 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	struct clean_record *rec;
 	struct cache *c;
 	char path[4096];
-	bool rebuilt = false, clean, killed, had_record;
-	int r;
+	bool rebuilt = false, clean, killed;
+	int r, took;
 
 	if (opts)
 		o = *opts;
@@ -194,10 +193,6 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	c = calloc(1, sizeof(*c));
 	if (!c)
 		return -ENOMEM;
-	if ((size_t)snprintf(path, sizeof(path), "%s/" CLEAN_RECORD_NAME, dir) >= sizeof(path)) {
-		free(c);
-		return -ENAMETOOLONG;
-	}
 	rec = malloc(sizeof(*rec));
 	if (!rec) {
 		free(c);
@@ -205,15 +200,11 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	}
 	/* The record is taken (read, removed, the removal synced) before anything is written:
 	 * from here on a crash leaves none, and the next start reconciles fully. */
-	{
-		struct stat rst;
-		had_record = fstatat(AT_FDCWD, path, &rst, AT_SYMLINK_NOFOLLOW) == 0;
-	}
-	clean = clean_take(dir, rec, rep->start_why, sizeof(rep->start_why)) == 1 &&
-		clean_index_matches(dir, rec, rep->start_why, sizeof(rep->start_why));
+	took = clean_take(dir, rec, rep->start_why, sizeof(rep->start_why));
+	clean = took == 1 && clean_index_matches(dir, rec, rep->start_why, sizeof(rep->start_why));
 	/* no record at all: a crash; one killed in this boot needs no index check
 	 * (cache_clean.h). A record that is not trusted (index.db changed since) does. */
-	killed = !clean && !had_record &&
+	killed = took == -ENOENT &&
 		 clean_killed_this_boot(dir, rep->check_why, sizeof(rep->check_why)) == 1;
 	if (clean || killed)
 		o.index_flags |= INDEX_SKIP_CHECK;
@@ -224,7 +215,6 @@ int cache_open(const char *dir, const struct cache_options *opts, char *err, siz
 	r = store_open(dir, &o.store, err, errlen, &c->store);
 	if (r < 0)
 		goto fail;
-	snprintf(path, sizeof(path), "%s/index.db", dir);
 	r = index_open(path, o.index_flags, err, errlen, &c->index, &rebuilt);
 	if (r < 0)
 		goto fail_store;
@@ -460,19 +450,17 @@ int cache_reconcile(struct cache *c, struct cache_open_report *rep)
 	c->n_unsettled = 0;
 	c->settle_next = 0;
 	for (unsigned b = 0; b < 256 && r >= 0; b++) {
-		bool skip = c->skip[b / 8] & (1u << (b % 8));
-		if (skip) /* the clean-shutdown record vouches for it (cache_open) */
-			continue;
+		if (c->skip[b / 8] & (1u << (b % 8)))
+			continue; /* the clean-shutdown record vouches for it (cache_open) */
+		c->dir_objects[b] = c->dir_bytes[b] = 0;
 		if (c->n_unsettled ||
 		    (c->reconcile_deadline_ns && now_ns() > c->reconcile_deadline_ns)) {
 			/* past the deadline: the rest is walked in the background (cache_settle.c) */
 			c->unsettled[b / 8] |= (uint8_t)(1u << (b % 8));
 			c->n_unsettled++;
-			c->dir_objects[b] = c->dir_bytes[b] = 0;
 			continue;
 		}
 		rep->dirs_walked++;
-		c->dir_objects[b] = c->dir_bytes[b] = 0;
 		r = cache_settle_now(c, b, rep, &c->dir_objects[b], &c->dir_bytes[b]);
 	}
 	store_scan_end(c->store, c->dir_bytes, c->dir_objects, c->unsettled);

@@ -182,7 +182,7 @@ int clean_take(const char *dir, struct clean_record *rec, char *why, size_t whyl
 			    strerror(errno));
 		if (errno == ENOENT) {
 			close(root);
-			return 0;
+			return -ENOENT;
 		}
 		goto remove; /* a record we cannot read must not outlive this start */
 	}

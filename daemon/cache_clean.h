@@ -48,8 +48,9 @@ struct clean_record {
 
 /*
  * Reads and removes the record of the cache in `dir` (the root directory synced after the
- * removal). 1: a valid record in *rec; 0: none, or one not to be trusted, the reason in
- * `why` (the caller reconciles fully). Never fails otherwise.
+ * removal). 1: a valid record in *rec; -ENOENT: none (the last stop was not clean); 0:
+ * one not to be trusted. Without a valid one the reason is in `why` and the caller
+ * reconciles fully. Never fails otherwise.
  */
 int clean_take(const char *dir, struct clean_record *rec, char *why, size_t whylen);
 

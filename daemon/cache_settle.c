@@ -30,7 +30,7 @@
 struct cache_settle {
 	struct store *s;
 	unsigned b;
-	uint32_t gen;
+	uint64_t gen;
 	int err;
 	/* the rows, read by begin */
 	struct index_blob *rows;
@@ -137,8 +137,8 @@ static int drop_push(struct cache_settle *w, const uint8_t *digest)
 }
 
 /* A blob without a row, or whose row disagrees with its file: the full header check; a
- * good one's row is written from its header, a bad one is quarantined and its row (if
- * any) dropped. As cache.c's reconcile_check(), without touching the index. */
+ * good one's row is to be written from its header, a bad one is quarantined and its row
+ * (if any) to be dropped. The index is not touched here (write_repairs()). */
 static int check(struct cache_settle *w, const uint8_t *digest, bool had_row)
 {
 	struct store_blob_info info;

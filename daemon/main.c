@@ -67,7 +67,7 @@ struct daemon {
 	bool read_only;     /* it was read-only at the last look */
 	bool stopping;
 	/* the background reconciliation (cache_settle_*): a directory's walk on the
-	 * threadpool, and when it began */
+	 * threadpool, and when it began (uv_hrtime()) */
 	uv_work_t settle_req;
 	struct cache_settle *settle;
 	uint64_t settle_t0;
@@ -401,13 +401,6 @@ static void mark_faults(struct daemon *d)
 
 /* ---- the background reconciliation (cache.h, cache_settle_*) ---- */
 
-static uint64_t mono_ms(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 static void settle_done_log(struct daemon *d)
 {
 	const struct cache_settle_report *r = &d->cache->settle_rep;
@@ -418,7 +411,7 @@ static void settle_done_log(struct daemon *d)
 			  "(%" PRIu64 " walked again after a change), %" PRIu64 " blob(s), %" PRIu64
 			  " stray file(s) removed, %" PRId64 " row(s) dropped, %" PRId64
 			  " blob(s) adopted, %" PRIu64 " byte(s) evicted",
-		   (double)(mono_ms() - d->settle_t0) / 1e3, r->dirs, r->retries, st.objects,
+		   (double)(uv_hrtime() - d->settle_t0) / 1e9, r->dirs, r->retries, st.objects,
 		   r->files_removed, r->rows_dropped, r->adopted, r->evicted_bytes);
 }
 
@@ -475,7 +468,7 @@ static void settle_next(struct daemon *d)
 static void settle_finish(struct daemon *d)
 {
 	unsigned left = cache_settle_left(d->cache);
-	uint64_t t0 = mono_ms();
+	uint64_t t0 = uv_hrtime();
 
 	if (!left || d->settle_failed)
 		return;
@@ -492,7 +485,7 @@ static void settle_finish(struct daemon *d)
 			log_warn(STORE, "the check of the cache stopped: %s", cache_strerror(r));
 			return;
 		}
-		if (mono_ms() - t0 > 1000 && cache_settle_left(d->cache) % 32 == 0)
+		if (uv_hrtime() - t0 > 1000000000u && cache_settle_left(d->cache) % 32 == 0)
 			sd_notify_msg("EXTEND_TIMEOUT_USEC=30000000");
 	}
 	settle_done_log(d);
@@ -888,7 +881,7 @@ int main(int argc, char **argv)
 	sd_notify_msg(status);
 	log_notice(SYS, "dmcached %s ready: listening on '%s', cache '%s'", DMC_VERSION,
 		   listen_fd ? "(socket activation)" : d.cfg.socket_path, d.cfg.cache_dir);
-	d.settle_t0 = mono_ms();
+	d.settle_t0 = uv_hrtime();
 	if (cache_settle_left(d.cache))
 		settle_next(&d);
 

@@ -311,8 +311,8 @@ int store_scan_adopt(struct store *s, const uint8_t digest[STORE_DIGEST_SIZE],
 		     struct store_blob_info *ret_info);
 void store_scan_end(struct store *s, const uint64_t dir_bytes[256],
 		    const uint64_t dir_objects[256], const uint8_t unsettled[32]);
-uint32_t store_dir_gen(struct store *s, unsigned first);
-int store_dir_settle(struct store *s, unsigned first, uint32_t gen, uint64_t bytes,
+uint64_t store_dir_gen(struct store *s, unsigned first);
+int store_dir_settle(struct store *s, unsigned first, uint64_t gen, uint64_t bytes,
 		     uint64_t objects);
 void store_dir_settled(struct store *s);
 

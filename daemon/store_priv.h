@@ -60,16 +60,14 @@ struct store {
 	unsigned npool;
 	uint64_t tmp_seq;
 	uint64_t scan_failures, scan_quarantined; /* saved by store_scan_begin() */
-	/* objects/<b>/ whose names changed since store_open() (publish, remove, quarantine):
-	 * bit b of byte b / 8 (store_touched(); the clean-shutdown record, cache_clean.c) */
-	uint8_t touched[32];
-	/* Per directory objects/<b>/: how many times its names changed (publish, remove,
-	 * quarantine; store_dir_gen()), and its file bytes and blobs. A directory the start left
+	/* Per directory objects/<b>/: how many times its names changed since store_open()
+	 * (publish, remove, quarantine; store_dir_gen(), and store_touched() for the
+	 * clean-shutdown record, cache_clean.c), and its file bytes and blobs. A directory the start left
 	 * to a background reconciliation (store_scan_end() with `unsettled`) counts only the
 	 * changes since the start, which may be negative, until store_dir_settle() sets what
 	 * its walk found. The totals are their sums; st.used_bytes and st.objects are the
 	 * totals, 0 when negative. */
-	uint32_t dir_gen[256];
+	uint64_t dir_gen[256];
 	int64_t dir_used[256], dir_objects[256];
 	int64_t used_total, objects_total;
 	unsigned unsettled; /* directories still counting changes only */
@@ -89,7 +87,6 @@ enum writer_mode { W_SAMPLE, W_RAW, W_ZSTD, W_IMPORT };
 /* Marks objects/<first>/ as changed (lock held). */
 static inline void st_touch_locked(struct store *s, uint8_t first)
 {
-	s->touched[first / 8] |= (uint8_t)(1u << (first % 8));
 	s->dir_gen[first]++;
 }
 

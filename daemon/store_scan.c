@@ -294,16 +294,16 @@ int store_verify_all(struct store *s, store_bad_cb on_bad, void *ctx, uint64_t *
 	return r < 0 ? r : 0;
 }
 
-uint32_t store_dir_gen(struct store *s, unsigned first)
+uint64_t store_dir_gen(struct store *s, unsigned first)
 {
-	uint32_t g;
+	uint64_t g;
 	pthread_mutex_lock(&s->lock);
 	g = s->dir_gen[first & 255u];
 	pthread_mutex_unlock(&s->lock);
 	return g;
 }
 
-int store_dir_settle(struct store *s, unsigned first, uint32_t gen, uint64_t bytes,
+int store_dir_settle(struct store *s, unsigned first, uint64_t gen, uint64_t bytes,
 		     uint64_t objects)
 {
 	int r = 0;
@@ -329,8 +329,11 @@ void store_dir_settled(struct store *s)
 
 void store_touched(struct store *s, uint8_t ret[32])
 {
+	memset(ret, 0, 32);
 	pthread_mutex_lock(&s->lock);
-	memcpy(ret, s->touched, sizeof(s->touched));
+	for (unsigned b = 0; b < 256; b++)
+		if (s->dir_gen[b])
+			ret[b / 8] |= (uint8_t)(1u << (b % 8));
 	pthread_mutex_unlock(&s->lock);
 }
 
